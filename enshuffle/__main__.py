@@ -1,0 +1,3 @@
+from enshuffle.cli import main
+
+raise SystemExit(main())
