@@ -1,0 +1,153 @@
+"""The `enshuffle` command line: argument parsing and dispatch.
+
+Every sub-command's handler lives in the module that owns the capability and is imported
+lazily, so `enshuffle node` never pays for numpy-heavy coordinator code or for textual.
+A handler takes the parsed arguments and returns an exit status. A wrong value is a one-line
+error and exit status 2 (argparse's own convention), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+class UsageError(Exception):
+    """A command-line value that is wrong; the message says which and what to do."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _endpoint(text: str) -> str:
+    if not text.startswith("tcp://") or ":" not in text[len("tcp://"):]:
+        raise argparse.ArgumentTypeError(
+            f"expected an address like tcp://127.0.0.1:5555, got {text!r}")
+    host, _, port = text[len("tcp://"):].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"expected an address like tcp://127.0.0.1:5555 with a port 1-65535, got {text!r}")
+    return text
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=["seed", "default"], default="default",
+                   help="seed: the notebook's run, bias bugs fixed; default: a preset that trains well")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="number of epochs (default: the preset's)")
+    p.add_argument("--offload", choices=["matmul", "all"], default="matmul",
+                   help="which operations nodes compute: matrix products only, or also elementwise ops")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="directory with MNIST-format IDX files (default: Fashion-MNIST, then MNIST, then the bundled subset)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="floating-point type (default: the preset's)")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="use only the first N training images (quick runs)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per epoch")
+    p.add_argument("--seed", type=int, default=None, help="random seed for plans and disguises")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="enshuffle",
+        description="Train a neural network on volunteers' machines without giving any one of them the model.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("train", help="train the network: centralized, in-process, or with local node processes")
+    _add_training_options(p)
+    p.add_argument("--nodes", type=_non_negative_int, default=2,
+                   help="number of nodes; 0 is the centralized reference (default 2)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the distributed algorithm in this process, without sockets")
+    p.add_argument("--save-weights", metavar="FILE.npz", default=None, help="write w1, b1, w2, b2 here")
+    p.add_argument("--out", metavar="RUN_DIR", default=None, help="write the model chain here")
+    p.add_argument("--tui", action="store_true", help="show the coordinator console")
+    p.set_defaults(handler="enshuffle.coordinator.commands:cmd_train")
+
+    p = sub.add_parser("bench", help="measure plan, centralized, in-process and wire epoch times side by side")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="repetitions per measurement (median)")
+    p.add_argument("--data", metavar="DIR", default=None)
+    p.add_argument("--skip-wire", action="store_true", help="skip the loopback node-process measurement")
+    p.set_defaults(handler="enshuffle.coordinator.bench:cmd_bench")
+
+    p = sub.add_parser("coordinator", help="run a coordinator that volunteers' nodes connect to")
+    _add_training_options(p)
+    p.add_argument("--bind", type=_endpoint, default="tcp://127.0.0.1:5555", help="address to listen on")
+    p.add_argument("--min-nodes", type=_positive_int, default=1, help="nodes to wait for before training")
+    p.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (chain, state)")
+    p.add_argument("--resume", action="store_true", help="continue from the chain's head in RUN_DIR")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
+                   help="write a model version every N steps (default: every epoch)")
+    p.add_argument("--tui", action="store_true", help="show the coordinator console")
+    p.set_defaults(handler="enshuffle.coordinator.commands:cmd_coordinator")
+
+    p = sub.add_parser("node", help="contribute this machine's CPU to a coordinator")
+    p.add_argument("--connect", type=_endpoint, required=True, help="coordinator address, tcp://HOST:PORT")
+    p.add_argument("--coordinator-key", metavar="FINGERPRINT", default=None,
+                   help="pin the coordinator's key (see `enshuffle keys show` on the coordinator)")
+    p.add_argument("--name", default=None, help="a name the operator sees (default: host name)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="BLAS threads for computing")
+    p.add_argument("--tui", action="store_true", help="show the node app")
+    p.set_defaults(handler="enshuffle.node.commands:cmd_node")
+
+    p = sub.add_parser("keys", help="this machine's keys")
+    ksub = p.add_subparsers(dest="keys_command", metavar="ACTION")
+    ksub.required = True
+    kp = ksub.add_parser("show", help="print this machine's key fingerprints")
+    kp.set_defaults(handler="enshuffle.protocol.keys:cmd_keys_show")
+
+    p = sub.add_parser("chain", help="inspect a run's hash chain of model versions")
+    csub = p.add_subparsers(dest="chain_command", metavar="ACTION")
+    csub.required = True
+    cp = csub.add_parser("log", help="list model versions, newest first")
+    cp.add_argument("run_dir", metavar="RUN_DIR")
+    cp.add_argument("--json", action="store_true")
+    cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_log")
+    cp = csub.add_parser("verify", help="check every id, signature and parent link")
+    cp.add_argument("run_dir", metavar="RUN_DIR")
+    cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_verify")
+    cp = csub.add_parser("export", help="write a version's weights as .npz")
+    cp.add_argument("run_dir", metavar="RUN_DIR")
+    cp.add_argument("--version", metavar="ID", default=None, help="version id or unique prefix (default: head)")
+    cp.add_argument("--npz", metavar="FILE", required=True)
+    cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_export")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module_name, _, func_name = args.handler.partition(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except UsageError as exc:
+        print(f"enshuffle {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"enshuffle {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
