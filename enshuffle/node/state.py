@@ -1,0 +1,81 @@
+"""The node's live state as plain Python objects, for presenters (log lines, the node TUI).
+
+The node daemon writes here under `lock`; a presenter reads a `snapshot()` on a timer.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class NodeState:
+    connect: str = ""
+    name: str = ""
+    own_fingerprint: str = ""
+    coordinator_fingerprint: str = ""
+    trust: str = ""  # pinned | trusted-on-first-use | known | "" before the first WELCOME
+    run_id: str = ""
+    connection: str = "starting"  # starting | connecting | connected | working | idle | reconnecting | refused | stopped
+    reason: str = ""  # why idle/refused: "waiting for work", "reconnecting in 4 s", "refused: fingerprint mismatch"
+    current_op: str = ""  # e.g. "matmul (30000x392)·(392x128)"
+    batches_done: int = 0
+    rate: float = 0.0  # batches per second, recent
+    bytes_in: int = 0
+    bytes_out: int = 0
+    refusals: int = 0
+    threads: int = 1
+    paused: bool = False
+    exposure: dict[str, float] = field(default_factory=dict)  # tensor -> share of its elements on this machine
+    started_at: float = field(default_factory=time.time)
+    log: deque = field(default_factory=lambda: deque(maxlen=500))
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add_log(self, line: str) -> None:
+        with self.lock:
+            self.log.append(f"{time.strftime('%H:%M:%S')} {line}")
+
+    def snapshot(self) -> "NodeState":
+        with self.lock:
+            lock, self.lock = self.lock, None  # type: ignore[assignment]
+            try:
+                snap = copy.deepcopy(self)
+            finally:
+                self.lock = lock
+        snap.lock = threading.Lock()
+        return snap
+
+
+class NodeControl:
+    """What a presenter may ask of a running node. Thread-safe; the daemon polls it."""
+
+    def __init__(self, threads: int = 1) -> None:
+        self._pause = threading.Event()
+        self._stop = threading.Event()
+        self.threads = threads
+
+    def toggle_pause(self) -> bool:
+        if self._pause.is_set():
+            self._pause.clear()
+            return False
+        self._pause.set()
+        return True
+
+    @property
+    def paused(self) -> bool:
+        return self._pause.is_set()
+
+    def set_threads(self, threads: int) -> None:
+        self.threads = max(1, int(threads))
+
+    def request_stop(self) -> None:
+        """Quit: the daemon says BYE so its batches are reissued at once."""
+        self._stop.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
