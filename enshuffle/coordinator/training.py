@@ -1,0 +1,163 @@
+"""The training loop: epochs of steps over any Compute (centralized, in-process, or nodes).
+
+It owns the model's parameters, the optimizer state and the position in the run, reports
+each epoch to callbacks, honours pause/stop requests at step boundaries and can write model
+versions to a hash chain and continue from one (`resume_from`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from enshuffle.model import (OptimizerState, Preset, evaluate, init_params, learning_rate, one_hot,
+                             prepare_inputs, train_step)
+
+WEIGHTS = ("w1", "b1", "w2", "b2")
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # 1-based
+    cost: float
+    train_accuracy: float
+    test_accuracy: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return {"epoch": self.epoch, "cost": self.cost, "train_accuracy": self.train_accuracy,
+                "test_accuracy": self.test_accuracy, "seconds": self.seconds}
+
+
+@dataclass
+class Inputs:
+    """The matrices a run trains on, prepared once for the preset."""
+
+    images: dict[str, np.ndarray]  # "train", "test": (n, 784) floats
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    train_onehot: np.ndarray
+
+
+def prepare(dataset, preset: Preset, limit: int | None = None) -> Inputs:
+    train_images, train_labels = dataset.train_images, dataset.train_labels
+    if limit is not None:
+        train_images, train_labels = train_images[:limit], train_labels[:limit]
+    train_images = train_images.reshape(train_images.shape[0], -1)
+    test_images = dataset.test_images.reshape(dataset.test_images.shape[0], -1)
+    train_x, test_x = prepare_inputs(train_images, test_images, preset)
+    return Inputs(images={"train": train_x, "test": test_x}, train_labels=np.asarray(train_labels),
+                  test_labels=np.asarray(dataset.test_labels), train_onehot=one_hot(train_labels, train_x.dtype))
+
+
+class Trainer:
+    """Runs a preset's epochs on `compute`. Position: `epoch` epochs done, `step` steps into the next."""
+
+    def __init__(self, preset: Preset, inputs: Inputs, compute, *, on_step: Callable[["Trainer"], None] | None = None):
+        self.preset = preset
+        self.inputs = inputs
+        self.compute = compute
+        self.on_step = on_step
+        self.params = init_params(preset)
+        self.opt = OptimizerState()
+        self.epoch = 0
+        self.step = 0
+        self._cost_sum = 0.0
+        self._correct = 0
+        self._seen = 0
+        self._epoch_seconds = 0.0
+        n = inputs.images["train"].shape[0]
+        self.batch_size = preset.batch_size or n
+        self.steps_per_epoch = math.ceil(n / self.batch_size)
+        self._pre_update_test_accuracy: float | None = None
+
+    # -- position -------------------------------------------------------------------
+    @property
+    def full_batch(self) -> bool:
+        return self.batch_size >= self.inputs.images["train"].shape[0]
+
+    def _order(self, epoch: int) -> np.ndarray | None:
+        """Sample order of epoch `epoch` (0-based): a pure function of seed and epoch, so a resumed
+        run visits samples exactly as an uninterrupted one would."""
+        if self.full_batch:
+            return None
+        return np.random.default_rng([self.preset.seed, epoch]).permutation(self.inputs.images["train"].shape[0])
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.preset.epochs
+
+    # -- running --------------------------------------------------------------------
+    def run_step(self) -> EpochReport | None:
+        """One step; returns the epoch's report when this step finished an epoch."""
+        started = time.perf_counter()
+        order = self._order(self.epoch)
+        if self.full_batch and self.step == 0:
+            # The notebook reports test accuracy from the same pre-update weights as the train pass.
+            self._pre_update_test_accuracy = evaluate(self.compute, "test", self.params, self.inputs.test_labels, self.preset)
+        if order is None:
+            idx, onehot, labels = None, self.inputs.train_onehot, self.inputs.train_labels
+        else:
+            idx = np.sort(order[self.step * self.batch_size:(self.step + 1) * self.batch_size])
+            onehot, labels = self.inputs.train_onehot[idx], self.inputs.train_labels[idx]
+        total_steps = self.preset.epochs * self.steps_per_epoch
+        lr = learning_rate(self.preset, self.epoch * self.steps_per_epoch + self.step, total_steps)
+        result = train_step(self.compute, self.params, idx, onehot, labels, self.preset, self.opt, lr)
+        self._cost_sum += result.cost * result.count
+        self._correct += result.correct
+        self._seen += result.count
+        self.step += 1
+        self._epoch_seconds += time.perf_counter() - started
+        report = None
+        if self.step >= self.steps_per_epoch:
+            report = self._finish_epoch()
+        if self.on_step is not None:
+            self.on_step(self)
+        return report
+
+    def _finish_epoch(self) -> EpochReport:
+        started = time.perf_counter()
+        if self.full_batch:
+            test_accuracy = self._pre_update_test_accuracy
+        else:
+            test_accuracy = evaluate(self.compute, "test", self.params, self.inputs.test_labels, self.preset)
+        seconds = self._epoch_seconds + time.perf_counter() - started
+        report = EpochReport(epoch=self.epoch + 1, cost=self._cost_sum / self._seen,
+                             train_accuracy=self._correct / self._seen, test_accuracy=float(test_accuracy),
+                             seconds=seconds)
+        self.epoch += 1
+        self.step = 0
+        self._cost_sum, self._correct, self._seen, self._epoch_seconds = 0.0, 0, 0, 0.0
+        return report
+
+    def run_epoch(self) -> EpochReport:
+        while True:
+            report = self.run_step()
+            if report is not None:
+                return report
+
+    # -- checkpoints ----------------------------------------------------------------
+    def checkpoint(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Arrays and metadata that let `restore` continue exactly from here."""
+        arrays = {name: self.params[name] for name in WEIGHTS}
+        arrays.update({f"opt.{k}": v for k, v in self.opt.moments.items()})
+        meta = {"epoch": self.epoch, "step": self.step, "opt_t": self.opt.t, "preset": self.preset.name,
+                "dtype": self.preset.dtype, "epochs_total": self.preset.epochs,
+                "partial": {"cost_sum": self._cost_sum, "correct": self._correct, "seen": self._seen}}
+        return arrays, meta
+
+    def restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        dt = np.dtype(self.preset.dtype)
+        self.params = {name: np.array(arrays[name], dtype=dt) for name in WEIGHTS}
+        self.opt = OptimizerState(t=int(meta.get("opt_t", 0)),
+                                  moments={k[4:]: np.array(v, dtype=dt) for k, v in arrays.items() if k.startswith("opt.")})
+        self.epoch = int(meta["epoch"])
+        self.step = int(meta["step"])
+        partial = meta.get("partial") or {}
+        self._cost_sum = float(partial.get("cost_sum", 0.0))
+        self._correct = int(partial.get("correct", 0))
+        self._seen = int(partial.get("seen", 0))
