@@ -36,7 +36,7 @@ def _examples() -> dict[str, tuple[dict, dict, Identity]]:
                                                       "credit": 4}}, {}, NODE),
         "WELCOME": ({"run_id": "run-1", "coordinator_key": COORD.public_hex, "node_key": NODE.public_hex,
                      "nonce": "a1b2", "node_id": "n1", "credit": 4, "heartbeat_ms": 1000,
-                     "lease": {"min_ms": 2000, "multiple": 4.0}}, {}, COORD),
+                     "lease": {"min_ms": 2000, "multiple": 4.0, "initial_ms": 30000}}, {}, COORD),
         "REFUSE": ({"coordinator_key": COORD.public_hex, "nonce": "a1b2", "code": "version-mismatch",
                     "text": "this coordinator speaks protocol 1"}, {}, COORD),
         "STATIC": ({"run_id": "run-1", "name": "x/0", "seq": 0}, {"x/0": _array("uint8", (5, 7))}, COORD),
@@ -210,6 +210,7 @@ def test_every_missing_header_field_is_caught(command, field):
     ("BATCH", "params", []), ("BATCH", "lease_ms", 0), ("WELCOME", "credit", 0),
     ("HELLO", "node_key", "ab" * 31), ("HELLO", "node_key", "AB" * 32),
     ("HELLO", "capabilities", {"ops": ["matmul"], "threads": 0, "credit": 2}),
+    ("WELCOME", "lease", {"min_ms": 2000, "multiple": 4.0}),
     ("RESULT", "compute_seconds", None), ("STATIC", "name", "bad name!"), ("REJECT", "code", 5),
 ])
 def test_wrongly_typed_header_fields_are_caught(command, field, value):
@@ -356,3 +357,25 @@ def test_importing_the_protocol_does_not_import_textual():
             "p.encode; p.TrustStore; print('textual' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- the spec and the code agree -----------------------------------------------------------------
+
+DOC = (REPO / "docs" / "protocol.md").read_text(encoding="utf-8")
+
+
+def test_the_documented_signature_test_vector_matches_the_code():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    ident = Identity.from_private_key(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
+    frames = encode("RESULT", {"run_id": "r1", "batch_id": "b1", "seq": 7, "compute_seconds": 0.5},
+                    {"c": np.array([[1.0, 2.0]], np.float32)}, ident)
+    assert ident.public_hex in DOC and ident.fingerprint in DOC
+    assert bytes(frames[2]).decode() in DOC and bytes(frames[3]).hex() in DOC
+    assert bytes(frames[-1]).hex() in DOC
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_and_field_is_in_the_spec_table(command):
+    row = next(line for line in DOC.splitlines() if line.startswith(f"| {command} | `"))
+    for field in COMMANDS[command].fields:
+        assert f"`{field}`" in row, f"{command}.{field} missing from docs/protocol.md"

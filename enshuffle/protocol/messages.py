@@ -124,7 +124,8 @@ COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in (
 )}
 
 
-CAPABILITY_FIELDS = {"ops": "list", "threads": "pos", "credit": "pos"}
+CAPABILITY_FIELDS = {"ops": "list", "threads": "pos", "credit": "pos"}  # HELLO.capabilities
+LEASE_FIELDS = {"min_ms": "pos", "multiple": "num", "initial_ms": "pos"}  # WELCOME.lease
 
 
 def _type_ok(value: Any, kind: str) -> bool:
@@ -167,11 +168,13 @@ def check_header(command: str, header: Mapping[str, Any]) -> None:
                                 f"got {header[name]!r:.80}", dict(header))
     if command == "BATCH" and header["op"] not in OPS:
         raise ProtocolError(BAD_HEADER, f"BATCH op {header['op']!r} is not one of {OPS}", dict(header))
-    if command == "HELLO":
-        for name, kind in CAPABILITY_FIELDS.items():
-            value = header["capabilities"].get(name)
+    nested = {"HELLO": ("capabilities", CAPABILITY_FIELDS), "WELCOME": ("lease", LEASE_FIELDS)}
+    if command in nested:
+        outer, fields = nested[command]
+        for name, kind in fields.items():
+            value = header[outer].get(name)
             if not _type_ok(value, kind):
-                raise ProtocolError(BAD_HEADER, f"HELLO capabilities.{name} must be {kind}, "
+                raise ProtocolError(BAD_HEADER, f"{command} {outer}.{name} must be {kind}, "
                                     f"got {value!r:.80}", dict(header))
 
 
