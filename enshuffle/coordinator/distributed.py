@@ -160,7 +160,7 @@ class DistributedCompute:
             shape=(a1.shape[0], HIDDEN, w2.shape[1]),
             blocks=[self.rng.permutation(h) for h in self.hidden_blocks],
             k_exp=[random_exponents(len(h), self.rng, self.scale) for h in self.hidden_blocks],
-            disguises=[new_disguise(a1.shape[0], w2.shape[1], self.rng, self.scale, self.scale)
+            disguises=[new_disguise(a1.shape[0], w2.shape[1], self.rng, False, self.scale)
                        for _ in self.hidden_blocks],
         )
         batches = []
@@ -174,7 +174,7 @@ class DistributedCompute:
         """One node computes the whole (n,K)@(K,m) block a @ b, disguised (k=1 plan)."""
         plan = MatmulPlan(shape=(a.shape[0], a.shape[1], b.shape[1]), blocks=[self.rng.permutation(a.shape[1])],
                           k_exp=[random_exponents(a.shape[1], self.rng, self.scale)],
-                          disguises=[new_disguise(a.shape[0], b.shape[1], self.rng, self.scale, self.scale)])
+                          disguises=[new_disguise(a.shape[0], b.shape[1], self.rng, False, self.scale)])
         a_s, b_s = plan.operands(0, a, b)
         return plan, {"a": a_s, "b": b_s}
 

@@ -83,3 +83,17 @@ class ExposureLedger:
         for node, s in shares.items():
             lines.append(node.ljust(width) + "".join(f"{100 * s[t]:12.1f}%" for t in tensors))
         return "\n".join(lines)
+
+    def export(self) -> dict[str, dict[str, str]]:
+        """JSON-able form (hex of packed bits) so a resumed run keeps what nodes have seen."""
+        with self._lock:
+            return {node: {t: np.packbits(m).tobytes().hex() for t, m in masks.items()}
+                    for node, masks in self._masks.items()}
+
+    def load(self, data: dict[str, dict[str, str]]) -> None:
+        with self._lock:
+            for node, masks in data.items():
+                for tensor, hexbits in masks.items():
+                    if tensor in AXES:
+                        bits = np.unpackbits(np.frombuffer(bytes.fromhex(hexbits), dtype=np.uint8))
+                        self._masks.setdefault(node, {})[tensor] = bits[:AXES[tensor]].astype(bool)

@@ -53,9 +53,12 @@ def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics:
                 raise BatchError("bad-batch", "a static matmul needs a 1-D integer array 'rows'")
             if rows.size and (rows.min() < 0 or rows.max() >= static.shape[0]):
                 raise BatchError("bad-batch", f"rows out of range for static {name!r} with {static.shape[0]} rows")
-            a = static[rows]
-            if params.get("transpose_a"):
-                a = a.T
+            inner = rows.shape[0] if params.get("transpose_a") else static.shape[1]
+            if inner != b.shape[0]:
+                raise BatchError("bad-batch", f"static {name!r} {static.shape} does not fit rows {rows.shape} and b {b.shape}")
+            if static.dtype != b.dtype:
+                raise BatchError("bad-batch", f"static {name!r} is {static.dtype} but b is {b.dtype}")
+            return _static_product(static, rows, b, bool(params.get("transpose_a")))
         else:
             a = _array(arrays, "a")
         if a.shape[1] != b.shape[0] or a.dtype != b.dtype:
@@ -76,3 +79,20 @@ def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics:
                 raise BatchError("bad-batch", f"elementwise {op} of {a.dtype}{a.shape} and {b.dtype}{b.shape}")
         return a - b if op == "sub" else a * b
     raise BatchError("unknown-op", f"op {op!r} is not one of {', '.join(OPS)}")
+
+
+def _is_permutation(rows: np.ndarray, n: int) -> bool:
+    return rows.shape[0] == n and bool(np.all(np.bincount(rows, minlength=n) == 1))
+
+
+def _static_product(static: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: bool) -> np.ndarray:
+    """static[rows] @ b, or static[rows].T @ b, without copying the static operand when rows
+    is a full permutation (full-batch training): permuting the small side is equivalent."""
+    if _is_permutation(rows, static.shape[0]):
+        if transpose:
+            inverse = np.empty_like(rows)
+            inverse[rows] = np.arange(rows.shape[0], dtype=rows.dtype)
+            return static.T @ b[inverse]
+        return (static @ b)[rows]
+    a = static[rows]
+    return a.T @ b if transpose else a @ b

@@ -1,0 +1,156 @@
+"""`enshuffle train` and `enshuffle coordinator`: set up a run, drive the trainer, report.
+
+Output contract: human lines on stdout (one per epoch, then the exposure table), or with
+`--json` one JSON object per epoch and a last one holding the exposure ledger. Progress
+and diagnostics go to stderr so stdout stays machine-readable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from enshuffle.cli import UsageError
+
+
+def eprint(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def load_inputs(args, preset):
+    from enshuffle.coordinator.training import prepare
+    from enshuffle.dataset import DataError, load_dataset
+
+    try:
+        dataset = load_dataset(args.data, log=eprint)
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    return prepare(dataset, preset, getattr(args, "limit", None))
+
+
+def preset_from_args(args):
+    from enshuffle.model import get_preset
+
+    return get_preset(args.preset, epochs=args.epochs, dtype=args.dtype)
+
+
+def format_epoch(report, total: int) -> str:
+    return (f"epoch {report.epoch:>3}/{total}  cost {report.cost:.6f}  train acc {report.train_accuracy:.4f}"
+            f"  test acc {report.test_accuracy:.4f}  {report.seconds:.2f} s")
+
+
+def save_weights(path: str, params: dict[str, np.ndarray]) -> None:
+    try:
+        with open(path, "wb") as fh:
+            np.savez(fh, **{k: params[k] for k in ("w1", "b1", "w2", "b2")})
+    except OSError as exc:
+        raise UsageError(f"cannot write weights to {path}: {exc.strerror}; choose a writable path") from None
+
+
+def report_epoch(report, args, total: int) -> None:
+    if args.json:
+        print(json.dumps(report.as_dict()), flush=True)
+    else:
+        print(format_epoch(report, total), flush=True)
+
+
+def report_ledger(ledger, args, extra: dict | None = None) -> None:
+    if args.json:
+        print(json.dumps({"ledger": ledger.shares(), **(extra or {})}), flush=True)
+    else:
+        print()
+        print("Exposure ledger: share of each tensor's elements each node has received")
+        print(ledger.table())
+
+
+def cmd_train(args) -> int:
+    preset = preset_from_args(args)
+    inputs = load_inputs(args, preset)
+    seed = preset.seed if args.seed is None else args.seed
+    if args.nodes == 0:
+        from enshuffle.model import LocalCompute
+
+        compute, ledger = LocalCompute(inputs.images), None
+        eprint(f"train: centralized reference, preset {preset.name}, {preset.dtype}")
+    elif args.in_process:
+        from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
+
+        compute = DistributedCompute(inputs.images, args.nodes, np.random.default_rng(seed), InProcessExecutor,
+                                     offload=args.offload)
+        ledger = compute.ledger
+        eprint(f"train: {args.nodes} in-process nodes, preset {preset.name}, {preset.dtype}, offload {args.offload}")
+    else:
+        from enshuffle.coordinator.run import run_local_cluster
+
+        return run_local_cluster(args, preset, inputs, seed)
+    return drive(args, preset, inputs, compute, ledger)
+
+
+def drive(args, preset, inputs, compute, ledger, *, trainer=None, on_epoch=None, should_stop=None) -> int:
+    """Run the trainer's remaining epochs, reporting each; returns the exit status."""
+    from enshuffle.coordinator.training import Trainer
+
+    trainer = trainer or Trainer(preset, inputs, compute)
+    while not trainer.finished:
+        if should_stop is not None and should_stop():
+            break
+        report = trainer.run_step()
+        if report is not None:
+            report_epoch(report, args, preset.epochs)
+            if on_epoch is not None:
+                on_epoch(trainer, report)
+    if ledger is not None:
+        report_ledger(ledger, args)
+    if getattr(args, "save_weights", None):
+        save_weights(args.save_weights, trainer.params)
+        eprint(f"train: weights written to {args.save_weights}")
+    return 0
+
+
+def cmd_coordinator(args) -> int:
+    """`enshuffle coordinator`: listen for volunteers' nodes and train."""
+    import signal
+
+    from enshuffle.coordinator.run import CoordinatorRun, default_run_dir, load_run_settings
+
+    run_dir = args.out
+    shards = args.min_nodes
+    if args.resume:
+        if not run_dir:
+            raise UsageError("--resume needs --out RUN_DIR naming the run to continue")
+        settings = load_run_settings(run_dir)
+        args.preset, args.epochs, args.dtype = settings["preset"], settings["epochs"], settings["dtype"]
+        args.offload, args.seed, args.limit = settings["offload"], settings["seed"], settings.get("limit")
+        shards = int(settings["shards"])
+    preset = preset_from_args(args)
+    inputs = load_inputs(args, preset)
+    seed = preset.seed if args.seed is None else args.seed
+    try:
+        run = CoordinatorRun(args, preset, inputs, seed, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
+                             run_dir=run_dir or default_run_dir(), resume=args.resume,
+                             checkpoint_every=args.checkpoint_every)
+    except OSError as exc:
+        raise UsageError(str(exc)) from None
+    endpoint = run.server.endpoint
+    host = endpoint[len("tcp://"):].rpartition(":")[0]
+    connect = endpoint if host not in ("0.0.0.0", "*", "[::]") else endpoint.replace(host, "THIS_HOST", 1)
+    eprint(f"coordinator: listening on {endpoint}, run {run.server.run_id}, model chain in {run.run_dir}")
+    eprint(f"coordinator: fingerprint {run.identity.fingerprint}")
+    eprint("coordinator: on each volunteer machine run:")
+    eprint(f"    enshuffle node --connect {connect} --coordinator-key {run.identity.fingerprint}")
+    if connect != endpoint:
+        eprint("  (replace THIS_HOST with this machine's address as the volunteers reach it)")
+
+    def on_signal(signum, frame):
+        run.control.request_stop()
+
+    if not args.tui:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        return run.run()
+    from enshuffle.coordinator.run import run_with_tui
+
+    return run_with_tui(run)

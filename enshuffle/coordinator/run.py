@@ -1,0 +1,299 @@
+"""A coordinator run over the network: server, trainer, model chain, state, and local nodes.
+
+`CoordinatorRun` is what `enshuffle coordinator` and `enshuffle train --nodes K` (without
+`--in-process`) execute. It writes RUN_DIR/run.json (the settings a `--resume` must reuse) and a
+model version to RUN_DIR/chain after every epoch or every `--checkpoint-every` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from enshuffle.cli import UsageError
+from enshuffle.coordinator.commands import eprint, report_epoch, report_ledger, save_weights
+from enshuffle.coordinator.distributed import DistributedCompute
+from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
+from enshuffle.coordinator.training import Trainer
+
+SETTINGS = ("preset", "epochs", "dtype", "offload", "seed", "limit", "shards")
+
+
+def default_run_dir() -> str:
+    return os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2))
+
+
+class CoordinatorRun:
+    def __init__(self, args, preset, inputs, seed: int, *, bind: str, shards: int, min_nodes: int,
+                 run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
+                 state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
+                 home: Path | None = None, quiet: bool = False):
+        from enshuffle.coordinator.chain import Chain
+        from enshuffle.coordinator.server import CoordinatorServer
+        from enshuffle.protocol.keys import load_or_create_identity
+
+        self.args = args
+        self.preset = preset
+        self.inputs = inputs
+        self.min_nodes = min_nodes
+        self.checkpoint_every = checkpoint_every
+        self.state = state or CoordinatorState()
+        self.control = control or CoordinatorControl()
+        self.quiet = quiet
+        self.print_reports = True  # epoch lines and the final table on stdout (off under the TUI)
+        self.identity = load_or_create_identity("coordinator", home)
+        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
+                                        control=self.control, log=None if quiet else eprint)
+        self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(seed), self.server.attach,
+                                          offload=args.offload, ledger=self.server.ledger)
+        self.trainer = Trainer(preset, inputs, self.compute)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.chain = Chain(self.run_dir, signer=self.identity) if self.run_dir else None
+        with self.state.lock:
+            st = self.state
+            st.run_id = self.server.run_id
+            st.preset = preset.name
+            st.bind = self.server.endpoint
+            st.fingerprint = self.identity.fingerprint
+            st.run_dir = str(self.run_dir) if self.run_dir else None
+            st.epochs_total = preset.epochs
+            st.steps_per_epoch = self.trainer.steps_per_epoch
+            st.exposure_bound = 1.0 / shards
+        if self.run_dir:
+            self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
+                              "offload": args.offload, "seed": seed, "limit": getattr(args, "limit", None),
+                              "shards": shards}
+            if resume:
+                self._resume()
+            else:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_write_json(self.run_dir / "run.json", self._settings)
+        self._steps_since_version = 0
+
+    # -- resume ----------------------------------------------------------------------
+    def _resume(self) -> None:
+        head = self.chain.head()
+        if head is None:
+            raise UsageError(f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
+                             f"start without --resume")
+        arrays, meta = self.chain.load(head)
+        self.trainer.restore(arrays, meta)
+        self.server.ledger.load(meta.get("ledger", {}))
+        with self.state.lock:
+            for v in self.chain.versions():
+                self.state.versions.append(_version_row(v.version_id, v.parent_id, v.metadata))
+            for e in meta.get("history", []):
+                self.state.epochs.append(EpochRow(**e))
+            self.state.epoch = self.trainer.epoch
+            self.state.step = self.trainer.step
+        self.log(f"resumed from model version {head[:12]} (epoch {self.trainer.epoch}, step {self.trainer.step})")
+
+    def log(self, line: str) -> None:
+        self.state.add_log(line)
+        if not self.quiet:
+            eprint(line)
+
+    # -- chain -----------------------------------------------------------------------
+    def write_version(self, report=None) -> str | None:
+        if self.chain is None:
+            return None
+        arrays, meta = self.trainer.checkpoint()
+        with self.state.lock:
+            history = [e.__dict__ for e in self.state.epochs]
+        last = report.as_dict() if report is not None else (history[-1] if history else None)
+        meta.update({
+            "run_id": self.server.run_id, "created": time.time(), "settings": self._settings,
+            "metrics": ({"cost": last["cost"], "train_accuracy": last["train_accuracy"],
+                         "test_accuracy": last["test_accuracy"]} if last else {}),
+            "exposure": self.server.ledger.shares(), "ledger": self.server.ledger.export(), "history": history,
+        })
+        version = self.chain.append(arrays, meta)
+        parent = self.state.versions[-1].version_id if self.state.versions else None
+        with self.state.lock:
+            self.state.versions.append(_version_row(version, parent, meta))
+        self._steps_since_version = 0
+        return version
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self) -> int:
+        from enshuffle.coordinator.server import TrainingAborted
+
+        try:
+            if not self.server.wait_for_nodes(self.min_nodes, lambda: self.control.stop_requested):
+                self.log("stopped before training started")
+                return 0
+            self._set_status("training")
+            while not self.trainer.finished and not self.control.stop_requested:
+                if self.control.paused:
+                    self._set_status("paused (press p to resume)")
+                    while self.control.paused and not self.control.stop_requested:
+                        self.server.pump(200)
+                    self._set_status("training")
+                    continue
+                report = self.trainer.run_step()
+                self._steps_since_version += 1
+                with self.state.lock:
+                    self.state.epoch, self.state.step = self.trainer.epoch, self.trainer.step
+                if report is not None:
+                    with self.state.lock:
+                        self.state.epochs.append(EpochRow(**report.as_dict()))
+                    if self.print_reports:
+                        report_epoch(report, self.args, self.preset.epochs)
+                    self.write_version(report)
+                elif self.checkpoint_every and self._steps_since_version >= self.checkpoint_every:
+                    self.write_version()
+            if self.control.stop_requested and self._steps_since_version:
+                self.write_version()
+                self.log("stopped on request after finishing the step; model version written")
+        except TrainingAborted as exc:
+            self.log(f"training aborted: {exc}")
+            self.server.close("shutdown")
+            self._finish("aborted")
+            return 1
+        finished = self.trainer.finished
+        self.server.close("run-finished" if finished else "shutdown")
+        if self.print_reports:
+            report_ledger(self.server.ledger, self.args,
+                          {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received})
+        if getattr(self.args, "save_weights", None):
+            save_weights(self.args.save_weights, self.trainer.params)
+        self._finish("finished" if finished else "stopped")
+        return 0
+
+    def _set_status(self, text: str) -> None:
+        with self.state.lock:
+            self.state.status = text
+            self.state.paused = self.control.paused
+
+    def _finish(self, status: str) -> None:
+        with self.state.lock:
+            self.state.status = status
+            self.state.finished = True
+
+
+def _new_ledger():
+    from enshuffle.coordinator.ledger import ExposureLedger
+
+    return ExposureLedger()
+
+
+def _version_row(version_id: str, parent_id: str | None, meta: dict) -> VersionRow:
+    return VersionRow(version_id=version_id, parent_id=parent_id, epoch=int(meta.get("epoch", 0)),
+                      step=int(meta.get("step", 0)),
+                      test_accuracy=(meta.get("metrics") or {}).get("test_accuracy"),
+                      created=float(meta.get("created", 0.0)),
+                      metadata={k: v for k, v in meta.items() if k not in ("ledger", "history")})
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load_run_settings(run_dir: str) -> dict:
+    path = Path(run_dir) / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path} not found: --resume needs the RUN_DIR of an earlier coordinator run") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is unreadable ({exc}); it should be the JSON a coordinator wrote") from None
+
+
+# -- local node processes ------------------------------------------------------------------
+def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, threads: int = 1) -> list[subprocess.Popen]:
+    """Start `count` `enshuffle node` processes, each with its own key (its own ENSHUFFLE_HOME)."""
+    procs = []
+    for i in range(count):
+        home = workdir / f"node-{i + 1}"
+        home.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, ENSHUFFLE_HOME=str(home))
+        log = open(home / "node.log", "wb")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key", fingerprint,
+             "--name", f"local-{i + 1}", "--threads", str(threads)],
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    return procs
+
+
+def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(2)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def run_local_cluster(args, preset, inputs, seed: int) -> int:
+    """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
+    with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
+        tmp = Path(tmp)
+        run = CoordinatorRun(args, preset, inputs, seed, bind="tcp://127.0.0.1:*", shards=args.nodes,
+                             min_nodes=args.nodes, run_dir=args.out, home=tmp / "coordinator",
+                             quiet=not getattr(args, "verbose", False))
+        eprint(f"train: coordinator on {run.server.endpoint}, {args.nodes} local node processes, "
+               f"preset {preset.name}, {preset.dtype}, offload {args.offload}")
+        procs = spawn_local_nodes(run.server.endpoint, run.identity.fingerprint, args.nodes, tmp)
+        try:
+            if getattr(args, "tui", False):
+                return run_with_tui(run)
+            return run.run()
+        finally:
+            if not run.state.finished:
+                run.server.close("shutdown")
+            stop_local_nodes(procs)
+
+
+def run_with_tui(run: CoordinatorRun) -> int:
+    """The console in the main thread, the run (which owns the socket) in a worker thread."""
+    import threading
+
+    from enshuffle.tui.coordinator_app import CoordinatorApp
+
+    status = {}
+
+    def work():
+        try:
+            status["rc"] = run.run()
+        except Exception as exc:  # surfaced in the console's log and as the exit status
+            run.log(f"coordinator failed: {exc!r}")
+            status["rc"] = 1
+            with run.state.lock:
+                run.state.finished = True
+
+    def verify_chain():
+        if run.chain is None:
+            return False, "no run directory: start with --out RUN_DIR to keep a model chain"
+        report = run.chain.verify()
+        if report.ok:
+            return True, f"ok: {report.checked} versions verified"
+        return False, f"FAILED at {report.first_bad[:12] if report.first_bad else '?'}: {report.problem}"
+
+    run.quiet = True
+    run.print_reports = False
+    run.server._log = lambda line: None
+    thread = threading.Thread(target=work, name="coordinator", daemon=True)
+    thread.start()
+    app = CoordinatorApp(source=run.state.snapshot, control=run.control, verify_chain=verify_chain)
+    app.run()
+    run.control.request_stop()
+    thread.join()
+    return status.get("rc", 0)

@@ -1,0 +1,620 @@
+"""The coordinator's side of ENS1 (docs/protocol.md): the one place that owns the ROUTER socket.
+
+`CoordinatorServer` is single-threaded by design: whichever thread drives training calls
+`run(batches)` (the Executor interface of `DistributedCompute`) and `pump()`; both poll the
+socket, so sessions, heartbeats, leases and re-issues are serviced while a step waits for
+results and while training is paused. Nothing else touches the socket.
+
+Shards and sessions: a run has k shards (node slots, fixed partitions of pixels and hidden
+units). Each shard has one owner session. A session that ends (BYE, silence, a new HELLO with
+the same key) loses its shards at once to the least-loaded live session, which first receives
+the shard's static operands, and its outstanding batches are re-issued; new sessions take over
+shards only at a step boundary, so membership changes never split a step.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from enshuffle.coordinator.distributed import Batch
+from enshuffle.coordinator.ledger import AXES, ExposureLedger
+from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, NodeRow
+from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
+from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, DEFAULT_LIMITS, ProtocolError, decode, encode,
+                                         verify, verify_self_signed)
+
+LEASE_MIN_MS = 2000
+LEASE_MULTIPLE = 4.0
+LEASE_INITIAL_MS = 30000
+MAX_ATTEMPTS = 5  # a batch rejected/expired this many times aborts the run: something is systematically wrong
+
+
+class TrainingAborted(RuntimeError):
+    """The run cannot go on (e.g. every node rejects the same batch); the message says why."""
+
+
+def batch_work(batch: Batch, statics: dict[str, np.ndarray] | None = None) -> float:
+    """Multiply-adds (matmul) or elements (elementwise) of a batch: what leases scale with."""
+    b = batch.arrays.get("b")
+    if batch.op == "matmul":
+        if "a" in batch.arrays:
+            n, k = batch.arrays["a"].shape
+        else:
+            n = batch.arrays["rows"].shape[0]
+            k = b.shape[0]
+        return float(n) * float(k) * float(b.shape[1])
+    ref = batch.arrays.get("a", b)
+    return float(ref.size)
+
+
+def expected_shape(batch: Batch, static_cols: int) -> tuple[int, int]:
+    b = batch.arrays.get("b")
+    if batch.op == "matmul":
+        if "a" in batch.arrays:
+            return batch.arrays["a"].shape[0], b.shape[1]
+        if batch.params.get("transpose_a"):
+            return static_cols, b.shape[1]
+        return batch.arrays["rows"].shape[0], b.shape[1]
+    return batch.arrays.get("a", b).shape
+
+
+@dataclass
+class Task:
+    batch: Batch
+    batch_id: str
+    work: float
+    shape: tuple[int, int]
+    result: np.ndarray | None = None
+    session: str | None = None  # node_id holding the live lease
+    seq: int = -1
+    sent_at: float = 0.0
+    deadline: float = 0.0
+    attempts: int = 0
+
+
+@dataclass
+class Session:
+    routing_id: bytes
+    node_id: str
+    key: bytes
+    fingerprint: str
+    name: str
+    label: str  # how the ledger and the operator know this node across reconnects
+    credit: int
+    want: int
+    address: str = ""
+    outstanding: dict[str, Task] = field(default_factory=dict)
+    queue: deque = field(default_factory=deque)
+    shards_held: set[int] = field(default_factory=set)  # static operands this session has received
+    last_seen: float = field(default_factory=time.monotonic)
+    last_sent: float = field(default_factory=time.monotonic)
+    seconds_per_work: deque = field(default_factory=lambda: deque(maxlen=20))
+    done: int = 0
+    protocol_errors: int = 0
+    rate_window: deque = field(default_factory=lambda: deque(maxlen=64))
+
+    def window(self) -> int:
+        return min(self.credit, self.want)
+
+    def lease_seconds(self, work: float) -> float:
+        if len(self.seconds_per_work) < 5:
+            return LEASE_INITIAL_MS / 1000
+        p90 = float(np.percentile(np.asarray(self.seconds_per_work), 90))
+        return max(LEASE_MIN_MS / 1000, LEASE_MULTIPLE * p90 * work)
+
+
+class CoordinatorServer:
+    """ROUTER socket, sessions, leases, statics and the Executor interface for DistributedCompute."""
+
+    def __init__(self, bind: str, identity: Identity, state: CoordinatorState, ledger: ExposureLedger, *,
+                 control: CoordinatorControl | None = None, heartbeat_ms: int = 1000, max_credit: int = 2,
+                 log: Callable[[str], None] | None = None, context: zmq.Context | None = None):
+        self.identity = identity
+        self.state = state
+        self.ledger = ledger
+        self.control = control or CoordinatorControl()
+        self.heartbeat_ms = heartbeat_ms
+        self.max_credit = max_credit
+        self._log = log or (lambda line: None)
+        self.run_id = secrets.token_hex(8)
+        self.ctx = context or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_message_bytes)
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
+        self.sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
+        try:
+            self.sock.bind(bind)
+        except zmq.ZMQError as exc:
+            self.sock.close(0)
+            raise OSError(f"cannot listen on {bind}: {exc.strerror}; choose another --bind address or port") from None
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.sessions: dict[str, Session] = {}  # node_id -> live session
+        self.by_routing: dict[bytes, str] = {}
+        self.labels: dict[bytes, str] = {}  # node key -> ledger label (stable across reconnects)
+        self.owner: list[str | None] = []
+        self.compute = None  # DistributedCompute, set by attach()
+        self._statics: dict[int, dict[str, np.ndarray]] = {}
+        self._seq = 0
+        self._node_counter = 0
+        self._batch_counter = 0
+        self._tasks: dict[str, Task] = {}
+        self._waiting: deque[Task] = deque()  # tasks with no live session to go to
+        self.step = 0
+        self.finished = False
+        self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0}
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._waiting_logged = False
+
+    # -- plumbing ---------------------------------------------------------------------
+    def log(self, line: str) -> None:
+        self.state.add_log(line)
+        self._log(line)
+
+    def attach(self, compute) -> "CoordinatorServer":
+        """Called by DistributedCompute as its executor factory."""
+        self.compute = compute
+        self.owner = [None] * compute.k
+        return self
+
+    def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
+        arrays = self._statics.get(shard)
+        if arrays is None:
+            arrays = self._statics[shard] = self.compute.static_arrays(shard)
+        return arrays
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _send(self, session: Session, command: str, header: dict, arrays: dict | None = None) -> bool:
+        frames = encode(command, header, arrays, self.identity)
+        try:
+            self.sock.send_multipart([session.routing_id, *frames], copy=False, flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self._end_session(session, f"cannot send to it ({exc.strerror})")
+            return False
+        session.last_sent = time.monotonic()
+        self.bytes_sent += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        return True
+
+    def _send_raw(self, routing_id: bytes, command: str, header: dict) -> None:
+        try:
+            self.sock.send_multipart([routing_id, *encode(command, header, None, self.identity)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the peer is gone; nothing to tell
+
+    # -- the Executor interface --------------------------------------------------------
+    def run(self, batches: list[Batch]) -> list[np.ndarray]:
+        """Send every batch to the owner of its shard and wait for all results."""
+        tasks = []
+        for batch in batches:
+            self._batch_counter += 1
+            static_cols = self.compute.statics[batch.shard].pixels.shape[0]
+            task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
+                        work=batch_work(batch), shape=expected_shape(batch, static_cols))
+            self._tasks[task.batch_id] = task
+            tasks.append(task)
+            self._enqueue(task)
+        try:
+            while any(t.result is None for t in tasks):
+                self.pump(timeout_ms=self._poll_timeout())
+        finally:
+            for t in tasks:
+                self._tasks.pop(t.batch_id, None)
+        return [t.result for t in tasks]
+
+    def step_done(self) -> None:
+        """Step boundary: idle sessions take over shards from sessions holding several."""
+        self.step += 1
+        self._rebalance()
+
+    # -- membership --------------------------------------------------------------------
+    def live_count(self) -> int:
+        return len(self.sessions)
+
+    def wait_for_nodes(self, count: int, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Pump until `count` nodes are connected; False if asked to stop first."""
+        while len(self.sessions) < count:
+            if should_stop():
+                return False
+            self._set_status(f"waiting for nodes: {len(self.sessions)} of {count} connected")
+            self.pump(timeout_ms=200)
+        self._rebalance()
+        return True
+
+    def _set_status(self, text: str) -> None:
+        if self.state.status != text:
+            with self.state.lock:
+                self.state.status = text
+
+    def _shard_counts(self) -> dict[str, int]:
+        counts = {nid: 0 for nid in self.sessions}
+        for owner in self.owner:
+            if owner in counts:
+                counts[owner] += 1
+        return counts
+
+    def _assign(self, shard: int) -> Session | None:
+        """Give `shard` to the live session holding the fewest shards (preferring one that has it already)."""
+        if not self.sessions:
+            self.owner[shard] = None
+            return None
+        counts = self._shard_counts()
+        best = min(self.sessions.values(),
+                   key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
+        self.owner[shard] = best.node_id
+        return best
+
+    def _rebalance(self) -> None:
+        if not self.owner:
+            return
+        for shard, owner in enumerate(self.owner):
+            if owner not in self.sessions:
+                self._assign(shard)
+        # A newcomer with no shard takes one from a session holding two or more.
+        while True:
+            counts = self._shard_counts()
+            if not counts:
+                return
+            idle = [nid for nid, c in counts.items() if c == 0]
+            busiest = max(counts, key=lambda nid: counts[nid])
+            if not idle or counts[busiest] < 2:
+                return
+            shard = max(s for s, o in enumerate(self.owner) if o == busiest)
+            self.owner[shard] = idle[0]
+            self.log(f"membership: shard {shard} moves from {self.sessions[busiest].label} "
+                     f"to {self.sessions[idle[0]].label}")
+
+    def _enqueue(self, task: Task) -> None:
+        owner = self.owner[task.batch.shard]
+        session = self.sessions.get(owner) if owner else None
+        if session is None:
+            session = self._assign(task.batch.shard)
+        if session is None:
+            self._waiting.append(task)
+            return
+        session.queue.append(task)
+
+    def _requeue_waiting(self) -> None:
+        if self._waiting and self.sessions:
+            waiting, self._waiting = self._waiting, deque()
+            for task in waiting:
+                self._enqueue(task)
+
+    def _end_session(self, session: Session, why: str) -> None:
+        if self.sessions.pop(session.node_id, None) is None:
+            return
+        self.by_routing.pop(session.routing_id, None)
+        self.log(f"node {session.label} ({session.node_id}) left: {why}")
+        with self.state.lock:
+            row = self.state.nodes.get(session.label)
+            if row is not None:
+                row.state = "gone"
+                row.outstanding = 0
+        orphans = list(session.outstanding.values()) + list(session.queue)
+        session.outstanding.clear()
+        session.queue.clear()
+        for shard, owner in enumerate(self.owner):
+            if owner == session.node_id:
+                self._assign(shard)
+        for task in orphans:
+            if task.result is None and task.batch_id in self._tasks:
+                task.session = None
+                self._reissue(task, session, "its node left")
+
+    def _reissue(self, task: Task, previous: Session | None, why: str) -> None:
+        task.attempts += 1
+        self.counters["reissued"] += 1
+        if previous is not None:
+            with self.state.lock:
+                row = self.state.nodes.get(previous.label)
+                if row is not None:
+                    row.reissued += 1
+        if task.attempts >= MAX_ATTEMPTS:
+            raise TrainingAborted(f"batch {task.batch_id} ({task.batch.op}) failed {task.attempts} times, "
+                                  f"last because {why}; check the nodes' logs")
+        # The shard stays where it is unless its owner is gone; an expired lease on a live owner
+        # goes to another session if there is one.
+        if previous is not None and self.owner[task.batch.shard] == previous.node_id and len(self.sessions) > 1:
+            others = [s for s in self.sessions.values() if s.node_id != previous.node_id]
+            target = min(others, key=lambda s: (len(s.outstanding) + len(s.queue), s.node_id))
+            target.queue.append(task)
+            return
+        self._enqueue(task)
+
+    # -- the poll loop -------------------------------------------------------------------
+    def _poll_timeout(self) -> int:
+        return max(1, min(self.heartbeat_ms // 2, 250))
+
+    def pump(self, timeout_ms: int = 100) -> None:
+        """Handle what arrived within `timeout_ms`, then heartbeats, leases and sending."""
+        self._dispatch()
+        events = dict(self.poller.poll(timeout_ms))
+        if self.sock in events:
+            for _ in range(1000):  # drain, but come up for air
+                try:
+                    frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle(frames)
+        self._housekeeping()
+        self._requeue_waiting()
+        self._dispatch()
+        if not self.sessions:
+            if not self._waiting_logged and (self._waiting or self.owner):
+                self.log("no nodes connected: waiting for nodes")
+                self._waiting_logged = True
+            if self._waiting:
+                self._set_status("waiting for nodes: none connected")
+        else:
+            self._waiting_logged = False
+
+    def _dispatch(self) -> None:
+        for session in list(self.sessions.values()):
+            while session.queue and len(session.outstanding) < session.window():
+                task = session.queue.popleft()
+                if task.result is not None or task.batch_id not in self._tasks:
+                    continue
+                if not self._send_batch(session, task):
+                    return
+
+    def _ensure_static(self, session: Session, shard: int) -> bool:
+        if shard in session.shards_held:
+            return True
+        arrays = self.static_arrays(shard)
+        for name, array in arrays.items():
+            share = {"images": round(len(self.compute.pixel_blocks[shard]) / AXES["images"], 6)}
+            header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
+            if not self._send(session, "STATIC", header, {"x": array}):
+                return False
+        session.shards_held.add(shard)
+        self.ledger.record(session.label, self.compute.static_exposure(shard))
+        return True
+
+    def _send_batch(self, session: Session, task: Task) -> bool:
+        if task.batch.params.get("a_static") and not self._ensure_static(session, task.batch.shard):
+            return False
+        now = time.monotonic()
+        lease = session.lease_seconds(task.work)
+        task.seq = self._next_seq()
+        task.session = session.node_id
+        task.sent_at = now
+        task.deadline = now + lease
+        exposure = {t: round(len(pos) / AXES[t], 6) for t, pos in task.batch.exposure}
+        header = {"run_id": self.run_id, "batch_id": task.batch_id, "seq": task.seq, "step": self.step,
+                  "op": task.batch.op, "params": task.batch.params, "lease_ms": max(1, int(lease * 1000)),
+                  "exposure": exposure}
+        session.outstanding[task.batch_id] = task
+        if not self._send(session, "BATCH", header, task.batch.arrays):
+            return False
+        self.ledger.record(session.label, task.batch.exposure)
+        return True
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        silence = 3 * self.heartbeat_ms / 1000
+        for session in list(self.sessions.values()):
+            if now - session.last_seen > silence:
+                self._end_session(session, f"silent for {now - session.last_seen:.1f} s (heartbeat lost)")
+                continue
+            for task in list(session.outstanding.values()):
+                if task.result is None and now > task.deadline and task.session == session.node_id:
+                    # The slot stays occupied until the node answers: a stuck node gets no more work.
+                    task.session = None
+                    self.counters["expired"] += 1
+                    self.log(f"lease expired: batch {task.batch_id} on {session.label} "
+                             f"after {now - task.sent_at:.1f} s; reissuing")
+                    self._reissue(task, session, "its lease expired")
+            if now - session.last_sent > self.heartbeat_ms / 1000:
+                self._send(session, "HEARTBEAT", {"node_id": session.node_id, "credit": session.credit,
+                                                  "outstanding": len(session.outstanding)})
+        self._publish_rows(now)
+
+    def _publish_rows(self, now: float) -> None:
+        shares = self.ledger.shares()
+        wall = time.time()
+        with self.state.lock:
+            for session in self.sessions.values():
+                row = self.state.nodes.get(session.label)
+                if row is None:
+                    continue
+                row.outstanding = len(session.outstanding)
+                row.batches_done = session.done
+                row.state = "working" if session.outstanding else "idle"
+                row.last_seen = wall - (now - session.last_seen)
+                window = session.rate_window
+                row.rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 and window[-1] > window[0] else 0.0
+                row.exposure = dict(shares.get(session.label, {}))
+
+    # -- handling what arrives -----------------------------------------------------------
+    def _handle(self, frames: list) -> None:
+        routing_id = bytes(frames[0].buffer)
+        body = frames[1:]
+        self.bytes_received += sum(len(f.buffer) for f in body)
+        session = self.sessions.get(self.by_routing.get(routing_id, ""))
+        try:
+            msg = decode(body)
+        except ProtocolError as exc:
+            self.counters["dropped"] += 1
+            if session is not None:
+                session.protocol_errors += 1
+                self.log(f"dropped a malformed message from {session.label}: {exc}")
+            elif exc.code == "bad-version":
+                self._send_raw(routing_id, "REFUSE", {"coordinator_key": self.identity.public_hex, "nonce": None,
+                                                      "code": "version-mismatch",
+                                                      "text": f"this coordinator speaks ENS{PROTOCOL_VERSION}"})
+            else:
+                self.log(f"dropped a malformed message from an unknown peer: {exc.code}")
+            return
+        if msg.command == "HELLO":
+            self._on_hello(routing_id, msg)
+            return
+        if session is None:
+            self.counters["dropped"] += 1
+            self.log(f"dropped {msg.command} from a peer without a session")
+            return
+        try:
+            verify(msg, session.key)
+        except ProtocolError as exc:
+            self.counters["bad_signature"] += 1
+            session.protocol_errors += 1
+            self._count_refused(session)
+            self.log(f"refused {msg.command} from {session.label}: {exc.detail}")
+            return
+        session.last_seen = time.monotonic()
+        handler = {"RESULT": self._on_result, "REJECT": self._on_reject, "HEARTBEAT": self._on_heartbeat,
+                   "BYE": self._on_bye}.get(msg.command)
+        if handler is None:
+            self.counters["dropped"] += 1
+            self.log(f"dropped unexpected {msg.command} from {session.label}")
+            return
+        handler(session, msg)
+
+    def _count_refused(self, session: Session) -> None:
+        with self.state.lock:
+            row = self.state.nodes.get(session.label)
+            if row is not None:
+                row.refused += 1
+
+    def _on_hello(self, routing_id: bytes, msg) -> None:
+        try:
+            key = verify_self_signed(msg)
+        except ProtocolError as exc:
+            self.counters["bad_signature"] += 1
+            self.log(f"refused a HELLO whose signature does not verify: {exc.detail}")
+            self._send_raw(routing_id, "REFUSE", {"coordinator_key": self.identity.public_hex,
+                                                  "nonce": msg.header.get("nonce"), "code": "bad-hello",
+                                                  "text": "HELLO signature does not match its node_key"})
+            return
+        header = msg.header
+        refuse = None
+        if header["protocol"] != PROTOCOL_VERSION:
+            refuse = ("version-mismatch", f"this coordinator speaks protocol {PROTOCOL_VERSION}")
+        elif self.finished:
+            refuse = ("run-finished", "training has ended")
+        else:
+            caps = header["capabilities"]
+            ops = caps.get("ops") if isinstance(caps, dict) else None
+            credit = caps.get("credit") if isinstance(caps, dict) else None
+            if not isinstance(ops, list) or not set(OPS) <= set(ops) or not isinstance(credit, int) or credit < 1:
+                refuse = ("bad-hello", f"capabilities must list every op of {', '.join(OPS)} and a credit >= 1")
+        if refuse:
+            self._send_raw(routing_id, "REFUSE", {"coordinator_key": self.identity.public_hex,
+                                                  "nonce": header.get("nonce"), "code": refuse[0], "text": refuse[1]})
+            self.log(f"refused node {header.get('name')!r}: {refuse[1]}")
+            return
+        for old in [s for s in self.sessions.values() if s.key == key]:
+            self._end_session(old, "it reconnected (a new HELLO with the same key)")
+        self._node_counter += 1
+        node_id = f"n{self._node_counter}"
+        fp = fingerprint(key)
+        label = self.labels.get(key)
+        if label is None:
+            name = str(header["name"])[:40] or "node"
+            taken = set(self.labels.values())
+            label = name if name not in taken else f"{name}[{short_fingerprint(fp)}]"
+            self.labels[key] = label
+        credit = min(int(header["capabilities"]["credit"]), self.max_credit)
+        session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=str(header["name"]),
+                          label=label, credit=credit, want=credit)
+        self.sessions[node_id] = session
+        self.by_routing[routing_id] = node_id
+        with self.state.lock:
+            row = self.state.nodes.get(label)
+            if row is None:
+                row = self.state.nodes[label] = NodeRow(node_id=node_id, name=label, fingerprint=fp)
+            row.node_id = node_id
+            row.state = "connected"
+            row.last_seen = time.time()
+        self._send(session, "WELCOME", {
+            "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
+            "nonce": header["nonce"], "node_id": node_id, "credit": credit, "heartbeat_ms": self.heartbeat_ms,
+            "lease": {"min_ms": LEASE_MIN_MS, "multiple": LEASE_MULTIPLE, "initial_ms": LEASE_INITIAL_MS}})
+        self.log(f"node {label} joined as {node_id} ({short_fingerprint(fp)}), credit {credit}")
+
+    def _task_for(self, session: Session, msg, what: str) -> Task | None:
+        batch_id, seq = msg.header.get("batch_id"), msg.header.get("seq")
+        task = session.outstanding.get(batch_id) if batch_id is not None else None
+        if msg.header.get("run_id") != self.run_id:
+            self.counters["dropped"] += 1
+            self.log(f"dropped {what} from {session.label}: it is for run {msg.header.get('run_id')!r}, not this run")
+            return None
+        if task is None or task.seq != seq:
+            self.counters["dropped"] += 1
+            self.log(f"dropped {what} from {session.label} for unknown batch {batch_id} (seq {seq})")
+            return None
+        return task
+
+    def _on_result(self, session: Session, msg) -> None:
+        task = self._task_for(session, msg, "RESULT")
+        if task is None:
+            return
+        del session.outstanding[task.batch_id]
+        now = time.monotonic()
+        if task.session != session.node_id or task.result is not None or task.batch_id not in self._tasks:
+            self.counters["expired"] += 1
+            self.log(f"dropped a late RESULT for batch {task.batch_id} from {session.label}: its lease had expired")
+            return
+        c = msg.arrays.get("c")
+        expected_dtype = task.batch.arrays["b" if "b" in task.batch.arrays else "a"].dtype
+        if c is None or tuple(c.shape) != tuple(task.shape) or c.dtype != expected_dtype:
+            got = "nothing" if c is None else f"{c.dtype}{tuple(c.shape)}"
+            self.counters["dropped"] += 1
+            self._count_refused(session)
+            self.log(f"refused RESULT for batch {task.batch_id} from {session.label}: expected array c "
+                     f"{expected_dtype}{task.shape}, got {got}")
+            task.session = None
+            self._reissue(task, session, "its result had the wrong shape")
+            return
+        task.result = np.array(c)  # own the memory: the frame's buffer is ZeroMQ's
+        session.done += 1
+        session.rate_window.append(now)
+        if task.work > 0:
+            session.seconds_per_work.append((now - task.sent_at) / task.work)
+
+    def _on_reject(self, session: Session, msg) -> None:
+        self.counters["rejected"] += 1
+        self._count_refused(session)
+        code, text = msg.header.get("code"), msg.header.get("text")
+        self.log(f"node {session.label} rejected batch {msg.header.get('batch_id')}: {code}: {text}")
+        task = self._task_for(session, msg, "REJECT") if msg.header.get("batch_id") else None
+        if task is None:
+            return
+        del session.outstanding[task.batch_id]
+        if code == "unknown-static":
+            session.shards_held.discard(task.batch.shard)
+        if task.session == session.node_id and task.result is None:
+            task.session = None
+            self._reissue(task, session, f"a node rejected it ({code})")
+
+    def _on_heartbeat(self, session: Session, msg) -> None:
+        want = int(msg.header.get("credit", session.credit))
+        if want != session.want:
+            self.log(f"node {session.label} {'paused' if want == 0 else f'asks for {want} batches at a time'}")
+        session.want = want
+
+    def _on_bye(self, session: Session, msg) -> None:
+        self._end_session(session, f"said BYE ({msg.header.get('reason')})")
+
+    # -- shutting down -----------------------------------------------------------------
+    def close(self, reason: str = "shutdown") -> None:
+        """Tell every node BYE and close the socket."""
+        self.finished = reason == "run-finished"
+        for session in list(self.sessions.values()):
+            self._send(session, "BYE", {"node_id": session.node_id, "reason": reason})
+        self.sessions.clear()
+        self.sock.close(0)
