@@ -1,0 +1,100 @@
+"""`enshuffle node`: start the node daemon, headless (log lines on stderr) or under the node app.
+
+Owns process-level concerns only: the BLAS thread environment (which must be set before numpy
+is first imported, so nothing numpy-using is imported at module level here), the identity and
+trust store from the enshuffle home, SIGINT/SIGTERM (installed here, in the main thread, never
+in the library class), and choosing headless or TUI. Headless never imports textual.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+
+def _apply_thread_env(threads: int | None) -> int:
+    """Put --threads into the BLAS environment (before numpy loads); return the count in use."""
+    from enshuffle.node.blas import default_threads, thread_env
+
+    if threads is None:
+        value = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        return int(value) if value and value.isdigit() and int(value) > 0 else default_threads()
+    os.environ.update(thread_env(threads))
+    return threads
+
+
+def _install_signal_handlers(daemon) -> None:
+    """SIGINT/SIGTERM -> BYE `shutdown` and a prompt exit 0 (the coordinator reissues at once)."""
+    def handler(signum, frame):  # runs in the main thread; stop() only sets an Event
+        daemon.stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_node(args) -> int:
+    """Run a node until stopped; returns the daemon's exit status (see enshuffle.node.daemon)."""
+    threads = _apply_thread_env(args.threads)
+    # numpy (through the daemon) is imported only now, after the environment is set.
+    from enshuffle.node.daemon import NodeDaemon
+    from enshuffle.node.state import NodeControl, NodeState
+    from enshuffle.protocol.keys import TrustStore, enshuffle_home, load_or_create_identity
+
+    home = enshuffle_home()
+    identity = load_or_create_identity("node", home)
+    trust = TrustStore(home)
+    state = NodeState()
+    control = NodeControl(threads=threads)
+    daemon = NodeDaemon(args.connect, identity=identity, trust=trust, pinned=args.coordinator_key,
+                        name=args.name or socket.gethostname(), threads=threads, state=state,
+                        control=control, log=None if not args.tui else state_only)
+    _install_signal_handlers(daemon)
+    if not args.tui:
+        return daemon.run()
+    return _run_with_tui(daemon, state, control)
+
+
+def state_only(line: str) -> None:
+    """Under the TUI the log lines go to NodeState.log only (stderr would corrupt the screen)."""
+
+
+def _run_with_tui(daemon, state, control) -> int:
+    """The node app in the main thread, the daemon in a background thread."""
+    from enshuffle.tui.node_app import NodeApp  # textual is imported only on this path
+
+    result: list[int] = []
+    app = NodeApp(source=state.snapshot, control=control)
+
+    def work() -> None:
+        status = daemon.run()
+        result.append(status)
+        if status == 0:
+            # Stopped by a signal or the run finished: the app leaves too (after q it already has).
+            try:
+                app.call_from_thread(app.exit, "stopped")
+            except RuntimeError:
+                pass  # the app is no longer running
+            return
+        # A fatal end keeps "refused" on screen until the volunteer quits; then the app
+        # must see "stopped" to leave on the first q. Checking a flag 5 times a second is cheap.
+        while not control.stop_requested:
+            time.sleep(0.2)
+        with state.lock:
+            state.connection = "stopped"
+
+    thread = threading.Thread(target=work, name="enshuffle-node", daemon=True)
+    thread.start()
+    app.run()
+    control.request_stop()
+    thread.join(timeout=3.0)
+    if thread.is_alive():
+        print("enshuffle node: the daemon did not stop within 3 s; leaving anyway", file=sys.stderr)
+        return 1
+    status = result[0] if result else 1
+    if status != 0 and daemon.error:
+        print(f"enshuffle node: error: {daemon.error}", file=sys.stderr)
+    return status

@@ -1,0 +1,650 @@
+"""The node daemon: one ENS1 session after another with a coordinator, computing its batches.
+
+Owns the node side of docs/protocol.md: the DEALER socket (one thread owns it; ZeroMQ sockets
+are not thread-safe), the handshake and trust check, statics, batch checks and REJECT codes,
+heartbeats, loss detection, reconnect back-off, BYE, and the live `NodeState` the node TUI
+reads. The arithmetic itself is `enshuffle.node.compute.compute_batch`.
+
+Compute runs in the socket thread: batches are small (well under a second) and heartbeats go
+out between them, so no second thread and no lock around the socket is needed.
+
+Exit statuses of `NodeDaemon.run()`:
+
+* 0  stopped (stop() / SIGINT / SIGTERM, after BYE `shutdown`), or BYE/REFUSE `run-finished`
+     when `exit_on_finish` is true (the default, as under `enshuffle train`; a long-lived
+     volunteer daemon passes exit_on_finish=False and keeps reconnecting with back-off);
+* 3  the coordinator's key failed the trust check (pin or remembered fingerprint mismatch,
+     or an unusable trust file); nothing further is sent;
+* 4  the coordinator refused us for good: REFUSE `version-mismatch` / `not-allowed` /
+     `bad-hello`, or BYE `evicted` / `protocol-error`.
+
+This module never imports textual.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import secrets
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from enshuffle.node.blas import BlasThreadsUnavailable, set_blas_threads
+from enshuffle.node.compute import OPS, BatchError, compute_batch
+from enshuffle.node.state import NodeControl, NodeState
+from enshuffle.protocol.keys import (FingerprintMismatch, Identity, KeyStoreError, TrustStore,
+                                     fingerprint, normalize_fingerprint, short_fingerprint)
+from enshuffle.protocol.messages import (DEFAULT_LIMITS, PROTOCOL_VERSION, Limits, Message,
+                                         ProtocolError, decode, encode, verify, verify_self_signed)
+
+EXIT_OK = 0
+EXIT_TRUST = 3
+EXIT_REFUSED = 4
+
+HELLO_TIMEOUT_S = 5.0
+DEFAULT_HEARTBEAT_MS = 1000   # libzmq heartbeat options before WELCOME says otherwise
+LOST_AFTER_HEARTBEATS = 3      # silence of 3 x heartbeat_ms = coordinator lost (spec 8)
+POLL_MS = 100                  # longest wait in poll: bounds how late stop/pause are noticed
+RATE_LINE_S = 10.0             # a rate line this often while working
+IDLE_AFTER_S = 2.0             # no batch for this long: "idle, waiting for work"
+BYE_LINGER_MS = 1000           # how long the final BYE may take to leave (spec 15)
+DEFAULT_MAX_STATIC_BYTES = 4 << 30
+
+FINAL_REFUSALS = ("version-mismatch", "not-allowed", "bad-hello")
+FINAL_BYES = ("evicted", "protocol-error")
+# Where compute_batch's BatchError codes land among the spec's REJECT codes.
+BATCH_ERROR_CODES = {"bad-batch": "bad-params", "unknown-op": "bad-op", "unknown-static": "unknown-static"}
+
+
+def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait before reconnect attempt `attempt` (0, 1, ...): spec section 10.
+
+    min(30 s, 0.5 s * 2^k) * U(0.8, 1.2): the jitter keeps many nodes that lost the same
+    coordinator from all knocking at the same instant.
+    """
+    rng = rng or random
+    return min(30.0, 0.5 * 2.0 ** min(attempt, 16)) * rng.uniform(0.8, 1.2)
+
+
+def describe_batch(op: str, params: dict, arrays: dict, statics: dict) -> str:
+    """A short human description for logs and the TUI, e.g. 'matmul (128x392)·(392x128)'."""
+    def dims(shape) -> str:
+        return "x".join(str(d) for d in shape)
+
+    try:
+        if op == "matmul":
+            b = arrays["b"].shape
+            name = params.get("a_static")
+            if name is not None:
+                static = statics[name]
+                rows = arrays["rows"].shape[0]
+                a = (rows, *static.shape[1:])
+                if params.get("transpose_a"):
+                    a = a[::-1]
+                return f"matmul ({dims(a)})·({dims(b)}) [{name}]"
+            return f"matmul ({dims(arrays['a'].shape)})·({dims(b)})"
+        first = arrays.get("a", arrays.get("b"))
+        return f"{op} ({dims(first.shape)})" if first is not None else op
+    except (KeyError, AttributeError, IndexError, TypeError):
+        return op
+
+
+def _json_id(value, kind: str):
+    """A header value fit to echo in a REJECT (str / uint), else None: never echo junk."""
+    if kind == "str":
+        return value if isinstance(value, str) and len(value) <= 200 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 53 else None
+
+
+class _SessionEnd(Exception):
+    """Ends the current session. `status` None = reconnect with back-off, else exit with it."""
+
+    def __init__(self, status: int | None, welcomed: bool = False) -> None:
+        super().__init__(status)
+        self.status = status
+        self.welcomed = welcomed
+
+
+@dataclass
+class _Session:
+    """What one WELCOME established; all of it is discarded when the session ends."""
+
+    socket: zmq.Socket
+    run_id: str
+    node_id: str
+    coordinator_key: bytes
+    credit: int
+    heartbeat_ms: int
+    last_seq: int = -1
+    statics: dict[str, np.ndarray] = field(default_factory=dict)
+    static_bytes: int = 0
+    pending: deque = field(default_factory=deque)  # (received_at, Message | ProtocolError, frames)
+    last_received: float = 0.0
+    last_sent: float = 0.0
+    wanted_credit: int = 0  # the window last announced (WELCOME's credit, then HEARTBEATs)
+
+
+class NodeDaemon:
+    """A node: connects to `connect`, computes batches until stopped. See the module docstring.
+
+    `identity` signs everything this node sends; `trust` decides whether the coordinator's key
+    is acceptable (`pinned`, a fingerprint, overrides it). `state` is written for presenters,
+    `control` read for pause, thread count and stop. `credit` is the most batches offered in
+    HELLO. `log` receives one line per state change (default: stderr).
+    """
+
+    def __init__(self, connect: str, *, identity: Identity, trust: TrustStore, pinned: str | None,
+                 name: str, threads: int, state: NodeState | None = None,
+                 control: NodeControl | None = None, credit: int = 2,
+                 log: Callable[[str], None] | None = None, exit_on_finish: bool = True,
+                 hello_timeout: float = HELLO_TIMEOUT_S, limits: Limits = DEFAULT_LIMITS,
+                 max_static_bytes: int = DEFAULT_MAX_STATIC_BYTES,
+                 rng: random.Random | None = None) -> None:
+        self.connect = connect
+        self.identity = identity
+        self.trust = trust
+        self.pinned = normalize_fingerprint(pinned) if pinned else None
+        self.name = name
+        self.credit_offer = max(1, int(credit))
+        self.exit_on_finish = exit_on_finish
+        self.hello_timeout = hello_timeout
+        self.limits = limits
+        self.max_static_bytes = max_static_bytes
+        self.rng = rng or random.Random()
+        self.control = control or NodeControl(threads=threads)
+        self.state = state or NodeState()
+        self._log = log or (lambda line: print(f"enshuffle node: {line}", file=sys.stderr, flush=True))
+        self._applied_threads = max(1, int(threads))  # cmd_node put it in the environment already
+        self._blas_warned = False
+        self.error: str | None = None  # the fatal error's text when run() returns non-zero
+        self.dropped = 0               # invalid or unexpected messages dropped (spec 14)
+        self._done_times: deque = deque(maxlen=4096)  # completion times, for the rate
+        self._window = {"t": time.monotonic(), "batches": 0, "in": 0, "out": 0}
+        self._last_batch_at = 0.0
+        self._drop_log_at = 0.0
+        self._drops_unlogged = 0
+        self._lost_batch_logged = False
+        with self.state.lock:
+            self.state.connect = connect
+            self.state.name = name
+            self.state.own_fingerprint = identity.fingerprint
+            self.state.threads = self._applied_threads
+            self.state.paused = self.control.paused
+            self.state.connection = "starting"
+
+    # --- public ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the daemon to say BYE and return; safe from any thread or a signal handler."""
+        self.control.request_stop()
+
+    def run(self) -> int:
+        """Sessions with back-off until stopped or refused for good; returns the exit status."""
+        ctx = zmq.Context()
+        attempt = 0
+        status = EXIT_OK
+        try:
+            while not self.control.stop_requested:
+                try:
+                    self._session(ctx)
+                except _SessionEnd as end:
+                    if end.status is not None:
+                        status = end.status
+                        break
+                    if end.welcomed:
+                        attempt = 0  # spec 10: k resets after a WELCOME
+                if self.control.stop_requested:
+                    break
+                delay = backoff_delay(attempt, self.rng)
+                attempt += 1
+                self._set(connection="reconnecting", reason=f"reconnecting in {delay:.1f} s",
+                          current_op="")
+                self._say(f"reconnecting in {delay:.1f} s")
+                self._wait(delay)
+        finally:
+            ctx.term()  # waits for a final BYE's linger (at most BYE_LINGER_MS), nothing else
+        if status == EXIT_OK:
+            self._set(connection="stopped", reason="", current_op="")
+            self._say("stopped")
+        return status
+
+    # --- small helpers -----------------------------------------------------------------
+
+    def _say(self, line: str) -> None:
+        self.state.add_log(line)
+        self._log(line)
+
+    def _set(self, **fields) -> None:
+        with self.state.lock:
+            for key, value in fields.items():
+                setattr(self.state, key, value)
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep up to `seconds`, waking early when a stop is requested (back-off only)."""
+        end = time.monotonic() + seconds
+        while not self.control.stop_requested:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, POLL_MS / 1000))
+
+    def _fatal(self, status: int, connection: str, reason: str, message: str) -> _SessionEnd:
+        self.error = message
+        self._set(connection=connection, reason=reason, current_op="")
+        self._say(f"error: {message}")
+        return _SessionEnd(status)
+
+    def _drop(self, what: str) -> None:
+        """Count a dropped message; log at most one line a second (a flood must not flood logs)."""
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._drop_log_at >= 1.0:
+            more = f" (+{self._drops_unlogged} more dropped)" if self._drops_unlogged else ""
+            self._say(f"dropped {what}{more}")
+            self._drop_log_at, self._drops_unlogged = now, 0
+        else:
+            self._drops_unlogged += 1
+
+    def _new_socket(self, ctx: zmq.Context) -> zmq.Socket:
+        sock = ctx.socket(zmq.DEALER)  # a fresh routing id per session (spec 6.2)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        sock.setsockopt(zmq.RECONNECT_IVL, 500)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 30000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, DEFAULT_HEARTBEAT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, LOST_AFTER_HEARTBEATS * DEFAULT_HEARTBEAT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, LOST_AFTER_HEARTBEATS * DEFAULT_HEARTBEAT_MS)
+        sock.connect(self.connect)
+        return sock
+
+    def _send(self, sock: zmq.Socket, command: str, header: dict, arrays: dict | None = None) -> None:
+        self._send_frames(sock, encode(command, header, arrays, signer=self.identity))
+
+    def _send_frames(self, sock: zmq.Socket, frames: list) -> None:
+        sock.send_multipart(frames, copy=False)
+        size = sum(memoryview(f).nbytes for f in frames)
+        self._window["out"] += size
+        with self.state.lock:
+            self.state.bytes_out += size
+
+    def _recv(self, sock: zmq.Socket) -> list:
+        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        size = sum(len(f) for f in frames)
+        self._window["in"] += size
+        with self.state.lock:
+            self.state.bytes_in += size
+        return frames
+
+    # --- handshake -----------------------------------------------------------------------
+
+    def _session(self, ctx: zmq.Context) -> None:
+        """One session from HELLO to its end; always raises _SessionEnd."""
+        sock = self._new_socket(ctx)
+        try:
+            session = self._handshake(sock)
+            self._serve(session)
+        finally:
+            sock.close()
+
+    def _handshake(self, sock: zmq.Socket) -> _Session:
+        nonce = secrets.token_hex(16)
+        self._set(connection="connecting", reason=f"saying HELLO to {self.connect}", current_op="")
+        self._say(f"connecting to {self.connect} as {self.name} ({short_fingerprint(self.identity.fingerprint)})")
+        self._send(sock, "HELLO", {
+            "protocol": PROTOCOL_VERSION, "node_key": self.identity.public_hex, "name": self.name,
+            "nonce": nonce,
+            "capabilities": {"ops": list(OPS), "threads": self._applied_threads, "credit": self.credit_offer},
+        })
+        deadline = time.monotonic() + self.hello_timeout
+        while True:
+            if self.control.stop_requested:
+                raise _SessionEnd(EXIT_OK)  # no session yet: nothing to say BYE to
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._say(f"no answer from {self.connect} within {self.hello_timeout:g} s")
+                raise _SessionEnd(None)
+            if not sock.poll(int(min(left * 1000, POLL_MS)) + 1, zmq.POLLIN):
+                continue
+            frames = self._recv(sock)
+            try:
+                msg = decode(frames, limits=self.limits)
+            except ProtocolError as exc:
+                self._drop(f"an invalid message before WELCOME ({exc})")
+                continue
+            if msg.command == "WELCOME":
+                session = self._accept_welcome(sock, msg, nonce)
+                if session is not None:
+                    return session
+            elif msg.command == "REFUSE":
+                self._handle_refuse(msg, nonce)
+            else:
+                self._drop(f"{msg.command} before WELCOME")
+
+    def _accept_welcome(self, sock: zmq.Socket, msg: Message, nonce: str) -> _Session | None:
+        """A verified WELCOME for our HELLO that passes the trust check -> the session."""
+        h = msg.header
+        try:
+            key = verify_self_signed(msg)
+        except ProtocolError as exc:
+            self._drop(f"WELCOME ({exc})")
+            return None
+        if h["node_key"] != self.identity.public_hex or h["nonce"] != nonce:
+            self._drop("a WELCOME for another HELLO (node key or nonce differ)")
+            return None
+        fp = fingerprint(key)
+        try:
+            trust = self.trust.check(self.connect, fp, self.pinned)
+        except FingerprintMismatch as exc:
+            self._set(coordinator_fingerprint=fp)
+            raise self._fatal(EXIT_TRUST, "refused", "refused: coordinator fingerprint mismatch",
+                              str(exc)) from None
+        except KeyStoreError as exc:
+            raise self._fatal(EXIT_TRUST, "refused", "refused: trust store unusable", str(exc)) from None
+        hb = int(h["heartbeat_ms"])
+        # libzmq's own heartbeats follow the coordinator's interval (spec 8); these options
+        # apply to connections made from now on, i.e. libzmq's reconnects of this socket.
+        sock.setsockopt(zmq.HEARTBEAT_IVL, hb)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, LOST_AFTER_HEARTBEATS * hb)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, LOST_AFTER_HEARTBEATS * hb)
+        now = time.monotonic()
+        session = _Session(socket=sock, run_id=h["run_id"], node_id=h["node_id"], coordinator_key=key,
+                           credit=min(int(h["credit"]), self.credit_offer), heartbeat_ms=hb,
+                           last_received=now, last_sent=now, wanted_credit=min(int(h["credit"]), self.credit_offer))
+        words = {"pinned": "pinned", "known": "known", "trusted-on-first-use": "trusted on first use"}
+        self._set(connection="connected", reason="waiting for work", coordinator_fingerprint=fp,
+                  trust=trust, run_id=session.run_id)
+        self._say(f"connected to {self.connect} as node {session.node_id}, coordinator {fp} "
+                  f"({words.get(trust, trust)}), run {session.run_id}, credit {session.credit}")
+        self._say("waiting for work")
+        self._last_batch_at = now
+        return session
+
+    def _handle_refuse(self, msg: Message, nonce: str) -> None:
+        """A verifiable REFUSE ends the session (final or back-off); anything else is ignored."""
+        h = msg.header
+        try:
+            key = verify_self_signed(msg)
+        except ProtocolError as exc:
+            self._drop(f"an unverifiable REFUSE ({exc})")
+            return
+        if h.get("nonce") not in (None, nonce):
+            self._drop("a REFUSE for another HELLO (nonce differs)")
+            return
+        fp = fingerprint(key)
+        # Like a WELCOME, a REFUSE counts only from the coordinator we would trust: a stranger
+        # must not be able to make this node give up (spec 6.5).
+        expected = self.pinned or self._remembered()
+        if expected is not None and expected != fp:
+            self._drop(f"a REFUSE signed by {fp}, not the expected coordinator {expected}")
+            return
+        code, text = h["code"], h["text"]
+        with self.state.lock:
+            self.state.coordinator_fingerprint = fp
+        if code in FINAL_REFUSALS:
+            raise self._fatal(EXIT_REFUSED, "refused", f"refused: {code}",
+                              f"coordinator {self.connect} refused this node ({code}): {text}")
+        if code == "run-finished" and self.exit_on_finish:
+            self._say(f"coordinator {self.connect}: the run has finished ({text})")
+            raise _SessionEnd(EXIT_OK)
+        self._set(connection="refused", reason=f"refused: {code}")
+        self._say(f"coordinator {self.connect} refused this node for now ({code}): {text}")
+        raise _SessionEnd(None)
+
+    def _remembered(self) -> str | None:
+        try:
+            return self.trust.remembered(self.connect)
+        except KeyStoreError:
+            return None
+
+    # --- the session loop ---------------------------------------------------------------
+
+    def _serve(self, s: _Session) -> None:
+        """Receive, compute, answer and keep the heartbeat until the session ends."""
+        while True:
+            if self.control.stop_requested:
+                self._say_bye(s)
+                raise _SessionEnd(EXIT_OK, welcomed=True)
+            self._apply_controls(s)
+            now = time.monotonic()
+            if now - s.last_received > LOST_AFTER_HEARTBEATS * s.heartbeat_ms / 1000:
+                self._say(f"lost connection to {self.connect}: nothing for "
+                          f"{now - s.last_received:.1f} s")
+                raise _SessionEnd(None, welcomed=True)
+            if now - s.last_sent >= s.heartbeat_ms / 1000:
+                self._heartbeat(s)
+            self._tick(now)
+            if s.pending:
+                timeout = 0  # work in hand: just pick up whatever else has arrived
+            else:
+                until_hb = s.last_sent + s.heartbeat_ms / 1000 - now
+                timeout = int(max(1, min(POLL_MS, until_hb * 1000 + 1)))
+            if s.socket.poll(timeout, zmq.POLLIN):
+                self._drain(s)
+            if s.pending:
+                self._process(s, *s.pending.popleft())
+
+    def _drain(self, s: _Session) -> None:
+        """Move everything that has arrived into `pending`, acting at once on non-batches."""
+        while True:
+            try:
+                frames = self._recv(s.socket)
+            except zmq.Again:
+                return
+            received = time.monotonic()
+            try:
+                msg = decode(frames, limits=self.limits)
+            except ProtocolError as exc:
+                if len(frames) >= 4 and bytes(frames[0]) == b"ENS1" and bytes(frames[1]) in (b"BATCH", b"STATIC"):
+                    s.pending.append((received, exc, frames))  # answered in order, with REJECT
+                else:
+                    self._drop(f"an invalid message ({exc})")
+                continue
+            if msg.command in ("BATCH", "STATIC"):
+                s.pending.append((received, msg, frames))
+                continue
+            try:
+                verify(msg, s.coordinator_key)
+            except ProtocolError as exc:
+                self._drop(f"{msg.command} ({exc})")
+                continue
+            s.last_received = received
+            if msg.command == "HEARTBEAT":
+                self._coordinator_heartbeat(s, msg)
+            elif msg.command == "BYE":
+                self._coordinator_bye(s, msg)
+            else:
+                self._drop(f"an unexpected {msg.command}")
+
+    def _coordinator_heartbeat(self, s: _Session, msg: Message) -> None:
+        held = len(s.pending)
+        believed = msg.header["outstanding"]
+        if believed > held and not self._lost_batch_logged and held == 0:
+            # Batches we answered may still be in flight, so only a persistent gap is telling;
+            # log it once per session rather than on every heartbeat.
+            self._lost_batch_logged = True
+            self._say(f"coordinator believes this node holds {believed} batch(es), it holds {held}")
+
+    def _coordinator_bye(self, s: _Session, msg: Message) -> None:
+        reason = msg.header["reason"]
+        if reason in FINAL_BYES:
+            raise self._fatal(EXIT_REFUSED, "refused", f"refused: {reason}",
+                              f"coordinator {self.connect} ended this node's session ({reason})")
+        if reason == "run-finished" and self.exit_on_finish:
+            self._say(f"coordinator {self.connect}: the run has finished")
+            raise _SessionEnd(EXIT_OK, welcomed=True)
+        self._say(f"coordinator {self.connect} said BYE ({reason})")
+        raise _SessionEnd(None, welcomed=True)
+
+    def _say_bye(self, s: _Session) -> None:
+        """BYE `shutdown`, allowed up to BYE_LINGER_MS to leave when the socket closes."""
+        self._set(connection="stopped", reason="saying BYE", current_op="")
+        self._say(f"stopping: BYE to {self.connect}")
+        s.socket.setsockopt(zmq.LINGER, BYE_LINGER_MS)
+        try:
+            self._send(s.socket, "BYE", {"node_id": s.node_id, "reason": "shutdown"})
+        except zmq.ZMQError as exc:
+            self._say(f"could not send BYE: {exc}")
+
+    def _heartbeat(self, s: _Session) -> None:
+        credit = 0 if self.control.paused else s.credit
+        self._send(s.socket, "HEARTBEAT", {"node_id": s.node_id, "credit": credit,
+                                           "outstanding": len(s.pending)})
+        s.last_sent = time.monotonic()
+        s.wanted_credit = credit
+
+    def _apply_controls(self, s: _Session) -> None:
+        """Pause/resume and thread changes from the presenter, applied between batches."""
+        paused = self.control.paused
+        if paused != self.state.paused:
+            self._set(paused=paused, reason="paused" if paused else "waiting for work")
+            self._say("paused: asking for no more batches" if paused else "resumed")
+        if (0 if paused else s.credit) != s.wanted_credit:
+            self._heartbeat(s)  # tell the coordinator now, not at the next heartbeat
+        wanted = max(1, int(self.control.threads))
+        if wanted != self._applied_threads:
+            try:
+                actual = set_blas_threads(wanted)
+                self._say(f"BLAS threads: {actual}")
+            except (BlasThreadsUnavailable, OSError, AttributeError) as exc:
+                actual = wanted
+                if not self._blas_warned:
+                    self._blas_warned = True
+                    self._say(f"cannot change BLAS threads while running ({exc}); restart with "
+                              f"--threads {wanted}")
+            self._applied_threads = wanted
+            self._set(threads=actual)
+
+    def _tick(self, now: float) -> None:
+        """Idle detection, the recent rate, and a rate line every RATE_LINE_S while working."""
+        while self._done_times and now - self._done_times[0] > 5.0:
+            self._done_times.popleft()
+        rate = len(self._done_times) / 5.0
+        with self.state.lock:
+            self.state.rate = rate
+            going_idle = (self.state.connection == "working" and now - self._last_batch_at > IDLE_AFTER_S)
+            if going_idle:
+                self.state.connection = "idle"
+                self.state.reason = "paused" if self.control.paused else "waiting for work"
+                self.state.current_op = ""
+        if going_idle:
+            self._say("waiting for work")
+        w = self._window
+        elapsed = now - w["t"]
+        if elapsed >= RATE_LINE_S:
+            if w["batches"]:
+                self._say(f"{w['batches'] / elapsed:.1f} batches/s, in {w['in'] / elapsed / 1e6:.2f} MB/s, "
+                          f"out {w['out'] / elapsed / 1e6:.2f} MB/s")
+            self._window = {"t": now, "batches": 0, "in": 0, "out": 0}
+
+    # --- batches and statics ------------------------------------------------------------
+
+    def _reject(self, s: _Session, header: dict | None, code: str, text: str, command: str = "BATCH") -> None:
+        header = header or {}
+        batch_id = _json_id(header.get("batch_id"), "str") if command == "BATCH" else None
+        seq = _json_id(header.get("seq"), "uint")
+        self._send(s.socket, "REJECT", {"run_id": _json_id(header.get("run_id"), "str"),
+                                        "batch_id": batch_id, "seq": seq, "code": code, "text": text[:500]})
+        s.last_sent = time.monotonic()
+        with self.state.lock:
+            self.state.refusals += 1
+        label = f"batch {batch_id}" if batch_id is not None else f"{command} seq {seq}"
+        self._say(f"refused {label}: {code} ({text[:200]})")
+
+    def _process(self, s: _Session, received: float, item, frames: list) -> None:
+        """Check and answer one BATCH or STATIC in the order of spec section 7."""
+        if isinstance(item, ProtocolError):
+            command = bytes(frames[1]).decode("ascii", "replace")
+            self._reject(s, item.header, item.code, item.detail, command)
+            return
+        msg: Message = item
+        h = msg.header
+        try:
+            verify(msg, s.coordinator_key)
+        except ProtocolError as exc:
+            self._reject(s, h, exc.code, f"{msg.command} is not signed by coordinator "
+                         f"{short_fingerprint(fingerprint(s.coordinator_key))}", msg.command)
+            return
+        s.last_received = max(s.last_received, received)  # verified: a sign of life
+        if h["run_id"] != s.run_id:
+            self._reject(s, h, "foreign-run", f"run_id {h['run_id']!r:.80} is not this session's "
+                         f"run {s.run_id!r}", msg.command)
+            return
+        if h["seq"] <= s.last_seq:
+            self._reject(s, h, "replayed", f"seq {h['seq']} is not above the last accepted "
+                         f"seq {s.last_seq}", msg.command)
+            return
+        s.last_seq = h["seq"]
+        self._note_exposure(h.get("exposure"))
+        if msg.command == "STATIC":
+            self._store_static(s, msg)
+        else:
+            self._compute(s, msg, received)
+
+    def _note_exposure(self, exposure) -> None:
+        """Keep, per tensor, the largest share the coordinator announced (informational)."""
+        if not isinstance(exposure, dict):
+            return
+        with self.state.lock:
+            for tensor, share in exposure.items():
+                if (isinstance(tensor, str) and isinstance(share, (int, float)) and not isinstance(share, bool)
+                        and math.isfinite(share)):
+                    share = min(1.0, max(0.0, float(share)))
+                    if share > self.state.exposure.get(tensor, 0.0):
+                        self.state.exposure[tensor] = share
+
+    def _store_static(self, s: _Session, msg: Message) -> None:
+        name = msg.header["name"]
+        (array,) = msg.arrays.values()
+        old = s.statics.get(name)
+        total = s.static_bytes - (old.nbytes if old is not None else 0) + array.nbytes
+        if total > self.max_static_bytes:
+            self._reject(s, msg.header, "too-large", f"static {name!r} ({array.nbytes} bytes) would make "
+                         f"{total} bytes of statics; this node keeps at most {self.max_static_bytes}", "STATIC")
+            return
+        s.statics[name] = array  # a read-only view on the received frame, kept for the session
+        s.static_bytes = total
+        self._say(f"stored static {name} {array.dtype}{list(array.shape)}")
+
+    def _compute(self, s: _Session, msg: Message, received: float) -> None:
+        h = msg.header
+        op, params = h["op"], h["params"]
+        waited = time.monotonic() - received
+        if waited * 1000 > h["lease_ms"]:
+            self._reject(s, h, "expired", f"waited {waited:.1f} s, beyond its lease of {h['lease_ms']} ms")
+            return
+        label = describe_batch(op, params, msg.arrays, s.statics)
+        self._last_batch_at = time.monotonic()
+        self._set(connection="working", reason="", current_op=label)
+        start = time.perf_counter()
+        try:
+            result = compute_batch(op, params, msg.arrays, s.statics)
+        except BatchError as exc:
+            self._reject(s, h, BATCH_ERROR_CODES.get(exc.code, "bad-params"), exc.detail)
+            return
+        except (ValueError, TypeError, KeyError, IndexError) as exc:  # params of the wrong kind
+            self._reject(s, h, "bad-params", f"{type(exc).__name__}: {exc}")
+            return
+        except Exception as exc:  # noqa: BLE001 - spec 14: one bad batch never ends the loop
+            self._reject(s, h, "compute-error", f"{type(exc).__name__}: {exc}")
+            return
+        seconds = time.perf_counter() - start
+        try:
+            frames = encode("RESULT", {"run_id": s.run_id, "batch_id": h["batch_id"], "seq": h["seq"],
+                                       "compute_seconds": seconds}, {"c": result}, signer=self.identity)
+        except ProtocolError as exc:  # e.g. a result dtype the wire does not carry
+            self._reject(s, h, "compute-error", f"result cannot be sent: {exc.detail}")
+            return
+        done = time.monotonic()
+        self._done_times.append(done)
+        self._window["batches"] += 1
+        self._last_batch_at = done
+        with self.state.lock:  # counted before it leaves, so a presenter never lags the wire
+            self.state.batches_done += 1
+        self._send_frames(s.socket, frames)
+        s.last_sent = time.monotonic()

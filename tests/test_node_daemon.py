@@ -1,0 +1,471 @@
+"""The node daemon against a scripted coordinator: a real ROUTER on 127.0.0.1, real keys.
+
+Most tests run the real `python -m enshuffle node` process; a few drive `NodeDaemon` in a
+thread to look at its `NodeState` and control handling. Every wait is a poll with a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from enshuffle.node.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
+from enshuffle.node.daemon import (EXIT_OK, EXIT_REFUSED, EXIT_TRUST, NodeDaemon, backoff_delay,
+                                   describe_batch)
+from enshuffle.node.state import NodeControl, NodeState
+from enshuffle.protocol.keys import Identity, TrustStore
+from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Message, decode, encode,
+                                         verify, verify_self_signed)
+
+REPO = Path(__file__).resolve().parents[1]
+RNG = np.random.default_rng(11)
+LEASE = {"min_ms": 2000, "multiple": 4, "initial_ms": 30000}
+
+
+class FakeCoordinator:
+    """A scripted coordinator: one ROUTER, one coordinator key, the real ENS1 codec."""
+
+    def __init__(self, identity: Identity | None = None) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.identity = identity or Identity.generate()
+        self.run_id = "run-" + secrets.token_hex(8)
+        self.seq = 0
+        self.peer: bytes | None = None
+        self.node_id = "n1"
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+    def recv(self, timeout: float = 5.0) -> tuple[bytes, list]:
+        if not self.sock.poll(int(timeout * 1000), zmq.POLLIN):
+            raise AssertionError(f"nothing from the node within {timeout} s")
+        routing, *frames = self.sock.recv_multipart()
+        return routing, frames
+
+    def expect(self, command: str, timeout: float = 5.0, skip=("HEARTBEAT",)) -> Message:
+        """The next message `command` from the node, skipping heartbeats; decoded."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no {command} within {timeout} s")
+            routing, frames = self.recv(left)
+            msg = decode(frames)
+            if msg.command in skip and msg.command != command:
+                continue
+            assert msg.command == command, f"expected {command}, got {msg.command} {msg.header}"
+            self.peer = routing
+            return msg
+
+    def welcome(self, hello: Message, *, heartbeat_ms: int = 1000, credit: int = 2) -> None:
+        self.send("WELCOME", {"run_id": self.run_id, "coordinator_key": self.identity.public_hex,
+                              "node_key": hello.header["node_key"], "nonce": hello.header["nonce"],
+                              "node_id": self.node_id, "credit": credit, "heartbeat_ms": heartbeat_ms,
+                              "lease": LEASE})
+
+    def send(self, command: str, header: dict, arrays: dict | None = None, signer: Identity | None = None) -> None:
+        self.send_frames(encode(command, header, arrays, signer=signer or self.identity))
+
+    def send_frames(self, frames: list) -> None:
+        self.sock.send_multipart([self.peer, *frames])
+
+    def beat(self, outstanding: int = 0) -> None:
+        """A coordinator HEARTBEAT: the sign of life a node needs every heartbeat_ms."""
+        self.send("HEARTBEAT", {"node_id": self.node_id, "credit": 2, "outstanding": outstanding})
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def static(self, name: str, array: np.ndarray, **extra) -> int:
+        seq = self.next_seq()
+        self.send("STATIC", {"run_id": self.run_id, "name": name, "seq": seq, **extra}, {"x": array})
+        return seq
+
+    def batch(self, batch_id: str, op: str, arrays: dict, params: dict | None = None, *, seq: int | None = None,
+              run_id: str | None = None, signer: Identity | None = None, **extra) -> int:
+        seq = self.next_seq() if seq is None else seq
+        self.send("BATCH", {"run_id": run_id or self.run_id, "batch_id": batch_id, "seq": seq, "step": 0,
+                            "op": op, "params": params or {}, "lease_ms": 30000, **extra}, arrays, signer=signer)
+        return seq
+
+
+@pytest.fixture
+def coord():
+    c = FakeCoordinator()
+    yield c
+    c.close()
+
+
+def spawn_node(home: Path, address: str, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, ENSHUFFLE_HOME=str(home), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "enshuffle", "node", "--connect", address, "--name", "t",
+           "--threads", "1", *extra]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def node_proc(tmp_path):
+    procs = []
+
+    def start(address: str, *extra: str) -> subprocess.Popen:
+        proc = spawn_node(tmp_path / "home", address, *extra)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=5)
+
+
+@pytest.fixture
+def session(coord, node_proc):
+    """A node process that has said HELLO and been welcomed: (coordinator, process, node key)."""
+    proc = node_proc(coord.address, "--coordinator-key", coord.identity.fingerprint)
+    hello = coord.expect("HELLO")
+    node_key = verify_self_signed(hello)
+    coord.welcome(hello)
+    return coord, proc, node_key
+
+
+def expect_result(coord: FakeCoordinator, node_key: bytes, batch_id: str, seq: int) -> np.ndarray:
+    msg = coord.expect("RESULT")
+    verify(msg, node_key)
+    assert (msg.header["run_id"], msg.header["batch_id"], msg.header["seq"]) == (coord.run_id, batch_id, seq)
+    assert msg.header["compute_seconds"] >= 0
+    return msg.arrays["c"]
+
+
+def expect_reject(coord: FakeCoordinator, node_key: bytes, code: str) -> dict:
+    msg = coord.expect("REJECT")
+    verify(msg, node_key)
+    assert msg.header["code"] == code, msg.header
+    return msg.header
+
+
+def good_batch(coord: FakeCoordinator, node_key: bytes, batch_id: str = "ok") -> None:
+    """A plain matmul the node must answer correctly: proof it is still up and in sync."""
+    a, b = RNG.standard_normal((3, 4)), RNG.standard_normal((4, 2))
+    seq = coord.batch(batch_id, "matmul", {"a": a, "b": b}, {"transpose_a": False, "a_static": None})
+    np.testing.assert_allclose(expect_result(coord, node_key, batch_id, seq), a @ b, rtol=1e-12)
+
+
+# --- the real process ------------------------------------------------------------------------
+
+def test_hello_is_signed_and_offers_capabilities(coord, node_proc):
+    started = time.monotonic()
+    proc = node_proc(coord.address)
+    hello = coord.expect("HELLO")
+    elapsed = time.monotonic() - started
+    node_key = verify_self_signed(hello)
+    h = hello.header
+    assert h["protocol"] == PROTOCOL_VERSION and h["name"] == "t" and len(h["nonce"]) >= 16
+    assert h["node_key"] == node_key.hex()
+    assert set(h["capabilities"]["ops"]) == set(OPS)
+    assert h["capabilities"]["threads"] == 1 and h["capabilities"]["credit"] >= 1
+    assert proc.poll() is None
+    assert elapsed < 5.0  # start-up to HELLO (typically ~0.3 s here)
+
+
+def test_static_and_batches_give_correct_signed_results(session):
+    coord, proc, node_key = session
+    images = RNG.integers(0, 255, size=(10, 6)).astype(np.float32)
+    coord.static("images/0", images, exposure={"images": 0.25})
+    w = RNG.standard_normal((10, 3)).astype(np.float32)
+    rows = np.array([7, 0, 3, 3, 9, 1, 2, 4, 5, 6], dtype=np.int64)
+    # A = images[rows].T: (6 x 10) @ (10 x 3)
+    seq = coord.batch("b1", "matmul", {"b": w, "rows": rows}, {"transpose_a": True, "a_static": "images/0"},
+                      exposure={"w1": 0.5})
+    got = expect_result(coord, node_key, "b1", seq)
+    assert got.dtype == np.float32 and got.shape == (6, 3)
+    np.testing.assert_allclose(got, images[rows].T @ w, rtol=1e-5)
+    b = RNG.standard_normal((4, 5))
+    seq = coord.batch("b2", "sub", {"b": b}, {"a_scalar": 1.0})
+    np.testing.assert_array_equal(expect_result(coord, node_key, "b2", seq), 1.0 - b)
+    a = RNG.standard_normal((4, 5))
+    seq = coord.batch("b3", "sigmoid", {"a": a})
+    np.testing.assert_allclose(expect_result(coord, node_key, "b3", seq), 1 / (1 + np.exp(-a)), rtol=1e-12)
+    good_batch(coord, node_key)
+
+
+def test_batch_signed_by_another_key_is_rejected_and_node_stays_up(session):
+    coord, proc, node_key = session
+    intruder = Identity.generate()
+    seq = coord.batch("evil", "square", {"a": np.ones((2, 2))}, signer=intruder)
+    header = expect_reject(coord, node_key, "bad-signature")
+    assert (header["batch_id"], header["seq"]) == ("evil", seq)
+    good_batch(coord, node_key)
+    assert proc.poll() is None
+
+
+def test_foreign_run_is_rejected(session):
+    coord, proc, node_key = session
+    coord.batch("x", "square", {"a": np.ones((2, 2))}, run_id="some-other-run")
+    assert expect_reject(coord, node_key, "foreign-run")["batch_id"] == "x"
+    good_batch(coord, node_key)
+
+
+def test_replayed_seq_is_rejected(session):
+    coord, proc, node_key = session
+    good_batch(coord, node_key, "first")
+    coord.batch("again", "square", {"a": np.ones((2, 2))}, seq=coord.seq)  # same seq as "first"
+    assert expect_reject(coord, node_key, "replayed")["seq"] == coord.seq
+    good_batch(coord, node_key, "after")
+
+
+def test_unknown_static_and_bad_params_are_rejected(session):
+    coord, proc, node_key = session
+    coord.batch("s", "matmul", {"b": np.ones((3, 2)), "rows": np.arange(2)},
+                {"transpose_a": False, "a_static": "never-sent"})
+    expect_reject(coord, node_key, "unknown-static")
+    coord.batch("p", "matmul", {"a": np.ones((2, 5)), "b": np.ones((3, 2))}, {"transpose_a": False, "a_static": None})
+    expect_reject(coord, node_key, "bad-params")
+    coord.batch("q", "sub", {"b": np.ones((2, 2))}, {"a_scalar": "not a number"})
+    assert expect_reject(coord, node_key, "bad-params")["batch_id"] == "q"
+    good_batch(coord, node_key)
+
+
+def test_garbage_is_dropped_and_node_still_answers(session):
+    coord, proc, node_key = session
+    coord.send_frames([b"hello"])
+    coord.send_frames([b"GET / HTTP/1.1", b"x", b"y", b"z"])
+    coord.send_frames([b"ENS1", b"NOPE", b"{}", b"\0" * 64])
+    good_batch(coord, node_key)
+    # A BATCH whose header does not parse is answered with the decoder's code (spec 14).
+    coord.send_frames([b"ENS1", b"BATCH", b"{not json", b"\0" * 64])
+    expect_reject(coord, node_key, "bad-header")
+    good_batch(coord, node_key, "ok2")
+    assert proc.poll() is None
+
+
+def test_pinned_fingerprint_mismatch_stops_the_node_silently(coord, node_proc):
+    other = Identity.generate()
+    proc = node_proc(coord.address, "--coordinator-key", other.fingerprint)
+    coord.welcome(coord.expect("HELLO"))
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == EXIT_TRUST
+    assert coord.identity.fingerprint in err and other.fingerprint in err
+    # The process has exited; anything it sent after the WELCOME would be queued here now.
+    assert not coord.sock.poll(200, zmq.POLLIN)
+
+
+def test_sigterm_sends_bye_and_exits_zero(session):
+    coord, proc, node_key = session
+    good_batch(coord, node_key)  # the session is up
+    proc.send_signal(signal.SIGTERM)
+    bye = coord.expect("BYE")
+    verify(bye, node_key)
+    assert bye.header == {"node_id": coord.node_id, "reason": "shutdown"}
+    assert proc.wait(timeout=5) == 0
+
+
+def test_silent_coordinator_is_lost_and_node_says_hello_again(coord, node_proc):
+    proc = node_proc(coord.address)
+    first = coord.expect("HELLO")
+    first_peer = coord.peer
+    coord.welcome(first, heartbeat_ms=150)
+    # Say nothing more: after 3 x 150 ms the node gives up and reconnects after ~0.5 s.
+    again = coord.expect("HELLO", timeout=5)
+    verify_self_signed(again)
+    assert again.header["nonce"] != first.header["nonce"]
+    assert coord.peer != first_peer  # a fresh DEALER: a new routing id
+    assert proc.poll() is None
+
+
+def test_headless_node_does_not_import_textual():
+    code = ("import sys, enshuffle.node.commands, enshuffle.node.daemon; "
+            "sys.exit(1 if any(m == 'textual' or m.startswith('textual.') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# --- the daemon in a thread: state, controls, endings --------------------------------------------
+
+class ThreadedNode:
+    def __init__(self, tmp_path: Path, address: str, **kwargs) -> None:
+        self.lines: list[str] = []
+        self.state = NodeState()
+        self.control = NodeControl(threads=1)
+        self.identity = Identity.generate()
+        self.daemon = NodeDaemon(address, identity=self.identity, trust=TrustStore(tmp_path),
+                                 pinned=kwargs.pop("pinned", None), name="thread-node", threads=1,
+                                 state=self.state, control=self.control, log=self.lines.append, **kwargs)
+        self.status: list[int] = []
+        self.thread = threading.Thread(target=lambda: self.status.append(self.daemon.run()), daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float = 5.0) -> int:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "daemon did not return"
+        return self.status[0]
+
+    def close(self) -> None:
+        self.daemon.stop()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def threaded(tmp_path):
+    nodes = []
+
+    def start(address: str, **kwargs) -> ThreadedNode:
+        n = ThreadedNode(tmp_path, address, **kwargs)
+        nodes.append(n)
+        return n
+
+    yield start
+    for n in nodes:
+        n.close()
+
+
+def wait_for(predicate, timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll the daemon's state (owned by another thread) until `predicate` holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)  # a polling interval, not a stand-in for synchronisation
+
+
+def heartbeat_with_credit(coord: FakeCoordinator, credit: int, timeout: float = 2.0) -> Message:
+    """The first HEARTBEAT announcing `credit` (one sent just before a change may come first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        hb = coord.expect("HEARTBEAT", skip=(), timeout=max(0.01, deadline - time.monotonic()))
+        coord.beat()
+        if hb.header["credit"] == credit:
+            return hb
+
+
+def test_state_exposure_pause_and_stop(coord, threaded):
+    node = threaded(coord.address)
+    hello = coord.expect("HELLO")
+    node_key = verify_self_signed(hello)
+    coord.welcome(hello, heartbeat_ms=200)
+    coord.static("img", np.ones((4, 3), np.float32), exposure={"images": 0.25})
+    coord.batch("e1", "square", {"a": np.ones((2, 2))}, exposure={"images": 0.1, "w1": 0.5})
+    expect_result(coord, node_key, "e1", coord.seq)
+    snap = node.state.snapshot()
+    assert snap.exposure == {"images": 0.25, "w1": 0.5}  # the max per tensor
+    assert snap.trust == "trusted-on-first-use" and snap.coordinator_fingerprint == coord.identity.fingerprint
+    assert snap.own_fingerprint == node.identity.fingerprint and snap.run_id == coord.run_id
+    assert snap.batches_done == 1 and snap.bytes_in > 0 and snap.bytes_out > 0
+    assert any("connected to" in line and coord.identity.fingerprint in line for line in node.lines)
+    node.control.toggle_pause()
+    verify(heartbeat_with_credit(coord, 0), node_key)
+    assert node.state.snapshot().paused
+    node.control.toggle_pause()
+    heartbeat_with_credit(coord, 2)
+    node.daemon.stop()
+    assert coord.expect("BYE").header["reason"] == "shutdown"
+    assert node.join() == EXIT_OK
+    assert node.state.snapshot().connection == "stopped"
+
+
+def test_heartbeats_keep_coming_while_idle(coord, threaded):
+    threaded(coord.address)
+    hello = coord.expect("HELLO")
+    coord.welcome(hello, heartbeat_ms=100)
+    for _ in range(5):  # a coordinator that answers heartbeats keeps the session alive
+        beat = coord.expect("HEARTBEAT", skip=(), timeout=1.0)
+        assert beat.header == {"node_id": "n1", "credit": 2, "outstanding": 0}
+        coord.beat()
+
+
+def test_bye_run_finished_exits_or_reconnects(coord, threaded):
+    node = threaded(coord.address)
+    coord.welcome(coord.expect("HELLO"))
+    coord.send("BYE", {"node_id": None, "reason": "run-finished"})
+    assert node.join() == EXIT_OK
+    # A long-lived daemon keeps trying instead.
+    node = threaded(coord.address, exit_on_finish=False)
+    first = coord.expect("HELLO")
+    coord.welcome(first)
+    coord.send("BYE", {"node_id": None, "reason": "run-finished"})
+    assert coord.expect("HELLO").header["nonce"] != first.header["nonce"]
+
+
+def test_final_refusal_exits_and_busy_retries(coord, threaded):
+    node = threaded(coord.address)
+    hello = coord.expect("HELLO")
+    coord.send("REFUSE", {"coordinator_key": coord.identity.public_hex, "nonce": hello.header["nonce"],
+                          "code": "busy", "text": "full"})
+    hello = coord.expect("HELLO")  # retried after back-off
+    # A REFUSE signed by a stranger (not the remembered/pinned key) is ignored... but here
+    # nothing is remembered yet, so the genuine coordinator's final REFUSE ends the node.
+    coord.send("REFUSE", {"coordinator_key": coord.identity.public_hex, "nonce": hello.header["nonce"],
+                          "code": "not-allowed", "text": "ask the operator to add your key"})
+    assert node.join() == EXIT_REFUSED
+    assert "ask the operator" in node.daemon.error and node.state.snapshot().connection == "refused"
+
+
+def test_refuse_from_a_stranger_is_ignored_when_pinned(coord, threaded):
+    node = threaded(coord.address, pinned=coord.identity.fingerprint)
+    hello = coord.expect("HELLO")
+    stranger = Identity.generate()
+    coord.send("REFUSE", {"coordinator_key": stranger.public_hex, "nonce": hello.header["nonce"],
+                          "code": "not-allowed", "text": "go away"}, signer=stranger)
+    coord.welcome(hello)
+    wait_for(lambda: node.state.snapshot().connection == "connected", what="connected")
+    assert node.daemon.dropped == 1
+
+
+def test_remembered_key_change_stops_the_node(coord, threaded, tmp_path):
+    TrustStore(tmp_path).check(coord.address, Identity.generate().fingerprint)  # an earlier coordinator
+    node = threaded(coord.address)
+    coord.welcome(coord.expect("HELLO"))
+    assert node.join() == EXIT_TRUST
+    assert coord.identity.fingerprint in node.daemon.error and str(tmp_path) in node.daemon.error
+    assert not coord.sock.poll(100, zmq.POLLIN)
+
+
+# --- pure parts -------------------------------------------------------------------------------------
+
+def test_backoff_follows_the_spec():
+    import random
+    rng = random.Random(1)
+    for k, base in [(0, 0.5), (1, 1.0), (3, 4.0), (6, 30.0), (50, 30.0)]:
+        delays = [backoff_delay(k, rng) for _ in range(200)]
+        assert base * 0.8 <= min(delays) and max(delays) <= base * 1.2
+        assert max(delays) - min(delays) > base * 0.2  # jittered, not constant
+
+
+def test_describe_batch():
+    statics = {"img": np.zeros((100, 392), np.uint8)}
+    arrays = {"b": np.zeros((392, 128)), "rows": np.arange(30)}
+    assert describe_batch("matmul", {"a_static": "img"}, arrays, statics) == "matmul (30x392)·(392x128) [img]"
+    assert describe_batch("matmul", {"a_static": "img", "transpose_a": True}, arrays, statics) \
+        == "matmul (392x30)·(392x128) [img]"
+    assert describe_batch("matmul", {}, {"a": np.zeros((128, 392)), "b": np.zeros((392, 128))}, {}) \
+        == "matmul (128x392)·(392x128)"
+    assert describe_batch("matmul", {"a_static": "missing"}, arrays, statics) == "matmul"
+    assert describe_batch("sigmoid", {}, {"a": np.zeros((5, 3))}, {}) == "sigmoid (5x3)"
+
+
+def test_blas_threads_can_change_at_runtime():
+    try:
+        before = get_blas_threads()
+    except BlasThreadsUnavailable as exc:
+        pytest.skip(f"no OpenBLAS here: {exc}")
+    try:
+        assert set_blas_threads(1) == 1
+    finally:
+        set_blas_threads(before)
+    assert get_blas_threads() == before
