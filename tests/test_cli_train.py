@@ -1,0 +1,143 @@
+"""`enshuffle train` as a user runs it: a real `python -m enshuffle` process, real IDX files.
+
+Output contract: with --json one JSON object per epoch on stdout, then (for distributed runs) one
+{"ledger": ...} object; --save-weights writes exactly w1, b1, w2, b2. Wrong values end with exit
+status 2 and a one-line error naming the value, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core_data import FASHION_INSTALLED, core_cache, core_data_dir, core_dataset  # noqa: F401  (fixtures)
+from enshuffle.coordinator.training import Trainer, prepare
+from enshuffle.model import CLASSES, HIDDEN, INPUTS, LocalCompute, get_preset
+from idx_util import random_arrays, write_idx_dir
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCH_KEYS = {"epoch", "cost", "train_accuracy", "test_accuracy", "seconds"}
+SHAPES = {"w1": (INPUTS, HIDDEN), "b1": (HIDDEN,), "w2": (HIDDEN, CLASSES), "b2": (CLASSES,)}
+
+
+def enshuffle(*args: str, cache: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "ENSHUFFLE_CACHE": str(cache)})
+
+
+def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def assert_epoch_objects(objects: list[dict], epochs: int) -> None:
+    assert [o["epoch"] for o in objects] == list(range(1, epochs + 1))
+    for o in objects:
+        assert set(o) == EPOCH_KEYS
+        assert np.isfinite(o["cost"]) and o["cost"] > 0
+        assert 0.0 <= o["train_accuracy"] <= 1.0 and 0.0 <= o["test_accuracy"] <= 1.0
+        assert o["seconds"] > 0
+
+
+@pytest.mark.skipif(not FASHION_INSTALLED, reason="needs Fashion-MNIST (the default data source) installed")
+def test_centralized_json_with_default_data(core_cache):
+    """The brief's command verbatim: the default data source is Fashion-MNIST."""
+    proc = enshuffle("train", "--nodes", "0", "--epochs", "1", "--limit", "2000", "--json", cache=core_cache)
+    objects = json_lines(proc)
+    assert len(objects) == 1
+    assert_epoch_objects(objects, 1)
+    assert objects[0]["train_accuracy"] > 0.3  # one epoch of the default preset on real data learns
+    assert "Fashion-MNIST" in proc.stderr  # the data source is said, on stderr
+
+
+def test_centralized_json_one_object_per_epoch(core_data_dir, core_cache):
+    proc = enshuffle("train", "--nodes", "0", "--epochs", "2", "--limit", "2000", "--json",
+                     "--data", str(core_data_dir), cache=core_cache)
+    objects = json_lines(proc)
+    assert len(objects) == 2  # no ledger object: the centralized run sends nothing anywhere
+    assert_epoch_objects(objects, 2)
+
+
+def test_in_process_json_ends_with_ledger(core_data_dir, core_cache):
+    proc = enshuffle("train", "--nodes", "2", "--in-process", "--epochs", "1", "--limit", "1000", "--json",
+                     "--data", str(core_data_dir), cache=core_cache)
+    objects = json_lines(proc)
+    assert len(objects) == 2
+    assert_epoch_objects(objects[:1], 1)
+    ledger = objects[-1]["ledger"]
+    assert set(ledger) == {"node-1", "node-2"}
+    for shares in ledger.values():
+        assert shares["images"] == shares["w1"] == shares["w2"] == 0.5  # 784 and 128 split evenly in two
+
+
+def test_save_weights_writes_exactly_the_four_arrays(core_data_dir, core_dataset, core_cache, tmp_path):
+    path = tmp_path / "weights.npz"
+    proc = enshuffle("train", "--nodes", "0", "--epochs", "1", "--limit", "500", "--dtype", "float64",
+                     "--data", str(core_data_dir), "--save-weights", str(path), cache=core_cache)
+    assert proc.returncode == 0, proc.stderr
+    with np.load(path, allow_pickle=False) as saved:
+        assert sorted(saved.files) == sorted(SHAPES)
+        weights = {name: saved[name] for name in saved.files}
+    for name, shape in SHAPES.items():
+        assert weights[name].shape == shape and weights[name].dtype == np.float64
+    # They are the trained weights: the same run in this process gives the same numbers (only
+    # BLAS threading could reorder sums; float64, rtol 1e-9).
+    preset = get_preset("default", epochs=1, dtype="float64")
+    inputs = prepare(core_dataset, preset, limit=500)
+    trainer = Trainer(preset, inputs, LocalCompute(inputs.images))
+    trainer.run_epoch()
+    for name in SHAPES:
+        np.testing.assert_allclose(weights[name], trainer.params[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def corrupt_dir(base: Path, kind: str) -> tuple[Path, Path]:
+    """A data directory with one damaged file; returns (directory, the damaged file)."""
+    paths = write_idx_dir(base / kind, **random_arrays(n_train=30, n_test=10, seed=1), gz=(kind == "bad-gzip"))
+    victim = paths["train_images"]
+    data = victim.read_bytes()
+    if kind == "truncated":
+        victim.write_bytes(data[: len(data) // 2])
+    elif kind == "bad-magic":
+        victim.write_bytes(b"\x12\x34\x56\x78" + data[4:])
+    elif kind == "bad-gzip":
+        victim.write_bytes(data[: len(data) // 3])
+    return base / kind, victim
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, *must_name: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr
+    assert errors[0].startswith("enshuffle train: error: ")
+    for word in must_name:
+        assert word in errors[0], f"{word!r} not named in: {errors[0]}"
+    return errors[0]
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--nodes", "-1"], ["--nodes", "-1"]),
+    (["--epochs", "0"], ["--epochs", "0"]),
+    (["--preset", "nope"], ["--preset", "nope"]),
+    (["--dtype", "float16"], ["--dtype", "float16"]),
+    (["--data", "/does/not/exist"], ["/does/not/exist"]),
+])
+def test_wrong_values_exit_2_with_one_line(args, named, core_cache):
+    assert_usage_error(enshuffle("train", "--nodes", "0", "--epochs", "1", *args, cache=core_cache), *named)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bad-magic", "bad-gzip"])
+def test_corrupt_idx_file_exit_2_names_the_file(kind, tmp_path, core_cache):
+    directory, victim = corrupt_dir(tmp_path, kind)
+    proc = enshuffle("train", "--nodes", "0", "--epochs", "1", "--data", str(directory), cache=core_cache)
+    line = assert_usage_error(proc, str(victim))
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # nothing but the error
+    assert "again" in line or "MNIST-format" in line or "gzip" in line  # says what to do / what is wrong

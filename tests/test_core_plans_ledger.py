@@ -1,0 +1,273 @@
+"""Exposure plans, disguises and the exposure ledger.
+
+Plans: blocks partition the contraction axis and are balanced; the node products recombine to
+A @ B; every batch has its own disguise. Disguises: un-disguising is exact (permutations and
+power-of-two scales lose nothing), checked bitwise. Ledger: with k in-process nodes each node
+has received exactly its pixel block of the images and of w1 and its hidden block of w2, and
+the batches themselves (captured on their way to the nodes) carry nothing outside those blocks.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import pytest
+
+from core_data import core_cache, core_data_dir, core_dataset  # noqa: F401  (pytest fixtures)
+from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor
+from enshuffle.coordinator.plan import Disguise, build_matmul_plan, new_disguise, pow2
+from enshuffle.coordinator.training import Trainer, prepare
+from enshuffle.model import CLASSES, HIDDEN, INPUTS, get_preset
+
+# --------------------------------------------------------------------------- plans
+
+
+@pytest.mark.parametrize("K,k", [(784, 7), (784, 4), (784, 1), (128, 3), (13, 2), (10, 7), (5, 5)])
+def test_plan_blocks_partition_the_contraction_axis(K, k):
+    plan = build_matmul_plan(6, K, 4, k, np.random.default_rng(K * 100 + k))
+    assert len(plan.blocks) == len(plan.disguises) == len(plan.k_exp) == k
+    everything = np.concatenate(plan.blocks)
+    np.testing.assert_array_equal(np.sort(everything), np.arange(K))  # covers K, no index twice
+    sizes = np.array([len(b) for b in plan.blocks])
+    assert sizes.max() - sizes.min() <= 1
+    owner = plan.exposures()
+    np.testing.assert_array_equal(np.bincount(owner, minlength=k), sizes)  # the notebook's bincount
+    for s, block in enumerate(plan.blocks):
+        assert (owner[block] == s).all()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("k", [1, 2, 3, 7])
+@pytest.mark.parametrize("scale", [True, False])
+def test_combine_of_node_products_equals_product(k, scale, dtype, rtol):
+    rng = np.random.default_rng(k)
+    n, K, m = 40, 97, 12
+    a = rng.standard_normal((n, K)).astype(dtype)
+    b = rng.standard_normal((K, m)).astype(dtype)
+    plan = build_matmul_plan(n, K, m, k, np.random.default_rng(100 + k), scale=scale)
+    results = []
+    for s, block in enumerate(plan.blocks):
+        a_s, b_s = plan.operands(s, a, b)
+        assert a_s.shape == (n, len(block)) and b_s.shape == (len(block), m)
+        # Node s gets exactly A[:, K_s] and B[K_s, :], permuted and power-of-two scaled (bitwise).
+        d = plan.disguises[s]
+        k_scale = pow2(plan.k_exp[s], dtype) if scale else np.ones(len(block), dtype)
+        row_scale = pow2(d.row_exp, dtype) if scale else np.ones(n, dtype)
+        col_scale = pow2(d.col_exp, dtype) if scale else np.ones(m, dtype)
+        np.testing.assert_array_equal(a_s, a[np.ix_(d.rows, block)] * k_scale[None, :] * row_scale[:, None])
+        np.testing.assert_array_equal(b_s, b[np.ix_(block, d.cols)] / k_scale[:, None] * col_scale[None, :])
+        results.append(a_s @ b_s)
+    # rtol: only the order of additions differs from a @ b (K=97 terms).
+    np.testing.assert_allclose(plan.combine(results), a @ b, rtol=rtol, atol=rtol)
+
+
+def test_every_batch_gets_its_own_disguise():
+    rng = np.random.default_rng(3)
+    first = build_matmul_plan(50, 784, 20, 4, rng)
+    second = build_matmul_plan(50, 784, 20, 4, rng)
+    disguises = first.disguises + second.disguises
+    for x, y in combinations(disguises, 2):
+        assert not np.array_equal(x.rows, y.rows)
+        assert not np.array_equal(x.cols, y.cols)
+        assert not np.array_equal(x.row_exp, y.row_exp)
+    # The contraction order inside a block and its scales are new per plan as well.
+    assert not any(np.array_equal(p, q) for p, q in zip(first.blocks, second.blocks))
+    assert not np.array_equal(first.k_exp[0], second.k_exp[0])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("scale", [True, False])
+def test_disguise_undo_inverts_bitwise(dtype, scale):
+    """Permutation + power-of-two scaling round trip of random data is exact, bit for bit."""
+    rng = np.random.default_rng(11)
+    n, m = 37, 11
+    block = (rng.standard_normal((n, m)) * 10.0 ** rng.integers(-3, 4, size=(n, m))).astype(dtype)
+    d = new_disguise(n, m, rng, scale, scale)
+    # What the node returns: R = diag(2**row_exp) P_rows C P_cols diag(2**col_exp).
+    node_view = block[np.ix_(d.rows, d.cols)].copy()
+    if scale:
+        node_view *= pow2(d.row_exp, dtype)[:, None]
+        node_view *= pow2(d.col_exp, dtype)[None, :]
+        assert (d.row_exp != 0).any() and (d.col_exp != 0).any()
+    assert not np.array_equal(node_view, block)  # the disguise really changed something
+    before = node_view.copy()
+    undone = d.undo(node_view)
+    assert undone.dtype == dtype
+    np.testing.assert_array_equal(undone, block)
+    np.testing.assert_array_equal(node_view, before)  # undo leaves the received result alone
+
+
+def test_pure_permutation_disguise_undo():
+    d = Disguise(rows=np.array([2, 0, 1]), cols=np.array([1, 0]))
+    node_view = np.array([[5.0, 4.0], [1.0, 0.0], [3.0, 2.0]])  # rows 2,0,1 and cols 1,0 of arange
+    np.testing.assert_array_equal(d.undo(node_view), np.arange(6.0).reshape(3, 2))
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+class CapturingExecutor(InProcessExecutor):
+    """The real in-process executor, keeping every Batch it is handed (what the nodes receive)."""
+
+    def __init__(self, compute: DistributedCompute):
+        super().__init__(compute)
+        self.captured: list[Batch] = []
+
+    def run(self, batches: list[Batch]) -> list[np.ndarray]:
+        self.captured.extend(batches)
+        return super().run(batches)
+
+
+@pytest.fixture(scope="module")
+def ledger_inputs(core_dataset):
+    preset = get_preset("default", epochs=1)
+    return preset, prepare(core_dataset, preset, limit=512)
+
+
+def sorted_(a) -> np.ndarray:
+    return np.sort(np.asarray(a))
+
+
+@pytest.mark.parametrize("offload", ["matmul", "all"])
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_ledger_records_exactly_each_nodes_blocks(ledger_inputs, k, offload):
+    preset, inputs = ledger_inputs
+    compute = DistributedCompute(inputs.images, k, np.random.default_rng(k), CapturingExecutor, offload=offload)
+    trainer = Trainer(preset, inputs, compute)
+    for _ in range(3):
+        trainer.run_step()
+    ledger = compute.ledger
+    names = [f"node-{s + 1}" for s in range(k)]
+    assert ledger.nodes() == names
+
+    # The fixed partitions: disjoint, covering, balanced (share about 1/k).
+    for blocks, size in ((compute.pixel_blocks, INPUTS), (compute.hidden_blocks, HIDDEN)):
+        np.testing.assert_array_equal(np.sort(np.concatenate(blocks)), np.arange(size))
+        lengths = [len(b) for b in blocks]
+        assert max(lengths) - min(lengths) <= 1
+
+    shares = ledger.shares()
+    for s, name in enumerate(names):
+        pixels, hidden = sorted_(compute.pixel_blocks[s]), sorted_(compute.hidden_blocks[s])
+        np.testing.assert_array_equal(ledger.positions(name, "images"), pixels)
+        np.testing.assert_array_equal(ledger.positions(name, "w1"), pixels)
+        np.testing.assert_array_equal(ledger.positions(name, "w2"), hidden)
+        np.testing.assert_array_equal(ledger.positions(name, "activations"), hidden)
+        assert abs(shares[name]["images"] - 1 / k) < 1 / INPUTS
+        assert abs(shares[name]["w1"] - 1 / k) < 1 / INPUTS
+        assert abs(shares[name]["w2"] - 1 / k) < 1 / HIDDEN
+        # Every node sees the step's backward deltas (disguised): the ledger must say so.
+        assert shares[name]["gradients"] == 1.0
+        if offload == "matmul":
+            assert shares[name]["outputs"] == shares[name]["labels"] == 0.0
+
+    # Nothing ever went to a slot beyond the k shards.
+    assert {b.shard for b in compute.executor.captured} == set(range(k))
+
+
+@pytest.mark.parametrize("k", [2, 3, 7])
+def test_batches_carry_nothing_outside_the_nodes_blocks(ledger_inputs, k):
+    """Checked on the Batch objects themselves, not on what the ledger was told."""
+    preset, inputs = ledger_inputs
+    compute = DistributedCompute(inputs.images, k, np.random.default_rng(10 + k), CapturingExecutor,
+                                 offload="all")
+    trainer = Trainer(preset, inputs, compute)
+    for _ in range(2):
+        trainer.run_step()
+    executor = compute.executor
+
+    # Static operands: node s holds X[σ_s][:, P_s] · 2**e_s, bitwise, and nothing else.
+    for s, st in enumerate(compute.statics):
+        pixels = compute.pixel_blocks[s]
+        np.testing.assert_array_equal(st.pixels, pixels)
+        for which, x in inputs.images.items():
+            held = executor.statics[s][f"{which}.{s}"]
+            assert held.shape == (x.shape[0], len(pixels))
+            np.testing.assert_array_equal(held, x[np.ix_(st.row_order[which], pixels)]
+                                          * pow2(st.pixel_exp, x.dtype)[None, :])
+        assert set(executor.statics[s]) == {f"{which}.{s}" for which in inputs.images}
+
+    kinds = set()
+    for batch in executor.captured:
+        s = batch.shard
+        n_pixels, n_hidden = len(compute.pixel_blocks[s]), len(compute.hidden_blocks[s])
+        for name, array in batch.arrays.items():
+            assert INPUTS not in array.shape, f"{batch.op} batch for shard {s} carries a 784-wide {name}"
+        declared = {tensor: sorted_(pos) for tensor, pos in batch.exposure}
+        if batch.op == "matmul" and batch.params.get("a_static"):
+            assert batch.params["a_static"].endswith(f".{s}")  # only its own static block
+            rows, b = batch.arrays["rows"], batch.arrays["b"]
+            assert rows.ndim == 1 and rows.dtype.kind in "iu"
+            if batch.params["transpose_a"]:  # dw1: dz1 in, rows P_s of dw1 out
+                kinds.add("dw1")
+                assert b.shape == (rows.shape[0], HIDDEN)
+            else:  # x_w1: the 'b' operand is w1 restricted to P_s
+                kinds.add("x_w1")
+                assert b.shape == (n_pixels, HIDDEN)
+                np.testing.assert_array_equal(declared["w1"], sorted_(compute.pixel_blocks[s]))
+        elif batch.op == "matmul":
+            a, b = batch.arrays["a"], batch.arrays["b"]
+            if batch.params.get("transpose_a"):  # the node multiplies a.T @ b
+                a = a.T
+            assert a.shape[1] == b.shape[0]
+            if "w2" in declared:
+                np.testing.assert_array_equal(declared["w2"], sorted_(compute.hidden_blocks[s]))
+            # a1_w2: (b,H_s)@(H_s,10); dw2: (H_s,b)@(b,10); da1: (b,10)@(10,H_s).
+            assert n_hidden in a.shape + b.shape
+            kinds.add("hidden")
+        else:
+            kinds.add("elementwise")
+            for array in batch.arrays.values():
+                assert array.shape[1] < HIDDEN  # a column block, never a whole activation matrix
+    assert kinds == {"x_w1", "dw1", "hidden", "elementwise"}
+
+
+def assert_float32_product(got: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """got == a @ b up to float32 rounding: |error| <= K * eps32 * sum|a_ik b_kj| bounds any
+    summation order (K <= 784 gives 4.7e-5); power-of-two scaling adds no error."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    bound = 1e-4 * (np.abs(a64) @ np.abs(b64))
+    assert (np.abs(got - a64 @ b64) <= bound).all()
+
+
+def mantissas(values: np.ndarray) -> np.ndarray:
+    """frexp mantissa: the same for x and x * 2**e, different for different odd integers."""
+    return np.frexp(values)[0]
+
+
+@pytest.mark.parametrize("k", [2, 7])
+def test_weight_operands_hold_exactly_the_nodes_rows(ledger_inputs, k):
+    """Mark every row of w1 and w2 with its own odd number: power-of-two scaling keeps an odd
+    number's mantissa, so the mantissas in a captured operand name the rows it came from."""
+    _, inputs = ledger_inputs
+    compute = DistributedCompute(inputs.images, k, np.random.default_rng(20 + k), CapturingExecutor)
+    # Odd numbers up to 1567 are exact in float32, the default preset's dtype.
+    w1 = np.repeat(2.0 * np.arange(INPUTS)[:, None] + 1, HIDDEN, axis=1).astype(np.float32)
+    w2 = np.repeat(2.0 * np.arange(HIDDEN)[:, None] + 1, CLASSES, axis=1).astype(np.float32)
+    row_of_mantissa = lambda count: {m: r for r, m in enumerate(mantissas(2.0 * np.arange(count) + 1))}
+    pixel_of, unit_of = row_of_mantissa(INPUTS), row_of_mantissa(HIDDEN)
+
+    idx = np.arange(0, 500, 3)
+    x = inputs.images["train"][idx]
+    assert_float32_product(compute.x_w1("train", idx, w1), x, w1)
+    for batch in compute.executor.captured:
+        b = batch.arrays["b"]
+        # each row of b is one pixel's row of w1 (all its entries share one mantissa) ...
+        assert (mantissas(b) == mantissas(b[:, :1])).all()
+        rows = sorted_([pixel_of[m] for m in mantissas(b[:, 0].astype(np.float64))])
+        # ... and together they are exactly P_s
+        np.testing.assert_array_equal(rows, sorted_(compute.pixel_blocks[batch.shard]))
+
+    compute.executor.captured.clear()
+    a1 = np.random.default_rng(0).random((64, HIDDEN)).astype(np.float32)
+    dz2 = np.random.default_rng(1).standard_normal((64, CLASSES)).astype(np.float32)
+    assert_float32_product(compute.a1_w2(a1, w2), a1, w2)
+    assert_float32_product(compute.da1(dz2, w2), dz2, w2.T)
+    a1_w2_batches, da1_batches = compute.executor.captured[:k], compute.executor.captured[k:]
+    for batch in a1_w2_batches:  # b = w2[H_s] rows (contraction over H_s)
+        units = [unit_of[m] for m in mantissas(batch.arrays["b"][:, 0].astype(np.float64))]
+        np.testing.assert_array_equal(sorted_(units), sorted_(compute.hidden_blocks[batch.shard]))
+    for batch in da1_batches:  # b = w2[H_s]^T: its columns are the units
+        units = [unit_of[m] for m in mantissas(batch.arrays["b"][0, :].astype(np.float64))]
+        np.testing.assert_array_equal(sorted_(units), sorted_(compute.hidden_blocks[batch.shard]))
