@@ -1,0 +1,555 @@
+"""The coordinator console: the operator's live view of a training run.
+
+Owns only presentation. The back-end keeps a `CoordinatorState` up to date under its lock; this
+app pulls `source()` (a snapshot copy) on a timer at `refresh_hz` and applies it to the widgets
+inside one `batch_update()`, so a thousand batch events per second cost the UI nothing but one
+copy per tick. Tables are keyed by node id / version id and change cell by cell.
+
+Keys: p pauses or resumes training, v verifies the model chain (in a worker thread, so the UI
+never blocks), ? shows help, q quits.
+
+Quitting is graceful. The first q calls `control.request_stop()`: the coordinator finishes the
+current step, writes a model version and says BYE to its nodes, while the console stays up and
+shows "stopping". The app exits by itself once a snapshot says `finished`, or at once when the
+back-end is gone (`source()` raises). A second q leaves at once without waiting; the back-end
+still stops on its own. When the run is already finished, q leaves at once. `app.return_value`
+says which: "finished", "backend-gone" or "left-early".
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from rich.text import Text
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.events import Resize
+from textual.widgets import DataTable, Footer, Log, Sparkline, Static, TabbedContent, TabPane
+from textual.worker import Worker, WorkerState
+
+from ..coordinator.state import TENSORS, CoordinatorControl, CoordinatorState, NodeRow, VersionRow
+from .format import (
+    BOUNDED_TENSORS,
+    fmt_accuracy,
+    fmt_age,
+    fmt_clock,
+    fmt_duration,
+    fmt_rate,
+    fmt_share,
+    over_bound,
+    progress_fraction,
+    eta_seconds,
+    share_bar,
+    short_id,
+    text_bar,
+    verification_marks,
+)
+from .widgets import HelpScreen, LogFeed, TableSync
+
+# Below either size the console folds the log into a tab and stacks the chain view.
+WIDE_MIN_WIDTH = 120
+WIDE_MIN_HEIGHT = 36
+
+NODE_COLUMNS = [
+    ("name", "node", 12),
+    ("state", "state", 9),
+    ("done", "done", 7),
+    ("out", "out", 3),
+    ("rate", "rate", 7),
+    ("seen", "seen", 6),
+    ("reissued", "reiss", 5),
+    ("refused", "refus", 5),
+    ("images", "images", 6),
+    ("w1", "w1", 6),
+    ("w2", "w2", 6),
+    ("fp", "fp", 8),
+    ("address", "address", 21),
+]
+NODE_NUMERIC = {"done", "out", "rate", "seen", "reissued", "refused", "images", "w1", "w2"}
+
+TENSOR_LABELS = {"activations": "activ.", "gradients": "grads"}
+TENSOR_SHORT = {"images": "img"}  # for the OVER flag, which must fit its column
+EXPOSURE_NAME_WIDTH = 12
+EXPOSURE_FLAG_WIDTH = 11
+
+CHAIN_COLUMNS = [
+    ("version", "version", 8),
+    ("parent", "parent", 8),
+    ("epoch", "epoch", 5),
+    ("step", "step", 5),
+    ("test", "test acc", 8),
+    ("time", "time", 8),
+    ("verified", "verified", 9),
+]
+CHAIN_NUMERIC = {"epoch", "step", "test"}
+
+HELP_TEXT = """\
+enshuffle coordinator console
+
+Keys
+  p        pause / resume training (the current step finishes first)
+  v        verify the model chain (as `enshuffle chain verify` does)
+  q        stop: finish the current step, write a model version and
+           say BYE to the nodes, then leave; q again leaves at once
+  1 2 3 4  show Nodes, Exposure, Chain, Log (on a large terminal
+           the log sits below the tabs)
+  ?        show / hide this help;  tab / shift+tab move the focus
+  arrows   move in tables; in Chain, the selected version's
+           metadata is shown next to the table
+
+Nodes
+  done / out   batches finished / outstanding (leased, not returned)
+  rate         batches per second, recent
+  seen         time since the node's last message
+  reiss/refus  batches reissued after a missed deadline /
+               results refused
+  images w1 w2 share of each tensor's elements the node has seen
+  fp           the node's key fingerprint (first 8 hex digits)
+
+Exposure
+  one bar per node and tensor; ┃ marks the exposure bound for
+  images and w1. "OVER img" in the flag column: the node has seen
+  more than the bound of images.
+
+Chain
+  verified: ✓ ok, ✗ FAILED, – not checked yet
+"""
+
+
+def node_cells(row: NodeRow, now: float) -> tuple[str, ...]:
+    """One node as the texts of the nodes table, in NODE_COLUMNS order."""
+    exp = row.exposure
+    return (
+        row.name or row.node_id,
+        row.state,
+        f"{row.batches_done:,}",
+        str(row.outstanding),
+        fmt_rate(row.rate),
+        fmt_age(now, row.last_seen),
+        str(row.reissued),
+        str(row.refused),
+        fmt_share(exp.get("images")),
+        fmt_share(exp.get("w1")),
+        fmt_share(exp.get("w2")),
+        short_id(row.fingerprint),
+        row.address or "–",
+    )
+
+
+def exposure_bar_widths(available: int, tensors: tuple[str, ...] = TENSORS) -> dict[str, int]:
+    """Bar width per tensor column for a table `available` cells wide (0: percentage only).
+
+    Every tensor gets a bar when there is room. On a narrow terminal the bounded tensors keep
+    bars that fit on screen next to the node name and flag, and the others become percentages
+    further right (the table scrolls sideways with the node name pinned), so what the bound
+    is about is never cut off.
+    """
+    fixed = (EXPOSURE_NAME_WIDTH + 2) + (EXPOSURE_FLAG_WIDTH + 2)
+    per_column = 2 + 7  # cell padding and " 100.0%"
+    every = (available - fixed) // len(tensors) - per_column
+    if every >= 8:
+        return {t: min(every, 24) for t in tensors}
+    bounded = [t for t in tensors if t in BOUNDED_TENSORS]
+    room = available - fixed - (6 + 2)  # keep the first percentage column (w2) on screen too
+    width = max(4, min(24, room // max(1, len(bounded)) - per_column))
+    return {t: (width if t in BOUNDED_TENSORS else 0) for t in tensors}
+
+
+def exposure_cells(row: NodeRow, bound: float, widths: dict[str, int]) -> tuple[str, ...]:
+    """One node as the texts of the exposure table: name, flag, then one bar per tensor."""
+    over = over_bound(row.exposure, bound)
+    flag = ("OVER " + ",".join(TENSOR_SHORT.get(t, t) for t in over)) if over else "ok"
+    cells = [row.name or row.node_id, flag]
+    for tensor, width in widths.items():
+        share = row.exposure.get(tensor, 0.0)
+        pct = fmt_share(share)
+        if width:
+            mark = bound if tensor in BOUNDED_TENSORS else None
+            cells.append(f"{share_bar(share, width, mark)} {pct:>6}")
+        else:
+            cells.append(pct)
+    return tuple(cells)
+
+
+def exposure_summary(state: CoordinatorState) -> str:
+    """One line: the bound, the largest share of each bounded tensor and who holds it."""
+    bound = state.exposure_bound
+    parts = [f"bound {fmt_share(bound)} ({', '.join(BOUNDED_TENSORS)}; ┃ marks it)"]
+    for tensor in BOUNDED_TENSORS:
+        rows = [r for r in state.nodes.values() if tensor in r.exposure]
+        if rows:
+            top = max(rows, key=lambda r: r.exposure[tensor])
+            parts.append(f"max {tensor} {fmt_share(top.exposure[tensor])} ({top.name or top.node_id})")
+    over = sum(1 for r in state.nodes.values() if over_bound(r.exposure, bound))
+    parts.append(f"{over} node{'s' if over != 1 else ''} OVER" if over else "none over")
+    return " · ".join(parts)
+
+
+def verified_text(verified: bool | None) -> str:
+    return {True: "✓ ok", False: "✗ FAILED", None: "–"}[verified]
+
+
+def chain_cells(v: VersionRow, verified: bool | None) -> tuple[str, ...]:
+    return (
+        short_id(v.version_id),
+        short_id(v.parent_id) if v.parent_id else "genesis",
+        str(v.epoch),
+        str(v.step),
+        fmt_accuracy(v.test_accuracy),
+        time.strftime("%H:%M:%S", time.localtime(v.created)),
+        verified_text(verified),
+    )
+
+
+def version_detail(v: VersionRow, verified: bool | None) -> str:
+    """The selected model version in full, for the chain view's side panel."""
+    lines = [
+        f"version  {v.version_id}",
+        f"parent   {v.parent_id or '(genesis: first version)'}",
+        f"epoch {v.epoch} · step {v.step} · test accuracy {fmt_accuracy(v.test_accuracy)}",
+        f"created  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v.created))}",
+        f"verified {verified_text(verified)}",
+    ]
+    if v.metadata:
+        lines.append("metadata")
+        lines += [f"  {key}: {value}" for key, value in v.metadata.items()]
+    return "\n".join(lines)
+
+
+class CoordinatorApp(App):
+    """The coordinator console. See the module docstring for the keys and how quitting works."""
+
+    TITLE = "enshuffle coordinator"
+    CSS = """
+    #header { height: auto; background: $boost; padding: 0 1; }
+    #status { height: auto; padding: 0 1; }
+    #top { height: 3; }
+    Screen.wide #top { height: 6; }
+    #progress { width: 1fr; padding: 0 1; }
+    #charts { width: 1fr; padding: 0 1 0 0; }
+    .chart-row { height: 1fr; }
+    .chart-label { width: 6; }
+    .chart-value { width: 8; text-align: right; }
+    .chart-row Sparkline { width: 1fr; height: 100%; }
+    #tabs { height: 1fr; }
+    #exposure-summary, #verify-result { height: auto; padding: 0 1; }
+    #chain-body { layout: vertical; }
+    #chain-table { height: 1fr; }
+    #detail-scroll { height: 7; border-top: solid $panel; }
+    Screen.wide #chain-body { layout: horizontal; }
+    Screen.wide #chain-table { width: 1fr; height: 100%; }
+    Screen.wide #detail-scroll { width: 1fr; height: 100%; border-top: none; border-left: solid $panel; }
+    #version-detail { padding: 0 1; }
+    #side-log { display: none; height: 10; border: round $panel; }
+    Screen.wide #side-log { display: block; }
+    """
+    BINDINGS = [
+        Binding("p", "toggle_pause", "pause/resume"),
+        Binding("v", "verify_chain", "verify chain"),
+        Binding("q", "request_quit", "quit"),
+        Binding("question_mark", "toggle_help", "help"),
+        Binding("1", "show_view('nodes')", "nodes", show=False),
+        Binding("2", "show_view('exposure')", "exposure", show=False),
+        Binding("3", "show_view('chain')", "chain", show=False),
+        Binding("4", "show_view('log')", "log", show=False),
+    ]
+
+    def __init__(
+        self,
+        source: Callable[[], CoordinatorState],
+        control: CoordinatorControl,
+        verify_chain: Callable[[], tuple[bool, str]] | None = None,
+        refresh_hz: float = 4.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        super().__init__()
+        self.source = source
+        self.control = control
+        self.verify_chain = verify_chain
+        self.refresh_hz = refresh_hz
+        self.clock = clock
+        self.snap: CoordinatorState | None = None
+        self.stopping = False  # q was pressed once
+        self.backend_error: str | None = None  # why source() last failed
+        self.verifying = False
+        self.verify_message = "press v to verify the model chain"
+        self.verify_marks: dict[str, bool] = {}  # version id -> result of the last check
+        self.selected_version: str | None = None
+        self.wide: bool | None = None
+        self.bar_widths: dict[str, int] = {}
+        self._texts: dict[str, str] = {}  # widget id -> last text, to skip unchanged updates
+        self.exposure_sync: TableSync | None = None
+        self._mounted = False
+
+    # ----- layout -----
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="header", markup=False)
+        yield Static(id="status", markup=False)
+        with Horizontal(id="top"):
+            yield Static(id="progress", markup=False)
+            with Vertical(id="charts"):
+                for key, label in (("cost", "cost"), ("train", "train"), ("test", "test")):
+                    with Horizontal(classes="chart-row"):
+                        yield Static(label, classes="chart-label")
+                        yield Sparkline([], id=f"spark-{key}")
+                        yield Static("–", id=f"value-{key}", classes="chart-value", markup=False)
+        with TabbedContent(id="tabs", initial="nodes"):
+            with TabPane("Nodes", id="nodes"):
+                yield DataTable(id="nodes-table", cursor_type="row", fixed_columns=1, zebra_stripes=True)
+            with TabPane("Exposure", id="exposure"):
+                yield Static(id="exposure-summary", markup=False)
+                yield DataTable(id="exposure-table", cursor_type="row", fixed_columns=1)
+            with TabPane("Chain", id="chain"):
+                yield Static(id="verify-result", markup=False)
+                with Vertical(id="chain-body"):
+                    yield DataTable(id="chain-table", cursor_type="row")
+                    with VerticalScroll(id="detail-scroll"):
+                        yield Static("select a version to see its metadata", id="version-detail", markup=False)
+            with TabPane("Log", id="log"):
+                yield Log(id="log-view", max_lines=1000)
+        yield Log(id="side-log", max_lines=1000)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        # Widgets are looked up on the main screen, not `self.screen`: the help overlay may be
+        # the active screen while the timer refreshes the one underneath.
+        self.main_screen = self.screen
+        self.nodes_sync = TableSync(self.main_screen.query_one("#nodes-table", DataTable), NODE_COLUMNS, NODE_NUMERIC)
+        self.chain_sync = TableSync(self.main_screen.query_one("#chain-table", DataTable), CHAIN_COLUMNS, CHAIN_NUMERIC)
+        self.log_feed = LogFeed(self.main_screen.query_one("#log-view", Log), self.main_screen.query_one("#side-log", Log))
+        self.main_screen.query_one("#side-log", Log).border_title = "warnings and refusals"
+        self._adapt_layout(self.size.width, self.size.height)
+        self._mounted = True
+        self.pull_snapshot()
+        self.set_interval(1.0 / self.refresh_hz, self.pull_snapshot, name="refresh")
+
+    def on_resize(self, event: Resize) -> None:
+        if not self._mounted:  # on_mount lays out for the first size
+            return
+        self._adapt_layout(event.size.width, event.size.height)
+        if self.snap is not None:
+            self._apply(self.snap)
+
+    def _adapt_layout(self, width: int, height: int) -> None:
+        """Wide: log below the tabs, chain table beside its detail. Narrow: log in a tab."""
+        wide = width >= WIDE_MIN_WIDTH and height >= WIDE_MIN_HEIGHT
+        if wide != self.wide:
+            self.wide = wide
+            self.main_screen.set_class(wide, "wide")
+            tabs = self.main_screen.query_one("#tabs", TabbedContent)
+            if wide:
+                if tabs.active == "log":
+                    tabs.active = "nodes"
+                tabs.hide_tab("log")
+            else:
+                tabs.show_tab("log")
+        widths = exposure_bar_widths(width - 4)
+        if widths != self.bar_widths or self.exposure_sync is None:
+            self.bar_widths = widths
+            self._rebuild_exposure_table()
+
+    def _rebuild_exposure_table(self) -> None:
+        """Column widths follow the terminal, so a resize rebuilds this table (not live data)."""
+        table = self.main_screen.query_one("#exposure-table", DataTable)
+        table.clear(columns=True)
+        columns = [("name", "node", EXPOSURE_NAME_WIDTH), ("flag", "flag", EXPOSURE_FLAG_WIDTH)]
+        for tensor, width in self.bar_widths.items():
+            columns.append((tensor, TENSOR_LABELS.get(tensor, tensor), width + 7 if width else 6))
+        self.exposure_sync = TableSync(table, columns, {t for t, w in self.bar_widths.items() if not w})
+
+    # ----- refresh -----
+
+    def pull_snapshot(self) -> None:
+        """Timer callback: take a snapshot from the back-end and show it."""
+        if not self.is_running:  # shutting down: the widgets are being removed before the timer
+            return
+        try:
+            snap = self.source()
+        except Exception as exc:  # the back-end is gone or broken: show why, keep the last view
+            self.backend_error = f"{type(exc).__name__}: {exc}"
+            if self.stopping:
+                self.exit("backend-gone")
+                return
+            if self.snap is not None:
+                self._apply(self.snap)
+            return
+        self.backend_error = None
+        self.snap = snap
+        self._apply(snap)
+        if self.stopping and snap.finished:
+            self.exit("finished")
+
+    def _set_text(self, widget_id: str, text: str) -> None:
+        if self._texts.get(widget_id) != text:
+            self._texts[widget_id] = text
+            self.main_screen.query_one(f"#{widget_id}", Static).update(text)
+
+    def _apply(self, s: CoordinatorState) -> None:
+        now = self.clock()
+        with self.batch_update():
+            self._set_text("header", self._header_text(s, now))
+            self._set_text("status", self._status_text(s))
+            self._set_text("progress", self._progress_text(s, now))
+            self._apply_charts(s)
+            self.nodes_sync.apply({key: node_cells(row, now) for key, row in s.nodes.items()})
+            if self.exposure_sync is not None:
+                bound = s.exposure_bound
+                self.exposure_sync.apply(
+                    {key: exposure_cells(row, bound, self.bar_widths) for key, row in s.nodes.items()}
+                )
+            self._set_text("exposure-summary", exposure_summary(s))
+            self._apply_chain(s)
+            self.log_feed.apply(s.log)
+
+    def _header_text(self, s: CoordinatorState, now: float) -> str:
+        return (
+            f"coordinator {s.run_id or '–'} │ preset {s.preset or '–'} │ "
+            f"bind {s.bind or '–'} │ fingerprint {short_id(s.fingerprint, 12)} │ "
+            f"elapsed {fmt_clock(now - s.started_at)}"
+        )
+
+    def _status_text(self, s: CoordinatorState) -> str:
+        working = sum(1 for r in s.nodes.values() if r.state == "working")
+        parts = [f"status: {s.status}"]
+        if self.control.paused:
+            parts.append("PAUSED (p resumes)")
+        parts.append(f"nodes {working} working / {len(s.nodes)}")
+        if self.backend_error:
+            parts.append(f"back-end not answering ({self.backend_error}); q leaves at once")
+        elif self.stopping and not s.finished:
+            parts.append("STOPPING: finishing the current step, then writing a model version (q again leaves now)")
+        elif s.finished:
+            parts.append("run finished (q leaves)")
+        return " · ".join(parts)
+
+    def _progress_text(self, s: CoordinatorState, now: float) -> str:
+        width = max(8, min(40, self.size.width // 2 - 24))
+        epoch_fraction = s.epoch / s.epochs_total if s.epochs_total else 0.0
+        step_fraction = s.step / s.steps_per_epoch if s.steps_per_epoch else 0.0
+        eta = eta_seconds(
+            now - s.started_at, s.epoch, s.step, s.epochs_total, s.steps_per_epoch,
+            [e.seconds for e in s.epochs],
+        )
+        done = progress_fraction(s.epoch, s.step, s.epochs_total, s.steps_per_epoch)
+        return (
+            f"epoch {s.epoch:>3}/{s.epochs_total:<3} {text_bar(epoch_fraction, width)} {100 * epoch_fraction:3.0f}%\n"
+            f"step {s.step:>4}/{s.steps_per_epoch:<4}{text_bar(step_fraction, width)} {100 * step_fraction:3.0f}%\n"
+            f"run {100 * done:5.1f}% done · ETA {fmt_duration(eta)}"
+        )
+
+    def _apply_charts(self, s: CoordinatorState) -> None:
+        series = {
+            "cost": [e.cost for e in s.epochs],
+            "train": [e.train_accuracy for e in s.epochs],
+            "test": [e.test_accuracy for e in s.epochs],
+        }
+        for key, data in series.items():
+            spark = self.main_screen.query_one(f"#spark-{key}", Sparkline)
+            if list(spark.data or []) != data:
+                spark.data = data  # Sparkline only redraws on reassignment
+            value = "–" if not data else (f"{data[-1]:.4f}")
+            self._set_text(f"value-{key}", value)
+
+    def _apply_chain(self, s: CoordinatorState) -> None:
+        marks = self.verify_marks
+        rows = {}
+        for v in s.versions:
+            rows[v.version_id] = chain_cells(v, marks.get(v.version_id, v.verified))
+        self.chain_sync.apply(rows)
+        self._set_text("verify-result", self.verify_message)
+        self._show_version_detail(s)
+
+    def _show_version_detail(self, s: CoordinatorState) -> None:
+        if self.selected_version is None:
+            return
+        for v in s.versions:
+            if v.version_id == self.selected_version:
+                verified = self.verify_marks.get(v.version_id, v.verified)
+                self._set_text("version-detail", version_detail(v, verified))
+                return
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.data_table.id == "chain-table" and event.row_key is not None:
+            self.selected_version = event.row_key.value
+            if self.snap is not None:
+                self._show_version_detail(self.snap)
+
+    # ----- actions -----
+
+    def action_show_view(self, view: str) -> None:
+        tabs = self.main_screen.query_one("#tabs", TabbedContent)
+        if view == "log" and self.wide:
+            self.main_screen.query_one("#side-log", Log).focus()
+            return
+        tabs.active = view
+        focus = {"nodes": "#nodes-table", "exposure": "#exposure-table", "chain": "#chain-table", "log": "#log-view"}
+        self.main_screen.query_one(focus[view]).focus()
+
+    def action_toggle_pause(self) -> None:
+        paused = self.control.toggle_pause()
+        self.notify("training paused after the current step" if paused else "training resumed", timeout=3)
+        if self.snap is not None:
+            self._set_text("status", self._status_text(self.snap))
+
+    def action_toggle_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            self.screen.dismiss(None)
+        else:
+            # Installed once and reused: composing it anew on every ? costs a visible moment.
+            if not self.is_screen_installed("help"):
+                self.install_screen(HelpScreen(HELP_TEXT), name="help")
+            self.push_screen("help")
+
+    def action_verify_chain(self) -> None:
+        if self.verify_chain is None:
+            self.verify_message = "chain verification is not available in this session"
+        elif self.verifying:
+            self.notify("the chain check is already running", timeout=3)
+            return
+        else:
+            ids = [v.version_id for v in (self.snap.versions if self.snap else [])]
+            self.verifying = True
+            self.verify_message = f"verifying the chain ({len(ids)} versions)…"
+            check = self.verify_chain
+
+            def run() -> tuple[list[str], bool, str]:
+                ok, message = check()
+                return ids, ok, message
+
+            self.run_worker(run, name="verify chain", group="verify", thread=True, exit_on_error=False)
+        self._set_text("verify-result", self.verify_message)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The one place worker results and errors land (workers never touch widgets)."""
+        worker = event.worker
+        if worker.name != "verify chain" or event.state not in (WorkerState.SUCCESS, WorkerState.ERROR):
+            return
+        self.verifying = False
+        if event.state == WorkerState.SUCCESS:
+            ids, ok, message = worker.result
+        else:
+            ids, ok = [v.version_id for v in (self.snap.versions if self.snap else [])], False
+            message = f"the check itself failed: {type(worker.error).__name__}: {worker.error}"
+        self.verify_marks.update(verification_marks(ids, ok, message))
+        self.verify_message = f"{'✓ chain verified' if ok else '✗ chain verification FAILED'}: {message}"
+        self.notify(self.verify_message, severity="information" if ok else "error", timeout=6)
+        if self.snap is not None:
+            self._apply(self.snap)
+
+    def action_request_quit(self) -> None:
+        finished = self.snap is not None and self.snap.finished
+        if finished:
+            self.exit("finished")
+        elif self.backend_error is not None:
+            self.control.request_stop()
+            self.exit("backend-gone")
+        elif self.stopping:
+            self.exit("left-early")
+        else:
+            self.control.request_stop()
+            self.stopping = True
+            if self.snap is not None:
+                self._set_text("status", self._status_text(self.snap))

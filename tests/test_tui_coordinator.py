@@ -1,0 +1,263 @@
+"""Pilot tests of the coordinator console, driven by a CoordinatorState filled in the test."""
+
+from __future__ import annotations
+
+import pytest
+from textual.widgets import DataTable, Log, Static
+
+from enshuffle.coordinator.state import CoordinatorControl, NodeRow
+from enshuffle.tui.coordinator_app import CoordinatorApp
+from enshuffle.tui.synthetic import SyntheticCoordinator
+from tui_fixtures import NOW, Source, coordinator_state, frozen_clock, pilot_test, version_id
+
+
+def make_app(verify=None, size=None):
+    source = Source(coordinator_state())
+    control = CoordinatorControl()
+    app = CoordinatorApp(source, control, verify_chain=verify, refresh_hz=4.0, clock=frozen_clock)
+    return app, source, control
+
+
+def text(app, widget_id: str) -> str:
+    return str(app.query_one(f"#{widget_id}", Static).content)
+
+
+def cell(table: DataTable, row: str, column: str) -> str:
+    return str(table.get_cell(row, column))
+
+
+@pilot_test
+async def test_nodes_table_shows_one_keyed_row_per_node():
+    app, _source, _control = make_app()
+    async with app.run_test(size=(160, 48)):
+        table = app.query_one("#nodes-table", DataTable)
+        assert table.row_count == 3
+        assert [str(c) for c in table.get_row("n-alice")] == [
+            "alice", "working", "1,234", "2", "12.5/s", "now", "1", "0",
+            "20.0%", "21.0%", "30.0%", "a1a1a1a1", "10.0.0.2:40001",
+        ]
+        assert cell(table, "n-bob", "seen") == "9s"
+        assert cell(table, "n-carol", "seen") == "2m05s"
+        assert cell(table, "n-carol", "state") == "lost"
+
+
+@pilot_test
+async def test_live_updates_change_cells_in_place_and_rows_only_on_join_and_leave():
+    app, source, _control = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        table = app.query_one("#nodes-table", DataTable)
+        table.move_cursor(row=1)  # on bob
+        source.state.nodes["n-bob"].batches_done = 1000
+        source.state.nodes["n-bob"].state = "working"
+        del source.state.nodes["n-carol"]
+        source.state.nodes["n-dave"] = NodeRow("n-dave", "dave", "d5" * 32, "10.0.0.5:1", "connected", last_seen=NOW)
+        app.pull_snapshot()
+        await pilot.pause()
+        assert [k.value for k in table.rows] == ["n-alice", "n-bob", "n-dave"]
+        assert cell(table, "n-bob", "done") == "1,000"
+        assert cell(table, "n-bob", "state") == "working"
+        assert cell(table, "n-dave", "seen") == "now"
+        assert table.cursor_row == 1  # still on bob: the table was not rebuilt
+        assert app.nodes_sync.apply({k: tuple(app.nodes_sync.rendered[k]) for k in app.nodes_sync.rendered}) == 0
+
+
+@pilot_test
+async def test_exposure_view_marks_the_bound_and_flags_a_node_over_it_in_words():
+    app, _source, _control = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("2")
+        table = app.query_one("#exposure-table", DataTable)
+        assert cell(table, "n-carol", "flag") == "OVER img"
+        assert cell(table, "n-alice", "flag") == "ok"
+        images = cell(table, "n-carol", "images")
+        assert "┃" in images and images.endswith("31.0%")
+        assert "┃" not in cell(table, "n-carol", "w2")  # w2 is not held to the bound
+        summary = text(app, "exposure-summary")
+        assert "bound 25.0%" in summary and "max images 31.0% (carol)" in summary and "1 node OVER" in summary
+
+
+@pilot_test
+async def test_exposure_view_keeps_bounded_bars_on_screen_at_80_columns():
+    app, _source, _control = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2")
+        assert app.bar_widths["images"] >= 8 and app.bar_widths["w2"] == 0
+        assert cell(app.query_one("#exposure-table", DataTable), "n-carol", "w2") == "40.0%"
+
+
+@pilot_test
+async def test_header_progress_and_charts_follow_the_state():
+    app, _source, _control = make_app()
+    async with app.run_test(size=(160, 48)):
+        header = text(app, "header")
+        assert "run-0042" in header and "fashion-quick" in header and "tcp://0.0.0.0:5555" in header
+        assert "fingerprint ab12cd34ef56 " in header and "elapsed 0:12:34" in header
+        progress = text(app, "progress")
+        assert "epoch   3/15" in progress and "step   12/40" in progress
+        # 11.7 epochs left at the 59.33 s mean of the finished ones
+        assert "ETA 11m34s" in progress
+        assert text(app, "value-test") == "0.7950"
+        assert app.query_one("#spark-cost").data == [0.09, 0.061, 0.048]
+
+
+@pilot_test
+async def test_chain_rows_and_selecting_a_version_shows_its_metadata():
+    app, _source, _control = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("3")
+        table = app.query_one("#chain-table", DataTable)
+        assert [str(c) for c in table.get_row(version_id(2))] == [
+            version_id(2)[:8], version_id(1)[:8], "2", "0", "0.7440", table.get_row(version_id(2))[5].plain, "–",
+        ]
+        assert str(table.get_cell(version_id(1), "parent")) == "genesis"
+        await pilot.press("down")
+        detail = text(app, "version-detail")
+        assert version_id(2) in detail and "cost: 0.061" in detail and "test accuracy 0.7440" in detail
+
+
+@pilot_test
+async def test_pressing_v_runs_the_check_and_marks_every_version_verified():
+    calls = []
+
+    def verify():
+        calls.append(1)
+        return True, "3 versions, signatures and links intact"
+
+    app, _source, _control = make_app(verify=verify)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("3", "v")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert calls == [1]
+        assert text(app, "verify-result") == "✓ chain verified: 3 versions, signatures and links intact"
+        table = app.query_one("#chain-table", DataTable)
+        assert [str(table.get_cell(version_id(n), "verified")) for n in (1, 2, 3)] == ["✓ ok"] * 3
+
+
+@pilot_test
+async def test_a_failed_check_marks_the_named_version_and_its_descendants_failed():
+    bad = version_id(2)[:8]
+    app, _source, _control = make_app(verify=lambda: (False, f"version {bad}: signature does not verify"))
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("v")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert text(app, "verify-result").startswith("✗ chain verification FAILED: version")
+        table = app.query_one("#chain-table", DataTable)
+        assert [str(table.get_cell(version_id(n), "verified")) for n in (1, 2, 3)] == ["✓ ok", "✗ FAILED", "✗ FAILED"]
+
+
+@pilot_test
+async def test_a_check_that_crashes_is_reported_not_fatal():
+    def verify():
+        raise FileNotFoundError("runs/run-0042/chain.jsonl")
+
+    app, _source, _control = make_app(verify=verify)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("v")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "the check itself failed: FileNotFoundError: runs/run-0042/chain.jsonl" in text(app, "verify-result")
+        assert app.is_running
+
+
+@pilot_test
+async def test_p_toggles_pause_through_the_control():
+    app, _source, control = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("p")
+        assert control.paused
+        assert "PAUSED" in text(app, "status")
+        await pilot.press("p")
+        assert not control.paused
+        assert "PAUSED" not in text(app, "status")
+
+
+@pilot_test
+async def test_q_requests_a_graceful_stop_and_exits_once_the_run_is_finished():
+    app, source, control = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("q")
+        assert control.stop_requested
+        assert app.is_running and "STOPPING" in text(app, "status")
+        source.state.finished = True
+        source.state.status = "finished"
+        app.pull_snapshot()
+        await pilot.pause()
+    assert app.return_value == "finished"
+
+
+@pilot_test
+async def test_second_q_leaves_without_waiting():
+    app, _source, control = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.press("q", "q")
+    assert control.stop_requested and app.return_value == "left-early"
+
+
+@pilot_test
+async def test_q_exits_at_once_when_the_back_end_is_gone():
+    app, source, control = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        source.gone = ConnectionError("coordinator loop exited")
+        app.pull_snapshot()
+        await pilot.pause()
+        assert "back-end not answering (ConnectionError: coordinator loop exited)" in text(app, "status")
+        await pilot.press("q")
+    assert control.stop_requested and app.return_value == "backend-gone"
+
+
+@pilot_test
+async def test_log_pane_appends_only_new_lines():
+    app, source, _control = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        log = app.query_one("#log-view", Log)
+        assert log.line_count == 3
+        source.state.log.append("22:17:00 dave joined")
+        app.pull_snapshot()
+        app.pull_snapshot()
+        await pilot.pause()
+        assert log.line_count == 4 and log.lines[-1] == "22:17:00 dave joined"
+
+
+@pytest.mark.parametrize("size, wide", [((80, 24), False), ((160, 48), True)])
+@pilot_test
+async def test_layout_adapts_log_tab_at_small_sizes_side_pane_at_large(size, wide):
+    app, _source, _control = make_app()
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("?")
+        assert app.screen.query_one("#help-text")
+        await pilot.press("question_mark")
+        assert app.wide is wide
+        assert app.query_one("#side-log", Log).display is wide
+        assert app.screen.has_class("wide") is wide
+
+
+@pilot_test
+async def test_resizing_switches_layout():
+    app, _source, _control = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        await pilot.resize_terminal(80, 24)
+        assert app.wide is False and not app.query_one("#side-log", Log).display
+        await pilot.resize_terminal(160, 48)
+        assert app.wide is True
+
+
+@pilot_test
+async def test_against_the_synthetic_back_end_stepped_by_hand():
+    fake = SyntheticCoordinator(nodes=20, seed=3, start=1000.0, batches_per_step=50, steps_per_epoch=4)
+    app = CoordinatorApp(fake.source, fake.control, verify_chain=fake.verify_chain, clock=lambda: 1010.0)
+    async with app.run_test(size=(120, 40)) as pilot:
+        for i in range(10):
+            fake.advance(100, 1000.0 + i, 1.0)
+        app.pull_snapshot()
+        await pilot.pause()
+        table = app.query_one("#nodes-table", DataTable)
+        assert table.row_count == 20
+        done = sum(int(str(table.get_cell(k, "done")).replace(",", "")) for k in fake.state.nodes)
+        assert done == 1000
+        assert app.query_one("#chain-table", DataTable).row_count == len(fake.state.versions) == 5
+        await pilot.press("v")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "5 versions, every parent link intact" in text(app, "verify-result")

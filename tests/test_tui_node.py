@@ -1,0 +1,134 @@
+"""Pilot tests of the node app, driven by a NodeState filled in the test."""
+
+from __future__ import annotations
+
+from textual.widgets import Log, Static
+
+from enshuffle.node.state import NodeControl
+from enshuffle.tui.node_app import NodeApp
+from enshuffle.tui.synthetic import SyntheticNode
+from tui_fixtures import Source, frozen_clock, node_state, pilot_test
+
+
+def make_app(threads: int = 2):
+    source = Source(node_state())
+    control = NodeControl(threads=threads)
+    return NodeApp(source, control, clock=frozen_clock), source, control
+
+
+def text(app, widget_id: str) -> str:
+    return str(app.query_one(f"#{widget_id}", Static).content)
+
+
+@pilot_test
+async def test_shows_the_coordinator_its_fingerprint_and_trust():
+    app, _source, _control = make_app()
+    async with app.run_test(size=(120, 40)):
+        coordinator = text(app, "coordinator")
+        assert "tcp://coordinator.example:5555" in coordinator
+        assert "ab12cd34ef56ab78cd90ef12ab34cd56" in coordinator
+        assert "pinned (matches the fingerprint you gave)" in coordinator
+        work = text(app, "work")
+        assert "matmul (30000x196)·(196x128)" in work
+        assert "4,321 batches  at 18.2/s" in work
+        assert "in 3.5 GiB  out 250 MiB" in work
+        assert "refusals     1" in work
+        assert text(app, "header").endswith("up 0:12:34")
+
+
+@pilot_test
+async def test_connection_state_carries_the_reason():
+    app, source, _control = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        for connection, reason, expected in [
+            ("idle", "waiting for work", "connection: ○ idle: waiting for work"),
+            ("reconnecting", "reconnecting in 4 s", "connection: … reconnecting: reconnecting in 4 s"),
+            ("refused", "refused: fingerprint mismatch", "connection: ✗ REFUSED: refused: fingerprint mismatch"),
+        ]:
+            source.state.connection, source.state.reason = connection, reason
+            source.state.trust = "trusted-on-first-use"
+            app.pull_snapshot()
+            await pilot.pause()
+            assert text(app, "status") == expected
+        assert "trusted on first use" in text(app, "coordinator")
+
+
+@pilot_test
+async def test_exposure_bars_per_tensor():
+    app, _source, _control = make_app()
+    async with app.run_test(size=(80, 24)):
+        lines = text(app, "exposure").splitlines()
+        assert [line.split()[0] for line in lines] == ["images", "w1", "w2", "activations", "gradients"]
+        assert lines[2].endswith("50.0%") and "█" in lines[2] and "░" in lines[2]
+        assert lines[4].endswith("5.0%")
+
+
+@pilot_test
+async def test_plus_and_minus_change_the_thread_count_never_below_one():
+    app, _source, control = make_app(threads=2)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("+", "+")
+        assert control.threads == 4
+        assert "threads      4 (now 2, applying)" in text(app, "work")
+        await pilot.press("-", "-", "-", "-", "-")
+        assert control.threads == 1
+
+
+@pilot_test
+async def test_p_toggles_contributing():
+    app, _source, control = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("p")
+        assert control.paused and "PAUSED (p resumes)" in text(app, "work")
+        await pilot.press("p")
+        assert not control.paused
+
+
+@pilot_test
+async def test_q_requests_stop_and_leaves_when_the_daemon_has_stopped():
+    app, source, control = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("q")
+        assert control.stop_requested and app.is_running
+        assert "STOPPING" in text(app, "status")
+        source.state.connection = "stopped"
+        app.pull_snapshot()
+        await pilot.pause()
+    assert app.return_value == "stopped"
+
+
+@pilot_test
+async def test_q_leaves_at_once_when_the_daemon_is_gone():
+    app, source, control = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        source.gone = RuntimeError("node daemon thread exited")
+        app.pull_snapshot()
+        await pilot.press("q")
+    assert control.stop_requested and app.return_value == "backend-gone"
+
+
+@pilot_test
+async def test_log_lines_and_layout_sizes():
+    app, _source, _control = make_app()
+    async with app.run_test(size=(160, 48)) as pilot:
+        assert app.wide and app.query_one("#log-view", Log).line_count == 2
+        await pilot.resize_terminal(80, 24)
+        assert not app.wide and not app.screen.has_class("wide")
+
+
+@pilot_test
+async def test_against_the_synthetic_node_stepped_by_hand():
+    fake = SyntheticNode(seed=5, start=2000.0, threads=3)
+    app = NodeApp(fake.source, fake.control, clock=lambda: 2005.0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("-")  # 2 threads requested; the daemon applies it on its next step
+        fake.advance(40, 2001.0, 1.0)
+        app.pull_snapshot()
+        await pilot.pause()
+        assert fake.state.threads == 2
+        assert "40 batches" in text(app, "work") and "threads      2   contributing" in text(app, "work")
+        await pilot.press("q")
+        fake.advance(0, 2002.0, 1.0)
+        app.pull_snapshot()
+        await pilot.pause()
+    assert app.return_value == "stopped"

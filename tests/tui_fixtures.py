@@ -1,0 +1,94 @@
+"""Deterministic back-end states for the TUI tests: filled by hand, frozen clock, no threads."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+from enshuffle.coordinator.state import CoordinatorState, EpochRow, NodeRow, VersionRow
+from enshuffle.node.state import NodeState
+
+T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC
+NOW = T0 + 754.0  # 12 min 34 s into the run
+
+
+def frozen_clock() -> float:
+    return NOW
+
+
+def version_id(n: int) -> str:
+    return f"{n:02d}" + "c0ffee" * 10 + "ab"
+
+
+def coordinator_state() -> CoordinatorState:
+    """A run three epochs in: three nodes (one over the exposure bound), three model versions."""
+    s = CoordinatorState(
+        run_id="run-0042", preset="fashion-quick", bind="tcp://0.0.0.0:5555",
+        fingerprint="ab12cd34ef56ab78cd90ef12ab34cd56ef78ab90cd12ef34ab56cd78ef90ab12",
+        started_at=T0, epochs_total=15, steps_per_epoch=40, epoch=3, step=12,
+        status="training", exposure_bound=0.25,
+    )
+    rows = [
+        NodeRow("n-alice", "alice", "a1" * 32, "10.0.0.2:40001", "working", 1234, 2, 12.5, NOW - 0.4, 1, 0,
+                {"images": 0.20, "w1": 0.21, "w2": 0.30, "activations": 0.2, "gradients": 0.2}),
+        NodeRow("n-bob", "bob", "b2" * 32, "10.0.0.3:40002", "idle", 987, 0, 0.0, NOW - 9.0, 0, 2,
+                {"images": 0.18, "w1": 0.18, "w2": 0.25, "activations": 0.18, "gradients": 0.18}),
+        NodeRow("n-carol", "carol", "c3" * 32, "10.0.0.4:40003", "lost", 456, 3, 0.0, NOW - 125.0, 4, 1,
+                {"images": 0.31, "w1": 0.22, "w2": 0.40, "activations": 0.31, "gradients": 0.31}),
+    ]
+    s.nodes = {r.node_id: r for r in rows}
+    s.epochs = [
+        EpochRow(1, 0.0900, 0.612, 0.601, 61.0),
+        EpochRow(2, 0.0610, 0.751, 0.744, 58.0),
+        EpochRow(3, 0.0480, 0.802, 0.795, 59.0),
+    ]
+    s.versions = [
+        VersionRow(version_id(1), None, 1, 0, 0.601, T0 + 61, metadata={"preset": "fashion-quick", "cost": 0.09}),
+        VersionRow(version_id(2), version_id(1), 2, 0, 0.744, T0 + 119, metadata={"preset": "fashion-quick", "cost": 0.061}),
+        VersionRow(version_id(3), version_id(2), 3, 0, 0.795, T0 + 178, metadata={"preset": "fashion-quick", "cost": 0.048}),
+    ]
+    s.log.extend([
+        "22:14:21 batch reissued: carol missed its deadline",
+        "22:15:02 result refused from carol: Freivalds check failed",
+        "22:16:40 carol lost: no message for 120 s",
+    ])
+    return s
+
+
+def node_state() -> NodeState:
+    s = NodeState(
+        connect="tcp://coordinator.example:5555", name="volunteer-7",
+        own_fingerprint="d4" * 32, coordinator_fingerprint="ab12cd34ef56ab78cd90ef12ab34cd56ef78ab90cd12ef34ab56cd78ef90ab12",
+        trust="pinned", run_id="run-0042", connection="working", reason="",
+        current_op="matmul (30000x196)·(196x128)", batches_done=4321, rate=18.25,
+        bytes_in=3 * 1024**3 + 512 * 1024**2, bytes_out=250 * 1024**2, refusals=1, threads=2,
+        exposure={"images": 0.24, "w1": 0.24, "w2": 0.5, "activations": 0.1, "gradients": 0.05},
+        started_at=T0,
+    )
+    s.log.extend(["22:13:25 connected; coordinator fingerprint pinned", "22:20:01 refused a batch: signature did not verify"])
+    return s
+
+
+class Source:
+    """A back-end stand-in the test controls: returns a snapshot of `state`, or raises once gone."""
+
+    def __init__(self, state):
+        self.state = state
+        self.gone: Exception | None = None
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        if self.gone is not None:
+            raise self.gone
+        return self.state.snapshot()
+
+
+def pilot_test(scenario):
+    """Run an async Pilot scenario as a plain pytest test (no async plugin is a dependency)."""
+
+    @functools.wraps(scenario)
+    def test(*args, **kwargs):
+        return asyncio.run(scenario(*args, **kwargs))
+
+    return test
