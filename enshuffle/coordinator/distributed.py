@@ -35,8 +35,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from enshuffle.coordinator.ledger import GRADIENT_CLASS_OFFSET, ExposureLedger
-from enshuffle.coordinator.plan import (Disguise, MatmulPlan, balanced_blocks, inverse_permutation, new_disguise,
-                                        pow2, random_exponents)
+from enshuffle.coordinator.plan import (Disguise, MatmulPlan, balanced_blocks, gather, inverse_permutation,
+                                        new_disguise, pow2, random_exponents)
 from enshuffle.model import CLASSES, HIDDEN, INPUTS
 
 
@@ -75,7 +75,7 @@ class ShardStatics:
         """The STATIC operands for this slot: name -> (rows, |P_s|) disguised image block."""
         out = {}
         for which, x in images.items():
-            block = x[np.ix_(self.row_order[which], self.pixels)]
+            block = gather(x, self.row_order[which], self.pixels)
             if self.pixel_exp is not None:
                 block *= pow2(self.pixel_exp, block.dtype)[None, :]
             out[static_name(which, shard)] = block
@@ -139,7 +139,7 @@ class DistributedCompute:
         for s, st in enumerate(self.statics):
             d = Disguise(rows=self.rng.permutation(idx.shape[0]), cols=self.rng.permutation(HIDDEN),
                          col_exp=random_exponents(HIDDEN, self.rng, self.scale))
-            b = w1[np.ix_(st.pixels, d.cols)]
+            b = gather(w1, st.pixels, d.cols)
             if st.pixel_exp is not None:
                 b *= pow2(-st.pixel_exp, b.dtype)[:, None]
             if d.col_exp is not None:
@@ -179,17 +179,30 @@ class DistributedCompute:
         return plan, {"a": a_s, "b": b_s}
 
     def dw2(self, a1: np.ndarray, dz2: np.ndarray) -> np.ndarray:
-        """a1^T @ dz2 -> (128, 10); shard s computes rows H_s."""
-        out = np.empty((HIDDEN, dz2.shape[1]), dtype=dz2.dtype)
-        plans, batches = [], []
+        """a1^T @ dz2 -> (128, 10); shard s computes rows H_s.
+
+        The node gets a1's block in (samples, units) layout and transposes it itself
+        (transpose_a), so no transposed copy is made here."""
+        n, m = dz2.shape
+        out = np.empty((HIDDEN, m), dtype=dz2.dtype)
+        disguises, batches = [], []
         every_class = GRADIENT_CLASS_OFFSET + np.arange(CLASSES)
         for s, h in enumerate(self.hidden_blocks):
-            plan, arrays = self._output_block(a1[:, h].T, dz2)
-            plans.append(plan)
-            batches.append(Batch(s, "matmul", {"a_static": None, "transpose_a": False}, arrays,
+            order = self.rng.permutation(n)  # contraction (sample) order
+            d = Disguise(rows=self.rng.permutation(len(h)), cols=self.rng.permutation(m),
+                         col_exp=random_exponents(m, self.rng, self.scale))
+            a = gather(a1, order, h[d.rows])
+            b = gather(dz2, order, d.cols)
+            k_exp = random_exponents(n, self.rng, self.scale)
+            if k_exp is not None:
+                a *= pow2(k_exp, a.dtype)[:, None]
+                b *= pow2(-k_exp, b.dtype)[:, None]
+                b *= pow2(d.col_exp, b.dtype)[None, :]
+            disguises.append(d)
+            batches.append(Batch(s, "matmul", {"a_static": None, "transpose_a": True}, {"a": a, "b": b},
                                  [("activations", h), ("gradients", every_class)]))
-        for h, plan, r in zip(self.hidden_blocks, plans, self.executor.run(batches)):
-            out[h] = plan.combine([r])
+        for h, d, r in zip(self.hidden_blocks, disguises, self.executor.run(batches)):
+            out[h] = d.undo(r)
         return out
 
     def da1(self, dz2: np.ndarray, w2: np.ndarray) -> np.ndarray:
@@ -216,7 +229,7 @@ class DistributedCompute:
             order = self.rng.permutation(idx.shape[0])  # the contraction (sample) order
             d = Disguise(rows=np.arange(len(st.pixels)), cols=self.rng.permutation(HIDDEN),
                          row_exp=st.pixel_exp, col_exp=random_exponents(HIDDEN, self.rng, self.scale))
-            b = dz1[np.ix_(order, d.cols)]
+            b = gather(dz1, order, d.cols)
             if d.col_exp is not None:
                 b *= pow2(d.col_exp, b.dtype)[None, :]
             rows = st.row_index["train"][idx[order]]
@@ -244,9 +257,9 @@ class DistributedCompute:
             if a is not None and np.isscalar(a):
                 params["a_scalar"] = float(a)
             elif a is not None:
-                arrays["a"] = a[np.ix_(d.rows, place)]
+                arrays["a"] = gather(a, d.rows, place)
             if b is not None:
-                arrays["b"] = b[np.ix_(d.rows, place)]
+                arrays["b"] = gather(b, d.rows, place)
             exposure = [(tensor, cols + offset)]
             if op == "sub" and tensor == "labels":
                 exposure = [("outputs", cols), ("labels", cols)]

@@ -47,6 +47,8 @@ def batch_work(batch: Batch, statics: dict[str, np.ndarray] | None = None) -> fl
     if batch.op == "matmul":
         if "a" in batch.arrays:
             n, k = batch.arrays["a"].shape
+            if batch.params.get("transpose_a"):
+                n, k = k, n
         else:
             n = batch.arrays["rows"].shape[0]
             k = b.shape[0]
@@ -59,7 +61,8 @@ def expected_shape(batch: Batch, static_cols: int) -> tuple[int, int]:
     b = batch.arrays.get("b")
     if batch.op == "matmul":
         if "a" in batch.arrays:
-            return batch.arrays["a"].shape[0], b.shape[1]
+            a = batch.arrays["a"]
+            return (a.shape[1] if batch.params.get("transpose_a") else a.shape[0]), b.shape[1]
         if batch.params.get("transpose_a"):
             return static_cols, b.shape[1]
         return batch.arrays["rows"].shape[0], b.shape[1]
@@ -228,6 +231,8 @@ class CoordinatorServer:
 
     def wait_for_nodes(self, count: int, should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Pump until `count` nodes are connected; False if asked to stop first."""
+        for shard in range(len(self.owner)):
+            self.static_arrays(shard)  # prepared now, so sending them later never starves heartbeats
         while len(self.sessions) < count:
             if should_stop():
                 return False
@@ -386,19 +391,20 @@ class CoordinatorServer:
         return True
 
     def _send_batch(self, session: Session, task: Task) -> bool:
+        # Held by the session from here on, so a failed send below re-issues it with the rest.
+        session.outstanding[task.batch_id] = task
+        task.session = session.node_id
         if task.batch.params.get("a_static") and not self._ensure_static(session, task.batch.shard):
             return False
         now = time.monotonic()
         lease = session.lease_seconds(task.work)
         task.seq = self._next_seq()
-        task.session = session.node_id
         task.sent_at = now
         task.deadline = now + lease
         exposure = {t: round(len(pos) / AXES[t], 6) for t, pos in task.batch.exposure}
         header = {"run_id": self.run_id, "batch_id": task.batch_id, "seq": task.seq, "step": self.step,
                   "op": task.batch.op, "params": task.batch.params, "lease_ms": max(1, int(lease * 1000)),
                   "exposure": exposure}
-        session.outstanding[task.batch_id] = task
         if not self._send(session, "BATCH", header, task.batch.arrays):
             return False
         self.ledger.record(session.label, task.batch.exposure)
@@ -580,7 +586,7 @@ class CoordinatorServer:
             task.session = None
             self._reissue(task, session, "its result had the wrong shape")
             return
-        task.result = np.array(c)  # own the memory: the frame's buffer is ZeroMQ's
+        task.result = c  # a read-only view that keeps ZeroMQ's frame alive; un-disguising copies it
         session.done += 1
         session.rate_window.append(now)
         if task.work > 0:
@@ -618,3 +624,11 @@ class CoordinatorServer:
             self._send(session, "BYE", {"node_id": session.node_id, "reason": reason})
         self.sessions.clear()
         self.sock.close(0)
+
+    def describe(self) -> str:
+        """One line per session and task queue, for diagnosing a stalled run."""
+        lines = [f"owner={self.owner} waiting={[t.batch_id for t in self._waiting]} tasks={list(self._tasks)}"]
+        for s in self.sessions.values():
+            lines.append(f"{s.node_id} {s.label} window={s.window()} held={sorted(s.shards_held)} "
+                         f"outstanding={list(s.outstanding)} queue={[t.batch_id for t in s.queue]}")
+        return "\n".join(lines)

@@ -11,7 +11,7 @@ import copy
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 TENSORS = ("images", "w1", "w2", "activations", "gradients")
 
@@ -84,13 +84,8 @@ class CoordinatorState:
     def snapshot(self) -> "CoordinatorState":
         """A deep copy taken under the lock, safe to read from another thread."""
         with self.lock:
-            lock, self.lock = self.lock, None  # type: ignore[assignment]
-            try:
-                snap = copy.deepcopy(self)
-            finally:
-                self.lock = lock
-        snap.lock = threading.Lock()
-        return snap
+            values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "lock"}
+        return type(self)(**values)
 
 
 class CoordinatorControl:

@@ -61,6 +61,8 @@ def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics:
             return _static_product(static, rows, b, bool(params.get("transpose_a")))
         else:
             a = _array(arrays, "a")
+            if params.get("transpose_a"):
+                a = a.T
         if a.shape[1] != b.shape[0] or a.dtype != b.dtype:
             raise BatchError("bad-batch", f"cannot multiply {a.dtype}{a.shape} by {b.dtype}{b.shape}")
         return a @ b

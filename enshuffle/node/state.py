@@ -9,7 +9,7 @@ import copy
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
@@ -41,13 +41,8 @@ class NodeState:
 
     def snapshot(self) -> "NodeState":
         with self.lock:
-            lock, self.lock = self.lock, None  # type: ignore[assignment]
-            try:
-                snap = copy.deepcopy(self)
-            finally:
-                self.lock = lock
-        snap.lock = threading.Lock()
-        return snap
+            values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "lock"}
+        return type(self)(**values)
 
 
 class NodeControl:
