@@ -125,6 +125,10 @@ class LocalCompute:
         """dz2 (b,10) @ w2^T (10,128) -> (b,128)"""
         return dz2 @ w2.T
 
+    def dw2_da1(self, a1: np.ndarray, dz2: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both products that need only dz2 (a distributed compute sends them together)."""
+        return self.dw2(a1, dz2), self.da1(dz2, w2)
+
     def dw1(self, idx: np.ndarray | None, dz1: np.ndarray) -> np.ndarray:
         """X[idx]^T (784,b) @ dz1 (b,128) -> (784,128)"""
         x = self.images["train"] if idx is None else self.images["train"][idx]
@@ -197,8 +201,7 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
         dz2 = (p - labels_onehot) * dt.type(1.0 / m)
         dz2 = -dz2  # ascent direction, so the update below is `+= lr * d` for both losses
         scores = z2
-    dw2 = compute.dw2(a1, dz2)
-    da1 = compute.da1(dz2, params["w2"])
+    dw2, da1 = compute.dw2_da1(a1, dz2, params["w2"])
     dz1 = compute.mul(compute.mul(da1, a1, "gradients"), compute.sub(1.0, a1, "activations"), "gradients")
     dw1 = compute.dw1(idx, dz1)
     grads = {"w1": dw1, "b1": dz1.sum(axis=0), "w2": dw2, "b2": dz2.sum(axis=0)}

@@ -179,12 +179,26 @@ class DistributedCompute:
         return plan, {"a": a_s, "b": b_s}
 
     def dw2(self, a1: np.ndarray, dz2: np.ndarray) -> np.ndarray:
-        """a1^T @ dz2 -> (128, 10); shard s computes rows H_s.
+        """a1^T @ dz2 -> (128, 10); shard s computes rows H_s."""
+        batches, finish = self._prepare_dw2(a1, dz2)
+        return finish(self.executor.run(batches))
 
-        The node gets a1's block in (samples, units) layout and transposes it itself
+    def da1(self, dz2: np.ndarray, w2: np.ndarray) -> np.ndarray:
+        """dz2 @ w2^T -> (b, 128); shard s computes columns H_s."""
+        batches, finish = self._prepare_da1(dz2, w2)
+        return finish(self.executor.run(batches))
+
+    def dw2_da1(self, a1: np.ndarray, dz2: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Both products that need only dz2, in one round trip (each node holds two batches)."""
+        batches_w, finish_w = self._prepare_dw2(a1, dz2)
+        batches_a, finish_a = self._prepare_da1(dz2, w2)
+        results = self.executor.run(batches_w + batches_a)
+        return finish_w(results[:len(batches_w)]), finish_a(results[len(batches_w):])
+
+    def _prepare_dw2(self, a1: np.ndarray, dz2: np.ndarray):
+        """The node gets a1's block in (samples, units) layout and transposes it itself
         (transpose_a), so no transposed copy is made here."""
         n, m = dz2.shape
-        out = np.empty((HIDDEN, m), dtype=dz2.dtype)
         disguises, batches = [], []
         every_class = GRADIENT_CLASS_OFFSET + np.arange(CLASSES)
         for s, h in enumerate(self.hidden_blocks):
@@ -201,13 +215,15 @@ class DistributedCompute:
             disguises.append(d)
             batches.append(Batch(s, "matmul", {"a_static": None, "transpose_a": True}, {"a": a, "b": b},
                                  [("activations", h), ("gradients", every_class)]))
-        for h, d, r in zip(self.hidden_blocks, disguises, self.executor.run(batches)):
-            out[h] = d.undo(r)
-        return out
 
-    def da1(self, dz2: np.ndarray, w2: np.ndarray) -> np.ndarray:
-        """dz2 @ w2^T -> (b, 128); shard s computes columns H_s."""
-        out = np.empty((dz2.shape[0], HIDDEN), dtype=dz2.dtype)
+        def finish(results):
+            out = np.empty((HIDDEN, m), dtype=dz2.dtype)
+            for h, d, r in zip(self.hidden_blocks, disguises, results):
+                out[h] = d.undo(r)
+            return out
+        return batches, finish
+
+    def _prepare_da1(self, dz2: np.ndarray, w2: np.ndarray):
         plans, batches = [], []
         every_class = GRADIENT_CLASS_OFFSET + np.arange(CLASSES)
         for s, h in enumerate(self.hidden_blocks):
@@ -215,9 +231,13 @@ class DistributedCompute:
             plans.append(plan)
             batches.append(Batch(s, "matmul", {"a_static": None, "transpose_a": False}, arrays,
                                  [("w2", h), ("gradients", every_class)]))
-        for h, plan, r in zip(self.hidden_blocks, plans, self.executor.run(batches)):
-            out[:, h] = plan.combine([r])
-        return out
+
+        def finish(results):
+            out = np.empty((dz2.shape[0], HIDDEN), dtype=dz2.dtype)
+            for h, plan, r in zip(self.hidden_blocks, plans, results):
+                out[:, h] = plan.combine([r])
+            return out
+        return batches, finish
 
     def dw1(self, idx, dz1: np.ndarray) -> np.ndarray:
         """X[idx]^T @ dz1 -> (784, 128); shard s computes rows P_s from its static block."""

@@ -110,7 +110,7 @@ class Session:
     def lease_seconds(self, work: float) -> float:
         if len(self.seconds_per_work) < 5:
             return LEASE_INITIAL_MS / 1000
-        p90 = float(np.percentile(np.asarray(self.seconds_per_work), 90))
+        p90 = sorted(self.seconds_per_work)[int(0.9 * (len(self.seconds_per_work) - 1))]
         return max(LEASE_MIN_MS / 1000, LEASE_MULTIPLE * p90 * work)
 
 
@@ -161,6 +161,7 @@ class CoordinatorServer:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiting_logged = False
+        self._published_at = 0.0
 
     # -- plumbing ---------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -431,6 +432,10 @@ class CoordinatorServer:
         self._publish_rows(now)
 
     def _publish_rows(self, now: float) -> None:
+        # Presenters refresh at a few Hz: publishing more often only costs the training loop.
+        if now - self._published_at < 0.2:
+            return
+        self._published_at = now
         shares = self.ledger.shares()
         wall = time.time()
         with self.state.lock:

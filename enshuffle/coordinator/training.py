@@ -74,6 +74,7 @@ class Trainer:
         self.batch_size = preset.batch_size or n
         self.steps_per_epoch = math.ceil(n / self.batch_size)
         self._pre_update_test_accuracy: float | None = None
+        self._cached_order: tuple[int, np.ndarray] | None = None
 
     # -- position -------------------------------------------------------------------
     @property
@@ -85,7 +86,10 @@ class Trainer:
         run visits samples exactly as an uninterrupted one would."""
         if self.full_batch:
             return None
-        return np.random.default_rng([self.preset.seed, epoch]).permutation(self.inputs.images["train"].shape[0])
+        if self._cached_order is None or self._cached_order[0] != epoch:
+            n = self.inputs.images["train"].shape[0]
+            self._cached_order = (epoch, np.random.default_rng([self.preset.seed, epoch]).permutation(n))
+        return self._cached_order[1]
 
     @property
     def finished(self) -> bool:
