@@ -67,6 +67,11 @@ class ExposureLedger:
             return {node: {t: float(masks[t].mean()) if t in masks else 0.0 for t in AXES}
                     for node, masks in self._masks.items()}
 
+    def node_shares(self, node: str) -> dict[str, float]:
+        """One node's shares, only for tensors it has received (what a BATCH header announces)."""
+        with self._lock:
+            return {t: float(m.mean()) for t, m in self._masks.get(node, {}).items()}
+
     def positions(self, node: str, tensor: str) -> np.ndarray:
         """Indices along the tensor's axis that `node` has received (for tests and audits)."""
         with self._lock:

@@ -383,12 +383,12 @@ class CoordinatorServer:
             return True
         arrays = self.static_arrays(shard)
         for name, array in arrays.items():
-            share = {"images": round(len(self.compute.pixel_blocks[shard]) / AXES["images"], 6)}
+            self.ledger.record(session.label, self.compute.static_exposure(shard))
+            share = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
             header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
             if not self._send(session, "STATIC", header, {"x": array}):
                 return False
         session.shards_held.add(shard)
-        self.ledger.record(session.label, self.compute.static_exposure(shard))
         return True
 
     def _send_batch(self, session: Session, task: Task) -> bool:
@@ -402,14 +402,13 @@ class CoordinatorServer:
         task.seq = self._next_seq()
         task.sent_at = now
         task.deadline = now + lease
-        exposure = {t: round(len(pos) / AXES[t], 6) for t, pos in task.batch.exposure}
+        # What this node has now seen in all (cumulative), so its volunteer knows what is on the machine.
+        self.ledger.record(session.label, task.batch.exposure)
+        exposure = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
         header = {"run_id": self.run_id, "batch_id": task.batch_id, "seq": task.seq, "step": self.step,
                   "op": task.batch.op, "params": task.batch.params, "lease_ms": max(1, int(lease * 1000)),
                   "exposure": exposure}
-        if not self._send(session, "BATCH", header, task.batch.arrays):
-            return False
-        self.ledger.record(session.label, task.batch.exposure)
-        return True
+        return self._send(session, "BATCH", header, task.batch.arrays)
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -472,7 +471,11 @@ class CoordinatorServer:
                 self.log(f"dropped a malformed message from an unknown peer: {exc.code}")
             return
         if msg.command == "HELLO":
-            self._on_hello(routing_id, msg)
+            try:
+                address = body[0].get("Peer-Address")
+            except (zmq.ZMQError, AttributeError):
+                address = ""
+            self._on_hello(routing_id, msg, address)
             return
         if session is None:
             self.counters["dropped"] += 1
@@ -501,7 +504,7 @@ class CoordinatorServer:
             if row is not None:
                 row.refused += 1
 
-    def _on_hello(self, routing_id: bytes, msg) -> None:
+    def _on_hello(self, routing_id: bytes, msg, address: str = "") -> None:
         try:
             key = verify_self_signed(msg)
         except ProtocolError as exc:
@@ -541,7 +544,7 @@ class CoordinatorServer:
             self.labels[key] = label
         credit = min(int(header["capabilities"]["credit"]), self.max_credit)
         session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=str(header["name"]),
-                          label=label, credit=credit, want=credit)
+                          label=label, credit=credit, want=credit, address=address)
         self.sessions[node_id] = session
         self.by_routing[routing_id] = node_id
         with self.state.lock:
@@ -549,6 +552,7 @@ class CoordinatorServer:
             if row is None:
                 row = self.state.nodes[label] = NodeRow(node_id=node_id, name=label, fingerprint=fp)
             row.node_id = node_id
+            row.address = address
             row.state = "connected"
             row.last_seen = time.time()
         self._send(session, "WELCOME", {

@@ -42,6 +42,7 @@ from .format import (
     progress_fraction,
     eta_seconds,
     share_bar,
+    short_fp,
     short_id,
     text_bar,
     verification_marks,
@@ -106,7 +107,7 @@ Nodes
   reiss/refus  batches reissued after a missed deadline /
                results refused
   images w1 w2 share of each tensor's elements the node has seen
-  fp           the node's key fingerprint (first 8 hex digits)
+  fp           the node's key fingerprint (first two groups)
 
 Exposure
   one bar per node and tensor; ┃ marks the exposure bound for
@@ -133,7 +134,7 @@ def node_cells(row: NodeRow, now: float) -> tuple[str, ...]:
         fmt_share(exp.get("images")),
         fmt_share(exp.get("w1")),
         fmt_share(exp.get("w2")),
-        short_id(row.fingerprint),
+        short_fp(row.fingerprint),
         row.address or "–",
     )
 
@@ -407,7 +408,7 @@ class CoordinatorApp(App):
     def _header_text(self, s: CoordinatorState, now: float) -> str:
         return (
             f"coordinator {s.run_id or '–'} │ preset {s.preset or '–'} │ "
-            f"bind {s.bind or '–'} │ fingerprint {short_id(s.fingerprint, 12)} │ "
+            f"bind {s.bind or '–'} │ fingerprint {short_fp(s.fingerprint, 3)} │ "
             f"elapsed {fmt_clock(now - s.started_at)}"
         )
 

@@ -81,6 +81,17 @@ def short_id(value: str | None, n: int = 8) -> str:
     return value[:n]
 
 
+def short_fp(value: str | None, groups: int = 2) -> str:
+    """A key fingerprint shortened for display: its first `groups` dash-separated groups
+    ("SHA256:KZDV-VJ2U-..." -> "KZDV-VJ2U"), or 4*groups characters of a bare hex id."""
+    if not value:
+        return "–"
+    body = value.split(":", 1)[-1]
+    if "-" in body:
+        return "-".join(body.split("-")[:groups])
+    return body[:4 * groups]
+
+
 def text_bar(fraction: float, width: int) -> str:
     """A progress bar of `width` characters, full blocks for the done part."""
     width = max(1, width)

@@ -24,7 +24,7 @@ from textual.widgets import Footer, Log, Static
 
 from ..coordinator.state import TENSORS
 from ..node.state import NodeControl, NodeState
-from .format import fmt_bytes, fmt_clock, fmt_rate, fmt_share, share_bar, short_id
+from .format import fmt_bytes, fmt_clock, fmt_rate, fmt_share, share_bar, short_fp
 from .widgets import HelpScreen, LogFeed
 
 WIDE_MIN_WIDTH = 120
@@ -80,9 +80,9 @@ def connection_text(s: NodeState) -> str:
 def coordinator_text(s: NodeState) -> str:
     return (
         f"coordinator  {s.connect or '–'}\n"
-        f"fingerprint  {short_id(s.coordinator_fingerprint, 32)}\n"
+        f"fingerprint  {short_fp(s.coordinator_fingerprint, 8)}\n"
         f"trust        {TRUST_WORDS.get(s.trust, s.trust)}\n"
-        f"this node    {s.name or '–'}  fingerprint {short_id(s.own_fingerprint, 16)}"
+        f"this node    {s.name or '–'}  fingerprint {short_fp(s.own_fingerprint, 4)}"
     )
 
 
