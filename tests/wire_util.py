@@ -1,0 +1,420 @@
+"""Helpers for the end-to-end wire tests: real processes and real sockets on 127.0.0.1.
+
+What lives here:
+
+* `wait_until`: the only way these tests wait (a poll with a deadline and a small interval);
+* `Proc`, `spawn_node`, `spawn_coordinator`, `enshuffle_cli`: `python -m enshuffle` processes
+  whose stdout/stderr go to files (a pipe nobody reads could fill and stall a process);
+* `InProcessRun`: a `CoordinatorServer` + `DistributedCompute` + `Trainer` driven in a thread of
+  the test process, with step-boundary holds so a test can act at a precise point of a run
+  (the server is pumped while held, exactly as `CoordinatorRun` pumps it while paused);
+* `ScriptedNode`: an in-test ENS1 node on its own DEALER with its own key. It computes what it
+  is sent honestly (with the real node's `compute_batch`) unless told to hold a batch, and can
+  send arbitrary frames: the hostile peer of the robustness tests;
+* `reference_weights`, `assert_same_weights`: the centralized run and the comparison.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from enshuffle.coordinator.distributed import DistributedCompute
+from enshuffle.coordinator.ledger import ExposureLedger
+from enshuffle.coordinator.server import CoordinatorServer
+from enshuffle.coordinator.state import CoordinatorState
+from enshuffle.coordinator.training import Inputs, Trainer, prepare
+from enshuffle.dataset import load_idx_dir
+from enshuffle.model import LocalCompute, Preset, get_preset
+from enshuffle.node.compute import compute_batch
+from enshuffle.protocol.keys import Identity
+from enshuffle.protocol.messages import OPS, PROTOCOL_VERSION, Limits, Message, decode, encode, verify
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = ("w1", "b1", "w2", "b2")
+# Distributed and centralized runs add the same products in another order (the contraction
+# order inside a block is permuted, blocks are summed separately), so in float64 they differ by
+# a few units of rounding per product: measured up to ~2e-11 relative on individual weights
+# after a few Adam steps, ~1e-14 absolute. rtol 1e-9 leaves two orders of margin; atol 1e-12
+# only covers weights that are themselves ~0 (where a relative bound means nothing) and is
+# ~1e-10 of the weights' scale (0.01-0.3), far below any real error (a lost or doubled batch
+# moves weights by ~1e-3).
+RTOL = 1e-9
+ATOL = 1e-12
+
+
+# --- waiting -------------------------------------------------------------------------------
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02,
+               on_timeout: Callable[[], str] | None = None):
+    """Poll `predicate` until it returns something truthy (returned); AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{on_timeout()}" if on_timeout else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (the CLI's --bind wants an explicit port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- processes -----------------------------------------------------------------------------
+
+class Proc:
+    """A `python -m enshuffle ...` process with its stdout/stderr in files under `logdir`."""
+
+    def __init__(self, args: list[str], env: dict, logdir: Path, name: str):
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.args = args
+        self.out_path = logdir / f"{name}.out"
+        self.err_path = logdir / f"{name}.err"
+        with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
+            self.popen = subprocess.Popen([sys.executable, "-m", "enshuffle", *args], cwd=REPO, env=env,
+                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        self.pid = self.popen.pid
+
+    def out(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def err(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.alive():
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not exit within {timeout} s; stderr:\n{self.err()[-3000:]}") from None
+
+    def stop(self) -> None:
+        """Cleanup: kill if still running, reap."""
+        if self.alive():
+            self.popen.kill()  # SIGKILL ends a SIGSTOPped process too
+        self.popen.wait(10)
+
+    def describe(self) -> str:
+        return f"--- {self.name} (rc {self.popen.poll()}) stderr:\n{self.err()[-2000:]}"
+
+
+def process_env(home: Path, cache: Path | None = None) -> dict:
+    env = dict(os.environ, ENSHUFFLE_HOME=str(home), PYTHONUNBUFFERED="1")
+    if cache is not None:
+        env["ENSHUFFLE_CACHE"] = str(cache)
+    return env
+
+
+def spawn_node(home: Path, endpoint: str, pin: str | None, name: str, logdir: Path) -> Proc:
+    """An `enshuffle node` process with its own ENSHUFFLE_HOME (so its own key)."""
+    home.mkdir(parents=True, exist_ok=True)
+    args = ["node", "--connect", endpoint, "--name", name, "--threads", "1"]
+    if pin:
+        args += ["--coordinator-key", pin]
+    return Proc(args, process_env(home), logdir, name)
+
+
+def spawn_coordinator(home: Path, port: int, cache: Path, logdir: Path, name: str, *extra: str) -> Proc:
+    return Proc(["coordinator", "--bind", f"tcp://127.0.0.1:{port}", *extra], process_env(home, cache), logdir, name)
+
+
+def enshuffle_cli(*args: str, home: Path, cache: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run one `python -m enshuffle ...` to completion."""
+    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=process_env(home, cache))
+
+
+def coordinator_fingerprint(home: Path) -> str:
+    """The coordinator key's fingerprint in `home`, as `enshuffle keys show` prints it."""
+    proc = enshuffle_cli("keys", "show", home=home)
+    assert proc.returncode == 0, proc.stderr
+    for line in proc.stdout.splitlines():
+        if line.startswith("coordinator key:"):
+            return line.split()[2]
+    raise AssertionError(f"no coordinator key line in `enshuffle keys show`:\n{proc.stdout}")
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User+system CPU time of process `pid` (/proc), or of this whole process (all threads)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- data and references ---------------------------------------------------------------------
+
+def load_inputs(data_dir: Path, preset: Preset, limit: int) -> Inputs:
+    return prepare(load_idx_dir(data_dir), preset, limit)
+
+
+def reference_weights(preset: Preset, inputs: Inputs) -> dict[str, np.ndarray]:
+    """The centralized run (plain numpy, this process) of the same preset and data."""
+    trainer = Trainer(preset, inputs, LocalCompute(inputs.images))
+    while not trainer.finished:
+        trainer.run_step()
+    return {k: trainer.params[k] for k in WEIGHTS}
+
+
+def assert_same_weights(got, expected) -> None:
+    for name in WEIGHTS:
+        a, b = np.asarray(got[name]), np.asarray(expected[name])
+        assert a.dtype == np.float64 and a.shape == b.shape, (name, a.dtype, a.shape, b.shape)
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL, err_msg=f"weights {name} differ")
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+# --- a coordinator driven in this process ----------------------------------------------------
+
+class InProcessRun:
+    """CoordinatorServer + DistributedCompute + Trainer, trained in a background thread.
+
+    `hold_at(n)`: the thread stops before global step n (0-based, counted over the whole run)
+    and keeps pumping the server (sessions, heartbeats, HELLOs) until the hold moves on;
+    `held()` tells whether it is there. The test thread never touches the server's socket; it
+    reads `state.snapshot()` and the server's counters.
+    """
+
+    def __init__(self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7,
+                 limits: Limits | None = None, heartbeat_ms: int = 1000):
+        self.preset = preset
+        self.state = CoordinatorState()
+        self.identity = Identity.generate()
+        extra = {"limits": limits} if limits is not None else {}
+        self.server = CoordinatorServer("tcp://127.0.0.1:*", self.identity, self.state, ExposureLedger(),
+                                        heartbeat_ms=heartbeat_ms, log=self._log, **extra)
+        self.endpoint = self.server.endpoint
+        self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(seed), self.server.attach,
+                                          ledger=self.server.ledger)
+        self.trainer = Trainer(preset, inputs, self.compute)
+        self.min_nodes = min_nodes
+        self.lines: list[str] = []
+        self.steps_done = 0
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._hold = 0  # hold before this global step; -1: no hold
+        self._held = threading.Event()
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._main, name="in-process-coordinator", daemon=True)
+
+    def _log(self, line: str) -> None:
+        with self._lock:
+            self.lines.append(line)
+
+    def log_lines(self) -> list[str]:
+        with self._lock:
+            return list(self.lines)
+
+    def logged(self, fragment: str) -> list[str]:
+        return [line for line in self.log_lines() if fragment in line]
+
+    def start(self, hold_at: int = -1) -> "InProcessRun":
+        self._hold = hold_at
+        self.thread.start()
+        return self
+
+    def hold_at(self, step: int) -> None:
+        """Hold before global step `step` (-1: run to the end); releases a current hold if later."""
+        self._hold = step
+        self._held.clear()
+
+    def held(self) -> bool:
+        return self._held.is_set()
+
+    def wait_held(self, timeout: float = 30) -> None:
+        wait_until(lambda: self.held() or self.done.is_set(), timeout, f"the run to reach step {self._hold}",
+                   on_timeout=self.describe)
+        assert not self.done.is_set(), f"the run ended before step {self._hold}: {self.error!r}"
+
+    def _main(self) -> None:
+        try:
+            self.server.wait_for_nodes(self.min_nodes)
+            while not self.trainer.finished:
+                while 0 <= self._hold <= self.steps_done:
+                    self._held.set()
+                    self.server.pump(100)
+                self._held.clear()
+                self.trainer.run_step()
+                self.steps_done += 1
+            self.server.close("run-finished")
+        except BaseException as exc:  # surfaced by finish(); the test fails with it
+            self.error = exc
+            try:
+                self.server.close("shutdown")
+            except zmq.ZMQError:
+                pass
+        finally:
+            self.done.set()
+
+    def finish(self, timeout: float = 60) -> dict[str, np.ndarray]:
+        """Release every hold, wait for the end of training; the final weights."""
+        self.hold_at(-1)
+        wait_until(self.done.is_set, timeout, "training to finish", on_timeout=self.describe)
+        if self.error is not None:
+            raise AssertionError(f"the coordinator failed: {self.error!r}\n{self.describe()}") from self.error
+        return {k: self.trainer.params[k] for k in WEIGHTS}
+
+    def row(self, label: str):
+        return self.state.snapshot().nodes.get(label)
+
+    def describe(self) -> str:
+        snap = self.state.snapshot()
+        rows = "\n".join(f"  {r.name}: {r.state} node_id={r.node_id} done={r.batches_done} out={r.outstanding} "
+                         f"reissued={r.reissued} refused={r.refused}" for r in snap.nodes.values())
+        return (f"status={snap.status!r} steps_done={self.steps_done} counters={self.server.counters}\n{rows}\n"
+                + "\n".join(self.log_lines()[-30:]))
+
+    def close(self) -> None:
+        """Cleanup after a failed test: stop holding; the daemon thread dies with the process."""
+        self.hold_at(-1)
+
+
+# --- an in-test node -------------------------------------------------------------------------
+
+class ScriptedNode:
+    """An ENS1 node in the test thread: honest compute, plus whatever frames a test sends.
+
+    Single-threaded like the real node: only the thread that calls its methods touches the
+    socket. `serve_until(pred)` handles STATIC/BATCH (answering each with a correct RESULT,
+    except batches `hold_next` asked to keep) and sends heartbeats while waiting.
+    """
+
+    def __init__(self, endpoint: str, name: str = "scripted", identity: Identity | None = None):
+        self.identity = identity or Identity.generate()
+        self.name = name
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.statics: dict[str, np.ndarray] = {}
+        self.results: list[list] = []  # frames of every RESULT sent, in order
+        self.held: list[Message] = []  # batches received and kept unanswered
+        self._hold = 0
+        self.run_id = ""
+        self.node_id = ""
+        self.coordinator_key = b""
+        self.heartbeat_s = 1.0
+        self._last_sent = 0.0
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+    def send(self, frames: list) -> None:
+        self.sock.send_multipart(frames)
+        self._last_sent = time.monotonic()
+
+    def sign_and_send(self, command: str, header: dict, arrays: dict | None = None,
+                      signer: Identity | None = None) -> list:
+        frames = encode(command, header, arrays, signer=signer or self.identity)
+        self.send(frames)
+        return frames
+
+    def hello(self, timeout: float = 10) -> None:
+        nonce = os.urandom(16).hex()
+        self.sign_and_send("HELLO", {"protocol": PROTOCOL_VERSION, "node_key": self.identity.public_hex,
+                                     "name": self.name, "nonce": nonce,
+                                     "capabilities": {"ops": list(OPS), "threads": 1, "credit": 2}})
+        welcome = self._expect("WELCOME", timeout)
+        assert welcome.header["nonce"] == nonce
+        self.run_id = welcome.header["run_id"]
+        self.node_id = welcome.header["node_id"]
+        self.coordinator_key = bytes.fromhex(welcome.header["coordinator_key"])
+        self.heartbeat_s = welcome.header["heartbeat_ms"] / 1000
+
+    def _expect(self, command: str, timeout: float) -> Message:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sock.poll(50, zmq.POLLIN):
+                msg = decode(self.sock.recv_multipart())
+                if msg.command == command:
+                    return msg
+        raise AssertionError(f"{self.name}: no {command} within {timeout} s")
+
+    def hold_next(self, count: int = 1) -> None:
+        """Keep the next `count` batches unanswered (in `held`) instead of computing them."""
+        self._hold += count
+
+    def result_frames(self, batch: Message, signer: Identity | None = None) -> list:
+        """A correct, signed RESULT for `batch` (not sent)."""
+        h = batch.header
+        c = compute_batch(h["op"], h["params"], batch.arrays, self.statics)
+        return encode("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
+                                 "compute_seconds": 0.001}, {"c": c}, signer=signer or self.identity)
+
+    def answer(self, batch: Message, signer: Identity | None = None) -> list:
+        frames = self.result_frames(batch, signer)
+        self.send(frames)
+        self.results.append(frames)
+        return frames
+
+    def pump(self, timeout_ms: int = 20) -> None:
+        """Handle what arrived within `timeout_ms`; keep the heartbeat."""
+        if self.sock.poll(timeout_ms, zmq.POLLIN):
+            while True:
+                try:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._handle(decode(frames))
+        if time.monotonic() - self._last_sent >= self.heartbeat_s / 2:
+            self.sign_and_send("HEARTBEAT", {"node_id": self.node_id, "credit": 2, "outstanding": len(self.held)})
+
+    def _handle(self, msg: Message) -> None:
+        if msg.command in ("STATIC", "BATCH", "HEARTBEAT", "BYE"):
+            verify(msg, self.coordinator_key)
+        if msg.command == "STATIC":
+            (array,) = msg.arrays.values()
+            self.statics[msg.header["name"]] = array
+        elif msg.command == "BATCH":
+            if self._hold > 0:
+                self._hold -= 1
+                self.held.append(msg)
+            else:
+                self.answer(msg)
+
+    def serve_until(self, predicate: Callable[[], object], timeout: float, what: str,
+                    on_timeout: Callable[[], str] | None = None):
+        """Serve (compute, heartbeat) until `predicate` is truthy; AssertionError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                extra = f"\n{on_timeout()}" if on_timeout else ""
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
+            self.pump(20)
+
+
+def default_preset(epochs: int = 2) -> Preset:
+    return get_preset("default", epochs=epochs, dtype="float64")
