@@ -28,7 +28,7 @@ from enshuffle.coordinator.distributed import Batch
 from enshuffle.coordinator.ledger import AXES, ExposureLedger
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, NodeRow
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
-from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, DEFAULT_LIMITS, ProtocolError, decode, encode,
+from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, DEFAULT_LIMITS, Limits, ProtocolError, decode, encode,
                                          verify, verify_self_signed)
 
 LEASE_MIN_MS = 2000
@@ -119,8 +119,10 @@ class CoordinatorServer:
 
     def __init__(self, bind: str, identity: Identity, state: CoordinatorState, ledger: ExposureLedger, *,
                  control: CoordinatorControl | None = None, heartbeat_ms: int = 1000, max_credit: int = 2,
-                 log: Callable[[str], None] | None = None, context: zmq.Context | None = None):
+                 log: Callable[[str], None] | None = None, context: zmq.Context | None = None,
+                 limits: Limits = DEFAULT_LIMITS):
         self.identity = identity
+        self.limits = limits  # what a node's message may be (docs/protocol.md section 13)
         self.state = state
         self.ledger = ledger
         self.control = control or CoordinatorControl()
@@ -132,7 +134,7 @@ class CoordinatorServer:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_LIMITS.max_message_bytes)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
         self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
         self.sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
@@ -457,7 +459,7 @@ class CoordinatorServer:
         self.bytes_received += sum(len(f.buffer) for f in body)
         session = self.sessions.get(self.by_routing.get(routing_id, ""))
         try:
-            msg = decode(body)
+            msg = decode(body, limits=self.limits)
         except ProtocolError as exc:
             self.counters["dropped"] += 1
             if session is not None:
