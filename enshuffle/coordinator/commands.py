@@ -67,6 +67,8 @@ def report_ledger(ledger, args, extra: dict | None = None) -> None:
 
 
 def cmd_train(args) -> int:
+    if args.tui and (args.nodes == 0 or args.in_process):
+        raise UsageError("--tui shows a coordinator and its nodes: use it with --nodes K >= 1 and without --in-process")
     preset = preset_from_args(args)
     inputs = load_inputs(args, preset)
     seed = preset.seed if args.seed is None else args.seed
