@@ -81,6 +81,9 @@ class Task:
     sent_at: float = 0.0
     deadline: float = 0.0
     attempts: int = 0
+    # node_id -> seq of the copy that node was sent: a re-issue gives the batch a new seq, and the
+    # first holder's late answer must still match its own copy (to free its slot, counted `expired`).
+    seq_by_node: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -402,6 +405,7 @@ class CoordinatorServer:
         now = time.monotonic()
         lease = session.lease_seconds(task.work)
         task.seq = self._next_seq()
+        task.seq_by_node[session.node_id] = task.seq
         task.sent_at = now
         task.deadline = now + lease
         # What this node has now seen in all (cumulative), so its volunteer knows what is on the machine.
@@ -490,6 +494,8 @@ class CoordinatorServer:
             session.protocol_errors += 1
             self._count_refused(session)
             self.log(f"refused {msg.command} from {session.label}: {exc.detail}")
+            if msg.command == "RESULT":
+                self._reissue_unverified(session, msg)
             return
         session.last_seen = time.monotonic()
         handler = {"RESULT": self._on_result, "REJECT": self._on_reject, "HEARTBEAT": self._on_heartbeat,
@@ -570,11 +576,25 @@ class CoordinatorServer:
             self.counters["dropped"] += 1
             self.log(f"dropped {what} from {session.label}: it is for run {msg.header.get('run_id')!r}, not this run")
             return None
-        if task is None or task.seq != seq:
+        if task is None or task.seq_by_node.get(session.node_id) != seq:
             self.counters["dropped"] += 1
             self.log(f"dropped {what} from {session.label} for unknown batch {batch_id} (seq {seq})")
             return None
         return task
+
+    def _reissue_unverified(self, session: Session, msg) -> None:
+        """A RESULT that fails verification but names a batch this session holds: re-issue the batch
+        now (protocol.md section 7) instead of letting the step wait for the lease to run out."""
+        batch_id, seq = msg.header.get("batch_id"), msg.header.get("seq")
+        task = session.outstanding.get(batch_id) if isinstance(batch_id, str) else None
+        if task is None or task.seq_by_node.get(session.node_id) != seq or msg.header.get("run_id") != self.run_id:
+            return
+        del session.outstanding[batch_id]  # answered, if badly: the slot is free again, as for a wrong shape
+        if task.session == session.node_id and task.result is None and task.batch_id in self._tasks:
+            task.session = None
+            self.log(f"refused RESULT for batch {batch_id} from {session.label}: its signature does not verify; "
+                     f"reissuing")
+            self._reissue(task, session, "its result's signature did not verify")
 
     def _on_result(self, session: Session, msg) -> None:
         task = self._task_for(session, msg, "RESULT")
