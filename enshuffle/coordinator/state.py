@@ -7,11 +7,12 @@ nothing here posts events: at 1,000 batch events per second a UI must pull, not 
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+
+from enshuffle.live import LiveState, PauseStop
 
 TENSORS = ("images", "w1", "w2", "activations", "gradients")
 
@@ -56,7 +57,7 @@ class VersionRow:
 
 
 @dataclass
-class CoordinatorState:
+class CoordinatorState(LiveState):
     run_id: str = ""
     preset: str = ""
     bind: str = ""
@@ -77,46 +78,15 @@ class CoordinatorState:
     log: deque = field(default_factory=lambda: deque(maxlen=500))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add_log(self, line: str) -> None:
-        with self.lock:
-            self.log.append(f"{time.strftime('%H:%M:%S')} {line}")
 
-    def snapshot(self) -> "CoordinatorState":
-        """A deep copy taken under the lock, safe to read from another thread."""
-        with self.lock:
-            values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "lock"}
-        return type(self)(**values)
+class CoordinatorControl(PauseStop):
+    """What a presenter may ask of a running coordinator. Thread-safe; the loop polls it.
 
-
-class CoordinatorControl:
-    """What a presenter may ask of a running coordinator. Thread-safe; the loop polls it."""
-
-    def __init__(self) -> None:
-        self._pause = threading.Event()
-        self._stop = threading.Event()
+    `request_stop` is graceful: the loop finishes the current step, writes a model version and
+    tells nodes BYE."""
 
     def pause(self) -> None:
         self._pause.set()
 
     def resume(self) -> None:
         self._pause.clear()
-
-    def toggle_pause(self) -> bool:
-        """Flip pause; returns True when now paused."""
-        if self._pause.is_set():
-            self._pause.clear()
-            return False
-        self._pause.set()
-        return True
-
-    @property
-    def paused(self) -> bool:
-        return self._pause.is_set()
-
-    def request_stop(self) -> None:
-        """Graceful: finish the current step, write a model version, tell nodes BYE."""
-        self._stop.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()

@@ -5,15 +5,16 @@ The node daemon writes here under `lock`; a presenter reads a `snapshot()` on a 
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+
+from enshuffle.live import LiveState, PauseStop
 
 
 @dataclass
-class NodeState:
+class NodeState(LiveState):
     connect: str = ""
     name: str = ""
     own_fingerprint: str = ""
@@ -35,42 +36,15 @@ class NodeState:
     log: deque = field(default_factory=lambda: deque(maxlen=500))
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add_log(self, line: str) -> None:
-        with self.lock:
-            self.log.append(f"{time.strftime('%H:%M:%S')} {line}")
 
-    def snapshot(self) -> "NodeState":
-        with self.lock:
-            values = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "lock"}
-        return type(self)(**values)
+class NodeControl(PauseStop):
+    """What a presenter may ask of a running node. Thread-safe; the daemon polls it.
 
-
-class NodeControl:
-    """What a presenter may ask of a running node. Thread-safe; the daemon polls it."""
+    `request_stop` quits: the daemon says BYE so its batches are reissued at once."""
 
     def __init__(self, threads: int = 1) -> None:
-        self._pause = threading.Event()
-        self._stop = threading.Event()
+        super().__init__()
         self.threads = threads
-
-    def toggle_pause(self) -> bool:
-        if self._pause.is_set():
-            self._pause.clear()
-            return False
-        self._pause.set()
-        return True
-
-    @property
-    def paused(self) -> bool:
-        return self._pause.is_set()
 
     def set_threads(self, threads: int) -> None:
         self.threads = max(1, int(threads))
-
-    def request_stop(self) -> None:
-        """Quit: the daemon says BYE so its batches are reissued at once."""
-        self._stop.set()
-
-    @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()

@@ -1,0 +1,111 @@
+"""Cheap checks that a node's result is the product it was asked for (Freivalds' test).
+
+A node may be faulty or malicious and return wrong numbers with a valid signature. For a
+claimed C = A @ B the coordinator draws a Gaussian vector r and compares C @ r with
+A @ (B @ r), in float64: a few matrix-vector products, about 1-2% of the product's cost. For a
+product over a static operand S (rows `rows` of the node's image block) the right-hand side is
+computed from S directly, without copying S[rows].
+
+Floating point: the node's C carries rounding error; its effect on (C @ r)_i is bounded in
+practice by about eps * sqrt(K) * |A_i| * |B|_F (a random walk over K products and over the
+entries of r). The tolerance is that bound times a safety factor, computed from precomputed row
+and column norms. 0/1 vectors would miss a single wrong entry half the time; Gaussian ones do not.
+
+Elementwise results are spot-checked: a random sample of entries is recomputed here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SAFETY = 4.0  # over the typical bound eps*sqrt(K)*|A_i|*|B|_F, which itself is ~25x the worst error seen on random data
+SPOT_CHECKS = 64
+
+
+class StaticNorms:
+    """Row and column norms of a static block, computed once, for tolerances."""
+
+    def __init__(self, static: np.ndarray):
+        s = static.astype(np.float64, copy=False)
+        self.row = np.sqrt(np.einsum("ij,ij->i", s, s))
+        self.col = np.sqrt(np.einsum("ij,ij->j", s, s))
+
+
+def _tolerance(eps: float, k: int, left_norms: np.ndarray, right_norm: float) -> np.ndarray:
+    return SAFETY * eps * np.sqrt(max(k, 1)) * left_norms * right_norm + np.finfo(np.float64).tiny
+
+
+def check_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, rng: np.random.Generator,
+                 static: np.ndarray | None = None, norms: StaticNorms | None = None) -> str | None:
+    """None if C passes Freivalds' test, else a sentence saying what failed."""
+    b = arrays["b"].astype(np.float64, copy=False)
+    eps = float(np.finfo(c.dtype).eps)
+    r = rng.standard_normal(b.shape[1])
+    br = b @ r
+    b_norm = float(np.linalg.norm(b))
+    transpose = bool(params.get("transpose_a"))
+    if static is None:
+        a = arrays["a"].astype(np.float64, copy=False)
+        a = a.T if transpose else a
+        rhs = a @ br
+        left = np.linalg.norm(a, axis=1)
+        k = a.shape[1]
+    else:
+        rows = arrays["rows"]
+        s = static
+        # Matrix-vector products in the static block's own precision: promoting a float32 block
+        # to float64 would copy it. The tolerance is doubled below for that rounding.
+        if transpose:
+            # C = S[rows]^T @ B, so C @ r = S^T @ u with u[rows] = B @ r (bincount sums repeats).
+            u = np.bincount(rows, weights=br, minlength=s.shape[0]).astype(s.dtype)
+            rhs = (u @ s).astype(np.float64)
+            if rows.shape[0] * 4 < s.shape[0] or norms is None:
+                left = np.linalg.norm(s[rows].astype(np.float64), axis=0)
+            else:
+                left = norms.col  # all rows: an upper bound, close when rows is (nearly) everything
+            k = rows.shape[0]
+        else:
+            v = br.astype(s.dtype)
+            if rows.shape[0] * 4 < s.shape[0]:
+                rhs = (s[rows] @ v).astype(np.float64)
+            else:
+                rhs = (s @ v).astype(np.float64)[rows]
+            left = (norms.row if norms is not None else np.linalg.norm(s, axis=1))[rows]
+            k = s.shape[1]
+    lhs = c.astype(np.float64, copy=False) @ r
+    tol = _tolerance(eps, k, left, b_norm)
+    # The right-hand side is itself rounded when computed in the data's precision.
+    if static is not None and static.dtype != np.float64:
+        tol = tol * 2
+    bad = np.abs(lhs - rhs) > tol
+    if np.any(bad) or not np.all(np.isfinite(lhs)):
+        i = int(np.argmax(np.abs(lhs - rhs) - tol)) if np.any(bad) else int(np.argmax(~np.isfinite(lhs)))
+        return (f"Freivalds check failed at row {i}: C·r = {lhs[i]:.6g}, A·(B·r) = {rhs[i]:.6g}, "
+                f"tolerance {tol[i]:.3g} ({int(bad.sum())} of {bad.size} rows off)")
+    return None
+
+
+def check_elementwise(op: str, c: np.ndarray, arrays: dict[str, np.ndarray], params: dict,
+                      rng: np.random.Generator) -> str | None:
+    """Recompute a random sample of entries; None if they agree to a few units in the last place."""
+    from enshuffle.node.compute import compute_batch
+
+    ref = arrays.get("a", arrays.get("b"))
+    if c.shape != ref.shape:
+        return f"result shape {c.shape} differs from the operand shape {ref.shape}"
+    if c.size == 0:
+        return None
+    n = min(SPOT_CHECKS, c.size)
+    flat = rng.choice(c.size, size=n, replace=False)
+    i, j = np.unravel_index(flat, c.shape)
+    sample = {name: np.ascontiguousarray(arr[i, j][None, :]) for name, arr in arrays.items()}
+    expected = compute_batch(op, params, sample, {})[0]
+    got = c[i, j]
+    eps = np.finfo(c.dtype).eps
+    tol = 8 * eps * np.maximum(np.abs(expected), np.finfo(c.dtype).tiny) + 8 * np.finfo(c.dtype).tiny
+    bad = ~(np.abs(got.astype(np.float64) - expected.astype(np.float64)) <= tol)
+    if np.any(bad):
+        k = int(np.argmax(bad))
+        return (f"spot check failed at ({int(i[k])}, {int(j[k])}): got {got[k]:.6g}, expected {expected[k]:.6g} "
+                f"({int(bad.sum())} of {n} sampled entries off)")
+    return None
