@@ -162,11 +162,15 @@ class CoordinatorServer:
         self._waiting: deque[Task] = deque()  # tasks with no live session to go to
         self.step = 0
         self.finished = False
-        self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0}
+        self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0,
+                         "wrong": 0}
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiting_logged = False
         self._published_at = 0.0
+        self.verify_results = True  # Freivalds/spot checks on every result (about 2% of the work)
+        self._verify_rng = np.random.default_rng()
+        self._static_norms: dict[str, object] = {}
 
     # -- plumbing ---------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -617,11 +621,35 @@ class CoordinatorServer:
             task.session = None
             self._reissue(task, session, "its result had the wrong shape")
             return
+        problem = self._check_result(task, c) if self.verify_results else None
+        if problem is not None:
+            self.counters["wrong"] += 1
+            self._count_refused(session)
+            self.log(f"refused RESULT for batch {task.batch_id} from {session.label}: {problem}")
+            task.session = None
+            self._reissue(task, session, "its result failed verification")
+            return
         task.result = c  # a read-only view that keeps ZeroMQ's frame alive; un-disguising copies it
         session.done += 1
         session.rate_window.append(now)
         if task.work > 0:
             session.seconds_per_work.append((now - task.sent_at) / task.work)
+
+    def _check_result(self, task: Task, c: np.ndarray) -> str | None:
+        """Freivalds' test for products, a spot check for elementwise results (enshuffle.coordinator.verify)."""
+        from enshuffle.coordinator.verify import StaticNorms, check_elementwise, check_matmul
+
+        batch = task.batch
+        if batch.op != "matmul":
+            return check_elementwise(batch.op, c, batch.arrays, batch.params, self._verify_rng)
+        name = batch.params.get("a_static")
+        static = norms = None
+        if name:
+            static = self.static_arrays(batch.shard)[name]
+            norms = self._static_norms.get(name)
+            if norms is None:
+                norms = self._static_norms[name] = StaticNorms(static)
+        return check_matmul(c, batch.arrays, batch.params, self._verify_rng, static, norms)
 
     def _on_reject(self, session: Session, msg) -> None:
         self.counters["rejected"] += 1

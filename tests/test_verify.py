@@ -1,0 +1,131 @@
+"""Result verification: Freivalds' test for products, spot checks for elementwise results.
+
+Unit tests show no false alarms on honest products (random and image-like data, both dtypes,
+every shape the network sends) and that a single wrong entry is caught. A wire test shows a node
+that returns wrong numbers with a valid signature is refused, its batch is re-issued, and
+training still ends with the centralized reference's weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from enshuffle.coordinator.verify import StaticNorms, check_elementwise, check_matmul
+from enshuffle.model import sigmoid
+from enshuffle.protocol.messages import encode
+
+from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
+from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
+    reference_weights, spawn_node, wait_until
+
+DTYPES = (np.float32, np.float64)
+
+
+def image_like(rng, n, k, dtype):
+    """Non-negative, mostly-zero data like raw pixels: rounding errors add up with one sign."""
+    x = rng.integers(0, 256, size=(n, k)).astype(dtype)
+    x[rng.random((n, k)) < 0.5] = 0
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("data", ["gaussian", "images"])
+def test_static_products_pass_and_a_single_wrong_entry_fails(dtype, data):
+    rng = np.random.default_rng(3)
+    s = (rng.standard_normal((3000, 392)) if data == "gaussian" else image_like(rng, 3000, 392, np.float64)).astype(dtype)
+    norms = StaticNorms(s)
+    b = (rng.standard_normal((392, 128)) * 0.01).astype(dtype)
+    for rows in (rng.permutation(3000), np.sort(rng.choice(3000, 128, replace=False))):
+        c = s[rows] @ b
+        for _ in range(5):  # fresh r each time: no false alarm
+            assert check_matmul(c, {"rows": rows, "b": b}, {}, rng, s, norms) is None
+        wrong = c.copy()
+        wrong[len(rows) // 2, 7] += 0.01 * np.abs(c).mean()
+        problem = check_matmul(wrong, {"rows": rows, "b": b}, {}, rng, s, norms)
+        assert problem is not None and "Freivalds" in problem
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transposed_static_products(dtype):
+    rng = np.random.default_rng(4)
+    s = image_like(rng, 3000, 392, dtype)
+    norms = StaticNorms(s)
+    for rows in (rng.permutation(3000), np.sort(rng.choice(3000, 128, replace=False))):
+        d = (rng.standard_normal((len(rows), 128)) * 1e-3).astype(dtype)
+        c = s[rows].T @ d
+        assert check_matmul(c, {"rows": rows, "b": d}, {"transpose_a": True}, rng, s, norms) is None
+        wrong = c.copy()
+        wrong[5, 5] += 0.01 * np.abs(c).mean()
+        assert check_matmul(wrong, {"rows": rows, "b": d}, {"transpose_a": True}, rng, s, norms) is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_dynamic_products(dtype, transpose):
+    rng = np.random.default_rng(5)
+    a = rng.random((2000, 64)).astype(dtype)
+    b = rng.standard_normal((64 if not transpose else 2000, 10)).astype(dtype)
+    c = (a.T if transpose else a) @ b
+    params = {"transpose_a": transpose}
+    assert check_matmul(c, {"a": a, "b": b}, params, rng) is None
+    wrong = c.copy()
+    wrong[1, 2] *= 1.01
+    assert check_matmul(wrong, {"a": a, "b": b}, params, rng) is not None
+    nan = c.copy()
+    nan[0, 0] = np.nan
+    assert check_matmul(nan, {"a": a, "b": b}, params, rng) is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_elementwise_spot_checks(dtype):
+    rng = np.random.default_rng(6)
+    z = (rng.standard_normal((500, 64)) * 5).astype(dtype)
+    assert check_elementwise("sigmoid", sigmoid(z), {"a": z}, {}, rng) is None
+    assert check_elementwise("sub", (1 - z).astype(dtype), {"b": z}, {"a_scalar": 1.0}, rng) is None
+    assert check_elementwise("mul", z * z, {"a": z, "b": z}, {}, rng) is None
+    wrong = sigmoid(z)
+    wrong[::3] += 1e-3  # a third of the rows: 64 random samples will hit one
+    assert check_elementwise("sigmoid", wrong, {"a": z}, {}, rng) is not None
+
+
+class TamperingNode(ScriptedNode):
+    """A node with a valid key and signature that returns one wrong entry in its first batches."""
+
+    def __init__(self, *args, wrong: int = 3, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.wrong_left = wrong
+
+    def result_frames(self, batch, signer=None):
+        if self.wrong_left <= 0:
+            return super().result_frames(batch, signer)
+        self.wrong_left -= 1
+        from enshuffle.node.compute import compute_batch
+
+        h = batch.header
+        c = compute_batch(h["op"], h["params"], batch.arrays, self.statics).copy()
+        c.flat[c.size // 2] += 1.0 + abs(c.flat[c.size // 2])
+        return encode("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
+                                 "compute_seconds": 0.001}, {"c": c}, signer=signer or self.identity)
+
+
+def test_a_node_returning_wrong_numbers_is_refused_and_training_stays_exact(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 1000)
+    expected = reference_weights(preset, inputs)
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=2)
+    liar = TamperingNode(run.endpoint, name="liar")
+    honest = spawn_node(tmp_path / "honest", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
+    try:
+        run.start()
+        liar.hello()
+        liar.serve_until(run.done.is_set, 120, "training to finish", on_timeout=run.describe)
+        weights = run.finish()
+    finally:
+        run.close()
+        liar.close()
+        honest.stop()
+    assert run.server.counters["wrong"] >= 3, run.describe()
+    assert run.logged("failed"), run.describe()
+    assert run.row("liar").refused >= 3
+    assert_same_weights(weights, expected)
