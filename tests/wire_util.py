@@ -364,10 +364,14 @@ class ScriptedNode:
         """Keep the next `count` batches unanswered (in `held`) instead of computing them."""
         self._hold += count
 
-    def result_frames(self, batch: Message, signer: Identity | None = None) -> list:
-        """A correct, signed RESULT for `batch` (not sent)."""
+    def result_frames(self, batch: Message, signer: Identity | None = None,
+                      tamper: Callable[[np.ndarray], None] | None = None) -> list:
+        """A signed RESULT for `batch` (not sent): correct, unless `tamper` edits it in place first."""
         h = batch.header
         c = compute_batch(h["op"], h["params"], batch.arrays, self.statics)
+        if tamper is not None:
+            c = np.array(c)
+            tamper(c)
         return encode("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
                                  "compute_seconds": 0.001}, {"c": c}, signer=signer or self.identity)
 
