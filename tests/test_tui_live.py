@@ -1,0 +1,347 @@
+"""Both Textual apps driven by Pilot against a real run on 127.0.0.1.
+
+The coordinator console watches a real `CoordinatorRun` (ROUTER socket, trainer, model chain)
+whose nodes are real `enshuffle node` processes started by `spawn_local_nodes`; the node app
+watches a real `NodeDaemon` (its own Ed25519 key, trust store and DEALER socket) working for a
+real `CoordinatorRun`. The run lives in a thread, as under `run_with_tui`; the apps only ever
+see `state.snapshot` and the control objects. Every wait is a poll with a deadline that yields
+to the app's event loop (`pilot.pause`), never a bare sleep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable, Static
+
+from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
+from enshuffle import dataset as ds
+from enshuffle.coordinator.chain import Chain
+from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes
+from enshuffle.coordinator.training import prepare
+from enshuffle.model import get_preset
+from enshuffle.node.blas import get_blas_threads, set_blas_threads
+from enshuffle.node.daemon import EXIT_OK, NodeDaemon
+from enshuffle.node.state import NodeControl, NodeState
+from enshuffle.protocol.keys import Identity, TrustStore
+from enshuffle.tui.coordinator_app import CoordinatorApp
+from enshuffle.tui.format import short_id
+from enshuffle.tui.node_app import NodeApp
+from tui_fixtures import pilot_test
+
+REFRESH_HZ = 20.0  # the apps pull a snapshot this often; quicker than the default so waits are short
+SIZE = (160, 48)
+
+
+# --- a real run in a thread ------------------------------------------------------------------
+
+class LiveRun:
+    """A CoordinatorRun (the real one `enshuffle train --nodes K` uses) trained in a thread."""
+
+    def __init__(self, tmp: Path, data_dir: Path, *, epochs: int, limit: int, shards: int):
+        preset = get_preset("default", epochs=epochs)
+        inputs = prepare(ds.load_idx_dir(data_dir), preset, limit)
+        # The namespace cmd_train hands over for `--offload matmul --limit N`, no --json, no --save-weights.
+        args = argparse.Namespace(offload="matmul", json=False, save_weights=None, limit=limit)
+        self.run_dir = tmp / "run"
+        self.run = CoordinatorRun(args, preset, inputs, preset.seed, bind="tcp://127.0.0.1:*", shards=shards,
+                                  min_nodes=shards, run_dir=str(self.run_dir), home=tmp / "coordinator",
+                                  quiet=True)
+        self.run.print_reports = False  # as run_with_tui does: stdout is the terminal the app draws on
+        self.rc: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="coordinator-run", daemon=True)
+
+    def _work(self) -> None:
+        try:
+            self.rc = self.run.run()
+        except BaseException as exc:  # surfaced by the test's assertions
+            self.error = exc
+
+    def start(self) -> "LiveRun":
+        self.thread.start()
+        return self
+
+    def verify_chain(self) -> tuple[bool, str]:
+        """The console's chain check, worded exactly as `run_with_tui`'s closure words it."""
+        report = self.run.chain.verify()
+        if report.ok:
+            return True, f"ok: {report.checked} versions verified"
+        return False, f"FAILED at {report.first_bad[:12] if report.first_bad else '?'}: {report.problem}"
+
+    def app(self) -> CoordinatorApp:
+        return CoordinatorApp(source=self.run.state.snapshot, control=self.run.control,
+                              verify_chain=self.verify_chain, refresh_hz=REFRESH_HZ)
+
+    def log_lines(self) -> list[str]:
+        return list(self.run.state.snapshot().log)
+
+    def describe(self) -> str:
+        snap = self.run.state.snapshot()
+        return (f"status={snap.status!r} epoch={snap.epoch} step={snap.step} finished={snap.finished} "
+                f"rc={self.rc} error={self.error!r}\n" + "\n".join(snap.log))
+
+    def close(self) -> None:
+        """Cleanup after a failure: ask the loop to stop (it ends once its current step is done)."""
+        self.run.control.request_stop()
+
+
+async def until(pilot, predicate, timeout: float, what: str, describe=None):
+    """Poll `predicate` while the app runs; its first truthy value, or AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = f"\n{describe()}" if describe else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
+        await pilot.pause(0.03)
+
+
+def wait_for(predicate, timeout: float, what: str, describe=None):
+    """The same poll outside an app (no event loop to yield to)."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            extra = f"\n{describe()}" if describe else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
+        time.sleep(0.02)
+    return value
+
+
+def text(app, widget_id: str) -> str:
+    return str(app.query_one(f"#{widget_id}", Static).content)
+
+
+def cell(table: DataTable, row: str, column: str) -> str:
+    return str(table.get_cell(row, column))
+
+
+def node_logs(procs_home: Path) -> dict[str, str]:
+    return {p.parent.name: p.read_text(errors="replace") for p in sorted(procs_home.glob("node-*/node.log"))}
+
+
+# --- 1. the coordinator console on a finished run: tables, chain, verify, tamper -------------------
+
+@pilot_test
+async def test_console_shows_a_real_two_node_run_and_verifies_its_chain(core_data_dir, tmp_path):
+    live = LiveRun(tmp_path, core_data_dir, epochs=2, limit=600, shards=2)
+    procs = spawn_local_nodes(live.run.server.endpoint, live.run.identity.fingerprint, 2, tmp_path / "nodes")
+    live.start()
+    app = live.app()
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.snap is not None and app.snap.finished, 30, "training to finish",
+                        live.describe)
+            assert live.error is None and live.rc == 0, live.describe()
+            assert app.snap.status == "finished"
+            await pilot.pause(2 / REFRESH_HZ)  # at least one more tick after the run's last write
+
+            nodes = app.query_one("#nodes-table", DataTable)
+            assert sorted(k.value for k in nodes.rows) == ["local-1", "local-2"]
+            for key in ("local-1", "local-2"):
+                assert cell(nodes, key, "name") == key
+                assert int(cell(nodes, key, "done").replace(",", "")) > 0
+                # Two shards, one per node: each has seen exactly half of the images, of w1 and of w2.
+                assert [cell(nodes, key, t) for t in ("images", "w1", "w2")] == ["50.0%"] * 3
+                assert cell(nodes, key, "fp") == app.snap.nodes[key].fingerprint.split(":")[1][:9]
+
+            chain_ids = [v.version_id for v in Chain(live.run_dir).versions()]
+            assert len(chain_ids) == 2  # one model version per epoch
+            await pilot.press("3")
+            table = app.query_one("#chain-table", DataTable)
+            assert [k.value for k in table.rows] == chain_ids
+            assert [cell(table, v, "version") for v in chain_ids] == [short_id(v) for v in chain_ids]
+            assert [cell(table, v, "epoch") for v in chain_ids] == ["1", "2"]
+            assert cell(table, chain_ids[0], "parent") == "genesis"
+            assert cell(table, chain_ids[1], "parent") == short_id(chain_ids[0])
+            assert [cell(table, v, "verified") for v in chain_ids] == ["–", "–"]
+
+            await pilot.press("v")
+            await until(pilot, lambda: not app.verifying and "✓" in text(app, "verify-result"), 10,
+                        "the chain check to pass", lambda: text(app, "verify-result"))
+            assert text(app, "verify-result") == "✓ chain verified: ok: 2 versions verified"
+            assert [cell(table, v, "verified") for v in chain_ids] == ["✓ ok", "✓ ok"]
+
+            # Flip one byte of the first version's first array (w1): that version and its child fail.
+            stored = live.run_dir / "chain" / chain_ids[0] / "0.bin"
+            data = bytearray(stored.read_bytes())
+            data[len(data) // 2] ^= 0x01
+            stored.write_bytes(bytes(data))
+            await pilot.press("v")
+            await until(pilot, lambda: not app.verifying and "✗" in text(app, "verify-result"), 10,
+                        "the chain check to fail", lambda: text(app, "verify-result"))
+            result = text(app, "verify-result")
+            assert result.startswith(f"✗ chain verification FAILED: FAILED at {chain_ids[0][:12]}: "), result
+            assert [cell(table, v, "verified") for v in chain_ids] == ["✗ FAILED", "✗ FAILED"]
+
+            await pilot.press("q")  # the run is over: q leaves at once
+        assert app.return_value == "finished"
+        # BYE run-finished ends `enshuffle node` processes by themselves.
+        wait_for(lambda: all(p.poll() is not None for p in procs), 10, "the node processes to exit",
+                 lambda: str(node_logs(tmp_path / "nodes")))
+        assert [p.returncode for p in procs] == [0, 0], node_logs(tmp_path / "nodes")
+    finally:
+        live.close()
+        stop_local_nodes(procs, timeout=0.5)
+        live.thread.join(10)
+
+
+# --- 2. the coordinator console controls a live run: p pauses and resumes, q stops ------------------
+
+@pilot_test
+async def test_console_pauses_resumes_and_stops_a_live_run(core_data_dir, tmp_path):
+    # 10 steps an epoch and far more epochs than the test waits for: the run is live throughout.
+    live = LiveRun(tmp_path, core_data_dir, epochs=200, limit=1200, shards=2)
+    procs = spawn_local_nodes(live.run.server.endpoint, live.run.identity.fingerprint, 2, tmp_path / "nodes")
+    live.start()
+    app = live.app()
+    control = live.run.control
+    snap = live.run.state.snapshot
+
+    def progress(s) -> tuple[int, int]:
+        return s.epoch, s.step
+
+    async def pause_and_settle():
+        await pilot.press("p")
+        assert control.paused
+        return await until(pilot, lambda: (s := snap()).status.startswith("paused") and s, 15,
+                           "the loop to pause", live.describe)
+
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: snap().status == "training" and progress(snap()) > (0, 0), 30,
+                        "training to start", live.describe)
+            paused = await pause_and_settle()
+            assert "PAUSED (p resumes)" in text(app, "status")
+            await until(pilot, lambda: "status: paused" in text(app, "status"), 5, "the console to show it")
+            # While paused the loop only pumps the server: no step completes in a few refreshes.
+            await pilot.pause(6 / REFRESH_HZ)
+            assert progress(snap()) == progress(paused) and snap().status.startswith("paused")
+
+            await pilot.press("p")
+            assert not control.paused
+            await until(pilot, lambda: progress(snap()) > progress(paused), 15, "training to go on",
+                        live.describe)
+            await until(pilot, lambda: "status: training" in text(app, "status"), 5, "the console to show it")
+
+            # Stop from a pause in the middle of an epoch, so the stop itself must write a version.
+            for _ in range(5):
+                paused = await pause_and_settle()
+                if paused.step > 0:
+                    break
+                await pilot.press("p")  # paused right at an epoch boundary: go a little further
+                await until(pilot, lambda: progress(snap()) > progress(paused), 15, "training to go on")
+            assert paused.step > 0, live.describe()
+            versions_before = len(paused.versions)
+            await pilot.press("q")
+            assert control.stop_requested
+            await until(pilot, lambda: not app.is_running, 15, "the console to leave once the run stopped",
+                        live.describe)
+        assert app.return_value == "finished"
+        live.thread.join(10)
+        assert not live.thread.is_alive() and live.error is None and live.rc == 0, live.describe()
+        final = snap()
+        assert final.status == "stopped" and final.finished
+        assert progress(final) == progress(paused)  # the paused loop started no further step
+        assert "stopped on request after finishing the step; model version written" in "\n".join(live.log_lines())
+        versions = Chain(live.run_dir).versions()
+        assert len(versions) == versions_before + 1 == len(final.versions)
+        assert (versions[-1].metadata["epoch"], versions[-1].metadata["step"]) == progress(paused)
+        assert Chain(live.run_dir).verify().ok
+
+        # The nodes got BYE `shutdown` (the coordinator may come back with --resume, so they wait
+        # to reconnect, per docs/protocol.md section 15); SIGTERM then ends them cleanly.
+        wait_for(lambda: all("said BYE (shutdown)" in log for log in node_logs(tmp_path / "nodes").values()), 10,
+                 "both nodes to log the coordinator's BYE", lambda: str(node_logs(tmp_path / "nodes")))
+        stop_local_nodes(procs, timeout=0.1)
+        assert [p.returncode for p in procs] == [0, 0], node_logs(tmp_path / "nodes")
+    finally:
+        live.close()
+        stop_local_nodes(procs, timeout=0.5)
+        live.thread.join(10)
+
+
+# --- 3. the node app on a real node daemon working for a real coordinator -------------------------
+
+def start_daemon(endpoint: str, pinned: str, home: Path, name: str, threads: int = 1):
+    """A NodeDaemon (fresh key, trust store in `home`) in a thread; (daemon, thread, result list)."""
+    state, control = NodeState(), NodeControl(threads=threads)
+    daemon = NodeDaemon(endpoint, identity=Identity.generate(), trust=TrustStore(home), pinned=pinned, name=name,
+                        threads=threads, state=state, control=control, log=lambda line: None)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(daemon.run()), name=f"node-{name}", daemon=True)
+    thread.start()
+    return daemon, thread, result
+
+
+@pilot_test
+async def test_node_app_on_a_real_daemon_and_coordinator(core_data_dir, tmp_path):
+    live = LiveRun(tmp_path, core_data_dir, epochs=200, limit=1200, shards=1).start()
+    fp = live.run.identity.fingerprint
+    daemon, thread, result = start_daemon(live.run.server.endpoint, fp, tmp_path / "node-home", "volunteer")
+    helper = None
+    blas_before = get_blas_threads()
+    app = NodeApp(source=daemon.state.snapshot, control=daemon.control, refresh_hz=REFRESH_HZ)
+    coordinator_log = lambda: "\n".join(live.log_lines())  # noqa: E731
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: app.snap is not None and app.snap.batches_done >= 3, 30,
+                        "the node to compute batches", live.describe)
+            coordinator = text(app, "coordinator")
+            assert f"fingerprint  {fp.split(':', 1)[1]}" in coordinator, coordinator
+            assert "trust        pinned (matches the fingerprint you gave)" in coordinator
+            assert f"coordinator  {live.run.server.endpoint}" in coordinator
+            assert "this node    volunteer" in coordinator
+            await until(pilot, lambda: "computed     0 batches" not in text(app, "work"), 5, "the count shown")
+            # One shard: this node has seen all of the images (and of w1).
+            exposure = text(app, "exposure").splitlines()
+            assert exposure[0].startswith("images") and exposure[0].endswith("100.0%"), exposure
+            assert exposure[1].startswith("w1") and exposure[1].endswith("100.0%"), exposure
+
+            await pilot.press("p")
+            assert daemon.control.paused and "PAUSED (p resumes)" in text(app, "work")
+            # The daemon tells the coordinator at once (credit 0), which logs it.
+            await until(pilot, lambda: "node volunteer paused" in coordinator_log(), 10,
+                        "the coordinator to see the pause", live.describe)
+            await until(pilot, lambda: daemon.state.snapshot().paused, 5, "the daemon to apply the pause")
+
+            await pilot.press("+")
+            assert daemon.control.threads == 2
+            await until(pilot, lambda: daemon.state.snapshot().threads == 2, 5, "the daemon to apply 2 threads")
+            await until(pilot, lambda: "threads      2   PAUSED" in text(app, "work"), 5, "the app to show it")
+            await pilot.press("-")
+            await until(pilot, lambda: daemon.state.snapshot().threads == 1, 5, "the daemon to go back to 1")
+
+            await pilot.press("q")
+            assert daemon.control.stop_requested
+            await until(pilot, lambda: not app.is_running, 10, "the app to leave once the daemon stopped")
+        assert app.return_value == "stopped"
+        thread.join(5)
+        assert not thread.is_alive() and result == [EXIT_OK], daemon.error
+        wait_for(lambda: "node volunteer (n1) left: said BYE (shutdown)" in coordinator_log(), 10,
+                 "the coordinator to see the BYE", live.describe)
+
+        # The step in hand needs a node: a second daemon finishes it, then the run stops on request.
+        live.run.control.request_stop()
+        helper = start_daemon(live.run.server.endpoint, fp, tmp_path / "helper-home", "helper")
+        live.thread.join(30)
+        assert not live.thread.is_alive() and live.error is None and live.rc == 0, live.describe()
+    finally:
+        daemon.stop()
+        live.close()
+        if helper is not None:
+            helper[0].stop()
+            helper[1].join(5)
+        thread.join(5)
+        if live.thread.is_alive():  # only on a failure above: give the loop a node to finish its step
+            helper = start_daemon(live.run.server.endpoint, fp, tmp_path / "helper-home-2", "helper-2")
+            live.thread.join(30)
+            helper[0].stop()
+            helper[1].join(5)
+        set_blas_threads(blas_before)
