@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Static
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle import dataset as ds
 from enshuffle.coordinator.chain import Chain
-from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes
+from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
 from enshuffle.coordinator.training import prepare
 from enshuffle.model import get_preset
 from enshuffle.node.blas import get_blas_threads, set_blas_threads
@@ -67,11 +67,8 @@ class LiveRun:
         return self
 
     def verify_chain(self) -> tuple[bool, str]:
-        """The console's chain check, worded exactly as `run_with_tui`'s closure words it."""
-        report = self.run.chain.verify()
-        if report.ok:
-            return True, f"ok: {report.checked} versions verified"
-        return False, f"FAILED at {report.first_bad[:12] if report.first_bad else '?'}: {report.problem}"
+        """The console's chain check: the same function `enshuffle coordinator --tui` uses."""
+        return verify_chain_message(self.run.chain)
 
     def app(self) -> CoordinatorApp:
         return CoordinatorApp(source=self.run.state.snapshot, control=self.run.control,

@@ -125,7 +125,7 @@ class CoordinatorRun:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> int:
-        from enshuffle.coordinator.server import TrainingAborted
+        from enshuffle.coordinator.server import StepAbandoned, TrainingAborted
 
         try:
             if not self.server.wait_for_nodes(self.min_nodes, lambda: self.control.stop_requested):
@@ -154,6 +154,13 @@ class CoordinatorRun:
             if self.control.stop_requested and self._steps_since_version:
                 self.write_version()
                 self.log("stopped on request after finishing the step; model version written")
+        except StepAbandoned as exc:
+            # The unfinished step is dropped: the head of the chain is still the last complete
+            # position, which is what --resume continues from.
+            self.log(f"stopped: {exc}; the last model version is the place to --resume from")
+            self.server.close("shutdown")
+            self._finish("stopped")
+            return 0
         except TrainingAborted as exc:
             self.log(f"training aborted: {exc}")
             self.server.close("shutdown")
@@ -257,9 +264,22 @@ def run_local_cluster(args, preset, inputs, seed: int) -> int:
                 return run_with_tui(run)
             return run.run()
         finally:
+            finished = run.trainer.finished
             if not run.state.finished:
                 run.server.close("shutdown")
-            stop_local_nodes(procs)
+            # Nodes leave by themselves after BYE run-finished; after a stop they would wait
+            # for the coordinator to come back, which a local cluster never does.
+            stop_local_nodes(procs, timeout=5.0 if finished else 0.0)
+
+
+def verify_chain_message(chain) -> tuple[bool, str]:
+    """What `enshuffle chain verify` checks, as (ok, one line) for the console's `v` key."""
+    if chain is None:
+        return False, "no run directory: start with --out RUN_DIR to keep a model chain"
+    report = chain.verify()
+    if report.ok:
+        return True, f"ok: {report.checked} versions verified"
+    return False, f"FAILED at {report.first_bad[:12] if report.first_bad else '?'}: {report.problem}"
 
 
 def run_with_tui(run: CoordinatorRun) -> int:
@@ -279,20 +299,13 @@ def run_with_tui(run: CoordinatorRun) -> int:
             with run.state.lock:
                 run.state.finished = True
 
-    def verify_chain():
-        if run.chain is None:
-            return False, "no run directory: start with --out RUN_DIR to keep a model chain"
-        report = run.chain.verify()
-        if report.ok:
-            return True, f"ok: {report.checked} versions verified"
-        return False, f"FAILED at {report.first_bad[:12] if report.first_bad else '?'}: {report.problem}"
-
     run.quiet = True
     run.print_reports = False
     run.server._log = lambda line: None
     thread = threading.Thread(target=work, name="coordinator", daemon=True)
     thread.start()
-    app = CoordinatorApp(source=run.state.snapshot, control=run.control, verify_chain=verify_chain)
+    app = CoordinatorApp(source=run.state.snapshot, control=run.control,
+                         verify_chain=lambda: verify_chain_message(run.chain))
     app.run()
     run.control.request_stop()
     thread.join()

@@ -37,6 +37,10 @@ LEASE_INITIAL_MS = 30000
 MAX_ATTEMPTS = 5  # a batch rejected/expired this many times aborts the run: something is systematically wrong
 
 
+class StepAbandoned(RuntimeError):
+    """A stop was requested mid-step with no node left to finish it; the step is dropped."""
+
+
 class TrainingAborted(RuntimeError):
     """The run cannot go on (e.g. every node rejects the same batch); the message says why."""
 
@@ -224,6 +228,8 @@ class CoordinatorServer:
             self._enqueue(task)
         try:
             while any(t.result is None for t in tasks):
+                if not self.sessions and self.control.stop_requested:
+                    raise StepAbandoned("stop requested while no node is connected: the step cannot finish")
                 self.pump(timeout_ms=self._poll_timeout())
         finally:
             for t in tasks:
