@@ -93,8 +93,11 @@ def test_killed_node_is_replaced_rejoins_and_an_empty_cluster_waits_idle(core_da
         assert run.steps_done == steps
 
         # The nodes return; the waiting step goes on and the run ends with the centralized model.
+        run.hold_at(run.steps_done + 1)  # hold after the waiting step, to look at the status in between
         for i in (1, 2, 3):
             nodes(run, i)
+        run.wait_held(30)
+        assert run.state.snapshot().status == "training", why()  # no longer "waiting for nodes"
         weights = run.finish(60)
     finally:
         run.close()

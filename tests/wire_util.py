@@ -258,6 +258,8 @@ class InProcessRun:
     def _main(self) -> None:
         try:
             self.server.wait_for_nodes(self.min_nodes)
+            with self.state.lock:
+                self.state.status = "training"  # as CoordinatorRun.run says once the nodes are there
             while not self.trainer.finished:
                 while 0 <= self._hold <= self.steps_done:
                     self._held.set()

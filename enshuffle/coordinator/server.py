@@ -171,6 +171,7 @@ class CoordinatorServer:
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiting_logged = False
+        self._status_before_wait: str | None = None  # the status "waiting for nodes" replaced mid-run
         self._published_at = 0.0
         self.verify_results = True  # Freivalds/spot checks on every result (about 2% of the work)
         self._verify_rng = np.random.default_rng()
@@ -380,9 +381,14 @@ class CoordinatorServer:
                 self.log("no nodes connected: waiting for nodes")
                 self._waiting_logged = True
             if self._waiting:
+                if self._status_before_wait is None:
+                    self._status_before_wait = self.state.status
                 self._set_status("waiting for nodes: none connected")
         else:
             self._waiting_logged = False
+            if self._status_before_wait is not None:  # nodes are back: say what we were doing again
+                self._set_status(self._status_before_wait)
+                self._status_before_wait = None
 
     def _dispatch(self) -> None:
         for session in list(self.sessions.values()):
