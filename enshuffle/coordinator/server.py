@@ -34,6 +34,8 @@ from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, DEFAULT_LIMITS, 
 LEASE_MIN_MS = 2000
 LEASE_MULTIPLE = 4.0
 LEASE_INITIAL_MS = 30000
+MAX_PROTOCOL_ERRORS = 50  # malformed/unverifiable messages before a node is evicted (protocol.md section 14)
+WARN_BURST, WARN_WINDOW = 10, 10.0  # per peer: log lines, seconds
 MAX_ATTEMPTS = 5  # a batch rejected/expired this many times aborts the run: something is systematically wrong
 
 
@@ -173,6 +175,8 @@ class CoordinatorServer:
         self._waiting_logged = False
         self._status_before_wait: str | None = None  # the status "waiting for nodes" replaced mid-run
         self._published_at = 0.0
+        self._warnings: dict[str, tuple[float, int, int]] = {}
+        self.banned: set[bytes] = set()
         self.verify_results = True  # Freivalds/spot checks on every result (about 2% of the work)
         self._verify_rng = np.random.default_rng()
         self._static_norms: dict[str, object] = {}
@@ -483,14 +487,13 @@ class CoordinatorServer:
         except ProtocolError as exc:
             self.counters["dropped"] += 1
             if session is not None:
-                session.protocol_errors += 1
-                self.log(f"dropped a malformed message from {session.label}: {exc}")
+                self._protocol_error(session, f"dropped a malformed message from {session.label}: {exc}")
             elif exc.code == "bad-version":
                 self._send_raw(routing_id, "REFUSE", {"coordinator_key": self.identity.public_hex, "nonce": None,
                                                       "code": "version-mismatch",
                                                       "text": f"this coordinator speaks ENS{PROTOCOL_VERSION}"})
             else:
-                self.log(f"dropped a malformed message from an unknown peer: {exc.code}")
+                self._warn("unknown peers", f"dropped a malformed message from an unknown peer: {exc.code}")
             return
         if msg.command == "HELLO":
             try:
@@ -501,17 +504,16 @@ class CoordinatorServer:
             return
         if session is None:
             self.counters["dropped"] += 1
-            self.log(f"dropped {msg.command} from a peer without a session")
+            self._warn("unknown peers", f"dropped {msg.command} from a peer without a session")
             return
         try:
             verify(msg, session.key)
         except ProtocolError as exc:
             self.counters["bad_signature"] += 1
-            session.protocol_errors += 1
             self._count_refused(session)
-            self.log(f"refused {msg.command} from {session.label}: {exc.detail}")
             if msg.command == "RESULT":
                 self._reissue_unverified(session, msg)
+            self._protocol_error(session, f"refused {msg.command} from {session.label}: {exc.detail}")
             return
         session.last_seen = time.monotonic()
         handler = {"RESULT": self._on_result, "REJECT": self._on_reject, "HEARTBEAT": self._on_heartbeat,
@@ -521,6 +523,31 @@ class CoordinatorServer:
             self.log(f"dropped unexpected {msg.command} from {session.label}")
             return
         handler(session, msg)
+
+    def _warn(self, key: str, line: str) -> None:
+        """Log, at most WARN_BURST lines per `key` every WARN_WINDOW seconds; say how many were held back."""
+        now = time.monotonic()
+        start, shown, held = self._warnings.get(key, (now, 0, 0))
+        if now - start > WARN_WINDOW:
+            if held:
+                self.log(f"({held} more like the last from {key} were not logged)")
+            start, shown, held = now, 0, 0
+        if shown < WARN_BURST:
+            self.log(line)
+            shown += 1
+        else:
+            held += 1
+        self._warnings[key] = (start, shown, held)
+
+    def _protocol_error(self, session: Session, line: str) -> None:
+        """Count a malformed or unverifiable message; a node past the limit is told BYE and banned."""
+        session.protocol_errors += 1
+        self._warn(session.label, line)
+        if session.protocol_errors >= MAX_PROTOCOL_ERRORS and session.node_id in self.sessions:
+            self._send(session, "BYE", {"node_id": session.node_id, "reason": "protocol-error"})
+            self.banned.add(session.key)
+            self._end_session(session, f"evicted after {session.protocol_errors} malformed or unverifiable "
+                                       f"messages; its key is refused for the rest of this run")
 
     def _count_refused(self, session: Session) -> None:
         with self.state.lock:
@@ -544,6 +571,8 @@ class CoordinatorServer:
             refuse = ("version-mismatch", f"this coordinator speaks protocol {PROTOCOL_VERSION}")
         elif self.finished:
             refuse = ("run-finished", "training has ended")
+        elif key in self.banned:
+            refuse = ("not-allowed", "this node was evicted from the run for sending malformed or unverifiable messages")
         else:
             caps = header["capabilities"]
             ops = caps.get("ops") if isinstance(caps, dict) else None

@@ -1,0 +1,47 @@
+"""protocol.md section 14: a node that keeps sending malformed or unverifiable messages is logged
+rate-limited, then told BYE protocol-error, evicted and refused for the rest of the run, while
+training goes on with the honest node."""
+
+from __future__ import annotations
+
+import os
+
+from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
+from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
+    reference_weights, spawn_node, wait_until
+
+from enshuffle.coordinator.server import MAX_PROTOCOL_ERRORS, WARN_BURST
+from enshuffle.protocol.messages import OPS, PROTOCOL_VERSION, TAG
+
+
+def test_a_flooding_node_is_evicted_and_refused(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    expected = reference_weights(preset, inputs)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start(hold_at=2)
+    honest = spawn_node(tmp_path / "honest", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
+    attacker = ScriptedNode(run.endpoint, "flooder")
+    try:
+        run.wait_held()
+        attacker.hello()
+        for i in range(MAX_PROTOCOL_ERRORS + 10):
+            attacker.send([TAG, b"HEARTBEAT", b"{not json", os.urandom(64)])
+        bye = attacker._expect("BYE", 10)
+        assert bye.header["reason"] == "protocol-error"
+        wait_until(lambda: run.logged("evicted after"), 10, "the eviction to be logged", on_timeout=run.describe)
+        # Rate-limited: a burst per window, then one line saying how many were held back (later).
+        flood_lines = run.logged("dropped a malformed message from flooder")
+        assert WARN_BURST <= len(flood_lines) <= WARN_BURST + 1, flood_lines
+        # The same key is refused if it comes back.
+        attacker.sign_and_send("HELLO", {"protocol": PROTOCOL_VERSION, "node_key": attacker.identity.public_hex,
+                                         "name": "flooder", "nonce": os.urandom(16).hex(),
+                                         "capabilities": {"ops": list(OPS), "threads": 1, "credit": 2}})
+        refuse = attacker._expect("REFUSE", 10)
+        assert refuse.header["code"] == "not-allowed"
+        weights = run.finish(120)
+    finally:
+        run.close()
+        attacker.close()
+        honest.stop()
+    assert run.server.counters["dropped"] >= MAX_PROTOCOL_ERRORS
+    assert_same_weights(weights, expected)
