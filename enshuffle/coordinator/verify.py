@@ -27,9 +27,13 @@ class StaticNorms:
     """Row and column norms of a static block, computed once, for tolerances."""
 
     def __init__(self, static: np.ndarray):
-        s = static.astype(np.float64, copy=False)
-        self.row = np.sqrt(np.einsum("ij,ij->i", s, s))
-        self.col = np.sqrt(np.einsum("ij,ij->j", s, s))
+        self.row = _row_norms(static)
+        self.col = np.sqrt(np.einsum("ij,ij->j", static, static, dtype=np.float64))
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    """|x_i| per row without the full-size temporary that np.linalg.norm(x, axis=1) makes."""
+    return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
 
 
 def _tolerance(eps: float, k: int, left_norms: np.ndarray, right_norm: float) -> np.ndarray:
@@ -49,7 +53,7 @@ def check_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, rng
         a = arrays["a"].astype(np.float64, copy=False)
         a = a.T if transpose else a
         rhs = a @ br
-        left = np.linalg.norm(a, axis=1)
+        left = _row_norms(a)
         k = a.shape[1]
     else:
         rows = arrays["rows"]
@@ -58,11 +62,8 @@ def check_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, rng
         # to float64 would copy it. The tolerance is doubled below for that rounding.
         if transpose:
             # C = S[rows]^T @ B, so C @ r = S^T @ u with u[rows] = B @ r (bincount sums repeats).
-            u = np.zeros((s.shape[0], PROBES), dtype=s.dtype)
-            if np.unique(rows).size == rows.size:
-                u[rows] = br
-            else:
-                np.add.at(u, rows, br)
+            u = np.stack([np.bincount(rows, weights=br[:, j], minlength=s.shape[0]) for j in range(PROBES)],
+                         axis=1).astype(s.dtype)
             rhs = (s.T @ u).astype(np.float64)
             if rows.shape[0] * 4 < s.shape[0] or norms is None:
                 left = np.linalg.norm(s[rows].astype(np.float64), axis=0)
@@ -75,7 +76,7 @@ def check_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, rng
                 rhs = (s[rows] @ v).astype(np.float64)
             else:
                 rhs = (s @ v).astype(np.float64)[rows]
-            left = (norms.row if norms is not None else np.linalg.norm(s, axis=1))[rows]
+            left = (norms.row if norms is not None else _row_norms(s))[rows]
             k = s.shape[1]
     lhs = c.astype(np.float64, copy=False) @ r
     tol = _tolerance(eps, k, left, b_norm)[:, None]
