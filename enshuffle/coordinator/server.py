@@ -254,6 +254,9 @@ class CoordinatorServer:
         """Pump until `count` nodes are connected; False if asked to stop first."""
         for shard in range(len(self.owner)):
             self.static_arrays(shard)  # prepared now, so sending them later never starves heartbeats
+        if len(self.sessions) < count:
+            self.log(f"waiting for {count} node{'s' if count != 1 else ''} to connect ({len(self.sessions)} so far)")
+            self._waiting_logged = True  # no second "waiting" line from pump()
         while len(self.sessions) < count:
             if should_stop():
                 return False
