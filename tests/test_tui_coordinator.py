@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from textual.widgets import DataTable, Log, Static
+from textual.widgets import DataTable, Log
 
 from enshuffle.coordinator.state import CoordinatorControl, NodeRow
 from enshuffle.tui.coordinator_app import CoordinatorApp
 from enshuffle.tui.synthetic import SyntheticCoordinator
-from tui_fixtures import NOW, Source, coordinator_state, frozen_clock, pilot_test, version_id
+from tui_fixtures import NOW, Source, cell, coordinator_state, frozen_clock, pilot_test, text, version_id
 
 
 def make_app(verify=None, size=None):
@@ -18,12 +18,11 @@ def make_app(verify=None, size=None):
     return app, source, control
 
 
-def text(app, widget_id: str) -> str:
-    return str(app.query_one(f"#{widget_id}", Static).content)
-
-
-def cell(table: DataTable, row: str, column: str) -> str:
-    return str(table.get_cell(row, column))
+async def press_and_verify(app, pilot, *keys: str) -> None:
+    """Press `keys` (the last one v) and wait until the chain check's result is on screen."""
+    await pilot.press(*keys)
+    await app.workers.wait_for_complete()
+    await pilot.pause()
 
 
 @pilot_test
@@ -125,9 +124,7 @@ async def test_pressing_v_runs_the_check_and_marks_every_version_verified():
 
     app, _source, _control = make_app(verify=verify)
     async with app.run_test(size=(160, 48)) as pilot:
-        await pilot.press("3", "v")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await press_and_verify(app, pilot, "3", "v")
         assert calls == [1]
         assert text(app, "verify-result") == "✓ chain verified: 3 versions, signatures and links intact"
         table = app.query_one("#chain-table", DataTable)
@@ -139,9 +136,7 @@ async def test_a_failed_check_marks_the_named_version_and_its_descendants_failed
     bad = version_id(2)[:8]
     app, _source, _control = make_app(verify=lambda: (False, f"version {bad}: signature does not verify"))
     async with app.run_test(size=(160, 48)) as pilot:
-        await pilot.press("v")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await press_and_verify(app, pilot, "v")
         assert text(app, "verify-result").startswith("✗ chain verification FAILED: version")
         table = app.query_one("#chain-table", DataTable)
         assert [str(table.get_cell(version_id(n), "verified")) for n in (1, 2, 3)] == ["✓ ok", "✗ FAILED", "✗ FAILED"]
@@ -154,9 +149,7 @@ async def test_a_check_that_crashes_is_reported_not_fatal():
 
     app, _source, _control = make_app(verify=verify)
     async with app.run_test(size=(160, 48)) as pilot:
-        await pilot.press("v")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await press_and_verify(app, pilot, "v")
         assert "the check itself failed: FileNotFoundError: runs/run-0042/chain.jsonl" in text(app, "verify-result")
         assert app.is_running
 
@@ -257,7 +250,5 @@ async def test_against_the_synthetic_back_end_stepped_by_hand():
         done = sum(int(str(table.get_cell(k, "done")).replace(",", "")) for k in fake.state.nodes)
         assert done == 1000
         assert app.query_one("#chain-table", DataTable).row_count == len(fake.state.versions) == 5
-        await pilot.press("v")
-        await app.workers.wait_for_complete()
-        await pilot.pause()
+        await press_and_verify(app, pilot, "v")
         assert "5 versions, every parent link intact" in text(app, "verify-result")

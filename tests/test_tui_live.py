@@ -11,12 +11,13 @@ to the app's event loop (`pilot.pause`), never a bare sleep.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from textual.widgets import DataTable, Static
+from textual.widgets import DataTable
 
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle import dataset as ds
@@ -31,7 +32,8 @@ from enshuffle.protocol.keys import Identity, TrustStore
 from enshuffle.tui.coordinator_app import CoordinatorApp
 from enshuffle.tui.format import short_id
 from enshuffle.tui.node_app import NodeApp
-from tui_fixtures import pilot_test
+from tui_fixtures import cell, pilot_test, text
+from wire_util import wait_until
 
 REFRESH_HZ = 20.0  # the apps pull a snapshot this often; quicker than the default so waits are short
 SIZE = (160, 48)
@@ -88,7 +90,9 @@ class LiveRun:
 
 
 async def until(pilot, predicate, timeout: float, what: str, describe=None):
-    """Poll `predicate` while the app runs; its first truthy value, or AssertionError after `timeout` s."""
+    """Poll `predicate` while the app runs; its first truthy value, or AssertionError after `timeout` s.
+
+    `wire_util.wait_until` is the same poll outside an app (no event loop to yield to)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -100,38 +104,34 @@ async def until(pilot, predicate, timeout: float, what: str, describe=None):
         await pilot.pause(0.03)
 
 
-def wait_for(predicate, timeout: float, what: str, describe=None):
-    """The same poll outside an app (no event loop to yield to)."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            extra = f"\n{describe()}" if describe else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
-        time.sleep(0.02)
-    return value
-
-
-def text(app, widget_id: str) -> str:
-    return str(app.query_one(f"#{widget_id}", Static).content)
-
-
-def cell(table: DataTable, row: str, column: str) -> str:
-    return str(table.get_cell(row, column))
-
-
 def node_logs(procs_home: Path) -> dict[str, str]:
     return {p.parent.name: p.read_text(errors="replace") for p in sorted(procs_home.glob("node-*/node.log"))}
+
+
+@contextlib.contextmanager
+def live_cluster(tmp: Path, data_dir: Path, *, epochs: int, limit: int, nodes: int):
+    """A started LiveRun with `nodes` real `enshuffle node` processes (one shard each), as (live, procs).
+
+    On the way out, whatever happened: the run is asked to stop, the processes are ended and the
+    run's thread is joined.
+    """
+    live = LiveRun(tmp, data_dir, epochs=epochs, limit=limit, shards=nodes)
+    procs = spawn_local_nodes(live.run.server.endpoint, live.run.identity.fingerprint, nodes, tmp / "nodes")
+    live.start()
+    try:
+        yield live, procs
+    finally:
+        live.close()
+        stop_local_nodes(procs, timeout=0.5)
+        live.thread.join(10)
 
 
 # --- 1. the coordinator console on a finished run: tables, chain, verify, tamper -------------------
 
 @pilot_test
 async def test_console_shows_a_real_two_node_run_and_verifies_its_chain(core_data_dir, tmp_path):
-    live = LiveRun(tmp_path, core_data_dir, epochs=2, limit=600, shards=2)
-    procs = spawn_local_nodes(live.run.server.endpoint, live.run.identity.fingerprint, 2, tmp_path / "nodes")
-    live.start()
-    app = live.app()
-    try:
+    with live_cluster(tmp_path, core_data_dir, epochs=2, limit=600, nodes=2) as (live, procs):
+        app = live.app()
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.snap is not None and app.snap.finished, 30, "training to finish",
                         live.describe)
@@ -180,13 +180,9 @@ async def test_console_shows_a_real_two_node_run_and_verifies_its_chain(core_dat
             await pilot.press("q")  # the run is over: q leaves at once
         assert app.return_value == "finished"
         # BYE run-finished ends `enshuffle node` processes by themselves.
-        wait_for(lambda: all(p.poll() is not None for p in procs), 10, "the node processes to exit",
-                 lambda: str(node_logs(tmp_path / "nodes")))
+        wait_until(lambda: all(p.poll() is not None for p in procs), 10, "the node processes to exit",
+                   on_timeout=lambda: str(node_logs(tmp_path / "nodes")))
         assert [p.returncode for p in procs] == [0, 0], node_logs(tmp_path / "nodes")
-    finally:
-        live.close()
-        stop_local_nodes(procs, timeout=0.5)
-        live.thread.join(10)
 
 
 # --- 2. the coordinator console controls a live run: p pauses and resumes, q stops ------------------
@@ -194,23 +190,20 @@ async def test_console_shows_a_real_two_node_run_and_verifies_its_chain(core_dat
 @pilot_test
 async def test_console_pauses_resumes_and_stops_a_live_run(core_data_dir, tmp_path):
     # 10 steps an epoch and far more epochs than the test waits for: the run is live throughout.
-    live = LiveRun(tmp_path, core_data_dir, epochs=200, limit=1200, shards=2)
-    procs = spawn_local_nodes(live.run.server.endpoint, live.run.identity.fingerprint, 2, tmp_path / "nodes")
-    live.start()
-    app = live.app()
-    control = live.run.control
-    snap = live.run.state.snapshot
+    with live_cluster(tmp_path, core_data_dir, epochs=200, limit=1200, nodes=2) as (live, procs):
+        app = live.app()
+        control = live.run.control
+        snap = live.run.state.snapshot
 
-    def progress(s) -> tuple[int, int]:
-        return s.epoch, s.step
+        def progress(s) -> tuple[int, int]:
+            return s.epoch, s.step
 
-    async def pause_and_settle():
-        await pilot.press("p")
-        assert control.paused
-        return await until(pilot, lambda: (s := snap()).status.startswith("paused") and s, 15,
-                           "the loop to pause", live.describe)
+        async def pause_and_settle():
+            await pilot.press("p")
+            assert control.paused
+            return await until(pilot, lambda: (s := snap()).status.startswith("paused") and s, 15,
+                               "the loop to pause", live.describe)
 
-    try:
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: snap().status == "training" and progress(snap()) > (0, 0), 30,
                         "training to start", live.describe)
@@ -254,14 +247,10 @@ async def test_console_pauses_resumes_and_stops_a_live_run(core_data_dir, tmp_pa
 
         # The nodes got BYE `shutdown` (the coordinator may come back with --resume, so they wait
         # to reconnect, per docs/protocol.md section 15); SIGTERM then ends them cleanly.
-        wait_for(lambda: all("said BYE (shutdown)" in log for log in node_logs(tmp_path / "nodes").values()), 10,
-                 "both nodes to log the coordinator's BYE", lambda: str(node_logs(tmp_path / "nodes")))
+        wait_until(lambda: all("said BYE (shutdown)" in log for log in node_logs(tmp_path / "nodes").values()), 10,
+                   "both nodes to log the coordinator's BYE", on_timeout=lambda: str(node_logs(tmp_path / "nodes")))
         stop_local_nodes(procs, timeout=0.1)
         assert [p.returncode for p in procs] == [0, 0], node_logs(tmp_path / "nodes")
-    finally:
-        live.close()
-        stop_local_nodes(procs, timeout=0.5)
-        live.thread.join(10)
 
 
 # --- 3. the node app on a real node daemon working for a real coordinator -------------------------
@@ -321,8 +310,8 @@ async def test_node_app_on_a_real_daemon_and_coordinator(core_data_dir, tmp_path
         assert app.return_value == "stopped"
         thread.join(5)
         assert not thread.is_alive() and result == [EXIT_OK], daemon.error
-        wait_for(lambda: "node volunteer (n1) left: said BYE (shutdown)" in coordinator_log(), 10,
-                 "the coordinator to see the BYE", live.describe)
+        wait_until(lambda: "node volunteer (n1) left: said BYE (shutdown)" in coordinator_log(), 10,
+                   "the coordinator to see the BYE", on_timeout=live.describe)
 
         # The step in hand needs a node: a second daemon finishes it, then the run stops on request.
         live.run.control.request_stop()

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-from textual.widgets import Log, Static
+from textual.widgets import Log
 
 from enshuffle.node.state import NodeControl
 from enshuffle.tui.node_app import NodeApp
 from enshuffle.tui.synthetic import SyntheticNode
-from tui_fixtures import Source, frozen_clock, node_state, pilot_test
+from tui_fixtures import Source, frozen_clock, node_state, pilot_test, text
 
 
 def make_app(threads: int = 2):
     source = Source(node_state())
     control = NodeControl(threads=threads)
     return NodeApp(source, control, clock=frozen_clock), source, control
-
-
-def text(app, widget_id: str) -> str:
-    return str(app.query_one(f"#{widget_id}", Static).content)
 
 
 @pilot_test

@@ -1,9 +1,12 @@
-"""Deterministic back-end states for the TUI tests: filled by hand, frozen clock, no threads."""
+"""Deterministic back-end states for the TUI tests (filled by hand, frozen clock, no threads), and
+the helpers every TUI test uses to read what an app shows."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+
+from textual.widgets import DataTable, Static
 
 from enshuffle.coordinator.state import CoordinatorState, EpochRow, NodeRow, VersionRow
 from enshuffle.node.state import NodeState
@@ -92,3 +95,12 @@ def pilot_test(scenario):
         return asyncio.run(scenario(*args, **kwargs))
 
     return test
+
+
+def text(app, widget_id: str) -> str:
+    """What the Static `#widget_id` of `app` shows."""
+    return str(app.query_one(f"#{widget_id}", Static).content)
+
+
+def cell(table: DataTable, row: str, column: str) -> str:
+    return str(table.get_cell(row, column))

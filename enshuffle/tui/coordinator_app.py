@@ -8,12 +8,13 @@ copy per tick. Tables are keyed by node id / version id and change cell by cell.
 Keys: p pauses or resumes training, v verifies the model chain (in a worker thread, so the UI
 never blocks), ? shows help, q quits.
 
-Quitting is graceful. The first q calls `control.request_stop()`: the coordinator finishes the
-current step, writes a model version and says BYE to its nodes, while the console stays up and
-shows "stopping". The app exits by itself once a snapshot says `finished`, or at once when the
-back-end is gone (`source()` raises). A second q leaves at once without waiting; the back-end
-still stops on its own. When the run is already finished, q leaves at once. `app.return_value`
-says which: "finished", "backend-gone" or "left-early".
+Quitting is graceful (the shared logic is `base.SnapshotApp`'s). The first q calls
+`control.request_stop()`: the coordinator finishes the current step, writes a model version and
+says BYE to its nodes, while the console stays up and shows "stopping". The app exits by itself
+once a snapshot says `finished`, or at once when the back-end is gone (`source()` raises). A
+second q leaves at once without waiting; the back-end still stops on its own. When the run is
+already finished, q leaves at once. `app.return_value` says which: "finished", "backend-gone" or
+"left-early".
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import time
 from collections.abc import Callable
 
 from rich.text import Text
-from textual.app import App, ComposeResult
+from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.events import Resize
 from textual.widgets import DataTable, Footer, Log, Sparkline, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
@@ -47,11 +47,8 @@ from .format import (
     text_bar,
     verification_marks,
 )
-from .widgets import HelpScreen, LogFeed, TableSync
-
-# Below either size the console folds the log into a tab and stacks the chain view.
-WIDE_MIN_WIDTH = 120
-WIDE_MIN_HEIGHT = 36
+from .base import HELP_BINDING, QUIT_BINDING, SnapshotApp
+from .widgets import LogFeed, TableSync
 
 NODE_COLUMNS = [
     ("name", "node", 12),
@@ -219,7 +216,7 @@ def version_detail(v: VersionRow, verified: bool | None) -> str:
     return "\n".join(lines)
 
 
-class CoordinatorApp(App):
+class CoordinatorApp(SnapshotApp):
     """The coordinator console. See the module docstring for the keys and how quitting works."""
 
     TITLE = "enshuffle coordinator"
@@ -249,13 +246,15 @@ class CoordinatorApp(App):
     BINDINGS = [
         Binding("p", "toggle_pause", "pause/resume"),
         Binding("v", "verify_chain", "verify chain"),
-        Binding("q", "request_quit", "quit"),
-        Binding("question_mark", "toggle_help", "help"),
+        QUIT_BINDING,
+        HELP_BINDING,
         Binding("1", "show_view('nodes')", "nodes", show=False),
         Binding("2", "show_view('exposure')", "exposure", show=False),
         Binding("3", "show_view('chain')", "chain", show=False),
         Binding("4", "show_view('log')", "log", show=False),
     ]
+    HELP_TEXT = HELP_TEXT
+    DONE_RESULT = "finished"
 
     def __init__(
         self,
@@ -265,24 +264,16 @@ class CoordinatorApp(App):
         refresh_hz: float = 4.0,
         clock: Callable[[], float] = time.time,
     ):
-        super().__init__()
-        self.source = source
-        self.control = control
+        super().__init__(source, control, refresh_hz, clock)
+        self.snap: CoordinatorState | None
+        self.control: CoordinatorControl
         self.verify_chain = verify_chain
-        self.refresh_hz = refresh_hz
-        self.clock = clock
-        self.snap: CoordinatorState | None = None
-        self.stopping = False  # q was pressed once
-        self.backend_error: str | None = None  # why source() last failed
         self.verifying = False
         self.verify_message = "press v to verify the model chain"
         self.verify_marks: dict[str, bool] = {}  # version id -> result of the last check
         self.selected_version: str | None = None
-        self.wide: bool | None = None
         self.bar_widths: dict[str, int] = {}
-        self._texts: dict[str, str] = {}  # widget id -> last text, to skip unchanged updates
         self.exposure_sync: TableSync | None = None
-        self._mounted = False
 
     # ----- layout -----
 
@@ -314,39 +305,24 @@ class CoordinatorApp(App):
         yield Log(id="side-log", max_lines=1000)
         yield Footer()
 
-    def on_mount(self) -> None:
-        # Widgets are looked up on the main screen, not `self.screen`: the help overlay may be
-        # the active screen while the timer refreshes the one underneath.
-        self.main_screen = self.screen
+    def _setup_widgets(self) -> None:
         self.nodes_sync = TableSync(self.main_screen.query_one("#nodes-table", DataTable), NODE_COLUMNS, NODE_NUMERIC)
         self.chain_sync = TableSync(self.main_screen.query_one("#chain-table", DataTable), CHAIN_COLUMNS, CHAIN_NUMERIC)
         self.log_feed = LogFeed(self.main_screen.query_one("#log-view", Log), self.main_screen.query_one("#side-log", Log))
         self.main_screen.query_one("#side-log", Log).border_title = "warnings and refusals"
-        self._adapt_layout(self.size.width, self.size.height)
-        self._mounted = True
-        self.pull_snapshot()
-        self.set_interval(1.0 / self.refresh_hz, self.pull_snapshot, name="refresh")
 
-    def on_resize(self, event: Resize) -> None:
-        if not self._mounted:  # on_mount lays out for the first size
-            return
-        self._adapt_layout(event.size.width, event.size.height)
-        if self.snap is not None:
-            self._apply(self.snap)
+    def _on_wide_changed(self, wide: bool) -> None:
+        """Wide: log below the tabs, chain table beside its detail (CSS). Narrow: log in a tab."""
+        tabs = self.main_screen.query_one("#tabs", TabbedContent)
+        if wide:
+            if tabs.active == "log":
+                tabs.active = "nodes"
+            tabs.hide_tab("log")
+        else:
+            tabs.show_tab("log")
 
     def _adapt_layout(self, width: int, height: int) -> None:
-        """Wide: log below the tabs, chain table beside its detail. Narrow: log in a tab."""
-        wide = width >= WIDE_MIN_WIDTH and height >= WIDE_MIN_HEIGHT
-        if wide != self.wide:
-            self.wide = wide
-            self.main_screen.set_class(wide, "wide")
-            tabs = self.main_screen.query_one("#tabs", TabbedContent)
-            if wide:
-                if tabs.active == "log":
-                    tabs.active = "nodes"
-                tabs.hide_tab("log")
-            else:
-                tabs.show_tab("log")
+        super()._adapt_layout(width, height)
         widths = exposure_bar_widths(width - 4)
         if widths != self.bar_widths or self.exposure_sync is None:
             self.bar_widths = widths
@@ -363,30 +339,8 @@ class CoordinatorApp(App):
 
     # ----- refresh -----
 
-    def pull_snapshot(self) -> None:
-        """Timer callback: take a snapshot from the back-end and show it."""
-        if not self.is_running:  # shutting down: the widgets are being removed before the timer
-            return
-        try:
-            snap = self.source()
-        except Exception as exc:  # the back-end is gone or broken: show why, keep the last view
-            self.backend_error = f"{type(exc).__name__}: {exc}"
-            if self.stopping:
-                self.exit("backend-gone")
-                return
-            if self.snap is not None:
-                self._apply(self.snap)
-            return
-        self.backend_error = None
-        self.snap = snap
-        self._apply(snap)
-        if self.stopping and snap.finished:
-            self.exit("finished")
-
-    def _set_text(self, widget_id: str, text: str) -> None:
-        if self._texts.get(widget_id) != text:
-            self._texts[widget_id] = text
-            self.main_screen.query_one(f"#{widget_id}", Static).update(text)
+    def _is_done(self, s: CoordinatorState) -> bool:
+        return s.finished
 
     def _apply(self, s: CoordinatorState) -> None:
         now = self.clock()
@@ -492,17 +446,7 @@ class CoordinatorApp(App):
     def action_toggle_pause(self) -> None:
         paused = self.control.toggle_pause()
         self.notify("training paused after the current step" if paused else "training resumed", timeout=3)
-        if self.snap is not None:
-            self._set_text("status", self._status_text(self.snap))
-
-    def action_toggle_help(self) -> None:
-        if isinstance(self.screen, HelpScreen):
-            self.screen.dismiss(None)
-        else:
-            # Installed once and reused: composing it anew on every ? costs a visible moment.
-            if not self.is_screen_installed("help"):
-                self.install_screen(HelpScreen(HELP_TEXT), name="help")
-            self.push_screen("help")
+        self._refresh_status()
 
     def action_verify_chain(self) -> None:
         if self.verify_chain is None:
@@ -537,20 +481,4 @@ class CoordinatorApp(App):
         self.verify_marks.update(verification_marks(ids, ok, message))
         self.verify_message = f"{'✓ chain verified' if ok else '✗ chain verification FAILED'}: {message}"
         self.notify(self.verify_message, severity="information" if ok else "error", timeout=6)
-        if self.snap is not None:
-            self._apply(self.snap)
-
-    def action_request_quit(self) -> None:
-        finished = self.snap is not None and self.snap.finished
-        if finished:
-            self.exit("finished")
-        elif self.backend_error is not None:
-            self.control.request_stop()
-            self.exit("backend-gone")
-        elif self.stopping:
-            self.exit("left-early")
-        else:
-            self.control.request_stop()
-            self.stopping = True
-            if self.snap is not None:
-                self._set_text("status", self._status_text(self.snap))
+        self._refresh_now()

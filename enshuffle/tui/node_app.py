@@ -4,7 +4,7 @@ Owns only presentation. The node daemon keeps a `NodeState` current; this app pu
 (a snapshot copy) on a timer and applies it inside `batch_update()`.
 
 Keys: p pauses or resumes contributing, + / - change the number of compute threads, ? help,
-q quits. Quitting mirrors the coordinator console: the first q calls `control.request_stop()`
+q quits. Quitting is the coordinator console's (both are `base.SnapshotApp`s): the first q calls `control.request_stop()`
 (the daemon says BYE so its batches are reissued at once) and the app leaves when a snapshot
 says the connection is "stopped", or at once when the back-end is gone (`source()` raises);
 a second q leaves without waiting. `app.return_value` is "stopped", "backend-gone" or
@@ -16,19 +16,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from textual.app import App, ComposeResult
+from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.events import Resize
 from textual.widgets import Footer, Log, Static
 
 from ..coordinator.state import TENSORS
 from ..node.state import NodeControl, NodeState
 from .format import fmt_bytes, fmt_clock, fmt_rate, fmt_share, share_bar, short_fp
-from .widgets import HelpScreen, LogFeed
+from .base import HELP_BINDING, QUIT_BINDING, SnapshotApp
+from .widgets import LogFeed
 
-WIDE_MIN_WIDTH = 120
-WIDE_MIN_HEIGHT = 36
 MAX_THREADS = 256
 
 TRUST_WORDS = {
@@ -111,10 +109,11 @@ def exposure_text(s: NodeState, width: int) -> str:
     return "\n".join(lines)
 
 
-class NodeApp(App):
+class NodeApp(SnapshotApp):
     """The node app. See the module docstring for the keys and how quitting works."""
 
     TITLE = "enshuffle node"
+    # Wide: panels side by side in boxes. Narrow: stacked without borders to save rows.
     CSS = """
     #header { height: auto; background: $boost; padding: 0 1; }
     #status { height: auto; padding: 0 1; text-style: bold; }
@@ -130,9 +129,11 @@ class NodeApp(App):
         Binding("p", "toggle_pause", "pause/resume"),
         Binding("plus,equals_sign", "more_threads", "more threads"),
         Binding("minus", "fewer_threads", "fewer threads"),
-        Binding("q", "request_quit", "quit"),
-        Binding("question_mark", "toggle_help", "help"),
+        QUIT_BINDING,
+        HELP_BINDING,
     ]
+    HELP_TEXT = HELP_TEXT
+    DONE_RESULT = "stopped"
 
     def __init__(
         self,
@@ -141,17 +142,9 @@ class NodeApp(App):
         refresh_hz: float = 4.0,
         clock: Callable[[], float] = time.time,
     ):
-        super().__init__()
-        self.source = source
-        self.control = control
-        self.refresh_hz = refresh_hz
-        self.clock = clock
-        self.snap: NodeState | None = None
-        self.stopping = False
-        self.backend_error: str | None = None
-        self.wide: bool | None = None
-        self._texts: dict[str, str] = {}
-        self._mounted = False
+        super().__init__(source, control, refresh_hz, clock)
+        self.snap: NodeState | None
+        self.control: NodeControl
 
     def compose(self) -> ComposeResult:
         yield Static(id="header", markup=False)
@@ -166,54 +159,12 @@ class NodeApp(App):
         yield Log(id="log-view", max_lines=1000)
         yield Footer()
 
-    def on_mount(self) -> None:
-        # Widgets are looked up on the main screen, not `self.screen`: the help overlay may be
-        # the active screen while the timer refreshes the one underneath.
-        self.main_screen = self.screen
+    def _setup_widgets(self) -> None:
         self.log_feed = LogFeed(self.main_screen.query_one("#log-view", Log))
         self.main_screen.query_one("#log-view", Log).border_title = "log"
-        self._adapt_layout(self.size.width, self.size.height)
-        self._mounted = True
-        self.pull_snapshot()
-        self.set_interval(1.0 / self.refresh_hz, self.pull_snapshot, name="refresh")
 
-    def on_resize(self, event: Resize) -> None:
-        if not self._mounted:  # on_mount lays out for the first size
-            return
-        self._adapt_layout(event.size.width, event.size.height)
-        if self.snap is not None:
-            self._apply(self.snap)
-
-    def _adapt_layout(self, width: int, height: int) -> None:
-        """Wide: panels side by side in boxes. Narrow: stacked without borders to save rows."""
-        wide = width >= WIDE_MIN_WIDTH and height >= WIDE_MIN_HEIGHT
-        if wide != self.wide:
-            self.wide = wide
-            self.main_screen.set_class(wide, "wide")
-
-    def pull_snapshot(self) -> None:
-        if not self.is_running:  # shutting down: the widgets are being removed before the timer
-            return
-        try:
-            snap = self.source()
-        except Exception as exc:
-            self.backend_error = f"{type(exc).__name__}: {exc}"
-            if self.stopping:
-                self.exit("backend-gone")
-                return
-            if self.snap is not None:
-                self._apply(self.snap)
-            return
-        self.backend_error = None
-        self.snap = snap
-        self._apply(snap)
-        if self.stopping and snap.connection == "stopped":
-            self.exit("stopped")
-
-    def _set_text(self, widget_id: str, text: str) -> None:
-        if self._texts.get(widget_id) != text:
-            self._texts[widget_id] = text
-            self.main_screen.query_one(f"#{widget_id}", Static).update(text)
+    def _is_done(self, s: NodeState) -> bool:
+        return s.connection == "stopped"
 
     def _apply(self, s: NodeState) -> None:
         now = self.clock()
@@ -237,10 +188,6 @@ class NodeApp(App):
             parts.append("STOPPING: saying BYE to the coordinator (q again leaves now)")
         return " · ".join(parts)
 
-    def _refresh_now(self) -> None:
-        if self.snap is not None:
-            self._apply(self.snap)
-
     def action_toggle_pause(self) -> None:
         self.control.toggle_pause()
         self._refresh_now()
@@ -253,25 +200,11 @@ class NodeApp(App):
         self.control.set_threads(self.control.threads - 1)
         self._refresh_now()
 
-    def action_toggle_help(self) -> None:
-        if isinstance(self.screen, HelpScreen):
-            self.screen.dismiss(None)
-        else:
-            # Installed once and reused: composing it anew on every ? costs a visible moment.
-            if not self.is_screen_installed("help"):
-                self.install_screen(HelpScreen(HELP_TEXT), name="help")
-            self.push_screen("help")
+    def _leave_done(self) -> None:
+        # Unlike the console, the node app also tells the control: whoever waits on
+        # `control.stop_requested` (the daemon thread) learns the volunteer has left.
+        self.control.request_stop()
+        super()._leave_done()
 
-    def action_request_quit(self) -> None:
-        if self.snap is not None and self.snap.connection == "stopped":
-            self.control.request_stop()
-            self.exit("stopped")
-        elif self.backend_error is not None:
-            self.control.request_stop()
-            self.exit("backend-gone")
-        elif self.stopping:
-            self.exit("left-early")
-        else:
-            self.control.request_stop()
-            self.stopping = True
-            self._refresh_now()
+    def _show_stopping(self) -> None:
+        self._refresh_now()

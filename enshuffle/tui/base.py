@@ -1,0 +1,179 @@
+"""What the coordinator console and the node app share: a Textual app on a snapshot timer.
+
+`SnapshotApp` owns the loop both apps run. The back-end keeps a state object current under its
+lock; the app pulls `source()` (a snapshot copy) on a timer at `refresh_hz` and hands it to the
+subclass's `_apply(snap)`, which updates its widgets inside one `batch_update()`. When `source()`
+raises, the back-end is gone or broken: the app keeps the last view and says why
+(`backend_error`).
+
+Layout: a terminal at least WIDE_MIN_WIDTH x WIDE_MIN_HEIGHT gets the CSS class "wide" on the main
+screen; `_on_wide_changed(wide)` is the hook for anything CSS cannot switch.
+
+Quitting is graceful. The first q calls `control.request_stop()` and the app stays up, showing
+that it is stopping; it leaves by itself once a snapshot is done (`_is_done(snap)`, return value
+`DONE_RESULT`), or at once when the back-end is gone ("backend-gone"). A second q leaves at once
+("left-early"); the back-end still stops on its own. When the snapshot is already done, q leaves
+at once. `app.return_value` says which.
+
+Subclasses set BINDINGS (with QUIT_BINDING and HELP_BINDING where they belong in the footer:
+Textual merges inherited bindings ahead of a subclass's own, which would reorder the footer),
+HELP_TEXT and DONE_RESULT, and implement `_setup_widgets`, `_apply`, `_is_done` and
+`_status_text`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from textual.app import App
+from textual.binding import Binding
+from textual.events import Resize
+from textual.widgets import Static
+
+from .widgets import HelpScreen
+
+# Below either size an app folds its panes into the narrow layout.
+WIDE_MIN_WIDTH = 120
+WIDE_MIN_HEIGHT = 36
+
+QUIT_BINDING = Binding("q", "request_quit", "quit")
+HELP_BINDING = Binding("question_mark", "toggle_help", "help")
+
+
+class SnapshotApp(App):
+    """A Textual app that shows snapshots pulled from `source()`; see the module docstring."""
+
+    HELP_TEXT = ""
+    DONE_RESULT = "finished"  # app.return_value when it leaves because a snapshot is done
+
+    def __init__(
+        self,
+        source: Callable[[], Any],
+        control: Any,
+        refresh_hz: float = 4.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        super().__init__()
+        self.source = source
+        self.control = control
+        self.refresh_hz = refresh_hz
+        self.clock = clock
+        self.snap: Any = None
+        self.stopping = False  # q was pressed once
+        self.backend_error: str | None = None  # why source() last failed
+        self.wide: bool | None = None
+        self._texts: dict[str, str] = {}  # widget id -> last text, to skip unchanged updates
+        self._mounted = False
+
+    # ----- hooks for subclasses -----
+
+    def _setup_widgets(self) -> None:
+        """Called once on mount, with `self.main_screen` set, before the first layout."""
+
+    def _apply(self, snap: Any) -> None:
+        """Show `snap` in the widgets (inside one `batch_update()`)."""
+        raise NotImplementedError
+
+    def _is_done(self, snap: Any) -> bool:
+        """True when the back-end behind `snap` has finished, so a stopping app may leave."""
+        raise NotImplementedError
+
+    def _status_text(self, snap: Any) -> str:
+        raise NotImplementedError
+
+    def _on_wide_changed(self, wide: bool) -> None:
+        """The layout switched between wide and narrow (the screen's CSS class is already set)."""
+
+    def _leave_done(self) -> None:
+        """q on a done snapshot: leave at once."""
+        self.exit(self.DONE_RESULT)
+
+    def _show_stopping(self) -> None:
+        """The first q was pressed: show that the app is stopping."""
+        self._refresh_status()
+
+    # ----- layout -----
+
+    def on_mount(self) -> None:
+        # Widgets are looked up on the main screen, not `self.screen`: the help overlay may be
+        # the active screen while the timer refreshes the one underneath.
+        self.main_screen = self.screen
+        self._setup_widgets()
+        self._adapt_layout(self.size.width, self.size.height)
+        self._mounted = True
+        self.pull_snapshot()
+        self.set_interval(1.0 / self.refresh_hz, self.pull_snapshot, name="refresh")
+
+    def on_resize(self, event: Resize) -> None:
+        if not self._mounted:  # on_mount lays out for the first size
+            return
+        self._adapt_layout(event.size.width, event.size.height)
+        self._refresh_now()
+
+    def _adapt_layout(self, width: int, height: int) -> None:
+        wide = width >= WIDE_MIN_WIDTH and height >= WIDE_MIN_HEIGHT
+        if wide != self.wide:
+            self.wide = wide
+            self.main_screen.set_class(wide, "wide")
+            self._on_wide_changed(wide)
+
+    # ----- refresh -----
+
+    def pull_snapshot(self) -> None:
+        """Timer callback: take a snapshot from the back-end and show it."""
+        if not self.is_running:  # shutting down: the widgets are being removed before the timer
+            return
+        try:
+            snap = self.source()
+        except Exception as exc:  # the back-end is gone or broken: show why, keep the last view
+            self.backend_error = f"{type(exc).__name__}: {exc}"
+            if self.stopping:
+                self.exit("backend-gone")
+                return
+            self._refresh_now()
+            return
+        self.backend_error = None
+        self.snap = snap
+        self._apply(snap)
+        if self.stopping and self._is_done(snap):
+            self.exit(self.DONE_RESULT)
+
+    def _refresh_now(self) -> None:
+        """Show the last snapshot again (after a key or a resize changed what it looks like)."""
+        if self.snap is not None:
+            self._apply(self.snap)
+
+    def _refresh_status(self) -> None:
+        if self.snap is not None:
+            self._set_text("status", self._status_text(self.snap))
+
+    def _set_text(self, widget_id: str, text: str) -> None:
+        if self._texts.get(widget_id) != text:
+            self._texts[widget_id] = text
+            self.main_screen.query_one(f"#{widget_id}", Static).update(text)
+
+    # ----- actions -----
+
+    def action_toggle_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            self.screen.dismiss(None)
+        else:
+            # Installed once and reused: composing it anew on every ? costs a visible moment.
+            if not self.is_screen_installed("help"):
+                self.install_screen(HelpScreen(self.HELP_TEXT), name="help")
+            self.push_screen("help")
+
+    def action_request_quit(self) -> None:
+        if self.snap is not None and self._is_done(self.snap):
+            self._leave_done()
+        elif self.backend_error is not None:
+            self.control.request_stop()
+            self.exit("backend-gone")
+        elif self.stopping:
+            self.exit("left-early")
+        else:
+            self.control.request_stop()
+            self.stopping = True
+            self._show_stopping()
