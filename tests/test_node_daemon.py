@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from wire_util import wait_until
 import pytest
 import zmq
 
@@ -337,11 +338,7 @@ def threaded(tmp_path):
 
 def wait_for(predicate, timeout: float = 5.0, what: str = "condition") -> None:
     """Poll the daemon's state (owned by another thread) until `predicate` holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)  # a polling interval, not a stand-in for synchronisation
+    wait_until(predicate, timeout, what, interval=0.01)
 
 
 def heartbeat_with_credit(coord: FakeCoordinator, credit: int, timeout: float = 2.0) -> Message:

@@ -57,8 +57,10 @@ ATOL = 1e-12
 # --- waiting -------------------------------------------------------------------------------
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02,
-               on_timeout: Callable[[], str] | None = None):
-    """Poll `predicate` until it returns something truthy (returned); AssertionError after `timeout` s."""
+               on_timeout: Callable[[], str] | None = None, idle: Callable[[], None] | None = None):
+    """Poll `predicate` until it returns something truthy (returned); AssertionError after `timeout` s.
+
+    Between polls it calls `idle` (e.g. serve a socket), or waits `interval` seconds."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -67,7 +69,10 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, inter
         if time.monotonic() > deadline:
             extra = f"\n{on_timeout()}" if on_timeout else ""
             raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
-        time.sleep(interval)
+        if idle is not None:
+            idle()
+        else:
+            time.sleep(interval)
 
 
 def free_port() -> int:
@@ -411,15 +416,7 @@ class ScriptedNode:
     def serve_until(self, predicate: Callable[[], object], timeout: float, what: str,
                     on_timeout: Callable[[], str] | None = None):
         """Serve (compute, heartbeat) until `predicate` is truthy; AssertionError after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                extra = f"\n{on_timeout()}" if on_timeout else ""
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}{extra}")
-            self.pump(20)
+        return wait_until(predicate, timeout, what, on_timeout=on_timeout, idle=lambda: self.pump(20))
 
 
 def default_preset(epochs: int = 2) -> Preset:
