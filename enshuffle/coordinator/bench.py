@@ -109,7 +109,9 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2) -> dict[str, floa
     from enshuffle.coordinator.training import Trainer
     from enshuffle.protocol.keys import load_or_create_identity
 
-    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp:
+    from enshuffle.coordinator.run import coordinator_blas_threads
+
+    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp, coordinator_blas_threads():
         identity = load_or_create_identity("coordinator", Path(tmp) / "coordinator")
         server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger())
         procs = spawn_local_nodes(server.endpoint, identity.fingerprint, nodes, Path(tmp))

@@ -42,7 +42,10 @@ def inverse_permutation(perm: np.ndarray) -> np.ndarray:
 
 def gather(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """x[rows][:, cols] as a new C-contiguous array: two `take`s (whole-row copies, then a
-    gather inside each row) beat one 2-D fancy index by several times on large matrices."""
+    gather inside each row) beat one 2-D fancy index by several times on large matrices.
+    Whichever selection shrinks the array more goes first, so the second pass reads less."""
+    if len(cols) * x.shape[0] < len(rows) * x.shape[1]:
+        return np.take(np.take(x, cols, axis=1), rows, axis=0)
     return np.take(np.take(x, rows, axis=0), cols, axis=1)
 
 

@@ -7,6 +7,7 @@ model version to RUN_DIR/chain after every epoch or every `--checkpoint-every` s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -26,6 +27,24 @@ from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, Ep
 from enshuffle.coordinator.training import Trainer
 
 SETTINGS = ("preset", "epochs", "dtype", "offload", "seed", "limit", "shards")
+
+
+@contextlib.contextmanager
+def coordinator_blas_threads(threads: int = 1):
+    """BLAS threads for a coordinator that serves nodes: its own products are small
+    matrix-vector checks, and idle OpenBLAS threads spin, burning CPU the nodes could use."""
+    from enshuffle.node.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
+
+    try:
+        before = get_blas_threads()
+        set_blas_threads(threads)
+    except BlasThreadsUnavailable:
+        yield
+        return
+    try:
+        yield
+    finally:
+        set_blas_threads(before)
 
 
 def default_run_dir() -> str:
@@ -125,6 +144,10 @@ class CoordinatorRun:
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> int:
+        with coordinator_blas_threads():
+            return self._run()
+
+    def _run(self) -> int:
         from enshuffle.coordinator.server import StepAbandoned, TrainingAborted
 
         try:
