@@ -723,9 +723,16 @@ class CoordinatorServer:
     def close(self, reason: str = "shutdown") -> None:
         """Tell every node BYE and close the socket."""
         self.finished = reason == "run-finished"
+        self._published_at = 0.0
+        self._publish_rows(time.monotonic())  # the final counts, not the last throttled ones
         for session in list(self.sessions.values()):
             self._send(session, "BYE", {"node_id": session.node_id, "reason": reason})
         self.sessions.clear()
+        with self.state.lock:
+            for row in self.state.nodes.values():
+                if row.state != "gone":
+                    row.state = "done" if self.finished else "left"
+                row.outstanding = 0
         self.sock.close(0)
 
     def describe(self) -> str:

@@ -25,7 +25,7 @@ class NodeRow:
     name: str
     fingerprint: str
     address: str = ""
-    state: str = "connected"  # connected | working | idle | lost | gone
+    state: str = "connected"  # connected | working | idle | gone (left mid-run) | done (run finished) | left (coordinator stopped)
     batches_done: int = 0
     outstanding: int = 0
     rate: float = 0.0  # batches per second, recent
