@@ -56,6 +56,19 @@ def _epochs(trainer, repeats: int, warmup: int = 1, probe=None):
     return rows
 
 
+def _steps(trainer, repeats: int, chunk: int = 60, warmup: int = 10) -> list[float]:
+    """Seconds per step, one figure per chunk of `chunk` steps."""
+    for _ in range(warmup):
+        trainer.run_step()
+    figures = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(chunk):
+            trainer.run_step()
+        figures.append((time.perf_counter() - t) / chunk)
+    return figures
+
+
 def cmd_bench(args) -> int:
     from dataclasses import replace
 
@@ -86,9 +99,19 @@ def cmd_bench(args) -> int:
     results["inprocess_epoch_seconds"] = _median(r[0] for r in rows)
     results["inprocess_over_centralized"] = results["inprocess_epoch_seconds"] / results["centralized_epoch_seconds"]
 
+    mini = replace(get_preset("default"), epochs=10_000)
+    mini_inputs = load_inputs(args, mini)
+    eprint("bench: default preset (mini-batches of 128, float32): centralized steps")
+    results["minibatch_centralized_ms_per_step"] = 1000 * _median(
+        _steps(Trainer(mini, mini_inputs, LocalCompute(mini_inputs.images)), repeats))
+
     if not args.skip_wire:
         eprint("bench: wire epoch, 2 local node processes over loopback")
         results.update(measure_wire(preset, inputs, repeats))
+        eprint("bench: default preset over the wire, 2 local node processes")
+        results.update(measure_wire(mini, mini_inputs, repeats, minibatch=True))
+        results["minibatch_wire_over_centralized"] = (results["minibatch_wire_ms_per_step"]
+                                                      / results["minibatch_centralized_ms_per_step"])
         results["wire_over_centralized"] = results["wire_epoch_seconds"] / results["centralized_epoch_seconds"]
         results["coordinator_cpu_over_centralized_cpu"] = (results["coordinator_cpu_seconds_per_epoch"]
                                                            / results["centralized_epoch_cpu_seconds"])
@@ -100,7 +123,7 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def measure_wire(preset, inputs, repeats: int, nodes: int = 2) -> dict[str, float]:
+def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool = False) -> dict[str, float]:
     from enshuffle.coordinator.distributed import DistributedCompute
     from enshuffle.coordinator.ledger import ExposureLedger
     from enshuffle.coordinator.run import spawn_local_nodes, stop_local_nodes
@@ -120,12 +143,12 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2) -> dict[str, floa
                                          ledger=server.ledger)
             server.wait_for_nodes(nodes)
             trainer = Trainer(preset, inputs, compute)
+            if minibatch:
+                return {"minibatch_wire_ms_per_step": 1000 * _median(_steps(trainer, repeats))}
             rows = _epochs(trainer, repeats, probe=lambda: server.bytes_sent)
-            received = []
-            for _ in range(1):
-                before = server.bytes_received
-                trainer.run_epoch()
-                received.append(server.bytes_received - before)
+            before = server.bytes_received
+            trainer.run_epoch()
+            received = server.bytes_received - before
         finally:
             server.close("run-finished")
             stop_local_nodes(procs)
@@ -135,8 +158,8 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2) -> dict[str, floa
         "wire_epoch_seconds": _median(r[0] for r in rows),
         "coordinator_cpu_seconds_per_epoch": _median(r[1] for r in rows),
         "wire_bytes_sent_per_epoch": sent,
-        "wire_bytes_received_per_epoch": _median(received),
-        "wire_bytes_per_step_per_node": (sent + _median(received)) / steps / nodes,
+        "wire_bytes_received_per_epoch": received,
+        "wire_bytes_per_step_per_node": (sent + received) / steps / nodes,
     }
 
 
@@ -150,6 +173,8 @@ def print_table(r: dict) -> None:
         f"in-process distributed epoch, 2 nodes   {r['inprocess_epoch_seconds']:>12.3f} s"
         f"  (ratio to centralized {r['inprocess_over_centralized']:.2f})",
     ]
+    lines.append(f"default preset, ms per step (batch 128)  {r['minibatch_centralized_ms_per_step']:>12.2f} ms"
+                 "  centralized")
     if "wire_epoch_seconds" in r:
         lines += [
             f"wire epoch, 2 node processes, loopback  {r['wire_epoch_seconds']:>12.3f} s"
@@ -159,6 +184,8 @@ def print_table(r: dict) -> None:
             f"bytes sent / received per epoch         {r['wire_bytes_sent_per_epoch'] / 1e6:>12.1f} MB"
             f" / {r['wire_bytes_received_per_epoch'] / 1e6:.1f} MB",
             f"bytes per step per node (in + out)      {r['wire_bytes_per_step_per_node'] / 1e6:>12.1f} MB",
+            f"default preset over the wire, per step  {r['minibatch_wire_ms_per_step']:>12.2f} ms"
+            f"  ({r['minibatch_wire_over_centralized']:.1f}x centralized; 469 steps per epoch)",
         ]
     print("\n".join(lines))
     sys.stdout.flush()
