@@ -331,6 +331,7 @@ class ScriptedNode:
         self.coordinator_key = b""
         self.heartbeat_s = 1.0
         self._last_sent = 0.0
+        self.credit = 2  # what its heartbeats ask for; 0 is a paused volunteer
 
     def close(self) -> None:
         self.sock.close(0)
@@ -398,7 +399,8 @@ class ScriptedNode:
                     break
                 self._handle(decode(frames))
         if time.monotonic() - self._last_sent >= self.heartbeat_s / 2:
-            self.sign_and_send("HEARTBEAT", {"node_id": self.node_id, "credit": 2, "outstanding": len(self.held)})
+            self.sign_and_send("HEARTBEAT", {"node_id": self.node_id, "credit": self.credit,
+                                             "outstanding": len(self.held)})
 
     def _handle(self, msg: Message) -> None:
         if msg.command in ("STATIC", "BATCH", "HEARTBEAT", "BYE"):

@@ -299,7 +299,7 @@ class CoordinatorServer:
             counts = self._shard_counts()
             if not counts:
                 return
-            idle = [nid for nid, c in counts.items() if c == 0]
+            idle = [nid for nid, c in counts.items() if c == 0 and self.sessions[nid].want > 0]
             busiest = max(counts, key=lambda nid: counts[nid])
             if not idle or counts[busiest] < 2:
                 return
@@ -383,21 +383,45 @@ class CoordinatorServer:
         self._housekeeping()
         self._requeue_waiting()
         self._dispatch()
-        if not self.sessions:
+        all_paused = bool(self.sessions) and all(s.want == 0 for s in self.sessions.values())
+        stalled = any(s.queue for s in self.sessions.values())
+        if not self.sessions or (all_paused and stalled):
+            why = ("no nodes connected" if not self.sessions
+                   else f"every connected node has paused ({len(self.sessions)})")
             if not self._waiting_logged and (self._waiting or self.owner):
-                self.log("no nodes connected: waiting for nodes")
+                self.log(f"{why}: waiting for nodes")
                 self._waiting_logged = True
-            if self._waiting:
+            if self._waiting or stalled:
                 if self._status_before_wait is None:
                     self._status_before_wait = self.state.status
-                self._set_status("waiting for nodes: none connected")
+                self._set_status("waiting for nodes: none connected" if not self.sessions
+                                 else "waiting for nodes: every node has paused")
         else:
             self._waiting_logged = False
             if self._status_before_wait is not None:  # nodes are back: say what we were doing again
                 self._set_status(self._status_before_wait)
                 self._status_before_wait = None
 
+    def _route_around_paused(self) -> None:
+        """A paused node (credit 0) keeps nothing waiting: its shards and queued batches go to
+        the active node holding the fewest shards, which first receives the shards' statics (the
+        ledger shows that cost). Back from pause, it takes a shard again at a step boundary."""
+        active = [s for s in self.sessions.values() if s.want > 0]
+        if not active:
+            return
+        for session in [s for s in self.sessions.values() if s.want == 0 and s.queue]:
+            for shard, owner in enumerate(self.owner):
+                if owner == session.node_id:
+                    counts = self._shard_counts()
+                    target = min(active, key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
+                    self.owner[shard] = target.node_id
+                    self.log(f"membership: shard {shard} moves from {session.label} (paused) to {target.label}")
+            queued, session.queue = list(session.queue), deque()
+            for task in queued:
+                self._enqueue(task)
+
     def _dispatch(self) -> None:
+        self._route_around_paused()
         for session in list(self.sessions.values()):
             while session.queue and len(session.outstanding) < session.window():
                 task = session.queue.popleft()

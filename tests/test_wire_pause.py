@@ -1,0 +1,64 @@
+"""A volunteer who pauses (HEARTBEAT credit 0) holds nothing up: its shard and queued batches go
+to an active node, training ends with the centralized weights; when every node has paused the
+coordinator says it is waiting, and goes on when one resumes."""
+
+from __future__ import annotations
+
+from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
+from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
+    reference_weights, spawn_node
+
+
+def pause(node: ScriptedNode, credit: int = 0) -> None:
+    node.credit = credit
+    node.sign_and_send("HEARTBEAT", {"node_id": node.node_id, "credit": credit, "outstanding": len(node.held)})
+
+
+def test_a_paused_node_hands_its_work_to_an_active_one(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 1200)
+    expected = reference_weights(preset, inputs)
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=2).start(hold_at=2)
+    active = spawn_node(tmp_path / "active", run.endpoint, run.identity.fingerprint, "active", tmp_path)
+    volunteer = ScriptedNode(run.endpoint, "volunteer")
+    try:
+        volunteer.hello()
+        volunteer.serve_until(run.held, 60, "step 2", on_timeout=run.describe)
+        done_before = len(volunteer.results)
+        pause(volunteer)
+        run.hold_at(-1)
+        volunteer.serve_until(run.done.is_set, 120, "training to finish while paused", on_timeout=run.describe)
+        weights = run.finish()
+    finally:
+        run.close()
+        volunteer.close()
+        active.stop()
+    assert run.logged("moves from volunteer (paused) to active"), run.describe()
+    assert len(volunteer.results) <= done_before + 2  # at most what it held when it paused
+    assert run.server.ledger.shares()["active"]["images"] == 1.0  # the cost: active took both blocks
+    assert_same_weights(weights, expected)
+
+
+def test_every_node_paused_means_waiting_then_resume(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    expected = reference_weights(preset, inputs)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start(hold_at=1)
+    volunteer = ScriptedNode(run.endpoint, "volunteer")
+    try:
+        volunteer.hello()
+        volunteer.serve_until(run.held, 60, "step 1", on_timeout=run.describe)
+        pause(volunteer)
+        run.hold_at(-1)
+        volunteer.serve_until(lambda: run.state.snapshot().status == "waiting for nodes: every node has paused",
+                              20, "the coordinator to say every node has paused", on_timeout=run.describe)
+        assert run.logged("every connected node has paused"), run.describe()
+        steps = run.steps_done
+        pause(volunteer, credit=2)
+        volunteer.serve_until(run.done.is_set, 120, "training to finish after resuming", on_timeout=run.describe)
+        weights = run.finish()
+    finally:
+        run.close()
+        volunteer.close()
+    assert run.steps_done > steps
+    assert_same_weights(weights, expected)
