@@ -62,3 +62,25 @@ def test_every_node_paused_means_waiting_then_resume(core_data_dir, tmp_path):
         volunteer.close()
     assert run.steps_done > steps
     assert_same_weights(weights, expected)
+
+
+def test_a_stop_while_every_node_is_paused_ends_the_step(core_data_dir, tmp_path):
+    from enshuffle.coordinator.server import StepAbandoned
+
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start(hold_at=1)
+    volunteer = ScriptedNode(run.endpoint, "volunteer")
+    try:
+        volunteer.hello()
+        volunteer.serve_until(run.held, 60, "step 1", on_timeout=run.describe)
+        pause(volunteer)
+        run.hold_at(-1)
+        volunteer.serve_until(lambda: run.state.snapshot().status == "waiting for nodes: every node has paused",
+                              20, "the coordinator to wait", on_timeout=run.describe)
+        run.server.control.request_stop()
+        volunteer.serve_until(run.done.is_set, 10, "the stop to end the waiting step", on_timeout=run.describe)
+    finally:
+        run.close()
+        volunteer.close()
+    assert isinstance(run.error, StepAbandoned), run.describe()

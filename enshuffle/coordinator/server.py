@@ -104,6 +104,7 @@ class Session:
     want: int
     address: str = ""
     outstanding: dict[str, Task] = field(default_factory=dict)
+    stale: dict[str, float] = field(default_factory=dict)  # batch_id -> when to call the node stuck
     queue: deque = field(default_factory=deque)
     shards_held: set[int] = field(default_factory=set)  # static operands this session has received
     last_seen: float = field(default_factory=time.monotonic)
@@ -233,8 +234,9 @@ class CoordinatorServer:
             self._enqueue(task)
         try:
             while any(t.result is None for t in tasks):
-                if not self.sessions and self.control.stop_requested:
-                    raise StepAbandoned("stop requested while no node is connected: the step cannot finish")
+                if self.control.stop_requested and not any(s.want > 0 for s in self.sessions.values()):
+                    raise StepAbandoned("stop requested while no node is connected or every node has paused: "
+                                        "the step cannot finish")
                 self.pump(timeout_ms=self._poll_timeout())
         finally:
             for t in tasks:
@@ -334,13 +336,17 @@ class CoordinatorServer:
             if row is not None:
                 row.state = "gone"
                 row.outstanding = 0
-        orphans = list(session.outstanding.values()) + list(session.queue)
+        # Re-issue what this node was responsible for: live leases it held and batches queued
+        # for it. Expired copies it still held are already re-issued (maybe leased elsewhere).
+        orphans = {t.batch_id: t for t in session.outstanding.values() if t.session == session.node_id}
+        orphans.update((t.batch_id, t) for t in session.queue)
         session.outstanding.clear()
+        session.stale.clear()
         session.queue.clear()
         for shard, owner in enumerate(self.owner):
             if owner == session.node_id:
                 self._assign(shard)
-        for task in orphans:
+        for task in orphans.values():
             if task.result is None and task.batch_id in self._tasks:
                 task.session = None
                 self._reissue(task, session, "its node left")
@@ -423,12 +429,18 @@ class CoordinatorServer:
     def _dispatch(self) -> None:
         self._route_around_paused()
         for session in list(self.sessions.values()):
+            deferred = []
             while session.queue and len(session.outstanding) < session.window():
                 task = session.queue.popleft()
                 if task.result is not None or task.batch_id not in self._tasks:
                     continue
+                if task.batch_id in session.outstanding:
+                    # It still holds the expired copy: one slot per batch, so credit stays true.
+                    deferred.append(task)
+                    continue
                 if not self._send_batch(session, task):
                     return
+            session.queue.extendleft(reversed(deferred))
 
     def _ensure_static(self, session: Session, shard: int) -> bool:
         if shard in session.shards_held:
@@ -474,10 +486,19 @@ class CoordinatorServer:
                 if task.result is None and now > task.deadline and task.session == session.node_id:
                     # The slot stays occupied until the node answers: a stuck node gets no more work.
                     task.session = None
+                    session.stale[task.batch_id] = now + max(LEASE_MIN_MS / 1000, task.deadline - task.sent_at)
                     self.counters["expired"] += 1
                     self.log(f"lease expired: batch {task.batch_id} on {session.label} "
                              f"after {now - task.sent_at:.1f} s; reissuing")
                     self._reissue(task, session, "its lease expired")
+            # A node that answers neither the expired batch nor anything else for another lease
+            # period is stuck (alive for heartbeats, not computing): end its session, so its work
+            # can go elsewhere, or to its next session if it recovers.
+            stuck_at = min(session.stale.values(), default=None)
+            if session.node_id in self.sessions and stuck_at is not None and now > stuck_at and \
+                    len(session.outstanding) >= session.window():
+                self._end_session(session, "stuck: a batch whose lease expired has had no answer for another lease")
+                continue
             if now - session.last_sent > self.heartbeat_ms / 1000:
                 self._send(session, "HEARTBEAT", {"node_id": session.node_id, "credit": session.credit,
                                                   "outstanding": len(session.outstanding)})
@@ -662,6 +683,7 @@ class CoordinatorServer:
         if task is None or task.seq_by_node.get(session.node_id) != seq or msg.header.get("run_id") != self.run_id:
             return
         del session.outstanding[batch_id]  # answered, if badly: the slot is free again, as for a wrong shape
+        session.stale.pop(batch_id, None)
         if task.session == session.node_id and task.result is None and task.batch_id in self._tasks:
             task.session = None
             self.log(f"refused RESULT for batch {batch_id} from {session.label}: its signature does not verify; "
@@ -673,6 +695,7 @@ class CoordinatorServer:
         if task is None:
             return
         del session.outstanding[task.batch_id]
+        session.stale.pop(task.batch_id, None)
         now = time.monotonic()
         if task.session != session.node_id or task.result is not None or task.batch_id not in self._tasks:
             self.counters["expired"] += 1
@@ -728,6 +751,7 @@ class CoordinatorServer:
         if task is None:
             return
         del session.outstanding[task.batch_id]
+        session.stale.pop(task.batch_id, None)
         if code == "unknown-static":
             session.shards_held.discard(task.batch.shard)
         if task.session == session.node_id and task.result is None:
