@@ -59,7 +59,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="use only the first N training images (quick runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object per epoch")
-    p.add_argument("--seed", type=int, default=None, help="random seed for plans and disguises")
+    p.add_argument("--seed", type=int, default=None,
+                   help="training seed: initial weights and sample order (default: the preset's, 402); "
+                        "plans and disguises always come from secret randomness")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,7 +50,7 @@ class LiveRun:
         # The namespace cmd_train hands over for `--offload matmul --limit N`, no --json, no --save-weights.
         args = argparse.Namespace(offload="matmul", json=False, save_weights=None, limit=limit)
         self.run_dir = tmp / "run"
-        self.run = CoordinatorRun(args, preset, inputs, preset.seed, bind="tcp://127.0.0.1:*", shards=shards,
+        self.run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=shards,
                                   min_nodes=shards, run_dir=str(self.run_dir), home=tmp / "coordinator",
                                   quiet=True)
         self.run.print_reports = False  # as run_with_tui does: stdout is the terminal the app draws on

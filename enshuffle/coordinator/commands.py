@@ -32,9 +32,16 @@ def load_inputs(args, preset):
 
 
 def preset_from_args(args):
-    from enshuffle.model import get_preset
+    from dataclasses import replace
 
-    return get_preset(args.preset, epochs=args.epochs, dtype=args.dtype)
+    from enshuffle.model import PRESETS, get_preset
+
+    if args.preset not in PRESETS:
+        raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
+    preset = get_preset(args.preset, epochs=args.epochs, dtype=args.dtype)
+    if getattr(args, "seed", None) is not None:
+        preset = replace(preset, seed=args.seed)
+    return preset
 
 
 def format_epoch(report, total: int) -> str:
@@ -71,7 +78,6 @@ def cmd_train(args) -> int:
         raise UsageError("--tui shows a coordinator and its nodes: use it with --nodes K >= 1 and without --in-process")
     preset = preset_from_args(args)
     inputs = load_inputs(args, preset)
-    seed = preset.seed if args.seed is None else args.seed
     if args.nodes == 0:
         from enshuffle.model import LocalCompute
 
@@ -80,30 +86,27 @@ def cmd_train(args) -> int:
     elif args.in_process:
         from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 
-        compute = DistributedCompute(inputs.images, args.nodes, np.random.default_rng(seed), InProcessExecutor,
+        # Partitions and disguises from OS entropy: never from a seed a node could know.
+        compute = DistributedCompute(inputs.images, args.nodes, np.random.default_rng(), InProcessExecutor,
                                      offload=args.offload)
         ledger = compute.ledger
         eprint(f"train: {args.nodes} in-process nodes, preset {preset.name}, {preset.dtype}, offload {args.offload}")
     else:
         from enshuffle.coordinator.run import run_local_cluster
 
-        return run_local_cluster(args, preset, inputs, seed)
+        return run_local_cluster(args, preset, inputs)
     return drive(args, preset, inputs, compute, ledger)
 
 
-def drive(args, preset, inputs, compute, ledger, *, trainer=None, on_epoch=None, should_stop=None) -> int:
-    """Run the trainer's remaining epochs, reporting each; returns the exit status."""
+def drive(args, preset, inputs, compute, ledger) -> int:
+    """Run every epoch in this process, reporting each; returns the exit status."""
     from enshuffle.coordinator.training import Trainer
 
-    trainer = trainer or Trainer(preset, inputs, compute)
+    trainer = Trainer(preset, inputs, compute)
     while not trainer.finished:
-        if should_stop is not None and should_stop():
-            break
         report = trainer.run_step()
         if report is not None:
             report_epoch(report, args, preset.epochs)
-            if on_epoch is not None:
-                on_epoch(trainer, report)
     if ledger is not None:
         report_ledger(ledger, args)
     if getattr(args, "save_weights", None):
@@ -127,11 +130,12 @@ def cmd_coordinator(args) -> int:
         args.preset, args.epochs, args.dtype = settings["preset"], settings["epochs"], settings["dtype"]
         args.offload, args.seed, args.limit = settings["offload"], settings["seed"], settings.get("limit")
         shards = int(settings["shards"])
+        eprint(f"coordinator: resuming {run_dir} with its settings: preset {args.preset}, {args.epochs} epochs, "
+               f"{args.dtype}, offload {args.offload}, {shards} shards (other training options are ignored)")
     preset = preset_from_args(args)
     inputs = load_inputs(args, preset)
-    seed = preset.seed if args.seed is None else args.seed
     try:
-        run = CoordinatorRun(args, preset, inputs, seed, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
+        run = CoordinatorRun(args, preset, inputs, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
                              run_dir=run_dir or default_run_dir(), resume=args.resume,
                              checkpoint_every=args.checkpoint_every)
     except OSError as exc:

@@ -95,12 +95,17 @@ class DistributedCompute:
 
     def __init__(self, images: dict[str, np.ndarray], shards: int, rng: np.random.Generator,
                  executor_factory: Callable[["DistributedCompute"], Executor], *, offload: str = "matmul",
-                 scale: bool = True, ledger: ExposureLedger | None = None):
+                 scale: bool = True, ledger: ExposureLedger | None = None,
+                 disguise_rng: np.random.Generator | None = None):
         if shards < 1:
             raise ValueError("need at least one shard")
         self.images = images
         self.k = shards
-        self.rng = rng
+        # Two secrets: `rng` draws the run's partitions and static disguises (a resumed run must
+        # draw the same ones, so the coordinator seeds it from a secret kept in the run dir);
+        # per-batch disguises come from fresh OS entropy unless a test passes its own generator.
+        # Neither may come from a public seed: a node could replay the draws and undo them.
+        self.rng = disguise_rng if disguise_rng is not None else np.random.default_rng()
         self.offload = offload
         self.scale = scale
         self.ledger = ledger if ledger is not None else ExposureLedger()

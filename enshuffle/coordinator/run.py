@@ -8,6 +8,7 @@ model version to RUN_DIR/chain after every epoch or every `--checkpoint-every` s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -26,7 +27,6 @@ from enshuffle.coordinator.distributed import DistributedCompute
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
 from enshuffle.coordinator.training import Trainer
 
-SETTINGS = ("preset", "epochs", "dtype", "offload", "seed", "limit", "shards")
 
 
 @contextlib.contextmanager
@@ -52,11 +52,11 @@ def default_run_dir() -> str:
 
 
 class CoordinatorRun:
-    def __init__(self, args, preset, inputs, seed: int, *, bind: str, shards: int, min_nodes: int,
+    def __init__(self, args, preset, inputs, *, bind: str, shards: int, min_nodes: int,
                  run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
                  state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
                  home: Path | None = None, quiet: bool = False):
-        from enshuffle.coordinator.chain import Chain
+        from enshuffle.coordinator.chain import Chain, ChainError
         from enshuffle.coordinator.server import CoordinatorServer
         from enshuffle.protocol.keys import load_or_create_identity
 
@@ -70,13 +70,19 @@ class CoordinatorRun:
         self.quiet = quiet
         self.print_reports = True  # epoch lines and the final table on stdout (off under the TUI)
         self.identity = load_or_create_identity("coordinator", home)
-        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
-                                        control=self.control, log=None if quiet else eprint)
-        self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(seed), self.server.attach,
-                                          offload=args.offload, ledger=self.server.ledger)
-        self.trainer = Trainer(preset, inputs, self.compute)
         self.run_dir = Path(run_dir) if run_dir else None
         self.chain = Chain(self.run_dir, signer=self.identity) if self.run_dir else None
+        self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
+                          "offload": args.offload, "seed": preset.seed, "limit": getattr(args, "limit", None),
+                          "shards": shards, "data": data_fingerprint(inputs)}
+        if self.run_dir:
+            self._check_run_dir(resume)
+        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
+                                        control=self.control, log=None if quiet else eprint)
+        plan_rng = np.random.default_rng(plan_secret(self.run_dir) if self.run_dir else None)
+        self.compute = DistributedCompute(inputs.images, shards, plan_rng, self.server.attach,
+                                          offload=args.offload, ledger=self.server.ledger)
+        self.trainer = Trainer(preset, inputs, self.compute)
         with self.state.lock:
             st = self.state
             st.run_id = self.server.run_id
@@ -88,15 +94,45 @@ class CoordinatorRun:
             st.steps_per_epoch = self.trainer.steps_per_epoch
             st.exposure_bound = 1.0 / shards
         if self.run_dir:
-            self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
-                              "offload": args.offload, "seed": seed, "limit": getattr(args, "limit", None),
-                              "shards": shards}
             if resume:
-                self._resume()
+                try:
+                    self._resume()
+                except ChainError as exc:
+                    self.server.close("shutdown")
+                    raise UsageError(f"cannot resume from {self.run_dir}: {exc}") from None
             else:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
                 _atomic_write_json(self.run_dir / "run.json", self._settings)
         self._steps_since_version = 0
+
+    def _check_run_dir(self, resume: bool) -> None:
+        """Refuse what would mix two runs in one chain, before anything is started."""
+        head_file = self.run_dir / "chain" / "HEAD"
+        if not resume and head_file.exists():
+            raise UsageError(f"{self.run_dir} already holds a model chain: continue it with --resume, "
+                             f"or choose a new --out")
+        if resume:
+            from enshuffle.coordinator.chain import ChainError
+            from enshuffle.protocol.keys import fingerprint
+
+            try:
+                key = self.chain.run_key() if (self.run_dir / "chain").exists() else None
+            except ChainError as exc:
+                raise UsageError(f"cannot resume from {self.run_dir}: {exc}") from None
+            if key is not None and key != self.identity.public_hex:
+                raise UsageError(f"{self.run_dir} was signed by coordinator key {fingerprint(bytes.fromhex(key))}, but this "
+                                 f"machine's key is {self.identity.fingerprint}: resume with the ENSHUFFLE_HOME "
+                                 f"that ran it")
+            stored = load_run_settings(str(self.run_dir)).get("data")
+            if stored is not None and stored != self._settings["data"]:
+                raise UsageError(f"{self.run_dir} was trained on other data ({stored.get('images')} training "
+                                 f"images, digest {str(stored.get('sha256'))[:12]}) than now "
+                                 f"({self._settings['data']['images']}, {self._settings['data']['sha256'][:12]}): "
+                                 f"resume with the same --data and --limit")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create run directory {self.run_dir}: {exc.strerror}; "
+                             f"choose a writable --out") from None
 
     # -- resume ----------------------------------------------------------------------
     def _resume(self) -> None:
@@ -107,6 +143,8 @@ class CoordinatorRun:
         arrays, meta = self.chain.load(head)
         self.trainer.restore(arrays, meta)
         self.server.ledger.load(meta.get("ledger", {}))
+        # Ledger rows are keyed by label: the same key must get the same label after a resume.
+        self.server.labels.update({bytes.fromhex(k): v for k, v in (meta.get("labels") or {}).items()})
         with self.state.lock:
             for v in self.chain.versions():
                 self.state.versions.append(_version_row(v.version_id, v.parent_id, v.metadata))
@@ -134,6 +172,7 @@ class CoordinatorRun:
             "metrics": ({"cost": last["cost"], "train_accuracy": last["train_accuracy"],
                          "test_accuracy": last["test_accuracy"]} if last else {}),
             "exposure": self.server.ledger.shares(), "ledger": self.server.ledger.export(), "history": history,
+            "labels": {key.hex(): label for key, label in self.server.labels.items()},
         })
         version = self.chain.append(arrays, meta)
         parent = self.state.versions[-1].version_id if self.state.versions else None
@@ -153,6 +192,8 @@ class CoordinatorRun:
         try:
             if not self.server.wait_for_nodes(self.min_nodes, lambda: self.control.stop_requested):
                 self.log("stopped before training started")
+                self.server.close("shutdown")
+                self._finish("stopped")
                 return 0
             self._set_status("training")
             while not self.trainer.finished and not self.control.stop_requested:
@@ -178,13 +219,15 @@ class CoordinatorRun:
                 self.write_version()
                 self.log("stopped on request after finishing the step; model version written")
         except StepAbandoned as exc:
-            # The unfinished step is dropped: the head of the chain is still the last complete
-            # position, which is what --resume continues from.
+            # The unfinished step is dropped (parameters change only after a step's last product),
+            # so the steps completed since the last version are kept in a new one.
+            self._keep_completed_steps()
             self.log(f"stopped: {exc}; the last model version is the place to --resume from")
             self.server.close("shutdown")
             self._finish("stopped")
             return 0
         except TrainingAborted as exc:
+            self._keep_completed_steps()
             self.log(f"training aborted: {exc}")
             self.server.close("shutdown")
             self._finish("aborted")
@@ -199,6 +242,10 @@ class CoordinatorRun:
         self._finish("finished" if finished else "stopped")
         return 0
 
+    def _keep_completed_steps(self) -> None:
+        if self._steps_since_version:
+            self.write_version()
+
     def _set_status(self, text: str) -> None:
         with self.state.lock:
             self.state.status = text
@@ -208,6 +255,33 @@ class CoordinatorRun:
         with self.state.lock:
             self.state.status = status
             self.state.finished = True
+
+
+def data_fingerprint(inputs) -> dict:
+    """What a resumed run must train on: counts and a SHA-256 of the prepared matrices and labels."""
+    digest = hashlib.sha256()
+    for array in (inputs.images["train"], inputs.train_labels, inputs.images["test"], inputs.test_labels):
+        digest.update(np.ascontiguousarray(array).data)
+    return {"images": int(inputs.images["train"].shape[0]), "sha256": digest.hexdigest()}
+
+
+def plan_secret(run_dir: Path) -> int:
+    """The run's secret seed for its partitions and static disguises, created on first use
+    (mode 0600) so --resume draws the same ones. Never derived from anything a node can know."""
+    path = Path(run_dir) / "plan.secret"
+    try:
+        return int(path.read_text().strip(), 16)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is unreadable ({exc}); it holds the run's plan secret: restore it from a "
+                         f"backup, or start a new run") from None
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    value = secrets.token_hex(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return int(value, 16)
 
 
 def _new_ledger():
@@ -221,7 +295,7 @@ def _version_row(version_id: str, parent_id: str | None, meta: dict) -> VersionR
                       step=int(meta.get("step", 0)),
                       test_accuracy=(meta.get("metrics") or {}).get("test_accuracy"),
                       created=float(meta.get("created", 0.0)),
-                      metadata={k: v for k, v in meta.items() if k not in ("ledger", "history")})
+                      metadata={k: v for k, v in meta.items() if k not in ("ledger", "history", "labels")})
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:
@@ -230,14 +304,22 @@ def _atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+RUN_FIELDS = {"preset": str, "epochs": int, "dtype": str, "offload": str, "seed": int, "shards": int}
+
+
 def load_run_settings(run_dir: str) -> dict:
     path = Path(run_dir) / "run.json"
     try:
-        return json.loads(path.read_text())
+        settings = json.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"{path} not found: --resume needs the RUN_DIR of an earlier coordinator run") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path} is unreadable ({exc}); it should be the JSON a coordinator wrote") from None
+    bad = [name for name, kind in RUN_FIELDS.items()
+           if not isinstance(settings, dict) or not isinstance(settings.get(name), kind)]
+    if bad:
+        raise UsageError(f"{path} lacks valid {', '.join(bad)}; it should be the JSON a coordinator wrote")
+    return settings
 
 
 # -- local node processes ------------------------------------------------------------------
@@ -272,11 +354,11 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
             p.wait()
 
 
-def run_local_cluster(args, preset, inputs, seed: int) -> int:
+def run_local_cluster(args, preset, inputs) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
         tmp = Path(tmp)
-        run = CoordinatorRun(args, preset, inputs, seed, bind="tcp://127.0.0.1:*", shards=args.nodes,
+        run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=args.nodes,
                              min_nodes=args.nodes, run_dir=args.out, home=tmp / "coordinator",
                              quiet=not getattr(args, "verbose", False))
         eprint(f"train: coordinator on {run.server.endpoint}, {args.nodes} local node processes, "
@@ -311,14 +393,15 @@ def run_with_tui(run: CoordinatorRun) -> int:
 
     from enshuffle.tui.coordinator_app import CoordinatorApp
 
-    status = {}
+    status: dict = {}
 
     def work():
         try:
             status["rc"] = run.run()
-        except Exception as exc:  # surfaced in the console's log and as the exit status
-            run.log(f"coordinator failed: {exc!r}")
-            status["rc"] = 1
+        except Exception as exc:  # shown in the console's log, and printed once the console closes
+            status["error"] = exc
+            run.log(f"coordinator failed: {exc}")
+            status["rc"] = 2 if isinstance(exc, UsageError) else 1
             with run.state.lock:
                 run.state.finished = True
 
@@ -329,7 +412,16 @@ def run_with_tui(run: CoordinatorRun) -> int:
     thread.start()
     app = CoordinatorApp(source=run.state.snapshot, control=run.control,
                          verify_chain=lambda: verify_chain_message(run.chain))
-    app.run()
-    run.control.request_stop()
-    thread.join()
+    try:
+        app.run()
+    finally:
+        run.control.request_stop()
+        # A step finishes in well under this; if the run is stuck the daemon thread dies with us.
+        thread.join(30)
+    if "error" in status:
+        print(f"enshuffle: error: {status['error']}", file=sys.stderr)
+    elif thread.is_alive():
+        print("enshuffle: the run did not finish its step within 30 s of quitting; leaving anyway",
+              file=sys.stderr)
+        return 1
     return status.get("rc", 0)

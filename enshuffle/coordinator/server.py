@@ -640,7 +640,7 @@ class CoordinatorServer:
         label = self.labels.get(key)
         if label is None:
             name = str(header["name"])[:40] or "node"
-            taken = set(self.labels.values())
+            taken = set(self.labels.values()) | set(self.ledger.nodes())  # resumed rows included
             label = name if name not in taken else f"{name}[{short_fingerprint(fp)}]"
             self.labels[key] = label
         credit = min(int(header["capabilities"]["credit"]), self.max_credit)

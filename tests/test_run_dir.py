@@ -1,0 +1,89 @@
+"""The run directory: secrets, refusals and resume checks, before anything trains.
+
+- Partitions and disguises never come from the public training seed: two runs with the same
+  seed draw different pixel blocks; a run's plan secret (mode 0600) gives --resume the same ones.
+- A new run refuses a RUN_DIR that already holds a chain; --resume refuses another coordinator
+  key, other data, and a broken run.json, each with a one-line error (exit status 2 from the CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
+from enshuffle.cli import UsageError
+from enshuffle.coordinator.run import CoordinatorRun, plan_secret
+from enshuffle.coordinator.training import prepare
+from enshuffle.dataset import load_idx_dir
+from enshuffle.model import get_preset
+
+
+def make_run(data_dir: Path, run_dir: Path, home: Path, *, resume: bool = False, limit: int = 300) -> CoordinatorRun:
+    preset = get_preset("default", epochs=1)
+    inputs = prepare(load_idx_dir(data_dir), preset, limit)
+    args = argparse.Namespace(offload="matmul", json=False, save_weights=None, limit=limit)
+    return CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
+                          run_dir=str(run_dir), resume=resume, home=home, quiet=True)
+
+
+def blocks(run: CoordinatorRun) -> list[np.ndarray]:
+    return [np.sort(b) for b in run.compute.pixel_blocks]
+
+
+def test_plan_secret_is_private_and_stable(tmp_path):
+    first = plan_secret(tmp_path)
+    assert plan_secret(tmp_path) == first
+    mode = stat.S_IMODE((tmp_path / "plan.secret").stat().st_mode)
+    assert mode == 0o600
+    assert plan_secret(tmp_path / "other") != first
+
+
+def test_same_seed_different_plans_and_resume_keeps_them(core_data_dir, tmp_path):
+    a = make_run(core_data_dir, tmp_path / "a", tmp_path / "home")
+    b = make_run(core_data_dir, tmp_path / "b", tmp_path / "home")
+    try:
+        assert a.preset.seed == b.preset.seed
+        assert not all(np.array_equal(x, y) for x, y in zip(blocks(a), blocks(b)))
+        a.write_version()  # a head to resume from
+        a_blocks = blocks(a)
+    finally:
+        a.server.close()
+        b.server.close()
+    resumed = make_run(core_data_dir, tmp_path / "a", tmp_path / "home", resume=True)
+    try:
+        assert all(np.array_equal(x, y) for x, y in zip(blocks(resumed), a_blocks))
+    finally:
+        resumed.server.close()
+
+
+def test_refusals(core_data_dir, tmp_path):
+    run = make_run(core_data_dir, tmp_path / "r", tmp_path / "home")
+    run.write_version()
+    run.server.close()
+    with pytest.raises(UsageError, match="already holds a model chain"):
+        make_run(core_data_dir, tmp_path / "r", tmp_path / "home")
+    with pytest.raises(UsageError, match="signed by coordinator key"):
+        make_run(core_data_dir, tmp_path / "r", tmp_path / "other-home", resume=True)
+    with pytest.raises(UsageError, match="other data"):
+        make_run(core_data_dir, tmp_path / "r", tmp_path / "home", resume=True, limit=200)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", json.dumps({"preset": "default"})])
+def test_broken_run_json_is_a_one_line_error(tmp_path, content):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text(content)
+    proc = subprocess.run([sys.executable, "-m", "enshuffle", "coordinator", "--bind", "tcp://127.0.0.1:29811",
+                           "--resume", "--out", str(run_dir)], capture_output=True, text=True, timeout=60,
+                          env={"ENSHUFFLE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "run.json" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
