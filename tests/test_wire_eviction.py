@@ -45,3 +45,44 @@ def test_a_flooding_node_is_evicted_and_refused(core_data_dir, tmp_path):
         honest.stop()
     assert run.server.counters["dropped"] >= MAX_PROTOCOL_ERRORS
     assert_same_weights(weights, expected)
+
+
+class NoRoomNode(ScriptedNode):
+    """A node that cannot store static operands: it answers every STATIC with REJECT too-large."""
+
+    bye = None
+
+    def _handle(self, msg):
+        if msg.command == "BYE":
+            self.bye = msg
+        if msg.command == "STATIC":
+            self.sign_and_send("REJECT", {"run_id": msg.header["run_id"], "batch_id": None, "seq": msg.header["seq"],
+                                          "code": "too-large", "text": "no room for this static operand"})
+            return
+        if msg.command == "BATCH":  # it has none of the statics a batch names
+            self.sign_and_send("REJECT", {"run_id": msg.header["run_id"], "batch_id": msg.header["batch_id"],
+                                          "seq": msg.header["seq"], "code": "unknown-static", "text": "none held"})
+            return
+        super()._handle(msg)
+
+
+def test_a_node_that_cannot_store_statics_is_evicted_not_retried(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    expected = reference_weights(preset, inputs)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
+    small = NoRoomNode(run.endpoint, "small")
+    honest = None
+    try:
+        small.hello()
+        small.serve_until(lambda: small.bye, 20, "BYE for the node without room", on_timeout=run.describe)
+        assert small.bye.header["reason"] == "evicted"
+        assert run.logged("cannot store its static operands"), run.describe()
+        honest = spawn_node(tmp_path / "honest", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
+        weights = run.finish(120)
+    finally:
+        run.close()
+        small.close()
+        if honest is not None:
+            honest.stop()
+    assert_same_weights(weights, expected)

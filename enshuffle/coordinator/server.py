@@ -479,7 +479,10 @@ class CoordinatorServer:
         now = time.monotonic()
         silence = 3 * self.heartbeat_ms / 1000
         for session in list(self.sessions.values()):
-            if now - session.last_seen > silence:
+            # A node computes a batch in the thread that heartbeats, so while it holds a live
+            # lease, silence is judged by the lease, not by the heartbeat.
+            live = [t.deadline for t in session.outstanding.values() if t.session == session.node_id]
+            if now - session.last_seen > silence and (not live or now > max(live)):
                 self._end_session(session, f"silent for {now - session.last_seen:.1f} s (heartbeat lost)")
                 continue
             for task in list(session.outstanding.values()):
@@ -667,11 +670,12 @@ class CoordinatorServer:
         task = session.outstanding.get(batch_id) if batch_id is not None else None
         if msg.header.get("run_id") != self.run_id:
             self.counters["dropped"] += 1
-            self.log(f"dropped {what} from {session.label}: it is for run {msg.header.get('run_id')!r}, not this run")
+            self._warn(session.label, f"dropped {what} from {session.label}: it is for run "
+                                      f"{msg.header.get('run_id')!r}, not this run")
             return None
         if task is None or task.seq_by_node.get(session.node_id) != seq:
             self.counters["dropped"] += 1
-            self.log(f"dropped {what} from {session.label} for unknown batch {batch_id} (seq {seq})")
+            self._warn(session.label, f"dropped {what} from {session.label} for unknown batch {batch_id} (seq {seq})")
             return None
         return task
 
@@ -746,7 +750,15 @@ class CoordinatorServer:
         self.counters["rejected"] += 1
         self._count_refused(session)
         code, text = msg.header.get("code"), msg.header.get("text")
-        self.log(f"node {session.label} rejected batch {msg.header.get('batch_id')}: {code}: {text}")
+        if msg.header.get("batch_id") is None and code in ("too-large", "compute-error"):
+            # It cannot store a static operand, so it cannot serve any shard of this run.
+            self.log(f"node {session.label} cannot store its static operands ({code}: {text}); "
+                     f"evicting it from this run")
+            self._send(session, "BYE", {"node_id": session.node_id, "reason": "evicted"})
+            self.banned.add(session.key)
+            self._end_session(session, "it cannot store its static operands")
+            return
+        self._warn(session.label, f"node {session.label} rejected batch {msg.header.get('batch_id')}: {code}: {text}")
         task = self._task_for(session, msg, "REJECT") if msg.header.get("batch_id") else None
         if task is None:
             return
