@@ -642,7 +642,8 @@ class CoordinatorServer:
         fp = fingerprint(key)
         label = self.labels.get(key)
         if label is None:
-            name = str(header["name"])[:40] or "node"
+            # Brackets are reserved for the fingerprint suffix that tells same-named nodes apart.
+            name = str(header["name"]).replace("[", "(").replace("]", ")")[:40] or "node"
             taken = set(self.labels.values()) | set(self.ledger.nodes())  # resumed rows included
             label = name if name not in taken else f"{name}[{short_fingerprint(fp)}]"
             self.labels[key] = label
