@@ -4,6 +4,8 @@ coordinator says it is waiting, and goes on when one resumes."""
 
 from __future__ import annotations
 
+import contextlib
+
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
     reference_weights, spawn_node
@@ -39,10 +41,11 @@ def test_a_paused_node_hands_its_work_to_an_active_one(core_data_dir, tmp_path):
     assert_same_weights(weights, expected)
 
 
-def test_every_node_paused_means_waiting_then_resume(core_data_dir, tmp_path):
+@contextlib.contextmanager
+def everyone_paused(core_data_dir):
+    """One shard, one scripted volunteer that pauses at step 1; yields once the coordinator waits."""
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
-    expected = reference_weights(preset, inputs)
     run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start(hold_at=1)
     volunteer = ScriptedNode(run.endpoint, "volunteer")
     try:
@@ -52,35 +55,27 @@ def test_every_node_paused_means_waiting_then_resume(core_data_dir, tmp_path):
         run.hold_at(-1)
         volunteer.serve_until(lambda: run.state.snapshot().status == "waiting for nodes: every node has paused",
                               20, "the coordinator to say every node has paused", on_timeout=run.describe)
+        yield run, volunteer, reference_weights(preset, inputs)
+    finally:
+        run.close()
+        volunteer.close()
+
+
+def test_every_node_paused_means_waiting_then_resume(core_data_dir):
+    with everyone_paused(core_data_dir) as (run, volunteer, expected):
         assert run.logged("every connected node has paused"), run.describe()
         steps = run.steps_done
         pause(volunteer, credit=2)
         volunteer.serve_until(run.done.is_set, 120, "training to finish after resuming", on_timeout=run.describe)
         weights = run.finish()
-    finally:
-        run.close()
-        volunteer.close()
     assert run.steps_done > steps
     assert_same_weights(weights, expected)
 
 
-def test_a_stop_while_every_node_is_paused_ends_the_step(core_data_dir, tmp_path):
+def test_a_stop_while_every_node_is_paused_ends_the_step(core_data_dir):
     from enshuffle.coordinator.server import StepAbandoned
 
-    preset = default_preset(epochs=1)
-    inputs = load_inputs(core_data_dir, preset, 600)
-    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start(hold_at=1)
-    volunteer = ScriptedNode(run.endpoint, "volunteer")
-    try:
-        volunteer.hello()
-        volunteer.serve_until(run.held, 60, "step 1", on_timeout=run.describe)
-        pause(volunteer)
-        run.hold_at(-1)
-        volunteer.serve_until(lambda: run.state.snapshot().status == "waiting for nodes: every node has paused",
-                              20, "the coordinator to wait", on_timeout=run.describe)
+    with everyone_paused(core_data_dir) as (run, volunteer, _):
         run.server.control.request_stop()
         volunteer.serve_until(run.done.is_set, 10, "the stop to end the waiting step", on_timeout=run.describe)
-    finally:
-        run.close()
-        volunteer.close()
     assert isinstance(run.error, StepAbandoned), run.describe()
