@@ -117,8 +117,6 @@ def drive(args, preset, inputs, compute, ledger) -> int:
 
 def cmd_coordinator(args) -> int:
     """`enshuffle coordinator`: listen for volunteers' nodes and train."""
-    import signal
-
     from enshuffle.coordinator.run import CoordinatorRun, default_run_dir, load_run_settings
 
     run_dir = args.out
@@ -150,13 +148,6 @@ def cmd_coordinator(args) -> int:
     if connect != endpoint:
         eprint("  (replace THIS_HOST with this machine's address as the volunteers reach it)")
 
-    def on_signal(signum, frame):
-        run.control.request_stop()
+    from enshuffle.coordinator.run import run_headless, run_with_tui
 
-    if not args.tui:
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        return run.run()
-    from enshuffle.coordinator.run import run_with_tui
-
-    return run_with_tui(run)
+    return run_with_tui(run) if args.tui else run_headless(run)

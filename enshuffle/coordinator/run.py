@@ -367,7 +367,7 @@ def run_local_cluster(args, preset, inputs) -> int:
         try:
             if getattr(args, "tui", False):
                 return run_with_tui(run)
-            return run.run()
+            return run_headless(run)
         finally:
             finished = run.trainer.finished
             if not run.state.finished:
@@ -385,6 +385,27 @@ def verify_chain_message(chain) -> tuple[bool, str]:
     if report.ok:
         return True, f"ok: {report.checked} versions verified"
     return False, f"FAILED at {report.first_bad[:12] if report.first_bad else '?'}: {report.problem}"
+
+
+def run_headless(run: CoordinatorRun) -> int:
+    """Run in this thread; the first SIGINT/SIGTERM stops gracefully (the step finishes, a model
+    version is written, nodes are told BYE), a second one interrupts at once."""
+    import signal
+
+    def on_signal(signum, frame):
+        if run.control.stop_requested:
+            raise KeyboardInterrupt
+        line = f"{signal.Signals(signum).name}: finishing the step, then stopping (again to stop at once)"
+        run.state.add_log(line)
+        eprint(line)
+        run.control.request_stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_with_tui(run: CoordinatorRun) -> int:
@@ -412,9 +433,20 @@ def run_with_tui(run: CoordinatorRun) -> int:
     thread.start()
     app = CoordinatorApp(source=run.state.snapshot, control=run.control,
                          verify_chain=lambda: verify_chain_message(run.chain))
+
+    def on_sigterm(signum, frame):
+        # As the first q: finish the step, write a version, say BYE; the console then leaves.
+        # The handler runs on the main thread, which is the app's event loop thread.
+        if not app.stopping:
+            app.call_later(app.action_request_quit)
+
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         app.run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         run.control.request_stop()
         # A step finishes in well under this; if the run is stuck the daemon thread dies with us.
         thread.join(30)
