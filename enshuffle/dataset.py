@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import math
 import os
 import struct
 import urllib.error
@@ -142,7 +143,7 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
     if len(data) < header:
         raise DataError(f"{path} is truncated inside its header ({len(data)} bytes); download it again")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # Python ints: a numpy int64 product can wrap to 0
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
         raise DataError(f"{path} is {what}: header {'x'.join(map(str, dims))} needs {expected} bytes, "
@@ -289,6 +290,9 @@ def _check_counts(images: np.ndarray, labels: np.ndarray, images_path: Path, lab
     if len(images) != len(labels):
         raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} "
                         f"labels; the two files must come from the same release")
+    if len(images) == 0:
+        raise DataError(f"{images_path} holds no images; a data set needs at least one training and one "
+                        f"test image")
 
 
 def load_idx_dir(directory: str | os.PathLike, name: str = "directory") -> Dataset:

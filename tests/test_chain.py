@@ -413,3 +413,28 @@ def test_cli_export_of_a_version_without_weights(tmp_path):
     Chain(tmp_path, Signer()).append({"w1": np.ones(2)}, {})
     done = cli("chain", "export", str(tmp_path), "--npz", str(tmp_path / "o.npz"))
     assert done.returncode == 2 and "b1, w2, b2" in done.stderr
+
+
+def test_broken_files_are_one_line_errors_not_tracebacks(run, tmp_path):
+    run_dir, _, ids, _ = run
+    # A version.json nested deeper than the JSON parser goes: verify reports it, log refuses it.
+    record_path(run_dir, ids[1]).write_text("[" * 100000)
+    out = cli("chain", "verify", str(run_dir))
+    assert out.returncode == 1 and "Traceback" not in out.stderr and ids[1] in out.stderr
+    out = cli("chain", "log", str(run_dir))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    # HEAD that is a directory.
+    head = run_dir / "chain" / "HEAD"
+    head.unlink()
+    head.mkdir()
+    out = cli("chain", "log", str(run_dir))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "HEAD" in out.stderr
+
+
+def test_export_to_a_directory_or_unwritable_path_is_refused(run, tmp_path):
+    run_dir, _, _, _ = run
+    out = cli("chain", "export", str(run_dir), "--npz", str(tmp_path))
+    assert out.returncode == 2 and "is a directory" in out.stderr and "Traceback" not in out.stderr
+    out = cli("chain", "export", str(run_dir), "--npz", "/proc/model.npz")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert not list(tmp_path.glob(".tmp*")) and not list(Path("/proc").glob(".tmp-model*"))

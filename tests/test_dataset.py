@@ -424,3 +424,20 @@ def test_one_hot():
     assert one_hot(np.array([1]), classes=4, dtype=np.float32).tolist() == [[0, 1, 0, 0]]
     with pytest.raises(ValueError, match="0..9"):
         one_hot(np.array([10]))
+
+
+def test_dimensions_whose_product_wraps_int64_are_refused(tmp_path):
+    """(2^31, 2^31, 16) wraps to 0 in int64; the byte count must be computed exactly."""
+    import struct
+
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(struct.pack(">IIII", 0x00000803, 2 ** 31, 2 ** 31, 16))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        read_idx(path)
+
+
+def test_an_empty_data_set_is_refused(tmp_path):
+    empty = np.zeros((0, 28, 28), np.uint8)
+    write_idx_dir(tmp_path, empty, np.zeros(0, np.uint8), empty, np.zeros(0, np.uint8))
+    with pytest.raises(DataError, match="no images"):
+        load_idx_dir(tmp_path)

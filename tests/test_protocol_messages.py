@@ -379,3 +379,17 @@ def test_every_command_and_field_is_in_the_spec_table(command):
     row = next(line for line in DOC.splitlines() if line.startswith(f"| {command} | `"))
     for field in COMMANDS[command].fields:
         assert f"`{field}`" in row, f"{command}.{field} missing from docs/protocol.md"
+
+
+def test_a_huge_dimension_beside_a_zero_is_refused_not_a_crash():
+    """A zero dimension makes the size check pass for any other dimension: those are bounded too,
+    and anything numpy itself cannot shape is a ProtocolError, never a ValueError."""
+    import json as _json
+
+    for shape in ([0, 10 ** 30], [0, 2 ** 30, 2 ** 30, 2 ** 30]):
+        header = {"run_id": "r", "batch_id": "b", "seq": 1, "compute_seconds": 0.1,
+                  "arrays": [{"name": "c", "dtype": "float32", "shape": shape}]}
+        frames = [b"ENS1", b"RESULT", _json.dumps(header).encode(), b"", bytes(64)]
+        with pytest.raises(ProtocolError) as info:
+            decode(frames)
+        assert info.value.code == "bad-array"

@@ -205,6 +205,9 @@ class Chain:
             return (self.dir / "HEAD").read_text(encoding="ascii", errors="replace").strip()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise ChainError(f"{self.dir / 'HEAD'} cannot be read ({exc.strerror}); it should be a file "
+                             f"holding the newest version's id") from None
 
     def head(self) -> str | None:
         """The newest version's id, or None for a chain with no version yet."""
@@ -236,8 +239,9 @@ class Chain:
             record = json.loads(path.read_bytes())
         except FileNotFoundError:
             raise ChainIntegrityError(f"version {short(version_id)}: {path} is missing") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ChainIntegrityError(f"version {short(version_id)}: {path} is not valid JSON ({exc})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise ChainIntegrityError(f"version {short(version_id)}: {path} is not valid JSON "
+                                      f"({type(exc).__name__})") from None
         problem = _record_shape_problem(record)
         if problem:
             raise ChainIntegrityError(f"version {short(version_id)}: {path} {problem}")
@@ -511,8 +515,10 @@ def _log_line(info: VersionInfo) -> str:
     metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
     accuracy = metrics.get("test_accuracy", meta.get("test_accuracy"))
     created = meta.get("created")
-    when = (datetime.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M:%S")
-            if isinstance(created, (int, float)) else "-")
+    try:
+        when = datetime.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):  # not a time this machine can show
+        when = "-"
     acc = f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "-"
     return (f"{short(info.version_id)}  parent {short(info.parent_id):<{SHORT}}  "
             f"epoch {meta.get('epoch', '-')!s:>3}  step {meta.get('step', '-')!s:>6}  test_acc {acc}  {when}")
@@ -578,9 +584,18 @@ def cmd_export(args) -> int:
     target = Path(args.npz)
     if not target.parent.is_dir():
         raise UsageError(f"directory {target.parent} for --npz {args.npz} does not exist; create it first")
+    if target.is_dir():
+        raise UsageError(f"--npz {args.npz} is a directory; give a file name such as {target / 'model.npz'}")
     tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(4)}")
-    with open(tmp, "wb") as fh:  # a file object, so numpy does not append ".npz" to the name
-        np.savez(fh, **{n: arrays[n] for n in EXPORT_NAMES})
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "wb") as fh:  # a file object, so numpy does not append ".npz" to the name
+            np.savez(fh, **{n: arrays[n] for n in EXPORT_NAMES})
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.npz}: {exc.strerror}; choose a writable path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {', '.join(EXPORT_NAMES)} of version {short(version_id)} to {target}")
     return 0

@@ -76,6 +76,9 @@ def report_ledger(ledger, args, extra: dict | None = None) -> None:
 def cmd_train(args) -> int:
     if args.tui and (args.nodes == 0 or args.in_process):
         raise UsageError("--tui shows a coordinator and its nodes: use it with --nodes K >= 1 and without --in-process")
+    if args.out and (args.nodes == 0 or args.in_process):
+        raise UsageError("--out keeps the model chain of a coordinator run: use it with --nodes K >= 1 and "
+                         "without --in-process (or --save-weights for the final weights)")
     preset = preset_from_args(args)
     inputs = load_inputs(args, preset)
     if args.nodes == 0:

@@ -143,6 +143,7 @@ class CoordinatorServer:
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::]:PORT and IPv6 peers; IPv4 still works
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
         self.sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
@@ -385,7 +386,13 @@ class CoordinatorServer:
                     frames = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                self._handle(frames)
+                try:
+                    self._handle(frames)
+                except (TrainingAborted, StepAbandoned):
+                    raise
+                except Exception as exc:  # one bad message never takes the coordinator down
+                    self.counters["dropped"] += 1
+                    self._warn("internal", f"dropped a message that could not be handled: {exc!r}")
         self._housekeeping()
         self._requeue_waiting()
         self._dispatch()

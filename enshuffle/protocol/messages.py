@@ -338,9 +338,11 @@ def _parse_entries(command: str, header: dict, n_payloads: int, limits: Limits) 
             raise ProtocolError(BAD_ARRAY, f"array {name!r} dtype {dtype!r:.40} is not allowed; "
                                 f"allowed: {', '.join(ALLOWED_DTYPES)}", header)
         if (not isinstance(shape, list) or len(shape) > limits.max_ndim
-                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= limits.max_message_bytes
+                           for d in shape)):
+            # Each dimension is bounded too: a zero elsewhere would let a huge one pass the size check.
             raise ProtocolError(BAD_ARRAY, f"array {name!r} shape {shape!r:.80} must be a list of at "
-                                f"most {limits.max_ndim} non-negative integers", header)
+                                f"most {limits.max_ndim} integers from 0 to {limits.max_message_bytes}", header)
         parsed.append((name, _WIRE_DTYPES[dtype], tuple(shape)))
     return parsed
 
@@ -383,7 +385,10 @@ def decode(frames: list, *, limits: Limits = DEFAULT_LIMITS) -> Message:
         if payload.nbytes != expected:
             raise ProtocolError(BAD_ARRAY, f"array {name!r} {dtype.name}{list(shape)} needs {expected} "
                                 f"bytes, its frame has {payload.nbytes}", header)
-        array = np.frombuffer(payload, dtype=dtype).reshape(shape)
+        try:
+            array = np.frombuffer(payload, dtype=dtype).reshape(shape)
+        except ValueError as exc:  # numpy's own limits (e.g. dimensions it cannot index)
+            raise ProtocolError(BAD_ARRAY, f"array {name!r} shape {list(shape)} is not usable: {exc}", header) from None
         array.flags.writeable = False  # a view on a received frame: never write through it
         arrays[name] = array
     signature = views[-1].tobytes()
