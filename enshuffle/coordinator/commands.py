@@ -57,6 +57,21 @@ def save_weights(path: str, params: dict[str, np.ndarray]) -> None:
         raise UsageError(f"cannot write weights to {path}: {exc.strerror}; choose a writable path") from None
 
 
+def check_weights_path(args) -> None:
+    """Refuse a --save-weights path that cannot be written before training, not after it."""
+    path = getattr(args, "save_weights", None)
+    if not path:
+        return
+    import os
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"--save-weights {path} is a directory; give a file name such as {target / 'model.npz'}")
+    if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
+        raise UsageError(f"--save-weights {path}: directory {target.parent} does not exist or is not writable")
+
+
 def report_epoch(report, args, total: int) -> None:
     if args.json:
         print(json.dumps(report.as_dict()), flush=True)
@@ -79,6 +94,7 @@ def cmd_train(args) -> int:
     if args.out and (args.nodes == 0 or args.in_process):
         raise UsageError("--out keeps the model chain of a coordinator run: use it with --nodes K >= 1 and "
                          "without --in-process (or --save-weights for the final weights)")
+    check_weights_path(args)
     preset = preset_from_args(args)
     inputs = load_inputs(args, preset)
     if args.nodes == 0:
