@@ -466,3 +466,125 @@ def test_blas_threads_can_change_at_runtime():
     finally:
         set_blas_threads(before)
     assert get_blas_threads() == before
+
+
+# --- regressions: silence after a long batch, per-run replay, bad files and values -------------
+
+def test_heartbeats_that_arrive_during_a_long_batch_keep_the_session_and_its_result(coord, node_proc):
+    proc = node_proc(coord.address, "--coordinator-key", coord.identity.fingerprint)
+    hello = coord.expect("HELLO")
+    node_key = verify_self_signed(hello)
+    heartbeat_ms = 20  # lost after 60 ms of silence: far less than the batch below takes
+    a, b = RNG.standard_normal((1600, 1600)), RNG.standard_normal((1600, 1600))
+    frames = encode("BATCH", {"run_id": coord.run_id, "batch_id": "long", "seq": 1, "step": 0, "op": "matmul",
+                              "params": {"a_static": None, "transpose_a": False}, "lease_ms": 30000},
+                    {"a": a, "b": b}, signer=coord.identity)  # encoded first: no gap in our beats
+    coord.welcome(hello, heartbeat_ms=heartbeat_ms)
+    coord.send_frames(frames)
+    deadline = time.monotonic() + 20
+    while True:  # beat every few ms, as a live coordinator does, until the node answers
+        assert time.monotonic() < deadline, "no RESULT within 20 s"
+        coord.beat()
+        if not coord.sock.poll(5, zmq.POLLIN):
+            continue
+        msg = decode(coord.recv()[1])
+        if msg.command == "HEARTBEAT":
+            continue
+        assert msg.command == "RESULT", f"expected RESULT, got {msg.command} {msg.header}"
+        break
+    verify(msg, node_key)
+    assert msg.header["compute_seconds"] > 3 * heartbeat_ms / 1000  # the case under test happened
+    np.testing.assert_allclose(msg.arrays["c"], a @ b, rtol=1e-9)
+    assert proc.poll() is None
+
+
+def test_replay_protection_spans_sessions_of_the_same_run(coord, threaded):
+    node = threaded(coord.address)
+    hello = coord.expect("HELLO")
+    node_key = verify_self_signed(hello)
+    coord.welcome(hello)
+    a, b = np.ones((2, 2)), np.ones((2, 2))
+    params = {"a_static": None, "transpose_a": False}
+    coord.seq = 10
+    expect_result(coord, node_key, "b11", coord.batch("b11", "matmul", {"a": a, "b": b}, params))
+    old = encode("BATCH", {"run_id": coord.run_id, "batch_id": "b5", "seq": 5, "step": 0, "op": "matmul",
+                           "params": params, "lease_ms": 30000}, {"a": a, "b": b}, signer=coord.identity)
+    coord.send("BYE", {"node_id": "n1", "reason": "shutdown"})  # a new session of the same run
+    coord.welcome(coord.expect("HELLO"))
+    coord.send_frames(old)  # a recording of an older batch of this run
+    header = expect_reject(coord, node_key, "replayed")
+    assert header["seq"] == 5 and "11" in header["text"]
+    expect_result(coord, node_key, "b12", coord.batch("b12", "matmul", {"a": a, "b": b}, params))
+    assert node.thread.is_alive()
+
+
+def test_unreadable_trust_file_stops_the_node_with_a_clear_error(coord, threaded, tmp_path):
+    (tmp_path / "known_coordinators.json").write_bytes(b'{"coordinators": {"\xff": 1}}')
+    node = threaded(coord.address)
+    coord.welcome(coord.expect("HELLO"))
+    assert node.join() == EXIT_TRUST
+    assert str(tmp_path / "known_coordinators.json") in node.daemon.error
+
+
+def test_home_that_is_a_file_is_a_one_line_error(coord, tmp_path):
+    home = tmp_path / "home"
+    home.write_text("oops")
+    proc = spawn_node(home, coord.address)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1 and str(home) in err
+
+
+@pytest.mark.parametrize("heartbeat_ms", [2 ** 40, 600_001])  # 0 never gets past the codec
+def test_welcome_with_an_absurd_heartbeat_is_ignored(coord, threaded, heartbeat_ms):
+    node = threaded(coord.address)
+    first = coord.expect("HELLO")
+    coord.welcome(first, heartbeat_ms=heartbeat_ms)
+    again = coord.expect("HELLO", timeout=5)  # backed off and tried again, alive
+    assert again.header["nonce"] != first.header["nonce"]
+    assert node.thread.is_alive() and any(str(heartbeat_ms) in line for line in node.lines)
+    coord.welcome(again)  # a sane WELCOME still works
+    wait_for(lambda: node.state.snapshot().connection == "connected", what="connected")
+
+
+def test_refuse_without_our_nonce_is_never_final(coord, threaded):
+    node = threaded(coord.address)
+    first = coord.expect("HELLO")
+    coord.send("REFUSE", {"coordinator_key": coord.identity.public_hex, "nonce": None,
+                          "code": "version-mismatch", "text": "recorded long ago"})
+    again = coord.expect("HELLO", timeout=5)
+    assert again.header["nonce"] != first.header["nonce"]
+    assert node.thread.is_alive() and node.daemon.error is None
+    assert any("recorded long ago" in line for line in node.lines)
+
+
+def _ipv6_router():
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, 1)
+    try:
+        port = sock.bind_to_random_port("tcp://[::1]")
+    except zmq.ZMQError as exc:
+        sock.close()
+        ctx.term()
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    return ctx, sock, port
+
+
+def test_node_connects_over_ipv6(threaded):
+    ctx, sock, port = _ipv6_router()
+    try:
+        threaded(f"tcp://[::1]:{port}")
+        assert sock.poll(5000, zmq.POLLIN), "no HELLO over IPv6 within 5 s"
+        assert decode(sock.recv_multipart()[1:]).command == "HELLO"
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def test_malformed_address_is_a_one_line_error(tmp_path):
+    proc = spawn_node(tmp_path / "home", "tcp://a b:5555")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1 and "tcp://a b:5555" in err

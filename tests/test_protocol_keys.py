@@ -199,3 +199,69 @@ def test_keys_show_reports_a_bad_key_file_in_one_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and "node_ed25519.pem" in result.stderr
+
+
+# --- files the OS will not let us use: one KeyStoreError naming the path, never an OSError ---------
+
+def test_home_that_is_a_file_is_refused_naming_it(tmp_path):
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    with pytest.raises(KeyStoreError) as info:
+        load_or_create_identity("node", home)
+    assert str(home) in str(info.value) and "ENSHUFFLE_HOME" in str(info.value)
+    with pytest.raises(KeyStoreError) as info:
+        TrustStore(home).check(ADDR, Identity.generate().fingerprint)
+    assert str(home / "known_coordinators.json") in str(info.value)
+
+
+@posix_only
+def test_dangling_link_at_the_key_path_is_refused_and_left_alone(tmp_path):
+    path = key_path("node", tmp_path)
+    path.symlink_to(tmp_path / "gone.pem")
+    with pytest.raises(KeyStoreError) as info:
+        load_or_create_identity("node", tmp_path)
+    assert str(path) in str(info.value) and "broken link" in str(info.value)
+    assert path.is_symlink() and not (tmp_path / "gone.pem").exists()  # nothing written through it
+
+
+@posix_only
+@pytest.mark.skipif(os.name == "posix" and os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_key_file_is_refused_naming_it(tmp_path):
+    path = load_or_create_identity("node", tmp_path).path
+    path.chmod(0o000)
+    try:
+        with pytest.raises(KeyStoreError, match="cannot be read") as info:
+            load_or_create_identity("node", tmp_path)
+        assert str(path) in str(info.value)
+    finally:
+        path.chmod(0o600)
+
+
+def test_trust_file_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    store = TrustStore(tmp_path)
+    store.path.write_bytes(b'{"coordinators": {"\xff": 1}}')
+    with pytest.raises(KeyStoreError) as info:
+        store.check(ADDR, Identity.generate().fingerprint)
+    assert str(store.path) in str(info.value) and "delete it" in str(info.value)
+
+
+def test_trust_file_that_is_a_directory_is_refused_naming_it(tmp_path):
+    store = TrustStore(tmp_path)
+    store.path.mkdir()
+    with pytest.raises(KeyStoreError) as info:
+        store.remembered(ADDR)
+    assert str(store.path) in str(info.value) and "move it aside" in str(info.value)
+
+
+@posix_only
+@pytest.mark.skipif(os.name == "posix" and os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_trust_directory_is_refused_naming_the_file(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o500)
+    try:
+        with pytest.raises(KeyStoreError, match="cannot be written") as info:
+            TrustStore(home).check(ADDR, Identity.generate().fingerprint)
+        assert str(home / "known_coordinators.json") in str(info.value)
+    finally:
+        home.chmod(0o700)

@@ -40,10 +40,11 @@ def cmd_node(args) -> int:
     """Run a node until stopped; returns the daemon's exit status (see enshuffle.node.daemon)."""
     threads = _apply_thread_env(args.threads)
     # numpy (through the daemon) is imported only now, after the environment is set.
-    from enshuffle.node.daemon import NodeDaemon
+    from enshuffle.node.daemon import NodeDaemon, check_address
     from enshuffle.node.state import NodeControl, NodeState
     from enshuffle.protocol.keys import TrustStore, enshuffle_home, load_or_create_identity
 
+    check_address(args.connect)  # a malformed address is a one-line error (exit 2) up front
     home = enshuffle_home()
     identity = load_or_create_identity("node", home)
     trust = TrustStore(home)

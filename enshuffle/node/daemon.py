@@ -13,6 +13,7 @@ Exit statuses of `NodeDaemon.run()`:
 * 0  stopped (stop() / SIGINT / SIGTERM, after BYE `shutdown`), or BYE/REFUSE `run-finished`
      when `exit_on_finish` is true (the default, as under `enshuffle train`; a long-lived
      volunteer daemon passes exit_on_finish=False and keeps reconnecting with back-off);
+* 2  the --connect address is one ZeroMQ cannot connect to (see `check_address`);
 * 3  the coordinator's key failed the trust check (pin or remembered fingerprint mismatch,
      or an unusable trust file); nothing further is sent;
 * 4  the coordinator refused us for good: REFUSE `version-mismatch` / `not-allowed` /
@@ -35,6 +36,7 @@ from typing import Callable
 import numpy as np
 import zmq
 
+from enshuffle.cli import UsageError
 from enshuffle.node.blas import BlasThreadsUnavailable, set_blas_threads
 from enshuffle.node.compute import OPS, BatchError, compute_batch
 from enshuffle.node.state import NodeControl, NodeState
@@ -44,6 +46,7 @@ from enshuffle.protocol.messages import (DEFAULT_LIMITS, PROTOCOL_VERSION, Limit
                                          ProtocolError, decode, encode, verify, verify_self_signed)
 
 EXIT_OK = 0
+EXIT_USAGE = 2
 EXIT_TRUST = 3
 EXIT_REFUSED = 4
 
@@ -55,6 +58,9 @@ RATE_LINE_S = 10.0             # a rate line this often while working
 IDLE_AFTER_S = 2.0             # no batch for this long: "idle, waiting for work"
 BYE_LINGER_MS = 1000           # how long the final BYE may take to leave (spec 15)
 DEFAULT_MAX_STATIC_BYTES = 4 << 30
+
+MAX_HEARTBEAT_MS = 600_000    # a WELCOME asking for more (or < 1) is refused: libzmq takes an int
+MAX_RUNS_REMEMBERED = 64       # runs whose last accepted seq the daemon keeps (replay protection)
 
 FINAL_REFUSALS = ("version-mismatch", "not-allowed", "bad-hello")
 FINAL_BYES = ("evicted", "protocol-error")
@@ -102,6 +108,37 @@ def _json_id(value, kind: str):
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 53 else None
 
 
+class AddressError(UsageError):
+    """A --connect address ZeroMQ refuses; the message names it and the expected form."""
+
+
+def _configure_socket(sock: zmq.Socket) -> None:
+    # IPv6 on, so tcp://[::1]:PORT and IPv6-only host names work (IPv4 keeps working).
+    sock.setsockopt(zmq.IPV6, 1)
+
+
+def _connect(sock: zmq.Socket, address: str) -> None:
+    try:
+        sock.connect(address)
+    except zmq.ZMQError as exc:
+        raise AddressError(f"cannot connect to {address!r} ({exc}); give the coordinator's "
+                           f"address as tcp://HOST:PORT, e.g. tcp://192.0.2.7:5555 or "
+                           f"tcp://[::1]:5555") from None
+
+
+def check_address(address: str) -> None:
+    """Raise AddressError if ZeroMQ would refuse `address` (called before the daemon starts)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        _configure_socket(sock)
+        _connect(sock, address)
+    finally:
+        sock.close()
+        ctx.term()
+
+
 class _SessionEnd(Exception):
     """Ends the current session. `status` None = reconnect with back-off, else exit with it."""
 
@@ -121,7 +158,6 @@ class _Session:
     coordinator_key: bytes
     credit: int
     heartbeat_ms: int
-    last_seq: int = -1
     statics: dict[str, np.ndarray] = field(default_factory=dict)
     static_bytes: int = 0
     pending: deque = field(default_factory=deque)  # (received_at, Message | ProtocolError, frames)
@@ -170,6 +206,9 @@ class NodeDaemon:
         self._drop_log_at = 0.0
         self._drops_unlogged = 0
         self._lost_batch_logged = False
+        # Replay protection is per run (spec 7), not per session: a reconnect must not let an
+        # old BATCH of the same run in again. run_id -> the last accepted seq, newest last.
+        self._last_seq: dict[str, int] = {}
         with self.state.lock:
             self.state.connect = connect
             self.state.name = name
@@ -193,6 +232,10 @@ class NodeDaemon:
             while not self.control.stop_requested:
                 try:
                     self._session(ctx)
+                except AddressError as exc:
+                    self._fatal(EXIT_USAGE, "refused", "bad address", str(exc))
+                    status = EXIT_USAGE
+                    break
                 except _SessionEnd as end:
                     if end.status is not None:
                         status = end.status
@@ -260,7 +303,12 @@ class NodeDaemon:
         sock.setsockopt(zmq.HEARTBEAT_IVL, DEFAULT_HEARTBEAT_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, LOST_AFTER_HEARTBEATS * DEFAULT_HEARTBEAT_MS)
         sock.setsockopt(zmq.HEARTBEAT_TTL, LOST_AFTER_HEARTBEATS * DEFAULT_HEARTBEAT_MS)
-        sock.connect(self.connect)
+        _configure_socket(sock)
+        try:
+            _connect(sock, self.connect)
+        except AddressError:
+            sock.close()
+            raise
         return sock
 
     def _send(self, sock: zmq.Socket, command: str, header: dict, arrays: dict | None = None) -> None:
@@ -346,7 +394,13 @@ class NodeDaemon:
                               str(exc)) from None
         except KeyStoreError as exc:
             raise self._fatal(EXIT_TRUST, "refused", "refused: trust store unusable", str(exc)) from None
-        hb = int(h["heartbeat_ms"])
+        hb = h["heartbeat_ms"]
+        if not (isinstance(hb, int) and not isinstance(hb, bool) and 1 <= hb <= MAX_HEARTBEAT_MS):
+            # libzmq's options take a C int (2**40 would raise OverflowError), and no sane
+            # coordinator asks for beats further apart than 10 minutes: treat it as no answer.
+            self._say(f"coordinator {self.connect} sent a WELCOME with heartbeat_ms {hb!r:.40}, "
+                      f"outside 1..{MAX_HEARTBEAT_MS}; ignoring it")
+            raise _SessionEnd(None)
         # libzmq's own heartbeats follow the coordinator's interval (spec 8); these options
         # apply to connections made from now on, i.e. libzmq's reconnects of this socket.
         sock.setsockopt(zmq.HEARTBEAT_IVL, hb)
@@ -376,6 +430,9 @@ class NodeDaemon:
         if h.get("nonce") not in (None, nonce):
             self._drop("a REFUSE for another HELLO (nonce differs)")
             return
+        # A REFUSE without our nonce may be a recording of an old one: it can never end this
+        # node for good, only make it back off and try again (as `busy` does).
+        bound = h.get("nonce") == nonce
         fp = fingerprint(key)
         # Like a WELCOME, a REFUSE counts only from the coordinator we would trust: a stranger
         # must not be able to make this node give up (spec 6.5).
@@ -386,6 +443,11 @@ class NodeDaemon:
         code, text = h["code"], h["text"]
         with self.state.lock:
             self.state.coordinator_fingerprint = fp
+        if not bound:
+            self._set(connection="refused", reason=f"refused: {code}")
+            self._say(f"coordinator {self.connect} refused this node without naming our HELLO "
+                      f"({code}): {text}; trying again later")
+            raise _SessionEnd(None)
         if code in FINAL_REFUSALS:
             raise self._fatal(EXIT_REFUSED, "refused", f"refused: {code}",
                               f"coordinator {self.connect} refused this node ({code}): {text}")
@@ -399,8 +461,8 @@ class NodeDaemon:
     def _remembered(self) -> str | None:
         try:
             return self.trust.remembered(self.connect)
-        except KeyStoreError:
-            return None
+        except KeyStoreError as exc:  # an unusable trust file stops the node, as for a WELCOME
+            raise self._fatal(EXIT_TRUST, "refused", "refused: trust store unusable", str(exc)) from None
 
     # --- the session loop ---------------------------------------------------------------
 
@@ -411,6 +473,9 @@ class NodeDaemon:
                 self._say_bye(s)
                 raise _SessionEnd(EXIT_OK, welcomed=True)
             self._apply_controls(s)
+            # What arrived while we computed (heartbeats above all) counts before we judge
+            # silence: else a long batch would end the session and lose its queued RESULT.
+            self._drain(s)
             now = time.monotonic()
             if now - s.last_received > LOST_AFTER_HEARTBEATS * s.heartbeat_ms / 1000:
                 self._say(f"lost connection to {self.connect}: nothing for "
@@ -575,16 +640,24 @@ class NodeDaemon:
             self._reject(s, h, "foreign-run", f"run_id {h['run_id']!r:.80} is not this session's "
                          f"run {s.run_id!r}", msg.command)
             return
-        if h["seq"] <= s.last_seq:
+        last_seq = self._last_seq.get(s.run_id, -1)
+        if h["seq"] <= last_seq:
             self._reject(s, h, "replayed", f"seq {h['seq']} is not above the last accepted "
-                         f"seq {s.last_seq}", msg.command)
+                         f"seq {last_seq} of run {s.run_id!r}", msg.command)
             return
-        s.last_seq = h["seq"]
+        self._accept_seq(s.run_id, h["seq"])
         self._note_exposure(h.get("exposure"))
         if msg.command == "STATIC":
             self._store_static(s, msg)
         else:
             self._compute(s, msg, received)
+
+    def _accept_seq(self, run_id: str, seq: int) -> None:
+        """Remember `seq` as run_id's last accepted one, keeping only the newest runs."""
+        self._last_seq.pop(run_id, None)
+        self._last_seq[run_id] = seq  # re-inserted: the dict's order is most recently used last
+        while len(self._last_seq) > MAX_RUNS_REMEMBERED:
+            self._last_seq.pop(next(iter(self._last_seq)))
 
     def _note_exposure(self, exposure) -> None:
         """Keep, per tensor, the largest share the coordinator announced (informational)."""

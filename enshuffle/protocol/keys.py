@@ -152,16 +152,31 @@ def key_path(role: str, home: Path | None = None) -> Path:
     return (home if home is not None else enshuffle_home()) / f"{role}_ed25519.pem"
 
 
+def _os_problem(exc: OSError) -> str:
+    """'Permission denied' rather than '[Errno 13] Permission denied: ...' (we name the file)."""
+    return exc.strerror or type(exc).__name__
+
+
 def _ensure_home(home: Path) -> None:
     # 0700 because the directory holds private keys; an existing directory is left as it is
     # (the user chose it), the key file's own mode is what we enforce.
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. ENSHUFFLE_HOME names a file, or a parent is not writable
+        raise KeyStoreError(
+            f"cannot use {home} as the enshuffle home ({_os_problem(exc)}); make it a directory "
+            f"you can write to, or set ENSHUFFLE_HOME to one") from None
 
 
 def _check_private_mode(path: Path) -> None:
     if os.name != "posix":
         return  # Windows has no mode bits to check; ACLs are the user's business there
-    st = path.stat()
+    try:
+        st = path.stat()
+    except OSError as exc:  # e.g. a dangling symbolic link at the key path
+        raise KeyStoreError(
+            f"key file {path} cannot be opened ({_os_problem(exc)}); if it is a broken link, "
+            f"point it at the key or move it aside to create a new key") from None
     if not stat.S_ISREG(st.st_mode):
         raise KeyStoreError(f"key file {path} is not a regular file; move it aside and run again "
                             f"to create a new key")
@@ -173,7 +188,13 @@ def _check_private_mode(path: Path) -> None:
 
 def _read_identity(path: Path) -> Identity:
     _check_private_mode(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyStoreError(
+            f"key file {path} cannot be read ({_os_problem(exc)}); fix its owner or permissions "
+            f"(it must be readable by you and nobody else), or move it aside to create a new key"
+        ) from None
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -193,25 +214,30 @@ def _create_identity(path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp uses 0600
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp uses 0600
         try:
-            os.link(tmp, path)  # fails if the file exists: never overwrite a key
-        except FileExistsError:
-            pass
-    finally:
-        os.unlink(tmp)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(pem)
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # fails if the file exists: never overwrite a key
+            except FileExistsError:
+                pass  # another process won, or a (dangling) link sits there: reading it says which
+        finally:
+            os.unlink(tmp)
+    except OSError as exc:
+        raise KeyStoreError(
+            f"cannot create key file {path} ({_os_problem(exc)}); make {path.parent} a directory "
+            f"you can write to, or set ENSHUFFLE_HOME to one") from None
 
 
 def load_or_create_identity(role: str, home: Path | None = None) -> Identity:
     """This machine's key for `role` ('coordinator' or 'node'), created on first use."""
     path = key_path(role, home)
     _ensure_home(path.parent)
-    if not path.exists():
+    if not os.path.lexists(path):  # lexists: a dangling link is reported, not written through
         _create_identity(path)
     return _read_identity(path)
 
@@ -233,6 +259,15 @@ class TrustStore:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {}
+        except UnicodeDecodeError as exc:
+            raise KeyStoreError(
+                f"trust file {self.path} is damaged (not UTF-8 text: {exc.reason}); delete it to "
+                f"trust coordinators afresh on their next connection") from None
+        except OSError as exc:  # a directory, no permission, a parent that is a file, ...
+            raise KeyStoreError(
+                f"trust file {self.path} cannot be read ({_os_problem(exc)}); make it a readable "
+                f"file, or move it aside to trust coordinators afresh on their next connection"
+            ) from None
         try:
             doc = json.loads(text)
             entries = doc["coordinators"]
@@ -248,16 +283,26 @@ class TrustStore:
     def _save(self, entries: dict[str, dict]) -> None:
         _ensure_home(self.path.parent)
         text = json.dumps({"version": 1, "coordinators": entries}, indent=2, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise self._unwritable(exc) from None
             raise
+
+    def _unwritable(self, exc: OSError) -> KeyStoreError:
+        return KeyStoreError(
+            f"trust file {self.path} cannot be written ({_os_problem(exc)}); make "
+            f"{self.path.parent} writable and {self.path} a file (or absent), then run again")
 
     def remembered(self, address: str) -> str | None:
         """The fingerprint stored for `address`, if any."""
