@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin the coordinator's key (see `enshuffle keys show` on the coordinator)")
     p.add_argument("--name", default=None, help="a name the operator sees (default: host name)")
     p.add_argument("--threads", type=_positive_int, default=None, help="BLAS threads for computing")
+    p.add_argument("--keep-running", action="store_true",
+                   help="when a run finishes, keep reconnecting for the next one (a long-running daemon)")
     p.add_argument("--tui", action="store_true", help="show the node app")
     p.set_defaults(handler="enshuffle.node.commands:cmd_node")
 

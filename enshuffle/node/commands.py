@@ -52,7 +52,8 @@ def cmd_node(args) -> int:
     control = NodeControl(threads=threads)
     daemon = NodeDaemon(args.connect, identity=identity, trust=trust, pinned=args.coordinator_key,
                         name=args.name or socket.gethostname(), threads=threads, state=state,
-                        control=control, log=None if not args.tui else state_only)
+                        control=control, log=None if not args.tui else state_only,
+                        exit_on_finish=not getattr(args, "keep_running", False))
     _install_signal_handlers(daemon)
     if not args.tui:
         return daemon.run()
