@@ -348,7 +348,10 @@ def test_cli_verify_exit_codes(run):
     run_dir, _, ids, _ = run
     done = cli("chain", "verify", str(run_dir))
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok: 3 versions verified"
+    from enshuffle.protocol.keys import fingerprint
+
+    run_key = bytes.fromhex(Chain(run_dir).run_key())
+    assert done.stdout.strip() == f"ok: 3 versions verified, signed by coordinator key {fingerprint(run_key)}"
     rewrite_record(run_dir, ids[1], lambda r: r["metadata"].update(epoch=7))
     done = cli("chain", "verify", str(run_dir))
     assert done.returncode == 1

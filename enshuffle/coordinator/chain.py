@@ -555,7 +555,14 @@ def cmd_verify(args) -> int:
     except ChainError as exc:
         raise UsageError(str(exc)) from None
     if report.ok:
-        print(f"ok: {report.checked} versions verified")
+        key = chain.run_key()
+        signer = ""
+        if key:
+            from enshuffle.protocol.keys import fingerprint
+
+            # The chain carries its own key: compare it with the coordinator's `enshuffle keys show`.
+            signer = f", signed by coordinator key {fingerprint(bytes.fromhex(key))}"
+        print(f"ok: {report.checked} versions verified{signer}")
         return 0
     where = f"version {report.first_bad}: " if report.first_bad else ""
     before = f" ({report.checked} older versions verified before it)" if report.checked else ""
