@@ -50,8 +50,9 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="seed: the notebook's run, bias bugs fixed; default: a preset that trains well")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="number of epochs (default: the preset's)")
-    p.add_argument("--offload", choices=["matmul", "all"], default="matmul",
-                   help="which operations nodes compute: matrix products only, or also elementwise ops")
+    p.add_argument("--offload", choices=["matmul"], default="matmul",
+                   help="which operations nodes compute: the two pixel-wide matrix products (elementwise "
+                        "offload was retired: it handed nodes labels and outputs)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="directory with MNIST-format IDX files (default: Fashion-MNIST, then MNIST, then the bundled subset)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
@@ -109,7 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true",
                    help="when a run finishes, keep reconnecting for the next one (a long-running daemon)")
     p.add_argument("--tui", action="store_true", help="show the node app")
+    p.add_argument("--record", metavar="DIR", default=None,
+                   help="keep every verified STATIC and BATCH as DIR/%%08d-COMMAND.npz (what `enshuffle audit` "
+                        "plays a curious node against)")
+    p.add_argument("--record-max-bytes", type=_positive_int, default=2 << 30, metavar="BYTES",
+                   help="stop recording past this many bytes (default 2 GiB)")
     p.set_defaults(handler="enshuffle.node.commands:cmd_node")
+
+    p = sub.add_parser("audit", help="run a short real run, record one node and play it as a curious attacker")
+    p.add_argument("--preset", choices=["seed", "default"], default="default",
+                   help="training preset of the audited run (default: default)")
+    p.add_argument("--nodes", type=_positive_int, default=3, help="node processes (default 3); one records")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="epochs of the audited run (default: 1 for default, 2 for seed)")
+    p.add_argument("--limit", type=_positive_int, default=2000, metavar="N",
+                   help="training images used (default 2000)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="MNIST-format IDX files (default: Fashion-MNIST, then MNIST, then the bundled subset); "
+                        "the attacker uses the same public files")
+    p.add_argument("--disguise", choices=["share", "shuffle"], default="share",
+                   help="share: the real disguise; shuffle: the weak permutation + power-of-two control")
+    p.add_argument("--record", metavar="DIR", default=None,
+                   help="keep the recording here (default: a temporary directory, removed afterwards)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(handler="enshuffle.audit.runner:cmd_audit")
 
     p = sub.add_parser("keys", help="this machine's keys")
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION")
