@@ -70,12 +70,16 @@ def truth_from(run, slots: list[int], dataset, limit: int):
             for which in compute.images:
                 statics[f"{which}.{slot}"] = {"pixels": st.pixels, "row_order": st.row_order[which],
                                               "column_pixel": st.pixels, "noise_only": False, "which": which}
-                if st.pixel_exp is not None:
-                    scales[f"{which}.{slot}"] = st.pixel_exp
-        for h in getattr(compute, "holdings", [[]] * (slot + 1))[slot]:
+        # The "shuffle" control's static column scales, wherever this coordinator keeps them.
+        holders = []
+        if hasattr(compute, "holdings"):
+            holders = [(h, getattr(h, "name_suffix", "")) for h in compute.holdings[slot]]
+        elif hasattr(compute, "statics"):
+            holders = [(compute.statics[slot], "")]
+        for h, suffix in holders:
             if getattr(h, "pixel_exp", None) is not None:
                 for which in compute.images:
-                    scales[f"{which}.{slot}{h.name_suffix}"] = np.asarray(h.pixel_exp)
+                    scales[f"{which}.{slot}{suffix}"] = np.asarray(h.pixel_exp)
     n = limit
     return Truth(statics=statics, train_u8=dataset.train_images[:n].reshape(n, -1),
                  test_u8=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
@@ -169,6 +173,7 @@ ROWS = [
     ("w1_inside_corr", "w1 rows inside its block (correlation)", None),
     ("ica_pixels_recovered", "ICA: pixel columns recovered (|corr| >= 0.9)", None),
     ("ica_best_abs_corr_mean", "ICA: mean best |corr| with a pixel column", None),
+    ("ica_chance_abs_corr_mean", "  same for random mixtures of the true block (chance)", None),
 ]
 
 

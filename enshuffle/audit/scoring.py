@@ -71,10 +71,13 @@ def score(claims: Claims, truth: Truth) -> dict:
     scale_ok = scale_all = 0
     reid_e_ok = reid_n_ok = reid_all = 0
     ica_best: list[float] = []
+    ica_chance: list[float] = []
     per_static = {}
     for name, c in claims.statics.items():
+        if c.which != "train":
+            continue
         t = truth.statics.get(name)
-        if t is None or t["noise_only"]:
+        if t is None or t.get("noise_only", False):
             continue
         images = truth.train_u8 if c.which == "train" else truth.test_u8
         order = np.asarray(t["row_order"])
@@ -108,6 +111,10 @@ def score(claims: Claims, truth: Truth) -> dict:
                 sn = src / np.maximum(np.linalg.norm(src, axis=0), 1e-300)
                 pn = px[:, live] / np.linalg.norm(px[:, live], axis=0)
                 ica_best.extend(np.abs(pn.T @ sn).max(axis=1).tolist())
+                # chance level: as many random mixtures of the true block's columns
+                rnd = px @ np.random.default_rng(1).standard_normal((px.shape[1], src.shape[1]))
+                rn = rnd / np.maximum(np.linalg.norm(rnd, axis=0), 1e-300)
+                ica_chance.extend(np.abs(pn.T @ rn).max(axis=1).tolist())
         per_static[name] = {"exact_pixels": e_ok / truth_vals.size, "positions_weights": pw / col_pixel.size,
                             "positions_statistics": ps / col_pixel.size, "reid_exact": re / order.size,
                             "reid_nn": rn / order.size, "mixed": mixed}
@@ -116,7 +123,7 @@ def score(claims: Claims, truth: Truth) -> dict:
     lab_ok = lab_all = 0
     for name, claim in claims.labels.items():
         t = truth.statics.get(name)
-        if t is None or t["noise_only"]:
+        if t is None or t.get("noise_only", False):
             continue
         true = truth.train_labels[np.asarray(t["row_order"])]
         lab_ok += int(np.count_nonzero(claim == true))
@@ -180,6 +187,7 @@ def score(claims: Claims, truth: Truth) -> dict:
         "w1_outside_corr": w1_out,
         "w1_inside_corr": w1_in,
         "ica_best_abs_corr_mean": float(np.mean(ica_best)) if ica_best else None,
+        "ica_chance_abs_corr_mean": float(np.mean(ica_chance)) if ica_chance else None,
         "ica_pixels_recovered": float(np.mean(np.asarray(ica_best) >= 0.9)) if ica_best else None,
     }
     figures["positions"] = max(v for v in (figures["positions_weights"], figures["positions_statistics"], 0.0)
