@@ -46,6 +46,7 @@ def share_figures(core_data_dir):
 
 def test_attacks_have_teeth_on_the_shuffle_control(shuffle_figures):
     f = shuffle_figures
+    json.dumps(f)  # --json prints exactly this
     assert f["settings"]["messages"] > 2
     assert f["exact_pixels"] >= 0.9
     assert f["positions_statistics"] >= 0.9

@@ -63,6 +63,7 @@ class StaticClaims:
     positions_weights: np.ndarray  # (cols,) claimed pixel from public initial weights, -1 = none
     reid_exact: np.ndarray  # (rows,) claimed public image index (exact match), -1 = none
     reid_nn: np.ndarray  # (rows,) claimed public image index (nearest neighbour), -1 = none
+    reid_nn_rows: np.ndarray | None = None  # the rows nearest neighbour was tried on (a sample)
     ica_sources: np.ndarray | None = None  # (rows, r) FastICA components
 
 
@@ -279,8 +280,15 @@ def _reid_exact(values: np.ndarray, positions: np.ndarray, public_u8: np.ndarray
     return out
 
 
-def _reid_nn(static: np.ndarray, values: np.ndarray, positions: np.ndarray, public_x: np.ndarray) -> np.ndarray:
-    """Nearest public image (standardized at the claimed positions) for every static row."""
+NN_ROWS = 10_000  # nearest-neighbour re-identification tries at most this many static rows
+
+
+def _reid_nn(static: np.ndarray, values: np.ndarray, positions: np.ndarray, public_x: np.ndarray,
+             rows: np.ndarray) -> np.ndarray:
+    """Nearest public image (standardized at the claimed positions) for static rows `rows`
+    (the others stay -1: the distance computation is n x N x K)."""
+    out_all = np.full(static.shape[0], -1, dtype=np.int64)
+    static, values = static[rows], values[rows]
     n = static.shape[0]
     usable = np.flatnonzero(positions >= 0)
     if usable.size < 8:
@@ -298,7 +306,8 @@ def _reid_nn(static: np.ndarray, values: np.ndarray, positions: np.ndarray, publ
     out = np.empty(n, dtype=np.int64)
     for lo in range(0, n, 2048):  # chunks keep the distance matrix small on 60,000 rows
         out[lo:lo + 2048] = np.argmin(p_sq - 2.0 * (x[lo:lo + 2048] @ p.T), axis=1)
-    return out
+    out_all[rows] = out
+    return out_all
 
 
 # -- labels ------------------------------------------------------------------------------
@@ -450,7 +459,9 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
             public.test_images.reshape(public.test_images.shape[0], -1)
         reid_exact = _reid_exact(values, best_pos, public_u8)
         nn_pos = np.where(best_pos >= 0, best_pos, stats_pos)
-        reid_nn = _reid_nn(s, values, nn_pos, px)
+        nn_rows = np.sort(rng.choice(s.shape[0], NN_ROWS, replace=False)) if s.shape[0] > NN_ROWS \
+            else np.arange(s.shape[0])
+        reid_nn = _reid_nn(s, values, nn_pos, px, nn_rows)
         sources = None
         if ica and which == "train":
             block = s.astype(np.float64)
@@ -462,6 +473,7 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
         out[name] = StaticClaims(name=name, which=which, rows=s.shape[0], cols=s.shape[1], dtype=str(s.dtype),
                                  values=values, scale_exp=exp, positions_stats=stats_pos,
                                  positions_weights=wpos, reid_exact=reid_exact, reid_nn=reid_nn,
+                                 reid_nn_rows=nn_rows,
                                  ica_sources=sources)
 
     # Rows linked across steps and the dz1 channel.

@@ -145,7 +145,11 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         public = Public(train_images=dataset.train_images.reshape(available, -1), train_labels=np.asarray(dataset.train_labels),
                         test_images=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
                         test_labels=np.asarray(dataset.test_labels), preset=preset)
+        import time
+
+        started = time.perf_counter()
         claims = attack(messages, public, ica=ica)
+        log(f"audit: attacks took {time.perf_counter() - started:.1f} s")
         truth = truth_from(run, slots, dataset, limit)
     figures = score(claims, truth)
     figures["settings"] = {"preset": preset.name, "nodes": nodes, "epochs": epochs, "limit": limit,
@@ -153,7 +157,7 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
                            "messages": len(messages)}
     figures["targets"] = {k: v[1] for k, v in TARGETS.items()}
     figures["meets_targets"] = meets_targets(figures)
-    return figures
+    return _plain(figures)
 
 
 ROWS = [
@@ -199,11 +203,24 @@ def format_table(figures: dict) -> str:
     return "\n".join(lines)
 
 
+def _plain(value):
+    """Figures as plain JSON values (numpy scalars and arrays included)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def cmd_audit(args) -> int:
     figures = run_audit(preset_name=args.preset, nodes=args.nodes, epochs=args.epochs, limit=args.limit,
                         data=args.data, disguise=args.disguise, record_dir=args.record)
     if args.json:
-        print(json.dumps(figures, default=float), flush=True)
+        print(json.dumps(_plain(figures)), flush=True)
     else:
         print(format_table(figures), flush=True)
     return 0

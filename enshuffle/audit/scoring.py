@@ -69,7 +69,7 @@ def score(claims: Claims, truth: Truth) -> dict:
     exact_ok = exact_all = 0
     pos_w_ok = pos_s_ok = pos_all = 0
     scale_ok = scale_all = 0
-    reid_e_ok = reid_n_ok = reid_all = 0
+    reid_e_ok = reid_n_ok = reid_all = reid_n_all = 0
     ica_best: list[float] = []
     ica_chance: list[float] = []
     per_static = {}
@@ -98,10 +98,12 @@ def score(claims: Claims, truth: Truth) -> dict:
             scale_ok += int(np.count_nonzero(c.scale_exp == truth.static_scales[name]))
             scale_all += col_pixel.size
         re = int(np.count_nonzero(c.reid_exact == order))
-        rn = int(np.count_nonzero(c.reid_nn == order))
+        tried = c.reid_nn_rows if c.reid_nn_rows is not None else np.arange(order.size)
+        rn = int(np.count_nonzero(c.reid_nn[tried] == order[tried]))
         reid_e_ok += re
         reid_n_ok += rn
         reid_all += order.size
+        reid_n_all += tried.size
         if c.ica_sources is not None:
             src = c.ica_sources - c.ica_sources.mean(axis=0)
             px = block.astype(np.float64)
@@ -117,7 +119,7 @@ def score(claims: Claims, truth: Truth) -> dict:
                 ica_chance.extend(np.abs(pn.T @ rn).max(axis=1).tolist())
         per_static[name] = {"exact_pixels": e_ok / truth_vals.size, "positions_weights": pw / col_pixel.size,
                             "positions_statistics": ps / col_pixel.size, "reid_exact": re / order.size,
-                            "reid_nn": rn / order.size, "mixed": mixed}
+                            "reid_nn": rn / max(1, tried.size), "mixed": mixed}
 
     # labels: per train static row, claimed label vs the true label of its original row
     lab_ok = lab_all = 0
@@ -179,7 +181,7 @@ def score(claims: Claims, truth: Truth) -> dict:
         "positions_weights": share(pos_w_ok, pos_all),
         "positions_statistics": share(pos_s_ok, pos_all),
         "reid_exact": share(reid_e_ok, reid_all),
-        "reid_nn": share(reid_n_ok, reid_all),
+        "reid_nn": share(reid_n_ok, reid_n_all),
         "labels_named": share(lab_ok, lab_all),
         "labels_grouping_ari": float(np.mean(aris)) if aris else None,
         "labels_cluster_purity": float(np.mean(purities)) if purities else None,
