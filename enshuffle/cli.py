@@ -59,10 +59,24 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="floating-point type (default: the preset's)")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="use only the first N training images (quick runs)")
+    p.add_argument("--max-exposure", type=_fraction, default=None, metavar="SHARE",
+                   help="let one node hold up to this share (0..1) of the images' pixels and of w1 "
+                        "(default: one node's block, 1/min-nodes); raising it is marked in the ledger")
     p.add_argument("--json", action="store_true", help="print one JSON object per epoch")
     p.add_argument("--seed", type=int, default=None,
-                   help="training seed: initial weights and sample order (default: the preset's, 402); "
-                        "plans and disguises always come from secret randomness")
+                   help="training seed: initial weights and sample order (default: from the run's secret; "
+                        "the seed preset keeps the notebook's public 402). A seed you pass is as secret as you "
+                        "keep it; plans and disguises always come from secret randomness")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1 (e.g. 0.5), got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coordinator", help="run a coordinator that volunteers' nodes connect to")
     _add_training_options(p)
     p.add_argument("--bind", type=_endpoint, default="tcp://127.0.0.1:5555", help="address to listen on")
-    p.add_argument("--min-nodes", type=_positive_int, default=1, help="nodes to wait for before training")
+    p.add_argument("--min-nodes", type=_positive_int, default=1,
+                   help="nodes to wait for before training, and the number of blocks the images and w1 are "
+                        "split into: each node holds one block (default 1)")
     p.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (chain, state)")
     p.add_argument("--resume", action="store_true", help="continue from the chain's head in RUN_DIR")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
