@@ -64,7 +64,8 @@ class StaticClaims:
     reid_exact: np.ndarray  # (rows,) claimed public image index (exact match), -1 = none
     reid_nn: np.ndarray  # (rows,) claimed public image index (nearest neighbour), -1 = none
     reid_nn_rows: np.ndarray | None = None  # the rows nearest neighbour was tried on (a sample)
-    ica_sources: np.ndarray | None = None  # (rows, r) FastICA components
+    ica_sources: np.ndarray | None = None  # (len(ica_rows), r) FastICA components
+    ica_rows: np.ndarray | None = None  # the static rows ICA ran on (a sample of large blocks)
 
 
 @dataclass
@@ -462,9 +463,11 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
         nn_rows = np.sort(rng.choice(s.shape[0], NN_ROWS, replace=False)) if s.shape[0] > NN_ROWS \
             else np.arange(s.shape[0])
         reid_nn = _reid_nn(s, values, nn_pos, px, nn_rows)
-        sources = None
+        sources, ica_rows = None, None
         if ica and which == "train":
-            block = s.astype(np.float64)
+            ica_rows = np.sort(rng.choice(s.shape[0], NN_ROWS, replace=False)) if s.shape[0] > NN_ROWS \
+                else np.arange(s.shape[0])
+            block = s[ica_rows].astype(np.float64)
             if not np.all(values >= 0):
                 # The source's low-rank noise (NOISE_RANK public factors) sits in the block's
                 # strongest principal directions: project them out before unmixing.
@@ -474,7 +477,7 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
                                  values=values, scale_exp=exp, positions_stats=stats_pos,
                                  positions_weights=wpos, reid_exact=reid_exact, reid_nn=reid_nn,
                                  reid_nn_rows=nn_rows,
-                                 ica_sources=sources)
+                                 ica_sources=sources, ica_rows=ica_rows)
 
     # Rows linked across steps and the dz1 channel.
     occurrences, grouping = [], []

@@ -106,7 +106,7 @@ def score(claims: Claims, truth: Truth) -> dict:
         reid_n_all += tried.size
         if c.ica_sources is not None:
             src = c.ica_sources - c.ica_sources.mean(axis=0)
-            px = block.astype(np.float64)
+            px = block[c.ica_rows if c.ica_rows is not None else slice(None)].astype(np.float64)
             px = px - px.mean(axis=0)
             live = np.linalg.norm(px, axis=0) > 0
             if live.any():
