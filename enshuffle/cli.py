@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training preset of the audited run (default: default)")
     p.add_argument("--nodes", type=_positive_int, default=3, help="node processes (default 3); one records")
     p.add_argument("--epochs", type=_positive_int, default=None,
-                   help="epochs of the audited run (default: 1 for default, 2 for seed)")
+                   help="epochs of the audited run (default 2: rows come back in the second)")
     p.add_argument("--limit", type=_positive_int, default=2000, metavar="N",
                    help="training images used (default 2000)")
     p.add_argument("--data", metavar="DIR", default=None,

@@ -26,7 +26,7 @@ def test_a_lost_block_waits_for_a_new_node_and_nobody_goes_over_the_bound(core_d
     try:
         run.wait_held()
         shares = ledger.shares()
-        assert shares["A"]["images"] == shares["B"]["images"] > 0.4
+        assert abs(shares["A"]["images"] - shares["B"]["images"]) <= 1 / 784 and shares["B"]["images"] > 0.4
         b_pixels = ledger.positions("B", "images")
         a_pixels = ledger.positions("A", "images")
 

@@ -72,6 +72,7 @@ class StaticClaims:
 class Claims:
     statics: dict[str, StaticClaims]
     labels: dict[str, np.ndarray]  # train static name -> (rows,) claimed label, -1 = none
+    groups: dict[str, np.ndarray]  # train static name -> (rows,) global class group (unnamed), -1 = none
     grouping: list[tuple[str, np.ndarray, np.ndarray]]  # (static, rows, cluster id) per dw1 batch
     occurrences: list[tuple[str, int, np.ndarray]]  # (static, step, rows) of every train batch
     w1_estimate: np.ndarray | None  # (784, 128) in true pixel/unit coordinates, or None
@@ -355,6 +356,41 @@ def delta_features(b: np.ndarray) -> np.ndarray:
     return x / norm[:, None]
 
 
+def global_groups(grouping: list[tuple[str, np.ndarray, np.ndarray]], name: str, rows_total: int,
+                  iters: int = 20) -> np.ndarray:
+    """One class grouping of all static rows from per-batch dz1 clusters, tied together across
+    epochs: a row seen in two batches links a cluster of one to a cluster of the other. Label
+    propagation on that graph: every (batch, cluster) keeps a 10-vector, seeded one-hot in the
+    first batch, each round the average over its rows of the vectors of their other clusters.
+    Returns (rows_total,) group ids, -1 for rows never seen."""
+    mine = [(rows, ids) for n, rows, ids in grouping if n == name]
+    if len(mine) < 2:
+        return np.full(rows_total, -1, dtype=np.int64)
+    offsets = np.cumsum([0] + [CLASSES] * len(mine))
+    node_of = [offsets[b] + ids for b, (_, ids) in enumerate(mine)]  # (batch rows) -> graph node
+    all_rows = np.concatenate([rows for rows, _ in mine])
+    all_nodes = np.concatenate(node_of)
+    vec = np.zeros((offsets[-1], CLASSES))
+    vec[offsets[0] + np.arange(CLASSES), np.arange(CLASSES)] = 1.0
+    seeded = np.zeros(offsets[-1], dtype=bool)
+    seeded[offsets[0]:offsets[1]] = True
+    for _ in range(iters):
+        per_row = np.zeros((rows_total, CLASSES))
+        np.add.at(per_row, all_rows, vec[all_nodes])  # each row: the sum of its clusters' vectors
+        incoming = per_row[all_rows] - vec[all_nodes]  # what a row's *other* clusters say
+        new = np.zeros_like(vec)
+        np.add.at(new, all_nodes, incoming)
+        norm = new.sum(axis=1, keepdims=True)
+        new = np.where(norm > 0, new / np.maximum(norm, 1e-300), vec)
+        new[seeded] = vec[seeded]
+        vec = new
+    per_row = np.zeros((rows_total, CLASSES))
+    np.add.at(per_row, all_rows, vec[all_nodes])
+    out = per_row.argmax(axis=1)
+    out[per_row.sum(axis=1) == 0] = -1
+    return out
+
+
 # -- ICA ---------------------------------------------------------------------------------
 def fast_ica(x: np.ndarray, components: int, rng: np.random.Generator, iters: int = 200) -> np.ndarray:
     """Symmetric FastICA with the kurtosis (cube) contrast: (n, d) -> (n, components) sources.
@@ -510,7 +546,8 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
         labels[name] = claim
 
     w1_est, w1_source = _w1_estimate(matched_init, inits, out, batches, prepared, public, notes)
-    return Claims(statics=out, labels=labels, grouping=grouping, occurrences=occurrences,
+    groups = {name: global_groups(grouping, name, c.rows) for name, c in out.items() if c.which == "train"}
+    return Claims(statics=out, labels=labels, groups=groups, grouping=grouping, occurrences=occurrences,
                   w1_estimate=w1_est, w1_source=w1_source, notes=notes)
 
 

@@ -20,7 +20,9 @@ import numpy as np
 
 from enshuffle.cli import UsageError
 
-DEFAULT_EPOCHS = {"default": 1, "seed": 2}  # the seed preset needs 2 steps to show an update
+# Two epochs: rows come back in a second epoch (linking), and the seed preset needs 2 steps to
+# show an update.
+DEFAULT_EPOCHS = {"default": 2, "seed": 2}
 
 
 def _eprint(*parts) -> None:
@@ -164,6 +166,7 @@ ROWS = [
     ("labels_named", "training labels named correctly", "labels_named"),
     ("labels_grouping_ari", "  grouping by class only (adjusted Rand, dz1 clusters)", None),
     ("labels_cluster_purity", "  cluster purity", None),
+    ("labels_grouping_global_ari", "  one grouping of all rows, linked across epochs (ARI)", None),
     ("reid", "rows re-identified against the public data", "reid"),
     ("reid_exact", "  by exact match of visible pixels", None),
     ("reid_nn", "  by nearest neighbour on statistics", None),

@@ -130,6 +130,13 @@ def score(claims: Claims, truth: Truth) -> dict:
         true = truth.train_labels[np.asarray(t["row_order"])]
         lab_ok += int(np.count_nonzero(claim == true))
         lab_all += true.size
+    global_ari = None
+    for name, ids in claims.groups.items():
+        t = truth.statics.get(name)
+        if t is None or not (ids >= 0).any() or np.unique(ids[ids >= 0]).size < 2:
+            continue
+        true = truth.train_labels[np.asarray(t["row_order"])]
+        global_ari = adjusted_rand(true[ids >= 0], ids[ids >= 0])
     aris, purities = [], []
     for name, rows, ids in claims.grouping:
         t = truth.statics.get(name)
@@ -184,6 +191,7 @@ def score(claims: Claims, truth: Truth) -> dict:
         "reid_nn": share(reid_n_ok, reid_n_all),
         "labels_named": share(lab_ok, lab_all),
         "labels_grouping_ari": float(np.mean(aris)) if aris else None,
+        "labels_grouping_global_ari": global_ari,
         "labels_cluster_purity": float(np.mean(purities)) if purities else None,
         "rows_linked": share(linked_ok, linkable),
         "w1_outside_corr": w1_out,

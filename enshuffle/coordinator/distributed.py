@@ -19,7 +19,7 @@ The disguise "share" hides values, not only positions. Node s holds, for the who
     S_s = (x[:, P_s] D_s^-1 + G H_s) M_s        rows in a secret order
 
 - x are the raw pixels (0..255; the preset's standardization x*alpha + beta is applied here, so a
-  zero pixel stays an exact zero), D_s = diag(2 * max x_j) normalizes every column to [0, 1/2].
+  zero pixel stays an exact zero), D_s = diag(rms x_j) gives every column the same energy.
 - G H_s is secret Gaussian noise of rank NOISE_RANK with the pixels' own scale: G (n, r) is fresh
   for every image, so each row carries r more unknowns than the node has equations. Even a node
   that knew M_s and H_s could not solve a row for its pixels; it cannot learn M_s either, since
@@ -50,7 +50,7 @@ from enshuffle.model import HIDDEN, INPUTS
 
 DISGUISES = ("share", "shuffle")
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
-NOISE_SCALE = 1.0  # std of each noise element, in units of the normalized pixels' range [0, 1/2]
+NOISE_SCALE = 1.0  # std of each noise element, in units of a normalized pixel's root mean square
 MIX_GROUP = 64  # mixing blocks: 64x64 dense, so mixing costs 64 multiply-adds per element
 
 
@@ -161,15 +161,20 @@ class DistributedCompute:
             self.alpha, self.beta = (np.asarray(a, dtype=np.float64) for a in affine)
         else:
             self.alpha, self.beta = np.ones(INPUTS), np.zeros(INPUTS)
-        scale = np.zeros(INPUTS)
+        # D: every pixel column is divided by its root mean square, so all mixed columns carry the
+        # same energy (no pixel's scale shows) and a rarely lit pixel keeps its own precision
+        # instead of drowning in its neighbours' rounding.
+        energy, count = np.zeros(INPUTS), 0
         for x in self.source.values():
             if x.size:
-                np.maximum(scale, np.abs(x).max(axis=0), out=scale)
+                energy += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+                count += x.shape[0]
+        scale = np.sqrt(energy / max(count, 1))
         # Pixels that are zero in every image add nothing to any product and have a zero
         # gradient: they stay here, and no node learns which pixels are blank.
         active = np.flatnonzero(scale > 0) if disguise == "share" else np.arange(INPUTS)
         self.pixel_blocks = [active[b] for b in balanced_blocks(len(active), shards, rng)]
-        self.norm = np.where(scale > 0, 2.0 * scale, 1.0)  # D: normalized pixels lie in [-1/2, 1/2]
+        self.norm = np.where(scale > 0, scale, 1.0)
         self.noise_seed = [int(v) for v in rng.integers(0, 2**63, size=4)]
         self.statics = []
         for block in self.pixel_blocks:

@@ -335,6 +335,19 @@ class CoordinatorServer:
             self.log(f"exposure bound: block {shard} goes to {best.label}")
         return best
 
+    def _bound_wait(self) -> set[int]:
+        """Blocks with work waiting only because the bound allows no active node to take them."""
+        if not self._bound_blocked:
+            return set()
+        for shard in list(self._bound_blocked):
+            owner = self.sessions.get(self.owner[shard]) if self.owner[shard] else None
+            if owner is not None and owner.want > 0:  # its owner is back (resumed): it goes on
+                self._bound_blocked.discard(shard)
+                self.log(f"exposure bound: block {shard} goes on with {owner.label}")
+        pending = {t.batch.shard for t in self._waiting}
+        pending.update(t.batch.shard for s in self.sessions.values() if s.want == 0 for t in s.queue)
+        return pending & self._bound_blocked
+
     def _bound_text(self) -> str:
         return ", ".join(f"{kind} {100 * b:.1f}%" for kind, b in self.bound.items())
 
@@ -450,9 +463,9 @@ class CoordinatorServer:
         self._dispatch()
         all_paused = bool(self.sessions) and all(s.want == 0 for s in self.sessions.values())
         stalled = any(s.queue for s in self.sessions.values())
-        bound_wait = self._waiting and self.sessions and self._bound_blocked
+        bound_wait = self._bound_wait()
         if bound_wait:
-            blocks = ", ".join(str(b) for b in sorted(self._bound_blocked))
+            blocks = ", ".join(str(b) for b in sorted(bound_wait))
             if self._status_before_wait is None:
                 self._status_before_wait = self.state.status
             self._set_status(f"waiting: block {blocks} needs a node within the exposure bound")
