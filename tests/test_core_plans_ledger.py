@@ -185,7 +185,7 @@ def test_batches_carry_nothing_outside_the_nodes_blocks(ledger_inputs, k):
         assert set(executor.statics[s]) == {f"{which}.{s}" for which in inputs.images}
         held = executor.statics[s][f"train.{s}"]
         x = inputs.raw["train"][st.row_order["train"]][:, pixels].astype(np.float64)
-        assert held.shape == x.shape and held.dtype == np.float64
+        assert held.shape == x.shape and held.dtype == inputs.images["train"].dtype
         hz = (held - held.mean(0)) / held.std(0)
         xs = x.std(0)
         xz = (x[:, xs > 0] - x[:, xs > 0].mean(0)) / xs[xs > 0]

@@ -307,7 +307,13 @@ def _reid_nn(static: np.ndarray, values: np.ndarray, positions: np.ndarray, publ
     p_sq = (p ** 2).sum(axis=1)[None, :]
     out = np.empty(n, dtype=np.int64)
     for lo in range(0, n, 2048):  # chunks keep the distance matrix small on 60,000 rows
-        out[lo:lo + 2048] = np.argmin(p_sq - 2.0 * (x[lo:lo + 2048] @ p.T), axis=1)
+        chunk = x[lo:lo + 2048]
+        d = p_sq - 2.0 * (chunk @ p.T) + (chunk ** 2).sum(axis=1)[:, None]
+        two = np.partition(d, 1, axis=1)[:, :2]
+        best = np.argmin(d, axis=1)
+        # claim only a clear winner: the nearest image much nearer than the second nearest
+        confident = two[:, 0] < 0.25 * np.maximum(two[:, 1], 1e-300)
+        out[lo:lo + 2048] = np.where(confident, best, -1)
     out_all[rows] = out
     return out_all
 
@@ -547,6 +553,23 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
 
     w1_est, w1_source = _w1_estimate(matched_init, inits, out, batches, prepared, public, notes)
     groups = {name: global_groups(grouping, name, c.rows) for name, c in out.items() if c.which == "train"}
+    for name, ids in groups.items():
+        claim = labels[name]
+        if (claim >= 0).mean() >= 0.5 or not (ids >= 0).any():
+            continue
+        # No images to name the groups with: name them by size against the public class counts
+        # of the training images the run uses (the first N of the public set). A balanced set
+        # (all 60,000: 6,000 each) gives nothing; a subset's unequal counts do.
+        counts = np.bincount(public.train_labels[:len(ids)], minlength=CLASSES)
+        sizes = np.bincount(ids[ids >= 0], minlength=CLASSES)
+        if len(np.unique(counts)) == 1:
+            continue
+        name_of = np.empty(CLASSES, dtype=np.int64)
+        name_of[np.argsort(sizes, kind="stable")] = np.argsort(counts, kind="stable")
+        fill = (claim < 0) & (ids >= 0)
+        claim[fill] = name_of[ids[fill]]
+        notes.append(f"{name}: dz1 groups named by their sizes against the public class counts of the first "
+                     f"{len(ids)} images")
     return Claims(statics=out, labels=labels, groups=groups, grouping=grouping, occurrences=occurrences,
                   w1_estimate=w1_est, w1_source=w1_source, notes=notes)
 

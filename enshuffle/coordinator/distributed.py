@@ -210,7 +210,7 @@ class DistributedCompute:
         order = st.row_order[which]
         block = np.take(self.source[which], order, axis=0)[:, st.pixels] / self.norm[st.pixels]
         block += np.take(self.factors(which), order, axis=0) @ st.loadings
-        return st.mix.right(block, np.float64)
+        return st.mix.right(block, self.images[which].dtype)  # the preset's dtype on the wire
 
     def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
         """What a node serving slot `shard` must hold before it can compute that slot's batches."""
@@ -257,7 +257,7 @@ class DistributedCompute:
             if share:
                 scaled = w1[st.pixels].astype(np.float64) * (self.norm[st.pixels] * self.alpha[st.pixels])[:, None]
                 noise_map += st.loadings @ scaled  # H_s D_s w1[P_s]
-                b = st.mix.inverse_left(scaled[:, d.cols])
+                b = st.mix.inverse_left(scaled[:, d.cols]).astype(w1.dtype, copy=False)
             else:
                 b = gather(w1, st.pixels, d.cols)
                 b *= pow2(-st.pixel_exp, b.dtype)[:, None]
@@ -282,13 +282,12 @@ class DistributedCompute:
         idx = self._rows("train", idx)
         share = self.disguise == "share"
         out = np.zeros((INPUTS, HIDDEN), dtype=np.float64 if share else dz1.dtype)
-        wire = np.float64 if share else dz1.dtype
         batches, disguises = [], []
         for s, st in enumerate(self.statics):
             order = self.rng.permutation(idx.shape[0])  # the contraction (sample) order
             d = Disguise(rows=np.arange(len(st.pixels)), cols=self.rng.permutation(HIDDEN),
                          row_exp=st.pixel_exp, col_exp=random_exponents(HIDDEN, self.rng, True))
-            b = gather(dz1, order, d.cols).astype(wire, copy=False)
+            b = gather(dz1, order, d.cols)
             b *= pow2(d.col_exp, b.dtype)[None, :]
             rows = st.row_index["train"][idx[order]]
             batches.append(Batch(s, "matmul", {"a_static": static_name("train", s), "transpose_a": True},
