@@ -555,8 +555,8 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
     groups = {name: global_groups(grouping, name, c.rows) for name, c in out.items() if c.which == "train"}
     for name, ids in groups.items():
         claim = labels[name]
-        if (claim >= 0).mean() >= 0.5 or not (ids >= 0).any():
-            continue
+        if (claim >= 0).mean() >= 0.5 or (ids >= 0).mean() < 0.9:
+            continue  # images named them already, or one epoch linked no batches together
         # No images to name the groups with: name them by size against the public class counts
         # of the training images the run uses (the first N of the public set). A balanced set
         # (all 60,000: 6,000 each) gives nothing; a subset's unequal counts do.
