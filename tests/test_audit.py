@@ -54,6 +54,7 @@ def test_attacks_have_teeth_on_the_shuffle_control(shuffle_figures):
     assert f["labels_named"] >= 0.9
     assert f["labels_grouping_ari"] >= 0.5  # dz1 rows of a batch cluster by class
     assert f["static_scales"] >= 0.9
+    assert f["w1_block_corr"] >= 0.9  # its own w1 rows, up to the order of hidden units
     assert not all(f["meets_targets"].values())
 
 
@@ -63,6 +64,7 @@ def test_the_real_disguise_meets_issue_7_targets_for_images_and_weights(share_fi
     assert f["reid"] <= 0.01
     assert f["positions"] <= 0.05
     assert f["w1_outside_corr"] is None or abs(f["w1_outside_corr"]) <= 0.1
+    assert f["w1_block_corr"] <= f["w1_block_chance"] + 0.1
     for key in ("exact_pixels", "reid", "positions", "w1_outside_corr"):
         assert f["meets_targets"][key], key
 

@@ -77,6 +77,9 @@ class Claims:
     occurrences: list[tuple[str, int, np.ndarray]]  # (static, step, rows) of every train batch
     w1_estimate: np.ndarray | None  # (784, 128) in true pixel/unit coordinates, or None
     w1_source: str = ""
+    # The node's own block of the last w1 it was sent: (claimed pixel per row, (rows, 128) values
+    # with the static row scales undone; hidden units in the batch's secret order and scale).
+    w1_block: tuple[np.ndarray, np.ndarray] | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -552,6 +555,7 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
         labels[name] = claim
 
     w1_est, w1_source = _w1_estimate(matched_init, inits, out, batches, prepared, public, notes)
+    w1_block = _last_w1_block(batches, out)
     groups = {name: global_groups(grouping, name, c.rows) for name, c in out.items() if c.which == "train"}
     for name, ids in groups.items():
         claim = labels[name]
@@ -571,7 +575,27 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
         notes.append(f"{name}: dz1 groups named by their sizes against the public class counts of the first "
                      f"{len(ids)} images")
     return Claims(statics=out, labels=labels, groups=groups, grouping=grouping, occurrences=occurrences,
-                  w1_estimate=w1_est, w1_source=w1_source, notes=notes)
+                  w1_estimate=w1_est, w1_source=w1_source, notes=notes, w1_block=w1_block)
+
+
+def _last_w1_block(batches, statics) -> tuple[np.ndarray, np.ndarray] | None:
+    """The last x_w1 operand (the weights after the last update, when the run ends with a test
+    pass), rows placed at the claimed pixels, static row scales undone where they were found."""
+    for m in reversed(batches):
+        name = m.header["params"].get("a_static")
+        if not name or m.header["params"].get("transpose_a"):
+            continue
+        train_name = name.replace(_which(name) + ".", "train.", 1)
+        c = statics.get(train_name)
+        if c is None:
+            continue
+        b = m.arrays["b"].astype(np.float64)
+        if b.shape[0] != c.cols:
+            return None
+        pos = np.where(c.positions_weights >= 0, c.positions_weights, c.positions_stats)
+        scale = np.where(c.scale_exp == -999, 0, c.scale_exp)
+        return pos, b * (2.0 ** scale)[:, None]
+    return None
 
 
 def _w1_estimate(matched_init, inits, statics, batches, prepared, public, notes):

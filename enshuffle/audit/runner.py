@@ -178,6 +178,8 @@ ROWS = [
     ("rows_linked", "rows linked across steps", None),
     ("w1_outside_corr", "w1 rows outside its block (correlation)", "w1_outside_corr"),
     ("w1_inside_corr", "w1 rows inside its block (correlation)", None),
+    ("w1_block_corr", "  its last w1 block, up to hidden-unit order (mean |corr|)", None),
+    ("w1_block_chance", "  same for a random block (chance)", None),
     ("ica_pixels_recovered", "ICA: pixel columns recovered (|corr| >= 0.9)", None),
     ("ica_best_abs_corr_mean", "ICA: mean best |corr| with a pixel column", None),
     ("ica_chance_abs_corr_mean", "  same for random mixtures of the true block (chance)", None),

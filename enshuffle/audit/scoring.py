@@ -64,6 +64,26 @@ def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / den) if den else 0.0
 
 
+def _matched_columns_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean |correlation| of a's columns with b's after a greedy one-to-one matching."""
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    a = a / np.maximum(np.linalg.norm(a, axis=0), 1e-300)
+    b = b / np.maximum(np.linalg.norm(b, axis=0), 1e-300)
+    sim = np.abs(a.T @ b)
+    taken_a = np.zeros(sim.shape[0], dtype=bool)
+    taken_b = np.zeros(sim.shape[1], dtype=bool)
+    picked = []
+    for flat in np.argsort(sim, axis=None)[::-1]:
+        i, j = divmod(int(flat), sim.shape[1])
+        if not taken_a[i] and not taken_b[j]:
+            taken_a[i] = taken_b[j] = True
+            picked.append(sim[i, j])
+            if len(picked) == min(sim.shape):
+                break
+    return float(np.mean(picked))
+
+
 def score(claims: Claims, truth: Truth) -> dict:
     """Figures (shares in 0..1, correlations) of what the claims got right."""
     exact_ok = exact_all = 0
@@ -180,6 +200,16 @@ def score(claims: Claims, truth: Truth) -> dict:
         if inside.any():
             w1_in = _corr(claims.w1_estimate[inside], truth.w1_final[inside])
 
+    # The node's own block of the final w1, up to the order of hidden units (a network is the
+    # same function with its hidden units renumbered): each claimed column matched greedily to
+    # the true unit it correlates with best; the figure is the mean |correlation| of the pairs.
+    w1_block = w1_block_chance = None
+    if claims.w1_block is not None:
+        pos, block = claims.w1_block
+        truth_block = truth.w1_final[np.clip(pos, 0, truth.w1_final.shape[0] - 1)]
+        w1_block = _matched_columns_corr(block, truth_block)
+        w1_block_chance = _matched_columns_corr(np.random.default_rng(2).standard_normal(block.shape), truth_block)
+
     def share(ok, total):
         return ok / total if total else None
 
@@ -197,6 +227,8 @@ def score(claims: Claims, truth: Truth) -> dict:
         "rows_linked": share(linked_ok, linkable),
         "w1_outside_corr": w1_out,
         "w1_inside_corr": w1_in,
+        "w1_block_corr": w1_block,
+        "w1_block_chance": w1_block_chance,
         "ica_best_abs_corr_mean": float(np.mean(ica_best)) if ica_best else None,
         "ica_chance_abs_corr_mean": float(np.mean(ica_chance)) if ica_chance else None,
         "ica_pixels_recovered": float(np.mean(np.asarray(ica_best) >= 0.9)) if ica_best else None,
