@@ -132,7 +132,7 @@ def drive(args, preset, inputs, compute, ledger) -> int:
     if ledger is not None:
         from enshuffle.coordinator.ledger import privacy_notes
 
-        report_ledger(ledger, args, notes=privacy_notes(preset.seed is not None, False))
+        report_ledger(ledger, args, notes=privacy_notes(preset, False))
     if getattr(args, "save_weights", None):
         save_weights(args.save_weights, trainer.params)
         eprint(f"train: weights written to {args.save_weights}")

@@ -147,16 +147,19 @@ class ExposureLedger:
                         self._masks.setdefault(node, {})[kind] = values
 
 
-def privacy_notes(public_init: bool, bound_raised: bool, disguise: str = "share") -> list[str]:
+def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[str]:
     """What the table cannot say in a percentage: the same sentences in the console, the
     end-of-run report and the chain metadata."""
     notes = []
     if disguise != "share":
         notes.append("disguise 'shuffle' (an audit control): pixels and w1 rows reach nodes in the clear up to "
                      "order and powers of two; never use it on private data")
-    if public_init:
+    if preset.init == "notebook":
         notes.append("the seed preset starts from the notebook's public weights (RandomState(402)): a node can "
                      "compute the initial w1 and w2; train with the default preset to keep the model private")
+    elif preset.seed is not None:
+        notes.append(f"initial weights and sample order come from the training seed you chose (--seed "
+                     f"{preset.seed}), not from the run's secret: keep that number private")
     notes.append("deltas: every node sees each step's dz1 (rows and units shuffled, scaled by powers of two); "
                  "rows of one class look alike, so it may group a batch's rows by class without naming the "
                  "classes (enshuffle audit measures how well)")

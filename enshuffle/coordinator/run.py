@@ -165,7 +165,7 @@ class CoordinatorRun:
     def privacy_notes(self) -> list[str]:
         from enshuffle.coordinator.ledger import privacy_notes
 
-        return privacy_notes(self.preset.seed is not None, self.server.bound_raised, self.compute.disguise)
+        return privacy_notes(self.preset, self.server.bound_raised, self.compute.disguise)
 
     def write_version(self, report=None) -> str | None:
         if self.chain is None:

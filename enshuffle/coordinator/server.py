@@ -337,7 +337,7 @@ class CoordinatorServer:
 
     def _bound_wait(self) -> set[int]:
         """Blocks with work waiting only because the bound allows no active node to take them."""
-        if not self._bound_blocked:
+        if not self._bound_blocked or not self.sessions:  # no node at all: "none connected" says it
             return set()
         for shard in list(self._bound_blocked):
             owner = self.sessions.get(self.owner[shard]) if self.owner[shard] else None
