@@ -493,8 +493,10 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
         stats_pos = pixel.copy()
         missing = np.flatnonzero(stats_pos < 0)
         if missing.size:
-            f_static = _moments(s[:, missing])
-            f_pub = _moments(px)
+            # statistics need no more than a sample of rows (and memory stays small on 60,000)
+            sample = rng.choice(s.shape[0], min(s.shape[0], NN_ROWS), replace=False)
+            f_static = _moments(s[sample][:, missing])
+            f_pub = _moments(px[rng.choice(px.shape[0], min(px.shape[0], NN_ROWS), replace=False)])
             d = ((f_static[:, None, :] - f_pub[None, :, :]) ** 2).sum(axis=2)
             stats_pos[missing] = d.argmin(axis=1)
         wpos = by_weights.get(name, np.full(s.shape[1], -1))
