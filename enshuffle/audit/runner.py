@@ -194,7 +194,8 @@ def format_table(figures: dict) -> str:
              f"{'what':<58}{'recovered':>10}  {'target':>8}  ok"]
     for key, text, target_key in ROWS:
         value = figures.get(key)
-        shown = "n/a" if value is None else (f"{value:.3f}" if "corr" in key or "ari" in key else f"{value:.1%}")
+        ratio = "corr" in key or "ari" in key or "chance" in key  # correlations and indices, not shares
+        shown = "n/a" if value is None else (f"{value:.3f}" if ratio else f"{value:.1%}")
         target = ""
         ok = ""
         if target_key:
