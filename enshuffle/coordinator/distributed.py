@@ -52,6 +52,8 @@ DISGUISES = ("share", "shuffle")
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
 NOISE_SCALE = 1.0  # std of each noise element, in units of a normalized pixel's root mean square
 MIX_GROUP = 64  # mixing blocks: 64x64 dense, so mixing costs 64 multiply-adds per element
+DECOY_RANK = 2  # per class and batch: dz1's mean and this many principal directions move to other rows
+ROW_CHUNK = 16384  # rows per pass when the coordinator multiplies by the raw pixels itself
 
 
 @dataclass
@@ -277,10 +279,18 @@ class DistributedCompute:
                 total += self.beta @ w1  # the standardization's offset: (784,) @ (784, 128)
         return total.astype(w1.dtype, copy=False)
 
-    def dw1(self, idx, dz1: np.ndarray) -> np.ndarray:
-        """X[idx]^T @ dz1 -> (784, 128); slot s computes rows P_s from its static block."""
+    def dw1(self, idx, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """X[idx]^T @ dz1 -> (784, 128); slot s computes rows P_s from its static block.
+
+        With the share disguise and `labels`, nodes receive dz1 with its class structure moved
+        onto other rows (see `decoy`); the coordinator adds back what that changes."""
         idx = self._rows("train", idx)
         share = self.disguise == "share"
+        moved = None
+        if share and labels is not None:
+            exact = dz1
+            dz1, delta, directions = self.decoy(dz1, np.asarray(labels))
+            moved = (delta, directions)
         out = np.zeros((INPUTS, HIDDEN), dtype=np.float64 if share else dz1.dtype)
         batches, disguises = [], []
         for s, st in enumerate(self.statics):
@@ -299,18 +309,64 @@ class DistributedCompute:
             for st, d, r in zip(self.statics, disguises, results):
                 out[st.pixels] = d.undo(r)
             return out
-        noise = np.take(self.factors("train"), idx, axis=0).T @ dz1.astype(np.float64, copy=False)  # G^T dz1
+        noise = np.take(self.factors("train"), idx, axis=0).T @ dz1.astype(np.float64, copy=False)  # G^T (what was sent)
         for st, d, r in zip(self.statics, disguises, results):
             part = d.undo(st.mix.inverse_transposed_left(np.asarray(r, dtype=np.float64)))
             part -= st.loadings.T @ noise
             part *= (self.norm[st.pixels] * self.alpha[st.pixels])[:, None]
             out[st.pixels] = part
+        if moved is not None:  # x^T dz1 = x^T sent - (x^T delta) directions
+            delta, directions = moved
+            out -= (self._source_t_times(idx, delta) * self.alpha[:, None]) @ directions
+            dz1 = exact
         # A pixel that is zero in every row of the batch has a gradient of exactly zero; rounding
         # of the noise would leave ~1e-17 instead, which Adam's normalisation would inflate.
         out[~self._support(idx)] = 0.0
         if self.source is not self.images:
             out += np.outer(self.beta, dz1.sum(axis=0, dtype=np.float64))
         return out.astype(dz1.dtype, copy=False)
+
+    def decoy(self, dz1: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """dz1 (b,128) with its class structure moved onto random rows: (sent, delta, directions)
+        with sent = dz1 + delta @ directions.
+
+        Rows of dz1 for one class point alike (dz2's one-hot shape times w2^T): clustering them
+        groups a batch by class, and a static row seen in several batches links the groups into
+        one grouping of the whole training set. Here each class's mean row and its DECOY_RANK
+        principal directions (within the batch) are taken off its rows and given to a random
+        other row instead: the node sees clusters of random rows, and no class sums to zero.
+        delta is (b, q), directions (q, 128), q <= classes * (1 + DECOY_RANK): what the
+        coordinator subtracts costs b * 784 * q multiply-adds."""
+        d = dz1.astype(np.float64)
+        columns, directions = [], []
+        for c in np.unique(labels):  # at most 10 classes
+            member = labels == c
+            block = d[member]
+            mean = block.mean(axis=0)
+            columns.append(member.astype(np.float64))
+            directions.append(mean)
+            if block.shape[0] > DECOY_RANK:
+                centered = block - mean
+                _, vectors = np.linalg.eigh(centered.T @ centered)
+                top = vectors[:, -DECOY_RANK:]  # (128, r)
+                coef = np.zeros((d.shape[0], DECOY_RANK))
+                coef[member] = centered @ top
+                columns.extend(coef.T)
+                directions.extend(top.T)
+        structure = np.stack(columns, axis=1)  # (b, q): which rows carry which direction, how much
+        directions = np.stack(directions)  # (q, 128)
+        delta = np.take(structure, self.rng.permutation(d.shape[0]), axis=0) - structure
+        sent = d + delta @ directions
+        return sent.astype(dz1.dtype, copy=False), delta, directions
+
+    def _source_t_times(self, idx: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """x[idx]^T @ m for the raw training pixels: (784, q), ROW_CHUNK rows at a time."""
+        x = self.source["train"]
+        out = np.zeros((x.shape[1], m.shape[1]))
+        for lo in range(0, idx.shape[0], ROW_CHUNK):
+            rows = np.take(x, idx[lo:lo + ROW_CHUNK], axis=0).astype(np.float64)
+            out += rows.T @ m[lo:lo + ROW_CHUNK]
+        return out
 
     def _support(self, idx: np.ndarray) -> np.ndarray:
         """(784,) bool: pixels nonzero in some training row idx (cached for the full batch)."""
