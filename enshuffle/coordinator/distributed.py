@@ -25,11 +25,11 @@ The disguise "share" hides values, not only positions. Node s holds, for the who
   that knew M_s and H_s could not solve a row for its pixels; it cannot learn M_s either, since
   unmixing needs the sources and the noise makes the mixture underdetermined (K + r sources seen
   through K columns).
-- M_s is a secret block-diagonal mixing (dense 64x64 blocks, condition <= 4): no column of S_s is
+- M_s is a secret block-diagonal mixing (dense 32x32 blocks, condition <= 4): no column of S_s is
   a pixel, no value of it a pixel value, and w1's rows reach the node only as M_s^-1 D_s w1[P_s].
 - Corrections cost the coordinator little: x_w1 subtracts G[idx] (sum_s H_s D_s w1[P_s]) and dw1
   subtracts H_s^T (G[idx]^T dz1): r * 128 * (b + 784) multiply-adds each, plus the mixing
-  (784 * 64 * 128 each way). Rounding stays at the pixels' own scale, so distributed training
+  (784 * 32 * 128 each way). Rounding stays at the pixels' own scale, so distributed training
   equals the centralized run to float rounding.
 
 The disguise "shuffle" is the old permutation-and-power-of-two disguise (pixel blocks in the clear
@@ -51,9 +51,8 @@ from enshuffle.model import HIDDEN, INPUTS
 DISGUISES = ("share", "shuffle")
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
 NOISE_SCALE = 1.0  # std of each noise element, in units of a normalized pixel's root mean square
-MIX_GROUP = 64  # mixing blocks: 64x64 dense, so mixing costs 64 multiply-adds per element
+MIX_GROUP = 32  # mixing blocks: 32x32 dense, so mixing costs 32 multiply-adds per element
 DECOY_RANK = 2  # per class and batch: dz1's mean and this many principal directions move to other rows
-ROW_CHUNK = 16384  # rows per pass when the coordinator multiplies by the raw pixels itself
 
 
 @dataclass
@@ -129,6 +128,11 @@ class ShardStatics:
     pixel_exp: np.ndarray | None = None  # "shuffle" only
 
 
+def _every_row(idx: np.ndarray, n: int) -> bool:
+    """idx is 0..n-1 in order (a full batch): use the array itself instead of a gathered copy."""
+    return idx.shape[0] == n and bool(np.array_equal(idx, np.arange(n)))
+
+
 def static_name(which: str, shard: int) -> str:
     return f"{which}.{shard}"
 
@@ -191,6 +195,7 @@ class DistributedCompute:
             self.statics.append(st)
         self._factors: dict[str, np.ndarray] = {}
         self._full_support: np.ndarray | None = None
+        self._source_f64: np.ndarray | None = None
         self.executor = executor_factory(self)
 
     # -- static operands -------------------------------------------------------------
@@ -203,6 +208,10 @@ class DistributedCompute:
             gen = np.random.default_rng(self.noise_seed + [tag])
             g = self._factors[which] = gen.standard_normal((self.images[which].shape[0], NOISE_RANK))
         return g
+
+    def _factor_rows(self, which: str, idx: np.ndarray) -> np.ndarray:
+        g = self.factors(which)
+        return g if _every_row(idx, g.shape[0]) else np.take(g, idx, axis=0)
 
     def _static(self, which: str, st: ShardStatics) -> np.ndarray:
         if self.disguise == "shuffle":
@@ -274,7 +283,7 @@ class DistributedCompute:
         for d, r in zip(disguises[1:], results[1:]):
             total += d.undo(np.asarray(r, dtype=np.float64))
         if share:
-            total -= np.take(self.factors(which), idx, axis=0) @ noise_map
+            total -= self._factor_rows(which, idx) @ noise_map
             if self.source is not self.images:
                 total += self.beta @ w1  # the standardization's offset: (784,) @ (784, 128)
         return total.astype(w1.dtype, copy=False)
@@ -309,7 +318,7 @@ class DistributedCompute:
             for st, d, r in zip(self.statics, disguises, results):
                 out[st.pixels] = d.undo(r)
             return out
-        noise = np.take(self.factors("train"), idx, axis=0).T @ dz1.astype(np.float64, copy=False)  # G^T (what was sent)
+        noise = self._factor_rows("train", idx).T @ dz1.astype(np.float64, copy=False)  # G^T (what was sent)
         for st, d, r in zip(self.statics, disguises, results):
             part = d.undo(st.mix.inverse_transposed_left(np.asarray(r, dtype=np.float64)))
             part -= st.loadings.T @ noise
@@ -335,38 +344,48 @@ class DistributedCompute:
         one grouping of the whole training set. Here each class's mean row and its DECOY_RANK
         principal directions (within the batch) are taken off its rows and given to a random
         other row instead: the node sees clusters of random rows, and no class sums to zero.
-        delta is (b, q), directions (q, 128), q <= classes * (1 + DECOY_RANK): what the
-        coordinator subtracts costs b * 784 * q multiply-adds."""
+        delta is (b, q), directions (q, 128), q = classes * (1 + DECOY_RANK): what the
+        coordinator subtracts costs b * 784 * q multiply-adds. All classes at once: one batched
+        eigenproblem over the smaller Gram matrices, no loop over classes or rows."""
         d = dz1.astype(np.float64)
-        columns, directions = [], []
-        for c in np.unique(labels):  # at most 10 classes
-            member = labels == c
-            block = d[member]
-            mean = block.mean(axis=0)
-            columns.append(member.astype(np.float64))
-            directions.append(mean)
-            if block.shape[0] > DECOY_RANK:
-                centered = block - mean
-                _, vectors = np.linalg.eigh(centered.T @ centered)
-                top = vectors[:, -DECOY_RANK:]  # (128, r)
-                coef = np.zeros((d.shape[0], DECOY_RANK))
-                coef[member] = centered @ top
-                columns.extend(coef.T)
-                directions.extend(top.T)
-        structure = np.stack(columns, axis=1)  # (b, q): which rows carry which direction, how much
-        directions = np.stack(directions)  # (q, 128)
-        delta = np.take(structure, self.rng.permutation(d.shape[0]), axis=0) - structure
+        n, m = d.shape
+        r = DECOY_RANK
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        c = counts.shape[0]
+        onehot = np.zeros((n, c))
+        onehot[np.arange(n), inverse] = 1.0
+        means = (onehot.T @ d) / counts[:, None]  # (c, m)
+        centered = d - means[inverse]
+        # Rows grouped by class and zero-padded to (c, width, m): padding adds nothing to a Gram.
+        order = np.argsort(inverse, kind="stable")
+        starts = np.cumsum(counts) - counts
+        slot = np.empty(n, dtype=np.int64)
+        slot[order] = np.arange(n) - np.repeat(starts, counts)
+        padded = np.zeros((c, int(counts.max()), m))
+        padded[inverse, slot] = centered
+        if padded.shape[1] < m:
+            vectors = np.linalg.eigh(padded @ padded.transpose(0, 2, 1))[1][:, :, -r:]  # (c, width, r)
+            top = padded.transpose(0, 2, 1) @ vectors  # (c, m, r)
+            top /= np.maximum(np.linalg.norm(top, axis=1, keepdims=True), 1e-300)
+        else:
+            top = np.linalg.eigh(padded.transpose(0, 2, 1) @ padded)[1][:, :, -r:]
+        coef = (padded @ top)[inverse, slot]  # (n, r): each row's weight on its class's directions
+        weights = np.zeros((n, c, r))
+        weights[np.arange(n), inverse] = coef
+        structure = np.concatenate([onehot, weights.reshape(n, c * r)], axis=1)  # (n, q)
+        directions = np.concatenate([means, top.transpose(0, 2, 1).reshape(c * r, m)])  # (q, m)
+        delta = np.take(structure, self.rng.permutation(n), axis=0) - structure
         sent = d + delta @ directions
         return sent.astype(dz1.dtype, copy=False), delta, directions
 
     def _source_t_times(self, idx: np.ndarray, m: np.ndarray) -> np.ndarray:
-        """x[idx]^T @ m for the raw training pixels: (784, q), ROW_CHUNK rows at a time."""
-        x = self.source["train"]
-        out = np.zeros((x.shape[1], m.shape[1]))
-        for lo in range(0, idx.shape[0], ROW_CHUNK):
-            rows = np.take(x, idx[lo:lo + ROW_CHUNK], axis=0).astype(np.float64)
-            out += rows.T @ m[lo:lo + ROW_CHUNK]
-        return out
+        """x[idx]^T @ m for the raw training pixels: (784, q), from a float64 copy kept once."""
+        if self._source_f64 is None:
+            self._source_f64 = self.source["train"].astype(np.float64)
+        x = self._source_f64
+        if _every_row(idx, x.shape[0]):
+            return x.T @ m
+        return np.take(x, idx, axis=0).T @ m
 
     def _support(self, idx: np.ndarray) -> np.ndarray:
         """(784,) bool: pixels nonzero in some training row idx (cached for the full batch)."""
