@@ -55,7 +55,7 @@ class CoordinatorRun:
     def __init__(self, args, preset, inputs, *, bind: str, shards: int, min_nodes: int,
                  run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
                  state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
-                 home: Path | None = None, quiet: bool = False):
+                 home: Path | None = None, quiet: bool = False, admission=None):
         from enshuffle.coordinator.chain import Chain, ChainError
         from enshuffle.coordinator.server import CoordinatorServer
         from enshuffle.protocol.keys import load_or_create_identity
@@ -77,8 +77,9 @@ class CoordinatorRun:
                           "shards": shards, "data": data_fingerprint(inputs)}
         if self.run_dir:
             self._check_run_dir(resume)
+        self.admission = admission
         self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
-                                        control=self.control, log=None if quiet else eprint)
+                                        control=self.control, log=None if quiet else eprint, admission=admission)
         plan_rng = np.random.default_rng(plan_secret(self.run_dir) if self.run_dir else None)
         self.compute = DistributedCompute(inputs.images, shards, plan_rng, self.server.attach,
                                           offload=args.offload, ledger=self.server.ledger)
@@ -323,12 +324,25 @@ def load_run_settings(run_dir: str) -> dict:
 
 
 # -- local node processes ------------------------------------------------------------------
+def local_node_keys(workdir: Path, count: int) -> list[bytes]:
+    """Create the local nodes' keys up front (each in its own ENSHUFFLE_HOME, under its --name), so
+    the coordinator admits exactly them and nobody else."""
+    from enshuffle.protocol.keys import load_or_create_identity
+
+    keys = []
+    for i in range(count):
+        home = workdir / f"node-{i + 1}"
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keys.append(load_or_create_identity("node", home, name=f"local-{i + 1}").public_bytes)
+    return keys
+
+
 def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, threads: int = 1) -> list[subprocess.Popen]:
     """Start `count` `enshuffle node` processes, each with its own key (its own ENSHUFFLE_HOME)."""
     procs = []
     for i in range(count):
         home = workdir / f"node-{i + 1}"
-        home.mkdir(parents=True, exist_ok=True)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = dict(os.environ, ENSHUFFLE_HOME=str(home))
         log = open(home / "node.log", "wb")
         procs.append(subprocess.Popen(
@@ -356,11 +370,15 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
 
 def run_local_cluster(args, preset, inputs) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
+    from enshuffle.coordinator.admission import Admission
+
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
         tmp = Path(tmp)
+        # Only the local nodes this command starts are admitted: nothing to set up, nobody else joins.
+        admission = Admission(auto=set(local_node_keys(tmp, args.nodes)))
         run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=args.nodes,
                              min_nodes=args.nodes, run_dir=args.out, home=tmp / "coordinator",
-                             quiet=not getattr(args, "verbose", False))
+                             quiet=not getattr(args, "verbose", False), admission=admission)
         eprint(f"train: coordinator on {run.server.endpoint}, {args.nodes} local node processes, "
                f"preset {preset.name}, {preset.dtype}, offload {args.offload}")
         procs = spawn_local_nodes(run.server.endpoint, run.identity.fingerprint, args.nodes, tmp)
