@@ -25,8 +25,19 @@ from enshuffle.node.daemon import (EXIT_OK, EXIT_REFUSED, EXIT_TRUST, NodeDaemon
                                    describe_batch)
 from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.keys import Identity, TrustStore
-from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Message, decode, encode,
-                                         verify, verify_self_signed)
+from enshuffle.protocol import messages
+from enshuffle.protocol.handshake import check_hello, make_challenge
+from enshuffle.protocol.messages import (HANDSHAKE_COMMANDS, OPS, PROTOCOL_VERSION, Channel, Message, decode,
+                                         encode, verify_self_signed)
+
+
+def verify(msg: Message, key: bytes) -> None:
+    """A signed handshake message is checked against `key`; a sealed one authenticated already
+    (it opened under the session's key, which only the holder of `key` could derive)."""
+    if msg.kind == messages.KIND_SIGNED:
+        messages.verify(msg, key)
+    else:
+        assert msg.kind == messages.KIND_SEALED
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(11)
@@ -48,6 +59,8 @@ class FakeCoordinator:
         self.seq = 0
         self.peer: bytes | None = None
         self.node_id = "n1"
+        self.pending = None   # the CHALLENGE state for the latest HI
+        self.channel: Channel | None = None
 
     def close(self) -> None:
         self.sock.close()
@@ -67,7 +80,15 @@ class FakeCoordinator:
             if left <= 0:
                 raise AssertionError(f"no {command} within {timeout} s")
             routing, frames = self.recv(left)
-            msg = decode(frames)
+            if bytes(frames[0])[4:5] == b"E":
+                msg = self.channel.open(frames)
+            else:
+                msg = decode(frames)
+            if msg.command == "HI" and command != "HI":  # answer with a CHALLENGE, as a coordinator does
+                self.peer = routing
+                challenge, self.pending = make_challenge(self.identity, self.run_id, msg)
+                self.send_frames(challenge)
+                continue
             if msg.command in skip and msg.command != command:
                 continue
             assert msg.command == command, f"expected {command}, got {msg.command} {msg.header}"
@@ -75,13 +96,22 @@ class FakeCoordinator:
             return msg
 
     def welcome(self, hello: Message, *, heartbeat_ms: int = 1000, credit: int = 2) -> None:
+        _, self.channel = check_hello(self.pending, hello, self.identity, self.run_id)
         self.send("WELCOME", {"run_id": self.run_id, "coordinator_key": self.identity.public_hex,
                               "node_key": hello.header["node_key"], "nonce": hello.header["nonce"],
+                              "challenge": self.pending.challenge,
                               "node_id": self.node_id, "credit": credit, "heartbeat_ms": heartbeat_ms,
                               "lease": LEASE})
 
     def send(self, command: str, header: dict, arrays: dict | None = None, signer: Identity | None = None) -> None:
-        self.send_frames(encode(command, header, arrays, signer=signer or self.identity))
+        """Handshake commands signed (by `signer`, default this coordinator); session commands
+        sealed under the session key, or with `signer` given, under a key the node does not hold."""
+        if command in HANDSHAKE_COMMANDS:
+            self.send_frames(encode(command, header, arrays, signer=signer or self.identity))
+        elif signer is not None:
+            self.send_frames(Channel(os.urandom(32), os.urandom(32)).seal(command, header, arrays))
+        else:
+            self.send_frames(self.channel.seal(command, header, arrays))
 
     def send_frames(self, frames: list) -> None:
         self.sock.send_multipart([self.peer, *frames])
@@ -207,13 +237,11 @@ def test_static_and_batches_give_correct_signed_results(session):
     good_batch(coord, node_key)
 
 
-def test_batch_signed_by_another_key_is_rejected_and_node_stays_up(session):
+def test_batch_sealed_under_another_key_is_dropped_and_node_stays_up(session):
     coord, proc, node_key = session
     intruder = Identity.generate()
-    seq = coord.batch("evil", "square", {"a": np.ones((2, 2))}, signer=intruder)
-    header = expect_reject(coord, node_key, "bad-signature")
-    assert (header["batch_id"], header["seq"]) == ("evil", seq)
-    good_batch(coord, node_key)
+    coord.batch("evil", "square", {"a": np.ones((2, 2))}, signer=intruder)
+    good_batch(coord, node_key)  # the next message it answers is this one: "evil" was never computed
     assert proc.poll() is None
 
 
@@ -250,21 +278,22 @@ def test_garbage_is_dropped_and_node_still_answers(session):
     coord.send_frames([b"GET / HTTP/1.1", b"x", b"y", b"z"])
     coord.send_frames([b"ENS1", b"NOPE", b"{}", b"\0" * 64])
     good_batch(coord, node_key)
-    # A BATCH whose header does not parse is answered with the decoder's code (spec 14).
-    coord.send_frames([b"ENS1", b"BATCH", b"{not json", b"\0" * 64])
-    expect_reject(coord, node_key, "bad-header")
+    # A sealed BATCH whose header does not parse is dropped (spec 14): nothing to answer to.
+    coord.send_frames(coord.channel.seal_parts([b"\x05BATCH\x00\x00\x00\x09{not json"]))
     good_batch(coord, node_key, "ok2")
     assert proc.poll() is None
 
 
-def test_pinned_fingerprint_mismatch_stops_the_node_silently(coord, node_proc):
+def test_pinned_fingerprint_mismatch_declines_before_saying_hello(coord, node_proc):
     other = Identity.generate()
     proc = node_proc(coord.address, "--coordinator-key", other.fingerprint)
-    coord.welcome(coord.expect("HELLO"))
+    decline = coord.expect("DECLINE")  # instead of a HELLO: the node never said who it is
+    assert decline.header["code"] == "untrusted-key"
+    assert other.fingerprint in decline.header["text"] and coord.identity.fingerprint in decline.header["text"]
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == EXIT_TRUST
     assert coord.identity.fingerprint in err and other.fingerprint in err
-    # The process has exited; anything it sent after the WELCOME would be queued here now.
+    # The process has exited; anything it sent after the DECLINE would be queued here now.
     assert not coord.sock.poll(200, zmq.POLLIN)
 
 
@@ -427,7 +456,7 @@ def test_refuse_from_a_stranger_is_ignored_when_pinned(coord, threaded):
 def test_remembered_key_change_stops_the_node(coord, threaded, tmp_path):
     TrustStore(tmp_path).check(coord.address, Identity.generate().fingerprint)  # an earlier coordinator
     node = threaded(coord.address)
-    coord.welcome(coord.expect("HELLO"))
+    assert coord.expect("DECLINE").header["code"] == "untrusted-key"
     assert node.join() == EXIT_TRUST
     assert coord.identity.fingerprint in node.daemon.error and str(tmp_path) in node.daemon.error
     assert not coord.sock.poll(100, zmq.POLLIN)
@@ -474,20 +503,18 @@ def test_heartbeats_that_arrive_during_a_long_batch_keep_the_session_and_its_res
     proc = node_proc(coord.address, "--coordinator-key", coord.identity.fingerprint)
     hello = coord.expect("HELLO")
     node_key = verify_self_signed(hello)
-    heartbeat_ms = 20  # lost after 60 ms of silence: far less than the batch below takes
+    heartbeat_ms = 60  # lost after 180 ms of silence: far less than the batch below takes
     a, b = RNG.standard_normal((1600, 1600)), RNG.standard_normal((1600, 1600))
-    frames = encode("BATCH", {"run_id": coord.run_id, "batch_id": "long", "seq": 1, "step": 0, "op": "matmul",
-                              "params": {"a_static": None, "transpose_a": False}, "lease_ms": 30000},
-                    {"a": a, "b": b}, signer=coord.identity)  # encoded first: no gap in our beats
     coord.welcome(hello, heartbeat_ms=heartbeat_ms)
-    coord.send_frames(frames)
+    coord.send("BATCH", {"run_id": coord.run_id, "batch_id": "long", "seq": 1, "step": 0, "op": "matmul",
+                         "params": {"a_static": None, "transpose_a": False}, "lease_ms": 30000}, {"a": a, "b": b})
     deadline = time.monotonic() + 20
     while True:  # beat every few ms, as a live coordinator does, until the node answers
         assert time.monotonic() < deadline, "no RESULT within 20 s"
         coord.beat()
         if not coord.sock.poll(5, zmq.POLLIN):
             continue
-        msg = decode(coord.recv()[1])
+        msg = coord.channel.open(coord.recv()[1])
         if msg.command == "HEARTBEAT":
             continue
         assert msg.command == "RESULT", f"expected RESULT, got {msg.command} {msg.header}"
@@ -507,11 +534,12 @@ def test_replay_protection_spans_sessions_of_the_same_run(coord, threaded):
     params = {"a_static": None, "transpose_a": False}
     coord.seq = 10
     expect_result(coord, node_key, "b11", coord.batch("b11", "matmul", {"a": a, "b": b}, params))
-    old = encode("BATCH", {"run_id": coord.run_id, "batch_id": "b5", "seq": 5, "step": 0, "op": "matmul",
-                           "params": params, "lease_ms": 30000}, {"a": a, "b": b}, signer=coord.identity)
+    old = coord.channel.seal("BATCH", {"run_id": coord.run_id, "batch_id": "b5", "seq": 5, "step": 0,
+                                       "op": "matmul", "params": params, "lease_ms": 30000}, {"a": a, "b": b})
     coord.send("BYE", {"node_id": "n1", "reason": "shutdown"})  # a new session of the same run
     coord.welcome(coord.expect("HELLO"))
-    coord.send_frames(old)  # a recording of an older batch of this run
+    coord.send_frames(old)  # a recording from the old session: its key is gone, it is dropped unread
+    coord.batch("b5", "matmul", {"a": a, "b": b}, params, seq=5)  # an old seq of this run, sealed anew
     header = expect_reject(coord, node_key, "replayed")
     assert header["seq"] == 5 and "11" in header["text"]
     expect_result(coord, node_key, "b12", coord.batch("b12", "matmul", {"a": a, "b": b}, params))
@@ -521,7 +549,7 @@ def test_replay_protection_spans_sessions_of_the_same_run(coord, threaded):
 def test_unreadable_trust_file_stops_the_node_with_a_clear_error(coord, threaded, tmp_path):
     (tmp_path / "known_coordinators.json").write_bytes(b'{"coordinators": {"\xff": 1}}')
     node = threaded(coord.address)
-    coord.welcome(coord.expect("HELLO"))
+    assert coord.expect("DECLINE").header["code"] == "trust-store"
     assert node.join() == EXIT_TRUST
     assert str(tmp_path / "known_coordinators.json") in node.daemon.error
 

@@ -39,7 +39,8 @@ from enshuffle.dataset import load_idx_dir
 from enshuffle.model import LocalCompute, Preset, get_preset
 from enshuffle.node.compute import compute_batch
 from enshuffle.protocol.keys import Identity
-from enshuffle.protocol.messages import OPS, PROTOCOL_VERSION, Limits, Message, decode, encode, verify
+from enshuffle.protocol.handshake import NodeHandshake
+from enshuffle.protocol.messages import OPS, Channel, Limits, Message, decode
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = ("w1", "b1", "w2", "b2")
@@ -308,7 +309,7 @@ class InProcessRun:
 # --- an in-test node -------------------------------------------------------------------------
 
 class ScriptedNode:
-    """An ENS1 node in the test thread: honest compute, plus whatever frames a test sends.
+    """An ENS2 node in the test thread: honest compute, plus whatever frames a test sends.
 
     Single-threaded like the real node: only the thread that calls its methods touches the
     socket. `serve_until(pred)` handles STATIC/BATCH (answering each with a correct RESULT,
@@ -329,6 +330,7 @@ class ScriptedNode:
         self.run_id = ""
         self.node_id = ""
         self.coordinator_key = b""
+        self.channel: Channel | None = None
         self.heartbeat_s = 1.0
         self._last_sent = 0.0
         self.credit = 2  # what its heartbeats ask for; 0 is a paused volunteer
@@ -343,28 +345,37 @@ class ScriptedNode:
 
     def sign_and_send(self, command: str, header: dict, arrays: dict | None = None,
                       signer: Identity | None = None) -> list:
-        frames = encode(command, header, arrays, signer=signer or self.identity)
+        """Seal and send a session message (the name is from ENS1, where every message was signed)."""
+        frames = self.channel.seal(command, header, arrays)
         self.send(frames)
         return frames
 
-    def hello(self, timeout: float = 10) -> None:
-        nonce = os.urandom(16).hex()
-        self.sign_and_send("HELLO", {"protocol": PROTOCOL_VERSION, "node_key": self.identity.public_hex,
-                                     "name": self.name, "nonce": nonce,
-                                     "capabilities": {"ops": list(OPS), "threads": 1, "credit": 2}})
+    def hello(self, timeout: float = 10, invite: str | None = None) -> None:
+        """The whole ENS2 handshake: HI, CHALLENGE, HELLO, WELCOME, then a first sealed HEARTBEAT."""
+        hs = NodeHandshake(self.identity, self.name, {"ops": list(OPS), "threads": 1, "credit": 2}, invite=invite)
+        self.handshake = hs
+        self.send(hs.hi())
+        challenge = self._expect("CHALLENGE", timeout)
+        hs.check_challenge(challenge)
+        self.send(hs.hello(challenge))
         welcome = self._expect("WELCOME", timeout)
-        assert welcome.header["nonce"] == nonce
+        self.channel = hs.welcome(welcome)
         self.run_id = welcome.header["run_id"]
         self.node_id = welcome.header["node_id"]
         self.coordinator_key = bytes.fromhex(welcome.header["coordinator_key"])
         self.heartbeat_s = welcome.header["heartbeat_ms"] / 1000
+        self.sign_and_send("HEARTBEAT", {"node_id": self.node_id, "credit": self.credit, "outstanding": 0})
 
     def _expect(self, command: str, timeout: float) -> Message:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.sock.poll(50, zmq.POLLIN):
-                msg = decode(self.sock.recv_multipart())
-                if msg.command == command:
+                frames = self.sock.recv_multipart()
+                sealed = self.channel is not None and bytes(frames[0])[4:5] == b"E"
+                msg = self.channel.open(frames) if sealed else decode(frames)
+                if msg.command in (command, "REFUSE"):
+                    if msg.command == "REFUSE" and command != "REFUSE":
+                        raise AssertionError(f"{self.name}: refused: {msg.header['code']}: {msg.header['text']}")
                     return msg
         raise AssertionError(f"{self.name}: no {command} within {timeout} s")
 
@@ -380,8 +391,8 @@ class ScriptedNode:
         if tamper is not None:
             c = np.array(c)
             tamper(c)
-        return encode("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
-                                 "compute_seconds": 0.001}, {"c": c}, signer=signer or self.identity)
+        return self.channel.seal("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
+                                            "compute_seconds": 0.001}, {"c": c})
 
     def answer(self, batch: Message, signer: Identity | None = None) -> list:
         frames = self.result_frames(batch, signer)
@@ -397,14 +408,12 @@ class ScriptedNode:
                     frames = self.sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._handle(decode(frames))
+                self._handle(self.channel.open(frames))
         if time.monotonic() - self._last_sent >= self.heartbeat_s / 2:
             self.sign_and_send("HEARTBEAT", {"node_id": self.node_id, "credit": self.credit,
                                              "outstanding": len(self.held)})
 
     def _handle(self, msg: Message) -> None:
-        if msg.command in ("STATIC", "BATCH", "HEARTBEAT", "BYE"):
-            verify(msg, self.coordinator_key)
         if msg.command == "STATIC":
             (array,) = msg.arrays.values()
             self.statics[msg.header["name"]] = array

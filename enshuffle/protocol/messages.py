@@ -486,7 +486,10 @@ class Channel:
         """The one frame (as a one-element list) of a sealed message."""
         if COMMANDS.get(command) is None or COMMANDS[command].kind != KIND_SEALED:
             raise ValueError(f"{command} is not a session message")
-        parts = inner_parts(command, header, arrays)
+        return self.seal_parts(inner_parts(command, header, arrays))
+
+    def seal_parts(self, parts: list) -> list:
+        """Seal inner bytes given as parts (what `seal` encoded; tests seal malformed ones)."""
         start = time.perf_counter()
         counter = self.sent
         self.sent += 1
