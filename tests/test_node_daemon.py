@@ -604,8 +604,8 @@ def test_node_connects_over_ipv6(threaded):
     ctx, sock, port = _ipv6_router()
     try:
         threaded(f"tcp://[::1]:{port}")
-        assert sock.poll(5000, zmq.POLLIN), "no HELLO over IPv6 within 5 s"
-        assert decode(sock.recv_multipart()[1:]).command == "HELLO"
+        assert sock.poll(5000, zmq.POLLIN), "no HI over IPv6 within 5 s"
+        assert decode(sock.recv_multipart()[1:]).command == "HI"
     finally:
         sock.close()
         ctx.term()
