@@ -103,6 +103,7 @@ def check_hello(pending: Pending, hello: Message, identity: Identity, run_id: st
     Raises ProtocolError('bad-hello') naming what does not match (a replayed HELLO fails here:
     its challenge is another one)."""
     h = hello.header
+    key = verify_self_signed(hello)  # first: every field below is then the node's own word
     if h["challenge"] != pending.challenge:
         raise ProtocolError(BAD_HELLO, "HELLO answers another challenge (a replayed or stale HELLO)")
     if h["coordinator_key"] != identity.public_hex:
@@ -111,7 +112,6 @@ def check_hello(pending: Pending, hello: Message, identity: Identity, run_id: st
         raise ProtocolError(BAD_HELLO, "HELLO is for another run")
     if h["nonce"] != pending.nonce:
         raise ProtocolError(BAD_HELLO, "HELLO nonce differs from its HI")
-    key = verify_self_signed(hello)
     return key, derive_channel("coordinator", pending.private, h["kx"], pending.challenge_inner, hello.inner)
 
 
