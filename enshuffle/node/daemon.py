@@ -594,7 +594,9 @@ class NodeDaemon:
             except ProtocolError as exc:
                 self._drop(f"an invalid message ({exc})")
                 continue
-            s.last_received = received
+            # Stamped once it has authenticated: opening a large message takes time, and that
+            # time must not count as the coordinator's silence.
+            received = s.last_received = time.monotonic()
             if msg.command in ("BATCH", "STATIC"):
                 if msg.command == "BATCH":
                     held = sum(1 for _, m, _ in s.pending if isinstance(m, Message) and m.command == "BATCH")
