@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION")
     ksub.required = True
     kp = ksub.add_parser("show", help="print this machine's key fingerprints")
+    kp.add_argument("--name", default=None, help="the node key of `enshuffle node --name NAME` (one key per name)")
     kp.set_defaults(handler="enshuffle.protocol.keys:cmd_keys_show")
 
     p = sub.add_parser("chain", help="inspect a run's hash chain of model versions")

@@ -135,13 +135,14 @@ def process_env(home: Path, cache: Path | None = None) -> dict:
     return env
 
 
-def spawn_node(home: Path, endpoint: str, pin: str | None, name: str, logdir: Path) -> Proc:
+def spawn_node(home: Path, endpoint: str, pin: str | None, name: str, logdir: Path, *extra: str,
+               proc_name: str | None = None) -> Proc:
     """An `enshuffle node` process with its own ENSHUFFLE_HOME (so its own key)."""
     home.mkdir(parents=True, exist_ok=True)
-    args = ["node", "--connect", endpoint, "--name", name, "--threads", "1"]
+    args = ["node", "--connect", endpoint, "--name", name, "--threads", "1", *extra]
     if pin:
         args += ["--coordinator-key", pin]
-    return Proc(args, process_env(home), logdir, name)
+    return Proc(args, process_env(home), logdir, proc_name or name)
 
 
 def spawn_coordinator(home: Path, port: int, cache: Path, logdir: Path, name: str, *extra: str) -> Proc:
@@ -211,11 +212,15 @@ class InProcessRun:
     """
 
     def __init__(self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7,
-                 limits: Limits | None = None, heartbeat_ms: int = 1000):
+                 limits: Limits | None = None, heartbeat_ms: int = 1000, admission=None, max_sessions: int | None = None):
         self.preset = preset
         self.state = CoordinatorState()
         self.identity = Identity.generate()
         extra = {"limits": limits} if limits is not None else {}
+        if admission is not None:
+            extra["admission"] = admission
+        if max_sessions is not None:
+            extra["max_sessions"] = max_sessions
         self.server = CoordinatorServer("tcp://127.0.0.1:*", self.identity, self.state, ExposureLedger(),
                                         heartbeat_ms=heartbeat_ms, log=self._log, **extra)
         self.endpoint = self.server.endpoint
@@ -316,10 +321,12 @@ class ScriptedNode:
     except batches `hold_next` asked to keep) and sends heartbeats while waiting.
     """
 
-    def __init__(self, endpoint: str, name: str = "scripted", identity: Identity | None = None):
+    def __init__(self, endpoint: str, name: str = "scripted", identity: Identity | None = None,
+                 context: zmq.Context | None = None):
         self.identity = identity or Identity.generate()
         self.name = name
-        self.ctx = zmq.Context()
+        self._own_ctx = context is None
+        self.ctx = context or zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
@@ -337,7 +344,8 @@ class ScriptedNode:
 
     def close(self) -> None:
         self.sock.close(0)
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()
 
     def send(self, frames: list) -> None:
         self.sock.send_multipart(frames)
@@ -357,7 +365,8 @@ class ScriptedNode:
         self.send(hs.hi())
         challenge = self._expect("CHALLENGE", timeout)
         hs.check_challenge(challenge)
-        self.send(hs.hello(challenge))
+        self.hello_frames = hs.hello(challenge)
+        self.send(self.hello_frames)
         welcome = self._expect("WELCOME", timeout)
         self.channel = hs.welcome(welcome)
         self.run_id = welcome.header["run_id"]

@@ -130,7 +130,8 @@ class CoordinatorRun:
                                  f"({self._settings['data']['images']}, {self._settings['data']['sha256'][:12]}): "
                                  f"resume with the same --data and --limit")
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private(self.run_dir)
         except OSError as exc:
             raise UsageError(f"cannot create run directory {self.run_dir}: {exc.strerror}; "
                              f"choose a writable --out") from None
@@ -256,6 +257,21 @@ class CoordinatorRun:
         with self.state.lock:
             self.state.status = status
             self.state.finished = True
+
+
+def make_private(run_dir: Path) -> None:
+    """A run directory holds the model, its ledger and the plan secret: 0700 for it and every
+    directory in it, 0600 for every file, and a process umask of 077 so whatever this process
+    writes there from now on (chain versions, run.json, checkpoints) is created private too."""
+    os.umask(0o077)
+    os.chmod(run_dir, 0o700)
+    for root, dirs, files in os.walk(run_dir):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o600)
 
 
 def data_fingerprint(inputs) -> dict:

@@ -191,7 +191,7 @@ class CoordinatorServer:
         self.step = 0
         self.finished = False
         self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0,
-                         "wrong": 0, "refused": 0, "declined": 0, "handshakes": 0}
+                         "wrong": 0, "refused": 0, "declined": 0, "handshakes": 0, "challenges": 0}
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiting_logged = False
@@ -260,9 +260,8 @@ class CoordinatorServer:
         """One signed REFUSE, at most one per routing id per REFUSE_INTERVAL and within the budget."""
         now = time.monotonic()
         last = self._refused_at.get(routing_id)
-        if last is not None and now - last < REFUSE_INTERVAL:
-            return False
-        if not self._reply_allowed():
+        if (last is not None and now - last < REFUSE_INTERVAL) or not self._reply_allowed():
+            self.counters["dropped"] += 1  # answered already, or over the budget: silence
             return False
         self._refused_at[routing_id] = now
         self._refused_at.move_to_end(routing_id)
@@ -738,6 +737,7 @@ class CoordinatorServer:
         frames, pending = make_challenge(self.identity, self.run_id, msg)
         self.crypto_seconds += time.perf_counter() - start
         self.pending[routing_id] = pending
+        self.counters["challenges"] += 1
         self._expire_handshakes(time.monotonic())
         try:
             self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)

@@ -377,11 +377,14 @@ def cmd_keys_show(args) -> int:
     """`enshuffle keys show`: this machine's fingerprints (creating keys if missing) and home."""
     home = enshuffle_home()
     print(f"enshuffle home:  {home}")
+    name = getattr(args, "name", None)
     for role in ROLES:
-        existed = key_path(role, home).exists()
-        ident = load_or_create_identity(role, home)
+        role_name = name if role == "node" else None
+        existed = key_path(role, home, role_name).exists()
+        ident = load_or_create_identity(role, home, role_name)
         note = "" if existed else "  (new)"
-        print(f"{role + ' key:':16} {ident.fingerprint}  {ident.path}{note}")
+        label = f"{role} key{f' ({name})' if role_name else ''}:"
+        print(f"{label:16} {ident.fingerprint}  {ident.path}{note}")
     print(f"trusted coordinators: {home / TRUST_FILE_NAME}")
     sys.stdout.flush()
     return 0
