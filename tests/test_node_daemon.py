@@ -95,6 +95,17 @@ class FakeCoordinator:
             self.peer = routing
             return msg
 
+    def expect_any(self, commands: tuple, timeout: float = 10.0) -> Message:
+        """The next message that is one of `commands` (heartbeats skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"none of {commands} within {timeout} s"
+            _, frames = self.recv(left)
+            msg = self.channel.open(frames)
+            if msg.command in commands:
+                return msg
+
     def derive(self, hello: Message) -> None:
         """Check `hello` and derive the session key (welcome() does it if not done before)."""
         _, self.channel = check_hello(self.pending, hello, self.identity, self.run_id)
@@ -627,3 +638,80 @@ def test_malformed_address_is_a_one_line_error(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 2, err
     assert "Traceback" not in err and err.count("\n") == 1 and "tcp://a b:5555" in err
+
+
+# --- issue 8: a coordinator the node accepted cannot make it allocate without limit -----------------
+
+def test_a_result_larger_than_max_memory_is_refused_before_allocating(session):
+    """The issue's 331-byte BATCH (11585,0)@(0,11585) asked for a 1 GiB result; and 0.5 MB of
+    `rows` into a 32 KB static asked for 1 GiB of gathered rows. Both are refused from the header's
+    shapes (the node's default --max-memory is at most 512 MiB), and the node answers the next batch."""
+    coord, proc, node_key = session
+    seq = coord.batch("wide", "matmul", {"a": np.zeros((11585, 0)), "b": np.zeros((0, 11585))},
+                      {"transpose_a": False, "a_static": None})
+    header = expect_reject(coord, node_key, "too-large")
+    assert (header["batch_id"], header["seq"]) == ("wide", seq) and "max-memory" in header["text"]
+    coord.static("small", np.ones((64, 64)))  # 32 KB
+    coord.batch("gather", "matmul", {"rows": np.zeros(65536, np.int64), "b": np.ones((64, 2048))},
+                {"transpose_a": False, "a_static": "small"})
+    assert expect_reject(coord, node_key, "too-large")["batch_id"] == "gather"
+    good_batch(coord, node_key)
+    assert proc.poll() is None
+
+
+def test_max_memory_is_the_node_owners_choice(coord, node_proc):
+    proc = node_proc(coord.address, "--max-memory", "1M")
+    hello = coord.expect("HELLO")
+    node_key = verify_self_signed(hello)
+    coord.welcome(hello)
+    coord.batch("m", "matmul", {"a": np.ones((400, 10)), "b": np.ones((10, 400))},  # 1.28 MB result
+                {"transpose_a": False, "a_static": None})
+    assert expect_reject(coord, node_key, "too-large")["batch_id"] == "m"
+    good_batch(coord, node_key)  # a small one still goes through
+    bad = subprocess.run([sys.executable, "-m", "enshuffle", "node", "--connect", coord.address, "--max-memory",
+                          "lots"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--max-memory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_coordinator_exceeding_the_credit_gets_over_credit_and_nothing_is_queued(coord, threaded):
+    """The issue: 2,000 BATCHes sent with credit 2 were all queued and computed. Now the node holds
+    at most its credit; every BATCH beyond it is answered REJECT over-credit at once, uncomputed."""
+    node = threaded(coord.address, credit=2)
+    hello = coord.expect("HELLO")
+    node_key = verify_self_signed(hello)
+    coord.welcome(hello, credit=2)
+    a, b = RNG.standard_normal((300, 300)), RNG.standard_normal((300, 300))
+    total = 200
+    for i in range(total):
+        coord.batch(f"f{i}", "matmul", {"a": a, "b": b}, {"transpose_a": False, "a_static": None})
+    results = over = 0
+    while results + over < total:
+        msg = coord.expect_any(("RESULT", "REJECT"))
+        if msg.command == "RESULT":
+            results += 1
+        else:
+            assert msg.header["code"] == "over-credit", msg.header
+            over += 1
+    assert over > 0 and results < total, (results, over)
+    assert node.state.snapshot().batches_done == results
+    good_batch(coord, node_key)
+
+
+def test_data_before_welcome_is_never_queued(coord, threaded):
+    """Sealed or oversized messages before the handshake completes are dropped unread, never kept."""
+    node = threaded(coord.address)
+    routing, frames = coord.recv()
+    hi = decode(frames)
+    assert hi.command == "HI"
+    coord.peer = routing
+    junk = Channel(os.urandom(32), os.urandom(32))
+    for i in range(30):  # ~30 MB of "BATCH" from a coordinator that has not even challenged it
+        coord.send_frames(junk.seal("BATCH", {"run_id": "r", "batch_id": f"j{i}", "seq": i + 1, "step": 0,
+                                              "op": "matmul", "params": {}, "lease_ms": 1000},
+                                    {"a": np.zeros((1000, 125)), "b": np.zeros((125, 1))}))
+    challenge, coord.pending = make_challenge(coord.identity, coord.run_id, hi)
+    coord.send_frames(challenge)
+    hello = coord.expect("HELLO")
+    coord.welcome(hello)
+    good_batch(coord, verify_self_signed(hello))
+    assert node.daemon.dropped >= 30
