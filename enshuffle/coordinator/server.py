@@ -37,7 +37,7 @@ LEASE_INITIAL_MS = 30000
 MAX_PROTOCOL_ERRORS = 50  # malformed/unverifiable messages before a node is evicted (protocol.md section 14)
 WARN_BURST, WARN_WINDOW = 10, 10.0  # per peer: log lines, seconds
 MAX_ATTEMPTS = 5  # a batch rejected or answered wrongly this many times aborts the run
-MAX_SESSIONS = 256  # live + joining sessions; more get REFUSE `busy`
+MAX_SESSIONS = 1024  # live + joining sessions; more get REFUSE `busy`
 MAX_PENDING = 1024  # CHALLENGEs awaiting a HELLO (oldest dropped first)
 HANDSHAKE_TIMEOUT = 10.0  # seconds from CHALLENGE to the first sealed message
 REFUSE_INTERVAL = 10.0  # at most one REFUSE per routing id per this many seconds ...
@@ -309,13 +309,16 @@ class CoordinatorServer:
         """Pump until `count` nodes are connected; False if asked to stop first."""
         for shard in range(len(self.owner)):
             self.static_arrays(shard)  # prepared now, so sending them later never starves heartbeats
-        if len(self.sessions) < count:
-            self.log(f"waiting for {count} node{'s' if count != 1 else ''} to connect ({len(self.sessions)} so far)")
+        def ready() -> int:  # a paused node cannot compute: it does not count toward --min-nodes
+            return sum(1 for s in self.sessions.values() if s.want > 0)
+
+        if ready() < count:
+            self.log(f"waiting for {count} node{'s' if count != 1 else ''} to connect ({ready()} so far)")
             self._waiting_logged = True  # no second "waiting" line from pump()
-        while len(self.sessions) < count:
+        while ready() < count:
             if should_stop():
                 return False
-            self._set_status(f"waiting for nodes: {len(self.sessions)} of {count} connected")
+            self._set_status(f"waiting for nodes: {ready()} of {count} connected")
             self.pump(timeout_ms=200)
         self._rebalance()
         return True
