@@ -360,3 +360,35 @@ def test_run_directory_is_private(core_data_dir, core_cache, tmp_path):
     assert any(name.endswith("run.json") for name in modes) and len(modes) > 3, modes
     for name, mode in modes.items():
         assert mode & 0o077 == 0, f"{name} has mode {mode:04o}"
+
+
+def test_a_bad_allow_file_or_open_with_allow_is_a_one_line_error(tmp_path):
+    allow = tmp_path / "allowed"
+    allow.write_text("# ok\nSHA256:not-a-fingerprint\n")
+    for extra, words in ((["--allow", str(allow)], ["line 2", "not a full key fingerprint"]),
+                         (["--allow", str(tmp_path / "missing")], ["cannot be read"]),
+                         (["--allow", str(allow), "--open"], ["choose one"])):
+        out = enshuffle_cli("coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", *extra, home=tmp_path / "h",
+                            timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert all(w in out.stderr for w in words), out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_paused_nodes_do_not_count_toward_min_nodes(core_data_dir):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
+    paused = ScriptedNode(run.endpoint, "paused")
+    paused.credit = 0
+    try:
+        paused.hello()
+        paused.serve_until(lambda: run.server.sessions and all(s.want == 0 for s in run.server.sessions.values()),
+                           10, "the paused node to be a session", on_timeout=run.describe)
+        assert "waiting for nodes: 0 of 1" in run.state.snapshot().status, run.describe()
+        paused.credit = 2
+        paused.serve_until(run.done.is_set, 60, "training once it resumes", on_timeout=run.describe)
+        run.finish()
+    finally:
+        run.close()
+        paused.close()

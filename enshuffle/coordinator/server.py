@@ -236,9 +236,9 @@ class CoordinatorServer:
         return True
 
     def _send_raw(self, routing_id: bytes, command: str, header: dict) -> None:
-        start = time.perf_counter()
+        start = time.thread_time()
         frames = encode(command, header, None, self.identity)
-        self.crypto_seconds += time.perf_counter() - start
+        self.crypto_seconds += time.thread_time() - start
         try:
             self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -736,9 +736,9 @@ class CoordinatorServer:
         if not self._reply_allowed():
             self.counters["dropped"] += 1
             return
-        start = time.perf_counter()
+        start = time.thread_time()
         frames, pending = make_challenge(self.identity, self.run_id, msg)
-        self.crypto_seconds += time.perf_counter() - start
+        self.crypto_seconds += time.thread_time() - start
         self.pending[routing_id] = pending
         self.counters["challenges"] += 1
         self._expire_handshakes(time.monotonic())
@@ -768,16 +768,16 @@ class CoordinatorServer:
             self._warn("unknown peers", f"dropped a HELLO without a CHALLENGE (from {address or 'unknown'}): "
                                         f"a replay, or a node speaking an older protocol")
             return
-        start = time.perf_counter()
+        start = time.thread_time()
         try:
             key, channel = check_hello(pending, msg, self.identity, self.run_id)
         except ProtocolError as exc:
-            self.crypto_seconds += time.perf_counter() - start
+            self.crypto_seconds += time.thread_time() - start
             self.counters["bad_signature"] += 1
             self._warn("unknown peers", f"refused a HELLO from {address or 'unknown'}: {exc.detail}")
             self._refuse(routing_id, header.get("nonce"), "bad-hello", exc.detail)
             return
-        self.crypto_seconds += time.perf_counter() - start
+        self.crypto_seconds += time.thread_time() - start
         self.counters["handshakes"] += 1
         fp = fingerprint(key)
         refuse = None
@@ -835,14 +835,14 @@ class CoordinatorServer:
                           label=label, credit=credit, want=credit, address=address, channel=channel,
                           admitted=how)
         self.joining[routing_id] = session
-        start = time.perf_counter()
+        start = time.thread_time()
         frames = encode("WELCOME", {
             "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
             "nonce": header["nonce"], "challenge": pending.challenge, "node_id": node_id, "credit": credit,
             "heartbeat_ms": self.heartbeat_ms,
             "lease": {"min_ms": LEASE_MIN_MS, "multiple": LEASE_MULTIPLE, "initial_ms": LEASE_INITIAL_MS}},
             signer=self.identity)
-        self.crypto_seconds += time.perf_counter() - start
+        self.crypto_seconds += time.thread_time() - start
         try:
             self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
