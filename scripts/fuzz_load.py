@@ -50,7 +50,14 @@ def free_port() -> int:
 
 
 def proc_stat(pid: int) -> tuple[float, int, int]:
-    """(CPU seconds, RSS bytes, peak RSS bytes) of a process."""
+    """(CPU seconds, RSS bytes, peak RSS bytes) of a process; zeros once it has exited."""
+    try:
+        return _proc_stat(pid)
+    except (OSError, KeyError, IndexError, ValueError):
+        return 0.0, 0, 0
+
+
+def _proc_stat(pid: int) -> tuple[float, int, int]:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     status = Path(f"/proc/{pid}/status").read_text()
@@ -257,6 +264,7 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=6000)
     parser.add_argument("--senders", type=int, default=2)
     parser.add_argument("--window", type=float, default=10.0, help="seconds of each idle CPU measurement")
+    parser.add_argument("--idle-only", action="store_true", help="only the idle-node CPU measurement")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="enshuffle-fuzz-"))
@@ -297,6 +305,11 @@ def main() -> int:
     print(f"coordinator CPU, idle nodes:  {100 * with_idle:.1f}% of a core "
           f"-> {100 * per_1000:.1f}% of a core per 1,000 idle nodes (budget 5%)")
     print(f"coordinator RSS: start {rss0 / 2**20:.0f} MiB, with idle nodes {rss_idle2 / 2**20:.0f} MiB")
+    if args.idle_only:
+        idle.stop.set()
+        coord.terminate()
+        coord.wait(30)
+        return 0
 
     # Training under attack.
     stop = threading.Event()
@@ -314,11 +327,12 @@ def main() -> int:
                for s in range(args.senders)]
     for s in senders:
         s.start()
-    peak = 0
+    peak = rss_end = 0
     while any(s.is_alive() for s in senders) or coord.poll() is None:
         if coord.poll() is None:
-            peak = max(peak, proc_stat(coord.pid)[2])
-            rss_end = proc_stat(coord.pid)[1]
+            _, rss, hwm = proc_stat(coord.pid)
+            if rss:
+                peak, rss_end = max(peak, hwm), rss
         time.sleep(0.5)
         if time.monotonic() - started > 1800:
             break

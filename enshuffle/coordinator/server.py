@@ -29,7 +29,8 @@ from enshuffle.coordinator.ledger import AXES, ExposureLedger
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, NodeRow
 from enshuffle.protocol.handshake import Pending, check_hello, make_challenge
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
-from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Channel, Limits, ProtocolError, decode, encode)
+from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Channel, Limits, ProtocolError, decode, encode,
+                                         inner_parts)
 
 LEASE_MIN_MS = 2000
 LEASE_MULTIPLE = 4.0
@@ -42,6 +43,8 @@ MAX_PENDING = 1024  # CHALLENGEs awaiting a HELLO (oldest dropped first)
 HANDSHAKE_TIMEOUT = 10.0  # seconds from CHALLENGE to the first sealed message
 REFUSE_INTERVAL = 10.0  # at most one REFUSE per routing id per this many seconds ...
 HANDSHAKE_REPLIES_PER_S = 200  # ... and at most this many CHALLENGE/REFUSE replies per second in all
+ZERO_COPY_BYTES = 64 * 1024
+SWEEP_S = 0.05  # the longest pump() goes without visiting every session (leases, silence, heartbeats)
 # A coordinator receives RESULTs (a block of at most samples x hidden units) and small messages: it
 # has no use for 1 GiB messages, so libzmq drops bigger frames before buffering them.
 COORDINATOR_LIMITS = Limits(max_message_bytes=256 << 20)
@@ -115,6 +118,7 @@ class Session:
     admitted: str = ""  # how admission let it in: open, local, allow-list, invited, invite code
     joined: bool = False  # the node's first sealed message arrived: it accepted our key
     joining_since: float = field(default_factory=time.monotonic)
+    heartbeat_inner: tuple | None = None  # ((credit, outstanding), encoded HEARTBEAT) last sent
     outstanding: dict[str, Task] = field(default_factory=dict)
     stale: dict[str, float] = field(default_factory=dict)  # batch_id -> when to call the node stuck
     queue: deque = field(default_factory=deque)
@@ -180,6 +184,8 @@ class CoordinatorServer:
         self._refused_at: OrderedDict[bytes, float] = OrderedDict()  # routing id -> last REFUSE
         self._reply_budget = (time.monotonic(), float(HANDSHAKE_REPLIES_PER_S))
         self.crypto_seconds = 0.0  # handshakes + sealing/opening: what `enshuffle bench` reports
+        self._dirty = True  # something changed that the next pump() must act on at once
+        self._swept_at = 0.0
         self.owner: list[str | None] = []
         self.compute = None  # DistributedCompute, set by attach()
         self._statics: dict[int, dict[str, np.ndarray]] = {}
@@ -227,7 +233,9 @@ class CoordinatorServer:
     def _send(self, session: Session, command: str, header: dict, arrays: dict | None = None) -> bool:
         frames = session.channel.seal(command, header, arrays)
         try:
-            self.sock.send_multipart([session.routing_id, *frames], copy=False, flags=zmq.NOBLOCK)
+            # Zero-copy pays only for large frames; for small ones pyzmq's Frame costs more than a copy.
+            self.sock.send_multipart([session.routing_id, *frames], copy=len(frames[0]) < ZERO_COPY_BYTES,
+                                     flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self._end_session(session, f"cannot send to it ({exc.strerror})")
             return False
@@ -236,9 +244,9 @@ class CoordinatorServer:
         return True
 
     def _send_raw(self, routing_id: bytes, command: str, header: dict) -> None:
-        start = time.thread_time()
+        start = time.perf_counter()
         frames = encode(command, header, None, self.identity)
-        self.crypto_seconds += time.thread_time() - start
+        self.crypto_seconds += time.perf_counter() - start
         try:
             self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -298,6 +306,7 @@ class CoordinatorServer:
 
     def step_done(self) -> None:
         """Step boundary: idle sessions take over shards from sessions holding several."""
+        self._dirty = True
         self.step += 1
         self._rebalance()
 
@@ -367,6 +376,7 @@ class CoordinatorServer:
                      f"to {self.sessions[idle[0]].label}")
 
     def _enqueue(self, task: Task) -> None:
+        self._dirty = True
         owner = self.owner[task.batch.shard]
         session = self.sessions.get(owner) if owner else None
         if session is None:
@@ -388,6 +398,7 @@ class CoordinatorServer:
         return self.crypto_seconds + live
 
     def _end_session(self, session: Session, why: str) -> None:
+        self._dirty = True
         if session.channel is not None:
             self.crypto_seconds += session.channel.seconds
             session.channel.seconds = 0.0
@@ -437,6 +448,7 @@ class CoordinatorServer:
     def _reissue(self, task: Task, previous: Session | None, why: str, counts: bool = True) -> None:
         """Send `task` again. Only rejections and wrong results count toward MAX_ATTEMPTS: a node
         that leaves, vanishes or runs out its lease never makes the run abort."""
+        self._dirty = True
         if counts:
             task.attempts += 1
         self.counters["reissued"] += 1
@@ -462,8 +474,15 @@ class CoordinatorServer:
         return max(1, min(self.heartbeat_ms // 2, 250))
 
     def pump(self, timeout_ms: int = 100) -> None:
-        """Handle what arrived within `timeout_ms`, then heartbeats, leases and sending."""
-        self._dispatch()
+        """Handle what arrived within `timeout_ms`, then heartbeats, leases and sending.
+
+        Sending runs when something changed (a result, a rejection, a membership or credit
+        change, new work); the pass over every session for leases, silence and heartbeats runs
+        every SWEEP_S: with 1,000 idle nodes beating once a second, a pass per arriving heartbeat
+        would cost the coordinator a million session visits a second."""
+        if self._dirty:
+            self._dirty = False
+            self._dispatch()
         events = dict(self.poller.poll(timeout_ms))
         if self.sock in events:
             for _ in range(1000):  # drain, but come up for air
@@ -478,6 +497,14 @@ class CoordinatorServer:
                 except Exception as exc:  # one bad message never takes the coordinator down
                     self.counters["dropped"] += 1
                     self._warn("internal", f"dropped a message that could not be handled: {exc!r}")
+        now = time.monotonic()
+        if self._dirty:
+            self._dirty = False
+            self._requeue_waiting()
+            self._dispatch()
+        if now - self._swept_at < SWEEP_S:
+            return
+        self._swept_at = now
         self._housekeeping()
         self._requeue_waiting()
         self._dispatch()
@@ -572,6 +599,12 @@ class CoordinatorServer:
         self._expire_handshakes(now)
         silence = 3 * self.heartbeat_ms / 1000
         for session in list(self.sessions.values()):
+            if not session.outstanding and not session.stale:  # the common case, idle nodes: cheap
+                if now - session.last_seen > silence:
+                    self._end_session(session, f"silent for {now - session.last_seen:.1f} s (heartbeat lost)")
+                elif now - session.last_sent > self.heartbeat_ms / 1000:
+                    self._heartbeat(session)
+                continue
             # A node computes a batch in the thread that heartbeats, so while it holds a live
             # lease, silence is judged by the lease, not by the heartbeat.
             live = [t.deadline for t in session.outstanding.values() if t.session == session.node_id]
@@ -596,9 +629,24 @@ class CoordinatorServer:
                 self._end_session(session, "stuck: a batch whose lease expired has had no answer for another lease")
                 continue
             if now - session.last_sent > self.heartbeat_ms / 1000:
-                self._send(session, "HEARTBEAT", {"node_id": session.node_id, "credit": session.credit,
-                                                  "outstanding": len(session.outstanding)})
+                self._heartbeat(session)
         self._publish_rows(now)
+
+    def _heartbeat(self, session: Session) -> None:
+        """HEARTBEAT, its encoded header kept while credit and outstanding stay the same (an idle
+        node gets the same one every second: encoding it once saves most of its cost)."""
+        key = (session.credit, len(session.outstanding))
+        if session.heartbeat_inner is None or session.heartbeat_inner[0] != key:
+            session.heartbeat_inner = (key, inner_parts("HEARTBEAT", {"node_id": session.node_id, "credit": key[0],
+                                                                      "outstanding": key[1]})[0])
+        frames = session.channel.seal_parts([session.heartbeat_inner[1]])
+        try:
+            self.sock.send_multipart([session.routing_id, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self._end_session(session, f"cannot send to it ({exc.strerror})")
+            return
+        session.last_sent = time.monotonic()
+        self.bytes_sent += len(frames[0])
 
     def _publish_rows(self, now: float) -> None:
         # Presenters refresh at a few Hz: publishing more often only costs the training loop.
@@ -675,6 +723,8 @@ class CoordinatorServer:
             self.counters["dropped"] += 1
             self._protocol_error(session, f"dropped unexpected {msg.command} from {session.label}")
             return
+        if msg.command != "HEARTBEAT":
+            self._dirty = True  # a slot freed, a batch to reissue, a member gone: act now
         handler(session, msg)
 
     def _warn(self, key: str, line: str) -> None:
@@ -736,9 +786,9 @@ class CoordinatorServer:
         if not self._reply_allowed():
             self.counters["dropped"] += 1
             return
-        start = time.thread_time()
+        start = time.perf_counter()
         frames, pending = make_challenge(self.identity, self.run_id, msg)
-        self.crypto_seconds += time.thread_time() - start
+        self.crypto_seconds += time.perf_counter() - start
         self.pending[routing_id] = pending
         self.counters["challenges"] += 1
         self._expire_handshakes(time.monotonic())
@@ -768,16 +818,16 @@ class CoordinatorServer:
             self._warn("unknown peers", f"dropped a HELLO without a CHALLENGE (from {address or 'unknown'}): "
                                         f"a replay, or a node speaking an older protocol")
             return
-        start = time.thread_time()
+        start = time.perf_counter()
         try:
             key, channel = check_hello(pending, msg, self.identity, self.run_id)
         except ProtocolError as exc:
-            self.crypto_seconds += time.thread_time() - start
+            self.crypto_seconds += time.perf_counter() - start
             self.counters["bad_signature"] += 1
             self._warn("unknown peers", f"refused a HELLO from {address or 'unknown'}: {exc.detail}")
             self._refuse(routing_id, header.get("nonce"), "bad-hello", exc.detail)
             return
-        self.crypto_seconds += time.thread_time() - start
+        self.crypto_seconds += time.perf_counter() - start
         self.counters["handshakes"] += 1
         fp = fingerprint(key)
         refuse = None
@@ -835,14 +885,14 @@ class CoordinatorServer:
                           label=label, credit=credit, want=credit, address=address, channel=channel,
                           admitted=how)
         self.joining[routing_id] = session
-        start = time.thread_time()
+        start = time.perf_counter()
         frames = encode("WELCOME", {
             "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
             "nonce": header["nonce"], "challenge": pending.challenge, "node_id": node_id, "credit": credit,
             "heartbeat_ms": self.heartbeat_ms,
             "lease": {"min_ms": LEASE_MIN_MS, "multiple": LEASE_MULTIPLE, "initial_ms": LEASE_INITIAL_MS}},
             signer=self.identity)
-        self.crypto_seconds += time.thread_time() - start
+        self.crypto_seconds += time.perf_counter() - start
         try:
             self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
@@ -854,6 +904,7 @@ class CoordinatorServer:
         """The node's first sealed message: it has checked our key and holds the session key.
         Only now does it count as connected and may it receive data."""
         del self.joining[session.routing_id]
+        self._dirty = True
         session.joined = True
         self.sessions[session.node_id] = session
         self.by_routing[session.routing_id] = session.node_id
@@ -962,6 +1013,7 @@ class CoordinatorServer:
     def _on_heartbeat(self, session: Session, msg) -> None:
         want = int(msg.header.get("credit", session.credit))
         if want != session.want:
+            self._dirty = True
             self.log(f"node {session.label} {'paused' if want == 0 else f'asks for {want} batches at a time'}")
         session.want = want
 
