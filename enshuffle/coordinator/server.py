@@ -164,9 +164,10 @@ class CoordinatorServer:
         self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::]:PORT and IPv6 peers; IPv4 still works
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
-        self.sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
-        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
-        self.sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
+        # No libzmq (ZMTP) heartbeats: with them, a peer that floods a connection until libzmq
+        # stops reading it makes libzmq abort the whole process (`Assertion failed: !_io_error`,
+        # stream_engine_base.cpp; libzmq issues 3937, 4364, 4767), as scripts/fuzz_load.py did.
+        # Loss is detected by ENS2's own HEARTBEATs (docs/protocol.md section 8).
         try:
             self.sock.bind(bind)
         except zmq.ZMQError as exc:

@@ -54,7 +54,6 @@ EXIT_TRUST = 3
 EXIT_REFUSED = 4
 
 HELLO_TIMEOUT_S = 5.0
-DEFAULT_HEARTBEAT_MS = 1000   # libzmq heartbeat options before WELCOME says otherwise
 LOST_AFTER_HEARTBEATS = 3      # silence of 3 x heartbeat_ms = coordinator lost (spec 8)
 POLL_MS = 100                  # longest wait in poll: bounds how late stop/pause are noticed
 RATE_LINE_S = 10.0             # a rate line this often while working
@@ -350,9 +349,8 @@ class NodeDaemon:
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         sock.setsockopt(zmq.RECONNECT_IVL, 500)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 30000)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, DEFAULT_HEARTBEAT_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, LOST_AFTER_HEARTBEATS * DEFAULT_HEARTBEAT_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, LOST_AFTER_HEARTBEATS * DEFAULT_HEARTBEAT_MS)
+        # No libzmq (ZMTP) heartbeats: a flooded connection with them makes libzmq abort the
+        # process (libzmq issues 3937, 4364, 4767). ENS2 HEARTBEATs detect loss (spec 8).
         _configure_socket(sock)
         try:
             _connect(sock, self.connect)
@@ -479,11 +477,8 @@ class NodeDaemon:
             self._say(f"coordinator {self.connect} sent a WELCOME with heartbeat_ms {hb!r:.40}, "
                       f"outside 1..{MAX_HEARTBEAT_MS}; ignoring it")
             raise _SessionEnd(None)
-        # libzmq's own heartbeats follow the coordinator's interval (spec 8); these options
-        # apply to connections made from now on, i.e. libzmq's reconnects of this socket.
-        sock.setsockopt(zmq.HEARTBEAT_IVL, hb)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, LOST_AFTER_HEARTBEATS * hb)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, LOST_AFTER_HEARTBEATS * hb)
+        # No libzmq (ZMTP) heartbeats: a flooded connection with them makes libzmq abort the
+        # process (libzmq issues 3937, 4364, 4767). ENS2 HEARTBEATs detect loss (spec 8).
         now = time.monotonic()
         credit = min(int(h["credit"]), self.credit_offer)
         session = _Session(socket=sock, run_id=h["run_id"], node_id=h["node_id"], coordinator_key=key,
