@@ -392,3 +392,24 @@ def test_paused_nodes_do_not_count_toward_min_nodes(core_data_dir):
     finally:
         run.close()
         paused.close()
+
+
+def test_sessions_beyond_the_cap_are_told_busy_and_may_retry(core_data_dir):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1, max_sessions=1).start(hold_at=0)
+    first = ScriptedNode(run.endpoint, "first")
+    second = ScriptedNode(run.endpoint, "second")
+    try:
+        first.hello()
+        with pytest.raises(AssertionError, match="refused: busy"):
+            second.hello()
+        assert len(run.server.sessions) == 1 and run.server.labels.keys() == {first.identity.public_bytes}
+        first.serve_until(run.held, 30, "the run to start", on_timeout=run.describe)
+        run.hold_at(-1)
+        first.serve_until(run.done.is_set, 60, "training", on_timeout=run.describe)
+        run.finish()
+    finally:
+        run.close()
+        first.close()
+        second.close()
