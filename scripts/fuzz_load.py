@@ -188,7 +188,7 @@ def fire(endpoint: str, total: int, recorded: list[list], seed: int, sent: list[
     n = 0
     for label, frames in hostile_messages(rng, recorded, total):
         if n % 2000 == 1999:  # a fresh connection now and then: a new routing id, a new CHALLENGE
-            sock.close(0)
+            sock.close(120_000)
             sock = ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 100000)
@@ -198,8 +198,7 @@ def fire(endpoint: str, total: int, recorded: list[list], seed: int, sent: list[
         while sock.poll(0, zmq.POLLIN):
             sock.recv_multipart()
     sent[0] += n
-    time.sleep(0.5)  # let the last ones leave before closing (LINGER 0 drops them)
-    sock.close(0)
+    sock.close(120_000)  # wait (up to 2 min) until every message has been handed to the coordinator
     ctx.term()
 
 
@@ -347,9 +346,11 @@ def main() -> int:
     print(f"hostile messages sent:        {sent[0]:,} (+{evil_sent[0]:,} from the admitted malicious node) "
           f"in {fired:.0f} s, {sent[0] / fired:,.0f}/s")
     print(f"crashes:                      {crashes} (coordinator exit status {rc})")
-    print(f"coordinator RSS: peak {peak / 2**20:.0f} MiB, last {rss_end / 2**20:.0f} MiB "
-          f"(growth {(rss_end - rss_idle2) / 2**20:+.0f} MiB over the idle-node figure)")
+    print(f"coordinator RSS: peak {peak / 2**20:.0f} MiB over the whole run (idle nodes, attack and training; "
+          f"compare `--messages 0 --idle 0`), {rss_end / 2**20:.0f} MiB at the end")
     print(f"malicious node evicted:       {'evicted after' in err}")
+    counted = [line for line in err.splitlines() if line.startswith("messages: ")]
+    print(f"coordinator's own count:      {counted[-1] if counted else '(no count logged)'}")
 
     exported = tmp / "final.npz"
     subprocess.run([py, "-m", "enshuffle", "chain", "export", str(run_dir), "--npz", str(exported)], cwd=REPO,

@@ -4,7 +4,6 @@ the right code. The attacker here holds recordings, other keys and a hex editor.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -215,9 +214,8 @@ def test_a_flipped_bit_anywhere_fails_authentication():
     for position in (5, 12, 14, len(raw) // 2, len(raw) - 1):  # counter, ciphertext, tag
         tampered = bytearray(raw)
         tampered[position] ^= 0x01
-        fresh_coordinator, _ = coordinator, None
         with pytest.raises(ProtocolError) as info:
-            fresh_coordinator.open([bytes(tampered)])
+            coordinator.open([bytes(tampered)])
         assert info.value.code == "bad-seal", position
     assert coordinator.open(frames).command == "RESULT"  # the genuine one still opens
 
@@ -422,5 +420,4 @@ def test_every_command_and_field_is_in_the_spec_table(command):
 def test_nonces_never_repeat_within_a_session():
     coordinator, node = pair()
     counters = {bytes(node.seal("HEARTBEAT", EXAMPLES["HEARTBEAT"][0])[0][5:13]) for _ in range(1000)}
-    assert len(counters) == 1000
-    assert os.urandom(1)  # (the keys are fresh per session: see test_each_direction_and_session_has_its_own_key)
+    assert len(counters) == 1000  # (keys are fresh per session: test_each_direction_and_session_has_its_own_key)

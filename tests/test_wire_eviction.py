@@ -13,7 +13,7 @@ from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_p
 import pytest
 
 from enshuffle.coordinator.server import MAX_PROTOCOL_ERRORS, WARN_BURST
-from enshuffle.protocol.messages import OPS, PROTOCOL_VERSION, TAG
+from enshuffle.protocol.messages import TAG
 
 
 def test_a_flooding_node_is_evicted_and_refused(core_data_dir, tmp_path):

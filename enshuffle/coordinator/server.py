@@ -44,6 +44,7 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds from CHALLENGE to the first sealed message
 REFUSE_INTERVAL = 10.0  # at most one REFUSE per routing id per this many seconds ...
 HANDSHAKE_REPLIES_PER_S = 200  # ... and at most this many CHALLENGE/REFUSE replies per second in all
 ZERO_COPY_BYTES = 64 * 1024
+RECEIVE_HWM = 64  # messages queued per connection before libzmq stops reading it
 SWEEP_S = 0.05  # the longest pump() goes without visiting every session (leases, silence, heartbeats)
 # A coordinator receives RESULTs (a block of at most samples x hidden units) and small messages: it
 # has no use for 1 GiB messages, so libzmq drops bigger frames before buffering them.
@@ -164,6 +165,10 @@ class CoordinatorServer:
         self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::]:PORT and IPv6 peers; IPv4 still works
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+        # At most RCVHWM messages wait per connection (then libzmq stops reading that peer's TCP
+        # stream): an honest node has at most credit + a few in flight; a flooding stranger's
+        # backlog stays small instead of the default 1,000 messages.
+        self.sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         # No libzmq (ZMTP) heartbeats: with them, a peer that floods a connection until libzmq
         # stops reading it makes libzmq abort the whole process (`Assertion failed: !_io_error`,
         # stream_engine_base.cpp; libzmq issues 3937, 4364, 4767), as scripts/fuzz_load.py did.
@@ -1025,6 +1030,7 @@ class CoordinatorServer:
     def close(self, reason: str = "shutdown") -> None:
         """Tell every node BYE and close the socket."""
         self.finished = reason == "run-finished"
+        self.log("messages: " + ", ".join(f"{k} {v}" for k, v in self.counters.items()))
         self._published_at = 0.0
         self._publish_rows(time.monotonic())  # the final counts, not the last throttled ones
         for session in list(self.sessions.values()):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import secrets
 import sys
 import time
 from collections import deque
