@@ -45,6 +45,21 @@ def _endpoint(text: str) -> str:
     return text
 
 
+def _size(text: str) -> int:
+    """An argparse type: a byte count such as 512M, 2G or 1000000 (at least 1M)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    body = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = body[-1:] if body[-1:] in ("K", "M", "G") else ""
+    number = body[:-1] if unit else body
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 512M or 2G, got {text!r}") from None
+    if value < 1 << 20:
+        raise argparse.ArgumentTypeError(f"expected at least 1M, got {text!r}")
+    return value
+
+
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["seed", "default"], default="default",
                    help="seed: the notebook's run, bias bugs fixed; default: a preset that trains well")
@@ -114,8 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the chain's head in RUN_DIR")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
                    help="write a model version every N steps (default: every epoch)")
+    p.add_argument("--allow", metavar="FILE", default=None,
+                   help="admit the node keys listed in FILE (one fingerprint per line, # comments; "
+                        "re-read on SIGHUP)")
+    p.add_argument("--open", action="store_true",
+                   help="admit ANY node key (no allow-list): anyone who can reach the port receives data")
     p.add_argument("--tui", action="store_true", help="show the coordinator console")
     p.set_defaults(handler="enshuffle.coordinator.commands:cmd_coordinator")
+
+    p = sub.add_parser("invite", help="make an invite code for a volunteer and print the node command")
+    p.add_argument("--connect", type=_endpoint, default="tcp://THIS_HOST:5555",
+                   help="the coordinator's address as volunteers reach it (for the printed command)")
+    p.add_argument("--reusable", action="store_true", help="a code any number of nodes may use (default: one node)")
+    p.set_defaults(handler="enshuffle.coordinator.admission:cmd_invite")
 
     p = sub.add_parser("node", help="contribute this machine's CPU to a coordinator")
     p.add_argument("--connect", type=_endpoint, required=True, help="coordinator address, tcp://HOST:PORT")
@@ -123,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin the coordinator's key (see `enshuffle keys show` on the coordinator)")
     p.add_argument("--name", default=None, help="a name the operator sees (default: host name)")
     p.add_argument("--threads", type=_positive_int, default=None, help="BLAS threads for computing")
+    p.add_argument("--invite", metavar="CODE", default=None,
+                   help="an invite code from the operator (`enshuffle invite` on the coordinator)")
+    p.add_argument("--max-memory", type=_size, default=None, metavar="BYTES",
+                   help="most memory one batch may make this node allocate, e.g. 512M or 2G "
+                        "(default: a quarter of RAM, at most 512M)")
     p.add_argument("--keep-running", action="store_true",
                    help="when a run finishes, keep reconnecting for the next one (a long-running daemon)")
     p.add_argument("--tui", action="store_true", help="show the node app")
@@ -155,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION")
     ksub.required = True
     kp = ksub.add_parser("show", help="print this machine's key fingerprints")
+    kp.add_argument("--name", default=None, help="the node key of `enshuffle node --name NAME` (one key per name)")
     kp.set_defaults(handler="enshuffle.protocol.keys:cmd_keys_show")
 
     p = sub.add_parser("chain", help="inspect a run's hash chain of model versions")

@@ -123,10 +123,38 @@ def _read_bytes(path: Path) -> bytes:
     if raw[:2] != b"\x1f\x8b":
         return raw
     try:
-        return gzip.decompress(raw)
+        return _gunzip_bounded(raw, path)
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path} is a damaged or truncated gzip file ({exc}); "
                         f"download it again") from exc
+
+
+MAX_IDX_BYTES = 2 << 30  # no MNIST-format file we read comes near this (Fashion-MNIST's largest: 47 MB)
+
+
+def _gunzip_bounded(raw: bytes, path: Path) -> bytes:
+    """Decompress at most the size the IDX header inside declares (plus one byte, so a longer
+    file is still reported as such): a small .gz that inflates without end (a gzip bomb) costs
+    no more memory than the data it claims to hold, and a header claiming absurd sizes is refused
+    before anything beyond it is inflated."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    data = inflater.decompress(raw, 4)
+    if len(data) < 4:
+        return data  # _parse_idx says it is too short
+    (magic,) = struct.unpack(">I", data[:4])
+    if magic not in (LABEL_MAGIC, IMAGE_MAGIC):
+        return data  # _parse_idx names the wrong magic number
+    header = 4 + 4 * (magic & 0xFF)
+    data += inflater.decompress(inflater.unconsumed_tail, header - 4)
+    if len(data) < header:
+        return data
+    dims = struct.unpack(f">{magic & 0xFF}I", data[4:header])
+    expected = header + math.prod(dims)
+    if expected > MAX_IDX_BYTES:
+        raise DataError(f"{path} declares {'x'.join(map(str, dims))} = {expected} bytes, more than the "
+                        f"{MAX_IDX_BYTES} an MNIST-format file may hold here; it is not a usable data file")
+    data += inflater.decompress(inflater.unconsumed_tail, expected + 1 - len(data))
+    return data
 
 
 def _parse_idx(data: bytes, path: Path) -> np.ndarray:

@@ -25,8 +25,19 @@ from enshuffle.node.daemon import (EXIT_OK, EXIT_REFUSED, EXIT_TRUST, NodeDaemon
                                    describe_batch)
 from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.keys import Identity, TrustStore
-from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Message, decode, encode,
-                                         verify, verify_self_signed)
+from enshuffle.protocol import messages
+from enshuffle.protocol.handshake import check_hello, make_challenge
+from enshuffle.protocol.messages import (HANDSHAKE_COMMANDS, OPS, PROTOCOL_VERSION, Channel, Message, decode,
+                                         encode, verify_self_signed)
+
+
+def verify(msg: Message, key: bytes) -> None:
+    """A signed handshake message is checked against `key`; a sealed one authenticated already
+    (it opened under the session's key, which only the holder of `key` could derive)."""
+    if msg.kind == messages.KIND_SIGNED:
+        messages.verify(msg, key)
+    else:
+        assert msg.kind == messages.KIND_SEALED
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(11)
@@ -48,6 +59,8 @@ class FakeCoordinator:
         self.seq = 0
         self.peer: bytes | None = None
         self.node_id = "n1"
+        self.pending = None   # the CHALLENGE state for the latest HI
+        self.channel: Channel | None = None
 
     def close(self) -> None:
         self.sock.close()
@@ -67,24 +80,58 @@ class FakeCoordinator:
             if left <= 0:
                 raise AssertionError(f"no {command} within {timeout} s")
             routing, frames = self.recv(left)
-            msg = decode(frames)
+            if bytes(frames[0])[4:5] == b"E":
+                msg = self.channel.open(frames)
+            else:
+                msg = decode(frames)
+            if msg.command == "HI" and command != "HI":  # answer with a CHALLENGE, as a coordinator does
+                self.peer = routing
+                challenge, self.pending = make_challenge(self.identity, self.run_id, msg)
+                self.send_frames(challenge)
+                continue
             if msg.command in skip and msg.command != command:
                 continue
             assert msg.command == command, f"expected {command}, got {msg.command} {msg.header}"
             self.peer = routing
             return msg
 
+    def expect_any(self, commands: tuple, timeout: float = 10.0) -> Message:
+        """The next message that is one of `commands` (heartbeats skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"none of {commands} within {timeout} s"
+            _, frames = self.recv(left)
+            msg = self.channel.open(frames)
+            if msg.command in commands:
+                return msg
+
+    def derive(self, hello: Message) -> None:
+        """Check `hello` and derive the session key (welcome() does it if not done before)."""
+        _, self.channel = check_hello(self.pending, hello, self.identity, self.run_id)
+        self._derived_for = hello
+
     def welcome(self, hello: Message, *, heartbeat_ms: int = 1000, credit: int = 2) -> None:
+        if getattr(self, "_derived_for", None) is not hello:
+            self.derive(hello)
         self.send("WELCOME", {"run_id": self.run_id, "coordinator_key": self.identity.public_hex,
                               "node_key": hello.header["node_key"], "nonce": hello.header["nonce"],
+                              "challenge": self.pending.challenge,
                               "node_id": self.node_id, "credit": credit, "heartbeat_ms": heartbeat_ms,
                               "lease": LEASE})
 
     def send(self, command: str, header: dict, arrays: dict | None = None, signer: Identity | None = None) -> None:
-        self.send_frames(encode(command, header, arrays, signer=signer or self.identity))
+        """Handshake commands signed (by `signer`, default this coordinator); session commands
+        sealed under the session key, or with `signer` given, under a key the node does not hold."""
+        if command in HANDSHAKE_COMMANDS:
+            self.send_frames(encode(command, header, arrays, signer=signer or self.identity))
+        elif signer is not None:
+            self.send_frames(Channel(os.urandom(32), os.urandom(32)).seal(command, header, arrays))
+        else:
+            self.send_frames(self.channel.seal(command, header, arrays))
 
     def send_frames(self, frames: list) -> None:
-        self.sock.send_multipart([self.peer, *frames])
+        self.sock.send_multipart([self.peer, *frames], copy=False)
 
     def beat(self, outstanding: int = 0) -> None:
         """A coordinator HEARTBEAT: the sign of life a node needs every heartbeat_ms."""
@@ -207,13 +254,11 @@ def test_static_and_batches_give_correct_signed_results(session):
     good_batch(coord, node_key)
 
 
-def test_batch_signed_by_another_key_is_rejected_and_node_stays_up(session):
+def test_batch_sealed_under_another_key_is_dropped_and_node_stays_up(session):
     coord, proc, node_key = session
     intruder = Identity.generate()
-    seq = coord.batch("evil", "square", {"a": np.ones((2, 2))}, signer=intruder)
-    header = expect_reject(coord, node_key, "bad-signature")
-    assert (header["batch_id"], header["seq"]) == ("evil", seq)
-    good_batch(coord, node_key)
+    coord.batch("evil", "square", {"a": np.ones((2, 2))}, signer=intruder)
+    good_batch(coord, node_key)  # the next message it answers is this one: "evil" was never computed
     assert proc.poll() is None
 
 
@@ -250,21 +295,22 @@ def test_garbage_is_dropped_and_node_still_answers(session):
     coord.send_frames([b"GET / HTTP/1.1", b"x", b"y", b"z"])
     coord.send_frames([b"ENS1", b"NOPE", b"{}", b"\0" * 64])
     good_batch(coord, node_key)
-    # A BATCH whose header does not parse is answered with the decoder's code (spec 14).
-    coord.send_frames([b"ENS1", b"BATCH", b"{not json", b"\0" * 64])
-    expect_reject(coord, node_key, "bad-header")
+    # A sealed BATCH whose header does not parse is dropped (spec 14): nothing to answer to.
+    coord.send_frames(coord.channel.seal_parts([b"\x05BATCH\x00\x00\x00\x09{not json"]))
     good_batch(coord, node_key, "ok2")
     assert proc.poll() is None
 
 
-def test_pinned_fingerprint_mismatch_stops_the_node_silently(coord, node_proc):
+def test_pinned_fingerprint_mismatch_declines_before_saying_hello(coord, node_proc):
     other = Identity.generate()
     proc = node_proc(coord.address, "--coordinator-key", other.fingerprint)
-    coord.welcome(coord.expect("HELLO"))
+    decline = coord.expect("DECLINE")  # instead of a HELLO: the node never said who it is
+    assert decline.header["code"] == "untrusted-key"
+    assert other.fingerprint in decline.header["text"] and coord.identity.fingerprint in decline.header["text"]
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == EXIT_TRUST
     assert coord.identity.fingerprint in err and other.fingerprint in err
-    # The process has exited; anything it sent after the WELCOME would be queued here now.
+    # The process has exited; anything it sent after the DECLINE would be queued here now.
     assert not coord.sock.poll(200, zmq.POLLIN)
 
 
@@ -427,7 +473,7 @@ def test_refuse_from_a_stranger_is_ignored_when_pinned(coord, threaded):
 def test_remembered_key_change_stops_the_node(coord, threaded, tmp_path):
     TrustStore(tmp_path).check(coord.address, Identity.generate().fingerprint)  # an earlier coordinator
     node = threaded(coord.address)
-    coord.welcome(coord.expect("HELLO"))
+    assert coord.expect("DECLINE").header["code"] == "untrusted-key"
     assert node.join() == EXIT_TRUST
     assert coord.identity.fingerprint in node.daemon.error and str(tmp_path) in node.daemon.error
     assert not coord.sock.poll(100, zmq.POLLIN)
@@ -474,11 +520,14 @@ def test_heartbeats_that_arrive_during_a_long_batch_keep_the_session_and_its_res
     proc = node_proc(coord.address, "--coordinator-key", coord.identity.fingerprint)
     hello = coord.expect("HELLO")
     node_key = verify_self_signed(hello)
-    heartbeat_ms = 20  # lost after 60 ms of silence: far less than the batch below takes
-    a, b = RNG.standard_normal((1600, 1600)), RNG.standard_normal((1600, 1600))
-    frames = encode("BATCH", {"run_id": coord.run_id, "batch_id": "long", "seq": 1, "step": 0, "op": "matmul",
-                              "params": {"a_static": None, "transpose_a": False}, "lease_ms": 30000},
-                    {"a": a, "b": b}, signer=coord.identity)  # encoded first: no gap in our beats
+    # Lost after 300 ms of silence: far less than the batch below takes to compute (16 GFLOP), more
+    # than its 64 MB take to arrive and be decrypted (which nothing can interleave beats with).
+    heartbeat_ms = 100
+    a, b = RNG.standard_normal((2000, 2000)), RNG.standard_normal((2000, 2000))
+    coord.derive(hello)
+    frames = coord.channel.seal("BATCH", {"run_id": coord.run_id, "batch_id": "long", "seq": 1, "step": 0,
+                                          "op": "matmul", "params": {"a_static": None, "transpose_a": False},
+                                          "lease_ms": 30000}, {"a": a, "b": b})  # sealed first: no gap in our beats
     coord.welcome(hello, heartbeat_ms=heartbeat_ms)
     coord.send_frames(frames)
     deadline = time.monotonic() + 20
@@ -487,14 +536,14 @@ def test_heartbeats_that_arrive_during_a_long_batch_keep_the_session_and_its_res
         coord.beat()
         if not coord.sock.poll(5, zmq.POLLIN):
             continue
-        msg = decode(coord.recv()[1])
+        msg = coord.channel.open(coord.recv()[1])
         if msg.command == "HEARTBEAT":
             continue
         assert msg.command == "RESULT", f"expected RESULT, got {msg.command} {msg.header}"
         break
     verify(msg, node_key)
     assert msg.header["compute_seconds"] > 3 * heartbeat_ms / 1000  # the case under test happened
-    np.testing.assert_allclose(msg.arrays["c"], a @ b, rtol=1e-9)
+    np.testing.assert_allclose(msg.arrays["c"], a @ b, rtol=1e-9, atol=1e-9)  # entries near 0: absolute
     assert proc.poll() is None
 
 
@@ -507,11 +556,12 @@ def test_replay_protection_spans_sessions_of_the_same_run(coord, threaded):
     params = {"a_static": None, "transpose_a": False}
     coord.seq = 10
     expect_result(coord, node_key, "b11", coord.batch("b11", "matmul", {"a": a, "b": b}, params))
-    old = encode("BATCH", {"run_id": coord.run_id, "batch_id": "b5", "seq": 5, "step": 0, "op": "matmul",
-                           "params": params, "lease_ms": 30000}, {"a": a, "b": b}, signer=coord.identity)
+    old = coord.channel.seal("BATCH", {"run_id": coord.run_id, "batch_id": "b5", "seq": 5, "step": 0,
+                                       "op": "matmul", "params": params, "lease_ms": 30000}, {"a": a, "b": b})
     coord.send("BYE", {"node_id": "n1", "reason": "shutdown"})  # a new session of the same run
     coord.welcome(coord.expect("HELLO"))
-    coord.send_frames(old)  # a recording of an older batch of this run
+    coord.send_frames(old)  # a recording from the old session: its key is gone, it is dropped unread
+    coord.batch("b5", "matmul", {"a": a, "b": b}, params, seq=5)  # an old seq of this run, sealed anew
     header = expect_reject(coord, node_key, "replayed")
     assert header["seq"] == 5 and "11" in header["text"]
     expect_result(coord, node_key, "b12", coord.batch("b12", "matmul", {"a": a, "b": b}, params))
@@ -521,7 +571,7 @@ def test_replay_protection_spans_sessions_of_the_same_run(coord, threaded):
 def test_unreadable_trust_file_stops_the_node_with_a_clear_error(coord, threaded, tmp_path):
     (tmp_path / "known_coordinators.json").write_bytes(b'{"coordinators": {"\xff": 1}}')
     node = threaded(coord.address)
-    coord.welcome(coord.expect("HELLO"))
+    assert coord.expect("DECLINE").header["code"] == "trust-store"
     assert node.join() == EXIT_TRUST
     assert str(tmp_path / "known_coordinators.json") in node.daemon.error
 
@@ -576,8 +626,8 @@ def test_node_connects_over_ipv6(threaded):
     ctx, sock, port = _ipv6_router()
     try:
         threaded(f"tcp://[::1]:{port}")
-        assert sock.poll(5000, zmq.POLLIN), "no HELLO over IPv6 within 5 s"
-        assert decode(sock.recv_multipart()[1:]).command == "HELLO"
+        assert sock.poll(5000, zmq.POLLIN), "no HI over IPv6 within 5 s"
+        assert decode(sock.recv_multipart()[1:]).command == "HI"
     finally:
         sock.close()
         ctx.term()
@@ -588,3 +638,80 @@ def test_malformed_address_is_a_one_line_error(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 2, err
     assert "Traceback" not in err and err.count("\n") == 1 and "tcp://a b:5555" in err
+
+
+# --- issue 8: a coordinator the node accepted cannot make it allocate without limit -----------------
+
+def test_a_result_larger_than_max_memory_is_refused_before_allocating(session):
+    """The issue's 331-byte BATCH (11585,0)@(0,11585) asked for a 1 GiB result; and 0.5 MB of
+    `rows` into a 32 KB static asked for 1 GiB of gathered rows. Both are refused from the header's
+    shapes (the node's default --max-memory is at most 512 MiB), and the node answers the next batch."""
+    coord, proc, node_key = session
+    seq = coord.batch("wide", "matmul", {"a": np.zeros((11585, 0)), "b": np.zeros((0, 11585))},
+                      {"transpose_a": False, "a_static": None})
+    header = expect_reject(coord, node_key, "too-large")
+    assert (header["batch_id"], header["seq"]) == ("wide", seq) and "max-memory" in header["text"]
+    coord.static("small", np.ones((64, 64)))  # 32 KB
+    coord.batch("gather", "matmul", {"rows": np.zeros(65536, np.int64), "b": np.ones((64, 2048))},
+                {"transpose_a": False, "a_static": "small"})
+    assert expect_reject(coord, node_key, "too-large")["batch_id"] == "gather"
+    good_batch(coord, node_key)
+    assert proc.poll() is None
+
+
+def test_max_memory_is_the_node_owners_choice(coord, node_proc):
+    proc = node_proc(coord.address, "--max-memory", "1M")
+    hello = coord.expect("HELLO")
+    node_key = verify_self_signed(hello)
+    coord.welcome(hello)
+    coord.batch("m", "matmul", {"a": np.ones((400, 10)), "b": np.ones((10, 400))},  # 1.28 MB result
+                {"transpose_a": False, "a_static": None})
+    assert expect_reject(coord, node_key, "too-large")["batch_id"] == "m"
+    good_batch(coord, node_key)  # a small one still goes through
+    bad = subprocess.run([sys.executable, "-m", "enshuffle", "node", "--connect", coord.address, "--max-memory",
+                          "lots"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "--max-memory" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_coordinator_exceeding_the_credit_gets_over_credit_and_nothing_is_queued(coord, threaded):
+    """The issue: 2,000 BATCHes sent with credit 2 were all queued and computed. Now the node holds
+    at most its credit; every BATCH beyond it is answered REJECT over-credit at once, uncomputed."""
+    node = threaded(coord.address, credit=2)
+    hello = coord.expect("HELLO")
+    node_key = verify_self_signed(hello)
+    coord.welcome(hello, credit=2)
+    a, b = RNG.standard_normal((300, 300)), RNG.standard_normal((300, 300))
+    total = 200
+    for i in range(total):
+        coord.batch(f"f{i}", "matmul", {"a": a, "b": b}, {"transpose_a": False, "a_static": None})
+    results = over = 0
+    while results + over < total:
+        msg = coord.expect_any(("RESULT", "REJECT"))
+        if msg.command == "RESULT":
+            results += 1
+        else:
+            assert msg.header["code"] == "over-credit", msg.header
+            over += 1
+    assert over > 0 and results < total, (results, over)
+    assert node.state.snapshot().batches_done == results
+    good_batch(coord, node_key)
+
+
+def test_data_before_welcome_is_never_queued(coord, threaded):
+    """Sealed or oversized messages before the handshake completes are dropped unread, never kept."""
+    node = threaded(coord.address)
+    routing, frames = coord.recv()
+    hi = decode(frames)
+    assert hi.command == "HI"
+    coord.peer = routing
+    junk = Channel(os.urandom(32), os.urandom(32))
+    for i in range(30):  # ~30 MB of "BATCH" from a coordinator that has not even challenged it
+        coord.send_frames(junk.seal("BATCH", {"run_id": "r", "batch_id": f"j{i}", "seq": i + 1, "step": 0,
+                                              "op": "matmul", "params": {}, "lease_ms": 1000},
+                                    {"a": np.zeros((1000, 125)), "b": np.zeros((125, 1))}))
+    challenge, coord.pending = make_challenge(coord.identity, coord.run_id, hi)
+    coord.send_frames(challenge)
+    hello = coord.expect("HELLO")
+    coord.welcome(hello)
+    good_batch(coord, verify_self_signed(hello))
+    assert node.daemon.dropped >= 30

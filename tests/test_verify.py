@@ -13,7 +13,6 @@ import pytest
 
 from enshuffle.coordinator.verify import StaticNorms, check_elementwise, check_matmul
 from enshuffle.model import sigmoid
-from enshuffle.protocol.messages import encode
 
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
@@ -90,7 +89,7 @@ def test_elementwise_spot_checks(dtype):
 
 
 class TamperingNode(ScriptedNode):
-    """A node with a valid key and signature that returns one wrong entry in its first batches."""
+    """A node with a valid key and session that returns one wrong entry in its first batches."""
 
     def __init__(self, *args, wrong: int = 3, **kwargs):
         super().__init__(*args, **kwargs)
@@ -105,8 +104,8 @@ class TamperingNode(ScriptedNode):
         h = batch.header
         c = compute_batch(h["op"], h["params"], batch.arrays, self.statics).copy()
         c.flat[c.size // 2] += 1.0 + abs(c.flat[c.size // 2])
-        return encode("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
-                                 "compute_seconds": 0.001}, {"c": c}, signer=signer or self.identity)
+        return self.channel.seal("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
+                                            "compute_seconds": 0.001}, {"c": c})
 
 
 def test_a_node_returning_wrong_numbers_is_refused_and_training_stays_exact(core_data_dir, tmp_path):

@@ -15,7 +15,7 @@ import pytest
 
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.chain import Chain
-from enshuffle.protocol.keys import Identity
+from enshuffle.protocol.keys import Identity, load_or_create_identity
 from wire_util import (assert_same_weights, coordinator_fingerprint, enshuffle_cli, free_port, load_npz,
                        spawn_coordinator, spawn_node, wait_until)
 
@@ -71,6 +71,10 @@ def test_node_pinned_to_another_fingerprint_refuses_the_real_coordinator(core_da
         err = node.err()
         assert real_fp in err and wrong_fp in err, err
         assert "Traceback" not in err
+        # The operator is told why (not "Host unreachable"), and the node never counted as joined.
+        wait_until(lambda: "refused our key" in coordinator.err(), 15, "the coordinator to log the refusal",
+                   on_timeout=coordinator.describe)
+        assert wrong_fp in coordinator.err() and "joined" not in coordinator.err()
         # The coordinator is unharmed: still waiting for nodes, and stops cleanly on SIGTERM.
         assert coordinator.alive(), coordinator.describe()
         coordinator.signal(signal.SIGTERM)
@@ -88,11 +92,16 @@ RESUME_LIMIT = 1200  # default preset, batch 128: 10 steps an epoch
 
 
 def coordinator_with_nodes(tmp: Path, port: int, data: Path, cache: Path, run_dir: Path, tag: str):
-    """A coordinator process (2 shards) and two node processes pinned to its key."""
+    """A coordinator process (2 shards) admitting two node processes by an --allow file, both
+    pinned to its key."""
     home = tmp / f"{tag}-coordinator"
     fp = coordinator_fingerprint(home)
+    allow = home / "allowed"
+    allow.write_text("# the two volunteers\n" + "".join(
+        f"{load_or_create_identity('node', tmp / f'{tag}-node-{i}', name=f'{tag}-{i}').fingerprint}  # {tag}-{i}\n"
+        for i in (1, 2)))
     coordinator = spawn_coordinator(home, port, cache, tmp, f"{tag}-coordinator", "--min-nodes", "2",
-                                    "--out", str(run_dir),
+                                    "--out", str(run_dir), "--allow", str(allow),
                                     *training_args("default", RESUME_EPOCHS, RESUME_LIMIT, data))
     nodes = [spawn_node(tmp / f"{tag}-node-{i}", f"tcp://127.0.0.1:{port}", fp, f"{tag}-{i}", tmp) for i in (1, 2)]
     return home, coordinator, nodes
@@ -155,7 +164,7 @@ def test_coordinator_killed_and_resumed_gives_the_uninterrupted_model(uninterrup
         assert 1 <= at_kill[-1].metadata["epoch"] < RESUME_EPOCHS, "the run was not interrupted"
 
         resumed = spawn_coordinator(home, port, core_cache, tmp_path, "k-resumed", "--min-nodes", "2",
-                                    "--out", str(run_dir), "--resume", "--data", str(core_data_dir), "--json")
+                                    "--out", str(run_dir), "--resume", "--allow", str(home / "allowed"), "--data", str(core_data_dir), "--json")
         # The same node processes find the restarted coordinator by themselves.
         assert resumed.wait(90) == 0, resumed.describe() + "".join(n.describe() for n in nodes)
         for node in nodes:

@@ -39,7 +39,8 @@ from enshuffle.dataset import load_idx_dir
 from enshuffle.model import LocalCompute, Preset, get_preset
 from enshuffle.node.compute import compute_batch
 from enshuffle.protocol.keys import Identity
-from enshuffle.protocol.messages import OPS, PROTOCOL_VERSION, Limits, Message, decode, encode, verify
+from enshuffle.protocol.handshake import NodeHandshake
+from enshuffle.protocol.messages import OPS, Channel, Limits, Message, decode
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = ("w1", "b1", "w2", "b2")
@@ -134,13 +135,14 @@ def process_env(home: Path, cache: Path | None = None) -> dict:
     return env
 
 
-def spawn_node(home: Path, endpoint: str, pin: str | None, name: str, logdir: Path) -> Proc:
+def spawn_node(home: Path, endpoint: str, pin: str | None, name: str, logdir: Path, *extra: str,
+               proc_name: str | None = None) -> Proc:
     """An `enshuffle node` process with its own ENSHUFFLE_HOME (so its own key)."""
     home.mkdir(parents=True, exist_ok=True)
-    args = ["node", "--connect", endpoint, "--name", name, "--threads", "1"]
+    args = ["node", "--connect", endpoint, "--name", name, "--threads", "1", *extra]
     if pin:
         args += ["--coordinator-key", pin]
-    return Proc(args, process_env(home), logdir, name)
+    return Proc(args, process_env(home), logdir, proc_name or name)
 
 
 def spawn_coordinator(home: Path, port: int, cache: Path, logdir: Path, name: str, *extra: str) -> Proc:
@@ -214,11 +216,16 @@ class InProcessRun:
     """
 
     def __init__(self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7,
-                 limits: Limits | None = None, heartbeat_ms: int = 1000, max_exposure: float | None = None):
+                 limits: Limits | None = None, heartbeat_ms: int = 1000, admission=None, max_sessions: int | None = None,
+                 max_exposure: float | None = None):
         self.preset = preset
         self.state = CoordinatorState()
         self.identity = Identity.generate()
         extra = {"limits": limits} if limits is not None else {}
+        if admission is not None:
+            extra["admission"] = admission
+        if max_sessions is not None:
+            extra["max_sessions"] = max_sessions
         self.server = CoordinatorServer("tcp://127.0.0.1:*", self.identity, self.state, ExposureLedger(),
                                         heartbeat_ms=heartbeat_ms, log=self._log, max_exposure=max_exposure,
                                         **extra)
@@ -313,17 +320,19 @@ class InProcessRun:
 # --- an in-test node -------------------------------------------------------------------------
 
 class ScriptedNode:
-    """An ENS1 node in the test thread: honest compute, plus whatever frames a test sends.
+    """An ENS2 node in the test thread: honest compute, plus whatever frames a test sends.
 
     Single-threaded like the real node: only the thread that calls its methods touches the
     socket. `serve_until(pred)` handles STATIC/BATCH (answering each with a correct RESULT,
     except batches `hold_next` asked to keep) and sends heartbeats while waiting.
     """
 
-    def __init__(self, endpoint: str, name: str = "scripted", identity: Identity | None = None):
+    def __init__(self, endpoint: str, name: str = "scripted", identity: Identity | None = None,
+                 context: zmq.Context | None = None):
         self.identity = identity or Identity.generate()
         self.name = name
-        self.ctx = zmq.Context()
+        self._own_ctx = context is None
+        self.ctx = context or zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
@@ -334,13 +343,15 @@ class ScriptedNode:
         self.run_id = ""
         self.node_id = ""
         self.coordinator_key = b""
+        self.channel: Channel | None = None
         self.heartbeat_s = 1.0
         self._last_sent = 0.0
         self.credit = 2  # what its heartbeats ask for; 0 is a paused volunteer
 
     def close(self) -> None:
         self.sock.close(0)
-        self.ctx.term()
+        if self._own_ctx:
+            self.ctx.term()
 
     def send(self, frames: list) -> None:
         self.sock.send_multipart(frames)
@@ -348,28 +359,38 @@ class ScriptedNode:
 
     def sign_and_send(self, command: str, header: dict, arrays: dict | None = None,
                       signer: Identity | None = None) -> list:
-        frames = encode(command, header, arrays, signer=signer or self.identity)
+        """Seal and send a session message (the name is from ENS1, where every message was signed)."""
+        frames = self.channel.seal(command, header, arrays)
         self.send(frames)
         return frames
 
-    def hello(self, timeout: float = 10) -> None:
-        nonce = os.urandom(16).hex()
-        self.sign_and_send("HELLO", {"protocol": PROTOCOL_VERSION, "node_key": self.identity.public_hex,
-                                     "name": self.name, "nonce": nonce,
-                                     "capabilities": {"ops": list(OPS), "threads": 1, "credit": 2}})
+    def hello(self, timeout: float = 10, invite: str | None = None) -> None:
+        """The whole ENS2 handshake: HI, CHALLENGE, HELLO, WELCOME, then a first sealed HEARTBEAT."""
+        hs = NodeHandshake(self.identity, self.name, {"ops": list(OPS), "threads": 1, "credit": 2}, invite=invite)
+        self.handshake = hs
+        self.send(hs.hi())
+        challenge = self._expect("CHALLENGE", timeout)
+        hs.check_challenge(challenge)
+        self.hello_frames = hs.hello(challenge)
+        self.send(self.hello_frames)
         welcome = self._expect("WELCOME", timeout)
-        assert welcome.header["nonce"] == nonce
+        self.channel = hs.welcome(welcome)
         self.run_id = welcome.header["run_id"]
         self.node_id = welcome.header["node_id"]
         self.coordinator_key = bytes.fromhex(welcome.header["coordinator_key"])
         self.heartbeat_s = welcome.header["heartbeat_ms"] / 1000
+        self.sign_and_send("HEARTBEAT", {"node_id": self.node_id, "credit": self.credit, "outstanding": 0})
 
     def _expect(self, command: str, timeout: float) -> Message:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.sock.poll(50, zmq.POLLIN):
-                msg = decode(self.sock.recv_multipart())
-                if msg.command == command:
+                frames = self.sock.recv_multipart()
+                sealed = self.channel is not None and bytes(frames[0])[4:5] == b"E"
+                msg = self.channel.open(frames) if sealed else decode(frames)
+                if msg.command in (command, "REFUSE"):
+                    if msg.command == "REFUSE" and command != "REFUSE":
+                        raise AssertionError(f"{self.name}: refused: {msg.header['code']}: {msg.header['text']}")
                     return msg
         raise AssertionError(f"{self.name}: no {command} within {timeout} s")
 
@@ -385,8 +406,8 @@ class ScriptedNode:
         if tamper is not None:
             c = np.array(c)
             tamper(c)
-        return encode("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
-                                 "compute_seconds": 0.001}, {"c": c}, signer=signer or self.identity)
+        return self.channel.seal("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
+                                            "compute_seconds": 0.001}, {"c": c})
 
     def answer(self, batch: Message, signer: Identity | None = None) -> list:
         frames = self.result_frames(batch, signer)
@@ -402,14 +423,12 @@ class ScriptedNode:
                     frames = self.sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._handle(decode(frames))
+                self._handle(self.channel.open(frames))
         if time.monotonic() - self._last_sent >= self.heartbeat_s / 2:
             self.sign_and_send("HEARTBEAT", {"node_id": self.node_id, "credit": self.credit,
                                              "outstanding": len(self.held)})
 
     def _handle(self, msg: Message) -> None:
-        if msg.command in ("STATIC", "BATCH", "HEARTBEAT", "BYE"):
-            verify(msg, self.coordinator_key)
         if msg.command == "STATIC":
             (array,) = msg.arrays.values()
             self.statics[msg.header["name"]] = array

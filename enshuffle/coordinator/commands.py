@@ -139,6 +139,21 @@ def drive(args, preset, inputs, compute, ledger) -> int:
     return 0
 
 
+def _reload_on_sighup(run, admission) -> None:
+    """SIGHUP re-reads the --allow file (and the invited keys); the result is logged."""
+    import signal
+
+    if not hasattr(signal, "SIGHUP"):
+        return
+
+    def on_hup(signum, frame):
+        line = admission.reload()
+        run.state.add_log(line)
+        eprint(line)
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
 def cmd_coordinator(args) -> int:
     """`enshuffle coordinator`: listen for volunteers' nodes and train."""
     from enshuffle.coordinator.run import CoordinatorRun, default_run_dir, load_run_settings
@@ -154,21 +169,33 @@ def cmd_coordinator(args) -> int:
         shards = int(settings["shards"])
         eprint(f"coordinator: resuming {run_dir} with its settings: preset {args.preset}, {args.epochs} epochs, "
                f"{args.dtype}, offload {args.offload}, {shards} shards (other training options are ignored)")
+    from enshuffle.coordinator.admission import Admission
+    from enshuffle.protocol.keys import enshuffle_home
+
+    if args.open and args.allow:
+        raise UsageError("--open admits every key, --allow FILE only the listed ones: choose one")
+    admission = Admission(allow_file=args.allow, open_=args.open, home=enshuffle_home())
     preset = preset_from_args(args)
     inputs = load_inputs(args, preset)
     try:
         run = CoordinatorRun(args, preset, inputs, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
                              run_dir=run_dir or default_run_dir(), resume=args.resume,
-                             checkpoint_every=args.checkpoint_every)
+                             checkpoint_every=args.checkpoint_every, admission=admission)
     except OSError as exc:
         raise UsageError(str(exc)) from None
+    _reload_on_sighup(run, admission)
     endpoint = run.server.endpoint
     host = endpoint[len("tcp://"):].rpartition(":")[0]
     connect = endpoint if host not in ("0.0.0.0", "*", "[::]") else endpoint.replace(host, "THIS_HOST", 1)
     eprint(f"coordinator: listening on {endpoint}, run {run.server.run_id}, model chain in {run.run_dir}")
     eprint(f"coordinator: fingerprint {run.identity.fingerprint}")
+    if args.open:
+        eprint("coordinator: WARNING: --open: ANY node that reaches this port is admitted and receives "
+               "training data; use --allow FILE or invite codes (enshuffle invite) to choose who joins")
+    eprint(f"coordinator: {admission.describe()}")
     eprint("coordinator: on each volunteer machine run:")
-    eprint(f"    enshuffle node --connect {connect} --coordinator-key {run.identity.fingerprint}")
+    eprint(f"    enshuffle node --connect {connect} --coordinator-key {run.identity.fingerprint}"
+           + ("" if args.open else "   (plus --invite CODE from `enshuffle invite`, unless its key is in --allow)"))
     if connect != endpoint:
         eprint("  (replace THIS_HOST with this machine's address as the volunteers reach it)")
 

@@ -55,7 +55,7 @@ class CoordinatorRun:
     def __init__(self, args, preset, inputs, *, bind: str, shards: int, min_nodes: int,
                  run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
                  state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
-                 home: Path | None = None, quiet: bool = False):
+                 home: Path | None = None, quiet: bool = False, admission=None):
         from enshuffle.coordinator.chain import Chain, ChainError
         from enshuffle.coordinator.server import CoordinatorServer
         from enshuffle.protocol.keys import load_or_create_identity
@@ -77,8 +77,9 @@ class CoordinatorRun:
                           "shards": shards, "data": data_fingerprint(inputs)}
         if self.run_dir:
             self._check_run_dir(resume)
+        self.admission = admission
         self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
-                                        control=self.control, log=None if quiet else eprint,
+                                        control=self.control, log=None if quiet else eprint, admission=admission,
                                         max_exposure=getattr(args, "max_exposure", None))
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
         self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
@@ -131,7 +132,8 @@ class CoordinatorRun:
                                  f"({self._settings['data']['images']}, {self._settings['data']['sha256'][:12]}): "
                                  f"resume with the same --data and --limit")
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private(self.run_dir)
         except OSError as exc:
             raise UsageError(f"cannot create run directory {self.run_dir}: {exc.strerror}; "
                              f"choose a writable --out") from None
@@ -267,6 +269,21 @@ class CoordinatorRun:
             self.state.finished = True
 
 
+def make_private(run_dir: Path) -> None:
+    """A run directory holds the model, its ledger and the plan secret: 0700 for it and every
+    directory in it, 0600 for every file, and a process umask of 077 so whatever this process
+    writes there from now on (chain versions, run.json, checkpoints) is created private too."""
+    os.umask(0o077)
+    os.chmod(run_dir, 0o700)
+    for root, dirs, files in os.walk(run_dir):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o600)
+
+
 def data_fingerprint(inputs) -> dict:
     """What a resumed run must train on: counts and a SHA-256 of the prepared matrices and labels."""
     digest = hashlib.sha256()
@@ -333,12 +350,25 @@ def load_run_settings(run_dir: str) -> dict:
 
 
 # -- local node processes ------------------------------------------------------------------
+def local_node_keys(workdir: Path, count: int) -> list[bytes]:
+    """Create the local nodes' keys up front (each in its own ENSHUFFLE_HOME, under its --name), so
+    the coordinator admits exactly them and nobody else."""
+    from enshuffle.protocol.keys import load_or_create_identity
+
+    keys = []
+    for i in range(count):
+        home = workdir / f"node-{i + 1}"
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        keys.append(load_or_create_identity("node", home, name=f"local-{i + 1}").public_bytes)
+    return keys
+
+
 def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, threads: int = 1) -> list[subprocess.Popen]:
     """Start `count` `enshuffle node` processes, each with its own key (its own ENSHUFFLE_HOME)."""
     procs = []
     for i in range(count):
         home = workdir / f"node-{i + 1}"
-        home.mkdir(parents=True, exist_ok=True)
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = dict(os.environ, ENSHUFFLE_HOME=str(home))
         log = open(home / "node.log", "wb")
         procs.append(subprocess.Popen(
@@ -366,11 +396,15 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
 
 def run_local_cluster(args, preset, inputs) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
+    from enshuffle.coordinator.admission import Admission
+
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
         tmp = Path(tmp)
+        # Only the local nodes this command starts are admitted: nothing to set up, nobody else joins.
+        admission = Admission(auto=set(local_node_keys(tmp, args.nodes)))
         run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=args.nodes,
                              min_nodes=args.nodes, run_dir=args.out, home=tmp / "coordinator",
-                             quiet=not getattr(args, "verbose", False))
+                             quiet=not getattr(args, "verbose", False), admission=admission)
         eprint(f"train: coordinator on {run.server.endpoint}, {args.nodes} local node processes, "
                f"preset {preset.name}, {preset.dtype}, offload {args.offload}")
         procs = spawn_local_nodes(run.server.endpoint, run.identity.fingerprint, args.nodes, tmp)

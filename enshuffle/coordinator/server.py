@@ -1,4 +1,4 @@
-"""The coordinator's side of ENS1 (docs/protocol.md): the one place that owns the ROUTER socket.
+"""The coordinator's side of ENS2 (docs/protocol.md): the one place that owns the ROUTER socket.
 
 `CoordinatorServer` is single-threaded by design: whichever thread drives training calls
 `run(batches)` (the Executor interface of `DistributedCompute`) and `pump()`; both poll the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,16 +29,28 @@ from enshuffle.coordinator.ledger import AXES, ExposureLedger
 
 BOUNDED = ("images", "w1")  # kinds whose share per node the bound limits (the rest: none, or every step's)
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, NodeRow
+from enshuffle.protocol.handshake import Pending, check_hello, make_challenge
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
-from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, DEFAULT_LIMITS, Limits, ProtocolError, decode, encode,
-                                         verify, verify_self_signed)
+from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Channel, Limits, ProtocolError, decode, encode,
+                                         inner_parts)
 
 LEASE_MIN_MS = 2000
 LEASE_MULTIPLE = 4.0
 LEASE_INITIAL_MS = 30000
 MAX_PROTOCOL_ERRORS = 50  # malformed/unverifiable messages before a node is evicted (protocol.md section 14)
 WARN_BURST, WARN_WINDOW = 10, 10.0  # per peer: log lines, seconds
-MAX_ATTEMPTS = 5  # a batch rejected/expired this many times aborts the run: something is systematically wrong
+MAX_ATTEMPTS = 5  # a batch rejected or answered wrongly this many times aborts the run
+MAX_SESSIONS = 1024  # live + joining sessions; more get REFUSE `busy`
+MAX_PENDING = 1024  # CHALLENGEs awaiting a HELLO (oldest dropped first)
+HANDSHAKE_TIMEOUT = 10.0  # seconds from CHALLENGE to the first sealed message
+REFUSE_INTERVAL = 10.0  # at most one REFUSE per routing id per this many seconds ...
+HANDSHAKE_REPLIES_PER_S = 200  # ... and at most this many CHALLENGE/REFUSE replies per second in all
+ZERO_COPY_BYTES = 64 * 1024
+RECEIVE_HWM = 64  # messages queued per connection before libzmq stops reading it
+SWEEP_S = 0.05  # the longest pump() goes without visiting every session (leases, silence, heartbeats)
+# A coordinator receives RESULTs (a block of at most samples x hidden units) and small messages: it
+# has no use for 1 GiB messages, so libzmq drops bigger frames before buffering them.
+COORDINATOR_LIMITS = Limits(max_message_bytes=256 << 20)
 
 
 class StepAbandoned(RuntimeError):
@@ -105,6 +117,11 @@ class Session:
     credit: int
     want: int
     address: str = ""
+    channel: Channel | None = None
+    admitted: str = ""  # how admission let it in: open, local, allow-list, invited, invite code
+    joined: bool = False  # the node's first sealed message arrived: it accepted our key
+    joining_since: float = field(default_factory=time.monotonic)
+    heartbeat_inner: tuple | None = None  # ((credit, outstanding), encoded HEARTBEAT) last sent
     outstanding: dict[str, Task] = field(default_factory=dict)
     stale: dict[str, float] = field(default_factory=dict)  # batch_id -> when to call the node stuck
     queue: deque = field(default_factory=deque)
@@ -132,8 +149,11 @@ class CoordinatorServer:
     def __init__(self, bind: str, identity: Identity, state: CoordinatorState, ledger: ExposureLedger, *,
                  control: CoordinatorControl | None = None, heartbeat_ms: int = 1000, max_credit: int = 2,
                  log: Callable[[str], None] | None = None, context: zmq.Context | None = None,
-                 limits: Limits = DEFAULT_LIMITS, max_exposure: float | None = None):
+                 limits: Limits = COORDINATOR_LIMITS, admission=None, max_sessions: int = MAX_SESSIONS,
+                 max_exposure: float | None = None):
         self.identity = identity
+        self.admission = admission  # enshuffle.coordinator.admission.Admission; None admits everyone
+        self.max_sessions = max_sessions
         self.limits = limits  # what a node's message may be (docs/protocol.md section 13)
         self.state = state
         self.ledger = ledger
@@ -148,9 +168,14 @@ class CoordinatorServer:
         self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::]:PORT and IPv6 peers; IPv4 still works
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
-        self.sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
-        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
-        self.sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * heartbeat_ms)
+        # At most RCVHWM messages wait per connection (then libzmq stops reading that peer's TCP
+        # stream): an honest node has at most credit + a few in flight; a flooding stranger's
+        # backlog stays small instead of the default 1,000 messages.
+        self.sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        # No libzmq (ZMTP) heartbeats: with them, a peer that floods a connection until libzmq
+        # stops reading it makes libzmq abort the whole process (`Assertion failed: !_io_error`,
+        # stream_engine_base.cpp; libzmq issues 3937, 4364, 4767), as scripts/fuzz_load.py did.
+        # Loss is detected by ENS2's own HEARTBEATs (docs/protocol.md section 8).
         try:
             self.sock.bind(bind)
         except zmq.ZMQError as exc:
@@ -162,6 +187,14 @@ class CoordinatorServer:
         self.sessions: dict[str, Session] = {}  # node_id -> live session
         self.by_routing: dict[bytes, str] = {}
         self.labels: dict[bytes, str] = {}  # node key -> ledger label (stable across reconnects)
+        self._label_set: set[str] = set()
+        self.joining: dict[bytes, Session] = {}  # routing id -> WELCOMEd, no sealed message yet
+        self.pending: OrderedDict[bytes, Pending] = OrderedDict()  # routing id -> CHALLENGE sent
+        self._refused_at: OrderedDict[bytes, float] = OrderedDict()  # routing id -> last REFUSE
+        self._reply_budget = (time.monotonic(), float(HANDSHAKE_REPLIES_PER_S))
+        self.crypto_seconds = 0.0  # handshakes + sealing/opening: what `enshuffle bench` reports
+        self._dirty = True  # something changed that the next pump() must act on at once
+        self._swept_at = 0.0
         self.owner: list[str | None] = []
         self.compute = None  # DistributedCompute, set by attach()
         self._statics: dict[int, dict[str, np.ndarray]] = {}
@@ -173,7 +206,7 @@ class CoordinatorServer:
         self.step = 0
         self.finished = False
         self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0,
-                         "wrong": 0}
+                         "wrong": 0, "refused": 0, "declined": 0, "handshakes": 0, "challenges": 0}
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiting_logged = False
@@ -237,21 +270,55 @@ class CoordinatorServer:
         return self._seq
 
     def _send(self, session: Session, command: str, header: dict, arrays: dict | None = None) -> bool:
-        frames = encode(command, header, arrays, self.identity)
+        frames = session.channel.seal(command, header, arrays)
         try:
-            self.sock.send_multipart([session.routing_id, *frames], copy=False, flags=zmq.NOBLOCK)
+            # Zero-copy pays only for large frames; for small ones pyzmq's Frame costs more than a copy.
+            self.sock.send_multipart([session.routing_id, *frames], copy=len(frames[0]) < ZERO_COPY_BYTES,
+                                     flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self._end_session(session, f"cannot send to it ({exc.strerror})")
             return False
         session.last_sent = time.monotonic()
-        self.bytes_sent += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
+        self.bytes_sent += sum(len(f) for f in frames)
         return True
 
     def _send_raw(self, routing_id: bytes, command: str, header: dict) -> None:
+        start = time.perf_counter()
+        frames = encode(command, header, None, self.identity)
+        self.crypto_seconds += time.perf_counter() - start
         try:
-            self.sock.send_multipart([routing_id, *encode(command, header, None, self.identity)], flags=zmq.NOBLOCK)
+            self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the peer is gone; nothing to tell
+
+    def _reply_allowed(self) -> bool:
+        """The global budget for unauthenticated replies (CHALLENGE, REFUSE): a flood of HIs or
+        HELLOs cannot make this coordinator sign more than HANDSHAKE_REPLIES_PER_S a second."""
+        now = time.monotonic()
+        since, tokens = self._reply_budget
+        tokens = min(float(HANDSHAKE_REPLIES_PER_S), tokens + (now - since) * HANDSHAKE_REPLIES_PER_S)
+        if tokens < 1.0:
+            self._reply_budget = (now, tokens)
+            return False
+        self._reply_budget = (now, tokens - 1.0)
+        return True
+
+    def _refuse(self, routing_id: bytes, nonce, code: str, text: str) -> bool:
+        """One signed REFUSE, at most one per routing id per REFUSE_INTERVAL and within the budget."""
+        now = time.monotonic()
+        last = self._refused_at.get(routing_id)
+        if (last is not None and now - last < REFUSE_INTERVAL) or not self._reply_allowed():
+            self.counters["dropped"] += 1  # answered already, or over the budget: silence
+            return False
+        self._refused_at[routing_id] = now
+        self._refused_at.move_to_end(routing_id)
+        while len(self._refused_at) > MAX_PENDING:
+            self._refused_at.popitem(last=False)
+        self.counters["refused"] += 1
+        self._send_raw(routing_id, "REFUSE", {"coordinator_key": self.identity.public_hex,
+                                              "nonce": nonce if isinstance(nonce, str) else None,
+                                              "code": code, "text": text})
+        return True
 
     # -- the Executor interface --------------------------------------------------------
     def run(self, batches: list[Batch]) -> list[np.ndarray]:
@@ -279,6 +346,7 @@ class CoordinatorServer:
 
     def step_done(self) -> None:
         """Step boundary: idle sessions take over shards from sessions holding several."""
+        self._dirty = True
         self.step += 1
         self._rebalance()
 
@@ -290,13 +358,16 @@ class CoordinatorServer:
         """Pump until `count` nodes are connected; False if asked to stop first."""
         for shard in range(len(self.owner)):
             self.static_arrays(shard)  # prepared now, so sending them later never starves heartbeats
-        if len(self.sessions) < count:
-            self.log(f"waiting for {count} node{'s' if count != 1 else ''} to connect ({len(self.sessions)} so far)")
+        def ready() -> int:  # a paused node cannot compute: it does not count toward --min-nodes
+            return sum(1 for s in self.sessions.values() if s.want > 0)
+
+        if ready() < count:
+            self.log(f"waiting for {count} node{'s' if count != 1 else ''} to connect ({ready()} so far)")
             self._waiting_logged = True  # no second "waiting" line from pump()
-        while len(self.sessions) < count:
+        while ready() < count:
             if should_stop():
                 return False
-            self._set_status(f"waiting for nodes: {len(self.sessions)} of {count} connected")
+            self._set_status(f"waiting for nodes: {ready()} of {count} connected")
             self.pump(timeout_ms=200)
         self._rebalance()
         return True
@@ -375,6 +446,7 @@ class CoordinatorServer:
                      f"to {self.sessions[idle[0]].label}")
 
     def _enqueue(self, task: Task) -> None:
+        self._dirty = True
         owner = self.owner[task.batch.shard]
         session = self.sessions.get(owner) if owner else None
         if session is None:
@@ -390,7 +462,20 @@ class CoordinatorServer:
             for task in waiting:
                 self._enqueue(task)
 
+    def crypto_total(self) -> float:
+        """Seconds this coordinator spent on cryptography: handshakes, sealing and opening."""
+        live = sum(s.channel.seconds for s in (*self.sessions.values(), *self.joining.values()) if s.channel)
+        return self.crypto_seconds + live
+
     def _end_session(self, session: Session, why: str) -> None:
+        self._dirty = True
+        if session.channel is not None:
+            self.crypto_seconds += session.channel.seconds
+            session.channel.seconds = 0.0
+        if self.joining.get(session.routing_id) is session:
+            del self.joining[session.routing_id]
+            self._forget(session)
+            return
         if self.sessions.pop(session.node_id, None) is None:
             return
         self.by_routing.pop(session.routing_id, None)
@@ -400,6 +485,7 @@ class CoordinatorServer:
             if row is not None:
                 row.state = "gone"
                 row.outstanding = 0
+        self._forget(session)
         # Re-issue what this node was responsible for: live leases it held and batches queued
         # for it. Expired copies it still held are already re-issued (maybe leased elsewhere).
         orphans = {t.batch_id: t for t in session.outstanding.values() if t.session == session.node_id}
@@ -413,10 +499,28 @@ class CoordinatorServer:
         for task in orphans.values():
             if task.result is None and task.batch_id in self._tasks:
                 task.session = None
-                self._reissue(task, session, "its node left")
+                self._reissue(task, session, "its node left", counts=False)
 
-    def _reissue(self, task: Task, previous: Session | None, why: str) -> None:
-        task.attempts += 1
+    def _forget(self, session: Session) -> None:
+        """Free what this coordinator keeps about a departed key unless it still matters: a key
+        that never received anything leaves no label, row or warning counter behind."""
+        self._warnings.pop(session.label, None)
+        if any(s.key == session.key for s in (*self.sessions.values(), *self.joining.values())):
+            return
+        if any(v > 0 for v in self.ledger.node_shares(session.label).values()):
+            return  # it holds data: its label and row stay, so the ledger and console stay true
+        if self.labels.get(session.key) == session.label:
+            del self.labels[session.key]
+            self._label_set.discard(session.label)
+            with self.state.lock:
+                self.state.nodes.pop(session.label, None)
+
+    def _reissue(self, task: Task, previous: Session | None, why: str, counts: bool = True) -> None:
+        """Send `task` again. Only rejections and wrong results count toward MAX_ATTEMPTS: a node
+        that leaves, vanishes or runs out its lease never makes the run abort."""
+        self._dirty = True
+        if counts:
+            task.attempts += 1
         self.counters["reissued"] += 1
         if previous is not None:
             with self.state.lock:
@@ -442,8 +546,15 @@ class CoordinatorServer:
         return max(1, min(self.heartbeat_ms // 2, 250))
 
     def pump(self, timeout_ms: int = 100) -> None:
-        """Handle what arrived within `timeout_ms`, then heartbeats, leases and sending."""
-        self._dispatch()
+        """Handle what arrived within `timeout_ms`, then heartbeats, leases and sending.
+
+        Sending runs when something changed (a result, a rejection, a membership or credit
+        change, new work); the pass over every session for leases, silence and heartbeats runs
+        every SWEEP_S: with 1,000 idle nodes beating once a second, a pass per arriving heartbeat
+        would cost the coordinator a million session visits a second."""
+        if self._dirty:
+            self._dirty = False
+            self._dispatch()
         events = dict(self.poller.poll(timeout_ms))
         if self.sock in events:
             for _ in range(1000):  # drain, but come up for air
@@ -458,6 +569,14 @@ class CoordinatorServer:
                 except Exception as exc:  # one bad message never takes the coordinator down
                     self.counters["dropped"] += 1
                     self._warn("internal", f"dropped a message that could not be handled: {exc!r}")
+        now = time.monotonic()
+        if self._dirty:
+            self._dirty = False
+            self._requeue_waiting()
+            self._dispatch()
+        if now - self._swept_at < SWEEP_S:
+            return
+        self._swept_at = now
         self._housekeeping()
         self._requeue_waiting()
         self._dispatch()
@@ -570,8 +689,15 @@ class CoordinatorServer:
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        self._expire_handshakes(now)
         silence = 3 * self.heartbeat_ms / 1000
         for session in list(self.sessions.values()):
+            if not session.outstanding and not session.stale:  # the common case, idle nodes: cheap
+                if now - session.last_seen > silence:
+                    self._end_session(session, f"silent for {now - session.last_seen:.1f} s (heartbeat lost)")
+                elif now - session.last_sent > self.heartbeat_ms / 1000:
+                    self._heartbeat(session)
+                continue
             # A node computes a batch in the thread that heartbeats, so while it holds a live
             # lease, silence is judged by the lease, not by the heartbeat.
             live = [t.deadline for t in session.outstanding.values() if t.session == session.node_id]
@@ -586,7 +712,7 @@ class CoordinatorServer:
                     self.counters["expired"] += 1
                     self.log(f"lease expired: batch {task.batch_id} on {session.label} "
                              f"after {now - task.sent_at:.1f} s; reissuing")
-                    self._reissue(task, session, "its lease expired")
+                    self._reissue(task, session, "its lease expired", counts=False)
             # A node that answers neither the expired batch nor anything else for another lease
             # period is stuck (alive for heartbeats, not computing): end its session, so its work
             # can go elsewhere, or to its next session if it recovers.
@@ -596,9 +722,24 @@ class CoordinatorServer:
                 self._end_session(session, "stuck: a batch whose lease expired has had no answer for another lease")
                 continue
             if now - session.last_sent > self.heartbeat_ms / 1000:
-                self._send(session, "HEARTBEAT", {"node_id": session.node_id, "credit": session.credit,
-                                                  "outstanding": len(session.outstanding)})
+                self._heartbeat(session)
         self._publish_rows(now)
+
+    def _heartbeat(self, session: Session) -> None:
+        """HEARTBEAT, its encoded header kept while credit and outstanding stay the same (an idle
+        node gets the same one every second: encoding it once saves most of its cost)."""
+        key = (session.credit, len(session.outstanding))
+        if session.heartbeat_inner is None or session.heartbeat_inner[0] != key:
+            session.heartbeat_inner = (key, inner_parts("HEARTBEAT", {"node_id": session.node_id, "credit": key[0],
+                                                                      "outstanding": key[1]})[0])
+        frames = session.channel.seal_parts([session.heartbeat_inner[1]])
+        try:
+            self.sock.send_multipart([session.routing_id, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            self._end_session(session, f"cannot send to it ({exc.strerror})")
+            return
+        session.last_sent = time.monotonic()
+        self.bytes_sent += len(frames[0])
 
     def _publish_rows(self, now: float) -> None:
         # Presenters refresh at a few Hz: publishing more often only costs the training loop.
@@ -626,47 +767,58 @@ class CoordinatorServer:
         routing_id = bytes(frames[0].buffer)
         body = frames[1:]
         self.bytes_received += sum(len(f.buffer) for f in body)
-        session = self.sessions.get(self.by_routing.get(routing_id, ""))
+        session = self.sessions.get(self.by_routing.get(routing_id, "")) or self.joining.get(routing_id)
+        if session is not None:
+            self._handle_sealed(session, body)
+            return
         try:
             msg = decode(body, limits=self.limits)
         except ProtocolError as exc:
             self.counters["dropped"] += 1
-            if session is not None:
-                self._protocol_error(session, f"dropped a malformed message from {session.label}: {exc}")
-            elif exc.code == "bad-version":
-                self._send_raw(routing_id, "REFUSE", {"coordinator_key": self.identity.public_hex, "nonce": None,
-                                                      "code": "version-mismatch",
-                                                      "text": f"this coordinator speaks ENS{PROTOCOL_VERSION}"})
+            if exc.code == "bad-version":
+                self._warn("unknown peers", f"dropped a message from a peer speaking another protocol version "
+                                            f"({exc.detail}); it must upgrade enshuffle")
             else:
                 self._warn("unknown peers", f"dropped a malformed message from an unknown peer: {exc.code}")
             return
-        if msg.command == "HELLO":
-            try:
-                address = body[0].get("Peer-Address")
-            except (zmq.ZMQError, AttributeError):
-                address = ""
+        try:
+            address = body[0].get("Peer-Address")
+        except (zmq.ZMQError, AttributeError):
+            address = ""
+        if msg.command == "HI":
+            self._on_hi(routing_id, msg)
+        elif msg.command == "HELLO":
             self._on_hello(routing_id, msg, address)
-            return
-        if session is None:
+        elif msg.command == "DECLINE":
+            self._on_decline(routing_id, msg, address)
+        else:
             self.counters["dropped"] += 1
             self._warn("unknown peers", f"dropped {msg.command} from a peer without a session")
-            return
+
+    def _handle_sealed(self, session: Session, body: list) -> None:
         try:
-            verify(msg, session.key)
+            msg = session.channel.open(body, limits=self.limits)
         except ProtocolError as exc:
-            self.counters["bad_signature"] += 1
-            self._count_refused(session)
-            if msg.command == "RESULT":
-                self._reissue_unverified(session, msg)
-            self._protocol_error(session, f"refused {msg.command} from {session.label}: {exc.detail}")
+            self.counters["dropped"] += 1
+            if exc.code == "bad-seal":
+                self.counters["bad_signature"] += 1
+            if session.joined:
+                self._count_refused(session)
+                self._protocol_error(session, f"dropped a message from {session.label}: {exc}")
+            else:
+                self._warn("unknown peers", f"dropped a message from joining node {session.label}: {exc}")
             return
         session.last_seen = time.monotonic()
+        if not session.joined:
+            self._join(session)
         handler = {"RESULT": self._on_result, "REJECT": self._on_reject, "HEARTBEAT": self._on_heartbeat,
                    "BYE": self._on_bye}.get(msg.command)
         if handler is None:
             self.counters["dropped"] += 1
-            self.log(f"dropped unexpected {msg.command} from {session.label}")
+            self._protocol_error(session, f"dropped unexpected {msg.command} from {session.label}")
             return
+        if msg.command != "HEARTBEAT":
+            self._dirty = True  # a slot freed, a batch to reissue, a member gone: act now
         handler(session, msg)
 
     def _warn(self, key: str, line: str) -> None:
@@ -700,65 +852,167 @@ class CoordinatorServer:
             if row is not None:
                 row.refused += 1
 
-    def _on_hello(self, routing_id: bytes, msg, address: str = "") -> None:
-        try:
-            key = verify_self_signed(msg)
-        except ProtocolError as exc:
-            self.counters["bad_signature"] += 1
-            self.log(f"refused a HELLO whose signature does not verify: {exc.detail}")
-            self._send_raw(routing_id, "REFUSE", {"coordinator_key": self.identity.public_hex,
-                                                  "nonce": msg.header.get("nonce"), "code": "bad-hello",
-                                                  "text": "HELLO signature does not match its node_key"})
+    def _expire_handshakes(self, now: float) -> None:
+        while self.pending:
+            routing_id, pending = next(iter(self.pending.items()))
+            if now - pending.created <= HANDSHAKE_TIMEOUT and len(self.pending) <= MAX_PENDING:
+                break
+            del self.pending[routing_id]
+        for routing_id, session in list(self.joining.items()):
+            if now - session.joining_since > HANDSHAKE_TIMEOUT:
+                del self.joining[routing_id]
+                self._forget(session)
+        while self._refused_at:
+            routing_id, at = next(iter(self._refused_at.items()))
+            if now - at <= REFUSE_INTERVAL:
+                break
+            del self._refused_at[routing_id]
+
+    def _on_hi(self, routing_id: bytes, msg) -> None:
+        """HI: answer one CHALLENGE per routing id, within the global reply budget."""
+        if routing_id in self.pending:
+            self.counters["dropped"] += 1
             return
+        if msg.header["protocol"] != PROTOCOL_VERSION:
+            self._refuse(routing_id, msg.header["nonce"], "version-mismatch",
+                         f"this coordinator speaks protocol {PROTOCOL_VERSION}; upgrade enshuffle")
+            return
+        if not self._reply_allowed():
+            self.counters["dropped"] += 1
+            return
+        start = time.perf_counter()
+        frames, pending = make_challenge(self.identity, self.run_id, msg)
+        self.crypto_seconds += time.perf_counter() - start
+        self.pending[routing_id] = pending
+        self.counters["challenges"] += 1
+        self._expire_handshakes(time.monotonic())
+        try:
+            self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.pending.pop(routing_id, None)
+
+    def _on_decline(self, routing_id: bytes, msg, address: str) -> None:
+        """A node that checked our key and does not trust it: tell the operator (rate-limited)."""
+        pending = self.pending.pop(routing_id, None)
+        if pending is None or msg.header["nonce"] != pending.nonce:
+            self.counters["dropped"] += 1
+            return
+        self.counters["declined"] += 1
+        self._warn("declined", f"a node at {address or 'an unknown address'} refused our key "
+                               f"{short_fingerprint(self.identity.fingerprint)} ({msg.header['code']}): "
+                               f"{msg.header['text'][:300]}")
+
+    def _on_hello(self, routing_id: bytes, msg, address: str = "") -> None:
+        pending = self.pending.pop(routing_id, None)
         header = msg.header
+        if pending is None:
+            # No CHALLENGE on this connection: a replayed or out-of-order HELLO. Nothing to answer
+            # beyond one rate-limited REFUSE (a real node always says HI first).
+            self.counters["dropped"] += 1
+            self._warn("unknown peers", f"dropped a HELLO without a CHALLENGE (from {address or 'unknown'}): "
+                                        f"a replay, or a node speaking an older protocol")
+            return
+        start = time.perf_counter()
+        try:
+            key, channel = check_hello(pending, msg, self.identity, self.run_id)
+        except ProtocolError as exc:
+            self.crypto_seconds += time.perf_counter() - start
+            self.counters["bad_signature"] += 1
+            self._warn("unknown peers", f"refused a HELLO from {address or 'unknown'}: {exc.detail}")
+            self._refuse(routing_id, header.get("nonce"), "bad-hello", exc.detail)
+            return
+        self.crypto_seconds += time.perf_counter() - start
+        self.counters["handshakes"] += 1
+        fp = fingerprint(key)
         refuse = None
+        admitted, how = (True, "open") if self.admission is None else \
+            self.admission.check(key, header.get("invite"), pending.challenge)
+        twins = [s for s in (*self.sessions.values(), *self.joining.values()) if s.key == key]
         if header["protocol"] != PROTOCOL_VERSION:
             refuse = ("version-mismatch", f"this coordinator speaks protocol {PROTOCOL_VERSION}")
         elif self.finished:
             refuse = ("run-finished", "training has ended")
         elif key in self.banned:
             refuse = ("not-allowed", "this node was evicted from the run for sending malformed or unverifiable messages")
+        elif not admitted:
+            refuse = ("not-allowed", f"key {fp} is not admitted here: ask the operator to add it to the "
+                                     f"coordinator's --allow file, or for an invite code (enshuffle invite)")
         else:
             caps = header["capabilities"]
             ops = caps.get("ops") if isinstance(caps, dict) else None
             credit = caps.get("credit") if isinstance(caps, dict) else None
             if not isinstance(ops, list) or not set(OPS) <= set(ops) or not isinstance(credit, int) or credit < 1:
                 refuse = ("bad-hello", f"capabilities must list every op of {', '.join(OPS)} and a credit >= 1")
+        if refuse is None and twins:
+            live = twins[0]
+            # A session still heard from recently is a second process with the same key (twins),
+            # not this node reconnecting: refuse the newcomer and say where the other one is.
+            if time.monotonic() - live.last_seen < 2 * self.heartbeat_ms / 1000:
+                refuse = ("duplicate-key", f"another node with key {short_fingerprint(fp)} is already connected "
+                                           f"(from {live.address or 'an unknown address'}, as {live.label}); "
+                                           f"each node process needs its own key: give each a different --name "
+                                           f"or ENSHUFFLE_HOME")
+                self._warn("twins", f"refused a second node with the key of {live.label} "
+                                    f"({short_fingerprint(fp)}) from {address or 'unknown'}: the key is already "
+                                    f"connected from {live.address or 'unknown'}; each process needs its own --name")
+        if refuse is None and len(self.sessions) + len(self.joining) - len(twins) >= self.max_sessions:
+            refuse = ("busy", f"this coordinator takes at most {self.max_sessions} nodes")
         if refuse:
-            self._send_raw(routing_id, "REFUSE", {"coordinator_key": self.identity.public_hex,
-                                                  "nonce": header.get("nonce"), "code": refuse[0], "text": refuse[1]})
-            self.log(f"refused node {header.get('name')!r}: {refuse[1]}")
+            if self._refuse(routing_id, header.get("nonce"), *refuse):
+                self._warn("refused", f"refused node {str(header.get('name'))[:40]!r} ({short_fingerprint(fp)}) "
+                                      f"from {address or 'unknown'}: {refuse[0]}")
             return
-        for old in [s for s in self.sessions.values() if s.key == key]:
+        for old in twins:
             self._end_session(old, "it reconnected (a new HELLO with the same key)")
         self._node_counter += 1
         node_id = f"n{self._node_counter}"
-        fp = fingerprint(key)
         label = self.labels.get(key)
         if label is None:
             # Brackets are reserved for the fingerprint suffix that tells same-named nodes apart.
             name = str(header["name"]).replace("[", "(").replace("]", ")")[:40] or "node"
-            taken = set(self.labels.values()) | set(self.ledger.nodes())  # resumed rows included
-            label = name if name not in taken else f"{name}[{short_fingerprint(fp)}]"
+            taken = name in self._label_set or name in self.ledger.nodes()  # resumed rows included
+            label = name if not taken else f"{name}[{short_fingerprint(fp)}]"
             self.labels[key] = label
+            self._label_set.add(label)
         credit = min(int(header["capabilities"]["credit"]), self.max_credit)
-        session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=str(header["name"]),
-                          label=label, credit=credit, want=credit, address=address)
-        self.sessions[node_id] = session
-        self.by_routing[routing_id] = node_id
+        session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=str(header["name"])[:200],
+                          label=label, credit=credit, want=credit, address=address, channel=channel,
+                          admitted=how)
+        self.joining[routing_id] = session
+        start = time.perf_counter()
+        frames = encode("WELCOME", {
+            "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
+            "nonce": header["nonce"], "challenge": pending.challenge, "node_id": node_id, "credit": credit,
+            "heartbeat_ms": self.heartbeat_ms,
+            "lease": {"min_ms": LEASE_MIN_MS, "multiple": LEASE_MULTIPLE, "initial_ms": LEASE_INITIAL_MS}},
+            signer=self.identity)
+        self.crypto_seconds += time.perf_counter() - start
+        try:
+            self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            del self.joining[routing_id]
+            self._forget(session)
+            return
+
+    def _join(self, session: Session) -> None:
+        """The node's first sealed message: it has checked our key and holds the session key.
+        Only now does it count as connected and may it receive data."""
+        del self.joining[session.routing_id]
+        self._dirty = True
+        session.joined = True
+        self.sessions[session.node_id] = session
+        self.by_routing[session.routing_id] = session.node_id
         with self.state.lock:
-            row = self.state.nodes.get(label)
+            row = self.state.nodes.get(session.label)
             if row is None:
-                row = self.state.nodes[label] = NodeRow(node_id=node_id, name=label, fingerprint=fp)
-            row.node_id = node_id
-            row.address = address
+                row = self.state.nodes[session.label] = NodeRow(node_id=session.node_id, name=session.label,
+                                                                fingerprint=session.fingerprint)
+            row.node_id = session.node_id
+            row.address = session.address
             row.state = "connected"
             row.last_seen = time.time()
-        self._send(session, "WELCOME", {
-            "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
-            "nonce": header["nonce"], "node_id": node_id, "credit": credit, "heartbeat_ms": self.heartbeat_ms,
-            "lease": {"min_ms": LEASE_MIN_MS, "multiple": LEASE_MULTIPLE, "initial_ms": LEASE_INITIAL_MS}})
-        self.log(f"node {label} joined as {node_id} ({short_fingerprint(fp)}), credit {credit}")
+        self.log(f"node {session.label} joined as {session.node_id} ({short_fingerprint(session.fingerprint)}), "
+                 f"credit {session.credit}, admitted by {session.admitted or 'open'}")
 
     def _task_for(self, session: Session, msg, what: str) -> Task | None:
         batch_id, seq = msg.header.get("batch_id"), msg.header.get("seq")
@@ -773,21 +1027,6 @@ class CoordinatorServer:
             self._warn(session.label, f"dropped {what} from {session.label} for unknown batch {batch_id} (seq {seq})")
             return None
         return task
-
-    def _reissue_unverified(self, session: Session, msg) -> None:
-        """A RESULT that fails verification but names a batch this session holds: re-issue the batch
-        now (protocol.md section 7) instead of letting the step wait for the lease to run out."""
-        batch_id, seq = msg.header.get("batch_id"), msg.header.get("seq")
-        task = session.outstanding.get(batch_id) if isinstance(batch_id, str) else None
-        if task is None or task.seq_by_node.get(session.node_id) != seq or msg.header.get("run_id") != self.run_id:
-            return
-        del session.outstanding[batch_id]  # answered, if badly: the slot is free again, as for a wrong shape
-        session.stale.pop(batch_id, None)
-        if task.session == session.node_id and task.result is None and task.batch_id in self._tasks:
-            task.session = None
-            self.log(f"refused RESULT for batch {batch_id} from {session.label}: its signature does not verify; "
-                     f"reissuing")
-            self._reissue(task, session, "its result's signature did not verify")
 
     def _on_result(self, session: Session, msg) -> None:
         task = self._task_for(session, msg, "RESULT")
@@ -868,6 +1107,7 @@ class CoordinatorServer:
     def _on_heartbeat(self, session: Session, msg) -> None:
         want = int(msg.header.get("credit", session.credit))
         if want != session.want:
+            self._dirty = True
             self.log(f"node {session.label} {'paused' if want == 0 else f'asks for {want} batches at a time'}")
         session.want = want
 
@@ -878,6 +1118,7 @@ class CoordinatorServer:
     def close(self, reason: str = "shutdown") -> None:
         """Tell every node BYE and close the socket."""
         self.finished = reason == "run-finished"
+        self.log("messages: " + ", ".join(f"{k} {v}" for k, v in self.counters.items()))
         self._published_at = 0.0
         self._publish_rows(time.monotonic())  # the final counts, not the last throttled ones
         for session in list(self.sessions.values()):

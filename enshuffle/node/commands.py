@@ -46,7 +46,8 @@ def cmd_node(args) -> int:
 
     check_address(args.connect)  # a malformed address is a one-line error (exit 2) up front
     home = enshuffle_home()
-    identity = load_or_create_identity("node", home)
+    # One key per --name: several node processes of one user on one machine are distinct nodes.
+    identity = load_or_create_identity("node", home, name=args.name)
     trust = TrustStore(home)
     state = NodeState()
     control = NodeControl(threads=threads)
@@ -58,7 +59,9 @@ def cmd_node(args) -> int:
     daemon = NodeDaemon(args.connect, identity=identity, trust=trust, pinned=args.coordinator_key,
                         name=args.name or socket.gethostname(), threads=threads, state=state,
                         control=control, log=None if not args.tui else state_only,
-                        exit_on_finish=not getattr(args, "keep_running", False), recorder=recorder)
+                        exit_on_finish=not getattr(args, "keep_running", False), recorder=recorder,
+                        invite=getattr(args, "invite", None),
+                        max_memory=getattr(args, "max_memory", None))
     _install_signal_handlers(daemon)
     if not args.tui:
         return daemon.run()

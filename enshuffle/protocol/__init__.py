@@ -1,4 +1,4 @@
-"""enshuffle.protocol: the ENS1 wire format (messages), signing, and the key store (keys).
+"""enshuffle.protocol: the ENS2 wire format (messages), the handshake, and the key store (keys).
 
 docs/protocol.md is the specification; `messages.COMMANDS` mirrors its command table.
 Names are re-exported lazily so `import enshuffle.protocol` costs nothing until used; this
@@ -14,7 +14,8 @@ _EXPORTS = {
              "short_fingerprint", "normalize_fingerprint", "load_or_create_identity",
              "verify_signature", "TrustStore"),
     "messages": ("PROTOCOL_VERSION", "ProtocolError", "Message", "Limits", "COMMANDS", "OPS",
-                 "encode", "decode", "verify", "verify_self_signed", "payload_digest"),
+                 "encode", "decode", "verify", "verify_self_signed", "Channel"),
+    "handshake": ("NodeHandshake", "make_challenge", "check_hello"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

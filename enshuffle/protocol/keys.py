@@ -15,9 +15,11 @@ WELCOME.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -137,19 +139,31 @@ class Identity:
         return self.private_key.sign(data)
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(public_bytes: bytes) -> Ed25519PublicKey:
+    """Parsed once per key (parsing cost more than the verification itself), bounded cache."""
+    return Ed25519PublicKey.from_public_bytes(public_bytes)
+
+
 def verify_signature(public_bytes: bytes, signature: bytes, data: bytes) -> bool:
     """True when `signature` is a valid Ed25519 signature of `data` by `public_bytes`."""
     try:
-        Ed25519PublicKey.from_public_bytes(bytes(public_bytes)).verify(bytes(signature), data)
+        _public_key(bytes(public_bytes)).verify(bytes(signature), data)
     except (InvalidSignature, ValueError):
         return False
     return True
 
 
-def key_path(role: str, home: Path | None = None) -> Path:
+def key_path(role: str, home: Path | None = None, name: str | None = None) -> Path:
+    """`{role}_ed25519.pem`, or for a node started with --name NAME `node-NAME_ed25519.pem`: so
+    several node processes on one machine (one home) each have their own key."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    return (home if home is not None else enshuffle_home()) / f"{role}_ed25519.pem"
+    base = home if home is not None else enshuffle_home()
+    if name:
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64]
+        return base / f"{role}-{safe}_ed25519.pem"
+    return base / f"{role}_ed25519.pem"
 
 
 def _os_problem(exc: OSError) -> str:
@@ -233,9 +247,10 @@ def _create_identity(path: Path) -> None:
             f"you can write to, or set ENSHUFFLE_HOME to one") from None
 
 
-def load_or_create_identity(role: str, home: Path | None = None) -> Identity:
-    """This machine's key for `role` ('coordinator' or 'node'), created on first use."""
-    path = key_path(role, home)
+def load_or_create_identity(role: str, home: Path | None = None, name: str | None = None) -> Identity:
+    """This machine's key for `role` ('coordinator' or 'node'; a node may have one per --name),
+    created on first use."""
+    path = key_path(role, home, name)
     _ensure_home(path.parent)
     if not os.path.lexists(path):  # lexists: a dangling link is reported, not written through
         _create_identity(path)
@@ -362,11 +377,14 @@ def cmd_keys_show(args) -> int:
     """`enshuffle keys show`: this machine's fingerprints (creating keys if missing) and home."""
     home = enshuffle_home()
     print(f"enshuffle home:  {home}")
+    name = getattr(args, "name", None)
     for role in ROLES:
-        existed = key_path(role, home).exists()
-        ident = load_or_create_identity(role, home)
+        role_name = name if role == "node" else None
+        existed = key_path(role, home, role_name).exists()
+        ident = load_or_create_identity(role, home, role_name)
         note = "" if existed else "  (new)"
-        print(f"{role + ' key:':16} {ident.fingerprint}  {ident.path}{note}")
+        label = f"{role} key{f' ({name})' if role_name else ''}:"
+        print(f"{label:16} {ident.fingerprint}  {ident.path}{note}")
     print(f"trusted coordinators: {home / TRUST_FILE_NAME}")
     sys.stdout.flush()
     return 0

@@ -1,39 +1,50 @@
-"""The enshuffle wire format (ENS1): one codec for every message, mirroring docs/protocol.md.
+"""The enshuffle wire format (ENS2): one codec for every message, mirroring docs/protocol.md.
 
-A message is a ZeroMQ multipart message (the ROUTER's identity frame is the runtime's business):
+Every message is exactly ONE ZeroMQ frame (the ROUTER's identity frame is the runtime's business):
 
-    frame 0        b"ENS1"                      protocol tag and major version
-    frame 1        command, ASCII               e.g. b"BATCH"
-    frame 2        header, UTF-8 JSON object    canonical: sorted keys, compact separators
-    frames 3..n+2  array payloads               raw little-endian C-order bytes, one per array
-    frame n+3      signature                    Ed25519, 64 bytes, over `signed_bytes(...)`
+    b"ENS2" || kind (1 byte) || body
 
-The header's "arrays" entry lists each payload's {"name", "dtype", "shape"}. `COMMANDS` is the
-spec's command table one to one: required header fields and their types, how many arrays, who
-signs. `encode` and `decode` both check a header against it, so a malformed message is caught
-on the sending side in tests and on the receiving side always.
+    kind b"U"  unsigned handshake (HI, DECLINE):    body = inner
+    kind b"S"  signed handshake (CHALLENGE, HELLO,  body = inner || Ed25519 signature (64 bytes)
+               WELCOME, REFUSE)                          over b"ENS2" || b"S" || inner
+    kind b"E"  sealed (everything after the         body = counter (u64be) || AES-256-GCM(inner) || tag (16)
+               handshake), see `Channel`
 
-Decoding never copies array payloads and never unpickles anything: arrays are read-only
-`numpy.frombuffer` views on the received frames.
+    inner = u8 len(command) || command || u32be len(header) || header || payload_1 || ... || payload_n
+
+The header is a UTF-8 JSON object whose reserved entry "arrays" lists each payload's
+{"name", "dtype", "shape"}; the payloads follow the header back to back, each exactly
+prod(shape) * itemsize bytes, so the sizes are known (and checked) before anything is viewed.
+`COMMANDS` is the spec's command table one to one: required header fields and their types, how
+many arrays, which kind. Decoding never unpickles anything: arrays are read-only
+`numpy.frombuffer` views on the received (or decrypted) bytes.
+
+The handshake (HI, CHALLENGE, HELLO, WELCOME) yields a `Channel`: two AES-256-GCM keys, one per
+direction, derived with HKDF-SHA256 from an X25519 exchange whose two ephemeral public keys are
+signed by the two Ed25519 identities (see `enshuffle.protocol.handshake`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
+import struct
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from enshuffle.protocol.keys import Identity, verify_signature
 
-PROTOCOL_VERSION = 1
-TAG = b"ENS1"
+PROTOCOL_VERSION = 2
+TAG = b"ENS2"
+KIND_UNSIGNED, KIND_SIGNED, KIND_SEALED = b"U", b"S", b"E"
 SIGNATURE_BYTES = 64
-DIGEST_BYTES = 32
+TAG_BYTES = 16            # AES-GCM authentication tag
+COUNTER_BYTES = 8
+PREFIX_BYTES = 5          # TAG + kind
 
 ALLOWED_DTYPES = ("uint8", "int32", "int64", "float32", "float64")
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in ALLOWED_DTYPES}
@@ -48,6 +59,8 @@ BAD_HEADER = "bad-header"
 BAD_ARRAY = "bad-array"
 TOO_LARGE = "too-large"
 BAD_SIGNATURE = "bad-signature"
+BAD_SEAL = "bad-seal"          # a sealed message that does not decrypt, or a repeated counter
+WRONG_KIND = "wrong-kind"      # e.g. a BATCH sent in the clear, or a HELLO sealed
 
 # Batch operations a node computes (see "Operations" in docs/protocol.md).
 OPS = ("matmul", "sigmoid", "sub", "square", "mul")
@@ -71,10 +84,10 @@ class ProtocolError(Exception):
 class Limits:
     """What a receiver accepts; set the socket's MAXMSGSIZE to max_message_bytes too."""
 
-    max_frames: int = 64
     max_header_bytes: int = 64 * 1024
     max_message_bytes: int = 1 << 30
     max_ndim: int = 4
+    max_handshake_bytes: int = 8 * 1024  # HI/CHALLENGE/HELLO/WELCOME/REFUSE/DECLINE: small
 
 
 DEFAULT_LIMITS = Limits()
@@ -84,7 +97,7 @@ DEFAULT_LIMITS = Limits()
 
 # Field types: "str", "int" (not bool), "uint" (int >= 0), "pos" (int >= 1), "num" (finite int or
 # float, not bool), "bool", "obj", "list",
-# "hex32" (64 lowercase hex chars: a raw Ed25519 public key), "name" (matches _NAME_RE);
+# "hex32" (64 lowercase hex chars: a raw 32-byte key), "name" (matches _NAME_RE);
 # a trailing "?" also allows null.
 @dataclass(frozen=True)
 class CommandSpec:
@@ -93,37 +106,40 @@ class CommandSpec:
     fields: Mapping[str, str]
     min_arrays: int = 0
     max_arrays: int = 0
-    signer: str = "sender"    # whose key signs: "node", "coordinator" or "sender"
+    kind: bytes = KIND_SEALED  # how it travels: unsigned, signed (handshake) or sealed
 
 
 COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in (
+    CommandSpec("HI", "node->coordinator", {"protocol": "uint", "nonce": "str"}, kind=KIND_UNSIGNED),
+    CommandSpec("CHALLENGE", "coordinator->node",
+                {"protocol": "uint", "coordinator_key": "hex32", "run_id": "str", "challenge": "hex32",
+                 "nonce": "str", "kx": "hex32"}, kind=KIND_SIGNED),
     CommandSpec("HELLO", "node->coordinator",
                 {"protocol": "uint", "node_key": "hex32", "name": "str", "nonce": "str",
-                 "capabilities": "obj"}, signer="node"),
+                 "challenge": "hex32", "coordinator_key": "hex32", "run_id": "str", "kx": "hex32",
+                 "capabilities": "obj"}, kind=KIND_SIGNED),
     CommandSpec("WELCOME", "coordinator->node",
                 {"run_id": "str", "coordinator_key": "hex32", "node_key": "hex32", "nonce": "str",
-                 "node_id": "str", "credit": "pos", "heartbeat_ms": "pos", "lease": "obj"},
-                signer="coordinator"),
+                 "challenge": "hex32", "node_id": "str", "credit": "pos", "heartbeat_ms": "pos",
+                 "lease": "obj"}, kind=KIND_SIGNED),
     CommandSpec("REFUSE", "coordinator->node",
                 {"coordinator_key": "hex32", "nonce": "str?", "code": "str", "text": "str"},
-                signer="coordinator"),
-    CommandSpec("STATIC", "coordinator->node",
-                {"run_id": "str", "name": "name", "seq": "uint"}, 1, 1, signer="coordinator"),
+                kind=KIND_SIGNED),
+    CommandSpec("DECLINE", "node->coordinator", {"nonce": "str", "code": "str", "text": "str"},
+                kind=KIND_UNSIGNED),
+    CommandSpec("STATIC", "coordinator->node", {"run_id": "str", "name": "name", "seq": "uint"}, 1, 1),
     CommandSpec("BATCH", "coordinator->node",
                 {"run_id": "str", "batch_id": "str", "seq": "uint", "step": "uint", "op": "str",
-                 "params": "obj", "lease_ms": "pos"}, 1, 8, signer="coordinator"),
+                 "params": "obj", "lease_ms": "pos"}, 1, 8),
     CommandSpec("RESULT", "node->coordinator",
-                {"run_id": "str", "batch_id": "str", "seq": "uint", "compute_seconds": "num"},
-                1, 8, signer="node"),
+                {"run_id": "str", "batch_id": "str", "seq": "uint", "compute_seconds": "num"}, 1, 8),
     CommandSpec("REJECT", "node->coordinator",
-                {"run_id": "str?", "batch_id": "str?", "seq": "uint?", "code": "str", "text": "str"},
-                signer="node"),
-    CommandSpec("HEARTBEAT", "both",
-                {"node_id": "str", "credit": "uint", "outstanding": "uint"}),
+                {"run_id": "str?", "batch_id": "str?", "seq": "uint?", "code": "str", "text": "str"}),
+    CommandSpec("HEARTBEAT", "both", {"node_id": "str", "credit": "uint", "outstanding": "uint"}),
     CommandSpec("BYE", "both", {"node_id": "str?", "reason": "str"}),
 )}
 
-
+HANDSHAKE_COMMANDS = tuple(name for name, spec in COMMANDS.items() if spec.kind != KIND_SEALED)
 CAPABILITY_FIELDS = {"ops": "list", "threads": "pos", "credit": "pos"}  # HELLO.capabilities
 LEASE_FIELDS = {"min_ms": "pos", "multiple": "num", "initial_ms": "pos"}  # WELCOME.lease
 
@@ -134,7 +150,7 @@ def _type_ok(value: Any, kind: str) -> bool:
     if kind == "str":
         return isinstance(value, str)
     if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2 ** 53
     if kind == "uint":
         return _type_ok(value, "int") and value >= 0
     if kind == "pos":
@@ -178,26 +194,6 @@ def check_header(command: str, header: Mapping[str, Any]) -> None:
                                     f"got {value!r:.80}", dict(header))
 
 
-# --- signing -------------------------------------------------------------------------------
-
-def payload_digest(payload: bytes | memoryview) -> bytes:
-    """SHA-256 of one payload frame (hashlib reads the buffer in place, no copy)."""
-    return hashlib.sha256(payload).digest()
-
-
-def signed_bytes(command: bytes, header: bytes, digests: Iterable[bytes]) -> bytes:
-    """What the Ed25519 signature covers (docs/protocol.md, "Signatures").
-
-    TAG || u8 len(command) || command || u32be len(header) || header || u16be n || digest_1..n.
-    Lengths are explicit so no two different messages share the same signed bytes; payloads
-    enter only as digests so signing and verifying never concatenate large frames.
-    """
-    digests = list(digests)
-    return b"".join([TAG, len(command).to_bytes(1, "big"), command,
-                     len(header).to_bytes(4, "big"), header,
-                     len(digests).to_bytes(2, "big"), *digests])
-
-
 # --- encoding ------------------------------------------------------------------------------
 
 def canonical_json(obj: Any) -> bytes:
@@ -225,25 +221,9 @@ def _wire_array(name: str, array: np.ndarray) -> tuple[dict, memoryview]:
     return entry, memoryview(array.reshape(-1)).cast("B")
 
 
-def encode(command: str, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None,
-           signer: Identity | None = None) -> list[bytes | memoryview]:
-    """Frames for one message. Array frames are memoryviews of the caller's arrays when those
-    are C-contiguous little-endian: do not mutate them until the send has completed.
-
-    Every ENS1 command is signed; `signer` is required (it is optional in the signature only so
-    tests can build unsigned garbage through `encode_unsigned`).
-    """
-    if signer is None:
-        raise ValueError(f"{command} must be signed: pass signer=<Identity>")
-    frames = encode_unsigned(command, header, arrays)
-    digests = [payload_digest(f) for f in frames[3:]]
-    frames.append(signer.sign(signed_bytes(frames[1], frames[2], digests)))
-    return frames
-
-
-def encode_unsigned(command: str, header: Mapping[str, Any],
-                    arrays: Mapping[str, np.ndarray] | None = None) -> list[bytes | memoryview]:
-    """Tag, command, header and payload frames, without the signature frame."""
+def inner_parts(command: str, header: Mapping[str, Any],
+                arrays: Mapping[str, np.ndarray] | None = None) -> list[bytes | memoryview]:
+    """The inner message as parts: [command+header prefix, payload views...] (no copy of arrays)."""
     if command not in COMMANDS:
         raise ProtocolError(UNKNOWN_COMMAND, f"{command!r} is not one of {', '.join(COMMANDS)}")
     spec = COMMANDS[command]
@@ -261,21 +241,44 @@ def encode_unsigned(command: str, header: Mapping[str, Any],
         payloads.append(payload)
     full_header = dict(header)
     full_header["arrays"] = entries
-    return [TAG, command.encode("ascii"), canonical_json(full_header), *payloads]
+    raw_header = canonical_json(full_header)
+    name = command.encode("ascii")
+    prefix = b"".join([bytes([len(name)]), name, struct.pack(">I", len(raw_header)), raw_header])
+    return [prefix, *payloads]
+
+
+def encode(command: str, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None,
+           signer: Identity | None = None) -> list[bytes]:
+    """The single frame (as a one-element list) of a handshake message: HI/DECLINE unsigned,
+    CHALLENGE/HELLO/WELCOME/REFUSE signed by `signer`. Session messages go through `Channel.seal`."""
+    spec = COMMANDS.get(command)
+    if spec is None:
+        raise ProtocolError(UNKNOWN_COMMAND, f"{command!r} is not one of {', '.join(COMMANDS)}")
+    if spec.kind == KIND_SEALED:
+        raise ValueError(f"{command} travels sealed: use the session's Channel.seal")
+    inner = b"".join(bytes(p) for p in inner_parts(command, header, arrays))
+    if spec.kind == KIND_UNSIGNED:
+        return [TAG + KIND_UNSIGNED + inner]
+    if signer is None:
+        raise ValueError(f"{command} must be signed: pass signer=<Identity>")
+    return [TAG + KIND_SIGNED + inner + signer.sign(TAG + KIND_SIGNED + inner)]
 
 
 # --- decoding ------------------------------------------------------------------------------
 
 @dataclass
 class Message:
-    """A decoded message. `header` excludes the "arrays" entry; `arrays` keeps wire order."""
+    """A decoded message. `header` excludes the "arrays" entry; `arrays` keeps wire order.
+
+    `inner` is the exact inner bytes received (the signed part of a handshake message, which
+    enters the session-key transcript); `signature` is None for unsigned and sealed messages."""
 
     command: str
     header: dict
     arrays: dict[str, np.ndarray]
     signature: bytes | None
-    raw_header: bytes = field(default=b"", repr=False, compare=False)
-    payloads: tuple[memoryview, ...] = field(default=(), repr=False, compare=False)
+    inner: bytes = field(default=b"", repr=False, compare=False)
+    kind: bytes = KIND_SEALED
 
 
 def _as_buffer(frame: Any) -> memoryview:
@@ -315,17 +318,14 @@ def _parse_header(raw: bytes) -> dict:
     return header
 
 
-def _parse_entries(command: str, header: dict, n_payloads: int, limits: Limits) -> list[tuple[str, np.dtype, tuple]]:
+def _parse_entries(command: str, header: dict, limits: Limits) -> list[tuple[str, np.dtype, tuple, int]]:
     entries = header.get("arrays")
     if not isinstance(entries, list):
-        raise ProtocolError(BAD_HEADER, "header field 'arrays' must be a list", header)
-    if len(entries) != n_payloads:
-        raise ProtocolError(BAD_FRAME_COUNT, f"header lists {len(entries)} arrays but the message "
-                            f"has {n_payloads} payload frames", header)
+        raise ProtocolError(BAD_HEADER, "header field 'arrays' must be a list (empty when there are none)", header)
     spec = COMMANDS[command]
-    if not spec.min_arrays <= n_payloads <= spec.max_arrays:
+    if not spec.min_arrays <= len(entries) <= spec.max_arrays:
         raise ProtocolError(BAD_ARRAY, f"{command} carries {spec.min_arrays}..{spec.max_arrays} "
-                            f"arrays, got {n_payloads}", header)
+                            f"arrays, got {len(entries)}", header)
     parsed, seen = [], set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) != {"name", "dtype", "shape"}:
@@ -343,90 +343,205 @@ def _parse_entries(command: str, header: dict, n_payloads: int, limits: Limits) 
             # Each dimension is bounded too: a zero elsewhere would let a huge one pass the size check.
             raise ProtocolError(BAD_ARRAY, f"array {name!r} shape {shape!r:.80} must be a list of at "
                                 f"most {limits.max_ndim} integers from 0 to {limits.max_message_bytes}", header)
-        parsed.append((name, _WIRE_DTYPES[dtype], tuple(shape)))
+        wire = _WIRE_DTYPES[dtype]
+        parsed.append((name, wire, tuple(shape), math.prod(shape) * wire.itemsize))
     return parsed
 
 
-def decode(frames: list, *, limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Parse and validate one message (without the ROUTER identity frame). Never copies payloads.
+def decode_inner(inner: memoryview | bytes, *, limits: Limits = DEFAULT_LIMITS, kind: bytes = KIND_SEALED,
+                 signature: bytes | None = None) -> Message:
+    """Parse and validate the inner bytes of one message. Never copies payloads."""
+    view = memoryview(inner)
+    if view.nbytes < 1 + 1 + 4:
+        raise ProtocolError(BAD_HEADER, f"message of {view.nbytes} bytes is too short")
+    n = view[0]
+    command_bytes = view[1:1 + n].tobytes()
+    command = command_bytes.decode("ascii", "replace")
+    if command not in COMMANDS:
+        raise ProtocolError(UNKNOWN_COMMAND, f"command {command_bytes[:16]!r} is not one of {', '.join(COMMANDS)}")
+    if COMMANDS[command].kind != kind:
+        raise ProtocolError(WRONG_KIND, f"{command} must travel as kind {COMMANDS[command].kind!r}, "
+                            f"came as {kind!r}")
+    if view.nbytes < 1 + n + 4:
+        raise ProtocolError(BAD_HEADER, "message ends inside its header length")
+    header_len = int.from_bytes(view[1 + n:5 + n], "big")
+    if header_len > limits.max_header_bytes:
+        raise ProtocolError(TOO_LARGE, f"header is {header_len} bytes; the limit is {limits.max_header_bytes}")
+    start = 5 + n
+    if view.nbytes < start + header_len:
+        raise ProtocolError(BAD_HEADER, f"message ends inside its {header_len}-byte header")
+    header = _parse_header(view[start:start + header_len].tobytes())
+    entries = _parse_entries(command, header, limits)
+    header.pop("arrays")
+    check_header(command, header)
+    offset = start + header_len
+    need = sum(e[3] for e in entries)
+    if view.nbytes - offset != need:
+        raise ProtocolError(BAD_ARRAY, f"the arrays need {need} bytes after the header, the message has "
+                            f"{view.nbytes - offset}", header)
+    arrays = {}
+    for name, dtype, shape, nbytes in entries:
+        try:
+            array = np.frombuffer(view[offset:offset + nbytes], dtype=dtype).reshape(shape)
+        except ValueError as exc:  # numpy's own limits (e.g. dimensions it cannot index)
+            raise ProtocolError(BAD_ARRAY, f"array {name!r} shape {list(shape)} is not usable: {exc}", header) from None
+        array.flags.writeable = False  # a view on received bytes: never write through it
+        arrays[name] = array
+        offset += nbytes
+    keep = bytes(view) if kind != KIND_SEALED else b""
+    return Message(command, header, arrays, signature, keep, kind)
 
-    Raises ProtocolError with a precise code; the signature is checked separately by `verify`
-    because only the caller knows which key should have signed.
-    """
-    if not 4 <= len(frames) <= limits.max_frames:
-        raise ProtocolError(BAD_FRAME_COUNT, f"{len(frames)} frames; a message has 4 to "
-                            f"{limits.max_frames} (tag, command, header, arrays..., signature)")
-    views = [_as_buffer(f) for f in frames]
-    total = sum(v.nbytes for v in views)
-    if total > limits.max_message_bytes:
-        raise ProtocolError(TOO_LARGE, f"message is {total} bytes; the limit is {limits.max_message_bytes}")
-    tag = views[0].tobytes()
+
+def frame_kind(frames: list, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, memoryview]:
+    """Check the envelope of a received message: one frame, size, tag; returns (kind, frame view)."""
+    if not frames:
+        raise ProtocolError(BAD_FRAME_COUNT, "an empty message")
+    view = _as_buffer(frames[0])
+    tag = view[:4].tobytes()
     if tag != TAG:
         if len(tag) == 4 and tag.startswith(b"ENS"):
             raise ProtocolError(BAD_VERSION, f"peer speaks {tag!r}, this side speaks {TAG!r}")
-        raise ProtocolError(BAD_TAG, f"frame 0 is {tag[:16]!r}, not {TAG!r}: not an enshuffle peer")
-    command_bytes = views[1].tobytes()
-    command = command_bytes.decode("ascii", "replace")
-    if command not in COMMANDS:
-        raise ProtocolError(UNKNOWN_COMMAND, f"command {command_bytes[:16]!r} is not one of "
-                            f"{', '.join(COMMANDS)}")
-    if views[2].nbytes > limits.max_header_bytes:
-        raise ProtocolError(TOO_LARGE, f"header is {views[2].nbytes} bytes; the limit is "
-                            f"{limits.max_header_bytes}")
-    raw_header = views[2].tobytes()
-    header = _parse_header(raw_header)
-    payloads = tuple(views[3:-1])
-    entries = _parse_entries(command, header, len(payloads), limits)
-    header.pop("arrays")
-    check_header(command, header)
-    arrays = {}
-    for (name, dtype, shape), payload in zip(entries, payloads):
-        expected = math.prod(shape) * dtype.itemsize
-        if payload.nbytes != expected:
-            raise ProtocolError(BAD_ARRAY, f"array {name!r} {dtype.name}{list(shape)} needs {expected} "
-                                f"bytes, its frame has {payload.nbytes}", header)
-        try:
-            array = np.frombuffer(payload, dtype=dtype).reshape(shape)
-        except ValueError as exc:  # numpy's own limits (e.g. dimensions it cannot index)
-            raise ProtocolError(BAD_ARRAY, f"array {name!r} shape {list(shape)} is not usable: {exc}", header) from None
-        array.flags.writeable = False  # a view on a received frame: never write through it
-        arrays[name] = array
-    signature = views[-1].tobytes()
-    if len(signature) != SIGNATURE_BYTES:
-        raise ProtocolError(BAD_SIGNATURE, f"signature frame is {len(signature)} bytes, not "
-                            f"{SIGNATURE_BYTES}", header)
-    return Message(command, header, arrays, signature, raw_header, payloads)
+        raise ProtocolError(BAD_TAG, f"frame starts {tag[:16]!r}, not {TAG!r}: not an enshuffle peer")
+    if len(frames) != 1:
+        raise ProtocolError(BAD_FRAME_COUNT, f"{len(frames)} frames; an ENS2 message is exactly one frame")
+    if view.nbytes > limits.max_message_bytes:
+        raise ProtocolError(TOO_LARGE, f"message is {view.nbytes} bytes; the limit is {limits.max_message_bytes}")
+    kind = view[4:5].tobytes()
+    if kind not in (KIND_UNSIGNED, KIND_SIGNED, KIND_SEALED):
+        raise ProtocolError(BAD_TAG, f"unknown message kind {kind!r}")
+    return kind, view
+
+
+def decode(frames: list, *, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse a handshake message (unsigned or signed, not sealed). The signature is checked by
+    `verify` / `verify_self_signed`, because only the caller knows which key should have signed."""
+    kind, view = frame_kind(frames, limits)
+    if kind == KIND_SEALED:
+        raise ProtocolError(WRONG_KIND, "a sealed message outside a session")
+    if view.nbytes > limits.max_handshake_bytes:
+        raise ProtocolError(TOO_LARGE, f"handshake message is {view.nbytes} bytes; the limit is "
+                            f"{limits.max_handshake_bytes}")
+    if kind == KIND_UNSIGNED:
+        return decode_inner(view[5:], limits=limits, kind=kind)
+    if view.nbytes < PREFIX_BYTES + SIGNATURE_BYTES:
+        raise ProtocolError(BAD_SIGNATURE, "signed message too short to hold a signature")
+    return decode_inner(view[5:-SIGNATURE_BYTES], limits=limits, kind=kind,
+                        signature=view[-SIGNATURE_BYTES:].tobytes())
 
 
 def verify(message: Message, public_bytes: bytes) -> None:
     """Raise ProtocolError('bad-signature') unless `public_bytes` signed exactly this message."""
-    if message.signature is None:
-        raise ProtocolError(BAD_SIGNATURE, f"{message.command} is unsigned", message.header)
-    if not message.raw_header:
-        raise ValueError("verify() needs a Message from decode(): it checks the bytes received")
-    raw_header, payloads = message.raw_header, message.payloads
-    data = signed_bytes(message.command.encode("ascii"), raw_header,
-                        (payload_digest(p) for p in payloads))
-    if not verify_signature(public_bytes, message.signature, data):
+    if message.signature is None or message.kind != KIND_SIGNED:
+        raise ProtocolError(BAD_SIGNATURE, f"{message.command} is not a signed message", message.header)
+    if not verify_signature(public_bytes, message.signature, TAG + KIND_SIGNED + message.inner):
         raise ProtocolError(BAD_SIGNATURE, f"{message.command} signature does not match key "
                             f"{bytes(public_bytes).hex()[:16]}...", message.header)
 
 
 def embedded_key(message: Message) -> bytes:
-    """The public key a HELLO (node_key) or WELCOME/REFUSE (coordinator_key) carries."""
-    field_name = {"HELLO": "node_key", "WELCOME": "coordinator_key", "REFUSE": "coordinator_key"}.get(
-        message.command)
+    """The public key a HELLO (node_key) or CHALLENGE/WELCOME/REFUSE (coordinator_key) carries."""
+    field_name = {"HELLO": "node_key", "WELCOME": "coordinator_key", "REFUSE": "coordinator_key",
+                  "CHALLENGE": "coordinator_key"}.get(message.command)
     if field_name is None:
         raise ValueError(f"{message.command} carries no key; use the key from the session")
     return bytes.fromhex(message.header[field_name])
 
 
 def verify_self_signed(message: Message) -> bytes:
-    """Verify a HELLO/WELCOME/REFUSE against the key it carries; return that key.
+    """Verify a HELLO/CHALLENGE/WELCOME/REFUSE against the key it carries; return that key.
 
     This proves the sender holds the key, not that the key is the right one: the coordinator
-    checks a node key against its allow-list, the node a coordinator key against its TrustStore.
+    checks a node key against its admission rules, the node a coordinator key against its TrustStore.
     """
     key = embedded_key(message)
     verify(message, key)
     return key
+
+
+# --- sealed session messages ---------------------------------------------------------------
+
+class Channel:
+    """One session's AEAD state: AES-256-GCM, one key per direction, a 64-bit message counter.
+
+    The 12-byte nonce is 4 zero bytes || the counter (big-endian); the counter starts at 0, grows
+    by one per message sent and never repeats under a key (keys are fresh per session). The
+    receiver accepts only counters above the last one it opened, so a replayed or reordered
+    message fails. The AAD is the 13-byte envelope b"ENS2" || b"E" || counter.
+    `seconds` adds up the time spent sealing and opening (what `enshuffle bench` reports).
+    """
+
+    STREAM_THRESHOLD = 64 * 1024  # larger messages are encrypted part by part, without joining them
+
+    def __init__(self, send_key: bytes, recv_key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._send_key = send_key
+        self._send = AESGCM(send_key)
+        self._recv = AESGCM(recv_key)
+        self.sent = 0          # next counter to send
+        self.received = -1     # last counter opened
+        self.seconds = 0.0
+
+    def seal(self, command: str, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list:
+        """The one frame (as a one-element list) of a sealed message."""
+        if COMMANDS.get(command) is None or COMMANDS[command].kind != KIND_SEALED:
+            raise ValueError(f"{command} is not a session message")
+        return self.seal_parts(inner_parts(command, header, arrays))
+
+    def seal_parts(self, parts: list) -> list:
+        """Seal inner bytes given as parts (what `seal` encoded; tests seal malformed ones)."""
+        start = time.perf_counter()
+        counter = self.sent
+        self.sent += 1
+        envelope = TAG + KIND_SEALED + counter.to_bytes(COUNTER_BYTES, "big")
+        nonce = bytes(4) + envelope[5:]
+        size = sum(memoryview(p).nbytes for p in parts)
+        out = bytearray(len(envelope) + size + TAG_BYTES)
+        out[:len(envelope)] = envelope
+        body = memoryview(out)[len(envelope):]
+        if size <= self.STREAM_THRESHOLD:
+            self._send.encrypt_into(nonce, b"".join(bytes(p) for p in parts), envelope, body)
+        else:
+            from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+            enc = Cipher(algorithms.AES(self._send_key), modes.GCM(nonce)).encryptor()
+            enc.authenticate_additional_data(envelope)
+            offset = 0
+            for part in parts:
+                n = memoryview(part).nbytes
+                if n:
+                    # update_into may hold back up to a block; it needs room for len + 15 bytes
+                    # update_into wants room for len + 15 bytes; the tag's 16 bytes of slack cover it
+                    written = enc.update_into(part, body[offset:offset + n + 15])
+                    offset += written
+            tail = enc.finalize()
+            body[offset:offset + len(tail)] = tail
+            offset += len(tail)
+            body[offset:offset + TAG_BYTES] = enc.tag
+        self.seconds += time.perf_counter() - start
+        return [out]
+
+    def open(self, frames: list, *, limits: Limits = DEFAULT_LIMITS) -> Message:
+        """Decrypt, check the counter, then decode one sealed message."""
+        kind, view = frame_kind(frames, limits)
+        if kind != KIND_SEALED:
+            raise ProtocolError(WRONG_KIND, f"a {kind!r} message inside a session; only sealed ones belong here")
+        if view.nbytes < PREFIX_BYTES + COUNTER_BYTES + TAG_BYTES:
+            raise ProtocolError(BAD_SEAL, f"sealed message of {view.nbytes} bytes is too short")
+        start = time.perf_counter()
+        envelope = view[:PREFIX_BYTES + COUNTER_BYTES].tobytes()
+        counter = int.from_bytes(envelope[5:], "big")
+        if counter <= self.received:
+            raise ProtocolError(BAD_SEAL, f"counter {counter} is not above {self.received}: a replayed or "
+                                f"reordered message")
+        from cryptography.exceptions import InvalidTag
+
+        out = bytearray(view.nbytes - len(envelope) - TAG_BYTES)
+        try:
+            self._recv.decrypt_into(bytes(4) + envelope[5:], view[len(envelope):], envelope, out)
+        except InvalidTag:
+            raise ProtocolError(BAD_SEAL, "sealed message does not authenticate under this session's key") from None
+        self.received = counter
+        self.seconds += time.perf_counter() - start
+        return decode_inner(memoryview(out), limits=limits, kind=KIND_SEALED)
+

@@ -1,0 +1,187 @@
+"""Who may join: an allow-list file, invite codes, keys admitted automatically, or anyone (--open).
+
+* `--allow FILE`: one fingerprint per line (`SHA256:ABCD-...`, any case, dashes optional),
+  `#` starts a comment, blank lines are ignored. Re-read on SIGHUP (`reload()`); a file that
+  has become unreadable or has a bad line keeps the previous list and says so.
+* invite codes (`enshuffle invite`): kept in `invites.json` (mode 0600) in the coordinator's
+  ENSHUFFLE_HOME. A node proves it holds a code without sending it: its HELLO carries
+  `invite = {"id": SHA-256(code)[:16 hex], "proof": HMAC-SHA256(code, challenge || node_key)}`
+  (hex), so a recorded HELLO reveals nothing reusable. A one-time code is consumed by its first
+  use; the key it admitted is remembered in `invited_nodes` (one fingerprint per line) so that
+  node can reconnect.
+* `auto`: keys admitted by the program itself (`enshuffle train`'s local nodes).
+* `open`: anyone; the coordinator says so loudly at start.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+from enshuffle.cli import UsageError
+from enshuffle.protocol.handshake import invite_id, invite_proof
+from enshuffle.protocol.keys import KeyStoreError, fingerprint, normalize_fingerprint
+
+INVITES_FILE = "invites.json"
+INVITED_FILE = "invited_nodes"
+
+
+def read_allow_file(path: Path) -> set[str]:
+    """The fingerprints in an allow-list file; KeyStoreError naming the file and line if unusable."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise KeyStoreError(f"allow-list {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
+                            f"give a text file with one node fingerprint per line") from None
+    allowed = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            allowed.add(normalize_fingerprint(entry))
+        except KeyStoreError:
+            raise KeyStoreError(f"allow-list {path} line {number}: {entry[:60]!r} is not a full key "
+                                f"fingerprint (copy it from `enshuffle keys show` on the node)") from None
+    return allowed
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_invites(home: Path) -> dict[str, dict]:
+    try:
+        doc = json.loads((home / INVITES_FILE).read_text(encoding="utf-8"))
+        invites = doc["invites"]
+        return {k: v for k, v in invites.items() if isinstance(v, dict) and isinstance(v.get("code"), str)}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def create_invite(home: Path, reusable: bool) -> str:
+    """A new invite code, stored in the coordinator's home; returns the code."""
+    code = secrets.token_hex(16)
+    invites = load_invites(home)
+    invites[invite_id(code)] = {"code": code, "reusable": bool(reusable),
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
+    return code
+
+
+class Admission:
+    """Decides whether a node key may join; `describe()` is the start-up line."""
+
+    def __init__(self, *, allow_file: str | Path | None = None, open_: bool = False, home: Path | None = None,
+                 auto: set[bytes] | None = None) -> None:
+        self.allow_file = Path(allow_file) if allow_file else None
+        self.open = open_
+        self.home = home
+        self.auto = {fingerprint(k) for k in (auto or set())}
+        self.allowed: set[str] = read_allow_file(self.allow_file) if self.allow_file else set()
+        self.invited: set[str] = self._read_invited()
+
+    def _read_invited(self) -> set[str]:
+        if self.home is None or not (self.home / INVITED_FILE).exists():
+            return set()
+        try:
+            return read_allow_file(self.home / INVITED_FILE)
+        except KeyStoreError:
+            return set()
+
+    def admit_key(self, key: bytes) -> None:
+        self.auto.add(fingerprint(key))
+
+    def reload(self) -> str:
+        """Re-read the allow-list (SIGHUP); one line saying what happened."""
+        self.invited = self._read_invited()
+        if self.allow_file is None:
+            return "admission: no --allow file to re-read"
+        try:
+            self.allowed = read_allow_file(self.allow_file)
+        except KeyStoreError as exc:
+            return f"admission: {exc}; keeping the previous list of {len(self.allowed)} keys"
+        return f"admission: re-read {self.allow_file}: {len(self.allowed)} keys allowed"
+
+    def describe(self) -> str:
+        if self.open:
+            return "admission: OPEN (--open): ANY node key may join and receive data"
+        parts = []
+        if self.allow_file:
+            parts.append(f"{len(self.allowed)} keys from {self.allow_file}")
+        if self.home is not None:
+            parts.append(f"invite codes (enshuffle invite), {len(self.invited)} invited keys")
+        if self.auto:
+            parts.append(f"{len(self.auto)} local nodes")
+        return "admission: " + (", ".join(parts) if parts else "nobody yet (use --allow FILE, enshuffle invite or --open)")
+
+    def check(self, key: bytes, invite, challenge: str) -> tuple[bool, str]:
+        """(admitted, how) for a verified HELLO's node key and its optional `invite` field."""
+        fp = fingerprint(key)
+        if self.open:
+            return True, "open"
+        if fp in self.auto:
+            return True, "local"
+        if fp in self.allowed:
+            return True, "allow-list"
+        if fp in self.invited:
+            return True, "invited"
+        if isinstance(invite, dict) and self.home is not None:
+            ident, proof = invite.get("id"), invite.get("proof")
+            if isinstance(ident, str) and isinstance(proof, str) and len(proof) == 64:
+                entry = load_invites(self.home).get(ident)
+                if entry and hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof):
+                    self._use_invite(ident, entry, fp)
+                    return True, "invite code"
+        return False, ""
+
+    def _use_invite(self, ident: str, entry: dict, fp: str) -> None:
+        self.invited.add(fp)
+        try:
+            with open(self.home / INVITED_FILE, "a", encoding="utf-8") as fh:
+                fh.write(f"{fp}  # invite {ident}\n")
+            os.chmod(self.home / INVITED_FILE, 0o600)
+            if not entry.get("reusable"):
+                invites = load_invites(self.home)
+                invites.pop(ident, None)
+                _write_private(self.home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
+        except OSError:
+            pass  # admitted for this process at least; the operator sees the key in the log
+
+
+def cmd_invite(args) -> int:
+    """`enshuffle invite`: a code for one node (or --reusable), and the exact node command."""
+    import sys
+
+    from enshuffle.protocol.keys import enshuffle_home, load_or_create_identity
+
+    home = enshuffle_home()
+    identity = load_or_create_identity("coordinator", home)
+    try:
+        code = create_invite(home, args.reusable)
+    except OSError as exc:
+        raise UsageError(f"cannot write {home / INVITES_FILE} ({exc.strerror}); make {home} writable") from None
+    kind = "reusable" if args.reusable else "one-time"
+    print(f"{kind} invite code: {code}")
+    print("on the volunteer's machine run:")
+    print(f"    enshuffle node --connect {args.connect} --coordinator-key {identity.fingerprint} --invite {code}")
+    print("(the code works with any coordinator started with this ENSHUFFLE_HOME; "
+          + ("it stays valid until you delete it from " if args.reusable else "it is used up by the first node; see ")
+          + f"{home / INVITES_FILE})")
+    sys.stdout.flush()
+    return 0
