@@ -194,6 +194,14 @@ class DistributedCompute:
                 st.pixel_exp = random_exponents(len(block), rng, True)
             self.statics.append(st)
         self._factors: dict[str, np.ndarray] = {}
+        # Per-step constants of the share disguise: D alpha per pixel, and [H D alpha; beta] as
+        # one (NOISE_RANK + 1, 784) matrix so x_w1's corrections are a single product.
+        self._w_scale = (self.norm * self.alpha)[:, None]
+        self._corrections = np.zeros((NOISE_RANK + 1, INPUTS))
+        for st in self.statics:
+            if st.loadings is not None:
+                self._corrections[:NOISE_RANK, st.pixels] = st.loadings * self._w_scale[st.pixels, 0]
+        self._corrections[NOISE_RANK] = self.beta
         self._full_support: np.ndarray | None = None
         self._source_f64: np.ndarray | None = None
         self.executor = executor_factory(self)
@@ -261,14 +269,15 @@ class DistributedCompute:
         idx = self._rows(which, idx)
         share = self.disguise == "share"
         batches, disguises = [], []
-        noise_map = np.zeros((NOISE_RANK, w1.shape[1])) if share else None
+        if share:
+            scaled = w1 * self._w_scale  # D alpha w1, (784, 128) float64
+            # sum_s H_s D_s w1[P_s] and the standardization's offset beta @ w1, in one product
+            corrections = self._corrections @ w1  # (NOISE_RANK + 1, 128)
         for s, st in enumerate(self.statics):
             d = Disguise(rows=self.rng.permutation(idx.shape[0]), cols=self.rng.permutation(HIDDEN),
                          col_exp=random_exponents(HIDDEN, self.rng, True))
             if share:
-                scaled = w1[st.pixels].astype(np.float64) * (self.norm[st.pixels] * self.alpha[st.pixels])[:, None]
-                noise_map += st.loadings @ scaled  # H_s D_s w1[P_s]
-                b = st.mix.inverse_left(scaled[:, d.cols]).astype(w1.dtype, copy=False)
+                b = st.mix.inverse_left(gather(scaled, st.pixels, d.cols)).astype(w1.dtype, copy=False)
             else:
                 b = gather(w1, st.pixels, d.cols)
                 b *= pow2(-st.pixel_exp, b.dtype)[:, None]
@@ -283,9 +292,8 @@ class DistributedCompute:
         for d, r in zip(disguises[1:], results[1:]):
             total += d.undo(np.asarray(r, dtype=np.float64))
         if share:
-            total -= self._factor_rows(which, idx) @ noise_map
-            if self.source is not self.images:
-                total += self.beta @ w1  # the standardization's offset: (784,) @ (784, 128)
+            total -= self._factor_rows(which, idx) @ corrections[:NOISE_RANK]
+            total += corrections[NOISE_RANK]  # beta @ w1 (zero for raw inputs)
         return total.astype(w1.dtype, copy=False)
 
     def dw1(self, idx, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
