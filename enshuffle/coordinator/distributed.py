@@ -123,8 +123,10 @@ class ShardStatics:
     pixels: np.ndarray  # P_s, in the column order the node holds them
     row_order: dict[str, np.ndarray]  # which -> node row i is original row row_order[which][i]
     row_index: dict[str, np.ndarray]  # which -> original row r is node row row_index[which][r]
-    mix: BlockMix | None = None
-    loadings: np.ndarray | None = None  # H_s, (NOISE_RANK, |P_s|)
+    # which -> M_s and H_s (NOISE_RANK, |P_s|): each image set has its own, so a copy of a public
+    # test set under a slot's secrets tells nothing about that slot's training block.
+    mix: dict[str, BlockMix] = field(default_factory=dict)
+    loadings: dict[str, np.ndarray] = field(default_factory=dict)
     pixel_exp: np.ndarray | None = None  # "shuffle" only
 
 
@@ -188,12 +190,23 @@ class DistributedCompute:
             st = ShardStatics(pixels=block, row_order=order,
                               row_index={w: inverse_permutation(o) for w, o in order.items()})
             if disguise == "share":
-                st.mix = BlockMix(len(block), rng)
-                st.loadings = rng.standard_normal((NOISE_RANK, len(block))) * (NOISE_SCALE / np.sqrt(NOISE_RANK))
+                for which in sorted(images):
+                    st.mix[which] = BlockMix(len(block), rng)
+                    st.loadings[which] = rng.standard_normal((NOISE_RANK, len(block))) * (NOISE_SCALE / np.sqrt(NOISE_RANK))
             else:
                 st.pixel_exp = random_exponents(len(block), rng, True)
             self.statics.append(st)
         self._factors: dict[str, np.ndarray] = {}
+        # Per-step constants of the share disguise: D alpha per pixel, and [H D alpha; beta] as
+        # one (NOISE_RANK + 1, 784) matrix so x_w1's corrections are a single product.
+        self._w_scale = (self.norm * self.alpha)[:, None]
+        self._corrections = {}
+        for which in images:
+            corrections = self._corrections[which] = np.zeros((NOISE_RANK + 1, INPUTS))
+            for st in self.statics:
+                if which in st.loadings:
+                    corrections[:NOISE_RANK, st.pixels] = st.loadings[which] * self._w_scale[st.pixels, 0]
+            corrections[NOISE_RANK] = self.beta
         self._full_support: np.ndarray | None = None
         self._source_f64: np.ndarray | None = None
         self.executor = executor_factory(self)
@@ -220,8 +233,8 @@ class DistributedCompute:
             return out
         order = st.row_order[which]
         block = np.take(self.source[which], order, axis=0)[:, st.pixels] / self.norm[st.pixels]
-        block += np.take(self.factors(which), order, axis=0) @ st.loadings
-        return st.mix.right(block, self.images[which].dtype)  # the preset's dtype on the wire
+        block += np.take(self.factors(which), order, axis=0) @ st.loadings[which]
+        return st.mix[which].right(block, self.images[which].dtype)  # the preset's dtype on the wire
 
     def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
         """What a node serving slot `shard` must hold before it can compute that slot's batches."""
@@ -242,15 +255,18 @@ class DistributedCompute:
         """Ground truth for `enshuffle audit`'s scorer (never sent anywhere), per static of the
         slot: its pixel block, row order, and each column's dominant pixel."""
         st = self.statics[shard]
-        if st.mix is None:
-            column_pixel = st.pixels.copy()
-        else:
-            dominant = np.empty(len(st.pixels), dtype=np.int64)
-            for (lo, hi), m in zip(st.mix.bounds, st.mix.blocks):
-                dominant[lo:hi] = lo + np.argmax(np.abs(m), axis=0)
-            column_pixel = st.pixels[dominant]
-        return {static_name(w, shard): {"pixels": st.pixels.copy(), "row_order": st.row_order[w].copy(),
-                                        "column_pixel": column_pixel, "which": w} for w in self.images}
+        out = {}
+        for w in self.images:
+            if w not in st.mix:
+                column_pixel = st.pixels.copy()
+            else:
+                dominant = np.empty(len(st.pixels), dtype=np.int64)
+                for (lo, hi), m in zip(st.mix[w].bounds, st.mix[w].blocks):
+                    dominant[lo:hi] = lo + np.argmax(np.abs(m), axis=0)
+                column_pixel = st.pixels[dominant]
+            out[static_name(w, shard)] = {"pixels": st.pixels.copy(), "row_order": st.row_order[w].copy(),
+                                          "column_pixel": column_pixel, "which": w}
+        return out
 
     def _rows(self, which: str, idx: np.ndarray | None) -> np.ndarray:
         return np.arange(self.images[which].shape[0]) if idx is None else np.asarray(idx)
@@ -261,14 +277,15 @@ class DistributedCompute:
         idx = self._rows(which, idx)
         share = self.disguise == "share"
         batches, disguises = [], []
-        noise_map = np.zeros((NOISE_RANK, w1.shape[1])) if share else None
+        if share:
+            scaled = w1 * self._w_scale  # D alpha w1, (784, 128) float64
+            # sum_s H_s D_s w1[P_s] and the standardization's offset beta @ w1, in one product
+            corrections = self._corrections[which] @ w1  # (NOISE_RANK + 1, 128)
         for s, st in enumerate(self.statics):
             d = Disguise(rows=self.rng.permutation(idx.shape[0]), cols=self.rng.permutation(HIDDEN),
                          col_exp=random_exponents(HIDDEN, self.rng, True))
             if share:
-                scaled = w1[st.pixels].astype(np.float64) * (self.norm[st.pixels] * self.alpha[st.pixels])[:, None]
-                noise_map += st.loadings @ scaled  # H_s D_s w1[P_s]
-                b = st.mix.inverse_left(scaled[:, d.cols]).astype(w1.dtype, copy=False)
+                b = st.mix[which].inverse_left(gather(scaled, st.pixels, d.cols)).astype(w1.dtype, copy=False)
             else:
                 b = gather(w1, st.pixels, d.cols)
                 b *= pow2(-st.pixel_exp, b.dtype)[:, None]
@@ -283,9 +300,8 @@ class DistributedCompute:
         for d, r in zip(disguises[1:], results[1:]):
             total += d.undo(np.asarray(r, dtype=np.float64))
         if share:
-            total -= self._factor_rows(which, idx) @ noise_map
-            if self.source is not self.images:
-                total += self.beta @ w1  # the standardization's offset: (784,) @ (784, 128)
+            total -= self._factor_rows(which, idx) @ corrections[:NOISE_RANK]
+            total += corrections[NOISE_RANK]  # beta @ w1 (zero for raw inputs)
         return total.astype(w1.dtype, copy=False)
 
     def dw1(self, idx, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
@@ -320,8 +336,8 @@ class DistributedCompute:
             return out
         noise = self._factor_rows("train", idx).T @ dz1.astype(np.float64, copy=False)  # G^T (what was sent)
         for st, d, r in zip(self.statics, disguises, results):
-            part = d.undo(st.mix.inverse_transposed_left(np.asarray(r, dtype=np.float64)))
-            part -= st.loadings.T @ noise
+            part = d.undo(st.mix["train"].inverse_transposed_left(np.asarray(r, dtype=np.float64)))
+            part -= st.loadings["train"].T @ noise
             part *= (self.norm[st.pixels] * self.alpha[st.pixels])[:, None]
             out[st.pixels] = part
         if moved is not None:  # x^T dz1 = x^T sent - (x^T delta) directions
