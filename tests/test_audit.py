@@ -20,8 +20,7 @@ from core_data import FASHION_INSTALLED, core_cache, core_data_dir  # noqa: F401
 from enshuffle.audit.runner import run_audit
 from enshuffle.audit.scoring import adjusted_rand
 from enshuffle.node.daemon import MessageRecorder
-from enshuffle.protocol.keys import Identity
-from enshuffle.protocol.messages import decode, encode
+from enshuffle.protocol.messages import Message
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 1000
@@ -87,13 +86,13 @@ def test_seed_preset_public_weights_anchor_positions_and_w1(core_data_dir):
 
 
 def test_recorder_keeps_verified_messages_as_npz_and_stops_at_its_cap(tmp_path):
-    identity = Identity.generate()
     arrays = {"rows": np.arange(5, dtype=np.int64), "b": np.ones((5, 3), dtype=np.float32)}
     header = {"run_id": "r", "batch_id": "b1", "seq": 1, "step": 0, "op": "matmul",
               "params": {"a_static": "train.0", "transpose_a": False}, "lease_ms": 1000}
-    msg = decode(encode("BATCH", header, arrays, signer=identity))
+    # What the daemon hands the recorder: a BATCH after it was opened and checked (ENS2 seals it).
+    msg = Message(command="BATCH", header=header, arrays=arrays, signature=None)
     lines = []
-    one = sum(a.nbytes for a in arrays.values()) + len(msg.raw_header)
+    one = sum(a.nbytes for a in arrays.values()) + len(json.dumps(header, sort_keys=True))
     rec = MessageRecorder(str(tmp_path / "rec"), max_bytes=one * 3 // 2, log=lines.append)
     rec.record(msg)
     rec.record(msg)  # the second would pass the cap: not written, recording stops

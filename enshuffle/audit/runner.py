@@ -121,8 +121,13 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
             raise UsageError(f"--record {record} is not empty; give a new or empty directory")
         settings = SimpleNamespace(offload="matmul", limit=limit, json=False, save_weights=None,
                                    disguise=disguise, verbose=False)
+        from enshuffle.coordinator.admission import Admission
+        from enshuffle.coordinator.run import local_node_keys
+
+        # As `train --nodes K` does: the audit's own node processes, and nobody else, are admitted.
+        admission = Admission(auto=set(local_node_keys(tmp, nodes, prefix="audit")))
         run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
-                             run_dir=None, home=tmp / "coordinator", quiet=True)
+                             run_dir=None, home=tmp / "coordinator", quiet=True, admission=admission)
         run.print_reports = False
         actual = getattr(run.compute, "disguise", "shuffle")
         if actual != disguise:

@@ -350,7 +350,7 @@ def load_run_settings(run_dir: str) -> dict:
 
 
 # -- local node processes ------------------------------------------------------------------
-def local_node_keys(workdir: Path, count: int) -> list[bytes]:
+def local_node_keys(workdir: Path, count: int, prefix: str = "local") -> list[bytes]:
     """Create the local nodes' keys up front (each in its own ENSHUFFLE_HOME, under its --name), so
     the coordinator admits exactly them and nobody else."""
     from enshuffle.protocol.keys import load_or_create_identity
@@ -359,7 +359,7 @@ def local_node_keys(workdir: Path, count: int) -> list[bytes]:
     for i in range(count):
         home = workdir / f"node-{i + 1}"
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        keys.append(load_or_create_identity("node", home, name=f"local-{i + 1}").public_bytes)
+        keys.append(load_or_create_identity("node", home, name=f"{prefix}-{i + 1}").public_bytes)
     return keys
 
 

@@ -220,14 +220,14 @@ class MessageRecorder:
 
         if self.stopped:
             return
-        size = sum(a.nbytes for a in msg.arrays.values()) + len(msg.raw_header)
+        header_json = json.dumps(dict(msg.header), sort_keys=True).encode("utf-8")
+        size = sum(a.nbytes for a in msg.arrays.values()) + len(header_json)
         if self.written + size > self.max_bytes:
             self.stopped = True
             self._log(f"recording stopped after {self.count} messages: the next one would pass "
                       f"the --record-max-bytes cap of {self.max_bytes} bytes")
             return
-        header = dict(msg.header)
-        payload = {"header": np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)}
+        payload = {"header": np.frombuffer(header_json, dtype=np.uint8)}
         payload.update({f"arr.{name}": np.asarray(a) for name, a in msg.arrays.items()})
         path = os.path.join(self.directory, f"{self.count:08d}-{msg.command}.npz")
         try:
