@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
                    help="write a model version every N steps (default: every epoch)")
     p.add_argument("--tui", action="store_true", help="show the coordinator console")
+    p.add_argument("--quarantine-after", type=_positive_int, default=3, metavar="N",
+                   help="quarantine a node's key for the run after N wrong results (default 3)")
+    p.add_argument("--replicate", action="store_true",
+                   help="also recompute here every result of a node not yet trusted (fewer than 20 "
+                        "results accepted, or one refused) and compare entry by entry")
     p.set_defaults(handler="enshuffle.coordinator.commands:cmd_coordinator")
 
     p = sub.add_parser("node", help="contribute this machine's CPU to a coordinator")

@@ -79,6 +79,9 @@ class CoordinatorRun:
             self._check_run_dir(resume)
         self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
                                         control=self.control, log=None if quiet else eprint)
+        self.server.replicate = bool(getattr(args, "replicate", False))
+        if getattr(args, "quarantine_after", None):
+            self.server.reputation.quarantine_after = args.quarantine_after
         plan_rng = np.random.default_rng(plan_secret(self.run_dir) if self.run_dir else None)
         self.compute = DistributedCompute(inputs.images, shards, plan_rng, self.server.attach,
                                           offload=args.offload, ledger=self.server.ledger)
@@ -400,7 +403,11 @@ def run_headless(run: CoordinatorRun) -> int:
         eprint(line)
         run.control.request_stop()
 
+    def on_hangup(signum, frame):
+        run.control.readmit(None)  # lift every quarantine; the server logs whom
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
         return run.run()
     finally:
@@ -443,10 +450,12 @@ def run_with_tui(run: CoordinatorRun) -> int:
     import signal
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: run.control.readmit(None))
     try:
         app.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hup)
         run.control.request_stop()
         # A step finishes in well under this; if the run is stuck the daemon thread dies with us.
         thread.join(30)

@@ -203,6 +203,43 @@ def _row_failure(res: Residual, limit: float) -> str:
             f"{int((res.worst > limit).sum())} of {res.worst.size} rows off")
 
 
+def check_replica(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict,
+                  static: np.ndarray | None = None) -> str | None:
+    """Adaptive replication: recompute C = A @ B here in float64 (row chunks) and compare every
+    entry with u·sqrt(K)·(|c_ij| + sqrt(Σ_k a_ik²·b_kj²)) times ABS_LIMIT. As costly as the product
+    itself (twice: the bound needs A²·B²); for new or once-lying nodes only (--replicate)."""
+    b64 = arrays["b"].astype(np.float64)
+    b2 = b64 * b64
+    transpose = bool(params.get("transpose_a"))
+    if static is None:
+        src, rows = arrays["a"], None
+    else:
+        src, rows = static, arrays["rows"]
+    n_src = src.shape[0] if rows is None else rows.shape[0]
+    k = n_src if transpose else (src.shape[1])
+    u = float(np.finfo(c.dtype).eps) / 2
+    ref = np.zeros(c.shape)
+    var = np.zeros(c.shape)
+    for sl in _chunks(n_src, src.shape[1]):
+        chunk = (src[sl] if rows is None else src[rows[sl]]).astype(np.float64)
+        if transpose:
+            ref += chunk.T @ b64[sl]
+            np.square(chunk, out=chunk)
+            var += chunk.T @ b2[sl]
+        else:
+            ref[sl] = chunk @ b64
+            np.square(chunk, out=chunk)
+            var[sl] = chunk @ b2
+    c64 = c.astype(np.float64)
+    limit = ABS_LIMIT * u * np.sqrt(max(k, 1)) * (np.abs(ref) + np.sqrt(var)) + np.finfo(np.float64).tiny
+    off = ~(np.abs(c64 - ref) <= limit) & np.isfinite(ref)
+    if off.any():
+        i, j = np.unravel_index(int(np.argmax(off)), off.shape)
+        return (f"replica check failed at ({i}, {j}): got {c64[i, j]:.9g}, recomputed {ref[i, j]:.9g} "
+                f"({int(off.sum())} of {off.size} entries off)")
+    return None
+
+
 def check_elementwise(op: str, c: np.ndarray, arrays: dict[str, np.ndarray], params: dict,
                       rng: np.random.Generator) -> str | None:
     """Recompute a random sample of entries (`--offload all`, being retired); NaN/inf refused."""

@@ -17,7 +17,7 @@ Exit statuses of `NodeDaemon.run()`:
 * 3  the coordinator's key failed the trust check (pin or remembered fingerprint mismatch,
      or an unusable trust file); nothing further is sent;
 * 4  the coordinator refused us for good: REFUSE `version-mismatch` / `not-allowed` /
-     `bad-hello`, or BYE `evicted` / `protocol-error`.
+     `bad-hello` / `quarantined`, or BYE `evicted` / `protocol-error` / `quarantined`.
 
 This module never imports textual.
 """
@@ -62,8 +62,8 @@ DEFAULT_MAX_STATIC_BYTES = 4 << 30
 MAX_HEARTBEAT_MS = 600_000    # a WELCOME asking for more (or < 1) is refused: libzmq takes an int
 MAX_RUNS_REMEMBERED = 64       # runs whose last accepted seq the daemon keeps (replay protection)
 
-FINAL_REFUSALS = ("version-mismatch", "not-allowed", "bad-hello")
-FINAL_BYES = ("evicted", "protocol-error")
+FINAL_REFUSALS = ("version-mismatch", "not-allowed", "bad-hello", "quarantined")
+FINAL_BYES = ("evicted", "protocol-error", "quarantined")
 # Where compute_batch's BatchError codes land among the spec's REJECT codes.
 BATCH_ERROR_CODES = {"bad-batch": "bad-params", "unknown-op": "bad-op", "unknown-static": "unknown-static"}
 
