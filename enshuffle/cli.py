@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("run_dir", metavar="RUN_DIR")
     cp.add_argument("--json", action="store_true")
     cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_log")
-    cp = csub.add_parser("verify", help="check every id, signature and parent link")
+    cp = csub.add_parser("verify", help="check every id, signature, parent link, the head log and the signing key")
     cp.add_argument("run_dir", metavar="RUN_DIR")
+    cp.add_argument("--key", metavar="FINGERPRINT", default=None,
+                    help="the coordinator key that must have signed the chain (default: this machine's coordinator key)")
     cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_verify")
     cp = csub.add_parser("export", help="write a version's weights as .npz")
     cp.add_argument("run_dir", metavar="RUN_DIR")

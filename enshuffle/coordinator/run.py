@@ -70,6 +70,7 @@ class CoordinatorRun:
         self.quiet = quiet
         self.print_reports = True  # epoch lines and the final table on stdout (off under the TUI)
         self.identity = load_or_create_identity("coordinator", home)
+        self.home = home
         self.run_dir = Path(run_dir) if run_dir else None
         self.chain = Chain(self.run_dir, signer=self.identity) if self.run_dir else None
         self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
@@ -100,6 +101,9 @@ class CoordinatorRun:
             if resume:
                 try:
                     self._resume()
+                except UsageError:
+                    self.server.close("shutdown")
+                    raise
                 except ChainError as exc:
                     self.server.close("shutdown")
                     raise UsageError(f"cannot resume from {self.run_dir}: {exc}") from None
@@ -145,6 +149,14 @@ class CoordinatorRun:
                              f"start without --resume")
         arrays, meta = self.chain.load(head)
         self.trainer.restore(arrays, meta)
+        if self.trainer.finished:
+            raise UsageError(
+                f"{self.run_dir} has finished: its head version {head[:12]} is epoch {self.trainer.epoch} of "
+                f"{self.preset.epochs}, so there is nothing to resume. To train further, extend it: "
+                f"`enshuffle coordinator --out {self.run_dir} --resume --epochs N` with N > {self.preset.epochs}")
+        if meta.get("epochs_total") not in (None, self.preset.epochs):
+            _atomic_write_json(self.run_dir / "run.json", dict(load_run_settings(str(self.run_dir)),
+                                                               epochs=self.preset.epochs))
         self.server.ledger.load(meta.get("ledger", {}))
         # Ledger rows are keyed by label: the same key must get the same label after a resume.
         self.server.labels.update({bytes.fromhex(k): v for k, v in (meta.get("labels") or {}).items()})
@@ -178,6 +190,10 @@ class CoordinatorRun:
             "labels": {key.hex(): label for key, label in self.server.labels.items()},
         })
         version = self.chain.append(arrays, meta)
+        from enshuffle.coordinator.chain import record_head_in_home
+        from enshuffle.protocol.keys import enshuffle_home
+
+        record_head_in_home(self.chain, self.home if self.home is not None else enshuffle_home())
         parent = self.state.versions[-1].version_id if self.state.versions else None
         with self.state.lock:
             self.state.versions.append(_version_row(version, parent, meta))
@@ -384,7 +400,7 @@ def verify_chain_message(chain) -> tuple[bool, str]:
     """What `enshuffle chain verify` checks, as (ok, one line) for the console's `v` key."""
     if chain is None:
         return False, "no run directory: start with --out RUN_DIR to keep a model chain"
-    report = chain.verify()
+    report = chain.verify(expected_fingerprint=getattr(chain.signer, "fingerprint", None))
     if report.ok:
         return True, f"ok: {report.checked} versions verified"
     return False, f"FAILED at {report.first_bad[:12] if report.first_bad else '?'}: {report.problem}"
