@@ -81,10 +81,10 @@ class SweepExecutor(InProcessExecutor):
             node = time.process_time() - t0
             results.append(c)
             name = batch.params.get("a_static")
-            if batch.op != "matmul" or not name or self.stats["honest"] >= self.args.honest:
+            if batch.op != "matmul" or (not name and not self.args.dynamic) or self.stats["honest"] >= self.args.honest:
                 continue
-            static = statics[name]
-            norms = self.norms.setdefault(name, StaticNorms(static))
+            static = statics[name] if name else None
+            norms = self.norms.setdefault(name, StaticNorms(static)) if name else None
             t0 = time.process_time()
             res = measure_matmul(c, batch.arrays, batch.params, self.rng, static, norms)
             problem = judge(res)
@@ -93,19 +93,30 @@ class SweepExecutor(InProcessExecutor):
             margins["worst"] = max(margins["worst"], float(res.worst.max()))
             if res.level is not None:
                 margins["level"] = max(margins["level"], res.level)
-                margins["worst/level"] = max(margins["worst/level"], float(res.worst.max()) / max(res.level, 0.02))
+                margins["worst/reference"] = max(margins["worst/reference"],
+                                                 float(res.worst.max()) / max(res.reference, 0.02))
                 for beta, t in res.fits.values():
                     margins["|t|"] = max(margins["|t|"], t)
                     margins["|beta|/u"] = max(margins["|beta|/u"], abs(beta) / res.unit)
             self.stats["node_seconds"] += node
             self.stats["honest"] += 1
+            if self.stats["honest"] % 10000 == 0:
+                print(f"  {self.stats['honest']} honest batches, {self.stats['false_alarms']} false alarms",
+                      file=sys.stderr, flush=True)
             if problem is not None:
                 self.stats["false_alarms"] += 1
                 self.stats["false_alarm_examples"].append(problem)
             if self.stats["honest"] % self.args.lie_every == 0:
                 for kind in KINDS:
                     wrong = lie(kind, c, self.rng)
-                    caught = judge(measure_matmul(wrong, batch.arrays, batch.params, self.rng, static, norms)) is not None
+                    lied = measure_matmul(wrong, batch.arrays, batch.params, self.rng, static, norms)
+                    caught = judge(lied) is not None
+                    if kind == "single" and lied.reference is not None:
+                        self.stats["single_ratios"].append(float(lied.worst.max()) / max(lied.reference, 0.02))
+                        kind_key = (("static " + name.split(".")[0]) if name else "sent") + \
+                            (" T" if batch.params.get("transpose_a") else "") + f" {c.shape}"
+                        self.stats["by_kind"].setdefault(kind_key, []).append(
+                            (float(lied.worst.max()) / max(lied.reference, 0.02), float(res.worst.max()) / max(res.reference, 0.02)))
                     tried, got = self.stats["lies"].get(kind, (0, 0))
                     self.stats["lies"][kind] = (tried + 1, got + int(caught))
         return results
@@ -120,14 +131,18 @@ def main(argv=None) -> int:
     p.add_argument("--honest", type=int, default=10000, help="honest batches to check")
     p.add_argument("--lie-every", type=int, default=20, help="check one lie of each kind every N honest batches")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dynamic", action="store_true",
+                   help="also check products of two sent operands (a1@w2, a1.T@dz2, dz2@w2.T), which issue 7 "
+                        "moves to the coordinator")
+    p.add_argument("--verbose", action="store_true", help="the outlier statistic per kind of batch")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
     preset = get_preset(args.preset, dtype=args.dtype, epochs=10**6)
     inputs = prepare(load_dataset(None, log=lambda line: print(line, file=sys.stderr)), preset, args.limit)
-    stats = {"honest": 0, "false_alarms": 0, "false_alarm_examples": [], "lies": {}, "check_seconds": 0.0,
+    stats = {"honest": 0, "false_alarms": 0, "false_alarm_examples": [], "single_ratios": [], "by_kind": {}, "lies": {}, "check_seconds": 0.0,
              "node_seconds": 0.0,
-             "honest_max": {"worst": 0.0, "level": 0.0, "worst/level": 0.0, "|t|": 0.0, "|beta|/u": 0.0}}
+             "honest_max": {"worst": 0.0, "level": 0.0, "worst/reference": 0.0, "|t|": 0.0, "|beta|/u": 0.0}}
     compute = DistributedCompute(inputs.images, args.shards, np.random.default_rng(args.seed),
                                  lambda c: SweepExecutor(c, args, stats))
     trainer = Trainer(preset, inputs, compute)
@@ -151,6 +166,14 @@ def main(argv=None) -> int:
         print(f"  {kind:<11} caught {g}/{t} ({100 * g / max(t, 1):.2f}%)")
     print("  largest honest statistics (limits in enshuffle/coordinator/verify.py): "
           + ", ".join(f"{k} {v:.3g}" for k, v in stats["honest_max"].items()))
+    if stats["single_ratios"]:
+        q = np.quantile(stats["single_ratios"], [0.001, 0.01, 0.05, 0.5])
+        print("  single lies, worst/reference quantiles 0.1% 1% 5% 50%: " + " ".join(f"{v:.3g}" for v in q))
+    if args.verbose:
+        for key, pairs in sorted(stats["by_kind"].items()):
+            lies, honest = np.array(pairs).T
+            print(f"    {key}: single lie worst/reference min {lies.min():.3g} p5 {np.quantile(lies, .05):.3g}; "
+                  f"honest max {honest.max():.3g} (n={len(pairs)})")
     for example in row["false_alarm_examples"]:
         print(f"  false alarm: {example}")
     return 0
