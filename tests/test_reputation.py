@@ -169,3 +169,40 @@ def test_reputation_counts_lies_apart_from_other_refusals():
     assert [r.label for r in rep.readmit("SHA256:X")] == ["n"] and not rep.is_quarantined(key)
     assert rep.records[key].lies == 0 and rep.records[key].refused["failed-check"] == 1
     assert rep.needs_replica(key)  # once a liar, never trusted again without replication
+
+
+def test_coordinator_process_quarantines_a_liar_and_sighup_readmits_it(core_data_dir, core_cache, tmp_path):
+    """All real: `enshuffle coordinator`, an honest `enshuffle node`, a lying node; SIGHUP re-admits."""
+    import signal
+
+    from wire_util import coordinator_fingerprint, free_port, spawn_coordinator
+
+    port = free_port()
+    home = tmp_path / "coordinator"
+    fp = coordinator_fingerprint(home)
+    coordinator = spawn_coordinator(home, port, core_cache, tmp_path, "coordinator", "--min-nodes", "2",
+                                    "--out", str(tmp_path / "run"), "--preset", "default", "--dtype", "float64",
+                                    "--epochs", "3", "--limit", "1200", "--data", str(core_data_dir), "--json")
+    endpoint = f"tcp://127.0.0.1:{port}"
+    liar = LyingNode("zeros", tmp_path / "liar", endpoint, fp, tmp_path)
+    honest = None
+    try:
+        wait_until(lambda: "joined" in coordinator.err(), 60, "the liar to join", on_timeout=coordinator.describe)
+        honest = spawn_node(tmp_path / "honest", endpoint, fp, "honest", tmp_path)
+        wait_until(lambda: "quarantined node liar" in coordinator.err() or not coordinator.alive(), 120,
+                   "the liar's quarantine", on_timeout=coordinator.describe)
+        assert liar.wait(30) == EXIT_REFUSED, liar.err()
+        if coordinator.alive():
+            coordinator.signal(signal.SIGHUP)
+            wait_until(lambda: "re-admitted node liar" in coordinator.err() or not coordinator.alive(), 60,
+                       "the re-admission", on_timeout=coordinator.describe)
+        assert coordinator.wait(180) == 0, coordinator.describe()
+        assert honest.wait(30) == 0, honest.describe()
+    finally:
+        for proc in (coordinator, honest):
+            if proc is not None:
+                proc.stop()
+        liar.stop()
+    err = coordinator.err()
+    assert "quarantined node liar" in err and "Traceback" not in err, err
+    assert "re-admitted node liar" in err, err  # SIGHUP arrived while the run was still going

@@ -32,8 +32,8 @@ class NodeRow:
     last_seen: float = 0.0  # time.time()
     reissued: int = 0
     refused: int = 0
-    quarantine: str = ""  # why the node's key is quarantined (its last wrong result), "" if it is not
     exposure: dict[str, float] = field(default_factory=dict)  # tensor -> share of elements seen (0..1)
+    quarantine: str = ""  # why the node's key is quarantined (its last wrong result), "" if it is not
 
 
 @dataclass
