@@ -154,6 +154,9 @@ def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, r
     # in every other row a NaN or infinity in C is a lie.
     compared = np.isfinite(rhs).all(axis=1) & np.isfinite(sq)
     nonfinite = int((~np.isfinite(row_norms) & compared).sum())
+    if nonfinite:
+        return Residual(rows=c.shape[0], nonfinite_rows=nonfinite, worst=np.zeros(0), level=None, fits={},
+                        unit=u, lhs=np.zeros((0, PROBES)), rhs=np.zeros((0, PROBES)))
     if not compared.all():
         lhs, rhs, bound, c64 = lhs[compared], rhs[compared], bound[compared], c64[compared]
     d = lhs - rhs
@@ -161,7 +164,7 @@ def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, r
     worst = np.where(np.isnan(ratio), np.inf, ratio).max(axis=1) if ratio.size else np.zeros(0)
     level = fits = None
     reference = None
-    if ratio.size >= MIN_SAMPLES and not nonfinite:
+    if ratio.size >= MIN_SAMPLES:
         level = float(np.median(ratio)) / 0.6745  # a normal's scale from its median absolute value
         # The k-th largest row (k = 1% of rows, at least 3): a lie in one or two rows cannot move
         # it, and honest rows whose bound fits less tightly than most are measured by it.
