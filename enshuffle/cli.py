@@ -50,18 +50,33 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="seed: the notebook's run, bias bugs fixed; default: a preset that trains well")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="number of epochs (default: the preset's)")
-    p.add_argument("--offload", choices=["matmul", "all"], default="matmul",
-                   help="which operations nodes compute: matrix products only, or also elementwise ops")
+    p.add_argument("--offload", choices=["matmul"], default="matmul",
+                   help="which operations nodes compute: the two pixel-wide matrix products (elementwise "
+                        "offload was retired: it handed nodes labels and outputs)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="directory with MNIST-format IDX files (default: Fashion-MNIST, then MNIST, then the bundled subset)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="floating-point type (default: the preset's)")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
                    help="use only the first N training images (quick runs)")
+    p.add_argument("--max-exposure", type=_fraction, default=None, metavar="SHARE",
+                   help="let one node hold up to this share (0..1) of the images' pixels and of w1 "
+                        "(default: one node's block, 1/min-nodes); raising it is marked in the ledger")
     p.add_argument("--json", action="store_true", help="print one JSON object per epoch")
     p.add_argument("--seed", type=int, default=None,
-                   help="training seed: initial weights and sample order (default: the preset's, 402); "
-                        "plans and disguises always come from secret randomness")
+                   help="training seed: initial weights and sample order (default: from the run's secret; "
+                        "the seed preset keeps the notebook's public 402). A seed you pass is as secret as you "
+                        "keep it; plans and disguises always come from secret randomness")
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1 (e.g. 0.5), got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("coordinator", help="run a coordinator that volunteers' nodes connect to")
     _add_training_options(p)
     p.add_argument("--bind", type=_endpoint, default="tcp://127.0.0.1:5555", help="address to listen on")
-    p.add_argument("--min-nodes", type=_positive_int, default=1, help="nodes to wait for before training")
+    p.add_argument("--min-nodes", type=_positive_int, default=1,
+                   help="nodes to wait for before training, and the number of blocks the images and w1 are "
+                        "split into: each node holds one block (default 1)")
     p.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (chain, state)")
     p.add_argument("--resume", action="store_true", help="continue from the chain's head in RUN_DIR")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
@@ -114,7 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-running", action="store_true",
                    help="when a run finishes, keep reconnecting for the next one (a long-running daemon)")
     p.add_argument("--tui", action="store_true", help="show the node app")
+    p.add_argument("--record", metavar="DIR", default=None,
+                   help="keep every verified STATIC and BATCH as DIR/%%08d-COMMAND.npz (what `enshuffle audit` "
+                        "plays a curious node against)")
+    p.add_argument("--record-max-bytes", type=_positive_int, default=2 << 30, metavar="BYTES",
+                   help="stop recording past this many bytes (default 2 GiB)")
     p.set_defaults(handler="enshuffle.node.commands:cmd_node")
+
+    p = sub.add_parser("audit", help="run a short real run, record one node and play it as a curious attacker")
+    p.add_argument("--preset", choices=["seed", "default"], default="default",
+                   help="training preset of the audited run (default: default)")
+    p.add_argument("--nodes", type=_positive_int, default=3, help="node processes (default 3); one records")
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="epochs of the audited run (default 2: rows come back in the second)")
+    p.add_argument("--limit", type=_positive_int, default=2000, metavar="N",
+                   help="training images used (default 2000)")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="MNIST-format IDX files (default: Fashion-MNIST, then MNIST, then the bundled subset); "
+                        "the attacker uses the same public files")
+    p.add_argument("--disguise", choices=["share", "shuffle"], default="share",
+                   help="share: the real disguise; shuffle: the weak permutation + power-of-two control")
+    p.add_argument("--record", metavar="DIR", default=None,
+                   help="keep the recording here (default: a temporary directory, removed afterwards)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(handler="enshuffle.audit.runner:cmd_audit")
 
     p = sub.add_parser("keys", help="this machine's keys")
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION")

@@ -30,18 +30,21 @@ class Preset:
     optimizer: str  # "sgd" (w += lr * dw, the notebook's sign convention) | "adam"
     inputs: str  # "raw" (0..255 as floats) | "standardize" (per-pixel mean/std of the training set)
     init: str  # "notebook" (RandomState(402).randn * 0.01) | "scaled" (randn / sqrt(fan_in))
-    seed: int = 402
+    # The training seed (initial weights, mini-batch order). None: drawn from the run's secret, so
+    # nothing a node can read in the source anchors the run. Only the `seed` preset keeps the
+    # notebook's public 402, by definition (its initial weights are public; the ledger says so).
+    seed: int | None = None
     schedule: str = "constant"  # "constant" | "cosine" (learning rate decays to 0 over the run)
 
 
 PRESETS = {
     # The notebook's run with its bias bugs fixed (see docs/design.md).
     "seed": Preset(name="seed", epochs=15, batch_size=None, dtype="float64", learning_rate=0.05,
-                   loss="mse", optimizer="sgd", inputs="raw", init="notebook"),
+                   loss="mse", optimizer="sgd", inputs="raw", init="notebook", seed=402),
     # A preset that trains: standardized inputs, mini-batches, softmax cross-entropy, Adam with
     # a cosine learning-rate decay. Same network shape.
     "default": Preset(name="default", epochs=20, batch_size=128, dtype="float32", learning_rate=2e-3,
-                      loss="xent", optimizer="adam", inputs="standardize", init="scaled", seed=402,
+                      loss="xent", optimizer="adam", inputs="standardize", init="scaled",
                       schedule="cosine"),
 }
 
@@ -68,15 +71,28 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def init_params(preset: Preset) -> dict[str, np.ndarray]:
-    """Initial w1 (784,128), b1 (128,), w2 (128,10), b2 (10,) in the preset's dtype."""
-    rng = np.random.RandomState(preset.seed)
+def training_seed(preset: Preset, secret: int) -> list[int]:
+    """Seed material for initial weights and sample order: the preset's public seed if it has one
+    (only `seed`), else the run's secret (an int of up to 256 bits)."""
+    if preset.seed is not None:
+        return [int(preset.seed)]
+    return [int(secret) >> (64 * i) & ((1 << 64) - 1) for i in range(4)] + [7]  # 7: "training", not the plan
+
+
+def init_params(preset: Preset, seed: list[int] | None = None) -> dict[str, np.ndarray]:
+    """Initial w1 (784,128), b1 (128,), w2 (128,10), b2 (10,) in the preset's dtype.
+
+    The notebook's init is RandomState(402); every other init draws from `seed` (training_seed)."""
     if preset.init == "notebook":
+        rng = np.random.RandomState(preset.seed if preset.seed is not None else 402)
         w1 = rng.randn(INPUTS, HIDDEN) * 0.01
         w2 = rng.randn(HIDDEN, CLASSES) * 0.01
     else:
-        w1 = rng.randn(INPUTS, HIDDEN) / math.sqrt(INPUTS)
-        w2 = rng.randn(HIDDEN, CLASSES) / math.sqrt(HIDDEN)
+        if seed is None:
+            raise ValueError("init_params needs the run's training seed for this preset")
+        gen = np.random.default_rng(seed + [0])
+        w1 = gen.standard_normal((INPUTS, HIDDEN)) / math.sqrt(INPUTS)
+        w2 = gen.standard_normal((HIDDEN, CLASSES)) / math.sqrt(HIDDEN)
     dt = np.dtype(preset.dtype)
     return {"w1": w1.astype(dt), "b1": np.zeros(HIDDEN, dt), "w2": w2.astype(dt), "b2": np.zeros(CLASSES, dt)}
 
@@ -90,6 +106,18 @@ def prepare_inputs(train_images: np.ndarray, test_images: np.ndarray, preset: Pr
     mean = train.mean(axis=0)
     std = train.std(axis=0) + 0.05  # keeps near-constant border pixels from blowing up
     return ((train - mean) / std).astype(dt), ((test_images / 255.0 - mean) / std).astype(dt)
+
+
+def input_affine(train_images: np.ndarray, preset: Preset) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha, beta), float64 (784,): prepare_inputs is the map raw -> raw * alpha + beta per pixel
+    (up to the preset dtype's rounding). A distributed compute shares raw pixels and applies the map
+    itself, so a pixel that is zero stays an exact zero whatever the standardization does."""
+    if preset.inputs == "raw":
+        return np.ones(train_images.shape[1]), np.zeros(train_images.shape[1])
+    train = train_images.astype(np.float64) / 255.0
+    mean = train.mean(axis=0)
+    std = train.std(axis=0) + 0.05
+    return 1.0 / (255.0 * std), -mean / std
 
 
 def one_hot(labels: np.ndarray, dtype) -> np.ndarray:

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +71,24 @@ def test_in_process_json_ends_with_ledger(core_data_dir, core_cache):
     objects = json_lines(proc)
     assert len(objects) == 2
     assert_epoch_objects(objects[:1], 1)
-    ledger = objects[-1]["ledger"]
+    ledger, forms = objects[-1]["ledger"], objects[-1]["forms"]
     assert set(ledger) == {"node-1", "node-2"}
-    for shares in ledger.values():
-        assert shares["images"] == shares["w1"] == shares["w2"] == 0.5  # 784 and 128 split evenly in two
+    images = [shares["images"] for shares in ledger.values()]
+    # The non-blank pixels split evenly in two (blank pixels never leave the coordinator).
+    assert abs(images[0] - images[1]) <= 1 / 784 and 0.4 < images[0] <= 0.5
+    for node, shares in ledger.items():
+        assert shares["w1"] == shares["images"]
+        # Label-dependent work stays home: nothing of labels, outputs, w2 or activations goes out.
+        assert shares["labels"] == shares["outputs"] == shares["w2"] == shares["activations"] == 0.0
+        assert forms[node]["images"] == forms[node]["w1"] == "values hidden"
+        assert forms[node]["deltas"] == "positions hidden"
+    assert any("deltas" in note for note in objects[-1]["notes"])
 
 
 def test_save_weights_writes_exactly_the_four_arrays(core_data_dir, core_dataset, core_cache, tmp_path):
     path = tmp_path / "weights.npz"
     proc = enshuffle("train", "--nodes", "0", "--epochs", "1", "--limit", "500", "--dtype", "float64",
-                     "--data", str(core_data_dir), "--save-weights", str(path), cache=core_cache)
+                     "--seed", "7", "--data", str(core_data_dir), "--save-weights", str(path), cache=core_cache)
     assert proc.returncode == 0, proc.stderr
     with np.load(path, allow_pickle=False) as saved:
         assert sorted(saved.files) == sorted(SHAPES)
@@ -88,7 +97,7 @@ def test_save_weights_writes_exactly_the_four_arrays(core_data_dir, core_dataset
         assert weights[name].shape == shape and weights[name].dtype == np.float64
     # They are the trained weights: the same run in this process gives the same numbers (only
     # BLAS threading could reorder sums; float64, rtol 1e-9).
-    preset = get_preset("default", epochs=1, dtype="float64")
+    preset = replace(get_preset("default", epochs=1, dtype="float64"), seed=7)  # --seed 7: the user's own seed
     inputs = prepare(core_dataset, preset, limit=500)
     trainer = Trainer(preset, inputs, LocalCompute(inputs.images))
     trainer.run_epoch()

@@ -2,7 +2,7 @@
 
 The brief's last notebook cell, done right: the same `Trainer` runs once on `LocalCompute`
 (the centralized numpy reference) and once on `DistributedCompute` with 1, 2, 3 and 7
-in-process nodes, for both presets and both offload settings, and the weights are compared
+in-process nodes, for both presets and both disguises, and the weights are compared
 after each step, not only at the end.
 
 TOLERANCE (float64 throughout): rtol=1e-9, atol=1e-12. Why these numbers: power-of-two
@@ -48,21 +48,22 @@ def assert_same_weights(got: dict, want: dict, where: str) -> None:
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 3, 7])
-@pytest.mark.parametrize("offload", ["matmul", "all"])
+@pytest.mark.parametrize("disguise", ["share", "shuffle"])
 @pytest.mark.parametrize("preset_name", ["seed", "default"])
-def test_distributed_weights_equal_centralized_after_every_step(core_dataset, preset_name, offload, nodes):
+def test_distributed_weights_equal_centralized_after_every_step(core_dataset, preset_name, disguise, nodes):
     preset = float64_preset(preset_name)
     inputs = prepare(core_dataset, preset, limit=TRAIN_LIMIT)
-    reference = Trainer(preset, inputs, LocalCompute(inputs.images))
+    secret = 0x5EC12E7 + nodes
+    reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=secret)
     compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(1000 + nodes), InProcessExecutor,
-                                 offload=offload)
-    distributed = Trainer(preset, inputs, compute)
+                                 disguise=disguise, **inputs.source())
+    distributed = Trainer(preset, inputs, compute, secret=secret)
     assert_same_weights(distributed.params, reference.params, "at initialisation")
 
     for step in range(1, STEPS + 1):
         want_report = reference.run_step()
         got_report = distributed.run_step()
-        assert_same_weights(distributed.params, reference.params, f"after step {step} ({nodes} nodes, {offload})")
+        assert_same_weights(distributed.params, reference.params, f"after step {step} ({nodes} nodes, {disguise})")
         assert (got_report is None) == (want_report is None)
         if want_report is not None:  # the seed preset is full batch: every step ends an epoch
             np.testing.assert_allclose(got_report.cost, want_report.cost, rtol=RTOL)
@@ -72,11 +73,14 @@ def test_distributed_weights_equal_centralized_after_every_step(core_dataset, pr
             assert abs(got_report.test_accuracy - want_report.test_accuracy) <= 1 / n_test
 
     # The work really went through the nodes: every step sent batches to every shard.
-    assert compute.executor.batches >= STEPS * 5 * nodes
+    assert compute.executor.batches >= STEPS * 2 * nodes
     # The test-set forward pass (evaluate) agrees too, on the trained weights.
     params = reference.params
-    np.testing.assert_allclose(compute.x_w1("test", None, params["w1"]), inputs.images["test"] @ params["w1"],
-                               rtol=RTOL, atol=ATOL)
+    want_z1 = inputs.images["test"] @ params["w1"]
+    # Additive shares carry noise 2**12 times the largest pixel: their rounding is ~2**12 * eps of
+    # the product's scale, so entries near zero are compared on that scale (1e-9 of the largest).
+    np.testing.assert_allclose(compute.x_w1("test", None, params["w1"]), want_z1,
+                               rtol=RTOL, atol=RTOL * float(np.abs(want_z1).max()))
     got = evaluate(compute, "test", params, inputs.test_labels, preset)
     want = evaluate(LocalCompute(inputs.images), "test", params, inputs.test_labels, preset)
     assert abs(got - want) <= 1 / len(inputs.test_labels)
@@ -96,8 +100,9 @@ def test_distributed_run_is_not_the_reference_object(core_dataset):
                     result[0, 0] += 1e-3  # one wrong element from node 2 in the image products
             return results
 
-    reference = Trainer(preset, inputs, LocalCompute(inputs.images))
-    distributed = Trainer(preset, inputs, DistributedCompute(inputs.images, 3, np.random.default_rng(5), Corrupting))
+    reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=11)
+    distributed = Trainer(preset, inputs, DistributedCompute(inputs.images, 3, np.random.default_rng(5), Corrupting),
+                          secret=11)
     reference.run_step()
     distributed.run_step()
     with pytest.raises(AssertionError):

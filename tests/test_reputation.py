@@ -58,18 +58,21 @@ def run_with_liar(kind: str, dtype: str, data_dir: Path, tmp_path: Path, epochs:
     pin = run.identity.fingerprint
     # The liar connects first, so it is sure to hold a shard when training starts.
     liar = LyingNode(kind, tmp_path / "liar", run.endpoint, pin, tmp_path)
-    honest = None
+    honest = []
     try:
         run.start()
         wait_until(lambda: run.row("liar") is not None, 30, "the liar to join", on_timeout=run.describe)
-        honest = spawn_node(tmp_path / "honest", run.endpoint, pin, "honest", tmp_path)
+        # One honest node for the other block, and a fresh one on standby: the exposure bound lets
+        # the liar's block move only to a node that has not held the other block.
+        for name in ("honest", "standby"):
+            honest.append(spawn_node(tmp_path / name, run.endpoint, pin, name, tmp_path))
         weights = run.finish(timeout=180)
         assert liar.wait(30) == EXIT_REFUSED, liar.err()
     finally:
         run.close()
         liar.stop()
-        if honest is not None:
-            honest.stop()
+        for proc in honest:
+            proc.stop()
     return run, preset, inputs, weights, liar
 
 
@@ -89,8 +92,11 @@ def test_a_lying_node_is_quarantined_and_the_run_ends_with_the_honest_node(kind,
     assert run.logged("quarantined node liar"), run.describe()
     assert "quarantined" in liar.err(), liar.err()
     assert run.server.counters["quarantined"] == 1
-    honest_key = next(k for k, r in run.server.reputation.records.items() if r.label == "honest")
-    assert run.server.reputation.records[honest_key].refused.total() == 0
+    for label in ("honest", "standby"):
+        rec = next(r for r in run.server.reputation.records.values() if r.label == label)
+        assert rec.refused.total() == 0 and not rec.quarantined, rec
+    # The liar's block moved: the standby node (or the other honest one) computed results.
+    assert run.row("standby").batches_done > 0, run.describe()
     expected = reference_weights(preset, inputs)
     if dtype == "float64":
         assert_same_weights(weights, expected)
@@ -185,10 +191,11 @@ def test_coordinator_process_quarantines_a_liar_and_sighup_readmits_it(core_data
                                     "--epochs", "3", "--limit", "1200", "--data", str(core_data_dir), "--json")
     endpoint = f"tcp://127.0.0.1:{port}"
     liar = LyingNode("zeros", tmp_path / "liar", endpoint, fp, tmp_path)
-    honest = None
+    honest = standby = None
     try:
         wait_until(lambda: "joined" in coordinator.err(), 60, "the liar to join", on_timeout=coordinator.describe)
         honest = spawn_node(tmp_path / "honest", endpoint, fp, "honest", tmp_path)
+        standby = spawn_node(tmp_path / "standby", endpoint, fp, "standby", tmp_path)  # takes the liar's block
         wait_until(lambda: "quarantined node liar" in coordinator.err() or not coordinator.alive(), 120,
                    "the liar's quarantine", on_timeout=coordinator.describe)
         assert liar.wait(30) == EXIT_REFUSED, liar.err()
@@ -198,8 +205,9 @@ def test_coordinator_process_quarantines_a_liar_and_sighup_readmits_it(core_data
                        "the re-admission", on_timeout=coordinator.describe)
         assert coordinator.wait(180) == 0, coordinator.describe()
         assert honest.wait(30) == 0, honest.describe()
+        assert standby.wait(30) == 0, standby.describe()
     finally:
-        for proc in (coordinator, honest):
+        for proc in (coordinator, honest, standby):
             if proc is not None:
                 proc.stop()
         liar.stop()

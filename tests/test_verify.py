@@ -114,6 +114,9 @@ def test_a_node_returning_wrong_numbers_is_refused_and_training_stays_exact(core
     inputs = load_inputs(core_data_dir, preset, 1000)
     expected = reference_weights(preset, inputs)
     run = InProcessRun(preset, inputs, shards=2, min_nodes=2)
+    # Three lies, then honest: below the quarantine limit, so its refused batches come back to it
+    # (the exposure bound keeps them off the other node) and it answers them right.
+    run.server.reputation.quarantine_after = 10
     liar = TamperingNode(run.endpoint, name="liar")
     honest = spawn_node(tmp_path / "honest", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
     try:
@@ -210,6 +213,7 @@ def test_with_replicate_the_coordinators_own_product_refuses_a_liar(core_data_di
     run = InProcessRun(preset, inputs, shards=2, min_nodes=2)
     run.server.verify_results = False
     run.server.replicate = True
+    run.server.reputation.quarantine_after = 10
     liar = TamperingNode(run.endpoint, name="liar")
     honest = spawn_node(tmp_path / "honest", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
     try:

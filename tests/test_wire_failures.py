@@ -43,7 +43,7 @@ def diagnose(run: InProcessRun, procs) -> str:
     return run.describe() + "".join(p.describe() for p in procs)
 
 
-def test_killed_node_is_replaced_rejoins_and_an_empty_cluster_waits_idle(core_data_dir, nodes):
+def test_killed_nodes_block_waits_it_rejoins_and_an_empty_cluster_waits_idle(core_data_dir, nodes):
     preset = default_preset(epochs=2)  # 10 steps
     inputs = load_inputs(core_data_dir, preset, LIMIT)
     run = InProcessRun(preset, inputs, shards=3, min_nodes=3).start(hold_at=1)
@@ -61,17 +61,24 @@ def test_killed_node_is_replaced_rejoins_and_an_empty_cluster_waits_idle(core_da
         wait_until(lambda: run.row("proc-1").outstanding > 0, 10, "proc-1 to hold a batch", on_timeout=why)
         procs[0].signal(signal.SIGKILL)
         assert procs[0].wait(5) == -signal.SIGKILL
-        run.wait_held(30)  # steps 1 and 2 finished without it
+        # Its block may not go to the others (each would hold two blocks): it waits, and says so.
+        wait_until(lambda: run.state.snapshot().status.startswith("waiting: block"), 30,
+                   "proc-1's block to wait under the exposure bound", on_timeout=why)
         gone = run.row("proc-1")
         assert gone.state == "gone" and gone.reissued >= 1, why()
         assert run.server.counters["reissued"] >= 1
         assert run.logged("node proc-1 (") and any("left:" in line for line in run.logged("node proc-1 (")), why()
+        assert run.steps_done < 3 and not run.held(), why()
+        for label in ("proc-2", "proc-3"):
+            assert run.server.ledger.shares()[label]["images"] <= run.server.bound["images"] + 1e-9
 
-        # It comes back with the same key: same row, a new session, and it is given work again.
+        # It comes back with the same key: same row, a new session, its own block again.
         nodes(run, 1)
         wait_until(lambda: run.row("proc-1").node_id != first.node_id and run.row("proc-1").state != "gone",
                    15, "proc-1 to rejoin", on_timeout=why)
-        run.hold_at(5)  # a step boundary for it to take over a shard, then a step to compute in
+        run.wait_held(30)  # steps 1 and 2 finished with it back
+        assert run.logged("goes to proc-1"), why()
+        run.hold_at(5)
         run.wait_held(30)
         wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "idle"), 5,
                    "proc-1 to compute again", on_timeout=why)
@@ -105,7 +112,7 @@ def test_killed_node_is_replaced_rejoins_and_an_empty_cluster_waits_idle(core_da
     assert_same_weights(weights, reference_weights(preset, inputs))
 
 
-def test_node_saying_bye_has_its_batches_reissued_at_once(core_data_dir, nodes):
+def test_node_saying_bye_has_its_batches_reissued_at_once_and_a_new_node_takes_its_block(core_data_dir, nodes):
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, LIMIT)
     run = InProcessRun(preset, inputs, shards=3, min_nodes=3).start(hold_at=0)
@@ -130,9 +137,13 @@ def test_node_saying_bye_has_its_batches_reissued_at_once(core_data_dir, nodes):
         assert run.server.counters["expired"] == 0  # re-issued because of the BYE, not a lease
         assert elapsed < LEASE_INITIAL_MS / 3000, f"re-issue took {elapsed:.1f} s: BYE must not wait for the lease"
         assert run.row("proc-1").reissued >= 1
+        # Its block waits for a node the bound allows: a fresh one takes it and the run ends.
+        wait_until(lambda: run.logged("exposure bound: block"), 15, "the block to wait", on_timeout=why)
+        procs.append(nodes(run, 4))
         weights = run.finish(60)
     finally:
         run.close()
+    assert run.logged("goes to proc-4"), run.describe()
     assert_same_weights(weights, reference_weights(preset, inputs))
     for proc in procs[1:]:
         assert proc.wait(15) == 0, proc.describe()

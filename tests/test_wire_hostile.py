@@ -56,7 +56,7 @@ def test_hostile_messages_are_dropped_counted_logged_and_training_finishes(clust
     scripted.hello()
     # Step 0 runs with everyone computing honestly; the scripted node's lease is measured from it.
     scripted.serve_until(run.held, 60, "step 0 to finish", on_timeout=describe)
-    assert len(scripted.results) >= 5, "the scripted node got no share of the work"
+    assert len(scripted.results) >= 3, "the scripted node got no share of the work"  # test + train forward, dw1
 
     def expect_dropped(frames: list, counter: str, log_fragment: str) -> None:
         before, lines = counters[counter], len(run.log_lines())

@@ -1,6 +1,7 @@
-"""A volunteer who pauses (HEARTBEAT credit 0) holds nothing up: its shard and queued batches go
-to an active node, training ends with the centralized weights; when every node has paused the
-coordinator says it is waiting, and goes on when one resumes."""
+"""A volunteer who pauses (HEARTBEAT credit 0): under the exposure bound its block waits for it
+(no other node may take it) and the coordinator says why; an operator who raised the bound sees
+the block move to an active node. When every node has paused the coordinator says it is waiting,
+and goes on when one resumes. Training always ends with the centralized weights."""
 
 from __future__ import annotations
 
@@ -16,13 +17,51 @@ def pause(node: ScriptedNode, credit: int = 0) -> None:
     node.sign_and_send("HEARTBEAT", {"node_id": node.node_id, "credit": credit, "outstanding": len(node.held)})
 
 
-def test_a_paused_node_hands_its_work_to_an_active_one(core_data_dir, tmp_path):
+def paused_volunteer_run(core_data_dir, tmp_path, max_exposure=None):
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 1200)
-    expected = reference_weights(preset, inputs)
-    run = InProcessRun(preset, inputs, shards=2, min_nodes=2).start(hold_at=2)
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=2, max_exposure=max_exposure).start(hold_at=2)
     active = spawn_node(tmp_path / "active", run.endpoint, run.identity.fingerprint, "active", tmp_path)
     volunteer = ScriptedNode(run.endpoint, "volunteer")
+    return preset, inputs, run, active, volunteer
+
+
+def test_a_paused_node_keeps_its_block_and_the_run_waits_under_the_bound(core_data_dir, tmp_path):
+    """The attack from the privacy issue: pause one node so the other takes its block. The bound
+    is an invariant: the block waits for its paused owner, the coordinator says why, and the active
+    node never holds more than its own block."""
+    preset, inputs, run, active, volunteer = paused_volunteer_run(core_data_dir, tmp_path)
+    expected = reference_weights(preset, inputs)
+    try:
+        volunteer.hello()
+        volunteer.serve_until(run.held, 60, "step 2", on_timeout=run.describe)
+        pause(volunteer)
+        run.hold_at(-1)
+        volunteer.serve_until(lambda: run.state.snapshot().status.startswith("waiting: block"), 30,
+                              "the coordinator to say a block waits for the bound", on_timeout=run.describe)
+        steps = run.steps_done
+        assert not run.logged("moves from volunteer"), run.describe()
+        assert run.logged("exposure bound: block"), run.describe()
+        shares = run.server.ledger.shares()
+        assert shares["active"]["images"] <= run.server.bound["images"] + 1e-9, shares
+        assert shares["active"]["w1"] <= run.server.bound["w1"] + 1e-9, shares
+        pause(volunteer, credit=2)  # back: the run goes on where it waited
+        volunteer.serve_until(run.done.is_set, 120, "training to finish after resuming", on_timeout=run.describe)
+        weights = run.finish()
+    finally:
+        run.close()
+        volunteer.close()
+        active.stop()
+    assert run.steps_done > steps
+    final = run.server.ledger.shares()
+    for node in ("active", "volunteer"):
+        assert 0 < final[node]["images"] <= run.server.bound["images"] + 1e-9, final
+    assert_same_weights(weights, expected)
+
+
+def test_an_operator_who_raises_the_bound_lets_the_block_move_and_the_ledger_says_so(core_data_dir, tmp_path):
+    preset, inputs, run, active, volunteer = paused_volunteer_run(core_data_dir, tmp_path, max_exposure=1.0)
+    expected = reference_weights(preset, inputs)
     try:
         volunteer.hello()
         volunteer.serve_until(run.held, 60, "step 2", on_timeout=run.describe)
@@ -37,7 +76,9 @@ def test_a_paused_node_hands_its_work_to_an_active_one(core_data_dir, tmp_path):
         active.stop()
     assert run.logged("moves from volunteer (paused) to active"), run.describe()
     assert len(volunteer.results) <= done_before + 2  # at most what it held when it paused
-    assert run.server.ledger.shares()["active"]["images"] == 1.0  # the cost: active took both blocks
+    assert run.server.bound_raised and run.state.snapshot().bound_raised
+    shares = run.server.ledger.shares()["active"]
+    assert shares["images"] > 0.5 and shares["images"] <= 1.0  # the cost the operator accepted
     assert_same_weights(weights, expected)
 
 

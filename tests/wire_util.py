@@ -178,9 +178,13 @@ def load_inputs(data_dir: Path, preset: Preset, limit: int) -> Inputs:
     return prepare(load_idx_dir(data_dir), preset, limit)
 
 
-def reference_weights(preset: Preset, inputs: Inputs) -> dict[str, np.ndarray]:
-    """The centralized run (plain numpy, this process) of the same preset and data."""
-    trainer = Trainer(preset, inputs, LocalCompute(inputs.images))
+# The training secret of in-process runs and their references (initial weights, sample order).
+TEST_SECRET = 0x7E57
+
+
+def reference_weights(preset: Preset, inputs: Inputs, secret: int = TEST_SECRET) -> dict[str, np.ndarray]:
+    """The centralized run (plain numpy, this process) of the same preset, data and secret."""
+    trainer = Trainer(preset, inputs, LocalCompute(inputs.images), secret=secret)
     while not trainer.finished:
         trainer.run_step()
     return {k: trainer.params[k] for k in WEIGHTS}
@@ -210,17 +214,18 @@ class InProcessRun:
     """
 
     def __init__(self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7,
-                 limits: Limits | None = None, heartbeat_ms: int = 1000):
+                 limits: Limits | None = None, heartbeat_ms: int = 1000, max_exposure: float | None = None):
         self.preset = preset
         self.state = CoordinatorState()
         self.identity = Identity.generate()
         extra = {"limits": limits} if limits is not None else {}
         self.server = CoordinatorServer("tcp://127.0.0.1:*", self.identity, self.state, ExposureLedger(),
-                                        heartbeat_ms=heartbeat_ms, log=self._log, **extra)
+                                        heartbeat_ms=heartbeat_ms, log=self._log, max_exposure=max_exposure,
+                                        **extra)
         self.endpoint = self.server.endpoint
         self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(seed), self.server.attach,
-                                          ledger=self.server.ledger)
-        self.trainer = Trainer(preset, inputs, self.compute)
+                                          ledger=self.server.ledger, **inputs.source())
+        self.trainer = Trainer(preset, inputs, self.compute, secret=TEST_SECRET)
         self.min_nodes = min_nodes
         self.lines: list[str] = []
         self.steps_done = 0

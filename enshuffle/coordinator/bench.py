@@ -56,16 +56,18 @@ def _epochs(trainer, repeats: int, warmup: int = 1, probe=None):
     return rows
 
 
-def _steps(trainer, repeats: int, chunk: int = 60, warmup: int = 10) -> list[float]:
-    """Seconds per step, one figure per chunk of `chunk` steps."""
+def _steps(trainer, repeats: int, chunk: int = 60, warmup: int = 10, cpu: list | None = None) -> list[float]:
+    """Seconds per step, one figure per chunk of `chunk` steps (CPU seconds per step into `cpu`)."""
     for _ in range(warmup):
         trainer.run_step()
     figures = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for _ in range(chunk):
             trainer.run_step()
         figures.append((time.perf_counter() - t) / chunk)
+        if cpu is not None:
+            cpu.append((time.process_time() - c) / chunk)
     return figures
 
 
@@ -94,7 +96,7 @@ def cmd_bench(args) -> int:
     results["centralized_epoch_cpu_seconds"] = _median(r[1] for r in rows)
 
     eprint("bench: in-process distributed epoch, 2 nodes")
-    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(1), InProcessExecutor)
+    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(1), InProcessExecutor, **inputs.source())
     rows = _epochs(Trainer(preset, inputs, compute), repeats)
     results["inprocess_epoch_seconds"] = _median(r[0] for r in rows)
     results["inprocess_over_centralized"] = results["inprocess_epoch_seconds"] / results["centralized_epoch_seconds"]
@@ -110,6 +112,16 @@ def cmd_bench(args) -> int:
         results.update(measure_wire(preset, inputs, repeats))
         eprint("bench: default preset over the wire, 2 local node processes")
         results.update(measure_wire(mini, mini_inputs, repeats, minibatch=True))
+        # What the privacy costs, side by side: the same runs with the old shuffle-only disguise.
+        eprint("bench: the same two runs with the shuffle-only disguise (privacy's cost)")
+        shuffle = measure_wire(preset, inputs, repeats, disguise="shuffle")
+        shuffle_mini = measure_wire(mini, mini_inputs, repeats, minibatch=True, disguise="shuffle")
+        results["shuffle_coordinator_cpu_seconds_per_epoch"] = shuffle["coordinator_cpu_seconds_per_epoch"]
+        results["shuffle_minibatch_coordinator_cpu_ms_per_step"] = shuffle_mini["minibatch_coordinator_cpu_ms_per_step"]
+        results["privacy_cpu_cost_seed"] = (results["coordinator_cpu_seconds_per_epoch"]
+                                            / shuffle["coordinator_cpu_seconds_per_epoch"] - 1.0)
+        results["privacy_cpu_cost_default"] = (results["minibatch_coordinator_cpu_ms_per_step"]
+                                               / shuffle_mini["minibatch_coordinator_cpu_ms_per_step"] - 1.0)
         results["minibatch_wire_over_centralized"] = (results["minibatch_wire_ms_per_step"]
                                                       / results["minibatch_centralized_ms_per_step"])
         results["wire_over_centralized"] = results["wire_epoch_seconds"] / results["centralized_epoch_seconds"]
@@ -123,7 +135,8 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool = False) -> dict[str, float]:
+def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool = False,
+                 disguise: str = "share") -> dict[str, float]:
     from enshuffle.coordinator.distributed import DistributedCompute
     from enshuffle.coordinator.ledger import ExposureLedger
     from enshuffle.coordinator.run import spawn_local_nodes, stop_local_nodes
@@ -140,11 +153,14 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
         procs = spawn_local_nodes(server.endpoint, identity.fingerprint, nodes, Path(tmp))
         try:
             compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), server.attach,
-                                         ledger=server.ledger)
+                                         ledger=server.ledger, disguise=disguise, **inputs.source())
             server.wait_for_nodes(nodes)
             trainer = Trainer(preset, inputs, compute)
             if minibatch:
-                return {"minibatch_wire_ms_per_step": 1000 * _median(_steps(trainer, repeats))}
+                cpu = []
+                wall = _steps(trainer, repeats, cpu=cpu)
+                return {"minibatch_wire_ms_per_step": 1000 * _median(wall),
+                        "minibatch_coordinator_cpu_ms_per_step": 1000 * _median(cpu)}
             rows = _epochs(trainer, repeats, probe=lambda: server.bytes_sent)
             before = server.bytes_received
             trainer.run_epoch()
@@ -186,6 +202,13 @@ def print_table(r: dict) -> None:
             f"bytes per step per node (in + out)      {r['wire_bytes_per_step_per_node'] / 1e6:>12.1f} MB",
             f"default preset over the wire, per step  {r['minibatch_wire_ms_per_step']:>12.2f} ms"
             f"  ({r['minibatch_wire_over_centralized']:.1f}x centralized; 469 steps per epoch)",
+            f"coordinator CPU per default-preset step {r['minibatch_coordinator_cpu_ms_per_step']:>12.2f} ms",
+            f"privacy's cost in coordinator CPU, seed {100 * r['privacy_cpu_cost_seed']:>+11.1f} %"
+            f"  ({r['coordinator_cpu_seconds_per_epoch']:.3f} s vs {r['shuffle_coordinator_cpu_seconds_per_epoch']:.3f} s"
+            " per epoch with the shuffle-only disguise; target <= +10%)",
+            f"privacy's cost, default preset per step {100 * r['privacy_cpu_cost_default']:>+11.1f} %"
+            f"  ({r['minibatch_coordinator_cpu_ms_per_step']:.2f} vs {r['shuffle_minibatch_coordinator_cpu_ms_per_step']:.2f}"
+            " ms; target <= +10%)",
         ]
     print("\n".join(lines))
     sys.stdout.flush()

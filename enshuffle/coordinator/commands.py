@@ -79,13 +79,16 @@ def report_epoch(report, args, total: int) -> None:
         print(format_epoch(report, total), flush=True)
 
 
-def report_ledger(ledger, args, extra: dict | None = None) -> None:
+def report_ledger(ledger, args, extra: dict | None = None, notes: list[str] | None = None) -> None:
     if args.json:
-        print(json.dumps({"ledger": ledger.shares(), **(extra or {})}), flush=True)
+        print(json.dumps({"ledger": ledger.shares(), "forms": ledger.forms(), "notes": notes or [],
+                          **(extra or {})}), flush=True)
     else:
         print()
-        print("Exposure ledger: share of each tensor's elements each node has received")
+        print("Exposure ledger: share of each kind of information each node has received, and in what form")
         print(ledger.table())
+        for note in notes or []:
+            print(f"- {note}")
 
 
 def cmd_train(args) -> int:
@@ -107,7 +110,7 @@ def cmd_train(args) -> int:
 
         # Partitions and disguises from OS entropy: never from a seed a node could know.
         compute = DistributedCompute(inputs.images, args.nodes, np.random.default_rng(), InProcessExecutor,
-                                     offload=args.offload)
+                                     **inputs.source())
         ledger = compute.ledger
         eprint(f"train: {args.nodes} in-process nodes, preset {preset.name}, {preset.dtype}, offload {args.offload}")
     else:
@@ -127,7 +130,9 @@ def drive(args, preset, inputs, compute, ledger) -> int:
         if report is not None:
             report_epoch(report, args, preset.epochs)
     if ledger is not None:
-        report_ledger(ledger, args)
+        from enshuffle.coordinator.ledger import privacy_notes
+
+        report_ledger(ledger, args, notes=privacy_notes(preset, False))
     if getattr(args, "save_weights", None):
         save_weights(args.save_weights, trainer.params)
         eprint(f"train: weights written to {args.save_weights}")

@@ -1,30 +1,39 @@
-"""The network's operations as disguised batches: the coordinator side of distribution.
+"""The network's products as disguised batches: the coordinator side of distribution.
 
 `DistributedCompute` offers the same methods as `enshuffle.model.LocalCompute`, so the one
-training step in `enshuffle.model` runs unchanged. Each call builds one batch per *shard*
-(a node's slot), hands the batches to an executor (in-process, or ZeroMQ nodes), then
-un-disguises and adds (or places) the results.
+training step in `enshuffle.model` runs unchanged. Only the two wide products go to nodes; both
+contract over the image's pixels, split into k secret blocks P_s (one per *slot*, a node's place
+in the run):
 
-How each operation is split, and why (see docs/design.md for the full argument):
+| call | product                 | node s receives (disguise "share", the default)                | result          |
+|------|-------------------------|----------------------------------------------------------------|-----------------|
+| x_w1 | X (b,784) @ w1          | row indices into its static block; M_s^-1 D_s w1[P_s] (mixed)  | summed          |
+| dw1  | X^T @ dz1 -> (784,128)  | row indices; dz1 (rows and units shuffled, power-of-two scaled)| rows P_s placed |
 
-| call   | product                | split along             | node s receives                      | result      |
-|--------|------------------------|-------------------------|--------------------------------------|-------------|
-| x_w1   | X (b,784) @ w1         | pixels P_s (contraction)| rows of its static image block, w1[P_s] | summed    |
-| a1_w2  | a1 (b,128) @ w2        | hidden H_s (contraction)| a1[:, H_s], w2[H_s]                  | summed      |
-| dw2    | a1^T @ dz2 -> (128,10) | hidden H_s (output rows)| a1[:, H_s], dz2                      | rows H_s    |
-| da1    | dz2 @ w2^T -> (b,128)  | hidden H_s (output cols)| dz2, w2[H_s]                         | cols H_s    |
-| dw1    | X^T @ dz1 -> (784,128) | pixels P_s (output rows)| rows of its static image block, dz1  | rows P_s    |
+Everything that depends on labels, and the thin products, stay here: softmax/loss, dz2,
+a1 @ w2, a1^T @ dz2 and dz2 @ w2^T (docs/design.md, "Privacy"). No node receives labels,
+outputs, dz2, w2 or activations.
 
-Splitting every operation along the same two fixed partitions (pixels P, hidden units H) is
-what bounds exposure: node s only ever holds pixel block P_s of the images, rows P_s of w1 and
-rows H_s of w2, about 1/k of each. Splitting dw1 over its contraction axis (samples) instead
-would hand every node whole images. The price is that every node sees the step's backward
-deltas dz1 and dz2 (disguised); the ledger says so.
+The disguise "share" hides values, not only positions. Node s holds, for the whole run,
 
-Static operands: node s keeps its image block X[σ_s][:, P_s] · 2**e_s (rows in a secret order
-σ_s, pixel columns in a secret order and scaled) for the whole run; each step sends only row
-indices into it, so per-step traffic is the node's share of weights and activations plus its
-partial result.
+    S_s = (x[:, P_s] D_s^-1 + G H_s) M_s        rows in a secret order
+
+- x are the raw pixels (0..255; the preset's standardization x*alpha + beta is applied here, so a
+  zero pixel stays an exact zero), D_s = diag(rms x_j) gives every column the same energy.
+- G H_s is secret Gaussian noise of rank NOISE_RANK with the pixels' own scale: G (n, r) is fresh
+  for every image, so each row carries r more unknowns than the node has equations. Even a node
+  that knew M_s and H_s could not solve a row for its pixels; it cannot learn M_s either, since
+  unmixing needs the sources and the noise makes the mixture underdetermined (K + r sources seen
+  through K columns).
+- M_s is a secret block-diagonal mixing (dense 64x64 blocks, condition <= 4): no column of S_s is
+  a pixel, no value of it a pixel value, and w1's rows reach the node only as M_s^-1 D_s w1[P_s].
+- Corrections cost the coordinator little: x_w1 subtracts G[idx] (sum_s H_s D_s w1[P_s]) and dw1
+  subtracts H_s^T (G[idx]^T dz1): r * 128 * (b + 784) multiply-adds each, plus the mixing
+  (784 * 64 * 128 each way). Rounding stays at the pixels' own scale, so distributed training
+  equals the centralized run to float rounding.
+
+The disguise "shuffle" is the old permutation-and-power-of-two disguise (pixel blocks in the clear
+up to scale), kept as the audit's control: it shows what the attacks recover from it.
 """
 
 from __future__ import annotations
@@ -34,21 +43,26 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from enshuffle.coordinator.ledger import GRADIENT_CLASS_OFFSET, ExposureLedger
-from enshuffle.coordinator.plan import (Disguise, MatmulPlan, balanced_blocks, gather, inverse_permutation,
-                                        new_disguise, pow2, random_exponents)
-from enshuffle.model import CLASSES, HIDDEN, INPUTS
+from enshuffle.coordinator.ledger import HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger
+from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
+                                        random_exponents)
+from enshuffle.model import HIDDEN, INPUTS
+
+DISGUISES = ("share", "shuffle")
+NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
+NOISE_SCALE = 1.0  # std of each noise element, in units of a normalized pixel's root mean square
+MIX_GROUP = 64  # mixing blocks: 64x64 dense, so mixing costs 64 multiply-adds per element
 
 
 @dataclass
 class Batch:
-    """One unit of work for one shard. `exposure` is what the receiving node learns."""
+    """One unit of work for one slot. `exposure` is what the receiving node learns."""
 
     shard: int
     op: str
     params: dict
     arrays: dict[str, np.ndarray]
-    exposure: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    exposure: list[tuple] = field(default_factory=list)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
@@ -56,30 +70,61 @@ class Batch:
 
 class Executor(Protocol):
     def run(self, batches: list[Batch]) -> list[np.ndarray]:
-        """Compute every batch (on whichever node holds its shard) and return the results in order."""
+        """Compute every batch (on whichever node holds its slot) and return the results in order."""
 
     def step_done(self) -> None:
         """A step boundary: where membership changes may take effect."""
 
 
+class BlockMix:
+    """A secret invertible (K, K) matrix M, block-diagonal with dense blocks of MIX_GROUP:
+    each block is Q1 · diag(d) · Q2 with random orthogonal Q1, Q2 and d in [1/2, 2], so M's
+    condition number is at most 4 and M^-1 is exact up to rounding."""
+
+    def __init__(self, size: int, rng: np.random.Generator, group: int = MIX_GROUP):
+        self.bounds = [(lo, min(lo + group, size)) for lo in range(0, size, group)]
+        self.blocks, self.inverses = [], []
+        for lo, hi in self.bounds:
+            g = hi - lo
+            q1, _ = np.linalg.qr(rng.standard_normal((g, g)))
+            q2, _ = np.linalg.qr(rng.standard_normal((g, g)))
+            d = np.exp2(rng.uniform(-1.0, 1.0, g))
+            self.blocks.append((q1 * d) @ q2)
+            self.inverses.append((q2.T / d) @ q1.T)
+
+    def right(self, x: np.ndarray, dtype) -> np.ndarray:
+        """(n, K) -> x @ M, block by block."""
+        out = np.empty(x.shape, dtype=dtype)
+        for (lo, hi), m in zip(self.bounds, self.blocks):
+            np.matmul(x[:, lo:hi], m, out=out[:, lo:hi])
+        return out
+
+    def inverse_left(self, w: np.ndarray) -> np.ndarray:
+        """(K, m) -> M^-1 @ w."""
+        out = np.empty(w.shape, dtype=np.float64)
+        for (lo, hi), inv in zip(self.bounds, self.inverses):
+            np.matmul(inv, w[lo:hi], out=out[lo:hi])
+        return out
+
+    def inverse_transposed_left(self, r: np.ndarray) -> np.ndarray:
+        """(K, m) -> M^-T @ r: undoes a node's (x M)^T @ d = M^T (x^T d)."""
+        out = np.empty(r.shape, dtype=np.float64)
+        for (lo, hi), inv in zip(self.bounds, self.inverses):
+            np.matmul(inv.T, r[lo:hi], out=out[lo:hi])
+        return out
+
+
 @dataclass
 class ShardStatics:
-    """Node slot s's static image blocks and the secrets to address them."""
+    """Slot s's secrets: its pixel block's row order, mixing, noise loadings (or, for "shuffle",
+    the static power-of-two column scales)."""
 
     pixels: np.ndarray  # P_s, in the column order the node holds them
-    pixel_exp: np.ndarray | None  # static power-of-two scale of each of those columns
-    row_order: dict[str, np.ndarray]  # which -> σ_s: node row i is original row σ_s[i]
-    row_index: dict[str, np.ndarray]  # which -> σ_s^-1: original row r is node row σ_s^-1[r]
-
-    def arrays(self, images: dict[str, np.ndarray], shard: int) -> dict[str, np.ndarray]:
-        """The STATIC operands for this slot: name -> (rows, |P_s|) disguised image block."""
-        out = {}
-        for which, x in images.items():
-            block = gather(x, self.row_order[which], self.pixels)
-            if self.pixel_exp is not None:
-                block *= pow2(self.pixel_exp, block.dtype)[None, :]
-            out[static_name(which, shard)] = block
-        return out
+    row_order: dict[str, np.ndarray]  # which -> node row i is original row row_order[which][i]
+    row_index: dict[str, np.ndarray]  # which -> original row r is node row row_index[which][r]
+    mix: BlockMix | None = None
+    loadings: np.ndarray | None = None  # H_s, (NOISE_RANK, |P_s|)
+    pixel_exp: np.ndarray | None = None  # "shuffle" only
 
 
 def static_name(which: str, shard: int) -> str:
@@ -87,243 +132,231 @@ def static_name(which: str, shard: int) -> str:
 
 
 class DistributedCompute:
-    """The model's Compute interface, executed as disguised batches on k shards.
-
-    `offload` is "matmul" (elementwise operations stay here: they cost as much to ship as to
-    compute) or "all" (sigmoid, sub, square and mul go to nodes too, split by columns).
-    """
+    """The model's Compute interface, with the two pixel-wide products executed as disguised
+    batches on k slots (see the module docstring)."""
 
     def __init__(self, images: dict[str, np.ndarray], shards: int, rng: np.random.Generator,
-                 executor_factory: Callable[["DistributedCompute"], Executor], *, offload: str = "matmul",
-                 scale: bool = True, ledger: ExposureLedger | None = None,
-                 disguise_rng: np.random.Generator | None = None):
+                 executor_factory: Callable[["DistributedCompute"], Executor], *, disguise: str = "share",
+                 ledger: ExposureLedger | None = None, disguise_rng: np.random.Generator | None = None,
+                 offload: str = "matmul", raw: dict[str, np.ndarray] | None = None,
+                 affine: tuple[np.ndarray, np.ndarray] | None = None):
         if shards < 1:
             raise ValueError("need at least one shard")
+        if disguise not in DISGUISES:
+            raise ValueError(f"disguise must be one of {', '.join(DISGUISES)}")
+        if offload != "matmul":
+            raise ValueError("only matrix products are offloaded (elementwise offload was retired: it leaked labels)")
         self.images = images
         self.k = shards
-        # Two secrets: `rng` draws the run's partitions and static disguises (a resumed run must
+        self.disguise = disguise
+        # Two secrets: `rng` draws the run's partitions, noise and mixings (a resumed run must
         # draw the same ones, so the coordinator seeds it from a secret kept in the run dir);
         # per-batch disguises come from fresh OS entropy unless a test passes its own generator.
         # Neither may come from a public seed: a node could replay the draws and undo them.
         self.rng = disguise_rng if disguise_rng is not None else np.random.default_rng()
-        self.offload = offload
-        self.scale = scale
         self.ledger = ledger if ledger is not None else ExposureLedger()
-        self.pixel_blocks = balanced_blocks(INPUTS, shards, rng)
-        self.hidden_blocks = balanced_blocks(HIDDEN, shards, rng)
-        self.class_blocks = balanced_blocks(CLASSES, shards, rng)
-        self.statics = [
-            ShardStatics(
-                pixels=p,
-                pixel_exp=random_exponents(len(p), rng, scale),
-                row_order={w: rng.permutation(x.shape[0]) for w, x in images.items()},
-                row_index={},
-            )
-            for p in self.pixel_blocks
-        ]
-        for st in self.statics:
-            st.row_index = {w: inverse_permutation(order) for w, order in st.row_order.items()}
+        # "share" works on raw pixels when it has them (images = raw * alpha + beta, applied here).
+        self.source = raw if (raw is not None and affine is not None and disguise == "share") else images
+        if self.source is not images:
+            self.alpha, self.beta = (np.asarray(a, dtype=np.float64) for a in affine)
+        else:
+            self.alpha, self.beta = np.ones(INPUTS), np.zeros(INPUTS)
+        # D: every pixel column is divided by its root mean square, so all mixed columns carry the
+        # same energy (no pixel's scale shows) and a rarely lit pixel keeps its own precision
+        # instead of drowning in its neighbours' rounding.
+        energy, count = np.zeros(INPUTS), 0
+        for x in self.source.values():
+            if x.size:
+                energy += np.einsum("ij,ij->j", x, x, dtype=np.float64)
+                count += x.shape[0]
+        scale = np.sqrt(energy / max(count, 1))
+        # Pixels that are zero in every image add nothing to any product and have a zero
+        # gradient: they stay here, and no node learns which pixels are blank.
+        active = np.flatnonzero(scale > 0) if disguise == "share" else np.arange(INPUTS)
+        self.pixel_blocks = [active[b] for b in balanced_blocks(len(active), shards, rng)]
+        self.norm = np.where(scale > 0, scale, 1.0)
+        self.noise_seed = [int(v) for v in rng.integers(0, 2**63, size=4)]
+        self.statics = []
+        for block in self.pixel_blocks:
+            order = {w: rng.permutation(x.shape[0]) for w, x in images.items()}
+            st = ShardStatics(pixels=block, row_order=order,
+                              row_index={w: inverse_permutation(o) for w, o in order.items()})
+            if disguise == "share":
+                st.mix = BlockMix(len(block), rng)
+                st.loadings = rng.standard_normal((NOISE_RANK, len(block))) * (NOISE_SCALE / np.sqrt(NOISE_RANK))
+            else:
+                st.pixel_exp = random_exponents(len(block), rng, True)
+            self.statics.append(st)
+        self._factors: dict[str, np.ndarray] = {}
+        self._full_support: np.ndarray | None = None
         self.executor = executor_factory(self)
 
     # -- static operands -------------------------------------------------------------
-    def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
-        """What a node serving `shard` must hold before it can compute that shard's batches."""
-        return self.statics[shard].arrays(self.images, shard)
+    def factors(self, which: str) -> np.ndarray:
+        """G for `which`: (n, NOISE_RANK) standard normal, one row per image (original order),
+        drawn from the run's secret; kept here for the corrections."""
+        g = self._factors.get(which)
+        if g is None:
+            tag = sorted(self.images).index(which)
+            gen = np.random.default_rng(self.noise_seed + [tag])
+            g = self._factors[which] = gen.standard_normal((self.images[which].shape[0], NOISE_RANK))
+        return g
 
-    def static_exposure(self, shard: int) -> list[tuple[str, np.ndarray]]:
-        return [("images", self.pixel_blocks[shard])]
+    def _static(self, which: str, st: ShardStatics) -> np.ndarray:
+        if self.disguise == "shuffle":
+            out = gather(self.images[which], st.row_order[which], st.pixels)
+            out *= pow2(st.pixel_exp, out.dtype)[None, :]
+            return out
+        order = st.row_order[which]
+        block = np.take(self.source[which], order, axis=0)[:, st.pixels] / self.norm[st.pixels]
+        block += np.take(self.factors(which), order, axis=0) @ st.loadings
+        return st.mix.right(block, self.images[which].dtype)  # the preset's dtype on the wire
+
+    def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
+        """What a node serving slot `shard` must hold before it can compute that slot's batches."""
+        return {static_name(w, shard): self._static(w, self.statics[shard]) for w in self.images}
+
+    def _form(self) -> int:
+        return HIDDEN_VALUES if self.disguise == "share" else POSITIONS_HIDDEN
+
+    def static_exposure(self, shard: int) -> list[tuple]:
+        return [("images", self.pixel_blocks[shard], self._form()), ("samples", [0], POSITIONS_HIDDEN)]
+
+    def slot_exposure(self, shard: int) -> list[tuple]:
+        """Everything a node learns by serving slot `shard` for a run (the exposure bound's unit)."""
+        return self.static_exposure(shard) + [("w1", self.pixel_blocks[shard], self._form()),
+                                              ("deltas", np.arange(HIDDEN), POSITIONS_HIDDEN)]
+
+    def audit_truth(self, shard: int) -> dict:
+        """Ground truth for `enshuffle audit`'s scorer (never sent anywhere), per static of the
+        slot: its pixel block, row order, and each column's dominant pixel."""
+        st = self.statics[shard]
+        if st.mix is None:
+            column_pixel = st.pixels.copy()
+        else:
+            dominant = np.empty(len(st.pixels), dtype=np.int64)
+            for (lo, hi), m in zip(st.mix.bounds, st.mix.blocks):
+                dominant[lo:hi] = lo + np.argmax(np.abs(m), axis=0)
+            column_pixel = st.pixels[dominant]
+        return {static_name(w, shard): {"pixels": st.pixels.copy(), "row_order": st.row_order[w].copy(),
+                                        "column_pixel": column_pixel, "which": w} for w in self.images}
 
     def _rows(self, which: str, idx: np.ndarray | None) -> np.ndarray:
         return np.arange(self.images[which].shape[0]) if idx is None else np.asarray(idx)
 
-    # -- matrix products -------------------------------------------------------------
+    # -- the two products that go out -------------------------------------------------
     def x_w1(self, which: str, idx, w1: np.ndarray) -> np.ndarray:
-        """X[idx] @ w1, contraction over pixels: each shard multiplies its static image block."""
+        """X[idx] @ w1, contraction over pixels: each slot multiplies its static block."""
         idx = self._rows(which, idx)
+        share = self.disguise == "share"
         batches, disguises = [], []
+        noise_map = np.zeros((NOISE_RANK, w1.shape[1])) if share else None
         for s, st in enumerate(self.statics):
             d = Disguise(rows=self.rng.permutation(idx.shape[0]), cols=self.rng.permutation(HIDDEN),
-                         col_exp=random_exponents(HIDDEN, self.rng, self.scale))
-            b = gather(w1, st.pixels, d.cols)
-            if st.pixel_exp is not None:
+                         col_exp=random_exponents(HIDDEN, self.rng, True))
+            if share:
+                scaled = w1[st.pixels].astype(np.float64) * (self.norm[st.pixels] * self.alpha[st.pixels])[:, None]
+                noise_map += st.loadings @ scaled  # H_s D_s w1[P_s]
+                b = st.mix.inverse_left(scaled[:, d.cols]).astype(w1.dtype, copy=False)
+            else:
+                b = gather(w1, st.pixels, d.cols)
                 b *= pow2(-st.pixel_exp, b.dtype)[:, None]
-            if d.col_exp is not None:
-                b *= pow2(d.col_exp, b.dtype)[None, :]
+            b *= pow2(d.col_exp, b.dtype)[None, :]
             rows = st.row_index[which][idx[d.rows]]
             batches.append(Batch(s, "matmul", {"a_static": static_name(which, s), "transpose_a": False},
-                                 {"rows": rows, "b": b}, [("w1", st.pixels)]))
+                                 {"rows": rows, "b": b},
+                                 [("w1", st.pixels, self._form()), ("samples", [0], POSITIONS_HIDDEN)]))
             disguises.append(d)
         results = self.executor.run(batches)
-        total = disguises[0].undo(results[0])
+        total = disguises[0].undo(np.asarray(results[0], dtype=np.float64))
         for d, r in zip(disguises[1:], results[1:]):
-            total += d.undo(r)
-        return total
-
-    def a1_w2(self, a1: np.ndarray, w2: np.ndarray) -> np.ndarray:
-        """a1 @ w2, contraction over hidden units H_s."""
-        plan = MatmulPlan(
-            shape=(a1.shape[0], HIDDEN, w2.shape[1]),
-            blocks=[self.rng.permutation(h) for h in self.hidden_blocks],
-            k_exp=[random_exponents(len(h), self.rng, self.scale) for h in self.hidden_blocks],
-            disguises=[new_disguise(a1.shape[0], w2.shape[1], self.rng, False, self.scale)
-                       for _ in self.hidden_blocks],
-        )
-        batches = []
-        for s, h in enumerate(self.hidden_blocks):
-            a_s, b_s = plan.operands(s, a1, w2)
-            batches.append(Batch(s, "matmul", {"a_static": None, "transpose_a": False}, {"a": a_s, "b": b_s},
-                                 [("activations", h), ("w2", h)]))
-        return plan.combine(self.executor.run(batches))
-
-    def _output_block(self, a: np.ndarray, b: np.ndarray) -> tuple[MatmulPlan, dict[str, np.ndarray]]:
-        """One node computes the whole (n,K)@(K,m) block a @ b, disguised (k=1 plan)."""
-        plan = MatmulPlan(shape=(a.shape[0], a.shape[1], b.shape[1]), blocks=[self.rng.permutation(a.shape[1])],
-                          k_exp=[random_exponents(a.shape[1], self.rng, self.scale)],
-                          disguises=[new_disguise(a.shape[0], b.shape[1], self.rng, False, self.scale)])
-        a_s, b_s = plan.operands(0, a, b)
-        return plan, {"a": a_s, "b": b_s}
-
-    def dw2(self, a1: np.ndarray, dz2: np.ndarray) -> np.ndarray:
-        """a1^T @ dz2 -> (128, 10); shard s computes rows H_s."""
-        batches, finish = self._prepare_dw2(a1, dz2)
-        return finish(self.executor.run(batches))
-
-    def da1(self, dz2: np.ndarray, w2: np.ndarray) -> np.ndarray:
-        """dz2 @ w2^T -> (b, 128); shard s computes columns H_s."""
-        batches, finish = self._prepare_da1(dz2, w2)
-        return finish(self.executor.run(batches))
-
-    def dw2_da1(self, a1: np.ndarray, dz2: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Both products that need only dz2, in one round trip (each node holds two batches)."""
-        batches_w, finish_w = self._prepare_dw2(a1, dz2)
-        batches_a, finish_a = self._prepare_da1(dz2, w2)
-        results = self.executor.run(batches_w + batches_a)
-        return finish_w(results[:len(batches_w)]), finish_a(results[len(batches_w):])
-
-    def _prepare_dw2(self, a1: np.ndarray, dz2: np.ndarray):
-        """The node gets a1's block in (samples, units) layout and transposes it itself
-        (transpose_a), so no transposed copy is made here."""
-        n, m = dz2.shape
-        disguises, batches = [], []
-        every_class = GRADIENT_CLASS_OFFSET + np.arange(CLASSES)
-        for s, h in enumerate(self.hidden_blocks):
-            order = self.rng.permutation(n)  # contraction (sample) order
-            d = Disguise(rows=self.rng.permutation(len(h)), cols=self.rng.permutation(m),
-                         col_exp=random_exponents(m, self.rng, self.scale))
-            a = gather(a1, order, h[d.rows])
-            b = gather(dz2, order, d.cols)
-            k_exp = random_exponents(n, self.rng, self.scale)
-            if k_exp is not None:
-                a *= pow2(k_exp, a.dtype)[:, None]
-                b *= pow2(-k_exp, b.dtype)[:, None]
-                b *= pow2(d.col_exp, b.dtype)[None, :]
-            disguises.append(d)
-            batches.append(Batch(s, "matmul", {"a_static": None, "transpose_a": True}, {"a": a, "b": b},
-                                 [("activations", h), ("gradients", every_class)]))
-
-        def finish(results):
-            out = np.empty((HIDDEN, m), dtype=dz2.dtype)
-            for h, d, r in zip(self.hidden_blocks, disguises, results):
-                out[h] = d.undo(r)
-            return out
-        return batches, finish
-
-    def _prepare_da1(self, dz2: np.ndarray, w2: np.ndarray):
-        plans, batches = [], []
-        every_class = GRADIENT_CLASS_OFFSET + np.arange(CLASSES)
-        for s, h in enumerate(self.hidden_blocks):
-            plan, arrays = self._output_block(dz2, w2[h].T)
-            plans.append(plan)
-            batches.append(Batch(s, "matmul", {"a_static": None, "transpose_a": False}, arrays,
-                                 [("w2", h), ("gradients", every_class)]))
-
-        def finish(results):
-            out = np.empty((dz2.shape[0], HIDDEN), dtype=dz2.dtype)
-            for h, plan, r in zip(self.hidden_blocks, plans, results):
-                out[:, h] = plan.combine([r])
-            return out
-        return batches, finish
+            total += d.undo(np.asarray(r, dtype=np.float64))
+        if share:
+            total -= np.take(self.factors(which), idx, axis=0) @ noise_map
+            if self.source is not self.images:
+                total += self.beta @ w1  # the standardization's offset: (784,) @ (784, 128)
+        return total.astype(w1.dtype, copy=False)
 
     def dw1(self, idx, dz1: np.ndarray) -> np.ndarray:
-        """X[idx]^T @ dz1 -> (784, 128); shard s computes rows P_s from its static block."""
+        """X[idx]^T @ dz1 -> (784, 128); slot s computes rows P_s from its static block."""
         idx = self._rows("train", idx)
-        out = np.empty((INPUTS, HIDDEN), dtype=dz1.dtype)
+        share = self.disguise == "share"
+        out = np.zeros((INPUTS, HIDDEN), dtype=np.float64 if share else dz1.dtype)
         batches, disguises = [], []
-        every_unit = np.arange(HIDDEN)
         for s, st in enumerate(self.statics):
             order = self.rng.permutation(idx.shape[0])  # the contraction (sample) order
             d = Disguise(rows=np.arange(len(st.pixels)), cols=self.rng.permutation(HIDDEN),
-                         row_exp=st.pixel_exp, col_exp=random_exponents(HIDDEN, self.rng, self.scale))
+                         row_exp=st.pixel_exp, col_exp=random_exponents(HIDDEN, self.rng, True))
             b = gather(dz1, order, d.cols)
-            if d.col_exp is not None:
-                b *= pow2(d.col_exp, b.dtype)[None, :]
+            b *= pow2(d.col_exp, b.dtype)[None, :]
             rows = st.row_index["train"][idx[order]]
             batches.append(Batch(s, "matmul", {"a_static": static_name("train", s), "transpose_a": True},
-                                 {"rows": rows, "b": b}, [("gradients", every_unit)]))
+                                 {"rows": rows, "b": b},
+                                 [("deltas", np.arange(HIDDEN), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)]))
             disguises.append(d)
-        for st, d, r in zip(self.statics, disguises, self.executor.run(batches)):
-            out[st.pixels] = d.undo(r)
-        return out
+        results = self.executor.run(batches)
+        if not share:
+            for st, d, r in zip(self.statics, disguises, results):
+                out[st.pixels] = d.undo(r)
+            return out
+        noise = np.take(self.factors("train"), idx, axis=0).T @ dz1.astype(np.float64, copy=False)  # G^T dz1
+        for st, d, r in zip(self.statics, disguises, results):
+            part = d.undo(st.mix.inverse_transposed_left(np.asarray(r, dtype=np.float64)))
+            part -= st.loadings.T @ noise
+            part *= (self.norm[st.pixels] * self.alpha[st.pixels])[:, None]
+            out[st.pixels] = part
+        # A pixel that is zero in every row of the batch has a gradient of exactly zero; rounding
+        # of the noise would leave ~1e-17 instead, which Adam's normalisation would inflate.
+        out[~self._support(idx)] = 0.0
+        if self.source is not self.images:
+            out += np.outer(self.beta, dz1.sum(axis=0, dtype=np.float64))
+        return out.astype(dz1.dtype, copy=False)
 
-    # -- elementwise operations ------------------------------------------------------
-    def _elementwise(self, op: str, a, b, tensor: str) -> np.ndarray:
-        ref = b if a is None or np.isscalar(a) else a
-        width = ref.shape[1]
-        blocks = self.hidden_blocks if width == HIDDEN else self.class_blocks
-        offset = GRADIENT_CLASS_OFFSET if (tensor == "gradients" and width == CLASSES) else 0
-        out = np.empty(ref.shape, dtype=ref.dtype)
-        batches, disguises, used = [], [], []
-        for s, cols in enumerate(blocks):
-            if len(cols) == 0:
-                continue
-            d = Disguise(rows=self.rng.permutation(ref.shape[0]), cols=self.rng.permutation(len(cols)))
-            place = cols[d.cols]
-            arrays, params = {}, {}
-            if a is not None and np.isscalar(a):
-                params["a_scalar"] = float(a)
-            elif a is not None:
-                arrays["a"] = gather(a, d.rows, place)
-            if b is not None:
-                arrays["b"] = gather(b, d.rows, place)
-            exposure = [(tensor, cols + offset)]
-            if op == "sub" and tensor == "labels":
-                exposure = [("outputs", cols), ("labels", cols)]
-            batches.append(Batch(s, op, params, arrays, exposure))
-            disguises.append(d)
-            used.append(cols)
-        for cols, d, r in zip(used, disguises, self.executor.run(batches)):
-            out[:, cols] = d.undo(r)
-        return out
+    def _support(self, idx: np.ndarray) -> np.ndarray:
+        """(784,) bool: pixels nonzero in some training row idx (cached for the full batch)."""
+        x = self.source["train"]
+        if idx.shape[0] == x.shape[0]:
+            if self._full_support is None:
+                self._full_support = np.any(x != 0, axis=0)
+            return self._full_support
+        return np.any(np.take(x, idx, axis=0) != 0, axis=0)
+
+    # -- the thin products and elementwise work stay here ---------------------------
+    def a1_w2(self, a1: np.ndarray, w2: np.ndarray) -> np.ndarray:
+        """(b,128) @ (128,10): label-adjacent and thin, computed here (never sent)."""
+        return a1 @ w2
+
+    def dw2_da1(self, a1: np.ndarray, dz2: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """a1^T @ dz2 and dz2 @ w2^T: they need dz2, which carries the labels; computed here."""
+        return a1.T @ dz2, dz2 @ w2.T
+
+    def dw2(self, a1: np.ndarray, dz2: np.ndarray) -> np.ndarray:
+        return a1.T @ dz2
+
+    def da1(self, dz2: np.ndarray, w2: np.ndarray) -> np.ndarray:
+        return dz2 @ w2.T
 
     def sigmoid(self, z, tensor="activations"):
-        if self.offload != "all":
-            from enshuffle.model import sigmoid
-            return sigmoid(z)
-        return self._elementwise("sigmoid", z, None, tensor)
+        from enshuffle.model import sigmoid
+        return sigmoid(z)
 
     def sub(self, a, b, tensor="activations"):
-        if self.offload != "all":
-            return a - b
-        return self._elementwise("sub", a, b, tensor)
+        return a - b
 
     def square(self, a, tensor="activations"):
-        if self.offload != "all":
-            return a * a
-        return self._elementwise("square", a, None, tensor)
+        return a * a
 
     def mul(self, a, b, tensor="activations"):
-        if self.offload != "all":
-            return a * b
-        return self._elementwise("mul", a, b, tensor)
+        return a * b
 
     def step_done(self) -> None:
         self.executor.step_done()
 
 
 class InProcessExecutor:
-    """Runs every shard's batches in this process through the node's own compute function.
+    """Runs every slot's batches in this process through the node's own compute function.
 
-    One simulated node per shard, named node-1..node-k; each holds its shard's static operands,
+    One simulated node per slot, named node-1..node-k; each holds its slot's static operands,
     exactly what a networked node would receive in STATIC messages.
     """
 

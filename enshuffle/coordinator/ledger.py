@@ -1,23 +1,30 @@
-"""The exposure ledger: per node and per tensor, the share of the tensor's elements the node
-has received (its *exposure*), the notebook's `bincount(exposures)` kept for a whole run.
+"""The exposure ledger: per node, for every kind of information, the share it has received and in
+what form, the notebook's `bincount(exposures)` kept for a whole run and told honestly.
 
-Every tensor is tracked as a mask over the axis a plan splits it along; each node receives
-whole rows or columns along that axis, so the mask's mean is the share of elements:
+Every kind is tracked as a mask over the axis a plan splits it along; each node receives whole
+rows or columns along that axis, so the mask's mean is the share of elements. Each position also
+keeps the weakest *form* it arrived in:
 
-| tensor       | axis (size)                 | what a node receives                               |
-|--------------|-----------------------------|----------------------------------------------------|
-| images       | pixels (784)                | its pixel block of every training and test image   |
-| w1           | rows = pixels (784)         | the rows of w1 for its pixel block                 |
-| w2           | rows = hidden units (128)   | the rows of w2 for its hidden block                |
-| activations  | hidden units (128)          | z1/a1 columns of its hidden block, every sample    |
-| outputs      | classes (10)                | z2/a2 columns (only with --offload all)            |
-| gradients    | dz1 units + dz2 classes (138) | backward deltas dz1 (128) and dz2 (10)           |
-| labels       | classes (10)                | one-hot label columns (only with --offload all)    |
+| form             | what the node can read                                                     |
+|------------------|----------------------------------------------------------------------------|
+| values hidden    | no value: secret dense mixing with per-image noise (enshuffle.coordinator.distributed) |
+| positions hidden | the values' mantissas and signs (shuffled, power-of-two scaled): linkable |
+| clear            | the values themselves                                                       |
 
-Images, w1 and w2 are the same tensor for the whole run (weights change value, not identity),
-so their share is cumulative: a node that takes over another's block shows it here.
-Activations, outputs, gradients and labels are new every step; their mask is the union of the
-positions seen across steps, i.e. the share of each step's tensor.
+| kind         | axis (size)              | what a node receives (disguise "share", the default)            |
+|--------------|--------------------------|-----------------------------------------------------------------|
+| images       | pixels (784)             | its pixel block of every image, mixed with noise (hidden)       |
+| samples      | one position             | which static rows belong to one step: linkable, not named       |
+| labels       | classes (10)             | never                                                           |
+| outputs      | classes (10)             | never                                                           |
+| w1           | rows = pixels (784)      | w1 rows of its block, secretly mixed (hidden)                   |
+| w2           | rows = hidden units (128)| never                                                           |
+| activations  | hidden units (128)       | never                                                           |
+| deltas       | hidden units (128)       | dz1, every unit, shuffled and power-of-two scaled               |
+
+Images, w1 and w2 are the same tensor for the whole run (weights change value, not identity), so
+their share is cumulative: a node that takes over another's block shows it here. The other kinds
+are new every step; their mask is the union of positions seen across steps.
 """
 
 from __future__ import annotations
@@ -30,75 +37,134 @@ from enshuffle.model import CLASSES, HIDDEN, INPUTS
 
 AXES = {
     "images": INPUTS,
+    "samples": 1,
+    "labels": CLASSES,
+    "outputs": CLASSES,
     "w1": INPUTS,
     "w2": HIDDEN,
     "activations": HIDDEN,
-    "outputs": CLASSES,
-    "gradients": HIDDEN + CLASSES,
-    "labels": CLASSES,
+    "deltas": HIDDEN,
 }
-GRADIENT_CLASS_OFFSET = HIDDEN  # dz2's class c is position HIDDEN + c of "gradients"
+FORMS = ("values hidden", "positions hidden", "clear")  # weakest last
+HIDDEN_VALUES, POSITIONS_HIDDEN, CLEAR = 1, 2, 3  # stored per position; 0 = never received
 
 
 class ExposureLedger:
-    """Thread-safe: the network thread records, presenters read `shares()`."""
+    """Thread-safe: the network thread records, presenters read `shares()` / `forms()`."""
 
     def __init__(self) -> None:
         self._masks: dict[str, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
-    def record(self, node: str, exposure: list[tuple[str, np.ndarray]]) -> None:
-        """Node `node` received positions `positions` of each `tensor`."""
+    def record(self, node: str, exposure: list[tuple]) -> None:
+        """Node `node` received `positions` of each kind, as (kind, positions[, form]); form is
+        1 values hidden, 2 positions hidden, 3 clear (default: positions hidden)."""
         with self._lock:
             masks = self._masks.setdefault(node, {})
-            for tensor, positions in exposure:
-                mask = masks.get(tensor)
+            for item in exposure:
+                kind, positions = item[0], item[1]
+                form = item[2] if len(item) > 2 else POSITIONS_HIDDEN
+                mask = masks.get(kind)
                 if mask is None:
-                    mask = masks[tensor] = np.zeros(AXES[tensor], dtype=bool)
-                mask[positions] = True
+                    mask = masks[kind] = np.zeros(AXES[kind], dtype=np.uint8)
+                np.maximum.at(mask, np.asarray(positions, dtype=np.int64), np.uint8(form))
 
     def nodes(self) -> list[str]:
         with self._lock:
             return list(self._masks)
 
     def shares(self) -> dict[str, dict[str, float]]:
-        """node -> tensor -> share of elements seen (0..1); tensors never received are 0."""
+        """node -> kind -> share of elements seen (0..1) in any form; kinds never received are 0."""
         with self._lock:
-            return {node: {t: float(masks[t].mean()) if t in masks else 0.0 for t in AXES}
+            return {node: {t: float(np.count_nonzero(masks[t]) / masks[t].size) if t in masks else 0.0 for t in AXES}
+                    for node, masks in self._masks.items()}
+
+    def forms(self) -> dict[str, dict[str, str]]:
+        """node -> kind -> the weakest form it received (a FORMS entry), for kinds it received."""
+        with self._lock:
+            return {node: {t: FORMS[int(m.max()) - 1] for t, m in masks.items() if t in AXES and m.max() > 0}
                     for node, masks in self._masks.items()}
 
     def node_shares(self, node: str) -> dict[str, float]:
-        """One node's shares, only for tensors it has received (what a BATCH header announces)."""
+        """One node's shares, only for kinds it has received (what a BATCH header announces)."""
         with self._lock:
-            return {t: float(m.mean()) for t, m in self._masks.get(node, {}).items()}
+            return {t: float(np.count_nonzero(m) / m.size) for t, m in self._masks.get(node, {}).items()
+                    if t in AXES}
 
-    def positions(self, node: str, tensor: str) -> np.ndarray:
-        """Indices along the tensor's axis that `node` has received (for tests and audits)."""
+    def positions(self, node: str, kind: str) -> np.ndarray:
+        """Indices along the kind's axis that `node` has received (for tests and audits)."""
         with self._lock:
-            mask = self._masks.get(node, {}).get(tensor)
+            mask = self._masks.get(node, {}).get(kind)
             return np.flatnonzero(mask) if mask is not None else np.empty(0, dtype=np.int64)
 
-    def table(self, tensors: tuple[str, ...] | None = None) -> str:
-        """The ledger as a text table, one row per node, one column per tensor (percent seen)."""
-        shares = self.shares()
-        tensors = tensors or tuple(t for t in AXES if any(s.get(t) for s in shares.values())) or tuple(AXES)
+    def would_hold(self, node: str, exposure: list[tuple]) -> dict[str, float]:
+        """The shares `node` would have after also receiving `exposure` (the bound's question)."""
+        with self._lock:
+            current = {k: (m > 0) for k, m in self._masks.get(node, {}).items()}
+        for item in exposure:
+            mask = current.setdefault(item[0], np.zeros(AXES[item[0]], dtype=bool))
+            mask[np.asarray(item[1], dtype=np.int64)] = True
+        return {k: float(m.mean()) for k, m in current.items()}
+
+    def table(self, kinds: tuple[str, ...] | None = None) -> str:
+        """The ledger as a text table: one row per node, one column per kind (percent seen, and a
+        letter for the weakest form: h values hidden, p positions hidden, c clear)."""
+        shares, forms = self.shares(), self.forms()
+        kinds = kinds or tuple(AXES)
         width = max([len("node")] + [len(n) for n in shares])
-        head = "node".ljust(width) + "".join(f"{t:>13}" for t in tensors)
+        head = "node".ljust(width) + "".join(f"{t:>13}" for t in kinds)
         lines = [head, "-" * len(head)]
+        letter = {"values hidden": "h", "positions hidden": "p", "clear": "c"}
         for node, s in shares.items():
-            lines.append(node.ljust(width) + "".join(f"{100 * s[t]:12.1f}%" for t in tensors))
+            cells = []
+            for t in kinds:
+                form = forms.get(node, {}).get(t)
+                cells.append(f"{100 * s[t]:10.1f}% {letter[form] if form else ' '}")
+            lines.append(node.ljust(width) + "".join(cells))
+        lines.append("forms: h values hidden (secret mixing with noise), p positions hidden (shuffled, "
+                     "power-of-two scaled: values readable), c clear")
         return "\n".join(lines)
 
     def export(self) -> dict[str, dict[str, str]]:
-        """JSON-able form (hex of packed bits) so a resumed run keeps what nodes have seen."""
+        """JSON-able form (hex of the per-position form bytes) so a resumed run keeps what nodes have seen."""
         with self._lock:
-            return {node: {t: np.packbits(m).tobytes().hex() for t, m in masks.items()}
+            return {node: {t: "v2:" + m.tobytes().hex() for t, m in masks.items()}
                     for node, masks in self._masks.items()}
 
     def load(self, data: dict[str, dict[str, str]]) -> None:
         with self._lock:
             for node, masks in data.items():
-                for tensor, hexbits in masks.items():
-                    if tensor in AXES:
-                        bits = np.unpackbits(np.frombuffer(bytes.fromhex(hexbits), dtype=np.uint8))
-                        self._masks.setdefault(node, {})[tensor] = bits[:AXES[tensor]].astype(bool)
+                for kind, text in masks.items():
+                    size = AXES.get(kind)
+                    if size is None or not isinstance(text, str):
+                        continue
+                    if text.startswith("v2:"):
+                        values = np.frombuffer(bytes.fromhex(text[3:]), dtype=np.uint8)[:size].copy()
+                    else:  # a run written before forms existed: packed bits, form unknown -> positions hidden
+                        bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:size]
+                        values = bits.astype(np.uint8) * POSITIONS_HIDDEN
+                    if values.shape[0] == size:
+                        self._masks.setdefault(node, {})[kind] = values
+
+
+def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[str]:
+    """What the table cannot say in a percentage: the same sentences in the console, the
+    end-of-run report and the chain metadata."""
+    notes = []
+    if disguise != "share":
+        notes.append("disguise 'shuffle' (an audit control): pixels and w1 rows reach nodes in the clear up to "
+                     "order and powers of two; never use it on private data")
+    if preset.init == "notebook":
+        notes.append("the seed preset starts from the notebook's public weights (RandomState(402)): a node can "
+                     "compute the initial w1 and w2; train with the default preset to keep the model private")
+    elif preset.seed is not None:
+        notes.append(f"initial weights and sample order come from the training seed you chose (--seed "
+                     f"{preset.seed}), not from the run's secret: keep that number private")
+    notes.append("deltas: every node sees each step's dz1 (rows and units shuffled, scaled by powers of two); "
+                 "rows of one class look alike, so it may group a batch's rows by class without naming the "
+                 "classes (enshuffle audit measures how well)")
+    notes.append("samples: a node knows which of its static rows a step uses and can follow a row across steps; "
+                 "it cannot match a row to an image")
+    if bound_raised:
+        notes.append("the operator raised the exposure bound (--max-exposure): a node may hold more than one block")
+    return notes

@@ -79,14 +79,17 @@ class CoordinatorRun:
         if self.run_dir:
             self._check_run_dir(resume)
         self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
-                                        control=self.control, log=None if quiet else eprint)
+                                        control=self.control, log=None if quiet else eprint,
+                                        max_exposure=getattr(args, "max_exposure", None))
         self.server.replicate = bool(getattr(args, "replicate", False))
         if getattr(args, "quarantine_after", None):
             self.server.reputation.quarantine_after = args.quarantine_after
-        plan_rng = np.random.default_rng(plan_secret(self.run_dir) if self.run_dir else None)
-        self.compute = DistributedCompute(inputs.images, shards, plan_rng, self.server.attach,
-                                          offload=args.offload, ledger=self.server.ledger)
-        self.trainer = Trainer(preset, inputs, self.compute)
+        secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
+        self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
+                                          ledger=self.server.ledger, **inputs.source(),
+                                          disguise=getattr(args, "disguise", None) or "share")
+        # Initial weights and sample order from the same secret: nothing public anchors the run.
+        self.trainer = Trainer(preset, inputs, self.compute, secret=secret)
         with self.state.lock:
             st = self.state
             st.run_id = self.server.run_id
@@ -96,7 +99,6 @@ class CoordinatorRun:
             st.run_dir = str(self.run_dir) if self.run_dir else None
             st.epochs_total = preset.epochs
             st.steps_per_epoch = self.trainer.steps_per_epoch
-            st.exposure_bound = 1.0 / shards
         if self.run_dir:
             if resume:
                 try:
@@ -175,6 +177,11 @@ class CoordinatorRun:
             eprint(line)
 
     # -- chain -----------------------------------------------------------------------
+    def privacy_notes(self) -> list[str]:
+        from enshuffle.coordinator.ledger import privacy_notes
+
+        return privacy_notes(self.preset, self.server.bound_raised, self.compute.disguise)
+
     def write_version(self, report=None) -> str | None:
         if self.chain is None:
             return None
@@ -186,7 +193,9 @@ class CoordinatorRun:
             "run_id": self.server.run_id, "created": time.time(), "settings": self._settings,
             "metrics": ({"cost": last["cost"], "train_accuracy": last["train_accuracy"],
                          "test_accuracy": last["test_accuracy"]} if last else {}),
-            "exposure": self.server.ledger.shares(), "ledger": self.server.ledger.export(), "history": history,
+            "exposure": self.server.ledger.shares(), "exposure_forms": self.server.ledger.forms(),
+            "exposure_bound": self.server.bound, "privacy_notes": self.privacy_notes(),
+            "ledger": self.server.ledger.export(), "history": history,
             "labels": {key.hex(): label for key, label in self.server.labels.items()},
         })
         version = self.chain.append(arrays, meta)
@@ -255,7 +264,8 @@ class CoordinatorRun:
         self.server.close("run-finished" if finished else "shutdown")
         if self.print_reports:
             report_ledger(self.server.ledger, self.args,
-                          {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received})
+                          {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received},
+                          notes=self.privacy_notes())
         if getattr(self.args, "save_weights", None):
             save_weights(self.args.save_weights, self.trainer.params)
         self._finish("finished" if finished else "stopped")
@@ -323,7 +333,7 @@ def _atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-RUN_FIELDS = {"preset": str, "epochs": int, "dtype": str, "offload": str, "seed": int, "shards": int}
+RUN_FIELDS = {"preset": str, "epochs": int, "dtype": str, "offload": str, "seed": (int, type(None)), "shards": int}
 
 
 def load_run_settings(run_dir: str) -> dict:

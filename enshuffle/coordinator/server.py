@@ -27,6 +27,8 @@ import zmq
 from enshuffle.coordinator.distributed import Batch
 from enshuffle.coordinator.ledger import AXES, ExposureLedger
 from enshuffle.coordinator.reputation import Reputation
+
+BOUNDED = ("images", "w1")  # kinds whose share per node the bound limits (the rest: none, or every step's)
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, NodeRow
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
 from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, DEFAULT_LIMITS, Limits, ProtocolError, decode, encode,
@@ -131,7 +133,7 @@ class CoordinatorServer:
     def __init__(self, bind: str, identity: Identity, state: CoordinatorState, ledger: ExposureLedger, *,
                  control: CoordinatorControl | None = None, heartbeat_ms: int = 1000, max_credit: int = 2,
                  log: Callable[[str], None] | None = None, context: zmq.Context | None = None,
-                 limits: Limits = DEFAULT_LIMITS):
+                 limits: Limits = DEFAULT_LIMITS, max_exposure: float | None = None):
         self.identity = identity
         self.limits = limits  # what a node's message may be (docs/protocol.md section 13)
         self.state = state
@@ -185,6 +187,12 @@ class CoordinatorServer:
         self.replicate = False  # also compute results of untrusted keys here and compare (--replicate)
         self._verify_rng = np.random.default_rng()
         self._static_norms: dict[str, object] = {}
+        # The exposure bound (docs/design.md, "Privacy"): per bounded kind, the share a node may
+        # ever hold; by default one slot's block. A slot never moves to a node it would push over.
+        self.max_exposure = max_exposure
+        self.bound: dict[str, float] = {}
+        self.bound_raised = False
+        self._bound_blocked: set[int] = set()  # slots waiting for a node the bound allows
 
     # -- plumbing ---------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -195,7 +203,31 @@ class CoordinatorServer:
         """Called by DistributedCompute as its executor factory."""
         self.compute = compute
         self.owner = [None] * compute.k
+        probe = ExposureLedger()
+        for shard in range(compute.k):
+            probe.record(f"slot{shard}", compute.slot_exposure(shard))
+        shares = probe.shares().values()
+        for kind in BOUNDED:
+            default = max((sh[kind] for sh in shares), default=1.0)
+            self.bound[kind] = max(default, self.max_exposure or 0.0)
+            self.bound_raised |= self.bound[kind] > default + 1e-12
+        with self.state.lock:
+            self.state.exposure_bound = self.bound["images"]
+            self.state.bound_raised = self.bound_raised
         return self
+
+    def eligible(self, session: "Session", shard: int) -> bool:
+        """May `session` serve `shard`? Yes if it holds it already or if every bounded kind of
+        what it would then have seen (over the whole run, under its key) stays within the bound."""
+        if shard in session.shards_held:
+            return True
+        would = self.ledger.would_hold(session.label, self.compute.slot_exposure(shard))
+        return all(would.get(kind, 0.0) <= self.bound[kind] + 1e-9 for kind in BOUNDED)
+
+    def _blocked(self, shard: int, why: str) -> None:
+        if shard not in self._bound_blocked:
+            self._bound_blocked.add(shard)
+            self.log(f"exposure bound: block {shard} waits for a node: {why}")
 
     def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
         arrays = self._statics.get(shard)
@@ -230,7 +262,8 @@ class CoordinatorServer:
         tasks = []
         for batch in batches:
             self._batch_counter += 1
-            static_cols = self.compute.statics[batch.shard].pixels.shape[0]
+            name = batch.params.get("a_static")
+            static_cols = self.static_arrays(batch.shard)[name].shape[1] if name else 0
             task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
                         work=batch_work(batch), shape=expected_shape(batch, static_cols))
             self._tasks[task.batch_id] = task
@@ -284,15 +317,42 @@ class CoordinatorServer:
         return counts
 
     def _assign(self, shard: int) -> Session | None:
-        """Give `shard` to the live session holding the fewest shards (preferring one that has it already)."""
+        """Give `shard` to the active session the exposure bound allows that holds the fewest
+        shards (preferring one that has it already); None, and the slot waits, if there is none."""
         if not self.sessions:
             self.owner[shard] = None
             return None
         counts = self._shard_counts()
-        best = min(self.sessions.values(),
-                   key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
+        allowed = [s for s in self.sessions.values() if self.eligible(s, shard)]
+        active = [s for s in allowed if s.want > 0] or allowed
+        if not active:
+            self.owner[shard] = None
+            self._blocked(shard, f"none of the {len(self.sessions)} connected node(s) may take it without "
+                                 f"exceeding the exposure bound ({self._bound_text()}); start another node, or "
+                                 f"bring back the one that held it")
+            return None
+        best = min(active, key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
         self.owner[shard] = best.node_id
+        if shard in self._bound_blocked:
+            self._bound_blocked.discard(shard)
+            self.log(f"exposure bound: block {shard} goes to {best.label}")
         return best
+
+    def _bound_wait(self) -> set[int]:
+        """Blocks with work waiting only because the bound allows no active node to take them."""
+        if not self._bound_blocked or not self.sessions:  # no node at all: "none connected" says it
+            return set()
+        for shard in list(self._bound_blocked):
+            owner = self.sessions.get(self.owner[shard]) if self.owner[shard] else None
+            if owner is not None and owner.want > 0:  # its owner is back (resumed): it goes on
+                self._bound_blocked.discard(shard)
+                self.log(f"exposure bound: block {shard} goes on with {owner.label}")
+        pending = {t.batch.shard for t in self._waiting}
+        pending.update(t.batch.shard for s in self.sessions.values() if s.want == 0 for t in s.queue)
+        return pending & self._bound_blocked
+
+    def _bound_text(self) -> str:
+        return ", ".join(f"{kind} {100 * b:.1f}%" for kind, b in self.bound.items())
 
     def _rebalance(self) -> None:
         if not self.owner:
@@ -305,11 +365,14 @@ class CoordinatorServer:
             counts = self._shard_counts()
             if not counts:
                 return
-            idle = [nid for nid, c in counts.items() if c == 0 and self.sessions[nid].want > 0]
             busiest = max(counts, key=lambda nid: counts[nid])
-            if not idle or counts[busiest] < 2:
+            if counts[busiest] < 2:
                 return
             shard = max(s for s, o in enumerate(self.owner) if o == busiest)
+            idle = [nid for nid, c in counts.items() if c == 0 and self.sessions[nid].want > 0
+                    and self.eligible(self.sessions[nid], shard)]
+            if not idle:
+                return
             self.owner[shard] = idle[0]
             self.log(f"membership: shard {shard} moves from {self.sessions[busiest].label} "
                      f"to {self.sessions[idle[0]].label}")
@@ -372,10 +435,12 @@ class CoordinatorServer:
         # The shard stays where it is unless its owner is gone; an expired lease on a live owner
         # goes to another session if there is one.
         if previous is not None and self.owner[task.batch.shard] == previous.node_id and len(self.sessions) > 1:
-            others = [s for s in self.sessions.values() if s.node_id != previous.node_id]
-            target = min(others, key=lambda s: (len(s.outstanding) + len(s.queue), s.node_id))
-            target.queue.append(task)
-            return
+            others = [s for s in self.sessions.values() if s.node_id != previous.node_id
+                      and self.eligible(s, task.batch.shard)]
+            if others:
+                target = min(others, key=lambda s: (len(s.outstanding) + len(s.queue), s.node_id))
+                target.queue.append(task)
+                return
         self._enqueue(task)
 
     # -- the poll loop -------------------------------------------------------------------
@@ -405,7 +470,13 @@ class CoordinatorServer:
         self._dispatch()
         all_paused = bool(self.sessions) and all(s.want == 0 for s in self.sessions.values())
         stalled = any(s.queue for s in self.sessions.values())
-        if not self.sessions or (all_paused and stalled):
+        bound_wait = self._bound_wait()
+        if bound_wait:
+            blocks = ", ".join(str(b) for b in sorted(bound_wait))
+            if self._status_before_wait is None:
+                self._status_before_wait = self.state.status
+            self._set_status(f"waiting: block {blocks} needs a node within the exposure bound")
+        elif not self.sessions or (all_paused and stalled):
             why = ("no nodes connected" if not self.sessions
                    else f"every connected node has paused ({len(self.sessions)})")
             if not self._waiting_logged and (self._waiting or self.owner):
@@ -430,15 +501,26 @@ class CoordinatorServer:
         if not active:
             return
         for session in [s for s in self.sessions.values() if s.want == 0 and s.queue]:
+            kept = set()
             for shard, owner in enumerate(self.owner):
                 if owner == session.node_id:
                     counts = self._shard_counts()
-                    target = min(active, key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
+                    allowed = [s for s in active if self.eligible(s, shard)]
+                    if not allowed:
+                        # The bound is an invariant: the block waits for its paused owner.
+                        kept.add(shard)
+                        self._blocked(shard, f"{session.label} paused holding it, and no other node may take it "
+                                             f"without exceeding the exposure bound ({self._bound_text()})")
+                        continue
+                    target = min(allowed, key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
                     self.owner[shard] = target.node_id
                     self.log(f"membership: shard {shard} moves from {session.label} (paused) to {target.label}")
             queued, session.queue = list(session.queue), deque()
             for task in queued:
-                self._enqueue(task)
+                if task.batch.shard in kept:
+                    session.queue.append(task)
+                else:
+                    self._enqueue(task)
 
     def _dispatch(self) -> None:
         self._route_around_paused()
@@ -471,6 +553,10 @@ class CoordinatorServer:
 
     def _send_batch(self, session: Session, task: Task) -> bool:
         # Held by the session from here on, so a failed send below re-issues it with the rest.
+        if not self.eligible(session, task.batch.shard):  # never: every path above checks; kept as a guard
+            self.log(f"exposure bound: batch {task.batch_id} not sent to {session.label}; it waits")
+            self._waiting.append(task)
+            return True
         session.outstanding[task.batch_id] = task
         task.session = session.node_id
         if task.batch.params.get("a_static") and not self._ensure_static(session, task.batch.shard):
@@ -526,7 +612,7 @@ class CoordinatorServer:
         if now - self._published_at < 0.2:
             return
         self._published_at = now
-        shares = self.ledger.shares()
+        shares, forms = self.ledger.shares(), self.ledger.forms()
         wall = time.time()
         with self.state.lock:
             for session in self.sessions.values():
@@ -540,6 +626,7 @@ class CoordinatorServer:
                 window = session.rate_window
                 row.rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 and window[-1] > window[0] else 0.0
                 row.exposure = dict(shares.get(session.label, {}))
+                row.forms = dict(forms.get(session.label, {}))
 
     # -- handling what arrives -----------------------------------------------------------
     def _handle(self, frames: list) -> None:

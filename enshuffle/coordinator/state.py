@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 
 from enshuffle.live import LiveState, PauseStop
 
-TENSORS = ("images", "w1", "w2", "activations", "gradients")
+# Every kind of information the ledger tracks (enshuffle.coordinator.ledger), bounded ones first.
+TENSORS = ("images", "w1", "deltas", "samples", "labels", "outputs", "w2", "activations")
+FORM_LETTERS = {"values hidden": "h", "positions hidden": "p", "clear": "c"}
 
 
 @dataclass
@@ -33,6 +35,7 @@ class NodeRow:
     reissued: int = 0
     refused: int = 0
     exposure: dict[str, float] = field(default_factory=dict)  # tensor -> share of elements seen (0..1)
+    forms: dict[str, str] = field(default_factory=dict)  # tensor -> weakest form received (ledger.FORMS)
     quarantine: str = ""  # why the node's key is quarantined (its last wrong result), "" if it is not
 
 
@@ -72,7 +75,9 @@ class CoordinatorState(LiveState):
     status: str = "starting"  # human sentence: "waiting for 2 nodes", "training", "paused", "finished"
     paused: bool = False
     finished: bool = False
-    exposure_bound: float = 1.0  # the share each node should stay under for images and w1
+    exposure_bound: float = 1.0  # the share each node may hold of the images' pixels and of w1 (enforced)
+    bound_raised: bool = False  # the operator allowed more than one block per node (--max-exposure)
+    exposure_forms: dict = field(default_factory=dict)  # node -> kind -> weakest form received
     nodes: dict[str, NodeRow] = field(default_factory=dict)
     epochs: list[EpochRow] = field(default_factory=list)
     versions: list[VersionRow] = field(default_factory=list)

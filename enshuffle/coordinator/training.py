@@ -8,6 +8,7 @@ versions to a hash chain and continue from one (`resume_from`).
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -15,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from enshuffle.model import (OptimizerState, Preset, evaluate, init_params, learning_rate, one_hot,
-                             prepare_inputs, train_step)
+                             prepare_inputs, train_step, training_seed, input_affine)
 
 WEIGHTS = ("w1", "b1", "w2", "b2")
 
@@ -41,6 +42,12 @@ class Inputs:
     train_labels: np.ndarray
     test_labels: np.ndarray
     train_onehot: np.ndarray
+    raw: dict[str, np.ndarray] | None = None  # the uint8 pixels images were prepared from
+    affine: tuple[np.ndarray, np.ndarray] | None = None  # images = raw * alpha + beta, per pixel
+
+    def source(self) -> dict:
+        """Keyword arguments that let a DistributedCompute share raw pixels (see input_affine)."""
+        return {"raw": self.raw, "affine": self.affine} if self.raw is not None else {}
 
 
 def prepare(dataset, preset: Preset, limit: int | None = None) -> Inputs:
@@ -51,18 +58,25 @@ def prepare(dataset, preset: Preset, limit: int | None = None) -> Inputs:
     test_images = dataset.test_images.reshape(dataset.test_images.shape[0], -1)
     train_x, test_x = prepare_inputs(train_images, test_images, preset)
     return Inputs(images={"train": train_x, "test": test_x}, train_labels=np.asarray(train_labels),
-                  test_labels=np.asarray(dataset.test_labels), train_onehot=one_hot(train_labels, train_x.dtype))
+                  test_labels=np.asarray(dataset.test_labels), train_onehot=one_hot(train_labels, train_x.dtype),
+                  raw={"train": train_images, "test": test_images}, affine=input_affine(train_images, preset))
 
 
 class Trainer:
     """Runs a preset's epochs on `compute`. Position: `epoch` epochs done, `step` steps into the next."""
 
-    def __init__(self, preset: Preset, inputs: Inputs, compute, *, on_step: Callable[["Trainer"], None] | None = None):
+    def __init__(self, preset: Preset, inputs: Inputs, compute, *, on_step: Callable[["Trainer"], None] | None = None,
+                 secret: int | None = None):
+        """`secret`: the run's secret (RUN_DIR/plan.secret); initial weights and the mini-batch
+        order derive from it unless the preset has a public seed. None draws a fresh one: a run
+        that must be resumed or compared with another passes its own."""
         self.preset = preset
         self.inputs = inputs
         self.compute = compute
         self.on_step = on_step
-        self.params = init_params(preset)
+        self.secret = secrets.randbits(256) if secret is None else int(secret)
+        self._seed = training_seed(preset, self.secret)
+        self.params = init_params(preset, self._seed)
         self.opt = OptimizerState()
         self.epoch = 0
         self.step = 0
@@ -82,13 +96,13 @@ class Trainer:
         return self.batch_size >= self.inputs.images["train"].shape[0]
 
     def _order(self, epoch: int) -> np.ndarray | None:
-        """Sample order of epoch `epoch` (0-based): a pure function of seed and epoch, so a resumed
-        run visits samples exactly as an uninterrupted one would."""
+        """Sample order of epoch `epoch` (0-based): a pure function of the training seed and epoch,
+        so a resumed run visits samples exactly as an uninterrupted one would."""
         if self.full_batch:
             return None
         if self._cached_order is None or self._cached_order[0] != epoch:
             n = self.inputs.images["train"].shape[0]
-            self._cached_order = (epoch, np.random.default_rng([self.preset.seed, epoch]).permutation(n))
+            self._cached_order = (epoch, np.random.default_rng(self._seed + [1, epoch]).permutation(n))
         return self._cached_order[1]
 
     @property

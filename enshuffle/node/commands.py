@@ -40,7 +40,7 @@ def cmd_node(args) -> int:
     """Run a node until stopped; returns the daemon's exit status (see enshuffle.node.daemon)."""
     threads = _apply_thread_env(args.threads)
     # numpy (through the daemon) is imported only now, after the environment is set.
-    from enshuffle.node.daemon import NodeDaemon, check_address
+    from enshuffle.node.daemon import MessageRecorder, NodeDaemon, check_address
     from enshuffle.node.state import NodeControl, NodeState
     from enshuffle.protocol.keys import TrustStore, enshuffle_home, load_or_create_identity
 
@@ -50,10 +50,15 @@ def cmd_node(args) -> int:
     trust = TrustStore(home)
     state = NodeState()
     control = NodeControl(threads=threads)
+    recorder = None
+    if getattr(args, "record", None):
+        recorder = MessageRecorder(args.record, args.record_max_bytes,
+                                   log=lambda line: (state.add_log(line), None if args.tui else
+                                                     print(f"enshuffle node: {line}", file=sys.stderr, flush=True)))
     daemon = NodeDaemon(args.connect, identity=identity, trust=trust, pinned=args.coordinator_key,
                         name=args.name or socket.gethostname(), threads=threads, state=state,
                         control=control, log=None if not args.tui else state_only,
-                        exit_on_finish=not getattr(args, "keep_running", False))
+                        exit_on_finish=not getattr(args, "keep_running", False), recorder=recorder)
     _install_signal_handlers(daemon)
     if not args.tui:
         return daemon.run()

@@ -58,6 +58,7 @@ RATE_LINE_S = 10.0             # a rate line this often while working
 IDLE_AFTER_S = 2.0             # no batch for this long: "idle, waiting for work"
 BYE_LINGER_MS = 1000           # how long the final BYE may take to leave (spec 15)
 DEFAULT_MAX_STATIC_BYTES = 4 << 30
+DEFAULT_RECORD_MAX_BYTES = 2 << 30  # --record stops (with one log line) past this many bytes
 
 MAX_HEARTBEAT_MS = 600_000    # a WELCOME asking for more (or < 1) is refused: libzmq takes an int
 MAX_RUNS_REMEMBERED = 64       # runs whose last accepted seq the daemon keeps (replay protection)
@@ -139,6 +140,65 @@ def check_address(address: str) -> None:
         ctx.term()
 
 
+class RecordError(UsageError):
+    """A --record directory that cannot be used; the message names it and what to do."""
+
+
+class MessageRecorder:
+    """`--record DIR`: keeps every STATIC and BATCH this node accepted after verification.
+
+    One file per message, `DIR/%08d-%s.npz` (a running number, the command): the header JSON as
+    a uint8 array named `header`, each array as `arr.<name>` (numpy savez, no pickle; read with
+    allow_pickle=False). It is what an honest-but-curious node keeps, so `enshuffle audit` can
+    play that node against it. Bounded: past `max_bytes` it stops, with one log line.
+    """
+
+    def __init__(self, directory: str, max_bytes: int = DEFAULT_RECORD_MAX_BYTES,
+                 log: Callable[[str], None] | None = None) -> None:
+        import os
+
+        self.directory = directory
+        self.max_bytes = int(max_bytes)
+        self.written = 0
+        self.count = 0
+        self.stopped = False
+        self._log = log or (lambda line: None)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise RecordError(f"cannot create --record directory {directory}: {exc.strerror}; "
+                              f"choose a writable directory") from None
+        if any(name.endswith(".npz") for name in os.listdir(directory)):
+            raise RecordError(f"--record directory {directory} already holds a recording; "
+                              f"choose an empty or new directory")
+
+    def record(self, msg: Message) -> None:
+        import json
+        import os
+
+        if self.stopped:
+            return
+        size = sum(a.nbytes for a in msg.arrays.values()) + len(msg.raw_header)
+        if self.written + size > self.max_bytes:
+            self.stopped = True
+            self._log(f"recording stopped after {self.count} messages: the next one would pass "
+                      f"the --record-max-bytes cap of {self.max_bytes} bytes")
+            return
+        header = dict(msg.header)
+        payload = {"header": np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)}
+        payload.update({f"arr.{name}": np.asarray(a) for name, a in msg.arrays.items()})
+        path = os.path.join(self.directory, f"{self.count:08d}-{msg.command}.npz")
+        try:
+            with open(path, "wb") as fh:
+                np.savez(fh, **payload)
+        except OSError as exc:
+            self.stopped = True
+            self._log(f"recording stopped: cannot write {path}: {exc.strerror}")
+            return
+        self.count += 1
+        self.written += size
+
+
 class _SessionEnd(Exception):
     """Ends the current session. `status` None = reconnect with back-off, else exit with it."""
 
@@ -181,7 +241,7 @@ class NodeDaemon:
                  log: Callable[[str], None] | None = None, exit_on_finish: bool = True,
                  hello_timeout: float = HELLO_TIMEOUT_S, limits: Limits = DEFAULT_LIMITS,
                  max_static_bytes: int = DEFAULT_MAX_STATIC_BYTES,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, recorder: MessageRecorder | None = None) -> None:
         self.connect = connect
         self.identity = identity
         self.trust = trust
@@ -193,6 +253,7 @@ class NodeDaemon:
         self.limits = limits
         self.max_static_bytes = max_static_bytes
         self.rng = rng or random.Random()
+        self.recorder = recorder
         self.control = control or NodeControl(threads=threads)
         self.state = state or NodeState()
         self._log = log or (lambda line: print(f"enshuffle node: {line}", file=sys.stderr, flush=True))
@@ -647,6 +708,8 @@ class NodeDaemon:
             return
         self._accept_seq(s.run_id, h["seq"])
         self._note_exposure(h.get("exposure"))
+        if self.recorder is not None:
+            self.recorder.record(msg)
         if msg.command == "STATIC":
             self._store_static(s, msg)
         else:

@@ -29,7 +29,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import DataTable, Footer, Log, Sparkline, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
-from ..coordinator.state import TENSORS, CoordinatorControl, CoordinatorState, NodeRow, VersionRow
+from ..coordinator.state import FORM_LETTERS, TENSORS, CoordinatorControl, CoordinatorState, NodeRow, VersionRow
 from .format import (
     BOUNDED_TENSORS,
     fmt_accuracy,
@@ -67,7 +67,7 @@ NODE_COLUMNS = [
 ]
 NODE_NUMERIC = {"done", "out", "rate", "seen", "reissued", "refused", "images", "w1", "w2"}
 
-TENSOR_LABELS = {"activations": "activ.", "gradients": "grads"}
+TENSOR_LABELS = {"activations": "activ."}
 TENSOR_SHORT = {"images": "img"}  # for the OVER flag, which must fit its column
 EXPOSURE_NAME_WIDTH = 12
 EXPOSURE_FLAG_WIDTH = 11
@@ -109,9 +109,12 @@ Nodes
   fp           the node's key fingerprint (first two groups)
 
 Exposure
-  one bar per node and tensor; ┃ marks the exposure bound for
-  images and w1. "OVER img" in the flag column: the node has seen
-  more than the bound of images.
+  one bar per node and kind of information; ┃ marks the exposure
+  bound for images and w1 (enforced: a block never moves to a node
+  it would push over). The letter after a share is the form it
+  arrived in: h values hidden (mixed with noise), p positions hidden
+  (shuffled; values readable), c clear. labels, outputs, w2 and
+  activations never leave the coordinator.
 
 Chain
   verified: ✓ ok, ✗ FAILED, – not checked yet
@@ -164,7 +167,7 @@ def exposure_cells(row: NodeRow, bound: float, widths: dict[str, int]) -> tuple[
     cells = [row.name or row.node_id, flag]
     for tensor, width in widths.items():
         share = row.exposure.get(tensor, 0.0)
-        pct = fmt_share(share)
+        pct = fmt_share(share) + FORM_LETTERS.get(row.forms.get(tensor, ""), " ")
         if width:
             mark = bound if tensor in BOUNDED_TENSORS else None
             cells.append(f"{share_bar(share, width, mark)} {pct:>6}")
@@ -176,7 +179,8 @@ def exposure_cells(row: NodeRow, bound: float, widths: dict[str, int]) -> tuple[
 def exposure_summary(state: CoordinatorState) -> str:
     """One line: the bound, the largest share of each bounded tensor and who holds it."""
     bound = state.exposure_bound
-    parts = [f"bound {fmt_share(bound)} ({', '.join(BOUNDED_TENSORS)}; ┃ marks it)"]
+    raised = " raised by the operator (--max-exposure)" if state.bound_raised else ""
+    parts = [f"bound {fmt_share(bound)}{raised} ({', '.join(BOUNDED_TENSORS)}; ┃ marks it; enforced)"]
     for tensor in BOUNDED_TENSORS:
         rows = [r for r in state.nodes.values() if tensor in r.exposure]
         if rows:
@@ -184,7 +188,7 @@ def exposure_summary(state: CoordinatorState) -> str:
             parts.append(f"max {tensor} {fmt_share(top.exposure[tensor])} ({top.name or top.node_id})")
     over = sum(1 for r in state.nodes.values() if over_bound(r.exposure, bound))
     parts.append(f"{over} node{'s' if over != 1 else ''} OVER" if over else "none over")
-    return " · ".join(parts)
+    return " · ".join(parts) + "\nh values hidden · p positions hidden (values readable) · c clear"
 
 
 def verified_text(verified: bool | None) -> str:
@@ -337,7 +341,7 @@ class CoordinatorApp(SnapshotApp):
         table.clear(columns=True)
         columns = [("name", "node", EXPOSURE_NAME_WIDTH), ("flag", "flag", EXPOSURE_FLAG_WIDTH)]
         for tensor, width in self.bar_widths.items():
-            columns.append((tensor, TENSOR_LABELS.get(tensor, tensor), width + 7 if width else 6))
+            columns.append((tensor, TENSOR_LABELS.get(tensor, tensor), width + 8 if width else 7))
         self.exposure_sync = TableSync(table, columns, {t for t, w in self.bar_widths.items() if not w})
 
     # ----- refresh -----

@@ -62,10 +62,19 @@ Coordinator
   trusted on first use (compare it with the one the operator
   publishes).
 
-Exposure
-  the share of each of the model's tensors this machine has seen
-  so far. The coordinator keeps every node under its bound for
-  images and w1.
+Exposure: what this machine really sees
+  images   its block of pixels of every image, mixed with secret
+           per-image noise (h: no pixel value, position or image
+           can be read from it)
+  w1       the first layer's rows for that block, secretly mixed
+           (h: no weight can be read)
+  deltas   each step's dz1, shuffled and scaled by powers of two
+           (p: values readable, units and samples unnamed)
+  samples  which of its rows a step uses (p: linkable across
+           steps, not matchable to images)
+  labels, outputs, w2, activations: never sent to any node.
+  The coordinator never lets a node hold more than its bound of
+  images and w1 (one block unless the operator raised it).
 """
 
 
@@ -95,13 +104,23 @@ def work_text(s: NodeState, threads: int, paused: bool) -> str:
     )
 
 
+# What a node really holds of each kind (the coordinator's disguise "share"; docs/design.md).
+NODE_FORMS = {
+    "images": "h",  # its pixel block, secretly mixed with per-image noise: no pixel value, position or image
+    "w1": "h",  # w1 rows of its block, secretly mixed: no weight value
+    "deltas": "p",  # each step's dz1, shuffled and scaled: values readable, units and samples unnamed
+    "samples": "p",  # which of its rows a step uses: linkable across steps, not matchable to images
+}
+
+
 def exposure_text(s: NodeState, width: int) -> str:
-    """One bar per tensor: how much of it this machine has seen."""
-    bar = max(6, width - 22)
+    """One bar per kind of information: how much of it this machine has seen, and in what form."""
+    bar = max(6, width - 24)
     lines = []
     for tensor in TENSORS:
         share = s.exposure.get(tensor, 0.0)
-        lines.append(f"{tensor:<12}{share_bar(share, bar)} {fmt_share(share):>6}")
+        form = NODE_FORMS.get(tensor, " ") if share else " "
+        lines.append(f"{tensor:<12}{share_bar(share, bar)} {fmt_share(share):>6} {form}")
     extra = [t for t in s.exposure if t not in TENSORS]
     for tensor in extra:
         share = s.exposure[tensor]

@@ -1,0 +1,231 @@
+"""`enshuffle audit`: a short real run with one recording node, then the attacker, then the table.
+
+The coordinator runs in this process (as `enshuffle train --nodes K` does), K `enshuffle node`
+processes on loopback, the first with `--record`. After the run, `attacks.attack` gets only the
+recording and public information; `scoring.score` compares its claims with ground truth read
+from this process's coordinator objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from enshuffle.cli import UsageError
+
+# Two epochs: rows come back in a second epoch (linking), and the seed preset needs 2 steps to
+# show an update.
+DEFAULT_EPOCHS = {"default": 2, "seed": 2}
+
+
+def _eprint(*parts) -> None:
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def spawn_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, record: Path) -> list[subprocess.Popen]:
+    """`count` node processes, each with its own key; the first records what it accepts."""
+    procs = []
+    for i in range(count):
+        home = workdir / f"node-{i + 1}"
+        home.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, ENSHUFFLE_HOME=str(home))
+        cmd = [sys.executable, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key", fingerprint,
+               "--name", f"audit-{i + 1}", "--threads", "1"]
+        if i == 0:
+            cmd += ["--record", str(record)]
+        log = open(home / "node.log", "wb")
+        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+    return procs
+
+
+def _check_disguise(disguise: str) -> None:
+    import inspect
+
+    from enshuffle.coordinator.distributed import DistributedCompute
+
+    params = inspect.signature(DistributedCompute.__init__).parameters
+    if "disguise" not in params and disguise != "shuffle":
+        raise UsageError(f"--disguise {disguise}: this coordinator has only the shuffle disguise; "
+                         f"use --disguise shuffle")
+
+
+def truth_from(run, slots: list[int], dataset, limit: int):
+    """Ground truth from the coordinator objects of this process (never given to the attacker)."""
+    from enshuffle.audit.scoring import Truth
+
+    compute = run.compute
+    statics: dict[str, dict] = {}
+    scales: dict[str, np.ndarray] = {}
+    for slot in slots:
+        if hasattr(compute, "audit_truth"):
+            statics.update(compute.audit_truth(slot))
+        else:  # the pre-issue-7 coordinator: pixel blocks in the clear, scaled
+            st = compute.statics[slot]
+            for which in compute.images:
+                statics[f"{which}.{slot}"] = {"pixels": st.pixels, "row_order": st.row_order[which],
+                                              "column_pixel": st.pixels, "noise_only": False, "which": which}
+        # The "shuffle" control's static column scales, wherever this coordinator keeps them.
+        holders = []
+        if hasattr(compute, "holdings"):
+            holders = [(h, getattr(h, "name_suffix", "")) for h in compute.holdings[slot]]
+        elif hasattr(compute, "statics"):
+            holders = [(compute.statics[slot], "")]
+        for h, suffix in holders:
+            if getattr(h, "pixel_exp", None) is not None:
+                for which in compute.images:
+                    scales[f"{which}.{slot}{suffix}"] = np.asarray(h.pixel_exp)
+    n = limit
+    return Truth(statics=statics, train_u8=dataset.train_images[:n].reshape(n, -1),
+                 test_u8=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
+                 train_labels=np.asarray(dataset.train_labels[:n]),
+                 w1_final=np.asarray(run.trainer.params["w1"], dtype=np.float64), static_scales=scales)
+
+
+def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | None = None, limit: int = 2000,
+              data: str | None = None, disguise: str = "share", record_dir: str | None = None,
+              log=_eprint, ica: bool = True) -> dict:
+    """Run, record, attack, score; returns the figures (see scoring.score) plus the settings."""
+    from enshuffle.audit.attacks import Public, attack
+    from enshuffle.audit.recording import load_recording
+    from enshuffle.audit.scoring import TARGETS, meets_targets, score
+    from enshuffle.coordinator.run import CoordinatorRun, stop_local_nodes
+    from enshuffle.coordinator.training import prepare
+    from enshuffle.dataset import DataError, load_dataset
+    from enshuffle.model import get_preset
+
+    if nodes < 2:
+        raise UsageError(f"--nodes {nodes}: an audit needs at least 2 nodes (one records, the bound needs others)")
+    _check_disguise(disguise)
+    try:
+        dataset = load_dataset(data, log=log)
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    available = dataset.train_images.shape[0]
+    if limit > available:
+        raise UsageError(f"--limit {limit}: the data has only {available} training images")
+    epochs = epochs or DEFAULT_EPOCHS.get(preset_name, 1)
+    preset = get_preset(preset_name, epochs=epochs)
+    inputs = prepare(dataset, preset, limit)
+    with tempfile.TemporaryDirectory(prefix="enshuffle-audit-") as tmp:
+        tmp = Path(tmp)
+        record = Path(record_dir) if record_dir else tmp / "recording"
+        if record.exists() and any(record.iterdir()):
+            raise UsageError(f"--record {record} is not empty; give a new or empty directory")
+        settings = SimpleNamespace(offload="matmul", limit=limit, json=False, save_weights=None,
+                                   disguise=disguise, verbose=False)
+        run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
+                             run_dir=None, home=tmp / "coordinator", quiet=True)
+        run.print_reports = False
+        actual = getattr(run.compute, "disguise", "shuffle")
+        if actual != disguise:
+            run.server.close("shutdown")
+            raise UsageError(f"--disguise {disguise}: the coordinator ran {actual!r} instead")
+        log(f"audit: {nodes} node processes on {run.server.endpoint}, preset {preset.name}, {epochs} epoch(s), "
+            f"{limit} training images, disguise {disguise}; audit-1 records into {record}")
+        procs = spawn_nodes(run.server.endpoint, run.identity.fingerprint, nodes, tmp, record)
+        try:
+            status = run.run()
+        finally:
+            if not run.state.finished:
+                run.server.close("shutdown")
+            stop_local_nodes(procs, timeout=10.0)
+        if status != 0 or not run.trainer.finished:
+            raise UsageError(f"the audited run did not finish (status {status}); see the node logs")
+        messages = load_recording(record)
+        slots = sorted({int(m.header["name"].split(".")[1]) for m in messages if m.command == "STATIC"})
+        if not slots:
+            raise UsageError("the recording node received no static operand; nothing to audit")
+        log(f"audit: {len(messages)} messages recorded (slots {slots}); attacking")
+        public = Public(train_images=dataset.train_images.reshape(available, -1), train_labels=np.asarray(dataset.train_labels),
+                        test_images=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
+                        test_labels=np.asarray(dataset.test_labels), preset=preset)
+        import time
+
+        started = time.perf_counter()
+        claims = attack(messages, public, ica=ica)
+        log(f"audit: attacks took {time.perf_counter() - started:.1f} s")
+        truth = truth_from(run, slots, dataset, limit)
+    figures = score(claims, truth)
+    figures["settings"] = {"preset": preset.name, "nodes": nodes, "epochs": epochs, "limit": limit,
+                           "disguise": disguise, "data": dataset.describe(), "slots": slots,
+                           "messages": len(messages)}
+    figures["targets"] = {k: v[1] for k, v in TARGETS.items()}
+    figures["meets_targets"] = meets_targets(figures)
+    return _plain(figures)
+
+
+ROWS = [
+    ("labels_named", "training labels named correctly", "labels_named"),
+    ("labels_grouping_ari", "  grouping by class only (adjusted Rand, dz1 clusters)", None),
+    ("labels_cluster_purity", "  cluster purity", None),
+    ("labels_grouping_global_ari", "  one grouping of all rows, linked across epochs (ARI)", None),
+    ("reid", "rows re-identified against the public data", "reid"),
+    ("reid_exact", "  by exact match of visible pixels", None),
+    ("reid_nn", "  by nearest neighbour on statistics", None),
+    ("exact_pixels", "its pixel values, exactly", "exact_pixels"),
+    ("static_scales", "static power-of-two scales undone", None),
+    ("positions", "its pixel positions", "positions"),
+    ("positions_weights", "  from public initial weights (mantissas)", None),
+    ("positions_statistics", "  from public image statistics", None),
+    ("rows_linked", "rows linked across steps", None),
+    ("w1_outside_corr", "w1 rows outside its block (correlation)", "w1_outside_corr"),
+    ("w1_inside_corr", "w1 rows inside its block (correlation)", None),
+    ("w1_block_corr", "  its last w1 block, up to hidden-unit order (mean |corr|)", None),
+    ("w1_block_chance", "  same for a random block (chance)", None),
+    ("ica_pixels_recovered", "ICA: pixel columns recovered (|corr| >= 0.9)", None),
+    ("ica_best_abs_corr_mean", "ICA: mean best |corr| with a pixel column", None),
+    ("ica_chance_abs_corr_mean", "  same for random mixtures of the true block (chance)", None),
+]
+
+
+def format_table(figures: dict) -> str:
+    s = figures["settings"]
+    lines = [f"What one curious node recovered: preset {s['preset']}, {s['nodes']} nodes, {s['epochs']} epoch(s), "
+             f"{s['limit']} images, disguise {s['disguise']}",
+             f"{'what':<58}{'recovered':>10}  {'target':>8}  ok"]
+    for key, text, target_key in ROWS:
+        value = figures.get(key)
+        shown = "n/a" if value is None else (f"{value:.3f}" if "corr" in key or "ari" in key else f"{value:.1%}")
+        target = ""
+        ok = ""
+        if target_key:
+            limit = figures["targets"][target_key]
+            target = f"<= {limit:.2f}" if "corr" in target_key else f"<= {limit:.0%}"
+            ok = "yes" if figures["meets_targets"][target_key] else "NO"
+        lines.append(f"{text:<58}{shown:>10}  {target:>8}  {ok}")
+    if figures.get("w1_source"):
+        lines.append(f"(w1 estimate: {figures['w1_source']})")
+    for note in figures.get("notes", []):
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _plain(value):
+    """Figures as plain JSON values (numpy scalars and arrays included)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def cmd_audit(args) -> int:
+    figures = run_audit(preset_name=args.preset, nodes=args.nodes, epochs=args.epochs, limit=args.limit,
+                        data=args.data, disguise=args.disguise, record_dir=args.record)
+    if args.json:
+        print(json.dumps(_plain(figures)), flush=True)
+    else:
+        print(format_table(figures), flush=True)
+    return 0

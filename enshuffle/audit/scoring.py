@@ -1,0 +1,250 @@
+"""The scorer: the attacker's claims against ground truth from the coordinator's objects.
+
+Ground truth (`Truth`) comes from `DistributedCompute.audit_truth(slot)` (each static's pixel
+block in column order, row order, the dominant pixel of each column, noise share or not), the
+trainer's final w1, and the raw images and labels the run trained on. The attacker
+(`enshuffle.audit.attacks`) never sees any of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from enshuffle.audit.attacks import Claims
+
+# issue 7's targets for what one node recovers (default preset, 3 nodes)
+TARGETS = {
+    "labels_named": ("<=", 0.15),
+    "reid": ("<=", 0.01),
+    "exact_pixels": ("<=", 0.0),
+    "positions": ("<=", 0.05),
+    "w1_outside_corr": ("<=", 0.1),
+}
+
+
+@dataclass
+class Truth:
+    statics: dict[str, dict]  # static name -> audit_truth entry
+    train_u8: np.ndarray  # (n, 784) raw images the run trained on (original row order)
+    test_u8: np.ndarray
+    train_labels: np.ndarray
+    w1_final: np.ndarray  # (784, 128)
+    static_scales: dict[str, np.ndarray]  # static name -> true static column exponents ("shuffle")
+
+
+def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two labelings of the same items (1 = same partition, ~0 = chance)."""
+    a = np.unique(a, return_inverse=True)[1]
+    b = np.unique(b, return_inverse=True)[1]
+    table = np.zeros((a.max() + 1, b.max() + 1), dtype=np.float64)
+    np.add.at(table, (a, b), 1)
+
+    def pairs(x):
+        return (x * (x - 1) / 2).sum()
+    n = a.shape[0]
+    total = n * (n - 1) / 2
+    s_ij, s_a, s_b = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
+    expected = s_a * s_b / total if total else 0.0
+    top = (s_a + s_b) / 2
+    return float((s_ij - expected) / (top - expected)) if top != expected else 1.0
+
+
+def purity(truth: np.ndarray, clusters: np.ndarray) -> float:
+    table = np.zeros((clusters.max() + 1, truth.max() + 1))
+    np.add.at(table, (clusters, truth), 1)
+    return float(table.max(axis=1).sum() / truth.shape[0])
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.ravel() - a.mean()
+    b = b.ravel() - b.mean()
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    return float(a @ b / den) if den else 0.0
+
+
+def _matched_columns_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean |correlation| of a's columns with b's after a greedy one-to-one matching."""
+    a = a - a.mean(axis=0)
+    b = b - b.mean(axis=0)
+    a = a / np.maximum(np.linalg.norm(a, axis=0), 1e-300)
+    b = b / np.maximum(np.linalg.norm(b, axis=0), 1e-300)
+    sim = np.abs(a.T @ b)
+    taken_a = np.zeros(sim.shape[0], dtype=bool)
+    taken_b = np.zeros(sim.shape[1], dtype=bool)
+    picked = []
+    for flat in np.argsort(sim, axis=None)[::-1]:
+        i, j = divmod(int(flat), sim.shape[1])
+        if not taken_a[i] and not taken_b[j]:
+            taken_a[i] = taken_b[j] = True
+            picked.append(sim[i, j])
+            if len(picked) == min(sim.shape):
+                break
+    return float(np.mean(picked))
+
+
+def score(claims: Claims, truth: Truth) -> dict:
+    """Figures (shares in 0..1, correlations) of what the claims got right."""
+    exact_ok = exact_all = 0
+    pos_w_ok = pos_s_ok = pos_all = 0
+    scale_ok = scale_all = 0
+    reid_e_ok = reid_n_ok = reid_all = reid_n_all = 0
+    ica_best: list[float] = []
+    ica_chance: list[float] = []
+    per_static = {}
+    for name, c in claims.statics.items():
+        if c.which != "train":
+            continue
+        t = truth.statics.get(name)
+        if t is None or t.get("noise_only", False):
+            continue
+        images = truth.train_u8 if c.which == "train" else truth.test_u8
+        order = np.asarray(t["row_order"])
+        block = images[order][:, np.asarray(t["pixels"])]  # true raw values in static order (unmixed)
+        col_pixel = np.asarray(t["column_pixel"])
+        mixed = not np.array_equal(col_pixel, np.asarray(t["pixels"]))
+        # exact pixel values: a claim counts when it equals the raw pixel of that row and column
+        # (for a mixed block, the column's dominant pixel)
+        truth_vals = images[order][:, col_pixel] if mixed else block
+        e_ok = int(np.count_nonzero(c.values == truth_vals))
+        exact_ok += e_ok
+        exact_all += truth_vals.size
+        pw, ps = int(np.count_nonzero(c.positions_weights == col_pixel)), int(np.count_nonzero(c.positions_stats == col_pixel))
+        pos_w_ok += pw
+        pos_s_ok += ps
+        pos_all += col_pixel.size
+        if name in truth.static_scales:
+            scale_ok += int(np.count_nonzero(c.scale_exp == truth.static_scales[name]))
+            scale_all += col_pixel.size
+        re = int(np.count_nonzero(c.reid_exact == order))
+        tried = c.reid_nn_rows if c.reid_nn_rows is not None else np.arange(order.size)
+        rn = int(np.count_nonzero(c.reid_nn[tried] == order[tried]))
+        reid_e_ok += re
+        reid_n_ok += rn
+        reid_all += order.size
+        reid_n_all += tried.size
+        if c.ica_sources is not None:
+            src = c.ica_sources - c.ica_sources.mean(axis=0)
+            px = block[c.ica_rows if c.ica_rows is not None else slice(None)].astype(np.float64)
+            px = px - px.mean(axis=0)
+            live = np.linalg.norm(px, axis=0) > 0
+            if live.any():
+                sn = src / np.maximum(np.linalg.norm(src, axis=0), 1e-300)
+                pn = px[:, live] / np.linalg.norm(px[:, live], axis=0)
+                ica_best.extend(np.abs(pn.T @ sn).max(axis=1).tolist())
+                # chance level: as many random mixtures of the true block's columns
+                rnd = px @ np.random.default_rng(1).standard_normal((px.shape[1], src.shape[1]))
+                rnd /= np.maximum(np.linalg.norm(rnd, axis=0), 1e-300)
+                ica_chance.extend(np.abs(pn.T @ rnd).max(axis=1).tolist())
+        per_static[name] = {"exact_pixels": e_ok / truth_vals.size, "positions_weights": pw / col_pixel.size,
+                            "positions_statistics": ps / col_pixel.size, "reid_exact": re / order.size,
+                            "reid_nn": rn / max(1, tried.size), "mixed": mixed}
+
+    # labels: per train static row, claimed label vs the true label of its original row
+    lab_ok = lab_all = 0
+    for name, claim in claims.labels.items():
+        t = truth.statics.get(name)
+        if t is None or t.get("noise_only", False):
+            continue
+        true = truth.train_labels[np.asarray(t["row_order"])]
+        lab_ok += int(np.count_nonzero(claim == true))
+        lab_all += true.size
+    global_ari = None
+    for name, ids in claims.groups.items():
+        t = truth.statics.get(name)
+        # only a grouping of (nearly) all rows counts: one epoch links nothing across batches
+        if t is None or (ids >= 0).mean() < 0.9 or np.unique(ids[ids >= 0]).size < 2:
+            continue
+        true = truth.train_labels[np.asarray(t["row_order"])]
+        global_ari = adjusted_rand(true[ids >= 0], ids[ids >= 0])
+    aris, purities = [], []
+    for name, rows, ids in claims.grouping:
+        t = truth.statics.get(name)
+        if t is None:
+            continue
+        true = truth.train_labels[np.asarray(t["row_order"])[rows]]
+        aris.append(adjusted_rand(true, ids))
+        purities.append(purity(true, ids))
+
+    # rows linked across steps: occurrences whose true sample also occurs in another step,
+    # linked by the attacker (same static row) to that occurrence
+    linked_ok = linkable = 0
+    seen: dict[tuple, set] = {}
+    for name, step, rows in claims.occurrences:
+        t = truth.statics.get(name)
+        if t is None:
+            continue
+        orig = np.asarray(t["row_order"])[rows]
+        for r_claim, r_true in zip(rows.tolist(), orig.tolist()):
+            seen.setdefault(("true", r_true), set()).add(step)
+            seen.setdefault(("claim", name, r_claim), set()).add((step, r_true))
+    for key, steps in seen.items():
+        if key[0] != "claim":
+            continue
+        true_ids = {r for _, r in steps}
+        for step, r_true in steps:
+            if len(seen[("true", r_true)]) > 1:
+                linkable += 1
+                if len(true_ids) == 1 and len({s for s, _ in steps}) > 1:
+                    linked_ok += 1
+
+    # w1 rows inside and outside the node's blocks
+    inside = np.zeros(truth.w1_final.shape[0], dtype=bool)
+    for name, t in truth.statics.items():
+        inside[np.asarray(t["pixels"])] = True
+    w1_out = w1_in = None
+    if claims.w1_estimate is not None:
+        if (~inside).any():
+            w1_out = _corr(claims.w1_estimate[~inside], truth.w1_final[~inside])
+        if inside.any():
+            w1_in = _corr(claims.w1_estimate[inside], truth.w1_final[inside])
+
+    # The node's own block of the final w1, up to the order of hidden units (a network is the
+    # same function with its hidden units renumbered): each claimed column matched greedily to
+    # the true unit it correlates with best; the figure is the mean |correlation| of the pairs.
+    w1_block = w1_block_chance = None
+    if claims.w1_block is not None:
+        pos, block = claims.w1_block
+        truth_block = truth.w1_final[np.clip(pos, 0, truth.w1_final.shape[0] - 1)]
+        w1_block = _matched_columns_corr(block, truth_block)
+        w1_block_chance = _matched_columns_corr(np.random.default_rng(2).standard_normal(block.shape), truth_block)
+
+    def share(ok, total):
+        return ok / total if total else None
+
+    figures = {
+        "exact_pixels": share(exact_ok, exact_all),
+        "static_scales": share(scale_ok, scale_all),
+        "positions_weights": share(pos_w_ok, pos_all),
+        "positions_statistics": share(pos_s_ok, pos_all),
+        "reid_exact": share(reid_e_ok, reid_all),
+        "reid_nn": share(reid_n_ok, reid_n_all),
+        "labels_named": share(lab_ok, lab_all),
+        "labels_grouping_ari": float(np.mean(aris)) if aris else None,
+        "labels_grouping_global_ari": global_ari,
+        "labels_cluster_purity": float(np.mean(purities)) if purities else None,
+        "rows_linked": share(linked_ok, linkable),
+        "w1_outside_corr": w1_out,
+        "w1_inside_corr": w1_in,
+        "w1_block_corr": w1_block,
+        "w1_block_chance": w1_block_chance,
+        "ica_best_abs_corr_mean": float(np.mean(ica_best)) if ica_best else None,
+        "ica_chance_abs_corr_mean": float(np.mean(ica_chance)) if ica_chance else None,
+        "ica_pixels_recovered": float(np.mean(np.asarray(ica_best) >= 0.9)) if ica_best else None,
+    }
+    figures["positions"] = max(v for v in (figures["positions_weights"], figures["positions_statistics"], 0.0)
+                               if v is not None)
+    figures["reid"] = max(v for v in (figures["reid_exact"], figures["reid_nn"], 0.0) if v is not None)
+    figures["per_static"] = per_static
+    figures["w1_source"] = claims.w1_source
+    figures["notes"] = claims.notes
+    return figures
+
+
+def meets_targets(figures: dict) -> dict[str, bool]:
+    out = {}
+    for key, (_, limit) in TARGETS.items():
+        value = figures.get(key)
+        out[key] = value is None or value <= limit + 1e-12
+    return out
