@@ -144,8 +144,8 @@ def main(argv=None) -> int:
              "node_seconds": 0.0,
              "honest_max": {"worst": 0.0, "level": 0.0, "worst/reference": 0.0, "|t|": 0.0, "|beta|/u": 0.0}}
     compute = DistributedCompute(inputs.images, args.shards, np.random.default_rng(args.seed),
-                                 lambda c: SweepExecutor(c, args, stats))
-    trainer = Trainer(preset, inputs, compute)
+                                 lambda c: SweepExecutor(c, args, stats), **inputs.source())
+    trainer = Trainer(preset, inputs, compute, secret=args.seed)
     started = time.monotonic()
     while stats["honest"] < args.honest:
         trainer.run_step()
