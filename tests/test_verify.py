@@ -1,4 +1,4 @@
-"""Result verification: Freivalds' test for products, spot checks for elementwise results.
+"""Result verification: Freivalds' test for products with tight per-row rounding bounds.
 
 Unit tests show no false alarms on honest products (random and image-like data, both dtypes,
 every shape the network sends) and that a single wrong entry is caught. A wire test shows a node
@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from enshuffle.coordinator.verify import StaticNorms, check_elementwise, check_matmul
-from enshuffle.model import sigmoid
+from enshuffle.coordinator.verify import StaticNorms, check_matmul
 from enshuffle.protocol.messages import encode
 
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
@@ -75,18 +74,6 @@ def test_dynamic_products(dtype, transpose):
     nan = c.copy()
     nan[0, 0] = np.nan
     assert check_matmul(nan, {"a": a, "b": b}, params, rng) is not None
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_elementwise_spot_checks(dtype):
-    rng = np.random.default_rng(6)
-    z = (rng.standard_normal((500, 64)) * 5).astype(dtype)
-    assert check_elementwise("sigmoid", sigmoid(z), {"a": z}, {}, rng) is None
-    assert check_elementwise("sub", (1 - z).astype(dtype), {"b": z}, {"a_scalar": 1.0}, rng) is None
-    assert check_elementwise("mul", z * z, {"a": z, "b": z}, {}, rng) is None
-    wrong = sigmoid(z)
-    wrong[::3] += 1e-3  # a third of the rows: 64 random samples will hit one
-    assert check_elementwise("sigmoid", wrong, {"a": z}, {}, rng) is not None
 
 
 class TamperingNode(ScriptedNode):
