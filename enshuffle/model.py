@@ -157,8 +157,9 @@ class LocalCompute:
         """Both products that need only dz2 (a distributed compute sends them together)."""
         return self.dw2(a1, dz2), self.da1(dz2, w2)
 
-    def dw1(self, idx: np.ndarray | None, dz1: np.ndarray) -> np.ndarray:
-        """X[idx]^T (784,b) @ dz1 (b,128) -> (784,128)"""
+    def dw1(self, idx: np.ndarray | None, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """X[idx]^T (784,b) @ dz1 (b,128) -> (784,128). `labels` (b,) lets a distributed compute
+        hide dz1's class structure; the product does not depend on them."""
         x = self.images["train"] if idx is None else self.images["train"][idx]
         return x.T @ dz1
 
@@ -231,7 +232,7 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
         scores = z2
     dw2, da1 = compute.dw2_da1(a1, dz2, params["w2"])
     dz1 = compute.mul(compute.mul(da1, a1, "gradients"), compute.sub(1.0, a1, "activations"), "gradients")
-    dw1 = compute.dw1(idx, dz1)
+    dw1 = compute.dw1(idx, dz1, labels)
     grads = {"w1": dw1, "b1": dz1.sum(axis=0), "w2": dw2, "b2": dz2.sum(axis=0)}
     _apply_update(params, grads, preset, opt, lr)
     compute.step_done()

@@ -258,3 +258,55 @@ def test_weight_operands_hold_exactly_the_nodes_rows_and_no_mantissa_survives(le
         b = batch.arrays["b"]
         found = np.isin(mantissas(b.astype(np.float64)), marks)
         assert found.mean() < 0.01, f"{found.mean():.1%} of the operand's entries carry a row's mark"
+
+
+def test_dz1_reaches_nodes_without_its_class_structure(ledger_inputs):
+    """The attack: cluster the rows of each dw1 batch (k-means on unit rows) and compare with the
+    rows' true labels. Sent as it is (no labels given: the control), dz1 groups a batch by class;
+    with its class structure moved onto random rows, the same attack finds the decoys instead."""
+    from enshuffle.audit.attacks import kmeans
+    from enshuffle.audit.scoring import adjusted_rand
+    from enshuffle.model import LocalCompute, sigmoid, softmax
+
+    preset, inputs = ledger_inputs
+    trained = Trainer(preset, inputs, LocalCompute(inputs.images), secret=3)
+    for _ in range(3):  # a model a few steps in: its dz1 already points one way per class
+        trained.run_step()
+    p = trained.params
+    rng = np.random.default_rng(0)
+
+    def clustered(with_labels: bool) -> float:
+        compute = DistributedCompute(inputs.images, 2, np.random.default_rng(4), CapturingExecutor, **inputs.source())
+        scores = []
+        for _ in range(4):
+            idx = np.sort(rng.choice(inputs.images["train"].shape[0], 128, replace=False))
+            a1 = sigmoid(inputs.images["train"][idx] @ p["w1"] + p["b1"])
+            probs = softmax(a1 @ p["w2"] + p["b2"])
+            dz2 = (inputs.train_onehot[idx] - probs) / len(idx)
+            dz1 = (dz2 @ p["w2"].T) * a1 * (1 - a1)
+            compute.executor.captured.clear()
+            got = compute.dw1(idx, dz1, inputs.train_labels[idx] if with_labels else None)
+            np.testing.assert_allclose(got, inputs.images["train"][idx].T @ dz1, rtol=1e-4,
+                                       atol=1e-4 * float(np.abs(got).max()))
+            batch = compute.executor.captured[0]
+            st = compute.statics[batch.shard]
+            truth = inputs.train_labels[st.row_order["train"][batch.arrays["rows"]]]
+            rows = batch.arrays["b"].astype(np.float64)
+            found = kmeans(unit(rows), 10, rng)
+            # The stronger attacker strips what it found (each cluster's mean and two principal
+            # directions, as the decoys are built) and clusters what is left.
+            for c in np.unique(found):
+                block = rows[found == c] - rows[found == c].mean(axis=0)
+                top = np.linalg.svd(block, full_matrices=False)[2][:2]
+                rows[found == c] = block - (block @ top.T) @ top
+            scores.append((adjusted_rand(truth, found), adjusted_rand(truth, kmeans(unit(rows), 10, rng))))
+        return np.mean(scores, axis=0)
+
+    def unit(x):
+        return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-300)
+
+    plain, hidden = clustered(with_labels=False), clustered(with_labels=True)
+    print(f"adjusted Rand index of the clustering (direct, after stripping found clusters): "
+          f"plain dz1 {plain[0]:.3f} {plain[1]:.3f}, class structure moved {hidden[0]:.3f} {hidden[1]:.3f}")
+    assert plain[0] > 0.5  # the attack works on plain dz1
+    assert hidden[0] < 0.1 and hidden[1] < 0.25

@@ -33,7 +33,7 @@ async def test_nodes_table_shows_one_keyed_row_per_node():
         assert table.row_count == 3
         assert [str(c) for c in table.get_row("n-alice")] == [
             "alice", "working", "1,234", "2", "12.5/s", "now", "1", "0",
-            "20.0%", "21.0%", "30.0%", "a1a1a1a1", "10.0.0.2:40001",
+            "20.0%", "21.0%", "0.0%", "a1a1a1a1", "10.0.0.2:40001",
         ]
         assert cell(table, "n-bob", "seen") == "9s"
         assert cell(table, "n-carol", "seen") == "2m05s"
@@ -69,8 +69,9 @@ async def test_exposure_view_marks_the_bound_and_flags_a_node_over_it_in_words()
         assert cell(table, "n-carol", "flag") == "OVER img"
         assert cell(table, "n-alice", "flag") == "ok"
         images = cell(table, "n-carol", "images")
-        assert "┃" in images and images.endswith("31.0%")
-        assert "┃" not in cell(table, "n-carol", "w2")  # w2 is not held to the bound
+        assert "┃" in images and images.endswith("31.0%h")  # h: values hidden
+        assert "┃" not in cell(table, "n-carol", "deltas")  # deltas are not held to the bound
+        assert cell(table, "n-carol", "deltas").startswith("100.0%p")  # p: positions hidden
         summary = text(app, "exposure-summary")
         assert "bound 25.0%" in summary and "max images 31.0% (carol)" in summary and "1 node OVER" in summary
 
@@ -80,8 +81,8 @@ async def test_exposure_view_keeps_bounded_bars_on_screen_at_80_columns():
     app, _source, _control = make_app()
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("2")
-        assert app.bar_widths["images"] >= 8 and app.bar_widths["w2"] == 0
-        assert cell(app.query_one("#exposure-table", DataTable), "n-carol", "w2") == "40.0%"
+        assert app.bar_widths["images"] >= 8 and app.bar_widths["deltas"] == 0
+        assert cell(app.query_one("#exposure-table", DataTable), "n-carol", "deltas") == "100.0%p"
 
 
 @pilot_test

@@ -54,9 +54,11 @@ async def test_exposure_bars_per_tensor():
     app, _source, _control = make_app()
     async with app.run_test(size=(80, 24)):
         lines = text(app, "exposure").splitlines()
-        assert [line.split()[0] for line in lines] == ["images", "w1", "w2", "activations", "gradients"]
-        assert lines[2].endswith("50.0%") and "█" in lines[2] and "░" in lines[2]
-        assert lines[4].endswith("5.0%")
+        assert [line.split()[0] for line in lines] == ["images", "w1", "deltas", "samples", "labels", "outputs",
+                                                       "w2", "activations"]
+        assert lines[3].endswith("50.0% p") and "█" in lines[3] and "░" in lines[3]  # samples: linkable
+        assert lines[0].endswith("24.0% h")  # images: values hidden
+        assert lines[4].rstrip().endswith(" 0.0%")  # labels: never sent
 
 
 @pilot_test

@@ -23,6 +23,9 @@ def version_id(n: int) -> str:
     return f"{n:02d}" + "c0ffee" * 10 + "ab"
 
 
+FORMS = {"images": "values hidden", "w1": "values hidden", "deltas": "positions hidden", "samples": "positions hidden"}
+
+
 def coordinator_state() -> CoordinatorState:
     """A run three epochs in: three nodes (one over the exposure bound), three model versions."""
     s = CoordinatorState(
@@ -33,11 +36,11 @@ def coordinator_state() -> CoordinatorState:
     )
     rows = [
         NodeRow("n-alice", "alice", "a1" * 32, "10.0.0.2:40001", "working", 1234, 2, 12.5, NOW - 0.4, 1, 0,
-                {"images": 0.20, "w1": 0.21, "w2": 0.30, "activations": 0.2, "gradients": 0.2}),
+                {"images": 0.20, "w1": 0.21, "deltas": 1.0, "samples": 1.0, "w2": 0.0}, dict(FORMS)),
         NodeRow("n-bob", "bob", "b2" * 32, "10.0.0.3:40002", "idle", 987, 0, 0.0, NOW - 9.0, 0, 2,
-                {"images": 0.18, "w1": 0.18, "w2": 0.25, "activations": 0.18, "gradients": 0.18}),
+                {"images": 0.18, "w1": 0.18, "deltas": 1.0, "samples": 1.0, "w2": 0.0}, dict(FORMS)),
         NodeRow("n-carol", "carol", "c3" * 32, "10.0.0.4:40003", "lost", 456, 3, 0.0, NOW - 125.0, 4, 1,
-                {"images": 0.31, "w1": 0.22, "w2": 0.40, "activations": 0.31, "gradients": 0.31}),
+                {"images": 0.31, "w1": 0.22, "deltas": 1.0, "samples": 1.0, "w2": 0.0}, dict(FORMS)),
     ]
     s.nodes = {r.node_id: r for r in rows}
     s.epochs = [
@@ -65,7 +68,7 @@ def node_state() -> NodeState:
         trust="pinned", run_id="run-0042", connection="working", reason="",
         current_op="matmul (30000x196)·(196x128)", batches_done=4321, rate=18.25,
         bytes_in=3 * 1024**3 + 512 * 1024**2, bytes_out=250 * 1024**2, refusals=1, threads=2,
-        exposure={"images": 0.24, "w1": 0.24, "w2": 0.5, "activations": 0.1, "gradients": 0.05},
+        exposure={"images": 0.24, "w1": 0.24, "deltas": 1.0, "samples": 0.5},
         started_at=T0,
     )
     s.log.extend(["22:13:25 connected; coordinator fingerprint pinned", "22:20:01 refused a batch: signature did not verify"])

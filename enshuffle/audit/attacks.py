@@ -105,9 +105,9 @@ def _prepared(public: Public, n_train: int):
     test_u8 = public.test_images.reshape(public.test_images.shape[0], -1)
     train_x, test_x = prepare_inputs(train_u8, test_u8, public.preset)
     table = np.full((256, train_x.shape[1]), np.nan, dtype=np.float64)
-    cols = np.arange(train_x.shape[1])[None, :]
-    table[train_u8, np.broadcast_to(cols, train_u8.shape)] = train_x
-    table[test_u8, np.broadcast_to(cols, test_u8.shape)] = test_x
+    for p in range(train_x.shape[1]):  # column by column: no (n, 784) index arrays
+        table[train_u8[:, p], p] = train_x[:, p]
+        table[test_u8[:, p], p] = test_x[:, p]
     return {"train": (train_u8, train_x), "test": (test_u8, test_x)}, table
 
 

@@ -96,7 +96,7 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
     from enshuffle.audit.attacks import Public, attack
     from enshuffle.audit.recording import load_recording
     from enshuffle.audit.scoring import TARGETS, meets_targets, score
-    from enshuffle.coordinator.run import CoordinatorRun, stop_local_nodes
+    from enshuffle.coordinator.run import CoordinatorRun, run_headless, stop_local_nodes
     from enshuffle.coordinator.training import prepare
     from enshuffle.dataset import DataError, load_dataset
     from enshuffle.model import get_preset
@@ -132,7 +132,8 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
             f"{limit} training images, disguise {disguise}; audit-1 records into {record}")
         procs = spawn_nodes(run.server.endpoint, run.identity.fingerprint, nodes, tmp, record)
         try:
-            status = run.run()
+            # SIGINT/SIGTERM stop the run gracefully and take the node processes along
+            status = run_headless(run)
         finally:
             if not run.state.finished:
                 run.server.close("shutdown")
@@ -193,7 +194,8 @@ def format_table(figures: dict) -> str:
              f"{'what':<58}{'recovered':>10}  {'target':>8}  ok"]
     for key, text, target_key in ROWS:
         value = figures.get(key)
-        shown = "n/a" if value is None else (f"{value:.3f}" if "corr" in key or "ari" in key else f"{value:.1%}")
+        ratio = "corr" in key or "ari" in key or "chance" in key  # correlations and indices, not shares
+        shown = "n/a" if value is None else (f"{value:.3f}" if ratio else f"{value:.1%}")
         target = ""
         ok = ""
         if target_key:

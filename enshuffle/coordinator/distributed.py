@@ -25,11 +25,11 @@ The disguise "share" hides values, not only positions. Node s holds, for the who
   that knew M_s and H_s could not solve a row for its pixels; it cannot learn M_s either, since
   unmixing needs the sources and the noise makes the mixture underdetermined (K + r sources seen
   through K columns).
-- M_s is a secret block-diagonal mixing (dense 64x64 blocks, condition <= 4): no column of S_s is
+- M_s is a secret block-diagonal mixing (dense 32x32 blocks, condition <= 4): no column of S_s is
   a pixel, no value of it a pixel value, and w1's rows reach the node only as M_s^-1 D_s w1[P_s].
 - Corrections cost the coordinator little: x_w1 subtracts G[idx] (sum_s H_s D_s w1[P_s]) and dw1
   subtracts H_s^T (G[idx]^T dz1): r * 128 * (b + 784) multiply-adds each, plus the mixing
-  (784 * 64 * 128 each way). Rounding stays at the pixels' own scale, so distributed training
+  (784 * 32 * 128 each way). Rounding stays at the pixels' own scale, so distributed training
   equals the centralized run to float rounding.
 
 The disguise "shuffle" is the old permutation-and-power-of-two disguise (pixel blocks in the clear
@@ -51,7 +51,8 @@ from enshuffle.model import HIDDEN, INPUTS
 DISGUISES = ("share", "shuffle")
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
 NOISE_SCALE = 1.0  # std of each noise element, in units of a normalized pixel's root mean square
-MIX_GROUP = 64  # mixing blocks: 64x64 dense, so mixing costs 64 multiply-adds per element
+MIX_GROUP = 32  # mixing blocks: 32x32 dense, so mixing costs 32 multiply-adds per element
+DECOY_RANK = 2  # per class and batch: dz1's mean and this many principal directions move to other rows
 
 
 @dataclass
@@ -122,9 +123,16 @@ class ShardStatics:
     pixels: np.ndarray  # P_s, in the column order the node holds them
     row_order: dict[str, np.ndarray]  # which -> node row i is original row row_order[which][i]
     row_index: dict[str, np.ndarray]  # which -> original row r is node row row_index[which][r]
-    mix: BlockMix | None = None
-    loadings: np.ndarray | None = None  # H_s, (NOISE_RANK, |P_s|)
+    # which -> M_s and H_s (NOISE_RANK, |P_s|): each image set has its own, so a copy of a public
+    # test set under a slot's secrets tells nothing about that slot's training block.
+    mix: dict[str, BlockMix] = field(default_factory=dict)
+    loadings: dict[str, np.ndarray] = field(default_factory=dict)
     pixel_exp: np.ndarray | None = None  # "shuffle" only
+
+
+def _every_row(idx: np.ndarray, n: int) -> bool:
+    """idx is 0..n-1 in order (a full batch): use the array itself instead of a gathered copy."""
+    return idx.shape[0] == n and bool(np.array_equal(idx, np.arange(n)))
 
 
 def static_name(which: str, shard: int) -> str:
@@ -182,13 +190,25 @@ class DistributedCompute:
             st = ShardStatics(pixels=block, row_order=order,
                               row_index={w: inverse_permutation(o) for w, o in order.items()})
             if disguise == "share":
-                st.mix = BlockMix(len(block), rng)
-                st.loadings = rng.standard_normal((NOISE_RANK, len(block))) * (NOISE_SCALE / np.sqrt(NOISE_RANK))
+                for which in sorted(images):
+                    st.mix[which] = BlockMix(len(block), rng)
+                    st.loadings[which] = rng.standard_normal((NOISE_RANK, len(block))) * (NOISE_SCALE / np.sqrt(NOISE_RANK))
             else:
                 st.pixel_exp = random_exponents(len(block), rng, True)
             self.statics.append(st)
         self._factors: dict[str, np.ndarray] = {}
+        # Per-step constants of the share disguise: D alpha per pixel, and [H D alpha; beta] as
+        # one (NOISE_RANK + 1, 784) matrix so x_w1's corrections are a single product.
+        self._w_scale = (self.norm * self.alpha)[:, None]
+        self._corrections = {}
+        for which in images:
+            corrections = self._corrections[which] = np.zeros((NOISE_RANK + 1, INPUTS))
+            for st in self.statics:
+                if which in st.loadings:
+                    corrections[:NOISE_RANK, st.pixels] = st.loadings[which] * self._w_scale[st.pixels, 0]
+            corrections[NOISE_RANK] = self.beta
         self._full_support: np.ndarray | None = None
+        self._source_f64: np.ndarray | None = None
         self.executor = executor_factory(self)
 
     # -- static operands -------------------------------------------------------------
@@ -202,6 +222,10 @@ class DistributedCompute:
             g = self._factors[which] = gen.standard_normal((self.images[which].shape[0], NOISE_RANK))
         return g
 
+    def _factor_rows(self, which: str, idx: np.ndarray) -> np.ndarray:
+        g = self.factors(which)
+        return g if _every_row(idx, g.shape[0]) else np.take(g, idx, axis=0)
+
     def _static(self, which: str, st: ShardStatics) -> np.ndarray:
         if self.disguise == "shuffle":
             out = gather(self.images[which], st.row_order[which], st.pixels)
@@ -209,8 +233,8 @@ class DistributedCompute:
             return out
         order = st.row_order[which]
         block = np.take(self.source[which], order, axis=0)[:, st.pixels] / self.norm[st.pixels]
-        block += np.take(self.factors(which), order, axis=0) @ st.loadings
-        return st.mix.right(block, self.images[which].dtype)  # the preset's dtype on the wire
+        block += np.take(self.factors(which), order, axis=0) @ st.loadings[which]
+        return st.mix[which].right(block, self.images[which].dtype)  # the preset's dtype on the wire
 
     def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
         """What a node serving slot `shard` must hold before it can compute that slot's batches."""
@@ -231,15 +255,18 @@ class DistributedCompute:
         """Ground truth for `enshuffle audit`'s scorer (never sent anywhere), per static of the
         slot: its pixel block, row order, and each column's dominant pixel."""
         st = self.statics[shard]
-        if st.mix is None:
-            column_pixel = st.pixels.copy()
-        else:
-            dominant = np.empty(len(st.pixels), dtype=np.int64)
-            for (lo, hi), m in zip(st.mix.bounds, st.mix.blocks):
-                dominant[lo:hi] = lo + np.argmax(np.abs(m), axis=0)
-            column_pixel = st.pixels[dominant]
-        return {static_name(w, shard): {"pixels": st.pixels.copy(), "row_order": st.row_order[w].copy(),
-                                        "column_pixel": column_pixel, "which": w} for w in self.images}
+        out = {}
+        for w in self.images:
+            if w not in st.mix:
+                column_pixel = st.pixels.copy()
+            else:
+                dominant = np.empty(len(st.pixels), dtype=np.int64)
+                for (lo, hi), m in zip(st.mix[w].bounds, st.mix[w].blocks):
+                    dominant[lo:hi] = lo + np.argmax(np.abs(m), axis=0)
+                column_pixel = st.pixels[dominant]
+            out[static_name(w, shard)] = {"pixels": st.pixels.copy(), "row_order": st.row_order[w].copy(),
+                                          "column_pixel": column_pixel, "which": w}
+        return out
 
     def _rows(self, which: str, idx: np.ndarray | None) -> np.ndarray:
         return np.arange(self.images[which].shape[0]) if idx is None else np.asarray(idx)
@@ -250,14 +277,15 @@ class DistributedCompute:
         idx = self._rows(which, idx)
         share = self.disguise == "share"
         batches, disguises = [], []
-        noise_map = np.zeros((NOISE_RANK, w1.shape[1])) if share else None
+        if share:
+            scaled = w1 * self._w_scale  # D alpha w1, (784, 128) float64
+            # sum_s H_s D_s w1[P_s] and the standardization's offset beta @ w1, in one product
+            corrections = self._corrections[which] @ w1  # (NOISE_RANK + 1, 128)
         for s, st in enumerate(self.statics):
             d = Disguise(rows=self.rng.permutation(idx.shape[0]), cols=self.rng.permutation(HIDDEN),
                          col_exp=random_exponents(HIDDEN, self.rng, True))
             if share:
-                scaled = w1[st.pixels].astype(np.float64) * (self.norm[st.pixels] * self.alpha[st.pixels])[:, None]
-                noise_map += st.loadings @ scaled  # H_s D_s w1[P_s]
-                b = st.mix.inverse_left(scaled[:, d.cols]).astype(w1.dtype, copy=False)
+                b = st.mix[which].inverse_left(gather(scaled, st.pixels, d.cols)).astype(w1.dtype, copy=False)
             else:
                 b = gather(w1, st.pixels, d.cols)
                 b *= pow2(-st.pixel_exp, b.dtype)[:, None]
@@ -272,15 +300,22 @@ class DistributedCompute:
         for d, r in zip(disguises[1:], results[1:]):
             total += d.undo(np.asarray(r, dtype=np.float64))
         if share:
-            total -= np.take(self.factors(which), idx, axis=0) @ noise_map
-            if self.source is not self.images:
-                total += self.beta @ w1  # the standardization's offset: (784,) @ (784, 128)
+            total -= self._factor_rows(which, idx) @ corrections[:NOISE_RANK]
+            total += corrections[NOISE_RANK]  # beta @ w1 (zero for raw inputs)
         return total.astype(w1.dtype, copy=False)
 
-    def dw1(self, idx, dz1: np.ndarray) -> np.ndarray:
-        """X[idx]^T @ dz1 -> (784, 128); slot s computes rows P_s from its static block."""
+    def dw1(self, idx, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """X[idx]^T @ dz1 -> (784, 128); slot s computes rows P_s from its static block.
+
+        With the share disguise and `labels`, nodes receive dz1 with its class structure moved
+        onto other rows (see `decoy`); the coordinator adds back what that changes."""
         idx = self._rows("train", idx)
         share = self.disguise == "share"
+        moved = None
+        if share and labels is not None:
+            exact = dz1
+            dz1, delta, directions = self.decoy(dz1, np.asarray(labels))
+            moved = (delta, directions)
         out = np.zeros((INPUTS, HIDDEN), dtype=np.float64 if share else dz1.dtype)
         batches, disguises = [], []
         for s, st in enumerate(self.statics):
@@ -299,18 +334,74 @@ class DistributedCompute:
             for st, d, r in zip(self.statics, disguises, results):
                 out[st.pixels] = d.undo(r)
             return out
-        noise = np.take(self.factors("train"), idx, axis=0).T @ dz1.astype(np.float64, copy=False)  # G^T dz1
+        noise = self._factor_rows("train", idx).T @ dz1.astype(np.float64, copy=False)  # G^T (what was sent)
         for st, d, r in zip(self.statics, disguises, results):
-            part = d.undo(st.mix.inverse_transposed_left(np.asarray(r, dtype=np.float64)))
-            part -= st.loadings.T @ noise
+            part = d.undo(st.mix["train"].inverse_transposed_left(np.asarray(r, dtype=np.float64)))
+            part -= st.loadings["train"].T @ noise
             part *= (self.norm[st.pixels] * self.alpha[st.pixels])[:, None]
             out[st.pixels] = part
+        if moved is not None:  # x^T dz1 = x^T sent - (x^T delta) directions
+            delta, directions = moved
+            out -= (self._source_t_times(idx, delta) * self.alpha[:, None]) @ directions
+            dz1 = exact
         # A pixel that is zero in every row of the batch has a gradient of exactly zero; rounding
         # of the noise would leave ~1e-17 instead, which Adam's normalisation would inflate.
         out[~self._support(idx)] = 0.0
         if self.source is not self.images:
             out += np.outer(self.beta, dz1.sum(axis=0, dtype=np.float64))
         return out.astype(dz1.dtype, copy=False)
+
+    def decoy(self, dz1: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """dz1 (b,128) with its class structure moved onto random rows: (sent, delta, directions)
+        with sent = dz1 + delta @ directions.
+
+        Rows of dz1 for one class point alike (dz2's one-hot shape times w2^T): clustering them
+        groups a batch by class, and a static row seen in several batches links the groups into
+        one grouping of the whole training set. Here each class's mean row and its DECOY_RANK
+        principal directions (within the batch) are taken off its rows and given to a random
+        other row instead: the node sees clusters of random rows, and no class sums to zero.
+        delta is (b, q), directions (q, 128), q = classes * (1 + DECOY_RANK): what the
+        coordinator subtracts costs b * 784 * q multiply-adds. All classes at once: one batched
+        eigenproblem over the smaller Gram matrices, no loop over classes or rows."""
+        d = dz1.astype(np.float64)
+        n, m = d.shape
+        r = DECOY_RANK
+        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        c = counts.shape[0]
+        onehot = np.zeros((n, c))
+        onehot[np.arange(n), inverse] = 1.0
+        means = (onehot.T @ d) / counts[:, None]  # (c, m)
+        centered = d - means[inverse]
+        # Rows grouped by class and zero-padded to (c, width, m): padding adds nothing to a Gram.
+        order = np.argsort(inverse, kind="stable")
+        starts = np.cumsum(counts) - counts
+        slot = np.empty(n, dtype=np.int64)
+        slot[order] = np.arange(n) - np.repeat(starts, counts)
+        padded = np.zeros((c, int(counts.max()), m))
+        padded[inverse, slot] = centered
+        if padded.shape[1] < m:
+            vectors = np.linalg.eigh(padded @ padded.transpose(0, 2, 1))[1][:, :, -r:]  # (c, width, r)
+            top = padded.transpose(0, 2, 1) @ vectors  # (c, m, r)
+            top /= np.maximum(np.linalg.norm(top, axis=1, keepdims=True), 1e-300)
+        else:
+            top = np.linalg.eigh(padded.transpose(0, 2, 1) @ padded)[1][:, :, -r:]
+        coef = (padded @ top)[inverse, slot]  # (n, r): each row's weight on its class's directions
+        weights = np.zeros((n, c, r))
+        weights[np.arange(n), inverse] = coef
+        structure = np.concatenate([onehot, weights.reshape(n, c * r)], axis=1)  # (n, q)
+        directions = np.concatenate([means, top.transpose(0, 2, 1).reshape(c * r, m)])  # (q, m)
+        delta = np.take(structure, self.rng.permutation(n), axis=0) - structure
+        sent = d + delta @ directions
+        return sent.astype(dz1.dtype, copy=False), delta, directions
+
+    def _source_t_times(self, idx: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """x[idx]^T @ m for the raw training pixels: (784, q), from a float64 copy kept once."""
+        if self._source_f64 is None:
+            self._source_f64 = self.source["train"].astype(np.float64)
+        x = self._source_f64
+        if _every_row(idx, x.shape[0]):
+            return x.T @ m
+        return np.take(x, idx, axis=0).T @ m
 
     def _support(self, idx: np.ndarray) -> np.ndarray:
         """(784,) bool: pixels nonzero in some training row idx (cached for the full batch)."""

@@ -144,9 +144,12 @@ class SyntheticCoordinator:
                     row.last_seen = now
                     row.outstanding = rng.randrange(0, 4)
                     ceiling = self._ceiling[key]
-                    for tensor in TENSORS:
+                    for tensor in ("images", "w1"):
                         share = row.exposure.get(tensor, 0.0)
                         row.exposure[tensor] = min(ceiling, share + done * ceiling * 0.002)
+                    row.exposure["deltas"] = row.exposure["samples"] = 1.0
+                    row.forms = {"images": "values hidden", "w1": "values hidden",
+                                 "deltas": "positions hidden", "samples": "positions hidden"}
                 if dt > 0:  # a moving average over about two seconds, like a real rate meter
                     alpha = min(1.0, dt / 2.0)
                     row.rate = (1 - alpha) * row.rate + alpha * (done / dt)
