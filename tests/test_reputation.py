@@ -54,7 +54,8 @@ class LyingNode:
 def run_with_liar(kind: str, dtype: str, data_dir: Path, tmp_path: Path, epochs: int = 1, limit: int = 640):
     preset = get_preset("default", epochs=epochs, dtype=dtype)
     inputs = load_inputs(data_dir, preset, limit)
-    run = InProcessRun(preset, inputs, shards=2, min_nodes=2)
+    # A slow heartbeat: on a busy machine a node must not lose its session (and its block) by accident.
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=2, heartbeat_ms=3000)
     pin = run.identity.fingerprint
     # The liar connects first, so it is sure to hold a shard when training starts.
     liar = LyingNode(kind, tmp_path / "liar", run.endpoint, pin, tmp_path)
@@ -125,7 +126,7 @@ class EveryResultWrong(ScriptedNode):
 def test_a_liar_alone_never_aborts_the_run_and_the_operator_can_readmit_it(core_data_dir, tmp_path):
     preset = get_preset("default", epochs=1, dtype="float64")
     inputs = load_inputs(core_data_dir, preset, 256)
-    run = InProcessRun(preset, inputs, shards=1, min_nodes=1)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1, heartbeat_ms=3000)
     # More lies than MAX_ATTEMPTS before quarantine: each re-issue of the same batch must not count.
     run.server.reputation.quarantine_after = MAX_ATTEMPTS + 2
     liar = EveryResultWrong(run.endpoint, name="liar")
