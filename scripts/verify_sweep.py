@@ -71,6 +71,7 @@ class SweepExecutor(InProcessExecutor):
         self.stats = stats
         self.rng = np.random.default_rng(args.seed)
         self.norms = {}
+        self.recorded = []  # (shard, static name, params, b, rows per batch) of real batches, for --resample
 
     def run(self, batches):
         results = []
@@ -85,8 +86,18 @@ class SweepExecutor(InProcessExecutor):
                 continue
             static = statics[name] if name else None
             norms = self.norms.setdefault(name, StaticNorms(static)) if name else None
+            if self.args.record is not None and name and len(self.recorded) < self.args.record:
+                self.recorded.append((batch.shard, name, dict(batch.params), batch.arrays["b"].copy(),
+                                      int(batch.arrays["rows"].shape[0])))
+            self.check(c, batch.arrays, batch.params, static, norms, name, node)
+        return results
+
+    def check(self, c, arrays, params, static, norms, name, node):
+        """The honest check of one batch, and (every --lie-every) one check per kind of lie."""
+        if True:
+            batch_params = params
             t0 = time.process_time()
-            res = measure_matmul(c, batch.arrays, batch.params, self.rng, static, norms)
+            res = measure_matmul(c, arrays, params, self.rng, static, norms)
             problem = judge(res)
             self.stats["check_seconds"] += time.process_time() - t0
             margins = self.stats["honest_max"]
@@ -109,17 +120,30 @@ class SweepExecutor(InProcessExecutor):
             if self.stats["honest"] % self.args.lie_every == 0:
                 for kind in KINDS:
                     wrong = lie(kind, c, self.rng)
-                    lied = measure_matmul(wrong, batch.arrays, batch.params, self.rng, static, norms)
+                    lied = measure_matmul(wrong, arrays, params, self.rng, static, norms)
                     caught = judge(lied) is not None
                     if kind == "single" and lied.reference is not None:
                         self.stats["single_ratios"].append(float(lied.worst.max()) / max(lied.reference, 0.02))
                         kind_key = (("static " + name.split(".")[0]) if name else "sent") + \
-                            (" T" if batch.params.get("transpose_a") else "") + f" {c.shape}"
+                            (" T" if batch_params.get("transpose_a") else "") + f" {c.shape}"
                         self.stats["by_kind"].setdefault(kind_key, []).append(
                             (float(lied.worst.max()) / max(lied.reference, 0.02), float(res.worst.max()) / max(res.reference, 0.02)))
                     tried, got = self.stats["lies"].get(kind, (0, 0))
                     self.stats["lies"][kind] = (tried + 1, got + int(caught))
-        return results
+
+    def resample(self, count: int) -> None:
+        """`count` more honest batches from the recorded real ones: the same static block and a
+        recorded operand b, with a fresh random choice of rows (a mini-batch is random rows)."""
+        while self.stats["honest"] < count:
+            shard, name, params, b, n_rows = self.recorded[int(self.rng.integers(len(self.recorded)))]
+            static = self.statics[shard][name]
+            rows = np.sort(self.rng.choice(static.shape[0], n_rows, replace=False)) if n_rows < static.shape[0] \
+                else self.rng.permutation(static.shape[0])
+            arrays = {"rows": rows, "b": b}
+            t0 = time.process_time()
+            c = compute_batch("matmul", params, arrays, self.statics[shard])
+            node = time.process_time() - t0
+            self.check(c, arrays, params, static, self.norms.setdefault(name, StaticNorms(static)), name, node)
 
 
 def main(argv=None) -> int:
@@ -134,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--dynamic", action="store_true",
                    help="also check products of two sent operands (a1@w2, a1.T@dz2, dz2@w2.T), which issue 7 "
                         "moves to the coordinator")
+    p.add_argument("--record", type=int, default=None, metavar="N",
+                   help="train only until N real static-product batches are recorded, then draw the rest of "
+                        "the honest batches from them (same static block and operand b, fresh random rows)")
     p.add_argument("--verbose", action="store_true", help="the outlier statistic per kind of batch")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -147,8 +174,11 @@ def main(argv=None) -> int:
                                  lambda c: SweepExecutor(c, args, stats), **inputs.source())
     trainer = Trainer(preset, inputs, compute, secret=args.seed)
     started = time.monotonic()
-    while stats["honest"] < args.honest:
+    executor = compute.executor
+    while stats["honest"] < args.honest and (args.record is None or len(executor.recorded) < args.record):
         trainer.run_step()
+    if args.record is not None:
+        executor.resample(args.honest)
     row = {"preset": preset.name, "dtype": preset.dtype, "limit": args.limit, "shards": args.shards,
            "honest_batches": stats["honest"], "false_alarms": stats["false_alarms"],
            "lies": {k: {"tried": t, "caught": g} for k, (t, g) in stats["lies"].items()},
