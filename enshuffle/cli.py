@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true",
                    help="admit ANY node key (no allow-list): anyone who can reach the port receives data")
     p.add_argument("--tui", action="store_true", help="show the coordinator console")
+    p.add_argument("--quarantine-after", type=_positive_int, default=3, metavar="N",
+                   help="quarantine a node's key for the run after N wrong results (default 3)")
+    p.add_argument("--replicate", action="store_true",
+                   help="also recompute here every result of a node not yet trusted (fewer than 20 "
+                        "results accepted, or one refused) and compare entry by entry")
     p.set_defaults(handler="enshuffle.coordinator.commands:cmd_coordinator")
 
     p = sub.add_parser("invite", help="make an invite code for a volunteer and print the node command")
@@ -196,8 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("run_dir", metavar="RUN_DIR")
     cp.add_argument("--json", action="store_true")
     cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_log")
-    cp = csub.add_parser("verify", help="check every id, signature and parent link")
+    cp = csub.add_parser("verify", help="check every id, signature, parent link, the head log and the signing key")
     cp.add_argument("run_dir", metavar="RUN_DIR")
+    cp.add_argument("--key", metavar="FINGERPRINT", default=None,
+                    help="the coordinator key that must have signed the chain (default: this machine's coordinator key)")
     cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_verify")
     cp = csub.add_parser("export", help="write a version's weights as .npz")
     cp.add_argument("run_dir", metavar="RUN_DIR")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +83,10 @@ def rewrite_record(run_dir: Path, version_id: str, change) -> None:
     path.write_text(json.dumps(record))
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO,
+def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m enshuffle ARGS` with its own ENSHUFFLE_HOME (no coordinator key unless a test puts one)."""
+    home = home or Path(tempfile.mkdtemp(prefix="enshuffle-home-"))
+    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
                           capture_output=True, text=True, timeout=60)
 
 
@@ -330,10 +334,12 @@ def test_leftovers_of_a_crashed_append_are_ignored_then_cleaned(run):
 
 def test_crash_after_rename_before_head_keeps_the_old_head(run, tmp_path):
     run_dir, signer, ids, arrays = run
-    head_file = run_dir / "chain" / "HEAD"
-    old_head = head_file.read_bytes()
+    head_file, log_file = run_dir / "chain" / "HEAD", run_dir / "chain" / "HEADS"
+    old_head, old_log = head_file.read_bytes(), log_file.read_bytes()
     new = Chain(run_dir, signer).append(arrays[2], metadata_for(4))
-    head_file.write_bytes(old_head)  # the disk as a crash between os.rename and os.replace(HEAD) leaves it
+    # the disk as a crash between os.rename and os.replace(HEAD) leaves it (the log line comes after HEAD)
+    head_file.write_bytes(old_head)
+    log_file.write_bytes(old_log)
     chain = Chain(run_dir)
     assert chain.head() == ids[-1]
     assert chain.verify() == VerifyReport(True, 3, None, None)
@@ -345,15 +351,15 @@ def test_crash_after_rename_before_head_keeps_the_old_head(run, tmp_path):
 # ----- the command line
 
 def test_cli_verify_exit_codes(run):
-    run_dir, _, ids, _ = run
-    done = cli("chain", "verify", str(run_dir))
-    assert done.returncode == 0, done.stderr
+    run_dir, signer, ids, _ = run
     from enshuffle.protocol.keys import fingerprint
 
-    run_key = bytes.fromhex(Chain(run_dir).run_key())
-    assert done.stdout.strip() == f"ok: 3 versions verified, signed by coordinator key {fingerprint(run_key)}"
+    fp = fingerprint(signer.public_bytes)
+    done = cli("chain", "verify", str(run_dir), "--key", fp)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"ok: 3 versions verified, signed by coordinator key {fp} (the key given with --key)"
     rewrite_record(run_dir, ids[1], lambda r: r["metadata"].update(epoch=7))
-    done = cli("chain", "verify", str(run_dir))
+    done = cli("chain", "verify", str(run_dir), "--key", fp)
     assert done.returncode == 1
     assert short(ids[1]) in done.stderr and "metadata" in done.stderr
     assert "Traceback" not in done.stderr

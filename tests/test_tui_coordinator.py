@@ -253,3 +253,24 @@ async def test_against_the_synthetic_back_end_stepped_by_hand():
         assert app.query_one("#chain-table", DataTable).row_count == len(fake.state.versions) == 5
         await press_and_verify(app, pilot, "v")
         assert "5 versions, every parent link intact" in text(app, "verify-result")
+
+
+@pilot_test
+async def test_a_readmits_the_selected_quarantined_node_and_nothing_else():
+    state = coordinator_state()
+    state.nodes["n-bob"].state = "quarantined"
+    state.nodes["n-bob"].quarantine = "Freivalds check failed at row 3"
+    control = CoordinatorControl()
+    app = CoordinatorApp(Source(state), control, refresh_hz=4.0, clock=frozen_clock)
+    async with app.run_test(size=(160, 48)) as pilot:
+        table = app.query_one("#nodes-table", DataTable)
+        assert cell(table, "n-bob", "state") == "quarantined"
+        table.focus()
+        table.move_cursor(row=table.get_row_index("n-alice"))
+        await pilot.press("a")  # alice is not quarantined: nothing to do
+        await pilot.pause()
+        assert control.take_readmits() == []
+        table.move_cursor(row=table.get_row_index("n-bob"))
+        await pilot.press("a")
+        await pilot.pause()
+        assert control.take_readmits() == ["bob"]

@@ -128,7 +128,10 @@ def uninterrupted_run(tmp_path_factory, core_data_dir, core_cache):
 def test_chain_verify_passes_and_catches_a_flipped_byte(uninterrupted_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted_run, run_dir)
-    ok = enshuffle_cli("chain", "verify", str(run_dir), home=tmp_path)
+    from enshuffle.protocol.keys import fingerprint
+
+    key = ["--key", fingerprint(bytes.fromhex(Chain(run_dir).run_key()))]  # its coordinator's key (not this home's)
+    ok = enshuffle_cli("chain", "verify", str(run_dir), *key, home=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip().startswith(f"ok: {RESUME_EPOCHS} versions verified, signed by coordinator key SHA256:")
     first = Chain(run_dir).versions()[0]
@@ -137,7 +140,7 @@ def test_chain_verify_passes_and_catches_a_flipped_byte(uninterrupted_run, tmp_p
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0x01
     stored.write_bytes(bytes(data))
-    bad = enshuffle_cli("chain", "verify", str(run_dir), home=tmp_path)
+    bad = enshuffle_cli("chain", "verify", str(run_dir), *key, home=tmp_path)
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert f"version {first.version_id[:12]}" in bad.stderr and "modified" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr
@@ -178,7 +181,7 @@ def test_coordinator_killed_and_resumed_gives_the_uninterrupted_model(uninterrup
             if proc is not None:
                 proc.stop()
 
-    verify = enshuffle_cli("chain", "verify", str(run_dir), home=tmp_path)
+    verify = enshuffle_cli("chain", "verify", str(run_dir), home=home)  # on the coordinator's machine
     assert verify.returncode == 0, verify.stderr
     versions = Chain(run_dir).versions()
     assert [v.metadata["epoch"] for v in versions][-1] == RESUME_EPOCHS

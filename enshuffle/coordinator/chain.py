@@ -23,9 +23,23 @@ into place, and only then HEAD is replaced (temp file + os.replace). A crash lea
 head or the new one; leftovers whose names start with ".tmp-" are ignored by readers and removed by
 the next append. Arrays are raw bytes read with numpy.frombuffer: nothing is ever unpickled.
 
+Besides HEAD, every append adds one line to chain/HEADS, the signed, append-only head log:
+`{"n": index, "head": id, "epoch": e, "step": s, "prev": SHA-256 of the previous line}` plus an
+Ed25519 signature (domain-separated from version signatures). `verify` checks every line's
+signature and link and that HEAD's chain contains the newest logged head (HEAD may be one
+version ahead: a crash between the two writes; the next append logs it).
+
 What the chain proves: every version reachable from HEAD is exactly what the run's coordinator key
-signed, in that order. It cannot prove HEAD is the newest version ever written (HEAD is not
-signed; rolling it back to an older version leaves a valid, shorter chain).
+signed, in that order, and (with `verify(expected_key=...)`, `chain verify --key FP`) that the
+key is the one the verifier expects. What the head log adds, and where it stops:
+
+* detected: HEAD rolled back or pointed at an older version; the newest versions deleted;
+  HEAD deleted while versions exist; HEADS edited, re-ordered, truncated in the middle or
+  deleted; a chain re-signed with another key (its fingerprint is not the expected one);
+* not detected from the run directory alone: HEAD *and* HEADS rolled back together to an
+  earlier consistent state (an old backup of the whole run directory). The coordinator keeps
+  the newest log line in its own home too (`record_head_in_home`), so `chain verify` on the
+  coordinator's machine catches that as well; elsewhere, compare the head id with the operator.
 """
 
 from __future__ import annotations
@@ -52,6 +66,8 @@ except ImportError:  # pragma: no cover - not on this platform
 
 FORMAT = "enshuffle-chain/1"
 SIGNING_PREFIX = b"enshuffle model version v1\x00"
+HEAD_LOG_PREFIX = b"enshuffle head log v1\x00"
+HEAD_LOG = "HEADS"
 SHORT = 12  # hex chars shown for an id
 EXPORT_NAMES = ("w1", "b1", "w2", "b2")
 _TMP_PREFIX = ".tmp-"
@@ -191,6 +207,7 @@ class Chain:
         self.dir = self.run_dir / "chain"
         self.signer = signer
         self._records: dict[str, dict] = {}  # id -> parsed record; ids are content hashes
+        self.last_log_entry: dict | None = None  # the head log line of the last append
 
     # ----- reading
 
@@ -354,10 +371,23 @@ class Chain:
                 return {}, f"array {entry['name']!r} has an unusable dtype/shape {entry['dtype']}/{entry['shape']}"
         return arrays, None
 
-    def verify(self) -> VerifyReport:
-        """Check HEAD, then every version from genesis to head: key, id, signature, arrays, parent link."""
+    def verify(self, expected_fingerprint: str | None = None) -> VerifyReport:
+        """Check HEAD, then every version from genesis to head (key, id, signature, arrays, parent
+        link), then the head log. `expected_fingerprint`: the coordinator key that must have signed."""
+        try:
+            report = self._verify_versions(expected_fingerprint)
+        except ChainError as exc:  # whatever a malformed file raises, a report names it
+            return VerifyReport(False, 0, None, str(exc))
+        return report
+
+    def _verify_versions(self, expected_fingerprint: str | None) -> VerifyReport:
         head_text = self._read_head_text()
         if head_text is None:
+            stored = self._stored_ids()
+            if stored or (self.dir / HEAD_LOG).exists():
+                return VerifyReport(False, 0, None,
+                                    f"the HEAD file {self.dir / 'HEAD'} is missing, but {len(stored)} versions are "
+                                    f"stored: the chain's head was removed; restore the run directory from a copy")
             return VerifyReport(True, 0, None, None)
         if not _ID_RE.fullmatch(head_text):
             return VerifyReport(False, 0, head_text[:SHORT] or None,
@@ -403,7 +433,86 @@ class Chain:
             if problem is not None:
                 return VerifyReport(False, checked, short(version_id), problem)
             checked += 1
+        problem = self._head_log_problem([v for v, _, _ in walk], run_key)
+        if problem is not None:
+            return VerifyReport(False, checked, None, problem)
+        if expected_fingerprint is not None and run_key is not None:
+            from enshuffle.protocol.keys import fingerprint
+
+            signed_by = fingerprint(bytes.fromhex(run_key))
+            if signed_by != expected_fingerprint:
+                return VerifyReport(False, checked, None,
+                                    f"the chain is signed by coordinator key {signed_by}, not the expected "
+                                    f"{expected_fingerprint}: it was re-signed or is another run's; do not trust it")
         return VerifyReport(True, checked, None, None)
+
+    # ----- the head log
+
+    def head_log(self) -> list[dict]:
+        """The parsed lines of chain/HEADS (no signature check); [] if there is none."""
+        try:
+            text = (self.dir / HEAD_LOG).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ChainError(f"{self.dir / HEAD_LOG} cannot be read ({exc})") from None
+        entries = []
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                entry = json.loads(line)
+            except (ValueError, RecursionError):
+                raise ChainError(f"{self.dir / HEAD_LOG} line {number} is not valid JSON") from None
+            entries.append(entry)
+        return entries
+
+    def _head_log_problem(self, chain_ids: list[str], run_key: str | None) -> str | None:
+        """Why the head log does not vouch for this HEAD (rolled back, truncated, forged), or None."""
+        path = self.dir / HEAD_LOG
+        entries = self.head_log()
+        if not entries:
+            return (f"the head log {path} is missing or empty, but the chain has {len(chain_ids)} versions: "
+                    f"it was removed, so dropped versions could not be noticed; restore the run directory")
+        key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(run_key))
+        prev = None
+        for index, entry in enumerate(entries):
+            if not (isinstance(entry, dict) and isinstance(entry.get("sig"), str) and entry.get("n") == index
+                    and isinstance(entry.get("head"), str) and _ID_RE.fullmatch(entry["head"])
+                    and entry.get("prev") == prev):
+                return (f"the head log {path} line {index + 1} is malformed or out of order "
+                        f"(lines edited, removed or re-ordered)")
+            body = {k: v for k, v in entry.items() if k != "sig"}
+            try:
+                key.verify(bytes.fromhex(entry["sig"]), HEAD_LOG_PREFIX + canonical_json(body))
+            except (InvalidSignature, ValueError):
+                return f"the head log {path} line {index + 1} is not signed by the run's coordinator key"
+            prev = hashlib.sha256(canonical_json(entry)).hexdigest()
+        position = {v: i for i, v in enumerate(chain_ids)}
+        newest = entries[-1]
+        last = position.get(newest["head"])
+        if last is None or last < len(chain_ids) - 2:
+            return (f"HEAD was rolled back or replaced: the head log's newest entry ({len(entries)}) is version "
+                    f"{short(newest['head'])} (epoch {newest.get('epoch')}, step {newest.get('step')}), which "
+                    f"{'HEAD' + chr(39) + 's chain does not contain' if last is None else 'is newer than HEAD'}; "
+                    f"restore the newest versions from a copy")
+        logged = [e["head"] for e in entries]
+        if any(h not in position for h in logged):
+            return f"the head log {path} names a version that HEAD's chain does not contain (a forked chain)"
+        return None
+
+    def _append_head_log(self, version_id: str, metadata: dict) -> dict:
+        """Append one signed line for `version_id` to chain/HEADS (under the writer lock); the line."""
+        entries = self.head_log()
+        if entries and entries[-1].get("head") == version_id:
+            return entries[-1]
+        prev = hashlib.sha256(canonical_json(entries[-1])).hexdigest() if entries else None
+        body = {"n": len(entries), "head": version_id, "epoch": metadata.get("epoch"), "step": metadata.get("step"),
+                "prev": prev}
+        entry = dict(body, sig=bytes(self.signer.sign(HEAD_LOG_PREFIX + canonical_json(body))).hex())
+        with open(self.dir / HEAD_LOG, "ab") as fh:
+            fh.write(canonical_json(entry) + b"\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return entry
 
     # ----- writing
 
@@ -450,11 +559,14 @@ class Chain:
                 raise ChainError(
                     f"HEAD points at version {short(parent)}, which is missing from {self.dir}; "
                     f"run `enshuffle chain verify {self.run_dir}` and restore the run directory")
+            if parent is not None:  # a crash between HEAD and its log line: log the head first
+                self._append_head_log(parent, self._cached_record(parent)["metadata"])
             manifest = manifest_of(arrays)
             version_id = compute_id(parent, key_hex, metadata, manifest)
             if not (self.dir / version_id).is_dir():  # present already if a crash came just before HEAD
                 self._write_version_dir(version_id, parent, key_hex, metadata, manifest, arrays)
             _replace_text(self.dir, "HEAD", version_id + "\n")
+            self.last_log_entry = self._append_head_log(version_id, metadata)
         return version_id
 
     def _write_version_dir(self, version_id, parent, key_hex, metadata, manifest, arrays) -> None:
@@ -472,6 +584,45 @@ class Chain:
         _fsync_dir(self.dir)
 
 
+def _home_heads_path(home: Path, genesis: str) -> Path:
+    return Path(home) / "heads" / f"{genesis}.json"
+
+
+def record_head_in_home(chain: Chain, home: Path) -> None:
+    """Keep the chain's newest head log line in the coordinator's home too (outside RUN_DIR), so
+    that rolling back HEAD and HEADS together is caught by `chain verify` on this machine."""
+    entries = chain.head_log()
+    if not entries or not isinstance(entries[0].get("head"), str):
+        return
+    path = _home_heads_path(home, entries[0]["head"])
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _replace_text(path.parent, path.name, json.dumps(entries[-1], sort_keys=True) + "\n")
+    except OSError:
+        pass  # a read-only home only loses this extra check; the run directory still has the log
+
+
+def home_head_problem(chain: Chain, home: Path) -> str | None:
+    """Whether the run directory's head log is behind the one this machine's coordinator recorded."""
+    entries = chain.head_log()
+    if not entries or not isinstance(entries[0].get("head"), str):
+        return None
+    path = _home_heads_path(home, entries[0]["head"])
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    n = recorded.get("n") if isinstance(recorded, dict) else None
+    if not isinstance(n, int):
+        return None
+    if n >= len(entries) or entries[n] != recorded:
+        return (f"the chain was rolled back: this machine's coordinator wrote version {short(recorded.get('head'))} "
+                f"(head log entry {n + 1}, epoch {recorded.get('epoch')}), but {chain.dir / HEAD_LOG} "
+                f"{'has only ' + str(len(entries)) + ' entries' if n >= len(entries) else 'differs there'}; "
+                f"restore the newest versions from a copy")
+    return None
+
+
 def _record_shape_problem(record) -> str | None:
     """Why a parsed version.json is not a version record, or None. Keeps ids out of paths unless hex."""
     if not isinstance(record, dict):
@@ -484,7 +635,9 @@ def _record_shape_problem(record) -> str | None:
         return f"has format {record.get('format')!r}, expected {FORMAT!r}"
     if not _ID_RE.fullmatch(record["version_id"]):
         return "has a version_id that is not 64 hex digits"
-    parent = record.get("parent_id")
+    if "parent_id" not in record:
+        return "has no 'parent_id' (null for the first version)"
+    parent = record["parent_id"]
     if parent is not None and not (isinstance(parent, str) and _ID_RE.fullmatch(parent)):
         return "has a parent_id that is neither null nor 64 hex digits"
     for entry in record["arrays"]:
@@ -545,29 +698,58 @@ def cmd_log(args) -> int:
     return 0
 
 
+def _this_machines_coordinator() -> tuple[str | None, Path]:
+    """(fingerprint of this machine's coordinator key or None, its home). Never creates a key."""
+    from enshuffle.protocol.keys import KeyStoreError, enshuffle_home, key_path, load_or_create_identity
+
+    home = enshuffle_home()
+    if not key_path("coordinator", home).is_file():
+        return None, home
+    try:
+        return load_or_create_identity("coordinator", home).fingerprint, home
+    except KeyStoreError:
+        return None, home
+
+
 def cmd_verify(args) -> int:
-    """`enshuffle chain verify RUN_DIR`: 0 and 'ok: N versions verified', or 1 naming the first bad version."""
+    """`enshuffle chain verify RUN_DIR [--key FP]`: 0 and 'ok: N versions verified, signed by ...', or 1
+    naming what is wrong: a bad version, a rolled-back head, or a signing key that is not the expected one."""
     from enshuffle.cli import UsageError
+    from enshuffle.protocol.keys import KeyStoreError, fingerprint, normalize_fingerprint
 
     chain = _open_for_cli(args.run_dir)
-    try:
-        report = chain.verify()
-    except ChainError as exc:
-        raise UsageError(str(exc)) from None
-    if report.ok:
-        key = chain.run_key()
-        signer = ""
-        if key:
-            from enshuffle.protocol.keys import fingerprint
-
-            # The chain carries its own key: compare it with the coordinator's `enshuffle keys show`.
-            signer = f", signed by coordinator key {fingerprint(bytes.fromhex(key))}"
-        print(f"ok: {report.checked} versions verified{signer}")
+    home = None
+    if getattr(args, "key", None):
+        try:
+            expected = normalize_fingerprint(args.key)
+        except KeyStoreError as exc:
+            raise UsageError(f"--key: {exc}") from None
+        whose = "the key given with --key"
+    else:
+        expected, home = _this_machines_coordinator()
+        whose = "this machine's coordinator key"
+    report = chain.verify(expected)
+    if report.ok and home is not None:
+        problem = home_head_problem(chain, home)
+        if problem is not None:
+            report = VerifyReport(False, report.checked, None, problem)
+    if not report.ok:
+        where = f"version {report.first_bad}: " if report.first_bad else ""
+        before = f" ({report.checked} versions verified before it)" if report.checked else ""
+        print(f"FAILED: {where}{report.problem}{before}", file=sys.stderr)
+        return 1
+    key = chain.run_key()
+    if key is None:
+        print(f"ok: {report.checked} versions verified (the chain is empty)")
         return 0
-    where = f"version {report.first_bad}: " if report.first_bad else ""
-    before = f" ({report.checked} older versions verified before it)" if report.checked else ""
-    print(f"FAILED: {where}{report.problem}{before}", file=sys.stderr)
-    return 1
+    signed_by = fingerprint(bytes.fromhex(key))
+    if expected is None:
+        print(f"FAILED: every version checks out, but nothing says {signed_by}, the key that signed them, is the "
+              f"right one: this machine has no coordinator key to compare with; pass --key FINGERPRINT (from "
+              f"`enshuffle keys show` on the run's coordinator)", file=sys.stderr)
+        return 1
+    print(f"ok: {report.checked} versions verified, signed by coordinator key {signed_by} ({whose})")
+    return 0
 
 
 def cmd_export(args) -> int:

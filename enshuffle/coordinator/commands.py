@@ -164,11 +164,19 @@ def cmd_coordinator(args) -> int:
         if not run_dir:
             raise UsageError("--resume needs --out RUN_DIR naming the run to continue")
         settings = load_run_settings(run_dir)
+        requested = args.epochs
+        if requested is not None and requested < settings["epochs"]:
+            raise UsageError(f"--epochs {requested} is fewer than the {settings['epochs']} epochs {run_dir} was "
+                             f"started with; a resumed run can only be extended (give more epochs, or none)")
         args.preset, args.epochs, args.dtype = settings["preset"], settings["epochs"], settings["dtype"]
+        if requested is not None and requested > settings["epochs"]:
+            args.epochs = requested
+            eprint(f"coordinator: extending {run_dir} from {settings['epochs']} to {requested} epochs (a cosine "
+                   f"learning-rate decay is recomputed over {requested} epochs from here)")
         args.offload, args.seed, args.limit = settings["offload"], settings["seed"], settings.get("limit")
         shards = int(settings["shards"])
         eprint(f"coordinator: resuming {run_dir} with its settings: preset {args.preset}, {args.epochs} epochs, "
-               f"{args.dtype}, offload {args.offload}, {shards} shards (other training options are ignored)")
+               f"{args.dtype}, offload {args.offload}, {shards} shards (other training options are ignored; --epochs N extends it)")
     from enshuffle.coordinator.admission import Admission
     from enshuffle.protocol.keys import enshuffle_home
 

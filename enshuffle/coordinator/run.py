@@ -70,6 +70,7 @@ class CoordinatorRun:
         self.quiet = quiet
         self.print_reports = True  # epoch lines and the final table on stdout (off under the TUI)
         self.identity = load_or_create_identity("coordinator", home)
+        self.home = home
         self.run_dir = Path(run_dir) if run_dir else None
         self.chain = Chain(self.run_dir, signer=self.identity) if self.run_dir else None
         self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
@@ -81,6 +82,9 @@ class CoordinatorRun:
         self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
                                         control=self.control, log=None if quiet else eprint, admission=admission,
                                         max_exposure=getattr(args, "max_exposure", None))
+        self.server.replicate = bool(getattr(args, "replicate", False))
+        if getattr(args, "quarantine_after", None):
+            self.server.reputation.quarantine_after = args.quarantine_after
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
         self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
                                           ledger=self.server.ledger, **inputs.source(),
@@ -100,6 +104,9 @@ class CoordinatorRun:
             if resume:
                 try:
                     self._resume()
+                except UsageError:
+                    self.server.close("shutdown")
+                    raise
                 except ChainError as exc:
                     self.server.close("shutdown")
                     raise UsageError(f"cannot resume from {self.run_dir}: {exc}") from None
@@ -146,6 +153,14 @@ class CoordinatorRun:
                              f"start without --resume")
         arrays, meta = self.chain.load(head)
         self.trainer.restore(arrays, meta)
+        if self.trainer.finished:
+            raise UsageError(
+                f"{self.run_dir} has finished: its head version {head[:12]} is epoch {self.trainer.epoch} of "
+                f"{self.preset.epochs}, so there is nothing to resume. To train further, extend it: "
+                f"`enshuffle coordinator --out {self.run_dir} --resume --epochs N` with N > {self.preset.epochs}")
+        if meta.get("epochs_total") not in (None, self.preset.epochs):
+            _atomic_write_json(self.run_dir / "run.json", dict(load_run_settings(str(self.run_dir)),
+                                                               epochs=self.preset.epochs))
         self.server.ledger.load(meta.get("ledger", {}))
         # Ledger rows are keyed by label: the same key must get the same label after a resume.
         self.server.labels.update({bytes.fromhex(k): v for k, v in (meta.get("labels") or {}).items()})
@@ -186,6 +201,10 @@ class CoordinatorRun:
             "labels": {key.hex(): label for key, label in self.server.labels.items()},
         })
         version = self.chain.append(arrays, meta)
+        from enshuffle.coordinator.chain import record_head_in_home
+        from enshuffle.protocol.keys import enshuffle_home
+
+        record_head_in_home(self.chain, self.home if self.home is not None else enshuffle_home())
         parent = self.state.versions[-1].version_id if self.state.versions else None
         with self.state.lock:
             self.state.versions.append(_version_row(version, parent, meta))
@@ -425,7 +444,7 @@ def verify_chain_message(chain) -> tuple[bool, str]:
     """What `enshuffle chain verify` checks, as (ok, one line) for the console's `v` key."""
     if chain is None:
         return False, "no run directory: start with --out RUN_DIR to keep a model chain"
-    report = chain.verify()
+    report = chain.verify(expected_fingerprint=getattr(chain.signer, "fingerprint", None))
     if report.ok:
         return True, f"ok: {report.checked} versions verified"
     return False, f"FAILED at {report.first_bad[:12] if report.first_bad else '?'}: {report.problem}"
@@ -444,7 +463,11 @@ def run_headless(run: CoordinatorRun) -> int:
         eprint(line)
         run.control.request_stop()
 
+    def on_hangup(signum, frame):
+        run.control.readmit(None)  # lift every quarantine; the server logs whom
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
         return run.run()
     finally:
@@ -487,10 +510,12 @@ def run_with_tui(run: CoordinatorRun) -> int:
     import signal
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: run.control.readmit(None))
     try:
         app.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGHUP, previous_hup)
         run.control.request_stop()
         # A step finishes in well under this; if the run is stuck the daemon thread dies with us.
         thread.join(30)

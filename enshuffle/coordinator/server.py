@@ -26,6 +26,7 @@ import zmq
 
 from enshuffle.coordinator.distributed import Batch
 from enshuffle.coordinator.ledger import AXES, ExposureLedger
+from enshuffle.coordinator.reputation import Reputation
 
 BOUNDED = ("images", "w1")  # kinds whose share per node the bound limits (the rest: none, or every step's)
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, NodeRow
@@ -39,7 +40,7 @@ LEASE_MULTIPLE = 4.0
 LEASE_INITIAL_MS = 30000
 MAX_PROTOCOL_ERRORS = 50  # malformed/unverifiable messages before a node is evicted (protocol.md section 14)
 WARN_BURST, WARN_WINDOW = 10, 10.0  # per peer: log lines, seconds
-MAX_ATTEMPTS = 5  # a batch rejected or answered wrongly this many times aborts the run
+MAX_ATTEMPTS = 5  # a batch rejected this many times aborts the run (lies, departures and leases do not count)
 MAX_SESSIONS = 1024  # live + joining sessions; more get REFUSE `busy`
 MAX_PENDING = 1024  # CHALLENGEs awaiting a HELLO (oldest dropped first)
 HANDSHAKE_TIMEOUT = 10.0  # seconds from CHALLENGE to the first sealed message
@@ -206,7 +207,8 @@ class CoordinatorServer:
         self.step = 0
         self.finished = False
         self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0,
-                         "wrong": 0, "refused": 0, "declined": 0, "handshakes": 0, "challenges": 0}
+                         "wrong": 0, "refused": 0, "declined": 0, "handshakes": 0, "challenges": 0,
+                         "quarantined": 0}
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiting_logged = False
@@ -214,7 +216,9 @@ class CoordinatorServer:
         self._published_at = 0.0
         self._warnings: dict[str, tuple[float, int, int]] = {}
         self.banned: set[bytes] = set()
-        self.verify_results = True  # Freivalds/spot checks on every result (about 2% of the work)
+        self.verify_results = True  # Freivalds' test on every result (docs/design.md, "Checking results")
+        self.reputation = Reputation()  # per node key: accepted, refused and why, quarantine
+        self.replicate = False  # also compute results of untrusted keys here and compare (--replicate)
         self._verify_rng = np.random.default_rng()
         self._static_norms: dict[str, object] = {}
         # The exposure bound (docs/design.md, "Privacy"): per bounded kind, the share a node may
@@ -516,8 +520,8 @@ class CoordinatorServer:
                 self.state.nodes.pop(session.label, None)
 
     def _reissue(self, task: Task, previous: Session | None, why: str, counts: bool = True) -> None:
-        """Send `task` again. Only rejections and wrong results count toward MAX_ATTEMPTS: a node
-        that leaves, vanishes or runs out its lease never makes the run abort."""
+        """Send `task` again. Only rejections count toward MAX_ATTEMPTS: a node that leaves,
+        vanishes, runs out its lease or lies (it gets itself quarantined) never makes the run abort."""
         self._dirty = True
         if counts:
             task.attempts += 1
@@ -552,6 +556,7 @@ class CoordinatorServer:
         change, new work); the pass over every session for leases, silence and heartbeats runs
         every SWEEP_S: with 1,000 idle nodes beating once a second, a pass per arriving heartbeat
         would cost the coordinator a million session visits a second."""
+        self._readmit_requested()
         if self._dirty:
             self._dirty = False
             self._dispatch()
@@ -937,6 +942,10 @@ class CoordinatorServer:
         elif not admitted:
             refuse = ("not-allowed", f"key {fp} is not admitted here: ask the operator to add it to the "
                                      f"coordinator's --allow file, or for an invite code (enshuffle invite)")
+        elif self.reputation.is_quarantined(key):
+            rec = self.reputation.records[key]
+            refuse = ("quarantined", f"this node's key is quarantined for this run after {rec.lies} wrong results "
+                                     f"(last: {rec.reason[:200]}); ask the operator to re-admit it")
         else:
             caps = header["capabilities"]
             ops = caps.get("ops") if isinstance(caps, dict) else None
@@ -979,6 +988,7 @@ class CoordinatorServer:
                           label=label, credit=credit, want=credit, address=address, channel=channel,
                           admitted=how)
         self.joining[routing_id] = session
+        self.reputation.record(key, label, fp)
         start = time.perf_counter()
         frames = encode("WELCOME", {
             "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
@@ -1045,32 +1055,81 @@ class CoordinatorServer:
             got = "nothing" if c is None else f"{c.dtype}{tuple(c.shape)}"
             self.counters["dropped"] += 1
             self._count_refused(session)
-            self.log(f"refused RESULT for batch {task.batch_id} from {session.label}: expected array c "
-                     f"{expected_dtype}{task.shape}, got {got}")
-            task.session = None
-            self._reissue(task, session, "its result had the wrong shape")
+            problem = f"expected array c {expected_dtype}{task.shape}, got {got}"
+            self.log(f"refused RESULT for batch {task.batch_id} from {session.label}: {problem}")
+            self._refuse_lie(session, task, "wrong-shape", problem)
             return
         problem = self._check_result(task, c) if self.verify_results else None
+        if problem is None and self.replicate and self.reputation.needs_replica(session.key):
+            problem = self._check_replica(task, c)
         if problem is not None:
             self.counters["wrong"] += 1
             self._count_refused(session)
             self.log(f"refused RESULT for batch {task.batch_id} from {session.label}: {problem}")
-            task.session = None
-            self._reissue(task, session, "its result failed verification")
+            self._refuse_lie(session, task, "failed-check", problem)
             return
+        self.reputation.accepted(session.key)
         task.result = c  # a read-only view that keeps ZeroMQ's frame alive; un-disguising copies it
         session.done += 1
         session.rate_window.append(now)
         if task.work > 0:
             session.seconds_per_work.append((now - task.sent_at) / task.work)
 
-    def _check_result(self, task: Task, c: np.ndarray) -> str | None:
-        """Freivalds' test for products, a spot check for elementwise results (enshuffle.coordinator.verify)."""
-        from enshuffle.coordinator.verify import StaticNorms, check_elementwise, check_matmul
+    def _refuse_lie(self, session: Session, task: Task, reason: str, problem: str) -> None:
+        """A signed result that is wrong: re-issue the batch (not counted toward the abort limit) and
+        count it against the key; at the reputation's limit the key is quarantined."""
+        task.session = None
+        self._reissue(task, session, f"its result was refused ({reason})", counts=False)
+        if self.reputation.refused(session.key, reason, problem) and session.node_id in self.sessions:
+            self._quarantine(session)
+
+    def _quarantine(self, session: Session) -> None:
+        rec = self.reputation.records[session.key]
+        self.counters["quarantined"] += 1
+        self.log(f"quarantined node {session.label} ({short_fingerprint(session.fingerprint)}) for this run after "
+                 f"{rec.lies} wrong results ({rec.summary()}); its shards move to other nodes. Re-admit it with "
+                 f"`a` on its row in the console or SIGHUP")
+        self._send(session, "BYE", {"node_id": session.node_id, "reason": "quarantined"})
+        self._end_session(session, "quarantined")
+        with self.state.lock:
+            row = self.state.nodes.get(session.label)
+            if row is not None:
+                row.state = "quarantined"
+                row.quarantine = rec.reason
+
+    def _readmit_requested(self) -> None:
+        """Operator requests (console key, SIGHUP) to lift quarantines, taken from the control."""
+        take = getattr(self.control, "take_readmits", None)
+        for which in (take() if take is not None else ()):
+            done = self.reputation.readmit(which)
+            if not done:
+                self.log(f"re-admit {which or 'all'}: no quarantined node matches")
+            for rec in done:
+                self.log(f"re-admitted node {rec.label} ({short_fingerprint(rec.fingerprint)}): it may connect again")
+                with self.state.lock:
+                    row = self.state.nodes.get(rec.label)
+                    if row is not None and row.state == "quarantined":
+                        row.state = "gone"
+                        row.quarantine = ""
+
+    def _check_replica(self, task: Task, c: np.ndarray) -> str | None:
+        """Adaptive replication: recompute the product here (float64) and compare every entry."""
+        from enshuffle.coordinator.verify import check_replica
 
         batch = task.batch
+        name = batch.params.get("a_static")
         if batch.op != "matmul":
-            return check_elementwise(batch.op, c, batch.arrays, batch.params, self._verify_rng)
+            return None
+        static = self.static_arrays(batch.shard)[name] if name else None
+        return check_replica(c, batch.arrays, batch.params, static)
+
+    def _check_result(self, task: Task, c: np.ndarray) -> str | None:
+        """Freivalds' test with tight rounding bounds (enshuffle.coordinator.verify); only products are offloaded."""
+        from enshuffle.coordinator.verify import StaticNorms, check_matmul
+
+        batch = task.batch
+        if batch.op != "matmul":  # never sent (elementwise offload is retired): nothing could vouch for it
+            return f"a {batch.op} result cannot be checked; only products are offloaded"
         name = batch.params.get("a_static")
         static = norms = None
         if name:
@@ -1083,6 +1142,7 @@ class CoordinatorServer:
     def _on_reject(self, session: Session, msg) -> None:
         self.counters["rejected"] += 1
         self._count_refused(session)
+        self.reputation.refused(session.key, "rejected")  # the node said it could not: not a lie
         code, text = msg.header.get("code"), msg.header.get("text")
         if msg.header.get("batch_id") is None and code in ("too-large", "compute-error"):
             # It cannot store a static operand, so it cannot serve any shard of this run.
@@ -1126,7 +1186,7 @@ class CoordinatorServer:
         self.sessions.clear()
         with self.state.lock:
             for row in self.state.nodes.values():
-                if row.state != "gone":
+                if row.state not in ("gone", "quarantined"):
                     row.state = "done" if self.finished else "left"
                 row.outstanding = 0
         self.sock.close(0)

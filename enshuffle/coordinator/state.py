@@ -27,7 +27,7 @@ class NodeRow:
     name: str
     fingerprint: str
     address: str = ""
-    state: str = "connected"  # connected | working | idle | gone (left mid-run) | done (run finished) | left (coordinator stopped)
+    state: str = "connected"  # connected | working | idle | gone (left mid-run) | quarantined (lied) | done (run finished) | left (coordinator stopped)
     batches_done: int = 0
     outstanding: int = 0
     rate: float = 0.0  # batches per second, recent
@@ -36,6 +36,7 @@ class NodeRow:
     refused: int = 0
     exposure: dict[str, float] = field(default_factory=dict)  # tensor -> share of elements seen (0..1)
     forms: dict[str, str] = field(default_factory=dict)  # tensor -> weakest form received (ledger.FORMS)
+    quarantine: str = ""  # why the node's key is quarantined (its last wrong result), "" if it is not
 
 
 @dataclass
@@ -89,6 +90,22 @@ class CoordinatorControl(PauseStop):
 
     `request_stop` is graceful: the loop finishes the current step, writes a model version and
     tells nodes BYE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._readmit_lock = threading.Lock()
+        self._readmits: list[str | None] = []
+
+    def readmit(self, which: str | None = None) -> None:
+        """Ask the server to lift the quarantine of the node labelled or fingerprinted `which`
+        (None: every quarantined node). Safe from any thread and from a signal handler's thread."""
+        with self._readmit_lock:
+            self._readmits.append(which)
+
+    def take_readmits(self) -> list[str | None]:
+        with self._readmit_lock:
+            taken, self._readmits = self._readmits, []
+        return taken
 
     def pause(self) -> None:
         self._pause.set()

@@ -18,7 +18,7 @@ Exit statuses of `NodeDaemon.run()`:
      or an unusable trust file); the node sends one DECLINE (so the operator reads "refused
      our key") and nothing else;
 * 4  the coordinator refused us for good: REFUSE `version-mismatch` / `not-allowed` /
-     `bad-hello`, or BYE `evicted` / `protocol-error`.
+     `bad-hello` / `quarantined`, or BYE `evicted` / `protocol-error` / `quarantined`.
 
 This module never imports textual.
 """
@@ -74,10 +74,10 @@ def default_max_memory() -> int:
 MAX_HEARTBEAT_MS = 600_000    # a WELCOME asking for more (or < 1) is refused: libzmq takes an int
 MAX_RUNS_REMEMBERED = 64       # runs whose last accepted seq the daemon keeps (replay protection)
 
-FINAL_REFUSALS = ("version-mismatch", "not-allowed", "bad-hello")
+FINAL_REFUSALS = ("version-mismatch", "not-allowed", "bad-hello", "quarantined")
 # REFUSE `duplicate-key` is not final (the other process may be this node's own dead session), but
 # it is said loudly every time: two processes share one key.
-FINAL_BYES = ("evicted", "protocol-error")
+FINAL_BYES = ("evicted", "protocol-error", "quarantined")
 # Where compute_batch's BatchError codes land among the spec's REJECT codes.
 BATCH_ERROR_CODES = {"bad-batch": "bad-params", "unknown-op": "bad-op", "unknown-static": "unknown-static"}
 

@@ -89,6 +89,8 @@ enshuffle coordinator console
 Keys
   p        pause / resume training (the current step finishes first)
   v        verify the model chain (as `enshuffle chain verify` does)
+  a        re-admit the selected node if it is quarantined (its
+           results were refused as wrong; SIGHUP re-admits all)
   q        stop: finish the current step, write a model version and
            say BYE to the nodes, then leave; q again leaves at once
   1 2 3 4  show Nodes, Exposure, Chain, Log (on a large terminal
@@ -250,6 +252,7 @@ class CoordinatorApp(SnapshotApp):
     BINDINGS = [
         Binding("p", "toggle_pause", "pause/resume"),
         Binding("v", "verify_chain", "verify chain"),
+        Binding("a", "readmit", "re-admit node", show=False),
         QUIT_BINDING,
         HELP_BINDING,
         Binding("1", "show_view('nodes')", "nodes", show=False),
@@ -451,6 +454,20 @@ class CoordinatorApp(SnapshotApp):
         paused = self.control.toggle_pause()
         self.notify("training paused after the current step" if paused else "training resumed", timeout=3)
         self._refresh_status()
+
+    def action_readmit(self) -> None:
+        """Lift the quarantine of the node selected in the Nodes table."""
+        table = self.main_screen.query_one("#nodes-table", DataTable)
+        try:
+            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:  # an empty table has no cell under the cursor
+            key = None
+        row = self.snap.nodes.get(key) if self.snap is not None and key is not None else None
+        if row is None or row.state != "quarantined":
+            self.notify("select a quarantined node in the Nodes table to re-admit it", timeout=4)
+            return
+        self.control.readmit(row.name)
+        self.notify(f"re-admitting {row.name}: it may connect again", timeout=4)
 
     def action_verify_chain(self) -> None:
         if self.verify_chain is None:
