@@ -139,21 +139,6 @@ def drive(args, preset, inputs, compute, ledger) -> int:
     return 0
 
 
-def _reload_on_sighup(run, admission) -> None:
-    """SIGHUP re-reads the --allow file (and the invited keys); the result is logged."""
-    import signal
-
-    if not hasattr(signal, "SIGHUP"):
-        return
-
-    def on_hup(signum, frame):
-        line = admission.reload()
-        run.state.add_log(line)
-        eprint(line)
-
-    signal.signal(signal.SIGHUP, on_hup)
-
-
 def cmd_coordinator(args) -> int:
     """`enshuffle coordinator`: listen for volunteers' nodes and train."""
     from enshuffle.coordinator.run import CoordinatorRun, default_run_dir, load_run_settings
@@ -191,7 +176,6 @@ def cmd_coordinator(args) -> int:
                              checkpoint_every=args.checkpoint_every, admission=admission)
     except OSError as exc:
         raise UsageError(str(exc)) from None
-    _reload_on_sighup(run, admission)
     endpoint = run.server.endpoint
     host = endpoint[len("tcp://"):].rpartition(":")[0]
     connect = endpoint if host not in ("0.0.0.0", "*", "[::]") else endpoint.replace(host, "THIS_HOST", 1)

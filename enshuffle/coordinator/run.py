@@ -179,6 +179,15 @@ class CoordinatorRun:
             eprint(line)
 
     # -- chain -----------------------------------------------------------------------
+    def hangup(self) -> None:
+        """SIGHUP: re-read the --allow file (and invited keys), and lift every quarantine."""
+        if self.admission is not None and hasattr(self.admission, "reload"):
+            line = self.admission.reload()
+            self.state.add_log(line)
+            if not self.quiet:
+                eprint(line)
+        self.control.readmit(None)  # the server logs whom
+
     def privacy_notes(self) -> list[str]:
         from enshuffle.coordinator.ledger import privacy_notes
 
@@ -464,7 +473,7 @@ def run_headless(run: CoordinatorRun) -> int:
         run.control.request_stop()
 
     def on_hangup(signum, frame):
-        run.control.readmit(None)  # lift every quarantine; the server logs whom
+        run.hangup()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
@@ -510,7 +519,7 @@ def run_with_tui(run: CoordinatorRun) -> int:
     import signal
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: run.control.readmit(None))
+    previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: run.hangup())
     try:
         app.run()
     finally:
