@@ -1,5 +1,6 @@
 """Ctrl-C (SIGINT) or SIGTERM on `enshuffle train --nodes K` stops gracefully: the current step
-finishes, a model version is written, the local node processes end with it, exit status 0."""
+finishes, a model version is written, the local node processes end with it, exit status 130
+(interrupted before the run finished), and the final figures and the resume hint are printed."""
 
 from __future__ import annotations
 
@@ -39,10 +40,12 @@ def test_a_signal_stops_train_gracefully(core_data_dir, core_cache, tmp_path, si
         kids = node_pids_of(proc.pid)
         assert len(kids) == 2, kids
         proc.signal(signum)
-        assert proc.wait(30) == 0, proc.describe()
+        assert proc.wait(30) == 130, proc.describe()  # interrupted: resume it with --resume
     finally:
         proc.stop()
     assert "finishing the step, then stopping" in proc.err()
+    assert "Exposure ledger" in proc.out() and "local-1" in proc.out()  # the final figures, every time
+    assert f"enshuffle train --out {run_dir} --resume" in proc.err()
     chain = Chain(run_dir)
     assert chain.verify().ok
     assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

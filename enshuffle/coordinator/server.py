@@ -253,8 +253,11 @@ class CoordinatorServer:
     def live_count(self) -> int:
         return len(self.sessions)
 
-    def wait_for_nodes(self, count: int, should_stop: Callable[[], bool] = lambda: False) -> bool:
-        """Pump until `count` nodes are connected; False if asked to stop first."""
+    def wait_for_nodes(self, count: int, should_stop: Callable[[], bool] = lambda: False,
+                       give_up: Callable[[], str | None] | None = None) -> bool:
+        """Pump until `count` nodes are connected; False if asked to stop first, or when
+        `give_up()` names a reason to stop waiting (kept in `wait_problem`)."""
+        self.wait_problem: str | None = None
         for shard in range(len(self.owner)):
             self.static_arrays(shard)  # prepared now, so sending them later never starves heartbeats
         if len(self.sessions) < count:
@@ -262,6 +265,10 @@ class CoordinatorServer:
             self._waiting_logged = True  # no second "waiting" line from pump()
         while len(self.sessions) < count:
             if should_stop():
+                return False
+            problem = give_up() if give_up is not None else None
+            if problem:
+                self.wait_problem = problem
                 return False
             self._set_status(f"waiting for nodes: {len(self.sessions)} of {count} connected")
             self.pump(timeout_ms=200)

@@ -62,6 +62,7 @@ class CoordinatorState(LiveState):
     preset: str = ""
     bind: str = ""
     fingerprint: str = ""
+    join_commands: list[str] = field(default_factory=list)  # `enshuffle node ...` lines for volunteers
     run_dir: str | None = None
     started_at: float = field(default_factory=time.time)
     epochs_total: int = 0

@@ -47,7 +47,7 @@ from .format import (
     text_bar,
     verification_marks,
 )
-from .base import HELP_BINDING, QUIT_BINDING, SnapshotApp
+from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp
 from .widgets import LogFeed, TableSync
 
 NODE_COLUMNS = [
@@ -247,6 +247,7 @@ class CoordinatorApp(SnapshotApp):
         Binding("p", "toggle_pause", "pause/resume"),
         Binding("v", "verify_chain", "verify chain"),
         QUIT_BINDING,
+        INTERRUPT_BINDING,
         HELP_BINDING,
         Binding("1", "show_view('nodes')", "nodes", show=False),
         Binding("2", "show_view('exposure')", "exposure", show=False),

@@ -24,7 +24,7 @@ from textual.widgets import Footer, Log, Static
 from ..coordinator.state import TENSORS
 from ..node.state import NodeControl, NodeState
 from .format import fmt_bytes, fmt_clock, fmt_rate, fmt_share, share_bar, short_fp
-from .base import HELP_BINDING, QUIT_BINDING, SnapshotApp
+from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp
 from .widgets import LogFeed
 
 MAX_THREADS = 256
@@ -130,6 +130,7 @@ class NodeApp(SnapshotApp):
         Binding("plus,equals_sign", "more_threads", "more threads"),
         Binding("minus", "fewer_threads", "fewer threads"),
         QUIT_BINDING,
+        INTERRUPT_BINDING,
         HELP_BINDING,
     ]
     HELP_TEXT = HELP_TEXT
