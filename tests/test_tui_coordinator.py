@@ -33,8 +33,10 @@ async def test_nodes_table_shows_one_keyed_row_per_node():
         assert table.row_count == 3
         assert [str(c) for c in table.get_row("n-alice")] == [
             "alice", "working", "1,234", "2", "12.5/s", "now", "1", "0",
-            "20.0%", "21.0%", "30.0%", "a1a1a1a1", "10.0.0.2:40001",
+            "20.0%", "21.0%", "30.0%", "a1a1a1a1", "10.0.0.2:40001", "",
         ]
+        assert cell(table, "n-carol", "why") == "silent for 3.1 s (heartbeat lost)"
+        assert cell(table, "n-bob", "state") == "waiting" and "between batches" in cell(table, "n-bob", "why")
         assert cell(table, "n-bob", "seen") == "9s"
         assert cell(table, "n-carol", "seen") == "2m05s"
         assert cell(table, "n-carol", "state") == "lost"
@@ -90,12 +92,13 @@ async def test_header_progress_and_charts_follow_the_state():
     async with app.run_test(size=(160, 48)):
         header = text(app, "header")
         assert "run-0042" in header and "fashion-quick" in header and "tcp://0.0.0.0:5555" in header
-        assert "fingerprint ab12cd34ef56 " in header and "elapsed 0:12:34" in header
+        fp = "ab12cd34ef56ab78cd90ef12ab34cd56ef78ab90cd12ef34ab56cd78ef90ab12"
+        assert f"fingerprint {fp}" in header and "elapsed 0:12:34" in header  # in full
         progress = text(app, "progress")
         assert "epoch   3/15" in progress and "step   12/40" in progress
-        # 11.7 epochs left at the 59.33 s mean of the finished ones
+        # 12 epochs less 12 steps left (468 steps) at the state's 1.483 s per step
         assert "ETA 11m34s" in progress
-        assert text(app, "value-test") == "0.7950"
+        assert text(app, "value-test") == "0.7950 [0.601–0.795]"  # last, and the sparkline's scale
         assert app.query_one("#spark-cost").data == [0.09, 0.061, 0.048]
 
 
@@ -252,3 +255,40 @@ async def test_against_the_synthetic_back_end_stepped_by_hand():
         assert app.query_one("#chain-table", DataTable).row_count == len(fake.state.versions) == 5
         await press_and_verify(app, pilot, "v")
         assert "5 versions, every parent link intact" in text(app, "verify-result")
+
+
+@pilot_test
+async def test_ctrl_c_is_the_graceful_stop_not_textuals_quit_hint():
+    app, _source, control = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert control.stop_requested and app.stopping and app.is_running  # stays up, stopping
+        assert "STOPPING" in text(app, "status")
+        await pilot.press("ctrl+c")  # a second one leaves at once, as a second q does
+        await pilot.pause()
+    assert app.return_value == "left-early"
+
+
+@pilot_test
+async def test_empty_nodes_table_says_how_to_add_a_node_and_the_fingerprint_is_whole():
+    app, source, _control = make_app()
+    source.state.nodes = {}
+    async with app.run_test(size=(80, 24)):
+        join = text(app, "join")
+        assert join.startswith("No node has connected yet") and source.state.join_commands[0] in join
+        assert source.state.fingerprint in text(app, "header")
+
+
+@pilot_test
+async def test_finished_run_shows_a_full_step_bar_and_paused_is_said_once():
+    app, source, control = make_app()
+    source.state.epoch, source.state.step = source.state.epochs_total, 0
+    async with app.run_test(size=(120, 40)) as pilot:
+        progress = text(app, "progress")
+        assert "step   40/40" in progress and "100%" in progress.splitlines()[1] and "ETA 0s" in progress
+        source.state.status = "paused (press p to resume)"
+        await pilot.press("p")
+        app.pull_snapshot()
+        status = text(app, "status")
+        assert control.paused and status.lower().count("paused") == 1, status

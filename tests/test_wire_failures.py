@@ -63,17 +63,17 @@ def test_killed_node_is_replaced_rejoins_and_an_empty_cluster_waits_idle(core_da
         assert procs[0].wait(5) == -signal.SIGKILL
         run.wait_held(30)  # steps 1 and 2 finished without it
         gone = run.row("proc-1")
-        assert gone.state == "gone" and gone.reissued >= 1, why()
+        assert gone.state == "lost" and gone.reissued >= 1, why()
         assert run.server.counters["reissued"] >= 1
         assert run.logged("node proc-1 (") and any("left:" in line for line in run.logged("node proc-1 (")), why()
 
         # It comes back with the same key: same row, a new session, and it is given work again.
         nodes(run, 1)
-        wait_until(lambda: run.row("proc-1").node_id != first.node_id and run.row("proc-1").state != "gone",
+        wait_until(lambda: run.row("proc-1").node_id != first.node_id and run.row("proc-1").state != "lost",
                    15, "proc-1 to rejoin", on_timeout=why)
         run.hold_at(5)  # a step boundary for it to take over a shard, then a step to compute in
         run.wait_held(30)
-        wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "idle"), 5,
+        wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "waiting", "standby"), 5,
                    "proc-1 to compute again", on_timeout=why)
 
         # Every node gone: the coordinator says it waits, and waits without spinning.

@@ -36,7 +36,7 @@ def test_leave_and_join_move_shards_and_the_ledger_shows_the_cost(core_data_dir,
         procs["B"].wait(10)
         run.hold_at(5)
         run.wait_held(60)
-        assert run.row("B").state == "gone", run.describe()
+        assert run.row("B").state == "lost", run.describe()
         shares = ledger.shares()
         assert shares["A"]["images"] == 1.0 and shares["A"]["w1"] == 1.0, shares
         assert shares["B"]["images"] == 0.5

@@ -24,7 +24,7 @@ def test_stop_with_every_node_gone_ends_the_run(core_data_dir, tmp_path: Path):
         wait_until(lambda: len(state.snapshot().versions) >= 1, 60, "the first model version")
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(10)
-        wait_until(lambda: all(r.state == "gone" for r in state.snapshot().nodes.values()), 20,
+        wait_until(lambda: all(r.state == "lost" for r in state.snapshot().nodes.values()), 20,
                    "the coordinator to notice the node is gone")
         versions_before = [v.version_id for v in Chain(live.run_dir).versions()]
         started = time.monotonic()

@@ -223,10 +223,15 @@ class CoordinatorRun:
                         self.server.pump(200)
                     self._set_status("training")
                     continue
+                step_started = time.monotonic()
                 report = self.trainer.run_step()
+                step_took = time.monotonic() - step_started
                 self._steps_since_version += 1
                 with self.state.lock:
                     self.state.epoch, self.state.step = self.trainer.epoch, self.trainer.step
+                    # A moving mean of step times: the ETA follows the work, not the wall clock.
+                    previous = self.state.step_seconds
+                    self.state.step_seconds = step_took if previous <= 0 else 0.9 * previous + 0.1 * step_took
                 if report is not None:
                     with self.state.lock:
                         self.state.epochs.append(EpochRow(**report.as_dict()))

@@ -176,6 +176,7 @@ class CoordinatorServer:
         self.bytes_received = 0
         self._waiting_logged = False
         self._status_before_wait: str | None = None  # the status "waiting for nodes" replaced mid-run
+        self._min_nodes_wanted = 0  # wait_for_nodes(count): until then a node waits for the others
         self._published_at = 0.0
         self._warnings: dict[str, tuple[float, int, int]] = {}
         self.banned: set[bytes] = set()
@@ -209,7 +210,11 @@ class CoordinatorServer:
         try:
             self.sock.send_multipart([session.routing_id, *frames], copy=False, flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            self._end_session(session, f"cannot send to it ({exc.strerror})")
+            why = f"its connection closed without a BYE ({exc.strerror})"
+            if session.done == 0:
+                why += ("; before its first result: it may have refused this coordinator's key (a wrong "
+                        "--coordinator-key on the node?) or been killed")
+            self._end_session(session, why)
             return False
         session.last_sent = time.monotonic()
         self.bytes_sent += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in frames)
@@ -258,6 +263,7 @@ class CoordinatorServer:
         """Pump until `count` nodes are connected; False if asked to stop first, or when
         `give_up()` names a reason to stop waiting (kept in `wait_problem`)."""
         self.wait_problem: str | None = None
+        self._min_nodes_wanted = count
         for shard in range(len(self.owner)):
             self.static_arrays(shard)  # prepared now, so sending them later never starves heartbeats
         if len(self.sessions) < count:
@@ -272,6 +278,7 @@ class CoordinatorServer:
                 return False
             self._set_status(f"waiting for nodes: {len(self.sessions)} of {count} connected")
             self.pump(timeout_ms=200)
+        self._min_nodes_wanted = 0
         self._rebalance()
         return True
 
@@ -342,7 +349,8 @@ class CoordinatorServer:
         with self.state.lock:
             row = self.state.nodes.get(session.label)
             if row is not None:
-                row.state = "gone"
+                row.state = "lost"
+                row.reason = why
                 row.outstanding = 0
         # Re-issue what this node was responsible for: live leases it held and batches queued
         # for it. Expired copies it still held are already re-issued (maybe leased elsewhere).
@@ -517,8 +525,12 @@ class CoordinatorServer:
                 self._end_session(session, "stuck: a batch whose lease expired has had no answer for another lease")
                 continue
             if now - session.last_sent > self.heartbeat_ms / 1000:
-                self._send(session, "HEARTBEAT", {"node_id": session.node_id, "credit": session.credit,
-                                                  "outstanding": len(session.outstanding)})
+                header = {"node_id": session.node_id, "credit": session.credit,
+                          "outstanding": len(session.outstanding)}
+                state, reason = self.node_state(session)
+                if state in ("waiting", "standby"):
+                    header["waiting"] = reason  # optional field: the node shows why it has no work
+                self._send(session, "HEARTBEAT", header)
         self._publish_rows(now)
 
     def _publish_rows(self, now: float) -> None:
@@ -535,11 +547,34 @@ class CoordinatorServer:
                     continue
                 row.outstanding = len(session.outstanding)
                 row.batches_done = session.done
-                row.state = "working" if session.outstanding else "idle"
+                row.state, row.reason = self.node_state(session)
                 row.last_seen = wall - (now - session.last_seen)
                 window = session.rate_window
                 row.rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 and window[-1] > window[0] else 0.0
                 row.exposure = dict(shares.get(session.label, {}))
+
+    def waiting_reason(self, session: Session) -> str:
+        """Why a live, unpaused node with no batch in hand has none: one plain sentence, shown in
+        the console and sent to the node (HEARTBEAT `waiting`). New reasons belong here."""
+        if len(self.sessions) < self._min_nodes_wanted:
+            return f"the coordinator needs {self._min_nodes_wanted} nodes to start, {len(self.sessions)} connected"
+        if self.control.paused:
+            return "the operator has paused the run"
+        if self.finished:
+            return "the run has finished"
+        if self.owner and session.node_id not in self.owner:
+            return (f"on standby: all {len(self.owner)} blocks are held by other nodes; it takes one over when "
+                    f"a node leaves or pauses")
+        return "between batches: the coordinator is finishing the step"
+
+    def node_state(self, session: Session) -> tuple[str, str]:
+        """(state, reason) as the operator sees a live node: working / paused / standby / waiting."""
+        if session.outstanding:
+            return "working", ""
+        if session.want == 0:
+            return "paused", "paused by its volunteer"
+        reason = self.waiting_reason(session)
+        return ("standby" if reason.startswith("on standby") else "waiting"), reason
 
     # -- handling what arrives -----------------------------------------------------------
     def _handle(self, frames: list) -> None:
@@ -805,8 +840,9 @@ class CoordinatorServer:
         self.sessions.clear()
         with self.state.lock:
             for row in self.state.nodes.values():
-                if row.state != "gone":
+                if row.state != "lost":
                     row.state = "done" if self.finished else "left"
+                    row.reason = "the run finished" if self.finished else "the coordinator stopped"
                 row.outstanding = 0
         self.sock.close(0)
 

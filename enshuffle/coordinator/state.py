@@ -25,7 +25,8 @@ class NodeRow:
     name: str
     fingerprint: str
     address: str = ""
-    state: str = "connected"  # connected | working | idle | gone (left mid-run) | done (run finished) | left (coordinator stopped)
+    # connected | working | waiting | paused | standby | lost (left mid-run) | done (run finished) | left (coordinator stopped)
+    state: str = "connected"
     batches_done: int = 0
     outstanding: int = 0
     rate: float = 0.0  # batches per second, recent
@@ -33,6 +34,7 @@ class NodeRow:
     reissued: int = 0
     refused: int = 0
     exposure: dict[str, float] = field(default_factory=dict)  # tensor -> share of elements seen (0..1)
+    reason: str = ""  # why it is waiting / paused / standby / lost, in words
 
 
 @dataclass
@@ -69,6 +71,7 @@ class CoordinatorState(LiveState):
     steps_per_epoch: int = 0
     epoch: int = 0  # epochs completed
     step: int = 0  # steps completed in the current epoch
+    step_seconds: float = 0.0  # recent mean time of one training step (for the ETA; 0 = unknown)
     status: str = "starting"  # human sentence: "waiting for 2 nodes", "training", "paused", "finished"
     paused: bool = False
     finished: bool = False

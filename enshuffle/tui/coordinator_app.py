@@ -51,8 +51,8 @@ from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp
 from .widgets import LogFeed, TableSync
 
 NODE_COLUMNS = [
-    ("name", "node", 12),
-    ("state", "state", 9),
+    ("name", "node", 16),
+    ("state", "state", 8),
     ("done", "done", 7),
     ("out", "out", 3),
     ("rate", "rate", 7),
@@ -62,8 +62,9 @@ NODE_COLUMNS = [
     ("images", "images", 6),
     ("w1", "w1", 6),
     ("w2", "w2", 6),
-    ("fp", "fp", 8),
+    ("fp", "fp", 9),
     ("address", "address", 21),
+    ("why", "why", 60),
 ]
 NODE_NUMERIC = {"done", "out", "rate", "seen", "reissued", "refused", "images", "w1", "w2"}
 
@@ -105,6 +106,10 @@ Nodes
                results refused
   images w1 w2 share of each tensor's elements the node has seen
   fp           the node's key fingerprint (first two groups)
+  state        working: computing a batch · waiting: connected, no
+               batch now (why says why) · paused: its volunteer
+               paused it · standby: every block is held by another
+               node · lost: it left mid-run (why says how)
 
 Exposure
   one bar per node and tensor; ┃ marks the exposure bound for
@@ -133,6 +138,7 @@ def node_cells(row: NodeRow, now: float) -> tuple[str, ...]:
         fmt_share(exp.get("w2")),
         short_fp(row.fingerprint),
         row.address or "–",
+        row.reason or "",
     )
 
 
@@ -185,6 +191,25 @@ def exposure_summary(state: CoordinatorState) -> str:
     return " · ".join(parts)
 
 
+def join_text(s: CoordinatorState) -> str:
+    """How a volunteer joins: above the nodes table, and in words when the table is empty."""
+    commands = s.join_commands or ["enshuffle node --connect ADDRESS --coordinator-key " + (s.fingerprint or "FP")]
+    if not s.nodes:
+        return "No node has connected yet. On each volunteer machine run:\n" + "\n".join(f"  {c}" for c in commands)
+    return "join: " + commands[0]
+
+
+def _meta_value(value) -> str:
+    """A metadata value for people: floats rounded, small dicts as k=v, lists counted."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_meta_value(v)}" for k, v in value.items()) or "–"
+    if isinstance(value, list):
+        return f"{len(value)} entries"
+    return str(value)
+
+
 def verified_text(verified: bool | None) -> str:
     return {True: "✓ ok", False: "✗ FAILED", None: "–"}[verified]
 
@@ -212,7 +237,14 @@ def version_detail(v: VersionRow, verified: bool | None) -> str:
     ]
     if v.metadata:
         lines.append("metadata")
-        lines += [f"  {key}: {value}" for key, value in v.metadata.items()]
+        for key, value in v.metadata.items():
+            if key == "created" and isinstance(value, (int, float)):
+                continue  # shown above as a date
+            if key == "exposure" and isinstance(value, dict):
+                lines.append("  exposure")
+                lines += [f"    {node}: {_meta_value(shares)}" for node, shares in value.items()]
+                continue
+            lines.append(f"  {key}: {_meta_value(value)}")
     return "\n".join(lines)
 
 
@@ -229,10 +261,11 @@ class CoordinatorApp(SnapshotApp):
     #charts { width: 1fr; padding: 0 1 0 0; }
     .chart-row { height: 1fr; }
     .chart-label { width: 6; }
-    .chart-value { width: 8; text-align: right; }
+    .chart-value { width: 22; text-align: right; }
     .chart-row Sparkline { width: 1fr; height: 100%; }
     #tabs { height: 1fr; }
     #exposure-summary, #verify-result { height: auto; padding: 0 1; }
+    #join { height: auto; padding: 0 1; color: $text-muted; }
     #chain-body { layout: vertical; }
     #chain-table { height: 1fr; }
     #detail-scroll { height: 7; border-top: solid $panel; }
@@ -291,6 +324,7 @@ class CoordinatorApp(SnapshotApp):
                         yield Static("–", id=f"value-{key}", classes="chart-value", markup=False)
         with TabbedContent(id="tabs", initial="nodes"):
             with TabPane("Nodes", id="nodes"):
+                yield Static(id="join", markup=False)
                 yield DataTable(id="nodes-table", cursor_type="row", fixed_columns=1, zebra_stripes=True)
             with TabPane("Exposure", id="exposure"):
                 yield Static(id="exposure-summary", markup=False)
@@ -351,6 +385,7 @@ class CoordinatorApp(SnapshotApp):
             self._set_text("progress", self._progress_text(s, now))
             self._apply_charts(s)
             self.nodes_sync.apply({key: node_cells(row, now) for key, row in s.nodes.items()})
+            self._set_text("join", join_text(s))
             if self.exposure_sync is not None:
                 bound = s.exposure_bound
                 self.exposure_sync.apply(
@@ -361,16 +396,18 @@ class CoordinatorApp(SnapshotApp):
             self.log_feed.apply(s.log)
 
     def _header_text(self, s: CoordinatorState, now: float) -> str:
+        # Two short lines rather than one that wraps at 80 columns; the fingerprint in full,
+        # since volunteers compare every group of it.
         return (
-            f"coordinator {s.run_id or '–'} │ preset {s.preset or '–'} │ "
-            f"bind {s.bind or '–'} │ fingerprint {short_fp(s.fingerprint, 3)} │ "
-            f"elapsed {fmt_clock(now - s.started_at)}"
+            f"coordinator {s.run_id or '–'} │ {s.preset or '–'} │ {s.bind or '–'} │ "
+            f"elapsed {fmt_clock(now - s.started_at)}\n"
+            f"fingerprint {s.fingerprint or '–'}"
         )
 
     def _status_text(self, s: CoordinatorState) -> str:
         working = sum(1 for r in s.nodes.values() if r.state == "working")
         parts = [f"status: {s.status}"]
-        if self.control.paused:
+        if self.control.paused and "paused" not in s.status:
             parts.append("PAUSED (p resumes)")
         parts.append(f"nodes {working} working / {len(s.nodes)}")
         if self.backend_error:
@@ -384,16 +421,26 @@ class CoordinatorApp(SnapshotApp):
     def _progress_text(self, s: CoordinatorState, now: float) -> str:
         width = max(8, min(40, self.size.width // 2 - 24))
         epoch_fraction = s.epoch / s.epochs_total if s.epochs_total else 0.0
-        step_fraction = s.step / s.steps_per_epoch if s.steps_per_epoch else 0.0
-        eta = eta_seconds(
-            now - s.started_at, s.epoch, s.step, s.epochs_total, s.steps_per_epoch,
-            [e.seconds for e in s.epochs],
-        )
+        step = s.step
+        if s.epochs_total and s.epoch >= s.epochs_total:
+            step = s.steps_per_epoch  # the last epoch is complete, not "step 0 of the next"
+        step_fraction = step / s.steps_per_epoch if s.steps_per_epoch else 0.0
         done = progress_fraction(s.epoch, s.step, s.epochs_total, s.steps_per_epoch)
+        # From the time steps took, not the wall clock: a pause or a wait for nodes does not
+        # make it grow, and it appears after the first steps instead of jumping at the start.
+        eta = None
+        if s.step_seconds > 0 and s.epochs_total:
+            remaining_steps = (s.epochs_total - s.epoch) * s.steps_per_epoch - s.step
+            eta = max(0, remaining_steps) * s.step_seconds
+        if done >= 1.0:
+            eta = 0.0
+        eta_text = fmt_duration(eta) if eta is not None else "after the first steps"
+        if s.paused or "paused" in s.status or "waiting" in s.status:
+            eta_text += " (held)"
         return (
             f"epoch {s.epoch:>3}/{s.epochs_total:<3} {text_bar(epoch_fraction, width)} {100 * epoch_fraction:3.0f}%\n"
-            f"step {s.step:>4}/{s.steps_per_epoch:<4}{text_bar(step_fraction, width)} {100 * step_fraction:3.0f}%\n"
-            f"run {100 * done:5.1f}% done · ETA {fmt_duration(eta)}"
+            f"step {step:>4}/{s.steps_per_epoch:<4}{text_bar(step_fraction, width)} {100 * step_fraction:3.0f}%\n"
+            f"run {100 * done:5.1f}% done · ETA {eta_text}"
         )
 
     def _apply_charts(self, s: CoordinatorState) -> None:
@@ -406,7 +453,8 @@ class CoordinatorApp(SnapshotApp):
             spark = self.main_screen.query_one(f"#spark-{key}", Sparkline)
             if list(spark.data or []) != data:
                 spark.data = data  # Sparkline only redraws on reassignment
-            value = "–" if not data else (f"{data[-1]:.4f}")
+            # The sparkline has no axis: its scale is written next to it (last, and min..max).
+            value = "–" if not data else f"{data[-1]:.4f} [{min(data):.3g}–{max(data):.3g}]"
             self._set_text(f"value-{key}", value)
 
     def _apply_chain(self, s: CoordinatorState) -> None:
