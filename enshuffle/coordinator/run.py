@@ -213,7 +213,7 @@ class CoordinatorRun:
                 if self.control.stop_requested:
                     self.log("stopped before training started")
                     return self._end("stopped", EXIT_INTERRUPTED)
-                self.log(f"gave up: {self.server.wait_problem}")
+                self._say_final(f"gave up: {self.server.wait_problem}")
                 return self._end("aborted", 1)
             self._set_status("training")
             while not self.trainer.finished and not self.control.stop_requested:
@@ -251,12 +251,18 @@ class CoordinatorRun:
             return self._end("stopped", EXIT_INTERRUPTED)
         except TrainingAborted as exc:
             self._keep_completed_steps()
-            self.log(f"training aborted: {exc}")
+            self._say_final(f"training aborted: {exc}")
             return self._end("aborted", 1)
         finished = self.trainer.finished
         if getattr(self.args, "save_weights", None):
             save_weights(self.args.save_weights, self.trainer.params)
         return self._end("finished" if finished else "stopped", 0 if finished else EXIT_INTERRUPTED)
+
+    def _say_final(self, line: str) -> None:
+        """A line that ends the run: logged, and on stderr even for a quiet run (not under the TUI)."""
+        self.log(line)
+        if self.quiet and self.print_reports:
+            eprint(line)
 
     def _end(self, status: str, rc: int) -> int:
         """Every way a run ends: BYE to the nodes, the final figures, the state says `status`."""
@@ -411,16 +417,20 @@ def run_local_cluster(args, preset, inputs) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
         tmp = Path(tmp)
+        # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
+        # which checks the key, can continue it; a throw-away run uses a throw-away key.
         run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=args.nodes,
-                             min_nodes=args.nodes, run_dir=args.out, home=tmp / "coordinator",
-                             quiet=not getattr(args, "verbose", False))
+                             min_nodes=args.nodes, run_dir=args.out, home=None if args.out else tmp / "coordinator",
+                             resume=getattr(args, "resume", False), quiet=not getattr(args, "verbose", False))
         eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {args.nodes} local node processes, "
                f"preset {preset.name}, {preset.dtype}, offload {args.offload}")
-        procs = spawn_local_nodes(run.server.endpoint, run.identity.fingerprint, args.nodes, tmp)
+        from enshuffle.coordinator.addresses import volunteer_addresses
+
+        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, args.nodes, tmp)
         eprint(f"train: waiting for the {args.nodes} local node{'s' if args.nodes != 1 else ''} to connect "
                f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
         run.local_nodes = True
-        run.give_up = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
+        run.give_up = run.server.give_up = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
         try:
             if getattr(args, "tui", False):
                 return run_with_tui(run)
@@ -442,18 +452,20 @@ def _last_line(path: Path) -> str:
         lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return "(no log)"
-    return lines[-1].strip() if lines else "(nothing logged)"
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or ["(nothing logged)"])[-1].strip()
 
 
 def local_nodes_problem(procs: list[subprocess.Popen], workdir: Path, deadline: float):
     """For `wait_for_nodes(give_up=...)`: why local nodes will not connect (a node exited, or
     none connected in time, with what its log says), or None while waiting still makes sense."""
-    def problem() -> str | None:
-        for i, p in enumerate(procs):
-            if p.poll() is not None:
-                return (f"local node {i + 1} exited with status {p.returncode} before connecting: "
-                        f"{_last_line(workdir / f'node-{i + 1}' / 'node.log')}")
-        if time.monotonic() > deadline:
+    def problem(starting: bool) -> str | None:
+        exited = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
+        if exited and (starting or len(exited) == len(procs)):
+            i, rc = exited[0]
+            return (f"local node {i + 1} exited with status {rc}: "
+                    f"{_last_line(workdir / f'node-{i + 1}' / 'node.log')}")
+        if starting and time.monotonic() > deadline:
             return (f"the local nodes did not connect within {LOCAL_NODES_CONNECT_S:g} s; local-1 says: "
                     f"{_last_line(workdir / 'node-1' / 'node.log')}")
         return None

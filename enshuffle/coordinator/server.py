@@ -177,6 +177,8 @@ class CoordinatorServer:
         self._waiting_logged = False
         self._status_before_wait: str | None = None  # the status "waiting for nodes" replaced mid-run
         self._min_nodes_wanted = 0  # wait_for_nodes(count): until then a node waits for the others
+        # (starting: bool) -> why no node will ever come (e.g. every local node process exited), or None
+        self.give_up: Callable[[bool], str | None] | None = None
         self._published_at = 0.0
         self._warnings: dict[str, tuple[float, int, int]] = {}
         self.banned: set[bytes] = set()
@@ -243,6 +245,10 @@ class CoordinatorServer:
                 if self.control.stop_requested and not any(s.want > 0 for s in self.sessions.values()):
                     raise StepAbandoned("stop requested while no node is connected or every node has paused: "
                                         "the step cannot finish")
+                if not self.sessions and self.give_up is not None:
+                    problem = self.give_up(False)
+                    if problem:
+                        raise TrainingAborted(problem)
                 self.pump(timeout_ms=self._poll_timeout())
         finally:
             for t in tasks:
@@ -259,9 +265,9 @@ class CoordinatorServer:
         return len(self.sessions)
 
     def wait_for_nodes(self, count: int, should_stop: Callable[[], bool] = lambda: False,
-                       give_up: Callable[[], str | None] | None = None) -> bool:
+                       give_up: Callable[[bool], str | None] | None = None) -> bool:
         """Pump until `count` nodes are connected; False if asked to stop first, or when
-        `give_up()` names a reason to stop waiting (kept in `wait_problem`)."""
+        `give_up(True)` names a reason to stop waiting (kept in `wait_problem`)."""
         self.wait_problem: str | None = None
         self._min_nodes_wanted = count
         for shard in range(len(self.owner)):
@@ -272,7 +278,7 @@ class CoordinatorServer:
         while len(self.sessions) < count:
             if should_stop():
                 return False
-            problem = give_up() if give_up is not None else None
+            problem = give_up(True) if give_up is not None else None
             if problem:
                 self.wait_problem = problem
                 return False
