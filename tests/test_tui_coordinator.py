@@ -292,3 +292,56 @@ async def test_finished_run_shows_a_full_step_bar_and_paused_is_said_once():
         app.pull_snapshot()
         status = text(app, "status")
         assert control.paused and status.lower().count("paused") == 1, status
+
+
+@pilot_test
+async def test_enter_on_a_node_shows_its_detail_with_history():
+    from enshuffle.tui.coordinator_app import NodeDetailScreen
+
+    app, source, _control = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        # Two samples some time apart: the console keeps one every few seconds.
+        app.clock = lambda: NOW + 10.0
+        source.state.nodes["n-alice"].batches_done = 1500
+        app.pull_snapshot()
+        table = app.query_one("#nodes-table", DataTable)
+        table.focus()
+        table.move_cursor(row=0)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, NodeDetailScreen)
+        detail = str(app.screen.query_one("#node-detail").render())
+        assert "a1" * 32 in detail  # the whole fingerprint
+        assert "batches done" in detail and "1,234 .. 1,500" in detail
+        assert "1,500 done" in detail and "images 20.0%" in detail
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, NodeDetailScreen)
+
+
+@pilot_test
+async def test_s_sorts_the_nodes_and_slash_filters_nodes_and_log():
+    app, source, _control = make_app()
+    source.state.log.extend(["node bob joined", "node alice joined", "lease expired on carol"])
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.query_one("#nodes-table", DataTable)
+        assert [k.value for k in table.rows] == ["n-alice", "n-bob", "n-carol"]  # join order
+        await pilot.press("s")  # by state: working, waiting, ..., lost
+        await pilot.pause()
+        assert "sorted by state" in text(app, "nodes-info")
+        await pilot.press("s")  # by batches done, most first
+        await pilot.pause()
+        assert [k.value for k in table.rows] == ["n-alice", "n-bob", "n-carol"]
+        source.state.nodes["n-carol"].batches_done = 99_999
+        app.pull_snapshot()
+        await pilot.pause()
+        assert [k.value for k in table.rows][0] == "n-carol"
+        await pilot.press("slash", "b", "o", "b")
+        await pilot.pause()
+        assert [k.value for k in table.rows] == ["n-bob"]
+        assert "1 of 3 nodes match 'bob'" in text(app, "nodes-info")
+        side = app.query_one("#side-log", Log)
+        assert [str(line) for line in side.lines] == ["node bob joined"]
+        await pilot.press("escape")
+        await pilot.pause()
+        assert len(table.rows) == 3 and len(side.lines) >= 3

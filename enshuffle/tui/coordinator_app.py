@@ -26,7 +26,8 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import DataTable, Footer, Log, Sparkline, Static, TabbedContent, TabPane
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Footer, Input, Log, Sparkline, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from ..coordinator.state import TENSORS, CoordinatorControl, CoordinatorState, NodeRow, VersionRow
@@ -94,6 +95,12 @@ Keys
            say BYE to the nodes, then leave; q again leaves at once
   1 2 3 4  show Nodes, Exposure, Chain, Log (on a large terminal
            the log sits below the tabs)
+  enter    on a node: its detail (batches, rate, refusals and
+           exposure over time); escape closes it
+  s        sort the nodes: joined, state, done, rate, refused,
+           images, name (numbers largest first)
+  /        filter: only nodes and log lines containing the text;
+           enter keeps it, escape clears it
   ?        show / hide this help;  tab / shift+tab move the focus
   arrows   move in tables; in Chain, the selected version's
            metadata is shown next to the table
@@ -191,6 +198,113 @@ def exposure_summary(state: CoordinatorState) -> str:
     return " · ".join(parts)
 
 
+SORT_ORDERS = [(None, "join order"), ("state", "state"), ("done", "batches done"), ("rate", "rate"),
+               ("refused", "refusals"), ("images", "images seen"), ("name", "name")]
+STATE_ORDER = {"working": 0, "waiting": 1, "standby": 2, "paused": 3, "connected": 4, "lost": 5, "left": 6, "done": 7}
+
+
+def sort_key(column: str, row: NodeRow):
+    """Numbers largest first; states in the order an operator cares about; names A-Z."""
+    if column == "state":
+        return (STATE_ORDER.get(row.state, 9), row.name)
+    if column == "name":
+        return (row.name.lower(),)
+    value = {"done": row.batches_done, "rate": row.rate, "refused": row.refused,
+             "images": row.exposure.get("images", 0.0)}[column]
+    return (-value, row.name)
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def text_sparkline(values: list[float], width: int = 40) -> str:
+    """A one-line chart in block characters, scaled to its own min..max (which the caller prints)."""
+    values = values[-width:]
+    if not values:
+        return "–"
+    low, high = min(values), max(values)
+    span = high - low
+    return "".join(SPARK[int((v - low) / span * (len(SPARK) - 1)) if span > 0 else 0] for v in values)
+
+
+class NodeHistory:
+    """Per node, samples of (time, batches done, rate, refused, images, w1) the console has seen,
+    one every SAMPLE_S seconds at most, the last MAX_SAMPLES kept. Only the console keeps it."""
+
+    SAMPLE_S = 5.0
+    MAX_SAMPLES = 120
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[tuple]] = {}
+
+    def record(self, s: CoordinatorState, now: float) -> None:
+        for row in s.nodes.values():
+            kept = self.samples.setdefault(row.node_id, [])
+            if kept and now - kept[-1][0] < self.SAMPLE_S:
+                continue
+            kept.append((now, row.batches_done, row.rate, row.refused, row.exposure.get("images", 0.0),
+                         row.exposure.get("w1", 0.0)))
+            del kept[:-self.MAX_SAMPLES]
+
+    def of(self, node_id: str) -> list[tuple]:
+        return list(self.samples.get(node_id, []))
+
+
+def node_detail(row: NodeRow, samples: list[tuple], now: float) -> str:
+    """One node in full, for the detail view: identity, state and why, counts, history charts."""
+    lines = [
+        f"node         {row.name}  ({row.node_id})",
+        f"fingerprint  {row.fingerprint or '–'}",
+        f"address      {row.address or '–'}",
+        f"state        {row.state}" + (f": {row.reason}" if row.reason else ""),
+        f"last seen    {fmt_age(now, row.last_seen)} ago" if row.last_seen else "last seen    never",
+        f"batches      {row.batches_done:,} done, {row.outstanding} outstanding, {row.reissued} reissued, "
+        f"{row.refused} results refused",
+        f"rate         {fmt_rate(row.rate)}",
+        "exposure     " + ", ".join(f"{t} {fmt_share(v)}" for t, v in row.exposure.items()) if row.exposure
+        else "exposure     nothing yet",
+    ]
+    if len(samples) >= 2:
+        span = fmt_duration(samples[-1][0] - samples[0][0])
+        lines.append("")
+        lines.append(f"over the last {span} ({len(samples)} samples, one every {NodeHistory.SAMPLE_S:g} s):")
+        for title, index, fmt in (("batches done", 1, lambda v: f"{v:,.0f}"), ("rate", 2, fmt_rate),
+                                  ("refused", 3, lambda v: f"{v:.0f}"), ("images seen", 4, fmt_share),
+                                  ("w1 seen", 5, fmt_share)):
+            values = [sample[index] for sample in samples]
+            lines.append(f"  {title:<13}{text_sparkline(values)}  {fmt(min(values))} .. {fmt(max(values))}")
+    else:
+        lines.append("")
+        lines.append("history: a sample every 5 s while the console runs; none yet")
+    lines.append("")
+    lines.append("escape or enter closes this view")
+    return "\n".join(lines)
+
+
+class NodeDetailScreen(ModalScreen[None]):
+    """Enter on a node in the nodes table: its detail over the console."""
+
+    DEFAULT_CSS = """
+    NodeDetailScreen { align: center middle; }
+    NodeDetailScreen > VerticalScroll {
+        width: 100; max-width: 100%; height: auto; max-height: 100%;
+        border: round $accent; background: $surface; padding: 0 1;
+    }
+    """
+    BINDINGS = [Binding("escape,enter,q", "close", "close")]
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.detail_text = text
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Static(self.detail_text, id="node-detail", markup=False)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
 def join_text(s: CoordinatorState) -> str:
     """How a volunteer joins: above the nodes table, and in words when the table is empty."""
     commands = s.join_commands or ["enshuffle node --connect ADDRESS --coordinator-key " + (s.fingerprint or "FP")]
@@ -265,7 +379,9 @@ class CoordinatorApp(SnapshotApp):
     .chart-row Sparkline { width: 1fr; height: 100%; }
     #tabs { height: 1fr; }
     #exposure-summary, #verify-result { height: auto; padding: 0 1; }
-    #join { height: auto; padding: 0 1; color: $text-muted; }
+    #join, #nodes-info { height: auto; padding: 0 1; color: $text-muted; }
+    #search { display: none; height: 3; }
+    #search.shown { display: block; }
     #chain-body { layout: vertical; }
     #chain-table { height: 1fr; }
     #detail-scroll { height: 7; border-top: solid $panel; }
@@ -282,6 +398,8 @@ class CoordinatorApp(SnapshotApp):
         QUIT_BINDING,
         INTERRUPT_BINDING,
         HELP_BINDING,
+        Binding("s", "cycle_sort", "sort nodes"),
+        Binding("slash", "search", "filter/search"),
         Binding("1", "show_view('nodes')", "nodes", show=False),
         Binding("2", "show_view('exposure')", "exposure", show=False),
         Binding("3", "show_view('chain')", "chain", show=False),
@@ -308,6 +426,9 @@ class CoordinatorApp(SnapshotApp):
         self.selected_version: str | None = None
         self.bar_widths: dict[str, int] = {}
         self.exposure_sync: TableSync | None = None
+        self.sort_index = 0  # into SORT_ORDERS
+        self.filter_text = ""
+        self.history = NodeHistory()
 
     # ----- layout -----
 
@@ -325,6 +446,7 @@ class CoordinatorApp(SnapshotApp):
         with TabbedContent(id="tabs", initial="nodes"):
             with TabPane("Nodes", id="nodes"):
                 yield Static(id="join", markup=False)
+                yield Static(id="nodes-info", markup=False)
                 yield DataTable(id="nodes-table", cursor_type="row", fixed_columns=1, zebra_stripes=True)
             with TabPane("Exposure", id="exposure"):
                 yield Static(id="exposure-summary", markup=False)
@@ -338,6 +460,7 @@ class CoordinatorApp(SnapshotApp):
             with TabPane("Log", id="log"):
                 yield Log(id="log-view", max_lines=1000)
         yield Log(id="side-log", max_lines=1000)
+        yield Input(placeholder="filter nodes and log lines (enter keeps, escape clears)", id="search")
         yield Footer()
 
     def _setup_widgets(self) -> None:
@@ -384,7 +507,8 @@ class CoordinatorApp(SnapshotApp):
             self._set_text("status", self._status_text(s))
             self._set_text("progress", self._progress_text(s, now))
             self._apply_charts(s)
-            self.nodes_sync.apply({key: node_cells(row, now) for key, row in s.nodes.items()})
+            self.history.record(s, now)
+            self._apply_nodes(s, now)
             self._set_text("join", join_text(s))
             if self.exposure_sync is not None:
                 bound = s.exposure_bound
@@ -393,7 +517,31 @@ class CoordinatorApp(SnapshotApp):
                 )
             self._set_text("exposure-summary", exposure_summary(s))
             self._apply_chain(s)
-            self.log_feed.apply(s.log)
+            self.log_feed.apply([line for line in s.log if self._matches(line)])
+
+    def _matches(self, text: str) -> bool:
+        return not self.filter_text or self.filter_text.lower() in text.lower()
+
+    def _apply_nodes(self, s: CoordinatorState, now: float) -> None:
+        rows = {key: node_cells(row, now) for key, row in s.nodes.items()
+                if self._matches(" ".join((row.name, row.state, row.address, row.reason, row.fingerprint)))}
+        column, label = SORT_ORDERS[self.sort_index]
+        if column is not None:
+            rows = dict(sorted(rows.items(), key=lambda kv: sort_key(column, s.nodes[kv[0]])))
+            table = self.main_screen.query_one("#nodes-table", DataTable)
+            if list(self.nodes_sync.rendered) != list(rows) and self.nodes_sync.rendered:
+                # Row order is fixed once added: a new order means adding the rows again.
+                cursor = table.cursor_row
+                for key in list(self.nodes_sync.rendered):
+                    table.remove_row(key)
+                self.nodes_sync.rendered.clear()
+                self.nodes_sync.apply(rows)
+                table.move_cursor(row=min(cursor, max(0, table.row_count - 1)))
+                return
+        self.nodes_sync.apply(rows)
+        shown = f"{len(rows)} of {len(s.nodes)} nodes match {self.filter_text!r}" if self.filter_text else ""
+        info = " · ".join(x for x in (f"sorted by {label}", shown, "enter: detail · s: sort · /: filter") if x)
+        self._set_text("nodes-info", info)
 
     def _header_text(self, s: CoordinatorState, now: float) -> str:
         # Two short lines rather than one that wraps at 80 columns; the fingerprint in full,
@@ -474,6 +622,53 @@ class CoordinatorApp(SnapshotApp):
                 verified = self.verify_marks.get(v.version_id, v.verified)
                 self._set_text("version-detail", version_detail(v, verified))
                 return
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a node: its detail over the console (escape or enter closes it)."""
+        if event.data_table.id == "nodes-table" and event.row_key is not None and self.snap is not None:
+            row = self.snap.nodes.get(event.row_key.value)
+            if row is not None:
+                self.push_screen(NodeDetailScreen(node_detail(row, self.history.of(row.node_id), self.clock())))
+
+    def action_cycle_sort(self) -> None:
+        self.sort_index = (self.sort_index + 1) % len(SORT_ORDERS)
+        self.notify(f"nodes sorted by {SORT_ORDERS[self.sort_index][1]}", timeout=2)
+        self._refresh_now()
+
+    def action_search(self) -> None:
+        search = self.main_screen.query_one("#search", Input)
+        search.add_class("shown")
+        search.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "search":
+            self._set_filter(event.value)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "search":
+            self._set_filter(event.value)
+            if not event.value:
+                event.input.remove_class("shown")
+            self.main_screen.query_one("#nodes-table", DataTable).focus()
+
+    def on_key(self, event) -> None:
+        search = self.main_screen.query_one("#search", Input)
+        if event.key == "escape" and search.has_focus:
+            search.value = ""
+            search.remove_class("shown")
+            self._set_filter("")
+            self.main_screen.query_one("#nodes-table", DataTable).focus()
+            event.stop()
+
+    def _set_filter(self, text: str) -> None:
+        if text == self.filter_text:
+            return
+        self.filter_text = text
+        # The log is rebuilt from the snapshot's lines that match; later lines are filtered as they come.
+        for log in self.log_feed.logs:
+            log.clear()
+        self.log_feed.seen = []
+        self._refresh_now()
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "chain-table" and event.row_key is not None:
