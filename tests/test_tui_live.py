@@ -235,7 +235,7 @@ async def test_console_pauses_resumes_and_stops_a_live_run(core_data_dir, tmp_pa
                         live.describe)
         assert app.return_value == "finished"
         live.thread.join(10)
-        assert not live.thread.is_alive() and live.error is None and live.rc == 0, live.describe()
+        assert not live.thread.is_alive() and live.error is None and live.rc == 130, live.describe()  # interrupted
         final = snap()
         assert final.status == "stopped" and final.finished
         assert progress(final) == progress(paused)  # the paused loop started no further step
@@ -317,7 +317,7 @@ async def test_node_app_on_a_real_daemon_and_coordinator(core_data_dir, tmp_path
         live.run.control.request_stop()
         helper = start_daemon(live.run.server.endpoint, fp, tmp_path / "helper-home", "helper")
         live.thread.join(30)
-        assert not live.thread.is_alive() and live.error is None and live.rc == 0, live.describe()
+        assert not live.thread.is_alive() and live.error is None and live.rc == 130, live.describe()  # stopped
     finally:
         daemon.stop()
         live.close()

@@ -68,6 +68,23 @@ NODE_COLUMNS = [
     ("why", "why", 60),
 ]
 NODE_NUMERIC = {"done", "out", "rate", "seen", "reissued", "refused", "images", "w1", "w2"}
+# Which columns fit, by terminal width: every one fits whole (no fingerprint cut mid-group, no
+# address cut mid-number); what does not fit is in the node's detail (Enter).
+NODE_TIERS = [
+    (156, [c[0] for c in NODE_COLUMNS]),  # everything, "why" takes the rest of the width
+    (112, ["name", "state", "done", "out", "rate", "seen", "reissued", "refused", "images", "w1", "w2", "fp"]),
+    (0, ["name", "state", "done", "rate", "images", "w1", "fp"]),
+]
+
+
+def node_columns(width: int) -> list[tuple[str, str, int]]:
+    """The nodes table's columns for a terminal `width` wide (see NODE_TIERS)."""
+    keys = next(keys for minimum, keys in NODE_TIERS if width >= minimum)
+    columns = [c for c in NODE_COLUMNS if c[0] in keys]
+    if "why" in keys:
+        used = sum(w + 2 for k, _, w in columns if k != "why")
+        columns = [(k, label, max(20, width - 6 - used) if k == "why" else w) for k, label, w in columns]
+    return columns
 
 TENSOR_LABELS = {"activations": "activ.", "gradients": "grads"}
 TENSOR_SHORT = {"images": "img"}  # for the OVER flag, which must fit its column
@@ -128,8 +145,16 @@ Chain
 """
 
 
-def node_cells(row: NodeRow, now: float) -> tuple[str, ...]:
-    """One node as the texts of the nodes table, in NODE_COLUMNS order."""
+def node_cells(row: NodeRow, now: float, keys: list[str] | None = None) -> tuple[str, ...]:
+    """One node as the texts of the nodes table, in NODE_COLUMNS order (or only `keys`)."""
+    cells = _all_node_cells(row, now)
+    if keys is None:
+        return cells
+    by_key = dict(zip((c[0] for c in NODE_COLUMNS), cells))
+    return tuple(by_key[k] for k in keys)
+
+
+def _all_node_cells(row: NodeRow, now: float) -> tuple[str, ...]:
     exp = row.exposure
     return (
         row.name or row.node_id,
@@ -390,7 +415,8 @@ class CoordinatorApp(SnapshotApp):
     Screen.wide #detail-scroll { width: 1fr; height: 100%; border-top: none; border-left: solid $panel; }
     #version-detail { padding: 0 1; }
     #side-log { display: none; height: 10; border: round $panel; }
-    Screen.wide #side-log { display: block; }
+    Screen.wide #side-log { display: block; height: 1fr; min-height: 8; }
+    Screen.wide #tabs { height: 2fr; }
     """
     BINDINGS = [
         Binding("p", "toggle_pause", "pause/resume"),
@@ -464,7 +490,8 @@ class CoordinatorApp(SnapshotApp):
         yield Footer()
 
     def _setup_widgets(self) -> None:
-        self.nodes_sync = TableSync(self.main_screen.query_one("#nodes-table", DataTable), NODE_COLUMNS, NODE_NUMERIC)
+        self.node_keys: list[str] = []
+        self._rebuild_nodes_table(self.size.width)
         self.chain_sync = TableSync(self.main_screen.query_one("#chain-table", DataTable), CHAIN_COLUMNS, CHAIN_NUMERIC)
         self.log_feed = LogFeed(self.main_screen.query_one("#log-view", Log), self.main_screen.query_one("#side-log", Log))
         self.main_screen.query_one("#side-log", Log).border_title = "warnings and refusals"
@@ -481,10 +508,22 @@ class CoordinatorApp(SnapshotApp):
 
     def _adapt_layout(self, width: int, height: int) -> None:
         super()._adapt_layout(width, height)
+        self._rebuild_nodes_table(width)
         widths = exposure_bar_widths(width - 4)
         if widths != self.bar_widths or self.exposure_sync is None:
             self.bar_widths = widths
             self._rebuild_exposure_table()
+
+    def _rebuild_nodes_table(self, width: int) -> None:
+        """The nodes table's columns follow the terminal width (NODE_TIERS); a change rebuilds it."""
+        columns = node_columns(width)
+        keys = [c[0] for c in columns]
+        if keys == self.node_keys and "why" not in keys:
+            return
+        table = self.main_screen.query_one("#nodes-table", DataTable)
+        table.clear(columns=True)
+        self.node_keys = keys
+        self.nodes_sync = TableSync(table, columns, NODE_NUMERIC)
 
     def _rebuild_exposure_table(self) -> None:
         """Column widths follow the terminal, so a resize rebuilds this table (not live data)."""
@@ -523,7 +562,7 @@ class CoordinatorApp(SnapshotApp):
         return not self.filter_text or self.filter_text.lower() in text.lower()
 
     def _apply_nodes(self, s: CoordinatorState, now: float) -> None:
-        rows = {key: node_cells(row, now) for key, row in s.nodes.items()
+        rows = {key: node_cells(row, now, self.node_keys) for key, row in s.nodes.items()
                 if self._matches(" ".join((row.name, row.state, row.address, row.reason, row.fingerprint)))}
         column, label = SORT_ORDERS[self.sort_index]
         if column is not None:
