@@ -614,3 +614,29 @@ def test_malformed_address_is_a_one_line_error(tmp_path):
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 2, err
     assert "Traceback" not in err and err.count("\n") == 1 and "tcp://a b:5555" in err
+
+
+def test_a_waiting_node_learns_why_from_the_coordinators_heartbeat(coord, threaded):
+    node = threaded(coord.address)
+    coord.welcome(coord.expect("HELLO"), heartbeat_ms=200)
+    why = "the coordinator needs 3 nodes to start, 1 connected"
+    coord.send("HEARTBEAT", {"node_id": coord.node_id, "credit": 2, "outstanding": 0, "waiting": why})
+    wait_for(lambda: node.state.snapshot().reason == f"waiting for work: {why}", what="the reason shown")
+    assert f"coordinator: {why}" in node.lines
+    # An absurd value is cut, not trusted: at most 200 characters reach the screen.
+    coord.send("HEARTBEAT", {"node_id": coord.node_id, "credit": 2, "outstanding": 0, "waiting": "x" * 10_000})
+    wait_for(lambda: node.state.snapshot().reason == "waiting for work: " + "x" * 200, what="the cut reason")
+    node.control.toggle_pause()
+    wait_for(lambda: node.state.snapshot().reason.startswith("paused by the volunteer"), what="paused reason")
+
+
+def test_outside_its_hours_a_node_asks_for_no_work(coord, threaded):
+    from enshuffle.node.policy import Policy
+
+    t = time.localtime()
+    start = (t.tm_hour * 60 + t.tm_min + 120) % 1440  # a window that begins two hours from now
+    window = (start, (start + 60) % 1440)
+    node = threaded(coord.address, policy=Policy(window=window, window_text="later"))
+    coord.welcome(coord.expect("HELLO"), heartbeat_ms=200)
+    assert heartbeat_with_credit(coord, 0).header["credit"] == 0
+    wait_for(lambda: "outside the hours later" in node.state.snapshot().reason, what="the reason")

@@ -60,3 +60,29 @@ def test_leave_and_join_move_shards_and_the_ledger_shows_the_cost(core_data_dir,
         for proc in procs.values():
             proc.stop()
     assert_same_weights(weights, expected)
+
+
+def test_a_node_beyond_the_blocks_is_on_standby_and_is_told_why(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 1500)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start(hold_at=2)
+    fp = run.identity.fingerprint
+    procs = {name: spawn_node(tmp_path / name, run.endpoint, fp, name, tmp_path) for name in ("P", "Q")}
+    try:
+        run.wait_held(60)
+        wait_until(lambda: {run.row("P").state, run.row("Q").state} >= {"standby"}, 20,
+                   "one node on standby", on_timeout=run.describe)
+        standby = "P" if run.row("P").state == "standby" else "Q"
+        assert "all 1 blocks are held by other nodes" in run.row(standby).reason
+        # The standby node learns it from the coordinator's HEARTBEAT, in the same words.
+        wait_until(lambda: "coordinator: on standby" in procs[standby].err(), 20,
+                   "the standby node to be told", on_timeout=procs[standby].describe)
+        other = "Q" if standby == "P" else "P"
+        procs[other].signal(signal.SIGKILL)
+        procs[other].wait(10)
+        run.finish(120)
+        assert run.row(other).state == "lost" and run.row(other).reason, run.describe()
+    finally:
+        run.close()
+        for p in procs.values():
+            p.stop()
