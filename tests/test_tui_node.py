@@ -40,7 +40,7 @@ async def test_connection_state_carries_the_reason():
     app, source, _control = make_app()
     async with app.run_test(size=(80, 24)) as pilot:
         for connection, reason, expected in [
-            ("idle", "waiting for work", "connection: ○ idle: waiting for work"),
+            ("idle", "waiting for work", "connection: ○ waiting: waiting for work"),
             ("reconnecting", "reconnecting in 4 s", "connection: … reconnecting: reconnecting in 4 s"),
             ("refused", "refused: fingerprint mismatch", "connection: ✗ REFUSED: refused: fingerprint mismatch"),
         ]:

@@ -43,7 +43,7 @@ TRUST_WORDS = {
 CONNECTION_MARKS = {
     "working": "● working",
     "connected": "● connected",
-    "idle": "○ idle",
+    "idle": "○ waiting",
     "connecting": "… connecting",
     "reconnecting": "… reconnecting",
     "starting": "… starting",
