@@ -167,3 +167,21 @@ def test_train_gives_up_with_a_reason_when_its_local_nodes_cannot_connect(core_d
     assert rc == 1, err
     assert "waiting for the 1 local node to connect" in err
     assert "local node 1 exited with status 3" in err and "--coordinator-key pins" in err  # the node's own words
+
+
+def test_data_bundled_chooses_the_subset_shipped_in_the_package(core_cache):
+    from enshuffle.dataset import load_bundled_subset
+
+    done = enshuffle("train", "--nodes", "0", "--epochs", "1", "--limit", "300", "--data", "bundled", "--json",
+                     cache=core_cache)
+    assert done.returncode == 0, done.stderr
+    assert f"data: {load_bundled_subset().describe()}" in done.stderr
+
+
+def test_verifying_an_empty_chain_says_there_is_nothing_yet(tmp_path):
+    from enshuffle.coordinator.chain import Chain
+    from enshuffle.coordinator.run import verify_chain_message
+
+    (tmp_path / "run").mkdir()
+    ok, message = verify_chain_message(Chain(tmp_path / "run"))
+    assert ok and "no model version yet" in message and "0 versions" not in message

@@ -345,3 +345,17 @@ async def test_s_sorts_the_nodes_and_slash_filters_nodes_and_log():
         await pilot.press("escape")
         await pilot.pause()
         assert len(table.rows) == 3 and len(side.lines) >= 3
+
+
+@pilot_test
+async def test_eta_does_not_grow_while_paused():
+    app, source, control = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("p")
+        source.state.status, source.state.paused = "paused (press p to resume)", True
+        app.pull_snapshot()
+        before = text(app, "progress").splitlines()[-1]
+        app.clock = lambda: NOW + 3600.0  # an hour paused: no step done
+        app.pull_snapshot()
+        after = text(app, "progress").splitlines()[-1]
+        assert before == after and "ETA 11m34s (held)" in after
