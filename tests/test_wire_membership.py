@@ -70,8 +70,9 @@ def test_a_node_beyond_the_blocks_is_on_standby_and_is_told_why(core_data_dir, t
     procs = {name: spawn_node(tmp_path / name, run.endpoint, fp, name, tmp_path) for name in ("P", "Q")}
     try:
         run.wait_held(60)
-        wait_until(lambda: {run.row("P").state, run.row("Q").state} >= {"standby"}, 20,
-                   "one node on standby", on_timeout=run.describe)
+        wait_until(lambda: run.row("P") is not None and run.row("Q") is not None and
+                   {run.row("P").state, run.row("Q").state} >= {"standby"}, 30,
+                   "both joined and one on standby", on_timeout=run.describe)
         standby = "P" if run.row("P").state == "standby" else "Q"
         assert "all 1 blocks are held by other nodes" in run.row(standby).reason
         # The standby node learns it from the coordinator's HEARTBEAT, in the same words.
