@@ -38,7 +38,7 @@ def coordinator_state() -> CoordinatorState:
                 {"images": 0.20, "w1": 0.21, "w2": 0.30, "activations": 0.2, "gradients": 0.2}),
         NodeRow("n-bob", "bob", "b2" * 32, "10.0.0.3:40002", "waiting", 987, 0, 0.0, NOW - 9.0, 0, 2,
                 {"images": 0.18, "w1": 0.18, "w2": 0.25, "activations": 0.18, "gradients": 0.18},
-                "between batches: the coordinator is finishing the step"),
+                "between batches"),
         NodeRow("n-carol", "carol", "c3" * 32, "10.0.0.4:40003", "lost", 456, 3, 0.0, NOW - 125.0, 4, 1,
                 {"images": 0.31, "w1": 0.22, "w2": 0.40, "activations": 0.31, "gradients": 0.31},
                 "silent for 3.1 s (heartbeat lost)"),

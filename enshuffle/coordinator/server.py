@@ -533,8 +533,8 @@ class CoordinatorServer:
             if now - session.last_sent > self.heartbeat_ms / 1000:
                 header = {"node_id": session.node_id, "credit": session.credit,
                           "outstanding": len(session.outstanding)}
-                state, reason = self.node_state(session)
-                if state in ("waiting", "standby"):
+                reason = None if session.outstanding or session.want == 0 else self.waiting_reason(session)
+                if reason:
                     header["waiting"] = reason  # optional field: the node shows why it has no work
                 self._send(session, "HEARTBEAT", header)
         self._publish_rows(now)
@@ -559,9 +559,10 @@ class CoordinatorServer:
                 row.rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 and window[-1] > window[0] else 0.0
                 row.exposure = dict(shares.get(session.label, {}))
 
-    def waiting_reason(self, session: Session) -> str:
+    def waiting_reason(self, session: Session) -> str | None:
         """Why a live, unpaused node with no batch in hand has none: one plain sentence, shown in
-        the console and sent to the node (HEARTBEAT `waiting`). New reasons belong here."""
+        the console and sent to the node (HEARTBEAT `waiting`), or None for the ordinary gap
+        between two batches. New reasons belong here."""
         if len(self.sessions) < self._min_nodes_wanted:
             return f"the coordinator needs {self._min_nodes_wanted} nodes to start, {len(self.sessions)} connected"
         if self.control.paused:
@@ -571,7 +572,7 @@ class CoordinatorServer:
         if self.owner and session.node_id not in self.owner:
             return (f"on standby: all {len(self.owner)} blocks are held by other nodes; it takes one over when "
                     f"a node leaves or pauses")
-        return "between batches: the coordinator is finishing the step"
+        return None
 
     def node_state(self, session: Session) -> tuple[str, str]:
         """(state, reason) as the operator sees a live node: working / paused / standby / waiting."""
@@ -580,6 +581,8 @@ class CoordinatorServer:
         if session.want == 0:
             return "paused", "paused by its volunteer"
         reason = self.waiting_reason(session)
+        if reason is None:
+            return "waiting", "between batches"
         return ("standby" if reason.startswith("on standby") else "waiting"), reason
 
     # -- handling what arrives -----------------------------------------------------------
