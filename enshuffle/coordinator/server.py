@@ -124,6 +124,9 @@ class Session:
         return max(LEASE_MIN_MS / 1000, LEASE_MULTIPLE * p90 * work)
 
 
+RATE_STALE_S = 5.0  # no result for this long: the node's rate shows 0, not its last burst
+
+
 class CoordinatorServer:
     """ROUTER socket, sessions, leases, statics and the Executor interface for DistributedCompute."""
 
@@ -557,6 +560,8 @@ class CoordinatorServer:
                 row.last_seen = wall - (now - session.last_seen)
                 window = session.rate_window
                 row.rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 and window[-1] > window[0] else 0.0
+                if not window or now - window[-1] > RATE_STALE_S:
+                    row.rate = 0.0  # a paused or waiting node computes nothing: no stale rate
                 row.exposure = dict(shares.get(session.label, {}))
 
     def waiting_reason(self, session: Session) -> str | None:
