@@ -359,3 +359,16 @@ async def test_eta_does_not_grow_while_paused():
         app.pull_snapshot()
         after = text(app, "progress").splitlines()[-1]
         assert before == after and "ETA 11m34s (held)" in after
+
+
+def test_version_metadata_is_shown_for_people_not_as_python_dicts():
+    from enshuffle.coordinator.state import VersionRow
+    from enshuffle.tui.coordinator_app import version_detail
+
+    meta = {"created": 1764600000.123, "metrics": {"cost": 0.0612345678, "test_accuracy": 0.74},
+            "exposure": {"alice": {"images": 0.5, "w1": 0.25}}, "history": [{"epoch": 1}, {"epoch": 2}],
+            "settings": {"preset": "default", "epochs": 20}}
+    text_ = version_detail(VersionRow("ab" * 32, None, 2, 0, 0.74, 1764600000.123, metadata=meta), None)
+    assert "{" not in text_ and "1764600000" not in text_
+    assert "cost=0.0612346" in text_ and "alice: images=0.5, w1=0.25" in text_ and "history: 2 entries" in text_
+    assert "preset=default, epochs=20" in text_
