@@ -201,7 +201,7 @@ def apply_resume_settings(args, who: str) -> int:
         raise UsageError("--resume needs --out RUN_DIR naming the run to continue")
     settings = load_run_settings(args.out)
     epochs = args.epochs if args.epochs is not None else settings["epochs"]
-    extended = f" (extended from {settings['epochs']})" if epochs != settings["epochs"] else ""
+    extended = f" (was {settings['epochs']})" if epochs != settings["epochs"] else ""
     args.preset, args.epochs, args.dtype = settings["preset"], epochs, settings["dtype"]
     args.offload, args.seed, args.limit = settings["offload"], settings["seed"], settings.get("limit")
     shards = int(settings["shards"])

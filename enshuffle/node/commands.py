@@ -42,9 +42,8 @@ def _headless_log(line: str) -> None:
 
 
 def totals_line(state) -> str:
-    """What this node did, for the last line of a headless run and after the node app closes."""
-    from enshuffle.node.state import NodeState  # noqa: F401  (documentation of the type only)
-
+    """What this node did (from its NodeState), for the last line of a headless run and after
+    the node app closes."""
     snap = state.snapshot()
     up = int(time.time() - snap.started_at)
     return (f"totals: {snap.batches_done} batches computed, {snap.bytes_in / 1e6:.1f} MB in, "
