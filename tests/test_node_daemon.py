@@ -640,3 +640,45 @@ def test_outside_its_hours_a_node_asks_for_no_work(coord, threaded):
     coord.welcome(coord.expect("HELLO"), heartbeat_ms=200)
     assert heartbeat_with_credit(coord, 0).header["credit"] == 0
     wait_for(lambda: "outside the hours later" in node.state.snapshot().reason, what="the reason")
+
+
+def test_max_cpu_rests_between_batches_while_heartbeats_go_on(coord, threaded, monkeypatch):
+    """--max-cpu 50: after a batch that took t seconds the next one starts no sooner than t later.
+    Both ends are read on this process's monotonic clock, so the bound holds however loaded."""
+    import enshuffle.node.daemon as daemon_module
+    from enshuffle.node.policy import Policy
+
+    real = daemon_module.compute_batch
+    spans: list[tuple[float, float]] = []
+
+    def timed(*args):
+        start = time.monotonic()
+        time.sleep(0.3)  # the batch's own work, made long enough to measure
+        result = real(*args)
+        spans.append((start, time.monotonic()))
+        return result
+
+    monkeypatch.setattr(daemon_module, "compute_batch", timed)
+    node = threaded(coord.address, policy=Policy(max_cpu=50))
+    hello = coord.expect("HELLO")
+    node_key = verify_self_signed(hello)
+    coord.welcome(hello, heartbeat_ms=100)
+    a, b = np.ones((2, 2)), np.ones((2, 2))
+    params = {"a_static": None, "transpose_a": False}
+    s1 = coord.batch("r1", "matmul", {"a": a, "b": b}, params)
+    s2 = coord.batch("r2", "matmul", {"a": a, "b": b}, params)
+    expect_result(coord, node_key, "r1", s1)
+    beats = 0
+    deadline = time.monotonic() + 20
+    while True:  # heartbeats keep coming while it rests
+        assert time.monotonic() < deadline, "no second RESULT"
+        coord.beat()
+        msg = decode(coord.recv()[1])
+        if msg.command == "HEARTBEAT":
+            beats += 1
+            continue
+        assert msg.command == "RESULT" and msg.header["seq"] == s2
+        break
+    (_, end1), (start2, _) = spans
+    assert start2 - end1 >= 0.3  # rested at least as long as the first batch computed
+    assert beats >= 1 and node.thread.is_alive()
