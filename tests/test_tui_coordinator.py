@@ -321,6 +321,8 @@ async def test_enter_on_a_node_shows_its_detail_with_history():
 
 @pilot_test
 async def test_s_sorts_the_nodes_and_slash_filters_nodes_and_log():
+    from enshuffle.tui.coordinator_app import SORT_ORDERS
+
     app, source, _control = make_app()
     source.state.log.extend(["node bob joined", "node alice joined", "lease expired on carol"])
     async with app.run_test(size=(120, 40)) as pilot:
@@ -336,6 +338,11 @@ async def test_s_sorts_the_nodes_and_slash_filters_nodes_and_log():
         app.pull_snapshot()
         await pilot.pause()
         assert [k.value for k in table.rows][0] == "n-carol"
+        for _ in range(len(SORT_ORDERS) - 2):  # round to join order again
+            await pilot.press("s")
+        await pilot.pause()
+        assert "sorted by join order" in text(app, "nodes-info")
+        assert [k.value for k in table.rows] == ["n-alice", "n-bob", "n-carol"]
         await pilot.press("slash", "b", "o", "b")
         await pilot.pause()
         assert [k.value for k in table.rows] == ["n-bob"]

@@ -567,17 +567,17 @@ class CoordinatorApp(SnapshotApp):
         column, label = SORT_ORDERS[self.sort_index]
         if column is not None:
             rows = dict(sorted(rows.items(), key=lambda kv: sort_key(column, s.nodes[kv[0]])))
+        kept = [k for k in self.nodes_sync.rendered if k in rows]
+        if kept != [k for k in rows if k in self.nodes_sync.rendered]:
+            # Row order is fixed once added: a new order means adding the rows again.
             table = self.main_screen.query_one("#nodes-table", DataTable)
-            if list(self.nodes_sync.rendered) != list(rows) and self.nodes_sync.rendered:
-                # Row order is fixed once added: a new order means adding the rows again.
-                cursor = table.cursor_row
-                for key in list(self.nodes_sync.rendered):
-                    table.remove_row(key)
-                self.nodes_sync.rendered.clear()
-                self.nodes_sync.apply(rows)
-                table.move_cursor(row=min(cursor, max(0, table.row_count - 1)))
-                return
-        self.nodes_sync.apply(rows)
+            cursor = table.cursor_row
+            for key in list(self.nodes_sync.rendered):
+                table.remove_row(key)
+            self.nodes_sync.rendered.clear()
+            self.nodes_sync.apply(rows)
+            table.move_cursor(row=min(cursor, max(0, table.row_count - 1)))
+        self.nodes_sync.apply(rows)  # a no-op after a rebuild
         shown = f"{len(rows)} of {len(s.nodes)} nodes match {self.filter_text!r}" if self.filter_text else ""
         info = " · ".join(x for x in (f"sorted by {label}", shown, "enter: detail · s: sort · /: filter") if x)
         self._set_text("nodes-info", info)
