@@ -485,7 +485,7 @@ def test_heartbeats_that_arrive_during_a_long_batch_keep_the_session_and_its_res
     node = threaded(coord.address, pinned=coord.identity.fingerprint)
     hello = coord.expect("HELLO")
     node_key = verify_self_signed(hello)
-    heartbeat_ms = 300  # silence judged after 0.9 s
+    heartbeat_ms = 500  # silence judged after 1.5 s: far beyond any gap between our beats
     coord.welcome(hello, heartbeat_ms=heartbeat_ms)
     a, b = RNG.standard_normal((40, 30)), RNG.standard_normal((30, 20))
     seq = coord.batch("long", "matmul", {"a": a, "b": b}, {"a_static": None, "transpose_a": False})
