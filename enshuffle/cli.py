@@ -10,7 +10,32 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+
+ENVIRONMENT_HELP = """\
+environment:
+  ENSHUFFLE_HOME   keys and the coordinators a node trusts
+                   (default $XDG_CONFIG_HOME/enshuffle, else ~/.config/enshuffle)
+  ENSHUFFLE_CACHE  downloaded MNIST (default $XDG_CACHE_HOME/enshuffle, else ~/.cache/enshuffle)
+
+exit status: 0 done (a run finished, or a node stopped when asked); 1 failed or a check
+failed; 2 a wrong command-line value; 3/4 a node refused by or refusing its coordinator;
+130 a run interrupted before it finished (Ctrl-C, SIGTERM, q) - resume it with --resume.
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default, unless it has none worth saying or its help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or action.option_strings == []
+                or isinstance(action, argparse._HelpAction)):
+            return text
+        return f"{text} (default: {default})" if text else f"(default: {default})"
 
 
 class UsageError(Exception):
@@ -32,6 +57,48 @@ def _int_at_least(minimum: int):
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _threads(text: str) -> int:
+    """--threads: 1 up to the CPUs this process may use (more only makes BLAS threads fight)."""
+    value = _positive_int(text)
+    if value > _cores():
+        raise argparse.ArgumentTypeError(f"expected 1..{_cores()} (the CPUs this machine lets us use), got {value}")
+    return value
+
+
+def _percent(text: str) -> int:
+    value = _positive_int(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"expected a percentage 1..100, got {value}")
+    return value
+
+
+def _nice(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number 0..19, got {text!r}") from None
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"expected 0..19 (19 is the lowest priority), got {value}")
+    return value
+
+
+def _hours(text: str) -> str:
+    from enshuffle.node.policy import PolicyError, parse_window
+
+    try:
+        parse_window(text)
+    except PolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _endpoint(text: str) -> str:
@@ -60,6 +127,12 @@ def _size(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    from enshuffle import __version__
+
+    return __version__
+
+
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["seed", "default"], default="default",
                    help="seed: the notebook's run, bias bugs fixed; default: a preset that trains well")
@@ -69,7 +142,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                    help="which operations nodes compute: the two pixel-wide matrix products (elementwise "
                         "offload was retired: it handed nodes labels and outputs)")
     p.add_argument("--data", metavar="DIR", default=None,
-                   help="directory with MNIST-format IDX files (default: Fashion-MNIST, then MNIST, then the bundled subset)")
+                   help="directory with MNIST-format IDX files, or `bundled` for the 3,500-image subset inside "
+                        "the package (default: Fashion-MNIST, then MNIST, then the bundled subset)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="floating-point type (default: the preset's)")
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
@@ -77,7 +151,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-exposure", type=_fraction, default=None, metavar="SHARE",
                    help="let one node hold up to this share (0..1) of the images' pixels and of w1 "
                         "(default: one node's block, 1/min-nodes); raising it is marked in the ledger")
-    p.add_argument("--json", action="store_true", help="print one JSON object per epoch")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON lines: one object per epoch, then the ledger; each has a `type` key")
     p.add_argument("--seed", type=int, default=None,
                    help="training seed: initial weights and sample order (default: from the run's secret; "
                         "the seed preset keeps the notebook's public 402). A seed you pass is as secret as you "
@@ -96,9 +171,10 @@ def _fraction(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="enshuffle",
+        prog="enshuffle", formatter_class=HelpFormatter, epilog=ENVIRONMENT_HELP,
         description="Train a neural network on volunteers' machines without giving any one of them the model.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"enshuffle {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubParser)
     sub.required = True
 
     p = sub.add_parser("train", help="train the network: centralized, in-process, or with local node processes")
@@ -109,13 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the distributed algorithm in this process, without sockets")
     p.add_argument("--save-weights", metavar="FILE.npz", default=None, help="write w1, b1, w2, b2 here")
     p.add_argument("--out", metavar="RUN_DIR", default=None, help="write the model chain here")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out RUN_DIR from its chain's head; a larger --epochs extends it")
     p.add_argument("--tui", action="store_true", help="show the coordinator console")
     p.set_defaults(handler="enshuffle.coordinator.commands:cmd_train")
 
     p = sub.add_parser("bench", help="measure plan, centralized, in-process and wire epoch times side by side")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--repeats", type=_positive_int, default=3, help="repetitions per measurement (median)")
-    p.add_argument("--data", metavar="DIR", default=None)
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="MNIST-format IDX files to time with (default: as for train)")
     p.add_argument("--skip-wire", action="store_true", help="skip the loopback node-process measurement")
     p.set_defaults(handler="enshuffle.coordinator.bench:cmd_bench")
 
@@ -126,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nodes to wait for before training, and the number of blocks the images and w1 are "
                         "split into: each node holds one block (default 1)")
     p.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (chain, state)")
-    p.add_argument("--resume", action="store_true", help="continue from the chain's head in RUN_DIR")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the chain's head in RUN_DIR; a larger --epochs extends a finished run")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
                    help="write a model version every N steps (default: every epoch)")
     p.add_argument("--allow", metavar="FILE", default=None,
@@ -153,14 +233,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-key", metavar="FINGERPRINT", default=None,
                    help="pin the coordinator's key (see `enshuffle keys show` on the coordinator)")
     p.add_argument("--name", default=None, help="a name the operator sees (default: host name)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="BLAS threads for computing")
+    p.add_argument("--threads", type=_threads, default=None,
+                   help="BLAS threads for computing, at most the CPU count (default: every CPU)")
     p.add_argument("--invite", metavar="CODE", default=None,
                    help="an invite code from the operator (`enshuffle invite` on the coordinator)")
     p.add_argument("--max-memory", type=_size, default=None, metavar="BYTES",
                    help="most memory one batch may make this node allocate, e.g. 512M or 2G "
                         "(default: a quarter of RAM, at most 512M)")
     p.add_argument("--keep-running", action="store_true",
-                   help="when a run finishes, keep reconnecting for the next one (a long-running daemon)")
+                   help="retry an unreachable coordinator for ever and, when a run finishes, wait for the "
+                        "next one (a long-running daemon); without it the node gives up after 5 minutes "
+                        "without a coordinator")
+    p.add_argument("--nice", type=_nice, default=0,
+                   help="CPU priority, 0 (normal) to 19 (only what nobody else wants)")
+    p.add_argument("--max-cpu", type=_percent, default=100, metavar="PERCENT",
+                   help="rest between batches so computing takes at most this share of the time")
+    p.add_argument("--hours", type=_hours, default=None, metavar="HH:MM-HH:MM",
+                   help="compute only in this daily window, local time (e.g. 22:00-07:00); paused outside "
+                        "it (default: always)")
+    p.add_argument("--install-service", action="store_true",
+                   help="write a systemd user unit running this node command with --keep-running, print how "
+                        "to start, stop and read its logs, and exit")
     p.add_argument("--tui", action="store_true", help="show the node app")
     p.add_argument("--record", metavar="DIR", default=None,
                    help="keep every verified STATIC and BATCH as DIR/%%08d-COMMAND.npz (what `enshuffle audit` "
@@ -199,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     csub.required = True
     cp = csub.add_parser("log", help="list model versions, newest first")
     cp.add_argument("run_dir", metavar="RUN_DIR")
-    cp.add_argument("--json", action="store_true")
+    cp.add_argument("--json", action="store_true",
+                    help="JSON lines, newest first: one {\"type\": \"version\", ...} object per version")
     cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_log")
     cp = csub.add_parser("verify", help="check every id, signature, parent link, the head log and the signing key")
     cp.add_argument("run_dir", metavar="RUN_DIR")
@@ -209,14 +303,35 @@ def build_parser() -> argparse.ArgumentParser:
     cp = csub.add_parser("export", help="write a version's weights as .npz")
     cp.add_argument("run_dir", metavar="RUN_DIR")
     cp.add_argument("--version", metavar="ID", default=None, help="version id or unique prefix (default: head)")
-    cp.add_argument("--npz", metavar="FILE", required=True)
+    cp.add_argument("--npz", metavar="FILE", required=True, help="the .npz file to write (w1, b1, w2, b2)")
+    cp.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_export")
     return parser
 
 
+class _SubParser(argparse.ArgumentParser):
+    """Sub-command parsers: defaults shown in --help, like the top level."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", _SubParser)
+        return super().add_subparsers(**kwargs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        # Bare `enshuffle`: the list of commands, not an error.
+        parser.print_help()
+        return 0
     args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:  # unreachable with required sub-commands; kept honest
+        parser.print_help()
+        return 2
     module_name, _, func_name = args.handler.partition(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     try:

@@ -374,7 +374,8 @@ def test_cli_log_newest_first(run):
     assert f"parent {short(ids[1])}" in lines[0] and "parent -" in lines[-1]
     assert "epoch   3" in lines[0] and "step    300" in lines[0] and "test_acc 0.8300" in lines[0]
     done = cli("chain", "log", str(run_dir), "--json")
-    listed = json.loads(done.stdout)
+    listed = [json.loads(line) for line in done.stdout.splitlines()]  # JSON lines
+    assert all(v["type"] == "version" for v in listed)
     assert [v["version_id"] for v in listed] == list(reversed(ids))
     assert listed[-1]["parent_id"] is None and listed[0]["metadata"] == metadata_for(3)
 
@@ -393,6 +394,19 @@ def test_cli_export_writes_exactly_the_weights(run, tmp_path):
     assert done.returncode == 0, done.stderr
     with np.load(out, allow_pickle=False) as npz:
         assert np.array_equal(npz["w1"], arrays[0]["w1"])
+
+
+def test_cli_export_does_not_overwrite_without_force(run, tmp_path):
+    run_dir, _, ids, arrays = run
+    out = tmp_path / "keep.npz"
+    out.write_bytes(b"the user's own file")
+    done = cli("chain", "export", str(run_dir), "--npz", str(out))
+    assert done.returncode == 2 and "--force" in done.stderr and str(out) in done.stderr
+    assert "Traceback" not in done.stderr and out.read_bytes() == b"the user's own file"
+    done = cli("chain", "export", str(run_dir), "--npz", str(out), "--force")
+    assert done.returncode == 0, done.stderr
+    with np.load(out, allow_pickle=False) as npz:
+        assert np.array_equal(npz["w1"], arrays[2]["w1"])
 
 
 def test_cli_export_refuses_a_tampered_version(run, tmp_path):

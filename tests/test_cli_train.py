@@ -23,7 +23,7 @@ from enshuffle.model import CLASSES, HIDDEN, INPUTS, LocalCompute, get_preset
 from idx_util import random_arrays, write_idx_dir
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCH_KEYS = {"epoch", "cost", "train_accuracy", "test_accuracy", "seconds"}
+EPOCH_KEYS = {"type", "epoch", "cost", "train_accuracy", "test_accuracy", "seconds"}
 SHAPES = {"w1": (INPUTS, HIDDEN), "b1": (HIDDEN,), "w2": (HIDDEN, CLASSES), "b2": (CLASSES,)}
 
 
@@ -40,7 +40,7 @@ def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
 def assert_epoch_objects(objects: list[dict], epochs: int) -> None:
     assert [o["epoch"] for o in objects] == list(range(1, epochs + 1))
     for o in objects:
-        assert set(o) == EPOCH_KEYS
+        assert set(o) == EPOCH_KEYS and o["type"] == "epoch"
         assert np.isfinite(o["cost"]) and o["cost"] > 0
         assert 0.0 <= o["train_accuracy"] <= 1.0 and 0.0 <= o["test_accuracy"] <= 1.0
         assert o["seconds"] > 0
@@ -71,6 +71,7 @@ def test_in_process_json_ends_with_ledger(core_data_dir, core_cache):
     objects = json_lines(proc)
     assert len(objects) == 2
     assert_epoch_objects(objects[:1], 1)
+    assert objects[-1]["type"] == "ledger"
     ledger, forms = objects[-1]["ledger"], objects[-1]["forms"]
     assert set(ledger) == {"node-1", "node-2"}
     images = [shares["images"] for shares in ledger.values()]

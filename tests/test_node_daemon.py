@@ -219,10 +219,8 @@ def good_batch(coord: FakeCoordinator, node_key: bytes, batch_id: str = "ok") ->
 # --- the real process ------------------------------------------------------------------------
 
 def test_hello_is_signed_and_offers_capabilities(coord, node_proc):
-    started = time.monotonic()
     proc = node_proc(coord.address)
     hello = coord.expect("HELLO")
-    elapsed = time.monotonic() - started
     node_key = verify_self_signed(hello)
     h = hello.header
     assert h["protocol"] == PROTOCOL_VERSION and h["name"] == "t" and len(h["nonce"]) >= 16
@@ -230,7 +228,6 @@ def test_hello_is_signed_and_offers_capabilities(coord, node_proc):
     assert set(h["capabilities"]["ops"]) == set(OPS)
     assert h["capabilities"]["threads"] == 1 and h["capabilities"]["credit"] >= 1
     assert proc.poll() is None
-    assert elapsed < 5.0  # start-up to HELLO (typically ~0.3 s here)
 
 
 def test_static_and_batches_give_correct_signed_results(session):
@@ -516,35 +513,61 @@ def test_blas_threads_can_change_at_runtime():
 
 # --- regressions: silence after a long batch, per-run replay, bad files and values -------------
 
-def test_heartbeats_that_arrive_during_a_long_batch_keep_the_session_and_its_result(coord, node_proc):
-    proc = node_proc(coord.address, "--coordinator-key", coord.identity.fingerprint)
+def test_heartbeats_that_arrive_during_a_long_batch_keep_the_session_and_its_result(coord, threaded, monkeypatch):
+    # The batch is "long" because the test holds it, not because the machine is slow: the node
+    # computes until we release it, after it has been busy for more than the 3 heartbeats after
+    # which silence would end the session. Nothing depends on how loaded the machine is.
+    import enshuffle.node.daemon as daemon_module
+
+    started, release = threading.Event(), threading.Event()
+    real = daemon_module.compute_batch
+
+    def held_compute(*args):
+        started.set()
+        assert release.wait(30), "the test never released the batch"
+        return real(*args)
+
+    monkeypatch.setattr(daemon_module, "compute_batch", held_compute)
+    node = threaded(coord.address, pinned=coord.identity.fingerprint)
     hello = coord.expect("HELLO")
     node_key = verify_self_signed(hello)
-    # Lost after 300 ms of silence: far less than the batch below takes to compute (16 GFLOP), more
-    # than its 64 MB take to arrive and be decrypted (which nothing can interleave beats with).
-    heartbeat_ms = 100
-    a, b = RNG.standard_normal((2000, 2000)), RNG.standard_normal((2000, 2000))
-    coord.derive(hello)
-    frames = coord.channel.seal("BATCH", {"run_id": coord.run_id, "batch_id": "long", "seq": 1, "step": 0,
-                                          "op": "matmul", "params": {"a_static": None, "transpose_a": False},
-                                          "lease_ms": 30000}, {"a": a, "b": b})  # sealed first: no gap in our beats
+    heartbeat_ms = 500  # silence judged after 1.5 s: far beyond any gap between our beats
     coord.welcome(hello, heartbeat_ms=heartbeat_ms)
-    coord.send_frames(frames)
+    a, b = RNG.standard_normal((40, 30)), RNG.standard_normal((30, 20))
+    seq = coord.batch("long", "matmul", {"a": a, "b": b}, {"a_static": None, "transpose_a": False})
+
+    def beat_until(done, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not done():
+            assert time.monotonic() < deadline, f"{what} within 20 s"
+            coord.beat()
+            if coord.sock.poll(20, zmq.POLLIN):
+                msg = coord.channel.open(coord.recv()[1])
+                assert msg.command == "HEARTBEAT", f"unexpected {msg.command} {msg.header}"
+
+    beat_until(started.is_set, "the node started the batch")
+    busy_since = time.monotonic()
+    beat_until(lambda: time.monotonic() - busy_since > 4 * heartbeat_ms / 1000, "held the batch")
+    release.set()
+    got = None
     deadline = time.monotonic() + 20
-    while True:  # beat every few ms, as a live coordinator does, until the node answers
+    while got is None:
         assert time.monotonic() < deadline, "no RESULT within 20 s"
         coord.beat()
-        if not coord.sock.poll(5, zmq.POLLIN):
+        if not coord.sock.poll(20, zmq.POLLIN):
             continue
         msg = coord.channel.open(coord.recv()[1])
-        if msg.command == "HEARTBEAT":
-            continue
-        assert msg.command == "RESULT", f"expected RESULT, got {msg.command} {msg.header}"
-        break
-    verify(msg, node_key)
-    assert msg.header["compute_seconds"] > 3 * heartbeat_ms / 1000  # the case under test happened
-    np.testing.assert_allclose(msg.arrays["c"], a @ b, rtol=1e-9, atol=1e-9)  # entries near 0: absolute
-    assert proc.poll() is None
+        if msg.command == "RESULT":
+            got = msg
+        else:
+            assert msg.command == "HEARTBEAT", f"expected RESULT, got {msg.command} {msg.header}"
+    verify(got, node_key)
+    assert got.header["seq"] == seq
+    assert got.header["compute_seconds"] > 3 * heartbeat_ms / 1000  # the case under test happened
+    np.testing.assert_allclose(got.arrays["c"], a @ b, rtol=1e-9)
+    assert not any("lost connection" in line for line in node.lines), node.lines
+    assert node.state.snapshot().connection in ("working", "connected", "idle", "waiting")
+    assert node.thread.is_alive()
 
 
 def test_replay_protection_spans_sessions_of_the_same_run(coord, threaded):

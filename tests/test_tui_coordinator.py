@@ -33,8 +33,10 @@ async def test_nodes_table_shows_one_keyed_row_per_node():
         assert table.row_count == 3
         assert [str(c) for c in table.get_row("n-alice")] == [
             "alice", "working", "1,234", "2", "12.5/s", "now", "1", "0",
-            "20.0%", "21.0%", "0.0%", "a1a1a1a1", "10.0.0.2:40001",
+            "20.0%", "21.0%", "0.0%", "a1a1a1a1", "10.0.0.2:40001", "",
         ]
+        assert cell(table, "n-carol", "why") == "silent for 3.1 s (heartbeat lost)"
+        assert cell(table, "n-bob", "state") == "waiting" and "between batches" in cell(table, "n-bob", "why")
         assert cell(table, "n-bob", "seen") == "9s"
         assert cell(table, "n-carol", "seen") == "2m05s"
         assert cell(table, "n-carol", "state") == "lost"
@@ -91,12 +93,13 @@ async def test_header_progress_and_charts_follow_the_state():
     async with app.run_test(size=(160, 48)):
         header = text(app, "header")
         assert "run-0042" in header and "fashion-quick" in header and "tcp://0.0.0.0:5555" in header
-        assert "fingerprint ab12cd34ef56 " in header and "elapsed 0:12:34" in header
+        fp = "ab12cd34ef56ab78cd90ef12ab34cd56ef78ab90cd12ef34ab56cd78ef90ab12"
+        assert f"fingerprint {fp}" in header and "elapsed 0:12:34" in header  # in full
         progress = text(app, "progress")
         assert "epoch   3/15" in progress and "step   12/40" in progress
-        # 11.7 epochs left at the 59.33 s mean of the finished ones
+        # 12 epochs less 12 steps left (468 steps) at the state's 1.483 s per step
         assert "ETA 11m34s" in progress
-        assert text(app, "value-test") == "0.7950"
+        assert text(app, "value-test") == "0.7950 [0.601–0.795]"  # last, and the sparkline's scale
         assert app.query_one("#spark-cost").data == [0.09, 0.061, 0.048]
 
 
@@ -274,3 +277,127 @@ async def test_a_readmits_the_selected_quarantined_node_and_nothing_else():
         await pilot.press("a")
         await pilot.pause()
         assert control.take_readmits() == ["bob"]
+
+
+@pilot_test
+async def test_ctrl_c_is_the_graceful_stop_not_textuals_quit_hint():
+    app, _source, control = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("ctrl+c")
+        await pilot.pause()
+        assert control.stop_requested and app.stopping and app.is_running  # stays up, stopping
+        assert "STOPPING" in text(app, "status")
+        await pilot.press("ctrl+c")  # a second one leaves at once, as a second q does
+        await pilot.pause()
+    assert app.return_value == "left-early"
+
+
+@pilot_test
+async def test_empty_nodes_table_says_how_to_add_a_node_and_the_fingerprint_is_whole():
+    app, source, _control = make_app()
+    source.state.nodes = {}
+    async with app.run_test(size=(80, 24)):
+        join = text(app, "join")
+        assert join.startswith("No node has connected yet") and source.state.join_commands[0] in join
+        assert source.state.fingerprint in text(app, "header")
+
+
+@pilot_test
+async def test_finished_run_shows_a_full_step_bar_and_paused_is_said_once():
+    app, source, control = make_app()
+    source.state.epoch, source.state.step = source.state.epochs_total, 0
+    async with app.run_test(size=(120, 40)) as pilot:
+        progress = text(app, "progress")
+        assert "step   40/40" in progress and "100%" in progress.splitlines()[1] and "ETA 0s" in progress
+        source.state.status = "paused (press p to resume)"
+        await pilot.press("p")
+        app.pull_snapshot()
+        status = text(app, "status")
+        assert control.paused and status.lower().count("paused") == 1, status
+
+
+@pilot_test
+async def test_enter_on_a_node_shows_its_detail_with_history():
+    from enshuffle.tui.coordinator_app import NodeDetailScreen
+
+    app, source, _control = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        # Two samples some time apart: the console keeps one every few seconds.
+        app.clock = lambda: NOW + 10.0
+        source.state.nodes["n-alice"].batches_done = 1500
+        app.pull_snapshot()
+        table = app.query_one("#nodes-table", DataTable)
+        table.focus()
+        table.move_cursor(row=0)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, NodeDetailScreen)
+        detail = str(app.screen.query_one("#node-detail").render())
+        assert "a1" * 32 in detail  # the whole fingerprint
+        assert "batches done" in detail and "1,234 .. 1,500" in detail
+        assert "1,500 done" in detail and "images 20.0%" in detail
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, NodeDetailScreen)
+
+
+@pilot_test
+async def test_s_sorts_the_nodes_and_slash_filters_nodes_and_log():
+    from enshuffle.tui.coordinator_app import SORT_ORDERS
+
+    app, source, _control = make_app()
+    source.state.log.extend(["node bob joined", "node alice joined", "lease expired on carol"])
+    async with app.run_test(size=(120, 40)) as pilot:
+        table = app.query_one("#nodes-table", DataTable)
+        assert [k.value for k in table.rows] == ["n-alice", "n-bob", "n-carol"]  # join order
+        await pilot.press("s")  # by state: working, waiting, ..., lost
+        await pilot.pause()
+        assert "sorted by state" in text(app, "nodes-info")
+        await pilot.press("s")  # by batches done, most first
+        await pilot.pause()
+        assert [k.value for k in table.rows] == ["n-alice", "n-bob", "n-carol"]
+        source.state.nodes["n-carol"].batches_done = 99_999
+        app.pull_snapshot()
+        await pilot.pause()
+        assert [k.value for k in table.rows][0] == "n-carol"
+        for _ in range(len(SORT_ORDERS) - 2):  # round to join order again
+            await pilot.press("s")
+        await pilot.pause()
+        assert "sorted by join order" in text(app, "nodes-info")
+        assert [k.value for k in table.rows] == ["n-alice", "n-bob", "n-carol"]
+        await pilot.press("slash", "b", "o", "b")
+        await pilot.pause()
+        assert [k.value for k in table.rows] == ["n-bob"]
+        assert "1 of 3 nodes match 'bob'" in text(app, "nodes-info")
+        side = app.query_one("#side-log", Log)
+        assert [str(line) for line in side.lines] == ["node bob joined"]
+        await pilot.press("escape")
+        await pilot.pause()
+        assert len(table.rows) == 3 and len(side.lines) >= 3
+
+
+@pilot_test
+async def test_eta_does_not_grow_while_paused():
+    app, source, control = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("p")
+        source.state.status, source.state.paused = "paused (press p to resume)", True
+        app.pull_snapshot()
+        before = text(app, "progress").splitlines()[-1]
+        app.clock = lambda: NOW + 3600.0  # an hour paused: no step done
+        app.pull_snapshot()
+        after = text(app, "progress").splitlines()[-1]
+        assert before == after and "ETA 11m34s (held)" in after
+
+
+def test_version_metadata_is_shown_for_people_not_as_python_dicts():
+    from enshuffle.coordinator.state import VersionRow
+    from enshuffle.tui.coordinator_app import version_detail
+
+    meta = {"created": 1764600000.123, "metrics": {"cost": 0.0612345678, "test_accuracy": 0.74},
+            "exposure": {"alice": {"images": 0.5, "w1": 0.25}}, "history": [{"epoch": 1}, {"epoch": 2}],
+            "settings": {"preset": "default", "epochs": 20}}
+    text_ = version_detail(VersionRow("ab" * 32, None, 2, 0, 0.74, 1764600000.123, metadata=meta), None)
+    assert "{" not in text_ and "1764600000" not in text_
+    assert "cost=0.0612346" in text_ and "alice: images=0.5, w1=0.25" in text_ and "history: 2 entries" in text_
+    assert "preset=default, epochs=20" in text_

@@ -10,6 +10,9 @@ from enshuffle.tui.synthetic import SyntheticNode
 from tui_fixtures import Source, frozen_clock, node_state, pilot_test, text
 
 
+from enshuffle.node.blas import default_threads
+
+
 def make_app(threads: int = 2):
     source = Source(node_state())
     control = NodeControl(threads=threads)
@@ -37,7 +40,7 @@ async def test_connection_state_carries_the_reason():
     app, source, _control = make_app()
     async with app.run_test(size=(80, 24)) as pilot:
         for connection, reason, expected in [
-            ("idle", "waiting for work", "connection: ○ idle: waiting for work"),
+            ("idle", "waiting for work", "connection: ○ waiting: waiting for work"),
             ("reconnecting", "reconnecting in 4 s", "connection: … reconnecting: reconnecting in 4 s"),
             ("refused", "refused: fingerprint mismatch", "connection: ✗ REFUSED: refused: fingerprint mismatch"),
         ]:
@@ -63,12 +66,13 @@ async def test_exposure_bars_per_tensor():
 
 @pilot_test
 async def test_plus_and_minus_change_the_thread_count_never_below_one():
-    app, _source, control = make_app(threads=2)
+    app, _source, control = make_app(threads=1)
     async with app.run_test(size=(80, 24)) as pilot:
-        await pilot.press("+", "+")
-        assert control.threads == 4
-        assert "threads      4 (now 2, applying)" in text(app, "work")
-        await pilot.press("-", "-", "-", "-", "-")
+        cores = default_threads()
+        await pilot.press(*["+"] * (cores + 3))
+        assert control.threads == cores  # never past the CPUs
+        assert f"threads      {cores}" in text(app, "work")
+        await pilot.press(*["-"] * (cores + 3))
         assert control.threads == 1
 
 
@@ -130,3 +134,16 @@ async def test_against_the_synthetic_node_stepped_by_hand():
         app.pull_snapshot()
         await pilot.pause()
     assert app.return_value == "stopped"
+
+
+@pilot_test
+async def test_a_finished_run_stays_on_screen_until_q():
+    app, source, control = make_app()
+    source.state.connection, source.state.reason = "finished", "the run has finished; q leaves"
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.pull_snapshot()
+        await pilot.pause()
+        assert app.is_running and "run finished" in text(app, "status")
+        await pilot.press("ctrl+c")  # Ctrl-C is q
+        await pilot.pause()
+    assert app.return_value == "stopped" and control.stop_requested

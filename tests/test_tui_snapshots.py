@@ -53,3 +53,24 @@ def test_node_120x40(snap_compare):
 
 def test_node_80x24(snap_compare):
     assert snap_compare(node_app(), terminal_size=(80, 24))
+
+
+def test_coordinator_nodes_80x24(snap_compare):
+    """The narrow tier: every column shown whole (fingerprints in whole groups), none cut."""
+    assert snap_compare(coordinator_app(), terminal_size=(80, 24))
+
+
+def test_coordinator_nodes_160x48(snap_compare):
+    """Every column, the reason a node waits or was lost, and the log filling the lower part."""
+    assert snap_compare(coordinator_app(), terminal_size=(160, 48))
+
+
+def test_nodes_table_fits_without_cutting_a_column():
+    """What the snapshots show, checked in numbers: the columns of each tier fit the width."""
+    from enshuffle.tui.coordinator_app import node_columns
+
+    for width in (80, 100, 120, 150, 160, 200):
+        columns = node_columns(width)
+        assert sum(w + 2 for _, _, w in columns) <= width - 2, (width, columns)
+        fp = dict((k, w) for k, _, w in columns)["fp"]
+        assert fp >= len("KZDV-VJ2U")  # two whole fingerprint groups

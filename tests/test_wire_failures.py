@@ -65,7 +65,7 @@ def test_killed_nodes_block_waits_it_rejoins_and_an_empty_cluster_waits_idle(cor
         wait_until(lambda: run.state.snapshot().status.startswith("waiting: block"), 30,
                    "proc-1's block to wait under the exposure bound", on_timeout=why)
         gone = run.row("proc-1")
-        assert gone.state == "gone" and gone.reissued >= 1, why()
+        assert gone.state == "lost" and gone.reissued >= 1, why()
         assert run.server.counters["reissued"] >= 1
         assert run.logged("node proc-1 (") and any("left:" in line for line in run.logged("node proc-1 (")), why()
         assert run.steps_done < 3 and not run.held(), why()
@@ -74,13 +74,13 @@ def test_killed_nodes_block_waits_it_rejoins_and_an_empty_cluster_waits_idle(cor
 
         # It comes back with the same key: same row, a new session, its own block again.
         nodes(run, 1)
-        wait_until(lambda: run.row("proc-1").node_id != first.node_id and run.row("proc-1").state != "gone",
+        wait_until(lambda: run.row("proc-1").node_id != first.node_id and run.row("proc-1").state != "lost",
                    15, "proc-1 to rejoin", on_timeout=why)
         run.wait_held(30)  # steps 1 and 2 finished with it back
         assert run.logged("goes to proc-1"), why()
         run.hold_at(5)
         run.wait_held(30)
-        wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "idle"), 5,
+        wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "waiting", "standby"), 5,
                    "proc-1 to compute again", on_timeout=why)
 
         # Every node gone: the coordinator says it waits, and waits without spinning.

@@ -35,7 +35,7 @@ def test_a_lost_block_waits_for_a_new_node_and_nobody_goes_over_the_bound(core_d
         run.hold_at(5)
         wait_until(lambda: run.logged("exposure bound: block"), 60, "B's block to wait for an eligible node",
                    on_timeout=run.describe)
-        assert run.row("B").state == "gone", run.describe()
+        assert run.row("B").state == "lost", run.describe()
         steps = run.steps_done
         assert steps < 5, "the run went on without B's block"
         np.testing.assert_array_equal(ledger.positions("A", "images"), a_pixels)  # A took nothing of B's
@@ -58,3 +58,30 @@ def test_a_lost_block_waits_for_a_new_node_and_nobody_goes_over_the_bound(core_d
         assert share["images"] <= run.server.bound["images"] + 1e-9, (node, share)
         assert share["w1"] <= run.server.bound["w1"] + 1e-9, (node, share)
     assert_same_weights(weights, expected)
+
+
+def test_a_node_beyond_the_blocks_is_on_standby_and_is_told_why(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 1500)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start(hold_at=2)
+    fp = run.identity.fingerprint
+    procs = {name: spawn_node(tmp_path / name, run.endpoint, fp, name, tmp_path) for name in ("P", "Q")}
+    try:
+        run.wait_held(60)
+        wait_until(lambda: run.row("P") is not None and run.row("Q") is not None and
+                   {run.row("P").state, run.row("Q").state} >= {"standby"}, 30,
+                   "both joined and one on standby", on_timeout=run.describe)
+        standby = "P" if run.row("P").state == "standby" else "Q"
+        assert "all 1 blocks are held by other nodes" in run.row(standby).reason
+        # The standby node learns it from the coordinator's HEARTBEAT, in the same words.
+        wait_until(lambda: "coordinator: on standby" in procs[standby].err(), 20,
+                   "the standby node to be told", on_timeout=procs[standby].describe)
+        other = "Q" if standby == "P" else "P"
+        procs[other].signal(signal.SIGKILL)
+        procs[other].wait(10)
+        run.finish(120)
+        assert run.row(other).state == "lost" and run.row(other).reason, run.describe()
+    finally:
+        run.close()
+        for p in procs.values():
+            p.stop()

@@ -105,6 +105,10 @@ def everyone_paused(core_data_dir):
 def test_every_node_paused_means_waiting_then_resume(core_data_dir):
     with everyone_paused(core_data_dir) as (run, volunteer, expected):
         assert run.logged("every connected node has paused"), run.describe()
+        # The nodes table says paused and why, and no stale rate from before the pause.
+        volunteer.serve_until(lambda: (r := run.row("volunteer")).state == "paused" and r.rate == 0.0, 30,
+                              "the row to show paused with rate 0", on_timeout=run.describe)
+        assert run.row("volunteer").reason == "paused by its volunteer"
         steps = run.steps_done
         pause(volunteer, credit=2)
         volunteer.serve_until(run.done.is_set, 120, "training to finish after resuming", on_timeout=run.describe)

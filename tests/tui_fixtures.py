@@ -32,15 +32,19 @@ def coordinator_state() -> CoordinatorState:
         run_id="run-0042", preset="fashion-quick", bind="tcp://0.0.0.0:5555",
         fingerprint="ab12cd34ef56ab78cd90ef12ab34cd56ef78ab90cd12ef34ab56cd78ef90ab12",
         started_at=T0, epochs_total=15, steps_per_epoch=40, epoch=3, step=12,
-        status="training", exposure_bound=0.25,
+        status="training", exposure_bound=0.25, step_seconds=1.483,
+        join_commands=["enshuffle node --connect tcp://192.0.2.7:5555 --coordinator-key SHA256:KZDV-VJ2U-MNDU-YAUF-"
+                       "35O3-6K6K-W462-MUJV"],
     )
     rows = [
         NodeRow("n-alice", "alice", "a1" * 32, "10.0.0.2:40001", "working", 1234, 2, 12.5, NOW - 0.4, 1, 0,
-                {"images": 0.20, "w1": 0.21, "deltas": 1.0, "samples": 1.0, "w2": 0.0}, dict(FORMS)),
-        NodeRow("n-bob", "bob", "b2" * 32, "10.0.0.3:40002", "idle", 987, 0, 0.0, NOW - 9.0, 0, 2,
-                {"images": 0.18, "w1": 0.18, "deltas": 1.0, "samples": 1.0, "w2": 0.0}, dict(FORMS)),
+                {"images": 0.20, "w1": 0.21, "deltas": 1.0, "samples": 1.0, "w2": 0.0}, forms=dict(FORMS)),
+        NodeRow("n-bob", "bob", "b2" * 32, "10.0.0.3:40002", "waiting", 987, 0, 0.0, NOW - 9.0, 0, 2,
+                {"images": 0.18, "w1": 0.18, "deltas": 1.0, "samples": 1.0, "w2": 0.0}, forms=dict(FORMS),
+                reason="between batches"),
         NodeRow("n-carol", "carol", "c3" * 32, "10.0.0.4:40003", "lost", 456, 3, 0.0, NOW - 125.0, 4, 1,
-                {"images": 0.31, "w1": 0.22, "deltas": 1.0, "samples": 1.0, "w2": 0.0}, dict(FORMS)),
+                {"images": 0.31, "w1": 0.22, "deltas": 1.0, "samples": 1.0, "w2": 0.0}, forms=dict(FORMS),
+                reason="silent for 3.1 s (heartbeat lost)"),
     ]
     s.nodes = {r.node_id: r for r in rows}
     s.epochs = [

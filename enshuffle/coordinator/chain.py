@@ -687,9 +687,10 @@ def cmd_log(args) -> int:
     except ChainError as exc:
         raise UsageError(str(exc)) from None
     versions.reverse()
-    if args.json:
-        print(json.dumps([{"version_id": v.version_id, "parent_id": v.parent_id, "metadata": v.metadata}
-                          for v in versions], indent=1))
+    if args.json:  # JSON lines, as `train --json`: one object per version, each with its type
+        for v in versions:
+            print(json.dumps({"type": "version", "version_id": v.version_id, "parent_id": v.parent_id,
+                              "metadata": v.metadata}))
     elif not versions:
         print(f"no model versions in {chain.dir} yet", file=sys.stderr)
     else:
@@ -775,6 +776,8 @@ def cmd_export(args) -> int:
         raise UsageError(f"directory {target.parent} for --npz {args.npz} does not exist; create it first")
     if target.is_dir():
         raise UsageError(f"--npz {args.npz} is a directory; give a file name such as {target / 'model.npz'}")
+    if target.exists() and not getattr(args, "force", False):
+        raise UsageError(f"{args.npz} already exists; add --force to overwrite it, or choose another --npz")
     tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as fh:  # a file object, so numpy does not append ".npz" to the name

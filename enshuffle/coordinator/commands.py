@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from enshuffle.cli import UsageError
+from enshuffle.coordinator.addresses import PLACEHOLDER
 
 
 def eprint(*parts) -> None:
@@ -25,7 +26,13 @@ def load_inputs(args, preset):
     from enshuffle.dataset import DataError, load_dataset
 
     try:
-        dataset = load_dataset(args.data, log=eprint)
+        if args.data == "bundled":  # the explicit choice of the subset shipped in the package
+            from enshuffle.dataset import load_bundled_subset
+
+            dataset = load_bundled_subset()
+            eprint(f"data: {dataset.describe()}")
+        else:
+            dataset = load_dataset(args.data, log=eprint)
     except DataError as exc:
         raise UsageError(str(exc)) from None
     return prepare(dataset, preset, getattr(args, "limit", None))
@@ -70,18 +77,29 @@ def check_weights_path(args) -> None:
         raise UsageError(f"--save-weights {path} is a directory; give a file name such as {target / 'model.npz'}")
     if not target.parent.is_dir() or not os.access(target.parent, os.W_OK):
         raise UsageError(f"--save-weights {path}: directory {target.parent} does not exist or is not writable")
+    # Permission bits are not the whole story (/proc, read-only mounts, quotas): try it.
+    try:
+        if target.exists():
+            with open(target, "ab"):
+                pass
+        else:
+            with open(target, "xb"):
+                pass
+            target.unlink()
+    except OSError as exc:
+        raise UsageError(f"--save-weights {path}: cannot write there ({exc.strerror}); choose a writable path") from None
 
 
 def report_epoch(report, args, total: int) -> None:
     if args.json:
-        print(json.dumps(report.as_dict()), flush=True)
+        print(json.dumps({"type": "epoch", **report.as_dict()}), flush=True)
     else:
         print(format_epoch(report, total), flush=True)
 
 
 def report_ledger(ledger, args, extra: dict | None = None, notes: list[str] | None = None) -> None:
     if args.json:
-        print(json.dumps({"ledger": ledger.shares(), "forms": ledger.forms(), "notes": notes or [],
+        print(json.dumps({"type": "ledger", "ledger": ledger.shares(), "forms": ledger.forms(), "notes": notes or [],
                           **(extra or {})}), flush=True)
     else:
         print()
@@ -97,6 +115,11 @@ def cmd_train(args) -> int:
     if args.out and (args.nodes == 0 or args.in_process):
         raise UsageError("--out keeps the model chain of a coordinator run: use it with --nodes K >= 1 and "
                          "without --in-process (or --save-weights for the final weights)")
+    if getattr(args, "resume", False):
+        if args.nodes == 0 or args.in_process:
+            raise UsageError("--resume continues a run's model chain: use it with --out RUN_DIR and node "
+                             "processes (--nodes K >= 1, without --in-process)")
+        args.nodes = apply_resume_settings(args, "train")
     check_weights_path(args)
     preset = preset_from_args(args)
     inputs = load_inputs(args, preset)
@@ -139,6 +162,62 @@ def drive(args, preset, inputs, compute, ledger) -> int:
     return 0
 
 
+def check_bind(bind: str) -> None:
+    """Refuse an address this machine cannot listen on (port taken, foreign address) up front."""
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IPV6, 1)
+    try:
+        sock.bind(bind)
+    except zmq.ZMQError as exc:
+        raise UsageError(f"cannot listen on {bind}: {exc.strerror}; choose another --bind address or port") from None
+    finally:
+        sock.close()
+        ctx.term()  # the port is free again when this returns
+
+
+def listen_text(endpoint: str) -> str:
+    """The bound endpoint as people write it: tcp://0.0.0.0:5555, not tcp://[::ffff:0.0.0.0]:5555."""
+    from enshuffle.coordinator.addresses import split_endpoint
+
+    host, port = split_endpoint(endpoint)
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def join_commands(endpoint: str, fingerprint: str) -> list[str]:
+    """The `enshuffle node` command line(s) a volunteer runs, one per address of this machine."""
+    from enshuffle.coordinator.addresses import volunteer_addresses
+
+    return [f"enshuffle node --connect {address} --coordinator-key {fingerprint}"
+            for address in volunteer_addresses(endpoint)]
+
+
+def apply_resume_settings(args, who: str) -> int:
+    """--resume: take the run's training settings from RUN_DIR/run.json; returns its shard count.
+
+    A new --epochs is honoured (it is how a finished run is extended); the other training
+    options are the run's, since the chain's versions only make sense with them."""
+    from enshuffle.coordinator.run import load_run_settings
+
+    if not args.out:
+        raise UsageError("--resume needs --out RUN_DIR naming the run to continue")
+    settings = load_run_settings(args.out)
+    if args.epochs is not None and args.epochs < settings["epochs"]:
+        raise UsageError(f"--epochs {args.epochs} is fewer than the {settings['epochs']} epochs {args.out} was "
+                         f"started with; a resumed run can only be extended (give more epochs, or none)")
+    epochs = args.epochs if args.epochs is not None else settings["epochs"]
+    extended = f" (was {settings['epochs']})" if epochs != settings["epochs"] else ""
+    args.preset, args.epochs, args.dtype = settings["preset"], epochs, settings["dtype"]
+    args.offload, args.seed, args.limit = settings["offload"], settings["seed"], settings.get("limit")
+    shards = int(settings["shards"])
+    eprint(f"{who}: resuming {args.out} with its settings: preset {args.preset}, {args.epochs} epochs{extended}, "
+           f"{args.dtype}, offload {args.offload}, {shards} shards (other training options are ignored)")
+    return shards
+
+
 def cmd_coordinator(args) -> int:
     """`enshuffle coordinator`: listen for volunteers' nodes and train."""
     from enshuffle.coordinator.run import CoordinatorRun, default_run_dir, load_run_settings
@@ -146,22 +225,8 @@ def cmd_coordinator(args) -> int:
     run_dir = args.out
     shards = args.min_nodes
     if args.resume:
-        if not run_dir:
-            raise UsageError("--resume needs --out RUN_DIR naming the run to continue")
-        settings = load_run_settings(run_dir)
-        requested = args.epochs
-        if requested is not None and requested < settings["epochs"]:
-            raise UsageError(f"--epochs {requested} is fewer than the {settings['epochs']} epochs {run_dir} was "
-                             f"started with; a resumed run can only be extended (give more epochs, or none)")
-        args.preset, args.epochs, args.dtype = settings["preset"], settings["epochs"], settings["dtype"]
-        if requested is not None and requested > settings["epochs"]:
-            args.epochs = requested
-            eprint(f"coordinator: extending {run_dir} from {settings['epochs']} to {requested} epochs (a cosine "
-                   f"learning-rate decay is recomputed over {requested} epochs from here)")
-        args.offload, args.seed, args.limit = settings["offload"], settings["seed"], settings.get("limit")
-        shards = int(settings["shards"])
-        eprint(f"coordinator: resuming {run_dir} with its settings: preset {args.preset}, {args.epochs} epochs, "
-               f"{args.dtype}, offload {args.offload}, {shards} shards (other training options are ignored; --epochs N extends it)")
+        shards = apply_resume_settings(args, "coordinator")
+    check_bind(args.bind)  # a taken port is told before minutes of data loading, not after
     from enshuffle.coordinator.admission import Admission
     from enshuffle.protocol.keys import enshuffle_home
 
@@ -176,20 +241,23 @@ def cmd_coordinator(args) -> int:
                              checkpoint_every=args.checkpoint_every, admission=admission)
     except OSError as exc:
         raise UsageError(str(exc)) from None
-    endpoint = run.server.endpoint
-    host = endpoint[len("tcp://"):].rpartition(":")[0]
-    connect = endpoint if host not in ("0.0.0.0", "*", "[::]") else endpoint.replace(host, "THIS_HOST", 1)
-    eprint(f"coordinator: listening on {endpoint}, run {run.server.run_id}, model chain in {run.run_dir}")
+    commands = run.state.join_commands
+    eprint(f"coordinator: listening on {listen_text(run.server.endpoint)}, run {run.server.run_id}, "
+           f"model chain in {run.run_dir}")
     eprint(f"coordinator: fingerprint {run.identity.fingerprint}")
     if args.open:
         eprint("coordinator: WARNING: --open: ANY node that reaches this port is admitted and receives "
                "training data; use --allow FILE or invite codes (enshuffle invite) to choose who joins")
     eprint(f"coordinator: {admission.describe()}")
-    eprint("coordinator: on each volunteer machine run:")
-    eprint(f"    enshuffle node --connect {connect} --coordinator-key {run.identity.fingerprint}"
-           + ("" if args.open else "   (plus --invite CODE from `enshuffle invite`, unless its key is in --allow)"))
-    if connect != endpoint:
-        eprint("  (replace THIS_HOST with this machine's address as the volunteers reach it)")
+    eprint("coordinator: on each volunteer machine run" + (" one of:" if len(commands) > 1 else ":"))
+    for command in commands:
+        eprint(f"    {command}" + ("" if args.open else "   (plus --invite CODE from `enshuffle invite`, "
+                                                          "unless its key is in --allow)"))
+    if any(PLACEHOLDER in c for c in commands):
+        eprint(f"  (replace {PLACEHOLDER} with this machine's address as the volunteers reach it)")
+    elif "127.0.0.1" in commands[0] or "[::1]" in commands[0]:
+        eprint("  (a loopback address: only nodes on this machine can connect; bind tcp://0.0.0.0:PORT "
+               "for others)")
 
     from enshuffle.coordinator.run import run_headless, run_with_tui
 

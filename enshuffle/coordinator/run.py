@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from enshuffle.cli import UsageError
-from enshuffle.coordinator.commands import eprint, report_epoch, report_ledger, save_weights
+from enshuffle.coordinator.commands import (eprint, join_commands, listen_text, report_epoch, report_ledger,
+                                            save_weights)
 from enshuffle.coordinator.distributed import DistributedCompute
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
 from enshuffle.coordinator.training import Trainer
@@ -47,6 +48,9 @@ def coordinator_blas_threads(threads: int = 1):
         set_blas_threads(before)
 
 
+EXIT_INTERRUPTED = 130  # stopped before the run finished (Ctrl-C, SIGTERM, q): resume it with --resume
+
+
 def default_run_dir() -> str:
     return os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2))
 
@@ -69,6 +73,9 @@ class CoordinatorRun:
         self.control = control or CoordinatorControl()
         self.quiet = quiet
         self.print_reports = True  # epoch lines and the final table on stdout (off under the TUI)
+        self.local_nodes = False  # started by `enshuffle train` with its own node processes
+        self.give_up = None  # () -> why waiting for the first nodes is hopeless, or None (wait on)
+        self.exit_status: int | None = None
         self.identity = load_or_create_identity("coordinator", home)
         self.home = home
         self.run_dir = Path(run_dir) if run_dir else None
@@ -76,12 +83,17 @@ class CoordinatorRun:
         self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
                           "offload": args.offload, "seed": preset.seed, "limit": getattr(args, "limit", None),
                           "shards": shards, "data": data_fingerprint(inputs)}
-        if self.run_dir:
-            self._check_run_dir(resume)
         self.admission = admission
+        # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
         self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
                                         control=self.control, log=None if quiet else eprint, admission=admission,
                                         max_exposure=getattr(args, "max_exposure", None))
+        if self.run_dir:
+            try:
+                self._check_run_dir(resume)
+            except BaseException:
+                self.server.close("shutdown")
+                raise
         self.server.replicate = bool(getattr(args, "replicate", False))
         if getattr(args, "quarantine_after", None):
             self.server.reputation.quarantine_after = args.quarantine_after
@@ -95,7 +107,8 @@ class CoordinatorRun:
             st = self.state
             st.run_id = self.server.run_id
             st.preset = preset.name
-            st.bind = self.server.endpoint
+            st.bind = listen_text(self.server.endpoint)
+            st.join_commands = join_commands(self.server.endpoint, self.identity.fingerprint)
             st.fingerprint = self.identity.fingerprint
             st.run_dir = str(self.run_dir) if self.run_dir else None
             st.epochs_total = preset.epochs
@@ -110,16 +123,18 @@ class CoordinatorRun:
                 except ChainError as exc:
                     self.server.close("shutdown")
                     raise UsageError(f"cannot resume from {self.run_dir}: {exc}") from None
-            else:
-                _atomic_write_json(self.run_dir / "run.json", self._settings)
+                except BaseException:
+                    self.server.close("shutdown")
+                    raise
+            _atomic_write_json(self.run_dir / "run.json", self._settings)  # a new --epochs is kept
         self._steps_since_version = 0
 
     def _check_run_dir(self, resume: bool) -> None:
         """Refuse what would mix two runs in one chain, before anything is started."""
         head_file = self.run_dir / "chain" / "HEAD"
         if not resume and head_file.exists():
-            raise UsageError(f"{self.run_dir} already holds a model chain: continue it with --resume, "
-                             f"or choose a new --out")
+            raise UsageError(f"{self.run_dir} already holds a model chain: continue it with --resume "
+                             f"(and --epochs N to extend it), or choose a new --out")
         if resume:
             from enshuffle.coordinator.chain import ChainError
             from enshuffle.protocol.keys import fingerprint
@@ -229,11 +244,13 @@ class CoordinatorRun:
         from enshuffle.coordinator.server import StepAbandoned, TrainingAborted
 
         try:
-            if not self.server.wait_for_nodes(self.min_nodes, lambda: self.control.stop_requested):
-                self.log("stopped before training started")
-                self.server.close("shutdown")
-                self._finish("stopped")
-                return 0
+            if not self.server.wait_for_nodes(self.min_nodes, lambda: self.control.stop_requested,
+                                              give_up=self.give_up):
+                if self.control.stop_requested:
+                    self.log("stopped before training started")
+                    return self._end("stopped", EXIT_INTERRUPTED)
+                self._say_final(f"gave up: {self.server.wait_problem}")
+                return self._end("aborted", 1)
             self._set_status("training")
             while not self.trainer.finished and not self.control.stop_requested:
                 if self.control.paused:
@@ -242,10 +259,15 @@ class CoordinatorRun:
                         self.server.pump(200)
                     self._set_status("training")
                     continue
+                step_started = time.monotonic()
                 report = self.trainer.run_step()
+                step_took = time.monotonic() - step_started
                 self._steps_since_version += 1
                 with self.state.lock:
                     self.state.epoch, self.state.step = self.trainer.epoch, self.trainer.step
+                    # A moving mean of step times: the ETA follows the work, not the wall clock.
+                    previous = self.state.step_seconds
+                    self.state.step_seconds = step_took if previous <= 0 else 0.9 * previous + 0.1 * step_took
                 if report is not None:
                     with self.state.lock:
                         self.state.epochs.append(EpochRow(**report.as_dict()))
@@ -262,25 +284,57 @@ class CoordinatorRun:
             # so the steps completed since the last version are kept in a new one.
             self._keep_completed_steps()
             self.log(f"stopped: {exc}; the last model version is the place to --resume from")
-            self.server.close("shutdown")
-            self._finish("stopped")
-            return 0
+            return self._end("stopped", EXIT_INTERRUPTED)
         except TrainingAborted as exc:
             self._keep_completed_steps()
-            self.log(f"training aborted: {exc}")
-            self.server.close("shutdown")
-            self._finish("aborted")
-            return 1
+            self._say_final(f"training aborted: {exc}")
+            return self._end("aborted", 1)
         finished = self.trainer.finished
-        self.server.close("run-finished" if finished else "shutdown")
+        if getattr(self.args, "save_weights", None):
+            save_weights(self.args.save_weights, self.trainer.params)
+        return self._end("finished" if finished else "stopped", 0 if finished else EXIT_INTERRUPTED)
+
+    def _say_final(self, line: str) -> None:
+        """A line that ends the run: logged, and on stderr even for a quiet run (not under the TUI)."""
+        self.log(line)
+        if self.quiet and self.print_reports:
+            eprint(line)
+
+    def _end(self, status: str, rc: int) -> int:
+        """Every way a run ends: BYE to the nodes, the final figures, the state says `status`."""
+        self.server.close("run-finished" if status == "finished" else "shutdown")
         if self.print_reports:
             report_ledger(self.server.ledger, self.args,
                           {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received},
                           notes=self.privacy_notes())
-        if getattr(self.args, "save_weights", None):
-            save_weights(self.args.save_weights, self.trainer.params)
-        self._finish("finished" if finished else "stopped")
-        return 0
+            for line in self.summary_lines(status):
+                eprint(line)
+        self._finish(status)
+        self.exit_status = rc
+        return rc
+
+    def summary_lines(self, status: str | None = None) -> list[str]:
+        """What an operator needs once the run is over: where it got to, where its chain is, how to go on."""
+        status = status or self.state.status
+        with self.state.lock:
+            last = self.state.epochs[-1] if self.state.epochs else None
+            head = self.state.versions[-1].version_id if self.state.versions else None
+        lines = [f"run {status}: epoch {self.trainer.epoch}/{self.preset.epochs}, step {self.trainer.step}"
+                 + (f", test accuracy {last.test_accuracy:.4f}" if last else "")]
+        if self.run_dir and head:
+            lines.append(f"model chain: {self.run_dir} (head {head[:12]}); check it with "
+                         f"`enshuffle chain verify {self.run_dir}`")
+            command = "train" if self.local_nodes else "coordinator"
+            if status == "finished":
+                lines.append(f"to train further: enshuffle {command} --out {self.run_dir} --resume "
+                             f"--epochs {self.preset.epochs + 5}")
+            else:
+                lines.append(f"to continue: enshuffle {command} --out {self.run_dir} --resume")
+        elif self.run_dir:
+            lines.append(f"no model version was written to {self.run_dir}")
+        if getattr(self.args, "save_weights", None) and status == "finished":
+            lines.append(f"weights written to {self.args.save_weights}")
+        return lines
 
     def _keep_completed_steps(self) -> None:
         if self._steps_since_version:
@@ -399,10 +453,12 @@ def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = dict(os.environ, ENSHUFFLE_HOME=str(home))
         log = open(home / "node.log", "wb")
+        # A session of their own: Ctrl-C in the terminal reaches the coordinator only, which then
+        # finishes its step with them and tells them BYE (else they would leave mid-step).
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key", fingerprint,
              "--name", f"local-{i + 1}", "--threads", str(threads)],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
+            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
     return procs
 
@@ -430,12 +486,21 @@ def run_local_cluster(args, preset, inputs) -> int:
         tmp = Path(tmp)
         # Only the local nodes this command starts are admitted: nothing to set up, nobody else joins.
         admission = Admission(auto=set(local_node_keys(tmp, args.nodes)))
+        # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
+        # which checks the key, can continue it; a throw-away run uses a throw-away key.
         run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=args.nodes,
-                             min_nodes=args.nodes, run_dir=args.out, home=tmp / "coordinator",
-                             quiet=not getattr(args, "verbose", False), admission=admission)
-        eprint(f"train: coordinator on {run.server.endpoint}, {args.nodes} local node processes, "
+                             min_nodes=args.nodes, run_dir=args.out, home=None if args.out else tmp / "coordinator",
+                             resume=getattr(args, "resume", False), quiet=not getattr(args, "verbose", False),
+                             admission=admission)
+        eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {args.nodes} local node processes, "
                f"preset {preset.name}, {preset.dtype}, offload {args.offload}")
-        procs = spawn_local_nodes(run.server.endpoint, run.identity.fingerprint, args.nodes, tmp)
+        from enshuffle.coordinator.addresses import volunteer_addresses
+
+        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, args.nodes, tmp)
+        eprint(f"train: waiting for the {args.nodes} local node{'s' if args.nodes != 1 else ''} to connect "
+               f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
+        run.local_nodes = True
+        run.give_up = run.server.give_up = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
         try:
             if getattr(args, "tui", False):
                 return run_with_tui(run)
@@ -449,11 +514,41 @@ def run_local_cluster(args, preset, inputs) -> int:
             stop_local_nodes(procs, timeout=5.0 if finished else 0.0)
 
 
+LOCAL_NODES_CONNECT_S = 60.0  # local node processes that have not connected by then never will
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    errors = [line for line in lines if "error:" in line]
+    return (errors or lines or ["(nothing logged)"])[-1].strip()
+
+
+def local_nodes_problem(procs: list[subprocess.Popen], workdir: Path, deadline: float):
+    """For `wait_for_nodes(give_up=...)`: why local nodes will not connect (a node exited, or
+    none connected in time, with what its log says), or None while waiting still makes sense."""
+    def problem(starting: bool) -> str | None:
+        exited = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
+        if exited and (starting or len(exited) == len(procs)):
+            i, rc = exited[0]
+            return (f"local node {i + 1} exited with status {rc}: "
+                    f"{_last_line(workdir / f'node-{i + 1}' / 'node.log')}")
+        if starting and time.monotonic() > deadline:
+            return (f"the local nodes did not connect within {LOCAL_NODES_CONNECT_S:g} s; local-1 says: "
+                    f"{_last_line(workdir / 'node-1' / 'node.log')}")
+        return None
+    return problem
+
+
 def verify_chain_message(chain) -> tuple[bool, str]:
     """What `enshuffle chain verify` checks, as (ok, one line) for the console's `v` key."""
     if chain is None:
         return False, "no run directory: start with --out RUN_DIR to keep a model chain"
     report = chain.verify(expected_fingerprint=getattr(chain.signer, "fingerprint", None))
+    if report.ok and report.checked == 0:
+        return True, "no model version yet: nothing to verify (the first is written after the first epoch)"
     if report.ok:
         return True, f"ok: {report.checked} versions verified"
     return False, f"FAILED at {report.first_bad[:12] if report.first_bad else '?'}: {report.problem}"
@@ -534,4 +629,12 @@ def run_with_tui(run: CoordinatorRun) -> int:
         print("enshuffle: the run did not finish its step within 30 s of quitting; leaving anyway",
               file=sys.stderr)
         return 1
+    # The console is gone: leave what it showed that matters on the terminal.
+    run.print_reports = True
+    report_ledger(run.server.ledger, run.args,
+                  {"bytes_sent": run.server.bytes_sent, "bytes_received": run.server.bytes_received})
+    with run.state.lock:
+        final = run.state.status
+    for line in run.summary_lines(final):
+        eprint(line)
     return status.get("rc", 0)

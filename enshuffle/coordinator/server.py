@@ -144,6 +144,9 @@ class Session:
         return max(LEASE_MIN_MS / 1000, LEASE_MULTIPLE * p90 * work)
 
 
+RATE_STALE_S = 5.0  # no result for this long: the node's rate shows 0, not its last burst
+
+
 class CoordinatorServer:
     """ROUTER socket, sessions, leases, statics and the Executor interface for DistributedCompute."""
 
@@ -213,6 +216,9 @@ class CoordinatorServer:
         self.bytes_received = 0
         self._waiting_logged = False
         self._status_before_wait: str | None = None  # the status "waiting for nodes" replaced mid-run
+        self._min_nodes_wanted = 0  # wait_for_nodes(count): until then a node waits for the others
+        # (starting: bool) -> why no node will ever come (e.g. every local node process exited), or None
+        self.give_up: Callable[[bool], str | None] | None = None
         self._published_at = 0.0
         self._warnings: dict[str, tuple[float, int, int]] = {}
         self.banned: set[bytes] = set()
@@ -280,7 +286,11 @@ class CoordinatorServer:
             self.sock.send_multipart([session.routing_id, *frames], copy=len(frames[0]) < ZERO_COPY_BYTES,
                                      flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            self._end_session(session, f"cannot send to it ({exc.strerror})")
+            why = f"its connection closed without a BYE ({exc.strerror})"
+            if session.done == 0:
+                why += ("; before its first result: it may have refused this coordinator's key (a wrong "
+                        "--coordinator-key on the node?) or been killed")
+            self._end_session(session, why)
             return False
         session.last_sent = time.monotonic()
         self.bytes_sent += sum(len(f) for f in frames)
@@ -342,6 +352,11 @@ class CoordinatorServer:
                 if self.control.stop_requested and not any(s.want > 0 for s in self.sessions.values()):
                     raise StepAbandoned("stop requested while no node is connected or every node has paused: "
                                         "the step cannot finish")
+                if self.give_up is not None and (not self.sessions or self._bound_blocked):
+                    # A local cluster: a block waiting under the bound waits for a node that exited.
+                    problem = self.give_up(bool(self._bound_blocked))
+                    if problem:
+                        raise TrainingAborted(problem)
                 self.pump(timeout_ms=self._poll_timeout())
         finally:
             for t in tasks:
@@ -358,8 +373,12 @@ class CoordinatorServer:
     def live_count(self) -> int:
         return len(self.sessions)
 
-    def wait_for_nodes(self, count: int, should_stop: Callable[[], bool] = lambda: False) -> bool:
-        """Pump until `count` nodes are connected; False if asked to stop first."""
+    def wait_for_nodes(self, count: int, should_stop: Callable[[], bool] = lambda: False,
+                       give_up: Callable[[bool], str | None] | None = None) -> bool:
+        """Pump until `count` nodes are connected; False if asked to stop first, or when
+        `give_up(True)` names a reason to stop waiting (kept in `wait_problem`)."""
+        self.wait_problem: str | None = None
+        self._min_nodes_wanted = count
         for shard in range(len(self.owner)):
             self.static_arrays(shard)  # prepared now, so sending them later never starves heartbeats
         def ready() -> int:  # a paused node cannot compute: it does not count toward --min-nodes
@@ -371,8 +390,13 @@ class CoordinatorServer:
         while ready() < count:
             if should_stop():
                 return False
+            problem = give_up(True) if give_up is not None else None
+            if problem:
+                self.wait_problem = problem
+                return False
             self._set_status(f"waiting for nodes: {ready()} of {count} connected")
             self.pump(timeout_ms=200)
+        self._min_nodes_wanted = 0
         self._rebalance()
         return True
 
@@ -487,7 +511,8 @@ class CoordinatorServer:
         with self.state.lock:
             row = self.state.nodes.get(session.label)
             if row is not None:
-                row.state = "gone"
+                row.state = "lost"
+                row.reason = why
                 row.outstanding = 0
         self._forget(session)
         # Re-issue what this node was responsible for: live leases it held and batches queued
@@ -733,10 +758,13 @@ class CoordinatorServer:
     def _heartbeat(self, session: Session) -> None:
         """HEARTBEAT, its encoded header kept while credit and outstanding stay the same (an idle
         node gets the same one every second: encoding it once saves most of its cost)."""
-        key = (session.credit, len(session.outstanding))
+        reason = None if session.outstanding or session.want == 0 else self.waiting_reason(session)
+        key = (session.credit, len(session.outstanding), reason)
         if session.heartbeat_inner is None or session.heartbeat_inner[0] != key:
-            session.heartbeat_inner = (key, inner_parts("HEARTBEAT", {"node_id": session.node_id, "credit": key[0],
-                                                                      "outstanding": key[1]})[0])
+            header = {"node_id": session.node_id, "credit": key[0], "outstanding": key[1]}
+            if reason:
+                header["waiting"] = reason  # optional field: the node shows why it has no work
+            session.heartbeat_inner = (key, inner_parts("HEARTBEAT", header)[0])
         frames = session.channel.seal_parts([session.heartbeat_inner[1]])
         try:
             self.sock.send_multipart([session.routing_id, *frames], flags=zmq.NOBLOCK)
@@ -760,12 +788,48 @@ class CoordinatorServer:
                     continue
                 row.outstanding = len(session.outstanding)
                 row.batches_done = session.done
-                row.state = "working" if session.outstanding else "idle"
+                row.state, row.reason = self.node_state(session)
                 row.last_seen = wall - (now - session.last_seen)
                 window = session.rate_window
                 row.rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 and window[-1] > window[0] else 0.0
+                if not window or now - window[-1] > RATE_STALE_S:
+                    row.rate = 0.0  # a paused or waiting node computes nothing: no stale rate
                 row.exposure = dict(shares.get(session.label, {}))
                 row.forms = dict(forms.get(session.label, {}))
+
+    def waiting_reason(self, session: Session) -> str | None:
+        """Why a live, unpaused node with no batch in hand has none: one plain sentence, shown in
+        the console and sent to the node (HEARTBEAT `waiting`), or None for the ordinary gap
+        between two batches. New reasons belong here."""
+        if len(self.sessions) < self._min_nodes_wanted:
+            return f"the coordinator needs {self._min_nodes_wanted} nodes to start, {len(self.sessions)} connected"
+        if self.control.paused:
+            return "the operator has paused the run"
+        if self.finished:
+            return "the run has finished"
+        blocked = self._bound_wait() if self._bound_blocked else set()
+        if self.owner and session.node_id not in self.owner:
+            if blocked:
+                return (f"on standby: block {', '.join(map(str, sorted(blocked)))} waits for a node, but this node "
+                        f"may not take it: it would then hold more than the exposure bound allows "
+                        f"({self._bound_text()})")
+            return (f"on standby: all {len(self.owner)} blocks are held by other nodes; it takes one over when "
+                    f"a node leaves or pauses")
+        if blocked:
+            return (f"block {', '.join(map(str, sorted(blocked)))} waits for a node within the exposure bound; "
+                    f"the step goes on when its node comes back or a new node joins")
+        return None
+
+    def node_state(self, session: Session) -> tuple[str, str]:
+        """(state, reason) as the operator sees a live node: working / paused / standby / waiting."""
+        if session.outstanding:
+            return "working", ""
+        if session.want == 0:
+            return "paused", "paused by its volunteer"
+        reason = self.waiting_reason(session)
+        if reason is None:
+            return "waiting", "between batches"
+        return ("standby" if reason.startswith("on standby") else "waiting"), reason
 
     # -- handling what arrives -----------------------------------------------------------
     def _handle(self, frames: list) -> None:
@@ -1186,8 +1250,9 @@ class CoordinatorServer:
         self.sessions.clear()
         with self.state.lock:
             for row in self.state.nodes.values():
-                if row.state not in ("gone", "quarantined"):
+                if row.state not in ("lost", "quarantined"):
                     row.state = "done" if self.finished else "left"
+                    row.reason = "the run finished" if self.finished else "the coordinator stopped"
                 row.outstanding = 0
         self.sock.close(0)
 

@@ -27,7 +27,8 @@ class NodeRow:
     name: str
     fingerprint: str
     address: str = ""
-    state: str = "connected"  # connected | working | idle | gone (left mid-run) | quarantined (lied) | done (run finished) | left (coordinator stopped)
+    # connected | working | waiting | paused | standby | lost (left mid-run) | quarantined (lied) | done (run finished) | left (coordinator stopped)
+    state: str = "connected"
     batches_done: int = 0
     outstanding: int = 0
     rate: float = 0.0  # batches per second, recent
@@ -37,6 +38,7 @@ class NodeRow:
     exposure: dict[str, float] = field(default_factory=dict)  # tensor -> share of elements seen (0..1)
     forms: dict[str, str] = field(default_factory=dict)  # tensor -> weakest form received (ledger.FORMS)
     quarantine: str = ""  # why the node's key is quarantined (its last wrong result), "" if it is not
+    reason: str = ""  # why it is waiting / paused / standby / lost, in words
 
 
 @dataclass
@@ -66,12 +68,14 @@ class CoordinatorState(LiveState):
     preset: str = ""
     bind: str = ""
     fingerprint: str = ""
+    join_commands: list[str] = field(default_factory=list)  # `enshuffle node ...` lines for volunteers
     run_dir: str | None = None
     started_at: float = field(default_factory=time.time)
     epochs_total: int = 0
     steps_per_epoch: int = 0
     epoch: int = 0  # epochs completed
     step: int = 0  # steps completed in the current epoch
+    step_seconds: float = 0.0  # recent mean time of one training step (for the ETA; 0 = unknown)
     status: str = "starting"  # human sentence: "waiting for 2 nodes", "training", "paused", "finished"
     paused: bool = False
     finished: bool = False

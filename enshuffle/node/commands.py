@@ -36,11 +36,37 @@ def _install_signal_handlers(daemon) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _headless_log(line: str) -> None:
+    """Headless lines carry a timestamp, for a log read hours later (journalctl adds its own too)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} enshuffle node: {line}", file=sys.stderr, flush=True)
+
+
+def totals_line(state) -> str:
+    """What this node did (from its NodeState), for the last line of a headless run and after
+    the node app closes."""
+    snap = state.snapshot()
+    up = int(time.time() - snap.started_at)
+    return (f"totals: {snap.batches_done} batches computed, {snap.bytes_in / 1e6:.1f} MB in, "
+            f"{snap.bytes_out / 1e6:.1f} MB out, {snap.refusals} refused, up {up // 3600}:{up % 3600 // 60:02d}:"
+            f"{up % 60:02d}")
+
+
 def cmd_node(args) -> int:
     """Run a node until stopped; returns the daemon's exit status (see enshuffle.node.daemon)."""
+    if getattr(args, "install_service", False):
+        from enshuffle.node.service import install_service
+
+        return install_service(args)
+    if getattr(args, "nice", 0):
+        try:
+            os.nice(args.nice)
+        except OSError as exc:
+            print(f"enshuffle node: cannot lower the priority by --nice {args.nice}: {exc.strerror}",
+                  file=sys.stderr)
     threads = _apply_thread_env(args.threads)
     # numpy (through the daemon) is imported only now, after the environment is set.
-    from enshuffle.node.daemon import MessageRecorder, NodeDaemon, check_address
+    from enshuffle.node.daemon import GIVE_UP_S, MessageRecorder, NodeDaemon, check_address
+    from enshuffle.node.policy import Policy
     from enshuffle.node.state import NodeControl, NodeState
     from enshuffle.protocol.keys import TrustStore, enshuffle_home, load_or_create_identity
 
@@ -58,14 +84,20 @@ def cmd_node(args) -> int:
                                                      print(f"enshuffle node: {line}", file=sys.stderr, flush=True)))
     daemon = NodeDaemon(args.connect, identity=identity, trust=trust, pinned=args.coordinator_key,
                         name=args.name or socket.gethostname(), threads=threads, state=state,
-                        control=control, log=None if not args.tui else state_only,
+                        control=control, log=_headless_log if not args.tui else state_only,
                         exit_on_finish=not getattr(args, "keep_running", False), recorder=recorder,
                         invite=getattr(args, "invite", None),
-                        max_memory=getattr(args, "max_memory", None))
+                        max_memory=getattr(args, "max_memory", None),
+                        policy=Policy.from_args(getattr(args, "max_cpu", 100), getattr(args, "hours", None)),
+                        give_up_after=None if getattr(args, "keep_running", False) else GIVE_UP_S)
     _install_signal_handlers(daemon)
     if not args.tui:
-        return daemon.run()
-    return _run_with_tui(daemon, state, control)
+        status = daemon.run()
+        _headless_log(totals_line(state))
+        return status
+    status = _run_with_tui(daemon, state, control)
+    print(f"enshuffle node: {totals_line(state)}", file=sys.stderr)
+    return status
 
 
 def state_only(line: str) -> None:
@@ -82,12 +114,20 @@ def _run_with_tui(daemon, state, control) -> int:
     def work() -> None:
         status = daemon.run()
         result.append(status)
-        if status == 0:
-            # Stopped by a signal or the run finished: the app leaves too (after q it already has).
+        if status == 0 and control.stop_requested:
+            # Stopped by q or a signal: the app leaves too (after q it already has).
             try:
                 app.call_from_thread(app.exit, "stopped")
             except RuntimeError:
                 pass  # the app is no longer running
+            return
+        if status == 0:
+            # The run finished: the volunteer's screen stays, saying so, until they press q.
+            with state.lock:
+                state.connection = "finished"
+                state.reason = "the run has finished; q leaves"
+            while not control.stop_requested:
+                time.sleep(0.2)
             return
         # A fatal end keeps "refused" on screen until the volunteer quits; then the app
         # must see "stopped" to leave on the first q. Checking a flag 5 times a second is cheap.
@@ -105,6 +145,8 @@ def _run_with_tui(daemon, state, control) -> int:
         print("enshuffle node: the daemon did not stop within 3 s; leaving anyway", file=sys.stderr)
         return 1
     status = result[0] if result else 1
+    for line in list(state.snapshot().log)[-3:]:
+        print(f"enshuffle node: {line}", file=sys.stderr)
     if status != 0 and daemon.error:
         print(f"enshuffle node: error: {daemon.error}", file=sys.stderr)
     return status

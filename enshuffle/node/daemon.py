@@ -18,7 +18,10 @@ Exit statuses of `NodeDaemon.run()`:
      or an unusable trust file); the node sends one DECLINE (so the operator reads "refused
      our key") and nothing else;
 * 4  the coordinator refused us for good: REFUSE `version-mismatch` / `not-allowed` /
-     `bad-hello` / `quarantined`, or BYE `evicted` / `protocol-error` / `quarantined`.
+     `bad-hello` / `quarantined`, or BYE `evicted` / `protocol-error` / `quarantined`;
+* 5  no coordinator answered for `give_up_after` seconds (GIVE_UP_S unless --keep-running,
+     which retries for ever); the last line says whether the address does not resolve,
+     nothing listens there, it is unreachable, or something listens but never answers HELLO.
 
 This module never imports textual.
 """
@@ -28,6 +31,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import secrets
+import socket
 import sys
 import time
 from collections import deque
@@ -40,6 +45,7 @@ import zmq
 from enshuffle.cli import UsageError
 from enshuffle.node.blas import BlasThreadsUnavailable, set_blas_threads
 from enshuffle.node.compute import OPS, BatchError, compute_batch
+from enshuffle.node.policy import Policy
 from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.handshake import NodeHandshake
 from enshuffle.protocol.keys import (FingerprintMismatch, Identity, KeyStoreError, TrustStore,
@@ -51,6 +57,8 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_TRUST = 3
 EXIT_REFUSED = 4
+EXIT_UNREACHABLE = 5
+GIVE_UP_S = 300.0             # without --keep-running: give up after this long with no coordinator
 
 HELLO_TIMEOUT_S = 5.0
 LOST_AFTER_HEARTBEATS = 3      # silence of 3 x heartbeat_ms = coordinator lost (spec 8)
@@ -167,6 +175,33 @@ def _connect(sock: zmq.Socket, address: str) -> None:
         raise AddressError(f"cannot connect to {address!r} ({exc}); give the coordinator's "
                            f"address as tcp://HOST:PORT, e.g. tcp://192.0.2.7:5555 or "
                            f"tcp://[::1]:5555") from None
+
+
+def diagnose_silence(address: str, timeout: float = 2.0) -> str:
+    """Why nothing answered at `address`, told apart: a name that does not resolve, nothing
+    listening (refused), unreachable (no route, timeout), or a listener that says nothing."""
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, ValueError) as exc:
+        return f"cannot resolve host {host!r} ({getattr(exc, 'strerror', None) or exc}): check the name in --connect"
+    family, kind, proto, _, sockaddr = infos[0]
+    probe = socket.socket(family, kind, proto)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(sockaddr)
+    except ConnectionRefusedError:
+        return (f"nothing is listening on {host} port {port} (connection refused): is the coordinator "
+                f"running, and is this its address?")
+    except OSError as exc:
+        why = exc.strerror or "no answer"
+        return (f"{host} port {port} is unreachable ({why}): check the address, the network and any "
+                f"firewall between here and the coordinator")
+    finally:
+        probe.close()
+    return (f"{host} port {port} accepts connections but no coordinator answered HELLO: is it an "
+            f"enshuffle coordinator speaking protocol {PROTOCOL_VERSION}, and not overloaded?")
 
 
 def check_address(address: str) -> None:
@@ -286,7 +321,8 @@ class NodeDaemon:
                  hello_timeout: float = HELLO_TIMEOUT_S, limits: Limits = DEFAULT_LIMITS,
                  max_static_bytes: int = DEFAULT_MAX_STATIC_BYTES, max_memory: int | None = None,
                  invite: str | None = None, rng: random.Random | None = None,
-                 recorder: MessageRecorder | None = None) -> None:
+                 recorder: MessageRecorder | None = None, policy: Policy | None = None,
+                 give_up_after: float | None = None) -> None:
         self.connect = connect
         self.identity = identity
         self.trust = trust
@@ -303,6 +339,10 @@ class NodeDaemon:
         self.invite = invite
         self.rng = rng or random.Random()
         self.recorder = recorder
+        self.policy = policy or Policy()
+        self.give_up_after = give_up_after  # seconds without a coordinator before exit 5; None: never
+        self._rest_until = 0.0  # --max-cpu: no new batch before this (monotonic)
+        self._coordinator_waiting = ""  # the coordinator's last word on why we have no work
         self.control = control or NodeControl(threads=threads)
         self.state = state or NodeState()
         self._log = log or (lambda line: print(f"enshuffle node: {line}", file=sys.stderr, flush=True))
@@ -338,6 +378,7 @@ class NodeDaemon:
         ctx = zmq.Context()
         attempt = 0
         status = EXIT_OK
+        last_contact = time.monotonic()  # start, or the end of the last welcomed session
         try:
             while not self.control.stop_requested:
                 try:
@@ -352,7 +393,14 @@ class NodeDaemon:
                         break
                     if end.welcomed:
                         attempt = 0  # spec 10: k resets after a WELCOME
+                        last_contact = time.monotonic()
                 if self.control.stop_requested:
+                    break
+                if self.give_up_after is not None and time.monotonic() - last_contact > self.give_up_after:
+                    self._fatal(EXIT_UNREACHABLE, "stopped", "gave up",
+                                f"no coordinator at {self.connect} for {self.give_up_after:g} s, giving up: "
+                                f"{diagnose_silence(self.connect)} (--keep-running retries for ever)")
+                    status = EXIT_UNREACHABLE
                     break
                 delay = backoff_delay(attempt, self.rng)
                 attempt += 1
@@ -463,7 +511,9 @@ class NodeDaemon:
                 raise _SessionEnd(EXIT_OK)  # no session yet: nothing to say BYE to
             left = deadline - time.monotonic()
             if left <= 0:
-                self._say(f"no answer from {self.connect} within {self.hello_timeout:g} s")
+                why = diagnose_silence(self.connect)
+                self._set(reason=why)
+                self._say(f"no answer from {self.connect} within {self.hello_timeout:g} s: {why}")
                 raise _SessionEnd(None)
             if not sock.poll(int(min(left * 1000, POLL_MS)) + 1, zmq.POLLIN):
                 continue
@@ -547,7 +597,8 @@ class NodeDaemon:
                            last_received=now, last_sent=now, wanted_credit=credit)
         self._heartbeat(session)  # the first sealed message: the coordinator counts us from here
         words = {"pinned": "pinned", "known": "known", "trusted-on-first-use": "trusted on first use"}
-        self._set(connection="connected", reason="waiting for work", coordinator_fingerprint=fp,
+        self._coordinator_waiting = ""
+        self._set(connection="connected", reason=self._idle_reason(), coordinator_fingerprint=fp,
                   trust=trust, run_id=session.run_id)
         self._say(f"connected to {self.connect} as node {session.node_id}, coordinator {fp} "
                   f"({words.get(trust, trust)}), run {session.run_id}, credit {session.credit}")
@@ -622,14 +673,16 @@ class NodeDaemon:
             if now - s.last_sent >= s.heartbeat_ms / 1000:
                 self._heartbeat(s)
             self._tick(now)
-            if s.pending:
+            resting = now < self._rest_until  # --max-cpu: heartbeats go on, the next batch waits
+            until_hb = s.last_sent + s.heartbeat_ms / 1000 - now
+            if s.pending and not resting:
                 timeout = 0  # work in hand: just pick up whatever else has arrived
             else:
-                until_hb = s.last_sent + s.heartbeat_ms / 1000 - now
-                timeout = int(max(1, min(POLL_MS, until_hb * 1000 + 1)))
+                timeout = int(max(1, min(POLL_MS, until_hb * 1000 + 1,
+                                         (self._rest_until - now) * 1000 + 1 if resting else POLL_MS)))
             if s.socket.poll(timeout, zmq.POLLIN):
                 self._drain(s)
-            if s.pending:
+            if s.pending and time.monotonic() >= self._rest_until:
                 self._process(s, *s.pending.popleft())
 
     def _drain(self, s: _Session) -> None:
@@ -675,6 +728,15 @@ class NodeDaemon:
                 self._drop(f"an unexpected {msg.command}")
 
     def _coordinator_heartbeat(self, s: _Session, msg: Message) -> None:
+        waiting = msg.header.get("waiting")  # optional: why the coordinator sends us nothing
+        waiting = waiting[:200] if isinstance(waiting, str) else ""
+        if waiting != self._coordinator_waiting:
+            self._coordinator_waiting = waiting
+            if waiting:
+                self._say(f"coordinator: {waiting}")
+            with self.state.lock:
+                if self.state.connection in ("connected", "idle"):
+                    self.state.reason = self._idle_reason()
         held = len(s.pending)
         believed = msg.header["outstanding"]
         if believed > held and not self._lost_batch_logged and held == 0:
@@ -704,8 +766,20 @@ class NodeDaemon:
         except zmq.ZMQError as exc:
             self._say(f"could not send BYE: {exc}")
 
+    def _pause_reason(self) -> str | None:
+        """Why this node asks for no work: its volunteer paused it, or --hours; None: it wants work."""
+        if self.control.paused:
+            return "paused by the volunteer (p resumes)"
+        return self.policy.outside_hours()
+
+    def _idle_reason(self) -> str:
+        paused = self._pause_reason()
+        if paused:
+            return paused
+        return f"waiting for work: {self._coordinator_waiting}" if self._coordinator_waiting else "waiting for work"
+
     def _heartbeat(self, s: _Session) -> None:
-        credit = 0 if self.control.paused else s.credit
+        credit = 0 if self._pause_reason() else s.credit
         self._send(s, "HEARTBEAT", {"node_id": s.node_id, "credit": credit,
                                            "outstanding": len(s.pending)})
         s.last_sent = time.monotonic()
@@ -713,10 +787,11 @@ class NodeDaemon:
 
     def _apply_controls(self, s: _Session) -> None:
         """Pause/resume and thread changes from the presenter, applied between batches."""
-        paused = self.control.paused
+        why = self._pause_reason()
+        paused = why is not None
         if paused != self.state.paused:
-            self._set(paused=paused, reason="paused" if paused else "waiting for work")
-            self._say("paused: asking for no more batches" if paused else "resumed")
+            self._set(paused=paused, reason=self._idle_reason())
+            self._say(f"paused ({why}): asking for no more batches" if paused else "resumed")
         if (0 if paused else s.credit) != s.wanted_credit:
             self._heartbeat(s)  # tell the coordinator now, not at the next heartbeat
         wanted = max(1, int(self.control.threads))
@@ -743,7 +818,7 @@ class NodeDaemon:
             going_idle = (self.state.connection == "working" and now - self._last_batch_at > IDLE_AFTER_S)
             if going_idle:
                 self.state.connection = "idle"
-                self.state.reason = "paused" if self.control.paused else "waiting for work"
+                self.state.reason = self._idle_reason()
                 self.state.current_op = ""
         if going_idle:
             self._say("waiting for work")
@@ -866,3 +941,4 @@ class NodeDaemon:
             self.state.batches_done += 1
         self._send_frames(s.socket, frames)
         s.last_sent = time.monotonic()
+        self._rest_until = s.last_sent + self.policy.rest_after(seconds)

@@ -39,6 +39,9 @@ WIDE_MIN_WIDTH = 120
 WIDE_MIN_HEIGHT = 36
 
 QUIT_BINDING = Binding("q", "request_quit", "quit")
+# Ctrl-C (and Textual's own ctrl+q) must be the same graceful stop as q, not Textual's
+# "press ctrl+q to quit" or an abrupt exit; priority, so no focused widget swallows them.
+INTERRUPT_BINDING = Binding("ctrl+c,ctrl+q", "request_quit", "quit", show=False, priority=True)
 HELP_BINDING = Binding("question_mark", "toggle_help", "help")
 
 

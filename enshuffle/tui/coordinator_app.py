@@ -26,7 +26,8 @@ from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.widgets import DataTable, Footer, Log, Sparkline, Static, TabbedContent, TabPane
+from textual.screen import ModalScreen
+from textual.widgets import DataTable, Footer, Input, Log, Sparkline, Static, TabbedContent, TabPane
 from textual.worker import Worker, WorkerState
 
 from ..coordinator.state import FORM_LETTERS, TENSORS, CoordinatorControl, CoordinatorState, NodeRow, VersionRow
@@ -47,12 +48,12 @@ from .format import (
     text_bar,
     verification_marks,
 )
-from .base import HELP_BINDING, QUIT_BINDING, SnapshotApp
+from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp
 from .widgets import LogFeed, TableSync
 
 NODE_COLUMNS = [
-    ("name", "node", 12),
-    ("state", "state", 9),
+    ("name", "node", 16),
+    ("state", "state", 8),
     ("done", "done", 7),
     ("out", "out", 3),
     ("rate", "rate", 7),
@@ -62,10 +63,28 @@ NODE_COLUMNS = [
     ("images", "images", 6),
     ("w1", "w1", 6),
     ("w2", "w2", 6),
-    ("fp", "fp", 8),
+    ("fp", "fp", 9),
     ("address", "address", 21),
+    ("why", "why", 60),
 ]
 NODE_NUMERIC = {"done", "out", "rate", "seen", "reissued", "refused", "images", "w1", "w2"}
+# Which columns fit, by terminal width: every one fits whole (no fingerprint cut mid-group, no
+# address cut mid-number); what does not fit is in the node's detail (Enter).
+NODE_TIERS = [
+    (156, [c[0] for c in NODE_COLUMNS]),  # everything, "why" takes the rest of the width
+    (112, ["name", "state", "done", "out", "rate", "seen", "reissued", "refused", "images", "w1", "w2", "fp"]),
+    (0, ["name", "state", "done", "rate", "images", "w1", "fp"]),
+]
+
+
+def node_columns(width: int) -> list[tuple[str, str, int]]:
+    """The nodes table's columns for a terminal `width` wide (see NODE_TIERS)."""
+    keys = next(keys for minimum, keys in NODE_TIERS if width >= minimum)
+    columns = [c for c in NODE_COLUMNS if c[0] in keys]
+    if "why" in keys:
+        used = sum(w + 2 for k, _, w in columns if k != "why")
+        columns = [(k, label, max(20, width - 6 - used) if k == "why" else w) for k, label, w in columns]
+    return columns
 
 TENSOR_LABELS = {"activations": "activ."}
 TENSOR_SHORT = {"images": "img"}  # for the OVER flag, which must fit its column
@@ -95,6 +114,12 @@ Keys
            say BYE to the nodes, then leave; q again leaves at once
   1 2 3 4  show Nodes, Exposure, Chain, Log (on a large terminal
            the log sits below the tabs)
+  enter    on a node: its detail (batches, rate, refusals and
+           exposure over time); escape closes it
+  s        sort the nodes: joined, state, done, rate, refused,
+           images, name (numbers largest first)
+  /        filter: only nodes and log lines containing the text;
+           enter keeps it, escape clears it
   ?        show / hide this help;  tab / shift+tab move the focus
   arrows   move in tables; in Chain, the selected version's
            metadata is shown next to the table
@@ -107,6 +132,10 @@ Nodes
                results refused
   images w1 w2 share of each tensor's elements the node has seen
   fp           the node's key fingerprint (first two groups)
+  state        working: computing a batch · waiting: connected, no
+               batch now (why says why) · paused: its volunteer
+               paused it · standby: every block is held by another
+               node · lost: it left mid-run (why says how)
 
 Exposure
   one bar per node and kind of information; ┃ marks the exposure
@@ -121,8 +150,16 @@ Chain
 """
 
 
-def node_cells(row: NodeRow, now: float) -> tuple[str, ...]:
-    """One node as the texts of the nodes table, in NODE_COLUMNS order."""
+def node_cells(row: NodeRow, now: float, keys: list[str] | None = None) -> tuple[str, ...]:
+    """One node as the texts of the nodes table, in NODE_COLUMNS order (or only `keys`)."""
+    cells = _all_node_cells(row, now)
+    if keys is None:
+        return cells
+    by_key = dict(zip((c[0] for c in NODE_COLUMNS), cells))
+    return tuple(by_key[k] for k in keys)
+
+
+def _all_node_cells(row: NodeRow, now: float) -> tuple[str, ...]:
     exp = row.exposure
     return (
         row.name or row.node_id,
@@ -138,6 +175,7 @@ def node_cells(row: NodeRow, now: float) -> tuple[str, ...]:
         fmt_share(exp.get("w2")),
         short_fp(row.fingerprint),
         row.address or "–",
+        row.reason or "",
     )
 
 
@@ -191,6 +229,132 @@ def exposure_summary(state: CoordinatorState) -> str:
     return " · ".join(parts) + "\nh values hidden · p positions hidden (values readable) · c clear"
 
 
+SORT_ORDERS = [(None, "join order"), ("state", "state"), ("done", "batches done"), ("rate", "rate"),
+               ("refused", "refusals"), ("images", "images seen"), ("name", "name")]
+STATE_ORDER = {"working": 0, "waiting": 1, "standby": 2, "paused": 3, "connected": 4, "lost": 5, "left": 6, "done": 7}
+
+
+def sort_key(column: str, row: NodeRow):
+    """Numbers largest first; states in the order an operator cares about; names A-Z."""
+    if column == "state":
+        return (STATE_ORDER.get(row.state, 9), row.name)
+    if column == "name":
+        return (row.name.lower(),)
+    value = {"done": row.batches_done, "rate": row.rate, "refused": row.refused,
+             "images": row.exposure.get("images", 0.0)}[column]
+    return (-value, row.name)
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def text_sparkline(values: list[float], width: int = 40) -> str:
+    """A one-line chart in block characters, scaled to its own min..max (which the caller prints)."""
+    values = values[-width:]
+    if not values:
+        return "–"
+    low, high = min(values), max(values)
+    span = high - low
+    return "".join(SPARK[int((v - low) / span * (len(SPARK) - 1)) if span > 0 else 0] for v in values)
+
+
+class NodeHistory:
+    """Per node, samples of (time, batches done, rate, refused, images, w1) the console has seen,
+    one every SAMPLE_S seconds at most, the last MAX_SAMPLES kept. Only the console keeps it."""
+
+    SAMPLE_S = 5.0
+    MAX_SAMPLES = 120
+
+    def __init__(self) -> None:
+        self.samples: dict[str, list[tuple]] = {}
+
+    def record(self, s: CoordinatorState, now: float) -> None:
+        for row in s.nodes.values():
+            kept = self.samples.setdefault(row.node_id, [])
+            if kept and now - kept[-1][0] < self.SAMPLE_S:
+                continue
+            kept.append((now, row.batches_done, row.rate, row.refused, row.exposure.get("images", 0.0),
+                         row.exposure.get("w1", 0.0)))
+            del kept[:-self.MAX_SAMPLES]
+
+    def of(self, node_id: str) -> list[tuple]:
+        return list(self.samples.get(node_id, []))
+
+
+def node_detail(row: NodeRow, samples: list[tuple], now: float) -> str:
+    """One node in full, for the detail view: identity, state and why, counts, history charts."""
+    lines = [
+        f"node         {row.name}  ({row.node_id})",
+        f"fingerprint  {row.fingerprint or '–'}",
+        f"address      {row.address or '–'}",
+        f"state        {row.state}" + (f": {row.reason}" if row.reason else ""),
+        f"last seen    {fmt_age(now, row.last_seen)} ago" if row.last_seen else "last seen    never",
+        f"batches      {row.batches_done:,} done, {row.outstanding} outstanding, {row.reissued} reissued, "
+        f"{row.refused} results refused",
+        f"rate         {fmt_rate(row.rate)}",
+        "exposure     " + ", ".join(f"{t} {fmt_share(v)}" for t, v in row.exposure.items()) if row.exposure
+        else "exposure     nothing yet",
+    ]
+    if len(samples) >= 2:
+        span = fmt_duration(samples[-1][0] - samples[0][0])
+        lines.append("")
+        lines.append(f"over the last {span} ({len(samples)} samples, one every {NodeHistory.SAMPLE_S:g} s):")
+        for title, index, fmt in (("batches done", 1, lambda v: f"{v:,.0f}"), ("rate", 2, fmt_rate),
+                                  ("refused", 3, lambda v: f"{v:.0f}"), ("images seen", 4, fmt_share),
+                                  ("w1 seen", 5, fmt_share)):
+            values = [sample[index] for sample in samples]
+            lines.append(f"  {title:<13}{text_sparkline(values)}  {fmt(min(values))} .. {fmt(max(values))}")
+    else:
+        lines.append("")
+        lines.append("history: a sample every 5 s while the console runs; none yet")
+    lines.append("")
+    lines.append("escape or enter closes this view")
+    return "\n".join(lines)
+
+
+class NodeDetailScreen(ModalScreen[None]):
+    """Enter on a node in the nodes table: its detail over the console."""
+
+    DEFAULT_CSS = """
+    NodeDetailScreen { align: center middle; }
+    NodeDetailScreen > VerticalScroll {
+        width: 100; max-width: 100%; height: auto; max-height: 100%;
+        border: round $accent; background: $surface; padding: 0 1;
+    }
+    """
+    BINDINGS = [Binding("escape,enter,q", "close", "close")]
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.detail_text = text
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Static(self.detail_text, id="node-detail", markup=False)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+def join_text(s: CoordinatorState) -> str:
+    """How a volunteer joins: above the nodes table, and in words when the table is empty."""
+    commands = s.join_commands or ["enshuffle node --connect ADDRESS --coordinator-key " + (s.fingerprint or "FP")]
+    if not s.nodes:
+        return "No node has connected yet. On each volunteer machine run:\n" + "\n".join(f"  {c}" for c in commands)
+    return "join: " + commands[0]
+
+
+def _meta_value(value) -> str:
+    """A metadata value for people: floats rounded, small dicts as k=v, lists counted."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_meta_value(v)}" for k, v in value.items()) or "–"
+    if isinstance(value, list):
+        return f"{len(value)} entries"
+    return str(value)
+
+
 def verified_text(verified: bool | None) -> str:
     return {True: "✓ ok", False: "✗ FAILED", None: "–"}[verified]
 
@@ -218,7 +382,14 @@ def version_detail(v: VersionRow, verified: bool | None) -> str:
     ]
     if v.metadata:
         lines.append("metadata")
-        lines += [f"  {key}: {value}" for key, value in v.metadata.items()]
+        for key, value in v.metadata.items():
+            if key == "created" and isinstance(value, (int, float)):
+                continue  # shown above as a date
+            if key == "exposure" and isinstance(value, dict):
+                lines.append("  exposure")
+                lines += [f"    {node}: {_meta_value(shares)}" for node, shares in value.items()]
+                continue
+            lines.append(f"  {key}: {_meta_value(value)}")
     return "\n".join(lines)
 
 
@@ -235,10 +406,13 @@ class CoordinatorApp(SnapshotApp):
     #charts { width: 1fr; padding: 0 1 0 0; }
     .chart-row { height: 1fr; }
     .chart-label { width: 6; }
-    .chart-value { width: 8; text-align: right; }
+    .chart-value { width: 22; text-align: right; }
     .chart-row Sparkline { width: 1fr; height: 100%; }
     #tabs { height: 1fr; }
     #exposure-summary, #verify-result { height: auto; padding: 0 1; }
+    #join, #nodes-info { height: auto; padding: 0 1; color: $text-muted; }
+    #search { display: none; height: 3; }
+    #search.shown { display: block; }
     #chain-body { layout: vertical; }
     #chain-table { height: 1fr; }
     #detail-scroll { height: 7; border-top: solid $panel; }
@@ -247,14 +421,18 @@ class CoordinatorApp(SnapshotApp):
     Screen.wide #detail-scroll { width: 1fr; height: 100%; border-top: none; border-left: solid $panel; }
     #version-detail { padding: 0 1; }
     #side-log { display: none; height: 10; border: round $panel; }
-    Screen.wide #side-log { display: block; }
+    Screen.wide #side-log { display: block; height: 1fr; min-height: 8; }
+    Screen.wide #tabs { height: 2fr; }
     """
     BINDINGS = [
         Binding("p", "toggle_pause", "pause/resume"),
         Binding("v", "verify_chain", "verify chain"),
         Binding("a", "readmit", "re-admit node", show=False),
         QUIT_BINDING,
+        INTERRUPT_BINDING,
         HELP_BINDING,
+        Binding("s", "cycle_sort", "sort"),
+        Binding("slash", "search", "filter"),
         Binding("1", "show_view('nodes')", "nodes", show=False),
         Binding("2", "show_view('exposure')", "exposure", show=False),
         Binding("3", "show_view('chain')", "chain", show=False),
@@ -281,6 +459,9 @@ class CoordinatorApp(SnapshotApp):
         self.selected_version: str | None = None
         self.bar_widths: dict[str, int] = {}
         self.exposure_sync: TableSync | None = None
+        self.sort_index = 0  # into SORT_ORDERS
+        self.filter_text = ""
+        self.history = NodeHistory()
 
     # ----- layout -----
 
@@ -297,6 +478,8 @@ class CoordinatorApp(SnapshotApp):
                         yield Static("–", id=f"value-{key}", classes="chart-value", markup=False)
         with TabbedContent(id="tabs", initial="nodes"):
             with TabPane("Nodes", id="nodes"):
+                yield Static(id="join", markup=False)
+                yield Static(id="nodes-info", markup=False)
                 yield DataTable(id="nodes-table", cursor_type="row", fixed_columns=1, zebra_stripes=True)
             with TabPane("Exposure", id="exposure"):
                 yield Static(id="exposure-summary", markup=False)
@@ -310,10 +493,12 @@ class CoordinatorApp(SnapshotApp):
             with TabPane("Log", id="log"):
                 yield Log(id="log-view", max_lines=1000)
         yield Log(id="side-log", max_lines=1000)
+        yield Input(placeholder="filter nodes and log lines (enter keeps, escape clears)", id="search")
         yield Footer()
 
     def _setup_widgets(self) -> None:
-        self.nodes_sync = TableSync(self.main_screen.query_one("#nodes-table", DataTable), NODE_COLUMNS, NODE_NUMERIC)
+        self.node_keys: list[str] = []
+        self._rebuild_nodes_table(self.size.width)
         self.chain_sync = TableSync(self.main_screen.query_one("#chain-table", DataTable), CHAIN_COLUMNS, CHAIN_NUMERIC)
         self.log_feed = LogFeed(self.main_screen.query_one("#log-view", Log), self.main_screen.query_one("#side-log", Log))
         self.main_screen.query_one("#side-log", Log).border_title = "warnings and refusals"
@@ -330,10 +515,22 @@ class CoordinatorApp(SnapshotApp):
 
     def _adapt_layout(self, width: int, height: int) -> None:
         super()._adapt_layout(width, height)
+        self._rebuild_nodes_table(width)
         widths = exposure_bar_widths(width - 4)
         if widths != self.bar_widths or self.exposure_sync is None:
             self.bar_widths = widths
             self._rebuild_exposure_table()
+
+    def _rebuild_nodes_table(self, width: int) -> None:
+        """The nodes table's columns follow the terminal width (NODE_TIERS); a change rebuilds it."""
+        columns = node_columns(width)
+        keys = [c[0] for c in columns]
+        if keys == self.node_keys and "why" not in keys:
+            return
+        table = self.main_screen.query_one("#nodes-table", DataTable)
+        table.clear(columns=True)
+        self.node_keys = keys
+        self.nodes_sync = TableSync(table, columns, NODE_NUMERIC)
 
     def _rebuild_exposure_table(self) -> None:
         """Column widths follow the terminal, so a resize rebuilds this table (not live data)."""
@@ -356,7 +553,9 @@ class CoordinatorApp(SnapshotApp):
             self._set_text("status", self._status_text(s))
             self._set_text("progress", self._progress_text(s, now))
             self._apply_charts(s)
-            self.nodes_sync.apply({key: node_cells(row, now) for key, row in s.nodes.items()})
+            self.history.record(s, now)
+            self._apply_nodes(s, now)
+            self._set_text("join", join_text(s))
             if self.exposure_sync is not None:
                 bound = s.exposure_bound
                 self.exposure_sync.apply(
@@ -364,19 +563,45 @@ class CoordinatorApp(SnapshotApp):
                 )
             self._set_text("exposure-summary", exposure_summary(s))
             self._apply_chain(s)
-            self.log_feed.apply(s.log)
+            self.log_feed.apply([line for line in s.log if self._matches(line)])
+
+    def _matches(self, text: str) -> bool:
+        return not self.filter_text or self.filter_text.lower() in text.lower()
+
+    def _apply_nodes(self, s: CoordinatorState, now: float) -> None:
+        rows = {key: node_cells(row, now, self.node_keys) for key, row in s.nodes.items()
+                if self._matches(" ".join((row.name, row.state, row.address, row.reason, row.fingerprint)))}
+        column, label = SORT_ORDERS[self.sort_index]
+        if column is not None:
+            rows = dict(sorted(rows.items(), key=lambda kv: sort_key(column, s.nodes[kv[0]])))
+        kept = [k for k in self.nodes_sync.rendered if k in rows]
+        if kept != [k for k in rows if k in self.nodes_sync.rendered]:
+            # Row order is fixed once added: a new order means adding the rows again.
+            table = self.main_screen.query_one("#nodes-table", DataTable)
+            cursor = table.cursor_row
+            for key in list(self.nodes_sync.rendered):
+                table.remove_row(key)
+            self.nodes_sync.rendered.clear()
+            self.nodes_sync.apply(rows)
+            table.move_cursor(row=min(cursor, max(0, table.row_count - 1)))
+        self.nodes_sync.apply(rows)  # a no-op after a rebuild
+        shown = f"{len(rows)} of {len(s.nodes)} nodes match {self.filter_text!r}" if self.filter_text else ""
+        info = " · ".join(x for x in (f"sorted by {label}", shown, "enter: detail · s: sort · /: filter") if x)
+        self._set_text("nodes-info", info)
 
     def _header_text(self, s: CoordinatorState, now: float) -> str:
+        # Two short lines rather than one that wraps at 80 columns; the fingerprint in full,
+        # since volunteers compare every group of it.
         return (
-            f"coordinator {s.run_id or '–'} │ preset {s.preset or '–'} │ "
-            f"bind {s.bind or '–'} │ fingerprint {short_fp(s.fingerprint, 3)} │ "
-            f"elapsed {fmt_clock(now - s.started_at)}"
+            f"coordinator {s.run_id or '–'} │ {s.preset or '–'} │ {s.bind or '–'} │ "
+            f"elapsed {fmt_clock(now - s.started_at)}\n"
+            f"fingerprint {s.fingerprint or '–'}"
         )
 
     def _status_text(self, s: CoordinatorState) -> str:
         working = sum(1 for r in s.nodes.values() if r.state == "working")
         parts = [f"status: {s.status}"]
-        if self.control.paused:
+        if self.control.paused and "paused" not in s.status:
             parts.append("PAUSED (p resumes)")
         parts.append(f"nodes {working} working / {len(s.nodes)}")
         if self.backend_error:
@@ -390,16 +615,26 @@ class CoordinatorApp(SnapshotApp):
     def _progress_text(self, s: CoordinatorState, now: float) -> str:
         width = max(8, min(40, self.size.width // 2 - 24))
         epoch_fraction = s.epoch / s.epochs_total if s.epochs_total else 0.0
-        step_fraction = s.step / s.steps_per_epoch if s.steps_per_epoch else 0.0
-        eta = eta_seconds(
-            now - s.started_at, s.epoch, s.step, s.epochs_total, s.steps_per_epoch,
-            [e.seconds for e in s.epochs],
-        )
+        step = s.step
+        if s.epochs_total and s.epoch >= s.epochs_total:
+            step = s.steps_per_epoch  # the last epoch is complete, not "step 0 of the next"
+        step_fraction = step / s.steps_per_epoch if s.steps_per_epoch else 0.0
         done = progress_fraction(s.epoch, s.step, s.epochs_total, s.steps_per_epoch)
+        # From the time steps took, not the wall clock: a pause or a wait for nodes does not
+        # make it grow, and it appears after the first steps instead of jumping at the start.
+        eta = None
+        if s.step_seconds > 0 and s.epochs_total:
+            remaining_steps = (s.epochs_total - s.epoch) * s.steps_per_epoch - s.step
+            eta = max(0, remaining_steps) * s.step_seconds
+        if done >= 1.0:
+            eta = 0.0
+        eta_text = fmt_duration(eta) if eta is not None else "after the first steps"
+        if s.paused or "paused" in s.status or "waiting" in s.status:
+            eta_text += " (held)"
         return (
             f"epoch {s.epoch:>3}/{s.epochs_total:<3} {text_bar(epoch_fraction, width)} {100 * epoch_fraction:3.0f}%\n"
-            f"step {s.step:>4}/{s.steps_per_epoch:<4}{text_bar(step_fraction, width)} {100 * step_fraction:3.0f}%\n"
-            f"run {100 * done:5.1f}% done · ETA {fmt_duration(eta)}"
+            f"step {step:>4}/{s.steps_per_epoch:<4}{text_bar(step_fraction, width)} {100 * step_fraction:3.0f}%\n"
+            f"run {100 * done:5.1f}% done · ETA {eta_text}"
         )
 
     def _apply_charts(self, s: CoordinatorState) -> None:
@@ -412,7 +647,8 @@ class CoordinatorApp(SnapshotApp):
             spark = self.main_screen.query_one(f"#spark-{key}", Sparkline)
             if list(spark.data or []) != data:
                 spark.data = data  # Sparkline only redraws on reassignment
-            value = "–" if not data else (f"{data[-1]:.4f}")
+            # The sparkline has no axis: its scale is written next to it (last, and min..max).
+            value = "–" if not data else f"{data[-1]:.4f} [{min(data):.3g}–{max(data):.3g}]"
             self._set_text(f"value-{key}", value)
 
     def _apply_chain(self, s: CoordinatorState) -> None:
@@ -432,6 +668,53 @@ class CoordinatorApp(SnapshotApp):
                 verified = self.verify_marks.get(v.version_id, v.verified)
                 self._set_text("version-detail", version_detail(v, verified))
                 return
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        """Enter on a node: its detail over the console (escape or enter closes it)."""
+        if event.data_table.id == "nodes-table" and event.row_key is not None and self.snap is not None:
+            row = self.snap.nodes.get(event.row_key.value)
+            if row is not None:
+                self.push_screen(NodeDetailScreen(node_detail(row, self.history.of(row.node_id), self.clock())))
+
+    def action_cycle_sort(self) -> None:
+        self.sort_index = (self.sort_index + 1) % len(SORT_ORDERS)
+        self.notify(f"nodes sorted by {SORT_ORDERS[self.sort_index][1]}", timeout=2)
+        self._refresh_now()
+
+    def action_search(self) -> None:
+        search = self.main_screen.query_one("#search", Input)
+        search.add_class("shown")
+        search.focus()
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "search":
+            self._set_filter(event.value)
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "search":
+            self._set_filter(event.value)
+            if not event.value:
+                event.input.remove_class("shown")
+            self.main_screen.query_one("#nodes-table", DataTable).focus()
+
+    def on_key(self, event) -> None:
+        search = self.main_screen.query_one("#search", Input)
+        if event.key == "escape" and search.has_focus:
+            search.value = ""
+            search.remove_class("shown")
+            self._set_filter("")
+            self.main_screen.query_one("#nodes-table", DataTable).focus()
+            event.stop()
+
+    def _set_filter(self, text: str) -> None:
+        if text == self.filter_text:
+            return
+        self.filter_text = text
+        # The log is rebuilt from the snapshot's lines that match; later lines are filtered as they come.
+        for log in self.log_feed.logs:
+            log.clear()
+        self.log_feed.seen = []
+        self._refresh_now()
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         if event.data_table.id == "chain-table" and event.row_key is not None:

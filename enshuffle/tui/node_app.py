@@ -24,10 +24,14 @@ from textual.widgets import Footer, Log, Static
 from ..coordinator.state import TENSORS
 from ..node.state import NodeControl, NodeState
 from .format import fmt_bytes, fmt_clock, fmt_rate, fmt_share, share_bar, short_fp
-from .base import HELP_BINDING, QUIT_BINDING, SnapshotApp
+from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp
 from .widgets import LogFeed
 
-MAX_THREADS = 256
+def max_threads() -> int:
+    """More BLAS threads than CPUs only make them fight: + stops at the CPU count."""
+    from ..node.blas import default_threads
+
+    return default_threads()
 
 TRUST_WORDS = {
     "pinned": "pinned (matches the fingerprint you gave)",
@@ -39,12 +43,13 @@ TRUST_WORDS = {
 CONNECTION_MARKS = {
     "working": "● working",
     "connected": "● connected",
-    "idle": "○ idle",
+    "idle": "○ waiting",
     "connecting": "… connecting",
     "reconnecting": "… reconnecting",
     "starting": "… starting",
     "refused": "✗ REFUSED",
     "stopped": "■ stopped",
+    "finished": "■ run finished",
 }
 
 HELP_TEXT = """\
@@ -149,6 +154,7 @@ class NodeApp(SnapshotApp):
         Binding("plus,equals_sign", "more_threads", "more threads"),
         Binding("minus", "fewer_threads", "fewer threads"),
         QUIT_BINDING,
+        INTERRUPT_BINDING,
         HELP_BINDING,
     ]
     HELP_TEXT = HELP_TEXT
@@ -183,7 +189,7 @@ class NodeApp(SnapshotApp):
         self.main_screen.query_one("#log-view", Log).border_title = "log"
 
     def _is_done(self, s: NodeState) -> bool:
-        return s.connection == "stopped"
+        return s.connection in ("stopped", "finished")
 
     def _apply(self, s: NodeState) -> None:
         now = self.clock()
@@ -212,7 +218,7 @@ class NodeApp(SnapshotApp):
         self._refresh_now()
 
     def action_more_threads(self) -> None:
-        self.control.set_threads(min(MAX_THREADS, self.control.threads + 1))
+        self.control.set_threads(min(max_threads(), self.control.threads + 1))
         self._refresh_now()
 
     def action_fewer_threads(self) -> None:

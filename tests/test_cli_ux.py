@@ -1,0 +1,187 @@
+"""The command line as a new user meets it: --version, bare `enshuffle`, --help with defaults,
+addresses a volunteer can use, the port checked first, resume and extend, exit statuses."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import zmq
+
+from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
+from enshuffle.cli import build_parser
+from enshuffle.coordinator.addresses import volunteer_addresses
+from enshuffle.protocol.keys import Identity
+from wire_util import Proc, process_env, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def enshuffle(*args: str, cache: Path | None = None, cwd: Path = REPO, home: Path | None = None,
+              timeout: float = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if cache is not None:
+        env["ENSHUFFLE_CACHE"] = str(cache)
+    if home is not None:
+        env["ENSHUFFLE_HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "error:" in lines[-1], proc.stderr
+    return lines[-1]
+
+
+def test_version_and_bare_command():
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    done = enshuffle("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"enshuffle {version}"
+    done = enshuffle()
+    assert done.returncode == 0 and "Traceback" not in done.stderr
+    for command in ("train", "bench", "coordinator", "node", "keys", "chain"):
+        assert f"\n    {command}" in done.stdout
+    assert "ENSHUFFLE_HOME" in done.stdout and "ENSHUFFLE_CACHE" in done.stdout and "130" in done.stdout
+
+
+def _parsers(parser: argparse.ArgumentParser, path=()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parsers(sub, path + (name,))
+
+
+def test_every_option_has_help_and_every_default_is_shown():
+    for path, parser in _parsers(build_parser()):
+        text = parser.format_help()
+        text = text[text.index("options:"):]  # the option list, not the usage line
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+                continue
+            assert action.help, f"enshuffle {' '.join(path)} {action.option_strings[0]} has no help"
+            if action.default not in (None, False):
+                # The default appears in the help text right after this option's own help.
+                after = text[text.index("\n  " + action.option_strings[0]) + 3:]
+                assert "default" in after.split("\n  -")[0], (path, action.option_strings, after[:200])
+
+
+def test_volunteer_addresses_are_usable():
+    assert volunteer_addresses("tcp://[::ffff:127.0.0.1]:5631") == ["tcp://127.0.0.1:5631"]
+    assert volunteer_addresses("tcp://[::ffff:0.0.0.0]:5631", local=["192.0.2.7", "fd00::2"]) == \
+        ["tcp://192.0.2.7:5631"]  # an IPv4 wildcard is not reachable over IPv6
+    assert volunteer_addresses("tcp://[::]:5631", local=["192.0.2.7", "fd00::2"]) == \
+        ["tcp://192.0.2.7:5631", "tcp://[fd00::2]:5631"]
+    assert volunteer_addresses("tcp://[::]:5631", local=[]) == ["tcp://THIS_HOST:5631"]
+    assert volunteer_addresses("tcp://[::1]:7") == ["tcp://[::1]:7"]
+
+
+def test_a_taken_port_is_told_before_the_data_loads_and_leaves_no_run_dir(tmp_path):
+    ctx = zmq.Context()
+    holder = ctx.socket(zmq.ROUTER)
+    port = holder.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        done = enshuffle("coordinator", "--bind", f"tcp://127.0.0.1:{port}", cwd=tmp_path, home=tmp_path / "home")
+    finally:
+        holder.close(0)
+        ctx.term()
+    line = one_line_error(done)
+    assert str(port) in line and "--bind" in line
+    assert "data:" not in done.stderr  # checked before loading anything
+    assert not (tmp_path / "runs").exists()  # no empty runs/run-* left behind
+
+
+def test_wildcard_coordinator_prints_a_command_a_volunteer_can_run(core_data_dir, core_cache, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = Proc(["coordinator", "--bind", f"tcp://0.0.0.0:{port}", "--data", str(core_data_dir), "--limit", "300",
+                 "--out", str(tmp_path / "run")], process_env(tmp_path / "home", core_cache), tmp_path, "coord")
+    try:
+        wait_until(lambda: "waiting for 1 node" in proc.err(), 60, "the coordinator to listen",
+                   on_timeout=proc.describe)
+        proc.signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    finally:
+        proc.stop()
+    err = proc.err()
+    assert "::ffff" not in err and f"listening on tcp://0.0.0.0:{port}" in err
+    commands = [line.strip() for line in err.splitlines() if line.strip().startswith("enshuffle node --connect")]
+    assert commands and all("0.0.0.0" not in c and f":{port} --coordinator-key SHA256:" in c for c in commands)
+    assert rc == 130  # stopped before the run finished
+
+
+def test_save_weights_to_an_unwritable_place_is_refused_before_training(core_data_dir, core_cache):
+    done = enshuffle("train", "--nodes", "0", "--epochs", "1", "--limit", "300", "--data", str(core_data_dir),
+                     "--save-weights", "/proc/w.npz", cache=core_cache)
+    line = one_line_error(done)
+    assert "/proc/w.npz" in line and done.stdout == ""  # no epoch ran
+
+
+def test_train_resume_continues_and_a_larger_epochs_extends_a_finished_run(core_data_dir, core_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ["train", "--nodes", "1", "--limit", "300", "--data", str(core_data_dir), "--out", str(run_dir)]
+    first = enshuffle(*common, "--epochs", "1", "--json", cache=core_cache, home=tmp_path / "h")
+    assert first.returncode == 0, first.stderr
+    assert [json.loads(x)["type"] for x in first.stdout.splitlines()] == ["epoch", "ledger"]
+    assert f"enshuffle train --out {run_dir} --resume --epochs 6" in first.stderr  # the hint, on exit
+    again = enshuffle(*common, "--epochs", "1", cache=core_cache, home=tmp_path / "h")
+    assert "--resume" in one_line_error(again)
+    done_already = enshuffle(*common, "--resume", cache=core_cache, home=tmp_path / "h")
+    assert "--epochs" in one_line_error(done_already)
+    extended = enshuffle(*common, "--resume", "--epochs", "2", "--json", cache=core_cache, home=tmp_path / "h")
+    assert extended.returncode == 0, extended.stderr
+    epochs = [json.loads(x) for x in extended.stdout.splitlines() if json.loads(x)["type"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [2]
+    assert json.loads((run_dir / "run.json").read_text())["epochs"] == 2
+    log = enshuffle("chain", "log", str(run_dir), "--json")
+    versions = [json.loads(x) for x in log.stdout.splitlines()]
+    assert [v["metadata"]["epoch"] for v in versions] == [2, 1]
+
+
+def test_train_gives_up_with_a_reason_when_its_local_nodes_cannot_connect(core_data_dir, tmp_path, monkeypatch,
+                                                                          capsys):
+    # The local nodes pin another coordinator's key, so each refuses this one (exit 3).
+    from enshuffle.cli import main
+    from enshuffle.coordinator import run as run_module
+
+    real = run_module.spawn_local_nodes
+    stranger = Identity.generate().fingerprint
+    monkeypatch.setattr(run_module, "spawn_local_nodes",
+                        lambda endpoint, fp, count, workdir, threads=1: real(endpoint, stranger, count, workdir,
+                                                                             threads))
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", "--nodes", "1", "--epochs", "1", "--limit", "300", "--data", str(core_data_dir)])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "waiting for the 1 local node to connect" in err
+    assert "local node 1 exited with status 3" in err and "--coordinator-key pins" in err  # the node's own words
+
+
+def test_data_bundled_chooses_the_subset_shipped_in_the_package(core_cache):
+    from enshuffle.dataset import load_bundled_subset
+
+    done = enshuffle("train", "--nodes", "0", "--epochs", "1", "--limit", "300", "--data", "bundled", "--json",
+                     cache=core_cache)
+    assert done.returncode == 0, done.stderr
+    assert f"data: {load_bundled_subset().describe()}" in done.stderr
+
+
+def test_verifying_an_empty_chain_says_there_is_nothing_yet(tmp_path):
+    from enshuffle.coordinator.chain import Chain
+    from enshuffle.coordinator.run import verify_chain_message
+
+    (tmp_path / "run").mkdir()
+    ok, message = verify_chain_message(Chain(tmp_path / "run"))
+    assert ok and "no model version yet" in message and "0 versions" not in message
