@@ -65,12 +65,17 @@ def test_the_installed_unit_runs_the_node_and_sigterm_stops_it_cleanly(core_data
         assert keys["KillSignal"] == "SIGTERM"
         # As systemd starts it: that argv, a minimal environment plus the unit's Environment=.
         service_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **unit_env}
+        # preexec_fn makes Popen fork() the whole process: not while the coordinator's thread is
+        # inside BLAS preparing statics (OpenBLAS's fork handlers would wait on it for ever).
+        wait_until(lambda: run.state.snapshot().status.startswith("waiting for nodes"), 30,
+                   "the coordinator to wait for nodes", on_timeout=run.describe)
         proc = subprocess.Popen(argv, env=service_env, cwd="/", stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 preexec_fn=lambda: os.nice(int(keys["Nice"])))
         try:
             wait_until(lambda: run.state.snapshot().nodes.get("svc") is not None and
-                       run.state.snapshot().nodes["svc"].batches_done > 0, 60, "the service node to compute")
+                       run.state.snapshot().nodes["svc"].batches_done > 0, 60, "the service node to compute",
+                       on_timeout=lambda: run.describe() + (proc.kill() or "\n" + proc.communicate()[1][-3000:]))
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=20)
         finally:

@@ -42,6 +42,9 @@ def test_a_paused_node_keeps_its_block_and_the_run_waits_under_the_bound(core_da
         steps = run.steps_done
         assert not run.logged("moves from volunteer"), run.describe()
         assert run.logged("exposure bound: block"), run.describe()
+        # The node kept waiting is told why (HEARTBEAT `waiting`), in its own log.
+        volunteer.serve_until(lambda: "exposure bound" in active.err() + active.out(), 20,
+                              "the active node to say why it waits", on_timeout=lambda: active.describe())
         shares = run.server.ledger.shares()
         assert shares["active"]["images"] <= run.server.bound["images"] + 1e-9, shares
         assert shares["active"]["w1"] <= run.server.bound["w1"] + 1e-9, shares

@@ -50,8 +50,8 @@ from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.handshake import NodeHandshake
 from enshuffle.protocol.keys import (FingerprintMismatch, Identity, KeyStoreError, TrustStore,
                                      fingerprint, normalize_fingerprint, short_fingerprint)
-from enshuffle.protocol.messages import (DEFAULT_LIMITS, Channel, Limits, Message, ProtocolError, decode,
-                                         encode, verify_self_signed)
+from enshuffle.protocol.messages import (DEFAULT_LIMITS, PROTOCOL_VERSION, Channel, Limits, Message, ProtocolError,
+                                         decode, encode, verify_self_signed)
 
 EXIT_OK = 0
 EXIT_USAGE = 2
