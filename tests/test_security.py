@@ -404,7 +404,10 @@ def test_sessions_beyond_the_cap_are_told_busy_and_may_retry(core_data_dir):
         first.hello()
         with pytest.raises(AssertionError, match="refused: busy"):
             second.hello()
-        assert len(run.server.sessions) == 1 and run.server.labels.keys() == {first.identity.public_bytes}
+        # The first counts as connected once its first sealed message is opened (ENS2 section 6).
+        first.serve_until(lambda: len(run.server.sessions) == 1, 10, "the first node to be connected",
+                          on_timeout=run.describe)
+        assert run.server.labels.keys() == {first.identity.public_bytes}
         first.serve_until(run.held, 30, "the run to start", on_timeout=run.describe)
         run.hold_at(-1)
         first.serve_until(run.done.is_set, 60, "training", on_timeout=run.describe)
