@@ -152,6 +152,9 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
     from enshuffle.coordinator.admission import Admission
     from enshuffle.coordinator.run import coordinator_blas_threads, local_node_keys
 
+    from enshuffle.protocol.messages import Channel
+
+    Channel.clock = staticmethod(time.thread_time)  # CPU time: what the crypto costs this process
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp, coordinator_blas_threads():
         identity = load_or_create_identity("coordinator", Path(tmp) / "coordinator")
         server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
