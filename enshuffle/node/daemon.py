@@ -79,6 +79,7 @@ def default_max_memory() -> int:
         ram = 4 << 30
     return min(512 << 20, max(64 << 20, ram // 4))
 
+RECEIVE_HWM = 64               # messages libzmq queues for this node before it stops reading
 MAX_HEARTBEAT_MS = 600_000    # a WELCOME asking for more (or < 1) is refused: libzmq takes an int
 MAX_RUNS_REMEMBERED = 64       # runs whose last accepted seq the daemon keeps (replay protection)
 
@@ -456,6 +457,9 @@ class NodeDaemon:
         sock = ctx.socket(zmq.DEALER)  # a fresh routing id per session (spec 6.2)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        # At most this many messages wait in libzmq before it stops reading (backpressure): a
+        # coordinator sends at most credit BATCHes, its statics and a heartbeat a second.
+        sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         sock.setsockopt(zmq.RECONNECT_IVL, 500)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 30000)
         # No libzmq (ZMTP) heartbeats: a flooded connection with them makes libzmq abort the
