@@ -271,7 +271,10 @@ def main() -> int:
     endpoint = f"tcp://127.0.0.1:{port}"
     env = dict(os.environ, ENSHUFFLE_HOME=str(tmp / "coordinator"), PYTHONUNBUFFERED="1")
     py = sys.executable
-    train = ["--preset", "default", "--dtype", "float64", "--epochs", str(args.epochs), "--limit", str(args.limit)]
+    # A public --seed: the run and the centralized reference then start from the same weights and
+    # sample order (without it each run draws them from its own secret).
+    train = ["--preset", "default", "--dtype", "float64", "--epochs", str(args.epochs), "--limit", str(args.limit),
+             "--seed", "402"]
 
     idle_ids = [Identity.generate() for _ in range(args.idle)]
     honest = [load_or_create_identity("node", tmp / f"h{i}", name=f"honest-{i}") for i in (1, 2)]
