@@ -105,7 +105,9 @@ def test_killed_nodes_block_waits_it_rejoins_and_an_empty_cluster_waits_idle(cor
         for i in (1, 2, 3):
             nodes(run, i)
         run.wait_held(30)
-        assert run.state.snapshot().status == "training", why()  # no longer "waiting for nodes"
+        # No longer waiting (the server's pump, still running while held, publishes the status).
+        wait_until(lambda: run.state.snapshot().status == "training", 10, "the status to say training",
+                   on_timeout=why)
         weights = run.finish(60)
     finally:
         run.close()
