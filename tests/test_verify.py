@@ -95,6 +95,21 @@ class TamperingNode(ScriptedNode):
                                             "compute_seconds": 0.001}, {"c": c})
 
 
+def train_beside_a_liar(run, tmp_path):
+    """Start `run` with a TamperingNode and an honest node process; its final weights."""
+    liar = TamperingNode(run.endpoint, name="liar")
+    honest = spawn_node(tmp_path / "honest", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
+    try:
+        run.start()
+        liar.hello()
+        liar.serve_until(run.done.is_set, 120, "training to finish", on_timeout=run.describe)
+        return run.finish()
+    finally:
+        run.close()
+        liar.close()
+        honest.stop()
+
+
 def test_a_node_returning_wrong_numbers_is_refused_and_training_stays_exact(core_data_dir, tmp_path):
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 1000)
@@ -103,17 +118,7 @@ def test_a_node_returning_wrong_numbers_is_refused_and_training_stays_exact(core
     # Three lies, then honest: below the quarantine limit, so its refused batches come back to it
     # (the exposure bound keeps them off the other node) and it answers them right.
     run.server.reputation.quarantine_after = 10
-    liar = TamperingNode(run.endpoint, name="liar")
-    honest = spawn_node(tmp_path / "honest", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
-    try:
-        run.start()
-        liar.hello()
-        liar.serve_until(run.done.is_set, 120, "training to finish", on_timeout=run.describe)
-        weights = run.finish()
-    finally:
-        run.close()
-        liar.close()
-        honest.stop()
+    weights = train_beside_a_liar(run, tmp_path)
     assert run.server.counters["wrong"] >= 3, run.describe()
     assert run.logged("failed"), run.describe()
     assert run.row("liar").refused >= 3
@@ -200,16 +205,6 @@ def test_with_replicate_the_coordinators_own_product_refuses_a_liar(core_data_di
     run.server.verify_results = False
     run.server.replicate = True
     run.server.reputation.quarantine_after = 10
-    liar = TamperingNode(run.endpoint, name="liar")
-    honest = spawn_node(tmp_path / "honest", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
-    try:
-        run.start()
-        liar.hello()
-        liar.serve_until(run.done.is_set, 120, "training to finish", on_timeout=run.describe)
-        weights = run.finish()
-    finally:
-        run.close()
-        liar.close()
-        honest.stop()
+    weights = train_beside_a_liar(run, tmp_path)
     assert run.server.counters["wrong"] >= 3 and run.logged("replica check failed"), run.describe()
     assert_same_weights(weights, expected)

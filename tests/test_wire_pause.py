@@ -17,22 +17,29 @@ def pause(node: ScriptedNode, credit: int = 0) -> None:
     node.sign_and_send("HEARTBEAT", {"node_id": node.node_id, "credit": credit, "outstanding": len(node.held)})
 
 
+@contextlib.contextmanager
 def paused_volunteer_run(core_data_dir, tmp_path, max_exposure=None):
+    """Two slots: an `enshuffle node` process "active" and a scripted "volunteer"; the run holds
+    before step 2. Yields (run, active, volunteer, the centralized weights); closes them all."""
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 1200)
+    expected = reference_weights(preset, inputs)
     run = InProcessRun(preset, inputs, shards=2, min_nodes=2, max_exposure=max_exposure).start(hold_at=2)
     active = spawn_node(tmp_path / "active", run.endpoint, run.identity.fingerprint, "active", tmp_path)
     volunteer = ScriptedNode(run.endpoint, "volunteer")
-    return preset, inputs, run, active, volunteer
+    try:
+        yield run, active, volunteer, expected
+    finally:
+        run.close()
+        volunteer.close()
+        active.stop()
 
 
 def test_a_paused_node_keeps_its_block_and_the_run_waits_under_the_bound(core_data_dir, tmp_path):
     """The attack from the privacy issue: pause one node so the other takes its block. The bound
     is an invariant: the block waits for its paused owner, the coordinator says why, and the active
     node never holds more than its own block."""
-    preset, inputs, run, active, volunteer = paused_volunteer_run(core_data_dir, tmp_path)
-    expected = reference_weights(preset, inputs)
-    try:
+    with paused_volunteer_run(core_data_dir, tmp_path) as (run, active, volunteer, expected):
         volunteer.hello()
         volunteer.serve_until(run.held, 60, "step 2", on_timeout=run.describe)
         pause(volunteer)
@@ -51,10 +58,6 @@ def test_a_paused_node_keeps_its_block_and_the_run_waits_under_the_bound(core_da
         pause(volunteer, credit=2)  # back: the run goes on where it waited
         volunteer.serve_until(run.done.is_set, 120, "training to finish after resuming", on_timeout=run.describe)
         weights = run.finish()
-    finally:
-        run.close()
-        volunteer.close()
-        active.stop()
     assert run.steps_done > steps
     final = run.server.ledger.shares()
     for node in ("active", "volunteer"):
@@ -63,9 +66,7 @@ def test_a_paused_node_keeps_its_block_and_the_run_waits_under_the_bound(core_da
 
 
 def test_an_operator_who_raises_the_bound_lets_the_block_move_and_the_ledger_says_so(core_data_dir, tmp_path):
-    preset, inputs, run, active, volunteer = paused_volunteer_run(core_data_dir, tmp_path, max_exposure=1.0)
-    expected = reference_weights(preset, inputs)
-    try:
+    with paused_volunteer_run(core_data_dir, tmp_path, max_exposure=1.0) as (run, active, volunteer, expected):
         volunteer.hello()
         volunteer.serve_until(run.held, 60, "step 2", on_timeout=run.describe)
         done_before = len(volunteer.results)
@@ -73,10 +74,6 @@ def test_an_operator_who_raises_the_bound_lets_the_block_move_and_the_ledger_say
         run.hold_at(-1)
         volunteer.serve_until(run.done.is_set, 120, "training to finish while paused", on_timeout=run.describe)
         weights = run.finish()
-    finally:
-        run.close()
-        volunteer.close()
-        active.stop()
     assert run.logged("moves from volunteer (paused) to active"), run.describe()
     assert len(volunteer.results) <= done_before + 2  # at most what it held when it paused
     assert run.server.bound_raised and run.state.snapshot().bound_raised
