@@ -261,7 +261,17 @@ class CoordinatorServer:
         what it would then have seen (over the whole run, under its key) stays within the bound."""
         if shard in session.shards_held:
             return True
-        would = self.ledger.would_hold(session.label, self.compute.slot_exposure(shard))
+        # What it has received, plus every slot it is already promised (owned, or with batches
+        # queued or leased to it) whose statics may not have gone out yet: a node given a re-issued
+        # batch of another slot first must not end up unable to serve its own.
+        promised = {s for s, owner in enumerate(self.owner) if owner == session.node_id}
+        promised.update(t.batch.shard for t in session.queue)
+        promised.update(t.batch.shard for t in session.outstanding.values())
+        promised.discard(shard)
+        exposure = list(self.compute.slot_exposure(shard))
+        for other in promised - session.shards_held:
+            exposure.extend(self.compute.slot_exposure(other))
+        would = self.ledger.would_hold(session.label, exposure)
         return all(would.get(kind, 0.0) <= self.bound[kind] + 1e-9 for kind in BOUNDED)
 
     def _blocked(self, shard: int, why: str) -> None:
@@ -695,8 +705,11 @@ class CoordinatorServer:
 
     def _send_batch(self, session: Session, task: Task) -> bool:
         # Held by the session from here on, so a failed send below re-issues it with the rest.
-        if not self.eligible(session, task.batch.shard):  # never: every path above checks; kept as a guard
-            self.log(f"exposure bound: batch {task.batch_id} not sent to {session.label}; it waits")
+        if not self.eligible(session, task.batch.shard):  # every path above checks; kept as a guard
+            self._warn("bound-guard", f"exposure bound: batch {task.batch_id} not sent to {session.label}; "
+                                      f"its block goes to a node the bound allows")
+            if self.owner[task.batch.shard] == session.node_id:
+                self.owner[task.batch.shard] = None  # never re-queue to it: _enqueue assigns anew
             self._waiting.append(task)
             return True
         session.outstanding[task.batch_id] = task
