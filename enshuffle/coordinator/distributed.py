@@ -372,22 +372,29 @@ class DistributedCompute:
         onehot[np.arange(n), inverse] = 1.0
         means = (onehot.T @ d) / counts[:, None]  # (c, m)
         centered = d - means[inverse]
-        # Rows grouped by class and zero-padded to (c, width, m): padding adds nothing to a Gram.
-        order = np.argsort(inverse, kind="stable")
-        starts = np.cumsum(counts) - counts
-        slot = np.empty(n, dtype=np.int64)
-        slot[order] = np.arange(n) - np.repeat(starts, counts)
-        padded = np.zeros((c, int(counts.max()), m))
-        padded[inverse, slot] = centered
-        if padded.shape[1] < m:
+        if n <= 4 * m:
+            # Mini-batch: a class has a dozen rows. Rows grouped by class and zero-padded to
+            # (c, width, m) (padding adds nothing to a Gram): one batched eigenproblem on the small
+            # (width x width) Grams.
+            order = np.argsort(inverse, kind="stable")
+            starts = np.cumsum(counts) - counts
+            slot = np.empty(n, dtype=np.int64)
+            slot[order] = np.arange(n) - np.repeat(starts, counts)
+            padded = np.zeros((c, int(counts.max()), m))
+            padded[inverse, slot] = centered
             vectors = np.linalg.eigh(padded @ padded.transpose(0, 2, 1))[1][:, :, -r:]  # (c, width, r)
             top = padded.transpose(0, 2, 1) @ vectors  # (c, m, r)
             top /= np.maximum(np.linalg.norm(top, axis=1, keepdims=True), 1e-300)
         else:
-            top = np.linalg.eigh(padded.transpose(0, 2, 1) @ padded)[1][:, :, -r:]
-        coef = (padded @ top)[inverse, slot]  # (n, r): each row's weight on its class's directions
-        weights = np.zeros((n, c, r))
-        weights[np.arange(n), inverse] = coef
+            # Full batch: thousands of rows a class. Rows sorted by class once; each class's (m x m)
+            # Gram from its contiguous rows (a loop over the at most 10 classes, not over rows);
+            # then one batched eigenproblem.
+            grouped = np.take(centered, np.argsort(inverse, kind="stable"), axis=0)
+            ends = np.cumsum(counts)
+            grams = np.stack([grouped[e - k:e].T @ grouped[e - k:e] for e, k in zip(ends, counts)])
+            top = np.linalg.eigh(grams)[1][:, :, -r:]  # (c, m, r)
+        # Each row's weight on its own class's directions (zero on the others'): (n, c, r).
+        weights = (centered @ top.transpose(1, 0, 2).reshape(m, c * r)).reshape(n, c, r) * onehot[:, :, None]
         structure = np.concatenate([onehot, weights.reshape(n, c * r)], axis=1)  # (n, q)
         directions = np.concatenate([means, top.transpose(0, 2, 1).reshape(c * r, m)])  # (q, m)
         delta = np.take(structure, self.rng.permutation(n), axis=0) - structure
