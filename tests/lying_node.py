@@ -2,7 +2,7 @@
 
     python tests/lying_node.py KIND [node arguments...]
 
-KIND is one of single (one entry off by 1e-4 of the result's RMS in float32, 1e-11 in
+KIND is one of single (one entry off by 1e-3 of the result's RMS in float32, 1e-11 in
 float64), bias (every entry plus 1e-6 of its magnitude in float32, 1e-13 in float64), nan (one
 entry NaN), scaled (every entry times 1.0001), zeros (all zero). Every result is signed with the
 node's real key; only the numbers are wrong. Used by tests/test_reputation.py.
@@ -16,7 +16,10 @@ import numpy as np
 
 import enshuffle.node.daemon as daemon
 
-SINGLE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-11}
+# float32: ten times the size the sweep (scripts/verify_sweep.py) measures at 1e-4, where the check
+# catches at least 99% but not every one: this end-to-end test asserts that *no* lie gets in, so
+# it uses a lie the check catches every time; the sweep is where the 1e-4 rate is measured.
+SINGLE = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-11}
 BIAS = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-13}
 
 

@@ -407,6 +407,7 @@ class CoordinatorServer:
             self._set_status(f"waiting for nodes: {ready()} of {count} connected")
             self.pump(timeout_ms=200)
         self._min_nodes_wanted = 0
+        self._waiting_logged = False  # the wait is over: a later one is logged again
         self._rebalance()
         return True
 
