@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from enshuffle.errors import UsageError  # re-exported: the CLI turns it into one-line messages
+
 
 ENVIRONMENT_HELP = """\
 environment:
@@ -36,10 +38,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
                 or isinstance(action, argparse._HelpAction)):
             return text
         return f"{text} (default: {default})" if text else f"(default: {default})"
-
-
-class UsageError(Exception):
-    """A command-line value that is wrong; the message says which and what to do."""
 
 
 def _int_at_least(minimum: int):

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from enshuffle.cli import UsageError
+from enshuffle.errors import UsageError
 
 # Two epochs: rows come back in a second epoch (linking), and the seed preset needs 2 steps to
 # show an update.

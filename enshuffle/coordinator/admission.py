@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from enshuffle.cli import UsageError
+from enshuffle.errors import UsageError
 from enshuffle.protocol.handshake import invite_id, invite_proof
 from enshuffle.protocol.keys import KeyStoreError, fingerprint, normalize_fingerprint
 

@@ -652,7 +652,7 @@ def _record_shape_problem(record) -> str | None:
 # ----- command-line handlers (`enshuffle chain ...`)
 
 def _open_for_cli(run_dir: str) -> Chain:
-    from enshuffle.cli import UsageError
+    from enshuffle.errors import UsageError
 
     path = Path(run_dir)
     if not path.is_dir():
@@ -679,7 +679,7 @@ def _log_line(info: VersionInfo) -> str:
 
 def cmd_log(args) -> int:
     """`enshuffle chain log RUN_DIR [--json]`: the versions, newest first."""
-    from enshuffle.cli import UsageError
+    from enshuffle.errors import UsageError
 
     chain = _open_for_cli(args.run_dir)
     try:
@@ -715,7 +715,7 @@ def _this_machines_coordinator() -> tuple[str | None, Path]:
 def cmd_verify(args) -> int:
     """`enshuffle chain verify RUN_DIR [--key FP]`: 0 and 'ok: N versions verified, signed by ...', or 1
     naming what is wrong: a bad version, a rolled-back head, or a signing key that is not the expected one."""
-    from enshuffle.cli import UsageError
+    from enshuffle.errors import UsageError
     from enshuffle.protocol.keys import KeyStoreError, fingerprint, normalize_fingerprint
 
     chain = _open_for_cli(args.run_dir)
@@ -755,7 +755,7 @@ def cmd_verify(args) -> int:
 
 def cmd_export(args) -> int:
     """`enshuffle chain export RUN_DIR [--version ID] --npz FILE`: write w1, b1, w2, b2 as a plain .npz."""
-    from enshuffle.cli import UsageError
+    from enshuffle.errors import UsageError
 
     chain = _open_for_cli(args.run_dir)
     try:

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from enshuffle.cli import UsageError
+from enshuffle.errors import UsageError
 from enshuffle.coordinator.addresses import PLACEHOLDER
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from enshuffle.cli import UsageError
+from enshuffle.errors import UsageError
 from enshuffle.coordinator.commands import (eprint, join_commands, listen_text, report_epoch, report_ledger,
                                             save_weights)
 from enshuffle.coordinator.distributed import DistributedCompute

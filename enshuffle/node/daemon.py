@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 import zmq
 
-from enshuffle.cli import UsageError
+from enshuffle.errors import UsageError
 from enshuffle.node.blas import BlasThreadsUnavailable, set_blas_threads
 from enshuffle.node.compute import OPS, BatchError, compute_batch
 from enshuffle.node.policy import Policy

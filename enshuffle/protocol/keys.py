@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from enshuffle.cli import UsageError
+from enshuffle.errors import UsageError
 
 ROLES = ("coordinator", "node")
 FINGERPRINT_PREFIX = "SHA256:"
