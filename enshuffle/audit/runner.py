@@ -46,17 +46,6 @@ def spawn_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, reco
     return procs
 
 
-def _check_disguise(disguise: str) -> None:
-    import inspect
-
-    from enshuffle.coordinator.distributed import DistributedCompute
-
-    params = inspect.signature(DistributedCompute.__init__).parameters
-    if "disguise" not in params and disguise != "shuffle":
-        raise UsageError(f"--disguise {disguise}: this coordinator has only the shuffle disguise; "
-                         f"use --disguise shuffle")
-
-
 def truth_from(run, slots: list[int], dataset, limit: int):
     """Ground truth from the coordinator objects of this process (never given to the attacker)."""
     from enshuffle.audit.scoring import Truth
@@ -65,23 +54,11 @@ def truth_from(run, slots: list[int], dataset, limit: int):
     statics: dict[str, dict] = {}
     scales: dict[str, np.ndarray] = {}
     for slot in slots:
-        if hasattr(compute, "audit_truth"):
-            statics.update(compute.audit_truth(slot))
-        else:  # the pre-issue-7 coordinator: pixel blocks in the clear, scaled
-            st = compute.statics[slot]
+        statics.update(compute.audit_truth(slot))
+        st = compute.statics[slot]  # the "shuffle" control's static column scales
+        if st.pixel_exp is not None:
             for which in compute.images:
-                statics[f"{which}.{slot}"] = {"pixels": st.pixels, "row_order": st.row_order[which],
-                                              "column_pixel": st.pixels, "noise_only": False, "which": which}
-        # The "shuffle" control's static column scales, wherever this coordinator keeps them.
-        holders = []
-        if hasattr(compute, "holdings"):
-            holders = [(h, getattr(h, "name_suffix", "")) for h in compute.holdings[slot]]
-        elif hasattr(compute, "statics"):
-            holders = [(compute.statics[slot], "")]
-        for h, suffix in holders:
-            if getattr(h, "pixel_exp", None) is not None:
-                for which in compute.images:
-                    scales[f"{which}.{slot}{suffix}"] = np.asarray(h.pixel_exp)
+                scales[f"{which}.{slot}"] = np.asarray(st.pixel_exp)
     n = limit
     return Truth(statics=statics, train_u8=dataset.train_images[:n].reshape(n, -1),
                  test_u8=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
@@ -103,7 +80,6 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
 
     if nodes < 2:
         raise UsageError(f"--nodes {nodes}: an audit needs at least 2 nodes (one records, the bound needs others)")
-    _check_disguise(disguise)
     try:
         dataset = load_dataset(data, log=log)
     except DataError as exc:
@@ -129,10 +105,6 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
                              run_dir=None, home=tmp / "coordinator", quiet=True, admission=admission)
         run.print_reports = False
-        actual = getattr(run.compute, "disguise", "shuffle")
-        if actual != disguise:
-            run.server.close("shutdown")
-            raise UsageError(f"--disguise {disguise}: the coordinator ran {actual!r} instead")
         log(f"audit: {nodes} node processes on {run.server.endpoint}, preset {preset.name}, {epochs} epoch(s), "
             f"{limit} training images, disguise {disguise}; audit-1 records into {record}")
         procs = spawn_nodes(run.server.endpoint, run.identity.fingerprint, nodes, tmp, record)

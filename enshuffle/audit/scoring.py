@@ -97,7 +97,7 @@ def score(claims: Claims, truth: Truth) -> dict:
         if c.which != "train":
             continue
         t = truth.statics.get(name)
-        if t is None or t.get("noise_only", False):
+        if t is None:
             continue
         images = truth.train_u8 if c.which == "train" else truth.test_u8
         order = np.asarray(t["row_order"])
@@ -145,7 +145,7 @@ def score(claims: Claims, truth: Truth) -> dict:
     lab_ok = lab_all = 0
     for name, claim in claims.labels.items():
         t = truth.statics.get(name)
-        if t is None or t.get("noise_only", False):
+        if t is None:
             continue
         true = truth.train_labels[np.asarray(t["row_order"])]
         lab_ok += int(np.count_nonzero(claim == true))

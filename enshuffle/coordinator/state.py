@@ -81,7 +81,6 @@ class CoordinatorState(LiveState):
     finished: bool = False
     exposure_bound: float = 1.0  # the share each node may hold of the images' pixels and of w1 (enforced)
     bound_raised: bool = False  # the operator allowed more than one block per node (--max-exposure)
-    exposure_forms: dict = field(default_factory=dict)  # node -> kind -> weakest form received
     nodes: dict[str, NodeRow] = field(default_factory=dict)
     epochs: list[EpochRow] = field(default_factory=list)
     versions: list[VersionRow] = field(default_factory=list)
