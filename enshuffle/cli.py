@@ -330,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:  # unreachable with required sub-commands; kept honest
         parser.print_help()
         return 2
+    from enshuffle.memory import keep_freed_memory
+
+    keep_freed_memory()  # every step's large arrays reuse the heap instead of faulting in afresh
     module_name, _, func_name = args.handler.partition(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     try:
