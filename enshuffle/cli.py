@@ -188,12 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tui", action="store_true", help="show the coordinator console")
     p.set_defaults(handler="enshuffle.coordinator.commands:cmd_train")
 
-    p = sub.add_parser("bench", help="measure plan, centralized, in-process and wire epoch times side by side")
+    p = sub.add_parser("bench", help="measure the performance figures (issue 10's targets among them) side by side")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.add_argument("--repeats", type=_positive_int, default=3, help="repetitions per measurement (median)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="MNIST-format IDX files to time with (default: as for train)")
-    p.add_argument("--skip-wire", action="store_true", help="skip the loopback node-process measurement")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="time with only the first N training images (quick runs; figures then are not "
+                        "comparable with full runs)")
+    p.add_argument("--skip-wire", action="store_true",
+                   help="skip every measurement with node processes (loopback, round trips, daemon)")
+    p.add_argument("--skip-daemon", action="store_true",
+                   help="skip the standalone `enshuffle coordinator` process measurement")
+    p.add_argument("--round-trips", type=_positive_int, default=300, metavar="N",
+                   help="small products sent one at a time to each round-trip node (default 300)")
     p.set_defaults(handler="enshuffle.coordinator.bench:cmd_bench")
 
     p = sub.add_parser("coordinator", help="run a coordinator that volunteers' nodes connect to")

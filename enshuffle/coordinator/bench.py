@@ -4,23 +4,41 @@ Each figure is the median of `--repeats` repetitions; ratios are taken between m
 in this same run, so a noisy machine moves numerator and denominator together. It is a
 benchmark, not a test: nothing here fails on a time.
 
-Measured, for the seed preset (full batch, float64, all training images):
-- plan build time for the notebook's largest operation (128x60000 @ 60000x784, 7 nodes),
-  against the notebook's own 70.8 s (measured on this machine class, see docs/design.md);
-- centralized epoch: wall and CPU seconds (BLAS may use every core);
-- in-process distributed epoch (2 nodes): wall seconds;
-- wire epoch with 2 local node processes over loopback: wall seconds, the coordinator
-  process's own CPU seconds, bytes sent and received per epoch and per step per node;
-- the coordinator's cryptography (handshakes, AES-256-GCM sealing and opening) per seed-preset
-  epoch and per default-preset step, beside the budget (0.1 s and 0.5 ms).
+Every figure of issue 10's Targets table is printed beside its target (and `--json` gives each
+as {"value", "target", "op", "met", "unit", ...} so a script can compare runs), plus the older
+figures: plan build time, in-process epoch, crypto cost, privacy's cost. What is measured:
+
+- the exposure plan for the notebook's largest operation (128x60000 @ 60000x784, 7 nodes);
+- centralized runs with 1 and with 2 BLAS threads (seed-preset epochs, default-preset steps):
+  wall and CPU; ratios use the fastest wall and the cheapest CPU, and say which;
+- an in-process distributed epoch (2 nodes, no sockets), with the BLAS threads of the fastest
+  centralized epoch;
+- the coordinator in this process (a `CoordinatorServer`) with 2 `enshuffle node --threads 1`
+  processes on loopback: per seed-preset epoch and per default-preset step, wall, this
+  process's CPU, minor page faults, bytes sent and received, crypto, result checks (if the
+  server counts `check_seconds`) and round trips (if the compute counts `round_trips`);
+- the same with the shuffle-only disguise (privacy's cost), and the seed preset with 7 node
+  processes (the coordinator's CPU growth from k = 2 to 7; at most 3 repeats: 7 node
+  processes share this machine's cores);
+- single small products (an x_w1 batch of 128 rows of a default-preset static block) sent one at
+  a time to a node process with every CPU's BLAS threads and to one with `--threads 1`;
+- the daemon operators run: `enshuffle coordinator` as a process with two `enshuffle node
+  --threads 1` processes, its CPU (from /proc) and wall per seed-preset epoch after the first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
+import resource
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -29,10 +47,39 @@ import numpy as np
 NOTEBOOK_PLAN_SECONDS = 70.8
 CRYPTO_BUDGET_EPOCH_S = 0.1    # seed preset, per epoch (issue 8)
 CRYPTO_BUDGET_STEP_MS = 0.5    # default preset, per step
+PRIVACY_COST_TARGET = 10.0     # % more coordinator CPU than the shuffle-only disguise
+
+# Issue 10's Targets table ("A lean coordinator").
+TARGET_CPU_SHARE = 30.0          # % of the cheapest centralized CPU per seed-preset epoch
+TARGET_WIRE_RATIO = 2.0          # wire epoch / centralized epoch, seed preset
+TARGET_STEP_RATIO = 4.0          # default preset step over the wire / centralized step
+TARGET_STEP_CPU_RATIO = 2.0      # coordinator CPU per default step / cheapest centralized step
+TARGET_BYTES_MB = 200.0          # sent + received per seed-preset epoch, k = 2
+TARGET_GROWTH = 40.0             # % coordinator CPU growth from k = 2 to k = 7
+TARGET_FAULTS = 5000.0           # coordinator minor page faults per seed-preset epoch
+TARGET_ROUND_TRIP_MS = 2.0       # node round trip for a small product, p90
+TARGET_CHECK_SHARE = 5.0         # % of the coordinator's CPU spent checking results
+TARGET_ROUND_TRIPS = 2.0         # round trips per default-preset step
+
+CENTRAL_THREADS = (1, 2)
+GROWTH_NODES = 7
+GROWTH_MAX_REPEATS = 3
+DAEMON = "`enshuffle coordinator` daemon process"
+STEP_CHUNK = 60                  # default-preset steps per measured figure
+DAEMON_TIMEOUT_S = 900.0
 
 
-def _median(values):
-    return float(statistics.median(values))
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(statistics.median(values)) if values else None
+
+
+def _percentile(values, q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation between order statistics."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 def measure_plan(repeats: int) -> float:
@@ -47,190 +94,525 @@ def measure_plan(repeats: int) -> float:
     return _median(times)
 
 
-def _epochs(trainer, repeats: int, warmup: int = 1, probe=None):
-    """Run warmup + repeats epochs; per measured epoch: (wall, cpu, probe delta)."""
+# -- counters and repetitions ------------------------------------------------------------------
+def _snapshot(server=None, compute=None) -> dict[str, float]:
+    """Cumulative counters of this process (and of the server and compute, if given)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    snap = {"wall": time.perf_counter(), "cpu": time.process_time(), "minflt": float(usage.ru_minflt)}
+    if server is not None:
+        snap["sent"] = float(server.bytes_sent)
+        snap["received"] = float(server.bytes_received)
+        snap["crypto"] = server.crypto_total()
+        check = getattr(server, "check_seconds", None)  # CPU seconds in result checks (thread_time)
+        if check is not None:
+            snap["check"] = float(check)
+    if compute is not None:
+        trips = getattr(compute, "round_trips", None)  # executor.run calls
+        if trips is not None:
+            snap["round_trips"] = float(trips)
+    return snap
+
+
+def _delta(before: dict, after: dict, per: int = 1) -> dict[str, float]:
+    return {k: (after[k] - before[k]) / per for k in after if k in before}
+
+
+def _medians(rows: list[dict]) -> dict[str, float]:
+    keys = set.intersection(*(set(r) for r in rows)) if rows else set()
+    return {k: _median(r[k] for r in rows) for k in sorted(keys)}
+
+
+def _epochs(trainer, repeats: int, warmup: int = 1, snap=_snapshot) -> list[dict]:
+    """warmup + repeats epochs; per measured epoch, the counters' deltas."""
     for _ in range(warmup):
         trainer.run_epoch()
     rows = []
     for _ in range(repeats):
-        before = probe() if probe else 0
-        w, c = time.perf_counter(), time.process_time()
+        before = snap()
         trainer.run_epoch()
-        rows.append((time.perf_counter() - w, time.process_time() - c, (probe() - before) if probe else 0))
+        rows.append(_delta(before, snap()))
     return rows
 
 
-def _steps(trainer, repeats: int, chunk: int = 60, warmup: int = 10, cpu: list | None = None) -> list[float]:
-    """Seconds per step, one figure per chunk of `chunk` steps (CPU seconds per step into `cpu`)."""
+def _steps(trainer, repeats: int, chunk: int = STEP_CHUNK, warmup: int = 10, snap=_snapshot) -> list[dict]:
+    """Per chunk of `chunk` steps, the counters' deltas per step."""
     for _ in range(warmup):
         trainer.run_step()
-    figures = []
+    rows = []
     for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
+        before = snap()
         for _ in range(chunk):
             trainer.run_step()
-        figures.append((time.perf_counter() - t) / chunk)
-        if cpu is not None:
-            cpu.append((time.process_time() - c) / chunk)
-    return figures
+        rows.append(_delta(before, snap(), chunk))
+    return rows
 
 
+@contextlib.contextmanager
+def _blas_threads(threads: int):
+    """Run with `threads` BLAS threads, restored afterwards; yields the count BLAS reports, or
+    None when the BLAS cannot be told (then it runs with whatever it has)."""
+    from enshuffle.node.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
+
+    try:
+        before = get_blas_threads()
+        got = set_blas_threads(threads)
+    except BlasThreadsUnavailable:
+        yield None
+        return
+    try:
+        yield got
+    finally:
+        set_blas_threads(before)
+
+
+def measure_centralized(preset, inputs, repeats: int, minibatch: bool = False) -> dict[int, dict]:
+    """Centralized seed epochs (or default steps) per BLAS thread count: {threads: medians}."""
+    from enshuffle.coordinator.training import Trainer
+    from enshuffle.model import LocalCompute
+
+    out = {}
+    for threads in CENTRAL_THREADS:
+        with _blas_threads(threads) as got:
+            if got is None and out:
+                break  # the BLAS cannot be told: one measurement, with its own thread count
+            trainer = Trainer(preset, inputs, LocalCompute(inputs.images))
+            rows = _steps(trainer, repeats) if minibatch else _epochs(trainer, repeats)
+            out[threads if got is not None else 0] = _medians(rows)
+    return out
+
+
+def _cheapest(by_threads: dict[int, dict], key: str) -> tuple[float, str]:
+    threads = min(by_threads, key=lambda t: by_threads[t][key])
+    return by_threads[threads][key], _threads_text(threads)
+
+
+def _threads_text(threads: int) -> str:
+    return "default BLAS threads" if threads == 0 else f"{threads} BLAS thread{'s' if threads != 1 else ''}"
+
+
+# -- the coordinator in this process, node processes on loopback ---------------------------------
+def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool = False,
+                 disguise: str = "share") -> dict[str, float]:
+    """Medians per seed-preset epoch (or per default-preset step) of the counters, with `nodes`
+    `enshuffle node --threads 1` processes; keys as `_snapshot`'s."""
+    from enshuffle.coordinator.admission import Admission
+    from enshuffle.coordinator.distributed import DistributedCompute
+    from enshuffle.coordinator.ledger import ExposureLedger
+    from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_threads, local_node_keys,
+                                           local_nodes_problem, spawn_local_nodes, stop_local_nodes)
+    from enshuffle.coordinator.server import CoordinatorServer
+    from enshuffle.coordinator.state import CoordinatorState
+    from enshuffle.coordinator.training import Trainer
+    from enshuffle.protocol.keys import load_or_create_identity
+    from enshuffle.protocol.messages import Channel
+
+    Channel.clock = staticmethod(time.thread_time)  # CPU time: what the crypto costs this process
+    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp, coordinator_blas_threads():
+        tmp = Path(tmp)
+        identity = load_or_create_identity("coordinator", tmp / "coordinator")
+        server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
+                                   admission=Admission(auto=set(local_node_keys(tmp, nodes))))
+        procs = spawn_local_nodes(server.endpoint, identity.fingerprint, nodes, tmp)
+        try:
+            compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), server.attach,
+                                         ledger=server.ledger, disguise=disguise, **inputs.source())
+            problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
+            server.give_up = problem
+            if not server.wait_for_nodes(nodes, give_up=problem):
+                raise RuntimeError(f"bench: the {nodes} node processes did not start: {server.wait_problem}")
+            trainer = Trainer(preset, inputs, compute)
+            snap = lambda: _snapshot(server, compute)  # noqa: E731
+            if minibatch:  # warm-up (statics, handshakes) outside every figure
+                rows = _steps(trainer, repeats, warmup=10, snap=snap)
+            else:
+                rows = _epochs(trainer, repeats, warmup=1, snap=snap)
+        finally:
+            server.close("run-finished")
+            stop_local_nodes(procs)
+    return _medians(rows)
+
+
+def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -> dict[str, dict]:
+    """Small products sent one at a time (`server.run([batch])` each) to two node processes:
+    one with every CPU's BLAS threads (the node's default), one with `--threads 1`. A product is
+    an x_w1 batch: `rows` rows of the node's static block times a (columns x 128) matrix.
+    Per node: round-trip milliseconds (median, p90, all)."""
+    from enshuffle.coordinator.admission import Admission
+    from enshuffle.coordinator.distributed import Batch, DistributedCompute, static_name
+    from enshuffle.coordinator.ledger import ExposureLedger
+    from enshuffle.coordinator.run import coordinator_blas_threads, local_nodes_problem, stop_local_nodes
+    from enshuffle.coordinator.server import CoordinatorServer
+    from enshuffle.coordinator.state import CoordinatorState
+    from enshuffle.model import HIDDEN
+    from enshuffle.protocol.keys import load_or_create_identity
+
+    variants = {"default": [], "threads1": ["--threads", "1"]}
+    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-rt-") as tmp, coordinator_blas_threads():
+        tmp = Path(tmp)
+        identity = load_or_create_identity("coordinator", tmp / "coordinator")
+        keys, procs = set(), []
+        for i, (name, extra) in enumerate(variants.items()):
+            home = tmp / f"node-{i + 1}"
+            keys.add(load_or_create_identity("node", home, name=f"rt-{name}").public_bytes)
+        server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
+                                   admission=Admission(auto=keys))
+        for i, (name, extra) in enumerate(variants.items()):
+            home = tmp / f"node-{i + 1}"
+            log = open(home / "node.log", "wb")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "enshuffle", "node", "--connect", server.endpoint, "--coordinator-key",
+                 identity.fingerprint, "--name", f"rt-{name}", *extra],
+                env=dict(os.environ, ENSHUFFLE_HOME=str(home)), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True))
+            log.close()
+        try:
+            compute = DistributedCompute(inputs.images, len(variants), np.random.default_rng(3), server.attach,
+                                         ledger=server.ledger, **inputs.source())
+            problem = local_nodes_problem(procs, tmp, time.monotonic() + 60.0)
+            server.give_up = problem
+            if not server.wait_for_nodes(len(variants), give_up=problem):
+                raise RuntimeError(f"bench: the round-trip node processes did not start: {server.wait_problem}")
+            shard_of = {}
+            for shard, node_id in enumerate(server.owner):
+                shard_of[server.sessions[node_id].name.removeprefix("rt-")] = shard
+            rng = np.random.default_rng(4)
+
+            def product(shard: int) -> Batch:
+                name = static_name("train", shard)
+                static = server.static_arrays(shard)[name]
+                picked = rng.choice(static.shape[0], size=min(rows, static.shape[0]), replace=False)
+                b = rng.standard_normal((static.shape[1], HIDDEN)).astype(static.dtype)
+                return Batch(shard, "matmul", {"a_static": name, "transpose_a": False}, {"rows": picked, "b": b})
+
+            for _ in range(warmup):  # statics go out with the first product
+                for shard in shard_of.values():
+                    server.run([product(shard)])
+            times = {name: [] for name in variants}
+            for _ in range(count):  # interleaved, so both nodes see the same machine load
+                for name, shard in shard_of.items():
+                    batch = product(shard)
+                    t = time.perf_counter()
+                    server.run([batch])
+                    times[name].append(1000 * (time.perf_counter() - t))
+        finally:
+            server.close("run-finished")
+            stop_local_nodes(procs)
+    return {name: {"median_ms": _median(v), "p90_ms": _percentile(v, 0.9), "count": len(v)}
+            for name, v in times.items()}
+
+
+# -- the daemon operators run -------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _proc_counters(pid: int) -> tuple[float, float]:
+    """(user + system CPU seconds, minor page faults) of process `pid`, every thread."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), float(fields[7])
+
+
+def measure_daemon(args, epochs: int) -> dict[str, float]:
+    """`enshuffle coordinator --preset seed --epochs N` as a process, two `enshuffle node
+    --threads 1` processes admitted by an --allow file. At each epoch line the coordinator
+    prints, its CPU and minor faults are read from /proc: medians per epoch over epochs 2..N
+    (the first carries start-up: data loading, statics, handshakes), so the figure is the
+    marginal cost of one more epoch of the daemon, model-chain version included."""
+    from enshuffle.coordinator.run import local_node_keys, spawn_local_nodes, stop_local_nodes
+    from enshuffle.protocol.keys import fingerprint, load_or_create_identity
+
+    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-daemon-") as tmp:
+        tmp = Path(tmp)
+        home = tmp / "coordinator"
+        coordinator_fp = load_or_create_identity("coordinator", home).fingerprint
+        allow = tmp / "allow.txt"
+        allow.write_text("".join(f"{fingerprint(key)}\n" for key in local_node_keys(tmp, 2)))
+        port = _free_port()
+        command = [sys.executable, "-m", "enshuffle", "coordinator", "--bind", f"tcp://127.0.0.1:{port}",
+                   "--min-nodes", "2", "--allow", str(allow), "--out", str(tmp / "run"), "--preset", "seed",
+                   "--epochs", str(epochs), "--json"]
+        if args.data:
+            command += ["--data", args.data]
+        if args.limit:
+            command += ["--limit", str(args.limit)]
+        err_path = tmp / "coordinator.err"
+        with open(err_path, "wb") as err:
+            coordinator = subprocess.Popen(command, env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
+                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                           text=True, start_new_session=True)
+        watchdog = threading.Timer(DAEMON_TIMEOUT_S, coordinator.kill)
+        watchdog.start()
+        procs = spawn_local_nodes(f"tcp://127.0.0.1:{port}", coordinator_fp, 2, tmp, threads=1)
+        marks = []  # (wall, cpu, minflt) at each epoch line
+        try:
+            for line in coordinator.stdout:
+                if line.startswith("{") and json.loads(line).get("type") == "epoch":
+                    marks.append((time.perf_counter(), *_proc_counters(coordinator.pid)))
+            _, status, usage = os.wait4(coordinator.pid, 0)
+            coordinator.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            watchdog.cancel()
+            if coordinator.returncode is None:
+                coordinator.kill()
+                coordinator.wait()
+            coordinator.stdout.close()
+            stop_local_nodes(procs)
+        if coordinator.returncode != 0 or len(marks) != epochs:
+            tail = err_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"bench: `enshuffle coordinator` exited with status {coordinator.returncode} after "
+                               f"{len(marks)} of {epochs} epochs:\n{tail}")
+    per_epoch = [tuple(b - a for a, b in zip(first, second)) for first, second in zip(marks, marks[1:])]
+    return {"epochs": epochs,
+            "wall_seconds_per_epoch": _median(p[0] for p in per_epoch),
+            "cpu_seconds_per_epoch": _median(p[1] for p in per_epoch),
+            "minflt_per_epoch": _median(p[2] for p in per_epoch),
+            "cpu_seconds_total": usage.ru_utime + usage.ru_stime}
+
+
+# -- the figures --------------------------------------------------------------------------------
+class Figures:
+    """Ordered figures: {key: {label, value, target, op, met, unit, note}}."""
+
+    def __init__(self):
+        self.items: dict[str, dict] = {}
+
+    def add(self, key: str, label: str, value, unit: str, target=None, op: str | None = "<=", note: str = "",
+            section: str = "targets", signed: bool = False, short: str | None = None) -> None:
+        met = None
+        if value is not None and target is not None:
+            met = bool(value <= target) if op == "<=" else bool(value >= target)
+        self.items[key] = {"label": label, "value": value, "unit": unit, "target": target,
+                           "op": op if target is not None else None, "met": met, "note": note, "section": section,
+                           "signed": signed, "short": short}
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _percent(part, whole):
+    ratio = _ratio(part, whole)
+    return None if ratio is None else 100 * ratio
+
+
+def build_figures(m: dict, repeats: int) -> Figures:
+    """Issue 10's Targets first, then the other figures; value None where not measured."""
+    f = Figures()
+    c_epoch, c_step = m["centralized_epoch"], m["centralized_step"]
+    cheap_cpu, cheap_cpu_which = _cheapest(c_epoch, "cpu")
+    fast_wall, fast_wall_which = _cheapest(c_epoch, "wall")
+    cheap_step_cpu, cheap_step_which = _cheapest(c_step, "cpu")
+    fast_step, fast_step_which = _cheapest(c_step, "wall")
+    wire, step = m.get("wire_epoch"), m.get("wire_step")
+    daemon, growth, trips = m.get("daemon"), m.get("wire_epoch_k7"), m.get("round_trips")
+
+    cpu = wire["cpu"] if wire else None
+    f.add("coordinator_cpu_vs_cheapest_centralized", "coordinator CPU per seed epoch / cheapest centralized CPU",
+          cpu and 100 * cpu / cheap_cpu, "%", TARGET_CPU_SHARE,
+          note=cpu and f"{cpu:.3f} s vs {cheap_cpu:.3f} s, centralized with {cheap_cpu_which}")
+    d_cpu = daemon and daemon["cpu_seconds_per_epoch"]
+    f.add("daemon_cpu_vs_cheapest_centralized", "coordinator CPU per seed epoch / cheapest centralized CPU, daemon",
+          d_cpu and 100 * d_cpu / cheap_cpu, "%", TARGET_CPU_SHARE, short=f"  the same, {DAEMON}",
+          note=d_cpu and f"{d_cpu:.3f} s per epoch after the first, of {daemon['epochs']}")
+    f.add("wire_over_centralized", "wire epoch / centralized epoch, seed (wall)",
+          _ratio(wire and wire["wall"], fast_wall), "x", TARGET_WIRE_RATIO,
+          note=wire and f"{wire['wall']:.3f} s vs {fast_wall:.3f} s, centralized with {fast_wall_which}")
+    d_wall = daemon and daemon["wall_seconds_per_epoch"]
+    f.add("daemon_wire_over_centralized", "wire epoch / centralized epoch, seed (wall), daemon",
+          _ratio(d_wall, fast_wall), "x", TARGET_WIRE_RATIO, short=f"  the same, {DAEMON}", note=d_wall and f"{d_wall:.3f} s per epoch")
+    f.add("minibatch_wire_over_centralized", "default preset: step over the wire / centralized step",
+          _ratio(step and step["wall"], fast_step), "x", TARGET_STEP_RATIO,
+          note=step and f"{1000 * step['wall']:.2f} vs {1000 * fast_step:.2f} ms, centralized with {fast_step_which}")
+    f.add("minibatch_coordinator_cpu_over_centralized", "coordinator CPU per default step / cheapest centralized",
+          _ratio(step and step["cpu"], cheap_step_cpu), "x", TARGET_STEP_CPU_RATIO,
+          note=step and f"{1000 * step['cpu']:.2f} vs {1000 * cheap_step_cpu:.2f} ms, centralized with {cheap_step_which}")
+    f.add("bytes_per_epoch_mb", "bytes per seed epoch, sent + received, k = 2",
+          wire and (wire["sent"] + wire["received"]) / 1e6, "MB", TARGET_BYTES_MB,
+          note=wire and f"{wire['sent'] / 1e6:.1f} MB sent, {wire['received'] / 1e6:.1f} MB received")
+    f.add("coordinator_cpu_growth_k2_k7", f"coordinator CPU growth, k = 2 to {GROWTH_NODES} (seed)",
+          growth and cpu and 100 * (growth["cpu"] / cpu - 1), "%", TARGET_GROWTH,
+          note=growth and cpu and f"{cpu:.3f} s -> {growth['cpu']:.3f} s; k = {GROWTH_NODES}: "
+                                  f"median of {m['k7_repeats']}", signed=True)
+    f.add("minor_faults_per_epoch", "coordinator minor page faults per seed epoch",
+          wire and wire["minflt"], "faults", TARGET_FAULTS,
+          note=daemon and f"daemon: {daemon['minflt_per_epoch'] / 1000:.1f}k")
+    rt = trips and trips["default"]
+    f.add("node_round_trip_p90_ms", "node round trip, small product, p90",
+          rt and rt["p90_ms"], "ms", TARGET_ROUND_TRIP_MS,
+          note=rt and f"median {rt['median_ms']:.2f} ms over {rt['count']}; node with every CPU's BLAS threads")
+    rt1 = trips and trips["threads1"]
+    f.add("node_round_trip_p90_ms_threads1", "node round trip, small product, p90, node --threads 1",
+          rt1 and rt1["p90_ms"], "ms", TARGET_ROUND_TRIP_MS, short="  the same, node with --threads 1", note=rt1 and f"median {rt1['median_ms']:.2f} ms")
+    check = wire.get("check") if wire else None
+    f.add("check_share_of_coordinator_cpu", "result checks' share of coordinator CPU, seed",
+          _percent(check, cpu), "%", TARGET_CHECK_SHARE,
+          note=("the server has no check_seconds" if wire and check is None else
+                check is not None and f"{check:.3f} s per epoch"))
+    s_check = step.get("check") if step else None
+    f.add("check_share_default", "result checks' share of coordinator CPU, default step",
+          _percent(s_check, step and step["cpu"]), "%", TARGET_CHECK_SHARE, short="  the same, default preset",
+          note=("the server has no check_seconds" if step and s_check is None else
+                s_check is not None and f"{1000 * s_check:.3f} ms per step"))
+    f.add("round_trips_per_default_step", "round trips per default-preset step",
+          step.get("round_trips") if step else None, "", TARGET_ROUND_TRIPS,
+          note="the compute has no round_trips" if step and step.get("round_trips") is None else "")
+
+    # The other figures.
+    other = "other"
+    f.add("plan_ms", "plan build, 128x60000 @ 60000x784, k = 7", 1000 * m["plan_seconds"], "ms",
+          note=f"notebook: {NOTEBOOK_PLAN_SECONDS} s, {NOTEBOOK_PLAN_SECONDS / m['plan_seconds']:,.0f}x faster",
+          section=other)
+    for t, row in c_epoch.items():
+        f.add(f"centralized_epoch_s_threads{t}", f"centralized seed epoch, {_threads_text(t)}", row["wall"], "s",
+              note=f"CPU {row['cpu']:.3f} s", section=other)
+    inproc = m["inprocess_epoch"]
+    f.add("inprocess_over_centralized", "in-process distributed epoch, 2 nodes / centralized",
+          _ratio(inproc["wall"], fast_wall), "x", section=other,
+          note=f"{inproc['wall']:.3f} s, {_threads_text(m.get('inprocess_threads', 0))} like the fastest centralized")
+    for t, row in c_step.items():
+        f.add(f"centralized_step_ms_threads{t}", f"centralized default step, {_threads_text(t)}",
+              1000 * row["wall"], "ms", note=f"CPU {1000 * row['cpu']:.2f} ms", section=other)
+    if wire:
+        f.add("wire_epoch_s", "wire epoch, 2 node processes, loopback", wire["wall"], "s",
+              note=f"coordinator CPU {wire['cpu']:.3f} s", section=other)
+    if step:
+        f.add("minibatch_wire_ms", "default preset over the wire, per step", 1000 * step["wall"], "ms",
+              note=f"coordinator CPU {1000 * step['cpu']:.2f} ms", section=other)
+    f.add("crypto_s_per_epoch", "coordinator crypto per seed epoch", wire and wire["crypto"], "s",
+          CRYPTO_BUDGET_EPOCH_S, note="AES-256-GCM and handshakes, thread CPU", section=other)
+    f.add("crypto_ms_per_step", "coordinator crypto per default step", step and 1000 * step["crypto"], "ms",
+          CRYPTO_BUDGET_STEP_MS, section=other)
+    shuffle, shuffle_step = m.get("shuffle_epoch"), m.get("shuffle_step")
+    f.add("privacy_cpu_cost_seed", "privacy's cost in coordinator CPU, seed epoch",
+          shuffle and 100 * (cpu / shuffle["cpu"] - 1), "%", PRIVACY_COST_TARGET,
+          note=shuffle and f"{cpu:.3f} vs {shuffle['cpu']:.3f} s with the shuffle-only disguise", section=other,
+          signed=True)
+    f.add("privacy_cpu_cost_default", "privacy's cost in coordinator CPU, default step",
+          shuffle_step and 100 * (step["cpu"] / shuffle_step["cpu"] - 1), "%", PRIVACY_COST_TARGET,
+          note=shuffle_step and f"{1000 * step['cpu']:.2f} vs {1000 * shuffle_step['cpu']:.2f} ms", section=other,
+          signed=True)
+    # `x and y` leaves None (or False) behind where a part was not measured.
+    for item in f.items.values():
+        if item["value"] is False:
+            item["value"] = None
+        item["note"] = item["note"] or ""
+    return f
+
+
+def _format_value(value, unit: str, signed: bool = False, target: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    if unit == "%":
+        digits = 1 if abs(value) < 10 and not target else 0
+        return f"{value:+.{digits}f}%" if signed or value < 0 else f"{value:.{digits}f}%"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "faults":
+        return f"{value / 1000:.1f}k"
+    if unit == "MB":
+        return f"{value:.0f} MB"
+    if unit == "ms":
+        return f"{value:.2f} ms"
+    if unit == "s":
+        return f"{value:.3f} s"
+    return f"{value:.2f}"
+
+
+def print_table(figures: Figures, settings: dict) -> None:
+    print(f"enshuffle bench: {settings['train_images']:,} training images, medians of {settings['repeats']} "
+          f"repeats (k = {GROWTH_NODES}: {settings['k7_repeats']}), {settings['seconds']:.0f} s")
+    titles = {"targets": "issue 10 targets", "other": "other figures"}
+    section = None
+    for item in figures.items.values():
+        if item["section"] != section:
+            section = item["section"]
+            print(f"\n{titles[section]:<58} {'value':>10}  {'target':<10} status")
+        target = ("" if item["target"] is None else
+                  f"{item['op']} {_format_value(item['target'], item['unit'], item['signed'], target=True)}")
+        status = "" if item["target"] is None else ("n/a" if item["met"] is None else ("ok" if item["met"] else "MISSED"))
+        note = f"  ({item['note']})" if item["note"] else ""
+        line = f"{item['short'] or item['label']:<58} {_format_value(item['value'], item['unit'], item['signed']):>10}  {target:<10} {status:<6}{note}"
+        print(line.rstrip())
+    sys.stdout.flush()
+
+
+# -- the command ----------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     from dataclasses import replace
 
     from enshuffle.coordinator.commands import eprint, load_inputs
     from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
     from enshuffle.coordinator.training import Trainer
-    from enshuffle.model import LocalCompute, get_preset
+    from enshuffle.model import get_preset
 
+    started = time.perf_counter()
     repeats = args.repeats
+    k7_repeats = min(repeats, GROWTH_MAX_REPEATS)
     preset = replace(get_preset("seed"), epochs=10_000)
-    args.limit = None
     inputs = load_inputs(args, preset)
-    n = inputs.images["train"].shape[0]
-    results: dict[str, float] = {"train_images": n, "repeats": repeats}
+    m: dict = {}
 
     eprint("bench: plan build for 128x60000 @ 60000x784 over 7 nodes")
-    results["plan_seconds"] = measure_plan(repeats)
-    results["plan_speedup_vs_notebook"] = NOTEBOOK_PLAN_SECONDS / results["plan_seconds"]
+    m["plan_seconds"] = measure_plan(repeats)
 
-    eprint("bench: centralized epoch (seed preset, full batch, float64)")
-    rows = _epochs(Trainer(preset, inputs, LocalCompute(inputs.images)), repeats)
-    results["centralized_epoch_seconds"] = _median(r[0] for r in rows)
-    results["centralized_epoch_cpu_seconds"] = _median(r[1] for r in rows)
+    eprint(f"bench: centralized epochs (seed preset, full batch, float64), BLAS threads {CENTRAL_THREADS}")
+    m["centralized_epoch"] = measure_centralized(preset, inputs, repeats)
 
-    eprint("bench: in-process distributed epoch, 2 nodes")
-    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(1), InProcessExecutor, **inputs.source())
-    rows = _epochs(Trainer(preset, inputs, compute), repeats)
-    results["inprocess_epoch_seconds"] = _median(r[0] for r in rows)
-    results["inprocess_over_centralized"] = results["inprocess_epoch_seconds"] / results["centralized_epoch_seconds"]
+    # The in-process run (coordinator and simulated nodes in one process) with the BLAS threads of
+    # the fastest centralized epoch: on a loaded 2-core box the other count can be several times slower.
+    threads = min(m["centralized_epoch"], key=lambda t: m["centralized_epoch"][t]["wall"])
+    eprint(f"bench: in-process distributed epoch, 2 nodes, {_threads_text(threads)}")
+    with _blas_threads(threads) if threads else contextlib.nullcontext():
+        compute = DistributedCompute(inputs.images, 2, np.random.default_rng(1), InProcessExecutor, **inputs.source())
+        m["inprocess_epoch"] = _medians(_epochs(Trainer(preset, inputs, compute), repeats))
+    m["inprocess_threads"] = threads
 
     mini = replace(get_preset("default"), epochs=10_000)
     mini_inputs = load_inputs(args, mini)
-    eprint("bench: default preset (mini-batches of 128, float32): centralized steps")
-    results["minibatch_centralized_ms_per_step"] = 1000 * _median(
-        _steps(Trainer(mini, mini_inputs, LocalCompute(mini_inputs.images)), repeats))
+    eprint(f"bench: default preset (mini-batches of 128, float32): centralized steps, BLAS threads {CENTRAL_THREADS}")
+    m["centralized_step"] = measure_centralized(mini, mini_inputs, repeats, minibatch=True)
 
     if not args.skip_wire:
-        eprint("bench: wire epoch, 2 local node processes over loopback")
-        results.update(measure_wire(preset, inputs, repeats))
-        eprint("bench: default preset over the wire, 2 local node processes")
-        results.update(measure_wire(mini, mini_inputs, repeats, minibatch=True))
-        # What the privacy costs, side by side: the same runs with the old shuffle-only disguise.
+        eprint("bench: seed preset over the wire, 2 node processes on loopback")
+        m["wire_epoch"] = measure_wire(preset, inputs, repeats)
+        eprint("bench: default preset over the wire, 2 node processes")
+        m["wire_step"] = measure_wire(mini, mini_inputs, repeats, minibatch=True)
         eprint("bench: the same two runs with the shuffle-only disguise (privacy's cost)")
-        shuffle = measure_wire(preset, inputs, repeats, disguise="shuffle")
-        shuffle_mini = measure_wire(mini, mini_inputs, repeats, minibatch=True, disguise="shuffle")
-        results["shuffle_coordinator_cpu_seconds_per_epoch"] = shuffle["coordinator_cpu_seconds_per_epoch"]
-        results["shuffle_minibatch_coordinator_cpu_ms_per_step"] = shuffle_mini["minibatch_coordinator_cpu_ms_per_step"]
-        results["privacy_cpu_cost_seed"] = (results["coordinator_cpu_seconds_per_epoch"]
-                                            / shuffle["coordinator_cpu_seconds_per_epoch"] - 1.0)
-        results["privacy_cpu_cost_default"] = (results["minibatch_coordinator_cpu_ms_per_step"]
-                                               / shuffle_mini["minibatch_coordinator_cpu_ms_per_step"] - 1.0)
-        results["minibatch_wire_over_centralized"] = (results["minibatch_wire_ms_per_step"]
-                                                      / results["minibatch_centralized_ms_per_step"])
-        results["wire_over_centralized"] = results["wire_epoch_seconds"] / results["centralized_epoch_seconds"]
-        results["coordinator_cpu_over_centralized_cpu"] = (results["coordinator_cpu_seconds_per_epoch"]
-                                                           / results["centralized_epoch_cpu_seconds"])
+        m["shuffle_epoch"] = measure_wire(preset, inputs, repeats, disguise="shuffle")
+        m["shuffle_step"] = measure_wire(mini, mini_inputs, repeats, minibatch=True, disguise="shuffle")
+        eprint(f"bench: seed preset with {GROWTH_NODES} node processes (median of {k7_repeats})")
+        m["wire_epoch_k7"] = measure_wire(preset, inputs, k7_repeats, nodes=GROWTH_NODES)
+        eprint(f"bench: {args.round_trips} small products one at a time, to a node with every CPU's BLAS "
+               "threads and to one with --threads 1")
+        m["round_trips"] = measure_round_trips(mini_inputs, args.round_trips)
+        if not args.skip_daemon:
+            epochs = repeats + 1
+            eprint(f"bench: `enshuffle coordinator` with 2 `enshuffle node --threads 1` processes, seed preset, "
+                   f"{epochs} epochs")
+            m["daemon"] = measure_daemon(args, epochs)
 
+    settings = {"repeats": repeats, "k7_repeats": k7_repeats, "train_images": int(inputs.images["train"].shape[0]),
+                "round_trip_products": args.round_trips, "skip_wire": bool(args.skip_wire),
+                "skip_daemon": bool(args.skip_wire or args.skip_daemon),
+                "seconds": time.perf_counter() - started}
+    m["k7_repeats"] = k7_repeats
+    figures = build_figures(m, repeats)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps({"figures": {k: {key: v for key, v in item.items() if key not in ("section", "signed", "short")}
+                                      for k, item in figures.items.items()},
+                          "measurements": _jsonable(m), "settings": settings}, indent=2))
     else:
-        print_table(results)
+        print_table(figures, settings)
     return 0
 
 
-def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool = False,
-                 disguise: str = "share") -> dict[str, float]:
-    from enshuffle.coordinator.distributed import DistributedCompute
-    from enshuffle.coordinator.ledger import ExposureLedger
-    from enshuffle.coordinator.run import spawn_local_nodes, stop_local_nodes
-    from enshuffle.coordinator.server import CoordinatorServer
-    from enshuffle.coordinator.state import CoordinatorState
-    from enshuffle.coordinator.training import Trainer
-    from enshuffle.protocol.keys import load_or_create_identity
-
-    from enshuffle.coordinator.admission import Admission
-    from enshuffle.coordinator.run import coordinator_blas_threads, local_node_keys
-
-    from enshuffle.protocol.messages import Channel
-
-    Channel.clock = staticmethod(time.thread_time)  # CPU time: what the crypto costs this process
-    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp, coordinator_blas_threads():
-        identity = load_or_create_identity("coordinator", Path(tmp) / "coordinator")
-        server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
-                                   admission=Admission(auto=set(local_node_keys(Path(tmp), nodes))))
-        procs = spawn_local_nodes(server.endpoint, identity.fingerprint, nodes, Path(tmp))
-        try:
-            compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), server.attach,
-                                         ledger=server.ledger, disguise=disguise, **inputs.source())
-            server.wait_for_nodes(nodes)
-            trainer = Trainer(preset, inputs, compute)
-            if minibatch:
-                for _ in range(10):
-                    trainer.run_step()  # warm-up outside the crypto figure too
-                crypto = server.crypto_total()
-                cpu = []
-                figures = _steps(trainer, repeats, warmup=0, cpu=cpu)
-                steps_run = repeats * 60
-                return {"minibatch_wire_ms_per_step": 1000 * _median(figures),
-                        "minibatch_coordinator_cpu_ms_per_step": 1000 * _median(cpu),
-                        "crypto_ms_per_step": 1000 * (server.crypto_total() - crypto) / steps_run}
-            trainer.run_epoch()  # warm-up: statics and handshakes are a start-up cost, not per epoch
-            crypto = server.crypto_total()
-            rows = _epochs(trainer, repeats, warmup=0, probe=lambda: server.bytes_sent)
-            crypto_per_epoch = (server.crypto_total() - crypto) / repeats
-            before = server.bytes_received
-            trainer.run_epoch()
-            received = server.bytes_received - before
-        finally:
-            server.close("run-finished")
-            stop_local_nodes(procs)
-    steps = trainer.steps_per_epoch
-    sent = _median(r[2] for r in rows)
-    return {
-        "wire_epoch_seconds": _median(r[0] for r in rows),
-        "coordinator_cpu_seconds_per_epoch": _median(r[1] for r in rows),
-        "wire_bytes_sent_per_epoch": sent,
-        "wire_bytes_received_per_epoch": received,
-        "wire_bytes_per_step_per_node": (sent + received) / steps / nodes,
-        "crypto_seconds_per_epoch": crypto_per_epoch,
-    }
-
-
-def print_table(r: dict) -> None:
-    lines = [
-        f"training images                         {r['train_images']:>12,.0f}   (median of {r['repeats']} runs each)",
-        f"plan build, 128x60000 @ 60000x784, k=7  {r['plan_seconds'] * 1000:>12.3f} ms"
-        f"  (notebook: {NOTEBOOK_PLAN_SECONDS} s, {r['plan_speedup_vs_notebook']:,.0f}x faster)",
-        f"centralized epoch (seed, float64)       {r['centralized_epoch_seconds']:>12.3f} s"
-        f"  (CPU {r['centralized_epoch_cpu_seconds']:.3f} s)",
-        f"in-process distributed epoch, 2 nodes   {r['inprocess_epoch_seconds']:>12.3f} s"
-        f"  (ratio to centralized {r['inprocess_over_centralized']:.2f})",
-    ]
-    lines.append(f"default preset, ms per step (batch 128)  {r['minibatch_centralized_ms_per_step']:>12.2f} ms"
-                 "  centralized")
-    if "wire_epoch_seconds" in r:
-        lines += [
-            f"wire epoch, 2 node processes, loopback  {r['wire_epoch_seconds']:>12.3f} s"
-            f"  (ratio to centralized {r['wire_over_centralized']:.2f}; target <= 1.5)",
-            f"coordinator CPU per wire epoch          {r['coordinator_cpu_seconds_per_epoch']:>12.3f} s"
-            f"  ({100 * r['coordinator_cpu_over_centralized_cpu']:.0f}% of centralized CPU; target <= 25%)",
-            f"bytes sent / received per epoch         {r['wire_bytes_sent_per_epoch'] / 1e6:>12.1f} MB"
-            f" / {r['wire_bytes_received_per_epoch'] / 1e6:.1f} MB",
-            f"bytes per step per node (in + out)      {r['wire_bytes_per_step_per_node'] / 1e6:>12.1f} MB",
-            f"default preset over the wire, per step  {r['minibatch_wire_ms_per_step']:>12.2f} ms"
-            f"  ({r['minibatch_wire_over_centralized']:.1f}x centralized; 469 steps per epoch)",
-            f"coordinator CPU per default-preset step {r['minibatch_coordinator_cpu_ms_per_step']:>12.2f} ms",
-            f"privacy's cost in coordinator CPU, seed {100 * r['privacy_cpu_cost_seed']:>+11.1f} %"
-            f"  ({r['coordinator_cpu_seconds_per_epoch']:.3f} s vs {r['shuffle_coordinator_cpu_seconds_per_epoch']:.3f} s"
-            " per epoch with the shuffle-only disguise; target <= +10%)",
-            f"privacy's cost, default preset per step {100 * r['privacy_cpu_cost_default']:>+11.1f} %"
-            f"  ({r['minibatch_coordinator_cpu_ms_per_step']:.2f} vs {r['shuffle_minibatch_coordinator_cpu_ms_per_step']:.2f}"
-            " ms; target <= +10%)",
-            f"coordinator crypto per seed epoch       {r['crypto_seconds_per_epoch']:>12.3f} s"
-            f"  (budget {CRYPTO_BUDGET_EPOCH_S} s: AES-256-GCM over every byte sent and received)",
-            f"coordinator crypto per default step     {r['crypto_ms_per_step']:>12.3f} ms"
-            f"  (budget {CRYPTO_BUDGET_STEP_MS} ms)",
-        ]
-    print("\n".join(lines))
-    sys.stdout.flush()
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value

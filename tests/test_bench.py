@@ -1,0 +1,84 @@
+"""`enshuffle bench` in a quick mode (few training images, one repeat, few round trips): every
+figure of issue 10's Targets table comes out with its value, target and met flag. Real
+processes throughout (node processes on loopback, the `enshuffle coordinator` daemon); no figure
+is compared with a time here: speed is measured, never asserted by a test.
+"""
+
+from __future__ import annotations
+
+import json
+
+from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
+from wire_util import enshuffle_cli
+
+# Issue 10's Targets table, plus the two figures from its text (checks' share, round trips).
+TARGET_FIGURES = {
+    "coordinator_cpu_vs_cheapest_centralized": 30.0,
+    "daemon_cpu_vs_cheapest_centralized": 30.0,
+    "wire_over_centralized": 2.0,
+    "daemon_wire_over_centralized": 2.0,
+    "minibatch_wire_over_centralized": 4.0,
+    "minibatch_coordinator_cpu_over_centralized": 2.0,
+    "bytes_per_epoch_mb": 200.0,
+    "coordinator_cpu_growth_k2_k7": 40.0,
+    "minor_faults_per_epoch": 5000.0,
+    "node_round_trip_p90_ms": 2.0,
+    "node_round_trip_p90_ms_threads1": 2.0,
+    "check_share_of_coordinator_cpu": 5.0,
+    "check_share_default": 5.0,
+    "round_trips_per_default_step": 2.0,
+}
+# Read from the server and the compute when they count them (server.check_seconds,
+# compute.round_trips); "n/a" until then.
+HOOKED = {"check_share_of_coordinator_cpu", "check_share_default", "round_trips_per_default_step"}
+OTHER_FIGURES = {"plan_ms", "inprocess_over_centralized", "crypto_s_per_epoch", "crypto_ms_per_step",
+                 "privacy_cpu_cost_seed", "privacy_cpu_cost_default"}
+QUICK = ("--repeats", "1", "--limit", "500", "--round-trips", "20")
+
+
+def test_bench_json_has_every_target_figure(core_data_dir, core_cache, tmp_path):
+    done = enshuffle_cli("bench", *QUICK, "--data", str(core_data_dir), "--json",
+                         home=tmp_path / "home", cache=core_cache, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    report = json.loads(done.stdout)
+    figures = report["figures"]
+    assert set(TARGET_FIGURES) | OTHER_FIGURES <= set(figures), sorted(figures)
+    for name, item in figures.items():
+        assert {"value", "target", "op", "met", "unit", "label"} <= set(item), (name, item)
+        if item["target"] is None:
+            assert item["op"] is None and item["met"] is None, (name, item)
+        elif item["value"] is None:
+            assert item["met"] is None, (name, item)
+        else:
+            assert item["op"] in ("<=", ">="), (name, item)
+            assert item["met"] is (item["value"] <= item["target"] if item["op"] == "<=" else
+                                   item["value"] >= item["target"]), (name, item)
+    for name, target in TARGET_FIGURES.items():
+        item = figures[name]
+        assert item["target"] == target and item["op"] == "<=", (name, item)
+        if name in HOOKED:
+            assert item["value"] is not None or item["note"], (name, item)  # n/a says why
+        else:
+            assert isinstance(item["value"], (int, float)), (name, item)
+            assert item["value"] >= 0 or name == "coordinator_cpu_growth_k2_k7", (name, item)
+    # The raw measurements a script can compare runs with.
+    m = report["measurements"]
+    assert set(m["centralized_epoch"]) == {"1", "2"} and set(m["centralized_step"]) == {"1", "2"}
+    assert m["wire_epoch"]["sent"] > 0 and m["wire_epoch"]["received"] > 0
+    assert m["round_trips"]["default"]["count"] == 20 and m["round_trips"]["threads1"]["count"] == 20
+    assert m["daemon"]["epochs"] == 2 and m["daemon"]["cpu_seconds_per_epoch"] >= 0
+    assert report["settings"]["repeats"] == 1 and report["settings"]["train_images"] == 500
+
+
+def test_bench_table_without_node_processes(core_data_dir, core_cache, tmp_path):
+    done = enshuffle_cli("bench", *QUICK, "--data", str(core_data_dir), "--skip-wire",
+                         home=tmp_path / "home", cache=core_cache, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    # One line per figure: what was not measured says n/a, the rest no status (no target) or ok/MISSED.
+    wire_line = next(line for line in lines if line.startswith("wire epoch / centralized epoch"))
+    assert wire_line.split()[-1] == "n/a", wire_line
+    plan_line = next(line for line in lines if line.startswith("plan build"))
+    assert "ms" in plan_line and "n/a" not in plan_line
+    assert any(line.startswith("issue 10 targets") for line in lines)
