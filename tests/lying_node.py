@@ -46,8 +46,8 @@ def main() -> int:
     honest = daemon.compute_batch
     rng = np.random.default_rng()
 
-    def compute_batch(op, params, arrays, statics):
-        return lie(kind, honest(op, params, arrays, statics), rng)
+    def compute_batch(op, params, arrays, statics, *workspace):
+        return lie(kind, honest(op, params, arrays, statics, *workspace), rng)
 
     daemon.compute_batch = compute_batch
     from enshuffle.cli import main as cli_main

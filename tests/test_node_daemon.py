@@ -319,6 +319,9 @@ def test_sigterm_sends_bye_and_exits_zero(session):
     verify(bye, node_key)
     assert bye.header == {"node_id": coord.node_id, "reason": "shutdown"}
     assert proc.wait(timeout=5) == 0
+    # Its first line says how it computes (spawn_node passes --threads 1).
+    err = proc.stderr.read()
+    assert "computing with 1 BLAS thread; denormals: " in err, err
 
 
 def test_silent_coordinator_is_lost_and_node_says_hello_again(coord, node_proc):

@@ -1,14 +1,17 @@
 """How many threads the BLAS under numpy uses: set before numpy loads, or changed while running.
 
-Owns two things:
+Owns three things:
 
-* `thread_env(n)`: the environment variables OpenBLAS, OpenMP and MKL read once, when numpy's
-  BLAS is loaded. They must be in `os.environ` before the first `import numpy`, which is why
-  `enshuffle node` sets them at the top of its handler.
+* `thread_env(n)` and `idle_env()`: the environment variables OpenBLAS, OpenMP and MKL read once,
+  when numpy's BLAS is loaded. They must be in `os.environ` before the first `import numpy`,
+  which is why `enshuffle node` sets them at the top of its handler.
 * `set_blas_threads(n)`: a best-effort runtime change through ctypes on the OpenBLAS numpy has
   already loaded (numpy 2.x wheels ship `scipy_openblas64_`, whose setter is
   `scipy_openblas_set_num_threads64_`). The library is found through /proc/self/maps (what is
-  really mapped into this process), else numpy's `.libs` directory. No threadpoolctl.
+  really mapped into this process), else numpy's `.libs` directory. No threadpoolctl. Finding
+  it costs a millisecond or two (it reads /proc/self/maps), so it is for rare changes.
+* `BlasThreads`: the same setter looked up once, for a change before every product (under a
+  microsecond): the node runs small products on one thread (see its docstring).
 
 Nothing here imports numpy at module level, so importing it does not load the BLAS.
 """
@@ -30,6 +33,15 @@ _GETTERS = ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads
             "openblas_get_num_threads64_", "openblas_get_num_threads")
 
 
+# OpenBLAS worker threads spin (busy-wait) for 2^THREAD_TIMEOUT CPU cycles after each parallel
+# call before they sleep: 2^28 cycles, about 0.1 s, by default. Between a node's batches that is a
+# core burnt for nothing, taken from the coordinator or the volunteer. 4 is OpenBLAS's minimum:
+# idle workers sleep at once, and waking them costs tens of microseconds, which only products
+# large enough to run in parallel (BlasThreads) pay.
+IDLE_SPIN_ENV = "OPENBLAS_THREAD_TIMEOUT"
+IDLE_SPIN_EXPONENT = 4
+
+
 class BlasThreadsUnavailable(Exception):
     """No OpenBLAS thread setter was found; the message says where we looked."""
 
@@ -37,6 +49,13 @@ class BlasThreadsUnavailable(Exception):
 def thread_env(threads: int) -> dict[str, str]:
     """The variables to put in os.environ (before numpy loads) for `threads` BLAS threads."""
     return {name: str(int(threads)) for name in THREAD_ENV_VARS}
+
+
+def idle_env(environ: dict | None = None) -> dict[str, str]:
+    """The variable that makes idle OpenBLAS workers sleep instead of spinning (before numpy
+    loads); empty when the user has set it already (theirs wins)."""
+    environ = os.environ if environ is None else environ
+    return {} if IDLE_SPIN_ENV in environ else {IDLE_SPIN_ENV: str(IDLE_SPIN_EXPONENT)}
 
 
 def _mapped_libraries() -> list[str]:
@@ -106,3 +125,44 @@ def default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+class BlasThreads:
+    """How many threads the next BLAS call may use, changed cheaply before every product.
+
+    A product split over threads ends only when its slowest thread does: on a machine where
+    another process holds a core (the coordinator on the same box, the volunteer's own work),
+    a worker thread waits for a scheduler slice, milliseconds, and a 0.2 ms product takes 10 ms.
+    So products under `parallel_min_work` multiply-adds run on one thread, and only larger ones
+    (where a few milliseconds are a small share) on up to `limit` threads. The setter is looked
+    up once; `use` calls it only when the count changes. Without an OpenBLAS (`available` false)
+    every call is a no-op.
+    """
+
+    def __init__(self, limit: int, parallel_min_work: int) -> None:
+        self.limit = max(1, int(limit))
+        self.parallel_min_work = int(parallel_min_work)
+        self.current: int | None = None  # unknown until the first use()
+        try:
+            self._setter = _find_function(_SETTERS)
+            self._setter.argtypes = [ctypes.c_int]
+            self._setter.restype = None
+        except (BlasThreadsUnavailable, OSError, AttributeError):
+            self._setter = None
+
+    @property
+    def available(self) -> bool:
+        return self._setter is not None
+
+    def threads_for(self, work: int) -> int:
+        """Threads for a product of `work` multiply-adds."""
+        return 1 if work < self.parallel_min_work else self.limit
+
+    def use(self, threads: int) -> None:
+        if self._setter is not None and threads != self.current:
+            self._setter(int(threads))
+            self.current = int(threads)
+
+    def for_product(self, work: int) -> None:
+        """Set the thread count for a product of `work` multiply-adds (m * n * k)."""
+        self.use(self.threads_for(work))

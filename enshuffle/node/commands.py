@@ -1,7 +1,8 @@
 """`enshuffle node`: start the node daemon, headless (log lines on stderr) or under the node app.
 
-Owns process-level concerns only: the BLAS thread environment (which must be set before numpy
-is first imported, so nothing numpy-using is imported at module level here), the identity and
+Owns process-level concerns only: the BLAS thread environment and the CPU's flush-to-zero mode
+(both must be set before numpy is first imported: OpenBLAS reads the one and its worker threads
+copy the other when numpy loads, so nothing numpy-using is imported at module level here), the identity and
 trust store from the enshuffle home, SIGINT/SIGTERM (installed here, in the main thread, never
 in the library class), and choosing headless or TUI. Headless never imports textual.
 """
@@ -17,9 +18,11 @@ import time
 
 
 def _apply_thread_env(threads: int | None) -> int:
-    """Put --threads into the BLAS environment (before numpy loads); return the count in use."""
-    from enshuffle.node.blas import default_threads, thread_env
+    """Put --threads into the BLAS environment (before numpy loads); return the count in use.
+    Idle BLAS workers are told to sleep rather than spin between batches (blas.idle_env)."""
+    from enshuffle.node.blas import default_threads, idle_env, thread_env
 
+    os.environ.update(idle_env())
     if threads is None:
         value = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
         return int(value) if value and value.isdigit() and int(value) > 0 else default_threads()
@@ -64,6 +67,9 @@ def cmd_node(args) -> int:
             print(f"enshuffle node: cannot lower the priority by --nice {args.nice}: {exc.strerror}",
                   file=sys.stderr)
     threads = _apply_thread_env(args.threads)
+    from enshuffle.node.fpenv import flush_denormals
+
+    denormals = flush_denormals()  # this thread's mode, copied by every thread started from now on
     # numpy (through the daemon) is imported only now, after the environment is set.
     from enshuffle.node.daemon import GIVE_UP_S, MessageRecorder, NodeDaemon, check_address
     from enshuffle.node.policy import Policy
@@ -89,7 +95,8 @@ def cmd_node(args) -> int:
                         invite=getattr(args, "invite", None),
                         max_memory=getattr(args, "max_memory", None),
                         policy=Policy.from_args(getattr(args, "max_cpu", 100), getattr(args, "hours", None)),
-                        give_up_after=None if getattr(args, "keep_running", False) else GIVE_UP_S)
+                        give_up_after=None if getattr(args, "keep_running", False) else GIVE_UP_S,
+                        denormals=denormals)
     _install_signal_handlers(daemon)
     if not args.tui:
         status = daemon.run()

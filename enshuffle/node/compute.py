@@ -8,9 +8,18 @@ mirrors docs/protocol.md ("op" and "params" of a BATCH):
   ``params["transpose_a"]``).
 - ``sigmoid(a)``, ``sub(a, b)`` (``a`` may be the scalar ``params["a_scalar"]``), ``square(a)``,
   ``mul(a, b)``: elementwise, ``c`` has ``a``'s shape.
+
+A `Workspace` makes products cost their arithmetic and little else: the gathered rows of a
+static operand, any intermediate and the result go into buffers reused from batch to batch
+(no fresh multi-MB allocation, no page faults, per batch), and BLAS runs small products on one
+thread (`enshuffle.node.blas.BlasThreads`). A result computed with a workspace lives in it until
+the next batch computed with it: the daemon seals (encrypts, so copies) each result before it
+computes the next. Without a workspace every result is a fresh array.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -29,6 +38,77 @@ class BatchError(Exception):
         self.detail = detail
 
 
+class Workspace:
+    """Reusable buffers for one node's batches, one per role ("gather", "scratch", "result").
+
+    A buffer grows to the largest request seen and is then reused; the daemon keeps one per
+    session, so it is freed with the session's statics. A batch uses at most two roles (gather or
+    scratch, and result), and --max-memory bounds what one batch may ask (docs/protocol.md
+    section 7); so that buffers kept from earlier, different batches do not add up past
+    `limit`, a buffer that must grow first lets go of the roles the current batch has not used.
+    Not thread-safe: one thread computes. `threads` (a BlasThreads) chooses the BLAS thread count
+    per product; None leaves it alone.
+    """
+
+    def __init__(self, threads=None, limit: int | None = None) -> None:
+        self.threads = threads
+        self.limit = limit
+        self._buffers: dict[str, np.ndarray] = {}
+        self._used: set[str] = set()  # roles the current batch has taken
+
+    def array(self, role: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A C-contiguous, aligned (shape, dtype) array on `role`'s buffer (contents undefined)."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        self._used.add(role)
+        buf = self._buffers.get(role)
+        if buf is None or buf.nbytes < nbytes:
+            self._buffers.pop(role, None)  # let the old one go before the new one is allocated
+            if self.limit is not None and self.nbytes + nbytes > self.limit:
+                for other in set(self._buffers) - self._used:
+                    del self._buffers[other]
+            # float64 storage: numpy aligns the data for any itemsize we use (<= 8 bytes)
+            buf = self._buffers[role] = np.empty(max(1, -(-nbytes // 8)), dtype=np.float64)
+        return buf.view(np.uint8)[:nbytes].view(dtype).reshape(shape)
+
+    def owns(self, array: np.ndarray) -> bool:
+        """Is `array` a view on one of this workspace's buffers?"""
+        return any(np.shares_memory(array, buf) for buf in self._buffers.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buf.nbytes for buf in self._buffers.values())
+
+    def release(self) -> None:
+        self._buffers.clear()
+
+    def before_product(self, work: int) -> None:
+        """A new product of `work` multiply-adds starts: nothing of the last batch is in use."""
+        self._used.clear()
+        if self.threads is not None:
+            self.threads.for_product(work)
+
+
+def aligned(array: np.ndarray) -> np.ndarray:
+    """`array` itself if numpy sees it aligned, else a read-only aligned copy.
+
+    A received payload sits wherever its header ended, at any byte offset. numpy hands BLAS only
+    aligned operands and copies an unaligned one on every product: for a static read whole by a
+    full-batch product that is a fresh 188 MB per batch. The daemon stores statics through this,
+    so the copy happens once per session instead."""
+    if array.flags.aligned:
+        return array
+    copy = np.array(array, order="C")
+    copy.flags.writeable = False
+    return copy
+
+
+def _buffer(workspace: Workspace | None, role: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    if workspace is None:
+        return np.empty(shape, dtype=dtype)
+    return workspace.array(role, shape, dtype)
+
+
 def _array(arrays: dict, name: str) -> np.ndarray:
     try:
         value = arrays[name]
@@ -39,8 +119,12 @@ def _array(arrays: dict, name: str) -> np.ndarray:
     return value
 
 
-def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics: dict[str, np.ndarray]) -> np.ndarray:
-    """Compute one batch; raises BatchError for anything malformed (never a bare exception)."""
+def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics: dict[str, np.ndarray],
+                  workspace: Workspace | None = None) -> np.ndarray:
+    """Compute one batch; raises BatchError for anything malformed (never a bare exception).
+
+    With `workspace`, a product's result is a view on the workspace's buffer, valid until the
+    next batch computed with it."""
     if op == "matmul":
         b = _array(arrays, "b")
         name = params.get("a_static")
@@ -48,6 +132,8 @@ def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics:
             static = statics.get(name)
             if static is None:
                 raise BatchError("unknown-static", f"no static operand {name!r} on this node")
+            if static.ndim != 2:
+                raise BatchError("bad-batch", f"static {name!r} is not a matrix: shape {static.shape}")
             rows = arrays.get("rows")
             if rows is None or rows.ndim != 1 or rows.dtype.kind not in "iu":
                 raise BatchError("bad-batch", "a static matmul needs a 1-D integer array 'rows'")
@@ -58,14 +144,15 @@ def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics:
                 raise BatchError("bad-batch", f"static {name!r} {static.shape} does not fit rows {rows.shape} and b {b.shape}")
             if static.dtype != b.dtype:
                 raise BatchError("bad-batch", f"static {name!r} is {static.dtype} but b is {b.dtype}")
-            return _static_product(static, rows, b, bool(params.get("transpose_a")))
-        else:
-            a = _array(arrays, "a")
-            if params.get("transpose_a"):
-                a = a.T
+            return _static_product(static, rows, b, bool(params.get("transpose_a")), workspace)
+        a = _array(arrays, "a")
+        if params.get("transpose_a"):
+            a = a.T
         if a.shape[1] != b.shape[0] or a.dtype != b.dtype:
             raise BatchError("bad-batch", f"cannot multiply {a.dtype}{a.shape} by {b.dtype}{b.shape}")
-        return a @ b
+        if workspace is not None:
+            workspace.before_product(a.shape[0] * a.shape[1] * b.shape[1])
+        return np.matmul(a, b, out=_buffer(workspace, "result", (a.shape[0], b.shape[1]), b.dtype))
     if op == "sigmoid":
         return sigmoid(_array(arrays, "a"))
     if op == "square":
@@ -87,14 +174,34 @@ def _is_permutation(rows: np.ndarray, n: int) -> bool:
     return rows.shape[0] == n and bool(np.all(np.bincount(rows, minlength=n) == 1))
 
 
-def _static_product(static: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: bool) -> np.ndarray:
-    """static[rows] @ b, or static[rows].T @ b, without copying the static operand when rows
-    is a full permutation (full-batch training): permuting the small side is equivalent."""
-    if _is_permutation(rows, static.shape[0]):
+def _inverse(rows: np.ndarray) -> np.ndarray:
+    inverse = np.empty_like(rows)
+    inverse[rows] = np.arange(rows.shape[0], dtype=rows.dtype)
+    return inverse
+
+
+def _static_product(static: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: bool,
+                    workspace: Workspace | None = None) -> np.ndarray:
+    """static[rows] @ b, or static[rows].T @ b, into the workspace's buffers when there is one.
+
+    When rows is a full permutation (full-batch training) the static operand is neither copied
+    nor gathered: permuting the small side is equivalent, and BLAS reads the static in place.
+    `rows` has been checked to lie in range, so the gathers skip numpy's bounds handling
+    (mode="clip" writes straight into `out`; "raise" would go through a temporary copy)."""
+    n, k = static.shape
+    m = b.shape[1]
+    if workspace is not None:
+        workspace.before_product(rows.shape[0] * k * m)
+    if _is_permutation(rows, n):
         if transpose:
-            inverse = np.empty_like(rows)
-            inverse[rows] = np.arange(rows.shape[0], dtype=rows.dtype)
-            return static.T @ b[inverse]
-        return (static @ b)[rows]
-    a = static[rows]
-    return a.T @ b if transpose else a @ b
+            # S[rows].T @ b == S.T @ b[inverse]
+            permuted = _buffer(workspace, "scratch", b.shape, b.dtype)
+            np.take(b, _inverse(rows), axis=0, out=permuted, mode="clip")
+            return np.matmul(static.T, permuted, out=_buffer(workspace, "result", (k, m), b.dtype))
+        # S[rows] @ b == (S @ b)[rows]
+        product = np.matmul(static, b, out=_buffer(workspace, "scratch", (n, m), b.dtype))
+        return np.take(product, rows, axis=0, out=_buffer(workspace, "result", (n, m), b.dtype), mode="clip")
+    gathered = np.take(static, rows, axis=0, out=_buffer(workspace, "gather", (rows.shape[0], k), static.dtype),
+                       mode="clip")
+    out = _buffer(workspace, "result", (k if transpose else rows.shape[0], m), b.dtype)
+    return np.matmul(gathered.T if transpose else gathered, b, out=out)

@@ -6,7 +6,10 @@ heartbeats, loss detection, reconnect back-off, BYE, and the live `NodeState` th
 reads. The arithmetic itself is `enshuffle.node.compute.compute_batch`.
 
 Compute runs in the socket thread: batches are small (well under a second) and heartbeats go
-out between them, so no second thread and no lock around the socket is needed.
+out between them, so no second thread and no lock around the socket is needed. A small batch
+costs little more than its arithmetic: products go into buffers the session reuses
+(`compute.Workspace`), small ones run on one BLAS thread (`blas.BlasThreads`), and statics are
+stored aligned, so BLAS never copies them.
 
 Exit statuses of `NodeDaemon.run()`:
 
@@ -43,8 +46,9 @@ import numpy as np
 import zmq
 
 from enshuffle.errors import UsageError
-from enshuffle.node.blas import BlasThreadsUnavailable, set_blas_threads
-from enshuffle.node.compute import OPS, BatchError, compute_batch
+from enshuffle.node.blas import BlasThreads, BlasThreadsUnavailable, get_blas_threads
+from enshuffle.node.compute import OPS, BatchError, Workspace, aligned, compute_batch
+from enshuffle.node.fpenv import flushing
 from enshuffle.node.policy import Policy
 from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.handshake import NodeHandshake
@@ -68,6 +72,11 @@ IDLE_AFTER_S = 2.0             # no batch for this long: "idle, waiting for work
 BYE_LINGER_MS = 1000           # how long the final BYE may take to leave (spec 15)
 DEFAULT_MAX_STATIC_BYTES = 4 << 30
 DEFAULT_RECORD_MAX_BYTES = 2 << 30  # --record stops (with one log line) past this many bytes
+# Products below this many multiply-adds run on one BLAS thread (blas.BlasThreads says why). 2^27
+# is about 3 ms (float32) to 7 ms (float64) of one core on the 2-core development box: a
+# default-preset product (128x392x128, 6.4M) stays on one thread; a full-batch one
+# (60000x392x128, 3.0G) uses all of --threads.
+PARALLEL_MIN_WORK = 1 << 27
 
 
 def default_max_memory() -> int:
@@ -304,6 +313,7 @@ class _Session:
     last_received: float = 0.0
     last_sent: float = 0.0
     wanted_credit: int = 0  # the window last announced (WELCOME's credit, then HEARTBEATs)
+    workspace: Workspace = field(default_factory=Workspace)  # buffers reused from batch to batch
 
 
 class NodeDaemon:
@@ -323,7 +333,7 @@ class NodeDaemon:
                  max_static_bytes: int = DEFAULT_MAX_STATIC_BYTES, max_memory: int | None = None,
                  invite: str | None = None, rng: random.Random | None = None,
                  recorder: MessageRecorder | None = None, policy: Policy | None = None,
-                 give_up_after: float | None = None) -> None:
+                 give_up_after: float | None = None, denormals: str | None = None) -> None:
         self.connect = connect
         self.identity = identity
         self.trust = trust
@@ -342,6 +352,7 @@ class NodeDaemon:
         self.recorder = recorder
         self.policy = policy or Policy()
         self.give_up_after = give_up_after  # seconds without a coordinator before exit 5; None: never
+        self._denormals = denormals  # what fpenv.flush_denormals() said, when the process set it
         self._rest_until = 0.0  # --max-cpu: no new batch before this (monotonic)
         self._coordinator_waiting = ""  # the coordinator's last word on why we have no work
         self.control = control or NodeControl(threads=threads)
@@ -349,6 +360,8 @@ class NodeDaemon:
         self._log = log or (lambda line: print(f"enshuffle node: {line}", file=sys.stderr, flush=True))
         self._applied_threads = max(1, int(threads))  # cmd_node put it in the environment already
         self._blas_warned = False
+        # Per-product thread choice, on the OpenBLAS numpy loaded; run() puts the count it found back.
+        self._blas = BlasThreads(self._applied_threads, PARALLEL_MIN_WORK)
         self.error: str | None = None  # the fatal error's text when run() returns non-zero
         self.dropped = 0               # invalid or unexpected messages dropped (spec 14)
         self._done_times: deque = deque(maxlen=4096)  # completion times, for the rate
@@ -381,6 +394,11 @@ class NodeDaemon:
         status = EXIT_OK
         last_contact = time.monotonic()  # start, or the end of the last welcomed session
         try:
+            blas_before = get_blas_threads() if self._blas.available else None
+        except (BlasThreadsUnavailable, OSError, AttributeError):
+            blas_before = None
+        self._say(self._compute_line())
+        try:
             while not self.control.stop_requested:
                 try:
                     self._session(ctx)
@@ -411,12 +429,25 @@ class NodeDaemon:
                 self._wait(delay)
         finally:
             ctx.term()  # waits for a final BYE's linger (at most BYE_LINGER_MS), nothing else
+            if blas_before is not None:  # an in-process daemon leaves BLAS as it found it
+                self._blas.use(blas_before)
         if status == EXIT_OK:
             self._set(connection="stopped", reason="", current_op="")
             self._say("stopped")
         return status
 
     # --- small helpers -----------------------------------------------------------------
+
+    def _compute_line(self) -> str:
+        """How this node computes, said once at start."""
+        if self._blas.available:
+            threads = (f"{self._applied_threads} BLAS thread{'s' if self._applied_threads != 1 else ''}"
+                       + (f" (products under {PARALLEL_MIN_WORK:,} multiply-adds on one)"
+                          if self._applied_threads > 1 else ""))
+        else:
+            threads = f"{self._applied_threads} BLAS thread(s), not adjustable per product"
+        denormals = self._denormals or ("denormals: flushed to zero" if flushing() else "denormals: not flushed")
+        return f"computing with {threads}; {denormals}"
 
     def _say(self, line: str) -> None:
         self.state.add_log(line)
@@ -598,7 +629,8 @@ class NodeDaemon:
         credit = min(int(h["credit"]), self.credit_offer)
         session = _Session(socket=sock, run_id=h["run_id"], node_id=h["node_id"], coordinator_key=key,
                            credit=credit, heartbeat_ms=hb, channel=channel,
-                           last_received=now, last_sent=now, wanted_credit=credit)
+                           last_received=now, last_sent=now, wanted_credit=credit,
+                           workspace=Workspace(self._blas, limit=self.max_memory))
         self._heartbeat(session)  # the first sealed message: the coordinator counts us from here
         words = {"pinned": "pinned", "known": "known", "trusted-on-first-use": "trusted on first use"}
         self._coordinator_waiting = ""
@@ -801,7 +833,11 @@ class NodeDaemon:
         wanted = max(1, int(self.control.threads))
         if wanted != self._applied_threads:
             try:
-                actual = set_blas_threads(wanted)
+                if not self._blas.available:
+                    raise BlasThreadsUnavailable("no OpenBLAS thread setter was found")
+                self._blas.use(wanted)
+                actual = get_blas_threads()
+                self._blas.limit = actual  # the most a large product uses; small ones keep one
                 self._say(f"BLAS threads: {actual}")
             except (BlasThreadsUnavailable, OSError, AttributeError) as exc:
                 actual = wanted
@@ -899,7 +935,7 @@ class NodeDaemon:
             self._reject(s, msg.header, "too-large", f"static {name!r} ({array.nbytes} bytes) would make "
                          f"{total} bytes of statics; this node keeps at most {self.max_static_bytes}", "STATIC")
             return
-        s.statics[name] = array  # a read-only view on the received frame, kept for the session
+        s.statics[name] = aligned(array)  # read-only, kept for the session
         s.static_bytes = total
         self._say(f"stored static {name} {array.dtype}{list(array.shape)}")
 
@@ -920,7 +956,9 @@ class NodeDaemon:
         self._set(connection="working", reason="", current_op=label)
         start = time.perf_counter()
         try:
-            result = compute_batch(op, params, msg.arrays, s.statics)
+            # `result` is a view on the session's reused buffer: it is sealed (encrypted into a new
+            # frame) below, before the next batch can overwrite it.
+            result = compute_batch(op, params, msg.arrays, s.statics, s.workspace)
         except BatchError as exc:
             self._reject(s, h, BATCH_ERROR_CODES.get(exc.code, "bad-params"), exc.detail)
             return
