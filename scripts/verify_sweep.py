@@ -85,12 +85,18 @@ class SweepExecutor(InProcessExecutor):
             if batch.op != "matmul" or (not name and not self.args.dynamic) or self.stats["honest"] >= self.args.honest:
                 continue
             static = statics[name] if name else None
-            norms = self.norms.setdefault(name, StaticNorms(static)) if name else None
+            norms = self._norms(name, static) if name else None
             if self.args.record is not None and name and len(self.recorded) < self.args.record:
                 self.recorded.append((batch.shard, name, dict(batch.params), batch.arrays["b"].copy(),
                                       int(batch.arrays["rows"].shape[0])))
             self.check(c, batch.arrays, batch.params, static, norms, name, node)
         return results
+
+    def _norms(self, name, static):
+        """One StaticNorms per static for the run, as the coordinator keeps them (its probes are drawn once)."""
+        if name not in self.norms:
+            self.norms[name] = StaticNorms(static, self.rng)
+        return self.norms[name]
 
     def check(self, c, arrays, params, static, norms, name, node):
         """The honest check of one batch, and (every --lie-every) one check per kind of lie."""
@@ -143,7 +149,7 @@ class SweepExecutor(InProcessExecutor):
             t0 = time.process_time()
             c = compute_batch("matmul", params, arrays, self.statics[shard])
             node = time.process_time() - t0
-            self.check(c, arrays, params, static, self.norms.setdefault(name, StaticNorms(static)), name, node)
+            self.check(c, arrays, params, static, self._norms(name, static), name, node)
 
 
 def main(argv=None) -> int:

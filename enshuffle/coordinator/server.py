@@ -227,6 +227,7 @@ class CoordinatorServer:
         self.replicate = False  # also compute results of untrusted keys here and compare (--replicate)
         self._verify_rng = np.random.default_rng()
         self._static_norms: dict[str, object] = {}
+        self.check_seconds = 0.0  # this thread's CPU in result checks (what `enshuffle bench` reports)
         # The exposure bound (docs/design.md, "Privacy"): per bounded kind, the share a node may
         # ever hold; by default one slot's block. A slot never moves to a node it would push over.
         self.max_exposure = max_exposure
@@ -1137,9 +1138,11 @@ class CoordinatorServer:
             self.log(f"refused RESULT for batch {task.batch_id} from {session.label}: {problem}")
             self._refuse_lie(session, task, "wrong-shape", problem)
             return
+        started = time.thread_time()
         problem = self._check_result(task, c) if self.verify_results else None
         if problem is None and self.replicate and self.reputation.needs_replica(session.key):
             problem = self._check_replica(task, c)
+        self.check_seconds += time.thread_time() - started
         if problem is not None:
             self.counters["wrong"] += 1
             self._count_refused(session)
@@ -1214,7 +1217,7 @@ class CoordinatorServer:
             static = self.static_arrays(batch.shard)[name]
             norms = self._static_norms.get(name)
             if norms is None:
-                norms = self._static_norms[name] = StaticNorms(static)
+                norms = self._static_norms[name] = StaticNorms(static, self._verify_rng)
         return check_matmul(c, batch.arrays, batch.params, self._verify_rng, static, norms)
 
     def _on_reject(self, session: Session, msg) -> None:

@@ -50,13 +50,63 @@ T_LIMIT = 10.0  # test 4: significance; honest |t| reaches ~70 (rounding is weak
 MIN_LEVEL = 0.02  # floor for the level in test 2 (a batch of exact zeros has level 0)
 MIN_SAMPLES = 256  # rows x probes below which the batch's level is not estimated (test 2 uses s = 1)
 CHUNK_BYTES = 16 << 20  # float64 working set per chunk of A
+LEFT_PROBES = 8  # fixed secret probes of a static block (StaticNorms): a product over it is checked
+#                  from the result's side alone, one pass over the large operand
+REFRESH = 16  # a set of fixed probes serves checks over REFRESH times the block's rows, then StaticNorms
+#              draws new ones: the redraw (a pass over the block) costs at most 1/REFRESH of the checks
+SQRT3 = float(np.sqrt(3.0))
+LEFT_MIN_ROWS = 2048  # batches over fewer rows of a static keep the per-row right-probe check: it is as
+#                       cheap there and its per-row bound sees a single wrong entry sqrt(rows) times sooner
+SMALL_RESULT = 1 << 18  # results up to this many entries get the exact |C|-weighted bound and |C| regressor
+U64 = float(np.finfo(np.float64).eps) / 2
 
 
 class StaticNorms:
-    """Facts about a static block computed once: whether every value is finite."""
+    """Per static block, computed once (and again every REFRESH checks): secret probes and what
+    they make of the block, so checking a product over it never reads the block again.
 
-    def __init__(self, static: np.ndarray):
+    Row probes L (N, LEFT_PROBES) weight the static's rows (for C = S[rows] @ b: l = L[rows]);
+    column probes L_c (K, LEFT_PROBES) weight its columns (for C = S[rows]^T @ b). Kept:
+    Q = L^T S and Lam = (L*L)^T (S*S) (each (p, K)), SLc = S @ L_c and S2Lc2 = (S*S) @ (L_c*L_c)
+    (each (N, p)). Probes are uniform on [-sqrt(3), sqrt(3)] (unit variance, |l| <= sqrt(3)):
+    never near zero for long, so a bound may use their largest square."""
+
+    def __init__(self, static: np.ndarray, rng: np.random.Generator | None = None):
+        self.static = static
+        self.rng = rng if rng is not None else np.random.default_rng()
         self.finite = bool(np.isfinite(static).all())
+        self.rows_checked = 0
+        self.drawn = False  # the probes are drawn at the first large check, not before
+
+    def _draw(self) -> None:
+        s = self.static
+        n, k = s.shape
+        p = LEFT_PROBES
+        self.row_probes = self.rng.uniform(-SQRT3, SQRT3, (n, p))
+        self.col_probes = self.rng.uniform(-SQRT3, SQRT3, (k, p))
+        q = np.zeros((p, k))
+        lam = np.zeros((p, k))
+        self.s_lc = np.empty((n, p))
+        self.s2_lc2 = np.empty((n, p))
+        lc2 = self.col_probes ** 2
+        for sl in _chunks(n, k):
+            chunk = np.asarray(s[sl], dtype=np.float64)
+            lr = self.row_probes[sl]
+            q += lr.T @ chunk
+            np.matmul(chunk, self.col_probes, out=self.s_lc[sl])
+            sq = chunk * chunk
+            lam += (lr * lr).T @ sq
+            np.matmul(sq, lc2, out=self.s2_lc2[sl])
+        self.q, self.lam = q, lam
+        self.rows_checked = 0
+        self.drawn = True
+
+    def used(self, rows: int) -> None:
+        """Count a check over `rows` rows; past REFRESH times the block's rows the probes are
+        drawn anew, so a node probing which of its lies get caught learns little about any one set."""
+        self.rows_checked += rows
+        if self.rows_checked >= REFRESH * self.static.shape[0]:
+            self._draw()
 
 
 def _chunks(n: int, cols: int):
@@ -104,6 +154,7 @@ class Residual:
     lhs: np.ndarray
     rhs: np.ndarray
     reference: float | None = None  # the k-th largest row's residual (k = 1% of rows, >= 3)
+    axis: str = "row"  # what a line of worst/lhs/rhs is: a row of C (right probes) or a column (left)
 
 
 def _fit(d: np.ndarray, x: np.ndarray) -> tuple[float, float]:
@@ -121,7 +172,17 @@ def _fit(d: np.ndarray, x: np.ndarray) -> tuple[float, float]:
 
 def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, rng: np.random.Generator,
                    static: np.ndarray | None = None, norms: StaticNorms | None = None) -> Residual:
-    """Freivalds residual of a claimed C = A @ B, (n, K) @ (K, m) -> (n, m), in units of the rounding bound."""
+    """Freivalds residual of a claimed C = A @ B, (n, K) @ (K, m) -> (n, m), in units of the rounding bound.
+
+    A product over a static block with finite operands is checked from the left with the block's
+    fixed probes (`_measure_static`); anything else with fresh right probes, as below."""
+    if static is not None and arrays["rows"].shape[0] >= LEFT_MIN_ROWS:
+        if norms is None or norms.static is not static:
+            norms = StaticNorms(static, rng)
+        if norms.finite:
+            res = _measure_static(c, arrays["rows"], arrays["b"], bool(params.get("transpose_a")), norms)
+            if res is not None:
+                return res
     b = arrays["b"]
     transpose = bool(params.get("transpose_a"))
     u = float(np.finfo(c.dtype).eps) / 2
@@ -175,6 +236,84 @@ def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, r
                     unit=u, lhs=lhs, rhs=rhs, reference=reference)
 
 
+def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: bool,
+                    norms: StaticNorms) -> Residual | None:
+    """Left-probe Freivalds over a static block S (N, K): D = l^T C - (l^T A) B, (p, m), with l
+    the block's fixed secret probes, so the block itself is never read (Q, Lam, SLc, S2Lc2 are
+    kept in `norms`). One pass over the large operand: C for S[rows] @ b (plus one for its column
+    norms when C is large), b for S[rows]^T @ b (plus one for b*b).
+
+    Bound of D[p, j] (a random walk of roundings, see the module docstring): the node's
+    u sqrt(K') sqrt(sum_i l_ip^2 (c_ij^2 + sum_k a_ik^2 b_kj^2)) over its contraction K', plus
+    this check's own float64 roundings (its sums over n rows and over the block's N rows).
+    None when the exact product is not finite (non-finite b): the right-probe check handles it."""
+    if not norms.drawn:
+        norms._draw()
+    p = LEFT_PROBES
+    n_static, k_static = norms.static.shape
+    n = rows.shape[0]
+    u = float(np.finfo(c.dtype).eps) / 2
+    c64 = c if c.dtype == np.float64 else c.astype(np.float64)
+    b64 = b if b.dtype == np.float64 else b.astype(np.float64)
+    if not transpose:
+        full = n == n_static and bool(np.all(np.bincount(rows, minlength=n_static) == 1))
+        probes = np.take(norms.row_probes, rows, axis=0)  # (n, p)
+        lhs = probes.T @ c64
+        if full:  # l^T S[rows] = L^T S for a whole permutation: kept
+            q, lam = norms.q, norms.lam
+        else:
+            a = np.take(norms.static, rows, axis=0).astype(np.float64, copy=False)
+            q, lam = probes.T @ a, (probes * probes).T @ (a * a)
+        rhs = q @ b64
+        b2 = b64 * b64
+        ab = lam @ b2
+        qb = (q * q) @ b2
+        if c.size > SMALL_RESULT:  # column norms times the largest probe square: one pass, an upper bound
+            cterm = (probes * probes).max(axis=0)[:, None] * np.einsum("ij,ij->j", c64, c64)[None, :]
+            absreg = None
+        else:
+            cterm = (probes * probes).T @ (c64 * c64)
+            absreg = probes.T @ np.abs(c64)
+        contraction = k_static
+        bound = (u * np.sqrt(contraction) * np.sqrt(cterm + ab)
+                 + U64 * (np.sqrt(n) * np.sqrt(cterm) + np.sqrt(n_static if full else n) * np.sqrt(ab)
+                          + np.sqrt(k_static) * np.sqrt(qb)))
+    else:
+        lc = norms.col_probes  # (K, p) over C's rows
+        lhs = lc.T @ c64
+        w = np.take(norms.s_lc, rows, axis=0)  # (n, p): (S[rows] Lc)
+        rhs = w.T @ b64
+        weights = np.concatenate([np.take(norms.s2_lc2, rows, axis=0), w * w], axis=1)
+        sums = weights.T @ (b64 * b64)  # (2p, m)
+        ab, wb = sums[:p], sums[p:]
+        lc2 = lc * lc
+        cterm = lc2.T @ (c64 * c64)
+        absreg = lc.T @ np.abs(c64)
+        bound = (u * np.sqrt(n) * np.sqrt(cterm + ab)
+                 + U64 * (np.sqrt(k_static) * (np.sqrt(cterm) + np.sqrt(ab)) + np.sqrt(n) * np.sqrt(wb)))
+    norms.used(n)
+    if not np.isfinite(rhs).all():
+        return None
+    bound = bound + np.finfo(np.float64).tiny
+    m = lhs.shape[1]
+    if not np.isfinite(lhs).all():
+        bad = int((~np.isfinite(c64)).any(axis=1).sum())
+        return Residual(rows=c.shape[0], nonfinite_rows=max(bad, 1), worst=np.zeros(0), level=None, fits={},
+                        unit=u, lhs=np.zeros((0, p)), rhs=np.zeros((0, p)))
+    d = lhs - rhs
+    ratio = np.abs(d) / bound
+    worst = ratio.max(axis=0)  # per column of C
+    level = float(np.median(ratio)) / 0.6745
+    k = min(m, max(3, m // 100))
+    reference = float(np.partition(worst, m - k)[m - k])
+    dn = d / bound
+    fits = {"C·r": _fit(dn, lhs / bound)}
+    if absreg is not None:
+        fits["|C|·r"] = _fit(dn, absreg / bound)
+    return Residual(rows=m, nonfinite_rows=0, worst=worst, level=level if ratio.size >= MIN_SAMPLES else None,
+                    fits=fits, unit=u, lhs=lhs.T, rhs=rhs.T, reference=reference, axis="column")
+
+
 def judge(res: Residual) -> str | None:
     """None if the measured residual is what honest rounding produces, else a sentence saying why not."""
     if res.nonfinite_rows:
@@ -184,16 +323,18 @@ def judge(res: Residual) -> str | None:
         return _row_failure(res, ABS_LIMIT)
     if res.level is None:
         return None
+    # A lie proportional to C (a scale or a same-sign bias) is named as such before the level
+    # test, which it also fails.
+    for name, (beta, t) in res.fits.items():
+        if t > T_LIMIT and abs(beta) > BIAS_UNITS * res.unit:
+            return (f"Freivalds check failed: the result differs from the product by {beta:.3g} x {name} "
+                    f"(t = {t:.1f}); honest rounding is not correlated with it")
     if res.level > LEVEL_LIMIT:
         return (f"Freivalds check failed: the whole result is noisier than rounding allows "
                 f"(level {res.level:.2f} of the bound, at most {LEVEL_LIMIT:g})")
     limit = OUTLIER * max(res.reference, MIN_LEVEL)
     if not res.worst.max() <= limit:
         return _row_failure(res, limit)
-    for name, (beta, t) in res.fits.items():
-        if t > T_LIMIT and abs(beta) > BIAS_UNITS * res.unit:
-            return (f"Freivalds check failed: the result differs from the product by {beta:.3g} x {name} "
-                    f"(t = {t:.1f}); honest rounding is not correlated with it")
     return None
 
 
@@ -206,9 +347,9 @@ def check_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, rng
 def _row_failure(res: Residual, limit: float) -> str:
     i = int(np.argmax(res.worst))
     j = int(np.argmax(np.abs(res.lhs[i] - res.rhs[i])))
-    return (f"Freivalds check failed at row {i}: C·r = {res.lhs[i, j]:.9g}, A·(B·r) = {res.rhs[i, j]:.9g}, "
+    return (f"Freivalds check failed at {res.axis} {i}: C·r = {res.lhs[i, j]:.9g}, A·(B·r) = {res.rhs[i, j]:.9g}, "
             f"off by {res.worst[i]:.3g} times the rounding bound (limit {limit:.3g}); "
-            f"{int((res.worst > limit).sum())} of {res.worst.size} rows off")
+            f"{int((res.worst > limit).sum())} of {res.worst.size} {res.axis}s off")
 
 
 def check_replica(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict,
