@@ -208,3 +208,55 @@ def test_with_replicate_the_coordinators_own_product_refuses_a_liar(core_data_di
     weights = train_beside_a_liar(run, tmp_path)
     assert run.server.counters["wrong"] >= 3 and run.logged("replica check failed"), run.describe()
     assert_same_weights(weights, expected)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_large_float64_products_are_checked_with_the_blocks_fixed_probes(transpose):
+    """A full-batch float64 product (the seed preset's) is checked from the left with the static
+    block's fixed secret probes: honest results pass again and again, and a single entry off by
+    1e-11 of the RMS, a scale of every entry and a NaN are each caught; the block is read once."""
+    from enshuffle.coordinator import verify
+
+    rng = np.random.default_rng(21)
+    n = 3 * verify.LEFT_MIN_ROWS
+    s = image_like(rng, n, 392, np.float64)
+    norms = StaticNorms(s, rng)
+    rows = rng.permutation(n)
+    if transpose:
+        b = rng.standard_normal((n, 128)) * 1e-3
+        c = s[rows].T @ b
+    else:
+        b = rng.standard_normal((392, 128)) * 0.01
+        c = s[rows] @ b
+    arrays, params = {"rows": rows, "b": b}, {"transpose_a": transpose}
+    res = verify.measure_matmul(c, arrays, params, rng, s, norms)
+    assert res.axis == "column" and norms.drawn  # the left-probe path ran
+    rms = float(np.sqrt(np.mean(c * c)))
+    caught = 0
+    for _ in range(20):
+        assert check_matmul(c, arrays, params, rng, s, norms) is None
+        wrong = c.copy()
+        wrong.flat[rng.integers(c.size)] += 1e-11 * rms
+        caught += check_matmul(wrong, arrays, params, rng, s, norms) is not None
+    assert caught == 20
+    assert check_matmul(c * (1 + 1e-12), arrays, params, rng, s, norms) is not None
+    nan = c.copy()
+    nan[1, 1] = np.nan
+    assert "NaN" in check_matmul(nan, arrays, params, rng, s, norms)
+
+
+def test_fixed_probes_are_drawn_anew_after_refresh_rows():
+    from enshuffle.coordinator import verify
+
+    rng = np.random.default_rng(22)
+    n = verify.LEFT_MIN_ROWS
+    s = rng.standard_normal((n, 64))
+    norms = StaticNorms(s, rng)
+    b = rng.standard_normal((64, 8))
+    rows = rng.permutation(n)
+    c = s[rows] @ b
+    assert check_matmul(c, {"rows": rows, "b": b}, {}, rng, s, norms) is None
+    first = norms.row_probes.copy()
+    for _ in range(verify.REFRESH - 1):
+        check_matmul(c, {"rows": rows, "b": b}, {}, rng, s, norms)
+    assert not np.array_equal(first, norms.row_probes)
