@@ -53,7 +53,8 @@ NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
 NOISE_SCALE = 1.0  # std of each noise element, in units of a normalized pixel's root mean square
 MIX_GROUP = 32  # mixing blocks: 32x32 dense, so mixing costs 32 multiply-adds per element
 SOURCE_CHUNK_ROWS = 512  # rows of raw pixels converted to float64 at a time (fits in cache)
-DECOY_RANK = 2  # per class and batch: dz1's mean and this many principal directions move to other rows
+DECOY_RANK = 2
+DECOY_GRAM_ROWS = 1024  # full batch: a class's principal directions are estimated from this many of its rows  # per class and batch: dz1's mean and this many principal directions move to other rows
 
 
 @dataclass
@@ -380,7 +381,7 @@ class DistributedCompute:
         delta is (b, q), directions (q, 128), q = classes * (1 + DECOY_RANK): what the
         coordinator subtracts costs b * 784 * q multiply-adds. All classes at once: one batched
         eigenproblem over the smaller Gram matrices, no loop over classes or rows."""
-        d = dz1.astype(np.float64)
+        d = dz1.astype(np.float64, copy=False)  # read only
         n, m = d.shape
         r = DECOY_RANK
         _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
@@ -388,8 +389,8 @@ class DistributedCompute:
         onehot = np.zeros((n, c))
         onehot[np.arange(n), inverse] = 1.0
         means = (onehot.T @ d) / counts[:, None]  # (c, m)
-        centered = d - means[inverse]
         if n <= 4 * m:
+            centered = d - means[inverse]
             # Mini-batch: a class has a dozen rows. Rows grouped by class and zero-padded to
             # (c, width, m) (padding adds nothing to a Gram): one batched eigenproblem on the small
             # (width x width) Grams.
@@ -402,20 +403,29 @@ class DistributedCompute:
             vectors = np.linalg.eigh(padded @ padded.transpose(0, 2, 1))[1][:, :, -r:]  # (c, width, r)
             top = padded.transpose(0, 2, 1) @ vectors  # (c, m, r)
             top /= np.maximum(np.linalg.norm(top, axis=1, keepdims=True), 1e-300)
+            weights = (centered @ top.transpose(1, 0, 2).reshape(m, c * r)).reshape(n, c, r)
         else:
-            # Full batch: thousands of rows a class. Rows sorted by class once; each class's (m x m)
-            # Gram from its contiguous rows (a loop over the at most 10 classes, not over rows);
-            # then one batched eigenproblem.
-            grouped = np.take(centered, np.argsort(inverse, kind="stable"), axis=0)
-            ends = np.cumsum(counts)
-            grams = np.stack([grouped[e - k:e].T @ grouped[e - k:e] for e, k in zip(ends, counts)])
-            top = np.linalg.eigh(grams)[1][:, :, -r:]  # (c, m, r)
-        # Each row's weight on its own class's directions (zero on the others'): (n, c, r).
-        weights = (centered @ top.transpose(1, 0, 2).reshape(m, c * r)).reshape(n, c, r) * onehot[:, :, None]
+            # Full batch: thousands of rows a class. Each class's principal directions from the
+            # (m x m) Gram of at most DECOY_GRAM_ROWS of its rows drawn at random (a loop over the
+            # at most 10 classes, not over rows); then one batched eigenproblem. The centred rows
+            # are never formed: (d_i - mean) @ top = d_i @ top - mean @ top.
+            order = np.argsort(inverse, kind="stable")
+            grams = []
+            for e, k, mean in zip(np.cumsum(counts), counts, means):
+                members = order[e - k:e]
+                if k > DECOY_GRAM_ROWS:
+                    members = self.rng.choice(members, DECOY_GRAM_ROWS, replace=False)
+                g = np.take(d, members, axis=0) - mean
+                grams.append(g.T @ g)
+            top = np.linalg.eigh(np.stack(grams))[1][:, :, -r:]  # (c, m, r)
+            flat = top.transpose(1, 0, 2).reshape(m, c * r)
+            weights = (d @ flat - (means @ flat)[inverse]).reshape(n, c, r)
+        weights *= onehot[:, :, None]  # each row's weight on its own class's directions only
         structure = np.concatenate([onehot, weights.reshape(n, c * r)], axis=1)  # (n, q)
         directions = np.concatenate([means, top.transpose(0, 2, 1).reshape(c * r, m)])  # (q, m)
         delta = np.take(structure, self.rng.permutation(n), axis=0) - structure
-        sent = d + delta @ directions
+        sent = delta @ directions
+        sent += d
         return sent.astype(dz1.dtype, copy=False), delta, directions
 
     def _source_t_times(self, idx: np.ndarray, m: np.ndarray) -> np.ndarray:
