@@ -50,6 +50,7 @@ T_LIMIT = 10.0  # test 4: significance; honest |t| reaches ~70 (rounding is weak
 MIN_LEVEL = 0.02  # floor for the level in test 2 (a batch of exact zeros has level 0)
 MIN_SAMPLES = 256  # rows x probes below which the batch's level is not estimated (test 2 uses s = 1)
 CHUNK_BYTES = 16 << 20  # float64 working set per chunk of A
+PASS_BYTES = 1 << 20  # chunk of a one-pass left check: small enough to stay in cache between its products
 LEFT_PROBES = 8  # fixed secret probes of a static block (StaticNorms): a product over it is checked
 #                  from the result's side alone, one pass over the large operand
 REFRESH = 16  # a set of fixed probes serves checks over REFRESH times the block's rows, then StaticNorms
@@ -111,8 +112,8 @@ class StaticNorms:
             self._draw()
 
 
-def _chunks(n: int, cols: int):
-    step = max(1, CHUNK_BYTES // (8 * max(cols, 1)))
+def _chunks(n: int, cols: int, size: int = CHUNK_BYTES):
+    step = max(1, size // (8 * max(cols, 1)))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
@@ -261,7 +262,15 @@ def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: b
     if not transpose:
         full = n == n_static and bool(np.all(np.bincount(rows, minlength=n_static) == 1))
         probes = np.take(norms.row_probes, rows, axis=0)  # (n, p)
-        lhs = probes.T @ c64
+        big = c.size > SMALL_RESULT
+        if big:  # l^T C and C's column norms in one pass over C, chunk by chunk (in cache)
+            lhs, colsq = np.zeros((p, c.shape[1])), np.zeros(c.shape[1])
+            for sl in _chunks(n, c.shape[1], PASS_BYTES):
+                chunk = c64[sl]
+                lhs += probes[sl].T @ chunk
+                colsq += np.einsum("ij,ij->j", chunk, chunk)
+        else:
+            lhs = probes.T @ c64
         if full:  # l^T S[rows] = L^T S for a whole permutation: kept
             q, lam = norms.q, norms.lam
         else:
@@ -271,8 +280,8 @@ def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: b
         b2 = b64 * b64
         ab = lam @ b2
         qb = (q * q) @ b2
-        if c.size > SMALL_RESULT:  # column norms times the largest probe square: one pass, an upper bound
-            cterm = (probes * probes).max(axis=0)[:, None] * np.einsum("ij,ij->j", c64, c64)[None, :]
+        if big:  # column norms times the largest probe square: an upper bound
+            cterm = (probes * probes).max(axis=0)[:, None] * colsq[None, :]
             absreg = None
         else:
             cterm = (probes * probes).T @ (c64 * c64)
@@ -285,9 +294,16 @@ def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: b
         lc = norms.col_probes  # (K, p) over C's rows
         lhs = lc.T @ c64
         w = np.take(norms.s_lc, rows, axis=0)  # (n, p): (S[rows] Lc)
-        rhs = w.T @ b64
         weights = np.concatenate([np.take(norms.s2_lc2, rows, axis=0), w * w], axis=1)
-        sums = weights.T @ (b64 * b64)  # (2p, m)
+        # (S[rows] Lc)^T b and the weighted sums of b*b in one pass over b, chunk by chunk
+        rhs, sums = np.zeros((p, b.shape[1])), np.zeros((2 * p, b.shape[1]))
+        step = max(1, PASS_BYTES // (8 * b.shape[1]))
+        square = np.empty((min(step, n), b.shape[1]))
+        for sl in _chunks(n, b.shape[1], PASS_BYTES):
+            chunk = b64[sl]
+            rhs += w[sl].T @ chunk
+            sq = np.multiply(chunk, chunk, out=square[:chunk.shape[0]])
+            sums += weights[sl].T @ sq
         ab, wb = sums[:p], sums[p:]
         lc2 = lc * lc
         cterm = lc2.T @ (c64 * c64)
