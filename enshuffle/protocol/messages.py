@@ -499,8 +499,9 @@ class Channel:
         envelope = TAG + KIND_SEALED + counter.to_bytes(COUNTER_BYTES, "big")
         nonce = bytes(4) + envelope[5:]
         size = sum(memoryview(p).nbytes for p in parts)
-        out = bytearray(len(envelope) + size + TAG_BYTES)
-        out[:len(envelope)] = envelope
+        # numpy's empty: no zero-filling of a buffer every byte of which is written below
+        out = np.empty(len(envelope) + size + TAG_BYTES, dtype=np.uint8)
+        out[:len(envelope)] = np.frombuffer(envelope, dtype=np.uint8)
         body = memoryview(out)[len(envelope):]
         if size <= self.STREAM_THRESHOLD:
             self._send.encrypt_into(nonce, b"".join(bytes(p) for p in parts), envelope, body)
@@ -522,7 +523,7 @@ class Channel:
             offset += len(tail)
             body[offset:offset + TAG_BYTES] = enc.tag
         self.seconds += self.clock() - start
-        return [out]
+        return [memoryview(out)]
 
     def open(self, frames: list, *, limits: Limits = DEFAULT_LIMITS) -> Message:
         """Decrypt, check the counter, then decode one sealed message."""
@@ -539,7 +540,7 @@ class Channel:
                                 f"reordered message")
         from cryptography.exceptions import InvalidTag
 
-        out = bytearray(view.nbytes - len(envelope) - TAG_BYTES)
+        out = np.empty(view.nbytes - len(envelope) - TAG_BYTES, dtype=np.uint8)  # fully written: not zeroed
         try:
             self._recv.decrypt_into(bytes(4) + envelope[5:], view[len(envelope):], envelope, out)
         except InvalidTag:
