@@ -160,17 +160,33 @@ class Residual:
     axis: str = "row"  # what a line of worst/lhs/rhs is: a row of C (right probes) or a column (left)
 
 
-def _fit(d: np.ndarray, x: np.ndarray) -> tuple[float, float]:
-    """Least-squares coefficient of d on x and its |t| against d's residual noise."""
-    dv, xv = d.ravel(), x.ravel()
-    xx = float(xv @ xv)
-    if not (xx > 0 and np.isfinite(xx)) or dv.size < 16:
-        return 0.0, 0.0
-    beta = float(xv @ dv) / xx
-    resid = dv - beta * xv
-    se = np.sqrt(float(resid @ resid) / (dv.size - 1) / xx)
-    t = abs(beta) / se if se > 0 else (np.inf if beta != 0 else 0.0)
-    return beta, float(t)
+def _median(x: np.ndarray) -> float:
+    """The (upper) median of every entry, by one partition (np.median's checks cost more at this size)."""
+    flat = x.ravel()
+    mid = flat.size // 2
+    return float(np.partition(flat, mid)[mid])
+
+
+def _fits(d: np.ndarray, regressors: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """`_fit` of d on each regressor alone, from one product: the residual sum of squares of a
+    one-regressor fit is d.d - (x.d)^2 / x.x."""
+    dv = d.ravel()
+    if dv.size < 16:
+        return {name: (0.0, 0.0) for name in regressors}
+    xs = np.stack([x.ravel() for x in regressors.values()])
+    xd = xs @ dv
+    xx = np.einsum("ij,ij->i", xs, xs)
+    dd = float(dv @ dv)
+    out = {}
+    for name, sxd, sxx in zip(regressors, xd, xx):
+        if not (sxx > 0 and np.isfinite(sxx)):
+            out[name] = (0.0, 0.0)
+            continue
+        beta = float(sxd / sxx)
+        rss = max(dd - float(sxd) ** 2 / float(sxx), 0.0)
+        se = np.sqrt(rss / (dv.size - 1) / float(sxx))
+        out[name] = (beta, float(abs(beta) / se) if se > 0 else (np.inf if beta != 0 else 0.0))
+    return out
 
 
 def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, rng: np.random.Generator,
@@ -224,18 +240,19 @@ def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, r
     if not compared.all():
         lhs, rhs, bound, c64 = lhs[compared], rhs[compared], bound[compared], c64[compared]
     d = lhs - rhs
-    ratio = np.abs(d) / bound[:, None]
-    worst = np.where(np.isnan(ratio), np.inf, ratio).max(axis=1) if ratio.size else np.zeros(0)
+    dn = d / bound[:, None]
+    ratio = np.abs(dn)
+    worst = ratio.max(axis=1) if ratio.size else np.zeros(0)
+    worst[np.isnan(worst)] = np.inf
     level = fits = None
     reference = None
     if ratio.size >= MIN_SAMPLES:
-        level = float(np.median(ratio)) / 0.6745  # a normal's scale from its median absolute value
+        level = _median(ratio) / 0.6745  # a normal's scale from its median absolute value
         # The k-th largest row (k = 1% of rows, at least 3): a lie in one or two rows cannot move
         # it, and honest rows whose bound fits less tightly than most are measured by it.
         k = min(worst.size, max(3, worst.size // 100))
         reference = float(np.partition(worst, worst.size - k)[worst.size - k])
-        dn = d / bound[:, None]
-        fits = {"C·r": _fit(dn, lhs / bound[:, None]), "|C|·r": _fit(dn, (np.abs(c64) @ r) / bound[:, None])}
+        fits = _fits(dn, {"C·r": lhs / bound[:, None], "|C|·r": (np.abs(c64) @ r) / bound[:, None]})
     return Residual(rows=c.shape[0], nonfinite_rows=nonfinite, worst=worst, level=level, fits=fits or {},
                     unit=u, lhs=lhs, rhs=rhs, reference=reference)
 
@@ -322,13 +339,14 @@ def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: b
     d = lhs - rhs
     ratio = np.abs(d) / bound
     worst = ratio.max(axis=0)  # per column of C
-    level = float(np.median(ratio)) / 0.6745
+    level = _median(ratio) / 0.6745
     k = min(m, max(3, m // 100))
     reference = float(np.partition(worst, m - k)[m - k])
     dn = d / bound
-    fits = {"C·r": _fit(dn, lhs / bound)}
+    regressors = {"C·r": lhs / bound}
     if absreg is not None:
-        fits["|C|·r"] = _fit(dn, absreg / bound)
+        regressors["|C|·r"] = absreg / bound
+    fits = _fits(dn, regressors)
     return Residual(rows=m, nonfinite_rows=0, worst=worst, level=level if ratio.size >= MIN_SAMPLES else None,
                     fits=fits, unit=u, lhs=lhs.T, rhs=rhs.T, reference=reference, axis="column")
 
