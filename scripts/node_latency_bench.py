@@ -13,7 +13,9 @@ A configuration is `default` (no --threads: what a volunteer runs), a number N (
 or DIR:THREADS to run the node from another copy of the package (DIR goes on its PYTHONPATH,
 e.g. `git archive OLD enshuffle | tar -x -C DIR` for a before/after on the same load).
 `--repeats` alternates the configurations. `--no-check` turns the coordinator's Freivalds check
-off, to see the node alone. Environment: NODE_PROFILE=FILE runs the node under cProfile;
+off, to see the node alone. `--hog` keeps one busy-looping process running during each
+measurement (a volunteer's own work, or another job on a shared box): on 2 cores that is when
+threads that wait for each other cost most. Environment: NODE_PROFILE=FILE runs the node under cProfile;
 NODE_WRAPPER=PROG runs `PROG python -m enshuffle node ...` (e.g. a script calling perf record).
 """
 
@@ -108,15 +110,15 @@ def measure(config: str, batches: int, rows: int, images: int, check: bool, tran
                 return Batch(0, "matmul", {"a_static": name, "transpose_a": transpose}, {"rows": idx, "b": b})
 
             times = []
-            faults_before = node_faults(node.pid)
-            cpu_before = node_cpu(node.pid)
             for i in range(batches + 20):
+                if i == 20:  # after the warm-up: statics, first leases, BLAS start-up
+                    faults_before, cpu_before = node_faults(node.pid), node_cpu(node.pid)
                 bt = batch()
                 start = time.perf_counter()
                 (c,) = server.run([bt])
                 elapsed = time.perf_counter() - start
                 server.step_done()
-                if i >= 20:  # warm-up: statics, first leases, BLAS start-up
+                if i >= 20:
                     times.append(elapsed)
             faults = node_faults(node.pid) - faults_before
             cpu = node_cpu(node.pid) - cpu_before
@@ -126,7 +128,7 @@ def measure(config: str, batches: int, rows: int, images: int, check: bool, tran
             stop_local_nodes([node])
     ms = [1000 * t for t in times]
     return {"median": statistics.median(ms), "p90": percentile(ms, 0.9), "max": max(ms),
-            "faults": faults / (batches + 20), "cpu_ms": 1000 * cpu / (batches + 20), "shape": shape}
+            "faults": faults / batches, "cpu_ms": 1000 * cpu / batches, "shape": shape}
 
 
 def main() -> None:
@@ -139,10 +141,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="alternate the configurations this many times")
     parser.add_argument("--transpose", action="store_true", help="S[rows].T @ b (the backward product)")
     parser.add_argument("--no-check", dest="check", action="store_false")
+    parser.add_argument("--hog", action="store_true", help="one busy-looping process alongside")
     args = parser.parse_args()
     for _ in range(args.repeats):
         for threads in args.threads:
-            r = measure(threads, args.batches, args.rows, args.images, args.check, args.transpose)
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
+            try:
+                r = measure(threads, args.batches, args.rows, args.images, args.check, args.transpose)
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
             print(f"node {threads:>24}: median {r['median']:.2f} ms, p90 {r['p90']:.2f} ms, "
                   f"max {r['max']:.1f} ms; node CPU {r['cpu_ms']:.2f} ms, {r['faults']:.0f} page faults per "
                   f"product ({args.batches} products {r['shape']} float32)", flush=True)
