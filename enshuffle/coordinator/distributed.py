@@ -282,9 +282,27 @@ class DistributedCompute:
                                           "column_pixel": column_pixel, "which": w}
         return out
 
-    def _run(self, batches: list[Batch]) -> list[np.ndarray]:
+    def _send(self, batches) -> list:
+        """Start one round trip: every batch `batches` yields goes out as soon as it is built (if
+        the executor can `submit`), so a node computes while the next slot's batch is prepared
+        and while the caller does its own share of the product; `_receive` waits for the results."""
         self.round_trips += 1
-        return self.executor.run(batches)
+        submit = getattr(self.executor, "submit", None)
+        if submit is None:
+            return [("run", list(batches))]
+        handles = []
+        try:
+            for batch in batches:
+                handles.append(submit(batch))
+        except BaseException:
+            self.executor.forget(handles)
+            raise
+        return handles
+
+    def _receive(self, handles: list) -> list[np.ndarray]:
+        if len(handles) == 1 and isinstance(handles[0], tuple) and handles[0][0] == "run":
+            return self.executor.run(handles[0][1])
+        return self.executor.collect(handles)
 
     def _rows(self, which: str, idx: np.ndarray | None) -> np.ndarray:
         return np.arange(self.images[which].shape[0]) if idx is None else np.asarray(idx)
@@ -294,32 +312,36 @@ class DistributedCompute:
         """X[idx] @ w1, contraction over pixels: each slot multiplies its static block."""
         idx = self._rows(which, idx)
         share = self.disguise == "share"
-        batches, disguises = [], []
+        disguises = []
         if share:
             scaled = w1 * self._w_scale  # D alpha w1, (784, 128) float64
-            # sum_s H_s D_s w1[P_s] and the standardization's offset beta @ w1, in one product
-            corrections = self._corrections[which] @ w1  # (NOISE_RANK + 1, 128)
-        for s, st in enumerate(self.statics):
-            d = Disguise(rows=self.rng.permutation(idx.shape[0]), cols=self.rng.permutation(HIDDEN),
-                         col_exp=random_exponents(HIDDEN, self.rng, True))
-            if share:
-                b = st.mix[which].inverse_left(gather(scaled, st.pixels, d.cols)).astype(w1.dtype, copy=False)
-            else:
-                b = gather(w1, st.pixels, d.cols)
-                b *= pow2(-st.pixel_exp, b.dtype)[:, None]
-            b *= pow2(d.col_exp, b.dtype)[None, :]
-            rows = st.row_index[which][idx[d.rows]]
-            batches.append(Batch(s, "matmul", {"a_static": static_name(which, s), "transpose_a": False},
-                                 {"rows": rows, "b": b},
-                                 [("w1", st.pixels, self._form()), ("samples", [0], POSITIONS_HIDDEN)]))
-            disguises.append(d)
-        results = self._run(batches)
+
+        def batches():
+            for s, st in enumerate(self.statics):
+                d = Disguise(rows=self.rng.permutation(idx.shape[0]), cols=self.rng.permutation(HIDDEN),
+                             col_exp=random_exponents(HIDDEN, self.rng, True))
+                if share:
+                    b = st.mix[which].inverse_left(gather(scaled, st.pixels, d.cols)).astype(w1.dtype, copy=False)
+                else:
+                    b = gather(w1, st.pixels, d.cols)
+                    b *= pow2(-st.pixel_exp, b.dtype)[:, None]
+                b *= pow2(d.col_exp, b.dtype)[None, :]
+                rows = st.row_index[which][idx[d.rows]]
+                disguises.append(d)
+                yield Batch(s, "matmul", {"a_static": static_name(which, s), "transpose_a": False},
+                            {"rows": rows, "b": b},
+                            [("w1", st.pixels, self._form()), ("samples", [0], POSITIONS_HIDDEN)])
+
+        handles = self._send(batches())
+        if share:  # while the nodes compute: -G[idx] (sum_s H_s D_s w1[P_s]) + beta @ w1, one product
+            correction = np.concatenate([-self._factor_rows(which, idx), np.ones((idx.shape[0], 1))], axis=1) \
+                @ (self._corrections[which] @ w1)
+        results = self._receive(handles)
         total = disguises[0].undo(np.asarray(results[0], dtype=np.float64))
         for d, r in zip(disguises[1:], results[1:]):
             total += d.undo(np.asarray(r, dtype=np.float64))
         if share:
-            total -= self._factor_rows(which, idx) @ corrections[:NOISE_RANK]
-            total += corrections[NOISE_RANK]  # beta @ w1 (zero for raw inputs)
+            total += correction
         return total.astype(w1.dtype, copy=False)
 
     def dw1(self, idx, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
@@ -335,32 +357,38 @@ class DistributedCompute:
             dz1, delta, directions = self.decoy(dz1, np.asarray(labels))
             moved = (delta, directions)
         out = np.zeros((INPUTS, HIDDEN), dtype=np.float64 if share else dz1.dtype)
-        batches, disguises = [], []
-        for s, st in enumerate(self.statics):
-            order = self.rng.permutation(idx.shape[0])  # the contraction (sample) order
-            d = Disguise(rows=np.arange(len(st.pixels)), cols=self.rng.permutation(HIDDEN),
-                         row_exp=st.pixel_exp, col_exp=random_exponents(HIDDEN, self.rng, True))
-            b = gather(dz1, order, d.cols)
-            b *= pow2(d.col_exp, b.dtype)[None, :]
-            rows = st.row_index["train"][idx[order]]
-            batches.append(Batch(s, "matmul", {"a_static": static_name("train", s), "transpose_a": True},
-                                 {"rows": rows, "b": b},
-                                 [("deltas", np.arange(HIDDEN), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)]))
-            disguises.append(d)
-        results = self._run(batches)
+        disguises = []
+
+        def batches():
+            for s, st in enumerate(self.statics):
+                order = self.rng.permutation(idx.shape[0])  # the contraction (sample) order
+                d = Disguise(rows=np.arange(len(st.pixels)), cols=self.rng.permutation(HIDDEN),
+                             row_exp=st.pixel_exp, col_exp=random_exponents(HIDDEN, self.rng, True))
+                b = gather(dz1, order, d.cols)
+                b *= pow2(d.col_exp, b.dtype)[None, :]
+                rows = st.row_index["train"][idx[order]]
+                disguises.append(d)
+                yield Batch(s, "matmul", {"a_static": static_name("train", s), "transpose_a": True},
+                            {"rows": rows, "b": b},
+                            [("deltas", np.arange(HIDDEN), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)])
+
+        handles = self._send(batches())
         if not share:
-            for st, d, r in zip(self.statics, disguises, results):
+            for st, d, r in zip(self.statics, disguises, self._receive(handles)):
                 out[st.pixels] = d.undo(r)
             return out
-        noise = self._factor_rows("train", idx).T @ dz1.astype(np.float64, copy=False)  # G^T (what was sent)
-        for st, d, r in zip(self.statics, disguises, results):
+        # While the nodes compute: G^T (what was sent), and x^T delta for the decoys.
+        noise = self._factor_rows("train", idx).T @ dz1.astype(np.float64, copy=False)
+        if moved is not None:
+            delta, directions = moved
+            undo_decoy = (self._source_t_times(idx, delta) * self.alpha[:, None]) @ directions
+        for st, d, r in zip(self.statics, disguises, self._receive(handles)):
             part = d.undo(st.mix["train"].inverse_transposed_left(np.asarray(r, dtype=np.float64)))
             part -= st.loadings["train"].T @ noise
             part *= (self.norm[st.pixels] * self.alpha[st.pixels])[:, None]
             out[st.pixels] = part
         if moved is not None:  # x^T dz1 = x^T sent - (x^T delta) directions
-            delta, directions = moved
-            out -= (self._source_t_times(idx, delta) * self.alpha[:, None]) @ directions
+            out -= undo_decoy
             dz1 = exact
         # A pixel that is zero in every row of the batch has a gradient of exactly zero; rounding
         # of the noise would leave ~1e-17 instead, which Adam's normalisation would inflate.

@@ -348,16 +348,29 @@ class CoordinatorServer:
     # -- the Executor interface --------------------------------------------------------
     def run(self, batches: list[Batch]) -> list[np.ndarray]:
         """Send every batch to the owner of its shard and wait for all results."""
-        tasks = []
-        for batch in batches:
-            self._batch_counter += 1
-            name = batch.params.get("a_static")
-            static_cols = self.static_arrays(batch.shard)[name].shape[1] if name else 0
-            task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
-                        work=batch_work(batch), shape=expected_shape(batch, static_cols))
-            self._tasks[task.batch_id] = task
-            tasks.append(task)
-            self._enqueue(task)
+        return self.collect([self.submit(batch) for batch in batches])
+
+    def submit(self, batch: Batch) -> Task:
+        """Queue one batch and send it now if its node has credit: the node computes while the
+        caller prepares the next slot's batch. `collect` waits for the results."""
+        self._batch_counter += 1
+        name = batch.params.get("a_static")
+        static_cols = self.static_arrays(batch.shard)[name].shape[1] if name else 0
+        task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
+                    work=batch_work(batch), shape=expected_shape(batch, static_cols))
+        self._tasks[task.batch_id] = task
+        self._enqueue(task)
+        self._dirty = False
+        self._dispatch()
+        return task
+
+    def forget(self, tasks: list[Task]) -> None:
+        """Drop submitted tasks whose results are no longer wanted (a late result is then dropped)."""
+        for t in tasks:
+            self._tasks.pop(t.batch_id, None)
+
+    def collect(self, tasks: list[Task]) -> list[np.ndarray]:
+        """Wait until every task has its (checked) result; results in the tasks' order."""
         try:
             while any(t.result is None for t in tasks):
                 if self.control.stop_requested and not any(s.want > 0 for s in self.sessions.values()):
@@ -370,8 +383,7 @@ class CoordinatorServer:
                         raise TrainingAborted(problem)
                 self.pump(timeout_ms=self._poll_timeout())
         finally:
-            for t in tasks:
-                self._tasks.pop(t.batch_id, None)
+            self.forget(tasks)
         return [t.result for t in tasks]
 
     def step_done(self) -> None:
