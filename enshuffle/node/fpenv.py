@@ -29,7 +29,6 @@ that is not itself within a factor K of underflow. Entries that small were alrea
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 import struct
 import sys
@@ -42,8 +41,12 @@ _ARM_FZ = 1 << 24
 
 
 def _libm():
-    name = ctypes.util.find_library("m")
-    return ctypes.CDLL(name) if name else ctypes.CDLL(None)
+    """The C library's fenv functions: libm.so.6 (glibc, also musl's libc), else whatever this
+    process has loaded. Not ctypes.util.find_library, which runs ldconfig (10 ms at start)."""
+    try:
+        return ctypes.CDLL("libm.so.6")
+    except OSError:
+        return ctypes.CDLL(None)
 
 
 def _layout() -> tuple[int, int] | None:
