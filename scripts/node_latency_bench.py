@@ -1,22 +1,30 @@
-"""Round-trip latency of small products on a real `enshuffle node` process (a benchmark, not a test).
+"""Round-trip latency of small products on real `enshuffle node` processes (a benchmark, not a test).
 
-For work on the node itself; `enshuffle bench` measures the same round trip for its table.
-Starts an in-process CoordinatorServer and ONE `enshuffle node` process on loopback, lets it
-receive a float32 static block (`--images` random images, one slot: images x 784), then sends
-`--batches` small products one at a time (`server.run([batch])`, the next only after the
-previous result came back and was checked) and prints, per node configuration, the median and
-p90 wall time per round trip and the node process's CPU time and minor page faults per product:
+For work on the node itself; `enshuffle bench` measures the same round trip for its table. One
+in-process CoordinatorServer on loopback and one `enshuffle node` process per configuration,
+all at once: each product goes to one node, the next only after its result came back (and was
+checked), and the nodes take turns in a freshly shuffled order, so every configuration sees the
+same machine load (on a shared 2-core box that matters more than anything measured). Prints per
+configuration the median, p90 and p99 round trip, and the node process's CPU time and minor page
+faults per product (after a warm-up):
 
-    .venv/bin/python scripts/node_latency_bench.py [--batches 300] [--rows 128] [--threads default 1]
+    .venv/bin/python scripts/node_latency_bench.py [--products 500] [--threads default 1]
 
-A configuration is `default` (no --threads: what a volunteer runs), a number N (--threads N),
-or DIR:THREADS to run the node from another copy of the package (it runs in DIR, with DIR on its
-PYTHONPATH; e.g. `git archive OLD enshuffle | tar -x -C DIR` for a before/after).
-`--repeats` alternates the configurations. `--no-check` turns the coordinator's Freivalds check
-off, to see the node alone. `--hog` keeps one busy-looping process running during each
-measurement (a volunteer's own work, or another job on a shared box): on 2 cores that is when
-threads that wait for each other cost most. Environment: NODE_PROFILE=FILE runs the node under cProfile;
-NODE_WRAPPER=PROG runs `PROG python -m enshuffle node ...` (e.g. a script calling perf record).
+A configuration is `default` (no --threads: what a volunteer runs), a number N (--threads N), or
+DIR:THREADS to run the node from another copy of the package (it runs in DIR, with DIR on its
+PYTHONPATH), e.g. a before/after of the node on the same load:
+
+    git archive OLD enshuffle | tar -x -C /tmp/old
+    .venv/bin/python scripts/node_latency_bench.py --threads /tmp/old:default /tmp/old:1 default 1
+
+Each node serves one slot of `--images` random images: with k configurations a static block is
+images x 784/k float32, and `--rows` defaults to 128 x k/2 rows so that a product has the
+default preset's 6.4M multiply-adds ((128x392)·(392x128) with 2 nodes). `--rows N` with
+N = --images makes full-batch products (rows a permutation). `--transpose` sends S[rows].T @ b.
+`--no-check` turns the coordinator's Freivalds check off, to see the node alone; `--hog` keeps one
+busy-looping process running alongside (a volunteer's own work, another job on the box).
+Environment: NODE_PROFILE=FILE runs each node under cProfile (FILE.N); NODE_WRAPPER=PROG runs
+`PROG python -m enshuffle node ...` (e.g. a script calling perf record).
 """
 
 from __future__ import annotations
@@ -35,13 +43,12 @@ import numpy as np
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, static_name
 from enshuffle.coordinator.ledger import ExposureLedger
-from enshuffle.coordinator.run import coordinator_blas_threads, local_node_keys, stop_local_nodes
+from enshuffle.coordinator.run import coordinator_blas_threads, stop_local_nodes
 from enshuffle.coordinator.server import CoordinatorServer
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.protocol.keys import load_or_create_identity
 
-
-PROFILE = os.environ.get("NODE_PROFILE")
+WARMUP = 20  # products per node before measuring: statics, first leases, BLAS start-up
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -49,114 +56,120 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def _stat(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def proc_counters(pid: int) -> tuple[float, int]:
+    """(user + system CPU seconds, minor page faults) of process `pid` so far, every thread."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[7])
 
 
-def node_faults(pid: int) -> int:
-    """Minor page faults of process `pid` so far."""
-    return int(_stat(pid)[7])
-
-
-def node_cpu(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far."""
-    fields = _stat(pid)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def spawn_node(endpoint: str, fingerprint: str, home: Path, threads: str, path: str = "") -> subprocess.Popen:
-    prefix = ["-m", "cProfile", "-o", PROFILE] if PROFILE else []
-    args = [sys.executable, *prefix, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key", fingerprint,
-            "--name", "local-1"]
+def spawn_node(endpoint: str, fingerprint: str, home: Path, name: str, config: str, index: int) -> subprocess.Popen:
+    path, _, threads = config.rpartition(":")
+    profile = os.environ.get("NODE_PROFILE")
+    prefix = ["-m", "cProfile", "-o", f"{profile}.{index}"] if profile else []
+    args = [sys.executable, *prefix, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key",
+            fingerprint, "--name", name]
     if threads != "default":
         args += ["--threads", threads]
-    wrapper = os.environ.get("NODE_WRAPPER")  # e.g. a script running the node under perf record
+    wrapper = os.environ.get("NODE_WRAPPER")
     if wrapper:
         args = [wrapper, *args]
+    env = {**os.environ, "ENSHUFFLE_HOME": str(home)}
+    if path:  # another copy of the package, ahead of the installed one
+        env["PYTHONPATH"] = path
     log = open(home / "node.log", "wb")
     try:
-        env = {**os.environ, "ENSHUFFLE_HOME": str(home)}
-        if path:  # another copy of the package (e.g. an old commit's), ahead of the installed one
-            env["PYTHONPATH"] = path
         # `python -m` puts the working directory first on sys.path: run from DIR, or a checkout
-        # under the current directory would shadow it.
-        return subprocess.Popen(args, env=env, cwd=path or None,
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        # in the current directory would shadow it.
+        return subprocess.Popen(args, env=env, cwd=path or None, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     finally:
         log.close()
 
 
-def measure(config: str, batches: int, rows: int, images: int, check: bool, transpose: bool) -> dict:
+def measure(configs: list[str], products: int, rows: int | None, images: int, check: bool,
+            transpose: bool) -> tuple[dict, str]:
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, size=(images, 784)).astype(np.float32)
+    names = [f"n{i}" for i in range(len(configs))]
     with tempfile.TemporaryDirectory(prefix="enshuffle-nodelat-") as tmp, coordinator_blas_threads():
         tmp = Path(tmp)
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
+        keys = set()
+        for name in names:
+            (tmp / name).mkdir(mode=0o700)
+            keys.add(load_or_create_identity("node", tmp / name, name=name).public_bytes)
         server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
-                                   admission=Admission(auto=set(local_node_keys(tmp, 1))))
+                                   admission=Admission(auto=keys))
         server.verify_results = check
-        path, _, threads = config.rpartition(":")
-        node = spawn_node(server.endpoint, identity.fingerprint, tmp / "node-1", threads, path)
+        procs = [spawn_node(server.endpoint, identity.fingerprint, tmp / name, name, config, i)
+                 for i, (name, config) in enumerate(zip(names, configs))]
         try:
-            compute = DistributedCompute({"train": x}, 1, np.random.default_rng(2), server.attach)
-            server.wait_for_nodes(1)
-            name = static_name("train", 0)
-            static = server.static_arrays(0)[name]
-            k = static.shape[1]
-            shape = f"({k}x{rows})·({rows}x128)" if transpose else f"({rows}x{k})·({k}x128)"
+            DistributedCompute({"train": x}, len(configs), np.random.default_rng(2), server.attach)
+            server.wait_for_nodes(len(configs))
+            shard_of = {server.sessions[node_id].name: shard for shard, node_id in enumerate(server.owner)}
+            statics = {shard: server.static_arrays(shard)[static_name("train", shard)] for shard in shard_of.values()}
+            k = next(iter(statics.values())).shape[1]
+            n = rows or min(images, max(1, 128 * len(configs) // 2))
+            shape = f"({k}x{n})·({n}x128)" if transpose else f"({n}x{k})·({k}x128)"
 
-            def batch() -> Batch:
-                idx = rng.choice(static.shape[0], size=rows, replace=False)
-                b = rng.standard_normal((rows, 128) if transpose else (k, 128)).astype(np.float32)
-                return Batch(0, "matmul", {"a_static": name, "transpose_a": transpose}, {"rows": idx, "b": b})
+            def product(shard: int) -> Batch:
+                static = statics[shard]
+                picked = rng.permutation(static.shape[0])[:n] if n < static.shape[0] else rng.permutation(n)
+                b = rng.standard_normal((n, 128) if transpose else (static.shape[1], 128)).astype(np.float32)
+                return Batch(shard, "matmul", {"a_static": static_name("train", shard), "transpose_a": transpose},
+                             {"rows": picked, "b": b})
 
-            times = []
-            for i in range(batches + 20):
-                if i == 20:  # after the warm-up: statics, first leases, BLAS start-up
-                    faults_before, cpu_before = node_faults(node.pid), node_cpu(node.pid)
-                bt = batch()
-                start = time.perf_counter()
-                (c,) = server.run([bt])
-                elapsed = time.perf_counter() - start
-                server.step_done()
-                if i >= 20:
-                    times.append(elapsed)
-            faults = node_faults(node.pid) - faults_before
-            cpu = node_cpu(node.pid) - cpu_before
-            del compute
+            for _ in range(WARMUP):
+                for shard in shard_of.values():
+                    server.run([product(shard)])
+            times = {name: [] for name in names}
+            before = {name: proc_counters(p.pid) for name, p in zip(names, procs)}
+            order = list(names)
+            for _ in range(products):
+                rng.shuffle(order)
+                for name in order:
+                    batch = product(shard_of[name])
+                    start = time.perf_counter()
+                    server.run([batch])
+                    times[name].append(1000 * (time.perf_counter() - start))
+            after = {name: proc_counters(p.pid) for name, p in zip(names, procs)}
         finally:
             server.close("run-finished")
-            stop_local_nodes([node])
-    ms = [1000 * t for t in times]
-    return {"median": statistics.median(ms), "p90": percentile(ms, 0.9), "max": max(ms),
-            "faults": faults / batches, "cpu_ms": 1000 * cpu / batches, "shape": shape}
+            stop_local_nodes(procs)
+    results = {}
+    for name, config in zip(names, configs):
+        ms = times[name]
+        results[config] = {"median": statistics.median(ms), "p90": percentile(ms, 0.9), "p99": percentile(ms, 0.99),
+                           "cpu_ms": 1000 * (after[name][0] - before[name][0]) / products,
+                           "faults": (after[name][1] - before[name][1]) / products}
+    return results, shape
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, default=300)
-    parser.add_argument("--rows", type=int, default=128, help="rows of the static block per product")
-    parser.add_argument("--images", type=int, default=6000, help="rows of the static block")
+    parser.add_argument("--products", type=int, default=500, help="products per configuration")
+    parser.add_argument("--rows", type=int, default=None, help="rows of the static block per product")
+    parser.add_argument("--images", type=int, default=60000, help="rows of each static block")
     parser.add_argument("--threads", nargs="+", default=["default", "1"],
-                        help="node configurations: THREADS or DIR:THREADS (DIR on the node's PYTHONPATH)")
-    parser.add_argument("--repeats", type=int, default=1, help="alternate the configurations this many times")
+                        help="node configurations: default, N or DIR:THREADS (one node process each)")
+    parser.add_argument("--repeats", type=int, default=1, help="measure this many times (new node processes)")
     parser.add_argument("--transpose", action="store_true", help="S[rows].T @ b (the backward product)")
     parser.add_argument("--no-check", dest="check", action="store_false")
     parser.add_argument("--hog", action="store_true", help="one busy-looping process alongside")
     args = parser.parse_args()
     for _ in range(args.repeats):
-        for threads in args.threads:
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
-            try:
-                r = measure(threads, args.batches, args.rows, args.images, args.check, args.transpose)
-            finally:
-                if hog is not None:
-                    hog.kill()
-                    hog.wait()
-            print(f"node {threads:>24}: median {r['median']:.2f} ms, p90 {r['p90']:.2f} ms, "
-                  f"max {r['max']:.1f} ms; node CPU {r['cpu_ms']:.2f} ms, {r['faults']:.0f} page faults per "
-                  f"product ({args.batches} products {r['shape']} float32)", flush=True)
+        hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.hog else None
+        try:
+            results, shape = measure(args.threads, args.products, args.rows, args.images, args.check, args.transpose)
+        finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+        print(f"{args.products} products {shape} float32 per node, check {'on' if args.check else 'off'}, "
+              f"hog {'on' if args.hog else 'off'}, load average {os.getloadavg()[0]:.1f}")
+        for config, r in results.items():
+            print(f"  node {config:>22}: median {r['median']:.2f} ms, p90 {r['p90']:.2f} ms, p99 {r['p99']:.2f} ms; "
+                  f"node CPU {r['cpu_ms']:.2f} ms, {r['faults']:.0f} page faults per product", flush=True)
 
 
 if __name__ == "__main__":
