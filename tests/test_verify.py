@@ -260,3 +260,22 @@ def test_fixed_probes_are_drawn_anew_after_refresh_rows():
     for _ in range(verify.REFRESH - 1):
         check_matmul(c, {"rows": rows, "b": b}, {}, rng, s, norms)
     assert not np.array_equal(first, norms.row_probes)
+
+
+def test_a_result_computed_with_subnormals_flushed_passes():
+    """enshuffle node flushes subnormals to zero (FTZ/DAZ): an honest float32 product of tiny
+    values then differs from the exact one by up to K x the smallest normal, which the check
+    allows for; a real lie on the same data is still caught."""
+    rng = np.random.default_rng(23)
+    s = rng.standard_normal((3000, 392)).astype(np.float32)
+    rows = np.sort(rng.choice(3000, 128, replace=False))
+    b = (rng.standard_normal((392, 128)) * 1e-36).astype(np.float32)  # products fall below 1.2e-38
+    exact = s[rows].astype(np.float64) @ b.astype(np.float64)
+    flushed = exact.astype(np.float32)
+    tiny = np.finfo(np.float32).tiny
+    flushed[np.abs(flushed) < tiny] = 0  # what FTZ leaves of the smallest entries (at most K x tiny off)
+    assert np.count_nonzero(flushed == 0) > 0
+    assert check_matmul(flushed, {"rows": rows, "b": b}, {}, rng, s) is None
+    wrong = flushed.copy()
+    wrong[3, 3] += 1e-30
+    assert check_matmul(wrong, {"rows": rows, "b": b}, {}, rng, s) is not None

@@ -229,7 +229,10 @@ def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, r
     c64 = c.astype(np.float64) if c.dtype != np.float64 else c
     row_norms = np.sqrt(np.einsum("ij,ij->i", c64, c64))
     lhs = c64 @ r
-    bound = u * np.sqrt(max(k, 1)) * (row_norms + np.sqrt(sq)) + np.finfo(np.float64).tiny
+    # plus an absolute floor: a node that flushes subnormals to zero (enshuffle node does) moves an
+    # entry by up to K times the dtype's smallest normal, which no relative bound covers.
+    floor = max(k, 1) * float(np.finfo(c.dtype).tiny) * np.sqrt(np.sum(r * r, axis=0)).max()
+    bound = u * np.sqrt(max(k, 1)) * (row_norms + np.sqrt(sq)) + floor + np.finfo(np.float64).tiny
     # Rows whose exact value is not finite (only with non-finite operands) cannot be compared;
     # in every other row a NaN or infinity in C is a lie.
     compared = np.isfinite(rhs).all(axis=1) & np.isfinite(sq)
@@ -330,7 +333,10 @@ def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: b
     norms.used(n)
     if not np.isfinite(rhs).all():
         return None
-    bound = bound + np.finfo(np.float64).tiny
+    # the absolute floor for flushed subnormals (see measure_matmul): K' x the smallest normal per
+    # entry, at most sqrt(3) x that per line of C in D
+    flushed = (n if transpose else k_static) * float(np.finfo(c.dtype).tiny) * SQRT3 * c.shape[0]
+    bound = bound + flushed + np.finfo(np.float64).tiny
     m = lhs.shape[1]
     if not np.isfinite(lhs).all():
         bad = int((~np.isfinite(c64)).any(axis=1).sum())
