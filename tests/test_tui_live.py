@@ -25,7 +25,7 @@ from enshuffle.coordinator.chain import Chain
 from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
 from enshuffle.coordinator.training import prepare
 from enshuffle.model import get_preset
-from enshuffle.node.blas import get_blas_threads, set_blas_threads
+from enshuffle.blas import get_blas_threads, set_blas_threads
 from enshuffle.node.daemon import EXIT_OK, NodeDaemon
 from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.keys import Identity, TrustStore

@@ -37,7 +37,7 @@ from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.coordinator.training import Inputs, Trainer, prepare
 from enshuffle.dataset import load_idx_dir
 from enshuffle.model import LocalCompute, Preset, get_preset
-from enshuffle.node.compute import compute_batch
+from enshuffle.kernels import compute_batch
 from enshuffle.protocol.keys import Identity
 from enshuffle.protocol.handshake import NodeHandshake
 from enshuffle.protocol.messages import OPS, Channel, Limits, Message, decode

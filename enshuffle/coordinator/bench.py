@@ -151,7 +151,7 @@ def _steps(trainer, repeats: int, chunk: int = STEP_CHUNK, warmup: int = 10, sna
 def _blas_threads(threads: int):
     """Run with `threads` BLAS threads, restored afterwards; yields the count BLAS reports, or
     None when the BLAS cannot be told (then it runs with whatever it has)."""
-    from enshuffle.node.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
+    from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 
     try:
         before = get_blas_threads()

@@ -526,7 +526,7 @@ class InProcessExecutor:
     """
 
     def __init__(self, compute: DistributedCompute):
-        from enshuffle.node.compute import compute_batch
+        from enshuffle.kernels import compute_batch
 
         self._compute_batch = compute_batch
         self.ledger = compute.ledger

@@ -34,7 +34,7 @@ from enshuffle.coordinator.training import Trainer
 def coordinator_blas_threads(threads: int = 1):
     """BLAS threads for a coordinator that serves nodes: its own products are small
     matrix-vector checks, and idle OpenBLAS threads spin, burning CPU the nodes could use."""
-    from enshuffle.node.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
+    from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 
     try:
         before = get_blas_threads()

@@ -20,7 +20,7 @@ import time
 def _apply_thread_env(threads: int | None) -> int:
     """Put --threads into the BLAS environment (before numpy loads); return the count in use.
     Idle BLAS workers are told to sleep rather than spin between batches (blas.idle_env)."""
-    from enshuffle.node.blas import default_threads, idle_env, thread_env
+    from enshuffle.blas import default_threads, idle_env, thread_env
 
     os.environ.update(idle_env())
     if threads is None:

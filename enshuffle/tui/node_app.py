@@ -29,7 +29,7 @@ from .widgets import LogFeed
 
 def max_threads() -> int:
     """More BLAS threads than CPUs only make them fight: + stops at the CPU count."""
-    from ..node.blas import default_threads
+    from ..blas import default_threads
 
     return default_threads()
 
