@@ -10,7 +10,6 @@ to the app's event loop (`pilot.pause`), never a bare sleep.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import threading
 import time
@@ -22,6 +21,7 @@ from textual.widgets import DataTable
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle import dataset as ds
 from enshuffle.coordinator.chain import Chain
+from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
 from enshuffle.coordinator.training import prepare
 from enshuffle.model import get_preset
@@ -47,8 +47,8 @@ class LiveRun:
     def __init__(self, tmp: Path, data_dir: Path, *, epochs: int, limit: int, shards: int):
         preset = get_preset("default", epochs=epochs)
         inputs = prepare(ds.load_idx_dir(data_dir), preset, limit)
-        # The namespace cmd_train hands over for `--offload matmul --limit N`, no --json, no --save-weights.
-        args = argparse.Namespace(offload="matmul", json=False, save_weights=None, limit=limit)
+        # The settings cmd_train hands over for `--offload matmul --limit N`, no --json, no --save-weights.
+        args = RunSettings(limit=limit)
         self.run_dir = tmp / "run"
         self.run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=shards,
                                   min_nodes=shards, run_dir=str(self.run_dir), home=tmp / "coordinator",

@@ -14,10 +14,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
+from enshuffle.coordinator.settings import RunSettings
 from enshuffle.errors import UsageError
 
 # Two epochs: rows come back in a second epoch (linking), and the seed preset needs 2 steps to
@@ -95,8 +95,7 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         record = Path(record_dir) if record_dir else tmp / "recording"
         if record.exists() and any(record.iterdir()):
             raise UsageError(f"--record {record} is not empty; give a new or empty directory")
-        settings = SimpleNamespace(offload="matmul", limit=limit, json=False, save_weights=None,
-                                   disguise=disguise, verbose=False)
+        settings = RunSettings(offload="matmul", limit=limit, disguise=disguise)
         from enshuffle.coordinator.admission import Admission
         from enshuffle.coordinator.run import local_node_keys
 

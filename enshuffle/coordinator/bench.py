@@ -314,7 +314,7 @@ def _proc_counters(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), float(fields[7])
 
 
-def measure_daemon(args, epochs: int) -> dict[str, float]:
+def measure_daemon(data: str | None, limit: int | None, epochs: int) -> dict[str, float]:
     """`enshuffle coordinator --preset seed --epochs N` as a process, two `enshuffle node
     --threads 1` processes admitted by an --allow file. At each epoch line the coordinator
     prints, its CPU and minor faults are read from /proc: medians per epoch over epochs 2..N
@@ -333,10 +333,10 @@ def measure_daemon(args, epochs: int) -> dict[str, float]:
         command = [sys.executable, "-m", "enshuffle", "coordinator", "--bind", f"tcp://127.0.0.1:{port}",
                    "--min-nodes", "2", "--allow", str(allow), "--out", str(tmp / "run"), "--preset", "seed",
                    "--epochs", str(epochs), "--json"]
-        if args.data:
-            command += ["--data", args.data]
-        if args.limit:
-            command += ["--limit", str(args.limit)]
+        if data:
+            command += ["--data", data]
+        if limit:
+            command += ["--limit", str(limit)]
         err_path = tmp / "coordinator.err"
         with open(err_path, "wb") as err:
             coordinator = subprocess.Popen(command, env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
@@ -551,7 +551,7 @@ def cmd_bench(args) -> int:
     repeats = args.repeats
     k7_repeats = min(repeats, GROWTH_MAX_REPEATS)
     preset = replace(get_preset("seed"), epochs=10_000)
-    inputs = load_inputs(args, preset)
+    inputs = load_inputs(args.data, preset, args.limit)
     m: dict = {}
 
     eprint("bench: plan build for 128x60000 @ 60000x784 over 7 nodes")
@@ -570,7 +570,7 @@ def cmd_bench(args) -> int:
     m["inprocess_threads"] = threads
 
     mini = replace(get_preset("default"), epochs=10_000)
-    mini_inputs = load_inputs(args, mini)
+    mini_inputs = load_inputs(args.data, mini, args.limit)
     eprint(f"bench: default preset (mini-batches of 128, float32): centralized steps, BLAS threads {CENTRAL_THREADS}")
     m["centralized_step"] = measure_centralized(mini, mini_inputs, repeats, minibatch=True)
 
@@ -591,7 +591,7 @@ def cmd_bench(args) -> int:
             epochs = repeats + 1
             eprint(f"bench: `enshuffle coordinator` with 2 `enshuffle node --threads 1` processes, seed preset, "
                    f"{epochs} epochs")
-            m["daemon"] = measure_daemon(args, epochs)
+            m["daemon"] = measure_daemon(args.data, args.limit, epochs)
 
     settings = {"repeats": repeats, "k7_repeats": k7_repeats, "train_images": int(inputs.images["train"].shape[0]),
                 "round_trip_products": args.round_trips, "skip_wire": bool(args.skip_wire),

@@ -21,21 +21,22 @@ def eprint(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def load_inputs(args, preset):
+def load_inputs(data: str | None, preset, limit: int | None = None):
+    """The training and test sets from `data` (--data: a directory, "bundled", or None to search)."""
     from enshuffle.coordinator.training import prepare
     from enshuffle.dataset import DataError, load_dataset
 
     try:
-        if args.data == "bundled":  # the explicit choice of the subset shipped in the package
+        if data == "bundled":  # the explicit choice of the subset shipped in the package
             from enshuffle.dataset import load_bundled_subset
 
             dataset = load_bundled_subset()
             eprint(f"data: {dataset.describe()}")
         else:
-            dataset = load_dataset(args.data, log=eprint)
+            dataset = load_dataset(data, log=eprint)
     except DataError as exc:
         raise UsageError(str(exc)) from None
-    return prepare(dataset, preset, getattr(args, "limit", None))
+    return prepare(dataset, preset, limit)
 
 
 def preset_from_args(args):
@@ -90,15 +91,27 @@ def check_weights_path(args) -> None:
         raise UsageError(f"--save-weights {path}: cannot write there ({exc.strerror}); choose a writable path") from None
 
 
-def report_epoch(report, args, total: int) -> None:
-    if args.json:
+def run_settings(args):
+    """The run's typed settings from the command line (the Namespace goes no further)."""
+    from enshuffle.coordinator.settings import RunSettings
+
+    return RunSettings(offload=args.offload, limit=getattr(args, "limit", None),
+                       disguise=getattr(args, "disguise", None) or "share",
+                       max_exposure=getattr(args, "max_exposure", None),
+                       replicate=bool(getattr(args, "replicate", False)),
+                       quarantine_after=getattr(args, "quarantine_after", None),
+                       save_weights=getattr(args, "save_weights", None), json=bool(args.json))
+
+
+def report_epoch(report, json_lines: bool, total: int) -> None:
+    if json_lines:
         print(json.dumps({"type": "epoch", **report.as_dict()}), flush=True)
     else:
         print(format_epoch(report, total), flush=True)
 
 
-def report_ledger(ledger, args, extra: dict | None = None, notes: list[str] | None = None) -> None:
-    if args.json:
+def report_ledger(ledger, json_lines: bool, extra: dict | None = None, notes: list[str] | None = None) -> None:
+    if json_lines:
         print(json.dumps({"type": "ledger", "ledger": ledger.shares(), "forms": ledger.forms(), "notes": notes or [],
                           **(extra or {})}), flush=True)
     else:
@@ -122,7 +135,7 @@ def cmd_train(args) -> int:
         args.nodes = apply_resume_settings(args, "train")
     check_weights_path(args)
     preset = preset_from_args(args)
-    inputs = load_inputs(args, preset)
+    inputs = load_inputs(args.data, preset, args.limit)
     if args.nodes == 0:
         from enshuffle.model import LocalCompute
 
@@ -139,11 +152,13 @@ def cmd_train(args) -> int:
     else:
         from enshuffle.coordinator.run import run_local_cluster
 
-        return run_local_cluster(args, preset, inputs)
-    return drive(args, preset, inputs, compute, ledger)
+        return run_local_cluster(run_settings(args), preset, inputs, nodes=args.nodes, run_dir=args.out,
+                                 resume=bool(getattr(args, "resume", False)),
+                                 verbose=bool(getattr(args, "verbose", False)), tui=bool(args.tui))
+    return drive(run_settings(args), preset, inputs, compute, ledger)
 
 
-def drive(args, preset, inputs, compute, ledger) -> int:
+def drive(settings, preset, inputs, compute, ledger) -> int:
     """Run every epoch in this process, reporting each; returns the exit status."""
     from enshuffle.coordinator.training import Trainer
 
@@ -151,14 +166,14 @@ def drive(args, preset, inputs, compute, ledger) -> int:
     while not trainer.finished:
         report = trainer.run_step()
         if report is not None:
-            report_epoch(report, args, preset.epochs)
+            report_epoch(report, settings.json, preset.epochs)
     if ledger is not None:
         from enshuffle.coordinator.ledger import privacy_notes
 
-        report_ledger(ledger, args, notes=privacy_notes(preset, False))
-    if getattr(args, "save_weights", None):
-        save_weights(args.save_weights, trainer.params)
-        eprint(f"train: weights written to {args.save_weights}")
+        report_ledger(ledger, settings.json, notes=privacy_notes(preset, False))
+    if settings.save_weights:
+        save_weights(settings.save_weights, trainer.params)
+        eprint(f"train: weights written to {settings.save_weights}")
     return 0
 
 
@@ -234,9 +249,9 @@ def cmd_coordinator(args) -> int:
         raise UsageError("--open admits every key, --allow FILE only the listed ones: choose one")
     admission = Admission(allow_file=args.allow, open_=args.open, home=enshuffle_home())
     preset = preset_from_args(args)
-    inputs = load_inputs(args, preset)
+    inputs = load_inputs(args.data, preset, args.limit)
     try:
-        run = CoordinatorRun(args, preset, inputs, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
+        run = CoordinatorRun(run_settings(args), preset, inputs, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
                              run_dir=run_dir or default_run_dir(), resume=args.resume,
                              checkpoint_every=args.checkpoint_every, admission=admission)
     except OSError as exc:

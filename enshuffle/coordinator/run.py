@@ -25,6 +25,7 @@ from enshuffle.errors import UsageError
 from enshuffle.coordinator.commands import (eprint, join_commands, listen_text, report_epoch, report_ledger,
                                             save_weights)
 from enshuffle.coordinator.distributed import DistributedCompute
+from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
 from enshuffle.coordinator.training import Trainer
 
@@ -56,7 +57,7 @@ def default_run_dir() -> str:
 
 
 class CoordinatorRun:
-    def __init__(self, args, preset, inputs, *, bind: str, shards: int, min_nodes: int,
+    def __init__(self, settings: RunSettings, preset, inputs, *, bind: str, shards: int, min_nodes: int,
                  run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
                  state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
                  home: Path | None = None, quiet: bool = False, admission=None):
@@ -64,7 +65,7 @@ class CoordinatorRun:
         from enshuffle.coordinator.server import CoordinatorServer
         from enshuffle.protocol.keys import load_or_create_identity
 
-        self.args = args
+        self.settings = settings
         self.preset = preset
         self.inputs = inputs
         self.min_nodes = min_nodes
@@ -81,26 +82,26 @@ class CoordinatorRun:
         self.run_dir = Path(run_dir) if run_dir else None
         self.chain = Chain(self.run_dir, signer=self.identity) if self.run_dir else None
         self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
-                          "offload": args.offload, "seed": preset.seed, "limit": getattr(args, "limit", None),
+                          "offload": settings.offload, "seed": preset.seed, "limit": settings.limit,
                           "shards": shards, "data": data_fingerprint(inputs)}
         self.admission = admission
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
         self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
                                         control=self.control, log=None if quiet else eprint, admission=admission,
-                                        max_exposure=getattr(args, "max_exposure", None))
+                                        max_exposure=settings.max_exposure)
         if self.run_dir:
             try:
                 self._check_run_dir(resume)
             except BaseException:
                 self.server.close("shutdown")
                 raise
-        self.server.replicate = bool(getattr(args, "replicate", False))
-        if getattr(args, "quarantine_after", None):
-            self.server.reputation.quarantine_after = args.quarantine_after
+        self.server.replicate = settings.replicate
+        if settings.quarantine_after:
+            self.server.reputation.quarantine_after = settings.quarantine_after
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
         self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
                                           ledger=self.server.ledger, **inputs.source(),
-                                          disguise=getattr(args, "disguise", None) or "share")
+                                          disguise=settings.disguise)
         # Initial weights and sample order from the same secret: nothing public anchors the run.
         self.trainer = Trainer(preset, inputs, self.compute, secret=secret)
         with self.state.lock:
@@ -272,7 +273,7 @@ class CoordinatorRun:
                     with self.state.lock:
                         self.state.epochs.append(EpochRow(**report.as_dict()))
                     if self.print_reports:
-                        report_epoch(report, self.args, self.preset.epochs)
+                        report_epoch(report, self.settings.json, self.preset.epochs)
                     self.write_version(report)
                 elif self.checkpoint_every and self._steps_since_version >= self.checkpoint_every:
                     self.write_version()
@@ -290,8 +291,8 @@ class CoordinatorRun:
             self._say_final(f"training aborted: {exc}")
             return self._end("aborted", 1)
         finished = self.trainer.finished
-        if getattr(self.args, "save_weights", None):
-            save_weights(self.args.save_weights, self.trainer.params)
+        if self.settings.save_weights:
+            save_weights(self.settings.save_weights, self.trainer.params)
         return self._end("finished" if finished else "stopped", 0 if finished else EXIT_INTERRUPTED)
 
     def _say_final(self, line: str) -> None:
@@ -304,7 +305,7 @@ class CoordinatorRun:
         """Every way a run ends: BYE to the nodes, the final figures, the state says `status`."""
         self.server.close("run-finished" if status == "finished" else "shutdown")
         if self.print_reports:
-            report_ledger(self.server.ledger, self.args,
+            report_ledger(self.server.ledger, self.settings.json,
                           {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received},
                           notes=self.privacy_notes())
             for line in self.summary_lines(status):
@@ -332,8 +333,8 @@ class CoordinatorRun:
                 lines.append(f"to continue: enshuffle {command} --out {self.run_dir} --resume")
         elif self.run_dir:
             lines.append(f"no model version was written to {self.run_dir}")
-        if getattr(self.args, "save_weights", None) and status == "finished":
-            lines.append(f"weights written to {self.args.save_weights}")
+        if self.settings.save_weights and status == "finished":
+            lines.append(f"weights written to {self.settings.save_weights}")
         return lines
 
     def _keep_completed_steps(self) -> None:
@@ -478,31 +479,32 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
             p.wait()
 
 
-def run_local_cluster(args, preset, inputs) -> int:
+def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
+                      resume: bool = False, verbose: bool = False, tui: bool = False) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
     from enshuffle.coordinator.admission import Admission
 
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
         tmp = Path(tmp)
         # Only the local nodes this command starts are admitted: nothing to set up, nobody else joins.
-        admission = Admission(auto=set(local_node_keys(tmp, args.nodes)))
+        admission = Admission(auto=set(local_node_keys(tmp, nodes)))
         # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
         # which checks the key, can continue it; a throw-away run uses a throw-away key.
-        run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=args.nodes,
-                             min_nodes=args.nodes, run_dir=args.out, home=None if args.out else tmp / "coordinator",
-                             resume=getattr(args, "resume", False), quiet=not getattr(args, "verbose", False),
+        run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes,
+                             min_nodes=nodes, run_dir=run_dir, home=None if run_dir else tmp / "coordinator",
+                             resume=resume, quiet=not verbose,
                              admission=admission)
-        eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {args.nodes} local node processes, "
-               f"preset {preset.name}, {preset.dtype}, offload {args.offload}")
+        eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
+               f"preset {preset.name}, {preset.dtype}, offload {settings.offload}")
         from enshuffle.coordinator.addresses import volunteer_addresses
 
-        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, args.nodes, tmp)
-        eprint(f"train: waiting for the {args.nodes} local node{'s' if args.nodes != 1 else ''} to connect "
+        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes, tmp)
+        eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
                f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
         run.local_nodes = True
         run.give_up = run.server.give_up = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
         try:
-            if getattr(args, "tui", False):
+            if tui:
                 return run_with_tui(run)
             return run_headless(run)
         finally:
@@ -631,7 +633,7 @@ def run_with_tui(run: CoordinatorRun) -> int:
         return 1
     # The console is gone: leave what it showed that matters on the terminal.
     run.print_reports = True
-    report_ledger(run.server.ledger, run.args,
+    report_ledger(run.server.ledger, run.settings.json,
                   {"bytes_sent": run.server.bytes_sent, "bytes_received": run.server.bytes_received})
     with run.state.lock:
         final = run.state.status
