@@ -13,7 +13,10 @@ import importlib
 import os
 import sys
 
+from enshuffle import __version__
 from enshuffle.errors import UsageError  # re-exported: the CLI turns it into one-line messages
+from enshuffle.memory import keep_freed_memory
+from enshuffle.node.policy import PolicyError, parse_window
 
 
 ENVIRONMENT_HELP = """\
@@ -90,8 +93,6 @@ def _nice(text: str) -> int:
 
 
 def _hours(text: str) -> str:
-    from enshuffle.node.policy import PolicyError, parse_window
-
     try:
         parse_window(text)
     except PolicyError as exc:
@@ -126,8 +127,6 @@ def _size(text: str) -> int:
 
 
 def _version() -> str:
-    from enshuffle import __version__
-
     return __version__
 
 
@@ -338,8 +337,6 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:  # unreachable with required sub-commands; kept honest
         parser.print_help()
         return 2
-    from enshuffle.memory import keep_freed_memory
-
     keep_freed_memory()  # every step's large arrays reuse the heap instead of faulting in afresh
     module_name, _, func_name = args.handler.partition(":")
     handler = getattr(importlib.import_module(module_name), func_name)

@@ -108,3 +108,51 @@ def test_the_layering_check_would_notice(tmp_path):
     assert layering_violations(tmp_path) == [
         "enshuffle.coordinator.x imports enshuffle.node", "enshuffle.coordinator.x imports enshuffle.node.daemon",
         "enshuffle.kernels imports enshuffle.coordinator"]
+
+
+def lazy_imports_without_reason(root: Path) -> list[str]:
+    """Imports inside functions with no comment saying why: on the line, or just above the group
+    of imports it belongs to. An import belongs at the top of its module unless it keeps the
+    headless node's start fast (or textual off the headless paths)."""
+    import ast
+
+    problems = []
+    for path in sorted((root / "enshuffle").rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines), str(path))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                if "#" in lines[node.lineno - 1]:
+                    continue
+                above = node.lineno - 2
+                while above >= 0 and lines[above].strip().startswith(("from ", "import ")):
+                    above -= 1
+                if above >= 0 and lines[above].strip().startswith("#"):
+                    continue
+                problems.append(f"{path.relative_to(root)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return problems
+
+
+def test_imports_inside_functions_say_why():
+    assert lazy_imports_without_reason(ROOT) == []
+
+
+def test_the_lazy_import_check_would_notice(tmp_path):
+    (tmp_path / "enshuffle").mkdir()
+    (tmp_path / "enshuffle" / "x.py").write_text(
+        "def f():\n    import json\n\n\ndef g():\n    # textual only on this path\n    import os\n    import sys\n")
+    assert lazy_imports_without_reason(tmp_path) == ["enshuffle/x.py:2: import json"]
+
+
+def test_the_headless_node_starts_without_numpy_or_coordinator_code():
+    """What `enshuffle node` loads before it sets the BLAS environment: the CLI and its own
+    command module, not numpy (whose BLAS reads the environment once), not the coordinator."""
+    probe = ("import sys; import enshuffle.cli, enshuffle.node.commands; "
+             "print(sorted(m for m in sys.modules if m == 'numpy' or m.startswith('enshuffle.coordinator')"
+             " or m == 'textual'))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

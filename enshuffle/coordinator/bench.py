@@ -40,9 +40,26 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
+from enshuffle.coordinator.admission import Admission
+from enshuffle.coordinator.commands import load_inputs
+from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, static_name
+from enshuffle.coordinator.ledger import ExposureLedger
+from enshuffle.coordinator.plan import build_matmul_plan
+from enshuffle.coordinator.report import eprint
+from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_threads, local_node_keys,
+                                       local_nodes_problem, spawn_local_nodes, stop_local_nodes)
+from enshuffle.coordinator.server import CoordinatorServer
+from enshuffle.coordinator.state import CoordinatorState
+from enshuffle.coordinator.training import Trainer
+from enshuffle.model import HIDDEN, LocalCompute, get_preset
+from enshuffle.protocol.keys import fingerprint, load_or_create_identity
+from enshuffle.protocol.messages import Channel
 
 NOTEBOOK_PLAN_SECONDS = 70.8
 CRYPTO_BUDGET_EPOCH_S = 0.1    # seed preset, per epoch (issue 8)
@@ -83,8 +100,6 @@ def _percentile(values, q: float) -> float:
 
 
 def measure_plan(repeats: int) -> float:
-    from enshuffle.coordinator.plan import build_matmul_plan
-
     rng = np.random.default_rng(0)
     times = []
     for _ in range(max(repeats, 5)):
@@ -151,8 +166,6 @@ def _steps(trainer, repeats: int, chunk: int = STEP_CHUNK, warmup: int = 10, sna
 def _blas_threads(threads: int):
     """Run with `threads` BLAS threads, restored afterwards; yields the count BLAS reports, or
     None when the BLAS cannot be told (then it runs with whatever it has)."""
-    from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
-
     try:
         before = get_blas_threads()
         got = set_blas_threads(threads)
@@ -167,9 +180,6 @@ def _blas_threads(threads: int):
 
 def measure_centralized(preset, inputs, repeats: int, minibatch: bool = False) -> dict[int, dict]:
     """Centralized seed epochs (or default steps) per BLAS thread count: {threads: medians}."""
-    from enshuffle.coordinator.training import Trainer
-    from enshuffle.model import LocalCompute
-
     out = {}
     for threads in CENTRAL_THREADS:
         with _blas_threads(threads) as got:
@@ -195,17 +205,6 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
                  disguise: str = "share") -> dict[str, float]:
     """Medians per seed-preset epoch (or per default-preset step) of the counters, with `nodes`
     `enshuffle node --threads 1` processes; keys as `_snapshot`'s."""
-    from enshuffle.coordinator.admission import Admission
-    from enshuffle.coordinator.distributed import DistributedCompute
-    from enshuffle.coordinator.ledger import ExposureLedger
-    from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_threads, local_node_keys,
-                                           local_nodes_problem, spawn_local_nodes, stop_local_nodes)
-    from enshuffle.coordinator.server import CoordinatorServer
-    from enshuffle.coordinator.state import CoordinatorState
-    from enshuffle.coordinator.training import Trainer
-    from enshuffle.protocol.keys import load_or_create_identity
-    from enshuffle.protocol.messages import Channel
-
     Channel.clock = staticmethod(time.thread_time)  # CPU time: what the crypto costs this process
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp, coordinator_blas_threads():
         tmp = Path(tmp)
@@ -237,15 +236,6 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
     one with every CPU's BLAS threads (the node's default), one with `--threads 1`. A product is
     an x_w1 batch: `rows` rows of the node's static block times a (columns x 128) matrix.
     Per node: round-trip milliseconds (median, p90, all)."""
-    from enshuffle.coordinator.admission import Admission
-    from enshuffle.coordinator.distributed import Batch, DistributedCompute, static_name
-    from enshuffle.coordinator.ledger import ExposureLedger
-    from enshuffle.coordinator.run import coordinator_blas_threads, local_nodes_problem, stop_local_nodes
-    from enshuffle.coordinator.server import CoordinatorServer
-    from enshuffle.coordinator.state import CoordinatorState
-    from enshuffle.model import HIDDEN
-    from enshuffle.protocol.keys import load_or_create_identity
-
     variants = {"default": [], "threads1": ["--threads", "1"]}
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-rt-") as tmp, coordinator_blas_threads():
         tmp = Path(tmp)
@@ -320,9 +310,6 @@ def measure_daemon(data: str | None, limit: int | None, epochs: int) -> dict[str
     prints, its CPU and minor faults are read from /proc: medians per epoch over epochs 2..N
     (the first carries start-up: data loading, statics, handshakes), so the figure is the
     marginal cost of one more epoch of the daemon, model-chain version included."""
-    from enshuffle.coordinator.run import local_node_keys, spawn_local_nodes, stop_local_nodes
-    from enshuffle.protocol.keys import fingerprint, load_or_create_identity
-
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-daemon-") as tmp:
         tmp = Path(tmp)
         home = tmp / "coordinator"
@@ -540,13 +527,6 @@ def print_table(figures: Figures, settings: dict) -> None:
 
 # -- the command ----------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
-    from dataclasses import replace
-
-    from enshuffle.coordinator.commands import eprint, load_inputs
-    from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
-    from enshuffle.coordinator.training import Trainer
-    from enshuffle.model import get_preset
-
     started = time.perf_counter()
     repeats = args.repeats
     k7_repeats = min(repeats, GROWTH_MAX_REPEATS)

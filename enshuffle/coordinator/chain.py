@@ -59,6 +59,10 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from enshuffle.errors import UsageError
+from enshuffle.protocol.keys import (KeyStoreError, enshuffle_home, fingerprint, key_path, load_or_create_identity,
+                                     normalize_fingerprint)
+
 try:  # only the writer locks; fcntl is absent on Windows, where one writer is assumed
     import fcntl
 except ImportError:  # pragma: no cover - not on this platform
@@ -437,8 +441,6 @@ class Chain:
         if problem is not None:
             return VerifyReport(False, checked, None, problem)
         if expected_fingerprint is not None and run_key is not None:
-            from enshuffle.protocol.keys import fingerprint
-
             signed_by = fingerprint(bytes.fromhex(run_key))
             if signed_by != expected_fingerprint:
                 return VerifyReport(False, checked, None,
@@ -652,8 +654,6 @@ def _record_shape_problem(record) -> str | None:
 # ----- command-line handlers (`enshuffle chain ...`)
 
 def _open_for_cli(run_dir: str) -> Chain:
-    from enshuffle.errors import UsageError
-
     path = Path(run_dir)
     if not path.is_dir():
         raise UsageError(f"run directory {run_dir} does not exist; give the RUN_DIR a coordinator wrote (--out)")
@@ -679,8 +679,6 @@ def _log_line(info: VersionInfo) -> str:
 
 def cmd_log(args) -> int:
     """`enshuffle chain log RUN_DIR [--json]`: the versions, newest first."""
-    from enshuffle.errors import UsageError
-
     chain = _open_for_cli(args.run_dir)
     try:
         versions = chain.versions()
@@ -701,8 +699,6 @@ def cmd_log(args) -> int:
 
 def _this_machines_coordinator() -> tuple[str | None, Path]:
     """(fingerprint of this machine's coordinator key or None, its home). Never creates a key."""
-    from enshuffle.protocol.keys import KeyStoreError, enshuffle_home, key_path, load_or_create_identity
-
     home = enshuffle_home()
     if not key_path("coordinator", home).is_file():
         return None, home
@@ -715,9 +711,6 @@ def _this_machines_coordinator() -> tuple[str | None, Path]:
 def cmd_verify(args) -> int:
     """`enshuffle chain verify RUN_DIR [--key FP]`: 0 and 'ok: N versions verified, signed by ...', or 1
     naming what is wrong: a bad version, a rolled-back head, or a signing key that is not the expected one."""
-    from enshuffle.errors import UsageError
-    from enshuffle.protocol.keys import KeyStoreError, fingerprint, normalize_fingerprint
-
     chain = _open_for_cli(args.run_dir)
     home = None
     if getattr(args, "key", None):
@@ -755,8 +748,6 @@ def cmd_verify(args) -> int:
 
 def cmd_export(args) -> int:
     """`enshuffle chain export RUN_DIR [--version ID] --npz FILE`: write w1, b1, w2, b2 as a plain .npz."""
-    from enshuffle.errors import UsageError
-
     chain = _open_for_cli(args.run_dir)
     try:
         version_id = chain.resolve(args.version) if args.version else chain.head()

@@ -46,7 +46,8 @@ import numpy as np
 from enshuffle.coordinator.ledger import HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
-from enshuffle.model import HIDDEN, INPUTS
+from enshuffle.kernels import compute_batch
+from enshuffle.model import HIDDEN, INPUTS, sigmoid
 
 DISGUISES = ("share", "shuffle")
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
@@ -502,7 +503,6 @@ class DistributedCompute:
         return dz2 @ w2.T
 
     def sigmoid(self, z, tensor="activations"):
-        from enshuffle.model import sigmoid
         return sigmoid(z)
 
     def sub(self, a, b, tensor="activations"):
@@ -526,8 +526,6 @@ class InProcessExecutor:
     """
 
     def __init__(self, compute: DistributedCompute):
-        from enshuffle.kernels import compute_batch
-
         self._compute_batch = compute_batch
         self.ledger = compute.ledger
         self.names = [f"node-{s + 1}" for s in range(compute.k)]

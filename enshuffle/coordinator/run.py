@@ -16,18 +16,26 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from enshuffle.errors import UsageError
-from enshuffle.coordinator.commands import (eprint, join_commands, listen_text, report_epoch, report_ledger,
-                                            save_weights)
+from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
+from enshuffle.coordinator.addresses import volunteer_addresses
+from enshuffle.coordinator.admission import Admission
+from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home
 from enshuffle.coordinator.distributed import DistributedCompute
+from enshuffle.coordinator.ledger import ExposureLedger, privacy_notes
+from enshuffle.coordinator.report import (eprint, join_commands, listen_text, report_epoch, report_ledger,
+                                            save_weights)
+from enshuffle.coordinator.server import CoordinatorServer, StepAbandoned, TrainingAborted
 from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
 from enshuffle.coordinator.training import Trainer
+from enshuffle.errors import UsageError
+from enshuffle.protocol.keys import enshuffle_home, fingerprint, load_or_create_identity
 
 
 
@@ -35,8 +43,6 @@ from enshuffle.coordinator.training import Trainer
 def coordinator_blas_threads(threads: int = 1):
     """BLAS threads for a coordinator that serves nodes: its own products are small
     matrix-vector checks, and idle OpenBLAS threads spin, burning CPU the nodes could use."""
-    from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
-
     try:
         before = get_blas_threads()
         set_blas_threads(threads)
@@ -61,10 +67,6 @@ class CoordinatorRun:
                  run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
                  state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
                  home: Path | None = None, quiet: bool = False, admission=None):
-        from enshuffle.coordinator.chain import Chain, ChainError
-        from enshuffle.coordinator.server import CoordinatorServer
-        from enshuffle.protocol.keys import load_or_create_identity
-
         self.settings = settings
         self.preset = preset
         self.inputs = inputs
@@ -137,9 +139,6 @@ class CoordinatorRun:
             raise UsageError(f"{self.run_dir} already holds a model chain: continue it with --resume "
                              f"(and --epochs N to extend it), or choose a new --out")
         if resume:
-            from enshuffle.coordinator.chain import ChainError
-            from enshuffle.protocol.keys import fingerprint
-
             try:
                 key = self.chain.run_key() if (self.run_dir / "chain").exists() else None
             except ChainError as exc:
@@ -205,8 +204,6 @@ class CoordinatorRun:
         self.control.readmit(None)  # the server logs whom
 
     def privacy_notes(self) -> list[str]:
-        from enshuffle.coordinator.ledger import privacy_notes
-
         return privacy_notes(self.preset, self.server.bound_raised, self.compute.disguise)
 
     def write_version(self, report=None) -> str | None:
@@ -226,9 +223,6 @@ class CoordinatorRun:
             "labels": {key.hex(): label for key, label in self.server.labels.items()},
         })
         version = self.chain.append(arrays, meta)
-        from enshuffle.coordinator.chain import record_head_in_home
-        from enshuffle.protocol.keys import enshuffle_home
-
         record_head_in_home(self.chain, self.home if self.home is not None else enshuffle_home())
         parent = self.state.versions[-1].version_id if self.state.versions else None
         with self.state.lock:
@@ -242,8 +236,6 @@ class CoordinatorRun:
             return self._run()
 
     def _run(self) -> int:
-        from enshuffle.coordinator.server import StepAbandoned, TrainingAborted
-
         try:
             if not self.server.wait_for_nodes(self.min_nodes, lambda: self.control.stop_requested,
                                               give_up=self.give_up):
@@ -395,8 +387,6 @@ def plan_secret(run_dir: Path) -> int:
 
 
 def _new_ledger():
-    from enshuffle.coordinator.ledger import ExposureLedger
-
     return ExposureLedger()
 
 
@@ -436,8 +426,6 @@ def load_run_settings(run_dir: str) -> dict:
 def local_node_keys(workdir: Path, count: int, prefix: str = "local") -> list[bytes]:
     """Create the local nodes' keys up front (each in its own ENSHUFFLE_HOME, under its --name), so
     the coordinator admits exactly them and nobody else."""
-    from enshuffle.protocol.keys import load_or_create_identity
-
     keys = []
     for i in range(count):
         home = workdir / f"node-{i + 1}"
@@ -482,8 +470,6 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
 def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
                       resume: bool = False, verbose: bool = False, tui: bool = False) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
-    from enshuffle.coordinator.admission import Admission
-
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
         tmp = Path(tmp)
         # Only the local nodes this command starts are admitted: nothing to set up, nobody else joins.
@@ -496,8 +482,6 @@ def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_
                              admission=admission)
         eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
                f"preset {preset.name}, {preset.dtype}, offload {settings.offload}")
-        from enshuffle.coordinator.addresses import volunteer_addresses
-
         procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes, tmp)
         eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
                f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
@@ -559,8 +543,6 @@ def verify_chain_message(chain) -> tuple[bool, str]:
 def run_headless(run: CoordinatorRun) -> int:
     """Run in this thread; the first SIGINT/SIGTERM stops gracefully (the step finishes, a model
     version is written, nodes are told BYE), a second one interrupts at once."""
-    import signal
-
     def on_signal(signum, frame):
         if run.control.stop_requested:
             raise KeyboardInterrupt
@@ -583,9 +565,7 @@ def run_headless(run: CoordinatorRun) -> int:
 
 def run_with_tui(run: CoordinatorRun) -> int:
     """The console in the main thread, the run (which owns the socket) in a worker thread."""
-    import threading
-
-    from enshuffle.tui.coordinator_app import CoordinatorApp
+    from enshuffle.tui.coordinator_app import CoordinatorApp  # textual only on the --tui path
 
     status: dict = {}
 
@@ -612,8 +592,6 @@ def run_with_tui(run: CoordinatorRun) -> int:
         # The handler runs on the main thread, which is the app's event loop thread.
         if not app.stopping:
             app.call_later(app.action_request_quit)
-
-    import signal
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: run.hangup())

@@ -31,6 +31,7 @@ This module never imports textual.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -247,8 +248,6 @@ class MessageRecorder:
 
     def __init__(self, directory: str, max_bytes: int = DEFAULT_RECORD_MAX_BYTES,
                  log: Callable[[str], None] | None = None) -> None:
-        import os
-
         self.directory = directory
         self.max_bytes = int(max_bytes)
         self.written = 0
@@ -265,9 +264,6 @@ class MessageRecorder:
                               f"choose an empty or new directory")
 
     def record(self, msg: Message) -> None:
-        import json
-        import os
-
         if self.stopped:
             return
         header_json = json.dumps(dict(msg.header), sort_keys=True).encode("utf-8")

@@ -21,6 +21,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Log, Static
 
+from ..blas import default_threads
 from ..coordinator.state import TENSORS
 from ..node.state import NodeControl, NodeState
 from .format import fmt_bytes, fmt_clock, fmt_rate, fmt_share, share_bar, short_fp
@@ -29,8 +30,6 @@ from .widgets import LogFeed
 
 def max_threads() -> int:
     """More BLAS threads than CPUs only make them fight: + stops at the CPU count."""
-    from ..blas import default_threads
-
     return default_threads()
 
 TRUST_WORDS = {
