@@ -130,9 +130,32 @@ def _version() -> str:
     return __version__
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    """784,2048,2048,10 -> (784, 2048, 2048, 10): comma-separated positive whole numbers."""
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated unit counts such as 784,2048,10, got {text!r}") from None
+    if not widths or any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"unit counts must be positive, got {text!r}")
+    return widths
+
+
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--layers", type=_widths, default=None, metavar="784,H,...,10",
+                       help="the network's units per layer, pixels first and classes last "
+                            "(default: the notebook's 784,128,10)")
+    group.add_argument("--hidden", type=_widths, default=None, metavar="H[,H...]",
+                       help="only the hidden widths: --hidden 2048,2048 is --layers 784,2048,2048,10")
+    p.add_argument("--activation", choices=["sigmoid", "relu"], default=None,
+                   help="the hidden units' activation (default: sigmoid, as the notebook)")
+
+
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["seed", "default"], default="default",
                    help="seed: the notebook's run, bias bugs fixed; default: a preset that trains well")
+    _add_network_options(p)
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="number of epochs (default: the preset's)")
     p.add_argument("--offload", choices=["matmul"], default="matmul",
@@ -180,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of nodes; 0 is the centralized reference (default 2)")
     p.add_argument("--in-process", action="store_true",
                    help="run the distributed algorithm in this process, without sockets")
-    p.add_argument("--save-weights", metavar="FILE.npz", default=None, help="write w1, b1, w2, b2 here")
+    p.add_argument("--save-weights", metavar="FILE.npz", default=None,
+                   help="write the final weights here (w1, b1, w2, b2, ... one pair per layer)")
     p.add_argument("--out", metavar="RUN_DIR", default=None, help="write the model chain here")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out RUN_DIR from its chain's head; a larger --epochs extends it")
@@ -189,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure the performance figures (issue 10's targets among them) side by side")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    _add_network_options(p)
     p.add_argument("--repeats", type=_positive_int, default=3, help="repetitions per measurement (median)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="MNIST-format IDX files to time with (default: as for train)")
@@ -270,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="run a short real run, record one node and play it as a curious attacker")
     p.add_argument("--preset", choices=["seed", "default"], default="default",
                    help="training preset of the audited run (default: default)")
+    _add_network_options(p)
     p.add_argument("--nodes", type=_positive_int, default=3, help="node processes (default 3); one records")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="epochs of the audited run (default 2: rows come back in the second)")

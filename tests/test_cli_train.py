@@ -19,8 +19,10 @@ import pytest
 
 from core_data import FASHION_INSTALLED, core_cache, core_data_dir, core_dataset  # noqa: F401  (fixtures)
 from enshuffle.coordinator.training import Trainer, prepare
-from enshuffle.model import CLASSES, HIDDEN, INPUTS, LocalCompute, get_preset
+from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS, LocalCompute, get_preset
 from idx_util import random_arrays, write_idx_dir
+
+HIDDEN = NOTEBOOK_LAYERS[1]  # the presets' network
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_KEYS = {"type", "epoch", "cost", "train_accuracy", "test_accuracy", "seconds"}

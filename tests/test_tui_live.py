@@ -135,6 +135,9 @@ async def test_console_shows_a_real_two_node_run_and_verifies_its_chain(core_dat
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.snap is not None and app.snap.finished, 30, "training to finish",
                         live.describe)
+            # The state says finished before run() has returned (it still prints and says BYE).
+            await until(pilot, lambda: live.rc is not None or live.error is not None, 30, "the run to return",
+                        live.describe)
             assert live.error is None and live.rc == 0, live.describe()
             assert app.snap.status == "finished"
             await pilot.pause(2 / REFRESH_HZ)  # at least one more tick after the run's last write

@@ -22,6 +22,7 @@ from enshuffle.audit.attacks import Public, attack
 from enshuffle.audit.recording import load_recording
 from enshuffle.audit.scoring import TARGETS, Truth, meets_targets, score
 from enshuffle.coordinator.admission import Admission
+from enshuffle.coordinator.commands import network_layers
 from enshuffle.coordinator.run import CoordinatorRun, local_node_keys, run_headless, stop_local_nodes
 from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.training import prepare
@@ -75,7 +76,8 @@ def truth_from(run, slots: list[int], dataset, limit: int):
 
 def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | None = None, limit: int = 2000,
               data: str | None = None, disguise: str = "share", record_dir: str | None = None,
-              log=_eprint, ica: bool = True) -> dict:
+              log=_eprint, ica: bool = True, layers: tuple[int, ...] | None = None,
+              activation: str | None = None) -> dict:
     """Run, record, attack, score; returns the figures (see scoring.score) plus the settings."""
     if nodes < 2:
         raise UsageError(f"--nodes {nodes}: an audit needs at least 2 nodes (one records, the bound needs others)")
@@ -87,7 +89,7 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
     if limit > available:
         raise UsageError(f"--limit {limit}: the data has only {available} training images")
     epochs = epochs or DEFAULT_EPOCHS.get(preset_name, 1)
-    preset = get_preset(preset_name, epochs=epochs)
+    preset = get_preset(preset_name, epochs=epochs, layers=layers, activation=activation)
     inputs = prepare(dataset, preset, limit)
     with tempfile.TemporaryDirectory(prefix="enshuffle-audit-") as tmp:
         tmp = Path(tmp)
@@ -195,7 +197,8 @@ def _plain(value):
 
 def cmd_audit(args) -> int:
     figures = run_audit(preset_name=args.preset, nodes=args.nodes, epochs=args.epochs, limit=args.limit,
-                        data=args.data, disguise=args.disguise, record_dir=args.record)
+                        data=args.data, disguise=args.disguise, record_dir=args.record,
+                        layers=network_layers(args), activation=args.activation)
     if args.json:
         print(json.dumps(_plain(figures)), flush=True)
     else:

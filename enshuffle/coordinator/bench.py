@@ -47,9 +47,9 @@ import numpy as np
 
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 from enshuffle.coordinator.admission import Admission
-from enshuffle.coordinator.commands import load_inputs
+from enshuffle.coordinator.commands import load_inputs, network_layers
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, static_name
-from enshuffle.coordinator.ledger import ExposureLedger
+from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes
 from enshuffle.coordinator.plan import build_matmul_plan
 from enshuffle.coordinator.report import eprint
 from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_threads, local_node_keys,
@@ -57,7 +57,7 @@ from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_t
 from enshuffle.coordinator.server import CoordinatorServer
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.coordinator.training import Trainer
-from enshuffle.model import HIDDEN, LocalCompute, get_preset
+from enshuffle.model import NOTEBOOK_LAYERS, LocalCompute, get_preset
 from enshuffle.protocol.keys import fingerprint, load_or_create_identity
 from enshuffle.protocol.messages import Channel
 
@@ -209,12 +209,14 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp, coordinator_blas_threads():
         tmp = Path(tmp)
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
-        server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
+        server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(),
+                                   ExposureLedger(ledger_axes(preset.hidden)),
                                    admission=Admission(auto=set(local_node_keys(tmp, nodes))))
         procs = spawn_local_nodes(server.endpoint, identity.fingerprint, nodes, tmp)
         try:
             compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), server.attach,
-                                         ledger=server.ledger, disguise=disguise, **inputs.source())
+                                         ledger=server.ledger, disguise=disguise, **inputs.source(),
+                                         hidden=preset.hidden)
             problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
             server.give_up = problem
             if not server.wait_for_nodes(nodes, give_up=problem):
@@ -271,7 +273,7 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
                 name = static_name("train", shard)
                 static = server.static_arrays(shard)[name]
                 picked = rng.choice(static.shape[0], size=min(rows, static.shape[0]), replace=False)
-                b = rng.standard_normal((static.shape[1], HIDDEN)).astype(static.dtype)
+                b = rng.standard_normal((static.shape[1], NOTEBOOK_LAYERS[1])).astype(static.dtype)
                 return Batch(shard, "matmul", {"a_static": name, "transpose_a": False}, {"rows": picked, "b": b})
 
             for _ in range(warmup):  # statics go out with the first product
@@ -549,9 +551,11 @@ def cmd_bench(args) -> int:
         m["inprocess_epoch"] = _medians(_epochs(Trainer(preset, inputs, compute), repeats))
     m["inprocess_threads"] = threads
 
-    mini = replace(get_preset("default"), epochs=10_000)
+    # --layers / --hidden / --activation choose the network of the default-preset (per step) figures
+    mini = replace(get_preset("default", layers=network_layers(args), activation=args.activation), epochs=10_000)
     mini_inputs = load_inputs(args.data, mini, args.limit)
-    eprint(f"bench: default preset (mini-batches of 128, float32): centralized steps, BLAS threads {CENTRAL_THREADS}")
+    eprint(f"bench: default preset ({mini.describe()}, mini-batches of 128, float32): centralized steps, "
+           f"BLAS threads {CENTRAL_THREADS}")
     m["centralized_step"] = measure_centralized(mini, mini_inputs, repeats, minibatch=True)
 
     if not args.skip_wire:

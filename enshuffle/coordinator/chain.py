@@ -73,7 +73,13 @@ SIGNING_PREFIX = b"enshuffle model version v1\x00"
 HEAD_LOG_PREFIX = b"enshuffle head log v1\x00"
 HEAD_LOG = "HEADS"
 SHORT = 12  # hex chars shown for an id
-EXPORT_NAMES = ("w1", "b1", "w2", "b2")
+EXPORT_NAMES = ("w1", "b1", "w2", "b2")  # at least; a deeper network adds w3, b3, ...
+
+
+def weight_arrays(arrays: dict) -> list[str]:
+    """The weight names a version holds, layer by layer: w1, b1, w2, b2, ... (no optimizer state)."""
+    layers = sorted({int(n[1:]) for n in arrays if n[:1] in "wb" and n[1:].isdigit()})
+    return [f"{kind}{l}" for l in layers for kind in ("w", "b")]
 _TMP_PREFIX = ".tmp-"
 _RECORD = "version.json"
 _ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -747,7 +753,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """`enshuffle chain export RUN_DIR [--version ID] --npz FILE`: write w1, b1, w2, b2 as a plain .npz."""
+    """`enshuffle chain export RUN_DIR [--version ID] --npz FILE`: write w1, b1, w2, b2, ... as a plain .npz."""
     chain = _open_for_cli(args.run_dir)
     try:
         version_id = chain.resolve(args.version) if args.version else chain.head()
@@ -759,7 +765,8 @@ def cmd_export(args) -> int:
         return 1
     except ChainError as exc:
         raise UsageError(str(exc)) from None
-    missing = [n for n in EXPORT_NAMES if n not in arrays]
+    names = weight_arrays(arrays)
+    missing = [n for n in (*EXPORT_NAMES, *names) if n not in arrays]
     if missing:
         raise UsageError(f"version {short(version_id)} has no {', '.join(missing)}; it holds {', '.join(sorted(arrays))}")
     target = Path(args.npz)
@@ -772,7 +779,7 @@ def cmd_export(args) -> int:
     tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as fh:  # a file object, so numpy does not append ".npz" to the name
-            np.savez(fh, **{n: arrays[n] for n in EXPORT_NAMES})
+            np.savez(fh, **{n: arrays[n] for n in names})
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -780,5 +787,5 @@ def cmd_export(args) -> int:
         raise UsageError(f"cannot write {args.npz}: {exc.strerror}; choose a writable path") from None
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"wrote {', '.join(EXPORT_NAMES)} of version {short(version_id)} to {target}")
+    print(f"wrote {', '.join(names)} of version {short(version_id)} to {target}")
     return 0

@@ -24,7 +24,7 @@ from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.dataset import DataError, load_bundled_subset, load_dataset
 from enshuffle.errors import UsageError
-from enshuffle.model import LocalCompute, PRESETS, get_preset
+from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS, PRESETS, LocalCompute, get_preset
 from enshuffle.protocol.keys import enshuffle_home
 
 
@@ -41,10 +41,23 @@ def load_inputs(data: str | None, preset, limit: int | None = None):
     return prepare(dataset, preset, limit)
 
 
+def network_layers(args) -> tuple[int, ...] | None:
+    """--layers, or --hidden with the pixels and classes around it; None: the preset's network."""
+    if getattr(args, "layers", None):
+        return tuple(args.layers)
+    if getattr(args, "hidden", None):
+        return (INPUTS, *args.hidden, CLASSES)
+    return None
+
+
 def preset_from_args(args):
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    preset = get_preset(args.preset, epochs=args.epochs, dtype=args.dtype)
+    try:
+        preset = get_preset(args.preset, epochs=args.epochs, dtype=args.dtype, layers=network_layers(args),
+                            activation=getattr(args, "activation", None))
+    except ValueError as exc:
+        raise UsageError(f"--layers: {exc}") from None
     if getattr(args, "seed", None) is not None:
         preset = replace(preset, seed=args.seed)
     return preset
@@ -99,13 +112,14 @@ def cmd_train(args) -> int:
     inputs = load_inputs(args.data, preset, args.limit)
     if args.nodes == 0:
         compute, ledger = LocalCompute(inputs.images), None
-        eprint(f"train: centralized reference, preset {preset.name}, {preset.dtype}")
+        eprint(f"train: centralized reference, preset {preset.name}, {preset.describe()}, {preset.dtype}")
     elif args.in_process:
         # Partitions and disguises from OS entropy: never from a seed a node could know.
         compute = DistributedCompute(inputs.images, args.nodes, np.random.default_rng(), InProcessExecutor,
-                                     **inputs.source())
+                                     **inputs.source(), hidden=preset.hidden)
         ledger = compute.ledger
-        eprint(f"train: {args.nodes} in-process nodes, preset {preset.name}, {preset.dtype}, offload {args.offload}")
+        eprint(f"train: {args.nodes} in-process nodes, preset {preset.name}, {preset.describe()}, {preset.dtype}, "
+               f"offload {args.offload}")
     else:
         return run_local_cluster(run_settings(args), preset, inputs, nodes=args.nodes, run_dir=args.out,
                                  resume=bool(getattr(args, "resume", False)),
@@ -158,8 +172,13 @@ def apply_resume_settings(args, who: str) -> int:
     extended = f" (was {settings['epochs']})" if epochs != settings["epochs"] else ""
     args.preset, args.epochs, args.dtype = settings["preset"], epochs, settings["dtype"]
     args.offload, args.seed, args.limit = settings["offload"], settings["seed"], settings.get("limit")
+    # A run written before networks had a shape is the notebook's 784-128-10 sigmoid network.
+    args.layers, args.hidden = tuple(settings.get("layers") or NOTEBOOK_LAYERS), None
+    args.activation = settings.get("activation") or "sigmoid"
     shards = int(settings["shards"])
-    eprint(f"{who}: resuming {args.out} with its settings: preset {args.preset}, {args.epochs} epochs{extended}, "
+    layers = "-".join(map(str, args.layers))
+    eprint(f"{who}: resuming {args.out} with its settings: preset {args.preset}, {layers} {args.activation}, "
+           f"{args.epochs} epochs{extended}, "
            f"{args.dtype}, offload {args.offload}, {shards} shards (other training options are ignored)")
     return shards
 
@@ -183,6 +202,7 @@ def cmd_coordinator(args) -> int:
     except OSError as exc:
         raise UsageError(str(exc)) from None
     commands = run.state.join_commands
+    eprint(f"coordinator: network {preset.describe()}, preset {preset.name}, {preset.dtype}")
     eprint(f"coordinator: listening on {listen_text(run.server.endpoint)}, run {run.server.run_id}, "
            f"model chain in {run.run_dir}")
     eprint(f"coordinator: fingerprint {run.identity.fingerprint}")

@@ -43,11 +43,11 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from enshuffle.coordinator.ledger import HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger
+from enshuffle.coordinator.ledger import HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger, ledger_axes
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
 from enshuffle.kernels import compute_batch
-from enshuffle.model import HIDDEN, INPUTS, sigmoid
+from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, sigmoid
 
 DISGUISES = ("share", "shuffle")
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
@@ -162,7 +162,7 @@ class DistributedCompute:
                  executor_factory: Callable[["DistributedCompute"], Executor], *, disguise: str = "share",
                  ledger: ExposureLedger | None = None, disguise_rng: np.random.Generator | None = None,
                  offload: str = "matmul", raw: dict[str, np.ndarray] | None = None,
-                 affine: tuple[np.ndarray, np.ndarray] | None = None):
+                 affine: tuple[np.ndarray, np.ndarray] | None = None, hidden: int = NOTEBOOK_LAYERS[1]):
         if shards < 1:
             raise ValueError("need at least one shard")
         if disguise not in DISGUISES:
@@ -170,6 +170,7 @@ class DistributedCompute:
         if offload != "matmul":
             raise ValueError("only matrix products are offloaded (elementwise offload was retired: it leaked labels)")
         self.images = images
+        self.hidden = int(hidden)  # w1's columns: the first hidden layer's width
         self.k = shards
         self.disguise = disguise
         # Two secrets: `rng` draws the run's partitions, noise and mixings (a resumed run must
@@ -177,7 +178,7 @@ class DistributedCompute:
         # per-batch disguises come from fresh OS entropy unless a test passes its own generator.
         # Neither may come from a public seed: a node could replay the draws and undo them.
         self.rng = disguise_rng if disguise_rng is not None else np.random.default_rng()
-        self.ledger = ledger if ledger is not None else ExposureLedger()
+        self.ledger = ledger if ledger is not None else ExposureLedger(ledger_axes(self.hidden))
         # "share" works on raw pixels when it has them (images = raw * alpha + beta, applied here).
         self.source = raw if (raw is not None and affine is not None and disguise == "share") else images
         if self.source is not images:
@@ -264,7 +265,7 @@ class DistributedCompute:
     def slot_exposure(self, shard: int) -> list[tuple]:
         """Everything a node learns by serving slot `shard` for a run (the exposure bound's unit)."""
         return self.static_exposure(shard) + [("w1", self.pixel_blocks[shard], self._form()),
-                                              ("deltas", np.arange(HIDDEN), POSITIONS_HIDDEN)]
+                                              ("deltas", np.arange(self.hidden), POSITIONS_HIDDEN)]
 
     def audit_truth(self, shard: int) -> dict:
         """Ground truth for `enshuffle audit`'s scorer (never sent anywhere), per static of the
@@ -313,14 +314,15 @@ class DistributedCompute:
         """X[idx] @ w1, contraction over pixels: each slot multiplies its static block."""
         idx = self._rows(which, idx)
         share = self.disguise == "share"
+        width = w1.shape[1]
         disguises = []
         if share:
-            scaled = w1 * self._w_scale  # D alpha w1, (784, 128) float64
+            scaled = w1 * self._w_scale  # D alpha w1, (784, h1) float64
 
         def batches():
             for s, st in enumerate(self.statics):
-                d = Disguise(rows=self.rng.permutation(idx.shape[0]), cols=self.rng.permutation(HIDDEN),
-                             col_exp=random_exponents(HIDDEN, self.rng, True))
+                d = Disguise(rows=self.rng.permutation(idx.shape[0]), cols=self.rng.permutation(width),
+                             col_exp=random_exponents(width, self.rng, True))
                 if share:
                     b = st.mix[which].inverse_left(gather(scaled, st.pixels, d.cols)).astype(w1.dtype, copy=False)
                 else:
@@ -357,21 +359,22 @@ class DistributedCompute:
             exact = dz1
             dz1, delta, directions = self.decoy(dz1, np.asarray(labels))
             moved = (delta, directions)
-        out = np.zeros((INPUTS, HIDDEN), dtype=np.float64 if share else dz1.dtype)
+        width = dz1.shape[1]
+        out = np.zeros((INPUTS, width), dtype=np.float64 if share else dz1.dtype)
         disguises = []
 
         def batches():
             for s, st in enumerate(self.statics):
                 order = self.rng.permutation(idx.shape[0])  # the contraction (sample) order
-                d = Disguise(rows=np.arange(len(st.pixels)), cols=self.rng.permutation(HIDDEN),
-                             row_exp=st.pixel_exp, col_exp=random_exponents(HIDDEN, self.rng, True))
+                d = Disguise(rows=np.arange(len(st.pixels)), cols=self.rng.permutation(width),
+                             row_exp=st.pixel_exp, col_exp=random_exponents(width, self.rng, True))
                 b = gather(dz1, order, d.cols)
                 b *= pow2(d.col_exp, b.dtype)[None, :]
                 rows = st.row_index["train"][idx[order]]
                 disguises.append(d)
                 yield Batch(s, "matmul", {"a_static": static_name("train", s), "transpose_a": True},
                             {"rows": rows, "b": b},
-                            [("deltas", np.arange(HIDDEN), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)])
+                            [("deltas", np.arange(width), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)])
 
         handles = self._send(batches())
         if not share:
@@ -488,19 +491,15 @@ class DistributedCompute:
         return np.any(np.take(x, idx, axis=0) != 0, axis=0)
 
     # -- the thin products and elementwise work stay here ---------------------------
-    def a1_w2(self, a1: np.ndarray, w2: np.ndarray) -> np.ndarray:
-        """(b,128) @ (128,10): label-adjacent and thin, computed here (never sent)."""
-        return a1 @ w2
+    def a_w(self, a: np.ndarray, w: np.ndarray, layer: int) -> np.ndarray:
+        """Layers 2..L forward, (b,n) @ (n,m): computed here (never sent). The last layer's is
+        label-adjacent; a hidden-to-hidden layer's would need activations on the wire."""
+        return a @ w
 
-    def dw2_da1(self, a1: np.ndarray, dz2: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """a1^T @ dz2 and dz2 @ w2^T: they need dz2, which carries the labels; computed here."""
-        return a1.T @ dz2, dz2 @ w2.T
-
-    def dw2(self, a1: np.ndarray, dz2: np.ndarray) -> np.ndarray:
-        return a1.T @ dz2
-
-    def da1(self, dz2: np.ndarray, w2: np.ndarray) -> np.ndarray:
-        return dz2 @ w2.T
+    def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """a^T @ dz and dz @ w^T of layers 2..L: the last layer's need dz2, which carries the
+        labels; computed here."""
+        return a.T @ dz, dz @ w.T
 
     def sigmoid(self, z, tensor="activations"):
         return sigmoid(z)

@@ -33,18 +33,24 @@ import threading
 
 import numpy as np
 
-from enshuffle.model import CLASSES, HIDDEN, INPUTS
+from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS
 
-AXES = {
-    "images": INPUTS,
-    "samples": 1,
-    "labels": CLASSES,
-    "outputs": CLASSES,
-    "w1": INPUTS,
-    "w2": HIDDEN,
-    "activations": HIDDEN,
-    "deltas": HIDDEN,
-}
+
+def ledger_axes(hidden: int = NOTEBOOK_LAYERS[1]) -> dict[str, int]:
+    """Each kind's axis length for a network whose first hidden layer has `hidden` units."""
+    return {
+        "images": INPUTS,
+        "samples": 1,
+        "labels": CLASSES,
+        "outputs": CLASSES,
+        "w1": INPUTS,
+        "w2": hidden,
+        "activations": hidden,
+        "deltas": hidden,
+    }
+
+
+AXES = ledger_axes()  # the kinds, in table order (axis lengths of the notebook's network)
 FORMS = ("values hidden", "positions hidden", "clear")  # weakest last
 HIDDEN_VALUES, POSITIONS_HIDDEN, CLEAR = 1, 2, 3  # stored per position; 0 = never received
 
@@ -52,7 +58,8 @@ HIDDEN_VALUES, POSITIONS_HIDDEN, CLEAR = 1, 2, 3  # stored per position; 0 = nev
 class ExposureLedger:
     """Thread-safe: the network thread records, presenters read `shares()` / `forms()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, axes: dict[str, int] | None = None) -> None:
+        self.axes = dict(axes or AXES)  # kind -> axis length (ledger_axes of the run's network)
         self._masks: dict[str, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
@@ -66,7 +73,7 @@ class ExposureLedger:
                 form = item[2] if len(item) > 2 else POSITIONS_HIDDEN
                 mask = masks.get(kind)
                 if mask is None:
-                    mask = masks[kind] = np.zeros(AXES[kind], dtype=np.uint8)
+                    mask = masks[kind] = np.zeros(self.axes[kind], dtype=np.uint8)
                 np.maximum.at(mask, np.asarray(positions, dtype=np.int64), np.uint8(form))
 
     def nodes(self) -> list[str]:
@@ -76,20 +83,20 @@ class ExposureLedger:
     def shares(self) -> dict[str, dict[str, float]]:
         """node -> kind -> share of elements seen (0..1) in any form; kinds never received are 0."""
         with self._lock:
-            return {node: {t: float(np.count_nonzero(masks[t]) / masks[t].size) if t in masks else 0.0 for t in AXES}
+            return {node: {t: float(np.count_nonzero(masks[t]) / masks[t].size) if t in masks else 0.0 for t in self.axes}
                     for node, masks in self._masks.items()}
 
     def forms(self) -> dict[str, dict[str, str]]:
         """node -> kind -> the weakest form it received (a FORMS entry), for kinds it received."""
         with self._lock:
-            return {node: {t: FORMS[int(m.max()) - 1] for t, m in masks.items() if t in AXES and m.max() > 0}
+            return {node: {t: FORMS[int(m.max()) - 1] for t, m in masks.items() if t in self.axes and m.max() > 0}
                     for node, masks in self._masks.items()}
 
     def node_shares(self, node: str) -> dict[str, float]:
         """One node's shares, only for kinds it has received (what a BATCH header announces)."""
         with self._lock:
             return {t: float(np.count_nonzero(m) / m.size) for t, m in self._masks.get(node, {}).items()
-                    if t in AXES}
+                    if t in self.axes}
 
     def positions(self, node: str, kind: str) -> np.ndarray:
         """Indices along the kind's axis that `node` has received (for tests and audits)."""
@@ -102,7 +109,7 @@ class ExposureLedger:
         with self._lock:
             current = {k: (m > 0) for k, m in self._masks.get(node, {}).items()}
         for item in exposure:
-            mask = current.setdefault(item[0], np.zeros(AXES[item[0]], dtype=bool))
+            mask = current.setdefault(item[0], np.zeros(self.axes[item[0]], dtype=bool))
             mask[np.asarray(item[1], dtype=np.int64)] = True
         return {k: float(m.mean()) for k, m in current.items()}
 
@@ -110,7 +117,7 @@ class ExposureLedger:
         """The ledger as a text table: one row per node, one column per kind (percent seen, and a
         letter for the weakest form: h values hidden, p positions hidden, c clear)."""
         shares, forms = self.shares(), self.forms()
-        kinds = kinds or tuple(AXES)
+        kinds = kinds or tuple(self.axes)
         width = max([len("node")] + [len(n) for n in shares])
         head = "node".ljust(width) + "".join(f"{t:>13}" for t in kinds)
         lines = [head, "-" * len(head)]
@@ -135,7 +142,7 @@ class ExposureLedger:
         with self._lock:
             for node, masks in data.items():
                 for kind, text in masks.items():
-                    size = AXES.get(kind)
+                    size = self.axes.get(kind)
                     if size is None or not isinstance(text, str):
                         continue
                     if text.startswith("v2:"):

@@ -27,7 +27,7 @@ from enshuffle.coordinator.addresses import volunteer_addresses
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home
 from enshuffle.coordinator.distributed import DistributedCompute
-from enshuffle.coordinator.ledger import ExposureLedger, privacy_notes
+from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
 from enshuffle.coordinator.report import (eprint, join_commands, listen_text, report_epoch, report_ledger,
                                             save_weights)
 from enshuffle.coordinator.server import CoordinatorServer, StepAbandoned, TrainingAborted
@@ -85,10 +85,11 @@ class CoordinatorRun:
         self.chain = Chain(self.run_dir, signer=self.identity) if self.run_dir else None
         self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
                           "offload": settings.offload, "seed": preset.seed, "limit": settings.limit,
-                          "shards": shards, "data": data_fingerprint(inputs)}
+                          "shards": shards, "data": data_fingerprint(inputs), "layers": list(preset.layers),
+                          "activation": preset.activation}
         self.admission = admission
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
-        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
+        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=ExposureLedger(ledger_axes(preset.hidden)),
                                         control=self.control, log=None if quiet else eprint, admission=admission,
                                         max_exposure=settings.max_exposure)
         if self.run_dir:
@@ -103,7 +104,7 @@ class CoordinatorRun:
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
         self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
                                           ledger=self.server.ledger, **inputs.source(),
-                                          disguise=settings.disguise)
+                                          disguise=settings.disguise, hidden=preset.hidden)
         # Initial weights and sample order from the same secret: nothing public anchors the run.
         self.trainer = Trainer(preset, inputs, self.compute, secret=secret)
         with self.state.lock:
@@ -167,7 +168,10 @@ class CoordinatorRun:
             raise UsageError(f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
                              f"start without --resume")
         arrays, meta = self.chain.load(head)
-        self.trainer.restore(arrays, meta)
+        try:
+            self.trainer.restore(arrays, meta)
+        except ValueError as exc:
+            raise UsageError(f"cannot resume {self.run_dir} from version {head[:12]}: {exc}") from None
         if self.trainer.finished:
             raise UsageError(
                 f"{self.run_dir} has finished: its head version {head[:12]} is epoch {self.trainer.epoch} of "
@@ -386,10 +390,6 @@ def plan_secret(run_dir: Path) -> int:
     return int(value, 16)
 
 
-def _new_ledger():
-    return ExposureLedger()
-
-
 def _version_row(version_id: str, parent_id: str | None, meta: dict) -> VersionRow:
     return VersionRow(version_id=version_id, parent_id=parent_id, epoch=int(meta.get("epoch", 0)),
                       step=int(meta.get("step", 0)),
@@ -481,7 +481,7 @@ def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_
                              resume=resume, quiet=not verbose,
                              admission=admission)
         eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
-               f"preset {preset.name}, {preset.dtype}, offload {settings.offload}")
+               f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {settings.offload}")
         procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes, tmp)
         eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
                f"(at most {LOCAL_NODES_CONNECT_S:g} s)")

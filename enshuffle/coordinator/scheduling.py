@@ -47,7 +47,7 @@ class Scheduler:
         by default the largest slot's share of each bounded kind, or --max-exposure if higher."""
         self.owner = [None] * k
         self.slot_exposure = slot_exposure
-        probe = ExposureLedger()
+        probe = ExposureLedger(self.ledger.axes)
         for shard in range(k):
             probe.record(f"slot{shard}", slot_exposure(shard))
         shares = probe.shares().values()
