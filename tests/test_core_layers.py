@@ -91,7 +91,7 @@ def test_a_three_layer_network_distributed_equals_centralized_after_every_step(c
     secret = 0x3A7E + nodes
     reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=secret)
     compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(nodes), InProcessExecutor,
-                                 **inputs.source(), hidden=preset.hidden)
+                                 **inputs.source(), layers=preset.layers)
     distributed = Trainer(preset, inputs, compute, secret=secret)
     for step in range(3):
         reference.run_step()
@@ -182,3 +182,97 @@ def test_a_deep_run_over_the_wire_resumes_and_exports_every_layer(core_data_dir,
     with np.load(out) as saved:
         assert sorted(saved.files) == ["b1", "b2", "b3", "w1", "w2", "w3"]
         assert saved["w2"].shape == (12, 6)
+
+
+class RecordingExecutor:
+    """The in-process executor, keeping every batch it runs (what the nodes would receive)."""
+
+    def __init__(self, compute):
+        self.inner = InProcessExecutor(compute)
+        self.batches = []
+
+    def run(self, batches):
+        self.batches.extend(batches)
+        return self.inner.run(batches)
+
+    def step_done(self):
+        self.inner.step_done()
+
+
+def _mantissas(x: np.ndarray) -> set:
+    """Each value's mantissa and sign: what a power-of-two scale or a permutation keeps."""
+    m, _ = np.frexp(np.asarray(x, dtype=np.float64).ravel())
+    return set(np.round(m[m != 0], 12).tolist())
+
+
+def test_every_hidden_layer_is_distributed_disguised_and_in_the_ledger_and_bound(core_dataset):
+    from enshuffle.coordinator.scheduling import Scheduler
+
+    preset = replace(get_preset("default", dtype="float64", layers=(784, 40, 30, 20, 10)), batch_size=100)
+    inputs = prepare(core_dataset, preset, limit=300)
+    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(7), RecordingExecutor,
+                                 **inputs.source(), layers=preset.layers)
+    assert sorted(compute.unit_blocks) == [2, 3]  # the last layer (label-adjacent) stays home
+    trainer = Trainer(preset, inputs, compute, secret=11)
+    seen = []  # every hidden layer's operands as the coordinator holds them
+    forward = compute.a_w
+
+    def a_w(a, w, layer):
+        seen.extend([a.copy(), w.copy()])
+        return forward(a, w, layer)
+
+    compute.a_w = a_w
+    reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=11)
+    trainer.run_step()
+    reference.run_step()
+    for name in reference.params:
+        np.testing.assert_allclose(trainer.params[name], reference.params[name], rtol=RTOL, atol=ATOL)
+
+    hidden = [b for b in compute.executor.batches if "a" in b.arrays]
+    assert {kind for b in hidden for kind, *_ in b.exposure} == {
+        "activations", "activations2", "w2", "w3", "samples", "deltas2", "deltas3"}
+    # no sent value is an activation or a weight of w2..w4, even up to a power-of-two scale
+    plain = set().union(*(_mantissas(v) for v in seen))
+    assert len(seen) == 6 and len(plain) > 1000
+    for b in hidden:
+        for name, array in b.arrays.items():
+            sent = _mantissas(array)
+            assert len(sent & plain) <= 0.001 * len(sent), (b.exposure, name)
+
+    shares = compute.ledger.shares()
+    for node, share in shares.items():
+        for kind, width in (("w2", 40), ("activations", 40), ("w3", 30), ("activations2", 30)):
+            assert share[kind] == pytest.approx(0.5, abs=1 / width), (node, kind)
+        assert share["deltas2"] == share["deltas3"] == 1.0
+        assert share["w4"] == share["activations3"] == 0.0 and share["deltas"] == 1.0
+    # the bound covers every distributed layer: a node holding slot 0 may not take slot 1
+    scheduler = Scheduler(compute.ledger, {})
+    scheduler.attach(2, compute.slot_exposure)
+    assert set(scheduler.bound) == {"images", "w1", "w2", "w3", "activations", "activations2"}
+
+    class Node:
+        node_id = label = "node-1"  # holds slot 0's blocks in the ledger above
+        want, shards_held, queue, outstanding = 1, {0}, [], {}
+
+    assert scheduler.eligible(Node(), 0) and not scheduler.eligible(Node(), 1)
+
+
+def test_a_deep_network_over_the_wire_equals_the_centralized_run(core_data_dir, core_cache, tmp_path):
+    """Two node processes, 784-32-24-10 in float64 with --seed: the hidden layer goes to the nodes
+    over ENS2 and the final weights equal the centralized run's; the ledger shows its blocks."""
+    from wire_util import assert_same_weights, enshuffle_cli, load_npz
+
+    args = ["--hidden", "32,24", "--dtype", "float64", "--epochs", "1", "--limit", "300", "--seed", "5",
+            "--data", str(core_data_dir), "--json"]
+    wire = enshuffle_cli("train", "--nodes", "2", *args, "--save-weights", str(tmp_path / "a.npz"),
+                         home=tmp_path / "home", cache=core_cache)
+    assert wire.returncode == 0, wire.stderr
+    central = enshuffle_cli("train", "--nodes", "0", *args, "--save-weights", str(tmp_path / "b.npz"),
+                            home=tmp_path / "home", cache=core_cache)
+    assert central.returncode == 0, central.stderr
+    assert_same_weights(load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz"))
+    ledger = json.loads(wire.stdout.splitlines()[-1])
+    for shares in ledger["ledger"].values():
+        assert shares["w2"] == shares["activations"] == 0.5 and shares["deltas2"] == 1.0
+        assert shares["w3"] == 0.0 and shares["activations2"] == 0.0
+    assert set(ledger["forms"]["local-1"]) >= {"w2", "activations", "deltas2"}

@@ -210,13 +210,13 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
         tmp = Path(tmp)
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
         server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(),
-                                   ExposureLedger(ledger_axes(preset.hidden)),
+                                   ExposureLedger(ledger_axes(preset.layers)),
                                    admission=Admission(auto=set(local_node_keys(tmp, nodes))))
         procs = spawn_local_nodes(server.endpoint, identity.fingerprint, nodes, tmp)
         try:
             compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), server.attach,
                                          ledger=server.ledger, disguise=disguise, **inputs.source(),
-                                         hidden=preset.hidden)
+                                         layers=preset.layers)
             problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
             server.give_up = problem
             if not server.wait_for_nodes(nodes, give_up=problem):

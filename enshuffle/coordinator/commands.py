@@ -116,7 +116,7 @@ def cmd_train(args) -> int:
     elif args.in_process:
         # Partitions and disguises from OS entropy: never from a seed a node could know.
         compute = DistributedCompute(inputs.images, args.nodes, np.random.default_rng(), InProcessExecutor,
-                                     **inputs.source(), hidden=preset.hidden)
+                                     **inputs.source(), layers=preset.layers)
         ledger = compute.ledger
         eprint(f"train: {args.nodes} in-process nodes, preset {preset.name}, {preset.describe()}, {preset.dtype}, "
                f"offload {args.offload}")

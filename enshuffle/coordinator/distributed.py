@@ -43,7 +43,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from enshuffle.coordinator.ledger import HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger, ledger_axes
+from enshuffle.coordinator.ledger import (HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger, activation_kind,
+                                          delta_kind, ledger_axes)
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
 from enshuffle.kernels import compute_batch
@@ -54,6 +55,11 @@ NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
 NOISE_SCALE = 1.0  # std of each noise element, in units of a normalized pixel's root mean square
 MIX_GROUP = 32  # mixing blocks: 32x32 dense, so mixing costs 32 multiply-adds per element
 SOURCE_CHUNK_ROWS = 512  # rows of raw pixels converted to float64 at a time (fits in cache)
+# Hidden-to-hidden layers (docs/design.md, "Hidden layers"): each batch's block of input units is
+# mixed with a fresh secret block-diagonal matrix of HIDDEN_MIX_GROUP and carries fresh noise of
+# rank HIDDEN_NOISE_RANK; the corrections cost the coordinator about (r + g) / b of the product.
+HIDDEN_NOISE_RANK = 8
+HIDDEN_MIX_GROUP = 8
 DECOY_RANK = 2
 DECOY_GRAM_ROWS = 1024  # full batch: a class's principal directions are estimated from this many of its rows  # per class and batch: dz1's mean and this many principal directions move to other rows
 
@@ -125,6 +131,13 @@ class BlockMix:
         """(K, m) -> M^-1 @ w."""
         return self._left(self._inv, self.inverses[-1] if self.full < w.shape[0] else None, w)
 
+    def right_transposed(self, x: np.ndarray) -> np.ndarray:
+        """(n, K) -> x @ M^T, block by block (undoes a node's d @ (M^-1 w)^T = d w^T M^-T)."""
+        out = np.empty(x.shape, dtype=np.float64)
+        for (lo, hi), m in zip(self.bounds, self.blocks):
+            np.matmul(x[:, lo:hi], m.T, out=out[:, lo:hi])
+        return out
+
     def inverse_transposed_left(self, r: np.ndarray) -> np.ndarray:
         """(K, m) -> M^-T @ r: undoes a node's (x M)^T @ d = M^T (x^T d)."""
         return self._left(self._inv_t, self.inverses[-1].T if self.full < r.shape[0] else None, r)
@@ -162,7 +175,8 @@ class DistributedCompute:
                  executor_factory: Callable[["DistributedCompute"], Executor], *, disguise: str = "share",
                  ledger: ExposureLedger | None = None, disguise_rng: np.random.Generator | None = None,
                  offload: str = "matmul", raw: dict[str, np.ndarray] | None = None,
-                 affine: tuple[np.ndarray, np.ndarray] | None = None, hidden: int = NOTEBOOK_LAYERS[1]):
+                 affine: tuple[np.ndarray, np.ndarray] | None = None, hidden: int | None = None,
+                 layers: tuple[int, ...] | None = None):
         if shards < 1:
             raise ValueError("need at least one shard")
         if disguise not in DISGUISES:
@@ -170,7 +184,12 @@ class DistributedCompute:
         if offload != "matmul":
             raise ValueError("only matrix products are offloaded (elementwise offload was retired: it leaked labels)")
         self.images = images
-        self.hidden = int(hidden)  # w1's columns: the first hidden layer's width
+        # The network: its first hidden width sizes w1's products; its hidden-to-hidden layers
+        # (2 .. L-1) are distributed too. `hidden` alone means 784-hidden-10.
+        if layers is None:
+            layers = (INPUTS, int(hidden or NOTEBOOK_LAYERS[1]), NOTEBOOK_LAYERS[-1])
+        self.layers = tuple(int(n) for n in layers)
+        self.hidden = self.layers[1]  # w1's columns: the first hidden layer's width
         self.k = shards
         self.disguise = disguise
         # Two secrets: `rng` draws the run's partitions, noise and mixings (a resumed run must
@@ -178,7 +197,7 @@ class DistributedCompute:
         # per-batch disguises come from fresh OS entropy unless a test passes its own generator.
         # Neither may come from a public seed: a node could replay the draws and undo them.
         self.rng = disguise_rng if disguise_rng is not None else np.random.default_rng()
-        self.ledger = ledger if ledger is not None else ExposureLedger(ledger_axes(self.hidden))
+        self.ledger = ledger if ledger is not None else ExposureLedger(ledger_axes(self.layers))
         # "share" works on raw pixels when it has them (images = raw * alpha + beta, applied here).
         self.source = raw if (raw is not None and affine is not None and disguise == "share") else images
         if self.source is not images:
@@ -224,6 +243,14 @@ class DistributedCompute:
                     corrections[:NOISE_RANK, st.pixels] = st.loadings[which] * self._w_scale[st.pixels, 0]
             corrections[NOISE_RANK] = self.beta
         self._full_support: np.ndarray | None = None
+        # Hidden-to-hidden layer l (2 .. L-1) contracts over layer l-1's units: k secret blocks of
+        # them, drawn after every other secret (so a 2-layer run's draws are unchanged). A layer
+        # with fewer units than slots stays here.
+        self.unit_blocks: dict[int, list[np.ndarray]] = {}
+        for layer in range(2, len(self.layers) - 1):
+            if self.layers[layer - 1] >= shards:
+                self.unit_blocks[layer] = balanced_blocks(self.layers[layer - 1], shards, rng)
+        self._hidden_secrets: dict[int, tuple] = {}  # layer -> the forward's secrets, for its backward
         self.round_trips = 0  # executor.run calls: each is one round trip to every slot's node
         self.executor = executor_factory(self)
 
@@ -264,8 +291,22 @@ class DistributedCompute:
 
     def slot_exposure(self, shard: int) -> list[tuple]:
         """Everything a node learns by serving slot `shard` for a run (the exposure bound's unit)."""
-        return self.static_exposure(shard) + [("w1", self.pixel_blocks[shard], self._form()),
-                                              ("deltas", np.arange(self.hidden), POSITIONS_HIDDEN)]
+        out = self.static_exposure(shard) + [("w1", self.pixel_blocks[shard], self._form()),
+                                             ("deltas", np.arange(self.hidden), POSITIONS_HIDDEN)]
+        for layer in self.unit_blocks:
+            out += self._layer_exposure(layer, shard, backward=True)
+        return out
+
+    def _layer_exposure(self, layer: int, shard: int, backward: bool) -> list[tuple]:
+        """What one batch of hidden layer `layer` tells slot `shard`'s node: its block of the
+        input units (mixed, with noise) and of w{layer}'s rows (mixed); backward also the
+        layer's deltas (every unit, shuffled and power-of-two scaled)."""
+        block = self.unit_blocks[layer][shard]
+        out = [(activation_kind(layer - 1), block, HIDDEN_VALUES), (f"w{layer}", block, HIDDEN_VALUES),
+               ("samples", [0], POSITIONS_HIDDEN)]
+        if backward:
+            out.append((delta_kind(layer), np.arange(self.layers[layer]), POSITIONS_HIDDEN))
+        return out
 
     def audit_truth(self, shard: int) -> dict:
         """Ground truth for `enshuffle audit`'s scorer (never sent anywhere), per static of the
@@ -491,15 +532,100 @@ class DistributedCompute:
         return np.any(np.take(x, idx, axis=0) != 0, axis=0)
 
     # -- the thin products and elementwise work stay here ---------------------------
+    # -- hidden-to-hidden layers: split over their input units ---------------------
     def a_w(self, a: np.ndarray, w: np.ndarray, layer: int) -> np.ndarray:
-        """Layers 2..L forward, (b,n) @ (n,m): computed here (never sent). The last layer's is
-        label-adjacent; a hidden-to-hidden layer's would need activations on the wire."""
-        return a @ w
+        """Layer `layer` >= 2 forward, a (b,n) @ w (n,m). The last layer's is label-adjacent and
+        thin: computed here. A hidden-to-hidden layer's goes to the nodes, slot s multiplying its
+        block Q_s of the n units: it receives (a[:,Q_s] + G H[:,Q_s]) M_s (rows shuffled) and
+        M_s^-1 w[Q_s] (columns shuffled, power-of-two scaled); the sum of the partials minus
+        G (H w) is a @ w."""
+        if layer not in self.unit_blocks:
+            return a @ w
+        noisy, g, h = self._noisy(a)
+        w64 = w.astype(np.float64, copy=False)
+        secrets = []
+
+        def batches():
+            for s, block in enumerate(self.unit_blocks[layer]):
+                mix = BlockMix(len(block), self.rng, group=HIDDEN_MIX_GROUP)
+                d = Disguise(rows=self.rng.permutation(a.shape[0]), cols=self.rng.permutation(w.shape[1]),
+                             col_exp=random_exponents(w.shape[1], self.rng, True))
+                a_s = mix.right(np.take(noisy, d.rows, axis=0)[:, block], a.dtype)
+                b_s = np.take(mix.inverse_left(w64[block]), d.cols, axis=1)
+                b_s *= pow2(d.col_exp, np.float64)[None, :]
+                secrets.append((block, mix))
+                d_list.append(d)
+                yield Batch(s, "matmul", {"transpose_a": False}, {"a": a_s, "b": b_s.astype(w.dtype)},
+                            self._layer_exposure(layer, s, backward=False))
+
+        d_list: list[Disguise] = []
+        handles = self._send(batches())
+        correction = g @ (h @ w64)  # while the nodes compute
+        results = self._receive(handles)
+        total = -correction
+        for d, r in zip(d_list, results):
+            total += d.undo(np.asarray(r, dtype=np.float64))
+        self._hidden_secrets[layer] = (a, noisy, g, h, secrets)
+        return total.astype(w.dtype, copy=False)
 
     def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """a^T @ dz and dz @ w^T of layers 2..L: the last layer's need dz2, which carries the
-        labels; computed here."""
-        return a.T @ dz, dz @ w.T
+        """Layer `layer` >= 2 backward: a^T @ dz (n,m) and dz @ w^T (b,n). The last layer's need
+        dz_L, which carries the labels: computed here. A hidden-to-hidden layer's go to the nodes,
+        slot s computing rows Q_s of the first and columns Q_s of the second from its forward
+        operands (the same mixing and noise) and dz (rows and units shuffled, power-of-two
+        scaled); the coordinator removes M_s and the noise's share H[:,Q_s]^T (G^T dz)."""
+        if layer not in self.unit_blocks:
+            return a.T @ dz, dz @ w.T
+        kept = self._hidden_secrets.pop(layer, None)
+        if kept is None or kept[0] is not a:  # no forward of this batch kept: fresh secrets
+            noisy, g, h = self._noisy(a)
+            secrets = [(block, BlockMix(len(block), self.rng, group=HIDDEN_MIX_GROUP))
+                       for block in self.unit_blocks[layer]]
+        else:
+            _, noisy, g, h, secrets = kept
+        dz64 = dz.astype(np.float64, copy=False)
+        w64 = w.astype(np.float64, copy=False)
+        n, m = a.shape[1], dz.shape[1]
+        disguises = []
+
+        def batches():
+            for s, (block, mix) in enumerate(secrets):
+                rows, cols = self.rng.permutation(dz.shape[0]), self.rng.permutation(m)
+                exp = random_exponents(m, self.rng, True)
+                a_s = mix.right(np.take(noisy, rows, axis=0)[:, block], a.dtype)
+                d_s = np.take(np.take(dz64, rows, axis=0), cols, axis=1) * pow2(exp, np.float64)[None, :]
+                wt_s = (np.take(mix.inverse_left(w64[block]), cols, axis=1) * pow2(-exp, np.float64)[None, :]).T
+                disguises.append((Disguise(rows=np.arange(len(block)), cols=cols, col_exp=exp),
+                                  Disguise(rows=rows, cols=np.arange(len(block)))))
+                exposure = self._layer_exposure(layer, s, backward=True)
+                d_s = d_s.astype(dz.dtype)
+                yield Batch(s, "matmul", {"transpose_a": True}, {"a": a_s, "b": d_s}, exposure)
+                yield Batch(s, "matmul", {"transpose_a": False}, {"a": d_s, "b": wt_s.astype(w.dtype)}, exposure)
+
+        handles = self._send(batches())
+        noise = g.T @ dz64  # (r, m), while the nodes compute
+        results = self._receive(handles)
+        dw = np.empty((n, m))
+        da = np.empty((a.shape[0], n))
+        for s, ((block, mix), (d_w, d_a)) in enumerate(zip(secrets, disguises)):
+            part = mix.inverse_transposed_left(d_w.undo(np.asarray(results[2 * s], dtype=np.float64)))
+            part -= h[:, block].T @ noise
+            dw[block] = part
+            da[:, block] = mix.right_transposed(d_a.undo(np.asarray(results[2 * s + 1], dtype=np.float64)))
+        return dw.astype(dz.dtype, copy=False), da.astype(dz.dtype, copy=False)
+
+    def _noisy(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a + G H, G, H) in float64: G (b, r) fresh per batch, H (r, n) fresh too, each unit's
+        noise at the unit's own root mean square in this batch (a unit that is zero throughout
+        gets noise of scale 1, so a dead unit does not show)."""
+        a64 = a.astype(np.float64, copy=False)
+        rms = np.sqrt(np.einsum("ij,ij->j", a64, a64) / max(a.shape[0], 1))
+        rms[rms == 0] = 1.0
+        g = self.rng.standard_normal((a.shape[0], HIDDEN_NOISE_RANK))
+        h = self.rng.standard_normal((HIDDEN_NOISE_RANK, a.shape[1])) * (rms * NOISE_SCALE / np.sqrt(HIDDEN_NOISE_RANK))
+        noisy = g @ h
+        noisy += a64
+        return noisy, g, h
 
     def sigmoid(self, z, tensor="activations"):
         return sigmoid(z)

@@ -18,9 +18,14 @@ keeps the weakest *form* it arrived in:
 | labels       | classes (10)             | never                                                           |
 | outputs      | classes (10)             | never                                                           |
 | w1           | rows = pixels (784)      | w1 rows of its block, secretly mixed (hidden)                   |
-| w2           | rows = hidden units (128)| never                                                           |
-| activations  | hidden units (128)       | never                                                           |
+| w2           | rows = hidden units (128)| never (784-128-10); a deeper network's w2..w{L-1}: rows of its block, mixed (hidden) |
+| activations  | hidden units (128)       | never (784-128-10); a deeper network's: its block of units, mixed with noise (hidden) |
 | deltas       | hidden units (128)       | dz1, every unit, shuffled and power-of-two scaled               |
+
+A deeper network adds a kind per layer (`ledger_axes`): w3, ..., wL (rows = the layer's inputs),
+activations2, ... and deltas2, ... (hidden layer j's units). The last layer's weights and the
+activations that feed it never leave the coordinator; the deltas of hidden layer j >= 2 reach
+every node (positions hidden) when layer j is distributed.
 
 Images, w1 and w2 are the same tensor for the whole run (weights change value, not identity), so
 their share is cumulative: a node that takes over another's block shows it here. The other kinds
@@ -36,18 +41,27 @@ import numpy as np
 from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS
 
 
-def ledger_axes(hidden: int = NOTEBOOK_LAYERS[1]) -> dict[str, int]:
-    """Each kind's axis length for a network whose first hidden layer has `hidden` units."""
-    return {
-        "images": INPUTS,
-        "samples": 1,
-        "labels": CLASSES,
-        "outputs": CLASSES,
-        "w1": INPUTS,
-        "w2": hidden,
-        "activations": hidden,
-        "deltas": hidden,
-    }
+def activation_kind(hidden_layer: int) -> str:
+    """The ledger's name for hidden layer j's outputs: activations, activations2, ..."""
+    return "activations" if hidden_layer == 1 else f"activations{hidden_layer}"
+
+
+def delta_kind(hidden_layer: int) -> str:
+    """The ledger's name for hidden layer j's deltas dz_j: deltas, deltas2, ..."""
+    return "deltas" if hidden_layer == 1 else f"deltas{hidden_layer}"
+
+
+def ledger_axes(layers: int | tuple[int, ...] = NOTEBOOK_LAYERS) -> dict[str, int]:
+    """Each kind's axis length for a network of these layer widths (an int: 784-int-10), in the
+    table's order: every layer's weights (rows), then every hidden layer's activations and deltas.
+    784-128-10 gives the kinds the ledger has always had."""
+    if isinstance(layers, (int, np.integer)):
+        layers = (INPUTS, int(layers), CLASSES)
+    axes = {"images": INPUTS, "samples": 1, "labels": CLASSES, "outputs": CLASSES}
+    axes.update({f"w{l}": layers[l - 1] for l in range(1, len(layers))})
+    axes.update({activation_kind(j): layers[j] for j in range(1, len(layers) - 1)})
+    axes.update({delta_kind(j): layers[j] for j in range(1, len(layers) - 1)})
+    return axes
 
 
 AXES = ledger_axes()  # the kinds, in table order (axis lengths of the notebook's network)
@@ -172,6 +186,11 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
                  "classes (enshuffle audit measures how well)")
     notes.append("samples: a node knows which of its static rows a step uses and can follow a row across steps; "
                  "it cannot match a row to an image")
+    if getattr(preset, "depth", 2) > 2:
+        notes.append("hidden layers: for every hidden-to-hidden layer a node receives, each step, its block of the "
+                     "layer's input units (activations, mixed with fresh secret noise) and the matching rows of the "
+                     "layer's weights (mixed), and the layer's deltas (every unit, shuffled and scaled by powers of "
+                     "two, without decoy rows: their class structure is not hidden); the last layer stays here")
     if bound_raised:
         notes.append("the operator raised the exposure bound (--max-exposure): a node may hold more than one block")
     return notes

@@ -89,7 +89,7 @@ class CoordinatorRun:
                           "activation": preset.activation}
         self.admission = admission
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
-        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=ExposureLedger(ledger_axes(preset.hidden)),
+        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=ExposureLedger(ledger_axes(preset.layers)),
                                         control=self.control, log=None if quiet else eprint, admission=admission,
                                         max_exposure=settings.max_exposure)
         if self.run_dir:
@@ -104,7 +104,7 @@ class CoordinatorRun:
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
         self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
                                           ledger=self.server.ledger, **inputs.source(),
-                                          disguise=settings.disguise, hidden=preset.hidden)
+                                          disguise=settings.disguise, layers=preset.layers)
         # Initial weights and sample order from the same secret: nothing public anchors the run.
         self.trainer = Trainer(preset, inputs, self.compute, secret=secret)
         with self.state.lock:

@@ -22,7 +22,14 @@ from typing import Callable, Iterable
 
 from enshuffle.coordinator.ledger import ExposureLedger
 
-BOUNDED = ("images", "w1")  # kinds whose share per node the bound limits (the rest: none, or every step's)
+BOUNDED = ("images", "w1")  # kinds the bound always limits; also every other layer's weights and activations
+
+
+def bounded_kinds(kinds) -> tuple[str, ...]:
+    """The kinds whose share per node the bound limits: the images, every layer's weights and every
+    hidden layer's activations (a node serves one block of each); not samples, deltas (every
+    node sees every step's, disguised) or what is never sent."""
+    return tuple(k for k in kinds if k == "images" or k.startswith(("w", "activations")))
 
 
 class Scheduler:
@@ -37,7 +44,7 @@ class Scheduler:
         self.changed = changed  # something was queued: the server must dispatch again
         self.owner: list[str | None] = []
         self.slot_exposure: Callable[[int], list] = lambda shard: []
-        self.bound: dict[str, float] = {}
+        self.bound: dict[str, float] = {}  # bounded kind -> the share a node may hold
         self.bound_raised = False
         self.blocked: set[int] = set()  # slots waiting for a node the bound allows
         self.waiting: deque = deque()  # tasks with no live session to go to
@@ -51,8 +58,10 @@ class Scheduler:
         for shard in range(k):
             probe.record(f"slot{shard}", slot_exposure(shard))
         shares = probe.shares().values()
-        for kind in BOUNDED:
+        for kind in bounded_kinds(self.ledger.axes):
             default = max((sh[kind] for sh in shares), default=1.0)
+            if default == 0.0 and kind not in BOUNDED:
+                continue  # no slot sends it (the last layer's weights, its input activations)
             self.bound[kind] = max(default, self.max_exposure or 0.0)
             self.bound_raised |= self.bound[kind] > default + 1e-12
 
@@ -72,7 +81,7 @@ class Scheduler:
         for other in promised - session.shards_held:
             exposure.extend(self.slot_exposure(other))
         would = self.ledger.would_hold(session.label, exposure)
-        return all(would.get(kind, 0.0) <= self.bound[kind] + 1e-9 for kind in BOUNDED)
+        return all(would.get(kind, 0.0) <= bound + 1e-9 for kind, bound in self.bound.items())
 
     def block(self, shard: int, why: str) -> None:
         if shard not in self.blocked:
