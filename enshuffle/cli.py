@@ -158,9 +158,11 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     _add_network_options(p)
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="number of epochs (default: the preset's)")
-    p.add_argument("--offload", choices=["matmul"], default="matmul",
-                   help="which operations nodes compute: the two pixel-wide matrix products (elementwise "
-                        "offload was retired: it handed nodes labels and outputs)")
+    p.add_argument("--offload", choices=["auto", "matmul", "all"], default="auto",
+                   help="which products nodes compute: auto ships each product only where that saves the "
+                        "coordinator CPU (cost model from `enshuffle bench`; the plan is printed at start), "
+                        "matmul every product that can go (the pixel-wide ones and every hidden-to-hidden "
+                        "layer's); all is refused (it handed nodes labels and outputs)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="directory with MNIST-format IDX files, or `bundled` for the 3,500-image subset inside "
                         "the package (default: Fashion-MNIST, then MNIST, then the bundled subset)")

@@ -69,6 +69,7 @@ def test_centralized_json_one_object_per_epoch(core_data_dir, core_cache):
 
 def test_in_process_json_ends_with_ledger(core_data_dir, core_cache):
     proc = enshuffle("train", "--nodes", "2", "--in-process", "--epochs", "1", "--limit", "1000", "--json",
+                     "--offload", "matmul",
                      "--data", str(core_data_dir), cache=core_cache)
     objects = json_lines(proc)
     assert len(objects) == 2

@@ -263,7 +263,7 @@ def test_a_deep_network_over_the_wire_equals_the_centralized_run(core_data_dir, 
     from wire_util import assert_same_weights, enshuffle_cli, load_npz
 
     args = ["--hidden", "32,24", "--dtype", "float64", "--epochs", "1", "--limit", "300", "--seed", "5",
-            "--data", str(core_data_dir), "--json"]
+            "--data", str(core_data_dir), "--json", "--offload", "matmul"]
     wire = enshuffle_cli("train", "--nodes", "2", *args, "--save-weights", str(tmp_path / "a.npz"),
                          home=tmp_path / "home", cache=core_cache)
     assert wire.returncode == 0, wire.stderr

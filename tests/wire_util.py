@@ -145,7 +145,11 @@ def spawn_node(home: Path, endpoint: str, pin: str | None, name: str, logdir: Pa
 
 
 def spawn_coordinator(home: Path, port: int, cache: Path, logdir: Path, name: str, *extra: str) -> Proc:
-    return Proc(["coordinator", "--bind", f"tcp://127.0.0.1:{port}", *extra], process_env(home, cache), logdir, name)
+    """`enshuffle coordinator` on loopback; with --offload matmul unless `extra` says otherwise, so
+    the nodes get work even where keeping it home would be cheaper (what wire tests exercise)."""
+    offload = [] if "--offload" in extra else ["--offload", "matmul"]
+    return Proc(["coordinator", "--bind", f"tcp://127.0.0.1:{port}", *offload, *extra], process_env(home, cache),
+                logdir, name)
 
 
 def enshuffle_cli(*args: str, home: Path, cache: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

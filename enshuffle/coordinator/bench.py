@@ -50,6 +50,7 @@ from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.commands import load_inputs, network_layers
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, static_name
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes
+from enshuffle.coordinator.offload import COST_MODEL_FILE, CostModel
 from enshuffle.coordinator.plan import build_matmul_plan
 from enshuffle.coordinator.report import eprint
 from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_threads, local_node_keys,
@@ -57,6 +58,7 @@ from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_t
 from enshuffle.coordinator.server import CoordinatorServer
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.coordinator.training import Trainer
+from enshuffle.dataset import cache_dir
 from enshuffle.model import NOTEBOOK_LAYERS, LocalCompute, get_preset
 from enshuffle.protocol.keys import fingerprint, load_or_create_identity
 from enshuffle.protocol.messages import Channel
@@ -528,6 +530,34 @@ def print_table(figures: Figures, settings: dict) -> None:
 
 
 # -- the command ----------------------------------------------------------------------------------
+def measure_cost_model(repeats: int) -> CostModel:
+    """`--offload auto`'s two figures on this machine, as CPU time of this thread:
+    - madd_ns: a centralized product's CPU per multiply-add, (128, 784) @ (784, 512) in float32
+      (the default preset's dtype and batch) with the BLAS threads as they are;
+    - ship_ns: what the coordinator spends per element it ships: a float32 block disguised (a row
+      and a column permutation, a power-of-two scale), sealed with ENS2's AES-256-GCM and opened
+      again (a result coming back costs the same)."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((128, 784)).astype(np.float32)
+    b = rng.standard_normal((784, 512)).astype(np.float32)
+    block = rng.standard_normal((512, 1024)).astype(np.float32)
+    sender, receiver = Channel(b"k" * 32, b"l" * 32), Channel(b"l" * 32, b"k" * 32)
+    madd, ship = [], []
+    for _ in range(max(3, repeats)):
+        t0 = time.thread_time()
+        for _ in range(20):
+            a @ b
+        madd.append((time.thread_time() - t0) / (20 * a.shape[0] * a.shape[1] * b.shape[1]))
+        t0 = time.thread_time()
+        sent = np.take(np.take(block, rng.permutation(block.shape[0]), axis=0), rng.permutation(block.shape[1]), axis=1)
+        sent *= np.float32(0.5)
+        receiver.open(sender.seal("RESULT", {"run_id": "r", "batch_id": "x", "seq": 1, "compute_seconds": 0.0},
+                                  {"c": sent}))
+        ship.append((time.thread_time() - t0) / block.size)
+    return CostModel(ship_ns=statistics.median(ship) * 1e9, madd_ns=statistics.median(madd) * 1e9,
+                     source="measured by enshuffle bench")
+
+
 def cmd_bench(args) -> int:
     started = time.perf_counter()
     repeats = args.repeats
@@ -535,6 +565,16 @@ def cmd_bench(args) -> int:
     preset = replace(get_preset("seed"), epochs=10_000)
     inputs = load_inputs(args.data, preset, args.limit)
     m: dict = {}
+
+    eprint("bench: the offload cost model (coordinator CPU per shipped element, centralized CPU per multiply-add)")
+    model = measure_cost_model(repeats)
+    m["cost_model"] = {"ship_ns": model.ship_ns, "madd_ns": model.madd_ns}
+    try:
+        model.save(cache_dir() / COST_MODEL_FILE)
+        eprint(f"bench: {model.ship_ns:.2f} ns per shipped element, {model.madd_ns:.4f} ns per multiply-add; "
+               f"kept in {cache_dir() / COST_MODEL_FILE} for --offload auto")
+    except OSError as exc:
+        eprint(f"bench: cannot keep the cost model in {cache_dir()}: {exc.strerror}")
 
     eprint("bench: plan build for 128x60000 @ 60000x784 over 7 nodes")
     m["plan_seconds"] = measure_plan(repeats)

@@ -17,6 +17,7 @@ from enshuffle.coordinator.addresses import PLACEHOLDER
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.ledger import privacy_notes
+from enshuffle.coordinator.offload import default_cost_model, refuse_all
 from enshuffle.coordinator.report import eprint, listen_text, report_epoch, report_ledger, save_weights
 from enshuffle.coordinator.run import (CoordinatorRun, default_run_dir, load_run_settings, run_headless,
                                        run_local_cluster, run_with_tui)
@@ -88,6 +89,10 @@ def check_weights_path(args) -> None:
 
 def run_settings(args):
     """The run's typed settings from the command line (the Namespace goes no further)."""
+    try:
+        refuse_all(args.offload)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return RunSettings(offload=args.offload, limit=getattr(args, "limit", None),
                        disguise=getattr(args, "disguise", None) or "share",
                        max_exposure=getattr(args, "max_exposure", None),
@@ -108,6 +113,7 @@ def cmd_train(args) -> int:
                              "processes (--nodes K >= 1, without --in-process)")
         args.nodes = apply_resume_settings(args, "train")
     check_weights_path(args)
+    run_settings(args)  # a refused --offload is told before the data is loaded
     preset = preset_from_args(args)
     inputs = load_inputs(args.data, preset, args.limit)
     if args.nodes == 0:
@@ -115,11 +121,15 @@ def cmd_train(args) -> int:
         eprint(f"train: centralized reference, preset {preset.name}, {preset.describe()}, {preset.dtype}")
     elif args.in_process:
         # Partitions and disguises from OS entropy: never from a seed a node could know.
+        settings = run_settings(args)
         compute = DistributedCompute(inputs.images, args.nodes, np.random.default_rng(), InProcessExecutor,
-                                     **inputs.source(), layers=preset.layers)
+                                     **inputs.source(), layers=preset.layers, offload=settings.offload,
+                                     cost_model=default_cost_model())
         ledger = compute.ledger
         eprint(f"train: {args.nodes} in-process nodes, preset {preset.name}, {preset.describe()}, {preset.dtype}, "
                f"offload {args.offload}")
+        for line in compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
+            eprint(f"train: {line}")
     else:
         return run_local_cluster(run_settings(args), preset, inputs, nodes=args.nodes, run_dir=args.out,
                                  resume=bool(getattr(args, "resume", False)),
@@ -189,6 +199,7 @@ def cmd_coordinator(args) -> int:
     shards = args.min_nodes
     if args.resume:
         shards = apply_resume_settings(args, "coordinator")
+    run_settings(args)  # a refused --offload is told before anything starts
     check_bind(args.bind)  # a taken port is told before minutes of data loading, not after
     if args.open and args.allow:
         raise UsageError("--open admits every key, --allow FILE only the listed ones: choose one")
@@ -203,6 +214,8 @@ def cmd_coordinator(args) -> int:
         raise UsageError(str(exc)) from None
     commands = run.state.join_commands
     eprint(f"coordinator: network {preset.describe()}, preset {preset.name}, {preset.dtype}")
+    for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
+        eprint(f"coordinator: {line}")
     eprint(f"coordinator: listening on {listen_text(run.server.endpoint)}, run {run.server.run_id}, "
            f"model chain in {run.run_dir}")
     eprint(f"coordinator: fingerprint {run.identity.fingerprint}")

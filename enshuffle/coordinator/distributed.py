@@ -47,6 +47,7 @@ from enshuffle.coordinator.ledger import (HIDDEN_VALUES, POSITIONS_HIDDEN, Expos
                                           delta_kind, ledger_axes)
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
+from enshuffle.coordinator.offload import CostModel, decide, plan_lines, refuse_all, step_plan
 from enshuffle.kernels import compute_batch
 from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, sigmoid
 
@@ -176,13 +177,14 @@ class DistributedCompute:
                  ledger: ExposureLedger | None = None, disguise_rng: np.random.Generator | None = None,
                  offload: str = "matmul", raw: dict[str, np.ndarray] | None = None,
                  affine: tuple[np.ndarray, np.ndarray] | None = None, hidden: int | None = None,
-                 layers: tuple[int, ...] | None = None):
+                 layers: tuple[int, ...] | None = None, cost_model: CostModel | None = None):
         if shards < 1:
             raise ValueError("need at least one shard")
         if disguise not in DISGUISES:
             raise ValueError(f"disguise must be one of {', '.join(DISGUISES)}")
-        if offload != "matmul":
-            raise ValueError("only matrix products are offloaded (elementwise offload was retired: it leaked labels)")
+        refuse_all(offload)
+        self.offload = offload  # "matmul": ship every product that can go; "auto": only where it pays
+        self.cost_model = cost_model or CostModel()
         self.images = images
         # The network: its first hidden width sizes w1's products; its hidden-to-hidden layers
         # (2 .. L-1) are distributed too. `hidden` alone means 784-hidden-10.
@@ -351,8 +353,29 @@ class DistributedCompute:
         return np.arange(self.images[which].shape[0]) if idx is None else np.asarray(idx)
 
     # -- the two products that go out -------------------------------------------------
+    def ships(self, name: str, b: int, n: int, m: int) -> bool:
+        """Does product `name` ((b,n) by (n,m) or its transposes) go to the nodes? (offload.py)"""
+        return decide(name, b, n, m, self.k, self.offload, self.cost_model).ship
+
+    def plan(self, batch: int) -> list:
+        """The offload plan of one training step of `batch` rows (offload.step_plan)."""
+        return step_plan((self._active_pixels(), *self.layers[1:]), batch, self.k, self.offload,
+                         self.cost_model, set(self.unit_blocks))
+
+    def plan_lines(self, batch: int) -> list[str]:
+        """The plan as printed at start."""
+        return plan_lines(self.plan(batch), self.cost_model, self.offload, batch)
+
+    def _active_pixels(self) -> int:
+        return sum(len(block) for block in self.pixel_blocks)
+
     def x_w1(self, which: str, idx, w1: np.ndarray) -> np.ndarray:
-        """X[idx] @ w1, contraction over pixels: each slot multiplies its static block."""
+        """X[idx] @ w1, contraction over pixels: each slot multiplies its static block (or, when
+        shipping does not pay, computed here as the centralized run does)."""
+        if not self.ships("x_w1", self.images[which].shape[0] if idx is None else len(idx),
+                          self._active_pixels(), w1.shape[1]):
+            x = self.images[which] if idx is None else self.images[which][idx]
+            return x @ w1
         idx = self._rows(which, idx)
         share = self.disguise == "share"
         width = w1.shape[1]
@@ -393,6 +416,9 @@ class DistributedCompute:
 
         With the share disguise and `labels`, nodes receive dz1 with its class structure moved
         onto other rows (see `decoy`); the coordinator adds back what that changes."""
+        if not self.ships("dw1", dz1.shape[0], self._active_pixels(), dz1.shape[1]):
+            x = self.images["train"] if idx is None else self.images["train"][idx]
+            return x.T @ dz1
         idx = self._rows("train", idx)
         share = self.disguise == "share"
         moved = None
@@ -539,7 +565,7 @@ class DistributedCompute:
         block Q_s of the n units: it receives (a[:,Q_s] + G H[:,Q_s]) M_s (rows shuffled) and
         M_s^-1 w[Q_s] (columns shuffled, power-of-two scaled); the sum of the partials minus
         G (H w) is a @ w."""
-        if layer not in self.unit_blocks:
+        if layer not in self.unit_blocks or not self.ships(f"a_w{layer}", *a.shape, w.shape[1]):
             return a @ w
         noisy, g, h = self._noisy(a)
         w64 = w.astype(np.float64, copy=False)
@@ -574,9 +600,13 @@ class DistributedCompute:
         slot s computing rows Q_s of the first and columns Q_s of the second from its forward
         operands (the same mixing and noise) and dz (rows and units shuffled, power-of-two
         scaled); the coordinator removes M_s and the noise's share H[:,Q_s]^T (G^T dz)."""
+        kept = self._hidden_secrets.pop(layer, None)
         if layer not in self.unit_blocks:
             return a.T @ dz, dz @ w.T
-        kept = self._hidden_secrets.pop(layer, None)
+        ship_dw = self.ships(f"dw{layer}", a.shape[0], a.shape[1], dz.shape[1])
+        ship_da = self.ships(f"da{layer}", a.shape[0], a.shape[1], dz.shape[1])
+        if not (ship_dw or ship_da):
+            return a.T @ dz, dz @ w.T
         if kept is None or kept[0] is not a:  # no forward of this batch kept: fresh secrets
             noisy, g, h = self._noisy(a)
             secrets = [(block, BlockMix(len(block), self.rng, group=HIDDEN_MIX_GROUP))
@@ -599,19 +629,30 @@ class DistributedCompute:
                                   Disguise(rows=rows, cols=np.arange(len(block)))))
                 exposure = self._layer_exposure(layer, s, backward=True)
                 d_s = d_s.astype(dz.dtype)
-                yield Batch(s, "matmul", {"transpose_a": True}, {"a": a_s, "b": d_s}, exposure)
-                yield Batch(s, "matmul", {"transpose_a": False}, {"a": d_s, "b": wt_s.astype(w.dtype)}, exposure)
+                if ship_dw:
+                    yield Batch(s, "matmul", {"transpose_a": True}, {"a": a_s, "b": d_s}, exposure)
+                if ship_da:
+                    yield Batch(s, "matmul", {"transpose_a": False}, {"a": d_s, "b": wt_s.astype(w.dtype)},
+                                exposure)
 
         handles = self._send(batches())
-        noise = g.T @ dz64  # (r, m), while the nodes compute
-        results = self._receive(handles)
+        noise = g.T @ dz64 if ship_dw else None  # (r, m), while the nodes compute
+        local_dw = None if ship_dw else a.T @ dz
+        local_da = None if ship_da else dz @ w.T
+        results = iter(self._receive(handles))
         dw = np.empty((n, m))
         da = np.empty((a.shape[0], n))
-        for s, ((block, mix), (d_w, d_a)) in enumerate(zip(secrets, disguises)):
-            part = mix.inverse_transposed_left(d_w.undo(np.asarray(results[2 * s], dtype=np.float64)))
-            part -= h[:, block].T @ noise
-            dw[block] = part
-            da[:, block] = mix.right_transposed(d_a.undo(np.asarray(results[2 * s + 1], dtype=np.float64)))
+        for (block, mix), (d_w, d_a) in zip(secrets, disguises):
+            if ship_dw:
+                part = mix.inverse_transposed_left(d_w.undo(np.asarray(next(results), dtype=np.float64)))
+                part -= h[:, block].T @ noise
+                dw[block] = part
+            if ship_da:
+                da[:, block] = mix.right_transposed(d_a.undo(np.asarray(next(results), dtype=np.float64)))
+        if local_dw is not None:
+            return local_dw, da.astype(dz.dtype, copy=False)
+        if local_da is not None:
+            return dw.astype(dz.dtype, copy=False), local_da
         return dw.astype(dz.dtype, copy=False), da.astype(dz.dtype, copy=False)
 
     def _noisy(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

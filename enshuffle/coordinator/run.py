@@ -28,6 +28,7 @@ from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home
 from enshuffle.coordinator.distributed import DistributedCompute
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
+from enshuffle.coordinator.offload import default_cost_model
 from enshuffle.coordinator.report import (eprint, join_commands, listen_text, report_epoch, report_ledger,
                                             save_weights)
 from enshuffle.coordinator.server import CoordinatorServer, StepAbandoned, TrainingAborted
@@ -104,7 +105,8 @@ class CoordinatorRun:
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
         self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
                                           ledger=self.server.ledger, **inputs.source(),
-                                          disguise=settings.disguise, layers=preset.layers)
+                                          disguise=settings.disguise, layers=preset.layers,
+                                          offload=settings.offload, cost_model=default_cost_model())
         # Initial weights and sample order from the same secret: nothing public anchors the run.
         self.trainer = Trainer(preset, inputs, self.compute, secret=secret)
         with self.state.lock:
@@ -482,6 +484,8 @@ def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_
                              admission=admission)
         eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
                f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {settings.offload}")
+        for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
+            eprint(f"train: {line}")
         procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes, tmp)
         eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
                f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
