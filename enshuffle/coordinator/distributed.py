@@ -61,6 +61,10 @@ SOURCE_CHUNK_ROWS = 512  # rows of raw pixels converted to float64 at a time (fi
 # rank HIDDEN_NOISE_RANK; the corrections cost the coordinator about (r + g) / b of the product.
 HIDDEN_NOISE_RANK = 8
 HIDDEN_MIX_GROUP = 8
+# No batch's operands, nor the memory its node needs for it (gathered rows and result), exceed
+# this: a larger product goes out as several batches of whole rows (docs/protocol.md section 7),
+# within every node's default --max-memory (at least 64 MiB) and far under the message limits.
+CHUNK_BYTES = 32 << 20
 DECOY_RANK = 2
 DECOY_GRAM_ROWS = 1024  # full batch: a class's principal directions are estimated from this many of its rows  # per class and batch: dz1's mean and this many principal directions move to other rows
 
@@ -74,9 +78,72 @@ class Batch:
     params: dict
     arrays: dict[str, np.ndarray]
     exposure: list[tuple] = field(default_factory=list)
+    static_cols: int = 0  # columns of the static operand it names (for sizing chunks; not sent)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
+
+
+def split_rows(batch: Batch, cap: int) -> tuple[list[Batch], list[tuple[str | None, int]]]:
+    """`batch` as batches each needing at most `cap` bytes (operands, gathered static rows and
+    result), and how their results make the whole one. (n, K) @ (K, m), the left operand's n rows:
+
+    - whole rows of the left operand: the result's rows ("stack"), or for a transposed product,
+      which contracts over those rows, partial sums ("sum");
+    - when b alone (or a transposed product's result) is too large, first groups of m columns,
+      whose results sit side by side.
+
+    Returns (batches, groups): one (how, count) per column group, in order; how is None when
+    the group is a single batch. A batch that fits comes back as ([batch], [(None, 1)])."""
+    arrays, transpose = batch.arrays, bool(batch.params.get("transpose_a"))
+    b = arrays["b"]
+    item = b.dtype.itemsize
+    if "a" in arrays:
+        n, k = arrays["a"].shape
+        per_row = k * item
+    else:
+        n = arrays["rows"].shape[0]
+        k = batch.static_cols if transpose else b.shape[0]
+        per_row = 2 * k * item + arrays["rows"].itemsize  # the index and the gathered row
+    m = b.shape[1]
+    if n * (per_row + m * item) + k * m * item <= cap:
+        return [batch], [(None, 1)]
+    # b (or the transposed result) takes at most half the budget: groups of columns
+    columns = max(1, min(m, (cap // 2) // max(1, k * item)))
+    rows = max(1, (cap - k * columns * item) // (per_row + columns * item))
+    out, groups = [], []
+    for c0 in range(0, m, columns):
+        cut = {name: (v[:, c0:c0 + columns] if name == "b" else v) for name, v in arrays.items()}
+        if n <= rows:
+            out.append(Batch(batch.shard, batch.op, batch.params, cut, batch.exposure, batch.static_cols))
+            groups.append((None, 1))
+            continue
+        count = 0
+        for lo in range(0, n, rows):
+            part = {name: (v[lo:lo + rows] if name in ("a", "rows") or (name == "b" and transpose) else v)
+                    for name, v in cut.items()}
+            out.append(Batch(batch.shard, batch.op, batch.params, part, batch.exposure, batch.static_cols))
+            count += 1
+        groups.append(("sum" if transpose else "stack", count))
+    return out, groups
+
+
+def combine(results: list[np.ndarray], groups: list[tuple[str | None, int]]) -> np.ndarray:
+    """The whole result from `split_rows`'s pieces' results."""
+    columns, at = [], 0
+    for how, count in groups:
+        parts = results[at:at + count]
+        at += count
+        if how is None:
+            columns.append(parts[0])
+        elif how == "stack":
+            columns.append(np.concatenate(parts, axis=0))
+        else:
+            total = np.array(parts[0], dtype=np.float64)
+            for part in parts[1:]:
+                total += part
+            columns.append(total)
+    return columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
 
 
 class Executor(Protocol):
@@ -177,7 +244,8 @@ class DistributedCompute:
                  ledger: ExposureLedger | None = None, disguise_rng: np.random.Generator | None = None,
                  offload: str = "matmul", raw: dict[str, np.ndarray] | None = None,
                  affine: tuple[np.ndarray, np.ndarray] | None = None, hidden: int | None = None,
-                 layers: tuple[int, ...] | None = None, cost_model: CostModel | None = None):
+                 layers: tuple[int, ...] | None = None, cost_model: CostModel | None = None,
+                 chunk_bytes: int = CHUNK_BYTES):
         if shards < 1:
             raise ValueError("need at least one shard")
         if disguise not in DISGUISES:
@@ -186,6 +254,7 @@ class DistributedCompute:
         self.offload = offload  # "matmul": ship every product that can go; "auto": only where it pays
         self.cost_model = cost_model or CostModel()
         self.images = images
+        self.chunk_bytes = int(chunk_bytes)
         # The network: its first hidden width sizes w1's products; its hidden-to-hidden layers
         # (2 .. L-1) are distributed too. `hidden` alone means 784-hidden-10.
         if layers is None:
@@ -327,27 +396,44 @@ class DistributedCompute:
                                           "column_pixel": column_pixel, "which": w}
         return out
 
-    def _send(self, batches) -> list:
+    def _send(self, batches) -> tuple[list, list]:
         """Start one round trip: every batch `batches` yields goes out as soon as it is built (if
         the executor can `submit`), so a node computes while the next slot's batch is prepared
-        and while the caller does its own share of the product; `_receive` waits for the results."""
+        and while the caller does its own share of the product; `_receive` waits for the results.
+        A batch larger than `chunk_bytes` goes as several (`split_rows`)."""
         self.round_trips += 1
+        pieces: list[list[tuple[str | None, int]]] = []  # per batch: how its chunks' results combine
+
+        def chunks():
+            for batch in batches:
+                parts, groups = split_rows(batch, self.chunk_bytes)
+                pieces.append(groups)
+                yield from parts
+
         submit = getattr(self.executor, "submit", None)
         if submit is None:
-            return [("run", list(batches))]
+            return [("run", list(chunks()))], pieces
         handles = []
         try:
-            for batch in batches:
+            for batch in chunks():
                 handles.append(submit(batch))
         except BaseException:
             self.executor.forget(handles)
             raise
-        return handles
+        return handles, pieces
 
-    def _receive(self, handles: list) -> list[np.ndarray]:
+    def _receive(self, sent: tuple[list, list]) -> list[np.ndarray]:
+        handles, pieces = sent
         if len(handles) == 1 and isinstance(handles[0], tuple) and handles[0][0] == "run":
-            return self.executor.run(handles[0][1])
-        return self.executor.collect(handles)
+            results = self.executor.run(handles[0][1])
+        else:
+            results = self.executor.collect(handles)
+        out, at = [], 0
+        for groups in pieces:
+            count = sum(c for _, c in groups)
+            out.append(combine(results[at:at + count], groups))
+            at += count
+        return out
 
     def _rows(self, which: str, idx: np.ndarray | None) -> np.ndarray:
         return np.arange(self.images[which].shape[0]) if idx is None else np.asarray(idx)
@@ -441,7 +527,8 @@ class DistributedCompute:
                 disguises.append(d)
                 yield Batch(s, "matmul", {"a_static": static_name("train", s), "transpose_a": True},
                             {"rows": rows, "b": b},
-                            [("deltas", np.arange(width), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)])
+                            [("deltas", np.arange(width), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)],
+                            static_cols=len(st.pixels))
 
         handles = self._send(batches())
         if not share:
