@@ -120,3 +120,28 @@ def test_train_prints_the_plan_and_refuses_all(core_data_dir, core_cache):
     assert "offload auto" in auto.stderr and "x_w1" in auto.stderr and "dw1" in auto.stderr
     refused = train("--offload", "all")
     assert refused.returncode == 2 and ALL_REFUSED in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_socket_is_serviced_every_step_even_when_nothing_is_shipped(core_dataset, tmp_path):
+    """With everything kept home a step never waits on the server; the server still pumps at
+    every step boundary (heartbeats, arrivals), so its nodes are not left unheard for an epoch."""
+    from enshuffle.coordinator.ledger import ExposureLedger
+    from enshuffle.coordinator.server import CoordinatorServer
+    from enshuffle.coordinator.state import CoordinatorState
+    from enshuffle.protocol.keys import Identity
+
+    preset = replace(get_preset("default", dtype="float64"), batch_size=100)
+    inputs = prepare(core_dataset, preset, limit=300)
+    server = CoordinatorServer("tcp://127.0.0.1:*", Identity.generate(), CoordinatorState(), ExposureLedger())
+    try:
+        compute = DistributedCompute(inputs.images, 2, np.random.default_rng(0), server.attach, ledger=server.ledger,
+                                     **inputs.source(), offload="auto", cost_model=ISSUE)
+        pumps = []
+        pump = server.pump
+        server.pump = lambda timeout_ms=100: (pumps.append(timeout_ms), pump(timeout_ms))
+        trainer = Trainer(preset, inputs, compute, secret=1)
+        for _ in range(3):
+            trainer.run_step()
+        assert pumps == [0, 0, 0] and server.step == 3
+    finally:
+        server.close("shutdown")

@@ -50,7 +50,7 @@ from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.commands import load_inputs, network_layers
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, static_name
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes
-from enshuffle.coordinator.offload import COST_MODEL_FILE, CostModel
+from enshuffle.coordinator.offload import COST_MODEL_FILE, CostModel, default_cost_model
 from enshuffle.coordinator.plan import build_matmul_plan
 from enshuffle.coordinator.report import eprint
 from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_threads, local_node_keys,
@@ -204,7 +204,7 @@ def _threads_text(threads: int) -> str:
 
 # -- the coordinator in this process, node processes on loopback ---------------------------------
 def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool = False,
-                 disguise: str = "share") -> dict[str, float]:
+                 disguise: str = "share", offload: str = "matmul") -> dict[str, float]:
     """Medians per seed-preset epoch (or per default-preset step) of the counters, with `nodes`
     `enshuffle node --threads 1` processes; keys as `_snapshot`'s."""
     Channel.clock = staticmethod(time.thread_time)  # CPU time: what the crypto costs this process
@@ -218,7 +218,7 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
         try:
             compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), server.attach,
                                          ledger=server.ledger, disguise=disguise, **inputs.source(),
-                                         layers=preset.layers)
+                                         layers=preset.layers, offload=offload, cost_model=default_cost_model())
             problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
             server.give_up = problem
             if not server.wait_for_nodes(nodes, give_up=problem):

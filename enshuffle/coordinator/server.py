@@ -374,10 +374,13 @@ class CoordinatorServer:
         return [t.result for t in tasks]
 
     def step_done(self) -> None:
-        """Step boundary: idle sessions take over shards from sessions holding several."""
+        """Step boundary: idle sessions take over shards from sessions holding several. The
+        socket is also serviced here (heartbeats, arrivals, leases): with --offload auto a step
+        may send nothing at all, and nodes must not be left unheard for a whole epoch."""
         self._dirty = True
         self.step += 1
         self.scheduler.rebalance()
+        self.pump(timeout_ms=0)
 
     # -- membership --------------------------------------------------------------------
     def live_count(self) -> int:
