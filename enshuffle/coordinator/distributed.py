@@ -409,6 +409,7 @@ class DistributedCompute:
                 parts, groups = split_rows(batch, self.chunk_bytes)
                 pieces.append(groups)
                 yield from parts
+                self._keepalive()  # building the next slot's batch of a wide layer takes a while
 
         submit = getattr(self.executor, "submit", None)
         if submit is None:
@@ -428,12 +429,20 @@ class DistributedCompute:
             results = self.executor.run(handles[0][1])
         else:
             results = self.executor.collect(handles)
+            self._keepalive()
         out, at = [], 0
         for groups in pieces:
             count = sum(c for _, c in groups)
             out.append(combine(results[at:at + count], groups))
             at += count
         return out
+
+    def _keepalive(self) -> None:
+        """Let a networked executor service its socket (heartbeats) between long stretches of the
+        coordinator's own work: a node calls its coordinator lost after 3 s without a message."""
+        pump = getattr(self.executor, "pump", None)
+        if pump is not None:
+            pump(timeout_ms=0)
 
     def _rows(self, which: str, idx: np.ndarray | None) -> np.ndarray:
         return np.arange(self.images[which].shape[0]) if idx is None else np.asarray(idx)
