@@ -349,10 +349,23 @@ def _apply_update(params, grads, preset: Preset, opt: OptimizerState, lr: float)
         params[name] += dt.type(lr) * (m / c1) / (np.sqrt(v / c2) + eps)
 
 
+EVAL_BYTES = 64 << 20  # the largest activation matrix an evaluation pass makes at once (float64)
+
+
 def evaluate(compute, which: str, params, labels: np.ndarray, preset: Preset) -> float:
-    """Accuracy of params on every row of `which` (the test set: a full forward pass, biases included)."""
-    _, z2 = forward(compute, which, None, params, preset)
-    # For the squared-error preset the notebook takes argmax of the sigmoid outputs; saturated
-    # outputs can tie at 1.0 where the logits would not, so do exactly the same.
-    scores = compute.sigmoid(z2, "outputs") if preset.loss == "mse" else z2
-    return float(np.count_nonzero(np.argmax(scores, axis=1) == labels) / labels.shape[0])
+    """Accuracy of params on every row of `which` (the test set: a full forward pass, biases included).
+
+    Rows go through in blocks whose widest activation matrix stays within EVAL_BYTES, so a wide
+    network's test pass does not hold 10,000 x 4,096 matrices (and their disguised copies) at
+    once; the notebook's network (10,000 x 128) goes through in one block, as it always did."""
+    n = labels.shape[0]
+    block = max(1, EVAL_BYTES // (8 * max(preset.layers[1:])))
+    correct = 0
+    for lo in range(0, n, block):
+        idx = None if block >= n else np.arange(lo, min(lo + block, n))
+        _, z_out = forward(compute, which, idx, params, preset)
+        # For the squared-error preset the notebook takes argmax of the sigmoid outputs; saturated
+        # outputs can tie at 1.0 where the logits would not, so do exactly the same.
+        scores = compute.sigmoid(z_out, "outputs") if preset.loss == "mse" else z_out
+        correct += int(np.count_nonzero(np.argmax(scores, axis=1) == labels[lo:lo + scores.shape[0]]))
+    return float(correct / n)

@@ -276,3 +276,25 @@ def test_a_deep_network_over_the_wire_equals_the_centralized_run(core_data_dir, 
         assert shares["w2"] == shares["activations"] == 0.5 and shares["deltas2"] == 1.0
         assert shares["w3"] == 0.0 and shares["activations2"] == 0.0
     assert set(ledger["forms"]["local-1"]) >= {"w2", "activations", "deltas2"}
+
+
+def test_a_wide_networks_test_pass_goes_in_row_blocks_with_the_same_accuracy(core_dataset, monkeypatch):
+    from enshuffle import model
+
+    preset = get_preset("default", dtype="float64", layers=(784, 64, 32, 10))
+    inputs = prepare(core_dataset, preset, limit=300)
+    params = init_params(preset, [1, 2, 3])
+    calls = []
+
+    class Counting(LocalCompute):
+        def x_w1(self, which, idx, w1):
+            calls.append(None if idx is None else len(idx))
+            return super().x_w1(which, idx, w1)
+
+    whole = model.evaluate(Counting(inputs.images), "test", params, inputs.test_labels, preset)
+    assert calls == [None]  # 64 units: one block
+    calls.clear()
+    monkeypatch.setattr(model, "EVAL_BYTES", 8 * 64 * 100)  # blocks of 100 rows
+    blocked = model.evaluate(Counting(inputs.images), "test", params, inputs.test_labels, preset)
+    n = inputs.test_labels.shape[0]
+    assert calls == [100] * (n // 100) + ([n % 100] if n % 100 else []) and blocked == whole
