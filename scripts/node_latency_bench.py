@@ -10,8 +10,8 @@ p90 wall time per round trip and the node process's CPU time and minor page faul
     .venv/bin/python scripts/node_latency_bench.py [--batches 300] [--rows 128] [--threads default 1]
 
 A configuration is `default` (no --threads: what a volunteer runs), a number N (--threads N),
-or DIR:THREADS to run the node from another copy of the package (DIR goes on its PYTHONPATH,
-e.g. `git archive OLD enshuffle | tar -x -C DIR` for a before/after on the same load).
+or DIR:THREADS to run the node from another copy of the package (it runs in DIR, with DIR on its
+PYTHONPATH; e.g. `git archive OLD enshuffle | tar -x -C DIR` for a before/after).
 `--repeats` alternates the configurations. `--no-check` turns the coordinator's Freivalds check
 off, to see the node alone. `--hog` keeps one busy-looping process running during each
 measurement (a volunteer's own work, or another job on a shared box): on 2 cores that is when
@@ -78,7 +78,9 @@ def spawn_node(endpoint: str, fingerprint: str, home: Path, threads: str, path: 
         env = {**os.environ, "ENSHUFFLE_HOME": str(home)}
         if path:  # another copy of the package (e.g. an old commit's), ahead of the installed one
             env["PYTHONPATH"] = path
-        return subprocess.Popen(args, env=env,
+        # `python -m` puts the working directory first on sys.path: run from DIR, or a checkout
+        # under the current directory would shadow it.
+        return subprocess.Popen(args, env=env, cwd=path or None,
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     finally:

@@ -473,41 +473,50 @@ class DistributedCompute:
             return x @ w1
         idx = self._rows(which, idx)
         share = self.disguise == "share"
+        n = idx.shape[0]
         width = w1.shape[1]
-        disguises = []
         if share:
             scaled = w1 * self._w_scale  # D alpha w1, (784, h1) float64
+        # This step's column disguise (hidden units' order and power-of-two scales) is one for all
+        # slots, so their results add up in it and are un-permuted once; each slot's row order is
+        # its own (docs/design.md, "Collusion").
+        cols, col_exp = self.rng.permutation(width), random_exponents(width, self.rng, True)
+        row_orders = []
 
         def batches():
             for s, st in enumerate(self.statics):
-                d = Disguise(rows=self.rng.permutation(idx.shape[0]), cols=self.rng.permutation(width),
-                             col_exp=random_exponents(width, self.rng, True))
+                order = self.rng.permutation(n)
                 if share:
-                    b = st.mix[which].inverse_left(gather(scaled, st.pixels, d.cols)).astype(w1.dtype, copy=False)
+                    b = st.mix[which].inverse_left(gather(scaled, st.pixels, cols)).astype(w1.dtype, copy=False)
                 else:
-                    b = gather(w1, st.pixels, d.cols)
+                    b = gather(w1, st.pixels, cols)
                     b *= pow2(-st.pixel_exp, b.dtype)[:, None]
-                b *= pow2(d.col_exp, b.dtype)[None, :]
-                rows = st.row_index[which][idx[d.rows]]
-                disguises.append(d)
+                b *= pow2(col_exp, b.dtype)[None, :]
+                row_orders.append(order)
                 yield Batch(s, "matmul", {"a_static": static_name(which, s), "transpose_a": False},
-                            {"rows": rows, "b": b},
+                            {"rows": st.row_index[which][idx[order]], "b": b},
                             [("w1", st.pixels, self._form()), ("samples", [0], POSITIONS_HIDDEN)])
 
         handles = self._send(batches())
         if share:  # while the nodes compute: -G[idx] (sum_s H_s D_s w1[P_s]) + beta @ w1, one product
-            correction = np.concatenate([-self._factor_rows(which, idx), np.ones((idx.shape[0], 1))], axis=1) \
+            correction = np.concatenate([-self._factor_rows(which, idx), np.ones((n, 1))], axis=1) \
                 @ (self._corrections[which] @ w1)
-        results = self._receive(handles)
-        total = disguises[0].undo(np.asarray(results[0], dtype=np.float64))
-        for d, r in zip(disguises[1:], results[1:]):
-            total += d.undo(np.asarray(r, dtype=np.float64))
+        total = None
+        for order, r in zip(row_orders, self._receive(handles)):
+            rows_back = np.take(r, inverse_permutation(order), axis=0)  # the batch's row order
+            if total is None:
+                total = rows_back.astype(np.float64, copy=False)
+            else:
+                total += rows_back
+        back = inverse_permutation(cols)
+        total = np.take(total, back, axis=1)
+        total *= pow2(-col_exp[back], np.float64)[None, :]
         if share:
             total += correction
         return total.astype(w1.dtype, copy=False)
 
     def dw1(self, idx, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-        """X[idx]^T @ dz1 -> (784, 128); slot s computes rows P_s from its static block.
+        """X[idx]^T @ dz1 -> (784, h1); slot s computes rows P_s from its static block.
 
         With the share disguise and `labels`, nodes receive dz1 with its class structure moved
         onto other rows (see `decoy`); the coordinator adds back what that changes."""
@@ -523,19 +532,19 @@ class DistributedCompute:
             moved = (delta, directions)
         width = dz1.shape[1]
         out = np.zeros((INPUTS, width), dtype=np.float64 if share else dz1.dtype)
-        disguises = []
+        # One column disguise for the step's slots (see x_w1), applied to dz1 once; each slot
+        # gets its own contraction (sample) order.
+        cols, col_exp = self.rng.permutation(width), random_exponents(width, self.rng, True)
+        shuffled = np.take(dz1, cols, axis=1)
+        shuffled *= pow2(col_exp, shuffled.dtype)[None, :]
+        disguises = [Disguise(rows=np.arange(len(st.pixels)), cols=cols, row_exp=st.pixel_exp, col_exp=col_exp)
+                     for st in self.statics]
 
         def batches():
             for s, st in enumerate(self.statics):
                 order = self.rng.permutation(idx.shape[0])  # the contraction (sample) order
-                d = Disguise(rows=np.arange(len(st.pixels)), cols=self.rng.permutation(width),
-                             row_exp=st.pixel_exp, col_exp=random_exponents(width, self.rng, True))
-                b = gather(dz1, order, d.cols)
-                b *= pow2(d.col_exp, b.dtype)[None, :]
-                rows = st.row_index["train"][idx[order]]
-                disguises.append(d)
                 yield Batch(s, "matmul", {"a_static": static_name("train", s), "transpose_a": True},
-                            {"rows": rows, "b": b},
+                            {"rows": st.row_index["train"][idx[order]], "b": np.take(shuffled, order, axis=0)},
                             [("deltas", np.arange(width), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)],
                             static_cols=len(st.pixels))
 

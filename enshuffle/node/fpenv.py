@@ -29,8 +29,7 @@ that is not itself within a factor K of underflow. Entries that small were alrea
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import platform
+import os
 import struct
 import sys
 
@@ -42,15 +41,19 @@ _ARM_FZ = 1 << 24
 
 
 def _libm():
-    name = ctypes.util.find_library("m")
-    return ctypes.CDLL(name) if name else ctypes.CDLL(None)
+    """The C library's fenv functions: libm.so.6 (glibc, also musl's libc), else whatever this
+    process has loaded. Not ctypes.util.find_library, which runs ldconfig (10 ms at start)."""
+    try:
+        return ctypes.CDLL("libm.so.6")
+    except OSError:
+        return ctypes.CDLL(None)
 
 
 def _layout() -> tuple[int, int] | None:
     """(offset of the control word in fenv_t, bits to set), or None where we do not know fenv_t."""
     if not sys.platform.startswith("linux"):
         return None
-    machine = platform.machine().lower()
+    machine = os.uname().machine.lower()
     if machine in ("x86_64", "amd64"):
         return _X86_MXCSR_OFFSET, _X86_FTZ_DAZ
     if machine in ("aarch64", "arm64"):
@@ -77,7 +80,8 @@ def flush_denormals() -> str:
         return "denormals: flushed to zero (already set)"
     layout = _layout()
     if layout is None:
-        return f"denormals: not flushed (no known flush-to-zero control on {sys.platform} {platform.machine()})"
+        machine = os.uname().machine if hasattr(os, "uname") else "?"
+        return f"denormals: not flushed (no known flush-to-zero control on {sys.platform} {machine})"
     offset, bits = layout
     try:
         libm = _libm()
