@@ -215,9 +215,11 @@ class LocalCompute:
         """Layer `layer` >= 2, forward: a (b,n) @ w (n,m) -> (b,m); a is the previous layer's output."""
         return a @ w
 
-    def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int,
+              labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Layer `layer` >= 2, backward: a^T (n,b) @ dz (b,m) -> (n,m) and dz (b,m) @ w^T (m,n) -> (b,n).
-        Both need only dz (a distributed compute sends them together)."""
+        Both need only dz (a distributed compute sends them together; `labels` (b,) let it hide
+        dz's class structure, as for dw1; the products do not depend on them)."""
         return a.T @ dz, dz @ w.T
 
     def dw1(self, idx: np.ndarray | None, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
@@ -314,7 +316,9 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
     grads = {}
     for layer in range(preset.depth, 1, -1):  # the last layer down to layer 2
         a = activations[layer - 2]
-        grads[f"w{layer}"], da = compute.dw_da(a, dz, params[f"w{layer}"], layer)
+        # the last layer's dz is the loss's: no labels to hide in it, and it stays home anyway
+        grads[f"w{layer}"], da = compute.dw_da(a, dz, params[f"w{layer}"], layer,
+                                               labels if layer < preset.depth else None)
         grads[f"b{layer}"] = dz.sum(axis=0)
         dz = _hidden_delta(compute, da, a, preset)
     grads["w1"] = compute.dw1(idx, dz, labels)

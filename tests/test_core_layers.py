@@ -298,3 +298,42 @@ def test_a_wide_networks_test_pass_goes_in_row_blocks_with_the_same_accuracy(cor
     blocked = model.evaluate(Counting(inputs.images), "test", params, inputs.test_labels, preset)
     n = inputs.test_labels.shape[0]
     assert calls == [100] * (n // 100) + ([n % 100] if n % 100 else []) and blocked == whole
+
+
+def _between_class_share(x: np.ndarray, labels: np.ndarray) -> float:
+    """The share of x's variance that the class means explain (1: rows are their class's mean)."""
+    centered = x - x.mean(axis=0)
+    means = np.stack([centered[labels == c].mean(axis=0) for c in np.unique(labels)])
+    counts = np.array([(labels == c).sum() for c in np.unique(labels)])
+    return float((counts[:, None] * means ** 2).sum() / (centered ** 2).sum())
+
+
+def test_a_hidden_layers_deltas_reach_the_nodes_with_their_class_structure_moved(core_dataset):
+    """As dz1 for dw1: each class's mean and principal directions of dz2 go onto random rows
+    (`decoy`); the weights still equal the centralized run's."""
+    preset = replace(get_preset("default", dtype="float64", layers=(784, 48, 32, 10)), batch_size=128)
+    inputs = prepare(core_dataset, preset, limit=600)
+    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(3), InProcessExecutor,
+                                 **inputs.source(), layers=preset.layers)
+    seen = []
+    decoy = compute.decoy
+
+    def recording(dz, labels):
+        sent, delta, directions = decoy(dz, labels)
+        seen.append((dz.copy(), sent.copy(), np.asarray(labels).copy()))
+        return sent, delta, directions
+
+    compute.decoy = recording
+    reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=8)
+    distributed = Trainer(preset, inputs, compute, secret=8)
+    for _ in range(4):
+        reference.run_step()
+        distributed.run_step()
+    for name, want in reference.params.items():
+        np.testing.assert_allclose(distributed.params[name], want, rtol=RTOL, atol=ATOL, err_msg=name)
+    hidden = [(dz, sent, labels) for dz, sent, labels in seen if dz.shape[1] == 32]  # dz2 of layer 2
+    assert len(hidden) == 4 and len(seen) == 8  # and dz1 of every step
+    for dz, sent, labels in hidden:
+        # measured: about 0.07 sent against 0.999 for the true dz2
+        assert _between_class_share(sent, labels) < 0.5 * _between_class_share(dz, labels), (
+            _between_class_share(sent, labels), _between_class_share(dz, labels))

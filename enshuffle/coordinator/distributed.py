@@ -699,12 +699,15 @@ class DistributedCompute:
         self._hidden_secrets[layer] = (a, noisy, g, h, secrets)
         return total.astype(w.dtype, copy=False)
 
-    def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int,
+              labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Layer `layer` >= 2 backward: a^T @ dz (n,m) and dz @ w^T (b,n). The last layer's need
         dz_L, which carries the labels: computed here. A hidden-to-hidden layer's go to the nodes,
         slot s computing rows Q_s of the first and columns Q_s of the second from its forward
         operands (the same mixing and noise) and dz (rows and units shuffled, power-of-two
-        scaled); the coordinator removes M_s and the noise's share H[:,Q_s]^T (G^T dz)."""
+        scaled, and with `labels` its class structure moved onto other rows as dw1's dz1 is:
+        `decoy`); the coordinator removes M_s, the noise's share H[:,Q_s]^T (G^T dz) and the
+        decoys' (a^T delta) directions and delta (directions w^T)."""
         kept = self._hidden_secrets.pop(layer, None)
         if layer not in self.unit_blocks:
             return a.T @ dz, dz @ w.T
@@ -718,6 +721,11 @@ class DistributedCompute:
                        for block in self.unit_blocks[layer]]
         else:
             _, noisy, g, h, secrets = kept
+        exact = dz
+        moved = None
+        if labels is not None and self.disguise == "share":
+            dz, delta, directions = self.decoy(dz, np.asarray(labels))
+            moved = (delta, directions)
         dz64 = dz.astype(np.float64, copy=False)
         w64 = w.astype(np.float64, copy=False)
         n, m = a.shape[1], dz.shape[1]
@@ -742,8 +750,15 @@ class DistributedCompute:
 
         handles = self._send(batches())
         noise = g.T @ dz64 if ship_dw else None  # (r, m), while the nodes compute
-        local_dw = None if ship_dw else a.T @ dz
-        local_da = None if ship_da else dz @ w.T
+        local_dw = None if ship_dw else a.T @ exact
+        local_da = None if ship_da else exact @ w.T
+        undo_dw = undo_da = None
+        if moved is not None:  # what the decoy rows add to each product
+            delta, directions = moved
+            if ship_dw:
+                undo_dw = (a.astype(np.float64, copy=False).T @ delta) @ directions
+            if ship_da:
+                undo_da = delta @ (directions @ w64.T)
         results = iter(self._receive(handles))
         dw = np.empty((n, m))
         da = np.empty((a.shape[0], n))
@@ -754,11 +769,15 @@ class DistributedCompute:
                 dw[block] = part
             if ship_da:
                 da[:, block] = mix.right_transposed(d_a.undo(np.asarray(next(results), dtype=np.float64)))
+        if undo_dw is not None:
+            dw -= undo_dw
+        if undo_da is not None:
+            da -= undo_da
         if local_dw is not None:
-            return local_dw, da.astype(dz.dtype, copy=False)
+            return local_dw, da.astype(exact.dtype, copy=False)
         if local_da is not None:
-            return dw.astype(dz.dtype, copy=False), local_da
-        return dw.astype(dz.dtype, copy=False), da.astype(dz.dtype, copy=False)
+            return dw.astype(exact.dtype, copy=False), local_da
+        return dw.astype(exact.dtype, copy=False), da.astype(exact.dtype, copy=False)
 
     def _noisy(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(a + G H, G, H) in float64: G (b, r) fresh per batch, H (r, n) fresh too, each unit's

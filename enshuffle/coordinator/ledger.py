@@ -190,7 +190,7 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
         notes.append("hidden layers: for every hidden-to-hidden layer a node receives, each step, its block of the "
                      "layer's input units (activations, mixed with fresh secret noise) and the matching rows of the "
                      "layer's weights (mixed), and the layer's deltas (every unit, shuffled and scaled by powers of "
-                     "two, without decoy rows: their class structure is not hidden); the last layer stays here")
+                     "two, each class's structure moved onto decoy rows as for dz1); the last layer stays here")
     if bound_raised:
         notes.append("the operator raised the exposure bound (--max-exposure): a node may hold more than one block")
     return notes
