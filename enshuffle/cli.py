@@ -13,7 +13,10 @@ import importlib
 import os
 import sys
 
+from enshuffle import __version__
 from enshuffle.errors import UsageError  # re-exported: the CLI turns it into one-line messages
+from enshuffle.memory import keep_freed_memory
+from enshuffle.node.policy import PolicyError, parse_window
 
 
 ENVIRONMENT_HELP = """\
@@ -90,8 +93,6 @@ def _nice(text: str) -> int:
 
 
 def _hours(text: str) -> str:
-    from enshuffle.node.policy import PolicyError, parse_window
-
     try:
         parse_window(text)
     except PolicyError as exc:
@@ -126,19 +127,42 @@ def _size(text: str) -> int:
 
 
 def _version() -> str:
-    from enshuffle import __version__
-
     return __version__
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    """784,2048,2048,10 -> (784, 2048, 2048, 10): comma-separated positive whole numbers."""
+    try:
+        widths = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated unit counts such as 784,2048,10, got {text!r}") from None
+    if not widths or any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"unit counts must be positive, got {text!r}")
+    return widths
+
+
+def _add_network_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--layers", type=_widths, default=None, metavar="784,H,...,10",
+                       help="the network's units per layer, pixels first and classes last "
+                            "(default: the notebook's 784,128,10)")
+    group.add_argument("--hidden", type=_widths, default=None, metavar="H[,H...]",
+                       help="only the hidden widths: --hidden 2048,2048 is --layers 784,2048,2048,10")
+    p.add_argument("--activation", choices=["sigmoid", "relu"], default=None,
+                   help="the hidden units' activation (default: sigmoid, as the notebook)")
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=["seed", "default"], default="default",
                    help="seed: the notebook's run, bias bugs fixed; default: a preset that trains well")
+    _add_network_options(p)
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="number of epochs (default: the preset's)")
-    p.add_argument("--offload", choices=["matmul"], default="matmul",
-                   help="which operations nodes compute: the two pixel-wide matrix products (elementwise "
-                        "offload was retired: it handed nodes labels and outputs)")
+    p.add_argument("--offload", choices=["auto", "matmul", "all"], default="auto",
+                   help="which products nodes compute: auto ships each product only where that saves the "
+                        "coordinator CPU (cost model from `enshuffle bench`; the plan is printed at start), "
+                        "matmul every product that can go (the pixel-wide ones and every hidden-to-hidden "
+                        "layer's); all is refused (it handed nodes labels and outputs)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="directory with MNIST-format IDX files, or `bundled` for the 3,500-image subset inside "
                         "the package (default: Fashion-MNIST, then MNIST, then the bundled subset)")
@@ -181,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of nodes; 0 is the centralized reference (default 2)")
     p.add_argument("--in-process", action="store_true",
                    help="run the distributed algorithm in this process, without sockets")
-    p.add_argument("--save-weights", metavar="FILE.npz", default=None, help="write w1, b1, w2, b2 here")
+    p.add_argument("--save-weights", metavar="FILE.npz", default=None,
+                   help="write the final weights here (w1, b1, w2, b2, ... one pair per layer)")
     p.add_argument("--out", metavar="RUN_DIR", default=None, help="write the model chain here")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out RUN_DIR from its chain's head; a larger --epochs extends it")
@@ -190,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="measure the performance figures (issue 10's targets among them) side by side")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    _add_network_options(p)
     p.add_argument("--repeats", type=_positive_int, default=3, help="repetitions per measurement (median)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="MNIST-format IDX files to time with (default: as for train)")
@@ -271,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="run a short real run, record one node and play it as a curious attacker")
     p.add_argument("--preset", choices=["seed", "default"], default="default",
                    help="training preset of the audited run (default: default)")
+    _add_network_options(p)
     p.add_argument("--nodes", type=_positive_int, default=3, help="node processes (default 3); one records")
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="epochs of the audited run (default 2: rows come back in the second)")
@@ -338,8 +365,6 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:  # unreachable with required sub-commands; kept honest
         parser.print_help()
         return 2
-    from enshuffle.memory import keep_freed_memory
-
     keep_freed_memory()  # every step's large arrays reuse the heap instead of faulting in afresh
     module_name, _, func_name = args.handler.partition(":")
     handler = getattr(importlib.import_module(module_name), func_name)

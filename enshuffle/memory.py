@@ -14,6 +14,8 @@ command. A no-op where there is no glibc.
 
 from __future__ import annotations
 
+import ctypes
+
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
@@ -26,8 +28,6 @@ def keep_freed_memory() -> bool:
     if _done:
         return True
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         ok = bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):

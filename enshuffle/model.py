@@ -1,4 +1,5 @@
-"""The 784-128-10 network, its training presets and one training step written once.
+"""Any MLP (the notebook's 784-128-10 by default), its training presets and one training step
+written once, over a list of layers.
 
 The step is written against a `Compute` object that performs the network's matrix products
 and elementwise operations. `LocalCompute` does them with numpy in this process (the
@@ -14,7 +15,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-INPUTS, HIDDEN, CLASSES = 784, 128, 10
+INPUTS, CLASSES = 784, 10
+NOTEBOOK_LAYERS = (INPUTS, 128, CLASSES)  # the notebook's network: the presets' default shape
+ACTIVATIONS = ("sigmoid", "relu")  # of the hidden units; the notebook's is sigmoid
+MAX_WIDTH = 65536  # a hidden layer wider than this is a typo, not a network
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,29 @@ class Preset:
     # notebook's public 402, by definition (its initial weights are public; the ledger says so).
     seed: int | None = None
     schedule: str = "constant"  # "constant" | "cosine" (learning rate decays to 0 over the run)
+    # The network: units per layer, inputs first and classes last (784, hidden..., 10), and the
+    # hidden units' activation. Layer l (1-based) has weights w{l} (layers[l-1], layers[l]) and
+    # biases b{l}, so the notebook's w1, b1, w2, b2 keep their names.
+    layers: tuple[int, ...] = NOTEBOOK_LAYERS
+    activation: str = "sigmoid"
+
+    @property
+    def depth(self) -> int:
+        """Weight layers: 2 for 784-128-10."""
+        return len(self.layers) - 1
+
+    @property
+    def hidden(self) -> int:
+        """The first hidden layer's width: the units w1 maps the pixels onto."""
+        return self.layers[1]
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        return weight_names(self.layers)
+
+    def describe(self) -> str:
+        """784-128-10 sigmoid."""
+        return "-".join(str(n) for n in self.layers) + f" {self.activation}"
 
 
 PRESETS = {
@@ -49,12 +76,38 @@ PRESETS = {
 }
 
 
-def get_preset(name: str, *, epochs: int | None = None, dtype: str | None = None) -> Preset:
+def weight_names(layers) -> tuple[str, ...]:
+    """w1, b1, w2, b2, ... for a network with these layer widths."""
+    return tuple(f"{kind}{l}" for l in range(1, len(layers)) for kind in ("w", "b"))
+
+
+def check_layers(layers) -> tuple[int, ...]:
+    """The layer widths as a tuple, or ValueError saying what is wrong with them."""
+    layers = tuple(int(n) for n in layers)
+    if len(layers) < 2:
+        raise ValueError("a network needs at least its inputs and its classes, e.g. 784,128,10")
+    if layers[0] != INPUTS or layers[-1] != CLASSES:
+        raise ValueError(f"layers must start with the {INPUTS} pixels and end with the {CLASSES} classes, "
+                         f"got {','.join(map(str, layers))}")
+    bad = [n for n in layers[1:-1] if not 1 <= n <= MAX_WIDTH]
+    if bad:
+        raise ValueError(f"hidden widths must be 1..{MAX_WIDTH}, got {bad[0]}")
+    return layers
+
+
+def get_preset(name: str, *, epochs: int | None = None, dtype: str | None = None,
+               layers: tuple[int, ...] | None = None, activation: str | None = None) -> Preset:
     preset = PRESETS[name]
     if epochs is not None:
         preset = replace(preset, epochs=epochs)
     if dtype is not None:
         preset = replace(preset, dtype=dtype)
+    if layers is not None:
+        preset = replace(preset, layers=check_layers(layers))
+    if activation is not None:
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        preset = replace(preset, activation=activation)
     return preset
 
 
@@ -62,6 +115,10 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     """Elementwise logistic function; saturates to 0 without an overflow warning."""
     with np.errstate(over="ignore"):
         return 1.0 / (1.0 + np.exp(-z))
+
+
+def relu(z: np.ndarray) -> np.ndarray:
+    return np.maximum(z, z.dtype.type(0))
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -80,21 +137,34 @@ def training_seed(preset: Preset, secret: int) -> list[int]:
 
 
 def init_params(preset: Preset, seed: list[int] | None = None) -> dict[str, np.ndarray]:
-    """Initial w1 (784,128), b1 (128,), w2 (128,10), b2 (10,) in the preset's dtype.
+    """Initial w{l} (layers[l-1], layers[l]) and zero b{l} (layers[l],), in the preset's dtype;
+    for 784-128-10: w1 (784,128), b1 (128,), w2 (128,10), b2 (10,).
 
-    The notebook's init is RandomState(402); every other init draws from `seed` (training_seed)."""
+    The notebook's init is RandomState(402); every other init draws from `seed` (training_seed).
+    Layers are drawn in order, so a 2-layer network gets exactly the notebook's weights."""
+    shapes = list(zip(preset.layers[:-1], preset.layers[1:]))
     if preset.init == "notebook":
         rng = np.random.RandomState(preset.seed if preset.seed is not None else 402)
-        w1 = rng.randn(INPUTS, HIDDEN) * 0.01
-        w2 = rng.randn(HIDDEN, CLASSES) * 0.01
+        weights = [rng.randn(fan_in, fan_out) * 0.01 for fan_in, fan_out in shapes]
     else:
         if seed is None:
             raise ValueError("init_params needs the run's training seed for this preset")
         gen = np.random.default_rng(seed + [0])
-        w1 = gen.standard_normal((INPUTS, HIDDEN)) / math.sqrt(INPUTS)
-        w2 = gen.standard_normal((HIDDEN, CLASSES)) / math.sqrt(HIDDEN)
+        weights = [gen.standard_normal((fan_in, fan_out)) / math.sqrt(fan_in) for fan_in, fan_out in shapes]
     dt = np.dtype(preset.dtype)
-    return {"w1": w1.astype(dt), "b1": np.zeros(HIDDEN, dt), "w2": w2.astype(dt), "b2": np.zeros(CLASSES, dt)}
+    params = {}
+    for l, w in enumerate(weights, start=1):
+        params[f"w{l}"] = w.astype(dt)
+        params[f"b{l}"] = np.zeros(w.shape[1], dt)
+    return params
+
+
+def init_shapes(preset: Preset) -> dict[str, tuple[int, ...]]:
+    """Each weight's shape: w{l} (layers[l-1], layers[l]), b{l} (layers[l],)."""
+    shapes = {}
+    for l, (fan_in, fan_out) in enumerate(zip(preset.layers[:-1], preset.layers[1:]), start=1):
+        shapes[f"w{l}"], shapes[f"b{l}"] = (fan_in, fan_out), (fan_out,)
+    return shapes
 
 
 def prepare_inputs(train_images: np.ndarray, test_images: np.ndarray, preset: Preset) -> tuple[np.ndarray, np.ndarray]:
@@ -137,28 +207,23 @@ class LocalCompute:
         self.images = images
 
     def x_w1(self, which: str, idx: np.ndarray | None, w1: np.ndarray) -> np.ndarray:
-        """X[idx] (b,784) @ w1 (784,128) -> (b,128); idx None means every row."""
+        """X[idx] (b,784) @ w1 (784,h1) -> (b,h1); idx None means every row."""
         x = self.images[which] if idx is None else self.images[which][idx]
         return x @ w1
 
-    def a1_w2(self, a1: np.ndarray, w2: np.ndarray) -> np.ndarray:
-        """(b,128) @ (128,10) -> (b,10)"""
-        return a1 @ w2
+    def a_w(self, a: np.ndarray, w: np.ndarray, layer: int) -> np.ndarray:
+        """Layer `layer` >= 2, forward: a (b,n) @ w (n,m) -> (b,m); a is the previous layer's output."""
+        return a @ w
 
-    def dw2(self, a1: np.ndarray, dz2: np.ndarray) -> np.ndarray:
-        """a1^T (128,b) @ dz2 (b,10) -> (128,10)"""
-        return a1.T @ dz2
-
-    def da1(self, dz2: np.ndarray, w2: np.ndarray) -> np.ndarray:
-        """dz2 (b,10) @ w2^T (10,128) -> (b,128)"""
-        return dz2 @ w2.T
-
-    def dw2_da1(self, a1: np.ndarray, dz2: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Both products that need only dz2 (a distributed compute sends them together)."""
-        return self.dw2(a1, dz2), self.da1(dz2, w2)
+    def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int,
+              labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `layer` >= 2, backward: a^T (n,b) @ dz (b,m) -> (n,m) and dz (b,m) @ w^T (m,n) -> (b,n).
+        Both need only dz (a distributed compute sends them together; `labels` (b,) let it hide
+        dz's class structure, as for dw1; the products do not depend on them)."""
+        return a.T @ dz, dz @ w.T
 
     def dw1(self, idx: np.ndarray | None, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-        """X[idx]^T (784,b) @ dz1 (b,128) -> (784,128). `labels` (b,) lets a distributed compute
+        """X[idx]^T (784,b) @ dz1 (b,h1) -> (784,h1). `labels` (b,) lets a distributed compute
         hide dz1's class structure; the product does not depend on them."""
         x = self.images["train"] if idx is None else self.images["train"][idx]
         return x.T @ dz1
@@ -201,12 +266,30 @@ def learning_rate(preset: Preset, step: int, total_steps: int) -> float:
     return preset.learning_rate
 
 
-def forward(compute, which: str, idx, params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """a1 (b,128), a2-or-logits (b,10) for rows idx of `which`. The output is sigmoid for mse."""
-    z1 = compute.x_w1(which, idx, params["w1"]) + params["b1"]
-    a1 = compute.sigmoid(z1, "activations")
-    z2 = compute.a1_w2(a1, params["w2"]) + params["b2"]
-    return a1, z2
+def activate(compute, z: np.ndarray, preset: Preset) -> np.ndarray:
+    """A hidden layer's output from its pre-activation (b,n) -> (b,n)."""
+    if preset.activation == "relu":
+        return relu(z)
+    return compute.sigmoid(z, "activations")
+
+
+def forward(compute, which: str, idx, params: dict[str, np.ndarray],
+            preset: Preset) -> tuple[list[np.ndarray], np.ndarray]:
+    """([a1, ..., a_{L-1}] each (b,n_l), the last layer's logits (b,10)) for rows idx of `which`.
+    The output is sigmoid of the logits for mse."""
+    z = compute.x_w1(which, idx, params["w1"]) + params["b1"]
+    activations = []
+    for layer in range(2, preset.depth + 1):
+        activations.append(activate(compute, z, preset))
+        z = compute.a_w(activations[-1], params[f"w{layer}"], layer) + params[f"b{layer}"]
+    return activations, z
+
+
+def _hidden_delta(compute, da: np.ndarray, a: np.ndarray, preset: Preset) -> np.ndarray:
+    """dz of a hidden layer from da (the gradient reaching its output a)."""
+    if preset.activation == "relu":
+        return da * (a > 0)
+    return compute.mul(compute.mul(da, a, "gradients"), compute.sub(1.0, a, "activations"), "gradients")
 
 
 def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.ndarray, labels: np.ndarray,
@@ -214,26 +297,32 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
     """One step on rows idx of the training set (None: all). Updates params (and opt) in place."""
     m = labels_onehot.shape[0]
     dt = params["w1"].dtype
-    a1, z2 = forward(compute, "train", idx, params)
+    activations, z_out = forward(compute, "train", idx, params, preset)
     if preset.loss == "mse":
         # The notebook's formulas, biases included.
-        a2 = compute.sigmoid(z2, "outputs")
-        delta = compute.sub(a2, labels_onehot, "labels")
+        a_out = compute.sigmoid(z_out, "outputs")
+        delta = compute.sub(a_out, labels_onehot, "labels")
         cost = float(np.sum(compute.square(delta, "outputs")) / (2 * m))
         dy = delta * dt.type(-1.0 / m)
         # Same association as the notebook: (dY * a2) * (1 - a2).
-        dz2 = compute.mul(compute.mul(dy, a2, "gradients"), compute.sub(1.0, a2, "outputs"), "gradients")
-        scores = a2
+        dz = compute.mul(compute.mul(dy, a_out, "gradients"), compute.sub(1.0, a_out, "outputs"), "gradients")
+        scores = a_out
     else:
-        p = softmax(z2)
+        p = softmax(z_out)
         cost = float(-np.mean(np.log(np.maximum(p[np.arange(m), labels], 1e-12))))
-        dz2 = (p - labels_onehot) * dt.type(1.0 / m)
-        dz2 = -dz2  # ascent direction, so the update below is `+= lr * d` for both losses
-        scores = z2
-    dw2, da1 = compute.dw2_da1(a1, dz2, params["w2"])
-    dz1 = compute.mul(compute.mul(da1, a1, "gradients"), compute.sub(1.0, a1, "activations"), "gradients")
-    dw1 = compute.dw1(idx, dz1, labels)
-    grads = {"w1": dw1, "b1": dz1.sum(axis=0), "w2": dw2, "b2": dz2.sum(axis=0)}
+        dz = (p - labels_onehot) * dt.type(1.0 / m)
+        dz = -dz  # ascent direction, so the update below is `+= lr * d` for both losses
+        scores = z_out
+    grads = {}
+    for layer in range(preset.depth, 1, -1):  # the last layer down to layer 2
+        a = activations[layer - 2]
+        # the last layer's dz is the loss's: no labels to hide in it, and it stays home anyway
+        grads[f"w{layer}"], da = compute.dw_da(a, dz, params[f"w{layer}"], layer,
+                                               labels if layer < preset.depth else None)
+        grads[f"b{layer}"] = dz.sum(axis=0)
+        dz = _hidden_delta(compute, da, a, preset)
+    grads["w1"] = compute.dw1(idx, dz, labels)
+    grads["b1"] = dz.sum(axis=0)
     _apply_update(params, grads, preset, opt, lr)
     compute.step_done()
     correct = int(np.count_nonzero(np.argmax(scores, axis=1) == labels))
@@ -243,16 +332,17 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
 def _apply_update(params, grads, preset: Preset, opt: OptimizerState, lr: float) -> None:
     """Gradient step in the ascent direction `grads` (the notebook adds lr * dw)."""
     dt = params["w1"].dtype
+    # The notebook's order, w2, b2, w1, b1: the last layer first.
+    order = [name for layer in range(preset.depth, 0, -1) for name in (f"w{layer}", f"b{layer}")]
     if preset.optimizer == "sgd":
-        # Order as in the notebook: w2, b2, w1, b1.
-        for name in ("w2", "b2", "w1", "b1"):
+        for name in order:
             params[name] += dt.type(lr) * grads[name]
         return
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     opt.t += 1
     c1 = 1.0 - beta1 ** opt.t
     c2 = 1.0 - beta2 ** opt.t
-    for name in ("w2", "b2", "w1", "b1"):
+    for name in order:
         g = grads[name]
         m = opt.moments.setdefault("m_" + name, np.zeros_like(params[name]))
         v = opt.moments.setdefault("v_" + name, np.zeros_like(params[name]))
@@ -263,10 +353,23 @@ def _apply_update(params, grads, preset: Preset, opt: OptimizerState, lr: float)
         params[name] += dt.type(lr) * (m / c1) / (np.sqrt(v / c2) + eps)
 
 
+EVAL_BYTES = 64 << 20  # the largest activation matrix an evaluation pass makes at once (float64)
+
+
 def evaluate(compute, which: str, params, labels: np.ndarray, preset: Preset) -> float:
-    """Accuracy of params on every row of `which` (the test set: a full forward pass, biases included)."""
-    _, z2 = forward(compute, which, None, params)
-    # For the squared-error preset the notebook takes argmax of the sigmoid outputs; saturated
-    # outputs can tie at 1.0 where the logits would not, so do exactly the same.
-    scores = compute.sigmoid(z2, "outputs") if preset.loss == "mse" else z2
-    return float(np.count_nonzero(np.argmax(scores, axis=1) == labels) / labels.shape[0])
+    """Accuracy of params on every row of `which` (the test set: a full forward pass, biases included).
+
+    Rows go through in blocks whose widest activation matrix stays within EVAL_BYTES, so a wide
+    network's test pass does not hold 10,000 x 4,096 matrices (and their disguised copies) at
+    once; the notebook's network (10,000 x 128) goes through in one block, as it always did."""
+    n = labels.shape[0]
+    block = max(1, EVAL_BYTES // (8 * max(preset.layers[1:])))
+    correct = 0
+    for lo in range(0, n, block):
+        idx = None if block >= n else np.arange(lo, min(lo + block, n))
+        _, z_out = forward(compute, which, idx, params, preset)
+        # For the squared-error preset the notebook takes argmax of the sigmoid outputs; saturated
+        # outputs can tie at 1.0 where the logits would not, so do exactly the same.
+        scores = compute.sigmoid(z_out, "outputs") if preset.loss == "mse" else z_out
+        correct += int(np.count_nonzero(np.argmax(scores, axis=1) == labels[lo:lo + scores.shape[0]]))
+    return float(correct / n)

@@ -34,6 +34,7 @@ async def wait_for(pilot, predicate, timeout: float, what: str) -> None:
 
 async def shoot(data: str | None, limit: int) -> None:
     from enshuffle.coordinator.commands import load_inputs
+    from enshuffle.coordinator.settings import RunSettings
     from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
     from enshuffle.model import get_preset
     from enshuffle.node.daemon import NodeDaemon
@@ -46,9 +47,8 @@ async def shoot(data: str | None, limit: int) -> None:
     with tempfile.TemporaryDirectory(prefix="enshuffle-shots-") as tmp:
         tmp = Path(tmp)
         preset = get_preset("default", epochs=4)
-        args = argparse.Namespace(offload="matmul", json=False, save_weights=None, limit=limit, data=data)
-        inputs = load_inputs(args, preset)
-        run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
+        inputs = load_inputs(data, preset, limit)
+        run = CoordinatorRun(RunSettings(limit=limit), preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
                              run_dir=str(tmp / "run"), home=tmp / "coordinator", quiet=True)
         run.print_reports = False
         thread = threading.Thread(target=run.run, daemon=True)

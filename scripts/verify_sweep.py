@@ -36,7 +36,7 @@ from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.coordinator.verify import StaticNorms, judge, measure_matmul
 from enshuffle.dataset import load_dataset
 from enshuffle.model import get_preset
-from enshuffle.node.compute import compute_batch
+from enshuffle.kernels import compute_batch
 
 SINGLE = {"float32": 1e-4, "float64": 1e-11}
 BIAS = {"float32": 1e-6, "float64": 1e-13}

@@ -185,6 +185,7 @@ def test_malformed_records_are_one_line_errors(coordinator_run, field, how):
 
 def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_cache, tmp_path):
     from enshuffle.coordinator.run import CoordinatorRun
+    from enshuffle.coordinator.settings import RunSettings
     from enshuffle.coordinator.training import prepare
     from enshuffle.dataset import load_idx_dir
     from enshuffle.model import get_preset
@@ -192,8 +193,8 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
     home, run_dir = tmp_path / "home", tmp_path / "run"
     preset = get_preset("default", epochs=2)
     inputs = prepare(load_idx_dir(core_data_dir), preset, 300)
-    args = argparse.Namespace(offload="matmul", json=False, save_weights=None, limit=300)
-    run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
+    settings = RunSettings(limit=300)
+    run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
                          run_dir=str(run_dir), home=home, quiet=True)
     try:
         run.trainer.epoch = preset.epochs  # as the last epoch leaves it
@@ -214,7 +215,7 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
     assert fewer.returncode == 2 and "Traceback" not in fewer.stderr
     assert "can only be extended" in fewer.stderr, fewer.stderr
     # Extending it works: with more epochs the head is no longer the end, and run.json says so.
-    longer = CoordinatorRun(args, get_preset("default", epochs=3), inputs, bind="tcp://127.0.0.1:*", shards=2,
+    longer = CoordinatorRun(settings, get_preset("default", epochs=3), inputs, bind="tcp://127.0.0.1:*", shards=2,
                             min_nodes=2, run_dir=str(run_dir), resume=True, home=home, quiet=True)
     try:
         assert not longer.trainer.finished and longer.trainer.epoch == 2

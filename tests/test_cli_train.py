@@ -19,8 +19,10 @@ import pytest
 
 from core_data import FASHION_INSTALLED, core_cache, core_data_dir, core_dataset  # noqa: F401  (fixtures)
 from enshuffle.coordinator.training import Trainer, prepare
-from enshuffle.model import CLASSES, HIDDEN, INPUTS, LocalCompute, get_preset
+from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS, LocalCompute, get_preset
 from idx_util import random_arrays, write_idx_dir
+
+HIDDEN = NOTEBOOK_LAYERS[1]  # the presets' network
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_KEYS = {"type", "epoch", "cost", "train_accuracy", "test_accuracy", "seconds"}
@@ -67,6 +69,7 @@ def test_centralized_json_one_object_per_epoch(core_data_dir, core_cache):
 
 def test_in_process_json_ends_with_ledger(core_data_dir, core_cache):
     proc = enshuffle("train", "--nodes", "2", "--in-process", "--epochs", "1", "--limit", "1000", "--json",
+                     "--offload", "matmul",
                      "--data", str(core_data_dir), cache=core_cache)
     objects = json_lines(proc)
     assert len(objects) == 2

@@ -18,7 +18,9 @@ from core_data import core_cache, core_data_dir, core_dataset  # noqa: F401  (py
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.plan import Disguise, build_matmul_plan, new_disguise, pow2
 from enshuffle.coordinator.training import Trainer, prepare
-from enshuffle.model import CLASSES, HIDDEN, INPUTS, get_preset
+from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS, get_preset
+
+HIDDEN = NOTEBOOK_LAYERS[1]  # the presets' network
 
 # --------------------------------------------------------------------------- plans
 

@@ -35,3 +35,124 @@ def test_the_probe_would_notice_textual():
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "textual" in json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# Which enshuffle packages each layer may import (anywhere in a module, in a function too).
+# The TUI is allowed only where a command opens it (`--tui`): listed per module below.
+LAYERS = {
+    "enshuffle.protocol": {"enshuffle.protocol", "enshuffle.errors"},
+    "enshuffle.kernels": {"enshuffle.model"},
+    "enshuffle.blas": set(),
+    "enshuffle.errors": set(),
+    "enshuffle.node": {"enshuffle.node", "enshuffle.protocol", "enshuffle.errors", "enshuffle.kernels",
+                       "enshuffle.blas", "enshuffle.live", "enshuffle.model", "enshuffle.memory"},
+    "enshuffle.coordinator": {"enshuffle.coordinator", "enshuffle.protocol", "enshuffle.errors",
+                              "enshuffle.kernels", "enshuffle.blas", "enshuffle.live", "enshuffle.model",
+                              "enshuffle.dataset", "enshuffle.memory"},
+}
+TUI_ENTRY_POINTS = {"enshuffle.node.commands": "enshuffle.tui.node_app",
+                    "enshuffle.coordinator.run": "enshuffle.tui.coordinator_app"}
+
+
+def imported_modules(path: Path, module: str) -> set[str]:
+    """Every enshuffle module `path` (the module `module`) imports, relative imports resolved."""
+    import ast
+
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                name = f"{base}.{node.module}" if node.module else base
+            else:
+                name = node.module or ""
+            if name == "enshuffle" or not node.module:  # `from enshuffle import model`, `from .. import x`
+                found.update(f"{name}.{alias.name}" for alias in node.names)
+            else:
+                found.add(name)
+    return {name for name in found if name == "enshuffle" or name.startswith("enshuffle.")}
+
+
+def _allowed(name: str, allowed: set[str]) -> bool:
+    return name == "enshuffle" or any(name == a or name.startswith(a + ".") for a in allowed)
+
+
+def layering_violations(root: Path) -> list[str]:
+    problems = []
+    for path in sorted((root / "enshuffle").rglob("*.py")):
+        module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        layer = next((l for l in LAYERS if module == l or module.startswith(l + ".")), None)
+        if layer is None:
+            continue
+        allowed = LAYERS[layer] | ({TUI_ENTRY_POINTS[module]} if module in TUI_ENTRY_POINTS else set())
+        for name in sorted(imported_modules(path, module)):
+            if not _allowed(name, allowed):
+                problems.append(f"{module} imports {name}")
+    return problems
+
+
+def test_lower_layers_never_import_higher_ones():
+    """The coordinator and the node share kernels through enshuffle.kernels, never each other."""
+    assert layering_violations(ROOT) == []
+
+
+def test_the_layering_check_would_notice(tmp_path):
+    """The check above can fail: a coordinator module importing the node's code is reported."""
+    (tmp_path / "enshuffle" / "coordinator").mkdir(parents=True)
+    (tmp_path / "enshuffle" / "coordinator" / "x.py").write_text(
+        "def f():\n    from enshuffle.node.daemon import NodeDaemon\n    from ..node import state\n")
+    (tmp_path / "enshuffle" / "kernels.py").write_text("from enshuffle.coordinator import plan\n")
+    assert layering_violations(tmp_path) == [
+        "enshuffle.coordinator.x imports enshuffle.node", "enshuffle.coordinator.x imports enshuffle.node.daemon",
+        "enshuffle.kernels imports enshuffle.coordinator"]
+
+
+def lazy_imports_without_reason(root: Path) -> list[str]:
+    """Imports inside functions with no comment saying why: on the line, or just above the group
+    of imports it belongs to. An import belongs at the top of its module unless it keeps the
+    headless node's start fast (or textual off the headless paths)."""
+    import ast
+
+    problems = []
+    for path in sorted((root / "enshuffle").rglob("*.py")):
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines), str(path))):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                if "#" in lines[node.lineno - 1]:
+                    continue
+                above = node.lineno - 2
+                while above >= 0 and lines[above].strip().startswith(("from ", "import ")):
+                    above -= 1
+                if above >= 0 and lines[above].strip().startswith("#"):
+                    continue
+                problems.append(f"{path.relative_to(root)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return problems
+
+
+def test_imports_inside_functions_say_why():
+    assert lazy_imports_without_reason(ROOT) == []
+
+
+def test_the_lazy_import_check_would_notice(tmp_path):
+    (tmp_path / "enshuffle").mkdir()
+    (tmp_path / "enshuffle" / "x.py").write_text(
+        "def f():\n    import json\n\n\ndef g():\n    # textual only on this path\n    import os\n    import sys\n")
+    assert lazy_imports_without_reason(tmp_path) == ["enshuffle/x.py:2: import json"]
+
+
+def test_the_headless_node_starts_without_numpy_or_coordinator_code():
+    """What `enshuffle node` loads before it sets the BLAS environment: the CLI and its own
+    command module, not numpy (whose BLAS reads the environment once), not the coordinator."""
+    probe = ("import sys; import enshuffle.cli, enshuffle.node.commands; "
+             "print(sorted(m for m in sys.modules if m == 'numpy' or m.startswith('enshuffle.coordinator')"
+             " or m == 'textual'))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

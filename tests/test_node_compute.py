@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enshuffle.node.blas import BlasThreads, BlasThreadsUnavailable, get_blas_threads, idle_env
-from enshuffle.node.compute import Workspace, aligned, compute_batch
+from enshuffle.blas import BlasThreads, BlasThreadsUnavailable, get_blas_threads, idle_env
+from enshuffle.kernels import Workspace, aligned, compute_batch
 from enshuffle.protocol.messages import Channel
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from wire_util import wait_until
 import pytest
 import zmq
 
-from enshuffle.node.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
+from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 from enshuffle.node.daemon import (EXIT_OK, EXIT_REFUSED, EXIT_TRUST, NodeDaemon, backoff_delay,
                                    describe_batch)
 from enshuffle.node.state import NodeControl, NodeState

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import stat
 import subprocess
@@ -21,6 +20,7 @@ import pytest
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.cli import UsageError
 from enshuffle.coordinator.run import CoordinatorRun, plan_secret
+from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.training import prepare
 from enshuffle.dataset import load_idx_dir
 from enshuffle.model import get_preset
@@ -29,7 +29,7 @@ from enshuffle.model import get_preset
 def make_run(data_dir: Path, run_dir: Path, home: Path, *, resume: bool = False, limit: int = 300) -> CoordinatorRun:
     preset = get_preset("default", epochs=1)
     inputs = prepare(load_idx_dir(data_dir), preset, limit)
-    args = argparse.Namespace(offload="matmul", json=False, save_weights=None, limit=limit)
+    args = RunSettings(limit=limit)
     return CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
                           run_dir=str(run_dir), resume=resume, home=home, quiet=True)
 

@@ -32,8 +32,9 @@ def node_pids_of(parent: int) -> list[int]:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_train_gracefully(core_data_dir, core_cache, tmp_path, signum):
     run_dir = tmp_path / "run"
+    # --offload matmul: the nodes hold work (and ledger rows) when the signal comes
     proc = Proc(["train", "--nodes", "2", "--epochs", "500", "--data", str(core_data_dir), "--limit", "600",
-                 "--out", str(run_dir)], process_env(tmp_path / "home", core_cache), tmp_path, "train")
+                 "--out", str(run_dir), "--offload", "matmul"], process_env(tmp_path / "home", core_cache), tmp_path, "train")
     try:
         wait_until(lambda: (run_dir / "chain" / "HEAD").exists(), 60, "the first model version",
                    on_timeout=proc.describe)
@@ -64,7 +65,8 @@ def test_ctrl_c_in_a_terminal_reaches_only_the_coordinator_and_the_ledger_is_pri
     out, err = tmp_path / "train.out", tmp_path / "train.err"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen([sys.executable, "-m", "enshuffle", "train", "--nodes", "2", "--epochs", "500",
-                                 "--data", str(core_data_dir), "--limit", "600", "--out", str(run_dir)],
+                                 "--data", str(core_data_dir), "--limit", "600", "--out", str(run_dir),
+                                 "--offload", "matmul"],
                                 env=process_env(tmp_path / "home", core_cache), stdout=o, stderr=e,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -27,7 +27,8 @@ def test_ctrl_c_in_the_console_stops_gracefully_and_leaves_the_figures(core_data
     env = dict(os.environ, TERM="xterm-256color", ENSHUFFLE_HOME=str(tmp_path / "home"),
                ENSHUFFLE_CACHE=str(core_cache))
     proc = subprocess.Popen([sys.executable, "-m", "enshuffle", "train", "--tui", "--nodes", "2", "--epochs", "500",
-                             "--limit", "600", "--data", str(core_data_dir), "--out", str(run_dir)],
+                             "--limit", "600", "--data", str(core_data_dir), "--out", str(run_dir),
+                             "--offload", "matmul"],
                             cwd=REPO, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
     os.close(slave)
     output = bytearray()

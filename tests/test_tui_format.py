@@ -63,3 +63,14 @@ def test_verification_marks():
     assert verification_marks(ids, False, "bbbbbbbb: bad signature") == {
         "aaaaaaaa11": True, "bbbbbbbb22": False, "cccccccc33": False}
     assert verification_marks(ids, False, "chain file is empty") == dict.fromkeys(ids, False)
+
+
+def test_the_exposure_table_lists_a_deeper_networks_layers():
+    from enshuffle.coordinator.ledger import ledger_axes
+    from enshuffle.coordinator.state import TENSORS, CoordinatorState, NodeRow
+    from enshuffle.tui.coordinator_app import exposure_kinds
+
+    state = CoordinatorState()
+    assert exposure_kinds(state) == TENSORS
+    state.nodes["a"] = NodeRow(node_id="a", name="a", fingerprint="SHA256:x", exposure={k: 0.0 for k in ledger_axes((784, 64, 32, 10))})
+    assert exposure_kinds(state) == TENSORS + ("w3", "activations2", "deltas2")

@@ -10,7 +10,6 @@ to the app's event loop (`pilot.pause`), never a bare sleep.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import threading
 import time
@@ -22,10 +21,11 @@ from textual.widgets import DataTable
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle import dataset as ds
 from enshuffle.coordinator.chain import Chain
+from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
 from enshuffle.coordinator.training import prepare
 from enshuffle.model import get_preset
-from enshuffle.node.blas import get_blas_threads, set_blas_threads
+from enshuffle.blas import get_blas_threads, set_blas_threads
 from enshuffle.node.daemon import EXIT_OK, NodeDaemon
 from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.keys import Identity, TrustStore
@@ -47,8 +47,8 @@ class LiveRun:
     def __init__(self, tmp: Path, data_dir: Path, *, epochs: int, limit: int, shards: int):
         preset = get_preset("default", epochs=epochs)
         inputs = prepare(ds.load_idx_dir(data_dir), preset, limit)
-        # The namespace cmd_train hands over for `--offload matmul --limit N`, no --json, no --save-weights.
-        args = argparse.Namespace(offload="matmul", json=False, save_weights=None, limit=limit)
+        # The settings cmd_train hands over for `--offload matmul --limit N`, no --json, no --save-weights.
+        args = RunSettings(limit=limit)
         self.run_dir = tmp / "run"
         self.run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=shards,
                                   min_nodes=shards, run_dir=str(self.run_dir), home=tmp / "coordinator",
@@ -134,6 +134,9 @@ async def test_console_shows_a_real_two_node_run_and_verifies_its_chain(core_dat
         app = live.app()
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.snap is not None and app.snap.finished, 30, "training to finish",
+                        live.describe)
+            # The state says finished before run() has returned (it still prints and says BYE).
+            await until(pilot, lambda: live.rc is not None or live.error is not None, 30, "the run to return",
                         live.describe)
             assert live.error is None and live.rc == 0, live.describe()
             assert app.snap.status == "finished"

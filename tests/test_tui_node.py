@@ -10,7 +10,7 @@ from enshuffle.tui.synthetic import SyntheticNode
 from tui_fixtures import Source, frozen_clock, node_state, pilot_test, text
 
 
-from enshuffle.node.blas import default_threads
+from enshuffle.blas import default_threads
 
 
 def make_app(threads: int = 2):

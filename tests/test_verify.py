@@ -86,7 +86,7 @@ class TamperingNode(ScriptedNode):
         if self.wrong_left <= 0:
             return super().result_frames(batch, signer)
         self.wrong_left -= 1
-        from enshuffle.node.compute import compute_batch
+        from enshuffle.kernels import compute_batch
 
         h = batch.header
         c = compute_batch(h["op"], h["params"], batch.arrays, self.statics).copy()

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from enshuffle import model
 from enshuffle.audit.recording import RecordedMessage
+from enshuffle.model import prepare_inputs
 
 EXPONENTS = np.arange(-12, 13)  # candidate power-of-two scales (the source draws from -4..4)
 CLASSES = 10
@@ -99,8 +101,6 @@ def _pow2(e, dtype) -> np.ndarray:
 def _prepared(public: Public, n_train: int):
     """The first n_train public training images and the public test images prepared exactly as
     the preset prepares them (the source's own function), and each pixel's intensity table."""
-    from enshuffle.model import prepare_inputs
-
     train_u8 = public.train_images[:n_train].reshape(n_train, -1)
     test_u8 = public.test_images.reshape(public.test_images.shape[0], -1)
     train_x, test_x = prepare_inputs(train_u8, test_u8, public.preset)
@@ -210,10 +210,6 @@ def _lattice_values(static: np.ndarray, raw: bool) -> tuple[np.ndarray, np.ndarr
 def _public_init_candidates(preset) -> list[np.ndarray]:
     """Initial w1 matrices a node can compute from the source: the notebook's RandomState(402)
     (seed preset), and the 402-seeded draws of the scaled init (old and current code)."""
-    from dataclasses import replace
-
-    from enshuffle import model
-
     dt = np.dtype(preset.dtype)
     out = []
     rng = np.random.RandomState(402)
@@ -439,6 +435,7 @@ def remove_top_components(x: np.ndarray, rank: int) -> np.ndarray:
 def _public_noise_rank() -> int:
     """The noise rank of the "share" disguise, if the source defines one (it is public)."""
     try:
+        # lazily, and only this public constant: the attacker plays a node, which has no coordinator code
         from enshuffle.coordinator import distributed
     except ImportError:
         return 0

@@ -13,12 +13,22 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
+from enshuffle.audit.attacks import Public, attack
+from enshuffle.audit.recording import load_recording
+from enshuffle.audit.scoring import TARGETS, Truth, meets_targets, score
+from enshuffle.coordinator.admission import Admission
+from enshuffle.coordinator.commands import network_layers
+from enshuffle.coordinator.run import CoordinatorRun, local_node_keys, run_headless, stop_local_nodes
+from enshuffle.coordinator.settings import RunSettings
+from enshuffle.coordinator.training import prepare
+from enshuffle.dataset import DataError, load_dataset
 from enshuffle.errors import UsageError
+from enshuffle.model import get_preset
 
 # Two epochs: rows come back in a second epoch (linking), and the seed preset needs 2 steps to
 # show an update.
@@ -48,8 +58,6 @@ def spawn_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, reco
 
 def truth_from(run, slots: list[int], dataset, limit: int):
     """Ground truth from the coordinator objects of this process (never given to the attacker)."""
-    from enshuffle.audit.scoring import Truth
-
     compute = run.compute
     statics: dict[str, dict] = {}
     scales: dict[str, np.ndarray] = {}
@@ -68,16 +76,9 @@ def truth_from(run, slots: list[int], dataset, limit: int):
 
 def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | None = None, limit: int = 2000,
               data: str | None = None, disguise: str = "share", record_dir: str | None = None,
-              log=_eprint, ica: bool = True) -> dict:
+              log=_eprint, ica: bool = True, layers: tuple[int, ...] | None = None,
+              activation: str | None = None) -> dict:
     """Run, record, attack, score; returns the figures (see scoring.score) plus the settings."""
-    from enshuffle.audit.attacks import Public, attack
-    from enshuffle.audit.recording import load_recording
-    from enshuffle.audit.scoring import TARGETS, meets_targets, score
-    from enshuffle.coordinator.run import CoordinatorRun, run_headless, stop_local_nodes
-    from enshuffle.coordinator.training import prepare
-    from enshuffle.dataset import DataError, load_dataset
-    from enshuffle.model import get_preset
-
     if nodes < 2:
         raise UsageError(f"--nodes {nodes}: an audit needs at least 2 nodes (one records, the bound needs others)")
     try:
@@ -88,18 +89,14 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
     if limit > available:
         raise UsageError(f"--limit {limit}: the data has only {available} training images")
     epochs = epochs or DEFAULT_EPOCHS.get(preset_name, 1)
-    preset = get_preset(preset_name, epochs=epochs)
+    preset = get_preset(preset_name, epochs=epochs, layers=layers, activation=activation)
     inputs = prepare(dataset, preset, limit)
     with tempfile.TemporaryDirectory(prefix="enshuffle-audit-") as tmp:
         tmp = Path(tmp)
         record = Path(record_dir) if record_dir else tmp / "recording"
         if record.exists() and any(record.iterdir()):
             raise UsageError(f"--record {record} is not empty; give a new or empty directory")
-        settings = SimpleNamespace(offload="matmul", limit=limit, json=False, save_weights=None,
-                                   disguise=disguise, verbose=False)
-        from enshuffle.coordinator.admission import Admission
-        from enshuffle.coordinator.run import local_node_keys
-
+        settings = RunSettings(offload="matmul", limit=limit, disguise=disguise)
         # As `train --nodes K` does: the audit's own node processes, and nobody else, are admitted.
         admission = Admission(auto=set(local_node_keys(tmp, nodes, prefix="audit")))
         run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
@@ -125,8 +122,6 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         public = Public(train_images=dataset.train_images.reshape(available, -1), train_labels=np.asarray(dataset.train_labels),
                         test_images=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
                         test_labels=np.asarray(dataset.test_labels), preset=preset)
-        import time
-
         started = time.perf_counter()
         claims = attack(messages, public, ica=ica)
         log(f"audit: attacks took {time.perf_counter() - started:.1f} s")
@@ -202,7 +197,8 @@ def _plain(value):
 
 def cmd_audit(args) -> int:
     figures = run_audit(preset_name=args.preset, nodes=args.nodes, epochs=args.epochs, limit=args.limit,
-                        data=args.data, disguise=args.disguise, record_dir=args.record)
+                        data=args.data, disguise=args.disguise, record_dir=args.record,
+                        layers=network_layers(args), activation=args.activation)
     if args.json:
         print(json.dumps(_plain(figures)), flush=True)
     else:

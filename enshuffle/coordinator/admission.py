@@ -19,13 +19,15 @@ import hmac
 import json
 import os
 import secrets
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from enshuffle.errors import UsageError
 from enshuffle.protocol.handshake import invite_id, invite_proof
-from enshuffle.protocol.keys import KeyStoreError, fingerprint, normalize_fingerprint
+from enshuffle.protocol.keys import (KeyStoreError, enshuffle_home, fingerprint, load_or_create_identity,
+                                     normalize_fingerprint)
 
 INVITES_FILE = "invites.json"
 INVITED_FILE = "invited_nodes"
@@ -166,10 +168,6 @@ class Admission:
 
 def cmd_invite(args) -> int:
     """`enshuffle invite`: a code for one node (or --reusable), and the exact node command."""
-    import sys
-
-    from enshuffle.protocol.keys import enshuffle_home, load_or_create_identity
-
     home = enshuffle_home()
     identity = load_or_create_identity("coordinator", home)
     try:

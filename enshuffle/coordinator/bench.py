@@ -40,9 +40,28 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+
+from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
+from enshuffle.coordinator.admission import Admission
+from enshuffle.coordinator.commands import load_inputs, network_layers
+from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, static_name
+from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes
+from enshuffle.coordinator.offload import COST_MODEL_FILE, CostModel, default_cost_model
+from enshuffle.coordinator.plan import build_matmul_plan
+from enshuffle.coordinator.report import eprint
+from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_threads, local_node_keys,
+                                       local_nodes_problem, spawn_local_nodes, stop_local_nodes)
+from enshuffle.coordinator.server import CoordinatorServer
+from enshuffle.coordinator.state import CoordinatorState
+from enshuffle.coordinator.training import Trainer
+from enshuffle.dataset import cache_dir
+from enshuffle.model import NOTEBOOK_LAYERS, LocalCompute, get_preset
+from enshuffle.protocol.keys import fingerprint, load_or_create_identity
+from enshuffle.protocol.messages import Channel
 
 NOTEBOOK_PLAN_SECONDS = 70.8
 CRYPTO_BUDGET_EPOCH_S = 0.1    # seed preset, per epoch (issue 8)
@@ -83,8 +102,6 @@ def _percentile(values, q: float) -> float:
 
 
 def measure_plan(repeats: int) -> float:
-    from enshuffle.coordinator.plan import build_matmul_plan
-
     rng = np.random.default_rng(0)
     times = []
     for _ in range(max(repeats, 5)):
@@ -151,8 +168,6 @@ def _steps(trainer, repeats: int, chunk: int = STEP_CHUNK, warmup: int = 10, sna
 def _blas_threads(threads: int):
     """Run with `threads` BLAS threads, restored afterwards; yields the count BLAS reports, or
     None when the BLAS cannot be told (then it runs with whatever it has)."""
-    from enshuffle.node.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
-
     try:
         before = get_blas_threads()
         got = set_blas_threads(threads)
@@ -167,9 +182,6 @@ def _blas_threads(threads: int):
 
 def measure_centralized(preset, inputs, repeats: int, minibatch: bool = False) -> dict[int, dict]:
     """Centralized seed epochs (or default steps) per BLAS thread count: {threads: medians}."""
-    from enshuffle.coordinator.training import Trainer
-    from enshuffle.model import LocalCompute
-
     out = {}
     for threads in CENTRAL_THREADS:
         with _blas_threads(threads) as got:
@@ -192,30 +204,21 @@ def _threads_text(threads: int) -> str:
 
 # -- the coordinator in this process, node processes on loopback ---------------------------------
 def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool = False,
-                 disguise: str = "share") -> dict[str, float]:
+                 disguise: str = "share", offload: str = "matmul") -> dict[str, float]:
     """Medians per seed-preset epoch (or per default-preset step) of the counters, with `nodes`
     `enshuffle node --threads 1` processes; keys as `_snapshot`'s."""
-    from enshuffle.coordinator.admission import Admission
-    from enshuffle.coordinator.distributed import DistributedCompute
-    from enshuffle.coordinator.ledger import ExposureLedger
-    from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_threads, local_node_keys,
-                                           local_nodes_problem, spawn_local_nodes, stop_local_nodes)
-    from enshuffle.coordinator.server import CoordinatorServer
-    from enshuffle.coordinator.state import CoordinatorState
-    from enshuffle.coordinator.training import Trainer
-    from enshuffle.protocol.keys import load_or_create_identity
-    from enshuffle.protocol.messages import Channel
-
     Channel.clock = staticmethod(time.thread_time)  # CPU time: what the crypto costs this process
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp, coordinator_blas_threads():
         tmp = Path(tmp)
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
-        server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
+        server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(),
+                                   ExposureLedger(ledger_axes(preset.layers)),
                                    admission=Admission(auto=set(local_node_keys(tmp, nodes))))
         procs = spawn_local_nodes(server.endpoint, identity.fingerprint, nodes, tmp)
         try:
             compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), server.attach,
-                                         ledger=server.ledger, disguise=disguise, **inputs.source())
+                                         ledger=server.ledger, disguise=disguise, **inputs.source(),
+                                         layers=preset.layers, offload=offload, cost_model=default_cost_model())
             problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
             server.give_up = problem
             if not server.wait_for_nodes(nodes, give_up=problem):
@@ -237,15 +240,6 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
     one with every CPU's BLAS threads (the node's default), one with `--threads 1`. A product is
     an x_w1 batch: `rows` rows of the node's static block times a (columns x 128) matrix.
     Per node: round-trip milliseconds (median, p90, all)."""
-    from enshuffle.coordinator.admission import Admission
-    from enshuffle.coordinator.distributed import Batch, DistributedCompute, static_name
-    from enshuffle.coordinator.ledger import ExposureLedger
-    from enshuffle.coordinator.run import coordinator_blas_threads, local_nodes_problem, stop_local_nodes
-    from enshuffle.coordinator.server import CoordinatorServer
-    from enshuffle.coordinator.state import CoordinatorState
-    from enshuffle.model import HIDDEN
-    from enshuffle.protocol.keys import load_or_create_identity
-
     variants = {"default": [], "threads1": ["--threads", "1"]}
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-rt-") as tmp, coordinator_blas_threads():
         tmp = Path(tmp)
@@ -281,7 +275,7 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
                 name = static_name("train", shard)
                 static = server.static_arrays(shard)[name]
                 picked = rng.choice(static.shape[0], size=min(rows, static.shape[0]), replace=False)
-                b = rng.standard_normal((static.shape[1], HIDDEN)).astype(static.dtype)
+                b = rng.standard_normal((static.shape[1], NOTEBOOK_LAYERS[1])).astype(static.dtype)
                 return Batch(shard, "matmul", {"a_static": name, "transpose_a": False}, {"rows": picked, "b": b})
 
             for _ in range(warmup):  # statics go out with the first product
@@ -314,15 +308,12 @@ def _proc_counters(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), float(fields[7])
 
 
-def measure_daemon(args, epochs: int) -> dict[str, float]:
+def measure_daemon(data: str | None, limit: int | None, epochs: int) -> dict[str, float]:
     """`enshuffle coordinator --preset seed --epochs N` as a process, two `enshuffle node
     --threads 1` processes admitted by an --allow file. At each epoch line the coordinator
     prints, its CPU and minor faults are read from /proc: medians per epoch over epochs 2..N
     (the first carries start-up: data loading, statics, handshakes), so the figure is the
     marginal cost of one more epoch of the daemon, model-chain version included."""
-    from enshuffle.coordinator.run import local_node_keys, spawn_local_nodes, stop_local_nodes
-    from enshuffle.protocol.keys import fingerprint, load_or_create_identity
-
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-daemon-") as tmp:
         tmp = Path(tmp)
         home = tmp / "coordinator"
@@ -333,10 +324,10 @@ def measure_daemon(args, epochs: int) -> dict[str, float]:
         command = [sys.executable, "-m", "enshuffle", "coordinator", "--bind", f"tcp://127.0.0.1:{port}",
                    "--min-nodes", "2", "--allow", str(allow), "--out", str(tmp / "run"), "--preset", "seed",
                    "--epochs", str(epochs), "--json"]
-        if args.data:
-            command += ["--data", args.data]
-        if args.limit:
-            command += ["--limit", str(args.limit)]
+        if data:
+            command += ["--data", data]
+        if limit:
+            command += ["--limit", str(limit)]
         err_path = tmp / "coordinator.err"
         with open(err_path, "wb") as err:
             coordinator = subprocess.Popen(command, env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
@@ -539,20 +530,51 @@ def print_table(figures: Figures, settings: dict) -> None:
 
 
 # -- the command ----------------------------------------------------------------------------------
+def measure_cost_model(repeats: int) -> CostModel:
+    """`--offload auto`'s two figures on this machine, as CPU time of this thread:
+    - madd_ns: a centralized product's CPU per multiply-add, (128, 784) @ (784, 512) in float32
+      (the default preset's dtype and batch) with the BLAS threads as they are;
+    - ship_ns: what the coordinator spends per element it ships: a float32 block disguised (a row
+      and a column permutation, a power-of-two scale), sealed with ENS2's AES-256-GCM and opened
+      again (a result coming back costs the same)."""
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((128, 784)).astype(np.float32)
+    b = rng.standard_normal((784, 512)).astype(np.float32)
+    block = rng.standard_normal((512, 1024)).astype(np.float32)
+    sender, receiver = Channel(b"k" * 32, b"l" * 32), Channel(b"l" * 32, b"k" * 32)
+    madd, ship = [], []
+    for _ in range(max(3, repeats)):
+        t0 = time.thread_time()
+        for _ in range(20):
+            a @ b
+        madd.append((time.thread_time() - t0) / (20 * a.shape[0] * a.shape[1] * b.shape[1]))
+        t0 = time.thread_time()
+        sent = np.take(np.take(block, rng.permutation(block.shape[0]), axis=0), rng.permutation(block.shape[1]), axis=1)
+        sent *= np.float32(0.5)
+        receiver.open(sender.seal("RESULT", {"run_id": "r", "batch_id": "x", "seq": 1, "compute_seconds": 0.0},
+                                  {"c": sent}))
+        ship.append((time.thread_time() - t0) / block.size)
+    return CostModel(ship_ns=statistics.median(ship) * 1e9, madd_ns=statistics.median(madd) * 1e9,
+                     source="measured by enshuffle bench")
+
+
 def cmd_bench(args) -> int:
-    from dataclasses import replace
-
-    from enshuffle.coordinator.commands import eprint, load_inputs
-    from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
-    from enshuffle.coordinator.training import Trainer
-    from enshuffle.model import get_preset
-
     started = time.perf_counter()
     repeats = args.repeats
     k7_repeats = min(repeats, GROWTH_MAX_REPEATS)
     preset = replace(get_preset("seed"), epochs=10_000)
-    inputs = load_inputs(args, preset)
+    inputs = load_inputs(args.data, preset, args.limit)
     m: dict = {}
+
+    eprint("bench: the offload cost model (coordinator CPU per shipped element, centralized CPU per multiply-add)")
+    model = measure_cost_model(repeats)
+    m["cost_model"] = {"ship_ns": model.ship_ns, "madd_ns": model.madd_ns}
+    try:
+        model.save(cache_dir() / COST_MODEL_FILE)
+        eprint(f"bench: {model.ship_ns:.2f} ns per shipped element, {model.madd_ns:.4f} ns per multiply-add; "
+               f"kept in {cache_dir() / COST_MODEL_FILE} for --offload auto")
+    except OSError as exc:
+        eprint(f"bench: cannot keep the cost model in {cache_dir()}: {exc.strerror}")
 
     eprint("bench: plan build for 128x60000 @ 60000x784 over 7 nodes")
     m["plan_seconds"] = measure_plan(repeats)
@@ -569,9 +591,11 @@ def cmd_bench(args) -> int:
         m["inprocess_epoch"] = _medians(_epochs(Trainer(preset, inputs, compute), repeats))
     m["inprocess_threads"] = threads
 
-    mini = replace(get_preset("default"), epochs=10_000)
-    mini_inputs = load_inputs(args, mini)
-    eprint(f"bench: default preset (mini-batches of 128, float32): centralized steps, BLAS threads {CENTRAL_THREADS}")
+    # --layers / --hidden / --activation choose the network of the default-preset (per step) figures
+    mini = replace(get_preset("default", layers=network_layers(args), activation=args.activation), epochs=10_000)
+    mini_inputs = load_inputs(args.data, mini, args.limit)
+    eprint(f"bench: default preset ({mini.describe()}, mini-batches of 128, float32): centralized steps, "
+           f"BLAS threads {CENTRAL_THREADS}")
     m["centralized_step"] = measure_centralized(mini, mini_inputs, repeats, minibatch=True)
 
     if not args.skip_wire:
@@ -591,7 +615,7 @@ def cmd_bench(args) -> int:
             epochs = repeats + 1
             eprint(f"bench: `enshuffle coordinator` with 2 `enshuffle node --threads 1` processes, seed preset, "
                    f"{epochs} epochs")
-            m["daemon"] = measure_daemon(args, epochs)
+            m["daemon"] = measure_daemon(args.data, args.limit, epochs)
 
     settings = {"repeats": repeats, "k7_repeats": k7_repeats, "train_images": int(inputs.images["train"].shape[0]),
                 "round_trip_products": args.round_trips, "skip_wire": bool(args.skip_wire),

@@ -59,6 +59,10 @@ import numpy as np
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from enshuffle.errors import UsageError
+from enshuffle.protocol.keys import (KeyStoreError, enshuffle_home, fingerprint, key_path, load_or_create_identity,
+                                     normalize_fingerprint)
+
 try:  # only the writer locks; fcntl is absent on Windows, where one writer is assumed
     import fcntl
 except ImportError:  # pragma: no cover - not on this platform
@@ -69,7 +73,13 @@ SIGNING_PREFIX = b"enshuffle model version v1\x00"
 HEAD_LOG_PREFIX = b"enshuffle head log v1\x00"
 HEAD_LOG = "HEADS"
 SHORT = 12  # hex chars shown for an id
-EXPORT_NAMES = ("w1", "b1", "w2", "b2")
+EXPORT_NAMES = ("w1", "b1", "w2", "b2")  # at least; a deeper network adds w3, b3, ...
+
+
+def weight_arrays(arrays: dict) -> list[str]:
+    """The weight names a version holds, layer by layer: w1, b1, w2, b2, ... (no optimizer state)."""
+    layers = sorted({int(n[1:]) for n in arrays if n[:1] in "wb" and n[1:].isdigit()})
+    return [f"{kind}{l}" for l in layers for kind in ("w", "b")]
 _TMP_PREFIX = ".tmp-"
 _RECORD = "version.json"
 _ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -437,8 +447,6 @@ class Chain:
         if problem is not None:
             return VerifyReport(False, checked, None, problem)
         if expected_fingerprint is not None and run_key is not None:
-            from enshuffle.protocol.keys import fingerprint
-
             signed_by = fingerprint(bytes.fromhex(run_key))
             if signed_by != expected_fingerprint:
                 return VerifyReport(False, checked, None,
@@ -652,8 +660,6 @@ def _record_shape_problem(record) -> str | None:
 # ----- command-line handlers (`enshuffle chain ...`)
 
 def _open_for_cli(run_dir: str) -> Chain:
-    from enshuffle.errors import UsageError
-
     path = Path(run_dir)
     if not path.is_dir():
         raise UsageError(f"run directory {run_dir} does not exist; give the RUN_DIR a coordinator wrote (--out)")
@@ -679,8 +685,6 @@ def _log_line(info: VersionInfo) -> str:
 
 def cmd_log(args) -> int:
     """`enshuffle chain log RUN_DIR [--json]`: the versions, newest first."""
-    from enshuffle.errors import UsageError
-
     chain = _open_for_cli(args.run_dir)
     try:
         versions = chain.versions()
@@ -701,8 +705,6 @@ def cmd_log(args) -> int:
 
 def _this_machines_coordinator() -> tuple[str | None, Path]:
     """(fingerprint of this machine's coordinator key or None, its home). Never creates a key."""
-    from enshuffle.protocol.keys import KeyStoreError, enshuffle_home, key_path, load_or_create_identity
-
     home = enshuffle_home()
     if not key_path("coordinator", home).is_file():
         return None, home
@@ -715,9 +717,6 @@ def _this_machines_coordinator() -> tuple[str | None, Path]:
 def cmd_verify(args) -> int:
     """`enshuffle chain verify RUN_DIR [--key FP]`: 0 and 'ok: N versions verified, signed by ...', or 1
     naming what is wrong: a bad version, a rolled-back head, or a signing key that is not the expected one."""
-    from enshuffle.errors import UsageError
-    from enshuffle.protocol.keys import KeyStoreError, fingerprint, normalize_fingerprint
-
     chain = _open_for_cli(args.run_dir)
     home = None
     if getattr(args, "key", None):
@@ -754,9 +753,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """`enshuffle chain export RUN_DIR [--version ID] --npz FILE`: write w1, b1, w2, b2 as a plain .npz."""
-    from enshuffle.errors import UsageError
-
+    """`enshuffle chain export RUN_DIR [--version ID] --npz FILE`: write w1, b1, w2, b2, ... as a plain .npz."""
     chain = _open_for_cli(args.run_dir)
     try:
         version_id = chain.resolve(args.version) if args.version else chain.head()
@@ -768,7 +765,8 @@ def cmd_export(args) -> int:
         return 1
     except ChainError as exc:
         raise UsageError(str(exc)) from None
-    missing = [n for n in EXPORT_NAMES if n not in arrays]
+    names = weight_arrays(arrays)
+    missing = [n for n in (*EXPORT_NAMES, *names) if n not in arrays]
     if missing:
         raise UsageError(f"version {short(version_id)} has no {', '.join(missing)}; it holds {', '.join(sorted(arrays))}")
     target = Path(args.npz)
@@ -781,7 +779,7 @@ def cmd_export(args) -> int:
     tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as fh:  # a file object, so numpy does not append ".npz" to the name
-            np.savez(fh, **{n: arrays[n] for n in EXPORT_NAMES})
+            np.savez(fh, **{n: arrays[n] for n in names})
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -789,5 +787,5 @@ def cmd_export(args) -> int:
         raise UsageError(f"cannot write {args.npz}: {exc.strerror}; choose a writable path") from None
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"wrote {', '.join(EXPORT_NAMES)} of version {short(version_id)} to {target}")
+    print(f"wrote {', '.join(names)} of version {short(version_id)} to {target}")
     return 0

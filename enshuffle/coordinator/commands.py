@@ -1,67 +1,67 @@
-"""`enshuffle train` and `enshuffle coordinator`: set up a run, drive the trainer, report.
+"""`enshuffle train` and `enshuffle coordinator`: set up a run from the command line, drive it.
 
-Output contract: human lines on stdout (one per epoch, then the exposure table), or with
-`--json` one JSON object per epoch and a last one holding the exposure ledger. Progress
-and diagnostics go to stderr so stdout stays machine-readable.
+The command layer: argparse's Namespace is read here and nowhere below; the run gets a
+`RunSettings`. What is printed, and the output contract, is in `report`.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import time
+import os
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
+import zmq
 
-from enshuffle.errors import UsageError
 from enshuffle.coordinator.addresses import PLACEHOLDER
+from enshuffle.coordinator.admission import Admission
+from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
+from enshuffle.coordinator.ledger import privacy_notes
+from enshuffle.coordinator.offload import default_cost_model, refuse_all
+from enshuffle.coordinator.report import eprint, listen_text, report_epoch, report_ledger, save_weights
+from enshuffle.coordinator.run import (CoordinatorRun, default_run_dir, load_run_settings, run_headless,
+                                       run_local_cluster, run_with_tui)
+from enshuffle.coordinator.settings import RunSettings
+from enshuffle.coordinator.training import Trainer, prepare
+from enshuffle.dataset import DataError, load_bundled_subset, load_dataset
+from enshuffle.errors import UsageError
+from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS, PRESETS, LocalCompute, get_preset
+from enshuffle.protocol.keys import enshuffle_home
 
 
-def eprint(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
-
-
-def load_inputs(args, preset):
-    from enshuffle.coordinator.training import prepare
-    from enshuffle.dataset import DataError, load_dataset
-
+def load_inputs(data: str | None, preset, limit: int | None = None):
+    """The training and test sets from `data` (--data: a directory, "bundled", or None to search)."""
     try:
-        if args.data == "bundled":  # the explicit choice of the subset shipped in the package
-            from enshuffle.dataset import load_bundled_subset
-
+        if data == "bundled":  # the explicit choice of the subset shipped in the package
             dataset = load_bundled_subset()
             eprint(f"data: {dataset.describe()}")
         else:
-            dataset = load_dataset(args.data, log=eprint)
+            dataset = load_dataset(data, log=eprint)
     except DataError as exc:
         raise UsageError(str(exc)) from None
-    return prepare(dataset, preset, getattr(args, "limit", None))
+    return prepare(dataset, preset, limit)
+
+
+def network_layers(args) -> tuple[int, ...] | None:
+    """--layers, or --hidden with the pixels and classes around it; None: the preset's network."""
+    if getattr(args, "layers", None):
+        return tuple(args.layers)
+    if getattr(args, "hidden", None):
+        return (INPUTS, *args.hidden, CLASSES)
+    return None
 
 
 def preset_from_args(args):
-    from dataclasses import replace
-
-    from enshuffle.model import PRESETS, get_preset
-
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    preset = get_preset(args.preset, epochs=args.epochs, dtype=args.dtype)
+    try:
+        preset = get_preset(args.preset, epochs=args.epochs, dtype=args.dtype, layers=network_layers(args),
+                            activation=getattr(args, "activation", None))
+    except ValueError as exc:
+        raise UsageError(f"--layers: {exc}") from None
     if getattr(args, "seed", None) is not None:
         preset = replace(preset, seed=args.seed)
     return preset
-
-
-def format_epoch(report, total: int) -> str:
-    return (f"epoch {report.epoch:>3}/{total}  cost {report.cost:.6f}  train acc {report.train_accuracy:.4f}"
-            f"  test acc {report.test_accuracy:.4f}  {report.seconds:.2f} s")
-
-
-def save_weights(path: str, params: dict[str, np.ndarray]) -> None:
-    try:
-        with open(path, "wb") as fh:
-            np.savez(fh, **{k: params[k] for k in ("w1", "b1", "w2", "b2")})
-    except OSError as exc:
-        raise UsageError(f"cannot write weights to {path}: {exc.strerror}; choose a writable path") from None
 
 
 def check_weights_path(args) -> None:
@@ -69,9 +69,6 @@ def check_weights_path(args) -> None:
     path = getattr(args, "save_weights", None)
     if not path:
         return
-    import os
-    from pathlib import Path
-
     target = Path(path)
     if target.is_dir():
         raise UsageError(f"--save-weights {path} is a directory; give a file name such as {target / 'model.npz'}")
@@ -90,23 +87,18 @@ def check_weights_path(args) -> None:
         raise UsageError(f"--save-weights {path}: cannot write there ({exc.strerror}); choose a writable path") from None
 
 
-def report_epoch(report, args, total: int) -> None:
-    if args.json:
-        print(json.dumps({"type": "epoch", **report.as_dict()}), flush=True)
-    else:
-        print(format_epoch(report, total), flush=True)
-
-
-def report_ledger(ledger, args, extra: dict | None = None, notes: list[str] | None = None) -> None:
-    if args.json:
-        print(json.dumps({"type": "ledger", "ledger": ledger.shares(), "forms": ledger.forms(), "notes": notes or [],
-                          **(extra or {})}), flush=True)
-    else:
-        print()
-        print("Exposure ledger: share of each kind of information each node has received, and in what form")
-        print(ledger.table())
-        for note in notes or []:
-            print(f"- {note}")
+def run_settings(args):
+    """The run's typed settings from the command line (the Namespace goes no further)."""
+    try:
+        refuse_all(args.offload)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return RunSettings(offload=args.offload, limit=getattr(args, "limit", None),
+                       disguise=getattr(args, "disguise", None) or "share",
+                       max_exposure=getattr(args, "max_exposure", None),
+                       replicate=bool(getattr(args, "replicate", False)),
+                       quarantine_after=getattr(args, "quarantine_after", None),
+                       save_weights=getattr(args, "save_weights", None), json=bool(args.json))
 
 
 def cmd_train(args) -> int:
@@ -121,51 +113,47 @@ def cmd_train(args) -> int:
                              "processes (--nodes K >= 1, without --in-process)")
         args.nodes = apply_resume_settings(args, "train")
     check_weights_path(args)
+    run_settings(args)  # a refused --offload is told before the data is loaded
     preset = preset_from_args(args)
-    inputs = load_inputs(args, preset)
+    inputs = load_inputs(args.data, preset, args.limit)
     if args.nodes == 0:
-        from enshuffle.model import LocalCompute
-
         compute, ledger = LocalCompute(inputs.images), None
-        eprint(f"train: centralized reference, preset {preset.name}, {preset.dtype}")
+        eprint(f"train: centralized reference, preset {preset.name}, {preset.describe()}, {preset.dtype}")
     elif args.in_process:
-        from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
-
         # Partitions and disguises from OS entropy: never from a seed a node could know.
+        settings = run_settings(args)
         compute = DistributedCompute(inputs.images, args.nodes, np.random.default_rng(), InProcessExecutor,
-                                     **inputs.source())
+                                     **inputs.source(), layers=preset.layers, offload=settings.offload,
+                                     cost_model=default_cost_model())
         ledger = compute.ledger
-        eprint(f"train: {args.nodes} in-process nodes, preset {preset.name}, {preset.dtype}, offload {args.offload}")
+        eprint(f"train: {args.nodes} in-process nodes, preset {preset.name}, {preset.describe()}, {preset.dtype}, "
+               f"offload {args.offload}")
+        for line in compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
+            eprint(f"train: {line}")
     else:
-        from enshuffle.coordinator.run import run_local_cluster
+        return run_local_cluster(run_settings(args), preset, inputs, nodes=args.nodes, run_dir=args.out,
+                                 resume=bool(getattr(args, "resume", False)),
+                                 verbose=bool(getattr(args, "verbose", False)), tui=bool(args.tui))
+    return drive(run_settings(args), preset, inputs, compute, ledger)
 
-        return run_local_cluster(args, preset, inputs)
-    return drive(args, preset, inputs, compute, ledger)
 
-
-def drive(args, preset, inputs, compute, ledger) -> int:
+def drive(settings, preset, inputs, compute, ledger) -> int:
     """Run every epoch in this process, reporting each; returns the exit status."""
-    from enshuffle.coordinator.training import Trainer
-
     trainer = Trainer(preset, inputs, compute)
     while not trainer.finished:
         report = trainer.run_step()
         if report is not None:
-            report_epoch(report, args, preset.epochs)
+            report_epoch(report, settings.json, preset.epochs)
     if ledger is not None:
-        from enshuffle.coordinator.ledger import privacy_notes
-
-        report_ledger(ledger, args, notes=privacy_notes(preset, False))
-    if getattr(args, "save_weights", None):
-        save_weights(args.save_weights, trainer.params)
-        eprint(f"train: weights written to {args.save_weights}")
+        report_ledger(ledger, settings.json, notes=privacy_notes(preset, False))
+    if settings.save_weights:
+        save_weights(settings.save_weights, trainer.params)
+        eprint(f"train: weights written to {settings.save_weights}")
     return 0
 
 
 def check_bind(bind: str) -> None:
     """Refuse an address this machine cannot listen on (port taken, foreign address) up front."""
-    import zmq
-
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -179,29 +167,11 @@ def check_bind(bind: str) -> None:
         ctx.term()  # the port is free again when this returns
 
 
-def listen_text(endpoint: str) -> str:
-    """The bound endpoint as people write it: tcp://0.0.0.0:5555, not tcp://[::ffff:0.0.0.0]:5555."""
-    from enshuffle.coordinator.addresses import split_endpoint
-
-    host, port = split_endpoint(endpoint)
-    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-
-
-def join_commands(endpoint: str, fingerprint: str) -> list[str]:
-    """The `enshuffle node` command line(s) a volunteer runs, one per address of this machine."""
-    from enshuffle.coordinator.addresses import volunteer_addresses
-
-    return [f"enshuffle node --connect {address} --coordinator-key {fingerprint}"
-            for address in volunteer_addresses(endpoint)]
-
-
 def apply_resume_settings(args, who: str) -> int:
     """--resume: take the run's training settings from RUN_DIR/run.json; returns its shard count.
 
     A new --epochs is honoured (it is how a finished run is extended); the other training
     options are the run's, since the chain's versions only make sense with them."""
-    from enshuffle.coordinator.run import load_run_settings
-
     if not args.out:
         raise UsageError("--resume needs --out RUN_DIR naming the run to continue")
     settings = load_run_settings(args.out)
@@ -212,36 +182,40 @@ def apply_resume_settings(args, who: str) -> int:
     extended = f" (was {settings['epochs']})" if epochs != settings["epochs"] else ""
     args.preset, args.epochs, args.dtype = settings["preset"], epochs, settings["dtype"]
     args.offload, args.seed, args.limit = settings["offload"], settings["seed"], settings.get("limit")
+    # A run written before networks had a shape is the notebook's 784-128-10 sigmoid network.
+    args.layers, args.hidden = tuple(settings.get("layers") or NOTEBOOK_LAYERS), None
+    args.activation = settings.get("activation") or "sigmoid"
     shards = int(settings["shards"])
-    eprint(f"{who}: resuming {args.out} with its settings: preset {args.preset}, {args.epochs} epochs{extended}, "
+    layers = "-".join(map(str, args.layers))
+    eprint(f"{who}: resuming {args.out} with its settings: preset {args.preset}, {layers} {args.activation}, "
+           f"{args.epochs} epochs{extended}, "
            f"{args.dtype}, offload {args.offload}, {shards} shards (other training options are ignored)")
     return shards
 
 
 def cmd_coordinator(args) -> int:
     """`enshuffle coordinator`: listen for volunteers' nodes and train."""
-    from enshuffle.coordinator.run import CoordinatorRun, default_run_dir, load_run_settings
-
     run_dir = args.out
     shards = args.min_nodes
     if args.resume:
         shards = apply_resume_settings(args, "coordinator")
+    run_settings(args)  # a refused --offload is told before anything starts
     check_bind(args.bind)  # a taken port is told before minutes of data loading, not after
-    from enshuffle.coordinator.admission import Admission
-    from enshuffle.protocol.keys import enshuffle_home
-
     if args.open and args.allow:
         raise UsageError("--open admits every key, --allow FILE only the listed ones: choose one")
     admission = Admission(allow_file=args.allow, open_=args.open, home=enshuffle_home())
     preset = preset_from_args(args)
-    inputs = load_inputs(args, preset)
+    inputs = load_inputs(args.data, preset, args.limit)
     try:
-        run = CoordinatorRun(args, preset, inputs, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
+        run = CoordinatorRun(run_settings(args), preset, inputs, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
                              run_dir=run_dir or default_run_dir(), resume=args.resume,
                              checkpoint_every=args.checkpoint_every, admission=admission)
     except OSError as exc:
         raise UsageError(str(exc)) from None
     commands = run.state.join_commands
+    eprint(f"coordinator: network {preset.describe()}, preset {preset.name}, {preset.dtype}")
+    for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
+        eprint(f"coordinator: {line}")
     eprint(f"coordinator: listening on {listen_text(run.server.endpoint)}, run {run.server.run_id}, "
            f"model chain in {run.run_dir}")
     eprint(f"coordinator: fingerprint {run.identity.fingerprint}")
@@ -258,7 +232,5 @@ def cmd_coordinator(args) -> int:
     elif "127.0.0.1" in commands[0] or "[::1]" in commands[0]:
         eprint("  (a loopback address: only nodes on this machine can connect; bind tcp://0.0.0.0:PORT "
                "for others)")
-
-    from enshuffle.coordinator.run import run_headless, run_with_tui
 
     return run_with_tui(run) if args.tui else run_headless(run)

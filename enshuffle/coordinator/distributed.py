@@ -43,16 +43,28 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from enshuffle.coordinator.ledger import HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger
+from enshuffle.coordinator.ledger import (HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger, activation_kind,
+                                          delta_kind, ledger_axes)
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
-from enshuffle.model import HIDDEN, INPUTS
+from enshuffle.coordinator.offload import CostModel, decide, plan_lines, refuse_all, step_plan
+from enshuffle.kernels import compute_batch
+from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, sigmoid
 
 DISGUISES = ("share", "shuffle")
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
 NOISE_SCALE = 1.0  # std of each noise element, in units of a normalized pixel's root mean square
 MIX_GROUP = 32  # mixing blocks: 32x32 dense, so mixing costs 32 multiply-adds per element
 SOURCE_CHUNK_ROWS = 512  # rows of raw pixels converted to float64 at a time (fits in cache)
+# Hidden-to-hidden layers (docs/design.md, "Hidden layers"): each batch's block of input units is
+# mixed with a fresh secret block-diagonal matrix of HIDDEN_MIX_GROUP and carries fresh noise of
+# rank HIDDEN_NOISE_RANK; the corrections cost the coordinator about (r + g) / b of the product.
+HIDDEN_NOISE_RANK = 8
+HIDDEN_MIX_GROUP = 8
+# No batch's operands, nor the memory its node needs for it (gathered rows and result), exceed
+# this: a larger product goes out as several batches of whole rows (docs/protocol.md section 7),
+# within every node's default --max-memory (at least 64 MiB) and far under the message limits.
+CHUNK_BYTES = 32 << 20
 DECOY_RANK = 2
 DECOY_GRAM_ROWS = 1024  # full batch: a class's principal directions are estimated from this many of its rows  # per class and batch: dz1's mean and this many principal directions move to other rows
 
@@ -66,9 +78,72 @@ class Batch:
     params: dict
     arrays: dict[str, np.ndarray]
     exposure: list[tuple] = field(default_factory=list)
+    static_cols: int = 0  # columns of the static operand it names (for sizing chunks; not sent)
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
+
+
+def split_rows(batch: Batch, cap: int) -> tuple[list[Batch], list[tuple[str | None, int]]]:
+    """`batch` as batches each needing at most `cap` bytes (operands, gathered static rows and
+    result), and how their results make the whole one. (n, K) @ (K, m), the left operand's n rows:
+
+    - whole rows of the left operand: the result's rows ("stack"), or for a transposed product,
+      which contracts over those rows, partial sums ("sum");
+    - when b alone (or a transposed product's result) is too large, first groups of m columns,
+      whose results sit side by side.
+
+    Returns (batches, groups): one (how, count) per column group, in order; how is None when
+    the group is a single batch. A batch that fits comes back as ([batch], [(None, 1)])."""
+    arrays, transpose = batch.arrays, bool(batch.params.get("transpose_a"))
+    b = arrays["b"]
+    item = b.dtype.itemsize
+    if "a" in arrays:
+        n, k = arrays["a"].shape
+        per_row = k * item
+    else:
+        n = arrays["rows"].shape[0]
+        k = batch.static_cols if transpose else b.shape[0]
+        per_row = 2 * k * item + arrays["rows"].itemsize  # the index and the gathered row
+    m = b.shape[1]
+    if n * (per_row + m * item) + k * m * item <= cap:
+        return [batch], [(None, 1)]
+    # b (or the transposed result) takes at most half the budget: groups of columns
+    columns = max(1, min(m, (cap // 2) // max(1, k * item)))
+    rows = max(1, (cap - k * columns * item) // (per_row + columns * item))
+    out, groups = [], []
+    for c0 in range(0, m, columns):
+        cut = {name: (v[:, c0:c0 + columns] if name == "b" else v) for name, v in arrays.items()}
+        if n <= rows:
+            out.append(Batch(batch.shard, batch.op, batch.params, cut, batch.exposure, batch.static_cols))
+            groups.append((None, 1))
+            continue
+        count = 0
+        for lo in range(0, n, rows):
+            part = {name: (v[lo:lo + rows] if name in ("a", "rows") or (name == "b" and transpose) else v)
+                    for name, v in cut.items()}
+            out.append(Batch(batch.shard, batch.op, batch.params, part, batch.exposure, batch.static_cols))
+            count += 1
+        groups.append(("sum" if transpose else "stack", count))
+    return out, groups
+
+
+def combine(results: list[np.ndarray], groups: list[tuple[str | None, int]]) -> np.ndarray:
+    """The whole result from `split_rows`'s pieces' results."""
+    columns, at = [], 0
+    for how, count in groups:
+        parts = results[at:at + count]
+        at += count
+        if how is None:
+            columns.append(parts[0])
+        elif how == "stack":
+            columns.append(np.concatenate(parts, axis=0))
+        else:
+            total = np.array(parts[0], dtype=np.float64)
+            for part in parts[1:]:
+                total += part
+            columns.append(total)
+    return columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
 
 
 class Executor(Protocol):
@@ -124,6 +199,13 @@ class BlockMix:
         """(K, m) -> M^-1 @ w."""
         return self._left(self._inv, self.inverses[-1] if self.full < w.shape[0] else None, w)
 
+    def right_transposed(self, x: np.ndarray) -> np.ndarray:
+        """(n, K) -> x @ M^T, block by block (undoes a node's d @ (M^-1 w)^T = d w^T M^-T)."""
+        out = np.empty(x.shape, dtype=np.float64)
+        for (lo, hi), m in zip(self.bounds, self.blocks):
+            np.matmul(x[:, lo:hi], m.T, out=out[:, lo:hi])
+        return out
+
     def inverse_transposed_left(self, r: np.ndarray) -> np.ndarray:
         """(K, m) -> M^-T @ r: undoes a node's (x M)^T @ d = M^T (x^T d)."""
         return self._left(self._inv_t, self.inverses[-1].T if self.full < r.shape[0] else None, r)
@@ -161,14 +243,24 @@ class DistributedCompute:
                  executor_factory: Callable[["DistributedCompute"], Executor], *, disguise: str = "share",
                  ledger: ExposureLedger | None = None, disguise_rng: np.random.Generator | None = None,
                  offload: str = "matmul", raw: dict[str, np.ndarray] | None = None,
-                 affine: tuple[np.ndarray, np.ndarray] | None = None):
+                 affine: tuple[np.ndarray, np.ndarray] | None = None, hidden: int | None = None,
+                 layers: tuple[int, ...] | None = None, cost_model: CostModel | None = None,
+                 chunk_bytes: int = CHUNK_BYTES):
         if shards < 1:
             raise ValueError("need at least one shard")
         if disguise not in DISGUISES:
             raise ValueError(f"disguise must be one of {', '.join(DISGUISES)}")
-        if offload != "matmul":
-            raise ValueError("only matrix products are offloaded (elementwise offload was retired: it leaked labels)")
+        refuse_all(offload)
+        self.offload = offload  # "matmul": ship every product that can go; "auto": only where it pays
+        self.cost_model = cost_model or CostModel()
         self.images = images
+        self.chunk_bytes = int(chunk_bytes)
+        # The network: its first hidden width sizes w1's products; its hidden-to-hidden layers
+        # (2 .. L-1) are distributed too. `hidden` alone means 784-hidden-10.
+        if layers is None:
+            layers = (INPUTS, int(hidden or NOTEBOOK_LAYERS[1]), NOTEBOOK_LAYERS[-1])
+        self.layers = tuple(int(n) for n in layers)
+        self.hidden = self.layers[1]  # w1's columns: the first hidden layer's width
         self.k = shards
         self.disguise = disguise
         # Two secrets: `rng` draws the run's partitions, noise and mixings (a resumed run must
@@ -176,7 +268,7 @@ class DistributedCompute:
         # per-batch disguises come from fresh OS entropy unless a test passes its own generator.
         # Neither may come from a public seed: a node could replay the draws and undo them.
         self.rng = disguise_rng if disguise_rng is not None else np.random.default_rng()
-        self.ledger = ledger if ledger is not None else ExposureLedger()
+        self.ledger = ledger if ledger is not None else ExposureLedger(ledger_axes(self.layers))
         # "share" works on raw pixels when it has them (images = raw * alpha + beta, applied here).
         self.source = raw if (raw is not None and affine is not None and disguise == "share") else images
         if self.source is not images:
@@ -222,6 +314,14 @@ class DistributedCompute:
                     corrections[:NOISE_RANK, st.pixels] = st.loadings[which] * self._w_scale[st.pixels, 0]
             corrections[NOISE_RANK] = self.beta
         self._full_support: np.ndarray | None = None
+        # Hidden-to-hidden layer l (2 .. L-1) contracts over layer l-1's units: k secret blocks of
+        # them, drawn after every other secret (so a 2-layer run's draws are unchanged). A layer
+        # with fewer units than slots stays here.
+        self.unit_blocks: dict[int, list[np.ndarray]] = {}
+        for layer in range(2, len(self.layers) - 1):
+            if self.layers[layer - 1] >= shards:
+                self.unit_blocks[layer] = balanced_blocks(self.layers[layer - 1], shards, rng)
+        self._hidden_secrets: dict[int, tuple] = {}  # layer -> the forward's secrets, for its backward
         self.round_trips = 0  # executor.run calls: each is one round trip to every slot's node
         self.executor = executor_factory(self)
 
@@ -262,8 +362,22 @@ class DistributedCompute:
 
     def slot_exposure(self, shard: int) -> list[tuple]:
         """Everything a node learns by serving slot `shard` for a run (the exposure bound's unit)."""
-        return self.static_exposure(shard) + [("w1", self.pixel_blocks[shard], self._form()),
-                                              ("deltas", np.arange(HIDDEN), POSITIONS_HIDDEN)]
+        out = self.static_exposure(shard) + [("w1", self.pixel_blocks[shard], self._form()),
+                                             ("deltas", np.arange(self.hidden), POSITIONS_HIDDEN)]
+        for layer in self.unit_blocks:
+            out += self._layer_exposure(layer, shard, backward=True)
+        return out
+
+    def _layer_exposure(self, layer: int, shard: int, backward: bool) -> list[tuple]:
+        """What one batch of hidden layer `layer` tells slot `shard`'s node: its block of the
+        input units (mixed, with noise) and of w{layer}'s rows (mixed); backward also the
+        layer's deltas (every unit, shuffled and power-of-two scaled)."""
+        block = self.unit_blocks[layer][shard]
+        out = [(activation_kind(layer - 1), block, HIDDEN_VALUES), (f"w{layer}", block, HIDDEN_VALUES),
+               ("samples", [0], POSITIONS_HIDDEN)]
+        if backward:
+            out.append((delta_kind(layer), np.arange(self.layers[layer]), POSITIONS_HIDDEN))
+        return out
 
     def audit_truth(self, shard: int) -> dict:
         """Ground truth for `enshuffle audit`'s scorer (never sent anywhere), per static of the
@@ -282,43 +396,91 @@ class DistributedCompute:
                                           "column_pixel": column_pixel, "which": w}
         return out
 
-    def _send(self, batches) -> list:
+    def _send(self, batches) -> tuple[list, list]:
         """Start one round trip: every batch `batches` yields goes out as soon as it is built (if
         the executor can `submit`), so a node computes while the next slot's batch is prepared
-        and while the caller does its own share of the product; `_receive` waits for the results."""
+        and while the caller does its own share of the product; `_receive` waits for the results.
+        A batch larger than `chunk_bytes` goes as several (`split_rows`)."""
         self.round_trips += 1
+        pieces: list[list[tuple[str | None, int]]] = []  # per batch: how its chunks' results combine
+
+        def chunks():
+            for batch in batches:
+                parts, groups = split_rows(batch, self.chunk_bytes)
+                pieces.append(groups)
+                yield from parts
+                self._keepalive()  # building the next slot's batch of a wide layer takes a while
+
         submit = getattr(self.executor, "submit", None)
         if submit is None:
-            return [("run", list(batches))]
+            return [("run", list(chunks()))], pieces
         handles = []
         try:
-            for batch in batches:
+            for batch in chunks():
                 handles.append(submit(batch))
         except BaseException:
             self.executor.forget(handles)
             raise
-        return handles
+        return handles, pieces
 
-    def _receive(self, handles: list) -> list[np.ndarray]:
+    def _receive(self, sent: tuple[list, list]) -> list[np.ndarray]:
+        handles, pieces = sent
         if len(handles) == 1 and isinstance(handles[0], tuple) and handles[0][0] == "run":
-            return self.executor.run(handles[0][1])
-        return self.executor.collect(handles)
+            results = self.executor.run(handles[0][1])
+        else:
+            results = self.executor.collect(handles)
+            self._keepalive()
+        out, at = [], 0
+        for groups in pieces:
+            count = sum(c for _, c in groups)
+            out.append(combine(results[at:at + count], groups))
+            at += count
+        return out
+
+    def _keepalive(self) -> None:
+        """Let a networked executor service its socket (heartbeats) between long stretches of the
+        coordinator's own work: a node calls its coordinator lost after 3 s without a message."""
+        pump = getattr(self.executor, "pump", None)
+        if pump is not None:
+            pump(timeout_ms=0)
 
     def _rows(self, which: str, idx: np.ndarray | None) -> np.ndarray:
         return np.arange(self.images[which].shape[0]) if idx is None else np.asarray(idx)
 
     # -- the two products that go out -------------------------------------------------
+    def ships(self, name: str, b: int, n: int, m: int) -> bool:
+        """Does product `name` ((b,n) by (n,m) or its transposes) go to the nodes? (offload.py)"""
+        return decide(name, b, n, m, self.k, self.offload, self.cost_model).ship
+
+    def plan(self, batch: int) -> list:
+        """The offload plan of one training step of `batch` rows (offload.step_plan)."""
+        return step_plan((self._active_pixels(), *self.layers[1:]), batch, self.k, self.offload,
+                         self.cost_model, set(self.unit_blocks))
+
+    def plan_lines(self, batch: int) -> list[str]:
+        """The plan as printed at start."""
+        return plan_lines(self.plan(batch), self.cost_model, self.offload, batch)
+
+    def _active_pixels(self) -> int:
+        return sum(len(block) for block in self.pixel_blocks)
+
     def x_w1(self, which: str, idx, w1: np.ndarray) -> np.ndarray:
-        """X[idx] @ w1, contraction over pixels: each slot multiplies its static block."""
+        """X[idx] @ w1, contraction over pixels: each slot multiplies its static block (or, when
+        shipping does not pay, computed here as the centralized run does)."""
+        if not self.ships("x_w1", self.images[which].shape[0] if idx is None else len(idx),
+                          self._active_pixels(), w1.shape[1]):
+            x = self.images[which] if idx is None else self.images[which][idx]
+            return x @ w1
         idx = self._rows(which, idx)
         share = self.disguise == "share"
         n = idx.shape[0]
+        width = w1.shape[1]
         if share:
-            scaled = w1 * self._w_scale  # D alpha w1, (784, 128) float64
+            scaled = w1 * self._w_scale  # D alpha w1, (784, h1) float64
         # This step's column disguise (hidden units' order and power-of-two scales) is one for all
         # slots, so their results add up in it and are un-permuted once; each slot's row order is
         # its own (docs/design.md, "Collusion").
-        cols, col_exp = self.rng.permutation(HIDDEN), random_exponents(HIDDEN, self.rng, True)
+        cols, col_exp = self.rng.permutation(width), random_exponents(width, self.rng, True)
         row_orders = []
 
         def batches():
@@ -354,10 +516,13 @@ class DistributedCompute:
         return total.astype(w1.dtype, copy=False)
 
     def dw1(self, idx, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-        """X[idx]^T @ dz1 -> (784, 128); slot s computes rows P_s from its static block.
+        """X[idx]^T @ dz1 -> (784, h1); slot s computes rows P_s from its static block.
 
         With the share disguise and `labels`, nodes receive dz1 with its class structure moved
         onto other rows (see `decoy`); the coordinator adds back what that changes."""
+        if not self.ships("dw1", dz1.shape[0], self._active_pixels(), dz1.shape[1]):
+            x = self.images["train"] if idx is None else self.images["train"][idx]
+            return x.T @ dz1
         idx = self._rows("train", idx)
         share = self.disguise == "share"
         moved = None
@@ -365,10 +530,11 @@ class DistributedCompute:
             exact = dz1
             dz1, delta, directions = self.decoy(dz1, np.asarray(labels))
             moved = (delta, directions)
-        out = np.zeros((INPUTS, HIDDEN), dtype=np.float64 if share else dz1.dtype)
+        width = dz1.shape[1]
+        out = np.zeros((INPUTS, width), dtype=np.float64 if share else dz1.dtype)
         # One column disguise for the step's slots (see x_w1), applied to dz1 once; each slot
         # gets its own contraction (sample) order.
-        cols, col_exp = self.rng.permutation(HIDDEN), random_exponents(HIDDEN, self.rng, True)
+        cols, col_exp = self.rng.permutation(width), random_exponents(width, self.rng, True)
         shuffled = np.take(dz1, cols, axis=1)
         shuffled *= pow2(col_exp, shuffled.dtype)[None, :]
         disguises = [Disguise(rows=np.arange(len(st.pixels)), cols=cols, row_exp=st.pixel_exp, col_exp=col_exp)
@@ -379,7 +545,8 @@ class DistributedCompute:
                 order = self.rng.permutation(idx.shape[0])  # the contraction (sample) order
                 yield Batch(s, "matmul", {"a_static": static_name("train", s), "transpose_a": True},
                             {"rows": st.row_index["train"][idx[order]], "b": np.take(shuffled, order, axis=0)},
-                            [("deltas", np.arange(HIDDEN), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)])
+                            [("deltas", np.arange(width), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)],
+                            static_cols=len(st.pixels))
 
         handles = self._send(batches())
         if not share:
@@ -496,22 +663,136 @@ class DistributedCompute:
         return np.any(np.take(x, idx, axis=0) != 0, axis=0)
 
     # -- the thin products and elementwise work stay here ---------------------------
-    def a1_w2(self, a1: np.ndarray, w2: np.ndarray) -> np.ndarray:
-        """(b,128) @ (128,10): label-adjacent and thin, computed here (never sent)."""
-        return a1 @ w2
+    # -- hidden-to-hidden layers: split over their input units ---------------------
+    def a_w(self, a: np.ndarray, w: np.ndarray, layer: int) -> np.ndarray:
+        """Layer `layer` >= 2 forward, a (b,n) @ w (n,m). The last layer's is label-adjacent and
+        thin: computed here. A hidden-to-hidden layer's goes to the nodes, slot s multiplying its
+        block Q_s of the n units: it receives (a[:,Q_s] + G H[:,Q_s]) M_s (rows shuffled) and
+        M_s^-1 w[Q_s] (columns shuffled, power-of-two scaled); the sum of the partials minus
+        G (H w) is a @ w."""
+        if layer not in self.unit_blocks or not self.ships(f"a_w{layer}", *a.shape, w.shape[1]):
+            return a @ w
+        noisy, g, h = self._noisy(a)
+        w64 = w.astype(np.float64, copy=False)
+        secrets = []
 
-    def dw2_da1(self, a1: np.ndarray, dz2: np.ndarray, w2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """a1^T @ dz2 and dz2 @ w2^T: they need dz2, which carries the labels; computed here."""
-        return a1.T @ dz2, dz2 @ w2.T
+        def batches():
+            for s, block in enumerate(self.unit_blocks[layer]):
+                mix = BlockMix(len(block), self.rng, group=HIDDEN_MIX_GROUP)
+                d = Disguise(rows=self.rng.permutation(a.shape[0]), cols=self.rng.permutation(w.shape[1]),
+                             col_exp=random_exponents(w.shape[1], self.rng, True))
+                a_s = mix.right(np.take(noisy, d.rows, axis=0)[:, block], a.dtype)
+                b_s = np.take(mix.inverse_left(w64[block]), d.cols, axis=1)
+                b_s *= pow2(d.col_exp, np.float64)[None, :]
+                secrets.append((block, mix))
+                d_list.append(d)
+                yield Batch(s, "matmul", {"transpose_a": False}, {"a": a_s, "b": b_s.astype(w.dtype)},
+                            self._layer_exposure(layer, s, backward=False))
 
-    def dw2(self, a1: np.ndarray, dz2: np.ndarray) -> np.ndarray:
-        return a1.T @ dz2
+        d_list: list[Disguise] = []
+        handles = self._send(batches())
+        correction = g @ (h @ w64)  # while the nodes compute
+        results = self._receive(handles)
+        total = -correction
+        for d, r in zip(d_list, results):
+            total += d.undo(np.asarray(r, dtype=np.float64))
+        self._hidden_secrets[layer] = (a, noisy, g, h, secrets)
+        return total.astype(w.dtype, copy=False)
 
-    def da1(self, dz2: np.ndarray, w2: np.ndarray) -> np.ndarray:
-        return dz2 @ w2.T
+    def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int,
+              labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Layer `layer` >= 2 backward: a^T @ dz (n,m) and dz @ w^T (b,n). The last layer's need
+        dz_L, which carries the labels: computed here. A hidden-to-hidden layer's go to the nodes,
+        slot s computing rows Q_s of the first and columns Q_s of the second from its forward
+        operands (the same mixing and noise) and dz (rows and units shuffled, power-of-two
+        scaled, and with `labels` its class structure moved onto other rows as dw1's dz1 is:
+        `decoy`); the coordinator removes M_s, the noise's share H[:,Q_s]^T (G^T dz) and the
+        decoys' (a^T delta) directions and delta (directions w^T)."""
+        kept = self._hidden_secrets.pop(layer, None)
+        if layer not in self.unit_blocks:
+            return a.T @ dz, dz @ w.T
+        ship_dw = self.ships(f"dw{layer}", a.shape[0], a.shape[1], dz.shape[1])
+        ship_da = self.ships(f"da{layer}", a.shape[0], a.shape[1], dz.shape[1])
+        if not (ship_dw or ship_da):
+            return a.T @ dz, dz @ w.T
+        if kept is None or kept[0] is not a:  # no forward of this batch kept: fresh secrets
+            noisy, g, h = self._noisy(a)
+            secrets = [(block, BlockMix(len(block), self.rng, group=HIDDEN_MIX_GROUP))
+                       for block in self.unit_blocks[layer]]
+        else:
+            _, noisy, g, h, secrets = kept
+        exact = dz
+        moved = None
+        if labels is not None and self.disguise == "share":
+            dz, delta, directions = self.decoy(dz, np.asarray(labels))
+            moved = (delta, directions)
+        dz64 = dz.astype(np.float64, copy=False)
+        w64 = w.astype(np.float64, copy=False)
+        n, m = a.shape[1], dz.shape[1]
+        disguises = []
+
+        def batches():
+            for s, (block, mix) in enumerate(secrets):
+                rows, cols = self.rng.permutation(dz.shape[0]), self.rng.permutation(m)
+                exp = random_exponents(m, self.rng, True)
+                a_s = mix.right(np.take(noisy, rows, axis=0)[:, block], a.dtype)
+                d_s = np.take(np.take(dz64, rows, axis=0), cols, axis=1) * pow2(exp, np.float64)[None, :]
+                wt_s = (np.take(mix.inverse_left(w64[block]), cols, axis=1) * pow2(-exp, np.float64)[None, :]).T
+                disguises.append((Disguise(rows=np.arange(len(block)), cols=cols, col_exp=exp),
+                                  Disguise(rows=rows, cols=np.arange(len(block)))))
+                exposure = self._layer_exposure(layer, s, backward=True)
+                d_s = d_s.astype(dz.dtype)
+                if ship_dw:
+                    yield Batch(s, "matmul", {"transpose_a": True}, {"a": a_s, "b": d_s}, exposure)
+                if ship_da:
+                    yield Batch(s, "matmul", {"transpose_a": False}, {"a": d_s, "b": wt_s.astype(w.dtype)},
+                                exposure)
+
+        handles = self._send(batches())
+        noise = g.T @ dz64 if ship_dw else None  # (r, m), while the nodes compute
+        local_dw = None if ship_dw else a.T @ exact
+        local_da = None if ship_da else exact @ w.T
+        undo_dw = undo_da = None
+        if moved is not None:  # what the decoy rows add to each product
+            delta, directions = moved
+            if ship_dw:
+                undo_dw = (a.astype(np.float64, copy=False).T @ delta) @ directions
+            if ship_da:
+                undo_da = delta @ (directions @ w64.T)
+        results = iter(self._receive(handles))
+        dw = np.empty((n, m))
+        da = np.empty((a.shape[0], n))
+        for (block, mix), (d_w, d_a) in zip(secrets, disguises):
+            if ship_dw:
+                part = mix.inverse_transposed_left(d_w.undo(np.asarray(next(results), dtype=np.float64)))
+                part -= h[:, block].T @ noise
+                dw[block] = part
+            if ship_da:
+                da[:, block] = mix.right_transposed(d_a.undo(np.asarray(next(results), dtype=np.float64)))
+        if undo_dw is not None:
+            dw -= undo_dw
+        if undo_da is not None:
+            da -= undo_da
+        if local_dw is not None:
+            return local_dw, da.astype(exact.dtype, copy=False)
+        if local_da is not None:
+            return dw.astype(exact.dtype, copy=False), local_da
+        return dw.astype(exact.dtype, copy=False), da.astype(exact.dtype, copy=False)
+
+    def _noisy(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a + G H, G, H) in float64: G (b, r) fresh per batch, H (r, n) fresh too, each unit's
+        noise at the unit's own root mean square in this batch (a unit that is zero throughout
+        gets noise of scale 1, so a dead unit does not show)."""
+        a64 = a.astype(np.float64, copy=False)
+        rms = np.sqrt(np.einsum("ij,ij->j", a64, a64) / max(a.shape[0], 1))
+        rms[rms == 0] = 1.0
+        g = self.rng.standard_normal((a.shape[0], HIDDEN_NOISE_RANK))
+        h = self.rng.standard_normal((HIDDEN_NOISE_RANK, a.shape[1])) * (rms * NOISE_SCALE / np.sqrt(HIDDEN_NOISE_RANK))
+        noisy = g @ h
+        noisy += a64
+        return noisy, g, h
 
     def sigmoid(self, z, tensor="activations"):
-        from enshuffle.model import sigmoid
         return sigmoid(z)
 
     def sub(self, a, b, tensor="activations"):
@@ -535,8 +816,6 @@ class InProcessExecutor:
     """
 
     def __init__(self, compute: DistributedCompute):
-        from enshuffle.node.compute import compute_batch
-
         self._compute_batch = compute_batch
         self.ledger = compute.ledger
         self.names = [f"node-{s + 1}" for s in range(compute.k)]

@@ -18,9 +18,14 @@ keeps the weakest *form* it arrived in:
 | labels       | classes (10)             | never                                                           |
 | outputs      | classes (10)             | never                                                           |
 | w1           | rows = pixels (784)      | w1 rows of its block, secretly mixed (hidden)                   |
-| w2           | rows = hidden units (128)| never                                                           |
-| activations  | hidden units (128)       | never                                                           |
+| w2           | rows = hidden units (128)| never (784-128-10); a deeper network's w2..w{L-1}: rows of its block, mixed (hidden) |
+| activations  | hidden units (128)       | never (784-128-10); a deeper network's: its block of units, mixed with noise (hidden) |
 | deltas       | hidden units (128)       | dz1, every unit, shuffled and power-of-two scaled               |
+
+A deeper network adds a kind per layer (`ledger_axes`): w3, ..., wL (rows = the layer's inputs),
+activations2, ... and deltas2, ... (hidden layer j's units). The last layer's weights and the
+activations that feed it never leave the coordinator; the deltas of hidden layer j >= 2 reach
+every node (positions hidden) when layer j is distributed.
 
 Images, w1 and w2 are the same tensor for the whole run (weights change value, not identity), so
 their share is cumulative: a node that takes over another's block shows it here. The other kinds
@@ -33,18 +38,33 @@ import threading
 
 import numpy as np
 
-from enshuffle.model import CLASSES, HIDDEN, INPUTS
+from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS
 
-AXES = {
-    "images": INPUTS,
-    "samples": 1,
-    "labels": CLASSES,
-    "outputs": CLASSES,
-    "w1": INPUTS,
-    "w2": HIDDEN,
-    "activations": HIDDEN,
-    "deltas": HIDDEN,
-}
+
+def activation_kind(hidden_layer: int) -> str:
+    """The ledger's name for hidden layer j's outputs: activations, activations2, ..."""
+    return "activations" if hidden_layer == 1 else f"activations{hidden_layer}"
+
+
+def delta_kind(hidden_layer: int) -> str:
+    """The ledger's name for hidden layer j's deltas dz_j: deltas, deltas2, ..."""
+    return "deltas" if hidden_layer == 1 else f"deltas{hidden_layer}"
+
+
+def ledger_axes(layers: int | tuple[int, ...] = NOTEBOOK_LAYERS) -> dict[str, int]:
+    """Each kind's axis length for a network of these layer widths (an int: 784-int-10), in the
+    table's order: every layer's weights (rows), then every hidden layer's activations and deltas.
+    784-128-10 gives the kinds the ledger has always had."""
+    if isinstance(layers, (int, np.integer)):
+        layers = (INPUTS, int(layers), CLASSES)
+    axes = {"images": INPUTS, "samples": 1, "labels": CLASSES, "outputs": CLASSES}
+    axes.update({f"w{l}": layers[l - 1] for l in range(1, len(layers))})
+    axes.update({activation_kind(j): layers[j] for j in range(1, len(layers) - 1)})
+    axes.update({delta_kind(j): layers[j] for j in range(1, len(layers) - 1)})
+    return axes
+
+
+AXES = ledger_axes()  # the kinds, in table order (axis lengths of the notebook's network)
 FORMS = ("values hidden", "positions hidden", "clear")  # weakest last
 HIDDEN_VALUES, POSITIONS_HIDDEN, CLEAR = 1, 2, 3  # stored per position; 0 = never received
 
@@ -52,7 +72,8 @@ HIDDEN_VALUES, POSITIONS_HIDDEN, CLEAR = 1, 2, 3  # stored per position; 0 = nev
 class ExposureLedger:
     """Thread-safe: the network thread records, presenters read `shares()` / `forms()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, axes: dict[str, int] | None = None) -> None:
+        self.axes = dict(axes or AXES)  # kind -> axis length (ledger_axes of the run's network)
         self._masks: dict[str, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
@@ -66,7 +87,7 @@ class ExposureLedger:
                 form = item[2] if len(item) > 2 else POSITIONS_HIDDEN
                 mask = masks.get(kind)
                 if mask is None:
-                    mask = masks[kind] = np.zeros(AXES[kind], dtype=np.uint8)
+                    mask = masks[kind] = np.zeros(self.axes[kind], dtype=np.uint8)
                 np.maximum.at(mask, np.asarray(positions, dtype=np.int64), np.uint8(form))
 
     def nodes(self) -> list[str]:
@@ -76,20 +97,20 @@ class ExposureLedger:
     def shares(self) -> dict[str, dict[str, float]]:
         """node -> kind -> share of elements seen (0..1) in any form; kinds never received are 0."""
         with self._lock:
-            return {node: {t: float(np.count_nonzero(masks[t]) / masks[t].size) if t in masks else 0.0 for t in AXES}
+            return {node: {t: float(np.count_nonzero(masks[t]) / masks[t].size) if t in masks else 0.0 for t in self.axes}
                     for node, masks in self._masks.items()}
 
     def forms(self) -> dict[str, dict[str, str]]:
         """node -> kind -> the weakest form it received (a FORMS entry), for kinds it received."""
         with self._lock:
-            return {node: {t: FORMS[int(m.max()) - 1] for t, m in masks.items() if t in AXES and m.max() > 0}
+            return {node: {t: FORMS[int(m.max()) - 1] for t, m in masks.items() if t in self.axes and m.max() > 0}
                     for node, masks in self._masks.items()}
 
     def node_shares(self, node: str) -> dict[str, float]:
         """One node's shares, only for kinds it has received (what a BATCH header announces)."""
         with self._lock:
             return {t: float(np.count_nonzero(m) / m.size) for t, m in self._masks.get(node, {}).items()
-                    if t in AXES}
+                    if t in self.axes}
 
     def positions(self, node: str, kind: str) -> np.ndarray:
         """Indices along the kind's axis that `node` has received (for tests and audits)."""
@@ -102,7 +123,7 @@ class ExposureLedger:
         with self._lock:
             current = {k: (m > 0) for k, m in self._masks.get(node, {}).items()}
         for item in exposure:
-            mask = current.setdefault(item[0], np.zeros(AXES[item[0]], dtype=bool))
+            mask = current.setdefault(item[0], np.zeros(self.axes[item[0]], dtype=bool))
             mask[np.asarray(item[1], dtype=np.int64)] = True
         return {k: float(m.mean()) for k, m in current.items()}
 
@@ -110,7 +131,7 @@ class ExposureLedger:
         """The ledger as a text table: one row per node, one column per kind (percent seen, and a
         letter for the weakest form: h values hidden, p positions hidden, c clear)."""
         shares, forms = self.shares(), self.forms()
-        kinds = kinds or tuple(AXES)
+        kinds = kinds or tuple(self.axes)
         width = max([len("node")] + [len(n) for n in shares])
         head = "node".ljust(width) + "".join(f"{t:>13}" for t in kinds)
         lines = [head, "-" * len(head)]
@@ -135,7 +156,7 @@ class ExposureLedger:
         with self._lock:
             for node, masks in data.items():
                 for kind, text in masks.items():
-                    size = AXES.get(kind)
+                    size = self.axes.get(kind)
                     if size is None or not isinstance(text, str):
                         continue
                     if text.startswith("v2:"):
@@ -165,6 +186,11 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
                  "classes (enshuffle audit measures how well)")
     notes.append("samples: a node knows which of its static rows a step uses and can follow a row across steps; "
                  "it cannot match a row to an image")
+    if getattr(preset, "depth", 2) > 2:
+        notes.append("hidden layers: for every hidden-to-hidden layer a node receives, each step, its block of the "
+                     "layer's input units (activations, mixed with fresh secret noise) and the matching rows of the "
+                     "layer's weights (mixed), and the layer's deltas (every unit, shuffled and scaled by powers of "
+                     "two, each class's structure moved onto decoy rows as for dz1); the last layer stays here")
     if bound_raised:
         notes.append("the operator raised the exposure bound (--max-exposure): a node may hold more than one block")
     return notes

@@ -16,17 +16,27 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from enshuffle.errors import UsageError
-from enshuffle.coordinator.commands import (eprint, join_commands, listen_text, report_epoch, report_ledger,
-                                            save_weights)
+from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
+from enshuffle.coordinator.addresses import volunteer_addresses
+from enshuffle.coordinator.admission import Admission
+from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home
 from enshuffle.coordinator.distributed import DistributedCompute
+from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
+from enshuffle.coordinator.offload import default_cost_model
+from enshuffle.coordinator.report import (eprint, join_commands, listen_text, report_epoch, report_ledger,
+                                            save_weights)
+from enshuffle.coordinator.server import CoordinatorServer, StepAbandoned, TrainingAborted
+from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
 from enshuffle.coordinator.training import Trainer
+from enshuffle.errors import UsageError
+from enshuffle.protocol.keys import enshuffle_home, fingerprint, load_or_create_identity
 
 
 
@@ -34,8 +44,6 @@ from enshuffle.coordinator.training import Trainer
 def coordinator_blas_threads(threads: int = 1):
     """BLAS threads for a coordinator that serves nodes: its own products are small
     matrix-vector checks, and idle OpenBLAS threads spin, burning CPU the nodes could use."""
-    from enshuffle.node.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
-
     try:
         before = get_blas_threads()
         set_blas_threads(threads)
@@ -56,15 +64,11 @@ def default_run_dir() -> str:
 
 
 class CoordinatorRun:
-    def __init__(self, args, preset, inputs, *, bind: str, shards: int, min_nodes: int,
+    def __init__(self, settings: RunSettings, preset, inputs, *, bind: str, shards: int, min_nodes: int,
                  run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
                  state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
                  home: Path | None = None, quiet: bool = False, admission=None):
-        from enshuffle.coordinator.chain import Chain, ChainError
-        from enshuffle.coordinator.server import CoordinatorServer
-        from enshuffle.protocol.keys import load_or_create_identity
-
-        self.args = args
+        self.settings = settings
         self.preset = preset
         self.inputs = inputs
         self.min_nodes = min_nodes
@@ -81,26 +85,28 @@ class CoordinatorRun:
         self.run_dir = Path(run_dir) if run_dir else None
         self.chain = Chain(self.run_dir, signer=self.identity) if self.run_dir else None
         self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
-                          "offload": args.offload, "seed": preset.seed, "limit": getattr(args, "limit", None),
-                          "shards": shards, "data": data_fingerprint(inputs)}
+                          "offload": settings.offload, "seed": preset.seed, "limit": settings.limit,
+                          "shards": shards, "data": data_fingerprint(inputs), "layers": list(preset.layers),
+                          "activation": preset.activation}
         self.admission = admission
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
-        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=_new_ledger(),
+        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=ExposureLedger(ledger_axes(preset.layers)),
                                         control=self.control, log=None if quiet else eprint, admission=admission,
-                                        max_exposure=getattr(args, "max_exposure", None))
+                                        max_exposure=settings.max_exposure)
         if self.run_dir:
             try:
                 self._check_run_dir(resume)
             except BaseException:
                 self.server.close("shutdown")
                 raise
-        self.server.replicate = bool(getattr(args, "replicate", False))
-        if getattr(args, "quarantine_after", None):
-            self.server.reputation.quarantine_after = args.quarantine_after
+        self.server.replicate = settings.replicate
+        if settings.quarantine_after:
+            self.server.reputation.quarantine_after = settings.quarantine_after
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
         self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
                                           ledger=self.server.ledger, **inputs.source(),
-                                          disguise=getattr(args, "disguise", None) or "share")
+                                          disguise=settings.disguise, layers=preset.layers,
+                                          offload=settings.offload, cost_model=default_cost_model())
         # Initial weights and sample order from the same secret: nothing public anchors the run.
         self.trainer = Trainer(preset, inputs, self.compute, secret=secret)
         with self.state.lock:
@@ -136,9 +142,6 @@ class CoordinatorRun:
             raise UsageError(f"{self.run_dir} already holds a model chain: continue it with --resume "
                              f"(and --epochs N to extend it), or choose a new --out")
         if resume:
-            from enshuffle.coordinator.chain import ChainError
-            from enshuffle.protocol.keys import fingerprint
-
             try:
                 key = self.chain.run_key() if (self.run_dir / "chain").exists() else None
             except ChainError as exc:
@@ -167,7 +170,10 @@ class CoordinatorRun:
             raise UsageError(f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
                              f"start without --resume")
         arrays, meta = self.chain.load(head)
-        self.trainer.restore(arrays, meta)
+        try:
+            self.trainer.restore(arrays, meta)
+        except ValueError as exc:
+            raise UsageError(f"cannot resume {self.run_dir} from version {head[:12]}: {exc}") from None
         if self.trainer.finished:
             raise UsageError(
                 f"{self.run_dir} has finished: its head version {head[:12]} is epoch {self.trainer.epoch} of "
@@ -204,8 +210,6 @@ class CoordinatorRun:
         self.control.readmit(None)  # the server logs whom
 
     def privacy_notes(self) -> list[str]:
-        from enshuffle.coordinator.ledger import privacy_notes
-
         return privacy_notes(self.preset, self.server.bound_raised, self.compute.disguise)
 
     def write_version(self, report=None) -> str | None:
@@ -225,9 +229,6 @@ class CoordinatorRun:
             "labels": {key.hex(): label for key, label in self.server.labels.items()},
         })
         version = self.chain.append(arrays, meta)
-        from enshuffle.coordinator.chain import record_head_in_home
-        from enshuffle.protocol.keys import enshuffle_home
-
         record_head_in_home(self.chain, self.home if self.home is not None else enshuffle_home())
         parent = self.state.versions[-1].version_id if self.state.versions else None
         with self.state.lock:
@@ -241,8 +242,6 @@ class CoordinatorRun:
             return self._run()
 
     def _run(self) -> int:
-        from enshuffle.coordinator.server import StepAbandoned, TrainingAborted
-
         try:
             if not self.server.wait_for_nodes(self.min_nodes, lambda: self.control.stop_requested,
                                               give_up=self.give_up):
@@ -272,7 +271,7 @@ class CoordinatorRun:
                     with self.state.lock:
                         self.state.epochs.append(EpochRow(**report.as_dict()))
                     if self.print_reports:
-                        report_epoch(report, self.args, self.preset.epochs)
+                        report_epoch(report, self.settings.json, self.preset.epochs)
                     self.write_version(report)
                 elif self.checkpoint_every and self._steps_since_version >= self.checkpoint_every:
                     self.write_version()
@@ -290,8 +289,8 @@ class CoordinatorRun:
             self._say_final(f"training aborted: {exc}")
             return self._end("aborted", 1)
         finished = self.trainer.finished
-        if getattr(self.args, "save_weights", None):
-            save_weights(self.args.save_weights, self.trainer.params)
+        if self.settings.save_weights:
+            save_weights(self.settings.save_weights, self.trainer.params)
         return self._end("finished" if finished else "stopped", 0 if finished else EXIT_INTERRUPTED)
 
     def _say_final(self, line: str) -> None:
@@ -304,7 +303,7 @@ class CoordinatorRun:
         """Every way a run ends: BYE to the nodes, the final figures, the state says `status`."""
         self.server.close("run-finished" if status == "finished" else "shutdown")
         if self.print_reports:
-            report_ledger(self.server.ledger, self.args,
+            report_ledger(self.server.ledger, self.settings.json,
                           {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received},
                           notes=self.privacy_notes())
             for line in self.summary_lines(status):
@@ -332,8 +331,8 @@ class CoordinatorRun:
                 lines.append(f"to continue: enshuffle {command} --out {self.run_dir} --resume")
         elif self.run_dir:
             lines.append(f"no model version was written to {self.run_dir}")
-        if getattr(self.args, "save_weights", None) and status == "finished":
-            lines.append(f"weights written to {self.args.save_weights}")
+        if self.settings.save_weights and status == "finished":
+            lines.append(f"weights written to {self.settings.save_weights}")
         return lines
 
     def _keep_completed_steps(self) -> None:
@@ -393,12 +392,6 @@ def plan_secret(run_dir: Path) -> int:
     return int(value, 16)
 
 
-def _new_ledger():
-    from enshuffle.coordinator.ledger import ExposureLedger
-
-    return ExposureLedger()
-
-
 def _version_row(version_id: str, parent_id: str | None, meta: dict) -> VersionRow:
     return VersionRow(version_id=version_id, parent_id=parent_id, epoch=int(meta.get("epoch", 0)),
                       step=int(meta.get("step", 0)),
@@ -435,8 +428,6 @@ def load_run_settings(run_dir: str) -> dict:
 def local_node_keys(workdir: Path, count: int, prefix: str = "local") -> list[bytes]:
     """Create the local nodes' keys up front (each in its own ENSHUFFLE_HOME, under its --name), so
     the coordinator admits exactly them and nobody else."""
-    from enshuffle.protocol.keys import load_or_create_identity
-
     keys = []
     for i in range(count):
         home = workdir / f"node-{i + 1}"
@@ -478,31 +469,30 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
             p.wait()
 
 
-def run_local_cluster(args, preset, inputs) -> int:
+def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
+                      resume: bool = False, verbose: bool = False, tui: bool = False) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
-    from enshuffle.coordinator.admission import Admission
-
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
         tmp = Path(tmp)
         # Only the local nodes this command starts are admitted: nothing to set up, nobody else joins.
-        admission = Admission(auto=set(local_node_keys(tmp, args.nodes)))
+        admission = Admission(auto=set(local_node_keys(tmp, nodes)))
         # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
         # which checks the key, can continue it; a throw-away run uses a throw-away key.
-        run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=args.nodes,
-                             min_nodes=args.nodes, run_dir=args.out, home=None if args.out else tmp / "coordinator",
-                             resume=getattr(args, "resume", False), quiet=not getattr(args, "verbose", False),
+        run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes,
+                             min_nodes=nodes, run_dir=run_dir, home=None if run_dir else tmp / "coordinator",
+                             resume=resume, quiet=not verbose,
                              admission=admission)
-        eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {args.nodes} local node processes, "
-               f"preset {preset.name}, {preset.dtype}, offload {args.offload}")
-        from enshuffle.coordinator.addresses import volunteer_addresses
-
-        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, args.nodes, tmp)
-        eprint(f"train: waiting for the {args.nodes} local node{'s' if args.nodes != 1 else ''} to connect "
+        eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
+               f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {settings.offload}")
+        for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
+            eprint(f"train: {line}")
+        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes, tmp)
+        eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
                f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
         run.local_nodes = True
         run.give_up = run.server.give_up = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
         try:
-            if getattr(args, "tui", False):
+            if tui:
                 return run_with_tui(run)
             return run_headless(run)
         finally:
@@ -557,8 +547,6 @@ def verify_chain_message(chain) -> tuple[bool, str]:
 def run_headless(run: CoordinatorRun) -> int:
     """Run in this thread; the first SIGINT/SIGTERM stops gracefully (the step finishes, a model
     version is written, nodes are told BYE), a second one interrupts at once."""
-    import signal
-
     def on_signal(signum, frame):
         if run.control.stop_requested:
             raise KeyboardInterrupt
@@ -581,9 +569,7 @@ def run_headless(run: CoordinatorRun) -> int:
 
 def run_with_tui(run: CoordinatorRun) -> int:
     """The console in the main thread, the run (which owns the socket) in a worker thread."""
-    import threading
-
-    from enshuffle.tui.coordinator_app import CoordinatorApp
+    from enshuffle.tui.coordinator_app import CoordinatorApp  # textual only on the --tui path
 
     status: dict = {}
 
@@ -611,8 +597,6 @@ def run_with_tui(run: CoordinatorRun) -> int:
         if not app.stopping:
             app.call_later(app.action_request_quit)
 
-    import signal
-
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: run.hangup())
     try:
@@ -631,7 +615,7 @@ def run_with_tui(run: CoordinatorRun) -> int:
         return 1
     # The console is gone: leave what it showed that matters on the terminal.
     run.print_reports = True
-    report_ledger(run.server.ledger, run.args,
+    report_ledger(run.server.ledger, run.settings.json,
                   {"bytes_sent": run.server.bytes_sent, "bytes_received": run.server.bytes_received})
     with run.state.lock:
         final = run.state.status

@@ -9,12 +9,13 @@ Shards and sessions: a run has k shards (node slots, fixed partitions of pixels 
 units). Each shard has one owner session. A session that ends (BYE, silence, a new HELLO with
 the same key) loses its shards at once to the least-loaded live session, which first receives
 the shard's static operands, and its outstanding batches are re-issued; new sessions take over
-shards only at a step boundary, so membership changes never split a step.
+shards only at a step boundary, so membership changes never split a step. Which node gets which
+shard or batch, under the exposure bound, is decided by `scheduling.Scheduler`; this module
+carries the decisions out over the socket.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -25,11 +26,11 @@ import numpy as np
 import zmq
 
 from enshuffle.coordinator.distributed import Batch
-from enshuffle.coordinator.ledger import AXES, ExposureLedger
+from enshuffle.coordinator.ledger import ExposureLedger
 from enshuffle.coordinator.reputation import Reputation
-
-BOUNDED = ("images", "w1")  # kinds whose share per node the bound limits (the rest: none, or every step's)
+from enshuffle.coordinator.scheduling import Scheduler
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, NodeRow
+from enshuffle.coordinator.verify import StaticNorms, check_matmul, check_replica
 from enshuffle.protocol.handshake import Pending, check_hello, make_challenge
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
 from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Channel, Limits, ProtocolError, decode, encode,
@@ -199,14 +200,12 @@ class CoordinatorServer:
         self.crypto_seconds = 0.0  # handshakes + sealing/opening: what `enshuffle bench` reports
         self._dirty = True  # something changed that the next pump() must act on at once
         self._swept_at = 0.0
-        self.owner: list[str | None] = []
         self.compute = None  # DistributedCompute, set by attach()
         self._statics: dict[int, dict[str, np.ndarray]] = {}
         self._seq = 0
         self._node_counter = 0
         self._batch_counter = 0
         self._tasks: dict[str, Task] = {}
-        self._waiting: deque[Task] = deque()  # tasks with no live session to go to
         self.step = 0
         self.finished = False
         self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0,
@@ -228,12 +227,27 @@ class CoordinatorServer:
         self._verify_rng = np.random.default_rng()
         self._static_norms: dict[str, object] = {}
         self.check_seconds = 0.0  # this thread's CPU in result checks (what `enshuffle bench` reports)
-        # The exposure bound (docs/design.md, "Privacy"): per bounded kind, the share a node may
-        # ever hold; by default one slot's block. A slot never moves to a node it would push over.
-        self.max_exposure = max_exposure
-        self.bound: dict[str, float] = {}
-        self.bound_raised = False
-        self._bound_blocked: set[int] = set()  # slots waiting for a node the bound allows
+        # Shard ownership and the exposure bound (docs/design.md, "Privacy"): per bounded kind, the
+        # share a node may ever hold; by default one slot's block. A slot never moves to a node it
+        # would push over.
+        self.scheduler = Scheduler(ledger, self.sessions, max_exposure=max_exposure, log=self.log,
+                                   changed=self._mark_dirty)
+
+    def _mark_dirty(self) -> None:
+        self._dirty = True
+
+    @property
+    def owner(self) -> list[str | None]:
+        """owner[shard]: the node id serving each shard, or None (read-only view for reports)."""
+        return self.scheduler.owner
+
+    @property
+    def bound(self) -> dict[str, float]:
+        return self.scheduler.bound
+
+    @property
+    def bound_raised(self) -> bool:
+        return self.scheduler.bound_raised
 
     # -- plumbing ---------------------------------------------------------------------
     def log(self, line: str) -> None:
@@ -243,42 +257,15 @@ class CoordinatorServer:
     def attach(self, compute) -> "CoordinatorServer":
         """Called by DistributedCompute as its executor factory."""
         self.compute = compute
-        self.owner = [None] * compute.k
-        probe = ExposureLedger()
-        for shard in range(compute.k):
-            probe.record(f"slot{shard}", compute.slot_exposure(shard))
-        shares = probe.shares().values()
-        for kind in BOUNDED:
-            default = max((sh[kind] for sh in shares), default=1.0)
-            self.bound[kind] = max(default, self.max_exposure or 0.0)
-            self.bound_raised |= self.bound[kind] > default + 1e-12
+        self.scheduler.attach(compute.k, compute.slot_exposure)
         with self.state.lock:
             self.state.exposure_bound = self.bound["images"]
             self.state.bound_raised = self.bound_raised
         return self
 
     def eligible(self, session: "Session", shard: int) -> bool:
-        """May `session` serve `shard`? Yes if it holds it already or if every bounded kind of
-        what it would then have seen (over the whole run, under its key) stays within the bound."""
-        if shard in session.shards_held:
-            return True
-        # What it has received, plus every slot it is already promised (owned, or with batches
-        # queued or leased to it) whose statics may not have gone out yet: a node given a re-issued
-        # batch of another slot first must not end up unable to serve its own.
-        promised = {s for s, owner in enumerate(self.owner) if owner == session.node_id}
-        promised.update(t.batch.shard for t in session.queue)
-        promised.update(t.batch.shard for t in session.outstanding.values())
-        promised.discard(shard)
-        exposure = list(self.compute.slot_exposure(shard))
-        for other in promised - session.shards_held:
-            exposure.extend(self.compute.slot_exposure(other))
-        would = self.ledger.would_hold(session.label, exposure)
-        return all(would.get(kind, 0.0) <= self.bound[kind] + 1e-9 for kind in BOUNDED)
-
-    def _blocked(self, shard: int, why: str) -> None:
-        if shard not in self._bound_blocked:
-            self._bound_blocked.add(shard)
-            self.log(f"exposure bound: block {shard} waits for a node: {why}")
+        """May `session` serve `shard` under the exposure bound? (`Scheduler.eligible`)"""
+        return self.scheduler.eligible(session, shard)
 
     def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
         arrays = self._statics.get(shard)
@@ -359,7 +346,7 @@ class CoordinatorServer:
         task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
                     work=batch_work(batch), shape=expected_shape(batch, static_cols))
         self._tasks[task.batch_id] = task
-        self._enqueue(task)
+        self.scheduler.enqueue(task)
         self._dirty = False
         self._dispatch()
         return task
@@ -376,9 +363,9 @@ class CoordinatorServer:
                 if self.control.stop_requested and not any(s.want > 0 for s in self.sessions.values()):
                     raise StepAbandoned("stop requested while no node is connected or every node has paused: "
                                         "the step cannot finish")
-                if self.give_up is not None and (not self.sessions or self._bound_blocked):
+                if self.give_up is not None and (not self.sessions or self.scheduler.blocked):
                     # A local cluster: a block waiting under the bound waits for a node that exited.
-                    problem = self.give_up(bool(self._bound_blocked))
+                    problem = self.give_up(bool(self.scheduler.blocked))
                     if problem:
                         raise TrainingAborted(problem)
                 self.pump(timeout_ms=self._poll_timeout())
@@ -387,10 +374,13 @@ class CoordinatorServer:
         return [t.result for t in tasks]
 
     def step_done(self) -> None:
-        """Step boundary: idle sessions take over shards from sessions holding several."""
+        """Step boundary: idle sessions take over shards from sessions holding several. The
+        socket is also serviced here (heartbeats, arrivals, leases): with --offload auto a step
+        may send nothing at all, and nodes must not be left unheard for a whole epoch."""
         self._dirty = True
         self.step += 1
-        self._rebalance()
+        self.scheduler.rebalance()
+        self.pump(timeout_ms=0)
 
     # -- membership --------------------------------------------------------------------
     def live_count(self) -> int:
@@ -421,98 +411,13 @@ class CoordinatorServer:
             self.pump(timeout_ms=200)
         self._min_nodes_wanted = 0
         self._waiting_logged = False  # the wait is over: a later one is logged again
-        self._rebalance()
+        self.scheduler.rebalance()
         return True
 
     def _set_status(self, text: str) -> None:
         if self.state.status != text:
             with self.state.lock:
                 self.state.status = text
-
-    def _shard_counts(self) -> dict[str, int]:
-        counts = {nid: 0 for nid in self.sessions}
-        for owner in self.owner:
-            if owner in counts:
-                counts[owner] += 1
-        return counts
-
-    def _assign(self, shard: int) -> Session | None:
-        """Give `shard` to the active session the exposure bound allows that holds the fewest
-        shards (preferring one that has it already); None, and the slot waits, if there is none."""
-        if not self.sessions:
-            self.owner[shard] = None
-            return None
-        counts = self._shard_counts()
-        allowed = [s for s in self.sessions.values() if self.eligible(s, shard)]
-        active = [s for s in allowed if s.want > 0] or allowed
-        if not active:
-            self.owner[shard] = None
-            self._blocked(shard, f"none of the {len(self.sessions)} connected node(s) may take it without "
-                                 f"exceeding the exposure bound ({self._bound_text()}); start another node, or "
-                                 f"bring back the one that held it")
-            return None
-        best = min(active, key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
-        self.owner[shard] = best.node_id
-        if shard in self._bound_blocked:
-            self._bound_blocked.discard(shard)
-            self.log(f"exposure bound: block {shard} goes to {best.label}")
-        return best
-
-    def _bound_wait(self) -> set[int]:
-        """Blocks with work waiting only because the bound allows no active node to take them."""
-        if not self._bound_blocked or not self.sessions:  # no node at all: "none connected" says it
-            return set()
-        for shard in list(self._bound_blocked):
-            owner = self.sessions.get(self.owner[shard]) if self.owner[shard] else None
-            if owner is not None and owner.want > 0:  # its owner is back (resumed): it goes on
-                self._bound_blocked.discard(shard)
-                self.log(f"exposure bound: block {shard} goes on with {owner.label}")
-        pending = {t.batch.shard for t in self._waiting}
-        pending.update(t.batch.shard for s in self.sessions.values() if s.want == 0 for t in s.queue)
-        return pending & self._bound_blocked
-
-    def _bound_text(self) -> str:
-        return ", ".join(f"{kind} {100 * b:.1f}%" for kind, b in self.bound.items())
-
-    def _rebalance(self) -> None:
-        if not self.owner:
-            return
-        for shard, owner in enumerate(self.owner):
-            if owner not in self.sessions:
-                self._assign(shard)
-        # A newcomer with no shard takes one from a session holding two or more.
-        while True:
-            counts = self._shard_counts()
-            if not counts:
-                return
-            busiest = max(counts, key=lambda nid: counts[nid])
-            if counts[busiest] < 2:
-                return
-            shard = max(s for s, o in enumerate(self.owner) if o == busiest)
-            idle = [nid for nid, c in counts.items() if c == 0 and self.sessions[nid].want > 0
-                    and self.eligible(self.sessions[nid], shard)]
-            if not idle:
-                return
-            self.owner[shard] = idle[0]
-            self.log(f"membership: shard {shard} moves from {self.sessions[busiest].label} "
-                     f"to {self.sessions[idle[0]].label}")
-
-    def _enqueue(self, task: Task) -> None:
-        self._dirty = True
-        owner = self.owner[task.batch.shard]
-        session = self.sessions.get(owner) if owner else None
-        if session is None:
-            session = self._assign(task.batch.shard)
-        if session is None:
-            self._waiting.append(task)
-            return
-        session.queue.append(task)
-
-    def _requeue_waiting(self) -> None:
-        if self._waiting and self.sessions:
-            waiting, self._waiting = self._waiting, deque()
-            for task in waiting:
-                self._enqueue(task)
 
     def crypto_total(self) -> float:
         """Seconds this coordinator spent on cryptography: handshakes, sealing and opening."""
@@ -546,9 +451,7 @@ class CoordinatorServer:
         session.outstanding.clear()
         session.stale.clear()
         session.queue.clear()
-        for shard, owner in enumerate(self.owner):
-            if owner == session.node_id:
-                self._assign(shard)
+        self.scheduler.release(session.node_id)
         for task in orphans.values():
             if task.result is None and task.batch_id in self._tasks:
                 task.session = None
@@ -583,16 +486,7 @@ class CoordinatorServer:
         if task.attempts >= MAX_ATTEMPTS:
             raise TrainingAborted(f"batch {task.batch_id} ({task.batch.op}) failed {task.attempts} times, "
                                   f"last because {why}; check the nodes' logs")
-        # The shard stays where it is unless its owner is gone; an expired lease on a live owner
-        # goes to another session if there is one.
-        if previous is not None and self.owner[task.batch.shard] == previous.node_id and len(self.sessions) > 1:
-            others = [s for s in self.sessions.values() if s.node_id != previous.node_id
-                      and self.eligible(s, task.batch.shard)]
-            if others:
-                target = min(others, key=lambda s: (len(s.outstanding) + len(s.queue), s.node_id))
-                target.queue.append(task)
-                return
-        self._enqueue(task)
+        self.scheduler.reissue(task, previous)
 
     # -- the poll loop -------------------------------------------------------------------
     def _poll_timeout(self) -> int:
@@ -626,17 +520,17 @@ class CoordinatorServer:
         now = time.monotonic()
         if self._dirty:
             self._dirty = False
-            self._requeue_waiting()
+            self.scheduler.requeue_waiting()
             self._dispatch()
         if now - self._swept_at < SWEEP_S:
             return
         self._swept_at = now
         self._housekeeping()
-        self._requeue_waiting()
+        self.scheduler.requeue_waiting()
         self._dispatch()
         all_paused = bool(self.sessions) and all(s.want == 0 for s in self.sessions.values())
         stalled = any(s.queue for s in self.sessions.values())
-        bound_wait = self._bound_wait()
+        bound_wait = self.scheduler.bound_wait()
         if bound_wait:
             blocks = ", ".join(str(b) for b in sorted(bound_wait))
             if self._status_before_wait is None:
@@ -645,10 +539,10 @@ class CoordinatorServer:
         elif not self.sessions or (all_paused and stalled):
             why = ("no nodes connected" if not self.sessions
                    else f"every connected node has paused ({len(self.sessions)})")
-            if not self._waiting_logged and (self._waiting or self.owner):
+            if not self._waiting_logged and (self.scheduler.waiting or self.owner):
                 self.log(f"{why}: waiting for nodes")
                 self._waiting_logged = True
-            if self._waiting or stalled:
+            if self.scheduler.waiting or stalled:
                 if self._status_before_wait is None:
                     self._status_before_wait = self.state.status
                 self._set_status("waiting for nodes: none connected" if not self.sessions
@@ -659,37 +553,8 @@ class CoordinatorServer:
                 self._set_status(self._status_before_wait)
                 self._status_before_wait = None
 
-    def _route_around_paused(self) -> None:
-        """A paused node (credit 0) keeps nothing waiting: its shards and queued batches go to
-        the active node holding the fewest shards, which first receives the shards' statics (the
-        ledger shows that cost). Back from pause, it takes a shard again at a step boundary."""
-        active = [s for s in self.sessions.values() if s.want > 0]
-        if not active:
-            return
-        for session in [s for s in self.sessions.values() if s.want == 0 and s.queue]:
-            kept = set()
-            for shard, owner in enumerate(self.owner):
-                if owner == session.node_id:
-                    counts = self._shard_counts()
-                    allowed = [s for s in active if self.eligible(s, shard)]
-                    if not allowed:
-                        # The bound is an invariant: the block waits for its paused owner.
-                        kept.add(shard)
-                        self._blocked(shard, f"{session.label} paused holding it, and no other node may take it "
-                                             f"without exceeding the exposure bound ({self._bound_text()})")
-                        continue
-                    target = min(allowed, key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
-                    self.owner[shard] = target.node_id
-                    self.log(f"membership: shard {shard} moves from {session.label} (paused) to {target.label}")
-            queued, session.queue = list(session.queue), deque()
-            for task in queued:
-                if task.batch.shard in kept:
-                    session.queue.append(task)
-                else:
-                    self._enqueue(task)
-
     def _dispatch(self) -> None:
-        self._route_around_paused()
+        self.scheduler.route_around_paused()
         for session in list(self.sessions.values()):
             deferred = []
             while session.queue and len(session.outstanding) < session.window():
@@ -722,9 +587,7 @@ class CoordinatorServer:
         if not self.eligible(session, task.batch.shard):  # every path above checks; kept as a guard
             self._warn("bound-guard", f"exposure bound: batch {task.batch_id} not sent to {session.label}; "
                                       f"its block goes to a node the bound allows")
-            if self.owner[task.batch.shard] == session.node_id:
-                self.owner[task.batch.shard] = None  # never re-queue to it: _enqueue assigns anew
-            self._waiting.append(task)
+            self.scheduler.refuse(session, task)
             return True
         session.outstanding[task.batch_id] = task
         task.session = session.node_id
@@ -834,12 +697,12 @@ class CoordinatorServer:
             return "the operator has paused the run"
         if self.finished:
             return "the run has finished"
-        blocked = self._bound_wait() if self._bound_blocked else set()
+        blocked = self.scheduler.bound_wait() if self.scheduler.blocked else set()
         if self.owner and session.node_id not in self.owner:
             if blocked:
                 return (f"on standby: block {', '.join(map(str, sorted(blocked)))} waits for a node, but this node "
                         f"may not take it: it would then hold more than the exposure bound allows "
-                        f"({self._bound_text()})")
+                        f"({self.scheduler.bound_text()})")
             return (f"on standby: all {len(self.owner)} blocks are held by other nodes; it takes one over when "
                     f"a node leaves or pauses")
         if blocked:
@@ -1207,8 +1070,6 @@ class CoordinatorServer:
 
     def _check_replica(self, task: Task, c: np.ndarray) -> str | None:
         """Adaptive replication: recompute the product here (float64) and compare every entry."""
-        from enshuffle.coordinator.verify import check_replica
-
         batch = task.batch
         name = batch.params.get("a_static")
         if batch.op != "matmul":
@@ -1218,8 +1079,6 @@ class CoordinatorServer:
 
     def _check_result(self, task: Task, c: np.ndarray) -> str | None:
         """Freivalds' test with tight rounding bounds (enshuffle.coordinator.verify); only products are offloaded."""
-        from enshuffle.coordinator.verify import StaticNorms, check_matmul
-
         batch = task.batch
         if batch.op != "matmul":  # never sent (elementwise offload is retired): nothing could vouch for it
             return f"a {batch.op} result cannot be checked; only products are offloaded"
@@ -1287,7 +1146,7 @@ class CoordinatorServer:
 
     def describe(self) -> str:
         """One line per session and task queue, for diagnosing a stalled run."""
-        lines = [f"owner={self.owner} waiting={[t.batch_id for t in self._waiting]} tasks={list(self._tasks)}"]
+        lines = [f"owner={self.owner} waiting={[t.batch_id for t in self.scheduler.waiting]} tasks={list(self._tasks)}"]
         for s in self.sessions.values():
             lines.append(f"{s.node_id} {s.label} window={s.window()} held={sorted(s.shards_held)} "
                          f"outstanding={list(s.outstanding)} queue={[t.batch_id for t in s.queue]}")

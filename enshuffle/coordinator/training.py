@@ -15,10 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from enshuffle.model import (OptimizerState, Preset, evaluate, init_params, learning_rate, one_hot,
-                             prepare_inputs, train_step, training_seed, input_affine)
+from enshuffle.model import (NOTEBOOK_LAYERS, OptimizerState, Preset, evaluate, init_params, init_shapes,
+                             input_affine, learning_rate, one_hot, prepare_inputs, train_step, training_seed)
 
-WEIGHTS = ("w1", "b1", "w2", "b2")
 
 
 @dataclass
@@ -161,16 +160,27 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict]:
         """Arrays and metadata that let `restore` continue exactly from here."""
-        arrays = {name: self.params[name] for name in WEIGHTS}
+        arrays = {name: self.params[name] for name in self.preset.weight_names}
         arrays.update({f"opt.{k}": v for k, v in self.opt.moments.items()})
         meta = {"epoch": self.epoch, "step": self.step, "opt_t": self.opt.t, "preset": self.preset.name,
                 "dtype": self.preset.dtype, "epochs_total": self.preset.epochs,
+                "layers": list(self.preset.layers), "activation": self.preset.activation,
                 "partial": {"cost_sum": self._cost_sum, "correct": self._correct, "seen": self._seen}}
         return arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
         dt = np.dtype(self.preset.dtype)
-        self.params = {name: np.array(arrays[name], dtype=dt) for name in WEIGHTS}
+        # A version written before networks had a shape holds the notebook's 784-128-10 sigmoid network.
+        layers = tuple(meta.get("layers") or NOTEBOOK_LAYERS)
+        activation = meta.get("activation") or "sigmoid"
+        if layers != self.preset.layers or activation != self.preset.activation:
+            raise ValueError(f"the model version is a {'-'.join(map(str, layers))} {activation} network, "
+                             f"this run's is {self.preset.describe()}")
+        expected = init_shapes(self.preset)
+        wrong = [n for n, shape in expected.items() if n not in arrays or tuple(np.shape(arrays[n])) != shape]
+        if wrong:
+            raise ValueError(f"the model version's {', '.join(wrong)} do not fit a {self.preset.describe()} network")
+        self.params = {name: np.array(arrays[name], dtype=dt) for name in self.preset.weight_names}
         self.opt = OptimizerState(t=int(meta.get("opt_t", 0)),
                                   moments={k[4:]: np.array(v, dtype=dt) for k, v in arrays.items() if k.startswith("opt.")})
         self.epoch = int(meta["epoch"])

@@ -20,7 +20,9 @@ import time
 def _apply_thread_env(threads: int | None) -> int:
     """Put --threads into the BLAS environment (before numpy loads); return the count in use.
     Idle BLAS workers are told to sleep rather than spin between batches (blas.idle_env)."""
-    from enshuffle.node.blas import default_threads, idle_env, thread_env
+    # Lazy, as every import below: a node's start loads only what its path needs, and numpy
+    # only after its BLAS environment is set.
+    from enshuffle.blas import default_threads, idle_env, thread_env
 
     os.environ.update(idle_env())
     if threads is None:
@@ -57,7 +59,7 @@ def totals_line(state) -> str:
 def cmd_node(args) -> int:
     """Run a node until stopped; returns the daemon's exit status (see enshuffle.node.daemon)."""
     if getattr(args, "install_service", False):
-        from enshuffle.node.service import install_service
+        from enshuffle.node.service import install_service  # lazy: only --install-service needs it
 
         return install_service(args)
     if getattr(args, "nice", 0):
@@ -67,7 +69,7 @@ def cmd_node(args) -> int:
             print(f"enshuffle node: cannot lower the priority by --nice {args.nice}: {exc.strerror}",
                   file=sys.stderr)
     threads = _apply_thread_env(args.threads)
-    from enshuffle.node.fpenv import flush_denormals
+    from enshuffle.node.fpenv import flush_denormals  # lazy: see _apply_thread_env
 
     denormals = flush_denormals()  # this thread's mode, copied by every thread started from now on
     # numpy (through the daemon) is imported only now, after the environment is set.

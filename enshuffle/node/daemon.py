@@ -3,7 +3,7 @@
 Owns the node side of docs/protocol.md: the DEALER socket (one thread owns it; ZeroMQ sockets
 are not thread-safe), the handshake and trust check, statics, batch checks and REJECT codes,
 heartbeats, loss detection, reconnect back-off, BYE, and the live `NodeState` the node TUI
-reads. The arithmetic itself is `enshuffle.node.compute.compute_batch`.
+reads. The arithmetic itself is `enshuffle.kernels.compute_batch`.
 
 Compute runs in the socket thread: batches are small (well under a second) and heartbeats go
 out between them, so no second thread and no lock around the socket is needed. A small batch
@@ -31,6 +31,7 @@ This module never imports textual.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -46,8 +47,8 @@ import numpy as np
 import zmq
 
 from enshuffle.errors import UsageError
-from enshuffle.node.blas import BlasThreads, BlasThreadsUnavailable, get_blas_threads
-from enshuffle.node.compute import OPS, BatchError, Workspace, aligned, compute_batch
+from enshuffle.blas import BlasThreads, BlasThreadsUnavailable, get_blas_threads
+from enshuffle.kernels import OPS, BatchError, Workspace, aligned, compute_batch
 from enshuffle.node.fpenv import flushing
 from enshuffle.node.policy import Policy
 from enshuffle.node.state import NodeControl, NodeState
@@ -247,8 +248,6 @@ class MessageRecorder:
 
     def __init__(self, directory: str, max_bytes: int = DEFAULT_RECORD_MAX_BYTES,
                  log: Callable[[str], None] | None = None) -> None:
-        import os
-
         self.directory = directory
         self.max_bytes = int(max_bytes)
         self.written = 0
@@ -265,9 +264,6 @@ class MessageRecorder:
                               f"choose an empty or new directory")
 
     def record(self, msg: Message) -> None:
-        import json
-        import os
-
         if self.stopped:
             return
         header_json = json.dumps(dict(msg.header), sort_keys=True).encode("utf-8")

@@ -13,6 +13,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from enshuffle.protocol.keys import enshuffle_home
+
 UNIT_NAME = "enshuffle-node.service"
 SERVICE_NICE = 19  # the unit's default priority: only CPU nobody else wants (BOINC's choice)
 
@@ -67,8 +69,6 @@ WantedBy=default.target
 
 
 def install_service(args) -> int:
-    from enshuffle.protocol.keys import enshuffle_home
-
     home = enshuffle_home().resolve()
     target = unit_dir() / UNIT_NAME
     try:

@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from enshuffle.protocol.keys import Identity, verify_signature
 
@@ -479,8 +482,6 @@ class Channel:
     clock = staticmethod(time.perf_counter)
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
         self._send_key = send_key
         self._send = AESGCM(send_key)
         self._recv = AESGCM(recv_key)
@@ -509,8 +510,6 @@ class Channel:
         if size <= self.STREAM_THRESHOLD:
             self._send.encrypt_into(nonce, b"".join(bytes(p) for p in parts), envelope, body)
         else:
-            from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-
             enc = Cipher(algorithms.AES(self._send_key), modes.GCM(nonce)).encryptor()
             enc.authenticate_additional_data(envelope)
             offset = 0
@@ -541,8 +540,6 @@ class Channel:
         if counter <= self.received:
             raise ProtocolError(BAD_SEAL, f"counter {counter} is not above {self.received}: a replayed or "
                                 f"reordered message")
-        from cryptography.exceptions import InvalidTag
-
         out = np.empty(view.nbytes - len(envelope) - TAG_BYTES, dtype=np.uint8)  # fully written: not zeroed
         try:
             self._recv.decrypt_into(bytes(4) + envelope[5:], view[len(envelope):], envelope, out)

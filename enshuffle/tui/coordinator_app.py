@@ -198,6 +198,15 @@ def exposure_bar_widths(available: int, tensors: tuple[str, ...] = TENSORS) -> d
     return {t: (width if t in BOUNDED_TENSORS else 0) for t in tensors}
 
 
+def exposure_kinds(state: CoordinatorState) -> tuple[str, ...]:
+    """The exposure table's columns: the notebook network's kinds, then any other kind a node's
+    ledger row has (a deeper network's w3, activations2, deltas2, ...), in the ledger's order."""
+    extra = []
+    for row in state.nodes.values():
+        extra.extend(k for k in row.exposure if k not in TENSORS and k not in extra)
+    return TENSORS + tuple(extra)
+
+
 def exposure_cells(row: NodeRow, bound: float, widths: dict[str, int]) -> tuple[str, ...]:
     """One node as the texts of the exposure table: name, flag, then one bar per tensor."""
     over = over_bound(row.exposure, bound)
@@ -458,6 +467,10 @@ class CoordinatorApp(SnapshotApp):
         self.verify_marks: dict[str, bool] = {}  # version id -> result of the last check
         self.selected_version: str | None = None
         self.bar_widths: dict[str, int] = {}
+        # The exposure table's kinds: the notebook network's, then a deeper network's per-layer
+        # kinds (w3, activations2, deltas2, ...) as the ledger reports them.
+        self.tensors: tuple[str, ...] = TENSORS
+        self._table_width = 0
         self.exposure_sync: TableSync | None = None
         self.sort_index = 0  # into SORT_ORDERS
         self.filter_text = ""
@@ -516,7 +529,8 @@ class CoordinatorApp(SnapshotApp):
     def _adapt_layout(self, width: int, height: int) -> None:
         super()._adapt_layout(width, height)
         self._rebuild_nodes_table(width)
-        widths = exposure_bar_widths(width - 4)
+        self._table_width = width
+        widths = exposure_bar_widths(width - 4, self.tensors)
         if widths != self.bar_widths or self.exposure_sync is None:
             self.bar_widths = widths
             self._rebuild_exposure_table()
@@ -556,6 +570,11 @@ class CoordinatorApp(SnapshotApp):
             self.history.record(s, now)
             self._apply_nodes(s, now)
             self._set_text("join", join_text(s))
+            tensors = exposure_kinds(s)
+            if tensors != self.tensors and self._table_width:
+                self.tensors = tensors
+                self.bar_widths = exposure_bar_widths(self._table_width - 4, tensors)
+                self._rebuild_exposure_table()
             if self.exposure_sync is not None:
                 bound = s.exposure_bound
                 self.exposure_sync.apply(

@@ -21,6 +21,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Footer, Log, Static
 
+from ..blas import default_threads
 from ..coordinator.state import TENSORS
 from ..node.state import NodeControl, NodeState
 from .format import fmt_bytes, fmt_clock, fmt_rate, fmt_share, share_bar, short_fp
@@ -29,8 +30,6 @@ from .widgets import LogFeed
 
 def max_threads() -> int:
     """More BLAS threads than CPUs only make them fight: + stops at the CPU count."""
-    from ..node.blas import default_threads
-
     return default_threads()
 
 TRUST_WORDS = {
@@ -77,9 +76,12 @@ Exposure: what this machine really sees
            (p: values readable, units and samples unnamed)
   samples  which of its rows a step uses (p: linkable across
            steps, not matchable to images)
-  labels, outputs, w2, activations: never sent to any node.
+  w2.., activations..  a deeper network's hidden layers: its
+           block of units, mixed with noise, and the matching
+           weight rows, mixed (h); deltas2.. as deltas (p)
+  labels, outputs, the last layer: never sent to any node.
   The coordinator never lets a node hold more than its bound of
-  images and w1 (one block unless the operator raised it).
+  images and weights (one block unless the operator raised it).
 """
 
 
@@ -118,18 +120,30 @@ NODE_FORMS = {
 }
 
 
+def node_form(tensor: str) -> str:
+    """The form letter of what this node holds of `tensor`, for a network of any depth: a deeper
+    network's weights (w2, w3, ...) and activations arrive mixed (h), its deltas shuffled (p)."""
+    if tensor in NODE_FORMS:
+        return NODE_FORMS[tensor]
+    if tensor.startswith(("w", "activations")):
+        return "h"
+    if tensor.startswith("deltas"):
+        return "p"
+    return " "
+
+
 def exposure_text(s: NodeState, width: int) -> str:
     """One bar per kind of information: how much of it this machine has seen, and in what form."""
     bar = max(6, width - 24)
     lines = []
     for tensor in TENSORS:
         share = s.exposure.get(tensor, 0.0)
-        form = NODE_FORMS.get(tensor, " ") if share else " "
+        form = node_form(tensor) if share else " "
         lines.append(f"{tensor:<12}{share_bar(share, bar)} {fmt_share(share):>6} {form}")
     extra = [t for t in s.exposure if t not in TENSORS]
     for tensor in extra:
         share = s.exposure[tensor]
-        lines.append(f"{tensor[:11]:<12}{share_bar(share, bar)} {fmt_share(share):>6}")
+        lines.append(f"{tensor[:11]:<12}{share_bar(share, bar)} {fmt_share(share):>6} {node_form(tensor) if share else ' '}")
     return "\n".join(lines)
 
 

@@ -19,6 +19,8 @@ import time
 
 from ..coordinator.state import TENSORS, CoordinatorControl, CoordinatorState, EpochRow, NodeRow, VersionRow
 from ..node.state import NodeControl, NodeState
+from .coordinator_app import CoordinatorApp
+from .node_app import NodeApp
 
 
 def _hex(rng: random.Random, n: int = 64) -> str:
@@ -308,13 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events", type=float, default=1000.0, help="batch events per second")
     args = parser.parse_args(argv)
     if args.app == "coordinator":
-        from .coordinator_app import CoordinatorApp
-
         with SyntheticCoordinator(nodes=args.nodes, events_per_second=args.events) as fake:
             result = CoordinatorApp(fake.source, fake.control, verify_chain=fake.verify_chain).run()
     else:
-        from .node_app import NodeApp
-
         with SyntheticNode() as fake:
             result = NodeApp(fake.source, fake.control).run()
     print(f"left the {args.app} app: {result}")

@@ -74,7 +74,9 @@ def _mapped_libraries() -> list[str]:
 
 def _numpy_libs() -> list[str]:
     """OpenBLAS copies shipped next to numpy in a wheel (numpy.libs/ or numpy/.libs)."""
-    import numpy  # already loaded by the caller in practice; cheap then
+    # Not at module level: `enshuffle node` imports this module to set the BLAS environment
+    # before numpy (and its BLAS) loads. Callers have loaded numpy by now: cheap here.
+    import numpy
 
     base = Path(numpy.__file__).parent
     found = []

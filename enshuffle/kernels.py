@@ -12,7 +12,7 @@ mirrors docs/protocol.md ("op" and "params" of a BATCH):
 A `Workspace` makes products cost their arithmetic and little else: the gathered rows of a
 static operand, any intermediate and the result go into buffers reused from batch to batch
 (no fresh multi-MB allocation, no page faults, per batch), and BLAS runs small products on one
-thread (`enshuffle.node.blas.BlasThreads`). A result computed with a workspace lives in it until
+thread (`enshuffle.blas.BlasThreads`). A result computed with a workspace lives in it until
 the next batch computed with it: the daemon seals (encrypts, so copies) each result before it
 computes the next. Without a workspace every result is a fresh array.
 """

@@ -1,0 +1,170 @@
+"""Which products go to nodes (`--offload`): each one only where shipping it pays.
+
+A product shipped to nodes costs the coordinator what it sends and receives (disguising,
+sealing, copying: `ship_ns` per element) plus the disguise's corrections (multiply-adds at
+`madd_ns`); kept home it costs its multiply-adds at `madd_ns`. `--offload auto` ships a product
+when that is cheaper for the coordinator, from the product's shapes and a `CostModel`; `enshuffle
+bench` measures the model on this machine and keeps it (`cost_model.json` in the cache), and
+without a measurement the figures issue 12 measured are used (26 ns per element, 0.09 ns per
+multiply-add). `--offload matmul` ships every product that can go (the pixel-wide products and
+every hidden-to-hidden layer's), for experiments and tests. `--offload all` (elementwise
+operations too) is refused: it would ship outputs and labels.
+
+The products of a network 784-h1-...-10 with k slots and a batch of b rows:
+
+| product | shape              | shipped elements                 | coordinator's disguise work (multiply-adds) |
+|---------|--------------------|----------------------------------|---------------------------------------------|
+| x_w1    | (b,784) @ (784,h1) | 784 h1 + k b h1                  | 784 h1 (r + 1 + 32) + b h1 (r + 1 + k)       |
+| dw1     | (784,b) @ (b,h1)   | k b h1 + 784 h1                  | b h1 r + 784 h1 (r + 32) + 30 b (784 + h1)   |
+| a_w{l}  | (b,n) @ (n,m)      | b n + n m + k b m                | b n (r + g) + n m (r + g) + b m (r + k)      |
+| dw{l}   | (n,b) @ (b,m)      | b n + k b m + n m                | b m r + n m (r + g)                          |
+| da{l}   | (b,m) @ (m,n)      | n m + b n                        | b n g                                        |
+
+(r, g: the noise rank and mixing block of each disguise; see distributed.py.) The last layer's
+products never go: they carry the labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from enshuffle.dataset import cache_dir
+
+OFFLOADS = ("auto", "matmul")  # "all" is refused (see refuse_all)
+ALL_REFUSED = ("--offload all is retired: it sent elementwise work, and with it the network's outputs and the "
+               "labels, to nodes; use --offload auto (ship each product where it pays) or matmul (ship every "
+               "product that can go)")
+COST_MODEL_FILE = "cost_model.json"
+
+# What the default disguises cost per element (distributed.py's constants, repeated here so that
+# this module reads alone).
+PIXEL_NOISE_RANK, PIXEL_MIX_GROUP, DECOY_ROWS = 32, 32, 30
+HIDDEN_NOISE_RANK, HIDDEN_MIX_GROUP = 8, 8
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """The coordinator's CPU per element it ships, and the centralized CPU per multiply-add."""
+
+    ship_ns: float = 26.0
+    madd_ns: float = 0.09
+    source: str = "issue 12's measurements (run `enshuffle bench` to measure this machine)"
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "CostModel":
+        """The model kept at `path`, or the default one when there is none or it is unreadable."""
+        try:
+            data = json.loads(path.read_text())
+            ship, madd = float(data["ship_ns"]), float(data["madd_ns"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls()
+        if not (math.isfinite(ship) and math.isfinite(madd) and ship > 0 and madd > 0):
+            return cls()
+        return cls(ship_ns=ship, madd_ns=madd, source=f"measured by enshuffle bench ({path})")
+
+
+def default_cost_model() -> CostModel:
+    """This machine's model if `enshuffle bench` measured one, else issue 12's figures."""
+    return CostModel.load(cache_dir() / COST_MODEL_FILE)
+
+
+def refuse_all(offload: str) -> None:
+    if offload == "all":
+        raise ValueError(ALL_REFUSED)
+    if offload not in OFFLOADS:
+        raise ValueError(f"--offload must be one of {', '.join(OFFLOADS)}, got {offload!r}")
+
+
+@dataclass(frozen=True)
+class Product:
+    """One product of one step: its arithmetic, what shipping it moves, and the decision."""
+
+    name: str  # x_w1, dw1, a_w2, dw2, da2, ...
+    madds: float
+    shipped: float  # elements sent to and received from the nodes
+    overhead: float  # the coordinator's disguise work, multiply-adds
+    ship: bool
+
+    def local_ms(self, model: CostModel) -> float:
+        return self.madds * model.madd_ns / 1e6
+
+    def remote_ms(self, model: CostModel) -> float:
+        return (self.shipped * model.ship_ns + self.overhead * model.madd_ns) / 1e6
+
+
+def product_costs(name: str, b: int, n: int, m: int, k: int) -> tuple[float, float, float]:
+    """(multiply-adds, shipped elements, disguise multiply-adds) of product `name` (its kind is
+    its prefix: x_w1, dw1, a_w, dw, da) with batch b, contraction or input width n, output m."""
+    r1, g1, r, g = PIXEL_NOISE_RANK, PIXEL_MIX_GROUP, HIDDEN_NOISE_RANK, HIDDEN_MIX_GROUP
+    if name == "x_w1":
+        return b * n * m, n * m + k * b * m, n * m * (r1 + 1 + g1) + b * m * (r1 + 1 + k)
+    if name == "dw1":
+        return b * n * m, k * b * m + n * m, b * m * r1 + n * m * (r1 + g1) + DECOY_ROWS * b * (n + m)
+    kind = name.rstrip("0123456789")
+    if kind == "a_w":
+        return b * n * m, b * n + n * m + k * b * m, b * n * (r + g) + n * m * (r + g) + b * m * (r + k)
+    if kind == "dw":
+        return b * n * m, b * n + k * b * m + n * m, b * m * r + n * m * (r + g)
+    if kind == "da":
+        return b * n * m, n * m + b * n, b * n * g
+    raise ValueError(f"unknown product {name!r}")
+
+
+def decide(name: str, b: int, n: int, m: int, k: int, offload: str, model: CostModel) -> Product:
+    """The decision for one product call (shapes as in `product_costs`)."""
+    madds, shipped, overhead = (float(v) for v in product_costs(name, b, n, m, k))
+    product = Product(name, madds, shipped, overhead, ship=True)
+    if offload == "auto":
+        product = Product(name, madds, shipped, overhead, ship=product.remote_ms(model) < product.local_ms(model))
+    return product
+
+
+def step_plan(layers: tuple[int, ...], batch: int, k: int, offload: str, model: CostModel,
+              distributable: set[int] | None = None) -> list[Product]:
+    """Every product of one training step of a network with these layer widths: the first layer's
+    two, then each hidden-to-hidden layer's three (`distributable`: the layers split over the
+    slots; default every hidden-to-hidden layer). The last layer's products are never shipped."""
+    out = [decide("x_w1", batch, layers[0], layers[1], k, offload, model),
+           decide("dw1", batch, layers[0], layers[1], k, offload, model)]
+    for layer in range(2, len(layers) - 1):
+        if distributable is not None and layer not in distributable:
+            continue
+        n, m = layers[layer - 1], layers[layer]
+        out += [decide(f"a_w{layer}", batch, n, m, k, offload, model),
+                decide(f"dw{layer}", batch, n, m, k, offload, model),
+                decide(f"da{layer}", batch, n, m, k, offload, model)]
+    return out
+
+
+def plan_lines(products: list[Product], model: CostModel, offload: str, batch: int) -> list[str]:
+    """The plan as printed at start: which products go out, and what each costs or saves."""
+    lines = [f"offload {offload}: per step of {batch} rows, cost model {model.ship_ns:g} ns per shipped "
+             f"element, {model.madd_ns:g} ns per multiply-add ({model.source})"]
+    saved = 0.0
+    for p in products:
+        local, remote = p.local_ms(model), p.remote_ms(model)
+        where = "nodes" if p.ship else "here "
+        if p.ship:
+            saved += local - remote
+        lines.append(f"  {p.name:<6} {where}  {p.madds / 1e6:10.1f} M multiply-adds, {p.shipped / 1e6:8.2f} M "
+                     f"elements to ship: here {local:8.2f} ms, shipped {remote:8.2f} ms")
+    shipped = [p.name for p in products if p.ship]
+    if not shipped:
+        lines.append("  nothing pays to ship at this size: every product is computed here (--offload matmul "
+                     "ships them anyway)")
+    elif saved >= 0:
+        lines.append(f"  expected coordinator saving per step: {saved:.2f} ms")
+    else:
+        lines.append(f"  shipping costs the coordinator {-saved:.2f} ms per step more than computing here "
+                     f"(--offload auto would keep what does not pay)")
+    lines.append("  the last layer's products stay here: they carry the labels")
+    return lines
