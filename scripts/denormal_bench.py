@@ -1,7 +1,7 @@
 """What subnormal ("denormal") float32 values cost a node's products, with and without flush-to-zero.
 
 Runs the same products in two child processes, one with IEEE gradual underflow and one after
-`enshuffle.node.fpenv.flush_denormals()` (what `enshuffle node` does at start), and prints the
+`enshuffle.fpenv.flush_denormals()` (what `enshuffle node` does at start), and prints the
 median time of each (a benchmark, not a test):
 
     .venv/bin/python scripts/denormal_bench.py [--threads 1] [--repeats 30]
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, statistics, sys, time
 mode, repeats = sys.argv[1], int(sys.argv[2])
-from enshuffle.node.fpenv import flush_denormals, flushing
+from enshuffle.fpenv import flush_denormals, flushing
 line = flush_denormals() if mode == "ftz" else "IEEE gradual underflow"
 import numpy as np
 rng = np.random.default_rng(0)

@@ -43,12 +43,15 @@ LAYERS = {
     "enshuffle.protocol": {"enshuffle.protocol", "enshuffle.errors"},
     "enshuffle.kernels": {"enshuffle.model"},
     "enshuffle.blas": set(),
+    "enshuffle.fpenv": set(),
+    "enshuffle.memory": set(),
     "enshuffle.errors": set(),
     "enshuffle.node": {"enshuffle.node", "enshuffle.protocol", "enshuffle.errors", "enshuffle.kernels",
-                       "enshuffle.blas", "enshuffle.live", "enshuffle.model", "enshuffle.memory"},
+                       "enshuffle.blas", "enshuffle.live", "enshuffle.model", "enshuffle.memory",
+                       "enshuffle.fpenv"},
     "enshuffle.coordinator": {"enshuffle.coordinator", "enshuffle.protocol", "enshuffle.errors",
                               "enshuffle.kernels", "enshuffle.blas", "enshuffle.live", "enshuffle.model",
-                              "enshuffle.dataset", "enshuffle.memory"},
+                              "enshuffle.dataset", "enshuffle.memory", "enshuffle.fpenv"},
 }
 TUI_ENTRY_POINTS = {"enshuffle.node.commands": "enshuffle.tui.node_app",
                     "enshuffle.coordinator.run": "enshuffle.tui.coordinator_app"}

@@ -127,3 +127,28 @@ def test_freed_large_blocks_are_reused_without_page_faults():
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     # Without the setting each round maps the block afresh: 10 x `pages` faults (measured: 10.0 x).
     assert faults < pages, (faults, pages)
+
+
+def test_a_float32_step_flushes_subnormals_and_gives_the_thread_its_mode_back(core_dataset):
+    """The coordinator's float32 steps compute as its nodes do, with subnormals flushed to zero;
+    float64 steps (the seed preset, exact against the notebook) keep IEEE gradual underflow, and
+    the thread's mode is back to what it was after every step."""
+    from enshuffle import fpenv
+    from enshuffle.model import LocalCompute
+
+    class Watching(LocalCompute):
+        seen: list[bool] = []
+
+        def x_w1(self, which, idx, w1):
+            self.seen.append(fpenv.flushing())
+            return super().x_w1(which, idx, w1)
+
+    assert not fpenv.flushing()
+    for dtype, flushed in (("float32", True), ("float64", False)):
+        preset = get_preset("default", dtype=dtype)
+        inputs = prepare(core_dataset, preset, limit=300)
+        compute = Watching(inputs.images)
+        compute.seen = []
+        Trainer(preset, inputs, compute, secret=3).run_step()
+        assert compute.seen == [flushed]  # x86-64 or aarch64 Linux, as every machine this runs on
+        assert not fpenv.flushing()

@@ -220,7 +220,7 @@ def test_idle_blas_workers_sleep_unless_the_user_said_otherwise():
 
 FTZ_CHILD = textwrap.dedent("""
     import sys, threading
-    from enshuffle.node.fpenv import flush_denormals, flushing
+    from enshuffle.fpenv import flush_denormals, flushing
     line = flush_denormals() if sys.argv[1] == "flush" else "left alone"
     import numpy as np  # after the mode is set: OpenBLAS's workers start now and copy it
     seen = []
@@ -277,7 +277,7 @@ def test_flush_to_zero_reaches_blas_workers_and_changes_only_subnormal_values(tm
 
 
 def test_flush_to_zero_leaves_an_unknown_platform_alone(monkeypatch):
-    from enshuffle.node import fpenv
+    from enshuffle import fpenv
 
     assert not fpenv.flushing()  # pytest's own process keeps IEEE gradual underflow
     monkeypatch.setattr(fpenv, "_layout", lambda: None)

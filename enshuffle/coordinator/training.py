@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from enshuffle.fpenv import flushed_denormals
 from enshuffle.model import (NOTEBOOK_LAYERS, OptimizerState, Preset, evaluate, init_params, init_shapes,
                              input_affine, learning_rate, one_hot, prepare_inputs, train_step, training_seed)
 
@@ -88,6 +89,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(n / self.batch_size)
         self._pre_update_test_accuracy: float | None = None
         self._cached_order: tuple[int, np.ndarray] | None = None
+        self._flush = np.dtype(preset.dtype) == np.float32
 
     # -- position -------------------------------------------------------------------
     @property
@@ -110,7 +112,18 @@ class Trainer:
 
     # -- running --------------------------------------------------------------------
     def run_step(self) -> EpochReport | None:
-        """One step; returns the epoch's report when this step finished an epoch."""
+        """One step; returns the epoch's report when this step finished an epoch.
+
+        A float32 preset's step computes with subnormals flushed to zero, as its nodes do
+        (enshuffle.fpenv): a saturated unit's tiny gradients would otherwise take the CPU's slow
+        path in the elementwise work. float64 (the seed preset, exact against the notebook) keeps
+        IEEE gradual underflow; the thread's mode is restored after the step."""
+        if self._flush:
+            with flushed_denormals():
+                return self._run_step()
+        return self._run_step()
+
+    def _run_step(self) -> EpochReport | None:
         started = time.perf_counter()
         order = self._order(self.epoch)
         if self.full_batch and self.step == 0:

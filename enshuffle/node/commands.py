@@ -69,7 +69,7 @@ def cmd_node(args) -> int:
             print(f"enshuffle node: cannot lower the priority by --nice {args.nice}: {exc.strerror}",
                   file=sys.stderr)
     threads = _apply_thread_env(args.threads)
-    from enshuffle.node.fpenv import flush_denormals  # lazy: see _apply_thread_env
+    from enshuffle.fpenv import flush_denormals  # lazy: see _apply_thread_env
 
     denormals = flush_denormals()  # this thread's mode, copied by every thread started from now on
     # numpy (through the daemon) is imported only now, after the environment is set.

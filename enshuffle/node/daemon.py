@@ -49,7 +49,7 @@ import zmq
 from enshuffle.errors import UsageError
 from enshuffle.blas import BlasThreads, BlasThreadsUnavailable, get_blas_threads
 from enshuffle.kernels import OPS, BatchError, Workspace, aligned, compute_batch
-from enshuffle.node.fpenv import flushing
+from enshuffle.fpenv import flushing
 from enshuffle.node.policy import Policy
 from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.handshake import NodeHandshake
