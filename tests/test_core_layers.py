@@ -260,17 +260,11 @@ def test_every_hidden_layer_is_distributed_disguised_and_in_the_ledger_and_bound
 def test_a_deep_network_over_the_wire_equals_the_centralized_run(core_data_dir, core_cache, tmp_path):
     """Two node processes, 784-32-24-10 in float64 with --seed: the hidden layer goes to the nodes
     over ENS2 and the final weights equal the centralized run's; the ledger shows its blocks."""
-    from wire_util import assert_same_weights, enshuffle_cli, load_npz
+    from wire_util import train_wire_and_central
 
     args = ["--hidden", "32,24", "--dtype", "float64", "--epochs", "1", "--limit", "300", "--seed", "5",
             "--data", str(core_data_dir), "--json", "--offload", "matmul"]
-    wire = enshuffle_cli("train", "--nodes", "2", *args, "--save-weights", str(tmp_path / "a.npz"),
-                         home=tmp_path / "home", cache=core_cache)
-    assert wire.returncode == 0, wire.stderr
-    central = enshuffle_cli("train", "--nodes", "0", *args, "--save-weights", str(tmp_path / "b.npz"),
-                            home=tmp_path / "home", cache=core_cache)
-    assert central.returncode == 0, central.stderr
-    assert_same_weights(load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz"))
+    wire, _ = train_wire_and_central(2, args, tmp_path, core_cache)
     ledger = json.loads(wire.stdout.splitlines()[-1])
     for shares in ledger["ledger"].values():
         assert shares["w2"] == shares["activations"] == 0.5 and shares["deltas2"] == 1.0

@@ -17,7 +17,7 @@ from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.chain import Chain
 from enshuffle.protocol.keys import Identity, load_or_create_identity
 from wire_util import (assert_same_weights, coordinator_fingerprint, enshuffle_cli, free_port, load_npz,
-                       spawn_coordinator, spawn_node, wait_until)
+                       spawn_coordinator, spawn_node, train_wire_and_central, wait_until)
 
 EXIT_TRUST = 3
 
@@ -39,13 +39,7 @@ def json_objects(text: str) -> list[dict]:
 @pytest.mark.parametrize("preset,limit", [("seed", 1000), ("default", 600)])
 def test_three_node_processes_equal_the_centralized_reference(preset, limit, core_data_dir, core_cache, tmp_path):
     args = training_args(preset, 2, limit, core_data_dir)
-    wire = enshuffle_cli("train", "--nodes", "3", *args, "--save-weights", str(tmp_path / "a.npz"),
-                         home=tmp_path / "home", cache=core_cache)
-    assert wire.returncode == 0, wire.stderr
-    central = enshuffle_cli("train", "--nodes", "0", *args, "--save-weights", str(tmp_path / "b.npz"),
-                            home=tmp_path / "home", cache=core_cache)
-    assert central.returncode == 0, central.stderr
-    assert_same_weights(load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz"))
+    wire, central = train_wire_and_central(3, args, tmp_path, core_cache)
     wire_objects, central_objects = json_objects(wire.stdout), json_objects(central.stdout)
     # Three distinct node processes did the work: the ledger names three nodes, each with ~1/3 of the images.
     ledger = wire_objects[-1]["ledger"]

@@ -158,6 +158,19 @@ def enshuffle_cli(*args: str, home: Path, cache: Path | None = None, timeout: fl
                           timeout=timeout, env=process_env(home, cache))
 
 
+def train_wire_and_central(nodes: int, args: list[str], tmp_path: Path, cache: Path):
+    """`enshuffle train` with `nodes` node processes and centrally (--nodes 0), same arguments;
+    asserts both succeeded and their final weights agree; returns the two CompletedProcesses."""
+    wire = enshuffle_cli("train", "--nodes", str(nodes), *args, "--save-weights", str(tmp_path / "a.npz"),
+                         home=tmp_path / "home", cache=cache)
+    assert wire.returncode == 0, wire.stderr
+    central = enshuffle_cli("train", "--nodes", "0", *args, "--save-weights", str(tmp_path / "b.npz"),
+                            home=tmp_path / "home", cache=cache)
+    assert central.returncode == 0, central.stderr
+    assert_same_weights(load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz"))
+    return wire, central
+
+
 def coordinator_fingerprint(home: Path) -> str:
     """The coordinator key's fingerprint in `home`, as `enshuffle keys show` prints it."""
     proc = enshuffle_cli("keys", "show", home=home)
