@@ -122,9 +122,11 @@ def test_train_prints_the_plan_and_refuses_all(core_data_dir, core_cache):
     assert refused.returncode == 2 and ALL_REFUSED in refused.stderr and "Traceback" not in refused.stderr
 
 
-def test_the_socket_is_serviced_every_step_even_when_nothing_is_shipped(core_dataset, tmp_path):
-    """With everything kept home a step never waits on the server; the server still pumps at
-    every step boundary (heartbeats, arrivals), so its nodes are not left unheard for an epoch."""
+def test_the_socket_is_serviced_every_step_even_when_nothing_is_shipped(core_dataset, tmp_path, monkeypatch):
+    """With everything kept home a step never waits on the server; the server still services its
+    socket at step boundaries (heartbeats, arrivals) whenever KEEPALIVE_S has passed since it last
+    did, so its nodes are not left unheard for an epoch, and not more often than that."""
+    from enshuffle.coordinator import server as server_module
     from enshuffle.coordinator.ledger import ExposureLedger
     from enshuffle.coordinator.server import CoordinatorServer
     from enshuffle.coordinator.state import CoordinatorState
@@ -140,8 +142,12 @@ def test_the_socket_is_serviced_every_step_even_when_nothing_is_shipped(core_dat
         pump = server.pump
         server.pump = lambda timeout_ms=100: (pumps.append(timeout_ms), pump(timeout_ms))
         trainer = Trainer(preset, inputs, compute, secret=1)
+        monkeypatch.setattr(server_module, "KEEPALIVE_S", 0.0)  # always due: every step boundary pumps
         for _ in range(3):
             trainer.run_step()
         assert pumps == [0, 0, 0] and server.step == 3
+        monkeypatch.setattr(server_module, "KEEPALIVE_S", 1e9)  # just pumped: not due again
+        trainer.run_step()
+        assert pumps == [0, 0, 0] and server.step == 4
     finally:
         server.close("shutdown")

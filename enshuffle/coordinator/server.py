@@ -145,6 +145,7 @@ class Session:
         return max(LEASE_MIN_MS / 1000, LEASE_MULTIPLE * p90 * work)
 
 
+KEEPALIVE_S = 0.1  # keepalive() services the socket at most this often between the coordinator's own work
 RATE_STALE_S = 5.0  # no result for this long: the node's rate shows 0, not its last burst
 
 
@@ -226,6 +227,7 @@ class CoordinatorServer:
         self.replicate = False  # also compute results of untrusted keys here and compare (--replicate)
         self._verify_rng = np.random.default_rng()
         self._static_norms: dict[str, object] = {}
+        self._pumped_at = 0.0  # when pump() last polled the socket (keepalive)
         self.check_seconds = 0.0  # this thread's CPU in result checks (what `enshuffle bench` reports)
         # Shard ownership and the exposure bound (docs/design.md, "Privacy"): per bounded kind, the
         # share a node may ever hold; by default one slot's block. A slot never moves to a node it
@@ -380,7 +382,13 @@ class CoordinatorServer:
         self._dirty = True
         self.step += 1
         self.scheduler.rebalance()
-        self.pump(timeout_ms=0)
+        self.keepalive()
+
+    def keepalive(self) -> None:
+        """Service the socket if it has not been for KEEPALIVE_S (heartbeats, arrivals, leases):
+        cheap enough to call between any two pieces of the coordinator's own work."""
+        if time.monotonic() - self._pumped_at >= KEEPALIVE_S:
+            self.pump(timeout_ms=0)
 
     # -- membership --------------------------------------------------------------------
     def live_count(self) -> int:
@@ -504,6 +512,7 @@ class CoordinatorServer:
             self._dirty = False
             self._dispatch()
         events = dict(self.poller.poll(timeout_ms))
+        self._pumped_at = time.monotonic()
         if self.sock in events:
             for _ in range(1000):  # drain, but come up for air
                 try:
