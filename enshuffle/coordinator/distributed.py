@@ -65,11 +65,12 @@ HIDDEN_MIX_GROUP = 8
 # this: a larger product goes out as several batches of whole rows (docs/protocol.md section 7),
 # within every node's default --max-memory (at least 64 MiB) and far under the message limits.
 CHUNK_BYTES = 32 << 20
-# Products over an image block (static operand) are split only above this: a full seed batch
-# (60,000 rows: a 61 MB result, 188 MB of gathered rows) stays one batch, checked with the block's
-# fixed probes in one pass (its row chunks would each re-read their rows of the block: +0.3 s of
-# coordinator CPU per epoch, measured); nodes with 1 GB of RAM or more accept it by default.
-STATIC_CHUNK_BYTES = 256 << 20
+# Products over an image block (static operand) are split only above this, the default
+# --max-memory of a node with 2 GB of RAM or more: a full seed batch (60,000 rows, counted with
+# 188 MB of gathered rows) stays one batch, checked with the block's fixed probes in one pass;
+# split into row chunks, each chunk's check re-reads its rows of the block (+0.3 s of coordinator
+# CPU per epoch, measured).
+STATIC_CHUNK_BYTES = 512 << 20
 DECOY_RANK = 2
 DECOY_GRAM_ROWS = 1024  # full batch: a class's principal directions are estimated from this many of its rows  # per class and batch: dz1's mean and this many principal directions move to other rows
 
