@@ -71,7 +71,7 @@ def test_a_chunked_three_layer_run_equals_the_centralized_one(core_dataset):
     inputs = prepare(core_dataset, preset, limit=300)
     cap = 64 << 10
     compute = DistributedCompute(inputs.images, 2, np.random.default_rng(2), SizeRecorder, **inputs.source(),
-                                 layers=preset.layers, chunk_bytes=cap)
+                                 layers=preset.layers, chunk_bytes=cap, static_chunk_bytes=cap)
     reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=4)
     distributed = Trainer(preset, inputs, compute, secret=4)
     while not distributed.finished and distributed.step < 3:
@@ -89,7 +89,7 @@ def test_chunked_batches_over_the_wire(core_data_dir, tmp_path):
     inputs = load_inputs(core_data_dir, preset, 300)
     expected = reference_weights(preset, inputs)
     run = InProcessRun(preset, inputs, shards=2, min_nodes=2)
-    run.compute.chunk_bytes = 48 << 10
+    run.compute.chunk_bytes = run.compute.static_chunk_bytes = 48 << 10
     run.start()
     nodes = [spawn_node(tmp_path / f"n{i}", run.endpoint, run.identity.fingerprint, f"n{i}", tmp_path)
              for i in range(2)]

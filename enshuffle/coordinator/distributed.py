@@ -71,8 +71,8 @@ CHUNK_BYTES = 32 << 20
 # split into row chunks, each chunk's check re-reads its rows of the block (+0.3 s of coordinator
 # CPU per epoch, measured).
 STATIC_CHUNK_BYTES = 512 << 20
-DECOY_RANK = 2
-DECOY_GRAM_ROWS = 1024  # full batch: a class's principal directions are estimated from this many of its rows  # per class and batch: dz1's mean and this many principal directions move to other rows
+DECOY_RANK = 2  # per class and batch: dz1's mean and this many principal directions move to other rows
+DECOY_GRAM_ROWS = 1024  # full batch: a class's principal directions are estimated from this many of its rows
 
 
 @dataclass
@@ -251,7 +251,7 @@ class DistributedCompute:
                  offload: str = "matmul", raw: dict[str, np.ndarray] | None = None,
                  affine: tuple[np.ndarray, np.ndarray] | None = None, hidden: int | None = None,
                  layers: tuple[int, ...] | None = None, cost_model: CostModel | None = None,
-                 chunk_bytes: int = CHUNK_BYTES):
+                 chunk_bytes: int = CHUNK_BYTES, static_chunk_bytes: int = STATIC_CHUNK_BYTES):
         if shards < 1:
             raise ValueError("need at least one shard")
         if disguise not in DISGUISES:
@@ -260,7 +260,8 @@ class DistributedCompute:
         self.offload = offload  # "matmul": ship every product that can go; "auto": only where it pays
         self.cost_model = cost_model or CostModel()
         self.images = images
-        self.chunk_bytes = int(chunk_bytes)
+        self.chunk_bytes = int(chunk_bytes)  # most bytes one batch may need (split_rows)
+        self.static_chunk_bytes = int(static_chunk_bytes)  # the same for a product over an image block
         # The network: its first hidden width sizes w1's products; its hidden-to-hidden layers
         # (2 .. L-1) are distributed too. `hidden` alone means 784-hidden-10.
         if layers is None:
@@ -330,6 +331,9 @@ class DistributedCompute:
         self._hidden_secrets: dict[int, tuple] = {}  # layer -> the forward's secrets, for its backward
         self.round_trips = 0  # executor.run calls: each is one round trip to every slot's node
         self.executor = executor_factory(self)
+        # submit/collect/forget: the executor's own, or for one that only has `run`, batches that
+        # wait and go together at collect
+        self._batches = self.executor if hasattr(self.executor, "submit") else _RunTogether(self.executor)
 
     # -- static operands -------------------------------------------------------------
     def factors(self, which: str) -> np.ndarray:
@@ -406,39 +410,32 @@ class DistributedCompute:
         """Start one round trip: every batch `batches` yields goes out as soon as it is built (if
         the executor can `submit`), so a node computes while the next slot's batch is prepared
         and while the caller does its own share of the product; `_receive` waits for the results.
-        A batch larger than `chunk_bytes` goes as several (`split_rows`)."""
+        A batch larger than `chunk_bytes` (`static_chunk_bytes` over an image block) goes as
+        several (`split_rows`)."""
         self.round_trips += 1
         pieces: list[list[tuple[str | None, int]]] = []  # per batch: how its chunks' results combine
 
         def chunks():
             for batch in batches:
-                cap = self.chunk_bytes
-                if batch.params.get("a_static") and cap == CHUNK_BYTES:
-                    cap = STATIC_CHUNK_BYTES  # see STATIC_CHUNK_BYTES
+                cap = self.static_chunk_bytes if batch.params.get("a_static") else self.chunk_bytes
                 parts, groups = split_rows(batch, cap)
                 pieces.append(groups)
                 yield from parts
                 self._keepalive()  # building the next slot's batch of a wide layer takes a while
 
-        submit = getattr(self.executor, "submit", None)
-        if submit is None:
-            return [("run", list(chunks()))], pieces
         handles = []
         try:
             for batch in chunks():
-                handles.append(submit(batch))
+                handles.append(self._batches.submit(batch))
         except BaseException:
-            self.executor.forget(handles)
+            self._batches.forget(handles)
             raise
         return handles, pieces
 
     def _receive(self, sent: tuple[list, list]) -> list[np.ndarray]:
         handles, pieces = sent
-        if len(handles) == 1 and isinstance(handles[0], tuple) and handles[0][0] == "run":
-            results = self.executor.run(handles[0][1])
-        else:
-            results = self.executor.collect(handles)
-            self._keepalive()
+        results = self._batches.collect(handles)
+        self._keepalive()
         out, at = [], 0
         for groups in pieces:
             count = sum(c for _, c in groups)
@@ -815,6 +812,23 @@ class DistributedCompute:
 
     def step_done(self) -> None:
         self.executor.step_done()
+
+
+class _RunTogether:
+    """An executor with only `run` behind the submit/collect interface: submitted batches wait
+    and go out together, in one `run`, at collect."""
+
+    def __init__(self, executor: Executor):
+        self.executor = executor
+
+    def submit(self, batch: Batch) -> Batch:
+        return batch
+
+    def collect(self, batches: list[Batch]) -> list[np.ndarray]:
+        return self.executor.run(list(batches))
+
+    def forget(self, batches: list[Batch]) -> None:
+        pass
 
 
 class InProcessExecutor:
