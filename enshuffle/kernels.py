@@ -25,7 +25,7 @@ import numpy as np
 
 from enshuffle.model import sigmoid
 
-OPS = ("matmul", "sigmoid", "sub", "square", "mul")
+OPS = ("matmul", "sigmoid", "sub", "square", "mul", "resident")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -119,12 +119,97 @@ def _array(arrays: dict, name: str) -> np.ndarray:
     return value
 
 
+class ResidentState:
+    """A node's resident weights for one slot (docs/protocol.md, "Resident weights"): V and its
+    momentum buffer, float64, at `version` (the number of updates applied since the run began).
+
+    Received as a STATIC with a "version" field: an array [V; buf] (2K, h). Updates are applied
+    idempotently by version, so a batch that carries updates the node already has is harmless."""
+
+    def __init__(self, array: np.ndarray, version: int):
+        if array.ndim != 2 or array.shape[0] % 2 or array.dtype not in FLOAT_DTYPES:
+            raise BatchError("bad-batch", f"a resident state must be a (2K, h) float matrix, got {array.dtype} {array.shape}")
+        k = array.shape[0] // 2
+        self.v = np.array(array[:k], dtype=np.float64)
+        self.buf = np.array(array[k:], dtype=np.float64)
+        self.version = int(version)
+        self._low: dict[np.dtype, np.ndarray] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.v.nbytes * 3
+
+    def weights(self, dtype) -> np.ndarray:
+        """V in the static's dtype (the forward's operand), cast once per update."""
+        dtype = np.dtype(dtype)
+        low = self._low.get(dtype)
+        if low is None:
+            low = self._low[dtype] = self.v if dtype == np.float64 else self.v.astype(dtype)
+        return low
+
+    def apply(self, static: np.ndarray, rows: np.ndarray, dz: np.ndarray, lr: float, momentum: float) -> None:
+        """buf = momentum buf + S[rows]^T dz; V += lr buf."""
+        g = np.take(static, rows, axis=0, mode="clip").T @ dz
+        self.buf *= momentum
+        self.buf += g
+        self.v += lr * self.buf
+        self._low.clear()
+
+
+def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.ndarray:
+    """Bring the state to params["version"] (applying the carried updates it lacks), then return
+    S[rows] @ V, or with params["fetch"] the state [V; buf] itself."""
+    name, state_name = params.get("a_static"), params.get("state")
+    static = statics.get(name) if isinstance(name, str) else None
+    state = states.get(state_name) if isinstance(state_name, str) else None
+    if static is None:
+        raise BatchError("unknown-static", f"no static operand {name!r} on this node")
+    if state is None:
+        raise BatchError("unknown-static", f"no resident state {state_name!r} on this node")
+    start, version = params.get("from"), params.get("version")
+    lrs, momentum = params.get("lr"), params.get("momentum")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (start, version)) or start > version:
+        raise BatchError("bad-batch", "a resident batch needs integer versions 0 <= from <= version")
+    if not isinstance(lrs, list) or len(lrs) != version - start or \
+            not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lrs + [momentum]):
+        raise BatchError("bad-batch", "a resident batch needs one finite lr per update and a finite momentum")
+    if state.version < start:
+        raise BatchError("state-behind", f"state {state_name!r} is at version {state.version}, the batch starts at {start}")
+    if state.version > version:
+        raise BatchError("state-ahead", f"state {state_name!r} is at version {state.version}, past the batch's {version}")
+    if version > start:
+        urows, dz = arrays.get("update_rows"), _array(arrays, "dz")
+        count = version - start
+        if urows is None or urows.ndim != 2 or urows.dtype.kind not in "iu" or urows.shape[0] != count:
+            raise BatchError("bad-batch", f"update_rows must be ({count}, b) integers")
+        b = urows.shape[1]
+        if dz.shape != (count * b, state.v.shape[1]) or dz.dtype != static.dtype:
+            raise BatchError("bad-batch", f"dz must be {static.dtype} ({count * b}, {state.v.shape[1]}), got {dz.dtype} {dz.shape}")
+        if urows.size and (urows.min() < 0 or urows.max() >= static.shape[0]):
+            raise BatchError("bad-batch", f"update rows out of range for static {name!r}")
+        if static.shape[1] != state.v.shape[0]:
+            raise BatchError("bad-batch", f"static {name!r} {static.shape} does not fit state {state_name!r} {state.v.shape}")
+        for j in range(state.version - start, count):  # one pass per update carried (not per row)
+            state.apply(static, urows[j], dz[j * b:(j + 1) * b], float(lrs[j]), float(momentum))
+            state.version = start + j + 1
+    if params.get("fetch"):
+        return np.concatenate([state.v, state.buf])
+    rows = arrays.get("rows")
+    if rows is None or rows.ndim != 1 or rows.dtype.kind not in "iu":
+        raise BatchError("bad-batch", "a resident forward needs a 1-D integer array 'rows'")
+    if rows.size and (rows.min() < 0 or rows.max() >= static.shape[0]):
+        raise BatchError("bad-batch", f"rows out of range for static {name!r} with {static.shape[0]} rows")
+    return np.take(static, rows, axis=0, mode="clip") @ state.weights(static.dtype)
+
+
 def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics: dict[str, np.ndarray],
-                  workspace: Workspace | None = None) -> np.ndarray:
+                  workspace: Workspace | None = None, states: dict | None = None) -> np.ndarray:
     """Compute one batch; raises BatchError for anything malformed (never a bare exception).
 
     With `workspace`, a product's result is a view on the workspace's buffer, valid until the
-    next batch computed with it."""
+    next batch computed with it. `states`: the node's resident states by name (op "resident")."""
+    if op == "resident":
+        return _resident(params, arrays, statics, states or {})
     if op == "matmul":
         b = _array(arrays, "b")
         name = params.get("a_static")

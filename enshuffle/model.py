@@ -44,6 +44,12 @@ class Preset:
     # biases b{l}, so the notebook's w1, b1, w2, b2 keep their names.
     layers: tuple[int, ...] = NOTEBOOK_LAYERS
     activation: str = "sigmoid"
+    # The first layer's optimizer: "same" (the preset's `optimizer`, applied here) or "momentum"
+    # (SGD with momentum 0.9 at `w1_learning_rate`, on the preset's schedule): a linear optimizer,
+    # which the resident disguise runs on the nodes, in each node's own basis (docs/design.md,
+    # "Resident weights"); the other layers keep `optimizer`.
+    w1_optimizer: str = "same"
+    w1_learning_rate: float = 0.0
 
     @property
     def depth(self) -> int:
@@ -70,9 +76,11 @@ PRESETS = {
                    loss="mse", optimizer="sgd", inputs="raw", init="notebook", seed=402),
     # A preset that trains: standardized inputs, mini-batches, softmax cross-entropy, Adam with
     # a cosine learning-rate decay. Same network shape.
+    # The first layer trains with SGD and momentum (its weights stay on the nodes, which update
+    # them in their own secret basis); the rest with Adam.
     "default": Preset(name="default", epochs=20, batch_size=128, dtype="float32", learning_rate=2e-3,
                       loss="xent", optimizer="adam", inputs="standardize", init="scaled",
-                      schedule="cosine"),
+                      schedule="cosine", w1_optimizer="momentum", w1_learning_rate=0.5),
 }
 
 
@@ -203,8 +211,30 @@ class LocalCompute:
     `images[which]` are the (n, 784) input matrices ("train", "test").
     """
 
-    def __init__(self, images: dict[str, np.ndarray]):
+    def __init__(self, images: dict[str, np.ndarray], basis=None):
+        """`basis` (a coordinator.resident.ResidentBasis): train the resident disguise's
+        reparameterized first layer (w1[P_s] = M_s V_s, SGD with momentum on V) instead of w1
+        itself, exactly as a resident run does, for comparing with one."""
         self.images = images
+        self.basis = basis
+
+    def adopt(self, params: dict[str, np.ndarray], opt: "OptimizerState", fresh: bool) -> None:
+        """A fresh run under a basis starts from w1 = M_s V_0 (the basis's V_0)."""
+        if self.basis is not None and fresh:
+            params["w1"] = self.basis.to_pixels(self.basis.v0).astype(params["w1"].dtype)
+
+    def w1_step(self, params: dict[str, np.ndarray], idx, dz1: np.ndarray, labels, lr: float,
+                opt: "OptimizerState") -> None:
+        """SGD with momentum on w1 from the ascent delta dz1 (b, h1): buf = 0.9 buf + g,
+        w1 += lr buf, with g = X[idx]^T dz1, preconditioned by the basis when there is one (the
+        V-basis step seen in the pixel basis)."""
+        g = self.dw1(idx, dz1, labels)
+        if self.basis is not None:
+            g = self.basis.precondition(g)
+        buf = opt.moments.setdefault("buf_w1", np.zeros(params["w1"].shape, np.float64))
+        buf *= W1_MOMENTUM
+        buf += g
+        params["w1"] += (lr * buf).astype(params["w1"].dtype)
 
     def x_w1(self, which: str, idx: np.ndarray | None, w1: np.ndarray) -> np.ndarray:
         """X[idx] (b,784) @ w1 (784,h1) -> (b,h1); idx None means every row."""
@@ -243,6 +273,9 @@ class LocalCompute:
 
     def step_done(self) -> None:
         """Called at every step boundary (membership changes take effect there)."""
+
+
+W1_MOMENTUM = 0.9  # the resident first layer's momentum (coordinator.resident.MOMENTUM is the same)
 
 
 @dataclass
@@ -321,8 +354,12 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
                                                labels if layer < preset.depth else None)
         grads[f"b{layer}"] = dz.sum(axis=0)
         dz = _hidden_delta(compute, da, a, preset)
-    grads["w1"] = compute.dw1(idx, dz, labels)
     grads["b1"] = dz.sum(axis=0)
+    if preset.w1_optimizer == "momentum":
+        # SGD with momentum, by the compute: a resident compute runs it on the nodes
+        compute.w1_step(params, idx, dz, labels, lr * preset.w1_learning_rate / preset.learning_rate, opt)
+    else:
+        grads["w1"] = compute.dw1(idx, dz, labels)
     _apply_update(params, grads, preset, opt, lr)
     compute.step_done()
     correct = int(np.count_nonzero(np.argmax(scores, axis=1) == labels))
@@ -333,7 +370,7 @@ def _apply_update(params, grads, preset: Preset, opt: OptimizerState, lr: float)
     """Gradient step in the ascent direction `grads` (the notebook adds lr * dw)."""
     dt = params["w1"].dtype
     # The notebook's order, w2, b2, w1, b1: the last layer first.
-    order = [name for layer in range(preset.depth, 0, -1) for name in (f"w{layer}", f"b{layer}")]
+    order = [name for layer in range(preset.depth, 0, -1) for name in (f"w{layer}", f"b{layer}") if name in grads]
     if preset.optimizer == "sgd":
         for name in order:
             params[name] += dt.type(lr) * grads[name]

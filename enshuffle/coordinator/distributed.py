@@ -48,10 +48,11 @@ from enshuffle.coordinator.ledger import (HIDDEN_VALUES, POSITIONS_HIDDEN, Expos
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
 from enshuffle.coordinator.offload import CostModel, decide, plan_lines, refuse_all, step_plan
-from enshuffle.kernels import compute_batch
+from enshuffle.coordinator.resident import CHECKPOINT_STEPS, ResidentBasis, ResidentDisguise
+from enshuffle.kernels import ResidentState, compute_batch
 from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, sigmoid
 
-DISGUISES = ("share", "shuffle")
+DISGUISES = ("resident", "share", "shuffle")
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
 NOISE_SCALE = 1.0  # std of each noise element, in units of a normalized pixel's root mean square
 MIX_GROUP = 32  # mixing blocks: 32x32 dense, so mixing costs 32 multiply-adds per element
@@ -85,6 +86,8 @@ class Batch:
     arrays: dict[str, np.ndarray]
     exposure: list[tuple] = field(default_factory=list)
     static_cols: int = 0  # columns of the static operand it names (for sizing chunks; not sent)
+    shape: tuple[int, int] | None = None  # the result's shape, when the arrays alone do not say
+    work: float | None = None  # multiply-adds, when the arrays alone do not say
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
@@ -102,6 +105,8 @@ def split_rows(batch: Batch, cap: int) -> tuple[list[Batch], list[tuple[str | No
     Returns (batches, groups): one (how, count) per column group, in order; how is None when
     the group is a single batch. A batch that fits comes back as ([batch], [(None, 1)])."""
     arrays, transpose = batch.arrays, bool(batch.params.get("transpose_a"))
+    if batch.op == "resident":  # one per slot and step; its node holds the weights (never split)
+        return [batch], [(None, 1)]
     b = arrays["b"]
     item = b.dtype.itemsize
     if "a" in arrays:
@@ -294,11 +299,22 @@ class DistributedCompute:
         # Pixels that are zero in every image add nothing to any product and have a zero
         # gradient: they stay here, and no node learns which pixels are blank.
         active = np.flatnonzero(scale > 0) if disguise == "share" else np.arange(INPUTS)
-        self.pixel_blocks = [active[b] for b in balanced_blocks(len(active), shards, rng)]
+        self.resident: ResidentDisguise | None = None
+        if disguise == "resident":
+            # The first layer's weights live on the nodes (resident.py): pixels nonzero in some
+            # standardized training image are split; the rest never leave.
+            train = images["train"]
+            active = np.flatnonzero(np.any(train != 0, axis=0))
+            self.basis = ResidentBasis(active, shards, self.layers[1], rng)
+            self.resident = ResidentDisguise(train, self.basis, rng)
+            self._since_checkpoint = 0
+            self.pixel_blocks = list(self.basis.blocks)
+        else:
+            self.pixel_blocks = [active[b] for b in balanced_blocks(len(active), shards, rng)]
         self.norm = np.where(scale > 0, scale, 1.0)
         self.noise_seed = [int(v) for v in rng.integers(0, 2**63, size=4)]
         self.statics = []
-        for block in self.pixel_blocks:
+        for block in (self.pixel_blocks if self.resident is None else []):
             order = {w: rng.permutation(x.shape[0]) for w, x in images.items()}
             st = ShardStatics(pixels=block, row_order=order,
                               row_index={w: inverse_permutation(o) for w, o in order.items()})
@@ -329,6 +345,8 @@ class DistributedCompute:
             if self.layers[layer - 1] >= shards:
                 self.unit_blocks[layer] = balanced_blocks(self.layers[layer - 1], shards, rng)
         self._hidden_secrets: dict[int, tuple] = {}  # layer -> the forward's secrets, for its backward
+        self._train_batch: int | None = None  # rows of a training step (the first one seen)
+        self._resident_local: bool | None = None
         self.round_trips = 0  # executor.run calls: each is one round trip to every slot's node
         self.executor = executor_factory(self)
         # submit/collect/forget: the executor's own, or for one that only has `run`, batches that
@@ -362,13 +380,26 @@ class DistributedCompute:
 
     def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
         """What a node serving slot `shard` must hold before it can compute that slot's batches."""
+        if self.resident is not None:
+            state, _ = self.resident.state_static(shard)
+            return {static_name("train", shard): self.resident.slots[shard].static,
+                    self.resident.state_name(shard): state}
         return {static_name(w, shard): self._static(w, self.statics[shard]) for w in self.images}
 
+    def static_fields(self, shard: int, name: str) -> dict:
+        """Extra STATIC header fields: a resident state's version."""
+        if self.resident is not None and name == self.resident.state_name(shard):
+            return {"version": self.resident.state_static(shard)[1]}
+        return {}
+
     def _form(self) -> int:
-        return HIDDEN_VALUES if self.disguise == "share" else POSITIONS_HIDDEN
+        return POSITIONS_HIDDEN if self.disguise == "shuffle" else HIDDEN_VALUES
 
     def static_exposure(self, shard: int) -> list[tuple]:
-        return [("images", self.pixel_blocks[shard], self._form()), ("samples", [0], POSITIONS_HIDDEN)]
+        out = [("images", self.pixel_blocks[shard], self._form()), ("samples", [0], POSITIONS_HIDDEN)]
+        if self.resident is not None:  # its block of w1 arrives with the statics, once
+            out.append(("w1", self.pixel_blocks[shard], HIDDEN_VALUES))
+        return out
 
     def slot_exposure(self, shard: int) -> list[tuple]:
         """Everything a node learns by serving slot `shard` for a run (the exposure bound's unit)."""
@@ -391,7 +422,17 @@ class DistributedCompute:
 
     def audit_truth(self, shard: int) -> dict:
         """Ground truth for `enshuffle audit`'s scorer (never sent anywhere), per static of the
-        slot: its pixel block, row order, and each column's dominant pixel."""
+        slot: its pixel block, row order, and each column's dominant pixel (resident: also the
+        mixing blocks and the noise loadings)."""
+        if self.resident is not None:
+            rs = self.resident.slots[shard]
+            dominant = np.empty(len(rs.pixels), dtype=np.int64)
+            for (lo, hi), m in zip(rs.mix.bounds, rs.mix.blocks):
+                dominant[lo:hi] = lo + np.argmax(np.abs(m), axis=0)
+            return {static_name("train", shard): {"pixels": rs.pixels.copy(), "row_order": rs.row_order.copy(),
+                                                  "column_pixel": rs.pixels[dominant], "which": "train",
+                                                  "mix_blocks": [m.copy() for m in rs.mix.blocks],
+                                                  "mix_bounds": list(rs.mix.bounds), "loadings": rs.loadings.copy()}}
         st = self.statics[shard]
         out = {}
         for w in self.images:
@@ -461,7 +502,7 @@ class DistributedCompute:
     def plan(self, batch: int) -> list:
         """The offload plan of one training step of `batch` rows (offload.step_plan)."""
         return step_plan((self._active_pixels(), *self.layers[1:]), batch, self.k, self.offload,
-                         self.cost_model, set(self.unit_blocks))
+                         self.cost_model, set(self.unit_blocks), resident=self.resident is not None)
 
     def plan_lines(self, batch: int) -> list[str]:
         """The plan as printed at start."""
@@ -470,9 +511,125 @@ class DistributedCompute:
     def _active_pixels(self) -> int:
         return sum(len(block) for block in self.pixel_blocks)
 
+    # -- the resident first layer (resident.py) -----------------------------------------
+    def _resident_home(self) -> bool:
+        """Does the resident first layer stay here (shipping it does not pay under --offload auto)?
+        Decided once per run from the training batch, since its state lives where it trains."""
+        if self._resident_local is None:
+            b = self._train_batch or self.images["train"].shape[0]
+            self._resident_local = not self.ships("resident", b, self._active_pixels(), self.hidden)
+        return self._resident_local
+
+    def adopt(self, params: dict[str, np.ndarray], opt, fresh: bool) -> None:
+        """The trainer's parameters at the start (`fresh`) or after a resume: a fresh run's w1 is
+        M_s V_0 on each block; a resumed one's clean w1 and momentum become every slot's state."""
+        if self.resident is None:
+            return
+        if fresh:
+            params["w1"] = self.basis.to_pixels(self.basis.v0).astype(params["w1"].dtype)
+            return
+        self.resident.adopt(params["w1"], opt.moments.get("buf_w1"))
+        changed = getattr(self.executor, "statics_changed", None)
+        for shard in range(self.k):
+            if changed is not None:
+                changed(shard, reset=True)
+
+    def _resident_batch(self, shard: int, params: dict, arrays: dict, rows: np.ndarray | None) -> Batch:
+        st = self.resident.slots[shard]
+        m, k = self.hidden, len(st.pixels)
+        fetch = bool(params.get("fetch"))
+        b = 0 if rows is None else rows.shape[0]
+        updates = params["version"] - params["from"]
+        work = float(updates * (arrays["update_rows"].shape[1] if updates else 0) * k * m + b * k * m)
+        exposure = [("w1", st.pixels, HIDDEN_VALUES), ("samples", [0], POSITIONS_HIDDEN),
+                    ("deltas", np.arange(m), POSITIONS_HIDDEN)]
+        return Batch(shard, "resident", params, arrays, exposure,
+                     shape=(2 * k, m) if fetch else (b, m), work=max(work, 1.0))
+
+    def fit_batch(self, batch: Batch, held: int | None) -> Batch:
+        """`batch` for a node whose state for its slot is at version `held` (None: the node gets
+        the slot's state static first, at its checkpoint's version): the updates it lacks."""
+        if batch.op != "resident":
+            return batch
+        start = self.resident.replay_from(batch.shard) if held is None else held
+        if start == batch.params["from"]:
+            return batch
+        params, arrays = self.resident.batch(batch.shard, batch.arrays.get("rows"), start,
+                                             batch.params["version"], bool(batch.params.get("fetch")))
+        return self._resident_batch(batch.shard, params, arrays, batch.arrays.get("rows"))
+
+    def check_resident(self, batch: Batch, c: np.ndarray) -> str | None:
+        """The probe check of a resident result (resident.py): None if it holds."""
+        if batch.params.get("fetch"):
+            return self.resident.check_state(batch.shard, c)
+        return self.resident.check_forward(batch.shard, batch.arrays["rows"], c)
+
+    def _resident_forward(self, idx: np.ndarray) -> np.ndarray:
+        batches = []
+        for s, st in enumerate(self.resident.slots):
+            rows = np.take(st.row_index, idx).astype(np.int64)
+            start = max(st.checkpoint_version, st.version - 1)
+            params, arrays = self.resident.batch(s, rows, start, st.version, fetch=False)
+            batches.append(self._resident_batch(s, params, arrays, rows))
+        results = self._receive(self._send(batches))
+        return self.resident.combine(idx, [np.asarray(r) for r in results])
+
+    def _resident_fetch(self) -> None:
+        """Every slot's state after the issued updates, checked and made the checkpoint."""
+        batches = []
+        for s, st in enumerate(self.resident.slots):
+            if st.version == st.checkpoint_version:
+                continue
+            params, arrays = self.resident.batch(s, None, max(st.checkpoint_version, st.version - 1),
+                                                 st.version, fetch=True)
+            batches.append(self._resident_batch(s, params, arrays, None))
+        if not batches:
+            return
+        for batch, state in zip(batches, self._receive(self._send(batches))):
+            self.resident.accept_state(batch.shard, np.asarray(state, dtype=np.float64), batch.params["version"])
+        self._since_checkpoint = 0
+        changed = getattr(self.executor, "statics_changed", None)
+        if changed is not None:
+            for batch in batches:
+                changed(batch.shard)
+
+    def w1_step(self, params: dict[str, np.ndarray], idx, dz1: np.ndarray, labels, lr: float, opt) -> None:
+        """The first layer's SGD-with-momentum step. Resident: issued to the nodes with the next
+        forward (and every CHECKPOINT_STEPS fetched back, checked, as the slot's checkpoint)."""
+        if self.resident is None or self._resident_home():
+            g = self.dw1(idx, dz1, labels) if self.resident is None else self.images["train"][self._rows("train", idx)].T @ dz1
+            if self.resident is not None:
+                g = self.basis.precondition(g)
+            buf = opt.moments.setdefault("buf_w1", np.zeros(params["w1"].shape, np.float64))
+            buf *= 0.9
+            buf += g
+            params["w1"] += (lr * buf).astype(params["w1"].dtype)
+            return
+        self.resident.update(self._rows("train", idx), dz1, lr)
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= CHECKPOINT_STEPS:
+            self._resident_fetch()
+
+    def sync(self, params: dict[str, np.ndarray], opt) -> None:
+        """Bring the trainer's w1 (and its momentum) up to date from the nodes: before a test pass
+        and before a model version is written."""
+        if self.resident is None or self._resident_home():
+            return
+        self._resident_fetch()
+        w1, buf = self.resident.clean()
+        params["w1"] = w1.astype(params["w1"].dtype)
+        opt.moments["buf_w1"] = buf
+
     def x_w1(self, which: str, idx, w1: np.ndarray) -> np.ndarray:
         """X[idx] @ w1, contraction over pixels: each slot multiplies its static block (or, when
         shipping does not pay, computed here as the centralized run does)."""
+        if self.resident is not None:
+            if which != "train" or self._resident_home():  # the test pass is never shipped
+                x = self.images[which] if idx is None else self.images[which][idx]
+                return x @ w1
+            if self._train_batch is None:
+                self._train_batch = self.images["train"].shape[0] if idx is None else len(idx)
+            return self._resident_forward(self._rows("train", idx)).astype(w1.dtype, copy=False)
         if not self.ships("x_w1", self.images[which].shape[0] if idx is None else len(idx),
                           self._active_pixels(), w1.shape[1]):
             x = self.images[which] if idx is None else self.images[which][idx]
@@ -846,18 +1003,37 @@ class InProcessExecutor:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.batches = 0
+        self.states: list[dict] = []
+        self._compute = compute
         for s, name in enumerate(self.names):
-            arrays = compute.static_arrays(s)
-            self.statics.append(arrays)
+            self.statics.append({})
+            self.states.append({})
+            self._load(s)
             self.ledger.record(name, compute.static_exposure(s))
-            self.bytes_sent += sum(a.nbytes for a in arrays.values())
+
+    def _load(self, shard: int) -> None:
+        """Slot `shard`'s statics as a node receives them (a resident state as its node stores it)."""
+        for name, array in self._compute.static_arrays(shard).items():
+            fields = self._compute.static_fields(shard, name)
+            if "version" in fields:
+                self.states[shard][name] = ResidentState(array, fields["version"])
+            else:
+                self.statics[shard][name] = array
+            self.bytes_sent += array.nbytes
+
+    def statics_changed(self, shard: int, reset: bool = False) -> None:
+        """A slot's state static is a new checkpoint. The simulated node already holds the state
+        it came from; `reset` (a resumed run's state replaces it) loads it afresh."""
+        if reset:
+            self._load(shard)
 
     def run(self, batches: list[Batch]) -> list[np.ndarray]:
         results = []
         for batch in batches:
             self.ledger.record(self.names[batch.shard], batch.exposure)
             self.bytes_sent += batch.nbytes()
-            result = self._compute_batch(batch.op, batch.params, batch.arrays, self.statics[batch.shard])
+            result = self._compute_batch(batch.op, batch.params, batch.arrays, self.statics[batch.shard],
+                                         None, self.states[batch.shard])
             self.bytes_received += result.nbytes
             self.batches += 1
             results.append(result)

@@ -19,6 +19,7 @@ The products of a network 784-h1-...-10 with k slots and a batch of b rows:
 | a_w{l}  | (b,n) @ (n,m)      | b n + n m + k b m                | b n (r + g) + n m (r + g) + b m (r + k)      |
 | dw{l}   | (n,b) @ (b,m)      | b n + k b m + n m                | b m r + n m (r + g)                          |
 | da{l}   | (b,m) @ (m,n)      | n m + b n                        | b n g                                        |
+| resident | x_w1 and dw1 together, weights on the nodes | 2 k b h1 (+ 2 784 h1 per checkpoint) | b 784 (r + 2q) + b h1 r (2k + 2) |
 
 (r, g: the noise rank and mixing block of each disguise; see distributed.py.) The last layer's
 products never go: they carry the labels.
@@ -31,6 +32,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from enshuffle.coordinator.resident import CHECKPOINT_STEPS as RESIDENT_CHECKPOINT_STEPS
+from enshuffle.coordinator.resident import PROBES as RESIDENT_PROBES
 from enshuffle.dataset import cache_dir
 
 OFFLOADS = ("auto", "matmul")  # "all" is refused (see refuse_all)
@@ -105,6 +108,9 @@ def product_costs(name: str, b: int, n: int, m: int, k: int) -> tuple[float, flo
     """(multiply-adds, shipped elements, disguise multiply-adds) of product `name` (its kind is
     its prefix: x_w1, dw1, a_w, dw, da) with batch b, contraction or input width n, output m."""
     r1, g1, r, g = PIXEL_NOISE_RANK, PIXEL_MIX_GROUP, HIDDEN_NOISE_RANK, HIDDEN_MIX_GROUP
+    if name == "resident":  # the resident disguise's first layer: forward and update per step
+        return (2 * b * n * m, 2 * k * b * m + 2 * n * m / RESIDENT_CHECKPOINT_STEPS,
+                b * n * (r1 + 2 * RESIDENT_PROBES) + b * m * r1 * (2 * k + 2))
     if name == "x_w1":
         return b * n * m, n * m + k * b * m, n * m * (r1 + 1 + g1) + b * m * (r1 + 1 + k)
     if name == "dw1":
@@ -129,12 +135,15 @@ def decide(name: str, b: int, n: int, m: int, k: int, offload: str, model: CostM
 
 
 def step_plan(layers: tuple[int, ...], batch: int, k: int, offload: str, model: CostModel,
-              distributable: set[int] | None = None) -> list[Product]:
+              distributable: set[int] | None = None, resident: bool = False) -> list[Product]:
     """Every product of one training step of a network with these layer widths: the first layer's
     two, then each hidden-to-hidden layer's three (`distributable`: the layers split over the
     slots; default every hidden-to-hidden layer). The last layer's products are never shipped."""
-    out = [decide("x_w1", batch, layers[0], layers[1], k, offload, model),
-           decide("dw1", batch, layers[0], layers[1], k, offload, model)]
+    if resident:
+        out = [decide("resident", batch, layers[0], layers[1], k, offload, model)]
+    else:
+        out = [decide("x_w1", batch, layers[0], layers[1], k, offload, model),
+               decide("dw1", batch, layers[0], layers[1], k, offload, model)]
     for layer in range(2, len(layers) - 1):
         if distributable is not None and layer not in distributable:
             continue
@@ -155,7 +164,7 @@ def plan_lines(products: list[Product], model: CostModel, offload: str, batch: i
         where = "nodes" if p.ship else "here "
         if p.ship:
             saved += local - remote
-        lines.append(f"  {p.name:<6} {where}  {p.madds / 1e6:10.1f} M multiply-adds, {p.shipped / 1e6:8.2f} M "
+        lines.append(f"  {p.name:<8} {where}  {p.madds / 1e6:10.1f} M multiply-adds, {p.shipped / 1e6:8.2f} M "
                      f"elements to ship: here {local:8.2f} ms, shipped {remote:8.2f} ms")
     shipped = [p.name for p in products if p.ship]
     if not shipped:

@@ -90,6 +90,20 @@ class Trainer:
         self._pre_update_test_accuracy: float | None = None
         self._cached_order: tuple[int, np.ndarray] | None = None
         self._flush = np.dtype(preset.dtype) == np.float32
+        self._adopt(fresh=True)
+
+    def _adopt(self, fresh: bool) -> None:
+        """Tell a compute that trains a reparameterized first layer (the resident disguise, or
+        the centralized reference of one) where the run starts."""
+        adopt = getattr(self.compute, "adopt", None)
+        if adopt is not None:
+            adopt(self.params, self.opt, fresh)
+
+    def sync(self) -> None:
+        """Bring params up to date with a compute that keeps weights elsewhere (resident nodes)."""
+        sync = getattr(self.compute, "sync", None)
+        if sync is not None:
+            sync(self.params, self.opt)
 
     # -- position -------------------------------------------------------------------
     @property
@@ -128,6 +142,7 @@ class Trainer:
         order = self._order(self.epoch)
         if self.full_batch and self.step == 0:
             # The notebook reports test accuracy from the same pre-update weights as the train pass.
+            self.sync()
             self._pre_update_test_accuracy = evaluate(self.compute, "test", self.params, self.inputs.test_labels, self.preset)
         if order is None:
             idx, onehot, labels = None, self.inputs.train_onehot, self.inputs.train_labels
@@ -154,6 +169,7 @@ class Trainer:
         if self.full_batch:
             test_accuracy = self._pre_update_test_accuracy
         else:
+            self.sync()
             test_accuracy = evaluate(self.compute, "test", self.params, self.inputs.test_labels, self.preset)
         seconds = self._epoch_seconds + time.perf_counter() - started
         report = EpochReport(epoch=self.epoch + 1, cost=self._cost_sum / self._seen,
@@ -173,6 +189,7 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------
     def checkpoint(self) -> tuple[dict[str, np.ndarray], dict]:
         """Arrays and metadata that let `restore` continue exactly from here."""
+        self.sync()
         arrays = {name: self.params[name] for name in self.preset.weight_names}
         arrays.update({f"opt.{k}": v for k, v in self.opt.moments.items()})
         meta = {"epoch": self.epoch, "step": self.step, "opt_t": self.opt.t, "preset": self.preset.name,
@@ -198,6 +215,7 @@ class Trainer:
                                   moments={k[4:]: np.array(v, dtype=dt) for k, v in arrays.items() if k.startswith("opt.")})
         self.epoch = int(meta["epoch"])
         self.step = int(meta["step"])
+        self._adopt(fresh=False)
         partial = meta.get("partial") or {}
         self._cost_sum = float(partial.get("cost_sum", 0.0))
         self._correct = int(partial.get("correct", 0))

@@ -48,7 +48,7 @@ import zmq
 
 from enshuffle.errors import UsageError
 from enshuffle.blas import BlasThreads, BlasThreadsUnavailable, get_blas_threads
-from enshuffle.kernels import OPS, BatchError, Workspace, aligned, compute_batch
+from enshuffle.kernels import OPS, BatchError, ResidentState, Workspace, aligned, compute_batch
 from enshuffle.fpenv import flushing
 from enshuffle.node.policy import Policy
 from enshuffle.node.state import NodeControl, NodeState
@@ -103,7 +103,8 @@ FINAL_REFUSALS = ("version-mismatch", "not-allowed", "bad-hello", "quarantined")
 # it is said loudly every time: two processes share one key.
 FINAL_BYES = ("evicted", "protocol-error", "quarantined")
 # Where compute_batch's BatchError codes land among the spec's REJECT codes.
-BATCH_ERROR_CODES = {"bad-batch": "bad-params", "unknown-op": "bad-op", "unknown-static": "unknown-static"}
+BATCH_ERROR_CODES = {"bad-batch": "bad-params", "unknown-op": "bad-op", "unknown-static": "unknown-static",
+                     "state-behind": "state-behind", "state-ahead": "state-ahead"}
 
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
@@ -133,6 +134,11 @@ def describe_batch(op: str, params: dict, arrays: dict, statics: dict) -> str:
                     a = a[::-1]
                 return f"matmul ({dims(a)})·({dims(b)}) [{name}]"
             return f"matmul ({dims(arrays['a'].shape)})·({dims(b)})"
+        if op == "resident":
+            static = statics[params["a_static"]]
+            if params.get("fetch"):
+                return f"resident checkpoint [{params.get('state')}]"
+            return f"resident ({arrays['rows'].shape[0]}x{static.shape[1]})·V [{params.get('state')}]"
         first = arrays.get("a", arrays.get("b"))
         return f"{op} ({dims(first.shape)})" if first is not None else op
     except (KeyError, AttributeError, IndexError, TypeError):
@@ -146,6 +152,14 @@ def batch_memory(op: str, params: dict, arrays: dict, statics: dict) -> int:
     refuses them)."""
     try:
         b = arrays.get("b")
+        if op == "resident":
+            static = statics.get(params.get("a_static"))
+            rows, dz = arrays.get("rows"), arrays.get("dz")
+            if static is None or static.ndim != 2:
+                return 0
+            width = dz.shape[1] if dz is not None and dz.ndim == 2 else 0
+            gathered = (rows.shape[0] if rows is not None and rows.ndim == 1 else 0) * static.shape[1]
+            return int(gathered * static.dtype.itemsize * 2 + 2 * static.shape[1] * max(width, 1) * 8)
         if op == "matmul" and b is not None and b.ndim == 2:
             item = b.dtype.itemsize
             name = params.get("a_static")
@@ -308,6 +322,7 @@ class _Session:
     heartbeat_ms: int
     channel: Channel | None = None
     statics: dict[str, np.ndarray] = field(default_factory=dict)
+    states: dict = field(default_factory=dict)  # name -> kernels.ResidentState (a STATIC with "version")
     static_bytes: int = 0
     pending: deque = field(default_factory=deque)  # (received_at, Message | ProtocolError, nbytes)
     pending_bytes: int = 0
@@ -936,6 +951,25 @@ class NodeDaemon:
             self._reject(s, msg.header, "too-large", f"static {name!r} ({array.nbytes} bytes) would make "
                          f"{total} bytes of statics; this node keeps at most {self.max_static_bytes}", "STATIC")
             return
+        version = msg.header.get("version")
+        if version is not None:  # resident weights: kept writable, updated by the batches
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+                self._reject(s, msg.header, "bad-params", f"static {name!r}: version must be a count, got {version!r:.40}", "STATIC")
+                return
+            try:
+                state = ResidentState(array, version)
+            except BatchError as exc:
+                self._reject(s, msg.header, "bad-params", exc.detail, "STATIC")
+                return
+            total += state.nbytes - array.nbytes
+            if total > self.max_static_bytes:
+                self._reject(s, msg.header, "too-large", f"state {name!r} would make {total} bytes of statics; "
+                             f"this node keeps at most {self.max_static_bytes}", "STATIC")
+                return
+            s.states[name] = state
+            s.static_bytes = total
+            self._say(f"stored resident state {name} {list(array.shape)} at version {version}")
+            return
         s.statics[name] = aligned(array)  # read-only, kept for the session
         s.static_bytes = total
         self._say(f"stored static {name} {array.dtype}{list(array.shape)}")
@@ -959,7 +993,7 @@ class NodeDaemon:
         try:
             # `result` is a view on the session's reused buffer: it is sealed (encrypted into a new
             # frame) below, before the next batch can overwrite it.
-            result = compute_batch(op, params, msg.arrays, s.statics, s.workspace)
+            result = compute_batch(op, params, msg.arrays, s.statics, s.workspace, s.states)
         except BatchError as exc:
             self._reject(s, h, BATCH_ERROR_CODES.get(exc.code, "bad-params"), exc.detail)
             return

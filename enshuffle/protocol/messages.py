@@ -66,7 +66,7 @@ BAD_SEAL = "bad-seal"          # a sealed message that does not decrypt, or a re
 WRONG_KIND = "wrong-kind"      # e.g. a BATCH sent in the clear, or a HELLO sealed
 
 # Batch operations a node computes (see "Operations" in docs/protocol.md).
-OPS = ("matmul", "sigmoid", "sub", "square", "mul")
+OPS = ("matmul", "sigmoid", "sub", "square", "mul", "resident")
 
 
 class ProtocolError(Exception):

@@ -1,0 +1,387 @@
+"""The "resident" disguise: each node keeps its block of the first layer's weights, in a secret
+basis, for the whole run, and updates it itself (docs/design.md, "Privacy" and "Resident weights").
+
+The network trains a secretly reparameterized first layer. For k slots with secret pixel blocks
+P_s and secret block-diagonal mixings M_s (dense 32x32 blocks, condition <= sqrt 2 each way),
+
+    w1[P_s] = M_s V_s          V_s (|P_s|, h1): slot s's weights, in its own basis
+
+and V_s is trained by SGD with momentum in that basis (buf = mu buf + grad_V; V += lr buf): a
+linear optimizer, so the coordinator can follow what the node does from what it computes anyway.
+`ResidentBasis` is the reparameterization alone; the centralized reference
+(`enshuffle.model.LocalCompute(basis=...)`) trains the same network in the pixel basis, which is
+what the exactness tests compare against.
+
+What node s holds, received once:
+
+    S_s = (x[:, P_s] + G H_s) M_s     rows in a secret order    (x: the standardized pixels)
+    V_s at the start (drawn i.i.d. Gaussian in the node's basis: it says nothing about M_s)
+
+and per step it receives only the step's rows (indices into S_s) and the previous step's delta
+dz1 (b, h1). It applies the previous update, buf = mu buf + S_s[rows']^T dz1', V_s += lr buf,
+and returns y_s = S_s[rows] V_s. Everything it ever holds of the weights is a function of V_0,
+S_s and the deltas it was sent: the weight trajectory carries nothing more (no per-step weight
+message to separate, no optimizer applied in the pixel basis).
+
+The node's update includes the noise's share of the gradient, M^T H^T (G^T dz1): its V_s is
+V_clean + M^T H^T E with E (r, h1) accumulated by the same momentum recurrence, which the
+coordinator keeps. The coordinator makes the clean forward from what it tracks:
+
+    z1 = sum_s [ y_s - G[idx] (H_s M_s V_s) - (x[idx, P_s] B_s^T) E_s ]      B_s = H_s M_s M_s^T
+
+tracking H_s M_s V_s and E_s (r x h1 each) with O(r b (|P_s| + h1)) multiply-adds per step, so
+the clean weights M_s V_clean follow exact SGD with momentum on the clean network. It also
+tracks V_s R for a few secret probe columns R, so it can check every result (Freivalds: y_s R
+against S_s[rows] (V_s R)) and every checkpoint the node returns, without V_s.
+
+Fault tolerance: every CHECKPOINT_STEPS the coordinator fetches [V_s; buf_s] (checked against
+the probes) and keeps the deltas issued since. A slot's state static is that checkpoint; a node
+that takes the slot over receives it and replays the logged updates (batch "from" < "version"),
+which nodes apply idempotently by version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from enshuffle.coordinator.plan import balanced_blocks, inverse_permutation
+
+NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
+MIX_GROUP = 32  # dense blocks of M_s
+MIX_SPREAD = 0.5  # singular values of each block in [2^-0.5, 2^0.5]: M M^T's condition <= 4
+PROBES = 2  # q: secret probe columns for checks
+CHECKPOINT_STEPS = 64  # fetch each slot's state this often (and at every epoch's end)
+MOMENTUM = 0.9
+STATE_PREFIX = "w1."
+# A node's float32 products round at 2^-24 of their terms; the probes' float64 recurrence does
+# not. A result or checkpoint is accepted within this many rounding units of its bound
+# (`check_forward`); a lie larger than that fails.
+CHECK_SLACK = 64.0
+
+
+class Mixing:
+    """A secret (K, K) block-diagonal matrix of dense MIX_GROUP blocks Q1 diag(d) Q2, d in
+    [2^-spread, 2^spread]; stacked so applying it is one batched product."""
+
+    def __init__(self, size: int, rng: np.random.Generator, group: int = MIX_GROUP, spread: float = MIX_SPREAD):
+        self.size = size
+        self.bounds = [(lo, min(lo + group, size)) for lo in range(0, size, group)]
+        self.blocks, self.inverses = [], []
+        for lo, hi in self.bounds:
+            g = hi - lo
+            q1, _ = np.linalg.qr(rng.standard_normal((g, g)))
+            q2, _ = np.linalg.qr(rng.standard_normal((g, g)))
+            d = np.exp2(rng.uniform(-spread, spread, g))
+            self.blocks.append((q1 * d) @ q2)
+            self.inverses.append((q2.T / d) @ q1.T)
+
+    def _apply(self, mats: list[np.ndarray], w: np.ndarray) -> np.ndarray:
+        out = np.empty(w.shape, dtype=np.float64)
+        for (lo, hi), m in zip(self.bounds, mats):
+            np.matmul(m, w[lo:hi], out=out[lo:hi])
+        return out
+
+    def left(self, w: np.ndarray) -> np.ndarray:
+        """(K, m) -> M @ w."""
+        return self._apply(self.blocks, w)
+
+    def inverse_left(self, w: np.ndarray) -> np.ndarray:
+        """(K, m) -> M^-1 @ w."""
+        return self._apply(self.inverses, w)
+
+    def transposed_left(self, w: np.ndarray) -> np.ndarray:
+        """(K, m) -> M^T @ w."""
+        return self._apply([m.T for m in self.blocks], w)
+
+    def right(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
+        """(n, K) -> x @ M."""
+        out = np.empty(x.shape, dtype=dtype)
+        for (lo, hi), m in zip(self.bounds, self.blocks):
+            np.matmul(x[:, lo:hi], m, out=out[:, lo:hi])
+        return out
+
+    def dense(self) -> np.ndarray:
+        out = np.zeros((self.size, self.size))
+        for (lo, hi), m in zip(self.bounds, self.blocks):
+            out[lo:hi, lo:hi] = m
+        return out
+
+
+class ResidentBasis:
+    """The reparameterization w1[P_s] = M_s V_s (the network the resident disguise trains), and
+    V_0. Drawn from the run's secret generator, so a resumed run and the centralized reference
+    draw the same."""
+
+    def __init__(self, active: np.ndarray, shards: int, hidden: int, rng: np.random.Generator, inputs: int = 784):
+        self.inputs = inputs
+        self.hidden = hidden
+        self.blocks = [np.asarray(active)[b] for b in balanced_blocks(len(active), shards, rng)]
+        self.mix = [Mixing(len(b), rng) for b in self.blocks]
+        # V_0: i.i.d. Gaussian in each node's basis (its covariance says nothing about M_s); the
+        # network's initial w1 is then M_s V_0 on each block, zero on pixels blank in every image.
+        self.v0 = [rng.standard_normal((len(b), hidden)) / math.sqrt(inputs) for b in self.blocks]
+
+    def to_pixels(self, vs: list[np.ndarray]) -> np.ndarray:
+        """[V_s] -> w1 (784, h1) in the pixel basis."""
+        w = np.zeros((self.inputs, self.hidden))
+        for block, mix, v in zip(self.blocks, self.mix, vs):
+            w[block] = mix.left(v)
+        return w
+
+    def from_pixels(self, w: np.ndarray) -> list[np.ndarray]:
+        """w1 (784, h1) -> [V_s = M_s^-1 w1[P_s]]."""
+        w = np.asarray(w, dtype=np.float64)
+        return [mix.inverse_left(w[block]) for block, mix in zip(self.blocks, self.mix)]
+
+    def precondition(self, g: np.ndarray) -> np.ndarray:
+        """A pixel-basis gradient g (784, h1) as the step SGD in the V basis takes in the pixel
+        basis: M_s M_s^T g[P_s] on each block (zero elsewhere: blank pixels never move)."""
+        g = np.asarray(g, dtype=np.float64)
+        out = np.zeros_like(g)
+        for block, mix in zip(self.blocks, self.mix):
+            out[block] = mix.left(mix.transposed_left(g[block]))
+        return out
+
+
+@dataclass
+class Pending:
+    """One issued update: state version `version` = version - 1 plus lr * (mu buf + S[rows]^T dz)."""
+
+    version: int
+    rows: np.ndarray  # node rows (indices into the slot's static block)
+    dz: np.ndarray  # (b, h1) in the preset's dtype, as sent
+    lr: float
+
+
+@dataclass
+class SlotState:
+    """The coordinator's knowledge of one slot: its secrets, what it tracks of the node's state,
+    the last checkpoint and the updates issued since."""
+
+    pixels: np.ndarray
+    mix: Mixing
+    loadings: np.ndarray  # H_s (r, |P_s|)
+    row_order: np.ndarray  # node row i is original row row_order[i]
+    row_index: np.ndarray  # original row j is node row row_index[j]
+    static: np.ndarray  # S_s, the preset's dtype, node order
+    b1: np.ndarray  # B_s = H M M^T (r, |P_s|)
+    b2: np.ndarray  # B_s H^T (r, r)
+    probes: np.ndarray  # R (h1, q)
+    hmv: np.ndarray  # H M V (r, h1)
+    hmbuf: np.ndarray  # H M buf
+    e: np.ndarray  # E (r, h1): the noise's share of V is M^T H^T E
+    ebuf: np.ndarray
+    vr: np.ndarray  # V R (|P_s|, q)
+    bufr: np.ndarray  # buf R
+    v_bound: float  # an upper bound on ||V||_F (for the checks' rounding bound)
+    drift: float  # an upper bound on how far a float32 node's V may be from the float64 recurrence
+    checkpoint: tuple[np.ndarray, np.ndarray]  # (V, buf) float64 at `version`
+    checkpoint_version: int = 0
+    version: int = 0  # the version of the last issued update
+    log: list[Pending] = field(default_factory=list)
+
+
+def _norm_bound(v: np.ndarray) -> float:
+    return float(np.linalg.norm(v))
+
+
+class ResidentDisguise:
+    """Slot secrets, statics, the per-step batches and their undoing, the checks and the
+    checkpoints of the resident disguise (module docstring). `x` is the standardized training
+    matrix (n, 784) in the preset's dtype; blank pixels (zero in every image) are not in `basis`."""
+
+    def __init__(self, x: np.ndarray, basis: ResidentBasis, rng: np.random.Generator):
+        self.x = x
+        self.dtype = x.dtype
+        self.basis = basis
+        self.hidden = basis.hidden
+        self.eps = float(np.finfo(self.dtype).eps)
+        n = x.shape[0]
+        self.factors = rng.standard_normal((n, NOISE_RANK))  # G: per image, for the whole run
+        self.slots: list[SlotState] = []
+        for block, mix, v0 in zip(basis.blocks, basis.mix, basis.v0):
+            h = rng.standard_normal((NOISE_RANK, len(block))) / math.sqrt(NOISE_RANK)
+            order = rng.permutation(n)
+            noisy = np.take(x, order, axis=0)[:, block].astype(np.float64)
+            noisy += np.take(self.factors, order, axis=0) @ h
+            static = mix.right(noisy, self.dtype)
+            del noisy
+            hm = mix.transposed_left(h.T).T  # H M (r, |P|)
+            b1 = mix.left(hm.T).T  # H M M^T
+            probes = rng.standard_normal((self.hidden, PROBES))
+            v = np.array(v0, dtype=np.float64)
+            buf = np.zeros_like(v)
+            self.slots.append(SlotState(
+                pixels=block, mix=mix, loadings=h, row_order=order, row_index=inverse_permutation(order),
+                static=static, b1=b1, b2=b1 @ h.T, probes=probes, hmv=hm @ v, hmbuf=hm @ buf,
+                e=np.zeros((NOISE_RANK, self.hidden)), ebuf=np.zeros((NOISE_RANK, self.hidden)),
+                vr=v @ probes, bufr=buf @ probes, v_bound=_norm_bound(v), drift=0.0, checkpoint=(v, buf)))
+        self._forward: tuple[np.ndarray, list[np.ndarray]] | None = None  # (idx, per-slot x B^T) of the last forward
+        self.fetches = 0
+
+    # -- state ----------------------------------------------------------------------
+    def state_name(self, shard: int) -> str:
+        return f"{STATE_PREFIX}{shard}"
+
+    def state_static(self, shard: int) -> tuple[np.ndarray, int]:
+        """Slot `shard`'s checkpoint as the node receives it: [V; buf] (2|P_s|, h1) float64 and its version."""
+        st = self.slots[shard]
+        v, buf = st.checkpoint
+        return np.concatenate([v, buf]), st.checkpoint_version
+
+    def adopt(self, w1: np.ndarray, buf_w1: np.ndarray | None) -> None:
+        """Start from a model version's clean w1 (pixel basis) and momentum (or zero): what a
+        resumed run does. The noise's share starts at zero."""
+        vs = self.basis.from_pixels(w1)
+        bufs = self.basis.from_pixels(buf_w1) if buf_w1 is not None else [np.zeros_like(v) for v in vs]
+        for st, v, buf in zip(self.slots, vs, bufs):
+            self._set_checkpoint(st, v, buf, st.version, reset_noise=True)
+
+    def _set_checkpoint(self, st: SlotState, v: np.ndarray, buf: np.ndarray, version: int,
+                        reset_noise: bool = False) -> None:
+        hm = st.mix.transposed_left(st.loadings.T).T
+        st.checkpoint = (np.array(v, dtype=np.float64), np.array(buf, dtype=np.float64))
+        st.checkpoint_version = version
+        st.version = version
+        st.log = [p for p in st.log if p.version > version]
+        st.hmv, st.hmbuf = hm @ v, hm @ buf
+        st.vr, st.bufr = v @ st.probes, buf @ st.probes
+        st.v_bound, st.drift = _norm_bound(v), 0.0
+        if reset_noise:
+            st.e[:] = 0.0
+            st.ebuf[:] = 0.0
+
+    def clean(self) -> tuple[np.ndarray, np.ndarray]:
+        """(w1, buf_w1) of the clean network in the pixel basis, from the last checkpoints
+        (call after `fetch_all`)."""
+        vs, bufs = [], []
+        for st in self.slots:
+            v, buf = st.checkpoint
+            noise_v = st.mix.transposed_left(st.loadings.T @ st.e)  # M^T H^T E
+            noise_b = st.mix.transposed_left(st.loadings.T @ st.ebuf)
+            vs.append(v - noise_v)
+            bufs.append(buf - noise_b)
+        return self.basis.to_pixels(vs), self.basis.to_pixels(bufs)
+
+    # -- per step -------------------------------------------------------------------
+    def forward_batches(self, idx: np.ndarray) -> list[tuple[dict, dict]]:
+        """(params, arrays) of slot s's batch for training rows idx: the pending update (if any)
+        and the forward rows."""
+        out = []
+        for s, st in enumerate(self.slots):
+            rows = np.take(st.row_index, idx).astype(np.int64)
+            out.append(self.batch(s, rows, st.version, st.version, fetch=False))
+        return out
+
+    def batch(self, shard: int, rows: np.ndarray | None, start: int, version: int, fetch: bool) -> tuple[dict, dict]:
+        """A batch taking the node's state from version `start` to `version` (the logged updates
+        in between) and then computing the forward of `rows` (or, `fetch`, returning its state)."""
+        st = self.slots[shard]
+        updates = [p for p in st.log if start < p.version <= version]
+        params = {"a_static": f"train.{shard}", "state": self.state_name(shard), "from": int(start),
+                  "version": int(version), "momentum": MOMENTUM, "lr": [float(p.lr) for p in updates],
+                  "fetch": bool(fetch)}
+        arrays: dict[str, np.ndarray] = {}
+        if not fetch:
+            arrays["rows"] = rows
+        if updates:
+            arrays["update_rows"] = np.stack([p.rows for p in updates])
+            arrays["dz"] = np.concatenate([p.dz for p in updates])
+        return params, arrays
+
+    def replay_from(self, shard: int) -> int:
+        """The version a node that takes slot `shard` over starts from (its state static's)."""
+        return self.slots[shard].checkpoint_version
+
+    def combine(self, idx: np.ndarray, results: list[np.ndarray]) -> np.ndarray:
+        """The clean z1 (b, h1) without biases from the slots' results y_s for rows idx."""
+        g = np.take(self.factors, idx, axis=0)
+        xb = [np.take(self.x, idx, axis=0)[:, st.pixels].astype(np.float64) @ st.b1.T for st in self.slots]
+        hmv = sum(st.hmv for st in self.slots)
+        z = -(g @ hmv)
+        z -= np.concatenate(xb, axis=1) @ np.concatenate([st.e for st in self.slots])
+        for y in results:
+            z += y
+        self._forward = (idx, xb)
+        return z
+
+    def update(self, idx: np.ndarray, dz: np.ndarray, lr: float) -> None:
+        """Issue this step's update (dz: the ascent-direction delta (b, h1)) and track what it
+        does to every slot's state. It reaches the nodes with the next forward (or fetch)."""
+        if self._forward is None or self._forward[0] is not idx:
+            xb = [np.take(self.x, idx, axis=0)[:, st.pixels].astype(np.float64) @ st.b1.T for st in self.slots]
+        else:
+            xb = self._forward[1]
+        self._forward = None
+        sent = np.ascontiguousarray(dz, dtype=self.dtype)
+        d64 = sent.astype(np.float64)
+        g = np.take(self.factors, idx, axis=0)
+        gd = g.T @ d64  # (r, h1): the noise's share, the same for every slot
+        dz_norm = float(np.linalg.norm(d64))
+        for s, st in enumerate(self.slots):
+            rows = np.take(st.row_index, idx).astype(np.int64)
+            srows = np.take(st.static, rows, axis=0).astype(np.float64)
+            st.version += 1
+            st.log.append(Pending(version=st.version, rows=rows, dz=sent, lr=float(lr)))
+            # H M g = B x^T dz + B H^T G^T dz,   g R = S^T (dz R)
+            hmg = xb[s].T @ d64 + st.b2 @ gd
+            st.hmbuf = MOMENTUM * st.hmbuf + hmg
+            st.hmv = st.hmv + lr * st.hmbuf
+            st.ebuf = MOMENTUM * st.ebuf + gd
+            st.e = st.e + lr * st.ebuf
+            st.bufr = MOMENTUM * st.bufr + srows.T @ (d64 @ st.probes)
+            st.vr = st.vr + lr * st.bufr
+            g_bound = float(np.linalg.norm(srows)) * dz_norm
+            st.v_bound += lr * g_bound / (1.0 - MOMENTUM)
+            st.drift += lr * self.eps * g_bound * math.sqrt(srows.shape[0]) / (1.0 - MOMENTUM)
+
+    # -- checks ---------------------------------------------------------------------
+    def check_forward(self, shard: int, rows: np.ndarray, y: np.ndarray) -> str | None:
+        """Freivalds on y = S[rows] V at the slot's current version: y R against S[rows] (V R).
+        None when it holds; else what is wrong."""
+        st = self.slots[shard]
+        if y.shape != (rows.shape[0], self.hidden):
+            return f"result shape {y.shape}, expected {(rows.shape[0], self.hidden)}"
+        y64 = y.astype(np.float64)
+        if not np.all(np.isfinite(y64)):
+            return "result has NaN or infinite entries"
+        srows = np.take(st.static, rows, axis=0).astype(np.float64)
+        diff = y64 @ st.probes - srows @ st.vr
+        row_norm = np.linalg.norm(srows, axis=1)
+        probe_norm = float(np.linalg.norm(st.probes, axis=0).max())
+        k = srows.shape[1]
+        bound = CHECK_SLACK * probe_norm * row_norm[:, None] * (self.eps * math.sqrt(k) * st.v_bound + st.drift)
+        bad = np.abs(diff) > bound + 1e-300
+        if np.any(bad):
+            r = int(np.argwhere(bad)[0, 0])
+            return (f"probe check failed on row {r}: |y R - S (V R)| = {float(np.abs(diff[r]).max()):.3e} "
+                    f"above its bound {float(bound[r].max()):.3e}")
+        return None
+
+    def check_state(self, shard: int, state: np.ndarray) -> str | None:
+        """A fetched [V; buf] against the tracked V R and buf R."""
+        st = self.slots[shard]
+        k = st.pixels.shape[0]
+        if state.shape != (2 * k, self.hidden) or not np.all(np.isfinite(state)):
+            return f"state shape {state.shape} (expected {(2 * k, self.hidden)}) or non-finite entries"
+        v, buf = state[:k].astype(np.float64), state[k:].astype(np.float64)
+        probe_norm = float(np.linalg.norm(st.probes, axis=0).max())
+        tol = CHECK_SLACK * probe_norm * (st.drift + self.eps * st.v_bound) + 1e-12 * (1.0 + st.v_bound)
+        for name, got, want in (("V", v @ st.probes, st.vr), ("momentum", buf @ st.probes, st.bufr)):
+            err = float(np.abs(got - want).max())
+            if err > tol:
+                return f"checkpoint {name} R differs from the tracked one by {err:.3e} (bound {tol:.3e})"
+        return None
+
+    def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
+        """A checked fetch of every issued update becomes the slot's checkpoint (the probes are
+        re-anchored on it); the noise's share E carries on."""
+        st = self.slots[shard]
+        if version != st.version:
+            raise ValueError(f"slot {shard}: fetched version {version}, issued {st.version}")
+        k = st.pixels.shape[0]
+        self._set_checkpoint(st, state[:k], state[k:], version)
+        self.fetches += 1
