@@ -163,6 +163,10 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
                         "coordinator CPU (cost model from `enshuffle bench`; the plan is printed at start), "
                         "matmul every product that can go (the pixel-wide ones and every hidden-to-hidden "
                         "layer's); all is refused (it handed nodes labels and outputs)")
+    p.add_argument("--disguise", choices=["resident", "share", "shuffle"], default=None,
+                   help="resident: each node keeps its block of w1 in a secret basis and updates it itself "
+                        "(presets whose first layer trains with momentum: default); share: w1 re-sent each step "
+                        "(the seed preset's, exact against the notebook); shuffle: the weak permutation control")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="directory with MNIST-format IDX files, or `bundled` for the 3,500-image subset inside "
                         "the package (default: Fashion-MNIST, then MNIST, then the bundled subset)")
@@ -211,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out RUN_DIR from its chain's head; a larger --epochs extends it")
     p.add_argument("--tui", action="store_true", help="show the coordinator console")
+    p.add_argument("--reference", metavar="RUN_DIR", default=None,
+                   help="with --nodes 0: train the same reparameterized network as the resident run in RUN_DIR "
+                        "(its secret and slot count), centrally, to compare with it")
     p.set_defaults(handler="enshuffle.coordinator.commands:cmd_train")
 
     p = sub.add_parser("bench", help="measure the performance figures (issue 10's targets among them) side by side")

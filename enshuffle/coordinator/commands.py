@@ -15,7 +15,7 @@ import zmq
 
 from enshuffle.coordinator.addresses import PLACEHOLDER
 from enshuffle.coordinator.admission import Admission
-from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
+from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor, default_disguise
 from enshuffle.coordinator.ledger import privacy_notes
 from enshuffle.coordinator.offload import default_cost_model, refuse_all
 from enshuffle.coordinator.report import eprint, listen_text, report_epoch, report_ledger, save_weights
@@ -94,7 +94,7 @@ def run_settings(args):
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return RunSettings(offload=args.offload, limit=getattr(args, "limit", None),
-                       disguise=getattr(args, "disguise", None) or "share",
+                       disguise=getattr(args, "disguise", None),
                        max_exposure=getattr(args, "max_exposure", None),
                        replicate=bool(getattr(args, "replicate", False)),
                        quarantine_after=getattr(args, "quarantine_after", None),
@@ -116,7 +116,16 @@ def cmd_train(args) -> int:
     run_settings(args)  # a refused --offload is told before the data is loaded
     preset = preset_from_args(args)
     inputs = load_inputs(args.data, preset, args.limit)
-    if args.nodes == 0:
+    reference = getattr(args, "reference", None)
+    if reference and args.nodes != 0:
+        raise UsageError("--reference RUN_DIR trains a resident run's network centrally: use it with --nodes 0")
+    secret = None
+    if args.nodes == 0 and reference:
+        secret, basis = reference_basis(reference, inputs, preset)
+        compute, ledger = LocalCompute(inputs.images, basis=basis), None
+        eprint(f"train: centralized reference of the resident run in {reference}, preset {preset.name}, "
+               f"{preset.describe()}, {preset.dtype}")
+    elif args.nodes == 0:
         compute, ledger = LocalCompute(inputs.images), None
         eprint(f"train: centralized reference, preset {preset.name}, {preset.describe()}, {preset.dtype}")
     elif args.in_process:
@@ -124,7 +133,8 @@ def cmd_train(args) -> int:
         settings = run_settings(args)
         compute = DistributedCompute(inputs.images, args.nodes, np.random.default_rng(), InProcessExecutor,
                                      **inputs.source(), layers=preset.layers, offload=settings.offload,
-                                     cost_model=default_cost_model())
+                                     cost_model=default_cost_model(),
+                                     disguise=settings.disguise or default_disguise(preset))
         ledger = compute.ledger
         eprint(f"train: {args.nodes} in-process nodes, preset {preset.name}, {preset.describe()}, {preset.dtype}, "
                f"offload {args.offload}")
@@ -134,12 +144,26 @@ def cmd_train(args) -> int:
         return run_local_cluster(run_settings(args), preset, inputs, nodes=args.nodes, run_dir=args.out,
                                  resume=bool(getattr(args, "resume", False)),
                                  verbose=bool(getattr(args, "verbose", False)), tui=bool(args.tui))
-    return drive(run_settings(args), preset, inputs, compute, ledger)
+    return drive(run_settings(args), preset, inputs, compute, ledger, secret)
 
 
-def drive(settings, preset, inputs, compute, ledger) -> int:
+def reference_basis(run_dir: str, inputs, preset):
+    """(secret, basis) of the resident run in `run_dir`: what its coordinator drew first from
+    its plan secret, for slots as many as the run has."""
+    from enshuffle.coordinator.resident import resident_basis
+    from enshuffle.coordinator.run import load_run_settings, plan_secret
+    path = Path(run_dir)
+    if not (path / "plan.secret").is_file():
+        raise UsageError(f"{run_dir} holds no plan.secret: give the --out directory of a resident run")
+    settings = load_run_settings(str(path))
+    secret = plan_secret(path)
+    return secret, resident_basis(inputs.images["train"], int(settings["shards"]), preset.layers[1],
+                                  np.random.default_rng(secret))
+
+
+def drive(settings, preset, inputs, compute, ledger, secret: int | None = None) -> int:
     """Run every epoch in this process, reporting each; returns the exit status."""
-    trainer = Trainer(preset, inputs, compute)
+    trainer = Trainer(preset, inputs, compute, secret=secret)
     while not trainer.finished:
         report = trainer.run_step()
         if report is not None:

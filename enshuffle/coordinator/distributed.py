@@ -48,7 +48,7 @@ from enshuffle.coordinator.ledger import (HIDDEN_VALUES, POSITIONS_HIDDEN, Expos
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
 from enshuffle.coordinator.offload import CostModel, decide, plan_lines, refuse_all, step_plan
-from enshuffle.coordinator.resident import CHECKPOINT_STEPS, ResidentBasis, ResidentDisguise
+from enshuffle.coordinator.resident import CHECKPOINT_STEPS, ResidentDisguise, resident_basis
 from enshuffle.kernels import ResidentState, compute_batch
 from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, sigmoid
 
@@ -155,6 +155,12 @@ def combine(results: list[np.ndarray], groups: list[tuple[str | None, int]]) -> 
                 total += part
             columns.append(total)
     return columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
+
+
+def default_disguise(preset) -> str:
+    """A preset whose first layer trains with momentum keeps it resident on the nodes; the others
+    (the seed preset, exact against the notebook) re-send it each step under the share disguise."""
+    return "resident" if getattr(preset, "w1_optimizer", "same") == "momentum" else "share"
 
 
 class Executor(Protocol):
@@ -303,10 +309,8 @@ class DistributedCompute:
         if disguise == "resident":
             # The first layer's weights live on the nodes (resident.py): pixels nonzero in some
             # standardized training image are split; the rest never leave.
-            train = images["train"]
-            active = np.flatnonzero(np.any(train != 0, axis=0))
-            self.basis = ResidentBasis(active, shards, self.layers[1], rng)
-            self.resident = ResidentDisguise(train, self.basis, rng)
+            self.basis = resident_basis(images["train"], shards, self.layers[1], rng)
+            self.resident = ResidentDisguise(images["train"], self.basis, rng)
             self._since_checkpoint = 0
             self.pixel_blocks = list(self.basis.blocks)
         else:

@@ -26,7 +26,7 @@ from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_th
 from enshuffle.coordinator.addresses import volunteer_addresses
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home
-from enshuffle.coordinator.distributed import DistributedCompute
+from enshuffle.coordinator.distributed import DistributedCompute, default_disguise
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
 from enshuffle.coordinator.offload import default_cost_model
 from enshuffle.coordinator.report import (eprint, join_commands, listen_text, report_epoch, report_ledger,
@@ -105,7 +105,7 @@ class CoordinatorRun:
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
         self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
                                           ledger=self.server.ledger, **inputs.source(),
-                                          disguise=settings.disguise, layers=preset.layers,
+                                          disguise=settings.disguise or default_disguise(preset), layers=preset.layers,
                                           offload=settings.offload, cost_model=default_cost_model())
         # Initial weights and sample order from the same secret: nothing public anchors the run.
         self.trainer = Trainer(preset, inputs, self.compute, secret=secret)

@@ -65,6 +65,8 @@ class TrainingAborted(RuntimeError):
 
 def batch_work(batch: Batch, statics: dict[str, np.ndarray] | None = None) -> float:
     """Multiply-adds (matmul) or elements (elementwise) of a batch: what leases scale with."""
+    if batch.work is not None:
+        return float(batch.work)
     b = batch.arrays.get("b")
     if batch.op == "matmul":
         if "a" in batch.arrays:
@@ -80,6 +82,8 @@ def batch_work(batch: Batch, statics: dict[str, np.ndarray] | None = None) -> fl
 
 
 def expected_shape(batch: Batch, static_cols: int) -> tuple[int, int]:
+    if batch.shape is not None:
+        return batch.shape
     b = batch.arrays.get("b")
     if batch.op == "matmul":
         if "a" in batch.arrays:
@@ -128,6 +132,7 @@ class Session:
     stale: dict[str, float] = field(default_factory=dict)  # batch_id -> when to call the node stuck
     queue: deque = field(default_factory=deque)
     shards_held: set[int] = field(default_factory=set)  # static operands this session has received
+    state_versions: dict[int, int] = field(default_factory=dict)  # slot -> its resident state's version here
     last_seen: float = field(default_factory=time.monotonic)
     last_sent: float = field(default_factory=time.monotonic)
     seconds_per_work: deque = field(default_factory=lambda: deque(maxlen=20))
@@ -586,8 +591,12 @@ class CoordinatorServer:
             self.ledger.record(session.label, self.compute.static_exposure(shard))
             share = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
             header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
+            fields = self.compute.static_fields(shard, name) if hasattr(self.compute, "static_fields") else {}
+            header.update(fields)
             if not self._send(session, "STATIC", header, {"x": array}):
                 return False
+            if "version" in fields:  # a resident state: the node now holds it at this version
+                session.state_versions[shard] = int(fields["version"])
         session.shards_held.add(shard)
         return True
 
@@ -611,10 +620,33 @@ class CoordinatorServer:
         # What this node has now seen in all (cumulative), so its volunteer knows what is on the machine.
         self.ledger.record(session.label, task.batch.exposure)
         exposure = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
+        batch = task.batch
+        if batch.op == "resident":  # the updates this node's copy of the slot's state lacks
+            batch = self.compute.fit_batch(batch, session.state_versions.get(batch.shard))
         header = {"run_id": self.run_id, "batch_id": task.batch_id, "seq": task.seq, "step": self.step,
-                  "op": task.batch.op, "params": task.batch.params, "lease_ms": max(1, int(lease * 1000)),
+                  "op": batch.op, "params": batch.params, "lease_ms": max(1, int(lease * 1000)),
                   "exposure": exposure}
-        return self._send(session, "BATCH", header, task.batch.arrays)
+        if not self._send(session, "BATCH", header, batch.arrays):
+            return False
+        if batch.op == "resident":
+            session.state_versions[batch.shard] = int(batch.params["version"])
+        return True
+
+    def _result_dtype(self, batch: Batch) -> np.dtype:
+        if batch.op == "resident":  # a state comes back in float64, a forward in its static's dtype
+            if batch.params.get("fetch"):
+                return np.dtype(np.float64)
+            return self.static_arrays(batch.shard)[batch.params["a_static"]].dtype
+        return batch.arrays["b" if "b" in batch.arrays else "a"].dtype
+
+    def statics_changed(self, shard: int, reset: bool = False) -> None:
+        """Slot `shard`'s statics changed (a resident state's new checkpoint): prepared afresh for
+        the next node that takes the slot. `reset` (a resumed run's state): every holder gets them again."""
+        self._statics.pop(shard, None)
+        if reset:
+            for session in self.sessions.values():
+                session.shards_held.discard(shard)
+                session.state_versions.pop(shard, None)
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -1013,7 +1045,7 @@ class CoordinatorServer:
             self.log(f"dropped a late RESULT for batch {task.batch_id} from {session.label}: its lease had expired")
             return
         c = msg.arrays.get("c")
-        expected_dtype = task.batch.arrays["b" if "b" in task.batch.arrays else "a"].dtype
+        expected_dtype = self._result_dtype(task.batch)
         if c is None or tuple(c.shape) != tuple(task.shape) or c.dtype != expected_dtype:
             got = "nothing" if c is None else f"{c.dtype}{tuple(c.shape)}"
             self.counters["dropped"] += 1
@@ -1081,7 +1113,7 @@ class CoordinatorServer:
         """Adaptive replication: recompute the product here (float64) and compare every entry."""
         batch = task.batch
         name = batch.params.get("a_static")
-        if batch.op != "matmul":
+        if batch.op != "matmul":  # a resident result's probe check needs no copy of the weights
             return None
         static = self.static_arrays(batch.shard)[name] if name else None
         return check_replica(c, batch.arrays, batch.params, static)
@@ -1089,6 +1121,8 @@ class CoordinatorServer:
     def _check_result(self, task: Task, c: np.ndarray) -> str | None:
         """Freivalds' test with tight rounding bounds (enshuffle.coordinator.verify); only products are offloaded."""
         batch = task.batch
+        if batch.op == "resident":
+            return self.compute.check_resident(batch, c)
         if batch.op != "matmul":  # never sent (elementwise offload is retired): nothing could vouch for it
             return f"a {batch.op} result cannot be checked; only products are offloaded"
         name = batch.params.get("a_static")
@@ -1121,9 +1155,13 @@ class CoordinatorServer:
         session.stale.pop(task.batch_id, None)
         if code == "unknown-static":
             session.shards_held.discard(task.batch.shard)
+        resync = code in ("state-behind", "state-ahead")
+        if resync:  # its copy of the slot's state is not where we thought: it gets the checkpoint again
+            session.shards_held.discard(task.batch.shard)
+            session.state_versions.pop(task.batch.shard, None)
         if task.session == session.node_id and task.result is None:
             task.session = None
-            self._reissue(task, session, f"a node rejected it ({code})")
+            self._reissue(task, session, f"a node rejected it ({code})", counts=not resync)
 
     def _on_heartbeat(self, session: Session, msg) -> None:
         want = int(msg.header.get("credit", session.credit))

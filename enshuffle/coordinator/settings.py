@@ -15,7 +15,7 @@ class RunSettings:
 
     offload: str = "matmul"  # --offload: which products go to nodes (recorded in run.json)
     limit: int | None = None  # --limit: training images used (recorded in run.json)
-    disguise: str = "share"  # "share" (the disguise) or "shuffle" (the audit's control)
+    disguise: str | None = None  # "resident", "share" or "shuffle" (the audit's control); None: the preset's
     max_exposure: float | None = None  # --max-exposure: a node may hold this share (default one block)
     replicate: bool = False  # --replicate: recompute untrusted keys' results here and compare
     quarantine_after: int | None = None  # --quarantine-after: wrong results before a key is quarantined
