@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core_data import FASHION_INSTALLED, core_cache, core_data_dir  # noqa: F401  (fixtures)
+from core_data import FASHION_INSTALLED
 from enshuffle.audit.runner import run_audit
 from enshuffle.audit.scoring import adjusted_rand
 from enshuffle.node.daemon import MessageRecorder

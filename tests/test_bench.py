@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import enshuffle_cli
 
 # Issue 10's Targets table, plus the two figures from its text (checks' share, round trips).

@@ -16,7 +16,6 @@ import threading
 
 import numpy as np
 
-from core_data import core_cache, core_data_dir, core_dataset  # noqa: F401  (pytest fixtures)
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, static_name
 from enshuffle.coordinator.ledger import ExposureLedger
 from enshuffle.coordinator.server import CoordinatorServer

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core_data import core_cache, core_data_dir, core_dataset  # noqa: F401  (pytest fixtures)
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.offload import ALL_REFUSED, CostModel, decide, refuse_all, step_plan
 from enshuffle.coordinator.training import Trainer, prepare

@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import zmq
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.server import HANDSHAKE_REPLIES_PER_S, MAX_ATTEMPTS
 from enshuffle.protocol.keys import Identity, load_or_create_identity

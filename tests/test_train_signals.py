@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.chain import Chain
 from wire_util import Proc, process_env, wait_until
 

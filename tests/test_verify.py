@@ -13,7 +13,6 @@ import pytest
 
 from enshuffle.coordinator.verify import StaticNorms, check_matmul
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
     reference_weights, spawn_node, wait_until
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
     reference_weights, spawn_node, wait_until
 

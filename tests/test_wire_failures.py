@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.server import LEASE_INITIAL_MS
 from wire_util import (InProcessRun, assert_same_weights, cpu_seconds, default_preset, load_inputs,
                        reference_weights, spawn_node, wait_until)

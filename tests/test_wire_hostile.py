@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import zmq
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.model import get_preset
 from enshuffle.protocol.messages import Limits, encode
 from wire_util import (InProcessRun, ScriptedNode, assert_same_weights, load_inputs, reference_weights,

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.chain import Chain
 from enshuffle.protocol.keys import Identity, load_or_create_identity
 from wire_util import (assert_same_weights, coordinator_fingerprint, enshuffle_cli, free_port, load_npz,
