@@ -10,7 +10,6 @@ and how to extend it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil

@@ -13,7 +13,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 import zmq
 
 from enshuffle.cli import build_parser

@@ -686,7 +686,7 @@ def test_a_result_larger_than_max_memory_is_refused_before_allocating(session):
 
 
 def test_max_memory_is_the_node_owners_choice(coord, node_proc):
-    proc = node_proc(coord.address, "--max-memory", "1M")
+    node_proc(coord.address, "--max-memory", "1M")
     hello = coord.expect("HELLO")
     node_key = verify_self_signed(hello)
     coord.welcome(hello)

@@ -100,7 +100,8 @@ def test_a_stranger_gets_one_signed_not_allowed_and_nothing_else(core_data_dir, 
     try:
         with pytest.raises(AssertionError, match="refused: not-allowed"):
             stranger.hello()
-        wait_until(lambda: run.logged("refused node 'stranger'"), 10, "the refusal to be logged", on_timeout=run.describe)
+        wait_until(lambda: run.logged("refused node 'stranger'"), 10, "the refusal to be logged",
+                   on_timeout=run.describe)
         assert recv_all(stranger.sock, 200) == []  # one REFUSE, and nothing after it
         assert run.state.snapshot().nodes == {} and run.server.sessions == {}
         member_node = ScriptedNode(run.endpoint, "member", identity=member)
@@ -203,7 +204,8 @@ def test_same_key_twins_are_refused_clearly_and_names_give_distinct_keys(core_da
     a = spawn_node(home, run.endpoint, fp, "same", tmp_path, proc_name="twin-a")
     procs = [a]
     try:
-        wait_until(lambda: run.state.snapshot().nodes.get("same"), 30, "the first twin to join", on_timeout=run.describe)
+        wait_until(lambda: run.state.snapshot().nodes.get("same"), 30, "the first twin to join",
+                   on_timeout=run.describe)
         b = spawn_node(home, run.endpoint, fp, "same", tmp_path, proc_name="twin-b")
         procs.append(b)
         wait_until(lambda: "duplicate-key" in b.err(), 30, "the second twin to be told", on_timeout=b.describe)

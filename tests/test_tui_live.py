@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from textual.widgets import DataTable
 
 from enshuffle import dataset as ds

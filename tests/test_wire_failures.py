@@ -79,8 +79,8 @@ def test_killed_nodes_block_waits_it_rejoins_and_an_empty_cluster_waits_idle(cor
         assert run.logged("goes to proc-1"), why()
         run.hold_at(5)
         run.wait_held(30)
-        wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "waiting", "standby"), 5,
-                   "proc-1 to compute again", on_timeout=why)
+        wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "waiting", "standby"),
+                   5, "proc-1 to compute again", on_timeout=why)
 
         # Every node gone: the coordinator says it waits, and waits without spinning.
         log_mark = len(run.log_lines())

@@ -130,7 +130,8 @@ class Admission:
             parts.append(f"invite codes (enshuffle invite), {len(self.invited)} invited keys")
         if self.auto:
             parts.append(f"{len(self.auto)} local nodes")
-        return "admission: " + (", ".join(parts) if parts else "nobody yet (use --allow FILE, enshuffle invite or --open)")
+        return "admission: " + (", ".join(parts) if parts
+                                else "nobody yet (use --allow FILE, enshuffle invite or --open)")
 
     def check(self, key: bytes, invite, challenge: str) -> tuple[bool, str]:
         """(admitted, how) for a verified HELLO's node key and its optional `invite` field."""
@@ -161,7 +162,8 @@ class Admission:
             if not entry.get("reusable"):
                 invites = load_invites(self.home)
                 invites.pop(ident, None)
-                _write_private(self.home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
+                _write_private(self.home / INVITES_FILE,
+                               json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
         except OSError:
             pass  # admitted for this process at least; the operator sees the key in the log
 

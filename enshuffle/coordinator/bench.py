@@ -260,8 +260,9 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
                 stderr=subprocess.STDOUT, start_new_session=True))
             log.close()
         try:
-            compute = DistributedCompute(inputs.images, len(variants), np.random.default_rng(3), server.attach,
-                                         ledger=server.ledger, **inputs.source())
+            # constructing it is enough: it attaches itself to the server (server.attach)
+            DistributedCompute(inputs.images, len(variants), np.random.default_rng(3), server.attach,
+                               ledger=server.ledger, **inputs.source())
             problem = local_nodes_problem(procs, tmp, time.monotonic() + 60.0)
             server.give_up = problem
             if not server.wait_for_nodes(len(variants), give_up=problem):
@@ -412,13 +413,15 @@ def build_figures(m: dict, repeats: int) -> Figures:
           note=wire and f"{wire['wall']:.3f} s vs {fast_wall:.3f} s, centralized with {fast_wall_which}")
     d_wall = daemon and daemon["wall_seconds_per_epoch"]
     f.add("daemon_wire_over_centralized", "wire epoch / centralized epoch, seed (wall), daemon",
-          _ratio(d_wall, fast_wall), "x", TARGET_WIRE_RATIO, short=f"  the same, {DAEMON}", note=d_wall and f"{d_wall:.3f} s per epoch")
+          _ratio(d_wall, fast_wall), "x", TARGET_WIRE_RATIO, short=f"  the same, {DAEMON}",
+          note=d_wall and f"{d_wall:.3f} s per epoch")
     f.add("minibatch_wire_over_centralized", "default preset: step over the wire / centralized step",
           _ratio(step and step["wall"], fast_step), "x", TARGET_STEP_RATIO,
           note=step and f"{1000 * step['wall']:.2f} vs {1000 * fast_step:.2f} ms, centralized with {fast_step_which}")
     f.add("minibatch_coordinator_cpu_over_centralized", "coordinator CPU per default step / cheapest centralized",
           _ratio(step and step["cpu"], cheap_step_cpu), "x", TARGET_STEP_CPU_RATIO,
-          note=step and f"{1000 * step['cpu']:.2f} vs {1000 * cheap_step_cpu:.2f} ms, centralized with {cheap_step_which}")
+          note=step and (f"{1000 * step['cpu']:.2f} vs {1000 * cheap_step_cpu:.2f} ms, "
+                         f"centralized with {cheap_step_which}"))
     f.add("bytes_per_epoch_mb", "bytes per seed epoch, sent + received, k = 2",
           wire and (wire["sent"] + wire["received"]) / 1e6, "MB", TARGET_BYTES_MB,
           note=wire and f"{wire['sent'] / 1e6:.1f} MB sent, {wire['received'] / 1e6:.1f} MB received")
@@ -435,7 +438,8 @@ def build_figures(m: dict, repeats: int) -> Figures:
           note=rt and f"median {rt['median_ms']:.2f} ms over {rt['count']}; node with every CPU's BLAS threads")
     rt1 = trips and trips["threads1"]
     f.add("node_round_trip_p90_ms_threads1", "node round trip, small product, p90, node --threads 1",
-          rt1 and rt1["p90_ms"], "ms", TARGET_ROUND_TRIP_MS, short="  the same, node with --threads 1", note=rt1 and f"median {rt1['median_ms']:.2f} ms")
+          rt1 and rt1["p90_ms"], "ms", TARGET_ROUND_TRIP_MS, short="  the same, node with --threads 1",
+          note=rt1 and f"median {rt1['median_ms']:.2f} ms")
     check = wire.get("check") if wire else None
     f.add("check_share_of_coordinator_cpu", "result checks' share of coordinator CPU, seed",
           _percent(check, cpu), "%", TARGET_CHECK_SHARE,
@@ -522,9 +526,11 @@ def print_table(figures: Figures, settings: dict) -> None:
             print(f"\n{titles[section]:<58} {'value':>10}  {'target':<10} status")
         target = ("" if item["target"] is None else
                   f"{item['op']} {_format_value(item['target'], item['unit'], item['signed'], target=True)}")
-        status = "" if item["target"] is None else ("n/a" if item["met"] is None else ("ok" if item["met"] else "MISSED"))
+        status = "" if item["target"] is None else ("n/a" if item["met"] is None
+                                                    else ("ok" if item["met"] else "MISSED"))
         note = f"  ({item['note']})" if item["note"] else ""
-        line = f"{item['short'] or item['label']:<58} {_format_value(item['value'], item['unit'], item['signed']):>10}  {target:<10} {status:<6}{note}"
+        value = _format_value(item['value'], item['unit'], item['signed'])
+        line = f"{item['short'] or item['label']:<58} {value:>10}  {target:<10} {status:<6}{note}"
         print(line.rstrip())
     sys.stdout.flush()
 
@@ -624,7 +630,8 @@ def cmd_bench(args) -> int:
     m["k7_repeats"] = k7_repeats
     figures = build_figures(m, repeats)
     if args.json:
-        print(json.dumps({"figures": {k: {key: v for key, v in item.items() if key not in ("section", "signed", "short")}
+        hidden = ("section", "signed", "short")
+        print(json.dumps({"figures": {k: {key: v for key, v in item.items() if key not in hidden}
                                       for k, item in figures.items.items()},
                           "measurements": _jsonable(m), "settings": settings}, indent=2))
     else:

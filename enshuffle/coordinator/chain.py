@@ -313,10 +313,12 @@ class Chain:
         self._require_run_dir()
         prefix = id_or_prefix.strip().lower()
         if not prefix or not _HEX_RE.fullmatch(prefix):
-            raise ChainError(f"{id_or_prefix!r} is not a version id or prefix (hex digits, as `enshuffle chain log` shows)")
+            raise ChainError(f"{id_or_prefix!r} is not a version id or prefix "
+                             "(hex digits, as `enshuffle chain log` shows)")
         matches = [v for v in self._stored_ids() if v.startswith(prefix)]
         if not matches:
-            raise ChainError(f"no version in {self.dir} starts with {prefix!r}; see `enshuffle chain log {self.run_dir}`")
+            raise ChainError(f"no version in {self.dir} starts with {prefix!r}; "
+                             f"see `enshuffle chain log {self.run_dir}`")
         if len(matches) > 1:
             shown = ", ".join(short(m) for m in matches[:5])
             raise ChainError(f"{prefix!r} matches {len(matches)} versions ({shown}); give more digits")
@@ -768,7 +770,8 @@ def cmd_export(args) -> int:
     names = weight_arrays(arrays)
     missing = [n for n in (*EXPORT_NAMES, *names) if n not in arrays]
     if missing:
-        raise UsageError(f"version {short(version_id)} has no {', '.join(missing)}; it holds {', '.join(sorted(arrays))}")
+        raise UsageError(f"version {short(version_id)} has no {', '.join(missing)}; "
+                         f"it holds {', '.join(sorted(arrays))}")
     target = Path(args.npz)
     if not target.parent.is_dir():
         raise UsageError(f"directory {target.parent} for --npz {args.npz} does not exist; create it first")

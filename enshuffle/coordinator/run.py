@@ -90,7 +90,8 @@ class CoordinatorRun:
                           "activation": preset.activation}
         self.admission = admission
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
-        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=ExposureLedger(ledger_axes(preset.layers)),
+        self.server = CoordinatorServer(bind, self.identity, self.state,
+                                        ledger=ExposureLedger(ledger_axes(preset.layers)),
                                         control=self.control, log=None if quiet else eprint, admission=admission,
                                         max_exposure=settings.max_exposure)
         if self.run_dir:
@@ -147,9 +148,9 @@ class CoordinatorRun:
             except ChainError as exc:
                 raise UsageError(f"cannot resume from {self.run_dir}: {exc}") from None
             if key is not None and key != self.identity.public_hex:
-                raise UsageError(f"{self.run_dir} was signed by coordinator key {fingerprint(bytes.fromhex(key))}, but this "
-                                 f"machine's key is {self.identity.fingerprint}: resume with the ENSHUFFLE_HOME "
-                                 f"that ran it")
+                raise UsageError(f"{self.run_dir} was signed by coordinator key {fingerprint(bytes.fromhex(key))}, "
+                                 f"but this machine's key is {self.identity.fingerprint}: "
+                                 f"resume with the ENSHUFFLE_HOME that ran it")
             stored = load_run_settings(str(self.run_dir)).get("data")
             if stored is not None and stored != self._settings["data"]:
                 raise UsageError(f"{self.run_dir} was trained on other data ({stored.get('images')} training "
@@ -436,7 +437,8 @@ def local_node_keys(workdir: Path, count: int, prefix: str = "local") -> list[by
     return keys
 
 
-def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, threads: int = 1) -> list[subprocess.Popen]:
+def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path,
+                      threads: int = 1) -> list[subprocess.Popen]:
     """Start `count` `enshuffle node` processes, each with its own key (its own ENSHUFFLE_HOME)."""
     procs = []
     for i in range(count):

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import secrets
 import socket
 import sys
 import time
