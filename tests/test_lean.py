@@ -1,4 +1,4 @@
-"""Issue 10's structural promises, each shown by running the real thing (speed itself is measured
+"""The lean coordinator's structural promises, each shown by running the real thing (speed itself is measured
 by `enshuffle bench`, never asserted here):
 
 - a mini-batch step is two round trips to the nodes (forward, backward), a full-batch epoch three

@@ -666,7 +666,7 @@ def test_malformed_address_is_a_one_line_error(tmp_path):
     assert "Traceback" not in err and err.count("\n") == 1 and "tcp://a b:5555" in err
 
 
-# --- issue 8: a coordinator the node accepted cannot make it allocate without limit -----------------
+# --- a coordinator the node accepted cannot make it allocate without limit --------------------------
 
 def test_a_result_larger_than_max_memory_is_refused_before_allocating(session):
     """The issue's 331-byte BATCH (11585,0)@(0,11585) asked for a 1 GiB result; and 0.5 MB of

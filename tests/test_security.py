@@ -1,4 +1,4 @@
-"""Issue 8's measured attacks, each tried again against ENS2 with real sockets, keys and processes.
+"""Attacks on the coordinator and its nodes, each tried against ENS2 with real sockets, keys and processes.
 
 Each test plays the attacker and measures what it gets: a replayed HELLO, a stranger's key, a node
 that joins and vanishes, two processes sharing a key, floods of HELLOs from fresh keys, malformed

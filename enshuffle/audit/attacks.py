@@ -49,7 +49,7 @@ class Public:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    preset: object  # enshuffle.model.Preset (source code and command line are public)
+    preset: model.Preset  # public: the source code and the command line
 
 
 @dataclass

@@ -91,8 +91,8 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
     epochs = epochs or DEFAULT_EPOCHS.get(preset_name, 1)
     preset = get_preset(preset_name, epochs=epochs, layers=layers, activation=activation)
     inputs = prepare(dataset, preset, limit)
-    with tempfile.TemporaryDirectory(prefix="enshuffle-audit-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="enshuffle-audit-") as tmp_dir:
+        tmp = Path(tmp_dir)
         record = Path(record_dir) if record_dir else tmp / "recording"
         if record.exists() and any(record.iterdir()):
             raise UsageError(f"--record {record} is not empty; give a new or empty directory")

@@ -154,15 +154,17 @@ class Admission:
         return False, ""
 
     def _use_invite(self, ident: str, entry: dict, fp: str) -> None:
+        home = self.home
+        assert home is not None  # invite codes are read from the home
         self.invited.add(fp)
         try:
-            with open(self.home / INVITED_FILE, "a", encoding="utf-8") as fh:
+            with open(home / INVITED_FILE, "a", encoding="utf-8") as fh:
                 fh.write(f"{fp}  # invite {ident}\n")
-            os.chmod(self.home / INVITED_FILE, 0o600)
+            os.chmod(home / INVITED_FILE, 0o600)
             if not entry.get("reusable"):
-                invites = load_invites(self.home)
+                invites = load_invites(home)
                 invites.pop(ident, None)
-                _write_private(self.home / INVITES_FILE,
+                _write_private(home / INVITES_FILE,
                                json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
         except OSError:
             pass  # admitted for this process at least; the operator sees the key in the log

@@ -117,6 +117,7 @@ def cmd_train(args) -> int:
     run_settings(args)  # a refused --offload is told before the data is loaded
     preset = preset_from_args(args)
     inputs = load_inputs(args.data, preset, args.limit)
+    compute: LocalCompute | DistributedCompute
     if args.nodes == 0:
         compute, ledger = LocalCompute(inputs.images), None
         eprint(f"train: centralized reference, preset {preset.name}, {preset.describe()}, {preset.dtype}")

@@ -138,6 +138,7 @@ class CoordinatorRun:
 
     def _check_run_dir(self, resume: bool) -> None:
         """Refuse what would mix two runs in one chain, before anything is started."""
+        assert self.run_dir is not None and self.chain is not None  # called only with a run directory
         head_file = self.run_dir / "chain" / "HEAD"
         if not resume and head_file.exists():
             raise UsageError(f"{self.run_dir} already holds a model chain: continue it with --resume "
@@ -166,6 +167,7 @@ class CoordinatorRun:
 
     # -- resume ----------------------------------------------------------------------
     def _resume(self) -> None:
+        assert self.run_dir is not None and self.chain is not None  # called only with a run directory
         head = self.chain.head()
         if head is None:
             raise UsageError(f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
@@ -407,7 +409,8 @@ def _atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-RUN_FIELDS = {"preset": str, "epochs": int, "dtype": str, "offload": str, "seed": (int, type(None)), "shards": int}
+RUN_FIELDS: dict[str, type | tuple[type, ...]] = {"preset": str, "epochs": int, "dtype": str, "offload": str,
+                                                   "seed": (int, type(None)), "shards": int}
 
 
 def load_run_settings(run_dir: str) -> dict:
@@ -474,8 +477,8 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
 def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
                       resume: bool = False, verbose: bool = False, tui: bool = False) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
-    with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp_dir:
+        tmp = Path(tmp_dir)
         # Only the local nodes this command starts are admitted: nothing to set up, nobody else joins.
         admission = Admission(auto=set(local_node_keys(tmp, nodes)))
         # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,

@@ -154,6 +154,7 @@ class Trainer:
         started = time.perf_counter()
         if self.full_batch:
             test_accuracy = self._pre_update_test_accuracy
+            assert test_accuracy is not None  # measured by the epoch's one step, before its update
         else:
             test_accuracy = evaluate(self.compute, "test", self.params, self.inputs.test_labels, self.preset)
         seconds = self._epoch_seconds + time.perf_counter() - started

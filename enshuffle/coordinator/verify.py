@@ -367,6 +367,7 @@ def judge(res: Residual) -> str | None:
         return _row_failure(res, ABS_LIMIT)
     if res.level is None:
         return None
+    assert res.reference is not None  # measured whenever the level is
     # A lie proportional to C (a scale or a same-sign bias) is named as such before the level
     # test, which it also fails.
     for name, (beta, t) in res.fits.items():
