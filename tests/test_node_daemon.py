@@ -292,7 +292,7 @@ def test_garbage_is_dropped_and_node_still_answers(session):
     coord.send_frames([b"GET / HTTP/1.1", b"x", b"y", b"z"])
     coord.send_frames([b"ENS1", b"NOPE", b"{}", b"\0" * 64])
     good_batch(coord, node_key)
-    # A sealed BATCH whose header does not parse is dropped (spec 14): nothing to answer to.
+    # A sealed BATCH whose header does not parse is dropped (spec 7): nothing to answer to.
     coord.send_frames(coord.channel.seal_parts([b"\x05BATCH\x00\x00\x00\x09{not json"]))
     good_batch(coord, node_key, "ok2")
     assert proc.poll() is None

@@ -1,4 +1,4 @@
-"""protocol.md section 14: a node that keeps sending malformed or unverifiable messages is logged
+"""protocol.md section 15: a node that keeps sending malformed or unverifiable messages is logged
 rate-limited, then told BYE protocol-error, evicted and refused for the rest of the run, while
 training goes on with the honest node."""
 
