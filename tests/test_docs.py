@@ -1,6 +1,6 @@
-"""The reference text stays true to itself: every section of docs/protocol.md that code, tests or
-docs cite exists, and the product (code, README, docs) describes features, not its development
-history (that is CHANGELOG.md's)."""
+"""The reference text stays true to the tree: every section of docs/protocol.md that code, tests
+or docs cite exists, the README's Layout names every module and script, and the product (code,
+README, docs) describes features, not its development history (that is CHANGELOG.md's)."""
 
 from __future__ import annotations
 
@@ -38,3 +38,14 @@ def test_the_product_names_no_issue_of_this_project():
             if ISSUE.search(line) and not any(name in line for name in UPSTREAM):
                 found.append(f"{path.relative_to(REPO)}:{n}: {line.strip()}")
     assert not found, "development history belongs in CHANGELOG.md:\n" + "\n".join(found)
+
+
+def test_the_readme_layout_names_every_module_and_script():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):]
+    layout = layout.split("\n## ")[0]
+    files = [p for p in _sources("enshuffle/**/*.py") if p.name != "__init__.py"]
+    files += [p for p in (REPO / "scripts").iterdir() if p.is_file()]
+    named = set(re.findall(r"`(?:[\w./-]*/)?([\w.-]+)`", layout))  # `name` or `path/to/name`
+    missing = sorted(str(p.relative_to(REPO)) for p in files if p.name not in named)
+    assert not missing, "README's Layout section does not name: " + ", ".join(missing)
