@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 THREAD_ENV_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -51,11 +52,11 @@ def thread_env(threads: int) -> dict[str, str]:
     return {name: str(int(threads)) for name in THREAD_ENV_VARS}
 
 
-def idle_env(environ: dict | None = None) -> dict[str, str]:
+def idle_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variable that makes idle OpenBLAS workers sleep instead of spinning (before numpy
     loads); empty when the user has set it already (theirs wins)."""
-    environ = os.environ if environ is None else environ
-    return {} if IDLE_SPIN_ENV in environ else {IDLE_SPIN_ENV: str(IDLE_SPIN_EXPONENT)}
+    env = os.environ if environ is None else environ
+    return {} if IDLE_SPIN_ENV in env else {IDLE_SPIN_ENV: str(IDLE_SPIN_EXPONENT)}
 
 
 def _mapped_libraries() -> list[str]:

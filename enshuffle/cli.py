@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(its secret and slot count), centrally, to compare with it")
     p.set_defaults(handler="enshuffle.coordinator.commands:cmd_train")
 
-    p = sub.add_parser("bench", help="measure the performance figures (issue 10's targets among them) side by side")
+    p = sub.add_parser("bench", help="measure the performance figures (the bench's targets among them) side by side")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     _add_network_options(p)
     p.add_argument("--repeats", type=_positive_int, default=3, help="repetitions per measurement (median)")

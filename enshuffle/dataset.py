@@ -15,7 +15,6 @@ Source order of `load_dataset`:
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
 import math

@@ -115,7 +115,8 @@ def _array(arrays: dict, name: str) -> np.ndarray:
     except KeyError:
         raise BatchError("bad-batch", f"missing array {name!r}") from None
     if value.ndim != 2 or value.dtype not in FLOAT_DTYPES:
-        raise BatchError("bad-batch", f"array {name!r} must be a 2-D float32/float64 matrix, got {value.dtype} {value.shape}")
+        raise BatchError("bad-batch",
+                         f"array {name!r} must be a 2-D float32/float64 matrix, got {value.dtype} {value.shape}")
     return value
 
 
@@ -226,7 +227,8 @@ def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics:
                 raise BatchError("bad-batch", f"rows out of range for static {name!r} with {static.shape[0]} rows")
             inner = rows.shape[0] if params.get("transpose_a") else static.shape[1]
             if inner != b.shape[0]:
-                raise BatchError("bad-batch", f"static {name!r} {static.shape} does not fit rows {rows.shape} and b {b.shape}")
+                raise BatchError("bad-batch",
+                                 f"static {name!r} {static.shape} does not fit rows {rows.shape} and b {b.shape}")
             if static.dtype != b.dtype:
                 raise BatchError("bad-batch", f"static {name!r} is {static.dtype} but b is {b.dtype}")
             return _static_product(static, rows, b, bool(params.get("transpose_a")), workspace)

@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import threading
 import time
+from collections import deque
 from dataclasses import fields
 
 
 class LiveState:
     lock: threading.Lock
-    log: "deque[str]"  # noqa: F821 - declared by the dataclass
+    log: deque[str]  # declared by the dataclass
 
     def add_log(self, line: str) -> None:
         with self.lock:

@@ -169,7 +169,7 @@ def init_params(preset: Preset, seed: list[int] | None = None) -> dict[str, np.n
 
 def init_shapes(preset: Preset) -> dict[str, tuple[int, ...]]:
     """Each weight's shape: w{l} (layers[l-1], layers[l]), b{l} (layers[l],)."""
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for l, (fan_in, fan_out) in enumerate(zip(preset.layers[:-1], preset.layers[1:]), start=1):
         shapes[f"w{l}"], shapes[f"b{l}"] = (fan_in, fan_out), (fan_out,)
     return shapes

@@ -171,7 +171,8 @@ def hostile_messages(rng: random.Random, recorded: list[list], count: int):
                                  "protocol": 2, "nonce": "x"}).encode()
             yield "huge-dims", [b"ENS2U" + bytes([2]) + b"HI" + len(header).to_bytes(4, "big") + header]
         elif kind == 7:
-            yield "huge-length", [b"ENS2S" + bytes([5]) + b"HELLO" + (2 ** 32 - 1).to_bytes(4, "big") + b"{}" + bytes(64)]
+            yield "huge-length", [b"ENS2S" + bytes([5]) + b"HELLO" + (2 ** 32 - 1).to_bytes(4, "big") + b"{}"
+                                  + bytes(64)]
         elif kind == 8:
             yield "wrong-kind", [b"ENS2E" + b"\x00" * 8 + os.urandom(64)]
         else:

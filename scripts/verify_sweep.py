@@ -133,7 +133,8 @@ class SweepExecutor(InProcessExecutor):
                         kind_key = (("static " + name.split(".")[0]) if name else "sent") + \
                             (" T" if batch_params.get("transpose_a") else "") + f" {c.shape}"
                         self.stats["by_kind"].setdefault(kind_key, []).append(
-                            (float(lied.worst.max()) / max(lied.reference, 0.02), float(res.worst.max()) / max(res.reference, 0.02)))
+                            (float(lied.worst.max()) / max(lied.reference, 0.02),
+                             float(res.worst.max()) / max(res.reference, 0.02)))
                     tried, got = self.stats["lies"].get(kind, (0, 0))
                     self.stats["lies"][kind] = (tried + 1, got + int(caught))
 
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
 
     preset = get_preset(args.preset, dtype=args.dtype, epochs=10**6)
     inputs = prepare(load_dataset(None, log=lambda line: print(line, file=sys.stderr)), preset, args.limit)
-    stats = {"honest": 0, "false_alarms": 0, "false_alarm_examples": [], "single_ratios": [], "by_kind": {}, "lies": {}, "check_seconds": 0.0,
+    stats = {"honest": 0, "false_alarms": 0, "false_alarm_examples": [], "single_ratios": [], "by_kind": {}, "lies": {},
+             "check_seconds": 0.0,
              "node_seconds": 0.0,
              "honest_max": {"worst": 0.0, "level": 0.0, "worst/reference": 0.0, "|t|": 0.0, "|beta|/u": 0.0}}
     compute = DistributedCompute(inputs.images, args.shards, np.random.default_rng(args.seed),

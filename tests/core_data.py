@@ -3,8 +3,8 @@
 `write_core_data_dir` writes four plain IDX files: the first few thousand real Fashion-MNIST
 images when Debian's `dataset-fashion-mnist` is installed, otherwise random images of the same
 format (the tests check formulas and invariants, which hold for any pixels). Plain, not gzip:
-the CLI subprocesses then read them in milliseconds. Import the fixtures `core_data_dir` and
-`core_dataset` into a test module to use them.
+the CLI subprocesses then read them in milliseconds. The fixtures made from them (`core_cache`,
+`core_data_dir`, `core_dataset`) live in conftest.py, so every test module can ask for them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from enshuffle import dataset as ds
 from idx_util import random_arrays, write_idx_dir
@@ -40,22 +39,3 @@ def write_core_data_dir(directory: Path) -> Path:
     arrays, _ = core_arrays()
     write_idx_dir(directory, **arrays, gz=False)
     return directory
-
-
-@pytest.fixture(scope="session")
-def core_cache(tmp_path_factory) -> Path:
-    """A parse cache of our own for the whole session, so no test writes into the user's ~/.cache."""
-    path = tmp_path_factory.mktemp("enshuffle-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ENSHUFFLE_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="session")
-def core_data_dir(tmp_path_factory, core_cache) -> Path:
-    return write_core_data_dir(tmp_path_factory.mktemp("core-data"))
-
-
-@pytest.fixture(scope="session")
-def core_dataset(core_data_dir) -> ds.Dataset:
-    return ds.load_idx_dir(core_data_dir)

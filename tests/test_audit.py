@@ -2,7 +2,7 @@
 the curious node's attacks on the recording, scored against the coordinator's ground truth.
 
 On the "shuffle" control the attacks must recover nearly everything (they have teeth); on the
-real disguise they must stay under issue 7's targets. Small data (the core test IDX files,
+real disguise they must stay under the audit's targets. Small data (the core test IDX files,
 1,000 training images), one epoch.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core_data import FASHION_INSTALLED, core_cache, core_data_dir  # noqa: F401  (fixtures)
+from core_data import FASHION_INSTALLED
 from enshuffle.audit.runner import run_audit
 from enshuffle.audit.scoring import adjusted_rand
 from enshuffle.node.daemon import MessageRecorder
@@ -57,7 +57,7 @@ def test_attacks_have_teeth_on_the_shuffle_control(shuffle_figures):
     assert not all(f["meets_targets"].values())
 
 
-def test_the_real_disguise_meets_issue_7_targets_for_images_and_weights(share_figures):
+def test_the_real_disguise_meets_the_audit_targets_for_images_and_weights(share_figures):
     f = share_figures
     assert f["exact_pixels"] == 0.0
     assert f["reid"] <= 0.01
@@ -68,7 +68,7 @@ def test_the_real_disguise_meets_issue_7_targets_for_images_and_weights(share_fi
         assert f["meets_targets"][key], key
 
 
-def test_the_real_disguise_meets_issue_7_label_target(share_figures):
+def test_the_real_disguise_meets_the_audit_label_target(share_figures):
     """dz1 leaves with decoys (each class's mean and principal directions moved to random rows):
     its rows must not group by class, and no label may be named above the target."""
     f = share_figures

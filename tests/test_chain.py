@@ -86,8 +86,8 @@ def rewrite_record(run_dir: Path, version_id: str, change) -> None:
 def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m enshuffle ARGS` with its own ENSHUFFLE_HOME (no coordinator key unless a test puts one)."""
     home = home or Path(tempfile.mkdtemp(prefix="enshuffle-home-"))
-    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO,
+                          env=dict(os.environ, ENSHUFFLE_HOME=str(home)), capture_output=True, text=True, timeout=60)
 
 
 # ----- appending, reading, ids

@@ -10,7 +10,6 @@ and how to extend it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -21,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.chain import HEAD_LOG, Chain, record_head_in_home
 from enshuffle.protocol.keys import Identity, load_or_create_identity
 

@@ -8,7 +8,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from core_data import core_cache, core_data_dir, core_dataset  # noqa: F401  (pytest fixtures)
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, combine, split_rows
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.kernels import compute_batch

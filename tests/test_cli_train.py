@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core_data import FASHION_INSTALLED, core_cache, core_data_dir, core_dataset  # noqa: F401  (fixtures)
+from core_data import FASHION_INSTALLED
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS, LocalCompute, get_preset
 from idx_util import random_arrays, write_idx_dir

@@ -13,10 +13,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
 import zmq
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.cli import build_parser
 from enshuffle.coordinator.addresses import volunteer_addresses
 from enshuffle.protocol.keys import Identity

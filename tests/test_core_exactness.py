@@ -23,7 +23,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from core_data import core_cache, core_data_dir, core_dataset  # noqa: F401  (pytest fixtures)
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.model import LocalCompute, evaluate, get_preset

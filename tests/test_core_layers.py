@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core_data import core_cache, core_data_dir, core_dataset  # noqa: F401  (pytest fixtures)
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.model import (LocalCompute, OptimizerState, check_layers, get_preset, init_params, softmax,

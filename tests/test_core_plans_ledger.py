@@ -14,7 +14,6 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from core_data import core_cache, core_data_dir, core_dataset  # noqa: F401  (pytest fixtures)
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.plan import Disguise, build_matmul_plan, new_disguise, pow2
 from enshuffle.coordinator.training import Trainer, prepare

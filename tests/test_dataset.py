@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
-import shutil
 import threading
 from functools import partial
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Issue 10's structural promises, each shown by running the real thing (speed itself is measured
+"""The lean coordinator's structural promises, each shown by running the real thing (speed itself is measured
 by `enshuffle bench`, never asserted here):
 
 - a mini-batch step is two round trips to the nodes (forward, backward), a full-batch epoch three
@@ -16,7 +16,6 @@ import threading
 
 import numpy as np
 
-from core_data import core_cache, core_data_dir, core_dataset  # noqa: F401  (pytest fixtures)
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, static_name
 from enshuffle.coordinator.ledger import ExposureLedger
 from enshuffle.coordinator.server import CoordinatorServer

@@ -292,7 +292,7 @@ def test_garbage_is_dropped_and_node_still_answers(session):
     coord.send_frames([b"GET / HTTP/1.1", b"x", b"y", b"z"])
     coord.send_frames([b"ENS1", b"NOPE", b"{}", b"\0" * 64])
     good_batch(coord, node_key)
-    # A sealed BATCH whose header does not parse is dropped (spec 14): nothing to answer to.
+    # A sealed BATCH whose header does not parse is dropped (spec 7): nothing to answer to.
     coord.send_frames(coord.channel.seal_parts([b"\x05BATCH\x00\x00\x00\x09{not json"]))
     good_batch(coord, node_key, "ok2")
     assert proc.poll() is None
@@ -666,7 +666,7 @@ def test_malformed_address_is_a_one_line_error(tmp_path):
     assert "Traceback" not in err and err.count("\n") == 1 and "tcp://a b:5555" in err
 
 
-# --- issue 8: a coordinator the node accepted cannot make it allocate without limit -----------------
+# --- a coordinator the node accepted cannot make it allocate without limit --------------------------
 
 def test_a_result_larger_than_max_memory_is_refused_before_allocating(session):
     """The issue's 331-byte BATCH (11585,0)@(0,11585) asked for a 1 GiB result; and 0.5 MB of
@@ -686,7 +686,7 @@ def test_a_result_larger_than_max_memory_is_refused_before_allocating(session):
 
 
 def test_max_memory_is_the_node_owners_choice(coord, node_proc):
-    proc = node_proc(coord.address, "--max-memory", "1M")
+    node_proc(coord.address, "--max-memory", "1M")
     hello = coord.expect("HELLO")
     node_key = verify_self_signed(hello)
     coord.welcome(hello)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import InProcessRun, Proc, default_preset, load_inputs, process_env, wait_until
 
 

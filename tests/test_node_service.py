@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.node.policy import Policy, PolicyError, in_window, parse_window
 from wire_util import InProcessRun, default_preset, load_inputs, wait_until
 

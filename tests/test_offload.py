@@ -15,27 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core_data import core_cache, core_data_dir, core_dataset  # noqa: F401  (pytest fixtures)
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.offload import ALL_REFUSED, CostModel, decide, refuse_all, step_plan
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.model import LocalCompute, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
-ISSUE = CostModel()  # 26 ns per shipped element, 0.09 ns per multiply-add
+BUILT_IN = CostModel()  # 26 ns per shipped element, 0.09 ns per multiply-add
 
 
 def test_the_notebooks_network_pays_nowhere_and_a_long_contraction_does():
-    """Issue 12's arithmetic: a 784-128-10 step never pays to ship; a 4096-wide hidden layer of a
-    full batch does (over 1,000 multiply-adds per shipped element)."""
-    small = step_plan((784, 128, 10), 128, 2, "auto", ISSUE)
+    """The built-in cost model's arithmetic: a 784-128-10 step never pays to ship; a 4096-wide
+    hidden layer of a full batch does (over 1,000 multiply-adds per shipped element)."""
+    small = step_plan((784, 128, 10), 128, 2, "auto", BUILT_IN)
     assert [p.name for p in small] == ["x_w1", "dw1"] and not any(p.ship for p in small)
-    wide = {p.name: p for p in step_plan((784, 4096, 4096, 10), 60000, 2, "auto", ISSUE)}
+    wide = {p.name: p for p in step_plan((784, 4096, 4096, 10), 60000, 2, "auto", BUILT_IN)}
     assert set(wide) == {"x_w1", "dw1", "a_w2", "dw2", "da2"}
     assert wide["a_w2"].ship and wide["dw2"].ship and wide["da2"].ship
     assert wide["a_w2"].madds / wide["a_w2"].shipped > 1000
     # matmul ships every product that can go, whatever it costs
-    assert all(p.ship for p in step_plan((784, 128, 10), 128, 2, "matmul", ISSUE))
+    assert all(p.ship for p in step_plan((784, 128, 10), 128, 2, "matmul", BUILT_IN))
 
 
 def test_the_decision_follows_the_cost_model():
@@ -82,7 +81,7 @@ MIXED = CostModel(ship_ns=30.0, madd_ns=1.0)  # x_w1 and dw1 pay below about 27,
 
 
 @pytest.mark.parametrize("nodes", [1, 2, 3])
-@pytest.mark.parametrize("offload,model", [("matmul", ISSUE), ("auto", ISSUE), ("auto", MIXED)])
+@pytest.mark.parametrize("offload,model", [("matmul", BUILT_IN), ("auto", BUILT_IN), ("auto", MIXED)])
 def test_a_three_layer_network_equals_the_centralized_run_whatever_is_shipped(core_dataset, nodes, offload, model):
     preset = replace(get_preset("default", dtype="float64", layers=(784, 256, 512, 10)), batch_size=100)
     inputs = prepare(core_dataset, preset, limit=300)
@@ -100,7 +99,7 @@ def test_a_three_layer_network_equals_the_centralized_run_whatever_is_shipped(co
     sent = compute.executor.kinds
     if offload == "matmul":
         assert all(plan.values()) and {"w1", "w2", "activations", "deltas2"} <= sent
-    elif model is ISSUE:
+    elif model is BUILT_IN:
         # nothing of a training step; the test pass (every test image at once) may pay for x_w1
         assert not any(plan.values()) and sent <= {"w1", "samples"}
     else:
@@ -137,7 +136,7 @@ def test_the_socket_is_serviced_every_step_even_when_nothing_is_shipped(core_dat
     server = CoordinatorServer("tcp://127.0.0.1:*", Identity.generate(), CoordinatorState(), ExposureLedger())
     try:
         compute = DistributedCompute(inputs.images, 2, np.random.default_rng(0), server.attach, ledger=server.ledger,
-                                     **inputs.source(), offload="auto", cost_model=ISSUE)
+                                     **inputs.source(), offload="auto", cost_model=BUILT_IN)
         pumps = []
         pump = server.pump
         server.pump = lambda timeout_ms=100: (pumps.append(timeout_ms), pump(timeout_ms))

@@ -6,7 +6,6 @@ import json
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -80,7 +79,8 @@ def test_group_readable_key_file_is_refused_naming_the_file_and_the_fix(tmp_path
     load_or_create_identity("node", tmp_path)
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage\n", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"])
+@pytest.mark.parametrize("content", [b"", b"garbage\n",
+                                     b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"])
 def test_corrupt_key_file_is_refused(tmp_path, content):
     path = key_path("coordinator", tmp_path)
     path.write_bytes(content)

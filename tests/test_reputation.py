@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.reputation import QUARANTINE_AFTER, Reputation
 from enshuffle.coordinator.server import MAX_ATTEMPTS
 from enshuffle.model import get_preset

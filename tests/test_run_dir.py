@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.cli import UsageError
 from enshuffle.coordinator.run import CoordinatorRun, plan_secret
 from enshuffle.coordinator.settings import RunSettings

@@ -1,4 +1,4 @@
-"""Issue 8's measured attacks, each tried again against ENS2 with real sockets, keys and processes.
+"""Attacks on the coordinator and its nodes, each tried against ENS2 with real sockets, keys and processes.
 
 Each test plays the attacker and measures what it gets: a replayed HELLO, a stranger's key, a node
 that joins and vanishes, two processes sharing a key, floods of HELLOs from fresh keys, malformed
@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import zmq
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.server import HANDSHAKE_REPLIES_PER_S, MAX_ATTEMPTS
 from enshuffle.protocol.keys import Identity, load_or_create_identity
@@ -101,7 +100,8 @@ def test_a_stranger_gets_one_signed_not_allowed_and_nothing_else(core_data_dir, 
     try:
         with pytest.raises(AssertionError, match="refused: not-allowed"):
             stranger.hello()
-        wait_until(lambda: run.logged("refused node 'stranger'"), 10, "the refusal to be logged", on_timeout=run.describe)
+        wait_until(lambda: run.logged("refused node 'stranger'"), 10, "the refusal to be logged",
+                   on_timeout=run.describe)
         assert recv_all(stranger.sock, 200) == []  # one REFUSE, and nothing after it
         assert run.state.snapshot().nodes == {} and run.server.sessions == {}
         member_node = ScriptedNode(run.endpoint, "member", identity=member)
@@ -204,7 +204,8 @@ def test_same_key_twins_are_refused_clearly_and_names_give_distinct_keys(core_da
     a = spawn_node(home, run.endpoint, fp, "same", tmp_path, proc_name="twin-a")
     procs = [a]
     try:
-        wait_until(lambda: run.state.snapshot().nodes.get("same"), 30, "the first twin to join", on_timeout=run.describe)
+        wait_until(lambda: run.state.snapshot().nodes.get("same"), 30, "the first twin to join",
+                   on_timeout=run.describe)
         b = spawn_node(home, run.endpoint, fp, "same", tmp_path, proc_name="twin-b")
         procs.append(b)
         wait_until(lambda: "duplicate-key" in b.err(), 30, "the second twin to be told", on_timeout=b.describe)

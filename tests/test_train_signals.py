@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.chain import Chain
 from wire_util import Proc, process_env, wait_until
 
@@ -34,7 +33,8 @@ def test_a_signal_stops_train_gracefully(core_data_dir, core_cache, tmp_path, si
     run_dir = tmp_path / "run"
     # --offload matmul: the nodes hold work (and ledger rows) when the signal comes
     proc = Proc(["train", "--nodes", "2", "--epochs", "500", "--data", str(core_data_dir), "--limit", "600",
-                 "--out", str(run_dir), "--offload", "matmul"], process_env(tmp_path / "home", core_cache), tmp_path, "train")
+                 "--out", str(run_dir), "--offload", "matmul"],
+                process_env(tmp_path / "home", core_cache), tmp_path, "train")
     try:
         wait_until(lambda: (run_dir / "chain" / "HEAD").exists(), 60, "the first model version",
                    on_timeout=proc.describe)

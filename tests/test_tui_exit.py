@@ -15,8 +15,6 @@ import termios
 import time
 from pathlib import Path
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
-
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -72,5 +72,6 @@ def test_the_exposure_table_lists_a_deeper_networks_layers():
 
     state = CoordinatorState()
     assert exposure_kinds(state) == TENSORS
-    state.nodes["a"] = NodeRow(node_id="a", name="a", fingerprint="SHA256:x", exposure={k: 0.0 for k in ledger_axes((784, 64, 32, 10))})
+    state.nodes["a"] = NodeRow(node_id="a", name="a", fingerprint="SHA256:x",
+                               exposure={k: 0.0 for k in ledger_axes((784, 64, 32, 10))})
     assert exposure_kinds(state) == TENSORS + ("w3", "activations2", "deltas2")

@@ -15,10 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 from textual.widgets import DataTable
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle import dataset as ds
 from enshuffle.coordinator.chain import Chain
 from enshuffle.coordinator.settings import RunSettings

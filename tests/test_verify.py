@@ -13,9 +13,8 @@ import pytest
 
 from enshuffle.coordinator.verify import StaticNorms, check_matmul
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
-    reference_weights, spawn_node, wait_until
+    reference_weights, spawn_node
 
 DTYPES = (np.float32, np.float64)
 
@@ -31,7 +30,8 @@ def image_like(rng, n, k, dtype):
 @pytest.mark.parametrize("data", ["gaussian", "images"])
 def test_static_products_pass_and_a_single_wrong_entry_fails(dtype, data):
     rng = np.random.default_rng(3)
-    s = (rng.standard_normal((3000, 392)) if data == "gaussian" else image_like(rng, 3000, 392, np.float64)).astype(dtype)
+    s = (rng.standard_normal((3000, 392)) if data == "gaussian"
+         else image_like(rng, 3000, 392, np.float64)).astype(dtype)
     norms = StaticNorms(s)
     b = (rng.standard_normal((392, 128)) * 0.01).astype(dtype)
     for rows in (rng.permutation(3000), np.sort(rng.choice(3000, 128, replace=False))):

@@ -1,4 +1,4 @@
-"""protocol.md section 14: a node that keeps sending malformed or unverifiable messages is logged
+"""protocol.md section 15: a node that keeps sending malformed or unverifiable messages is logged
 rate-limited, then told BYE protocol-error, evicted and refused for the rest of the run, while
 training goes on with the honest node."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
     reference_weights, spawn_node, wait_until
 

@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.server import LEASE_INITIAL_MS
 from wire_util import (InProcessRun, assert_same_weights, cpu_seconds, default_preset, load_inputs,
                        reference_weights, spawn_node, wait_until)
@@ -80,8 +79,8 @@ def test_killed_nodes_block_waits_it_rejoins_and_an_empty_cluster_waits_idle(cor
         assert run.logged("goes to proc-1"), why()
         run.hold_at(5)
         run.wait_held(30)
-        wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "waiting", "standby"), 5,
-                   "proc-1 to compute again", on_timeout=why)
+        wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "waiting", "standby"),
+                   5, "proc-1 to compute again", on_timeout=why)
 
         # Every node gone: the coordinator says it waits, and waits without spinning.
         log_mark = len(run.log_lines())

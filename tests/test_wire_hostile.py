@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import zmq
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.model import get_preset
 from enshuffle.protocol.messages import Limits, encode
 from wire_util import (InProcessRun, ScriptedNode, assert_same_weights, load_inputs, reference_weights,
-                       spawn_node, wait_until)
+                       spawn_node)
 
 # Far above any honest message of this run (the largest RESULT is 1000 x ~261 float64, ~2 MB),
 # low enough that the test's oversize message stays small.

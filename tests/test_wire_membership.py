@@ -10,7 +10,6 @@ import signal
 
 import numpy as np
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import InProcessRun, assert_same_weights, default_preset, load_inputs, reference_weights, \
     spawn_node, wait_until
 

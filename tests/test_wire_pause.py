@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
     reference_weights, spawn_node
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from enshuffle.coordinator.chain import Chain
 from enshuffle.protocol.keys import Identity, load_or_create_identity
 from wire_util import (assert_same_weights, coordinator_fingerprint, enshuffle_cli, free_port, load_npz,
@@ -162,7 +161,8 @@ def test_coordinator_killed_and_resumed_gives_the_uninterrupted_model(uninterrup
         assert 1 <= at_kill[-1].metadata["epoch"] < RESUME_EPOCHS, "the run was not interrupted"
 
         resumed = spawn_coordinator(home, port, core_cache, tmp_path, "k-resumed", "--min-nodes", "2",
-                                    "--out", str(run_dir), "--resume", "--allow", str(home / "allowed"), "--data", str(core_data_dir), "--json")
+                                    "--out", str(run_dir), "--resume", "--allow", str(home / "allowed"),
+                                    "--data", str(core_data_dir), "--json")
         # The same node processes find the restarted coordinator by themselves.
         assert resumed.wait(90) == 0, resumed.describe() + "".join(n.describe() for n in nodes)
         for node in nodes:

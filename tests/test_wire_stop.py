@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from test_tui_live import LiveRun
 from wire_util import wait_until
 

@@ -5,7 +5,6 @@ Credit stays honest throughout: the node never holds more batches than its windo
 
 from __future__ import annotations
 
-from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
     reference_weights
 

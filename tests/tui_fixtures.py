@@ -54,8 +54,10 @@ def coordinator_state() -> CoordinatorState:
     ]
     s.versions = [
         VersionRow(version_id(1), None, 1, 0, 0.601, T0 + 61, metadata={"preset": "fashion-quick", "cost": 0.09}),
-        VersionRow(version_id(2), version_id(1), 2, 0, 0.744, T0 + 119, metadata={"preset": "fashion-quick", "cost": 0.061}),
-        VersionRow(version_id(3), version_id(2), 3, 0, 0.795, T0 + 178, metadata={"preset": "fashion-quick", "cost": 0.048}),
+        VersionRow(version_id(2), version_id(1), 2, 0, 0.744, T0 + 119,
+                   metadata={"preset": "fashion-quick", "cost": 0.061}),
+        VersionRow(version_id(3), version_id(2), 3, 0, 0.795, T0 + 178,
+                   metadata={"preset": "fashion-quick", "cost": 0.048}),
     ]
     s.log.extend([
         "22:14:21 batch reissued: carol missed its deadline",
@@ -68,14 +70,16 @@ def coordinator_state() -> CoordinatorState:
 def node_state() -> NodeState:
     s = NodeState(
         connect="tcp://coordinator.example:5555", name="volunteer-7",
-        own_fingerprint="d4" * 32, coordinator_fingerprint="ab12cd34ef56ab78cd90ef12ab34cd56ef78ab90cd12ef34ab56cd78ef90ab12",
+        own_fingerprint="d4" * 32,
+        coordinator_fingerprint="ab12cd34ef56ab78cd90ef12ab34cd56ef78ab90cd12ef34ab56cd78ef90ab12",
         trust="pinned", run_id="run-0042", connection="working", reason="",
         current_op="matmul (30000x196)·(196x128)", batches_done=4321, rate=18.25,
         bytes_in=3 * 1024**3 + 512 * 1024**2, bytes_out=250 * 1024**2, refusals=1, threads=2,
         exposure={"images": 0.24, "w1": 0.24, "deltas": 1.0, "samples": 0.5},
         started_at=T0,
     )
-    s.log.extend(["22:13:25 connected; coordinator fingerprint pinned", "22:20:01 refused a batch: signature did not verify"])
+    s.log.extend(["22:13:25 connected; coordinator fingerprint pinned",
+                  "22:20:01 refused a batch: signature did not verify"])
     return s
 
 

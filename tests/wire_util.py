@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import resource
-import signal
 import socket
 import subprocess
 import sys
@@ -115,7 +114,8 @@ class Proc:
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} did not exit within {timeout} s; stderr:\n{self.err()[-3000:]}") from None
+            raise AssertionError(f"{self.name} did not exit within {timeout} s; "
+                                 f"stderr:\n{self.err()[-3000:]}") from None
 
     def stop(self) -> None:
         """Cleanup: kill if still running, reap."""
@@ -152,7 +152,8 @@ def spawn_coordinator(home: Path, port: int, cache: Path, logdir: Path, name: st
                 logdir, name)
 
 
-def enshuffle_cli(*args: str, home: Path, cache: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+def enshuffle_cli(*args: str, home: Path, cache: Path | None = None,
+                  timeout: float = 120) -> subprocess.CompletedProcess:
     """Run one `python -m enshuffle ...` to completion."""
     return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=process_env(home, cache))
@@ -233,8 +234,8 @@ class InProcessRun:
     """
 
     def __init__(self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7,
-                 limits: Limits | None = None, heartbeat_ms: int = 1000, admission=None, max_sessions: int | None = None,
-                 max_exposure: float | None = None):
+                 limits: Limits | None = None, heartbeat_ms: int = 1000, admission=None,
+                 max_sessions: int | None = None, max_exposure: float | None = None):
         self.preset = preset
         self.state = CoordinatorState()
         self.identity = Identity.generate()

@@ -49,7 +49,7 @@ class Public:
     train_labels: np.ndarray
     test_images: np.ndarray
     test_labels: np.ndarray
-    preset: object  # enshuffle.model.Preset (source code and command line are public)
+    preset: model.Preset  # public: the source code and the command line
 
 
 @dataclass
@@ -128,7 +128,8 @@ def _moments(x: np.ndarray) -> np.ndarray:
 
 
 # -- statics: values, scales, positions ------------------------------------------------------
-def _multiset_match(static: np.ndarray, prepared_cols: np.ndarray, other: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+def _multiset_match(static: np.ndarray, prepared_cols: np.ndarray,
+                    other: tuple | None) -> tuple[np.ndarray, np.ndarray]:
     """For each static column, (pixel, exponent) such that sorted(col * 2**-e) equals the sorted
     public pixel column exactly; -1 / -999 where none does. `other` = (static, public) of the
     other split (test for train), used to break ties between pixels with equal multisets."""
@@ -633,7 +634,8 @@ def _sgd_updates(batches, statics, prepared, public, w0):
     x_pub = prepared["train"][1].astype(np.float64)  # rows = public image index (first n)
     if reid.max() >= x_pub.shape[0]:
         return None
-    xw = [m for m in batches if m.header["params"].get("a_static") == name and not m.header["params"].get("transpose_a")]
+    xw = [m for m in batches
+          if m.header["params"].get("a_static") == name and not m.header["params"].get("transpose_a")]
     dw = [m for m in batches if m.header["params"].get("a_static") == name and m.header["params"].get("transpose_a")]
     if not dw:
         return None

@@ -91,8 +91,8 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
     epochs = epochs or DEFAULT_EPOCHS.get(preset_name, 1)
     preset = get_preset(preset_name, epochs=epochs, layers=layers, activation=activation)
     inputs = prepare(dataset, preset, limit)
-    with tempfile.TemporaryDirectory(prefix="enshuffle-audit-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="enshuffle-audit-") as tmp_dir:
+        tmp = Path(tmp_dir)
         record = Path(record_dir) if record_dir else tmp / "recording"
         if record.exists() and any(record.iterdir()):
             raise UsageError(f"--record {record} is not empty; give a new or empty directory")
@@ -119,7 +119,8 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         if not slots:
             raise UsageError("the recording node received no static operand; nothing to audit")
         log(f"audit: {len(messages)} messages recorded (slots {slots}); attacking")
-        public = Public(train_images=dataset.train_images.reshape(available, -1), train_labels=np.asarray(dataset.train_labels),
+        public = Public(train_images=dataset.train_images.reshape(available, -1),
+                        train_labels=np.asarray(dataset.train_labels),
                         test_images=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
                         test_labels=np.asarray(dataset.test_labels), preset=preset)
         started = time.perf_counter()

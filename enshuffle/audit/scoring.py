@@ -14,7 +14,7 @@ import numpy as np
 
 from enshuffle.audit.attacks import Claims
 
-# issue 7's targets for what one node recovers (default preset, 3 nodes)
+# the audit's targets for what one node recovers (default preset, 3 nodes)
 TARGETS = {
     "labels_named": ("<=", 0.15),
     "reid": ("<=", 0.01),
@@ -110,7 +110,8 @@ def score(claims: Claims, truth: Truth) -> dict:
         e_ok = int(np.count_nonzero(c.values == truth_vals))
         exact_ok += e_ok
         exact_all += truth_vals.size
-        pw, ps = int(np.count_nonzero(c.positions_weights == col_pixel)), int(np.count_nonzero(c.positions_stats == col_pixel))
+        pw = int(np.count_nonzero(c.positions_weights == col_pixel))
+        ps = int(np.count_nonzero(c.positions_stats == col_pixel))
         pos_w_ok += pw
         pos_s_ok += ps
         pos_all += col_pixel.size

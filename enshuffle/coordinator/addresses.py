@@ -39,7 +39,7 @@ def machine_addresses() -> list[str]:
             pass
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None, proto=socket.IPPROTO_TCP):
-            found.append(info[4][0])
+            found.append(str(info[4][0]))
     except OSError:
         pass
     result = []

@@ -130,7 +130,8 @@ class Admission:
             parts.append(f"invite codes (enshuffle invite), {len(self.invited)} invited keys")
         if self.auto:
             parts.append(f"{len(self.auto)} local nodes")
-        return "admission: " + (", ".join(parts) if parts else "nobody yet (use --allow FILE, enshuffle invite or --open)")
+        return "admission: " + (", ".join(parts) if parts
+                                else "nobody yet (use --allow FILE, enshuffle invite or --open)")
 
     def check(self, key: bytes, invite, challenge: str) -> tuple[bool, str]:
         """(admitted, how) for a verified HELLO's node key and its optional `invite` field."""
@@ -153,15 +154,18 @@ class Admission:
         return False, ""
 
     def _use_invite(self, ident: str, entry: dict, fp: str) -> None:
+        home = self.home
+        assert home is not None  # invite codes are read from the home
         self.invited.add(fp)
         try:
-            with open(self.home / INVITED_FILE, "a", encoding="utf-8") as fh:
+            with open(home / INVITED_FILE, "a", encoding="utf-8") as fh:
                 fh.write(f"{fp}  # invite {ident}\n")
-            os.chmod(self.home / INVITED_FILE, 0o600)
+            os.chmod(home / INVITED_FILE, 0o600)
             if not entry.get("reusable"):
-                invites = load_invites(self.home)
+                invites = load_invites(home)
                 invites.pop(ident, None)
-                _write_private(self.home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
+                _write_private(home / INVITES_FILE,
+                               json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
         except OSError:
             pass  # admitted for this process at least; the operator sees the key in the log
 

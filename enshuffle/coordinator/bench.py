@@ -4,9 +4,10 @@ Each figure is the median of `--repeats` repetitions; ratios are taken between m
 in this same run, so a noisy machine moves numerator and denominator together. It is a
 benchmark, not a test: nothing here fails on a time.
 
-Every figure of issue 10's Targets table is printed beside its target (and `--json` gives each
-as {"value", "target", "op", "met", "unit", ...} so a script can compare runs), plus the older
-figures: plan build time, in-process epoch, crypto cost, privacy's cost. What is measured:
+Every figure with a target (the TARGET_* constants below) is printed beside it (and `--json`
+gives each as {"value", "target", "op", "met", "unit", ...} so a script can compare runs), then
+the other figures: plan build time, in-process epoch, crypto cost, privacy's cost. What is
+measured:
 
 - the exposure plan for the notebook's largest operation (128x60000 @ 60000x784, 7 nodes);
 - centralized runs with 1 and with 2 BLAS threads (seed-preset epochs, default-preset steps):
@@ -64,11 +65,11 @@ from enshuffle.protocol.keys import fingerprint, load_or_create_identity
 from enshuffle.protocol.messages import Channel
 
 NOTEBOOK_PLAN_SECONDS = 70.8
-CRYPTO_BUDGET_EPOCH_S = 0.1    # seed preset, per epoch (issue 8)
+CRYPTO_BUDGET_EPOCH_S = 0.1    # seed preset, per epoch
 CRYPTO_BUDGET_STEP_MS = 0.5    # default preset, per step
 PRIVACY_COST_TARGET = 10.0     # % more coordinator CPU than the shuffle-only disguise
 
-# Issue 10's Targets table ("A lean coordinator").
+# The bench's targets: what a lean coordinator should cost against the centralized run.
 TARGET_CPU_SHARE = 30.0          # % of the cheapest centralized CPU per seed-preset epoch
 TARGET_WIRE_RATIO = 2.0          # wire epoch / centralized epoch, seed preset
 TARGET_STEP_RATIO = 4.0          # default preset step over the wire / centralized step
@@ -108,7 +109,7 @@ def measure_plan(repeats: int) -> float:
         t = time.perf_counter()
         build_matmul_plan(128, 60000, 784, 7, rng)
         times.append(time.perf_counter() - t)
-    return _median(times)
+    return float(statistics.median(times))
 
 
 # -- counters and repetitions ------------------------------------------------------------------
@@ -134,7 +135,7 @@ def _delta(before: dict, after: dict, per: int = 1) -> dict[str, float]:
     return {k: (after[k] - before[k]) / per for k in after if k in before}
 
 
-def _medians(rows: list[dict]) -> dict[str, float]:
+def _medians(rows: list[dict]) -> dict[str, float | None]:
     keys = set.intersection(*(set(r) for r in rows)) if rows else set()
     return {k: _median(r[k] for r in rows) for k in sorted(keys)}
 
@@ -182,7 +183,7 @@ def _blas_threads(threads: int):
 
 def measure_centralized(preset, inputs, repeats: int, minibatch: bool = False) -> dict[int, dict]:
     """Centralized seed epochs (or default steps) per BLAS thread count: {threads: medians}."""
-    out = {}
+    out: dict[int, dict] = {}
     for threads in CENTRAL_THREADS:
         with _blas_threads(threads) as got:
             if got is None and out:
@@ -204,12 +205,12 @@ def _threads_text(threads: int) -> str:
 
 # -- the coordinator in this process, node processes on loopback ---------------------------------
 def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool = False,
-                 disguise: str = "share", offload: str = "matmul") -> dict[str, float]:
+                 disguise: str = "share", offload: str = "matmul") -> dict[str, float | None]:
     """Medians per seed-preset epoch (or per default-preset step) of the counters, with `nodes`
     `enshuffle node --threads 1` processes; keys as `_snapshot`'s."""
     Channel.clock = staticmethod(time.thread_time)  # CPU time: what the crypto costs this process
-    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp, coordinator_blas_threads():
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp_dir, coordinator_blas_threads():
+        tmp = Path(tmp_dir)
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
         server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(),
                                    ExposureLedger(ledger_axes(preset.layers)),
@@ -241,8 +242,8 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
     an x_w1 batch: `rows` rows of the node's static block times a (columns x 128) matrix.
     Per node: round-trip milliseconds (median, p90, all)."""
     variants = {"default": [], "threads1": ["--threads", "1"]}
-    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-rt-") as tmp, coordinator_blas_threads():
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-rt-") as tmp_dir, coordinator_blas_threads():
+        tmp = Path(tmp_dir)
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
         keys, procs = set(), []
         for i, (name, extra) in enumerate(variants.items()):
@@ -260,14 +261,16 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
                 stderr=subprocess.STDOUT, start_new_session=True))
             log.close()
         try:
-            compute = DistributedCompute(inputs.images, len(variants), np.random.default_rng(3), server.attach,
-                                         ledger=server.ledger, **inputs.source())
+            # constructing it is enough: it attaches itself to the server (server.attach)
+            DistributedCompute(inputs.images, len(variants), np.random.default_rng(3), server.attach,
+                               ledger=server.ledger, **inputs.source())
             problem = local_nodes_problem(procs, tmp, time.monotonic() + 60.0)
             server.give_up = problem
             if not server.wait_for_nodes(len(variants), give_up=problem):
                 raise RuntimeError(f"bench: the round-trip node processes did not start: {server.wait_problem}")
             shard_of = {}
             for shard, node_id in enumerate(server.owner):
+                assert node_id is not None  # wait_for_nodes returned: every slot is held
                 shard_of[server.sessions[node_id].name.removeprefix("rt-")] = shard
             rng = np.random.default_rng(4)
 
@@ -281,7 +284,7 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
             for _ in range(warmup):  # statics go out with the first product
                 for shard in shard_of.values():
                     server.run([product(shard)])
-            times = {name: [] for name in variants}
+            times: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(count):  # interleaved, so both nodes see the same machine load
                 for name, shard in shard_of.items():
                     batch = product(shard)
@@ -308,14 +311,14 @@ def _proc_counters(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), float(fields[7])
 
 
-def measure_daemon(data: str | None, limit: int | None, epochs: int) -> dict[str, float]:
+def measure_daemon(data: str | None, limit: int | None, epochs: int) -> dict[str, float | None]:
     """`enshuffle coordinator --preset seed --epochs N` as a process, two `enshuffle node
     --threads 1` processes admitted by an --allow file. At each epoch line the coordinator
     prints, its CPU and minor faults are read from /proc: medians per epoch over epochs 2..N
     (the first carries start-up: data loading, statics, handshakes), so the figure is the
     marginal cost of one more epoch of the daemon, model-chain version included."""
-    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-daemon-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="enshuffle-bench-daemon-") as tmp_dir:
+        tmp = Path(tmp_dir)
         home = tmp / "coordinator"
         coordinator_fp = load_or_create_identity("coordinator", home).fingerprint
         allow = tmp / "allow.txt"
@@ -333,6 +336,7 @@ def measure_daemon(data: str | None, limit: int | None, epochs: int) -> dict[str
             coordinator = subprocess.Popen(command, env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
                                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
                                            text=True, start_new_session=True)
+        assert coordinator.stdout is not None  # stdout=PIPE
         watchdog = threading.Timer(DAEMON_TIMEOUT_S, coordinator.kill)
         watchdog.start()
         procs = spawn_local_nodes(f"tcp://127.0.0.1:{port}", coordinator_fp, 2, tmp, threads=1)
@@ -369,7 +373,8 @@ class Figures:
     def __init__(self):
         self.items: dict[str, dict] = {}
 
-    def add(self, key: str, label: str, value, unit: str, target=None, op: str | None = "<=", note: str = "",
+    def add(self, key: str, label: str, value, unit: str, target=None, op: str | None = "<=",
+            note: str | bool | None = "",  # `x and "..."` leaves None or False where x was not measured
             section: str = "targets", signed: bool = False, short: str | None = None) -> None:
         met = None
         if value is not None and target is not None:
@@ -389,7 +394,7 @@ def _percent(part, whole):
 
 
 def build_figures(m: dict, repeats: int) -> Figures:
-    """Issue 10's Targets first, then the other figures; value None where not measured."""
+    """The bench's targets first, then the other figures; value None where not measured."""
     f = Figures()
     c_epoch, c_step = m["centralized_epoch"], m["centralized_step"]
     cheap_cpu, cheap_cpu_which = _cheapest(c_epoch, "cpu")
@@ -403,22 +408,25 @@ def build_figures(m: dict, repeats: int) -> Figures:
     f.add("coordinator_cpu_vs_cheapest_centralized", "coordinator CPU per seed epoch / cheapest centralized CPU",
           cpu and 100 * cpu / cheap_cpu, "%", TARGET_CPU_SHARE,
           note=cpu and f"{cpu:.3f} s vs {cheap_cpu:.3f} s, centralized with {cheap_cpu_which}")
+    # (type: ignore[index]: mypy cannot see that `x and r[...]` indexes r only when x was measured)
     d_cpu = daemon and daemon["cpu_seconds_per_epoch"]
     f.add("daemon_cpu_vs_cheapest_centralized", "coordinator CPU per seed epoch / cheapest centralized CPU, daemon",
           d_cpu and 100 * d_cpu / cheap_cpu, "%", TARGET_CPU_SHARE, short=f"  the same, {DAEMON}",
-          note=d_cpu and f"{d_cpu:.3f} s per epoch after the first, of {daemon['epochs']}")
+          note=d_cpu and f"{d_cpu:.3f} s per epoch after the first, of {daemon['epochs']}")  # type: ignore[index]
     f.add("wire_over_centralized", "wire epoch / centralized epoch, seed (wall)",
           _ratio(wire and wire["wall"], fast_wall), "x", TARGET_WIRE_RATIO,
           note=wire and f"{wire['wall']:.3f} s vs {fast_wall:.3f} s, centralized with {fast_wall_which}")
     d_wall = daemon and daemon["wall_seconds_per_epoch"]
     f.add("daemon_wire_over_centralized", "wire epoch / centralized epoch, seed (wall), daemon",
-          _ratio(d_wall, fast_wall), "x", TARGET_WIRE_RATIO, short=f"  the same, {DAEMON}", note=d_wall and f"{d_wall:.3f} s per epoch")
+          _ratio(d_wall, fast_wall), "x", TARGET_WIRE_RATIO, short=f"  the same, {DAEMON}",
+          note=d_wall and f"{d_wall:.3f} s per epoch")
     f.add("minibatch_wire_over_centralized", "default preset: step over the wire / centralized step",
           _ratio(step and step["wall"], fast_step), "x", TARGET_STEP_RATIO,
           note=step and f"{1000 * step['wall']:.2f} vs {1000 * fast_step:.2f} ms, centralized with {fast_step_which}")
     f.add("minibatch_coordinator_cpu_over_centralized", "coordinator CPU per default step / cheapest centralized",
           _ratio(step and step["cpu"], cheap_step_cpu), "x", TARGET_STEP_CPU_RATIO,
-          note=step and f"{1000 * step['cpu']:.2f} vs {1000 * cheap_step_cpu:.2f} ms, centralized with {cheap_step_which}")
+          note=step and (f"{1000 * step['cpu']:.2f} vs {1000 * cheap_step_cpu:.2f} ms, "
+                         f"centralized with {cheap_step_which}"))
     f.add("bytes_per_epoch_mb", "bytes per seed epoch, sent + received, k = 2",
           wire and (wire["sent"] + wire["received"]) / 1e6, "MB", TARGET_BYTES_MB,
           note=wire and f"{wire['sent'] / 1e6:.1f} MB sent, {wire['received'] / 1e6:.1f} MB received")
@@ -435,7 +443,8 @@ def build_figures(m: dict, repeats: int) -> Figures:
           note=rt and f"median {rt['median_ms']:.2f} ms over {rt['count']}; node with every CPU's BLAS threads")
     rt1 = trips and trips["threads1"]
     f.add("node_round_trip_p90_ms_threads1", "node round trip, small product, p90, node --threads 1",
-          rt1 and rt1["p90_ms"], "ms", TARGET_ROUND_TRIP_MS, short="  the same, node with --threads 1", note=rt1 and f"median {rt1['median_ms']:.2f} ms")
+          rt1 and rt1["p90_ms"], "ms", TARGET_ROUND_TRIP_MS, short="  the same, node with --threads 1",
+          note=rt1 and f"median {rt1['median_ms']:.2f} ms")
     check = wire.get("check") if wire else None
     f.add("check_share_of_coordinator_cpu", "result checks' share of coordinator CPU, seed",
           _percent(check, cpu), "%", TARGET_CHECK_SHARE,
@@ -476,13 +485,14 @@ def build_figures(m: dict, repeats: int) -> Figures:
     f.add("crypto_ms_per_step", "coordinator crypto per default step", step and 1000 * step["crypto"], "ms",
           CRYPTO_BUDGET_STEP_MS, section=other)
     shuffle, shuffle_step = m.get("shuffle_epoch"), m.get("shuffle_step")
+    # (type: ignore[index]: mypy cannot see that `x and r[...]` indexes r only when x was measured)
     f.add("privacy_cpu_cost_seed", "privacy's cost in coordinator CPU, seed epoch",
           shuffle and 100 * (cpu / shuffle["cpu"] - 1), "%", PRIVACY_COST_TARGET,
           note=shuffle and f"{cpu:.3f} vs {shuffle['cpu']:.3f} s with the shuffle-only disguise", section=other,
           signed=True)
     f.add("privacy_cpu_cost_default", "privacy's cost in coordinator CPU, default step",
-          shuffle_step and 100 * (step["cpu"] / shuffle_step["cpu"] - 1), "%", PRIVACY_COST_TARGET,
-          note=shuffle_step and f"{1000 * step['cpu']:.2f} vs {1000 * shuffle_step['cpu']:.2f} ms", section=other,
+          shuffle_step and 100 * (step["cpu"] / shuffle_step["cpu"] - 1), "%", PRIVACY_COST_TARGET,  # type: ignore[index]
+          note=shuffle_step and f"{1000 * step['cpu']:.2f} vs {1000 * shuffle_step['cpu']:.2f} ms", section=other,  # type: ignore[index]
           signed=True)
     # `x and y` leaves None (or False) behind where a part was not measured.
     for item in f.items.values():
@@ -514,7 +524,7 @@ def _format_value(value, unit: str, signed: bool = False, target: bool = False) 
 def print_table(figures: Figures, settings: dict) -> None:
     print(f"enshuffle bench: {settings['train_images']:,} training images, medians of {settings['repeats']} "
           f"repeats (k = {GROWTH_NODES}: {settings['k7_repeats']}), {settings['seconds']:.0f} s")
-    titles = {"targets": "issue 10 targets", "other": "other figures"}
+    titles = {"targets": "targets", "other": "other figures"}
     section = None
     for item in figures.items.values():
         if item["section"] != section:
@@ -522,9 +532,11 @@ def print_table(figures: Figures, settings: dict) -> None:
             print(f"\n{titles[section]:<58} {'value':>10}  {'target':<10} status")
         target = ("" if item["target"] is None else
                   f"{item['op']} {_format_value(item['target'], item['unit'], item['signed'], target=True)}")
-        status = "" if item["target"] is None else ("n/a" if item["met"] is None else ("ok" if item["met"] else "MISSED"))
+        status = "" if item["target"] is None else ("n/a" if item["met"] is None
+                                                    else ("ok" if item["met"] else "MISSED"))
         note = f"  ({item['note']})" if item["note"] else ""
-        line = f"{item['short'] or item['label']:<58} {_format_value(item['value'], item['unit'], item['signed']):>10}  {target:<10} {status:<6}{note}"
+        value = _format_value(item['value'], item['unit'], item['signed'])
+        line = f"{item['short'] or item['label']:<58} {value:>10}  {target:<10} {status:<6}{note}"
         print(line.rstrip())
     sys.stdout.flush()
 
@@ -624,7 +636,8 @@ def cmd_bench(args) -> int:
     m["k7_repeats"] = k7_repeats
     figures = build_figures(m, repeats)
     if args.json:
-        print(json.dumps({"figures": {k: {key: v for key, v in item.items() if key not in ("section", "signed", "short")}
+        hidden = ("section", "signed", "short")
+        print(json.dumps({"figures": {k: {key: v for key, v in item.items() if key not in hidden}
                                       for k, item in figures.items.items()},
                           "measurements": _jsonable(m), "settings": settings}, indent=2))
     else:

@@ -66,7 +66,7 @@ from enshuffle.protocol.keys import (KeyStoreError, enshuffle_home, fingerprint,
 try:  # only the writer locks; fcntl is absent on Windows, where one writer is assumed
     import fcntl
 except ImportError:  # pragma: no cover - not on this platform
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # checked before use
 
 FORMAT = "enshuffle-chain/1"
 SIGNING_PREFIX = b"enshuffle model version v1\x00"
@@ -313,10 +313,12 @@ class Chain:
         self._require_run_dir()
         prefix = id_or_prefix.strip().lower()
         if not prefix or not _HEX_RE.fullmatch(prefix):
-            raise ChainError(f"{id_or_prefix!r} is not a version id or prefix (hex digits, as `enshuffle chain log` shows)")
+            raise ChainError(f"{id_or_prefix!r} is not a version id or prefix "
+                             "(hex digits, as `enshuffle chain log` shows)")
         matches = [v for v in self._stored_ids() if v.startswith(prefix)]
         if not matches:
-            raise ChainError(f"no version in {self.dir} starts with {prefix!r}; see `enshuffle chain log {self.run_dir}`")
+            raise ChainError(f"no version in {self.dir} starts with {prefix!r}; "
+                             f"see `enshuffle chain log {self.run_dir}`")
         if len(matches) > 1:
             shown = ", ".join(short(m) for m in matches[:5])
             raise ChainError(f"{prefix!r} matches {len(matches)} versions ({shown}); give more digits")
@@ -430,16 +432,17 @@ class Chain:
         walk.reverse()  # oldest first
 
         checked = 0
-        for position, (version_id, record, read_problem) in enumerate(walk):
+        for position, (version_id, entry, read_problem) in enumerate(walk):
             if read_problem == "missing":
                 child = walk[position + 1][0]
                 return VerifyReport(False, checked, short(child),
                                     f"its parent version {short(version_id)} is missing from {self.dir}")
             if read_problem is not None:
                 return VerifyReport(False, checked, short(version_id), read_problem)
-            problem = self._content_problem(version_id, record, run_key)
+            assert entry is not None  # a record was read exactly when there is no read problem
+            problem = self._content_problem(version_id, entry, run_key)
             if problem is None:
-                _, problem = self._read_arrays(version_id, record)
+                _, problem = self._read_arrays(version_id, entry)
             if problem is not None:
                 return VerifyReport(False, checked, short(version_id), problem)
             checked += 1
@@ -480,6 +483,7 @@ class Chain:
         if not entries:
             return (f"the head log {path} is missing or empty, but the chain has {len(chain_ids)} versions: "
                     f"it was removed, so dropped versions could not be noticed; restore the run directory")
+        assert run_key is not None  # every version's signature was checked against it first
         key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(run_key))
         prev = None
         for index, entry in enumerate(entries):
@@ -671,11 +675,13 @@ def _open_for_cli(run_dir: str) -> Chain:
 
 def _log_line(info: VersionInfo) -> str:
     meta = info.metadata
-    metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+    metrics = meta.get("metrics")
+    if not isinstance(metrics, dict):
+        metrics = {}
     accuracy = metrics.get("test_accuracy", meta.get("test_accuracy"))
     created = meta.get("created")
     try:
-        when = datetime.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M:%S")
+        when = datetime.datetime.fromtimestamp(created).strftime("%Y-%m-%d %H:%M:%S")  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError, OSError):  # not a time this machine can show
         when = "-"
     acc = f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "-"
@@ -719,6 +725,7 @@ def cmd_verify(args) -> int:
     naming what is wrong: a bad version, a rolled-back head, or a signing key that is not the expected one."""
     chain = _open_for_cli(args.run_dir)
     home = None
+    expected: str | None
     if getattr(args, "key", None):
         try:
             expected = normalize_fingerprint(args.key)
@@ -768,7 +775,8 @@ def cmd_export(args) -> int:
     names = weight_arrays(arrays)
     missing = [n for n in (*EXPORT_NAMES, *names) if n not in arrays]
     if missing:
-        raise UsageError(f"version {short(version_id)} has no {', '.join(missing)}; it holds {', '.join(sorted(arrays))}")
+        raise UsageError(f"version {short(version_id)} has no {', '.join(missing)}; "
+                         f"it holds {', '.join(sorted(arrays))}")
     target = Path(args.npz)
     if not target.parent.is_dir():
         raise UsageError(f"directory {target.parent} for --npz {args.npz} does not exist; create it first")
@@ -779,7 +787,7 @@ def cmd_export(args) -> int:
     tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as fh:  # a file object, so numpy does not append ".npz" to the name
-            np.savez(fh, **{n: arrays[n] for n in names})
+            np.savez(fh, **{n: arrays[n] for n in names})  # type: ignore[arg-type]  # mypy matches **arrays against allow_pickle: bool
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)

@@ -84,7 +84,8 @@ def check_weights_path(args) -> None:
                 pass
             target.unlink()
     except OSError as exc:
-        raise UsageError(f"--save-weights {path}: cannot write there ({exc.strerror}); choose a writable path") from None
+        raise UsageError(f"--save-weights {path}: cannot write there ({exc.strerror}); "
+                         "choose a writable path") from None
 
 
 def run_settings(args):
@@ -116,6 +117,7 @@ def cmd_train(args) -> int:
     run_settings(args)  # a refused --offload is told before the data is loaded
     preset = preset_from_args(args)
     inputs = load_inputs(args.data, preset, args.limit)
+    compute: LocalCompute | DistributedCompute
     reference = getattr(args, "reference", None)
     if reference and args.nodes != 0:
         raise UsageError("--reference RUN_DIR trains a resident run's network centrally: use it with --nodes 0")
@@ -231,8 +233,8 @@ def cmd_coordinator(args) -> int:
     preset = preset_from_args(args)
     inputs = load_inputs(args.data, preset, args.limit)
     try:
-        run = CoordinatorRun(run_settings(args), preset, inputs, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
-                             run_dir=run_dir or default_run_dir(), resume=args.resume,
+        run = CoordinatorRun(run_settings(args), preset, inputs, bind=args.bind, shards=shards,
+                             min_nodes=args.min_nodes, run_dir=run_dir or default_run_dir(), resume=args.resume,
                              checkpoint_every=args.checkpoint_every, admission=admission)
     except OSError as exc:
         raise UsageError(str(exc)) from None

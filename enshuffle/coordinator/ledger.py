@@ -18,8 +18,8 @@ keeps the weakest *form* it arrived in:
 | labels       | classes (10)             | never                                                           |
 | outputs      | classes (10)             | never                                                           |
 | w1           | rows = pixels (784)      | w1 rows of its block, secretly mixed (hidden)                   |
-| w2           | rows = hidden units (128)| never (784-128-10); a deeper network's w2..w{L-1}: rows of its block, mixed (hidden) |
-| activations  | hidden units (128)       | never (784-128-10); a deeper network's: its block of units, mixed with noise (hidden) |
+| w2           | rows = hidden units (128)| 784-128-10: never; deeper: rows of its block, mixed (hidden)    |
+| activations  | hidden units (128)       | 784-128-10: never; deeper: its unit block, noise-mixed (hidden) |
 | deltas       | hidden units (128)       | dz1, every unit, shuffled and power-of-two scaled               |
 
 A deeper network adds a kind per layer (`ledger_axes`): w3, ..., wL (rows = the layer's inputs),
@@ -97,7 +97,8 @@ class ExposureLedger:
     def shares(self) -> dict[str, dict[str, float]]:
         """node -> kind -> share of elements seen (0..1) in any form; kinds never received are 0."""
         with self._lock:
-            return {node: {t: float(np.count_nonzero(masks[t]) / masks[t].size) if t in masks else 0.0 for t in self.axes}
+            return {node: {t: float(np.count_nonzero(masks[t]) / masks[t].size) if t in masks else 0.0
+                           for t in self.axes}
                     for node, masks in self._masks.items()}
 
     def forms(self) -> dict[str, dict[str, str]]:

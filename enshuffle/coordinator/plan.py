@@ -17,11 +17,14 @@ per-pixel loops took 70 s.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
-# Exponents are drawn from [-SCALE_RANGE, SCALE_RANGE]: enough to hide magnitudes' order, far
-# from float32's overflow for the values a 784-128-10 network produces.
+# Exponents are drawn from [-SCALE_RANGE, SCALE_RANGE]: factors 1/16..16, exact, and far from
+# float32's overflow for any values a network here produces. They do not hide magnitudes: the
+# audit's multiset match (docs/audit.md) tries each power of two and undoes every static scale
+# of the shuffle control.
 SCALE_RANGE = 4
 
 
@@ -49,6 +52,10 @@ def gather(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     return np.take(np.take(x, rows, axis=0), cols, axis=1)
 
 
+@overload
+def pow2(exponents: np.ndarray, dtype) -> np.ndarray: ...
+@overload
+def pow2(exponents: None, dtype) -> None: ...
 def pow2(exponents: np.ndarray | None, dtype) -> np.ndarray | None:
     """2**exponents as `dtype` (exact)."""
     if exponents is None:
@@ -112,12 +119,12 @@ class MatmulPlan:
 
     def operands(self, s: int, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Node s's disguised (n, K_s) and (K_s, m) operands."""
-        d, block = self.disguises[s], self.blocks[s]
+        d, block, k_exp = self.disguises[s], self.blocks[s], self.k_exp[s]
         a_s = gather(a, d.rows, block)
         b_s = gather(b, block, d.cols)
-        if self.k_exp[s] is not None:
-            a_s *= pow2(self.k_exp[s], a_s.dtype)[None, :]
-            b_s *= pow2(-self.k_exp[s], b_s.dtype)[:, None]
+        if k_exp is not None:
+            a_s *= pow2(k_exp, a_s.dtype)[None, :]
+            b_s *= pow2(-k_exp, b_s.dtype)[:, None]
         if d.row_exp is not None:
             a_s *= pow2(d.row_exp, a_s.dtype)[:, None]
         if d.col_exp is not None:

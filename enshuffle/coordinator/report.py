@@ -28,7 +28,8 @@ def format_epoch(report, total: int) -> str:
 def save_weights(path: str, params: dict[str, np.ndarray]) -> None:
     try:
         with open(path, "wb") as fh:
-            np.savez(fh, **params)  # w1, b1, w2, b2, ...: one pair per layer
+            # w1, b1, w2, b2, ...: one pair per layer
+            np.savez(fh, **params)  # type: ignore[arg-type]  # mypy matches **arrays against allow_pickle: bool
     except OSError as exc:
         raise UsageError(f"cannot write weights to {path}: {exc.strerror}; choose a writable path") from None
 

@@ -90,7 +90,8 @@ class CoordinatorRun:
                           "activation": preset.activation}
         self.admission = admission
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
-        self.server = CoordinatorServer(bind, self.identity, self.state, ledger=ExposureLedger(ledger_axes(preset.layers)),
+        self.server = CoordinatorServer(bind, self.identity, self.state,
+                                        ledger=ExposureLedger(ledger_axes(preset.layers)),
                                         control=self.control, log=None if quiet else eprint, admission=admission,
                                         max_exposure=settings.max_exposure)
         if self.run_dir:
@@ -137,6 +138,7 @@ class CoordinatorRun:
 
     def _check_run_dir(self, resume: bool) -> None:
         """Refuse what would mix two runs in one chain, before anything is started."""
+        assert self.run_dir is not None and self.chain is not None  # called only with a run directory
         head_file = self.run_dir / "chain" / "HEAD"
         if not resume and head_file.exists():
             raise UsageError(f"{self.run_dir} already holds a model chain: continue it with --resume "
@@ -147,9 +149,9 @@ class CoordinatorRun:
             except ChainError as exc:
                 raise UsageError(f"cannot resume from {self.run_dir}: {exc}") from None
             if key is not None and key != self.identity.public_hex:
-                raise UsageError(f"{self.run_dir} was signed by coordinator key {fingerprint(bytes.fromhex(key))}, but this "
-                                 f"machine's key is {self.identity.fingerprint}: resume with the ENSHUFFLE_HOME "
-                                 f"that ran it")
+                raise UsageError(f"{self.run_dir} was signed by coordinator key {fingerprint(bytes.fromhex(key))}, "
+                                 f"but this machine's key is {self.identity.fingerprint}: "
+                                 f"resume with the ENSHUFFLE_HOME that ran it")
             stored = load_run_settings(str(self.run_dir)).get("data")
             if stored is not None and stored != self._settings["data"]:
                 raise UsageError(f"{self.run_dir} was trained on other data ({stored.get('images')} training "
@@ -165,6 +167,7 @@ class CoordinatorRun:
 
     # -- resume ----------------------------------------------------------------------
     def _resume(self) -> None:
+        assert self.run_dir is not None and self.chain is not None  # called only with a run directory
         head = self.chain.head()
         if head is None:
             raise UsageError(f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
@@ -406,7 +409,8 @@ def _atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-RUN_FIELDS = {"preset": str, "epochs": int, "dtype": str, "offload": str, "seed": (int, type(None)), "shards": int}
+RUN_FIELDS: dict[str, type | tuple[type, ...]] = {"preset": str, "epochs": int, "dtype": str, "offload": str,
+                                                   "seed": (int, type(None)), "shards": int}
 
 
 def load_run_settings(run_dir: str) -> dict:
@@ -436,7 +440,8 @@ def local_node_keys(workdir: Path, count: int, prefix: str = "local") -> list[by
     return keys
 
 
-def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, threads: int = 1) -> list[subprocess.Popen]:
+def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path,
+                      threads: int = 1) -> list[subprocess.Popen]:
     """Start `count` `enshuffle node` processes, each with its own key (its own ENSHUFFLE_HOME)."""
     procs = []
     for i in range(count):
@@ -472,8 +477,8 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
 def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
                       resume: bool = False, verbose: bool = False, tui: bool = False) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
-    with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp_dir:
+        tmp = Path(tmp_dir)
         # Only the local nodes this command starts are admitted: nothing to set up, nobody else joins.
         admission = Admission(auto=set(local_node_keys(tmp, nodes)))
         # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,

@@ -18,7 +18,7 @@ module reads, so it can be tested with plain objects (tests/test_scheduling.py).
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable
+from typing import Callable
 
 from enshuffle.coordinator.ledger import ExposureLedger
 
@@ -49,7 +49,7 @@ class Scheduler:
         self.blocked: set[int] = set()  # slots waiting for a node the bound allows
         self.waiting: deque = deque()  # tasks with no live session to go to
 
-    def attach(self, k: int, slot_exposure: Callable[[int], Iterable]) -> None:
+    def attach(self, k: int, slot_exposure: Callable[[int], list]) -> None:
         """k slots, each handing its holder `slot_exposure(shard)` (ledger entries); sets the bound:
         by default the largest slot's share of each bounded kind, or --max-exposure if higher."""
         self.owner = [None] * k

@@ -39,7 +39,7 @@ from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Channel, Limits,
 LEASE_MIN_MS = 2000
 LEASE_MULTIPLE = 4.0
 LEASE_INITIAL_MS = 30000
-MAX_PROTOCOL_ERRORS = 50  # malformed/unverifiable messages before a node is evicted (protocol.md section 14)
+MAX_PROTOCOL_ERRORS = 50  # malformed/unverifiable messages before a node is evicted (protocol.md section 15)
 WARN_BURST, WARN_WINDOW = 10, 10.0  # per peer: log lines, seconds
 MAX_ATTEMPTS = 5  # a batch rejected this many times aborts the run (lies, departures and leases do not count)
 MAX_SESSIONS = 1024  # live + joining sessions; more get REFUSE `busy`
@@ -165,7 +165,7 @@ class CoordinatorServer:
         self.identity = identity
         self.admission = admission  # enshuffle.coordinator.admission.Admission; None admits everyone
         self.max_sessions = max_sessions
-        self.limits = limits  # what a node's message may be (docs/protocol.md section 13)
+        self.limits = limits  # what a node's message may be (docs/protocol.md section 14)
         self.state = state
         self.ledger = ledger
         self.control = control or CoordinatorControl()

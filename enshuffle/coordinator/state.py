@@ -27,7 +27,8 @@ class NodeRow:
     name: str
     fingerprint: str
     address: str = ""
-    # connected | working | waiting | paused | standby | lost (left mid-run) | quarantined (lied) | done (run finished) | left (coordinator stopped)
+    # connected | working | waiting | paused | standby | lost (left mid-run) | quarantined (lied)
+    # | done (run finished) | left (coordinator stopped)
     state: str = "connected"
     batches_done: int = 0
     outstanding: int = 0

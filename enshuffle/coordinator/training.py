@@ -143,7 +143,8 @@ class Trainer:
         if self.full_batch and self.step == 0:
             # The notebook reports test accuracy from the same pre-update weights as the train pass.
             self.sync()
-            self._pre_update_test_accuracy = evaluate(self.compute, "test", self.params, self.inputs.test_labels, self.preset)
+            self._pre_update_test_accuracy = evaluate(self.compute, "test", self.params, self.inputs.test_labels,
+                                                      self.preset)
         if order is None:
             idx, onehot, labels = None, self.inputs.train_onehot, self.inputs.train_labels
         else:
@@ -168,6 +169,7 @@ class Trainer:
         started = time.perf_counter()
         if self.full_batch:
             test_accuracy = self._pre_update_test_accuracy
+            assert test_accuracy is not None  # measured by the epoch's one step, before its update
         else:
             self.sync()
             test_accuracy = evaluate(self.compute, "test", self.params, self.inputs.test_labels, self.preset)
@@ -212,7 +214,8 @@ class Trainer:
             raise ValueError(f"the model version's {', '.join(wrong)} do not fit a {self.preset.describe()} network")
         self.params = {name: np.array(arrays[name], dtype=dt) for name in self.preset.weight_names}
         self.opt = OptimizerState(t=int(meta.get("opt_t", 0)),
-                                  moments={k[4:]: np.array(v, dtype=dt) for k, v in arrays.items() if k.startswith("opt.")})
+                                  moments={k[4:]: np.array(v, dtype=dt)
+                                           for k, v in arrays.items() if k.startswith("opt.")})
         self.epoch = int(meta["epoch"])
         self.step = int(meta["step"])
         self._adopt(fresh=False)

@@ -26,8 +26,9 @@ results", has the measured sweep):
 3. s itself is at most LEVEL_LIMIT: a batch whose every row is noisier than rounding allows;
 4. D is regressed on C·R and |C|·R (what a scale or a same-sign bias of every entry adds to
    D); a coefficient that is both significant (|t| > T_LIMIT, against the batch's own
-   residual noise) and larger than BIAS_UNITS rounding units fails. Honest rounding errors are not correlated with C, so this catches a bias of a few
-   units in the last place on every entry, which no per-row bound can.
+   residual noise) and larger than BIAS_UNITS rounding units fails. Honest rounding errors are
+   not correlated with C, so this catches a bias of a few units in the last place on every
+   entry, which no per-row bound can.
 
 NaN and infinities in a result are refused when every operand is finite (the exact product is
 then finite); rows whose exact value is not finite (non-finite operands) are not compared.
@@ -366,6 +367,7 @@ def judge(res: Residual) -> str | None:
         return _row_failure(res, ABS_LIMIT)
     if res.level is None:
         return None
+    assert res.reference is not None  # measured whenever the level is
     # A lie proportional to C (a scale or a same-sign bias) is named as such before the level
     # test, which it also fails.
     for name, (beta, t) in res.fits.items():

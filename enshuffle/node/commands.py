@@ -87,9 +87,11 @@ def cmd_node(args) -> int:
     control = NodeControl(threads=threads)
     recorder = None
     if getattr(args, "record", None):
-        recorder = MessageRecorder(args.record, args.record_max_bytes,
-                                   log=lambda line: (state.add_log(line), None if args.tui else
-                                                     print(f"enshuffle node: {line}", file=sys.stderr, flush=True)))
+        def record_log(line: str) -> None:
+            state.add_log(line)
+            if not args.tui:
+                print(f"enshuffle node: {line}", file=sys.stderr, flush=True)
+        recorder = MessageRecorder(args.record, args.record_max_bytes, log=record_log)
     daemon = NodeDaemon(args.connect, identity=identity, trust=trust, pinned=args.coordinator_key,
                         name=args.name or socket.gethostname(), threads=threads, state=state,
                         control=control, log=_headless_log if not args.tui else state_only,

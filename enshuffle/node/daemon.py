@@ -35,7 +35,6 @@ import json
 import math
 import os
 import random
-import secrets
 import socket
 import sys
 import time
@@ -70,7 +69,7 @@ LOST_AFTER_HEARTBEATS = 3      # silence of 3 x heartbeat_ms = coordinator lost 
 POLL_MS = 100                  # longest wait in poll: bounds how late stop/pause are noticed
 RATE_LINE_S = 10.0             # a rate line this often while working
 IDLE_AFTER_S = 2.0             # no batch for this long: "idle, waiting for work"
-BYE_LINGER_MS = 1000           # how long the final BYE may take to leave (spec 15)
+BYE_LINGER_MS = 1000           # how long the final BYE may take to leave (spec 2)
 DEFAULT_MAX_STATIC_BYTES = 4 << 30
 DEFAULT_RECORD_MAX_BYTES = 2 << 30  # --record stops (with one log line) past this many bytes
 # Products below this many multiply-adds run on one BLAS thread (blas.BlasThreads says why). 2^27
@@ -379,7 +378,7 @@ class NodeDaemon:
         # Per-product thread choice, on the OpenBLAS numpy loaded; run() puts the count it found back.
         self._blas = BlasThreads(self._applied_threads, PARALLEL_MIN_WORK)
         self.error: str | None = None  # the fatal error's text when run() returns non-zero
-        self.dropped = 0               # invalid or unexpected messages dropped (spec 14)
+        self.dropped = 0               # invalid or unexpected messages dropped (spec 15)
         self._done_times: deque = deque(maxlen=4096)  # completion times, for the rate
         self._window = {"t": time.monotonic(), "batches": 0, "in": 0, "out": 0}
         self._last_batch_at = 0.0
@@ -501,7 +500,7 @@ class NodeDaemon:
             self._drops_unlogged += 1
 
     def _new_socket(self, ctx: zmq.Context) -> zmq.Socket:
-        sock = ctx.socket(zmq.DEALER)  # a fresh routing id per session (spec 6.2)
+        sock = ctx.socket(zmq.DEALER)  # a fresh routing id per session (spec 6, step 1)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
         # At most this many messages wait in libzmq before it stops reading (backpressure): a
@@ -675,7 +674,7 @@ class NodeDaemon:
         bound = h.get("nonce") == nonce
         fp = fingerprint(key)
         # Like a WELCOME, a REFUSE counts only from the coordinator we would trust: a stranger
-        # must not be able to make this node give up (spec 6.5).
+        # must not be able to make this node give up (spec 6, on REFUSE).
         expected = (fingerprint(hs.coordinator_key) if hs.coordinator_key else None) or self.pinned \
             or self._remembered()
         if expected is not None and expected != fp:
@@ -1000,7 +999,7 @@ class NodeDaemon:
         except (ValueError, TypeError, KeyError, IndexError) as exc:  # params of the wrong kind
             self._reject(s, h, "bad-params", f"{type(exc).__name__}: {exc}")
             return
-        except Exception as exc:  # noqa: BLE001 - spec 14: one bad batch never ends the loop
+        except Exception as exc:  # noqa: BLE001 - spec 15: one bad batch never ends the loop
             self._reject(s, h, "compute-error", f"{type(exc).__name__}: {exc}")
             return
         seconds = time.perf_counter() - start

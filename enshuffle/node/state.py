@@ -21,7 +21,8 @@ class NodeState(LiveState):
     coordinator_fingerprint: str = ""
     trust: str = ""  # pinned | trusted-on-first-use | known | "" before the first WELCOME
     run_id: str = ""
-    connection: str = "starting"  # starting | connecting | connected | working | idle | reconnecting | refused | stopped
+    # starting | connecting | connected | working | idle | reconnecting | refused | stopped
+    connection: str = "starting"
     reason: str = ""  # why idle/refused: "waiting for work", "reconnecting in 4 s", "refused: fingerprint mismatch"
     current_op: str = ""  # e.g. "matmul (30000x392)·(392x128)"
     batches_done: int = 0

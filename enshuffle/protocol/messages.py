@@ -221,7 +221,7 @@ def _wire_array(name: str, array: np.ndarray) -> tuple[dict, memoryview]:
     if not array.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
         array = array.copy(order="C")
     entry = {"name": name, "dtype": wire.name, "shape": list(array.shape)}
-    return entry, memoryview(array.reshape(-1)).cast("B")
+    return entry, memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
 
 
 def inner_parts(command: str, header: Mapping[str, Any],
@@ -245,8 +245,8 @@ def inner_parts(command: str, header: Mapping[str, Any],
     full_header = dict(header)
     full_header["arrays"] = entries
     raw_header = canonical_json(full_header)
-    name = command.encode("ascii")
-    prefix = b"".join([bytes([len(name)]), name, struct.pack(">I", len(raw_header)), raw_header])
+    raw_name = command.encode("ascii")
+    prefix = b"".join([bytes([len(raw_name)]), raw_name, struct.pack(">I", len(raw_header)), raw_header])
     return [prefix, *payloads]
 
 
@@ -506,7 +506,7 @@ class Channel:
         # numpy's empty: no zero-filling of a buffer every byte of which is written below
         out = np.empty(len(envelope) + size + TAG_BYTES, dtype=np.uint8)
         out[:len(envelope)] = np.frombuffer(envelope, dtype=np.uint8)
-        body = memoryview(out)[len(envelope):]
+        body = memoryview(out)[len(envelope):]  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
         if size <= self.STREAM_THRESHOLD:
             self._send.encrypt_into(nonce, b"".join(bytes(p) for p in parts), envelope, body)
         else:
@@ -525,7 +525,7 @@ class Channel:
             offset += len(tail)
             body[offset:offset + TAG_BYTES] = enc.tag
         self.seconds += self.clock() - start
-        return [memoryview(out)]
+        return [memoryview(out)]  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
 
     def open(self, frames: list, *, limits: Limits = DEFAULT_LIMITS) -> Message:
         """Decrypt, check the counter, then decode one sealed message."""
@@ -542,10 +542,11 @@ class Channel:
                                 f"reordered message")
         out = np.empty(view.nbytes - len(envelope) - TAG_BYTES, dtype=np.uint8)  # fully written: not zeroed
         try:
-            self._recv.decrypt_into(bytes(4) + envelope[5:], view[len(envelope):], envelope, out)
+            # (out is a writable buffer; the ignore: numpy types ndarray as a buffer only on 3.12+)
+            self._recv.decrypt_into(bytes(4) + envelope[5:], view[len(envelope):], envelope, out)  # type: ignore[arg-type]
         except InvalidTag:
             raise ProtocolError(BAD_SEAL, "sealed message does not authenticate under this session's key") from None
         self.received = counter
         self.seconds += self.clock() - start
-        return decode_inner(memoryview(out), limits=limits, kind=KIND_SEALED)
+        return decode_inner(memoryview(out), limits=limits, kind=KIND_SEALED)  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
 

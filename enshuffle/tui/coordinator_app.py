@@ -22,7 +22,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -41,7 +40,6 @@ from .format import (
     fmt_share,
     over_bound,
     progress_fraction,
-    eta_seconds,
     share_bar,
     short_fp,
     short_id,

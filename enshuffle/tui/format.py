@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# The coordinator's exposure bound applies to these tensors (see CoordinatorState.exposure_bound):
-# they are the operator's data and the first-layer weights, the two things a node must not
-# accumulate. The other tensors are shown but not held to the bound.
+# The tensors the console draws the exposure bound on. The coordinator bounds more than these:
+# every kind a node serves one block of (the images, each layer's weights, each hidden layer's
+# activations; enshuffle.coordinator.scheduling.bounded_kinds), each against its own limit. The
+# console is told one limit, CoordinatorState.exposure_bound (the images'), which w1 shares: both
+# are split over the same pixel blocks. The other kinds are shown without a mark.
 BOUNDED_TENSORS = ("images", "w1")
 
 FULL = "█"
