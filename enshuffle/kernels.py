@@ -129,32 +129,25 @@ class ResidentState:
 
     def __init__(self, array: np.ndarray, version: int):
         if array.ndim != 2 or array.shape[0] % 2 or array.dtype not in FLOAT_DTYPES:
-            raise BatchError("bad-batch", f"a resident state must be a (2K, h) float matrix, got {array.dtype} {array.shape}")
+            raise BatchError("bad-batch",
+                             f"a resident state must be a (2K, h) float matrix, got {array.dtype} {array.shape}")
         k = array.shape[0] // 2
         self.v = np.array(array[:k], dtype=np.float64)
         self.buf = np.array(array[k:], dtype=np.float64)
         self.version = int(version)
-        self._low: dict[np.dtype, np.ndarray] = {}
 
     @property
     def nbytes(self) -> int:
-        return self.v.nbytes * 3
-
-    def weights(self, dtype) -> np.ndarray:
-        """V in the static's dtype (the forward's operand), cast once per update."""
-        dtype = np.dtype(dtype)
-        low = self._low.get(dtype)
-        if low is None:
-            low = self._low[dtype] = self.v if dtype == np.float64 else self.v.astype(dtype)
-        return low
+        return self.v.nbytes * 2
 
     def apply(self, static: np.ndarray, rows: np.ndarray, dz: np.ndarray, lr: float, momentum: float) -> None:
         """buf = momentum buf + S[rows]^T dz; V += lr buf."""
-        g = np.take(static, rows, axis=0, mode="clip").T @ dz
+        # float64, whatever the static's dtype: the coordinator follows this recurrence in
+        # float64 through its probes, so the node's state stays within float64 rounding of it
+        g = np.take(static, rows, axis=0, mode="clip").T.astype(np.float64) @ dz.astype(np.float64)
         self.buf *= momentum
         self.buf += g
         self.v += lr * self.buf
-        self._low.clear()
 
 
 def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.ndarray:
@@ -169,15 +162,20 @@ def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.nda
         raise BatchError("unknown-static", f"no resident state {state_name!r} on this node")
     start, version = params.get("from"), params.get("version")
     lrs, momentum = params.get("lr"), params.get("momentum")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (start, version)) or start > version:
+    if not (isinstance(start, int) and isinstance(version, int)) or isinstance(start, bool) or \
+            isinstance(version, bool) or not 0 <= start <= version:
         raise BatchError("bad-batch", "a resident batch needs integer versions 0 <= from <= version")
-    if not isinstance(lrs, list) or len(lrs) != version - start or \
-            not all(isinstance(v, (int, float)) and math.isfinite(v) for v in lrs + [momentum]):
-        raise BatchError("bad-batch", "a resident batch needs one finite lr per update and a finite momentum")
+    if not isinstance(lrs, list) or len(lrs) != version - start or isinstance(momentum, bool) or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in [*lrs, momentum]):
+        raise BatchError("bad-batch",
+                         "a resident batch needs one finite lr per update and a finite momentum")
     if state.version < start:
-        raise BatchError("state-behind", f"state {state_name!r} is at version {state.version}, the batch starts at {start}")
+        raise BatchError("state-behind",
+                         f"state {state_name!r} is at version {state.version}, the batch starts at {start}")
     if state.version > version:
-        raise BatchError("state-ahead", f"state {state_name!r} is at version {state.version}, past the batch's {version}")
+        raise BatchError("state-ahead",
+                         f"state {state_name!r} is at version {state.version}, past the batch's {version}")
     if version > start:
         urows, dz = arrays.get("update_rows"), _array(arrays, "dz")
         count = version - start
@@ -185,13 +183,15 @@ def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.nda
             raise BatchError("bad-batch", f"update_rows must be ({count}, b) integers")
         b = urows.shape[1]
         if dz.shape != (count * b, state.v.shape[1]) or dz.dtype != static.dtype:
-            raise BatchError("bad-batch", f"dz must be {static.dtype} ({count * b}, {state.v.shape[1]}), got {dz.dtype} {dz.shape}")
+            raise BatchError("bad-batch", f"dz must be {static.dtype} ({count * b}, {state.v.shape[1]}), "
+                                          f"got {dz.dtype} {dz.shape}")
         if urows.size and (urows.min() < 0 or urows.max() >= static.shape[0]):
             raise BatchError("bad-batch", f"update rows out of range for static {name!r}")
         if static.shape[1] != state.v.shape[0]:
-            raise BatchError("bad-batch", f"static {name!r} {static.shape} does not fit state {state_name!r} {state.v.shape}")
+            raise BatchError("bad-batch",
+                             f"static {name!r} {static.shape} does not fit state {state_name!r} {state.v.shape}")
         for j in range(state.version - start, count):  # one pass per update carried (not per row)
-            state.apply(static, urows[j], dz[j * b:(j + 1) * b], float(lrs[j]), float(momentum))
+            state.apply(static, urows[j], dz[j * b:(j + 1) * b], float(lrs[j]), float(momentum))  # type: ignore[arg-type]
             state.version = start + j + 1
     if params.get("fetch"):
         return np.concatenate([state.v, state.buf])
@@ -200,7 +200,10 @@ def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.nda
         raise BatchError("bad-batch", "a resident forward needs a 1-D integer array 'rows'")
     if rows.size and (rows.min() < 0 or rows.max() >= static.shape[0]):
         raise BatchError("bad-batch", f"rows out of range for static {name!r} with {static.shape[0]} rows")
-    return np.take(static, rows, axis=0, mode="clip") @ state.weights(static.dtype)
+    # computed in float64 and rounded once to the static's dtype: the coordinator's probe check
+    # then allows only that rounding, so a lie far below float32's own precision of a product fails
+    y = np.take(static, rows, axis=0, mode="clip").astype(np.float64) @ state.v
+    return y.astype(static.dtype, copy=False)
 
 
 def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics: dict[str, np.ndarray],

@@ -43,7 +43,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from enshuffle.coordinator.ledger import (HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger, activation_kind,
+from enshuffle.coordinator.ledger import (CLEAR, HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger, activation_kind,
                                           delta_kind, ledger_axes)
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
@@ -408,7 +408,8 @@ class DistributedCompute:
     def slot_exposure(self, shard: int) -> list[tuple]:
         """Everything a node learns by serving slot `shard` for a run (the exposure bound's unit)."""
         out = self.static_exposure(shard) + [("w1", self.pixel_blocks[shard], self._form()),
-                                             ("deltas", np.arange(self.hidden), POSITIONS_HIDDEN)]
+                                             ("deltas", np.arange(self.hidden),
+                                              CLEAR if self.resident is not None else POSITIONS_HIDDEN)]
         for layer in self.unit_blocks:
             out += self._layer_exposure(layer, shard, backward=True)
         return out
@@ -545,8 +546,9 @@ class DistributedCompute:
         b = 0 if rows is None else rows.shape[0]
         updates = params["version"] - params["from"]
         work = float(updates * (arrays["update_rows"].shape[1] if updates else 0) * k * m + b * k * m)
+        # dz1 reaches the node as it is (its weights' columns are the hidden units): clear
         exposure = [("w1", st.pixels, HIDDEN_VALUES), ("samples", [0], POSITIONS_HIDDEN),
-                    ("deltas", np.arange(m), POSITIONS_HIDDEN)]
+                    ("deltas", np.arange(m), CLEAR)]
         return Batch(shard, "resident", params, arrays, exposure,
                      shape=(2 * k, m) if fetch else (b, m), work=max(work, 1.0))
 

@@ -173,18 +173,29 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
     """What the table cannot say in a percentage: the same sentences in the console, the
     end-of-run report and the chain metadata."""
     notes = []
-    if disguise != "share":
+    if disguise == "shuffle":
         notes.append("disguise 'shuffle' (an audit control): pixels and w1 rows reach nodes in the clear up to "
                      "order and powers of two; never use it on private data")
+    if disguise == "resident":
+        notes.append("w1: each node holds its block of w1 once, in its own secret basis (w1[P_s] = M_s V_s), and "
+                     "updates it itself from the deltas; no weight message follows, so the weight trajectory tells "
+                     "it nothing beyond its static block, its first weights and the deltas (enshuffle audit plays "
+                     "the trajectory attacks)")
     if preset.init == "notebook":
         notes.append("the seed preset starts from the notebook's public weights (RandomState(402)): a node can "
                      "compute the initial w1 and w2; train with the default preset to keep the model private")
     elif preset.seed is not None:
         notes.append(f"initial weights and sample order come from the training seed you chose (--seed "
                      f"{preset.seed}), not from the run's secret: keep that number private")
-    notes.append("deltas: every node sees each step's dz1 (rows and units shuffled, scaled by powers of two); "
-                 "rows of one class look alike, so it may group a batch's rows by class without naming the "
-                 "classes (enshuffle audit measures how well)")
+    if disguise == "resident":
+        notes.append("deltas: every node sees each step's dz1 with the rows it belongs to (its hidden units in "
+                     "a fixed order, since its weights live there); rows of one class look alike, so it may "
+                     "group its training rows by class without naming the classes (enshuffle audit measures how "
+                     "well)")
+    else:
+        notes.append("deltas: every node sees each step's dz1 (rows and units shuffled, scaled by powers of two); "
+                     "rows of one class look alike, so it may group a batch's rows by class without naming the "
+                     "classes (enshuffle audit measures how well)")
     notes.append("samples: a node knows which of its static rows a step uses and can follow a row across steps; "
                  "it cannot match a row to an image")
     if getattr(preset, "depth", 2) > 2:

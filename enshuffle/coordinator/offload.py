@@ -19,7 +19,7 @@ The products of a network 784-h1-...-10 with k slots and a batch of b rows:
 | a_w{l}  | (b,n) @ (n,m)      | b n + n m + k b m                | b n (r + g) + n m (r + g) + b m (r + k)      |
 | dw{l}   | (n,b) @ (b,m)      | b n + k b m + n m                | b m r + n m (r + g)                          |
 | da{l}   | (b,m) @ (m,n)      | n m + b n                        | b n g                                        |
-| resident | x_w1 and dw1 together, weights on the nodes | 2 k b h1 (+ 2 784 h1 per checkpoint) | b 784 (r + 2q) + b h1 r (2k + 2) |
+| resident | x_w1 and dw1, weights on nodes | 2 k b h1 (+ 2 784 h1 a checkpoint) | b 784 (r + 2q) + b h1 r (2k + 2) |
 
 (r, g: the noise rank and mixing block of each disguise; see distributed.py.) The last layer's
 products never go: they carry the labels.

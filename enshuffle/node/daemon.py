@@ -953,7 +953,8 @@ class NodeDaemon:
         version = msg.header.get("version")
         if version is not None:  # resident weights: kept writable, updated by the batches
             if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-                self._reject(s, msg.header, "bad-params", f"static {name!r}: version must be a count, got {version!r:.40}", "STATIC")
+                self._reject(s, msg.header, "bad-params",
+                             f"static {name!r}: version must be a count, got {version!r:.40}", "STATIC")
                 return
             try:
                 state = ResidentState(array, version)

@@ -1,0 +1,171 @@
+"""The resident disguise: weights on the nodes, in their own secret basis.
+
+- in process, a resident run equals the centralized reference of the same reparameterized
+  network (LocalCompute with the run's basis) after every step (float64, 1, 2 and 3 slots),
+  whether or not the state is fetched every step;
+- the probe checks pass every honest result and catch small lies, in float32;
+- a node that takes a slot over from its checkpoint replays the logged updates to the same state;
+- over the wire, `enshuffle train --nodes 2 --out R` equals `enshuffle train --nodes 0 --reference R`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from enshuffle import model
+from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
+from enshuffle.coordinator.resident import ResidentBasis
+from enshuffle.coordinator.training import Trainer
+from enshuffle.kernels import BatchError, ResidentState, compute_batch
+from wire_util import TEST_SECRET, enshuffle_cli, load_inputs, load_npz
+
+LIMIT = 1500
+
+
+def _pair(data_dir, slots: int, dtype: str, executor=InProcessExecutor, epochs: int = 1):
+    preset = model.get_preset("default", epochs=epochs, dtype=dtype)
+    inputs = load_inputs(data_dir, preset, LIMIT)
+    compute = DistributedCompute(inputs.images, slots, np.random.default_rng(5), executor, disguise="resident",
+                                 offload="matmul", layers=preset.layers)
+    assert compute.resident is not None
+    reference = model.LocalCompute(inputs.images, basis=compute.basis)
+    return (Trainer(preset, inputs, compute, secret=TEST_SECRET),
+            Trainer(preset, inputs, reference, secret=TEST_SECRET), compute)
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    return max(float(np.abs(np.asarray(a[n], np.float64) - b[n]).max() / (np.abs(b[n]).max() + 1e-300)) for n in b)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_a_resident_run_equals_its_reference_after_every_step(core_data_dir, slots):
+    dist, ref, compute = _pair(core_data_dir, slots, "float64")
+    for _ in range(12):
+        dist.run_step()
+        ref.run_step()
+        dist.sync()  # fetches every slot's state: a checkpoint each step
+        assert _max_rel(dist.params, ref.params) < 1e-9
+    assert compute.resident.fetches == 12 * slots
+
+
+def test_checkpoints_every_so_many_steps_keep_the_run_exact(core_data_dir):
+    dist, ref, compute = _pair(core_data_dir, 2, "float64")
+    report = dist.run_epoch()  # 12 steps: fetched only at the epoch's end (its test pass)
+    ref_report = ref.run_epoch()
+    assert _max_rel(dist.params, ref.params) < 1e-9
+    assert report.test_accuracy == ref_report.test_accuracy
+    assert compute.resident.fetches == 2
+
+
+class CheckingExecutor(InProcessExecutor):
+    """Checks every result as the server does, and tries lies of several sizes on the same one."""
+
+    def __init__(self, compute):
+        super().__init__(compute)
+        self.failed: list[str] = []
+        self.caught: dict[str, int] = {}
+        self.forwards = 0
+
+    def run(self, batches):
+        results = super().run(batches)
+        for batch, r in zip(batches, results):
+            why = self._compute.check_resident(batch, r)
+            if why:
+                self.failed.append(why)
+            if batch.params.get("fetch"):
+                lie = r.copy()
+                lie[0, 0] += 1e-6 * np.sqrt(np.mean(r * r))
+                caught = self._compute.check_resident(batch, lie) is not None
+                self.caught["state"] = self.caught.get("state", 0) + caught
+                continue
+            self.forwards += 1
+            rms = np.sqrt(np.mean(r.astype(np.float64) ** 2))
+            for size in (1e-4, 1e-5):
+                lie = r.copy()
+                lie[3, 5] += np.float32(size * rms)
+                key = f"single {size:g}"
+                self.caught[key] = self.caught.get(key, 0) + (self._compute.check_resident(batch, lie) is not None)
+            lie = (r.astype(np.float64) * (1 + 1e-6 * np.sign(r))).astype(r.dtype)
+            self.caught["bias"] = self.caught.get("bias", 0) + (self._compute.check_resident(batch, lie) is not None)
+        return results
+
+
+def test_probe_checks_pass_honest_results_and_catch_small_lies_in_float32(core_data_dir):
+    dist, _, compute = _pair(core_data_dir, 2, "float32", executor=CheckingExecutor, epochs=2)
+    while not dist.finished:
+        dist.run_step()
+    ex = compute.executor
+    assert ex.failed == []
+    assert ex.forwards == 2 * 2 * dist.steps_per_epoch
+    # every single-entry lie of 1e-4 of the result's RMS (nearly every one of 1e-5), and a 1e-6
+    # relative bias of every entry
+    assert ex.caught["single 0.0001"] == ex.forwards
+    assert ex.caught["single 1e-05"] >= 0.9 * ex.forwards
+    assert ex.caught["bias"] == ex.forwards
+    assert ex.caught["state"] == compute.resident.fetches > 0
+
+
+def test_a_node_taking_a_slot_over_replays_the_updates_since_the_checkpoint(core_data_dir):
+    dist, _, compute = _pair(core_data_dir, 2, "float32")
+    for _ in range(5):
+        dist.run_step()
+    res = compute.resident
+    shard = 1
+    st = res.slots[shard]
+    # a newcomer holds the slot's static and its checkpoint (version 0 here: nothing fetched yet)
+    state, version = res.state_static(shard)
+    assert version == 0 and st.version == 5
+    statics = {f"train.{shard}": st.static}
+    states = {res.state_name(shard): ResidentState(state, version)}
+    rows = np.arange(7)
+    params, arrays = res.batch(shard, rows, version, st.version, fetch=False)
+    y_new = compute_batch("resident", params, arrays, statics, None, states)
+    # the node that served the slot all along, brought to the same version
+    held = compute.executor.states[shard][res.state_name(shard)]
+    params, arrays = res.batch(shard, rows, held.version, st.version, fetch=False)
+    y_old = compute_batch("resident", params, arrays, compute.executor.statics[shard], None,
+                          compute.executor.states[shard])
+    np.testing.assert_array_equal(y_new, y_old)
+    assert res.check_forward(shard, rows, y_new) is None
+    # a batch that starts past what a node holds is refused, not guessed at
+    behind = {res.state_name(shard): ResidentState(state, 0)}
+    params, arrays = res.batch(shard, rows, 3, st.version, fetch=False)
+    with pytest.raises(BatchError) as err:
+        compute_batch("resident", params, arrays, statics, None, behind)
+    assert err.value.code == "state-behind"
+    # applying a batch twice does not apply its updates twice (versions are idempotent)
+    again = compute_batch("resident", params, arrays, compute.executor.statics[shard], None,
+                          compute.executor.states[shard])
+    np.testing.assert_array_equal(again, y_old)
+
+
+def test_initial_weights_in_each_nodes_basis_are_white():
+    """V_0 is drawn i.i.d. in the node's basis: its covariance carries nothing of M_s (a V_0 of
+    M_s^-1 times i.i.d. pixel weights would show (M_s^T M_s)^-1)."""
+    rng = np.random.default_rng(3)
+    basis = ResidentBasis(np.arange(784), 2, 4096, rng)
+    v = basis.v0[0][:32] * np.sqrt(784)
+    cov = v @ v.T / v.shape[1]
+    m = basis.mix[0].blocks[0]
+    leak = np.linalg.inv(m.T @ m)
+    leak /= np.trace(leak) / 32
+    off = ~np.eye(32, dtype=bool)
+    assert np.abs(cov[off]).max() < 0.1  # white up to sampling error (4096 columns)
+    assert np.abs(leak[off]).max() > 0.1  # what a non-white V_0 would have shown
+
+
+@pytest.mark.slow
+def test_a_resident_run_over_the_wire_equals_its_central_reference(core_data_dir, core_cache, tmp_path):
+    args = ["--data", str(core_data_dir), "--limit", str(LIMIT), "--epochs", "2", "--dtype", "float64",
+            "--offload", "matmul"]
+    wire = enshuffle_cli("train", "--nodes", "2", *args, "--out", str(tmp_path / "run"),
+                         "--save-weights", str(tmp_path / "a.npz"), home=tmp_path / "home", cache=core_cache)
+    assert wire.returncode == 0, wire.stderr
+    assert "resident" in wire.stdout + wire.stderr
+    central = enshuffle_cli("train", "--nodes", "0", *args, "--reference", str(tmp_path / "run"),
+                            "--save-weights", str(tmp_path / "b.npz"), home=tmp_path / "home", cache=core_cache)
+    assert central.returncode == 0, central.stderr
+    a, b = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz")
+    assert sorted(a) == sorted(b)
+    assert _max_rel(a, b) < 1e-9
