@@ -48,11 +48,12 @@ from enshuffle.coordinator.ledger import (CLEAR, HIDDEN_VALUES, POSITIONS_HIDDEN
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
 from enshuffle.coordinator.offload import CostModel, decide, plan_lines, refuse_all, step_plan
+from enshuffle.coordinator.resident import NOISE_RANK as RESIDENT_NOISE_RANK
 from enshuffle.coordinator.resident import CHECKPOINT_STEPS, ResidentDisguise, resident_basis
 from enshuffle.kernels import ResidentState, compute_batch
 from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, sigmoid
 
-DISGUISES = ("resident", "share", "shuffle")
+DISGUISES = ("resident", "share", "shuffle", "resident-clear")  # resident-clear: the resident design's control
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
 NOISE_SCALE = 1.0  # std of each noise element, in units of a normalized pixel's root mean square
 MIX_GROUP = 32  # mixing blocks: 32x32 dense, so mixing costs 32 multiply-adds per element
@@ -306,11 +307,12 @@ class DistributedCompute:
         # gradient: they stay here, and no node learns which pixels are blank.
         active = np.flatnonzero(scale > 0) if disguise == "share" else np.arange(INPUTS)
         self.resident: ResidentDisguise | None = None
-        if disguise == "resident":
+        if disguise in ("resident", "resident-clear"):
             # The first layer's weights live on the nodes (resident.py): pixels nonzero in some
             # standardized training image are split; the rest never leave.
-            self.basis = resident_basis(images["train"], shards, self.layers[1], rng)
-            self.resident = ResidentDisguise(images["train"], self.basis, rng)
+            clear = disguise == "resident-clear"  # no mixing, no noise: what the audit must break
+            self.basis = resident_basis(images["train"], shards, self.layers[1], rng, clear=clear)
+            self.resident = ResidentDisguise(images["train"], self.basis, rng, noise_rank=0 if clear else RESIDENT_NOISE_RANK)
             self._since_checkpoint = 0
             self.pixel_blocks = list(self.basis.blocks)
         else:
@@ -397,12 +399,13 @@ class DistributedCompute:
         return {}
 
     def _form(self) -> int:
-        return POSITIONS_HIDDEN if self.disguise == "shuffle" else HIDDEN_VALUES
+        return CLEAR if self.disguise == "resident-clear" else (
+            POSITIONS_HIDDEN if self.disguise == "shuffle" else HIDDEN_VALUES)
 
     def static_exposure(self, shard: int) -> list[tuple]:
         out = [("images", self.pixel_blocks[shard], self._form()), ("samples", [0], POSITIONS_HIDDEN)]
         if self.resident is not None:  # its block of w1 arrives with the statics, once
-            out.append(("w1", self.pixel_blocks[shard], HIDDEN_VALUES))
+            out.append(("w1", self.pixel_blocks[shard], self._form()))
         return out
 
     def slot_exposure(self, shard: int) -> list[tuple]:
@@ -547,7 +550,7 @@ class DistributedCompute:
         updates = params["version"] - params["from"]
         work = float(updates * (arrays["update_rows"].shape[1] if updates else 0) * k * m + b * k * m)
         # dz1 reaches the node as it is (its weights' columns are the hidden units): clear
-        exposure = [("w1", st.pixels, HIDDEN_VALUES), ("samples", [0], POSITIONS_HIDDEN),
+        exposure = [("w1", st.pixels, self._form()), ("samples", [0], POSITIONS_HIDDEN),
                     ("deltas", np.arange(m), CLEAR)]
         return Batch(shard, "resident", params, arrays, exposure,
                      shape=(2 * k, m) if fetch else (b, m), work=max(work, 1.0))
@@ -572,8 +575,7 @@ class DistributedCompute:
 
     def _resident_forward(self, idx: np.ndarray) -> np.ndarray:
         batches = []
-        for s, st in enumerate(self.resident.slots):
-            rows = np.take(st.row_index, idx).astype(np.int64)
+        for s, (st, rows) in enumerate(zip(self.resident.slots, self.resident.node_rows(idx))):
             start = max(st.checkpoint_version, st.version - 1)
             params, arrays = self.resident.batch(s, rows, start, st.version, fetch=False)
             batches.append(self._resident_batch(s, params, arrays, rows))

@@ -173,10 +173,13 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
     """What the table cannot say in a percentage: the same sentences in the console, the
     end-of-run report and the chain metadata."""
     notes = []
+    if disguise == "resident-clear":
+        notes.append("disguise 'resident-clear' (a control): pixels and w1 reach nodes in the clear; never use it "
+                     "on private data")
     if disguise == "shuffle":
         notes.append("disguise 'shuffle' (an audit control): pixels and w1 rows reach nodes in the clear up to "
                      "order and powers of two; never use it on private data")
-    if disguise == "resident":
+    if disguise in ("resident", "resident-clear"):
         notes.append("w1: each node holds its block of w1 once, in its own secret basis (w1[P_s] = M_s V_s), and "
                      "updates it itself from the deltas; no weight message follows, so the weight trajectory tells "
                      "it nothing beyond its static block, its first weights and the deltas (enshuffle audit plays "
@@ -187,7 +190,7 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
     elif preset.seed is not None:
         notes.append(f"initial weights and sample order come from the training seed you chose (--seed "
                      f"{preset.seed}), not from the run's secret: keep that number private")
-    if disguise == "resident":
+    if disguise in ("resident", "resident-clear"):
         notes.append("deltas: every node sees each step's dz1 with the rows it belongs to (its hidden units in "
                      "a fixed order, since its weights live there); rows of one class look alike, so it may "
                      "group its training rows by class without naming the classes (enshuffle audit measures how "

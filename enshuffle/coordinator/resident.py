@@ -66,12 +66,17 @@ class Mixing:
     """A secret (K, K) block-diagonal matrix of dense MIX_GROUP blocks Q1 diag(d) Q2, d in
     [2^-spread, 2^spread]; stacked so applying it is one batched product."""
 
-    def __init__(self, size: int, rng: np.random.Generator, group: int = MIX_GROUP, spread: float = MIX_SPREAD):
+    def __init__(self, size: int, rng: np.random.Generator, group: int = MIX_GROUP, spread: float = MIX_SPREAD,
+                 identity: bool = False):
         self.size = size
         self.bounds = [(lo, min(lo + group, size)) for lo in range(0, size, group)]
         self.blocks, self.inverses = [], []
         for lo, hi in self.bounds:
             g = hi - lo
+            if identity:  # the clear control: no mixing at all
+                self.blocks.append(np.eye(g))
+                self.inverses.append(np.eye(g))
+                continue
             q1, _ = np.linalg.qr(rng.standard_normal((g, g)))
             q2, _ = np.linalg.qr(rng.standard_normal((g, g)))
             d = np.exp2(rng.uniform(-spread, spread, g))
@@ -115,11 +120,12 @@ class ResidentBasis:
     V_0. Drawn from the run's secret generator, so a resumed run and the centralized reference
     draw the same."""
 
-    def __init__(self, active: np.ndarray, shards: int, hidden: int, rng: np.random.Generator, inputs: int = 784):
+    def __init__(self, active: np.ndarray, shards: int, hidden: int, rng: np.random.Generator, inputs: int = 784,
+                 clear: bool = False):
         self.inputs = inputs
         self.hidden = hidden
         self.blocks = [np.asarray(active)[b] for b in balanced_blocks(len(active), shards, rng)]
-        self.mix = [Mixing(len(b), rng) for b in self.blocks]
+        self.mix = [Mixing(len(b), rng, identity=clear) for b in self.blocks]
         # V_0: i.i.d. Gaussian in each node's basis (its covariance says nothing about M_s); the
         # network's initial w1 is then M_s V_0 on each block, zero on pixels blank in every image.
         self.v0 = [rng.standard_normal((len(b), hidden)) / math.sqrt(inputs) for b in self.blocks]
@@ -146,10 +152,12 @@ class ResidentBasis:
         return out
 
 
-def resident_basis(train: np.ndarray, shards: int, hidden: int, rng: np.random.Generator) -> ResidentBasis:
+def resident_basis(train: np.ndarray, shards: int, hidden: int, rng: np.random.Generator,
+                   clear: bool = False) -> ResidentBasis:
     """The basis a resident run draws first from its secret generator: pixels nonzero in some
-    standardized training image are split into `shards` blocks (the rest never leave)."""
-    return ResidentBasis(np.flatnonzero(np.any(train != 0, axis=0)), shards, hidden, rng)
+    standardized training image are split into `shards` blocks (the rest never leave). `clear`:
+    the audit's and the bench's control, no mixing."""
+    return ResidentBasis(np.flatnonzero(np.any(train != 0, axis=0)), shards, hidden, rng, clear=clear)
 
 
 @dataclass
@@ -199,17 +207,18 @@ class ResidentDisguise:
     checkpoints of the resident disguise (module docstring). `x` is the standardized training
     matrix (n, 784) in the preset's dtype; blank pixels (zero in every image) are not in `basis`."""
 
-    def __init__(self, x: np.ndarray, basis: ResidentBasis, rng: np.random.Generator):
+    def __init__(self, x: np.ndarray, basis: ResidentBasis, rng: np.random.Generator, noise_rank: int = NOISE_RANK):
         self.x = x
         self.dtype = x.dtype
         self.basis = basis
         self.hidden = basis.hidden
         self.eps = float(np.finfo(self.dtype).eps)
         n = x.shape[0]
-        self.factors = rng.standard_normal((n, NOISE_RANK))  # G: per image, for the whole run
+        r = noise_rank  # 0: the clear control (no noise)
+        self.factors = rng.standard_normal((n, r))  # G: per image, for the whole run
         self.slots: list[SlotState] = []
         for block, mix, v0 in zip(basis.blocks, basis.mix, basis.v0):
-            h = rng.standard_normal((NOISE_RANK, len(block))) / math.sqrt(NOISE_RANK)
+            h = rng.standard_normal((r, len(block))) / math.sqrt(max(r, 1))
             order = rng.permutation(n)
             noisy = np.take(x, order, axis=0)[:, block].astype(np.float64)
             noisy += np.take(self.factors, order, axis=0) @ h
@@ -223,9 +232,18 @@ class ResidentDisguise:
             self.slots.append(SlotState(
                 pixels=block, mix=mix, loadings=h, row_order=order, row_index=inverse_permutation(order),
                 static=static, b1=b1, b2=b1 @ h.T, probes=probes, hmv=hm @ v, hmbuf=hm @ buf,
-                e=np.zeros((NOISE_RANK, self.hidden)), ebuf=np.zeros((NOISE_RANK, self.hidden)),
+                e=np.zeros((r, self.hidden)), ebuf=np.zeros((r, self.hidden)),
                 vr=v @ probes, bufr=buf @ probes, v_bound=_norm_bound(v), drift=0.0, checkpoint=(v, buf)))
-        self._forward: tuple[np.ndarray, list[np.ndarray]] | None = None  # (idx, per-slot x B^T) of the last forward
+        # [B_1^T | ... | B_k^T] on the pixels (784, k r), zero off each slot's block: every slot's
+        # x[idx, P_s] B_s^T is one product of the gathered rows, in the data's dtype for float64
+        # data (exactness) and float32 otherwise (the forward's own precision)
+        self._b_all = np.zeros((x.shape[1], r * len(self.slots)), dtype=np.float64 if self.dtype == np.float64
+                               else np.float32)
+        for s, st in enumerate(self.slots):
+            self._b_all[st.pixels, s * r:(s + 1) * r] = st.b1.T
+        self._e_rows = r
+        self._forward: tuple[np.ndarray, np.ndarray] | None = None  # (idx, x[idx] B_all) of the last forward
+        self._rows_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (rows, S[rows] float64)
         self.fetches = 0
 
     # -- state ----------------------------------------------------------------------
@@ -307,10 +325,10 @@ class ResidentDisguise:
     def combine(self, idx: np.ndarray, results: list[np.ndarray]) -> np.ndarray:
         """The clean z1 (b, h1) without biases from the slots' results y_s for rows idx."""
         g = np.take(self.factors, idx, axis=0)
-        xb = [np.take(self.x, idx, axis=0)[:, st.pixels].astype(np.float64) @ st.b1.T for st in self.slots]
+        xb = (np.take(self.x, idx, axis=0) @ self._b_all).astype(np.float64, copy=False)
         hmv = sum(st.hmv for st in self.slots)
         z = -(g @ hmv)
-        z -= np.concatenate(xb, axis=1) @ np.concatenate([st.e for st in self.slots])
+        z -= xb @ np.concatenate([st.e for st in self.slots])
         for y in results:
             z += y
         self._forward = (idx, xb)
@@ -320,22 +338,22 @@ class ResidentDisguise:
         """Issue this step's update (dz: the ascent-direction delta (b, h1)) and track what it
         does to every slot's state. It reaches the nodes with the next forward (or fetch)."""
         if self._forward is None or self._forward[0] is not idx:
-            xb = [np.take(self.x, idx, axis=0)[:, st.pixels].astype(np.float64) @ st.b1.T for st in self.slots]
+            xb = (np.take(self.x, idx, axis=0) @ self._b_all).astype(np.float64, copy=False)
         else:
             xb = self._forward[1]
+        r = self._e_rows
         self._forward = None
         sent = np.ascontiguousarray(dz, dtype=self.dtype)
         d64 = sent.astype(np.float64)
         g = np.take(self.factors, idx, axis=0)
         gd = g.T @ d64  # (r, h1): the noise's share, the same for every slot
         dz_norm = float(np.linalg.norm(d64))
-        for s, st in enumerate(self.slots):
-            rows = np.take(st.row_index, idx).astype(np.int64)
-            srows = np.take(st.static, rows, axis=0).astype(np.float64)
+        for s, (st, rows) in enumerate(zip(self.slots, self.node_rows(idx))):
+            srows = self._static_rows(s, rows)
             st.version += 1
             st.log.append(Pending(version=st.version, rows=rows, dz=sent, lr=float(lr)))
             # H M g = B x^T dz + B H^T G^T dz,   g R = S^T (dz R)
-            hmg = xb[s].T @ d64 + st.b2 @ gd
+            hmg = xb[:, s * r:(s + 1) * r].T @ d64 + st.b2 @ gd
             st.hmbuf = MOMENTUM * st.hmbuf + hmg
             st.hmv = st.hmv + lr * st.hmbuf
             st.ebuf = MOMENTUM * st.ebuf + gd
@@ -345,6 +363,24 @@ class ResidentDisguise:
             g_bound = float(np.linalg.norm(srows)) * dz_norm
             st.v_bound += lr * g_bound / (1.0 - MOMENTUM)
             st.drift += lr * EPS64 * g_bound * math.sqrt(srows.shape[0]) / (1.0 - MOMENTUM)
+
+    def node_rows(self, idx: np.ndarray) -> list[np.ndarray]:
+        """Each slot's node rows for training rows idx (kept for this step's update)."""
+        cached = getattr(self, "_node_rows", None)
+        if cached is not None and cached[0] is idx:
+            return cached[1]
+        rows = [np.take(st.row_index, idx).astype(np.int64) for st in self.slots]
+        self._node_rows = (idx, rows)
+        return rows
+
+    def _static_rows(self, shard: int, rows: np.ndarray) -> np.ndarray:
+        """S_s[rows] in float64, kept from the check of a forward for the update of the same rows."""
+        cached = self._rows_cache.get(shard)
+        if cached is not None and cached[0] is rows:
+            return cached[1]
+        srows = np.take(self.slots[shard].static, rows, axis=0).astype(np.float64)
+        self._rows_cache[shard] = (rows, srows)
+        return srows
 
     # -- checks ---------------------------------------------------------------------
     def check_forward(self, shard: int, rows: np.ndarray, y: np.ndarray) -> str | None:
@@ -358,7 +394,7 @@ class ResidentDisguise:
         y64 = y.astype(np.float64)
         if not np.all(np.isfinite(y64)):
             return "result has NaN or infinite entries"
-        srows = np.take(st.static, rows, axis=0).astype(np.float64)
+        srows = self._static_rows(shard, rows)
         diff = y64 @ st.probes - srows @ st.vr
         rounding = self.eps * np.sqrt((y64 * y64) @ (st.probes * st.probes))
         probe_rms = float(np.sqrt(np.mean(st.probes ** 2)))
