@@ -67,9 +67,10 @@ def test_centralized_json_one_object_per_epoch(core_data_dir, core_cache):
     assert_epoch_objects(objects, 2)
 
 
-def test_in_process_json_ends_with_ledger(core_data_dir, core_cache):
+@pytest.mark.parametrize("disguise, deltas", [("resident", "clear"), ("share", "positions hidden")])
+def test_in_process_json_ends_with_ledger(core_data_dir, core_cache, disguise, deltas):
     proc = enshuffle("train", "--nodes", "2", "--in-process", "--epochs", "1", "--limit", "1000", "--json",
-                     "--offload", "matmul",
+                     "--offload", "matmul", "--disguise", disguise,
                      "--data", str(core_data_dir), cache=core_cache)
     objects = json_lines(proc)
     assert len(objects) == 2
@@ -85,7 +86,7 @@ def test_in_process_json_ends_with_ledger(core_data_dir, core_cache):
         # Label-dependent work stays home: nothing of labels, outputs, w2 or activations goes out.
         assert shares["labels"] == shares["outputs"] == shares["w2"] == shares["activations"] == 0.0
         assert forms[node]["images"] == forms[node]["w1"] == "values hidden"
-        assert forms[node]["deltas"] == "positions hidden"
+        assert forms[node]["deltas"] == deltas  # resident: dz1 in its nodes' unit order
     assert any("deltas" in note for note in objects[-1]["notes"])
 
 
