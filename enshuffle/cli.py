@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip every measurement with node processes (loopback, round trips, daemon)")
     p.add_argument("--skip-daemon", action="store_true",
                    help="skip the standalone `enshuffle coordinator` process measurement")
+    p.add_argument("--scaling", action="store_true",
+                   help="also measure the resident design's coordinator share per step for first-layer widths "
+                        "512-4096 and for 2, 4 and 7 node processes (several minutes)")
     p.add_argument("--round-trips", type=_positive_int, default=300, metavar="N",
                    help="small products sent one at a time to each round-trip node (default 300)")
     p.set_defaults(handler="enshuffle.coordinator.bench:cmd_bench")

@@ -49,7 +49,8 @@ import numpy as np
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.commands import load_inputs, network_layers
-from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, static_name
+from enshuffle.coordinator.distributed import (Batch, DistributedCompute, InProcessExecutor, default_disguise,
+                                               static_name)
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes
 from enshuffle.coordinator.offload import COST_MODEL_FILE, CostModel, default_cost_model
 from enshuffle.coordinator.plan import build_matmul_plan
@@ -205,7 +206,7 @@ def _threads_text(threads: int) -> str:
 
 # -- the coordinator in this process, node processes on loopback ---------------------------------
 def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool = False,
-                 disguise: str = "share", offload: str = "matmul") -> dict[str, float | None]:
+                 disguise: str | None = None, offload: str = "matmul") -> dict[str, float | None]:
     """Medians per seed-preset epoch (or per default-preset step) of the counters, with `nodes`
     `enshuffle node --threads 1` processes; keys as `_snapshot`'s."""
     Channel.clock = staticmethod(time.thread_time)  # CPU time: what the crypto costs this process
@@ -218,7 +219,8 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
         procs = spawn_local_nodes(server.endpoint, identity.fingerprint, nodes, tmp)
         try:
             compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), server.attach,
-                                         ledger=server.ledger, disguise=disguise, **inputs.source(),
+                                         ledger=server.ledger, disguise=disguise or default_disguise(preset),
+                                         **inputs.source(),
                                          layers=preset.layers, offload=offload, cost_model=default_cost_model())
             problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
             server.give_up = problem
@@ -234,6 +236,38 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
             server.close("run-finished")
             stop_local_nodes(procs)
     return _medians(rows)
+
+
+SCALING_WIDTHS = (512, 1024, 2048, 4096)
+SCALING_NODES = (2, 4, 7)
+
+
+def measure_scaling(args, repeats: int) -> list[dict]:
+    """The resident default preset's coordinator CPU and wall per step against the cheapest
+    centralized step, for first-layer widths SCALING_WIDTHS (784-h-10 ReLU, 2 node processes) and
+    for SCALING_NODES node processes at width 1024; with the resident-clear control's CPU."""
+    rows = []
+    configs = [(h, 2) for h in SCALING_WIDTHS] + [(1024, k) for k in SCALING_NODES if k != 2]
+    for hidden, nodes in configs:
+        preset = replace(get_preset("default", layers=(784, hidden, 10), activation="relu"), epochs=10_000)
+        inputs = load_inputs(args.data, preset, args.limit)
+        eprint(f"bench: scaling, 784-{hidden}-10 relu, {nodes} node processes")
+        central = measure_centralized(preset, inputs, repeats, minibatch=True)
+        cpu, _ = _cheapest(central, "cpu")
+        wall = min(v["wall"] for v in central.values())
+        measured = measure_wire(preset, inputs, repeats, nodes=nodes, minibatch=True)
+        control = measure_wire(preset, inputs, repeats, nodes=nodes, minibatch=True, disguise="resident-clear")
+        wire = {k: float(measured[k] or 0.0) for k in ("cpu", "wall")}
+        clear = {"cpu": float(control["cpu"] or 0.0) or 1e-12}
+        rows.append({"hidden": hidden, "nodes": nodes, "central_cpu_ms": 1e3 * cpu, "central_wall_ms": 1e3 * wall,
+                     "cpu_ms": 1e3 * wire["cpu"], "wall_ms": 1e3 * wire["wall"], "clear_cpu_ms": 1e3 * clear["cpu"],
+                     "cpu_share": 100 * wire["cpu"] / cpu, "wall_ratio": wire["wall"] / wall,
+                     "privacy_cost": 100 * (wire["cpu"] / clear["cpu"] - 1)})
+        r = rows[-1]
+        eprint(f"bench: scaling 784-{hidden}-10 k={nodes}: coordinator CPU {r['cpu_ms']:.2f} ms per step = "
+               f"{r['cpu_share']:.0f}% of centralized {r['central_cpu_ms']:.2f} ms; wall {r['wall_ratio']:.2f}x; "
+               f"privacy +{r['privacy_cost']:.0f}% against resident-clear")
+    return rows
 
 
 def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -> dict[str, dict]:
@@ -492,7 +526,8 @@ def build_figures(m: dict, repeats: int) -> Figures:
           signed=True)
     f.add("privacy_cpu_cost_default", "privacy's cost in coordinator CPU, default step",
           shuffle_step and 100 * (step["cpu"] / shuffle_step["cpu"] - 1), "%", PRIVACY_COST_TARGET,  # type: ignore[index]
-          note=shuffle_step and f"{1000 * step['cpu']:.2f} vs {1000 * shuffle_step['cpu']:.2f} ms", section=other,  # type: ignore[index]
+          note=shuffle_step and f"{1000 * step['cpu']:.2f} vs {1000 * shuffle_step['cpu']:.2f} ms with "  # type: ignore[index]
+                                f"{m.get('step_control', 'shuffle')}", section=other,
           signed=True)
     # `x and y` leaves None (or False) behind where a part was not measured.
     for item in f.items.values():
@@ -615,9 +650,12 @@ def cmd_bench(args) -> int:
         m["wire_epoch"] = measure_wire(preset, inputs, repeats)
         eprint("bench: default preset over the wire, 2 node processes")
         m["wire_step"] = measure_wire(mini, mini_inputs, repeats, minibatch=True)
-        eprint("bench: the same two runs with the shuffle-only disguise (privacy's cost)")
+        eprint("bench: the same two runs with their controls, the shuffle-only disguise for the seed preset and "
+               "resident-clear (no mixing, no noise) for the resident default preset (privacy's cost)")
         m["shuffle_epoch"] = measure_wire(preset, inputs, repeats, disguise="shuffle")
-        m["shuffle_step"] = measure_wire(mini, mini_inputs, repeats, minibatch=True, disguise="shuffle")
+        control = "resident-clear" if default_disguise(mini) == "resident" else "shuffle"
+        m["shuffle_step"] = measure_wire(mini, mini_inputs, repeats, minibatch=True, disguise=control)
+        m["step_control"] = control
         eprint(f"bench: seed preset with {GROWTH_NODES} node processes (median of {k7_repeats})")
         m["wire_epoch_k7"] = measure_wire(preset, inputs, k7_repeats, nodes=GROWTH_NODES)
         eprint(f"bench: {args.round_trips} small products one at a time, to a node with every CPU's BLAS "
@@ -628,6 +666,9 @@ def cmd_bench(args) -> int:
             eprint(f"bench: `enshuffle coordinator` with 2 `enshuffle node --threads 1` processes, seed preset, "
                    f"{epochs} epochs")
             m["daemon"] = measure_daemon(args.data, args.limit, epochs)
+
+    if getattr(args, "scaling", False) and not args.skip_wire:
+        m["scaling"] = measure_scaling(args, repeats)
 
     settings = {"repeats": repeats, "k7_repeats": k7_repeats, "train_images": int(inputs.images["train"].shape[0]),
                 "round_trip_products": args.round_trips, "skip_wire": bool(args.skip_wire),
@@ -642,6 +683,14 @@ def cmd_bench(args) -> int:
                           "measurements": _jsonable(m), "settings": settings}, indent=2))
     else:
         print_table(figures, settings)
+        if m.get("scaling"):
+            print("\nresident default preset (784-h-10 relu), per step: coordinator CPU against the cheapest "
+                  "centralized step")
+            print(f"{'h':>6} {'nodes':>5} {'central CPU ms':>15} {'coordinator CPU ms':>19} {'share':>7} "
+                  f"{'wall ratio':>10} {'privacy cost':>13}")
+            for r in m["scaling"]:
+                print(f"{r['hidden']:>6} {r['nodes']:>5} {r['central_cpu_ms']:>15.2f} {r['cpu_ms']:>19.2f} "
+                      f"{r['cpu_share']:>6.0f}% {r['wall_ratio']:>9.2f}x {r['privacy_cost']:>+12.0f}%")
     return 0
 
 

@@ -242,6 +242,7 @@ class ResidentDisguise:
         for s, st in enumerate(self.slots):
             self._b_all[st.pixels, s * r:(s + 1) * r] = st.b1.T
         self._e_rows = r
+        self._factors_work = self.factors.astype(self._b_all.dtype)
         self._forward: tuple[np.ndarray, np.ndarray] | None = None  # (idx, x[idx] B_all) of the last forward
         self._rows_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (rows, S[rows] float64)
         self.fetches = 0
@@ -322,43 +323,53 @@ class ResidentDisguise:
         """The version a node that takes slot `shard` over starts from (its state static's)."""
         return self.slots[shard].checkpoint_version
 
+    def _noise_rows(self, idx: np.ndarray) -> np.ndarray:
+        """[G[idx] | x[idx] B_1^T | ... | x[idx] B_k^T] (b, (k+1) r), in the work dtype: what the
+        step's corrections and tracking multiply (kept from the forward for the update)."""
+        if self._forward is not None and self._forward[0] is idx:
+            return self._forward[1]
+        gx = np.empty((idx.shape[0], self._b_all.shape[1] + self._e_rows), dtype=self._b_all.dtype)
+        np.take(self._factors_work, idx, axis=0, out=gx[:, :self._e_rows])
+        np.matmul(np.take(self.x, idx, axis=0), self._b_all, out=gx[:, self._e_rows:])
+        self._forward = (idx, gx)
+        return gx
+
     def combine(self, idx: np.ndarray, results: list[np.ndarray]) -> np.ndarray:
-        """The clean z1 (b, h1) without biases from the slots' results y_s for rows idx."""
-        g = np.take(self.factors, idx, axis=0)
-        xb = (np.take(self.x, idx, axis=0) @ self._b_all).astype(np.float64, copy=False)
-        hmv = sum(st.hmv for st in self.slots)
-        z = -(g @ hmv)
-        z -= xb @ np.concatenate([st.e for st in self.slots])
+        """The clean z1 (b, h1) without biases from the slots' results y_s for rows idx:
+        sum_s y_s - G[idx] (sum_s H_s M_s V_s) - sum_s (x[idx] B_s^T) E_s, one product."""
+        gx = self._noise_rows(idx)
+        w = np.concatenate([sum(st.hmv for st in self.slots)] + [st.e for st in self.slots])
+        z = -(gx @ w.astype(gx.dtype, copy=False)).astype(np.float64, copy=False)
         for y in results:
             z += y
-        self._forward = (idx, xb)
         return z
 
     def update(self, idx: np.ndarray, dz: np.ndarray, lr: float) -> None:
         """Issue this step's update (dz: the ascent-direction delta (b, h1)) and track what it
         does to every slot's state. It reaches the nodes with the next forward (or fetch)."""
-        if self._forward is None or self._forward[0] is not idx:
-            xb = (np.take(self.x, idx, axis=0) @ self._b_all).astype(np.float64, copy=False)
-        else:
-            xb = self._forward[1]
-        r = self._e_rows
+        gx = self._noise_rows(idx)
         self._forward = None
+        r = self._e_rows
         sent = np.ascontiguousarray(dz, dtype=self.dtype)
         d64 = sent.astype(np.float64)
-        g = np.take(self.factors, idx, axis=0)
-        gd = g.T @ d64  # (r, h1): the noise's share, the same for every slot
+        # [G^T dz; B_1 x^T dz; ...]: the noise's share (the same for every slot), then each slot's
+        # H M M^T x^T dz, in one product
+        tracked = (gx.T @ sent.astype(gx.dtype, copy=False)).astype(np.float64, copy=False)
+        gd = tracked[:r]
         dz_norm = float(np.linalg.norm(d64))
+        dz_probes = d64 @ self.slots[0].probes if self.slots else None
         for s, (st, rows) in enumerate(zip(self.slots, self.node_rows(idx))):
             srows = self._static_rows(s, rows)
             st.version += 1
             st.log.append(Pending(version=st.version, rows=rows, dz=sent, lr=float(lr)))
             # H M g = B x^T dz + B H^T G^T dz,   g R = S^T (dz R)
-            hmg = xb[:, s * r:(s + 1) * r].T @ d64 + st.b2 @ gd
+            hmg = tracked[r * (s + 1):r * (s + 2)] + st.b2 @ gd
             st.hmbuf = MOMENTUM * st.hmbuf + hmg
             st.hmv = st.hmv + lr * st.hmbuf
             st.ebuf = MOMENTUM * st.ebuf + gd
             st.e = st.e + lr * st.ebuf
-            st.bufr = MOMENTUM * st.bufr + srows.T @ (d64 @ st.probes)
+            st.bufr = MOMENTUM * st.bufr + srows.T @ (dz_probes if st.probes is self.slots[0].probes
+                                                       else d64 @ st.probes)
             st.vr = st.vr + lr * st.bufr
             g_bound = float(np.linalg.norm(srows)) * dz_norm
             st.v_bound += lr * g_bound / (1.0 - MOMENTUM)
@@ -391,12 +402,12 @@ class ResidentDisguise:
         st = self.slots[shard]
         if y.shape != (rows.shape[0], self.hidden):
             return f"result shape {y.shape}, expected {(rows.shape[0], self.hidden)}"
-        y64 = y.astype(np.float64)
-        if not np.all(np.isfinite(y64)):
+        if not np.isfinite(y).all():
             return "result has NaN or infinite entries"
         srows = self._static_rows(shard, rows)
-        diff = y64 @ st.probes - srows @ st.vr
-        rounding = self.eps * np.sqrt((y64 * y64) @ (st.probes * st.probes))
+        diff = y.astype(np.float64) @ st.probes - srows @ st.vr
+        yy = y * y  # the rounding bound in the result's own dtype: it is a bound, not a sum to compare
+        rounding = self.eps * np.sqrt((yy @ (st.probes * st.probes).astype(yy.dtype)).astype(np.float64))
         probe_rms = float(np.sqrt(np.mean(st.probes ** 2)))
         row_norm = np.linalg.norm(srows, axis=1)
         product = probe_rms * row_norm[:, None] * (EPS64 * math.sqrt(srows.shape[1]) * st.v_bound + st.drift)
