@@ -116,7 +116,11 @@ def test_train_prints_the_plan_and_refuses_all(core_data_dir, core_cache):
 
     auto = train()
     assert auto.returncode == 0, auto.stderr
-    assert "offload auto" in auto.stderr and "x_w1" in auto.stderr and "dw1" in auto.stderr
+    # the default preset's first layer is resident: one product per step, forward and update together
+    assert "offload auto" in auto.stderr and "resident" in auto.stderr
+    share = train("--disguise", "share")
+    assert share.returncode == 0, share.stderr
+    assert "offload auto" in share.stderr and "x_w1" in share.stderr and "dw1" in share.stderr
     refused = train("--offload", "all")
     assert refused.returncode == 2 and ALL_REFUSED in refused.stderr and "Traceback" not in refused.stderr
 

@@ -169,3 +169,20 @@ def test_a_resident_run_over_the_wire_equals_its_central_reference(core_data_dir
     a, b = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz")
     assert sorted(a) == sorted(b)
     assert _max_rel(a, b) < 1e-9
+
+
+def test_the_coordinator_replays_a_slot_when_no_node_can_be_asked(core_data_dir):
+    """A model version written while every node is gone (a stop) comes from the checkpoint and
+    the logged updates, replayed here: the same state a node would have returned."""
+    dist, _, compute = _pair(core_data_dir, 2, "float64")
+    for _ in range(5):
+        dist.run_step()
+    res = compute.resident
+    for shard in range(2):
+        node = compute.executor.states[shard][res.state_name(shard)]
+        replayed = res.replay(shard)
+        k = res.slots[shard].pixels.shape[0]
+        assert node.version == 4  # the fifth update has not gone out with a forward yet
+        assert res.slots[shard].version == 5
+        assert np.abs(replayed[:k] - node.v).max() > 0  # it includes the pending update
+        assert res.check_state(shard, replayed) is None

@@ -90,6 +90,11 @@ def coordinator_with_nodes(tmp: Path, port: int, data: Path, cache: Path, run_di
     pinned to its key."""
     home = tmp / f"{tag}-coordinator"
     fp = coordinator_fingerprint(home)
+    # One plan secret for every run made here: a resident run's reparameterization comes from it,
+    # so an interrupted and an uninterrupted run train the same network.
+    run_dir.mkdir(parents=True, mode=0o700)
+    (run_dir / "plan.secret").write_text(f"{0x5EC2E7:064x}\n")
+    (run_dir / "plan.secret").chmod(0o600)
     allow = home / "allowed"
     allow.write_text("# the two volunteers\n" + "".join(
         f"{load_or_create_identity('node', tmp / f'{tag}-node-{i}', name=f'{tag}-{i}').fingerprint}  # {tag}-{i}\n"

@@ -159,14 +159,29 @@ def enshuffle_cli(*args: str, home: Path, cache: Path | None = None,
                           timeout=timeout, env=process_env(home, cache))
 
 
+def _resident(args: list[str]) -> bool:
+    """Does `enshuffle train` with these arguments run the resident disguise (the default preset's)?"""
+    preset = args[args.index("--preset") + 1] if "--preset" in args else "default"
+    disguise = args[args.index("--disguise") + 1] if "--disguise" in args else None
+    return preset != "seed" and disguise in (None, "resident")
+
+
 def train_wire_and_central(nodes: int, args: list[str], tmp_path: Path, cache: Path):
     """`enshuffle train` with `nodes` node processes and centrally (--nodes 0), same arguments;
-    asserts both succeeded and their final weights agree; returns the two CompletedProcesses."""
-    wire = enshuffle_cli("train", "--nodes", str(nodes), *args, "--save-weights", str(tmp_path / "a.npz"),
+    asserts both succeeded and their final weights agree; returns the two CompletedProcesses.
+    A resident run trains a reparameterized network: its central reference is `--nodes 0
+    --reference RUN_DIR` (its secret and slots), so the wire run keeps a run directory."""
+    extra, reference = [], []
+    if _resident(args):
+        run_dir = args[args.index("--out") + 1] if "--out" in args else str(tmp_path / "run")
+        extra = [] if "--out" in args else ["--out", run_dir]
+        reference = ["--reference", run_dir]
+    wire = enshuffle_cli("train", "--nodes", str(nodes), *args, *extra, "--save-weights", str(tmp_path / "a.npz"),
                          home=tmp_path / "home", cache=cache)
     assert wire.returncode == 0, wire.stderr
-    central = enshuffle_cli("train", "--nodes", "0", *args, "--save-weights", str(tmp_path / "b.npz"),
-                            home=tmp_path / "home", cache=cache)
+    central_args = [a for i, a in enumerate(args) if a != "--out" and (i == 0 or args[i - 1] != "--out")]
+    central = enshuffle_cli("train", "--nodes", "0", *central_args, *reference,
+                            "--save-weights", str(tmp_path / "b.npz"), home=tmp_path / "home", cache=cache)
     assert central.returncode == 0, central.stderr
     assert_same_weights(load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz"))
     return wire, central

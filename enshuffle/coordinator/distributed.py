@@ -620,10 +620,19 @@ class DistributedCompute:
 
     def sync(self, params: dict[str, np.ndarray], opt) -> None:
         """Bring the trainer's w1 (and its momentum) up to date from the nodes: before a test pass
-        and before a model version is written."""
+        and before a model version is written. When the nodes cannot be asked (a stop while none
+        is connected), the states are replayed here from the checkpoints and the logged updates."""
         if self.resident is None or self._resident_home():
             return
-        self._resident_fetch()
+        try:
+            self._resident_fetch()
+        except Exception:  # noqa: BLE001 - the executor's own error (no node, a stop): replay here
+            for s, st in enumerate(self.resident.slots):
+                if st.version != st.checkpoint_version:
+                    self.resident.accept_state(s, self.resident.replay(s), st.version)
+                    changed = getattr(self.executor, "statics_changed", None)
+                    if changed is not None:
+                        changed(s)
         w1, buf = self.resident.clean()
         params["w1"] = w1.astype(params["w1"].dtype)
         opt.moments["buf_w1"] = buf

@@ -434,6 +434,19 @@ class ResidentDisguise:
                 return f"checkpoint {name} R differs from the tracked one by {err:.3e} (bound {tol:.3e})"
         return None
 
+    def replay(self, shard: int) -> np.ndarray:
+        """Slot `shard`'s state at its last issued version, computed here from its checkpoint and
+        the logged updates (what a node would return to a fetch): for writing a model version
+        when no node can be asked, e.g. a stop while every node is gone. Costs the products."""
+        st = self.slots[shard]
+        v, buf = (np.array(a) for a in st.checkpoint)
+        for p in st.log:
+            srows = np.take(st.static, p.rows, axis=0).astype(np.float64)
+            buf *= MOMENTUM
+            buf += srows.T @ p.dz.astype(np.float64)
+            v += p.lr * buf
+        return np.concatenate([v, buf])
+
     def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
         """A checked fetch of every issued update becomes the slot's checkpoint (the probes are
         re-anchored on it); the noise's share E carries on."""
