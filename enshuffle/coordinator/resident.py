@@ -160,6 +160,13 @@ def resident_basis(train: np.ndarray, shards: int, hidden: int, rng: np.random.G
     return ResidentBasis(np.flatnonzero(np.any(train != 0, axis=0)), shards, hidden, rng, clear=clear)
 
 
+def _momentum_step(buf: np.ndarray, value: np.ndarray, g: np.ndarray, lr: float) -> None:
+    """buf = MOMENTUM buf + g; value += lr buf, in place."""
+    buf *= MOMENTUM
+    buf += g
+    value += lr * buf
+
+
 @dataclass
 class Pending:
     """One issued update: state version `version` = version - 1 plus lr * (mu buf + S[rows]^T dz)."""
@@ -191,10 +198,11 @@ class SlotState:
     vr: np.ndarray  # V R (|P_s|, q)
     bufr: np.ndarray  # buf R
     v_bound: float  # an upper bound on ||V||_F (for the checks' rounding bound)
-    drift: float  # an upper bound on how far a float32 node's V may be from the float64 recurrence
+    drift: float  # an upper bound on how far a node's V may be from the coordinator's recurrence
     checkpoint: tuple[np.ndarray, np.ndarray]  # (V, buf) float64 at `version`
     checkpoint_version: int = 0
     version: int = 0  # the version of the last issued update
+    row_norm: float = 0.0  # ||S[rows]||_F of the rows last gathered (the update's bound)
     log: list[Pending] = field(default_factory=list)
 
 
@@ -356,22 +364,20 @@ class ResidentDisguise:
         # H M M^T x^T dz, in one product
         tracked = (gx.T @ sent.astype(gx.dtype, copy=False)).astype(np.float64, copy=False)
         gd = tracked[:r]
-        dz_norm = float(np.linalg.norm(d64))
+        dz_norm = float(np.sqrt(np.einsum("ij,ij->", d64, d64)))
         dz_probes = d64 @ self.slots[0].probes if self.slots else None
         for s, (st, rows) in enumerate(zip(self.slots, self.node_rows(idx))):
             srows = self._static_rows(s, rows)
             st.version += 1
             st.log.append(Pending(version=st.version, rows=rows, dz=sent, lr=float(lr)))
-            # H M g = B x^T dz + B H^T G^T dz,   g R = S^T (dz R)
-            hmg = tracked[r * (s + 1):r * (s + 2)] + st.b2 @ gd
-            st.hmbuf = MOMENTUM * st.hmbuf + hmg
-            st.hmv = st.hmv + lr * st.hmbuf
-            st.ebuf = MOMENTUM * st.ebuf + gd
-            st.e = st.e + lr * st.ebuf
-            st.bufr = MOMENTUM * st.bufr + srows.T @ (dz_probes if st.probes is self.slots[0].probes
-                                                       else d64 @ st.probes)
-            st.vr = st.vr + lr * st.bufr
-            g_bound = float(np.linalg.norm(srows)) * dz_norm
+            # H M g = B x^T dz + B H^T G^T dz,   g R = S^T (dz R); in place (r x h1 each)
+            hmg = tracked[r * (s + 1):r * (s + 2)]
+            hmg += st.b2 @ gd
+            _momentum_step(st.hmbuf, st.hmv, hmg, lr)
+            _momentum_step(st.ebuf, st.e, gd, lr)
+            probes = dz_probes if st.probes is self.slots[0].probes else d64 @ st.probes
+            _momentum_step(st.bufr, st.vr, srows.T @ probes, lr)
+            g_bound = st.row_norm * dz_norm
             st.v_bound += lr * g_bound / (1.0 - MOMENTUM)
             st.drift += lr * EPS64 * g_bound * math.sqrt(srows.shape[0]) / (1.0 - MOMENTUM)
 
@@ -391,6 +397,7 @@ class ResidentDisguise:
             return cached[1]
         srows = np.take(self.slots[shard].static, rows, axis=0).astype(np.float64)
         self._rows_cache[shard] = (rows, srows)
+        self.slots[shard].row_norm = float(np.sqrt(np.einsum("ij,ij->", srows, srows)))
         return srows
 
     # -- checks ---------------------------------------------------------------------
@@ -402,10 +409,10 @@ class ResidentDisguise:
         st = self.slots[shard]
         if y.shape != (rows.shape[0], self.hidden):
             return f"result shape {y.shape}, expected {(rows.shape[0], self.hidden)}"
-        if not np.isfinite(y).all():
-            return "result has NaN or infinite entries"
         srows = self._static_rows(shard, rows)
         diff = y.astype(np.float64) @ st.probes - srows @ st.vr
+        if not np.isfinite(diff).all():  # a NaN or infinity anywhere in y reaches its row of y R
+            return "result has NaN or infinite entries"
         yy = y * y  # the rounding bound in the result's own dtype: it is a bound, not a sum to compare
         rounding = self.eps * np.sqrt((yy @ (st.probes * st.probes).astype(yy.dtype)).astype(np.float64))
         probe_rms = float(np.sqrt(np.mean(st.probes ** 2)))
