@@ -316,8 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", default=None,
                    help="MNIST-format IDX files (default: Fashion-MNIST, then MNIST, then the bundled subset); "
                         "the attacker uses the same public files")
-    p.add_argument("--disguise", choices=["share", "shuffle"], default="share",
-                   help="share: the real disguise; shuffle: the weak permutation + power-of-two control")
+    p.add_argument("--disguise", choices=["resident", "resident-clear", "share", "shuffle"], default=None,
+                   help="resident (the default preset's disguise) or its control resident-clear (no mixing, no "
+                        "noise); share (the seed preset's) or its control shuffle (permutations and powers of two); "
+                        "default: the preset's")
     p.add_argument("--record", metavar="DIR", default=None,
                    help="keep the recording here (default: a temporary directory, removed afterwards)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
