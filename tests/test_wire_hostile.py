@@ -17,6 +17,7 @@ import pytest
 import zmq
 
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
+from enshuffle.coordinator.server import LeasePolicy
 from enshuffle.model import get_preset
 from enshuffle.protocol.messages import Limits, encode
 from wire_util import (InProcessRun, ScriptedNode, assert_same_weights, load_inputs, reference_weights,
@@ -27,6 +28,9 @@ from wire_util import (InProcessRun, ScriptedNode, assert_same_weights, load_inp
 LIMITS = Limits(max_message_bytes=4 << 20)
 EPOCHS = 4  # seed preset: full batch, one step an epoch
 LIMIT = 1000
+# The default first lease (before any result is timed) is 30 s; the held batch below waits one lease.
+# Honest batches here take milliseconds, so a 1 s lease only expires the one the test holds.
+LEASE = LeasePolicy(min_ms=1000, initial_ms=1000)
 
 
 @pytest.fixture
@@ -34,7 +38,7 @@ def cluster(core_data_dir, tmp_path):
     """An in-process coordinator (3 shards), two node processes and the scripted node."""
     preset = get_preset("seed", epochs=EPOCHS, dtype="float64")
     inputs = load_inputs(core_data_dir, preset, LIMIT)
-    run = InProcessRun(preset, inputs, shards=3, min_nodes=3, limits=LIMITS).start(hold_at=1)
+    run = InProcessRun(preset, inputs, shards=3, min_nodes=3, limits=LIMITS, lease=LEASE).start(hold_at=1)
     fp = run.identity.fingerprint
     procs = [spawn_node(tmp_path / f"node-{i}", run.endpoint, fp, f"proc-{i}", tmp_path) for i in (1, 2)]
     scripted = ScriptedNode(run.endpoint, "scripted")

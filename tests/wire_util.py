@@ -234,7 +234,7 @@ class InProcessRun:
 
     def __init__(self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7,
                  limits: Limits | None = None, heartbeat_ms: int = 1000, admission=None, max_sessions: int | None = None,
-                 max_exposure: float | None = None):
+                 max_exposure: float | None = None, lease=None):
         self.preset = preset
         self.state = CoordinatorState()
         self.identity = Identity.generate()
@@ -243,6 +243,8 @@ class InProcessRun:
             extra["admission"] = admission
         if max_sessions is not None:
             extra["max_sessions"] = max_sessions
+        if lease is not None:
+            extra["lease"] = lease
         self.server = CoordinatorServer("tcp://127.0.0.1:*", self.identity, self.state, ExposureLedger(),
                                         heartbeat_ms=heartbeat_ms, log=self._log, max_exposure=max_exposure,
                                         **extra)

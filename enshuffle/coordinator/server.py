@@ -39,6 +39,29 @@ from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Channel, Limits,
 LEASE_MIN_MS = 2000
 LEASE_MULTIPLE = 4.0
 LEASE_INITIAL_MS = 30000
+
+
+@dataclass(frozen=True)
+class LeasePolicy:
+    """How long a node may hold a batch: `initial_ms` until five results have been timed, then
+    `multiple` x the node's p90 seconds per unit of work x the batch's work, at least `min_ms`.
+    WELCOME sends exactly these values."""
+
+    min_ms: int = LEASE_MIN_MS
+    multiple: float = LEASE_MULTIPLE
+    initial_ms: int = LEASE_INITIAL_MS
+
+    def seconds(self, seconds_per_work, work: float) -> float:
+        if len(seconds_per_work) < 5:
+            return self.initial_ms / 1000
+        p90 = sorted(seconds_per_work)[int(0.9 * (len(seconds_per_work) - 1))]
+        return max(self.min_ms / 1000, self.multiple * p90 * work)
+
+    def header(self) -> dict:
+        return {"min_ms": self.min_ms, "multiple": self.multiple, "initial_ms": self.initial_ms}
+
+
+DEFAULT_LEASE = LeasePolicy()
 MAX_PROTOCOL_ERRORS = 50  # malformed/unverifiable messages before a node is evicted (protocol.md section 14)
 WARN_BURST, WARN_WINDOW = 10, 10.0  # per peer: log lines, seconds
 MAX_ATTEMPTS = 5  # a batch rejected this many times aborts the run (lies, departures and leases do not count)
@@ -134,15 +157,13 @@ class Session:
     done: int = 0
     protocol_errors: int = 0
     rate_window: deque = field(default_factory=lambda: deque(maxlen=64))
+    lease: LeasePolicy = DEFAULT_LEASE
 
     def window(self) -> int:
         return min(self.credit, self.want)
 
     def lease_seconds(self, work: float) -> float:
-        if len(self.seconds_per_work) < 5:
-            return LEASE_INITIAL_MS / 1000
-        p90 = sorted(self.seconds_per_work)[int(0.9 * (len(self.seconds_per_work) - 1))]
-        return max(LEASE_MIN_MS / 1000, LEASE_MULTIPLE * p90 * work)
+        return self.lease.seconds(self.seconds_per_work, work)
 
 
 KEEPALIVE_S = 0.1  # keepalive() services the socket at most this often between the coordinator's own work
@@ -156,8 +177,9 @@ class CoordinatorServer:
                  control: CoordinatorControl | None = None, heartbeat_ms: int = 1000, max_credit: int = 2,
                  log: Callable[[str], None] | None = None, context: zmq.Context | None = None,
                  limits: Limits = COORDINATOR_LIMITS, admission=None, max_sessions: int = MAX_SESSIONS,
-                 max_exposure: float | None = None):
+                 max_exposure: float | None = None, lease: LeasePolicy = DEFAULT_LEASE):
         self.identity = identity
+        self.lease = lease  # sent in WELCOME; what every session's leases follow
         self.admission = admission  # enshuffle.coordinator.admission.Admission; None admits everyone
         self.max_sessions = max_sessions
         self.limits = limits  # what a node's message may be (docs/protocol.md section 13)
@@ -637,7 +659,7 @@ class CoordinatorServer:
                 if task.result is None and now > task.deadline and task.session == session.node_id:
                     # The slot stays occupied until the node answers: a stuck node gets no more work.
                     task.session = None
-                    session.stale[task.batch_id] = now + max(LEASE_MIN_MS / 1000, task.deadline - task.sent_at)
+                    session.stale[task.batch_id] = now + max(self.lease.min_ms / 1000, task.deadline - task.sent_at)
                     self.counters["expired"] += 1
                     self.log(f"lease expired: batch {task.batch_id} on {session.label} "
                              f"after {now - task.sent_at:.1f} s; reissuing")
@@ -949,7 +971,7 @@ class CoordinatorServer:
         credit = min(int(header["capabilities"]["credit"]), self.max_credit)
         session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=str(header["name"])[:200],
                           label=label, credit=credit, want=credit, address=address, channel=channel,
-                          admitted=how)
+                          admitted=how, lease=self.lease)
         self.joining[routing_id] = session
         self.reputation.record(key, label, fp)
         start = time.perf_counter()
@@ -957,7 +979,7 @@ class CoordinatorServer:
             "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
             "nonce": header["nonce"], "challenge": pending.challenge, "node_id": node_id, "credit": credit,
             "heartbeat_ms": self.heartbeat_ms,
-            "lease": {"min_ms": LEASE_MIN_MS, "multiple": LEASE_MULTIPLE, "initial_ms": LEASE_INITIAL_MS}},
+            "lease": self.lease.header()},
             signer=self.identity)
         self.crypto_seconds += time.perf_counter() - start
         try:
