@@ -81,21 +81,23 @@ def test_hostile_messages_are_dropped_counted_logged_and_training_finishes(clust
     stranger_channel = Channel(os.urandom(32), os.urandom(32))  # a key nobody in this session holds
 
     label = "scripted"
-    expect_dropped([b"ENS2E", b"RESULT"], "dropped", f"from {label}: bad-frame-count")
-    expect_dropped([b"ENS1", b"RESULT", b"{}", bytes(64)], "dropped", f"from {label}: bad-version")
+    # What does not authenticate under the session key is dropped but never held against the key.
+    unauthenticated = f"on the connection of {label}: "
+    expect_dropped([b"ENS2E", b"RESULT"], "dropped", unauthenticated + "bad-frame-count")
+    expect_dropped([b"ENS1", b"RESULT", b"{}", bytes(64)], "dropped", unauthenticated + "bad-version")
     expect_dropped(ok.seal_parts([b"\x05STEAL\x00\x00\x00\x02{}"]), "dropped", f"from {label}: unknown-command")
     expect_dropped(ok.seal_parts([b"\x06RESULT\x00\x00\x00\x09{not json"]), "dropped", f"from {label}: bad-header")
     expect_dropped(ok.seal_parts([prefix, bytes(10)]), "dropped", f"from {label}: bad-array")  # 32 bytes declared
     expect_dropped(ok.seal("RESULT", {**valid, "batch_id": "no-such-batch", "seq": 10 ** 9}, {"c": c_array}),
                    "dropped", "for unknown batch no-such-batch")
-    expect_dropped(last, "bad_signature", f"from {label}: bad-seal")  # a replayed RESULT: its counter is spent
+    expect_dropped(last, "bad_signature", unauthenticated + "bad-seal")  # a replayed RESULT: its counter is spent
     expect_dropped(stranger_channel.seal("RESULT", valid, {"c": c_array}), "bad_signature",
-                   f"from {label}: bad-seal")  # sealed under another key: does not authenticate
+                   unauthenticated + "bad-seal")  # sealed under another key: does not authenticate
     expect_dropped(encode("HELLO", {"protocol": 2, "node_key": scripted.identity.public_hex, "name": "x",
                                     "nonce": "n", "challenge": "0" * 64, "coordinator_key": "0" * 64,
                                     "run_id": "r", "kx": "0" * 64,
                                     "capabilities": {"ops": [], "threads": 1, "credit": 1}}, signer=scripted.identity),
-                   "dropped", f"from {label}: wrong-kind")  # handshake messages have no place in a session
+                   "dropped", unauthenticated + "wrong-kind")  # handshake messages have no place in a session
     # A peer that never said HELLO: dropped and counted too.
     stranger = scripted.ctx.socket(zmq.DEALER)
     stranger.setsockopt(zmq.LINGER, 0)

@@ -786,13 +786,19 @@ class CoordinatorServer:
             self._warn("unknown peers", f"dropped {msg.command} from a peer without a session")
 
     def _handle_sealed(self, session: Session, body: list) -> None:
+        opened_before = session.channel.received
         try:
             msg = session.channel.open(body, limits=self.limits)
         except ProtocolError as exc:
             self.counters["dropped"] += 1
             if exc.code == "bad-seal":
                 self.counters["bad_signature"] += 1
-            if session.joined:
+            if session.channel.received == opened_before:
+                # It did not authenticate (a replay, a splice, bytes injected on the path, a frame
+                # that is not even sealed): nothing ties it to this key. Dropped, never a strike.
+                self._warn(session.label, f"dropped a message on the connection of {session.label}: {exc}")
+            elif session.joined:
+                # Sealed under the session key, then malformed: only the node could have sent it.
                 self._count_refused(session)
                 self._protocol_error(session, f"dropped a message from {session.label}: {exc}")
             else:
