@@ -64,7 +64,10 @@ class LeasePolicy:
 DEFAULT_LEASE = LeasePolicy()
 MAX_PROTOCOL_ERRORS = 50  # malformed/unverifiable messages before a node is evicted (protocol.md section 14)
 WARN_BURST, WARN_WINDOW = 10, 10.0  # per peer: log lines, seconds
-MAX_ATTEMPTS = 5  # a batch rejected this many times aborts the run (lies, departures and leases do not count)
+# A batch rejected by this many distinct node keys aborts the run: the batch itself is at fault.
+# One key rejecting again and again never aborts it (it gets quarantined: reputation.REJECTS_AFTER);
+# lies, departures and leases never count.
+MAX_ATTEMPTS = 3
 MAX_SESSIONS = 1024  # live + joining sessions; more get REFUSE `busy`
 MAX_PENDING = 1024  # CHALLENGEs awaiting a HELLO (oldest dropped first)
 HANDSHAKE_TIMEOUT = 10.0  # seconds from CHALLENGE to the first sealed message
@@ -125,7 +128,8 @@ class Task:
     seq: int = -1
     sent_at: float = 0.0
     deadline: float = 0.0
-    attempts: int = 0
+    attempts: int = 0  # distinct node keys that rejected it
+    rejected_by: set = field(default_factory=set)
     # node_id -> seq of the copy that node was sent: a re-issue gives the batch a new seq, and the
     # first holder's late answer must still match its own copy (to free its slot, counted `expired`).
     seq_by_node: dict[str, int] = field(default_factory=dict)
@@ -502,8 +506,9 @@ class CoordinatorServer:
                 self.state.nodes.pop(session.label, None)
 
     def _reissue(self, task: Task, previous: Session | None, why: str, counts: bool = True) -> None:
-        """Send `task` again. Only rejections count toward MAX_ATTEMPTS: a node that leaves,
-        vanishes, runs out its lease or lies (it gets itself quarantined) never makes the run abort."""
+        """Send `task` again. Only rejections by distinct keys count toward MAX_ATTEMPTS: a node that
+        leaves, vanishes, runs out its lease, lies or rejects again and again (it gets itself
+        quarantined) never makes the run abort."""
         self._dirty = True
         if counts:
             task.attempts += 1
@@ -514,8 +519,8 @@ class CoordinatorServer:
                 if row is not None:
                     row.reissued += 1
         if task.attempts >= MAX_ATTEMPTS:
-            raise TrainingAborted(f"batch {task.batch_id} ({task.batch.op}) failed {task.attempts} times, "
-                                  f"last because {why}; check the nodes' logs")
+            raise TrainingAborted(f"batch {task.batch_id} ({task.batch.op}) was rejected by {task.attempts} "
+                                  f"different nodes, last because {why}; check the nodes' logs")
         self.scheduler.reissue(task, previous)
 
     # -- the poll loop -------------------------------------------------------------------
@@ -935,8 +940,8 @@ class CoordinatorServer:
                                      f"coordinator's --allow file, or for an invite code (enshuffle invite)")
         elif self.reputation.is_quarantined(key):
             rec = self.reputation.records[key]
-            refuse = ("quarantined", f"this node's key is quarantined for this run after {rec.lies} wrong results "
-                                     f"(last: {rec.reason[:200]}); ask the operator to re-admit it")
+            refuse = ("quarantined", f"this node's key is quarantined for this run ({rec.lies} wrong results; "
+                                     f"last: {rec.reason[:200]}); ask the operator to re-admit it")
         else:
             caps = header["capabilities"]
             ops = caps.get("ops") if isinstance(caps, dict) else None
@@ -1079,8 +1084,10 @@ class CoordinatorServer:
     def _quarantine(self, session: Session) -> None:
         rec = self.reputation.records[session.key]
         self.counters["quarantined"] += 1
+        why = f"{rec.lies} wrong results" if rec.lies >= self.reputation.quarantine_after else \
+            f"{rec.rejects} rejected batches in a row"
         self.log(f"quarantined node {session.label} ({short_fingerprint(session.fingerprint)}) for this run after "
-                 f"{rec.lies} wrong results ({rec.summary()}); its shards move to other nodes. Re-admit it with "
+                 f"{why} ({rec.summary()}); its shards move to other nodes. Re-admit it with "
                  f"`a` on its row in the console or SIGHUP")
         self._send(session, "BYE", {"node_id": session.node_id, "reason": "quarantined"})
         self._end_session(session, "quarantined")
@@ -1131,17 +1138,19 @@ class CoordinatorServer:
     def _on_reject(self, session: Session, msg) -> None:
         self.counters["rejected"] += 1
         self._count_refused(session)
-        self.reputation.refused(session.key, "rejected")  # the node said it could not: not a lie
         code, text = msg.header.get("code"), msg.header.get("text")
+        code_text = f"{str(code)[:40]}: {str(text)[:200]}"
         if msg.header.get("batch_id") is None and code in ("too-large", "compute-error"):
             # It cannot store a static operand, so it cannot serve any shard of this run.
-            self.log(f"node {session.label} cannot store its static operands ({code}: {text}); "
+            self.reputation.rejected(session.key, str(code), str(text))
+            self.log(f"node {session.label} cannot store its static operands ({code_text}); "
                      f"evicting it from this run")
             self._send(session, "BYE", {"node_id": session.node_id, "reason": "evicted"})
             self.banned.add(session.key)
             self._end_session(session, "it cannot store its static operands")
             return
-        self._warn(session.label, f"node {session.label} rejected batch {msg.header.get('batch_id')}: {code}: {text}")
+        self._warn(session.label, f"node {session.label} rejected batch {str(msg.header.get('batch_id'))[:40]}: "
+                                  f"{code_text}")
         task = self._task_for(session, msg, "REJECT") if msg.header.get("batch_id") else None
         if task is None:
             return
@@ -1149,9 +1158,15 @@ class CoordinatorServer:
         session.stale.pop(task.batch_id, None)
         if code == "unknown-static":
             session.shards_held.discard(task.batch.shard)
+        quarantine = self.reputation.rejected(session.key, str(code), str(text))
         if task.session == session.node_id and task.result is None:
             task.session = None
-            self._reissue(task, session, f"a node rejected it ({code})")
+            # Counted once per key: only several nodes refusing the same batch say the batch is bad.
+            counts = session.key not in task.rejected_by
+            task.rejected_by.add(session.key)
+            self._reissue(task, session, f"a node rejected it ({code_text})", counts=counts)
+        if quarantine and session.node_id in self.sessions:
+            self._quarantine(session)
 
     def _on_heartbeat(self, session: Session, msg) -> None:
         want = int(msg.header.get("credit", session.credit))

@@ -1,0 +1,55 @@
+"""Admitted nodes that misbehave inside a valid session (their own key, sealed correctly): they
+may cost the run some work, never stop it. Each test plays one such node (`ScriptedNode`, a real
+DEALER on 127.0.0.1 with its own key) beside real `enshuffle node` processes and ends with the
+centralized model."""
+
+from __future__ import annotations
+
+from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
+from wire_util import (InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs,
+                       reference_weights, spawn_node, wait_until)
+
+from enshuffle.coordinator.reputation import REJECTS_AFTER
+from enshuffle.coordinator.server import LeasePolicy
+
+
+class RejectingNode(ScriptedNode):
+    """Takes its statics, then answers every BATCH with REJECT (a valid code, a valid seal)."""
+
+    def _handle(self, msg):
+        if msg.command == "BATCH":
+            h = msg.header
+            self.sign_and_send("REJECT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
+                                          "code": "compute-error", "text": "no"})
+            self.rejected = getattr(self, "rejected", 0) + 1
+            return
+        super()._handle(msg)
+
+
+def test_a_node_rejecting_every_batch_is_quarantined_and_the_run_finishes(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    expected = reference_weights(preset, inputs)
+    # Two slots and two nodes: under the exposure bound neither may take the other's block, so each
+    # rejected batch can only go back to the node that rejected it (what used to abort the run).
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=2).start()
+    liar = RejectingNode(run.endpoint, "rejecter")
+    procs = []
+    try:
+        liar.hello()
+        procs.append(spawn_node(tmp_path / "h1", run.endpoint, run.identity.fingerprint, "honest-1", tmp_path))
+        liar.serve_until(lambda: run.logged("quarantined node rejecter") or run.done.is_set(), 60,
+                         "the rejecting node to be quarantined", on_timeout=run.describe)
+        assert run.error is None, f"the run was aborted: {run.error!r}"
+        assert liar.rejected == REJECTS_AFTER, liar.rejected
+        # Its block waits for a node the bound allows; a newcomer takes it and the run goes on.
+        procs.append(spawn_node(tmp_path / "h2", run.endpoint, run.identity.fingerprint, "honest-2", tmp_path))
+        weights = run.finish(120)
+    finally:
+        run.close()
+        liar.close()
+        for p in procs:
+            p.stop()
+    assert run.server.counters["rejected"] == REJECTS_AFTER
+    assert run.server.counters["quarantined"] == 1
+    assert_same_weights(weights, expected)
