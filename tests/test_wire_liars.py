@@ -53,3 +53,50 @@ def test_a_node_rejecting_every_batch_is_quarantined_and_the_run_finishes(core_d
     assert run.server.counters["rejected"] == REJECTS_AFTER
     assert run.server.counters["quarantined"] == 1
     assert_same_weights(weights, expected)
+
+
+class WithholdingNode(ScriptedNode):
+    """Answers every batch but the ones `hold_next` names, heartbeats on, and notes a BYE."""
+
+    bye = None
+
+    def _handle(self, msg):
+        if msg.command == "BYE":
+            self.bye = msg
+            return
+        super()._handle(msg)
+
+
+def test_a_withheld_result_cannot_freeze_the_run(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    expected = reference_weights(preset, inputs)
+    # Two slots, two nodes: no other node may take the withholder's block (exposure bound), so its
+    # re-issued batch can only go back to it, behind the copy it keeps. Credit 2: one batch held
+    # leaves its window half free, which the stuck check used to wait for.
+    lease = LeasePolicy(min_ms=1000, initial_ms=1000)
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=2, lease=lease).start(hold_at=1)
+    node = WithholdingNode(run.endpoint, "withholder")
+    honest = None
+    try:
+        node.hello()
+        honest = spawn_node(tmp_path / "h", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
+        node.serve_until(run.held, 60, "step 1", on_timeout=run.describe)
+        node.hold_next(1)
+        run.hold_at(-1)
+        node.serve_until(lambda: node.bye is not None, 30, "the withholder's session to be ended",
+                         on_timeout=run.describe)
+        assert node.bye.header["reason"] == "stuck"
+        assert run.logged("stuck:"), run.describe()
+        assert len(node.held) == 1
+        node.held.clear()
+        node.hello()  # as the real daemon does after a BYE that is not final: a new session
+        node.serve_until(run.done.is_set, 60, "training to finish", on_timeout=run.describe)
+        weights = run.finish()
+    finally:
+        run.close()
+        node.close()
+        if honest is not None:
+            honest.stop()
+    assert run.server.counters["expired"] >= 1
+    assert_same_weights(weights, expected)

@@ -669,12 +669,13 @@ class CoordinatorServer:
                     self.log(f"lease expired: batch {task.batch_id} on {session.label} "
                              f"after {now - task.sent_at:.1f} s; reissuing")
                     self._reissue(task, session, "its lease expired", counts=False)
-            # A node that answers neither the expired batch nor anything else for another lease
-            # period is stuck (alive for heartbeats, not computing): end its session, so its work
-            # can go elsewhere, or to its next session if it recovers.
+            # A node that has not answered an expired batch for another lease period is stuck or
+            # withholding it (alive for heartbeats, answering other batches or none): end its
+            # session, so its work can go elsewhere, or to its next session if it recovers. Its
+            # copy of the batch holds a slot until then, and a re-issue to it would wait behind it.
             stuck_at = min(session.stale.values(), default=None)
-            if session.node_id in self.sessions and stuck_at is not None and now > stuck_at and \
-                    len(session.outstanding) >= session.window():
+            if session.node_id in self.sessions and stuck_at is not None and now > stuck_at:
+                self._send(session, "BYE", {"node_id": session.node_id, "reason": "stuck"})
                 self._end_session(session, "stuck: a batch whose lease expired has had no answer for another lease")
                 continue
             if now - session.last_sent > self.heartbeat_ms / 1000:
