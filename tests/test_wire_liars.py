@@ -84,10 +84,9 @@ def test_a_withheld_result_cannot_freeze_the_run(core_data_dir, tmp_path):
         node.serve_until(run.held, 60, "step 1", on_timeout=run.describe)
         node.hold_next(1)
         run.hold_at(-1)
-        node.serve_until(lambda: node.bye is not None, 30, "the withholder's session to be ended",
-                         on_timeout=run.describe)
+        node.serve_until(lambda: node.bye is not None and run.logged("stuck:"), 30,
+                         "the withholder's session to be ended", on_timeout=run.describe)
         assert node.bye.header["reason"] == "stuck"
-        assert run.logged("stuck:"), run.describe()
         assert len(node.held) == 1
         node.held.clear()
         node.hello()  # as the real daemon does after a BYE that is not final: a new session
@@ -99,4 +98,42 @@ def test_a_withheld_result_cannot_freeze_the_run(core_data_dir, tmp_path):
         if honest is not None:
             honest.stop()
     assert run.server.counters["expired"] >= 1
+    assert_same_weights(weights, expected)
+
+
+def test_unsolicited_results_cost_no_decryption_and_count_where_attributable(core_data_dir, tmp_path):
+    import numpy as np
+
+    from enshuffle.coordinator.server import MAX_PROTOCOL_ERRORS
+
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    expected = reference_weights(preset, inputs)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start(hold_at=2)
+    honest = spawn_node(tmp_path / "h", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
+    liar = ScriptedNode(run.endpoint, "unsolicited")
+    try:
+        run.wait_held()
+        liar.hello()
+        liar.serve_until(lambda: run.row("unsolicited") and run.row("unsolicited").state != "joining", 10,
+                         "the liar to join", on_timeout=run.describe)
+        header = {"run_id": run.server.run_id, "batch_id": "0.1", "seq": 1, "compute_seconds": 0.0}
+        big = np.zeros((512, 512))  # 2 MiB: no batch of this run was ever asked of it
+        for _ in range(20):
+            liar.sign_and_send("RESULT", header, {"c": big})
+        liar.serve_until(lambda: run.server.counters["oversize"] >= 20, 20, "the big RESULTs to be dropped",
+                         on_timeout=run.describe)
+        session = next(s for s in run.server.sessions.values() if s.label == "unsolicited")
+        assert session.channel.received == 0, "a RESULT nobody asked for was decrypted"  # only its first HEARTBEAT
+        assert run.row("unsolicited").refused == 0  # not opened, so not attributed
+        # Small enough to open: sealed under its key, for a batch never sent to it: a strike each.
+        for i in range(MAX_PROTOCOL_ERRORS):
+            liar.sign_and_send("RESULT", {**header, "batch_id": f"no-such-{i}"}, {"c": np.zeros((2, 2))})
+        liar.serve_until(lambda: [x for x in run.logged("node unsolicited (") if "left: evicted" in x], 20, "the liar to be evicted",
+                         on_timeout=run.describe)
+        weights = run.finish(120)
+    finally:
+        run.close()
+        liar.close()
+        honest.stop()
     assert_same_weights(weights, expected)

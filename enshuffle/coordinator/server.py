@@ -33,8 +33,8 @@ from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, No
 from enshuffle.coordinator.verify import StaticNorms, check_matmul, check_replica
 from enshuffle.protocol.handshake import Pending, check_hello, make_challenge
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
-from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Channel, Limits, ProtocolError, decode, encode,
-                                         inner_parts)
+from enshuffle.protocol.messages import (COUNTER_BYTES, OPS, PREFIX_BYTES, PROTOCOL_VERSION, TAG_BYTES, Channel,
+                                         Limits, ProtocolError, decode, encode, inner_parts)
 
 LEASE_MIN_MS = 2000
 LEASE_MULTIPLE = 4.0
@@ -79,6 +79,8 @@ SWEEP_S = 0.05  # the longest pump() goes without visiting every session (leases
 # A coordinator receives RESULTs (a block of at most samples x hidden units) and small messages: it
 # has no use for 1 GiB messages, so libzmq drops bigger frames before buffering them.
 COORDINATOR_LIMITS = Limits(max_message_bytes=256 << 20)
+# A sealed frame around a RESULT: envelope, counter, tag, command byte and name, header length.
+SEALED_OVERHEAD = PREFIX_BYTES + COUNTER_BYTES + TAG_BYTES + 1 + len("RESULT") + 4
 
 
 class StepAbandoned(RuntimeError):
@@ -133,6 +135,7 @@ class Task:
     # node_id -> seq of the copy that node was sent: a re-issue gives the batch a new seq, and the
     # first holder's late answer must still match its own copy (to free its slot, counted `expired`).
     seq_by_node: dict[str, int] = field(default_factory=dict)
+    result_bytes: int = 0  # what its RESULT's array takes: a bigger sealed frame is not opened
 
 
 @dataclass
@@ -237,7 +240,7 @@ class CoordinatorServer:
         self.finished = False
         self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0,
                          "wrong": 0, "refused": 0, "declined": 0, "handshakes": 0, "challenges": 0,
-                         "quarantined": 0}
+                         "quarantined": 0, "oversize": 0}
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiting_logged = False
@@ -373,6 +376,8 @@ class CoordinatorServer:
         static_cols = self.static_arrays(batch.shard)[name].shape[1] if name else 0
         task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
                     work=batch_work(batch), shape=expected_shape(batch, static_cols))
+        dtype = batch.arrays["b" if "b" in batch.arrays else "a"].dtype
+        task.result_bytes = int(np.prod(task.shape)) * dtype.itemsize
         self._tasks[task.batch_id] = task
         self.scheduler.enqueue(task)
         self._dirty = False
@@ -791,7 +796,22 @@ class CoordinatorServer:
             self.counters["dropped"] += 1
             self._warn("unknown peers", f"dropped {msg.command} from a peer without a session")
 
+    def _largest_expected(self, session: Session) -> int:
+        """The largest sealed frame this node may send now: a RESULT for the biggest batch it holds
+        (header at its limit), else a message without arrays (HEARTBEAT, REJECT, BYE)."""
+        largest = max((t.result_bytes for t in session.outstanding.values()), default=0)
+        return SEALED_OVERHEAD + self.limits.max_header_bytes + largest
+
     def _handle_sealed(self, session: Session, body: list) -> None:
+        size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in body)
+        if size > self._largest_expected(session):
+            # Nothing asked of this node needs a frame this big: not opened (no decryption), and not
+            # held against the key, since nothing shows the key sealed it.
+            self.counters["dropped"] += 1
+            self.counters["oversize"] += 1
+            self._warn(session.label, f"dropped a {size}-byte message on the connection of {session.label} unopened: "
+                                      f"larger than anything asked of it ({self._largest_expected(session)} bytes)")
+            return
         opened_before = session.channel.received
         try:
             msg = session.channel.open(body, limits=self.limits)
@@ -1024,14 +1044,18 @@ class CoordinatorServer:
     def _task_for(self, session: Session, msg, what: str) -> Task | None:
         batch_id, seq = msg.header.get("batch_id"), msg.header.get("seq")
         task = session.outstanding.get(batch_id) if batch_id is not None else None
+        # Sealed under this session's key: only the node could have sent it, so it counts against it.
         if msg.header.get("run_id") != self.run_id:
             self.counters["dropped"] += 1
-            self._warn(session.label, f"dropped {what} from {session.label}: it is for run "
-                                      f"{msg.header.get('run_id')!r}, not this run")
+            self._count_refused(session)
+            self._protocol_error(session, f"dropped {what} from {session.label}: it is for run "
+                                          f"{str(msg.header.get('run_id'))[:80]!r}, not this run")
             return None
         if task is None or task.seq_by_node.get(session.node_id) != seq:
             self.counters["dropped"] += 1
-            self._warn(session.label, f"dropped {what} from {session.label} for unknown batch {batch_id} (seq {seq})")
+            self._count_refused(session)
+            self._protocol_error(session, f"dropped {what} from {session.label} for unknown batch "
+                                          f"{str(batch_id)[:80]} (seq {seq}): never sent to it")
             return None
         return task
 
