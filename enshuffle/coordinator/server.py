@@ -74,7 +74,7 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds from CHALLENGE to the first sealed message
 REFUSE_INTERVAL = 10.0  # at most one REFUSE per routing id per this many seconds ...
 HANDSHAKE_REPLIES_PER_S = 200  # ... and at most this many CHALLENGE/REFUSE replies per second in all
 ZERO_COPY_BYTES = 64 * 1024
-RECEIVE_HWM = 64  # messages queued per connection before libzmq stops reading it
+RECEIVE_HWM = 8  # messages queued per connection before libzmq stops reading it (credit 2 + a few)
 SWEEP_S = 0.05  # the longest pump() goes without visiting every session (leases, silence, heartbeats)
 # A coordinator receives RESULTs (a block of at most samples x hidden units) and small messages: it
 # has no use for 1 GiB messages, so libzmq drops bigger frames before buffering them.
@@ -205,8 +205,10 @@ class CoordinatorServer:
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
         # At most RCVHWM messages wait per connection (then libzmq stops reading that peer's TCP
         # stream): an honest node has at most credit + a few in flight; a flooding stranger's
-        # backlog stays small instead of the default 1,000 messages.
-        self.sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        # backlog stays small instead of the default 1,000 messages. With MAXMSGSIZE this bounds
+        # what one connection can make libzmq hold: RCVHWM x MAXMSGSIZE, authenticated or not
+        # (except an unfinished multi-part message: docs/protocol.md section 16).
+        self.sock.setsockopt(zmq.RCVHWM, max(RECEIVE_HWM, 2 * max_credit + 4))
         # No libzmq (ZMTP) heartbeats: with them, a peer that floods a connection until libzmq
         # stops reading it makes libzmq abort the whole process (`Assertion failed: !_io_error`,
         # stream_engine_base.cpp; libzmq issues 3937, 4364, 4767), as scripts/fuzz_load.py did.

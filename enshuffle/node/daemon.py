@@ -94,7 +94,11 @@ def default_max_memory() -> int:
         ram = 4 << 30
     return min(512 << 20, max(64 << 20, ram // 4))
 
-RECEIVE_HWM = 64               # messages libzmq queues for this node before it stops reading
+# Messages libzmq queues for this node before it stops reading the connection (backpressure, no
+# loss): the daemon drains them into its own queue, which --max-memory bounds, so a few suffice.
+# With MAXMSGSIZE (see `receive_limit`) it bounds what one peer can make libzmq hold, before any
+# CHALLENGE as after.
+RECEIVE_HWM = 8
 MAX_HEARTBEAT_MS = 600_000    # a WELCOME asking for more (or < 1) is refused: libzmq takes an int
 MAX_RUNS_REMEMBERED = 64       # runs whose last accepted seq the daemon keeps (replay protection)
 
@@ -485,10 +489,17 @@ class NodeDaemon:
         else:
             self._drops_unlogged += 1
 
+    def receive_limit(self) -> int:
+        """The largest frame this node could ever accept: a BATCH or STATIC no bigger than
+        --max-memory (its header at the header limit) and never above the protocol limit. libzmq
+        drops a connection that sends a bigger frame before buffering it."""
+        overhead = 64 + self.limits.max_header_bytes
+        return min(self.limits.max_message_bytes, self.max_memory + overhead)
+
     def _new_socket(self, ctx: zmq.Context) -> zmq.Socket:
         sock = ctx.socket(zmq.DEALER)  # a fresh routing id per session (spec 6.2)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.receive_limit())
         # At most this many messages wait in libzmq before it stops reading (backpressure): a
         # coordinator sends at most credit BATCHes, its statics and a heartbeat a second.
         sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)

@@ -1,0 +1,54 @@
+"""A hostile coordinator (or an impostor at the node's --connect address) against a real
+`enshuffle node` process: a raw ROUTER on 127.0.0.1 in the test, saying whatever it likes. The
+volunteer's machine must come out of it with its memory bounded and the node still running."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import zmq
+
+from wire_util import spawn_node, wait_until
+
+MIB = 1 << 20
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def hostile_router() -> tuple[zmq.Context, zmq.Socket, str]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("tcp://127.0.0.1:*")
+    return ctx, sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def next_hi(sock: zmq.Socket, timeout: float = 30) -> bytes:
+    """The routing id of the next connection that says something (a node's HI)."""
+    frames = wait_until(lambda: sock.poll(100) and sock.recv_multipart(), timeout, "a HI")
+    return frames[0]
+
+
+def test_a_frame_bigger_than_max_memory_is_refused_by_libzmq_before_any_challenge(tmp_path):
+    ctx, sock, endpoint = hostile_router()
+    node = spawn_node(tmp_path / "node", endpoint, None, "victim", tmp_path, "--max-memory", "64M",
+                      "--keep-running")
+    try:
+        big = bytes(200 * MIB)  # one frame, far above what a 64 MiB node could ever accept
+        for _ in range(2):
+            routing_id = next_hi(sock)
+            sock.send_multipart([routing_id, big], copy=False)
+        next_hi(sock)  # it came back: still running, and the frames did not stop it
+        assert node.alive(), node.describe()
+        peak = peak_rss_mib(node.pid)
+    finally:
+        node.stop()
+        sock.close(0)
+        ctx.term()
+    # A node process is about 60-90 MiB; holding one of those frames alone would add 200.
+    assert peak < 200, f"the node's peak RSS was {peak:.0f} MiB"
