@@ -52,3 +52,34 @@ def test_a_frame_bigger_than_max_memory_is_refused_by_libzmq_before_any_challeng
         ctx.term()
     # A node process is about 60-90 MiB; holding one of those frames alone would add 200.
     assert peak < 200, f"the node's peak RSS was {peak:.0f} MiB"
+
+
+def test_an_impostors_challenge_for_another_protocol_does_not_end_a_pinned_keep_running_node(tmp_path):
+    from enshuffle.protocol.keys import Identity
+    from enshuffle.protocol.messages import decode, encode
+
+    ctx, sock, endpoint = hostile_router()
+    pinned = Identity.generate()  # the coordinator the node trusts; the impostor holds another key
+    impostor = Identity.generate()
+    node = spawn_node(tmp_path / "node", endpoint, pinned.fingerprint, "victim", tmp_path, "--keep-running")
+    try:
+        answered = 0
+        while answered < 2:
+            frames = wait_until(lambda: sock.poll(100) and sock.recv_multipart(), 30, "a HI")
+            hi = decode(frames[1:])
+            if hi.command != "HI":
+                assert hi.command == "DECLINE", hi.command  # it refused the impostor's key
+                continue
+            answered += 1
+            sock.send_multipart([frames[0], *encode("CHALLENGE", {
+                "protocol": 3, "coordinator_key": impostor.public_hex, "run_id": "r", "challenge": "0" * 64,
+                "nonce": hi.header["nonce"], "kx": "0" * 64}, signer=impostor)])
+        # It came back for a second HI after the first CHALLENGE: the pin was checked first, and
+        # under --keep-running even a key mismatch only makes it back off.
+        assert node.alive(), node.describe()
+        assert "--coordinator-key pins" in node.err() and "trying again later" in node.err(), node.err()
+        assert "version-mismatch" not in node.err(), node.err()
+    finally:
+        node.stop()
+        sock.close(0)
+        ctx.term()

@@ -31,7 +31,7 @@ from enshuffle.coordinator.reputation import Reputation
 from enshuffle.coordinator.scheduling import Scheduler
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, NodeRow
 from enshuffle.coordinator.verify import StaticNorms, check_matmul, check_replica
-from enshuffle.protocol.handshake import Pending, check_hello, make_challenge
+from enshuffle.protocol.handshake import Pending, check_hello, frame_digest, make_challenge
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
 from enshuffle.protocol.messages import (COUNTER_BYTES, OPS, PREFIX_BYTES, PROTOCOL_VERSION, TAG_BYTES, Channel,
                                          Limits, ProtocolError, decode, encode, inner_parts)
@@ -789,9 +789,9 @@ class CoordinatorServer:
         except (zmq.ZMQError, AttributeError):
             address = ""
         if msg.command == "HI":
-            self._on_hi(routing_id, msg)
+            self._on_hi(routing_id, msg, body[0].buffer)
         elif msg.command == "HELLO":
-            self._on_hello(routing_id, msg, address)
+            self._on_hello(routing_id, msg, address, body[0].buffer)
         elif msg.command == "DECLINE":
             self._on_decline(routing_id, msg, address)
         else:
@@ -892,13 +892,15 @@ class CoordinatorServer:
                 break
             del self._refused_at[routing_id]
 
-    def _on_hi(self, routing_id: bytes, msg) -> None:
+    def _on_hi(self, routing_id: bytes, msg, frame=b"") -> None:
         """HI: answer one CHALLENGE per routing id, within the global reply budget."""
         if routing_id in self.pending:
             self.counters["dropped"] += 1
             return
         if msg.header["protocol"] != PROTOCOL_VERSION:
-            self._refuse(routing_id, msg.header["nonce"], "version-mismatch",
+            # HI is unsigned: the REFUSE names the exact bytes received, not the node's nonce, so
+            # a HI rewritten on the way makes the node retry, never give up.
+            self._refuse(routing_id, frame_digest(frame), "version-mismatch",
                          f"this coordinator speaks protocol {PROTOCOL_VERSION}; upgrade enshuffle")
             return
         if not self._reply_allowed():
@@ -926,7 +928,7 @@ class CoordinatorServer:
                                f"{short_fingerprint(self.identity.fingerprint)} ({msg.header['code']}): "
                                f"{msg.header['text'][:300]}")
 
-    def _on_hello(self, routing_id: bytes, msg, address: str = "") -> None:
+    def _on_hello(self, routing_id: bytes, msg, address: str = "", frame=b"") -> None:
         pending = self.pending.pop(routing_id, None)
         header = msg.header
         if pending is None:
@@ -943,7 +945,9 @@ class CoordinatorServer:
             self.crypto_seconds += time.perf_counter() - start
             self.counters["bad_signature"] += 1
             self._warn("unknown peers", f"refused a HELLO from {address or 'unknown'}: {exc.detail}")
-            self._refuse(routing_id, header.get("nonce"), "bad-hello", exc.detail)
+            # Unverified: bound to the exact bytes received (a HELLO altered on the way is refused
+            # under a digest the node does not recognise, so it retries).
+            self._refuse(routing_id, frame_digest(frame), "bad-hello", exc.detail)
             return
         self.crypto_seconds += time.perf_counter() - start
         self.counters["handshakes"] += 1

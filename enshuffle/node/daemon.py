@@ -21,7 +21,8 @@ Exit statuses of `NodeDaemon.run()`:
      or an unusable trust file); the node sends one DECLINE (so the operator reads "refused
      our key") and nothing else;
 * 4  the coordinator refused us for good: REFUSE `version-mismatch` / `not-allowed` /
-     `bad-hello` / `quarantined`, or BYE `evicted` / `protocol-error` / `quarantined`;
+     `bad-hello` / `quarantined` naming our verified HELLO, or BYE `evicted` / `protocol-error` /
+     `quarantined`; under --keep-running (exit_on_finish false) 3 and 4 back off and retry instead;
 * 5  no coordinator answered for `give_up_after` seconds (GIVE_UP_S unless --keep-running,
      which retries for ever); the last line says whether the address does not resolve,
      nothing listens there, it is unreachable, or something listens but never answers HELLO.
@@ -52,7 +53,7 @@ from enshuffle.kernels import OPS, BatchError, Workspace, aligned, compute_batch
 from enshuffle.fpenv import flushing
 from enshuffle.node.policy import Policy
 from enshuffle.node.state import NodeControl, NodeState
-from enshuffle.protocol.handshake import NodeHandshake
+from enshuffle.protocol.handshake import DIGEST_PREFIX, NodeHandshake
 from enshuffle.protocol.keys import (FingerprintMismatch, Identity, KeyStoreError, TrustStore,
                                      fingerprint, normalize_fingerprint, short_fingerprint)
 from enshuffle.protocol.messages import (DEFAULT_LIMITS, PROTOCOL_VERSION, Channel, Limits, Message, ProtocolError,
@@ -478,6 +479,16 @@ class NodeDaemon:
         self._say(f"error: {message}")
         return _SessionEnd(status)
 
+    def _final(self, status: int, connection: str, reason: str, message: str) -> _SessionEnd:
+        """A verdict that ends this node, except under --keep-running (exit_on_finish false): a
+        long-lived volunteer daemon says so loudly and backs off instead, so nothing said on the
+        wire can end it for good."""
+        if self.exit_on_finish:
+            return self._fatal(status, connection, reason, message)
+        self._set(connection=connection, reason=reason, current_op="")
+        self._say(f"error: {message}; --keep-running: trying again later")
+        return _SessionEnd(None)
+
     def _drop(self, what: str) -> None:
         """Count a dropped message; log at most one line a second (a flood must not flood logs)."""
         self.dropped += 1
@@ -586,11 +597,8 @@ class NodeDaemon:
         """Check the coordinator's key BEFORE saying who we are: a key we do not trust gets one
         DECLINE (so its operator reads "refused our key") and this node stops."""
         try:
-            key = hs.check_challenge(msg)
+            key = hs.check_challenge(msg, version=False)  # the key is checked before its protocol
         except ProtocolError as exc:
-            if exc.code == "version-mismatch":
-                raise self._fatal(EXIT_REFUSED, "refused", "refused: version-mismatch",
-                                  f"coordinator {self.connect}: {exc.detail}; upgrade enshuffle") from None
             self._drop(f"CHALLENGE ({exc})")
             return False
         fp = fingerprint(key)
@@ -600,11 +608,15 @@ class NodeDaemon:
             self._set(coordinator_fingerprint=fp)
             self._decline(sock, hs, "untrusted-key",
                           f"node {self.name} expects coordinator key {exc.expected}, this coordinator presented {fp}")
-            raise self._fatal(EXIT_TRUST, "refused", "refused: coordinator fingerprint mismatch",
+            raise self._final(EXIT_TRUST, "refused", "refused: coordinator fingerprint mismatch",
                               str(exc)) from None
         except KeyStoreError as exc:
             self._decline(sock, hs, "trust-store", f"node {self.name} cannot read its trust store")
             raise self._fatal(EXIT_TRUST, "refused", "refused: trust store unusable", str(exc)) from None
+        if msg.header["protocol"] != PROTOCOL_VERSION:
+            raise self._final(EXIT_REFUSED, "refused", "refused: version-mismatch",
+                              f"coordinator {self.connect} speaks protocol {msg.header['protocol']!r:.20}, this node "
+                              f"{PROTOCOL_VERSION}; upgrade enshuffle")
         self._trust = trust
         self._send_frames(sock, hs.hello(msg))
         return True
@@ -663,12 +675,16 @@ class NodeDaemon:
         except ProtocolError as exc:
             self._drop(f"an unverifiable REFUSE ({exc})")
             return
-        if h.get("nonce") not in (None, nonce):
+        named = h.get("nonce")
+        digest = isinstance(named, str) and named.startswith(DIGEST_PREFIX)
+        if named not in (None, nonce) and not digest:
             self._drop("a REFUSE for another HELLO (nonce differs)")
             return
-        # A REFUSE without our nonce may be a recording of an old one: it can never end this
-        # node for good, only make it back off and try again (as `busy` does).
-        bound = h.get("nonce") == nonce
+        # A REFUSE without our nonce may be a recording of an old one, and one naming a digest
+        # refuses bytes the coordinator could not verify (ours only if the digest is of exactly
+        # what we sent): unless it names our verified HELLO, it can never end this node for good,
+        # only make it back off and try again (as `busy` does).
+        bound = named == nonce or (digest and named in hs.sent_digests)
         fp = fingerprint(key)
         # Like a WELCOME, a REFUSE counts only from the coordinator we would trust: a stranger
         # must not be able to make this node give up (spec 6.5).
@@ -686,7 +702,7 @@ class NodeDaemon:
                       f"({code}): {text}; trying again later")
             raise _SessionEnd(None)
         if code in FINAL_REFUSALS:
-            raise self._fatal(EXIT_REFUSED, "refused", f"refused: {code}",
+            raise self._final(EXIT_REFUSED, "refused", f"refused: {code}",
                               f"coordinator {self.connect} refused this node ({code}): {text}")
         if code == "run-finished" and self.exit_on_finish:
             self._say(f"coordinator {self.connect}: the run has finished ({text})")
@@ -796,7 +812,7 @@ class NodeDaemon:
     def _coordinator_bye(self, s: _Session, msg: Message) -> None:
         reason = msg.header["reason"]
         if reason in FINAL_BYES:
-            raise self._fatal(EXIT_REFUSED, "refused", f"refused: {reason}",
+            raise self._final(EXIT_REFUSED, "refused", f"refused: {reason}",
                               f"coordinator {self.connect} ended this node's session ({reason})")
         if reason == "run-finished" and self.exit_on_finish:
             self._say(f"coordinator {self.connect}: the run has finished")
