@@ -352,9 +352,8 @@ class ScriptedNode:
         self.name = name
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.endpoint = endpoint
+        self.sock = self._socket()
         self.statics: dict[str, np.ndarray] = {}
         self.results: list[list] = []  # frames of every RESULT sent, in order
         self.held: list[Message] = []  # batches received and kept unanswered
@@ -366,6 +365,12 @@ class ScriptedNode:
         self.heartbeat_s = 1.0
         self._last_sent = 0.0
         self.credit = 2  # what its heartbeats ask for; 0 is a paused volunteer
+
+    def _socket(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        return sock
 
     def close(self) -> None:
         self.sock.close(0)
@@ -384,7 +389,13 @@ class ScriptedNode:
         return frames
 
     def hello(self, timeout: float = 10, invite: str | None = None) -> None:
-        """The whole ENS2 handshake: HI, CHALLENGE, HELLO, WELCOME, then a first sealed HEARTBEAT."""
+        """The whole ENS2 handshake: HI, CHALLENGE, HELLO, WELCOME, then a first sealed HEARTBEAT.
+        Again after a session: on a new connection, as the real daemon does (one CHALLENGE per
+        connection)."""
+        if self.channel is not None:
+            self.sock.close(0)
+            self.sock = self._socket()
+            self.channel = None
         hs = NodeHandshake(self.identity, self.name, {"ops": list(OPS), "threads": 1, "credit": 2}, invite=invite)
         self.handshake = hs
         self.send(hs.hi())

@@ -72,7 +72,10 @@ MAX_SESSIONS = 1024  # live + joining sessions; more get REFUSE `busy`
 MAX_PENDING = 1024  # CHALLENGEs awaiting a HELLO (oldest dropped first)
 HANDSHAKE_TIMEOUT = 10.0  # seconds from CHALLENGE to the first sealed message
 REFUSE_INTERVAL = 10.0  # at most one REFUSE per routing id per this many seconds ...
-HANDSHAKE_REPLIES_PER_S = 200  # ... and at most this many CHALLENGE/REFUSE replies per second in all
+HANDSHAKE_REPLIES_PER_S = 200  # ... and at most this many CHALLENGE/REFUSE replies per second in all,
+ADDRESS_REPLIES_PER_S = HANDSHAKE_REPLIES_PER_S // 2  # ... and at most this many per peer address
+MAX_ADDRESSES = 4096  # peer addresses whose reply budget is kept (oldest forgotten first)
+MAX_CHALLENGED = 4 * 1024  # connections (routing ids) remembered as having had their one CHALLENGE
 ZERO_COPY_BYTES = 64 * 1024
 RECEIVE_HWM = 8  # messages queued per connection before libzmq stops reading it (credit 2 + a few)
 SWEEP_S = 0.05  # the longest pump() goes without visiting every session (leases, silence, heartbeats)
@@ -229,6 +232,8 @@ class CoordinatorServer:
         self.pending: OrderedDict[bytes, Pending] = OrderedDict()  # routing id -> CHALLENGE sent
         self._refused_at: OrderedDict[bytes, float] = OrderedDict()  # routing id -> last REFUSE
         self._reply_budget = (time.monotonic(), float(HANDSHAKE_REPLIES_PER_S))
+        self._address_budget: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (when, tokens)
+        self._challenged: OrderedDict[bytes, None] = OrderedDict()  # one CHALLENGE per connection
         self.crypto_seconds = 0.0  # handshakes + sealing/opening: what `enshuffle bench` reports
         self._dirty = True  # something changed that the next pump() must act on at once
         self._swept_at = 0.0
@@ -335,6 +340,19 @@ class CoordinatorServer:
             self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # the peer is gone; nothing to tell
+
+    def _address_allowed(self, address: str) -> bool:
+        """Per peer address, at most ADDRESS_REPLIES_PER_S CHALLENGEs a second: one host opening
+        connection after connection cannot take the whole global budget."""
+        host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address  # never a port here
+        now = time.monotonic()
+        since, tokens = self._address_budget.pop(host, (now, float(ADDRESS_REPLIES_PER_S)))
+        tokens = min(float(ADDRESS_REPLIES_PER_S), tokens + (now - since) * ADDRESS_REPLIES_PER_S)
+        allowed = tokens >= 1.0
+        self._address_budget[host] = (now, tokens - 1.0 if allowed else tokens)
+        while len(self._address_budget) > MAX_ADDRESSES:
+            self._address_budget.popitem(last=False)
+        return allowed
 
     def _reply_allowed(self) -> bool:
         """The global budget for unauthenticated replies (CHALLENGE, REFUSE): a flood of HIs or
@@ -789,7 +807,7 @@ class CoordinatorServer:
         except (zmq.ZMQError, AttributeError):
             address = ""
         if msg.command == "HI":
-            self._on_hi(routing_id, msg, body[0].buffer)
+            self._on_hi(routing_id, msg, body[0].buffer, address)
         elif msg.command == "HELLO":
             self._on_hello(routing_id, msg, address, body[0].buffer)
         elif msg.command == "DECLINE":
@@ -892,9 +910,11 @@ class CoordinatorServer:
                 break
             del self._refused_at[routing_id]
 
-    def _on_hi(self, routing_id: bytes, msg, frame=b"") -> None:
-        """HI: answer one CHALLENGE per routing id, within the global reply budget."""
-        if routing_id in self.pending:
+    def _on_hi(self, routing_id: bytes, msg, frame=b"", address: str = "") -> None:
+        """HI: one CHALLENGE per connection (routing id) ever, within the budget of its peer address
+        and the global one. A real node says HI once per connection; a DECLINE or a HELLO ends
+        that connection's handshake, so HI again on it is never answered."""
+        if routing_id in self.pending or routing_id in self._challenged:
             self.counters["dropped"] += 1
             return
         if msg.header["protocol"] != PROTOCOL_VERSION:
@@ -903,9 +923,12 @@ class CoordinatorServer:
             self._refuse(routing_id, frame_digest(frame), "version-mismatch",
                          f"this coordinator speaks protocol {PROTOCOL_VERSION}; upgrade enshuffle")
             return
-        if not self._reply_allowed():
+        if not self._address_allowed(address) or not self._reply_allowed():
             self.counters["dropped"] += 1
             return
+        self._challenged[routing_id] = None
+        while len(self._challenged) > MAX_CHALLENGED:
+            self._challenged.popitem(last=False)
         start = time.perf_counter()
         frames, pending = make_challenge(self.identity, self.run_id, msg)
         self.crypto_seconds += time.perf_counter() - start

@@ -1,0 +1,53 @@
+"""Strangers (anyone who can reach the coordinator's port, with or without a key) against a
+running coordinator on 127.0.0.1, beside a real `enshuffle node` process: they cost it bounded
+work and never keep an honest node out."""
+
+from __future__ import annotations
+
+import zmq
+
+from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
+from wire_util import InProcessRun, default_preset, load_inputs, spawn_node, wait_until
+
+from enshuffle.protocol.handshake import NodeHandshake
+from enshuffle.protocol.keys import Identity
+from enshuffle.protocol.messages import OPS, decode, encode
+
+
+def test_one_connection_saying_hi_then_decline_in_a_loop_does_not_keep_a_node_out(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(run.endpoint)
+    stranger = Identity.generate()
+    challenges = []
+
+    def attack() -> None:
+        # HI, and as soon as a CHALLENGE comes, DECLINE it (which frees it) and say HI again; HI
+        # again every 2 ms anyway, so whenever the coordinator has a reply to spare, this takes it.
+        hs = NodeHandshake(stranger, "x", {"ops": list(OPS), "threads": 1, "credit": 1})
+        sock.send_multipart(hs.hi())
+        if sock.poll(2, zmq.POLLIN):
+            msg = decode(sock.recv_multipart())
+            if msg.command == "CHALLENGE":
+                challenges.append(msg)
+                sock.send_multipart(encode("DECLINE", {"nonce": msg.header["nonce"], "code": "untrusted-key",
+                                                       "text": "no"}))
+
+    node = None
+    try:
+        for _ in range(50):
+            attack()  # under way before the node comes
+        node = spawn_node(tmp_path / "node", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
+        wait_until(lambda: run.logged("node honest joined"), 30, "the honest node to join under the attack",
+                   idle=attack, on_timeout=lambda: run.describe() + node.describe())
+    finally:
+        sock.close(0)
+        ctx.term()
+        run.close()
+        if node is not None:
+            node.stop()
+    assert len(challenges) == 1, f"one connection got {len(challenges)} CHALLENGEs"
