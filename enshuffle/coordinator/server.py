@@ -232,6 +232,7 @@ class CoordinatorServer:
         self.pending: OrderedDict[bytes, Pending] = OrderedDict()  # routing id -> CHALLENGE sent
         self._refused_at: OrderedDict[bytes, float] = OrderedDict()  # routing id -> last REFUSE
         self._reply_budget = (time.monotonic(), float(HANDSHAKE_REPLIES_PER_S))
+        self.address_replies_per_s = float(ADDRESS_REPLIES_PER_S)
         self._address_budget: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (when, tokens)
         self._challenged: OrderedDict[bytes, None] = OrderedDict()  # one CHALLENGE per connection
         self.crypto_seconds = 0.0  # handshakes + sealing/opening: what `enshuffle bench` reports
@@ -346,8 +347,9 @@ class CoordinatorServer:
         connection after connection cannot take the whole global budget."""
         host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address  # never a port here
         now = time.monotonic()
-        since, tokens = self._address_budget.pop(host, (now, float(ADDRESS_REPLIES_PER_S)))
-        tokens = min(float(ADDRESS_REPLIES_PER_S), tokens + (now - since) * ADDRESS_REPLIES_PER_S)
+        rate = self.address_replies_per_s
+        since, tokens = self._address_budget.pop(host, (now, rate))
+        tokens = min(rate, tokens + (now - since) * rate)
         allowed = tokens >= 1.0
         self._address_budget[host] = (now, tokens - 1.0 if allowed else tokens)
         while len(self._address_budget) > MAX_ADDRESSES:
