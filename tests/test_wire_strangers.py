@@ -51,3 +51,37 @@ def test_one_connection_saying_hi_then_decline_in_a_loop_does_not_keep_a_node_ou
         if node is not None:
             node.stop()
     assert len(challenges) == 1, f"one connection got {len(challenges)} CHALLENGEs"
+
+
+def test_plain_connections_that_say_nothing_are_closed_and_the_file_limit_is_raised(core_data_dir, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
+    port = int(run.endpoint.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+    try:
+        for conn in idle:  # libzmq's greeting arrives, then (no greeting back) the close
+            conn.settimeout(20)  # the libzmq default would keep them 30 s
+            while conn.recv(4096):
+                pass
+    finally:
+        for conn in idle:
+            conn.close()
+        run.close()
+    # A coordinator started with a low soft limit raises it to the hard limit before it listens.
+    code = ("import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard)); "
+            "from enshuffle.coordinator.server import CoordinatorServer; "
+            "from enshuffle.coordinator.state import CoordinatorState; "
+            "from enshuffle.coordinator.ledger import ExposureLedger; "
+            "from enshuffle.protocol.keys import Identity; "
+            "s = CoordinatorServer('tcp://127.0.0.1:*', Identity.generate(), CoordinatorState(), ExposureLedger()); "
+            "print(*resource.getrlimit(resource.RLIMIT_NOFILE)); s.close()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    soft, hard = map(int, out.stdout.split())
+    assert soft == hard or hard < 0, (soft, hard)

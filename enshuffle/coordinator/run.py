@@ -32,6 +32,8 @@ from enshuffle.coordinator.offload import default_cost_model
 from enshuffle.coordinator.report import (eprint, join_commands, listen_text, report_epoch, report_ledger,
                                             save_weights)
 from enshuffle.coordinator.server import CoordinatorServer, StepAbandoned, TrainingAborted
+
+CHAIN_WRITE_ATTEMPTS = 3  # a version write that fails (OSError) is tried this often, then left for the next
 from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
 from enshuffle.coordinator.training import Trainer
@@ -228,8 +230,20 @@ class CoordinatorRun:
             "ledger": self.server.ledger.export(), "history": history,
             "labels": {key.hex(): label for key, label in self.server.labels.items()},
         })
-        version = self.chain.append(arrays, meta)
-        record_head_in_home(self.chain, self.home if self.home is not None else enshuffle_home())
+        for attempt in range(CHAIN_WRITE_ATTEMPTS):
+            try:
+                version = self.chain.append(arrays, meta)
+                record_head_in_home(self.chain, self.home if self.home is not None else enshuffle_home())
+                break
+            except OSError as exc:  # e.g. out of file descriptors or disk space for a moment
+                # An append that failed leaves the head where it was (what it wrote is cleaned up by
+                # the next one): training goes on, and the next version (or this one again) retries.
+                self.log(f"could not write a model version to {self.run_dir / 'chain'} ({exc.strerror or exc}); "
+                         f"{'trying again' if attempt + 1 < CHAIN_WRITE_ATTEMPTS else 'training goes on; the next version retries'}")
+                if attempt + 1 < CHAIN_WRITE_ATTEMPTS:
+                    self.server.pump(timeout_ms=1000)  # nodes stay serviced while it waits
+        else:
+            return None
         parent = self.state.versions[-1].version_id if self.state.versions else None
         with self.state.lock:
             self.state.versions.append(_version_row(version, parent, meta))

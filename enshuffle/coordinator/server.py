@@ -18,6 +18,11 @@ from __future__ import annotations
 
 import secrets
 import time
+
+try:
+    import resource
+except ImportError:  # not on every platform
+    resource = None
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -84,6 +89,25 @@ SWEEP_S = 0.05  # the longest pump() goes without visiting every session (leases
 COORDINATOR_LIMITS = Limits(max_message_bytes=256 << 20)
 # A sealed frame around a RESULT: envelope, counter, tag, command byte and name, header length.
 SEALED_OVERHEAD = PREFIX_BYTES + COUNTER_BYTES + TAG_BYTES + 1 + len("RESULT") + 4
+
+
+HANDSHAKE_IVL_MS = 5000  # libzmq closes a connection whose ZMTP greeting is not done by then
+
+
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """Raise this process's soft limit on open files to its hard limit: each connection is a file
+    descriptor, and idle connections must not leave none for the chain's files. (soft, hard) after,
+    or None where the platform has no such limit."""
+    if resource is None:
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ValueError, OSError):
+        return None
 
 
 class StepAbandoned(RuntimeError):
@@ -200,11 +224,15 @@ class CoordinatorServer:
         self.max_credit = max_credit
         self._log = log or (lambda line: None)
         self.run_id = secrets.token_hex(8)
+        raise_open_file_limit()
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::]:PORT and IPv6 peers; IPv4 still works
         self.sock.setsockopt(zmq.LINGER, 0)
+        # A TCP connection that never completes its ZMTP greeting (a plain connect that says
+        # nothing) is closed by libzmq after this long instead of 30 s: idle connects cannot pile up.
+        self.sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
         # At most RCVHWM messages wait per connection (then libzmq stops reading that peer's TCP
         # stream): an honest node has at most credit + a few in flight; a flooding stranger's
