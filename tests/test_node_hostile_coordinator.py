@@ -83,3 +83,83 @@ def test_an_impostors_challenge_for_another_protocol_does_not_end_a_pinned_keep_
         node.stop()
         sock.close(0)
         ctx.term()
+
+
+class FakeCoordinator:
+    """A coordinator the node accepts (its key is pinned) that then sends whatever a test likes:
+    the real handshake (enshuffle.protocol.handshake) on a raw ROUTER, then sealed messages."""
+
+    def __init__(self):
+        from enshuffle.protocol.keys import Identity
+
+        self.identity = Identity.generate()
+        self.ctx, self.sock, self.endpoint = hostile_router()
+        self.run_id = "hostile-run"
+        self.channel = None
+        self.routing_id = b""
+
+    def session(self, timeout: float = 30) -> None:
+        from enshuffle.protocol.handshake import check_hello, make_challenge
+        from enshuffle.protocol.messages import decode, encode
+
+        pending = None
+        while self.channel is None:
+            frames = wait_until(lambda: self.sock.poll(100) and self.sock.recv_multipart(), timeout, "the node")
+            if frames[1][4:5] == b"E":
+                continue  # a sealed message of an earlier session
+            msg = decode(frames[1:])
+            if msg.command == "HI":
+                out, pending = make_challenge(self.identity, self.run_id, msg)
+                self.sock.send_multipart([frames[0], *out])
+            elif msg.command == "HELLO" and pending is not None:
+                key, self.channel = check_hello(pending, msg, self.identity, self.run_id)
+                self.routing_id = frames[0]
+                self.sock.send_multipart([frames[0], *encode("WELCOME", {
+                    "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
+                    "nonce": msg.header["nonce"], "challenge": pending.challenge, "node_id": "n1", "credit": 2,
+                    "heartbeat_ms": 1000, "lease": {"min_ms": 2000, "multiple": 4.0, "initial_ms": 30000}},
+                    signer=self.identity)])
+
+    def send(self, command: str, header: dict, arrays: dict | None = None) -> None:
+        self.sock.send_multipart([self.routing_id, *self.channel.seal(command, header, arrays)])
+
+    def drain(self) -> list:
+        """Sealed messages from the node that have arrived, opened."""
+        out = []
+        while self.sock.poll(0):
+            frames = self.sock.recv_multipart()
+            if frames[0] == self.routing_id and frames[1][4:5] == b"E":
+                out.append(self.channel.open(frames[1:]))
+        return out
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+FORGED = "node alice joined as n9 (AAAA-AAAA), credit 2, admitted by allow-list"
+
+
+def test_a_coordinators_waiting_text_is_escaped_and_rate_limited_in_the_node_log(tmp_path):
+    fake = FakeCoordinator()
+    node = spawn_node(tmp_path / "node", fake.endpoint, fake.identity.fingerprint, "victim", tmp_path)
+    try:
+        fake.session()
+        for i in range(300):  # a new text every time, each with a line break and terminal escapes
+            fake.send("HEARTBEAT", {"node_id": "n1", "credit": 2, "outstanding": 0,
+                                    "waiting": f"{i}\n{FORGED}\x1b[2J\x1b]0;owned\x07"})
+        # It answers a heartbeat of its own once it has read them all (at most one a second).
+        fake.send("HEARTBEAT", {"node_id": "n1", "credit": 2, "outstanding": 0})
+        wait_until(lambda: "coordinator: 0" in node.err() and any(m.command == "HEARTBEAT" for m in fake.drain()),
+                   30, "the node to read the heartbeats", on_timeout=node.describe)
+        fake.send("BYE", {"node_id": "n1", "reason": f"shutdown\n{FORGED}\x1b[31m"})
+        wait_until(lambda: "said BYE" in node.err(), 30, "the BYE to be logged", on_timeout=node.describe)
+        err = node.err()
+    finally:
+        node.stop()
+        fake.close()
+    lines = err.splitlines()
+    assert "\x1b" not in err and "\x07" not in err, [line for line in lines if "\x1b" in line][:3]
+    assert not [line for line in lines if line.split("enshuffle node: ")[-1].startswith("node alice")], lines[-5:]
+    waiting_lines = [line for line in lines if "enshuffle node: coordinator: " in line]
+    assert 1 <= len(waiting_lines) <= 3, len(waiting_lines)

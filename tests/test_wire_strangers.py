@@ -85,3 +85,36 @@ def test_plain_connections_that_say_nothing_are_closed_and_the_file_limit_is_rai
     assert out.returncode == 0, out.stderr
     soft, hard = map(int, out.stdout.split())
     assert soft == hard or hard < 0, (soft, hard)
+
+
+def test_peer_text_cannot_forge_a_coordinator_log_line_or_reach_its_terminal(core_data_dir):
+    from wire_util import ScriptedNode
+
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=2).start()
+    forged = "node alice joined as n9 (AAAA-AAAA), credit 2, admitted by allow-list"
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(run.endpoint)
+    named = ScriptedNode(run.endpoint, f"evil\n{forged}\x1b[2J\u202e", context=ctx)
+    try:
+        hs = NodeHandshake(Identity.generate(), "x", {"ops": list(OPS), "threads": 1, "credit": 1})
+        sock.send_multipart(hs.hi())
+        challenge = wait_until(lambda: sock.poll(100) and decode(sock.recv_multipart()), 10, "a CHALLENGE")
+        sock.send_multipart(encode("DECLINE", {"nonce": challenge.header["nonce"], "code": "x\x1b[1m",
+                                               "text": f"no\n{forged}\x1b]0;owned\x07"}))
+        named.hello()
+        named.sign_and_send("BYE", {"node_id": named.node_id, "reason": f"bye\n{forged}\x1b[31m"})
+        wait_until(lambda: run.logged("refused our key") and run.logged("said BYE"), 10, "both to be logged",
+                   on_timeout=run.describe)
+    finally:
+        sock.close(0)
+        named.close()
+        ctx.term()
+        run.close()
+    lines = run.log_lines()
+    assert not [line for line in lines if "\n" in line or "\x1b" in line or "\u202e" in line or "\x07" in line]
+    assert not [line for line in lines if line.startswith("node alice")], lines
+    assert run.logged("evil\\x0anode alice joined")  # shown, escaped, inside the line it belongs to

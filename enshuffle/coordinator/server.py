@@ -38,6 +38,7 @@ from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, No
 from enshuffle.coordinator.verify import StaticNorms, check_matmul, check_replica
 from enshuffle.protocol.handshake import Pending, check_hello, frame_digest, make_challenge
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
+from enshuffle.protocol.text import printable
 from enshuffle.protocol.messages import (COUNTER_BYTES, OPS, PREFIX_BYTES, PROTOCOL_VERSION, TAG_BYTES, Channel,
                                          Limits, ProtocolError, decode, encode, inner_parts)
 
@@ -318,6 +319,7 @@ class CoordinatorServer:
 
     # -- plumbing ---------------------------------------------------------------------
     def log(self, line: str) -> None:
+        line = printable(line, 4000)  # one line, whatever a peer put in it (names, texts, reasons)
         self.state.add_log(line)
         self._log(line)
 
@@ -828,7 +830,7 @@ class CoordinatorServer:
             self.counters["dropped"] += 1
             if exc.code == "bad-version":
                 self._warn("unknown peers", f"dropped a message from a peer speaking another protocol version "
-                                            f"({exc.detail}); it must upgrade enshuffle")
+                                            f"({printable(exc.detail, 200)}); it must upgrade enshuffle")
             else:
                 self._warn("unknown peers", f"dropped a malformed message from an unknown peer: {exc.code}")
             return
@@ -872,13 +874,13 @@ class CoordinatorServer:
             if session.channel.received == opened_before:
                 # It did not authenticate (a replay, a splice, bytes injected on the path, a frame
                 # that is not even sealed): nothing ties it to this key. Dropped, never a strike.
-                self._warn(session.label, f"dropped a message on the connection of {session.label}: {exc}")
+                self._warn(session.label, f"dropped a message on the connection of {session.label}: {printable(exc, 300)}")
             elif session.joined:
                 # Sealed under the session key, then malformed: only the node could have sent it.
                 self._count_refused(session)
-                self._protocol_error(session, f"dropped a message from {session.label}: {exc}")
+                self._protocol_error(session, f"dropped a message from {session.label}: {printable(exc, 300)}")
             else:
-                self._warn("unknown peers", f"dropped a message from joining node {session.label}: {exc}")
+                self._warn("unknown peers", f"dropped a message from joining node {session.label}: {printable(exc, 300)}")
             return
         session.last_seen = time.monotonic()
         if not session.joined:
@@ -979,7 +981,7 @@ class CoordinatorServer:
         self.counters["declined"] += 1
         self._warn("declined", f"a node at {address or 'an unknown address'} refused our key "
                                f"{short_fingerprint(self.identity.fingerprint)} ({msg.header['code']}): "
-                               f"{msg.header['text'][:300]}")
+                               f"{printable(msg.header['text'], 300)}")
 
     def _on_hello(self, routing_id: bytes, msg, address: str = "", frame=b"") -> None:
         pending = self.pending.pop(routing_id, None)
@@ -997,7 +999,7 @@ class CoordinatorServer:
         except ProtocolError as exc:
             self.crypto_seconds += time.perf_counter() - start
             self.counters["bad_signature"] += 1
-            self._warn("unknown peers", f"refused a HELLO from {address or 'unknown'}: {exc.detail}")
+            self._warn("unknown peers", f"refused a HELLO from {address or 'unknown'}: {printable(exc.detail, 300)}")
             # Unverified: bound to the exact bytes received (a HELLO altered on the way is refused
             # under a digest the node does not recognise, so it retries).
             self._refuse(routing_id, frame_digest(frame), "bad-hello", exc.detail)
@@ -1044,7 +1046,7 @@ class CoordinatorServer:
             refuse = ("busy", f"this coordinator takes at most {self.max_sessions} nodes")
         if refuse:
             if self._refuse(routing_id, header.get("nonce"), *refuse):
-                self._warn("refused", f"refused node {str(header.get('name'))[:40]!r} ({short_fingerprint(fp)}) "
+                self._warn("refused", f"refused node {printable(header.get('name'), 40)!r} ({short_fingerprint(fp)}) "
                                       f"from {address or 'unknown'}: {refuse[0]}")
             return
         for old in twins:
@@ -1054,13 +1056,13 @@ class CoordinatorServer:
         label = self.labels.get(key)
         if label is None:
             # Brackets are reserved for the fingerprint suffix that tells same-named nodes apart.
-            name = str(header["name"]).replace("[", "(").replace("]", ")")[:40] or "node"
+            name = printable(header["name"], 40).replace("[", "(").replace("]", ")") or "node"
             taken = name in self._label_set or name in self.ledger.nodes()  # resumed rows included
             label = name if not taken else f"{name}[{short_fingerprint(fp)}]"
             self.labels[key] = label
             self._label_set.add(label)
         credit = min(int(header["capabilities"]["credit"]), self.max_credit)
-        session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=str(header["name"])[:200],
+        session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=printable(header["name"], 200),
                           label=label, credit=credit, want=credit, address=address, channel=channel,
                           admitted=how, lease=self.lease)
         self.joining[routing_id] = session
@@ -1108,13 +1110,13 @@ class CoordinatorServer:
             self.counters["dropped"] += 1
             self._count_refused(session)
             self._protocol_error(session, f"dropped {what} from {session.label}: it is for run "
-                                          f"{str(msg.header.get('run_id'))[:80]!r}, not this run")
+                                          f"{printable(msg.header.get('run_id'), 80)!r}, not this run")
             return None
         if task is None or task.seq_by_node.get(session.node_id) != seq:
             self.counters["dropped"] += 1
             self._count_refused(session)
             self._protocol_error(session, f"dropped {what} from {session.label} for unknown batch "
-                                          f"{str(batch_id)[:80]} (seq {seq}): never sent to it")
+                                          f"{printable(batch_id, 80)} (seq {seq}): never sent to it")
             return None
         return task
 
@@ -1223,7 +1225,7 @@ class CoordinatorServer:
         self.counters["rejected"] += 1
         self._count_refused(session)
         code, text = msg.header.get("code"), msg.header.get("text")
-        code_text = f"{str(code)[:40]}: {str(text)[:200]}"
+        code_text = f"{printable(code, 40)}: {printable(text, 200)}"
         if msg.header.get("batch_id") is None and code in ("too-large", "compute-error"):
             # It cannot store a static operand, so it cannot serve any shard of this run.
             self.reputation.rejected(session.key, str(code), str(text))
@@ -1233,7 +1235,7 @@ class CoordinatorServer:
             self.banned.add(session.key)
             self._end_session(session, "it cannot store its static operands")
             return
-        self._warn(session.label, f"node {session.label} rejected batch {str(msg.header.get('batch_id'))[:40]}: "
+        self._warn(session.label, f"node {session.label} rejected batch {printable(msg.header.get('batch_id'), 40)}: "
                                   f"{code_text}")
         task = self._task_for(session, msg, "REJECT") if msg.header.get("batch_id") else None
         if task is None:
@@ -1260,7 +1262,7 @@ class CoordinatorServer:
         session.want = want
 
     def _on_bye(self, session: Session, msg) -> None:
-        self._end_session(session, f"said BYE ({msg.header.get('reason')})")
+        self._end_session(session, f"said BYE ({printable(msg.header.get('reason'), 80)})")
 
     # -- shutting down -----------------------------------------------------------------
     def close(self, reason: str = "shutdown") -> None:

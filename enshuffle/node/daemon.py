@@ -56,6 +56,7 @@ from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.handshake import DIGEST_PREFIX, NodeHandshake
 from enshuffle.protocol.keys import (FingerprintMismatch, Identity, KeyStoreError, TrustStore,
                                      fingerprint, normalize_fingerprint, short_fingerprint)
+from enshuffle.protocol.text import printable
 from enshuffle.protocol.messages import (DEFAULT_LIMITS, PROTOCOL_VERSION, Channel, Limits, Message, ProtocolError,
                                          decode, encode, verify_self_signed)
 
@@ -72,6 +73,7 @@ POLL_MS = 100                  # longest wait in poll: bounds how late stop/paus
 RATE_LINE_S = 10.0             # a rate line this often while working
 IDLE_AFTER_S = 2.0             # no batch for this long: "idle, waiting for work"
 BYE_LINGER_MS = 1000           # how long the final BYE may take to leave (spec 15)
+WAITING_LOG_S = 10.0           # a coordinator's changing `waiting` text is logged at most this often
 DEFAULT_MAX_STATIC_BYTES = 4 << 30
 DEFAULT_RECORD_MAX_BYTES = 2 << 30  # --record stops (with one log line) past this many bytes
 # Products below this many multiply-adds run on one BLAS thread (blas.BlasThreads says why). 2^27
@@ -361,6 +363,7 @@ class NodeDaemon:
         self._denormals = denormals  # what fpenv.flush_denormals() said, when the process set it
         self._rest_until = 0.0  # --max-cpu: no new batch before this (monotonic)
         self._coordinator_waiting = ""  # the coordinator's last word on why we have no work
+        self._waiting_logged_at = -WAITING_LOG_S
         self.control = control or NodeControl(threads=threads)
         self.state = state or NodeState()
         self._log = log or (lambda line: print(f"enshuffle node: {line}", file=sys.stderr, flush=True))
@@ -456,6 +459,7 @@ class NodeDaemon:
         return f"computing with {threads}; {denormals}"
 
     def _say(self, line: str) -> None:
+        line = printable(line, 4000)  # one line, whatever a coordinator put in it
         self.state.add_log(line)
         self._log(line)
 
@@ -693,22 +697,23 @@ class NodeDaemon:
         if expected is not None and expected != fp:
             self._drop(f"a REFUSE signed by {fp}, not the expected coordinator {expected}")
             return
-        code, text = h["code"], h["text"]
+        code, text = h["code"], printable(h["text"], 300)
+        shown_code = printable(code, 40)
         with self.state.lock:
             self.state.coordinator_fingerprint = fp
         if not bound:
-            self._set(connection="refused", reason=f"refused: {code}")
+            self._set(connection="refused", reason=f"refused: {shown_code}")
             self._say(f"coordinator {self.connect} refused this node without naming our HELLO "
-                      f"({code}): {text}; trying again later")
+                      f"({shown_code}): {text}; trying again later")
             raise _SessionEnd(None)
         if code in FINAL_REFUSALS:
-            raise self._final(EXIT_REFUSED, "refused", f"refused: {code}",
-                              f"coordinator {self.connect} refused this node ({code}): {text}")
+            raise self._final(EXIT_REFUSED, "refused", f"refused: {shown_code}",
+                              f"coordinator {self.connect} refused this node ({shown_code}): {text}")
         if code == "run-finished" and self.exit_on_finish:
             self._say(f"coordinator {self.connect}: the run has finished ({text})")
             raise _SessionEnd(EXIT_OK)
-        self._set(connection="refused", reason=f"refused: {code}")
-        self._say(f"coordinator {self.connect} refused this node for now ({code}): {text}")
+        self._set(connection="refused", reason=f"refused: {shown_code}")
+        self._say(f"coordinator {self.connect} refused this node for now ({shown_code}): {text}")
         raise _SessionEnd(None)
 
     def _remembered(self) -> str | None:
@@ -793,10 +798,14 @@ class NodeDaemon:
 
     def _coordinator_heartbeat(self, s: _Session, msg: Message) -> None:
         waiting = msg.header.get("waiting")  # optional: why the coordinator sends us nothing
-        waiting = waiting[:200] if isinstance(waiting, str) else ""
+        waiting = printable(waiting, 200) if isinstance(waiting, str) else ""
         if waiting != self._coordinator_waiting:
             self._coordinator_waiting = waiting
-            if waiting:
+            now = time.monotonic()
+            # Logged when it changes, at most once per WAITING_LOG_S: a coordinator that changes it
+            # on every beat must not fill the volunteer's log (the console shows the latest).
+            if waiting and now - self._waiting_logged_at >= WAITING_LOG_S:
+                self._waiting_logged_at = now
                 self._say(f"coordinator: {waiting}")
             with self.state.lock:
                 if self.state.connection in ("connected", "idle"):
@@ -810,7 +819,7 @@ class NodeDaemon:
             self._say(f"coordinator believes this node holds {believed} batch(es), it holds {held}")
 
     def _coordinator_bye(self, s: _Session, msg: Message) -> None:
-        reason = msg.header["reason"]
+        reason = printable(msg.header["reason"], 80)
         if reason in FINAL_BYES:
             raise self._final(EXIT_REFUSED, "refused", f"refused: {reason}",
                               f"coordinator {self.connect} ended this node's session ({reason})")
