@@ -163,3 +163,47 @@ def test_a_coordinators_waiting_text_is_escaped_and_rate_limited_in_the_node_log
     assert not [line for line in lines if line.split("enshuffle node: ")[-1].startswith("node alice")], lines[-5:]
     waiting_lines = [line for line in lines if "enshuffle node: coordinator: " in line]
     assert 1 <= len(waiting_lines) <= 3, len(waiting_lines)
+
+
+def test_statics_count_against_max_memory_and_exposure_names_are_bounded(tmp_path):
+    import numpy as np
+
+    fake = FakeCoordinator()
+    node = spawn_node(tmp_path / "node", fake.endpoint, fake.identity.fingerprint, "victim", tmp_path,
+                      "--max-memory", "64M")
+    count = 200
+    try:
+        fake.session()
+        block = np.ones((MIB // 8,))  # 1 MiB each: 200 MiB in all, against a 64 MiB node
+        for i in range(count):
+            fake.send("STATIC", {"run_id": fake.run_id, "name": f"s{i}", "seq": i + 1,
+                                 "exposure": {f"t{i}.{j}": 0.5 for j in range(50)}}, {"x": block})
+        rejects = []
+
+        def rejected() -> int:
+            rejects.extend(m for m in fake.drain() if m.command == "REJECT")
+            return len(rejects)
+
+        wait_until(lambda: rejected() >= count - 64, 60, "the statics beyond --max-memory to be refused",
+                   on_timeout=node.describe)
+        assert all(m.header["code"] == "too-large" for m in rejects), {m.header["code"] for m in rejects}
+        assert node.alive(), node.describe()
+        peak = peak_rss_mib(node.pid)
+    finally:
+        node.stop()
+        fake.close()
+    assert peak < 200, f"the node's peak RSS was {peak:.0f} MiB"
+
+
+def test_exposure_table_takes_a_bounded_number_of_names(tmp_path):
+    from enshuffle.node.daemon import MAX_EXPOSURE_TENSORS, NodeDaemon
+    from enshuffle.protocol.keys import Identity, TrustStore
+
+    daemon = NodeDaemon("tcp://127.0.0.1:1", identity=Identity.generate(), trust=TrustStore(tmp_path),
+                        pinned=None, name="n", threads=1)
+    daemon._note_exposure({"images": 0.5})
+    for i in range(100):
+        daemon._note_exposure({f"junk{i}.{j}": 0.1 for j in range(100)})
+    daemon._note_exposure({"images": 0.75})  # a known name is still updated
+    assert len(daemon.state.exposure) == MAX_EXPOSURE_TENSORS
+    assert daemon.state.exposure["images"] == 0.75

@@ -74,7 +74,7 @@ RATE_LINE_S = 10.0             # a rate line this often while working
 IDLE_AFTER_S = 2.0             # no batch for this long: "idle, waiting for work"
 BYE_LINGER_MS = 1000           # how long the final BYE may take to leave (spec 15)
 WAITING_LOG_S = 10.0           # a coordinator's changing `waiting` text is logged at most this often
-DEFAULT_MAX_STATIC_BYTES = 4 << 30
+MAX_EXPOSURE_TENSORS = 64     # tensor names a coordinator's `exposure` headers may introduce
 DEFAULT_RECORD_MAX_BYTES = 2 << 30  # --record stops (with one log line) past this many bytes
 # Products below this many multiply-adds run on one BLAS thread (blas.BlasThreads says why). 2^27
 # is about 3 ms (float32) to 7 ms (float64) of one core on the 2-core development box: a
@@ -338,7 +338,7 @@ class NodeDaemon:
                  control: NodeControl | None = None, credit: int = 2,
                  log: Callable[[str], None] | None = None, exit_on_finish: bool = True,
                  hello_timeout: float = HELLO_TIMEOUT_S, limits: Limits = DEFAULT_LIMITS,
-                 max_static_bytes: int = DEFAULT_MAX_STATIC_BYTES, max_memory: int | None = None,
+                 max_static_bytes: int | None = None, max_memory: int | None = None,
                  invite: str | None = None, rng: random.Random | None = None,
                  recorder: MessageRecorder | None = None, policy: Policy | None = None,
                  give_up_after: float | None = None, denormals: str | None = None) -> None:
@@ -351,10 +351,11 @@ class NodeDaemon:
         self.exit_on_finish = exit_on_finish
         self.hello_timeout = hello_timeout
         self.limits = limits
-        self.max_static_bytes = max_static_bytes
-        # The most one batch's result (and its working copy) may take; queued batches together
-        # may hold at most as much again. A coordinator asking more gets REJECT too-large.
+        # The most one batch's result (and its working copy) may take; what the node holds between
+        # batches (static operands and queued messages together) at most as much again. A
+        # coordinator asking more gets REJECT too-large. `max_static_bytes` caps statics lower still.
         self.max_memory = int(max_memory) if max_memory else default_max_memory()
+        self.max_static_bytes = min(int(max_static_bytes), self.max_memory) if max_static_bytes else self.max_memory
         self.invite = invite
         self.rng = rng or random.Random()
         self.recorder = recorder
@@ -782,9 +783,10 @@ class NodeDaemon:
                         self._reject(s, msg.header, "over-credit", f"this node granted credit {s.credit} and "
                                      f"already holds {held} batches; the BATCH was not queued")
                         continue
-                if s.pending_bytes + nbytes > self.max_memory:
-                    self._reject(s, msg.header, "too-large", f"queueing {nbytes} more bytes would exceed this "
-                                 f"node's --max-memory {self.max_memory}", msg.command)
+                if s.pending_bytes + s.static_bytes + nbytes > self.max_memory:
+                    self._reject(s, msg.header, "too-large", f"queueing {nbytes} more bytes beside "
+                                 f"{s.static_bytes} bytes of statics and {s.pending_bytes} queued would exceed "
+                                 f"this node's --max-memory {self.max_memory}", msg.command)
                     continue
                 s.pending.append((received, msg, nbytes))
                 s.pending_bytes += nbytes
@@ -957,6 +959,9 @@ class NodeDaemon:
             return
         with self.state.lock:
             for tensor, share in exposure.items():
+                if tensor not in self.state.exposure and (len(self.state.exposure) >= MAX_EXPOSURE_TENSORS
+                                                          or not isinstance(tensor, str) or len(tensor) > 64):
+                    continue  # a bounded table: a run has a few dozen tensors, not thousands
                 if (isinstance(tensor, str) and isinstance(share, (int, float)) and not isinstance(share, bool)
                         and math.isfinite(share)):
                     share = min(1.0, max(0.0, float(share)))
@@ -968,9 +973,10 @@ class NodeDaemon:
         (array,) = msg.arrays.values()
         old = s.statics.get(name)
         total = s.static_bytes - (old.nbytes if old is not None else 0) + array.nbytes
-        if total > self.max_static_bytes:
+        if total > self.max_static_bytes or total + s.pending_bytes > self.max_memory:
             self._reject(s, msg.header, "too-large", f"static {name!r} ({array.nbytes} bytes) would make "
-                         f"{total} bytes of statics; this node keeps at most {self.max_static_bytes}", "STATIC")
+                         f"{total} bytes of statics beside {s.pending_bytes} queued; this node holds at most "
+                         f"{min(self.max_static_bytes, self.max_memory)} (--max-memory)", "STATIC")
             return
         s.statics[name] = aligned(array)  # read-only, kept for the session
         s.static_bytes = total
