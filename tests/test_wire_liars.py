@@ -137,3 +137,31 @@ def test_unsolicited_results_cost_no_decryption_and_count_where_attributable(cor
         liar.close()
         honest.stop()
     assert_same_weights(weights, expected)
+
+
+def test_each_batch_disguise_secrets_come_from_a_fresh_seed(core_data_dir):
+    """A node that recovered the disguise generator's PCG64 state (from what one batch showed it)
+    must not be able to predict the next batch's secrets."""
+    import numpy as np
+
+    from enshuffle.coordinator.server import reseed
+
+    gen = np.random.default_rng()
+    stolen = np.random.Generator(np.random.PCG64())
+    stolen.bit_generator.state = gen.bit_generator.state  # everything the attacker could learn
+    assert reseed(gen)
+    assert not np.array_equal(gen.integers(0, 2 ** 63, 8), stolen.integers(0, 2 ** 63, 8))
+    assert not reseed(np.random.Generator(np.random.MT19937()))  # a test's own generator stays as it is
+    # In a run, once per batch submitted.
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 300)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
+    node = ScriptedNode(run.endpoint, "n")
+    try:
+        node.hello()
+        node.serve_until(run.done.is_set, 60, "training to finish", on_timeout=run.describe)
+        run.finish()
+    finally:
+        run.close()
+        node.close()
+    assert run.server.counters["reseeded"] == run.server._batch_counter > 0

@@ -16,6 +16,7 @@ carries the decisions out over the socket.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 
@@ -117,6 +118,19 @@ class StepAbandoned(RuntimeError):
 
 class TrainingAborted(RuntimeError):
     """The run cannot go on (e.g. every node rejects the same batch); the message says why."""
+
+
+def reseed(rng) -> bool:
+    """Give a NumPy PCG64 Generator a fresh state from 256 bits of os.urandom, in place (what has
+    been drawn stays drawn). Called between batches on the generator of the per-batch disguise
+    secrets: recovering one batch's PCG64 state (it is not a cryptographic generator) then
+    predicts no other batch's secrets (docs/design.md, "Where the secrets come from"). False if
+    `rng` is not a PCG64 Generator (a test's own generator is left alone)."""
+    if not isinstance(rng, np.random.Generator) or not isinstance(rng.bit_generator, np.random.PCG64):
+        return False
+    fresh = np.random.PCG64(np.random.SeedSequence(int.from_bytes(os.urandom(32), "big")))
+    rng.bit_generator.state = fresh.state
+    return True
 
 
 def batch_work(batch: Batch, statics: dict[str, np.ndarray] | None = None) -> float:
@@ -277,7 +291,7 @@ class CoordinatorServer:
         self.finished = False
         self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0,
                          "wrong": 0, "refused": 0, "declined": 0, "handshakes": 0, "challenges": 0,
-                         "quarantined": 0, "oversize": 0}
+                         "quarantined": 0, "oversize": 0, "reseeded": 0}
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiting_logged = False
@@ -431,6 +445,9 @@ class CoordinatorServer:
         dtype = batch.arrays["b" if "b" in batch.arrays else "a"].dtype
         task.result_bytes = int(np.prod(task.shape)) * dtype.itemsize
         self._tasks[task.batch_id] = task
+        # This batch's disguise secrets are drawn: the next batch's come from a fresh seed.
+        if reseed(getattr(self.compute, "rng", None)):
+            self.counters["reseeded"] += 1
         self.scheduler.enqueue(task)
         self._dirty = False
         self._dispatch()
