@@ -25,7 +25,7 @@ import numpy as np
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 from enshuffle.coordinator.addresses import volunteer_addresses
 from enshuffle.coordinator.admission import Admission
-from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home
+from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home, trust_problem
 from enshuffle.coordinator.distributed import DistributedCompute
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
 from enshuffle.coordinator.offload import default_cost_model
@@ -171,6 +171,13 @@ class CoordinatorRun:
         if head is None:
             raise UsageError(f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
                              f"start without --resume")
+        # What `chain verify` checks: every version signed by this coordinator's key, and a head
+        # log that matches the head this machine recorded (a rolled-back HEAD is refused).
+        problem = trust_problem(self.chain, self.identity.fingerprint,
+                                self.home if self.home is not None else enshuffle_home())
+        if problem is not None:
+            raise UsageError(f"cannot resume from {self.run_dir}: {problem}; `enshuffle chain verify {self.run_dir}` "
+                             f"shows the same")
         arrays, meta = self.chain.load(head)
         try:
             self.trainer.restore(arrays, meta)
