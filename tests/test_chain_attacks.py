@@ -224,21 +224,34 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
         longer.server.close()
 
 
-def test_export_runs_the_checks_of_verify(coordinator_run, tmp_path):
-    run_dir, home, identity, ids = coordinator_run
+def test_export_runs_the_checks_of_verify(tmp_path):
+    def model(epoch: int, shift: float = 0.0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(epoch)
+        return {"w1": rng.standard_normal((20, 8)), "b1": rng.standard_normal(8),
+                "w2": rng.standard_normal((8, 10)), "b2": rng.standard_normal(10) + shift}
+
+    home = tmp_path / "coordinator-home"
+    identity = load_or_create_identity("coordinator", home)
+    run_dir = tmp_path / "run"
+    chain = Chain(run_dir, identity)
+    ids = []
+    for epoch in range(1, 4):
+        ids.append(chain.append(model(epoch), meta_for(epoch)))
+        record_head_in_home(chain, home)
     out = tmp_path / "model.npz"
+    ok = cli("chain", "export", str(run_dir), "--npz", str(out), home=home)
+    assert ok.returncode == 0 and out.exists(), ok.stderr
+    out.unlink()
     # A rolled-back HEAD: export refuses, as verify does, and writes nothing.
-    (run_dir / "chain" / "HEAD").write_text(ids[1] + "\n")
+    (run_dir / "chain" / "HEAD").write_text(ids[0] + "\n")
     proc = cli("chain", "export", str(run_dir), "--npz", str(out), home=home)
     assert proc.returncode == 1 and "rolled back" in proc.stderr and not out.exists(), proc.stderr
-    # A chain re-signed by another key with a modified b1: refused on the coordinator's machine.
+    # The whole chain rebuilt by another key with a modified b2: refused on the coordinator's machine.
     attacker = Identity.generate()
     forged_dir = tmp_path / "forged"
     forged = Chain(forged_dir, attacker)
-    for epoch in range(1, 5):
-        arrays = arrays_for(epoch)
-        arrays["b1"] = arrays["b1"] + 1.0
-        forged.append(arrays, meta_for(epoch))
+    for epoch in range(1, 4):
+        forged.append(model(epoch, shift=1.0), meta_for(epoch))
     shutil.rmtree(run_dir / "chain")
     shutil.copytree(forged_dir / "chain", run_dir / "chain")
     proc = cli("chain", "export", str(run_dir), "--npz", str(out), home=home)
