@@ -377,9 +377,11 @@ def make_private(run_dir: Path) -> None:
     writes there from now on (chain versions, run.json, checkpoints) is created private too."""
     os.umask(0o077)
     os.chmod(run_dir, 0o700)
-    for root, dirs, files in os.walk(run_dir):
+    for root, dirs, files in os.walk(run_dir):  # never descends into a symbolic link
         for name in dirs:
-            os.chmod(os.path.join(root, name), 0o700)
+            path = os.path.join(root, name)
+            if not os.path.islink(path):  # a link inside --out: its target is not ours to chmod
+                os.chmod(path, 0o700)
         for name in files:
             path = os.path.join(root, name)
             if not os.path.islink(path):
