@@ -143,9 +143,13 @@ def test_allow_file_sighup_and_invite_codes_with_real_processes(core_data_dir, c
         out = enshuffle_cli("invite", "--connect", endpoint, home=home)
         assert out.returncode == 0, out.stderr
         code = out.stdout.split("invite code:")[1].split()[0]
-        assert f"--invite {code}" in out.stdout and fp in out.stdout
-        invited = spawn_node(tmp_path / "n2", endpoint, fp, "second", tmp_path, "--invite", code)
+        assert f"ENSHUFFLE_INVITE={code} enshuffle node" in out.stdout and fp in out.stdout
+        code_file = tmp_path / "invite-code"
+        code_file.write_text(code + "\n")
+        invited = spawn_node(tmp_path / "n2", endpoint, fp, "second", tmp_path, "--invite", f"@{code_file}")
         procs.append(invited)
+        # Not on its command line, which every local user can read.
+        assert code not in Path(f"/proc/{invited.pid}/cmdline").read_text(errors="replace")
         assert coordinator.wait(120) == 0, coordinator.describe() + again.describe() + invited.describe()
         assert again.wait(15) == 0 and invited.wait(15) == 0
         err = coordinator.err()
@@ -418,3 +422,37 @@ def test_sessions_beyond_the_cap_are_told_busy_and_may_retry(core_data_dir):
         run.close()
         first.close()
         second.close()
+
+
+def test_invite_codes_expire_and_admit_a_bounded_number_of_keys(tmp_path, monkeypatch):
+    import json
+
+    from enshuffle.coordinator.admission import INVITES_FILE, REUSABLE_MAX_KEYS, Admission, create_invite
+    from enshuffle.protocol.handshake import invite_field
+    from enshuffle.node.daemon import resolve_invite
+
+    home = tmp_path / "coordinator"
+    code = create_invite(home, reusable=True)
+    admission = Admission(home=home)
+    challenge = "ab" * 32
+
+    def join() -> tuple[bool, str]:
+        key = Identity.generate()
+        return admission.check(key.public_bytes, invite_field(code, challenge, key.public_hex), challenge)
+
+    assert all(join()[0] for _ in range(REUSABLE_MAX_KEYS))
+    admitted, why = join()  # one party minting keys from one reusable code: stopped at the limit
+    assert not admitted and "admitted its 16 node keys" in why
+    one_time = create_invite(home, reusable=False)
+    doc = json.loads((home / INVITES_FILE).read_text())
+    for entry in doc["invites"].values():
+        entry["expires_at"] = 0  # long ago
+    (home / INVITES_FILE).write_text(json.dumps(doc))
+    key = Identity.generate()
+    admitted, why = admission.check(key.public_bytes, invite_field(one_time, challenge, key.public_hex), challenge)
+    assert not admitted and "expired" in why
+    # The node takes the code from the environment or a file, not only from its command line.
+    monkeypatch.setenv("ENSHUFFLE_INVITE", "from-env")
+    assert resolve_invite(None) == "from-env"
+    (tmp_path / "code").write_text("from-file\n")
+    assert resolve_invite(f"@{tmp_path / 'code'}") == "from-file"

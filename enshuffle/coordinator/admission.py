@@ -8,7 +8,11 @@
   `invite = {"id": SHA-256(code)[:16 hex], "proof": HMAC-SHA256(code, challenge || node_key)}`
   (hex), so a recorded HELLO reveals nothing reusable. A one-time code is consumed by its first
   use; the key it admitted is remembered in `invited_nodes` (one fingerprint per line) so that
-  node can reconnect.
+  node can reconnect. Every code expires (INVITE_DAYS after it was made) and admits at most
+  `max_keys` keys (one; REUSABLE_MAX_KEYS for --reusable), so one party holding a reusable code
+  cannot mint keys without end, nor more sessions than that.
+  A volunteer passes the code in ENSHUFFLE_INVITE or as `--invite @FILE`, so it is not in the
+  node's command line (which every local user can read).
 * `auto`: keys admitted by the program itself (`enshuffle train`'s local nodes).
 * `open`: anyone; the coordinator says so loudly at start.
 """
@@ -31,6 +35,8 @@ from enshuffle.protocol.keys import (KeyStoreError, enshuffle_home, fingerprint,
 
 INVITES_FILE = "invites.json"
 INVITED_FILE = "invited_nodes"
+INVITE_DAYS = 7  # an invite code is good for this long after `enshuffle invite`
+REUSABLE_MAX_KEYS = 16  # keys one --reusable code may admit
 
 
 def read_allow_file(path: Path) -> set[str]:
@@ -76,12 +82,29 @@ def load_invites(home: Path) -> dict[str, dict]:
         return {}
 
 
+def invite_problem(entry: dict, fp: str, now: float | None = None) -> str | None:
+    """Why a valid invite code no longer admits key `fp` (expired, or its keys used up), or None.
+    Entries written before these limits existed count as reusable-sized and never expire."""
+    now = time.time() if now is None else now
+    expires = entry.get("expires_at")
+    if isinstance(expires, (int, float)) and now > expires:
+        return "its invite code has expired; ask the operator for a new one (enshuffle invite)"
+    keys = entry.get("keys") if isinstance(entry.get("keys"), list) else []
+    limit = entry.get("max_keys") if isinstance(entry.get("max_keys"), int) else REUSABLE_MAX_KEYS
+    if fp not in keys and len(keys) >= limit:
+        return f"its invite code has admitted its {limit} node keys already; ask the operator for a new one"
+    return None
+
+
 def create_invite(home: Path, reusable: bool) -> str:
     """A new invite code, stored in the coordinator's home; returns the code."""
     code = secrets.token_hex(16)
     invites = load_invites(home)
+    now = time.time()
     invites[invite_id(code)] = {"code": code, "reusable": bool(reusable),
-                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                                "expires_at": int(now + INVITE_DAYS * 86400),
+                                "max_keys": REUSABLE_MAX_KEYS if reusable else 1, "keys": []}
     _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
     return code
 
@@ -148,6 +171,9 @@ class Admission:
             if isinstance(ident, str) and isinstance(proof, str) and len(proof) == 64:
                 entry = load_invites(self.home).get(ident)
                 if entry and hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof):
+                    problem = invite_problem(entry, fp)
+                    if problem is not None:
+                        return False, problem
                     self._use_invite(ident, entry, fp)
                     return True, "invite code"
         return False, ""
@@ -158,10 +184,13 @@ class Admission:
             with open(self.home / INVITED_FILE, "a", encoding="utf-8") as fh:
                 fh.write(f"{fp}  # invite {ident}\n")
             os.chmod(self.home / INVITED_FILE, 0o600)
+            invites = load_invites(self.home)
             if not entry.get("reusable"):
-                invites = load_invites(self.home)
                 invites.pop(ident, None)
-                _write_private(self.home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
+            elif ident in invites:
+                keys = invites[ident].get("keys") if isinstance(invites[ident].get("keys"), list) else []
+                invites[ident]["keys"] = sorted(set(keys) | {fp})
+            _write_private(self.home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
         except OSError:
             pass  # admitted for this process at least; the operator sees the key in the log
 
@@ -177,9 +206,14 @@ def cmd_invite(args) -> int:
     kind = "reusable" if args.reusable else "one-time"
     print(f"{kind} invite code: {code}")
     print("on the volunteer's machine run:")
-    print(f"    enshuffle node --connect {args.connect} --coordinator-key {identity.fingerprint} --invite {code}")
-    print("(the code works with any coordinator started with this ENSHUFFLE_HOME; "
-          + ("it stays valid until you delete it from " if args.reusable else "it is used up by the first node; see ")
+    print(f"    ENSHUFFLE_INVITE={code} enshuffle node --connect {args.connect} "
+          f"--coordinator-key {identity.fingerprint}")
+    print("(in the environment, the code stays out of the node's command line, which other local users can "
+          "read; `--invite @FILE` reads it from a file)")
+    print("(the code works with any coordinator started with this ENSHUFFLE_HOME for "
+          f"{INVITE_DAYS} days; "
+          + (f"it admits up to {REUSABLE_MAX_KEYS} node keys; delete it from " if args.reusable
+             else "it is used up by the first node; see ")
           + f"{home / INVITES_FILE})")
     sys.stdout.flush()
     return 0

@@ -1035,8 +1035,9 @@ class CoordinatorServer:
         elif key in self.banned:
             refuse = ("not-allowed", "this node was evicted from the run for sending malformed or unverifiable messages")
         elif not admitted:
-            refuse = ("not-allowed", f"key {fp} is not admitted here: ask the operator to add it to the "
-                                     f"coordinator's --allow file, or for an invite code (enshuffle invite)")
+            refuse = ("not-allowed", f"key {fp} is not admitted here: "
+                                     + (f"{how}" if how else "ask the operator to add it to the coordinator's "
+                                                             "--allow file, or for an invite code (enshuffle invite)"))
         elif self.reputation.is_quarantined(key):
             rec = self.reputation.records[key]
             refuse = ("quarantined", f"this node's key is quarantined for this run ({rec.lies} wrong results; "

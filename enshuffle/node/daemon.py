@@ -182,6 +182,28 @@ def _json_id(value, kind: str):
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 53 else None
 
 
+INVITE_ENV = "ENSHUFFLE_INVITE"
+
+
+def resolve_invite(value: str | None) -> str | None:
+    """The invite code: `value` itself, the first line of FILE for `@FILE`, or (no --invite) the
+    ENSHUFFLE_INVITE environment variable. A code given on the command line can be read by every
+    local user (/proc/PID/cmdline); the environment and a 0600 file cannot."""
+    if value is None:
+        value = os.environ.get(INVITE_ENV) or None
+    if value is not None and value.startswith("@"):
+        path = value[1:]
+        try:
+            with open(path, encoding="utf-8") as fh:
+                value = fh.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--invite {value}: cannot read the invite code from {path} "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
+        if not value:
+            raise UsageError(f"--invite @{path}: the file is empty; put the code from `enshuffle invite` in it")
+    return value
+
+
 class AddressError(UsageError):
     """A --connect address ZeroMQ refuses; the message names it and the expected form."""
 
@@ -356,7 +378,7 @@ class NodeDaemon:
         # coordinator asking more gets REJECT too-large. `max_static_bytes` caps statics lower still.
         self.max_memory = int(max_memory) if max_memory else default_max_memory()
         self.max_static_bytes = min(int(max_static_bytes), self.max_memory) if max_static_bytes else self.max_memory
-        self.invite = invite
+        self.invite = resolve_invite(invite)
         self.rng = rng or random.Random()
         self.recorder = recorder
         self.policy = policy or Policy()
