@@ -118,3 +118,36 @@ def test_peer_text_cannot_forge_a_coordinator_log_line_or_reach_its_terminal(cor
     assert not [line for line in lines if "\n" in line or "\x1b" in line or "\u202e" in line or "\x07" in line]
     assert not [line for line in lines if line.startswith("node alice")], lines
     assert run.logged("evil\\x0anode alice joined")  # shown, escaped, inside the line it belongs to
+
+
+def test_one_address_opening_connection_after_connection_gets_its_own_budget_only(core_data_dir, tmp_path):
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
+    run.server.address_replies_per_s = 5.0  # small, so the flood below outruns it however slow this machine is
+    port = run.endpoint.rsplit(":", 1)[1]
+    ctx = zmq.Context()
+    flood = []
+    node = None
+    try:
+        for _ in range(60):  # every one a fresh connection from 127.0.0.2
+            s = ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(f"tcp://127.0.0.2:0;127.0.0.1:{port}")
+            s.send_multipart(encode("HI", {"protocol": 2, "nonce": "x" * 16}))
+            flood.append(s)
+        wait_until(lambda: run.server.counters["challenges"] + run.server.counters["dropped"] >= 60, 30,
+                   "the flood to be handled", on_timeout=run.describe)
+        challenged = run.server.counters["challenges"]
+        assert challenged < 30, challenged  # 5 at once, then 5 a second
+        # Another address still gets its CHALLENGE at once: a node from 127.0.0.1 joins.
+        node = spawn_node(tmp_path / "node", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
+        wait_until(lambda: run.logged("node honest joined"), 30, "the honest node to join",
+                   on_timeout=lambda: run.describe() + node.describe())
+    finally:
+        for s in flood:
+            s.close(0)
+        ctx.term()
+        run.close()
+        if node is not None:
+            node.stop()
