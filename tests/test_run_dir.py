@@ -127,3 +127,28 @@ def test_a_home_writable_by_others_is_warned_about_and_so_is_a_shared_trust_file
     os.chmod(store.path, 0o666)
     with pytest.raises(KeyStoreError, match="can be changed by another user"):
         store.remembered("tcp://127.0.0.1:1")
+
+
+def test_a_failed_version_write_is_retried_not_fatal(core_data_dir, tmp_path, monkeypatch):
+    import errno
+
+    from enshuffle.coordinator.chain import Chain
+
+    run = make_run(core_data_dir, tmp_path / "run", tmp_path / "home")
+    real = Chain.append
+    calls = []
+
+    def flaky(self, arrays, metadata):
+        calls.append(1)
+        if len(calls) == 1:  # what a coordinator out of file descriptors met on chain/LOCK
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(self, arrays, metadata)
+
+    monkeypatch.setattr(Chain, "append", flaky)
+    try:
+        version = run.write_version()
+    finally:
+        run.server.close()
+    assert version is not None and len(calls) == 2
+    assert run.chain.head() == version
+    assert any("could not write a model version" in line for line in run.state.snapshot().log)
