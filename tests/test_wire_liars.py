@@ -165,3 +165,28 @@ def test_each_batch_disguise_secrets_come_from_a_fresh_seed(core_data_dir):
         run.close()
         node.close()
     assert run.server.counters["reseeded"] == run.server._batch_counter > 0
+
+
+def test_a_node_too_small_for_a_static_is_told_so_not_cut_off_in_a_loop(core_data_dir, tmp_path):
+    """A node's libzmq drops a connection on a frame above its --max-memory (MAXMSGSIZE). It says
+    that limit in HELLO, so the coordinator never sends such a frame: it evicts the node as if it
+    had refused the static operand, and the run goes on with a node that can hold it."""
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 1000)  # the image block alone is 6 MB
+    expected = reference_weights(preset, inputs)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
+    small = spawn_node(tmp_path / "small", run.endpoint, run.identity.fingerprint, "small", tmp_path,
+                       "--max-memory", "1M")
+    big = None
+    try:
+        assert small.wait(60) == 4, small.describe() + run.describe()
+        assert "evicted" in small.err(), small.err()
+        assert run.logged("node small cannot store its static operands"), run.describe()
+        big = spawn_node(tmp_path / "big", run.endpoint, run.identity.fingerprint, "big", tmp_path)
+        weights = run.finish(120)
+    finally:
+        run.close()
+        small.stop()
+        if big is not None:
+            big.stop()
+    assert_same_weights(weights, expected)

@@ -207,6 +207,7 @@ class Session:
     protocol_errors: int = 0
     rate_window: deque = field(default_factory=lambda: deque(maxlen=64))
     lease: LeasePolicy = DEFAULT_LEASE
+    max_message: int = 0  # the largest frame the node says it takes (HELLO capabilities); 0: not said
 
     def window(self) -> int:
         return min(self.credit, self.want)
@@ -683,6 +684,17 @@ class CoordinatorServer:
         if shard in session.shards_held:
             return True
         arrays = self.static_arrays(shard)
+        too_big = [a.nbytes for a in arrays.values() if not self._fits(session, a.nbytes)]
+        if too_big:
+            # It would cut the connection on such a frame (its MAXMSGSIZE): as if it had rejected it.
+            self.counters["rejected"] += 1
+            self.reputation.rejected(session.key, "too-large", "static operand beyond its max_message")
+            self.log(f"node {session.label} cannot store its static operands (one is {max(too_big)} bytes; it takes "
+                     f"messages of at most {session.max_message} bytes: its --max-memory); evicting it from this run")
+            self._send(session, "BYE", {"node_id": session.node_id, "reason": "evicted"})
+            self.banned.add(session.key)
+            self._end_session(session, "it cannot store its static operands")
+            return False
         for name, array in arrays.items():
             self.ledger.record(session.label, self.compute.static_exposure(shard))
             share = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
@@ -692,7 +704,26 @@ class CoordinatorServer:
         session.shards_held.add(shard)
         return True
 
+    def _fits(self, session: Session, payload_bytes: int) -> bool:
+        """Would a message with `payload_bytes` of arrays fit the node's stated frame limit?"""
+        return not session.max_message or payload_bytes + SEALED_OVERHEAD + self.limits.max_header_bytes \
+            <= session.max_message
+
     def _send_batch(self, session: Session, task: Task) -> bool:
+        size = sum(a.nbytes for a in task.batch.arrays.values())
+        if not self._fits(session, size):
+            # Its libzmq would cut the connection on this frame: handled as its REJECT too-large.
+            self.counters["rejected"] += 1
+            self._warn(session.label, f"batch {task.batch_id} ({size} bytes) not sent to {session.label}: it takes "
+                                      f"messages of at most {session.max_message} bytes (its --max-memory)")
+            counts = session.key not in task.rejected_by
+            task.rejected_by.add(session.key)
+            quarantine = self.reputation.rejected(session.key, "too-large", f"batch of {size} bytes")
+            task.session = None
+            self._reissue(task, session, "it is larger than a node takes (too-large)", counts=counts)
+            if quarantine and session.node_id in self.sessions:
+                self._quarantine(session)
+            return True
         # Held by the session from here on, so a failed send below re-issues it with the rest.
         if not self.eligible(session, task.batch.shard):  # every path above checks; kept as a guard
             self._warn("bound-guard", f"exposure bound: batch {task.batch_id} not sent to {session.label}; "
@@ -1080,9 +1111,12 @@ class CoordinatorServer:
             self.labels[key] = label
             self._label_set.add(label)
         credit = min(int(header["capabilities"]["credit"]), self.max_credit)
+        max_message = header["capabilities"].get("max_message")
+        max_message = max_message if isinstance(max_message, int) and not isinstance(max_message, bool) \
+            and max_message > 0 else 0
         session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=printable(header["name"], 200),
                           label=label, credit=credit, want=credit, address=address, channel=channel,
-                          admitted=how, lease=self.lease)
+                          admitted=how, lease=self.lease, max_message=max_message)
         self.joining[routing_id] = session
         self.reputation.record(key, label, fp)
         start = time.perf_counter()

@@ -583,8 +583,12 @@ class NodeDaemon:
             sock.close()
 
     def _handshake(self, sock: zmq.Socket) -> _Session:
+        # `max_message`: the largest frame libzmq lets in here (receive_limit); a coordinator that
+        # reads it never sends a bigger one (which would only cut the connection) and treats the
+        # batch or static as refused too-large instead.
         hs = NodeHandshake(self.identity, self.name,
-                           {"ops": list(OPS), "threads": self._applied_threads, "credit": self.credit_offer},
+                           {"ops": list(OPS), "threads": self._applied_threads, "credit": self.credit_offer,
+                            "max_message": self.receive_limit()},
                            invite=self.invite)
         self._set(connection="connecting", reason=f"saying HI to {self.connect}", current_op="")
         self._say(f"connecting to {self.connect} as {self.name} ({short_fingerprint(self.identity.fingerprint)})")
