@@ -456,3 +456,45 @@ def test_invite_codes_expire_and_admit_a_bounded_number_of_keys(tmp_path, monkey
     assert resolve_invite(None) == "from-env"
     (tmp_path / "code").write_text("from-file\n")
     assert resolve_invite(f"@{tmp_path / 'code'}") == "from-file"
+
+
+def test_keys_from_one_invite_code_count_as_one_node_for_the_exposure_bound(core_data_dir, tmp_path):
+    """One party with a reusable code makes two keys: together they get one block, never both."""
+    import numpy as np
+
+    from enshuffle.coordinator.admission import create_invite
+
+    home = tmp_path / "coordinator"
+    code = create_invite(home, reusable=True)
+    honest_home = tmp_path / "honest"
+    honest_key = load_or_create_identity("node", honest_home, name="honest")
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    expected = reference_weights(preset, inputs)
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=3,
+                       admission=Admission(home=home, auto={honest_key.public_bytes})).start()
+    first = ScriptedNode(run.endpoint, "party-1")
+    second = ScriptedNode(run.endpoint, "party-2")
+    honest = None
+    try:
+        first.hello(invite=code)
+        second.hello(invite=code)
+        honest = spawn_node(honest_home, run.endpoint, run.identity.fingerprint, "honest", tmp_path)
+
+        def serve() -> None:
+            first.pump(10)
+            second.pump(10)
+
+        wait_until(run.done.is_set, 120, "training to finish", idle=serve, on_timeout=run.describe)
+        weights = run.finish()
+    finally:
+        run.close()
+        first.close()
+        second.close()
+        if honest is not None:
+            honest.stop()
+    ledger = run.server.ledger
+    together = np.union1d(ledger.positions("party-1", "images"), ledger.positions("party-2", "images"))
+    assert together.size <= inputs.images["train"].shape[1] // 2 + 1, together.size  # one block of pixels at most
+    assert ledger.positions("honest", "images").size > 0
+    assert_same_weights(weights, expected)

@@ -119,15 +119,31 @@ class Admission:
         self.home = home
         self.auto = {fingerprint(k) for k in (auto or set())}
         self.allowed: set[str] = read_allow_file(self.allow_file) if self.allow_file else set()
+        self.invited_by: dict[str, str] = {}  # fingerprint -> id of the invite code that admitted it
         self.invited: set[str] = self._read_invited()
 
     def _read_invited(self) -> set[str]:
         if self.home is None or not (self.home / INVITED_FILE).exists():
             return set()
         try:
-            return read_allow_file(self.home / INVITED_FILE)
-        except KeyStoreError:
+            invited = read_allow_file(self.home / INVITED_FILE)
+            for line in (self.home / INVITED_FILE).read_text(encoding="utf-8").splitlines():
+                entry, _, comment = line.partition("#")
+                words = comment.split()
+                if len(words) == 2 and words[0] == "invite":
+                    try:
+                        self.invited_by[normalize_fingerprint(entry.strip())] = words[1]
+                    except KeyStoreError:
+                        pass
+            return invited
+        except (KeyStoreError, OSError, UnicodeDecodeError):
             return set()
+
+    def group_of(self, key: bytes) -> str | None:
+        """The party a key belongs to for the exposure bound: the invite code that admitted it
+        (every key of one code counts as one node), or None."""
+        ident = self.invited_by.get(fingerprint(key))
+        return f"invite {ident}" if ident else None
 
     def admit_key(self, key: bytes) -> None:
         self.auto.add(fingerprint(key))
@@ -180,6 +196,7 @@ class Admission:
 
     def _use_invite(self, ident: str, entry: dict, fp: str) -> None:
         self.invited.add(fp)
+        self.invited_by[fp] = ident
         try:
             with open(self.home / INVITED_FILE, "a", encoding="utf-8") as fh:
                 fh.write(f"{fp}  # invite {ident}\n")

@@ -208,6 +208,7 @@ class Session:
     rate_window: deque = field(default_factory=lambda: deque(maxlen=64))
     lease: LeasePolicy = DEFAULT_LEASE
     max_message: int = 0  # the largest frame the node says it takes (HELLO capabilities); 0: not said
+    group: str | None = None  # keys that count as one party for the exposure bound (one invite code)
 
     def window(self) -> int:
         return min(self.credit, self.want)
@@ -313,8 +314,11 @@ class CoordinatorServer:
         # Shard ownership and the exposure bound (docs/design.md, "Privacy"): per bounded kind, the
         # share a node may ever hold; by default one slot's block. A slot never moves to a node it
         # would push over.
+        # The same ledger per group of keys (the keys one invite code admitted): the bound holds per
+        # group too. Kept here only for the bound; the operator's ledger stays per node key.
+        self.group_ledger = ExposureLedger(ledger.axes)
         self.scheduler = Scheduler(ledger, self.sessions, max_exposure=max_exposure, log=self.log,
-                                   changed=self._mark_dirty)
+                                   changed=self._mark_dirty, group_ledger=self.group_ledger)
 
     def _mark_dirty(self) -> None:
         self._dirty = True
@@ -697,6 +701,8 @@ class CoordinatorServer:
             return False
         for name, array in arrays.items():
             self.ledger.record(session.label, self.compute.static_exposure(shard))
+            if session.group is not None:
+                self.group_ledger.record(session.group, self.compute.static_exposure(shard))
             share = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
             header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
             if not self._send(session, "STATIC", header, {"x": array}):
@@ -742,6 +748,8 @@ class CoordinatorServer:
         task.deadline = now + lease
         # What this node has now seen in all (cumulative), so its volunteer knows what is on the machine.
         self.ledger.record(session.label, task.batch.exposure)
+        if session.group is not None:
+            self.group_ledger.record(session.group, task.batch.exposure)
         exposure = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
         header = {"run_id": self.run_id, "batch_id": task.batch_id, "seq": task.seq, "step": self.step,
                   "op": task.batch.op, "params": task.batch.params, "lease_ms": max(1, int(lease * 1000)),
@@ -1116,7 +1124,8 @@ class CoordinatorServer:
             and max_message > 0 else 0
         session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=printable(header["name"], 200),
                           label=label, credit=credit, want=credit, address=address, channel=channel,
-                          admitted=how, lease=self.lease, max_message=max_message)
+                          admitted=how, lease=self.lease, max_message=max_message,
+                          group=self.admission.group_of(key) if hasattr(self.admission, "group_of") else None)
         self.joining[routing_id] = session
         self.reputation.record(key, label, fp)
         start = time.perf_counter()
