@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from core_data import core_cache, core_data_dir  # noqa: F401  (fixtures)
 from wire_util import (InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs,
-                       reference_weights, spawn_node, wait_until)
+                       reference_weights, spawn_node)
 
 from enshuffle.coordinator.reputation import REJECTS_AFTER
 from enshuffle.coordinator.server import LeasePolicy
