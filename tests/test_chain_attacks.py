@@ -220,3 +220,64 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
         assert json.loads((run_dir / "run.json").read_text())["epochs"] == 3
     finally:
         longer.server.close()
+
+
+def test_export_runs_the_checks_of_verify(tmp_path):
+    def model(epoch: int, shift: float = 0.0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(epoch)
+        return {"w1": rng.standard_normal((20, 8)), "b1": rng.standard_normal(8),
+                "w2": rng.standard_normal((8, 10)), "b2": rng.standard_normal(10) + shift}
+
+    home = tmp_path / "coordinator-home"
+    identity = load_or_create_identity("coordinator", home)
+    run_dir = tmp_path / "run"
+    chain = Chain(run_dir, identity)
+    ids = []
+    for epoch in range(1, 4):
+        ids.append(chain.append(model(epoch), meta_for(epoch)))
+        record_head_in_home(chain, home)
+    out = tmp_path / "model.npz"
+    ok = cli("chain", "export", str(run_dir), "--npz", str(out), home=home)
+    assert ok.returncode == 0 and out.exists(), ok.stderr
+    out.unlink()
+    # A rolled-back HEAD: export refuses, as verify does, and writes nothing.
+    (run_dir / "chain" / "HEAD").write_text(ids[0] + "\n")
+    proc = cli("chain", "export", str(run_dir), "--npz", str(out), home=home)
+    assert proc.returncode == 1 and "rolled back" in proc.stderr and not out.exists(), proc.stderr
+    # The whole chain rebuilt by another key with a modified b2: refused on the coordinator's machine.
+    attacker = Identity.generate()
+    forged_dir = tmp_path / "forged"
+    forged = Chain(forged_dir, attacker)
+    for epoch in range(1, 4):
+        forged.append(model(epoch, shift=1.0), meta_for(epoch))
+    shutil.rmtree(run_dir / "chain")
+    shutil.copytree(forged_dir / "chain", run_dir / "chain")
+    proc = cli("chain", "export", str(run_dir), "--npz", str(out), home=home)
+    assert proc.returncode == 1 and "re-signed" in proc.stderr and not out.exists(), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_refuses_a_rolled_back_head(core_data_dir, tmp_path):
+    from enshuffle.coordinator.run import CoordinatorRun
+    from enshuffle.coordinator.settings import RunSettings
+    from enshuffle.coordinator.training import prepare
+    from enshuffle.dataset import load_idx_dir
+    from enshuffle.errors import UsageError
+    from enshuffle.model import get_preset
+
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    preset = get_preset("default", epochs=4)
+    inputs = prepare(load_idx_dir(core_data_dir), preset, 300)
+    settings = RunSettings(limit=300)
+    run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
+                         run_dir=str(run_dir), home=home, quiet=True)
+    try:
+        first = run.write_version()
+        run.trainer.epoch = 1
+        run.write_version()
+    finally:
+        run.server.close()
+    (run_dir / "chain" / "HEAD").write_text(first + "\n")
+    with pytest.raises(UsageError, match="rolled back"):
+        CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
+                       run_dir=str(run_dir), resume=True, home=home, quiet=True)

@@ -214,3 +214,16 @@ def test_coordinator_process_quarantines_a_liar_and_sighup_readmits_it(core_data
     err = coordinator.err()
     assert "quarantined node liar" in err and "Traceback" not in err, err
     assert "re-admitted node liar" in err, err  # SIGHUP arrived while the run was still going
+
+
+def test_rejections_in_a_row_quarantine_a_key_and_an_accepted_result_resets_them():
+    rep = Reputation(rejects_after=3)
+    key = b"r" * 32
+    rep.record(key, "n", "SHA256:R")
+    assert not rep.rejected(key, "expired") and not rep.rejected(key, "expired")
+    rep.accepted(key)  # an honest node rejects now and then: the count starts again
+    assert not rep.rejected(key, "compute-error") and not rep.rejected(key, "compute-error")
+    assert rep.rejected(key, "compute-error", "no") and rep.is_quarantined(key)
+    assert "3 batches rejected in a row" in rep.records[key].reason
+    assert rep.records[key].lies == 0  # not a lie: a refusal to work
+    assert rep.readmit() and rep.records[key].rejects == 0

@@ -86,3 +86,68 @@ def test_broken_run_json_is_a_one_line_error(tmp_path, content):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "run.json" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_directory_setup_never_chmods_through_a_link(tmp_path):
+    import os
+
+    from enshuffle.coordinator.run import make_private
+
+    outside = tmp_path / "someone-elses"
+    outside.mkdir(mode=0o755)
+    os.chmod(outside, 0o755)
+    (outside / "file").write_text("x")
+    os.chmod(outside / "file", 0o644)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "link").symlink_to(outside, target_is_directory=True)
+    (run_dir / "filelink").symlink_to(outside / "file")
+    umask = os.umask(0o022)
+    try:
+        make_private(run_dir)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o755
+    assert stat.S_IMODE((outside / "file").stat().st_mode) == 0o644
+
+
+def test_a_home_writable_by_others_is_warned_about_and_so_is_a_shared_trust_file(tmp_path, capsys):
+    import os
+
+    from enshuffle.protocol.keys import KeyStoreError, TrustStore, load_or_create_identity
+
+    home = tmp_path / "shared-home"
+    home.mkdir()
+    os.chmod(home, 0o777)
+    load_or_create_identity("node", home)
+    assert "writable by other users" in capsys.readouterr().err
+    store = TrustStore(home)
+    store.check("tcp://127.0.0.1:1", "SHA256:" + "-".join(["AAAA"] * 8))  # remembered (trust on first use)
+    os.chmod(store.path, 0o666)
+    with pytest.raises(KeyStoreError, match="can be changed by another user"):
+        store.remembered("tcp://127.0.0.1:1")
+
+
+def test_a_failed_version_write_is_retried_not_fatal(core_data_dir, tmp_path, monkeypatch):
+    import errno
+
+    from enshuffle.coordinator.chain import Chain
+
+    run = make_run(core_data_dir, tmp_path / "run", tmp_path / "home")
+    real = Chain.append
+    calls = []
+
+    def flaky(self, arrays, metadata):
+        calls.append(1)
+        if len(calls) == 1:  # what a coordinator out of file descriptors met on chain/LOCK
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(self, arrays, metadata)
+
+    monkeypatch.setattr(Chain, "append", flaky)
+    try:
+        version = run.write_version()
+    finally:
+        run.server.close()
+    assert version is not None and len(calls) == 2
+    assert run.chain.head() == version
+    assert any("could not write a model version" in line for line in run.state.snapshot().log)

@@ -143,9 +143,13 @@ def test_allow_file_sighup_and_invite_codes_with_real_processes(core_data_dir, c
         out = enshuffle_cli("invite", "--connect", endpoint, home=home)
         assert out.returncode == 0, out.stderr
         code = out.stdout.split("invite code:")[1].split()[0]
-        assert f"--invite {code}" in out.stdout and fp in out.stdout
-        invited = spawn_node(tmp_path / "n2", endpoint, fp, "second", tmp_path, "--invite", code)
+        assert f"ENSHUFFLE_INVITE={code} enshuffle node" in out.stdout and fp in out.stdout
+        code_file = tmp_path / "invite-code"
+        code_file.write_text(code + "\n")
+        invited = spawn_node(tmp_path / "n2", endpoint, fp, "second", tmp_path, "--invite", f"@{code_file}")
         procs.append(invited)
+        # Not on its command line, which every local user can read.
+        assert code not in Path(f"/proc/{invited.pid}/cmdline").read_text(errors="replace")
         assert coordinator.wait(120) == 0, coordinator.describe() + again.describe() + invited.describe()
         assert again.wait(15) == 0 and invited.wait(15) == 0
         err = coordinator.err()
@@ -235,6 +239,7 @@ def test_thousands_of_handshakes_from_fresh_keys_leave_no_state_behind(core_data
     inputs = load_inputs(core_data_dir, preset, 600)
     # Waits for two nodes; each fresh key leaves before the next comes, so none ever receives data.
     run = InProcessRun(preset, inputs, shards=2, min_nodes=2).start()
+    run.server.address_replies_per_s = HANDSHAKE_REPLIES_PER_S  # all from 127.0.0.1: only the global budget
     ctx = zmq.Context()
     server = run.server
     try:
@@ -265,6 +270,7 @@ def test_malformed_and_refused_handshakes_get_at_most_one_signed_answer(core_dat
     inputs = load_inputs(core_data_dir, preset, 600)
     run = InProcessRun(preset, inputs, shards=1, min_nodes=1,
                        admission=Admission(allow_file=None)).start()  # admits nobody
+    run.server.address_replies_per_s = HANDSHAKE_REPLIES_PER_S  # the flood below tests the global budget
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -417,3 +423,79 @@ def test_sessions_beyond_the_cap_are_told_busy_and_may_retry(core_data_dir):
         run.close()
         first.close()
         second.close()
+
+
+def test_invite_codes_expire_and_admit_a_bounded_number_of_keys(tmp_path, monkeypatch):
+    import json
+
+    from enshuffle.coordinator.admission import INVITES_FILE, REUSABLE_MAX_KEYS, Admission, create_invite
+    from enshuffle.protocol.handshake import invite_field
+    from enshuffle.node.daemon import resolve_invite
+
+    home = tmp_path / "coordinator"
+    code = create_invite(home, reusable=True)
+    admission = Admission(home=home)
+    challenge = "ab" * 32
+
+    def join() -> tuple[bool, str]:
+        key = Identity.generate()
+        return admission.check(key.public_bytes, invite_field(code, challenge, key.public_hex), challenge)
+
+    assert all(join()[0] for _ in range(REUSABLE_MAX_KEYS))
+    admitted, why = join()  # one party minting keys from one reusable code: stopped at the limit
+    assert not admitted and "admitted its 16 node keys" in why
+    one_time = create_invite(home, reusable=False)
+    doc = json.loads((home / INVITES_FILE).read_text())
+    for entry in doc["invites"].values():
+        entry["expires_at"] = 0  # long ago
+    (home / INVITES_FILE).write_text(json.dumps(doc))
+    key = Identity.generate()
+    admitted, why = admission.check(key.public_bytes, invite_field(one_time, challenge, key.public_hex), challenge)
+    assert not admitted and "expired" in why
+    # The node takes the code from the environment or a file, not only from its command line.
+    monkeypatch.setenv("ENSHUFFLE_INVITE", "from-env")
+    assert resolve_invite(None) == "from-env"
+    (tmp_path / "code").write_text("from-file\n")
+    assert resolve_invite(f"@{tmp_path / 'code'}") == "from-file"
+
+
+def test_keys_from_one_invite_code_count_as_one_node_for_the_exposure_bound(core_data_dir, tmp_path):
+    """One party with a reusable code makes two keys: together they get one block, never both."""
+    import numpy as np
+
+    from enshuffle.coordinator.admission import create_invite
+
+    home = tmp_path / "coordinator"
+    code = create_invite(home, reusable=True)
+    honest_home = tmp_path / "honest"
+    honest_key = load_or_create_identity("node", honest_home, name="honest")
+    preset = default_preset(epochs=1)
+    inputs = load_inputs(core_data_dir, preset, 600)
+    expected = reference_weights(preset, inputs)
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=3,
+                       admission=Admission(home=home, auto={honest_key.public_bytes})).start()
+    first = ScriptedNode(run.endpoint, "party-1")
+    second = ScriptedNode(run.endpoint, "party-2")
+    honest = None
+    try:
+        first.hello(invite=code)
+        second.hello(invite=code)
+        honest = spawn_node(honest_home, run.endpoint, run.identity.fingerprint, "honest", tmp_path)
+
+        def serve() -> None:
+            first.pump(10)
+            second.pump(10)
+
+        wait_until(run.done.is_set, 120, "training to finish", idle=serve, on_timeout=run.describe)
+        weights = run.finish()
+    finally:
+        run.close()
+        first.close()
+        second.close()
+        if honest is not None:
+            honest.stop()
+    ledger = run.server.ledger
+    together = np.union1d(ledger.positions("party-1", "images"), ledger.positions("party-2", "images"))
+    assert together.size <= inputs.images["train"].shape[1] // 2 + 1, together.size  # one block of pixels at most
+    assert ledger.positions("honest", "images").size > 0
+    assert_same_weights(weights, expected)

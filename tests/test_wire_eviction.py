@@ -1,10 +1,9 @@
-"""protocol.md section 15: a node that keeps sending malformed or unverifiable messages is logged
-rate-limited, then told BYE protocol-error, evicted and refused for the rest of the run, while
-training goes on with the honest node."""
+"""protocol.md section 15: a node that keeps sending malformed messages sealed under its own
+session key (so only it could have sent them) is logged rate-limited, then told BYE
+protocol-error, evicted and refused for the rest of the run, while training goes on with the
+honest node. What does not authenticate is dropped and never counts (tests/test_wire_relay.py)."""
 
 from __future__ import annotations
-
-import os
 
 from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
     reference_weights, spawn_node, wait_until
@@ -12,7 +11,6 @@ from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_p
 import pytest
 
 from enshuffle.coordinator.server import MAX_PROTOCOL_ERRORS, WARN_BURST
-from enshuffle.protocol.messages import TAG
 
 
 def test_a_flooding_node_is_evicted_and_refused(core_data_dir, tmp_path):
@@ -26,7 +24,7 @@ def test_a_flooding_node_is_evicted_and_refused(core_data_dir, tmp_path):
         run.wait_held()
         attacker.hello()
         for i in range(MAX_PROTOCOL_ERRORS + 10):
-            attacker.send([TAG, b"HEARTBEAT", b"{not json", os.urandom(64)])
+            attacker.send(attacker.channel.seal_parts([b"\x09HEARTBEAT\x00\x00\x00\x09{not json"]))
         bye = attacker._expect("BYE", 10)
         assert bye.header["reason"] == "protocol-error"
         wait_until(lambda: run.logged("evicted after"), 10, "the eviction to be logged", on_timeout=run.describe)

@@ -8,16 +8,15 @@ from __future__ import annotations
 from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
     reference_weights
 
-import enshuffle.coordinator.server as server_module
+from enshuffle.coordinator.server import LeasePolicy
 
 
-def test_a_stuck_node_is_ended_and_its_batch_finished_elsewhere(core_data_dir, tmp_path, monkeypatch):
-    # Leases before any measurement are 30 s; make the first lease short so the test is quick.
-    monkeypatch.setattr(server_module, "LEASE_INITIAL_MS", 300)
+def test_a_stuck_node_is_ended_and_its_batch_finished_elsewhere(core_data_dir, tmp_path):
+    # Leases before any measurement are 30 s by default; a short first lease keeps the test quick.
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
     expected = reference_weights(preset, inputs)
-    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start(hold_at=1)
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1, lease=LeasePolicy(initial_ms=300)).start(hold_at=1)
     node = ScriptedNode(run.endpoint, "stuck")
     try:
         node.hello()

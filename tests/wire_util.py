@@ -250,7 +250,7 @@ class InProcessRun:
 
     def __init__(self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7,
                  limits: Limits | None = None, heartbeat_ms: int = 1000, admission=None,
-                 max_sessions: int | None = None, max_exposure: float | None = None):
+                 max_sessions: int | None = None, max_exposure: float | None = None, lease=None):
         self.preset = preset
         self.state = CoordinatorState()
         self.identity = Identity.generate()
@@ -259,6 +259,8 @@ class InProcessRun:
             extra["admission"] = admission
         if max_sessions is not None:
             extra["max_sessions"] = max_sessions
+        if lease is not None:
+            extra["lease"] = lease
         self.server = CoordinatorServer("tcp://127.0.0.1:*", self.identity, self.state, ExposureLedger(),
                                         heartbeat_ms=heartbeat_ms, log=self._log, max_exposure=max_exposure,
                                         **extra)
@@ -366,9 +368,8 @@ class ScriptedNode:
         self.name = name
         self._own_ctx = context is None
         self.ctx = context or zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(endpoint)
+        self.endpoint = endpoint
+        self.sock = self._socket()
         self.statics: dict[str, np.ndarray] = {}
         self.results: list[list] = []  # frames of every RESULT sent, in order
         self.held: list[Message] = []  # batches received and kept unanswered
@@ -380,6 +381,12 @@ class ScriptedNode:
         self.heartbeat_s = 1.0
         self._last_sent = 0.0
         self.credit = 2  # what its heartbeats ask for; 0 is a paused volunteer
+
+    def _socket(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        return sock
 
     def close(self) -> None:
         self.sock.close(0)
@@ -398,7 +405,13 @@ class ScriptedNode:
         return frames
 
     def hello(self, timeout: float = 10, invite: str | None = None) -> None:
-        """The whole ENS2 handshake: HI, CHALLENGE, HELLO, WELCOME, then a first sealed HEARTBEAT."""
+        """The whole ENS2 handshake: HI, CHALLENGE, HELLO, WELCOME, then a first sealed HEARTBEAT.
+        Again after a session: on a new connection, as the real daemon does (one CHALLENGE per
+        connection)."""
+        if self.channel is not None:
+            self.sock.close(0)
+            self.sock = self._socket()
+            self.channel = None
         hs = NodeHandshake(self.identity, self.name, {"ops": list(OPS), "threads": 1, "credit": 2}, invite=invite)
         self.handshake = hs
         self.send(hs.hi())

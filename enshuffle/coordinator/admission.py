@@ -8,7 +8,11 @@
   `invite = {"id": SHA-256(code)[:16 hex], "proof": HMAC-SHA256(code, challenge || node_key)}`
   (hex), so a recorded HELLO reveals nothing reusable. A one-time code is consumed by its first
   use; the key it admitted is remembered in `invited_nodes` (one fingerprint per line) so that
-  node can reconnect.
+  node can reconnect. Every code expires (INVITE_DAYS after it was made) and admits at most
+  `max_keys` keys (one; REUSABLE_MAX_KEYS for --reusable), so one party holding a reusable code
+  cannot mint keys without end, nor more sessions than that.
+  A volunteer passes the code in ENSHUFFLE_INVITE or as `--invite @FILE`, so it is not in the
+  node's command line (which every local user can read).
 * `auto`: keys admitted by the program itself (`enshuffle train`'s local nodes).
 * `open`: anyone; the coordinator says so loudly at start.
 """
@@ -31,6 +35,8 @@ from enshuffle.protocol.keys import (KeyStoreError, enshuffle_home, fingerprint,
 
 INVITES_FILE = "invites.json"
 INVITED_FILE = "invited_nodes"
+INVITE_DAYS = 7  # an invite code is good for this long after `enshuffle invite`
+REUSABLE_MAX_KEYS = 16  # keys one --reusable code may admit
 
 
 def read_allow_file(path: Path) -> set[str]:
@@ -76,12 +82,31 @@ def load_invites(home: Path) -> dict[str, dict]:
         return {}
 
 
+def invite_problem(entry: dict, fp: str, now: float | None = None) -> str | None:
+    """Why a valid invite code no longer admits key `fp` (expired, or its keys used up), or None.
+    Entries written before these limits existed count as reusable-sized and never expire."""
+    now = time.time() if now is None else now
+    expires = entry.get("expires_at")
+    if isinstance(expires, (int, float)) and now > expires:
+        return "its invite code has expired; ask the operator for a new one (enshuffle invite)"
+    stored = entry.get("keys")
+    keys: list = stored if isinstance(stored, list) else []
+    given = entry.get("max_keys")
+    limit: int = given if isinstance(given, int) else REUSABLE_MAX_KEYS
+    if fp not in keys and len(keys) >= limit:
+        return f"its invite code has admitted its {limit} node keys already; ask the operator for a new one"
+    return None
+
+
 def create_invite(home: Path, reusable: bool) -> str:
     """A new invite code, stored in the coordinator's home; returns the code."""
     code = secrets.token_hex(16)
     invites = load_invites(home)
+    now = time.time()
     invites[invite_id(code)] = {"code": code, "reusable": bool(reusable),
-                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+                                "expires_at": int(now + INVITE_DAYS * 86400),
+                                "max_keys": REUSABLE_MAX_KEYS if reusable else 1, "keys": []}
     _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
     return code
 
@@ -96,15 +121,31 @@ class Admission:
         self.home = home
         self.auto = {fingerprint(k) for k in (auto or set())}
         self.allowed: set[str] = read_allow_file(self.allow_file) if self.allow_file else set()
+        self.invited_by: dict[str, str] = {}  # fingerprint -> id of the invite code that admitted it
         self.invited: set[str] = self._read_invited()
 
     def _read_invited(self) -> set[str]:
         if self.home is None or not (self.home / INVITED_FILE).exists():
             return set()
         try:
-            return read_allow_file(self.home / INVITED_FILE)
-        except KeyStoreError:
+            invited = read_allow_file(self.home / INVITED_FILE)
+            for line in (self.home / INVITED_FILE).read_text(encoding="utf-8").splitlines():
+                entry, _, comment = line.partition("#")
+                words = comment.split()
+                if len(words) == 2 and words[0] == "invite":
+                    try:
+                        self.invited_by[normalize_fingerprint(entry.strip())] = words[1]
+                    except KeyStoreError:
+                        pass
+            return invited
+        except (KeyStoreError, OSError, UnicodeDecodeError):
             return set()
+
+    def group_of(self, key: bytes) -> str | None:
+        """The party a key belongs to for the exposure bound: the invite code that admitted it
+        (every key of one code counts as one node), or None."""
+        ident = self.invited_by.get(fingerprint(key))
+        return f"invite {ident}" if ident else None
 
     def admit_key(self, key: bytes) -> None:
         self.auto.add(fingerprint(key))
@@ -149,6 +190,9 @@ class Admission:
             if isinstance(ident, str) and isinstance(proof, str) and len(proof) == 64:
                 entry = load_invites(self.home).get(ident)
                 if entry and hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof):
+                    problem = invite_problem(entry, fp)
+                    if problem is not None:
+                        return False, problem
                     self._use_invite(ident, entry, fp)
                     return True, "invite code"
         return False, ""
@@ -157,15 +201,19 @@ class Admission:
         home = self.home
         assert home is not None  # invite codes are read from the home
         self.invited.add(fp)
+        self.invited_by[fp] = ident
         try:
             with open(home / INVITED_FILE, "a", encoding="utf-8") as fh:
                 fh.write(f"{fp}  # invite {ident}\n")
             os.chmod(home / INVITED_FILE, 0o600)
+            invites = load_invites(home)
             if not entry.get("reusable"):
-                invites = load_invites(home)
                 invites.pop(ident, None)
-                _write_private(home / INVITES_FILE,
-                               json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
+            elif ident in invites:
+                stored = invites[ident].get("keys")
+                known: list = stored if isinstance(stored, list) else []
+                invites[ident]["keys"] = sorted(set(known) | {fp})
+            _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
         except OSError:
             pass  # admitted for this process at least; the operator sees the key in the log
 
@@ -181,9 +229,14 @@ def cmd_invite(args) -> int:
     kind = "reusable" if args.reusable else "one-time"
     print(f"{kind} invite code: {code}")
     print("on the volunteer's machine run:")
-    print(f"    enshuffle node --connect {args.connect} --coordinator-key {identity.fingerprint} --invite {code}")
-    print("(the code works with any coordinator started with this ENSHUFFLE_HOME; "
-          + ("it stays valid until you delete it from " if args.reusable else "it is used up by the first node; see ")
+    print(f"    ENSHUFFLE_INVITE={code} enshuffle node --connect {args.connect} "
+          f"--coordinator-key {identity.fingerprint}")
+    print("(in the environment, the code stays out of the node's command line, which other local users can "
+          "read; `--invite @FILE` reads it from a file)")
+    print("(the code works with any coordinator started with this ENSHUFFLE_HOME for "
+          f"{INVITE_DAYS} days; "
+          + (f"it admits up to {REUSABLE_MAX_KEYS} node keys; delete it from " if args.reusable
+             else "it is used up by the first node; see ")
           + f"{home / INVITES_FILE})")
     sys.stdout.flush()
     return 0

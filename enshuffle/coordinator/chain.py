@@ -635,6 +635,17 @@ def home_head_problem(chain: Chain, home: Path) -> str | None:
     return None
 
 
+def trust_problem(chain: Chain, expected_fingerprint: str | None, home: Path | None) -> str | None:
+    """What `chain verify` checks, as one answer for `chain export` and `--resume`: every version,
+    its signer (when `expected_fingerprint` is known) and the head log, also against the head this
+    machine's coordinator recorded in `home`. None when the chain may be used."""
+    report = chain.verify(expected_fingerprint)
+    if not report.ok:
+        where = f"version {report.first_bad}: " if report.first_bad else ""
+        return f"{where}{report.problem}"
+    return home_head_problem(chain, home) if home is not None else None
+
+
 def _record_shape_problem(record) -> str | None:
     """Why a parsed version.json is not a version record, or None. Keeps ids out of paths unless hex."""
     if not isinstance(record, dict):
@@ -762,6 +773,24 @@ def cmd_verify(args) -> int:
 def cmd_export(args) -> int:
     """`enshuffle chain export RUN_DIR [--version ID] --npz FILE`: write w1, b1, w2, b2, ... as a plain .npz."""
     chain = _open_for_cli(args.run_dir)
+    # The checks of `chain verify` first: a chain re-signed by another key or rolled back is not
+    # exported as if it were this coordinator's model.
+    expected: str | None
+    if getattr(args, "key", None):
+        try:
+            expected, home = normalize_fingerprint(args.key), None
+        except KeyStoreError as exc:
+            raise UsageError(f"--key: {exc}") from None
+    else:
+        expected, home = _this_machines_coordinator()
+    try:
+        problem = trust_problem(chain, expected, home)
+    except ChainError as exc:
+        problem = str(exc)
+    if problem is not None:
+        print(f"enshuffle chain export: FAILED: {problem}; nothing written (`enshuffle chain verify {args.run_dir}` "
+              f"says the same)", file=sys.stderr)
+        return 1
     try:
         version_id = chain.resolve(args.version) if args.version else chain.head()
         if version_id is None:
@@ -795,5 +824,11 @@ def cmd_export(args) -> int:
         raise UsageError(f"cannot write {args.npz}: {exc.strerror}; choose a writable path") from None
     finally:
         tmp.unlink(missing_ok=True)
+    signer_hex = chain.run_key()
+    if expected is None and signer_hex is not None:
+        print(f"enshuffle chain export: warning: this machine has no coordinator key, so nothing says "
+              f"{fingerprint(bytes.fromhex(signer_hex))}, the key that signed this chain, is the right one "
+              f"(pass --key FINGERPRINT where the export command takes it, or run `enshuffle chain verify --key`)",
+              file=sys.stderr)
     print(f"wrote {', '.join(names)} of version {short(version_id)} to {target}")
     return 0

@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 
 LIES = ("failed-check", "wrong-shape")  # refusals that count toward quarantine
 QUARANTINE_AFTER = 3
+# REJECTs (the node says it cannot do a batch) in a row, with no accepted result between them,
+# that quarantine a key: an honest node rejects now and then (a batch that waited past its lease,
+# a full queue); one that rejects everything is withholding its share of the work.
+REJECTS_AFTER = 5
 TRUST_AFTER = 20
 
 
@@ -33,6 +37,7 @@ class KeyRecord:
     accepted: int = 0
     refused: Counter = field(default_factory=Counter)  # reason -> count (lies and other refusals)
     lies: int = 0  # since the last re-admission
+    rejects: int = 0  # REJECTs since the last accepted result (or re-admission)
     quarantined: bool = False
     reason: str = ""  # the last lie, as logged
     quarantined_at: float = 0.0  # time.time()
@@ -45,10 +50,12 @@ class KeyRecord:
 class Reputation:
     """Records per node key (32-byte public key)."""
 
-    def __init__(self, quarantine_after: int = QUARANTINE_AFTER, trust_after: int = TRUST_AFTER):
-        if quarantine_after < 1:
-            raise ValueError("quarantine_after must be >= 1")
+    def __init__(self, quarantine_after: int = QUARANTINE_AFTER, trust_after: int = TRUST_AFTER,
+                 rejects_after: int = REJECTS_AFTER):
+        if quarantine_after < 1 or rejects_after < 1:
+            raise ValueError("quarantine_after and rejects_after must be >= 1")
         self.quarantine_after = quarantine_after
+        self.rejects_after = rejects_after
         self.trust_after = trust_after
         self.records: dict[bytes, KeyRecord] = {}
 
@@ -62,6 +69,7 @@ class Reputation:
         rec = self.records.get(key)
         if rec is not None:
             rec.accepted += 1
+            rec.rejects = 0
 
     def refused(self, key: bytes, reason: str, detail: str = "") -> bool:
         """Count a refusal; True if this one quarantines the key (only lies count toward that)."""
@@ -79,6 +87,23 @@ class Reputation:
             return True
         return False
 
+    def rejected(self, key: bytes, code: str, detail: str = "") -> bool:
+        """Count a REJECT (not a lie); True if this one quarantines the key: `rejects_after` in a
+        row with no accepted result between them."""
+        rec = self.records.get(key)
+        if rec is None:
+            return False
+        rec.refused["rejected"] += 1
+        if rec.quarantined:
+            return False
+        rec.rejects += 1
+        if rec.rejects >= self.rejects_after:
+            rec.quarantined = True
+            rec.quarantined_at = time.time()
+            rec.reason = f"{rec.rejects} batches rejected in a row, none answered (last: {code}: {detail[:200]})"
+            return True
+        return False
+
     def is_quarantined(self, key: bytes) -> bool:
         rec = self.records.get(key)
         return rec is not None and rec.quarantined
@@ -93,6 +118,7 @@ class Reputation:
             if rec.quarantined and (which is None or which in (rec.label, rec.fingerprint)):
                 rec.quarantined = False
                 rec.lies = 0
+                rec.rejects = 0
                 done.append(rec)
         return done
 

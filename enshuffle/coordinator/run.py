@@ -25,7 +25,7 @@ import numpy as np
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 from enshuffle.coordinator.addresses import volunteer_addresses
 from enshuffle.coordinator.admission import Admission
-from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home
+from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home, trust_problem
 from enshuffle.coordinator.distributed import DistributedCompute, default_disguise
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
 from enshuffle.coordinator.offload import default_cost_model
@@ -37,6 +37,8 @@ from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, Ep
 from enshuffle.coordinator.training import Trainer
 from enshuffle.errors import UsageError
 from enshuffle.protocol.keys import enshuffle_home, fingerprint, load_or_create_identity
+
+CHAIN_WRITE_ATTEMPTS = 3  # a version write that fails (OSError) is tried this often, then left for the next
 
 
 
@@ -172,6 +174,13 @@ class CoordinatorRun:
         if head is None:
             raise UsageError(f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
                              f"start without --resume")
+        # What `chain verify` checks: every version signed by this coordinator's key, and a head
+        # log that matches the head this machine recorded (a rolled-back HEAD is refused).
+        problem = trust_problem(self.chain, self.identity.fingerprint,
+                                self.home if self.home is not None else enshuffle_home())
+        if problem is not None:
+            raise UsageError(f"cannot resume from {self.run_dir}: {problem}; `enshuffle chain verify {self.run_dir}` "
+                             f"shows the same")
         arrays, meta = self.chain.load(head)
         try:
             self.trainer.restore(arrays, meta)
@@ -231,8 +240,22 @@ class CoordinatorRun:
             "ledger": self.server.ledger.export(), "history": history,
             "labels": {key.hex(): label for key, label in self.server.labels.items()},
         })
-        version = self.chain.append(arrays, meta)
-        record_head_in_home(self.chain, self.home if self.home is not None else enshuffle_home())
+        for attempt in range(CHAIN_WRITE_ATTEMPTS):
+            try:
+                version = self.chain.append(arrays, meta)
+                record_head_in_home(self.chain, self.home if self.home is not None else enshuffle_home())
+                break
+            except OSError as exc:  # e.g. out of file descriptors or disk space for a moment
+                # An append that failed leaves the head where it was (what it wrote is cleaned up by
+                # the next one): training goes on, and the next version (or this one again) retries.
+                again = attempt + 1 < CHAIN_WRITE_ATTEMPTS
+                self.log(f"could not write a model version to {self.chain.dir if self.chain else 'the chain'} "
+                         f"({exc.strerror or exc}); "
+                         f"{'trying again' if again else 'training goes on; the next version retries'}")
+                if attempt + 1 < CHAIN_WRITE_ATTEMPTS:
+                    self.server.pump(timeout_ms=1000)  # nodes stay serviced while it waits
+        else:
+            return None
         parent = self.state.versions[-1].version_id if self.state.versions else None
         with self.state.lock:
             self.state.versions.append(_version_row(version, parent, meta))
@@ -359,9 +382,11 @@ def make_private(run_dir: Path) -> None:
     writes there from now on (chain versions, run.json, checkpoints) is created private too."""
     os.umask(0o077)
     os.chmod(run_dir, 0o700)
-    for root, dirs, files in os.walk(run_dir):
+    for root, dirs, files in os.walk(run_dir):  # never descends into a symbolic link
         for name in dirs:
-            os.chmod(os.path.join(root, name), 0o700)
+            path = os.path.join(root, name)
+            if not os.path.islink(path):  # a link inside --out: its target is not ours to chmod
+                os.chmod(path, 0o700)
         for name in files:
             path = os.path.join(root, name)
             if not os.path.islink(path):

@@ -36,8 +36,13 @@ class Scheduler:
     """Slot ownership, the exposure bound and the waiting queue of one run."""
 
     def __init__(self, ledger: ExposureLedger, sessions: dict, *, max_exposure: float | None = None,
-                 log: Callable[[str], None] = lambda line: None, changed: Callable[[], None] = lambda: None):
+                 log: Callable[[str], None] = lambda line: None, changed: Callable[[], None] = lambda: None,
+                 group_ledger: ExposureLedger | None = None):
         self.ledger = ledger
+        # What the keys of one group (one invite code) have received together, by group name: the
+        # bound holds for a group as for one key, so a party with several keys from one code gets
+        # no more than one key would. A session's group is its `group` attribute (None: none).
+        self.group_ledger = group_ledger
         self.sessions = sessions  # node_id -> live session; the server's own dict, read here
         self.max_exposure = max_exposure
         self.log = log
@@ -81,6 +86,23 @@ class Scheduler:
         for other in promised - session.shards_held:
             exposure.extend(self.slot_exposure(other))
         would = self.ledger.would_hold(session.label, exposure)
+        if not all(would.get(kind, 0.0) <= bound + 1e-9 for kind, bound in self.bound.items()):
+            return False
+        group = getattr(session, "group", None)
+        if group is None or self.group_ledger is None:
+            return True
+        # The group: what its members received, plus every slot any of them is promised.
+        members = [s for s in self.sessions.values() if getattr(s, "group", None) == group]
+        if all(m is not session for m in members):
+            members.append(session)
+        together = list(self.slot_exposure(shard))
+        for member in members:
+            owned = {s for s, owner in enumerate(self.owner) if owner == member.node_id}
+            owned.update(t.batch.shard for t in member.queue)
+            owned.update(t.batch.shard for t in member.outstanding.values())
+            for other in owned - member.shards_held - {shard}:
+                together.extend(self.slot_exposure(other))
+        would = self.group_ledger.would_hold(group, together)
         return all(would.get(kind, 0.0) <= bound + 1e-9 for kind, bound in self.bound.items())
 
     def block(self, shard: int, why: str) -> None:

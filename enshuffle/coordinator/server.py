@@ -16,8 +16,14 @@ carries the decisions out over the socket.
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
+
+try:
+    import resource
+except ImportError:  # not on every platform
+    resource = None
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,28 +37,80 @@ from enshuffle.coordinator.reputation import Reputation
 from enshuffle.coordinator.scheduling import Scheduler
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, NodeRow
 from enshuffle.coordinator.verify import StaticNorms, check_matmul, check_replica
-from enshuffle.protocol.handshake import Pending, check_hello, make_challenge
+from enshuffle.protocol.handshake import Pending, check_hello, frame_digest, make_challenge
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
-from enshuffle.protocol.messages import (OPS, PROTOCOL_VERSION, Channel, Limits, ProtocolError, decode, encode,
-                                         inner_parts)
+from enshuffle.protocol.text import printable
+from enshuffle.protocol.messages import (COUNTER_BYTES, OPS, PREFIX_BYTES, PROTOCOL_VERSION, TAG_BYTES, Channel,
+                                         Limits, ProtocolError, decode, encode, inner_parts)
 
 LEASE_MIN_MS = 2000
 LEASE_MULTIPLE = 4.0
 LEASE_INITIAL_MS = 30000
+
+
+@dataclass(frozen=True)
+class LeasePolicy:
+    """How long a node may hold a batch: `initial_ms` until five results have been timed, then
+    `multiple` x the node's p90 seconds per unit of work x the batch's work, at least `min_ms`.
+    WELCOME sends exactly these values."""
+
+    min_ms: int = LEASE_MIN_MS
+    multiple: float = LEASE_MULTIPLE
+    initial_ms: int = LEASE_INITIAL_MS
+
+    def seconds(self, seconds_per_work, work: float) -> float:
+        if len(seconds_per_work) < 5:
+            return self.initial_ms / 1000
+        p90 = sorted(seconds_per_work)[int(0.9 * (len(seconds_per_work) - 1))]
+        return max(self.min_ms / 1000, self.multiple * p90 * work)
+
+    def header(self) -> dict:
+        return {"min_ms": self.min_ms, "multiple": self.multiple, "initial_ms": self.initial_ms}
+
+
+DEFAULT_LEASE = LeasePolicy()
+MAX_RESYNCS = 5  # resident-state resyncs a session gets before its rejections count
 MAX_PROTOCOL_ERRORS = 50  # malformed/unverifiable messages before a node is evicted (protocol.md section 15)
 WARN_BURST, WARN_WINDOW = 10, 10.0  # per peer: log lines, seconds
-MAX_ATTEMPTS = 5  # a batch rejected this many times aborts the run (lies, departures and leases do not count)
+# A batch rejected by this many distinct node keys aborts the run: the batch itself is at fault.
+# One key rejecting again and again never aborts it (it gets quarantined: reputation.REJECTS_AFTER);
+# lies, departures and leases never count.
+MAX_ATTEMPTS = 3
 MAX_SESSIONS = 1024  # live + joining sessions; more get REFUSE `busy`
 MAX_PENDING = 1024  # CHALLENGEs awaiting a HELLO (oldest dropped first)
 HANDSHAKE_TIMEOUT = 10.0  # seconds from CHALLENGE to the first sealed message
 REFUSE_INTERVAL = 10.0  # at most one REFUSE per routing id per this many seconds ...
-HANDSHAKE_REPLIES_PER_S = 200  # ... and at most this many CHALLENGE/REFUSE replies per second in all
+HANDSHAKE_REPLIES_PER_S = 200  # ... and at most this many CHALLENGE/REFUSE replies per second in all,
+ADDRESS_REPLIES_PER_S = HANDSHAKE_REPLIES_PER_S // 2  # ... and at most this many per peer address
+MAX_ADDRESSES = 4096  # peer addresses whose reply budget is kept (oldest forgotten first)
+MAX_CHALLENGED = 4 * 1024  # connections (routing ids) remembered as having had their one CHALLENGE
 ZERO_COPY_BYTES = 64 * 1024
-RECEIVE_HWM = 64  # messages queued per connection before libzmq stops reading it
+RECEIVE_HWM = 8  # messages queued per connection before libzmq stops reading it (credit 2 + a few)
 SWEEP_S = 0.05  # the longest pump() goes without visiting every session (leases, silence, heartbeats)
 # A coordinator receives RESULTs (a block of at most samples x hidden units) and small messages: it
 # has no use for 1 GiB messages, so libzmq drops bigger frames before buffering them.
 COORDINATOR_LIMITS = Limits(max_message_bytes=256 << 20)
+# A sealed frame around a RESULT: envelope, counter, tag, command byte and name, header length.
+SEALED_OVERHEAD = PREFIX_BYTES + COUNTER_BYTES + TAG_BYTES + 1 + len("RESULT") + 4
+
+
+HANDSHAKE_IVL_MS = 5000  # libzmq closes a connection whose ZMTP greeting is not done by then
+
+
+def raise_open_file_limit() -> tuple[int, int] | None:
+    """Raise this process's soft limit on open files to its hard limit: each connection is a file
+    descriptor, and idle connections must not leave none for the chain's files. (soft, hard) after,
+    or None where the platform has no such limit."""
+    if resource is None:
+        return None
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ValueError, OSError):
+        return None
 
 
 class StepAbandoned(RuntimeError):
@@ -61,6 +119,19 @@ class StepAbandoned(RuntimeError):
 
 class TrainingAborted(RuntimeError):
     """The run cannot go on (e.g. every node rejects the same batch); the message says why."""
+
+
+def reseed(rng) -> bool:
+    """Give a NumPy PCG64 Generator a fresh state from 256 bits of os.urandom, in place (what has
+    been drawn stays drawn). Called between batches on the generator of the per-batch disguise
+    secrets: recovering one batch's PCG64 state (it is not a cryptographic generator) then
+    predicts no other batch's secrets (docs/design.md, "Where the secrets come from"). False if
+    `rng` is not a PCG64 Generator (a test's own generator is left alone)."""
+    if not isinstance(rng, np.random.Generator) or not isinstance(rng.bit_generator, np.random.PCG64):
+        return False
+    fresh = np.random.PCG64(np.random.SeedSequence(int.from_bytes(os.urandom(32), "big")))
+    rng.bit_generator.state = fresh.state
+    return True
 
 
 def batch_work(batch: Batch, statics: dict[str, np.ndarray] | None = None) -> float:
@@ -106,10 +177,12 @@ class Task:
     seq: int = -1
     sent_at: float = 0.0
     deadline: float = 0.0
-    attempts: int = 0
+    attempts: int = 0  # distinct node keys that rejected it
+    rejected_by: set = field(default_factory=set)
     # node_id -> seq of the copy that node was sent: a re-issue gives the batch a new seq, and the
     # first holder's late answer must still match its own copy (to free its slot, counted `expired`).
     seq_by_node: dict[str, int] = field(default_factory=dict)
+    result_bytes: int = 0  # what its RESULT's array takes: a bigger sealed frame is not opened
 
 
 @dataclass
@@ -133,21 +206,22 @@ class Session:
     queue: deque = field(default_factory=deque)
     shards_held: set[int] = field(default_factory=set)  # static operands this session has received
     state_versions: dict[int, int] = field(default_factory=dict)  # slot -> its resident state's version here
+    resyncs: int = 0  # state-behind/ahead rejections answered with the checkpoint again
     last_seen: float = field(default_factory=time.monotonic)
     last_sent: float = field(default_factory=time.monotonic)
     seconds_per_work: deque = field(default_factory=lambda: deque(maxlen=20))
     done: int = 0
     protocol_errors: int = 0
     rate_window: deque = field(default_factory=lambda: deque(maxlen=64))
+    lease: LeasePolicy = DEFAULT_LEASE
+    max_message: int = 0  # the largest frame the node says it takes (HELLO capabilities); 0: not said
+    group: str | None = None  # keys that count as one party for the exposure bound (one invite code)
 
     def window(self) -> int:
         return min(self.credit, self.want)
 
     def lease_seconds(self, work: float) -> float:
-        if len(self.seconds_per_work) < 5:
-            return LEASE_INITIAL_MS / 1000
-        p90 = sorted(self.seconds_per_work)[int(0.9 * (len(self.seconds_per_work) - 1))]
-        return max(LEASE_MIN_MS / 1000, LEASE_MULTIPLE * p90 * work)
+        return self.lease.seconds(self.seconds_per_work, work)
 
 
 KEEPALIVE_S = 0.1  # keepalive() services the socket at most this often between the coordinator's own work
@@ -161,8 +235,9 @@ class CoordinatorServer:
                  control: CoordinatorControl | None = None, heartbeat_ms: int = 1000, max_credit: int = 2,
                  log: Callable[[str], None] | None = None, context: zmq.Context | None = None,
                  limits: Limits = COORDINATOR_LIMITS, admission=None, max_sessions: int = MAX_SESSIONS,
-                 max_exposure: float | None = None):
+                 max_exposure: float | None = None, lease: LeasePolicy = DEFAULT_LEASE):
         self.identity = identity
+        self.lease = lease  # sent in WELCOME; what every session's leases follow
         self.admission = admission  # enshuffle.coordinator.admission.Admission; None admits everyone
         self.max_sessions = max_sessions
         self.limits = limits  # what a node's message may be (docs/protocol.md section 14)
@@ -173,16 +248,22 @@ class CoordinatorServer:
         self.max_credit = max_credit
         self._log = log or (lambda line: None)
         self.run_id = secrets.token_hex(8)
+        raise_open_file_limit()
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.IPV6, 1)  # tcp://[::]:PORT and IPv6 peers; IPv4 still works
         self.sock.setsockopt(zmq.LINGER, 0)
+        # A TCP connection that never completes its ZMTP greeting (a plain connect that says
+        # nothing) is closed by libzmq after this long instead of 30 s: idle connects cannot pile up.
+        self.sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
         # At most RCVHWM messages wait per connection (then libzmq stops reading that peer's TCP
         # stream): an honest node has at most credit + a few in flight; a flooding stranger's
-        # backlog stays small instead of the default 1,000 messages.
-        self.sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        # backlog stays small instead of the default 1,000 messages. With MAXMSGSIZE this bounds
+        # what one connection can make libzmq hold: RCVHWM x MAXMSGSIZE, authenticated or not
+        # (except an unfinished multi-part message: docs/protocol.md section 16).
+        self.sock.setsockopt(zmq.RCVHWM, max(RECEIVE_HWM, 2 * max_credit + 4))
         # No libzmq (ZMTP) heartbeats: with them, a peer that floods a connection until libzmq
         # stops reading it makes libzmq abort the whole process (`Assertion failed: !_io_error`,
         # stream_engine_base.cpp; libzmq issues 3937, 4364, 4767), as scripts/fuzz_load.py did.
@@ -203,6 +284,9 @@ class CoordinatorServer:
         self.pending: OrderedDict[bytes, Pending] = OrderedDict()  # routing id -> CHALLENGE sent
         self._refused_at: OrderedDict[bytes, float] = OrderedDict()  # routing id -> last REFUSE
         self._reply_budget = (time.monotonic(), float(HANDSHAKE_REPLIES_PER_S))
+        self.address_replies_per_s = float(ADDRESS_REPLIES_PER_S)
+        self._address_budget: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (when, tokens)
+        self._challenged: OrderedDict[bytes, None] = OrderedDict()  # one CHALLENGE per connection
         self.crypto_seconds = 0.0  # handshakes + sealing/opening: what `enshuffle bench` reports
         self._dirty = True  # something changed that the next pump() must act on at once
         self._swept_at = 0.0
@@ -216,7 +300,7 @@ class CoordinatorServer:
         self.finished = False
         self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0,
                          "wrong": 0, "refused": 0, "declined": 0, "handshakes": 0, "challenges": 0,
-                         "quarantined": 0}
+                         "quarantined": 0, "oversize": 0, "reseeded": 0}
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiting_logged = False
@@ -237,8 +321,11 @@ class CoordinatorServer:
         # Shard ownership and the exposure bound (docs/design.md, "Privacy"): per bounded kind, the
         # share a node may ever hold; by default one slot's block. A slot never moves to a node it
         # would push over.
+        # The same ledger per group of keys (the keys one invite code admitted): the bound holds per
+        # group too. Kept here only for the bound; the operator's ledger stays per node key.
+        self.group_ledger = ExposureLedger(ledger.axes)
         self.scheduler = Scheduler(ledger, self.sessions, max_exposure=max_exposure, log=self.log,
-                                   changed=self._mark_dirty)
+                                   changed=self._mark_dirty, group_ledger=self.group_ledger)
 
     def _mark_dirty(self) -> None:
         self._dirty = True
@@ -258,6 +345,7 @@ class CoordinatorServer:
 
     # -- plumbing ---------------------------------------------------------------------
     def log(self, line: str) -> None:
+        line = printable(line, 4000)  # one line, whatever a peer put in it (names, texts, reasons)
         self.state.add_log(line)
         self._log(line)
 
@@ -310,6 +398,20 @@ class CoordinatorServer:
         except zmq.ZMQError:
             pass  # the peer is gone; nothing to tell
 
+    def _address_allowed(self, address: str) -> bool:
+        """Per peer address, at most ADDRESS_REPLIES_PER_S CHALLENGEs a second: one host opening
+        connection after connection cannot take the whole global budget."""
+        host = address.rsplit(":", 1)[0] if address.count(":") == 1 else address  # never a port here
+        now = time.monotonic()
+        rate = self.address_replies_per_s
+        since, tokens = self._address_budget.pop(host, (now, rate))
+        tokens = min(rate, tokens + (now - since) * rate)
+        allowed = tokens >= 1.0
+        self._address_budget[host] = (now, tokens - 1.0 if allowed else tokens)
+        while len(self._address_budget) > MAX_ADDRESSES:
+            self._address_budget.popitem(last=False)
+        return allowed
+
     def _reply_allowed(self) -> bool:
         """The global budget for unauthenticated replies (CHALLENGE, REFUSE): a flood of HIs or
         HELLOs cannot make this coordinator sign more than HANDSHAKE_REPLIES_PER_S a second."""
@@ -352,7 +454,12 @@ class CoordinatorServer:
         static_cols = self.static_arrays(batch.shard)[name].shape[1] if name else 0
         task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
                     work=batch_work(batch), shape=expected_shape(batch, static_cols))
+        dtype = batch.arrays["b" if "b" in batch.arrays else "a"].dtype
+        task.result_bytes = int(np.prod(task.shape)) * dtype.itemsize
         self._tasks[task.batch_id] = task
+        # This batch's disguise secrets are drawn: the next batch's come from a fresh seed.
+        if reseed(getattr(self.compute, "rng", None)):
+            self.counters["reseeded"] += 1
         self.scheduler.enqueue(task)
         self._dirty = False
         self._dispatch()
@@ -485,8 +592,9 @@ class CoordinatorServer:
                 self.state.nodes.pop(session.label, None)
 
     def _reissue(self, task: Task, previous: Session | None, why: str, counts: bool = True) -> None:
-        """Send `task` again. Only rejections count toward MAX_ATTEMPTS: a node that leaves,
-        vanishes, runs out its lease or lies (it gets itself quarantined) never makes the run abort."""
+        """Send `task` again. Only rejections by distinct keys count toward MAX_ATTEMPTS: a node that
+        leaves, vanishes, runs out its lease, lies or rejects again and again (it gets itself
+        quarantined) never makes the run abort."""
         self._dirty = True
         if counts:
             task.attempts += 1
@@ -497,8 +605,8 @@ class CoordinatorServer:
                 if row is not None:
                     row.reissued += 1
         if task.attempts >= MAX_ATTEMPTS:
-            raise TrainingAborted(f"batch {task.batch_id} ({task.batch.op}) failed {task.attempts} times, "
-                                  f"last because {why}; check the nodes' logs")
+            raise TrainingAborted(f"batch {task.batch_id} ({task.batch.op}) was rejected by {task.attempts} "
+                                  f"different nodes, last because {why}; check the nodes' logs")
         self.scheduler.reissue(task, previous)
 
     # -- the poll loop -------------------------------------------------------------------
@@ -587,8 +695,21 @@ class CoordinatorServer:
         if shard in session.shards_held:
             return True
         arrays = self.static_arrays(shard)
+        too_big = [a.nbytes for a in arrays.values() if not self._fits(session, a.nbytes)]
+        if too_big:
+            # It would cut the connection on such a frame (its MAXMSGSIZE): as if it had rejected it.
+            self.counters["rejected"] += 1
+            self.reputation.rejected(session.key, "too-large", "static operand beyond its max_message")
+            self.log(f"node {session.label} cannot store its static operands (one is {max(too_big)} bytes; it takes "
+                     f"messages of at most {session.max_message} bytes: its --max-memory); evicting it from this run")
+            self._send(session, "BYE", {"node_id": session.node_id, "reason": "evicted"})
+            self.banned.add(session.key)
+            self._end_session(session, "it cannot store its static operands")
+            return False
         for name, array in arrays.items():
             self.ledger.record(session.label, self.compute.static_exposure(shard))
+            if session.group is not None:
+                self.group_ledger.record(session.group, self.compute.static_exposure(shard))
             share = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
             header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
             fields = self.compute.static_fields(shard, name) if hasattr(self.compute, "static_fields") else {}
@@ -600,7 +721,26 @@ class CoordinatorServer:
         session.shards_held.add(shard)
         return True
 
+    def _fits(self, session: Session, payload_bytes: int) -> bool:
+        """Would a message with `payload_bytes` of arrays fit the node's stated frame limit?"""
+        return not session.max_message or payload_bytes + SEALED_OVERHEAD + self.limits.max_header_bytes \
+            <= session.max_message
+
     def _send_batch(self, session: Session, task: Task) -> bool:
+        size = sum(a.nbytes for a in task.batch.arrays.values())
+        if not self._fits(session, size):
+            # Its libzmq would cut the connection on this frame: handled as its REJECT too-large.
+            self.counters["rejected"] += 1
+            self._warn(session.label, f"batch {task.batch_id} ({size} bytes) not sent to {session.label}: it takes "
+                                      f"messages of at most {session.max_message} bytes (its --max-memory)")
+            counts = session.key not in task.rejected_by
+            task.rejected_by.add(session.key)
+            quarantine = self.reputation.rejected(session.key, "too-large", f"batch of {size} bytes")
+            task.session = None
+            self._reissue(task, session, "it is larger than a node takes (too-large)", counts=counts)
+            if quarantine and session.node_id in self.sessions:
+                self._quarantine(session)
+            return True
         # Held by the session from here on, so a failed send below re-issues it with the rest.
         if not self.eligible(session, task.batch.shard):  # every path above checks; kept as a guard
             self._warn("bound-guard", f"exposure bound: batch {task.batch_id} not sent to {session.label}; "
@@ -619,6 +759,8 @@ class CoordinatorServer:
         task.deadline = now + lease
         # What this node has now seen in all (cumulative), so its volunteer knows what is on the machine.
         self.ledger.record(session.label, task.batch.exposure)
+        if session.group is not None:
+            self.group_ledger.record(session.group, task.batch.exposure)
         exposure = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
         batch = task.batch
         if batch.op == "resident":  # the updates this node's copy of the slot's state lacks
@@ -669,17 +811,18 @@ class CoordinatorServer:
                 if task.result is None and now > task.deadline and task.session == session.node_id:
                     # The slot stays occupied until the node answers: a stuck node gets no more work.
                     task.session = None
-                    session.stale[task.batch_id] = now + max(LEASE_MIN_MS / 1000, task.deadline - task.sent_at)
+                    session.stale[task.batch_id] = now + max(self.lease.min_ms / 1000, task.deadline - task.sent_at)
                     self.counters["expired"] += 1
                     self.log(f"lease expired: batch {task.batch_id} on {session.label} "
                              f"after {now - task.sent_at:.1f} s; reissuing")
                     self._reissue(task, session, "its lease expired", counts=False)
-            # A node that answers neither the expired batch nor anything else for another lease
-            # period is stuck (alive for heartbeats, not computing): end its session, so its work
-            # can go elsewhere, or to its next session if it recovers.
+            # A node that has not answered an expired batch for another lease period is stuck or
+            # withholding it (alive for heartbeats, answering other batches or none): end its
+            # session, so its work can go elsewhere, or to its next session if it recovers. Its
+            # copy of the batch holds a slot until then, and a re-issue to it would wait behind it.
             stuck_at = min(session.stale.values(), default=None)
-            if session.node_id in self.sessions and stuck_at is not None and now > stuck_at and \
-                    len(session.outstanding) >= session.window():
+            if session.node_id in self.sessions and stuck_at is not None and now > stuck_at:
+                self._send(session, "BYE", {"node_id": session.node_id, "reason": "stuck"})
                 self._end_session(session, "stuck: a batch whose lease expired has had no answer for another lease")
                 continue
             if now - session.last_sent > self.heartbeat_ms / 1000:
@@ -777,7 +920,7 @@ class CoordinatorServer:
             self.counters["dropped"] += 1
             if exc.code == "bad-version":
                 self._warn("unknown peers", f"dropped a message from a peer speaking another protocol version "
-                                            f"({exc.detail}); it must upgrade enshuffle")
+                                            f"({printable(exc.detail, 200)}); it must upgrade enshuffle")
             else:
                 self._warn("unknown peers", f"dropped a malformed message from an unknown peer: {exc.code}")
             return
@@ -786,27 +929,48 @@ class CoordinatorServer:
         except (zmq.ZMQError, AttributeError):
             address = ""
         if msg.command == "HI":
-            self._on_hi(routing_id, msg)
+            self._on_hi(routing_id, msg, body[0].buffer, address)
         elif msg.command == "HELLO":
-            self._on_hello(routing_id, msg, address)
+            self._on_hello(routing_id, msg, address, body[0].buffer)
         elif msg.command == "DECLINE":
             self._on_decline(routing_id, msg, address)
         else:
             self.counters["dropped"] += 1
             self._warn("unknown peers", f"dropped {msg.command} from a peer without a session")
 
+    def _largest_expected(self, session: Session) -> int:
+        """The largest sealed frame this node may send now: a RESULT for the biggest batch it holds
+        (header at its limit), else a message without arrays (HEARTBEAT, REJECT, BYE)."""
+        largest = max((t.result_bytes for t in session.outstanding.values()), default=0)
+        return SEALED_OVERHEAD + self.limits.max_header_bytes + largest
+
     def _handle_sealed(self, session: Session, body: list) -> None:
+        size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in body)
+        if size > self._largest_expected(session):
+            # Nothing asked of this node needs a frame this big: not opened (no decryption), and not
+            # held against the key, since nothing shows the key sealed it.
+            self.counters["dropped"] += 1
+            self.counters["oversize"] += 1
+            self._warn(session.label, f"dropped a {size}-byte message on the connection of {session.label} unopened: "
+                                      f"larger than anything asked of it ({self._largest_expected(session)} bytes)")
+            return
+        opened_before = session.channel.received
         try:
             msg = session.channel.open(body, limits=self.limits)
         except ProtocolError as exc:
             self.counters["dropped"] += 1
             if exc.code == "bad-seal":
                 self.counters["bad_signature"] += 1
-            if session.joined:
+            if session.channel.received == opened_before:
+                # It did not authenticate (a replay, a splice, bytes injected on the path, a frame
+                # that is not even sealed): nothing ties it to this key. Dropped, never a strike.
+                self._warn(session.label, f"dropped a message on the connection of {session.label}: {printable(exc, 300)}")
+            elif session.joined:
+                # Sealed under the session key, then malformed: only the node could have sent it.
                 self._count_refused(session)
-                self._protocol_error(session, f"dropped a message from {session.label}: {exc}")
+                self._protocol_error(session, f"dropped a message from {session.label}: {printable(exc, 300)}")
             else:
-                self._warn("unknown peers", f"dropped a message from joining node {session.label}: {exc}")
+                self._warn("unknown peers", f"dropped a message from joining node {session.label}: {printable(exc, 300)}")
             return
         session.last_seen = time.monotonic()
         if not session.joined:
@@ -868,18 +1032,25 @@ class CoordinatorServer:
                 break
             del self._refused_at[routing_id]
 
-    def _on_hi(self, routing_id: bytes, msg) -> None:
-        """HI: answer one CHALLENGE per routing id, within the global reply budget."""
-        if routing_id in self.pending:
+    def _on_hi(self, routing_id: bytes, msg, frame=b"", address: str = "") -> None:
+        """HI: one CHALLENGE per connection (routing id) ever, within the budget of its peer address
+        and the global one. A real node says HI once per connection; a DECLINE or a HELLO ends
+        that connection's handshake, so HI again on it is never answered."""
+        if routing_id in self.pending or routing_id in self._challenged:
             self.counters["dropped"] += 1
             return
         if msg.header["protocol"] != PROTOCOL_VERSION:
-            self._refuse(routing_id, msg.header["nonce"], "version-mismatch",
+            # HI is unsigned: the REFUSE names the exact bytes received, not the node's nonce, so
+            # a HI rewritten on the way makes the node retry, never give up.
+            self._refuse(routing_id, frame_digest(frame), "version-mismatch",
                          f"this coordinator speaks protocol {PROTOCOL_VERSION}; upgrade enshuffle")
             return
-        if not self._reply_allowed():
+        if not self._address_allowed(address) or not self._reply_allowed():
             self.counters["dropped"] += 1
             return
+        self._challenged[routing_id] = None
+        while len(self._challenged) > MAX_CHALLENGED:
+            self._challenged.popitem(last=False)
         start = time.perf_counter()
         frames, pending = make_challenge(self.identity, self.run_id, msg)
         self.crypto_seconds += time.perf_counter() - start
@@ -900,9 +1071,9 @@ class CoordinatorServer:
         self.counters["declined"] += 1
         self._warn("declined", f"a node at {address or 'an unknown address'} refused our key "
                                f"{short_fingerprint(self.identity.fingerprint)} ({msg.header['code']}): "
-                               f"{msg.header['text'][:300]}")
+                               f"{printable(msg.header['text'], 300)}")
 
-    def _on_hello(self, routing_id: bytes, msg, address: str = "") -> None:
+    def _on_hello(self, routing_id: bytes, msg, address: str = "", frame=b"") -> None:
         pending = self.pending.pop(routing_id, None)
         header = msg.header
         if pending is None:
@@ -918,8 +1089,10 @@ class CoordinatorServer:
         except ProtocolError as exc:
             self.crypto_seconds += time.perf_counter() - start
             self.counters["bad_signature"] += 1
-            self._warn("unknown peers", f"refused a HELLO from {address or 'unknown'}: {exc.detail}")
-            self._refuse(routing_id, header.get("nonce"), "bad-hello", exc.detail)
+            self._warn("unknown peers", f"refused a HELLO from {address or 'unknown'}: {printable(exc.detail, 300)}")
+            # Unverified: bound to the exact bytes received (a HELLO altered on the way is refused
+            # under a digest the node does not recognise, so it retries).
+            self._refuse(routing_id, frame_digest(frame), "bad-hello", exc.detail)
             return
         self.crypto_seconds += time.perf_counter() - start
         self.counters["handshakes"] += 1
@@ -935,12 +1108,13 @@ class CoordinatorServer:
         elif key in self.banned:
             refuse = ("not-allowed", "this node was evicted from the run for sending malformed or unverifiable messages")
         elif not admitted:
-            refuse = ("not-allowed", f"key {fp} is not admitted here: ask the operator to add it to the "
-                                     f"coordinator's --allow file, or for an invite code (enshuffle invite)")
+            refuse = ("not-allowed", f"key {fp} is not admitted here: "
+                                     + (f"{how}" if how else "ask the operator to add it to the coordinator's "
+                                                             "--allow file, or for an invite code (enshuffle invite)"))
         elif self.reputation.is_quarantined(key):
             rec = self.reputation.records[key]
-            refuse = ("quarantined", f"this node's key is quarantined for this run after {rec.lies} wrong results "
-                                     f"(last: {rec.reason[:200]}); ask the operator to re-admit it")
+            refuse = ("quarantined", f"this node's key is quarantined for this run ({rec.lies} wrong results; "
+                                     f"last: {rec.reason[:200]}); ask the operator to re-admit it")
         else:
             caps = header["capabilities"]
             ops = caps.get("ops") if isinstance(caps, dict) else None
@@ -963,7 +1137,7 @@ class CoordinatorServer:
             refuse = ("busy", f"this coordinator takes at most {self.max_sessions} nodes")
         if refuse:
             if self._refuse(routing_id, header.get("nonce"), *refuse):
-                self._warn("refused", f"refused node {str(header.get('name'))[:40]!r} ({short_fingerprint(fp)}) "
+                self._warn("refused", f"refused node {printable(header.get('name'), 40)!r} ({short_fingerprint(fp)}) "
                                       f"from {address or 'unknown'}: {refuse[0]}")
             return
         for old in twins:
@@ -973,15 +1147,19 @@ class CoordinatorServer:
         label = self.labels.get(key)
         if label is None:
             # Brackets are reserved for the fingerprint suffix that tells same-named nodes apart.
-            name = str(header["name"]).replace("[", "(").replace("]", ")")[:40] or "node"
+            name = printable(header["name"], 40).replace("[", "(").replace("]", ")") or "node"
             taken = name in self._label_set or name in self.ledger.nodes()  # resumed rows included
             label = name if not taken else f"{name}[{short_fingerprint(fp)}]"
             self.labels[key] = label
             self._label_set.add(label)
         credit = min(int(header["capabilities"]["credit"]), self.max_credit)
-        session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=str(header["name"])[:200],
+        max_message = header["capabilities"].get("max_message")
+        max_message = max_message if isinstance(max_message, int) and not isinstance(max_message, bool) \
+            and max_message > 0 else 0
+        session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=printable(header["name"], 200),
                           label=label, credit=credit, want=credit, address=address, channel=channel,
-                          admitted=how)
+                          admitted=how, lease=self.lease, max_message=max_message,
+                          group=self.admission.group_of(key) if hasattr(self.admission, "group_of") else None)
         self.joining[routing_id] = session
         self.reputation.record(key, label, fp)
         start = time.perf_counter()
@@ -989,7 +1167,7 @@ class CoordinatorServer:
             "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
             "nonce": header["nonce"], "challenge": pending.challenge, "node_id": node_id, "credit": credit,
             "heartbeat_ms": self.heartbeat_ms,
-            "lease": {"min_ms": LEASE_MIN_MS, "multiple": LEASE_MULTIPLE, "initial_ms": LEASE_INITIAL_MS}},
+            "lease": self.lease.header()},
             signer=self.identity)
         self.crypto_seconds += time.perf_counter() - start
         try:
@@ -1022,14 +1200,18 @@ class CoordinatorServer:
     def _task_for(self, session: Session, msg, what: str) -> Task | None:
         batch_id, seq = msg.header.get("batch_id"), msg.header.get("seq")
         task = session.outstanding.get(batch_id) if batch_id is not None else None
+        # Sealed under this session's key: only the node could have sent it, so it counts against it.
         if msg.header.get("run_id") != self.run_id:
             self.counters["dropped"] += 1
-            self._warn(session.label, f"dropped {what} from {session.label}: it is for run "
-                                      f"{msg.header.get('run_id')!r}, not this run")
+            self._count_refused(session)
+            self._protocol_error(session, f"dropped {what} from {session.label}: it is for run "
+                                          f"{printable(msg.header.get('run_id'), 80)!r}, not this run")
             return None
         if task is None or task.seq_by_node.get(session.node_id) != seq:
             self.counters["dropped"] += 1
-            self._warn(session.label, f"dropped {what} from {session.label} for unknown batch {batch_id} (seq {seq})")
+            self._count_refused(session)
+            self._protocol_error(session, f"dropped {what} from {session.label} for unknown batch "
+                                          f"{printable(batch_id, 80)} (seq {seq}): never sent to it")
             return None
         return task
 
@@ -1083,8 +1265,10 @@ class CoordinatorServer:
     def _quarantine(self, session: Session) -> None:
         rec = self.reputation.records[session.key]
         self.counters["quarantined"] += 1
+        why = f"{rec.lies} wrong results" if rec.lies >= self.reputation.quarantine_after else \
+            f"{rec.rejects} rejected batches in a row"
         self.log(f"quarantined node {session.label} ({short_fingerprint(session.fingerprint)}) for this run after "
-                 f"{rec.lies} wrong results ({rec.summary()}); its shards move to other nodes. Re-admit it with "
+                 f"{why} ({rec.summary()}); its shards move to other nodes. Re-admit it with "
                  f"`a` on its row in the console or SIGHUP")
         self._send(session, "BYE", {"node_id": session.node_id, "reason": "quarantined"})
         self._end_session(session, "quarantined")
@@ -1137,17 +1321,19 @@ class CoordinatorServer:
     def _on_reject(self, session: Session, msg) -> None:
         self.counters["rejected"] += 1
         self._count_refused(session)
-        self.reputation.refused(session.key, "rejected")  # the node said it could not: not a lie
         code, text = msg.header.get("code"), msg.header.get("text")
+        code_text = f"{printable(code, 40)}: {printable(text, 200)}"
         if msg.header.get("batch_id") is None and code in ("too-large", "compute-error"):
             # It cannot store a static operand, so it cannot serve any shard of this run.
-            self.log(f"node {session.label} cannot store its static operands ({code}: {text}); "
+            self.reputation.rejected(session.key, str(code), str(text))
+            self.log(f"node {session.label} cannot store its static operands ({code_text}); "
                      f"evicting it from this run")
             self._send(session, "BYE", {"node_id": session.node_id, "reason": "evicted"})
             self.banned.add(session.key)
             self._end_session(session, "it cannot store its static operands")
             return
-        self._warn(session.label, f"node {session.label} rejected batch {msg.header.get('batch_id')}: {code}: {text}")
+        self._warn(session.label, f"node {session.label} rejected batch {printable(msg.header.get('batch_id'), 40)}: "
+                                  f"{code_text}")
         task = self._task_for(session, msg, "REJECT") if msg.header.get("batch_id") else None
         if task is None:
             return
@@ -1155,13 +1341,24 @@ class CoordinatorServer:
         session.stale.pop(task.batch_id, None)
         if code == "unknown-static":
             session.shards_held.discard(task.batch.shard)
-        resync = code in ("state-behind", "state-ahead")
-        if resync:  # its copy of the slot's state is not where we thought: it gets the checkpoint again
+        # A node whose copy of a slot's state is not where we thought gets the checkpoint again; a
+        # session that keeps asking is refusing, and is counted as any other rejection.
+        resync = code in ("state-behind", "state-ahead") and session.resyncs < MAX_RESYNCS
+        if resync:
+            session.resyncs += 1
             session.shards_held.discard(task.batch.shard)
             session.state_versions.pop(task.batch.shard, None)
+        # A resync is the coordinator's bookkeeping, not the node's refusal: it counts for nothing.
+        quarantine = not resync and self.reputation.rejected(session.key, str(code), str(text))
         if task.session == session.node_id and task.result is None:
             task.session = None
-            self._reissue(task, session, f"a node rejected it ({code})", counts=not resync)
+            # Counted once per key: only several nodes refusing the same batch say the batch is bad.
+            counts = not resync and session.key not in task.rejected_by
+            if not resync:
+                task.rejected_by.add(session.key)
+            self._reissue(task, session, f"a node rejected it ({code_text})", counts=counts)
+        if quarantine and session.node_id in self.sessions:
+            self._quarantine(session)
 
     def _on_heartbeat(self, session: Session, msg) -> None:
         want = int(msg.header.get("credit", session.credit))
@@ -1171,7 +1368,7 @@ class CoordinatorServer:
         session.want = want
 
     def _on_bye(self, session: Session, msg) -> None:
-        self._end_session(session, f"said BYE ({msg.header.get('reason')})")
+        self._end_session(session, f"said BYE ({printable(msg.header.get('reason'), 80)})")
 
     # -- shutting down -----------------------------------------------------------------
     def close(self, reason: str = "shutdown") -> None:

@@ -21,7 +21,8 @@ Exit statuses of `NodeDaemon.run()`:
      or an unusable trust file); the node sends one DECLINE (so the operator reads "refused
      our key") and nothing else;
 * 4  the coordinator refused us for good: REFUSE `version-mismatch` / `not-allowed` /
-     `bad-hello` / `quarantined`, or BYE `evicted` / `protocol-error` / `quarantined`;
+     `bad-hello` / `quarantined` naming our verified HELLO, or BYE `evicted` / `protocol-error` /
+     `quarantined`; under --keep-running (exit_on_finish false) 3 and 4 back off and retry instead;
 * 5  no coordinator answered for `give_up_after` seconds (GIVE_UP_S unless --keep-running,
      which retries for ever); the last line says whether the address does not resolve,
      nothing listens there, it is unreachable, or something listens but never answers HELLO.
@@ -51,9 +52,10 @@ from enshuffle.kernels import OPS, BatchError, ResidentState, Workspace, aligned
 from enshuffle.fpenv import flushing
 from enshuffle.node.policy import Policy
 from enshuffle.node.state import NodeControl, NodeState
-from enshuffle.protocol.handshake import NodeHandshake
+from enshuffle.protocol.handshake import DIGEST_PREFIX, NodeHandshake
 from enshuffle.protocol.keys import (FingerprintMismatch, Identity, KeyStoreError, TrustStore,
                                      fingerprint, normalize_fingerprint, short_fingerprint)
+from enshuffle.protocol.text import printable
 from enshuffle.protocol.messages import (DEFAULT_LIMITS, PROTOCOL_VERSION, Channel, Limits, Message, ProtocolError,
                                          decode, encode, verify_self_signed)
 
@@ -70,7 +72,8 @@ POLL_MS = 100                  # longest wait in poll: bounds how late stop/paus
 RATE_LINE_S = 10.0             # a rate line this often while working
 IDLE_AFTER_S = 2.0             # no batch for this long: "idle, waiting for work"
 BYE_LINGER_MS = 1000           # how long the final BYE may take to leave (spec 2)
-DEFAULT_MAX_STATIC_BYTES = 4 << 30
+WAITING_LOG_S = 10.0           # a coordinator's changing `waiting` text is logged at most this often
+MAX_EXPOSURE_TENSORS = 64     # tensor names a coordinator's `exposure` headers may introduce
 DEFAULT_RECORD_MAX_BYTES = 2 << 30  # --record stops (with one log line) past this many bytes
 # Products below this many multiply-adds run on one BLAS thread (blas.BlasThreads says why). 2^27
 # is about 3 ms (float32) to 7 ms (float64) of one core on the 2-core development box: a
@@ -93,7 +96,11 @@ def default_max_memory() -> int:
         ram = 4 << 30
     return min(512 << 20, max(64 << 20, ram // 4))
 
-RECEIVE_HWM = 64               # messages libzmq queues for this node before it stops reading
+# Messages libzmq queues for this node before it stops reading the connection (backpressure, no
+# loss): the daemon drains them into its own queue, which --max-memory bounds, so a few suffice.
+# With MAXMSGSIZE (see `receive_limit`) it bounds what one peer can make libzmq hold, before any
+# CHALLENGE as after.
+RECEIVE_HWM = 8
 MAX_HEARTBEAT_MS = 600_000    # a WELCOME asking for more (or < 1) is refused: libzmq takes an int
 MAX_RUNS_REMEMBERED = 64       # runs whose last accepted seq the daemon keeps (replay protection)
 
@@ -186,6 +193,28 @@ def _json_id(value, kind: str):
     if kind == "str":
         return value if isinstance(value, str) and len(value) <= 200 else None
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 53 else None
+
+
+INVITE_ENV = "ENSHUFFLE_INVITE"
+
+
+def resolve_invite(value: str | None) -> str | None:
+    """The invite code: `value` itself, the first line of FILE for `@FILE`, or (no --invite) the
+    ENSHUFFLE_INVITE environment variable. A code given on the command line can be read by every
+    local user (/proc/PID/cmdline); the environment and a 0600 file cannot."""
+    if value is None:
+        value = os.environ.get(INVITE_ENV) or None
+    if value is not None and value.startswith("@"):
+        path = value[1:]
+        try:
+            with open(path, encoding="utf-8") as fh:
+                value = fh.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--invite {value}: cannot read the invite code from {path} "
+                             f"({getattr(exc, 'strerror', None) or exc})") from None
+        if not value:
+            raise UsageError(f"--invite @{path}: the file is empty; put the code from `enshuffle invite` in it")
+    return value
 
 
 class AddressError(UsageError):
@@ -345,7 +374,7 @@ class NodeDaemon:
                  control: NodeControl | None = None, credit: int = 2,
                  log: Callable[[str], None] | None = None, exit_on_finish: bool = True,
                  hello_timeout: float = HELLO_TIMEOUT_S, limits: Limits = DEFAULT_LIMITS,
-                 max_static_bytes: int = DEFAULT_MAX_STATIC_BYTES, max_memory: int | None = None,
+                 max_static_bytes: int | None = None, max_memory: int | None = None,
                  invite: str | None = None, rng: random.Random | None = None,
                  recorder: MessageRecorder | None = None, policy: Policy | None = None,
                  give_up_after: float | None = None, denormals: str | None = None) -> None:
@@ -358,11 +387,12 @@ class NodeDaemon:
         self.exit_on_finish = exit_on_finish
         self.hello_timeout = hello_timeout
         self.limits = limits
-        self.max_static_bytes = max_static_bytes
-        # The most one batch's result (and its working copy) may take; queued batches together
-        # may hold at most as much again. A coordinator asking more gets REJECT too-large.
+        # The most one batch's result (and its working copy) may take; what the node holds between
+        # batches (static operands and queued messages together) at most as much again. A
+        # coordinator asking more gets REJECT too-large. `max_static_bytes` caps statics lower still.
         self.max_memory = int(max_memory) if max_memory else default_max_memory()
-        self.invite = invite
+        self.max_static_bytes = min(int(max_static_bytes), self.max_memory) if max_static_bytes else self.max_memory
+        self.invite = resolve_invite(invite)
         self.rng = rng or random.Random()
         self.recorder = recorder
         self.policy = policy or Policy()
@@ -370,6 +400,7 @@ class NodeDaemon:
         self._denormals = denormals  # what fpenv.flush_denormals() said, when the process set it
         self._rest_until = 0.0  # --max-cpu: no new batch before this (monotonic)
         self._coordinator_waiting = ""  # the coordinator's last word on why we have no work
+        self._waiting_logged_at = -WAITING_LOG_S
         self.control = control or NodeControl(threads=threads)
         self.state = state or NodeState()
         self._log = log or (lambda line: print(f"enshuffle node: {line}", file=sys.stderr, flush=True))
@@ -465,6 +496,7 @@ class NodeDaemon:
         return f"computing with {threads}; {denormals}"
 
     def _say(self, line: str) -> None:
+        line = printable(line, 4000)  # one line, whatever a coordinator put in it
         self.state.add_log(line)
         self._log(line)
 
@@ -488,6 +520,16 @@ class NodeDaemon:
         self._say(f"error: {message}")
         return _SessionEnd(status)
 
+    def _final(self, status: int, connection: str, reason: str, message: str) -> _SessionEnd:
+        """A verdict that ends this node, except under --keep-running (exit_on_finish false): a
+        long-lived volunteer daemon says so loudly and backs off instead, so nothing said on the
+        wire can end it for good."""
+        if self.exit_on_finish:
+            return self._fatal(status, connection, reason, message)
+        self._set(connection=connection, reason=reason, current_op="")
+        self._say(f"error: {message}; --keep-running: trying again later")
+        return _SessionEnd(None)
+
     def _drop(self, what: str) -> None:
         """Count a dropped message; log at most one line a second (a flood must not flood logs)."""
         self.dropped += 1
@@ -499,10 +541,17 @@ class NodeDaemon:
         else:
             self._drops_unlogged += 1
 
+    def receive_limit(self) -> int:
+        """The largest frame this node could ever accept: a BATCH or STATIC no bigger than
+        --max-memory (its header at the header limit) and never above the protocol limit. libzmq
+        drops a connection that sends a bigger frame before buffering it."""
+        overhead = 64 + self.limits.max_header_bytes
+        return min(self.limits.max_message_bytes, self.max_memory + overhead)
+
     def _new_socket(self, ctx: zmq.Context) -> zmq.Socket:
         sock = ctx.socket(zmq.DEALER)  # a fresh routing id per session (spec 6, step 1)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.limits.max_message_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.receive_limit())
         # At most this many messages wait in libzmq before it stops reading (backpressure): a
         # coordinator sends at most credit BATCHes, its statics and a heartbeat a second.
         sock.setsockopt(zmq.RCVHWM, RECEIVE_HWM)
@@ -548,8 +597,12 @@ class NodeDaemon:
             sock.close()
 
     def _handshake(self, sock: zmq.Socket) -> _Session:
+        # `max_message`: the largest frame libzmq lets in here (receive_limit); a coordinator that
+        # reads it never sends a bigger one (which would only cut the connection) and treats the
+        # batch or static as refused too-large instead.
         hs = NodeHandshake(self.identity, self.name,
-                           {"ops": list(OPS), "threads": self._applied_threads, "credit": self.credit_offer},
+                           {"ops": list(OPS), "threads": self._applied_threads, "credit": self.credit_offer,
+                            "max_message": self.receive_limit()},
                            invite=self.invite)
         self._set(connection="connecting", reason=f"saying HI to {self.connect}", current_op="")
         self._say(f"connecting to {self.connect} as {self.name} ({short_fingerprint(self.identity.fingerprint)})")
@@ -589,11 +642,8 @@ class NodeDaemon:
         """Check the coordinator's key BEFORE saying who we are: a key we do not trust gets one
         DECLINE (so its operator reads "refused our key") and this node stops."""
         try:
-            key = hs.check_challenge(msg)
+            key = hs.check_challenge(msg, version=False)  # the key is checked before its protocol
         except ProtocolError as exc:
-            if exc.code == "version-mismatch":
-                raise self._fatal(EXIT_REFUSED, "refused", "refused: version-mismatch",
-                                  f"coordinator {self.connect}: {exc.detail}; upgrade enshuffle") from None
             self._drop(f"CHALLENGE ({exc})")
             return False
         fp = fingerprint(key)
@@ -603,11 +653,15 @@ class NodeDaemon:
             self._set(coordinator_fingerprint=fp)
             self._decline(sock, hs, "untrusted-key",
                           f"node {self.name} expects coordinator key {exc.expected}, this coordinator presented {fp}")
-            raise self._fatal(EXIT_TRUST, "refused", "refused: coordinator fingerprint mismatch",
+            raise self._final(EXIT_TRUST, "refused", "refused: coordinator fingerprint mismatch",
                               str(exc)) from None
         except KeyStoreError as exc:
             self._decline(sock, hs, "trust-store", f"node {self.name} cannot read its trust store")
             raise self._fatal(EXIT_TRUST, "refused", "refused: trust store unusable", str(exc)) from None
+        if msg.header["protocol"] != PROTOCOL_VERSION:
+            raise self._final(EXIT_REFUSED, "refused", "refused: version-mismatch",
+                              f"coordinator {self.connect} speaks protocol {msg.header['protocol']!r:.20}, this node "
+                              f"{PROTOCOL_VERSION}; upgrade enshuffle")
         self._trust = trust
         self._send_frames(sock, hs.hello(msg))
         return True
@@ -666,12 +720,16 @@ class NodeDaemon:
         except ProtocolError as exc:
             self._drop(f"an unverifiable REFUSE ({exc})")
             return
-        if h.get("nonce") not in (None, nonce):
+        named = h.get("nonce")
+        digest = isinstance(named, str) and named.startswith(DIGEST_PREFIX)
+        if named not in (None, nonce) and not digest:
             self._drop("a REFUSE for another HELLO (nonce differs)")
             return
-        # A REFUSE without our nonce may be a recording of an old one: it can never end this
-        # node for good, only make it back off and try again (as `busy` does).
-        bound = h.get("nonce") == nonce
+        # A REFUSE without our nonce may be a recording of an old one, and one naming a digest
+        # refuses bytes the coordinator could not verify (ours only if the digest is of exactly
+        # what we sent): unless it names our verified HELLO, it can never end this node for good,
+        # only make it back off and try again (as `busy` does).
+        bound = named == nonce or (digest and named in hs.sent_digests)
         fp = fingerprint(key)
         # Like a WELCOME, a REFUSE counts only from the coordinator we would trust: a stranger
         # must not be able to make this node give up (spec 6, on REFUSE).
@@ -680,22 +738,23 @@ class NodeDaemon:
         if expected is not None and expected != fp:
             self._drop(f"a REFUSE signed by {fp}, not the expected coordinator {expected}")
             return
-        code, text = h["code"], h["text"]
+        code, text = h["code"], printable(h["text"], 300)
+        shown_code = printable(code, 40)
         with self.state.lock:
             self.state.coordinator_fingerprint = fp
         if not bound:
-            self._set(connection="refused", reason=f"refused: {code}")
+            self._set(connection="refused", reason=f"refused: {shown_code}")
             self._say(f"coordinator {self.connect} refused this node without naming our HELLO "
-                      f"({code}): {text}; trying again later")
+                      f"({shown_code}): {text}; trying again later")
             raise _SessionEnd(None)
         if code in FINAL_REFUSALS:
-            raise self._fatal(EXIT_REFUSED, "refused", f"refused: {code}",
-                              f"coordinator {self.connect} refused this node ({code}): {text}")
+            raise self._final(EXIT_REFUSED, "refused", f"refused: {shown_code}",
+                              f"coordinator {self.connect} refused this node ({shown_code}): {text}")
         if code == "run-finished" and self.exit_on_finish:
             self._say(f"coordinator {self.connect}: the run has finished ({text})")
             raise _SessionEnd(EXIT_OK)
-        self._set(connection="refused", reason=f"refused: {code}")
-        self._say(f"coordinator {self.connect} refused this node for now ({code}): {text}")
+        self._set(connection="refused", reason=f"refused: {shown_code}")
+        self._say(f"coordinator {self.connect} refused this node for now ({shown_code}): {text}")
         raise _SessionEnd(None)
 
     def _remembered(self) -> str | None:
@@ -764,9 +823,10 @@ class NodeDaemon:
                         self._reject(s, msg.header, "over-credit", f"this node granted credit {s.credit} and "
                                      f"already holds {held} batches; the BATCH was not queued")
                         continue
-                if s.pending_bytes + nbytes > self.max_memory:
-                    self._reject(s, msg.header, "too-large", f"queueing {nbytes} more bytes would exceed this "
-                                 f"node's --max-memory {self.max_memory}", msg.command)
+                if s.pending_bytes + s.static_bytes + nbytes > self.max_memory:
+                    self._reject(s, msg.header, "too-large", f"queueing {nbytes} more bytes beside "
+                                 f"{s.static_bytes} bytes of statics and {s.pending_bytes} queued would exceed "
+                                 f"this node's --max-memory {self.max_memory}", msg.command)
                     continue
                 s.pending.append((received, msg, nbytes))
                 s.pending_bytes += nbytes
@@ -780,10 +840,14 @@ class NodeDaemon:
 
     def _coordinator_heartbeat(self, s: _Session, msg: Message) -> None:
         waiting = msg.header.get("waiting")  # optional: why the coordinator sends us nothing
-        waiting = waiting[:200] if isinstance(waiting, str) else ""
+        waiting = printable(waiting, 200) if isinstance(waiting, str) else ""
         if waiting != self._coordinator_waiting:
             self._coordinator_waiting = waiting
-            if waiting:
+            now = time.monotonic()
+            # Logged when it changes, at most once per WAITING_LOG_S: a coordinator that changes it
+            # on every beat must not fill the volunteer's log (the console shows the latest).
+            if waiting and now - self._waiting_logged_at >= WAITING_LOG_S:
+                self._waiting_logged_at = now
                 self._say(f"coordinator: {waiting}")
             with self.state.lock:
                 if self.state.connection in ("connected", "idle"):
@@ -797,9 +861,9 @@ class NodeDaemon:
             self._say(f"coordinator believes this node holds {believed} batch(es), it holds {held}")
 
     def _coordinator_bye(self, s: _Session, msg: Message) -> None:
-        reason = msg.header["reason"]
+        reason = printable(msg.header["reason"], 80)
         if reason in FINAL_BYES:
-            raise self._fatal(EXIT_REFUSED, "refused", f"refused: {reason}",
+            raise self._final(EXIT_REFUSED, "refused", f"refused: {reason}",
                               f"coordinator {self.connect} ended this node's session ({reason})")
         if reason == "run-finished" and self.exit_on_finish:
             self._say(f"coordinator {self.connect}: the run has finished")
@@ -935,6 +999,9 @@ class NodeDaemon:
             return
         with self.state.lock:
             for tensor, share in exposure.items():
+                if tensor not in self.state.exposure and (len(self.state.exposure) >= MAX_EXPOSURE_TENSORS
+                                                          or not isinstance(tensor, str) or len(tensor) > 64):
+                    continue  # a bounded table: a run has a few dozen tensors, not thousands
                 if (isinstance(tensor, str) and isinstance(share, (int, float)) and not isinstance(share, bool)
                         and math.isfinite(share)):
                     share = min(1.0, max(0.0, float(share)))
@@ -946,9 +1013,10 @@ class NodeDaemon:
         (array,) = msg.arrays.values()
         old = s.statics.get(name)
         total = s.static_bytes - (old.nbytes if old is not None else 0) + array.nbytes
-        if total > self.max_static_bytes:
+        if total > self.max_static_bytes or total + s.pending_bytes > self.max_memory:
             self._reject(s, msg.header, "too-large", f"static {name!r} ({array.nbytes} bytes) would make "
-                         f"{total} bytes of statics; this node keeps at most {self.max_static_bytes}", "STATIC")
+                         f"{total} bytes of statics beside {s.pending_bytes} queued; this node holds at most "
+                         f"{min(self.max_static_bytes, self.max_memory)} (--max-memory)", "STATIC")
             return
         version = msg.header.get("version")
         if version is not None:  # resident weights: kept writable, updated by the batches

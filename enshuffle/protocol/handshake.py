@@ -39,6 +39,16 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
+DIGEST_PREFIX = "sha256:"
+
+
+def frame_digest(frame) -> str:
+    """What a REFUSE of an unverified HI or HELLO carries instead of the node's nonce: the hash of
+    the exact bytes the coordinator received (signature included). Only the node that sent those
+    bytes recognises it, so a refusal of bytes altered on the way is never taken as final."""
+    return DIGEST_PREFIX + hashlib.sha256(bytes(frame)).hexdigest()[:32]
+
+
 def _kx_public(private: X25519PrivateKey) -> str:
     return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
@@ -130,16 +140,20 @@ class NodeHandshake:
         self.challenge_msg: Message | None = None
         self.coordinator_key: bytes | None = None
         self._hello_inner = b""
+        self.sent_digests: set[str] = set()  # frame_digest of each HI and HELLO sent
 
     def hi(self) -> list:
-        return encode("HI", {"protocol": PROTOCOL_VERSION, "nonce": self.nonce})
+        frames = encode("HI", {"protocol": PROTOCOL_VERSION, "nonce": self.nonce})
+        self.sent_digests.add(frame_digest(frames[0]))
+        return frames
 
-    def check_challenge(self, msg: Message) -> bytes:
-        """Verify a CHALLENGE (signature by the key it carries, our nonce); the coordinator key."""
+    def check_challenge(self, msg: Message, version: bool = True) -> bytes:
+        """Verify a CHALLENGE (signature by the key it carries, our nonce); the coordinator key.
+        With version=False the protocol version is left to the caller, who checks the key first."""
         key = verify_self_signed(msg)
         if msg.header["nonce"] != self.nonce:
             raise ProtocolError(BAD_HELLO, "CHALLENGE for another HI (nonce differs)")
-        if msg.header["protocol"] != PROTOCOL_VERSION:
+        if version and msg.header["protocol"] != PROTOCOL_VERSION:
             raise ProtocolError("version-mismatch", f"coordinator speaks protocol {msg.header['protocol']}")
         return key
 
@@ -155,6 +169,7 @@ class NodeHandshake:
             header["invite"] = invite_field(self.invite, msg.header["challenge"], self.identity.public_hex)
         frames = encode("HELLO", header, signer=self.identity)
         self._hello_inner = bytes(frames[0])[5:-64]
+        self.sent_digests.add(frame_digest(frames[0]))
         return frames
 
     def welcome(self, msg: Message) -> Channel:

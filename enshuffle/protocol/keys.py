@@ -171,6 +171,9 @@ def _os_problem(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
 
+_warned_homes: set[str] = set()
+
+
 def _ensure_home(home: Path) -> None:
     # 0700 because the directory holds private keys; an existing directory is left as it is
     # (the user chose it), the key file's own mode is what we enforce.
@@ -180,6 +183,25 @@ def _ensure_home(home: Path) -> None:
         raise KeyStoreError(
             f"cannot use {home} as the enshuffle home ({_os_problem(exc)}); make it a directory "
             f"you can write to, or set ENSHUFFLE_HOME to one") from None
+    warn_if_shared(home)
+
+
+def warn_if_shared(home: Path) -> bool:
+    """Say once on stderr if `home` is writable by other users: they could then replace its key
+    files, trust file or invites. True if it is."""
+    if os.name != "posix":
+        return False
+    try:
+        mode = home.stat().st_mode
+    except OSError:
+        return False
+    if not mode & 0o022:
+        return False
+    if str(home) not in _warned_homes:
+        _warned_homes.add(str(home))
+        print(f"enshuffle: warning: {home} is writable by other users (mode {stat.S_IMODE(mode):04o}): they could "
+              f"replace its keys or trusted fingerprints; run `chmod 700 {home}`", file=sys.stderr, flush=True)
+    return True
 
 
 def _check_private_mode(path: Path) -> None:
@@ -270,6 +292,18 @@ class TrustStore:
         self.path = (home if home is not None else enshuffle_home()) / TRUST_FILE_NAME
 
     def _load(self) -> dict[str, dict]:
+        if os.name == "posix":
+            try:
+                st = self.path.lstat()
+            except FileNotFoundError:
+                return {}
+            except OSError:
+                st = None  # read_text below names the problem
+            if st is not None and stat.S_ISREG(st.st_mode) and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+                raise KeyStoreError(
+                    f"trust file {self.path} can be changed by another user (owner uid {st.st_uid}, mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}): its fingerprints cannot be trusted; check them, then "
+                    f"`chmod 600 {self.path}` (owned by you), or move it aside to trust coordinators afresh")
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
