@@ -165,11 +165,19 @@ def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.nda
     if not (isinstance(start, int) and isinstance(version, int)) or isinstance(start, bool) or \
             isinstance(version, bool) or not 0 <= start <= version:
         raise BatchError("bad-batch", "a resident batch needs integer versions 0 <= from <= version")
-    if not isinstance(lrs, list) or len(lrs) != version - start or isinstance(momentum, bool) or \
-            not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                    for v in [*lrs, momentum]):
+    if not isinstance(lrs, list) or len(lrs) != version - start or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*lrs, momentum]):
         raise BatchError("bad-batch",
                          "a resident batch needs one finite lr per update and a finite momentum")
+    if static.ndim != 2 or static.shape[1] != state.v.shape[0]:
+        raise BatchError("bad-batch",
+                         f"static {name!r} {static.shape} does not fit state {state_name!r} {state.v.shape}")
+    try:
+        rates, mu = [float(v) for v in lrs], float(momentum)  # type: ignore[arg-type]
+    except (OverflowError, ValueError, TypeError):
+        raise BatchError("bad-batch", "lr and momentum must be finite numbers") from None
+    if not all(math.isfinite(v) for v in [*rates, mu]):
+        raise BatchError("bad-batch", "lr and momentum must be finite numbers")
     if state.version < start:
         raise BatchError("state-behind",
                          f"state {state_name!r} is at version {state.version}, the batch starts at {start}")
@@ -182,6 +190,8 @@ def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.nda
         if urows is None or urows.ndim != 2 or urows.dtype.kind not in "iu" or urows.shape[0] != count:
             raise BatchError("bad-batch", f"update_rows must be ({count}, b) integers")
         b = urows.shape[1]
+        if b == 0:
+            raise BatchError("bad-batch", "an update needs at least one row")
         if dz.shape != (count * b, state.v.shape[1]) or dz.dtype != static.dtype:
             raise BatchError("bad-batch", f"dz must be {static.dtype} ({count * b}, {state.v.shape[1]}), "
                                           f"got {dz.dtype} {dz.shape}")
@@ -191,7 +201,7 @@ def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.nda
             raise BatchError("bad-batch",
                              f"static {name!r} {static.shape} does not fit state {state_name!r} {state.v.shape}")
         for j in range(state.version - start, count):  # one pass per update carried (not per row)
-            state.apply(static, urows[j], dz[j * b:(j + 1) * b], float(lrs[j]), float(momentum))  # type: ignore[arg-type]
+            state.apply(static, urows[j], dz[j * b:(j + 1) * b], rates[j], mu)
             state.version = start + j + 1
     if params.get("fetch"):
         return np.concatenate([state.v, state.buf])

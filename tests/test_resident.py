@@ -186,3 +186,73 @@ def test_the_coordinator_replays_a_slot_when_no_node_can_be_asked(core_data_dir)
         assert res.slots[shard].version == 5
         assert np.abs(replayed[:k] - node.v).max() > 0  # it includes the pending update
         assert res.check_state(shard, replayed) is None
+
+
+def test_a_resumed_run_hands_each_node_its_state_as_it_was(core_data_dir):
+    """Resuming re-derives every V_s from the model version; with the noise state kept beside it
+    a node that served the slot gets back exactly its own V (noise's share included). Without it
+    (V minus the noise's share) the difference would show the node the noise subspace, and
+    projecting that off its static block would remove the noise."""
+    preset = model.get_preset("default", epochs=1, dtype="float64")
+    inputs = load_inputs(core_data_dir, preset, LIMIT)
+
+    def compute():
+        return DistributedCompute(inputs.images, 2, np.random.default_rng(5), InProcessExecutor,
+                                  disguise="resident", offload="matmul", layers=preset.layers)
+
+    first = compute()
+    trainer = Trainer(preset, inputs, first, secret=TEST_SECRET)
+    for _ in range(7):
+        trainer.run_step()
+    arrays, meta = trainer.checkpoint()  # a model version: clean w1, momentum, the noise state
+    held = [first.executor.states[s][first.resident.state_name(s)] for s in range(2)]
+    resumed = compute()  # the same plan secret: the same blocks, mixings, noise and statics
+    again = Trainer(preset, inputs, resumed, secret=TEST_SECRET)
+    again.restore(arrays, meta)
+    for s in range(2):
+        state, _ = resumed.resident.state_static(s)
+        k = resumed.resident.slots[s].pixels.shape[0]
+        assert np.abs(state[:k] - held[s].v).max() < 1e-12 * np.abs(held[s].v).max()
+        assert np.abs(state[k:] - held[s].buf).max() < 1e-12 * np.abs(held[s].buf).max()
+    # and the resumed run goes on exactly as the first would have
+    trainer.run_step()
+    again.run_step()
+    trainer.sync()
+    again.sync()
+    assert _max_rel(again.params, trainer.params) < 1e-9
+
+
+def test_results_too_large_to_check_are_refused(core_data_dir):
+    dist, _, compute = _pair(core_data_dir, 2, "float32")
+    dist.run_step()
+    res = compute.resident
+    rows = np.arange(8)
+    params, arrays = res.batch(0, rows, res.slots[0].version - 1, res.slots[0].version, fetch=False)
+    y = compute_batch("resident", params, arrays, compute.executor.statics[0], None, compute.executor.states[0])
+    assert res.check_forward(0, rows, y) is None
+    lie = np.random.default_rng(0).standard_normal(y.shape).astype(np.float32)
+    lie[:, 0] = 2e19  # squares overflow float32: a bound computed there would be infinite
+    assert res.check_forward(0, rows, lie) is not None
+
+
+@pytest.mark.parametrize("change", ["huge lr", "nan momentum", "no update rows", "narrow static", "bool version"])
+def test_a_malformed_resident_batch_is_a_batch_error(change):
+    static = np.ones((10, 4), np.float32)
+    state = ResidentState(np.zeros((8, 3)), 0)
+    params = {"a_static": "train.0", "state": "w1.0", "from": 0, "version": 1, "lr": [0.1], "momentum": 0.9,
+              "fetch": False}
+    arrays = {"rows": np.arange(3), "update_rows": np.zeros((1, 2), np.int64), "dz": np.zeros((2, 3), np.float32)}
+    statics = {"train.0": static}
+    if change == "huge lr":
+        params["lr"] = [10 ** 400]
+    elif change == "nan momentum":
+        params["momentum"] = float("nan")
+    elif change == "no update rows":
+        arrays["update_rows"], arrays["dz"] = np.zeros((1, 0), np.int64), np.zeros((0, 3), np.float32)
+    elif change == "narrow static":
+        statics["train.0"] = np.ones((10, 5), np.float32)
+    else:
+        params["version"] = True
+    with pytest.raises(BatchError):
+        compute_batch("resident", params, arrays, statics, None, {"w1.0": state})
+    assert state.version == 0 and not state.v.any()  # nothing applied

@@ -536,7 +536,8 @@ class DistributedCompute:
         if fresh:
             params["w1"] = self.basis.to_pixels(self.basis.v0).astype(params["w1"].dtype)
             return
-        self.resident.adopt(params["w1"], opt.moments.get("buf_w1"))
+        self.resident.adopt(params["w1"], opt.moments.get("buf_w1"),
+                            {k: v for k, v in opt.moments.items() if k.startswith("resident_")})
         changed = getattr(self.executor, "statics_changed", None)
         for shard in range(self.k):
             if changed is not None:
@@ -636,6 +637,7 @@ class DistributedCompute:
         w1, buf = self.resident.clean()
         params["w1"] = w1.astype(params["w1"].dtype)
         opt.moments["buf_w1"] = buf
+        opt.moments.update(self.resident.noise_state())  # kept with the model version, never sent
 
     def x_w1(self, which: str, idx, w1: np.ndarray) -> np.ndarray:
         """X[idx] @ w1, contraction over pixels: each slot multiplies its static block (or, when

@@ -265,13 +265,31 @@ class ResidentDisguise:
         v, buf = st.checkpoint
         return np.concatenate([v, buf]), st.checkpoint_version
 
-    def adopt(self, w1: np.ndarray, buf_w1: np.ndarray | None) -> None:
-        """Start from a model version's clean w1 (pixel basis) and momentum (or zero): what a
-        resumed run does. The noise's share starts at zero."""
+    def noise_state(self) -> dict[str, np.ndarray]:
+        """Each slot's E and its momentum (float64): kept with every model version, on the
+        coordinator only, so a resumed run hands each node its V as it was (with the noise's
+        share), not V minus it: the difference would show the node its noise subspace."""
+        out = {}
+        for s, st in enumerate(self.slots):
+            out[f"resident_e{s}"] = st.e.copy()
+            out[f"resident_ebuf{s}"] = st.ebuf.copy()
+        return out
+
+    def adopt(self, w1: np.ndarray, buf_w1: np.ndarray | None, noise: dict | None = None) -> None:
+        """Start from a model version's clean w1 (pixel basis), momentum (or zero) and the noise
+        state kept with it (`noise_state`): what a resumed run does."""
         vs = self.basis.from_pixels(w1)
         bufs = self.basis.from_pixels(buf_w1) if buf_w1 is not None else [np.zeros_like(v) for v in vs]
-        for st, v, buf in zip(self.slots, vs, bufs):
-            self._set_checkpoint(st, v, buf, st.version, reset_noise=True)
+        noise = noise or {}
+        for s, (st, v, buf) in enumerate(zip(self.slots, vs, bufs)):
+            e, ebuf = noise.get(f"resident_e{s}"), noise.get(f"resident_ebuf{s}")
+            if e is not None and ebuf is not None and e.shape == st.e.shape and ebuf.shape == st.ebuf.shape:
+                st.e, st.ebuf = np.array(e, dtype=np.float64), np.array(ebuf, dtype=np.float64)
+                v = v + st.mix.transposed_left(st.loadings.T @ st.e)
+                buf = buf + st.mix.transposed_left(st.loadings.T @ st.ebuf)
+                self._set_checkpoint(st, v, buf, st.version)
+            else:
+                self._set_checkpoint(st, v, buf, st.version, reset_noise=True)
 
     def _set_checkpoint(self, st: SlotState, v: np.ndarray, buf: np.ndarray, version: int,
                         reset_noise: bool = False) -> None:
@@ -413,12 +431,14 @@ class ResidentDisguise:
         diff = y.astype(np.float64) @ st.probes - srows @ st.vr
         if not np.isfinite(diff).all():  # a NaN or infinity anywhere in y reaches its row of y R
             return "result has NaN or infinite entries"
-        yy = y * y  # the rounding bound in the result's own dtype: it is a bound, not a sum to compare
-        rounding = self.eps * np.sqrt((yy @ (st.probes * st.probes).astype(yy.dtype)).astype(np.float64))
+        y64 = y.astype(np.float64)
+        rounding = self.eps * np.sqrt((y64 * y64) @ (st.probes * st.probes))
         probe_rms = float(np.sqrt(np.mean(st.probes ** 2)))
         row_norm = np.linalg.norm(srows, axis=1)
         product = probe_rms * row_norm[:, None] * (EPS64 * math.sqrt(srows.shape[1]) * st.v_bound + st.drift)
         bound = CHECK_SLACK * (rounding + product)
+        if not np.isfinite(bound).all():  # entries so large that their squares overflow: no honest result
+            return "result has entries too large to check"
         bad = np.abs(diff) > bound + 1e-300
         if np.any(bad):
             r = int(np.argwhere(bad)[0, 0])

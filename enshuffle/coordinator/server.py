@@ -454,7 +454,7 @@ class CoordinatorServer:
         static_cols = self.static_arrays(batch.shard)[name].shape[1] if name else 0
         task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
                     work=batch_work(batch), shape=expected_shape(batch, static_cols))
-        dtype = batch.arrays["b" if "b" in batch.arrays else "a"].dtype
+        dtype = self._result_dtype(batch)
         task.result_bytes = int(np.prod(task.shape)) * dtype.itemsize
         self._tasks[task.batch_id] = task
         # This batch's disguise secrets are drawn: the next batch's come from a fresh seed.
@@ -749,6 +749,13 @@ class CoordinatorServer:
             return True
         session.outstanding[task.batch_id] = task
         task.session = session.node_id
+        if task.batch.op == "resident":
+            held = session.state_versions.get(task.batch.shard)
+            if held is not None and held < self.compute.resident.replay_from(task.batch.shard):
+                # it served the slot before the last checkpoint: the updates it lacks are gone from
+                # the log, so it gets the checkpoint again
+                session.shards_held.discard(task.batch.shard)
+                session.state_versions.pop(task.batch.shard, None)
         if task.batch.params.get("a_static") and not self._ensure_static(session, task.batch.shard):
             return False
         now = time.monotonic()

@@ -214,7 +214,7 @@ class Trainer:
             raise ValueError(f"the model version's {', '.join(wrong)} do not fit a {self.preset.describe()} network")
         self.params = {name: np.array(arrays[name], dtype=dt) for name in self.preset.weight_names}
         self.opt = OptimizerState(t=int(meta.get("opt_t", 0)),
-                                  moments={k[4:]: np.array(v, dtype=dt)
+                                  moments={k[4:]: np.array(v, dtype=np.float64 if k.startswith("opt.resident_") else dt)
                                            for k, v in arrays.items() if k.startswith("opt.")})
         self.epoch = int(meta["epoch"])
         self.step = int(meta["step"])

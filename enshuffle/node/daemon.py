@@ -151,7 +151,7 @@ def describe_batch(op: str, params: dict, arrays: dict, statics: dict) -> str:
         return op
 
 
-def batch_memory(op: str, params: dict, arrays: dict, statics: dict) -> int:
+def batch_memory(op: str, params: dict, arrays: dict, statics: dict, states: dict | None = None) -> int:
     """Bytes a batch makes this node allocate (its result, plus the gathered rows of a static
     operand when they are not a full permutation), from the header's shapes alone: checked
     against --max-memory before anything is allocated. Unknown shapes count as 0 (compute_batch
@@ -160,12 +160,17 @@ def batch_memory(op: str, params: dict, arrays: dict, statics: dict) -> int:
         b = arrays.get("b")
         if op == "resident":
             static = statics.get(params.get("a_static"))
-            rows, dz = arrays.get("rows"), arrays.get("dz")
-            if static is None or static.ndim != 2:
+            state = (states or {}).get(params.get("state"))
+            rows, urows = arrays.get("rows"), arrays.get("update_rows")
+            if static is None or static.ndim != 2 or state is None:
                 return 0
-            width = dz.shape[1] if dz is not None and dz.ndim == 2 else 0
-            gathered = (rows.shape[0] if rows is not None and rows.ndim == 1 else 0) * static.shape[1]
-            return int(gathered * static.dtype.itemsize * 2 + 2 * static.shape[1] * max(width, 1) * 8)
+            k, h, item = static.shape[1], state.v.shape[1], static.dtype.itemsize
+            if params.get("fetch"):
+                return 2 * k * h * 8
+            n = rows.shape[0] if rows is not None and rows.ndim == 1 else 0
+            b = urows.shape[1] if urows is not None and urows.ndim == 2 else 0
+            # the forward: gathered rows in float64 and the result; an update: its rows and g
+            return int(n * (k * (item + 8) + h * (8 + item)) + (b * k * 16 + k * h * 8 if b else 0))
         if op == "matmul" and b is not None and b.ndim == 2:
             item = b.dtype.itemsize
             name = params.get("a_static")
@@ -1011,7 +1016,7 @@ class NodeDaemon:
     def _store_static(self, s: _Session, msg: Message) -> None:
         name = msg.header["name"]
         (array,) = msg.arrays.values()
-        old = s.statics.get(name)
+        old = s.states.get(name) or s.statics.get(name)  # one name, one entry: a state or a static
         total = s.static_bytes - (old.nbytes if old is not None else 0) + array.nbytes
         if total > self.max_static_bytes or total + s.pending_bytes > self.max_memory:
             self._reject(s, msg.header, "too-large", f"static {name!r} ({array.nbytes} bytes) would make "
@@ -1034,10 +1039,12 @@ class NodeDaemon:
                 self._reject(s, msg.header, "too-large", f"state {name!r} would make {total} bytes of statics; "
                              f"this node keeps at most {self.max_static_bytes}", "STATIC")
                 return
+            s.statics.pop(name, None)
             s.states[name] = state
             s.static_bytes = total
             self._say(f"stored resident state {name} {list(array.shape)} at version {version}")
             return
+        s.states.pop(name, None)
         s.statics[name] = aligned(array)  # read-only, kept for the session
         s.static_bytes = total
         self._say(f"stored static {name} {array.dtype}{list(array.shape)}")
@@ -1049,7 +1056,7 @@ class NodeDaemon:
         if waited * 1000 > h["lease_ms"]:
             self._reject(s, h, "expired", f"waited {waited:.1f} s, beyond its lease of {h['lease_ms']} ms")
             return
-        need = batch_memory(op, params, msg.arrays, s.statics)
+        need = batch_memory(op, params, msg.arrays, s.statics, s.states)
         if need > self.max_memory:
             self._reject(s, h, "too-large", f"this batch's result would take {need} bytes; this node's "
                          f"--max-memory is {self.max_memory}")
