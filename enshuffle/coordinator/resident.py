@@ -428,10 +428,10 @@ class ResidentDisguise:
         if y.shape != (rows.shape[0], self.hidden):
             return f"result shape {y.shape}, expected {(rows.shape[0], self.hidden)}"
         srows = self._static_rows(shard, rows)
-        diff = y.astype(np.float64) @ st.probes - srows @ st.vr
+        y64 = y.astype(np.float64)
+        diff = y64 @ st.probes - srows @ st.vr
         if not np.isfinite(diff).all():  # a NaN or infinity anywhere in y reaches its row of y R
             return "result has NaN or infinite entries"
-        y64 = y.astype(np.float64)
         rounding = self.eps * np.sqrt((y64 * y64) @ (st.probes * st.probes))
         probe_rms = float(np.sqrt(np.mean(st.probes ** 2)))
         row_norm = np.linalg.norm(srows, axis=1)
