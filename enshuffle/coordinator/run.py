@@ -569,6 +569,7 @@ def run_headless(run: CoordinatorRun) -> int:
 
 def run_with_tui(run: CoordinatorRun) -> int:
     """The console in the main thread, the run (which owns the socket) in a worker thread."""
+    from enshuffle.tui.base import terminal_fd, terminal_gone
     from enshuffle.tui.coordinator_app import CoordinatorApp  # textual only on the --tui path
 
     status: dict = {}
@@ -597,8 +598,16 @@ def run_with_tui(run: CoordinatorRun) -> int:
         if not app.stopping:
             app.call_later(app.action_request_quit)
 
+    def on_hangup(signum, frame):
+        # The terminal closing sends SIGHUP too: then it is the graceful stop, not a reload.
+        if terminal_gone(app_tty):
+            app.call_later(app.lose_terminal)
+        else:
+            run.hangup()
+
+    app_tty = terminal_fd()
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: run.hangup())
+    previous_hup = signal.signal(signal.SIGHUP, on_hangup)
     try:
         app.run()
     finally:

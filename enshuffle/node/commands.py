@@ -33,17 +33,24 @@ def _apply_thread_env(threads: int | None) -> int:
 
 
 def _install_signal_handlers(daemon) -> None:
-    """SIGINT/SIGTERM -> BYE `shutdown` and a prompt exit 0 (the coordinator reissues at once)."""
+    """SIGINT/SIGTERM, and SIGHUP (the terminal closed) unless it is ignored (nohup) -> BYE
+    `shutdown` and a prompt exit 0 (the coordinator reissues at once)."""
     def handler(signum, frame):  # runs in the main thread; stop() only sets an Event
         daemon.stop()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)
 
 
 def _headless_log(line: str) -> None:
-    """Headless lines carry a timestamp, for a log read hours later (journalctl adds its own too)."""
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} enshuffle node: {line}", file=sys.stderr, flush=True)
+    """Headless lines carry a timestamp, for a log read hours later (journalctl adds its own too).
+    A terminal that has gone away (EIO) does not stop the node: it is stopping on SIGHUP anyway."""
+    try:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} enshuffle node: {line}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def totals_line(state) -> str:
@@ -117,8 +124,21 @@ def _run_with_tui(daemon, state, control) -> int:
     """The node app in the main thread, the daemon in a background thread."""
     from enshuffle.tui.node_app import NodeApp  # textual is imported only on this path
 
+    from enshuffle.tui.base import terminal_fd, terminal_gone
+
     result: list[int] = []
     app = NodeApp(source=state.snapshot, control=control)
+    tty = terminal_fd()
+
+    def on_hangup(signum, frame):
+        # The terminal closed: stop as on q, once, and leave; otherwise SIGHUP stops as SIGTERM does.
+        if terminal_gone(tty):
+            app.call_later(app.lose_terminal)
+        else:
+            daemon.stop()
+
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, on_hangup)
 
     def work() -> None:
         status = daemon.run()
