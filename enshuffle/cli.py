@@ -24,6 +24,7 @@ environment:
   ENSHUFFLE_HOME   keys and the coordinators a node trusts
                    (default $XDG_CONFIG_HOME/enshuffle, else ~/.config/enshuffle)
   ENSHUFFLE_CACHE  downloaded MNIST (default $XDG_CACHE_HOME/enshuffle, else ~/.cache/enshuffle)
+  ENSHUFFLE_INVITE an invite code for `enshuffle node`, as --invite CODE (kept out of `ps`)
 
 exit status: 0 done (a run finished, or a node stopped when asked); 1 failed or a check
 failed; 2 a wrong command-line value; 3/4 a node refused by or refusing its coordinator;
@@ -100,7 +101,24 @@ def _hours(text: str) -> str:
     return text
 
 
+def _no_control(text: str, what: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise argparse.ArgumentTypeError(f"{what} must not hold control characters (a newline?), got {text!r}")
+    return text
+
+
+def _name(text: str) -> str:
+    """--name: what the operator sees; printable, 1-64 characters."""
+    _no_control(text, "a name")
+    if not 0 < len(text) <= 64 or text != text.strip():
+        raise argparse.ArgumentTypeError(f"expected 1-64 characters without leading or trailing spaces, got {text!r}")
+    return text
+
+
 def _endpoint(text: str) -> str:
+    _no_control(text, "an address")
+    if any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"an address has no spaces, got {text!r}")
     if not text.startswith("tcp://") or ":" not in text[len("tcp://"):]:
         raise argparse.ArgumentTypeError(
             f"expected an address like tcp://127.0.0.1:5555, got {text!r}")
@@ -264,11 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", type=_endpoint, required=True, help="coordinator address, tcp://HOST:PORT")
     p.add_argument("--coordinator-key", metavar="FINGERPRINT", default=None,
                    help="pin the coordinator's key (see `enshuffle keys show` on the coordinator)")
-    p.add_argument("--name", default=None, help="a name the operator sees (default: host name)")
+    p.add_argument("--name", type=_name, default=None, help="a name the operator sees (default: host name)")
     p.add_argument("--threads", type=_threads, default=None,
                    help="BLAS threads for computing, at most the CPU count (default: every CPU)")
     p.add_argument("--invite", metavar="CODE", default=None,
-                   help="an invite code from the operator (`enshuffle invite` on the coordinator)")
+                   help="an invite code from the operator (`enshuffle invite` on the coordinator); "
+                        "ENSHUFFLE_INVITE in the environment does the same without showing it to `ps`")
     p.add_argument("--max-memory", type=_size, default=None, metavar="BYTES",
                    help="most memory one batch may make this node allocate, e.g. 512M or 2G "
                         "(default: a quarter of RAM, at most 512M)")
@@ -276,8 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retry an unreachable coordinator for ever and, when a run finishes, wait for the "
                         "next one (a long-running daemon); without it the node gives up after 5 minutes "
                         "without a coordinator")
-    p.add_argument("--nice", type=_nice, default=0,
-                   help="CPU priority, 0 (normal) to 19 (only what nobody else wants)")
+    p.add_argument("--nice", type=_nice, default=None,
+                   help="CPU priority, 0 (normal) to 19 (only what nobody else wants) (default: 0; 19 for "
+                        "--install-service)")
     p.add_argument("--max-cpu", type=_percent, default=100, metavar="PERCENT",
                    help="rest between batches so computing takes at most this share of the time")
     p.add_argument("--hours", type=_hours, default=None, metavar="HH:MM-HH:MM",

@@ -101,7 +101,7 @@ def cmd_node(args) -> int:
                         name=args.name or socket.gethostname(), threads=threads, state=state,
                         control=control, log=_headless_log if not args.tui else state_only,
                         exit_on_finish=not getattr(args, "keep_running", False), recorder=recorder,
-                        invite=getattr(args, "invite", None),
+                        invite=getattr(args, "invite", None) or os.environ.get("ENSHUFFLE_INVITE") or None,
                         max_memory=getattr(args, "max_memory", None),
                         policy=Policy.from_args(getattr(args, "max_cpu", 100), getattr(args, "hours", None)),
                         give_up_after=None if getattr(args, "keep_running", False) else GIVE_UP_S,
