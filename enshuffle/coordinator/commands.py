@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from enshuffle.coordinator.addresses import PLACEHOLDER
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.ledger import privacy_notes
@@ -225,12 +224,8 @@ def cmd_coordinator(args) -> int:
     eprint(f"coordinator: {admission.describe()}")
     eprint("coordinator: on each volunteer machine run" + (" one of:" if len(commands) > 1 else ":"))
     for command in commands:
-        eprint(f"    {command}" + ("" if args.open else "   (plus --invite CODE from `enshuffle invite`, "
-                                                          "unless its key is in --allow)"))
-    if any(PLACEHOLDER in c for c in commands):
-        eprint(f"  (replace {PLACEHOLDER} with this machine's address as the volunteers reach it)")
-    elif "127.0.0.1" in commands[0] or "[::1]" in commands[0]:
-        eprint("  (a loopback address: only nodes on this machine can connect; bind tcp://0.0.0.0:PORT "
-               "for others)")
+        eprint(f"    {command}")
+    for note in run.state.join_notes:
+        eprint(f"  ({note})")
 
     return run_with_tui(run) if args.tui else run_headless(run)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
-from enshuffle.coordinator.addresses import volunteer_addresses
+from enshuffle.coordinator.addresses import PLACEHOLDER, volunteer_addresses
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home
 from enshuffle.coordinator.distributed import DistributedCompute
@@ -57,6 +57,37 @@ def coordinator_blas_threads(threads: int = 1):
 
 
 EXIT_INTERRUPTED = 130  # stopped before the run finished (Ctrl-C, SIGTERM, q): resume it with --resume
+
+
+def local_only(admission) -> bool:
+    """True for `enshuffle train`'s admission: its own local node processes and nobody else."""
+    return (admission is not None and not admission.open and admission.home is None
+            and admission.allow_file is None)
+
+
+def joining(endpoint: str, fingerprint: str, admission) -> tuple[list[str], list[str], str]:
+    """How volunteers join, for the console and the start-up lines: the `enshuffle node` commands
+    (with --invite CODE where an invite is how a new key gets in), notes on them, and who may join."""
+    if local_only(admission):
+        count = len(admission.auto)
+        return [], [f"only the {count} local node process{'es' if count != 1 else ''} this command started "
+                    f"may join; for volunteers' machines run `enshuffle coordinator`"], \
+            f"who may join: only this command's {count} local node process{'es' if count != 1 else ''}"
+    commands = join_commands(endpoint, fingerprint)
+    notes = []
+    who = ""
+    if admission is not None:
+        who = "who may join: " + admission.describe().removeprefix("admission: ")
+        if not admission.open and admission.home is not None:
+            commands = [f"{c} --invite CODE" for c in commands]
+            notes.append("CODE: a fresh one from `enshuffle invite --connect ADDRESS` on this machine"
+                         + (" (a key in the --allow file needs none)" if admission.allow_file else ""))
+    if any(PLACEHOLDER in c for c in commands):
+        notes.append(f"replace {PLACEHOLDER} with this machine's address as the volunteers reach it")
+    elif commands and ("127.0.0.1" in commands[0] or "[::1]" in commands[0]):
+        notes.append("a loopback address: only nodes on this machine can connect; bind tcp://0.0.0.0:PORT "
+                     "for others")
+    return commands, notes, who
 
 
 def default_run_dir() -> str:
@@ -114,7 +145,8 @@ class CoordinatorRun:
             st.run_id = self.server.run_id
             st.preset = preset.name
             st.bind = listen_text(self.server.endpoint)
-            st.join_commands = join_commands(self.server.endpoint, self.identity.fingerprint)
+            st.join_commands, st.join_notes, st.admission = joining(self.server.endpoint, self.identity.fingerprint,
+                                                                    admission)
             st.fingerprint = self.identity.fingerprint
             st.run_dir = str(self.run_dir) if self.run_dir else None
             st.epochs_total = preset.epochs
@@ -469,19 +501,25 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
             p.wait()
 
 
+def local_cluster_run(settings: RunSettings, preset, inputs, *, nodes: int, workdir: Path, run_dir: str | None = None,
+                      resume: bool = False, quiet: bool = True) -> CoordinatorRun:
+    """The coordinator of `enshuffle train --nodes K`, on loopback, admitting only the K local
+    node keys it creates in `workdir` (nothing to set up, nobody else joins)."""
+    admission = Admission(auto=set(local_node_keys(workdir, nodes)))
+    # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
+    # which checks the key, can continue it; a throw-away run uses a throw-away key.
+    return CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
+                          run_dir=run_dir, home=None if run_dir else workdir / "coordinator", resume=resume,
+                          quiet=quiet, admission=admission)
+
+
 def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
                       resume: bool = False, verbose: bool = False, tui: bool = False) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
         tmp = Path(tmp)
-        # Only the local nodes this command starts are admitted: nothing to set up, nobody else joins.
-        admission = Admission(auto=set(local_node_keys(tmp, nodes)))
-        # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
-        # which checks the key, can continue it; a throw-away run uses a throw-away key.
-        run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes,
-                             min_nodes=nodes, run_dir=run_dir, home=None if run_dir else tmp / "coordinator",
-                             resume=resume, quiet=not verbose,
-                             admission=admission)
+        run = local_cluster_run(settings, preset, inputs, nodes=nodes, workdir=tmp, run_dir=run_dir, resume=resume,
+                                quiet=not verbose)
         eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
                f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {settings.offload}")
         for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):

@@ -346,11 +346,18 @@ class NodeDetailScreen(ModalScreen[None]):
 
 
 def join_text(s: CoordinatorState) -> str:
-    """How a volunteer joins: above the nodes table, and in words when the table is empty."""
+    """How a volunteer joins, and who may: above the nodes table, in full while it is empty."""
+    if not s.join_commands and s.join_notes:  # no volunteers: `enshuffle train`'s own local nodes
+        text = "\n".join(s.join_notes) if not s.nodes else (s.admission or s.join_notes[0])
+        return ("No node has connected yet: " + text) if not s.nodes else text
     commands = s.join_commands or ["enshuffle node --connect ADDRESS --coordinator-key " + (s.fingerprint or "FP")]
     if not s.nodes:
-        return "No node has connected yet. On each volunteer machine run:\n" + "\n".join(f"  {c}" for c in commands)
-    return "join: " + commands[0]
+        lines = ["No node has connected yet. On each volunteer machine run:", *(f"  {c}" for c in commands),
+                 *(f"  ({note})" for note in s.join_notes)]
+        if s.admission:
+            lines.append(s.admission)
+        return "\n".join(lines)
+    return "join: " + commands[0] + (f"\n{s.admission}" if s.admission else "")
 
 
 def _meta_value(value) -> str:
