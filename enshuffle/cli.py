@@ -250,13 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("coordinator", help="run a coordinator that volunteers' nodes connect to")
     _add_training_options(p)
-    p.add_argument("--bind", type=_endpoint, default="tcp://127.0.0.1:5555", help="address to listen on")
-    p.add_argument("--min-nodes", type=_positive_int, default=1,
+    p.add_argument("--bind", type=_endpoint, default=None,
+                   help="address to listen on (default: tcp://127.0.0.1:5555, or the resumed run's)")
+    p.add_argument("--min-nodes", type=_positive_int, default=None,
                    help="nodes to wait for before training, and the number of blocks the images and w1 are "
-                        "split into: each node holds one block (default 1)")
+                        "split into: each node holds one block (default 1, or the resumed run's)")
     p.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (chain, state)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the chain's head in RUN_DIR; a larger --epochs extends a finished run")
+                   help="continue from the chain's head in RUN_DIR, listening, admitting and reading --data as "
+                        "the run did unless told otherwise; a larger --epochs extends a finished run")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
                    help="write a model version every N steps (default: every epoch)")
     p.add_argument("--allow", metavar="FILE", default=None,
@@ -265,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true",
                    help="admit ANY node key (no allow-list): anyone who can reach the port receives data")
     p.add_argument("--tui", action="store_true", help="show the coordinator console")
-    p.add_argument("--quarantine-after", type=_positive_int, default=3, metavar="N",
-                   help="quarantine a node's key for the run after N wrong results (default 3)")
+    p.add_argument("--quarantine-after", type=_positive_int, default=None, metavar="N",
+                   help="quarantine a node's key for the run after N wrong results (default 3, or the resumed run's)")
     p.add_argument("--replicate", action="store_true",
                    help="also recompute here every result of a node not yet trusted (fewer than 20 "
                         "results accepted, or one refused) and compare entry by entry")

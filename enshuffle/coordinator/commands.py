@@ -132,7 +132,8 @@ def cmd_train(args) -> int:
     else:
         return run_local_cluster(run_settings(args), preset, inputs, nodes=args.nodes, run_dir=args.out,
                                  resume=bool(getattr(args, "resume", False)),
-                                 verbose=bool(getattr(args, "verbose", False)), tui=bool(args.tui))
+                                 verbose=bool(getattr(args, "verbose", False)), tui=bool(args.tui),
+                                 data_source=data_source(args.data))
     return drive(run_settings(args), preset, inputs, compute, ledger)
 
 
@@ -166,6 +167,43 @@ def check_bind(bind: str) -> None:
         ctx.term()  # the port is free again when this returns
 
 
+def data_source(data: str | None) -> str | None:
+    """--data as a --resume elsewhere must read it: an absolute directory, `bundled`, or None (search)."""
+    if data is None or data == "bundled":
+        return data
+    return os.path.abspath(data)
+
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+SERVING_DEFAULTS = {"bind": DEFAULT_BIND, "allow": None, "open": False, "min_nodes": 1, "checkpoint_every": None,
+                    "quarantine_after": 3, "replicate": False}
+
+
+def serving_settings(args) -> dict:
+    """How `enshuffle coordinator` serves (kept in run.json, so --resume serves the same way)."""
+    return {"bind": args.bind, "allow": os.path.abspath(args.allow) if args.allow else None, "open": bool(args.open),
+            "min_nodes": args.min_nodes, "checkpoint_every": args.checkpoint_every,
+            "quarantine_after": args.quarantine_after, "replicate": bool(args.replicate)}
+
+
+def apply_serving_settings(args, stored: dict | None) -> list[str]:
+    """Fill the serving options not given on this command line from the run's (then from the
+    defaults); returns what was taken from the run, for the resume line."""
+    stored = stored or {}
+    taken = []
+    admission_given = bool(args.allow or args.open)
+    for name, default in SERVING_DEFAULTS.items():
+        value = getattr(args, name)
+        given = admission_given if name in ("allow", "open") else value not in (None, False)
+        if not given and stored.get(name) not in (None, False):
+            setattr(args, name, stored[name])
+            option = "--" + name.replace("_", "-")
+            taken.append(option if stored[name] is True else f"{option} {stored[name]}")
+        elif getattr(args, name) is None:
+            setattr(args, name, default)
+    return taken
+
+
 def apply_resume_settings(args, who: str) -> int:
     """--resume: take the run's training settings from RUN_DIR/run.json; returns its shard count.
 
@@ -184,20 +222,29 @@ def apply_resume_settings(args, who: str) -> int:
     # A run written before networks had a shape is the notebook's 784-128-10 sigmoid network.
     args.layers, args.hidden = tuple(settings.get("layers") or NOTEBOOK_LAYERS), None
     args.activation = settings.get("activation") or "sigmoid"
+    if getattr(args, "data", None) is None and settings.get("data_source"):
+        args.data = settings["data_source"]
     shards = int(settings["shards"])
     layers = "-".join(map(str, args.layers))
     eprint(f"{who}: resuming {args.out} with its settings: preset {args.preset}, {layers} {args.activation}, "
            f"{args.epochs} epochs{extended}, "
-           f"{args.dtype}, offload {args.offload}, {shards} shards (other training options are ignored)")
+           f"{args.dtype}, offload {args.offload}, {shards} shards"
+           + (f", data {args.data}" if settings.get("data_source") else "") + " (other training options are ignored)")
+    if who == "coordinator":
+        taken = apply_serving_settings(args, settings.get("serving"))
+        if taken:
+            eprint(f"{who}: serving as the run did: {' '.join(taken)} (give an option to change it)")
     return shards
 
 
 def cmd_coordinator(args) -> int:
     """`enshuffle coordinator`: listen for volunteers' nodes and train."""
     run_dir = args.out
-    shards = args.min_nodes
     if args.resume:
         shards = apply_resume_settings(args, "coordinator")
+    else:
+        apply_serving_settings(args, None)
+        shards = args.min_nodes
     run_settings(args)  # a refused --offload is told before anything starts
     check_bind(args.bind)  # a taken port is told before minutes of data loading, not after
     if args.open and args.allow:
@@ -208,7 +255,8 @@ def cmd_coordinator(args) -> int:
     try:
         run = CoordinatorRun(run_settings(args), preset, inputs, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
                              run_dir=run_dir or default_run_dir(), resume=args.resume,
-                             checkpoint_every=args.checkpoint_every, admission=admission)
+                             checkpoint_every=args.checkpoint_every, admission=admission,
+                             serving=serving_settings(args), data_source=data_source(args.data))
     except OSError as exc:
         raise UsageError(str(exc)) from None
     commands = run.state.join_commands

@@ -98,7 +98,8 @@ class CoordinatorRun:
     def __init__(self, settings: RunSettings, preset, inputs, *, bind: str, shards: int, min_nodes: int,
                  run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
                  state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
-                 home: Path | None = None, quiet: bool = False, admission=None):
+                 home: Path | None = None, quiet: bool = False, admission=None, serving: dict | None = None,
+                 data_source: str | None = None):
         self.settings = settings
         self.preset = preset
         self.inputs = inputs
@@ -118,7 +119,9 @@ class CoordinatorRun:
         self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
                           "offload": settings.offload, "seed": preset.seed, "limit": settings.limit,
                           "shards": shards, "data": data_fingerprint(inputs), "layers": list(preset.layers),
-                          "activation": preset.activation}
+                          "activation": preset.activation, "data_source": data_source}
+        if serving is not None:  # how `enshuffle coordinator` served: --resume serves the same way
+            self._settings["serving"] = serving
         self.admission = admission
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
         self.server = CoordinatorServer(bind, self.identity, self.state, ledger=ExposureLedger(ledger_axes(preset.layers)),
@@ -502,7 +505,7 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
 
 
 def local_cluster_run(settings: RunSettings, preset, inputs, *, nodes: int, workdir: Path, run_dir: str | None = None,
-                      resume: bool = False, quiet: bool = True) -> CoordinatorRun:
+                      resume: bool = False, quiet: bool = True, data_source: str | None = None) -> CoordinatorRun:
     """The coordinator of `enshuffle train --nodes K`, on loopback, admitting only the K local
     node keys it creates in `workdir` (nothing to set up, nobody else joins)."""
     admission = Admission(auto=set(local_node_keys(workdir, nodes)))
@@ -510,16 +513,17 @@ def local_cluster_run(settings: RunSettings, preset, inputs, *, nodes: int, work
     # which checks the key, can continue it; a throw-away run uses a throw-away key.
     return CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
                           run_dir=run_dir, home=None if run_dir else workdir / "coordinator", resume=resume,
-                          quiet=quiet, admission=admission)
+                          quiet=quiet, admission=admission, data_source=data_source)
 
 
 def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
-                      resume: bool = False, verbose: bool = False, tui: bool = False) -> int:
+                      resume: bool = False, verbose: bool = False, tui: bool = False,
+                      data_source: str | None = None) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp:
         tmp = Path(tmp)
         run = local_cluster_run(settings, preset, inputs, nodes=nodes, workdir=tmp, run_dir=run_dir, resume=resume,
-                                quiet=not verbose)
+                                quiet=not verbose, data_source=data_source)
         eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
                f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {settings.offload}")
         for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
