@@ -128,6 +128,7 @@ class Session:
     stale: dict[str, float] = field(default_factory=dict)  # batch_id -> when to call the node stuck
     queue: deque = field(default_factory=deque)
     shards_held: set[int] = field(default_factory=set)  # static operands this session has received
+    statics_held: set[str] = field(default_factory=set)  # by name: only those a batch sent to it used
     last_seen: float = field(default_factory=time.monotonic)
     last_sent: float = field(default_factory=time.monotonic)
     seconds_per_work: deque = field(default_factory=lambda: deque(maxlen=20))
@@ -578,16 +579,18 @@ class CoordinatorServer:
                     return
             session.queue.extendleft(reversed(deferred))
 
-    def _ensure_static(self, session: Session, shard: int) -> bool:
-        if shard in session.shards_held:
+    def _ensure_static(self, session: Session, shard: int, name: str) -> bool:
+        """Send the one static operand `name` a batch uses, if the session lacks it: a block
+        leaves only with a product that uses it (evaluating the test set ships no training block)."""
+        if name in session.statics_held:
             return True
-        arrays = self.static_arrays(shard)
-        for name, array in arrays.items():
-            self.ledger.record(session.label, self.compute.static_exposure(shard))
-            share = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
-            header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
-            if not self._send(session, "STATIC", header, {"x": array}):
-                return False
+        array = self.static_arrays(shard)[name]
+        self.ledger.record(session.label, self.compute.static_exposure(shard))
+        share = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
+        header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
+        if not self._send(session, "STATIC", header, {"x": array}):
+            return False
+        session.statics_held.add(name)
         session.shards_held.add(shard)
         return True
 
@@ -600,7 +603,8 @@ class CoordinatorServer:
             return True
         session.outstanding[task.batch_id] = task
         task.session = session.node_id
-        if task.batch.params.get("a_static") and not self._ensure_static(session, task.batch.shard):
+        if task.batch.params.get("a_static") and not self._ensure_static(session, task.batch.shard,
+                                                                         task.batch.params["a_static"]):
             return False
         now = time.monotonic()
         lease = session.lease_seconds(task.work)
@@ -1121,6 +1125,7 @@ class CoordinatorServer:
         session.stale.pop(task.batch_id, None)
         if code == "unknown-static":
             session.shards_held.discard(task.batch.shard)
+            session.statics_held.difference_update(self.static_arrays(task.batch.shard))
         if task.session == session.node_id and task.result is None:
             task.session = None
             self._reissue(task, session, f"a node rejected it ({code})")
