@@ -117,8 +117,6 @@ def _name(text: str) -> str:
 
 def _endpoint(text: str) -> str:
     _no_control(text, "an address")
-    if any(c.isspace() for c in text):
-        raise argparse.ArgumentTypeError(f"an address has no spaces, got {text!r}")
     if not text.startswith("tcp://") or ":" not in text[len("tcp://"):]:
         raise argparse.ArgumentTypeError(
             f"expected an address like tcp://127.0.0.1:5555, got {text!r}")
@@ -338,8 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("keys", help="this machine's keys")
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION")
     ksub.required = True
-    kp = ksub.add_parser("show", help="print this machine's key fingerprints")
-    kp.add_argument("--name", default=None, help="the node key of `enshuffle node --name NAME` (one key per name)")
+    kp = ksub.add_parser("show", help="list the keys in this home with the --name each serves")
+    kp.add_argument("--name", type=_name, default=None,
+                    help="say which key `enshuffle node --name NAME` uses (one key per name)")
+    kp.add_argument("--create", action="store_true",
+                    help="create the coordinator key and the node key (for --name) if missing")
     kp.set_defaults(handler="enshuffle.protocol.keys:cmd_keys_show")
 
     p = sub.add_parser("chain", help="inspect a run's hash chain of model versions")

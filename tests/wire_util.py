@@ -173,7 +173,7 @@ def train_wire_and_central(nodes: int, args: list[str], tmp_path: Path, cache: P
 
 def coordinator_fingerprint(home: Path) -> str:
     """The coordinator key's fingerprint in `home`, as `enshuffle keys show` prints it."""
-    proc = enshuffle_cli("keys", "show", home=home)
+    proc = enshuffle_cli("keys", "show", "--create", home=home)
     assert proc.returncode == 0, proc.stderr
     for line in proc.stdout.splitlines():
         if line.startswith("coordinator key:"):
