@@ -401,3 +401,33 @@ def test_version_metadata_is_shown_for_people_not_as_python_dicts():
     assert "{" not in text_ and "1764600000" not in text_
     assert "cost=0.0612346" in text_ and "alice: images=0.5, w1=0.25" in text_ and "history: 2 entries" in text_
     assert "preset=default, epochs=20" in text_
+
+
+PIN_LINE = ("node n-alice refused our key: it is pinned to SHA256:KZDV-VJ2U-MNDU-YAUF-35O3-6K6K-W462-MUJV but "
+            "this coordinator presented key SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA; give the volunteer "
+            "this fingerprint, or restart with the ENSHUFFLE_HOME that holds the key they pinned")
+
+
+def _shown_log_rows(app, log_id: str) -> tuple[list[str], int]:
+    from textual.widgets import Log
+    log = app.query_one(f"#{log_id}", Log)
+    return [str(line) for line in log.lines], log.scrollable_content_region.width
+
+
+@pilot_test
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (160, 48)])
+async def test_long_log_lines_wrap_so_the_remedy_is_seen(size):
+    app, source, _control = make_app()
+    source.state.log.append(PIN_LINE)
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("4")  # the Log tab
+        await pilot.pause()
+        app.pull_snapshot()
+        await pilot.pause()
+        shown = [_shown_log_rows(app, log_id) for log_id in ("log-view", "side-log")]
+        shown = [(rows, width) for rows, width in shown if width > 0]
+        assert shown  # the Log tab, or the side log of the wide layout
+        for rows, width in shown:
+            assert all(len(row) <= width for row in rows), (width, rows)
+            joined = " ".join(row.strip() for row in rows)
+            assert "SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA" in joined and "key they pinned" in joined, rows

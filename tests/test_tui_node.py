@@ -147,3 +147,22 @@ async def test_a_finished_run_stays_on_screen_until_q():
         await pilot.press("ctrl+c")  # Ctrl-C is q
         await pilot.pause()
     assert app.return_value == "stopped" and control.stop_requested
+
+
+@pilot_test
+async def test_a_refusal_in_the_node_log_wraps_whole_at_80_columns():
+    line = ("refused: tcp://coordinator.example:5555 presented key SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA, "
+            "not the pinned SHA256:KZDV-VJ2U-MNDU-YAUF-35O3-6K6K-W462-MUJV; ask the operator for the fingerprint "
+            "of `enshuffle keys show` on the coordinator")
+    app, source, _control = make_app()
+    source.state.log.append(line)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        app.pull_snapshot()
+        await pilot.pause()
+        log = app.query_one("#log-view", Log)
+        width = log.scrollable_content_region.width
+        rows = [str(row) for row in log.lines]
+        assert width > 0 and all(len(row) <= width for row in rows), (width, rows)
+        joined = " ".join(row.strip() for row in rows)
+        assert "SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA" in joined and "on the coordinator" in joined, rows

@@ -737,9 +737,7 @@ class CoordinatorApp(SnapshotApp):
             return
         self.filter_text = text
         # The log is rebuilt from the snapshot's lines that match; later lines are filtered as they come.
-        for log in self.log_feed.logs:
-            log.clear()
-        self.log_feed.seen = []
+        self.log_feed.reset()
         self._refresh_now()
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
