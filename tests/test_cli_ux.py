@@ -185,3 +185,41 @@ def test_verifying_an_empty_chain_says_there_is_nothing_yet(tmp_path):
     (tmp_path / "run").mkdir()
     ok, message = verify_chain_message(Chain(tmp_path / "run"))
     assert ok and "no model version yet" in message and "0 versions" not in message
+
+
+def test_a_malformed_invite_is_refused_before_connecting(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on: the node must not even try
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = enshuffle("node", "--connect", f"tcp://127.0.0.1:{port}", "--invite", "0a1b2c-not-a-code",
+                     home=tmp_path / "home", timeout=30)
+    line = one_line_error(done)
+    assert "not an invite code" in line and "32 hex digits" in line, line
+
+
+def test_a_used_invite_is_refused_as_used_not_as_a_stranger(core_data_dir, tmp_path):
+    from enshuffle.coordinator.admission import Admission, create_invite
+    from wire_util import InProcessRun, default_preset, load_inputs, spawn_node
+
+    coordinator_home = tmp_path / "coordinator-home"
+    code = create_invite(coordinator_home, reusable=False)
+    other = "0" * 32  # well formed, but this coordinator never made it
+    preset = default_preset(epochs=200)
+    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1,
+                       admission=Admission(home=coordinator_home)).start()
+    procs = []
+    try:
+        first = spawn_node(tmp_path / "a", run.endpoint, run.identity.fingerprint, "first", tmp_path, "--invite", code)
+        procs.append(first)
+        wait_until(lambda: run.logged("admitted by invite code") or not first.alive(), 60, "the first node to join",
+                   on_timeout=run.describe)
+        second = spawn_node(tmp_path / "b", run.endpoint, run.identity.fingerprint, "second", tmp_path, "--invite", code)
+        third = spawn_node(tmp_path / "c", run.endpoint, run.identity.fingerprint, "third", tmp_path, "--invite", other)
+        procs += [second, third]
+        assert second.wait(60) == 4 and third.wait(60) == 4, second.describe() + third.describe()
+        assert "already used" in second.err(), second.err()
+        assert "not one this coordinator made" in third.err(), third.err()
+    finally:
+        for proc in procs:
+            proc.stop()
+        run.close()

@@ -65,11 +65,14 @@ def _write_private(path: Path, text: str) -> None:
         raise
 
 
-def load_invites(home: Path) -> dict[str, dict]:
+def load_invites(home: Path, include_used: bool = False) -> dict[str, dict]:
+    """The invite codes in `home` that may still admit a node (with `include_used`, also the
+    one-time codes already used, kept to tell a second node why it is refused)."""
     try:
         doc = json.loads((home / INVITES_FILE).read_text(encoding="utf-8"))
         invites = doc["invites"]
-        return {k: v for k, v in invites.items() if isinstance(v, dict) and isinstance(v.get("code"), str)}
+        return {k: v for k, v in invites.items() if isinstance(v, dict) and isinstance(v.get("code"), str)
+                and (include_used or not v.get("used"))}
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -79,7 +82,7 @@ def load_invites(home: Path) -> dict[str, dict]:
 def create_invite(home: Path, reusable: bool) -> str:
     """A new invite code, stored in the coordinator's home; returns the code."""
     code = secrets.token_hex(16)
-    invites = load_invites(home)
+    invites = load_invites(home, include_used=True)
     invites[invite_id(code)] = {"code": code, "reusable": bool(reusable),
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
@@ -147,10 +150,27 @@ class Admission:
             ident, proof = invite.get("id"), invite.get("proof")
             if isinstance(ident, str) and isinstance(proof, str) and len(proof) == 64:
                 entry = load_invites(self.home).get(ident)
-                if entry and hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof):
+                if entry and not entry.get("used") and \
+                        hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof):
                     self._use_invite(ident, entry, fp)
                     return True, "invite code"
         return False, ""
+
+    def refusal_text(self, key: bytes, invite, challenge: str) -> str:
+        """Why `check` refused this key, in words for the node: its invite was already used, is
+        not one of this home's, or it brought none."""
+        fp = fingerprint(key)
+        if isinstance(invite, dict) and self.home is not None:
+            ident, proof = invite.get("id"), invite.get("proof")
+            entry = load_invites(self.home, include_used=True).get(ident) if isinstance(ident, str) else None
+            if entry and entry.get("used") and isinstance(proof, str) and \
+                    hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof):
+                return (f"this invite code was already used (by another node, {entry['used']}): each one-time "
+                        f"code admits one node; ask the operator for a new one (enshuffle invite)")
+            return ("the invite code is not one this coordinator made (mistyped, from another coordinator, or "
+                    "removed): ask the operator for a new one (enshuffle invite)")
+        return (f"key {fp} is not admitted here: ask the operator to add it to the coordinator's --allow file, "
+                f"or for an invite code (enshuffle invite)")
 
     def _use_invite(self, ident: str, entry: dict, fp: str) -> None:
         self.invited.add(fp)
@@ -159,8 +179,10 @@ class Admission:
                 fh.write(f"{fp}  # invite {ident}\n")
             os.chmod(self.home / INVITED_FILE, 0o600)
             if not entry.get("reusable"):
-                invites = load_invites(self.home)
-                invites.pop(ident, None)
+                # Kept, marked used, so a second node presenting it is told why it is refused.
+                invites = load_invites(self.home, include_used=True)
+                if ident in invites:
+                    invites[ident] = dict(invites[ident], used=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                 _write_private(self.home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
         except OSError:
             pass  # admitted for this process at least; the operator sees the key in the log

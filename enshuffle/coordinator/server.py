@@ -907,8 +907,10 @@ class CoordinatorServer:
         elif key in self.banned:
             refuse = ("not-allowed", "this node was evicted from the run for sending malformed or unverifiable messages")
         elif not admitted:
-            refuse = ("not-allowed", f"key {fp} is not admitted here: ask the operator to add it to the "
-                                     f"coordinator's --allow file, or for an invite code (enshuffle invite)")
+            why = getattr(self.admission, "refusal_text", None)
+            refuse = ("not-allowed", why(key, header.get("invite"), pending.challenge) if why else
+                      f"key {fp} is not admitted here: ask the operator to add it to the "
+                      f"coordinator's --allow file, or for an invite code (enshuffle invite)")
         elif self.reputation.is_quarantined(key):
             rec = self.reputation.records[key]
             refuse = ("quarantined", f"this node's key is quarantined for this run after {rec.lies} wrong results "

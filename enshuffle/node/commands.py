@@ -53,6 +53,11 @@ def _headless_log(line: str) -> None:
         pass
 
 
+def is_invite_code(text: str) -> bool:
+    """The shape of what `enshuffle invite` prints: 32 hex digits."""
+    return len(text) == 32 and all(c in "0123456789abcdefABCDEF" for c in text)
+
+
 def totals_line(state) -> str:
     """What this node did (from its NodeState), for the last line of a headless run and after
     the node app closes."""
@@ -86,6 +91,12 @@ def cmd_node(args) -> int:
     from enshuffle.protocol.keys import TrustStore, enshuffle_home, load_or_create_identity
 
     check_address(args.connect)  # a malformed address is a one-line error (exit 2) up front
+    invite = getattr(args, "invite", None) or os.environ.get("ENSHUFFLE_INVITE") or None
+    if invite is not None and not is_invite_code(invite):
+        print(f"enshuffle node: error: {invite[:40]!r} is not an invite code: `enshuffle invite` prints 32 hex "
+              f"digits (--invite CODE or ENSHUFFLE_INVITE); check it was copied whole", file=sys.stderr)
+        return 2
+    invite = invite.lower() if invite else None  # the codes are lower-case hex; a copy may not be
     home = enshuffle_home()
     # One key per --name: several node processes of one user on one machine are distinct nodes.
     identity = load_or_create_identity("node", home, name=args.name)
@@ -101,7 +112,7 @@ def cmd_node(args) -> int:
                         name=args.name or socket.gethostname(), threads=threads, state=state,
                         control=control, log=_headless_log if not args.tui else state_only,
                         exit_on_finish=not getattr(args, "keep_running", False), recorder=recorder,
-                        invite=getattr(args, "invite", None) or os.environ.get("ENSHUFFLE_INVITE") or None,
+                        invite=invite,
                         max_memory=getattr(args, "max_memory", None),
                         policy=Policy.from_args(getattr(args, "max_cpu", 100), getattr(args, "hours", None)),
                         give_up_after=None if getattr(args, "keep_running", False) else GIVE_UP_S,
