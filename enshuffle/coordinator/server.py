@@ -401,8 +401,15 @@ class CoordinatorServer:
         `give_up(True)` names a reason to stop waiting (kept in `wait_problem`)."""
         self.wait_problem: str | None = None
         self._min_nodes_wanted = count
+        # Statics and their check probes are prepared now, so sending and checking them later never
+        # starves heartbeats; between pieces the socket is pumped, so nodes already here hear us.
         for shard in range(len(self.owner)):
-            self.static_arrays(shard)  # prepared now, so sending them later never starves heartbeats
+            for name, static in self.static_arrays(shard).items():
+                self.pump(timeout_ms=0)
+                if name not in self._static_norms:
+                    self._static_norms[name] = StaticNorms(static, self._verify_rng)
+                    self._static_norms[name].prepare()
+            self.pump(timeout_ms=0)
         def ready() -> int:  # a paused node cannot compute: it does not count toward --min-nodes
             return sum(1 for s in self.sessions.values() if s.want > 0)
 
@@ -925,7 +932,11 @@ class CoordinatorServer:
             live = twins[0]
             # A session still heard from recently is a second process with the same key (twins),
             # not this node reconnecting: refuse the newcomer and say where the other one is.
-            if time.monotonic() - live.last_seen < 2 * self.heartbeat_ms / 1000:
+            # A node's own reconnect names the session it leaves (HELLO `replaces`, signed by the
+            # key): it replaces that session even when its heartbeats are recent (the coordinator
+            # was the silent one, busy with its own work).
+            own = isinstance(header.get("replaces"), str) and header["replaces"] == live.node_id
+            if not own and time.monotonic() - live.last_seen < 2 * self.heartbeat_ms / 1000:
                 refuse = ("duplicate-key", f"another node with key {short_fingerprint(fp)} is already connected "
                                            f"(from {live.address or 'an unknown address'}, as {live.label}); "
                                            f"each node process needs its own key: give each a different --name "
