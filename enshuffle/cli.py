@@ -174,11 +174,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     _add_network_options(p)
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="number of epochs (default: the preset's)")
-    p.add_argument("--offload", choices=["auto", "matmul", "all"], default="auto",
+    # "all" is still understood, to be refused with the reason (it handed nodes labels and
+    # outputs), but no longer offered.
+    p.add_argument("--offload", choices=["auto", "matmul", "all"], default="auto", metavar="{auto,matmul}",
                    help="which products nodes compute: auto ships each product only where that saves the "
                         "coordinator CPU (cost model from `enshuffle bench`; the plan is printed at start), "
                         "matmul every product that can go (the pixel-wide ones and every hidden-to-hidden "
-                        "layer's); all is refused (it handed nodes labels and outputs)")
+                        "layer's)")
     p.add_argument("--data", metavar="DIR", default=None,
                    help="directory with MNIST-format IDX files, or `bundled` for the 3,500-image subset inside "
                         "the package (default: Fashion-MNIST, then MNIST, then the bundled subset)")
@@ -273,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="enshuffle.coordinator.commands:cmd_coordinator")
 
     p = sub.add_parser("invite", help="make an invite code for a volunteer and print the node command")
-    p.add_argument("--connect", type=_endpoint, default="tcp://THIS_HOST:5555",
-                   help="the coordinator's address as volunteers reach it (for the printed command)")
+    p.add_argument("--connect", type=_endpoint, default=None,
+                   help="the coordinator's address as volunteers reach it, for the printed command "
+                        "(default: this machine's first network address, port 5555)")
     p.add_argument("--reusable", action="store_true", help="a code any number of nodes may use (default: one node)")
     p.set_defaults(handler="enshuffle.coordinator.admission:cmd_invite")
 
@@ -334,18 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="enshuffle.audit.runner:cmd_audit")
 
     p = sub.add_parser("keys", help="this machine's keys")
+    p.set_defaults(help_of=p)  # bare `enshuffle keys`: its actions, as bare `enshuffle` lists commands
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION")
-    ksub.required = True
     kp = ksub.add_parser("show", help="list the keys in this home with the --name each serves")
     kp.add_argument("--name", type=_name, default=None,
                     help="say which key `enshuffle node --name NAME` uses (one key per name)")
     kp.add_argument("--create", action="store_true",
                     help="create the coordinator key and the node key (for --name) if missing")
     kp.set_defaults(handler="enshuffle.protocol.keys:cmd_keys_show")
+    kp = ksub.add_parser("forget", help="forget the coordinator key a node trusts for ADDRESS (after the operator "
+                                        "really changed keys), so the next connection trusts or pins afresh")
+    kp.add_argument("address", metavar="ADDRESS", type=_endpoint, help="the --connect address, tcp://HOST:PORT")
+    kp.set_defaults(handler="enshuffle.protocol.keys:cmd_keys_forget")
 
     p = sub.add_parser("chain", help="inspect a run's hash chain of model versions")
+    p.set_defaults(help_of=p)
     csub = p.add_subparsers(dest="chain_command", metavar="ACTION")
-    csub.required = True
     cp = csub.add_parser("log", help="list model versions, newest first")
     cp.add_argument("run_dir", metavar="RUN_DIR")
     cp.add_argument("--json", action="store_true",
@@ -385,9 +392,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(argv)
-    if getattr(args, "handler", None) is None:  # unreachable with required sub-commands; kept honest
-        parser.print_help()
-        return 2
+    if getattr(args, "handler", None) is None:
+        # `enshuffle keys`, `enshuffle chain`: the list of their actions, not an error.
+        getattr(args, "help_of", parser).print_help()
+        return 0
     keep_freed_memory()  # every step's large arrays reuse the heap instead of faulting in afresh
     module_name, _, func_name = args.handler.partition(":")
     handler = getattr(importlib.import_module(module_name), func_name)

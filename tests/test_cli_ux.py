@@ -223,3 +223,37 @@ def test_a_used_invite_is_refused_as_used_not_as_a_stranger(core_data_dir, tmp_p
         for proc in procs:
             proc.stop()
         run.close()
+
+
+def test_group_commands_alone_list_their_actions_and_exit_0():
+    for group, action in (("keys", "show"), ("chain", "verify")):
+        done = enshuffle(group)
+        assert done.returncode == 0 and action in done.stdout and "Traceback" not in done.stderr, done
+
+
+def test_offload_all_is_not_offered_and_in_process_needs_nodes(tmp_path):
+    helped = enshuffle("train", "--help")
+    assert "{auto,matmul}" in helped.stdout and "all is refused" not in helped.stdout
+    assert "auto,matmul,all" not in helped.stdout
+    line = one_line_error(enshuffle("train", "--in-process", "--nodes", "0", home=tmp_path))
+    assert "--nodes K >= 1" in line, line
+
+
+def test_keys_forget_drops_a_trusted_coordinator(tmp_path):
+    from enshuffle.protocol.keys import TrustStore
+
+    address = "tcp://127.0.0.1:5555"
+    key = Identity.generate()
+    TrustStore(tmp_path).check(address, key.fingerprint)  # trusted on first use
+    done = enshuffle("keys", "forget", address, home=tmp_path)
+    assert done.returncode == 0 and key.fingerprint in done.stdout, done.stderr
+    assert TrustStore(tmp_path).remembered(address) is None
+    again = enshuffle("keys", "forget", address, home=tmp_path)
+    assert again.returncode == 1 and "no coordinator key is remembered" in again.stderr
+
+
+def test_invite_without_connect_prints_this_machines_address(tmp_path):
+    done = enshuffle("invite", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    expected = volunteer_addresses("tcp://0.0.0.0:5555")[0]
+    assert f"--connect {expected} " in done.stdout, done.stdout

@@ -196,10 +196,17 @@ def cmd_invite(args) -> int:
         code = create_invite(home, args.reusable)
     except OSError as exc:
         raise UsageError(f"cannot write {home / INVITES_FILE} ({exc.strerror}); make {home} writable") from None
+    connect = args.connect
+    if connect is None:  # this machine as volunteers may reach it (THIS_HOST when it has no address)
+        from enshuffle.coordinator.addresses import volunteer_addresses
+        connect = volunteer_addresses("tcp://0.0.0.0:5555")[0]
     kind = "reusable" if args.reusable else "one-time"
     print(f"{kind} invite code: {code}")
     print("on the volunteer's machine run:")
-    print(f"    enshuffle node --connect {args.connect} --coordinator-key {identity.fingerprint} --invite {code}")
+    print(f"    enshuffle node --connect {connect} --coordinator-key {identity.fingerprint} --invite {code}")
+    if args.connect is None:
+        print("(the address is this machine's as far as it knows; give --connect tcp://HOST:PORT for the one "
+              "volunteers reach, e.g. behind NAT)")
     print("(the code works with any coordinator started with this ENSHUFFLE_HOME; "
           + ("it stays valid until you delete it from " if args.reusable else "it is used up by the first node; see ")
           + f"{home / INVITES_FILE})")

@@ -101,6 +101,9 @@ def run_settings(args):
 
 
 def cmd_train(args) -> int:
+    if args.in_process and args.nodes == 0:
+        raise UsageError("--in-process runs the distributed algorithm with in-process nodes: give --nodes K >= 1 "
+                         "(--nodes 0 alone is the centralized reference)")
     if args.tui and (args.nodes == 0 or args.in_process):
         raise UsageError("--tui shows a coordinator and its nodes: use it with --nodes K >= 1 and without --in-process")
     if args.out and (args.nodes == 0 or args.in_process):

@@ -428,3 +428,16 @@ def cmd_keys_show(args) -> int:
     print(f"trusted coordinators: {home / TRUST_FILE_NAME}")
     sys.stdout.flush()
     return 0
+
+
+def cmd_keys_forget(args) -> int:
+    """`enshuffle keys forget ADDRESS`: drop the trusted coordinator fingerprint kept for ADDRESS."""
+    store = TrustStore(enshuffle_home())
+    known = store.remembered(args.address)
+    if known is None:
+        print(f"no coordinator key is remembered for {args.address} (in {store.path})", file=sys.stderr)
+        return 1
+    store.forget(args.address)
+    print(f"forgot {known} for {args.address}; the next `enshuffle node --connect {args.address}` trusts the key "
+          f"it sees (pin it with --coordinator-key)")
+    return 0
