@@ -99,7 +99,7 @@ class CoordinatorRun:
                  run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
                  state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
                  home: Path | None = None, quiet: bool = False, admission=None, serving: dict | None = None,
-                 data_source: str | None = None):
+                 data_source: str | None = None, command: str = "coordinator"):
         self.settings = settings
         self.preset = preset
         self.inputs = inputs
@@ -111,6 +111,7 @@ class CoordinatorRun:
         self.print_reports = True  # epoch lines and the final table on stdout (off under the TUI)
         self.local_nodes = False  # started by `enshuffle train` with its own node processes
         self.give_up = None  # () -> why waiting for the first nodes is hopeless, or None (wait on)
+        self.command = command  # the `enshuffle` command that runs it, for the commands it prints
         self.exit_status: int | None = None
         self.identity = load_or_create_identity("coordinator", home)
         self.home = home
@@ -204,6 +205,13 @@ class CoordinatorRun:
         if head is None:
             raise UsageError(f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
                              f"start without --resume")
+        # Every version, not only the head: a run continued from a damaged chain would sign onto it.
+        report = self.chain.verify(self.identity.fingerprint)
+        if not report.ok:
+            where = f" at version {report.first_bad[:12]}" if report.first_bad else ""
+            raise UsageError(f"cannot resume {self.run_dir}: its chain fails verification{where}: {report.problem}; "
+                             f"see `enshuffle chain verify {self.run_dir}`, restore the run directory from a copy, "
+                             f"or start a new run")
         arrays, meta = self.chain.load(head)
         try:
             self.trainer.restore(arrays, meta)
@@ -213,7 +221,7 @@ class CoordinatorRun:
             raise UsageError(
                 f"{self.run_dir} has finished: its head version {head[:12]} is epoch {self.trainer.epoch} of "
                 f"{self.preset.epochs}, so there is nothing to resume. To train further, extend it: "
-                f"`enshuffle coordinator --out {self.run_dir} --resume --epochs N` with N > {self.preset.epochs}")
+                f"`enshuffle {self.command} --out {self.run_dir} --resume --epochs N` with N > {self.preset.epochs}")
         if meta.get("epochs_total") not in (None, self.preset.epochs):
             _atomic_write_json(self.run_dir / "run.json", dict(load_run_settings(str(self.run_dir)),
                                                                epochs=self.preset.epochs))
@@ -358,7 +366,7 @@ class CoordinatorRun:
         if self.run_dir and head:
             lines.append(f"model chain: {self.run_dir} (head {head[:12]}); check it with "
                          f"`enshuffle chain verify {self.run_dir}`")
-            command = "train" if self.local_nodes else "coordinator"
+            command = self.command
             if status == "finished":
                 lines.append(f"to train further: enshuffle {command} --out {self.run_dir} --resume "
                              f"--epochs {self.preset.epochs + 5}")
@@ -508,12 +516,26 @@ def local_cluster_run(settings: RunSettings, preset, inputs, *, nodes: int, work
                       resume: bool = False, quiet: bool = True, data_source: str | None = None) -> CoordinatorRun:
     """The coordinator of `enshuffle train --nodes K`, on loopback, admitting only the K local
     node keys it creates in `workdir` (nothing to set up, nobody else joins)."""
-    admission = Admission(auto=set(local_node_keys(workdir, nodes)))
+    admission = Admission(auto=set())
     # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
     # which checks the key, can continue it; a throw-away run uses a throw-away key.
-    return CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
-                          run_dir=run_dir, home=None if run_dir else workdir / "coordinator", resume=resume,
-                          quiet=quiet, admission=admission, data_source=data_source)
+    run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
+                         run_dir=run_dir, home=None if run_dir else workdir / "coordinator", resume=resume,
+                         quiet=quiet, admission=admission, data_source=data_source, command="train")
+    # The local nodes' keys are made once the run directory is accepted, in it when there is one:
+    # a resumed run's local nodes are the same nodes (the same ledger rows), not new ones.
+    for key in local_node_keys(local_nodes_dir(run_dir, workdir), nodes):
+        admission.admit_key(key)
+    with run.state.lock:
+        st = run.state
+        st.join_commands, st.join_notes, st.admission = joining(run.server.endpoint, run.identity.fingerprint,
+                                                                admission)
+    return run
+
+
+def local_nodes_dir(run_dir: str | None, workdir: Path) -> Path:
+    """Where `enshuffle train`'s local nodes keep their homes: in the run directory when kept."""
+    return Path(run_dir) / "local-nodes" if run_dir else workdir
 
 
 def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
@@ -528,11 +550,14 @@ def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_
                f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {settings.offload}")
         for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
             eprint(f"train: {line}")
-        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes, tmp)
+        nodes_dir = local_nodes_dir(run_dir, tmp)
+        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes,
+                                  nodes_dir)
         eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
                f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
         run.local_nodes = True
-        run.give_up = run.server.give_up = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
+        run.give_up = run.server.give_up = local_nodes_problem(procs, nodes_dir,
+                                                               time.monotonic() + LOCAL_NODES_CONNECT_S)
         try:
             if tui:
                 return run_with_tui(run)
