@@ -504,3 +504,12 @@ def test_chain_log_with_head_deleted_is_an_error_not_an_empty_run(tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     assert "no model versions" not in done.stderr and "3 version directories" in done.stderr, done.stderr
     assert "chain verify" in done.stderr
+
+
+def test_verify_names_a_bad_version_once(tmp_path):
+    home, run_dir, _identity = _home_chain(tmp_path, 2)
+    head = Chain(run_dir).head()
+    (run_dir / "chain" / head / "version.json").write_text("{not json")
+    done = cli("chain", "verify", str(run_dir), home=home)
+    assert done.returncode == 1 and "is not valid JSON" in done.stderr, done.stderr
+    assert done.stderr.count(f"version {short(head)}") == 1, done.stderr

@@ -431,3 +431,21 @@ async def test_long_log_lines_wrap_so_the_remedy_is_seen(size):
             assert all(len(row) <= width for row in rows), (width, rows)
             joined = " ".join(row.strip() for row in rows)
             assert "SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA" in joined and "key they pinned" in joined, rows
+
+
+@pilot_test
+async def test_a_node_heard_from_just_now_is_not_seen_now_ago():
+    from enshuffle.tui.coordinator_app import NodeDetailScreen
+
+    app, source, _control = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        source.state.nodes["n-alice"].last_seen = NOW
+        app.pull_snapshot()
+        table = app.query_one("#nodes-table", DataTable)
+        table.focus()
+        table.move_cursor(row=0)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, NodeDetailScreen)
+        detail = str(app.screen.query_one("#node-detail").render())
+        assert "last seen    just now" in detail and "now ago" not in detail, detail

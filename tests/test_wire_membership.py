@@ -139,3 +139,23 @@ def test_a_hello_that_names_its_old_session_replaces_it_and_a_twin_is_still_refu
         for node in (old, twin, again):
             node.close()
         run.close()
+
+
+def test_a_node_killed_with_sigkill_is_not_reported_as_host_unreachable(core_data_dir, tmp_path):
+    from wire_util import InProcessRun, default_preset, load_inputs, spawn_node
+
+    preset = default_preset(epochs=200)
+    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1).start()
+    node = spawn_node(tmp_path / "home", run.endpoint, run.identity.fingerprint, "doomed", tmp_path)
+    try:
+        wait_until(lambda: (run.row("doomed") is not None and run.row("doomed").batches_done > 0), 60,
+                   "the node to compute", on_timeout=run.describe)
+        node.signal(signal.SIGKILL)
+        node.wait(10)
+        wait_until(lambda: run.logged("doomed (n1) left"), 30, "the coordinator to see it gone",
+                   on_timeout=run.describe)
+        left = run.logged("doomed (n1) left")[0]
+        assert "Host unreachable" not in left, left
+    finally:
+        node.stop()
+        run.close()

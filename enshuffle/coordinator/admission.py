@@ -89,6 +89,10 @@ def create_invite(home: Path, reusable: bool) -> str:
     return code
 
 
+def _keys(n: int) -> str:
+    return f"{n} key{'s' if n != 1 else ''}"
+
+
 class Admission:
     """Decides whether a node key may join; `describe()` is the start-up line."""
 
@@ -120,19 +124,19 @@ class Admission:
         try:
             self.allowed = read_allow_file(self.allow_file)
         except KeyStoreError as exc:
-            return f"admission: {exc}; keeping the previous list of {len(self.allowed)} keys"
-        return f"admission: re-read {self.allow_file}: {len(self.allowed)} keys allowed"
+            return f"admission: {exc}; keeping the previous list of {_keys(len(self.allowed))}"
+        return f"admission: re-read {self.allow_file}: {_keys(len(self.allowed))} allowed"
 
     def describe(self) -> str:
         if self.open:
             return "admission: OPEN (--open): ANY node key may join and receive data"
         parts = []
         if self.allow_file:
-            parts.append(f"{len(self.allowed)} keys from {self.allow_file}")
+            parts.append(f"{_keys(len(self.allowed))} from {self.allow_file}")
         if self.home is not None:
-            parts.append(f"invite codes (enshuffle invite), {len(self.invited)} invited keys")
+            parts.append(f"invite codes (enshuffle invite), {len(self.invited)} invited key{'s' if len(self.invited) != 1 else ''}")
         if self.auto:
-            parts.append(f"{len(self.auto)} local nodes")
+            parts.append(f"{len(self.auto)} local node{'s' if len(self.auto) != 1 else ''}")
         return "admission: " + (", ".join(parts) if parts else "nobody yet (use --allow FILE, enshuffle invite or --open)")
 
     def check(self, key: bytes, invite, challenge: str) -> tuple[bool, str]:

@@ -750,7 +750,9 @@ def cmd_verify(args) -> int:
         if problem is not None:
             report = VerifyReport(False, report.checked, None, problem)
     if not report.ok:
-        where = f"version {report.first_bad}: " if report.first_bad else ""
+        # The problem usually names the version itself: say it once.
+        where = f"version {report.first_bad}: " if report.first_bad and short(report.first_bad) not in report.problem \
+            and report.first_bad not in report.problem else ""
         before = f" ({report.checked} versions verified before it)" if report.checked else ""
         print(f"FAILED: {where}{report.problem}{before}", file=sys.stderr)
         return 1

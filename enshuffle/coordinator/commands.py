@@ -231,7 +231,7 @@ def apply_resume_settings(args, who: str) -> int:
     layers = "-".join(map(str, args.layers))
     eprint(f"{who}: resuming {args.out} with its settings: preset {args.preset}, {layers} {args.activation}, "
            f"{args.epochs} epochs{extended}, "
-           f"{args.dtype}, offload {args.offload}, {shards} shards"
+           f"{args.dtype}, offload {args.offload}, {shards} block{'s' if shards != 1 else ''}"
            + (f", data {args.data}" if settings.get("data_source") else "") + " (other training options are ignored)")
     if who == "coordinator":
         taken = apply_serving_settings(args, settings.get("serving"))

@@ -63,6 +63,14 @@ class TrainingAborted(RuntimeError):
     """The run cannot go on (e.g. every node rejects the same batch); the message says why."""
 
 
+def _gone(exc: zmq.ZMQError) -> str:
+    """Why a send to a node failed, in words: EHOSTUNREACH from a ROUTER means the peer's
+    connection is gone (its process ended or was killed, or the network dropped), not routing."""
+    if exc.errno == zmq.EHOSTUNREACH:
+        return "the node's process ended or its network dropped"
+    return exc.strerror
+
+
 def batch_work(batch: Batch, statics: dict[str, np.ndarray] | None = None) -> float:
     """Multiply-adds (matmul) or elements (elementwise) of a batch: what leases scale with."""
     b = batch.arrays.get("b")
@@ -287,7 +295,7 @@ class CoordinatorServer:
             self.sock.send_multipart([session.routing_id, *frames], copy=len(frames[0]) < ZERO_COPY_BYTES,
                                      flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            why = f"its connection closed without a BYE ({exc.strerror})"
+            why = f"its connection closed without a BYE ({_gone(exc)})"
             if session.done == 0:
                 why += ("; before its first result: it may have refused this coordinator's key (a wrong "
                         "--coordinator-key on the node?) or been killed")
@@ -423,7 +431,10 @@ class CoordinatorServer:
             if problem:
                 self.wait_problem = problem
                 return False
-            self._set_status(f"waiting for nodes: {ready()} of {count} connected")
+            paused = len(self.sessions) - ready()
+            self._set_status(f"waiting for nodes: {ready()} of {count} connected" if not paused else
+                             f"waiting for nodes: {ready()} of {count} ready to compute ({paused} connected "
+                             f"but paused)")
             self.pump(timeout_ms=200)
         self._min_nodes_wanted = 0
         self._waiting_logged = False  # the wait is over: a later one is logged again
@@ -679,7 +690,7 @@ class CoordinatorServer:
         try:
             self.sock.send_multipart([session.routing_id, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            self._end_session(session, f"cannot send to it ({exc.strerror})")
+            self._end_session(session, f"its connection closed without a BYE ({_gone(exc)})")
             return
         session.last_sent = time.monotonic()
         self.bytes_sent += len(frames[0])

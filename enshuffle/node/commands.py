@@ -63,7 +63,7 @@ def totals_line(state) -> str:
     the node app closes."""
     snap = state.snapshot()
     up = int(time.time() - snap.started_at)
-    return (f"totals: {snap.batches_done} batches computed, {snap.bytes_in / 1e6:.1f} MB in, "
+    return (f"totals: {snap.batches_done} batch{'es' if snap.batches_done != 1 else ''} computed, {snap.bytes_in / 1e6:.1f} MB in, "
             f"{snap.bytes_out / 1e6:.1f} MB out, {snap.refusals} refused, up {up // 3600}:{up % 3600 // 60:02d}:"
             f"{up % 60:02d}")
 
@@ -165,7 +165,7 @@ def _run_with_tui(daemon, state, control) -> int:
             # The run finished: the volunteer's screen stays, saying so, until they press q.
             with state.lock:
                 state.connection = "finished"
-                state.reason = "the run has finished; q leaves"
+                state.reason = "q leaves"
             while not control.stop_requested:
                 time.sleep(0.2)
             return

@@ -297,7 +297,8 @@ def node_detail(row: NodeRow, samples: list[tuple], now: float) -> str:
         f"fingerprint  {row.fingerprint or '–'}",
         f"address      {row.address or '–'}",
         f"state        {row.state}" + (f": {row.reason}" if row.reason else ""),
-        f"last seen    {fmt_age(now, row.last_seen)} ago" if row.last_seen else "last seen    never",
+        ("last seen    just now" if fmt_age(now, row.last_seen) == "now" else
+         f"last seen    {fmt_age(now, row.last_seen)} ago") if row.last_seen else "last seen    never",
         f"batches      {row.batches_done:,} done, {row.outstanding} outstanding, {row.reissued} reissued, "
         f"{row.refused} results refused",
         f"rate         {fmt_rate(row.rate)}",
