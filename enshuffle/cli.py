@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the distributed algorithm in this process, without sockets")
     p.add_argument("--save-weights", metavar="FILE.npz", default=None,
                    help="write the final weights here (w1, b1, w2, b2, ... one pair per layer)")
-    p.add_argument("--out", metavar="RUN_DIR", default=None, help="write the model chain here")
+    p.add_argument("--out", metavar="RUN_DIR", default=None,
+                   help="keep the run here: model chain, settings, the local nodes' keys (default: not kept)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out RUN_DIR from its chain's head; a larger --epochs extends it")
     p.add_argument("--tui", action="store_true", help="show the coordinator console")
@@ -255,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-nodes", type=_positive_int, default=None,
                    help="nodes to wait for before training, and the number of blocks the images and w1 are "
                         "split into: each node holds one block (default 1, or the resumed run's)")
-    p.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (chain, state)")
+    p.add_argument("--out", metavar="RUN_DIR", default=None,
+                   help="run directory (chain, state) (default: runs/run-DATE-TIME-XXXX under the current directory)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the chain's head in RUN_DIR, listening, admitting and reading --data as "
                         "the run did unless told otherwise; a larger --epochs extends a finished run")

@@ -257,3 +257,42 @@ def test_invite_without_connect_prints_this_machines_address(tmp_path):
     assert done.returncode == 0, done.stderr
     expected = volunteer_addresses("tcp://0.0.0.0:5555")[0]
     assert f"--connect {expected} " in done.stdout, done.stdout
+
+
+def test_an_unusable_out_is_refused_before_the_data_loads(core_data_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for command in (["coordinator", "--bind", f"tcp://127.0.0.1:{port}"], ["train", "--nodes", "1"]):
+        done = enshuffle(*command, "--out", str(blocker / "run"), "--data", str(core_data_dir), home=tmp_path / "h")
+        line = one_line_error(done)
+        assert "--out" in line and "writable" in line, line
+        assert "data:" not in done.stderr, done.stderr  # nothing was loaded first
+
+
+def test_a_coordinator_stopped_before_its_first_version_leaves_no_run_directory(core_data_dir, core_cache, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    proc = Proc(["coordinator", "--bind", f"tcp://127.0.0.1:{port}", "--out", str(run_dir), "--data",
+                 str(core_data_dir), "--limit", "300"], process_env(tmp_path / "home", core_cache), tmp_path, "c")
+    try:
+        wait_until(lambda: "waiting for 1 node" in proc.err() or not proc.alive(), 60, "the coordinator to wait",
+                   on_timeout=proc.describe)
+        waiting = [line for line in proc.err().splitlines() if "waiting for 1 node" in line][0]
+        assert waiting[:4].isdigit() and waiting[4] == "-", waiting  # headless log lines are timestamped
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 130, proc.describe()
+    finally:
+        proc.stop()
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
+    assert "removed" in proc.err()
+
+
+def test_a_misspelled_host_is_told_at_once_not_retried_for_minutes(tmp_path):
+    done = enshuffle("node", "--connect", "tcp://no-such-host.invalid:5555", home=tmp_path, timeout=60)
+    assert done.returncode == 5 and "cannot resolve host" in done.stderr, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr

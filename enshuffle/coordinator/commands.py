@@ -86,6 +86,19 @@ def check_weights_path(args) -> None:
         raise UsageError(f"--save-weights {path}: cannot write there ({exc.strerror}); choose a writable path") from None
 
 
+def check_run_dir_writable(run_dir: str) -> None:
+    """Refuse a --out that cannot be created or written before the data loads, not after."""
+    target = Path(run_dir)
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {run_dir}: cannot create or write it ({probe} is not a writable directory); "
+                         f"choose a writable --out")
+
+
 def run_settings(args):
     """The run's typed settings from the command line (the Namespace goes no further)."""
     try:
@@ -115,6 +128,8 @@ def cmd_train(args) -> int:
                              "processes (--nodes K >= 1, without --in-process)")
         args.nodes = apply_resume_settings(args, "train")
     check_weights_path(args)
+    if args.out:
+        check_run_dir_writable(args.out)
     run_settings(args)  # a refused --offload is told before the data is loaded
     preset = preset_from_args(args)
     inputs = load_inputs(args.data, preset, args.limit)
@@ -253,11 +268,13 @@ def cmd_coordinator(args) -> int:
     if args.open and args.allow:
         raise UsageError("--open admits every key, --allow FILE only the listed ones: choose one")
     admission = Admission(allow_file=args.allow, open_=args.open, home=enshuffle_home())
+    run_dir = run_dir or default_run_dir()
+    check_run_dir_writable(run_dir)  # before minutes of data loading, not after
     preset = preset_from_args(args)
     inputs = load_inputs(args.data, preset, args.limit)
     try:
         run = CoordinatorRun(run_settings(args), preset, inputs, bind=args.bind, shards=shards, min_nodes=args.min_nodes,
-                             run_dir=run_dir or default_run_dir(), resume=args.resume,
+                             run_dir=run_dir, resume=args.resume,
                              checkpoint_every=args.checkpoint_every, admission=admission,
                              serving=serving_settings(args), data_source=data_source(args.data))
     except OSError as exc:

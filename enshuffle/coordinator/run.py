@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,11 @@ def joining(endpoint: str, fingerprint: str, admission) -> tuple[list[str], list
     return commands, notes, who
 
 
+def stamped(line: str) -> None:
+    """A headless coordinator's log line, timestamped as a node's are (for a log read hours later)."""
+    eprint(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
+
+
 def default_run_dir() -> str:
     return os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2))
 
@@ -126,7 +132,7 @@ class CoordinatorRun:
         self.admission = admission
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
         self.server = CoordinatorServer(bind, self.identity, self.state, ledger=ExposureLedger(ledger_axes(preset.layers)),
-                                        control=self.control, log=None if quiet else eprint, admission=admission,
+                                        control=self.control, log=None if quiet else stamped, admission=admission,
                                         max_exposure=settings.max_exposure)
         if self.run_dir:
             try:
@@ -192,6 +198,8 @@ class CoordinatorRun:
                                  f"images, digest {str(stored.get('sha256'))[:12]}) than now "
                                  f"({self._settings['data']['images']}, {self._settings['data']['sha256'][:12]}): "
                                  f"resume with the same --data and --limit")
+        # A directory this run creates and never writes a version to is removed at the end.
+        self._created_run_dir = not resume and not self.run_dir.exists()
         try:
             self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             make_private(self.run_dir)
@@ -240,7 +248,7 @@ class CoordinatorRun:
     def log(self, line: str) -> None:
         self.state.add_log(line)
         if not self.quiet:
-            eprint(line)
+            stamped(line)
 
     # -- chain -----------------------------------------------------------------------
     def hangup(self) -> None:
@@ -249,7 +257,7 @@ class CoordinatorRun:
             line = self.admission.reload()
             self.state.add_log(line)
             if not self.quiet:
-                eprint(line)
+                stamped(line)
         self.control.readmit(None)  # the server logs whom
 
     def privacy_notes(self) -> list[str]:
@@ -345,6 +353,7 @@ class CoordinatorRun:
     def _end(self, status: str, rc: int) -> int:
         """Every way a run ends: BYE to the nodes, the final figures, the state says `status`."""
         self.server.close("run-finished" if status == "finished" else "shutdown")
+        self._remove_unused_run_dir()
         if self.print_reports:
             report_ledger(self.server.ledger, self.settings.json,
                           {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received},
@@ -354,6 +363,18 @@ class CoordinatorRun:
         self._finish(status)
         self.exit_status = rc
         return rc
+
+    def _remove_unused_run_dir(self) -> None:
+        """A run that ends before its first version leaves no directory behind that it created
+        (only its plan secret, settings and local nodes' keys, which nothing can resume from)."""
+        if self.run_dir is None or not getattr(self, "_created_run_dir", False):
+            return
+        with self.state.lock:
+            wrote = bool(self.state.versions)
+        if wrote or (self.run_dir / "chain" / "HEAD").exists():
+            return
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir_removed = True
 
     def summary_lines(self, status: str | None = None) -> list[str]:
         """What an operator needs once the run is over: where it got to, where its chain is, how to go on."""
@@ -373,7 +394,8 @@ class CoordinatorRun:
             else:
                 lines.append(f"to continue: enshuffle {command} --out {self.run_dir} --resume")
         elif self.run_dir:
-            lines.append(f"no model version was written to {self.run_dir}")
+            lines.append(f"no model version was written to {self.run_dir}"
+                         + ("; the empty run directory was removed" if getattr(self, "run_dir_removed", False) else ""))
         if self.settings.save_weights and status == "finished":
             lines.append(f"weights written to {self.settings.save_weights}")
         return lines
@@ -619,7 +641,7 @@ def run_headless(run: CoordinatorRun) -> int:
             raise KeyboardInterrupt
         line = f"{signal.Signals(signum).name}: finishing the step, then stopping (again to stop at once)"
         run.state.add_log(line)
-        eprint(line)
+        stamped(line)
         run.control.request_stop()
 
     def on_hangup(signum, frame):

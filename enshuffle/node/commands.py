@@ -53,6 +53,19 @@ def _headless_log(line: str) -> None:
         pass
 
 
+def _unresolvable(address: str) -> str | None:
+    """'cannot resolve host X (...)' when the host of tcp://HOST:PORT has no address, else None."""
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"cannot resolve host {host!r} ({exc.strerror})"
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def is_invite_code(text: str) -> bool:
     """The shape of what `enshuffle invite` prints: 32 hex digits."""
     return len(text) == 32 and all(c in "0123456789abcdefABCDEF" for c in text)
@@ -85,12 +98,18 @@ def cmd_node(args) -> int:
 
     denormals = flush_denormals()  # this thread's mode, copied by every thread started from now on
     # numpy (through the daemon) is imported only now, after the environment is set.
-    from enshuffle.node.daemon import GIVE_UP_S, MessageRecorder, NodeDaemon, check_address
+    from enshuffle.node.daemon import EXIT_UNREACHABLE, GIVE_UP_S, MessageRecorder, NodeDaemon, check_address
     from enshuffle.node.policy import Policy
     from enshuffle.node.state import NodeControl, NodeState
     from enshuffle.protocol.keys import TrustStore, enshuffle_home, load_or_create_identity
 
     check_address(args.connect)  # a malformed address is a one-line error (exit 2) up front
+    unresolved = _unresolvable(args.connect)
+    if unresolved and not getattr(args, "keep_running", False):
+        # A misspelled host does not become resolvable by retrying for 5 minutes.
+        print(f"enshuffle node: error: {unresolved}; check the --connect address (--keep-running retries "
+              f"for ever, e.g. while the network comes up)", file=sys.stderr)
+        return EXIT_UNREACHABLE
     invite = getattr(args, "invite", None) or os.environ.get("ENSHUFFLE_INVITE") or None
     if invite is not None and not is_invite_code(invite):
         print(f"enshuffle node: error: {invite[:40]!r} is not an invite code: `enshuffle invite` prints 32 hex "
