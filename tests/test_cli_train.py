@@ -194,3 +194,14 @@ def test_resume_refuses_a_chain_whose_older_version_fails_verification(core_data
     resumed = _train(home, core_cache, *common, "--resume", "--epochs", "3")
     assert resumed.returncode == 2, resumed.stderr
     assert "fails verification" in resumed.stderr and oldest[:12] in resumed.stderr, resumed.stderr
+
+
+@pytest.mark.parametrize("network", [[], ["--hidden", "24,24,24"]], ids=["notebook", "deeper"])
+def test_the_headless_ledger_fits_80_columns(core_data_dir, core_cache, tmp_path, network):
+    done = _train(tmp_path / "home", core_cache, "--nodes", "2", "--epochs", "1", "--limit", "300", "--data",
+                  str(core_data_dir), "--offload", "matmul", *network)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout[done.stdout.index("Exposure ledger"):].splitlines()
+    assert all(len(line) <= 80 for line in table), "\n".join(line for line in table if len(line) > 80)
+    assert any(line.startswith("local-1") and "%" in line for line in table), table
+    assert any("images" in line for line in table) and any("deltas" in line for line in table), table
