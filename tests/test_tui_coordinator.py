@@ -99,7 +99,7 @@ async def test_header_progress_and_charts_follow_the_state():
         assert "epoch   3/15" in progress and "step   12/40" in progress
         # 12 epochs less 12 steps left (468 steps) at the state's 1.483 s per step
         assert "ETA 11m34s" in progress
-        assert text(app, "value-test") == "0.7950 [0.601–0.795]"  # last, and the sparkline's scale
+        assert text(app, "value-test") == "0.7950 [0.6010–0.7950]"  # last, and the sparkline's scale, same precision
         assert app.query_one("#spark-cost").data == [0.09, 0.061, 0.048]
 
 
@@ -449,3 +449,19 @@ async def test_a_node_heard_from_just_now_is_not_seen_now_ago():
         assert isinstance(app.screen, NodeDetailScreen)
         detail = str(app.screen.query_one("#node-detail").render())
         assert "last seen    just now" in detail and "now ago" not in detail, detail
+
+
+@pilot_test
+async def test_one_epoch_is_a_value_not_a_full_width_chart_and_the_80_column_header_keeps_elapsed():
+    from textual.widgets import Sparkline
+
+    app, source, _control = make_app()
+    source.state.epochs = source.state.epochs[:1]
+    source.state.run_id, source.state.bind = "7be30f46092ff277", "tcp://127.0.0.1:40213"
+    source.state.preset = "default"
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        assert text(app, "value-test") == "0.6010", text(app, "value-test")  # no "[0.601–0.601]"
+        assert not list(app.query_one("#spark-test", Sparkline).data or [])
+        first = text(app, "header").splitlines()[0]
+        assert len(first) <= 78 and "elapsed" in first, first

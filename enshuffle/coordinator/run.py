@@ -176,6 +176,7 @@ class CoordinatorRun:
                     raise
             _atomic_write_json(self.run_dir / "run.json", self._settings)  # a new --epochs is kept
         self._steps_since_version = 0
+        self._step_time_total, self._steps_timed = 0.0, 0
 
     def _check_run_dir(self, resume: bool) -> None:
         """Refuse what would mix two runs in one chain, before anything is started."""
@@ -315,9 +316,12 @@ class CoordinatorRun:
                 self._steps_since_version += 1
                 with self.state.lock:
                     self.state.epoch, self.state.step = self.trainer.epoch, self.trainer.step
-                    # A moving mean of step times: the ETA follows the work, not the wall clock.
-                    previous = self.state.step_seconds
-                    self.state.step_seconds = step_took if previous <= 0 else 0.9 * previous + 0.1 * step_took
+                    # The mean time of every step this process has run: the ETA follows the work, not
+                    # the wall clock, and does not swing with each step (an epoch's last step also
+                    # evaluates, a node joining slows one step).
+                    self._step_time_total += step_took
+                    self._steps_timed += 1
+                    self.state.step_seconds = self._step_time_total / self._steps_timed
                 if report is not None:
                     with self.state.lock:
                         self.state.epochs.append(EpochRow(**report.as_dict()))

@@ -346,6 +346,20 @@ class NodeDetailScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
+def chart_value(data: list[float]) -> str:
+    """What stands beside a sparkline, which has no axis: the last value, and (from two points
+    on) the range it is drawn over, to the same precision ("0.8395 [0.8301–0.8412]")."""
+    if not data:
+        return "–"
+
+    def num(v: float) -> str:
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.4g}"
+
+    if len(data) == 1:
+        return num(data[0])
+    return f"{num(data[-1])} [{num(min(data))}–{num(max(data))}]"
+
+
 def join_text(s: CoordinatorState) -> str:
     """How a volunteer joins, and who may: above the nodes table, in full while it is empty."""
     if not s.join_commands and s.join_notes:  # no volunteers: `enshuffle train`'s own local nodes
@@ -619,11 +633,10 @@ class CoordinatorApp(SnapshotApp):
     def _header_text(self, s: CoordinatorState, now: float) -> str:
         # Two short lines rather than one that wraps at 80 columns; the fingerprint in full,
         # since volunteers compare every group of it.
-        return (
-            f"coordinator {s.run_id or '–'} │ {s.preset or '–'} │ {s.bind or '–'} │ "
-            f"elapsed {fmt_clock(now - s.started_at)}\n"
-            f"fingerprint {s.fingerprint or '–'}"
-        )
+        first = f"coordinator {s.run_id or '–'} │ {s.preset or '–'} │ {s.bind or '–'} │ elapsed {fmt_clock(now - s.started_at)}"
+        if len(first) > self.size.width - 2:  # the label goes before "elapsed" is wrapped away
+            first = first.removeprefix("coordinator ")
+        return f"{first}\nfingerprint {s.fingerprint or '–'}"
 
     def _status_text(self, s: CoordinatorState) -> str:
         working = sum(1 for r in s.nodes.values() if r.state == "working")
@@ -672,11 +685,11 @@ class CoordinatorApp(SnapshotApp):
         }
         for key, data in series.items():
             spark = self.main_screen.query_one(f"#spark-{key}", Sparkline)
-            if list(spark.data or []) != data:
-                spark.data = data  # Sparkline only redraws on reassignment
-            # The sparkline has no axis: its scale is written next to it (last, and min..max).
-            value = "–" if not data else f"{data[-1]:.4f} [{min(data):.3g}–{max(data):.3g}]"
-            self._set_text(f"value-{key}", value)
+            # One point is no line: a sparkline of it would fill its width with one bar.
+            drawn = data if len(data) >= 2 else []
+            if list(spark.data or []) != drawn:
+                spark.data = drawn  # Sparkline only redraws on reassignment
+            self._set_text(f"value-{key}", chart_value(data))
 
     def _apply_chain(self, s: CoordinatorState) -> None:
         marks = self.verify_marks
