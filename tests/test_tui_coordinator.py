@@ -465,3 +465,21 @@ async def test_one_epoch_is_a_value_not_a_full_width_chart_and_the_80_column_hea
         assert not list(app.query_one("#spark-test", Sparkline).data or [])
         first = text(app, "header").splitlines()[0]
         assert len(first) <= 78 and "elapsed" in first, first
+
+
+@pilot_test
+async def test_the_exposure_tab_says_which_columns_are_off_screen():
+    app, source, _control = make_app()
+    for row in source.state.nodes.values():  # a deeper network: more kinds than 80 columns show
+        row.exposure.update({"w3": 0.2, "activations2": 0.2, "deltas2": 1.0})
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        app.pull_snapshot()
+        summary = text(app, "exposure-summary")
+        assert "more column" in summary and "deltas2" in summary.splitlines()[-1], summary
+    app, source, _control = make_app()
+    async with app.run_test(size=(200, 48)) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        assert "more column" not in text(app, "exposure-summary")

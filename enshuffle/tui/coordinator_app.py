@@ -188,7 +188,7 @@ def exposure_bar_widths(available: int, tensors: tuple[str, ...] = TENSORS) -> d
     is about is never cut off.
     """
     fixed = (EXPOSURE_NAME_WIDTH + 2) + (EXPOSURE_FLAG_WIDTH + 2)
-    per_column = 2 + 7  # cell padding and " 100.0%"
+    per_column = 2 + 8  # cell padding and " 100.0%h" (the form letter too: one cell more than it seems)
     every = (available - fixed) // len(tensors) - per_column
     if every >= 8:
         return {t: min(every, 24) for t in tensors}
@@ -196,6 +196,18 @@ def exposure_bar_widths(available: int, tensors: tuple[str, ...] = TENSORS) -> d
     room = available - fixed - (6 + 2)  # keep the first percentage column (w2) on screen too
     width = max(4, min(24, room // max(1, len(bounded)) - per_column))
     return {t: (width if t in BOUNDED_TENSORS else 0) for t in tensors}
+
+
+def exposure_offscreen(available: int, widths: dict[str, int]) -> list[str]:
+    """The exposure table's kinds whose columns start beyond `available` cells: off screen until
+    the table is scrolled sideways, so the summary names them."""
+    used = (EXPOSURE_NAME_WIDTH + 2) + (EXPOSURE_FLAG_WIDTH + 2)
+    hidden = []
+    for tensor, width in widths.items():
+        used += (width + 8 if width else 7) + 2
+        if used > available:
+            hidden.append(tensor)
+    return hidden
 
 
 def exposure_kinds(state: CoordinatorState) -> tuple[str, ...]:
@@ -602,7 +614,12 @@ class CoordinatorApp(SnapshotApp):
                 self.exposure_sync.apply(
                     {key: exposure_cells(row, bound, self.bar_widths) for key, row in s.nodes.items()}
                 )
-            self._set_text("exposure-summary", exposure_summary(s))
+            summary = exposure_summary(s)
+            hidden = exposure_offscreen(self._table_width - 4, self.bar_widths) if self._table_width else []
+            if hidden:
+                summary += f"\n→ {len(hidden)} more column{'s' if len(hidden) != 1 else ''} to the right " \
+                           f"({', '.join(hidden)}): scroll the table sideways"
+            self._set_text("exposure-summary", summary)
             self._apply_chain(s)
             self.log_feed.apply([line for line in s.log if self._matches(line)])
 
