@@ -127,6 +127,20 @@ def _endpoint(text: str) -> str:
     return text
 
 
+def _duration(text: str) -> float:
+    """An argparse type: 90m, 24h, 7d (or plain seconds) -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    body = text.strip().lower()
+    unit = units.get(body[-1:], None)
+    try:
+        value = float(body[:-1] if unit else body) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 90m, 24h or 7d, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return value
+
+
 def _size(text: str) -> int:
     """An argparse type: a byte count such as 512M, 2G or 1000000 (at least 1M)."""
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -281,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the coordinator's address as volunteers reach it, for the printed command "
                         "(default: this machine's first network address, port 5555)")
     p.add_argument("--reusable", action="store_true", help="a code any number of nodes may use (default: one node)")
+    p.add_argument("--expires", type=_duration, default=None, metavar="DURATION",
+                   help="the code stops admitting new nodes after this long, e.g. 24h or 7d (default: never)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--list", action="store_true", help="list this home's invite codes instead of making one")
+    group.add_argument("--revoke", metavar="CODE_OR_ID", default=None,
+                       help="delete an invite code (the code, or the id --list shows); keys it admitted stay admitted")
     p.set_defaults(handler="enshuffle.coordinator.admission:cmd_invite")
 
     p = sub.add_parser("node", help="contribute this machine's CPU to a coordinator")
@@ -409,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"enshuffle {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `enshuffle ... | head`: the reader has gone, which is no error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -204,6 +204,12 @@ def test_a_used_invite_is_refused_as_used_not_as_a_stranger(core_data_dir, tmp_p
     coordinator_home = tmp_path / "coordinator-home"
     code = create_invite(coordinator_home, reusable=False)
     other = "0" * 32  # well formed, but this coordinator never made it
+    stale = create_invite(coordinator_home, reusable=True, expires_in=3600)
+    invites = json.loads((coordinator_home / "invites.json").read_text())
+    for entry in invites["invites"].values():
+        if entry["code"] == stale:
+            entry["expires"] -= 7200  # as if made two hours ago with --expires 1h
+    (coordinator_home / "invites.json").write_text(json.dumps(invites))
     preset = default_preset(epochs=200)
     run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1,
                        admission=Admission(home=coordinator_home)).start()
@@ -215,10 +221,13 @@ def test_a_used_invite_is_refused_as_used_not_as_a_stranger(core_data_dir, tmp_p
                    on_timeout=run.describe)
         second = spawn_node(tmp_path / "b", run.endpoint, run.identity.fingerprint, "second", tmp_path, "--invite", code)
         third = spawn_node(tmp_path / "c", run.endpoint, run.identity.fingerprint, "third", tmp_path, "--invite", other)
-        procs += [second, third]
-        assert second.wait(60) == 4 and third.wait(60) == 4, second.describe() + third.describe()
+        fourth = spawn_node(tmp_path / "d", run.endpoint, run.identity.fingerprint, "fourth", tmp_path, "--invite", stale)
+        procs += [second, third, fourth]
+        assert second.wait(60) == 4 and third.wait(60) == 4 and fourth.wait(60) == 4, \
+            second.describe() + third.describe() + fourth.describe()
         assert "already used" in second.err(), second.err()
         assert "not one this coordinator made" in third.err(), third.err()
+        assert "expired" in fourth.err(), fourth.err()
     finally:
         for proc in procs:
             proc.stop()
@@ -296,3 +305,17 @@ def test_a_misspelled_host_is_told_at_once_not_retried_for_minutes(tmp_path):
     done = enshuffle("node", "--connect", "tcp://no-such-host.invalid:5555", home=tmp_path, timeout=60)
     assert done.returncode == 5 and "cannot resolve host" in done.stderr, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr
+
+
+def test_invites_can_be_listed_and_revoked(tmp_path):
+    made = enshuffle("invite", "--connect", "tcp://192.0.2.7:5555", "--expires", "24h", home=tmp_path)
+    assert made.returncode == 0, made.stderr
+    code = made.stdout.split("invite code:")[1].split()[0]
+    listed = enshuffle("invite", "--list", home=tmp_path)
+    assert listed.returncode == 0 and "one-time" in listed.stdout and "valid until" in listed.stdout, listed.stdout
+    assert code not in listed.stdout  # ids, not the secret codes
+    revoked = enshuffle("invite", "--revoke", code, home=tmp_path)
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
+    assert "no invite codes" in enshuffle("invite", "--list", home=tmp_path).stdout
+    again = enshuffle("invite", "--revoke", code, home=tmp_path)
+    assert again.returncode == 1 and "no invite" in again.stderr

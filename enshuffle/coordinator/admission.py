@@ -79,12 +79,19 @@ def load_invites(home: Path, include_used: bool = False) -> dict[str, dict]:
         return {}
 
 
-def create_invite(home: Path, reusable: bool) -> str:
+def _expired(entry: dict, now: float | None = None) -> bool:
+    expires = entry.get("expires")
+    return isinstance(expires, (int, float)) and (time.time() if now is None else now) >= expires
+
+
+def create_invite(home: Path, reusable: bool, expires_in: float | None = None) -> str:
     """A new invite code, stored in the coordinator's home; returns the code."""
     code = secrets.token_hex(16)
     invites = load_invites(home, include_used=True)
     invites[invite_id(code)] = {"code": code, "reusable": bool(reusable),
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if expires_in is not None:
+        invites[invite_id(code)]["expires"] = time.time() + expires_in
     _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
     return code
 
@@ -154,7 +161,7 @@ class Admission:
             ident, proof = invite.get("id"), invite.get("proof")
             if isinstance(ident, str) and isinstance(proof, str) and len(proof) == 64:
                 entry = load_invites(self.home).get(ident)
-                if entry and not entry.get("used") and \
+                if entry and not entry.get("used") and not _expired(entry) and \
                         hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof):
                     self._use_invite(ident, entry, fp)
                     return True, "invite code"
@@ -167,10 +174,13 @@ class Admission:
         if isinstance(invite, dict) and self.home is not None:
             ident, proof = invite.get("id"), invite.get("proof")
             entry = load_invites(self.home, include_used=True).get(ident) if isinstance(ident, str) else None
-            if entry and entry.get("used") and isinstance(proof, str) and \
-                    hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof):
+            proven = entry is not None and isinstance(proof, str) and \
+                hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof)
+            if proven and entry.get("used"):
                 return (f"this invite code was already used (by another node, {entry['used']}): each one-time "
                         f"code admits one node; ask the operator for a new one (enshuffle invite)")
+            if proven and _expired(entry):
+                return ("this invite code has expired (enshuffle invite --expires); ask the operator for a new one")
             return ("the invite code is not one this coordinator made (mistyped, from another coordinator, or "
                     "removed): ask the operator for a new one (enshuffle invite)")
         return (f"key {fp} is not admitted here: ask the operator to add it to the coordinator's --allow file, "
@@ -192,12 +202,52 @@ class Admission:
             pass  # admitted for this process at least; the operator sees the key in the log
 
 
+def _list_invites(home: Path) -> int:
+    invites = load_invites(home, include_used=True)
+    if not invites:
+        print(f"no invite codes in {home / INVITES_FILE}")
+        return 0
+    now = time.time()
+    for ident, entry in sorted(invites.items(), key=lambda kv: kv[1].get("created", "")):
+        if entry.get("used"):
+            state = f"used {entry['used']}"
+        elif _expired(entry, now):
+            state = "expired"
+        elif isinstance(entry.get("expires"), (int, float)):
+            state = "valid until " + time.strftime("%Y-%m-%d %H:%M", time.localtime(entry["expires"]))
+        else:
+            state = "valid"
+        kind = "reusable" if entry.get("reusable") else "one-time"
+        print(f"{ident}  {kind:8}  created {entry.get('created', '?')}  {state}")
+    print("(revoke one with `enshuffle invite --revoke ID`; keys an invite admitted stay in "
+          f"{home / INVITED_FILE})")
+    return 0
+
+
+def _revoke_invite(home: Path, which: str) -> int:
+    invites = load_invites(home, include_used=True)
+    ident = which if which in invites else invite_id(which) if which.isascii() else which
+    if ident not in invites:
+        print(f"enshuffle invite: no invite {which!r} in {home / INVITES_FILE} (see `enshuffle invite --list`)",
+              file=sys.stderr)
+        return 1
+    del invites[ident]
+    _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
+    print(f"revoked invite {ident}: it admits no new node (keys it admitted stay in {home / INVITED_FILE})")
+    return 0
+
+
 def cmd_invite(args) -> int:
-    """`enshuffle invite`: a code for one node (or --reusable), and the exact node command."""
+    """`enshuffle invite`: a code for one node (or --reusable), and the exact node command;
+    --list and --revoke manage the codes."""
     home = enshuffle_home()
+    if getattr(args, "list", False):
+        return _list_invites(home)
+    if getattr(args, "revoke", None):
+        return _revoke_invite(home, args.revoke)
     identity = load_or_create_identity("coordinator", home)
     try:
-        code = create_invite(home, args.reusable)
+        code = create_invite(home, args.reusable, getattr(args, "expires", None))
     except OSError as exc:
         raise UsageError(f"cannot write {home / INVITES_FILE} ({exc.strerror}); make {home} writable") from None
     connect = args.connect
