@@ -28,7 +28,8 @@ environment:
 
 exit status: 0 done (a run finished, or a node stopped when asked); 1 failed or a check
 failed; 2 a wrong command-line value; 3/4 a node refused by or refusing its coordinator;
-130 a run interrupted before it finished (Ctrl-C, SIGTERM, q) - resume it with --resume.
+5 a node found no coordinator (or its host name does not resolve); 130 a run interrupted
+before it finished (Ctrl-C, SIGTERM, q, its terminal closed) - resume it with --resume.
 """
 
 
