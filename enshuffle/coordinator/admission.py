@@ -252,7 +252,7 @@ def cmd_invite(args) -> int:
         raise UsageError(f"cannot write {home / INVITES_FILE} ({exc.strerror}); make {home} writable") from None
     connect = args.connect
     if connect is None:  # this machine as volunteers may reach it (THIS_HOST when it has no address)
-        from enshuffle.coordinator.addresses import volunteer_addresses
+        from enshuffle.coordinator.addresses import volunteer_addresses  # only when no --connect is given
         connect = volunteer_addresses("tcp://0.0.0.0:5555")[0]
     kind = "reusable" if args.reusable else "one-time"
     print(f"{kind} invite code: {code}")

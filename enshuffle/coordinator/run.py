@@ -662,8 +662,7 @@ def run_headless(run: CoordinatorRun) -> int:
 
 def run_with_tui(run: CoordinatorRun) -> int:
     """The console in the main thread, the run (which owns the socket) in a worker thread."""
-    from enshuffle.tui.base import terminal_fd, terminal_gone
-    from enshuffle.tui.coordinator_app import CoordinatorApp  # textual only on the --tui path
+    from enshuffle.tui.coordinator_app import CoordinatorApp, terminal_fd, terminal_gone  # textual only on the --tui path
 
     status: dict = {}
 

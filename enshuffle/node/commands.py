@@ -152,9 +152,7 @@ def state_only(line: str) -> None:
 
 def _run_with_tui(daemon, state, control) -> int:
     """The node app in the main thread, the daemon in a background thread."""
-    from enshuffle.tui.node_app import NodeApp  # textual is imported only on this path
-
-    from enshuffle.tui.base import terminal_fd, terminal_gone
+    from enshuffle.tui.node_app import NodeApp, terminal_fd, terminal_gone  # textual is imported only on this path
 
     result: list[int] = []
     app = NodeApp(source=state.snapshot, control=control)

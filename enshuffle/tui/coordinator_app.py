@@ -48,7 +48,7 @@ from .format import (
     text_bar,
     verification_marks,
 )
-from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp
+from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp, terminal_fd, terminal_gone  # noqa: F401  (re-exported for run.py)
 from .widgets import LogFeed, TableSync
 
 NODE_COLUMNS = [

@@ -25,7 +25,7 @@ from ..blas import default_threads
 from ..coordinator.state import TENSORS
 from ..node.state import NodeControl, NodeState
 from .format import fmt_bytes, fmt_clock, fmt_rate, fmt_share, share_bar, short_fp
-from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp
+from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp, terminal_fd, terminal_gone  # noqa: F401  (re-exported for node commands)
 from .widgets import LogFeed
 
 def max_threads() -> int:
