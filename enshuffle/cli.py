@@ -24,10 +24,12 @@ environment:
   ENSHUFFLE_HOME   keys and the coordinators a node trusts
                    (default $XDG_CONFIG_HOME/enshuffle, else ~/.config/enshuffle)
   ENSHUFFLE_CACHE  downloaded MNIST (default $XDG_CACHE_HOME/enshuffle, else ~/.cache/enshuffle)
+  ENSHUFFLE_INVITE an invite code for `enshuffle node`, as --invite CODE (kept out of `ps`)
 
 exit status: 0 done (a run finished, or a node stopped when asked); 1 failed or a check
 failed; 2 a wrong command-line value; 3/4 a node refused by or refusing its coordinator;
-130 a run interrupted before it finished (Ctrl-C, SIGTERM, q) - resume it with --resume.
+5 a node found no coordinator (or its host name does not resolve); 130 a run interrupted
+before it finished (Ctrl-C, SIGTERM, q, its terminal closed) - resume it with --resume.
 """
 
 
@@ -100,7 +102,22 @@ def _hours(text: str) -> str:
     return text
 
 
+def _no_control(text: str, what: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise argparse.ArgumentTypeError(f"{what} must not hold control characters (a newline?), got {text!r}")
+    return text
+
+
+def _name(text: str) -> str:
+    """--name: what the operator sees; printable, 1-64 characters."""
+    _no_control(text, "a name")
+    if not 0 < len(text) <= 64 or text != text.strip():
+        raise argparse.ArgumentTypeError(f"expected 1-64 characters without leading or trailing spaces, got {text!r}")
+    return text
+
+
 def _endpoint(text: str) -> str:
+    _no_control(text, "an address")
     if not text.startswith("tcp://") or ":" not in text[len("tcp://"):]:
         raise argparse.ArgumentTypeError(
             f"expected an address like tcp://127.0.0.1:5555, got {text!r}")
@@ -109,6 +126,20 @@ def _endpoint(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"expected an address like tcp://127.0.0.1:5555 with a port 1-65535, got {text!r}")
     return text
+
+
+def _duration(text: str) -> float:
+    """An argparse type: 90m, 24h, 7d (or plain seconds) -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    body = text.strip().lower()
+    unit = units.get(body[-1:], None)
+    try:
+        value = float(body[:-1] if unit else body) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 90m, 24h or 7d, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive duration, got {text!r}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -158,11 +189,13 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     _add_network_options(p)
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="number of epochs (default: the preset's)")
-    p.add_argument("--offload", choices=["auto", "matmul", "all"], default="auto",
+    # "all" is still understood, to be refused with the reason (it handed nodes labels and
+    # outputs), but no longer offered.
+    p.add_argument("--offload", choices=["auto", "matmul", "all"], default="auto", metavar="{auto,matmul}",
                    help="which products nodes compute: auto ships each product only where that saves the "
                         "coordinator CPU (cost model from `enshuffle bench`; the plan is printed at start), "
                         "matmul every product that can go (the pixel-wide ones and every hidden-to-hidden "
-                        "layer's); all is refused (it handed nodes labels and outputs)")
+                        "layer's)")
     p.add_argument("--disguise", choices=["resident", "share", "shuffle"], default=None,
                    help="resident: each node keeps its block of w1 in a secret basis and updates it itself "
                         "(presets whose first layer trains with momentum: default); share: w1 re-sent each step "
@@ -211,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the distributed algorithm in this process, without sockets")
     p.add_argument("--save-weights", metavar="FILE.npz", default=None,
                    help="write the final weights here (w1, b1, w2, b2, ... one pair per layer)")
-    p.add_argument("--out", metavar="RUN_DIR", default=None, help="write the model chain here")
+    p.add_argument("--out", metavar="RUN_DIR", default=None,
+                   help="keep the run here: model chain, settings, the local nodes' keys (default: not kept)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out RUN_DIR from its chain's head; a larger --epochs extends it")
     p.add_argument("--tui", action="store_true", help="show the coordinator console")
@@ -242,13 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("coordinator", help="run a coordinator that volunteers' nodes connect to")
     _add_training_options(p)
-    p.add_argument("--bind", type=_endpoint, default="tcp://127.0.0.1:5555", help="address to listen on")
-    p.add_argument("--min-nodes", type=_positive_int, default=1,
+    p.add_argument("--bind", type=_endpoint, default=None,
+                   help="address to listen on (default: tcp://127.0.0.1:5555, or the resumed run's)")
+    p.add_argument("--min-nodes", type=_positive_int, default=None,
                    help="nodes to wait for before training, and the number of blocks the images and w1 are "
-                        "split into: each node holds one block (default 1)")
-    p.add_argument("--out", metavar="RUN_DIR", default=None, help="run directory (chain, state)")
+                        "split into: each node holds one block (default 1, or the resumed run's)")
+    p.add_argument("--out", metavar="RUN_DIR", default=None,
+                   help="run directory (chain, state) (default: runs/run-DATE-TIME-XXXX under the current directory)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the chain's head in RUN_DIR; a larger --epochs extends a finished run")
+                   help="continue from the chain's head in RUN_DIR, listening, admitting and reading --data as "
+                        "the run did unless told otherwise; a larger --epochs extends a finished run")
     p.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="STEPS",
                    help="write a model version every N steps (default: every epoch)")
     p.add_argument("--allow", metavar="FILE", default=None,
@@ -257,28 +294,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--open", action="store_true",
                    help="admit ANY node key (no allow-list): anyone who can reach the port receives data")
     p.add_argument("--tui", action="store_true", help="show the coordinator console")
-    p.add_argument("--quarantine-after", type=_positive_int, default=3, metavar="N",
-                   help="quarantine a node's key for the run after N wrong results (default 3)")
+    p.add_argument("--quarantine-after", type=_positive_int, default=None, metavar="N",
+                   help="quarantine a node's key for the run after N wrong results (default 3, or the resumed run's)")
     p.add_argument("--replicate", action="store_true",
                    help="also recompute here every result of a node not yet trusted (fewer than 20 "
                         "results accepted, or one refused) and compare entry by entry")
     p.set_defaults(handler="enshuffle.coordinator.commands:cmd_coordinator")
 
     p = sub.add_parser("invite", help="make an invite code for a volunteer and print the node command")
-    p.add_argument("--connect", type=_endpoint, default="tcp://THIS_HOST:5555",
-                   help="the coordinator's address as volunteers reach it (for the printed command)")
+    p.add_argument("--connect", type=_endpoint, default=None,
+                   help="the coordinator's address as volunteers reach it, for the printed command "
+                        "(default: this machine's first network address, port 5555)")
     p.add_argument("--reusable", action="store_true", help="a code any number of nodes may use (default: one node)")
+    p.add_argument("--expires", type=_duration, default=None, metavar="DURATION",
+                   help="the code stops admitting new nodes after this long, e.g. 24h or 7d (default: never)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--list", action="store_true", help="list this home's invite codes instead of making one")
+    group.add_argument("--revoke", metavar="CODE_OR_ID", default=None,
+                       help="delete an invite code (the code, or the id --list shows); keys it admitted stay admitted")
     p.set_defaults(handler="enshuffle.coordinator.admission:cmd_invite")
 
     p = sub.add_parser("node", help="contribute this machine's CPU to a coordinator")
     p.add_argument("--connect", type=_endpoint, required=True, help="coordinator address, tcp://HOST:PORT")
     p.add_argument("--coordinator-key", metavar="FINGERPRINT", default=None,
                    help="pin the coordinator's key (see `enshuffle keys show` on the coordinator)")
-    p.add_argument("--name", default=None, help="a name the operator sees (default: host name)")
+    p.add_argument("--name", type=_name, default=None, help="a name the operator sees (default: host name)")
     p.add_argument("--threads", type=_threads, default=None,
                    help="BLAS threads for computing, at most the CPU count (default: every CPU)")
     p.add_argument("--invite", metavar="CODE", default=None,
-                   help="an invite code from the operator (`enshuffle invite` on the coordinator)")
+                   help="an invite code from the operator (`enshuffle invite` on the coordinator); "
+                        "ENSHUFFLE_INVITE in the environment does the same without showing it to `ps`")
     p.add_argument("--max-memory", type=_size, default=None, metavar="BYTES",
                    help="most memory one batch may make this node allocate, e.g. 512M or 2G "
                         "(default: a quarter of RAM, at most 512M)")
@@ -286,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retry an unreachable coordinator for ever and, when a run finishes, wait for the "
                         "next one (a long-running daemon); without it the node gives up after 5 minutes "
                         "without a coordinator")
-    p.add_argument("--nice", type=_nice, default=0,
-                   help="CPU priority, 0 (normal) to 19 (only what nobody else wants)")
+    p.add_argument("--nice", type=_nice, default=None,
+                   help="CPU priority, 0 (normal) to 19 (only what nobody else wants) (default: 0; 19 for "
+                        "--install-service)")
     p.add_argument("--max-cpu", type=_percent, default=100, metavar="PERCENT",
                    help="rest between batches so computing takes at most this share of the time")
     p.add_argument("--hours", type=_hours, default=None, metavar="HH:MM-HH:MM",
@@ -326,15 +372,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="enshuffle.audit.runner:cmd_audit")
 
     p = sub.add_parser("keys", help="this machine's keys")
+    p.set_defaults(help_of=p)  # bare `enshuffle keys`: its actions, as bare `enshuffle` lists commands
     ksub = p.add_subparsers(dest="keys_command", metavar="ACTION")
-    ksub.required = True
-    kp = ksub.add_parser("show", help="print this machine's key fingerprints")
-    kp.add_argument("--name", default=None, help="the node key of `enshuffle node --name NAME` (one key per name)")
+    kp = ksub.add_parser("show", help="list the keys in this home with the --name each serves")
+    kp.add_argument("--name", type=_name, default=None,
+                    help="say which key `enshuffle node --name NAME` uses (one key per name)")
+    kp.add_argument("--create", action="store_true",
+                    help="create the coordinator key and the node key (for --name) if missing")
     kp.set_defaults(handler="enshuffle.protocol.keys:cmd_keys_show")
+    kp = ksub.add_parser("forget", help="forget the coordinator key a node trusts for ADDRESS (after the operator "
+                                        "really changed keys), so the next connection trusts or pins afresh")
+    kp.add_argument("address", metavar="ADDRESS", type=_endpoint, help="the --connect address, tcp://HOST:PORT")
+    kp.set_defaults(handler="enshuffle.protocol.keys:cmd_keys_forget")
 
     p = sub.add_parser("chain", help="inspect a run's hash chain of model versions")
+    p.set_defaults(help_of=p)
     csub = p.add_subparsers(dest="chain_command", metavar="ACTION")
-    csub.required = True
     cp = csub.add_parser("log", help="list model versions, newest first")
     cp.add_argument("run_dir", metavar="RUN_DIR")
     cp.add_argument("--json", action="store_true",
@@ -374,9 +427,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     args = parser.parse_args(argv)
-    if getattr(args, "handler", None) is None:  # unreachable with required sub-commands; kept honest
-        parser.print_help()
-        return 2
+    if getattr(args, "handler", None) is None:
+        # `enshuffle keys`, `enshuffle chain`: the list of their actions, not an error.
+        getattr(args, "help_of", parser).print_help()
+        return 0
     keep_freed_memory()  # every step's large arrays reuse the heap instead of faulting in afresh
     module_name, _, func_name = args.handler.partition(":")
     handler = getattr(importlib.import_module(module_name), func_name)
@@ -388,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"enshuffle {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `enshuffle ... | head`: the reader has gone, which is no error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -461,3 +461,55 @@ def test_export_to_a_directory_or_unwritable_path_is_refused(run, tmp_path):
     out = cli("chain", "export", str(run_dir), "--npz", "/proc/model.npz")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert not list(tmp_path.glob(".tmp*")) and not list(Path("/proc").glob(".tmp-model*"))
+
+
+# ----- copies of a run, and a missing HEAD, as the command line reports them
+
+def _home_chain(tmp_path: Path, versions: int):
+    """A run dir written as a coordinator writes it: signed with the home's key, each head recorded
+    in the home. Returns (home, run_dir, identity)."""
+    from enshuffle.coordinator.chain import record_head_in_home
+    from enshuffle.protocol.keys import load_or_create_identity
+
+    home = tmp_path / "home"
+    identity = load_or_create_identity("coordinator", home)
+    run_dir = tmp_path / "run"
+    chain = Chain(run_dir, identity)
+    rng = np.random.default_rng(5)
+    for epoch in range(1, versions + 1):
+        chain.append(model_arrays(rng), metadata_for(epoch))
+        record_head_in_home(chain, home)
+    return home, run_dir, identity
+
+
+def test_extending_a_copy_of_a_run_leaves_the_original_verifiable(tmp_path):
+    from enshuffle.coordinator.chain import record_head_in_home
+
+    home, run_dir, identity = _home_chain(tmp_path, 3)
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    chain = Chain(copy, identity)
+    chain.append(model_arrays(np.random.default_rng(6)), metadata_for(4))
+    record_head_in_home(chain, home)
+    for where in (run_dir, copy):
+        done = cli("chain", "verify", str(where), home=home)
+        assert done.returncode == 0 and "ok:" in done.stdout, (where, done.stdout + done.stderr)
+    # Rolling the original back in place is still caught: tests/test_chain_attacks.py.
+
+
+def test_chain_log_with_head_deleted_is_an_error_not_an_empty_run(tmp_path):
+    home, run_dir, _identity = _home_chain(tmp_path, 3)
+    (run_dir / "chain" / "HEAD").unlink()
+    done = cli("chain", "log", str(run_dir), home=home)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "no model versions" not in done.stderr and "3 version directories" in done.stderr, done.stderr
+    assert "chain verify" in done.stderr
+
+
+def test_verify_names_a_bad_version_once(tmp_path):
+    home, run_dir, _identity = _home_chain(tmp_path, 2)
+    head = Chain(run_dir).head()
+    (run_dir / "chain" / head / "version.json").write_text("{not json")
+    done = cli("chain", "verify", str(run_dir), home=home)
+    assert done.returncode == 1 and "is not valid JSON" in done.stderr, done.stderr
+    assert done.stderr.count(f"version {short(head)}") == 1, done.stderr

@@ -155,3 +155,54 @@ def test_corrupt_idx_file_exit_2_names_the_file(kind, tmp_path, core_cache):
     line = assert_usage_error(proc, str(victim))
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # nothing but the error
     assert "again" in line or "MNIST-format" in line or "gzip" in line  # says what to do / what is wrong
+
+
+def _train(home: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "enshuffle", "train", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=180,
+                          env={**os.environ, "ENSHUFFLE_CACHE": str(cache), "ENSHUFFLE_HOME": str(home)})
+
+
+def test_train_resume_keeps_its_local_nodes_and_says_train(core_data_dir, core_cache, tmp_path):
+    """A resumed `train` run's local nodes are the same nodes (the ledger keeps 2 rows, not 4),
+    and a finished run points at `enshuffle train`, not `enshuffle coordinator`."""
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    common = ["--nodes", "2", "--limit", "300", "--data", str(core_data_dir), "--offload", "matmul", "--json",
+              "--out", str(run_dir)]
+    first = _train(home, core_cache, *common, "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    resumed = _train(home, core_cache, *common, "--resume", "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    ledger = json_lines(resumed)[-1]
+    assert ledger["type"] == "ledger" and len(ledger["ledger"]) == 2, ledger["ledger"]
+    finished = _train(home, core_cache, *common, "--resume", "--epochs", "2")
+    assert finished.returncode == 2 and "enshuffle train --out" in finished.stderr, finished.stderr
+    assert "enshuffle coordinator" not in finished.stderr
+
+
+def test_resume_refuses_a_chain_whose_older_version_fails_verification(core_data_dir, core_cache, tmp_path):
+    home, run_dir = tmp_path / "home", tmp_path / "run"
+    common = ["--nodes", "1", "--limit", "300", "--data", str(core_data_dir), "--out", str(run_dir)]
+    first = _train(home, core_cache, *common, "--epochs", "2")
+    assert first.returncode == 0, first.stderr
+    from enshuffle.coordinator.chain import Chain
+
+    oldest = Chain(run_dir).versions()[0].version_id
+    array = sorted(p for p in (run_dir / "chain" / oldest).iterdir() if p.name != "version.json")[0]
+    data = bytearray(array.read_bytes())
+    data[-1] ^= 0x01
+    array.write_bytes(bytes(data))
+    resumed = _train(home, core_cache, *common, "--resume", "--epochs", "3")
+    assert resumed.returncode == 2, resumed.stderr
+    assert "fails verification" in resumed.stderr and oldest[:12] in resumed.stderr, resumed.stderr
+
+
+@pytest.mark.parametrize("network", [[], ["--hidden", "24,24,24"]], ids=["notebook", "deeper"])
+def test_the_headless_ledger_fits_80_columns(core_data_dir, core_cache, tmp_path, network):
+    done = _train(tmp_path / "home", core_cache, "--nodes", "2", "--epochs", "1", "--limit", "300", "--data",
+                  str(core_data_dir), "--offload", "matmul", *network)
+    assert done.returncode == 0, done.stderr
+    table = done.stdout[done.stdout.index("Exposure ledger"):].splitlines()
+    assert all(len(line) <= 80 for line in table), "\n".join(line for line in table if len(line) > 80)
+    assert any(line.startswith("local-1") and "%" in line for line in table), table
+    assert any("images" in line for line in table) and any("deltas" in line for line in table), table

@@ -183,3 +183,138 @@ def test_verifying_an_empty_chain_says_there_is_nothing_yet(tmp_path):
     (tmp_path / "run").mkdir()
     ok, message = verify_chain_message(Chain(tmp_path / "run"))
     assert ok and "no model version yet" in message and "0 versions" not in message
+
+
+def test_a_malformed_invite_is_refused_before_connecting(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on: the node must not even try
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = enshuffle("node", "--connect", f"tcp://127.0.0.1:{port}", "--invite", "0a1b2c-not-a-code",
+                     home=tmp_path / "home", timeout=30)
+    line = one_line_error(done)
+    assert "not an invite code" in line and "32 hex digits" in line, line
+
+
+def test_a_used_invite_is_refused_as_used_not_as_a_stranger(core_data_dir, tmp_path):
+    from enshuffle.coordinator.admission import Admission, create_invite
+    from wire_util import InProcessRun, default_preset, load_inputs, spawn_node
+
+    coordinator_home = tmp_path / "coordinator-home"
+    code = create_invite(coordinator_home, reusable=False)
+    other = "0" * 32  # well formed, but this coordinator never made it
+    stale = create_invite(coordinator_home, reusable=True, expires_in=3600)
+    invites = json.loads((coordinator_home / "invites.json").read_text())
+    for entry in invites["invites"].values():
+        if entry["code"] == stale:
+            entry["expires"] -= 7200  # as if made two hours ago with --expires 1h
+    (coordinator_home / "invites.json").write_text(json.dumps(invites))
+    preset = default_preset(epochs=200)
+    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1,
+                       admission=Admission(home=coordinator_home)).start()
+    procs = []
+    try:
+        first = spawn_node(tmp_path / "a", run.endpoint, run.identity.fingerprint, "first", tmp_path, "--invite", code)
+        procs.append(first)
+        wait_until(lambda: run.logged("admitted by invite code") or not first.alive(), 60, "the first node to join",
+                   on_timeout=run.describe)
+        fp = run.identity.fingerprint
+        second = spawn_node(tmp_path / "b", run.endpoint, fp, "second", tmp_path, "--invite", code)
+        third = spawn_node(tmp_path / "c", run.endpoint, fp, "third", tmp_path, "--invite", other)
+        fourth = spawn_node(tmp_path / "d", run.endpoint, fp, "fourth", tmp_path, "--invite", stale)
+        procs += [second, third, fourth]
+        assert second.wait(60) == 4 and third.wait(60) == 4 and fourth.wait(60) == 4, \
+            second.describe() + third.describe() + fourth.describe()
+        assert "already used" in second.err(), second.err()
+        assert "not one this coordinator made" in third.err(), third.err()
+        assert "expired" in fourth.err(), fourth.err()
+    finally:
+        for proc in procs:
+            proc.stop()
+        run.close()
+
+
+def test_group_commands_alone_list_their_actions_and_exit_0():
+    for group, action in (("keys", "show"), ("chain", "verify")):
+        done = enshuffle(group)
+        assert done.returncode == 0 and action in done.stdout and "Traceback" not in done.stderr, done
+
+
+def test_offload_all_is_not_offered_and_in_process_needs_nodes(tmp_path):
+    helped = enshuffle("train", "--help")
+    assert "{auto,matmul}" in helped.stdout and "all is refused" not in helped.stdout
+    assert "auto,matmul,all" not in helped.stdout
+    line = one_line_error(enshuffle("train", "--in-process", "--nodes", "0", home=tmp_path))
+    assert "--nodes K >= 1" in line, line
+
+
+def test_keys_forget_drops_a_trusted_coordinator(tmp_path):
+    from enshuffle.protocol.keys import TrustStore
+
+    address = "tcp://127.0.0.1:5555"
+    key = Identity.generate()
+    TrustStore(tmp_path).check(address, key.fingerprint)  # trusted on first use
+    done = enshuffle("keys", "forget", address, home=tmp_path)
+    assert done.returncode == 0 and key.fingerprint in done.stdout, done.stderr
+    assert TrustStore(tmp_path).remembered(address) is None
+    again = enshuffle("keys", "forget", address, home=tmp_path)
+    assert again.returncode == 1 and "no coordinator key is remembered" in again.stderr
+
+
+def test_invite_without_connect_prints_this_machines_address(tmp_path):
+    done = enshuffle("invite", home=tmp_path)
+    assert done.returncode == 0, done.stderr
+    expected = volunteer_addresses("tcp://0.0.0.0:5555")[0]
+    assert f"--connect {expected} " in done.stdout, done.stdout
+
+
+def test_an_unusable_out_is_refused_before_the_data_loads(core_data_dir, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for command in (["coordinator", "--bind", f"tcp://127.0.0.1:{port}"], ["train", "--nodes", "1"]):
+        done = enshuffle(*command, "--out", str(blocker / "run"), "--data", str(core_data_dir), home=tmp_path / "h")
+        line = one_line_error(done)
+        assert "--out" in line and "writable" in line, line
+        assert "data:" not in done.stderr, done.stderr  # nothing was loaded first
+
+
+def test_a_coordinator_stopped_before_its_first_version_leaves_no_run_directory(core_data_dir, core_cache, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    proc = Proc(["coordinator", "--bind", f"tcp://127.0.0.1:{port}", "--out", str(run_dir), "--data",
+                 str(core_data_dir), "--limit", "300"], process_env(tmp_path / "home", core_cache), tmp_path, "c")
+    try:
+        wait_until(lambda: "waiting for 1 node" in proc.err() or not proc.alive(), 60, "the coordinator to wait",
+                   on_timeout=proc.describe)
+        waiting = [line for line in proc.err().splitlines() if "waiting for 1 node" in line][0]
+        assert waiting[:4].isdigit() and waiting[4] == "-", waiting  # headless log lines are timestamped
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(30) == 130, proc.describe()
+    finally:
+        proc.stop()
+    assert not run_dir.exists(), sorted(p.name for p in run_dir.iterdir())
+    assert "removed" in proc.err()
+
+
+def test_a_misspelled_host_is_told_at_once_not_retried_for_minutes(tmp_path):
+    done = enshuffle("node", "--connect", "tcp://no-such-host.invalid:5555", home=tmp_path, timeout=60)
+    assert done.returncode == 5 and "cannot resolve host" in done.stderr, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+
+
+def test_invites_can_be_listed_and_revoked(tmp_path):
+    made = enshuffle("invite", "--connect", "tcp://192.0.2.7:5555", "--expires", "24h", home=tmp_path)
+    assert made.returncode == 0, made.stderr
+    code = made.stdout.split("invite code:")[1].split()[0]
+    listed = enshuffle("invite", "--list", home=tmp_path)
+    assert listed.returncode == 0 and "one-time" in listed.stdout and "valid until" in listed.stdout, listed.stdout
+    assert code not in listed.stdout  # ids, not the secret codes
+    revoked = enshuffle("invite", "--revoke", code, home=tmp_path)
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout, revoked.stderr
+    assert "no invite codes" in enshuffle("invite", "--list", home=tmp_path).stdout
+    again = enshuffle("invite", "--revoke", code, home=tmp_path)
+    assert again.returncode == 1 and "no invite" in again.stderr

@@ -5,7 +5,6 @@ messages of a node that finds no coordinator."""
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import socket
 import subprocess
@@ -26,19 +25,51 @@ def enshuffle(*args: str, env: dict | None = None, timeout: float = 60) -> subpr
                           timeout=timeout, env=env or dict(os.environ))
 
 
+def systemd_words(value: str) -> list[str]:
+    """A unit setting's value split as systemd does (systemd.syntax(7)): words separated by
+    spaces, double or single quotes around a word, C-style escapes, then `%%` -> `%` (specifiers)
+    and `$$` -> `$` (ExecStart's variable expansion; a lone `$NAME` is left for the test to see)."""
+    words, i = [], 0
+    escapes = {"n": "\n", "t": "\t", "\\": "\\", '"': '"', "'": "'", " ": " "}
+    while i < len(value):
+        if value[i] == " ":
+            i += 1
+            continue
+        quote = value[i] if value[i] in "\"'" else None
+        i += 1 if quote else 0
+        word = []
+        while i < len(value) and (value[i] != quote if quote else value[i] != " "):
+            if value[i] == "\\":
+                nxt = value[i + 1]
+                if nxt == "x":
+                    word.append(chr(int(value[i + 2:i + 4], 16)))
+                    i += 4
+                    continue
+                word.append(escapes[nxt])
+                i += 2
+                continue
+            word.append(value[i])
+            i += 1
+        i += 1 if quote else 0
+        words.append("".join(word).replace("%%", "%").replace("$$", "$"))
+    return words
+
+
 def parse_unit(text: str) -> tuple[list[str], dict[str, str], dict[str, str]]:
-    """ExecStart as argv, the Environment= pairs, and the other [Service] keys."""
+    """ExecStart as argv, the Environment= pairs, and the other keys, read as systemd reads them."""
     argv, env, keys = None, {}, {}
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if not sep or line.startswith("#"):
             continue
         if key == "ExecStart":
-            argv = shlex.split(value)
+            argv = systemd_words(value)
         elif key == "Environment":
-            name, _, val = value.partition("=")
-            env[name] = val
+            for pair in systemd_words(value):
+                name, _, val = pair.partition("=")
+                env[name] = val
         else:
+            assert key not in keys, f"{key}= twice in the unit:\n{text}"
             keys[key] = value
     assert argv, text
     return argv, env, keys
@@ -55,9 +86,9 @@ def test_the_installed_unit_runs_the_node_and_sigterm_stops_it_cleanly(core_data
         done = enshuffle("node", "--install-service", "--connect", run.endpoint, "--coordinator-key",
                          run.identity.fingerprint, "--name", "svc", "--threads", "1", env=env)
         assert done.returncode == 0, done.stderr
-        unit = config / "systemd" / "user" / "enshuffle-node.service"
-        assert str(unit) in done.stdout and "journalctl --user -u enshuffle-node.service" in done.stdout
-        assert "systemctl --user stop enshuffle-node.service" in done.stdout
+        unit = config / "systemd" / "user" / "enshuffle-node-svc.service"
+        assert str(unit) in done.stdout and "journalctl --user -u enshuffle-node-svc.service" in done.stdout
+        assert "systemctl --user stop enshuffle-node-svc.service" in done.stdout
         argv, unit_env, keys = parse_unit(unit.read_text())
         assert "--keep-running" in argv and "--install-service" not in argv
         assert unit_env["ENSHUFFLE_HOME"] == str(home.resolve()) and keys["Nice"] == "19"
@@ -140,3 +171,92 @@ def test_without_keep_running_a_node_gives_up_with_the_reason(tmp_path):
                         hello_timeout=0.2, give_up_after=0.0)
     assert daemon.run() == EXIT_UNREACHABLE
     assert "giving up" in daemon.error and "nothing is listening" in daemon.error and "--keep-running" in daemon.error
+
+
+def test_the_unit_keeps_every_option_and_each_name_gets_its_own(core_data_dir, tmp_path):
+    """--invite, --max-memory and --nice 0 reach the service, a second --name does not overwrite
+    the first unit, a refusal (exit 3/4) or a wrong value (2) is not restarted, and the service
+    joins an invite-only coordinator with the invite it was installed with."""
+    from enshuffle.coordinator.admission import Admission, create_invite
+
+    coordinator_home = tmp_path / "coordinator-home"
+    code = create_invite(coordinator_home, reusable=False)
+    preset = default_preset(epochs=50)
+    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1,
+                       admission=Admission(home=coordinator_home)).start()
+    home, config = tmp_path / "home", tmp_path / "config"
+    env = dict(os.environ, ENSHUFFLE_HOME=str(home), XDG_CONFIG_HOME=str(config))
+    try:
+        common = ["node", "--install-service", "--connect", run.endpoint, "--coordinator-key",
+                  run.identity.fingerprint, "--threads", "1", "--max-memory", "96M", "--nice", "0",
+                  "--max-cpu", "90", "--hours", "00:00-23:59"]
+        first = enshuffle(*common, "--name", "first", "--invite", code, env=env)
+        assert first.returncode == 0, first.stderr
+        second = enshuffle(*common, "--name", "second", env=env)
+        assert second.returncode == 0, second.stderr
+        units = config / "systemd" / "user"
+        text = (units / "enshuffle-node-first.service").read_text()
+        assert (units / "enshuffle-node-second.service").is_file()
+        argv, unit_env, keys = parse_unit(text)
+        assert argv[argv.index("--max-memory") + 1] == str(96 << 20)
+        assert argv[argv.index("--name") + 1] == "first" and argv[argv.index("--max-cpu") + 1] == "90"
+        assert argv[argv.index("--hours") + 1] == "00:00-23:59" and "--keep-running" in argv
+        assert code not in " ".join(argv) and unit_env["ENSHUFFLE_INVITE"] == code  # not in `ps`
+        assert keys["Nice"] == "0"
+        assert {"2", "3", "4"} <= set(keys["RestartPreventExitStatus"].split())
+        assert "network-online" not in text
+        assert (units / "enshuffle-node-first.service").stat().st_mode & 0o077 == 0  # it holds the invite
+        wait_until(lambda: run.state.snapshot().status.startswith("waiting for nodes"), 30,
+                   "the coordinator to wait for nodes", on_timeout=run.describe)
+        service_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **unit_env}
+        proc = subprocess.Popen(argv, env=service_env, cwd="/", stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: (run.state.snapshot().nodes.get("first") is not None
+                                and run.state.snapshot().nodes["first"].batches_done > 0) or proc.poll() is not None,
+                       60, "the service node to compute", on_timeout=run.describe)
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert run.logged("admitted by invite code")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 0, err
+    finally:
+        run.close()
+
+
+@pytest.mark.parametrize("option", ["--name", "--connect"])
+def test_a_newline_cannot_inject_a_line_into_the_unit(tmp_path, option):
+    config = tmp_path / "config"
+    env = dict(os.environ, ENSHUFFLE_HOME=str(tmp_path / "home"), XDG_CONFIG_HOME=str(config))
+    evil = "\nExecStartPre=/bin/touch " + str(tmp_path / "pwned")
+    values = {"--name": "svc", "--connect": "tcp://127.0.0.1:5555"}
+    values[option] = (values[option] + evil) if option == "--name" else "tcp://127.0.0.1" + evil + ":5555"
+    done = enshuffle("node", "--install-service", "--connect", values["--connect"], "--name", values["--name"], env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "control character" in done.stderr and "Traceback" not in done.stderr
+    assert not (config / "systemd").exists() or not any((config / "systemd").rglob("*.service"))
+
+
+def test_unit_values_are_quoted_by_systemds_rules(tmp_path):
+    """A home and a recording directory with spaces, quotes, backslashes, `%` and `$` reach the
+    service exactly (systemd would otherwise split them, expand %h or $USER, or eat a backslash)."""
+    odd = tmp_path / 'my "odd" dir %h $USER \\x'
+    home, record = odd / "home", odd / "rec"
+    config = tmp_path / "config"
+    env = dict(os.environ, ENSHUFFLE_HOME=str(home), XDG_CONFIG_HOME=str(config))
+    done = enshuffle("node", "--install-service", "--connect", "tcp://127.0.0.1:5555", "--name", "odd",
+                     "--record", str(record), env=env)
+    assert done.returncode == 0, done.stderr
+    text = (config / "systemd" / "user" / "enshuffle-node-odd.service").read_text()
+    argv, unit_env, _ = parse_unit(text)
+    assert unit_env["ENSHUFFLE_HOME"] == str(home.resolve())
+    assert argv[argv.index("--record") + 1] == str(record)
+    for line in text.splitlines():
+        if line.startswith(("ExecStart=", "Environment=")):  # specifiers are expanded in both
+            assert "%h" not in line.replace("%%", ""), line
+        if line.startswith("ExecStart="):  # variables only in ExecStart
+            assert "$USER" not in line.replace("$$", ""), line

@@ -175,21 +175,43 @@ def test_damaged_trust_file_is_refused_naming_it(tmp_path):
 
 # --- command line ------------------------------------------------------------------------------------
 
-def _keys_show(home: Path) -> subprocess.CompletedProcess:
+def _keys_show(home: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ENSHUFFLE_HOME": str(home)}
-    return subprocess.run([str(PYTHON), "-m", "enshuffle", "keys", "show"], cwd=REPO, env=env,
+    return subprocess.run([str(PYTHON), "-m", "enshuffle", "keys", "show", *extra], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
 
 
 def test_keys_show_prints_this_machines_fingerprints(tmp_path):
-    first = _keys_show(tmp_path)
+    first = _keys_show(tmp_path, "--create")
     assert first.returncode == 0, first.stderr
     coordinator = load_or_create_identity("coordinator", tmp_path)
     node = load_or_create_identity("node", tmp_path)
     assert coordinator.fingerprint in first.stdout and node.fingerprint in first.stdout
-    assert str(tmp_path) in first.stdout and "(new)" in first.stdout
+    assert str(tmp_path) in first.stdout and "created" in first.stdout
     second = _keys_show(tmp_path)
-    assert coordinator.fingerprint in second.stdout and "(new)" not in second.stdout
+    assert coordinator.fingerprint in second.stdout and "created" not in second.stdout
+
+
+def test_keys_show_lists_every_key_and_which_one_a_name_uses(tmp_path):
+    """Each --name has its own node key: keys show lists them all by name, and with --name says
+    the fingerprint that `enshuffle node --name NAME` presents; it creates nothing by itself."""
+    empty = _keys_show(tmp_path / "empty")
+    assert empty.returncode == 0, empty.stderr
+    assert "none yet" in empty.stdout and not (tmp_path / "empty").exists()
+    home = tmp_path / "home"
+    plain = load_or_create_identity("node", home)
+    alice = load_or_create_identity("node", home, name="alice")
+    bob = load_or_create_identity("node", home, name="bob")
+    listed = _keys_show(home)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    for label, ident in (("(no --name)", plain), ("--name alice", alice), ("--name bob", bob)):
+        assert any(label in line and ident.fingerprint in line for line in lines), listed.stdout
+    named = _keys_show(home, "--name", "alice")
+    uses = [line for line in named.stdout.splitlines() if line.startswith("`enshuffle node --name alice` uses")]
+    assert uses and alice.fingerprint in uses[0] and plain.fingerprint not in uses[0], named.stdout
+    fresh = _keys_show(home, "--name", "carol")
+    assert "has no key yet" in fresh.stdout and not key_path("node", home, "carol").exists(), fresh.stdout
 
 
 @posix_only

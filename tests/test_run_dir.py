@@ -151,3 +151,40 @@ def test_a_failed_version_write_is_retried_not_fatal(core_data_dir, tmp_path, mo
     assert version is not None and len(calls) == 2
     assert run.chain.head() == version
     assert any("could not write a model version" in line for line in run.state.snapshot().log)
+
+
+def test_the_printed_resume_command_serves_as_the_run_did(core_data_dir, core_cache, tmp_path):
+    """Copied exactly, the command a finished coordinator prints listens on the run's --bind, admits
+    the run's --allow list and reads the run's --data: an allow-listed volunteer rejoins it."""
+    import shlex
+
+    from enshuffle.protocol.keys import load_or_create_identity
+    from wire_util import Proc, free_port, process_env, spawn_node
+
+    home, node_home, run_dir = tmp_path / "home", tmp_path / "node-home", tmp_path / "run"
+    node_key = load_or_create_identity("node", node_home, name="vol").fingerprint
+    allow = tmp_path / "allowed"
+    allow.write_text(node_key + "\n")
+    port = free_port()
+    env = process_env(home, core_cache)
+    first = Proc(["coordinator", "--bind", f"tcp://127.0.0.1:{port}", "--allow", str(allow), "--out", str(run_dir),
+                  "--epochs", "1", "--limit", "300", "--data", str(core_data_dir), "--offload", "matmul"],
+                 env, tmp_path, "first")
+    node = spawn_node(node_home, f"tcp://127.0.0.1:{port}", None, "vol", tmp_path, proc_name="node-1")
+    procs = [first, node]
+    try:
+        assert first.wait(120) == 0, first.describe() + node.describe()
+        printed = [line.split("to train further: ", 1)[1] for line in first.err().splitlines()
+                   if "to train further: " in line]
+        assert printed, first.err()
+        argv = shlex.split(printed[0])
+        assert argv[:2] == ["enshuffle", "coordinator"], printed
+        second = Proc(argv[1:], env, tmp_path, "second")
+        procs.append(second)
+        node2 = spawn_node(node_home, f"tcp://127.0.0.1:{port}", None, "vol", tmp_path, proc_name="node-2")
+        procs.append(node2)
+        assert second.wait(180) == 0, second.describe() + node2.describe()
+        assert "admitted by allow-list" in second.err() and f"listening on tcp://127.0.0.1:{port}" in second.err()
+    finally:
+        for proc in procs:
+            proc.stop()

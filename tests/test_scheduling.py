@@ -90,7 +90,7 @@ def test_with_a_raised_bound_an_idle_newcomer_takes_a_slot_from_a_node_holding_t
     join(sessions, "b")
     scheduler.rebalance()
     assert scheduler.owner == ["a", "b"]
-    assert any("shard 1 moves from a to b" in line for line in logged)
+    assert any("block 1 moves from a to b" in line for line in logged)
 
 
 def test_a_node_that_held_one_block_never_takes_the_other():

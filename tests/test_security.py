@@ -136,7 +136,7 @@ def test_allow_file_sighup_and_invite_codes_with_real_processes(core_data_dir, c
         key = load_or_create_identity("node", tmp_path / "n1", name="first").fingerprint
         allow.write_text(f"{key}  # first\n")
         coordinator.signal(signal.SIGHUP)
-        wait_until(lambda: "1 keys allowed" in coordinator.err(), 15, "the allow-list re-read",
+        wait_until(lambda: "1 key allowed" in coordinator.err(), 15, "the allow-list re-read",
                    on_timeout=coordinator.describe)
         again = spawn_node(tmp_path / "n1", endpoint, fp, "first", tmp_path, proc_name="first-again")
         procs.append(again)

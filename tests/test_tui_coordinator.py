@@ -99,7 +99,7 @@ async def test_header_progress_and_charts_follow_the_state():
         assert "epoch   3/15" in progress and "step   12/40" in progress
         # 12 epochs less 12 steps left (468 steps) at the state's 1.483 s per step
         assert "ETA 11m34s" in progress
-        assert text(app, "value-test") == "0.7950 [0.601–0.795]"  # last, and the sparkline's scale
+        assert text(app, "value-test") == "0.7950 [0.6010–0.7950]"  # last, and the sparkline's scale, same precision
         assert app.query_one("#spark-cost").data == [0.09, 0.061, 0.048]
 
 
@@ -401,3 +401,85 @@ def test_version_metadata_is_shown_for_people_not_as_python_dicts():
     assert "{" not in text_ and "1764600000" not in text_
     assert "cost=0.0612346" in text_ and "alice: images=0.5, w1=0.25" in text_ and "history: 2 entries" in text_
     assert "preset=default, epochs=20" in text_
+
+
+PIN_LINE = ("node n-alice refused our key: it is pinned to SHA256:KZDV-VJ2U-MNDU-YAUF-35O3-6K6K-W462-MUJV but "
+            "this coordinator presented key SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA; give the volunteer "
+            "this fingerprint, or restart with the ENSHUFFLE_HOME that holds the key they pinned")
+
+
+def _shown_log_rows(app, log_id: str) -> tuple[list[str], int]:
+    from textual.widgets import Log
+    log = app.query_one(f"#{log_id}", Log)
+    return [str(line) for line in log.lines], log.scrollable_content_region.width
+
+
+@pilot_test
+@pytest.mark.parametrize("size", [(80, 24), (120, 40), (160, 48)])
+async def test_long_log_lines_wrap_so_the_remedy_is_seen(size):
+    app, source, _control = make_app()
+    source.state.log.append(PIN_LINE)
+    async with app.run_test(size=size) as pilot:
+        await pilot.press("4")  # the Log tab
+        await pilot.pause()
+        app.pull_snapshot()
+        await pilot.pause()
+        shown = [_shown_log_rows(app, log_id) for log_id in ("log-view", "side-log")]
+        shown = [(rows, width) for rows, width in shown if width > 0]
+        assert shown  # the Log tab, or the side log of the wide layout
+        for rows, width in shown:
+            assert all(len(row) <= width for row in rows), (width, rows)
+            joined = " ".join(row.strip() for row in rows)
+            assert "SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA" in joined and "key they pinned" in joined, rows
+
+
+@pilot_test
+async def test_a_node_heard_from_just_now_is_not_seen_now_ago():
+    from enshuffle.tui.coordinator_app import NodeDetailScreen
+
+    app, source, _control = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        source.state.nodes["n-alice"].last_seen = NOW
+        app.pull_snapshot()
+        table = app.query_one("#nodes-table", DataTable)
+        table.focus()
+        table.move_cursor(row=0)
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, NodeDetailScreen)
+        detail = str(app.screen.query_one("#node-detail").render())
+        assert "last seen    just now" in detail and "now ago" not in detail, detail
+
+
+@pilot_test
+async def test_one_epoch_is_a_value_not_a_full_width_chart_and_the_80_column_header_keeps_elapsed():
+    from textual.widgets import Sparkline
+
+    app, source, _control = make_app()
+    source.state.epochs = source.state.epochs[:1]
+    source.state.run_id, source.state.bind = "7be30f46092ff277", "tcp://127.0.0.1:40213"
+    source.state.preset = "default"
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        assert text(app, "value-test") == "0.6010", text(app, "value-test")  # no "[0.601–0.601]"
+        assert not list(app.query_one("#spark-test", Sparkline).data or [])
+        first = text(app, "header").splitlines()[0]
+        assert len(first) <= 78 and "elapsed" in first, first
+
+
+@pilot_test
+async def test_the_exposure_tab_says_which_columns_are_off_screen():
+    app, source, _control = make_app()
+    for row in source.state.nodes.values():  # a deeper network: more kinds than 80 columns show
+        row.exposure.update({"w3": 0.2, "activations2": 0.2, "deltas2": 1.0})
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        app.pull_snapshot()
+        summary = text(app, "exposure-summary")
+        assert "more column" in summary and "deltas2" in summary.splitlines()[-1], summary
+    app, source, _control = make_app()
+    async with app.run_test(size=(200, 48)) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        assert "more column" not in text(app, "exposure-summary")

@@ -10,6 +10,8 @@ to the app's event loop (`pilot.pause`), never a bare sleep.
 
 from __future__ import annotations
 
+import pytest
+
 import contextlib
 import threading
 import time
@@ -336,3 +338,52 @@ async def test_node_app_on_a_real_daemon_and_coordinator(core_data_dir, tmp_path
             helper[0].stop()
             helper[1].join(5)
         set_blas_threads(blas_before)
+
+
+# --- who may join, as the console says it -----------------------------------------------------------
+
+def _console_join_text(run) -> str:
+    async def show() -> str:
+        app = CoordinatorApp(source=run.state.snapshot, control=run.control, refresh_hz=REFRESH_HZ)
+        async with app.run_test(size=(120, 40)) as pilot:
+            await pilot.pause()
+            return text(app, "join")
+    import asyncio
+    try:
+        return asyncio.run(show())
+    finally:
+        run.server.close("shutdown")
+
+
+def test_train_console_does_not_offer_a_join_line_it_would_refuse(core_data_dir, tmp_path):
+    from enshuffle.coordinator.run import local_cluster_run
+
+    preset = get_preset("default", epochs=1)
+    inputs = prepare(ds.load_idx_dir(core_data_dir), preset, 300)
+    run = local_cluster_run(RunSettings(limit=300), preset, inputs, nodes=2, workdir=tmp_path)
+    join = _console_join_text(run)
+    assert "enshuffle node --connect" not in join and "volunteer machine run" not in join, join
+    assert "only the 2 local node processes" in join and "enshuffle coordinator" in join, join
+
+
+@pytest.mark.parametrize("how", ["invites", "open", "allow"])
+def test_coordinator_console_says_who_may_join(core_data_dir, tmp_path, how):
+    from enshuffle.coordinator.admission import Admission
+
+    preset = get_preset("default", epochs=1)
+    inputs = prepare(ds.load_idx_dir(core_data_dir), preset, 300)
+    allow = tmp_path / "allow"
+    allow.write_text("")
+    admission = {"invites": lambda: Admission(home=tmp_path / "home"),
+                 "open": lambda: Admission(open_=True, home=tmp_path / "home"),
+                 "allow": lambda: Admission(allow_file=allow, home=tmp_path / "home")}[how]()
+    run = CoordinatorRun(RunSettings(limit=300), preset, inputs, bind="tcp://127.0.0.1:0", shards=1, min_nodes=1,
+                         run_dir=None, home=tmp_path / "home", quiet=True, admission=admission)
+    join = _console_join_text(run)
+    assert "who may join:" in join and "only nodes on this machine can connect" in join, join
+    if how == "open":
+        assert "OPEN" in join and "--invite" not in join, join
+    else:
+        assert "--invite CODE" in join and "enshuffle invite" in join, join
+    if how == "allow":
+        assert "0 keys from" in join and "--allow file needs none" in join, join

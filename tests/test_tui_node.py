@@ -40,9 +40,9 @@ async def test_connection_state_carries_the_reason():
     app, source, _control = make_app()
     async with app.run_test(size=(80, 24)) as pilot:
         for connection, reason, expected in [
-            ("idle", "waiting for work", "connection: ○ waiting: waiting for work"),
-            ("reconnecting", "reconnecting in 4 s", "connection: … reconnecting: reconnecting in 4 s"),
-            ("refused", "refused: fingerprint mismatch", "connection: ✗ REFUSED: refused: fingerprint mismatch"),
+            ("idle", "waiting for work", "connection: ○ waiting for work"),
+            ("reconnecting", "reconnecting in 4 s", "connection: … reconnecting in 4 s"),
+            ("refused", "refused: fingerprint mismatch", "connection: ✗ REFUSED: fingerprint mismatch"),
         ]:
             source.state.connection, source.state.reason = connection, reason
             source.state.trust = "trusted-on-first-use"
@@ -147,3 +147,56 @@ async def test_a_finished_run_stays_on_screen_until_q():
         await pilot.press("ctrl+c")  # Ctrl-C is q
         await pilot.pause()
     assert app.return_value == "stopped" and control.stop_requested
+
+
+@pilot_test
+async def test_a_refusal_in_the_node_log_wraps_whole_at_80_columns():
+    line = ("refused: tcp://coordinator.example:5555 presented key SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA, "
+            "not the pinned SHA256:KZDV-VJ2U-MNDU-YAUF-35O3-6K6K-W462-MUJV; ask the operator for the fingerprint "
+            "of `enshuffle keys show` on the coordinator")
+    app, source, _control = make_app()
+    source.state.log.append(line)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        app.pull_snapshot()
+        await pilot.pause()
+        log = app.query_one("#log-view", Log)
+        width = log.scrollable_content_region.width
+        rows = [str(row) for row in log.lines]
+        assert width > 0 and all(len(row) <= width for row in rows), (width, rows)
+        joined = " ".join(row.strip() for row in rows)
+        assert "SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA" in joined and "on the coordinator" in joined, rows
+
+
+@pilot_test
+async def test_the_node_app_says_each_state_once_and_truly():
+    """"✗ REFUSED: not-allowed" (not "refused: refused:"), a finished run said once, a paused node
+    shown paused (not "working: paused"), and no "contributing" once the run is over."""
+    app, source, control = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        source.state.connection, source.state.reason = "refused", "refused: not-allowed"
+        app.pull_snapshot()
+        assert "REFUSED: not-allowed" in text(app, "status") and "refused: refused" not in text(app, "status").lower()
+        source.state.connection, source.state.reason = "working", "paused by the volunteer (p resumes)"
+        app.pull_snapshot()
+        status = text(app, "status")
+        assert "working" not in status and "paused" in status, status
+        source.state.connection, source.state.reason = "finished", "q leaves"
+        app.pull_snapshot()
+        status, work = text(app, "status"), text(app, "work")
+        assert status.lower().count("finished") == 1, status
+        assert "contributing (p pauses)" not in work and "not contributing" in work, work
+        source.state.batches_done = 1
+        app.pull_snapshot()
+        assert "1 batch " in text(app, "work"), text(app, "work")
+        await pilot.pause()
+
+
+def test_the_hours_window_says_when_it_opens():
+    import time as _time
+
+    from enshuffle.node.policy import Policy
+
+    noon = _time.mktime((2026, 1, 5, 12, 0, 0, 0, 0, -1))
+    why = Policy.from_args(hours="22:00-07:00").outside_hours(noon)
+    assert "again at 22:00" in why, why

@@ -84,3 +84,77 @@ def test_a_node_beyond_the_blocks_is_on_standby_and_is_told_why(core_data_dir, t
         run.close()
         for p in procs.values():
             p.stop()
+
+
+def test_a_node_that_lost_a_busy_coordinator_replaces_its_own_session(core_data_dir, tmp_path):
+    """The coordinator falls silent for longer than the node waits (busy with its own work): the
+    node declares it lost and reconnects; its new HELLO names the session it left, so it is
+    welcomed at once instead of being refused as a second process with its key (duplicate-key)."""
+    from wire_util import InProcessRun, default_preset, load_inputs, spawn_node
+
+    preset = default_preset(epochs=3)
+    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1).start(hold_at=2)
+    node = spawn_node(tmp_path / "home", run.endpoint, run.identity.fingerprint, "busy", tmp_path)
+    try:
+        run.wait_held(60)
+        run.stall()
+        wait_until(lambda: node.err().count("connecting to") >= 2 or not node.alive(), 60,
+                   "the node to lose the silent coordinator and say HI again", on_timeout=node.describe)
+        assert "lost connection" in node.err(), node.err()
+        run.unstall()
+        run.finish(120)
+        assert node.wait(60) == 0, node.describe()
+        assert "duplicate-key" not in node.err() and not run.logged("refused a second node"), \
+            node.err() + "\n".join(run.log_lines())
+    finally:
+        run.close()
+        node.stop()
+
+
+def test_a_hello_that_names_its_old_session_replaces_it_and_a_twin_is_still_refused(core_data_dir):
+    """Deterministically, with the old session's connection still open and just heard from: a
+    HELLO with `replaces` = that session's node id is welcomed (the old session ends); the same
+    key without it is a second process, refused `duplicate-key` as before."""
+    import pytest
+
+    from wire_util import InProcessRun, ScriptedNode, default_preset, load_inputs
+
+    preset = default_preset(epochs=3)
+    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=2).start()
+    old = ScriptedNode(run.endpoint, "same")
+    twin = ScriptedNode(run.endpoint, "same", identity=old.identity)
+    again = ScriptedNode(run.endpoint, "same", identity=old.identity)
+    try:
+        old.hello()
+        old.pump()  # the first heartbeat is in: the old session was just heard from
+        wait_until(lambda: run.state.snapshot().nodes.get("same") is not None, 10, "the first session",
+                   on_timeout=run.describe)
+        with pytest.raises(AssertionError, match="duplicate-key"):
+            twin.hello()
+        again.hello(replaces=old.node_id)
+        assert again.node_id != old.node_id
+        wait_until(lambda: run.logged("(n1) left"), 10, "the old session to end", on_timeout=run.describe)
+    finally:
+        for node in (old, twin, again):
+            node.close()
+        run.close()
+
+
+def test_a_node_killed_with_sigkill_is_not_reported_as_host_unreachable(core_data_dir, tmp_path):
+    from wire_util import InProcessRun, default_preset, load_inputs, spawn_node
+
+    preset = default_preset(epochs=200)
+    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1).start()
+    node = spawn_node(tmp_path / "home", run.endpoint, run.identity.fingerprint, "doomed", tmp_path)
+    try:
+        wait_until(lambda: (run.row("doomed") is not None and run.row("doomed").batches_done > 0), 60,
+                   "the node to compute", on_timeout=run.describe)
+        node.signal(signal.SIGKILL)
+        node.wait(10)
+        wait_until(lambda: run.logged("doomed (n1) left"), 30, "the coordinator to see it gone",
+                   on_timeout=run.describe)
+        left = run.logged("doomed (n1) left")[0]
+        assert "Host unreachable" not in left, left
+    finally:
+        node.stop()
+        run.close()

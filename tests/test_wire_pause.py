@@ -123,3 +123,23 @@ def test_a_stop_while_every_node_is_paused_ends_the_step(core_data_dir):
         run.server.control.request_stop()
         volunteer.serve_until(run.done.is_set, 10, "the stop to end the waiting step", on_timeout=run.describe)
     assert isinstance(run.error, StepAbandoned), run.describe()
+
+
+def test_waiting_status_counts_a_paused_node_as_connected(core_data_dir):
+    """Before training, a node that joined paused is connected: the status says so instead of
+    "0 of 1 connected"."""
+    from wire_util import InProcessRun, ScriptedNode, default_preset, load_inputs, wait_until
+
+    preset = default_preset(epochs=1)
+    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1).start()
+    node = ScriptedNode(run.endpoint, "resting")
+    node.credit = 0
+    try:
+        node.hello()
+        wait_until(lambda: "paused" in run.state.snapshot().status, 15, "the status to count the paused node",
+                   on_timeout=run.describe)
+        status = run.state.snapshot().status
+        assert "0 of 1 connected" not in status and "1 connected but paused" in status, status
+    finally:
+        node.close()
+        run.close()

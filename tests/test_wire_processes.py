@@ -190,3 +190,21 @@ def test_coordinator_killed_and_resumed_gives_the_uninterrupted_model(uninterrup
         out = enshuffle_cli("chain", "export", str(rd), "--npz", str(tmp_path / f"{name}.npz"), home=tmp_path)
         assert out.returncode == 0, out.stderr
     assert_same_weights(load_npz(tmp_path / "resumed.npz"), load_npz(tmp_path / "reference.npz"))
+
+
+def test_offload_auto_ships_no_training_block_when_no_training_product_goes(core_data_dir, core_cache, tmp_path):
+    """--offload auto on a small run computes every training product here: the node may get the
+    test block for evaluating, never the training block, and the ledger row says what it holds."""
+    port = free_port()
+    home = tmp_path / "home"
+    coordinator = spawn_coordinator(home, port, core_cache, tmp_path, "coordinator", "--offload", "auto", "--open",
+                                    "--epochs", "1", "--limit", "300", "--data", str(core_data_dir), "--json")
+    node = spawn_node(tmp_path / "node", f"tcp://127.0.0.1:{port}", None, "only", tmp_path)
+    try:
+        assert coordinator.wait(120) == 0, coordinator.describe() + node.describe()
+        assert node.wait(30) == 0, node.describe()
+    finally:
+        coordinator.stop()
+        node.stop()
+    assert "every product is computed here" in coordinator.err(), coordinator.err()
+    assert "stored static train." not in node.err(), node.err()

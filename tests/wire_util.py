@@ -189,7 +189,7 @@ def train_wire_and_central(nodes: int, args: list[str], tmp_path: Path, cache: P
 
 def coordinator_fingerprint(home: Path) -> str:
     """The coordinator key's fingerprint in `home`, as `enshuffle keys show` prints it."""
-    proc = enshuffle_cli("keys", "show", home=home)
+    proc = enshuffle_cli("keys", "show", "--create", home=home)
     assert proc.returncode == 0, proc.stderr
     for line in proc.stdout.splitlines():
         if line.startswith("coordinator key:"):
@@ -275,6 +275,9 @@ class InProcessRun:
         self.done = threading.Event()
         self._hold = 0  # hold before this global step; -1: no hold
         self._held = threading.Event()
+        self._stall_wanted = False  # while held: stop pumping (a coordinator busy with its own work)
+        self._stalled = threading.Event()
+        self._unstall = threading.Event()
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._main, name="in-process-coordinator", daemon=True)
 
@@ -299,6 +302,16 @@ class InProcessRun:
         self._hold = step
         self._held.clear()
 
+    def stall(self, timeout: float = 30) -> None:
+        """While held: the run thread stops pumping its socket (no heartbeats, nothing read) until
+        `unstall()`, as a coordinator busy with its own work for seconds is."""
+        self._unstall.clear()
+        self._stall_wanted = True
+        wait_until(self._stalled.is_set, timeout, "the coordinator to stall", on_timeout=self.describe)
+
+    def unstall(self) -> None:
+        self._unstall.set()
+
     def held(self) -> bool:
         return self._held.is_set()
 
@@ -315,6 +328,11 @@ class InProcessRun:
             while not self.trainer.finished:
                 while 0 <= self._hold <= self.steps_done:
                     self._held.set()
+                    if self._stall_wanted:
+                        self._stalled.set()
+                        self._unstall.wait()
+                        self._stall_wanted = False
+                        self._stalled.clear()
                     self.server.pump(100)
                 self._held.clear()
                 self.trainer.run_step()
@@ -349,6 +367,7 @@ class InProcessRun:
 
     def close(self) -> None:
         """Cleanup after a failed test: stop holding; the daemon thread dies with the process."""
+        self.unstall()
         self.hold_at(-1)
 
 
@@ -404,15 +423,16 @@ class ScriptedNode:
         self.send(frames)
         return frames
 
-    def hello(self, timeout: float = 10, invite: str | None = None) -> None:
+    def hello(self, timeout: float = 10, invite: str | None = None, **extra) -> None:
         """The whole ENS2 handshake: HI, CHALLENGE, HELLO, WELCOME, then a first sealed HEARTBEAT.
         Again after a session: on a new connection, as the real daemon does (one CHALLENGE per
-        connection)."""
+        connection). `extra`: further NodeHandshake arguments (replaces=NODE_ID)."""
         if self.channel is not None:
             self.sock.close(0)
             self.sock = self._socket()
             self.channel = None
-        hs = NodeHandshake(self.identity, self.name, {"ops": list(OPS), "threads": 1, "credit": 2}, invite=invite)
+        hs = NodeHandshake(self.identity, self.name, {"ops": list(OPS), "threads": 1, "credit": 2}, invite=invite,
+                           **extra)
         self.handshake = hs
         self.send(hs.hi())
         challenge = self._expect("CHALLENGE", timeout)

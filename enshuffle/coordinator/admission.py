@@ -71,44 +71,67 @@ def _write_private(path: Path, text: str) -> None:
         raise
 
 
-def load_invites(home: Path) -> dict[str, dict]:
+def load_invites(home: Path, include_used: bool = False) -> dict[str, dict]:
+    """The invite codes in `home` that may still admit a node (with `include_used`, also the
+    one-time codes already used, kept to tell a second node why it is refused)."""
     try:
         doc = json.loads((home / INVITES_FILE).read_text(encoding="utf-8"))
         invites = doc["invites"]
-        return {k: v for k, v in invites.items() if isinstance(v, dict) and isinstance(v.get("code"), str)}
+        return {k: v for k, v in invites.items() if isinstance(v, dict) and isinstance(v.get("code"), str)
+                and (include_used or not v.get("used"))}
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
+def _expires_at(entry: dict) -> float | None:
+    """When an invite stops admitting: `expires_at` (every code has one, INVITE_DAYS by default)
+    or `expires` (set by --expires), whichever comes first; None for a code written before codes
+    expired."""
+    times = [t for t in (entry.get("expires_at"), entry.get("expires")) if isinstance(t, (int, float))]
+    return min(times) if times else None
+
+
+def _expired(entry: dict, now: float | None = None) -> bool:
+    expires = _expires_at(entry)
+    return expires is not None and (time.time() if now is None else now) >= expires
+
+
 def invite_problem(entry: dict, fp: str, now: float | None = None) -> str | None:
-    """Why a valid invite code no longer admits key `fp` (expired, or its keys used up), or None.
-    Entries written before these limits existed count as reusable-sized and never expire."""
-    now = time.time() if now is None else now
-    expires = entry.get("expires_at")
-    if isinstance(expires, (int, float)) and now > expires:
-        return "its invite code has expired; ask the operator for a new one (enshuffle invite)"
+    """Why a valid invite code no longer admits key `fp` (used, expired, or its keys used up), or
+    None. Entries written before these limits existed count as reusable-sized and never expire."""
     stored = entry.get("keys")
     keys: list = stored if isinstance(stored, list) else []
+    if entry.get("used") and fp not in keys:
+        return (f"this invite code was already used (by another node, {entry['used']}): each one-time "
+                f"code admits one node; ask the operator for a new one (enshuffle invite)")
+    if _expired(entry, now):
+        return "this invite code has expired; ask the operator for a new one (enshuffle invite)"
     given = entry.get("max_keys")
     limit: int = given if isinstance(given, int) else REUSABLE_MAX_KEYS
     if fp not in keys and len(keys) >= limit:
-        return f"its invite code has admitted its {limit} node keys already; ask the operator for a new one"
+        return f"this invite code has admitted its {limit} node keys already; ask the operator for a new one"
     return None
 
 
-def create_invite(home: Path, reusable: bool) -> str:
-    """A new invite code, stored in the coordinator's home; returns the code."""
+def create_invite(home: Path, reusable: bool, expires_in: float | None = None) -> str:
+    """A new invite code, stored in the coordinator's home; returns the code. It expires after
+    INVITE_DAYS days, or `expires_in` seconds when given."""
     code = secrets.token_hex(16)
-    invites = load_invites(home)
+    invites = load_invites(home, include_used=True)
     now = time.time()
     invites[invite_id(code)] = {"code": code, "reusable": bool(reusable),
                                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-                                "expires_at": int(now + INVITE_DAYS * 86400),
+                                "expires_at": int(now + (expires_in if expires_in is not None
+                                                         else INVITE_DAYS * 86400)),
                                 "max_keys": REUSABLE_MAX_KEYS if reusable else 1, "keys": []}
     _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
     return code
+
+
+def _keys(n: int) -> str:
+    return f"{n} key{'s' if n != 1 else ''}"
 
 
 class Admission:
@@ -158,17 +181,18 @@ class Admission:
         try:
             self.allowed = read_allow_file(self.allow_file)
         except KeyStoreError as exc:
-            return f"admission: {exc}; keeping the previous list of {len(self.allowed)} keys"
-        return f"admission: re-read {self.allow_file}: {len(self.allowed)} keys allowed"
+            return f"admission: {exc}; keeping the previous list of {_keys(len(self.allowed))}"
+        return f"admission: re-read {self.allow_file}: {_keys(len(self.allowed))} allowed"
 
     def describe(self) -> str:
         if self.open:
             return "admission: OPEN (--open): ANY node key may join and receive data"
         parts = []
         if self.allow_file:
-            parts.append(f"{len(self.allowed)} keys from {self.allow_file}")
+            parts.append(f"{_keys(len(self.allowed))} from {self.allow_file}")
         if self.home is not None:
-            parts.append(f"invite codes (enshuffle invite), {len(self.invited)} invited keys")
+            invited = len(self.invited)
+            parts.append(f"invite codes (enshuffle invite), {invited} invited key{'s' if invited != 1 else ''}")
         if self.auto:
             parts.append(f"{len(self.auto)} local nodes")
         return "admission: " + (", ".join(parts) if parts
@@ -197,6 +221,23 @@ class Admission:
                     return True, "invite code"
         return False, ""
 
+    def refusal_text(self, key: bytes, invite, challenge: str) -> str:
+        """Why `check` refused this key, in words for the node: its invite was already used, is
+        not one of this home's, or it brought none."""
+        fp = fingerprint(key)
+        if isinstance(invite, dict) and self.home is not None:
+            ident, proof = invite.get("id"), invite.get("proof")
+            entry = load_invites(self.home, include_used=True).get(ident) if isinstance(ident, str) else None
+            proven = entry is not None and isinstance(proof, str) and \
+                hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof)
+            problem = invite_problem(entry, fp) if proven and entry is not None else None
+            if problem is not None:
+                return problem
+            return ("the invite code is not one this coordinator made (mistyped, from another coordinator, or "
+                    "removed): ask the operator for a new one (enshuffle invite)")
+        return (f"key {fp} is not admitted here: ask the operator to add it to the coordinator's --allow file, "
+                f"or for an invite code (enshuffle invite)")
+
     def _use_invite(self, ident: str, entry: dict, fp: str) -> None:
         home = self.home
         assert home is not None  # invite codes are read from the home
@@ -206,9 +247,12 @@ class Admission:
             with open(home / INVITED_FILE, "a", encoding="utf-8") as fh:
                 fh.write(f"{fp}  # invite {ident}\n")
             os.chmod(home / INVITED_FILE, 0o600)
-            invites = load_invites(home)
+            invites = load_invites(home, include_used=True)  # used codes are kept, to say why they refuse
             if not entry.get("reusable"):
-                invites.pop(ident, None)
+                # Kept, marked used, so a second node presenting it is told why it is refused.
+                if ident in invites:
+                    invites[ident] = dict(invites[ident], used=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                          keys=[fp])
             elif ident in invites:
                 stored = invites[ident].get("keys")
                 known: list = stored if isinstance(stored, list) else []
@@ -218,23 +262,70 @@ class Admission:
             pass  # admitted for this process at least; the operator sees the key in the log
 
 
+def _list_invites(home: Path) -> int:
+    invites = load_invites(home, include_used=True)
+    if not invites:
+        print(f"no invite codes in {home / INVITES_FILE}")
+        return 0
+    now = time.time()
+    for ident, entry in sorted(invites.items(), key=lambda kv: kv[1].get("created", "")):
+        if entry.get("used"):
+            state = f"used {entry['used']}"
+        elif _expired(entry, now):
+            state = "expired"
+        elif _expires_at(entry) is not None:
+            state = "valid until " + time.strftime("%Y-%m-%d %H:%M", time.localtime(_expires_at(entry)))
+        else:
+            state = "valid"
+        kind = "reusable" if entry.get("reusable") else "one-time"
+        print(f"{ident}  {kind:8}  created {entry.get('created', '?')}  {state}")
+    print("(revoke one with `enshuffle invite --revoke ID`; keys an invite admitted stay in "
+          f"{home / INVITED_FILE})")
+    return 0
+
+
+def _revoke_invite(home: Path, which: str) -> int:
+    invites = load_invites(home, include_used=True)
+    ident = which if which in invites else invite_id(which) if which.isascii() else which
+    if ident not in invites:
+        print(f"enshuffle invite: no invite {which!r} in {home / INVITES_FILE} (see `enshuffle invite --list`)",
+              file=sys.stderr)
+        return 1
+    del invites[ident]
+    _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
+    print(f"revoked invite {ident}: it admits no new node (keys it admitted stay in {home / INVITED_FILE})")
+    return 0
+
+
 def cmd_invite(args) -> int:
-    """`enshuffle invite`: a code for one node (or --reusable), and the exact node command."""
+    """`enshuffle invite`: a code for one node (or --reusable), and the exact node command;
+    --list and --revoke manage the codes."""
     home = enshuffle_home()
+    if getattr(args, "list", False):
+        return _list_invites(home)
+    if getattr(args, "revoke", None):
+        return _revoke_invite(home, args.revoke)
     identity = load_or_create_identity("coordinator", home)
     try:
-        code = create_invite(home, args.reusable)
+        code = create_invite(home, args.reusable, getattr(args, "expires", None))
     except OSError as exc:
         raise UsageError(f"cannot write {home / INVITES_FILE} ({exc.strerror}); make {home} writable") from None
+    connect = args.connect
+    if connect is None:  # this machine as volunteers may reach it (THIS_HOST when it has no address)
+        from enshuffle.coordinator.addresses import volunteer_addresses  # only when no --connect is given
+        connect = volunteer_addresses("tcp://0.0.0.0:5555")[0]
     kind = "reusable" if args.reusable else "one-time"
     print(f"{kind} invite code: {code}")
     print("on the volunteer's machine run:")
-    print(f"    ENSHUFFLE_INVITE={code} enshuffle node --connect {args.connect} "
+    print(f"    ENSHUFFLE_INVITE={code} enshuffle node --connect {connect} "
           f"--coordinator-key {identity.fingerprint}")
     print("(in the environment, the code stays out of the node's command line, which other local users can "
           "read; `--invite @FILE` reads it from a file)")
-    print("(the code works with any coordinator started with this ENSHUFFLE_HOME for "
-          f"{INVITE_DAYS} days; "
+    if args.connect is None:
+        print("(the address is this machine's as far as it knows; give --connect tcp://HOST:PORT for the one "
+              "volunteers reach, e.g. behind NAT)")
+    days = f"{INVITE_DAYS} days" if getattr(args, "expires", None) is None else "the time --expires gave"
+    print(f"(the code works with any coordinator started with this ENSHUFFLE_HOME for {days}; "
           + (f"it admits up to {REUSABLE_MAX_KEYS} node keys; delete it from " if args.reusable
              else "it is used up by the first node; see ")
           + f"{home / INVITES_FILE})")

@@ -596,8 +596,12 @@ class Chain:
         _fsync_dir(self.dir)
 
 
-def _home_heads_path(home: Path, genesis: str) -> Path:
-    return Path(home) / "heads" / f"{genesis}.json"
+def _home_heads_path(home: Path, genesis: str, chain_dir: Path) -> Path:
+    """One record per chain *and* run directory: a copy of a run, extended, is a branch of its
+    own, and must not make the original look rolled back. (Restoring an old backup in place is
+    what the record is for: same directory, same record.)"""
+    where = hashlib.sha256(str(Path(chain_dir).resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return Path(home) / "heads" / f"{genesis}-{where}.json"
 
 
 def record_head_in_home(chain: Chain, home: Path) -> None:
@@ -606,7 +610,7 @@ def record_head_in_home(chain: Chain, home: Path) -> None:
     entries = chain.head_log()
     if not entries or not isinstance(entries[0].get("head"), str):
         return
-    path = _home_heads_path(home, entries[0]["head"])
+    path = _home_heads_path(home, entries[0]["head"], chain.dir)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _replace_text(path.parent, path.name, json.dumps(entries[-1], sort_keys=True) + "\n")
@@ -619,7 +623,7 @@ def home_head_problem(chain: Chain, home: Path) -> str | None:
     entries = chain.head_log()
     if not entries or not isinstance(entries[0].get("head"), str):
         return None
-    path = _home_heads_path(home, entries[0]["head"])
+    path = _home_heads_path(home, entries[0]["head"], chain.dir)
     try:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -708,6 +712,18 @@ def cmd_log(args) -> int:
     except ChainError as exc:
         raise UsageError(str(exc)) from None
     versions.reverse()
+    if not versions:
+        try:
+            logged = len(chain.head_log())
+        except ChainError:
+            logged = 0
+        stored = len(chain._stored_ids())
+        if stored or logged:
+            # Versions on disk that HEAD does not reach: HEAD is missing or damaged, not an empty run.
+            print(f"enshuffle chain log: {chain.dir} holds {stored} version director{'ies' if stored != 1 else 'y'} "
+                  f"and a head log of {logged} entr{'ies' if logged != 1 else 'y'}, but no HEAD leads to them; run "
+                  f"`enshuffle chain verify {args.run_dir}` to see what is wrong", file=sys.stderr)
+            return 1
     if args.json:  # JSON lines, as `train --json`: one object per version, each with its type
         for v in versions:
             print(json.dumps({"type": "version", "version_id": v.version_id, "parent_id": v.parent_id,
@@ -752,7 +768,10 @@ def cmd_verify(args) -> int:
         if problem is not None:
             report = VerifyReport(False, report.checked, None, problem)
     if not report.ok:
-        where = f"version {report.first_bad}: " if report.first_bad else ""
+        # The problem usually names the version itself: say it once.
+        problem_text = report.problem or ""
+        where = f"version {report.first_bad}: " if report.first_bad and short(report.first_bad) not in problem_text \
+            and report.first_bad not in problem_text else ""
         before = f" ({report.checked} versions verified before it)" if report.checked else ""
         print(f"FAILED: {where}{report.problem}{before}", file=sys.stderr)
         return 1

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from enshuffle.coordinator.addresses import PLACEHOLDER
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor, default_disguise
 from enshuffle.coordinator.ledger import privacy_notes
@@ -88,6 +87,19 @@ def check_weights_path(args) -> None:
                          "choose a writable path") from None
 
 
+def check_run_dir_writable(run_dir: str) -> None:
+    """Refuse a --out that cannot be created or written before the data loads, not after."""
+    target = Path(run_dir)
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--out {run_dir} is a file; give a directory for the run")
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {run_dir}: cannot create or write it ({probe} is not a writable directory); "
+                         f"choose a writable --out")
+
+
 def run_settings(args):
     """The run's typed settings from the command line (the Namespace goes no further)."""
     try:
@@ -103,6 +115,9 @@ def run_settings(args):
 
 
 def cmd_train(args) -> int:
+    if args.in_process and args.nodes == 0:
+        raise UsageError("--in-process runs the distributed algorithm with in-process nodes: give --nodes K >= 1 "
+                         "(--nodes 0 alone is the centralized reference)")
     if args.tui and (args.nodes == 0 or args.in_process):
         raise UsageError("--tui shows a coordinator and its nodes: use it with --nodes K >= 1 and without --in-process")
     if args.out and (args.nodes == 0 or args.in_process):
@@ -114,6 +129,8 @@ def cmd_train(args) -> int:
                              "processes (--nodes K >= 1, without --in-process)")
         args.nodes = apply_resume_settings(args, "train")
     check_weights_path(args)
+    if args.out:
+        check_run_dir_writable(args.out)
     run_settings(args)  # a refused --offload is told before the data is loaded
     preset = preset_from_args(args)
     inputs = load_inputs(args.data, preset, args.limit)
@@ -145,7 +162,8 @@ def cmd_train(args) -> int:
     else:
         return run_local_cluster(run_settings(args), preset, inputs, nodes=args.nodes, run_dir=args.out,
                                  resume=bool(getattr(args, "resume", False)),
-                                 verbose=bool(getattr(args, "verbose", False)), tui=bool(args.tui))
+                                 verbose=bool(getattr(args, "verbose", False)), tui=bool(args.tui),
+                                 data_source=data_source(args.data))
     return drive(run_settings(args), preset, inputs, compute, ledger, secret)
 
 
@@ -194,6 +212,43 @@ def check_bind(bind: str) -> None:
         ctx.term()  # the port is free again when this returns
 
 
+def data_source(data: str | None) -> str | None:
+    """--data as a --resume elsewhere must read it: an absolute directory, `bundled`, or None (search)."""
+    if data is None or data == "bundled":
+        return data
+    return os.path.abspath(data)
+
+
+DEFAULT_BIND = "tcp://127.0.0.1:5555"
+SERVING_DEFAULTS = {"bind": DEFAULT_BIND, "allow": None, "open": False, "min_nodes": 1, "checkpoint_every": None,
+                    "quarantine_after": 3, "replicate": False}
+
+
+def serving_settings(args) -> dict:
+    """How `enshuffle coordinator` serves (kept in run.json, so --resume serves the same way)."""
+    return {"bind": args.bind, "allow": os.path.abspath(args.allow) if args.allow else None, "open": bool(args.open),
+            "min_nodes": args.min_nodes, "checkpoint_every": args.checkpoint_every,
+            "quarantine_after": args.quarantine_after, "replicate": bool(args.replicate)}
+
+
+def apply_serving_settings(args, stored: dict | None) -> list[str]:
+    """Fill the serving options not given on this command line from the run's (then from the
+    defaults); returns what was taken from the run, for the resume line."""
+    stored = stored or {}
+    taken = []
+    admission_given = bool(args.allow or args.open)
+    for name, default in SERVING_DEFAULTS.items():
+        value = getattr(args, name)
+        given = admission_given if name in ("allow", "open") else value not in (None, False)
+        if not given and stored.get(name) not in (None, False):
+            setattr(args, name, stored[name])
+            option = "--" + name.replace("_", "-")
+            taken.append(option if stored[name] is True else f"{option} {stored[name]}")
+        elif getattr(args, name) is None:
+            setattr(args, name, default)
+    return taken
+
+
 def apply_resume_settings(args, who: str) -> int:
     """--resume: take the run's training settings from RUN_DIR/run.json; returns its shard count.
 
@@ -212,31 +267,44 @@ def apply_resume_settings(args, who: str) -> int:
     # A run written before networks had a shape is the notebook's 784-128-10 sigmoid network.
     args.layers, args.hidden = tuple(settings.get("layers") or NOTEBOOK_LAYERS), None
     args.activation = settings.get("activation") or "sigmoid"
+    if getattr(args, "data", None) is None and settings.get("data_source"):
+        args.data = settings["data_source"]
     shards = int(settings["shards"])
     layers = "-".join(map(str, args.layers))
     eprint(f"{who}: resuming {args.out} with its settings: preset {args.preset}, {layers} {args.activation}, "
            f"{args.epochs} epochs{extended}, "
-           f"{args.dtype}, offload {args.offload}, {shards} shards (other training options are ignored)")
+           f"{args.dtype}, offload {args.offload}, {shards} block{'s' if shards != 1 else ''}"
+           + (f", data {args.data}" if settings.get("data_source") else "") + " (other training options are ignored)")
+    if who == "coordinator":
+        taken = apply_serving_settings(args, settings.get("serving"))
+        if taken:
+            eprint(f"{who}: serving as the run did: {' '.join(taken)} (give an option to change it)")
     return shards
 
 
 def cmd_coordinator(args) -> int:
     """`enshuffle coordinator`: listen for volunteers' nodes and train."""
     run_dir = args.out
-    shards = args.min_nodes
     if args.resume:
         shards = apply_resume_settings(args, "coordinator")
+    else:
+        apply_serving_settings(args, None)
+        shards = args.min_nodes
     run_settings(args)  # a refused --offload is told before anything starts
     check_bind(args.bind)  # a taken port is told before minutes of data loading, not after
     if args.open and args.allow:
         raise UsageError("--open admits every key, --allow FILE only the listed ones: choose one")
     admission = Admission(allow_file=args.allow, open_=args.open, home=enshuffle_home())
+    run_dir = run_dir or default_run_dir()
+    check_run_dir_writable(run_dir)  # before minutes of data loading, not after
     preset = preset_from_args(args)
     inputs = load_inputs(args.data, preset, args.limit)
     try:
         run = CoordinatorRun(run_settings(args), preset, inputs, bind=args.bind, shards=shards,
-                             min_nodes=args.min_nodes, run_dir=run_dir or default_run_dir(), resume=args.resume,
-                             checkpoint_every=args.checkpoint_every, admission=admission)
+                             min_nodes=args.min_nodes,
+                             run_dir=run_dir, resume=args.resume,
+                             checkpoint_every=args.checkpoint_every, admission=admission,
+                             serving=serving_settings(args), data_source=data_source(args.data))
     except OSError as exc:
         raise UsageError(str(exc)) from None
     commands = run.state.join_commands
@@ -252,12 +320,8 @@ def cmd_coordinator(args) -> int:
     eprint(f"coordinator: {admission.describe()}")
     eprint("coordinator: on each volunteer machine run" + (" one of:" if len(commands) > 1 else ":"))
     for command in commands:
-        eprint(f"    {command}" + ("" if args.open else "   (plus --invite CODE from `enshuffle invite`, "
-                                                          "unless its key is in --allow)"))
-    if any(PLACEHOLDER in c for c in commands):
-        eprint(f"  (replace {PLACEHOLDER} with this machine's address as the volunteers reach it)")
-    elif "127.0.0.1" in commands[0] or "[::1]" in commands[0]:
-        eprint("  (a loopback address: only nodes on this machine can connect; bind tcp://0.0.0.0:PORT "
-               "for others)")
+        eprint(f"    {command}")
+    for note in run.state.join_notes:
+        eprint(f"  ({note})")
 
     return run_with_tui(run) if args.tui else run_headless(run)

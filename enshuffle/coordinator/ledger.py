@@ -34,6 +34,8 @@ are new every step; their mask is the union of positions seen across steps.
 
 from __future__ import annotations
 
+import textwrap
+
 import threading
 
 import numpy as np
@@ -128,23 +130,43 @@ class ExposureLedger:
             mask[np.asarray(item[1], dtype=np.int64)] = True
         return {k: float(m.mean()) for k, m in current.items()}
 
-    def table(self, kinds: tuple[str, ...] | None = None) -> str:
-        """The ledger as a text table: one row per node, one column per kind (percent seen, and a
-        letter for the weakest form: h values hidden, p positions hidden, c clear)."""
+    def table(self, kinds: tuple[str, ...] | None = None, width: int = 80) -> str:
+        """The ledger as text at most `width` columns wide: one row per node, one column per kind
+        (percent seen, and a letter for the weakest form: h values hidden, p positions hidden, c
+        clear). Kinds no node has seen any of are named on one line instead of as columns of 0%;
+        columns that do not fit go into a further table below."""
         shares, forms = self.shares(), self.forms()
         kinds = kinds or tuple(self.axes)
-        width = max([len("node")] + [len(n) for n in shares])
-        head = "node".ljust(width) + "".join(f"{t:>13}" for t in kinds)
-        lines = [head, "-" * len(head)]
+        seen = [t for t in kinds if any(s[t] > 0 for s in shares.values())]
+        unseen = [t for t in kinds if t not in seen]
+        name_width = max([len("node")] + [len(n) for n in shares])
         letter = {"values hidden": "h", "positions hidden": "p", "clear": "c"}
-        for node, s in shares.items():
-            cells = []
-            for t in kinds:
-                form = forms.get(node, {}).get(t)
-                cells.append(f"{100 * s[t]:10.1f}% {letter[form] if form else ' '}")
-            lines.append(node.ljust(width) + "".join(cells))
-        lines.append("forms: h values hidden (secret mixing with noise), p positions hidden (shuffled, "
-                     "power-of-two scaled: values readable), c clear")
+        cell = {t: max(len(t), len("100.0% h")) + 2 for t in seen}
+        groups: list[list[str]] = []
+        group: list[str] = []
+        used = name_width
+        for t in seen:
+            if group and used + cell[t] > width:
+                groups.append(group)
+                group, used = [], name_width
+            group.append(t)
+            used += cell[t]
+        if group or not groups:
+            groups.append(group)
+        lines = []
+        for group in groups:
+            head = "node".ljust(name_width) + "".join(f"{t:>{cell[t]}}" for t in group)
+            lines += [head, "-" * len(head)]
+            for node, s in shares.items():
+                cells = []
+                for t in group:
+                    form = forms.get(node, {}).get(t)
+                    cells.append(f"{f'{100 * s[t]:.1f}% ' + (letter[form] if form else ' '):>{cell[t]}}")
+                lines.append(node.ljust(name_width) + "".join(cells))
+        if unseen:
+            lines += textwrap.wrap(f"0% for every node: {', '.join(unseen)}", width)
+        lines += textwrap.wrap("forms: h values hidden (secret mixing with noise), p positions hidden (shuffled, "
+                               "power-of-two scaled: values readable), c clear", width, subsequent_indent="  ")
         return "\n".join(lines)
 
     def export(self) -> dict[str, dict[str, str]]:

@@ -8,6 +8,7 @@ and diagnostics go to stderr (`eprint`) so stdout stays machine-readable.
 from __future__ import annotations
 
 import json
+import textwrap
 import sys
 
 import numpy as np
@@ -41,16 +42,20 @@ def report_epoch(report, json_lines: bool, total: int) -> None:
         print(format_epoch(report, total), flush=True)
 
 
+LEDGER_WIDTH = 80  # the final table fits an 80-column terminal (or a log viewer)
+
+
 def report_ledger(ledger, json_lines: bool, extra: dict | None = None, notes: list[str] | None = None) -> None:
     if json_lines:
         print(json.dumps({"type": "ledger", "ledger": ledger.shares(), "forms": ledger.forms(), "notes": notes or [],
                           **(extra or {})}), flush=True)
     else:
         print()
-        print("Exposure ledger: share of each kind of information each node has received, and in what form")
-        print(ledger.table())
+        print("Exposure ledger: share of each kind of information each node has")
+        print("received, and in what form")
+        print(ledger.table(width=LEDGER_WIDTH))
         for note in notes or []:
-            print(f"- {note}")
+            print("\n".join(textwrap.wrap(note, LEDGER_WIDTH, initial_indent="- ", subsequent_indent="  ")))
 
 
 def listen_text(endpoint: str) -> str:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
-from enshuffle.coordinator.addresses import volunteer_addresses
+from enshuffle.coordinator.addresses import PLACEHOLDER, volunteer_addresses
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home, trust_problem
 from enshuffle.coordinator.distributed import DistributedCompute, default_disguise
@@ -61,6 +62,42 @@ def coordinator_blas_threads(threads: int = 1):
 EXIT_INTERRUPTED = 130  # stopped before the run finished (Ctrl-C, SIGTERM, q): resume it with --resume
 
 
+def local_only(admission) -> bool:
+    """True for `enshuffle train`'s admission: its own local node processes and nobody else."""
+    return (admission is not None and not admission.open and admission.home is None
+            and admission.allow_file is None)
+
+
+def joining(endpoint: str, fingerprint: str, admission) -> tuple[list[str], list[str], str]:
+    """How volunteers join, for the console and the start-up lines: the `enshuffle node` commands
+    (with --invite CODE where an invite is how a new key gets in), notes on them, and who may join."""
+    if local_only(admission):
+        count = len(admission.auto)
+        return [], [f"only the {count} local node process{'es' if count != 1 else ''} this command started "
+                    f"may join; for volunteers' machines run `enshuffle coordinator`"], \
+            f"who may join: only this command's {count} local node process{'es' if count != 1 else ''}"
+    commands = join_commands(endpoint, fingerprint)
+    notes = []
+    who = ""
+    if admission is not None:
+        who = "who may join: " + admission.describe().removeprefix("admission: ")
+        if not admission.open and admission.home is not None:
+            commands = [f"{c} --invite CODE" for c in commands]
+            notes.append("CODE: a fresh one from `enshuffle invite --connect ADDRESS` on this machine"
+                         + (" (a key in the --allow file needs none)" if admission.allow_file else ""))
+    if any(PLACEHOLDER in c for c in commands):
+        notes.append(f"replace {PLACEHOLDER} with this machine's address as the volunteers reach it")
+    elif commands and ("127.0.0.1" in commands[0] or "[::1]" in commands[0]):
+        notes.append("a loopback address: only nodes on this machine can connect; bind tcp://0.0.0.0:PORT "
+                     "for others")
+    return commands, notes, who
+
+
+def stamped(line: str) -> None:
+    """A headless coordinator's log line, timestamped as a node's are (for a log read hours later)."""
+    eprint(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
+
+
 def default_run_dir() -> str:
     return os.path.join("runs", time.strftime("run-%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2))
 
@@ -69,7 +106,8 @@ class CoordinatorRun:
     def __init__(self, settings: RunSettings, preset, inputs, *, bind: str, shards: int, min_nodes: int,
                  run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
                  state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
-                 home: Path | None = None, quiet: bool = False, admission=None):
+                 home: Path | None = None, quiet: bool = False, admission=None, serving: dict | None = None,
+                 data_source: str | None = None, command: str = "coordinator"):
         self.settings = settings
         self.preset = preset
         self.inputs = inputs
@@ -81,6 +119,7 @@ class CoordinatorRun:
         self.print_reports = True  # epoch lines and the final table on stdout (off under the TUI)
         self.local_nodes = False  # started by `enshuffle train` with its own node processes
         self.give_up = None  # () -> why waiting for the first nodes is hopeless, or None (wait on)
+        self.command = command  # the `enshuffle` command that runs it, for the commands it prints
         self.exit_status: int | None = None
         self.identity = load_or_create_identity("coordinator", home)
         self.home = home
@@ -89,12 +128,14 @@ class CoordinatorRun:
         self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
                           "offload": settings.offload, "seed": preset.seed, "limit": settings.limit,
                           "shards": shards, "data": data_fingerprint(inputs), "layers": list(preset.layers),
-                          "activation": preset.activation}
+                          "activation": preset.activation, "data_source": data_source}
+        if serving is not None:  # how `enshuffle coordinator` served: --resume serves the same way
+            self._settings["serving"] = serving
         self.admission = admission
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
         self.server = CoordinatorServer(bind, self.identity, self.state,
                                         ledger=ExposureLedger(ledger_axes(preset.layers)),
-                                        control=self.control, log=None if quiet else eprint, admission=admission,
+                                        control=self.control, log=None if quiet else stamped, admission=admission,
                                         max_exposure=settings.max_exposure)
         if self.run_dir:
             try:
@@ -117,7 +158,8 @@ class CoordinatorRun:
             st.run_id = self.server.run_id
             st.preset = preset.name
             st.bind = listen_text(self.server.endpoint)
-            st.join_commands = join_commands(self.server.endpoint, self.identity.fingerprint)
+            st.join_commands, st.join_notes, st.admission = joining(self.server.endpoint, self.identity.fingerprint,
+                                                                    admission)
             st.fingerprint = self.identity.fingerprint
             st.run_dir = str(self.run_dir) if self.run_dir else None
             st.epochs_total = preset.epochs
@@ -137,6 +179,7 @@ class CoordinatorRun:
                     raise
             _atomic_write_json(self.run_dir / "run.json", self._settings)  # a new --epochs is kept
         self._steps_since_version = 0
+        self._step_time_total, self._steps_timed = 0.0, 0
 
     def _check_run_dir(self, resume: bool) -> None:
         """Refuse what would mix two runs in one chain, before anything is started."""
@@ -160,6 +203,8 @@ class CoordinatorRun:
                                  f"images, digest {str(stored.get('sha256'))[:12]}) than now "
                                  f"({self._settings['data']['images']}, {self._settings['data']['sha256'][:12]}): "
                                  f"resume with the same --data and --limit")
+        # A directory this run creates and never writes a version to is removed at the end.
+        self._created_run_dir = not resume and not self.run_dir.exists()
         try:
             self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             make_private(self.run_dir)
@@ -174,8 +219,15 @@ class CoordinatorRun:
         if head is None:
             raise UsageError(f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
                              f"start without --resume")
-        # What `chain verify` checks: every version signed by this coordinator's key, and a head
-        # log that matches the head this machine recorded (a rolled-back HEAD is refused).
+        # Every version, not only the head: a run continued from a damaged chain would sign onto it.
+        report = self.chain.verify(self.identity.fingerprint)
+        if not report.ok:
+            where = f" at version {report.first_bad[:12]}" if report.first_bad else ""
+            raise UsageError(f"cannot resume {self.run_dir}: its chain fails verification{where}: {report.problem}; "
+                             f"see `enshuffle chain verify {self.run_dir}`, restore the run directory from a copy, "
+                             f"or start a new run")
+        # And what `chain verify` checks of the head: every version signed by this coordinator's
+        # key, and a head log that matches the head this machine recorded (a rolled-back HEAD).
         problem = trust_problem(self.chain, self.identity.fingerprint,
                                 self.home if self.home is not None else enshuffle_home())
         if problem is not None:
@@ -190,7 +242,7 @@ class CoordinatorRun:
             raise UsageError(
                 f"{self.run_dir} has finished: its head version {head[:12]} is epoch {self.trainer.epoch} of "
                 f"{self.preset.epochs}, so there is nothing to resume. To train further, extend it: "
-                f"`enshuffle coordinator --out {self.run_dir} --resume --epochs N` with N > {self.preset.epochs}")
+                f"`enshuffle {self.command} --out {self.run_dir} --resume --epochs N` with N > {self.preset.epochs}")
         if meta.get("epochs_total") not in (None, self.preset.epochs):
             _atomic_write_json(self.run_dir / "run.json", dict(load_run_settings(str(self.run_dir)),
                                                                epochs=self.preset.epochs))
@@ -209,7 +261,7 @@ class CoordinatorRun:
     def log(self, line: str) -> None:
         self.state.add_log(line)
         if not self.quiet:
-            eprint(line)
+            stamped(line)
 
     # -- chain -----------------------------------------------------------------------
     def hangup(self) -> None:
@@ -218,7 +270,7 @@ class CoordinatorRun:
             line = self.admission.reload()
             self.state.add_log(line)
             if not self.quiet:
-                eprint(line)
+                stamped(line)
         self.control.readmit(None)  # the server logs whom
 
     def privacy_notes(self) -> list[str]:
@@ -290,9 +342,12 @@ class CoordinatorRun:
                 self._steps_since_version += 1
                 with self.state.lock:
                     self.state.epoch, self.state.step = self.trainer.epoch, self.trainer.step
-                    # A moving mean of step times: the ETA follows the work, not the wall clock.
-                    previous = self.state.step_seconds
-                    self.state.step_seconds = step_took if previous <= 0 else 0.9 * previous + 0.1 * step_took
+                    # The mean time of every step this process has run: the ETA follows the work, not
+                    # the wall clock, and does not swing with each step (an epoch's last step also
+                    # evaluates, a node joining slows one step).
+                    self._step_time_total += step_took
+                    self._steps_timed += 1
+                    self.state.step_seconds = self._step_time_total / self._steps_timed
                 if report is not None:
                     with self.state.lock:
                         self.state.epochs.append(EpochRow(**report.as_dict()))
@@ -328,6 +383,7 @@ class CoordinatorRun:
     def _end(self, status: str, rc: int) -> int:
         """Every way a run ends: BYE to the nodes, the final figures, the state says `status`."""
         self.server.close("run-finished" if status == "finished" else "shutdown")
+        self._remove_unused_run_dir()
         if self.print_reports:
             report_ledger(self.server.ledger, self.settings.json,
                           {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received},
@@ -337,6 +393,18 @@ class CoordinatorRun:
         self._finish(status)
         self.exit_status = rc
         return rc
+
+    def _remove_unused_run_dir(self) -> None:
+        """A run that ends before its first version leaves no directory behind that it created
+        (only its plan secret, settings and local nodes' keys, which nothing can resume from)."""
+        if self.run_dir is None or not getattr(self, "_created_run_dir", False):
+            return
+        with self.state.lock:
+            wrote = bool(self.state.versions)
+        if wrote or (self.run_dir / "chain" / "HEAD").exists():
+            return
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir_removed = True
 
     def summary_lines(self, status: str | None = None) -> list[str]:
         """What an operator needs once the run is over: where it got to, where its chain is, how to go on."""
@@ -349,14 +417,15 @@ class CoordinatorRun:
         if self.run_dir and head:
             lines.append(f"model chain: {self.run_dir} (head {head[:12]}); check it with "
                          f"`enshuffle chain verify {self.run_dir}`")
-            command = "train" if self.local_nodes else "coordinator"
+            command = self.command
             if status == "finished":
                 lines.append(f"to train further: enshuffle {command} --out {self.run_dir} --resume "
                              f"--epochs {self.preset.epochs + 5}")
             else:
                 lines.append(f"to continue: enshuffle {command} --out {self.run_dir} --resume")
         elif self.run_dir:
-            lines.append(f"no model version was written to {self.run_dir}")
+            lines.append(f"no model version was written to {self.run_dir}"
+                         + ("; the empty run directory was removed" if getattr(self, "run_dir_removed", False) else ""))
         if self.settings.save_weights and status == "finished":
             lines.append(f"weights written to {self.settings.save_weights}")
         return lines
@@ -499,28 +568,52 @@ def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> Non
             p.wait()
 
 
+def local_cluster_run(settings: RunSettings, preset, inputs, *, nodes: int, workdir: Path, run_dir: str | None = None,
+                      resume: bool = False, quiet: bool = True, data_source: str | None = None) -> CoordinatorRun:
+    """The coordinator of `enshuffle train --nodes K`, on loopback, admitting only the K local
+    node keys it creates in `workdir` (nothing to set up, nobody else joins)."""
+    admission = Admission(auto=set())
+    # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
+    # which checks the key, can continue it; a throw-away run uses a throw-away key.
+    run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
+                         run_dir=run_dir, home=None if run_dir else workdir / "coordinator", resume=resume,
+                         quiet=quiet, admission=admission, data_source=data_source, command="train")
+    # The local nodes' keys are made once the run directory is accepted, in it when there is one:
+    # a resumed run's local nodes are the same nodes (the same ledger rows), not new ones.
+    for key in local_node_keys(local_nodes_dir(run_dir, workdir), nodes):
+        admission.admit_key(key)
+    with run.state.lock:
+        st = run.state
+        st.join_commands, st.join_notes, st.admission = joining(run.server.endpoint, run.identity.fingerprint,
+                                                                admission)
+    return run
+
+
+def local_nodes_dir(run_dir: str | None, workdir: Path) -> Path:
+    """Where `enshuffle train`'s local nodes keep their homes: in the run directory when kept."""
+    return Path(run_dir) / "local-nodes" if run_dir else workdir
+
+
 def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
-                      resume: bool = False, verbose: bool = False, tui: bool = False) -> int:
+                      resume: bool = False, verbose: bool = False, tui: bool = False,
+                      data_source: str | None = None) -> int:
     """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp_dir:
         tmp = Path(tmp_dir)
-        # Only the local nodes this command starts are admitted: nothing to set up, nobody else joins.
-        admission = Admission(auto=set(local_node_keys(tmp, nodes)))
-        # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
-        # which checks the key, can continue it; a throw-away run uses a throw-away key.
-        run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes,
-                             min_nodes=nodes, run_dir=run_dir, home=None if run_dir else tmp / "coordinator",
-                             resume=resume, quiet=not verbose,
-                             admission=admission)
+        run = local_cluster_run(settings, preset, inputs, nodes=nodes, workdir=tmp, run_dir=run_dir, resume=resume,
+                                quiet=not verbose, data_source=data_source)
         eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
                f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {settings.offload}")
         for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
             eprint(f"train: {line}")
-        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes, tmp)
+        nodes_dir = local_nodes_dir(run_dir, tmp)
+        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes,
+                                  nodes_dir)
         eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
                f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
         run.local_nodes = True
-        run.give_up = run.server.give_up = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
+        run.give_up = run.server.give_up = local_nodes_problem(procs, nodes_dir,
+                                                               time.monotonic() + LOCAL_NODES_CONNECT_S)
         try:
             if tui:
                 return run_with_tui(run)
@@ -582,7 +675,7 @@ def run_headless(run: CoordinatorRun) -> int:
             raise KeyboardInterrupt
         line = f"{signal.Signals(signum).name}: finishing the step, then stopping (again to stop at once)"
         run.state.add_log(line)
-        eprint(line)
+        stamped(line)
         run.control.request_stop()
 
     def on_hangup(signum, frame):
@@ -599,7 +692,8 @@ def run_headless(run: CoordinatorRun) -> int:
 
 def run_with_tui(run: CoordinatorRun) -> int:
     """The console in the main thread, the run (which owns the socket) in a worker thread."""
-    from enshuffle.tui.coordinator_app import CoordinatorApp  # textual only on the --tui path
+    # textual only on the --tui path
+    from enshuffle.tui.coordinator_app import CoordinatorApp, terminal_fd, terminal_gone
 
     status: dict = {}
 
@@ -627,8 +721,16 @@ def run_with_tui(run: CoordinatorRun) -> int:
         if not app.stopping:
             app.call_later(app.action_request_quit)
 
+    def on_hangup(signum, frame):
+        # The terminal closing sends SIGHUP too: then it is the graceful stop, not a reload.
+        if terminal_gone(app_tty):
+            app.call_later(app.lose_terminal)
+        else:
+            run.hangup()
+
+    app_tty = terminal_fd()
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    previous_hup = signal.signal(signal.SIGHUP, lambda signum, frame: run.hangup())
+    previous_hup = signal.signal(signal.SIGHUP, on_hangup)
     try:
         app.run()
     finally:

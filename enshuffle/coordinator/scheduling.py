@@ -176,7 +176,7 @@ class Scheduler:
             if not idle:
                 return
             self.owner[shard] = idle[0]
-            self.log(f"membership: shard {shard} moves from {self.sessions[busiest].label} "
+            self.log(f"membership: block {shard} moves from {self.sessions[busiest].label} "
                      f"to {self.sessions[idle[0]].label}")
 
     def enqueue(self, task) -> None:
@@ -244,7 +244,7 @@ class Scheduler:
                         continue
                     target = min(allowed, key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
                     self.owner[shard] = target.node_id
-                    self.log(f"membership: shard {shard} moves from {session.label} (paused) to {target.label}")
+                    self.log(f"membership: block {shard} moves from {session.label} (paused) to {target.label}")
             queued, session.queue = list(session.queue), deque()
             for task in queued:
                 if task.batch.shard in kept:

@@ -134,6 +134,14 @@ def reseed(rng) -> bool:
     return True
 
 
+def _gone(exc: zmq.ZMQError) -> str:
+    """Why a send to a node failed, in words: EHOSTUNREACH from a ROUTER means the peer's
+    connection is gone (its process ended or was killed, or the network dropped), not routing."""
+    if exc.errno == zmq.EHOSTUNREACH:
+        return "the node's process ended or its network dropped"
+    return exc.strerror
+
+
 def batch_work(batch: Batch, statics: dict[str, np.ndarray] | None = None) -> float:
     """Multiply-adds (matmul) or elements (elementwise) of a batch: what leases scale with."""
     if batch.work is not None:
@@ -207,6 +215,7 @@ class Session:
     shards_held: set[int] = field(default_factory=set)  # static operands this session has received
     state_versions: dict[int, int] = field(default_factory=dict)  # slot -> its resident state's version here
     resyncs: int = 0  # state-behind/ahead rejections answered with the checkpoint again
+    statics_held: set[str] = field(default_factory=set)  # by name: only those a batch sent to it used
     last_seen: float = field(default_factory=time.monotonic)
     last_sent: float = field(default_factory=time.monotonic)
     seconds_per_work: deque = field(default_factory=lambda: deque(maxlen=20))
@@ -379,7 +388,7 @@ class CoordinatorServer:
             self.sock.send_multipart([session.routing_id, *frames], copy=len(frames[0]) < ZERO_COPY_BYTES,
                                      flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            why = f"its connection closed without a BYE ({exc.strerror})"
+            why = f"its connection closed without a BYE ({_gone(exc)})"
             if session.done == 0:
                 why += ("; before its first result: it may have refused this coordinator's key (a wrong "
                         "--coordinator-key on the node?) or been killed")
@@ -512,8 +521,15 @@ class CoordinatorServer:
         `give_up(True)` names a reason to stop waiting (kept in `wait_problem`)."""
         self.wait_problem: str | None = None
         self._min_nodes_wanted = count
+        # Statics and their check probes are prepared now, so sending and checking them later never
+        # starves heartbeats; between pieces the socket is pumped, so nodes already here hear us.
         for shard in range(len(self.owner)):
-            self.static_arrays(shard)  # prepared now, so sending them later never starves heartbeats
+            for name, static in self.static_arrays(shard).items():
+                self.pump(timeout_ms=0)
+                if name not in self._static_norms:
+                    self._static_norms[name] = StaticNorms(static, self._verify_rng)
+                    self._static_norms[name].prepare()
+            self.pump(timeout_ms=0)
         def ready() -> int:  # a paused node cannot compute: it does not count toward --min-nodes
             return sum(1 for s in self.sessions.values() if s.want > 0)
 
@@ -527,7 +543,10 @@ class CoordinatorServer:
             if problem:
                 self.wait_problem = problem
                 return False
-            self._set_status(f"waiting for nodes: {ready()} of {count} connected")
+            paused = len(self.sessions) - ready()
+            self._set_status(f"waiting for nodes: {ready()} of {count} connected" if not paused else
+                             f"waiting for nodes: {ready()} of {count} ready to compute ({paused} connected "
+                             f"but paused)")
             self.pump(timeout_ms=200)
         self._min_nodes_wanted = 0
         self._waiting_logged = False  # the wait is over: a later one is logged again
@@ -691,11 +710,15 @@ class CoordinatorServer:
                     return
             session.queue.extendleft(reversed(deferred))
 
-    def _ensure_static(self, session: Session, shard: int) -> bool:
-        if shard in session.shards_held:
+    def _ensure_static(self, session: Session, shard: int, names: list[str]) -> bool:
+        """Send the static operands `names` a batch uses (a resident batch: its block and its
+        state) that the session lacks: a block leaves only with a product that uses it
+        (evaluating the test set ships no training block)."""
+        if all(n in session.statics_held for n in names):
             return True
         arrays = self.static_arrays(shard)
-        too_big = [a.nbytes for a in arrays.values() if not self._fits(session, a.nbytes)]
+        missing = [n for n in names if n not in session.statics_held]
+        too_big = [arrays[n].nbytes for n in missing if not self._fits(session, arrays[n].nbytes)]
         if too_big:
             # It would cut the connection on such a frame (its MAXMSGSIZE): as if it had rejected it.
             self.counters["rejected"] += 1
@@ -706,7 +729,7 @@ class CoordinatorServer:
             self.banned.add(session.key)
             self._end_session(session, "it cannot store its static operands")
             return False
-        for name, array in arrays.items():
+        for name in missing:
             self.ledger.record(session.label, self.compute.static_exposure(shard))
             if session.group is not None:
                 self.group_ledger.record(session.group, self.compute.static_exposure(shard))
@@ -714,8 +737,9 @@ class CoordinatorServer:
             header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
             fields = self.compute.static_fields(shard, name) if hasattr(self.compute, "static_fields") else {}
             header.update(fields)
-            if not self._send(session, "STATIC", header, {"x": array}):
+            if not self._send(session, "STATIC", header, {"x": arrays[name]}):
                 return False
+            session.statics_held.add(name)
             if "version" in fields:  # a resident state: the node now holds it at this version
                 session.state_versions[shard] = int(fields["version"])
         session.shards_held.add(shard)
@@ -754,9 +778,12 @@ class CoordinatorServer:
             if held is not None and held < self.compute.resident.replay_from(task.batch.shard):
                 # it served the slot before the last checkpoint: the updates it lacks are gone from
                 # the log, so it gets the checkpoint again
-                session.shards_held.discard(task.batch.shard)
+                session.statics_held.discard(task.batch.params["state"])
                 session.state_versions.pop(task.batch.shard, None)
-        if task.batch.params.get("a_static") and not self._ensure_static(session, task.batch.shard):
+        names = [task.batch.params["a_static"]] if task.batch.params.get("a_static") else []
+        if task.batch.op == "resident":
+            names.append(task.batch.params["state"])  # its block and its state
+        if names and not self._ensure_static(session, task.batch.shard, names):
             return False
         now = time.monotonic()
         lease = session.lease_seconds(task.work)
@@ -793,8 +820,10 @@ class CoordinatorServer:
         the next node that takes the slot. `reset` (a resumed run's state): every holder gets them again."""
         self._statics.pop(shard, None)
         if reset:
+            names = set(self.static_arrays(shard))
             for session in self.sessions.values():
                 session.shards_held.discard(shard)
+                session.statics_held.difference_update(names)
                 session.state_versions.pop(shard, None)
 
     def _housekeeping(self) -> None:
@@ -850,7 +879,7 @@ class CoordinatorServer:
         try:
             self.sock.send_multipart([session.routing_id, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            self._end_session(session, f"cannot send to it ({exc.strerror})")
+            self._end_session(session, f"its connection closed without a BYE ({_gone(exc)})")
             return
         session.last_sent = time.monotonic()
         self.bytes_sent += len(frames[0])
@@ -1115,9 +1144,10 @@ class CoordinatorServer:
         elif key in self.banned:
             refuse = ("not-allowed", "this node was evicted from the run for sending malformed or unverifiable messages")
         elif not admitted:
-            refuse = ("not-allowed", f"key {fp} is not admitted here: "
-                                     + (f"{how}" if how else "ask the operator to add it to the coordinator's "
-                                                             "--allow file, or for an invite code (enshuffle invite)"))
+            why = getattr(self.admission, "refusal_text", None)
+            refuse = ("not-allowed", why(key, header.get("invite"), pending.challenge) if why else
+                      f"key {fp} is not admitted here: ask the operator to add it to the "
+                      f"coordinator's --allow file, or for an invite code (enshuffle invite)")
         elif self.reputation.is_quarantined(key):
             rec = self.reputation.records[key]
             refuse = ("quarantined", f"this node's key is quarantined for this run ({rec.lies} wrong results; "
@@ -1132,7 +1162,11 @@ class CoordinatorServer:
             live = twins[0]
             # A session still heard from recently is a second process with the same key (twins),
             # not this node reconnecting: refuse the newcomer and say where the other one is.
-            if time.monotonic() - live.last_seen < 2 * self.heartbeat_ms / 1000:
+            # A node's own reconnect names the session it leaves (HELLO `replaces`, signed by the
+            # key): it replaces that session even when its heartbeats are recent (the coordinator
+            # was the silent one, busy with its own work).
+            own = isinstance(header.get("replaces"), str) and header["replaces"] == live.node_id
+            if not own and time.monotonic() - live.last_seen < 2 * self.heartbeat_ms / 1000:
                 refuse = ("duplicate-key", f"another node with key {short_fingerprint(fp)} is already connected "
                                            f"(from {live.address or 'an unknown address'}, as {live.label}); "
                                            f"each node process needs its own key: give each a different --name "
@@ -1348,12 +1382,13 @@ class CoordinatorServer:
         session.stale.pop(task.batch_id, None)
         if code == "unknown-static":
             session.shards_held.discard(task.batch.shard)
+            session.statics_held.difference_update(self.static_arrays(task.batch.shard))
         # A node whose copy of a slot's state is not where we thought gets the checkpoint again; a
         # session that keeps asking is refusing, and is counted as any other rejection.
         resync = code in ("state-behind", "state-ahead") and session.resyncs < MAX_RESYNCS
         if resync:
             session.resyncs += 1
-            session.shards_held.discard(task.batch.shard)
+            session.statics_held.discard(task.batch.params.get("state"))
             session.state_versions.pop(task.batch.shard, None)
         # A resync is the coordinator's bookkeeping, not the node's refusal: it counts for nothing.
         quarantine = not resync and self.reputation.rejected(session.key, str(code), str(text))

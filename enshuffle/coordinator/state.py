@@ -70,6 +70,8 @@ class CoordinatorState(LiveState):
     bind: str = ""
     fingerprint: str = ""
     join_commands: list[str] = field(default_factory=list)  # `enshuffle node ...` lines for volunteers
+    join_notes: list[str] = field(default_factory=list)  # what to know about those lines (loopback, CODE)
+    admission: str = ""  # who may join: "who may join: invite codes ..." ("" when not said)
     run_dir: str | None = None
     started_at: float = field(default_factory=time.time)
     epochs_total: int = 0

@@ -105,6 +105,12 @@ class StaticNorms:
         self.rows_checked = 0
         self.drawn = True
 
+    def prepare(self) -> None:
+        """Draw the probes now (a pass over the block), not at the first large check: a coordinator
+        does this while it waits for nodes, between pumps, instead of in silence after a WELCOME."""
+        if not self.drawn:
+            self._draw()
+
     def used(self, rows: int) -> None:
         """Count a check over `rows` rows; past REFRESH times the block's rows the probes are
         drawn anew, so a node probing which of its lies get caught learns little about any one set."""

@@ -33,17 +33,42 @@ def _apply_thread_env(threads: int | None) -> int:
 
 
 def _install_signal_handlers(daemon) -> None:
-    """SIGINT/SIGTERM -> BYE `shutdown` and a prompt exit 0 (the coordinator reissues at once)."""
+    """SIGINT/SIGTERM, and SIGHUP (the terminal closed) unless it is ignored (nohup) -> BYE
+    `shutdown` and a prompt exit 0 (the coordinator reissues at once)."""
     def handler(signum, frame):  # runs in the main thread; stop() only sets an Event
         daemon.stop()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, handler)
 
 
 def _headless_log(line: str) -> None:
-    """Headless lines carry a timestamp, for a log read hours later (journalctl adds its own too)."""
-    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} enshuffle node: {line}", file=sys.stderr, flush=True)
+    """Headless lines carry a timestamp, for a log read hours later (journalctl adds its own too).
+    A terminal that has gone away (EIO) does not stop the node: it is stopping on SIGHUP anyway."""
+    try:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} enshuffle node: {line}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+def _unresolvable(address: str) -> str | None:
+    """'cannot resolve host X (...)' when the host of tcp://HOST:PORT has no address, else None."""
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    host = host.strip("[]")
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"cannot resolve host {host!r} ({exc.strerror})"
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def is_invite_code(text: str) -> bool:
+    """The shape of what `enshuffle invite` prints: 32 hex digits."""
+    return len(text) == 32 and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
 def totals_line(state) -> str:
@@ -51,7 +76,8 @@ def totals_line(state) -> str:
     the node app closes."""
     snap = state.snapshot()
     up = int(time.time() - snap.started_at)
-    return (f"totals: {snap.batches_done} batches computed, {snap.bytes_in / 1e6:.1f} MB in, "
+    batches = f"{snap.batches_done} batch{'es' if snap.batches_done != 1 else ''}"
+    return (f"totals: {batches} computed, {snap.bytes_in / 1e6:.1f} MB in, "
             f"{snap.bytes_out / 1e6:.1f} MB out, {snap.refusals} refused, up {up // 3600}:{up % 3600 // 60:02d}:"
             f"{up % 60:02d}")
 
@@ -73,12 +99,24 @@ def cmd_node(args) -> int:
 
     denormals = flush_denormals()  # this thread's mode, copied by every thread started from now on
     # numpy (through the daemon) is imported only now, after the environment is set.
-    from enshuffle.node.daemon import GIVE_UP_S, MessageRecorder, NodeDaemon, check_address
+    from enshuffle.node.daemon import EXIT_UNREACHABLE, GIVE_UP_S, MessageRecorder, NodeDaemon, check_address
     from enshuffle.node.policy import Policy
     from enshuffle.node.state import NodeControl, NodeState
     from enshuffle.protocol.keys import TrustStore, enshuffle_home, load_or_create_identity
 
     check_address(args.connect)  # a malformed address is a one-line error (exit 2) up front
+    unresolved = _unresolvable(args.connect)
+    if unresolved and not getattr(args, "keep_running", False):
+        # A misspelled host does not become resolvable by retrying for 5 minutes.
+        print(f"enshuffle node: error: {unresolved}; check the --connect address (--keep-running retries "
+              f"for ever, e.g. while the network comes up)", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    invite = getattr(args, "invite", None) or os.environ.get("ENSHUFFLE_INVITE") or None
+    if invite is not None and not is_invite_code(invite):
+        print(f"enshuffle node: error: {invite[:40]!r} is not an invite code: `enshuffle invite` prints 32 hex "
+              f"digits (--invite CODE or ENSHUFFLE_INVITE); check it was copied whole", file=sys.stderr)
+        return 2
+    invite = invite.lower() if invite else None  # the codes are lower-case hex; a copy may not be
     home = enshuffle_home()
     # One key per --name: several node processes of one user on one machine are distinct nodes.
     identity = load_or_create_identity("node", home, name=args.name)
@@ -96,7 +134,7 @@ def cmd_node(args) -> int:
                         name=args.name or socket.gethostname(), threads=threads, state=state,
                         control=control, log=_headless_log if not args.tui else state_only,
                         exit_on_finish=not getattr(args, "keep_running", False), recorder=recorder,
-                        invite=getattr(args, "invite", None),
+                        invite=invite,
                         max_memory=getattr(args, "max_memory", None),
                         policy=Policy.from_args(getattr(args, "max_cpu", 100), getattr(args, "hours", None)),
                         give_up_after=None if getattr(args, "keep_running", False) else GIVE_UP_S,
@@ -117,10 +155,21 @@ def state_only(line: str) -> None:
 
 def _run_with_tui(daemon, state, control) -> int:
     """The node app in the main thread, the daemon in a background thread."""
-    from enshuffle.tui.node_app import NodeApp  # textual is imported only on this path
+    from enshuffle.tui.node_app import NodeApp, terminal_fd, terminal_gone  # textual is imported only on this path
 
     result: list[int] = []
     app = NodeApp(source=state.snapshot, control=control)
+    tty = terminal_fd()
+
+    def on_hangup(signum, frame):
+        # The terminal closed: stop as on q, once, and leave; otherwise SIGHUP stops as SIGTERM does.
+        if terminal_gone(tty):
+            app.call_later(app.lose_terminal)
+        else:
+            daemon.stop()
+
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, on_hangup)
 
     def work() -> None:
         status = daemon.run()
@@ -136,7 +185,7 @@ def _run_with_tui(daemon, state, control) -> int:
             # The run finished: the volunteer's screen stays, saying so, until they press q.
             with state.lock:
                 state.connection = "finished"
-                state.reason = "the run has finished; q leaves"
+                state.reason = "q leaves"
             while not control.stop_requested:
                 time.sleep(0.2)
             return

@@ -608,7 +608,7 @@ class NodeDaemon:
         hs = NodeHandshake(self.identity, self.name,
                            {"ops": list(OPS), "threads": self._applied_threads, "credit": self.credit_offer,
                             "max_message": self.receive_limit()},
-                           invite=self.invite)
+                           invite=self.invite, replaces=getattr(self, "_last_node_id", None))
         self._set(connection="connecting", reason=f"saying HI to {self.connect}", current_op="")
         self._say(f"connecting to {self.connect} as {self.name} ({short_fingerprint(self.identity.fingerprint)})")
         self._send_frames(sock, hs.hi())
@@ -701,6 +701,7 @@ class NodeDaemon:
         # process (libzmq issues 3937, 4364, 4767). ENS2 HEARTBEATs detect loss (spec 8).
         now = time.monotonic()
         credit = min(int(h["credit"]), self.credit_offer)
+        self._last_node_id = h["node_id"]  # a reconnect replaces this session (HELLO `replaces`)
         session = _Session(socket=sock, run_id=h["run_id"], node_id=h["node_id"], coordinator_key=key,
                            credit=credit, heartbeat_ms=hb, channel=channel,
                            last_received=now, last_sent=now, wanted_credit=credit,

@@ -71,4 +71,4 @@ class Policy:
         t = time.localtime(time.time() if now is None else now)
         if in_window(self.window, 60 * t.tm_hour + t.tm_min):
             return None
-        return f"outside the hours {self.window_text} (--hours)"
+        return f"outside the hours {self.window_text} (--hours): contributing again at {self.window_text.split('-')[0]}"

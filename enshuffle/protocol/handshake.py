@@ -130,11 +130,13 @@ def check_hello(pending: Pending, hello: Message, identity: Identity, run_id: st
 class NodeHandshake:
     """The node's half: `hi()`, then `challenge(msg)` -> coordinator key, `hello()`, `welcome(msg)` -> Channel."""
 
-    def __init__(self, identity: Identity, name: str, capabilities: dict, invite: str | None = None) -> None:
+    def __init__(self, identity: Identity, name: str, capabilities: dict, invite: str | None = None,
+                 replaces: str | None = None) -> None:
         self.identity = identity
         self.name = name
         self.capabilities = capabilities
         self.invite = invite
+        self.replaces = replaces  # the node id of this node's previous session, which it leaves
         self.nonce = new_nonce()
         self._private = X25519PrivateKey.generate()
         self.challenge_msg: Message | None = None
@@ -167,6 +169,8 @@ class NodeHandshake:
                   "kx": _kx_public(self._private), "capabilities": self.capabilities}
         if self.invite:
             header["invite"] = invite_field(self.invite, msg.header["challenge"], self.identity.public_hex)
+        if self.replaces:
+            header["replaces"] = self.replaces
         frames = encode("HELLO", header, signer=self.identity)
         self._hello_inner = bytes(frames[0])[5:-64]
         self.sent_digests.add(frame_digest(frames[0]))

@@ -46,7 +46,7 @@ from .format import (
     text_bar,
     verification_marks,
 )
-from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp
+from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp, terminal_fd, terminal_gone  # noqa: F401  (re-exported for run.py)
 from .widgets import LogFeed, TableSync
 
 NODE_COLUMNS = [
@@ -186,7 +186,7 @@ def exposure_bar_widths(available: int, tensors: tuple[str, ...] = TENSORS) -> d
     is about is never cut off.
     """
     fixed = (EXPOSURE_NAME_WIDTH + 2) + (EXPOSURE_FLAG_WIDTH + 2)
-    per_column = 2 + 7  # cell padding and " 100.0%"
+    per_column = 2 + 8  # cell padding and " 100.0%h" (the form letter too: one cell more than it seems)
     every = (available - fixed) // len(tensors) - per_column
     if every >= 8:
         return {t: min(every, 24) for t in tensors}
@@ -194,6 +194,18 @@ def exposure_bar_widths(available: int, tensors: tuple[str, ...] = TENSORS) -> d
     room = available - fixed - (6 + 2)  # keep the first percentage column (w2) on screen too
     width = max(4, min(24, room // max(1, len(bounded)) - per_column))
     return {t: (width if t in BOUNDED_TENSORS else 0) for t in tensors}
+
+
+def exposure_offscreen(available: int, widths: dict[str, int]) -> list[str]:
+    """The exposure table's kinds whose columns start beyond `available` cells: off screen until
+    the table is scrolled sideways, so the summary names them."""
+    used = (EXPOSURE_NAME_WIDTH + 2) + (EXPOSURE_FLAG_WIDTH + 2)
+    hidden = []
+    for tensor, width in widths.items():
+        used += (width + 8 if width else 7) + 2
+        if used > available:
+            hidden.append(tensor)
+    return hidden
 
 
 def exposure_kinds(state: CoordinatorState) -> tuple[str, ...]:
@@ -295,7 +307,8 @@ def node_detail(row: NodeRow, samples: list[tuple], now: float) -> str:
         f"fingerprint  {row.fingerprint or '–'}",
         f"address      {row.address or '–'}",
         f"state        {row.state}" + (f": {row.reason}" if row.reason else ""),
-        f"last seen    {fmt_age(now, row.last_seen)} ago" if row.last_seen else "last seen    never",
+        ("last seen    just now" if fmt_age(now, row.last_seen) == "now" else
+         f"last seen    {fmt_age(now, row.last_seen)} ago") if row.last_seen else "last seen    never",
         f"batches      {row.batches_done:,} done, {row.outstanding} outstanding, {row.reissued} reissued, "
         f"{row.refused} results refused",
         f"rate         {fmt_rate(row.rate)}",
@@ -343,12 +356,33 @@ class NodeDetailScreen(ModalScreen[None]):
         self.dismiss(None)
 
 
+def chart_value(data: list[float]) -> str:
+    """What stands beside a sparkline, which has no axis: the last value, and (from two points
+    on) the range it is drawn over, to the same precision ("0.8395 [0.8301–0.8412]")."""
+    if not data:
+        return "–"
+
+    def num(v: float) -> str:
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.4g}"
+
+    if len(data) == 1:
+        return num(data[0])
+    return f"{num(data[-1])} [{num(min(data))}–{num(max(data))}]"
+
+
 def join_text(s: CoordinatorState) -> str:
-    """How a volunteer joins: above the nodes table, and in words when the table is empty."""
+    """How a volunteer joins, and who may: above the nodes table, in full while it is empty."""
+    if not s.join_commands and s.join_notes:  # no volunteers: `enshuffle train`'s own local nodes
+        text = "\n".join(s.join_notes) if not s.nodes else (s.admission or s.join_notes[0])
+        return ("No node has connected yet: " + text) if not s.nodes else text
     commands = s.join_commands or ["enshuffle node --connect ADDRESS --coordinator-key " + (s.fingerprint or "FP")]
     if not s.nodes:
-        return "No node has connected yet. On each volunteer machine run:\n" + "\n".join(f"  {c}" for c in commands)
-    return "join: " + commands[0]
+        lines = ["No node has connected yet. On each volunteer machine run:", *(f"  {c}" for c in commands),
+                 *(f"  ({note})" for note in s.join_notes)]
+        if s.admission:
+            lines.append(s.admission)
+        return "\n".join(lines)
+    return "join: " + commands[0] + (f"\n{s.admission}" if s.admission else "")
 
 
 def _meta_value(value) -> str:
@@ -578,7 +612,12 @@ class CoordinatorApp(SnapshotApp):
                 self.exposure_sync.apply(
                     {key: exposure_cells(row, bound, self.bar_widths) for key, row in s.nodes.items()}
                 )
-            self._set_text("exposure-summary", exposure_summary(s))
+            summary = exposure_summary(s)
+            hidden = exposure_offscreen(self._table_width - 4, self.bar_widths) if self._table_width else []
+            if hidden:
+                summary += f"\n→ {len(hidden)} more column{'s' if len(hidden) != 1 else ''} to the right " \
+                           f"({', '.join(hidden)}): scroll the table sideways"
+            self._set_text("exposure-summary", summary)
             self._apply_chain(s)
             self.log_feed.apply([line for line in s.log if self._matches(line)])
 
@@ -609,11 +648,10 @@ class CoordinatorApp(SnapshotApp):
     def _header_text(self, s: CoordinatorState, now: float) -> str:
         # Two short lines rather than one that wraps at 80 columns; the fingerprint in full,
         # since volunteers compare every group of it.
-        return (
-            f"coordinator {s.run_id or '–'} │ {s.preset or '–'} │ {s.bind or '–'} │ "
-            f"elapsed {fmt_clock(now - s.started_at)}\n"
-            f"fingerprint {s.fingerprint or '–'}"
-        )
+        first = f"coordinator {s.run_id or '–'} │ {s.preset or '–'} │ {s.bind or '–'} │ elapsed {fmt_clock(now - s.started_at)}"
+        if len(first) > self.size.width - 2:  # the label goes before "elapsed" is wrapped away
+            first = first.removeprefix("coordinator ")
+        return f"{first}\nfingerprint {s.fingerprint or '–'}"
 
     def _status_text(self, s: CoordinatorState) -> str:
         working = sum(1 for r in s.nodes.values() if r.state == "working")
@@ -662,11 +700,11 @@ class CoordinatorApp(SnapshotApp):
         }
         for key, data in series.items():
             spark = self.main_screen.query_one(f"#spark-{key}", Sparkline)
-            if list(spark.data or []) != data:
-                spark.data = data  # Sparkline only redraws on reassignment
-            # The sparkline has no axis: its scale is written next to it (last, and min..max).
-            value = "–" if not data else f"{data[-1]:.4f} [{min(data):.3g}–{max(data):.3g}]"
-            self._set_text(f"value-{key}", value)
+            # One point is no line: a sparkline of it would fill its width with one bar.
+            drawn = data if len(data) >= 2 else []
+            if list(spark.data or []) != drawn:
+                spark.data = drawn  # Sparkline only redraws on reassignment
+            self._set_text(f"value-{key}", chart_value(data))
 
     def _apply_chain(self, s: CoordinatorState) -> None:
         marks = self.verify_marks
@@ -728,9 +766,7 @@ class CoordinatorApp(SnapshotApp):
             return
         self.filter_text = text
         # The log is rebuilt from the snapshot's lines that match; later lines are filtered as they come.
-        for log in self.log_feed.logs:
-            log.clear()
-        self.log_feed.seen = []
+        self.log_feed.reset()
         self._refresh_now()
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:

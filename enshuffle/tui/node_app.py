@@ -25,7 +25,7 @@ from ..blas import default_threads
 from ..coordinator.state import TENSORS
 from ..node.state import NodeControl, NodeState
 from .format import fmt_bytes, fmt_clock, fmt_rate, fmt_share, share_bar, short_fp
-from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp
+from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp, terminal_fd, terminal_gone  # noqa: F401  (re-exported for node commands)
 from .widgets import LogFeed
 
 def max_threads() -> int:
@@ -86,9 +86,20 @@ Exposure: what this machine really sees
 
 
 def connection_text(s: NodeState) -> str:
-    """The connection state in words, with the reason when the node is not working."""
+    """The connection state in words, with the reason when the node is not working (said once:
+    "✗ REFUSED: not-allowed", not "✗ REFUSED: refused: not-allowed"; a paused node is "paused")."""
+    reason = s.reason
+    if s.connection in ("working", "connected", "idle") and (reason.startswith("paused") or
+                                                              reason.startswith("outside the hours")):
+        return f"‖ paused: {reason.removeprefix('paused ')}" if reason.startswith("paused") else f"‖ paused: {reason}"
     mark = CONNECTION_MARKS.get(s.connection, s.connection)
-    return f"{mark}: {s.reason}" if s.reason else mark
+    word = mark.split(" ", 1)[-1].lower()  # "waiting", "reconnecting", "refused"
+    for said in {word, s.connection}:
+        if reason.lower().startswith(said + ": "):
+            reason = reason[len(said) + 2:]
+        elif reason.lower().startswith(said + " "):  # "reconnecting in 4 s": one sentence
+            return f"{mark} {reason[len(said) + 1:]}"
+    return f"{mark}: {reason}" if reason else mark
 
 
 def coordinator_text(s: NodeState) -> str:
@@ -103,12 +114,23 @@ def coordinator_text(s: NodeState) -> str:
 def work_text(s: NodeState, threads: int, paused: bool) -> str:
     return (
         f"batch        {s.current_op or '– (none in hand)'}\n"
-        f"computed     {s.batches_done:,} batches  at {fmt_rate(s.rate)}\n"
+        f"computed     {s.batches_done:,} batch{'es' if s.batches_done != 1 else ''}  at {fmt_rate(s.rate)}\n"
         f"traffic      in {fmt_bytes(s.bytes_in)}  out {fmt_bytes(s.bytes_out)}\n"
         f"refusals     {s.refusals}\n"
         f"threads      {threads}{'' if threads == s.threads else f' (now {s.threads}, applying)'}"
-        f"   {'PAUSED (p resumes)' if paused else 'contributing (p pauses)'}"
+        f"   {contributing_text(s, paused)}"
     )
+
+
+def contributing_text(s: NodeState, paused: bool) -> str:
+    """Whether this machine's CPU is being given now, and what changes it."""
+    if s.connection in ("finished", "stopped", "refused"):
+        return "not contributing (" + ("the run has finished" if s.connection == "finished" else s.connection) + ")"
+    if paused:
+        return "PAUSED (p resumes)"
+    if s.reason.startswith("outside the hours"):
+        return "paused by --hours"
+    return "contributing (p pauses)"
 
 
 # What a node really holds of each kind (the coordinator's disguise "share"; docs/design.md).

@@ -8,6 +8,7 @@ new lines of a bounded back-end log to a `Log` widget. `HelpScreen` is the `?` o
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 
 from rich.text import Text
@@ -58,20 +59,49 @@ class TableSync:
         return written
 
 
+def wrap_line(line: str, width: int) -> list[str]:
+    """`line` in rows of at most `width` characters, continuation rows indented by two, broken at
+    spaces where it can be (a fingerprint or a path is broken only when it is wider than a row)."""
+    if width < 8 or len(line) <= width:
+        return [line]
+    return textwrap.wrap(line, width=width, subsequent_indent="  ", break_long_words=True,
+                         break_on_hyphens=False, drop_whitespace=True) or [line]
+
+
 class LogFeed:
-    """Feeds a Log widget from successive snapshots of a bounded back-end log."""
+    """Feeds Log widgets from successive snapshots of a bounded back-end log, each line wrapped
+    to the widget's width (a Log never wraps, and the end of a line is where the remedy is).
+    When a widget's width changes, its lines are wrapped afresh."""
 
     def __init__(self, *logs: Log):
         self.logs = logs
         self.seen: list[str] = []
+        self._widths: dict[int, int] = {}
+
+    @staticmethod
+    def _width(log: Log) -> int:
+        return max(0, log.scrollable_content_region.width - 1)  # a column for the scrollbar to come
 
     def apply(self, lines: Sequence[str]) -> None:
         current = list(lines)
         added = new_log_lines(self.seen, current)
         self.seen = current
-        if added:
-            for log in self.logs:
-                log.write_lines(added)
+        for log in self.logs:
+            width = self._width(log)
+            if self._widths.get(id(log)) != width:
+                self._widths[id(log)] = width
+                log.clear()
+                rows = current
+            else:
+                rows = added
+            if rows:
+                log.write_lines([row for line in rows for row in wrap_line(line, width)])
+
+    def reset(self) -> None:
+        """Start again from an empty log (the next `apply` writes every line)."""
+        for log in self.logs:
+            log.clear()
+        self.seen = []
 
 
 class HelpScreen(ModalScreen[None]):
