@@ -206,7 +206,7 @@ def test_a_used_invite_is_refused_as_used_not_as_a_stranger(core_data_dir, tmp_p
     invites = json.loads((coordinator_home / "invites.json").read_text())
     for entry in invites["invites"].values():
         if entry["code"] == stale:
-            entry["expires"] -= 7200  # as if made two hours ago with --expires 1h
+            entry["expires_at"] -= 7200  # as if made two hours ago with --expires 1h
     (coordinator_home / "invites.json").write_text(json.dumps(invites))
     preset = default_preset(epochs=200)
     run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1,
