@@ -64,9 +64,16 @@ def truth_from(run, slots: list[int], dataset, limit: int):
     for slot in slots:
         statics.update(compute.audit_truth(slot))
         st = compute.statics[slot]  # the "shuffle" control's static column scales
-        if st.pixel_exp is not None:
+        if getattr(st, "pixel_exp", None) is not None:
             for which in compute.images:
                 scales[f"{which}.{slot}"] = np.asarray(st.pixel_exp)
+        # the secret mixing of each static (BlockMix blocks over its columns), for the trajectory
+        # attack's claimed M_s
+        for which, mix in (getattr(st, "mix", None) or {}).items():
+            entry = statics.get(f"{which}.{slot}")
+            if entry is not None and getattr(mix, "blocks", None) is not None:
+                entry["mix_bounds"] = [tuple(b) for b in mix.bounds]
+                entry["mix_blocks"] = [np.asarray(b) for b in mix.blocks]
     n = limit
     return Truth(statics=statics, train_u8=dataset.train_images[:n].reshape(n, -1),
                  test_u8=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
