@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FLIP_STARTS = 4000  # random starts of the sign search per block (all run at once)
-FLIP_ROUNDS = 12  # further rounds of starts for blocks with sources still missing
+FLIP_ROUNDS = 5  # further rounds of starts for blocks with sources still missing
 SIGN_RESIDUAL = 2e-3  # a +-1 vector this close (mean squared) to the block's row space is a source
 EPS_BLUR = 1e-3  # |source| farther than this from 1: Adam's epsilon blurred the sign; left out of fits
 NEW_REWARD = 0.05  # weight of that reward (small: the row space still dominates)
@@ -83,6 +83,7 @@ class TrajectoryClaims:
     # per mixing block (lo, hi, A_b (hi-lo, r_b) claimed columns of M^-1 D alpha, sources found)
     blocks: list[tuple[int, int, np.ndarray]] = field(default_factory=list)
     mixing: list[np.ndarray] = field(default_factory=list)  # per block: claimed M rows (r_b, hi-lo), up to row order/scale
+    mixing_separation: list[np.ndarray] = field(default_factory=list)  # the same from the separation alone
     sources_found: int = 0
     sources_total: int = 0
     column_pixel: np.ndarray | None = None  # (K,) claimed dominant pixel of each static column, -1 none
@@ -135,7 +136,10 @@ def column_exponents(first_difference: np.ndarray) -> np.ndarray:
     rows: sign sources give columns of nearly equal norm times 2^e. The source draws e from
     -SCALE_RANGE..SCALE_RANGE (public), which fixes the common offset when both ends occur."""
     lognorm = np.log2(np.maximum(np.linalg.norm(first_difference, axis=0), 1e-300))
-    e = np.round(lognorm - np.median(lognorm))
+    # the common fractional part (a circular mean: the norms scatter around it by a tenth or so)
+    angle = np.angle(np.exp(2j * np.pi * lognorm).mean()) / (2 * np.pi)
+    e = np.round(lognorm - angle)
+    e -= np.round(np.median(e))
     span = _public_scale_range()
     if e.max() - e.min() == 2 * span:
         e = e - e.min() - span
@@ -545,26 +549,51 @@ def attack_trajectory(messages, public, statics: dict[str, np.ndarray], rng: np.
                 break
             pos = pos_new
             rows, gap = reidentify(y, z, pos, rank_noise)
-        claims.source_pixel = pos
-        claims.reid = rows
-        claims.labels = np.asarray(public.train_labels)[rows]
         # the mixing M = diag(D alpha) A^-1 per block, D = each pixel's root mean square over the
         # images the run holds (the first n public training images and the public test set)
         test = public.test_images.reshape(public.test_images.shape[0], -1)
         energy = (np.einsum("ij,ij->j", raw.astype(np.float64), raw) + np.einsum("ij,ij->j", test.astype(np.float64), test))
         rms = np.sqrt(energy / (n + test.shape[0]))
-        column_pixel = np.full(k, -1, dtype=np.int64)
         at = 0
+        blocks_m, blocks_pix = [], []
         for lo, hi, a in claims.blocks:
             r = a.shape[1]
-            if r:
-                src = pos[at:at + r]
-                m_rows = (rms[src] * alpha[src])[:, None] * np.linalg.pinv(a)  # (r, hi-lo)
-                claims.mixing.append(m_rows)
-                column_pixel[lo:hi] = src[np.abs(m_rows).argmax(axis=0)]
-            else:
-                claims.mixing.append(np.zeros((0, hi - lo)))
+            src = pos[at:at + r]
+            blocks_pix.append(src)
+            blocks_m.append((rms[src] * alpha[src])[:, None] * np.linalg.pinv(a) if r else np.zeros((0, hi - lo)))
             at += r
+        claims.mixing_separation = [m.copy() for m in blocks_m]
+        # Known plaintext: the re-identified rows are public images, so the static block is a
+        # linear function of known pixels plus rank-r noise: solve it for P and the whole M.
+        sure = gap >= np.quantile(gap, 1 - REID_SURE)
+        solved = solve_from_rows(s, raw[rows], group, rank_noise, sure=sure) if np.median(gap) > 2 else None
+        if solved is not None:
+            pix, block_of, d_inv_m = solved
+            blocks_m, blocks_pix, a_blocks = [], [], []
+            for b, (lo, hi, _) in enumerate(claims.blocks):
+                src = pix[block_of == b]
+                m_b = rms[src][:, None] * d_inv_m[b]
+                blocks_m.append(m_b)
+                blocks_pix.append(src)
+                a_blocks.append((lo, hi, np.linalg.pinv(m_b) * (rms[src] * alpha[src])[None, :]))
+            claims.blocks = a_blocks
+            a_full = np.zeros((k, sum(a.shape[1] for _, _, a in a_blocks)))
+            at = 0
+            for lo, hi, a in a_blocks:
+                a_full[lo:hi, at:at + a.shape[1]] = a
+                at += a.shape[1]
+            pos = np.concatenate(blocks_pix)
+            y = s.astype(np.float64) @ a_full
+            rows, gap = reidentify(y, z, pos, rank_noise)
+            claims.notes.append(f"{name}: mixing and pixel block solved from the re-identified rows")
+        claims.source_pixel = pos
+        claims.reid = rows
+        claims.labels = np.asarray(public.train_labels)[rows]
+        claims.mixing = blocks_m
+        column_pixel = np.full(k, -1, dtype=np.int64)
+        for (lo, hi, _), m_b, src in zip(claims.blocks, blocks_m, blocks_pix):
+            if m_b.shape[0]:
+                column_pixel[lo:hi] = src[np.abs(m_b).argmax(axis=0)]
         claims.column_pixel = column_pixel
         values = np.full((n, k), -1, dtype=np.int16)
         has = column_pixel >= 0
@@ -575,3 +604,45 @@ def attack_trajectory(messages, public, statics: dict[str, np.ndarray], rng: np.
         w = np.linalg.pinv(a_full) @ (v[-1] * np.exp2(-e)[None, :])
         claims.w1_block = (pos, w)
     return out
+
+
+def solve_from_rows(s: np.ndarray, raw_rows: np.ndarray, group: int, rank: int,
+                    sure: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
+    """Known plaintext: with the rows of the static block s (n, K) re-identified (raw_rows (n, 784)
+    their public images), s = (x[:, P] D^-1 + G H) M is linear in the pixels plus rank-`rank`
+    noise. A least-squares fit on all pixels leaves the noise as residual; its `rank` directions
+    projected off, the fit is exact: its nonzero rows are P, and M's block-diagonal shape (blocks
+    of `group` columns: public) pins the part of M the projection took away (the off-block
+    entries must vanish: more equations than unknowns). Returns (P in claimed row order, the
+    block of each, per block the claimed M rows D^-1 M (pixels x the block's columns)), or None."""
+    rows = np.arange(s.shape[0]) if sure is None else np.flatnonzero(sure)
+    x = raw_rows[rows].astype(np.float64)
+    live = np.flatnonzero(x.max(axis=0) > 0)
+    x = x[:, live]
+    y = s[rows].astype(np.float64)
+    if x.shape[0] < 2 * x.shape[1]:
+        return None
+    coef = np.linalg.lstsq(x, y, rcond=None)[0]
+    resid = y - x @ coef
+    vn = np.linalg.svd(resid, full_matrices=False)[2][:rank].T  # (K, rank): the noise's directions
+    q = np.eye(s.shape[1]) - vn @ vn.T
+    coef_q = np.linalg.lstsq(x, y @ q, rcond=None)[0]  # (live, K): D^-1 M Q on P's rows, 0 elsewhere
+    norms = np.linalg.norm(coef_q, axis=1)
+    k = s.shape[1]
+    pick = np.argsort(norms)[::-1][:k]
+    mq = coef_q[pick]
+    bounds = [(lo, min(lo + group, k)) for lo in range(0, k, group)]
+    resid_by_block, fills = [], []
+    for lo, hi in bounds:
+        off = np.r_[0:lo, hi:k]
+        voff = vn[off]  # M Q + u V^T must vanish off the block: u = -(MQ)_off pinv(V_off^T)
+        u = -mq[:, off] @ np.linalg.pinv(voff.T)
+        left = mq[:, off] + u @ voff.T
+        resid_by_block.append(np.linalg.norm(left, axis=1))
+        fills.append(u)
+    block_of = np.argmin(np.stack(resid_by_block), axis=0)
+    full = np.stack([mq + f @ vn.T for f in fills])[block_of, np.arange(k)]  # (K, K) D^-1 M rows
+    per_block = []
+    for b, (lo, hi) in enumerate(bounds):
+        per_block.append(full[block_of == b][:, lo:hi])
+    return live[pick], block_of, per_block
