@@ -236,6 +236,9 @@ def score(claims: Claims, truth: Truth) -> dict:
     figures["positions"] = max(v for v in (figures["positions_weights"], figures["positions_statistics"], 0.0)
                                if v is not None)
     figures["reid"] = max(v for v in (figures["reid_exact"], figures["reid_nn"], 0.0) if v is not None)
+    # what the attacks on single messages got (before the trajectory attack's figures join in)
+    figures["exact_pixels_columns"] = figures["exact_pixels"]
+    figures["labels_named_dz1"] = figures["labels_named"]
     figures.update(score_trajectory(getattr(claims, "trajectory", {}) or {}, truth))
     # the headline figures: the best any attack got
     for key, extra in (("positions", "traj_positions"), ("reid", "traj_reid"), ("exact_pixels", "traj_exact_pixels"),

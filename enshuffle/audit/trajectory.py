@@ -47,7 +47,7 @@ import numpy as np
 FLIP_STARTS = 4000  # random starts of the sign search per block (all run at once)
 FLIP_ROUNDS = 5  # further rounds of starts for blocks with sources still missing
 SIGN_RESIDUAL = 2e-3  # a +-1 vector this close (mean squared) to the block's row space is a source
-EPS_BLUR = 1e-3  # |source| farther than this from 1: Adam's epsilon blurred the sign; left out of fits
+EPS_BLUR = 1e-4  # |source| farther than this from 1: Adam's epsilon blurred the sign; left out of fits
 NEW_REWARD = 0.05  # weight of that reward (small: the row space still dominates)
 START_DENSITY = 0.1  # share of the block's rows in each start's random combination
 BOUND_SLACK = 0.005  # a source's later updates stay within Adam's bound up to this (rounding, epsilon)
@@ -335,15 +335,20 @@ def _later_size(candidates: np.ndarray, y: np.ndarray, later: np.ndarray) -> np.
     return np.maximum(out, (SECOND_FLOOR - second).max(axis=1)), np.abs(w @ later).max(axis=1)
 
 
-def _fit_columns(y: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """A (g, r) with y ~ A signs: first plain least squares, then again with the entries left out
-    where the fitted sources stray from +-1 (Adam's epsilon blurs the sign of tiny gradients)."""
+def _fit_columns(y: np.ndarray, signs: np.ndarray, rounds: int = 6) -> np.ndarray:
+    """A (g, r) with y ~ A signs. Adam's epsilon blurs the sign of tiny gradients (|source| < 1):
+    the fit is redone on the units (columns) whose sources all come out within EPS_BLUR of +-1,
+    as long as enough of them are left."""
     a = np.linalg.lstsq(signs.T, y.T, rcond=None)[0].T
-    w = np.linalg.pinv(a)
-    src = w @ y
-    good_cols = np.all(np.abs(np.abs(src) - 1.0) < EPS_BLUR, axis=0)
-    if good_cols.sum() >= 2 * signs.shape[0]:
-        a = np.linalg.lstsq(signs[:, good_cols].T, y[:, good_cols].T, rcond=None)[0].T
+    for _ in range(rounds):
+        est = np.linalg.pinv(a) @ y
+        clean = np.all(np.abs(np.abs(est) - 1.0) <= EPS_BLUR, axis=0)
+        if clean.sum() < 2 * signs.shape[0]:
+            clean = np.abs(np.abs(est) - 1.0).max(axis=0) <= np.quantile(np.abs(np.abs(est) - 1.0).max(axis=0), 0.5)
+        a_new = np.linalg.lstsq(signs[:, clean].T, y[:, clean].T, rcond=None)[0].T
+        if np.allclose(a_new, a, rtol=0, atol=1e-14 * np.abs(a).max()):
+            break
+        a = a_new
     return a
 
 
@@ -394,8 +399,9 @@ def reidentify(y: np.ndarray, z: np.ndarray, pos: np.ndarray, rank: int) -> tupl
     vals, vecs = np.linalg.eigh(excess)
     noise = vecs[:, np.argsort(vals)[::-1][:rank]]
     keep = np.eye(pos.size) - noise @ noise.T
-    yq = (y @ keep).astype(np.float32)
-    zq = (z[:, pos] @ keep).astype(np.float32)
+    # centred: a column offset (the standardization's shift, under the "shuffle" control) cancels
+    yq = (cy @ keep).astype(np.float32)
+    zq = (cz @ keep).astype(np.float32)
     zz = np.einsum("ij,ij->i", zq, zq)
     yy = np.einsum("ij,ij->i", yq, yq)
     best = np.empty(y.shape[0], dtype=np.int64)
@@ -414,9 +420,11 @@ def exact_positions(y: np.ndarray, z: np.ndarray, rows: np.ndarray, pos: np.ndar
     """With rows of y re-identified (z[rows]), y - z[rows][:, pos] is the noise: rank `rank` where
     pos is right. Each column's pixel is the candidate whose difference with it lies in that
     noise subspace (found from the current positions, which most columns have right)."""
-    zr = z[rows][:, candidates]
+    y = _centred(y)
+    zr = _centred(z[rows][:, candidates])
+    zall = _centred(z[rows])
     for _ in range(rounds):
-        noise = y - z[rows][:, pos]
+        noise = y - zall[:, pos]
         u = np.linalg.svd(noise, full_matrices=False)[0][:, :rank]
         py = y - u @ (u.T @ y)
         pz = zr - u @ (u.T @ zr)
@@ -430,6 +438,7 @@ def exact_positions(y: np.ndarray, z: np.ndarray, rows: np.ndarray, pos: np.ndar
 
 # -- the attack on a recording -------------------------------------------------------------
 LATER_STEPS = 6  # differences after the second one checked against Adam's bounds
+REID_CONFIDENT = 3.0  # a row is surely re-identified when the second nearest is this much farther (squared)
 REID_SURE = 0.5  # the share of rows (largest nearest/second-nearest gap) positions are refined on
 
 
@@ -459,7 +468,7 @@ def weight_trajectories(messages, statics: dict[str, np.ndarray]) -> dict[str, d
             continue
         v = np.asarray(v0, dtype=np.float64).copy()
         buf = np.zeros_like(v)
-        snaps, steps = [v.copy()], [0]
+        snaps, steps, lrs = [v.copy()], [0], []
         for m in messages:
             if m.command != "BATCH" or m.header.get("op") != "resident":
                 continue
@@ -474,7 +483,8 @@ def weight_trajectories(messages, statics: dict[str, np.ndarray]) -> dict[str, d
             v = v + float(params.get("lr", 1.0)) * buf
             snaps.append(v.copy())
             steps.append(int(m.header.get("step", len(steps))))
-        out[name] = {"snapshots": snaps, "steps": steps, "source": "resident replay"}
+            lrs.append(float(params.get("lr", 1.0)))
+        out[name] = {"snapshots": snaps, "steps": steps, "source": "resident replay", "lrs": lrs}
     return out
 
 
@@ -504,7 +514,11 @@ def attack_trajectory(messages, public, statics: dict[str, np.ndarray], rng: np.
             claims.notes.append(f"{name}: the weights never moved")
             continue
         e = column_exponents(d[0]) if traj["source"] == "x_w1 messages" else np.zeros(d.shape[2])
-        lrs = step_sizes(public.preset, steps.tolist(), s.shape[0])
+        if traj.get("lrs"):  # the node's own updates say their step size
+            lrs = np.asarray(traj["lrs"])[keep]
+        else:
+            lrs = step_sizes(public.preset, steps.tolist(), s.shape[0])
+        lrs = np.where(lrs > 0, lrs, max(float(lrs.max()), 1e-12))
         scale = np.exp2(-e)[None, None, :]
         first = d[0] * scale[0] / lrs[0]
         second = d[1] * scale[0] / lrs[1]
@@ -565,8 +579,8 @@ def attack_trajectory(messages, public, statics: dict[str, np.ndarray], rng: np.
         claims.mixing_separation = [m.copy() for m in blocks_m]
         # Known plaintext: the re-identified rows are public images, so the static block is a
         # linear function of known pixels plus rank-r noise: solve it for P and the whole M.
-        sure = gap >= np.quantile(gap, 1 - REID_SURE)
-        solved = solve_from_rows(s, raw[rows], group, rank_noise, sure=sure) if np.median(gap) > 2 else None
+        sure = gap > REID_CONFIDENT
+        solved = solve_from_rows(s, raw[rows], group, rank_noise, sure=sure) if np.median(gap) > REID_CONFIDENT else None
         if solved is not None:
             pix, block_of, d_inv_m = solved
             blocks_m, blocks_pix, a_blocks = [], [], []
@@ -620,8 +634,11 @@ def solve_from_rows(s: np.ndarray, raw_rows: np.ndarray, group: int, rank: int,
     live = np.flatnonzero(x.max(axis=0) > 0)
     x = x[:, live]
     y = s[rows].astype(np.float64)
-    if x.shape[0] < 2 * x.shape[1]:
+    if x.shape[0] < x.shape[1] + 4 * rank:
         return None
+    # centred (an intercept): a constant offset of the static's columns is no pixel
+    x -= x.mean(axis=0)
+    y = y - y.mean(axis=0)
     coef = np.linalg.lstsq(x, y, rcond=None)[0]
     resid = y - x @ coef
     vn = np.linalg.svd(resid, full_matrices=False)[2][:rank].T  # (K, rank): the noise's directions
