@@ -175,7 +175,7 @@ def test_trajectory_attack_breaks_the_share_disguise(core_data_dir):
     its pixel block, every row, every label and its w1 block."""
     from enshuffle.audit.runner import run_audit
 
-    f = run_audit(preset_name="default", nodes=3, epochs=1, limit=LIMIT, data=str(core_data_dir), disguise="share",
+    f = run_audit(preset_name="default", nodes=3, epochs=2, limit=LIMIT, data=str(core_data_dir), disguise="share",
                   log=lambda line: None, ica=False)
     json.dumps(f)
     assert f["traj_source"] == "x_w1 messages"
@@ -186,6 +186,7 @@ def test_trajectory_attack_breaks_the_share_disguise(core_data_dir):
     assert f["traj_exact_pixels"] >= 0.95
     assert f["traj_labels_named"] >= 0.95
     assert f["traj_w1_block_corr"] >= 0.99
-    assert f["traj_w1_block_exact"] >= 0.8
+    # entries within 1e-4: the last update (after the last weight message) is not seen
+    assert f["traj_w1_block_exact"] >= 0.6
     # the headline figures take the best attack: the share disguise misses these targets
     assert not f["meets_targets"]["reid"] and not f["meets_targets"]["positions"]
