@@ -511,140 +511,147 @@ def weight_trajectories(messages, statics: dict[str, np.ndarray]) -> dict[str, d
 def attack_trajectory(messages, public, statics: dict[str, np.ndarray], rng: np.random.Generator,
                       log=None) -> dict[str, TrajectoryClaims]:
     """The whole class of attack on one recording: separation, unmixing, positions, rows."""
-    from enshuffle.model import input_affine
-
     out: dict[str, TrajectoryClaims] = {}
     group, rank_noise = mix_group(), noise_rank()
     for name, traj in weight_trajectories(messages, statics).items():
         s = statics.get(name)
         claims = TrajectoryClaims(static=name, source=traj["source"], steps=len(traj["snapshots"]))
         out[name] = claims
-        if s is None or len(traj["snapshots"]) < 3 or traj["snapshots"][0].shape[0] != s.shape[1]:
-            claims.notes.append(f"{name}: too few weight snapshots ({len(traj['snapshots'])}) to separate")
-            continue
-        if traj["source"] == "x_w1 messages":
-            v, _ = align_trajectory(traj["snapshots"])
-        else:
-            v = np.stack(traj["snapshots"]).astype(np.float64)
-        d = np.diff(v, axis=0)
-        keep = np.linalg.norm(d.reshape(d.shape[0], -1), axis=1) > 0
-        d = d[keep]
-        steps = np.asarray(traj["steps"][:-1])[keep]
-        if d.shape[0] < 2:
-            claims.notes.append(f"{name}: the weights never moved")
-            continue
-        e = column_exponents(d[0]) if traj["source"] == "x_w1 messages" else np.zeros(d.shape[2])
-        if traj.get("lrs"):  # the node's own updates say their step size
-            lrs = np.asarray(traj["lrs"])[keep]
-        else:
-            lrs = step_sizes(public.preset, steps.tolist(), s.shape[0])
-        lrs = np.where(lrs > 0, lrs, max(float(lrs.max()), 1e-12))
-        scale = np.exp2(-e)[None, None, :]
-        first = d[0] * scale[0] / lrs[0]
-        second = d[1] * scale[0] / lrs[1]
-        bounds = np.array([adam_bound(t + 1) for t in range(2, min(d.shape[0], 2 + LATER_STEPS))])
-        later = [d[t] * scale[0] / (lrs[t] * bounds[t - 2]) for t in range(2, 2 + bounds.size)]
-        k = s.shape[1]
-        cols, mixing, a_full = [], [], np.zeros((k, 0))
-        for lo in range(0, k, group):
-            hi = min(lo + group, k)
-            sub_later = np.concatenate([second[lo:hi]] + [x[lo:hi] for x in later], axis=1)
-            signs, a = separate_signs(first[lo:hi], rng, later=sub_later)
-            claims.blocks.append((lo, hi, a))
-            block_a = np.zeros((k, a.shape[1]))
-            block_a[lo:hi] = a
-            a_full = np.concatenate([a_full, block_a], axis=1)
-            cols.append(np.full(a.shape[1], lo))
-        claims.sources_found = a_full.shape[1]
-        claims.sources_total = k
-        if a_full.shape[1] == 0:
-            claims.notes.append(f"{name}: no +-1 sources in the first weight difference")
-            continue
-        # unmix: columns = alpha * raw pixel + noise; a pixel's mean is positive: fixes each sign
-        y = s.astype(np.float64) @ a_full
-        flip = np.where(y.mean(axis=0) < 0, -1.0, 1.0)
-        y *= flip
-        a_full *= flip
-        at = 0
-        for i, (lo, hi, a) in enumerate(claims.blocks):
-            claims.blocks[i] = (lo, hi, a * flip[at:at + a.shape[1]])
-            at += a.shape[1]
-        n = s.shape[0]
-        raw = public.train_images[:n].reshape(n, -1)
-        alpha, _ = input_affine(raw, public.preset)
-        z = raw.astype(np.float64) * alpha
-        live = np.flatnonzero(raw.max(axis=0) > 0)
-        pos = match_positions(y, z, live)
-        rows, gap = reidentify(y, z, pos, rank_noise)
-        for _ in range(3):
-            sure = gap >= np.quantile(gap, 1 - REID_SURE)
-            pos_new = exact_positions(y[sure], z, rows[sure], pos, live, rank_noise)
-            if np.array_equal(pos_new, pos):
-                break
-            pos = pos_new
-            rows, gap = reidentify(y, z, pos, rank_noise)
-        # the mixing M = diag(D alpha) A^-1 per block, D = each pixel's root mean square over the
-        # images the run holds (the first n public training images and the public test set)
-        test = public.test_images.reshape(public.test_images.shape[0], -1)
-        energy = (np.einsum("ij,ij->j", raw.astype(np.float64), raw) + np.einsum("ij,ij->j", test.astype(np.float64), test))
-        rms = np.sqrt(energy / (n + test.shape[0]))
-        at = 0
-        blocks_m, blocks_pix = [], []
-        for lo, hi, a in claims.blocks:
-            r = a.shape[1]
-            src = pos[at:at + r]
-            blocks_pix.append(src)
-            blocks_m.append((rms[src] * alpha[src])[:, None] * np.linalg.pinv(a) if r else np.zeros((0, hi - lo)))
-            at += r
-        claims.mixing_separation = [m.copy() for m in blocks_m]
-        # Known plaintext: the re-identified rows are public images, so the static block is a
-        # linear function of known pixels plus rank-r noise: solve it for P and the whole M.
-        solved_once = False
-        for _ in range(2):
-            sure = gap > REID_CONFIDENT
-            solved = solve_from_rows(s, raw[rows], group, rank_noise, sure=sure)
-            if solved is None:
-                break
-            pix, block_of, d_inv_m = solved
-            blocks_m, blocks_pix, a_blocks = [], [], []
-            for b, (lo, hi, _) in enumerate(claims.blocks):
-                src = pix[block_of == b]
-                m_b = rms[src][:, None] * d_inv_m[b]
-                blocks_m.append(m_b)
-                blocks_pix.append(src)
-                a_blocks.append((lo, hi, np.linalg.pinv(m_b) * (rms[src] * alpha[src])[None, :]))
-            claims.blocks = a_blocks
-            a_full = np.zeros((k, sum(a.shape[1] for _, _, a in a_blocks)))
-            at = 0
-            for lo, hi, a in a_blocks:
-                a_full[lo:hi, at:at + a.shape[1]] = a
-                at += a.shape[1]
-            pos = np.concatenate(blocks_pix)
-            y = s.astype(np.float64) @ a_full
-            rows, gap = reidentify(y, z, pos, rank_noise)
-            solved_once = True
-        if solved_once:
-            claims.notes.append(f"{name}: mixing and pixel block solved from the re-identified rows")
-        else:
-            claims.notes.append(f"{name}: too few rows surely re-identified to solve the block from them")
-        claims.source_pixel = pos
-        claims.reid = rows
-        claims.labels = np.asarray(public.train_labels)[rows]
-        claims.mixing = blocks_m
-        column_pixel = np.full(k, -1, dtype=np.int64)
-        for (lo, hi, _), m_b, src in zip(claims.blocks, blocks_m, blocks_pix):
-            if m_b.shape[0]:
-                column_pixel[lo:hi] = src[np.abs(m_b).argmax(axis=0)]
-        claims.column_pixel = column_pixel
-        values = np.full((n, k), -1, dtype=np.int16)
-        has = column_pixel >= 0
-        values[:, has] = raw[rows][:, column_pixel[has]]
-        claims.values = values
-        # the node's own w1 block in the clear: A^-1 applied to its last weights (first frame's
-        # column scales undone: absolute values, hidden units in that frame's secret order)
-        w = np.linalg.pinv(a_full) @ (v[-1] * np.exp2(-e)[None, :])
-        claims.w1_block = (pos, w)
+        try:
+            _attack_static(name, traj, s, public, rng, claims, group, rank_noise)
+        except (np.linalg.LinAlgError, ValueError, IndexError) as exc:  # reported, not fatal
+            claims.notes.append(f"{name}: trajectory attack stopped: {type(exc).__name__}: {exc}")
     return out
+
+
+def _attack_static(name, traj, s, public, rng, claims, group, rank_noise) -> None:
+    """The attack on one train static (fills `claims`)."""
+    from enshuffle.model import input_affine
+
+    if s is None or len(traj["snapshots"]) < 3 or traj["snapshots"][0].shape[0] != s.shape[1]:
+        claims.notes.append(f"{name}: too few weight snapshots ({len(traj['snapshots'])}) to separate")
+        return
+    if traj["source"] == "x_w1 messages":
+        v, _ = align_trajectory(traj["snapshots"])
+    else:
+        v = np.stack(traj["snapshots"]).astype(np.float64)
+    d = np.diff(v, axis=0)
+    keep = np.linalg.norm(d.reshape(d.shape[0], -1), axis=1) > 0
+    d = d[keep]
+    steps = np.asarray(traj["steps"][:-1])[keep]
+    if d.shape[0] < 2:
+        claims.notes.append(f"{name}: the weights never moved")
+        return
+    e = column_exponents(d[0]) if traj["source"] == "x_w1 messages" else np.zeros(d.shape[2])
+    if traj.get("lrs"):  # the node's own updates say their step size
+        lrs = np.asarray(traj["lrs"])[keep]
+    else:
+        lrs = step_sizes(public.preset, steps.tolist(), s.shape[0])
+    lrs = np.where(lrs > 0, lrs, max(float(lrs.max()), 1e-12))
+    scale = np.exp2(-e)[None, None, :]
+    first = d[0] * scale[0] / lrs[0]
+    second = d[1] * scale[0] / lrs[1]
+    bounds = np.array([adam_bound(t + 1) for t in range(2, min(d.shape[0], 2 + LATER_STEPS))])
+    later = [d[t] * scale[0] / (lrs[t] * bounds[t - 2]) for t in range(2, 2 + bounds.size)]
+    k = s.shape[1]
+    a_full = np.zeros((k, 0))
+    for lo in range(0, k, group):
+        hi = min(lo + group, k)
+        sub_later = np.concatenate([second[lo:hi]] + [x[lo:hi] for x in later], axis=1)
+        signs, a = separate_signs(first[lo:hi], rng, later=sub_later)
+        claims.blocks.append((lo, hi, a))
+        block_a = np.zeros((k, a.shape[1]))
+        block_a[lo:hi] = a
+        a_full = np.concatenate([a_full, block_a], axis=1)
+    claims.sources_found = a_full.shape[1]
+    claims.sources_total = k
+    if a_full.shape[1] == 0:
+        claims.notes.append(f"{name}: no +-1 sources in the first weight difference")
+        return
+    # unmix: columns = alpha * raw pixel + noise; a pixel's mean is positive: fixes each sign
+    y = s.astype(np.float64) @ a_full
+    flip = np.where(y.mean(axis=0) < 0, -1.0, 1.0)
+    y *= flip
+    a_full *= flip
+    at = 0
+    for i, (lo, hi, a) in enumerate(claims.blocks):
+        claims.blocks[i] = (lo, hi, a * flip[at:at + a.shape[1]])
+        at += a.shape[1]
+    n = s.shape[0]
+    raw = public.train_images[:n].reshape(n, -1)
+    alpha, _ = input_affine(raw, public.preset)
+    z = raw.astype(np.float64) * alpha
+    live = np.flatnonzero(raw.max(axis=0) > 0)
+    pos = match_positions(y, z, live)
+    rows, gap = reidentify(y, z, pos, rank_noise)
+    for _ in range(3):
+        sure = gap >= np.quantile(gap, 1 - REID_SURE)
+        pos_new = exact_positions(y[sure], z, rows[sure], pos, live, rank_noise)
+        if np.array_equal(pos_new, pos):
+            break
+        pos = pos_new
+        rows, gap = reidentify(y, z, pos, rank_noise)
+    # the mixing M = diag(D alpha) A^-1 per block, D = each pixel's root mean square over the
+    # images the run holds (the first n public training images and the public test set)
+    test = public.test_images.reshape(public.test_images.shape[0], -1)
+    energy = (np.einsum("ij,ij->j", raw.astype(np.float64), raw) + np.einsum("ij,ij->j", test.astype(np.float64), test))
+    rms = np.sqrt(energy / (n + test.shape[0]))
+    at = 0
+    blocks_m, blocks_pix = [], []
+    for lo, hi, a in claims.blocks:
+        r = a.shape[1]
+        src = pos[at:at + r]
+        blocks_pix.append(src)
+        blocks_m.append((rms[src] * alpha[src])[:, None] * np.linalg.pinv(a) if r else np.zeros((0, hi - lo)))
+        at += r
+    claims.mixing_separation = [m.copy() for m in blocks_m]
+    # Known plaintext: the re-identified rows are public images, so the static block is a
+    # linear function of known pixels plus rank-r noise: solve it for P and the whole M.
+    solved_once = False
+    for _ in range(2):
+        sure = gap > REID_CONFIDENT
+        solved = solve_from_rows(s, raw[rows], group, rank_noise, sure=sure)
+        if solved is None:
+            break
+        pix, block_of, d_inv_m = solved
+        blocks_m, blocks_pix, a_blocks = [], [], []
+        for b, (lo, hi, _) in enumerate(claims.blocks):
+            src = pix[block_of == b]
+            m_b = rms[src][:, None] * d_inv_m[b]
+            blocks_m.append(m_b)
+            blocks_pix.append(src)
+            a_blocks.append((lo, hi, np.linalg.pinv(m_b) * (rms[src] * alpha[src])[None, :]))
+        claims.blocks = a_blocks
+        a_full = np.zeros((k, sum(a.shape[1] for _, _, a in a_blocks)))
+        at = 0
+        for lo, hi, a in a_blocks:
+            a_full[lo:hi, at:at + a.shape[1]] = a
+            at += a.shape[1]
+        pos = np.concatenate(blocks_pix)
+        y = s.astype(np.float64) @ a_full
+        rows, gap = reidentify(y, z, pos, rank_noise)
+        solved_once = True
+    if solved_once:
+        claims.notes.append(f"{name}: mixing and pixel block solved from the re-identified rows")
+    else:
+        claims.notes.append(f"{name}: too few rows surely re-identified to solve the block from them")
+    claims.source_pixel = pos
+    claims.reid = rows
+    claims.labels = np.asarray(public.train_labels)[rows]
+    claims.mixing = blocks_m
+    column_pixel = np.full(k, -1, dtype=np.int64)
+    for (lo, hi, _), m_b, src in zip(claims.blocks, blocks_m, blocks_pix):
+        if m_b.shape[0]:
+            column_pixel[lo:hi] = src[np.abs(m_b).argmax(axis=0)]
+    claims.column_pixel = column_pixel
+    values = np.full((n, k), -1, dtype=np.int16)
+    has = column_pixel >= 0
+    values[:, has] = raw[rows][:, column_pixel[has]]
+    claims.values = values
+    # the node's own w1 block in the clear: A^-1 applied to its last weights (first frame's
+    # column scales undone: absolute values, hidden units in that frame's secret order)
+    w = np.linalg.pinv(a_full) @ (v[-1] * np.exp2(-e)[None, :])
+    claims.w1_block = (pos, w)
 
 
 def solve_from_rows(s: np.ndarray, raw_rows: np.ndarray, group: int, rank: int,
