@@ -178,9 +178,10 @@ def test_trajectory_attack_breaks_the_share_disguise(core_data_dir):
     f = run_audit(preset_name="default", nodes=3, epochs=2, limit=LIMIT, data=str(core_data_dir), disguise="share",
                   log=lambda line: None, ica=False)
     json.dumps(f)
-    assert f["traj_source"] == "x_w1 messages", f["notes"]
-    assert f["traj_sources_separated"] >= 0.8  # from the first Adam step alone
-    assert f["traj_mixing_error"] <= 1e-4 < f["traj_mixing_chance"]  # M_s, rows aligned
+    why = f["notes"]
+    assert f["traj_source"] == "x_w1 messages", why
+    assert f["traj_sources_separated"] >= 0.8, why  # from the first Adam step alone
+    assert f["traj_mixing_error"] <= 1e-4 < f["traj_mixing_chance"], why  # M_s, rows aligned
     assert f["traj_positions"] >= 0.95
     assert f["traj_reid"] >= 0.95
     assert f["traj_exact_pixels"] >= 0.95

@@ -185,7 +185,8 @@ def format_table(figures: dict) -> str:
         value = figures.get(key)
         # correlations, indices and errors, not shares
         ratio = "corr" in key or "ari" in key or "chance" in key or "error" in key
-        shown = "n/a" if value is None else (f"{value:.3f}" if ratio else f"{value:.1%}")
+        shown = "n/a" if value is None else (f"{value:.1e}" if "error" in key else f"{value:.3f}" if ratio
+                                             else f"{value:.1%}")
         target = ""
         ok = ""
         if target_key:

@@ -570,7 +570,16 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise) -> Non
         return
     # unmix: columns = alpha * raw pixel + noise; a pixel's mean is positive: fixes each sign
     y = s.astype(np.float64) @ a_full
-    flip = np.where(y.mean(axis=0) < 0, -1.0, 1.0)
+    centred = np.abs(y.mean(axis=0)).max() < 1e-3 * y.std(axis=0).mean()
+    if centred:
+        # every column centred: the static holds the standardized images themselves (the
+        # "shuffle" control); a pixel's background (raw 0) is then its smallest, commonest value
+        tol = 1e-4 * y.std(axis=0)
+        at_min = (y <= y.min(axis=0) + tol).mean(axis=0)
+        at_max = (y >= y.max(axis=0) - tol).mean(axis=0)
+        flip = np.where(at_max > at_min, -1.0, 1.0)
+    else:
+        flip = np.where(y.mean(axis=0) < 0, -1.0, 1.0)
     y *= flip
     a_full *= flip
     at = 0
@@ -579,8 +588,10 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise) -> Non
         at += a.shape[1]
     n = s.shape[0]
     raw = public.train_images[:n].reshape(n, -1)
-    alpha, _ = input_affine(raw, public.preset)
+    alpha, beta = input_affine(raw, public.preset)
     z = raw.astype(np.float64) * alpha
+    if centred:
+        z += beta
     live = np.flatnonzero(raw.max(axis=0) > 0)
     pos = match_positions(y, z, live)
     rows, gap = reidentify(y, z, pos, rank_noise)
@@ -664,6 +675,8 @@ def solve_from_rows(s: np.ndarray, raw_rows: np.ndarray, group: int, rank: int,
     entries must vanish: more equations than unknowns). Returns (P in claimed row order, the
     block of each, per block the claimed M rows D^-1 M (pixels x the block's columns)), or None."""
     rows = np.arange(s.shape[0]) if sure is None else np.flatnonzero(sure)
+    if rows.size == 0:
+        return None
     x = raw_rows[rows].astype(np.float64)
     live = np.flatnonzero(x.max(axis=0) > 0)
     x = x[:, live]
