@@ -16,7 +16,7 @@ from enshuffle.audit.recording import RecordedMessage
 from enshuffle.audit.scoring import Truth, score_trajectory
 from enshuffle.model import get_preset
 
-LIMIT = 2000  # the known-plaintext step wants more confidently re-identified rows than pixels
+LIMIT = 3000  # all the core data: the known-plaintext step wants more surely re-identified rows than pixels
 
 
 def _block_mix(g: int, rng: np.random.Generator) -> np.ndarray:

@@ -594,14 +594,19 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise) -> Non
         z += beta
     live = np.flatnonzero(raw.max(axis=0) > 0)
     pos = match_positions(y, z, live)
-    rows, gap = reidentify(y, z, pos, rank_noise)
+    # rows are re-identified on the blocks whose every source was separated (a block missing one
+    # is fitted wrongly, and its columns would only blur the distances)
+    whole = np.concatenate([np.full(a.shape[1], a.shape[1] == hi - lo) for lo, hi, a in claims.blocks])
+    if whole.sum() < 2 * rank_noise:
+        whole[:] = True
+    rows, gap = reidentify(y[:, whole], z, pos[whole], rank_noise)
     for _ in range(3):
         sure = gap >= np.quantile(gap, 1 - REID_SURE)
         pos_new = exact_positions(y[sure], z, rows[sure], pos, live, rank_noise)
         if np.array_equal(pos_new, pos):
             break
         pos = pos_new
-        rows, gap = reidentify(y, z, pos, rank_noise)
+        rows, gap = reidentify(y[:, whole], z, pos[whole], rank_noise)
     # the mixing M = diag(D alpha) A^-1 per block, D = each pixel's root mean square over the
     # images the run holds (the first n public training images and the public test set)
     test = public.test_images.reshape(public.test_images.shape[0], -1)
