@@ -14,8 +14,10 @@ update is exactly lr * sign(g) per element. So:
    The column scales 2^e are read off the column norms (a sum over all blocks: they differ by
    powers of two and little else). Each block's sources are then the +-1 vectors lying in the
    row space of its 32 rows: found by greedy single-sign-flip descent on the distance to that
-   subspace from many random starts (all starts at once, vectorized), then a least-squares fit
-   of A on the decided signs (entries whose sign Adam's epsilon blurred are left out).
+   subspace from many starts (all at once, vectorized) and by flipping the sparse +-1 vectors of
+   that space in the sources found; candidates whose implied later updates break Adam's bounds
+   are sums of correlated sources, not sources. Then a least-squares fit of A on the decided
+   signs (units whose signs Adam's epsilon blurred are left out).
 3. **The static block unmixes** (`unmix_static`): S_s A = x[:, P_s] alpha + G H' (raw pixels
    times the preset's public standardization slope, plus the rank-32 noise). Gaussian noise
    adds nothing to cumulants of order 3 and more, so each column's mean, third and fourth
@@ -26,8 +28,11 @@ update is exactly lr * sign(g) per element. So:
 4. **The noise is projected off and rows are re-identified** (`reidentify`): with positions
    known, cov(S_s A) - cov(public pixels) is the noise's covariance (rank 32); off its top
    directions, each row is nearest to exactly one public image. That names its raw pixels
-   and, through the public labels, its label. A^-1 applied to the last weight message gives the
-   node's w1 block in the clear.
+   and, through the public labels, its label.
+5. **Known plaintext** (`solve_from_rows`): the surely re-identified rows are public images, so
+   the static block is a linear function of known pixels plus rank-32 noise: the fit gives P_s
+   and the whole M_s exactly, and then every row again. A^-1 applied to the last weight message
+   gives the node's w1 block in the clear.
 
 The "resident" disguise (a node holds its weight block V in its secret basis and updates it
 itself: buf = momentum buf + S[update_rows]^T dz, V += lr buf) is attacked the same way: the
@@ -218,6 +223,7 @@ def separate_signs(y: np.ndarray, rng: np.random.Generator, starts: int = FLIP_S
     basis = vt[:rank]
     q = np.eye(n) - basis.T @ basis
     sparse = sparse_vectors(basis)
+    y_pinv = np.linalg.pinv(y)
     found = np.zeros((0, n))
     true = found
     for round_ in range(1 + rounds):
@@ -251,7 +257,7 @@ def separate_signs(y: np.ndarray, rng: np.random.Generator, starts: int = FLIP_S
         if found.shape[0] == 0:
             continue
         if later is not None:
-            size, moves = _later_size(found, y, later)
+            size, moves = _later_size(found, y_pinv, later, n)
             valid = (size <= BOUND_SLACK) & (moves >= STILL)
             # within the bounds, closest to them first: a source's own updates reach them, while
             # a sum of correlated sources that is +-1 at the first step mostly stays inside
@@ -321,18 +327,6 @@ def _independent(vectors: np.ndarray, rank: int) -> np.ndarray:
     return vectors[keep]
 
 
-_PINV: dict = {}
-
-
-def _pinv(y: np.ndarray) -> np.ndarray:
-    """pinv(y), remembered for the block being separated (asked for every round)."""
-    key = (id(y), y.shape)
-    if key not in _PINV:
-        _PINV.clear()
-        _PINV[key] = np.linalg.pinv(y)
-    return _PINV[key]
-
-
 def _lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """argmin ||x c - y|| for a tall x through the normal equations (much faster than an SVD on
     (n, 784); the pixels are well enough conditioned for float64)."""
@@ -341,15 +335,14 @@ def _lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.linalg.solve(gram, x.T @ y)
 
 
-def _later_size(candidates: np.ndarray, y: np.ndarray, later: np.ndarray) -> np.ndarray:
+def _later_size(candidates: np.ndarray, y_pinv: np.ndarray, later: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """For each candidate sign row, how far the updates it implies break Adam's bounds (<= 0: not
     at all), with w the row that maps y to it: |w . later| <= 1 (`later` is divided by each
     step's bound), and Adam's second update of an element is at least SECOND_FLOOR times its
-    first in the first's direction (the first `y.shape[1]` columns of `later` are the second
+    first in the first's direction (the first `n` columns of `later` are the second
     update, divided by its learning rate only). Also the largest later update (a pixel's weights
     keep moving: a candidate whose implied updates vanish is no pixel)."""
-    w = candidates @ _pinv(y)  # (m, g)
-    n = y.shape[1]
+    w = candidates @ y_pinv  # (m, g): the rows mapping the first difference (n columns) to them
     out = np.abs(w @ later[:, n:]).max(axis=1) - 1.0 if later.shape[1] > n else np.full(w.shape[0], -1.0)
     second = (w @ later[:, :n]) * candidates  # second update along the first's sign
     return np.maximum(out, (SECOND_FLOOR - second).max(axis=1)), np.abs(w @ later).max(axis=1)
