@@ -2,7 +2,7 @@
 the curious node's attacks on the recording, scored against the coordinator's ground truth.
 
 On the "shuffle" control the attacks must recover nearly everything (they have teeth); on the
-real disguise they must stay under issue 7's targets. Small data (the core test IDX files,
+real disguise the single-message attacks must stay under the privacy targets. Small data (the core test IDX files,
 1,000 training images), one epoch.
 """
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from enshuffle.audit.attacks import Claims
 
-# issue 7's targets for what one node recovers (default preset, 3 nodes)
+# the privacy targets for what one node recovers (default preset, 3 nodes)
 TARGETS = {
     "labels_named": ("<=", 0.15),
     "reid": ("<=", 0.01),
