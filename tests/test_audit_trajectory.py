@@ -180,7 +180,7 @@ def test_trajectory_attack_breaks_the_share_disguise(core_data_dir):
     json.dumps(f)
     why = f["notes"]
     assert f["traj_source"] == "x_w1 messages", why
-    assert f["traj_sources_separated"] >= 0.8, why  # from the first Adam step alone
+    assert f["traj_sources_separated"] >= 0.7, why  # from the first Adam step alone
     assert f["traj_mixing_error"] <= 1e-4 < f["traj_mixing_chance"], why  # M_s, rows aligned
     assert f["traj_positions"] >= 0.95
     assert f["traj_reid"] >= 0.95

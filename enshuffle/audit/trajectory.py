@@ -451,6 +451,7 @@ def exact_positions(y: np.ndarray, z: np.ndarray, rows: np.ndarray, pos: np.ndar
 
 # -- the attack on a recording -------------------------------------------------------------
 LATER_STEPS = 6  # differences after the second one checked against Adam's bounds
+RETRY_EFFORT = 3  # the sign search's rounds times this for a second try when the first solved nothing
 REID_CONFIDENT = 3.0  # a row is surely re-identified when the second nearest is this much farther (squared)
 REID_SURE = 0.5  # the share of rows (largest nearest/second-nearest gap) positions are refined on
 
@@ -517,8 +518,9 @@ def attack_trajectory(messages, public, statics: dict[str, np.ndarray], rng: np.
     return out
 
 
-def _attack_static(name, traj, s, public, rng, claims, group, rank_noise) -> None:
-    """The attack on one train static (fills `claims`)."""
+def _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort: int = 1) -> None:
+    """The attack on one train static (fills `claims`). When too few rows come out surely
+    re-identified, it runs once more with `RETRY_EFFORT` times the sign search's rounds."""
     from enshuffle.model import input_affine
 
     if s is None or len(traj["snapshots"]) < 3 or traj["snapshots"][0].shape[0] != s.shape[1]:
@@ -551,7 +553,7 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise) -> Non
     for lo in range(0, k, group):
         hi = min(lo + group, k)
         sub_later = np.concatenate([second[lo:hi]] + [x[lo:hi] for x in later], axis=1)
-        signs, a = separate_signs(first[lo:hi], rng, later=sub_later)
+        signs, a = separate_signs(first[lo:hi], rng, rounds=FLIP_ROUNDS * effort, later=sub_later)
         claims.blocks.append((lo, hi, a))
         block_a = np.zeros((k, a.shape[1]))
         block_a[lo:hi] = a
@@ -586,20 +588,22 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise) -> Non
     if centred:
         z += beta
     live = np.flatnonzero(raw.max(axis=0) > 0)
-    pos = match_positions(y, z, live)
-    # rows are re-identified on the blocks whose every source was separated (a block missing one
-    # is fitted wrongly, and its columns would only blur the distances)
+    # positions and rows from the blocks whose every source was separated (a block missing one
+    # is fitted wrongly, and its columns would only blur the cumulant profiles and distances)
     whole = np.concatenate([np.full(a.shape[1], a.shape[1] == hi - lo) for lo, hi, a in claims.blocks])
     if whole.sum() < 2 * rank_noise:
         whole[:] = True
-    rows, gap = reidentify(y[:, whole], z, pos[whole], rank_noise)
+    pos = match_positions(y, z, live)
+    yw = y[:, whole]
+    pos[whole] = match_positions(yw, z, live)
+    rows, gap = reidentify(yw, z, pos[whole], rank_noise)
     for _ in range(3):
         sure = gap >= np.quantile(gap, 1 - REID_SURE)
-        pos_new = exact_positions(y[sure], z, rows[sure], pos, live, rank_noise)
-        if np.array_equal(pos_new, pos):
+        pos_new = exact_positions(yw[sure], z, rows[sure], pos[whole], live, rank_noise)
+        if np.array_equal(pos_new, pos[whole]):
             break
-        pos = pos_new
-        rows, gap = reidentify(y[:, whole], z, pos[whole], rank_noise)
+        pos[whole] = pos_new
+        rows, gap = reidentify(yw, z, pos[whole], rank_noise)
     # the mixing M = diag(D alpha) A^-1 per block, D = each pixel's root mean square over the
     # images the run holds (the first n public training images and the public test set)
     test = public.test_images.reshape(public.test_images.shape[0], -1)
@@ -642,6 +646,10 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise) -> Non
         solved_once = True
     if solved_once:
         claims.notes.append(f"{name}: mixing and pixel block solved from the re-identified rows")
+    elif effort < RETRY_EFFORT and claims.sources_found < claims.sources_total:
+        fresh = TrajectoryClaims(static=claims.static, source=claims.source, steps=claims.steps)
+        claims.__dict__.update(fresh.__dict__)
+        return _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort=RETRY_EFFORT)
     else:
         claims.notes.append(f"{name}: too few rows surely re-identified to solve the block from them")
     claims.source_pixel = pos
