@@ -193,3 +193,22 @@ def test_trajectory_attack_breaks_the_share_disguise(core_data_dir):
     assert f["traj_w1_block_exact"] >= 0.6
     # the headline figures take the best attack: the share disguise misses these targets
     assert not f["meets_targets"]["reid"] and not f["meets_targets"]["positions"]
+
+
+@pytest.mark.skipif(not FASHION_INSTALLED, reason="the attack needs real images (Fashion-MNIST)")
+def test_the_trajectory_attack_finds_nothing_in_a_real_resident_run(core_data_dir):
+    """The same real run under the resident disguise (the default preset's): the recording node's
+    own weight trajectory is replayed from its state static and the deltas, attacked as the share
+    disguise's messages are, and every figure stays at chance."""
+    from enshuffle.audit.runner import run_audit
+
+    f = run_audit(preset_name="default", nodes=3, epochs=2, limit=LIMIT, data=str(core_data_dir),
+                  disguise="resident", log=lambda line: None, ica=False)
+    assert f["settings"]["disguise"] == "resident"
+    assert f["traj_source"] == "resident replay", f.get("notes")
+    assert (f["traj_sources_separated"] or 0.0) <= 0.1
+    assert f["traj_mixing_error"] is None or f["traj_mixing_error"] > 0.5
+    for key in ("positions", "reid", "exact_pixels"):
+        assert f[key] <= 0.05, (key, f[key])
+    assert f["labels_named"] <= 0.15
+    assert f["traj_w1_block_corr"] is None or abs(f["traj_w1_block_corr"]) < 0.3

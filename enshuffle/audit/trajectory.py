@@ -482,8 +482,13 @@ def weight_trajectories(messages, statics: dict[str, np.ndarray]) -> dict[str, d
         s = statics.get(name)
         if s is None:
             continue
-        v = np.asarray(v0, dtype=np.float64).copy()
-        buf = np.zeros_like(v)
+        state = np.asarray(v0, dtype=np.float64)
+        k = s.shape[1]
+        # the state static is [V; buf] (2K, h), at the version its STATIC names (0 at the start)
+        v, buf = (state[:k].copy(), state[k:].copy()) if state.shape[0] == 2 * k else (state.copy(), None)
+        if buf is None:
+            buf = np.zeros_like(v)
+        version = 0
         snaps, steps, lrs = [v.copy()], [0], []
         for m in messages:
             if m.command != "BATCH" or m.header.get("op") != "resident":
@@ -491,15 +496,25 @@ def weight_trajectories(messages, statics: dict[str, np.ndarray]) -> dict[str, d
             params = m.header.get("params", {})
             if params.get("a_static", name) != name:
                 continue
-            rows = np.asarray(m.arrays.get("update_rows", np.zeros(0, dtype=np.int64)), dtype=np.int64)
+            urows = m.arrays.get("update_rows")
             dz = m.arrays.get("dz")
-            if rows.size == 0 or dz is None or dz.size == 0:
+            if urows is None or dz is None or dz.size == 0:
                 continue
-            buf = float(params.get("momentum", 0.0)) * buf + np.take(s, rows, axis=0).astype(np.float64).T @ dz
-            v = v + float(params.get("lr", 1.0)) * buf
-            snaps.append(v.copy())
-            steps.append(int(m.header.get("step", len(steps))))
-            lrs.append(float(params.get("lr", 1.0)))
+            urows = np.asarray(urows, dtype=np.int64).reshape(-1, np.asarray(urows).shape[-1])
+            start = int(params.get("from", version))
+            rates = params.get("lr", [])
+            rates = rates if isinstance(rates, list) else [rates]
+            b = urows.shape[1]
+            mu = float(params.get("momentum", 0.0))
+            for j in range(max(0, version - start), urows.shape[0]):  # as the node: updates it lacks
+                lr = float(rates[j]) if j < len(rates) else 1.0
+                buf = mu * buf + np.take(s, urows[j], axis=0).astype(np.float64).T @ \
+                    np.asarray(dz[j * b:(j + 1) * b], dtype=np.float64)
+                v = v + lr * buf
+                version = start + j + 1
+                snaps.append(v.copy())
+                steps.append(int(m.header.get("step", len(steps))))
+                lrs.append(lr)
         out[name] = {"snapshots": snaps, "steps": steps, "source": "resident replay", "lrs": lrs}
     return out
 
