@@ -83,6 +83,8 @@ class Claims:
     # with the static row scales undone; hidden units in the batch's secret order and scale).
     w1_block: tuple[np.ndarray, np.ndarray] | None = None
     notes: list[str] = field(default_factory=list)
+    # train static name -> enshuffle.audit.trajectory.TrajectoryClaims (the weight-trajectory attack)
+    trajectory: dict = field(default_factory=dict)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -445,9 +447,25 @@ def _public_noise_rank() -> int:
 
 # -- the attack --------------------------------------------------------------------------
 def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
-           rng: np.random.Generator | None = None) -> Claims:
+           rng: np.random.Generator | None = None, trajectory: bool = True) -> Claims:
     """Everything the node claims to know, from its recording and public information."""
     rng = rng or np.random.default_rng(0)
+    claims = _attack(messages, public, ica=ica, rng=rng)
+    if trajectory:
+        from enshuffle.audit.trajectory import attack_trajectory
+
+        statics = {m.header["name"]: next(iter(m.arrays.values())) for m in messages if m.command == "STATIC"}
+        try:
+            claims.trajectory = attack_trajectory(messages, public, statics, rng)
+        except Exception as exc:  # noqa: BLE001 - an attack that fails is reported, not fatal
+            claims.notes.append(f"weight-trajectory attack failed: {type(exc).__name__}: {exc}")
+        for t in claims.trajectory.values():
+            claims.notes.extend(t.notes)
+    return claims
+
+
+def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool,
+            rng: np.random.Generator) -> Claims:
     preset = public.preset
     statics = {m.header["name"]: next(iter(m.arrays.values())) for m in messages if m.command == "STATIC"}
     batches = [m for m in messages if m.command == "BATCH" and m.header.get("op") == "matmul"]

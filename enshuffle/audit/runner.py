@@ -63,10 +63,18 @@ def truth_from(run, slots: list[int], dataset, limit: int):
     scales: dict[str, np.ndarray] = {}
     for slot in slots:
         statics.update(compute.audit_truth(slot))
-        st = compute.statics[slot]  # the "shuffle" control's static column scales
-        if st.pixel_exp is not None:
+        st = compute.statics[slot] if slot < len(compute.statics) else None  # none under resident
+        # the "shuffle" control's static column scales
+        if getattr(st, "pixel_exp", None) is not None:
             for which in compute.images:
                 scales[f"{which}.{slot}"] = np.asarray(st.pixel_exp)
+        # the secret mixing of each static (BlockMix blocks over its columns), for the trajectory
+        # attack's claimed M_s
+        for which, mix in (getattr(st, "mix", None) or {}).items():
+            entry = statics.get(f"{which}.{slot}")
+            if entry is not None and getattr(mix, "blocks", None) is not None:
+                entry["mix_bounds"] = [tuple(b) for b in mix.bounds]
+                entry["mix_blocks"] = [np.asarray(b) for b in mix.blocks]
     n = limit
     return Truth(statics=statics, train_u8=dataset.train_images[:n].reshape(n, -1),
                  test_u8=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
@@ -75,7 +83,7 @@ def truth_from(run, slots: list[int], dataset, limit: int):
 
 
 def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | None = None, limit: int = 2000,
-              data: str | None = None, disguise: str = "share", record_dir: str | None = None,
+              data: str | None = None, disguise: str | None = None, record_dir: str | None = None,
               log=_eprint, ica: bool = True, layers: tuple[int, ...] | None = None,
               activation: str | None = None) -> dict:
     """Run, record, attack, score; returns the figures (see scoring.score) plus the settings."""
@@ -102,6 +110,7 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
                              run_dir=None, home=tmp / "coordinator", quiet=True, admission=admission)
         run.print_reports = False
+        disguise = run.compute.disguise  # the preset's when none was asked for
         log(f"audit: {nodes} node processes on {run.server.endpoint}, preset {preset.name}, {epochs} epoch(s), "
             f"{limit} training images, disguise {disguise}; audit-1 records into {record}")
         procs = spawn_nodes(run.server.endpoint, run.identity.fingerprint, nodes, tmp, record)
@@ -157,6 +166,16 @@ ROWS = [
     ("ica_pixels_recovered", "ICA: pixel columns recovered (|corr| >= 0.9)", None),
     ("ica_best_abs_corr_mean", "ICA: mean best |corr| with a pixel column", None),
     ("ica_chance_abs_corr_mean", "  same for random mixtures of the true block (chance)", None),
+    ("traj_sources_separated", "weight trajectory: sources separated (first Adam step)", None),
+    ("traj_mixing_error_separation", "  its mixing M_s from the separation alone, rel. error", None),
+    ("traj_mixing_error", "  its mixing M_s, relative error (rows aligned)", None),
+    ("traj_mixing_chance", "  same for a random claim (chance)", None),
+    ("traj_positions", "  pixel positions (unmixed, cumulants, noise off)", None),
+    ("traj_reid", "  rows re-identified against the public data", None),
+    ("traj_exact_pixels", "  pixel values, exactly", None),
+    ("traj_labels_named", "  training labels named", None),
+    ("traj_w1_block_corr", "  its w1 block in the clear, up to unit order (|corr|)", None),
+    ("traj_w1_block_exact", "  its w1 block: entries within 1e-4 relative", None),
 ]
 
 
@@ -167,8 +186,10 @@ def format_table(figures: dict) -> str:
              f"{'what':<58}{'recovered':>10}  {'target':>8}  ok"]
     for key, text, target_key in ROWS:
         value = figures.get(key)
-        ratio = "corr" in key or "ari" in key or "chance" in key  # correlations and indices, not shares
-        shown = "n/a" if value is None else (f"{value:.3f}" if ratio else f"{value:.1%}")
+        # correlations, indices and errors, not shares
+        ratio = "corr" in key or "ari" in key or "chance" in key or "error" in key
+        shown = "n/a" if value is None else (f"{value:.1e}" if "error" in key else f"{value:.3f}" if ratio
+                                             else f"{value:.1%}")
         target = ""
         ok = ""
         if target_key:
