@@ -65,9 +65,10 @@ def truth_from(run, slots: list[int], dataset, limit: int):
         statics.update(compute.audit_truth(slot))
         st = compute.statics[slot] if slot < len(compute.statics) else None  # none under resident
         # the "shuffle" control's static column scales
-        if getattr(st, "pixel_exp", None) is not None:
+        pixel_exp = getattr(st, "pixel_exp", None)
+        if pixel_exp is not None:
             for which in compute.images:
-                scales[f"{which}.{slot}"] = np.asarray(st.pixel_exp)
+                scales[f"{which}.{slot}"] = np.asarray(pixel_exp)
         # the secret mixing of each static (BlockMix blocks over its columns), for the trajectory
         # attack's claimed M_s
         for which, mix in (getattr(st, "mix", None) or {}).items():

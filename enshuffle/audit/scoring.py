@@ -242,17 +242,20 @@ def score(claims: Claims, truth: Truth) -> dict:
     figures["labels_named_dz1"] = figures["labels_named"]
     figures.update(score_trajectory(getattr(claims, "trajectory", {}) or {}, truth))
     # the headline figures: the best any attack got
-    for key, extra in (("positions", "traj_positions"), ("reid", "traj_reid"), ("exact_pixels", "traj_exact_pixels"),
-                       ("labels_named", "traj_labels_named")):
+    headline: tuple[tuple[str, str], ...] = (("positions", "traj_positions"), ("reid", "traj_reid"),
+                                             ("exact_pixels", "traj_exact_pixels"),
+                                             ("labels_named", "traj_labels_named"))
+    for head, extra in headline:
         if figures.get(extra) is not None:
-            figures[key] = max(v for v in (figures.get(key), figures[extra]) if v is not None)
+            figures[head] = max(v for v in (figures.get(head), figures[extra]) if v is not None)
     figures["per_static"] = per_static
     figures["w1_source"] = claims.w1_source
     figures["notes"] = claims.notes
     return figures
 
 
-def _mixing_error(claimed: list[np.ndarray], bounds: list[tuple], blocks: list[np.ndarray]) -> tuple[float, float]:
+def _mixing_error(claimed: list[np.ndarray], bounds: list[tuple],
+                  blocks: list[np.ndarray]) -> tuple[float | None, float | None]:
     """Relative error of the claimed mixing after the best row order and scale per block (rows
     of M are the pixels, in an order no node can know; a missing row counts as all wrong), and
     the same for a random claim of the same shape (chance)."""
@@ -293,7 +296,7 @@ def _greedy_pairs(sim: np.ndarray) -> list[tuple[int, int]]:
     return out
 
 
-def _w1_block_exact(pos: np.ndarray, block: np.ndarray, w1: np.ndarray) -> tuple[float, float]:
+def _w1_block_exact(pos: np.ndarray, block: np.ndarray, w1: np.ndarray) -> tuple[float | None, float | None]:
     """The claimed w1 block (rows at claimed pixels, columns in some unit order) against the true
     final w1: (mean |corr| of greedily matched columns, share of entries within 1e-4 relative of
     the true entry, columns matched as for the correlation)."""
@@ -311,15 +314,19 @@ def _w1_block_exact(pos: np.ndarray, block: np.ndarray, w1: np.ndarray) -> tuple
 
 def score_trajectory(trajectory: dict, truth: Truth) -> dict:
     """Figures of the weight-trajectory attack (enshuffle.audit.trajectory), "traj_*"."""
-    out = {k: None for k in ("traj_sources_separated", "traj_mixing_error", "traj_mixing_chance",
+    out: dict[str, object] = {k: None for k in ("traj_sources_separated", "traj_mixing_error", "traj_mixing_chance",
                              "traj_mixing_error_separation", "traj_positions",
                              "traj_reid", "traj_exact_pixels", "traj_labels_named", "traj_w1_block_corr",
                              "traj_w1_block_exact", "traj_w1_outside_corr")}
     out["traj_source"] = None
     found = total = 0
-    errs, chances, weights, seps = [], [], [], []
+    errs: list[float] = []
+    chances: list[float] = []
+    weights: list[float] = []
+    seps: list[float] = []
     pos_ok = pos_all = reid_ok = reid_all = ex_ok = ex_all = lab_ok = lab_all = 0
-    corrs, exacts = [], []
+    corrs: list[float] = []
+    exacts: list[float] = []
     for name, c in trajectory.items():
         t = truth.statics.get(name)
         if t is None:
@@ -329,11 +336,12 @@ def score_trajectory(trajectory: dict, truth: Truth) -> dict:
         total += c.sources_total or len(t["pixels"])
         if c.mixing and t.get("mix_blocks") is not None:
             e, ch = _mixing_error(c.mixing, t["mix_bounds"], t["mix_blocks"])
-            if e is not None:
+            if e is not None and ch is not None:
+                sep = _mixing_error(c.mixing_separation or c.mixing, t["mix_bounds"], t["mix_blocks"])[0]
                 errs.append(e)
                 chances.append(ch)
                 weights.append(len(t["pixels"]))
-                seps.append(_mixing_error(c.mixing_separation or c.mixing, t["mix_bounds"], t["mix_blocks"])[0])
+                seps.append(sep if sep is not None else e)
         order = np.asarray(t["row_order"])
         col_pixel = np.asarray(t["column_pixel"])
         if c.column_pixel is not None:
@@ -351,7 +359,7 @@ def score_trajectory(trajectory: dict, truth: Truth) -> dict:
             lab_all += order.size
         if c.w1_block is not None:
             corr, exact = _w1_block_exact(np.asarray(c.w1_block[0]), np.asarray(c.w1_block[1]), truth.w1_final)
-            if corr is not None:
+            if corr is not None and exact is not None:
                 corrs.append(corr)
                 exacts.append(exact)
     if total:
