@@ -521,18 +521,24 @@ class CoordinatorServer:
         `give_up(True)` names a reason to stop waiting (kept in `wait_problem`)."""
         self.wait_problem: str | None = None
         self._min_nodes_wanted = count
-        # Statics and their check probes are prepared now, so sending and checking them later never
-        # starves heartbeats; between pieces the socket is pumped, so nodes already here hear us.
-        for shard in range(len(self.owner)):
-            for name, static in self.static_arrays(shard).items():
-                self.pump(timeout_ms=0)
-                if name not in self._static_norms:
-                    self._static_norms[name] = StaticNorms(static, self._verify_rng)
-                    self._static_norms[name].prepare()
-            self.pump(timeout_ms=0)
+
         def ready() -> int:  # a paused node cannot compute: it does not count toward --min-nodes
             return sum(1 for s in self.sessions.values() if s.want > 0)
 
+        def say_waiting() -> None:
+            paused = len(self.sessions) - ready()
+            self._set_status(f"waiting for nodes: {ready()} of {count} connected" if not paused else
+                             f"waiting for nodes: {ready()} of {count} ready to compute ({paused} connected "
+                             f"but paused)")
+
+        # Statics and their check probes are prepared now, before the first node is welcomed, so
+        # sending and checking them later never silences the coordinator after a WELCOME (the
+        # probes used to be drawn at the first large check, seconds under load).
+        for shard in range(len(self.owner)):
+            for name, static in self.static_arrays(shard).items():
+                if name not in self._static_norms:
+                    self._static_norms[name] = StaticNorms(static, self._verify_rng)
+                    self._static_norms[name].prepare()
         if ready() < count:
             self.log(f"waiting for {count} node{'s' if count != 1 else ''} to connect ({ready()} so far)")
             self._waiting_logged = True  # no second "waiting" line from pump()
@@ -543,10 +549,7 @@ class CoordinatorServer:
             if problem:
                 self.wait_problem = problem
                 return False
-            paused = len(self.sessions) - ready()
-            self._set_status(f"waiting for nodes: {ready()} of {count} connected" if not paused else
-                             f"waiting for nodes: {ready()} of {count} ready to compute ({paused} connected "
-                             f"but paused)")
+            say_waiting()
             self.pump(timeout_ms=200)
         self._min_nodes_wanted = 0
         self._waiting_logged = False  # the wait is over: a later one is logged again
