@@ -553,6 +553,23 @@ def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool,
         occurrences.append((name, int(m.header.get("step", 0)), rows))
         if m.header["params"].get("transpose_a") and rows.shape[0] >= CLASSES:
             grouping.append((name, rows, kmeans(delta_features(m.arrays["b"]), CLASSES, rng)))
+    # The resident disguise sends each step's dz1 with the rows it belongs to (update_rows, dz):
+    # the same clustering, on the deltas exactly as they arrive.
+    for m in messages:
+        if m.command != "BATCH" or m.header.get("op") != "resident":
+            continue
+        name = m.header["params"].get("a_static")
+        if not name or _which(name) != "train":
+            continue
+        if "rows" in m.arrays:
+            occurrences.append((name, int(m.header.get("step", 0)), np.asarray(m.arrays["rows"], dtype=np.int64)))
+        urows, dz = m.arrays.get("update_rows"), m.arrays.get("dz")
+        if urows is None or dz is None or urows.ndim != 2 or urows.shape[1] < CLASSES:
+            continue
+        b = urows.shape[1]
+        for j in range(urows.shape[0]):
+            grouping.append((name, np.asarray(urows[j], dtype=np.int64),
+                             kmeans(delta_features(dz[j * b:(j + 1) * b]), CLASSES, rng)))
     for name, c in out.items():
         if c.which != "train":
             continue
