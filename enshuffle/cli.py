@@ -184,8 +184,10 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_training_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=["seed", "default"], default="default",
-                   help="seed: the notebook's run, bias bugs fixed; default: a preset that trains well")
+    p.add_argument("--preset", choices=["seed", "default", "adam"], default="default",
+                   help="seed: the notebook's run, bias bugs fixed; default: a preset that trains well (its first "
+                        "layer resident on the nodes); adam: the default with Adam on the first layer too, so w1 "
+                        "is re-sent every step under the share disguise (the audit's control)")
     _add_network_options(p)
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="number of epochs (default: the preset's)")
@@ -351,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="enshuffle.node.commands:cmd_node")
 
     p = sub.add_parser("audit", help="run a short real run, record one node and play it as a curious attacker")
-    p.add_argument("--preset", choices=["seed", "default"], default="default",
-                   help="training preset of the audited run (default: default)")
+    p.add_argument("--preset", choices=["seed", "default", "adam"], default="default",
+                   help="training preset of the audited run (default: default; adam with the share disguise is "
+                        "the weight-trajectory control)")
     _add_network_options(p)
     p.add_argument("--nodes", type=_positive_int, default=3, help="node processes (default 3); one records")
     p.add_argument("--epochs", type=_positive_int, default=None,

@@ -82,6 +82,10 @@ PRESETS = {
                       loss="xent", optimizer="adam", inputs="standardize", init="scaled",
                       schedule="cosine", w1_optimizer="momentum", w1_learning_rate=0.5),
 }
+# The default preset as it was before its first layer moved to the nodes: Adam on every layer,
+# so w1 is re-sent each step under the share disguise. Kept as the audit's control (the weight
+# trajectory attack breaks it) and for comparison.
+PRESETS["adam"] = replace(PRESETS["default"], name="adam", w1_optimizer="same", w1_learning_rate=0.0)
 
 
 def weight_names(layers) -> tuple[str, ...]:

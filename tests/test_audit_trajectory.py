@@ -177,7 +177,7 @@ def test_trajectory_attack_breaks_the_share_disguise(core_data_dir):
     its pixel block, every row, every label and its w1 block."""
     from enshuffle.audit.runner import run_audit
 
-    f = run_audit(preset_name="default", nodes=3, epochs=2, limit=LIMIT, data=str(core_data_dir), disguise="share",
+    f = run_audit(preset_name="adam", nodes=3, epochs=2, limit=LIMIT, data=str(core_data_dir), disguise="share",
                   log=lambda line: None, ica=False)
     json.dumps(f)
     why = f["notes"]
@@ -210,5 +210,8 @@ def test_the_trajectory_attack_finds_nothing_in_a_real_resident_run(core_data_di
     assert f["traj_mixing_error"] is None or f["traj_mixing_error"] > 0.5
     for key in ("positions", "reid", "exact_pixels"):
         assert f[key] <= 0.05, (key, f[key])
-    assert f["labels_named"] <= 0.15
     assert f["traj_w1_block_corr"] is None or abs(f["traj_w1_block_corr"]) < 0.3
+    # What the resident disguise does not hide: dz1 arrives as it is, with its rows, so the node
+    # groups its training rows by class almost perfectly (docs/design.md, "Resident weights");
+    # on a small subset, naming the groups by their sizes then beats chance. The README states both.
+    assert f["labels_grouping_global_ari"] > 0.5, f["labels_grouping_global_ari"]
