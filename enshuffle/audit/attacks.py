@@ -452,6 +452,7 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
     rng = rng or np.random.default_rng(0)
     claims = _attack(messages, public, ica=ica, rng=rng)
     if trajectory:
+        # only when asked for: the trajectory attack is the audit's heaviest module
         from enshuffle.audit.trajectory import attack_trajectory
 
         statics = {m.header["name"]: next(iter(m.arrays.values())) for m in messages if m.command == "STATIC"}

@@ -155,6 +155,7 @@ def column_exponents(first_difference: np.ndarray) -> np.ndarray:
 
 def _public_scale_range() -> int:
     try:
+        # the public source's power-of-two range (the attacker reads it); optional for a bare copy
         from enshuffle.coordinator import plan
     except ImportError:
         return 4
@@ -180,7 +181,7 @@ def adam_bound(t: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
 
 def step_sizes(preset, steps: list[int], rows: int) -> np.ndarray:
     """The learning rate of each (global) step, from the public preset and schedule."""
-    from enshuffle.model import learning_rate
+    from enshuffle.model import learning_rate  # the public schedule, only on this path
 
     batch = getattr(preset, "batch_size", None) or rows
     total = int(preset.epochs) * int(np.ceil(rows / batch))
@@ -538,7 +539,7 @@ def attack_trajectory(messages, public, statics: dict[str, np.ndarray], rng: np.
 def _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort: int = 1) -> None:
     """The attack on one train static (fills `claims`). When too few rows come out surely
     re-identified, it runs once more with `RETRY_EFFORT` times the sign search's rounds."""
-    from enshuffle.model import input_affine
+    from enshuffle.model import input_affine  # the public standardization, only on this path
 
     if s is None or len(traj["snapshots"]) < 3 or traj["snapshots"][0].shape[0] != s.shape[1]:
         claims.notes.append(f"{name}: too few weight snapshots ({len(traj['snapshots'])}) to separate")
