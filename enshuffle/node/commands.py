@@ -111,7 +111,9 @@ def cmd_node(args) -> int:
         print(f"enshuffle node: error: {unresolved}; check the --connect address (--keep-running retries "
               f"for ever, e.g. while the network comes up)", file=sys.stderr)
         return EXIT_UNREACHABLE
-    invite = getattr(args, "invite", None) or os.environ.get("ENSHUFFLE_INVITE") or None
+    from enshuffle.node.invite import resolve_invite  # no numpy: read before the BLAS is configured
+
+    invite = resolve_invite(getattr(args, "invite", None))  # CODE, @FILE or ENSHUFFLE_INVITE
     if invite is not None and not is_invite_code(invite):
         print(f"enshuffle node: error: {invite[:40]!r} is not an invite code: `enshuffle invite` prints 32 hex "
               f"digits (--invite CODE or ENSHUFFLE_INVITE); check it was copied whole", file=sys.stderr)

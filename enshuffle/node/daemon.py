@@ -48,6 +48,7 @@ import zmq
 
 from enshuffle.errors import UsageError
 from enshuffle.blas import BlasThreads, BlasThreadsUnavailable, get_blas_threads
+from enshuffle.node.invite import resolve_invite
 from enshuffle.kernels import OPS, BatchError, ResidentState, Workspace, aligned, compute_batch
 from enshuffle.fpenv import flushing
 from enshuffle.node.policy import Policy
@@ -198,28 +199,6 @@ def _json_id(value, kind: str):
     if kind == "str":
         return value if isinstance(value, str) and len(value) <= 200 else None
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 53 else None
-
-
-INVITE_ENV = "ENSHUFFLE_INVITE"
-
-
-def resolve_invite(value: str | None) -> str | None:
-    """The invite code: `value` itself, the first line of FILE for `@FILE`, or (no --invite) the
-    ENSHUFFLE_INVITE environment variable. A code given on the command line can be read by every
-    local user (/proc/PID/cmdline); the environment and a 0600 file cannot."""
-    if value is None:
-        value = os.environ.get(INVITE_ENV) or None
-    if value is not None and value.startswith("@"):
-        path = value[1:]
-        try:
-            with open(path, encoding="utf-8") as fh:
-                value = fh.readline().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--invite {value}: cannot read the invite code from {path} "
-                             f"({getattr(exc, 'strerror', None) or exc})") from None
-        if not value:
-            raise UsageError(f"--invite @{path}: the file is empty; put the code from `enshuffle invite` in it")
-    return value
 
 
 class AddressError(UsageError):
