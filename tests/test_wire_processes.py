@@ -193,11 +193,13 @@ def test_coordinator_killed_and_resumed_gives_the_uninterrupted_model(uninterrup
 
 
 def test_offload_auto_ships_no_training_block_when_no_training_product_goes(core_data_dir, core_cache, tmp_path):
-    """--offload auto on a small run computes every training product here: the node may get the
-    test block for evaluating, never the training block, and the ledger row says what it holds."""
+    """--offload auto on a small run under the share disguise (the resident one's first layer pays
+    even here) computes every training product here: the node may get the test block for
+    evaluating, never the training block, and the ledger row says what it holds."""
     port = free_port()
     home = tmp_path / "home"
     coordinator = spawn_coordinator(home, port, core_cache, tmp_path, "coordinator", "--offload", "auto", "--open",
+                                    "--disguise", "share",
                                     "--epochs", "1", "--limit", "300", "--data", str(core_data_dir), "--json")
     node = spawn_node(tmp_path / "node", f"tcp://127.0.0.1:{port}", None, "only", tmp_path)
     try:
