@@ -209,6 +209,18 @@ def one_hot(labels: np.ndarray, dtype) -> np.ndarray:
     return out
 
 
+W1_MOMENTUM = 0.9  # the first layer's momentum when it trains with SGD and momentum (resident or not)
+
+
+def w1_momentum_step(params: dict[str, np.ndarray], opt: "OptimizerState", g: np.ndarray, lr: float) -> None:
+    """buf = W1_MOMENTUM buf + g (float64, kept in opt as "buf_w1"); w1 += lr buf. The step every
+    compute that trains w1 here takes (the resident nodes take the same one in their basis)."""
+    buf = opt.moments.setdefault("buf_w1", np.zeros(params["w1"].shape, np.float64))
+    buf *= W1_MOMENTUM
+    buf += g
+    params["w1"] += (lr * buf).astype(params["w1"].dtype)
+
+
 class LocalCompute:
     """The network's operations computed here with numpy: the centralized reference.
 
@@ -235,10 +247,7 @@ class LocalCompute:
         g = self.dw1(idx, dz1, labels)
         if self.basis is not None:
             g = self.basis.precondition(g)
-        buf = opt.moments.setdefault("buf_w1", np.zeros(params["w1"].shape, np.float64))
-        buf *= W1_MOMENTUM
-        buf += g
-        params["w1"] += (lr * buf).astype(params["w1"].dtype)
+        w1_momentum_step(params, opt, g, lr)
 
     def x_w1(self, which: str, idx: np.ndarray | None, w1: np.ndarray) -> np.ndarray:
         """X[idx] (b,784) @ w1 (784,h1) -> (b,h1); idx None means every row."""
@@ -277,9 +286,6 @@ class LocalCompute:
 
     def step_done(self) -> None:
         """Called at every step boundary (membership changes take effect there)."""
-
-
-W1_MOMENTUM = 0.9  # the resident first layer's momentum (coordinator.resident.MOMENTUM is the same)
 
 
 @dataclass

@@ -51,7 +51,7 @@ from enshuffle.coordinator.offload import CostModel, decide, plan_lines, refuse_
 from enshuffle.coordinator.resident import NOISE_RANK as RESIDENT_NOISE_RANK
 from enshuffle.coordinator.resident import CHECKPOINT_STEPS, ResidentDisguise, resident_basis
 from enshuffle.kernels import ResidentState, compute_batch
-from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, sigmoid
+from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, sigmoid, w1_momentum_step
 
 DISGUISES = ("resident", "share", "shuffle", "resident-clear")  # resident-clear: the resident design's control
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
@@ -538,10 +538,15 @@ class DistributedCompute:
             return
         self.resident.adopt(params["w1"], opt.moments.get("buf_w1"),
                             {k: v for k, v in opt.moments.items() if k.startswith("resident_")})
+        self._statics_changed(range(self.k), reset=True)
+
+    def _statics_changed(self, shards, reset: bool = False) -> None:
+        """Tell the executor these slots' state statics are a new checkpoint (`reset`: a resumed
+        run's, which replaces what nodes hold)."""
         changed = getattr(self.executor, "statics_changed", None)
-        for shard in range(self.k):
-            if changed is not None:
-                changed(shard, reset=True)
+        if changed is not None:
+            for shard in shards:
+                changed(shard, reset=reset)
 
     def _resident_batch(self, shard: int, params: dict, arrays: dict, rows: np.ndarray | None) -> Batch:
         st = self.resident.slots[shard]
@@ -597,22 +602,17 @@ class DistributedCompute:
         for batch, state in zip(batches, self._receive(self._send(batches))):
             self.resident.accept_state(batch.shard, np.asarray(state, dtype=np.float64), batch.params["version"])
         self._since_checkpoint = 0
-        changed = getattr(self.executor, "statics_changed", None)
-        if changed is not None:
-            for batch in batches:
-                changed(batch.shard)
+        self._statics_changed(batch.shard for batch in batches)
 
     def w1_step(self, params: dict[str, np.ndarray], idx, dz1: np.ndarray, labels, lr: float, opt) -> None:
         """The first layer's SGD-with-momentum step. Resident: issued to the nodes with the next
         forward (and every CHECKPOINT_STEPS fetched back, checked, as the slot's checkpoint)."""
         if self.resident is None or self._resident_home():
-            g = self.dw1(idx, dz1, labels) if self.resident is None else self.images["train"][self._rows("train", idx)].T @ dz1
-            if self.resident is not None:
-                g = self.basis.precondition(g)
-            buf = opt.moments.setdefault("buf_w1", np.zeros(params["w1"].shape, np.float64))
-            buf *= 0.9
-            buf += g
-            params["w1"] += (lr * buf).astype(params["w1"].dtype)
+            if self.resident is None:
+                g = self.dw1(idx, dz1, labels)
+            else:  # the reparameterized network, trained here as LocalCompute(basis) trains it
+                g = self.basis.precondition(self.images["train"][self._rows("train", idx)].T @ dz1)
+            w1_momentum_step(params, opt, g, lr)
             return
         self.resident.update(self._rows("train", idx), dz1, lr)
         self._since_checkpoint += 1
@@ -631,9 +631,7 @@ class DistributedCompute:
             for s, st in enumerate(self.resident.slots):
                 if st.version != st.checkpoint_version:
                     self.resident.accept_state(s, self.resident.replay(s), st.version)
-                    changed = getattr(self.executor, "statics_changed", None)
-                    if changed is not None:
-                        changed(s)
+                    self._statics_changed([s])
         w1, buf = self.resident.clean()
         params["w1"] = w1.astype(params["w1"].dtype)
         opt.moments["buf_w1"] = buf

@@ -48,13 +48,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from enshuffle.coordinator.plan import balanced_blocks, inverse_permutation
+from enshuffle.model import W1_MOMENTUM
 
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
 MIX_GROUP = 32  # dense blocks of M_s
 MIX_SPREAD = 0.5  # singular values of each block in [2^-0.5, 2^0.5]: M M^T's condition <= 4
 PROBES = 2  # q: secret probe columns for checks
 CHECKPOINT_STEPS = 64  # fetch each slot's state this often (and at every epoch's end)
-MOMENTUM = 0.9
+MOMENTUM = W1_MOMENTUM  # the same step as a centralized run of the reparameterized network
 STATE_PREFIX = "w1."
 # A result or checkpoint is accepted within this many times its rounding bound (`check_forward`);
 # a lie larger than that fails.
@@ -318,15 +319,6 @@ class ResidentDisguise:
         return self.basis.to_pixels(vs), self.basis.to_pixels(bufs)
 
     # -- per step -------------------------------------------------------------------
-    def forward_batches(self, idx: np.ndarray) -> list[tuple[dict, dict]]:
-        """(params, arrays) of slot s's batch for training rows idx: the pending update (if any)
-        and the forward rows."""
-        out = []
-        for s, st in enumerate(self.slots):
-            rows = np.take(st.row_index, idx).astype(np.int64)
-            out.append(self.batch(s, rows, st.version, st.version, fetch=False))
-        return out
-
     def batch(self, shard: int, rows: np.ndarray | None, start: int, version: int,
               fetch: bool) -> tuple[dict, dict[str, np.ndarray]]:
         """A batch taking the node's state from version `start` to `version` (the logged updates
