@@ -142,9 +142,13 @@ def describe_batch(op: str, params: dict, arrays: dict, statics: dict) -> str:
                 return f"matmul ({dims(a)})·({dims(b)}) [{name}]"
             return f"matmul ({dims(arrays['a'].shape)})·({dims(b)})"
         if op == "resident":
-            static = statics[params["a_static"]]
             if params.get("fetch"):
                 return f"resident checkpoint [{params.get('state')}]"
+            if params.get("backward"):
+                return f"resident backward ({dims(arrays['dz'].shape)})·V^T [{params.get('state')}]"
+            if params.get("a_static") is None:
+                return f"resident ({dims(arrays['a'].shape)})·V [{params.get('state')}]"
+            static = statics[params["a_static"]]
             return f"resident ({arrays['rows'].shape[0]}x{static.shape[1]})·V [{params.get('state')}]"
         first = arrays.get("a", arrays.get("b"))
         return f"{op} ({dims(first.shape)})" if first is not None else op
@@ -160,8 +164,18 @@ def batch_memory(op: str, params: dict, arrays: dict, statics: dict, states: dic
     try:
         b = arrays.get("b")
         if op == "resident":
-            static = statics.get(params.get("a_static"))
             state = (states or {}).get(params.get("state"))
+            if params.get("a_static") is None and state is not None:
+                # a hidden layer's: its operands arrive with the batch; float64 copies of one
+                # update's (b, K) and (b, h), g (K, h), and the result
+                k, h = state.v.shape
+                a, dz = arrays.get("a"), arrays.get("dz")
+                n = a.shape[0] if a is not None and a.ndim == 2 else 0
+                u = dz.shape[0] if dz is not None and dz.ndim == 2 else 0
+                if params.get("fetch"):
+                    return 2 * k * h * 8
+                return int(n * (k + h) * 16 + (u * (k + h) * 8 + k * h * 8 if u else 0))
+            static = statics.get(params.get("a_static"))
             rows, urows = arrays.get("rows"), arrays.get("update_rows")
             if static is None or static.ndim != 2 or state is None:
                 return 0
