@@ -222,6 +222,7 @@ def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.nda
         for j in range(state.version - start, count):  # one pass per update carried (not per row)
             d = dz[j * b:(j + 1) * b]
             if static is not None:
+                assert urows is not None
                 operand = np.take(static, urows[j], axis=0, mode="clip")
             else:
                 operand = ua[j * b:(j + 1) * b]

@@ -259,7 +259,7 @@ class LocalCompute:
                 params[f"w{layer}"] = hb.to_units(hb.v0).astype(params[f"w{layer}"].dtype)
 
     def hidden_step(self, a: np.ndarray, dz: np.ndarray, params: dict[str, np.ndarray], layer: int, lr: float,
-                    opt: "OptimizerState") -> np.ndarray:
+                    opt: "OptimizerState", labels: np.ndarray | None = None) -> np.ndarray:
         """A momentum hidden layer's backward: da = dz w^T (with w before the step), then SGD with
         momentum on w from g = a^T dz, preconditioned by the basis when there is one."""
         name = f"w{layer}"
@@ -394,7 +394,7 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
         grads[f"b{layer}"] = dz.sum(axis=0)
         if layer in preset.momentum_layers:
             # SGD with momentum, by the compute: a resident compute runs it on the nodes
-            da = compute.hidden_step(a, dz, params, layer, momentum_lr, opt)
+            da = compute.hidden_step(a, dz, params, layer, momentum_lr, opt, labels)
             dz = _hidden_delta(compute, da, a, preset)
             continue
         # the last layer's dz is the loss's: no labels to hide in it, and it stays home anyway

@@ -132,7 +132,8 @@ def test_malformed_hidden_batches_are_batch_errors():
     out = compute_batch("resident", good, arrays, {}, None, states)
     assert out.shape == (3, 4) and state.version == 1
     cases = [
-        ({**good, "from": 1, "version": 2}, {"update_a": np.ones((3, 3), np.float32), "dz": np.ones((3, 5), np.float32)}),
+        ({**good, "from": 1, "version": 2},
+         {"update_a": np.ones((3, 3), np.float32), "dz": np.ones((3, 5), np.float32)}),
         ({**good, "from": 1, "version": 2}, {"update_a": np.ones((3, 4), np.float32), "dz": np.ones((3, 5))}),
         ({**good, "from": 1, "version": 1}, {}),  # a backward without its own update
         ({**good, "from": 1, "version": 2, "lr": [float("inf")]}, arrays),

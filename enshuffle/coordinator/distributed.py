@@ -431,18 +431,20 @@ class DistributedCompute:
                                              ("deltas", np.arange(self.hidden),
                                               CLEAR if self.resident is not None else POSITIONS_HIDDEN)]
         for layer in self.unit_blocks:
-            out += self._layer_exposure(layer, shard, backward=True)
+            out += self._layer_exposure(layer, shard, backward=True, rows_mixed=layer in self.hidden_resident)
         return out
 
-    def _layer_exposure(self, layer: int, shard: int, backward: bool) -> list[tuple]:
+    def _layer_exposure(self, layer: int, shard: int, backward: bool, rows_mixed: bool = False) -> list[tuple]:
         """What one batch of hidden layer `layer` tells slot `shard`'s node: its block of the
         input units (mixed, with noise) and of w{layer}'s rows (mixed); backward also the
-        layer's deltas (every unit, shuffled and power-of-two scaled)."""
+        layer's deltas (every unit, shuffled and power-of-two scaled; `rows_mixed`, a resident
+        layer's: every row a secret mixture of a group of rows, values hidden)."""
         block = self.unit_blocks[layer][shard]
         out = [(activation_kind(layer - 1), block, HIDDEN_VALUES), (f"w{layer}", block, HIDDEN_VALUES),
                ("samples", [0], POSITIONS_HIDDEN)]
         if backward:
-            out.append((delta_kind(layer), np.arange(self.layers[layer]), POSITIONS_HIDDEN))
+            out.append((delta_kind(layer), np.arange(self.layers[layer]),
+                        HIDDEN_VALUES if rows_mixed else POSITIONS_HIDDEN))
         return out
 
     def audit_truth(self, shard: int) -> dict:
@@ -637,7 +639,8 @@ class DistributedCompute:
         else:
             shape = (arrays["a"].shape[0], m)
         work = float(rows * k * m + (shape[0] * k * m if not params.get("fetch") else 0))
-        return Batch(shard, "resident", params, arrays, self._layer_exposure(hr.layer, shard, backward=True),
+        return Batch(shard, "resident", params, arrays, self._layer_exposure(hr.layer, shard, backward=True,
+                                                                             rows_mixed=True),
                      shape=shape, work=max(work, 1.0))
 
     def _hidden_home(self, layer: int, b: int) -> bool:
@@ -653,10 +656,15 @@ class DistributedCompute:
                 if not self._hidden_local.get(layer, True)]
 
     def hidden_step(self, a: np.ndarray, dz: np.ndarray, params: dict[str, np.ndarray], layer: int, lr: float,
-                    opt) -> np.ndarray:
+                    opt, labels: np.ndarray | None = None) -> np.ndarray:
         """A momentum hidden layer's backward and step: resident on the nodes (each returns its
-        block of da and steps its V), or here as the centralized reference does."""
+        block of da and steps its V), or here as the centralized reference does; under a
+        disguise without resident weights, its two products go as `dw_da` sends them."""
         name = f"w{layer}"
+        if self.resident is None:
+            g, da = self.dw_da(a, dz, params[name], layer, labels)
+            w1_momentum_step(params, opt, np.asarray(g, dtype=np.float64), lr, name)
+            return da
         if layer not in self._momentum_layers or self._hidden_home(layer, a.shape[0]):
             da = dz @ params[name].T
             g = a.T.astype(np.float64) @ dz.astype(np.float64)
@@ -728,12 +736,9 @@ class DistributedCompute:
         try:
             self._resident_fetch()
         except Exception:  # noqa: BLE001 - the executor's own error (no node, a stop): replay here
-            owners = [self.resident, *self._hidden_shipped()]
+            owners: list[ResidentDisguise | HiddenResident] = [self.resident, *self._hidden_shipped()]
             for owner in owners:
-                for s, st in enumerate(owner.slots):
-                    if st.version != st.checkpoint_version:
-                        owner.accept_state(s, owner.replay(s), st.version)
-                        self._statics_changed([s])
+                self._statics_changed(owner.replay_pending())
         for hr in self._hidden_shipped():
             w, buf = hr.clean()
             params[f"w{hr.layer}"] = w.astype(params[f"w{hr.layer}"].dtype)

@@ -20,7 +20,7 @@ The products of a network 784-h1-...-10 with k slots and a batch of b rows:
 | dw{l}   | (n,b) @ (b,m)      | b n + k b m + n m                | b m r + n m (r + g)                          |
 | da{l}   | (b,m) @ (m,n)      | n m + b n                        | b n g                                        |
 | resident | x_w1 and dw1, weights on nodes | 2 k b h1 (+ 2 784 h1 a checkpoint) | b 784 (r + 2q) + b h1 r (2k + 2) |
-| resident{l} | a_w, dw, da of layer l, weights on nodes | 3 b n + 2 k b m (+ 2 n m a checkpoint) | b n (2 G + 2 g + 6 q) + b m (2 G + 4 q) |
+| resident{l} | layer l's, weights on nodes | 3 b n + 2 k b m (+ 2 n m / 64) | b n (2 G + 2 g + 6 q) + b m (2 G + 4 q) |
 
 (r, g: the noise rank and mixing block of each disguise; see distributed.py; G: the rows mixed
 together in a resident hidden layer's batch, resident_hidden.py.) The last layer's products never

@@ -513,6 +513,16 @@ class ResidentDisguise:
             v += p.lr * buf
         return np.concatenate([v, buf])
 
+    def replay_pending(self) -> list[int]:
+        """Every slot with updates since its checkpoint brought to its last issued version here
+        (`replay`), when no node can be asked: the slots whose checkpoint changed."""
+        changed = []
+        for s, st in enumerate(self.slots):
+            if st.version != st.checkpoint_version:
+                self.accept_state(s, self.replay(s), st.version)
+                changed.append(s)
+        return changed
+
     def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
         """A checked fetch of every issued update becomes the slot's checkpoint (the probes are
         re-anchored on it); the noise's share E carries on."""

@@ -240,7 +240,8 @@ class HiddenResident:
         for st in self.slots:
             u = st.log[-1]
             a64, d64 = u.a.astype(np.float64), u.dz.astype(np.float64)
-            for buf, value, g in ((st.bufr, st.vr, a64.T @ (d64 @ st.probes)), (st.qbuf, st.qv, (a64 @ st.left).T @ d64)):
+            steps = ((st.bufr, st.vr, a64.T @ (d64 @ st.probes)), (st.qbuf, st.qv, (a64 @ st.left).T @ d64))
+            for buf, value, g in steps:
                 buf *= MOMENTUM
                 buf += g
                 value += u.lr * buf
@@ -283,6 +284,16 @@ class HiddenResident:
             if err > tol:
                 return f"checkpoint {name} differs from the tracked one by {err:.3e} (bound {tol:.3e})"
         return None
+
+    def replay_pending(self) -> list[int]:
+        """Every slot with updates since its checkpoint brought to its last issued version here
+        (`replay`), when no node can be asked: the slots whose checkpoint changed."""
+        changed = []
+        for s, st in enumerate(self.slots):
+            if st.version != st.checkpoint_version:
+                self.accept_state(s, self.replay(s), st.version)
+                changed.append(s)
+        return changed
 
     def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
         st = self.slots[shard]
