@@ -610,6 +610,10 @@ class DistributedCompute:
             return batch
         hr = self._hidden_of(batch)
         if hr is not None:
+            if start == batch.params["version"] and batch.arrays.get("a") is None:
+                # a fetch from a node already at the version: it keeps the last update, which the
+                # node applies idempotently (a BATCH carries at least one array)
+                return batch
             params, arrays = hr.batch(batch.shard, start, batch.params["version"], a=batch.arrays.get("a"),
                                       fetch=bool(batch.params.get("fetch")),
                                       backward=bool(batch.params.get("backward")))
@@ -735,7 +739,7 @@ class DistributedCompute:
             return
         try:
             self._resident_fetch()
-        except Exception:  # noqa: BLE001 - the executor's own error (no node, a stop): replay here
+        except RuntimeError:  # the executor's own (no node left, a stop, an abort): replay here
             owners: list[ResidentDisguise | HiddenResident] = [self.resident, *self._hidden_shipped()]
             for owner in owners:
                 self._statics_changed(owner.replay_pending())
