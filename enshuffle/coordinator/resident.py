@@ -102,20 +102,35 @@ class Mixing:
         """(K, m) -> M^T @ w."""
         return self._apply([m.T for m in self.blocks], w)
 
-    def right(self, x: np.ndarray, dtype=np.float64, transposed: bool = False) -> np.ndarray:
-        """(n, K) -> x @ M (x @ M^T with `transposed`): the full blocks as one batched product."""
-        out = np.empty(x.shape, dtype=dtype)
-        if not hasattr(self, "_stack"):
+    def right(self, x: np.ndarray, dtype=np.float64, transposed: bool = False, out: np.ndarray | None = None,
+              ) -> np.ndarray:
+        """(n, K) -> x @ M (x @ M^T with `transposed`): the full blocks as one batched product, in
+        x's dtype when it is `dtype` (a float32 step's mixing costs float32 arithmetic), else in
+        float64 rounded once to `dtype`."""
+        dtype = np.dtype(dtype)
+        work = x.dtype if x.dtype == dtype and dtype in (np.float32, np.float64) else np.dtype(np.float64)
+        if out is None:
+            out = np.empty(x.shape, dtype=dtype)
+        stacks = self.__dict__.setdefault("_stacks", {})
+        if (work, transposed) not in stacks:
             full = [m for (lo, hi), m in zip(self.bounds, self.blocks) if hi - lo == self.bounds[0][1]]
-            self._stack = np.stack(full) if full else np.zeros((0, 0, 0))
-        count, g = self._stack.shape[0], self._stack.shape[1] if self._stack.size else 0
+            stack = np.stack(full) if full else np.zeros((0, 0, 0))
+            stacks[work, transposed] = np.ascontiguousarray(stack.transpose(0, 2, 1) if transposed else stack,
+                                                            dtype=work)
+        stack = stacks[work, transposed]
+        count, g = stack.shape[0], stack.shape[1] if stack.size else 0
+        n = x.shape[0]
         if count:
-            stack = self._stack.transpose(0, 2, 1) if transposed else self._stack
-            blocks = x[:, :count * g].reshape(x.shape[0], count, g).transpose(1, 0, 2)
-            out[:, :count * g].reshape(x.shape[0], count, g)[...] = np.matmul(blocks, stack).transpose(1, 0, 2)
+            blocks = x[:, :count * g].reshape(n, count, g).transpose(1, 0, 2)
+            target = out[:, :count * g].reshape(n, count, g).transpose(1, 0, 2)
+            if work == dtype:
+                np.matmul(blocks, stack, out=target)
+            else:
+                target[...] = np.matmul(blocks.astype(work), stack)
         for lo, hi in self.bounds[count:]:
             m = self.blocks[lo // self.bounds[0][1]]
-            np.matmul(x[:, lo:hi], m.T if transposed else m, out=out[:, lo:hi])
+            part = np.matmul(x[:, lo:hi].astype(work, copy=False), (m.T if transposed else m).astype(work))
+            out[:, lo:hi] = part
         return out
 
     def dense(self) -> np.ndarray:

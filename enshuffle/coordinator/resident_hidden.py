@@ -53,17 +53,23 @@ class RowMix:
                 np.zeros((0, g, g))
             tail = b - self.count * g
             self.tail = np.linalg.qr(rng.standard_normal((tail, tail)))[0] if tail else np.zeros((0, 0))
+        self._stacks: dict = {}
 
     def apply(self, x: np.ndarray, transposed: bool = False) -> np.ndarray:
-        """L @ x (L^T @ x with `transposed`), float64, x (b, n)."""
+        """L @ x (L^T @ x with `transposed`), x (b, n), in x's dtype (float32 or float64)."""
         g, f = ROW_GROUP, self.count * ROW_GROUP
-        x = np.asarray(x, dtype=np.float64)
-        out = np.empty(x.shape)
+        x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype in (np.float32, np.float64) else np.float64)
+        key = (x.dtype, transposed)
+        if key not in self._stacks:
+            self._stacks[key] = (np.ascontiguousarray(self.stack.transpose(0, 2, 1) if transposed else self.stack,
+                                                      dtype=x.dtype),
+                                 np.ascontiguousarray(self.tail.T if transposed else self.tail, dtype=x.dtype))
+        stack, tail = self._stacks[key]
+        out = np.empty(x.shape, dtype=x.dtype)
         if self.count:
-            stack = self.stack.transpose(0, 2, 1) if transposed else self.stack
             np.matmul(stack, x[:f].reshape(self.count, g, x.shape[1]), out=out[:f].reshape(self.count, g, x.shape[1]))
         if f < self.b:
-            np.matmul(self.tail.T if transposed else self.tail, x[f:], out=out[f:])
+            np.matmul(tail, x[f:], out=out[f:])
         return out
 
 
@@ -95,6 +101,10 @@ class HiddenSlot:
     log: list[Update] = field(default_factory=list)
 
 
+def _frobenius(x: np.ndarray) -> float:
+    return float(np.sqrt(np.einsum("ij,ij->", x, x)))
+
+
 def probe_check(out: np.ndarray, lhs: np.ndarray, probes: np.ndarray, tracked: np.ndarray, eps: float,
                 v_bound: float, drift: float) -> str | None:
     """Freivalds on out = lhs @ X for a secret X the caller tracks as X @ probes = `tracked`:
@@ -102,13 +112,13 @@ def probe_check(out: np.ndarray, lhs: np.ndarray, probes: np.ndarray, tracked: n
     rounding of the product and of X's recurrence (v_bound: a bound on ||X||_F; drift: how far
     the node's X may be from the tracked one)."""
     o64 = out.astype(np.float64)
-    l64 = lhs.astype(np.float64)
+    l64 = lhs if lhs.dtype == np.float64 else lhs.astype(np.float64)
     diff = o64 @ probes - l64 @ tracked
     if not np.isfinite(diff).all():
         return "result has NaN or infinite entries"
     rounding = eps * np.sqrt((o64 * o64) @ (probes * probes))
     probe_rms = float(np.sqrt(np.mean(probes ** 2)))
-    row_norm = np.linalg.norm(l64, axis=1)
+    row_norm = np.sqrt(np.einsum("ij,ij->i", l64, l64))
     product = probe_rms * row_norm[:, None] * (EPS64 * math.sqrt(l64.shape[1]) * v_bound + drift)
     bound = CHECK_SLACK * (rounding + product)
     if not np.isfinite(bound).all():
@@ -142,7 +152,18 @@ class HiddenResident:
                             v_bound=float(np.linalg.norm(v)), drift=0.0, checkpoint=(v, np.zeros_like(v)))
             self.slots.append(st)
         self._kept: tuple | None = None  # (a, L, [A_s]) of the last forward, for its backward
+        self._f64: dict = {}  # key -> (source, float64 copy): what the checks and tracking read
         self.fetches = 0
+
+    def _as64(self, key, x: np.ndarray) -> np.ndarray:
+        """x in float64, converted once however many checks read it (a reused buffer)."""
+        got = self._f64.get(key)
+        if got is not None and got[0] is x:
+            return got[1]
+        buf = got[1] if got is not None and got[1].shape == x.shape else np.empty(x.shape)
+        np.copyto(buf, x)
+        self._f64[key] = (x, buf)
+        return buf
 
     # -- state ----------------------------------------------------------------------
     def state_name(self, shard: int) -> str:
@@ -199,16 +220,16 @@ class HiddenResident:
     def forward_operands(self, a: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
         """Each slot's A_s = L a[:, Q_s] M_s for this step (a fresh L), kept for the backward."""
         rowmix = RowMix(a.shape[0], rng, clear=self.clear)
-        mixed = rowmix.apply(a)
-        operands = [st.mix.right(mixed[:, st.units], self.dtype) for st in self.slots]
+        mixed = rowmix.apply(np.asarray(a, dtype=self.dtype))
+        operands = [st.mix.right(np.take(mixed, st.units, axis=1), self.dtype) for st in self.slots]
         self._kept = (a, rowmix, operands)
         return operands
 
     def combine_forward(self, results: list[np.ndarray]) -> np.ndarray:
         """z = L^T sum_s (A_s V_s), float64."""
         assert self._kept is not None
-        total = np.zeros(results[0].shape)
-        for r in results:
+        total = np.array(results[0], dtype=self.dtype)
+        for r in results[1:]:
             total += r
         return self._kept[1].apply(total, transposed=True)
 
@@ -219,7 +240,7 @@ class HiddenResident:
             self.forward_operands(a, rng)
         assert self._kept is not None
         _, rowmix, operands = self._kept
-        sent = rowmix.apply(dz).astype(self.dtype)
+        sent = rowmix.apply(np.asarray(dz, dtype=self.dtype))
         for st, op in zip(self.slots, operands):
             st.version += 1
             st.log.append(Update(version=st.version, a=op, dz=sent, lr=float(lr)))
@@ -229,23 +250,24 @@ class HiddenResident:
         """da (b, n) = [(L^T D V_s^T) M_s^T on each block]."""
         assert self._kept is not None
         rowmix = self._kept[1]
-        da = np.empty((b, self.basis.units))
+        da = np.empty((b, self.basis.units), dtype=self.dtype)
         for st, r in zip(self.slots, results):
-            da[:, st.units] = st.mix.right(rowmix.apply(r, transposed=True), transposed=True)
+            da[:, st.units] = st.mix.right(rowmix.apply(np.asarray(r, dtype=self.dtype), transposed=True),
+                                           self.dtype, transposed=True)
         return da
 
     def track(self) -> None:
         """Follow the issued update on every slot's probes (after the backward's results are
         checked against the state before it)."""
-        for st in self.slots:
+        for s, st in enumerate(self.slots):
             u = st.log[-1]
-            a64, d64 = u.a.astype(np.float64), u.dz.astype(np.float64)
+            a64, d64 = self._as64(("a", s), u.a), self._as64("dz", u.dz)
             steps = ((st.bufr, st.vr, a64.T @ (d64 @ st.probes)), (st.qbuf, st.qv, (a64 @ st.left).T @ d64))
             for buf, value, g in steps:
                 buf *= MOMENTUM
                 buf += g
                 value += u.lr * buf
-            g_bound = float(np.linalg.norm(a64)) * float(np.linalg.norm(d64))
+            g_bound = _frobenius(a64) * _frobenius(d64)
             st.v_bound += u.lr * g_bound / (1.0 - MOMENTUM)
             st.drift += u.lr * EPS64 * g_bound * math.sqrt(a64.shape[0]) / (1.0 - MOMENTUM)
         self._kept = None
@@ -263,11 +285,11 @@ class HiddenResident:
             dz = own[0].dz
             if out.shape != (dz.shape[0], k):
                 return f"result shape {out.shape}, expected {(dz.shape[0], k)}"
-            return probe_check(out, dz, st.left, st.qv.T, self.eps, st.v_bound, st.drift)
+            return probe_check(out, self._as64("dz", dz), st.left, st.qv.T, self.eps, st.v_bound, st.drift)
         a = arrays["a"]
         if out.shape != (a.shape[0], self.width):
             return f"result shape {out.shape}, expected {(a.shape[0], self.width)}"
-        return probe_check(out, a, st.probes, st.vr, self.eps, st.v_bound, st.drift)
+        return probe_check(out, self._as64(("a", shard), a), st.probes, st.vr, self.eps, st.v_bound, st.drift)
 
     def check_state(self, shard: int, state: np.ndarray) -> str | None:
         st = self.slots[shard]
