@@ -226,6 +226,7 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
             server.give_up = problem
             if not server.wait_for_nodes(nodes, give_up=problem):
                 raise RuntimeError(f"bench: the {nodes} node processes did not start: {server.wait_problem}")
+            problem.connected()  # type: ignore[attr-defined]
             trainer = Trainer(preset, inputs, compute)
             snap = lambda: _snapshot(server, compute)  # noqa: E731
             if minibatch:  # warm-up (statics, handshakes) outside every figure

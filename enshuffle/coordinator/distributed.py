@@ -761,6 +761,7 @@ class DistributedCompute:
         if self.resident is not None:
             if which != "train" or self._resident_home():  # the test pass is never shipped
                 x = self.images[which] if idx is None else self.images[which][idx]
+                self._keepalive()  # a test pass at home is long: nodes hear from us between its products
                 return x @ w1
             if self._train_batch is None:
                 self._train_batch = self.images["train"].shape[0] if idx is None else len(idx)
@@ -970,6 +971,7 @@ class DistributedCompute:
         G (H w) is a @ w."""
         if layer in self._momentum_layers:
             if self._forward_which != "train" or self._hidden_home(layer, a.shape[0]):
+                self._keepalive()
                 return a @ w  # the test pass, or a layer that stays here: w is the trainer's
             return self._hidden_forward(a, layer).astype(w.dtype, copy=False)
         if layer not in self.unit_blocks or not self.ships(f"a_w{layer}", *a.shape, w.shape[1]):
