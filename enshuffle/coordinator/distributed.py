@@ -363,6 +363,7 @@ class DistributedCompute:
             self.unit_blocks[layer] = list(hr.basis.blocks)
         self._hidden_secrets: dict[int, tuple] = {}  # layer -> the forward's secrets, for its backward
         self._train_batch: int | None = None  # rows of a training step (the first one seen)
+        self._audit_rows: np.ndarray | None = None
         self._resident_local: bool | None = None
         self.round_trips = 0  # executor.run calls: each is one round trip to every slot's node
         self.executor = executor_factory(self)
@@ -472,6 +473,22 @@ class DistributedCompute:
                 column_pixel = st.pixels[dominant]
             out[static_name(w, shard)] = {"pixels": st.pixels.copy(), "row_order": st.row_order[w].copy(),
                                           "column_pixel": column_pixel, "which": w}
+        return out
+
+    def audit_hidden(self) -> None:
+        """Keep, for `enshuffle audit`'s scorer, each resident hidden layer's per-step secrets
+        (its row mixings and the batch's rows); never sent anywhere."""
+        for hr in self.hidden_resident.values():
+            hr.audit = {}
+
+    def audit_hidden_truth(self, shard: int) -> dict:
+        """Ground truth of slot `shard`'s resident hidden layers: per state name, its units Q_s,
+        its mixing blocks, and what `audit_hidden` kept per version."""
+        out = {}
+        for hr in self.hidden_resident.values():
+            st = hr.slots[shard]
+            out[hr.state_name(shard)] = {"units": st.units.copy(), "mix_blocks": [m.copy() for m in st.mix.blocks],
+                                         "mix_bounds": list(st.mix.bounds), "steps": dict(hr.audit or {})}
         return out
 
     def _send(self, batches) -> tuple[list, list]:
@@ -677,6 +694,8 @@ class DistributedCompute:
             w1_momentum_step(params, opt, g, lr, name)
             return da
         hr = self.hidden_resident[layer]
+        if hr.audit is not None:
+            hr.audit_rows = self._audit_rows
         hr.backward_operands(a, dz, lr, self.rng)
         batches = []
         for s, st in enumerate(hr.slots):
@@ -765,6 +784,7 @@ class DistributedCompute:
                 return x @ w1
             if self._train_batch is None:
                 self._train_batch = self.images["train"].shape[0] if idx is None else len(idx)
+            self._audit_rows = self._rows("train", idx)  # the step's rows, for the audit's ground truth
             return self._resident_forward(self._rows("train", idx)).astype(w1.dtype, copy=False)
         if not self.ships("x_w1", self.images[which].shape[0] if idx is None else len(idx),
                           self._active_pixels(), w1.shape[1]):

@@ -160,6 +160,10 @@ class HiddenResident:
         self._kept: tuple | None = None  # (a, L, [A_s]) of the last forward, for its backward
         self._f64: dict = {}  # key -> (source, float64 copy): what the checks and tracking read
         self.fetches = 0
+        # `enshuffle audit` only (None otherwise): version -> (L's blocks, L's tail, the batch's
+        # training rows) of every issued update, the scorer's ground truth; never sent
+        self.audit: dict[int, tuple] | None = None
+        self.audit_rows: np.ndarray | None = None
 
     def _as64(self, key, x: np.ndarray) -> np.ndarray:
         """x in float64, converted once however many checks read it (a reused buffer)."""
@@ -251,6 +255,9 @@ class HiddenResident:
         for st, op in zip(self.slots, operands):
             st.version += 1
             st.log.append(Update(version=st.version, a=op, dz=sent, lr=float(lr)))
+        if self.audit is not None:
+            self.audit[self.slots[0].version] = (np.array(rowmix.stack), np.array(rowmix.tail),
+                                                 None if self.audit_rows is None else self.audit_rows.copy())
         return operands, sent
 
     def combine_backward(self, results: list[np.ndarray], b: int) -> np.ndarray:
