@@ -36,7 +36,9 @@ from enshuffle.coordinator.resident import MIX_GROUP
 from enshuffle.coordinator.resident_hidden import ROW_GROUP
 from enshuffle.kernels import ResidentState
 
-ZERO_REL = 1e-5  # |r . column| below this share of the row's largest entry counts as an exact zero
+ZERO_REL = 1e-6  # |r . column| below this share of the row's largest entry counts as an exact zero
+SPARE_ZEROS = 4  # exact zeros beyond the k - 1 that any direction can be made to have
+CANDIDATES = 12  # columns tried as a sample's direction per peel
 MAX_STEPS = 12  # steps whose row groups are unmixed (spread over the run)
 MAX_UNIT_ROWS = 4000  # rows the unit unmixing uses
 
@@ -104,59 +106,149 @@ def single_sample(c: np.ndarray, z: np.ndarray) -> bool:
         return True
     y = np.abs(c @ z)
     zero = y <= ZERO_REL * float(y.max())
-    if np.count_nonzero(zero) < k - 1:
+    if np.count_nonzero(zero) < k - 1 + SPARE_ZEROS:  # any k - 1 columns have a direction zeroing them
         return False
     s = np.linalg.svd(z[:, zero], compute_uv=False)
     return bool(s[k - 2] > 1e-3)
 
 
+def polish(c: np.ndarray, z: np.ndarray, rng: np.random.Generator, rounds: int = 6) -> np.ndarray:
+    """c moved onto the exact null space of the columns it (nearly) zeroes; when that space has
+    more than one dimension (a sparser sample hides in it), the sparsest direction within it."""
+    k = z.shape[0]
+    for _ in range(rounds):
+        y = np.abs(c @ z)
+        near = y <= max(1e-3 * float(y.max()), float(np.sort(y)[min(k - 2, y.shape[0] - 1)]) if k > 1 else 0.0)
+        u, s, _ = np.linalg.svd(z[:, near], full_matrices=True)
+        s = np.concatenate([s, np.zeros(k - s.shape[0])]) if s.shape[0] < k else s
+        null = u[:, s <= 1e-5 * max(float(s[0]), 1e-300)]
+        if null.shape[1] == 0:
+            return c
+        c = null @ (null.T @ c)
+        if np.linalg.norm(c) < 1e-9:
+            c = null[:, 0]
+        c = c / np.linalg.norm(c)
+        if null.shape[1] == 1:
+            return c
+        sub = _unit_columns(null.T @ z)
+        if sub.shape[1] < null.shape[1]:
+            return c
+        # within it, the column direction zeroing most of the others (one sample alone on there)
+        counts = np.count_nonzero(np.abs(sub.T @ sub) <= ZERO_REL, axis=1)
+        c = null @ sub[:, int(np.argmax(counts))]
+    return c
+
+
 def unmix_rows(d: np.ndarray, rng: np.random.Generator, starts: int = 3, rounds: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Rows r (orthonormal, (g, g)) such that r @ d is one sample's sparse row, for d = L_g dz_g
-    with L_g orthogonal: found one by one in the complement of those certified (`single_sample`);
-    when no certified one is found, the rest span what is left, uncertified.
+    with L_g orthogonal, peeled one at a time. A column of d where one sample alone is on is
+    that sample's row of L_g itself: every column is a candidate, and one whose direction zeroes
+    many columns exactly is certified (`single_sample`), projected out of the others (a column
+    where two were on becomes the other's), and so on; when no column is, a reweighted-l1
+    search on the sphere (`sparse_direction`, `polish`). What is never certified stays mixed.
     Returns (rows, certified)."""
     g = d.shape[0]
     d = np.asarray(d, dtype=np.float64)
-    basis = np.eye(g)
+    # samples whose row is zero throughout are invisible: search d's column space only
+    u, s, _ = np.linalg.svd(_unit_columns(d), full_matrices=True)
+    s = np.concatenate([s, np.zeros(g - s.shape[0])]) if s.shape[0] < g else s
+    basis = u[:, s > 1e-5 * max(float(s[0]), 1e-300)]
+    hidden = u[:, s <= 1e-5 * max(float(s[0]), 1e-300)]
+    full = _unit_columns(d)
     rows: list[np.ndarray] = []
     while basis.shape[1] > 0:
         k = basis.shape[1]
         z = _unit_columns(basis.T @ d)
         c = np.ones(1) if k == 1 else None
-        for _ in range(rounds if k > 1 and z.shape[1] >= k else 0):
+        if c is None and z.shape[1] >= k:
+            # candidates: the columns themselves, most exact zeros first
+            counts = np.count_nonzero(np.abs(z.T @ z) <= ZERO_REL, axis=1)
+            for u in np.argsort(-counts)[:CANDIDATES]:
+                cand = z[:, u] if single_sample(z[:, u], z) else polish(z[:, u], z, rng)
+                if single_sample(cand, z):
+                    c = cand
+                    break
+        for _ in range(rounds if c is None and k > 1 and z.shape[1] >= k else 0):
             cand, _ = sparse_direction(z, rng, starts=starts)
+            cand = polish(cand, z, rng)
             if single_sample(cand, z):
                 c = cand
                 break
         if c is None:
             break
         r = basis @ c
-        rows.append(r / np.linalg.norm(r))
+        r = r / np.linalg.norm(r)
+        # in the whole space too: the columns r zeroes, with the rows found and the invisible
+        # directions, span all of r's complement (a mixture of two rows left would not)
+        y = np.abs(r @ full)
+        span = np.hstack([full[:, y <= ZERO_REL * float(y.max())], np.array(rows).reshape(-1, g).T, hidden])
+        sv = np.linalg.svd(span, compute_uv=False) if span.shape[1] else np.zeros(0)
+        if np.count_nonzero(sv > 1e-3) < g - 1:
+            break
+        rows.append(r)
         u = np.linalg.svd(basis - np.outer(rows[-1], rows[-1] @ basis), full_matrices=False)[0]
         basis = u[:, :k - 1]
-    certified = [True] * len(rows) + [False] * basis.shape[1]
-    rows.extend(basis.T)
+    certified = [True] * len(rows) + [False] * (g - len(rows))
+    # what is left, as close to the rows as sent as it can be (a sent row there stays itself)
+    rest = np.hstack([basis, hidden])
+    if rest.shape[1]:
+        proj = rest @ rest.T
+        pick = np.sort(np.argsort(-np.linalg.norm(proj, axis=0))[:rest.shape[1]])
+        rows.extend(np.linalg.qr(proj[:, pick])[0].T)
     return np.array(rows), np.array(certified, dtype=bool)
+
+
+def _ica_unmixing(y: np.ndarray, rng: np.random.Generator, iters: int = 200) -> np.ndarray:
+    """Symmetric FastICA (cube contrast) on y's rows: (d, d) columns c, each y @ c one source."""
+    x = y - y.mean(axis=0)
+    vals, vecs = np.linalg.eigh(x.T @ x / x.shape[0])
+    keep = vals > vals.max() * 1e-10
+    white = vecs[:, keep] / np.sqrt(vals[keep])
+    z = x @ white
+    r = z.shape[1]
+    w = np.linalg.qr(rng.standard_normal((r, r)))[0]
+    for _ in range(iters):
+        w_new = (z.T @ (z @ w) ** 3) / z.shape[0] - 3.0 * w
+        u, _, vt = np.linalg.svd(w_new, full_matrices=False)
+        w_new = u @ vt
+        done = np.max(np.abs(np.abs(np.sum(w_new * w, axis=0)) - 1.0)) < 1e-8
+        w = w_new
+        if done:
+            break
+    return white @ w
+
+
+def _zero_polish(c: np.ndarray, rows: np.ndarray, share: float = 0.3, iters: int = 12) -> np.ndarray:
+    """Trimmed least squares: c the null direction of the `share` of rows it makes smallest."""
+    n = max(rows.shape[1], int(share * rows.shape[0]))
+    for _ in range(iters):
+        near = np.argsort(np.abs(rows @ c))[:n]
+        c = np.linalg.svd(rows[near], full_matrices=False)[2][-1]
+    return c
 
 
 def unmix_units(y: np.ndarray, rng: np.random.Generator, want: int, tries: int | None = None) -> np.ndarray:
     """Columns c (d, found) of an unmixing of y = X M (X non-negative with exact zeros, M dense
-    (d, d)): each c makes y @ c exactly zero on many rows; distinct up to sign (|cos| < 0.99)."""
+    (d, d)): FastICA gets each source roughly, trimmed least squares on the rows it nearly zeroes
+    makes it exact; kept when y @ c is exactly zero on at least 5% of the rows, distinct up to
+    sign (|cos| < 0.99)."""
     d = y.shape[1]
-    rows = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-300)
-    rows = rows[np.linalg.norm(y, axis=1) > 0]
-    found: list[np.ndarray] = []
+    y = np.asarray(y, dtype=np.float64)
+    norms = np.linalg.norm(y, axis=1)
+    rows = y[norms > 0] / norms[norms > 0, None]
+    if rows.shape[0] < 2 * d:
+        return np.zeros((d, 0))
     need = max(d, int(0.05 * rows.shape[0]))
-    for _ in range(tries or 4 * want):
+    found: list[np.ndarray] = []
+    for attempt in range(tries or 3):
+        for c in _ica_unmixing(rows, rng).T:
+            c = _zero_polish(c / np.linalg.norm(c), rows)
+            if _exact_zeros(rows @ c) < need or any(abs(float(c @ f)) > 0.99 for f in found):
+                continue
+            found.append(c)
         if len(found) >= want:
             break
-        c, z = sparse_direction(rows.T, rng, starts=1)
-        if z < need:
-            continue
-        if any(abs(float(c @ f)) > 0.99 for f in found):
-            continue
-        found.append(c)
-    return np.array(found).T if found else np.zeros((d, 0))
+    return np.array(found[:want]).T if found else np.zeros((d, 0))
 
 
 def _replay_state(messages: list[RecordedMessage], state: str) -> np.ndarray | None:

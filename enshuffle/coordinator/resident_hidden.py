@@ -214,6 +214,10 @@ class HiddenResident:
         between), then a forward of `a`, a backward (the last update's delta through V before it)
         or a fetch of the state."""
         st = self.slots[shard]
+        if fetch and a is None and start == version and any(u.version == version for u in st.log):
+            # a node already at `version` (its backward applied the update): the fetch carries
+            # that update again, which it skips, since a batch carries at least one array
+            start = version - 1
         updates = [u for u in st.log if start < u.version <= version]
         params = {"state": self.state_name(shard), "from": int(start), "version": int(version),
                   "momentum": MOMENTUM, "lr": [float(u.lr) for u in updates], "fetch": bool(fetch)}

@@ -1,0 +1,128 @@
+"""`enshuffle audit` against resident hidden layers: the attacker plays slot 0's node on a real
+in-process run (784-48-40-10 ReLU, layer 2 resident on 2 slots, float32 as on the wire), then is
+scored against the coordinator's ground truth.
+
+- the row unmixing from dz's exact zeros undoes the fresh row mixing L: rows it certifies are
+  one sample's (checked against the true L), and they are a large share of the rows;
+- the resident-clear control: every row is one sample's and the class grouping of its dz rows
+  is far above chance, so the figures mean something;
+- the certificate is sound: a mixture of two samples' rows is never certified;
+- the node's replayed V is the coordinator's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from enshuffle import model
+from enshuffle.audit.hidden import attack_hidden, single_sample, unmix_rows, _unit_columns
+from enshuffle.audit.hidden_score import score_hidden
+from enshuffle.audit.recording import RecordedMessage
+from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
+from enshuffle.coordinator.training import Trainer
+from wire_util import TEST_SECRET, load_inputs
+
+LIMIT = 1500
+LAYERS = (784, 48, 128, 10)
+
+
+class RecordingExecutor(InProcessExecutor):
+    """Keeps what slot 0's node accepts, as `enshuffle node --record` does."""
+
+    def __init__(self, compute):
+        self.messages: list[RecordedMessage] = []
+        super().__init__(compute)
+
+    def _load(self, shard: int) -> None:
+        super()._load(shard)
+        if shard == 0:
+            for name, array in self._compute.static_arrays(0).items():
+                header = {"name": name, **self._compute.static_fields(0, name)}
+                self.messages.append(RecordedMessage(len(self.messages), "STATIC", header, {"x": np.array(array)}))
+
+    def run(self, batches):
+        for b in batches:
+            if b.shard == 0:
+                header = {"op": b.op, "params": dict(b.params)}
+                self.messages.append(RecordedMessage(len(self.messages), "BATCH", header,
+                                                     {k: np.array(v) for k, v in b.arrays.items()}))
+        return super().run(batches)
+
+
+def _recorded_run(data_dir, disguise: str, steps: int):
+    preset = model.get_preset("default", epochs=1, dtype="float32", layers=LAYERS, activation="relu")
+    inputs = load_inputs(data_dir, preset, LIMIT)
+    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(5), RecordingExecutor, disguise=disguise,
+                                 offload="matmul", layers=preset.layers)
+    compute.audit_hidden()
+    trainer = Trainer(preset, inputs, compute, secret=TEST_SECRET)
+    for _ in range(steps):
+        trainer.run_step()
+    trainer.sync()
+    truth = compute.audit_hidden_truth(0)
+    for state, t in truth.items():
+        t["labels"] = np.asarray(inputs.train_labels)
+        t["w_final"] = np.asarray(trainer.params["w2"], dtype=np.float64)
+    return compute, trainer, compute.executor.messages, truth
+
+
+@pytest.fixture(scope="module")
+def resident(core_data_dir):
+    return _recorded_run(core_data_dir, "resident", 6)
+
+
+@pytest.fixture(scope="module")
+def clear(core_data_dir):
+    return _recorded_run(core_data_dir, "resident-clear", 6)
+
+
+def test_row_unmixing_from_dz_zeros_undoes_the_fresh_row_mixing(resident):
+    compute, trainer, messages, truth = resident
+    claims = attack_hidden(messages, np.random.default_rng(0), max_steps=2)
+    assert set(claims) == {"w2.0"}
+    figures = score_hidden(claims, truth, np.random.default_rng(1))
+    steps = truth["w2.0"]["steps"]
+    # every certified row is one sample's: |r . L_g[:, j]| = 1 for one j
+    certified = single = 0
+    for version, lo, rows, ok in claims["w2.0"].row_unmix:
+        stack, tail = steps[version][0], steps[version][1]
+        lg = stack[lo // 32] if lo // 32 < stack.shape[0] else tail
+        single += int(np.count_nonzero(np.abs(rows[ok] @ lg).max(axis=1) > 0.999))
+        certified += int(ok.sum())
+    # (two samples whose dz rows are proportional cannot be told apart by D: a rotation of the pair)
+    assert certified > 0 and single >= 0.95 * certified
+    # what the scorer reports: a large share of rows unmixed, where a mixed row is never one sample
+    assert figures["hidden_rows_single_sample"] >= 0.3
+
+
+def test_the_node_replays_its_own_v_as_the_coordinator_tracks_it(resident):
+    compute, trainer, messages, truth = resident
+    claims = attack_hidden(messages, np.random.default_rng(0), max_steps=1)
+    hr = compute.hidden_resident[2]
+    v = claims["w2.0"].v_final
+    assert v is not None
+    w = hr.basis.to_units([v, hr.slots[1].checkpoint[0]])[hr.slots[0].units]
+    assert np.allclose(w, trainer.params["w2"][hr.slots[0].units], rtol=1e-4, atol=1e-6)
+
+
+def test_the_clear_control_is_broken(clear):
+    compute, trainer, messages, truth = clear
+    claims = attack_hidden(messages, np.random.default_rng(0), max_steps=2)
+    figures = score_hidden(claims, truth, np.random.default_rng(1))
+    assert figures["hidden_rows_single_sample"] >= 0.95
+    assert figures["hidden_labels_grouping_ari"] > 0.2
+
+
+def test_a_mixture_of_two_samples_is_never_certified():
+    rng = np.random.default_rng(3)
+    s = rng.standard_normal((32, 200)) * (rng.random((32, 200)) < 0.3)  # sparse dz-like rows
+    lg = np.linalg.qr(rng.standard_normal((32, 32)))[0]
+    d = lg @ s
+    z = _unit_columns(d)
+    assert single_sample(lg[:, 0], z)
+    mix = (lg[:, 0] + lg[:, 1]) / np.sqrt(2)
+    assert not single_sample(mix, z)
+    rows, ok = unmix_rows(d, rng)
+    assert ok.sum() >= 16
+    assert np.all(np.abs(rows[ok] @ lg).max(axis=1) > 0.999)
