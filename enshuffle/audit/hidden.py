@@ -97,10 +97,29 @@ def sparse_direction(y: np.ndarray, rng: np.random.Generator, starts: int = 3, i
     return best
 
 
+def _robust_rank(cols: np.ndarray, extra: np.ndarray | None = None) -> int:
+    """The rank of [cols, extra] once every column of `cols` the rank depends on alone (leverage
+    1: a direction can always be chosen to zero a few columns more than its structure does) is
+    dropped."""
+    if cols.shape[1] == 0:
+        return 0 if extra is None else int(np.linalg.matrix_rank(extra, tol=1e-6)) if extra.size else 0
+    both = cols if extra is None or not extra.size else np.hstack([cols, extra])
+    u, s, vt = np.linalg.svd(both, full_matrices=False)
+    rank = int(np.count_nonzero(s > 1e-6 * float(s[0])))
+    lev = np.sum(vt[:rank, :cols.shape[1]] ** 2, axis=0)
+    kept = cols[:, lev < 0.99]
+    both = kept if extra is None or not extra.size else np.hstack([kept, extra])
+    if both.shape[1] == 0:
+        return 0
+    s = np.linalg.svd(both, compute_uv=False)
+    return int(np.count_nonzero(s > 1e-6 * float(s[0])))
+
+
 def single_sample(c: np.ndarray, z: np.ndarray) -> bool:
     """Is direction c (in z's space, z (k, N) unit columns) one sample's row? A mixture of rows
-    is exactly zero only on columns where all of its samples are off, and those span at most
-    k - (its sample count) dimensions; one sample's zero columns span k - 1."""
+    is exactly zero only on columns where all of its samples are off (and on as many more as its
+    free ratios can be tuned to), and those span at most k - (its sample count) dimensions; one
+    sample's zero columns span k - 1, without depending on any single column."""
     k = z.shape[0]
     if k == 1:
         return True
@@ -108,8 +127,7 @@ def single_sample(c: np.ndarray, z: np.ndarray) -> bool:
     zero = y <= ZERO_REL * float(y.max())
     if np.count_nonzero(zero) < k - 1 + SPARE_ZEROS:  # any k - 1 columns have a direction zeroing them
         return False
-    s = np.linalg.svd(z[:, zero], compute_uv=False)
-    return bool(s[k - 2] > 1e-3)
+    return _robust_rank(z[:, zero]) >= k - 1
 
 
 def polish(c: np.ndarray, z: np.ndarray, rng: np.random.Generator, rounds: int = 6) -> np.ndarray:
@@ -181,9 +199,7 @@ def unmix_rows(d: np.ndarray, rng: np.random.Generator, starts: int = 3, rounds:
         # in the whole space too: the columns r zeroes, with the rows found and the invisible
         # directions, span all of r's complement (a mixture of two rows left would not)
         y = np.abs(r @ full)
-        span = np.hstack([full[:, y <= ZERO_REL * float(y.max())], np.array(rows).reshape(-1, g).T, hidden])
-        sv = np.linalg.svd(span, compute_uv=False) if span.shape[1] else np.zeros(0)
-        if np.count_nonzero(sv > 1e-3) < g - 1:
+        if _robust_rank(full[:, y <= ZERO_REL * float(y.max())], np.hstack([np.array(rows).reshape(-1, g).T, hidden])) < g - 1:
             break
         rows.append(r)
         u = np.linalg.svd(basis - np.outer(rows[-1], rows[-1] @ basis), full_matrices=False)[0]
