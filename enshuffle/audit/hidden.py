@@ -39,7 +39,7 @@ from enshuffle.kernels import ResidentState
 ZERO_REL = 1e-6  # |r . column| below this share of the row's largest entry counts as an exact zero
 SPARE_ZEROS = 4  # exact zeros beyond the k - 1 that any direction can be made to have
 CANDIDATES = 12  # columns tried as a sample's direction per peel
-MAX_STEPS = 12  # steps whose row groups are unmixed (spread over the run)
+MAX_STEPS = 32  # steps whose row groups are unmixed
 MAX_UNIT_ROWS = 4000  # rows the unit unmixing uses
 
 
@@ -76,15 +76,16 @@ def _unit_columns(y: np.ndarray) -> np.ndarray:
     return y[:, keep] / n[keep]
 
 
-def sparse_direction(y: np.ndarray, rng: np.random.Generator, starts: int = 3, iters: int = 30) -> tuple[np.ndarray, int]:
+def sparse_direction(y: np.ndarray, rng: np.random.Generator, starts: int = 3,
+                     iters: int = 30) -> tuple[np.ndarray, int]:
     """A unit vector c making c @ y sparse (reweighted l1 on the sphere: c the smallest eigenvector
     of sum_u w_u y_u y_u^T, w_u = 1 / max(|c . y_u|, delta), delta shrinking), the best of `starts`
     random starts by its count of exact zeros. y (d, N) with unit columns."""
     d = y.shape[0]
     best: tuple[np.ndarray, int] | None = None
     for _ in range(starts):
-        c = rng.standard_normal(d)
-        c /= np.linalg.norm(c)
+        c: np.ndarray = rng.standard_normal((d,))
+        c = c / np.linalg.norm(c)
         delta = 0.3
         for _ in range(iters):
             w = 1.0 / np.maximum(np.abs(c @ y), delta)
@@ -157,7 +158,8 @@ def polish(c: np.ndarray, z: np.ndarray, rng: np.random.Generator, rounds: int =
     return c
 
 
-def unmix_rows(d: np.ndarray, rng: np.random.Generator, starts: int = 3, rounds: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def unmix_rows(d: np.ndarray, rng: np.random.Generator, starts: int = 3,
+               rounds: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Rows r (orthonormal, (g, g)) such that r @ d is one sample's sparse row, for d = L_g dz_g
     with L_g orthogonal, peeled one at a time. A column of d where one sample alone is on is
     that sample's row of L_g itself: every column is a candidate, and one whose direction zeroes
@@ -199,7 +201,8 @@ def unmix_rows(d: np.ndarray, rng: np.random.Generator, starts: int = 3, rounds:
         # in the whole space too: the columns r zeroes, with the rows found and the invisible
         # directions, span all of r's complement (a mixture of two rows left would not)
         y = np.abs(r @ full)
-        if _robust_rank(full[:, y <= ZERO_REL * float(y.max())], np.hstack([np.array(rows).reshape(-1, g).T, hidden])) < g - 1:
+        known = np.hstack([np.array(rows).reshape(-1, g).T, hidden])
+        if _robust_rank(full[:, y <= ZERO_REL * float(y.max())], known) < g - 1:
             break
         rows.append(r)
         u = np.linalg.svd(basis - np.outer(rows[-1], rows[-1] @ basis), full_matrices=False)[0]
@@ -319,7 +322,10 @@ def attack_hidden(messages: list[RecordedMessage], rng: np.random.Generator, max
         layer = int(state.split(".")[0][1:])
         k = steps[0][1].shape[1]
         claims = HiddenClaims(state=state, layer=layer, units=k, steps=len(steps))
-        picked = np.unique(np.linspace(0, len(steps) - 1, min(max_steps, len(steps))).round().astype(int))
+        # the first steps (dz densest in live units before many die) and the rest spread over the run
+        first = np.arange(min(max_steps // 2, len(steps)))
+        spread = np.linspace(0, len(steps) - 1, min(max_steps - first.shape[0], len(steps))).round().astype(int)
+        picked = np.unique(np.concatenate([first, spread]))
         single_a, single_d, where = [], [], []
         for i in picked:
             version, a, dz = steps[i]
@@ -347,7 +353,7 @@ def attack_hidden(messages: list[RecordedMessage], rng: np.random.Generator, max
             y = y[rng.choice(y.shape[0], MAX_UNIT_ROWS, replace=False)]
         v = _replay_state(messages, state)
         claims.v_final = v
-        w_rows = np.zeros((k, v.shape[1])) if v is not None else None
+        w_rows = None if v is None else np.array(v)  # a block not unmixed: claimed as held
         for lo in range(0, k, MIX_GROUP):
             hi = min(lo + MIX_GROUP, k)
             cols = unmix_units(y[:, lo:hi], rng, hi - lo)

@@ -36,7 +36,7 @@ def save_hidden_truth(truth: dict[str, dict], path) -> None:
             arrays[f"{state}/step/{v}/tail"] = tail
             if rows is not None:
                 arrays[f"{state}/step/{v}/rows"] = rows
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]
 
 
 def load_hidden_truth(path) -> dict[str, dict]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from enshuffle.audit.attacks import Public, attack
 from enshuffle.audit.hidden import attack_hidden
-from enshuffle.audit.hidden_score import load_hidden_truth, save_hidden_truth, score_hidden
+from enshuffle.audit.hidden_score import save_hidden_truth, score_hidden
 from enshuffle.audit.recording import load_recording
 from enshuffle.audit.scoring import TARGETS, Truth, meets_targets, score
 from enshuffle.coordinator.admission import Admission
