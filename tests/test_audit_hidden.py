@@ -4,8 +4,9 @@ scored against the coordinator's ground truth.
 
 - the row unmixing from dz's exact zeros undoes the fresh row mixing L: rows it certifies are
   one sample's (checked against the true L), and they are a large share of the rows;
-- the resident-clear control: every row is one sample's and the class grouping of its dz rows
-  is far above chance, so the figures mean something;
+- the resident-clear control: every row is one sample's, the class grouping of its dz rows
+  is far above chance, its units and its w block come out, so the figures mean something;
+- the unit unmixing claims no column it has not certified (on resident it finds none);
 - the certificate is sound: a mixture of two samples' rows is never certified;
 - the node's replayed V is the coordinator's.
 """
@@ -112,6 +113,19 @@ def test_the_clear_control_is_broken(clear):
     figures = score_hidden(claims, truth, np.random.default_rng(1))
     assert figures["hidden_rows_single_sample"] >= 0.95
     assert figures["hidden_labels_grouping_ari"] > 0.2
+    # no mixing of units: the columns as sent are certified, and the w block is the node's V
+    assert figures["hidden_units_unmixed"] >= 0.5 and figures["hidden_unit_purity_mean"] > 0.99
+    assert figures["hidden_w_block_corr"] > 0.99
+
+
+def test_unit_unmixing_claims_only_what_it_certifies(resident):
+    compute, trainer, messages, truth = resident
+    claims = attack_hidden(messages, np.random.default_rng(0), max_steps=2)
+    mix = truth["w2.0"]["mix_blocks"]
+    for (lo, hi, cols), m in zip(claims["w2.0"].unit_unmix, mix):
+        if cols.shape[1]:
+            v = m @ cols
+            assert np.all(np.abs(v).max(axis=0) / np.linalg.norm(v, axis=0) > 0.99)
 
 
 def test_a_mixture_of_two_samples_is_never_certified():

@@ -243,3 +243,19 @@ def test_the_deltas_a_node_is_sent_keep_no_exact_zeros_of_the_off_units(core_dat
         assert (zeros > 0.4) if expect_zeros else (zeros < 0.01)
         a_zeros = np.count_nonzero(operands[0] == 0) / operands[0].size
         assert (a_zeros > 0.4) if expect_zeros else (a_zeros < 0.01)
+
+
+def test_a_fetch_from_a_node_already_at_the_version_carries_the_update_again(core_data_dir):
+    """A batch carries at least one array: a hidden state's fetch for a node whose backward has
+    already applied the step's update carries that update once more, which the node skips."""
+    dist, _, compute = _pair(core_data_dir, 2, "float64")
+    dist.run_step()
+    hr = compute.hidden_resident[2]
+    st = hr.slots[0]
+    assert st.version > st.checkpoint_version
+    params, arrays = hr.batch(0, st.version, st.version, fetch=True)
+    assert arrays and params["from"] == st.version - 1
+    state = compute.executor.states[0][hr.state_name(0)]
+    assert state.version == st.version
+    out = compute_batch("resident", params, arrays, {}, states={hr.state_name(0): state})
+    assert state.version == st.version and hr.check_state(0, out) is None

@@ -217,7 +217,7 @@ def unmix_rows(d: np.ndarray, rng: np.random.Generator, starts: int = 3,
     return np.array(rows), np.array(certified, dtype=bool)
 
 
-def _ica_unmixing(y: np.ndarray, rng: np.random.Generator, iters: int = 200) -> np.ndarray:
+def _ica_unmixing(y: np.ndarray, rng: np.random.Generator, iters: int = 100) -> np.ndarray:
     """Symmetric FastICA (cube contrast) on y's rows: (d, d) columns c, each y @ c one source."""
     x = y - y.mean(axis=0)
     vals, vecs = np.linalg.eigh(x.T @ x / x.shape[0])
@@ -248,8 +248,8 @@ def _zero_polish(c: np.ndarray, rows: np.ndarray, share: float = 0.3, iters: int
 
 def unmix_units(y: np.ndarray, rng: np.random.Generator, want: int, tries: int | None = None) -> np.ndarray:
     """Columns c (d, found) of an unmixing of y = X M (X non-negative with exact zeros, M dense
-    (d, d)): FastICA gets each source roughly, trimmed least squares on the rows it nearly zeroes
-    makes it exact; kept when y @ c is exactly zero on at least 5% of the rows, distinct up to
+    (d, d)): the columns as sent (right when there is no mixing), then FastICA's directions, each
+    made exact by trimmed least squares on the rows it nearly zeroes; kept when y @ c is exactly zero on at least 5% of the rows, distinct up to
     sign (|cos| < 0.99)."""
     d = y.shape[1]
     y = np.asarray(y, dtype=np.float64)
@@ -259,9 +259,12 @@ def unmix_units(y: np.ndarray, rng: np.random.Generator, want: int, tries: int |
         return np.zeros((d, 0))
     need = max(d, int(0.05 * rows.shape[0]))
     found: list[np.ndarray] = []
-    for attempt in range(tries or 3):
-        for c in _ica_unmixing(rows, rng).T:
-            c = _zero_polish(c / np.linalg.norm(c), rows)
+    # candidates: the columns as sent (no mixing at all), then FastICA's directions
+    for attempt in range(tries or 2):
+        cands = np.eye(d) if attempt == 0 else _ica_unmixing(rows, rng).T
+        for c in cands:
+            if attempt:
+                c = _zero_polish(c / np.linalg.norm(c), rows)
             if _exact_zeros(rows @ c) < need or any(abs(float(c @ f)) > 0.99 for f in found):
                 continue
             found.append(c)
