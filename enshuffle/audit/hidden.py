@@ -249,8 +249,8 @@ def _zero_polish(c: np.ndarray, rows: np.ndarray, share: float = 0.3, iters: int
 def unmix_units(y: np.ndarray, rng: np.random.Generator, want: int, tries: int | None = None) -> np.ndarray:
     """Columns c (d, found) of an unmixing of y = X M (X non-negative with exact zeros, M dense
     (d, d)): the columns as sent (right when there is no mixing), then FastICA's directions, each
-    made exact by trimmed least squares on the rows it nearly zeroes; kept when y @ c is exactly zero on at least 5% of the rows, distinct up to
-    sign (|cos| < 0.99)."""
+    made exact by trimmed least squares on the rows it nearly zeroes; kept when y @ c is exactly
+    zero on at least 5% of the rows, distinct up to sign (|cos| < 0.99)."""
     d = y.shape[1]
     y = np.asarray(y, dtype=np.float64)
     norms = np.linalg.norm(y, axis=1)
