@@ -778,9 +778,11 @@ class CoordinatorServer:
         task.session = session.node_id
         if task.batch.op == "resident":
             held = session.state_versions.get(task.batch.params["state"])
-            if held is not None and held < self.compute.replay_from(task.batch):
+            past = bool(task.batch.params.get("backward")) and held is not None and held >= task.batch.params["version"]
+            if held is not None and (held < self.compute.replay_from(task.batch) or past):
                 # it served the slot before the last checkpoint: the updates it lacks are gone from
-                # the log, so it gets the checkpoint again
+                # the log, so it gets the checkpoint again (so does a node sent this backward
+                # before, a re-issue: its state is already past the V the backward needs)
                 session.statics_held.discard(task.batch.params["state"])
                 session.state_versions.pop(task.batch.params["state"], None)
         names = [task.batch.params["a_static"]] if task.batch.params.get("a_static") else []
