@@ -10,14 +10,16 @@ checks them. The attacks, in the order they build on each other:
    goes on). D's rows in a group of ROW_GROUP are one orthogonal mixing L_g of ROW_GROUP such
    sparse rows, the same L_g as A's, and nothing else: complete orthogonal dictionary learning.
    Each row of L_g^T is a direction orthogonal to every column of D where that sample is off;
-   found one at a time (reweighted l1 on the sphere, the deflated complement for the next), and
-   certified by its count of exact zeros. A certified row r gives r D = one sample's dz row and
-   r A = that sample's a[:, Q_s] M_s.
+   peeled one at a time (`unmix_rows`) and certified by its exact zeros (`single_sample`). A
+   certified row r gives r D = one sample's dz row and r A = that sample's a[:, Q_s] M_s.
+   With the deltas' units mixed too (D = L dz N^-T, as the design now sends them), D keeps no
+   exact zeros and this certifies nothing but groups where one sample alone has a nonzero delta.
 2. Unit unmixing (M_s) from single-sample activations: ReLU activations are non-negative with
    exact zeros, so each column c of M_s^-1 (within a MIX_GROUP block) makes Y c exactly zero
    on every sample whose unit is off: the same sparse-direction search over the rows of the
-   unmixed A's, certified by exact zeros. The found columns give M_s up to order and scale, and
-   w[Q_s] = M_s V_s follows from the node's own V_s (replayed from its state and updates).
+   unmixed A's, certified by exact zeros (`unmix_units`). The found columns give M_s up to order
+   and scale, and w[Q_s] = M_s V_s (N^-1) follows from the node's own V_s (replayed from its
+   state and updates).
    Without step 1 it runs on the rows as sent (mixed over samples: no exact zeros), as an ICA
    would.
 3. Class grouping: the single-sample dz rows are k-means clustered (10 clusters, signs and
