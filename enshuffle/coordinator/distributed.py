@@ -430,7 +430,7 @@ class DistributedCompute:
         """Everything a node learns by serving slot `shard` for a run (the exposure bound's unit)."""
         out = self.static_exposure(shard) + [("w1", self.pixel_blocks[shard], self._form()),
                                              ("deltas", np.arange(self.hidden),
-                                              CLEAR if self.resident is not None else POSITIONS_HIDDEN)]
+                                              self._form() if self.resident is not None else POSITIONS_HIDDEN)]
         for layer in self.unit_blocks:
             out += self._layer_exposure(layer, shard, backward=True, rows_mixed=layer in self.hidden_resident)
         return out
@@ -599,9 +599,9 @@ class DistributedCompute:
         b = 0 if rows is None else rows.shape[0]
         updates = params["version"] - params["from"]
         work = float(updates * (arrays["update_rows"].shape[1] if updates else 0) * k * m + b * k * m)
-        # dz1 reaches the node as it is (its weights' columns are the hidden units): clear
+        # dz1 reaches the node with its rows, its units mixed by the secret N (clear in the control)
         exposure = [("w1", st.pixels, self._form()), ("samples", [0], POSITIONS_HIDDEN),
-                    ("deltas", np.arange(m), CLEAR)]
+                    ("deltas", np.arange(m), self._form())]
         return Batch(shard, "resident", params, arrays, exposure,
                      shape=(2 * k, m) if fetch else (b, m), work=max(work, 1.0))
 

@@ -213,10 +213,10 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
         notes.append(f"initial weights and sample order come from the training seed you chose (--seed "
                      f"{preset.seed}), not from the run's secret: keep that number private")
     if disguise in ("resident", "resident-clear"):
-        notes.append("deltas: every node sees each step's dz1 with the rows it belongs to (its hidden units in "
-                     "a fixed order, since its weights live there); rows of one class look alike, so it may "
-                     "group its training rows by class without naming the classes (enshuffle audit measures how "
-                     "well)")
+        notes.append("deltas: every node sees each step's dz1 with the rows it belongs to, its hidden units "
+                     "mixed by one secret mixing fixed for the run (its weights live in that basis); rows of one "
+                     "class still look alike, so it may group its training rows by class without naming the "
+                     "classes (enshuffle audit measures how well)")
     else:
         notes.append("deltas: every node sees each step's dz1 (rows and units shuffled, scaled by powers of two); "
                      "rows of one class look alike, so it may group a batch's rows by class without naming the "

@@ -4,7 +4,11 @@ basis, for the whole run, and updates it itself (docs/design.md, "Privacy" and "
 The network trains a secretly reparameterized first layer. For k slots with secret pixel blocks
 P_s and secret block-diagonal mixings M_s (dense 32x32 blocks, condition <= sqrt 2 each way),
 
-    w1[P_s] = M_s V_s          V_s (|P_s|, h1): slot s's weights, in its own basis
+    w1[P_s] = M_s V_s N^-1     V_s (|P_s|, h1): slot s's weights, in its own basis
+
+(N: one secret mixing of the h1 hidden units, so the deltas nodes are sent are dz1 N^-T and
+the forwards they return are in N's basis: `combine` and `update` apply it; below, dz1 and z1
+stand for those mixed ones.)
 
 and V_s is trained by SGD with momentum in that basis (buf = mu buf + grad_V; V += lr buf): a
 linear optimizer, so the coordinator can follow what the node does from what it computes anyway.
@@ -155,6 +159,9 @@ class ResidentBasis:
         # V_0: i.i.d. Gaussian in each node's basis (its covariance says nothing about M_s); the
         # network's initial w1 is then M_s V_0 on each block, zero on pixels blank in every image.
         self.v0 = [rng.standard_normal((len(b), hidden)) / math.sqrt(inputs) for b in self.blocks]
+        # N: one secret mixing of the hidden units (w1[P_s] = M_s V_s N^-1), so the dz1 a node is
+        # sent is dz1 N^-T: no clear delta reaches it (its values, ReLU zeros included)
+        self.out_mix = Mixing(hidden, rng, identity=clear)
         # The hidden-to-hidden layers' bases, drawn after the first layer's (so its draws stand)
         self.hidden_layers: dict[int, HiddenBasis] = {}
         for layer in range(2, len(layers) - 1):
@@ -162,24 +169,25 @@ class ResidentBasis:
                 self.hidden_layers[layer] = HiddenBasis(layers[layer - 1], layers[layer], shards, rng, clear)
 
     def to_pixels(self, vs: list[np.ndarray]) -> np.ndarray:
-        """[V_s] -> w1 (784, h1) in the pixel basis."""
+        """[V_s] -> w1 (784, h1) in the pixel basis: w1[P_s] = M_s V_s N^-1."""
         w = np.zeros((self.inputs, self.hidden))
         for block, mix, v in zip(self.blocks, self.mix, vs):
-            w[block] = mix.left(v)
+            w[block] = self.out_mix.right(mix.left(v), inverse=True)
         return w
 
     def from_pixels(self, w: np.ndarray) -> list[np.ndarray]:
-        """w1 (784, h1) -> [V_s = M_s^-1 w1[P_s]]."""
+        """w1 (784, h1) -> [V_s = M_s^-1 w1[P_s] N]."""
         w = np.asarray(w, dtype=np.float64)
-        return [mix.inverse_left(w[block]) for block, mix in zip(self.blocks, self.mix)]
+        return [self.out_mix.right(mix.inverse_left(w[block])) for block, mix in zip(self.blocks, self.mix)]
 
     def precondition(self, g: np.ndarray) -> np.ndarray:
         """A pixel-basis gradient g (784, h1) as the step SGD in the V basis takes in the pixel
-        basis: M_s M_s^T g[P_s] on each block (zero elsewhere: blank pixels never move)."""
+        basis: M_s M_s^T g[P_s] N^-T N^-1 on each block (zero elsewhere: blank pixels never move)."""
         g = np.asarray(g, dtype=np.float64)
         out = np.zeros_like(g)
         for block, mix in zip(self.blocks, self.mix):
-            out[block] = mix.left(mix.transposed_left(g[block]))
+            mixed = mix.left(mix.transposed_left(g[block]))
+            out[block] = self.out_mix.right(self.out_mix.right(mixed, inverse=True, transposed=True), inverse=True)
         return out
 
 
@@ -428,7 +436,7 @@ class ResidentDisguise:
         z = -(gx @ w.astype(gx.dtype, copy=False)).astype(np.float64, copy=False)
         for y in results:
             z += y
-        return z
+        return self.basis.out_mix.right(z, inverse=True)  # the nodes' hidden units are N-mixed
 
     def update(self, idx: np.ndarray, dz: np.ndarray, lr: float) -> None:
         """Issue this step's update (dz: the ascent-direction delta (b, h1)) and track what it
@@ -436,7 +444,9 @@ class ResidentDisguise:
         gx = self._noise_rows(idx)
         self._forward = None
         r = self._e_rows
-        sent = np.ascontiguousarray(dz, dtype=self.dtype)
+        # the nodes' V columns are the hidden units mixed by N: they are sent dz N^-T
+        sent = np.ascontiguousarray(self.basis.out_mix.right(np.asarray(dz, dtype=np.float64), self.dtype,
+                                                             transposed=True, inverse=True))
         d64 = sent.astype(np.float64)
         # [G^T dz; B_1 x^T dz; ...]: the noise's share (the same for every slot), then each slot's
         # H M M^T x^T dz, in one product
