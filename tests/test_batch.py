@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zmq
 
 from enshuffle import batch as vocabulary
 from enshuffle.batch import OPS, BatchError, Matmul, Resident, parse
 from enshuffle.kernels import ResidentState, compute_batch
 from enshuffle.protocol import messages
+from enshuffle.protocol.handshake import NodeHandshake
+from enshuffle.protocol.keys import Identity
+from wire_util import InProcessRun, default_preset, load_inputs
 
 
 def test_the_vocabulary_is_the_protocols():
@@ -97,3 +101,34 @@ def test_params_are_typed_and_checked():
         with pytest.raises(BatchError) as err:
             parse(op, params)
         assert err.value.code == "bad-batch", params
+
+
+def test_a_node_must_offer_every_op_and_may_offer_more(core_data_dir):
+    """HELLO's capabilities.ops (docs/protocol.md section 11): a node that lacks an op is refused
+    `bad-hello`; one that lists more (the retired elementwise ops, say) is welcomed."""
+    def answer(sock: zmq.Socket) -> messages.Message:
+        assert sock.poll(10_000, zmq.POLLIN), "no answer within 10 s"
+        return messages.decode(sock.recv_multipart())
+
+    preset = default_preset(epochs=1)
+    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 600), shards=1, min_nodes=1).start()
+    ctx = zmq.Context()
+    try:
+        retired = ["sigmoid", "sub", "square", "mul"]
+        for ops, want in ((["matmul"], "REFUSE"), (["matmul", *retired, "resident"], "WELCOME")):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(run.endpoint)
+            hs = NodeHandshake(Identity.generate(), "x", {"ops": ops, "threads": 1, "credit": 1})
+            sock.send_multipart(hs.hi())
+            challenge = answer(sock)
+            hs.check_challenge(challenge)
+            sock.send_multipart(hs.hello(challenge))
+            reply = answer(sock)
+            assert reply.command == want, reply.header
+            if want == "REFUSE":
+                assert reply.header["code"] == "bad-hello" and "matmul, resident" in reply.header["text"]
+            sock.close(0)
+    finally:
+        ctx.term()
+        run.close()
