@@ -1,8 +1,8 @@
 """The batch vocabulary: what a BATCH's `op`, `params` and arrays mean (docs/protocol.md section 11).
 
-The one place that interprets a batch. The coordinator builds and checks batches with it, the
-server sizes each result and lease with it, the node sizes and describes what it computes with
-it, and `enshuffle.kernels` computes from its typed params. Per op:
+The one place that interprets a batch. The coordinator splits large products and checks
+results with it, the server sizes each result and lease with it, the node sizes and describes
+what it computes with it, and `enshuffle.kernels` computes from its typed params. Per op:
 
 - typed params: `Matmul` and `Resident`, from a header's `params` by `parse` (a `BatchError` for
   params that break the spec);
