@@ -72,17 +72,20 @@ class Matmul:
 
 @dataclass(frozen=True)
 class Resident:
-    """`resident`: bring the state `state` (V and its momentum buffer, for the static S
-    `a_static`) from version `start` (the header's `from`) to `version`, applying one update per
-    entry of `lr`, then return S[rows] @ V, or with `fetch` the state [V; buf] itself."""
+    """`resident`: bring the state `state` (V and its momentum buffer) from version `start` (the
+    header's `from`) to `version`, applying one update per entry of `lr`, then return the forward
+    (S[rows] @ V for a first-layer slot, whose static S is `a_static`; a @ V for a hidden layer's,
+    `a_static` null), with `backward` dz @ V^T of the last carried update, or with `fetch` the
+    state [V; buf] itself (docs/protocol.md, "Resident weights")."""
 
-    a_static: str
+    a_static: str | None
     state: str
     start: int
     version: int
     lr: tuple[float, ...]
     momentum: float
     fetch: bool = False
+    backward: bool = False
 
     @property
     def updates(self) -> int:
@@ -91,8 +94,9 @@ class Resident:
     @classmethod
     def parse(cls, params: Mapping) -> "Resident":
         name, state = params.get("a_static"), params.get("state")
-        if not isinstance(name, str) or not isinstance(state, str):
-            raise BatchError("bad-batch", "a resident batch names its static (a_static) and its state (state)")
+        if (name is not None and not isinstance(name, str)) or not isinstance(state, str):
+            raise BatchError("bad-batch", "a resident batch names its state (state) and its static (a_static) "
+                                          "or null")
         start, version = params.get("from"), params.get("version")
         lrs, momentum = params.get("lr"), params.get("momentum")
         if not (isinstance(start, int) and isinstance(version, int)) or isinstance(start, bool) or \
@@ -102,6 +106,9 @@ class Resident:
                 not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*lrs, momentum]):
             raise BatchError("bad-batch",
                              "a resident batch needs one finite lr per update and a finite momentum")
+        fetch, backward = bool(params.get("fetch")), bool(params.get("backward"))
+        if backward and (name is not None or fetch or version == start):
+            raise BatchError("bad-batch", "a backward resident batch carries its own update, of a hidden layer's state")
         try:
             rates, mu = tuple(float(v) for v in lrs), float(momentum)  # type: ignore[arg-type]
         except (OverflowError, ValueError, TypeError):
@@ -109,16 +116,22 @@ class Resident:
         if not all(math.isfinite(v) for v in [*rates, mu]):
             raise BatchError("bad-batch", "lr and momentum must be finite numbers")
         return cls(a_static=name, state=state, start=start, version=version, lr=rates, momentum=mu,
-                   fetch=bool(params.get("fetch")))
+                   fetch=fetch, backward=backward)
 
     def sizes(self, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> tuple[int, int, int, int]:
-        """(n, K, h, b): forward rows, the static's columns, the state's columns, rows per update."""
-        k = held[self.a_static].shape[1]
-        h = held[self.state].shape[1]
-        rows, urows = arrays.get("rows"), arrays.get("update_rows")
-        n = rows.shape[0] if rows is not None and rows.ndim == 1 else 0
-        b = urows.shape[1] if self.updates and urows is not None and urows.ndim == 2 else 0
-        return n, k, h, b
+        """(n, K, h, b): rows of the result (a forward's, or a backward's delta; 0 for a fetch),
+        the state's V (K, h), and rows per carried update."""
+        two_k, h = held[self.state].shape
+        k = two_k // 2
+        if self.a_static is not None:  # a first-layer slot: rows of its static
+            rows, urows = arrays.get("rows"), arrays.get("update_rows")
+            n = rows.shape[0] if rows is not None and rows.ndim == 1 else 0
+            b = urows.shape[1] if self.updates and urows is not None and urows.ndim == 2 else 0
+        else:  # a hidden layer's: its operands come with the batch
+            dz, a = arrays.get("dz"), arrays.get("a")
+            b = dz.shape[0] // self.updates if self.updates and dz is not None and dz.ndim == 2 else 0
+            n = b if self.backward else (a.shape[0] if a is not None and a.ndim == 2 else 0)
+        return (0 if self.fetch else n), k, h, b
 
 
 Params = Matmul | Resident
@@ -144,15 +157,21 @@ def result_shape(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapp
         n, _, m = spec.dims(arrays, _static_shape(spec, held))
         return n, m
     n, k, h, _ = spec.sizes(arrays, held)
-    return (2 * k, h) if spec.fetch else (n, h)
+    if spec.fetch:
+        return 2 * k, h
+    return (n, k) if spec.backward else (n, h)
 
 
 def result_dtype(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> np.dtype:
-    """The dtype of the RESULT's `c`: a product's operands'; a resident forward its static's, a
-    fetched state float64."""
+    """The dtype of the RESULT's `c`: a product's operands'; a first-layer resident forward its
+    static's, a hidden layer's its operands', a fetched state float64."""
     spec = parse(op, params)
     if isinstance(spec, Resident):
-        return np.dtype(np.float64) if spec.fetch else np.dtype(held[spec.a_static].dtype)
+        if spec.fetch:
+            return np.dtype(np.float64)
+        if spec.a_static is None:
+            return np.dtype(arrays["a" if "a" in arrays else "dz"].dtype)
+        return np.dtype(held[spec.a_static].dtype)
     return np.dtype(arrays["b" if "b" in arrays else "a"].dtype)
 
 
@@ -177,7 +196,18 @@ def memory(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[st
         return 0
     try:
         if isinstance(spec, Resident):
-            static, state = held.get(spec.a_static), held.get(spec.state)
+            state = held.get(spec.state)
+            if spec.a_static is None and state is not None:
+                # a hidden layer's: its operands arrive with the batch; float64 copies of one
+                # update's (b, K) and (b, h), g (K, h), and the result
+                k, h = state.shape[0] // 2, state.shape[1]
+                if spec.fetch:
+                    return 2 * k * h * 8
+                a, dz = arrays.get("a"), arrays.get("dz")
+                n = a.shape[0] if a is not None and a.ndim == 2 else 0
+                u = dz.shape[0] if dz is not None and dz.ndim == 2 else 0
+                return int(n * (k + h) * 16 + (u * (k + h) * 8 + k * h * 8 if u else 0))
+            static = held.get(spec.a_static) if spec.a_static is not None else None
             if static is None or len(static.shape) != 2 or state is None:
                 return 0
             k, h, item = static.shape[1], state.shape[1], np.dtype(static.dtype).itemsize
@@ -216,9 +246,13 @@ def describe(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[
     try:
         spec = parse(op, params)
         if isinstance(spec, Resident):
-            static = held[spec.a_static]
             if spec.fetch:
                 return f"resident checkpoint [{spec.state}]"
+            if spec.backward:
+                return f"resident backward ({dims(arrays['dz'].shape)})·V^T [{spec.state}]"
+            if spec.a_static is None:
+                return f"resident ({dims(arrays['a'].shape)})·V [{spec.state}]"
+            static = held[spec.a_static]
             return f"resident ({arrays['rows'].shape[0]}x{static.shape[1]})·V [{spec.state}]"
         b = arrays["b"].shape
         if spec.a_static is not None:

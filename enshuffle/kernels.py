@@ -140,53 +140,85 @@ class ResidentState:
     def dtype(self) -> np.dtype:
         return self.v.dtype
 
-    def apply(self, static: np.ndarray, rows: np.ndarray, dz: np.ndarray, lr: float, momentum: float) -> None:
-        """buf = momentum buf + S[rows]^T dz; V += lr buf."""
-        # float64, whatever the static's dtype: the coordinator follows this recurrence in
+    def apply(self, operand: np.ndarray, dz: np.ndarray, lr: float, momentum: float) -> None:
+        """buf = momentum buf + operand^T dz; V += lr buf (operand: the update's rows (b, K))."""
+        # float64, whatever the operand's dtype: the coordinator follows this recurrence in
         # float64 through its probes, so the node's state stays within float64 rounding of it
-        g = np.take(static, rows, axis=0, mode="clip").T.astype(np.float64) @ dz.astype(np.float64)
+        g = operand.T.astype(np.float64) @ dz.astype(np.float64)
         self.buf *= momentum
         self.buf += g
         self.v += lr * self.buf
 
 
 def _resident(spec: Resident, arrays: dict, statics: dict, states: dict) -> np.ndarray:
-    """Bring the state to the batch's version (applying the carried updates it lacks), then
-    return S[rows] @ V, or with `fetch` the state [V; buf] itself."""
+    """Bring the state to the batch's version (applying the carried updates it lacks), then return
+    the forward (S[rows] @ V for a first-layer slot, a @ V for a hidden layer's), with `backward`
+    dz @ V^T of the last carried update (V before it), or with `fetch` the state [V; buf] itself
+    (docs/protocol.md, "Resident weights")."""
     name, state_name = spec.a_static, spec.state
-    static, state = statics.get(name), states.get(state_name)
-    if static is None:
-        raise BatchError("unknown-static", f"no static operand {name!r} on this node")
+    state = states.get(state_name)
+    static = None
+    if name is not None:
+        static = statics.get(name)
+        if static is None:
+            raise BatchError("unknown-static", f"no static operand {name!r} on this node")
     if state is None:
         raise BatchError("unknown-static", f"no resident state {state_name!r} on this node")
-    start, version = spec.start, spec.version
-    if static.ndim != 2 or static.shape[1] != state.v.shape[0]:
+    start, version, backward = spec.start, spec.version, spec.backward
+    if static is not None and (static.ndim != 2 or static.shape[1] != state.v.shape[0]):
         raise BatchError("bad-batch",
                          f"static {name!r} {static.shape} does not fit state {state_name!r} {state.v.shape}")
     if state.version < start:
         raise BatchError("state-behind",
                          f"state {state_name!r} is at version {state.version}, the batch starts at {start}")
-    if state.version > version:
+    if state.version > version - (1 if backward else 0):
         raise BatchError("state-ahead",
-                         f"state {state_name!r} is at version {state.version}, past the batch's {version}")
+                         f"state {state_name!r} is at version {state.version}, past the batch's "
+                         f"{version - 1 if backward else version}")
+    k, h = state.v.shape
+    out = None
     if version > start:
-        urows, dz = arrays.get("update_rows"), _array(arrays, "dz")
         count = spec.updates
-        if urows is None or urows.ndim != 2 or urows.dtype.kind not in "iu" or urows.shape[0] != count:
-            raise BatchError("bad-batch", f"update_rows must be ({count}, b) integers")
-        b = urows.shape[1]
+        dz = _array(arrays, "dz")
+        if static is not None:
+            urows = arrays.get("update_rows")
+            if urows is None or urows.ndim != 2 or urows.dtype.kind not in "iu" or urows.shape[0] != count:
+                raise BatchError("bad-batch", f"update_rows must be ({count}, b) integers")
+            b = urows.shape[1]
+            dtype = static.dtype
+            if urows.size and (urows.min() < 0 or urows.max() >= static.shape[0]):
+                raise BatchError("bad-batch", f"update rows out of range for static {name!r}")
+        else:
+            ua = _array(arrays, "update_a")
+            b = ua.shape[0] // count
+            dtype = ua.dtype
+            if ua.shape != (count * b, k):
+                raise BatchError("bad-batch", f"update_a must be {count} updates of (b, {k}), got {ua.shape}")
         if b == 0:
             raise BatchError("bad-batch", "an update needs at least one row")
-        if dz.shape != (count * b, state.v.shape[1]) or dz.dtype != static.dtype:
-            raise BatchError("bad-batch", f"dz must be {static.dtype} ({count * b}, {state.v.shape[1]}), "
-                                          f"got {dz.dtype} {dz.shape}")
-        if urows.size and (urows.min() < 0 or urows.max() >= static.shape[0]):
-            raise BatchError("bad-batch", f"update rows out of range for static {name!r}")
+        if dz.shape != (count * b, h) or dz.dtype != dtype:
+            raise BatchError("bad-batch", f"dz must be {dtype} ({count * b}, {h}), got {dz.dtype} {dz.shape}")
         for j in range(state.version - start, count):  # one pass per update carried (not per row)
-            state.apply(static, urows[j], dz[j * b:(j + 1) * b], spec.lr[j], spec.momentum)
+            d = dz[j * b:(j + 1) * b]
+            if static is not None:
+                assert urows is not None
+                operand = np.take(static, urows[j], axis=0, mode="clip")
+            else:
+                operand = ua[j * b:(j + 1) * b]
+            if backward and j == count - 1:  # the step's own delta through V before its update
+                out = (d.astype(np.float64) @ state.v.T).astype(dtype, copy=False)
+            state.apply(operand, d, spec.lr[j], spec.momentum)
             state.version = start + j + 1
     if spec.fetch:
         return np.concatenate([state.v, state.buf])
+    if backward:
+        assert out is not None
+        return out
+    if static is None:
+        a = _array(arrays, "a")
+        if a.shape[1] != k:
+            raise BatchError("bad-batch", f"a {a.shape} does not fit state {state_name!r} {state.v.shape}")
+        return (a.astype(np.float64) @ state.v).astype(a.dtype, copy=False)
     rows = arrays.get("rows")
     if rows is None or rows.ndim != 1 or rows.dtype.kind not in "iu":
         raise BatchError("bad-batch", "a resident forward needs a 1-D integer array 'rows'")

@@ -51,6 +51,10 @@ class Preset:
     # "Resident weights"); the other layers keep `optimizer`.
     w1_optimizer: str = "same"
     w1_learning_rate: float = 0.0
+    # The hidden-to-hidden layers' optimizer (w2 .. w{L-1}): "same" or "momentum" (SGD with
+    # momentum at `w1_learning_rate`, as w1): the resident disguise keeps those layers on the
+    # nodes too, each node updating its block of rows in its own basis.
+    hidden_optimizer: str = "same"
 
     @property
     def depth(self) -> int:
@@ -61,6 +65,11 @@ class Preset:
     def hidden(self) -> int:
         """The first hidden layer's width: the units w1 maps the pixels onto."""
         return self.layers[1]
+
+    @property
+    def momentum_layers(self) -> tuple[int, ...]:
+        """The hidden-to-hidden layers (2 .. L-1) trained by SGD with momentum (`hidden_optimizer`)."""
+        return tuple(range(2, self.depth)) if self.hidden_optimizer == "momentum" else ()
 
     @property
     def weight_names(self) -> tuple[str, ...]:
@@ -81,12 +90,14 @@ PRESETS = {
     # them in their own secret basis); the rest with Adam.
     "default": Preset(name="default", epochs=20, batch_size=128, dtype="float32", learning_rate=2e-3,
                       loss="xent", optimizer="adam", inputs="standardize", init="scaled",
-                      schedule="cosine", w1_optimizer="momentum", w1_learning_rate=0.5),
+                      schedule="cosine", w1_optimizer="momentum", w1_learning_rate=0.5,
+                      hidden_optimizer="momentum"),
 }
 # The default preset as it was before its first layer moved to the nodes: Adam on every layer,
 # so w1 is re-sent each step under the share disguise. Kept as the audit's control (the weight
 # trajectory attack breaks it) and for comparison.
-PRESETS["adam"] = replace(PRESETS["default"], name="adam", w1_optimizer="same", w1_learning_rate=0.0)
+PRESETS["adam"] = replace(PRESETS["default"], name="adam", w1_optimizer="same", w1_learning_rate=0.0,
+                          hidden_optimizer="same")
 
 
 def weight_names(layers) -> tuple[str, ...]:
@@ -213,13 +224,15 @@ def one_hot(labels: np.ndarray, dtype) -> np.ndarray:
 W1_MOMENTUM = 0.9  # the first layer's momentum when it trains with SGD and momentum (resident or not)
 
 
-def w1_momentum_step(params: dict[str, np.ndarray], opt: "OptimizerState", g: np.ndarray, lr: float) -> None:
-    """buf = W1_MOMENTUM buf + g (float64, kept in opt as "buf_w1"); w1 += lr buf. The step every
-    compute that trains w1 here takes (the resident nodes take the same one in their basis)."""
-    buf = opt.moments.setdefault("buf_w1", np.zeros(params["w1"].shape, np.float64))
+def w1_momentum_step(params: dict[str, np.ndarray], opt: "OptimizerState", g: np.ndarray, lr: float,
+                     name: str = "w1") -> None:
+    """buf = W1_MOMENTUM buf + g (float64, kept in opt as "buf_<name>"); <name> += lr buf. The
+    step every compute that trains w1 (or a momentum hidden layer) here takes (the resident
+    nodes take the same one in their basis)."""
+    buf = opt.moments.setdefault("buf_" + name, np.zeros(params[name].shape, np.float64))
     buf *= W1_MOMENTUM
     buf += g
-    params["w1"] += (lr * buf).astype(params["w1"].dtype)
+    params[name] += (lr * buf).astype(params[name].dtype)
 
 
 class LocalCompute:
@@ -231,14 +244,32 @@ class LocalCompute:
     def __init__(self, images: dict[str, np.ndarray], basis=None):
         """`basis` (a coordinator.resident.ResidentBasis): train the resident disguise's
         reparameterized first layer (w1[P_s] = M_s V_s, SGD with momentum on V) instead of w1
-        itself, exactly as a resident run does, for comparing with one."""
+        itself, and its momentum hidden layers likewise (w{l}[Q_s] = M_s V_s), exactly as a
+        resident run does, for comparing with one."""
         self.images = images
         self.basis = basis
 
-    def adopt(self, params: dict[str, np.ndarray], opt: "OptimizerState", fresh: bool) -> None:
-        """A fresh run under a basis starts from w1 = M_s V_0 (the basis's V_0)."""
+    def adopt(self, params: dict[str, np.ndarray], opt: "OptimizerState", fresh: bool,
+              momentum_layers: tuple[int, ...] = ()) -> None:
+        """A fresh run under a basis starts from w1 = M_s V_0 (the basis's V_0), and each
+        momentum hidden layer from its own basis's V_0."""
         if self.basis is not None and fresh:
             params["w1"] = self.basis.to_pixels(self.basis.v0).astype(params["w1"].dtype)
+            for layer in (m for m in momentum_layers if m in self.basis.hidden_layers):
+                hb = self.basis.hidden_layers[layer]
+                params[f"w{layer}"] = hb.to_units(hb.v0).astype(params[f"w{layer}"].dtype)
+
+    def hidden_step(self, a: np.ndarray, dz: np.ndarray, params: dict[str, np.ndarray], layer: int, lr: float,
+                    opt: "OptimizerState", labels: np.ndarray | None = None) -> np.ndarray:
+        """A momentum hidden layer's backward: da = dz w^T (with w before the step), then SGD with
+        momentum on w from g = a^T dz, preconditioned by the basis when there is one."""
+        name = f"w{layer}"
+        da = dz @ params[name].T
+        g = a.T.astype(np.float64) @ dz.astype(np.float64)
+        if self.basis is not None and layer in self.basis.hidden_layers:
+            g = self.basis.hidden_layers[layer].precondition(g)
+        w1_momentum_step(params, opt, g, lr, name)
+        return da
 
     def w1_step(self, params: dict[str, np.ndarray], idx, dz1: np.ndarray, labels, lr: float,
                 opt: "OptimizerState") -> None:
@@ -345,17 +376,23 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
         dz = -dz  # ascent direction, so the update below is `+= lr * d` for both losses
         scores = z_out
     grads = {}
+    momentum_lr = lr * preset.w1_learning_rate / preset.learning_rate
     for layer in range(preset.depth, 1, -1):  # the last layer down to layer 2
         a = activations[layer - 2]
+        grads[f"b{layer}"] = dz.sum(axis=0)
+        if layer in preset.momentum_layers:
+            # SGD with momentum, by the compute: a resident compute runs it on the nodes
+            da = compute.hidden_step(a, dz, params, layer, momentum_lr, opt, labels)
+            dz = _hidden_delta(da, a, preset)
+            continue
         # the last layer's dz is the loss's: no labels to hide in it, and it stays home anyway
         grads[f"w{layer}"], da = compute.dw_da(a, dz, params[f"w{layer}"], layer,
                                                labels if layer < preset.depth else None)
-        grads[f"b{layer}"] = dz.sum(axis=0)
         dz = _hidden_delta(da, a, preset)
     grads["b1"] = dz.sum(axis=0)
     if preset.w1_optimizer == "momentum":
         # SGD with momentum, by the compute: a resident compute runs it on the nodes
-        compute.w1_step(params, idx, dz, labels, lr * preset.w1_learning_rate / preset.learning_rate, opt)
+        compute.w1_step(params, idx, dz, labels, momentum_lr, opt)
     else:
         grads["w1"] = compute.dw1(idx, dz, labels)
     _apply_update(params, grads, preset, opt, lr)

@@ -132,3 +132,33 @@ def test_a_node_must_offer_every_op_and_may_offer_more(core_data_dir):
     finally:
         ctx.term()
         run.close()
+
+
+def test_a_hidden_layers_resident_batch():
+    """A state without a static (a hidden layer's): its operands come with the batch."""
+    k, h, n, b = 6, 4, 5, 3
+    wire = np.zeros((2 * k, h))
+    params = {"a_static": None, "state": "v", "from": 1, "version": 3, "lr": [0.1, 0.2], "momentum": 0.9}
+    arrays = {"a": np.zeros((n, k), np.float32), "update_a": np.zeros((2 * b, k), np.float32),
+              "dz": np.zeros((2 * b, h), np.float32)}
+    for held in ({"v": wire}, {"v": ResidentState(wire, 1)}):
+        assert vocabulary.result_shape("resident", params, arrays, held) == (n, h)
+        assert vocabulary.result_dtype("resident", params, arrays, held) == np.float32
+        assert vocabulary.work("resident", params, arrays, held) == (2 * b + n) * k * h
+        assert vocabulary.memory("resident", params, arrays, held) == n * (k + h) * 16 + 2 * b * (k + h) * 8 + k * h * 8
+        assert vocabulary.describe("resident", params, arrays, held) == "resident (5x6)·V [v]"
+        backward = {**params, "backward": True}
+        no_a = {name: v for name, v in arrays.items() if name != "a"}
+        assert vocabulary.result_shape("resident", backward, no_a, held) == (b, k)
+        assert vocabulary.result_dtype("resident", backward, no_a, held) == np.float32
+        assert vocabulary.work("resident", backward, no_a, held) == (2 * b + b) * k * h
+        assert vocabulary.describe("resident", backward, no_a, held) == "resident backward (6x4)·V^T [v]"
+        fetch = {**params, "fetch": True}
+        assert vocabulary.result_shape("resident", fetch, no_a, held) == (2 * k, h)
+        assert vocabulary.result_dtype("resident", fetch, no_a, held) == np.float64
+    state = ResidentState(wire, 1)
+    for form, got in ((params, arrays), ({**params, "backward": True}, no_a)):
+        c = compute_batch("resident", form, got, {}, None, {"v": ResidentState(wire, 1)})
+        assert c.shape == vocabulary.result_shape("resident", form, got, {"v": state}) and c.dtype == np.float32
+    with pytest.raises(BatchError):  # a backward carries its own update, of a hidden layer's state
+        parse("resident", {**params, "a_static": "s", "backward": True})

@@ -178,7 +178,7 @@ def reference_basis(run_dir: str, inputs, preset):
         raise UsageError(f"{run_dir} holds no plan.secret: give the --out directory of a resident run")
     settings = load_run_settings(str(path))
     secret = plan_secret(path)
-    return secret, resident_basis(inputs.images["train"], int(settings["shards"]), preset.layers[1],
+    return secret, resident_basis(inputs.images["train"], int(settings["shards"]), preset.layers,
                                   np.random.default_rng(secret))
 
 

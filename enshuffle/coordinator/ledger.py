@@ -223,7 +223,14 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
                      "classes (enshuffle audit measures how well)")
     notes.append("samples: a node knows which of its static rows a step uses and can follow a row across steps; "
                  "it cannot match a row to an image")
-    if getattr(preset, "depth", 2) > 2:
+    if getattr(preset, "depth", 2) > 2 and disguise in ("resident", "resident-clear") and \
+            getattr(preset, "momentum_layers", ()):
+        notes.append("hidden layers: each node holds its block of rows of every hidden-to-hidden layer once, in "
+                     "its own secret basis, and updates it itself; each step it receives its block of the layer's "
+                     "input units and the layer's deltas, both with every row a fresh secret mixture of 32 of the "
+                     "batch's rows (no row is one sample's), the units mixed by its basis; the last layer stays "
+                     "here")
+    elif getattr(preset, "depth", 2) > 2:
         notes.append("hidden layers: for every hidden-to-hidden layer a node receives, each step, its block of the "
                      "layer's input units (activations, mixed with fresh secret noise) and the matching rows of the "
                      "layer's weights (mixed), and the layer's deltas (every unit, shuffled and scaled by powers of "

@@ -102,11 +102,35 @@ class Mixing:
         """(K, m) -> M^T @ w."""
         return self._apply([m.T for m in self.blocks], w)
 
-    def right(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
-        """(n, K) -> x @ M."""
-        out = np.empty(x.shape, dtype=dtype)
-        for (lo, hi), m in zip(self.bounds, self.blocks):
-            np.matmul(x[:, lo:hi], m, out=out[:, lo:hi])
+    def right(self, x: np.ndarray, dtype=np.float64, transposed: bool = False, out: np.ndarray | None = None,
+              ) -> np.ndarray:
+        """(n, K) -> x @ M (x @ M^T with `transposed`): the full blocks as one batched product, in
+        x's dtype when it is `dtype` (a float32 step's mixing costs float32 arithmetic), else in
+        float64 rounded once to `dtype`."""
+        dtype = np.dtype(dtype)
+        work = x.dtype if x.dtype == dtype and dtype in (np.float32, np.float64) else np.dtype(np.float64)
+        if out is None:
+            out = np.empty(x.shape, dtype=dtype)
+        stacks = self.__dict__.setdefault("_stacks", {})
+        if (work, transposed) not in stacks:
+            full = [m for (lo, hi), m in zip(self.bounds, self.blocks) if hi - lo == self.bounds[0][1]]
+            stack = np.stack(full) if full else np.zeros((0, 0, 0))
+            stacks[work, transposed] = np.ascontiguousarray(stack.transpose(0, 2, 1) if transposed else stack,
+                                                            dtype=work)
+        stack = stacks[work, transposed]
+        count, g = stack.shape[0], stack.shape[1] if stack.size else 0
+        n = x.shape[0]
+        if count:
+            blocks = x[:, :count * g].reshape(n, count, g).transpose(1, 0, 2)
+            target = out[:, :count * g].reshape(n, count, g).transpose(1, 0, 2)
+            if work == dtype:
+                np.matmul(blocks, stack, out=target)
+            else:
+                target[...] = np.matmul(blocks.astype(work), stack)
+        for lo, hi in self.bounds[count:]:
+            m = self.blocks[lo // self.bounds[0][1]]
+            part = np.matmul(x[:, lo:hi].astype(work, copy=False), (m.T if transposed else m).astype(work))
+            out[:, lo:hi] = part
         return out
 
     def dense(self) -> np.ndarray:
@@ -122,7 +146,7 @@ class ResidentBasis:
     draw the same."""
 
     def __init__(self, active: np.ndarray, shards: int, hidden: int, rng: np.random.Generator, inputs: int = 784,
-                 clear: bool = False):
+                 clear: bool = False, layers: tuple[int, ...] = ()):
         self.inputs = inputs
         self.hidden = hidden
         self.blocks = [np.asarray(active)[b] for b in balanced_blocks(len(active), shards, rng)]
@@ -130,6 +154,11 @@ class ResidentBasis:
         # V_0: i.i.d. Gaussian in each node's basis (its covariance says nothing about M_s); the
         # network's initial w1 is then M_s V_0 on each block, zero on pixels blank in every image.
         self.v0 = [rng.standard_normal((len(b), hidden)) / math.sqrt(inputs) for b in self.blocks]
+        # The hidden-to-hidden layers' bases, drawn after the first layer's (so its draws stand)
+        self.hidden_layers: dict[int, HiddenBasis] = {}
+        for layer in range(2, len(layers) - 1):
+            if layers[layer - 1] >= shards:
+                self.hidden_layers[layer] = HiddenBasis(layers[layer - 1], layers[layer], shards, rng, clear)
 
     def to_pixels(self, vs: list[np.ndarray]) -> np.ndarray:
         """[V_s] -> w1 (784, h1) in the pixel basis."""
@@ -153,12 +182,45 @@ class ResidentBasis:
         return out
 
 
-def resident_basis(train: np.ndarray, shards: int, hidden: int, rng: np.random.Generator,
+def resident_basis(train: np.ndarray, shards: int, layers: int | tuple[int, ...], rng: np.random.Generator,
                    clear: bool = False) -> ResidentBasis:
     """The basis a resident run draws first from its secret generator: pixels nonzero in some
-    standardized training image are split into `shards` blocks (the rest never leave). `clear`:
-    the audit's and the bench's control, no mixing."""
-    return ResidentBasis(np.flatnonzero(np.any(train != 0, axis=0)), shards, hidden, rng, clear=clear)
+    standardized training image are split into `shards` blocks (the rest never leave), then each
+    hidden-to-hidden layer's input units. `layers`: the network's widths (an int: 784-that-10).
+    `clear`: the audit's and the bench's control, no mixing."""
+    widths = (train.shape[1], layers, 10) if isinstance(layers, int) else tuple(layers)
+    return ResidentBasis(np.flatnonzero(np.any(train != 0, axis=0)), shards, widths[1], rng, clear=clear,
+                         layers=widths)
+
+
+class HiddenBasis:
+    """A hidden-to-hidden layer's reparameterization w[Q_s] = M_s V_s: k secret blocks Q_s of its
+    input units, a secret block-diagonal mixing M_s of each, and V_0 i.i.d. Gaussian in each
+    node's basis."""
+
+    def __init__(self, units: int, width: int, shards: int, rng: np.random.Generator, clear: bool = False):
+        self.units, self.width = units, width
+        self.blocks = balanced_blocks(units, shards, rng)
+        self.mix = [Mixing(len(b), rng, identity=clear) for b in self.blocks]
+        self.v0 = [rng.standard_normal((len(b), width)) / math.sqrt(units) for b in self.blocks]
+
+    def to_units(self, vs: list[np.ndarray]) -> np.ndarray:
+        w = np.zeros((self.units, self.width))
+        for block, mix, v in zip(self.blocks, self.mix, vs):
+            w[block] = mix.left(v)
+        return w
+
+    def from_units(self, w: np.ndarray) -> list[np.ndarray]:
+        w = np.asarray(w, dtype=np.float64)
+        return [mix.inverse_left(w[block]) for block, mix in zip(self.blocks, self.mix)]
+
+    def precondition(self, g: np.ndarray) -> np.ndarray:
+        """The V-basis SGD step seen in the units' basis: M_s M_s^T g[Q_s] on each block."""
+        g = np.asarray(g, dtype=np.float64)
+        out = np.empty_like(g)
+        for block, mix in zip(self.blocks, self.mix):
+            out[block] = mix.left(mix.transposed_left(g[block]))
+        return out
 
 
 def _momentum_step(buf: np.ndarray, value: np.ndarray, g: np.ndarray, lr: float) -> None:
@@ -465,6 +527,16 @@ class ResidentDisguise:
             buf += srows.T @ p.dz.astype(np.float64)
             v += p.lr * buf
         return np.concatenate([v, buf])
+
+    def replay_pending(self) -> list[int]:
+        """Every slot with updates since its checkpoint brought to its last issued version here
+        (`replay`), when no node can be asked: the slots whose checkpoint changed."""
+        changed = []
+        for s, st in enumerate(self.slots):
+            if st.version != st.checkpoint_version:
+                self.accept_state(s, self.replay(s), st.version)
+                changed.append(s)
+        return changed
 
     def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
         """A checked fetch of every issued update becomes the slot's checkpoint (the probes are

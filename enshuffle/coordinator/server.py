@@ -182,7 +182,7 @@ class Session:
     stale: dict[str, float] = field(default_factory=dict)  # batch_id -> when to call the node stuck
     queue: deque = field(default_factory=deque)
     shards_held: set[int] = field(default_factory=set)  # static operands this session has received
-    state_versions: dict[int, int] = field(default_factory=dict)  # slot -> its resident state's version here
+    state_versions: dict[str, int] = field(default_factory=dict)  # resident state name -> its version here
     resyncs: int = 0  # state-behind/ahead rejections answered with the checkpoint again
     statics_held: set[str] = field(default_factory=set)  # by name: only those a batch sent to it used
     last_seen: float = field(default_factory=time.monotonic)
@@ -713,7 +713,7 @@ class CoordinatorServer:
                 return False
             session.statics_held.add(name)
             if "version" in fields:  # a resident state: the node now holds it at this version
-                session.state_versions[shard] = int(fields["version"])
+                session.state_versions[name] = int(fields["version"])
         session.shards_held.add(shard)
         return True
 
@@ -746,12 +746,12 @@ class CoordinatorServer:
         session.outstanding[task.batch_id] = task
         task.session = session.node_id
         if task.batch.op == "resident":
-            held = session.state_versions.get(task.batch.shard)
-            if held is not None and held < self.compute.resident.replay_from(task.batch.shard):
+            held = session.state_versions.get(task.batch.params["state"])
+            if held is not None and held < self.compute.replay_from(task.batch):
                 # it served the slot before the last checkpoint: the updates it lacks are gone from
                 # the log, so it gets the checkpoint again
                 session.statics_held.discard(task.batch.params["state"])
-                session.state_versions.pop(task.batch.shard, None)
+                session.state_versions.pop(task.batch.params["state"], None)
         names = [task.batch.params["a_static"]] if task.batch.params.get("a_static") else []
         if task.batch.op == "resident":
             names.append(task.batch.params["state"])  # its block and its state
@@ -770,14 +770,14 @@ class CoordinatorServer:
         exposure = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
         batch = task.batch
         if batch.op == "resident":  # the updates this node's copy of the slot's state lacks
-            batch = self.compute.fit_batch(batch, session.state_versions.get(batch.shard))
+            batch = self.compute.fit_batch(batch, session.state_versions.get(batch.params["state"]))
         header = {"run_id": self.run_id, "batch_id": task.batch_id, "seq": task.seq, "step": self.step,
                   "op": batch.op, "params": batch.params, "lease_ms": max(1, int(lease * 1000)),
                   "exposure": exposure}
         if not self._send(session, "BATCH", header, batch.arrays):
             return False
         if batch.op == "resident":
-            session.state_versions[batch.shard] = int(batch.params["version"])
+            session.state_versions[batch.params["state"]] = int(batch.params["version"])
         return True
 
     def _result_dtype(self, batch: Batch) -> np.dtype:
@@ -792,7 +792,8 @@ class CoordinatorServer:
             for session in self.sessions.values():
                 session.shards_held.discard(shard)
                 session.statics_held.difference_update(names)
-                session.state_versions.pop(shard, None)
+                for name in names:
+                    session.state_versions.pop(name, None)
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -1357,7 +1358,7 @@ class CoordinatorServer:
         if resync:
             session.resyncs += 1
             session.statics_held.discard(task.batch.params.get("state"))
-            session.state_versions.pop(task.batch.shard, None)
+            session.state_versions.pop(task.batch.params.get("state"), None)
         # A resync is the coordinator's bookkeeping, not the node's refusal: it counts for nothing.
         quarantine = not resync and self.reputation.rejected(session.key, str(code), str(text))
         if task.session == session.node_id and task.result is None:
