@@ -220,3 +220,26 @@ def test_resident_hidden_layers_over_the_wire_equal_their_central_reference(core
     a, b = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz")
     assert sorted(a) == sorted(b)
     assert _max_rel(a, b) < 1e-9
+
+
+def test_the_deltas_a_node_is_sent_keep_no_exact_zeros_of_the_off_units(core_data_dir):
+    """dz is exactly zero wherever a ReLU unit is off; those zeros would give away which rows of
+    D belong to one sample (and so L). Mixed over rows (L) and units (N), D has none left; the
+    clear control keeps them all (so the count would see them)."""
+    for clear, expect_zeros in ((False, False), (True, True)):
+        preset = model.get_preset("default", epochs=1, dtype="float32", layers=(784, 48, 40, 10), activation="relu")
+        inputs = load_inputs(core_data_dir, preset, LIMIT)
+        compute = DistributedCompute(inputs.images, 2, np.random.default_rng(5), InProcessExecutor,
+                                     disguise="resident-clear" if clear else "resident", offload="matmul",
+                                     layers=preset.layers)
+        hr = compute.hidden_resident[2]
+        rng = np.random.default_rng(0)
+        a = np.maximum(rng.standard_normal((128, 48)), 0).astype(np.float32)
+        dz = (rng.standard_normal((128, 40)) * (rng.random((128, 40)) < 0.5)).astype(np.float32)
+        hr.forward_operands(a, rng)
+        operands, sent = hr.backward_operands(a, dz, 0.1, rng)
+        zeros = np.count_nonzero(sent == 0) / sent.size
+        assert np.count_nonzero(dz == 0) / dz.size > 0.4
+        assert (zeros > 0.4) if expect_zeros else (zeros < 0.01)
+        a_zeros = np.count_nonzero(operands[0] == 0) / operands[0].size
+        assert (a_zeros > 0.4) if expect_zeros else (a_zeros < 0.01)

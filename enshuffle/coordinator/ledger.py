@@ -228,8 +228,8 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
         notes.append("hidden layers: each node holds its block of rows of every hidden-to-hidden layer once, in "
                      "its own secret basis, and updates it itself; each step it receives its block of the layer's "
                      "input units and the layer's deltas, both with every row a fresh secret mixture of 32 of the "
-                     "batch's rows (no row is one sample's), the units mixed by its basis; the last layer stays "
-                     "here")
+                     "batch's rows (no row is one sample's), the units mixed by its basis (input and output units "
+                     "alike); the last layer stays here")
     elif getattr(preset, "depth", 2) > 2:
         notes.append("hidden layers: for every hidden-to-hidden layer a node receives, each step, its block of the "
                      "layer's input units (activations, mixed with fresh secret noise) and the matching rows of the "

@@ -103,21 +103,22 @@ class Mixing:
         return self._apply([m.T for m in self.blocks], w)
 
     def right(self, x: np.ndarray, dtype=np.float64, transposed: bool = False, out: np.ndarray | None = None,
-              ) -> np.ndarray:
-        """(n, K) -> x @ M (x @ M^T with `transposed`): the full blocks as one batched product, in
-        x's dtype when it is `dtype` (a float32 step's mixing costs float32 arithmetic), else in
-        float64 rounded once to `dtype`."""
+              inverse: bool = False) -> np.ndarray:
+        """(n, K) -> x @ M (x @ M^T with `transposed`, M^-1 with `inverse`): the full blocks as one
+        batched product, in x's dtype when it is `dtype` (a float32 step's mixing costs float32
+        arithmetic), else in float64 rounded once to `dtype`."""
         dtype = np.dtype(dtype)
         work = x.dtype if x.dtype == dtype and dtype in (np.float32, np.float64) else np.dtype(np.float64)
         if out is None:
             out = np.empty(x.shape, dtype=dtype)
         stacks = self.__dict__.setdefault("_stacks", {})
-        if (work, transposed) not in stacks:
-            full = [m for (lo, hi), m in zip(self.bounds, self.blocks) if hi - lo == self.bounds[0][1]]
+        mats = self.inverses if inverse else self.blocks
+        if (work, transposed, inverse) not in stacks:
+            full = [m for (lo, hi), m in zip(self.bounds, mats) if hi - lo == self.bounds[0][1]]
             stack = np.stack(full) if full else np.zeros((0, 0, 0))
-            stacks[work, transposed] = np.ascontiguousarray(stack.transpose(0, 2, 1) if transposed else stack,
-                                                            dtype=work)
-        stack = stacks[work, transposed]
+            stacks[work, transposed, inverse] = np.ascontiguousarray(stack.transpose(0, 2, 1) if transposed else stack,
+                                                                     dtype=work)
+        stack = stacks[work, transposed, inverse]
         count, g = stack.shape[0], stack.shape[1] if stack.size else 0
         n = x.shape[0]
         if count:
@@ -128,7 +129,7 @@ class Mixing:
             else:
                 target[...] = np.matmul(blocks.astype(work), stack)
         for lo, hi in self.bounds[count:]:
-            m = self.blocks[lo // self.bounds[0][1]]
+            m = mats[lo // self.bounds[0][1]]
             part = np.matmul(x[:, lo:hi].astype(work, copy=False), (m.T if transposed else m).astype(work))
             out[:, lo:hi] = part
         return out
@@ -194,32 +195,37 @@ def resident_basis(train: np.ndarray, shards: int, layers: int | tuple[int, ...]
 
 
 class HiddenBasis:
-    """A hidden-to-hidden layer's reparameterization w[Q_s] = M_s V_s: k secret blocks Q_s of its
-    input units, a secret block-diagonal mixing M_s of each, and V_0 i.i.d. Gaussian in each
-    node's basis."""
+    """A hidden-to-hidden layer's reparameterization w[Q_s] = M_s V_s N^-1: k secret blocks Q_s of
+    its input units, a secret block-diagonal mixing M_s of each, one secret block-diagonal mixing
+    N of its output units (so the deltas a node is sent, dz N^-T, have no exact zeros where a
+    unit is off), and V_0 i.i.d. Gaussian in each node's basis."""
 
     def __init__(self, units: int, width: int, shards: int, rng: np.random.Generator, clear: bool = False):
         self.units, self.width = units, width
         self.blocks = balanced_blocks(units, shards, rng)
         self.mix = [Mixing(len(b), rng, identity=clear) for b in self.blocks]
+        self.out_mix = Mixing(width, rng, identity=clear)
         self.v0 = [rng.standard_normal((len(b), width)) / math.sqrt(units) for b in self.blocks]
 
     def to_units(self, vs: list[np.ndarray]) -> np.ndarray:
+        """[V_s] -> w (n, m): w[Q_s] = M_s V_s N^-1."""
         w = np.zeros((self.units, self.width))
         for block, mix, v in zip(self.blocks, self.mix, vs):
-            w[block] = mix.left(v)
+            w[block] = self.out_mix.right(mix.left(v), inverse=True)
         return w
 
     def from_units(self, w: np.ndarray) -> list[np.ndarray]:
+        """w -> [V_s = M_s^-1 w[Q_s] N]."""
         w = np.asarray(w, dtype=np.float64)
-        return [mix.inverse_left(w[block]) for block, mix in zip(self.blocks, self.mix)]
+        return [self.out_mix.right(mix.inverse_left(w[block])) for block, mix in zip(self.blocks, self.mix)]
 
     def precondition(self, g: np.ndarray) -> np.ndarray:
-        """The V-basis SGD step seen in the units' basis: M_s M_s^T g[Q_s] on each block."""
+        """The V-basis SGD step seen in the units' basis: M_s M_s^T g[Q_s] N^-T N^-1 on each block."""
         g = np.asarray(g, dtype=np.float64)
         out = np.empty_like(g)
         for block, mix in zip(self.blocks, self.mix):
-            out[block] = mix.left(mix.transposed_left(g[block]))
+            mixed = mix.left(mix.transposed_left(g[block]))
+            out[block] = self.out_mix.right(self.out_mix.right(mixed, inverse=True, transposed=True), inverse=True)
         return out
 
 

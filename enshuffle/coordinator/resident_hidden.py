@@ -2,22 +2,28 @@
 in a secret basis, for the whole run, and updates it itself (docs/design.md, "Resident weights").
 
 Layer l's weights w (n, m) contract over the previous layer's n units; slot s holds the rows of a
-secret block Q_s of them, reparameterized as w[Q_s] = M_s V_s (`resident.HiddenBasis`: M_s
-block-diagonal with dense MIX_GROUP blocks, V_0 i.i.d. Gaussian in the node's basis), and V_s
-is trained by SGD with momentum in that basis, as the first layer's is. Per step, with a fresh
-block-diagonal orthogonal mixing L of the batch's rows (ROW_GROUP rows together):
+secret block Q_s of them, reparameterized as w[Q_s] = M_s V_s N^-1 (`resident.HiddenBasis`: M_s
+block-diagonal with dense MIX_GROUP blocks over the input units, N one such mixing of the m
+output units, V_0 i.i.d. Gaussian in the node's basis), and V_s is trained by SGD with momentum
+in that basis, as the first layer's is. Per step, with a fresh block-diagonal orthogonal mixing L
+of the batch's rows (ROW_GROUP rows together):
 
     forward    node s receives A_s = L a[:, Q_s] M_s            returns  A_s V_s
-               the coordinator: z = L^T sum_s (A_s V_s)          (= a w)
-    backward   node s receives A_s again and D = L dz            returns  D V_s^T (V before the step)
+               the coordinator: z = L^T sum_s (A_s V_s) N^-1     (= a w)
+    backward   node s receives A_s again and D = L dz N^-T       returns  D V_s^T (V before the step)
                the coordinator: da[:, Q_s] = (L^T D V_s^T) M_s^T (= dz w[Q_s]^T)
                and the node steps: buf = mu buf + A_s^T D, V_s += lr buf
-               (A_s^T D = M_s^T a[:, Q_s]^T dz: the V-basis gradient, noise-free)
+               (A_s^T D = M_s^T a[:, Q_s]^T dz N^-T: the V-basis gradient, noise-free)
+
+N is what keeps dz's exact zeros (a ReLU unit that is off for a sample) out of D: with them, the
+rows of D orthogonal to the columns where one sample is off would give away L, and through L
+single samples' activations and deltas (`enshuffle audit` plays that attack).
 
 So the coordinator's work per step is the mixings (O(b n (MIX_GROUP + ROW_GROUP)), not the
 product's O(b n m)), and the weights never travel after the first checkpoint. The rows a node
 sees are mixtures of ROW_GROUP samples' activations (fresh per step), so no row is one sample
-and dz's class structure is spread over a group; its units are mixed by M_s.
+and dz's class structure is spread over a group; its input units are mixed by M_s, the deltas'
+units by N.
 
 Checks without V_s: the coordinator tracks V_s R (right probes, for the forward: A_s V_s R) and
 Q^T V_s (left probes, for the backward: D V_s^T Q = D (Q^T V_s)^T), each updated from the step's
@@ -231,7 +237,7 @@ class HiddenResident:
         total = np.array(results[0], dtype=self.dtype)
         for r in results[1:]:
             total += r
-        return self._kept[1].apply(total, transposed=True)
+        return self.basis.out_mix.right(self._kept[1].apply(total, transposed=True), self.dtype, inverse=True)
 
     def backward_operands(self, a: np.ndarray, dz: np.ndarray, lr: float,
                           rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
@@ -240,7 +246,8 @@ class HiddenResident:
             self.forward_operands(a, rng)
         assert self._kept is not None
         _, rowmix, operands = self._kept
-        sent = rowmix.apply(np.asarray(dz, dtype=self.dtype))
+        sent = rowmix.apply(self.basis.out_mix.right(np.asarray(dz, dtype=self.dtype), self.dtype, transposed=True,
+                                                     inverse=True))
         for st, op in zip(self.slots, operands):
             st.version += 1
             st.log.append(Update(version=st.version, a=op, dz=sent, lr=float(lr)))
