@@ -1,8 +1,9 @@
 """Any MLP (the notebook's 784-128-10 by default), its training presets and one training step
 written once, over a list of layers.
 
-The step is written against a `Compute` object that performs the network's matrix products
-and elementwise operations. `LocalCompute` does them with numpy in this process (the
+The step is written against a `Compute` object that performs the network's matrix products;
+the activations, the loss and the other elementwise operations are the step's own, computed
+where it runs (the coordinator). `LocalCompute` does the products with numpy in this process (the
 centralized reference, `--nodes 0`); the coordinator's `DistributedCompute` turns the same
 calls into disguised batches for nodes. Because both run this one function, a distributed run
 differs from the centralized one only in the order floating-point partial sums are added.
@@ -302,19 +303,6 @@ class LocalCompute:
         x = self.images["train"] if idx is None else self.images["train"][idx]
         return x.T @ dz1
 
-    # Elementwise operations: on the coordinator unless `--offload all`.
-    def sigmoid(self, z, tensor="activations"):
-        return sigmoid(z)
-
-    def sub(self, a, b, tensor="activations"):
-        return a - b
-
-    def square(self, a, tensor="activations"):
-        return a * a
-
-    def mul(self, a, b, tensor="activations"):
-        return a * b
-
     def step_done(self) -> None:
         """Called at every step boundary (membership changes take effect there)."""
 
@@ -340,11 +328,11 @@ def learning_rate(preset: Preset, step: int, total_steps: int) -> float:
     return preset.learning_rate
 
 
-def activate(compute, z: np.ndarray, preset: Preset) -> np.ndarray:
+def activate(z: np.ndarray, preset: Preset) -> np.ndarray:
     """A hidden layer's output from its pre-activation (b,n) -> (b,n)."""
     if preset.activation == "relu":
         return relu(z)
-    return compute.sigmoid(z, "activations")
+    return sigmoid(z)
 
 
 def forward(compute, which: str, idx, params: dict[str, np.ndarray],
@@ -354,16 +342,16 @@ def forward(compute, which: str, idx, params: dict[str, np.ndarray],
     z = compute.x_w1(which, idx, params["w1"]) + params["b1"]
     activations = []
     for layer in range(2, preset.depth + 1):
-        activations.append(activate(compute, z, preset))
+        activations.append(activate(z, preset))
         z = compute.a_w(activations[-1], params[f"w{layer}"], layer) + params[f"b{layer}"]
     return activations, z
 
 
-def _hidden_delta(compute, da: np.ndarray, a: np.ndarray, preset: Preset) -> np.ndarray:
+def _hidden_delta(da: np.ndarray, a: np.ndarray, preset: Preset) -> np.ndarray:
     """dz of a hidden layer from da (the gradient reaching its output a)."""
     if preset.activation == "relu":
         return da * (a > 0)
-    return compute.mul(compute.mul(da, a, "gradients"), compute.sub(1.0, a, "activations"), "gradients")
+    return (da * a) * (1.0 - a)
 
 
 def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.ndarray, labels: np.ndarray,
@@ -374,12 +362,12 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
     activations, z_out = forward(compute, "train", idx, params, preset)
     if preset.loss == "mse":
         # The notebook's formulas, biases included.
-        a_out = compute.sigmoid(z_out, "outputs")
-        delta = compute.sub(a_out, labels_onehot, "labels")
-        cost = float(np.sum(compute.square(delta, "outputs")) / (2 * m))
+        a_out = sigmoid(z_out)
+        delta = a_out - labels_onehot
+        cost = float(np.sum(delta * delta) / (2 * m))
         dy = delta * dt.type(-1.0 / m)
         # Same association as the notebook: (dY * a2) * (1 - a2).
-        dz = compute.mul(compute.mul(dy, a_out, "gradients"), compute.sub(1.0, a_out, "outputs"), "gradients")
+        dz = (dy * a_out) * (1.0 - a_out)
         scores = a_out
     else:
         p = softmax(z_out)
@@ -395,12 +383,12 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
         if layer in preset.momentum_layers:
             # SGD with momentum, by the compute: a resident compute runs it on the nodes
             da = compute.hidden_step(a, dz, params, layer, momentum_lr, opt, labels)
-            dz = _hidden_delta(compute, da, a, preset)
+            dz = _hidden_delta(da, a, preset)
             continue
         # the last layer's dz is the loss's: no labels to hide in it, and it stays home anyway
         grads[f"w{layer}"], da = compute.dw_da(a, dz, params[f"w{layer}"], layer,
                                                labels if layer < preset.depth else None)
-        dz = _hidden_delta(compute, da, a, preset)
+        dz = _hidden_delta(da, a, preset)
     grads["b1"] = dz.sum(axis=0)
     if preset.w1_optimizer == "momentum":
         # SGD with momentum, by the compute: a resident compute runs it on the nodes
@@ -454,6 +442,6 @@ def evaluate(compute, which: str, params, labels: np.ndarray, preset: Preset) ->
         _, z_out = forward(compute, which, idx, params, preset)
         # For the squared-error preset the notebook takes argmax of the sigmoid outputs; saturated
         # outputs can tie at 1.0 where the logits would not, so do exactly the same.
-        scores = compute.sigmoid(z_out, "outputs") if preset.loss == "mse" else z_out
+        scores = sigmoid(z_out) if preset.loss == "mse" else z_out
         correct += int(np.count_nonzero(np.argmax(scores, axis=1) == labels[lo:lo + scores.shape[0]]))
     return float(correct / n)

@@ -43,16 +43,17 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from enshuffle import batch as vocabulary
 from enshuffle.coordinator.ledger import (CLEAR, HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger, activation_kind,
                                           delta_kind, ledger_axes)
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
-from enshuffle.coordinator.offload import CostModel, decide, plan_lines, refuse_all, step_plan
+from enshuffle.coordinator.offload import CostModel, check_offload, decide, plan_lines, step_plan
 from enshuffle.coordinator.resident import NOISE_RANK as RESIDENT_NOISE_RANK
 from enshuffle.coordinator.resident import CHECKPOINT_STEPS, ResidentDisguise, resident_basis
 from enshuffle.coordinator.resident_hidden import HiddenResident
 from enshuffle.kernels import ResidentState, compute_batch
-from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, sigmoid, w1_momentum_step
+from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, w1_momentum_step
 
 DISGUISES = ("resident", "share", "shuffle", "resident-clear")  # resident-clear: the resident design's control
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
@@ -80,7 +81,8 @@ DECOY_GRAM_ROWS = 1024  # full batch: a class's principal directions are estimat
 
 @dataclass
 class Batch:
-    """One unit of work for one slot. `exposure` is what the receiving node learns."""
+    """One unit of work for one slot: a BATCH's op, params and arrays (their meaning, shape and
+    work are `enshuffle.batch`'s). `exposure` is what the receiving node learns."""
 
     shard: int
     op: str
@@ -88,75 +90,9 @@ class Batch:
     arrays: dict[str, np.ndarray]
     exposure: list[tuple] = field(default_factory=list)
     static_cols: int = 0  # columns of the static operand it names (for sizing chunks; not sent)
-    shape: tuple[int, int] | None = None  # the result's shape, when the arrays alone do not say
-    work: float | None = None  # multiply-adds, when the arrays alone do not say
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
-
-
-def split_rows(batch: Batch, cap: int) -> tuple[list[Batch], list[tuple[str | None, int]]]:
-    """`batch` as batches each needing at most `cap` bytes (operands, gathered static rows and
-    result), and how their results make the whole one. (n, K) @ (K, m), the left operand's n rows:
-
-    - whole rows of the left operand: the result's rows ("stack"), or for a transposed product,
-      which contracts over those rows, partial sums ("sum");
-    - when b alone (or a transposed product's result) is too large, first groups of m columns,
-      whose results sit side by side.
-
-    Returns (batches, groups): one (how, count) per column group, in order; how is None when
-    the group is a single batch. A batch that fits comes back as ([batch], [(None, 1)])."""
-    arrays, transpose = batch.arrays, bool(batch.params.get("transpose_a"))
-    if batch.op == "resident":  # one per slot and step; its node holds the weights (never split)
-        return [batch], [(None, 1)]
-    b = arrays["b"]
-    item = b.dtype.itemsize
-    if "a" in arrays:
-        n, k = arrays["a"].shape
-        per_row = k * item
-    else:
-        n = arrays["rows"].shape[0]
-        k = batch.static_cols if transpose else b.shape[0]
-        per_row = 2 * k * item + arrays["rows"].itemsize  # the index and the gathered row
-    m = b.shape[1]
-    if n * (per_row + m * item) + k * m * item <= cap:
-        return [batch], [(None, 1)]
-    # b (or the transposed result) takes at most half the budget: groups of columns
-    columns = max(1, min(m, (cap // 2) // max(1, k * item)))
-    rows = max(1, (cap - k * columns * item) // (per_row + columns * item))
-    out, groups = [], []
-    for c0 in range(0, m, columns):
-        cut = {name: (v[:, c0:c0 + columns] if name == "b" else v) for name, v in arrays.items()}
-        if n <= rows:
-            out.append(Batch(batch.shard, batch.op, batch.params, cut, batch.exposure, batch.static_cols))
-            groups.append((None, 1))
-            continue
-        count = 0
-        for lo in range(0, n, rows):
-            part = {name: (v[lo:lo + rows] if name in ("a", "rows") or (name == "b" and transpose) else v)
-                    for name, v in cut.items()}
-            out.append(Batch(batch.shard, batch.op, batch.params, part, batch.exposure, batch.static_cols))
-            count += 1
-        groups.append(("sum" if transpose else "stack", count))
-    return out, groups
-
-
-def combine(results: list[np.ndarray], groups: list[tuple[str | None, int]]) -> np.ndarray:
-    """The whole result from `split_rows`'s pieces' results."""
-    columns, at = [], 0
-    for how, count in groups:
-        parts = results[at:at + count]
-        at += count
-        if how is None:
-            columns.append(parts[0])
-        elif how == "stack":
-            columns.append(np.concatenate(parts, axis=0))
-        else:
-            total = np.array(parts[0], dtype=np.float64)
-            for part in parts[1:]:
-                total += part
-            columns.append(total)
-    return columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
 
 
 def default_disguise(preset) -> str:
@@ -269,11 +205,11 @@ class DistributedCompute:
             raise ValueError("need at least one shard")
         if disguise not in DISGUISES:
             raise ValueError(f"disguise must be one of {', '.join(DISGUISES)}")
-        refuse_all(offload)
+        check_offload(offload)
         self.offload = offload  # "matmul": ship every product that can go; "auto": only where it pays
         self.cost_model = cost_model or CostModel()
         self.images = images
-        self.chunk_bytes = int(chunk_bytes)  # most bytes one batch may need (split_rows)
+        self.chunk_bytes = int(chunk_bytes)  # most bytes one batch may need (batch.split)
         self.static_chunk_bytes = int(static_chunk_bytes)  # the same for a product over an image block
         # The network: its first hidden width sizes w1's products; its hidden-to-hidden layers
         # (2 .. L-1) are distributed too. `hidden` alone means 784-hidden-10.
@@ -496,16 +432,20 @@ class DistributedCompute:
         the executor can `submit`), so a node computes while the next slot's batch is prepared
         and while the caller does its own share of the product; `_receive` waits for the results.
         A batch larger than `chunk_bytes` (`static_chunk_bytes` over an image block) goes as
-        several (`split_rows`)."""
+        several (`enshuffle.batch.split`)."""
         self.round_trips += 1
         pieces: list[list[tuple[str | None, int]]] = []  # per batch: how its chunks' results combine
 
         def chunks():
             for batch in batches:
                 cap = self.static_chunk_bytes if batch.params.get("a_static") else self.chunk_bytes
-                parts, groups = split_rows(batch, cap)
+                parts, groups = vocabulary.split(batch.op, batch.params, batch.arrays, cap, batch.static_cols)
                 pieces.append(groups)
-                yield from parts
+                if parts[0] is batch.arrays:  # it fits: the batch itself
+                    yield batch
+                else:
+                    yield from (Batch(batch.shard, batch.op, batch.params, arrays, batch.exposure, batch.static_cols)
+                                for arrays in parts)
                 self._keepalive()  # building the next slot's batch of a wide layer takes a while
 
         handles = []
@@ -524,7 +464,7 @@ class DistributedCompute:
         out, at = [], 0
         for groups in pieces:
             count = sum(c for _, c in groups)
-            out.append(combine(results[at:at + count], groups))
+            out.append(vocabulary.combine(results[at:at + count], groups))
             at += count
         return out
 
@@ -592,18 +532,12 @@ class DistributedCompute:
             for shard in shards:
                 changed(shard, reset=reset)
 
-    def _resident_batch(self, shard: int, params: dict, arrays: dict, rows: np.ndarray | None) -> Batch:
+    def _resident_batch(self, shard: int, params: dict, arrays: dict) -> Batch:
         st = self.resident.slots[shard]
-        m, k = self.hidden, len(st.pixels)
-        fetch = bool(params.get("fetch"))
-        b = 0 if rows is None else rows.shape[0]
-        updates = params["version"] - params["from"]
-        work = float(updates * (arrays["update_rows"].shape[1] if updates else 0) * k * m + b * k * m)
         # dz1 reaches the node with its rows, its units mixed by the secret N (clear in the control)
         exposure = [("w1", st.pixels, self._form()), ("samples", [0], POSITIONS_HIDDEN),
-                    ("deltas", np.arange(m), self._form())]
-        return Batch(shard, "resident", params, arrays, exposure,
-                     shape=(2 * k, m) if fetch else (b, m), work=max(work, 1.0))
+                    ("deltas", np.arange(self.hidden), self._form())]
+        return Batch(shard, "resident", params, arrays, exposure)
 
     def _hidden_of(self, batch: Batch) -> HiddenResident | None:
         """The hidden layer whose state a resident batch names (None: the first layer's)."""
@@ -637,7 +571,7 @@ class DistributedCompute:
             return self._hidden_batch(hr, batch.shard, params, arrays)
         params, arrays = self.resident.batch(batch.shard, batch.arrays.get("rows"), start,
                                              batch.params["version"], bool(batch.params.get("fetch")))
-        return self._resident_batch(batch.shard, params, arrays, batch.arrays.get("rows"))
+        return self._resident_batch(batch.shard, params, arrays)
 
     def check_resident(self, batch: Batch, c: np.ndarray) -> str | None:
         """The probe check of a resident result (resident.py, resident_hidden.py): None if it holds."""
@@ -649,20 +583,8 @@ class DistributedCompute:
         return self.resident.check_forward(batch.shard, batch.arrays["rows"], c)
 
     def _hidden_batch(self, hr: HiddenResident, shard: int, params: dict, arrays: dict) -> Batch:
-        st = hr.slots[shard]
-        k, m = len(st.units), hr.width
-        updates = params["version"] - params["from"]
-        rows = arrays["dz"].shape[0] if updates else 0
-        if params.get("fetch"):
-            shape = (2 * k, m)
-        elif params.get("backward"):
-            shape = (rows // updates, k)
-        else:
-            shape = (arrays["a"].shape[0], m)
-        work = float(rows * k * m + (shape[0] * k * m if not params.get("fetch") else 0))
         return Batch(shard, "resident", params, arrays, self._layer_exposure(hr.layer, shard, backward=True,
-                                                                             rows_mixed=True),
-                     shape=shape, work=max(work, 1.0))
+                                                                             rows_mixed=True))
 
     def _hidden_home(self, layer: int, b: int) -> bool:
         """Does resident hidden layer `layer` stay here (shipping does not pay under --offload
@@ -711,7 +633,7 @@ class DistributedCompute:
         for s, (st, rows) in enumerate(zip(self.resident.slots, self.resident.node_rows(idx))):
             start = max(st.checkpoint_version, st.version - 1)
             params, arrays = self.resident.batch(s, rows, start, st.version, fetch=False)
-            batches.append(self._resident_batch(s, params, arrays, rows))
+            batches.append(self._resident_batch(s, params, arrays))
         results = self._receive(self._send(batches))
         return self.resident.combine(idx, [np.asarray(r) for r in results])
 
@@ -724,7 +646,7 @@ class DistributedCompute:
                 continue
             params, arrays = self.resident.batch(s, None, max(st.checkpoint_version, st.version - 1),
                                                  st.version, fetch=True)
-            batches.append(self._resident_batch(s, params, arrays, None))
+            batches.append(self._resident_batch(s, params, arrays))
         for hr in self._hidden_shipped():
             for s, hst in enumerate(hr.slots):
                 if hst.version != hst.checkpoint_version:
@@ -981,7 +903,6 @@ class DistributedCompute:
             return self._full_support
         return np.any(np.take(x, idx, axis=0) != 0, axis=0)
 
-    # -- the thin products and elementwise work stay here ---------------------------
     # -- hidden-to-hidden layers: split over their input units ---------------------
     def a_w(self, a: np.ndarray, w: np.ndarray, layer: int) -> np.ndarray:
         """Layer `layer` >= 2 forward, a (b,n) @ w (n,m). The last layer's is label-adjacent and
@@ -1126,18 +1047,6 @@ class DistributedCompute:
         noisy = g @ h
         noisy += a64
         return noisy, g, h
-
-    def sigmoid(self, z, tensor="activations"):
-        return sigmoid(z)
-
-    def sub(self, a, b, tensor="activations"):
-        return a - b
-
-    def square(self, a, tensor="activations"):
-        return a * a
-
-    def mul(self, a, b, tensor="activations"):
-        return a * b
 
     def step_done(self) -> None:
         """A step's end: every CHECKPOINT_STEPS shipped resident steps, the nodes' states are

@@ -7,8 +7,7 @@ when that is cheaper for the coordinator, from the product's shapes and a `CostM
 bench` measures the model on this machine and keeps it (`cost_model.json` in the cache), and
 without a measurement built-in figures are used (26 ns per element, 0.09 ns per multiply-add).
 `--offload matmul` ships every product that can go (the pixel-wide products and every
-hidden-to-hidden layer's), for experiments and tests. `--offload all` (elementwise operations
-too) is refused: it would ship outputs and labels.
+hidden-to-hidden layer's), for experiments and tests.
 
 The products of a network 784-h1-...-10 with k slots and a batch of b rows:
 
@@ -40,10 +39,7 @@ from enshuffle.coordinator.resident import PROBES as RESIDENT_PROBES
 from enshuffle.coordinator.resident_hidden import ROW_GROUP
 from enshuffle.dataset import cache_dir
 
-OFFLOADS = ("auto", "matmul")  # "all" is refused (see refuse_all)
-ALL_REFUSED = ("--offload all is retired: it sent elementwise work, and with it the network's outputs and the "
-               "labels, to nodes; use --offload auto (ship each product where it pays) or matmul (ship every "
-               "product that can go)")
+OFFLOADS = ("auto", "matmul")
 COST_MODEL_FILE = "cost_model.json"
 
 # What the default disguises cost per element (distributed.py's constants, repeated here so that
@@ -84,9 +80,8 @@ def default_cost_model() -> CostModel:
     return CostModel.load(cache_dir() / COST_MODEL_FILE)
 
 
-def refuse_all(offload: str) -> None:
-    if offload == "all":
-        raise ValueError(ALL_REFUSED)
+def check_offload(offload: str) -> None:
+    """ValueError unless `offload` is one of OFFLOADS (a run's record may name anything)."""
     if offload not in OFFLOADS:
         raise ValueError(f"--offload must be one of {', '.join(OFFLOADS)}, got {offload!r}")
 

@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 import zmq
 
+from enshuffle import batch as vocabulary
 from enshuffle.coordinator.distributed import Batch
 from enshuffle.coordinator.ledger import ExposureLedger
 from enshuffle.coordinator.reputation import Reputation
@@ -140,38 +141,6 @@ def _gone(exc: zmq.ZMQError) -> str:
     if exc.errno == zmq.EHOSTUNREACH:
         return "the node's process ended or its network dropped"
     return exc.strerror
-
-
-def batch_work(batch: Batch, statics: dict[str, np.ndarray] | None = None) -> float:
-    """Multiply-adds (matmul) or elements (elementwise) of a batch: what leases scale with."""
-    if batch.work is not None:
-        return float(batch.work)
-    b = batch.arrays.get("b")
-    if batch.op == "matmul":
-        if "a" in batch.arrays:
-            n, k = batch.arrays["a"].shape
-            if batch.params.get("transpose_a"):
-                n, k = k, n
-        else:
-            n = batch.arrays["rows"].shape[0]
-            k = b.shape[0]
-        return float(n) * float(k) * float(b.shape[1])
-    ref = batch.arrays.get("a", b)
-    return float(ref.size)
-
-
-def expected_shape(batch: Batch, static_cols: int) -> tuple[int, int]:
-    if batch.shape is not None:
-        return batch.shape
-    b = batch.arrays.get("b")
-    if batch.op == "matmul":
-        if "a" in batch.arrays:
-            a = batch.arrays["a"]
-            return (a.shape[1] if batch.params.get("transpose_a") else a.shape[0]), b.shape[1]
-        if batch.params.get("transpose_a"):
-            return static_cols, b.shape[1]
-        return batch.arrays["rows"].shape[0], b.shape[1]
-    return batch.arrays.get("a", b).shape
 
 
 @dataclass
@@ -459,10 +428,10 @@ class CoordinatorServer:
         """Queue one batch and send it now if its node has credit: the node computes while the
         caller prepares the next slot's batch. `collect` waits for the results."""
         self._batch_counter += 1
-        name = batch.params.get("a_static")
-        static_cols = self.static_arrays(batch.shard)[name].shape[1] if name else 0
+        held = self.static_arrays(batch.shard)
         task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
-                    work=batch_work(batch), shape=expected_shape(batch, static_cols))
+                    work=vocabulary.work(batch.op, batch.params, batch.arrays, held),
+                    shape=vocabulary.result_shape(batch.op, batch.params, batch.arrays, held))
         dtype = self._result_dtype(batch)
         task.result_bytes = int(np.prod(task.shape)) * dtype.itemsize
         self._tasks[task.batch_id] = task
@@ -814,13 +783,7 @@ class CoordinatorServer:
         return True
 
     def _result_dtype(self, batch: Batch) -> np.dtype:
-        if batch.op == "resident":  # a state comes back in float64, a forward in its static's dtype
-            if batch.params.get("fetch"):
-                return np.dtype(np.float64)
-            if batch.params.get("a_static") is None:  # a hidden layer's: in its operands' dtype
-                return batch.arrays["a" if "a" in batch.arrays else "dz"].dtype
-            return self.static_arrays(batch.shard)[batch.params["a_static"]].dtype
-        return batch.arrays["b" if "b" in batch.arrays else "a"].dtype
+        return vocabulary.result_dtype(batch.op, batch.params, batch.arrays, self.static_arrays(batch.shard))
 
     def statics_changed(self, shard: int, reset: bool = False) -> None:
         """Slot `shard`'s statics changed (a resident state's new checkpoint): prepared afresh for
