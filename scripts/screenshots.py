@@ -33,7 +33,7 @@ async def wait_for(pilot, predicate, timeout: float, what: str) -> None:
 
 
 async def shoot(data: str | None, limit: int) -> None:
-    from enshuffle.coordinator.commands import load_inputs
+    from enshuffle.coordinator.training import load_inputs
     from enshuffle.coordinator.settings import RunSettings
     from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
     from enshuffle.model import get_preset

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enshuffle.coordinator.chain import (
+from enshuffle.chain import (
     Chain,
     ChainError,
     ChainIntegrityError,
@@ -468,7 +468,7 @@ def test_export_to_a_directory_or_unwritable_path_is_refused(run, tmp_path):
 def _home_chain(tmp_path: Path, versions: int):
     """A run dir written as a coordinator writes it: signed with the home's key, each head recorded
     in the home. Returns (home, run_dir, identity)."""
-    from enshuffle.coordinator.chain import record_head_in_home
+    from enshuffle.chain import record_head_in_home
     from enshuffle.protocol.keys import load_or_create_identity
 
     home = tmp_path / "home"
@@ -483,7 +483,7 @@ def _home_chain(tmp_path: Path, versions: int):
 
 
 def test_extending_a_copy_of_a_run_leaves_the_original_verifiable(tmp_path):
-    from enshuffle.coordinator.chain import record_head_in_home
+    from enshuffle.chain import record_head_in_home
 
     home, run_dir, identity = _home_chain(tmp_path, 3)
     copy = tmp_path / "copy"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from enshuffle.coordinator.chain import HEAD_LOG, Chain, record_head_in_home
+from enshuffle.chain import HEAD_LOG, Chain, record_head_in_home
 from enshuffle.protocol.keys import Identity, load_or_create_identity
 
 REPO = Path(__file__).resolve().parents[1]

@@ -131,7 +131,7 @@ def test_a_home_writable_by_others_is_warned_about_and_so_is_a_shared_trust_file
 def test_a_failed_version_write_is_retried_not_fatal(core_data_dir, tmp_path, monkeypatch):
     import errno
 
-    from enshuffle.coordinator.chain import Chain
+    from enshuffle.chain import Chain
 
     run = make_run(core_data_dir, tmp_path / "run", tmp_path / "home")
     real = Chain.append

@@ -20,7 +20,7 @@ from pathlib import Path
 from textual.widgets import DataTable
 
 from enshuffle import dataset as ds
-from enshuffle.coordinator.chain import Chain
+from enshuffle.chain import Chain
 from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
 from enshuffle.coordinator.training import prepare

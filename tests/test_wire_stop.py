@@ -10,7 +10,7 @@ from pathlib import Path
 from test_tui_live import LiveRun
 from wire_util import wait_until
 
-from enshuffle.coordinator.chain import Chain
+from enshuffle.chain import Chain
 from enshuffle.coordinator.run import spawn_local_nodes, stop_local_nodes
 
 

@@ -17,17 +17,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
-from enshuffle.coordinator.addresses import PLACEHOLDER, volunteer_addresses
+from enshuffle.coordinator.addresses import PLACEHOLDER
 from enshuffle.coordinator.admission import Admission
-from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home, trust_problem
+from enshuffle.chain import Chain, ChainError, record_head_in_home, trust_problem
 from enshuffle.coordinator.distributed import DistributedCompute, default_disguise
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
 from enshuffle.coordinator.offload import default_cost_model
@@ -41,7 +39,6 @@ from enshuffle.errors import UsageError
 from enshuffle.protocol.keys import enshuffle_home, fingerprint, load_or_create_identity
 
 CHAIN_WRITE_ATTEMPTS = 3  # a version write that fails (OSError) is tried this often, then left for the next
-
 
 
 @contextlib.contextmanager
@@ -598,39 +595,6 @@ def local_nodes_dir(run_dir: str | None, workdir: Path) -> Path:
     return Path(run_dir) / "local-nodes" if run_dir else workdir
 
 
-def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
-                      resume: bool = False, verbose: bool = False, tui: bool = False,
-                      data_source: str | None = None) -> int:
-    """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
-    with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        run = local_cluster_run(settings, preset, inputs, nodes=nodes, workdir=tmp, run_dir=run_dir, resume=resume,
-                                quiet=not verbose, data_source=data_source)
-        eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
-               f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {settings.offload}")
-        for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
-            eprint(f"train: {line}")
-        nodes_dir = local_nodes_dir(run_dir, tmp)
-        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes,
-                                  nodes_dir)
-        eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
-               f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
-        run.local_nodes = True
-        run.give_up = run.server.give_up = local_nodes_problem(procs, nodes_dir,
-                                                               time.monotonic() + LOCAL_NODES_CONNECT_S)
-        try:
-            if tui:
-                return run_with_tui(run)
-            return run_headless(run)
-        finally:
-            finished = run.trainer.finished
-            if not run.state.finished:
-                run.server.close("shutdown")
-            # Nodes leave by themselves after BYE run-finished; after a stop they would wait
-            # for the coordinator to come back, which a local cluster never does.
-            stop_local_nodes(procs, timeout=5.0 if finished else 0.0)
-
-
 LOCAL_NODES_CONNECT_S = 60.0  # local node processes that have not connected by then never will
 
 
@@ -701,69 +665,3 @@ def run_headless(run: CoordinatorRun) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def run_with_tui(run: CoordinatorRun) -> int:
-    """The console in the main thread, the run (which owns the socket) in a worker thread."""
-    # textual only on the --tui path
-    from enshuffle.tui.coordinator_app import CoordinatorApp, terminal_fd, terminal_gone
-
-    status: dict = {}
-
-    def work():
-        try:
-            status["rc"] = run.run()
-        except Exception as exc:  # shown in the console's log, and printed once the console closes
-            status["error"] = exc
-            run.log(f"coordinator failed: {exc}")
-            status["rc"] = 2 if isinstance(exc, UsageError) else 1
-            with run.state.lock:
-                run.state.finished = True
-
-    run.quiet = True
-    run.print_reports = False
-    run.server._log = lambda line: None
-    thread = threading.Thread(target=work, name="coordinator", daemon=True)
-    thread.start()
-    app = CoordinatorApp(source=run.state.snapshot, control=run.control,
-                         verify_chain=lambda: verify_chain_message(run.chain))
-
-    def on_sigterm(signum, frame):
-        # As the first q: finish the step, write a version, say BYE; the console then leaves.
-        # The handler runs on the main thread, which is the app's event loop thread.
-        if not app.stopping:
-            app.call_later(app.action_request_quit)
-
-    def on_hangup(signum, frame):
-        # The terminal closing sends SIGHUP too: then it is the graceful stop, not a reload.
-        if terminal_gone(app_tty):
-            app.call_later(app.lose_terminal)
-        else:
-            run.hangup()
-
-    app_tty = terminal_fd()
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    previous_hup = signal.signal(signal.SIGHUP, on_hangup)
-    try:
-        app.run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGHUP, previous_hup)
-        run.control.request_stop()
-        # A step finishes in well under this; if the run is stuck the daemon thread dies with us.
-        thread.join(30)
-    if "error" in status:
-        print(f"enshuffle: error: {status['error']}", file=sys.stderr)
-    elif thread.is_alive():
-        print("enshuffle: the run did not finish its step within 30 s of quitting; leaving anyway",
-              file=sys.stderr)
-        return 1
-    # The console is gone: leave what it showed that matters on the terminal.
-    run.print_reports = True
-    report_ledger(run.server.ledger, run.settings.json,
-                  {"bytes_sent": run.server.bytes_sent, "bytes_received": run.server.bytes_received})
-    with run.state.lock:
-        final = run.state.status
-    for line in run.summary_lines(final):
-        eprint(line)
-    return status.get("rc", 0)
