@@ -35,7 +35,8 @@ async def wait_for(pilot, predicate, timeout: float, what: str) -> None:
 async def shoot(data: str | None, limit: int) -> None:
     from enshuffle.coordinator.training import load_inputs
     from enshuffle.coordinator.settings import RunSettings
-    from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
+    from enshuffle.coordinator.cluster import spawn_local_nodes, stop_local_nodes
+    from enshuffle.coordinator.run import CoordinatorRun, verify_chain_message
     from enshuffle.model import get_preset
     from enshuffle.node.daemon import NodeDaemon
     from enshuffle.node.state import NodeControl, NodeState

@@ -22,7 +22,8 @@ from textual.widgets import DataTable
 from enshuffle import dataset as ds
 from enshuffle.chain import Chain
 from enshuffle.coordinator.settings import RunSettings
-from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
+from enshuffle.coordinator.cluster import spawn_local_nodes, stop_local_nodes
+from enshuffle.coordinator.run import CoordinatorRun, verify_chain_message
 from enshuffle.coordinator.training import prepare
 from enshuffle.model import get_preset
 from enshuffle.blas import get_blas_threads, set_blas_threads

@@ -8,8 +8,6 @@ from this process's coordinator objects.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +19,8 @@ from enshuffle.audit.attacks import Public, attack
 from enshuffle.audit.recording import load_recording
 from enshuffle.audit.scoring import TARGETS, Truth, meets_targets, score
 from enshuffle.coordinator.admission import Admission
-from enshuffle.coordinator.run import CoordinatorRun, local_node_keys, run_headless, stop_local_nodes
+from enshuffle.coordinator.cluster import local_node_keys, spawn_local_nodes, stop_local_nodes
+from enshuffle.coordinator.run import CoordinatorRun, run_headless
 from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.training import prepare
 from enshuffle.dataset import DataError, load_dataset
@@ -35,23 +34,6 @@ DEFAULT_EPOCHS = {"default": 2, "seed": 2}
 
 def _eprint(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
-
-
-def spawn_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, record: Path) -> list[subprocess.Popen]:
-    """`count` node processes, each with its own key; the first records what it accepts."""
-    procs = []
-    for i in range(count):
-        home = workdir / f"node-{i + 1}"
-        home.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, ENSHUFFLE_HOME=str(home))
-        cmd = [sys.executable, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key", fingerprint,
-               "--name", f"audit-{i + 1}", "--threads", "1"]
-        if i == 0:
-            cmd += ["--record", str(record)]
-        log = open(home / "node.log", "wb")
-        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
-        log.close()
-    return procs
 
 
 def truth_from(run, slots: list[int], dataset, limit: int):
@@ -112,7 +94,9 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         disguise = run.compute.disguise  # the preset's when none was asked for
         log(f"audit: {nodes} node processes on {run.server.endpoint}, preset {preset.name}, {epochs} epoch(s), "
             f"{limit} training images, disguise {disguise}; audit-1 records into {record}")
-        procs = spawn_nodes(run.server.endpoint, run.identity.fingerprint, nodes, tmp, record)
+        # In this process's session: Ctrl-C reaches the audit's node processes too.
+        procs = spawn_local_nodes(run.server.endpoint, run.identity.fingerprint, nodes, tmp, prefix="audit",
+                                  record=record, own_session=False)
         try:
             # SIGINT/SIGTERM stop the run gracefully and take the node processes along
             status = run_headless(run)

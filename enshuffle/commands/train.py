@@ -17,16 +17,18 @@ from enshuffle.commands.console import run_console
 from enshuffle.commands.options import (apply_resume_settings, check_run_dir_writable, check_weights_path,
                                         data_source, preset_from_args, run_settings)
 from enshuffle.coordinator.addresses import volunteer_addresses
+from enshuffle.coordinator.cluster import (LOCAL_NODES_CONNECT_S, local_nodes_problem, spawn_local_nodes,
+                                           stop_local_nodes)
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor, default_disguise
 from enshuffle.coordinator.ledger import privacy_notes
 from enshuffle.coordinator.offload import default_cost_model
 from enshuffle.coordinator.report import eprint, listen_text, report_epoch, report_ledger, save_weights
-from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, local_cluster_run, local_nodes_dir, local_nodes_problem,
-                                       spawn_local_nodes, stop_local_nodes)
+from enshuffle.coordinator.run import local_cluster_run, local_nodes_dir
 from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.training import Trainer, load_inputs
 from enshuffle.errors import UsageError
 from enshuffle.model import LocalCompute
+
 
 def cmd_train(args) -> int:
     if args.in_process and args.nodes == 0:

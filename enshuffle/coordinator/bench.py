@@ -54,8 +54,9 @@ from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes
 from enshuffle.coordinator.offload import COST_MODEL_FILE, CostModel, default_cost_model
 from enshuffle.coordinator.plan import build_matmul_plan
 from enshuffle.coordinator.report import eprint
-from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_threads, local_node_keys,
-                                       local_nodes_problem, spawn_local_nodes, stop_local_nodes)
+from enshuffle.coordinator.cluster import (LOCAL_NODES_CONNECT_S, local_node_keys, local_nodes_problem, node_home,
+                                           spawn_local_nodes, spawn_node, stop_local_nodes)
+from enshuffle.coordinator.run import coordinator_blas_threads
 from enshuffle.coordinator.server import CoordinatorServer
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.coordinator.training import Trainer, load_inputs
@@ -280,30 +281,22 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
     one with every CPU's BLAS threads (the node's default), one with `--threads 1`. A product is
     an x_w1 batch: `rows` rows of the node's static block times a (columns x 128) matrix.
     Per node: round-trip milliseconds (median, p90, all)."""
-    variants = {"default": [], "threads1": ["--threads", "1"]}
+    variants = {"default": None, "threads1": 1}  # the node's --threads (None: its default)
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-rt-") as tmp_dir, coordinator_blas_threads():
         tmp = Path(tmp_dir)
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
-        keys, procs = set(), []
-        for i, (name, extra) in enumerate(variants.items()):
-            home = tmp / f"node-{i + 1}"
-            keys.add(load_or_create_identity("node", home, name=f"rt-{name}").public_bytes)
+        keys = set()
+        for i, name in enumerate(variants):
+            keys.add(load_or_create_identity("node", node_home(tmp, i), name=f"rt-{name}").public_bytes)
         server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
                                    admission=Admission(auto=keys))
-        for i, (name, extra) in enumerate(variants.items()):
-            home = tmp / f"node-{i + 1}"
-            log = open(home / "node.log", "wb")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "enshuffle", "node", "--connect", server.endpoint, "--coordinator-key",
-                 identity.fingerprint, "--name", f"rt-{name}", *extra],
-                env=dict(os.environ, ENSHUFFLE_HOME=str(home)), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True))
-            log.close()
+        procs = [spawn_node(server.endpoint, identity.fingerprint, node_home(tmp, i), f"rt-{name}", threads=threads)
+                 for i, (name, threads) in enumerate(variants.items())]
         try:
             # constructing it is enough: it attaches itself to the server (server.attach)
             DistributedCompute(inputs.images, len(variants), np.random.default_rng(3), server.attach,
                                ledger=server.ledger, **inputs.source())
-            problem = local_nodes_problem(procs, tmp, time.monotonic() + 60.0)
+            problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
             server.give_up = problem
             if not server.wait_for_nodes(len(variants), give_up=problem):
                 raise RuntimeError(f"bench: the round-trip node processes did not start: {server.wait_problem}")

@@ -1,4 +1,4 @@
-"""A coordinator run over the network: server, trainer, model chain, state, and local nodes.
+"""A coordinator run over the network: server, trainer, model chain, state.
 
 `CoordinatorRun` is what `enshuffle coordinator` and `enshuffle train --nodes K` (without
 `--in-process`) execute. It writes RUN_DIR/run.json (the settings a `--resume` must reuse) and a
@@ -10,13 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import numpy as np
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 from enshuffle.coordinator.addresses import PLACEHOLDER
 from enshuffle.coordinator.admission import Admission
+from enshuffle.coordinator.cluster import local_node_keys
 from enshuffle.chain import Chain, ChainError, record_head_in_home, trust_problem
 from enshuffle.coordinator.distributed import DistributedCompute, default_disguise
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
@@ -523,50 +521,7 @@ def load_run_settings(run_dir: str) -> dict:
     return settings
 
 
-# -- local node processes ------------------------------------------------------------------
-def local_node_keys(workdir: Path, count: int, prefix: str = "local") -> list[bytes]:
-    """Create the local nodes' keys up front (each in its own ENSHUFFLE_HOME, under its --name), so
-    the coordinator admits exactly them and nobody else."""
-    keys = []
-    for i in range(count):
-        home = workdir / f"node-{i + 1}"
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        keys.append(load_or_create_identity("node", home, name=f"{prefix}-{i + 1}").public_bytes)
-    return keys
-
-
-def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path,
-                      threads: int = 1) -> list[subprocess.Popen]:
-    """Start `count` `enshuffle node` processes, each with its own key (its own ENSHUFFLE_HOME)."""
-    procs = []
-    for i in range(count):
-        home = workdir / f"node-{i + 1}"
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        env = dict(os.environ, ENSHUFFLE_HOME=str(home))
-        log = open(home / "node.log", "wb")
-        # A session of their own: Ctrl-C in the terminal reaches the coordinator only, which then
-        # finishes its step with them and tells them BYE (else they would leave mid-step).
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key", fingerprint,
-             "--name", f"local-{i + 1}", "--threads", str(threads)],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        log.close()
-    return procs
-
-
-def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(2)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+# -- a run with local node processes -------------------------------------------------------
 
 
 def local_cluster_run(settings: RunSettings, preset, inputs, *, nodes: int, workdir: Path, run_dir: str | None = None,
@@ -593,43 +548,6 @@ def local_cluster_run(settings: RunSettings, preset, inputs, *, nodes: int, work
 def local_nodes_dir(run_dir: str | None, workdir: Path) -> Path:
     """Where `enshuffle train`'s local nodes keep their homes: in the run directory when kept."""
     return Path(run_dir) / "local-nodes" if run_dir else workdir
-
-
-LOCAL_NODES_CONNECT_S = 60.0  # local node processes that have not connected by then never will
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "(no log)"
-    errors = [line for line in lines if "error:" in line]
-    return (errors or lines or ["(nothing logged)"])[-1].strip()
-
-
-def local_nodes_problem(procs: list[subprocess.Popen], workdir: Path, deadline: float):
-    """For `wait_for_nodes(give_up=...)`: why local nodes will not connect (a node exited, or
-    none connected in time, with what its log says), or None while waiting still makes sense.
-    Once they have connected (`problem.connected()`), only an exit is a reason: a node that lost
-    its connection (e.g. while the coordinator was busy) reconnects in its own time."""
-    connect_by = [deadline]
-
-    def problem(starting: bool) -> str | None:
-        exited = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
-        if exited and (starting or len(exited) == len(procs)):
-            i, rc = exited[0]
-            return (f"local node {i + 1} exited with status {rc}: "
-                    f"{_last_line(workdir / f'node-{i + 1}' / 'node.log')}")
-        if starting and time.monotonic() > connect_by[0]:
-            return (f"the local nodes did not connect within {LOCAL_NODES_CONNECT_S:g} s; local-1 says: "
-                    f"{_last_line(workdir / 'node-1' / 'node.log')}")
-        return None
-
-    def connected() -> None:
-        connect_by[0] = math.inf
-
-    problem.connected = connected  # type: ignore[attr-defined]
-    return problem
 
 
 def verify_chain_message(chain) -> tuple[bool, str]:
