@@ -21,7 +21,7 @@ from enshuffle.audit.scoring import TARGETS, Truth, meets_targets, score
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.cluster import local_node_keys, spawn_local_nodes, stop_local_nodes
 from enshuffle.coordinator.run import CoordinatorRun, run_headless
-from enshuffle.coordinator.settings import RunSettings
+from enshuffle.coordinator.settings import RunConfig, Serving
 from enshuffle.coordinator.training import prepare
 from enshuffle.dataset import DataError, load_dataset
 from enshuffle.errors import UsageError
@@ -85,11 +85,11 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         record = Path(record_dir) if record_dir else tmp / "recording"
         if record.exists() and any(record.iterdir()):
             raise UsageError(f"--record {record} is not empty; give a new or empty directory")
-        settings = RunSettings(offload="matmul", limit=limit, disguise=disguise)
+        config = RunConfig(offload="matmul", limit=limit, disguise=disguise, shards=nodes,
+                           serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=nodes))
         # As `train --nodes K` does: the audit's own node processes, and nobody else, are admitted.
         admission = Admission(auto=set(local_node_keys(tmp, nodes, prefix="audit")))
-        run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
-                             run_dir=None, home=tmp / "coordinator", quiet=True, admission=admission)
+        run = CoordinatorRun(config, preset, inputs, home=tmp / "coordinator", quiet=True, admission=admission)
         run.print_reports = False
         disguise = run.compute.disguise  # the preset's when none was asked for
         log(f"audit: {nodes} node processes on {run.server.endpoint}, preset {preset.name}, {epochs} epoch(s), "

@@ -76,7 +76,7 @@ def run_with_tui(run: CoordinatorRun) -> int:
         return 1
     # The console is gone: leave what it showed that matters on the terminal.
     run.print_reports = True
-    report_ledger(run.server.ledger, run.settings.json,
+    report_ledger(run.server.ledger, run.config.json,
                   {"bytes_sent": run.server.bytes_sent, "bytes_received": run.server.bytes_received})
     with run.state.lock:
         final = run.state.status

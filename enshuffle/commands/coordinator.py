@@ -5,11 +5,10 @@ from __future__ import annotations
 import zmq
 
 from enshuffle.commands.console import run_console
-from enshuffle.commands.options import (apply_resume_settings, apply_serving_settings, check_run_dir_writable,
-                                        data_source, preset_from_args, run_settings, serving_settings)
+from enshuffle.commands.options import check_offload, check_run_dir_writable, resume, run_config
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.report import eprint, listen_text
-from enshuffle.coordinator.run import CoordinatorRun, default_run_dir
+from enshuffle.coordinator.run import CoordinatorRun
 from enshuffle.coordinator.training import load_inputs
 from enshuffle.errors import UsageError
 from enshuffle.protocol.keys import enshuffle_home
@@ -32,27 +31,21 @@ def check_bind(bind: str) -> None:
 
 def cmd_coordinator(args) -> int:
     """`enshuffle coordinator`: listen for volunteers' nodes and train."""
-    run_dir = args.out
-    if args.resume:
-        shards = apply_resume_settings(args, "coordinator")
-    else:
-        apply_serving_settings(args, None)
-        shards = args.min_nodes
-    run_settings(args)  # a refused --offload is told before anything starts
-    check_bind(args.bind)  # a taken port is told before minutes of data loading, not after
-    if args.open and args.allow:
+    config = run_config(args, "coordinator")
+    if config.resume:
+        config = resume(config, "coordinator")
+    check_offload(config.offload)  # a refused --offload is told before anything starts
+    serving = config.serving
+    assert serving.bind is not None and config.run_dir is not None  # completed by run_config or resume
+    check_bind(serving.bind)  # a taken port is told before minutes of data loading, not after
+    if serving.open and serving.allow:
         raise UsageError("--open admits every key, --allow FILE only the listed ones: choose one")
-    admission = Admission(allow_file=args.allow, open_=args.open, home=enshuffle_home())
-    run_dir = run_dir or default_run_dir()
-    check_run_dir_writable(run_dir)  # before minutes of data loading, not after
-    preset = preset_from_args(args)
-    inputs = load_inputs(args.data, preset, args.limit)
+    admission = Admission(allow_file=serving.allow, open_=serving.open, home=enshuffle_home())
+    check_run_dir_writable(config.run_dir)  # before minutes of data loading, not after
+    preset = config.build_preset()
+    inputs = load_inputs(config.data, preset, config.limit)
     try:
-        run = CoordinatorRun(run_settings(args), preset, inputs, bind=args.bind, shards=shards,
-                             min_nodes=args.min_nodes,
-                             run_dir=run_dir, resume=args.resume,
-                             checkpoint_every=args.checkpoint_every, admission=admission,
-                             serving=serving_settings(args), data_source=data_source(args.data))
+        run = CoordinatorRun(config, preset, inputs, admission=admission)
     except OSError as exc:
         raise UsageError(str(exc)) from None
     commands = run.state.join_commands
@@ -62,7 +55,7 @@ def cmd_coordinator(args) -> int:
     eprint(f"coordinator: listening on {listen_text(run.server.endpoint)}, run {run.server.run_id}, "
            f"model chain in {run.run_dir}")
     eprint(f"coordinator: fingerprint {run.identity.fingerprint}")
-    if args.open:
+    if serving.open:
         eprint("coordinator: WARNING: --open: ANY node that reaches this port is admitted and receives "
                "training data; use --allow FILE or invite codes (enshuffle invite) to choose who joins")
     eprint(f"coordinator: {admission.describe()}")
@@ -72,4 +65,4 @@ def cmd_coordinator(args) -> int:
     for note in run.state.join_notes:
         eprint(f"  ({note})")
 
-    return run_console(run, tui=bool(args.tui))
+    return run_console(run, tui=config.tui)

@@ -1,5 +1,6 @@
 """What `train`, `coordinator`, `audit` and `bench` read from the command line in common: the
-preset and network, the paths checked before any data loads, the run's settings, --resume."""
+run's frozen configuration (`run_config`, then `resume` for --resume), the network's shape, and
+the paths checked before any data loads."""
 
 from __future__ import annotations
 
@@ -7,39 +8,21 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from enshuffle.coordinator import settings
 from enshuffle.coordinator.offload import refuse_all
 from enshuffle.coordinator.report import eprint
-from enshuffle.coordinator.run import load_run_settings
-from enshuffle.coordinator.settings import RunSettings
+from enshuffle.coordinator.run import default_run_dir
+from enshuffle.coordinator.settings import RunConfig, RunRecord, Serving
 from enshuffle.errors import UsageError
-from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS, PRESETS, get_preset
 
 
 def network_layers(args) -> tuple[int, ...] | None:
     """--layers, or --hidden with the pixels and classes around it; None: the preset's network."""
-    if getattr(args, "layers", None):
-        return tuple(args.layers)
-    if getattr(args, "hidden", None):
-        return (INPUTS, *args.hidden, CLASSES)
-    return None
+    return settings.network_layers(vars(args).get("layers"), vars(args).get("hidden"))
 
 
-def preset_from_args(args):
-    if args.preset not in PRESETS:
-        raise UsageError(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
-    try:
-        preset = get_preset(args.preset, epochs=args.epochs, dtype=args.dtype, layers=network_layers(args),
-                            activation=getattr(args, "activation", None))
-    except ValueError as exc:
-        raise UsageError(f"--layers: {exc}") from None
-    if getattr(args, "seed", None) is not None:
-        preset = replace(preset, seed=args.seed)
-    return preset
-
-
-def check_weights_path(args) -> None:
+def check_weights_path(path: str | None) -> None:
     """Refuse a --save-weights path that cannot be written before training, not after it."""
-    path = getattr(args, "save_weights", None)
     if not path:
         return
     target = Path(path)
@@ -74,87 +57,57 @@ def check_run_dir_writable(run_dir: str) -> None:
                          f"choose a writable --out")
 
 
-def run_settings(args):
-    """The run's typed settings from the command line (the Namespace goes no further)."""
-    try:
-        refuse_all(args.offload)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    return RunSettings(offload=args.offload, limit=getattr(args, "limit", None),
-                       disguise=getattr(args, "disguise", None),
-                       max_exposure=getattr(args, "max_exposure", None),
-                       replicate=bool(getattr(args, "replicate", False)),
-                       quarantine_after=getattr(args, "quarantine_after", None),
-                       save_weights=getattr(args, "save_weights", None), json=bool(args.json))
+def run_config(args, command: str) -> RunConfig:
+    """The run's frozen configuration from `enshuffle train` or `enshuffle coordinator`'s command
+    line, built once; with --resume it is completed from the run directory's record by `resume`.
+    The parsed arguments go no further."""
+    option = vars(args).get  # the options one of the two commands does not have are None
+    coordinator = command == "coordinator"
+    serving = Serving(bind=option("bind"), allow=option("allow"),
+                      open=bool(option("open")), min_nodes=option("min_nodes"),
+                      checkpoint_every=option("checkpoint_every"), quarantine_after=option("quarantine_after"),
+                      replicate=bool(option("replicate")))
+    config = RunConfig(preset=args.preset, epochs=args.epochs, dtype=args.dtype, seed=option("seed"),
+                       layers=network_layers(args), activation=option("activation"), offload=args.offload,
+                       limit=option("limit"), data=option("data"),
+                       disguise=option("disguise"), max_exposure=option("max_exposure"),
+                       save_weights=option("save_weights"), json=bool(args.json), run_dir=option("out"),
+                       resume=bool(option("resume")), serving=serving, keep_serving=coordinator,
+                       tui=bool(option("tui")), verbose=bool(option("verbose")),
+                       in_process=bool(option("in_process")), reference=option("reference"))
+    if config.resume:
+        return config  # completed by `resume`
+    if coordinator:
+        serving = serving.completed()[0]
+        assert serving.min_nodes is not None  # completed: every option has its value
+        return replace(config, serving=serving, shards=serving.min_nodes, run_dir=config.run_dir or default_run_dir())
+    return replace(config, shards=args.nodes)
 
 
-def data_source(data: str | None) -> str | None:
-    """--data as a --resume elsewhere must read it: an absolute directory, `bundled`, or None (search)."""
-    if data is None or data == "bundled":
-        return data
-    return os.path.abspath(data)
-
-
-DEFAULT_BIND = "tcp://127.0.0.1:5555"
-
-
-SERVING_DEFAULTS = {"bind": DEFAULT_BIND, "allow": None, "open": False, "min_nodes": 1, "checkpoint_every": None,
-                    "quarantine_after": 3, "replicate": False}
-
-
-def serving_settings(args) -> dict:
-    """How `enshuffle coordinator` serves (kept in run.json, so --resume serves the same way)."""
-    return {"bind": args.bind, "allow": os.path.abspath(args.allow) if args.allow else None, "open": bool(args.open),
-            "min_nodes": args.min_nodes, "checkpoint_every": args.checkpoint_every,
-            "quarantine_after": args.quarantine_after, "replicate": bool(args.replicate)}
-
-
-def apply_serving_settings(args, stored: dict | None) -> list[str]:
-    """Fill the serving options not given on this command line from the run's (then from the
-    defaults); returns what was taken from the run, for the resume line."""
-    stored = stored or {}
-    taken = []
-    admission_given = bool(args.allow or args.open)
-    for name, default in SERVING_DEFAULTS.items():
-        value = getattr(args, name)
-        given = admission_given if name in ("allow", "open") else value not in (None, False)
-        if not given and stored.get(name) not in (None, False):
-            setattr(args, name, stored[name])
-            option = "--" + name.replace("_", "-")
-            taken.append(option if stored[name] is True else f"{option} {stored[name]}")
-        elif getattr(args, name) is None:
-            setattr(args, name, default)
-    return taken
-
-
-def apply_resume_settings(args, who: str) -> int:
-    """--resume: take the run's training settings from RUN_DIR/run.json; returns its shard count.
-
-    A new --epochs is honoured (it is how a finished run is extended); the other training
-    options are the run's, since the chain's versions only make sense with them."""
-    if not args.out:
+def resume(config: RunConfig, who: str) -> RunConfig:
+    """--resume: `config` continuing the run in its RUN_DIR, with the line saying what was taken
+    from the run (and, for the coordinator, how it serves as the run did)."""
+    if not config.run_dir:
         raise UsageError("--resume needs --out RUN_DIR naming the run to continue")
-    settings = load_run_settings(args.out)
-    if args.epochs is not None and args.epochs < settings["epochs"]:
-        raise UsageError(f"--epochs {args.epochs} is fewer than the {settings['epochs']} epochs {args.out} was "
-                         f"started with; a resumed run can only be extended (give more epochs, or none)")
-    epochs = args.epochs if args.epochs is not None else settings["epochs"]
-    extended = f" (was {settings['epochs']})" if epochs != settings["epochs"] else ""
-    args.preset, args.epochs, args.dtype = settings["preset"], epochs, settings["dtype"]
-    args.offload, args.seed, args.limit = settings["offload"], settings["seed"], settings.get("limit")
-    # A run written before networks had a shape is the notebook's 784-128-10 sigmoid network.
-    args.layers, args.hidden = tuple(settings.get("layers") or NOTEBOOK_LAYERS), None
-    args.activation = settings.get("activation") or "sigmoid"
-    if getattr(args, "data", None) is None and settings.get("data_source"):
-        args.data = settings["data_source"]
-    shards = int(settings["shards"])
-    layers = "-".join(map(str, args.layers))
-    eprint(f"{who}: resuming {args.out} with its settings: preset {args.preset}, {layers} {args.activation}, "
-           f"{args.epochs} epochs{extended}, "
-           f"{args.dtype}, offload {args.offload}, {shards} block{'s' if shards != 1 else ''}"
-           + (f", data {args.data}" if settings.get("data_source") else "") + " (other training options are ignored)")
-    if who == "coordinator":
-        taken = apply_serving_settings(args, settings.get("serving"))
+    record = RunRecord.load(config.run_dir)
+    resumed = config.resumed(record)
+    extended = f" (was {record.epochs})" if resumed.epochs != record.epochs else ""
+    layers = "-".join(map(str, resumed.layers or ()))
+    shards = resumed.shards
+    eprint(f"{who}: resuming {config.run_dir} with its settings: preset {resumed.preset}, {layers} "
+           f"{resumed.activation}, {resumed.epochs} epochs{extended}, "
+           f"{resumed.dtype}, offload {resumed.offload}, {shards} block{'s' if shards != 1 else ''}"
+           + (f", data {resumed.data}" if record.data_source else "") + " (other training options are ignored)")
+    if config.keep_serving:
+        taken = config.serving.completed(record.serving)[1]
         if taken:
             eprint(f"{who}: serving as the run did: {' '.join(taken)} (give an option to change it)")
-    return shards
+    return resumed
+
+
+def check_offload(offload: str) -> None:
+    """A refused --offload is told before the data is loaded."""
+    try:
+        refuse_all(offload)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
