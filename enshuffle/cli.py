@@ -1,7 +1,7 @@
 """The `enshuffle` command line: argument parsing and dispatch.
 
-Every sub-command's handler lives in the module that owns the capability and is imported
-lazily, so `enshuffle node` never pays for numpy-heavy coordinator code or for textual.
+Every sub-command's handler lives in `enshuffle.commands` and is imported lazily, by name, so
+`enshuffle node` never pays for numpy-heavy coordinator code or for textual.
 A handler takes the parsed arguments and returns an exit status. A wrong value is a one-line
 error and exit status 2 (argparse's own convention), never a traceback.
 """
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", metavar="RUN_DIR", default=None,
                    help="with --nodes 0: train the same reparameterized network as the resident run in RUN_DIR "
                         "(its secret and slot count), centrally, to compare with it")
-    p.set_defaults(handler="enshuffle.coordinator.commands:cmd_train")
+    p.set_defaults(handler="enshuffle.commands.train:cmd_train")
 
     p = sub.add_parser("bench", help="measure the performance figures (the bench's targets among them) side by side")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "512-4096 and for 2, 4 and 7 node processes (several minutes)")
     p.add_argument("--round-trips", type=_positive_int, default=300, metavar="N",
                    help="small products sent one at a time to each round-trip node (default 300)")
-    p.set_defaults(handler="enshuffle.coordinator.bench:cmd_bench")
+    p.set_defaults(handler="enshuffle.commands.bench:cmd_bench")
 
     p = sub.add_parser("coordinator", help="run a coordinator that volunteers' nodes connect to")
     _add_training_options(p)
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replicate", action="store_true",
                    help="also recompute here every result of a node not yet trusted (fewer than 20 "
                         "results accepted, or one refused) and compare entry by entry")
-    p.set_defaults(handler="enshuffle.coordinator.commands:cmd_coordinator")
+    p.set_defaults(handler="enshuffle.commands.coordinator:cmd_coordinator")
 
     p = sub.add_parser("invite", help="make an invite code for a volunteer and print the node command")
     p.add_argument("--connect", type=_endpoint, default=None,
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--list", action="store_true", help="list this home's invite codes instead of making one")
     group.add_argument("--revoke", metavar="CODE_OR_ID", default=None,
                        help="delete an invite code (the code, or the id --list shows); keys it admitted stay admitted")
-    p.set_defaults(handler="enshuffle.coordinator.admission:cmd_invite")
+    p.set_defaults(handler="enshuffle.commands.invite:cmd_invite")
 
     p = sub.add_parser("node", help="contribute this machine's CPU to a coordinator")
     p.add_argument("--connect", type=_endpoint, required=True, help="coordinator address, tcp://HOST:PORT")
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "plays a curious node against)")
     p.add_argument("--record-max-bytes", type=_positive_int, default=2 << 30, metavar="BYTES",
                    help="stop recording past this many bytes (default 2 GiB)")
-    p.set_defaults(handler="enshuffle.node.commands:cmd_node")
+    p.set_defaults(handler="enshuffle.commands.node:cmd_node")
 
     p = sub.add_parser("audit", help="run a short real run, record one node and play it as a curious attacker")
     p.add_argument("--preset", choices=["seed", "default", "adam"], default="default",
@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--record", metavar="DIR", default=None,
                    help="keep the recording here (default: a temporary directory, removed afterwards)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    p.set_defaults(handler="enshuffle.audit.runner:cmd_audit")
+    p.set_defaults(handler="enshuffle.commands.audit:cmd_audit")
 
     p = sub.add_parser("keys", help="this machine's keys")
     p.set_defaults(help_of=p)  # bare `enshuffle keys`: its actions, as bare `enshuffle` lists commands
@@ -380,11 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="say which key `enshuffle node --name NAME` uses (one key per name)")
     kp.add_argument("--create", action="store_true",
                     help="create the coordinator key and the node key (for --name) if missing")
-    kp.set_defaults(handler="enshuffle.protocol.keys:cmd_keys_show")
+    kp.set_defaults(handler="enshuffle.commands.keys:cmd_keys_show")
     kp = ksub.add_parser("forget", help="forget the coordinator key a node trusts for ADDRESS (after the operator "
                                         "really changed keys), so the next connection trusts or pins afresh")
     kp.add_argument("address", metavar="ADDRESS", type=_endpoint, help="the --connect address, tcp://HOST:PORT")
-    kp.set_defaults(handler="enshuffle.protocol.keys:cmd_keys_forget")
+    kp.set_defaults(handler="enshuffle.commands.keys:cmd_keys_forget")
 
     p = sub.add_parser("chain", help="inspect a run's hash chain of model versions")
     p.set_defaults(help_of=p)
@@ -393,18 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("run_dir", metavar="RUN_DIR")
     cp.add_argument("--json", action="store_true",
                     help="JSON lines, newest first: one {\"type\": \"version\", ...} object per version")
-    cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_log")
+    cp.set_defaults(handler="enshuffle.commands.chain:cmd_log")
     cp = csub.add_parser("verify", help="check every id, signature, parent link, the head log and the signing key")
     cp.add_argument("run_dir", metavar="RUN_DIR")
     cp.add_argument("--key", metavar="FINGERPRINT", default=None,
                     help="the coordinator key that must have signed the chain (default: this machine's coordinator key)")
-    cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_verify")
+    cp.set_defaults(handler="enshuffle.commands.chain:cmd_verify")
     cp = csub.add_parser("export", help="write a version's weights as .npz")
     cp.add_argument("run_dir", metavar="RUN_DIR")
     cp.add_argument("--version", metavar="ID", default=None, help="version id or unique prefix (default: head)")
     cp.add_argument("--npz", metavar="FILE", required=True, help="the .npz file to write (w1, b1, w2, b2)")
     cp.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
-    cp.set_defaults(handler="enshuffle.coordinator.chain:cmd_export")
+    cp.set_defaults(handler="enshuffle.commands.chain:cmd_export")
     return parser
 
 

@@ -43,7 +43,8 @@ import numpy as np
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, static_name
 from enshuffle.coordinator.ledger import ExposureLedger
-from enshuffle.coordinator.run import coordinator_blas_threads, stop_local_nodes
+from enshuffle.coordinator.cluster import stop_local_nodes
+from enshuffle.coordinator.run import coordinator_blas_threads
 from enshuffle.coordinator.server import CoordinatorServer
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.protocol.keys import load_or_create_identity

@@ -33,9 +33,10 @@ async def wait_for(pilot, predicate, timeout: float, what: str) -> None:
 
 
 async def shoot(data: str | None, limit: int) -> None:
-    from enshuffle.coordinator.commands import load_inputs
-    from enshuffle.coordinator.settings import RunSettings
-    from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
+    from enshuffle.coordinator.training import load_inputs
+    from enshuffle.coordinator.settings import RunConfig, Serving
+    from enshuffle.coordinator.cluster import spawn_local_nodes, stop_local_nodes
+    from enshuffle.coordinator.run import CoordinatorRun, verify_chain_message
     from enshuffle.model import get_preset
     from enshuffle.node.daemon import NodeDaemon
     from enshuffle.node.state import NodeControl, NodeState
@@ -48,8 +49,9 @@ async def shoot(data: str | None, limit: int) -> None:
         tmp = Path(tmp)
         preset = get_preset("default", epochs=4)
         inputs = load_inputs(data, preset, limit)
-        run = CoordinatorRun(RunSettings(limit=limit), preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
-                             run_dir=str(tmp / "run"), home=tmp / "coordinator", quiet=True)
+        config = RunConfig(limit=limit, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2),
+                           run_dir=str(tmp / "run"))
+        run = CoordinatorRun(config, preset, inputs, home=tmp / "coordinator", quiet=True)
         run.print_reports = False
         thread = threading.Thread(target=run.run, daemon=True)
         thread.start()

@@ -16,7 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from enshuffle.coordinator.chain import (
+from enshuffle.chain import (
     Chain,
     ChainError,
     ChainIntegrityError,
@@ -468,7 +468,7 @@ def test_export_to_a_directory_or_unwritable_path_is_refused(run, tmp_path):
 def _home_chain(tmp_path: Path, versions: int):
     """A run dir written as a coordinator writes it: signed with the home's key, each head recorded
     in the home. Returns (home, run_dir, identity)."""
-    from enshuffle.coordinator.chain import record_head_in_home
+    from enshuffle.chain import record_head_in_home
     from enshuffle.protocol.keys import load_or_create_identity
 
     home = tmp_path / "home"
@@ -483,7 +483,7 @@ def _home_chain(tmp_path: Path, versions: int):
 
 
 def test_extending_a_copy_of_a_run_leaves_the_original_verifiable(tmp_path):
-    from enshuffle.coordinator.chain import record_head_in_home
+    from enshuffle.chain import record_head_in_home
 
     home, run_dir, identity = _home_chain(tmp_path, 3)
     copy = tmp_path / "copy"
@@ -518,7 +518,7 @@ def test_verify_names_a_bad_version_once(tmp_path):
 def test_a_crash_between_the_first_head_and_its_log_line_leaves_a_resumable_chain(tmp_path):
     """The first append writes HEAD, then creates HEADS: a kill in between leaves one version and
     no head log, which is consistent (HEAD one version ahead of its log) and the next append logs it."""
-    from enshuffle.coordinator.chain import Chain
+    from enshuffle.chain import Chain
     from enshuffle.protocol.keys import load_or_create_identity
     signer = load_or_create_identity("coordinator", tmp_path / "keys")
     run_dir = tmp_path / "run"

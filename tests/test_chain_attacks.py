@@ -15,12 +15,13 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from enshuffle.coordinator.chain import HEAD_LOG, Chain, record_head_in_home
+from enshuffle.chain import HEAD_LOG, Chain, record_head_in_home
 from enshuffle.protocol.keys import Identity, load_or_create_identity
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +184,7 @@ def test_malformed_records_are_one_line_errors(coordinator_run, field, how):
 
 def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_cache, tmp_path):
     from enshuffle.coordinator.run import CoordinatorRun
-    from enshuffle.coordinator.settings import RunSettings
+    from enshuffle.coordinator.settings import RunConfig, Serving
     from enshuffle.coordinator.training import prepare
     from enshuffle.dataset import load_idx_dir
     from enshuffle.model import get_preset
@@ -191,9 +192,9 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
     home, run_dir = tmp_path / "home", tmp_path / "run"
     preset = get_preset("default", epochs=2)
     inputs = prepare(load_idx_dir(core_data_dir), preset, 300)
-    settings = RunSettings(limit=300)
-    run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
-                         run_dir=str(run_dir), home=home, quiet=True)
+    config = RunConfig(limit=300, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2),
+                       run_dir=str(run_dir))
+    run = CoordinatorRun(config, preset, inputs, home=home, quiet=True)
     try:
         run.trainer.epoch = preset.epochs  # as the last epoch leaves it
         run.write_version()
@@ -213,8 +214,8 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
     assert fewer.returncode == 2 and "Traceback" not in fewer.stderr
     assert "can only be extended" in fewer.stderr, fewer.stderr
     # Extending it works: with more epochs the head is no longer the end, and run.json says so.
-    longer = CoordinatorRun(settings, get_preset("default", epochs=3), inputs, bind="tcp://127.0.0.1:*", shards=2,
-                            min_nodes=2, run_dir=str(run_dir), resume=True, home=home, quiet=True)
+    longer = CoordinatorRun(replace(config, resume=True), get_preset("default", epochs=3), inputs, home=home,
+                            quiet=True)
     try:
         assert not longer.trainer.finished and longer.trainer.epoch == 2
         assert json.loads((run_dir / "run.json").read_text())["epochs"] == 3
@@ -259,7 +260,7 @@ def test_export_runs_the_checks_of_verify(tmp_path):
 
 def test_resume_refuses_a_rolled_back_head(core_data_dir, tmp_path):
     from enshuffle.coordinator.run import CoordinatorRun
-    from enshuffle.coordinator.settings import RunSettings
+    from enshuffle.coordinator.settings import RunConfig, Serving
     from enshuffle.coordinator.training import prepare
     from enshuffle.dataset import load_idx_dir
     from enshuffle.errors import UsageError
@@ -268,9 +269,9 @@ def test_resume_refuses_a_rolled_back_head(core_data_dir, tmp_path):
     home, run_dir = tmp_path / "home", tmp_path / "run"
     preset = get_preset("default", epochs=4)
     inputs = prepare(load_idx_dir(core_data_dir), preset, 300)
-    settings = RunSettings(limit=300)
-    run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
-                         run_dir=str(run_dir), home=home, quiet=True)
+    config = RunConfig(limit=300, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2),
+                       run_dir=str(run_dir))
+    run = CoordinatorRun(config, preset, inputs, home=home, quiet=True)
     try:
         first = run.write_version()
         run.trainer.epoch = 1
@@ -279,5 +280,4 @@ def test_resume_refuses_a_rolled_back_head(core_data_dir, tmp_path):
         run.server.close()
     (run_dir / "chain" / "HEAD").write_text(first + "\n")
     with pytest.raises(UsageError, match="rolled back"):
-        CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
-                       run_dir=str(run_dir), resume=True, home=home, quiet=True)
+        CoordinatorRun(replace(config, resume=True), preset, inputs, home=home, quiet=True)

@@ -185,7 +185,7 @@ def test_resume_refuses_a_chain_whose_older_version_fails_verification(core_data
     common = ["--nodes", "1", "--limit", "300", "--data", str(core_data_dir), "--out", str(run_dir)]
     first = _train(home, core_cache, *common, "--epochs", "2")
     assert first.returncode == 0, first.stderr
-    from enshuffle.coordinator.chain import Chain
+    from enshuffle.chain import Chain
 
     oldest = Chain(run_dir).versions()[0].version_id
     array = sorted(p for p in (run_dir / "chain" / oldest).iterdir() if p.name != "version.json")[0]

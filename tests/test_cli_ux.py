@@ -152,11 +152,11 @@ def test_train_gives_up_with_a_reason_when_its_local_nodes_cannot_connect(core_d
                                                                           capsys):
     # The local nodes pin another coordinator's key, so each refuses this one (exit 3).
     from enshuffle.cli import main
-    from enshuffle.coordinator import run as run_module
+    from enshuffle.commands import train as train_command
 
-    real = run_module.spawn_local_nodes
+    real = train_command.spawn_local_nodes
     stranger = Identity.generate().fingerprint
-    monkeypatch.setattr(run_module, "spawn_local_nodes",
+    monkeypatch.setattr(train_command, "spawn_local_nodes",
                         lambda endpoint, fp, count, workdir, threads=1: real(endpoint, stranger, count, workdir,
                                                                              threads))
     monkeypatch.chdir(tmp_path)
@@ -177,7 +177,7 @@ def test_data_bundled_chooses_the_subset_shipped_in_the_package(core_cache):
 
 
 def test_verifying_an_empty_chain_says_there_is_nothing_yet(tmp_path):
-    from enshuffle.coordinator.chain import Chain
+    from enshuffle.chain import Chain
     from enshuffle.coordinator.run import verify_chain_message
 
     (tmp_path / "run").mkdir()

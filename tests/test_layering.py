@@ -12,10 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE = """
 import importlib, json, pkgutil, sys
 loaded = {}
-for package in ("enshuffle.protocol", "enshuffle.coordinator", "enshuffle.node"):
+for package in ("enshuffle.protocol", "enshuffle.chain", "enshuffle.coordinator", "enshuffle.node",
+                "enshuffle.commands"):
     module = importlib.import_module(package)
     # every submodule too: a textual import hiding in one of them counts
-    for info in pkgutil.walk_packages(module.__path__, package + "."):
+    for info in pkgutil.walk_packages(getattr(module, "__path__", []), package + "."):
         importlib.import_module(info.name)
 print(json.dumps(sorted(m for m in sys.modules if m == "textual" or m.startswith("textual."))))
 """
@@ -31,14 +32,20 @@ def test_backend_packages_do_not_import_textual():
 
 def test_the_probe_would_notice_textual():
     """The check above can fail: the same probe sees textual when the TUI is imported."""
-    probe = PROBE.replace('("enshuffle.protocol", "enshuffle.coordinator", "enshuffle.node")', '("enshuffle.tui",)')
+    probe = PROBE.replace('("enshuffle.protocol", "enshuffle.chain", "enshuffle.coordinator", "enshuffle.node",\n'
+                          '                "enshuffle.commands")', '("enshuffle.tui",)')
+    assert probe != PROBE
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "textual" in json.loads(result.stdout.strip().splitlines()[-1])
 
 
-# Which enshuffle packages each layer may import (anywhere in a module, in a function too).
-# The TUI is allowed only where a command opens it (`--tui`): listed per module below.
+# Which enshuffle packages each layer may import (anywhere in a module, in a function too). No
+# exceptions: only the command layer (and the CLI above it) opens a terminal app.
+BELOW_COMMANDS = {"enshuffle.batch", "enshuffle.protocol", "enshuffle.errors",
+                  "enshuffle.kernels", "enshuffle.blas", "enshuffle.live",
+                  "enshuffle.model", "enshuffle.dataset", "enshuffle.memory", "enshuffle.fpenv", "enshuffle.chain",
+                  "enshuffle.coordinator", "enshuffle.node"}
 LAYERS = {
     "enshuffle.batch": set(),
     "enshuffle.protocol": {"enshuffle.protocol", "enshuffle.errors", "enshuffle.batch"},
@@ -47,15 +54,24 @@ LAYERS = {
     "enshuffle.fpenv": set(),
     "enshuffle.memory": set(),
     "enshuffle.errors": set(),
+    "enshuffle.live": set(),
+    "enshuffle.model": set(),
+    "enshuffle.dataset": set(),
+    "enshuffle.chain": {"enshuffle.chain", "enshuffle.protocol", "enshuffle.errors"},
     "enshuffle.node": {"enshuffle.node", "enshuffle.protocol", "enshuffle.errors", "enshuffle.batch",
-                       "enshuffle.kernels", "enshuffle.blas", "enshuffle.live", "enshuffle.model", "enshuffle.memory",
+                       "enshuffle.kernels",
+                       "enshuffle.blas", "enshuffle.live", "enshuffle.model", "enshuffle.memory",
                        "enshuffle.fpenv"},
-    "enshuffle.coordinator": {"enshuffle.coordinator", "enshuffle.protocol", "enshuffle.errors",
-                              "enshuffle.batch", "enshuffle.kernels", "enshuffle.blas", "enshuffle.live",
-                              "enshuffle.model", "enshuffle.dataset", "enshuffle.memory", "enshuffle.fpenv"},
+    "enshuffle.coordinator": {"enshuffle.coordinator", "enshuffle.protocol", "enshuffle.errors", "enshuffle.batch",
+                              "enshuffle.kernels", "enshuffle.blas", "enshuffle.live", "enshuffle.model",
+                              "enshuffle.dataset", "enshuffle.memory", "enshuffle.fpenv", "enshuffle.chain"},
+    "enshuffle.audit": BELOW_COMMANDS | {"enshuffle.audit"},
+    "enshuffle.tui": BELOW_COMMANDS | {"enshuffle.tui"},
+    # Every handler: it may import everything but the CLI that dispatches to it.
+    "enshuffle.commands": BELOW_COMMANDS | {"enshuffle.audit", "enshuffle.tui", "enshuffle.commands"},
+    "enshuffle.cli": BELOW_COMMANDS | {"enshuffle.audit", "enshuffle.tui", "enshuffle.commands", "enshuffle.cli"},
+    "enshuffle.__main__": {"enshuffle.cli"},
 }
-TUI_ENTRY_POINTS = {"enshuffle.node.commands": "enshuffle.tui.node_app",
-                    "enshuffle.coordinator.run": "enshuffle.tui.coordinator_app"}
 
 
 def imported_modules(path: Path, module: str) -> set[str]:
@@ -81,17 +97,24 @@ def imported_modules(path: Path, module: str) -> set[str]:
 
 
 def _allowed(name: str, allowed: set[str]) -> bool:
-    return name == "enshuffle" or any(name == a or name.startswith(a + ".") for a in allowed)
+    if name in ("enshuffle", "enshuffle.__version__"):  # the package itself (enshuffle/__init__.py)
+        return True
+    return any(name == a or name.startswith(a + ".") for a in allowed)
 
 
 def layering_violations(root: Path) -> list[str]:
+    """Every import a layer may not make, and every module that belongs to no layer (so a new
+    package cannot escape the check by being absent from LAYERS)."""
     problems = []
     for path in sorted((root / "enshuffle").rglob("*.py")):
         module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        if module == "enshuffle":
+            continue
         layer = next((l for l in LAYERS if module == l or module.startswith(l + ".")), None)
         if layer is None:
+            problems.append(f"{module} belongs to no layer")
             continue
-        allowed = LAYERS[layer] | ({TUI_ENTRY_POINTS[module]} if module in TUI_ENTRY_POINTS else set())
+        allowed = LAYERS[layer]
         for name in sorted(imported_modules(path, module)):
             if not _allowed(name, allowed):
                 problems.append(f"{module} imports {name}")
@@ -112,6 +135,27 @@ def test_the_layering_check_would_notice(tmp_path):
     assert layering_violations(tmp_path) == [
         "enshuffle.coordinator.x imports enshuffle.node", "enshuffle.coordinator.x imports enshuffle.node.daemon",
         "enshuffle.kernels imports enshuffle.coordinator"]
+
+
+def test_the_layering_check_notices_a_console_or_a_handler_below_the_commands(tmp_path):
+    """No exception list: a coordinator or node module opening a terminal app, or importing a
+    command handler, is reported, as is a handler importing the CLI and a module in no layer."""
+    for package in ("coordinator", "node", "commands", "tui"):
+        (tmp_path / "enshuffle" / package).mkdir(parents=True)
+    (tmp_path / "enshuffle" / "coordinator" / "run.py").write_text(
+        "def f():\n    from enshuffle.tui.coordinator_app import CoordinatorApp\n")
+    (tmp_path / "enshuffle" / "node" / "x.py").write_text(
+        "from enshuffle.commands.node import cmd_node\nfrom ..tui import node_app\n")
+    (tmp_path / "enshuffle" / "tui" / "x.py").write_text("from enshuffle.commands import console\n")
+    (tmp_path / "enshuffle" / "commands" / "x.py").write_text(
+        "from enshuffle.tui import node_app\nfrom enshuffle.cli import main\n")
+    (tmp_path / "enshuffle" / "newpackage.py").write_text("")
+    assert layering_violations(tmp_path) == [
+        "enshuffle.commands.x imports enshuffle.cli",
+        "enshuffle.coordinator.run imports enshuffle.tui.coordinator_app",
+        "enshuffle.newpackage belongs to no layer",
+        "enshuffle.node.x imports enshuffle.commands.node", "enshuffle.node.x imports enshuffle.tui",
+        "enshuffle.tui.x imports enshuffle.commands"]
 
 
 def lazy_imports_without_reason(root: Path) -> list[str]:
@@ -154,7 +198,7 @@ def test_the_lazy_import_check_would_notice(tmp_path):
 def test_the_headless_node_starts_without_numpy_or_coordinator_code():
     """What `enshuffle node` loads before it sets the BLAS environment: the CLI and its own
     command module, not numpy (whose BLAS reads the environment once), not the coordinator."""
-    probe = ("import sys; import enshuffle.cli, enshuffle.node.commands; "
+    probe = ("import sys; import enshuffle.cli, enshuffle.commands.node; "
              "print(sorted(m for m in sys.modules if m == 'numpy' or m.startswith('enshuffle.coordinator')"
              " or m == 'textual'))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -287,7 +287,7 @@ def test_flush_to_zero_leaves_an_unknown_platform_alone(monkeypatch):
 
 
 def test_the_node_sets_its_blas_environment_before_numpy_loads():
-    code = ("import os, sys; from enshuffle.node.commands import _apply_thread_env; _apply_thread_env(1); "
+    code = ("import os, sys; from enshuffle.commands.node import _apply_thread_env; _apply_thread_env(1); "
             "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], os.environ['OPENBLAS_NUM_THREADS']); "
             "sys.exit(1 if 'numpy' in sys.modules else 0)")
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}

@@ -331,7 +331,7 @@ def test_silent_coordinator_is_lost_and_node_says_hello_again(coord, node_proc):
 
 
 def test_headless_node_does_not_import_textual():
-    code = ("import sys, enshuffle.node.commands, enshuffle.node.daemon; "
+    code = ("import sys, enshuffle.commands.node, enshuffle.node.daemon; "
             "sys.exit(1 if any(m == 'textual' or m.startswith('textual.') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 

@@ -12,6 +12,7 @@ import json
 import stat
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import pytest
 
 from enshuffle.cli import UsageError
 from enshuffle.coordinator.run import CoordinatorRun, plan_secret
-from enshuffle.coordinator.settings import RunSettings
+from enshuffle.coordinator.settings import RunConfig, Serving
 from enshuffle.coordinator.training import prepare
 from enshuffle.dataset import load_idx_dir
 from enshuffle.model import get_preset
@@ -28,9 +29,9 @@ from enshuffle.model import get_preset
 def make_run(data_dir: Path, run_dir: Path, home: Path, *, resume: bool = False, limit: int = 300) -> CoordinatorRun:
     preset = get_preset("default", epochs=1)
     inputs = prepare(load_idx_dir(data_dir), preset, limit)
-    args = RunSettings(limit=limit)
-    return CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=2, min_nodes=2,
-                          run_dir=str(run_dir), resume=resume, home=home, quiet=True)
+    config = RunConfig(limit=limit, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2),
+                       run_dir=str(run_dir), resume=resume)
+    return CoordinatorRun(config, preset, inputs, home=home, quiet=True)
 
 
 def blocks(run: CoordinatorRun) -> list[np.ndarray]:
@@ -131,7 +132,7 @@ def test_a_home_writable_by_others_is_warned_about_and_so_is_a_shared_trust_file
 def test_a_failed_version_write_is_retried_not_fatal(core_data_dir, tmp_path, monkeypatch):
     import errno
 
-    from enshuffle.coordinator.chain import Chain
+    from enshuffle.chain import Chain
 
     run = make_run(core_data_dir, tmp_path / "run", tmp_path / "home")
     real = Chain.append
@@ -188,3 +189,53 @@ def test_the_printed_resume_command_serves_as_the_run_did(core_data_dir, core_ca
     finally:
         for proc in procs:
             proc.stop()
+
+
+def test_run_json_is_a_typed_record_that_round_trips(tmp_path):
+    from enshuffle.coordinator.settings import RunRecord, Serving
+
+    record = RunRecord(preset="default", epochs=3, dtype="float32", offload="matmul", seed=None, shards=2,
+                       limit=300, data={"images": 300, "sha256": "ab" * 32}, layers=(784, 16, 10),
+                       activation="relu", data_source="bundled",
+                       serving=Serving(bind="tcp://127.0.0.1:5555", min_nodes=2, quarantine_after=3),
+                       extra={"written_by": "a later version"})
+    record.save(tmp_path)
+    stored = json.loads((tmp_path / "run.json").read_text())
+    assert stored["layers"] == [784, 16, 10] and stored["serving"]["min_nodes"] == 2
+    assert stored["written_by"] == "a later version"  # a field this version does not know is kept
+    assert RunRecord.load(tmp_path) == record
+
+
+@pytest.mark.parametrize("change, field", [({"epochs": "3"}, "epochs"), ({"shards": True}, "shards"),
+                                           ({"layers": [784, "x", 10]}, "layers"),
+                                           ({"serving": {"min_nodes": "2"}}, "serving.min_nodes"),
+                                           ({"limit": 1.5}, "limit")])
+def test_a_damaged_run_json_names_the_file_and_the_field(tmp_path, change, field):
+    from enshuffle.coordinator.settings import RunRecord
+
+    good = {"preset": "default", "epochs": 3, "dtype": "float32", "offload": "matmul", "seed": None, "shards": 2}
+    (tmp_path / "run.json").write_text(json.dumps(dict(good, **change)))
+    with pytest.raises(UsageError) as raised:
+        RunRecord.load(tmp_path)
+    assert str(tmp_path / "run.json") in str(raised.value) and f"lacks valid {field};" in str(raised.value)
+
+
+def test_resuming_makes_a_new_config_from_the_record():
+    from enshuffle.coordinator.settings import RunConfig, RunRecord, Serving
+
+    given = RunConfig(preset="seed", epochs=None, dtype="float64", offload="auto", run_dir="r", resume=True,
+                      serving=Serving(bind="tcp://0.0.0.0:6000"), keep_serving=True)
+    record = RunRecord(preset="default", epochs=4, dtype="float32", offload="matmul", seed=7, shards=3,
+                       data_source="/data", serving=Serving(bind="tcp://127.0.0.1:5555", min_nodes=3, replicate=True))
+    resumed = given.resumed(record)
+    assert given.preset == "seed" and given.serving.min_nodes is None  # frozen: nothing is changed in place
+    assert (resumed.preset, resumed.epochs, resumed.dtype, resumed.offload, resumed.seed, resumed.shards) == \
+        ("default", 4, "float32", "matmul", 7, 3)
+    assert resumed.layers == (784, 128, 10) and resumed.activation == "sigmoid"  # a run from before shapes
+    assert resumed.data == "/data"
+    # Serving: what this command line gives wins, the rest is the run's, then the defaults.
+    assert resumed.serving == Serving(bind="tcp://0.0.0.0:6000", min_nodes=3, replicate=True, quarantine_after=3)
+    assert given.serving.completed(record.serving)[1] == ["--min-nodes 3", "--replicate"]
+    assert replace(given, epochs=6).resumed(record).epochs == 6  # a larger --epochs extends the run
+    with pytest.raises(UsageError, match="can only be extended"):
+        replace(given, epochs=3).resumed(record)

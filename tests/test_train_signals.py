@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from enshuffle.coordinator.chain import Chain
+from enshuffle.chain import Chain
 from wire_util import Proc, process_env, wait_until
 
 

@@ -20,9 +20,10 @@ from pathlib import Path
 from textual.widgets import DataTable
 
 from enshuffle import dataset as ds
-from enshuffle.coordinator.chain import Chain
-from enshuffle.coordinator.settings import RunSettings
-from enshuffle.coordinator.run import CoordinatorRun, spawn_local_nodes, stop_local_nodes, verify_chain_message
+from enshuffle.chain import Chain
+from enshuffle.coordinator.settings import RunConfig, Serving
+from enshuffle.coordinator.cluster import spawn_local_nodes, stop_local_nodes
+from enshuffle.coordinator.run import CoordinatorRun, verify_chain_message
 from enshuffle.coordinator.training import prepare
 from enshuffle.model import get_preset
 from enshuffle.blas import get_blas_threads, set_blas_threads
@@ -47,12 +48,11 @@ class LiveRun:
     def __init__(self, tmp: Path, data_dir: Path, *, epochs: int, limit: int, shards: int):
         preset = get_preset("default", epochs=epochs)
         inputs = prepare(ds.load_idx_dir(data_dir), preset, limit)
-        # The settings cmd_train hands over for `--offload matmul --limit N`, no --json, no --save-weights.
-        args = RunSettings(limit=limit)
         self.run_dir = tmp / "run"
-        self.run = CoordinatorRun(args, preset, inputs, bind="tcp://127.0.0.1:*", shards=shards,
-                                  min_nodes=shards, run_dir=str(self.run_dir), home=tmp / "coordinator",
-                                  quiet=True)
+        # The configuration cmd_train hands over for `--offload matmul --limit N`, no --json, no --save-weights.
+        config = RunConfig(limit=limit, shards=shards, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=shards),
+                           run_dir=str(self.run_dir))
+        self.run = CoordinatorRun(config, preset, inputs, home=tmp / "coordinator", quiet=True)
         self.run.print_reports = False  # as run_with_tui does: stdout is the terminal the app draws on
         self.rc: int | None = None
         self.error: BaseException | None = None
@@ -360,7 +360,7 @@ def test_train_console_does_not_offer_a_join_line_it_would_refuse(core_data_dir,
 
     preset = get_preset("default", epochs=1)
     inputs = prepare(ds.load_idx_dir(core_data_dir), preset, 300)
-    run = local_cluster_run(RunSettings(limit=300), preset, inputs, nodes=2, workdir=tmp_path)
+    run = local_cluster_run(RunConfig(limit=300, shards=2), preset, inputs, workdir=tmp_path)
     join = _console_join_text(run)
     assert "enshuffle node --connect" not in join and "volunteer machine run" not in join, join
     assert "only the 2 local node processes" in join and "enshuffle coordinator" in join, join
@@ -377,8 +377,8 @@ def test_coordinator_console_says_who_may_join(core_data_dir, tmp_path, how):
     admission = {"invites": lambda: Admission(home=tmp_path / "home"),
                  "open": lambda: Admission(open_=True, home=tmp_path / "home"),
                  "allow": lambda: Admission(allow_file=allow, home=tmp_path / "home")}[how]()
-    run = CoordinatorRun(RunSettings(limit=300), preset, inputs, bind="tcp://127.0.0.1:0", shards=1, min_nodes=1,
-                         run_dir=None, home=tmp_path / "home", quiet=True, admission=admission)
+    run = CoordinatorRun(RunConfig(limit=300, shards=1, serving=Serving(bind="tcp://127.0.0.1:0", min_nodes=1)),
+                         preset, inputs, home=tmp_path / "home", quiet=True, admission=admission)
     join = _console_join_text(run)
     assert "who may join:" in join and "only nodes on this machine can connect" in join, join
     if how == "open":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from enshuffle.coordinator.chain import Chain
+from enshuffle.chain import Chain
 from enshuffle.coordinator.offload import COST_MODEL_FILE
 from enshuffle.protocol.keys import Identity, load_or_create_identity
 from wire_util import (assert_same_weights, coordinator_fingerprint, enshuffle_cli, free_port, load_npz,

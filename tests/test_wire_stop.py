@@ -10,8 +10,8 @@ from pathlib import Path
 from test_tui_live import LiveRun
 from wire_util import wait_until
 
-from enshuffle.coordinator.chain import Chain
-from enshuffle.coordinator.run import spawn_local_nodes, stop_local_nodes
+from enshuffle.chain import Chain
+from enshuffle.coordinator.cluster import spawn_local_nodes, stop_local_nodes
 
 
 def test_stop_with_every_node_gone_ends_the_run(core_data_dir, tmp_path: Path):

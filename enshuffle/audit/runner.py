@@ -8,9 +8,6 @@ from this process's coordinator objects.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,9 +21,9 @@ from enshuffle.audit.hidden_score import save_hidden_truth, score_hidden
 from enshuffle.audit.recording import load_recording
 from enshuffle.audit.scoring import TARGETS, Truth, meets_targets, score
 from enshuffle.coordinator.admission import Admission
-from enshuffle.coordinator.commands import network_layers
-from enshuffle.coordinator.run import CoordinatorRun, local_node_keys, run_headless, stop_local_nodes
-from enshuffle.coordinator.settings import RunSettings
+from enshuffle.coordinator.cluster import local_node_keys, spawn_local_nodes, stop_local_nodes
+from enshuffle.coordinator.run import CoordinatorRun, run_headless
+from enshuffle.coordinator.settings import RunConfig, Serving
 from enshuffle.coordinator.training import prepare
 from enshuffle.dataset import DataError, load_dataset
 from enshuffle.errors import UsageError
@@ -39,23 +36,6 @@ DEFAULT_EPOCHS = {"default": 2, "seed": 2}
 
 def _eprint(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
-
-
-def spawn_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, record: Path) -> list[subprocess.Popen]:
-    """`count` node processes, each with its own key; the first records what it accepts."""
-    procs = []
-    for i in range(count):
-        home = workdir / f"node-{i + 1}"
-        home.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, ENSHUFFLE_HOME=str(home))
-        cmd = [sys.executable, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key", fingerprint,
-               "--name", f"audit-{i + 1}", "--threads", "1"]
-        if i == 0:
-            cmd += ["--record", str(record)]
-        log = open(home / "node.log", "wb")
-        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
-        log.close()
-    return procs
 
 
 def truth_from(run, slots: list[int], dataset, limit: int):
@@ -123,18 +103,20 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         record = Path(record_dir) if record_dir else tmp / "recording"
         if record.exists() and any(record.iterdir()):
             raise UsageError(f"--record {record} is not empty; give a new or empty directory")
-        settings = RunSettings(offload="matmul", limit=limit, disguise=disguise)
+        config = RunConfig(offload="matmul", limit=limit, disguise=disguise, shards=nodes,
+                           serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=nodes))
         # As `train --nodes K` does: the audit's own node processes, and nobody else, are admitted.
         admission = Admission(auto=set(local_node_keys(tmp, nodes, prefix="audit")))
-        run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
-                             run_dir=None, home=tmp / "coordinator", quiet=True, admission=admission)
+        run = CoordinatorRun(config, preset, inputs, home=tmp / "coordinator", quiet=True, admission=admission)
         run.print_reports = False
         if hasattr(run.compute, "audit_hidden"):
             run.compute.audit_hidden()  # keep the hidden layers' per-step secrets for the scorer
         disguise = run.compute.disguise  # the preset's when none was asked for
         log(f"audit: {nodes} node processes on {run.server.endpoint}, preset {preset.name}, {epochs} epoch(s), "
             f"{limit} training images, disguise {disguise}; audit-1 records into {record}")
-        procs = spawn_nodes(run.server.endpoint, run.identity.fingerprint, nodes, tmp, record)
+        # In this process's session: Ctrl-C reaches the audit's node processes too.
+        procs = spawn_local_nodes(run.server.endpoint, run.identity.fingerprint, nodes, tmp, prefix="audit",
+                                  record=record, own_session=False)
         try:
             # SIGINT/SIGTERM stop the run gracefully and take the node processes along
             status = run_headless(run)
@@ -173,96 +155,17 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
                            "messages": len(messages)}
     figures["targets"] = {k: v[1] for k, v in TARGETS.items()}
     figures["meets_targets"] = meets_targets(figures)
-    return _plain(figures)
+    return plain(figures)
 
 
-ROWS = [
-    ("labels_named", "training labels named correctly", "labels_named"),
-    ("labels_grouping_ari", "  grouping by class only (adjusted Rand, dz1 clusters)", None),
-    ("labels_cluster_purity", "  cluster purity", None),
-    ("labels_grouping_global_ari", "  one grouping of all rows, linked across epochs (ARI)", None),
-    ("reid", "rows re-identified against the public data", "reid"),
-    ("reid_exact", "  by exact match of visible pixels", None),
-    ("reid_nn", "  by nearest neighbour on statistics", None),
-    ("exact_pixels", "its pixel values, exactly", "exact_pixels"),
-    ("static_scales", "static power-of-two scales undone", None),
-    ("positions", "its pixel positions", "positions"),
-    ("positions_weights", "  from public initial weights (mantissas)", None),
-    ("positions_statistics", "  from public image statistics", None),
-    ("rows_linked", "rows linked across steps", None),
-    ("w1_outside_corr", "w1 rows outside its block (correlation)", "w1_outside_corr"),
-    ("w1_inside_corr", "w1 rows inside its block (correlation)", None),
-    ("w1_block_corr", "  its last w1 block, up to hidden-unit order (mean |corr|)", None),
-    ("w1_block_chance", "  same for a random block (chance)", None),
-    ("ica_pixels_recovered", "ICA: pixel columns recovered (|corr| >= 0.9)", None),
-    ("ica_best_abs_corr_mean", "ICA: mean best |corr| with a pixel column", None),
-    ("ica_chance_abs_corr_mean", "  same for random mixtures of the true block (chance)", None),
-    ("traj_sources_separated", "weight trajectory: sources separated (first Adam step)", None),
-    ("traj_mixing_error_separation", "  its mixing M_s from the separation alone, rel. error", None),
-    ("traj_mixing_error", "  its mixing M_s, relative error (rows aligned)", None),
-    ("traj_mixing_chance", "  same for a random claim (chance)", None),
-    ("traj_positions", "  pixel positions (unmixed, cumulants, noise off)", None),
-    ("traj_reid", "  rows re-identified against the public data", None),
-    ("traj_exact_pixels", "  pixel values, exactly", None),
-    ("traj_labels_named", "  training labels named", None),
-    ("traj_w1_block_corr", "  its w1 block in the clear, up to unit order (|corr|)", None),
-    ("traj_w1_block_exact", "  its w1 block: entries within 1e-4 relative", None),
-    ("hidden_rows_single_sample", "resident hidden layer: rows unmixed to one sample (dz zeros)", None),
-    ("hidden_units_unmixed", "  its units unmixed (M_s columns, ReLU zeros)", None),
-    ("hidden_unit_purity_mean", "  unit purity of the claimed M_s^-1 columns (mean)", None),
-    ("hidden_unit_purity_chance", "  same for random columns (chance)", None),
-    ("hidden_mixing_error", "  its mixing M_s, relative error (order, scale matched)", None),
-    ("hidden_w_block_corr", "  its w block in the clear, rows matched (mean |corr|)", None),
-    ("hidden_w_block_chance", "  same for its V_s rows as held (chance)", None),
-    ("hidden_labels_grouping_ari", "  single-sample dz rows grouped by class (ARI)", None),
-    ("hidden_labels_grouping_sent_ari", "  dz rows as sent grouped by class (ARI)", None),
-]
-
-
-def format_table(figures: dict) -> str:
-    s = figures["settings"]
-    lines = [f"What one curious node recovered: preset {s['preset']}, {s['nodes']} nodes, {s['epochs']} epoch(s), "
-             f"{s['limit']} images, disguise {s['disguise']}",
-             f"{'what':<58}{'recovered':>10}  {'target':>8}  ok"]
-    for key, text, target_key in ROWS:
-        value = figures.get(key)
-        # correlations, indices and errors, not shares
-        ratio = "corr" in key or "ari" in key or "chance" in key or "error" in key or "purity" in key
-        shown = "n/a" if value is None else (f"{value:.1e}" if "error" in key else f"{value:.3f}" if ratio
-                                             else f"{value:.1%}")
-        target = ""
-        ok = ""
-        if target_key:
-            limit = figures["targets"][target_key]
-            target = f"<= {limit:.2f}" if "corr" in target_key else f"<= {limit:.0%}"
-            ok = "yes" if figures["meets_targets"][target_key] else "NO"
-        lines.append(f"{text:<58}{shown:>10}  {target:>8}  {ok}")
-    if figures.get("w1_source"):
-        lines.append(f"(w1 estimate: {figures['w1_source']})")
-    for note in figures.get("notes", []):
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
-
-
-def _plain(value):
+def plain(value):
     """Figures as plain JSON values (numpy scalars and arrays included)."""
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def cmd_audit(args) -> int:
-    figures = run_audit(preset_name=args.preset, nodes=args.nodes, epochs=args.epochs, limit=args.limit,
-                        data=args.data, disguise=args.disguise, record_dir=args.record,
-                        layers=network_layers(args), activation=args.activation)
-    if args.json:
-        print(json.dumps(_plain(figures)), flush=True)
-    else:
-        print(format_table(figures), flush=True)
-    return 0

@@ -23,15 +23,12 @@ import hmac
 import json
 import os
 import secrets
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from enshuffle.errors import UsageError
 from enshuffle.protocol.handshake import invite_id, invite_proof
-from enshuffle.protocol.keys import (KeyStoreError, enshuffle_home, fingerprint, load_or_create_identity,
-                                     normalize_fingerprint)
+from enshuffle.protocol.keys import KeyStoreError, fingerprint, normalize_fingerprint
 
 INVITES_FILE = "invites.json"
 INVITED_FILE = "invited_nodes"
@@ -59,7 +56,7 @@ def read_allow_file(path: Path) -> set[str]:
     return allowed
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
     try:
@@ -85,7 +82,7 @@ def load_invites(home: Path, include_used: bool = False) -> dict[str, dict]:
         return {}
 
 
-def _expires_at(entry: dict) -> float | None:
+def invite_expires_at(entry: dict) -> float | None:
     """When an invite stops admitting: `expires_at` (every code has one, INVITE_DAYS by default)
     or `expires` (set by --expires), whichever comes first; None for a code written before codes
     expired."""
@@ -93,8 +90,8 @@ def _expires_at(entry: dict) -> float | None:
     return min(times) if times else None
 
 
-def _expired(entry: dict, now: float | None = None) -> bool:
-    expires = _expires_at(entry)
+def invite_expired(entry: dict, now: float | None = None) -> bool:
+    expires = invite_expires_at(entry)
     return expires is not None and (time.time() if now is None else now) >= expires
 
 
@@ -106,7 +103,7 @@ def invite_problem(entry: dict, fp: str, now: float | None = None) -> str | None
     if entry.get("used") and fp not in keys:
         return (f"this invite code was already used (by another node, {entry['used']}): each one-time "
                 f"code admits one node; ask the operator for a new one (enshuffle invite)")
-    if _expired(entry, now):
+    if invite_expired(entry, now):
         return "this invite code has expired; ask the operator for a new one (enshuffle invite)"
     given = entry.get("max_keys")
     limit: int = given if isinstance(given, int) else REUSABLE_MAX_KEYS
@@ -126,7 +123,7 @@ def create_invite(home: Path, reusable: bool, expires_in: float | None = None) -
                                 "expires_at": int(now + (expires_in if expires_in is not None
                                                          else INVITE_DAYS * 86400)),
                                 "max_keys": REUSABLE_MAX_KEYS if reusable else 1, "keys": []}
-    _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
+    write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
     return code
 
 
@@ -257,77 +254,6 @@ class Admission:
                 stored = invites[ident].get("keys")
                 known: list = stored if isinstance(stored, list) else []
                 invites[ident]["keys"] = sorted(set(known) | {fp})
-            _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
+            write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
         except OSError:
             pass  # admitted for this process at least; the operator sees the key in the log
-
-
-def _list_invites(home: Path) -> int:
-    invites = load_invites(home, include_used=True)
-    if not invites:
-        print(f"no invite codes in {home / INVITES_FILE}")
-        return 0
-    now = time.time()
-    for ident, entry in sorted(invites.items(), key=lambda kv: kv[1].get("created", "")):
-        if entry.get("used"):
-            state = f"used {entry['used']}"
-        elif _expired(entry, now):
-            state = "expired"
-        elif _expires_at(entry) is not None:
-            state = "valid until " + time.strftime("%Y-%m-%d %H:%M", time.localtime(_expires_at(entry)))
-        else:
-            state = "valid"
-        kind = "reusable" if entry.get("reusable") else "one-time"
-        print(f"{ident}  {kind:8}  created {entry.get('created', '?')}  {state}")
-    print("(revoke one with `enshuffle invite --revoke ID`; keys an invite admitted stay in "
-          f"{home / INVITED_FILE})")
-    return 0
-
-
-def _revoke_invite(home: Path, which: str) -> int:
-    invites = load_invites(home, include_used=True)
-    ident = which if which in invites else invite_id(which) if which.isascii() else which
-    if ident not in invites:
-        print(f"enshuffle invite: no invite {which!r} in {home / INVITES_FILE} (see `enshuffle invite --list`)",
-              file=sys.stderr)
-        return 1
-    del invites[ident]
-    _write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
-    print(f"revoked invite {ident}: it admits no new node (keys it admitted stay in {home / INVITED_FILE})")
-    return 0
-
-
-def cmd_invite(args) -> int:
-    """`enshuffle invite`: a code for one node (or --reusable), and the exact node command;
-    --list and --revoke manage the codes."""
-    home = enshuffle_home()
-    if getattr(args, "list", False):
-        return _list_invites(home)
-    if getattr(args, "revoke", None):
-        return _revoke_invite(home, args.revoke)
-    identity = load_or_create_identity("coordinator", home)
-    try:
-        code = create_invite(home, args.reusable, getattr(args, "expires", None))
-    except OSError as exc:
-        raise UsageError(f"cannot write {home / INVITES_FILE} ({exc.strerror}); make {home} writable") from None
-    connect = args.connect
-    if connect is None:  # this machine as volunteers may reach it (THIS_HOST when it has no address)
-        from enshuffle.coordinator.addresses import volunteer_addresses  # only when no --connect is given
-        connect = volunteer_addresses("tcp://0.0.0.0:5555")[0]
-    kind = "reusable" if args.reusable else "one-time"
-    print(f"{kind} invite code: {code}")
-    print("on the volunteer's machine run:")
-    print(f"    ENSHUFFLE_INVITE={code} enshuffle node --connect {connect} "
-          f"--coordinator-key {identity.fingerprint}")
-    print("(in the environment, the code stays out of the node's command line, which other local users can "
-          "read; `--invite @FILE` reads it from a file)")
-    if args.connect is None:
-        print("(the address is this machine's as far as it knows; give --connect tcp://HOST:PORT for the one "
-              "volunteers reach, e.g. behind NAT)")
-    days = f"{INVITE_DAYS} days" if getattr(args, "expires", None) is None else "the time --expires gave"
-    print(f"(the code works with any coordinator started with this ENSHUFFLE_HOME for {days}; "
-          + (f"it admits up to {REUSABLE_MAX_KEYS} node keys; delete it from " if args.reusable
-             else "it is used up by the first node; see ")
-          + f"{home / INVITES_FILE})")
-    sys.stdout.flush()
-    return 0

@@ -1,4 +1,4 @@
-"""`enshuffle bench`: the performance figures, measured side by side in one run.
+"""What `enshuffle bench` measures: the performance figures, measured side by side in one run.
 
 Each figure is the median of `--repeats` repetitions; ratios are taken between medians measured
 in this same run, so a noisy machine moves numerator and denominator together. It is a
@@ -48,18 +48,18 @@ import numpy as np
 
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 from enshuffle.coordinator.admission import Admission
-from enshuffle.coordinator.commands import load_inputs, network_layers
 from enshuffle.coordinator.distributed import (Batch, DistributedCompute, InProcessExecutor, default_disguise,
                                                static_name)
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes
 from enshuffle.coordinator.offload import COST_MODEL_FILE, CostModel, default_cost_model
 from enshuffle.coordinator.plan import build_matmul_plan
 from enshuffle.coordinator.report import eprint
-from enshuffle.coordinator.run import (LOCAL_NODES_CONNECT_S, coordinator_blas_threads, local_node_keys,
-                                       local_nodes_problem, spawn_local_nodes, stop_local_nodes)
+from enshuffle.coordinator.cluster import (LOCAL_NODES_CONNECT_S, local_node_keys, local_nodes_problem, node_home,
+                                           spawn_local_nodes, spawn_node, stop_local_nodes)
+from enshuffle.coordinator.run import coordinator_blas_threads
 from enshuffle.coordinator.server import CoordinatorServer
 from enshuffle.coordinator.state import CoordinatorState
-from enshuffle.coordinator.training import Trainer
+from enshuffle.coordinator.training import Trainer, load_inputs
 from enshuffle.dataset import cache_dir
 from enshuffle.model import NOTEBOOK_LAYERS, LocalCompute, get_preset
 from enshuffle.protocol.keys import fingerprint, load_or_create_identity
@@ -245,7 +245,7 @@ SCALING_NODES = (2, 4, 7)
 SCALING_DEEP = ((784, 1024, 1024, 10), (784, 2048, 2048, 10))
 
 
-def measure_scaling(args, repeats: int) -> list[dict]:
+def measure_scaling(data: str | None, limit: int | None, repeats: int) -> list[dict]:
     """The resident default preset's coordinator CPU and wall per step against the cheapest
     centralized step, for first-layer widths SCALING_WIDTHS (784-h-10 ReLU, 2 node processes),
     for SCALING_NODES node processes at width 1024 and for the deeper SCALING_DEEP networks
@@ -256,7 +256,7 @@ def measure_scaling(args, repeats: int) -> list[dict]:
     for layers, nodes in configs:
         hidden = "-".join(str(n) for n in layers[1:-1])
         preset = replace(get_preset("default", layers=layers, activation="relu"), epochs=10_000)
-        inputs = load_inputs(args.data, preset, args.limit)
+        inputs = load_inputs(data, preset, limit)
         eprint(f"bench: scaling, 784-{hidden}-10 relu, {nodes} node processes")
         central = measure_centralized(preset, inputs, repeats, minibatch=True)
         cpu, _ = _cheapest(central, "cpu")
@@ -281,30 +281,22 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
     one with every CPU's BLAS threads (the node's default), one with `--threads 1`. A product is
     an x_w1 batch: `rows` rows of the node's static block times a (columns x 128) matrix.
     Per node: round-trip milliseconds (median, p90, all)."""
-    variants = {"default": [], "threads1": ["--threads", "1"]}
+    variants = {"default": None, "threads1": 1}  # the node's --threads (None: its default)
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-rt-") as tmp_dir, coordinator_blas_threads():
         tmp = Path(tmp_dir)
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
-        keys, procs = set(), []
-        for i, (name, extra) in enumerate(variants.items()):
-            home = tmp / f"node-{i + 1}"
-            keys.add(load_or_create_identity("node", home, name=f"rt-{name}").public_bytes)
+        keys = set()
+        for i, name in enumerate(variants):
+            keys.add(load_or_create_identity("node", node_home(tmp, i), name=f"rt-{name}").public_bytes)
         server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
                                    admission=Admission(auto=keys))
-        for i, (name, extra) in enumerate(variants.items()):
-            home = tmp / f"node-{i + 1}"
-            log = open(home / "node.log", "wb")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "enshuffle", "node", "--connect", server.endpoint, "--coordinator-key",
-                 identity.fingerprint, "--name", f"rt-{name}", *extra],
-                env=dict(os.environ, ENSHUFFLE_HOME=str(home)), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True))
-            log.close()
+        procs = [spawn_node(server.endpoint, identity.fingerprint, node_home(tmp, i), f"rt-{name}", threads=threads)
+                 for i, (name, threads) in enumerate(variants.items())]
         try:
             # constructing it is enough: it attaches itself to the server (server.attach)
             DistributedCompute(inputs.images, len(variants), np.random.default_rng(3), server.attach,
                                ledger=server.ledger, **inputs.source())
-            problem = local_nodes_problem(procs, tmp, time.monotonic() + 60.0)
+            problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
             server.give_up = problem
             if not server.wait_for_nodes(len(variants), give_up=problem):
                 raise RuntimeError(f"bench: the round-trip node processes did not start: {server.wait_problem}")
@@ -543,46 +535,7 @@ def build_figures(m: dict, repeats: int) -> Figures:
     return f
 
 
-def _format_value(value, unit: str, signed: bool = False, target: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    if unit == "%":
-        digits = 1 if abs(value) < 10 and not target else 0
-        return f"{value:+.{digits}f}%" if signed or value < 0 else f"{value:.{digits}f}%"
-    if unit == "x":
-        return f"{value:.2f}x"
-    if unit == "faults":
-        return f"{value / 1000:.1f}k"
-    if unit == "MB":
-        return f"{value:.0f} MB"
-    if unit == "ms":
-        return f"{value:.2f} ms"
-    if unit == "s":
-        return f"{value:.3f} s"
-    return f"{value:.2f}"
-
-
-def print_table(figures: Figures, settings: dict) -> None:
-    print(f"enshuffle bench: {settings['train_images']:,} training images, medians of {settings['repeats']} "
-          f"repeats (k = {GROWTH_NODES}: {settings['k7_repeats']}), {settings['seconds']:.0f} s")
-    titles = {"targets": "targets", "other": "other figures"}
-    section = None
-    for item in figures.items.values():
-        if item["section"] != section:
-            section = item["section"]
-            print(f"\n{titles[section]:<58} {'value':>10}  {'target':<10} status")
-        target = ("" if item["target"] is None else
-                  f"{item['op']} {_format_value(item['target'], item['unit'], item['signed'], target=True)}")
-        status = "" if item["target"] is None else ("n/a" if item["met"] is None
-                                                    else ("ok" if item["met"] else "MISSED"))
-        note = f"  ({item['note']})" if item["note"] else ""
-        value = _format_value(item['value'], item['unit'], item['signed'])
-        line = f"{item['short'] or item['label']:<58} {value:>10}  {target:<10} {status:<6}{note}"
-        print(line.rstrip())
-    sys.stdout.flush()
-
-
-# -- the command ----------------------------------------------------------------------------------
+# -- the cost model and every measurement ---------------------------------------------------------
 def measure_cost_model(repeats: int) -> CostModel:
     """`--offload auto`'s two figures on this machine, as CPU time of this thread:
     - madd_ns: a centralized product's CPU per multiply-add, (128, 784) @ (784, 512) in float32
@@ -611,12 +564,15 @@ def measure_cost_model(repeats: int) -> CostModel:
                      source="measured by enshuffle bench")
 
 
-def cmd_bench(args) -> int:
+def measure_all(*, data: str | None, limit: int | None, repeats: int, round_trips: int, skip_wire: bool = False,
+                skip_daemon: bool = False, scaling: bool = False, layers: tuple[int, ...] | None = None,
+                activation: str | None = None) -> tuple[dict, dict]:
+    """Every measurement `enshuffle bench` reports: (measurements, settings); `layers` and
+    `activation` choose the network of the default-preset (per step) figures."""
     started = time.perf_counter()
-    repeats = args.repeats
     k7_repeats = min(repeats, GROWTH_MAX_REPEATS)
     preset = replace(get_preset("seed"), epochs=10_000)
-    inputs = load_inputs(args.data, preset, args.limit)
+    inputs = load_inputs(data, preset, limit)
     m: dict = {}
 
     eprint("bench: the offload cost model (coordinator CPU per shipped element, centralized CPU per multiply-add)")
@@ -645,13 +601,13 @@ def cmd_bench(args) -> int:
     m["inprocess_threads"] = threads
 
     # --layers / --hidden / --activation choose the network of the default-preset (per step) figures
-    mini = replace(get_preset("default", layers=network_layers(args), activation=args.activation), epochs=10_000)
-    mini_inputs = load_inputs(args.data, mini, args.limit)
+    mini = replace(get_preset("default", layers=layers, activation=activation), epochs=10_000)
+    mini_inputs = load_inputs(data, mini, limit)
     eprint(f"bench: default preset ({mini.describe()}, mini-batches of 128, float32): centralized steps, "
            f"BLAS threads {CENTRAL_THREADS}")
     m["centralized_step"] = measure_centralized(mini, mini_inputs, repeats, minibatch=True)
 
-    if not args.skip_wire:
+    if not skip_wire:
         eprint("bench: seed preset over the wire, 2 node processes on loopback")
         m["wire_epoch"] = measure_wire(preset, inputs, repeats)
         eprint("bench: default preset over the wire, 2 node processes")
@@ -664,47 +620,21 @@ def cmd_bench(args) -> int:
         m["step_control"] = control
         eprint(f"bench: seed preset with {GROWTH_NODES} node processes (median of {k7_repeats})")
         m["wire_epoch_k7"] = measure_wire(preset, inputs, k7_repeats, nodes=GROWTH_NODES)
-        eprint(f"bench: {args.round_trips} small products one at a time, to a node with every CPU's BLAS "
+        eprint(f"bench: {round_trips} small products one at a time, to a node with every CPU's BLAS "
                "threads and to one with --threads 1")
-        m["round_trips"] = measure_round_trips(mini_inputs, args.round_trips)
-        if not args.skip_daemon:
+        m["round_trips"] = measure_round_trips(mini_inputs, round_trips)
+        if not skip_daemon:
             epochs = repeats + 1
             eprint(f"bench: `enshuffle coordinator` with 2 `enshuffle node --threads 1` processes, seed preset, "
                    f"{epochs} epochs")
-            m["daemon"] = measure_daemon(args.data, args.limit, epochs)
+            m["daemon"] = measure_daemon(data, limit, epochs)
 
-    if getattr(args, "scaling", False) and not args.skip_wire:
-        m["scaling"] = measure_scaling(args, repeats)
+    if scaling and not skip_wire:
+        m["scaling"] = measure_scaling(data, limit, repeats)
 
     settings = {"repeats": repeats, "k7_repeats": k7_repeats, "train_images": int(inputs.images["train"].shape[0]),
-                "round_trip_products": args.round_trips, "skip_wire": bool(args.skip_wire),
-                "skip_daemon": bool(args.skip_wire or args.skip_daemon),
+                "round_trip_products": round_trips, "skip_wire": bool(skip_wire),
+                "skip_daemon": bool(skip_wire or skip_daemon),
                 "seconds": time.perf_counter() - started}
     m["k7_repeats"] = k7_repeats
-    figures = build_figures(m, repeats)
-    if args.json:
-        hidden = ("section", "signed", "short")
-        print(json.dumps({"figures": {k: {key: v for key, v in item.items() if key not in hidden}
-                                      for k, item in figures.items.items()},
-                          "measurements": _jsonable(m), "settings": settings}, indent=2))
-    else:
-        print_table(figures, settings)
-        if m.get("scaling"):
-            print("\nresident default preset (784-h-10 and deeper, relu), per step: coordinator CPU against the "
-                  "cheapest centralized step")
-            print(f"{'hidden':>10} {'nodes':>5} {'central CPU ms':>15} {'coordinator CPU ms':>19} {'share':>7} "
-                  f"{'wall ratio':>10} {'privacy cost':>13}")
-            for r in m["scaling"]:
-                print(f"{r['hidden']:>10} {r['nodes']:>5} {r['central_cpu_ms']:>15.2f} {r['cpu_ms']:>19.2f} "
-                      f"{r['cpu_share']:>6.0f}% {r['wall_ratio']:>9.2f}x {r['privacy_cost']:>+12.0f}%")
-    return 0
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return value
+    return m, settings

@@ -1,4 +1,4 @@
-"""A coordinator run over the network: server, trainer, model chain, state, and local nodes.
+"""A coordinator run over the network: server, trainer, model chain, state.
 
 `CoordinatorRun` is what `enshuffle coordinator` and `enshuffle train --nodes K` (without
 `--in-process`) execute. It writes RUN_DIR/run.json (the settings a `--resume` must reuse) and a
@@ -9,39 +9,34 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import math
 import os
 import secrets
 import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
-from enshuffle.coordinator.addresses import PLACEHOLDER, volunteer_addresses
+from enshuffle.coordinator.addresses import PLACEHOLDER
 from enshuffle.coordinator.admission import Admission
-from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home, trust_problem
+from enshuffle.coordinator.cluster import local_node_keys
+from enshuffle.chain import Chain, ChainError, record_head_in_home, trust_problem
 from enshuffle.coordinator.distributed import DistributedCompute, default_disguise
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
 from enshuffle.coordinator.offload import default_cost_model
 from enshuffle.coordinator.report import (eprint, join_commands, listen_text, report_epoch, report_ledger,
                                             save_weights)
 from enshuffle.coordinator.server import CoordinatorServer, StepAbandoned, TrainingAborted
-from enshuffle.coordinator.settings import RunSettings
+from enshuffle.coordinator.settings import DEFAULT_BIND, RunConfig, RunRecord
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
 from enshuffle.coordinator.training import Trainer
 from enshuffle.errors import UsageError
 from enshuffle.protocol.keys import enshuffle_home, fingerprint, load_or_create_identity
 
 CHAIN_WRITE_ATTEMPTS = 3  # a version write that fails (OSError) is tried this often, then left for the next
-
 
 
 @contextlib.contextmanager
@@ -104,16 +99,16 @@ def default_run_dir() -> str:
 
 
 class CoordinatorRun:
-    def __init__(self, settings: RunSettings, preset, inputs, *, bind: str, shards: int, min_nodes: int,
-                 run_dir: str | None, resume: bool = False, checkpoint_every: int | None = None,
-                 state: CoordinatorState | None = None, control: CoordinatorControl | None = None,
-                 home: Path | None = None, quiet: bool = False, admission=None, serving: dict | None = None,
-                 data_source: str | None = None, command: str = "coordinator"):
-        self.settings = settings
+    def __init__(self, config: RunConfig, preset, inputs, *, state: CoordinatorState | None = None,
+                 control: CoordinatorControl | None = None, home: Path | None = None, quiet: bool = False,
+                 admission=None, command: str = "coordinator"):
+        self.config = config
         self.preset = preset
         self.inputs = inputs
-        self.min_nodes = min_nodes
-        self.checkpoint_every = checkpoint_every
+        shards, run_dir, resume = config.shards, config.run_dir, config.resume
+        serving = config.serving
+        self.min_nodes = serving.min_nodes or shards  # unless told: as many nodes as blocks
+        self.checkpoint_every = serving.checkpoint_every
         self.state = state or CoordinatorState()
         self.control = control or CoordinatorControl()
         self.quiet = quiet
@@ -126,32 +121,32 @@ class CoordinatorRun:
         self.home = home
         self.run_dir = Path(run_dir) if run_dir else None
         self.chain = Chain(self.run_dir, signer=self.identity) if self.run_dir else None
-        self._settings = {"preset": preset.name, "epochs": preset.epochs, "dtype": preset.dtype,
-                          "offload": settings.offload, "seed": preset.seed, "limit": settings.limit,
-                          "shards": shards, "data": data_fingerprint(inputs), "layers": list(preset.layers),
-                          "activation": preset.activation, "data_source": data_source}
-        if serving is not None:  # how `enshuffle coordinator` served: --resume serves the same way
-            self._settings["serving"] = serving
+        # RUN_DIR/run.json; how `enshuffle coordinator` served is kept so --resume serves the same way.
+        self.record = RunRecord(preset=preset.name, epochs=preset.epochs, dtype=preset.dtype, offload=config.offload,
+                                seed=preset.seed, limit=config.limit, shards=shards, data=data_fingerprint(inputs),
+                                layers=tuple(preset.layers), activation=preset.activation,
+                                data_source=config.data_source,
+                                serving=serving.recorded() if config.keep_serving else None)
         self.admission = admission
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
-        self.server = CoordinatorServer(bind, self.identity, self.state,
+        self.server = CoordinatorServer(serving.bind or DEFAULT_BIND, self.identity, self.state,
                                         ledger=ExposureLedger(ledger_axes(preset.layers)),
                                         control=self.control, log=None if quiet else stamped, admission=admission,
-                                        max_exposure=settings.max_exposure)
+                                        max_exposure=config.max_exposure)
         if self.run_dir:
             try:
                 self._check_run_dir(resume)
             except BaseException:
                 self.server.close("shutdown")
                 raise
-        self.server.replicate = settings.replicate
-        if settings.quarantine_after:
-            self.server.reputation.quarantine_after = settings.quarantine_after
+        self.server.replicate = serving.replicate
+        if serving.quarantine_after:
+            self.server.reputation.quarantine_after = serving.quarantine_after
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
         self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
                                           ledger=self.server.ledger, **inputs.source(),
-                                          disguise=settings.disguise or default_disguise(preset), layers=preset.layers,
-                                          offload=settings.offload, cost_model=default_cost_model())
+                                          disguise=config.disguise or default_disguise(preset), layers=preset.layers,
+                                          offload=config.offload, cost_model=default_cost_model())
         # Initial weights and sample order from the same secret: nothing public anchors the run.
         self.trainer = Trainer(preset, inputs, self.compute, secret=secret)
         with self.state.lock:
@@ -178,7 +173,7 @@ class CoordinatorRun:
                 except BaseException:
                     self.server.close("shutdown")
                     raise
-            _atomic_write_json(self.run_dir / "run.json", self._settings)  # a new --epochs is kept
+            self.record.save(self.run_dir)  # a new --epochs is kept
         self._steps_since_version = 0
         self._step_time_total, self._steps_timed = 0.0, 0
 
@@ -198,11 +193,13 @@ class CoordinatorRun:
                 raise UsageError(f"{self.run_dir} was signed by coordinator key {fingerprint(bytes.fromhex(key))}, "
                                  f"but this machine's key is {self.identity.fingerprint}: "
                                  f"resume with the ENSHUFFLE_HOME that ran it")
-            stored = load_run_settings(str(self.run_dir)).get("data")
-            if stored is not None and stored != self._settings["data"]:
+            stored = RunRecord.load(self.run_dir).data
+            current = self.record.data
+            assert current is not None  # the data's fingerprint, taken above
+            if stored is not None and stored != current:
                 raise UsageError(f"{self.run_dir} was trained on other data ({stored.get('images')} training "
                                  f"images, digest {str(stored.get('sha256'))[:12]}) than now "
-                                 f"({self._settings['data']['images']}, {self._settings['data']['sha256'][:12]}): "
+                                 f"({current['images']}, {current['sha256'][:12]}): "
                                  f"resume with the same --data and --limit")
         # A directory this run creates and never writes a version to is removed at the end.
         self._created_run_dir = not resume and not self.run_dir.exists()
@@ -245,8 +242,7 @@ class CoordinatorRun:
                 f"{self.preset.epochs}, so there is nothing to resume. To train further, extend it: "
                 f"`enshuffle {self.command} --out {self.run_dir} --resume --epochs N` with N > {self.preset.epochs}")
         if meta.get("epochs_total") not in (None, self.preset.epochs):
-            _atomic_write_json(self.run_dir / "run.json", dict(load_run_settings(str(self.run_dir)),
-                                                               epochs=self.preset.epochs))
+            replace(RunRecord.load(self.run_dir), epochs=self.preset.epochs).save(self.run_dir)
         self.server.ledger.load(meta.get("ledger", {}))
         # Ledger rows are keyed by label: the same key must get the same label after a resume.
         self.server.labels.update({bytes.fromhex(k): v for k, v in (meta.get("labels") or {}).items()})
@@ -285,7 +281,7 @@ class CoordinatorRun:
             history = [e.__dict__ for e in self.state.epochs]
         last = report.as_dict() if report is not None else (history[-1] if history else None)
         meta.update({
-            "run_id": self.server.run_id, "created": time.time(), "settings": self._settings,
+            "run_id": self.server.run_id, "created": time.time(), "settings": self.record.to_json(),
             "metrics": ({"cost": last["cost"], "train_accuracy": last["train_accuracy"],
                          "test_accuracy": last["test_accuracy"]} if last else {}),
             "exposure": self.server.ledger.shares(), "exposure_forms": self.server.ledger.forms(),
@@ -356,7 +352,7 @@ class CoordinatorRun:
                     with self.state.lock:
                         self.state.epochs.append(EpochRow(**report.as_dict()))
                     if self.print_reports:
-                        report_epoch(report, self.settings.json, self.preset.epochs)
+                        report_epoch(report, self.config.json, self.preset.epochs)
                     self.write_version(report)
                 elif self.checkpoint_every and self._steps_since_version >= self.checkpoint_every:
                     self.write_version()
@@ -374,8 +370,8 @@ class CoordinatorRun:
             self._say_final(f"training aborted: {exc}")
             return self._end("aborted", 1)
         finished = self.trainer.finished
-        if self.settings.save_weights:
-            save_weights(self.settings.save_weights, self.trainer.params)
+        if self.config.save_weights:
+            save_weights(self.config.save_weights, self.trainer.params)
         return self._end("finished" if finished else "stopped", 0 if finished else EXIT_INTERRUPTED)
 
     def _say_final(self, line: str) -> None:
@@ -389,7 +385,7 @@ class CoordinatorRun:
         self.server.close("run-finished" if status == "finished" else "shutdown")
         self._remove_unused_run_dir()
         if self.print_reports:
-            report_ledger(self.server.ledger, self.settings.json,
+            report_ledger(self.server.ledger, self.config.json,
                           {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received},
                           notes=self.privacy_notes())
             for line in self.summary_lines(status):
@@ -430,8 +426,8 @@ class CoordinatorRun:
         elif self.run_dir:
             lines.append(f"no model version was written to {self.run_dir}"
                          + ("; the empty run directory was removed" if getattr(self, "run_dir_removed", False) else ""))
-        if self.settings.save_weights and status == "finished":
-            lines.append(f"weights written to {self.settings.save_weights}")
+        if self.config.save_weights and status == "finished":
+            lines.append(f"weights written to {self.config.save_weights}")
         return lines
 
     def _keep_completed_steps(self) -> None:
@@ -501,87 +497,19 @@ def _version_row(version_id: str, parent_id: str | None, meta: dict) -> VersionR
                       metadata={k: v for k, v in meta.items() if k not in ("ledger", "history", "labels")})
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+# -- a run with local node processes -------------------------------------------------------
 
 
-RUN_FIELDS: dict[str, type | tuple[type, ...]] = {"preset": str, "epochs": int, "dtype": str, "offload": str,
-                                                   "seed": (int, type(None)), "shards": int}
-
-
-def load_run_settings(run_dir: str) -> dict:
-    path = Path(run_dir) / "run.json"
-    try:
-        settings = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UsageError(f"{path} not found: --resume needs the RUN_DIR of an earlier coordinator run") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path} is unreadable ({exc}); it should be the JSON a coordinator wrote") from None
-    bad = [name for name, kind in RUN_FIELDS.items()
-           if not isinstance(settings, dict) or not isinstance(settings.get(name), kind)]
-    if bad:
-        raise UsageError(f"{path} lacks valid {', '.join(bad)}; it should be the JSON a coordinator wrote")
-    return settings
-
-
-# -- local node processes ------------------------------------------------------------------
-def local_node_keys(workdir: Path, count: int, prefix: str = "local") -> list[bytes]:
-    """Create the local nodes' keys up front (each in its own ENSHUFFLE_HOME, under its --name), so
-    the coordinator admits exactly them and nobody else."""
-    keys = []
-    for i in range(count):
-        home = workdir / f"node-{i + 1}"
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        keys.append(load_or_create_identity("node", home, name=f"{prefix}-{i + 1}").public_bytes)
-    return keys
-
-
-def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path,
-                      threads: int = 1) -> list[subprocess.Popen]:
-    """Start `count` `enshuffle node` processes, each with its own key (its own ENSHUFFLE_HOME)."""
-    procs = []
-    for i in range(count):
-        home = workdir / f"node-{i + 1}"
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        env = dict(os.environ, ENSHUFFLE_HOME=str(home))
-        log = open(home / "node.log", "wb")
-        # A session of their own: Ctrl-C in the terminal reaches the coordinator only, which then
-        # finishes its step with them and tells them BYE (else they would leave mid-step).
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key", fingerprint,
-             "--name", f"local-{i + 1}", "--threads", str(threads)],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        log.close()
-    return procs
-
-
-def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(2)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def local_cluster_run(settings: RunSettings, preset, inputs, *, nodes: int, workdir: Path, run_dir: str | None = None,
-                      resume: bool = False, quiet: bool = True, data_source: str | None = None) -> CoordinatorRun:
-    """The coordinator of `enshuffle train --nodes K`, on loopback, admitting only the K local
-    node keys it creates in `workdir` (nothing to set up, nobody else joins)."""
+def local_cluster_run(config: RunConfig, preset, inputs, *, workdir: Path, quiet: bool = True) -> CoordinatorRun:
+    """The coordinator of `enshuffle train --nodes K` (K: `config.shards`), on loopback, admitting
+    only the K local node keys it creates in `workdir` (nothing to set up, nobody else joins)."""
+    nodes, run_dir = config.shards, config.run_dir
     admission = Admission(auto=set())
     # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
     # which checks the key, can continue it; a throw-away run uses a throw-away key.
-    run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
-                         run_dir=run_dir, home=None if run_dir else workdir / "coordinator", resume=resume,
-                         quiet=quiet, admission=admission, data_source=data_source, command="train")
+    run = CoordinatorRun(replace(config, serving=replace(config.serving, bind="tcp://127.0.0.1:*", min_nodes=nodes)),
+                         preset, inputs, home=None if run_dir else workdir / "coordinator", quiet=quiet,
+                         admission=admission, command="train")
     # The local nodes' keys are made once the run directory is accepted, in it when there is one:
     # a resumed run's local nodes are the same nodes (the same ledger rows), not new ones.
     for key in local_node_keys(local_nodes_dir(run_dir, workdir), nodes):
@@ -596,76 +524,6 @@ def local_cluster_run(settings: RunSettings, preset, inputs, *, nodes: int, work
 def local_nodes_dir(run_dir: str | None, workdir: Path) -> Path:
     """Where `enshuffle train`'s local nodes keep their homes: in the run directory when kept."""
     return Path(run_dir) / "local-nodes" if run_dir else workdir
-
-
-def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_dir: str | None = None,
-                      resume: bool = False, verbose: bool = False, tui: bool = False,
-                      data_source: str | None = None) -> int:
-    """`enshuffle train --nodes K`: a coordinator on loopback and K local node processes."""
-    with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        run = local_cluster_run(settings, preset, inputs, nodes=nodes, workdir=tmp, run_dir=run_dir, resume=resume,
-                                quiet=not verbose, data_source=data_source)
-        eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
-               f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {settings.offload}")
-        for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
-            eprint(f"train: {line}")
-        nodes_dir = local_nodes_dir(run_dir, tmp)
-        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes,
-                                  nodes_dir)
-        eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
-               f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
-        run.local_nodes = True
-        run.give_up = run.server.give_up = local_nodes_problem(procs, nodes_dir,
-                                                               time.monotonic() + LOCAL_NODES_CONNECT_S)
-        try:
-            if tui:
-                return run_with_tui(run)
-            return run_headless(run)
-        finally:
-            finished = run.trainer.finished
-            if not run.state.finished:
-                run.server.close("shutdown")
-            # Nodes leave by themselves after BYE run-finished; after a stop they would wait
-            # for the coordinator to come back, which a local cluster never does.
-            stop_local_nodes(procs, timeout=5.0 if finished else 0.0)
-
-
-LOCAL_NODES_CONNECT_S = 60.0  # local node processes that have not connected by then never will
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return "(no log)"
-    errors = [line for line in lines if "error:" in line]
-    return (errors or lines or ["(nothing logged)"])[-1].strip()
-
-
-def local_nodes_problem(procs: list[subprocess.Popen], workdir: Path, deadline: float):
-    """For `wait_for_nodes(give_up=...)`: why local nodes will not connect (a node exited, or
-    none connected in time, with what its log says), or None while waiting still makes sense.
-    Once they have connected (`problem.connected()`), only an exit is a reason: a node that lost
-    its connection (e.g. while the coordinator was busy) reconnects in its own time."""
-    connect_by = [deadline]
-
-    def problem(starting: bool) -> str | None:
-        exited = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
-        if exited and (starting or len(exited) == len(procs)):
-            i, rc = exited[0]
-            return (f"local node {i + 1} exited with status {rc}: "
-                    f"{_last_line(workdir / f'node-{i + 1}' / 'node.log')}")
-        if starting and time.monotonic() > connect_by[0]:
-            return (f"the local nodes did not connect within {LOCAL_NODES_CONNECT_S:g} s; local-1 says: "
-                    f"{_last_line(workdir / 'node-1' / 'node.log')}")
-        return None
-
-    def connected() -> None:
-        connect_by[0] = math.inf
-
-    problem.connected = connected  # type: ignore[attr-defined]
-    return problem
 
 
 def verify_chain_message(chain) -> tuple[bool, str]:
@@ -701,69 +559,3 @@ def run_headless(run: CoordinatorRun) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def run_with_tui(run: CoordinatorRun) -> int:
-    """The console in the main thread, the run (which owns the socket) in a worker thread."""
-    # textual only on the --tui path
-    from enshuffle.tui.coordinator_app import CoordinatorApp, terminal_fd, terminal_gone
-
-    status: dict = {}
-
-    def work():
-        try:
-            status["rc"] = run.run()
-        except Exception as exc:  # shown in the console's log, and printed once the console closes
-            status["error"] = exc
-            run.log(f"coordinator failed: {exc}")
-            status["rc"] = 2 if isinstance(exc, UsageError) else 1
-            with run.state.lock:
-                run.state.finished = True
-
-    run.quiet = True
-    run.print_reports = False
-    run.server._log = lambda line: None
-    thread = threading.Thread(target=work, name="coordinator", daemon=True)
-    thread.start()
-    app = CoordinatorApp(source=run.state.snapshot, control=run.control,
-                         verify_chain=lambda: verify_chain_message(run.chain))
-
-    def on_sigterm(signum, frame):
-        # As the first q: finish the step, write a version, say BYE; the console then leaves.
-        # The handler runs on the main thread, which is the app's event loop thread.
-        if not app.stopping:
-            app.call_later(app.action_request_quit)
-
-    def on_hangup(signum, frame):
-        # The terminal closing sends SIGHUP too: then it is the graceful stop, not a reload.
-        if terminal_gone(app_tty):
-            app.call_later(app.lose_terminal)
-        else:
-            run.hangup()
-
-    app_tty = terminal_fd()
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    previous_hup = signal.signal(signal.SIGHUP, on_hangup)
-    try:
-        app.run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGHUP, previous_hup)
-        run.control.request_stop()
-        # A step finishes in well under this; if the run is stuck the daemon thread dies with us.
-        thread.join(30)
-    if "error" in status:
-        print(f"enshuffle: error: {status['error']}", file=sys.stderr)
-    elif thread.is_alive():
-        print("enshuffle: the run did not finish its step within 30 s of quitting; leaving anyway",
-              file=sys.stderr)
-        return 1
-    # The console is gone: leave what it showed that matters on the terminal.
-    run.print_reports = True
-    report_ledger(run.server.ledger, run.settings.json,
-                  {"bytes_sent": run.server.bytes_sent, "bytes_received": run.server.bytes_received})
-    with run.state.lock:
-        final = run.state.status
-    for line in run.summary_lines(final):
-        eprint(line)
-    return status.get("rc", 0)

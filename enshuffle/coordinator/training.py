@@ -15,10 +15,12 @@ from typing import Callable
 
 import numpy as np
 
+from enshuffle.coordinator.report import eprint
+from enshuffle.dataset import DataError, load_bundled_subset, load_dataset
+from enshuffle.errors import UsageError
 from enshuffle.fpenv import flushed_denormals
 from enshuffle.model import (NOTEBOOK_LAYERS, OptimizerState, Preset, evaluate, init_params, init_shapes,
                              input_affine, learning_rate, one_hot, prepare_inputs, train_step, training_seed)
-
 
 
 @dataclass
@@ -223,3 +225,16 @@ class Trainer:
         self._cost_sum = float(partial.get("cost_sum", 0.0))
         self._correct = int(partial.get("correct", 0))
         self._seen = int(partial.get("seen", 0))
+
+
+def load_inputs(data: str | None, preset, limit: int | None = None):
+    """The training and test sets from `data` (--data: a directory, "bundled", or None to search)."""
+    try:
+        if data == "bundled":  # the explicit choice of the subset shipped in the package
+            dataset = load_bundled_subset()
+            eprint(f"data: {dataset.describe()}")
+        else:
+            dataset = load_dataset(data, log=eprint)
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    return prepare(dataset, preset, limit)

@@ -222,7 +222,7 @@ def _check_private_mode(path: Path) -> None:
             f"run `chmod 600 {path}` if you trust it, or move it aside to create a new key")
 
 
-def _read_identity(path: Path) -> Identity:
+def read_identity(path: Path) -> Identity:
     _check_private_mode(path)
     try:
         data = path.read_bytes()
@@ -276,7 +276,7 @@ def load_or_create_identity(role: str, home: Path | None = None, name: str | Non
     _ensure_home(path.parent)
     if not os.path.lexists(path):  # lexists: a dangling link is reported, not written through
         _create_identity(path)
-    return _read_identity(path)
+    return read_identity(path)
 
 
 # --- trust on first use ----------------------------------------------------------------------
@@ -405,8 +405,6 @@ class TrustStore:
         return "known"
 
 
-# --- command line ----------------------------------------------------------------------------
-
 def node_keys(home: Path) -> list[tuple[str | None, Path]]:
     """Every node key file in `home`, as (the --name it serves or None, path); unnamed first."""
     found: list[tuple[str | None, Path]] = []
@@ -417,61 +415,3 @@ def node_keys(home: Path) -> list[tuple[str | None, Path]]:
         elif stem.startswith("node-"):
             found.append((stem[len("node-"):], path))
     return sorted(found, key=lambda item: (item[0] is not None, item[0] or ""))
-
-
-def _key_line(path: Path) -> str:
-    return f"{_read_identity(path).fingerprint}  {path}"  # a bad file: a one-line error (exit 2)
-
-
-def cmd_keys_show(args) -> int:
-    """`enshuffle keys show`: every key in this home with the --name it serves (nothing is
-    created unless --create), and which key `enshuffle node --name NAME` uses."""
-    home = enshuffle_home()
-    name = getattr(args, "name", None)
-    if getattr(args, "create", False):
-        for role, role_name in (("coordinator", None), ("node", name)):
-            path = key_path(role, home, role_name)
-            if not os.path.lexists(path):
-                load_or_create_identity(role, home, role_name)
-                print(f"created {path}")
-    print(f"enshuffle home:  {home}")
-    coordinator = key_path("coordinator", home)
-    if coordinator.exists():
-        ident = _read_identity(coordinator)  # a bad file is a one-line error (exit 2)
-        print(f"coordinator key: {ident.fingerprint}  {coordinator}")
-    else:
-        print("coordinator key: none yet (the first `enshuffle coordinator` or `enshuffle invite` creates it; "
-              "`enshuffle keys show --create` does now)")
-    keys = node_keys(home) if home.is_dir() else []
-    if keys:
-        print(f"node key{'s' if len(keys) != 1 else ''}:")
-        for key_name, path in keys:
-            label = f"--name {key_name}" if key_name is not None else "(no --name)"
-            print(f"  {label:18} {_key_line(path)}")
-    else:
-        print("node keys:       none yet (the first `enshuffle node` creates one per --name)")
-    if name is not None:
-        path = key_path("node", home, name)
-        if path.exists():
-            print(f"`enshuffle node --name {name}` uses {_read_identity(path).fingerprint}  ({path})")
-        else:
-            print(f"`enshuffle node --name {name}` has no key yet: it will create {path} on its first start "
-                  f"(`enshuffle keys show --name {name} --create` does now)")
-    elif keys and keys[0][0] is None:
-        print("`enshuffle node` without --name uses the (no --name) key; each --name has its own")
-    print(f"trusted coordinators: {home / TRUST_FILE_NAME}")
-    sys.stdout.flush()
-    return 0
-
-
-def cmd_keys_forget(args) -> int:
-    """`enshuffle keys forget ADDRESS`: drop the trusted coordinator fingerprint kept for ADDRESS."""
-    store = TrustStore(enshuffle_home())
-    known = store.remembered(args.address)
-    if known is None:
-        print(f"no coordinator key is remembered for {args.address} (in {store.path})", file=sys.stderr)
-        return 1
-    store.forget(args.address)
-    print(f"forgot {known} for {args.address}; the next `enshuffle node --connect {args.address}` trusts the key "
-          f"it sees (pin it with --coordinator-key)")
-    return 0

@@ -85,7 +85,7 @@ def totals_line(state) -> str:
 def cmd_node(args) -> int:
     """Run a node until stopped; returns the daemon's exit status (see enshuffle.node.daemon)."""
     if getattr(args, "install_service", False):
-        from enshuffle.node.service import install_service  # lazy: only --install-service needs it
+        from enshuffle.commands.service import install_service  # lazy: only --install-service needs it
 
         return install_service(args)
     if getattr(args, "nice", 0):
