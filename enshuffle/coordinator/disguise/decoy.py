@@ -27,14 +27,11 @@ Decoy = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
 def decoy(dz1: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """dz1 (b,128) with its class structure moved onto random rows: (sent, delta, directions)
-    with sent = dz1 + delta @ directions.
+    with sent = dz1 + delta @ directions, drawn from `rng` (the run's secret generator).
 
-    Rows of dz1 for one class point alike (dz2's one-hot shape times w2^T): clustering them
-    groups a batch by class, and a static row seen in several batches links the groups into
-    one grouping of the whole training set. Here each class's mean row and its DECOY_RANK
-    principal directions (within the batch) are taken off its rows and given to a random
-    other row instead: the node sees clusters of random rows, and no class sums to zero.
-    delta is (b, q), directions (q, 128), q = classes * (1 + DECOY_RANK): what the
+    Each class's mean row and its DECOY_RANK principal directions (within the batch) are taken
+    off its rows and given to a random other row instead: the node sees clusters of random rows,
+    and no class sums to zero. delta is (b, q), directions (q, 128), q = classes * (1 + DECOY_RANK): what the
     coordinator subtracts costs b * 784 * q multiply-adds. All classes at once: one batched
     eigenproblem over the smaller Gram matrices, no loop over classes or rows."""
     d = dz1.astype(np.float64, copy=False)  # read only
