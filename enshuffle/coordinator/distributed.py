@@ -7,12 +7,12 @@ product goes to the k slots (a node's place in the run) as the disguise's parts,
 each (or a resident batch: the weights live on the nodes), and comes back undone by the disguise
 (the `disguise` package: what each node receives and learns, every secret and its constants).
 
-| call          | product                  | ships under                                             |
-|---------------|--------------------------|---------------------------------------------------------|
-| x_w1, dw1     | X @ w1, X^T @ dz1        | share, shuffle (pixel_share.py, shuffle.py)             |
-| w1_step       | x_w1 and dw1, w1 on nodes| resident, resident-clear (resident.py)                  |
-| a_w, dw_da    | a @ w, a^T @ dz, dz @ w^T| every disguise, for a hidden-to-hidden layer (hidden_share.py) |
-| hidden_step   | the same, w on the nodes | resident, for a momentum hidden layer (resident_hidden.py) |
+| call        | product                    | ships under (the disguise's module)                           |
+|-------------|----------------------------|----------------------------------------------------------------|
+| x_w1, dw1   | X @ w1, X^T @ dz1          | share, shuffle (pixel_share.py, shuffle.py)                    |
+| w1_step     | both, w1 kept on the nodes | resident, resident-clear (resident.py)                         |
+| a_w, dw_da  | a @ w, a^T @ dz, dz @ w^T  | any, for a hidden-to-hidden layer (hidden_share.py)            |
+| hidden_step | the same, w on the nodes   | resident, for a momentum hidden layer (resident_hidden.py)     |
 
 Everything that depends on labels, and the last layer's products, stay here: softmax/loss, dz_L,
 its forward and backward (docs/design.md, "Privacy"). No node receives labels or outputs.
