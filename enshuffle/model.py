@@ -242,7 +242,7 @@ class LocalCompute:
     """
 
     def __init__(self, images: dict[str, np.ndarray], basis=None):
-        """`basis` (a coordinator.resident.ResidentBasis): train the resident disguise's
+        """`basis` (a coordinator.disguise.resident.ResidentBasis): train the resident disguise's
         reparameterized first layer (w1[P_s] = M_s V_s, SGD with momentum on V) instead of w1
         itself, and its momentum hidden layers likewise (w{l}[Q_s] = M_s V_s), exactly as a
         resident run does, for comparing with one."""

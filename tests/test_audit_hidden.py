@@ -22,7 +22,7 @@ from enshuffle.audit.hidden import _unit_columns, attack_hidden, hidden_steps, s
 from enshuffle.audit.hidden_score import score_hidden
 from enshuffle.audit.recording import RecordedMessage
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
-from enshuffle.coordinator.resident_hidden import ROW_GROUP
+from enshuffle.coordinator.disguise.resident_hidden import ROW_GROUP
 from enshuffle.coordinator.training import Trainer
 from wire_util import TEST_SECRET, load_inputs
 

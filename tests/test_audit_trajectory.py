@@ -20,7 +20,7 @@ LIMIT = 3000  # all the core data: the known-plaintext step wants more surely re
 
 
 def _block_mix(g: int, rng: np.random.Generator) -> np.ndarray:
-    """A dense (g, g) block like the coordinator's BlockMix: Q1 diag(d) Q2, d in [1/2, 2]."""
+    """A dense (g, g) block like the pixel share's Mixing: Q1 diag(d) Q2, d in [1/2, 2]."""
     q1 = np.linalg.qr(rng.standard_normal((g, g)))[0]
     q2 = np.linalg.qr(rng.standard_normal((g, g)))[0]
     return (q1 * np.exp2(rng.uniform(-1, 1, g))) @ q2

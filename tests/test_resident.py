@@ -15,7 +15,7 @@ import pytest
 
 from enshuffle import model
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
-from enshuffle.coordinator.resident import ResidentBasis
+from enshuffle.coordinator.disguise.resident import ResidentBasis
 from enshuffle.coordinator.training import Trainer
 from enshuffle.batch import BatchError
 from enshuffle.kernels import ResidentState, compute_batch

@@ -17,7 +17,7 @@ import pytest
 
 from enshuffle import model
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
-from enshuffle.coordinator.resident_hidden import ROW_GROUP, RowMix
+from enshuffle.coordinator.disguise.resident_hidden import ROW_GROUP, RowMix
 from enshuffle.coordinator.training import Trainer
 from enshuffle.kernels import BatchError, ResidentState, compute_batch
 from wire_util import TEST_SECRET, enshuffle_cli, load_inputs, load_npz

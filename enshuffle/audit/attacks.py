@@ -439,10 +439,10 @@ def _public_noise_rank() -> int:
     """The noise rank of the "share" disguise, if the source defines one (it is public)."""
     try:
         # lazily, and only this public constant: the attacker plays a node, which has no coordinator code
-        from enshuffle.coordinator import distributed
+        from enshuffle.coordinator.disguise import pixel_share
     except ImportError:
         return 0
-    return int(getattr(distributed, "NOISE_RANK", 0) or 0)
+    return int(getattr(pixel_share, "NOISE_RANK", 0) or 0)
 
 
 # -- the attack --------------------------------------------------------------------------

@@ -34,8 +34,8 @@ import numpy as np
 
 from enshuffle.audit.attacks import CLASSES, kmeans
 from enshuffle.audit.recording import RecordedMessage
-from enshuffle.coordinator.resident import MIX_GROUP
-from enshuffle.coordinator.resident_hidden import ROW_GROUP
+from enshuffle.coordinator.disguise.resident import MIX_GROUP
+from enshuffle.coordinator.disguise.resident_hidden import ROW_GROUP
 from enshuffle.kernels import ResidentState
 
 ZERO_REL = 1e-6  # |r . column| below this share of the row's largest entry counts as an exact zero

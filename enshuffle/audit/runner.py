@@ -51,7 +51,7 @@ def truth_from(run, slots: list[int], dataset, limit: int):
         if pixel_exp is not None:
             for which in compute.images:
                 scales[f"{which}.{slot}"] = np.asarray(pixel_exp)
-        # the secret mixing of each static (BlockMix blocks over its columns), for the trajectory
+        # the secret mixing of each static (Mixing blocks over its columns), for the trajectory
         # attack's claimed M_s
         for which, mix in (getattr(st, "mix", None) or {}).items():
             entry = statics.get(f"{which}.{slot}")

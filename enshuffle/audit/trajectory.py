@@ -64,10 +64,10 @@ def _public_constant(name: str, default: int) -> int:
     """A public constant of the disguise's source (the mixing's block size, the noise rank)."""
     try:
         # lazily, and only public constants: the attacker plays a node, it has no coordinator objects
-        from enshuffle.coordinator import distributed
+        from enshuffle.coordinator.disguise import pixel_share
     except ImportError:
         return default
-    return int(getattr(distributed, name, default) or default)
+    return int(getattr(pixel_share, name, default) or default)
 
 
 def mix_group() -> int:

@@ -85,7 +85,7 @@ def reference_basis(run_dir: str, inputs, preset):
     """(secret, basis) of the resident run in `run_dir`: what its coordinator drew first from
     its plan secret, for slots as many as the run has."""
     # only on this path (a centralized reference of a resident run): train --nodes 0 stays light
-    from enshuffle.coordinator.resident import resident_basis
+    from enshuffle.coordinator.disguise.resident import resident_basis
     from enshuffle.coordinator.run import plan_secret
     path = Path(run_dir)
     if not (path / "plan.secret").is_file():

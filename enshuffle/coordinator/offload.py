@@ -21,9 +21,11 @@ The products of a network 784-h1-...-10 with k slots and a batch of b rows:
 | resident | x_w1 and dw1, weights on nodes | 2 k b h1 (+ 2 784 h1 a checkpoint) | b 784 (r + 2q) + b h1 r (2k + 2) |
 | resident{l} | layer l's, weights on nodes | 3 b n + 2 k b m (+ 2 n m / 64) | b n (2 G + 2 g + 6 q) + b m (2 G + 4 q) |
 
-(r, g: the noise rank and mixing block of each disguise; see distributed.py; G: the rows mixed
-together in a resident hidden layer's batch, resident_hidden.py.) The last layer's products never
-go: they carry the labels.
+(r, g: the noise rank and mixing block of each disguise, pixel_share.py's for x_w1 and dw1 and
+hidden_share.py's for a hidden layer's; 30: the decoys' directions, decoy.py; q: the resident
+disguises' probes; G: the rows mixed together in a resident hidden layer's batch,
+resident_hidden.py; all in the disguise package.) The last layer's products never go: they carry
+the labels.
 """
 
 from __future__ import annotations
@@ -33,19 +35,19 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from enshuffle.coordinator.resident import CHECKPOINT_STEPS as RESIDENT_CHECKPOINT_STEPS
-from enshuffle.coordinator.resident import MIX_GROUP as RESIDENT_MIX_GROUP
-from enshuffle.coordinator.resident import PROBES as RESIDENT_PROBES
-from enshuffle.coordinator.resident_hidden import ROW_GROUP
+from enshuffle.coordinator.disguise.decoy import DECOY_ROWS
+from enshuffle.coordinator.disguise.hidden_share import MIX_GROUP as HIDDEN_MIX_GROUP
+from enshuffle.coordinator.disguise.hidden_share import NOISE_RANK as HIDDEN_NOISE_RANK
+from enshuffle.coordinator.disguise.pixel_share import MIX_GROUP as PIXEL_MIX_GROUP
+from enshuffle.coordinator.disguise.pixel_share import NOISE_RANK as PIXEL_NOISE_RANK
+from enshuffle.coordinator.disguise.resident import CHECKPOINT_STEPS as RESIDENT_CHECKPOINT_STEPS
+from enshuffle.coordinator.disguise.resident import MIX_GROUP as RESIDENT_MIX_GROUP
+from enshuffle.coordinator.disguise.resident import PROBES as RESIDENT_PROBES
+from enshuffle.coordinator.disguise.resident_hidden import ROW_GROUP
 from enshuffle.dataset import cache_dir
 
 OFFLOADS = ("auto", "matmul")
 COST_MODEL_FILE = "cost_model.json"
-
-# What the default disguises cost per element (distributed.py's constants, repeated here so that
-# this module reads alone).
-PIXEL_NOISE_RANK, PIXEL_MIX_GROUP, DECOY_ROWS = 32, 32, 30
-HIDDEN_NOISE_RANK, HIDDEN_MIX_GROUP = 8, 8
 
 
 @dataclass(frozen=True)

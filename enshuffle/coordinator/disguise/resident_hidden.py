@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from enshuffle.coordinator.resident import CHECK_SLACK, EPS64, MOMENTUM, PROBES, HiddenBasis, Mixing
+from enshuffle.coordinator.disguise.mixing import Mixing
+from enshuffle.coordinator.disguise.resident import CHECK_SLACK, EPS64, MOMENTUM, PROBES, HiddenBasis
 
 ROW_GROUP = 32  # batch rows mixed together (fresh orthogonal blocks each step)
 

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from enshuffle.coordinator.disguise.mixing import Mixing
 from enshuffle.coordinator.plan import balanced_blocks, inverse_permutation
 from enshuffle.model import W1_MOMENTUM
 
@@ -67,84 +68,6 @@ CHECK_SLACK = 4.0
 EPS64 = float(np.finfo(np.float64).eps)
 
 
-class Mixing:
-    """A secret (K, K) block-diagonal matrix of dense MIX_GROUP blocks Q1 diag(d) Q2, d in
-    [2^-spread, 2^spread]; stacked so applying it is one batched product."""
-
-    def __init__(self, size: int, rng: np.random.Generator, group: int = MIX_GROUP, spread: float = MIX_SPREAD,
-                 identity: bool = False):
-        self.size = size
-        self.bounds = [(lo, min(lo + group, size)) for lo in range(0, size, group)]
-        self.blocks, self.inverses = [], []
-        for lo, hi in self.bounds:
-            g = hi - lo
-            if identity:  # the clear control: no mixing at all
-                self.blocks.append(np.eye(g))
-                self.inverses.append(np.eye(g))
-                continue
-            q1, _ = np.linalg.qr(rng.standard_normal((g, g)))
-            q2, _ = np.linalg.qr(rng.standard_normal((g, g)))
-            d = np.exp2(rng.uniform(-spread, spread, g))
-            self.blocks.append((q1 * d) @ q2)
-            self.inverses.append((q2.T / d) @ q1.T)
-
-    def _apply(self, mats: list[np.ndarray], w: np.ndarray) -> np.ndarray:
-        out = np.empty(w.shape, dtype=np.float64)
-        for (lo, hi), m in zip(self.bounds, mats):
-            np.matmul(m, w[lo:hi], out=out[lo:hi])
-        return out
-
-    def left(self, w: np.ndarray) -> np.ndarray:
-        """(K, m) -> M @ w."""
-        return self._apply(self.blocks, w)
-
-    def inverse_left(self, w: np.ndarray) -> np.ndarray:
-        """(K, m) -> M^-1 @ w."""
-        return self._apply(self.inverses, w)
-
-    def transposed_left(self, w: np.ndarray) -> np.ndarray:
-        """(K, m) -> M^T @ w."""
-        return self._apply([m.T for m in self.blocks], w)
-
-    def right(self, x: np.ndarray, dtype=np.float64, transposed: bool = False, out: np.ndarray | None = None,
-              inverse: bool = False) -> np.ndarray:
-        """(n, K) -> x @ M (x @ M^T with `transposed`, M^-1 with `inverse`): the full blocks as one
-        batched product, in x's dtype when it is `dtype` (a float32 step's mixing costs float32
-        arithmetic), else in float64 rounded once to `dtype`."""
-        dtype = np.dtype(dtype)
-        work = x.dtype if x.dtype == dtype and dtype in (np.float32, np.float64) else np.dtype(np.float64)
-        if out is None:
-            out = np.empty(x.shape, dtype=dtype)
-        stacks = self.__dict__.setdefault("_stacks", {})
-        mats = self.inverses if inverse else self.blocks
-        if (work, transposed, inverse) not in stacks:
-            full = [m for (lo, hi), m in zip(self.bounds, mats) if hi - lo == self.bounds[0][1]]
-            stack = np.stack(full) if full else np.zeros((0, 0, 0))
-            stacks[work, transposed, inverse] = np.ascontiguousarray(stack.transpose(0, 2, 1) if transposed else stack,
-                                                                     dtype=work)
-        stack = stacks[work, transposed, inverse]
-        count, g = stack.shape[0], stack.shape[1] if stack.size else 0
-        n = x.shape[0]
-        if count:
-            blocks = x[:, :count * g].reshape(n, count, g).transpose(1, 0, 2)
-            target = out[:, :count * g].reshape(n, count, g).transpose(1, 0, 2)
-            if work == dtype:
-                np.matmul(blocks, stack, out=target)
-            else:
-                target[...] = np.matmul(blocks.astype(work), stack)
-        for lo, hi in self.bounds[count:]:
-            m = mats[lo // self.bounds[0][1]]
-            part = np.matmul(x[:, lo:hi].astype(work, copy=False), (m.T if transposed else m).astype(work))
-            out[:, lo:hi] = part
-        return out
-
-    def dense(self) -> np.ndarray:
-        out = np.zeros((self.size, self.size))
-        for (lo, hi), m in zip(self.bounds, self.blocks):
-            out[lo:hi, lo:hi] = m
-        return out
-
-
 class ResidentBasis:
     """The reparameterization w1[P_s] = M_s V_s (the network the resident disguise trains), and
     V_0. Drawn from the run's secret generator, so a resumed run and the centralized reference
@@ -155,13 +78,13 @@ class ResidentBasis:
         self.inputs = inputs
         self.hidden = hidden
         self.blocks = [np.asarray(active)[b] for b in balanced_blocks(len(active), shards, rng)]
-        self.mix = [Mixing(len(b), rng, identity=clear) for b in self.blocks]
+        self.mix = [Mixing(len(b), rng, MIX_GROUP, MIX_SPREAD, identity=clear) for b in self.blocks]
         # V_0: i.i.d. Gaussian in each node's basis (its covariance says nothing about M_s); the
         # network's initial w1 is then M_s V_0 on each block, zero on pixels blank in every image.
         self.v0 = [rng.standard_normal((len(b), hidden)) / math.sqrt(inputs) for b in self.blocks]
         # N: one secret mixing of the hidden units (w1[P_s] = M_s V_s N^-1), so the dz1 a node is
         # sent is dz1 N^-T: no clear delta reaches it (its values, ReLU zeros included)
-        self.out_mix = Mixing(hidden, rng, identity=clear)
+        self.out_mix = Mixing(hidden, rng, MIX_GROUP, MIX_SPREAD, identity=clear)
         # The hidden-to-hidden layers' bases, drawn after the first layer's (so its draws stand)
         self.hidden_layers: dict[int, HiddenBasis] = {}
         for layer in range(2, len(layers) - 1):
@@ -211,8 +134,8 @@ class HiddenBasis:
     def __init__(self, units: int, width: int, shards: int, rng: np.random.Generator, clear: bool = False):
         self.units, self.width = units, width
         self.blocks = balanced_blocks(units, shards, rng)
-        self.mix = [Mixing(len(b), rng, identity=clear) for b in self.blocks]
-        self.out_mix = Mixing(width, rng, identity=clear)
+        self.mix = [Mixing(len(b), rng, MIX_GROUP, MIX_SPREAD, identity=clear) for b in self.blocks]
+        self.out_mix = Mixing(width, rng, MIX_GROUP, MIX_SPREAD, identity=clear)
         self.v0 = [rng.standard_normal((len(b), width)) / math.sqrt(units) for b in self.blocks]
 
     def to_units(self, vs: list[np.ndarray]) -> np.ndarray:
