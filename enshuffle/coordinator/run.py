@@ -30,9 +30,10 @@ from enshuffle.coordinator.chain import Chain, ChainError, record_head_in_home, 
 from enshuffle.coordinator.distributed import DistributedCompute, default_disguise
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
 from enshuffle.coordinator.offload import default_cost_model
+from enshuffle.coordinator.reputation import QUARANTINE_AFTER
 from enshuffle.coordinator.report import (eprint, join_commands, listen_text, report_epoch, report_ledger,
                                             save_weights)
-from enshuffle.coordinator.server import CoordinatorServer, StepAbandoned, TrainingAborted
+from enshuffle.coordinator.server import CoordinatorServer, Listener, ServerConfig, StepAbandoned, TrainingAborted
 from enshuffle.coordinator.settings import RunSettings
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
 from enshuffle.coordinator.training import Trainer
@@ -132,25 +133,34 @@ class CoordinatorRun:
         if serving is not None:  # how `enshuffle coordinator` served: --resume serves the same way
             self._settings["serving"] = serving
         self.admission = admission
+        config = ServerConfig(max_exposure=settings.max_exposure, replicate=settings.replicate,
+                              quarantine_after=settings.quarantine_after or QUARANTINE_AFTER,
+                              log=self._server_log)
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
-        self.server = CoordinatorServer(bind, self.identity, self.state,
-                                        ledger=ExposureLedger(ledger_axes(preset.layers)),
-                                        control=self.control, log=None if quiet else stamped, admission=admission,
-                                        max_exposure=settings.max_exposure)
+        listener = Listener(bind, config)
         if self.run_dir:
             try:
                 self._check_run_dir(resume)
             except BaseException:
-                self.server.close("shutdown")
+                listener.close()
                 raise
-        self.server.replicate = settings.replicate
-        if settings.quarantine_after:
-            self.server.reputation.quarantine_after = settings.quarantine_after
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
-        self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
-                                          ledger=self.server.ledger, **inputs.source(),
-                                          disguise=settings.disguise or default_disguise(preset), layers=preset.layers,
-                                          offload=settings.offload, cost_model=default_cost_model())
+        ledger = ExposureLedger(ledger_axes(preset.layers))
+        # The compute hands the server it makes its plan (the slots and their statics); the
+        # server is the compute's executor.
+        serve = CoordinatorServer.factory(listener, self.identity, self.state, ledger, config=config,
+                                          control=self.control, admission=admission)
+        try:
+            self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), serve,
+                                              ledger=ledger, **inputs.source(),
+                                              disguise=settings.disguise or default_disguise(preset),
+                                              layers=preset.layers, offload=settings.offload,
+                                              cost_model=default_cost_model())
+        except BaseException:
+            listener.close()
+            raise
+        assert isinstance(self.compute.executor, CoordinatorServer)
+        self.server = self.compute.executor
         # Initial weights and sample order from the same secret: nothing public anchors the run.
         self.trainer = Trainer(preset, inputs, self.compute, secret=secret)
         with self.state.lock:
@@ -260,6 +270,11 @@ class CoordinatorRun:
 
     def log(self, line: str) -> None:
         self.state.add_log(line)
+        if not self.quiet:
+            stamped(line)
+
+    def _server_log(self, line: str) -> None:
+        """The server's log lines (already in the state's log): on stderr unless quiet."""
         if not self.quiet:
             stamped(line)
 
@@ -612,8 +627,7 @@ def run_local_cluster(settings: RunSettings, preset, inputs, *, nodes: int, run_
         eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
                f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
         run.local_nodes = True
-        run.give_up = run.server.give_up = local_nodes_problem(procs, nodes_dir,
-                                                               time.monotonic() + LOCAL_NODES_CONNECT_S)
+        run.give_up = local_nodes_problem(procs, nodes_dir, time.monotonic() + LOCAL_NODES_CONNECT_S)
         try:
             if tui:
                 return run_with_tui(run)
@@ -707,9 +721,8 @@ def run_with_tui(run: CoordinatorRun) -> int:
             with run.state.lock:
                 run.state.finished = True
 
-    run.quiet = True
+    run.quiet = True  # the server's log lines too: the console shows them
     run.print_reports = False
-    run.server._log = lambda line: None
     thread = threading.Thread(target=work, name="coordinator", daemon=True)
     thread.start()
     app = CoordinatorApp(source=run.state.snapshot, control=run.control,
