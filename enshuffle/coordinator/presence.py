@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from enum import Enum, StrEnum
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 RATE_STALE_S = 5.0  # no result for this long: the node's rate shows 0, not its last burst
 
@@ -117,7 +117,7 @@ def node_state(*, busy: bool, paused: bool, reason: Callable[[], WaitReason | No
 
 
 def publish_rows(state, sessions: Iterable, shares: dict, forms: dict, now: float,
-                 state_of: Callable[[object], tuple[NodeState, str]]) -> None:
+                 state_of: Callable[[Any], tuple[NodeState, str]]) -> None:
     """Copy what the console shows of each live session into its row of `state` (under its lock):
     outstanding, done, state and reason (`state_of(session)`), last seen, rate, exposure."""
     wall = time.time()

@@ -10,8 +10,13 @@ units). Each shard has one owner session. A session that ends (BYE, silence, a n
 the same key) loses its shards at once to the least-loaded live session, which first receives
 the shard's static operands, and its outstanding batches are re-issued; new sessions take over
 shards only at a step boundary, so membership changes never split a step. Which node gets which
-shard or batch, under the exposure bound, is decided by `scheduling.Scheduler`; this module
-carries the decisions out over the socket.
+shard or batch, under the exposure bound, is decided by `scheduling.Scheduler`; who may join by
+`admission.decide`; whether a result holds by `checker.ResultChecker`; how a node's state and
+its reason for waiting read by `presence`. This module carries the decisions out over the socket.
+
+What it serves is handed to it at construction: the compute makes it (`CoordinatorServer.factory`
+as its executor factory) and gives it a `SlotPlan`, on a `Listener` bound beforehand, with a
+`ServerConfig` (leases, heartbeats, checks, quarantine, logging) that nothing changes afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 try:
     import resource
 except ImportError:  # not on every platform
-    resource = None
+    resource = None  # type: ignore[assignment]
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -206,8 +211,8 @@ class Session:
     label: str  # how the ledger and the operator know this node across reconnects
     credit: int
     want: int
+    channel: Channel  # sealing and opening under the session key
     address: str = ""
-    channel: Channel | None = None
     admitted: str = ""  # how admission let it in: open, local, allow-list, invited, invite code
     joined: bool = False  # the node's first sealed message arrived: it accepted our key
     joining_since: float = field(default_factory=time.monotonic)
@@ -578,7 +583,7 @@ class CoordinatorServer:
                 self.pump(timeout_ms=self._poll_timeout())
         finally:
             self.forget(tasks)
-        return [t.result for t in tasks]
+        return [t.result for t in tasks if t.result is not None]  # every one has its result here
 
     def step_done(self) -> None:
         """Step boundary: idle sessions take over shards from sessions holding several. The
@@ -644,14 +649,13 @@ class CoordinatorServer:
 
     def crypto_total(self) -> float:
         """Seconds this coordinator spent on cryptography: handshakes, sealing and opening."""
-        live = sum(s.channel.seconds for s in (*self.sessions.values(), *self.joining.values()) if s.channel)
+        live = sum(s.channel.seconds for s in (*self.sessions.values(), *self.joining.values()))
         return self.crypto_seconds + live
 
     def _end_session(self, session: Session, why: str) -> None:
         self._dirty = True
-        if session.channel is not None:
-            self.crypto_seconds += session.channel.seconds
-            session.channel.seconds = 0.0
+        self.crypto_seconds += session.channel.seconds
+        session.channel.seconds = 0.0
         if self.joining.get(session.routing_id) is session:
             del self.joining[session.routing_id]
             self._forget(session)
@@ -1282,9 +1286,9 @@ class CoordinatorServer:
             got = "nothing" if c is None else f"{c.dtype}{tuple(c.shape)}"
             self.counters["dropped"] += 1
             self._count_refused(session)
-            problem = f"expected array c {expected_dtype}{task.shape}, got {got}"
-            self.log(f"refused RESULT for batch {task.batch_id} from {session.label}: {problem}")
-            self._refuse_lie(session, task, "wrong-shape", problem)
+            wrong = f"expected array c {expected_dtype}{task.shape}, got {got}"
+            self.log(f"refused RESULT for batch {task.batch_id} from {session.label}: {wrong}")
+            self._refuse_lie(session, task, "wrong-shape", wrong)
             return
         problem = self.checker.check(task.batch, c, session.key)
         if problem is not None:
