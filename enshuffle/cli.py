@@ -191,9 +191,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     _add_network_options(p)
     p.add_argument("--epochs", type=_positive_int, default=None,
                    help="number of epochs (default: the preset's)")
-    # "all" is still understood, to be refused with the reason (it handed nodes labels and
-    # outputs), but no longer offered.
-    p.add_argument("--offload", choices=["auto", "matmul", "all"], default="auto", metavar="{auto,matmul}",
+    p.add_argument("--offload", choices=["auto", "matmul"], default="auto",
                    help="which products nodes compute: auto ships each product only where that saves the "
                         "coordinator CPU (cost model from `enshuffle bench`; the plan is printed at start), "
                         "matmul every product that can go (the pixel-wide ones and every hidden-to-hidden "

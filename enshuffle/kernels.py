@@ -1,13 +1,14 @@
-"""What a node computes for one batch: a block product or an elementwise operation, nothing else.
+"""What a node computes for one batch: a block product, or the resident first layer's update
+and forward, nothing else.
 
-The node never sees a plan or a disguise: it multiplies what it is given. The vocabulary
-mirrors docs/protocol.md ("op" and "params" of a BATCH):
+The node never sees a plan or a disguise: it multiplies what it is given. What a batch's op and
+params mean, its result's shape and its memory are `enshuffle.batch`'s (the vocabulary, which
+mirrors docs/protocol.md section 11); this module computes it:
 
 - ``matmul``: ``c = A @ b`` where ``A`` is the array ``a``, or rows ``rows`` of a static operand
-  named ``params["a_static"]`` held since its STATIC message (transposed when
-  ``params["transpose_a"]``).
-- ``sigmoid(a)``, ``sub(a, b)`` (``a`` may be the scalar ``params["a_scalar"]``), ``square(a)``,
-  ``mul(a, b)``: elementwise, ``c`` has ``a``'s shape.
+  named ``a_static`` held since its STATIC message (transposed when ``transpose_a``).
+- ``resident``: a slot's resident weights (`ResidentState`) brought to the batch's version, then
+  ``S[rows] @ V`` (or the state itself).
 
 A `Workspace` makes products cost their arithmetic and little else: the gathered rows of a
 static operand, any intermediate and the result go into buffers reused from batch to batch
@@ -23,19 +24,9 @@ import math
 
 import numpy as np
 
-from enshuffle.model import sigmoid
+from enshuffle.batch import BatchError, Matmul, Resident, parse
 
-OPS = ("matmul", "sigmoid", "sub", "square", "mul", "resident")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-class BatchError(Exception):
-    """A batch this node cannot compute; `code` is the REJECT reason sent back."""
-
-    def __init__(self, code: str, detail: str):
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
 
 
 class Workspace:
@@ -140,71 +131,94 @@ class ResidentState:
     def nbytes(self) -> int:
         return self.v.nbytes * 2
 
-    def apply(self, static: np.ndarray, rows: np.ndarray, dz: np.ndarray, lr: float, momentum: float) -> None:
-        """buf = momentum buf + S[rows]^T dz; V += lr buf."""
-        # float64, whatever the static's dtype: the coordinator follows this recurrence in
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of [V; buf] as its STATIC carried it (how `enshuffle.batch` knows a state)."""
+        return 2 * self.v.shape[0], self.v.shape[1]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.v.dtype
+
+    def apply(self, operand: np.ndarray, dz: np.ndarray, lr: float, momentum: float) -> None:
+        """buf = momentum buf + operand^T dz; V += lr buf (operand: the update's rows (b, K))."""
+        # float64, whatever the operand's dtype: the coordinator follows this recurrence in
         # float64 through its probes, so the node's state stays within float64 rounding of it
-        g = np.take(static, rows, axis=0, mode="clip").T.astype(np.float64) @ dz.astype(np.float64)
+        g = operand.T.astype(np.float64) @ dz.astype(np.float64)
         self.buf *= momentum
         self.buf += g
         self.v += lr * self.buf
 
 
-def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.ndarray:
-    """Bring the state to params["version"] (applying the carried updates it lacks), then return
-    S[rows] @ V, or with params["fetch"] the state [V; buf] itself."""
-    name, state_name = params.get("a_static"), params.get("state")
-    static = statics.get(name) if isinstance(name, str) else None
-    state = states.get(state_name) if isinstance(state_name, str) else None
-    if static is None:
-        raise BatchError("unknown-static", f"no static operand {name!r} on this node")
+def _resident(spec: Resident, arrays: dict, statics: dict, states: dict) -> np.ndarray:
+    """Bring the state to the batch's version (applying the carried updates it lacks), then return
+    the forward (S[rows] @ V for a first-layer slot, a @ V for a hidden layer's), with `backward`
+    dz @ V^T of the last carried update (V before it), or with `fetch` the state [V; buf] itself
+    (docs/protocol.md, "Resident weights")."""
+    name, state_name = spec.a_static, spec.state
+    state = states.get(state_name)
+    static = None
+    if name is not None:
+        static = statics.get(name)
+        if static is None:
+            raise BatchError("unknown-static", f"no static operand {name!r} on this node")
     if state is None:
         raise BatchError("unknown-static", f"no resident state {state_name!r} on this node")
-    start, version = params.get("from"), params.get("version")
-    lrs, momentum = params.get("lr"), params.get("momentum")
-    if not (isinstance(start, int) and isinstance(version, int)) or isinstance(start, bool) or \
-            isinstance(version, bool) or not 0 <= start <= version:
-        raise BatchError("bad-batch", "a resident batch needs integer versions 0 <= from <= version")
-    if not isinstance(lrs, list) or len(lrs) != version - start or \
-            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*lrs, momentum]):
-        raise BatchError("bad-batch",
-                         "a resident batch needs one finite lr per update and a finite momentum")
-    if static.ndim != 2 or static.shape[1] != state.v.shape[0]:
+    start, version, backward = spec.start, spec.version, spec.backward
+    if static is not None and (static.ndim != 2 or static.shape[1] != state.v.shape[0]):
         raise BatchError("bad-batch",
                          f"static {name!r} {static.shape} does not fit state {state_name!r} {state.v.shape}")
-    try:
-        rates, mu = [float(v) for v in lrs], float(momentum)  # type: ignore[arg-type]
-    except (OverflowError, ValueError, TypeError):
-        raise BatchError("bad-batch", "lr and momentum must be finite numbers") from None
-    if not all(math.isfinite(v) for v in [*rates, mu]):
-        raise BatchError("bad-batch", "lr and momentum must be finite numbers")
     if state.version < start:
         raise BatchError("state-behind",
                          f"state {state_name!r} is at version {state.version}, the batch starts at {start}")
-    if state.version > version:
+    if state.version > version - (1 if backward else 0):
         raise BatchError("state-ahead",
-                         f"state {state_name!r} is at version {state.version}, past the batch's {version}")
+                         f"state {state_name!r} is at version {state.version}, past the batch's "
+                         f"{version - 1 if backward else version}")
+    k, h = state.v.shape
+    out = None
     if version > start:
-        urows, dz = arrays.get("update_rows"), _array(arrays, "dz")
-        count = version - start
-        if urows is None or urows.ndim != 2 or urows.dtype.kind not in "iu" or urows.shape[0] != count:
-            raise BatchError("bad-batch", f"update_rows must be ({count}, b) integers")
-        b = urows.shape[1]
+        count = spec.updates
+        dz = _array(arrays, "dz")
+        if static is not None:
+            urows = arrays.get("update_rows")
+            if urows is None or urows.ndim != 2 or urows.dtype.kind not in "iu" or urows.shape[0] != count:
+                raise BatchError("bad-batch", f"update_rows must be ({count}, b) integers")
+            b = urows.shape[1]
+            dtype = static.dtype
+            if urows.size and (urows.min() < 0 or urows.max() >= static.shape[0]):
+                raise BatchError("bad-batch", f"update rows out of range for static {name!r}")
+        else:
+            ua = _array(arrays, "update_a")
+            b = ua.shape[0] // count
+            dtype = ua.dtype
+            if ua.shape != (count * b, k):
+                raise BatchError("bad-batch", f"update_a must be {count} updates of (b, {k}), got {ua.shape}")
         if b == 0:
             raise BatchError("bad-batch", "an update needs at least one row")
-        if dz.shape != (count * b, state.v.shape[1]) or dz.dtype != static.dtype:
-            raise BatchError("bad-batch", f"dz must be {static.dtype} ({count * b}, {state.v.shape[1]}), "
-                                          f"got {dz.dtype} {dz.shape}")
-        if urows.size and (urows.min() < 0 or urows.max() >= static.shape[0]):
-            raise BatchError("bad-batch", f"update rows out of range for static {name!r}")
-        if static.shape[1] != state.v.shape[0]:
-            raise BatchError("bad-batch",
-                             f"static {name!r} {static.shape} does not fit state {state_name!r} {state.v.shape}")
+        if dz.shape != (count * b, h) or dz.dtype != dtype:
+            raise BatchError("bad-batch", f"dz must be {dtype} ({count * b}, {h}), got {dz.dtype} {dz.shape}")
         for j in range(state.version - start, count):  # one pass per update carried (not per row)
-            state.apply(static, urows[j], dz[j * b:(j + 1) * b], rates[j], mu)
+            d = dz[j * b:(j + 1) * b]
+            if static is not None:
+                assert urows is not None
+                operand = np.take(static, urows[j], axis=0, mode="clip")
+            else:
+                operand = ua[j * b:(j + 1) * b]
+            if backward and j == count - 1:  # the step's own delta through V before its update
+                out = (d.astype(np.float64) @ state.v.T).astype(dtype, copy=False)
+            state.apply(operand, d, spec.lr[j], spec.momentum)
             state.version = start + j + 1
-    if params.get("fetch"):
+    if spec.fetch:
         return np.concatenate([state.v, state.buf])
+    if backward:
+        assert out is not None
+        return out
+    if static is None:
+        a = _array(arrays, "a")
+        if a.shape[1] != k:
+            raise BatchError("bad-batch", f"a {a.shape} does not fit state {state_name!r} {state.v.shape}")
+        return (a.astype(np.float64) @ state.v).astype(a.dtype, copy=False)
     rows = arrays.get("rows")
     if rows is None or rows.ndim != 1 or rows.dtype.kind not in "iu":
         raise BatchError("bad-batch", "a resident forward needs a 1-D integer array 'rows'")
@@ -216,58 +230,47 @@ def _resident(params: dict, arrays: dict, statics: dict, states: dict) -> np.nda
     return y.astype(static.dtype, copy=False)
 
 
+def _matmul(spec: Matmul, arrays: dict, statics: dict, workspace: Workspace | None) -> np.ndarray:
+    b = _array(arrays, "b")
+    name = spec.a_static
+    if name is not None:
+        static = statics.get(name)
+        if static is None:
+            raise BatchError("unknown-static", f"no static operand {name!r} on this node")
+        if static.ndim != 2:
+            raise BatchError("bad-batch", f"static {name!r} is not a matrix: shape {static.shape}")
+        rows = arrays.get("rows")
+        if rows is None or rows.ndim != 1 or rows.dtype.kind not in "iu":
+            raise BatchError("bad-batch", "a static matmul needs a 1-D integer array 'rows'")
+        if rows.size and (rows.min() < 0 or rows.max() >= static.shape[0]):
+            raise BatchError("bad-batch", f"rows out of range for static {name!r} with {static.shape[0]} rows")
+        inner = rows.shape[0] if spec.transpose_a else static.shape[1]
+        if inner != b.shape[0]:
+            raise BatchError("bad-batch",
+                             f"static {name!r} {static.shape} does not fit rows {rows.shape} and b {b.shape}")
+        if static.dtype != b.dtype:
+            raise BatchError("bad-batch", f"static {name!r} is {static.dtype} but b is {b.dtype}")
+        return _static_product(static, rows, b, spec.transpose_a, workspace)
+    a = _array(arrays, "a")
+    if spec.transpose_a:
+        a = a.T
+    if a.shape[1] != b.shape[0] or a.dtype != b.dtype:
+        raise BatchError("bad-batch", f"cannot multiply {a.dtype}{a.shape} by {b.dtype}{b.shape}")
+    if workspace is not None:
+        workspace.before_product(a.shape[0] * a.shape[1] * b.shape[1])
+    return np.matmul(a, b, out=_buffer(workspace, "result", (a.shape[0], b.shape[1]), b.dtype))
+
+
 def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics: dict[str, np.ndarray],
                   workspace: Workspace | None = None, states: dict | None = None) -> np.ndarray:
     """Compute one batch; raises BatchError for anything malformed (never a bare exception).
 
     With `workspace`, a product's result is a view on the workspace's buffer, valid until the
     next batch computed with it. `states`: the node's resident states by name (op "resident")."""
-    if op == "resident":
-        return _resident(params, arrays, statics, states or {})
-    if op == "matmul":
-        b = _array(arrays, "b")
-        name = params.get("a_static")
-        if name is not None:
-            static = statics.get(name)
-            if static is None:
-                raise BatchError("unknown-static", f"no static operand {name!r} on this node")
-            if static.ndim != 2:
-                raise BatchError("bad-batch", f"static {name!r} is not a matrix: shape {static.shape}")
-            rows = arrays.get("rows")
-            if rows is None or rows.ndim != 1 or rows.dtype.kind not in "iu":
-                raise BatchError("bad-batch", "a static matmul needs a 1-D integer array 'rows'")
-            if rows.size and (rows.min() < 0 or rows.max() >= static.shape[0]):
-                raise BatchError("bad-batch", f"rows out of range for static {name!r} with {static.shape[0]} rows")
-            inner = rows.shape[0] if params.get("transpose_a") else static.shape[1]
-            if inner != b.shape[0]:
-                raise BatchError("bad-batch",
-                                 f"static {name!r} {static.shape} does not fit rows {rows.shape} and b {b.shape}")
-            if static.dtype != b.dtype:
-                raise BatchError("bad-batch", f"static {name!r} is {static.dtype} but b is {b.dtype}")
-            return _static_product(static, rows, b, bool(params.get("transpose_a")), workspace)
-        a = _array(arrays, "a")
-        if params.get("transpose_a"):
-            a = a.T
-        if a.shape[1] != b.shape[0] or a.dtype != b.dtype:
-            raise BatchError("bad-batch", f"cannot multiply {a.dtype}{a.shape} by {b.dtype}{b.shape}")
-        if workspace is not None:
-            workspace.before_product(a.shape[0] * a.shape[1] * b.shape[1])
-        return np.matmul(a, b, out=_buffer(workspace, "result", (a.shape[0], b.shape[1]), b.dtype))
-    if op == "sigmoid":
-        return sigmoid(_array(arrays, "a"))
-    if op == "square":
-        a = _array(arrays, "a")
-        return a * a
-    if op in ("sub", "mul"):
-        b = _array(arrays, "b")
-        if "a_scalar" in params:
-            a = b.dtype.type(float(params["a_scalar"]))
-        else:
-            a = _array(arrays, "a")
-            if a.shape != b.shape or a.dtype != b.dtype:
-                raise BatchError("bad-batch", f"elementwise {op} of {a.dtype}{a.shape} and {b.dtype}{b.shape}")
-        return a - b if op == "sub" else a * b
-    raise BatchError("unknown-op", f"op {op!r} is not one of {', '.join(OPS)}")
+    spec = parse(op, params)
+    if isinstance(spec, Resident):
+        return _resident(spec, arrays, statics, states or {})
+    return _matmul(spec, arrays, statics, workspace)
 
 
 def _is_permutation(rows: np.ndarray, n: int) -> bool:

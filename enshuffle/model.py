@@ -1,8 +1,9 @@
 """Any MLP (the notebook's 784-128-10 by default), its training presets and one training step
 written once, over a list of layers.
 
-The step is written against a `Compute` object that performs the network's matrix products
-and elementwise operations. `LocalCompute` does them with numpy in this process (the
+The step is written against a `Compute` object that performs the network's matrix products;
+the activations, the loss and the other elementwise operations are the step's own, computed
+where it runs (the coordinator). `LocalCompute` does the products with numpy in this process (the
 centralized reference, `--nodes 0`); the coordinator's `DistributedCompute` turns the same
 calls into disguised batches for nodes. Because both run this one function, a distributed run
 differs from the centralized one only in the order floating-point partial sums are added.
@@ -50,6 +51,10 @@ class Preset:
     # "Resident weights"); the other layers keep `optimizer`.
     w1_optimizer: str = "same"
     w1_learning_rate: float = 0.0
+    # The hidden-to-hidden layers' optimizer (w2 .. w{L-1}): "same" or "momentum" (SGD with
+    # momentum at `w1_learning_rate`, as w1): the resident disguise keeps those layers on the
+    # nodes too, each node updating its block of rows in its own basis.
+    hidden_optimizer: str = "same"
 
     @property
     def depth(self) -> int:
@@ -60,6 +65,11 @@ class Preset:
     def hidden(self) -> int:
         """The first hidden layer's width: the units w1 maps the pixels onto."""
         return self.layers[1]
+
+    @property
+    def momentum_layers(self) -> tuple[int, ...]:
+        """The hidden-to-hidden layers (2 .. L-1) trained by SGD with momentum (`hidden_optimizer`)."""
+        return tuple(range(2, self.depth)) if self.hidden_optimizer == "momentum" else ()
 
     @property
     def weight_names(self) -> tuple[str, ...]:
@@ -80,12 +90,14 @@ PRESETS = {
     # them in their own secret basis); the rest with Adam.
     "default": Preset(name="default", epochs=20, batch_size=128, dtype="float32", learning_rate=2e-3,
                       loss="xent", optimizer="adam", inputs="standardize", init="scaled",
-                      schedule="cosine", w1_optimizer="momentum", w1_learning_rate=0.5),
+                      schedule="cosine", w1_optimizer="momentum", w1_learning_rate=0.5,
+                      hidden_optimizer="momentum"),
 }
 # The default preset as it was before its first layer moved to the nodes: Adam on every layer,
 # so w1 is re-sent each step under the share disguise. Kept as the audit's control (the weight
 # trajectory attack breaks it) and for comparison.
-PRESETS["adam"] = replace(PRESETS["default"], name="adam", w1_optimizer="same", w1_learning_rate=0.0)
+PRESETS["adam"] = replace(PRESETS["default"], name="adam", w1_optimizer="same", w1_learning_rate=0.0,
+                          hidden_optimizer="same")
 
 
 def weight_names(layers) -> tuple[str, ...]:
@@ -212,13 +224,15 @@ def one_hot(labels: np.ndarray, dtype) -> np.ndarray:
 W1_MOMENTUM = 0.9  # the first layer's momentum when it trains with SGD and momentum (resident or not)
 
 
-def w1_momentum_step(params: dict[str, np.ndarray], opt: "OptimizerState", g: np.ndarray, lr: float) -> None:
-    """buf = W1_MOMENTUM buf + g (float64, kept in opt as "buf_w1"); w1 += lr buf. The step every
-    compute that trains w1 here takes (the resident nodes take the same one in their basis)."""
-    buf = opt.moments.setdefault("buf_w1", np.zeros(params["w1"].shape, np.float64))
+def w1_momentum_step(params: dict[str, np.ndarray], opt: "OptimizerState", g: np.ndarray, lr: float,
+                     name: str = "w1") -> None:
+    """buf = W1_MOMENTUM buf + g (float64, kept in opt as "buf_<name>"); <name> += lr buf. The
+    step every compute that trains w1 (or a momentum hidden layer) here takes (the resident
+    nodes take the same one in their basis)."""
+    buf = opt.moments.setdefault("buf_" + name, np.zeros(params[name].shape, np.float64))
     buf *= W1_MOMENTUM
     buf += g
-    params["w1"] += (lr * buf).astype(params["w1"].dtype)
+    params[name] += (lr * buf).astype(params[name].dtype)
 
 
 class LocalCompute:
@@ -230,14 +244,32 @@ class LocalCompute:
     def __init__(self, images: dict[str, np.ndarray], basis=None):
         """`basis` (a coordinator.resident.ResidentBasis): train the resident disguise's
         reparameterized first layer (w1[P_s] = M_s V_s, SGD with momentum on V) instead of w1
-        itself, exactly as a resident run does, for comparing with one."""
+        itself, and its momentum hidden layers likewise (w{l}[Q_s] = M_s V_s), exactly as a
+        resident run does, for comparing with one."""
         self.images = images
         self.basis = basis
 
-    def adopt(self, params: dict[str, np.ndarray], opt: "OptimizerState", fresh: bool) -> None:
-        """A fresh run under a basis starts from w1 = M_s V_0 (the basis's V_0)."""
+    def adopt(self, params: dict[str, np.ndarray], opt: "OptimizerState", fresh: bool,
+              momentum_layers: tuple[int, ...] = ()) -> None:
+        """A fresh run under a basis starts from w1 = M_s V_0 (the basis's V_0), and each
+        momentum hidden layer from its own basis's V_0."""
         if self.basis is not None and fresh:
             params["w1"] = self.basis.to_pixels(self.basis.v0).astype(params["w1"].dtype)
+            for layer in (m for m in momentum_layers if m in self.basis.hidden_layers):
+                hb = self.basis.hidden_layers[layer]
+                params[f"w{layer}"] = hb.to_units(hb.v0).astype(params[f"w{layer}"].dtype)
+
+    def hidden_step(self, a: np.ndarray, dz: np.ndarray, params: dict[str, np.ndarray], layer: int, lr: float,
+                    opt: "OptimizerState", labels: np.ndarray | None = None) -> np.ndarray:
+        """A momentum hidden layer's backward: da = dz w^T (with w before the step), then SGD with
+        momentum on w from g = a^T dz, preconditioned by the basis when there is one."""
+        name = f"w{layer}"
+        da = dz @ params[name].T
+        g = a.T.astype(np.float64) @ dz.astype(np.float64)
+        if self.basis is not None and layer in self.basis.hidden_layers:
+            g = self.basis.hidden_layers[layer].precondition(g)
+        w1_momentum_step(params, opt, g, lr, name)
+        return da
 
     def w1_step(self, params: dict[str, np.ndarray], idx, dz1: np.ndarray, labels, lr: float,
                 opt: "OptimizerState") -> None:
@@ -271,19 +303,6 @@ class LocalCompute:
         x = self.images["train"] if idx is None else self.images["train"][idx]
         return x.T @ dz1
 
-    # Elementwise operations: on the coordinator unless `--offload all`.
-    def sigmoid(self, z, tensor="activations"):
-        return sigmoid(z)
-
-    def sub(self, a, b, tensor="activations"):
-        return a - b
-
-    def square(self, a, tensor="activations"):
-        return a * a
-
-    def mul(self, a, b, tensor="activations"):
-        return a * b
-
     def step_done(self) -> None:
         """Called at every step boundary (membership changes take effect there)."""
 
@@ -309,11 +328,11 @@ def learning_rate(preset: Preset, step: int, total_steps: int) -> float:
     return preset.learning_rate
 
 
-def activate(compute, z: np.ndarray, preset: Preset) -> np.ndarray:
+def activate(z: np.ndarray, preset: Preset) -> np.ndarray:
     """A hidden layer's output from its pre-activation (b,n) -> (b,n)."""
     if preset.activation == "relu":
         return relu(z)
-    return compute.sigmoid(z, "activations")
+    return sigmoid(z)
 
 
 def forward(compute, which: str, idx, params: dict[str, np.ndarray],
@@ -323,16 +342,16 @@ def forward(compute, which: str, idx, params: dict[str, np.ndarray],
     z = compute.x_w1(which, idx, params["w1"]) + params["b1"]
     activations = []
     for layer in range(2, preset.depth + 1):
-        activations.append(activate(compute, z, preset))
+        activations.append(activate(z, preset))
         z = compute.a_w(activations[-1], params[f"w{layer}"], layer) + params[f"b{layer}"]
     return activations, z
 
 
-def _hidden_delta(compute, da: np.ndarray, a: np.ndarray, preset: Preset) -> np.ndarray:
+def _hidden_delta(da: np.ndarray, a: np.ndarray, preset: Preset) -> np.ndarray:
     """dz of a hidden layer from da (the gradient reaching its output a)."""
     if preset.activation == "relu":
         return da * (a > 0)
-    return compute.mul(compute.mul(da, a, "gradients"), compute.sub(1.0, a, "activations"), "gradients")
+    return (da * a) * (1.0 - a)
 
 
 def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.ndarray, labels: np.ndarray,
@@ -343,12 +362,12 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
     activations, z_out = forward(compute, "train", idx, params, preset)
     if preset.loss == "mse":
         # The notebook's formulas, biases included.
-        a_out = compute.sigmoid(z_out, "outputs")
-        delta = compute.sub(a_out, labels_onehot, "labels")
-        cost = float(np.sum(compute.square(delta, "outputs")) / (2 * m))
+        a_out = sigmoid(z_out)
+        delta = a_out - labels_onehot
+        cost = float(np.sum(delta * delta) / (2 * m))
         dy = delta * dt.type(-1.0 / m)
         # Same association as the notebook: (dY * a2) * (1 - a2).
-        dz = compute.mul(compute.mul(dy, a_out, "gradients"), compute.sub(1.0, a_out, "outputs"), "gradients")
+        dz = (dy * a_out) * (1.0 - a_out)
         scores = a_out
     else:
         p = softmax(z_out)
@@ -357,17 +376,23 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
         dz = -dz  # ascent direction, so the update below is `+= lr * d` for both losses
         scores = z_out
     grads = {}
+    momentum_lr = lr * preset.w1_learning_rate / preset.learning_rate
     for layer in range(preset.depth, 1, -1):  # the last layer down to layer 2
         a = activations[layer - 2]
+        grads[f"b{layer}"] = dz.sum(axis=0)
+        if layer in preset.momentum_layers:
+            # SGD with momentum, by the compute: a resident compute runs it on the nodes
+            da = compute.hidden_step(a, dz, params, layer, momentum_lr, opt, labels)
+            dz = _hidden_delta(da, a, preset)
+            continue
         # the last layer's dz is the loss's: no labels to hide in it, and it stays home anyway
         grads[f"w{layer}"], da = compute.dw_da(a, dz, params[f"w{layer}"], layer,
                                                labels if layer < preset.depth else None)
-        grads[f"b{layer}"] = dz.sum(axis=0)
-        dz = _hidden_delta(compute, da, a, preset)
+        dz = _hidden_delta(da, a, preset)
     grads["b1"] = dz.sum(axis=0)
     if preset.w1_optimizer == "momentum":
         # SGD with momentum, by the compute: a resident compute runs it on the nodes
-        compute.w1_step(params, idx, dz, labels, lr * preset.w1_learning_rate / preset.learning_rate, opt)
+        compute.w1_step(params, idx, dz, labels, momentum_lr, opt)
     else:
         grads["w1"] = compute.dw1(idx, dz, labels)
     _apply_update(params, grads, preset, opt, lr)
@@ -417,6 +442,6 @@ def evaluate(compute, which: str, params, labels: np.ndarray, preset: Preset) ->
         _, z_out = forward(compute, which, idx, params, preset)
         # For the squared-error preset the notebook takes argmax of the sigmoid outputs; saturated
         # outputs can tie at 1.0 where the logits would not, so do exactly the same.
-        scores = compute.sigmoid(z_out, "outputs") if preset.loss == "mse" else z_out
+        scores = sigmoid(z_out) if preset.loss == "mse" else z_out
         correct += int(np.count_nonzero(np.argmax(scores, axis=1) == labels[lo:lo + scores.shape[0]]))
     return float(correct / n)

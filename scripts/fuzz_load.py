@@ -89,7 +89,7 @@ class IdleNodes:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self.endpoint)
-            hs = NodeHandshake(ident, "idle", {"ops": ["matmul", "sigmoid", "sub", "square", "mul"],
+            hs = NodeHandshake(ident, "idle", {"ops": ["matmul", "resident"],
                                                "threads": 1, "credit": 1})
             nodes[sock] = {"hs": hs, "state": "hi", "sent": 0.0, "channel": None, "node_id": None}
             poller.register(sock, zmq.POLLIN)
@@ -209,7 +209,7 @@ def malicious_participant(endpoint: str, ident: Identity, stop: threading.Event,
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
-    hs = NodeHandshake(ident, "malicious", {"ops": ["matmul", "sigmoid", "sub", "square", "mul"],
+    hs = NodeHandshake(ident, "malicious", {"ops": ["matmul", "resident"],
                                             "threads": 1, "credit": 2})
     sock.send_multipart(hs.hi())
     channel = node_id = None

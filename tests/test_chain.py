@@ -513,3 +513,23 @@ def test_verify_names_a_bad_version_once(tmp_path):
     done = cli("chain", "verify", str(run_dir), home=home)
     assert done.returncode == 1 and "is not valid JSON" in done.stderr, done.stderr
     assert done.stderr.count(f"version {short(head)}") == 1, done.stderr
+
+
+def test_a_crash_between_the_first_head_and_its_log_line_leaves_a_resumable_chain(tmp_path):
+    """The first append writes HEAD, then creates HEADS: a kill in between leaves one version and
+    no head log, which is consistent (HEAD one version ahead of its log) and the next append logs it."""
+    from enshuffle.coordinator.chain import Chain
+    from enshuffle.protocol.keys import load_or_create_identity
+    signer = load_or_create_identity("coordinator", tmp_path / "keys")
+    run_dir = tmp_path / "run"
+    arrays = {"w1": np.arange(6, dtype=np.float64).reshape(2, 3)}
+    first = Chain(run_dir, signer).append(arrays, metadata_for(1))
+    log_file = run_dir / "chain" / "HEADS"
+    log_file.unlink()
+    assert Chain(run_dir).verify() == VerifyReport(True, 1, None, None)
+    second = Chain(run_dir, signer).append(arrays, metadata_for(2))
+    assert Chain(run_dir).verify() == VerifyReport(True, 2, None, None)
+    assert len(log_file.read_text().splitlines()) == 2 and Chain(run_dir).head() == second != first
+    # an emptied (not missing) head log, or a missing one under two versions, is still refused
+    log_file.write_text("")
+    assert not Chain(run_dir).verify().ok

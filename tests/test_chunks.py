@@ -8,7 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, combine, split_rows
+from enshuffle.batch import combine, split
+from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.kernels import compute_batch
 from enshuffle.model import LocalCompute, get_preset
@@ -34,17 +35,17 @@ def test_a_large_batch_splits_into_rows_that_make_the_same_product(transpose, st
         arrays = {"a": rng.standard_normal((300, 40)),
                   "b": rng.standard_normal((300, 16) if transpose else (40, 16))}
         params = {"transpose_a": transpose}
-    batch = Batch(0, "matmul", params, arrays, static_cols=40)
     whole = compute_batch("matmul", params, arrays, {"x": s})
     for cap in (20_000, 4_000):  # rows only; then b (or the result) too large: columns as well
-        parts, groups = split_rows(batch, cap)
+        parts, groups = split("matmul", params, arrays, cap, static_cols=40)
         assert len(parts) > 3 and groups[0][0] == ("sum" if transpose else "stack")
         assert (len(groups) > 1) == (cap == 4_000)
-        results = [compute_batch("matmul", p.params, p.arrays, {"x": s}) for p in parts]
+        results = [compute_batch("matmul", params, p, {"x": s}) for p in parts]
         for part, result in zip(parts, results):
-            assert batch_bytes(part, result, s if static else None) <= cap
+            assert batch_bytes(Batch(0, "matmul", params, part), result, s if static else None) <= cap
         np.testing.assert_allclose(combine(results, groups), whole, rtol=1e-12, atol=1e-12)
-    assert split_rows(batch, 10**9) == ([batch], [(None, 1)])
+    parts, groups = split("matmul", params, arrays, 10**9, static_cols=40)
+    assert len(parts) == 1 and parts[0] is arrays and groups == [(None, 1)]
 
 
 class SizeRecorder:

@@ -67,7 +67,7 @@ def test_centralized_json_one_object_per_epoch(core_data_dir, core_cache):
     assert_epoch_objects(objects, 2)
 
 
-@pytest.mark.parametrize("disguise, deltas", [("resident", "clear"), ("share", "positions hidden")])
+@pytest.mark.parametrize("disguise, deltas", [("resident", "values hidden"), ("share", "positions hidden")])
 def test_in_process_json_ends_with_ledger(core_data_dir, core_cache, disguise, deltas):
     proc = enshuffle("train", "--nodes", "2", "--in-process", "--epochs", "1", "--limit", "1000", "--json",
                      "--offload", "matmul", "--disguise", disguise,
@@ -86,7 +86,7 @@ def test_in_process_json_ends_with_ledger(core_data_dir, core_cache, disguise, d
         # Label-dependent work stays home: nothing of labels, outputs, w2 or activations goes out.
         assert shares["labels"] == shares["outputs"] == shares["w2"] == shares["activations"] == 0.0
         assert forms[node]["images"] == forms[node]["w1"] == "values hidden"
-        assert forms[node]["deltas"] == deltas  # resident: dz1 in its nodes' unit order
+        assert forms[node]["deltas"] == deltas  # resident: dz1 with its units mixed by the secret N
     assert any("deltas" in note for note in objects[-1]["notes"])
 
 

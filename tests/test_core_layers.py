@@ -61,7 +61,7 @@ def test_the_step_follows_the_gradient_of_a_deep_network(core_dataset, activatio
     central differences of the loss on a sample of entries of every layer."""
     preset = replace(get_preset("default", dtype="float64", layers=(784, 12, 7, 10), activation=activation),
                      optimizer="sgd", learning_rate=1.0, schedule="constant", batch_size=None,
-                     w1_optimizer="same")
+                     w1_optimizer="same", hidden_optimizer="same")
     inputs = prepare(core_dataset, preset, limit=64)
     x, onehot, labels = inputs.images["train"], inputs.train_onehot, inputs.train_labels
     params = init_params(preset, [5, 6, 7])

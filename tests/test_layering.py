@@ -40,18 +40,19 @@ def test_the_probe_would_notice_textual():
 # Which enshuffle packages each layer may import (anywhere in a module, in a function too).
 # The TUI is allowed only where a command opens it (`--tui`): listed per module below.
 LAYERS = {
-    "enshuffle.protocol": {"enshuffle.protocol", "enshuffle.errors"},
-    "enshuffle.kernels": {"enshuffle.model"},
+    "enshuffle.batch": set(),
+    "enshuffle.protocol": {"enshuffle.protocol", "enshuffle.errors", "enshuffle.batch"},
+    "enshuffle.kernels": {"enshuffle.batch"},
     "enshuffle.blas": set(),
     "enshuffle.fpenv": set(),
     "enshuffle.memory": set(),
     "enshuffle.errors": set(),
-    "enshuffle.node": {"enshuffle.node", "enshuffle.protocol", "enshuffle.errors", "enshuffle.kernels",
-                       "enshuffle.blas", "enshuffle.live", "enshuffle.model", "enshuffle.memory",
+    "enshuffle.node": {"enshuffle.node", "enshuffle.protocol", "enshuffle.errors", "enshuffle.batch",
+                       "enshuffle.kernels", "enshuffle.blas", "enshuffle.live", "enshuffle.model", "enshuffle.memory",
                        "enshuffle.fpenv"},
     "enshuffle.coordinator": {"enshuffle.coordinator", "enshuffle.protocol", "enshuffle.errors",
-                              "enshuffle.kernels", "enshuffle.blas", "enshuffle.live", "enshuffle.model",
-                              "enshuffle.dataset", "enshuffle.memory", "enshuffle.fpenv"},
+                              "enshuffle.batch", "enshuffle.kernels", "enshuffle.blas", "enshuffle.live",
+                              "enshuffle.model", "enshuffle.dataset", "enshuffle.memory", "enshuffle.fpenv"},
 }
 TUI_ENTRY_POINTS = {"enshuffle.node.commands": "enshuffle.tui.node_app",
                     "enshuffle.coordinator.run": "enshuffle.tui.coordinator_app"}

@@ -21,8 +21,7 @@ import pytest
 import zmq
 
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
-from enshuffle.node.daemon import (EXIT_OK, EXIT_REFUSED, EXIT_TRUST, NodeDaemon, backoff_delay,
-                                   describe_batch)
+from enshuffle.node.daemon import EXIT_OK, EXIT_REFUSED, EXIT_TRUST, NodeDaemon, backoff_delay
 from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.keys import Identity, TrustStore
 from enshuffle.protocol import messages
@@ -242,26 +241,20 @@ def test_static_and_batches_give_correct_signed_results(session):
     got = expect_result(coord, node_key, "b1", seq)
     assert got.dtype == np.float32 and got.shape == (6, 3)
     np.testing.assert_allclose(got, images[rows].T @ w, rtol=1e-5)
-    b = RNG.standard_normal((4, 5))
-    seq = coord.batch("b2", "sub", {"b": b}, {"a_scalar": 1.0})
-    np.testing.assert_array_equal(expect_result(coord, node_key, "b2", seq), 1.0 - b)
-    a = RNG.standard_normal((4, 5))
-    seq = coord.batch("b3", "sigmoid", {"a": a})
-    np.testing.assert_allclose(expect_result(coord, node_key, "b3", seq), 1 / (1 + np.exp(-a)), rtol=1e-12)
     good_batch(coord, node_key)
 
 
 def test_batch_sealed_under_another_key_is_dropped_and_node_stays_up(session):
     coord, proc, node_key = session
     intruder = Identity.generate()
-    coord.batch("evil", "square", {"a": np.ones((2, 2))}, signer=intruder)
+    coord.batch("evil", "matmul", {"a": np.ones((2, 2)), "b": np.ones((2, 2))}, signer=intruder)
     good_batch(coord, node_key)  # the next message it answers is this one: "evil" was never computed
     assert proc.poll() is None
 
 
 def test_foreign_run_is_rejected(session):
     coord, proc, node_key = session
-    coord.batch("x", "square", {"a": np.ones((2, 2))}, run_id="some-other-run")
+    coord.batch("x", "matmul", {"a": np.ones((2, 2)), "b": np.ones((2, 2))}, run_id="some-other-run")
     assert expect_reject(coord, node_key, "foreign-run")["batch_id"] == "x"
     good_batch(coord, node_key)
 
@@ -269,7 +262,7 @@ def test_foreign_run_is_rejected(session):
 def test_replayed_seq_is_rejected(session):
     coord, proc, node_key = session
     good_batch(coord, node_key, "first")
-    coord.batch("again", "square", {"a": np.ones((2, 2))}, seq=coord.seq)  # same seq as "first"
+    coord.batch("again", "matmul", {"a": np.ones((2, 2)), "b": np.ones((2, 2))}, seq=coord.seq)  # same seq as "first"
     assert expect_reject(coord, node_key, "replayed")["seq"] == coord.seq
     good_batch(coord, node_key, "after")
 
@@ -281,7 +274,7 @@ def test_unknown_static_and_bad_params_are_rejected(session):
     expect_reject(coord, node_key, "unknown-static")
     coord.batch("p", "matmul", {"a": np.ones((2, 5)), "b": np.ones((3, 2))}, {"transpose_a": False, "a_static": None})
     expect_reject(coord, node_key, "bad-params")
-    coord.batch("q", "sub", {"b": np.ones((2, 2))}, {"a_scalar": "not a number"})
+    coord.batch("q", "matmul", {"a": np.ones((2, 2)), "b": np.ones((2, 2))}, {"a_static": 5})  # not a name
     assert expect_reject(coord, node_key, "bad-params")["batch_id"] == "q"
     good_batch(coord, node_key)
 
@@ -403,7 +396,7 @@ def test_state_exposure_pause_and_stop(coord, threaded):
     node_key = verify_self_signed(hello)
     coord.welcome(hello, heartbeat_ms=200)
     coord.static("img", np.ones((4, 3), np.float32), exposure={"images": 0.25})
-    coord.batch("e1", "square", {"a": np.ones((2, 2))}, exposure={"images": 0.1, "w1": 0.5})
+    coord.batch("e1", "matmul", {"a": np.ones((2, 2)), "b": np.ones((2, 2))}, exposure={"images": 0.1, "w1": 0.5})
     expect_result(coord, node_key, "e1", coord.seq)
     snap = node.state.snapshot()
     assert snap.exposure == {"images": 0.25, "w1": 0.5}  # the max per tensor
@@ -488,18 +481,6 @@ def test_backoff_follows_the_spec():
         delays = [backoff_delay(k, rng) for _ in range(200)]
         assert base * 0.8 <= min(delays) and max(delays) <= base * 1.2
         assert max(delays) - min(delays) > base * 0.2  # jittered, not constant
-
-
-def test_describe_batch():
-    statics = {"img": np.zeros((100, 392), np.uint8)}
-    arrays = {"b": np.zeros((392, 128)), "rows": np.arange(30)}
-    assert describe_batch("matmul", {"a_static": "img"}, arrays, statics) == "matmul (30x392)·(392x128) [img]"
-    assert describe_batch("matmul", {"a_static": "img", "transpose_a": True}, arrays, statics) \
-        == "matmul (392x30)·(392x128) [img]"
-    assert describe_batch("matmul", {}, {"a": np.zeros((128, 392)), "b": np.zeros((392, 128))}, {}) \
-        == "matmul (128x392)·(392x128)"
-    assert describe_batch("matmul", {"a_static": "missing"}, arrays, statics) == "matmul"
-    assert describe_batch("sigmoid", {}, {"a": np.zeros((5, 3))}, {}) == "sigmoid (5x3)"
 
 
 def test_blas_threads_can_change_at_runtime():

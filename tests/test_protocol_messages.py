@@ -40,7 +40,7 @@ def _examples() -> dict[str, tuple[dict, dict, Identity | None]]:
                        "challenge": HEX, "nonce": "a1b2", "kx": HEX}, {}, COORD),
         "HELLO": ({"protocol": PROTOCOL_VERSION, "node_key": NODE.public_hex, "name": "lab-pc", "nonce": "a1b2",
                    "challenge": HEX, "coordinator_key": COORD.public_hex, "run_id": "run-1", "kx": HEX,
-                   "capabilities": {"ops": ["matmul", "sigmoid"], "threads": 2, "credit": 4}}, {}, NODE),
+                   "capabilities": {"ops": ["matmul", "resident"], "threads": 2, "credit": 4}}, {}, NODE),
         "WELCOME": ({"run_id": "run-1", "coordinator_key": COORD.public_hex, "node_key": NODE.public_hex,
                      "nonce": "a1b2", "challenge": HEX, "node_id": "n1", "credit": 4, "heartbeat_ms": 1000,
                      "lease": {"min_ms": 2000, "multiple": 4.0, "initial_ms": 30000}}, {}, COORD),

@@ -17,7 +17,8 @@ from enshuffle import model
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.resident import ResidentBasis
 from enshuffle.coordinator.training import Trainer
-from enshuffle.kernels import BatchError, ResidentState, compute_batch
+from enshuffle.batch import BatchError
+from enshuffle.kernels import ResidentState, compute_batch
 from wire_util import TEST_SECRET, enshuffle_cli, load_inputs, load_npz
 
 LIMIT = 1500

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from enshuffle.coordinator.chain import Chain
+from enshuffle.coordinator.offload import COST_MODEL_FILE
 from enshuffle.protocol.keys import Identity, load_or_create_identity
 from wire_util import (assert_same_weights, coordinator_fingerprint, enshuffle_cli, free_port, load_npz,
                        spawn_coordinator, spawn_node, train_wire_and_central, wait_until)
@@ -196,6 +197,9 @@ def test_offload_auto_ships_no_training_block_when_no_training_product_goes(core
     """--offload auto on a small run under the share disguise (the resident one's first layer pays
     even here) computes every training product here: the node may get the test block for
     evaluating, never the training block, and the ledger row says what it holds."""
+    # Under the built-in cost model: a bench test earlier in the session may have kept the one it
+    # measured (on a loaded machine, one under which the first layer pays) in the shared cache.
+    (core_cache / COST_MODEL_FILE).unlink(missing_ok=True)
     port = free_port()
     home = tmp_path / "home"
     coordinator = spawn_coordinator(home, port, core_cache, tmp_path, "coordinator", "--offload", "auto", "--open",

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from enshuffle.audit.attacks import Public, attack
+from enshuffle.audit.hidden import attack_hidden
+from enshuffle.audit.hidden_score import save_hidden_truth, score_hidden
 from enshuffle.audit.recording import load_recording
 from enshuffle.audit.scoring import TARGETS, Truth, meets_targets, score
 from enshuffle.coordinator.admission import Admission
@@ -83,6 +85,22 @@ def truth_from(run, slots: list[int], dataset, limit: int):
                  w1_final=np.asarray(run.trainer.params["w1"], dtype=np.float64), static_scales=scales)
 
 
+def hidden_truth_from(run, slots: list[int], dataset, limit: int) -> dict:
+    """The resident hidden layers' ground truth (audit_hidden_truth), with the batch labels and
+    the final weights; empty when the run has none."""
+    compute = run.compute
+    out: dict = {}
+    if not hasattr(compute, "audit_hidden_truth"):
+        return out
+    for slot in slots:
+        for state, entry in compute.audit_hidden_truth(slot).items():
+            layer = int(state.split(".")[0][1:])
+            entry["labels"] = np.asarray(dataset.train_labels[:limit])
+            entry["w_final"] = np.asarray(run.trainer.params[f"w{layer}"], dtype=np.float64)
+            out[state] = entry
+    return out
+
+
 def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | None = None, limit: int = 2000,
               data: str | None = None, disguise: str | None = None, record_dir: str | None = None,
               log=_eprint, ica: bool = True, layers: tuple[int, ...] | None = None,
@@ -111,6 +129,8 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         run = CoordinatorRun(settings, preset, inputs, bind="tcp://127.0.0.1:*", shards=nodes, min_nodes=nodes,
                              run_dir=None, home=tmp / "coordinator", quiet=True, admission=admission)
         run.print_reports = False
+        if hasattr(run.compute, "audit_hidden"):
+            run.compute.audit_hidden()  # keep the hidden layers' per-step secrets for the scorer
         disguise = run.compute.disguise  # the preset's when none was asked for
         log(f"audit: {nodes} node processes on {run.server.endpoint}, preset {preset.name}, {epochs} epoch(s), "
             f"{limit} training images, disguise {disguise}; audit-1 records into {record}")
@@ -135,9 +155,19 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
                         test_labels=np.asarray(dataset.test_labels), preset=preset)
         started = time.perf_counter()
         claims = attack(messages, public, ica=ica)
+        try:
+            hidden_claims = attack_hidden(messages, np.random.default_rng(0))
+        except Exception as exc:  # noqa: BLE001 - an attack that fails is reported, not fatal
+            hidden_claims = {}
+            log(f"audit: the resident hidden-layer attacks failed: {type(exc).__name__}: {exc}")
         log(f"audit: attacks took {time.perf_counter() - started:.1f} s")
         truth = truth_from(run, slots, dataset, limit)
+        hidden_truth = hidden_truth_from(run, slots, dataset, limit)
+        if record_dir:
+            save_hidden_truth(hidden_truth, Path(str(record) + "-truth.npz"))
     figures = score(claims, truth)
+    figures.update(score_hidden(hidden_claims, hidden_truth, np.random.default_rng(1)))
+    figures.setdefault("notes", []).extend(n for c in hidden_claims.values() for n in c.notes)
     figures["settings"] = {"preset": preset.name, "nodes": nodes, "epochs": epochs, "limit": limit,
                            "disguise": disguise, "data": dataset.describe(), "slots": slots,
                            "messages": len(messages)}
@@ -177,6 +207,15 @@ ROWS = [
     ("traj_labels_named", "  training labels named", None),
     ("traj_w1_block_corr", "  its w1 block in the clear, up to unit order (|corr|)", None),
     ("traj_w1_block_exact", "  its w1 block: entries within 1e-4 relative", None),
+    ("hidden_rows_single_sample", "resident hidden layer: rows unmixed to one sample (dz zeros)", None),
+    ("hidden_units_unmixed", "  its units unmixed (M_s columns, ReLU zeros)", None),
+    ("hidden_unit_purity_mean", "  unit purity of the claimed M_s^-1 columns (mean)", None),
+    ("hidden_unit_purity_chance", "  same for random columns (chance)", None),
+    ("hidden_mixing_error", "  its mixing M_s, relative error (order, scale matched)", None),
+    ("hidden_w_block_corr", "  its w block in the clear, rows matched (mean |corr|)", None),
+    ("hidden_w_block_chance", "  same for its V_s rows as held (chance)", None),
+    ("hidden_labels_grouping_ari", "  single-sample dz rows grouped by class (ARI)", None),
+    ("hidden_labels_grouping_sent_ari", "  dz rows as sent grouped by class (ARI)", None),
 ]
 
 
@@ -188,7 +227,7 @@ def format_table(figures: dict) -> str:
     for key, text, target_key in ROWS:
         value = figures.get(key)
         # correlations, indices and errors, not shares
-        ratio = "corr" in key or "ari" in key or "chance" in key or "error" in key
+        ratio = "corr" in key or "ari" in key or "chance" in key or "error" in key or "purity" in key
         shown = "n/a" if value is None else (f"{value:.1e}" if "error" in key else f"{value:.3f}" if ratio
                                              else f"{value:.1%}")
         target = ""

@@ -34,7 +34,8 @@ from enshuffle.protocol.handshake import invite_id, invite_proof
 from enshuffle.protocol.keys import (KeyStoreError, enshuffle_home, fingerprint, load_or_create_identity,
                                      normalize_fingerprint)
 from enshuffle.protocol.keys import short_fingerprint
-from enshuffle.protocol.messages import OPS, PROTOCOL_VERSION
+from enshuffle.batch import OPS
+from enshuffle.protocol.messages import PROTOCOL_VERSION
 
 INVITES_FILE = "invites.json"
 INVITED_FILE = "invited_nodes"

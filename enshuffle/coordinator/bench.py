@@ -229,6 +229,7 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
             problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
             if not server.wait_for_nodes(nodes, give_up=problem):
                 raise RuntimeError(f"bench: the {nodes} node processes did not start: {server.wait_problem}")
+            problem.connected()  # type: ignore[attr-defined]
             trainer = Trainer(preset, inputs, compute)
             snap = lambda: _snapshot(server, compute)  # noqa: E731
             if minibatch:  # warm-up (statics, handshakes) outside every figure
@@ -246,16 +247,21 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
 
 SCALING_WIDTHS = (512, 1024, 2048, 4096)
 SCALING_NODES = (2, 4, 7)
+# Networks with resident hidden layers: the default preset's deeper shapes
+SCALING_DEEP = ((784, 1024, 1024, 10), (784, 2048, 2048, 10))
 
 
 def measure_scaling(args, repeats: int) -> list[dict]:
     """The resident default preset's coordinator CPU and wall per step against the cheapest
-    centralized step, for first-layer widths SCALING_WIDTHS (784-h-10 ReLU, 2 node processes) and
-    for SCALING_NODES node processes at width 1024; with the resident-clear control's CPU."""
+    centralized step, for first-layer widths SCALING_WIDTHS (784-h-10 ReLU, 2 node processes),
+    for SCALING_NODES node processes at width 1024 and for the deeper SCALING_DEEP networks
+    (resident hidden layers); with the resident-clear control's CPU."""
     rows = []
-    configs = [(h, 2) for h in SCALING_WIDTHS] + [(1024, k) for k in SCALING_NODES if k != 2]
-    for hidden, nodes in configs:
-        preset = replace(get_preset("default", layers=(784, hidden, 10), activation="relu"), epochs=10_000)
+    configs = [((784, h, 10), 2) for h in SCALING_WIDTHS] + \
+        [((784, 1024, 10), k) for k in SCALING_NODES if k != 2] + [(layers, 2) for layers in SCALING_DEEP]
+    for layers, nodes in configs:
+        hidden = "-".join(str(n) for n in layers[1:-1])
+        preset = replace(get_preset("default", layers=layers, activation="relu"), epochs=10_000)
         inputs = load_inputs(args.data, preset, args.limit)
         eprint(f"bench: scaling, 784-{hidden}-10 relu, {nodes} node processes")
         central = measure_centralized(preset, inputs, repeats, minibatch=True)
@@ -697,12 +703,12 @@ def cmd_bench(args) -> int:
     else:
         print_table(figures, settings)
         if m.get("scaling"):
-            print("\nresident default preset (784-h-10 relu), per step: coordinator CPU against the cheapest "
-                  "centralized step")
-            print(f"{'h':>6} {'nodes':>5} {'central CPU ms':>15} {'coordinator CPU ms':>19} {'share':>7} "
+            print("\nresident default preset (784-h-10 and deeper, relu), per step: coordinator CPU against the "
+                  "cheapest centralized step")
+            print(f"{'hidden':>10} {'nodes':>5} {'central CPU ms':>15} {'coordinator CPU ms':>19} {'share':>7} "
                   f"{'wall ratio':>10} {'privacy cost':>13}")
             for r in m["scaling"]:
-                print(f"{r['hidden']:>6} {r['nodes']:>5} {r['central_cpu_ms']:>15.2f} {r['cpu_ms']:>19.2f} "
+                print(f"{r['hidden']:>10} {r['nodes']:>5} {r['central_cpu_ms']:>15.2f} {r['cpu_ms']:>19.2f} "
                       f"{r['cpu_share']:>6.0f}% {r['wall_ratio']:>9.2f}x {r['privacy_cost']:>+12.0f}%")
     return 0
 

@@ -480,6 +480,8 @@ class Chain:
         """Why the head log does not vouch for this HEAD (rolled back, truncated, forged), or None."""
         path = self.dir / HEAD_LOG
         entries = self.head_log()
+        if not entries and len(chain_ids) == 1 and not path.exists():
+            return None  # a crash between the first HEAD and its log line: the next append logs it
         if not entries:
             return (f"the head log {path} is missing or empty, but the chain has {len(chain_ids)} versions: "
                     f"it was removed, so dropped versions could not be noticed; restore the run directory")

@@ -16,7 +16,7 @@ import zmq
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor, default_disguise
 from enshuffle.coordinator.ledger import privacy_notes
-from enshuffle.coordinator.offload import default_cost_model, refuse_all
+from enshuffle.coordinator.offload import check_offload, default_cost_model
 from enshuffle.coordinator.report import eprint, listen_text, report_epoch, report_ledger, save_weights
 from enshuffle.coordinator.run import (CoordinatorRun, default_run_dir, load_run_settings, run_headless,
                                        run_local_cluster, run_with_tui)
@@ -103,7 +103,7 @@ def check_run_dir_writable(run_dir: str) -> None:
 def run_settings(args):
     """The run's typed settings from the command line (the Namespace goes no further)."""
     try:
-        refuse_all(args.offload)
+        check_offload(args.offload)  # a resumed run's record may name anything
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return RunSettings(offload=args.offload, limit=getattr(args, "limit", None),
@@ -178,7 +178,7 @@ def reference_basis(run_dir: str, inputs, preset):
         raise UsageError(f"{run_dir} holds no plan.secret: give the --out directory of a resident run")
     settings = load_run_settings(str(path))
     secret = plan_secret(path)
-    return secret, resident_basis(inputs.images["train"], int(settings["shards"]), preset.layers[1],
+    return secret, resident_basis(inputs.images["train"], int(settings["shards"]), preset.layers,
                                   np.random.default_rng(secret))
 
 

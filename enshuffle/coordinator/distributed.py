@@ -43,15 +43,17 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from enshuffle import batch as vocabulary
 from enshuffle.coordinator.ledger import (CLEAR, HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger, activation_kind,
                                           delta_kind, ledger_axes)
 from enshuffle.coordinator.plan import (Disguise, balanced_blocks, gather, inverse_permutation, pow2,
                                         random_exponents)
-from enshuffle.coordinator.offload import CostModel, decide, plan_lines, refuse_all, step_plan
+from enshuffle.coordinator.offload import CostModel, check_offload, decide, plan_lines, step_plan
 from enshuffle.coordinator.resident import NOISE_RANK as RESIDENT_NOISE_RANK
 from enshuffle.coordinator.resident import CHECKPOINT_STEPS, ResidentDisguise, resident_basis
+from enshuffle.coordinator.resident_hidden import HiddenResident
 from enshuffle.kernels import ResidentState, compute_batch
-from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, sigmoid, w1_momentum_step
+from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, w1_momentum_step
 
 DISGUISES = ("resident", "share", "shuffle", "resident-clear")  # resident-clear: the resident design's control
 NOISE_RANK = 32  # r: per-image Gaussian factors in every static block
@@ -79,7 +81,8 @@ DECOY_GRAM_ROWS = 1024  # full batch: a class's principal directions are estimat
 
 @dataclass
 class Batch:
-    """One unit of work for one slot. `exposure` is what the receiving node learns."""
+    """One unit of work for one slot: a BATCH's op, params and arrays (their meaning, shape and
+    work are `enshuffle.batch`'s). `exposure` is what the receiving node learns."""
 
     shard: int
     op: str
@@ -87,75 +90,9 @@ class Batch:
     arrays: dict[str, np.ndarray]
     exposure: list[tuple] = field(default_factory=list)
     static_cols: int = 0  # columns of the static operand it names (for sizing chunks; not sent)
-    shape: tuple[int, int] | None = None  # the result's shape, when the arrays alone do not say
-    work: float | None = None  # multiply-adds, when the arrays alone do not say
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
-
-
-def split_rows(batch: Batch, cap: int) -> tuple[list[Batch], list[tuple[str | None, int]]]:
-    """`batch` as batches each needing at most `cap` bytes (operands, gathered static rows and
-    result), and how their results make the whole one. (n, K) @ (K, m), the left operand's n rows:
-
-    - whole rows of the left operand: the result's rows ("stack"), or for a transposed product,
-      which contracts over those rows, partial sums ("sum");
-    - when b alone (or a transposed product's result) is too large, first groups of m columns,
-      whose results sit side by side.
-
-    Returns (batches, groups): one (how, count) per column group, in order; how is None when
-    the group is a single batch. A batch that fits comes back as ([batch], [(None, 1)])."""
-    arrays, transpose = batch.arrays, bool(batch.params.get("transpose_a"))
-    if batch.op == "resident":  # one per slot and step; its node holds the weights (never split)
-        return [batch], [(None, 1)]
-    b = arrays["b"]
-    item = b.dtype.itemsize
-    if "a" in arrays:
-        n, k = arrays["a"].shape
-        per_row = k * item
-    else:
-        n = arrays["rows"].shape[0]
-        k = batch.static_cols if transpose else b.shape[0]
-        per_row = 2 * k * item + arrays["rows"].itemsize  # the index and the gathered row
-    m = b.shape[1]
-    if n * (per_row + m * item) + k * m * item <= cap:
-        return [batch], [(None, 1)]
-    # b (or the transposed result) takes at most half the budget: groups of columns
-    columns = max(1, min(m, (cap // 2) // max(1, k * item)))
-    rows = max(1, (cap - k * columns * item) // (per_row + columns * item))
-    out, groups = [], []
-    for c0 in range(0, m, columns):
-        cut = {name: (v[:, c0:c0 + columns] if name == "b" else v) for name, v in arrays.items()}
-        if n <= rows:
-            out.append(Batch(batch.shard, batch.op, batch.params, cut, batch.exposure, batch.static_cols))
-            groups.append((None, 1))
-            continue
-        count = 0
-        for lo in range(0, n, rows):
-            part = {name: (v[lo:lo + rows] if name in ("a", "rows") or (name == "b" and transpose) else v)
-                    for name, v in cut.items()}
-            out.append(Batch(batch.shard, batch.op, batch.params, part, batch.exposure, batch.static_cols))
-            count += 1
-        groups.append(("sum" if transpose else "stack", count))
-    return out, groups
-
-
-def combine(results: list[np.ndarray], groups: list[tuple[str | None, int]]) -> np.ndarray:
-    """The whole result from `split_rows`'s pieces' results."""
-    columns, at = [], 0
-    for how, count in groups:
-        parts = results[at:at + count]
-        at += count
-        if how is None:
-            columns.append(parts[0])
-        elif how == "stack":
-            columns.append(np.concatenate(parts, axis=0))
-        else:
-            total = np.array(parts[0], dtype=np.float64)
-            for part in parts[1:]:
-                total += part
-            columns.append(total)
-    return columns[0] if len(columns) == 1 else np.concatenate(columns, axis=1)
 
 
 def default_disguise(preset) -> str:
@@ -268,11 +205,11 @@ class DistributedCompute:
             raise ValueError("need at least one shard")
         if disguise not in DISGUISES:
             raise ValueError(f"disguise must be one of {', '.join(DISGUISES)}")
-        refuse_all(offload)
+        check_offload(offload)
         self.offload = offload  # "matmul": ship every product that can go; "auto": only where it pays
         self.cost_model = cost_model or CostModel()
         self.images = images
-        self.chunk_bytes = int(chunk_bytes)  # most bytes one batch may need (split_rows)
+        self.chunk_bytes = int(chunk_bytes)  # most bytes one batch may need (batch.split)
         self.static_chunk_bytes = int(static_chunk_bytes)  # the same for a product over an image block
         # The network: its first hidden width sizes w1's products; its hidden-to-hidden layers
         # (2 .. L-1) are distributed too. `hidden` alone means 784-hidden-10.
@@ -307,13 +244,21 @@ class DistributedCompute:
         # gradient: they stay here, and no node learns which pixels are blank.
         active = np.flatnonzero(scale > 0) if disguise == "share" else np.arange(INPUTS)
         self.resident: ResidentDisguise | None = None
+        self.hidden_resident: dict[int, HiddenResident] = {}
+        self._momentum_layers: tuple[int, ...] = ()
+        self._hidden_local: dict[int, bool] = {}
+        self._forward_which = "train"
         if disguise in ("resident", "resident-clear"):
             # The first layer's weights live on the nodes (resident.py): pixels nonzero in some
             # standardized training image are split; the rest never leave.
             clear = disguise == "resident-clear"  # no mixing, no noise: what the audit must break
-            self.basis = resident_basis(images["train"], shards, self.layers[1], rng, clear=clear)
+            self.basis = resident_basis(images["train"], shards, self.layers, rng, clear=clear)
             self.resident = ResidentDisguise(images["train"], self.basis, rng, noise_rank=0 if clear else RESIDENT_NOISE_RANK)
             self._since_checkpoint = 0
+            # and each hidden-to-hidden layer's rows, when the trainer steps it with momentum
+            # (`adopt` is told which): resident_hidden.py
+            self.hidden_resident = {layer: HiddenResident(layer, hb, images["train"].dtype, rng, clear=clear)
+                                    for layer, hb in self.basis.hidden_layers.items()}
             self.pixel_blocks = list(self.basis.blocks)
         else:
             self.pixel_blocks = [active[b] for b in balanced_blocks(len(active), shards, rng)]
@@ -350,8 +295,11 @@ class DistributedCompute:
         for layer in range(2, len(self.layers) - 1):
             if self.layers[layer - 1] >= shards:
                 self.unit_blocks[layer] = balanced_blocks(self.layers[layer - 1], shards, rng)
+        for layer, hr in self.hidden_resident.items():
+            self.unit_blocks[layer] = list(hr.basis.blocks)
         self._hidden_secrets: dict[int, tuple] = {}  # layer -> the forward's secrets, for its backward
         self._train_batch: int | None = None  # rows of a training step (the first one seen)
+        self._audit_rows: np.ndarray | None = None
         self._resident_local: bool | None = None
         self.round_trips = 0  # executor.run calls: each is one round trip to every slot's node
         self.executor = executor_factory(self)
@@ -388,14 +336,20 @@ class DistributedCompute:
         """What a node serving slot `shard` must hold before it can compute that slot's batches."""
         if self.resident is not None:
             state, _ = self.resident.state_static(shard)
-            return {static_name("train", shard): self.resident.slots[shard].static,
-                    self.resident.state_name(shard): state}
+            out = {static_name("train", shard): self.resident.slots[shard].static,
+                   self.resident.state_name(shard): state}
+            for hr in self.hidden_resident.values():
+                out[hr.state_name(shard)] = hr.state_static(shard)[0]
+            return out
         return {static_name(w, shard): self._static(w, self.statics[shard]) for w in self.images}
 
     def static_fields(self, shard: int, name: str) -> dict:
         """Extra STATIC header fields: a resident state's version."""
         if self.resident is not None and name == self.resident.state_name(shard):
             return {"version": self.resident.state_static(shard)[1]}
+        for hr in self.hidden_resident.values():
+            if name == hr.state_name(shard):
+                return {"version": hr.state_static(shard)[1]}
         return {}
 
     def _form(self) -> int:
@@ -412,20 +366,22 @@ class DistributedCompute:
         """Everything a node learns by serving slot `shard` for a run (the exposure bound's unit)."""
         out = self.static_exposure(shard) + [("w1", self.pixel_blocks[shard], self._form()),
                                              ("deltas", np.arange(self.hidden),
-                                              CLEAR if self.resident is not None else POSITIONS_HIDDEN)]
+                                              self._form() if self.resident is not None else POSITIONS_HIDDEN)]
         for layer in self.unit_blocks:
-            out += self._layer_exposure(layer, shard, backward=True)
+            out += self._layer_exposure(layer, shard, backward=True, rows_mixed=layer in self.hidden_resident)
         return out
 
-    def _layer_exposure(self, layer: int, shard: int, backward: bool) -> list[tuple]:
+    def _layer_exposure(self, layer: int, shard: int, backward: bool, rows_mixed: bool = False) -> list[tuple]:
         """What one batch of hidden layer `layer` tells slot `shard`'s node: its block of the
         input units (mixed, with noise) and of w{layer}'s rows (mixed); backward also the
-        layer's deltas (every unit, shuffled and power-of-two scaled)."""
+        layer's deltas (every unit, shuffled and power-of-two scaled; `rows_mixed`, a resident
+        layer's: every row a secret mixture of a group of rows, values hidden)."""
         block = self.unit_blocks[layer][shard]
         out = [(activation_kind(layer - 1), block, HIDDEN_VALUES), (f"w{layer}", block, HIDDEN_VALUES),
                ("samples", [0], POSITIONS_HIDDEN)]
         if backward:
-            out.append((delta_kind(layer), np.arange(self.layers[layer]), POSITIONS_HIDDEN))
+            out.append((delta_kind(layer), np.arange(self.layers[layer]),
+                        HIDDEN_VALUES if rows_mixed else POSITIONS_HIDDEN))
         return out
 
     def audit_truth(self, shard: int) -> dict:
@@ -455,21 +411,41 @@ class DistributedCompute:
                                           "column_pixel": column_pixel, "which": w}
         return out
 
+    def audit_hidden(self) -> None:
+        """Keep, for `enshuffle audit`'s scorer, each resident hidden layer's per-step secrets
+        (its row mixings and the batch's rows); never sent anywhere."""
+        for hr in self.hidden_resident.values():
+            hr.audit = {}
+
+    def audit_hidden_truth(self, shard: int) -> dict:
+        """Ground truth of slot `shard`'s resident hidden layers: per state name, its units Q_s,
+        its mixing blocks, and what `audit_hidden` kept per version."""
+        out = {}
+        for hr in self.hidden_resident.values():
+            st = hr.slots[shard]
+            out[hr.state_name(shard)] = {"units": st.units.copy(), "mix_blocks": [m.copy() for m in st.mix.blocks],
+                                         "mix_bounds": list(st.mix.bounds), "steps": dict(hr.audit or {})}
+        return out
+
     def _send(self, batches) -> tuple[list, list]:
         """Start one round trip: every batch `batches` yields goes out as soon as it is built (if
         the executor can `submit`), so a node computes while the next slot's batch is prepared
         and while the caller does its own share of the product; `_receive` waits for the results.
         A batch larger than `chunk_bytes` (`static_chunk_bytes` over an image block) goes as
-        several (`split_rows`)."""
+        several (`enshuffle.batch.split`)."""
         self.round_trips += 1
         pieces: list[list[tuple[str | None, int]]] = []  # per batch: how its chunks' results combine
 
         def chunks():
             for batch in batches:
                 cap = self.static_chunk_bytes if batch.params.get("a_static") else self.chunk_bytes
-                parts, groups = split_rows(batch, cap)
+                parts, groups = vocabulary.split(batch.op, batch.params, batch.arrays, cap, batch.static_cols)
                 pieces.append(groups)
-                yield from parts
+                if parts[0] is batch.arrays:  # it fits: the batch itself
+                    yield batch
+                else:
+                    yield from (Batch(batch.shard, batch.op, batch.params, arrays, batch.exposure, batch.static_cols)
+                                for arrays in parts)
                 self._keepalive()  # building the next slot's batch of a wide layer takes a while
 
         handles = []
@@ -488,7 +464,7 @@ class DistributedCompute:
         out, at = [], 0
         for groups in pieces:
             count = sum(c for _, c in groups)
-            out.append(combine(results[at:at + count], groups))
+            out.append(vocabulary.combine(results[at:at + count], groups))
             at += count
         return out
 
@@ -510,7 +486,8 @@ class DistributedCompute:
     def plan(self, batch: int) -> list:
         """The offload plan of one training step of `batch` rows (offload.step_plan)."""
         return step_plan((self._active_pixels(), *self.layers[1:]), batch, self.k, self.offload,
-                         self.cost_model, set(self.unit_blocks), resident=self.resident is not None)
+                         self.cost_model, set(self.unit_blocks), resident=self.resident is not None,
+                         resident_layers=set(self._momentum_layers or self.hidden_resident))
 
     def plan_lines(self, batch: int) -> list[str]:
         """The plan as printed at start."""
@@ -528,16 +505,23 @@ class DistributedCompute:
             self._resident_local = not self.ships("resident", b, self._active_pixels(), self.hidden)
         return self._resident_local
 
-    def adopt(self, params: dict[str, np.ndarray], opt, fresh: bool) -> None:
+    def adopt(self, params: dict[str, np.ndarray], opt, fresh: bool, momentum_layers: tuple[int, ...] = ()) -> None:
         """The trainer's parameters at the start (`fresh`) or after a resume: a fresh run's w1 is
-        M_s V_0 on each block; a resumed one's clean w1 and momentum become every slot's state."""
+        M_s V_0 on each block (and each momentum hidden layer's w likewise); a resumed one's
+        clean weights and momentum become every slot's state."""
         if self.resident is None:
             return
+        self._momentum_layers = tuple(layer for layer in momentum_layers if layer in self.hidden_resident)
         if fresh:
             params["w1"] = self.basis.to_pixels(self.basis.v0).astype(params["w1"].dtype)
+            for layer in self._momentum_layers:
+                hb = self.hidden_resident[layer].basis
+                params[f"w{layer}"] = hb.to_units(hb.v0).astype(params[f"w{layer}"].dtype)
             return
         self.resident.adopt(params["w1"], opt.moments.get("buf_w1"),
                             {k: v for k, v in opt.moments.items() if k.startswith("resident_")})
+        for layer in self._momentum_layers:
+            self.hidden_resident[layer].adopt(params[f"w{layer}"], opt.moments.get(f"buf_w{layer}"))
         self._statics_changed(range(self.k), reset=True)
 
     def _statics_changed(self, shards, reset: bool = False) -> None:
@@ -548,61 +532,133 @@ class DistributedCompute:
             for shard in shards:
                 changed(shard, reset=reset)
 
-    def _resident_batch(self, shard: int, params: dict, arrays: dict, rows: np.ndarray | None) -> Batch:
+    def _resident_batch(self, shard: int, params: dict, arrays: dict) -> Batch:
         st = self.resident.slots[shard]
-        m, k = self.hidden, len(st.pixels)
-        fetch = bool(params.get("fetch"))
-        b = 0 if rows is None else rows.shape[0]
-        updates = params["version"] - params["from"]
-        work = float(updates * (arrays["update_rows"].shape[1] if updates else 0) * k * m + b * k * m)
-        # dz1 reaches the node as it is (its weights' columns are the hidden units): clear
+        # dz1 reaches the node with its rows, its units mixed by the secret N (clear in the control)
         exposure = [("w1", st.pixels, self._form()), ("samples", [0], POSITIONS_HIDDEN),
-                    ("deltas", np.arange(m), CLEAR)]
-        return Batch(shard, "resident", params, arrays, exposure,
-                     shape=(2 * k, m) if fetch else (b, m), work=max(work, 1.0))
+                    ("deltas", np.arange(self.hidden), self._form())]
+        return Batch(shard, "resident", params, arrays, exposure)
+
+    def _hidden_of(self, batch: Batch) -> HiddenResident | None:
+        """The hidden layer whose state a resident batch names (None: the first layer's)."""
+        for hr in self.hidden_resident.values():
+            if batch.params.get("state") == hr.state_name(batch.shard):
+                return hr
+        return None
+
+    def replay_from(self, batch: Batch) -> int:
+        """The version a node that takes over `batch`'s state starts from (its state static's)."""
+        hr = self._hidden_of(batch)
+        return (hr or self.resident).replay_from(batch.shard)
 
     def fit_batch(self, batch: Batch, held: int | None) -> Batch:
         """`batch` for a node whose state for its slot is at version `held` (None: the node gets
         the slot's state static first, at its checkpoint's version): the updates it lacks."""
         if batch.op != "resident":
             return batch
-        start = self.resident.replay_from(batch.shard) if held is None else held
+        start = self.replay_from(batch) if held is None else held
         if start == batch.params["from"]:
             return batch
+        hr = self._hidden_of(batch)
+        if hr is not None:
+            if start == batch.params["version"] and batch.arrays.get("a") is None:
+                # a fetch from a node already at the version: it keeps the last update, which the
+                # node applies idempotently (a BATCH carries at least one array)
+                return batch
+            params, arrays = hr.batch(batch.shard, start, batch.params["version"], a=batch.arrays.get("a"),
+                                      fetch=bool(batch.params.get("fetch")),
+                                      backward=bool(batch.params.get("backward")))
+            return self._hidden_batch(hr, batch.shard, params, arrays)
         params, arrays = self.resident.batch(batch.shard, batch.arrays.get("rows"), start,
                                              batch.params["version"], bool(batch.params.get("fetch")))
-        return self._resident_batch(batch.shard, params, arrays, batch.arrays.get("rows"))
+        return self._resident_batch(batch.shard, params, arrays)
 
     def check_resident(self, batch: Batch, c: np.ndarray) -> str | None:
-        """The probe check of a resident result (resident.py): None if it holds."""
+        """The probe check of a resident result (resident.py, resident_hidden.py): None if it holds."""
+        hr = self._hidden_of(batch)
+        if hr is not None:
+            return hr.check(batch.shard, batch.params, batch.arrays, c)
         if batch.params.get("fetch"):
             return self.resident.check_state(batch.shard, c)
         return self.resident.check_forward(batch.shard, batch.arrays["rows"], c)
+
+    def _hidden_batch(self, hr: HiddenResident, shard: int, params: dict, arrays: dict) -> Batch:
+        return Batch(shard, "resident", params, arrays, self._layer_exposure(hr.layer, shard, backward=True,
+                                                                             rows_mixed=True))
+
+    def _hidden_home(self, layer: int, b: int) -> bool:
+        """Does resident hidden layer `layer` stay here (shipping does not pay under --offload
+        auto)? Decided once per run, since its state lives where it trains."""
+        if layer not in self._hidden_local:
+            n, m = self.layers[layer - 1], self.layers[layer]
+            self._hidden_local[layer] = not self.ships(f"resident{layer}", b, n, m)
+        return self._hidden_local[layer]
+
+    def _hidden_shipped(self) -> list[HiddenResident]:
+        return [self.hidden_resident[layer] for layer in self._momentum_layers
+                if not self._hidden_local.get(layer, True)]
+
+    def hidden_step(self, a: np.ndarray, dz: np.ndarray, params: dict[str, np.ndarray], layer: int, lr: float,
+                    opt, labels: np.ndarray | None = None) -> np.ndarray:
+        """A momentum hidden layer's backward and step: resident on the nodes (each returns its
+        block of da and steps its V), or here as the centralized reference does; under a
+        disguise without resident weights, its two products go as `dw_da` sends them."""
+        name = f"w{layer}"
+        if self.resident is None:
+            g, da = self.dw_da(a, dz, params[name], layer, labels)
+            w1_momentum_step(params, opt, np.asarray(g, dtype=np.float64), lr, name)
+            return da
+        if layer not in self._momentum_layers or self._hidden_home(layer, a.shape[0]):
+            da = dz @ params[name].T
+            g = a.T.astype(np.float64) @ dz.astype(np.float64)
+            if layer in self.hidden_resident:
+                g = self.hidden_resident[layer].basis.precondition(g)
+            w1_momentum_step(params, opt, g, lr, name)
+            return da
+        hr = self.hidden_resident[layer]
+        if hr.audit is not None:
+            hr.audit_rows = self._audit_rows
+        hr.backward_operands(a, dz, lr, self.rng)
+        batches = []
+        for s, st in enumerate(hr.slots):
+            params_s, arrays = hr.batch(s, max(st.checkpoint_version, st.version - 1), st.version, backward=True)
+            batches.append(self._hidden_batch(hr, s, params_s, arrays))
+        results = self._receive(self._send(batches))
+        da = hr.combine_backward([np.asarray(r) for r in results], a.shape[0])
+        hr.track()
+        return da.astype(dz.dtype, copy=False)
 
     def _resident_forward(self, idx: np.ndarray) -> np.ndarray:
         batches = []
         for s, (st, rows) in enumerate(zip(self.resident.slots, self.resident.node_rows(idx))):
             start = max(st.checkpoint_version, st.version - 1)
             params, arrays = self.resident.batch(s, rows, start, st.version, fetch=False)
-            batches.append(self._resident_batch(s, params, arrays, rows))
+            batches.append(self._resident_batch(s, params, arrays))
         results = self._receive(self._send(batches))
         return self.resident.combine(idx, [np.asarray(r) for r in results])
 
     def _resident_fetch(self) -> None:
-        """Every slot's state after the issued updates, checked and made the checkpoint."""
+        """Every slot's state after the issued updates (the first layer's and each shipped hidden
+        layer's), checked and made the checkpoint."""
         batches = []
         for s, st in enumerate(self.resident.slots):
             if st.version == st.checkpoint_version:
                 continue
             params, arrays = self.resident.batch(s, None, max(st.checkpoint_version, st.version - 1),
                                                  st.version, fetch=True)
-            batches.append(self._resident_batch(s, params, arrays, None))
+            batches.append(self._resident_batch(s, params, arrays))
+        for hr in self._hidden_shipped():
+            for s, hst in enumerate(hr.slots):
+                if hst.version != hst.checkpoint_version:
+                    params, arrays = hr.batch(s, max(hst.checkpoint_version, hst.version - 1), hst.version, fetch=True)
+                    batches.append(self._hidden_batch(hr, s, params, arrays))
+        self._since_checkpoint = 0
         if not batches:
             return
         for batch, state in zip(batches, self._receive(self._send(batches))):
-            self.resident.accept_state(batch.shard, np.asarray(state, dtype=np.float64), batch.params["version"])
-        self._since_checkpoint = 0
-        self._statics_changed(batch.shard for batch in batches)
+            owner = self._hidden_of(batch) or self.resident
+            owner.accept_state(batch.shard, np.asarray(state, dtype=np.float64), batch.params["version"])
+        self._statics_changed(sorted({batch.shard for batch in batches}))
 
     def w1_step(self, params: dict[str, np.ndarray], idx, dz1: np.ndarray, labels, lr: float, opt) -> None:
         """The first layer's SGD-with-momentum step. Resident: issued to the nodes with the next
@@ -615,23 +671,25 @@ class DistributedCompute:
             w1_momentum_step(params, opt, g, lr)
             return
         self.resident.update(self._rows("train", idx), dz1, lr)
-        self._since_checkpoint += 1
-        if self._since_checkpoint >= CHECKPOINT_STEPS:
-            self._resident_fetch()
 
     def sync(self, params: dict[str, np.ndarray], opt) -> None:
         """Bring the trainer's w1 (and its momentum) up to date from the nodes: before a test pass
         and before a model version is written. When the nodes cannot be asked (a stop while none
         is connected), the states are replayed here from the checkpoints and the logged updates."""
-        if self.resident is None or self._resident_home():
+        if self.resident is None or (self._resident_home() and not self._hidden_shipped()):
             return
         try:
             self._resident_fetch()
-        except Exception:  # noqa: BLE001 - the executor's own error (no node, a stop): replay here
-            for s, st in enumerate(self.resident.slots):
-                if st.version != st.checkpoint_version:
-                    self.resident.accept_state(s, self.resident.replay(s), st.version)
-                    self._statics_changed([s])
+        except RuntimeError:  # the executor's own (no node left, a stop, an abort): replay here
+            owners: list[ResidentDisguise | HiddenResident] = [self.resident, *self._hidden_shipped()]
+            for owner in owners:
+                self._statics_changed(owner.replay_pending())
+        for hr in self._hidden_shipped():
+            w, buf = hr.clean()
+            params[f"w{hr.layer}"] = w.astype(params[f"w{hr.layer}"].dtype)
+            opt.moments[f"buf_w{hr.layer}"] = buf
+        if self._resident_home():
+            return
         w1, buf = self.resident.clean()
         params["w1"] = w1.astype(params["w1"].dtype)
         opt.moments["buf_w1"] = buf
@@ -640,12 +698,15 @@ class DistributedCompute:
     def x_w1(self, which: str, idx, w1: np.ndarray) -> np.ndarray:
         """X[idx] @ w1, contraction over pixels: each slot multiplies its static block (or, when
         shipping does not pay, computed here as the centralized run does)."""
+        self._forward_which = which
         if self.resident is not None:
             if which != "train" or self._resident_home():  # the test pass is never shipped
                 x = self.images[which] if idx is None else self.images[which][idx]
+                self._keepalive()  # a test pass at home is long: nodes hear from us between its products
                 return x @ w1
             if self._train_batch is None:
                 self._train_batch = self.images["train"].shape[0] if idx is None else len(idx)
+            self._audit_rows = self._rows("train", idx)  # the step's rows, for the audit's ground truth
             return self._resident_forward(self._rows("train", idx)).astype(w1.dtype, copy=False)
         if not self.ships("x_w1", self.images[which].shape[0] if idx is None else len(idx),
                           self._active_pixels(), w1.shape[1]):
@@ -842,7 +903,6 @@ class DistributedCompute:
             return self._full_support
         return np.any(np.take(x, idx, axis=0) != 0, axis=0)
 
-    # -- the thin products and elementwise work stay here ---------------------------
     # -- hidden-to-hidden layers: split over their input units ---------------------
     def a_w(self, a: np.ndarray, w: np.ndarray, layer: int) -> np.ndarray:
         """Layer `layer` >= 2 forward, a (b,n) @ w (n,m). The last layer's is label-adjacent and
@@ -850,6 +910,11 @@ class DistributedCompute:
         block Q_s of the n units: it receives (a[:,Q_s] + G H[:,Q_s]) M_s (rows shuffled) and
         M_s^-1 w[Q_s] (columns shuffled, power-of-two scaled); the sum of the partials minus
         G (H w) is a @ w."""
+        if layer in self._momentum_layers:
+            if self._forward_which != "train" or self._hidden_home(layer, a.shape[0]):
+                self._keepalive()
+                return a @ w  # the test pass, or a layer that stays here: w is the trainer's
+            return self._hidden_forward(a, layer).astype(w.dtype, copy=False)
         if layer not in self.unit_blocks or not self.ships(f"a_w{layer}", *a.shape, w.shape[1]):
             return a @ w
         noisy, g, h = self._noisy(a)
@@ -878,6 +943,17 @@ class DistributedCompute:
             total += d.undo(np.asarray(r, dtype=np.float64))
         self._hidden_secrets[layer] = (a, noisy, g, h, secrets)
         return total.astype(w.dtype, copy=False)
+
+    def _hidden_forward(self, a: np.ndarray, layer: int) -> np.ndarray:
+        """z = a w from the nodes' resident blocks (resident_hidden.py)."""
+        hr = self.hidden_resident[layer]
+        operands = hr.forward_operands(a, self.rng)
+        batches = []
+        for s, (st, op) in enumerate(zip(hr.slots, operands)):
+            start = max(st.checkpoint_version, st.version)
+            params, arrays = hr.batch(s, start, st.version, a=op)
+            batches.append(self._hidden_batch(hr, s, params, arrays))
+        return hr.combine_forward([np.asarray(r) for r in self._receive(self._send(batches))])
 
     def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int,
               labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -972,19 +1048,13 @@ class DistributedCompute:
         noisy += a64
         return noisy, g, h
 
-    def sigmoid(self, z, tensor="activations"):
-        return sigmoid(z)
-
-    def sub(self, a, b, tensor="activations"):
-        return a - b
-
-    def square(self, a, tensor="activations"):
-        return a * a
-
-    def mul(self, a, b, tensor="activations"):
-        return a * b
-
     def step_done(self) -> None:
+        """A step's end: every CHECKPOINT_STEPS shipped resident steps, the nodes' states are
+        fetched back, checked, and made each slot's checkpoint."""
+        if self.resident is not None and (not self._resident_home() or self._hidden_shipped()):
+            self._since_checkpoint += 1
+            if self._since_checkpoint >= CHECKPOINT_STEPS:
+                self._resident_fetch()
         self.executor.step_done()
 
 

@@ -213,17 +213,24 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
         notes.append(f"initial weights and sample order come from the training seed you chose (--seed "
                      f"{preset.seed}), not from the run's secret: keep that number private")
     if disguise in ("resident", "resident-clear"):
-        notes.append("deltas: every node sees each step's dz1 with the rows it belongs to (its hidden units in "
-                     "a fixed order, since its weights live there); rows of one class look alike, so it may "
-                     "group its training rows by class without naming the classes (enshuffle audit measures how "
-                     "well)")
+        notes.append("deltas: every node sees each step's dz1 with the rows it belongs to, its hidden units "
+                     "mixed by one secret mixing fixed for the run (its weights live in that basis); rows of one "
+                     "class still look alike, so it may group its training rows by class without naming the "
+                     "classes (enshuffle audit measures how well)")
     else:
         notes.append("deltas: every node sees each step's dz1 (rows and units shuffled, scaled by powers of two); "
                      "rows of one class look alike, so it may group a batch's rows by class without naming the "
                      "classes (enshuffle audit measures how well)")
     notes.append("samples: a node knows which of its static rows a step uses and can follow a row across steps; "
                  "it cannot match a row to an image")
-    if getattr(preset, "depth", 2) > 2:
+    if getattr(preset, "depth", 2) > 2 and disguise in ("resident", "resident-clear") and \
+            getattr(preset, "momentum_layers", ()):
+        notes.append("hidden layers: each node holds its block of rows of every hidden-to-hidden layer once, in "
+                     "its own secret basis, and updates it itself; each step it receives its block of the layer's "
+                     "input units and the layer's deltas, both with every row a fresh secret mixture of 32 of the "
+                     "batch's rows (no row is one sample's), the units mixed by its basis (input and output units "
+                     "alike); the last layer stays here")
+    elif getattr(preset, "depth", 2) > 2:
         notes.append("hidden layers: for every hidden-to-hidden layer a node receives, each step, its block of the "
                      "layer's input units (activations, mixed with fresh secret noise) and the matching rows of the "
                      "layer's weights (mixed), and the layer's deltas (every unit, shuffled and scaled by powers of "

@@ -7,8 +7,7 @@ when that is cheaper for the coordinator, from the product's shapes and a `CostM
 bench` measures the model on this machine and keeps it (`cost_model.json` in the cache), and
 without a measurement built-in figures are used (26 ns per element, 0.09 ns per multiply-add).
 `--offload matmul` ships every product that can go (the pixel-wide products and every
-hidden-to-hidden layer's), for experiments and tests. `--offload all` (elementwise operations
-too) is refused: it would ship outputs and labels.
+hidden-to-hidden layer's), for experiments and tests.
 
 The products of a network 784-h1-...-10 with k slots and a batch of b rows:
 
@@ -20,9 +19,11 @@ The products of a network 784-h1-...-10 with k slots and a batch of b rows:
 | dw{l}   | (n,b) @ (b,m)      | b n + k b m + n m                | b m r + n m (r + g)                          |
 | da{l}   | (b,m) @ (m,n)      | n m + b n                        | b n g                                        |
 | resident | x_w1 and dw1, weights on nodes | 2 k b h1 (+ 2 784 h1 a checkpoint) | b 784 (r + 2q) + b h1 r (2k + 2) |
+| resident{l} | layer l's, weights on nodes | 3 b n + 2 k b m (+ 2 n m / 64) | b n (2 G + 2 g + 6 q) + b m (2 G + 4 q) |
 
-(r, g: the noise rank and mixing block of each disguise; see distributed.py.) The last layer's
-products never go: they carry the labels.
+(r, g: the noise rank and mixing block of each disguise; see distributed.py; G: the rows mixed
+together in a resident hidden layer's batch, resident_hidden.py.) The last layer's products never
+go: they carry the labels.
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from enshuffle.coordinator.resident import CHECKPOINT_STEPS as RESIDENT_CHECKPOINT_STEPS
+from enshuffle.coordinator.resident import MIX_GROUP as RESIDENT_MIX_GROUP
 from enshuffle.coordinator.resident import PROBES as RESIDENT_PROBES
+from enshuffle.coordinator.resident_hidden import ROW_GROUP
 from enshuffle.dataset import cache_dir
 
-OFFLOADS = ("auto", "matmul")  # "all" is refused (see refuse_all)
-ALL_REFUSED = ("--offload all is retired: it sent elementwise work, and with it the network's outputs and the "
-               "labels, to nodes; use --offload auto (ship each product where it pays) or matmul (ship every "
-               "product that can go)")
+OFFLOADS = ("auto", "matmul")
 COST_MODEL_FILE = "cost_model.json"
 
 # What the default disguises cost per element (distributed.py's constants, repeated here so that
@@ -80,9 +80,8 @@ def default_cost_model() -> CostModel:
     return CostModel.load(cache_dir() / COST_MODEL_FILE)
 
 
-def refuse_all(offload: str) -> None:
-    if offload == "all":
-        raise ValueError(ALL_REFUSED)
+def check_offload(offload: str) -> None:
+    """ValueError unless `offload` is one of OFFLOADS (a run's record may name anything)."""
     if offload not in OFFLOADS:
         raise ValueError(f"--offload must be one of {', '.join(OFFLOADS)}, got {offload!r}")
 
@@ -116,6 +115,10 @@ def product_costs(name: str, b: int, n: int, m: int, k: int) -> tuple[float, flo
     if name == "dw1":
         return b * n * m, k * b * m + n * m, b * m * r1 + n * m * (r1 + g1) + DECOY_ROWS * b * (n + m)
     kind = name.rstrip("0123456789")
+    if kind == "resident":  # a resident hidden layer: forward, backward and step per step
+        q, big, g = RESIDENT_PROBES, ROW_GROUP, RESIDENT_MIX_GROUP
+        return (3 * b * n * m, 3 * b * n + 2 * k * b * m + 2 * n * m / RESIDENT_CHECKPOINT_STEPS,
+                b * n * (2 * big + 2 * g + 6 * q) + b * m * (2 * big + 4 * q))
     if kind == "a_w":
         return b * n * m, b * n + n * m + k * b * m, b * n * (r + g) + n * m * (r + g) + b * m * (r + k)
     if kind == "dw":
@@ -135,10 +138,12 @@ def decide(name: str, b: int, n: int, m: int, k: int, offload: str, model: CostM
 
 
 def step_plan(layers: tuple[int, ...], batch: int, k: int, offload: str, model: CostModel,
-              distributable: set[int] | None = None, resident: bool = False) -> list[Product]:
+              distributable: set[int] | None = None, resident: bool = False,
+              resident_layers: set[int] | None = None) -> list[Product]:
     """Every product of one training step of a network with these layer widths: the first layer's
     two, then each hidden-to-hidden layer's three (`distributable`: the layers split over the
-    slots; default every hidden-to-hidden layer). The last layer's products are never shipped."""
+    slots; default every hidden-to-hidden layer; `resident_layers`: those whose weights live on
+    the nodes, one entry each). The last layer's products are never shipped."""
     if resident:
         out = [decide("resident", batch, layers[0], layers[1], k, offload, model)]
     else:
@@ -148,6 +153,9 @@ def step_plan(layers: tuple[int, ...], batch: int, k: int, offload: str, model: 
         if distributable is not None and layer not in distributable:
             continue
         n, m = layers[layer - 1], layers[layer]
+        if resident_layers and layer in resident_layers:
+            out.append(decide(f"resident{layer}", batch, n, m, k, offload, model))
+            continue
         out += [decide(f"a_w{layer}", batch, n, m, k, offload, model),
                 decide(f"dw{layer}", batch, n, m, k, offload, model),
                 decide(f"da{layer}", batch, n, m, k, offload, model)]

@@ -4,7 +4,11 @@ basis, for the whole run, and updates it itself (docs/design.md, "Privacy" and "
 The network trains a secretly reparameterized first layer. For k slots with secret pixel blocks
 P_s and secret block-diagonal mixings M_s (dense 32x32 blocks, condition <= sqrt 2 each way),
 
-    w1[P_s] = M_s V_s          V_s (|P_s|, h1): slot s's weights, in its own basis
+    w1[P_s] = M_s V_s N^-1     V_s (|P_s|, h1): slot s's weights, in its own basis
+
+(N: one secret mixing of the h1 hidden units, so the deltas nodes are sent are dz1 N^-T and
+the forwards they return are in N's basis: `combine` and `update` apply it; below, dz1 and z1
+stand for those mixed ones.)
 
 and V_s is trained by SGD with momentum in that basis (buf = mu buf + grad_V; V += lr buf): a
 linear optimizer, so the coordinator can follow what the node does from what it computes anyway.
@@ -102,11 +106,36 @@ class Mixing:
         """(K, m) -> M^T @ w."""
         return self._apply([m.T for m in self.blocks], w)
 
-    def right(self, x: np.ndarray, dtype=np.float64) -> np.ndarray:
-        """(n, K) -> x @ M."""
-        out = np.empty(x.shape, dtype=dtype)
-        for (lo, hi), m in zip(self.bounds, self.blocks):
-            np.matmul(x[:, lo:hi], m, out=out[:, lo:hi])
+    def right(self, x: np.ndarray, dtype=np.float64, transposed: bool = False, out: np.ndarray | None = None,
+              inverse: bool = False) -> np.ndarray:
+        """(n, K) -> x @ M (x @ M^T with `transposed`, M^-1 with `inverse`): the full blocks as one
+        batched product, in x's dtype when it is `dtype` (a float32 step's mixing costs float32
+        arithmetic), else in float64 rounded once to `dtype`."""
+        dtype = np.dtype(dtype)
+        work = x.dtype if x.dtype == dtype and dtype in (np.float32, np.float64) else np.dtype(np.float64)
+        if out is None:
+            out = np.empty(x.shape, dtype=dtype)
+        stacks = self.__dict__.setdefault("_stacks", {})
+        mats = self.inverses if inverse else self.blocks
+        if (work, transposed, inverse) not in stacks:
+            full = [m for (lo, hi), m in zip(self.bounds, mats) if hi - lo == self.bounds[0][1]]
+            stack = np.stack(full) if full else np.zeros((0, 0, 0))
+            stacks[work, transposed, inverse] = np.ascontiguousarray(stack.transpose(0, 2, 1) if transposed else stack,
+                                                                     dtype=work)
+        stack = stacks[work, transposed, inverse]
+        count, g = stack.shape[0], stack.shape[1] if stack.size else 0
+        n = x.shape[0]
+        if count:
+            blocks = x[:, :count * g].reshape(n, count, g).transpose(1, 0, 2)
+            target = out[:, :count * g].reshape(n, count, g).transpose(1, 0, 2)
+            if work == dtype:
+                np.matmul(blocks, stack, out=target)
+            else:
+                target[...] = np.matmul(blocks.astype(work), stack)
+        for lo, hi in self.bounds[count:]:
+            m = mats[lo // self.bounds[0][1]]
+            part = np.matmul(x[:, lo:hi].astype(work, copy=False), (m.T if transposed else m).astype(work))
+            out[:, lo:hi] = part
         return out
 
     def dense(self) -> np.ndarray:
@@ -122,7 +151,7 @@ class ResidentBasis:
     draw the same."""
 
     def __init__(self, active: np.ndarray, shards: int, hidden: int, rng: np.random.Generator, inputs: int = 784,
-                 clear: bool = False):
+                 clear: bool = False, layers: tuple[int, ...] = ()):
         self.inputs = inputs
         self.hidden = hidden
         self.blocks = [np.asarray(active)[b] for b in balanced_blocks(len(active), shards, rng)]
@@ -130,35 +159,82 @@ class ResidentBasis:
         # V_0: i.i.d. Gaussian in each node's basis (its covariance says nothing about M_s); the
         # network's initial w1 is then M_s V_0 on each block, zero on pixels blank in every image.
         self.v0 = [rng.standard_normal((len(b), hidden)) / math.sqrt(inputs) for b in self.blocks]
+        # N: one secret mixing of the hidden units (w1[P_s] = M_s V_s N^-1), so the dz1 a node is
+        # sent is dz1 N^-T: no clear delta reaches it (its values, ReLU zeros included)
+        self.out_mix = Mixing(hidden, rng, identity=clear)
+        # The hidden-to-hidden layers' bases, drawn after the first layer's (so its draws stand)
+        self.hidden_layers: dict[int, HiddenBasis] = {}
+        for layer in range(2, len(layers) - 1):
+            if layers[layer - 1] >= shards:
+                self.hidden_layers[layer] = HiddenBasis(layers[layer - 1], layers[layer], shards, rng, clear)
 
     def to_pixels(self, vs: list[np.ndarray]) -> np.ndarray:
-        """[V_s] -> w1 (784, h1) in the pixel basis."""
+        """[V_s] -> w1 (784, h1) in the pixel basis: w1[P_s] = M_s V_s N^-1."""
         w = np.zeros((self.inputs, self.hidden))
         for block, mix, v in zip(self.blocks, self.mix, vs):
-            w[block] = mix.left(v)
+            w[block] = self.out_mix.right(mix.left(v), inverse=True)
         return w
 
     def from_pixels(self, w: np.ndarray) -> list[np.ndarray]:
-        """w1 (784, h1) -> [V_s = M_s^-1 w1[P_s]]."""
+        """w1 (784, h1) -> [V_s = M_s^-1 w1[P_s] N]."""
         w = np.asarray(w, dtype=np.float64)
-        return [mix.inverse_left(w[block]) for block, mix in zip(self.blocks, self.mix)]
+        return [self.out_mix.right(mix.inverse_left(w[block])) for block, mix in zip(self.blocks, self.mix)]
 
     def precondition(self, g: np.ndarray) -> np.ndarray:
         """A pixel-basis gradient g (784, h1) as the step SGD in the V basis takes in the pixel
-        basis: M_s M_s^T g[P_s] on each block (zero elsewhere: blank pixels never move)."""
+        basis: M_s M_s^T g[P_s] N^-T N^-1 on each block (zero elsewhere: blank pixels never move)."""
         g = np.asarray(g, dtype=np.float64)
         out = np.zeros_like(g)
         for block, mix in zip(self.blocks, self.mix):
-            out[block] = mix.left(mix.transposed_left(g[block]))
+            mixed = mix.left(mix.transposed_left(g[block]))
+            out[block] = self.out_mix.right(self.out_mix.right(mixed, inverse=True, transposed=True), inverse=True)
         return out
 
 
-def resident_basis(train: np.ndarray, shards: int, hidden: int, rng: np.random.Generator,
+def resident_basis(train: np.ndarray, shards: int, layers: int | tuple[int, ...], rng: np.random.Generator,
                    clear: bool = False) -> ResidentBasis:
     """The basis a resident run draws first from its secret generator: pixels nonzero in some
-    standardized training image are split into `shards` blocks (the rest never leave). `clear`:
-    the audit's and the bench's control, no mixing."""
-    return ResidentBasis(np.flatnonzero(np.any(train != 0, axis=0)), shards, hidden, rng, clear=clear)
+    standardized training image are split into `shards` blocks (the rest never leave), then each
+    hidden-to-hidden layer's input units. `layers`: the network's widths (an int: 784-that-10).
+    `clear`: the audit's and the bench's control, no mixing."""
+    widths = (train.shape[1], layers, 10) if isinstance(layers, int) else tuple(layers)
+    return ResidentBasis(np.flatnonzero(np.any(train != 0, axis=0)), shards, widths[1], rng, clear=clear,
+                         layers=widths)
+
+
+class HiddenBasis:
+    """A hidden-to-hidden layer's reparameterization w[Q_s] = M_s V_s N^-1: k secret blocks Q_s of
+    its input units, a secret block-diagonal mixing M_s of each, one secret block-diagonal mixing
+    N of its output units (so the deltas a node is sent, dz N^-T, have no exact zeros where a
+    unit is off), and V_0 i.i.d. Gaussian in each node's basis."""
+
+    def __init__(self, units: int, width: int, shards: int, rng: np.random.Generator, clear: bool = False):
+        self.units, self.width = units, width
+        self.blocks = balanced_blocks(units, shards, rng)
+        self.mix = [Mixing(len(b), rng, identity=clear) for b in self.blocks]
+        self.out_mix = Mixing(width, rng, identity=clear)
+        self.v0 = [rng.standard_normal((len(b), width)) / math.sqrt(units) for b in self.blocks]
+
+    def to_units(self, vs: list[np.ndarray]) -> np.ndarray:
+        """[V_s] -> w (n, m): w[Q_s] = M_s V_s N^-1."""
+        w = np.zeros((self.units, self.width))
+        for block, mix, v in zip(self.blocks, self.mix, vs):
+            w[block] = self.out_mix.right(mix.left(v), inverse=True)
+        return w
+
+    def from_units(self, w: np.ndarray) -> list[np.ndarray]:
+        """w -> [V_s = M_s^-1 w[Q_s] N]."""
+        w = np.asarray(w, dtype=np.float64)
+        return [self.out_mix.right(mix.inverse_left(w[block])) for block, mix in zip(self.blocks, self.mix)]
+
+    def precondition(self, g: np.ndarray) -> np.ndarray:
+        """The V-basis SGD step seen in the units' basis: M_s M_s^T g[Q_s] N^-T N^-1 on each block."""
+        g = np.asarray(g, dtype=np.float64)
+        out = np.empty_like(g)
+        for block, mix in zip(self.blocks, self.mix):
+            mixed = mix.left(mix.transposed_left(g[block]))
+            out[block] = self.out_mix.right(self.out_mix.right(mixed, inverse=True, transposed=True), inverse=True)
+        return out
 
 
 def _momentum_step(buf: np.ndarray, value: np.ndarray, g: np.ndarray, lr: float) -> None:
@@ -360,7 +436,7 @@ class ResidentDisguise:
         z = -(gx @ w.astype(gx.dtype, copy=False)).astype(np.float64, copy=False)
         for y in results:
             z += y
-        return z
+        return self.basis.out_mix.right(z, inverse=True)  # the nodes' hidden units are N-mixed
 
     def update(self, idx: np.ndarray, dz: np.ndarray, lr: float) -> None:
         """Issue this step's update (dz: the ascent-direction delta (b, h1)) and track what it
@@ -368,7 +444,9 @@ class ResidentDisguise:
         gx = self._noise_rows(idx)
         self._forward = None
         r = self._e_rows
-        sent = np.ascontiguousarray(dz, dtype=self.dtype)
+        # the nodes' V columns are the hidden units mixed by N: they are sent dz N^-T
+        sent = np.ascontiguousarray(self.basis.out_mix.right(np.asarray(dz, dtype=np.float64), self.dtype,
+                                                             transposed=True, inverse=True))
         d64 = sent.astype(np.float64)
         # [G^T dz; B_1 x^T dz; ...]: the noise's share (the same for every slot), then each slot's
         # H M M^T x^T dz, in one product
@@ -465,6 +543,16 @@ class ResidentDisguise:
             buf += srows.T @ p.dz.astype(np.float64)
             v += p.lr * buf
         return np.concatenate([v, buf])
+
+    def replay_pending(self) -> list[int]:
+        """Every slot with updates since its checkpoint brought to its last issued version here
+        (`replay`), when no node can be asked: the slots whose checkpoint changed."""
+        changed = []
+        for s, st in enumerate(self.slots):
+            if st.version != st.checkpoint_version:
+                self.accept_state(s, self.replay(s), st.version)
+                changed.append(s)
+        return changed
 
     def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
         """A checked fetch of every issued update becomes the slot's checkpoint (the probes are

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -343,6 +344,9 @@ class CoordinatorRun:
                     return self._end("stopped", EXIT_INTERRUPTED)
                 self._say_final(f"gave up: {self.server.wait_problem}")
                 return self._end("aborted", 1)
+            connected = getattr(self.give_up, "connected", None)
+            if connected is not None:
+                connected()  # from here a blocked slot waits for its node to come back
             self._set_status("training")
             while not self.trainer.finished and not self.control.stop_requested:
                 if self.control.paused:
@@ -655,17 +659,26 @@ def _last_line(path: Path) -> str:
 
 def local_nodes_problem(procs: list[subprocess.Popen], workdir: Path, deadline: float):
     """For `wait_for_nodes(give_up=...)`: why local nodes will not connect (a node exited, or
-    none connected in time, with what its log says), or None while waiting still makes sense."""
+    none connected in time, with what its log says), or None while waiting still makes sense.
+    Once they have connected (`problem.connected()`), only an exit is a reason: a node that lost
+    its connection (e.g. while the coordinator was busy) reconnects in its own time."""
+    connect_by = [deadline]
+
     def problem(starting: bool) -> str | None:
         exited = [(i, p.returncode) for i, p in enumerate(procs) if p.poll() is not None]
         if exited and (starting or len(exited) == len(procs)):
             i, rc = exited[0]
             return (f"local node {i + 1} exited with status {rc}: "
                     f"{_last_line(workdir / f'node-{i + 1}' / 'node.log')}")
-        if starting and time.monotonic() > deadline:
+        if starting and time.monotonic() > connect_by[0]:
             return (f"the local nodes did not connect within {LOCAL_NODES_CONNECT_S:g} s; local-1 says: "
                     f"{_last_line(workdir / 'node-1' / 'node.log')}")
         return None
+
+    def connected() -> None:
+        connect_by[0] = math.inf
+
+    problem.connected = connected  # type: ignore[attr-defined]
     return problem
 
 

@@ -36,6 +36,7 @@ from typing import Callable
 import numpy as np
 import zmq
 
+from enshuffle import batch as vocabulary
 from enshuffle.coordinator import presence
 from enshuffle.coordinator.admission import Admit, decide
 from enshuffle.coordinator.checker import ResultChecker
@@ -150,38 +151,6 @@ def _gone(exc: zmq.ZMQError) -> str:
     return exc.strerror
 
 
-def batch_work(batch: Batch, statics: dict[str, np.ndarray] | None = None) -> float:
-    """Multiply-adds (matmul) or elements (elementwise) of a batch: what leases scale with."""
-    if batch.work is not None:
-        return float(batch.work)
-    b = batch.arrays.get("b")
-    if batch.op == "matmul":
-        if "a" in batch.arrays:
-            n, k = batch.arrays["a"].shape
-            if batch.params.get("transpose_a"):
-                n, k = k, n
-        else:
-            n = batch.arrays["rows"].shape[0]
-            k = b.shape[0]
-        return float(n) * float(k) * float(b.shape[1])
-    ref = batch.arrays.get("a", b)
-    return float(ref.size)
-
-
-def expected_shape(batch: Batch, static_cols: int) -> tuple[int, int]:
-    if batch.shape is not None:
-        return batch.shape
-    b = batch.arrays.get("b")
-    if batch.op == "matmul":
-        if "a" in batch.arrays:
-            a = batch.arrays["a"]
-            return (a.shape[1] if batch.params.get("transpose_a") else a.shape[0]), b.shape[1]
-        if batch.params.get("transpose_a"):
-            return static_cols, b.shape[1]
-        return batch.arrays["rows"].shape[0], b.shape[1]
-    return batch.arrays.get("a", b).shape
-
-
 @dataclass
 class Task:
     batch: Batch
@@ -221,7 +190,7 @@ class Session:
     stale: dict[str, float] = field(default_factory=dict)  # batch_id -> when to call the node stuck
     queue: deque = field(default_factory=deque)
     shards_held: set[int] = field(default_factory=set)  # static operands this session has received
-    state_versions: dict[int, int] = field(default_factory=dict)  # slot -> its resident state's version here
+    state_versions: dict[str, int] = field(default_factory=dict)  # resident state name -> its version here
     resyncs: int = 0  # state-behind/ahead rejections answered with the checkpoint again
     statics_held: set[str] = field(default_factory=set)  # by name: only those a batch sent to it used
     last_seen: float = field(default_factory=time.monotonic)
@@ -278,7 +247,7 @@ class SlotPlan:
     static_exposure: Callable[[int], list]
     static_fields: Callable[[int, str], dict] = lambda shard, name: {}
     fit_batch: Callable[[Batch, int | None], Batch] = lambda batch, held: batch
-    replay_from: Callable[[int], int] = lambda shard: 0
+    replay_from: Callable[[Batch], int] = lambda batch: 0
     check_resident: Callable[[Batch, np.ndarray], str | None] = \
         lambda batch, c: "a resident result cannot be checked without a resident disguise"
     disguise_rng: object = None
@@ -286,12 +255,10 @@ class SlotPlan:
     @classmethod
     def of(cls, compute) -> "SlotPlan":
         """The plan of a `DistributedCompute` (or anything with its slot methods)."""
-        resident = getattr(compute, "resident", None)
         return cls(slots=compute.k, slot_exposure=compute.slot_exposure, static_arrays=compute.static_arrays,
                    static_exposure=compute.static_exposure,
                    static_fields=getattr(compute, "static_fields", lambda shard, name: {}),
-                   fit_batch=compute.fit_batch, replay_from=resident.replay_from if resident is not None else
-                   (lambda shard: 0), check_resident=compute.check_resident,
+                   fit_batch=compute.fit_batch, replay_from=compute.replay_from, check_resident=compute.check_resident,
                    disguise_rng=getattr(compute, "rng", None))
 
 
@@ -548,10 +515,10 @@ class CoordinatorServer:
         """Queue one batch and send it now if its node has credit: the node computes while the
         caller prepares the next slot's batch. `collect` waits for the results."""
         self._batch_counter += 1
-        name = batch.params.get("a_static")
-        static_cols = self.static_arrays(batch.shard)[name].shape[1] if name else 0
+        held = self.static_arrays(batch.shard)
         task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
-                    work=batch_work(batch), shape=expected_shape(batch, static_cols))
+                    work=vocabulary.work(batch.op, batch.params, batch.arrays, held),
+                    shape=vocabulary.result_shape(batch.op, batch.params, batch.arrays, held))
         dtype = self._result_dtype(batch)
         task.result_bytes = int(np.prod(task.shape)) * dtype.itemsize
         self._tasks[task.batch_id] = task
@@ -825,7 +792,7 @@ class CoordinatorServer:
                 return False
             session.statics_held.add(name)
             if "version" in fields:  # a resident state: the node now holds it at this version
-                session.state_versions[shard] = int(fields["version"])
+                session.state_versions[name] = int(fields["version"])
         session.shards_held.add(shard)
         return True
 
@@ -858,12 +825,14 @@ class CoordinatorServer:
         session.outstanding[task.batch_id] = task
         task.session = session.node_id
         if task.batch.op == "resident":
-            held = session.state_versions.get(task.batch.shard)
-            if held is not None and held < self.plan.replay_from(task.batch.shard):
+            held = session.state_versions.get(task.batch.params["state"])
+            past = bool(task.batch.params.get("backward")) and held is not None and held >= task.batch.params["version"]
+            if held is not None and (held < self.plan.replay_from(task.batch) or past):
                 # it served the slot before the last checkpoint: the updates it lacks are gone from
-                # the log, so it gets the checkpoint again
+                # the log, so it gets the checkpoint again (so does a node sent this backward
+                # before, a re-issue: its state is already past the V the backward needs)
                 session.statics_held.discard(task.batch.params["state"])
-                session.state_versions.pop(task.batch.shard, None)
+                session.state_versions.pop(task.batch.params["state"], None)
         names = [task.batch.params["a_static"]] if task.batch.params.get("a_static") else []
         if task.batch.op == "resident":
             names.append(task.batch.params["state"])  # its block and its state
@@ -882,22 +851,18 @@ class CoordinatorServer:
         exposure = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
         batch = task.batch
         if batch.op == "resident":  # the updates this node's copy of the slot's state lacks
-            batch = self.plan.fit_batch(batch, session.state_versions.get(batch.shard))
+            batch = self.plan.fit_batch(batch, session.state_versions.get(batch.params["state"]))
         header = {"run_id": self.run_id, "batch_id": task.batch_id, "seq": task.seq, "step": self.step,
                   "op": batch.op, "params": batch.params, "lease_ms": max(1, int(lease * 1000)),
                   "exposure": exposure}
         if not self._send(session, "BATCH", header, batch.arrays):
             return False
         if batch.op == "resident":
-            session.state_versions[batch.shard] = int(batch.params["version"])
+            session.state_versions[batch.params["state"]] = int(batch.params["version"])
         return True
 
     def _result_dtype(self, batch: Batch) -> np.dtype:
-        if batch.op == "resident":  # a state comes back in float64, a forward in its static's dtype
-            if batch.params.get("fetch"):
-                return np.dtype(np.float64)
-            return self.static_arrays(batch.shard)[batch.params["a_static"]].dtype
-        return batch.arrays["b" if "b" in batch.arrays else "a"].dtype
+        return vocabulary.result_dtype(batch.op, batch.params, batch.arrays, self.static_arrays(batch.shard))
 
     def statics_changed(self, shard: int, reset: bool = False) -> None:
         """Slot `shard`'s statics changed (a resident state's new checkpoint): prepared afresh for
@@ -908,7 +873,8 @@ class CoordinatorServer:
             for session in self.sessions.values():
                 session.shards_held.discard(shard)
                 session.statics_held.difference_update(names)
-                session.state_versions.pop(shard, None)
+                for name in names:
+                    session.state_versions.pop(name, None)
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -1372,8 +1338,10 @@ class CoordinatorServer:
         resync = code in ("state-behind", "state-ahead") and session.resyncs < MAX_RESYNCS
         if resync:
             session.resyncs += 1
-            session.statics_held.discard(task.batch.params.get("state"))
-            session.state_versions.pop(task.batch.shard, None)
+            state = task.batch.params.get("state")
+            if state is not None:  # a resident batch's: the node gets the checkpoint again
+                session.statics_held.discard(state)
+                session.state_versions.pop(state, None)
         # A resync is the coordinator's bookkeeping, not the node's refusal: it counts for nothing.
         quarantine = not resync and self.reputation.rejected(session.key, str(code), str(text))
         if task.session == session.node_id and task.result is None:

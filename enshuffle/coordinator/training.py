@@ -97,7 +97,7 @@ class Trainer:
         the centralized reference of one) where the run starts."""
         adopt = getattr(self.compute, "adopt", None)
         if adopt is not None:
-            adopt(self.params, self.opt, fresh)
+            adopt(self.params, self.opt, fresh, self.preset.momentum_layers)
 
     def sync(self) -> None:
         """Bring params up to date with a compute that keeps weights elsewhere (resident nodes)."""

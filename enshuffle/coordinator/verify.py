@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from enshuffle.batch import Matmul
+
 PROBES = 12  # Gaussian probe vectors: 12 cost about what 8 do (memory-bound) and miss fewer single entries
 ABS_LIMIT = 8.0  # test 1: honest |D|/bound measured <= 3.8 on real batches (scripts/verify_sweep.py)
 OUTLIER = 4.0  # test 2: limit in units of the k-th largest row; honest max measured 2.8, single lies mostly >= 6
@@ -203,15 +205,17 @@ def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, r
     A float64 product over LEFT_MIN_ROWS or more rows of a static block with finite operands is
     checked from the left with the block's fixed probes (`_measure_static`); anything else with
     fresh right probes, as below."""
+    spec = Matmul.parse(params)
+    transpose = spec.transpose_a
+    _, k, _ = spec.dims(arrays, None if static is None else static.shape)  # the contraction
     if static is not None and arrays["rows"].shape[0] >= LEFT_MIN_ROWS and c.dtype == np.float64:
         if norms is None or norms.static is not static:
             norms = StaticNorms(static, rng)
         if norms.finite:
-            res = _measure_static(c, arrays["rows"], arrays["b"], bool(params.get("transpose_a")), norms)
+            res = _measure_static(c, arrays["rows"], arrays["b"], transpose, norms)
             if res is not None:
                 return res
     b = arrays["b"]
-    transpose = bool(params.get("transpose_a"))
     u = float(np.finfo(c.dtype).eps) / 2
     r = rng.standard_normal((b.shape[1], PROBES))
     b64 = b.astype(np.float64)
@@ -219,11 +223,9 @@ def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, r
     q = np.einsum("ij,ij->i", b64, b64)
     if static is None:
         a = arrays["a"]
-        k = a.shape[0] if transpose else a.shape[1]
         rhs, sq = _reference(lambda sl: a[sl], c.shape[0], transpose, br, q, a.shape[0])
     else:
         rows = arrays["rows"]
-        k = rows.shape[0] if transpose else static.shape[1]
         if transpose and rows.shape[0] * 4 >= static.shape[0]:
             # C = S[rows]ᵀ·B, so A·(B·R) = Sᵀ·U with U[rows] = B·R (np.add.at sums repeated rows):
             # read S once in its stored order instead of gathering S[rows].
@@ -410,13 +412,14 @@ def check_replica(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict,
     itself (twice: the bound needs A²·B²); for new or once-lying nodes only (--replicate)."""
     b64 = arrays["b"].astype(np.float64)
     b2 = b64 * b64
-    transpose = bool(params.get("transpose_a"))
+    spec = Matmul.parse(params)
+    transpose = spec.transpose_a
+    _, k, _ = spec.dims(arrays, None if static is None else static.shape)  # the contraction
     if static is None:
         src, rows = arrays["a"], None
     else:
         src, rows = static, arrays["rows"]
     n_src = src.shape[0] if rows is None else rows.shape[0]
-    k = n_src if transpose else (src.shape[1])
     u = float(np.finfo(c.dtype).eps) / 2
     ref = np.zeros(c.shape)
     var = np.zeros(c.shape)

@@ -3,7 +3,8 @@
 Owns the node side of docs/protocol.md: the DEALER socket (one thread owns it; ZeroMQ sockets
 are not thread-safe), the handshake and trust check, statics, batch checks and REJECT codes,
 heartbeats, loss detection, reconnect back-off, BYE, and the live `NodeState` the node TUI
-reads. The arithmetic itself is `enshuffle.kernels.compute_batch`.
+reads. What a batch means (its memory, its description) is `enshuffle.batch`'s; the arithmetic
+itself is `enshuffle.kernels.compute_batch`.
 
 Compute runs in the socket thread: batches are small (well under a second) and heartbeats go
 out between them, so no second thread and no lock around the socket is needed. A small batch
@@ -39,7 +40,7 @@ import random
 import socket
 import sys
 import time
-from collections import deque
+from collections import ChainMap, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,7 +50,9 @@ import zmq
 from enshuffle.errors import UsageError
 from enshuffle.blas import BlasThreads, BlasThreadsUnavailable, get_blas_threads
 from enshuffle.node.invite import resolve_invite
-from enshuffle.kernels import OPS, BatchError, ResidentState, Workspace, aligned, compute_batch
+from enshuffle import batch as vocabulary
+from enshuffle.batch import OPS, BatchError
+from enshuffle.kernels import ResidentState, Workspace, aligned, compute_batch
 from enshuffle.fpenv import flushing
 from enshuffle.node.policy import Policy
 from enshuffle.node.state import NodeControl, NodeState
@@ -122,76 +125,6 @@ def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     """
     rng = rng or random
     return min(30.0, 0.5 * 2.0 ** min(attempt, 16)) * rng.uniform(0.8, 1.2)
-
-
-def describe_batch(op: str, params: dict, arrays: dict, statics: dict) -> str:
-    """A short human description for logs and the TUI, e.g. 'matmul (128x392)·(392x128)'."""
-    def dims(shape) -> str:
-        return "x".join(str(d) for d in shape)
-
-    try:
-        if op == "matmul":
-            b = arrays["b"].shape
-            name = params.get("a_static")
-            if name is not None:
-                static = statics[name]
-                rows = arrays["rows"].shape[0]
-                a = (rows, *static.shape[1:])
-                if params.get("transpose_a"):
-                    a = a[::-1]
-                return f"matmul ({dims(a)})·({dims(b)}) [{name}]"
-            return f"matmul ({dims(arrays['a'].shape)})·({dims(b)})"
-        if op == "resident":
-            static = statics[params["a_static"]]
-            if params.get("fetch"):
-                return f"resident checkpoint [{params.get('state')}]"
-            return f"resident ({arrays['rows'].shape[0]}x{static.shape[1]})·V [{params.get('state')}]"
-        first = arrays.get("a", arrays.get("b"))
-        return f"{op} ({dims(first.shape)})" if first is not None else op
-    except (KeyError, AttributeError, IndexError, TypeError):
-        return op
-
-
-def batch_memory(op: str, params: dict, arrays: dict, statics: dict, states: dict | None = None) -> int:
-    """Bytes a batch makes this node allocate (its result, plus the gathered rows of a static
-    operand when they are not a full permutation), from the header's shapes alone: checked
-    against --max-memory before anything is allocated. Unknown shapes count as 0 (compute_batch
-    refuses them)."""
-    try:
-        b = arrays.get("b")
-        if op == "resident":
-            static = statics.get(params.get("a_static"))
-            state = (states or {}).get(params.get("state"))
-            rows, urows = arrays.get("rows"), arrays.get("update_rows")
-            if static is None or static.ndim != 2 or state is None:
-                return 0
-            k, h, item = static.shape[1], state.v.shape[1], static.dtype.itemsize
-            if params.get("fetch"):
-                return 2 * k * h * 8
-            n = rows.shape[0] if rows is not None and rows.ndim == 1 else 0
-            b = urows.shape[1] if urows is not None and urows.ndim == 2 else 0
-            # the forward: gathered rows in float64 and the result; an update: its rows and g
-            return int(n * (k * (item + 8) + h * (8 + item)) + (b * k * 16 + k * h * 8 if b else 0))
-        if op == "matmul" and b is not None and b.ndim == 2:
-            item = b.dtype.itemsize
-            name = params.get("a_static")
-            if name is not None:
-                static = statics.get(name)
-                rows = arrays.get("rows")
-                if static is None or rows is None or static.ndim != 2 or rows.ndim != 1:
-                    return 0
-                n = static.shape[1] if params.get("transpose_a") else rows.shape[0]
-                gathered = rows.shape[0] * static.shape[1] * static.dtype.itemsize
-                return n * b.shape[1] * item + gathered
-            a = arrays.get("a")
-            if a is None or a.ndim != 2:
-                return 0
-            n = a.shape[1] if params.get("transpose_a") else a.shape[0]
-            return n * b.shape[1] * item
-        first = arrays.get("a", b)
-        return int(first.nbytes) if first is not None else 0
-    except (AttributeError, TypeError):
-        return 0
 
 
 def _json_id(value, kind: str):
@@ -1036,12 +969,13 @@ class NodeDaemon:
         if waited * 1000 > h["lease_ms"]:
             self._reject(s, h, "expired", f"waited {waited:.1f} s, beyond its lease of {h['lease_ms']} ms")
             return
-        need = batch_memory(op, params, msg.arrays, s.statics, s.states)
+        held = ChainMap(s.statics, s.states)  # what the batch may name: statics and states
+        need = vocabulary.memory(op, params, msg.arrays, held)
         if need > self.max_memory:
             self._reject(s, h, "too-large", f"this batch's result would take {need} bytes; this node's "
                          f"--max-memory is {self.max_memory}")
             return
-        label = describe_batch(op, params, msg.arrays, s.statics)
+        label = vocabulary.describe(op, params, msg.arrays, held)
         self._last_batch_at = time.monotonic()
         self._set(connection="working", reason="", current_op=label)
         start = time.perf_counter()

@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from enshuffle.batch import OPS  # the ops a BATCH may name ("Operations" in docs/protocol.md)
 from enshuffle.protocol.keys import Identity, verify_signature
 
 PROTOCOL_VERSION = 2
@@ -66,9 +67,6 @@ TOO_LARGE = "too-large"
 BAD_SIGNATURE = "bad-signature"
 BAD_SEAL = "bad-seal"          # a sealed message that does not decrypt, or a repeated counter
 WRONG_KIND = "wrong-kind"      # e.g. a BATCH sent in the clear, or a HELLO sealed
-
-# Batch operations a node computes (see "Operations" in docs/protocol.md).
-OPS = ("matmul", "sigmoid", "sub", "square", "mul", "resident")
 
 
 class ProtocolError(Exception):

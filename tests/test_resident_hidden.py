@@ -1,0 +1,261 @@
+"""Resident hidden layers: a hidden-to-hidden layer's rows live on the nodes, in their own basis.
+
+- in process, a run of 784-48-40-10 (and a deeper one) whose first and hidden layers are both
+  resident equals the centralized reference of the same reparameterized network after every
+  step (float64), with the states fetched every step or only at the epoch's checkpoints;
+- the probe checks pass every honest forward, backward and checkpoint in float32 and catch small
+  lies in each;
+- a node that takes a slot over replays the logged hidden updates to the same state;
+- what a node is sent of a hidden layer: no row is one sample's activations (every row mixes
+  ROW_GROUP samples), and its units are mixed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from enshuffle import model
+from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
+from enshuffle.coordinator.resident_hidden import ROW_GROUP, RowMix
+from enshuffle.coordinator.training import Trainer
+from enshuffle.kernels import BatchError, ResidentState, compute_batch
+from wire_util import TEST_SECRET, enshuffle_cli, load_inputs, load_npz
+
+LIMIT = 1500
+
+
+def _pair(data_dir, slots: int, dtype: str, layers=(784, 48, 40, 10), executor=InProcessExecutor, epochs=1):
+    preset = model.get_preset("default", epochs=epochs, dtype=dtype, layers=layers, activation="relu")
+    inputs = load_inputs(data_dir, preset, LIMIT)
+    compute = DistributedCompute(inputs.images, slots, np.random.default_rng(5), executor, disguise="resident",
+                                 offload="matmul", layers=preset.layers)
+    reference = model.LocalCompute(inputs.images, basis=compute.basis)
+    return (Trainer(preset, inputs, compute, secret=TEST_SECRET),
+            Trainer(preset, inputs, reference, secret=TEST_SECRET), compute)
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    return max(float(np.abs(np.asarray(a[n], np.float64) - b[n]).max() / (np.abs(b[n]).max() + 1e-300)) for n in b)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_a_run_with_resident_hidden_layers_equals_its_reference_after_every_step(core_data_dir, slots):
+    dist, ref, compute = _pair(core_data_dir, slots, "float64")
+    assert set(compute.hidden_resident) == {2}
+    for _ in range(8):
+        dist.run_step()
+        ref.run_step()
+        dist.sync()  # fetches every slot's states: a checkpoint each step
+        assert _max_rel(dist.params, ref.params) < 1e-9
+    assert compute.hidden_resident[2].fetches == 8 * slots
+    assert not compute._hidden_home(2, dist.batch_size)  # it really went to the nodes
+
+
+def test_two_resident_hidden_layers_and_epoch_checkpoints_stay_exact(core_data_dir):
+    dist, ref, compute = _pair(core_data_dir, 2, "float64", layers=(784, 40, 36, 32, 10))
+    report = dist.run_epoch()  # fetched only at the epoch's end (its test pass)
+    ref_report = ref.run_epoch()
+    assert _max_rel(dist.params, ref.params) < 1e-9
+    assert report.test_accuracy == ref_report.test_accuracy
+    assert {layer: hr.fetches for layer, hr in compute.hidden_resident.items()} == {2: 2, 3: 2}
+
+
+class CheckingExecutor(InProcessExecutor):
+    """Checks every result as the server does, and tries lies on the same ones."""
+
+    def __init__(self, compute):
+        super().__init__(compute)
+        self.failed: list[str] = []
+        self.tried: dict[str, int] = {}
+        self.caught: dict[str, int] = {}
+
+    def run(self, batches):
+        results = super().run(batches)
+        for batch, r in zip(batches, results):
+            if self._compute._hidden_of(batch) is None:
+                continue
+            why = self._compute.check_resident(batch, r)
+            if why:
+                self.failed.append(why)
+            kind = "fetch" if batch.params.get("fetch") else "backward" if batch.params.get("backward") else "forward"
+            rms = np.sqrt(np.mean(r.astype(np.float64) ** 2))
+            lies = {"single": r.copy(), "bias": (r.astype(np.float64) * (1 + 1e-5 * np.sign(r))).astype(r.dtype)}
+            lies["single"][1, 2] += r.dtype.type(1e-4 * rms)
+            for name, lie in lies.items():
+                key = f"{kind} {name}"
+                self.tried[key] = self.tried.get(key, 0) + 1
+                self.caught[key] = self.caught.get(key, 0) + (self._compute.check_resident(batch, lie) is not None)
+        return results
+
+
+def test_hidden_probe_checks_pass_honest_results_and_catch_small_lies_in_float32(core_data_dir):
+    dist, _, compute = _pair(core_data_dir, 2, "float32", executor=CheckingExecutor, epochs=2)
+    while not dist.finished:
+        dist.run_step()
+    ex = compute.executor
+    assert ex.failed == []
+    assert ex.tried["forward single"] == ex.tried["backward single"] == 2 * 2 * dist.steps_per_epoch
+    assert ex.tried["fetch single"] > 0
+    assert ex.caught == ex.tried
+
+
+def test_a_node_taking_a_hidden_slot_over_replays_the_logged_updates(core_data_dir):
+    dist, _, compute = _pair(core_data_dir, 2, "float32")
+    for _ in range(5):
+        dist.run_step()
+    hr = compute.hidden_resident[2]
+    shard = 1
+    state, version = hr.state_static(shard)
+    assert version == 0 and hr.slots[shard].version == 5
+    states = {hr.state_name(shard): ResidentState(state, version)}
+    params, arrays = hr.batch(shard, version, hr.slots[shard].version, fetch=True)
+    got = compute_batch("resident", params, arrays, {}, None, states)
+    assert hr.check_state(shard, got) is None
+    held = compute.executor.states[shard][hr.state_name(shard)]
+    assert np.allclose(got, np.concatenate([held.v, held.buf]), rtol=0, atol=1e-9)
+    assert np.allclose(got, hr.replay(shard), rtol=0, atol=1e-9)
+    # the same fetch again is idempotent; the last step's backward again is refused (its V is
+    # gone), not applied twice
+    assert np.array_equal(compute_batch("resident", params, arrays, {}, None, states), got)
+    params, arrays = hr.batch(shard, 4, 5, backward=True)
+    with pytest.raises(BatchError) as err:
+        compute_batch("resident", params, arrays, {}, None, states)
+    assert err.value.code == "state-ahead"
+
+
+def test_malformed_hidden_batches_are_batch_errors():
+    state = ResidentState(np.zeros((8, 5)), 0)  # V (4, 5)
+    states = {"w2.0": state}
+    good = {"state": "w2.0", "from": 0, "version": 1, "momentum": 0.9, "lr": [0.1], "backward": True}
+    arrays = {"update_a": np.ones((3, 4), np.float32), "dz": np.ones((3, 5), np.float32)}
+    out = compute_batch("resident", good, arrays, {}, None, states)
+    assert out.shape == (3, 4) and state.version == 1
+    cases = [
+        ({**good, "from": 1, "version": 2},
+         {"update_a": np.ones((3, 3), np.float32), "dz": np.ones((3, 5), np.float32)}),
+        ({**good, "from": 1, "version": 2}, {"update_a": np.ones((3, 4), np.float32), "dz": np.ones((3, 5))}),
+        ({**good, "from": 1, "version": 1}, {}),  # a backward without its own update
+        ({**good, "from": 1, "version": 2, "lr": [float("inf")]}, arrays),
+        ({"state": "w2.0", "from": 1, "version": 1, "momentum": 0.9, "lr": []}, {"a": np.ones((2, 3), np.float32)}),
+    ]
+    for params, arr in cases:
+        with pytest.raises(BatchError):
+            compute_batch("resident", params, arr, {}, None, states)
+    assert state.version == 1  # nothing malformed moved it
+
+
+def test_no_row_a_node_receives_is_one_samples_activations(core_data_dir):
+    """What slot 0 is sent of layer 2 for one batch: every row is a mixture of ROW_GROUP
+    activation rows, its units mixed: no sent row lies near any true row, nor its unmixing."""
+    dist, _, compute = _pair(core_data_dir, 2, "float64")
+    dist.run_step()
+    hr = compute.hidden_resident[2]
+    a = np.abs(np.random.default_rng(0).standard_normal((128, 48)))  # ReLU-like activations
+    operands = hr.forward_operands(a, np.random.default_rng(1))
+    st = hr.slots[0]
+    truth = a[:, st.units]
+    sent = operands[0]
+    unmixed = sent @ np.linalg.inv(st.mix.dense())  # what knowing M_s would leave: L a[:, Q_s]
+    assert np.allclose(np.abs(unmixed).sum(), np.abs(compute.hidden_resident[2]._kept[1].apply(truth)).sum())
+
+    def best_match(seen):
+        """Each sent row's largest centred correlation with any true row."""
+        s_c = seen - seen.mean(axis=0)
+        t_c = truth - truth.mean(axis=0)
+        cos = (s_c / np.linalg.norm(s_c, axis=1, keepdims=True)) @ (t_c / np.linalg.norm(t_c, axis=1, keepdims=True)).T
+        return np.abs(cos).max(axis=1)
+
+    assert np.allclose(best_match(truth), 1.0)  # the measure sees a row that is one sample
+    for seen in (sent, unmixed):
+        assert np.median(best_match(seen)) < 0.7
+        assert best_match(seen).max() < 0.9
+    # and the row mixing is orthogonal (so the gradient the node steps with is exact)
+    rowmix = RowMix(128, np.random.default_rng(2))
+    x = np.random.default_rng(3).standard_normal((128, 7))
+    assert np.allclose(rowmix.apply(rowmix.apply(x), transposed=True), x)
+    assert rowmix.count == 128 // ROW_GROUP
+
+
+def test_a_resumed_run_hands_each_hidden_slot_its_state_and_goes_on_exactly(core_data_dir):
+    preset = model.get_preset("default", epochs=1, dtype="float64", layers=(784, 48, 40, 10), activation="relu")
+    inputs = load_inputs(core_data_dir, preset, LIMIT)
+
+    def compute():
+        return DistributedCompute(inputs.images, 2, np.random.default_rng(5), InProcessExecutor,
+                                  disguise="resident", offload="matmul", layers=preset.layers)
+
+    first = compute()
+    trainer = Trainer(preset, inputs, first, secret=TEST_SECRET)
+    for _ in range(7):
+        trainer.run_step()
+    arrays, meta = trainer.checkpoint()  # a model version: clean w2 and its momentum
+    held = [first.executor.states[s]["w2." + str(s)] for s in range(2)]
+    resumed = compute()
+    again = Trainer(preset, inputs, resumed, secret=TEST_SECRET)
+    again.restore(arrays, meta)
+    for s in range(2):
+        state, _ = resumed.hidden_resident[2].state_static(s)
+        k = resumed.hidden_resident[2].slots[s].units.shape[0]
+        assert np.abs(state[:k] - held[s].v).max() < 1e-12 * np.abs(held[s].v).max()
+        assert np.abs(state[k:] - held[s].buf).max() < 1e-12 * np.abs(held[s].buf).max()
+    trainer.run_step()
+    again.run_step()
+    trainer.sync()
+    again.sync()
+    assert _max_rel(again.params, trainer.params) < 1e-9
+
+
+@pytest.mark.slow
+def test_resident_hidden_layers_over_the_wire_equal_their_central_reference(core_data_dir, core_cache, tmp_path):
+    args = ["--data", str(core_data_dir), "--limit", str(LIMIT), "--epochs", "2", "--dtype", "float64",
+            "--offload", "matmul", "--hidden", "48,40", "--activation", "relu"]
+    wire = enshuffle_cli("train", "--nodes", "2", *args, "--out", str(tmp_path / "run"),
+                         "--save-weights", str(tmp_path / "a.npz"), home=tmp_path / "home", cache=core_cache)
+    assert wire.returncode == 0, wire.stderr
+    assert "resident2" in wire.stdout + wire.stderr  # the plan ships the hidden layer resident
+    central = enshuffle_cli("train", "--nodes", "0", *args, "--reference", str(tmp_path / "run"),
+                            "--save-weights", str(tmp_path / "b.npz"), home=tmp_path / "home", cache=core_cache)
+    assert central.returncode == 0, central.stderr
+    a, b = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz")
+    assert sorted(a) == sorted(b)
+    assert _max_rel(a, b) < 1e-9
+
+
+def test_the_deltas_a_node_is_sent_keep_no_exact_zeros_of_the_off_units(core_data_dir):
+    """dz is exactly zero wherever a ReLU unit is off; those zeros would give away which rows of
+    D belong to one sample (and so L). Mixed over rows (L) and units (N), D has none left; the
+    clear control keeps them all (so the count would see them)."""
+    for clear, expect_zeros in ((False, False), (True, True)):
+        preset = model.get_preset("default", epochs=1, dtype="float32", layers=(784, 48, 40, 10), activation="relu")
+        inputs = load_inputs(core_data_dir, preset, LIMIT)
+        compute = DistributedCompute(inputs.images, 2, np.random.default_rng(5), InProcessExecutor,
+                                     disguise="resident-clear" if clear else "resident", offload="matmul",
+                                     layers=preset.layers)
+        hr = compute.hidden_resident[2]
+        rng = np.random.default_rng(0)
+        a = np.maximum(rng.standard_normal((128, 48)), 0).astype(np.float32)
+        dz = (rng.standard_normal((128, 40)) * (rng.random((128, 40)) < 0.5)).astype(np.float32)
+        hr.forward_operands(a, rng)
+        operands, sent = hr.backward_operands(a, dz, 0.1, rng)
+        zeros = np.count_nonzero(sent == 0) / sent.size
+        assert np.count_nonzero(dz == 0) / dz.size > 0.4
+        assert (zeros > 0.4) if expect_zeros else (zeros < 0.01)
+        a_zeros = np.count_nonzero(operands[0] == 0) / operands[0].size
+        assert (a_zeros > 0.4) if expect_zeros else (a_zeros < 0.01)
+
+
+def test_a_fetch_from_a_node_already_at_the_version_carries_the_update_again(core_data_dir):
+    """A batch carries at least one array: a hidden state's fetch for a node whose backward has
+    already applied the step's update carries that update once more, which the node skips."""
+    dist, _, compute = _pair(core_data_dir, 2, "float64")
+    dist.run_step()
+    hr = compute.hidden_resident[2]
+    st = hr.slots[0]
+    assert st.version > st.checkpoint_version
+    params, arrays = hr.batch(0, st.version, st.version, fetch=True)
+    assert arrays and params["from"] == st.version - 1
+    state = compute.executor.states[0][hr.state_name(0)]
+    assert state.version == st.version
+    out = compute_batch("resident", params, arrays, {}, states={hr.state_name(0): state})
+    assert state.version == st.version and hr.check_state(0, out) is None
