@@ -45,7 +45,7 @@ from enshuffle.coordinator.distributed import Batch, DistributedCompute, static_
 from enshuffle.coordinator.ledger import ExposureLedger
 from enshuffle.coordinator.cluster import stop_local_nodes
 from enshuffle.coordinator.run import coordinator_blas_threads
-from enshuffle.coordinator.server import CoordinatorServer
+from enshuffle.coordinator.server import CoordinatorServer, Listener, ServerConfig
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.protocol.keys import load_or_create_identity
 
@@ -99,13 +99,16 @@ def measure(configs: list[str], products: int, rows: int | None, images: int, ch
         for name in names:
             (tmp / name).mkdir(mode=0o700)
             keys.add(load_or_create_identity("node", tmp / name, name=name).public_bytes)
-        server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
-                                   admission=Admission(auto=keys))
-        server.verify_results = check
-        procs = [spawn_node(server.endpoint, identity.fingerprint, tmp / name, name, config, i)
+        listener = Listener("tcp://127.0.0.1:*")
+        procs = [spawn_node(listener.endpoint, identity.fingerprint, tmp / name, name, config, i)
                  for i, (name, config) in enumerate(zip(names, configs))]
+        ledger = ExposureLedger()
+        server = DistributedCompute({"train": x}, len(configs), np.random.default_rng(2),
+                                    CoordinatorServer.factory(listener, identity, CoordinatorState(), ledger,
+                                                              config=ServerConfig(verify_results=check),
+                                                              admission=Admission(auto=keys)),
+                                    ledger=ledger).executor
         try:
-            DistributedCompute({"train": x}, len(configs), np.random.default_rng(2), server.attach)
             server.wait_for_nodes(len(configs))
             shard_of = {server.sessions[node_id].name: shard for shard, node_id in enumerate(server.owner)}
             statics = {shard: server.static_arrays(shard)[static_name("train", shard)] for shard in shard_of.values()}

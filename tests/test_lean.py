@@ -18,7 +18,7 @@ import numpy as np
 
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor, static_name
 from enshuffle.coordinator.ledger import ExposureLedger
-from enshuffle.coordinator.server import CoordinatorServer
+from enshuffle.coordinator.server import CoordinatorServer, Listener
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.model import get_preset
@@ -68,11 +68,14 @@ def test_steps_take_two_round_trips_and_batches_go_out_one_by_one(core_dataset):
 def test_a_submitted_batch_is_sent_before_the_server_is_pumped_again(core_dataset):
     preset = get_preset("default", dtype="float64")
     inputs = prepare(core_dataset, preset, limit=600)
-    server = CoordinatorServer("tcp://127.0.0.1:*", Identity.generate(), CoordinatorState(), ExposureLedger())
-    node = ScriptedNode(server.endpoint, "quick")
+    listener = Listener("tcp://127.0.0.1:*")
+    node = ScriptedNode(listener.endpoint, "quick")
+    ledger = ExposureLedger()
+    compute = DistributedCompute(inputs.images, 1, np.random.default_rng(8),
+                                 CoordinatorServer.factory(listener, Identity.generate(), CoordinatorState(), ledger),
+                                 ledger=ledger, **inputs.source())
+    server = compute.executor
     try:
-        compute = DistributedCompute(inputs.images, 1, np.random.default_rng(8), server.attach,
-                                     ledger=server.ledger, **inputs.source())
         stop = threading.Event()
 
         def serve():

@@ -135,10 +135,13 @@ def test_the_socket_is_serviced_every_step_even_when_nothing_is_shipped(core_dat
 
     preset = replace(get_preset("default", dtype="float64"), batch_size=100)
     inputs = prepare(core_dataset, preset, limit=300)
-    server = CoordinatorServer("tcp://127.0.0.1:*", Identity.generate(), CoordinatorState(), ExposureLedger())
+    ledger = ExposureLedger()
+    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(0),
+                                 CoordinatorServer.factory("tcp://127.0.0.1:*", Identity.generate(), CoordinatorState(),
+                                                           ledger),
+                                 ledger=ledger, **inputs.source(), offload="auto", cost_model=BUILT_IN)
+    server = compute.executor
     try:
-        compute = DistributedCompute(inputs.images, 2, np.random.default_rng(0), server.attach, ledger=server.ledger,
-                                     **inputs.source(), offload="auto", cost_model=BUILT_IN)
         pumps = []
         pump = server.pump
         server.pump = lambda timeout_ms=100: (pumps.append(timeout_ms), pump(timeout_ms))

@@ -125,9 +125,8 @@ class EveryResultWrong(ScriptedNode):
 def test_a_liar_alone_never_aborts_the_run_and_the_operator_can_readmit_it(core_data_dir, tmp_path):
     preset = get_preset("default", epochs=1, dtype="float64")
     inputs = load_inputs(core_data_dir, preset, 256)
-    run = InProcessRun(preset, inputs, shards=1, min_nodes=1, heartbeat_ms=3000)
     # More lies than MAX_ATTEMPTS before quarantine: each re-issue of the same batch must not count.
-    run.server.reputation.quarantine_after = MAX_ATTEMPTS + 2
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1, heartbeat_ms=3000, quarantine_after=MAX_ATTEMPTS + 2)
     liar = EveryResultWrong(run.endpoint, name="liar")
     try:
         run.start()

@@ -238,8 +238,8 @@ def test_thousands_of_handshakes_from_fresh_keys_leave_no_state_behind(core_data
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
     # Waits for two nodes; each fresh key leaves before the next comes, so none ever receives data.
-    run = InProcessRun(preset, inputs, shards=2, min_nodes=2).start()
-    run.server.address_replies_per_s = HANDSHAKE_REPLIES_PER_S  # all from 127.0.0.1: only the global budget
+    # all from 127.0.0.1: only the global budget
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=2, address_replies_per_s=HANDSHAKE_REPLIES_PER_S).start()
     ctx = zmq.Context()
     server = run.server
     try:
@@ -269,8 +269,8 @@ def test_malformed_and_refused_handshakes_get_at_most_one_signed_answer(core_dat
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
     run = InProcessRun(preset, inputs, shards=1, min_nodes=1,
-                       admission=Admission(allow_file=None)).start()  # admits nobody
-    run.server.address_replies_per_s = HANDSHAKE_REPLIES_PER_S  # the flood below tests the global budget
+                       admission=Admission(allow_file=None),  # admits nobody
+                       address_replies_per_s=HANDSHAKE_REPLIES_PER_S).start()  # the flood below tests the global budget
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -114,10 +114,9 @@ def test_a_node_returning_wrong_numbers_is_refused_and_training_stays_exact(core
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 1000)
     expected = reference_weights(preset, inputs)
-    run = InProcessRun(preset, inputs, shards=2, min_nodes=2)
     # Three lies, then honest: below the quarantine limit, so its refused batches come back to it
     # (the exposure bound keeps them off the other node) and it answers them right.
-    run.server.reputation.quarantine_after = 10
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=2, quarantine_after=10)
     weights = train_beside_a_liar(run, tmp_path)
     assert run.server.counters["wrong"] >= 3, run.describe()
     assert run.logged("failed"), run.describe()
@@ -201,10 +200,8 @@ def test_with_replicate_the_coordinators_own_product_refuses_a_liar(core_data_di
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
     expected = reference_weights(preset, inputs)
-    run = InProcessRun(preset, inputs, shards=2, min_nodes=2)
-    run.server.verify_results = False
-    run.server.replicate = True
-    run.server.reputation.quarantine_after = 10
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=2, verify_results=False, replicate=True,
+                       quarantine_after=10)
     weights = train_beside_a_liar(run, tmp_path)
     assert run.server.counters["wrong"] >= 3 and run.logged("replica check failed"), run.describe()
     assert_same_weights(weights, expected)

@@ -74,11 +74,8 @@ def test_plain_connections_that_say_nothing_are_closed_and_the_file_limit_is_rai
     # A coordinator started with a low soft limit raises it to the hard limit before it listens.
     code = ("import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
             "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard)); "
-            "from enshuffle.coordinator.server import CoordinatorServer; "
-            "from enshuffle.coordinator.state import CoordinatorState; "
-            "from enshuffle.coordinator.ledger import ExposureLedger; "
-            "from enshuffle.protocol.keys import Identity; "
-            "s = CoordinatorServer('tcp://127.0.0.1:*', Identity.generate(), CoordinatorState(), ExposureLedger()); "
+            "from enshuffle.coordinator.server import Listener; "
+            "s = Listener('tcp://127.0.0.1:*'); "
             "print(*resource.getrlimit(resource.RLIMIT_NOFILE)); s.close()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -122,8 +119,8 @@ def test_peer_text_cannot_forge_a_coordinator_log_line_or_reach_its_terminal(cor
 def test_one_address_opening_connection_after_connection_gets_its_own_budget_only(core_data_dir, tmp_path):
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
-    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
-    run.server.address_replies_per_s = 5.0  # small, so the flood below outruns it however slow this machine is
+    # small, so the flood below outruns it however slow this machine is
+    run = InProcessRun(preset, inputs, shards=1, min_nodes=1, address_replies_per_s=5.0).start()
     port = run.endpoint.rsplit(":", 1)[1]
     ctx = zmq.Context()
     flood = []

@@ -31,7 +31,7 @@ import zmq
 
 from enshuffle.coordinator.distributed import DistributedCompute
 from enshuffle.coordinator.ledger import ExposureLedger
-from enshuffle.coordinator.server import CoordinatorServer
+from enshuffle.coordinator.server import CoordinatorServer, ServerConfig
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.coordinator.training import Inputs, Trainer, prepare
 from enshuffle.dataset import load_idx_dir
@@ -39,7 +39,7 @@ from enshuffle.model import LocalCompute, Preset, get_preset
 from enshuffle.kernels import compute_batch
 from enshuffle.protocol.keys import Identity
 from enshuffle.protocol.handshake import NodeHandshake
-from enshuffle.protocol.messages import OPS, Channel, Limits, Message, decode
+from enshuffle.protocol.messages import OPS, Channel, Message, decode
 
 REPO = Path(__file__).resolve().parents[1]
 # Distributed and centralized runs add the same products in another order (the contraction
@@ -249,24 +249,20 @@ class InProcessRun:
     """
 
     def __init__(self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7,
-                 limits: Limits | None = None, heartbeat_ms: int = 1000, admission=None,
-                 max_sessions: int | None = None, max_exposure: float | None = None, lease=None):
+                 admission=None, **config):
+        """`config`: ServerConfig fields (limits, heartbeat_ms, max_sessions, max_exposure, lease,
+        verify_results, replicate, quarantine_after, address_replies_per_s)."""
         self.preset = preset
         self.state = CoordinatorState()
         self.identity = Identity.generate()
-        extra = {"limits": limits} if limits is not None else {}
-        if admission is not None:
-            extra["admission"] = admission
-        if max_sessions is not None:
-            extra["max_sessions"] = max_sessions
-        if lease is not None:
-            extra["lease"] = lease
-        self.server = CoordinatorServer("tcp://127.0.0.1:*", self.identity, self.state, ExposureLedger(),
-                                        heartbeat_ms=heartbeat_ms, log=self._log, max_exposure=max_exposure,
-                                        **extra)
+        ledger = ExposureLedger()
+        self.compute = DistributedCompute(
+            inputs.images, shards, np.random.default_rng(seed),
+            CoordinatorServer.factory("tcp://127.0.0.1:*", self.identity, self.state, ledger,
+                                      config=ServerConfig(log=self._log, **config), admission=admission),
+            ledger=ledger, **inputs.source())
+        self.server = self.compute.executor
         self.endpoint = self.server.endpoint
-        self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(seed), self.server.attach,
-                                          ledger=self.server.ledger, **inputs.source())
         self.trainer = Trainer(preset, inputs, self.compute, secret=TEST_SECRET)
         self.min_nodes = min_nodes
         self.lines: list[str] = []

@@ -127,8 +127,7 @@ def run_local_cluster(config: RunConfig, preset, inputs) -> int:
         eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
                f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
         run.local_nodes = True
-        run.give_up = run.server.give_up = local_nodes_problem(procs, nodes_dir,
-                                                               time.monotonic() + LOCAL_NODES_CONNECT_S)
+        run.give_up = local_nodes_problem(procs, nodes_dir, time.monotonic() + LOCAL_NODES_CONNECT_S)
         try:
             return run_console(run, tui=config.tui)
         finally:

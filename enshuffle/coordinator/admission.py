@@ -25,10 +25,13 @@ import os
 import secrets
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from enshuffle.protocol.handshake import invite_id, invite_proof
-from enshuffle.protocol.keys import KeyStoreError, fingerprint, normalize_fingerprint
+from enshuffle.batch import OPS
+from enshuffle.protocol.keys import KeyStoreError, fingerprint, normalize_fingerprint, short_fingerprint
+from enshuffle.protocol.messages import PROTOCOL_VERSION
 
 INVITES_FILE = "invites.json"
 INVITED_FILE = "invited_nodes"
@@ -129,6 +132,83 @@ def create_invite(home: Path, reusable: bool, expires_in: float | None = None) -
 
 def _keys(n: int) -> str:
     return f"{n} key{'s' if n != 1 else ''}"
+
+
+@dataclass(frozen=True)
+class Admit:
+    """A HELLO is welcomed: `how` says by what (open, local, allow-list, invited, invite code);
+    `replaces` are the sessions of the same key it ends (the node reconnecting)."""
+
+    how: str
+    replaces: tuple = ()
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A HELLO is refused with REFUSE `code` and `text` (for the node); `warn`, when set, is a line
+    for the operator's log (a second process with a connected key)."""
+
+    code: str
+    text: str
+    warn: str = ""
+
+
+def decide(key: bytes, header: dict, challenge: str, *, admission, finished: bool, banned: bool,
+           quarantine, twins, sessions: int, max_sessions: int, heartbeat_ms: int, now: float,
+           address: str = "") -> Admit | Refuse:
+    """Whether a verified HELLO from node `key` joins: `Admit`, or `Refuse(code, text)`.
+
+    It reads only what it is given: `admission` (an `Admission`, or None to admit every key; its
+    `check` may use up a one-time invite code, as it does whatever else refuses the HELLO),
+    whether the run has `finished`, whether the key is `banned` (evicted) or under `quarantine`
+    (its `reputation` record, or None), the live or joining sessions of the same key (`twins`:
+    anything with `node_id`, `last_seen`, `address`, `label`), how many `sessions` there are in
+    all against `max_sessions`, the heartbeat period and the time `now` (time.monotonic())."""
+    fp = fingerprint(key)
+    admitted, how = (True, "open") if admission is None else admission.check(key, header.get("invite"), challenge)
+    twins = tuple(twins)
+    refuse = None
+    if header["protocol"] != PROTOCOL_VERSION:
+        refuse = Refuse("version-mismatch", f"this coordinator speaks protocol {PROTOCOL_VERSION}")
+    elif finished:
+        refuse = Refuse("run-finished", "training has ended")
+    elif banned:
+        refuse = Refuse("not-allowed", "this node was evicted from the run for sending malformed or unverifiable "
+                                       "messages")
+    elif not admitted:
+        why = getattr(admission, "refusal_text", None)
+        refuse = Refuse("not-allowed", why(key, header.get("invite"), challenge) if why else
+                        f"key {fp} is not admitted here: ask the operator to add it to the "
+                        f"coordinator's --allow file, or for an invite code (enshuffle invite)")
+    elif quarantine is not None:
+        refuse = Refuse("quarantined", f"this node's key is quarantined for this run ({quarantine.lies} wrong "
+                                       f"results; last: {quarantine.reason[:200]}); ask the operator to re-admit it")
+    else:
+        caps = header["capabilities"]
+        ops = caps.get("ops") if isinstance(caps, dict) else None
+        credit = caps.get("credit") if isinstance(caps, dict) else None
+        if not isinstance(ops, list) or not set(OPS) <= set(ops) or not isinstance(credit, int) or credit < 1:
+            refuse = Refuse("bad-hello", f"capabilities must list every op of {', '.join(OPS)} and a credit >= 1")
+    if refuse is None and twins:
+        live = twins[0]
+        # A session still heard from recently is a second process with the same key (twins),
+        # not this node reconnecting: refuse the newcomer and say where the other one is.
+        # A node's own reconnect names the session it leaves (HELLO `replaces`, signed by the
+        # key): it replaces that session even when its heartbeats are recent (the coordinator
+        # was the silent one, busy with its own work).
+        own = isinstance(header.get("replaces"), str) and header["replaces"] == live.node_id
+        if not own and now - live.last_seen < 2 * heartbeat_ms / 1000:
+            refuse = Refuse("duplicate-key",
+                            f"another node with key {short_fingerprint(fp)} is already connected "
+                            f"(from {live.address or 'an unknown address'}, as {live.label}); "
+                            f"each node process needs its own key: give each a different --name "
+                            f"or ENSHUFFLE_HOME",
+                            warn=f"refused a second node with the key of {live.label} "
+                                 f"({short_fingerprint(fp)}) from {address or 'unknown'}: the key is already "
+                                 f"connected from {live.address or 'unknown'}; each process needs its own --name")
+    if refuse is None and sessions - len(twins) >= max_sessions:
+        refuse = Refuse("busy", f"this coordinator takes at most {max_sessions} nodes")
+    return refuse if refuse is not None else Admit(how, twins)
 
 
 class Admission:

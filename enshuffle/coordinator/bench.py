@@ -57,7 +57,7 @@ from enshuffle.coordinator.report import eprint
 from enshuffle.coordinator.cluster import (LOCAL_NODES_CONNECT_S, local_node_keys, local_nodes_problem, node_home,
                                            spawn_local_nodes, spawn_node, stop_local_nodes)
 from enshuffle.coordinator.run import coordinator_blas_threads
-from enshuffle.coordinator.server import CoordinatorServer
+from enshuffle.coordinator.server import CoordinatorServer, Listener
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.coordinator.training import Trainer, load_inputs
 from enshuffle.dataset import cache_dir
@@ -213,17 +213,20 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
     with tempfile.TemporaryDirectory(prefix="enshuffle-bench-") as tmp_dir, coordinator_blas_threads():
         tmp = Path(tmp_dir)
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
-        server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(),
-                                   ExposureLedger(ledger_axes(preset.layers)),
-                                   admission=Admission(auto=set(local_node_keys(tmp, nodes))))
-        procs = spawn_local_nodes(server.endpoint, identity.fingerprint, nodes, tmp)
+        listener = Listener("tcp://127.0.0.1:*")
+        ledger = ExposureLedger(ledger_axes(preset.layers))
+        serve = CoordinatorServer.factory(listener, identity, CoordinatorState(), ledger,
+                                          admission=Admission(auto=set(local_node_keys(tmp, nodes))))
+        procs = spawn_local_nodes(listener.endpoint, identity.fingerprint, nodes, tmp)
+        server: CoordinatorServer | None = None
         try:
-            compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), server.attach,
-                                         ledger=server.ledger, disguise=disguise or default_disguise(preset),
+            compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), serve,
+                                         ledger=ledger, disguise=disguise or default_disguise(preset),
                                          **inputs.source(),
                                          layers=preset.layers, offload=offload, cost_model=default_cost_model())
+            assert isinstance(compute.executor, CoordinatorServer)
+            server = compute.executor
             problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
-            server.give_up = problem
             if not server.wait_for_nodes(nodes, give_up=problem):
                 raise RuntimeError(f"bench: the {nodes} node processes did not start: {server.wait_problem}")
             problem.connected()  # type: ignore[attr-defined]
@@ -234,7 +237,10 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
             else:
                 rows = _epochs(trainer, repeats, warmup=1, snap=snap)
         finally:
-            server.close("run-finished")
+            if server is not None:
+                server.close("run-finished")
+            else:
+                listener.close()
             stop_local_nodes(procs)
     return _medians(rows)
 
@@ -288,16 +294,20 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
         keys = set()
         for i, name in enumerate(variants):
             keys.add(load_or_create_identity("node", node_home(tmp, i), name=f"rt-{name}").public_bytes)
-        server = CoordinatorServer("tcp://127.0.0.1:*", identity, CoordinatorState(), ExposureLedger(),
-                                   admission=Admission(auto=keys))
-        procs = [spawn_node(server.endpoint, identity.fingerprint, node_home(tmp, i), f"rt-{name}", threads=threads)
+        listener = Listener("tcp://127.0.0.1:*")
+        procs = [spawn_node(listener.endpoint, identity.fingerprint, node_home(tmp, i), f"rt-{name}", threads=threads)
                  for i, (name, threads) in enumerate(variants.items())]
+        server: CoordinatorServer | None = None
         try:
-            # constructing it is enough: it attaches itself to the server (server.attach)
-            DistributedCompute(inputs.images, len(variants), np.random.default_rng(3), server.attach,
-                               ledger=server.ledger, **inputs.source())
+            # the compute makes the server (its executor) and hands it its slots' statics
+            ledger = ExposureLedger()
+            executor = DistributedCompute(inputs.images, len(variants), np.random.default_rng(3),
+                                          CoordinatorServer.factory(listener, identity, CoordinatorState(), ledger,
+                                                                    admission=Admission(auto=keys)),
+                                          ledger=ledger, **inputs.source()).executor
+            assert isinstance(executor, CoordinatorServer)
+            server = executor
             problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
-            server.give_up = problem
             if not server.wait_for_nodes(len(variants), give_up=problem):
                 raise RuntimeError(f"bench: the round-trip node processes did not start: {server.wait_problem}")
             shard_of = {}
@@ -324,7 +334,10 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
                     server.run([batch])
                     times[name].append(1000 * (time.perf_counter() - t))
         finally:
-            server.close("run-finished")
+            if server is not None:
+                server.close("run-finished")
+            else:
+                listener.close()
             stop_local_nodes(procs)
     return {name: {"median_ms": _median(v), "p90_ms": _percentile(v, 0.9), "count": len(v)}
             for name, v in times.items()}

@@ -27,9 +27,10 @@ from enshuffle.chain import Chain, ChainError, record_head_in_home, trust_proble
 from enshuffle.coordinator.distributed import DistributedCompute, default_disguise
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
 from enshuffle.coordinator.offload import default_cost_model
+from enshuffle.coordinator.reputation import QUARANTINE_AFTER
 from enshuffle.coordinator.report import (eprint, join_commands, listen_text, report_epoch, report_ledger,
                                             save_weights)
-from enshuffle.coordinator.server import CoordinatorServer, StepAbandoned, TrainingAborted
+from enshuffle.coordinator.server import CoordinatorServer, Listener, ServerConfig, StepAbandoned, TrainingAborted
 from enshuffle.coordinator.settings import DEFAULT_BIND, RunConfig, RunRecord
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
 from enshuffle.coordinator.training import Trainer
@@ -128,25 +129,34 @@ class CoordinatorRun:
                                 data_source=config.data_source,
                                 serving=serving.recorded() if config.keep_serving else None)
         self.admission = admission
+        server_config = ServerConfig(max_exposure=config.max_exposure, replicate=serving.replicate,
+                                     quarantine_after=serving.quarantine_after or QUARANTINE_AFTER,
+                                     log=self._server_log)
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
-        self.server = CoordinatorServer(serving.bind or DEFAULT_BIND, self.identity, self.state,
-                                        ledger=ExposureLedger(ledger_axes(preset.layers)),
-                                        control=self.control, log=None if quiet else stamped, admission=admission,
-                                        max_exposure=config.max_exposure)
+        listener = Listener(serving.bind or DEFAULT_BIND, server_config)
         if self.run_dir:
             try:
                 self._check_run_dir(resume)
             except BaseException:
-                self.server.close("shutdown")
+                listener.close()
                 raise
-        self.server.replicate = serving.replicate
-        if serving.quarantine_after:
-            self.server.reputation.quarantine_after = serving.quarantine_after
         secret = plan_secret(self.run_dir) if self.run_dir else secrets.randbits(256)
-        self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), self.server.attach,
-                                          ledger=self.server.ledger, **inputs.source(),
-                                          disguise=config.disguise or default_disguise(preset), layers=preset.layers,
-                                          offload=config.offload, cost_model=default_cost_model())
+        ledger = ExposureLedger(ledger_axes(preset.layers))
+        # The compute hands the server it makes its plan (the slots and their statics); the
+        # server is the compute's executor.
+        serve = CoordinatorServer.factory(listener, self.identity, self.state, ledger, config=server_config,
+                                          control=self.control, admission=admission)
+        try:
+            self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), serve,
+                                              ledger=ledger, **inputs.source(),
+                                              disguise=config.disguise or default_disguise(preset),
+                                              layers=preset.layers, offload=config.offload,
+                                              cost_model=default_cost_model())
+        except BaseException:
+            listener.close()
+            raise
+        assert isinstance(self.compute.executor, CoordinatorServer)
+        self.server = self.compute.executor
         # Initial weights and sample order from the same secret: nothing public anchors the run.
         self.trainer = Trainer(preset, inputs, self.compute, secret=secret)
         with self.state.lock:
@@ -257,6 +267,11 @@ class CoordinatorRun:
 
     def log(self, line: str) -> None:
         self.state.add_log(line)
+        if not self.quiet:
+            stamped(line)
+
+    def _server_log(self, line: str) -> None:
+        """The server's log lines (already in the state's log): on stderr unless quiet."""
         if not self.quiet:
             stamped(line)
 

@@ -10,8 +10,13 @@ units). Each shard has one owner session. A session that ends (BYE, silence, a n
 the same key) loses its shards at once to the least-loaded live session, which first receives
 the shard's static operands, and its outstanding batches are re-issued; new sessions take over
 shards only at a step boundary, so membership changes never split a step. Which node gets which
-shard or batch, under the exposure bound, is decided by `scheduling.Scheduler`; this module
-carries the decisions out over the socket.
+shard or batch, under the exposure bound, is decided by `scheduling.Scheduler`; who may join by
+`admission.decide`; whether a result holds by `checker.ResultChecker`; how a node's state and
+its reason for waiting read by `presence`. This module carries the decisions out over the socket.
+
+What it serves is handed to it at construction: the compute makes it (`CoordinatorServer.factory`
+as its executor factory) and gives it a `SlotPlan`, on a `Listener` bound beforehand, with a
+`ServerConfig` (leases, heartbeats, checks, quarantine, logging) that nothing changes afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 try:
     import resource
 except ImportError:  # not on every platform
-    resource = None
+    resource = None  # type: ignore[assignment]
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -32,16 +37,19 @@ import numpy as np
 import zmq
 
 from enshuffle import batch as vocabulary
+from enshuffle.coordinator import presence
+from enshuffle.coordinator.admission import Admit, decide
+from enshuffle.coordinator.checker import ResultChecker
 from enshuffle.coordinator.distributed import Batch
 from enshuffle.coordinator.ledger import ExposureLedger
-from enshuffle.coordinator.reputation import Reputation
+from enshuffle.coordinator.presence import NodeState, WaitReason
+from enshuffle.coordinator.reputation import QUARANTINE_AFTER, Reputation
 from enshuffle.coordinator.scheduling import Scheduler
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, NodeRow
-from enshuffle.coordinator.verify import StaticNorms, check_matmul, check_replica
 from enshuffle.protocol.handshake import Pending, check_hello, frame_digest, make_challenge
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
 from enshuffle.protocol.text import printable
-from enshuffle.protocol.messages import (COUNTER_BYTES, OPS, PREFIX_BYTES, PROTOCOL_VERSION, TAG_BYTES, Channel,
+from enshuffle.protocol.messages import (COUNTER_BYTES, PREFIX_BYTES, PROTOCOL_VERSION, TAG_BYTES, Channel,
                                          Limits, ProtocolError, decode, encode, inner_parts)
 
 LEASE_MIN_MS = 2000
@@ -172,8 +180,8 @@ class Session:
     label: str  # how the ledger and the operator know this node across reconnects
     credit: int
     want: int
+    channel: Channel  # sealing and opening under the session key
     address: str = ""
-    channel: Channel | None = None
     admitted: str = ""  # how admission let it in: open, local, allow-list, invited, invite code
     joined: bool = False  # the node's first sealed message arrived: it accepted our key
     joining_since: float = field(default_factory=time.monotonic)
@@ -203,29 +211,63 @@ class Session:
 
 
 KEEPALIVE_S = 0.1  # keepalive() services the socket at most this often between the coordinator's own work
-RATE_STALE_S = 5.0  # no result for this long: the node's rate shows 0, not its last burst
 
 
-class CoordinatorServer:
-    """ROUTER socket, sessions, leases, statics and the Executor interface for DistributedCompute."""
+@dataclass(frozen=True)
+class ServerConfig:
+    """How a coordinator serves, fixed for its run and given at construction: its leases (the
+    policy WELCOME sends), heartbeats and credit, what a message may be, how many nodes it takes,
+    the exposure bound, how results are checked, when a key is quarantined, its reply budget per
+    peer address, and where its log lines go (besides the state's log)."""
 
-    def __init__(self, bind: str, identity: Identity, state: CoordinatorState, ledger: ExposureLedger, *,
-                 control: CoordinatorControl | None = None, heartbeat_ms: int = 1000, max_credit: int = 2,
-                 log: Callable[[str], None] | None = None, context: zmq.Context | None = None,
-                 limits: Limits = COORDINATOR_LIMITS, admission=None, max_sessions: int = MAX_SESSIONS,
-                 max_exposure: float | None = None, lease: LeasePolicy = DEFAULT_LEASE):
-        self.identity = identity
-        self.lease = lease  # sent in WELCOME; what every session's leases follow
-        self.admission = admission  # enshuffle.coordinator.admission.Admission; None admits everyone
-        self.max_sessions = max_sessions
-        self.limits = limits  # what a node's message may be (docs/protocol.md section 14)
-        self.state = state
-        self.ledger = ledger
-        self.control = control or CoordinatorControl()
-        self.heartbeat_ms = heartbeat_ms
-        self.max_credit = max_credit
-        self._log = log or (lambda line: None)
-        self.run_id = secrets.token_hex(8)
+    lease: LeasePolicy = DEFAULT_LEASE
+    heartbeat_ms: int = 1000
+    max_credit: int = 2
+    limits: Limits = COORDINATOR_LIMITS  # what a node's message may be (docs/protocol.md section 14)
+    max_sessions: int = MAX_SESSIONS
+    max_exposure: float | None = None  # --max-exposure: raises the bound above one slot's block
+    verify_results: bool = True  # Freivalds' test on every result (docs/design.md, "Checking results")
+    replicate: bool = False  # also compute results of untrusted keys here and compare (--replicate)
+    quarantine_after: int = QUARANTINE_AFTER  # wrong results before a key is quarantined
+    address_replies_per_s: float = float(ADDRESS_REPLIES_PER_S)  # CHALLENGEs a second per peer address
+    log: Callable[[str], None] | None = None  # each log line, after the state's log; None: only there
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """What the server needs of the compute it serves, handed to it at construction: the number
+    of slots, what serving one exposes, each slot's static operands (and their STATIC fields),
+    how a resident batch is fitted to what a node holds and checked, and the generator of the
+    per-batch disguise secrets (reseeded between batches). The compute holds the server as its
+    executor; the server holds only these."""
+
+    slots: int
+    slot_exposure: Callable[[int], list]
+    static_arrays: Callable[[int], dict[str, np.ndarray]]
+    static_exposure: Callable[[int], list]
+    static_fields: Callable[[int, str], dict] = lambda shard, name: {}
+    fit_batch: Callable[[Batch, int | None], Batch] = lambda batch, held: batch
+    replay_from: Callable[[Batch], int] = lambda batch: 0
+    check_resident: Callable[[Batch, np.ndarray], str | None] = \
+        lambda batch, c: "a resident result cannot be checked without a resident disguise"
+    disguise_rng: object = None
+
+    @classmethod
+    def of(cls, compute) -> "SlotPlan":
+        """The plan of a `DistributedCompute` (or anything with its slot methods)."""
+        return cls(slots=compute.k, slot_exposure=compute.slot_exposure, static_arrays=compute.static_arrays,
+                   static_exposure=compute.static_exposure,
+                   static_fields=getattr(compute, "static_fields", lambda shard, name: {}),
+                   fit_batch=compute.fit_batch, replay_from=compute.replay_from, check_resident=compute.check_resident,
+                   disguise_rng=getattr(compute, "rng", None))
+
+
+class Listener:
+    """The coordinator's ROUTER socket, bound: made before the run so a coordinator that cannot
+    listen stops before anything else is set up, and handed to `CoordinatorServer`."""
+
+    def __init__(self, bind: str, config: ServerConfig | None = None, context: zmq.Context | None = None):
+        config = config or ServerConfig()
         raise_open_file_limit()
         self.ctx = context or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -235,13 +277,13 @@ class CoordinatorServer:
         # A TCP connection that never completes its ZMTP greeting (a plain connect that says
         # nothing) is closed by libzmq after this long instead of 30 s: idle connects cannot pile up.
         self.sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, config.limits.max_message_bytes)
         # At most RCVHWM messages wait per connection (then libzmq stops reading that peer's TCP
         # stream): an honest node has at most credit + a few in flight; a flooding stranger's
         # backlog stays small instead of the default 1,000 messages. With MAXMSGSIZE this bounds
         # what one connection can make libzmq hold: RCVHWM x MAXMSGSIZE, authenticated or not
         # (except an unfinished multi-part message: docs/protocol.md section 16).
-        self.sock.setsockopt(zmq.RCVHWM, max(RECEIVE_HWM, 2 * max_credit + 4))
+        self.sock.setsockopt(zmq.RCVHWM, max(RECEIVE_HWM, 2 * config.max_credit + 4))
         # No libzmq (ZMTP) heartbeats: with them, a peer that floods a connection until libzmq
         # stops reading it makes libzmq abort the whole process (`Assertion failed: !_io_error`,
         # stream_engine_base.cpp; libzmq issues 3937, 4364, 4767), as scripts/fuzz_load.py did.
@@ -252,6 +294,44 @@ class CoordinatorServer:
             self.sock.close(0)
             raise OSError(f"cannot listen on {bind}: {exc.strerror}; choose another --bind address or port") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.config = config  # what the socket was set up for (message size, credit)
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class CoordinatorServer:
+    """ROUTER socket, sessions, leases, statics and the Executor interface for DistributedCompute.
+
+    Made by the compute it serves, which hands it its `SlotPlan` (`executor_factory`), on a
+    `Listener` (or an address to bind), with its `ServerConfig`."""
+
+    def __init__(self, listener: Listener | str, identity: Identity, state: CoordinatorState,
+                 ledger: ExposureLedger, plan: SlotPlan, *, config: ServerConfig | None = None,
+                 control: CoordinatorControl | None = None, context: zmq.Context | None = None,
+                 admission=None):
+        config = config or ServerConfig()
+        if isinstance(listener, str):
+            listener = Listener(listener, config, context)
+        elif listener.config.limits != config.limits or listener.config.max_credit != config.max_credit:
+            raise ValueError("the listener was set up for other limits or credit than the server's config")
+        self.config = config
+        self.identity = identity
+        self.lease = config.lease  # sent in WELCOME; what every session's leases follow
+        self.admission = admission  # enshuffle.coordinator.admission.Admission; None admits everyone
+        self.max_sessions = config.max_sessions
+        self.limits = config.limits  # what a node's message may be (docs/protocol.md section 14)
+        self.state = state
+        self.ledger = ledger
+        self.control = control or CoordinatorControl()
+        self.heartbeat_ms = config.heartbeat_ms
+        self.max_credit = config.max_credit
+        self._log = config.log or (lambda line: None)
+        self.run_id = secrets.token_hex(8)
+        self.listener = listener
+        self.ctx = listener.ctx
+        self.sock = listener.sock
+        self.endpoint = listener.endpoint
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.sessions: dict[str, Session] = {}  # node_id -> live session
@@ -262,13 +342,13 @@ class CoordinatorServer:
         self.pending: OrderedDict[bytes, Pending] = OrderedDict()  # routing id -> CHALLENGE sent
         self._refused_at: OrderedDict[bytes, float] = OrderedDict()  # routing id -> last REFUSE
         self._reply_budget = (time.monotonic(), float(HANDSHAKE_REPLIES_PER_S))
-        self.address_replies_per_s = float(ADDRESS_REPLIES_PER_S)
+        self.address_replies_per_s = config.address_replies_per_s
         self._address_budget: OrderedDict[str, tuple[float, float]] = OrderedDict()  # address -> (when, tokens)
         self._challenged: OrderedDict[bytes, None] = OrderedDict()  # one CHALLENGE per connection
         self.crypto_seconds = 0.0  # handshakes + sealing/opening: what `enshuffle bench` reports
         self._dirty = True  # something changed that the next pump() must act on at once
         self._swept_at = 0.0
-        self.compute = None  # DistributedCompute, set by attach()
+        self.plan = plan  # what the compute this server serves hands it
         self._statics: dict[int, dict[str, np.ndarray]] = {}
         self._seq = 0
         self._node_counter = 0
@@ -284,26 +364,37 @@ class CoordinatorServer:
         self._waiting_logged = False
         self._status_before_wait: str | None = None  # the status "waiting for nodes" replaced mid-run
         self._min_nodes_wanted = 0  # wait_for_nodes(count): until then a node waits for the others
-        # (starting: bool) -> why no node will ever come (e.g. every local node process exited), or None
-        self.give_up: Callable[[bool], str | None] | None = None
+        # (starting: bool) -> why no node will ever come (e.g. every local node process exited), or
+        # None: given to wait_for_nodes, and asked again while a step waits with no node
+        self._give_up: Callable[[bool], str | None] | None = None
+        self.wait_problem: str | None = None
         self._published_at = 0.0
         self._warnings: dict[str, tuple[float, int, int]] = {}
         self.banned: set[bytes] = set()
-        self.verify_results = True  # Freivalds' test on every result (docs/design.md, "Checking results")
-        self.reputation = Reputation()  # per node key: accepted, refused and why, quarantine
-        self.replicate = False  # also compute results of untrusted keys here and compare (--replicate)
-        self._verify_rng = np.random.default_rng()
-        self._static_norms: dict[str, object] = {}
+        # per node key: accepted, refused and why, quarantine
+        self.reputation = Reputation(quarantine_after=config.quarantine_after)
+        self.checker = ResultChecker(self.static_arrays, plan.check_resident, verify=config.verify_results,
+                                     replicate=config.replicate, needs_replica=self.reputation.needs_replica)
         self._pumped_at = 0.0  # when pump() last polled the socket (keepalive)
-        self.check_seconds = 0.0  # this thread's CPU in result checks (what `enshuffle bench` reports)
         # Shard ownership and the exposure bound (docs/design.md, "Privacy"): per bounded kind, the
         # share a node may ever hold; by default one slot's block. A slot never moves to a node it
         # would push over.
         # The same ledger per group of keys (the keys one invite code admitted): the bound holds per
         # group too. Kept here only for the bound; the operator's ledger stays per node key.
         self.group_ledger = ExposureLedger(ledger.axes)
-        self.scheduler = Scheduler(ledger, self.sessions, max_exposure=max_exposure, log=self.log,
+        self.scheduler = Scheduler(ledger, self.sessions, max_exposure=config.max_exposure, log=self.log,
                                    changed=self._mark_dirty, group_ledger=self.group_ledger)
+        self.scheduler.attach(plan.slots, plan.slot_exposure)
+        with self.state.lock:
+            self.state.exposure_bound = self.bound["images"]
+            self.state.bound_raised = self.bound_raised
+
+    @classmethod
+    def factory(cls, listener: Listener | str, identity: Identity, state: CoordinatorState, ledger: ExposureLedger,
+                **options) -> Callable[[object], "CoordinatorServer"]:
+        """An `executor_factory` for `DistributedCompute`: the server it makes is handed the
+        compute's `SlotPlan` (`options`: the constructor's keywords)."""
+        return lambda compute: cls(listener, identity, state, ledger, SlotPlan.of(compute), **options)
 
     def _mark_dirty(self) -> None:
         self._dirty = True
@@ -321,20 +412,16 @@ class CoordinatorServer:
     def bound_raised(self) -> bool:
         return self.scheduler.bound_raised
 
+    @property
+    def check_seconds(self) -> float:
+        """This thread's CPU in result checks (what `enshuffle bench` reports)."""
+        return self.checker.seconds
+
     # -- plumbing ---------------------------------------------------------------------
     def log(self, line: str) -> None:
         line = printable(line, 4000)  # one line, whatever a peer put in it (names, texts, reasons)
         self.state.add_log(line)
         self._log(line)
-
-    def attach(self, compute) -> "CoordinatorServer":
-        """Called by DistributedCompute as its executor factory."""
-        self.compute = compute
-        self.scheduler.attach(compute.k, compute.slot_exposure)
-        with self.state.lock:
-            self.state.exposure_bound = self.bound["images"]
-            self.state.bound_raised = self.bound_raised
-        return self
 
     def eligible(self, session: "Session", shard: int) -> bool:
         """May `session` serve `shard` under the exposure bound? (`Scheduler.eligible`)"""
@@ -343,7 +430,7 @@ class CoordinatorServer:
     def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
         arrays = self._statics.get(shard)
         if arrays is None:
-            arrays = self._statics[shard] = self.compute.static_arrays(shard)
+            arrays = self._statics[shard] = self.plan.static_arrays(shard)
         return arrays
 
     def _next_seq(self) -> int:
@@ -436,7 +523,7 @@ class CoordinatorServer:
         task.result_bytes = int(np.prod(task.shape)) * dtype.itemsize
         self._tasks[task.batch_id] = task
         # This batch's disguise secrets are drawn: the next batch's come from a fresh seed.
-        if reseed(getattr(self.compute, "rng", None)):
+        if reseed(self.plan.disguise_rng):
             self.counters["reseeded"] += 1
         self.scheduler.enqueue(task)
         self._dirty = False
@@ -455,15 +542,15 @@ class CoordinatorServer:
                 if self.control.stop_requested and not any(s.want > 0 for s in self.sessions.values()):
                     raise StepAbandoned("stop requested while no node is connected or every node has paused: "
                                         "the step cannot finish")
-                if self.give_up is not None and (not self.sessions or self.scheduler.blocked):
+                if self._give_up is not None and (not self.sessions or self.scheduler.blocked):
                     # A local cluster: a block waiting under the bound waits for a node that exited.
-                    problem = self.give_up(bool(self.scheduler.blocked))
+                    problem = self._give_up(bool(self.scheduler.blocked))
                     if problem:
                         raise TrainingAborted(problem)
                 self.pump(timeout_ms=self._poll_timeout())
         finally:
             self.forget(tasks)
-        return [t.result for t in tasks]
+        return [t.result for t in tasks if t.result is not None]  # every one has its result here
 
     def step_done(self) -> None:
         """Step boundary: idle sessions take over shards from sessions holding several. The
@@ -487,27 +574,24 @@ class CoordinatorServer:
     def wait_for_nodes(self, count: int, should_stop: Callable[[], bool] = lambda: False,
                        give_up: Callable[[bool], str | None] | None = None) -> bool:
         """Pump until `count` nodes are connected; False if asked to stop first, or when
-        `give_up(True)` names a reason to stop waiting (kept in `wait_problem`)."""
-        self.wait_problem: str | None = None
+        `give_up(True)` names a reason to stop waiting (kept in `wait_problem`). `give_up` is
+        asked again (`give_up(blocked)`) whenever a step waits with no node, or with a block no
+        node may take: a local cluster's node processes that exited will not come back."""
+        self.wait_problem = None
+        self._give_up = give_up
         self._min_nodes_wanted = count
 
         def ready() -> int:  # a paused node cannot compute: it does not count toward --min-nodes
             return sum(1 for s in self.sessions.values() if s.want > 0)
 
         def say_waiting() -> None:
-            paused = len(self.sessions) - ready()
-            self._set_status(f"waiting for nodes: {ready()} of {count} connected" if not paused else
-                             f"waiting for nodes: {ready()} of {count} ready to compute ({paused} connected "
-                             f"but paused)")
+            self._set_status(presence.nodes_wanted_status(ready(), count, len(self.sessions)))
 
         # Statics and their check probes are prepared now, before the first node is welcomed, so
         # sending and checking them later never silences the coordinator after a WELCOME (the
         # probes used to be drawn at the first large check, seconds under load).
         for shard in range(len(self.owner)):
-            for name, static in self.static_arrays(shard).items():
-                if name not in self._static_norms:
-                    self._static_norms[name] = StaticNorms(static, self._verify_rng)
-                    self._static_norms[name].prepare()
+            self.checker.prepare(shard)
         if ready() < count:
             self.log(f"waiting for {count} node{'s' if count != 1 else ''} to connect ({ready()} so far)")
             self._waiting_logged = True  # no second "waiting" line from pump()
@@ -532,14 +616,13 @@ class CoordinatorServer:
 
     def crypto_total(self) -> float:
         """Seconds this coordinator spent on cryptography: handshakes, sealing and opening."""
-        live = sum(s.channel.seconds for s in (*self.sessions.values(), *self.joining.values()) if s.channel)
+        live = sum(s.channel.seconds for s in (*self.sessions.values(), *self.joining.values()))
         return self.crypto_seconds + live
 
     def _end_session(self, session: Session, why: str) -> None:
         self._dirty = True
-        if session.channel is not None:
-            self.crypto_seconds += session.channel.seconds
-            session.channel.seconds = 0.0
+        self.crypto_seconds += session.channel.seconds
+        session.channel.seconds = 0.0
         if self.joining.get(session.routing_id) is session:
             del self.joining[session.routing_id]
             self._forget(session)
@@ -551,7 +634,7 @@ class CoordinatorServer:
         with self.state.lock:
             row = self.state.nodes.get(session.label)
             if row is not None:
-                row.state = "lost"
+                row.state = NodeState.LOST.value
                 row.reason = why
                 row.outstanding = 0
         self._forget(session)
@@ -645,21 +728,17 @@ class CoordinatorServer:
         stalled = any(s.queue for s in self.sessions.values())
         bound_wait = self.scheduler.bound_wait()
         if bound_wait:
-            blocks = ", ".join(str(b) for b in sorted(bound_wait))
             if self._status_before_wait is None:
                 self._status_before_wait = self.state.status
-            self._set_status(f"waiting: block {blocks} needs a node within the exposure bound")
+            self._set_status(presence.bound_wait_status(bound_wait))
         elif not self.sessions or (all_paused and stalled):
-            why = ("no nodes connected" if not self.sessions
-                   else f"every connected node has paused ({len(self.sessions)})")
             if not self._waiting_logged and (self.scheduler.waiting or self.owner):
-                self.log(f"{why}: waiting for nodes")
+                self.log(presence.no_nodes_log(len(self.sessions)))
                 self._waiting_logged = True
             if self.scheduler.waiting or stalled:
                 if self._status_before_wait is None:
                     self._status_before_wait = self.state.status
-                self._set_status("waiting for nodes: none connected" if not self.sessions
-                                 else "waiting for nodes: every node has paused")
+                self._set_status(presence.no_nodes_status(len(self.sessions)))
         else:
             self._waiting_logged = False
             if self._status_before_wait is not None:  # nodes are back: say what we were doing again
@@ -702,12 +781,12 @@ class CoordinatorServer:
             self._end_session(session, "it cannot store its static operands")
             return False
         for name in missing:
-            self.ledger.record(session.label, self.compute.static_exposure(shard))
+            self.ledger.record(session.label, self.plan.static_exposure(shard))
             if session.group is not None:
-                self.group_ledger.record(session.group, self.compute.static_exposure(shard))
+                self.group_ledger.record(session.group, self.plan.static_exposure(shard))
             share = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
             header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
-            fields = self.compute.static_fields(shard, name) if hasattr(self.compute, "static_fields") else {}
+            fields = self.plan.static_fields(shard, name)
             header.update(fields)
             if not self._send(session, "STATIC", header, {"x": arrays[name]}):
                 return False
@@ -748,7 +827,7 @@ class CoordinatorServer:
         if task.batch.op == "resident":
             held = session.state_versions.get(task.batch.params["state"])
             past = bool(task.batch.params.get("backward")) and held is not None and held >= task.batch.params["version"]
-            if held is not None and (held < self.compute.replay_from(task.batch) or past):
+            if held is not None and (held < self.plan.replay_from(task.batch) or past):
                 # it served the slot before the last checkpoint: the updates it lacks are gone from
                 # the log, so it gets the checkpoint again (so does a node sent this backward
                 # before, a re-issue: its state is already past the V the backward needs)
@@ -772,7 +851,7 @@ class CoordinatorServer:
         exposure = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
         batch = task.batch
         if batch.op == "resident":  # the updates this node's copy of the slot's state lacks
-            batch = self.compute.fit_batch(batch, session.state_versions.get(batch.params["state"]))
+            batch = self.plan.fit_batch(batch, session.state_versions.get(batch.params["state"]))
         header = {"run_id": self.run_id, "batch_id": task.batch_id, "seq": task.seq, "step": self.step,
                   "op": batch.op, "params": batch.params, "lease_ms": max(1, int(lease * 1000)),
                   "exposure": exposure}
@@ -839,7 +918,8 @@ class CoordinatorServer:
     def _heartbeat(self, session: Session) -> None:
         """HEARTBEAT, its encoded header kept while credit and outstanding stay the same (an idle
         node gets the same one every second: encoding it once saves most of its cost)."""
-        reason = None if session.outstanding or session.want == 0 else self.waiting_reason(session)
+        why = None if session.outstanding or session.want == 0 else self.waiting_reason(session)
+        reason = why.text() if why is not None else None
         key = (session.credit, len(session.outstanding), reason)
         if session.heartbeat_inner is None or session.heartbeat_inner[0] != key:
             header = {"node_id": session.node_id, "credit": key[0], "outstanding": key[1]}
@@ -860,57 +940,19 @@ class CoordinatorServer:
         if now - self._published_at < 0.2:
             return
         self._published_at = now
-        shares, forms = self.ledger.shares(), self.ledger.forms()
-        wall = time.time()
-        with self.state.lock:
-            for session in self.sessions.values():
-                row = self.state.nodes.get(session.label)
-                if row is None:
-                    continue
-                row.outstanding = len(session.outstanding)
-                row.batches_done = session.done
-                row.state, row.reason = self.node_state(session)
-                row.last_seen = wall - (now - session.last_seen)
-                window = session.rate_window
-                row.rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 and window[-1] > window[0] else 0.0
-                if not window or now - window[-1] > RATE_STALE_S:
-                    row.rate = 0.0  # a paused or waiting node computes nothing: no stale rate
-                row.exposure = dict(shares.get(session.label, {}))
-                row.forms = dict(forms.get(session.label, {}))
+        presence.publish_rows(self.state, self.sessions.values(), self.ledger.shares(), self.ledger.forms(), now,
+                              self.node_state)
 
-    def waiting_reason(self, session: Session) -> str | None:
-        """Why a live, unpaused node with no batch in hand has none: one plain sentence, shown in
-        the console and sent to the node (HEARTBEAT `waiting`), or None for the ordinary gap
-        between two batches. New reasons belong here."""
-        if len(self.sessions) < self._min_nodes_wanted:
-            return f"the coordinator needs {self._min_nodes_wanted} nodes to start, {len(self.sessions)} connected"
-        if self.control.paused:
-            return "the operator has paused the run"
-        if self.finished:
-            return "the run has finished"
-        blocked = self.scheduler.bound_wait() if self.scheduler.blocked else set()
-        if self.owner and session.node_id not in self.owner:
-            if blocked:
-                return (f"on standby: block {', '.join(map(str, sorted(blocked)))} waits for a node, but this node "
-                        f"may not take it: it would then hold more than the exposure bound allows "
-                        f"({self.scheduler.bound_text()})")
-            return (f"on standby: all {len(self.owner)} blocks are held by other nodes; it takes one over when "
-                    f"a node leaves or pauses")
-        if blocked:
-            return (f"block {', '.join(map(str, sorted(blocked)))} waits for a node within the exposure bound; "
-                    f"the step goes on when its node comes back or a new node joins")
-        return None
+    def waiting_reason(self, session: Session) -> WaitReason | None:
+        """Why a live, unpaused node with no batch in hand has none (`presence.waiting_reason`),
+        or None for the ordinary gap between two batches."""
+        return presence.waiting_reason(session.node_id, connected=len(self.sessions), needed=self._min_nodes_wanted,
+                                       paused=self.control.paused, finished=self.finished, scheduler=self.scheduler)
 
-    def node_state(self, session: Session) -> tuple[str, str]:
+    def node_state(self, session: Session) -> tuple[NodeState, str]:
         """(state, reason) as the operator sees a live node: working / paused / standby / waiting."""
-        if session.outstanding:
-            return "working", ""
-        if session.want == 0:
-            return "paused", "paused by its volunteer"
-        reason = self.waiting_reason(session)
-        if reason is None:
-            return "waiting", "between batches"
-        return ("standby" if reason.startswith("on standby") else "waiting"), reason
+        return presence.node_state(busy=bool(session.outstanding), paused=session.want == 0,
+                                   reason=lambda: self.waiting_reason(session))
 
     # -- handling what arrives -----------------------------------------------------------
     def _handle(self, frames: list) -> None:
@@ -1104,55 +1146,21 @@ class CoordinatorServer:
         self.crypto_seconds += time.perf_counter() - start
         self.counters["handshakes"] += 1
         fp = fingerprint(key)
-        refuse = None
-        admitted, how = (True, "open") if self.admission is None else \
-            self.admission.check(key, header.get("invite"), pending.challenge)
-        twins = [s for s in (*self.sessions.values(), *self.joining.values()) if s.key == key]
-        if header["protocol"] != PROTOCOL_VERSION:
-            refuse = ("version-mismatch", f"this coordinator speaks protocol {PROTOCOL_VERSION}")
-        elif self.finished:
-            refuse = ("run-finished", "training has ended")
-        elif key in self.banned:
-            refuse = ("not-allowed", "this node was evicted from the run for sending malformed or unverifiable messages")
-        elif not admitted:
-            why = getattr(self.admission, "refusal_text", None)
-            refuse = ("not-allowed", why(key, header.get("invite"), pending.challenge) if why else
-                      f"key {fp} is not admitted here: ask the operator to add it to the "
-                      f"coordinator's --allow file, or for an invite code (enshuffle invite)")
-        elif self.reputation.is_quarantined(key):
-            rec = self.reputation.records[key]
-            refuse = ("quarantined", f"this node's key is quarantined for this run ({rec.lies} wrong results; "
-                                     f"last: {rec.reason[:200]}); ask the operator to re-admit it")
-        else:
-            caps = header["capabilities"]
-            ops = caps.get("ops") if isinstance(caps, dict) else None
-            credit = caps.get("credit") if isinstance(caps, dict) else None
-            if not isinstance(ops, list) or not set(OPS) <= set(ops) or not isinstance(credit, int) or credit < 1:
-                refuse = ("bad-hello", f"capabilities must list every op of {', '.join(OPS)} and a credit >= 1")
-        if refuse is None and twins:
-            live = twins[0]
-            # A session still heard from recently is a second process with the same key (twins),
-            # not this node reconnecting: refuse the newcomer and say where the other one is.
-            # A node's own reconnect names the session it leaves (HELLO `replaces`, signed by the
-            # key): it replaces that session even when its heartbeats are recent (the coordinator
-            # was the silent one, busy with its own work).
-            own = isinstance(header.get("replaces"), str) and header["replaces"] == live.node_id
-            if not own and time.monotonic() - live.last_seen < 2 * self.heartbeat_ms / 1000:
-                refuse = ("duplicate-key", f"another node with key {short_fingerprint(fp)} is already connected "
-                                           f"(from {live.address or 'an unknown address'}, as {live.label}); "
-                                           f"each node process needs its own key: give each a different --name "
-                                           f"or ENSHUFFLE_HOME")
-                self._warn("twins", f"refused a second node with the key of {live.label} "
-                                    f"({short_fingerprint(fp)}) from {address or 'unknown'}: the key is already "
-                                    f"connected from {live.address or 'unknown'}; each process needs its own --name")
-        if refuse is None and len(self.sessions) + len(self.joining) - len(twins) >= self.max_sessions:
-            refuse = ("busy", f"this coordinator takes at most {self.max_sessions} nodes")
-        if refuse:
-            if self._refuse(routing_id, header.get("nonce"), *refuse):
-                self._warn("refused", f"refused node {printable(header.get('name'), 40)!r} ({short_fingerprint(fp)}) "
-                                      f"from {address or 'unknown'}: {refuse[0]}")
+        verdict = decide(key, header, pending.challenge, admission=self.admission, finished=self.finished,
+                         banned=key in self.banned,
+                         quarantine=self.reputation.records[key] if self.reputation.is_quarantined(key) else None,
+                         twins=[s for s in (*self.sessions.values(), *self.joining.values()) if s.key == key],
+                         sessions=len(self.sessions) + len(self.joining), max_sessions=self.max_sessions,
+                         heartbeat_ms=self.heartbeat_ms, now=time.monotonic(), address=address)
+        if not isinstance(verdict, Admit):
+            if verdict.warn:
+                self._warn("twins", verdict.warn)
+            if self._refuse(routing_id, header.get("nonce"), verdict.code, verdict.text):
+                self._warn("refused", f"refused node {printable(header.get('name'), 40)!r} "
+                                      f"({short_fingerprint(fp)}) from {address or 'unknown'}: "
+                                      f"{verdict.code}")
             return
-        for old in twins:
+        for old in verdict.replaces:
             self._end_session(old, "it reconnected (a new HELLO with the same key)")
         self._node_counter += 1
         node_id = f"n{self._node_counter}"
@@ -1170,7 +1178,7 @@ class CoordinatorServer:
             and max_message > 0 else 0
         session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=printable(header["name"], 200),
                           label=label, credit=credit, want=credit, address=address, channel=channel,
-                          admitted=how, lease=self.lease, max_message=max_message,
+                          admitted=verdict.how, lease=self.lease, max_message=max_message,
                           group=self.admission.group_of(key) if hasattr(self.admission, "group_of") else None)
         self.joining[routing_id] = session
         self.reputation.record(key, label, fp)
@@ -1204,7 +1212,7 @@ class CoordinatorServer:
                                                                 fingerprint=session.fingerprint)
             row.node_id = session.node_id
             row.address = session.address
-            row.state = "connected"
+            row.state = NodeState.CONNECTED.value
             row.last_seen = time.time()
         self.log(f"node {session.label} joined as {session.node_id} ({short_fingerprint(session.fingerprint)}), "
                  f"credit {session.credit}, admitted by {session.admitted or 'open'}")
@@ -1244,15 +1252,11 @@ class CoordinatorServer:
             got = "nothing" if c is None else f"{c.dtype}{tuple(c.shape)}"
             self.counters["dropped"] += 1
             self._count_refused(session)
-            problem = f"expected array c {expected_dtype}{task.shape}, got {got}"
-            self.log(f"refused RESULT for batch {task.batch_id} from {session.label}: {problem}")
-            self._refuse_lie(session, task, "wrong-shape", problem)
+            wrong = f"expected array c {expected_dtype}{task.shape}, got {got}"
+            self.log(f"refused RESULT for batch {task.batch_id} from {session.label}: {wrong}")
+            self._refuse_lie(session, task, "wrong-shape", wrong)
             return
-        started = time.thread_time()
-        problem = self._check_result(task, c) if self.verify_results else None
-        if problem is None and self.replicate and self.reputation.needs_replica(session.key):
-            problem = self._check_replica(task, c)
-        self.check_seconds += time.thread_time() - started
+        problem = self.checker.check(task.batch, c, session.key)
         if problem is not None:
             self.counters["wrong"] += 1
             self._count_refused(session)
@@ -1287,7 +1291,7 @@ class CoordinatorServer:
         with self.state.lock:
             row = self.state.nodes.get(session.label)
             if row is not None:
-                row.state = "quarantined"
+                row.state = NodeState.QUARANTINED.value
                 row.quarantine = rec.reason
 
     def _readmit_requested(self) -> None:
@@ -1301,34 +1305,9 @@ class CoordinatorServer:
                 self.log(f"re-admitted node {rec.label} ({short_fingerprint(rec.fingerprint)}): it may connect again")
                 with self.state.lock:
                     row = self.state.nodes.get(rec.label)
-                    if row is not None and row.state == "quarantined":
-                        row.state = "gone"
+                    if row is not None and row.state == NodeState.QUARANTINED:
+                        row.state = NodeState.GONE.value
                         row.quarantine = ""
-
-    def _check_replica(self, task: Task, c: np.ndarray) -> str | None:
-        """Adaptive replication: recompute the product here (float64) and compare every entry."""
-        batch = task.batch
-        name = batch.params.get("a_static")
-        if batch.op != "matmul":  # a resident result's probe check needs no copy of the weights
-            return None
-        static = self.static_arrays(batch.shard)[name] if name else None
-        return check_replica(c, batch.arrays, batch.params, static)
-
-    def _check_result(self, task: Task, c: np.ndarray) -> str | None:
-        """Freivalds' test with tight rounding bounds (enshuffle.coordinator.verify); only products are offloaded."""
-        batch = task.batch
-        if batch.op == "resident":
-            return self.compute.check_resident(batch, c)
-        if batch.op != "matmul":  # never sent (elementwise offload is retired): nothing could vouch for it
-            return f"a {batch.op} result cannot be checked; only products are offloaded"
-        name = batch.params.get("a_static")
-        static = norms = None
-        if name:
-            static = self.static_arrays(batch.shard)[name]
-            norms = self._static_norms.get(name)
-            if norms is None:
-                norms = self._static_norms[name] = StaticNorms(static, self._verify_rng)
-        return check_matmul(c, batch.arrays, batch.params, self._verify_rng, static, norms)
 
     def _on_reject(self, session: Session, msg) -> None:
         self.counters["rejected"] += 1
@@ -1359,8 +1338,10 @@ class CoordinatorServer:
         resync = code in ("state-behind", "state-ahead") and session.resyncs < MAX_RESYNCS
         if resync:
             session.resyncs += 1
-            session.statics_held.discard(task.batch.params.get("state"))
-            session.state_versions.pop(task.batch.params.get("state"), None)
+            state = task.batch.params.get("state")
+            if state is not None:  # a resident batch's: the node gets the checkpoint again
+                session.statics_held.discard(state)
+                session.state_versions.pop(state, None)
         # A resync is the coordinator's bookkeeping, not the node's refusal: it counts for nothing.
         quarantine = not resync and self.reputation.rejected(session.key, str(code), str(text))
         if task.session == session.node_id and task.result is None:
@@ -1394,12 +1375,12 @@ class CoordinatorServer:
             self._send(session, "BYE", {"node_id": session.node_id, "reason": reason})
         self.sessions.clear()
         with self.state.lock:
+            closed, why = presence.closed_reason(self.finished)
             for row in self.state.nodes.values():
-                if row.state not in ("lost", "quarantined"):
-                    row.state = "done" if self.finished else "left"
-                    row.reason = "the run finished" if self.finished else "the coordinator stopped"
+                if row.state not in (NodeState.LOST, NodeState.QUARANTINED):
+                    row.state, row.reason = closed.value, why
                 row.outstanding = 0
-        self.sock.close(0)
+        self.listener.close()
 
     def describe(self) -> str:
         """One line per session and task queue, for diagnosing a stalled run."""
