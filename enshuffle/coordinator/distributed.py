@@ -21,7 +21,7 @@ its forward and backward (docs/design.md, "Privacy"). No node receives labels or
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -83,6 +83,18 @@ class Executor(Protocol):
 
     def step_done(self) -> None:
         """A step boundary: where membership changes may take effect."""
+
+
+@runtime_checkable
+class Batches(Protocol):
+    """An executor that takes batches one at a time (a networked one), or `_RunTogether` around one
+    that only has `run`."""
+
+    def submit(self, batch: Batch) -> Batch: ...
+
+    def collect(self, batches: list[Batch]) -> list[np.ndarray]: ...
+
+    def forget(self, batches: list[Batch]) -> None: ...
 
 
 class DistributedCompute:
@@ -182,15 +194,16 @@ class DistributedCompute:
         self.executor = executor_factory(self)
         # submit/collect/forget: the executor's own, or for one that only has `run`, batches that
         # wait and go together at collect
-        self._batches = self.executor if hasattr(self.executor, "submit") else _RunTogether(self.executor)
+        self._batches: Batches = (self.executor if isinstance(self.executor, Batches)
+                                  else _RunTogether(self.executor))
 
     # -- static operands -------------------------------------------------------------
     def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
         """What a node serving slot `shard` must hold before it can compute that slot's batches."""
         if self.resident is not None:
-            state, _ = self.resident.state_static(shard)
-            out = {static_name("train", shard): self.resident.slots[shard].static,
-                   self.resident.state_name(shard): state}
+            state, _ = self.res.state_static(shard)
+            out = {static_name("train", shard): self.res.slots[shard].static,
+                   self.res.state_name(shard): state}
             for hr in self.hidden_resident.values():
                 out[hr.state_name(shard)] = hr.state_static(shard)[0]
             return out
@@ -199,8 +212,8 @@ class DistributedCompute:
 
     def static_fields(self, shard: int, name: str) -> dict:
         """Extra STATIC header fields: a resident state's version."""
-        if self.resident is not None and name == self.resident.state_name(shard):
-            return {"version": self.resident.state_static(shard)[1]}
+        if self.resident is not None and name == self.res.state_name(shard):
+            return {"version": self.res.state_static(shard)[1]}
         for hr in self.hidden_resident.values():
             if name == hr.state_name(shard):
                 return {"version": hr.state_static(shard)[1]}
@@ -243,7 +256,7 @@ class DistributedCompute:
         slot: its pixel block, row order, and each column's dominant pixel (resident: also the
         mixing blocks and the noise loadings)."""
         if self.resident is not None:
-            rs = self.resident.slots[shard]
+            rs = self.res.slots[shard]
             dominant = np.empty(len(rs.pixels), dtype=np.int64)
             for (lo, hi), m in zip(rs.mix.bounds, rs.mix.blocks):
                 dominant[lo:hi] = lo + np.argmax(np.abs(m), axis=0)
@@ -280,6 +293,12 @@ class DistributedCompute:
             out[hr.state_name(shard)] = {"units": st.units.copy(), "mix_blocks": [m.copy() for m in st.mix.blocks],
                                          "mix_bounds": list(st.mix.bounds), "steps": dict(hr.audit or {})}
         return out
+
+    @property
+    def res(self) -> ResidentDisguise:
+        """The first layer's resident disguise, on the paths that only run under it."""
+        assert self.resident is not None, "only under the resident disguise"
+        return self.resident
 
     def _send(self, batches) -> tuple[list, list]:
         """Start one round trip: every batch `batches` yields goes out as soon as it is built (if
@@ -384,7 +403,7 @@ class DistributedCompute:
                 hb = self.hidden_resident[layer].basis
                 params[f"w{layer}"] = hb.to_units(hb.v0).astype(params[f"w{layer}"].dtype)
             return
-        self.resident.adopt(params["w1"], opt.moments.get("buf_w1"),
+        self.res.adopt(params["w1"], opt.moments.get("buf_w1"),
                             {k: v for k, v in opt.moments.items() if k.startswith("resident_")})
         for layer in self._momentum_layers:
             self.hidden_resident[layer].adopt(params[f"w{layer}"], opt.moments.get(f"buf_w{layer}"))
@@ -399,7 +418,7 @@ class DistributedCompute:
                 changed(shard, reset=reset)
 
     def _resident_batch(self, shard: int, params: dict, arrays: dict) -> Batch:
-        st = self.resident.slots[shard]
+        st = self.res.slots[shard]
         # dz1 reaches the node with its rows, its units mixed by the secret N (clear in the control)
         exposure = [("w1", st.pixels, self._form()), ("samples", [0], POSITIONS_HIDDEN),
                     ("deltas", np.arange(self.hidden), self._form())]
@@ -415,7 +434,7 @@ class DistributedCompute:
     def replay_from(self, batch: Batch) -> int:
         """The version a node that takes over `batch`'s state starts from (its state static's)."""
         hr = self._hidden_of(batch)
-        return (hr or self.resident).replay_from(batch.shard)
+        return (hr or self.res).replay_from(batch.shard)
 
     def fit_batch(self, batch: Batch, held: int | None) -> Batch:
         """`batch` for a node whose state for its slot is at version `held` (None: the node gets
@@ -435,7 +454,7 @@ class DistributedCompute:
                                       fetch=bool(batch.params.get("fetch")),
                                       backward=bool(batch.params.get("backward")))
             return self._hidden_batch(hr, batch.shard, params, arrays)
-        params, arrays = self.resident.batch(batch.shard, batch.arrays.get("rows"), start,
+        params, arrays = self.res.batch(batch.shard, batch.arrays.get("rows"), start,
                                              batch.params["version"], bool(batch.params.get("fetch")))
         return self._resident_batch(batch.shard, params, arrays)
 
@@ -445,8 +464,8 @@ class DistributedCompute:
         if hr is not None:
             return hr.check(batch.shard, batch.params, batch.arrays, c)
         if batch.params.get("fetch"):
-            return self.resident.check_state(batch.shard, c)
-        return self.resident.check_forward(batch.shard, batch.arrays["rows"], c)
+            return self.res.check_state(batch.shard, c)
+        return self.res.check_forward(batch.shard, batch.arrays["rows"], c)
 
     def _hidden_batch(self, hr: HiddenResident, shard: int, params: dict, arrays: dict) -> Batch:
         return Batch(shard, "resident", params, arrays, self._layer_exposure(hr.layer, shard, backward=True,
@@ -496,21 +515,21 @@ class DistributedCompute:
 
     def _resident_forward(self, idx: np.ndarray) -> np.ndarray:
         batches = []
-        for s, (st, rows) in enumerate(zip(self.resident.slots, self.resident.node_rows(idx))):
+        for s, (st, rows) in enumerate(zip(self.res.slots, self.res.node_rows(idx))):
             start = max(st.checkpoint_version, st.version - 1)
-            params, arrays = self.resident.batch(s, rows, start, st.version, fetch=False)
+            params, arrays = self.res.batch(s, rows, start, st.version, fetch=False)
             batches.append(self._resident_batch(s, params, arrays))
         results = self._receive(self._send(batches))
-        return self.resident.combine(idx, [np.asarray(r) for r in results])
+        return self.res.combine(idx, [np.asarray(r) for r in results])
 
     def _resident_fetch(self) -> None:
         """Every slot's state after the issued updates (the first layer's and each shipped hidden
         layer's), checked and made the checkpoint."""
         batches = []
-        for s, st in enumerate(self.resident.slots):
+        for s, st in enumerate(self.res.slots):
             if st.version == st.checkpoint_version:
                 continue
-            params, arrays = self.resident.batch(s, None, max(st.checkpoint_version, st.version - 1),
+            params, arrays = self.res.batch(s, None, max(st.checkpoint_version, st.version - 1),
                                                  st.version, fetch=True)
             batches.append(self._resident_batch(s, params, arrays))
         for hr in self._hidden_shipped():
@@ -522,7 +541,7 @@ class DistributedCompute:
         if not batches:
             return
         for batch, state in zip(batches, self._receive(self._send(batches))):
-            owner = self._hidden_of(batch) or self.resident
+            owner = self._hidden_of(batch) or self.res
             owner.accept_state(batch.shard, np.asarray(state, dtype=np.float64), batch.params["version"])
         self._statics_changed(sorted({batch.shard for batch in batches}))
 
@@ -536,7 +555,7 @@ class DistributedCompute:
                 g = self.basis.precondition(self.images["train"][self._rows("train", idx)].T @ dz1)
             w1_momentum_step(params, opt, g, lr)
             return
-        self.resident.update(self._rows("train", idx), dz1, lr)
+        self.res.update(self._rows("train", idx), dz1, lr)
 
     def sync(self, params: dict[str, np.ndarray], opt) -> None:
         """Bring the trainer's w1 (and its momentum) up to date from the nodes: before a test pass
@@ -556,10 +575,10 @@ class DistributedCompute:
             opt.moments[f"buf_w{hr.layer}"] = buf
         if self._resident_home():
             return
-        w1, buf = self.resident.clean()
+        w1, buf = self.res.clean()
         params["w1"] = w1.astype(params["w1"].dtype)
         opt.moments["buf_w1"] = buf
-        opt.moments.update(self.resident.noise_state())  # kept with the model version, never sent
+        opt.moments.update(self.res.noise_state())  # kept with the model version, never sent
 
     def x_w1(self, which: str, idx, w1: np.ndarray) -> np.ndarray:
         """X[idx] @ w1, contraction over pixels: each slot multiplies its static block (or, when

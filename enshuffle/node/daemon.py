@@ -123,8 +123,8 @@ def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     min(30 s, 0.5 s * 2^k) * U(0.8, 1.2): the jitter keeps many nodes that lost the same
     coordinator from all knocking at the same instant.
     """
-    rng = rng or random
-    return min(30.0, 0.5 * 2.0 ** min(attempt, 16)) * rng.uniform(0.8, 1.2)
+    jitter = rng.uniform(0.8, 1.2) if rng is not None else random.uniform(0.8, 1.2)
+    return min(30.0, 0.5 * 2.0 ** min(attempt, 16)) * jitter
 
 
 def _json_id(value, kind: str):
@@ -237,7 +237,7 @@ class MessageRecorder:
         path = os.path.join(self.directory, f"{self.count:08d}-{msg.command}.npz")
         try:
             with open(path, "wb") as fh:
-                np.savez(fh, **payload)
+                np.savez(fh, **payload)  # type: ignore[arg-type]  # numpy's stub reads a key as allow_pickle
         except OSError as exc:
             self.stopped = True
             self._log(f"recording stopped: cannot write {path}: {exc.strerror}")
@@ -265,7 +265,7 @@ class _Session:
     coordinator_key: bytes
     credit: int
     heartbeat_ms: int
-    channel: Channel | None = None
+    channel: Channel
     statics: dict[str, np.ndarray] = field(default_factory=dict)
     states: dict = field(default_factory=dict)  # name -> kernels.ResidentState (a STATIC with "version")
     static_bytes: int = 0
@@ -600,6 +600,7 @@ class NodeDaemon:
             self._drop(f"WELCOME ({exc})")
             return None
         key = hs.coordinator_key
+        assert key is not None, "a WELCOME verified against the coordinator's key"
         fp = fingerprint(key)
         trust = getattr(self, "_trust", "known")
         hb = h["heartbeat_ms"]

@@ -211,7 +211,7 @@ def exposure_offscreen(available: int, widths: dict[str, int]) -> list[str]:
 def exposure_kinds(state: CoordinatorState) -> tuple[str, ...]:
     """The exposure table's columns: the notebook network's kinds, then any other kind a node's
     ledger row has (a deeper network's w3, activations2, deltas2, ...), in the ledger's order."""
-    extra = []
+    extra: list[str] = []
     for row in state.nodes.values():
         extra.extend(k for k in row.exposure if k not in TENSORS and k not in extra)
     return TENSORS + tuple(extra)
@@ -727,7 +727,7 @@ class CoordinatorApp(SnapshotApp):
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         """Enter on a node: its detail over the console (escape or enter closes it)."""
         if event.data_table.id == "nodes-table" and event.row_key is not None and self.snap is not None:
-            row = self.snap.nodes.get(event.row_key.value)
+            row = self.snap.nodes.get(str(event.row_key.value))
             if row is not None:
                 self.push_screen(NodeDetailScreen(node_detail(row, self.history.of(row.node_id), self.clock())))
 
@@ -831,6 +831,7 @@ class CoordinatorApp(SnapshotApp):
             return
         self.verifying = False
         if event.state == WorkerState.SUCCESS:
+            assert worker.result is not None
             ids, ok, message = worker.result
         else:
             ids, ok = [v.version_id for v in (self.snap.versions if self.snap else [])], False

@@ -9,7 +9,7 @@ new lines of a bounded back-end log to a `Log` widget. `HelpScreen` is the `?` o
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -27,7 +27,7 @@ class TableSync:
     `right` names the column keys whose text is right-aligned (numbers).
     """
 
-    def __init__(self, table: DataTable, columns: Sequence[tuple[str, str, int]], right: set[str] = frozenset()):
+    def __init__(self, table: DataTable, columns: Sequence[tuple[str, str, int]], right: Set[str] = frozenset()):
         self.table = table
         self.column_keys = [key for key, _label, _width in columns]
         self.right = set(right)

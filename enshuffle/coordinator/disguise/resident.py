@@ -68,6 +68,53 @@ CHECK_SLACK = 4.0
 EPS64 = float(np.finfo(np.float64).eps)
 
 
+def _to_full(basis, rows: int, width: int, vs: list[np.ndarray]) -> np.ndarray:
+    """A basis's [V_s] -> w (rows, width): w[block_s] = M_s V_s N^-1 (zero off every block)."""
+    w = np.zeros((rows, width))
+    for block, mix, v in zip(basis.blocks, basis.mix, vs):
+        w[block] = basis.out_mix.right(mix.left(v), inverse=True)
+    return w
+
+
+def _from_full(basis, w: np.ndarray) -> list[np.ndarray]:
+    """w -> a basis's [V_s = M_s^-1 w[block_s] N]."""
+    w = np.asarray(w, dtype=np.float64)
+    return [basis.out_mix.right(mix.inverse_left(w[block])) for block, mix in zip(basis.blocks, basis.mix)]
+
+
+def _precondition(basis, g: np.ndarray) -> np.ndarray:
+    """A gradient g as the V-basis SGD step sees it in w's basis: M_s M_s^T g[block_s] N^-T N^-1."""
+    g = np.asarray(g, dtype=np.float64)
+    out = np.zeros_like(g)
+    for block, mix in zip(basis.blocks, basis.mix):
+        mixed = mix.left(mix.transposed_left(g[block]))
+        out[block] = basis.out_mix.right(basis.out_mix.right(mixed, inverse=True, transposed=True), inverse=True)
+    return out
+
+
+class SlotCheckpoints:
+    """What the first layer's and the hidden layers' resident disguises share: replaying every slot
+    with updates since its checkpoint when no node can be asked."""
+
+    slots: list
+
+    def replay(self, shard: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
+        raise NotImplementedError
+
+    def replay_pending(self) -> list[int]:
+        """Every slot with updates since its checkpoint brought to its last issued version here
+        (`replay`), when no node can be asked: the slots whose checkpoint changed."""
+        changed = []
+        for s, st in enumerate(self.slots):
+            if st.version != st.checkpoint_version:
+                self.accept_state(s, self.replay(s), st.version)
+                changed.append(s)
+        return changed
+
+
 class ResidentBasis:
     """The reparameterization w1[P_s] = M_s V_s (the network the resident disguise trains), and
     V_0. Drawn from the run's secret generator, so a resumed run and the centralized reference
@@ -93,25 +140,16 @@ class ResidentBasis:
 
     def to_pixels(self, vs: list[np.ndarray]) -> np.ndarray:
         """[V_s] -> w1 (784, h1) in the pixel basis: w1[P_s] = M_s V_s N^-1."""
-        w = np.zeros((self.inputs, self.hidden))
-        for block, mix, v in zip(self.blocks, self.mix, vs):
-            w[block] = self.out_mix.right(mix.left(v), inverse=True)
-        return w
+        return _to_full(self, self.inputs, self.hidden, vs)
 
     def from_pixels(self, w: np.ndarray) -> list[np.ndarray]:
         """w1 (784, h1) -> [V_s = M_s^-1 w1[P_s] N]."""
-        w = np.asarray(w, dtype=np.float64)
-        return [self.out_mix.right(mix.inverse_left(w[block])) for block, mix in zip(self.blocks, self.mix)]
+        return _from_full(self, w)
 
     def precondition(self, g: np.ndarray) -> np.ndarray:
         """A pixel-basis gradient g (784, h1) as the step SGD in the V basis takes in the pixel
         basis: M_s M_s^T g[P_s] N^-T N^-1 on each block (zero elsewhere: blank pixels never move)."""
-        g = np.asarray(g, dtype=np.float64)
-        out = np.zeros_like(g)
-        for block, mix in zip(self.blocks, self.mix):
-            mixed = mix.left(mix.transposed_left(g[block]))
-            out[block] = self.out_mix.right(self.out_mix.right(mixed, inverse=True, transposed=True), inverse=True)
-        return out
+        return _precondition(self, g)
 
 
 def resident_basis(train: np.ndarray, shards: int, layers: int | tuple[int, ...], rng: np.random.Generator,
@@ -140,24 +178,15 @@ class HiddenBasis:
 
     def to_units(self, vs: list[np.ndarray]) -> np.ndarray:
         """[V_s] -> w (n, m): w[Q_s] = M_s V_s N^-1."""
-        w = np.zeros((self.units, self.width))
-        for block, mix, v in zip(self.blocks, self.mix, vs):
-            w[block] = self.out_mix.right(mix.left(v), inverse=True)
-        return w
+        return _to_full(self, self.units, self.width, vs)
 
     def from_units(self, w: np.ndarray) -> list[np.ndarray]:
         """w -> [V_s = M_s^-1 w[Q_s] N]."""
-        w = np.asarray(w, dtype=np.float64)
-        return [self.out_mix.right(mix.inverse_left(w[block])) for block, mix in zip(self.blocks, self.mix)]
+        return _from_full(self, w)
 
     def precondition(self, g: np.ndarray) -> np.ndarray:
         """The V-basis SGD step seen in the units' basis: M_s M_s^T g[Q_s] N^-T N^-1 on each block."""
-        g = np.asarray(g, dtype=np.float64)
-        out = np.empty_like(g)
-        for block, mix in zip(self.blocks, self.mix):
-            mixed = mix.left(mix.transposed_left(g[block]))
-            out[block] = self.out_mix.right(self.out_mix.right(mixed, inverse=True, transposed=True), inverse=True)
-        return out
+        return _precondition(self, g)
 
 
 def _momentum_step(buf: np.ndarray, value: np.ndarray, g: np.ndarray, lr: float) -> None:
@@ -210,7 +239,7 @@ def _norm_bound(v: np.ndarray) -> float:
     return float(np.linalg.norm(v))
 
 
-class ResidentDisguise:
+class ResidentDisguise(SlotCheckpoints):
     """Slot secrets, statics, the per-step batches and their undoing, the checks and the
     checkpoints of the resident disguise (module docstring). `x` is the standardized training
     matrix (n, 784) in the preset's dtype; blank pixels (zero in every image) are not in `basis`."""
@@ -466,16 +495,6 @@ class ResidentDisguise:
             buf += srows.T @ p.dz.astype(np.float64)
             v += p.lr * buf
         return np.concatenate([v, buf])
-
-    def replay_pending(self) -> list[int]:
-        """Every slot with updates since its checkpoint brought to its last issued version here
-        (`replay`), when no node can be asked: the slots whose checkpoint changed."""
-        changed = []
-        for s, st in enumerate(self.slots):
-            if st.version != st.checkpoint_version:
-                self.accept_state(s, self.replay(s), st.version)
-                changed.append(s)
-        return changed
 
     def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
         """A checked fetch of every issued update becomes the slot's checkpoint (the probes are

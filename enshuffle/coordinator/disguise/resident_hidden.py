@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from enshuffle.coordinator.disguise.mixing import Mixing
-from enshuffle.coordinator.disguise.resident import CHECK_SLACK, EPS64, MOMENTUM, PROBES, HiddenBasis
+from enshuffle.coordinator.disguise.resident import (CHECK_SLACK, EPS64, MOMENTUM, PROBES, HiddenBasis,
+                                                SlotCheckpoints)
 
 ROW_GROUP = 32  # batch rows mixed together (fresh orthogonal blocks each step)
 
@@ -138,7 +139,7 @@ def probe_check(out: np.ndarray, lhs: np.ndarray, probes: np.ndarray, tracked: n
     return None
 
 
-class HiddenResident:
+class HiddenResident(SlotCheckpoints):
     """One hidden-to-hidden layer's resident slots: their secrets, what the coordinator tracks of
     each node's state, the per-step batches and their undoing, the checks and the checkpoints."""
 
@@ -325,16 +326,6 @@ class HiddenResident:
             if err > tol:
                 return f"checkpoint {name} differs from the tracked one by {err:.3e} (bound {tol:.3e})"
         return None
-
-    def replay_pending(self) -> list[int]:
-        """Every slot with updates since its checkpoint brought to its last issued version here
-        (`replay`), when no node can be asked: the slots whose checkpoint changed."""
-        changed = []
-        for s, st in enumerate(self.slots):
-            if st.version != st.checkpoint_version:
-                self.accept_state(s, self.replay(s), st.version)
-                changed.append(s)
-        return changed
 
     def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
         st = self.slots[shard]
