@@ -24,8 +24,13 @@ from wire_util import TEST_SECRET, enshuffle_cli, load_inputs, load_npz
 LIMIT = 1500
 
 
-def _pair(data_dir, slots: int, dtype: str, executor=InProcessExecutor, epochs: int = 1):
-    preset = model.get_preset("default", epochs=epochs, dtype=dtype)
+def resident_pair(data_dir, slots: int, dtype: str, executor=InProcessExecutor, epochs: int = 1,
+                  layers=None):
+    """(a resident run, its centralized reference, the run's compute), in process."""
+    if layers is None:
+        preset = model.get_preset("default", epochs=epochs, dtype=dtype)
+    else:
+        preset = model.get_preset("default", epochs=epochs, dtype=dtype, layers=layers, activation="relu")
     inputs = load_inputs(data_dir, preset, LIMIT)
     compute = DistributedCompute(inputs.images, slots, np.random.default_rng(5), executor, disguise="resident",
                                  offload="matmul", layers=preset.layers)
@@ -35,26 +40,26 @@ def _pair(data_dir, slots: int, dtype: str, executor=InProcessExecutor, epochs: 
             Trainer(preset, inputs, reference, secret=TEST_SECRET), compute)
 
 
-def _max_rel(a: dict, b: dict) -> float:
+def max_rel(a: dict, b: dict) -> float:
     return max(float(np.abs(np.asarray(a[n], np.float64) - b[n]).max() / (np.abs(b[n]).max() + 1e-300)) for n in b)
 
 
 @pytest.mark.parametrize("slots", [1, 2, 3])
 def test_a_resident_run_equals_its_reference_after_every_step(core_data_dir, slots):
-    dist, ref, compute = _pair(core_data_dir, slots, "float64")
+    dist, ref, compute = resident_pair(core_data_dir, slots, "float64")
     for _ in range(12):
         dist.run_step()
         ref.run_step()
         dist.sync()  # fetches every slot's state: a checkpoint each step
-        assert _max_rel(dist.params, ref.params) < 1e-9
+        assert max_rel(dist.params, ref.params) < 1e-9
     assert compute.resident.fetches == 12 * slots
 
 
 def test_checkpoints_every_so_many_steps_keep_the_run_exact(core_data_dir):
-    dist, ref, compute = _pair(core_data_dir, 2, "float64")
+    dist, ref, compute = resident_pair(core_data_dir, 2, "float64")
     report = dist.run_epoch()  # 12 steps: fetched only at the epoch's end (its test pass)
     ref_report = ref.run_epoch()
-    assert _max_rel(dist.params, ref.params) < 1e-9
+    assert max_rel(dist.params, ref.params) < 1e-9
     assert report.test_accuracy == ref_report.test_accuracy
     assert compute.resident.fetches == 2
 
@@ -93,7 +98,7 @@ class CheckingExecutor(InProcessExecutor):
 
 
 def test_probe_checks_pass_honest_results_and_catch_small_lies_in_float32(core_data_dir):
-    dist, _, compute = _pair(core_data_dir, 2, "float32", executor=CheckingExecutor, epochs=2)
+    dist, _, compute = resident_pair(core_data_dir, 2, "float32", executor=CheckingExecutor, epochs=2)
     while not dist.finished:
         dist.run_step()
     ex = compute.executor
@@ -108,7 +113,7 @@ def test_probe_checks_pass_honest_results_and_catch_small_lies_in_float32(core_d
 
 
 def test_a_node_taking_a_slot_over_replays_the_updates_since_the_checkpoint(core_data_dir):
-    dist, _, compute = _pair(core_data_dir, 2, "float32")
+    dist, _, compute = resident_pair(core_data_dir, 2, "float32")
     for _ in range(5):
         dist.run_step()
     res = compute.resident
@@ -169,13 +174,13 @@ def test_a_resident_run_over_the_wire_equals_its_central_reference(core_data_dir
     assert central.returncode == 0, central.stderr
     a, b = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz")
     assert sorted(a) == sorted(b)
-    assert _max_rel(a, b) < 1e-9
+    assert max_rel(a, b) < 1e-9
 
 
 def test_the_coordinator_replays_a_slot_when_no_node_can_be_asked(core_data_dir):
     """A model version written while every node is gone (a stop) comes from the checkpoint and
     the logged updates, replayed here: the same state a node would have returned."""
-    dist, _, compute = _pair(core_data_dir, 2, "float64")
+    dist, _, compute = resident_pair(core_data_dir, 2, "float64")
     for _ in range(5):
         dist.run_step()
     res = compute.resident
@@ -220,11 +225,11 @@ def test_a_resumed_run_hands_each_node_its_state_as_it_was(core_data_dir):
     again.run_step()
     trainer.sync()
     again.sync()
-    assert _max_rel(again.params, trainer.params) < 1e-9
+    assert max_rel(again.params, trainer.params) < 1e-9
 
 
 def test_results_too_large_to_check_are_refused(core_data_dir):
-    dist, _, compute = _pair(core_data_dir, 2, "float32")
+    dist, _, compute = resident_pair(core_data_dir, 2, "float32")
     dist.run_step()
     res = compute.resident
     rows = np.arange(8)

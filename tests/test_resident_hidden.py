@@ -20,23 +20,13 @@ from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecu
 from enshuffle.coordinator.disguise.resident_hidden import ROW_GROUP, RowMix
 from enshuffle.coordinator.training import Trainer
 from enshuffle.kernels import BatchError, ResidentState, compute_batch
+from test_resident import LIMIT, max_rel, resident_pair
 from wire_util import TEST_SECRET, enshuffle_cli, load_inputs, load_npz
 
-LIMIT = 1500
 
 
 def _pair(data_dir, slots: int, dtype: str, layers=(784, 48, 40, 10), executor=InProcessExecutor, epochs=1):
-    preset = model.get_preset("default", epochs=epochs, dtype=dtype, layers=layers, activation="relu")
-    inputs = load_inputs(data_dir, preset, LIMIT)
-    compute = DistributedCompute(inputs.images, slots, np.random.default_rng(5), executor, disguise="resident",
-                                 offload="matmul", layers=preset.layers)
-    reference = model.LocalCompute(inputs.images, basis=compute.basis)
-    return (Trainer(preset, inputs, compute, secret=TEST_SECRET),
-            Trainer(preset, inputs, reference, secret=TEST_SECRET), compute)
-
-
-def _max_rel(a: dict, b: dict) -> float:
-    return max(float(np.abs(np.asarray(a[n], np.float64) - b[n]).max() / (np.abs(b[n]).max() + 1e-300)) for n in b)
+    return resident_pair(data_dir, slots, dtype, executor=executor, epochs=epochs, layers=layers)
 
 
 @pytest.mark.parametrize("slots", [1, 2, 3])
@@ -47,7 +37,7 @@ def test_a_run_with_resident_hidden_layers_equals_its_reference_after_every_step
         dist.run_step()
         ref.run_step()
         dist.sync()  # fetches every slot's states: a checkpoint each step
-        assert _max_rel(dist.params, ref.params) < 1e-9
+        assert max_rel(dist.params, ref.params) < 1e-9
     assert compute.hidden_resident[2].fetches == 8 * slots
     assert not compute._hidden_home(2, dist.batch_size)  # it really went to the nodes
 
@@ -56,7 +46,7 @@ def test_two_resident_hidden_layers_and_epoch_checkpoints_stay_exact(core_data_d
     dist, ref, compute = _pair(core_data_dir, 2, "float64", layers=(784, 40, 36, 32, 10))
     report = dist.run_epoch()  # fetched only at the epoch's end (its test pass)
     ref_report = ref.run_epoch()
-    assert _max_rel(dist.params, ref.params) < 1e-9
+    assert max_rel(dist.params, ref.params) < 1e-9
     assert report.test_accuracy == ref_report.test_accuracy
     assert {layer: hr.fetches for layer, hr in compute.hidden_resident.items()} == {2: 2, 3: 2}
 
@@ -203,7 +193,7 @@ def test_a_resumed_run_hands_each_hidden_slot_its_state_and_goes_on_exactly(core
     again.run_step()
     trainer.sync()
     again.sync()
-    assert _max_rel(again.params, trainer.params) < 1e-9
+    assert max_rel(again.params, trainer.params) < 1e-9
 
 
 @pytest.mark.slow
@@ -219,7 +209,7 @@ def test_resident_hidden_layers_over_the_wire_equal_their_central_reference(core
     assert central.returncode == 0, central.stderr
     a, b = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz")
     assert sorted(a) == sorted(b)
-    assert _max_rel(a, b) < 1e-9
+    assert max_rel(a, b) < 1e-9
 
 
 def test_the_deltas_a_node_is_sent_keep_no_exact_zeros_of_the_off_units(core_data_dir):
