@@ -95,17 +95,22 @@ class Resident:
     def parse(cls, params: Mapping) -> "Resident":
         name, state = params.get("a_static"), params.get("state")
         if (name is not None and not isinstance(name, str)) or not isinstance(state, str):
-            raise BatchError("bad-batch", "a resident batch names its state (state) and its static (a_static) "
-                                          "or null")
+            raise BatchError("bad-batch", "a resident batch names its state (state) and its static (a_static) or null")
         start, version = params.get("from"), params.get("version")
         lrs, momentum = params.get("lr"), params.get("momentum")
-        if not (isinstance(start, int) and isinstance(version, int)) or isinstance(start, bool) or \
-                isinstance(version, bool) or not 0 <= start <= version:
+        if (
+            not (isinstance(start, int) and isinstance(version, int))
+            or isinstance(start, bool)
+            or isinstance(version, bool)
+            or not 0 <= start <= version
+        ):
             raise BatchError("bad-batch", "a resident batch needs integer versions 0 <= from <= version")
-        if not isinstance(lrs, list) or len(lrs) != version - start or \
-                not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*lrs, momentum]):
-            raise BatchError("bad-batch",
-                             "a resident batch needs one finite lr per update and a finite momentum")
+        if (
+            not isinstance(lrs, list)
+            or len(lrs) != version - start
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in [*lrs, momentum])
+        ):
+            raise BatchError("bad-batch", "a resident batch needs one finite lr per update and a finite momentum")
         fetch, backward = bool(params.get("fetch")), bool(params.get("backward"))
         if backward and (name is not None or fetch or version == start):
             raise BatchError("bad-batch", "a backward resident batch carries its own update, of a hidden layer's state")
@@ -115,8 +120,16 @@ class Resident:
             raise BatchError("bad-batch", "lr and momentum must be finite numbers") from None
         if not all(math.isfinite(v) for v in [*rates, mu]):
             raise BatchError("bad-batch", "lr and momentum must be finite numbers")
-        return cls(a_static=name, state=state, start=start, version=version, lr=rates, momentum=mu,
-                   fetch=fetch, backward=backward)
+        return cls(
+            a_static=name,
+            state=state,
+            start=start,
+            version=version,
+            lr=rates,
+            momentum=mu,
+            fetch=fetch,
+            backward=backward,
+        )
 
     def sizes(self, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> tuple[int, int, int, int]:
         """(n, K, h, b): rows of the result (a forward's, or a backward's delta; 0 for a fetch),
@@ -240,6 +253,7 @@ def memory(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[st
 
 def describe(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> str:
     """A short human description for logs and the node's console, e.g. 'matmul (128x392)·(392x128)'."""
+
     def dims(shape) -> str:
         return "x".join(str(d) for d in shape)
 
@@ -265,8 +279,9 @@ def describe(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[
         return op
 
 
-def split(op: str, params: Mapping, arrays: dict[str, np.ndarray], cap: int,
-          static_cols: int = 0) -> tuple[list[dict[str, np.ndarray]], Groups]:
+def split(
+    op: str, params: Mapping, arrays: dict[str, np.ndarray], cap: int, static_cols: int = 0
+) -> tuple[list[dict[str, np.ndarray]], Groups]:
     """A batch's arrays as several batches' (same op and params), each needing at most `cap`
     bytes (operands, gathered static rows and result), and how their results make the whole
     one. (n, K) @ (K, m), the left operand's n rows:
@@ -302,15 +317,19 @@ def split(op: str, params: Mapping, arrays: dict[str, np.ndarray], cap: int,
     out: list[dict[str, np.ndarray]] = []
     groups: Groups = []
     for c0 in range(0, m, columns):
-        cut = {name: (v[:, c0:c0 + columns] if name == "b" else v) for name, v in arrays.items()}
+        cut = {name: (v[:, c0 : c0 + columns] if name == "b" else v) for name, v in arrays.items()}
         if n <= rows:
             out.append(cut)
             groups.append((None, 1))
             continue
         count = 0
         for lo in range(0, n, rows):
-            out.append({name: (v[lo:lo + rows] if name in ("a", "rows") or (name == "b" and transpose) else v)
-                        for name, v in cut.items()})
+            out.append(
+                {
+                    name: (v[lo : lo + rows] if name in ("a", "rows") or (name == "b" and transpose) else v)
+                    for name, v in cut.items()
+                }
+            )
             count += 1
         groups.append(("sum" if transpose else "stack", count))
     return out, groups
@@ -320,7 +339,7 @@ def combine(results: list[np.ndarray], groups: Groups) -> np.ndarray:
     """The whole result from `split`'s pieces' results."""
     columns, at = [], 0
     for how, count in groups:
-        parts = results[at:at + count]
+        parts = results[at : at + count]
         at += count
         if how is None:
             columns.append(parts[0])

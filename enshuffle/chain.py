@@ -76,6 +76,8 @@ def weight_arrays(arrays: dict) -> list[str]:
     """The weight names a version holds, layer by layer: w1, b1, w2, b2, ... (no optimizer state)."""
     layers = sorted({int(n[1:]) for n in arrays if n[:1] in "wb" and n[1:].isdigit()})
     return [f"{kind}{l}" for l in layers for kind in ("w", "b")]
+
+
 TMP_PREFIX = ".tmp-"
 _RECORD = "version.json"
 _ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -118,6 +120,7 @@ def signing_message(version_id: str) -> bytes:
 
 def canonical_json(value) -> bytes:
     """Canonical JSON bytes: sorted keys, compact, UTF-8, numpy scalars as plain numbers, no NaN."""
+
     def plain(obj):
         if isinstance(obj, np.generic):
             return obj.item()
@@ -126,12 +129,14 @@ def canonical_json(value) -> bytes:
         raise TypeError(f"a {type(obj).__name__}")
 
     try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False, default=plain).encode("utf-8")
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=plain
+        ).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ChainError(
             f"metadata cannot be stored in a model version: {exc}; use only JSON values "
-            "(dict with string keys, list, str, finite numbers, bool, None)") from None
+            "(dict with string keys, list, str, finite numbers, bool, None)"
+        ) from None
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -150,8 +155,13 @@ def manifest_of(arrays: dict[str, np.ndarray]) -> list[dict]:
 
 def compute_id(parent_id: str | None, coordinator_key: str, metadata: dict, manifest: list[dict]) -> str:
     """The version id: SHA-256 (hex) of the canonical JSON of everything a version is."""
-    document = {"format": FORMAT, "parent_id": parent_id, "coordinator_key": coordinator_key,
-                "metadata": metadata, "arrays": manifest}
+    document = {
+        "format": FORMAT,
+        "parent_id": parent_id,
+        "coordinator_key": coordinator_key,
+        "metadata": metadata,
+        "arrays": manifest,
+    }
     return hashlib.sha256(canonical_json(document)).hexdigest()
 
 
@@ -166,7 +176,8 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if a.dtype.kind not in _ARRAY_KINDS or a.dtype.fields is not None:
             raise ChainError(
                 f"array {name!r} has dtype {a.dtype}, which cannot be stored as raw bytes; "
-                "use a bool, integer, float or complex array")
+                "use a bool, integer, float or complex array"
+            )
         checked[name] = a
     return checked
 
@@ -200,8 +211,8 @@ def _public_key_bytes(signer) -> bytes:
         key = key()
     if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
         raise ChainError(
-            "the signer's public_bytes must be the 32-byte raw Ed25519 public key; "
-            f"got {type(key).__name__}")
+            f"the signer's public_bytes must be the 32-byte raw Ed25519 public key; got {type(key).__name__}"
+        )
     return bytes(key)
 
 
@@ -220,7 +231,8 @@ class Chain:
     def _require_run_dir(self) -> None:
         if not self.run_dir.is_dir():
             raise ChainError(
-                f"run directory {self.run_dir} does not exist; give the RUN_DIR a coordinator wrote (--out)")
+                f"run directory {self.run_dir} does not exist; give the RUN_DIR a coordinator wrote (--out)"
+            )
 
     def _read_head_text(self) -> str | None:
         self._require_run_dir()
@@ -229,8 +241,10 @@ class Chain:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise ChainError(f"{self.dir / 'HEAD'} cannot be read ({exc.strerror}); it should be a file "
-                             f"holding the newest version's id") from None
+            raise ChainError(
+                f"{self.dir / 'HEAD'} cannot be read ({exc.strerror}); it should be a file "
+                f"holding the newest version's id"
+            ) from None
 
     def head(self) -> str | None:
         """The newest version's id, or None for a chain with no version yet."""
@@ -240,7 +254,8 @@ class Chain:
         if not _ID_RE.fullmatch(text):
             raise ChainError(
                 f"{self.dir / 'HEAD'} does not hold a version id (got {text[:40]!r}); "
-                f"run `enshuffle chain verify {self.run_dir}`")
+                f"run `enshuffle chain verify {self.run_dir}`"
+            )
         return text
 
     def run_key(self) -> str | None:
@@ -263,15 +278,17 @@ class Chain:
         except FileNotFoundError:
             raise ChainIntegrityError(f"version {short(version_id)}: {path} is missing") from None
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise ChainIntegrityError(f"version {short(version_id)}: {path} is not valid JSON "
-                                      f"({type(exc).__name__})") from None
+            raise ChainIntegrityError(
+                f"version {short(version_id)}: {path} is not valid JSON ({type(exc).__name__})"
+            ) from None
         problem = _record_shape_problem(record)
         if problem:
             raise ChainIntegrityError(f"version {short(version_id)}: {path} {problem}")
         if record["version_id"] != version_id:
             raise ChainIntegrityError(
                 f"version {short(version_id)}: {path} claims id {short(record['version_id'])}, "
-                "not the id it is stored under")
+                "not the id it is stored under"
+            )
         return record
 
     def _cached_record(self, version_id: str) -> dict:
@@ -293,7 +310,8 @@ class Chain:
                 child = f" (parent of {short(out[-1].version_id)})" if out else " (HEAD)"
                 raise ChainError(
                     f"version {short(current)}{child} is missing from {self.dir}; "
-                    f"run `enshuffle chain verify {self.run_dir}`") from None
+                    f"run `enshuffle chain verify {self.run_dir}`"
+                ) from None
             out.append(VersionInfo(current, record["parent_id"], record["metadata"]))
             current = record["parent_id"]
         out.reverse()
@@ -309,12 +327,14 @@ class Chain:
         self._require_run_dir()
         prefix = id_or_prefix.strip().lower()
         if not prefix or not _HEX_RE.fullmatch(prefix):
-            raise ChainError(f"{id_or_prefix!r} is not a version id or prefix "
-                             "(hex digits, as `enshuffle chain log` shows)")
+            raise ChainError(
+                f"{id_or_prefix!r} is not a version id or prefix (hex digits, as `enshuffle chain log` shows)"
+            )
         matches = [v for v in self.stored_ids() if v.startswith(prefix)]
         if not matches:
-            raise ChainError(f"no version in {self.dir} starts with {prefix!r}; "
-                             f"see `enshuffle chain log {self.run_dir}`")
+            raise ChainError(
+                f"no version in {self.dir} starts with {prefix!r}; see `enshuffle chain log {self.run_dir}`"
+            )
         if len(matches) > 1:
             shown = ", ".join(short(m) for m in matches[:5])
             raise ChainError(f"{prefix!r} matches {len(matches)} versions ({shown}); give more digits")
@@ -333,7 +353,8 @@ class Chain:
         if problem is not None:
             raise ChainIntegrityError(
                 f"version {short(version_id)} in {self.dir}: {problem}; "
-                "it was modified or corrupted: do not use it, restore the run directory from a copy")
+                "it was modified or corrupted: do not use it, restore the run directory from a copy"
+            )
         return arrays, record["metadata"]
 
     # ----- checking
@@ -343,16 +364,20 @@ class Chain:
         if run_key is None:
             return f"the run's key file {self.dir / 'KEY'} is missing, so no signature can be checked"
         if record["coordinator_key"] != run_key:
-            return (f"it is signed by key {record['coordinator_key'][:16]}..., not the run's coordinator "
-                    f"key {run_key[:16]}... (from {self.dir / 'KEY'})")
-        recomputed = compute_id(record["parent_id"], record["coordinator_key"], record["metadata"],
-                                record["arrays"])
+            return (
+                f"it is signed by key {record['coordinator_key'][:16]}..., not the run's coordinator "
+                f"key {run_key[:16]}... (from {self.dir / 'KEY'})"
+            )
+        recomputed = compute_id(record["parent_id"], record["coordinator_key"], record["metadata"], record["arrays"])
         if recomputed != version_id:
-            return (f"its metadata, parent link or array list was modified: the record hashes to "
-                    f"{short(recomputed)}, not to its id")
+            return (
+                f"its metadata, parent link or array list was modified: the record hashes to "
+                f"{short(recomputed)}, not to its id"
+            )
         try:
             Ed25519PublicKey.from_public_bytes(bytes.fromhex(run_key)).verify(
-                bytes.fromhex(record["signature"]), signing_message(version_id))
+                bytes.fromhex(record["signature"]), signing_message(version_id)
+            )
         except (InvalidSignature, ValueError):
             return "its signature does not verify with the run's coordinator key (forged or corrupted)"
         return None
@@ -367,8 +392,10 @@ class Chain:
             except FileNotFoundError:
                 return {}, f"array file {path.name} ({entry['name']!r}) is missing"
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                return {}, (f"array {entry['name']!r} ({path.name}) was modified: its bytes do not match "
-                            "the SHA-256 recorded in the version")
+                return {}, (
+                    f"array {entry['name']!r} ({path.name}) was modified: its bytes do not match "
+                    "the SHA-256 recorded in the version"
+                )
             try:
                 dtype = np.dtype(entry["dtype"])
                 if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None:
@@ -393,13 +420,18 @@ class Chain:
         if head_text is None:
             stored = self.stored_ids()
             if stored or (self.dir / HEAD_LOG).exists():
-                return VerifyReport(False, 0, None,
-                                    f"the HEAD file {self.dir / 'HEAD'} is missing, but {len(stored)} versions are "
-                                    f"stored: the chain's head was removed; restore the run directory from a copy")
+                return VerifyReport(
+                    False,
+                    0,
+                    None,
+                    f"the HEAD file {self.dir / 'HEAD'} is missing, but {len(stored)} versions are "
+                    f"stored: the chain's head was removed; restore the run directory from a copy",
+                )
             return VerifyReport(True, 0, None, None)
         if not _ID_RE.fullmatch(head_text):
-            return VerifyReport(False, 0, head_text[:SHORT] or None,
-                                f"the HEAD file {self.dir / 'HEAD'} does not hold a version id")
+            return VerifyReport(
+                False, 0, head_text[:SHORT] or None, f"the HEAD file {self.dir / 'HEAD'} does not hold a version id"
+            )
         try:
             run_key = self.run_key()
         except ChainError as exc:
@@ -416,8 +448,12 @@ class Chain:
                 record = self._read_record(current)
             except FileNotFoundError:
                 if not walk:
-                    return VerifyReport(False, 0, short(current),
-                                        f"HEAD points at version {short(current)}, which is missing from {self.dir}")
+                    return VerifyReport(
+                        False,
+                        0,
+                        short(current),
+                        f"HEAD points at version {short(current)}, which is missing from {self.dir}",
+                    )
                 walk.append((current, None, "missing"))
                 break
             except ChainError as exc:
@@ -431,8 +467,9 @@ class Chain:
         for position, (version_id, entry, read_problem) in enumerate(walk):
             if read_problem == "missing":
                 child = walk[position + 1][0]
-                return VerifyReport(False, checked, short(child),
-                                    f"its parent version {short(version_id)} is missing from {self.dir}")
+                return VerifyReport(
+                    False, checked, short(child), f"its parent version {short(version_id)} is missing from {self.dir}"
+                )
             if read_problem is not None:
                 return VerifyReport(False, checked, short(version_id), read_problem)
             assert entry is not None  # a record was read exactly when there is no read problem
@@ -448,9 +485,13 @@ class Chain:
         if expected_fingerprint is not None and run_key is not None:
             signed_by = fingerprint(bytes.fromhex(run_key))
             if signed_by != expected_fingerprint:
-                return VerifyReport(False, checked, None,
-                                    f"the chain is signed by coordinator key {signed_by}, not the expected "
-                                    f"{expected_fingerprint}: it was re-signed or is another run's; do not trust it")
+                return VerifyReport(
+                    False,
+                    checked,
+                    None,
+                    f"the chain is signed by coordinator key {signed_by}, not the expected "
+                    f"{expected_fingerprint}: it was re-signed or is another run's; do not trust it",
+                )
         return VerifyReport(True, checked, None, None)
 
     # ----- the head log
@@ -479,17 +520,26 @@ class Chain:
         if not entries and len(chain_ids) == 1 and not path.exists():
             return None  # a crash between the first HEAD and its log line: the next append logs it
         if not entries:
-            return (f"the head log {path} is missing or empty, but the chain has {len(chain_ids)} versions: "
-                    f"it was removed, so dropped versions could not be noticed; restore the run directory")
+            return (
+                f"the head log {path} is missing or empty, but the chain has {len(chain_ids)} versions: "
+                f"it was removed, so dropped versions could not be noticed; restore the run directory"
+            )
         assert run_key is not None  # every version's signature was checked against it first
         key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(run_key))
         prev = None
         for index, entry in enumerate(entries):
-            if not (isinstance(entry, dict) and isinstance(entry.get("sig"), str) and entry.get("n") == index
-                    and isinstance(entry.get("head"), str) and _ID_RE.fullmatch(entry["head"])
-                    and entry.get("prev") == prev):
-                return (f"the head log {path} line {index + 1} is malformed or out of order "
-                        f"(lines edited, removed or re-ordered)")
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("sig"), str)
+                and entry.get("n") == index
+                and isinstance(entry.get("head"), str)
+                and _ID_RE.fullmatch(entry["head"])
+                and entry.get("prev") == prev
+            ):
+                return (
+                    f"the head log {path} line {index + 1} is malformed or out of order "
+                    f"(lines edited, removed or re-ordered)"
+                )
             body = {k: v for k, v in entry.items() if k != "sig"}
             try:
                 key.verify(bytes.fromhex(entry["sig"]), HEAD_LOG_PREFIX + canonical_json(body))
@@ -500,10 +550,12 @@ class Chain:
         newest = entries[-1]
         last = position.get(newest["head"])
         if last is None or last < len(chain_ids) - 2:
-            return (f"HEAD was rolled back or replaced: the head log's newest entry ({len(entries)}) is version "
-                    f"{short(newest['head'])} (epoch {newest.get('epoch')}, step {newest.get('step')}), which "
-                    f"{'HEAD' + chr(39) + 's chain does not contain' if last is None else 'is newer than HEAD'}; "
-                    f"restore the newest versions from a copy")
+            return (
+                f"HEAD was rolled back or replaced: the head log's newest entry ({len(entries)}) is version "
+                f"{short(newest['head'])} (epoch {newest.get('epoch')}, step {newest.get('step')}), which "
+                f"{'HEAD' + chr(39) + 's chain does not contain' if last is None else 'is newer than HEAD'}; "
+                f"restore the newest versions from a copy"
+            )
         logged = [e["head"] for e in entries]
         if any(h not in position for h in logged):
             return f"the head log {path} names a version that HEAD's chain does not contain (a forked chain)"
@@ -515,8 +567,13 @@ class Chain:
         if entries and entries[-1].get("head") == version_id:
             return entries[-1]
         prev = hashlib.sha256(canonical_json(entries[-1])).hexdigest() if entries else None
-        body = {"n": len(entries), "head": version_id, "epoch": metadata.get("epoch"), "step": metadata.get("step"),
-                "prev": prev}
+        body = {
+            "n": len(entries),
+            "head": version_id,
+            "epoch": metadata.get("epoch"),
+            "step": metadata.get("step"),
+            "prev": prev,
+        }
         entry = dict(body, sig=bytes(self.signer.sign(HEAD_LOG_PREFIX + canonical_json(body))).hex())
         with open(self.dir / HEAD_LOG, "ab") as fh:
             fh.write(canonical_json(entry) + b"\n")
@@ -563,12 +620,14 @@ class Chain:
             elif run_key != key_hex:
                 raise ChainError(
                     f"{self.dir / 'KEY'} holds coordinator key {run_key[:16]}..., but this coordinator's key "
-                    f"is {key_hex[:16]}...; run with the key that started this run, or use a new RUN_DIR")
+                    f"is {key_hex[:16]}...; run with the key that started this run, or use a new RUN_DIR"
+                )
             parent = self.head()
             if parent is not None and not (self.dir / parent).is_dir():
                 raise ChainError(
                     f"HEAD points at version {short(parent)}, which is missing from {self.dir}; "
-                    f"run `enshuffle chain verify {self.run_dir}` and restore the run directory")
+                    f"run `enshuffle chain verify {self.run_dir}` and restore the run directory"
+                )
             if parent is not None:  # a crash between HEAD and its log line: log the head first
                 self._append_head_log(parent, self._cached_record(parent)["metadata"])
             manifest = manifest_of(arrays)
@@ -581,9 +640,15 @@ class Chain:
 
     def _write_version_dir(self, version_id, parent, key_hex, metadata, manifest, arrays) -> None:
         signature = self.signer.sign(signing_message(version_id))
-        record = {"format": FORMAT, "version_id": version_id, "parent_id": parent,
-                  "coordinator_key": key_hex, "metadata": metadata, "arrays": manifest,
-                  "signature": bytes(signature).hex()}
+        record = {
+            "format": FORMAT,
+            "version_id": version_id,
+            "parent_id": parent,
+            "coordinator_key": key_hex,
+            "metadata": metadata,
+            "arrays": manifest,
+            "signature": bytes(signature).hex(),
+        }
         tmp = self.dir / f"{TMP_PREFIX}version-{secrets.token_hex(6)}"
         tmp.mkdir()
         for index, entry in enumerate(manifest):
@@ -630,10 +695,12 @@ def home_head_problem(chain: Chain, home: Path) -> str | None:
     if not isinstance(n, int):
         return None
     if n >= len(entries) or entries[n] != recorded:
-        return (f"the chain was rolled back: this machine's coordinator wrote version {short(recorded.get('head'))} "
-                f"(head log entry {n + 1}, epoch {recorded.get('epoch')}), but {chain.dir / HEAD_LOG} "
-                f"{'has only ' + str(len(entries)) + ' entries' if n >= len(entries) else 'differs there'}; "
-                f"restore the newest versions from a copy")
+        return (
+            f"the chain was rolled back: this machine's coordinator wrote version {short(recorded.get('head'))} "
+            f"(head log entry {n + 1}, epoch {recorded.get('epoch')}), but {chain.dir / HEAD_LOG} "
+            f"{'has only ' + str(len(entries)) + ' entries' if n >= len(entries) else 'differs there'}; "
+            f"restore the newest versions from a copy"
+        )
     return None
 
 
@@ -652,8 +719,13 @@ def _record_shape_problem(record) -> str | None:
     """Why a parsed version.json is not a version record, or None. Keeps ids out of paths unless hex."""
     if not isinstance(record, dict):
         return "is not a JSON object"
-    for field, kind in (("version_id", str), ("coordinator_key", str), ("signature", str),
-                        ("metadata", dict), ("arrays", list)):
+    for field, kind in (
+        ("version_id", str),
+        ("coordinator_key", str),
+        ("signature", str),
+        ("metadata", dict),
+        ("arrays", list),
+    ):
         if not isinstance(record.get(field), kind):
             return f"has no valid {field!r}"
     if record.get("format") != FORMAT:
@@ -666,9 +738,13 @@ def _record_shape_problem(record) -> str | None:
     if parent is not None and not (isinstance(parent, str) and _ID_RE.fullmatch(parent)):
         return "has a parent_id that is neither null nor 64 hex digits"
     for entry in record["arrays"]:
-        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                and isinstance(entry.get("dtype"), str) and isinstance(entry.get("sha256"), str)
-                and isinstance(entry.get("shape"), list)
-                and all(isinstance(n, int) and n >= 0 for n in entry["shape"])):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(n, int) and n >= 0 for n in entry["shape"])
+        ):
             return "has a malformed entry in 'arrays'"
     return None

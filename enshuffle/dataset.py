@@ -103,14 +103,14 @@ def one_hot(labels: np.ndarray, classes: int = CLASSES, dtype=np.float64) -> np.
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"one_hot expects a 1-D integer label array, got {labels.dtype} {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise ValueError(f"one_hot: labels must lie in 0..{classes - 1}, "
-                         f"found {labels.min()}..{labels.max()}")
+        raise ValueError(f"one_hot: labels must lie in 0..{classes - 1}, found {labels.min()}..{labels.max()}")
     out = np.zeros((labels.size, classes), dtype=dtype)
     out[np.arange(labels.size), labels] = 1
     return out
 
 
 # --------------------------------------------------------------------------- IDX reading
+
 
 def _read_bytes(path: Path) -> bytes:
     """The file's content, gunzipped when it is gzip data (by its magic bytes, not its name)."""
@@ -124,8 +124,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return _gunzip_bounded(raw, path)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path} is a damaged or truncated gzip file ({exc}); "
-                        f"download it again") from exc
+        raise DataError(f"{path} is a damaged or truncated gzip file ({exc}); download it again") from exc
 
 
 MAX_IDX_BYTES = 2 << 30  # no MNIST-format file we read comes near this (Fashion-MNIST's largest: 47 MB)
@@ -150,8 +149,10 @@ def _gunzip_bounded(raw: bytes, path: Path) -> bytes:
     dims = struct.unpack(f">{magic & 0xFF}I", data[4:header])
     expected = header + math.prod(dims)
     if expected > MAX_IDX_BYTES:
-        raise DataError(f"{path} declares {'x'.join(map(str, dims))} = {expected} bytes, more than the "
-                        f"{MAX_IDX_BYTES} an MNIST-format file may hold here; it is not a usable data file")
+        raise DataError(
+            f"{path} declares {'x'.join(map(str, dims))} = {expected} bytes, more than the "
+            f"{MAX_IDX_BYTES} an MNIST-format file may hold here; it is not a usable data file"
+        )
     data += inflater.decompress(inflater.unconsumed_tail, expected + 1 - len(data))
     return data
 
@@ -162,9 +163,11 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
         raise DataError(f"{path} is too short to be an IDX file ({len(data)} bytes); download it again")
     (magic,) = struct.unpack(">I", data[:4])
     if magic not in (LABEL_MAGIC, IMAGE_MAGIC):
-        raise DataError(f"{path} is not an MNIST-format IDX file: magic number 0x{magic:08x}, "
-                        f"expected 0x{LABEL_MAGIC:08x} (labels) or 0x{IMAGE_MAGIC:08x} (images); "
-                        f"check the file name matches its content or download it again")
+        raise DataError(
+            f"{path} is not an MNIST-format IDX file: magic number 0x{magic:08x}, "
+            f"expected 0x{LABEL_MAGIC:08x} (labels) or 0x{IMAGE_MAGIC:08x} (images); "
+            f"check the file name matches its content or download it again"
+        )
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(data) < header:
@@ -173,8 +176,10 @@ def _parse_idx(data: bytes, path: Path) -> np.ndarray:
     expected = header + math.prod(dims)  # Python ints: a numpy int64 product can wrap to 0
     if len(data) != expected:
         what = "truncated" if len(data) < expected else "longer than its header says"
-        raise DataError(f"{path} is {what}: header {'x'.join(map(str, dims))} needs {expected} bytes, "
-                        f"file has {len(data)}; download it again")
+        raise DataError(
+            f"{path} is {what}: header {'x'.join(map(str, dims))} needs {expected} bytes, "
+            f"file has {len(data)}; download it again"
+        )
     array = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
     array.flags.writeable = False
     return array
@@ -191,6 +196,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- parse cache
+
 
 def cache_dir() -> Path:
     """Where enshuffle keeps downloads and parsed data: $ENSHUFFLE_CACHE, else XDG, else ~/.cache."""
@@ -270,6 +276,7 @@ def read_idx_cached(path: str | os.PathLike) -> np.ndarray:
 
 # --------------------------------------------------------------------------- directories
 
+
 def _expected_names() -> str:
     return ", ".join(f"{stem}[.gz]" for stem in IDX_STEMS.values())
 
@@ -286,40 +293,50 @@ def _find_idx_files(directory: Path) -> dict[str, Path]:
         else:
             missing.append(stem)
     if missing:
-        raise DataError(f"{directory} lacks {', '.join(missing)} (plain or .gz); a data directory "
-                        f"needs the four MNIST-format files {_expected_names()}")
+        raise DataError(
+            f"{directory} lacks {', '.join(missing)} (plain or .gz); a data directory "
+            f"needs the four MNIST-format files {_expected_names()}"
+        )
     return found
 
 
 def _check_images(array: np.ndarray, path: Path) -> np.ndarray:
     """(n, 28, 28) images -> (n, 784) rows."""
     if array.ndim != 3:
-        raise DataError(f"{path} holds labels (1 dimension), not images; "
-                        f"check the file is the images file it is named as")
+        raise DataError(
+            f"{path} holds labels (1 dimension), not images; check the file is the images file it is named as"
+        )
     if array.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        raise DataError(f"{path} holds {array.shape[1]}x{array.shape[2]} images, enshuffle's network "
-                        f"needs {IMAGE_SIDE}x{IMAGE_SIDE}; use an MNIST-format data set")
+        raise DataError(
+            f"{path} holds {array.shape[1]}x{array.shape[2]} images, enshuffle's network "
+            f"needs {IMAGE_SIDE}x{IMAGE_SIDE}; use an MNIST-format data set"
+        )
     return array.reshape(len(array), PIXELS)
 
 
 def _check_labels(array: np.ndarray, path: Path) -> np.ndarray:
     if array.ndim != 1:
-        raise DataError(f"{path} holds images ({array.ndim} dimensions), not labels; "
-                        f"check the file is the labels file it is named as")
+        raise DataError(
+            f"{path} holds images ({array.ndim} dimensions), not labels; "
+            f"check the file is the labels file it is named as"
+        )
     bad = np.flatnonzero(array >= CLASSES)
     if bad.size:
-        raise DataError(f"{path} has label {array[bad[0]]} at position {bad[0]} "
-                        f"({bad.size} labels out of range); labels must be 0..{CLASSES - 1}")
+        raise DataError(
+            f"{path} has label {array[bad[0]]} at position {bad[0]} "
+            f"({bad.size} labels out of range); labels must be 0..{CLASSES - 1}"
+        )
     return array
 
 
 def _check_counts(images: np.ndarray, labels: np.ndarray, images_path: Path, labels_path: Path) -> None:
     if len(images) != len(labels):
-        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} "
-                        f"labels; the two files must come from the same release")
+        raise DataError(
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} "
+            f"labels; the two files must come from the same release"
+        )
     if len(images) == 0:
-        raise DataError(f"{images_path} holds no images; a data set needs at least one training and one "
-                        f"test image")
+        raise DataError(f"{images_path} holds no images; a data set needs at least one training and one test image")
 
 
 def load_idx_dir(directory: str | os.PathLike, name: str = "directory") -> Dataset:
@@ -333,13 +350,15 @@ def load_idx_dir(directory: str | os.PathLike, name: str = "directory") -> Datas
     images = {f: _check_images(arrays[f], paths[f]) for f in ("train_images", "test_images")}
     labels = {f: _check_labels(arrays[f], paths[f]) for f in ("train_labels", "test_labels")}
     for split in ("train", "test"):
-        _check_counts(images[f"{split}_images"], labels[f"{split}_labels"],
-                      paths[f"{split}_images"], paths[f"{split}_labels"])
+        _check_counts(
+            images[f"{split}_images"], labels[f"{split}_labels"], paths[f"{split}_images"], paths[f"{split}_labels"]
+        )
     word = _SOURCE_WORDS.get(name, "IDX files")
     return Dataset(**images, **labels, name=name, source=f"{word} from {directory}")
 
 
 # --------------------------------------------------------------------------- MNIST download
+
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -362,23 +381,28 @@ def _fetch(url: str, dest: Path, sha256: str, timeout: float) -> None:
             for chunk in iter(lambda: response.read(1 << 16), b""):
                 size += len(chunk)
                 if size > MAX_DOWNLOAD_BYTES:
-                    raise DataError(f"{url} sent more than {MAX_DOWNLOAD_BYTES} bytes; "
-                                    f"that is not an MNIST file, refusing it")
+                    raise DataError(
+                        f"{url} sent more than {MAX_DOWNLOAD_BYTES} bytes; that is not an MNIST file, refusing it"
+                    )
                 h.update(chunk)
                 out.write(chunk)
         if h.hexdigest() != sha256:
-            raise DataError(f"{url} has SHA-256 {h.hexdigest()}, expected {sha256}; "
-                            f"refused it (a damaged or tampered mirror)")
+            raise DataError(
+                f"{url} has SHA-256 {h.hexdigest()}, expected {sha256}; refused it (a damaged or tampered mirror)"
+            )
         os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)
 
 
-def download_mnist(dest: str | os.PathLike | None = None, *,
-                   mirrors: Sequence[str] = MNIST_MIRRORS,
-                   checksums: Mapping[str, str] = MNIST_SHA256,
-                   timeout: float = DOWNLOAD_TIMEOUT_S,
-                   log: Log | None = None) -> Path:
+def download_mnist(
+    dest: str | os.PathLike | None = None,
+    *,
+    mirrors: Sequence[str] = MNIST_MIRRORS,
+    checksums: Mapping[str, str] = MNIST_SHA256,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+    log: Log | None = None,
+) -> Path:
     """Make sure dest (default: <cache>/mnist) holds the MNIST files with the expected SHA-256.
 
     Files already there are re-hashed and kept if they match; the others are fetched from the
@@ -389,8 +413,10 @@ def download_mnist(dest: str | os.PathLike | None = None, *,
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create the download directory {dest}: {exc.strerror or exc}; "
-                        f"set ENSHUFFLE_CACHE to a writable directory") from exc
+        raise DataError(
+            f"cannot create the download directory {dest}: {exc.strerror or exc}; "
+            f"set ENSHUFFLE_CACHE to a writable directory"
+        ) from exc
     for filename, sha256 in checksums.items():
         target = dest / filename
         if target.is_file():
@@ -409,14 +435,18 @@ def download_mnist(dest: str | os.PathLike | None = None, *,
                 reason = getattr(exc, "reason", None) or exc
                 failures.append(f"{url}: {reason}")
         else:
-            raise DataError(f"could not download {filename} into {dest}: " + "; ".join(failures)
-                            + "; check the network, or pass --data DIR with MNIST-format files")
+            raise DataError(
+                f"could not download {filename} into {dest}: "
+                + "; ".join(failures)
+                + "; check the network, or pass --data DIR with MNIST-format files"
+            )
         if log:
             log(f"data: downloaded {filename} ({target.stat().st_size} bytes, SHA-256 verified)")
     return dest
 
 
 # --------------------------------------------------------------------------- bundled subset
+
 
 def bundled_subset_path() -> Path:
     return Path(str(resources.files("enshuffle") / "data" / BUNDLED_SUBSET))
@@ -430,30 +460,37 @@ def load_bundled_subset(path: str | os.PathLike | None = None) -> Dataset:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {field: npz[field] for field in IDX_STEMS}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise DataError(f"the bundled data subset {path} is missing or damaged ({exc}); "
-                        f"reinstall enshuffle or pass --data DIR with MNIST-format files") from exc
+        raise DataError(
+            f"the bundled data subset {path} is missing or damaged ({exc}); "
+            f"reinstall enshuffle or pass --data DIR with MNIST-format files"
+        ) from exc
     for field, array in arrays.items():
         want_ndim = 2 if field.endswith("images") else 1
-        if array.dtype != np.uint8 or array.ndim != want_ndim or (
-                want_ndim == 2 and array.shape[1] != PIXELS):
-            raise DataError(f"{path}: {field} is {array.dtype} {array.shape}, expected uint8 "
-                            f"{'(n, 784)' if want_ndim == 2 else '(n,)'}; reinstall enshuffle")
+        if array.dtype != np.uint8 or array.ndim != want_ndim or (want_ndim == 2 and array.shape[1] != PIXELS):
+            raise DataError(
+                f"{path}: {field} is {array.dtype} {array.shape}, expected uint8 "
+                f"{'(n, 784)' if want_ndim == 2 else '(n,)'}; reinstall enshuffle"
+            )
         array.flags.writeable = False
     for field in ("train_labels", "test_labels"):
         _check_labels(arrays[field], path)
     for split in ("train", "test"):
         _check_counts(arrays[f"{split}_images"], arrays[f"{split}_labels"], path, path)
-    return Dataset(**arrays, name="bundled-subset",
-                   source=f"the Fashion-MNIST subset bundled with enshuffle{where}")
+    return Dataset(**arrays, name="bundled-subset", source=f"the Fashion-MNIST subset bundled with enshuffle{where}")
 
 
 # --------------------------------------------------------------------------- source order
 
-def load_dataset(data_dir: str | os.PathLike | None = None, *, allow_download: bool = True,
-                 log: Log | None = None,
-                 system_dir: str | os.PathLike | None = FASHION_MNIST_DIR,
-                 mirrors: Sequence[str] = MNIST_MIRRORS,
-                 checksums: Mapping[str, str] = MNIST_SHA256) -> Dataset:
+
+def load_dataset(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    allow_download: bool = True,
+    log: Log | None = None,
+    system_dir: str | os.PathLike | None = FASHION_MNIST_DIR,
+    mirrors: Sequence[str] = MNIST_MIRRORS,
+    checksums: Mapping[str, str] = MNIST_SHA256,
+) -> Dataset:
     """The training data, from the first source that works (see the module docstring).
 
     A `data_dir` the user named is authoritative: any problem with it raises DataError.
@@ -479,8 +516,7 @@ def load_dataset(data_dir: str | os.PathLike | None = None, *, allow_download: b
     have_mnist = all((mnist_dir / filename).is_file() for filename in checksums)
     if have_mnist or allow_download:
         try:
-            download_mnist(mnist_dir, mirrors=mirrors if allow_download else (),
-                           checksums=checksums, log=say)
+            download_mnist(mnist_dir, mirrors=mirrors if allow_download else (), checksums=checksums, log=say)
             return chosen(load_idx_dir(mnist_dir, name="mnist"))
         except DataError as exc:
             say(f"data: MNIST unavailable: {exc}")

@@ -106,8 +106,9 @@ def _array(arrays: dict, name: str) -> np.ndarray:
     except KeyError:
         raise BatchError("bad-batch", f"missing array {name!r}") from None
     if value.ndim != 2 or value.dtype not in FLOAT_DTYPES:
-        raise BatchError("bad-batch",
-                         f"array {name!r} must be a 2-D float32/float64 matrix, got {value.dtype} {value.shape}")
+        raise BatchError(
+            "bad-batch", f"array {name!r} must be a 2-D float32/float64 matrix, got {value.dtype} {value.shape}"
+        )
     return value
 
 
@@ -120,8 +121,9 @@ class ResidentState:
 
     def __init__(self, array: np.ndarray, version: int):
         if array.ndim != 2 or array.shape[0] % 2 or array.dtype not in FLOAT_DTYPES:
-            raise BatchError("bad-batch",
-                             f"a resident state must be a (2K, h) float matrix, got {array.dtype} {array.shape}")
+            raise BatchError(
+                "bad-batch", f"a resident state must be a (2K, h) float matrix, got {array.dtype} {array.shape}"
+            )
         k = array.shape[0] // 2
         self.v = np.array(array[:k], dtype=np.float64)
         self.buf = np.array(array[k:], dtype=np.float64)
@@ -166,15 +168,19 @@ def _resident(spec: Resident, arrays: dict, statics: dict, states: dict) -> np.n
         raise BatchError("unknown-static", f"no resident state {state_name!r} on this node")
     start, version, backward = spec.start, spec.version, spec.backward
     if static is not None and (static.ndim != 2 or static.shape[1] != state.v.shape[0]):
-        raise BatchError("bad-batch",
-                         f"static {name!r} {static.shape} does not fit state {state_name!r} {state.v.shape}")
+        raise BatchError(
+            "bad-batch", f"static {name!r} {static.shape} does not fit state {state_name!r} {state.v.shape}"
+        )
     if state.version < start:
-        raise BatchError("state-behind",
-                         f"state {state_name!r} is at version {state.version}, the batch starts at {start}")
+        raise BatchError(
+            "state-behind", f"state {state_name!r} is at version {state.version}, the batch starts at {start}"
+        )
     if state.version > version - (1 if backward else 0):
-        raise BatchError("state-ahead",
-                         f"state {state_name!r} is at version {state.version}, past the batch's "
-                         f"{version - 1 if backward else version}")
+        raise BatchError(
+            "state-ahead",
+            f"state {state_name!r} is at version {state.version}, past the batch's "
+            f"{version - 1 if backward else version}",
+        )
     k, h = state.v.shape
     out = None
     if version > start:
@@ -199,12 +205,12 @@ def _resident(spec: Resident, arrays: dict, statics: dict, states: dict) -> np.n
         if dz.shape != (count * b, h) or dz.dtype != dtype:
             raise BatchError("bad-batch", f"dz must be {dtype} ({count * b}, {h}), got {dz.dtype} {dz.shape}")
         for j in range(state.version - start, count):  # one pass per update carried (not per row)
-            d = dz[j * b:(j + 1) * b]
+            d = dz[j * b : (j + 1) * b]
             if static is not None:
                 assert urows is not None
                 operand = np.take(static, urows[j], axis=0, mode="clip")
             else:
-                operand = ua[j * b:(j + 1) * b]
+                operand = ua[j * b : (j + 1) * b]
             if backward and j == count - 1:  # the step's own delta through V before its update
                 out = (d.astype(np.float64) @ state.v.T).astype(dtype, copy=False)
             state.apply(operand, d, spec.lr[j], spec.momentum)
@@ -246,8 +252,9 @@ def _matmul(spec: Matmul, arrays: dict, statics: dict, workspace: Workspace | No
             raise BatchError("bad-batch", f"rows out of range for static {name!r} with {static.shape[0]} rows")
         inner = rows.shape[0] if spec.transpose_a else static.shape[1]
         if inner != b.shape[0]:
-            raise BatchError("bad-batch",
-                             f"static {name!r} {static.shape} does not fit rows {rows.shape} and b {b.shape}")
+            raise BatchError(
+                "bad-batch", f"static {name!r} {static.shape} does not fit rows {rows.shape} and b {b.shape}"
+            )
         if static.dtype != b.dtype:
             raise BatchError("bad-batch", f"static {name!r} is {static.dtype} but b is {b.dtype}")
         return _static_product(static, rows, b, spec.transpose_a, workspace)
@@ -261,8 +268,14 @@ def _matmul(spec: Matmul, arrays: dict, statics: dict, workspace: Workspace | No
     return np.matmul(a, b, out=_buffer(workspace, "result", (a.shape[0], b.shape[1]), b.dtype))
 
 
-def compute_batch(op: str, params: dict, arrays: dict[str, np.ndarray], statics: dict[str, np.ndarray],
-                  workspace: Workspace | None = None, states: dict | None = None) -> np.ndarray:
+def compute_batch(
+    op: str,
+    params: dict,
+    arrays: dict[str, np.ndarray],
+    statics: dict[str, np.ndarray],
+    workspace: Workspace | None = None,
+    states: dict | None = None,
+) -> np.ndarray:
     """Compute one batch; raises BatchError for anything malformed (never a bare exception).
 
     With `workspace`, a product's result is a view on the workspace's buffer, valid until the
@@ -283,8 +296,9 @@ def _inverse(rows: np.ndarray) -> np.ndarray:
     return inverse
 
 
-def _static_product(static: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: bool,
-                    workspace: Workspace | None = None) -> np.ndarray:
+def _static_product(
+    static: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: bool, workspace: Workspace | None = None
+) -> np.ndarray:
     """static[rows] @ b, or static[rows].T @ b, into the workspace's buffers when there is one.
 
     When rows is a full permutation (full-batch training) the static operand is neither copied
@@ -304,7 +318,8 @@ def _static_product(static: np.ndarray, rows: np.ndarray, b: np.ndarray, transpo
         # S[rows] @ b == (S @ b)[rows]
         product = np.matmul(static, b, out=_buffer(workspace, "scratch", (n, m), b.dtype))
         return np.take(product, rows, axis=0, out=_buffer(workspace, "result", (n, m), b.dtype), mode="clip")
-    gathered = np.take(static, rows, axis=0, out=_buffer(workspace, "gather", (rows.shape[0], k), static.dtype),
-                       mode="clip")
+    gathered = np.take(
+        static, rows, axis=0, out=_buffer(workspace, "gather", (rows.shape[0], k), static.dtype), mode="clip"
+    )
     out = _buffer(workspace, "result", (k if transpose else rows.shape[0], m), b.dtype)
     return np.matmul(gathered.T if transpose else gathered, b, out=out)

@@ -34,8 +34,11 @@ def keep_freed_memory() -> bool:
         # One arena for every thread: a thread's own arena is made of heaps of at most 64 MB,
         # so ZeroMQ's I/O thread would get every 61 MB frame it receives as a fresh mmap anyway
         # (15,000 faults per seed epoch, measured).
-        ok = (bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-              and bool(libc.mallopt(M_ARENA_MAX, 1)))
+        ok = (
+            bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30))
+            and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+            and bool(libc.mallopt(M_ARENA_MAX, 1))
+        )
     except (OSError, AttributeError):
         return False
     _done = ok

@@ -82,22 +82,44 @@ class Preset:
 
 PRESETS = {
     # The notebook's run with its bias bugs fixed (see docs/design.md).
-    "seed": Preset(name="seed", epochs=15, batch_size=None, dtype="float64", learning_rate=0.05,
-                   loss="mse", optimizer="sgd", inputs="raw", init="notebook", seed=402),
+    "seed": Preset(
+        name="seed",
+        epochs=15,
+        batch_size=None,
+        dtype="float64",
+        learning_rate=0.05,
+        loss="mse",
+        optimizer="sgd",
+        inputs="raw",
+        init="notebook",
+        seed=402,
+    ),
     # A preset that trains: standardized inputs, mini-batches, softmax cross-entropy, Adam with
     # a cosine learning-rate decay. Same network shape.
     # The first layer trains with SGD and momentum (its weights stay on the nodes, which update
     # them in their own secret basis); the rest with Adam.
-    "default": Preset(name="default", epochs=20, batch_size=128, dtype="float32", learning_rate=2e-3,
-                      loss="xent", optimizer="adam", inputs="standardize", init="scaled",
-                      schedule="cosine", w1_optimizer="momentum", w1_learning_rate=0.5,
-                      hidden_optimizer="momentum"),
+    "default": Preset(
+        name="default",
+        epochs=20,
+        batch_size=128,
+        dtype="float32",
+        learning_rate=2e-3,
+        loss="xent",
+        optimizer="adam",
+        inputs="standardize",
+        init="scaled",
+        schedule="cosine",
+        w1_optimizer="momentum",
+        w1_learning_rate=0.5,
+        hidden_optimizer="momentum",
+    ),
 }
 # The default preset as it was before its first layer moved to the nodes: Adam on every layer,
 # so w1 is re-sent each step under the share disguise. Kept as the audit's control (the weight
 # trajectory attack breaks it) and for comparison.
-PRESETS["adam"] = replace(PRESETS["default"], name="adam", w1_optimizer="same", w1_learning_rate=0.0,
-                          hidden_optimizer="same")
+PRESETS["adam"] = replace(
+    PRESETS["default"], name="adam", w1_optimizer="same", w1_learning_rate=0.0, hidden_optimizer="same"
+)
 
 
 def weight_names(layers) -> tuple[str, ...]:
@@ -111,16 +133,24 @@ def check_layers(layers) -> tuple[int, ...]:
     if len(layers) < 2:
         raise ValueError("a network needs at least its inputs and its classes, e.g. 784,128,10")
     if layers[0] != INPUTS or layers[-1] != CLASSES:
-        raise ValueError(f"layers must start with the {INPUTS} pixels and end with the {CLASSES} classes, "
-                         f"got {','.join(map(str, layers))}")
+        raise ValueError(
+            f"layers must start with the {INPUTS} pixels and end with the {CLASSES} classes, "
+            f"got {','.join(map(str, layers))}"
+        )
     bad = [n for n in layers[1:-1] if not 1 <= n <= MAX_WIDTH]
     if bad:
         raise ValueError(f"hidden widths must be 1..{MAX_WIDTH}, got {bad[0]}")
     return layers
 
 
-def get_preset(name: str, *, epochs: int | None = None, dtype: str | None = None,
-               layers: tuple[int, ...] | None = None, activation: str | None = None) -> Preset:
+def get_preset(
+    name: str,
+    *,
+    epochs: int | None = None,
+    dtype: str | None = None,
+    layers: tuple[int, ...] | None = None,
+    activation: str | None = None,
+) -> Preset:
     preset = PRESETS[name]
     if epochs is not None:
         preset = replace(preset, epochs=epochs)
@@ -224,8 +254,9 @@ def one_hot(labels: np.ndarray, dtype) -> np.ndarray:
 W1_MOMENTUM = 0.9  # the first layer's momentum when it trains with SGD and momentum (resident or not)
 
 
-def w1_momentum_step(params: dict[str, np.ndarray], opt: "OptimizerState", g: np.ndarray, lr: float,
-                     name: str = "w1") -> None:
+def w1_momentum_step(
+    params: dict[str, np.ndarray], opt: "OptimizerState", g: np.ndarray, lr: float, name: str = "w1"
+) -> None:
     """buf = W1_MOMENTUM buf + g (float64, kept in opt as "buf_<name>"); <name> += lr buf. The
     step every compute that trains w1 (or a momentum hidden layer) here takes (the resident
     nodes take the same one in their basis)."""
@@ -249,8 +280,9 @@ class LocalCompute:
         self.images = images
         self.basis = basis
 
-    def adopt(self, params: dict[str, np.ndarray], opt: "OptimizerState", fresh: bool,
-              momentum_layers: tuple[int, ...] = ()) -> None:
+    def adopt(
+        self, params: dict[str, np.ndarray], opt: "OptimizerState", fresh: bool, momentum_layers: tuple[int, ...] = ()
+    ) -> None:
         """A fresh run under a basis starts from w1 = M_s V_0 (the basis's V_0), and each
         momentum hidden layer from its own basis's V_0."""
         if self.basis is not None and fresh:
@@ -259,8 +291,16 @@ class LocalCompute:
                 hb = self.basis.hidden_layers[layer]
                 params[f"w{layer}"] = hb.to_units(hb.v0).astype(params[f"w{layer}"].dtype)
 
-    def hidden_step(self, a: np.ndarray, dz: np.ndarray, params: dict[str, np.ndarray], layer: int, lr: float,
-                    opt: "OptimizerState", labels: np.ndarray | None = None) -> np.ndarray:
+    def hidden_step(
+        self,
+        a: np.ndarray,
+        dz: np.ndarray,
+        params: dict[str, np.ndarray],
+        layer: int,
+        lr: float,
+        opt: "OptimizerState",
+        labels: np.ndarray | None = None,
+    ) -> np.ndarray:
         """A momentum hidden layer's backward: da = dz w^T (with w before the step), then SGD with
         momentum on w from g = a^T dz, preconditioned by the basis when there is one."""
         name = f"w{layer}"
@@ -271,8 +311,9 @@ class LocalCompute:
         w1_momentum_step(params, opt, g, lr, name)
         return da
 
-    def w1_step(self, params: dict[str, np.ndarray], idx, dz1: np.ndarray, labels, lr: float,
-                opt: "OptimizerState") -> None:
+    def w1_step(
+        self, params: dict[str, np.ndarray], idx, dz1: np.ndarray, labels, lr: float, opt: "OptimizerState"
+    ) -> None:
         """SGD with momentum on w1 from the ascent delta dz1 (b, h1): buf = 0.9 buf + g,
         w1 += lr buf, with g = X[idx]^T dz1, preconditioned by the basis when there is one (the
         V-basis step seen in the pixel basis)."""
@@ -290,8 +331,9 @@ class LocalCompute:
         """Layer `layer` >= 2, forward: a (b,n) @ w (n,m) -> (b,m); a is the previous layer's output."""
         return a @ w
 
-    def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int,
-              labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def dw_da(
+        self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int, labels: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Layer `layer` >= 2, backward: a^T (n,b) @ dz (b,m) -> (n,m) and dz (b,m) @ w^T (m,n) -> (b,n).
         Both need only dz (a distributed compute sends them together; `labels` (b,) let it hide
         dz's class structure, as for dw1; the products do not depend on them)."""
@@ -335,8 +377,9 @@ def activate(z: np.ndarray, preset: Preset) -> np.ndarray:
     return sigmoid(z)
 
 
-def forward(compute, which: str, idx, params: dict[str, np.ndarray],
-            preset: Preset) -> tuple[list[np.ndarray], np.ndarray]:
+def forward(
+    compute, which: str, idx, params: dict[str, np.ndarray], preset: Preset
+) -> tuple[list[np.ndarray], np.ndarray]:
     """([a1, ..., a_{L-1}] each (b,n_l), the last layer's logits (b,10)) for rows idx of `which`.
     The output is sigmoid of the logits for mse."""
     z = compute.x_w1(which, idx, params["w1"]) + params["b1"]
@@ -354,8 +397,16 @@ def _hidden_delta(da: np.ndarray, a: np.ndarray, preset: Preset) -> np.ndarray:
     return (da * a) * (1.0 - a)
 
 
-def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.ndarray, labels: np.ndarray,
-               preset: Preset, opt: OptimizerState, lr: float) -> StepResult:
+def train_step(
+    compute,
+    params: dict[str, np.ndarray],
+    idx,
+    labels_onehot: np.ndarray,
+    labels: np.ndarray,
+    preset: Preset,
+    opt: OptimizerState,
+    lr: float,
+) -> StepResult:
     """One step on rows idx of the training set (None: all). Updates params (and opt) in place."""
     m = labels_onehot.shape[0]
     dt = params["w1"].dtype
@@ -386,8 +437,9 @@ def train_step(compute, params: dict[str, np.ndarray], idx, labels_onehot: np.nd
             dz = _hidden_delta(da, a, preset)
             continue
         # the last layer's dz is the loss's: no labels to hide in it, and it stays home anyway
-        grads[f"w{layer}"], da = compute.dw_da(a, dz, params[f"w{layer}"], layer,
-                                               labels if layer < preset.depth else None)
+        grads[f"w{layer}"], da = compute.dw_da(
+            a, dz, params[f"w{layer}"], layer, labels if layer < preset.depth else None
+        )
         dz = _hidden_delta(da, a, preset)
     grads["b1"] = dz.sum(axis=0)
     if preset.w1_optimizer == "momentum":
@@ -412,8 +464,8 @@ def _apply_update(params, grads, preset: Preset, opt: OptimizerState, lr: float)
         return
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     opt.t += 1
-    c1 = 1.0 - beta1 ** opt.t
-    c2 = 1.0 - beta2 ** opt.t
+    c1 = 1.0 - beta1**opt.t
+    c2 = 1.0 - beta2**opt.t
     for name in order:
         g = grads[name]
         m = opt.moments.setdefault("m_" + name, np.zeros_like(params[name]))
@@ -443,5 +495,5 @@ def evaluate(compute, which: str, params, labels: np.ndarray, preset: Preset) ->
         # For the squared-error preset the notebook takes argmax of the sigmoid outputs; saturated
         # outputs can tie at 1.0 where the logits would not, so do exactly the same.
         scores = sigmoid(z_out) if preset.loss == "mse" else z_out
-        correct += int(np.count_nonzero(np.argmax(scores, axis=1) == labels[lo:lo + scores.shape[0]]))
+        correct += int(np.count_nonzero(np.argmax(scores, axis=1) == labels[lo : lo + scores.shape[0]]))
     return float(correct / n)

@@ -63,8 +63,9 @@ print(json.dumps(out))
 
 def run(mode: str, threads: int, repeats: int) -> dict:
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(repeats)], env=env, cwd=REPO,
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(repeats)], env=env, cwd=REPO, capture_output=True, text=True, check=True
+    )
     return json.loads(proc.stdout)
 
 

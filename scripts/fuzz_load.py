@@ -61,12 +61,14 @@ def _proc_stat(pid: int) -> tuple[float, int, int]:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     status = Path(f"/proc/{pid}/status").read_text()
-    kb = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines()
-          if line.startswith(("VmRSS", "VmHWM"))}
+    kb = {
+        line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith(("VmRSS", "VmHWM"))
+    }
     return cpu, kb["VmRSS"] * 1024, kb["VmHWM"] * 1024
 
 
 # --- idle nodes ------------------------------------------------------------------------------
+
 
 class IdleNodes:
     """`count` admitted nodes on their own DEALERs in one thread: handshake, then a paused
@@ -89,8 +91,7 @@ class IdleNodes:
             sock = self.ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self.endpoint)
-            hs = NodeHandshake(ident, "idle", {"ops": ["matmul", "resident"],
-                                               "threads": 1, "credit": 1})
+            hs = NodeHandshake(ident, "idle", {"ops": ["matmul", "resident"], "threads": 1, "credit": 1})
             nodes[sock] = {"hs": hs, "state": "hi", "sent": 0.0, "channel": None, "node_id": None}
             poller.register(sock, zmq.POLLIN)
         while not self.stop.is_set():
@@ -101,8 +102,9 @@ class IdleNodes:
                     sock.send_multipart(n["hs"].hi())
                     n["sent"] = now
                 elif n["state"] == "in" and now - n["sent"] > 1.0:
-                    sock.send_multipart(n["channel"].seal("HEARTBEAT", {"node_id": n["node_id"], "credit": 0,
-                                                                        "outstanding": 0}))
+                    sock.send_multipart(
+                        n["channel"].seal("HEARTBEAT", {"node_id": n["node_id"], "credit": 0, "outstanding": 0})
+                    )
                     n["sent"] = now
             for sock, _ in poller.poll(100):
                 n = nodes[sock]
@@ -139,14 +141,28 @@ class IdleNodes:
 
 # --- hostile senders ---------------------------------------------------------------------------
 
+
 def hostile_messages(rng: random.Random, recorded: list[list], count: int):
     """Yield (label, frames) hostile messages."""
     attacker = Identity.generate()
-    templates = [encode("HI", {"protocol": 2, "nonce": "ab" * 16})[0],
-                 encode("HELLO", {"protocol": 2, "node_key": attacker.public_hex, "name": "x", "nonce": "n",
-                                  "challenge": "0" * 64, "coordinator_key": "0" * 64, "run_id": "r",
-                                  "kx": "1" * 64, "capabilities": {"ops": [], "threads": 1, "credit": 1}},
-                        signer=attacker)[0]]
+    templates = [
+        encode("HI", {"protocol": 2, "nonce": "ab" * 16})[0],
+        encode(
+            "HELLO",
+            {
+                "protocol": 2,
+                "node_key": attacker.public_hex,
+                "name": "x",
+                "nonce": "n",
+                "challenge": "0" * 64,
+                "coordinator_key": "0" * 64,
+                "run_id": "r",
+                "kx": "1" * 64,
+                "capabilities": {"ops": [], "threads": 1, "credit": 1},
+            },
+            signer=attacker,
+        )[0],
+    ]
     junk_channel = Channel(os.urandom(32), os.urandom(32))
     for i in range(count):
         kind = i % 10
@@ -167,12 +183,12 @@ def hostile_messages(rng: random.Random, recorded: list[list], count: int):
             deep = b"[" * 50000
             yield "deep-json", [b"ENS2U" + bytes([2]) + b"HI" + len(deep).to_bytes(4, "big") + deep]
         elif kind == 6:
-            header = json.dumps({"arrays": [{"name": "c", "dtype": "float64", "shape": [10 ** 9, 10 ** 9]}],
-                                 "protocol": 2, "nonce": "x"}).encode()
+            header = json.dumps(
+                {"arrays": [{"name": "c", "dtype": "float64", "shape": [10**9, 10**9]}], "protocol": 2, "nonce": "x"}
+            ).encode()
             yield "huge-dims", [b"ENS2U" + bytes([2]) + b"HI" + len(header).to_bytes(4, "big") + header]
         elif kind == 7:
-            yield "huge-length", [b"ENS2S" + bytes([5]) + b"HELLO" + (2 ** 32 - 1).to_bytes(4, "big") + b"{}"
-                                  + bytes(64)]
+            yield "huge-length", [b"ENS2S" + bytes([5]) + b"HELLO" + (2**32 - 1).to_bytes(4, "big") + b"{}" + bytes(64)]
         elif kind == 8:
             yield "wrong-kind", [b"ENS2E" + b"\x00" * 8 + os.urandom(64)]
         else:
@@ -209,8 +225,7 @@ def malicious_participant(endpoint: str, ident: Identity, stop: threading.Event,
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
-    hs = NodeHandshake(ident, "malicious", {"ops": ["matmul", "resident"],
-                                            "threads": 1, "credit": 2})
+    hs = NodeHandshake(ident, "malicious", {"ops": ["matmul", "resident"], "threads": 1, "credit": 2})
     sock.send_multipart(hs.hi())
     channel = node_id = None
     deadline = time.monotonic() + 30
@@ -231,12 +246,20 @@ def malicious_participant(endpoint: str, ident: Identity, stop: threading.Event,
     while not stop.is_set():
         choice = rng.randrange(4)
         if choice == 0:
-            frames = channel.seal("RESULT", {"run_id": "x", "batch_id": f"{rng.randrange(100)}.{rng.randrange(999)}",
-                                             "seq": rng.randrange(10 ** 6), "compute_seconds": 0.0},
-                                  {"c": np.full((4, 4), np.nan)})
+            frames = channel.seal(
+                "RESULT",
+                {
+                    "run_id": "x",
+                    "batch_id": f"{rng.randrange(100)}.{rng.randrange(999)}",
+                    "seq": rng.randrange(10**6),
+                    "compute_seconds": 0.0,
+                },
+                {"c": np.full((4, 4), np.nan)},
+            )
         elif choice == 1:
-            prefix = inner_parts("RESULT", {"run_id": "x", "batch_id": "b", "seq": 1, "compute_seconds": 0.0},
-                                 {"c": np.zeros(1)})[0]
+            prefix = inner_parts(
+                "RESULT", {"run_id": "x", "batch_id": "b", "seq": 1, "compute_seconds": 0.0}, {"c": np.zeros(1)}
+            )[0]
             frames = channel.seal_parts([prefix.replace(b"[1]", b"[1000000000]")])
         elif choice == 2:
             frames = channel.seal_parts([os.urandom(rng.randint(5, 300))])
@@ -256,6 +279,7 @@ def malicious_participant(endpoint: str, ident: Identity, stop: threading.Event,
 
 # --- the run -------------------------------------------------------------------------------------
 
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=100_000)
@@ -274,8 +298,18 @@ def main() -> int:
     py = sys.executable
     # A public --seed: the run and the centralized reference then start from the same weights and
     # sample order (without it each run draws them from its own secret).
-    train = ["--preset", "default", "--dtype", "float64", "--epochs", str(args.epochs), "--limit", str(args.limit),
-             "--seed", "402"]
+    train = [
+        "--preset",
+        "default",
+        "--dtype",
+        "float64",
+        "--epochs",
+        str(args.epochs),
+        "--limit",
+        str(args.limit),
+        "--seed",
+        "402",
+    ]
 
     idle_ids = [Identity.generate() for _ in range(args.idle)]
     honest = [load_or_create_identity("node", tmp / f"h{i}", name=f"honest-{i}") for i in (1, 2)]
@@ -283,9 +317,27 @@ def main() -> int:
     allow = tmp / "allowed"
     allow.write_text("".join(f"{i.fingerprint}\n" for i in (*idle_ids, *honest, evil)))
     run_dir = tmp / "run"
-    coord = subprocess.Popen([py, "-m", "enshuffle", "coordinator", "--bind", endpoint, "--min-nodes", "2",
-                              "--allow", str(allow), "--out", str(run_dir), *train], cwd=REPO, env=env,
-                             stdout=open(tmp / "coordinator.out", "wb"), stderr=open(tmp / "coordinator.err", "wb"))
+    coord = subprocess.Popen(
+        [
+            py,
+            "-m",
+            "enshuffle",
+            "coordinator",
+            "--bind",
+            endpoint,
+            "--min-nodes",
+            "2",
+            "--allow",
+            str(allow),
+            "--out",
+            str(run_dir),
+            *train,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=open(tmp / "coordinator.out", "wb"),
+        stderr=open(tmp / "coordinator.err", "wb"),
+    )
     time.sleep(3.0)  # start-up (data loading); only a benchmark waits like this
     cpu0, rss0, _ = proc_stat(coord.pid)
     time.sleep(args.window)
@@ -305,8 +357,10 @@ def main() -> int:
     per_1000 = (with_idle - base) * 1000 / max(1, idle.joined)
     print(f"idle nodes joined:            {idle.joined} of {args.idle} in {joined_after:.1f} s")
     print(f"coordinator CPU, no nodes:    {100 * base:.1f}% of a core")
-    print(f"coordinator CPU, idle nodes:  {100 * with_idle:.1f}% of a core "
-          f"-> {100 * per_1000:.1f}% of a core per 1,000 idle nodes (budget 5%)")
+    print(
+        f"coordinator CPU, idle nodes:  {100 * with_idle:.1f}% of a core "
+        f"-> {100 * per_1000:.1f}% of a core per 1,000 idle nodes (budget 5%)"
+    )
     print(f"coordinator RSS: start {rss0 / 2**20:.0f} MiB, with idle nodes {rss_idle2 / 2**20:.0f} MiB")
     if args.idle_only:
         idle.stop.set()
@@ -320,14 +374,22 @@ def main() -> int:
     evil_sent = [0]
     evil_thread = threading.Thread(target=malicious_participant, args=(endpoint, evil, stop, evil_sent), daemon=True)
     evil_thread.start()
-    nodes = [subprocess.Popen([py, "-m", "enshuffle", "node", "--connect", endpoint, "--name", f"honest-{i}",
-                               "--threads", "1"], cwd=REPO,
-                              env=dict(os.environ, ENSHUFFLE_HOME=str(tmp / f"h{i}")),
-                              stdout=subprocess.DEVNULL, stderr=open(tmp / f"node{i}.err", "wb")) for i in (1, 2)]
+    nodes = [
+        subprocess.Popen(
+            [py, "-m", "enshuffle", "node", "--connect", endpoint, "--name", f"honest-{i}", "--threads", "1"],
+            cwd=REPO,
+            env=dict(os.environ, ENSHUFFLE_HOME=str(tmp / f"h{i}")),
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp / f"node{i}.err", "wb"),
+        )
+        for i in (1, 2)
+    ]
     started = time.monotonic()
     per_sender = args.messages // args.senders
-    senders = [threading.Thread(target=fire, args=(endpoint, per_sender, idle.recorded_hellos, s, sent), daemon=True)
-               for s in range(args.senders)]
+    senders = [
+        threading.Thread(target=fire, args=(endpoint, per_sender, idle.recorded_hellos, s, sent), daemon=True)
+        for s in range(args.senders)
+    ]
     for s in senders:
         s.start()
     peak = rss_end = 0
@@ -347,26 +409,42 @@ def main() -> int:
         n.wait(30)
     err = (tmp / "coordinator.err").read_text(errors="replace")
     crashes = int(rc != 0) + err.count("Traceback")
-    print(f"hostile messages sent:        {sent[0]:,} (+{evil_sent[0]:,} from the admitted malicious node) "
-          f"in {fired:.0f} s, {sent[0] / fired:,.0f}/s")
+    print(
+        f"hostile messages sent:        {sent[0]:,} (+{evil_sent[0]:,} from the admitted malicious node) "
+        f"in {fired:.0f} s, {sent[0] / fired:,.0f}/s"
+    )
     print(f"crashes:                      {crashes} (coordinator exit status {rc})")
-    print(f"coordinator RSS: peak {peak / 2**20:.0f} MiB over the whole run (idle nodes, attack and training; "
-          f"compare `--messages 0 --idle 0`), {rss_end / 2**20:.0f} MiB at the end")
+    print(
+        f"coordinator RSS: peak {peak / 2**20:.0f} MiB over the whole run (idle nodes, attack and training; "
+        f"compare `--messages 0 --idle 0`), {rss_end / 2**20:.0f} MiB at the end"
+    )
     print(f"malicious node evicted:       {'evicted after' in err}")
     counted = [line for line in err.splitlines() if line.startswith("messages: ")]
     print(f"coordinator's own count:      {counted[-1] if counted else '(no count logged)'}")
 
     exported = tmp / "final.npz"
-    subprocess.run([py, "-m", "enshuffle", "chain", "export", str(run_dir), "--npz", str(exported)], cwd=REPO,
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [py, "-m", "enshuffle", "chain", "export", str(run_dir), "--npz", str(exported)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     ref = tmp / "ref.npz"
-    subprocess.run([py, "-m", "enshuffle", "train", "--nodes", "0", *train, "--save-weights", str(ref)], cwd=REPO,
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [py, "-m", "enshuffle", "train", "--nodes", "0", *train, "--save-weights", str(ref)],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     with np.load(exported) as a, np.load(ref) as b:
         diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in ("w1", "b1", "w2", "b2"))
         scale = max(float(np.max(np.abs(b[k]))) for k in ("w1", "b1", "w2", "b2"))
-    print(f"final weights vs undisturbed: max abs difference {diff:.2e} (weights up to {scale:.2f}): "
-          f"{'equal to rounding' if diff < 1e-9 * max(1.0, scale) else 'DIFFERENT'}")
+    print(
+        f"final weights vs undisturbed: max abs difference {diff:.2e} (weights up to {scale:.2f}): "
+        f"{'equal to rounding' if diff < 1e-9 * max(1.0, scale) else 'DIFFERENT'}"
+    )
     print(f"(files in {tmp})")
     return 0
 

@@ -32,11 +32,13 @@ def main() -> int:
     train = first_per_class(source.train_labels, TRAIN_PER_CLASS)
     test = first_per_class(source.test_labels, TEST_PER_CLASS)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(OUT,
-                        train_images=np.ascontiguousarray(source.train_images[train]),
-                        train_labels=np.ascontiguousarray(source.train_labels[train]),
-                        test_images=np.ascontiguousarray(source.test_images[test]),
-                        test_labels=np.ascontiguousarray(source.test_labels[test]))
+    np.savez_compressed(
+        OUT,
+        train_images=np.ascontiguousarray(source.train_images[train]),
+        train_labels=np.ascontiguousarray(source.train_labels[train]),
+        test_images=np.ascontiguousarray(source.test_images[test]),
+        test_labels=np.ascontiguousarray(source.test_labels[test]),
+    )
     size = OUT.stat().st_size
     print(f"wrote {OUT}: {len(train)} train, {len(test)} test, {size} bytes")
     if size > LIMIT_BYTES:

@@ -67,8 +67,19 @@ def spawn_node(endpoint: str, fingerprint: str, home: Path, name: str, config: s
     path, _, threads = config.rpartition(":")
     profile = os.environ.get("NODE_PROFILE")
     prefix = ["-m", "cProfile", "-o", f"{profile}.{index}"] if profile else []
-    args = [sys.executable, *prefix, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key",
-            fingerprint, "--name", name]
+    args = [
+        sys.executable,
+        *prefix,
+        "-m",
+        "enshuffle",
+        "node",
+        "--connect",
+        endpoint,
+        "--coordinator-key",
+        fingerprint,
+        "--name",
+        name,
+    ]
     if threads != "default":
         args += ["--threads", threads]
     wrapper = os.environ.get("NODE_WRAPPER")
@@ -81,14 +92,22 @@ def spawn_node(endpoint: str, fingerprint: str, home: Path, name: str, config: s
     try:
         # `python -m` puts the working directory first on sys.path: run from DIR, or a checkout
         # in the current directory would shadow it.
-        return subprocess.Popen(args, env=env, cwd=path or None, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            args,
+            env=env,
+            cwd=path or None,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     finally:
         log.close()
 
 
-def measure(configs: list[str], products: int, rows: int | None, images: int, check: bool,
-            transpose: bool) -> tuple[dict, str]:
+def measure(
+    configs: list[str], products: int, rows: int | None, images: int, check: bool, transpose: bool
+) -> tuple[dict, str]:
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, size=(images, 784)).astype(np.float32)
     names = [f"n{i}" for i in range(len(configs))]
@@ -100,14 +119,25 @@ def measure(configs: list[str], products: int, rows: int | None, images: int, ch
             (tmp / name).mkdir(mode=0o700)
             keys.add(load_or_create_identity("node", tmp / name, name=name).public_bytes)
         listener = Listener("tcp://127.0.0.1:*")
-        procs = [spawn_node(listener.endpoint, identity.fingerprint, tmp / name, name, config, i)
-                 for i, (name, config) in enumerate(zip(names, configs))]
+        procs = [
+            spawn_node(listener.endpoint, identity.fingerprint, tmp / name, name, config, i)
+            for i, (name, config) in enumerate(zip(names, configs))
+        ]
         ledger = ExposureLedger()
-        server = DistributedCompute({"train": x}, len(configs), np.random.default_rng(2),
-                                    CoordinatorServer.factory(listener, identity, CoordinatorState(), ledger,
-                                                              config=ServerConfig(verify_results=check),
-                                                              admission=Admission(auto=keys)),
-                                    ledger=ledger).executor
+        server = DistributedCompute(
+            {"train": x},
+            len(configs),
+            np.random.default_rng(2),
+            CoordinatorServer.factory(
+                listener,
+                identity,
+                CoordinatorState(),
+                ledger,
+                config=ServerConfig(verify_results=check),
+                admission=Admission(auto=keys),
+            ),
+            ledger=ledger,
+        ).executor
         try:
             server.wait_for_nodes(len(configs))
             shard_of = {server.sessions[node_id].name: shard for shard, node_id in enumerate(server.owner)}
@@ -120,8 +150,12 @@ def measure(configs: list[str], products: int, rows: int | None, images: int, ch
                 static = statics[shard]
                 picked = rng.permutation(static.shape[0])[:n] if n < static.shape[0] else rng.permutation(n)
                 b = rng.standard_normal((n, 128) if transpose else (static.shape[1], 128)).astype(np.float32)
-                return Batch(shard, "matmul", {"a_static": static_name("train", shard), "transpose_a": transpose},
-                             {"rows": picked, "b": b})
+                return Batch(
+                    shard,
+                    "matmul",
+                    {"a_static": static_name("train", shard), "transpose_a": transpose},
+                    {"rows": picked, "b": b},
+                )
 
             for _ in range(WARMUP):
                 for shard in shard_of.values():
@@ -143,9 +177,13 @@ def measure(configs: list[str], products: int, rows: int | None, images: int, ch
     results = {}
     for name, config in zip(names, configs):
         ms = times[name]
-        results[config] = {"median": statistics.median(ms), "p90": percentile(ms, 0.9), "p99": percentile(ms, 0.99),
-                           "cpu_ms": 1000 * (after[name][0] - before[name][0]) / products,
-                           "faults": (after[name][1] - before[name][1]) / products}
+        results[config] = {
+            "median": statistics.median(ms),
+            "p90": percentile(ms, 0.9),
+            "p99": percentile(ms, 0.99),
+            "cpu_ms": 1000 * (after[name][0] - before[name][0]) / products,
+            "faults": (after[name][1] - before[name][1]) / products,
+        }
     return results, shape
 
 
@@ -154,8 +192,12 @@ def main() -> None:
     parser.add_argument("--products", type=int, default=500, help="products per configuration")
     parser.add_argument("--rows", type=int, default=None, help="rows of the static block per product")
     parser.add_argument("--images", type=int, default=60000, help="rows of each static block")
-    parser.add_argument("--threads", nargs="+", default=["default", "1"],
-                        help="node configurations: default, N or DIR:THREADS (one node process each)")
+    parser.add_argument(
+        "--threads",
+        nargs="+",
+        default=["default", "1"],
+        help="node configurations: default, N or DIR:THREADS (one node process each)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="measure this many times (new node processes)")
     parser.add_argument("--transpose", action="store_true", help="S[rows].T @ b (the backward product)")
     parser.add_argument("--no-check", dest="check", action="store_false")
@@ -169,11 +211,16 @@ def main() -> None:
             if hog is not None:
                 hog.kill()
                 hog.wait()
-        print(f"{args.products} products {shape} float32 per node, check {'on' if args.check else 'off'}, "
-              f"hog {'on' if args.hog else 'off'}, load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"{args.products} products {shape} float32 per node, check {'on' if args.check else 'off'}, "
+            f"hog {'on' if args.hog else 'off'}, load average {os.getloadavg()[0]:.1f}"
+        )
         for config, r in results.items():
-            print(f"  node {config:>22}: median {r['median']:.2f} ms, p90 {r['p90']:.2f} ms, p99 {r['p99']:.2f} ms; "
-                  f"node CPU {r['cpu_ms']:.2f} ms, {r['faults']:.0f} page faults per product", flush=True)
+            print(
+                f"  node {config:>22}: median {r['median']:.2f} ms, p90 {r['p90']:.2f} ms, p99 {r['p99']:.2f} ms; "
+                f"node CPU {r['cpu_ms']:.2f} ms, {r['faults']:.0f} page faults per product",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

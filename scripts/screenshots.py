@@ -49,8 +49,9 @@ async def shoot(data: str | None, limit: int) -> None:
         tmp = Path(tmp)
         preset = get_preset("default", epochs=4)
         inputs = load_inputs(data, preset, limit)
-        config = RunConfig(limit=limit, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2),
-                           run_dir=str(tmp / "run"))
+        config = RunConfig(
+            limit=limit, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2), run_dir=str(tmp / "run")
+        )
         run = CoordinatorRun(config, preset, inputs, home=tmp / "coordinator", quiet=True)
         run.print_reports = False
         thread = threading.Thread(target=run.run, daemon=True)
@@ -58,14 +59,23 @@ async def shoot(data: str | None, limit: int) -> None:
         endpoint = run.state.join_commands[0].split()[3]
         procs = spawn_local_nodes(endpoint, run.identity.fingerprint, 1, tmp / "nodes")
         state, control = NodeState(), NodeControl(threads=1)
-        daemon = NodeDaemon(endpoint, identity=Identity.generate(), trust=TrustStore(tmp / "volunteer"),
-                            pinned=run.identity.fingerprint, name=socket.gethostname()[:16] or "volunteer",
-                            threads=1, state=state, control=control, log=lambda line: None)
+        daemon = NodeDaemon(
+            endpoint,
+            identity=Identity.generate(),
+            trust=TrustStore(tmp / "volunteer"),
+            pinned=run.identity.fingerprint,
+            name=socket.gethostname()[:16] or "volunteer",
+            threads=1,
+            state=state,
+            control=control,
+            log=lambda line: None,
+        )
         node_thread = threading.Thread(target=daemon.run, daemon=True)
         node_thread.start()
         try:
-            console = CoordinatorApp(run.state.snapshot, run.control,
-                                     verify_chain=lambda: verify_chain_message(run.chain))
+            console = CoordinatorApp(
+                run.state.snapshot, run.control, verify_chain=lambda: verify_chain_message(run.chain)
+            )
             async with console.run_test(size=SIZE) as pilot:
                 await wait_for(pilot, lambda: run.state.snapshot().epoch >= 2, 600, "two epochs")
                 await wait_for(pilot, lambda: run.state.snapshot().step >= 5, 120, "a few steps more")

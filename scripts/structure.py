@@ -97,8 +97,10 @@ def bottom_first(units: list[str], edges: dict[str, dict[str, bool]]) -> list[st
     order: list[str] = []
     remaining = sorted(units)
     while remaining:
+
         def unmet(unit: str) -> int:
             return sum(1 for t, eager in edges.get(unit, {}).items() if eager and t != unit and t not in order)
+
         chosen = min(remaining, key=lambda unit: (unmet(unit), unit))
         order.append(chosen)
         remaining.remove(chosen)

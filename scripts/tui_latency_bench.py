@@ -81,8 +81,11 @@ async def run(presses: int, nodes: int, events_per_second: float, size: tuple[in
                 else:
                     opening = not isinstance(app.screen, HelpScreen)
                     key, char = "question_mark", "?"
-                    shown = (lambda: isinstance(app.screen, HelpScreen)) if opening else (
-                        lambda: not isinstance(app.screen, HelpScreen))
+                    shown = (
+                        (lambda: isinstance(app.screen, HelpScreen))
+                        if opening
+                        else (lambda: not isinstance(app.screen, HelpScreen))
+                    )
                 pending.clear()
                 pending.update(shown=shown, done=asyncio.Event())
                 sent = time.perf_counter()
@@ -99,18 +102,24 @@ async def run(presses: int, nodes: int, events_per_second: float, size: tuple[in
         Screen._compositor_refresh = original_refresh
         fake.stop()
 
-    print(f"coordinator console {size[0]}x{size[1]}, {nodes} nodes, {events_per_second:.0f} batch events/s asked, "
-          f"{achieved:.0f}/s delivered by the synthetic back-end ({processed:,} events while measuring)")
+    print(
+        f"coordinator console {size[0]}x{size[1]}, {nodes} nodes, {events_per_second:.0f} batch events/s asked, "
+        f"{achieved:.0f}/s delivered by the synthetic back-end ({processed:,} events while measuring)"
+    )
     if achieved < 0.9 * events_per_second:
         print("WARNING: the synthetic back-end fell behind; the load was lighter than asked")
-    print(f"key press -> screen update over {len(latencies)} presses: "
-          f"median {statistics.median(latencies):.1f} ms, p90 {percentile(latencies, 0.9):.1f} ms, "
-          f"max {max(latencies):.1f} ms")
+    print(
+        f"key press -> screen update over {len(latencies)} presses: "
+        f"median {statistics.median(latencies):.1f} ms, p90 {percentile(latencies, 0.9):.1f} ms, "
+        f"max {max(latencies):.1f} ms"
+    )
     for key, values in by_key.items():
         label = "cursor down (nodes table)" if key == "down" else "? (help screen open/close)"
         print(f"  {label}: median {statistics.median(values):.1f} ms, p90 {percentile(values, 0.9):.1f} ms")
-    print(f"snapshot refresh (apply) over {len(refresh_ms)} ticks: "
-          f"median {statistics.median(refresh_ms):.1f} ms, p90 {percentile(refresh_ms, 0.9):.1f} ms")
+    print(
+        f"snapshot refresh (apply) over {len(refresh_ms)} ticks: "
+        f"median {statistics.median(refresh_ms):.1f} ms, p90 {percentile(refresh_ms, 0.9):.1f} ms"
+    )
 
 
 def main() -> None:

@@ -87,8 +87,15 @@ class SweepExecutor(InProcessExecutor):
             static = statics[name] if name else None
             norms = self._norms(name, static) if name else None
             if self.args.record is not None and name and len(self.recorded) < self.args.record:
-                self.recorded.append((batch.shard, name, dict(batch.params), batch.arrays["b"].copy(),
-                                      int(batch.arrays["rows"].shape[0])))
+                self.recorded.append(
+                    (
+                        batch.shard,
+                        name,
+                        dict(batch.params),
+                        batch.arrays["b"].copy(),
+                        int(batch.arrays["rows"].shape[0]),
+                    )
+                )
             self.check(c, batch.arrays, batch.params, static, norms, name, node)
         return results
 
@@ -110,16 +117,20 @@ class SweepExecutor(InProcessExecutor):
             margins["worst"] = max(margins["worst"], float(res.worst.max()))
             if res.level is not None:
                 margins["level"] = max(margins["level"], res.level)
-                margins["worst/reference"] = max(margins["worst/reference"],
-                                                 float(res.worst.max()) / max(res.reference, 0.02))
+                margins["worst/reference"] = max(
+                    margins["worst/reference"], float(res.worst.max()) / max(res.reference, 0.02)
+                )
                 for beta, t in res.fits.values():
                     margins["|t|"] = max(margins["|t|"], t)
                     margins["|beta|/u"] = max(margins["|beta|/u"], abs(beta) / res.unit)
             self.stats["node_seconds"] += node
             self.stats["honest"] += 1
             if self.stats["honest"] % 10000 == 0:
-                print(f"  {self.stats['honest']} honest batches, {self.stats['false_alarms']} false alarms",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {self.stats['honest']} honest batches, {self.stats['false_alarms']} false alarms",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if problem is not None:
                 self.stats["false_alarms"] += 1
                 self.stats["false_alarm_examples"].append(problem)
@@ -130,11 +141,17 @@ class SweepExecutor(InProcessExecutor):
                     caught = judge(lied) is not None
                     if kind == "single" and lied.reference is not None:
                         self.stats["single_ratios"].append(float(lied.worst.max()) / max(lied.reference, 0.02))
-                        kind_key = (("static " + name.split(".")[0]) if name else "sent") + \
-                            (" T" if batch_params.get("transpose_a") else "") + f" {c.shape}"
+                        kind_key = (
+                            (("static " + name.split(".")[0]) if name else "sent")
+                            + (" T" if batch_params.get("transpose_a") else "")
+                            + f" {c.shape}"
+                        )
                         self.stats["by_kind"].setdefault(kind_key, []).append(
-                            (float(lied.worst.max()) / max(lied.reference, 0.02),
-                             float(res.worst.max()) / max(res.reference, 0.02)))
+                            (
+                                float(lied.worst.max()) / max(lied.reference, 0.02),
+                                float(res.worst.max()) / max(res.reference, 0.02),
+                            )
+                        )
                     tried, got = self.stats["lies"].get(kind, (0, 0))
                     self.stats["lies"][kind] = (tried + 1, got + int(caught))
 
@@ -144,8 +161,11 @@ class SweepExecutor(InProcessExecutor):
         while self.stats["honest"] < count:
             shard, name, params, b, n_rows = self.recorded[int(self.rng.integers(len(self.recorded)))]
             static = self.statics[shard][name]
-            rows = np.sort(self.rng.choice(static.shape[0], n_rows, replace=False)) if n_rows < static.shape[0] \
+            rows = (
+                np.sort(self.rng.choice(static.shape[0], n_rows, replace=False))
+                if n_rows < static.shape[0]
                 else self.rng.permutation(static.shape[0])
+            )
             arrays = {"rows": rows, "b": b}
             t0 = time.process_time()
             c = compute_batch("matmul", params, arrays, self.statics[shard])
@@ -162,24 +182,44 @@ def main(argv=None) -> int:
     p.add_argument("--honest", type=int, default=10000, help="honest batches to check")
     p.add_argument("--lie-every", type=int, default=20, help="check one lie of each kind every N honest batches")
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--dynamic", action="store_true",
-                   help="also check products of two sent operands (a1@w2, a1.T@dz2, dz2@w2.T), which issue 7 "
-                        "moves to the coordinator")
-    p.add_argument("--record", type=int, default=None, metavar="N",
-                   help="train only until N real static-product batches are recorded, then draw the rest of "
-                        "the honest batches from them (same static block and operand b, fresh random rows)")
+    p.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="also check products of two sent operands (a1@w2, a1.T@dz2, dz2@w2.T), which issue 7 "
+        "moves to the coordinator",
+    )
+    p.add_argument(
+        "--record",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train only until N real static-product batches are recorded, then draw the rest of "
+        "the honest batches from them (same static block and operand b, fresh random rows)",
+    )
     p.add_argument("--verbose", action="store_true", help="the outlier statistic per kind of batch")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
     preset = get_preset(args.preset, dtype=args.dtype, epochs=10**6)
     inputs = prepare(load_dataset(None, log=lambda line: print(line, file=sys.stderr)), preset, args.limit)
-    stats = {"honest": 0, "false_alarms": 0, "false_alarm_examples": [], "single_ratios": [], "by_kind": {}, "lies": {},
-             "check_seconds": 0.0,
-             "node_seconds": 0.0,
-             "honest_max": {"worst": 0.0, "level": 0.0, "worst/reference": 0.0, "|t|": 0.0, "|beta|/u": 0.0}}
-    compute = DistributedCompute(inputs.images, args.shards, np.random.default_rng(args.seed),
-                                 lambda c: SweepExecutor(c, args, stats), **inputs.source())
+    stats = {
+        "honest": 0,
+        "false_alarms": 0,
+        "false_alarm_examples": [],
+        "single_ratios": [],
+        "by_kind": {},
+        "lies": {},
+        "check_seconds": 0.0,
+        "node_seconds": 0.0,
+        "honest_max": {"worst": 0.0, "level": 0.0, "worst/reference": 0.0, "|t|": 0.0, "|beta|/u": 0.0},
+    }
+    compute = DistributedCompute(
+        inputs.images,
+        args.shards,
+        np.random.default_rng(args.seed),
+        lambda c: SweepExecutor(c, args, stats),
+        **inputs.source(),
+    )
     trainer = Trainer(preset, inputs, compute, secret=args.seed)
     started = time.monotonic()
     executor = compute.executor
@@ -187,31 +227,44 @@ def main(argv=None) -> int:
         trainer.run_step()
     if args.record is not None:
         executor.resample(args.honest)
-    row = {"preset": preset.name, "dtype": preset.dtype, "limit": args.limit, "shards": args.shards,
-           "honest_batches": stats["honest"], "false_alarms": stats["false_alarms"],
-           "lies": {k: {"tried": t, "caught": g} for k, (t, g) in stats["lies"].items()},
-           "check_share_of_node_cpu": stats["check_seconds"] / max(stats["node_seconds"], 1e-9),
-           "honest_max": stats["honest_max"], "wall_seconds": time.monotonic() - started,
-           "false_alarm_examples": stats["false_alarm_examples"][:3]}
+    row = {
+        "preset": preset.name,
+        "dtype": preset.dtype,
+        "limit": args.limit,
+        "shards": args.shards,
+        "honest_batches": stats["honest"],
+        "false_alarms": stats["false_alarms"],
+        "lies": {k: {"tried": t, "caught": g} for k, (t, g) in stats["lies"].items()},
+        "check_share_of_node_cpu": stats["check_seconds"] / max(stats["node_seconds"], 1e-9),
+        "honest_max": stats["honest_max"],
+        "wall_seconds": time.monotonic() - started,
+        "false_alarm_examples": stats["false_alarm_examples"][:3],
+    }
     if args.json:
         print(json.dumps(row))
         return 0
-    print(f"{preset.name} preset, {preset.dtype}, {args.shards} shards, limit {args.limit}: "
-          f"{stats['honest']} honest batches, {stats['false_alarms']} false alarms; check CPU "
-          f"{100 * row['check_share_of_node_cpu']:.1f}% of the node's product CPU")
+    print(
+        f"{preset.name} preset, {preset.dtype}, {args.shards} shards, limit {args.limit}: "
+        f"{stats['honest']} honest batches, {stats['false_alarms']} false alarms; check CPU "
+        f"{100 * row['check_share_of_node_cpu']:.1f}% of the node's product CPU"
+    )
     for kind in KINDS:
         t, g = stats["lies"].get(kind, (0, 0))
         print(f"  {kind:<11} caught {g}/{t} ({100 * g / max(t, 1):.2f}%)")
-    print("  largest honest statistics (limits in enshuffle/coordinator/verify.py): "
-          + ", ".join(f"{k} {v:.3g}" for k, v in stats["honest_max"].items()))
+    print(
+        "  largest honest statistics (limits in enshuffle/coordinator/verify.py): "
+        + ", ".join(f"{k} {v:.3g}" for k, v in stats["honest_max"].items())
+    )
     if stats["single_ratios"]:
         q = np.quantile(stats["single_ratios"], [0.001, 0.01, 0.05, 0.5])
         print("  single lies, worst/reference quantiles 0.1% 1% 5% 50%: " + " ".join(f"{v:.3g}" for v in q))
     if args.verbose:
         for key, pairs in sorted(stats["by_kind"].items()):
             lies, honest = np.array(pairs).T
-            print(f"    {key}: single lie worst/reference min {lies.min():.3g} p5 {np.quantile(lies, .05):.3g}; "
-                  f"honest max {honest.max():.3g} (n={len(pairs)})")
+            print(
+                f"    {key}: single lie worst/reference min {lies.min():.3g} p5 {np.quantile(lies, 0.05):.3g}; "
+                f"honest max {honest.max():.3g} (n={len(pairs)})"
+            )
     for example in row["false_alarm_examples"]:
         print(f"  false alarm: {example}")
     return 0

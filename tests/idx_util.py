@@ -30,8 +30,14 @@ def write_idx(path: str | Path, array: np.ndarray, gz: bool = False) -> Path:
     return path
 
 
-def write_idx_dir(directory: str | Path, train_images: np.ndarray, train_labels: np.ndarray,
-                  test_images: np.ndarray, test_labels: np.ndarray, gz: bool = True) -> dict[str, Path]:
+def write_idx_dir(
+    directory: str | Path,
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    gz: bool = True,
+) -> dict[str, Path]:
     """Write the four files under their MNIST names (+ .gz if gz); returns field -> path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -42,8 +48,7 @@ def write_idx_dir(directory: str | Path, train_images: np.ndarray, train_labels:
         "test_images": ("t10k-images-idx3-ubyte", test_images),
         "test_labels": ("t10k-labels-idx1-ubyte", test_labels),
     }
-    return {field: write_idx(directory / (stem + suffix), array, gz=gz)
-            for field, (stem, array) in files.items()}
+    return {field: write_idx(directory / (stem + suffix), array, gz=gz) for field, (stem, array) in files.items()}
 
 
 def random_arrays(n_train: int = 50, n_test: int = 20, seed: int = 0) -> dict[str, np.ndarray]:

@@ -23,15 +23,28 @@ class Twin:
 
 
 def hello(**fields) -> dict:
-    header = {"protocol": PROTOCOL_VERSION, "name": "alice", "nonce": "00" * 16,
-              "capabilities": {"ops": list(OPS), "credit": 2}}
+    header = {
+        "protocol": PROTOCOL_VERSION,
+        "name": "alice",
+        "nonce": "00" * 16,
+        "capabilities": {"ops": list(OPS), "credit": 2},
+    }
     header.update(fields)
     return header
 
 
 def verdict(header: dict | None = None, **given) -> Admit | Refuse:
-    options = dict(admission=None, finished=False, banned=False, quarantine=None, twins=(), sessions=0,
-                   max_sessions=10, heartbeat_ms=1000, now=NOW)
+    options = dict(
+        admission=None,
+        finished=False,
+        banned=False,
+        quarantine=None,
+        twins=(),
+        sessions=0,
+        max_sessions=10,
+        heartbeat_ms=1000,
+        now=NOW,
+    )
     options.update(given)
     return decide(KEY, header or hello(), "challenge", **options)
 

@@ -29,8 +29,16 @@ pytestmark = pytest.mark.skipif(not FASHION_INSTALLED, reason="the attacks need 
 
 
 def _audit(data_dir, disguise, preset="default", epochs=None):
-    return run_audit(preset_name=preset, nodes=3, epochs=epochs, limit=LIMIT, data=str(data_dir), disguise=disguise,
-                     log=lambda line: None, ica=False)
+    return run_audit(
+        preset_name=preset,
+        nodes=3,
+        epochs=epochs,
+        limit=LIMIT,
+        data=str(data_dir),
+        disguise=disguise,
+        log=lambda line: None,
+        ica=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +96,15 @@ def test_seed_preset_public_weights_anchor_positions_and_w1(core_data_dir):
 
 def test_recorder_keeps_verified_messages_as_npz_and_stops_at_its_cap(tmp_path):
     arrays = {"rows": np.arange(5, dtype=np.int64), "b": np.ones((5, 3), dtype=np.float32)}
-    header = {"run_id": "r", "batch_id": "b1", "seq": 1, "step": 0, "op": "matmul",
-              "params": {"a_static": "train.0", "transpose_a": False}, "lease_ms": 1000}
+    header = {
+        "run_id": "r",
+        "batch_id": "b1",
+        "seq": 1,
+        "step": 0,
+        "op": "matmul",
+        "params": {"a_static": "train.0", "transpose_a": False},
+        "lease_ms": 1000,
+    }
     # What the daemon hands the recorder: a BATCH after it was opened and checked (ENS2 seals it).
     msg = Message(command="BATCH", header=header, arrays=arrays, signature=None)
     lines = []
@@ -121,15 +136,19 @@ def test_adjusted_rand_index():
     assert adjusted_rand(a, np.array([0, 1, 0, 1, 0, 1])) < 0.0
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--nodes", "1"], "--nodes 1"),
-    (["--limit", "0"], "--limit"),
-    (["--disguise", "mask"], "--disguise"),
-    (["--data", "/nonexistent/enshuffle-audit"], "/nonexistent/enshuffle-audit"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--nodes", "1"], "--nodes 1"),
+        (["--limit", "0"], "--limit"),
+        (["--disguise", "mask"], "--disguise"),
+        (["--data", "/nonexistent/enshuffle-audit"], "/nonexistent/enshuffle-audit"),
+    ],
+)
 def test_bad_values_are_one_line_errors(args, words, core_cache):
-    result = subprocess.run([sys.executable, "-m", "enshuffle", "audit", *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "enshuffle", "audit", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "Traceback" not in result.stderr
@@ -137,12 +156,19 @@ def test_bad_values_are_one_line_errors(args, words, core_cache):
 
 
 def test_layering_audit_is_top_level_and_headless():
-    probe = ("import sys, enshuffle.audit.runner, enshuffle.audit.attacks, enshuffle.audit.scoring; "
-             "print(any(m == 'textual' or m.startswith('textual.') for m in sys.modules))")
+    probe = (
+        "import sys, enshuffle.audit.runner, enshuffle.audit.attacks, enshuffle.audit.scoring; "
+        "print(any(m == 'textual' or m.startswith('textual.') for m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
-    below = [p for p in (REPO / "enshuffle").rglob("*.py")
-             if "audit" not in p.parts and "commands" not in p.parts and p.name != "cli.py"
-             and "enshuffle.audit" in p.read_text()]
+    below = [
+        p
+        for p in (REPO / "enshuffle").rglob("*.py")
+        if "audit" not in p.parts
+        and "commands" not in p.parts
+        and p.name != "cli.py"
+        and "enshuffle.audit" in p.read_text()
+    ]
     assert below == []

@@ -48,16 +48,24 @@ class RecordingExecutor(InProcessExecutor):
         for b in batches:
             if b.shard == 0:
                 header = {"op": b.op, "params": dict(b.params)}
-                self.messages.append(RecordedMessage(len(self.messages), "BATCH", header,
-                                                     {k: np.array(v) for k, v in b.arrays.items()}))
+                self.messages.append(
+                    RecordedMessage(len(self.messages), "BATCH", header, {k: np.array(v) for k, v in b.arrays.items()})
+                )
         return super().run(batches)
 
 
 def _recorded_run(data_dir, disguise: str, steps: int):
     preset = model.get_preset("default", epochs=1, dtype="float32", layers=LAYERS, activation="relu")
     inputs = load_inputs(data_dir, preset, LIMIT)
-    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(5), RecordingExecutor, disguise=disguise,
-                                 offload="matmul", layers=preset.layers)
+    compute = DistributedCompute(
+        inputs.images,
+        2,
+        np.random.default_rng(5),
+        RecordingExecutor,
+        disguise=disguise,
+        offload="matmul",
+        layers=preset.layers,
+    )
     compute.audit_hidden()
     trainer = Trainer(preset, inputs, compute, secret=TEST_SECRET)
     for _ in range(steps):
@@ -103,7 +111,7 @@ def test_row_unmixing_undoes_a_row_mixing_of_sparse_deltas(clear):
     for _, _, dz in steps[:2]:
         for lo in range(0, dz.shape[0] - ROW_GROUP + 1, ROW_GROUP):
             lg = np.linalg.qr(rng.standard_normal((ROW_GROUP, ROW_GROUP)))[0]
-            d = (lg @ dz[lo:lo + ROW_GROUP].astype(np.float64)).astype(np.float32).astype(np.float64)
+            d = (lg @ dz[lo : lo + ROW_GROUP].astype(np.float64)).astype(np.float32).astype(np.float64)
             rows, ok = unmix_rows(d, rng)
             single += int(np.count_nonzero(np.abs(rows[ok] @ lg).max(axis=1) > 0.999))
             certified += int(ok.sum())

@@ -34,7 +34,7 @@ def _adam_updates(g: np.ndarray) -> np.ndarray:
     for t in range(1, g.shape[0] + 1):
         m = 0.9 * m + 0.1 * g[t - 1]
         v = 0.999 * v + 0.001 * g[t - 1] ** 2
-        out.append((m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8))
+        out.append((m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8))
     return np.stack(out)
 
 
@@ -104,7 +104,7 @@ def test_known_rows_give_the_pixel_block_and_the_whole_mixing():
     blocks = [_block_mix(min(16, k - lo), rng) for lo in range(0, k, 16)]
     m = np.zeros((k, k))
     for i, lo in enumerate(range(0, k, 16)):
-        m[lo:lo + 16, lo:lo + 16] = blocks[i]
+        m[lo : lo + 16, lo : lo + 16] = blocks[i]
     s = (x[:, p] / d + rng.standard_normal((n, rank)) @ rng.standard_normal((rank, k)) / np.sqrt(rank)) @ m
     pix, block_of, d_inv_m = tr.solve_from_rows(s, x, 16, rank)
     assert set(pix.tolist()) == set(p.tolist())
@@ -112,7 +112,7 @@ def test_known_rows_give_the_pixel_block_and_the_whole_mixing():
         src = pix[block_of == b]
         where = [int(np.flatnonzero(p == q)[0]) for q in src]
         assert all(lo <= w < lo + 16 for w in where)
-        np.testing.assert_allclose(d_inv_m[b] * d[where][:, None], m[where][:, lo:lo + 16], atol=1e-8)
+        np.testing.assert_allclose(d_inv_m[b] * d[where][:, None], m[where][:, lo : lo + 16], atol=1e-8)
 
 
 def _resident_recording(rng: np.random.Generator, public_images: np.ndarray):
@@ -124,18 +124,25 @@ def _resident_recording(rng: np.random.Generator, public_images: np.ndarray):
     for lo in range(0, k, 32):
         hi = min(lo + 32, k)
         mix[lo:hi, lo:hi] = _block_mix(hi - lo, rng)
-    s = ((x / np.maximum(x.std(axis=0), 1) + rng.standard_normal((n, 8)) @ rng.standard_normal((8, k))) @ mix)
+    s = (x / np.maximum(x.std(axis=0), 1) + rng.standard_normal((n, 8)) @ rng.standard_normal((8, k))) @ mix
     s = s.astype(np.float32)
-    msgs = [RecordedMessage(0, "STATIC", {"name": "train.0"}, {"x": s}),
-            RecordedMessage(1, "STATIC", {"name": "w1.0"}, {"v": rng.standard_normal((k, hidden)).astype(np.float32)})]
+    msgs = [
+        RecordedMessage(0, "STATIC", {"name": "train.0"}, {"x": s}),
+        RecordedMessage(1, "STATIC", {"name": "w1.0"}, {"v": rng.standard_normal((k, hidden)).astype(np.float32)}),
+    ]
     prev_rows, prev_dz = np.zeros(0, dtype=np.int64), np.zeros((0, hidden), dtype=np.float32)
     for step in range(10):
         rows = rng.choice(n, 64, replace=False)
-        msgs.append(RecordedMessage(2 + step, "BATCH", {"op": "resident", "step": step,
-                                                        "params": {"a_static": "train.0", "lr": 1e-3, "momentum": 0.9}},
-                                    {"rows": rows, "update_rows": prev_rows, "dz": prev_dz}))
+        msgs.append(
+            RecordedMessage(
+                2 + step,
+                "BATCH",
+                {"op": "resident", "step": step, "params": {"a_static": "train.0", "lr": 1e-3, "momentum": 0.9}},
+                {"rows": rows, "update_rows": prev_rows, "dz": prev_dz},
+            )
+        )
         prev_rows, prev_dz = rows, (rng.standard_normal((64, hidden)) * 1e-2).astype(np.float32)
-    truth_mix = [mix[lo:min(lo + 32, k), lo:min(lo + 32, k)] for lo in range(0, k, 32)]
+    truth_mix = [mix[lo : min(lo + 32, k), lo : min(lo + 32, k)] for lo in range(0, k, 32)]
     return msgs, s, truth_mix, [(lo, min(lo + 32, k)) for lo in range(0, k, 32)]
 
 
@@ -148,22 +155,37 @@ def test_resident_recording_is_replayed_and_attacked_and_yields_nothing(core_dat
     assert traj["train.0"]["source"] == "resident replay"
     assert len(traj["train.0"]["snapshots"]) == 10  # V_0 and one V per update (the first batch has none)
     # the replay is the node's own update rule
-    v1 = statics["w1.0"].astype(np.float64) + 1e-3 * (s[msgs[3].arrays["update_rows"]].astype(np.float64).T
-                                                      @ msgs[3].arrays["dz"])
+    v1 = statics["w1.0"].astype(np.float64) + 1e-3 * (
+        s[msgs[3].arrays["update_rows"]].astype(np.float64).T @ msgs[3].arrays["dz"]
+    )
     np.testing.assert_allclose(traj["train.0"]["snapshots"][1], v1, rtol=1e-6)
-    public = Public(train_images=images, train_labels=np.asarray(core_dataset.train_labels),
-                    test_images=core_dataset.test_images.reshape(core_dataset.test_images.shape[0], -1),
-                    test_labels=np.asarray(core_dataset.test_labels), preset=get_preset("default", epochs=1))
+    public = Public(
+        train_images=images,
+        train_labels=np.asarray(core_dataset.train_labels),
+        test_images=core_dataset.test_images.reshape(core_dataset.test_images.shape[0], -1),
+        test_labels=np.asarray(core_dataset.test_labels),
+        preset=get_preset("default", epochs=1),
+    )
     claims = tr.attack_trajectory(msgs, public, statics, np.random.default_rng(0))
     c = claims["train.0"]
     assert c.source == "resident replay"
     order = np.arange(s.shape[0])
-    truth = Truth(statics={"train.0": {"pixels": np.arange(s.shape[1]), "row_order": order,
-                                       "column_pixel": np.arange(s.shape[1]), "mix_blocks": truth_mix,
-                                       "mix_bounds": bounds}},
-                  train_u8=images[:s.shape[0]], test_u8=images[:1],
-                  train_labels=np.asarray(core_dataset.train_labels[:s.shape[0]]),
-                  w1_final=np.zeros((784, 16)), static_scales={})
+    truth = Truth(
+        statics={
+            "train.0": {
+                "pixels": np.arange(s.shape[1]),
+                "row_order": order,
+                "column_pixel": np.arange(s.shape[1]),
+                "mix_blocks": truth_mix,
+                "mix_bounds": bounds,
+            }
+        },
+        train_u8=images[: s.shape[0]],
+        test_u8=images[:1],
+        train_labels=np.asarray(core_dataset.train_labels[: s.shape[0]]),
+        w1_final=np.zeros((784, 16)),
+        static_scales={},
+    )
     f = score_trajectory(claims, truth)
     assert f["traj_source"] == "resident replay"
     assert f["traj_sources_separated"] <= 0.1  # increments S^T dz have no finite alphabet
@@ -177,8 +199,16 @@ def test_trajectory_attack_breaks_the_share_disguise(core_data_dir):
     its pixel block, every row, every label and its w1 block."""
     from enshuffle.audit.runner import run_audit
 
-    f = run_audit(preset_name="adam", nodes=3, epochs=2, limit=LIMIT, data=str(core_data_dir), disguise="share",
-                  log=lambda line: None, ica=False)
+    f = run_audit(
+        preset_name="adam",
+        nodes=3,
+        epochs=2,
+        limit=LIMIT,
+        data=str(core_data_dir),
+        disguise="share",
+        log=lambda line: None,
+        ica=False,
+    )
     json.dumps(f)
     why = f["notes"]
     assert f["traj_source"] == "x_w1 messages", why
@@ -208,8 +238,16 @@ def test_the_trajectory_attack_finds_nothing_in_a_real_resident_run(core_data_di
     disguise's messages are, and every figure stays at chance."""
     from enshuffle.audit.runner import run_audit
 
-    f = run_audit(preset_name="default", nodes=3, epochs=2, limit=LIMIT, data=str(core_data_dir),
-                  disguise="resident", log=lambda line: None, ica=False)
+    f = run_audit(
+        preset_name="default",
+        nodes=3,
+        epochs=2,
+        limit=LIMIT,
+        data=str(core_data_dir),
+        disguise="resident",
+        log=lambda line: None,
+        ica=False,
+    )
     assert f["settings"]["disguise"] == "resident"
     assert f["traj_source"] == "resident replay", f.get("notes")
     assert (f["traj_sources_separated"] or 0.0) <= 0.1

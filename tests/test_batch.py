@@ -25,10 +25,13 @@ def test_describe():
     arrays = {"b": np.zeros((392, 128)), "rows": np.arange(30)}
     describe = vocabulary.describe
     assert describe("matmul", {"a_static": "img"}, arrays, held) == "matmul (30x392)·(392x128) [img]"
-    assert describe("matmul", {"a_static": "img", "transpose_a": True}, arrays, held) \
-        == "matmul (392x30)·(392x128) [img]"
-    assert describe("matmul", {}, {"a": np.zeros((128, 392)), "b": np.zeros((392, 128))}, {}) \
+    assert (
+        describe("matmul", {"a_static": "img", "transpose_a": True}, arrays, held) == "matmul (392x30)·(392x128) [img]"
+    )
+    assert (
+        describe("matmul", {}, {"a": np.zeros((128, 392)), "b": np.zeros((392, 128))}, {})
         == "matmul (128x392)·(392x128)"
+    )
     assert describe("matmul", {"a_static": "missing"}, arrays, held) == "matmul"
     assert describe("sigmoid", {}, {"a": np.zeros((5, 3))}, {}) == "sigmoid"  # not an op: its name only
     resident = {"a_static": "img", "state": "w1.0", "from": 0, "version": 0, "lr": [], "momentum": 0.9}
@@ -86,17 +89,21 @@ def test_a_resident_batchs_shape_work_and_memory():
 def test_params_are_typed_and_checked():
     assert parse("matmul", {}) == Matmul(a_static=None, transpose_a=False)
     assert parse("matmul", {"a_static": "x", "transpose_a": True}) == Matmul("x", True)
-    spec = parse("resident", {"a_static": "s", "state": "v", "from": 2, "version": 4, "lr": [1, 0.5],
-                              "momentum": 0.9, "fetch": True})
+    spec = parse(
+        "resident",
+        {"a_static": "s", "state": "v", "from": 2, "version": 4, "lr": [1, 0.5], "momentum": 0.9, "fetch": True},
+    )
     assert spec == Resident("s", "v", 2, 4, (1.0, 0.5), 0.9, True) and spec.updates == 2
     with pytest.raises(BatchError) as err:
         parse("square", {})
     assert err.value.code == "unknown-op"
-    bad = [("matmul", {"a_static": 5}),
-           ("resident", {"a_static": "s", "state": "v", "from": 3, "version": 2, "lr": [], "momentum": 0.9}),
-           ("resident", {"a_static": "s", "state": "v", "from": 0, "version": 1, "lr": [], "momentum": 0.9}),
-           ("resident", {"a_static": "s", "state": "v", "from": 0, "version": 1, "lr": [1e400], "momentum": 0.9}),
-           ("resident", {"a_static": "s", "state": None, "from": 0, "version": 0, "lr": [], "momentum": 0.9})]
+    bad = [
+        ("matmul", {"a_static": 5}),
+        ("resident", {"a_static": "s", "state": "v", "from": 3, "version": 2, "lr": [], "momentum": 0.9}),
+        ("resident", {"a_static": "s", "state": "v", "from": 0, "version": 1, "lr": [], "momentum": 0.9}),
+        ("resident", {"a_static": "s", "state": "v", "from": 0, "version": 1, "lr": [1e400], "momentum": 0.9}),
+        ("resident", {"a_static": "s", "state": None, "from": 0, "version": 0, "lr": [], "momentum": 0.9}),
+    ]
     for op, params in bad:
         with pytest.raises(BatchError) as err:
             parse(op, params)
@@ -106,6 +113,7 @@ def test_params_are_typed_and_checked():
 def test_a_node_must_offer_every_op_and_may_offer_more(core_data_dir):
     """HELLO's capabilities.ops (docs/protocol.md section 11): a node that lacks an op is refused
     `bad-hello`; one that lists more (the retired elementwise ops, say) is welcomed."""
+
     def answer(sock: zmq.Socket) -> messages.Message:
         assert sock.poll(10_000, zmq.POLLIN), "no answer within 10 s"
         return messages.decode(sock.recv_multipart())
@@ -139,8 +147,11 @@ def test_a_hidden_layers_resident_batch():
     k, h, n, b = 6, 4, 5, 3
     wire = np.zeros((2 * k, h))
     params = {"a_static": None, "state": "v", "from": 1, "version": 3, "lr": [0.1, 0.2], "momentum": 0.9}
-    arrays = {"a": np.zeros((n, k), np.float32), "update_a": np.zeros((2 * b, k), np.float32),
-              "dz": np.zeros((2 * b, h), np.float32)}
+    arrays = {
+        "a": np.zeros((n, k), np.float32),
+        "update_a": np.zeros((2 * b, k), np.float32),
+        "dz": np.zeros((2 * b, h), np.float32),
+    }
     for held in ({"v": wire}, {"v": ResidentState(wire, 1)}):
         assert vocabulary.result_shape("resident", params, arrays, held) == (n, h)
         assert vocabulary.result_dtype("resident", params, arrays, held) == np.float32

@@ -30,14 +30,21 @@ TARGET_FIGURES = {
 # Read from the server and the compute when they count them (server.check_seconds,
 # compute.round_trips); "n/a" until then.
 HOOKED = {"check_share_of_coordinator_cpu", "check_share_default", "round_trips_per_default_step"}
-OTHER_FIGURES = {"plan_ms", "inprocess_over_centralized", "crypto_s_per_epoch", "crypto_ms_per_step",
-                 "privacy_cpu_cost_seed", "privacy_cpu_cost_default"}
+OTHER_FIGURES = {
+    "plan_ms",
+    "inprocess_over_centralized",
+    "crypto_s_per_epoch",
+    "crypto_ms_per_step",
+    "privacy_cpu_cost_seed",
+    "privacy_cpu_cost_default",
+}
 QUICK = ("--repeats", "1", "--limit", "500", "--round-trips", "20")
 
 
 def test_bench_json_has_every_target_figure(core_data_dir, core_cache, tmp_path):
-    done = enshuffle_cli("bench", *QUICK, "--data", str(core_data_dir), "--json",
-                         home=tmp_path / "home", cache=core_cache, timeout=300)
+    done = enshuffle_cli(
+        "bench", *QUICK, "--data", str(core_data_dir), "--json", home=tmp_path / "home", cache=core_cache, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     report = json.loads(done.stdout)
@@ -51,8 +58,9 @@ def test_bench_json_has_every_target_figure(core_data_dir, core_cache, tmp_path)
             assert item["met"] is None, (name, item)
         else:
             assert item["op"] in ("<=", ">="), (name, item)
-            assert item["met"] is (item["value"] <= item["target"] if item["op"] == "<=" else
-                                   item["value"] >= item["target"]), (name, item)
+            assert item["met"] is (
+                item["value"] <= item["target"] if item["op"] == "<=" else item["value"] >= item["target"]
+            ), (name, item)
     for name, target in TARGET_FIGURES.items():
         item = figures[name]
         assert item["target"] == target and item["op"] == "<=", (name, item)
@@ -71,8 +79,16 @@ def test_bench_json_has_every_target_figure(core_data_dir, core_cache, tmp_path)
 
 
 def test_bench_table_without_node_processes(core_data_dir, core_cache, tmp_path):
-    done = enshuffle_cli("bench", *QUICK, "--data", str(core_data_dir), "--skip-wire",
-                         home=tmp_path / "home", cache=core_cache, timeout=300)
+    done = enshuffle_cli(
+        "bench",
+        *QUICK,
+        "--data",
+        str(core_data_dir),
+        "--skip-wire",
+        home=tmp_path / "home",
+        cache=core_cache,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     # One line per figure: what was not measured says n/a, the rest no status (no target) or ok/MISSED.

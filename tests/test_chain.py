@@ -34,7 +34,8 @@ class Signer:
     def __init__(self):
         self.private = Ed25519PrivateKey.generate()
         self.public_bytes = self.private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
 
     def sign(self, data: bytes) -> bytes:
         return self.private.sign(data)
@@ -44,17 +45,25 @@ def model_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Weights of the 784-128-10 network plus optimizer state a resumed run needs."""
     w1 = rng.standard_normal((784, 128)) * 0.01
     return {
-        "w1": w1, "b1": rng.standard_normal(128), "w2": rng.standard_normal((128, 10)).astype(np.float32),
+        "w1": w1,
+        "b1": rng.standard_normal(128),
+        "w2": rng.standard_normal((128, 10)).astype(np.float32),
         "b2": rng.standard_normal(10).astype(np.float32),
-        "opt.m_w1": rng.standard_normal((784, 128)), "opt.step": np.array(7, dtype=np.int64),
+        "opt.m_w1": rng.standard_normal((784, 128)),
+        "opt.step": np.array(7, dtype=np.int64),
         "mask": rng.random(5) > 0.5,
     }
 
 
 def metadata_for(epoch: int) -> dict:
-    return {"epoch": epoch, "step": epoch * 100, "preset": "default", "created": 1_700_000_000.0 + epoch,
-            "metrics": {"test_accuracy": 0.80 + epoch / 100, "cost": 0.5 / epoch},
-            "exposure": {"node-a": {"w1": 0.5}}}
+    return {
+        "epoch": epoch,
+        "step": epoch * 100,
+        "preset": "default",
+        "created": 1_700_000_000.0 + epoch,
+        "metrics": {"test_accuracy": 0.80 + epoch / 100, "cost": 0.5 / epoch},
+        "exposure": {"node-a": {"w1": 0.5}},
+    }
 
 
 @pytest.fixture
@@ -86,11 +95,18 @@ def rewrite_record(run_dir: Path, version_id: str, change) -> None:
 def cli(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
     """`python -m enshuffle ARGS` with its own ENSHUFFLE_HOME (no coordinator key unless a test puts one)."""
     home = home or Path(tempfile.mkdtemp(prefix="enshuffle-home-"))
-    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO,
-                          env=dict(os.environ, ENSHUFFLE_HOME=str(home)), capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "enshuffle", *args],
+        cwd=REPO,
+        env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 # ----- appending, reading, ids
+
 
 def test_three_versions_link_oldest_first(run):
     run_dir, _, ids, _ = run
@@ -116,11 +132,22 @@ def test_load_round_trips_every_array_exactly(run):
 
 def test_id_is_sha256_of_the_canonical_encoding(run):
     run_dir, signer, ids, arrays = run
-    manifest = [{"name": n, "dtype": arrays[2][n].dtype.str, "shape": list(arrays[2][n].shape),
-                 "sha256": hashlib.sha256(np.ascontiguousarray(arrays[2][n]).tobytes()).hexdigest()}
-                for n in sorted(arrays[2])]
-    document = {"format": "enshuffle-chain/1", "parent_id": ids[1],
-                "coordinator_key": signer.public_bytes.hex(), "metadata": metadata_for(3), "arrays": manifest}
+    manifest = [
+        {
+            "name": n,
+            "dtype": arrays[2][n].dtype.str,
+            "shape": list(arrays[2][n].shape),
+            "sha256": hashlib.sha256(np.ascontiguousarray(arrays[2][n]).tobytes()).hexdigest(),
+        }
+        for n in sorted(arrays[2])
+    ]
+    document = {
+        "format": "enshuffle-chain/1",
+        "parent_id": ids[1],
+        "coordinator_key": signer.public_bytes.hex(),
+        "metadata": metadata_for(3),
+        "arrays": manifest,
+    }
     encoded = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
     assert hashlib.sha256(encoded).hexdigest() == ids[2]
     record = json.loads(record_path(run_dir, ids[2]).read_text())
@@ -133,11 +160,14 @@ def test_metadata_is_stored_as_plain_json(tmp_path):
     assert chain.load(version)[1] == {"step": 4, "acc": 0.5, "pair": [1, 2]}
 
 
-@pytest.mark.parametrize("metadata, fragment", [
-    ({"cost": float("nan")}, "finite"),
-    ({"weights": np.ones(2)}, "arrays dict"),
-    ({"when": object()}, "object"),
-])
+@pytest.mark.parametrize(
+    "metadata, fragment",
+    [
+        ({"cost": float("nan")}, "finite"),
+        ({"weights": np.ones(2)}, "arrays dict"),
+        ({"when": object()}, "object"),
+    ],
+)
 def test_metadata_that_is_not_json_is_refused(tmp_path, metadata, fragment):
     with pytest.raises(ChainError, match=fragment):
         Chain(tmp_path, Signer()).append({"w": np.ones(3)}, metadata)
@@ -171,6 +201,7 @@ def test_missing_run_dir_is_named(tmp_path):
 
 # ----- resolve
 
+
 def test_resolve_full_id_and_unique_prefixes(run):
     run_dir, _, ids, _ = run
     chain = Chain(run_dir)
@@ -198,6 +229,7 @@ def test_resolve_ambiguous_prefix(tmp_path):
 
 
 # ----- verify and tampering
+
 
 def test_verify_ok(run):
     run_dir, _, ids, _ = run
@@ -232,8 +264,11 @@ def test_manifest_edited_to_match_a_modified_array_is_caught(run):
     entry_index = sorted(arrays[0]).index("b1")
     replacement = np.zeros(128)
     (run_dir / "chain" / ids[0] / f"{entry_index}.bin").write_bytes(replacement.tobytes())
-    rewrite_record(run_dir, ids[0], lambda r: r["arrays"][entry_index].update(
-        sha256=hashlib.sha256(replacement.tobytes()).hexdigest()))
+    rewrite_record(
+        run_dir,
+        ids[0],
+        lambda r: r["arrays"][entry_index].update(sha256=hashlib.sha256(replacement.tobytes()).hexdigest()),
+    )
     report = Chain(run_dir).verify()
     assert (report.ok, report.checked, report.first_bad) == (False, 0, short(ids[0]))
     assert "array list was modified" in report.problem
@@ -316,6 +351,7 @@ def test_verify_names_the_oldest_bad_version(run):
 
 # ----- crashes
 
+
 def test_leftovers_of_a_crashed_append_are_ignored_then_cleaned(run):
     run_dir, signer, ids, arrays = run
     chain_dir = run_dir / "chain"
@@ -349,6 +385,7 @@ def test_crash_after_rename_before_head_keeps_the_old_head(run, tmp_path):
 
 
 # ----- the command line
+
 
 def test_cli_verify_exit_codes(run):
     run_dir, signer, ids, _ = run
@@ -417,12 +454,15 @@ def test_cli_export_refuses_a_tampered_version(run, tmp_path):
     assert not (tmp_path / "x.npz").exists()
 
 
-@pytest.mark.parametrize("args", [
-    ("chain", "verify", "{missing}"),
-    ("chain", "log", "{missing}"),
-    ("chain", "export", "{missing}", "--npz", "{out}"),
-    ("chain", "export", "{run}", "--version", "zzzz", "--npz", "{out}"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("chain", "verify", "{missing}"),
+        ("chain", "log", "{missing}"),
+        ("chain", "export", "{missing}", "--npz", "{out}"),
+        ("chain", "export", "{run}", "--version", "zzzz", "--npz", "{out}"),
+    ],
+)
 def test_cli_wrong_input_is_one_line_exit_2(run, tmp_path, args):
     run_dir, _, _, _ = run
     values = {"missing": str(tmp_path / "no-such-run"), "out": str(tmp_path / "o.npz"), "run": str(run_dir)}
@@ -464,6 +504,7 @@ def test_export_to_a_directory_or_unwritable_path_is_refused(run, tmp_path):
 
 
 # ----- copies of a run, and a missing HEAD, as the command line reports them
+
 
 def _home_chain(tmp_path: Path, versions: int):
     """A run dir written as a coordinator writes it: signed with the home's key, each head recorded
@@ -520,6 +561,7 @@ def test_a_crash_between_the_first_head_and_its_log_line_leaves_a_resumable_chai
     no head log, which is consistent (HEAD one version ahead of its log) and the next append logs it."""
     from enshuffle.chain import Chain
     from enshuffle.protocol.keys import load_or_create_identity
+
     signer = load_or_create_identity("coordinator", tmp_path / "keys")
     run_dir = tmp_path / "run"
     arrays = {"w1": np.arange(6, dtype=np.float64).reshape(2, 3)}

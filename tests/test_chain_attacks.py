@@ -28,8 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, home: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, ENSHUFFLE_HOME=str(home)))
+    return subprocess.run(
+        [sys.executable, "-m", "enshuffle", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
+    )
 
 
 def arrays_for(epoch: int) -> dict[str, np.ndarray]:
@@ -72,8 +78,9 @@ def test_the_untouched_chain_verifies_on_the_coordinator_and_elsewhere_with_key(
     run_dir, home, identity, _ = coordinator_run
     ok = verify_here(run_dir, home)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip() == (f"ok: 4 versions verified, signed by coordinator key {identity.fingerprint} "
-                                 f"(this machine's coordinator key)")
+    assert ok.stdout.strip() == (
+        f"ok: 4 versions verified, signed by coordinator key {identity.fingerprint} (this machine's coordinator key)"
+    )
     elsewhere = tmp_path / "elsewhere"
     ok = cli("chain", "verify", str(run_dir), "--key", identity.fingerprint.lower(), home=elsewhere)
     assert ok.returncode == 0 and "(the key given with --key)" in ok.stdout, ok.stderr
@@ -101,8 +108,11 @@ def test_a_chain_resigned_with_another_key_fails(coordinator_run, tmp_path):
     shutil.copytree(forged_dir / "chain", run_dir / "chain")
     assert Chain(run_dir).verify().ok  # consistent in itself: only the key gives it away
     assert_fails(verify_here(run_dir, home), attacker.fingerprint, identity.fingerprint, "re-signed")
-    assert_fails(cli("chain", "verify", str(run_dir), "--key", identity.fingerprint, home=tmp_path / "x"),
-                 attacker.fingerprint, identity.fingerprint)
+    assert_fails(
+        cli("chain", "verify", str(run_dir), "--key", identity.fingerprint, home=tmp_path / "x"),
+        attacker.fingerprint,
+        identity.fingerprint,
+    )
 
 
 def test_head_rolled_back_fails(coordinator_run):
@@ -164,8 +174,9 @@ def test_whole_run_dir_rolled_back_is_caught_on_the_coordinators_machine(coordin
     assert_fails(verify_here(run_dir, home), "rolled back", ids[3][:12])
 
 
-@pytest.mark.parametrize("field", ["parent_id", "version_id", "coordinator_key", "signature", "metadata",
-                                   "arrays", "format"])
+@pytest.mark.parametrize(
+    "field", ["parent_id", "version_id", "coordinator_key", "signature", "metadata", "arrays", "format"]
+)
 @pytest.mark.parametrize("how", ["renamed", "wrong-type"])
 def test_malformed_records_are_one_line_errors(coordinator_run, field, how):
     run_dir, home, _, ids = coordinator_run
@@ -192,8 +203,9 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
     home, run_dir = tmp_path / "home", tmp_path / "run"
     preset = get_preset("default", epochs=2)
     inputs = prepare(load_idx_dir(core_data_dir), preset, 300)
-    config = RunConfig(limit=300, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2),
-                       run_dir=str(run_dir))
+    config = RunConfig(
+        limit=300, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2), run_dir=str(run_dir)
+    )
     run = CoordinatorRun(config, preset, inputs, home=home, quiet=True)
     try:
         run.trainer.epoch = preset.epochs  # as the last epoch leaves it
@@ -202,20 +214,41 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
         run.server.close()
     from wire_util import free_port
 
-    common = ("coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--out", str(run_dir), "--resume",
-              "--data", str(core_data_dir))
-    proc = subprocess.run([sys.executable, "-m", "enshuffle", *common], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, ENSHUFFLE_HOME=str(home), ENSHUFFLE_CACHE=str(core_cache)))
+    common = (
+        "coordinator",
+        "--bind",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--out",
+        str(run_dir),
+        "--resume",
+        "--data",
+        str(core_data_dir),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "enshuffle", *common],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, ENSHUFFLE_HOME=str(home), ENSHUFFLE_CACHE=str(core_cache)),
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "has finished" in proc.stderr and "--epochs N" in proc.stderr, proc.stderr
-    fewer = subprocess.run([sys.executable, "-m", "enshuffle", *common, "--epochs", "1"], cwd=REPO,
-                           capture_output=True, text=True, timeout=60, env=dict(os.environ, ENSHUFFLE_HOME=str(home)))
+    fewer = subprocess.run(
+        [sys.executable, "-m", "enshuffle", *common, "--epochs", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
+    )
     assert fewer.returncode == 2 and "Traceback" not in fewer.stderr
     assert "can only be extended" in fewer.stderr, fewer.stderr
     # Extending it works: with more epochs the head is no longer the end, and run.json says so.
-    longer = CoordinatorRun(replace(config, resume=True), get_preset("default", epochs=3), inputs, home=home,
-                            quiet=True)
+    longer = CoordinatorRun(
+        replace(config, resume=True), get_preset("default", epochs=3), inputs, home=home, quiet=True
+    )
     try:
         assert not longer.trainer.finished and longer.trainer.epoch == 2
         assert json.loads((run_dir / "run.json").read_text())["epochs"] == 3
@@ -226,8 +259,12 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
 def test_export_runs_the_checks_of_verify(tmp_path):
     def model(epoch: int, shift: float = 0.0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(epoch)
-        return {"w1": rng.standard_normal((20, 8)), "b1": rng.standard_normal(8),
-                "w2": rng.standard_normal((8, 10)), "b2": rng.standard_normal(10) + shift}
+        return {
+            "w1": rng.standard_normal((20, 8)),
+            "b1": rng.standard_normal(8),
+            "w2": rng.standard_normal((8, 10)),
+            "b2": rng.standard_normal(10) + shift,
+        }
 
     home = tmp_path / "coordinator-home"
     identity = load_or_create_identity("coordinator", home)
@@ -269,8 +306,9 @@ def test_resume_refuses_a_rolled_back_head(core_data_dir, tmp_path):
     home, run_dir = tmp_path / "home", tmp_path / "run"
     preset = get_preset("default", epochs=4)
     inputs = prepare(load_idx_dir(core_data_dir), preset, 300)
-    config = RunConfig(limit=300, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2),
-                       run_dir=str(run_dir))
+    config = RunConfig(
+        limit=300, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2), run_dir=str(run_dir)
+    )
     run = CoordinatorRun(config, preset, inputs, home=home, quiet=True)
     try:
         first = run.write_version()

@@ -32,8 +32,7 @@ def test_a_large_batch_splits_into_rows_that_make_the_same_product(transpose, st
         arrays = {"rows": rows, "b": rng.standard_normal((300, 16) if transpose else (40, 16))}
         params = {"a_static": "x", "transpose_a": transpose}
     else:
-        arrays = {"a": rng.standard_normal((300, 40)),
-                  "b": rng.standard_normal((300, 16) if transpose else (40, 16))}
+        arrays = {"a": rng.standard_normal((300, 40)), "b": rng.standard_normal((300, 16) if transpose else (40, 16))}
         params = {"transpose_a": transpose}
     whole = compute_batch("matmul", params, arrays, {"x": s})
     for cap in (20_000, 4_000):  # rows only; then b (or the result) too large: columns as well
@@ -70,8 +69,16 @@ def test_a_chunked_three_layer_run_equals_the_centralized_one(core_dataset):
     preset = replace(get_preset("default", dtype="float64", layers=(784, 64, 48, 10)), batch_size=100)
     inputs = prepare(core_dataset, preset, limit=300)
     cap = 64 << 10
-    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(2), SizeRecorder, **inputs.source(),
-                                 layers=preset.layers, chunk_bytes=cap, static_chunk_bytes=cap)
+    compute = DistributedCompute(
+        inputs.images,
+        2,
+        np.random.default_rng(2),
+        SizeRecorder,
+        **inputs.source(),
+        layers=preset.layers,
+        chunk_bytes=cap,
+        static_chunk_bytes=cap,
+    )
     reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=4)
     distributed = Trainer(preset, inputs, compute, secret=4)
     while not distributed.finished and distributed.step < 3:
@@ -91,8 +98,9 @@ def test_chunked_batches_over_the_wire(core_data_dir, tmp_path):
     run = InProcessRun(preset, inputs, shards=2, min_nodes=2)
     run.compute.chunk_bytes = run.compute.static_chunk_bytes = 48 << 10
     run.start()
-    nodes = [spawn_node(tmp_path / f"n{i}", run.endpoint, run.identity.fingerprint, f"n{i}", tmp_path)
-             for i in range(2)]
+    nodes = [
+        spawn_node(tmp_path / f"n{i}", run.endpoint, run.identity.fingerprint, f"n{i}", tmp_path) for i in range(2)
+    ]
     try:
         assert_same_weights(run.finish(timeout=120), expected)
     finally:

@@ -30,8 +30,14 @@ SHAPES = {"w1": (INPUTS, HIDDEN), "b1": (HIDDEN,), "w2": (HIDDEN, CLASSES), "b2"
 
 
 def enshuffle(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "ENSHUFFLE_CACHE": str(cache)})
+    return subprocess.run(
+        [sys.executable, "-m", "enshuffle", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ENSHUFFLE_CACHE": str(cache)},
+    )
 
 
 def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
@@ -60,8 +66,19 @@ def test_centralized_json_with_default_data(core_cache):
 
 
 def test_centralized_json_one_object_per_epoch(core_data_dir, core_cache):
-    proc = enshuffle("train", "--nodes", "0", "--epochs", "2", "--limit", "2000", "--json",
-                     "--data", str(core_data_dir), cache=core_cache)
+    proc = enshuffle(
+        "train",
+        "--nodes",
+        "0",
+        "--epochs",
+        "2",
+        "--limit",
+        "2000",
+        "--json",
+        "--data",
+        str(core_data_dir),
+        cache=core_cache,
+    )
     objects = json_lines(proc)
     assert len(objects) == 2  # no ledger object: the centralized run sends nothing anywhere
     assert_epoch_objects(objects, 2)
@@ -69,9 +86,24 @@ def test_centralized_json_one_object_per_epoch(core_data_dir, core_cache):
 
 @pytest.mark.parametrize("disguise, deltas", [("resident", "values hidden"), ("share", "positions hidden")])
 def test_in_process_json_ends_with_ledger(core_data_dir, core_cache, disguise, deltas):
-    proc = enshuffle("train", "--nodes", "2", "--in-process", "--epochs", "1", "--limit", "1000", "--json",
-                     "--offload", "matmul", "--disguise", disguise,
-                     "--data", str(core_data_dir), cache=core_cache)
+    proc = enshuffle(
+        "train",
+        "--nodes",
+        "2",
+        "--in-process",
+        "--epochs",
+        "1",
+        "--limit",
+        "1000",
+        "--json",
+        "--offload",
+        "matmul",
+        "--disguise",
+        disguise,
+        "--data",
+        str(core_data_dir),
+        cache=core_cache,
+    )
     objects = json_lines(proc)
     assert len(objects) == 2
     assert_epoch_objects(objects[:1], 1)
@@ -92,8 +124,24 @@ def test_in_process_json_ends_with_ledger(core_data_dir, core_cache, disguise, d
 
 def test_save_weights_writes_exactly_the_four_arrays(core_data_dir, core_dataset, core_cache, tmp_path):
     path = tmp_path / "weights.npz"
-    proc = enshuffle("train", "--nodes", "0", "--epochs", "1", "--limit", "500", "--dtype", "float64",
-                     "--seed", "7", "--data", str(core_data_dir), "--save-weights", str(path), cache=core_cache)
+    proc = enshuffle(
+        "train",
+        "--nodes",
+        "0",
+        "--epochs",
+        "1",
+        "--limit",
+        "500",
+        "--dtype",
+        "float64",
+        "--seed",
+        "7",
+        "--data",
+        str(core_data_dir),
+        "--save-weights",
+        str(path),
+        cache=core_cache,
+    )
     assert proc.returncode == 0, proc.stderr
     with np.load(path, allow_pickle=False) as saved:
         assert sorted(saved.files) == sorted(SHAPES)
@@ -137,13 +185,16 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *must_name: str) -> st
     return errors[0]
 
 
-@pytest.mark.parametrize("args,named", [
-    (["--nodes", "-1"], ["--nodes", "-1"]),
-    (["--epochs", "0"], ["--epochs", "0"]),
-    (["--preset", "nope"], ["--preset", "nope"]),
-    (["--dtype", "float16"], ["--dtype", "float16"]),
-    (["--data", "/does/not/exist"], ["/does/not/exist"]),
-])
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--nodes", "-1"], ["--nodes", "-1"]),
+        (["--epochs", "0"], ["--epochs", "0"]),
+        (["--preset", "nope"], ["--preset", "nope"]),
+        (["--dtype", "float16"], ["--dtype", "float16"]),
+        (["--data", "/does/not/exist"], ["/does/not/exist"]),
+    ],
+)
 def test_wrong_values_exit_2_with_one_line(args, named, core_cache):
     assert_usage_error(enshuffle("train", "--nodes", "0", "--epochs", "1", *args, cache=core_cache), *named)
 
@@ -158,17 +209,33 @@ def test_corrupt_idx_file_exit_2_names_the_file(kind, tmp_path, core_cache):
 
 
 def _train(home: Path, cache: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "enshuffle", "train", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=180,
-                          env={**os.environ, "ENSHUFFLE_CACHE": str(cache), "ENSHUFFLE_HOME": str(home)})
+    return subprocess.run(
+        [sys.executable, "-m", "enshuffle", "train", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "ENSHUFFLE_CACHE": str(cache), "ENSHUFFLE_HOME": str(home)},
+    )
 
 
 def test_train_resume_keeps_its_local_nodes_and_says_train(core_data_dir, core_cache, tmp_path):
     """A resumed `train` run's local nodes are the same nodes (the ledger keeps 2 rows, not 4),
     and a finished run points at `enshuffle train`, not `enshuffle coordinator`."""
     home, run_dir = tmp_path / "home", tmp_path / "run"
-    common = ["--nodes", "2", "--limit", "300", "--data", str(core_data_dir), "--offload", "matmul", "--json",
-              "--out", str(run_dir)]
+    common = [
+        "--nodes",
+        "2",
+        "--limit",
+        "300",
+        "--data",
+        str(core_data_dir),
+        "--offload",
+        "matmul",
+        "--json",
+        "--out",
+        str(run_dir),
+    ]
     first = _train(home, core_cache, *common, "--epochs", "1")
     assert first.returncode == 0, first.stderr
     resumed = _train(home, core_cache, *common, "--resume", "--epochs", "2")
@@ -199,10 +266,23 @@ def test_resume_refuses_a_chain_whose_older_version_fails_verification(core_data
 
 @pytest.mark.parametrize("network", [[], ["--hidden", "24,24,24"]], ids=["notebook", "deeper"])
 def test_the_headless_ledger_fits_80_columns(core_data_dir, core_cache, tmp_path, network):
-    done = _train(tmp_path / "home", core_cache, "--nodes", "2", "--epochs", "1", "--limit", "300", "--data",
-                  str(core_data_dir), "--offload", "matmul", *network)
+    done = _train(
+        tmp_path / "home",
+        core_cache,
+        "--nodes",
+        "2",
+        "--epochs",
+        "1",
+        "--limit",
+        "300",
+        "--data",
+        str(core_data_dir),
+        "--offload",
+        "matmul",
+        *network,
+    )
     assert done.returncode == 0, done.stderr
-    table = done.stdout[done.stdout.index("Exposure ledger"):].splitlines()
+    table = done.stdout[done.stdout.index("Exposure ledger") :].splitlines()
     assert all(len(line) <= 80 for line in table), "\n".join(line for line in table if len(line) > 80)
     assert any(line.startswith("local-1") and "%" in line for line in table), table
     assert any("images" in line for line in table) and any("deltas" in line for line in table), table

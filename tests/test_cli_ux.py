@@ -23,15 +23,17 @@ from wire_util import Proc, process_env, wait_until
 REPO = Path(__file__).resolve().parents[1]
 
 
-def enshuffle(*args: str, cache: Path | None = None, cwd: Path = REPO, home: Path | None = None,
-              timeout: float = 180) -> subprocess.CompletedProcess:
+def enshuffle(
+    *args: str, cache: Path | None = None, cwd: Path = REPO, home: Path | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if cache is not None:
         env["ENSHUFFLE_CACHE"] = str(cache)
     if home is not None:
         env["ENSHUFFLE_HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "enshuffle", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
@@ -64,23 +66,26 @@ def _parsers(parser: argparse.ArgumentParser, path=()):
 def test_every_option_has_help_and_every_default_is_shown():
     for path, parser in _parsers(build_parser()):
         text = parser.format_help()
-        text = text[text.index("options:"):]  # the option list, not the usage line
+        text = text[text.index("options:") :]  # the option list, not the usage line
         for action in parser._actions:
             if not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
                 continue
             assert action.help, f"enshuffle {' '.join(path)} {action.option_strings[0]} has no help"
             if action.default not in (None, False):
                 # The default appears in the help text right after this option's own help.
-                after = text[text.index("\n  " + action.option_strings[0]) + 3:]
+                after = text[text.index("\n  " + action.option_strings[0]) + 3 :]
                 assert "default" in after.split("\n  -")[0], (path, action.option_strings, after[:200])
 
 
 def test_volunteer_addresses_are_usable():
     assert volunteer_addresses("tcp://[::ffff:127.0.0.1]:5631") == ["tcp://127.0.0.1:5631"]
-    assert volunteer_addresses("tcp://[::ffff:0.0.0.0]:5631", local=["192.0.2.7", "fd00::2"]) == \
-        ["tcp://192.0.2.7:5631"]  # an IPv4 wildcard is not reachable over IPv6
-    assert volunteer_addresses("tcp://[::]:5631", local=["192.0.2.7", "fd00::2"]) == \
-        ["tcp://192.0.2.7:5631", "tcp://[fd00::2]:5631"]
+    assert volunteer_addresses("tcp://[::ffff:0.0.0.0]:5631", local=["192.0.2.7", "fd00::2"]) == [
+        "tcp://192.0.2.7:5631"
+    ]  # an IPv4 wildcard is not reachable over IPv6
+    assert volunteer_addresses("tcp://[::]:5631", local=["192.0.2.7", "fd00::2"]) == [
+        "tcp://192.0.2.7:5631",
+        "tcp://[fd00::2]:5631",
+    ]
     assert volunteer_addresses("tcp://[::]:5631", local=[]) == ["tcp://THIS_HOST:5631"]
     assert volunteer_addresses("tcp://[::1]:7") == ["tcp://[::1]:7"]
 
@@ -104,11 +109,26 @@ def test_wildcard_coordinator_prints_a_command_a_volunteer_can_run(core_data_dir
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = Proc(["coordinator", "--bind", f"tcp://0.0.0.0:{port}", "--data", str(core_data_dir), "--limit", "300",
-                 "--out", str(tmp_path / "run")], process_env(tmp_path / "home", core_cache), tmp_path, "coord")
+    proc = Proc(
+        [
+            "coordinator",
+            "--bind",
+            f"tcp://0.0.0.0:{port}",
+            "--data",
+            str(core_data_dir),
+            "--limit",
+            "300",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        process_env(tmp_path / "home", core_cache),
+        tmp_path,
+        "coord",
+    )
     try:
-        wait_until(lambda: "waiting for 1 node" in proc.err(), 60, "the coordinator to listen",
-                   on_timeout=proc.describe)
+        wait_until(
+            lambda: "waiting for 1 node" in proc.err(), 60, "the coordinator to listen", on_timeout=proc.describe
+        )
         proc.signal(signal.SIGTERM)
         rc = proc.wait(30)
     finally:
@@ -121,8 +141,20 @@ def test_wildcard_coordinator_prints_a_command_a_volunteer_can_run(core_data_dir
 
 
 def test_save_weights_to_an_unwritable_place_is_refused_before_training(core_data_dir, core_cache):
-    done = enshuffle("train", "--nodes", "0", "--epochs", "1", "--limit", "300", "--data", str(core_data_dir),
-                     "--save-weights", "/proc/w.npz", cache=core_cache)
+    done = enshuffle(
+        "train",
+        "--nodes",
+        "0",
+        "--epochs",
+        "1",
+        "--limit",
+        "300",
+        "--data",
+        str(core_data_dir),
+        "--save-weights",
+        "/proc/w.npz",
+        cache=core_cache,
+    )
     line = one_line_error(done)
     assert "/proc/w.npz" in line and done.stdout == ""  # no epoch ran
 
@@ -148,17 +180,18 @@ def test_train_resume_continues_and_a_larger_epochs_extends_a_finished_run(core_
     assert [v["metadata"]["epoch"] for v in versions] == [2, 1]
 
 
-def test_train_gives_up_with_a_reason_when_its_local_nodes_cannot_connect(core_data_dir, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_train_gives_up_with_a_reason_when_its_local_nodes_cannot_connect(core_data_dir, tmp_path, monkeypatch, capsys):
     # The local nodes pin another coordinator's key, so each refuses this one (exit 3).
     from enshuffle.cli import main
     from enshuffle.commands import train as train_command
 
     real = train_command.spawn_local_nodes
     stranger = Identity.generate().fingerprint
-    monkeypatch.setattr(train_command, "spawn_local_nodes",
-                        lambda endpoint, fp, count, workdir, threads=1: real(endpoint, stranger, count, workdir,
-                                                                             threads))
+    monkeypatch.setattr(
+        train_command,
+        "spawn_local_nodes",
+        lambda endpoint, fp, count, workdir, threads=1: real(endpoint, stranger, count, workdir, threads),
+    )
     monkeypatch.chdir(tmp_path)
     rc = main(["train", "--nodes", "1", "--epochs", "1", "--limit", "300", "--data", str(core_data_dir)])
     err = capsys.readouterr().err
@@ -170,8 +203,9 @@ def test_train_gives_up_with_a_reason_when_its_local_nodes_cannot_connect(core_d
 def test_data_bundled_chooses_the_subset_shipped_in_the_package(core_cache):
     from enshuffle.dataset import load_bundled_subset
 
-    done = enshuffle("train", "--nodes", "0", "--epochs", "1", "--limit", "300", "--data", "bundled", "--json",
-                     cache=core_cache)
+    done = enshuffle(
+        "train", "--nodes", "0", "--epochs", "1", "--limit", "300", "--data", "bundled", "--json", cache=core_cache
+    )
     assert done.returncode == 0, done.stderr
     assert f"data: {load_bundled_subset().describe()}" in done.stderr
 
@@ -189,8 +223,15 @@ def test_a_malformed_invite_is_refused_before_connecting(tmp_path):
     with socket.socket() as s:  # a port nothing listens on: the node must not even try
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    done = enshuffle("node", "--connect", f"tcp://127.0.0.1:{port}", "--invite", "0a1b2c-not-a-code",
-                     home=tmp_path / "home", timeout=30)
+    done = enshuffle(
+        "node",
+        "--connect",
+        f"tcp://127.0.0.1:{port}",
+        "--invite",
+        "0a1b2c-not-a-code",
+        home=tmp_path / "home",
+        timeout=30,
+    )
     line = one_line_error(done)
     assert "not an invite code" in line and "32 hex digits" in line, line
 
@@ -209,21 +250,31 @@ def test_a_used_invite_is_refused_as_used_not_as_a_stranger(core_data_dir, tmp_p
             entry["expires_at"] -= 7200  # as if made two hours ago with --expires 1h
     (coordinator_home / "invites.json").write_text(json.dumps(invites))
     preset = default_preset(epochs=200)
-    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1,
-                       admission=Admission(home=coordinator_home)).start()
+    run = InProcessRun(
+        preset,
+        load_inputs(core_data_dir, preset, 300),
+        shards=1,
+        min_nodes=1,
+        admission=Admission(home=coordinator_home),
+    ).start()
     procs = []
     try:
         first = spawn_node(tmp_path / "a", run.endpoint, run.identity.fingerprint, "first", tmp_path, "--invite", code)
         procs.append(first)
-        wait_until(lambda: run.logged("admitted by invite code") or not first.alive(), 60, "the first node to join",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: run.logged("admitted by invite code") or not first.alive(),
+            60,
+            "the first node to join",
+            on_timeout=run.describe,
+        )
         fp = run.identity.fingerprint
         second = spawn_node(tmp_path / "b", run.endpoint, fp, "second", tmp_path, "--invite", code)
         third = spawn_node(tmp_path / "c", run.endpoint, fp, "third", tmp_path, "--invite", other)
         fourth = spawn_node(tmp_path / "d", run.endpoint, fp, "fourth", tmp_path, "--invite", stale)
         procs += [second, third, fourth]
-        assert second.wait(60) == 4 and third.wait(60) == 4 and fourth.wait(60) == 4, \
+        assert second.wait(60) == 4 and third.wait(60) == 4 and fourth.wait(60) == 4, (
             second.describe() + third.describe() + fourth.describe()
+        )
         assert "already used" in second.err(), second.err()
         assert "not one this coordinator made" in third.err(), third.err()
         assert "expired" in fourth.err(), fourth.err()
@@ -285,11 +336,29 @@ def test_a_coordinator_stopped_before_its_first_version_leaves_no_run_directory(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     run_dir = tmp_path / "run"
-    proc = Proc(["coordinator", "--bind", f"tcp://127.0.0.1:{port}", "--out", str(run_dir), "--data",
-                 str(core_data_dir), "--limit", "300"], process_env(tmp_path / "home", core_cache), tmp_path, "c")
+    proc = Proc(
+        [
+            "coordinator",
+            "--bind",
+            f"tcp://127.0.0.1:{port}",
+            "--out",
+            str(run_dir),
+            "--data",
+            str(core_data_dir),
+            "--limit",
+            "300",
+        ],
+        process_env(tmp_path / "home", core_cache),
+        tmp_path,
+        "c",
+    )
     try:
-        wait_until(lambda: "waiting for 1 node" in proc.err() or not proc.alive(), 60, "the coordinator to wait",
-                   on_timeout=proc.describe)
+        wait_until(
+            lambda: "waiting for 1 node" in proc.err() or not proc.alive(),
+            60,
+            "the coordinator to wait",
+            on_timeout=proc.describe,
+        )
         waiting = [line for line in proc.err().splitlines() if "waiting for 1 node" in line][0]
         assert waiting[:4].isdigit() and waiting[4] == "-", waiting  # headless log lines are timestamped
         proc.signal(signal.SIGTERM)

@@ -55,8 +55,14 @@ def test_distributed_weights_equal_centralized_after_every_step(core_dataset, pr
     inputs = prepare(core_dataset, preset, limit=TRAIN_LIMIT)
     secret = 0x5EC12E7 + nodes
     reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=secret)
-    compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(1000 + nodes), InProcessExecutor,
-                                 disguise=disguise, **inputs.source())
+    compute = DistributedCompute(
+        inputs.images,
+        nodes,
+        np.random.default_rng(1000 + nodes),
+        InProcessExecutor,
+        disguise=disguise,
+        **inputs.source(),
+    )
     distributed = Trainer(preset, inputs, compute, secret=secret)
     assert_same_weights(distributed.params, reference.params, "at initialisation")
 
@@ -79,8 +85,9 @@ def test_distributed_weights_equal_centralized_after_every_step(core_dataset, pr
     want_z1 = inputs.images["test"] @ params["w1"]
     # Additive shares carry noise 2**12 times the largest pixel: their rounding is ~2**12 * eps of
     # the product's scale, so entries near zero are compared on that scale (1e-9 of the largest).
-    np.testing.assert_allclose(compute.x_w1("test", None, params["w1"]), want_z1,
-                               rtol=RTOL, atol=RTOL * float(np.abs(want_z1).max()))
+    np.testing.assert_allclose(
+        compute.x_w1("test", None, params["w1"]), want_z1, rtol=RTOL, atol=RTOL * float(np.abs(want_z1).max())
+    )
     got = evaluate(compute, "test", params, inputs.test_labels, preset)
     want = evaluate(LocalCompute(inputs.images), "test", params, inputs.test_labels, preset)
     assert abs(got - want) <= 1 / len(inputs.test_labels)
@@ -101,8 +108,9 @@ def test_distributed_run_is_not_the_reference_object(core_dataset):
             return results
 
     reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=11)
-    distributed = Trainer(preset, inputs, DistributedCompute(inputs.images, 3, np.random.default_rng(5), Corrupting),
-                          secret=11)
+    distributed = Trainer(
+        preset, inputs, DistributedCompute(inputs.images, 3, np.random.default_rng(5), Corrupting), secret=11
+    )
     reference.run_step()
     distributed.run_step()
     with pytest.raises(AssertionError):

@@ -20,8 +20,7 @@ import pytest
 
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.training import Trainer, prepare
-from enshuffle.model import (LocalCompute, OptimizerState, check_layers, get_preset, init_params, softmax,
-                             train_step)
+from enshuffle.model import LocalCompute, OptimizerState, check_layers, get_preset, init_params, softmax, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-9, 1e-12
@@ -59,9 +58,15 @@ def _loss(params, x, onehot, activation):
 def test_the_step_follows_the_gradient_of_a_deep_network(core_dataset, activation):
     """One SGD step with learning rate 1 moves every weight by minus its gradient: compare with
     central differences of the loss on a sample of entries of every layer."""
-    preset = replace(get_preset("default", dtype="float64", layers=(784, 12, 7, 10), activation=activation),
-                     optimizer="sgd", learning_rate=1.0, schedule="constant", batch_size=None,
-                     w1_optimizer="same", hidden_optimizer="same")
+    preset = replace(
+        get_preset("default", dtype="float64", layers=(784, 12, 7, 10), activation=activation),
+        optimizer="sgd",
+        learning_rate=1.0,
+        schedule="constant",
+        batch_size=None,
+        w1_optimizer="same",
+        hidden_optimizer="same",
+    )
     inputs = prepare(core_dataset, preset, limit=64)
     x, onehot, labels = inputs.images["train"], inputs.train_onehot, inputs.train_labels
     params = init_params(preset, [5, 6, 7])
@@ -83,23 +88,28 @@ def test_the_step_follows_the_gradient_of_a_deep_network(core_dataset, activatio
 
 @pytest.mark.parametrize("nodes", [1, 2, 3])
 @pytest.mark.parametrize("preset_name,activation", [("default", "sigmoid"), ("default", "relu"), ("seed", "sigmoid")])
-def test_a_three_layer_network_distributed_equals_centralized_after_every_step(core_dataset, preset_name,
-                                                                                activation, nodes):
-    preset = replace(get_preset(preset_name, dtype="float64", layers=(784, 24, 16, 10), activation=activation),
-                     batch_size=100 if preset_name == "default" else None)
+def test_a_three_layer_network_distributed_equals_centralized_after_every_step(
+    core_dataset, preset_name, activation, nodes
+):
+    preset = replace(
+        get_preset(preset_name, dtype="float64", layers=(784, 24, 16, 10), activation=activation),
+        batch_size=100 if preset_name == "default" else None,
+    )
     inputs = prepare(core_dataset, preset, limit=600)
     secret = 0x3A7E + nodes
     reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=secret)
-    compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(nodes), InProcessExecutor,
-                                 **inputs.source(), layers=preset.layers)
+    compute = DistributedCompute(
+        inputs.images, nodes, np.random.default_rng(nodes), InProcessExecutor, **inputs.source(), layers=preset.layers
+    )
     distributed = Trainer(preset, inputs, compute, secret=secret)
     for step in range(3):
         reference.run_step()
         distributed.run_step()
         assert list(distributed.params) == ["w1", "b1", "w2", "b2", "w3", "b3"]
         for name, want in reference.params.items():
-            np.testing.assert_allclose(distributed.params[name], want, rtol=RTOL, atol=ATOL,
-                                       err_msg=f"{name} after step {step + 1}")
+            np.testing.assert_allclose(
+                distributed.params[name], want, rtol=RTOL, atol=ATOL, err_msg=f"{name} after step {step + 1}"
+            )
     # the ledger's deltas axis is the first hidden layer's width
     for shares in compute.ledger.shares().values():
         assert shares["deltas"] == 1.0
@@ -107,8 +117,9 @@ def test_a_three_layer_network_distributed_equals_centralized_after_every_step(c
 
 
 def test_a_deep_checkpoint_restores_exactly_and_refuses_another_network(core_dataset):
-    preset = replace(get_preset("default", dtype="float64", layers=(784, 20, 10, 10), activation="relu"),
-                     batch_size=100)
+    preset = replace(
+        get_preset("default", dtype="float64", layers=(784, 20, 10, 10), activation="relu"), batch_size=100
+    )
     inputs = prepare(core_dataset, preset, limit=600)
     first = Trainer(preset, inputs, LocalCompute(inputs.images), secret=9)
     first.run_step(), first.run_step()
@@ -130,28 +141,59 @@ def test_a_deep_checkpoint_restores_exactly_and_refuses_another_network(core_dat
 
 
 def enshuffle(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "ENSHUFFLE_CACHE": str(cache)})
+    return subprocess.run(
+        [sys.executable, "-m", "enshuffle", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "ENSHUFFLE_CACHE": str(cache)},
+    )
 
 
 def test_train_takes_hidden_widths_and_saves_every_layer(core_data_dir, core_cache, tmp_path):
     out = tmp_path / "w.npz"
-    proc = enshuffle("train", "--nodes", "0", "--hidden", "16,8", "--activation", "relu", "--epochs", "1",
-                     "--limit", "500", "--json", "--data", str(core_data_dir), "--save-weights", str(out),
-                     cache=core_cache)
+    proc = enshuffle(
+        "train",
+        "--nodes",
+        "0",
+        "--hidden",
+        "16,8",
+        "--activation",
+        "relu",
+        "--epochs",
+        "1",
+        "--limit",
+        "500",
+        "--json",
+        "--data",
+        str(core_data_dir),
+        "--save-weights",
+        str(out),
+        cache=core_cache,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "784-16-8-10 relu" in proc.stderr
     with np.load(out) as saved:
         assert {k: saved[k].shape for k in saved.files} == {
-            "w1": (784, 16), "b1": (16,), "w2": (16, 8), "b2": (8,), "w3": (8, 10), "b3": (10,)}
+            "w1": (784, 16),
+            "b1": (16,),
+            "w2": (16, 8),
+            "b2": (8,),
+            "w3": (8, 10),
+            "b3": (10,),
+        }
     assert json.loads(proc.stdout.splitlines()[0])["type"] == "epoch"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--layers", "700,10"], "must start with the 784 pixels"),
-    (["--layers", "784,x,10"], "comma-separated"),
-    (["--layers", "784,10", "--hidden", "5"], "not allowed with"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--layers", "700,10"], "must start with the 784 pixels"),
+        (["--layers", "784,x,10"], "comma-separated"),
+        (["--layers", "784,10", "--hidden", "5"], "not allowed with"),
+    ],
+)
 def test_a_wrong_network_is_a_one_line_error(core_data_dir, core_cache, args, message):
     proc = enshuffle("train", "--nodes", "0", *args, "--data", str(core_data_dir), cache=core_cache)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
@@ -166,8 +208,14 @@ def test_a_deep_run_over_the_wire_resumes_and_exports_every_layer(core_data_dir,
     env_cache = core_cache
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "ENSHUFFLE_CACHE": str(env_cache), **home})
+        return subprocess.run(
+            [sys.executable, "-m", "enshuffle", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "ENSHUFFLE_CACHE": str(env_cache), **home},
+        )
 
     first = cli("train", "--nodes", "2", "--hidden", "12,6", "--epochs", "1", *common)
     assert first.returncode == 0, first.stderr
@@ -210,8 +258,9 @@ def test_every_hidden_layer_is_distributed_disguised_and_in_the_ledger_and_bound
 
     preset = replace(get_preset("default", dtype="float64", layers=(784, 40, 30, 20, 10)), batch_size=100)
     inputs = prepare(core_dataset, preset, limit=300)
-    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(7), RecordingExecutor,
-                                 **inputs.source(), layers=preset.layers)
+    compute = DistributedCompute(
+        inputs.images, 2, np.random.default_rng(7), RecordingExecutor, **inputs.source(), layers=preset.layers
+    )
     assert sorted(compute.unit_blocks) == [2, 3]  # the last layer (label-adjacent) stays home
     trainer = Trainer(preset, inputs, compute, secret=11)
     seen = []  # every hidden layer's operands as the coordinator holds them
@@ -230,7 +279,14 @@ def test_every_hidden_layer_is_distributed_disguised_and_in_the_ledger_and_bound
 
     hidden = [b for b in compute.executor.batches if "a" in b.arrays]
     assert {kind for b in hidden for kind, *_ in b.exposure} == {
-        "activations", "activations2", "w2", "w3", "samples", "deltas2", "deltas3"}
+        "activations",
+        "activations2",
+        "w2",
+        "w3",
+        "samples",
+        "deltas2",
+        "deltas3",
+    }
     # no sent value is an activation or a weight of w2..w4, even up to a power-of-two scale
     plain = set().union(*(_mantissas(v) for v in seen))
     assert len(seen) == 6 and len(plain) > 1000
@@ -262,8 +318,23 @@ def test_a_deep_network_over_the_wire_equals_the_centralized_run(core_data_dir, 
     over ENS2 and the final weights equal the centralized run's; the ledger shows its blocks."""
     from wire_util import train_wire_and_central
 
-    args = ["--hidden", "32,24", "--dtype", "float64", "--epochs", "1", "--limit", "300", "--seed", "5",
-            "--data", str(core_data_dir), "--json", "--offload", "matmul"]
+    args = [
+        "--hidden",
+        "32,24",
+        "--dtype",
+        "float64",
+        "--epochs",
+        "1",
+        "--limit",
+        "300",
+        "--seed",
+        "5",
+        "--data",
+        str(core_data_dir),
+        "--json",
+        "--offload",
+        "matmul",
+    ]
     wire, _ = train_wire_and_central(2, args, tmp_path, core_cache)
     ledger = json.loads(wire.stdout.splitlines()[-1])
     for shares in ledger["ledger"].values():
@@ -299,7 +370,7 @@ def _between_class_share(x: np.ndarray, labels: np.ndarray) -> float:
     centered = x - x.mean(axis=0)
     means = np.stack([centered[labels == c].mean(axis=0) for c in np.unique(labels)])
     counts = np.array([(labels == c).sum() for c in np.unique(labels)])
-    return float((counts[:, None] * means ** 2).sum() / (centered ** 2).sum())
+    return float((counts[:, None] * means**2).sum() / (centered**2).sum())
 
 
 def test_a_hidden_layers_deltas_reach_the_nodes_with_their_class_structure_moved(core_dataset):
@@ -307,8 +378,9 @@ def test_a_hidden_layers_deltas_reach_the_nodes_with_their_class_structure_moved
     (`decoy`); the weights still equal the centralized run's."""
     preset = replace(get_preset("default", dtype="float64", layers=(784, 48, 32, 10)), batch_size=128)
     inputs = prepare(core_dataset, preset, limit=600)
-    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(3), InProcessExecutor,
-                                 **inputs.source(), layers=preset.layers)
+    compute = DistributedCompute(
+        inputs.images, 2, np.random.default_rng(3), InProcessExecutor, **inputs.source(), layers=preset.layers
+    )
     seen = []
     decoy = compute.decoy
 
@@ -330,4 +402,6 @@ def test_a_hidden_layers_deltas_reach_the_nodes_with_their_class_structure_moved
     for dz, sent, labels in hidden:
         # measured: about 0.07 sent against 0.999 for the true dz2
         assert _between_class_share(sent, labels) < 0.5 * _between_class_share(dz, labels), (
-            _between_class_share(sent, labels), _between_class_share(dz, labels))
+            _between_class_share(sent, labels),
+            _between_class_share(dz, labels),
+        )

@@ -172,8 +172,7 @@ def test_ledger_records_exactly_each_nodes_blocks(ledger_inputs, k):
 def test_batches_carry_nothing_outside_the_nodes_blocks(ledger_inputs, k):
     """Checked on the Batch objects and statics themselves, not on what the ledger was told."""
     preset, inputs = ledger_inputs
-    compute = DistributedCompute(inputs.images, k, np.random.default_rng(10 + k), CapturingExecutor,
-                                 **inputs.source())
+    compute = DistributedCompute(inputs.images, k, np.random.default_rng(10 + k), CapturingExecutor, **inputs.source())
     trainer = Trainer(preset, inputs, compute, secret=k)
     for _ in range(2):
         trainer.run_step()
@@ -241,8 +240,7 @@ def test_weight_operands_hold_exactly_the_nodes_rows_and_no_mantissa_survives(le
     idx = np.arange(0, 500, 3)
     x = inputs.images["train"][idx]
 
-    control = DistributedCompute(inputs.images, k, np.random.default_rng(20 + k), CapturingExecutor,
-                                 disguise="shuffle")
+    control = DistributedCompute(inputs.images, k, np.random.default_rng(20 + k), CapturingExecutor, disguise="shuffle")
     assert_float32_product(control.x_w1("train", idx, w1), x, w1)
     for batch in control.executor.captured:
         b = batch.arrays["b"]
@@ -252,8 +250,7 @@ def test_weight_operands_hold_exactly_the_nodes_rows_and_no_mantissa_survives(le
         # ... and together they are exactly P_s
         np.testing.assert_array_equal(rows, sorted_(control.pixel_blocks[batch.shard]))
 
-    compute = DistributedCompute(inputs.images, k, np.random.default_rng(20 + k), CapturingExecutor,
-                                 **inputs.source())
+    compute = DistributedCompute(inputs.images, k, np.random.default_rng(20 + k), CapturingExecutor, **inputs.source())
     assert_float32_product(compute.x_w1("train", idx, w1), x, w1)
     for batch in compute.executor.captured:
         b = batch.arrays["b"]
@@ -287,8 +284,9 @@ def test_dz1_reaches_nodes_without_its_class_structure(ledger_inputs):
             dz1 = (dz2 @ p["w2"].T) * a1 * (1 - a1)
             compute.executor.captured.clear()
             got = compute.dw1(idx, dz1, inputs.train_labels[idx] if with_labels else None)
-            np.testing.assert_allclose(got, inputs.images["train"][idx].T @ dz1, rtol=1e-4,
-                                       atol=1e-4 * float(np.abs(got).max()))
+            np.testing.assert_allclose(
+                got, inputs.images["train"][idx].T @ dz1, rtol=1e-4, atol=1e-4 * float(np.abs(got).max())
+            )
             batch = compute.executor.captured[0]
             st = compute.statics[batch.shard]
             truth = inputs.train_labels[st.row_order["train"][batch.arrays["rows"]]]
@@ -307,7 +305,9 @@ def test_dz1_reaches_nodes_without_its_class_structure(ledger_inputs):
         return x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-300)
 
     plain, hidden = clustered(with_labels=False), clustered(with_labels=True)
-    print(f"adjusted Rand index of the clustering (direct, after stripping found clusters): "
-          f"plain dz1 {plain[0]:.3f} {plain[1]:.3f}, class structure moved {hidden[0]:.3f} {hidden[1]:.3f}")
+    print(
+        f"adjusted Rand index of the clustering (direct, after stripping found clusters): "
+        f"plain dz1 {plain[0]:.3f} {plain[1]:.3f}, class structure moved {hidden[0]:.3f} {hidden[1]:.3f}"
+    )
     assert plain[0] > 0.5  # the attack works on plain dz1
     assert hidden[0] < 0.1 and hidden[1] < 0.25

@@ -100,13 +100,20 @@ def notebook_first_epoch(train_X, train_labels, test_X, test_labels) -> dict:
     # update weights and bias -- with the bias bug fixed: column sums, not one scalar
     z2_db = numpy.sum(a2_dz, axis=0)
     z1_db = numpy.sum(a1_dz, axis=0)
-    w2 += (learning_rate * z2_dw.T)
-    b2 += (learning_rate * z2_db.T)
-    w1 += (learning_rate * z1_dw.T)
-    b1 += (learning_rate * z1_db.T)
+    w2 += learning_rate * z2_dw.T
+    b2 += learning_rate * z2_db.T
+    w1 += learning_rate * z1_dw.T
+    b1 += learning_rate * z1_db.T
 
-    return {"cost": float(cost), "train_accuracy": training_accuracy, "test_accuracy": validation_accuracy,
-            "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    return {
+        "cost": float(cost),
+        "train_accuracy": training_accuracy,
+        "test_accuracy": validation_accuracy,
+        "w1": w1,
+        "b1": b1,
+        "w2": w2,
+        "b2": b2,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +167,31 @@ def test_seven_in_process_nodes_match_notebook(core_dataset, notebook):
 def test_cli_seed_epoch_one_equals_notebook(core_data_dir, core_cache, notebook, tmp_path):
     weights = tmp_path / "seed-epoch1.npz"
     proc = subprocess.run(
-        [sys.executable, "-m", "enshuffle", "train", "--preset", "seed", "--epochs", "1", "--nodes", "0",
-         "--json", "--limit", str(LIMIT), "--data", str(core_data_dir), "--save-weights", str(weights)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "ENSHUFFLE_CACHE": str(core_cache)})
+        [
+            sys.executable,
+            "-m",
+            "enshuffle",
+            "train",
+            "--preset",
+            "seed",
+            "--epochs",
+            "1",
+            "--nodes",
+            "0",
+            "--json",
+            "--limit",
+            str(LIMIT),
+            "--data",
+            str(core_data_dir),
+            "--save-weights",
+            str(weights),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "ENSHUFFLE_CACHE": str(core_cache)},
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(lines) == 1, proc.stdout

@@ -19,7 +19,8 @@ from idx_util import idx_bytes, random_arrays, write_idx, write_idx_dir
 FASHION = ds.FASHION_MNIST_DIR
 needs_fashion = pytest.mark.skipif(
     not all((FASHION / f"{stem}.gz").is_file() for stem in ds.IDX_STEMS.values()),
-    reason=f"Fashion-MNIST not installed at {FASHION} (apt-get install dataset-fashion-mnist)")
+    reason=f"Fashion-MNIST not installed at {FASHION} (apt-get install dataset-fashion-mnist)",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +45,7 @@ def assert_same(dataset: ds.Dataset, arrays: dict[str, np.ndarray]) -> None:
 
 
 # --------------------------------------------------------------------------- round trips
+
 
 @pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
 def test_idx_directory_round_trip(tmp_path, arrays, gz):
@@ -71,11 +73,12 @@ def test_dataset_arrays_are_read_only(tmp_path, arrays):
 
 # --------------------------------------------------------------------------- bad files
 
+
 @pytest.mark.parametrize("cut", [1, 700, 10_000], ids=["last-byte", "mid-image", "into-header"])
 def test_truncated_plain_file_names_it(tmp_path, arrays, cut):
     path = tmp_path / "train-images-idx3-ubyte"
     data = idx_bytes(arrays["train_images"])
-    path.write_bytes(data[:max(len(data) - cut, 10)])
+    path.write_bytes(data[: max(len(data) - cut, 10)])
     with pytest.raises(DataError, match="train-images-idx3-ubyte.*truncated"):
         read_idx(path)
 
@@ -148,6 +151,7 @@ def test_missing_directory_is_an_error(tmp_path):
 
 # --------------------------------------------------------------------------- parse cache
 
+
 def test_cache_serves_repeat_loads_and_survives_corruption(tmp_path, arrays, cache):
     paths = write_idx_dir(tmp_path / "d", **arrays, gz=False)
     load_idx_dir(tmp_path / "d")
@@ -170,8 +174,7 @@ def test_cache_serves_repeat_loads_and_survives_corruption(tmp_path, arrays, cac
 def test_cache_misses_when_source_changes(tmp_path, arrays, cache):
     write_idx_dir(tmp_path / "d", **arrays, gz=False)
     load_idx_dir(tmp_path / "d")
-    changed = dict(arrays, train_labels=(arrays["train_labels"] + 1) % 10,
-                   train_images=arrays["train_images"][:, ::-1])
+    changed = dict(arrays, train_labels=(arrays["train_labels"] + 1) % 10, train_images=arrays["train_images"][:, ::-1])
     write_idx_dir(tmp_path / "d", **changed, gz=False)  # new size or mtime -> new key
     assert_same(load_idx_dir(tmp_path / "d"), changed)
     assert len(list((cache / "idx").glob("*.npz"))) == 4  # old versions dropped
@@ -189,6 +192,7 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
 
 
 # --------------------------------------------------------------------------- real and bundled data
+
 
 @needs_fashion
 def test_real_fashion_mnist_loads():
@@ -237,6 +241,7 @@ def test_damaged_bundled_subset_is_a_clear_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- download
+
 
 class _Mirror:
     """A real HTTP server on 127.0.0.1 serving one directory, recording the paths asked for."""
@@ -339,6 +344,7 @@ def test_canonical_checksum_table_is_well_formed():
 
 # --------------------------------------------------------------------------- source order
 
+
 def test_data_dir_wins_over_other_sources(tmp_path, arrays):
     write_idx_dir(tmp_path / "mine", **arrays)
     other = random_arrays(n_train=30, n_test=10, seed=1)
@@ -374,8 +380,7 @@ def test_system_dir_used_when_no_data_dir(tmp_path, arrays):
 def test_download_used_when_no_system_data(tmp_path, mirror, arrays, cache):
     server, sums = mirror
     messages: list[str] = []
-    data = load_dataset(system_dir=tmp_path / "absent", mirrors=[server.url], checksums=sums,
-                        log=messages.append)
+    data = load_dataset(system_dir=tmp_path / "absent", mirrors=[server.url], checksums=sums, log=messages.append)
     assert data.name == "mnist"
     assert_same(data, arrays)
     assert messages[-1] == f"data: MNIST from {cache / 'mnist'} (40 train, 15 test)"
@@ -397,8 +402,9 @@ def test_bad_download_falls_back_to_bundled_subset(tmp_path, mirror, cache):
 def test_no_download_when_disallowed(tmp_path, mirror):
     server, sums = mirror
     messages: list[str] = []
-    data = load_dataset(system_dir=None, allow_download=False, mirrors=[server.url], checksums=sums,
-                        log=messages.append)
+    data = load_dataset(
+        system_dir=None, allow_download=False, mirrors=[server.url], checksums=sums, log=messages.append
+    )
     assert data.name == "bundled-subset"
     assert server.requests == []
     assert messages == ["data: the Fashion-MNIST subset bundled with enshuffle (3500 train, 1000 test)"]
@@ -415,6 +421,7 @@ def test_broken_system_dir_falls_through_with_a_reason(tmp_path, arrays):
 
 # --------------------------------------------------------------------------- one_hot
 
+
 def test_one_hot():
     out = one_hot(np.array([0, 3, 9], np.uint8))
     assert out.shape == (3, 10) and out.dtype == np.float64
@@ -430,7 +437,7 @@ def test_dimensions_whose_product_wraps_int64_are_refused(tmp_path):
     import struct
 
     path = tmp_path / "train-images-idx3-ubyte"
-    path.write_bytes(struct.pack(">IIII", 0x00000803, 2 ** 31, 2 ** 31, 16))
+    path.write_bytes(struct.pack(">IIII", 0x00000803, 2**31, 2**31, 16))
     with pytest.raises(DataError, match="train-images-idx3-ubyte"):
         read_idx(path)
 

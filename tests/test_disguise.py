@@ -24,7 +24,7 @@ def test_a_mixing_and_its_inverse_transposes_and_right_products_agree_with_the_d
     np.testing.assert_allclose(m.right(x), x @ dense, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(m.right(x, transposed=True), x @ dense.T, rtol=1e-12, atol=1e-12)
     singular = np.linalg.svd(dense, compute_uv=False)
-    assert singular.max() <= 2.0 ** spread * (1 + 1e-12) and singular.min() >= 2.0 ** -spread * (1 - 1e-12)
+    assert singular.max() <= 2.0**spread * (1 + 1e-12) and singular.min() >= 2.0**-spread * (1 - 1e-12)
     assert all(hi - lo <= group for lo, hi in m.bounds)
 
 

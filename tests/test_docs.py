@@ -26,8 +26,7 @@ def test_every_cited_protocol_section_exists():
         if path.is_dir():
             continue
         for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            wrong += [f"{path.relative_to(REPO)}:{n}: section {s}" for s in CITE.findall(line)
-                      if s not in sections]
+            wrong += [f"{path.relative_to(REPO)}:{n}: section {s}" for s in CITE.findall(line) if s not in sections]
     assert not wrong, "cited sections that docs/protocol.md does not have:\n" + "\n".join(wrong)
 
 
@@ -42,7 +41,7 @@ def test_the_product_names_no_issue_of_this_project():
 
 def test_the_readme_layout_names_every_module_and_script():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    layout = readme[readme.index("## Layout"):]
+    layout = readme[readme.index("## Layout") :]
     layout = layout.split("\n## ")[0]
     files = [p for p in _sources("enshuffle/**/*.py") if p.name != "__init__.py"]
     files += [p for p in (REPO / "scripts").iterdir() if p.is_file()]

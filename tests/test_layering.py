@@ -24,7 +24,11 @@ print(json.dumps(sorted(m for m in sys.modules if m == "textual" or m.startswith
 
 def test_backend_packages_do_not_import_textual():
     result = subprocess.run(
-        [sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", PROBE],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
@@ -32,8 +36,11 @@ def test_backend_packages_do_not_import_textual():
 
 def test_the_probe_would_notice_textual():
     """The check above can fail: the same probe sees textual when the TUI is imported."""
-    probe = PROBE.replace('("enshuffle.protocol", "enshuffle.chain", "enshuffle.coordinator", "enshuffle.node",\n'
-                          '                "enshuffle.commands")', '("enshuffle.tui",)')
+    probe = PROBE.replace(
+        '("enshuffle.protocol", "enshuffle.chain", "enshuffle.coordinator", "enshuffle.node",\n'
+        '                "enshuffle.commands")',
+        '("enshuffle.tui",)',
+    )
     assert probe != PROBE
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -42,10 +49,21 @@ def test_the_probe_would_notice_textual():
 
 # Which enshuffle packages each layer may import (anywhere in a module, in a function too). No
 # exceptions: only the command layer (and the CLI above it) opens a terminal app.
-BELOW_COMMANDS = {"enshuffle.batch", "enshuffle.protocol", "enshuffle.errors",
-                  "enshuffle.kernels", "enshuffle.blas", "enshuffle.live",
-                  "enshuffle.model", "enshuffle.dataset", "enshuffle.memory", "enshuffle.fpenv", "enshuffle.chain",
-                  "enshuffle.coordinator", "enshuffle.node"}
+BELOW_COMMANDS = {
+    "enshuffle.batch",
+    "enshuffle.protocol",
+    "enshuffle.errors",
+    "enshuffle.kernels",
+    "enshuffle.blas",
+    "enshuffle.live",
+    "enshuffle.model",
+    "enshuffle.dataset",
+    "enshuffle.memory",
+    "enshuffle.fpenv",
+    "enshuffle.chain",
+    "enshuffle.coordinator",
+    "enshuffle.node",
+}
 LAYERS = {
     "enshuffle.batch": set(),
     "enshuffle.protocol": {"enshuffle.protocol", "enshuffle.errors", "enshuffle.batch"},
@@ -58,13 +76,32 @@ LAYERS = {
     "enshuffle.model": set(),
     "enshuffle.dataset": set(),
     "enshuffle.chain": {"enshuffle.chain", "enshuffle.protocol", "enshuffle.errors"},
-    "enshuffle.node": {"enshuffle.node", "enshuffle.protocol", "enshuffle.errors", "enshuffle.batch",
-                       "enshuffle.kernels",
-                       "enshuffle.blas", "enshuffle.live", "enshuffle.model", "enshuffle.memory",
-                       "enshuffle.fpenv"},
-    "enshuffle.coordinator": {"enshuffle.coordinator", "enshuffle.protocol", "enshuffle.errors", "enshuffle.batch",
-                              "enshuffle.kernels", "enshuffle.blas", "enshuffle.live", "enshuffle.model",
-                              "enshuffle.dataset", "enshuffle.memory", "enshuffle.fpenv", "enshuffle.chain"},
+    "enshuffle.node": {
+        "enshuffle.node",
+        "enshuffle.protocol",
+        "enshuffle.errors",
+        "enshuffle.batch",
+        "enshuffle.kernels",
+        "enshuffle.blas",
+        "enshuffle.live",
+        "enshuffle.model",
+        "enshuffle.memory",
+        "enshuffle.fpenv",
+    },
+    "enshuffle.coordinator": {
+        "enshuffle.coordinator",
+        "enshuffle.protocol",
+        "enshuffle.errors",
+        "enshuffle.batch",
+        "enshuffle.kernels",
+        "enshuffle.blas",
+        "enshuffle.live",
+        "enshuffle.model",
+        "enshuffle.dataset",
+        "enshuffle.memory",
+        "enshuffle.fpenv",
+        "enshuffle.chain",
+    },
     "enshuffle.audit": BELOW_COMMANDS | {"enshuffle.audit"},
     "enshuffle.tui": BELOW_COMMANDS | {"enshuffle.tui"},
     # Every handler: it may import everything but the CLI that dispatches to it.
@@ -130,11 +167,14 @@ def test_the_layering_check_would_notice(tmp_path):
     """The check above can fail: a coordinator module importing the node's code is reported."""
     (tmp_path / "enshuffle" / "coordinator").mkdir(parents=True)
     (tmp_path / "enshuffle" / "coordinator" / "x.py").write_text(
-        "def f():\n    from enshuffle.node.daemon import NodeDaemon\n    from ..node import state\n")
+        "def f():\n    from enshuffle.node.daemon import NodeDaemon\n    from ..node import state\n"
+    )
     (tmp_path / "enshuffle" / "kernels.py").write_text("from enshuffle.coordinator import plan\n")
     assert layering_violations(tmp_path) == [
-        "enshuffle.coordinator.x imports enshuffle.node", "enshuffle.coordinator.x imports enshuffle.node.daemon",
-        "enshuffle.kernels imports enshuffle.coordinator"]
+        "enshuffle.coordinator.x imports enshuffle.node",
+        "enshuffle.coordinator.x imports enshuffle.node.daemon",
+        "enshuffle.kernels imports enshuffle.coordinator",
+    ]
 
 
 def test_the_layering_check_notices_a_console_or_a_handler_below_the_commands(tmp_path):
@@ -143,19 +183,24 @@ def test_the_layering_check_notices_a_console_or_a_handler_below_the_commands(tm
     for package in ("coordinator", "node", "commands", "tui"):
         (tmp_path / "enshuffle" / package).mkdir(parents=True)
     (tmp_path / "enshuffle" / "coordinator" / "run.py").write_text(
-        "def f():\n    from enshuffle.tui.coordinator_app import CoordinatorApp\n")
+        "def f():\n    from enshuffle.tui.coordinator_app import CoordinatorApp\n"
+    )
     (tmp_path / "enshuffle" / "node" / "x.py").write_text(
-        "from enshuffle.commands.node import cmd_node\nfrom ..tui import node_app\n")
+        "from enshuffle.commands.node import cmd_node\nfrom ..tui import node_app\n"
+    )
     (tmp_path / "enshuffle" / "tui" / "x.py").write_text("from enshuffle.commands import console\n")
     (tmp_path / "enshuffle" / "commands" / "x.py").write_text(
-        "from enshuffle.tui import node_app\nfrom enshuffle.cli import main\n")
+        "from enshuffle.tui import node_app\nfrom enshuffle.cli import main\n"
+    )
     (tmp_path / "enshuffle" / "newpackage.py").write_text("")
     assert layering_violations(tmp_path) == [
         "enshuffle.commands.x imports enshuffle.cli",
         "enshuffle.coordinator.run imports enshuffle.tui.coordinator_app",
         "enshuffle.newpackage belongs to no layer",
-        "enshuffle.node.x imports enshuffle.commands.node", "enshuffle.node.x imports enshuffle.tui",
-        "enshuffle.tui.x imports enshuffle.commands"]
+        "enshuffle.node.x imports enshuffle.commands.node",
+        "enshuffle.node.x imports enshuffle.tui",
+        "enshuffle.tui.x imports enshuffle.commands",
+    ]
 
 
 def lazy_imports_without_reason(root: Path) -> list[str]:
@@ -191,16 +236,19 @@ def test_imports_inside_functions_say_why():
 def test_the_lazy_import_check_would_notice(tmp_path):
     (tmp_path / "enshuffle").mkdir()
     (tmp_path / "enshuffle" / "x.py").write_text(
-        "def f():\n    import json\n\n\ndef g():\n    # textual only on this path\n    import os\n    import sys\n")
+        "def f():\n    import json\n\n\ndef g():\n    # textual only on this path\n    import os\n    import sys\n"
+    )
     assert lazy_imports_without_reason(tmp_path) == ["enshuffle/x.py:2: import json"]
 
 
 def test_the_headless_node_starts_without_numpy_or_coordinator_code():
     """What `enshuffle node` loads before it sets the BLAS environment: the CLI and its own
     command module, not numpy (whose BLAS reads the environment once), not the coordinator."""
-    probe = ("import sys; import enshuffle.cli, enshuffle.commands.node; "
-             "print(sorted(m for m in sys.modules if m == 'numpy' or m.startswith('enshuffle.coordinator')"
-             " or m == 'textual'))")
+    probe = (
+        "import sys; import enshuffle.cli, enshuffle.commands.node; "
+        "print(sorted(m for m in sys.modules if m == 'numpy' or m.startswith('enshuffle.coordinator')"
+        " or m == 'textual'))"
+    )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -59,8 +59,9 @@ def test_steps_take_two_round_trips_and_batches_go_out_one_by_one(core_dataset):
 
     seed = get_preset("seed")
     seed_inputs = prepare(core_dataset, seed, limit=600)
-    full = DistributedCompute(seed_inputs.images, 2, np.random.default_rng(6), InProcessExecutor,
-                              **seed_inputs.source())
+    full = DistributedCompute(
+        seed_inputs.images, 2, np.random.default_rng(6), InProcessExecutor, **seed_inputs.source()
+    )
     Trainer(seed, seed_inputs, full, secret=11).run_epoch()
     assert full.round_trips == 3  # the test set's forward pass, then the step's forward and backward
 
@@ -71,9 +72,14 @@ def test_a_submitted_batch_is_sent_before_the_server_is_pumped_again(core_datase
     listener = Listener("tcp://127.0.0.1:*")
     node = ScriptedNode(listener.endpoint, "quick")
     ledger = ExposureLedger()
-    compute = DistributedCompute(inputs.images, 1, np.random.default_rng(8),
-                                 CoordinatorServer.factory(listener, Identity.generate(), CoordinatorState(), ledger),
-                                 ledger=ledger, **inputs.source())
+    compute = DistributedCompute(
+        inputs.images,
+        1,
+        np.random.default_rng(8),
+        CoordinatorServer.factory(listener, Identity.generate(), CoordinatorState(), ledger),
+        ledger=ledger,
+        **inputs.source(),
+    )
     server = compute.executor
     try:
         stop = threading.Event()
@@ -96,8 +102,15 @@ def test_a_submitted_batch_is_sent_before_the_server_is_pumped_again(core_datase
         static = compute.static_arrays(0)[static_name("train", 0)]
         b = rng.standard_normal((static.shape[1], 4))
         node.hold_next(1)
-        task = server.submit(Batch(0, "matmul", {"a_static": static_name("train", 0), "transpose_a": False},
-                                   {"rows": rows, "b": b}, compute.static_exposure(0)))
+        task = server.submit(
+            Batch(
+                0,
+                "matmul",
+                {"a_static": static_name("train", 0), "transpose_a": False},
+                {"rows": rows, "b": b},
+                compute.static_exposure(0),
+            )
+        )
         wait_until(lambda: node.held, 10, "the batch to arrive", idle=lambda: node.pump(20))
         node.answer(node.held.pop())
         (result,) = server.collect([task])
@@ -119,7 +132,7 @@ def test_freed_large_blocks_are_reused_without_page_faults():
 
     def touch_every_page():
         block = bytearray(size)
-        block[::resource.getpagesize()] = marks
+        block[:: resource.getpagesize()] = marks
         del block
 
     touch_every_page()  # the heap grows to hold it once

@@ -43,8 +43,8 @@ def exact(params, arrays, statics) -> np.ndarray:
 
 
 CASES = [
-    ("gather", lambda: RNG.integers(0, 300, 128)),         # a mini-batch: rows repeat, no permutation
-    ("permutation", lambda: RNG.permutation(300)),         # full batch: the static is read in place
+    ("gather", lambda: RNG.integers(0, 300, 128)),  # a mini-batch: rows repeat, no permutation
+    ("permutation", lambda: RNG.permutation(300)),  # full batch: the static is read in place
 ]
 
 
@@ -88,8 +88,9 @@ def test_a_sealed_result_survives_the_next_batch_overwriting_the_buffer():
         arrays = {"rows": RNG.integers(0, 500, 200), "b": RNG.standard_normal((64, 32))}
         c = compute_batch("matmul", {"a_static": "s"}, arrays, statics, ws)
         expected.append(np.array(c))  # a copy, taken before anything else runs
-        sent.append(node.seal("RESULT", {"run_id": "r", "batch_id": f"b{i}", "seq": i + 1,
-                                         "compute_seconds": 0.0}, {"c": c}))
+        sent.append(
+            node.seal("RESULT", {"run_id": "r", "batch_id": f"b{i}", "seq": i + 1, "compute_seconds": 0.0}, {"c": c})
+        )
     # The second batch did reuse the first one's buffer (else this test would prove nothing)...
     assert np.shares_memory(c, ws.array("result", (200, 32), np.float64))
     assert not np.array_equal(expected[0], expected[1])
@@ -148,7 +149,7 @@ def test_an_unaligned_static_is_stored_aligned_once_so_blas_never_copies_it():
     n, k = 4000, 50
     values = RNG.standard_normal((n, k))
     raw = bytearray(values.nbytes + 8)
-    view = np.frombuffer(memoryview(raw)[3:3 + values.nbytes], dtype=np.float64).reshape(n, k)
+    view = np.frombuffer(memoryview(raw)[3 : 3 + values.nbytes], dtype=np.float64).reshape(n, k)
     view[...] = values
     view.flags.writeable = False
     assert not view.flags.aligned  # what a payload after a 3-byte-odd header looks like
@@ -246,8 +247,14 @@ FTZ_CHILD = textwrap.dedent("""
 def run_child(tmp_path: Path, mode: str) -> tuple[str, dict]:
     out = tmp_path / f"{mode}.npz"
     env = dict(os.environ, OPENBLAS_NUM_THREADS="2", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-c", FTZ_CHILD, mode, str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", FTZ_CHILD, mode, str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     with np.load(out) as z:
         return proc.stdout.strip(), {name: z[name] for name in z.files}
@@ -287,9 +294,11 @@ def test_flush_to_zero_leaves_an_unknown_platform_alone(monkeypatch):
 
 
 def test_the_node_sets_its_blas_environment_before_numpy_loads():
-    code = ("import os, sys; from enshuffle.commands.node import _apply_thread_env; _apply_thread_env(1); "
-            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], os.environ['OPENBLAS_NUM_THREADS']); "
-            "sys.exit(1 if 'numpy' in sys.modules else 0)")
+    code = (
+        "import os, sys; from enshuffle.commands.node import _apply_thread_env; _apply_thread_env(1); "
+        "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], os.environ['OPENBLAS_NUM_THREADS']); "
+        "sys.exit(1 if 'numpy' in sys.modules else 0)"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr  # the environment is set before numpy loads

@@ -26,8 +26,16 @@ from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.keys import Identity, TrustStore
 from enshuffle.protocol import messages
 from enshuffle.protocol.handshake import check_hello, make_challenge
-from enshuffle.protocol.messages import (HANDSHAKE_COMMANDS, OPS, PROTOCOL_VERSION, Channel, Message, decode,
-                                         encode, verify_self_signed)
+from enshuffle.protocol.messages import (
+    HANDSHAKE_COMMANDS,
+    OPS,
+    PROTOCOL_VERSION,
+    Channel,
+    Message,
+    decode,
+    encode,
+    verify_self_signed,
+)
 
 
 def verify(msg: Message, key: bytes) -> None:
@@ -37,6 +45,7 @@ def verify(msg: Message, key: bytes) -> None:
         messages.verify(msg, key)
     else:
         assert msg.kind == messages.KIND_SEALED
+
 
 REPO = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(11)
@@ -58,7 +67,7 @@ class FakeCoordinator:
         self.seq = 0
         self.peer: bytes | None = None
         self.node_id = "n1"
-        self.pending = None   # the CHALLENGE state for the latest HI
+        self.pending = None  # the CHALLENGE state for the latest HI
         self.channel: Channel | None = None
 
     def close(self) -> None:
@@ -113,11 +122,20 @@ class FakeCoordinator:
     def welcome(self, hello: Message, *, heartbeat_ms: int = 1000, credit: int = 2) -> None:
         if getattr(self, "_derived_for", None) is not hello:
             self.derive(hello)
-        self.send("WELCOME", {"run_id": self.run_id, "coordinator_key": self.identity.public_hex,
-                              "node_key": hello.header["node_key"], "nonce": hello.header["nonce"],
-                              "challenge": self.pending.challenge,
-                              "node_id": self.node_id, "credit": credit, "heartbeat_ms": heartbeat_ms,
-                              "lease": LEASE})
+        self.send(
+            "WELCOME",
+            {
+                "run_id": self.run_id,
+                "coordinator_key": self.identity.public_hex,
+                "node_key": hello.header["node_key"],
+                "nonce": hello.header["nonce"],
+                "challenge": self.pending.challenge,
+                "node_id": self.node_id,
+                "credit": credit,
+                "heartbeat_ms": heartbeat_ms,
+                "lease": LEASE,
+            },
+        )
 
     def send(self, command: str, header: dict, arrays: dict | None = None, signer: Identity | None = None) -> None:
         """Handshake commands signed (by `signer`, default this coordinator); session commands
@@ -145,11 +163,34 @@ class FakeCoordinator:
         self.send("STATIC", {"run_id": self.run_id, "name": name, "seq": seq, **extra}, {"x": array})
         return seq
 
-    def batch(self, batch_id: str, op: str, arrays: dict, params: dict | None = None, *, seq: int | None = None,
-              run_id: str | None = None, signer: Identity | None = None, **extra) -> int:
+    def batch(
+        self,
+        batch_id: str,
+        op: str,
+        arrays: dict,
+        params: dict | None = None,
+        *,
+        seq: int | None = None,
+        run_id: str | None = None,
+        signer: Identity | None = None,
+        **extra,
+    ) -> int:
         seq = self.next_seq() if seq is None else seq
-        self.send("BATCH", {"run_id": run_id or self.run_id, "batch_id": batch_id, "seq": seq, "step": 0,
-                            "op": op, "params": params or {}, "lease_ms": 30000, **extra}, arrays, signer=signer)
+        self.send(
+            "BATCH",
+            {
+                "run_id": run_id or self.run_id,
+                "batch_id": batch_id,
+                "seq": seq,
+                "step": 0,
+                "op": op,
+                "params": params or {},
+                "lease_ms": 30000,
+                **extra,
+            },
+            arrays,
+            signer=signer,
+        )
         return seq
 
 
@@ -162,8 +203,7 @@ def coord():
 
 def spawn_node(home: Path, address: str, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, ENSHUFFLE_HOME=str(home), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "enshuffle", "node", "--connect", address, "--name", "t",
-           "--threads", "1", *extra]
+    cmd = [sys.executable, "-m", "enshuffle", "node", "--connect", address, "--name", "t", "--threads", "1", *extra]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -217,6 +257,7 @@ def good_batch(coord: FakeCoordinator, node_key: bytes, batch_id: str = "ok") ->
 
 # --- the real process ------------------------------------------------------------------------
 
+
 def test_hello_is_signed_and_offers_capabilities(coord, node_proc):
     proc = node_proc(coord.address)
     hello = coord.expect("HELLO")
@@ -236,8 +277,9 @@ def test_static_and_batches_give_correct_signed_results(session):
     w = RNG.standard_normal((10, 3)).astype(np.float32)
     rows = np.array([7, 0, 3, 3, 9, 1, 2, 4, 5, 6], dtype=np.int64)
     # A = images[rows].T: (6 x 10) @ (10 x 3)
-    seq = coord.batch("b1", "matmul", {"b": w, "rows": rows}, {"transpose_a": True, "a_static": "images/0"},
-                      exposure={"w1": 0.5})
+    seq = coord.batch(
+        "b1", "matmul", {"b": w, "rows": rows}, {"transpose_a": True, "a_static": "images/0"}, exposure={"w1": 0.5}
+    )
     got = expect_result(coord, node_key, "b1", seq)
     assert got.dtype == np.float32 and got.shape == (6, 3)
     np.testing.assert_allclose(got, images[rows].T @ w, rtol=1e-5)
@@ -269,8 +311,9 @@ def test_replayed_seq_is_rejected(session):
 
 def test_unknown_static_and_bad_params_are_rejected(session):
     coord, proc, node_key = session
-    coord.batch("s", "matmul", {"b": np.ones((3, 2)), "rows": np.arange(2)},
-                {"transpose_a": False, "a_static": "never-sent"})
+    coord.batch(
+        "s", "matmul", {"b": np.ones((3, 2)), "rows": np.arange(2)}, {"transpose_a": False, "a_static": "never-sent"}
+    )
     expect_reject(coord, node_key, "unknown-static")
     coord.batch("p", "matmul", {"a": np.ones((2, 5)), "b": np.ones((3, 2))}, {"transpose_a": False, "a_static": None})
     expect_reject(coord, node_key, "bad-params")
@@ -331,12 +374,15 @@ def test_silent_coordinator_is_lost_and_node_says_hello_again(coord, node_proc):
 
 
 def test_headless_node_does_not_import_textual():
-    code = ("import sys, enshuffle.commands.node, enshuffle.node.daemon; "
-            "sys.exit(1 if any(m == 'textual' or m.startswith('textual.') for m in sys.modules) else 0)")
+    code = (
+        "import sys, enshuffle.commands.node, enshuffle.node.daemon; "
+        "sys.exit(1 if any(m == 'textual' or m.startswith('textual.') for m in sys.modules) else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
 # --- the daemon in a thread: state, controls, endings --------------------------------------------
+
 
 class ThreadedNode:
     def __init__(self, tmp_path: Path, address: str, **kwargs) -> None:
@@ -344,9 +390,18 @@ class ThreadedNode:
         self.state = NodeState()
         self.control = NodeControl(threads=1)
         self.identity = Identity.generate()
-        self.daemon = NodeDaemon(address, identity=self.identity, trust=TrustStore(tmp_path),
-                                 pinned=kwargs.pop("pinned", None), name="thread-node", threads=1,
-                                 state=self.state, control=self.control, log=self.lines.append, **kwargs)
+        self.daemon = NodeDaemon(
+            address,
+            identity=self.identity,
+            trust=TrustStore(tmp_path),
+            pinned=kwargs.pop("pinned", None),
+            name="thread-node",
+            threads=1,
+            state=self.state,
+            control=self.control,
+            log=self.lines.append,
+            **kwargs,
+        )
         self.status: list[int] = []
         self.thread = threading.Thread(target=lambda: self.status.append(self.daemon.run()), daemon=True)
         self.thread.start()
@@ -441,13 +496,22 @@ def test_bye_run_finished_exits_or_reconnects(coord, threaded):
 def test_final_refusal_exits_and_busy_retries(coord, threaded):
     node = threaded(coord.address)
     hello = coord.expect("HELLO")
-    coord.send("REFUSE", {"coordinator_key": coord.identity.public_hex, "nonce": hello.header["nonce"],
-                          "code": "busy", "text": "full"})
+    coord.send(
+        "REFUSE",
+        {"coordinator_key": coord.identity.public_hex, "nonce": hello.header["nonce"], "code": "busy", "text": "full"},
+    )
     hello = coord.expect("HELLO")  # retried after back-off
     # A REFUSE signed by a stranger (not the remembered/pinned key) is ignored... but here
     # nothing is remembered yet, so the genuine coordinator's final REFUSE ends the node.
-    coord.send("REFUSE", {"coordinator_key": coord.identity.public_hex, "nonce": hello.header["nonce"],
-                          "code": "not-allowed", "text": "ask the operator to add your key"})
+    coord.send(
+        "REFUSE",
+        {
+            "coordinator_key": coord.identity.public_hex,
+            "nonce": hello.header["nonce"],
+            "code": "not-allowed",
+            "text": "ask the operator to add your key",
+        },
+    )
     assert node.join() == EXIT_REFUSED
     assert "ask the operator" in node.daemon.error and node.state.snapshot().connection == "refused"
 
@@ -456,8 +520,16 @@ def test_refuse_from_a_stranger_is_ignored_when_pinned(coord, threaded):
     node = threaded(coord.address, pinned=coord.identity.fingerprint)
     hello = coord.expect("HELLO")
     stranger = Identity.generate()
-    coord.send("REFUSE", {"coordinator_key": stranger.public_hex, "nonce": hello.header["nonce"],
-                          "code": "not-allowed", "text": "go away"}, signer=stranger)
+    coord.send(
+        "REFUSE",
+        {
+            "coordinator_key": stranger.public_hex,
+            "nonce": hello.header["nonce"],
+            "code": "not-allowed",
+            "text": "go away",
+        },
+        signer=stranger,
+    )
     coord.welcome(hello)
     wait_for(lambda: node.state.snapshot().connection == "connected", what="connected")
     assert node.daemon.dropped == 1
@@ -474,8 +546,10 @@ def test_remembered_key_change_stops_the_node(coord, threaded, tmp_path):
 
 # --- pure parts -------------------------------------------------------------------------------------
 
+
 def test_backoff_follows_the_spec():
     import random
+
     rng = random.Random(1)
     for k, base in [(0, 0.5), (1, 1.0), (3, 4.0), (6, 30.0), (50, 30.0)]:
         delays = [backoff_delay(k, rng) for _ in range(200)]
@@ -496,6 +570,7 @@ def test_blas_threads_can_change_at_runtime():
 
 
 # --- regressions: silence after a long batch, per-run replay, bad files and values -------------
+
 
 def test_heartbeats_that_arrive_during_a_long_batch_keep_the_session_and_its_result(coord, threaded, monkeypatch):
     # The batch is "long" because the test holds it, not because the machine is slow: the node
@@ -563,8 +638,19 @@ def test_replay_protection_spans_sessions_of_the_same_run(coord, threaded):
     params = {"a_static": None, "transpose_a": False}
     coord.seq = 10
     expect_result(coord, node_key, "b11", coord.batch("b11", "matmul", {"a": a, "b": b}, params))
-    old = coord.channel.seal("BATCH", {"run_id": coord.run_id, "batch_id": "b5", "seq": 5, "step": 0,
-                                       "op": "matmul", "params": params, "lease_ms": 30000}, {"a": a, "b": b})
+    old = coord.channel.seal(
+        "BATCH",
+        {
+            "run_id": coord.run_id,
+            "batch_id": "b5",
+            "seq": 5,
+            "step": 0,
+            "op": "matmul",
+            "params": params,
+            "lease_ms": 30000,
+        },
+        {"a": a, "b": b},
+    )
     coord.send("BYE", {"node_id": "n1", "reason": "shutdown"})  # a new session of the same run
     coord.welcome(coord.expect("HELLO"))
     coord.send_frames(old)  # a recording from the old session: its key is gone, it is dropped unread
@@ -592,7 +678,7 @@ def test_home_that_is_a_file_is_a_one_line_error(coord, tmp_path):
     assert "Traceback" not in err and err.count("\n") == 1 and str(home) in err
 
 
-@pytest.mark.parametrize("heartbeat_ms", [2 ** 40, 600_001])  # 0 never gets past the codec
+@pytest.mark.parametrize("heartbeat_ms", [2**40, 600_001])  # 0 never gets past the codec
 def test_welcome_with_an_absurd_heartbeat_is_ignored(coord, threaded, heartbeat_ms):
     node = threaded(coord.address)
     first = coord.expect("HELLO")
@@ -607,8 +693,15 @@ def test_welcome_with_an_absurd_heartbeat_is_ignored(coord, threaded, heartbeat_
 def test_refuse_without_our_nonce_is_never_final(coord, threaded):
     node = threaded(coord.address)
     first = coord.expect("HELLO")
-    coord.send("REFUSE", {"coordinator_key": coord.identity.public_hex, "nonce": None,
-                          "code": "version-mismatch", "text": "recorded long ago"})
+    coord.send(
+        "REFUSE",
+        {
+            "coordinator_key": coord.identity.public_hex,
+            "nonce": None,
+            "code": "version-mismatch",
+            "text": "recorded long ago",
+        },
+    )
     again = coord.expect("HELLO", timeout=5)
     assert again.header["nonce"] != first.header["nonce"]
     assert node.thread.is_alive() and node.daemon.error is None
@@ -649,18 +742,27 @@ def test_malformed_address_is_a_one_line_error(tmp_path):
 
 # --- a coordinator the node accepted cannot make it allocate without limit --------------------------
 
+
 def test_a_result_larger_than_max_memory_is_refused_before_allocating(session):
     """The issue's 331-byte BATCH (11585,0)@(0,11585) asked for a 1 GiB result; and 0.5 MB of
     `rows` into a 32 KB static asked for 1 GiB of gathered rows. Both are refused from the header's
     shapes (the node's default --max-memory is at most 512 MiB), and the node answers the next batch."""
     coord, proc, node_key = session
-    seq = coord.batch("wide", "matmul", {"a": np.zeros((11585, 0)), "b": np.zeros((0, 11585))},
-                      {"transpose_a": False, "a_static": None})
+    seq = coord.batch(
+        "wide",
+        "matmul",
+        {"a": np.zeros((11585, 0)), "b": np.zeros((0, 11585))},
+        {"transpose_a": False, "a_static": None},
+    )
     header = expect_reject(coord, node_key, "too-large")
     assert (header["batch_id"], header["seq"]) == ("wide", seq) and "max-memory" in header["text"]
     coord.static("small", np.ones((64, 64)))  # 32 KB
-    coord.batch("gather", "matmul", {"rows": np.zeros(65536, np.int64), "b": np.ones((64, 2048))},
-                {"transpose_a": False, "a_static": "small"})
+    coord.batch(
+        "gather",
+        "matmul",
+        {"rows": np.zeros(65536, np.int64), "b": np.ones((64, 2048))},
+        {"transpose_a": False, "a_static": "small"},
+    )
     assert expect_reject(coord, node_key, "too-large")["batch_id"] == "gather"
     good_batch(coord, node_key)
     assert proc.poll() is None
@@ -671,12 +773,21 @@ def test_max_memory_is_the_node_owners_choice(coord, node_proc):
     hello = coord.expect("HELLO")
     node_key = verify_self_signed(hello)
     coord.welcome(hello)
-    coord.batch("m", "matmul", {"a": np.ones((400, 10)), "b": np.ones((10, 400))},  # 1.28 MB result
-                {"transpose_a": False, "a_static": None})
+    coord.batch(
+        "m",
+        "matmul",
+        {"a": np.ones((400, 10)), "b": np.ones((10, 400))},  # 1.28 MB result
+        {"transpose_a": False, "a_static": None},
+    )
     assert expect_reject(coord, node_key, "too-large")["batch_id"] == "m"
     good_batch(coord, node_key)  # a small one still goes through
-    bad = subprocess.run([sys.executable, "-m", "enshuffle", "node", "--connect", coord.address, "--max-memory",
-                          "lots"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    bad = subprocess.run(
+        [sys.executable, "-m", "enshuffle", "node", "--connect", coord.address, "--max-memory", "lots"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert bad.returncode == 2 and "--max-memory" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -713,9 +824,21 @@ def test_data_before_welcome_is_never_queued(coord, threaded):
     coord.peer = routing
     junk = Channel(os.urandom(32), os.urandom(32))
     for i in range(30):  # ~30 MB of "BATCH" from a coordinator that has not even challenged it
-        coord.send_frames(junk.seal("BATCH", {"run_id": "r", "batch_id": f"j{i}", "seq": i + 1, "step": 0,
-                                              "op": "matmul", "params": {}, "lease_ms": 1000},
-                                    {"a": np.zeros((1000, 125)), "b": np.zeros((125, 1))}))
+        coord.send_frames(
+            junk.seal(
+                "BATCH",
+                {
+                    "run_id": "r",
+                    "batch_id": f"j{i}",
+                    "seq": i + 1,
+                    "step": 0,
+                    "op": "matmul",
+                    "params": {},
+                    "lease_ms": 1000,
+                },
+                {"a": np.zeros((1000, 125)), "b": np.zeros((125, 1))},
+            )
+        )
     challenge, coord.pending = make_challenge(coord.identity, coord.run_id, hi)
     coord.send_frames(challenge)
     hello = coord.expect("HELLO")

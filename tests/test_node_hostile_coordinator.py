@@ -36,8 +36,7 @@ def next_hi(sock: zmq.Socket, timeout: float = 30) -> bytes:
 
 def test_a_frame_bigger_than_max_memory_is_refused_by_libzmq_before_any_challenge(tmp_path):
     ctx, sock, endpoint = hostile_router()
-    node = spawn_node(tmp_path / "node", endpoint, None, "victim", tmp_path, "--max-memory", "64M",
-                      "--keep-running")
+    node = spawn_node(tmp_path / "node", endpoint, None, "victim", tmp_path, "--max-memory", "64M", "--keep-running")
     try:
         big = bytes(200 * MIB)  # one frame, far above what a 64 MiB node could ever accept
         for _ in range(2):
@@ -71,9 +70,23 @@ def test_an_impostors_challenge_for_another_protocol_does_not_end_a_pinned_keep_
                 assert hi.command == "DECLINE", hi.command  # it refused the impostor's key
                 continue
             answered += 1
-            sock.send_multipart([frames[0], *encode("CHALLENGE", {
-                "protocol": 3, "coordinator_key": impostor.public_hex, "run_id": "r", "challenge": "0" * 64,
-                "nonce": hi.header["nonce"], "kx": "0" * 64}, signer=impostor)])
+            sock.send_multipart(
+                [
+                    frames[0],
+                    *encode(
+                        "CHALLENGE",
+                        {
+                            "protocol": 3,
+                            "coordinator_key": impostor.public_hex,
+                            "run_id": "r",
+                            "challenge": "0" * 64,
+                            "nonce": hi.header["nonce"],
+                            "kx": "0" * 64,
+                        },
+                        signer=impostor,
+                    ),
+                ]
+            )
         # It came back for a second HI after the first CHALLENGE: the pin was checked first, and
         # under --keep-running even a key mismatch only makes it back off.
         assert node.alive(), node.describe()
@@ -114,11 +127,26 @@ class FakeCoordinator:
             elif msg.command == "HELLO" and pending is not None:
                 key, self.channel = check_hello(pending, msg, self.identity, self.run_id)
                 self.routing_id = frames[0]
-                self.sock.send_multipart([frames[0], *encode("WELCOME", {
-                    "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
-                    "nonce": msg.header["nonce"], "challenge": pending.challenge, "node_id": "n1", "credit": 2,
-                    "heartbeat_ms": 1000, "lease": {"min_ms": 2000, "multiple": 4.0, "initial_ms": 30000}},
-                    signer=self.identity)])
+                self.sock.send_multipart(
+                    [
+                        frames[0],
+                        *encode(
+                            "WELCOME",
+                            {
+                                "run_id": self.run_id,
+                                "coordinator_key": self.identity.public_hex,
+                                "node_key": key.hex(),
+                                "nonce": msg.header["nonce"],
+                                "challenge": pending.challenge,
+                                "node_id": "n1",
+                                "credit": 2,
+                                "heartbeat_ms": 1000,
+                                "lease": {"min_ms": 2000, "multiple": 4.0, "initial_ms": 30000},
+                            },
+                            signer=self.identity,
+                        ),
+                    ]
+                )
 
     def send(self, command: str, header: dict, arrays: dict | None = None) -> None:
         self.sock.send_multipart([self.routing_id, *self.channel.seal(command, header, arrays)])
@@ -146,12 +174,18 @@ def test_a_coordinators_waiting_text_is_escaped_and_rate_limited_in_the_node_log
     try:
         fake.session()
         for i in range(300):  # a new text every time, each with a line break and terminal escapes
-            fake.send("HEARTBEAT", {"node_id": "n1", "credit": 2, "outstanding": 0,
-                                    "waiting": f"{i}\n{FORGED}\x1b[2J\x1b]0;owned\x07"})
+            fake.send(
+                "HEARTBEAT",
+                {"node_id": "n1", "credit": 2, "outstanding": 0, "waiting": f"{i}\n{FORGED}\x1b[2J\x1b]0;owned\x07"},
+            )
         # It answers a heartbeat of its own once it has read them all (at most one a second).
         fake.send("HEARTBEAT", {"node_id": "n1", "credit": 2, "outstanding": 0})
-        wait_until(lambda: "coordinator: 0" in node.err() and any(m.command == "HEARTBEAT" for m in fake.drain()),
-                   30, "the node to read the heartbeats", on_timeout=node.describe)
+        wait_until(
+            lambda: "coordinator: 0" in node.err() and any(m.command == "HEARTBEAT" for m in fake.drain()),
+            30,
+            "the node to read the heartbeats",
+            on_timeout=node.describe,
+        )
         fake.send("BYE", {"node_id": "n1", "reason": f"shutdown\n{FORGED}\x1b[31m"})
         wait_until(lambda: "said BYE" in node.err(), 30, "the BYE to be logged", on_timeout=node.describe)
         err = node.err()
@@ -169,23 +203,36 @@ def test_statics_count_against_max_memory_and_exposure_names_are_bounded(tmp_pat
     import numpy as np
 
     fake = FakeCoordinator()
-    node = spawn_node(tmp_path / "node", fake.endpoint, fake.identity.fingerprint, "victim", tmp_path,
-                      "--max-memory", "64M")
+    node = spawn_node(
+        tmp_path / "node", fake.endpoint, fake.identity.fingerprint, "victim", tmp_path, "--max-memory", "64M"
+    )
     count = 200
     try:
         fake.session()
         block = np.ones((MIB // 8,))  # 1 MiB each: 200 MiB in all, against a 64 MiB node
         for i in range(count):
-            fake.send("STATIC", {"run_id": fake.run_id, "name": f"s{i}", "seq": i + 1,
-                                 "exposure": {f"t{i}.{j}": 0.5 for j in range(50)}}, {"x": block})
+            fake.send(
+                "STATIC",
+                {
+                    "run_id": fake.run_id,
+                    "name": f"s{i}",
+                    "seq": i + 1,
+                    "exposure": {f"t{i}.{j}": 0.5 for j in range(50)},
+                },
+                {"x": block},
+            )
         rejects = []
 
         def rejected() -> int:
             rejects.extend(m for m in fake.drain() if m.command == "REJECT")
             return len(rejects)
 
-        wait_until(lambda: rejected() >= count - 64, 60, "the statics beyond --max-memory to be refused",
-                   on_timeout=node.describe)
+        wait_until(
+            lambda: rejected() >= count - 64,
+            60,
+            "the statics beyond --max-memory to be refused",
+            on_timeout=node.describe,
+        )
         assert all(m.header["code"] == "too-large" for m in rejects), {m.header["code"] for m in rejects}
         assert node.alive(), node.describe()
         peak = peak_rss_mib(node.pid)
@@ -199,8 +246,9 @@ def test_exposure_table_takes_a_bounded_number_of_names(tmp_path):
     from enshuffle.node.daemon import MAX_EXPOSURE_TENSORS, NodeDaemon
     from enshuffle.protocol.keys import Identity, TrustStore
 
-    daemon = NodeDaemon("tcp://127.0.0.1:1", identity=Identity.generate(), trust=TrustStore(tmp_path),
-                        pinned=None, name="n", threads=1)
+    daemon = NodeDaemon(
+        "tcp://127.0.0.1:1", identity=Identity.generate(), trust=TrustStore(tmp_path), pinned=None, name="n", threads=1
+    )
     daemon._note_exposure({"images": 0.5})
     for i in range(100):
         daemon._note_exposure({f"junk{i}.{j}": 0.1 for j in range(100)})

@@ -16,8 +16,12 @@ def test_keep_running_outlives_a_finished_run(core_data_dir, tmp_path):
     try:
         run.finish(120)
         assert leaver.wait(20) == 0, leaver.describe()
-        wait_until(lambda: "reconnecting" in stayer.err(), 20, "the staying node to wait for the next run",
-                   on_timeout=stayer.describe)
+        wait_until(
+            lambda: "reconnecting" in stayer.err(),
+            20,
+            "the staying node to wait for the next run",
+            on_timeout=stayer.describe,
+        )
         assert stayer.alive(), stayer.describe()
     finally:
         run.close()

@@ -21,8 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def enshuffle(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env or dict(os.environ))
+    return subprocess.run(
+        [sys.executable, "-m", "enshuffle", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or dict(os.environ),
+    )
 
 
 def systemd_words(value: str) -> list[str]:
@@ -42,7 +48,7 @@ def systemd_words(value: str) -> list[str]:
             if value[i] == "\\":
                 nxt = value[i + 1]
                 if nxt == "x":
-                    word.append(chr(int(value[i + 2:i + 4], 16)))
+                    word.append(chr(int(value[i + 2 : i + 4], 16)))
                     i += 4
                     continue
                 word.append(escapes[nxt])
@@ -83,8 +89,19 @@ def test_the_installed_unit_runs_the_node_and_sigterm_stops_it_cleanly(core_data
     config = tmp_path / "config"
     try:
         env = dict(os.environ, ENSHUFFLE_HOME=str(home), XDG_CONFIG_HOME=str(config))
-        done = enshuffle("node", "--install-service", "--connect", run.endpoint, "--coordinator-key",
-                         run.identity.fingerprint, "--name", "svc", "--threads", "1", env=env)
+        done = enshuffle(
+            "node",
+            "--install-service",
+            "--connect",
+            run.endpoint,
+            "--coordinator-key",
+            run.identity.fingerprint,
+            "--name",
+            "svc",
+            "--threads",
+            "1",
+            env=env,
+        )
         assert done.returncode == 0, done.stderr
         unit = config / "systemd" / "user" / "enshuffle-node-svc.service"
         assert str(unit) in done.stdout and "journalctl --user -u enshuffle-node-svc.service" in done.stdout
@@ -97,15 +114,32 @@ def test_the_installed_unit_runs_the_node_and_sigterm_stops_it_cleanly(core_data
         service_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **unit_env}
         # preexec_fn makes Popen fork() the whole process: not while the coordinator's thread is
         # inside BLAS preparing statics (OpenBLAS's fork handlers would wait on it for ever).
-        wait_until(lambda: run.state.snapshot().status.startswith("waiting for nodes"), 30,
-                   "the coordinator to wait for nodes", on_timeout=run.describe)
-        proc = subprocess.Popen(argv, env=service_env, cwd="/", stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: os.nice(int(keys["Nice"])))
+        wait_until(
+            lambda: run.state.snapshot().status.startswith("waiting for nodes"),
+            30,
+            "the coordinator to wait for nodes",
+            on_timeout=run.describe,
+        )
+        proc = subprocess.Popen(
+            argv,
+            env=service_env,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.nice(int(keys["Nice"])),
+        )
         try:
-            wait_until(lambda: run.state.snapshot().nodes.get("svc") is not None and
-                       run.state.snapshot().nodes["svc"].batches_done > 0, 60, "the service node to compute",
-                       on_timeout=lambda: run.describe() + (proc.kill() or "\n" + proc.communicate()[1][-3000:]))
+            wait_until(
+                lambda: (
+                    run.state.snapshot().nodes.get("svc") is not None
+                    and run.state.snapshot().nodes["svc"].batches_done > 0
+                ),
+                60,
+                "the service node to compute",
+                on_timeout=lambda: run.describe() + (proc.kill() or "\n" + proc.communicate()[1][-3000:]),
+            )
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=20)
         finally:
@@ -116,8 +150,9 @@ def test_the_installed_unit_runs_the_node_and_sigterm_stops_it_cleanly(core_data
         assert "Traceback" not in err
         assert "stopping: BYE" in err and "totals:" in err.splitlines()[-1]
         assert err.splitlines()[0][:4].isdigit()  # timestamped lines
-        wait_until(lambda: run.logged("svc") and run.logged("said BYE (shutdown)"), 20,
-                   "the coordinator to hear the BYE")
+        wait_until(
+            lambda: run.logged("svc") and run.logged("said BYE (shutdown)"), 20, "the coordinator to hear the BYE"
+        )
     finally:
         run.close()
 
@@ -166,9 +201,17 @@ def test_without_keep_running_a_node_gives_up_with_the_reason(tmp_path):
     from enshuffle.protocol.keys import Identity, TrustStore
 
     lines: list[str] = []
-    daemon = NodeDaemon(f"tcp://127.0.0.1:{_free_port()}", identity=Identity.generate(),
-                        trust=TrustStore(tmp_path), pinned=None, name="t", threads=1, log=lines.append,
-                        hello_timeout=0.2, give_up_after=0.0)
+    daemon = NodeDaemon(
+        f"tcp://127.0.0.1:{_free_port()}",
+        identity=Identity.generate(),
+        trust=TrustStore(tmp_path),
+        pinned=None,
+        name="t",
+        threads=1,
+        log=lines.append,
+        hello_timeout=0.2,
+        give_up_after=0.0,
+    )
     assert daemon.run() == EXIT_UNREACHABLE
     assert "giving up" in daemon.error and "nothing is listening" in daemon.error and "--keep-running" in daemon.error
 
@@ -182,14 +225,34 @@ def test_the_unit_keeps_every_option_and_each_name_gets_its_own(core_data_dir, t
     coordinator_home = tmp_path / "coordinator-home"
     code = create_invite(coordinator_home, reusable=False)
     preset = default_preset(epochs=50)
-    run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1,
-                       admission=Admission(home=coordinator_home)).start()
+    run = InProcessRun(
+        preset,
+        load_inputs(core_data_dir, preset, 300),
+        shards=1,
+        min_nodes=1,
+        admission=Admission(home=coordinator_home),
+    ).start()
     home, config = tmp_path / "home", tmp_path / "config"
     env = dict(os.environ, ENSHUFFLE_HOME=str(home), XDG_CONFIG_HOME=str(config))
     try:
-        common = ["node", "--install-service", "--connect", run.endpoint, "--coordinator-key",
-                  run.identity.fingerprint, "--threads", "1", "--max-memory", "96M", "--nice", "0",
-                  "--max-cpu", "90", "--hours", "00:00-23:59"]
+        common = [
+            "node",
+            "--install-service",
+            "--connect",
+            run.endpoint,
+            "--coordinator-key",
+            run.identity.fingerprint,
+            "--threads",
+            "1",
+            "--max-memory",
+            "96M",
+            "--nice",
+            "0",
+            "--max-cpu",
+            "90",
+            "--hours",
+            "00:00-23:59",
+        ]
         first = enshuffle(*common, "--name", "first", "--invite", code, env=env)
         assert first.returncode == 0, first.stderr
         second = enshuffle(*common, "--name", "second", env=env)
@@ -206,15 +269,35 @@ def test_the_unit_keeps_every_option_and_each_name_gets_its_own(core_data_dir, t
         assert {"2", "3", "4"} <= set(keys["RestartPreventExitStatus"].split())
         assert "network-online" not in text
         assert (units / "enshuffle-node-first.service").stat().st_mode & 0o077 == 0  # it holds the invite
-        wait_until(lambda: run.state.snapshot().status.startswith("waiting for nodes"), 30,
-                   "the coordinator to wait for nodes", on_timeout=run.describe)
+        wait_until(
+            lambda: run.state.snapshot().status.startswith("waiting for nodes"),
+            30,
+            "the coordinator to wait for nodes",
+            on_timeout=run.describe,
+        )
         service_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **unit_env}
-        proc = subprocess.Popen(argv, env=service_env, cwd="/", stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            argv,
+            env=service_env,
+            cwd="/",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
-            wait_until(lambda: (run.state.snapshot().nodes.get("first") is not None
-                                and run.state.snapshot().nodes["first"].batches_done > 0) or proc.poll() is not None,
-                       60, "the service node to compute", on_timeout=run.describe)
+            wait_until(
+                lambda: (
+                    (
+                        run.state.snapshot().nodes.get("first") is not None
+                        and run.state.snapshot().nodes["first"].batches_done > 0
+                    )
+                    or proc.poll() is not None
+                ),
+                60,
+                "the service node to compute",
+                on_timeout=run.describe,
+            )
             assert proc.poll() is None, proc.communicate()[1][-2000:]
             assert run.logged("admitted by invite code")
             proc.send_signal(signal.SIGTERM)
@@ -248,8 +331,17 @@ def test_unit_values_are_quoted_by_systemds_rules(tmp_path):
     home, record = odd / "home", odd / "rec"
     config = tmp_path / "config"
     env = dict(os.environ, ENSHUFFLE_HOME=str(home), XDG_CONFIG_HOME=str(config))
-    done = enshuffle("node", "--install-service", "--connect", "tcp://127.0.0.1:5555", "--name", "odd",
-                     "--record", str(record), env=env)
+    done = enshuffle(
+        "node",
+        "--install-service",
+        "--connect",
+        "tcp://127.0.0.1:5555",
+        "--name",
+        "odd",
+        "--record",
+        str(record),
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     text = (config / "systemd" / "user" / "enshuffle-node-odd.service").read_text()
     argv, unit_env, _ = parse_unit(text)

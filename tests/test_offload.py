@@ -46,8 +46,7 @@ def test_the_decision_follows_the_cost_model():
 
 def test_an_unknown_offload_is_refused():
     with pytest.raises(ValueError, match="auto, matmul"):
-        DistributedCompute({"train": np.zeros((4, 784))}, 1, np.random.default_rng(0), InProcessExecutor,
-                           offload="all")
+        DistributedCompute({"train": np.zeros((4, 784))}, 1, np.random.default_rng(0), InProcessExecutor, offload="all")
 
 
 def test_a_cost_model_is_kept_and_a_broken_one_is_ignored(tmp_path):
@@ -83,8 +82,16 @@ MIXED = CostModel(ship_ns=30.0, madd_ns=1.0)  # x_w1 and dw1 pay below about 27,
 def test_a_three_layer_network_equals_the_centralized_run_whatever_is_shipped(core_dataset, nodes, offload, model):
     preset = replace(get_preset("default", dtype="float64", layers=(784, 256, 512, 10)), batch_size=100)
     inputs = prepare(core_dataset, preset, limit=300)
-    compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(nodes), CountingExecutor,
-                                 **inputs.source(), layers=preset.layers, offload=offload, cost_model=model)
+    compute = DistributedCompute(
+        inputs.images,
+        nodes,
+        np.random.default_rng(nodes),
+        CountingExecutor,
+        **inputs.source(),
+        layers=preset.layers,
+        offload=offload,
+        cost_model=model,
+    )
     plan = {p.name: p.ship for p in compute.plan(100)}
     reference = Trainer(preset, inputs, LocalCompute(inputs.images), secret=3)
     distributed = Trainer(preset, inputs, compute, secret=3)
@@ -92,8 +99,13 @@ def test_a_three_layer_network_equals_the_centralized_run_whatever_is_shipped(co
         reference.run_step()
         distributed.run_step()
         for name, want in reference.params.items():
-            np.testing.assert_allclose(distributed.params[name], want, rtol=1e-9, atol=1e-12,
-                                       err_msg=f"{name} after step {step + 1} ({offload})")
+            np.testing.assert_allclose(
+                distributed.params[name],
+                want,
+                rtol=1e-9,
+                atol=1e-12,
+                err_msg=f"{name} after step {step + 1} ({offload})",
+            )
     sent = compute.executor.kinds
     if offload == "matmul":
         assert all(plan.values()) and {"w1", "w2", "activations", "deltas2"} <= sent
@@ -107,10 +119,29 @@ def test_a_three_layer_network_equals_the_centralized_run_whatever_is_shipped(co
 
 def test_train_prints_the_plan_and_offers_no_all(core_data_dir, core_cache):
     def train(*args):
-        return subprocess.run([sys.executable, "-m", "enshuffle", "train", "--nodes", "2", "--in-process",
-                               "--epochs", "1", "--limit", "300", "--data", str(core_data_dir), *args],
-                              cwd=REPO, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "ENSHUFFLE_CACHE": str(core_cache)})
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "enshuffle",
+                "train",
+                "--nodes",
+                "2",
+                "--in-process",
+                "--epochs",
+                "1",
+                "--limit",
+                "300",
+                "--data",
+                str(core_data_dir),
+                *args,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "ENSHUFFLE_CACHE": str(core_cache)},
+        )
 
     auto = train()
     assert auto.returncode == 0, auto.stderr
@@ -136,10 +167,16 @@ def test_the_socket_is_serviced_every_step_even_when_nothing_is_shipped(core_dat
     preset = replace(get_preset("default", dtype="float64"), batch_size=100)
     inputs = prepare(core_dataset, preset, limit=300)
     ledger = ExposureLedger()
-    compute = DistributedCompute(inputs.images, 2, np.random.default_rng(0),
-                                 CoordinatorServer.factory("tcp://127.0.0.1:*", Identity.generate(), CoordinatorState(),
-                                                           ledger),
-                                 ledger=ledger, **inputs.source(), offload="auto", cost_model=BUILT_IN)
+    compute = DistributedCompute(
+        inputs.images,
+        2,
+        np.random.default_rng(0),
+        CoordinatorServer.factory("tcp://127.0.0.1:*", Identity.generate(), CoordinatorState(), ledger),
+        ledger=ledger,
+        **inputs.source(),
+        offload="auto",
+        cost_model=BUILT_IN,
+    )
     server = compute.executor
     try:
         pumps = []

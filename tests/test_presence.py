@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from enshuffle.coordinator.presence import (NodeState, WaitReason, Waiting, closed_reason, node_state,
-                                            waiting_reason)
+from enshuffle.coordinator.presence import NodeState, WaitReason, Waiting, closed_reason, node_state, waiting_reason
 
 
 @dataclass
@@ -25,8 +24,14 @@ class FakeScheduler:
 
 
 def reason(node_id="n1", *, connected=2, needed=0, paused=False, finished=False, scheduler=None):
-    return waiting_reason(node_id, connected=connected, needed=needed, paused=paused, finished=finished,
-                          scheduler=scheduler or FakeScheduler(owner=["n1", "n2"]))
+    return waiting_reason(
+        node_id,
+        connected=connected,
+        needed=needed,
+        paused=paused,
+        finished=finished,
+        scheduler=scheduler or FakeScheduler(owner=["n1", "n2"]),
+    )
 
 
 def test_the_reasons_in_order_and_their_sentences():
@@ -41,8 +46,9 @@ def test_the_reasons_in_order_and_their_sentences():
 def test_a_node_holding_no_block_is_on_standby():
     held = reason("n3", connected=3)
     assert held.why is Waiting.STANDBY and held.standby
-    assert held.text() == ("on standby: all 2 blocks are held by other nodes; it takes one over when a node "
-                           "leaves or pauses")
+    assert held.text() == (
+        "on standby: all 2 blocks are held by other nodes; it takes one over when a node leaves or pauses"
+    )
     bound = FakeScheduler(owner=["n1", None], blocked={1}, waiting_blocks={1})
     kept_off = reason("n3", connected=3, scheduler=bound)
     assert kept_off.why is Waiting.STANDBY_BOUND and kept_off.standby
@@ -80,13 +86,25 @@ def test_node_state_comes_from_the_enum_not_the_sentence():
     standby = WaitReason(Waiting.STANDBY, total_blocks=2)
     assert node_state(busy=False, paused=False, reason=lambda: standby) == (NodeState.STANDBY, standby.text())
     paused_run = WaitReason(Waiting.RUN_PAUSED)
-    assert node_state(busy=False, paused=False, reason=lambda: paused_run) == \
-        (NodeState.WAITING, "the operator has paused the run")
+    assert node_state(busy=False, paused=False, reason=lambda: paused_run) == (
+        NodeState.WAITING,
+        "the operator has paused the run",
+    )
 
 
 def test_the_states_are_the_strings_the_console_shows():
-    assert [s.value for s in NodeState] == ["connected", "working", "waiting", "paused", "standby", "lost",
-                                            "quarantined", "gone", "done", "left"]
+    assert [s.value for s in NodeState] == [
+        "connected",
+        "working",
+        "waiting",
+        "paused",
+        "standby",
+        "lost",
+        "quarantined",
+        "gone",
+        "done",
+        "left",
+    ]
     assert NodeState.STANDBY == "standby" and f"{NodeState.WORKING}" == "working"
     assert closed_reason(True) == (NodeState.DONE, "the run finished")
     assert closed_reason(False) == (NodeState.LEFT, "the coordinator stopped")

@@ -10,9 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from enshuffle.protocol.keys import (FingerprintMismatch, Identity, KeyStoreError, TrustStore,
-                                     enshuffle_home, fingerprint, key_path, load_or_create_identity,
-                                     normalize_fingerprint, short_fingerprint, verify_signature)
+from enshuffle.protocol.keys import (
+    FingerprintMismatch,
+    Identity,
+    KeyStoreError,
+    TrustStore,
+    enshuffle_home,
+    fingerprint,
+    key_path,
+    load_or_create_identity,
+    normalize_fingerprint,
+    short_fingerprint,
+    verify_signature,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = REPO / ".venv" / "bin" / "python"
@@ -41,7 +51,7 @@ def test_fingerprint_is_stable_across_loads_and_differs_per_role(tmp_path):
 def test_fingerprint_format():
     fp = fingerprint(bytes(32))
     assert fp.startswith("SHA256:")
-    groups = fp[len("SHA256:"):].split("-")
+    groups = fp[len("SHA256:") :].split("-")
     assert len(groups) == 8 and all(len(g) == 4 for g in groups)
     assert short_fingerprint(fp) == "-".join(groups[:2])
     assert fingerprint(bytes(31) + b"\x01") != fp
@@ -51,7 +61,7 @@ def test_fingerprint_format():
 
 def test_pasted_fingerprints_are_normalised_but_prefixes_are_refused():
     fp = Identity.generate().fingerprint
-    body = fp[len("SHA256:"):]
+    body = fp[len("SHA256:") :]
     assert normalize_fingerprint(body.lower().replace("-", " ")) == fp
     assert normalize_fingerprint("sha256:" + body.replace("-", "")) == fp
     with pytest.raises(KeyStoreError, match="not a full key fingerprint"):
@@ -79,8 +89,9 @@ def test_group_readable_key_file_is_refused_naming_the_file_and_the_fix(tmp_path
     load_or_create_identity("node", tmp_path)
 
 
-@pytest.mark.parametrize("content", [b"", b"garbage\n",
-                                     b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"])
+@pytest.mark.parametrize(
+    "content", [b"", b"garbage\n", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"]
+)
 def test_corrupt_key_file_is_refused(tmp_path, content):
     path = key_path("coordinator", tmp_path)
     path.write_bytes(content)
@@ -94,8 +105,10 @@ def test_corrupt_key_file_is_refused(tmp_path, content):
 def test_a_key_of_another_type_is_refused(tmp_path):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
+
     pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     path = key_path("node", tmp_path)
     path.write_bytes(pem)
     path.chmod(0o600)
@@ -175,10 +188,17 @@ def test_damaged_trust_file_is_refused_naming_it(tmp_path):
 
 # --- command line ------------------------------------------------------------------------------------
 
+
 def _keys_show(home: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "ENSHUFFLE_HOME": str(home)}
-    return subprocess.run([str(PYTHON), "-m", "enshuffle", "keys", "show", *extra], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [str(PYTHON), "-m", "enshuffle", "keys", "show", *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_keys_show_prints_this_machines_fingerprints(tmp_path):
@@ -224,6 +244,7 @@ def test_keys_show_reports_a_bad_key_file_in_one_line(tmp_path):
 
 
 # --- files the OS will not let us use: one KeyStoreError naming the path, never an OSError ---------
+
 
 def test_home_that_is_a_file_is_refused_naming_it(tmp_path):
     home = tmp_path / "home"

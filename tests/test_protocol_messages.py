@@ -15,9 +15,23 @@ import zmq
 
 from enshuffle.protocol.handshake import NodeHandshake, check_hello, derive_channel, make_challenge
 from enshuffle.protocol.keys import Identity
-from enshuffle.protocol.messages import (ALLOWED_DTYPES, COMMANDS, HANDSHAKE_COMMANDS, KIND_SEALED, KIND_SIGNED,
-                                         PROTOCOL_VERSION, TAG, Channel, Limits, ProtocolError, decode, encode,
-                                         inner_parts, verify, verify_self_signed)
+from enshuffle.protocol.messages import (
+    ALLOWED_DTYPES,
+    COMMANDS,
+    HANDSHAKE_COMMANDS,
+    KIND_SEALED,
+    KIND_SIGNED,
+    PROTOCOL_VERSION,
+    TAG,
+    Channel,
+    Limits,
+    ProtocolError,
+    decode,
+    encode,
+    inner_parts,
+    verify,
+    verify_self_signed,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 COORD = Identity.generate()
@@ -36,25 +50,89 @@ def _array(dtype: str, shape=(3, 4)) -> np.ndarray:
 def _examples() -> dict[str, tuple[dict, dict, Identity | None]]:
     return {
         "HI": ({"protocol": PROTOCOL_VERSION, "nonce": "a1b2"}, {}, None),
-        "CHALLENGE": ({"protocol": PROTOCOL_VERSION, "coordinator_key": COORD.public_hex, "run_id": "run-1",
-                       "challenge": HEX, "nonce": "a1b2", "kx": HEX}, {}, COORD),
-        "HELLO": ({"protocol": PROTOCOL_VERSION, "node_key": NODE.public_hex, "name": "lab-pc", "nonce": "a1b2",
-                   "challenge": HEX, "coordinator_key": COORD.public_hex, "run_id": "run-1", "kx": HEX,
-                   "capabilities": {"ops": ["matmul", "resident"], "threads": 2, "credit": 4}}, {}, NODE),
-        "WELCOME": ({"run_id": "run-1", "coordinator_key": COORD.public_hex, "node_key": NODE.public_hex,
-                     "nonce": "a1b2", "challenge": HEX, "node_id": "n1", "credit": 4, "heartbeat_ms": 1000,
-                     "lease": {"min_ms": 2000, "multiple": 4.0, "initial_ms": 30000}}, {}, COORD),
-        "REFUSE": ({"coordinator_key": COORD.public_hex, "nonce": "a1b2", "code": "version-mismatch",
-                    "text": "this coordinator speaks protocol 2"}, {}, COORD),
+        "CHALLENGE": (
+            {
+                "protocol": PROTOCOL_VERSION,
+                "coordinator_key": COORD.public_hex,
+                "run_id": "run-1",
+                "challenge": HEX,
+                "nonce": "a1b2",
+                "kx": HEX,
+            },
+            {},
+            COORD,
+        ),
+        "HELLO": (
+            {
+                "protocol": PROTOCOL_VERSION,
+                "node_key": NODE.public_hex,
+                "name": "lab-pc",
+                "nonce": "a1b2",
+                "challenge": HEX,
+                "coordinator_key": COORD.public_hex,
+                "run_id": "run-1",
+                "kx": HEX,
+                "capabilities": {"ops": ["matmul", "resident"], "threads": 2, "credit": 4},
+            },
+            {},
+            NODE,
+        ),
+        "WELCOME": (
+            {
+                "run_id": "run-1",
+                "coordinator_key": COORD.public_hex,
+                "node_key": NODE.public_hex,
+                "nonce": "a1b2",
+                "challenge": HEX,
+                "node_id": "n1",
+                "credit": 4,
+                "heartbeat_ms": 1000,
+                "lease": {"min_ms": 2000, "multiple": 4.0, "initial_ms": 30000},
+            },
+            {},
+            COORD,
+        ),
+        "REFUSE": (
+            {
+                "coordinator_key": COORD.public_hex,
+                "nonce": "a1b2",
+                "code": "version-mismatch",
+                "text": "this coordinator speaks protocol 2",
+            },
+            {},
+            COORD,
+        ),
         "DECLINE": ({"nonce": "a1b2", "code": "untrusted-key", "text": "pinned another key"}, {}, None),
         "STATIC": ({"run_id": "run-1", "name": "x/0", "seq": 0}, {"x/0": _array("float64", (5, 7))}, None),
-        "BATCH": ({"run_id": "run-1", "batch_id": "b-17", "seq": 1, "step": 3, "op": "matmul",
-                   "params": {"transpose_a": False, "a_static": None}, "lease_ms": 2000},
-                  {"a": _array("float32", (2, 3)), "b": _array("float32", (3, 5))}, None),
-        "RESULT": ({"run_id": "run-1", "batch_id": "b-17", "seq": 1, "compute_seconds": 0.004},
-                   {"c": _array("float32", (2, 5))}, None),
-        "REJECT": ({"run_id": "run-1", "batch_id": "b-17", "seq": 1, "code": "unknown-static",
-                    "text": "no static operand 'x/3'"}, {}, None),
+        "BATCH": (
+            {
+                "run_id": "run-1",
+                "batch_id": "b-17",
+                "seq": 1,
+                "step": 3,
+                "op": "matmul",
+                "params": {"transpose_a": False, "a_static": None},
+                "lease_ms": 2000,
+            },
+            {"a": _array("float32", (2, 3)), "b": _array("float32", (3, 5))},
+            None,
+        ),
+        "RESULT": (
+            {"run_id": "run-1", "batch_id": "b-17", "seq": 1, "compute_seconds": 0.004},
+            {"c": _array("float32", (2, 5))},
+            None,
+        ),
+        "REJECT": (
+            {
+                "run_id": "run-1",
+                "batch_id": "b-17",
+                "seq": 1,
+                "code": "unknown-static",
+                "text": "no static operand 'x/3'",
+            },
+            {},
+            None,
+        ),
         "HEARTBEAT": ({"node_id": "n1", "credit": 3, "outstanding": 1}, {}, None),
         "BYE": ({"node_id": "n1", "reason": "shutdown"}, {}, None),
     }
@@ -72,8 +150,9 @@ def pair() -> tuple[Channel, Channel]:
     hello = decode(hs.hello(challenge))
     key, coordinator = check_hello(pending, hello, COORD, "run-1")
     assert key == NODE.public_bytes
-    welcome = decode(encode("WELCOME", {**EXAMPLES["WELCOME"][0], "challenge": pending.challenge,
-                                        "nonce": hs.nonce}, signer=COORD))
+    welcome = decode(
+        encode("WELCOME", {**EXAMPLES["WELCOME"][0], "challenge": pending.challenge, "nonce": hs.nonce}, signer=COORD)
+    )
     return coordinator, hs.welcome(welcome)
 
 
@@ -107,8 +186,9 @@ def test_every_command_round_trips(command):
             assert info.value.code == "bad-signature"
     else:
         coordinator, node = pair()
-        sender, receiver = (node, coordinator) if COMMANDS[command].direction == "node->coordinator" \
-            else (coordinator, node)
+        sender, receiver = (
+            (node, coordinator) if COMMANDS[command].direction == "node->coordinator" else (coordinator, node)
+        )
         message = receiver.open(sender.seal(command, header, arrays))
     assert message.command == command
     assert message.header == header
@@ -120,8 +200,12 @@ def test_every_command_round_trips(command):
 
 @pytest.mark.parametrize("dtype", ALLOWED_DTYPES)
 def test_arrays_of_every_allowed_dtype_and_shape_round_trip(dtype):
-    arrays = {"scalar": _array(dtype, ()), "empty": _array(dtype, (0, 3)),
-              "vector": _array(dtype, (7,)), "block": _array(dtype, (2, 3, 4, 5))}
+    arrays = {
+        "scalar": _array(dtype, ()),
+        "empty": _array(dtype, (0, 3)),
+        "vector": _array(dtype, (7,)),
+        "block": _array(dtype, (2, 3, 4, 5)),
+    }
     header = {"run_id": "r", "batch_id": "b", "seq": 0, "compute_seconds": 0}
     coordinator, node = pair()
     message = coordinator.open(node.seal("RESULT", header, arrays))
@@ -135,8 +219,9 @@ def test_a_large_sealed_message_round_trips_and_is_one_frame():
     """Above Channel.STREAM_THRESHOLD the parts are encrypted one after another, not joined."""
     coordinator, node = pair()
     big = _array("float64", (600, 500))
-    frames = node.seal("RESULT", {"run_id": "r", "batch_id": "b", "seq": 1, "compute_seconds": 0.1},
-                       {"c": big, "d": big[:3].copy()})
+    frames = node.seal(
+        "RESULT", {"run_id": "r", "batch_id": "b", "seq": 1, "compute_seconds": 0.1}, {"c": big, "d": big[:3].copy()}
+    )
     assert len(frames) == 1 and bytes(frames[0][:5]) == TAG + KIND_SEALED
     assert big.tobytes() not in bytes(frames[0])  # encrypted, not just framed
     message = coordinator.open(frames)
@@ -149,22 +234,27 @@ def test_inner_layout_matches_the_spec():
     prefix = bytes(parts[0])
     assert prefix[0] == len(b"BATCH") and prefix[1:6] == b"BATCH"
     (length,) = struct.unpack(">I", prefix[6:10])
-    header = json.loads(prefix[10:10 + length])
-    assert prefix[10:10 + length] == json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    assert header["arrays"] == [{"name": "a", "dtype": "float32", "shape": [2, 3]},
-                                {"name": "b", "dtype": "float32", "shape": [3, 5]}]
+    header = json.loads(prefix[10 : 10 + length])
+    assert prefix[10 : 10 + length] == json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    assert header["arrays"] == [
+        {"name": "a", "dtype": "float32", "shape": [2, 3]},
+        {"name": "b", "dtype": "float32", "shape": [3, 5]},
+    ]
     assert len(prefix) == 10 + length and len(parts) == 3
     frame = bytes(encode("REFUSE", EXAMPLES["REFUSE"][0], signer=COORD)[0])
-    assert frame[:5] == TAG + KIND_SIGNED and len(frame) == 5 + len(
-        bytes(inner_parts("REFUSE", EXAMPLES["REFUSE"][0])[0])) + 64
+    assert (
+        frame[:5] == TAG + KIND_SIGNED
+        and len(frame) == 5 + len(bytes(inner_parts("REFUSE", EXAMPLES["REFUSE"][0])[0])) + 64
+    )
 
 
 def test_non_contiguous_and_big_endian_arrays_are_sent_correctly():
     base = _array("float64", (6, 8))
     arrays = {"t": base.T, "be": base.astype(">f8"), "strided": base[::2, ::3]}
     coordinator, node = pair()
-    message = coordinator.open(node.seal("RESULT", {"run_id": "r", "batch_id": "b", "seq": 0,
-                                                    "compute_seconds": 0.1}, arrays))
+    message = coordinator.open(
+        node.seal("RESULT", {"run_id": "r", "batch_id": "b", "seq": 0, "compute_seconds": 0.1}, arrays)
+    )
     for name, array in arrays.items():
         np.testing.assert_array_equal(message.arrays[name], array)
     assert message.arrays["be"].dtype == np.dtype("<f8")
@@ -195,6 +285,7 @@ def test_round_trip_over_real_zeromq_sockets():
 
 
 # --- sealing: what an eavesdropper, a replayer and a forger get ---------------------------------
+
 
 def test_a_replayed_or_reordered_sealed_message_is_refused():
     coordinator, node = pair()
@@ -276,6 +367,7 @@ def test_session_keys_need_the_ephemeral_private_key():
 
 # --- malformed messages ------------------------------------------------------------------------
 
+
 def test_wrong_frame_count_and_tag():
     frames = _frames("HI")
     assert _code([*frames, b"extra"]) == "bad-frame-count"
@@ -332,11 +424,21 @@ def test_every_missing_header_field_is_caught(command):
         assert info.value.code == "bad-header"
 
 
-@pytest.mark.parametrize("command,field,value", [
-    ("HELLO", "protocol", "2"), ("HELLO", "node_key", "XYZ"), ("BATCH", "seq", -1), ("BATCH", "seq", True),
-    ("BATCH", "op", "rm -rf"), ("RESULT", "compute_seconds", float("nan")), ("WELCOME", "credit", 0),
-    ("HEARTBEAT", "credit", 2 ** 60), ("STATIC", "name", "no spaces!"), ("CHALLENGE", "kx", "00"),
-])
+@pytest.mark.parametrize(
+    "command,field,value",
+    [
+        ("HELLO", "protocol", "2"),
+        ("HELLO", "node_key", "XYZ"),
+        ("BATCH", "seq", -1),
+        ("BATCH", "seq", True),
+        ("BATCH", "op", "rm -rf"),
+        ("RESULT", "compute_seconds", float("nan")),
+        ("WELCOME", "credit", 0),
+        ("HEARTBEAT", "credit", 2**60),
+        ("STATIC", "name", "no spaces!"),
+        ("CHALLENGE", "kx", "00"),
+    ],
+)
 def test_wrongly_typed_header_fields_are_caught(command, field, value):
     with pytest.raises(ProtocolError) as info:
         inner_parts(command, {**EXAMPLES[command][0], field: value}, EXAMPLES[command][1])
@@ -352,14 +454,14 @@ def test_array_entries_sizes_and_counts():
 
     assert code([entry(dtype="object")], bytes(8)) == "bad-array"
     assert code([entry(dtype="float16")], bytes(4)) == "bad-array"
-    assert code([entry()], bytes(7)) == "bad-array"          # too short
-    assert code([entry()], bytes(9)) == "bad-array"          # trailing bytes
+    assert code([entry()], bytes(7)) == "bad-array"  # too short
+    assert code([entry()], bytes(9)) == "bad-array"  # trailing bytes
     assert code([entry(), entry()], bytes(16)) == "bad-array"  # repeated name
     assert code([entry(shape=[1, 1, 1, 1, 1])], bytes(4)) == "bad-array"
     assert code([entry(extra=1)], bytes(8)) == "bad-array"
     assert code([], b"") == "bad-array"  # a RESULT carries 1..8 arrays
     # A zero dimension makes the size check pass for any other: those are bounded too.
-    assert code([entry(shape=[0, 10 ** 30])], b"") == "bad-array"
+    assert code([entry(shape=[0, 10**30])], b"") == "bad-array"
 
 
 def test_oversize_message_and_header():
@@ -385,8 +487,10 @@ def test_signature_covers_kind_and_bytes():
 
 
 def test_importing_the_protocol_does_not_import_textual():
-    code = ("import sys, enshuffle.protocol as p, enshuffle.protocol.messages, enshuffle.protocol.keys, "
-            "enshuffle.protocol.handshake; p.encode; p.TrustStore; print('textual' in sys.modules)")
+    code = (
+        "import sys, enshuffle.protocol as p, enshuffle.protocol.messages, enshuffle.protocol.keys, "
+        "enshuffle.protocol.handshake; p.encode; p.TrustStore; print('textual' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -401,8 +505,9 @@ def test_the_documented_test_vectors_match_the_code():
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     ident = Identity.from_private_key(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
-    frames = encode("REFUSE", {"coordinator_key": ident.public_hex, "nonce": "a1b2", "code": "busy",
-                               "text": "full"}, signer=ident)
+    frames = encode(
+        "REFUSE", {"coordinator_key": ident.public_hex, "nonce": "a1b2", "code": "busy", "text": "full"}, signer=ident
+    )
     assert ident.public_hex in DOC and ident.fingerprint in DOC
     assert bytes(frames[0]).hex() in DOC
     channel = Channel(bytes(range(32)), bytes(32))

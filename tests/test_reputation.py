@@ -20,8 +20,17 @@ import pytest
 from enshuffle.coordinator.reputation import QUARANTINE_AFTER, Reputation
 from enshuffle.coordinator.server import MAX_ATTEMPTS
 from enshuffle.model import get_preset
-from wire_util import (REPO, InProcessRun, ScriptedNode, assert_same_weights, load_inputs, process_env,
-                       reference_weights, spawn_node, wait_until)
+from wire_util import (
+    REPO,
+    InProcessRun,
+    ScriptedNode,
+    assert_same_weights,
+    load_inputs,
+    process_env,
+    reference_weights,
+    spawn_node,
+    wait_until,
+)
 
 EXIT_REFUSED = 4
 
@@ -34,9 +43,25 @@ class LyingNode:
         self.err_path = logdir / f"{name}.err"
         with open(self.err_path, "wb") as err:
             self.popen = subprocess.Popen(
-                [sys.executable, str(REPO / "tests" / "lying_node.py"), kind, "--connect", endpoint,
-                 "--coordinator-key", pin, "--name", name, "--threads", "1"],
-                cwd=REPO, env=process_env(home), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+                [
+                    sys.executable,
+                    str(REPO / "tests" / "lying_node.py"),
+                    kind,
+                    "--connect",
+                    endpoint,
+                    "--coordinator-key",
+                    pin,
+                    "--name",
+                    name,
+                    "--threads",
+                    "1",
+                ],
+                cwd=REPO,
+                env=process_env(home),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
 
     def err(self) -> str:
         return self.err_path.read_text(errors="replace")
@@ -76,10 +101,18 @@ def run_with_liar(kind: str, dtype: str, data_dir: Path, tmp_path: Path, epochs:
     return run, preset, inputs, weights, liar
 
 
-@pytest.mark.parametrize("kind,dtype", [
-    ("single", "float64"), ("nan", "float64"), ("scaled", "float64"), ("zeros", "float64"), ("bias", "float64"),
-    ("single", "float32"), ("bias", "float32"),
-])
+@pytest.mark.parametrize(
+    "kind,dtype",
+    [
+        ("single", "float64"),
+        ("nan", "float64"),
+        ("scaled", "float64"),
+        ("zeros", "float64"),
+        ("bias", "float64"),
+        ("single", "float32"),
+        ("bias", "float32"),
+    ],
+)
 def test_a_lying_node_is_quarantined_and_the_run_ends_with_the_honest_node(kind, dtype, core_data_dir, tmp_path):
     run, preset, inputs, weights, liar = run_with_liar(kind, dtype, core_data_dir, tmp_path)
     liar_key = next(k for k, r in run.server.reputation.records.items() if r.label == "liar")
@@ -113,8 +146,10 @@ class EveryResultWrong(ScriptedNode):
 
     def _handle(self, msg):
         if msg.command == "BATCH":
+
             def tamper(c):
                 c.flat[0] += 1.0 + abs(c.flat[0])
+
             frames = self.result_frames(msg, tamper=tamper)
             self.send(frames)
             self.results.append(frames)
@@ -131,8 +166,9 @@ def test_a_liar_alone_never_aborts_the_run_and_the_operator_can_readmit_it(core_
     try:
         run.start()
         liar.hello()
-        liar.serve_until(lambda: run.server.counters["quarantined"] == 1, 60, "the liar's quarantine",
-                         on_timeout=run.describe)
+        liar.serve_until(
+            lambda: run.server.counters["quarantined"] == 1, 60, "the liar's quarantine", on_timeout=run.describe
+        )
         # More refusals than MAX_ATTEMPTS would abort the run if lies counted; it waits for nodes.
         assert run.server.counters["wrong"] >= MAX_ATTEMPTS + 2
         assert not run.done.is_set() and run.error is None, run.describe()
@@ -185,9 +221,29 @@ def test_coordinator_process_quarantines_a_liar_and_sighup_readmits_it(core_data
     port = free_port()
     home = tmp_path / "coordinator"
     fp = coordinator_fingerprint(home)
-    coordinator = spawn_coordinator(home, port, core_cache, tmp_path, "coordinator", "--min-nodes", "2", "--open",
-                                    "--out", str(tmp_path / "run"), "--preset", "default", "--dtype", "float64",
-                                    "--epochs", "3", "--limit", "1200", "--data", str(core_data_dir), "--json")
+    coordinator = spawn_coordinator(
+        home,
+        port,
+        core_cache,
+        tmp_path,
+        "coordinator",
+        "--min-nodes",
+        "2",
+        "--open",
+        "--out",
+        str(tmp_path / "run"),
+        "--preset",
+        "default",
+        "--dtype",
+        "float64",
+        "--epochs",
+        "3",
+        "--limit",
+        "1200",
+        "--data",
+        str(core_data_dir),
+        "--json",
+    )
     endpoint = f"tcp://127.0.0.1:{port}"
     liar = LyingNode("zeros", tmp_path / "liar", endpoint, fp, tmp_path)
     honest = standby = None
@@ -195,13 +251,21 @@ def test_coordinator_process_quarantines_a_liar_and_sighup_readmits_it(core_data
         wait_until(lambda: "joined" in coordinator.err(), 60, "the liar to join", on_timeout=coordinator.describe)
         honest = spawn_node(tmp_path / "honest", endpoint, fp, "honest", tmp_path)
         standby = spawn_node(tmp_path / "standby", endpoint, fp, "standby", tmp_path)  # takes the liar's block
-        wait_until(lambda: "quarantined node liar" in coordinator.err() or not coordinator.alive(), 120,
-                   "the liar's quarantine", on_timeout=coordinator.describe)
+        wait_until(
+            lambda: "quarantined node liar" in coordinator.err() or not coordinator.alive(),
+            120,
+            "the liar's quarantine",
+            on_timeout=coordinator.describe,
+        )
         assert liar.wait(30) == EXIT_REFUSED, liar.err()
         if coordinator.alive():
             coordinator.signal(signal.SIGHUP)
-            wait_until(lambda: "re-admitted node liar" in coordinator.err() or not coordinator.alive(), 60,
-                       "the re-admission", on_timeout=coordinator.describe)
+            wait_until(
+                lambda: "re-admitted node liar" in coordinator.err() or not coordinator.alive(),
+                60,
+                "the re-admission",
+                on_timeout=coordinator.describe,
+            )
         assert coordinator.wait(180) == 0, coordinator.describe()
         assert honest.wait(30) == 0, honest.describe()
         assert standby.wait(30) == 0, standby.describe()

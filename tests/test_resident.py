@@ -24,20 +24,29 @@ from wire_util import TEST_SECRET, enshuffle_cli, load_inputs, load_npz
 LIMIT = 1500
 
 
-def resident_pair(data_dir, slots: int, dtype: str, executor=InProcessExecutor, epochs: int = 1,
-                  layers=None):
+def resident_pair(data_dir, slots: int, dtype: str, executor=InProcessExecutor, epochs: int = 1, layers=None):
     """(a resident run, its centralized reference, the run's compute), in process."""
     if layers is None:
         preset = model.get_preset("default", epochs=epochs, dtype=dtype)
     else:
         preset = model.get_preset("default", epochs=epochs, dtype=dtype, layers=layers, activation="relu")
     inputs = load_inputs(data_dir, preset, LIMIT)
-    compute = DistributedCompute(inputs.images, slots, np.random.default_rng(5), executor, disguise="resident",
-                                 offload="matmul", layers=preset.layers)
+    compute = DistributedCompute(
+        inputs.images,
+        slots,
+        np.random.default_rng(5),
+        executor,
+        disguise="resident",
+        offload="matmul",
+        layers=preset.layers,
+    )
     assert compute.resident is not None
     reference = model.LocalCompute(inputs.images, basis=compute.basis)
-    return (Trainer(preset, inputs, compute, secret=TEST_SECRET),
-            Trainer(preset, inputs, reference, secret=TEST_SECRET), compute)
+    return (
+        Trainer(preset, inputs, compute, secret=TEST_SECRET),
+        Trainer(preset, inputs, reference, secret=TEST_SECRET),
+        compute,
+    )
 
 
 def max_rel(a: dict, b: dict) -> float:
@@ -130,8 +139,9 @@ def test_a_node_taking_a_slot_over_replays_the_updates_since_the_checkpoint(core
     # the node that served the slot all along, brought to the same version
     held = compute.executor.states[shard][res.state_name(shard)]
     params, arrays = res.batch(shard, rows, held.version, st.version, fetch=False)
-    y_old = compute_batch("resident", params, arrays, compute.executor.statics[shard], None,
-                          compute.executor.states[shard])
+    y_old = compute_batch(
+        "resident", params, arrays, compute.executor.statics[shard], None, compute.executor.states[shard]
+    )
     np.testing.assert_array_equal(y_new, y_old)
     assert res.check_forward(shard, rows, y_new) is None
     # a batch that starts past what a node holds is refused, not guessed at
@@ -141,8 +151,9 @@ def test_a_node_taking_a_slot_over_replays_the_updates_since_the_checkpoint(core
         compute_batch("resident", params, arrays, statics, None, behind)
     assert err.value.code == "state-behind"
     # applying a batch twice does not apply its updates twice (versions are idempotent)
-    again = compute_batch("resident", params, arrays, compute.executor.statics[shard], None,
-                          compute.executor.states[shard])
+    again = compute_batch(
+        "resident", params, arrays, compute.executor.statics[shard], None, compute.executor.states[shard]
+    )
     np.testing.assert_array_equal(again, y_old)
 
 
@@ -163,14 +174,44 @@ def test_initial_weights_in_each_nodes_basis_are_white():
 
 @pytest.mark.slow
 def test_a_resident_run_over_the_wire_equals_its_central_reference(core_data_dir, core_cache, tmp_path):
-    args = ["--data", str(core_data_dir), "--limit", str(LIMIT), "--epochs", "2", "--dtype", "float64",
-            "--offload", "matmul"]
-    wire = enshuffle_cli("train", "--nodes", "2", *args, "--out", str(tmp_path / "run"),
-                         "--save-weights", str(tmp_path / "a.npz"), home=tmp_path / "home", cache=core_cache)
+    args = [
+        "--data",
+        str(core_data_dir),
+        "--limit",
+        str(LIMIT),
+        "--epochs",
+        "2",
+        "--dtype",
+        "float64",
+        "--offload",
+        "matmul",
+    ]
+    wire = enshuffle_cli(
+        "train",
+        "--nodes",
+        "2",
+        *args,
+        "--out",
+        str(tmp_path / "run"),
+        "--save-weights",
+        str(tmp_path / "a.npz"),
+        home=tmp_path / "home",
+        cache=core_cache,
+    )
     assert wire.returncode == 0, wire.stderr
     assert "resident" in wire.stdout + wire.stderr
-    central = enshuffle_cli("train", "--nodes", "0", *args, "--reference", str(tmp_path / "run"),
-                            "--save-weights", str(tmp_path / "b.npz"), home=tmp_path / "home", cache=core_cache)
+    central = enshuffle_cli(
+        "train",
+        "--nodes",
+        "0",
+        *args,
+        "--reference",
+        str(tmp_path / "run"),
+        "--save-weights",
+        str(tmp_path / "b.npz"),
+        home=tmp_path / "home",
+        cache=core_cache,
+    )
     assert central.returncode == 0, central.stderr
     a, b = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz")
     assert sorted(a) == sorted(b)
@@ -203,8 +244,15 @@ def test_a_resumed_run_hands_each_node_its_state_as_it_was(core_data_dir):
     inputs = load_inputs(core_data_dir, preset, LIMIT)
 
     def compute():
-        return DistributedCompute(inputs.images, 2, np.random.default_rng(5), InProcessExecutor,
-                                  disguise="resident", offload="matmul", layers=preset.layers)
+        return DistributedCompute(
+            inputs.images,
+            2,
+            np.random.default_rng(5),
+            InProcessExecutor,
+            disguise="resident",
+            offload="matmul",
+            layers=preset.layers,
+        )
 
     first = compute()
     trainer = Trainer(preset, inputs, first, secret=TEST_SECRET)
@@ -245,12 +293,19 @@ def test_results_too_large_to_check_are_refused(core_data_dir):
 def test_a_malformed_resident_batch_is_a_batch_error(change):
     static = np.ones((10, 4), np.float32)
     state = ResidentState(np.zeros((8, 3)), 0)
-    params = {"a_static": "train.0", "state": "w1.0", "from": 0, "version": 1, "lr": [0.1], "momentum": 0.9,
-              "fetch": False}
+    params = {
+        "a_static": "train.0",
+        "state": "w1.0",
+        "from": 0,
+        "version": 1,
+        "lr": [0.1],
+        "momentum": 0.9,
+        "fetch": False,
+    }
     arrays = {"rows": np.arange(3), "update_rows": np.zeros((1, 2), np.int64), "dz": np.zeros((2, 3), np.float32)}
     statics = {"train.0": static}
     if change == "huge lr":
-        params["lr"] = [10 ** 400]
+        params["lr"] = [10**400]
     elif change == "nan momentum":
         params["momentum"] = float("nan")
     elif change == "no update rows":

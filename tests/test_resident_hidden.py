@@ -24,7 +24,6 @@ from test_resident import LIMIT, max_rel, resident_pair
 from wire_util import TEST_SECRET, enshuffle_cli, load_inputs, load_npz
 
 
-
 def _pair(data_dir, slots: int, dtype: str, layers=(784, 48, 40, 10), executor=InProcessExecutor, epochs=1):
     return resident_pair(data_dir, slots, dtype, executor=executor, epochs=epochs, layers=layers)
 
@@ -122,8 +121,10 @@ def test_malformed_hidden_batches_are_batch_errors():
     out = compute_batch("resident", good, arrays, {}, None, states)
     assert out.shape == (3, 4) and state.version == 1
     cases = [
-        ({**good, "from": 1, "version": 2},
-         {"update_a": np.ones((3, 3), np.float32), "dz": np.ones((3, 5), np.float32)}),
+        (
+            {**good, "from": 1, "version": 2},
+            {"update_a": np.ones((3, 3), np.float32), "dz": np.ones((3, 5), np.float32)},
+        ),
         ({**good, "from": 1, "version": 2}, {"update_a": np.ones((3, 4), np.float32), "dz": np.ones((3, 5))}),
         ({**good, "from": 1, "version": 1}, {}),  # a backward without its own update
         ({**good, "from": 1, "version": 2, "lr": [float("inf")]}, arrays),
@@ -172,8 +173,15 @@ def test_a_resumed_run_hands_each_hidden_slot_its_state_and_goes_on_exactly(core
     inputs = load_inputs(core_data_dir, preset, LIMIT)
 
     def compute():
-        return DistributedCompute(inputs.images, 2, np.random.default_rng(5), InProcessExecutor,
-                                  disguise="resident", offload="matmul", layers=preset.layers)
+        return DistributedCompute(
+            inputs.images,
+            2,
+            np.random.default_rng(5),
+            InProcessExecutor,
+            disguise="resident",
+            offload="matmul",
+            layers=preset.layers,
+        )
 
     first = compute()
     trainer = Trainer(preset, inputs, first, secret=TEST_SECRET)
@@ -198,14 +206,48 @@ def test_a_resumed_run_hands_each_hidden_slot_its_state_and_goes_on_exactly(core
 
 @pytest.mark.slow
 def test_resident_hidden_layers_over_the_wire_equal_their_central_reference(core_data_dir, core_cache, tmp_path):
-    args = ["--data", str(core_data_dir), "--limit", str(LIMIT), "--epochs", "2", "--dtype", "float64",
-            "--offload", "matmul", "--hidden", "48,40", "--activation", "relu"]
-    wire = enshuffle_cli("train", "--nodes", "2", *args, "--out", str(tmp_path / "run"),
-                         "--save-weights", str(tmp_path / "a.npz"), home=tmp_path / "home", cache=core_cache)
+    args = [
+        "--data",
+        str(core_data_dir),
+        "--limit",
+        str(LIMIT),
+        "--epochs",
+        "2",
+        "--dtype",
+        "float64",
+        "--offload",
+        "matmul",
+        "--hidden",
+        "48,40",
+        "--activation",
+        "relu",
+    ]
+    wire = enshuffle_cli(
+        "train",
+        "--nodes",
+        "2",
+        *args,
+        "--out",
+        str(tmp_path / "run"),
+        "--save-weights",
+        str(tmp_path / "a.npz"),
+        home=tmp_path / "home",
+        cache=core_cache,
+    )
     assert wire.returncode == 0, wire.stderr
     assert "resident2" in wire.stdout + wire.stderr  # the plan ships the hidden layer resident
-    central = enshuffle_cli("train", "--nodes", "0", *args, "--reference", str(tmp_path / "run"),
-                            "--save-weights", str(tmp_path / "b.npz"), home=tmp_path / "home", cache=core_cache)
+    central = enshuffle_cli(
+        "train",
+        "--nodes",
+        "0",
+        *args,
+        "--reference",
+        str(tmp_path / "run"),
+        "--save-weights",
+        str(tmp_path / "b.npz"),
+        home=tmp_path / "home",
+        cache=core_cache,
+    )
     assert central.returncode == 0, central.stderr
     a, b = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz")
     assert sorted(a) == sorted(b)
@@ -219,9 +261,15 @@ def test_the_deltas_a_node_is_sent_keep_no_exact_zeros_of_the_off_units(core_dat
     for clear, expect_zeros in ((False, False), (True, True)):
         preset = model.get_preset("default", epochs=1, dtype="float32", layers=(784, 48, 40, 10), activation="relu")
         inputs = load_inputs(core_data_dir, preset, LIMIT)
-        compute = DistributedCompute(inputs.images, 2, np.random.default_rng(5), InProcessExecutor,
-                                     disguise="resident-clear" if clear else "resident", offload="matmul",
-                                     layers=preset.layers)
+        compute = DistributedCompute(
+            inputs.images,
+            2,
+            np.random.default_rng(5),
+            InProcessExecutor,
+            disguise="resident-clear" if clear else "resident",
+            offload="matmul",
+            layers=preset.layers,
+        )
         hr = compute.hidden_resident[2]
         rng = np.random.default_rng(0)
         a = np.maximum(rng.standard_normal((128, 48)), 0).astype(np.float32)

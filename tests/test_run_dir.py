@@ -29,8 +29,13 @@ from enshuffle.model import get_preset
 def make_run(data_dir: Path, run_dir: Path, home: Path, *, resume: bool = False, limit: int = 300) -> CoordinatorRun:
     preset = get_preset("default", epochs=1)
     inputs = prepare(load_idx_dir(data_dir), preset, limit)
-    config = RunConfig(limit=limit, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2),
-                       run_dir=str(run_dir), resume=resume)
+    config = RunConfig(
+        limit=limit,
+        shards=2,
+        serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2),
+        run_dir=str(run_dir),
+        resume=resume,
+    )
     return CoordinatorRun(config, preset, inputs, home=home, quiet=True)
 
 
@@ -81,9 +86,23 @@ def test_broken_run_json_is_a_one_line_error(tmp_path, content):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "run.json").write_text(content)
-    proc = subprocess.run([sys.executable, "-m", "enshuffle", "coordinator", "--bind", "tcp://127.0.0.1:29811",
-                           "--resume", "--out", str(run_dir)], capture_output=True, text=True, timeout=60,
-                          env={"ENSHUFFLE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "enshuffle",
+            "coordinator",
+            "--bind",
+            "tcp://127.0.0.1:29811",
+            "--resume",
+            "--out",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"ENSHUFFLE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "run.json" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
@@ -168,15 +187,35 @@ def test_the_printed_resume_command_serves_as_the_run_did(core_data_dir, core_ca
     allow.write_text(node_key + "\n")
     port = free_port()
     env = process_env(home, core_cache)
-    first = Proc(["coordinator", "--bind", f"tcp://127.0.0.1:{port}", "--allow", str(allow), "--out", str(run_dir),
-                  "--epochs", "1", "--limit", "300", "--data", str(core_data_dir), "--offload", "matmul"],
-                 env, tmp_path, "first")
+    first = Proc(
+        [
+            "coordinator",
+            "--bind",
+            f"tcp://127.0.0.1:{port}",
+            "--allow",
+            str(allow),
+            "--out",
+            str(run_dir),
+            "--epochs",
+            "1",
+            "--limit",
+            "300",
+            "--data",
+            str(core_data_dir),
+            "--offload",
+            "matmul",
+        ],
+        env,
+        tmp_path,
+        "first",
+    )
     node = spawn_node(node_home, f"tcp://127.0.0.1:{port}", None, "vol", tmp_path, proc_name="node-1")
     procs = [first, node]
     try:
         assert first.wait(120) == 0, first.describe() + node.describe()
-        printed = [line.split("to train further: ", 1)[1] for line in first.err().splitlines()
-                   if "to train further: " in line]
+        printed = [
+            line.split("to train further: ", 1)[1] for line in first.err().splitlines() if "to train further: " in line
+        ]
         assert printed, first.err()
         argv = shlex.split(printed[0])
         assert argv[:2] == ["enshuffle", "coordinator"], printed
@@ -194,11 +233,21 @@ def test_the_printed_resume_command_serves_as_the_run_did(core_data_dir, core_ca
 def test_run_json_is_a_typed_record_that_round_trips(tmp_path):
     from enshuffle.coordinator.settings import RunRecord, Serving
 
-    record = RunRecord(preset="default", epochs=3, dtype="float32", offload="matmul", seed=None, shards=2,
-                       limit=300, data={"images": 300, "sha256": "ab" * 32}, layers=(784, 16, 10),
-                       activation="relu", data_source="bundled",
-                       serving=Serving(bind="tcp://127.0.0.1:5555", min_nodes=2, quarantine_after=3),
-                       extra={"written_by": "a later version"})
+    record = RunRecord(
+        preset="default",
+        epochs=3,
+        dtype="float32",
+        offload="matmul",
+        seed=None,
+        shards=2,
+        limit=300,
+        data={"images": 300, "sha256": "ab" * 32},
+        layers=(784, 16, 10),
+        activation="relu",
+        data_source="bundled",
+        serving=Serving(bind="tcp://127.0.0.1:5555", min_nodes=2, quarantine_after=3),
+        extra={"written_by": "a later version"},
+    )
     record.save(tmp_path)
     stored = json.loads((tmp_path / "run.json").read_text())
     assert stored["layers"] == [784, 16, 10] and stored["serving"]["min_nodes"] == 2
@@ -206,10 +255,16 @@ def test_run_json_is_a_typed_record_that_round_trips(tmp_path):
     assert RunRecord.load(tmp_path) == record
 
 
-@pytest.mark.parametrize("change, field", [({"epochs": "3"}, "epochs"), ({"shards": True}, "shards"),
-                                           ({"layers": [784, "x", 10]}, "layers"),
-                                           ({"serving": {"min_nodes": "2"}}, "serving.min_nodes"),
-                                           ({"limit": 1.5}, "limit")])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"epochs": "3"}, "epochs"),
+        ({"shards": True}, "shards"),
+        ({"layers": [784, "x", 10]}, "layers"),
+        ({"serving": {"min_nodes": "2"}}, "serving.min_nodes"),
+        ({"limit": 1.5}, "limit"),
+    ],
+)
 def test_a_damaged_run_json_names_the_file_and_the_field(tmp_path, change, field):
     from enshuffle.coordinator.settings import RunRecord
 
@@ -223,14 +278,36 @@ def test_a_damaged_run_json_names_the_file_and_the_field(tmp_path, change, field
 def test_resuming_makes_a_new_config_from_the_record():
     from enshuffle.coordinator.settings import RunConfig, RunRecord, Serving
 
-    given = RunConfig(preset="seed", epochs=None, dtype="float64", offload="auto", run_dir="r", resume=True,
-                      serving=Serving(bind="tcp://0.0.0.0:6000"), keep_serving=True)
-    record = RunRecord(preset="default", epochs=4, dtype="float32", offload="matmul", seed=7, shards=3,
-                       data_source="/data", serving=Serving(bind="tcp://127.0.0.1:5555", min_nodes=3, replicate=True))
+    given = RunConfig(
+        preset="seed",
+        epochs=None,
+        dtype="float64",
+        offload="auto",
+        run_dir="r",
+        resume=True,
+        serving=Serving(bind="tcp://0.0.0.0:6000"),
+        keep_serving=True,
+    )
+    record = RunRecord(
+        preset="default",
+        epochs=4,
+        dtype="float32",
+        offload="matmul",
+        seed=7,
+        shards=3,
+        data_source="/data",
+        serving=Serving(bind="tcp://127.0.0.1:5555", min_nodes=3, replicate=True),
+    )
     resumed = given.resumed(record)
     assert given.preset == "seed" and given.serving.min_nodes is None  # frozen: nothing is changed in place
-    assert (resumed.preset, resumed.epochs, resumed.dtype, resumed.offload, resumed.seed, resumed.shards) == \
-        ("default", 4, "float32", "matmul", 7, 3)
+    assert (resumed.preset, resumed.epochs, resumed.dtype, resumed.offload, resumed.seed, resumed.shards) == (
+        "default",
+        4,
+        "float32",
+        "matmul",
+        7,
+        3,
+    )
     assert resumed.layers == (784, 128, 10) and resumed.activation == "sigmoid"  # a run from before shapes
     assert resumed.data == "/data"
     # Serving: what this command line gives wins, the rest is the run's, then the defaults.

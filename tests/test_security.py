@@ -25,9 +25,22 @@ from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.server import HANDSHAKE_REPLIES_PER_S, MAX_ATTEMPTS
 from enshuffle.protocol.keys import Identity, load_or_create_identity
 from enshuffle.protocol.messages import PROTOCOL_VERSION, decode, encode
-from wire_util import (REPO, InProcessRun, ScriptedNode, assert_same_weights, coordinator_fingerprint,
-                       default_preset, enshuffle_cli, free_port, load_inputs, process_env, reference_weights,
-                       spawn_coordinator, spawn_node, wait_until)
+from wire_util import (
+    REPO,
+    InProcessRun,
+    ScriptedNode,
+    assert_same_weights,
+    coordinator_fingerprint,
+    default_preset,
+    enshuffle_cli,
+    free_port,
+    load_inputs,
+    process_env,
+    reference_weights,
+    spawn_coordinator,
+    spawn_node,
+    wait_until,
+)
 
 
 def recv_all(sock: zmq.Socket, wait_ms: int = 0) -> list:
@@ -43,6 +56,7 @@ def recv_all(sock: zmq.Socket, wait_ms: int = 0) -> list:
 
 
 # --- replay and hijack ------------------------------------------------------------------------
+
 
 def test_a_recorded_hello_replayed_on_a_new_connection_gets_no_session_and_no_data(core_data_dir, tmp_path):
     preset = default_preset(epochs=1)
@@ -64,8 +78,9 @@ def test_a_recorded_hello_replayed_on_a_new_connection_gets_no_session_and_no_da
             challenge = wait_until(lambda: recv_all(attacker, 50), 10, "a CHALLENGE", idle=lambda: honest.pump(20))
             assert decode(challenge[0]).command == "CHALLENGE"
             attacker.send_multipart(recorded)
-            answers = wait_until(lambda: recv_all(attacker, 50), 10, "an answer to the replayed HELLO",
-                                 idle=lambda: honest.pump(20))
+            answers = wait_until(
+                lambda: recv_all(attacker, 50), 10, "an answer to the replayed HELLO", idle=lambda: honest.pump(20)
+            )
             commands = [decode(m).command for m in answers]
             assert commands == ["REFUSE"] and decode(answers[0]).header["code"] == "bad-hello", commands
             attacker.close(0)
@@ -89,6 +104,7 @@ def test_a_recorded_hello_replayed_on_a_new_connection_gets_no_session_and_no_da
 
 # --- admission ------------------------------------------------------------------------------
 
+
 def test_a_stranger_gets_one_signed_not_allowed_and_nothing_else(core_data_dir, tmp_path):
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
@@ -100,8 +116,9 @@ def test_a_stranger_gets_one_signed_not_allowed_and_nothing_else(core_data_dir, 
     try:
         with pytest.raises(AssertionError, match="refused: not-allowed"):
             stranger.hello()
-        wait_until(lambda: run.logged("refused node 'stranger'"), 10, "the refusal to be logged",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: run.logged("refused node 'stranger'"), 10, "the refusal to be logged", on_timeout=run.describe
+        )
         assert recv_all(stranger.sock, 200) == []  # one REFUSE, and nothing after it
         assert run.state.snapshot().nodes == {} and run.server.sessions == {}
         member_node = ScriptedNode(run.endpoint, "member", identity=member)
@@ -124,9 +141,27 @@ def test_allow_file_sighup_and_invite_codes_with_real_processes(core_data_dir, c
     allow = tmp_path / "allowed"
     allow.write_text("# nobody yet\n")
     endpoint = f"tcp://127.0.0.1:{port}"
-    coordinator = spawn_coordinator(home, port, core_cache, tmp_path, "coordinator", "--min-nodes", "2",
-                                    "--allow", str(allow), "--preset", "seed", "--epochs", "1", "--limit", "500",
-                                    "--data", str(core_data_dir), "--out", str(tmp_path / "run"))
+    coordinator = spawn_coordinator(
+        home,
+        port,
+        core_cache,
+        tmp_path,
+        "coordinator",
+        "--min-nodes",
+        "2",
+        "--allow",
+        str(allow),
+        "--preset",
+        "seed",
+        "--epochs",
+        "1",
+        "--limit",
+        "500",
+        "--data",
+        str(core_data_dir),
+        "--out",
+        str(tmp_path / "run"),
+    )
     procs = [coordinator]
     try:
         first = spawn_node(tmp_path / "n1", endpoint, fp, "first", tmp_path, proc_name="first-refused")
@@ -136,8 +171,9 @@ def test_allow_file_sighup_and_invite_codes_with_real_processes(core_data_dir, c
         key = load_or_create_identity("node", tmp_path / "n1", name="first").fingerprint
         allow.write_text(f"{key}  # first\n")
         coordinator.signal(signal.SIGHUP)
-        wait_until(lambda: "1 key allowed" in coordinator.err(), 15, "the allow-list re-read",
-                   on_timeout=coordinator.describe)
+        wait_until(
+            lambda: "1 key allowed" in coordinator.err(), 15, "the allow-list re-read", on_timeout=coordinator.describe
+        )
         again = spawn_node(tmp_path / "n1", endpoint, fp, "first", tmp_path, proc_name="first-again")
         procs.append(again)
         out = enshuffle_cli("invite", "--connect", endpoint, home=home)
@@ -167,6 +203,7 @@ def test_allow_file_sighup_and_invite_codes_with_real_processes(core_data_dir, c
 
 
 # --- a node that joins first and leaves -------------------------------------------------------
+
 
 def test_nodes_that_take_work_and_vanish_never_abort_the_run(core_data_dir, tmp_path):
     """The issue's attack: join, receive a batch, close the sockets. Done MAX_ATTEMPTS + 2 times
@@ -199,6 +236,7 @@ def test_nodes_that_take_work_and_vanish_never_abort_the_run(core_data_dir, tmp_
 
 # --- two processes with one key ------------------------------------------------------------------
 
+
 def test_same_key_twins_are_refused_clearly_and_names_give_distinct_keys(core_data_dir, tmp_path):
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
@@ -208,14 +246,19 @@ def test_same_key_twins_are_refused_clearly_and_names_give_distinct_keys(core_da
     a = spawn_node(home, run.endpoint, fp, "same", tmp_path, proc_name="twin-a")
     procs = [a]
     try:
-        wait_until(lambda: run.state.snapshot().nodes.get("same"), 30, "the first twin to join",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: run.state.snapshot().nodes.get("same"), 30, "the first twin to join", on_timeout=run.describe
+        )
         b = spawn_node(home, run.endpoint, fp, "same", tmp_path, proc_name="twin-b")
         procs.append(b)
         wait_until(lambda: "duplicate-key" in b.err(), 30, "the second twin to be told", on_timeout=b.describe)
         assert "--name" in b.err() and "already connected" in b.err()
-        wait_until(lambda: run.logged("refused a second node with the key of same"), 10, "the operator to be told",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: run.logged("refused a second node with the key of same"),
+            10,
+            "the operator to be told",
+            on_timeout=run.describe,
+        )
         assert "dropped HEARTBEAT" not in "\n".join(run.log_lines())  # no flapping
         assert run.server.counters["handshakes"] >= 2 and len(run.server.sessions) == 1
         b.stop()
@@ -233,6 +276,7 @@ def test_same_key_twins_are_refused_clearly_and_names_give_distinct_keys(core_da
 
 
 # --- state that never shrinks, and amplification --------------------------------------------------
+
 
 def test_thousands_of_handshakes_from_fresh_keys_leave_no_state_behind(core_data_dir):
     preset = default_preset(epochs=1)
@@ -254,8 +298,9 @@ def test_thousands_of_handshakes_from_fresh_keys_leave_no_state_behind(core_data
                 node.hello(timeout=15)
             node.sign_and_send("BYE", {"node_id": node.node_id, "reason": "shutdown"})
             node.close()
-        wait_until(lambda: not server.sessions and not server.joining, 30, "every session to end",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: not server.sessions and not server.joining, 30, "every session to end", on_timeout=run.describe
+        )
         # Nothing was sent to any of them, so nothing about them is kept.
         assert server.counters["handshakes"] >= count
         assert server.labels == {} and run.state.snapshot().nodes == {}, (len(server.labels),)
@@ -268,9 +313,14 @@ def test_thousands_of_handshakes_from_fresh_keys_leave_no_state_behind(core_data
 def test_malformed_and_refused_handshakes_get_at_most_one_signed_answer(core_data_dir):
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
-    run = InProcessRun(preset, inputs, shards=1, min_nodes=1,
-                       admission=Admission(allow_file=None),  # admits nobody
-                       address_replies_per_s=HANDSHAKE_REPLIES_PER_S).start()  # the flood below tests the global budget
+    run = InProcessRun(
+        preset,
+        inputs,
+        shards=1,
+        min_nodes=1,
+        admission=Admission(allow_file=None),  # admits nobody
+        address_replies_per_s=HANDSHAKE_REPLIES_PER_S,
+    ).start()  # the flood below tests the global budget
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -283,8 +333,12 @@ def test_malformed_and_refused_handshakes_get_at_most_one_signed_answer(core_dat
             sock.send_multipart(encode("HI", {"protocol": 1, "nonce": os.urandom(8).hex()}))
             sock.send_multipart([b"ENS1", b"HELLO", b"{}", bytes(64)])
             sent += 3
-        wait_until(lambda: counters["dropped"] + counters["refused"] >= sent - 1, 30, "every message to be handled",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: counters["dropped"] + counters["refused"] >= sent - 1,
+            30,
+            "every message to be handled",
+            on_timeout=run.describe,
+        )
         answers = recv_all(sock, 200)
         assert len(answers) == 1, len(answers)  # one REFUSE version-mismatch, then silence
         assert decode(answers[0]).header["code"] == "version-mismatch"
@@ -303,8 +357,12 @@ def test_malformed_and_refused_handshakes_get_at_most_one_signed_answer(core_dat
             s.setsockopt(zmq.LINGER, 0)
             s.connect(run.endpoint)
             s.send_multipart(encode("HI", {"protocol": PROTOCOL_VERSION, "nonce": "x" * 16}))
-        wait_until(lambda: counters["dropped"] + counters["challenges"] - before >= len(floods), 30,
-                   "the flood to be handled", on_timeout=run.describe)
+        wait_until(
+            lambda: counters["dropped"] + counters["challenges"] - before >= len(floods),
+            30,
+            "the flood to be handled",
+            on_timeout=run.describe,
+        )
         elapsed = time.monotonic() - started
         replies = sum(len(recv_all(s, 50)) for s in floods)
         assert 0 < replies <= HANDSHAKE_REPLIES_PER_S * (1 + elapsed) + 1, (replies, elapsed)
@@ -319,6 +377,7 @@ def test_malformed_and_refused_handshakes_get_at_most_one_signed_answer(core_dat
 
 # --- files ----------------------------------------------------------------------------------------
 
+
 def test_gzip_bomb_stops_at_the_size_its_header_declares(tmp_path):
     """1 MB of gzip inflating to ~1 GB behind a header that declares 60000 x 28 x 28 images: read
     under a 600 MB address-space limit, it must end in a one-line DataError, not a MemoryError."""
@@ -330,12 +389,13 @@ def test_gzip_bomb_stops_at_the_size_its_header_declares(tmp_path):
         for _ in range(1024):
             fh.write(block)
     assert path.stat().st_size < 2 << 20
-    code = ("import resource, sys\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (600 << 20, 600 << 20))\n"
-            "from enshuffle.dataset import DataError, read_idx\n"
-            "try:\n    read_idx(sys.argv[1])\nexcept DataError as exc:\n    print('DataError:', exc)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True,
-                         timeout=60)
+    code = (
+        "import resource, sys\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (600 << 20, 600 << 20))\n"
+        "from enshuffle.dataset import DataError, read_idx\n"
+        "try:\n    read_idx(sys.argv[1])\nexcept DataError as exc:\n    print('DataError:', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "longer than its header says" in out.stdout, out.stdout
     assert "MemoryError" not in out.stderr
@@ -344,7 +404,7 @@ def test_gzip_bomb_stops_at_the_size_its_header_declares(tmp_path):
 def test_a_header_declaring_absurd_sizes_is_refused_before_inflating(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte.gz"
     with gzip.open(path, "wb") as fh:
-        fh.write(struct.pack(">IIII", 0x803, 2 ** 32 - 1, 2 ** 16, 2 ** 16) + bytes(100))
+        fh.write(struct.pack(">IIII", 0x803, 2**32 - 1, 2**16, 2**16) + bytes(100))
     from enshuffle.dataset import DataError, read_idx
 
     with pytest.raises(DataError, match="not a usable data file"):
@@ -353,10 +413,31 @@ def test_a_header_declaring_absurd_sizes_is_refused_before_inflating(tmp_path):
 
 def test_run_directory_is_private(core_data_dir, core_cache, tmp_path):
     run_dir = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "enshuffle", "train", "--nodes", "1", "--preset", "seed", "--epochs",
-                          "1", "--limit", "300", "--data", str(core_data_dir), "--out", str(run_dir)],
-                         cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env=process_env(tmp_path / "home", core_cache))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "enshuffle",
+            "train",
+            "--nodes",
+            "1",
+            "--preset",
+            "seed",
+            "--epochs",
+            "1",
+            "--limit",
+            "300",
+            "--data",
+            str(core_data_dir),
+            "--out",
+            str(run_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=process_env(tmp_path / "home", core_cache),
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     modes = {}
     for root, dirs, files in os.walk(run_dir):
@@ -372,11 +453,14 @@ def test_run_directory_is_private(core_data_dir, core_cache, tmp_path):
 def test_a_bad_allow_file_or_open_with_allow_is_a_one_line_error(tmp_path):
     allow = tmp_path / "allowed"
     allow.write_text("# ok\nSHA256:not-a-fingerprint\n")
-    for extra, words in ((["--allow", str(allow)], ["line 2", "not a full key fingerprint"]),
-                         (["--allow", str(tmp_path / "missing")], ["cannot be read"]),
-                         (["--allow", str(allow), "--open"], ["choose one"])):
-        out = enshuffle_cli("coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", *extra, home=tmp_path / "h",
-                            timeout=60)
+    for extra, words in (
+        (["--allow", str(allow)], ["line 2", "not a full key fingerprint"]),
+        (["--allow", str(tmp_path / "missing")], ["cannot be read"]),
+        (["--allow", str(allow), "--open"], ["choose one"]),
+    ):
+        out = enshuffle_cli(
+            "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", *extra, home=tmp_path / "h", timeout=60
+        )
         assert out.returncode == 2, out.stderr
         assert all(w in out.stderr for w in words), out.stderr
         assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
@@ -390,8 +474,12 @@ def test_paused_nodes_do_not_count_toward_min_nodes(core_data_dir):
     paused.credit = 0
     try:
         paused.hello()
-        paused.serve_until(lambda: run.server.sessions and all(s.want == 0 for s in run.server.sessions.values()),
-                           10, "the paused node to be a session", on_timeout=run.describe)
+        paused.serve_until(
+            lambda: run.server.sessions and all(s.want == 0 for s in run.server.sessions.values()),
+            10,
+            "the paused node to be a session",
+            on_timeout=run.describe,
+        )
         assert "waiting for nodes: 0 of 1" in run.state.snapshot().status, run.describe()
         paused.credit = 2
         paused.serve_until(run.done.is_set, 60, "training once it resumes", on_timeout=run.describe)
@@ -412,8 +500,9 @@ def test_sessions_beyond_the_cap_are_told_busy_and_may_retry(core_data_dir):
         with pytest.raises(AssertionError, match="refused: busy"):
             second.hello()
         # The first counts as connected once its first sealed message is opened (ENS2 section 6).
-        first.serve_until(lambda: len(run.server.sessions) == 1, 10, "the first node to be connected",
-                          on_timeout=run.describe)
+        first.serve_until(
+            lambda: len(run.server.sessions) == 1, 10, "the first node to be connected", on_timeout=run.describe
+        )
         assert run.server.labels.keys() == {first.identity.public_bytes}
         first.serve_until(run.held, 30, "the run to start", on_timeout=run.describe)
         run.hold_at(-1)
@@ -472,8 +561,9 @@ def test_keys_from_one_invite_code_count_as_one_node_for_the_exposure_bound(core
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
     expected = reference_weights(preset, inputs)
-    run = InProcessRun(preset, inputs, shards=2, min_nodes=3,
-                       admission=Admission(home=home, auto={honest_key.public_bytes})).start()
+    run = InProcessRun(
+        preset, inputs, shards=2, min_nodes=3, admission=Admission(home=home, auto={honest_key.public_bytes})
+    ).start()
     first = ScriptedNode(run.endpoint, "party-1")
     second = ScriptedNode(run.endpoint, "party-2")
     honest = None

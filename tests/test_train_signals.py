@@ -32,12 +32,30 @@ def node_pids_of(parent: int) -> list[int]:
 def test_a_signal_stops_train_gracefully(core_data_dir, core_cache, tmp_path, signum):
     run_dir = tmp_path / "run"
     # --offload matmul: the nodes hold work (and ledger rows) when the signal comes
-    proc = Proc(["train", "--nodes", "2", "--epochs", "500", "--data", str(core_data_dir), "--limit", "600",
-                 "--out", str(run_dir), "--offload", "matmul"],
-                process_env(tmp_path / "home", core_cache), tmp_path, "train")
+    proc = Proc(
+        [
+            "train",
+            "--nodes",
+            "2",
+            "--epochs",
+            "500",
+            "--data",
+            str(core_data_dir),
+            "--limit",
+            "600",
+            "--out",
+            str(run_dir),
+            "--offload",
+            "matmul",
+        ],
+        process_env(tmp_path / "home", core_cache),
+        tmp_path,
+        "train",
+    )
     try:
-        wait_until(lambda: (run_dir / "chain" / "HEAD").exists(), 60, "the first model version",
-                   on_timeout=proc.describe)
+        wait_until(
+            lambda: (run_dir / "chain" / "HEAD").exists(), 60, "the first model version", on_timeout=proc.describe
+        )
         kids = node_pids_of(proc.pid)
         assert len(kids) == 2, kids
         proc.signal(signum)
@@ -49,12 +67,14 @@ def test_a_signal_stops_train_gracefully(core_data_dir, core_cache, tmp_path, si
     assert f"enshuffle train --out {run_dir} --resume" in proc.err()
     chain = Chain(run_dir)
     assert chain.verify().ok
-    assert all(not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
-               for pid in kids), "local node processes outlived the coordinator"
+    assert all(
+        not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower() for pid in kids
+    ), "local node processes outlived the coordinator"
 
 
-def test_ctrl_c_in_a_terminal_reaches_only_the_coordinator_and_the_ledger_is_printed(core_data_dir, core_cache,
-                                                                                     tmp_path):
+def test_ctrl_c_in_a_terminal_reaches_only_the_coordinator_and_the_ledger_is_printed(
+    core_data_dir, core_cache, tmp_path
+):
     """A terminal's Ctrl-C signals the whole foreground process group. The local nodes live in
     their own session, so they finish the step with the coordinator instead of leaving mid-step
     (which once made the final ledger appear in one try and not in another)."""
@@ -64,14 +84,38 @@ def test_ctrl_c_in_a_terminal_reaches_only_the_coordinator_and_the_ledger_is_pri
     run_dir = tmp_path / "run"
     out, err = tmp_path / "train.out", tmp_path / "train.err"
     with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "enshuffle", "train", "--nodes", "2", "--epochs", "500",
-                                 "--data", str(core_data_dir), "--limit", "600", "--out", str(run_dir),
-                                 "--offload", "matmul"],
-                                env=process_env(tmp_path / "home", core_cache), stdout=o, stderr=e,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "enshuffle",
+                "train",
+                "--nodes",
+                "2",
+                "--epochs",
+                "500",
+                "--data",
+                str(core_data_dir),
+                "--limit",
+                "600",
+                "--out",
+                str(run_dir),
+                "--offload",
+                "matmul",
+            ],
+            env=process_env(tmp_path / "home", core_cache),
+            stdout=o,
+            stderr=e,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
-        wait_until(lambda: (run_dir / "chain" / "HEAD").exists(), 60, "the first model version",
-                   on_timeout=lambda: err.read_text())
+        wait_until(
+            lambda: (run_dir / "chain" / "HEAD").exists(),
+            60,
+            "the first model version",
+            on_timeout=lambda: err.read_text(),
+        )
         os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
         assert proc.wait(30) == 130, err.read_text()
     finally:

@@ -32,8 +32,20 @@ async def test_nodes_table_shows_one_keyed_row_per_node():
         table = app.query_one("#nodes-table", DataTable)
         assert table.row_count == 3
         assert [str(c) for c in table.get_row("n-alice")] == [
-            "alice", "working", "1,234", "2", "12.5/s", "now", "1", "0",
-            "20.0%", "21.0%", "0.0%", "a1a1a1a1", "10.0.0.2:40001", "",
+            "alice",
+            "working",
+            "1,234",
+            "2",
+            "12.5/s",
+            "now",
+            "1",
+            "0",
+            "20.0%",
+            "21.0%",
+            "0.0%",
+            "a1a1a1a1",
+            "10.0.0.2:40001",
+            "",
         ]
         assert cell(table, "n-carol", "why") == "silent for 3.1 s (heartbeat lost)"
         assert cell(table, "n-bob", "state") == "waiting" and "between batches" in cell(table, "n-bob", "why")
@@ -110,7 +122,13 @@ async def test_chain_rows_and_selecting_a_version_shows_its_metadata():
         await pilot.press("3")
         table = app.query_one("#chain-table", DataTable)
         assert [str(c) for c in table.get_row(version_id(2))] == [
-            version_id(2)[:8], version_id(1)[:8], "2", "0", "0.7440", table.get_row(version_id(2))[5].plain, "–",
+            version_id(2)[:8],
+            version_id(1)[:8],
+            "2",
+            "0",
+            "0.7440",
+            table.get_row(version_id(2))[5].plain,
+            "–",
         ]
         assert str(table.get_cell(version_id(1), "parent")) == "genesis"
         await pilot.press("down")
@@ -394,22 +412,29 @@ def test_version_metadata_is_shown_for_people_not_as_python_dicts():
     from enshuffle.coordinator.state import VersionRow
     from enshuffle.tui.coordinator_app import version_detail
 
-    meta = {"created": 1764600000.123, "metrics": {"cost": 0.0612345678, "test_accuracy": 0.74},
-            "exposure": {"alice": {"images": 0.5, "w1": 0.25}}, "history": [{"epoch": 1}, {"epoch": 2}],
-            "settings": {"preset": "default", "epochs": 20}}
+    meta = {
+        "created": 1764600000.123,
+        "metrics": {"cost": 0.0612345678, "test_accuracy": 0.74},
+        "exposure": {"alice": {"images": 0.5, "w1": 0.25}},
+        "history": [{"epoch": 1}, {"epoch": 2}],
+        "settings": {"preset": "default", "epochs": 20},
+    }
     text_ = version_detail(VersionRow("ab" * 32, None, 2, 0, 0.74, 1764600000.123, metadata=meta), None)
     assert "{" not in text_ and "1764600000" not in text_
     assert "cost=0.0612346" in text_ and "alice: images=0.5, w1=0.25" in text_ and "history: 2 entries" in text_
     assert "preset=default, epochs=20" in text_
 
 
-PIN_LINE = ("node n-alice refused our key: it is pinned to SHA256:KZDV-VJ2U-MNDU-YAUF-35O3-6K6K-W462-MUJV but "
-            "this coordinator presented key SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA; give the volunteer "
-            "this fingerprint, or restart with the ENSHUFFLE_HOME that holds the key they pinned")
+PIN_LINE = (
+    "node n-alice refused our key: it is pinned to SHA256:KZDV-VJ2U-MNDU-YAUF-35O3-6K6K-W462-MUJV but "
+    "this coordinator presented key SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA; give the volunteer "
+    "this fingerprint, or restart with the ENSHUFFLE_HOME that holds the key they pinned"
+)
 
 
 def _shown_log_rows(app, log_id: str) -> tuple[list[str], int]:
     from textual.widgets import Log
+
     log = app.query_one(f"#{log_id}", Log)
     return [str(line) for line in log.lines], log.scrollable_content_region.width
 

@@ -22,12 +22,36 @@ def test_ctrl_c_in_the_console_stops_gracefully_and_leaves_the_figures(core_data
     run_dir = tmp_path / "run"
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = dict(os.environ, TERM="xterm-256color", ENSHUFFLE_HOME=str(tmp_path / "home"),
-               ENSHUFFLE_CACHE=str(core_cache))
-    proc = subprocess.Popen([sys.executable, "-m", "enshuffle", "train", "--tui", "--nodes", "2", "--epochs", "500",
-                             "--limit", "600", "--data", str(core_data_dir), "--out", str(run_dir),
-                             "--offload", "matmul"],
-                            cwd=REPO, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    env = dict(
+        os.environ, TERM="xterm-256color", ENSHUFFLE_HOME=str(tmp_path / "home"), ENSHUFFLE_CACHE=str(core_cache)
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "enshuffle",
+            "train",
+            "--tui",
+            "--nodes",
+            "2",
+            "--epochs",
+            "500",
+            "--limit",
+            "600",
+            "--data",
+            str(core_data_dir),
+            "--out",
+            str(run_dir),
+            "--offload",
+            "matmul",
+        ],
+        cwd=REPO,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
     os.close(slave)
     output = bytearray()
 
@@ -61,7 +85,7 @@ def test_ctrl_c_in_the_console_stops_gracefully_and_leaves_the_figures(core_data
             proc.wait()
         os.close(master)
     text = output.decode(errors="replace")
-    tail = text[text.rfind("Exposure ledger"):] if "Exposure ledger" in text else text[-3000:]
+    tail = text[text.rfind("Exposure ledger") :] if "Exposure ledger" in text else text[-3000:]
     assert proc.returncode == 130, tail
     assert "Exposure ledger" in text and "local-1" in tail, tail
     assert f"model chain: {run_dir}" in tail and f"enshuffle train --out {run_dir} --resume" in tail, tail
@@ -77,8 +101,16 @@ def _spawn_in_pty(argv: list[str], env: dict, controlling: bool) -> tuple[subpro
     def take_terminal() -> None:  # after setsid (start_new_session), in the child
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=slave, stdout=slave, stderr=slave,
-                            start_new_session=True, preexec_fn=take_terminal if controlling else None)
+    proc = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+        preexec_fn=take_terminal if controlling else None,
+    )
     os.close(slave)
     return proc, master
 
@@ -103,11 +135,32 @@ def test_a_console_whose_terminal_closes_stops_gracefully(core_data_dir, core_ca
     """Closing the terminal (tmux kill-session, an ssh drop) is the graceful stop: the step
     finishes, a version is written, the nodes are told BYE, and the process exits 130."""
     run_dir = tmp_path / "run"
-    env = dict(os.environ, TERM="xterm-256color", ENSHUFFLE_HOME=str(tmp_path / "home"),
-               ENSHUFFLE_CACHE=str(core_cache))
+    env = dict(
+        os.environ, TERM="xterm-256color", ENSHUFFLE_HOME=str(tmp_path / "home"), ENSHUFFLE_CACHE=str(core_cache)
+    )
     proc, master = _spawn_in_pty(
-        [sys.executable, "-m", "enshuffle", "train", "--tui", "--nodes", "2", "--epochs", "500", "--limit", "600",
-         "--data", str(core_data_dir), "--out", str(run_dir), "--offload", "matmul"], env, controlling)
+        [
+            sys.executable,
+            "-m",
+            "enshuffle",
+            "train",
+            "--tui",
+            "--nodes",
+            "2",
+            "--epochs",
+            "500",
+            "--limit",
+            "600",
+            "--data",
+            str(core_data_dir),
+            "--out",
+            str(run_dir),
+            "--offload",
+            "matmul",
+        ],
+        env,
+        controlling,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "chain" / "HEAD").exists():
@@ -126,8 +179,14 @@ def test_a_console_whose_terminal_closes_stops_gracefully(core_data_dir, core_ca
             proc.kill()
             proc.wait()
     assert rc == 130, rc  # stopped before the run finished, gracefully (a signal's death is negative)
-    verify = subprocess.run([sys.executable, "-m", "enshuffle", "chain", "verify", str(run_dir)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    verify = subprocess.run(
+        [sys.executable, "-m", "enshuffle", "chain", "verify", str(run_dir)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
@@ -138,13 +197,31 @@ def test_the_node_app_whose_terminal_closes_says_bye(core_data_dir, tmp_path):
     run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1).start()
     env = dict(os.environ, TERM="xterm-256color", ENSHUFFLE_HOME=str(tmp_path / "home"))
     proc, master = _spawn_in_pty(
-        [sys.executable, "-m", "enshuffle", "node", "--tui", "--connect", run.endpoint, "--coordinator-key",
-         run.identity.fingerprint, "--name", "ttynode", "--threads", "1"], env, controlling=True)
+        [
+            sys.executable,
+            "-m",
+            "enshuffle",
+            "node",
+            "--tui",
+            "--connect",
+            run.endpoint,
+            "--coordinator-key",
+            run.identity.fingerprint,
+            "--name",
+            "ttynode",
+            "--threads",
+            "1",
+        ],
+        env,
+        controlling=True,
+    )
     try:
+
         def computing() -> bool:
             _drain(master, 0.05)
             node = run.state.snapshot().nodes.get("ttynode")
             return node is not None and node.batches_done > 0
+
         wait_until(computing, 60, "the node to compute", on_timeout=run.describe)
         os.close(master)
         master = -1

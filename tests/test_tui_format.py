@@ -26,7 +26,12 @@ def test_durations_and_ages():
 
 def test_bytes():
     assert [fmt_bytes(n) for n in (0, 1023, 1536, 250 * 1024**2, 3.5 * 1024**3)] == [
-        "0 B", "1023 B", "1.5 KiB", "250 MiB", "3.5 GiB"]
+        "0 B",
+        "1023 B",
+        "1.5 KiB",
+        "250 MiB",
+        "3.5 GiB",
+    ]
 
 
 def test_bars_mark_the_bound_whether_or_not_the_share_reached_it():
@@ -61,7 +66,10 @@ def test_verification_marks():
     ids = ["aaaaaaaa11", "bbbbbbbb22", "cccccccc33"]
     assert verification_marks(ids, True, "ok") == dict.fromkeys(ids, True)
     assert verification_marks(ids, False, "bbbbbbbb: bad signature") == {
-        "aaaaaaaa11": True, "bbbbbbbb22": False, "cccccccc33": False}
+        "aaaaaaaa11": True,
+        "bbbbbbbb22": False,
+        "cccccccc33": False,
+    }
     assert verification_marks(ids, False, "chain file is empty") == dict.fromkeys(ids, False)
 
 
@@ -72,6 +80,7 @@ def test_the_exposure_table_lists_a_deeper_networks_layers():
 
     state = CoordinatorState()
     assert exposure_kinds(state) == TENSORS
-    state.nodes["a"] = NodeRow(node_id="a", name="a", fingerprint="SHA256:x",
-                               exposure={k: 0.0 for k in ledger_axes((784, 64, 32, 10))})
+    state.nodes["a"] = NodeRow(
+        node_id="a", name="a", fingerprint="SHA256:x", exposure={k: 0.0 for k in ledger_axes((784, 64, 32, 10))}
+    )
     assert exposure_kinds(state) == TENSORS + ("w3", "activations2", "deltas2")

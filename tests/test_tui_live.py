@@ -42,6 +42,7 @@ SIZE = (160, 48)
 
 # --- a real run in a thread ------------------------------------------------------------------
 
+
 class LiveRun:
     """A CoordinatorRun (the real one `enshuffle train --nodes K` uses) trained in a thread."""
 
@@ -50,8 +51,12 @@ class LiveRun:
         inputs = prepare(ds.load_idx_dir(data_dir), preset, limit)
         self.run_dir = tmp / "run"
         # The configuration cmd_train hands over for `--offload matmul --limit N`, no --json, no --save-weights.
-        config = RunConfig(limit=limit, shards=shards, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=shards),
-                           run_dir=str(self.run_dir))
+        config = RunConfig(
+            limit=limit,
+            shards=shards,
+            serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=shards),
+            run_dir=str(self.run_dir),
+        )
         self.run = CoordinatorRun(config, preset, inputs, home=tmp / "coordinator", quiet=True)
         self.run.print_reports = False  # as run_with_tui does: stdout is the terminal the app draws on
         self.rc: int | None = None
@@ -73,16 +78,22 @@ class LiveRun:
         return verify_chain_message(self.run.chain)
 
     def app(self) -> CoordinatorApp:
-        return CoordinatorApp(source=self.run.state.snapshot, control=self.run.control,
-                              verify_chain=self.verify_chain, refresh_hz=REFRESH_HZ)
+        return CoordinatorApp(
+            source=self.run.state.snapshot,
+            control=self.run.control,
+            verify_chain=self.verify_chain,
+            refresh_hz=REFRESH_HZ,
+        )
 
     def log_lines(self) -> list[str]:
         return list(self.run.state.snapshot().log)
 
     def describe(self) -> str:
         snap = self.run.state.snapshot()
-        return (f"status={snap.status!r} epoch={snap.epoch} step={snap.step} finished={snap.finished} "
-                f"rc={self.rc} error={self.error!r}\n" + "\n".join(snap.log))
+        return (
+            f"status={snap.status!r} epoch={snap.epoch} step={snap.step} finished={snap.finished} "
+            f"rc={self.rc} error={self.error!r}\n" + "\n".join(snap.log)
+        )
 
     def close(self) -> None:
         """Cleanup after a failure: ask the loop to stop (it ends once its current step is done)."""
@@ -128,16 +139,19 @@ def live_cluster(tmp: Path, data_dir: Path, *, epochs: int, limit: int, nodes: i
 
 # --- 1. the coordinator console on a finished run: tables, chain, verify, tamper -------------------
 
+
 @pilot_test
 async def test_console_shows_a_real_two_node_run_and_verifies_its_chain(core_data_dir, tmp_path):
     with live_cluster(tmp_path, core_data_dir, epochs=2, limit=600, nodes=2) as (live, procs):
         app = live.app()
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.snap is not None and app.snap.finished, 30, "training to finish",
-                        live.describe)
+            await until(
+                pilot, lambda: app.snap is not None and app.snap.finished, 30, "training to finish", live.describe
+            )
             # The state says finished before run() has returned (it still prints and says BYE).
-            await until(pilot, lambda: live.rc is not None or live.error is not None, 30, "the run to return",
-                        live.describe)
+            await until(
+                pilot, lambda: live.rc is not None or live.error is not None, 30, "the run to return", live.describe
+            )
             assert live.error is None and live.rc == 0, live.describe()
             assert app.snap.status == "finished"
             await pilot.pause(2 / REFRESH_HZ)  # at least one more tick after the run's last write
@@ -166,8 +180,13 @@ async def test_console_shows_a_real_two_node_run_and_verifies_its_chain(core_dat
             assert [cell(table, v, "verified") for v in chain_ids] == ["–", "–"]
 
             await pilot.press("v")
-            await until(pilot, lambda: not app.verifying and "✓" in text(app, "verify-result"), 10,
-                        "the chain check to pass", lambda: text(app, "verify-result"))
+            await until(
+                pilot,
+                lambda: not app.verifying and "✓" in text(app, "verify-result"),
+                10,
+                "the chain check to pass",
+                lambda: text(app, "verify-result"),
+            )
             assert text(app, "verify-result") == "✓ chain verified: ok: 2 versions verified"
             assert [cell(table, v, "verified") for v in chain_ids] == ["✓ ok", "✓ ok"]
 
@@ -177,8 +196,13 @@ async def test_console_shows_a_real_two_node_run_and_verifies_its_chain(core_dat
             data[len(data) // 2] ^= 0x01
             stored.write_bytes(bytes(data))
             await pilot.press("v")
-            await until(pilot, lambda: not app.verifying and "✗" in text(app, "verify-result"), 10,
-                        "the chain check to fail", lambda: text(app, "verify-result"))
+            await until(
+                pilot,
+                lambda: not app.verifying and "✗" in text(app, "verify-result"),
+                10,
+                "the chain check to fail",
+                lambda: text(app, "verify-result"),
+            )
             result = text(app, "verify-result")
             assert result.startswith(f"✗ chain verification FAILED: FAILED at {chain_ids[0][:12]}: "), result
             assert [cell(table, v, "verified") for v in chain_ids] == ["✗ FAILED", "✗ FAILED"]
@@ -186,12 +210,17 @@ async def test_console_shows_a_real_two_node_run_and_verifies_its_chain(core_dat
             await pilot.press("q")  # the run is over: q leaves at once
         assert app.return_value == "finished"
         # BYE run-finished ends `enshuffle node` processes by themselves.
-        wait_until(lambda: all(p.poll() is not None for p in procs), 10, "the node processes to exit",
-                   on_timeout=lambda: str(node_logs(tmp_path / "nodes")))
+        wait_until(
+            lambda: all(p.poll() is not None for p in procs),
+            10,
+            "the node processes to exit",
+            on_timeout=lambda: str(node_logs(tmp_path / "nodes")),
+        )
         assert [p.returncode for p in procs] == [0, 0], node_logs(tmp_path / "nodes")
 
 
 # --- 2. the coordinator console controls a live run: p pauses and resumes, q stops ------------------
+
 
 @pilot_test
 async def test_console_pauses_resumes_and_stops_a_live_run(core_data_dir, tmp_path):
@@ -207,12 +236,18 @@ async def test_console_pauses_resumes_and_stops_a_live_run(core_data_dir, tmp_pa
         async def pause_and_settle():
             await pilot.press("p")
             assert control.paused
-            return await until(pilot, lambda: (s := snap()).status.startswith("paused") and s, 15,
-                               "the loop to pause", live.describe)
+            return await until(
+                pilot, lambda: (s := snap()).status.startswith("paused") and s, 15, "the loop to pause", live.describe
+            )
 
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: snap().status == "training" and progress(snap()) > (0, 0), 30,
-                        "training to start", live.describe)
+            await until(
+                pilot,
+                lambda: snap().status == "training" and progress(snap()) > (0, 0),
+                30,
+                "training to start",
+                live.describe,
+            )
             paused = await pause_and_settle()
             await until(pilot, lambda: "status: paused" in text(app, "status"), 5, "the console to show it")
             assert text(app, "status").lower().count("paused") == 1, text(app, "status")  # said once
@@ -222,8 +257,7 @@ async def test_console_pauses_resumes_and_stops_a_live_run(core_data_dir, tmp_pa
 
             await pilot.press("p")
             assert not control.paused
-            await until(pilot, lambda: progress(snap()) > progress(paused), 15, "training to go on",
-                        live.describe)
+            await until(pilot, lambda: progress(snap()) > progress(paused), 15, "training to go on", live.describe)
             await until(pilot, lambda: "status: training" in text(app, "status"), 5, "the console to show it")
 
             # Stop from a pause in the middle of an epoch, so the stop itself must write a version.
@@ -237,8 +271,9 @@ async def test_console_pauses_resumes_and_stops_a_live_run(core_data_dir, tmp_pa
             versions_before = len(paused.versions)
             await pilot.press("q")
             assert control.stop_requested
-            await until(pilot, lambda: not app.is_running, 15, "the console to leave once the run stopped",
-                        live.describe)
+            await until(
+                pilot, lambda: not app.is_running, 15, "the console to leave once the run stopped", live.describe
+            )
         assert app.return_value == "finished"
         live.thread.join(10)
         assert not live.thread.is_alive() and live.error is None and live.rc == 130, live.describe()  # interrupted
@@ -253,19 +288,33 @@ async def test_console_pauses_resumes_and_stops_a_live_run(core_data_dir, tmp_pa
 
         # The nodes got BYE `shutdown` (the coordinator may come back with --resume, so they wait
         # to reconnect, per docs/protocol.md section 15); SIGTERM then ends them cleanly.
-        wait_until(lambda: all("said BYE (shutdown)" in log for log in node_logs(tmp_path / "nodes").values()), 10,
-                   "both nodes to log the coordinator's BYE", on_timeout=lambda: str(node_logs(tmp_path / "nodes")))
+        wait_until(
+            lambda: all("said BYE (shutdown)" in log for log in node_logs(tmp_path / "nodes").values()),
+            10,
+            "both nodes to log the coordinator's BYE",
+            on_timeout=lambda: str(node_logs(tmp_path / "nodes")),
+        )
         stop_local_nodes(procs, timeout=0.1)
         assert [p.returncode for p in procs] == [0, 0], node_logs(tmp_path / "nodes")
 
 
 # --- 3. the node app on a real node daemon working for a real coordinator -------------------------
 
+
 def start_daemon(endpoint: str, pinned: str, home: Path, name: str, threads: int = 1):
     """A NodeDaemon (fresh key, trust store in `home`) in a thread; (daemon, thread, result list)."""
     state, control = NodeState(), NodeControl(threads=threads)
-    daemon = NodeDaemon(endpoint, identity=Identity.generate(), trust=TrustStore(home), pinned=pinned, name=name,
-                        threads=threads, state=state, control=control, log=lambda line: None)
+    daemon = NodeDaemon(
+        endpoint,
+        identity=Identity.generate(),
+        trust=TrustStore(home),
+        pinned=pinned,
+        name=name,
+        threads=threads,
+        state=state,
+        control=control,
+        log=lambda line: None,
+    )
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(daemon.run()), name=f"node-{name}", daemon=True)
     thread.start()
@@ -283,8 +332,13 @@ async def test_node_app_on_a_real_daemon_and_coordinator(core_data_dir, tmp_path
     coordinator_log = lambda: "\n".join(live.log_lines())  # noqa: E731
     try:
         async with app.run_test(size=SIZE) as pilot:
-            await until(pilot, lambda: app.snap is not None and app.snap.batches_done >= 3, 30,
-                        "the node to compute batches", live.describe)
+            await until(
+                pilot,
+                lambda: app.snap is not None and app.snap.batches_done >= 3,
+                30,
+                "the node to compute batches",
+                live.describe,
+            )
             coordinator = text(app, "coordinator")
             assert f"fingerprint  {fp.split(':', 1)[1]}" in coordinator, coordinator
             assert "trust        pinned (matches the fingerprint you gave)" in coordinator
@@ -300,8 +354,13 @@ async def test_node_app_on_a_real_daemon_and_coordinator(core_data_dir, tmp_path
             await pilot.press("p")
             assert daemon.control.paused and "PAUSED (p resumes)" in text(app, "work")
             # The daemon tells the coordinator at once (credit 0), which logs it.
-            await until(pilot, lambda: "node volunteer paused" in coordinator_log(), 10,
-                        "the coordinator to see the pause", live.describe)
+            await until(
+                pilot,
+                lambda: "node volunteer paused" in coordinator_log(),
+                10,
+                "the coordinator to see the pause",
+                live.describe,
+            )
             await until(pilot, lambda: daemon.state.snapshot().paused, 5, "the daemon to apply the pause")
 
             await pilot.press("+")
@@ -317,8 +376,12 @@ async def test_node_app_on_a_real_daemon_and_coordinator(core_data_dir, tmp_path
         assert app.return_value == "stopped"
         thread.join(5)
         assert not thread.is_alive() and result == [EXIT_OK], daemon.error
-        wait_until(lambda: "node volunteer (n1) left: said BYE (shutdown)" in coordinator_log(), 10,
-                   "the coordinator to see the BYE", on_timeout=live.describe)
+        wait_until(
+            lambda: "node volunteer (n1) left: said BYE (shutdown)" in coordinator_log(),
+            10,
+            "the coordinator to see the BYE",
+            on_timeout=live.describe,
+        )
 
         # The step in hand needs a node: a second daemon finishes it, then the run stops on request.
         live.run.control.request_stop()
@@ -342,13 +405,16 @@ async def test_node_app_on_a_real_daemon_and_coordinator(core_data_dir, tmp_path
 
 # --- who may join, as the console says it -----------------------------------------------------------
 
+
 def _console_join_text(run) -> str:
     async def show() -> str:
         app = CoordinatorApp(source=run.state.snapshot, control=run.control, refresh_hz=REFRESH_HZ)
         async with app.run_test(size=(120, 40)) as pilot:
             await pilot.pause()
             return text(app, "join")
+
     import asyncio
+
     try:
         return asyncio.run(show())
     finally:
@@ -374,11 +440,19 @@ def test_coordinator_console_says_who_may_join(core_data_dir, tmp_path, how):
     inputs = prepare(ds.load_idx_dir(core_data_dir), preset, 300)
     allow = tmp_path / "allow"
     allow.write_text("")
-    admission = {"invites": lambda: Admission(home=tmp_path / "home"),
-                 "open": lambda: Admission(open_=True, home=tmp_path / "home"),
-                 "allow": lambda: Admission(allow_file=allow, home=tmp_path / "home")}[how]()
-    run = CoordinatorRun(RunConfig(limit=300, shards=1, serving=Serving(bind="tcp://127.0.0.1:0", min_nodes=1)),
-                         preset, inputs, home=tmp_path / "home", quiet=True, admission=admission)
+    admission = {
+        "invites": lambda: Admission(home=tmp_path / "home"),
+        "open": lambda: Admission(open_=True, home=tmp_path / "home"),
+        "allow": lambda: Admission(allow_file=allow, home=tmp_path / "home"),
+    }[how]()
+    run = CoordinatorRun(
+        RunConfig(limit=300, shards=1, serving=Serving(bind="tcp://127.0.0.1:0", min_nodes=1)),
+        preset,
+        inputs,
+        home=tmp_path / "home",
+        quiet=True,
+        admission=admission,
+    )
     join = _console_join_text(run)
     assert "who may join:" in join and "only nodes on this machine can connect" in join, join
     if how == "open":

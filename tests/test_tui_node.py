@@ -57,8 +57,16 @@ async def test_exposure_bars_per_tensor():
     app, _source, _control = make_app()
     async with app.run_test(size=(80, 24)):
         lines = text(app, "exposure").splitlines()
-        assert [line.split()[0] for line in lines] == ["images", "w1", "deltas", "samples", "labels", "outputs",
-                                                       "w2", "activations"]
+        assert [line.split()[0] for line in lines] == [
+            "images",
+            "w1",
+            "deltas",
+            "samples",
+            "labels",
+            "outputs",
+            "w2",
+            "activations",
+        ]
         assert lines[3].endswith("50.0% p") and "█" in lines[3] and "░" in lines[3]  # samples: linkable
         assert lines[0].endswith("24.0% h")  # images: values hidden
         assert lines[4].rstrip().endswith(" 0.0%")  # labels: never sent
@@ -151,9 +159,11 @@ async def test_a_finished_run_stays_on_screen_until_q():
 
 @pilot_test
 async def test_a_refusal_in_the_node_log_wraps_whole_at_80_columns():
-    line = ("refused: tcp://coordinator.example:5555 presented key SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA, "
-            "not the pinned SHA256:KZDV-VJ2U-MNDU-YAUF-35O3-6K6K-W462-MUJV; ask the operator for the fingerprint "
-            "of `enshuffle keys show` on the coordinator")
+    line = (
+        "refused: tcp://coordinator.example:5555 presented key SHA256:L6MZ-LPQR-7XTB-VB2N-OD5K-3NVU-7FKX-YQPA, "
+        "not the pinned SHA256:KZDV-VJ2U-MNDU-YAUF-35O3-6K6K-W462-MUJV; ask the operator for the fingerprint "
+        "of `enshuffle keys show` on the coordinator"
+    )
     app, source, _control = make_app()
     source.state.log.append(line)
     async with app.run_test(size=(80, 24)) as pilot:
@@ -170,7 +180,7 @@ async def test_a_refusal_in_the_node_log_wraps_whole_at_80_columns():
 
 @pilot_test
 async def test_the_node_app_says_each_state_once_and_truly():
-    """"✗ REFUSED: not-allowed" (not "refused: refused:"), a finished run said once, a paused node
+    """ "✗ REFUSED: not-allowed" (not "refused: refused:"), a finished run said once, a paused node
     shown paused (not "working: paused"), and no "contributing" once the run is over."""
     app, source, control = make_app()
     async with app.run_test(size=(120, 40)) as pilot:

@@ -13,8 +13,15 @@ import pytest
 
 from enshuffle.coordinator.verify import StaticNorms, check_matmul
 
-from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
-    reference_weights, spawn_node
+from wire_util import (
+    InProcessRun,
+    ScriptedNode,
+    assert_same_weights,
+    default_preset,
+    load_inputs,
+    reference_weights,
+    spawn_node,
+)
 
 DTYPES = (np.float32, np.float64)
 
@@ -30,8 +37,9 @@ def image_like(rng, n, k, dtype):
 @pytest.mark.parametrize("data", ["gaussian", "images"])
 def test_static_products_pass_and_a_single_wrong_entry_fails(dtype, data):
     rng = np.random.default_rng(3)
-    s = (rng.standard_normal((3000, 392)) if data == "gaussian"
-         else image_like(rng, 3000, 392, np.float64)).astype(dtype)
+    s = (rng.standard_normal((3000, 392)) if data == "gaussian" else image_like(rng, 3000, 392, np.float64)).astype(
+        dtype
+    )
     norms = StaticNorms(s)
     b = (rng.standard_normal((392, 128)) * 0.01).astype(dtype)
     for rows in (rng.permutation(3000), np.sort(rng.choice(3000, 128, replace=False))):
@@ -91,8 +99,11 @@ class TamperingNode(ScriptedNode):
         h = batch.header
         c = compute_batch(h["op"], h["params"], batch.arrays, self.statics).copy()
         c.flat[c.size // 2] += 1.0 + abs(c.flat[c.size // 2])
-        return self.channel.seal("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
-                                            "compute_seconds": 0.001}, {"c": c})
+        return self.channel.seal(
+            "RESULT",
+            {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"], "compute_seconds": 0.001},
+            {"c": c},
+        )
 
 
 def train_beside_a_liar(run, tmp_path):
@@ -125,6 +136,7 @@ def test_a_node_returning_wrong_numbers_is_refused_and_training_stays_exact(core
 
 
 # --- tight checks: what a node can no longer slip through --------------------------------------
+
 
 def static_batch(rng, dtype, transpose, n_static=3000, rows=128):
     """A standardized (mixed-sign) static block and a batch over it, like the default preset's."""
@@ -200,8 +212,7 @@ def test_with_replicate_the_coordinators_own_product_refuses_a_liar(core_data_di
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
     expected = reference_weights(preset, inputs)
-    run = InProcessRun(preset, inputs, shards=2, min_nodes=2, verify_results=False, replicate=True,
-                       quarantine_after=10)
+    run = InProcessRun(preset, inputs, shards=2, min_nodes=2, verify_results=False, replicate=True, quarantine_after=10)
     weights = train_beside_a_liar(run, tmp_path)
     assert run.server.counters["wrong"] >= 3 and run.logged("replica check failed"), run.describe()
     assert_same_weights(weights, expected)

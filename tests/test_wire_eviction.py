@@ -5,8 +5,16 @@ honest node. What does not authenticate is dropped and never counts (tests/test_
 
 from __future__ import annotations
 
-from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
-    reference_weights, spawn_node, wait_until
+from wire_util import (
+    InProcessRun,
+    ScriptedNode,
+    assert_same_weights,
+    default_preset,
+    load_inputs,
+    reference_weights,
+    spawn_node,
+    wait_until,
+)
 
 import pytest
 
@@ -56,12 +64,28 @@ class NoRoomNode(ScriptedNode):
         if msg.command == "BYE":
             self.bye = msg
         if msg.command == "STATIC":
-            self.sign_and_send("REJECT", {"run_id": msg.header["run_id"], "batch_id": None, "seq": msg.header["seq"],
-                                          "code": "too-large", "text": "no room for this static operand"})
+            self.sign_and_send(
+                "REJECT",
+                {
+                    "run_id": msg.header["run_id"],
+                    "batch_id": None,
+                    "seq": msg.header["seq"],
+                    "code": "too-large",
+                    "text": "no room for this static operand",
+                },
+            )
             return
         if msg.command == "BATCH":  # it has none of the statics a batch names
-            self.sign_and_send("REJECT", {"run_id": msg.header["run_id"], "batch_id": msg.header["batch_id"],
-                                          "seq": msg.header["seq"], "code": "unknown-static", "text": "none held"})
+            self.sign_and_send(
+                "REJECT",
+                {
+                    "run_id": msg.header["run_id"],
+                    "batch_id": msg.header["batch_id"],
+                    "seq": msg.header["seq"],
+                    "code": "unknown-static",
+                    "text": "none held",
+                },
+            )
             return
         super()._handle(msg)
 

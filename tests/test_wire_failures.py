@@ -15,8 +15,16 @@ import time
 import pytest
 
 from enshuffle.coordinator.server import LEASE_INITIAL_MS
-from wire_util import (InProcessRun, assert_same_weights, cpu_seconds, default_preset, load_inputs,
-                       reference_weights, spawn_node, wait_until)
+from wire_util import (
+    InProcessRun,
+    assert_same_weights,
+    cpu_seconds,
+    default_preset,
+    load_inputs,
+    reference_weights,
+    spawn_node,
+    wait_until,
+)
 
 LIMIT = 600  # default preset, batch 128: 5 steps an epoch
 
@@ -27,8 +35,9 @@ def nodes(tmp_path):
     procs = []
 
     def start(run: InProcessRun, i: int):
-        proc = spawn_node(tmp_path / f"node-{i}", run.endpoint, run.identity.fingerprint, f"proc-{i}",
-                          tmp_path / f"logs-{len(procs)}")
+        proc = spawn_node(
+            tmp_path / f"node-{i}", run.endpoint, run.identity.fingerprint, f"proc-{i}", tmp_path / f"logs-{len(procs)}"
+        )
         procs.append(proc)
         return proc
 
@@ -51,8 +60,9 @@ def test_killed_nodes_block_waits_it_rejoins_and_an_empty_cluster_waits_idle(cor
     try:
         run.wait_held()  # step 0 done: every node has computed
         # Node rows are published a few times a second: poll them.
-        first = wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r, 5, "proc-1's first results",
-                           on_timeout=why)
+        first = wait_until(
+            lambda: (r := run.row("proc-1")).batches_done > 0 and r, 5, "proc-1's first results", on_timeout=why
+        )
 
         # SIGKILL proc-1 while it holds batches (frozen first so the kill lands mid-step).
         procs[0].signal(signal.SIGSTOP)
@@ -61,8 +71,12 @@ def test_killed_nodes_block_waits_it_rejoins_and_an_empty_cluster_waits_idle(cor
         procs[0].signal(signal.SIGKILL)
         assert procs[0].wait(5) == -signal.SIGKILL
         # Its block may not go to the others (each would hold two blocks): it waits, and says so.
-        wait_until(lambda: run.state.snapshot().status.startswith("waiting: block"), 30,
-                   "proc-1's block to wait under the exposure bound", on_timeout=why)
+        wait_until(
+            lambda: run.state.snapshot().status.startswith("waiting: block"),
+            30,
+            "proc-1's block to wait under the exposure bound",
+            on_timeout=why,
+        )
         gone = run.row("proc-1")
         assert gone.state == "lost" and gone.reissued >= 1, why()
         assert run.server.counters["reissued"] >= 1
@@ -73,22 +87,34 @@ def test_killed_nodes_block_waits_it_rejoins_and_an_empty_cluster_waits_idle(cor
 
         # It comes back with the same key: same row, a new session, its own block again.
         nodes(run, 1)
-        wait_until(lambda: run.row("proc-1").node_id != first.node_id and run.row("proc-1").state != "lost",
-                   15, "proc-1 to rejoin", on_timeout=why)
+        wait_until(
+            lambda: run.row("proc-1").node_id != first.node_id and run.row("proc-1").state != "lost",
+            15,
+            "proc-1 to rejoin",
+            on_timeout=why,
+        )
         run.wait_held(30)  # steps 1 and 2 finished with it back
         assert run.logged("goes to proc-1"), why()
         run.hold_at(5)
         run.wait_held(30)
-        wait_until(lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "waiting", "standby"),
-                   5, "proc-1 to compute again", on_timeout=why)
+        wait_until(
+            lambda: (r := run.row("proc-1")).batches_done > 0 and r.state in ("working", "waiting", "standby"),
+            5,
+            "proc-1 to compute again",
+            on_timeout=why,
+        )
 
         # Every node gone: the coordinator says it waits, and waits without spinning.
         log_mark = len(run.log_lines())
         for proc in nodes.procs:
             proc.signal(signal.SIGKILL)
         run.hold_at(7)
-        wait_until(lambda: run.state.snapshot().status == "waiting for nodes: none connected", 15,
-                   "the coordinator to wait for nodes", on_timeout=why)
+        wait_until(
+            lambda: run.state.snapshot().status == "waiting for nodes: none connected",
+            15,
+            "the coordinator to wait for nodes",
+            on_timeout=why,
+        )
         assert any("no nodes connected: waiting for nodes" in line for line in run.log_lines()[log_mark:]), why()
         steps, cpu_before = run.steps_done, cpu_seconds()
         # A 2 s measurement window: the run must neither finish nor fail (its `done` event stays
@@ -105,8 +131,7 @@ def test_killed_nodes_block_waits_it_rejoins_and_an_empty_cluster_waits_idle(cor
             nodes(run, i)
         run.wait_held(30)
         # No longer waiting (the server's pump, still running while held, publishes the status).
-        wait_until(lambda: run.state.snapshot().status == "training", 10, "the status to say training",
-                   on_timeout=why)
+        wait_until(lambda: run.state.snapshot().status == "training", 10, "the status to say training", on_timeout=why)
         weights = run.finish(60)
     finally:
         run.close()
@@ -130,8 +155,9 @@ def test_node_saying_bye_has_its_batches_reissued_at_once_and_a_new_node_takes_i
         sent_bye_at = time.monotonic()
         procs[0].signal(signal.SIGTERM)
         procs[0].signal(signal.SIGCONT)
-        wait_until(lambda: run.server.counters["reissued"] > before, 15, "proc-1's batch to be re-issued",
-                   on_timeout=why)
+        wait_until(
+            lambda: run.server.counters["reissued"] > before, 15, "proc-1's batch to be re-issued", on_timeout=why
+        )
         elapsed = time.monotonic() - sent_bye_at
         assert procs[0].wait(5) == 0, procs[0].describe()
         assert run.logged("node proc-1 (") and any("said BYE (shutdown)" in line for line in run.log_lines()), why()

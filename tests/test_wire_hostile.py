@@ -19,8 +19,7 @@ import zmq
 from enshuffle.coordinator.server import LeasePolicy
 from enshuffle.model import get_preset
 from enshuffle.protocol.messages import Limits, encode
-from wire_util import (InProcessRun, ScriptedNode, assert_same_weights, load_inputs, reference_weights,
-                       spawn_node)
+from wire_util import InProcessRun, ScriptedNode, assert_same_weights, load_inputs, reference_weights, spawn_node
 
 # Far above any honest message of this run (the largest RESULT is 1000 x ~261 float64, ~2 MB),
 # low enough that the test's oversize message stays small.
@@ -65,8 +64,9 @@ def test_hostile_messages_are_dropped_counted_logged_and_training_finishes(clust
     def expect_dropped(frames: list, counter: str, log_fragment: str) -> None:
         before, lines = counters[counter], len(run.log_lines())
         scripted.send(frames)
-        scripted.serve_until(lambda: counters[counter] > before, 10, f"{counter} to count {log_fragment!r}",
-                             on_timeout=describe)
+        scripted.serve_until(
+            lambda: counters[counter] > before, 10, f"{counter} to count {log_fragment!r}", on_timeout=describe
+        )
         new = run.log_lines()[lines:]
         assert any(log_fragment in line for line in new), (log_fragment, new)
 
@@ -87,17 +87,35 @@ def test_hostile_messages_are_dropped_counted_logged_and_training_finishes(clust
     expect_dropped(ok.seal_parts([b"\x05STEAL\x00\x00\x00\x02{}"]), "dropped", f"from {label}: unknown-command")
     expect_dropped(ok.seal_parts([b"\x06RESULT\x00\x00\x00\x09{not json"]), "dropped", f"from {label}: bad-header")
     expect_dropped(ok.seal_parts([prefix, bytes(10)]), "dropped", f"from {label}: bad-array")  # 32 bytes declared
-    expect_dropped(ok.seal("RESULT", {**valid, "batch_id": "no-such-batch", "seq": 10 ** 9}, {"c": c_array}),
-                   "dropped", "for unknown batch no-such-batch")
+    expect_dropped(
+        ok.seal("RESULT", {**valid, "batch_id": "no-such-batch", "seq": 10**9}, {"c": c_array}),
+        "dropped",
+        "for unknown batch no-such-batch",
+    )
     # A replayed RESULT: bigger than anything the node now holds, so not even opened (its counter is spent too).
     expect_dropped(last, "oversize", "unopened: larger than anything asked of it")
-    expect_dropped(stranger_channel.seal("RESULT", valid, {"c": c_array}), "bad_signature",
-                   unauthenticated + "bad-seal")  # sealed under another key: does not authenticate
-    expect_dropped(encode("HELLO", {"protocol": 2, "node_key": scripted.identity.public_hex, "name": "x",
-                                    "nonce": "n", "challenge": "0" * 64, "coordinator_key": "0" * 64,
-                                    "run_id": "r", "kx": "0" * 64,
-                                    "capabilities": {"ops": [], "threads": 1, "credit": 1}}, signer=scripted.identity),
-                   "dropped", unauthenticated + "wrong-kind")  # handshake messages have no place in a session
+    expect_dropped(
+        stranger_channel.seal("RESULT", valid, {"c": c_array}), "bad_signature", unauthenticated + "bad-seal"
+    )  # sealed under another key: does not authenticate
+    expect_dropped(
+        encode(
+            "HELLO",
+            {
+                "protocol": 2,
+                "node_key": scripted.identity.public_hex,
+                "name": "x",
+                "nonce": "n",
+                "challenge": "0" * 64,
+                "coordinator_key": "0" * 64,
+                "run_id": "r",
+                "kx": "0" * 64,
+                "capabilities": {"ops": [], "threads": 1, "credit": 1},
+            },
+            signer=scripted.identity,
+        ),
+        "dropped",
+        unauthenticated + "wrong-kind",
+    )  # handshake messages have no place in a session
     # A peer that never said HELLO: dropped and counted too.
     stranger = scripted.ctx.socket(zmq.DEALER)
     stranger.setsockopt(zmq.LINGER, 0)
@@ -120,8 +138,12 @@ def test_hostile_messages_are_dropped_counted_logged_and_training_finishes(clust
     scripted.serve_until(lambda: len(scripted.held) == 1, 30, "a batch to hold", on_timeout=describe)
     late = scripted.held[0]
     lease_s = late.header["lease_ms"] / 1000
-    scripted.serve_until(lambda: run.logged(f"lease expired: batch {late.header['batch_id']} on {label}"),
-                         lease_s + 10, "the held batch's lease to expire", on_timeout=describe)
+    scripted.serve_until(
+        lambda: run.logged(f"lease expired: batch {late.header['batch_id']} on {label}"),
+        lease_s + 10,
+        "the held batch's lease to expire",
+        on_timeout=describe,
+    )
     expect_dropped(scripted.result_frames(late), "expired", f"late RESULT for batch {late.header['batch_id']}")
 
     # Wrong numbers, correctly signed: caught by the coordinator's check of the product, re-issued.
@@ -138,8 +160,12 @@ def test_hostile_messages_are_dropped_counted_logged_and_training_finishes(clust
     mark = len(run.log_lines())  # a re-issued batch keeps its id: look only at what this send causes
     refused = f"refused RESULT for batch {wrong_for.header['batch_id']} from {label}"
     scripted.send(scripted.result_frames(wrong_for, tamper=off_by_one))
-    scripted.serve_until(lambda: any(refused in line for line in run.log_lines()[mark:]),
-                         10, "the wrong result to be refused", on_timeout=describe)
+    scripted.serve_until(
+        lambda: any(refused in line for line in run.log_lines()[mark:]),
+        10,
+        "the wrong result to be refused",
+        on_timeout=describe,
+    )
     assert counters["wrong"] == wrong + 1, run.log_lines()[mark:]
 
     scripted.serve_until(run.done.is_set, 60, "training to finish", on_timeout=describe)

@@ -5,8 +5,15 @@ centralized model."""
 
 from __future__ import annotations
 
-from wire_util import (InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs,
-                       reference_weights, spawn_node)
+from wire_util import (
+    InProcessRun,
+    ScriptedNode,
+    assert_same_weights,
+    default_preset,
+    load_inputs,
+    reference_weights,
+    spawn_node,
+)
 
 from enshuffle.coordinator.reputation import REJECTS_AFTER
 from enshuffle.coordinator.server import LeasePolicy
@@ -18,8 +25,16 @@ class RejectingNode(ScriptedNode):
     def _handle(self, msg):
         if msg.command == "BATCH":
             h = msg.header
-            self.sign_and_send("REJECT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
-                                          "code": "compute-error", "text": "no"})
+            self.sign_and_send(
+                "REJECT",
+                {
+                    "run_id": h["run_id"],
+                    "batch_id": h["batch_id"],
+                    "seq": h["seq"],
+                    "code": "compute-error",
+                    "text": "no",
+                },
+            )
             self.rejected = getattr(self, "rejected", 0) + 1
             return
         super()._handle(msg)
@@ -37,8 +52,12 @@ def test_a_node_rejecting_every_batch_is_quarantined_and_the_run_finishes(core_d
     try:
         liar.hello()
         procs.append(spawn_node(tmp_path / "h1", run.endpoint, run.identity.fingerprint, "honest-1", tmp_path))
-        liar.serve_until(lambda: run.logged("quarantined node rejecter") or run.done.is_set(), 60,
-                         "the rejecting node to be quarantined", on_timeout=run.describe)
+        liar.serve_until(
+            lambda: run.logged("quarantined node rejecter") or run.done.is_set(),
+            60,
+            "the rejecting node to be quarantined",
+            on_timeout=run.describe,
+        )
         assert run.error is None, f"the run was aborted: {run.error!r}"
         assert liar.rejected == REJECTS_AFTER, liar.rejected
         # Its block waits for a node the bound allows; a newcomer takes it and the run goes on.
@@ -83,8 +102,12 @@ def test_a_withheld_result_cannot_freeze_the_run(core_data_dir, tmp_path):
         node.serve_until(run.held, 60, "step 1", on_timeout=run.describe)
         node.hold_next(1)
         run.hold_at(-1)
-        node.serve_until(lambda: node.bye is not None and run.logged("stuck:"), 30,
-                         "the withholder's session to be ended", on_timeout=run.describe)
+        node.serve_until(
+            lambda: node.bye is not None and run.logged("stuck:"),
+            30,
+            "the withholder's session to be ended",
+            on_timeout=run.describe,
+        )
         assert node.bye.header["reason"] == "stuck"
         assert len(node.held) == 1
         node.held.clear()
@@ -114,22 +137,31 @@ def test_unsolicited_results_cost_no_decryption_and_count_where_attributable(cor
     try:
         run.wait_held()
         liar.hello()
-        liar.serve_until(lambda: run.row("unsolicited") and run.row("unsolicited").state != "joining", 10,
-                         "the liar to join", on_timeout=run.describe)
+        liar.serve_until(
+            lambda: run.row("unsolicited") and run.row("unsolicited").state != "joining",
+            10,
+            "the liar to join",
+            on_timeout=run.describe,
+        )
         header = {"run_id": run.server.run_id, "batch_id": "0.1", "seq": 1, "compute_seconds": 0.0}
         big = np.zeros((512, 512))  # 2 MiB: no batch of this run was ever asked of it
         for _ in range(20):
             liar.sign_and_send("RESULT", header, {"c": big})
-        liar.serve_until(lambda: run.server.counters["oversize"] >= 20, 20, "the big RESULTs to be dropped",
-                         on_timeout=run.describe)
+        liar.serve_until(
+            lambda: run.server.counters["oversize"] >= 20, 20, "the big RESULTs to be dropped", on_timeout=run.describe
+        )
         session = next(s for s in run.server.sessions.values() if s.label == "unsolicited")
         assert session.channel.received == 0, "a RESULT nobody asked for was decrypted"  # only its first HEARTBEAT
         assert run.row("unsolicited").refused == 0  # not opened, so not attributed
         # Small enough to open: sealed under its key, for a batch never sent to it: a strike each.
         for i in range(MAX_PROTOCOL_ERRORS):
             liar.sign_and_send("RESULT", {**header, "batch_id": f"no-such-{i}"}, {"c": np.zeros((2, 2))})
-        liar.serve_until(lambda: [x for x in run.logged("node unsolicited (") if "left: evicted" in x], 20,
-                         "the liar to be evicted", on_timeout=run.describe)
+        liar.serve_until(
+            lambda: [x for x in run.logged("node unsolicited (") if "left: evicted" in x],
+            20,
+            "the liar to be evicted",
+            on_timeout=run.describe,
+        )
         weights = run.finish(120)
     finally:
         run.close()
@@ -149,7 +181,7 @@ def test_each_batch_disguise_secrets_come_from_a_fresh_seed(core_data_dir):
     stolen = np.random.Generator(np.random.PCG64())
     stolen.bit_generator.state = gen.bit_generator.state  # everything the attacker could learn
     assert reseed(gen)
-    assert not np.array_equal(gen.integers(0, 2 ** 63, 8), stolen.integers(0, 2 ** 63, 8))
+    assert not np.array_equal(gen.integers(0, 2**63, 8), stolen.integers(0, 2**63, 8))
     assert not reseed(np.random.Generator(np.random.MT19937()))  # a test's own generator stays as it is
     # In a run, once per batch submitted.
     preset = default_preset(epochs=1)
@@ -174,8 +206,9 @@ def test_a_node_too_small_for_a_static_is_told_so_not_cut_off_in_a_loop(core_dat
     inputs = load_inputs(core_data_dir, preset, 1000)  # the image block alone is 6 MB
     expected = reference_weights(preset, inputs)
     run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
-    small = spawn_node(tmp_path / "small", run.endpoint, run.identity.fingerprint, "small", tmp_path,
-                       "--max-memory", "1M")
+    small = spawn_node(
+        tmp_path / "small", run.endpoint, run.identity.fingerprint, "small", tmp_path, "--max-memory", "1M"
+    )
     big = None
     try:
         assert small.wait(60) == 4, small.describe() + run.describe()

@@ -4,14 +4,22 @@ Two slots, nodes A and B. B is killed: A may not take B's block (it would hold b
 block waits and the coordinator says so. C joins: it takes B's block and holds exactly one block.
 A never goes over its one block. Training ends with the centralized reference's weights.
 """
+
 from __future__ import annotations
 
 import signal
 
 import numpy as np
 
-from wire_util import InProcessRun, assert_same_weights, default_preset, load_inputs, reference_weights, \
-    spawn_node, wait_until
+from wire_util import (
+    InProcessRun,
+    assert_same_weights,
+    default_preset,
+    load_inputs,
+    reference_weights,
+    spawn_node,
+    wait_until,
+)
 
 
 def test_a_lost_block_waits_for_a_new_node_and_nobody_goes_over_the_bound(core_data_dir, tmp_path):
@@ -32,8 +40,12 @@ def test_a_lost_block_waits_for_a_new_node_and_nobody_goes_over_the_bound(core_d
         procs["B"].signal(signal.SIGKILL)
         procs["B"].wait(10)
         run.hold_at(5)
-        wait_until(lambda: run.logged("exposure bound: block"), 60, "B's block to wait for an eligible node",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: run.logged("exposure bound: block"),
+            60,
+            "B's block to wait for an eligible node",
+            on_timeout=run.describe,
+        )
         assert run.row("B").state == "lost", run.describe()
         steps = run.steps_done
         assert steps < 5, "the run went on without B's block"
@@ -67,14 +79,25 @@ def test_a_node_beyond_the_blocks_is_on_standby_and_is_told_why(core_data_dir, t
     procs = {name: spawn_node(tmp_path / name, run.endpoint, fp, name, tmp_path) for name in ("P", "Q")}
     try:
         run.wait_held(60)
-        wait_until(lambda: run.row("P") is not None and run.row("Q") is not None and
-                   {run.row("P").state, run.row("Q").state} >= {"standby"}, 30,
-                   "both joined and one on standby", on_timeout=run.describe)
+        wait_until(
+            lambda: (
+                run.row("P") is not None
+                and run.row("Q") is not None
+                and {run.row("P").state, run.row("Q").state} >= {"standby"}
+            ),
+            30,
+            "both joined and one on standby",
+            on_timeout=run.describe,
+        )
         standby = "P" if run.row("P").state == "standby" else "Q"
         assert "all 1 blocks are held by other nodes" in run.row(standby).reason
         # The standby node learns it from the coordinator's HEARTBEAT, in the same words.
-        wait_until(lambda: "coordinator: on standby" in procs[standby].err(), 20,
-                   "the standby node to be told", on_timeout=procs[standby].describe)
+        wait_until(
+            lambda: "coordinator: on standby" in procs[standby].err(),
+            20,
+            "the standby node to be told",
+            on_timeout=procs[standby].describe,
+        )
         other = "Q" if standby == "P" else "P"
         procs[other].signal(signal.SIGKILL)
         procs[other].wait(10)
@@ -98,14 +121,19 @@ def test_a_node_that_lost_a_busy_coordinator_replaces_its_own_session(core_data_
     try:
         run.wait_held(60)
         run.stall()
-        wait_until(lambda: node.err().count("connecting to") >= 2 or not node.alive(), 60,
-                   "the node to lose the silent coordinator and say HI again", on_timeout=node.describe)
+        wait_until(
+            lambda: node.err().count("connecting to") >= 2 or not node.alive(),
+            60,
+            "the node to lose the silent coordinator and say HI again",
+            on_timeout=node.describe,
+        )
         assert "lost connection" in node.err(), node.err()
         run.unstall()
         run.finish(120)
         assert node.wait(60) == 0, node.describe()
-        assert "duplicate-key" not in node.err() and not run.logged("refused a second node"), \
-            node.err() + "\n".join(run.log_lines())
+        assert "duplicate-key" not in node.err() and not run.logged("refused a second node"), node.err() + "\n".join(
+            run.log_lines()
+        )
     finally:
         run.close()
         node.stop()
@@ -127,8 +155,9 @@ def test_a_hello_that_names_its_old_session_replaces_it_and_a_twin_is_still_refu
     try:
         old.hello()
         old.pump()  # the first heartbeat is in: the old session was just heard from
-        wait_until(lambda: run.state.snapshot().nodes.get("same") is not None, 10, "the first session",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: run.state.snapshot().nodes.get("same") is not None, 10, "the first session", on_timeout=run.describe
+        )
         with pytest.raises(AssertionError, match="duplicate-key"):
             twin.hello()
         again.hello(replaces=old.node_id)
@@ -147,12 +176,17 @@ def test_a_node_killed_with_sigkill_is_not_reported_as_host_unreachable(core_dat
     run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1).start()
     node = spawn_node(tmp_path / "home", run.endpoint, run.identity.fingerprint, "doomed", tmp_path)
     try:
-        wait_until(lambda: (run.row("doomed") is not None and run.row("doomed").batches_done > 0), 60,
-                   "the node to compute", on_timeout=run.describe)
+        wait_until(
+            lambda: run.row("doomed") is not None and run.row("doomed").batches_done > 0,
+            60,
+            "the node to compute",
+            on_timeout=run.describe,
+        )
         node.signal(signal.SIGKILL)
         node.wait(10)
-        wait_until(lambda: run.logged("doomed (n1) left"), 30, "the coordinator to see it gone",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: run.logged("doomed (n1) left"), 30, "the coordinator to see it gone", on_timeout=run.describe
+        )
         left = run.logged("doomed (n1) left")[0]
         assert "Host unreachable" not in left, left
     finally:

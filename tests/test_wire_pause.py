@@ -7,8 +7,15 @@ from __future__ import annotations
 
 import contextlib
 
-from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
-    reference_weights, spawn_node
+from wire_util import (
+    InProcessRun,
+    ScriptedNode,
+    assert_same_weights,
+    default_preset,
+    load_inputs,
+    reference_weights,
+    spawn_node,
+)
 
 
 def pause(node: ScriptedNode, credit: int = 0) -> None:
@@ -43,14 +50,22 @@ def test_a_paused_node_keeps_its_block_and_the_run_waits_under_the_bound(core_da
         volunteer.serve_until(run.held, 60, "step 2", on_timeout=run.describe)
         pause(volunteer)
         run.hold_at(-1)
-        volunteer.serve_until(lambda: run.state.snapshot().status.startswith("waiting: block"), 30,
-                              "the coordinator to say a block waits for the bound", on_timeout=run.describe)
+        volunteer.serve_until(
+            lambda: run.state.snapshot().status.startswith("waiting: block"),
+            30,
+            "the coordinator to say a block waits for the bound",
+            on_timeout=run.describe,
+        )
         steps = run.steps_done
         assert not run.logged("moves from volunteer"), run.describe()
         assert run.logged("exposure bound: block"), run.describe()
         # The node kept waiting is told why (HEARTBEAT `waiting`), in its own log.
-        volunteer.serve_until(lambda: "exposure bound" in active.err() + active.out(), 20,
-                              "the active node to say why it waits", on_timeout=lambda: active.describe())
+        volunteer.serve_until(
+            lambda: "exposure bound" in active.err() + active.out(),
+            20,
+            "the active node to say why it waits",
+            on_timeout=lambda: active.describe(),
+        )
         shares = run.server.ledger.shares()
         assert shares["active"]["images"] <= run.server.bound["images"] + 1e-9, shares
         assert shares["active"]["w1"] <= run.server.bound["w1"] + 1e-9, shares
@@ -93,8 +108,12 @@ def everyone_paused(core_data_dir):
         volunteer.serve_until(run.held, 60, "step 1", on_timeout=run.describe)
         pause(volunteer)
         run.hold_at(-1)
-        volunteer.serve_until(lambda: run.state.snapshot().status == "waiting for nodes: every node has paused",
-                              20, "the coordinator to say every node has paused", on_timeout=run.describe)
+        volunteer.serve_until(
+            lambda: run.state.snapshot().status == "waiting for nodes: every node has paused",
+            20,
+            "the coordinator to say every node has paused",
+            on_timeout=run.describe,
+        )
         yield run, volunteer, reference_weights(preset, inputs)
     finally:
         run.close()
@@ -105,8 +124,12 @@ def test_every_node_paused_means_waiting_then_resume(core_data_dir):
     with everyone_paused(core_data_dir) as (run, volunteer, expected):
         assert run.logged("every connected node has paused"), run.describe()
         # The nodes table says paused and why, and no stale rate from before the pause.
-        volunteer.serve_until(lambda: (r := run.row("volunteer")).state == "paused" and r.rate == 0.0, 30,
-                              "the row to show paused with rate 0", on_timeout=run.describe)
+        volunteer.serve_until(
+            lambda: (r := run.row("volunteer")).state == "paused" and r.rate == 0.0,
+            30,
+            "the row to show paused with rate 0",
+            on_timeout=run.describe,
+        )
         assert run.row("volunteer").reason == "paused by its volunteer"
         steps = run.steps_done
         pause(volunteer, credit=2)
@@ -136,8 +159,12 @@ def test_waiting_status_counts_a_paused_node_as_connected(core_data_dir):
     node.credit = 0
     try:
         node.hello()
-        wait_until(lambda: "paused" in run.state.snapshot().status, 15, "the status to count the paused node",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: "paused" in run.state.snapshot().status,
+            15,
+            "the status to count the paused node",
+            on_timeout=run.describe,
+        )
         status = run.state.snapshot().status
         assert "0 of 1 connected" not in status and "1 connected but paused" in status, status
     finally:

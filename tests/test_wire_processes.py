@@ -16,8 +16,17 @@ import pytest
 from enshuffle.chain import Chain
 from enshuffle.coordinator.offload import COST_MODEL_FILE
 from enshuffle.protocol.keys import Identity, load_or_create_identity
-from wire_util import (assert_same_weights, coordinator_fingerprint, enshuffle_cli, free_port, load_npz,
-                       spawn_coordinator, spawn_node, train_wire_and_central, wait_until)
+from wire_util import (
+    assert_same_weights,
+    coordinator_fingerprint,
+    enshuffle_cli,
+    free_port,
+    load_npz,
+    spawn_coordinator,
+    spawn_node,
+    train_wire_and_central,
+    wait_until,
+)
 
 EXIT_TRUST = 3
 
@@ -26,8 +35,23 @@ def training_args(preset: str, epochs: int, limit: int, data: Path) -> list[str]
     # --seed: both runs of a comparison start from the same weights and visit samples in the same
     # order (without it each run draws its own from its secret, as it should).
     # --offload matmul: the products go to the nodes even where keeping them would be cheaper.
-    return ["--preset", preset, "--dtype", "float64", "--epochs", str(epochs), "--data", str(data),
-            "--limit", str(limit), "--seed", "9", "--json", "--offload", "matmul"]
+    return [
+        "--preset",
+        preset,
+        "--dtype",
+        "float64",
+        "--epochs",
+        str(epochs),
+        "--data",
+        str(data),
+        "--limit",
+        str(limit),
+        "--seed",
+        "9",
+        "--json",
+        "--offload",
+        "matmul",
+    ]
 
 
 def json_objects(text: str) -> list[dict]:
@@ -35,6 +59,7 @@ def json_objects(text: str) -> list[dict]:
 
 
 # --- 1. three node processes == the centralized reference ----------------------------------------
+
 
 @pytest.mark.parametrize("preset,limit", [("seed", 1000), ("default", 600)])
 def test_three_node_processes_equal_the_centralized_reference(preset, limit, core_data_dir, core_cache, tmp_path):
@@ -53,12 +78,23 @@ def test_three_node_processes_equal_the_centralized_reference(preset, limit, cor
 
 # --- 2a. a node pinned to another coordinator key refuses ----------------------------------------
 
+
 def test_node_pinned_to_another_fingerprint_refuses_the_real_coordinator(core_data_dir, core_cache, tmp_path):
     port = free_port()
     coord_home = tmp_path / "coordinator"
     real_fp = coordinator_fingerprint(coord_home)
-    coordinator = spawn_coordinator(coord_home, port, core_cache, tmp_path, "coordinator", "--min-nodes", "2",
-                                    "--out", str(tmp_path / "run"), *training_args("seed", 1, 500, core_data_dir))
+    coordinator = spawn_coordinator(
+        coord_home,
+        port,
+        core_cache,
+        tmp_path,
+        "coordinator",
+        "--min-nodes",
+        "2",
+        "--out",
+        str(tmp_path / "run"),
+        *training_args("seed", 1, 500, core_data_dir),
+    )
     wrong_fp = Identity.generate().fingerprint
     node = spawn_node(tmp_path / "node", f"tcp://127.0.0.1:{port}", wrong_fp, "pinned-wrong", tmp_path)
     try:
@@ -67,8 +103,12 @@ def test_node_pinned_to_another_fingerprint_refuses_the_real_coordinator(core_da
         assert real_fp in err and wrong_fp in err, err
         assert "Traceback" not in err
         # The operator is told why (not "Host unreachable"), and the node never counted as joined.
-        wait_until(lambda: "refused our key" in coordinator.err(), 15, "the coordinator to log the refusal",
-                   on_timeout=coordinator.describe)
+        wait_until(
+            lambda: "refused our key" in coordinator.err(),
+            15,
+            "the coordinator to log the refusal",
+            on_timeout=coordinator.describe,
+        )
         assert wrong_fp in coordinator.err() and "joined" not in coordinator.err()
         # The coordinator is unharmed: still waiting for nodes, and stops cleanly on SIGTERM.
         assert coordinator.alive(), coordinator.describe()
@@ -97,12 +137,27 @@ def coordinator_with_nodes(tmp: Path, port: int, data: Path, cache: Path, run_di
     (run_dir / "plan.secret").write_text(f"{0x5EC2E7:064x}\n")
     (run_dir / "plan.secret").chmod(0o600)
     allow = home / "allowed"
-    allow.write_text("# the two volunteers\n" + "".join(
-        f"{load_or_create_identity('node', tmp / f'{tag}-node-{i}', name=f'{tag}-{i}').fingerprint}  # {tag}-{i}\n"
-        for i in (1, 2)))
-    coordinator = spawn_coordinator(home, port, cache, tmp, f"{tag}-coordinator", "--min-nodes", "2",
-                                    "--out", str(run_dir), "--allow", str(allow),
-                                    *training_args("default", RESUME_EPOCHS, RESUME_LIMIT, data))
+    allow.write_text(
+        "# the two volunteers\n"
+        + "".join(
+            f"{load_or_create_identity('node', tmp / f'{tag}-node-{i}', name=f'{tag}-{i}').fingerprint}  # {tag}-{i}\n"
+            for i in (1, 2)
+        )
+    )
+    coordinator = spawn_coordinator(
+        home,
+        port,
+        cache,
+        tmp,
+        f"{tag}-coordinator",
+        "--min-nodes",
+        "2",
+        "--out",
+        str(run_dir),
+        "--allow",
+        str(allow),
+        *training_args("default", RESUME_EPOCHS, RESUME_LIMIT, data),
+    )
     nodes = [spawn_node(tmp / f"{tag}-node-{i}", f"tcp://127.0.0.1:{port}", fp, f"{tag}-{i}", tmp) for i in (1, 2)]
     return home, coordinator, nodes
 
@@ -146,16 +201,21 @@ def test_chain_verify_passes_and_catches_a_flipped_byte(uninterrupted_run, tmp_p
     assert "Traceback" not in bad.stderr
 
 
-def test_coordinator_killed_and_resumed_gives_the_uninterrupted_model(uninterrupted_run, core_data_dir,
-                                                                      core_cache, tmp_path):
+def test_coordinator_killed_and_resumed_gives_the_uninterrupted_model(
+    uninterrupted_run, core_data_dir, core_cache, tmp_path
+):
     port = free_port()
     run_dir = tmp_path / "run"
     home, coordinator, nodes = coordinator_with_nodes(tmp_path, port, core_data_dir, core_cache, run_dir, "k")
     resumed = None
     try:
         head = run_dir / "chain" / "HEAD"
-        wait_until(head.exists, 60, "the first model version",
-                   on_timeout=lambda: coordinator.describe() + "".join(n.describe() for n in nodes))
+        wait_until(
+            head.exists,
+            60,
+            "the first model version",
+            on_timeout=lambda: coordinator.describe() + "".join(n.describe() for n in nodes),
+        )
         # Freeze the nodes so the run cannot race to its end, then kill the coordinator outright.
         for node in nodes:
             node.signal(signal.SIGSTOP)
@@ -166,9 +226,23 @@ def test_coordinator_killed_and_resumed_gives_the_uninterrupted_model(uninterrup
         at_kill = Chain(run_dir).versions()
         assert 1 <= at_kill[-1].metadata["epoch"] < RESUME_EPOCHS, "the run was not interrupted"
 
-        resumed = spawn_coordinator(home, port, core_cache, tmp_path, "k-resumed", "--min-nodes", "2",
-                                    "--out", str(run_dir), "--resume", "--allow", str(home / "allowed"),
-                                    "--data", str(core_data_dir), "--json")
+        resumed = spawn_coordinator(
+            home,
+            port,
+            core_cache,
+            tmp_path,
+            "k-resumed",
+            "--min-nodes",
+            "2",
+            "--out",
+            str(run_dir),
+            "--resume",
+            "--allow",
+            str(home / "allowed"),
+            "--data",
+            str(core_data_dir),
+            "--json",
+        )
         # The same node processes find the restarted coordinator by themselves.
         assert resumed.wait(90) == 0, resumed.describe() + "".join(n.describe() for n in nodes)
         for node in nodes:
@@ -186,7 +260,7 @@ def test_coordinator_killed_and_resumed_gives_the_uninterrupted_model(uninterrup
     assert verify.returncode == 0, verify.stderr
     versions = Chain(run_dir).versions()
     assert [v.metadata["epoch"] for v in versions][-1] == RESUME_EPOCHS
-    assert [v.version_id for v in versions[:len(at_kill)]] == [v.version_id for v in at_kill]  # extended, not forked
+    assert [v.version_id for v in versions[: len(at_kill)]] == [v.version_id for v in at_kill]  # extended, not forked
     for name, rd in (("resumed", run_dir), ("reference", uninterrupted_run)):
         out = enshuffle_cli("chain", "export", str(rd), "--npz", str(tmp_path / f"{name}.npz"), home=tmp_path)
         assert out.returncode == 0, out.stderr
@@ -202,9 +276,25 @@ def test_offload_auto_ships_no_training_block_when_no_training_product_goes(core
     (core_cache / COST_MODEL_FILE).unlink(missing_ok=True)
     port = free_port()
     home = tmp_path / "home"
-    coordinator = spawn_coordinator(home, port, core_cache, tmp_path, "coordinator", "--offload", "auto", "--open",
-                                    "--disguise", "share",
-                                    "--epochs", "1", "--limit", "300", "--data", str(core_data_dir), "--json")
+    coordinator = spawn_coordinator(
+        home,
+        port,
+        core_cache,
+        tmp_path,
+        "coordinator",
+        "--offload",
+        "auto",
+        "--open",
+        "--disguise",
+        "share",
+        "--epochs",
+        "1",
+        "--limit",
+        "300",
+        "--data",
+        str(core_data_dir),
+        "--json",
+    )
     node = spawn_node(tmp_path / "node", f"tcp://127.0.0.1:{port}", None, "only", tmp_path)
     try:
         assert coordinator.wait(120) == 0, coordinator.describe() + node.describe()

@@ -9,8 +9,15 @@ from __future__ import annotations
 import threading
 
 from wire_relay import Relay
-from wire_util import (InProcessRun, assert_same_weights, default_preset, load_inputs, reference_weights,
-                       spawn_node, wait_until)
+from wire_util import (
+    InProcessRun,
+    assert_same_weights,
+    default_preset,
+    load_inputs,
+    reference_weights,
+    spawn_node,
+    wait_until,
+)
 
 from enshuffle.coordinator.server import MAX_PROTOCOL_ERRORS
 
@@ -38,8 +45,12 @@ def test_a_relay_replaying_sealed_frames_gets_no_key_banned_and_the_run_finishes
     relay = Relay(int(run.endpoint.rsplit(":", 1)[1]), to_server=replay)
     node = spawn_node(tmp_path / "node", relay.endpoint, run.identity.fingerprint, "honest", tmp_path)
     try:
-        wait_until(lambda: run.done.is_set() or not node.alive(), 120, "the run to end or the node to exit",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: run.done.is_set() or not node.alive(),
+            120,
+            "the run to end or the node to exit",
+            on_timeout=run.describe,
+        )
         assert node.wait(30) == 0, node.describe() + run.describe()
         weights = run.finish()
     finally:
@@ -75,8 +86,12 @@ def test_refusals_of_bytes_altered_on_the_way_are_not_final_for_a_pinned_node(co
     relay = Relay(int(run.endpoint.rsplit(":", 1)[1]), to_server=tamper)
     node = spawn_node(tmp_path / "node", relay.endpoint, run.identity.fingerprint, "pinned", tmp_path)
     try:
-        wait_until(lambda: run.done.is_set() or not node.alive(), 120, "the run to end or the node to exit",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: run.done.is_set() or not node.alive(),
+            120,
+            "the run to end or the node to exit",
+            on_timeout=run.describe,
+        )
         assert node.wait(30) == 0, node.describe() + run.describe()
         weights = run.finish()
     finally:

@@ -23,8 +23,11 @@ def test_stop_with_every_node_gone_ends_the_run(core_data_dir, tmp_path: Path):
         wait_until(lambda: len(state.snapshot().versions) >= 1, 60, "the first model version")
         procs[0].send_signal(signal.SIGKILL)
         procs[0].wait(10)
-        wait_until(lambda: all(r.state == "lost" for r in state.snapshot().nodes.values()), 20,
-                   "the coordinator to notice the node is gone")
+        wait_until(
+            lambda: all(r.state == "lost" for r in state.snapshot().nodes.values()),
+            20,
+            "the coordinator to notice the node is gone",
+        )
         versions_before = [v.version_id for v in Chain(live.run_dir).versions()]
         started = time.monotonic()
         live.run.control.request_stop()
@@ -39,6 +42,6 @@ def test_stop_with_every_node_gone_ends_the_run(core_data_dir, tmp_path: Path):
         assert chain.verify().ok
         # Nothing half-done was written: the head is a version from before the stop, or a clean
         # step-boundary version written by the stop itself.
-        assert [v.version_id for v in chain.versions()][:len(versions_before)] == versions_before
+        assert [v.version_id for v in chain.versions()][: len(versions_before)] == versions_before
     finally:
         stop_local_nodes(procs, timeout=0)

@@ -33,16 +33,22 @@ def test_one_connection_saying_hi_then_decline_in_a_loop_does_not_keep_a_node_ou
             msg = decode(sock.recv_multipart())
             if msg.command == "CHALLENGE":
                 challenges.append(msg)
-                sock.send_multipart(encode("DECLINE", {"nonce": msg.header["nonce"], "code": "untrusted-key",
-                                                       "text": "no"}))
+                sock.send_multipart(
+                    encode("DECLINE", {"nonce": msg.header["nonce"], "code": "untrusted-key", "text": "no"})
+                )
 
     node = None
     try:
         for _ in range(50):
             attack()  # under way before the node comes
         node = spawn_node(tmp_path / "node", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
-        wait_until(lambda: run.logged("node honest joined"), 30, "the honest node to join under the attack",
-                   idle=attack, on_timeout=lambda: run.describe() + node.describe())
+        wait_until(
+            lambda: run.logged("node honest joined"),
+            30,
+            "the honest node to join under the attack",
+            idle=attack,
+            on_timeout=lambda: run.describe() + node.describe(),
+        )
     finally:
         sock.close(0)
         ctx.term()
@@ -72,11 +78,13 @@ def test_plain_connections_that_say_nothing_are_closed_and_the_file_limit_is_rai
             conn.close()
         run.close()
     # A coordinator started with a low soft limit raises it to the hard limit before it listens.
-    code = ("import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
-            "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard)); "
-            "from enshuffle.coordinator.server import Listener; "
-            "s = Listener('tcp://127.0.0.1:*'); "
-            "print(*resource.getrlimit(resource.RLIMIT_NOFILE)); s.close()")
+    code = (
+        "import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard)); "
+        "from enshuffle.coordinator.server import Listener; "
+        "s = Listener('tcp://127.0.0.1:*'); "
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE)); s.close()"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     soft, hard = map(int, out.stdout.split())
@@ -99,12 +107,20 @@ def test_peer_text_cannot_forge_a_coordinator_log_line_or_reach_its_terminal(cor
         hs = NodeHandshake(Identity.generate(), "x", {"ops": list(OPS), "threads": 1, "credit": 1})
         sock.send_multipart(hs.hi())
         challenge = wait_until(lambda: sock.poll(100) and decode(sock.recv_multipart()), 10, "a CHALLENGE")
-        sock.send_multipart(encode("DECLINE", {"nonce": challenge.header["nonce"], "code": "x\x1b[1m",
-                                               "text": f"no\n{forged}\x1b]0;owned\x07"}))
+        sock.send_multipart(
+            encode(
+                "DECLINE",
+                {"nonce": challenge.header["nonce"], "code": "x\x1b[1m", "text": f"no\n{forged}\x1b]0;owned\x07"},
+            )
+        )
         named.hello()
         named.sign_and_send("BYE", {"node_id": named.node_id, "reason": f"bye\n{forged}\x1b[31m"})
-        wait_until(lambda: run.logged("refused our key") and run.logged("said BYE"), 10, "both to be logged",
-                   on_timeout=run.describe)
+        wait_until(
+            lambda: run.logged("refused our key") and run.logged("said BYE"),
+            10,
+            "both to be logged",
+            on_timeout=run.describe,
+        )
     finally:
         sock.close(0)
         named.close()
@@ -132,14 +148,22 @@ def test_one_address_opening_connection_after_connection_gets_its_own_budget_onl
             s.connect(f"tcp://127.0.0.2:0;127.0.0.1:{port}")
             s.send_multipart(encode("HI", {"protocol": 2, "nonce": "x" * 16}))
             flood.append(s)
-        wait_until(lambda: run.server.counters["challenges"] + run.server.counters["dropped"] >= 60, 30,
-                   "the flood to be handled", on_timeout=run.describe)
+        wait_until(
+            lambda: run.server.counters["challenges"] + run.server.counters["dropped"] >= 60,
+            30,
+            "the flood to be handled",
+            on_timeout=run.describe,
+        )
         challenged = run.server.counters["challenges"]
         assert challenged < 30, challenged  # 5 at once, then 5 a second
         # Another address still gets its CHALLENGE at once: a node from 127.0.0.1 joins.
         node = spawn_node(tmp_path / "node", run.endpoint, run.identity.fingerprint, "honest", tmp_path)
-        wait_until(lambda: run.logged("node honest joined"), 30, "the honest node to join",
-                   on_timeout=lambda: run.describe() + node.describe())
+        wait_until(
+            lambda: run.logged("node honest joined"),
+            30,
+            "the honest node to join",
+            on_timeout=lambda: run.describe() + node.describe(),
+        )
     finally:
         for s in flood:
             s.close(0)

@@ -5,8 +5,7 @@ Credit stays honest throughout: the node never holds more batches than its windo
 
 from __future__ import annotations
 
-from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, \
-    reference_weights
+from wire_util import InProcessRun, ScriptedNode, assert_same_weights, default_preset, load_inputs, reference_weights
 
 from enshuffle.coordinator.server import LeasePolicy
 
@@ -25,8 +24,9 @@ def test_a_stuck_node_is_ended_and_its_batch_finished_elsewhere(core_data_dir, t
         node.sign_and_send("HEARTBEAT", {"node_id": node.node_id, "credit": 1, "outstanding": 0})
         node.hold_next(1)  # the next batch is never answered
         run.hold_at(-1)
-        node.serve_until(lambda: run.logged("stuck:"), 30, "the coordinator to end the stuck session",
-                         on_timeout=run.describe)
+        node.serve_until(
+            lambda: run.logged("stuck:"), 30, "the coordinator to end the stuck session", on_timeout=run.describe
+        )
         assert len(node.held) == 1, "the node was sent more than its window while holding a stuck batch"
         node.held.clear()
         node.hello()  # what the real daemon does when the coordinator goes quiet: a new session

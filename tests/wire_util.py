@@ -55,8 +55,15 @@ ATOL = 1e-12
 
 # --- waiting -------------------------------------------------------------------------------
 
-def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02,
-               on_timeout: Callable[[], str] | None = None, idle: Callable[[], None] | None = None):
+
+def wait_until(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    interval: float = 0.02,
+    on_timeout: Callable[[], str] | None = None,
+    idle: Callable[[], None] | None = None,
+):
     """Poll `predicate` until it returns something truthy (returned); AssertionError after `timeout` s.
 
     Between polls it calls `idle` (e.g. serve a socket), or waits `interval` seconds."""
@@ -83,6 +90,7 @@ def free_port() -> int:
 
 # --- processes -----------------------------------------------------------------------------
 
+
 class Proc:
     """A `python -m enshuffle ...` process with its stdout/stderr in files under `logdir`."""
 
@@ -93,8 +101,14 @@ class Proc:
         self.out_path = logdir / f"{name}.out"
         self.err_path = logdir / f"{name}.err"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
-            self.popen = subprocess.Popen([sys.executable, "-m", "enshuffle", *args], cwd=REPO, env=env,
-                                          stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "enshuffle", *args],
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
         self.pid = self.popen.pid
 
     def out(self) -> str:
@@ -114,8 +128,9 @@ class Proc:
         try:
             return self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} did not exit within {timeout} s; "
-                                 f"stderr:\n{self.err()[-3000:]}") from None
+            raise AssertionError(
+                f"{self.name} did not exit within {timeout} s; stderr:\n{self.err()[-3000:]}"
+            ) from None
 
     def stop(self) -> None:
         """Cleanup: kill if still running, reap."""
@@ -134,8 +149,9 @@ def process_env(home: Path, cache: Path | None = None) -> dict:
     return env
 
 
-def spawn_node(home: Path, endpoint: str, pin: str | None, name: str, logdir: Path, *extra: str,
-               proc_name: str | None = None) -> Proc:
+def spawn_node(
+    home: Path, endpoint: str, pin: str | None, name: str, logdir: Path, *extra: str, proc_name: str | None = None
+) -> Proc:
     """An `enshuffle node` process with its own ENSHUFFLE_HOME (so its own key)."""
     home.mkdir(parents=True, exist_ok=True)
     args = ["node", "--connect", endpoint, "--name", name, "--threads", "1", *extra]
@@ -148,15 +164,23 @@ def spawn_coordinator(home: Path, port: int, cache: Path, logdir: Path, name: st
     """`enshuffle coordinator` on loopback; with --offload matmul unless `extra` says otherwise, so
     the nodes get work even where keeping it home would be cheaper (what wire tests exercise)."""
     offload = [] if "--offload" in extra else ["--offload", "matmul"]
-    return Proc(["coordinator", "--bind", f"tcp://127.0.0.1:{port}", *offload, *extra], process_env(home, cache),
-                logdir, name)
+    return Proc(
+        ["coordinator", "--bind", f"tcp://127.0.0.1:{port}", *offload, *extra], process_env(home, cache), logdir, name
+    )
 
 
-def enshuffle_cli(*args: str, home: Path, cache: Path | None = None,
-                  timeout: float = 120) -> subprocess.CompletedProcess:
+def enshuffle_cli(
+    *args: str, home: Path, cache: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run one `python -m enshuffle ...` to completion."""
-    return subprocess.run([sys.executable, "-m", "enshuffle", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=process_env(home, cache))
+    return subprocess.run(
+        [sys.executable, "-m", "enshuffle", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=process_env(home, cache),
+    )
 
 
 def _resident(args: list[str]) -> bool:
@@ -176,12 +200,30 @@ def train_wire_and_central(nodes: int, args: list[str], tmp_path: Path, cache: P
         run_dir = args[args.index("--out") + 1] if "--out" in args else str(tmp_path / "run")
         extra = [] if "--out" in args else ["--out", run_dir]
         reference = ["--reference", run_dir]
-    wire = enshuffle_cli("train", "--nodes", str(nodes), *args, *extra, "--save-weights", str(tmp_path / "a.npz"),
-                         home=tmp_path / "home", cache=cache)
+    wire = enshuffle_cli(
+        "train",
+        "--nodes",
+        str(nodes),
+        *args,
+        *extra,
+        "--save-weights",
+        str(tmp_path / "a.npz"),
+        home=tmp_path / "home",
+        cache=cache,
+    )
     assert wire.returncode == 0, wire.stderr
     central_args = [a for i, a in enumerate(args) if a != "--out" and (i == 0 or args[i - 1] != "--out")]
-    central = enshuffle_cli("train", "--nodes", "0", *central_args, *reference,
-                            "--save-weights", str(tmp_path / "b.npz"), home=tmp_path / "home", cache=cache)
+    central = enshuffle_cli(
+        "train",
+        "--nodes",
+        "0",
+        *central_args,
+        *reference,
+        "--save-weights",
+        str(tmp_path / "b.npz"),
+        home=tmp_path / "home",
+        cache=cache,
+    )
     assert central.returncode == 0, central.stderr
     assert_same_weights(load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz"))
     return wire, central
@@ -207,6 +249,7 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 
 # --- data and references ---------------------------------------------------------------------
+
 
 def load_inputs(data_dir: Path, preset: Preset, limit: int) -> Inputs:
     return prepare(load_idx_dir(data_dir), preset, limit)
@@ -239,6 +282,7 @@ def load_npz(path: Path) -> dict[str, np.ndarray]:
 
 # --- a coordinator driven in this process ----------------------------------------------------
 
+
 class InProcessRun:
     """CoordinatorServer + DistributedCompute + Trainer, trained in a background thread.
 
@@ -248,8 +292,9 @@ class InProcessRun:
     reads `state.snapshot()` and the server's counters.
     """
 
-    def __init__(self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7,
-                 admission=None, **config):
+    def __init__(
+        self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7, admission=None, **config
+    ):
         """`config`: ServerConfig fields (limits, heartbeat_ms, max_sessions, max_exposure, lease,
         verify_results, replicate, quarantine_after, address_replies_per_s)."""
         self.preset = preset
@@ -257,10 +302,20 @@ class InProcessRun:
         self.identity = Identity.generate()
         ledger = ExposureLedger()
         self.compute = DistributedCompute(
-            inputs.images, shards, np.random.default_rng(seed),
-            CoordinatorServer.factory("tcp://127.0.0.1:*", self.identity, self.state, ledger,
-                                      config=ServerConfig(log=self._log, **config), admission=admission),
-            ledger=ledger, **inputs.source())
+            inputs.images,
+            shards,
+            np.random.default_rng(seed),
+            CoordinatorServer.factory(
+                "tcp://127.0.0.1:*",
+                self.identity,
+                self.state,
+                ledger,
+                config=ServerConfig(log=self._log, **config),
+                admission=admission,
+            ),
+            ledger=ledger,
+            **inputs.source(),
+        )
         self.server = self.compute.executor
         self.endpoint = self.server.endpoint
         self.trainer = Trainer(preset, inputs, self.compute, secret=TEST_SECRET)
@@ -312,8 +367,12 @@ class InProcessRun:
         return self._held.is_set()
 
     def wait_held(self, timeout: float = 30) -> None:
-        wait_until(lambda: self.held() or self.done.is_set(), timeout, f"the run to reach step {self._hold}",
-                   on_timeout=self.describe)
+        wait_until(
+            lambda: self.held() or self.done.is_set(),
+            timeout,
+            f"the run to reach step {self._hold}",
+            on_timeout=self.describe,
+        )
         assert not self.done.is_set(), f"the run ended before step {self._hold}: {self.error!r}"
 
     def _main(self) -> None:
@@ -356,10 +415,15 @@ class InProcessRun:
 
     def describe(self) -> str:
         snap = self.state.snapshot()
-        rows = "\n".join(f"  {r.name}: {r.state} node_id={r.node_id} done={r.batches_done} out={r.outstanding} "
-                         f"reissued={r.reissued} refused={r.refused}" for r in snap.nodes.values())
-        return (f"status={snap.status!r} steps_done={self.steps_done} counters={self.server.counters}\n{rows}\n"
-                + "\n".join(self.log_lines()[-30:]))
+        rows = "\n".join(
+            f"  {r.name}: {r.state} node_id={r.node_id} done={r.batches_done} out={r.outstanding} "
+            f"reissued={r.reissued} refused={r.refused}"
+            for r in snap.nodes.values()
+        )
+        return (
+            f"status={snap.status!r} steps_done={self.steps_done} counters={self.server.counters}\n{rows}\n"
+            + "\n".join(self.log_lines()[-30:])
+        )
 
     def close(self) -> None:
         """Cleanup after a failed test: stop holding; the daemon thread dies with the process."""
@@ -369,6 +433,7 @@ class InProcessRun:
 
 # --- an in-test node -------------------------------------------------------------------------
 
+
 class ScriptedNode:
     """An ENS2 node in the test thread: honest compute, plus whatever frames a test sends.
 
@@ -377,8 +442,13 @@ class ScriptedNode:
     except batches `hold_next` asked to keep) and sends heartbeats while waiting.
     """
 
-    def __init__(self, endpoint: str, name: str = "scripted", identity: Identity | None = None,
-                 context: zmq.Context | None = None):
+    def __init__(
+        self,
+        endpoint: str,
+        name: str = "scripted",
+        identity: Identity | None = None,
+        context: zmq.Context | None = None,
+    ):
         self.identity = identity or Identity.generate()
         self.name = name
         self._own_ctx = context is None
@@ -412,8 +482,9 @@ class ScriptedNode:
         self.sock.send_multipart(frames)
         self._last_sent = time.monotonic()
 
-    def sign_and_send(self, command: str, header: dict, arrays: dict | None = None,
-                      signer: Identity | None = None) -> list:
+    def sign_and_send(
+        self, command: str, header: dict, arrays: dict | None = None, signer: Identity | None = None
+    ) -> list:
         """Seal and send a session message (the name is from ENS1, where every message was signed)."""
         frames = self.channel.seal(command, header, arrays)
         self.send(frames)
@@ -427,8 +498,9 @@ class ScriptedNode:
             self.sock.close(0)
             self.sock = self._socket()
             self.channel = None
-        hs = NodeHandshake(self.identity, self.name, {"ops": list(OPS), "threads": 1, "credit": 2}, invite=invite,
-                           **extra)
+        hs = NodeHandshake(
+            self.identity, self.name, {"ops": list(OPS), "threads": 1, "credit": 2}, invite=invite, **extra
+        )
         self.handshake = hs
         self.send(hs.hi())
         challenge = self._expect("CHALLENGE", timeout)
@@ -460,16 +532,20 @@ class ScriptedNode:
         """Keep the next `count` batches unanswered (in `held`) instead of computing them."""
         self._hold += count
 
-    def result_frames(self, batch: Message, signer: Identity | None = None,
-                      tamper: Callable[[np.ndarray], None] | None = None) -> list:
+    def result_frames(
+        self, batch: Message, signer: Identity | None = None, tamper: Callable[[np.ndarray], None] | None = None
+    ) -> list:
         """A signed RESULT for `batch` (not sent): correct, unless `tamper` edits it in place first."""
         h = batch.header
         c = compute_batch(h["op"], h["params"], batch.arrays, self.statics)
         if tamper is not None:
             c = np.array(c)
             tamper(c)
-        return self.channel.seal("RESULT", {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"],
-                                            "compute_seconds": 0.001}, {"c": c})
+        return self.channel.seal(
+            "RESULT",
+            {"run_id": h["run_id"], "batch_id": h["batch_id"], "seq": h["seq"], "compute_seconds": 0.001},
+            {"c": c},
+        )
 
     def answer(self, batch: Message, signer: Identity | None = None) -> list:
         frames = self.result_frames(batch, signer)
@@ -487,8 +563,9 @@ class ScriptedNode:
                     break
                 self._handle(self.channel.open(frames))
         if time.monotonic() - self._last_sent >= self.heartbeat_s / 2:
-            self.sign_and_send("HEARTBEAT", {"node_id": self.node_id, "credit": self.credit,
-                                             "outstanding": len(self.held)})
+            self.sign_and_send(
+                "HEARTBEAT", {"node_id": self.node_id, "credit": self.credit, "outstanding": len(self.held)}
+            )
 
     def _handle(self, msg: Message) -> None:
         if msg.command == "STATIC":
@@ -501,8 +578,9 @@ class ScriptedNode:
             else:
                 self.answer(msg)
 
-    def serve_until(self, predicate: Callable[[], object], timeout: float, what: str,
-                    on_timeout: Callable[[], str] | None = None):
+    def serve_until(
+        self, predicate: Callable[[], object], timeout: float, what: str, on_timeout: Callable[[], str] | None = None
+    ):
         """Serve (compute, heartbeat) until `predicate` is truthy; AssertionError after `timeout` s."""
         return wait_until(predicate, timeout, what, on_timeout=on_timeout, idle=lambda: self.pump(20))
 

@@ -120,8 +120,8 @@ def _moments(x: np.ndarray) -> np.ndarray:
     sd = x.std(axis=0)
     sd[sd == 0] = 1.0
     z = (x - mu) / sd
-    skew = (z ** 3).mean(axis=0)
-    kurt = (z ** 4).mean(axis=0)
+    skew = (z**3).mean(axis=0)
+    kurt = (z**4).mean(axis=0)
     srt = np.sort(x, axis=0)
     # share of entries equal to the column's smallest value (background pixels) and largest
     at_min = (x == srt[0]).mean(axis=0)
@@ -130,8 +130,9 @@ def _moments(x: np.ndarray) -> np.ndarray:
 
 
 # -- statics: values, scales, positions ------------------------------------------------------
-def _multiset_match(static: np.ndarray, prepared_cols: np.ndarray,
-                    other: tuple | None) -> tuple[np.ndarray, np.ndarray]:
+def _multiset_match(
+    static: np.ndarray, prepared_cols: np.ndarray, other: tuple | None
+) -> tuple[np.ndarray, np.ndarray]:
     """For each static column, (pixel, exponent) such that sorted(col * 2**-e) equals the sorted
     public pixel column exactly; -1 / -999 where none does. `other` = (static, public) of the
     other split (test for train), used to break ties between pixels with equal multisets."""
@@ -287,8 +288,9 @@ def _reid_exact(values: np.ndarray, positions: np.ndarray, public_u8: np.ndarray
 NN_ROWS = 10_000  # nearest-neighbour re-identification tries at most this many static rows
 
 
-def _reid_nn(static: np.ndarray, values: np.ndarray, positions: np.ndarray, public_x: np.ndarray,
-             rows: np.ndarray) -> np.ndarray:
+def _reid_nn(
+    static: np.ndarray, values: np.ndarray, positions: np.ndarray, public_x: np.ndarray, rows: np.ndarray
+) -> np.ndarray:
     """Nearest public image (standardized at the claimed positions) for static rows `rows`
     (the others stay -1: the distance computation is n x N x K)."""
     out_all = np.full(static.shape[0], -1, dtype=np.int64)
@@ -305,17 +307,18 @@ def _reid_nn(static: np.ndarray, values: np.ndarray, positions: np.ndarray, publ
         sd = a.std(axis=0)
         sd[sd == 0] = 1.0
         return (a - a.mean(axis=0)) / sd
+
     x, p = z(x), z(p)
-    p_sq = (p ** 2).sum(axis=1)[None, :]
+    p_sq = (p**2).sum(axis=1)[None, :]
     out = np.empty(n, dtype=np.int64)
     for lo in range(0, n, 2048):  # chunks keep the distance matrix small on 60,000 rows
-        chunk = x[lo:lo + 2048]
-        d = p_sq - 2.0 * (chunk @ p.T) + (chunk ** 2).sum(axis=1)[:, None]
+        chunk = x[lo : lo + 2048]
+        d = p_sq - 2.0 * (chunk @ p.T) + (chunk**2).sum(axis=1)[:, None]
         two = np.partition(d, 1, axis=1)[:, :2]
         best = np.argmin(d, axis=1)
         # claim only a clear winner: the nearest image much nearer than the second nearest
         confident = two[:, 0] < 0.25 * np.maximum(two[:, 1], 1e-300)
-        out[lo:lo + 2048] = np.where(confident, best, -1)
+        out[lo : lo + 2048] = np.where(confident, best, -1)
     out_all[rows] = out
     return out_all
 
@@ -326,7 +329,7 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, restarts: int = 4, i
     n = x.shape[0]
     k = min(k, n)
     best, best_inertia = np.zeros(n, dtype=np.int64), np.inf
-    sq = (x ** 2).sum(axis=1)
+    sq = (x**2).sum(axis=1)
     for _ in range(restarts):
         centers = [x[rng.integers(n)]]
         d2 = ((x - centers[0]) ** 2).sum(axis=1)
@@ -338,7 +341,7 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, restarts: int = 4, i
         c = np.array(centers)
         labels = np.zeros(n, dtype=np.int64)
         for _ in range(iters):
-            dist = sq[:, None] - 2.0 * x @ c.T + (c ** 2).sum(axis=1)[None, :]
+            dist = sq[:, None] - 2.0 * x @ c.T + (c**2).sum(axis=1)[None, :]
             new = dist.argmin(axis=1)
             counts = np.bincount(new, minlength=k)
             sums = np.zeros_like(c)
@@ -356,7 +359,7 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, restarts: int = 4, i
 def delta_features(b: np.ndarray) -> np.ndarray:
     """dz1 rows made invariant to per-column powers of two and per-row magnitude."""
     x = b.astype(np.float64)
-    rms = np.sqrt((x ** 2).mean(axis=0))
+    rms = np.sqrt((x**2).mean(axis=0))
     rms[rms == 0] = 1.0
     x = x / rms
     norm = np.linalg.norm(x, axis=1)
@@ -364,8 +367,9 @@ def delta_features(b: np.ndarray) -> np.ndarray:
     return x / norm[:, None]
 
 
-def global_groups(grouping: list[tuple[str, np.ndarray, np.ndarray]], name: str, rows_total: int,
-                  iters: int = 20) -> np.ndarray:
+def global_groups(
+    grouping: list[tuple[str, np.ndarray, np.ndarray]], name: str, rows_total: int, iters: int = 20
+) -> np.ndarray:
     """One class grouping of all static rows from per-batch dz1 clusters, tied together across
     epochs: a row seen in two batches links a cluster of one to a cluster of the other. Label
     propagation on that graph: every (batch, cluster) keeps a 10-vector, seeded one-hot in the
@@ -381,7 +385,7 @@ def global_groups(grouping: list[tuple[str, np.ndarray, np.ndarray]], name: str,
     vec = np.zeros((offsets[-1], CLASSES))
     vec[offsets[0] + np.arange(CLASSES), np.arange(CLASSES)] = 1.0
     seeded = np.zeros(offsets[-1], dtype=bool)
-    seeded[offsets[0]:offsets[1]] = True
+    seeded[offsets[0] : offsets[1]] = True
     for _ in range(iters):
         per_row = np.zeros((rows_total, CLASSES))
         np.add.at(per_row, all_rows, vec[all_nodes])  # each row: the sum of its clusters' vectors
@@ -415,7 +419,7 @@ def fast_ica(x: np.ndarray, components: int, rng: np.random.Generator, iters: in
     w = np.linalg.qr(rng.standard_normal((r, r)))[0]
     for _ in range(iters):
         y = z @ w
-        w_new = (z.T @ y ** 3) / z.shape[0] - 3.0 * w
+        w_new = (z.T @ y**3) / z.shape[0] - 3.0 * w
         u, _, vt = np.linalg.svd(w_new, full_matrices=False)
         w_new = u @ vt
         if np.max(np.abs(np.abs(np.sum(w_new * w, axis=0)) - 1.0)) < 1e-7:
@@ -446,8 +450,14 @@ def _public_noise_rank() -> int:
 
 
 # -- the attack --------------------------------------------------------------------------
-def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
-           rng: np.random.Generator | None = None, trajectory: bool = True) -> Claims:
+def attack(
+    messages: list[RecordedMessage],
+    public: Public,
+    *,
+    ica: bool = True,
+    rng: np.random.Generator | None = None,
+    trajectory: bool = True,
+) -> Claims:
     """Everything the node claims to know, from its recording and public information."""
     rng = rng or np.random.default_rng(0)
     claims = _attack(messages, public, ica=ica, rng=rng)
@@ -465,8 +475,7 @@ def attack(messages: list[RecordedMessage], public: Public, *, ica: bool = True,
     return claims
 
 
-def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool,
-            rng: np.random.Generator) -> Claims:
+def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool, rng: np.random.Generator) -> Claims:
     preset = public.preset
     statics = {m.header["name"]: next(iter(m.arrays.values())) for m in messages if m.command == "STATIC"}
     batches = [m for m in messages if m.command == "BATCH" and m.header.get("op") == "matmul"]
@@ -487,8 +496,7 @@ def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool,
         rows_px, _, share = _match_weights(m.arrays["b"], tables)
         by_weights[name] = rows_px
         if share > 0.5:
-            matched_init = next(w for w, t in zip(inits, tables)
-                                if _match_weights(m.arrays["b"], [t])[2] == share)
+            matched_init = next(w for w, t in zip(inits, tables) if _match_weights(m.arrays["b"], [t])[2] == share)
             notes.append(f"x_w1 operand of {name}: {share:.0%} of entries carry public initial weights' mantissas")
 
     out: dict[str, StaticClaims] = {}
@@ -520,28 +528,46 @@ def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool,
         if wpos.shape[0] != s.shape[1]:
             wpos = np.full(s.shape[1], -1)
         best_pos = np.where(pixel >= 0, pixel, np.where(wpos >= 0, wpos, -1))
-        public_u8 = public.train_images.reshape(public.train_images.shape[0], -1) if which == "train" else \
-            public.test_images.reshape(public.test_images.shape[0], -1)
+        public_u8 = (
+            public.train_images.reshape(public.train_images.shape[0], -1)
+            if which == "train"
+            else public.test_images.reshape(public.test_images.shape[0], -1)
+        )
         reid_exact = _reid_exact(values, best_pos, public_u8)
         nn_pos = np.where(best_pos >= 0, best_pos, stats_pos)
-        nn_rows = np.sort(rng.choice(s.shape[0], NN_ROWS, replace=False)) if s.shape[0] > NN_ROWS \
-            else np.arange(s.shape[0])
+        nn_rows = (
+            np.sort(rng.choice(s.shape[0], NN_ROWS, replace=False)) if s.shape[0] > NN_ROWS else np.arange(s.shape[0])
+        )
         reid_nn = _reid_nn(s, values, nn_pos, px, nn_rows)
         sources, ica_rows = None, None
         if ica and which == "train":
-            ica_rows = np.sort(rng.choice(s.shape[0], NN_ROWS, replace=False)) if s.shape[0] > NN_ROWS \
+            ica_rows = (
+                np.sort(rng.choice(s.shape[0], NN_ROWS, replace=False))
+                if s.shape[0] > NN_ROWS
                 else np.arange(s.shape[0])
+            )
             block = s[ica_rows].astype(np.float64)
             if not np.all(values >= 0):
                 # The source's low-rank noise (NOISE_RANK public factors) sits in the block's
                 # strongest principal directions: project them out before unmixing.
                 block = remove_top_components(block, _public_noise_rank())
             sources = fast_ica(block, min(s.shape[1], 64), rng)
-        out[name] = StaticClaims(name=name, which=which, rows=s.shape[0], cols=s.shape[1], dtype=str(s.dtype),
-                                 values=values, scale_exp=exp, positions_stats=stats_pos,
-                                 positions_weights=wpos, reid_exact=reid_exact, reid_nn=reid_nn,
-                                 reid_nn_rows=nn_rows,
-                                 ica_sources=sources, ica_rows=ica_rows)
+        out[name] = StaticClaims(
+            name=name,
+            which=which,
+            rows=s.shape[0],
+            cols=s.shape[1],
+            dtype=str(s.dtype),
+            values=values,
+            scale_exp=exp,
+            positions_stats=stats_pos,
+            positions_weights=wpos,
+            reid_exact=reid_exact,
+            reid_nn=reid_nn,
+            reid_nn_rows=nn_rows,
+            ica_sources=sources,
+            ica_rows=ica_rows,
+        )
 
     # Rows linked across steps and the dz1 channel.
     occurrences, grouping = [], []
@@ -569,8 +595,13 @@ def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool,
             continue
         b = urows.shape[1]
         for j in range(urows.shape[0]):
-            grouping.append((name, np.asarray(urows[j], dtype=np.int64),
-                             kmeans(delta_features(dz[j * b:(j + 1) * b]), CLASSES, rng)))
+            grouping.append(
+                (
+                    name,
+                    np.asarray(urows[j], dtype=np.int64),
+                    kmeans(delta_features(dz[j * b : (j + 1) * b]), CLASSES, rng),
+                )
+            )
     for name, c in out.items():
         if c.which != "train":
             continue
@@ -600,7 +631,7 @@ def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool,
         # No images to name the groups with: name them by size against the public class counts
         # of the training images the run uses (the first N of the public set). A balanced set
         # (all 60,000: 6,000 each) gives nothing; a subset's unequal counts do.
-        counts = np.bincount(public.train_labels[:len(ids)], minlength=CLASSES)
+        counts = np.bincount(public.train_labels[: len(ids)], minlength=CLASSES)
         sizes = np.bincount(ids[ids >= 0], minlength=CLASSES)
         if len(np.unique(counts)) == 1:
             continue
@@ -608,10 +639,20 @@ def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool,
         name_of[np.argsort(sizes, kind="stable")] = np.argsort(counts, kind="stable")
         fill = (claim < 0) & (ids >= 0)
         claim[fill] = name_of[ids[fill]]
-        notes.append(f"{name}: dz1 groups named by their sizes against the public class counts of the first "
-                     f"{len(ids)} images")
-    return Claims(statics=out, labels=labels, groups=groups, grouping=grouping, occurrences=occurrences,
-                  w1_estimate=w1_est, w1_source=w1_source, notes=notes, w1_block=w1_block)
+        notes.append(
+            f"{name}: dz1 groups named by their sizes against the public class counts of the first {len(ids)} images"
+        )
+    return Claims(
+        statics=out,
+        labels=labels,
+        groups=groups,
+        grouping=grouping,
+        occurrences=occurrences,
+        w1_estimate=w1_est,
+        w1_source=w1_source,
+        notes=notes,
+        w1_block=w1_block,
+    )
 
 
 def _last_w1_block(batches, statics) -> tuple[np.ndarray, np.ndarray] | None:
@@ -630,7 +671,7 @@ def _last_w1_block(batches, statics) -> tuple[np.ndarray, np.ndarray] | None:
             return None
         pos = np.where(c.positions_weights >= 0, c.positions_weights, c.positions_stats)
         scale = np.where(c.scale_exp == -999, 0, c.scale_exp)
-        return pos, b * (2.0 ** scale)[:, None]
+        return pos, b * (2.0**scale)[:, None]
     return None
 
 
@@ -640,8 +681,9 @@ def _w1_estimate(matched_init, inits, statics, batches, prepared, public, notes)
     dz1 it received, when it can name dz1's units (via its own x_w1 operands across steps)."""
     if matched_init is None:
         # Nothing public matched: the best a node can do is the public seed's draw.
-        return (inits[0] if getattr(public.preset, "init", "") == "notebook" else inits[-1]).astype(np.float64), \
-            "public-seed guess (no match)"
+        return (inits[0] if getattr(public.preset, "init", "") == "notebook" else inits[-1]).astype(
+            np.float64
+        ), "public-seed guess (no match)"
     w = matched_init.astype(np.float64).copy()
     try:
         upd = _sgd_updates(batches, statics, prepared, public, matched_init)
@@ -670,8 +712,9 @@ def _sgd_updates(batches, statics, prepared, public, w0):
     x_pub = prepared["train"][1].astype(np.float64)  # rows = public image index (first n)
     if reid.max() >= x_pub.shape[0]:
         return None
-    xw = [m for m in batches
-          if m.header["params"].get("a_static") == name and not m.header["params"].get("transpose_a")]
+    xw = [
+        m for m in batches if m.header["params"].get("a_static") == name and not m.header["params"].get("transpose_a")
+    ]
     dw = [m for m in batches if m.header["params"].get("a_static") == name and m.header["params"].get("transpose_a")]
     if not dw:
         return None
@@ -692,7 +735,7 @@ def _sgd_updates(batches, statics, prepared, public, w0):
         # undo the static row scale: rows of b carry 2**-pixel_exp; its claim is c.scale_exp
         if np.any(c.scale_exp == -999):
             return None
-        after = after * (2.0 ** c.scale_exp)[:, None]
+        after = after * (2.0**c.scale_exp)[:, None]
         own = g[pix]  # (|P|, 128) the node's own update directions
         # after[:, k] = 2**s_k * (named[:, u] + lr * 2**-e_j * own[:, j]) for unknown u, j, s_k, e_j
         unit_of_after = _match_columns(after, named)
@@ -702,7 +745,7 @@ def _sgd_updates(batches, statics, prepared, public, w0):
                 return None
             col = after[:, k]
             s = np.round(np.log2(np.abs(col @ named[:, u]) / (named[:, u] @ named[:, u])))
-            delta[:, u] = col * 2.0 ** -s - named[:, u]
+            delta[:, u] = col * 2.0**-s - named[:, u]
         j_of_unit = _match_columns(delta, own)
         step_update = np.zeros((784, 128))
         for u, j in enumerate(j_of_unit):
@@ -710,7 +753,7 @@ def _sgd_updates(batches, statics, prepared, public, w0):
                 return None
             ratio = (delta[:, u] @ own[:, j]) / (own[:, j] @ own[:, j])
             e = np.round(np.log2(abs(ratio) / lr)) if ratio != 0 else 0.0
-            step_update[:, u] = lr * 2.0 ** e * g[:, j]
+            step_update[:, u] = lr * 2.0**e * g[:, j]
         total += step_update
         named = named + step_update[pix]
     return total

@@ -78,8 +78,9 @@ def _unit_columns(y: np.ndarray) -> np.ndarray:
     return y[:, keep] / n[keep]
 
 
-def sparse_direction(y: np.ndarray, rng: np.random.Generator, starts: int = 3,
-                     iters: int = 30) -> tuple[np.ndarray, int]:
+def sparse_direction(
+    y: np.ndarray, rng: np.random.Generator, starts: int = 3, iters: int = 30
+) -> tuple[np.ndarray, int]:
     """A unit vector c making c @ y sparse (reweighted l1 on the sphere: c the smallest eigenvector
     of sum_u w_u y_u y_u^T, w_u = 1 / max(|c . y_u|, delta), delta shrinking), the best of `starts`
     random starts by its count of exact zeros. y (d, N) with unit columns."""
@@ -109,7 +110,7 @@ def _robust_rank(cols: np.ndarray, extra: np.ndarray | None = None) -> int:
     both = cols if extra is None or not extra.size else np.hstack([cols, extra])
     u, s, vt = np.linalg.svd(both, full_matrices=False)
     rank = int(np.count_nonzero(s > 1e-6 * float(s[0])))
-    lev = np.sum(vt[:rank, :cols.shape[1]] ** 2, axis=0)
+    lev = np.sum(vt[:rank, : cols.shape[1]] ** 2, axis=0)
     kept = cols[:, lev < 0.99]
     both = kept if extra is None or not extra.size else np.hstack([kept, extra])
     if both.shape[1] == 0:
@@ -160,8 +161,9 @@ def polish(c: np.ndarray, z: np.ndarray, rng: np.random.Generator, rounds: int =
     return c
 
 
-def unmix_rows(d: np.ndarray, rng: np.random.Generator, starts: int = 3,
-               rounds: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def unmix_rows(
+    d: np.ndarray, rng: np.random.Generator, starts: int = 3, rounds: int = 2
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows r (orthonormal, (g, g)) such that r @ d is one sample's sparse row, for d = L_g dz_g
     with L_g orthogonal, peeled one at a time. A column of d where one sample alone is on is
     that sample's row of L_g itself: every column is a candidate, and one whose direction zeroes
@@ -208,13 +210,13 @@ def unmix_rows(d: np.ndarray, rng: np.random.Generator, starts: int = 3,
             break
         rows.append(r)
         u = np.linalg.svd(basis - np.outer(rows[-1], rows[-1] @ basis), full_matrices=False)[0]
-        basis = u[:, :k - 1]
+        basis = u[:, : k - 1]
     certified = [True] * len(rows) + [False] * (g - len(rows))
     # what is left, as close to the rows as sent as it can be (a sent row there stays itself)
     rest = np.hstack([basis, hidden])
     if rest.shape[1]:
         proj = rest @ rest.T
-        pick = np.sort(np.argsort(-np.linalg.norm(proj, axis=0))[:rest.shape[1]])
+        pick = np.sort(np.argsort(-np.linalg.norm(proj, axis=0))[: rest.shape[1]])
         rows.extend(np.linalg.qr(proj[:, pick])[0].T)
     return np.array(rows), np.array(certified, dtype=bool)
 
@@ -290,7 +292,7 @@ def _replay_state(messages: list[RecordedMessage], state: str) -> np.ndarray | N
             ua, dz = m.arrays["update_a"], m.arrays["dz"]
             b = ua.shape[0] // max(count, 1)
             for j in range(st.version - p["from"], count):
-                st.apply(ua[j * b:(j + 1) * b], dz[j * b:(j + 1) * b], float(p["lr"][j]), float(p["momentum"]))
+                st.apply(ua[j * b : (j + 1) * b], dz[j * b : (j + 1) * b], float(p["lr"][j]), float(p["momentum"]))
                 st.version = p["from"] + j + 1
     return None if st is None else st.v
 
@@ -319,8 +321,9 @@ def hidden_steps(messages: list[RecordedMessage]) -> dict[str, list[tuple[int, n
     return out
 
 
-def attack_hidden(messages: list[RecordedMessage], rng: np.random.Generator, max_steps: int = MAX_STEPS,
-                  starts: int = 3) -> dict[str, HiddenClaims]:
+def attack_hidden(
+    messages: list[RecordedMessage], rng: np.random.Generator, max_steps: int = MAX_STEPS, starts: int = 3
+) -> dict[str, HiddenClaims]:
     """Every attack above on every hidden-layer state the node holds."""
     out: dict[str, HiddenClaims] = {}
     for state, steps in hidden_steps(messages).items():
@@ -345,8 +348,10 @@ def attack_hidden(messages: list[RecordedMessage], rng: np.random.Generator, max
                     where.append((version, lo, int(j)))
         certified = sum(int(ok.sum()) for *_, ok in claims.row_unmix)
         total = sum(ok.shape[0] for *_, ok in claims.row_unmix)
-        claims.notes.append(f"{state}: {certified} of {total} rows of {len(picked)} steps unmixed to one sample each "
-                            "(certified by exact zeros of dz)")
+        claims.notes.append(
+            f"{state}: {certified} of {total} rows of {len(picked)} steps unmixed to one sample each "
+            "(certified by exact zeros of dz)"
+        )
         # 2. units
         if len(single_a) >= 4 * MIX_GROUP:
             y = np.array(single_a)
@@ -366,11 +371,13 @@ def attack_hidden(messages: list[RecordedMessage], rng: np.random.Generator, max
             if v is not None and w_rows is not None and cols.shape[1]:
                 # M_g = P Lambda C^-1: rows of C^+ V_g are rows of w[Q_s] (order, scale unknown)
                 est = np.linalg.pinv(cols) @ v[lo:hi]
-                w_rows[lo:lo + est.shape[0]] = est
+                w_rows[lo : lo + est.shape[0]] = est
         claims.w_block = w_rows
         found = sum(c.shape[1] for _, _, c in claims.unit_unmix)
-        claims.notes.append(f"{state}: {found} of {k} unmixing columns of M_s found (exact zeros of ReLU "
-                            f"activations, from {claims.unit_unmix_source})")
+        claims.notes.append(
+            f"{state}: {found} of {k} unmixing columns of M_s found (exact zeros of ReLU "
+            f"activations, from {claims.unit_unmix_source})"
+        )
         # 3. class grouping, over the run
         if len(single_d) >= CLASSES:
             ids = kmeans(_dz_features(np.array(single_d)), CLASSES, rng)

@@ -149,8 +149,11 @@ def score_hidden(claims: dict[str, HiddenClaims], truth: dict[str, dict], rng: n
             f["labels_grouping_ari"] = adjusted_rand(arr[:, 0], arr[:, 1])
             f["labels_grouped_rows"] = len(got)
         if labels is not None and c.grouping_sent:
-            sent = [(int(labels[steps[v][2][r]]), cid) for v, r, cid in c.grouping_sent
-                    if v in steps and steps[v][2] is not None]
+            sent = [
+                (int(labels[steps[v][2][r]]), cid)
+                for v, r, cid in c.grouping_sent
+                if v in steps and steps[v][2] is not None
+            ]
             if len(sent) >= 2:
                 arr = np.array(sent)
                 f["labels_grouping_sent_ari"] = adjusted_rand(arr[:, 0], arr[:, 1])

@@ -59,10 +59,14 @@ def truth_from(run, slots: list[int], dataset, limit: int):
                 entry["mix_bounds"] = [tuple(b) for b in mix.bounds]
                 entry["mix_blocks"] = [np.asarray(b) for b in mix.blocks]
     n = limit
-    return Truth(statics=statics, train_u8=dataset.train_images[:n].reshape(n, -1),
-                 test_u8=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
-                 train_labels=np.asarray(dataset.train_labels[:n]),
-                 w1_final=np.asarray(run.trainer.params["w1"], dtype=np.float64), static_scales=scales)
+    return Truth(
+        statics=statics,
+        train_u8=dataset.train_images[:n].reshape(n, -1),
+        test_u8=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
+        train_labels=np.asarray(dataset.train_labels[:n]),
+        w1_final=np.asarray(run.trainer.params["w1"], dtype=np.float64),
+        static_scales=scales,
+    )
 
 
 def hidden_truth_from(run, slots: list[int], dataset, limit: int) -> dict:
@@ -81,10 +85,20 @@ def hidden_truth_from(run, slots: list[int], dataset, limit: int) -> dict:
     return out
 
 
-def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | None = None, limit: int = 2000,
-              data: str | None = None, disguise: str | None = None, record_dir: str | None = None,
-              log=_eprint, ica: bool = True, layers: tuple[int, ...] | None = None,
-              activation: str | None = None) -> dict:
+def run_audit(
+    *,
+    preset_name: str = "default",
+    nodes: int = 3,
+    epochs: int | None = None,
+    limit: int = 2000,
+    data: str | None = None,
+    disguise: str | None = None,
+    record_dir: str | None = None,
+    log=_eprint,
+    ica: bool = True,
+    layers: tuple[int, ...] | None = None,
+    activation: str | None = None,
+) -> dict:
     """Run, record, attack, score; returns the figures (see scoring.score) plus the settings."""
     if nodes < 2:
         raise UsageError(f"--nodes {nodes}: an audit needs at least 2 nodes (one records, the bound needs others)")
@@ -103,8 +117,13 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         record = Path(record_dir) if record_dir else tmp / "recording"
         if record.exists() and any(record.iterdir()):
             raise UsageError(f"--record {record} is not empty; give a new or empty directory")
-        config = RunConfig(offload="matmul", limit=limit, disguise=disguise, shards=nodes,
-                           serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=nodes))
+        config = RunConfig(
+            offload="matmul",
+            limit=limit,
+            disguise=disguise,
+            shards=nodes,
+            serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=nodes),
+        )
         # As `train --nodes K` does: the audit's own node processes, and nobody else, are admitted.
         admission = Admission(auto=set(local_node_keys(tmp, nodes, prefix="audit")))
         run = CoordinatorRun(config, preset, inputs, home=tmp / "coordinator", quiet=True, admission=admission)
@@ -112,11 +131,14 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         if hasattr(run.compute, "audit_hidden"):
             run.compute.audit_hidden()  # keep the hidden layers' per-step secrets for the scorer
         disguise = run.compute.disguise  # the preset's when none was asked for
-        log(f"audit: {nodes} node processes on {run.server.endpoint}, preset {preset.name}, {epochs} epoch(s), "
-            f"{limit} training images, disguise {disguise}; audit-1 records into {record}")
+        log(
+            f"audit: {nodes} node processes on {run.server.endpoint}, preset {preset.name}, {epochs} epoch(s), "
+            f"{limit} training images, disguise {disguise}; audit-1 records into {record}"
+        )
         # In this process's session: Ctrl-C reaches the audit's node processes too.
-        procs = spawn_local_nodes(run.server.endpoint, run.identity.fingerprint, nodes, tmp, prefix="audit",
-                                  record=record, own_session=False)
+        procs = spawn_local_nodes(
+            run.server.endpoint, run.identity.fingerprint, nodes, tmp, prefix="audit", record=record, own_session=False
+        )
         try:
             # SIGINT/SIGTERM stop the run gracefully and take the node processes along
             status = run_headless(run)
@@ -131,10 +153,13 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
         if not slots:
             raise UsageError("the recording node received no static operand; nothing to audit")
         log(f"audit: {len(messages)} messages recorded (slots {slots}); attacking")
-        public = Public(train_images=dataset.train_images.reshape(available, -1),
-                        train_labels=np.asarray(dataset.train_labels),
-                        test_images=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
-                        test_labels=np.asarray(dataset.test_labels), preset=preset)
+        public = Public(
+            train_images=dataset.train_images.reshape(available, -1),
+            train_labels=np.asarray(dataset.train_labels),
+            test_images=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
+            test_labels=np.asarray(dataset.test_labels),
+            preset=preset,
+        )
         started = time.perf_counter()
         claims = attack(messages, public, ica=ica)
         try:
@@ -150,9 +175,16 @@ def run_audit(*, preset_name: str = "default", nodes: int = 3, epochs: int | Non
     figures = score(claims, truth)
     figures.update(score_hidden(hidden_claims, hidden_truth, np.random.default_rng(1)))
     figures.setdefault("notes", []).extend(n for c in hidden_claims.values() for n in c.notes)
-    figures["settings"] = {"preset": preset.name, "nodes": nodes, "epochs": epochs, "limit": limit,
-                           "disguise": disguise, "data": dataset.describe(), "slots": slots,
-                           "messages": len(messages)}
+    figures["settings"] = {
+        "preset": preset.name,
+        "nodes": nodes,
+        "epochs": epochs,
+        "limit": limit,
+        "disguise": disguise,
+        "data": dataset.describe(),
+        "slots": slots,
+        "messages": len(messages),
+    }
     figures["targets"] = {k: v[1] for k, v in TARGETS.items()}
     figures["meets_targets"] = meets_targets(figures)
     return plain(figures)

@@ -43,6 +43,7 @@ def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
 
     def pairs(x):
         return (x * (x - 1) / 2).sum()
+
     n = a.shape[0]
     total = n * (n - 1) / 2
     s_ij, s_a, s_b = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
@@ -138,9 +139,14 @@ def score(claims: Claims, truth: Truth) -> dict:
                 rnd = px @ np.random.default_rng(1).standard_normal((px.shape[1], src.shape[1]))
                 rnd /= np.maximum(np.linalg.norm(rnd, axis=0), 1e-300)
                 ica_chance.extend(np.abs(pn.T @ rnd).max(axis=1).tolist())
-        per_static[name] = {"exact_pixels": e_ok / truth_vals.size, "positions_weights": pw / col_pixel.size,
-                            "positions_statistics": ps / col_pixel.size, "reid_exact": re / order.size,
-                            "reid_nn": rn / max(1, tried.size), "mixed": mixed}
+        per_static[name] = {
+            "exact_pixels": e_ok / truth_vals.size,
+            "positions_weights": pw / col_pixel.size,
+            "positions_statistics": ps / col_pixel.size,
+            "reid_exact": re / order.size,
+            "reid_nn": rn / max(1, tried.size),
+            "mixed": mixed,
+        }
 
     # labels: per train static row, claimed label vs the true label of its original row
     lab_ok = lab_all = 0
@@ -234,17 +240,21 @@ def score(claims: Claims, truth: Truth) -> dict:
         "ica_chance_abs_corr_mean": float(np.mean(ica_chance)) if ica_chance else None,
         "ica_pixels_recovered": float(np.mean(np.asarray(ica_best) >= 0.9)) if ica_best else None,
     }
-    figures["positions"] = max(v for v in (figures["positions_weights"], figures["positions_statistics"], 0.0)
-                               if v is not None)
+    figures["positions"] = max(
+        v for v in (figures["positions_weights"], figures["positions_statistics"], 0.0) if v is not None
+    )
     figures["reid"] = max(v for v in (figures["reid_exact"], figures["reid_nn"], 0.0) if v is not None)
     # what the attacks on single messages got (before the trajectory attack's figures join in)
     figures["exact_pixels_columns"] = figures["exact_pixels"]
     figures["labels_named_dz1"] = figures["labels_named"]
     figures.update(score_trajectory(getattr(claims, "trajectory", {}) or {}, truth))
     # the headline figures: the best any attack got
-    headline: tuple[tuple[str, str], ...] = (("positions", "traj_positions"), ("reid", "traj_reid"),
-                                             ("exact_pixels", "traj_exact_pixels"),
-                                             ("labels_named", "traj_labels_named"))
+    headline: tuple[tuple[str, str], ...] = (
+        ("positions", "traj_positions"),
+        ("reid", "traj_reid"),
+        ("exact_pixels", "traj_exact_pixels"),
+        ("labels_named", "traj_labels_named"),
+    )
     for head, extra in headline:
         if figures.get(extra) is not None:
             figures[head] = max(v for v in (figures.get(head), figures[extra]) if v is not None)
@@ -254,8 +264,9 @@ def score(claims: Claims, truth: Truth) -> dict:
     return figures
 
 
-def _mixing_error(claimed: list[np.ndarray], bounds: list[tuple],
-                  blocks: list[np.ndarray]) -> tuple[float | None, float | None]:
+def _mixing_error(
+    claimed: list[np.ndarray], bounds: list[tuple], blocks: list[np.ndarray]
+) -> tuple[float | None, float | None]:
     """Relative error of the claimed mixing after the best row order and scale per block (rows
     of M are the pixels, in an order no node can know; a missing row counts as all wrong), and
     the same for a random claim of the same shape (chance)."""
@@ -314,10 +325,22 @@ def _w1_block_exact(pos: np.ndarray, block: np.ndarray, w1: np.ndarray) -> tuple
 
 def score_trajectory(trajectory: dict, truth: Truth) -> dict:
     """Figures of the weight-trajectory attack (enshuffle.audit.trajectory), "traj_*"."""
-    out: dict[str, object] = {k: None for k in ("traj_sources_separated", "traj_mixing_error", "traj_mixing_chance",
-                             "traj_mixing_error_separation", "traj_positions",
-                             "traj_reid", "traj_exact_pixels", "traj_labels_named", "traj_w1_block_corr",
-                             "traj_w1_block_exact", "traj_w1_outside_corr")}
+    out: dict[str, object] = {
+        k: None
+        for k in (
+            "traj_sources_separated",
+            "traj_mixing_error",
+            "traj_mixing_chance",
+            "traj_mixing_error_separation",
+            "traj_positions",
+            "traj_reid",
+            "traj_exact_pixels",
+            "traj_labels_named",
+            "traj_w1_block_corr",
+            "traj_w1_block_exact",
+            "traj_w1_outside_corr",
+        )
+    }
     out["traj_source"] = None
     found = total = 0
     errs: list[float] = []
@@ -368,8 +391,12 @@ def score_trajectory(trajectory: dict, truth: Truth) -> dict:
         out["traj_mixing_error"] = float(np.average(errs, weights=weights))
         out["traj_mixing_chance"] = float(np.average(chances, weights=weights))
         out["traj_mixing_error_separation"] = float(np.average(seps, weights=weights))
-    for key, ok, all_ in (("traj_positions", pos_ok, pos_all), ("traj_reid", reid_ok, reid_all),
-                          ("traj_exact_pixels", ex_ok, ex_all), ("traj_labels_named", lab_ok, lab_all)):
+    for key, ok, all_ in (
+        ("traj_positions", pos_ok, pos_all),
+        ("traj_reid", reid_ok, reid_all),
+        ("traj_exact_pixels", ex_ok, ex_all),
+        ("traj_labels_named", lab_ok, lab_all),
+    ):
         out[key] = ok / all_ if all_ else None
     if corrs:
         out["traj_w1_block_corr"] = float(np.mean(corrs))

@@ -165,8 +165,8 @@ def _public_scale_range() -> int:
 def second_floor(beta1: float = 0.9, beta2: float = 0.999) -> float:
     """Adam's second update of an element over its first, along the first's sign, is above this
     (the limit of (a1 + a2 r) / sqrt(b1 + b2 r^2) as r = g2 / g1 -> -inf)."""
-    a2 = (1 - beta1) / (1 - beta1 ** 2)
-    b2 = (1 - beta2) / (1 - beta2 ** 2)
+    a2 = (1 - beta1) / (1 - beta1**2)
+    b2 = (1 - beta2) / (1 - beta2**2)
     return -a2 / np.sqrt(b2)
 
 
@@ -174,8 +174,8 @@ def adam_bound(t: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
     """The largest |m_hat / sqrt(v_hat)| Adam can take at its step t (1-based), over all gradient
     histories (Cauchy-Schwarz over m_hat = sum a_k g_k, v_hat = sum b_k g_k^2): 1 at t = 1."""
     k = np.arange(1, t + 1)
-    a = (1 - beta1) * beta1 ** (t - k) / (1 - beta1 ** t)
-    b = (1 - beta2) * beta2 ** (t - k) / (1 - beta2 ** t)
+    a = (1 - beta1) * beta1 ** (t - k) / (1 - beta1**t)
+    b = (1 - beta2) * beta2 ** (t - k) / (1 - beta2**t)
     return float(np.sqrt(np.sum(a * a / b)))
 
 
@@ -209,8 +209,13 @@ def _flip_descent(sig: np.ndarray, q: np.ndarray, max_flips: int) -> np.ndarray:
     return sig
 
 
-def separate_signs(y: np.ndarray, rng: np.random.Generator, starts: int = FLIP_STARTS,
-                   rounds: int = FLIP_ROUNDS, later: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def separate_signs(
+    y: np.ndarray,
+    rng: np.random.Generator,
+    starts: int = FLIP_STARTS,
+    rounds: int = FLIP_ROUNDS,
+    later: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """y (g, N) = A S with S in {-1,+1}^(g', N): the +-1 rows S (r, N) found in y's row space and
     the least-squares columns A (g, r) with y ~ A S. r <= rank(y); sources with identical rows
     (or missing from the search) are not separated.
@@ -246,7 +251,7 @@ def separate_signs(y: np.ndarray, rng: np.random.Generator, starts: int = FLIP_S
             # ones are often strongly correlated with found ones)
             base = true[rng.integers(0, true.shape[0], third)]
             flip = rng.random(base.shape) < rng.uniform(0.02, 0.3, (third, 1))
-            sig[third:2 * third] = np.where(flip, -base, base)
+            sig[third : 2 * third] = np.where(flip, -base, base)
         objective = q
         if true.shape[0] and NEW_REWARD:
             # reward the part outside the sources found so far: the descent then prefers new ones
@@ -296,8 +301,11 @@ def sparse_vectors(basis: np.ndarray, iters: int = 40) -> np.ndarray:
     v = np.where(np.abs(v) < 1e-2, 0.0, v)
     ok = np.all((v == 0) | (np.abs(np.abs(v) - 1) < 1e-2), axis=1) & (np.count_nonzero(v, axis=1) <= n // 4)
     v = np.sign(v[ok])
-    return np.unique(v * np.sign(v[np.arange(v.shape[0]), np.argmax(v != 0, axis=1)])[:, None], axis=0) \
-        if v.size else np.zeros((0, n))
+    return (
+        np.unique(v * np.sign(v[np.arange(v.shape[0]), np.argmax(v != 0, axis=1)])[:, None], axis=0)
+        if v.size
+        else np.zeros((0, n))
+    )
 
 
 def _neighbours(sources: np.ndarray, sparse: np.ndarray) -> np.ndarray:
@@ -384,8 +392,8 @@ def match_positions(y: np.ndarray, z: np.ndarray, candidates: np.ndarray, rounds
 
     def features(c, mean):
         var = (c * c).mean(axis=0)
-        k3 = (c ** 3).mean(axis=0)
-        k4 = (c ** 4).mean(axis=0) - 3 * var * var
+        k3 = (c**3).mean(axis=0)
+        k4 = (c**4).mean(axis=0) - 3 * var * var
         return np.stack([mean, np.cbrt(k3), np.sign(k4) * np.abs(k4) ** 0.25], axis=1)
 
     fy, fz = features(cy, y.mean(axis=0)), features(cz, z.mean(axis=0))[candidates]
@@ -424,15 +432,16 @@ def reidentify(y: np.ndarray, z: np.ndarray, pos: np.ndarray, rank: int) -> tupl
     gap = np.empty(y.shape[0])
     chunk = max(1, (64 << 20) // max(1, 4 * z.shape[0]))
     for lo in range(0, y.shape[0], chunk):
-        d = zz[None, :] - 2.0 * (yq[lo:lo + chunk] @ zq.T)
-        best[lo:lo + chunk] = d.argmin(axis=1)
-        two = np.partition(d, 1, axis=1)[:, :2] + yy[lo:lo + chunk, None]
-        gap[lo:lo + chunk] = np.maximum(two[:, 1], 0) / np.maximum(two[:, 0], 1e-12)
+        d = zz[None, :] - 2.0 * (yq[lo : lo + chunk] @ zq.T)
+        best[lo : lo + chunk] = d.argmin(axis=1)
+        two = np.partition(d, 1, axis=1)[:, :2] + yy[lo : lo + chunk, None]
+        gap[lo : lo + chunk] = np.maximum(two[:, 1], 0) / np.maximum(two[:, 0], 1e-12)
     return best, gap
 
 
-def exact_positions(y: np.ndarray, z: np.ndarray, rows: np.ndarray, pos: np.ndarray, candidates: np.ndarray,
-                    rank: int, rounds: int = 5) -> np.ndarray:
+def exact_positions(
+    y: np.ndarray, z: np.ndarray, rows: np.ndarray, pos: np.ndarray, candidates: np.ndarray, rank: int, rounds: int = 5
+) -> np.ndarray:
     """With rows of y re-identified (z[rows]), y - z[rows][:, pos] is the noise: rank `rank` where
     pos is right. Each column's pixel is the candidate whose difference with it lies in that
     noise subspace (found from the current positions, which most columns have right)."""
@@ -509,8 +518,9 @@ def weight_trajectories(messages, statics: dict[str, np.ndarray]) -> dict[str, d
             mu = float(params.get("momentum", 0.0))
             for j in range(max(0, version - start), urows.shape[0]):  # as the node: updates it lacks
                 lr = float(rates[j]) if j < len(rates) else 1.0
-                buf = mu * buf + np.take(s, urows[j], axis=0).astype(np.float64).T @ \
-                    np.asarray(dz[j * b:(j + 1) * b], dtype=np.float64)
+                buf = mu * buf + np.take(s, urows[j], axis=0).astype(np.float64).T @ np.asarray(
+                    dz[j * b : (j + 1) * b], dtype=np.float64
+                )
                 v = v + lr * buf
                 version = start + j + 1
                 snaps.append(v.copy())
@@ -520,8 +530,9 @@ def weight_trajectories(messages, statics: dict[str, np.ndarray]) -> dict[str, d
     return out
 
 
-def attack_trajectory(messages, public, statics: dict[str, np.ndarray], rng: np.random.Generator,
-                      log=None) -> dict[str, TrajectoryClaims]:
+def attack_trajectory(
+    messages, public, statics: dict[str, np.ndarray], rng: np.random.Generator, log=None
+) -> dict[str, TrajectoryClaims]:
     """The whole class of attack on one recording: separation, unmixing, positions, rows."""
     out: dict[str, TrajectoryClaims] = {}
     group, rank_noise = mix_group(), noise_rank()
@@ -597,7 +608,7 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort
     a_full *= flip
     at = 0
     for i, (lo, hi, a) in enumerate(claims.blocks):
-        claims.blocks[i] = (lo, hi, a * flip[at:at + a.shape[1]])
+        claims.blocks[i] = (lo, hi, a * flip[at : at + a.shape[1]])
         at += a.shape[1]
     n = s.shape[0]
     raw = public.train_images[:n].reshape(n, -1)
@@ -625,13 +636,13 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort
     # the mixing M = diag(D alpha) A^-1 per block, D = each pixel's root mean square over the
     # images the run holds (the first n public training images and the public test set)
     test = public.test_images.reshape(public.test_images.shape[0], -1)
-    energy = (np.einsum("ij,ij->j", raw.astype(np.float64), raw) + np.einsum("ij,ij->j", test.astype(np.float64), test))
+    energy = np.einsum("ij,ij->j", raw.astype(np.float64), raw) + np.einsum("ij,ij->j", test.astype(np.float64), test)
     rms = np.sqrt(energy / (n + test.shape[0]))
     at = 0
     blocks_m, blocks_pix = [], []
     for lo, hi, a in claims.blocks:
         r = a.shape[1]
-        src = pos[at:at + r]
+        src = pos[at : at + r]
         blocks_pix.append(src)
         blocks_m.append((rms[src] * alpha[src])[:, None] * np.linalg.pinv(a) if r else np.zeros((0, hi - lo)))
         at += r
@@ -656,7 +667,7 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort
         a_full = np.zeros((k, sum(a.shape[1] for _, _, a in a_blocks)))
         at = 0
         for lo, hi, a in a_blocks:
-            a_full[lo:hi, at:at + a.shape[1]] = a
+            a_full[lo:hi, at : at + a.shape[1]] = a
             at += a.shape[1]
         pos = np.concatenate(blocks_pix)
         y = s.astype(np.float64) @ a_full
@@ -689,8 +700,9 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort
     claims.w1_block = (pos, w)
 
 
-def solve_from_rows(s: np.ndarray, raw_rows: np.ndarray, group: int, rank: int,
-                    sure: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
+def solve_from_rows(
+    s: np.ndarray, raw_rows: np.ndarray, group: int, rank: int, sure: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
     """Known plaintext: with the rows of the static block s (n, K) re-identified (raw_rows (n, 784)
     their public images), s = (x[:, P] D^-1 + G H) M is linear in the pixels plus rank-`rank`
     noise. A least-squares fit on all pixels leaves the noise as residual; its `rank` directions

@@ -53,15 +53,20 @@ ROWS = [
 
 def format_table(figures: dict) -> str:
     s = figures["settings"]
-    lines = [f"What one curious node recovered: preset {s['preset']}, {s['nodes']} nodes, {s['epochs']} epoch(s), "
-             f"{s['limit']} images, disguise {s['disguise']}",
-             f"{'what':<58}{'recovered':>10}  {'target':>8}  ok"]
+    lines = [
+        f"What one curious node recovered: preset {s['preset']}, {s['nodes']} nodes, {s['epochs']} epoch(s), "
+        f"{s['limit']} images, disguise {s['disguise']}",
+        f"{'what':<58}{'recovered':>10}  {'target':>8}  ok",
+    ]
     for key, text, target_key in ROWS:
         value = figures.get(key)
         # correlations, indices and errors, not shares
         ratio = "corr" in key or "ari" in key or "chance" in key or "error" in key or "purity" in key
-        shown = "n/a" if value is None else (f"{value:.1e}" if "error" in key else f"{value:.3f}" if ratio
-                                             else f"{value:.1%}")
+        shown = (
+            "n/a"
+            if value is None
+            else (f"{value:.1e}" if "error" in key else f"{value:.3f}" if ratio else f"{value:.1%}")
+        )
         target = ""
         ok = ""
         if target_key:
@@ -77,9 +82,17 @@ def format_table(figures: dict) -> str:
 
 
 def cmd_audit(args) -> int:
-    figures = run_audit(preset_name=args.preset, nodes=args.nodes, epochs=args.epochs, limit=args.limit,
-                        data=args.data, disguise=args.disguise, record_dir=args.record,
-                        layers=network_layers(args), activation=args.activation)
+    figures = run_audit(
+        preset_name=args.preset,
+        nodes=args.nodes,
+        epochs=args.epochs,
+        limit=args.limit,
+        data=args.data,
+        disguise=args.disguise,
+        record_dir=args.record,
+        layers=network_layers(args),
+        activation=args.activation,
+    )
     if args.json:
         print(json.dumps(plain(figures)), flush=True)
     else:

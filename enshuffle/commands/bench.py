@@ -32,20 +32,26 @@ def _format_value(value, unit: str, signed: bool = False, target: bool = False) 
 
 
 def print_table(figures: Figures, settings: dict) -> None:
-    print(f"enshuffle bench: {settings['train_images']:,} training images, medians of {settings['repeats']} "
-          f"repeats (k = {GROWTH_NODES}: {settings['k7_repeats']}), {settings['seconds']:.0f} s")
+    print(
+        f"enshuffle bench: {settings['train_images']:,} training images, medians of {settings['repeats']} "
+        f"repeats (k = {GROWTH_NODES}: {settings['k7_repeats']}), {settings['seconds']:.0f} s"
+    )
     titles = {"targets": "targets", "other": "other figures"}
     section = None
     for item in figures.items.values():
         if item["section"] != section:
             section = item["section"]
             print(f"\n{titles[section]:<58} {'value':>10}  {'target':<10} status")
-        target = ("" if item["target"] is None else
-                  f"{item['op']} {_format_value(item['target'], item['unit'], item['signed'], target=True)}")
-        status = "" if item["target"] is None else ("n/a" if item["met"] is None
-                                                    else ("ok" if item["met"] else "MISSED"))
+        target = (
+            ""
+            if item["target"] is None
+            else f"{item['op']} {_format_value(item['target'], item['unit'], item['signed'], target=True)}"
+        )
+        status = (
+            "" if item["target"] is None else ("n/a" if item["met"] is None else ("ok" if item["met"] else "MISSED"))
+        )
         note = f"  ({item['note']})" if item["note"] else ""
-        value = _format_value(item['value'], item['unit'], item['signed'])
+        value = _format_value(item["value"], item["unit"], item["signed"])
         line = f"{item['short'] or item['label']:<58} {value:>10}  {target:<10} {status:<6}{note}"
         print(line.rstrip())
     sys.stdout.flush()
@@ -62,25 +68,47 @@ def _jsonable(value):
 
 
 def cmd_bench(args) -> int:
-    m, settings = measure_all(data=args.data, limit=args.limit, repeats=args.repeats, round_trips=args.round_trips,
-                              skip_wire=bool(args.skip_wire), skip_daemon=bool(args.skip_daemon),
-                              scaling=bool(getattr(args, "scaling", False)), layers=network_layers(args),
-                              activation=args.activation)
+    m, settings = measure_all(
+        data=args.data,
+        limit=args.limit,
+        repeats=args.repeats,
+        round_trips=args.round_trips,
+        skip_wire=bool(args.skip_wire),
+        skip_daemon=bool(args.skip_daemon),
+        scaling=bool(getattr(args, "scaling", False)),
+        layers=network_layers(args),
+        activation=args.activation,
+    )
     repeats = args.repeats
     figures = build_figures(m, repeats)
     if args.json:
         hidden = ("section", "signed", "short")
-        print(json.dumps({"figures": {k: {key: v for key, v in item.items() if key not in hidden}
-                                      for k, item in figures.items.items()},
-                          "measurements": _jsonable(m), "settings": settings}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "figures": {
+                        k: {key: v for key, v in item.items() if key not in hidden} for k, item in figures.items.items()
+                    },
+                    "measurements": _jsonable(m),
+                    "settings": settings,
+                },
+                indent=2,
+            )
+        )
     else:
         print_table(figures, settings)
         if m.get("scaling"):
-            print("\nresident default preset (784-h-10 and deeper, relu), per step: coordinator CPU against the "
-                  "cheapest centralized step")
-            print(f"{'hidden':>10} {'nodes':>5} {'central CPU ms':>15} {'coordinator CPU ms':>19} {'share':>7} "
-                  f"{'wall ratio':>10} {'privacy cost':>13}")
+            print(
+                "\nresident default preset (784-h-10 and deeper, relu), per step: coordinator CPU against the "
+                "cheapest centralized step"
+            )
+            print(
+                f"{'hidden':>10} {'nodes':>5} {'central CPU ms':>15} {'coordinator CPU ms':>19} {'share':>7} "
+                f"{'wall ratio':>10} {'privacy cost':>13}"
+            )
             for r in m["scaling"]:
-                print(f"{r['hidden']:>10} {r['nodes']:>5} {r['central_cpu_ms']:>15.2f} {r['cpu_ms']:>19.2f} "
-                      f"{r['cpu_share']:>6.0f}% {r['wall_ratio']:>9.2f}x {r['privacy_cost']:>+12.0f}%")
+                print(
+                    f"{r['hidden']:>10} {r['nodes']:>5} {r['central_cpu_ms']:>15.2f} {r['cpu_ms']:>19.2f} "
+                    f"{r['cpu_share']:>6.0f}% {r['wall_ratio']:>9.2f}x {r['privacy_cost']:>+12.0f}%"
+                )
     return 0

@@ -11,11 +11,29 @@ from pathlib import Path
 
 import numpy as np
 
-from enshuffle.chain import (EXPORT_NAMES, SHORT, TMP_PREFIX, Chain, ChainError, ChainIntegrityError, VersionInfo,
-                             VerifyReport, home_head_problem, short, trust_problem, weight_arrays)
+from enshuffle.chain import (
+    EXPORT_NAMES,
+    SHORT,
+    TMP_PREFIX,
+    Chain,
+    ChainError,
+    ChainIntegrityError,
+    VersionInfo,
+    VerifyReport,
+    home_head_problem,
+    short,
+    trust_problem,
+    weight_arrays,
+)
 from enshuffle.errors import UsageError
-from enshuffle.protocol.keys import (KeyStoreError, enshuffle_home, fingerprint, key_path, load_or_create_identity,
-                                     normalize_fingerprint)
+from enshuffle.protocol.keys import (
+    KeyStoreError,
+    enshuffle_home,
+    fingerprint,
+    key_path,
+    load_or_create_identity,
+    normalize_fingerprint,
+)
 
 
 def _open_for_cli(run_dir: str) -> Chain:
@@ -23,8 +41,10 @@ def _open_for_cli(run_dir: str) -> Chain:
     if not path.is_dir():
         raise UsageError(f"run directory {run_dir} does not exist; give the RUN_DIR a coordinator wrote (--out)")
     if not (path / "chain").is_dir():
-        raise UsageError(f"{run_dir} has no chain/ directory: it is not a run directory, or no model "
-                         "version has been written to it yet")
+        raise UsageError(
+            f"{run_dir} has no chain/ directory: it is not a run directory, or no model "
+            "version has been written to it yet"
+        )
     return Chain(path)
 
 
@@ -40,8 +60,10 @@ def _log_line(info: VersionInfo) -> str:
     except (TypeError, ValueError, OverflowError, OSError):  # not a time this machine can show
         when = "-"
     acc = f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "-"
-    return (f"{short(info.version_id)}  parent {short(info.parent_id):<{SHORT}}  "
-            f"epoch {meta.get('epoch', '-')!s:>3}  step {meta.get('step', '-')!s:>6}  test_acc {acc}  {when}")
+    return (
+        f"{short(info.version_id)}  parent {short(info.parent_id):<{SHORT}}  "
+        f"epoch {meta.get('epoch', '-')!s:>3}  step {meta.get('step', '-')!s:>6}  test_acc {acc}  {when}"
+    )
 
 
 def cmd_log(args) -> int:
@@ -60,14 +82,20 @@ def cmd_log(args) -> int:
         stored = len(chain.stored_ids())
         if stored or logged:
             # Versions on disk that HEAD does not reach: HEAD is missing or damaged, not an empty run.
-            print(f"enshuffle chain log: {chain.dir} holds {stored} version director{'ies' if stored != 1 else 'y'} "
-                  f"and a head log of {logged} entr{'ies' if logged != 1 else 'y'}, but no HEAD leads to them; run "
-                  f"`enshuffle chain verify {args.run_dir}` to see what is wrong", file=sys.stderr)
+            print(
+                f"enshuffle chain log: {chain.dir} holds {stored} version director{'ies' if stored != 1 else 'y'} "
+                f"and a head log of {logged} entr{'ies' if logged != 1 else 'y'}, but no HEAD leads to them; run "
+                f"`enshuffle chain verify {args.run_dir}` to see what is wrong",
+                file=sys.stderr,
+            )
             return 1
     if args.json:  # JSON lines, as `train --json`: one object per version, each with its type
         for v in versions:
-            print(json.dumps({"type": "version", "version_id": v.version_id, "parent_id": v.parent_id,
-                              "metadata": v.metadata}))
+            print(
+                json.dumps(
+                    {"type": "version", "version_id": v.version_id, "parent_id": v.parent_id, "metadata": v.metadata}
+                )
+            )
     elif not versions:
         print(f"no model versions in {chain.dir} yet", file=sys.stderr)
     else:
@@ -110,8 +138,11 @@ def cmd_verify(args) -> int:
     if not report.ok:
         # The problem usually names the version itself: say it once.
         problem_text = report.problem or ""
-        where = f"version {report.first_bad}: " if report.first_bad and short(report.first_bad) not in problem_text \
-            and report.first_bad not in problem_text else ""
+        where = (
+            f"version {report.first_bad}: "
+            if report.first_bad and short(report.first_bad) not in problem_text and report.first_bad not in problem_text
+            else ""
+        )
         before = f" ({report.checked} versions verified before it)" if report.checked else ""
         print(f"FAILED: {where}{report.problem}{before}", file=sys.stderr)
         return 1
@@ -121,9 +152,12 @@ def cmd_verify(args) -> int:
         return 0
     signed_by = fingerprint(bytes.fromhex(key))
     if expected is None:
-        print(f"FAILED: every version checks out, but nothing says {signed_by}, the key that signed them, is the "
-              f"right one: this machine has no coordinator key to compare with; pass --key FINGERPRINT (from "
-              f"`enshuffle keys show` on the run's coordinator)", file=sys.stderr)
+        print(
+            f"FAILED: every version checks out, but nothing says {signed_by}, the key that signed them, is the "
+            f"right one: this machine has no coordinator key to compare with; pass --key FINGERPRINT (from "
+            f"`enshuffle keys show` on the run's coordinator)",
+            file=sys.stderr,
+        )
         return 1
     print(f"ok: {report.checked} versions verified, signed by coordinator key {signed_by} ({whose})")
     return 0
@@ -147,8 +181,11 @@ def cmd_export(args) -> int:
     except ChainError as exc:
         problem = str(exc)
     if problem is not None:
-        print(f"enshuffle chain export: FAILED: {problem}; nothing written (`enshuffle chain verify {args.run_dir}` "
-              f"says the same)", file=sys.stderr)
+        print(
+            f"enshuffle chain export: FAILED: {problem}; nothing written (`enshuffle chain verify {args.run_dir}` "
+            f"says the same)",
+            file=sys.stderr,
+        )
         return 1
     try:
         version_id = chain.resolve(args.version) if args.version else chain.head()
@@ -163,8 +200,9 @@ def cmd_export(args) -> int:
     names = weight_arrays(arrays)
     missing = [n for n in (*EXPORT_NAMES, *names) if n not in arrays]
     if missing:
-        raise UsageError(f"version {short(version_id)} has no {', '.join(missing)}; "
-                         f"it holds {', '.join(sorted(arrays))}")
+        raise UsageError(
+            f"version {short(version_id)} has no {', '.join(missing)}; it holds {', '.join(sorted(arrays))}"
+        )
     target = Path(args.npz)
     if not target.parent.is_dir():
         raise UsageError(f"directory {target.parent} for --npz {args.npz} does not exist; create it first")
@@ -185,9 +223,11 @@ def cmd_export(args) -> int:
         tmp.unlink(missing_ok=True)
     signer_hex = chain.run_key()
     if expected is None and signer_hex is not None:
-        print(f"enshuffle chain export: warning: this machine has no coordinator key, so nothing says "
-              f"{fingerprint(bytes.fromhex(signer_hex))}, the key that signed this chain, is the right one "
-              f"(pass --key FINGERPRINT where the export command takes it, or run `enshuffle chain verify --key`)",
-              file=sys.stderr)
+        print(
+            f"enshuffle chain export: warning: this machine has no coordinator key, so nothing says "
+            f"{fingerprint(bytes.fromhex(signer_hex))}, the key that signed this chain, is the right one "
+            f"(pass --key FINGERPRINT where the export command takes it, or run `enshuffle chain verify --key`)",
+            file=sys.stderr,
+        )
     print(f"wrote {', '.join(names)} of version {short(version_id)} to {target}")
     return 0

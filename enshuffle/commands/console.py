@@ -41,8 +41,9 @@ def run_with_tui(run: CoordinatorRun) -> int:
     run.server._log = lambda line: None
     thread = threading.Thread(target=work, name="coordinator", daemon=True)
     thread.start()
-    app = CoordinatorApp(source=run.state.snapshot, control=run.control,
-                         verify_chain=lambda: verify_chain_message(run.chain))
+    app = CoordinatorApp(
+        source=run.state.snapshot, control=run.control, verify_chain=lambda: verify_chain_message(run.chain)
+    )
 
     def on_sigterm(signum, frame):
         # As the first q: finish the step, write a version, say BYE; the console then leaves.
@@ -71,13 +72,15 @@ def run_with_tui(run: CoordinatorRun) -> int:
     if "error" in status:
         print(f"enshuffle: error: {status['error']}", file=sys.stderr)
     elif thread.is_alive():
-        print("enshuffle: the run did not finish its step within 30 s of quitting; leaving anyway",
-              file=sys.stderr)
+        print("enshuffle: the run did not finish its step within 30 s of quitting; leaving anyway", file=sys.stderr)
         return 1
     # The console is gone: leave what it showed that matters on the terminal.
     run.print_reports = True
-    report_ledger(run.server.ledger, run.config.json,
-                  {"bytes_sent": run.server.bytes_sent, "bytes_received": run.server.bytes_received})
+    report_ledger(
+        run.server.ledger,
+        run.config.json,
+        {"bytes_sent": run.server.bytes_sent, "bytes_received": run.server.bytes_received},
+    )
     with run.state.lock:
         final = run.state.status
     for line in run.summary_lines(final):

@@ -52,12 +52,16 @@ def cmd_coordinator(args) -> int:
     eprint(f"coordinator: network {preset.describe()}, preset {preset.name}, {preset.dtype}")
     for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
         eprint(f"coordinator: {line}")
-    eprint(f"coordinator: listening on {listen_text(run.server.endpoint)}, run {run.server.run_id}, "
-           f"model chain in {run.run_dir}")
+    eprint(
+        f"coordinator: listening on {listen_text(run.server.endpoint)}, run {run.server.run_id}, "
+        f"model chain in {run.run_dir}"
+    )
     eprint(f"coordinator: fingerprint {run.identity.fingerprint}")
     if serving.open:
-        eprint("coordinator: WARNING: --open: ANY node that reaches this port is admitted and receives "
-               "training data; use --allow FILE or invite codes (enshuffle invite) to choose who joins")
+        eprint(
+            "coordinator: WARNING: --open: ANY node that reaches this port is admitted and receives "
+            "training data; use --allow FILE or invite codes (enshuffle invite) to choose who joins"
+        )
     eprint(f"coordinator: {admission.describe()}")
     eprint("coordinator: on each volunteer machine run" + (" one of:" if len(commands) > 1 else ":"))
     for command in commands:

@@ -6,8 +6,15 @@ import os
 import sys
 from pathlib import Path
 
-from enshuffle.protocol.keys import (TRUST_FILE_NAME, TrustStore, enshuffle_home, key_path, load_or_create_identity,
-                                     node_keys, read_identity)
+from enshuffle.protocol.keys import (
+    TRUST_FILE_NAME,
+    TrustStore,
+    enshuffle_home,
+    key_path,
+    load_or_create_identity,
+    node_keys,
+    read_identity,
+)
 
 
 def _key_line(path: Path) -> str:
@@ -31,8 +38,10 @@ def cmd_keys_show(args) -> int:
         ident = read_identity(coordinator)  # a bad file is a one-line error (exit 2)
         print(f"coordinator key: {ident.fingerprint}  {coordinator}")
     else:
-        print("coordinator key: none yet (the first `enshuffle coordinator` or `enshuffle invite` creates it; "
-              "`enshuffle keys show --create` does now)")
+        print(
+            "coordinator key: none yet (the first `enshuffle coordinator` or `enshuffle invite` creates it; "
+            "`enshuffle keys show --create` does now)"
+        )
     keys = node_keys(home) if home.is_dir() else []
     if keys:
         print(f"node key{'s' if len(keys) != 1 else ''}:")
@@ -46,8 +55,10 @@ def cmd_keys_show(args) -> int:
         if path.exists():
             print(f"`enshuffle node --name {name}` uses {read_identity(path).fingerprint}  ({path})")
         else:
-            print(f"`enshuffle node --name {name}` has no key yet: it will create {path} on its first start "
-                  f"(`enshuffle keys show --name {name} --create` does now)")
+            print(
+                f"`enshuffle node --name {name}` has no key yet: it will create {path} on its first start "
+                f"(`enshuffle keys show --name {name} --create` does now)"
+            )
     elif keys and keys[0][0] is None:
         print("`enshuffle node` without --name uses the (no --name) key; each --name has its own")
     print(f"trusted coordinators: {home / TRUST_FILE_NAME}")
@@ -63,6 +74,8 @@ def cmd_keys_forget(args) -> int:
         print(f"no coordinator key is remembered for {args.address} (in {store.path})", file=sys.stderr)
         return 1
     store.forget(args.address)
-    print(f"forgot {known} for {args.address}; the next `enshuffle node --connect {args.address}` trusts the key "
-          f"it sees (pin it with --coordinator-key)")
+    print(
+        f"forgot {known} for {args.address}; the next `enshuffle node --connect {args.address}` trusts the key "
+        f"it sees (pin it with --coordinator-key)"
+    )
     return 0

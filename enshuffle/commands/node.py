@@ -35,6 +35,7 @@ def _apply_thread_env(threads: int | None) -> int:
 def _install_signal_handlers(daemon) -> None:
     """SIGINT/SIGTERM, and SIGHUP (the terminal closed) unless it is ignored (nohup) -> BYE
     `shutdown` and a prompt exit 0 (the coordinator reissues at once)."""
+
     def handler(signum, frame):  # runs in the main thread; stop() only sets an Event
         daemon.stop()
 
@@ -55,7 +56,7 @@ def _headless_log(line: str) -> None:
 
 def _unresolvable(address: str) -> str | None:
     """'cannot resolve host X (...)' when the host of tcp://HOST:PORT has no address, else None."""
-    host, _, port = address[len("tcp://"):].rpartition(":")
+    host, _, port = address[len("tcp://") :].rpartition(":")
     host = host.strip("[]")
     try:
         socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
@@ -77,9 +78,11 @@ def totals_line(state) -> str:
     snap = state.snapshot()
     up = int(time.time() - snap.started_at)
     batches = f"{snap.batches_done} batch{'es' if snap.batches_done != 1 else ''}"
-    return (f"totals: {batches} computed, {snap.bytes_in / 1e6:.1f} MB in, "
-            f"{snap.bytes_out / 1e6:.1f} MB out, {snap.refusals} refused, up {up // 3600}:{up % 3600 // 60:02d}:"
-            f"{up % 60:02d}")
+    return (
+        f"totals: {batches} computed, {snap.bytes_in / 1e6:.1f} MB in, "
+        f"{snap.bytes_out / 1e6:.1f} MB out, {snap.refusals} refused, up {up // 3600}:{up % 3600 // 60:02d}:"
+        f"{up % 60:02d}"
+    )
 
 
 def cmd_node(args) -> int:
@@ -92,8 +95,7 @@ def cmd_node(args) -> int:
         try:
             os.nice(args.nice)
         except OSError as exc:
-            print(f"enshuffle node: cannot lower the priority by --nice {args.nice}: {exc.strerror}",
-                  file=sys.stderr)
+            print(f"enshuffle node: cannot lower the priority by --nice {args.nice}: {exc.strerror}", file=sys.stderr)
     threads = _apply_thread_env(args.threads)
     from enshuffle.fpenv import flush_denormals  # lazy: see _apply_thread_env
 
@@ -108,15 +110,21 @@ def cmd_node(args) -> int:
     unresolved = _unresolvable(args.connect)
     if unresolved and not getattr(args, "keep_running", False):
         # A misspelled host does not become resolvable by retrying for 5 minutes.
-        print(f"enshuffle node: error: {unresolved}; check the --connect address (--keep-running retries "
-              f"for ever, e.g. while the network comes up)", file=sys.stderr)
+        print(
+            f"enshuffle node: error: {unresolved}; check the --connect address (--keep-running retries "
+            f"for ever, e.g. while the network comes up)",
+            file=sys.stderr,
+        )
         return EXIT_UNREACHABLE
     from enshuffle.node.invite import resolve_invite  # no numpy: read before the BLAS is configured
 
     invite = resolve_invite(getattr(args, "invite", None))  # CODE, @FILE or ENSHUFFLE_INVITE
     if invite is not None and not is_invite_code(invite):
-        print(f"enshuffle node: error: {invite[:40]!r} is not an invite code: `enshuffle invite` prints 32 hex "
-              f"digits (--invite CODE or ENSHUFFLE_INVITE); check it was copied whole", file=sys.stderr)
+        print(
+            f"enshuffle node: error: {invite[:40]!r} is not an invite code: `enshuffle invite` prints 32 hex "
+            f"digits (--invite CODE or ENSHUFFLE_INVITE); check it was copied whole",
+            file=sys.stderr,
+        )
         return 2
     invite = invite.lower() if invite else None  # the codes are lower-case hex; a copy may not be
     home = enshuffle_home()
@@ -127,20 +135,31 @@ def cmd_node(args) -> int:
     control = NodeControl(threads=threads)
     recorder = None
     if getattr(args, "record", None):
+
         def record_log(line: str) -> None:
             state.add_log(line)
             if not args.tui:
                 print(f"enshuffle node: {line}", file=sys.stderr, flush=True)
+
         recorder = MessageRecorder(args.record, args.record_max_bytes, log=record_log)
-    daemon = NodeDaemon(args.connect, identity=identity, trust=trust, pinned=args.coordinator_key,
-                        name=args.name or socket.gethostname(), threads=threads, state=state,
-                        control=control, log=_headless_log if not args.tui else state_only,
-                        exit_on_finish=not getattr(args, "keep_running", False), recorder=recorder,
-                        invite=invite,
-                        max_memory=getattr(args, "max_memory", None),
-                        policy=Policy.from_args(getattr(args, "max_cpu", 100), getattr(args, "hours", None)),
-                        give_up_after=None if getattr(args, "keep_running", False) else GIVE_UP_S,
-                        denormals=denormals)
+    daemon = NodeDaemon(
+        args.connect,
+        identity=identity,
+        trust=trust,
+        pinned=args.coordinator_key,
+        name=args.name or socket.gethostname(),
+        threads=threads,
+        state=state,
+        control=control,
+        log=_headless_log if not args.tui else state_only,
+        exit_on_finish=not getattr(args, "keep_running", False),
+        recorder=recorder,
+        invite=invite,
+        max_memory=getattr(args, "max_memory", None),
+        policy=Policy.from_args(getattr(args, "max_cpu", 100), getattr(args, "hours", None)),
+        give_up_after=None if getattr(args, "keep_running", False) else GIVE_UP_S,
+        denormals=denormals,
+    )
     _install_signal_handlers(daemon)
     if not args.tui:
         status = daemon.run()

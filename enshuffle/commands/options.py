@@ -40,8 +40,9 @@ def check_weights_path(path: str | None) -> None:
                 pass
             target.unlink()
     except OSError as exc:
-        raise UsageError(f"--save-weights {path}: cannot write there ({exc.strerror}); "
-                         "choose a writable path") from None
+        raise UsageError(
+            f"--save-weights {path}: cannot write there ({exc.strerror}); choose a writable path"
+        ) from None
 
 
 def check_run_dir_writable(run_dir: str) -> None:
@@ -53,8 +54,9 @@ def check_run_dir_writable(run_dir: str) -> None:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {run_dir}: cannot create or write it ({probe} is not a writable directory); "
-                         f"choose a writable --out")
+        raise UsageError(
+            f"--out {run_dir}: cannot create or write it ({probe} is not a writable directory); choose a writable --out"
+        )
 
 
 def run_config(args, command: str) -> RunConfig:
@@ -63,18 +65,38 @@ def run_config(args, command: str) -> RunConfig:
     The parsed arguments go no further."""
     option = vars(args).get  # the options one of the two commands does not have are None
     coordinator = command == "coordinator"
-    serving = Serving(bind=option("bind"), allow=option("allow"),
-                      open=bool(option("open")), min_nodes=option("min_nodes"),
-                      checkpoint_every=option("checkpoint_every"), quarantine_after=option("quarantine_after"),
-                      replicate=bool(option("replicate")))
-    config = RunConfig(preset=args.preset, epochs=args.epochs, dtype=args.dtype, seed=option("seed"),
-                       layers=network_layers(args), activation=option("activation"), offload=args.offload,
-                       limit=option("limit"), data=option("data"),
-                       disguise=option("disguise"), max_exposure=option("max_exposure"),
-                       save_weights=option("save_weights"), json=bool(args.json), run_dir=option("out"),
-                       resume=bool(option("resume")), serving=serving, keep_serving=coordinator,
-                       tui=bool(option("tui")), verbose=bool(option("verbose")),
-                       in_process=bool(option("in_process")), reference=option("reference"))
+    serving = Serving(
+        bind=option("bind"),
+        allow=option("allow"),
+        open=bool(option("open")),
+        min_nodes=option("min_nodes"),
+        checkpoint_every=option("checkpoint_every"),
+        quarantine_after=option("quarantine_after"),
+        replicate=bool(option("replicate")),
+    )
+    config = RunConfig(
+        preset=args.preset,
+        epochs=args.epochs,
+        dtype=args.dtype,
+        seed=option("seed"),
+        layers=network_layers(args),
+        activation=option("activation"),
+        offload=args.offload,
+        limit=option("limit"),
+        data=option("data"),
+        disguise=option("disguise"),
+        max_exposure=option("max_exposure"),
+        save_weights=option("save_weights"),
+        json=bool(args.json),
+        run_dir=option("out"),
+        resume=bool(option("resume")),
+        serving=serving,
+        keep_serving=coordinator,
+        tui=bool(option("tui")),
+        verbose=bool(option("verbose")),
+        in_process=bool(option("in_process")),
+        reference=option("reference"),
+    )
     if config.resume:
         return config  # completed by `resume`
     if coordinator:
@@ -94,10 +116,13 @@ def resume(config: RunConfig, who: str) -> RunConfig:
     extended = f" (was {record.epochs})" if resumed.epochs != record.epochs else ""
     layers = "-".join(map(str, resumed.layers or ()))
     shards = resumed.shards
-    eprint(f"{who}: resuming {config.run_dir} with its settings: preset {resumed.preset}, {layers} "
-           f"{resumed.activation}, {resumed.epochs} epochs{extended}, "
-           f"{resumed.dtype}, offload {resumed.offload}, {shards} block{'s' if shards != 1 else ''}"
-           + (f", data {resumed.data}" if record.data_source else "") + " (other training options are ignored)")
+    eprint(
+        f"{who}: resuming {config.run_dir} with its settings: preset {resumed.preset}, {layers} "
+        f"{resumed.activation}, {resumed.epochs} epochs{extended}, "
+        f"{resumed.dtype}, offload {resumed.offload}, {shards} block{'s' if shards != 1 else ''}"
+        + (f", data {resumed.data}" if record.data_source else "")
+        + " (other training options are ignored)"
+    )
     if config.keep_serving:
         taken = config.serving.completed(record.serving)[1]
         if taken:

@@ -154,8 +154,10 @@ def install_service(args) -> int:
         return 1
     print(f"{'replaced' if existed else 'wrote'} {target}")
     if not args.coordinator_key:
-        print("note: no --coordinator-key: the node trusts the first key it sees at that address; "
-              "pin it with the fingerprint the operator gives you")
+        print(
+            "note: no --coordinator-key: the node trusts the first key it sees at that address; "
+            "pin it with the fingerprint the operator gives you"
+        )
     print(f"""start now and at login:  systemctl --user daemon-reload && systemctl --user enable --now {name}
 stop:                    systemctl --user stop {name}   (the node says BYE first)
 status and logs:         systemctl --user status {name};  journalctl --user -u {name} -f

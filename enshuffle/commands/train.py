@@ -16,8 +16,12 @@ import numpy as np
 from enshuffle.commands.console import run_console
 from enshuffle.commands.options import check_offload, check_run_dir_writable, check_weights_path, resume, run_config
 from enshuffle.coordinator.addresses import volunteer_addresses
-from enshuffle.coordinator.cluster import (LOCAL_NODES_CONNECT_S, local_nodes_problem, spawn_local_nodes,
-                                           stop_local_nodes)
+from enshuffle.coordinator.cluster import (
+    LOCAL_NODES_CONNECT_S,
+    local_nodes_problem,
+    spawn_local_nodes,
+    stop_local_nodes,
+)
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor, default_disguise
 from enshuffle.coordinator.ledger import privacy_notes
 from enshuffle.coordinator.offload import default_cost_model
@@ -33,17 +37,23 @@ def cmd_train(args) -> int:
     config = run_config(args, "train")
     nodes = config.shards
     if config.in_process and nodes == 0:
-        raise UsageError("--in-process runs the distributed algorithm with in-process nodes: give --nodes K >= 1 "
-                         "(--nodes 0 alone is the centralized reference)")
+        raise UsageError(
+            "--in-process runs the distributed algorithm with in-process nodes: give --nodes K >= 1 "
+            "(--nodes 0 alone is the centralized reference)"
+        )
     if config.tui and (nodes == 0 or config.in_process):
         raise UsageError("--tui shows a coordinator and its nodes: use it with --nodes K >= 1 and without --in-process")
     if config.run_dir and (nodes == 0 or config.in_process):
-        raise UsageError("--out keeps the model chain of a coordinator run: use it with --nodes K >= 1 and "
-                         "without --in-process (or --save-weights for the final weights)")
+        raise UsageError(
+            "--out keeps the model chain of a coordinator run: use it with --nodes K >= 1 and "
+            "without --in-process (or --save-weights for the final weights)"
+        )
     if config.resume:
         if nodes == 0 or config.in_process:
-            raise UsageError("--resume continues a run's model chain: use it with --out RUN_DIR and node "
-                             "processes (--nodes K >= 1, without --in-process)")
+            raise UsageError(
+                "--resume continues a run's model chain: use it with --out RUN_DIR and node "
+                "processes (--nodes K >= 1, without --in-process)"
+            )
         config = resume(config, "train")
         nodes = config.shards
     check_weights_path(config.save_weights)
@@ -60,20 +70,31 @@ def cmd_train(args) -> int:
     if nodes == 0 and reference:
         secret, basis = reference_basis(reference, inputs, preset)
         compute, ledger = LocalCompute(inputs.images, basis=basis), None
-        eprint(f"train: centralized reference of the resident run in {reference}, preset {preset.name}, "
-               f"{preset.describe()}, {preset.dtype}")
+        eprint(
+            f"train: centralized reference of the resident run in {reference}, preset {preset.name}, "
+            f"{preset.describe()}, {preset.dtype}"
+        )
     elif nodes == 0:
         compute, ledger = LocalCompute(inputs.images), None
         eprint(f"train: centralized reference, preset {preset.name}, {preset.describe()}, {preset.dtype}")
     elif config.in_process:
         # Partitions and disguises from OS entropy: never from a seed a node could know.
-        compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(), InProcessExecutor,
-                                     **inputs.source(), layers=preset.layers, offload=config.offload,
-                                     cost_model=default_cost_model(),
-                                     disguise=config.disguise or default_disguise(preset))
+        compute = DistributedCompute(
+            inputs.images,
+            nodes,
+            np.random.default_rng(),
+            InProcessExecutor,
+            **inputs.source(),
+            layers=preset.layers,
+            offload=config.offload,
+            cost_model=default_cost_model(),
+            disguise=config.disguise or default_disguise(preset),
+        )
         ledger = compute.ledger
-        eprint(f"train: {nodes} in-process nodes, preset {preset.name}, {preset.describe()}, {preset.dtype}, "
-               f"offload {config.offload}")
+        eprint(
+            f"train: {nodes} in-process nodes, preset {preset.name}, {preset.describe()}, {preset.dtype}, "
+            f"offload {config.offload}"
+        )
         for line in compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
             eprint(f"train: {line}")
     else:
@@ -87,13 +108,13 @@ def reference_basis(run_dir: str, inputs, preset):
     # only on this path (a centralized reference of a resident run): train --nodes 0 stays light
     from enshuffle.coordinator.disguise.resident import resident_basis
     from enshuffle.coordinator.run import plan_secret
+
     path = Path(run_dir)
     if not (path / "plan.secret").is_file():
         raise UsageError(f"{run_dir} holds no plan.secret: give the --out directory of a resident run")
     record = RunRecord.load(path)
     secret = plan_secret(path)
-    return secret, resident_basis(inputs.images["train"], record.shards, preset.layers,
-                                  np.random.default_rng(secret))
+    return secret, resident_basis(inputs.images["train"], record.shards, preset.layers, np.random.default_rng(secret))
 
 
 def drive(config: RunConfig, preset, inputs, compute, ledger, secret: int | None = None) -> int:
@@ -117,15 +138,20 @@ def run_local_cluster(config: RunConfig, preset, inputs) -> int:
     with tempfile.TemporaryDirectory(prefix="enshuffle-local-") as tmp_dir:
         tmp = Path(tmp_dir)
         run = local_cluster_run(config, preset, inputs, workdir=tmp, quiet=not config.verbose)
-        eprint(f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
-               f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {config.offload}")
+        eprint(
+            f"train: coordinator on {listen_text(run.server.endpoint)}, {nodes} local node processes, "
+            f"preset {preset.name}, {preset.describe()}, {preset.dtype}, offload {config.offload}"
+        )
         for line in run.compute.plan_lines(preset.batch_size or inputs.images["train"].shape[0]):
             eprint(f"train: {line}")
         nodes_dir = local_nodes_dir(run_dir, tmp)
-        procs = spawn_local_nodes(volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes,
-                                  nodes_dir)
-        eprint(f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
-               f"(at most {LOCAL_NODES_CONNECT_S:g} s)")
+        procs = spawn_local_nodes(
+            volunteer_addresses(run.server.endpoint)[0], run.identity.fingerprint, nodes, nodes_dir
+        )
+        eprint(
+            f"train: waiting for the {nodes} local node{'s' if nodes != 1 else ''} to connect "
+            f"(at most {LOCAL_NODES_CONNECT_S:g} s)"
+        )
         run.local_nodes = True
         run.give_up = local_nodes_problem(procs, nodes_dir, time.monotonic() + LOCAL_NODES_CONNECT_S)
         try:

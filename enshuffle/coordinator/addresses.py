@@ -16,10 +16,10 @@ PLACEHOLDER = "THIS_HOST"
 
 def split_endpoint(endpoint: str) -> tuple[str, str]:
     """'tcp://[::ffff:1.2.3.4]:5555' -> ('1.2.3.4', '5555'); brackets and the v4-mapped prefix go."""
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    host, _, port = endpoint[len("tcp://") :].rpartition(":")
     host = host.strip("[]")
     if host.lower().startswith("::ffff:") and "." in host:
-        host = host[len("::ffff:"):]
+        host = host[len("::ffff:") :]
     return host, port
 
 

@@ -44,8 +44,10 @@ def read_allow_file(path: Path) -> set[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise KeyStoreError(f"allow-list {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
-                            f"give a text file with one node fingerprint per line") from None
+        raise KeyStoreError(
+            f"allow-list {path} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
+            f"give a text file with one node fingerprint per line"
+        ) from None
     allowed = set()
     for number, line in enumerate(text.splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
@@ -54,8 +56,10 @@ def read_allow_file(path: Path) -> set[str]:
         try:
             allowed.add(normalize_fingerprint(entry))
         except KeyStoreError:
-            raise KeyStoreError(f"allow-list {path} line {number}: {entry[:60]!r} is not a full key "
-                                f"fingerprint (copy it from `enshuffle keys show` on the node)") from None
+            raise KeyStoreError(
+                f"allow-list {path} line {number}: {entry[:60]!r} is not a full key "
+                f"fingerprint (copy it from `enshuffle keys show` on the node)"
+            ) from None
     return allowed
 
 
@@ -77,8 +81,11 @@ def load_invites(home: Path, include_used: bool = False) -> dict[str, dict]:
     try:
         doc = json.loads((home / INVITES_FILE).read_text(encoding="utf-8"))
         invites = doc["invites"]
-        return {k: v for k, v in invites.items() if isinstance(v, dict) and isinstance(v.get("code"), str)
-                and (include_used or not v.get("used"))}
+        return {
+            k: v
+            for k, v in invites.items()
+            if isinstance(v, dict) and isinstance(v.get("code"), str) and (include_used or not v.get("used"))
+        }
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -104,8 +111,10 @@ def invite_problem(entry: dict, fp: str, now: float | None = None) -> str | None
     stored = entry.get("keys")
     keys: list = stored if isinstance(stored, list) else []
     if entry.get("used") and fp not in keys:
-        return (f"this invite code was already used (by another node, {entry['used']}): each one-time "
-                f"code admits one node; ask the operator for a new one (enshuffle invite)")
+        return (
+            f"this invite code was already used (by another node, {entry['used']}): each one-time "
+            f"code admits one node; ask the operator for a new one (enshuffle invite)"
+        )
     if invite_expired(entry, now):
         return "this invite code has expired; ask the operator for a new one (enshuffle invite)"
     given = entry.get("max_keys")
@@ -121,11 +130,14 @@ def create_invite(home: Path, reusable: bool, expires_in: float | None = None) -
     code = secrets.token_hex(16)
     invites = load_invites(home, include_used=True)
     now = time.time()
-    invites[invite_id(code)] = {"code": code, "reusable": bool(reusable),
-                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-                                "expires_at": int(now + (expires_in if expires_in is not None
-                                                         else INVITE_DAYS * 86400)),
-                                "max_keys": REUSABLE_MAX_KEYS if reusable else 1, "keys": []}
+    invites[invite_id(code)] = {
+        "code": code,
+        "reusable": bool(reusable),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+        "expires_at": int(now + (expires_in if expires_in is not None else INVITE_DAYS * 86400)),
+        "max_keys": REUSABLE_MAX_KEYS if reusable else 1,
+        "keys": [],
+    }
     write_private(home / INVITES_FILE, json.dumps({"version": 1, "invites": invites}, indent=2) + "\n")
     return code
 
@@ -153,9 +165,22 @@ class Refuse:
     warn: str = ""
 
 
-def decide(key: bytes, header: dict, challenge: str, *, admission, finished: bool, banned: bool,
-           quarantine, twins, sessions: int, max_sessions: int, heartbeat_ms: int, now: float,
-           address: str = "") -> Admit | Refuse:
+def decide(
+    key: bytes,
+    header: dict,
+    challenge: str,
+    *,
+    admission,
+    finished: bool,
+    banned: bool,
+    quarantine,
+    twins,
+    sessions: int,
+    max_sessions: int,
+    heartbeat_ms: int,
+    now: float,
+    address: str = "",
+) -> Admit | Refuse:
     """Whether a verified HELLO from node `key` joins: `Admit`, or `Refuse(code, text)`.
 
     It reads only what it is given: `admission` (an `Admission`, or None to admit every key; its
@@ -173,16 +198,24 @@ def decide(key: bytes, header: dict, challenge: str, *, admission, finished: boo
     elif finished:
         refuse = Refuse("run-finished", "training has ended")
     elif banned:
-        refuse = Refuse("not-allowed", "this node was evicted from the run for sending malformed or unverifiable "
-                                       "messages")
+        refuse = Refuse(
+            "not-allowed", "this node was evicted from the run for sending malformed or unverifiable messages"
+        )
     elif not admitted:
         why = getattr(admission, "refusal_text", None)
-        refuse = Refuse("not-allowed", why(key, header.get("invite"), challenge) if why else
-                        f"key {fp} is not admitted here: ask the operator to add it to the "
-                        f"coordinator's --allow file, or for an invite code (enshuffle invite)")
+        refuse = Refuse(
+            "not-allowed",
+            why(key, header.get("invite"), challenge)
+            if why
+            else f"key {fp} is not admitted here: ask the operator to add it to the "
+            f"coordinator's --allow file, or for an invite code (enshuffle invite)",
+        )
     elif quarantine is not None:
-        refuse = Refuse("quarantined", f"this node's key is quarantined for this run ({quarantine.lies} wrong "
-                                       f"results; last: {quarantine.reason[:200]}); ask the operator to re-admit it")
+        refuse = Refuse(
+            "quarantined",
+            f"this node's key is quarantined for this run ({quarantine.lies} wrong "
+            f"results; last: {quarantine.reason[:200]}); ask the operator to re-admit it",
+        )
     else:
         caps = header["capabilities"]
         ops = caps.get("ops") if isinstance(caps, dict) else None
@@ -198,14 +231,16 @@ def decide(key: bytes, header: dict, challenge: str, *, admission, finished: boo
         # was the silent one, busy with its own work).
         own = isinstance(header.get("replaces"), str) and header["replaces"] == live.node_id
         if not own and now - live.last_seen < 2 * heartbeat_ms / 1000:
-            refuse = Refuse("duplicate-key",
-                            f"another node with key {short_fingerprint(fp)} is already connected "
-                            f"(from {live.address or 'an unknown address'}, as {live.label}); "
-                            f"each node process needs its own key: give each a different --name "
-                            f"or ENSHUFFLE_HOME",
-                            warn=f"refused a second node with the key of {live.label} "
-                                 f"({short_fingerprint(fp)}) from {address or 'unknown'}: the key is already "
-                                 f"connected from {live.address or 'unknown'}; each process needs its own --name")
+            refuse = Refuse(
+                "duplicate-key",
+                f"another node with key {short_fingerprint(fp)} is already connected "
+                f"(from {live.address or 'an unknown address'}, as {live.label}); "
+                f"each node process needs its own key: give each a different --name "
+                f"or ENSHUFFLE_HOME",
+                warn=f"refused a second node with the key of {live.label} "
+                f"({short_fingerprint(fp)}) from {address or 'unknown'}: the key is already "
+                f"connected from {live.address or 'unknown'}; each process needs its own --name",
+            )
     if refuse is None and sessions - len(twins) >= max_sessions:
         refuse = Refuse("busy", f"this coordinator takes at most {max_sessions} nodes")
     return refuse if refuse is not None else Admit(how, twins)
@@ -214,8 +249,14 @@ def decide(key: bytes, header: dict, challenge: str, *, admission, finished: boo
 class Admission:
     """Decides whether a node key may join; `describe()` is the start-up line."""
 
-    def __init__(self, *, allow_file: str | Path | None = None, open_: bool = False, home: Path | None = None,
-                 auto: set[bytes] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        allow_file: str | Path | None = None,
+        open_: bool = False,
+        home: Path | None = None,
+        auto: set[bytes] | None = None,
+    ) -> None:
         self.allow_file = Path(allow_file) if allow_file else None
         self.open = open_
         self.home = home
@@ -272,8 +313,9 @@ class Admission:
             parts.append(f"invite codes (enshuffle invite), {invited} invited key{'s' if invited != 1 else ''}")
         if self.auto:
             parts.append(f"{len(self.auto)} local nodes")
-        return "admission: " + (", ".join(parts) if parts
-                                else "nobody yet (use --allow FILE, enshuffle invite or --open)")
+        return "admission: " + (
+            ", ".join(parts) if parts else "nobody yet (use --allow FILE, enshuffle invite or --open)"
+        )
 
     def check(self, key: bytes, invite, challenge: str) -> tuple[bool, str]:
         """(admitted, how) for a verified HELLO's node key and its optional `invite` field."""
@@ -305,15 +347,22 @@ class Admission:
         if isinstance(invite, dict) and self.home is not None:
             ident, proof = invite.get("id"), invite.get("proof")
             entry = load_invites(self.home, include_used=True).get(ident) if isinstance(ident, str) else None
-            proven = entry is not None and isinstance(proof, str) and \
-                hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof)
+            proven = (
+                entry is not None
+                and isinstance(proof, str)
+                and hmac.compare_digest(invite_proof(entry["code"], challenge, key.hex()), proof)
+            )
             problem = invite_problem(entry, fp) if proven and entry is not None else None
             if problem is not None:
                 return problem
-            return ("the invite code is not one this coordinator made (mistyped, from another coordinator, or "
-                    "removed): ask the operator for a new one (enshuffle invite)")
-        return (f"key {fp} is not admitted here: ask the operator to add it to the coordinator's --allow file, "
-                f"or for an invite code (enshuffle invite)")
+            return (
+                "the invite code is not one this coordinator made (mistyped, from another coordinator, or "
+                "removed): ask the operator for a new one (enshuffle invite)"
+            )
+        return (
+            f"key {fp} is not admitted here: ask the operator to add it to the coordinator's --allow file, "
+            f"or for an invite code (enshuffle invite)"
+        )
 
     def _use_invite(self, ident: str, entry: dict, fp: str) -> None:
         home = self.home
@@ -328,8 +377,9 @@ class Admission:
             if not entry.get("reusable"):
                 # Kept, marked used, so a second node presenting it is told why it is refused.
                 if ident in invites:
-                    invites[ident] = dict(invites[ident], used=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                          keys=[fp])
+                    invites[ident] = dict(
+                        invites[ident], used=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), keys=[fp]
+                    )
             elif ident in invites:
                 stored = invites[ident].get("keys")
                 known: list = stored if isinstance(stored, list) else []

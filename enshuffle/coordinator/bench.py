@@ -48,14 +48,26 @@ import numpy as np
 
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 from enshuffle.coordinator.admission import Admission
-from enshuffle.coordinator.distributed import (Batch, DistributedCompute, InProcessExecutor, default_disguise,
-                                               static_name)
+from enshuffle.coordinator.distributed import (
+    Batch,
+    DistributedCompute,
+    InProcessExecutor,
+    default_disguise,
+    static_name,
+)
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes
 from enshuffle.coordinator.offload import COST_MODEL_FILE, CostModel, default_cost_model
 from enshuffle.coordinator.plan import build_matmul_plan
 from enshuffle.coordinator.report import eprint
-from enshuffle.coordinator.cluster import (LOCAL_NODES_CONNECT_S, local_node_keys, local_nodes_problem, node_home,
-                                           spawn_local_nodes, spawn_node, stop_local_nodes)
+from enshuffle.coordinator.cluster import (
+    LOCAL_NODES_CONNECT_S,
+    local_node_keys,
+    local_nodes_problem,
+    node_home,
+    spawn_local_nodes,
+    spawn_node,
+    stop_local_nodes,
+)
 from enshuffle.coordinator.run import coordinator_blas_threads
 from enshuffle.coordinator.server import CoordinatorServer, Listener
 from enshuffle.coordinator.state import CoordinatorState
@@ -66,27 +78,27 @@ from enshuffle.protocol.keys import fingerprint, load_or_create_identity
 from enshuffle.protocol.messages import Channel
 
 NOTEBOOK_PLAN_SECONDS = 70.8
-CRYPTO_BUDGET_EPOCH_S = 0.1    # seed preset, per epoch
-CRYPTO_BUDGET_STEP_MS = 0.5    # default preset, per step
-PRIVACY_COST_TARGET = 10.0     # % more coordinator CPU than the shuffle-only disguise
+CRYPTO_BUDGET_EPOCH_S = 0.1  # seed preset, per epoch
+CRYPTO_BUDGET_STEP_MS = 0.5  # default preset, per step
+PRIVACY_COST_TARGET = 10.0  # % more coordinator CPU than the shuffle-only disguise
 
 # The bench's targets: what a lean coordinator should cost against the centralized run.
-TARGET_CPU_SHARE = 30.0          # % of the cheapest centralized CPU per seed-preset epoch
-TARGET_WIRE_RATIO = 2.0          # wire epoch / centralized epoch, seed preset
-TARGET_STEP_RATIO = 4.0          # default preset step over the wire / centralized step
-TARGET_STEP_CPU_RATIO = 2.0      # coordinator CPU per default step / cheapest centralized step
-TARGET_BYTES_MB = 200.0          # sent + received per seed-preset epoch, k = 2
-TARGET_GROWTH = 40.0             # % coordinator CPU growth from k = 2 to k = 7
-TARGET_FAULTS = 5000.0           # coordinator minor page faults per seed-preset epoch
-TARGET_ROUND_TRIP_MS = 2.0       # node round trip for a small product, p90
-TARGET_CHECK_SHARE = 5.0         # % of the coordinator's CPU spent checking results
-TARGET_ROUND_TRIPS = 2.0         # round trips per default-preset step
+TARGET_CPU_SHARE = 30.0  # % of the cheapest centralized CPU per seed-preset epoch
+TARGET_WIRE_RATIO = 2.0  # wire epoch / centralized epoch, seed preset
+TARGET_STEP_RATIO = 4.0  # default preset step over the wire / centralized step
+TARGET_STEP_CPU_RATIO = 2.0  # coordinator CPU per default step / cheapest centralized step
+TARGET_BYTES_MB = 200.0  # sent + received per seed-preset epoch, k = 2
+TARGET_GROWTH = 40.0  # % coordinator CPU growth from k = 2 to k = 7
+TARGET_FAULTS = 5000.0  # coordinator minor page faults per seed-preset epoch
+TARGET_ROUND_TRIP_MS = 2.0  # node round trip for a small product, p90
+TARGET_CHECK_SHARE = 5.0  # % of the coordinator's CPU spent checking results
+TARGET_ROUND_TRIPS = 2.0  # round trips per default-preset step
 
 CENTRAL_THREADS = (1, 2)
 GROWTH_NODES = 7
 GROWTH_MAX_REPEATS = 3
 DAEMON = "`enshuffle coordinator` daemon process"
-STEP_CHUNK = 60                  # default-preset steps per measured figure
+STEP_CHUNK = 60  # default-preset steps per measured figure
 DAEMON_TIMEOUT_S = 900.0
 
 
@@ -205,8 +217,15 @@ def _threads_text(threads: int) -> str:
 
 
 # -- the coordinator in this process, node processes on loopback ---------------------------------
-def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool = False,
-                 disguise: str | None = None, offload: str = "matmul") -> dict[str, float | None]:
+def measure_wire(
+    preset,
+    inputs,
+    repeats: int,
+    nodes: int = 2,
+    minibatch: bool = False,
+    disguise: str | None = None,
+    offload: str = "matmul",
+) -> dict[str, float | None]:
     """Medians per seed-preset epoch (or per default-preset step) of the counters, with `nodes`
     `enshuffle node --threads 1` processes; keys as `_snapshot`'s."""
     Channel.clock = staticmethod(time.thread_time)  # CPU time: what the crypto costs this process
@@ -215,15 +234,24 @@ def measure_wire(preset, inputs, repeats: int, nodes: int = 2, minibatch: bool =
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
         listener = Listener("tcp://127.0.0.1:*")
         ledger = ExposureLedger(ledger_axes(preset.layers))
-        serve = CoordinatorServer.factory(listener, identity, CoordinatorState(), ledger,
-                                          admission=Admission(auto=set(local_node_keys(tmp, nodes))))
+        serve = CoordinatorServer.factory(
+            listener, identity, CoordinatorState(), ledger, admission=Admission(auto=set(local_node_keys(tmp, nodes)))
+        )
         procs = spawn_local_nodes(listener.endpoint, identity.fingerprint, nodes, tmp)
         server: CoordinatorServer | None = None
         try:
-            compute = DistributedCompute(inputs.images, nodes, np.random.default_rng(2), serve,
-                                         ledger=ledger, disguise=disguise or default_disguise(preset),
-                                         **inputs.source(),
-                                         layers=preset.layers, offload=offload, cost_model=default_cost_model())
+            compute = DistributedCompute(
+                inputs.images,
+                nodes,
+                np.random.default_rng(2),
+                serve,
+                ledger=ledger,
+                disguise=disguise or default_disguise(preset),
+                **inputs.source(),
+                layers=preset.layers,
+                offload=offload,
+                cost_model=default_cost_model(),
+            )
             assert isinstance(compute.executor, CoordinatorServer)
             server = compute.executor
             problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
@@ -257,8 +285,11 @@ def measure_scaling(data: str | None, limit: int | None, repeats: int) -> list[d
     for SCALING_NODES node processes at width 1024 and for the deeper SCALING_DEEP networks
     (resident hidden layers); with the resident-clear control's CPU."""
     rows = []
-    configs = [((784, h, 10), 2) for h in SCALING_WIDTHS] + \
-        [((784, 1024, 10), k) for k in SCALING_NODES if k != 2] + [(layers, 2) for layers in SCALING_DEEP]
+    configs = (
+        [((784, h, 10), 2) for h in SCALING_WIDTHS]
+        + [((784, 1024, 10), k) for k in SCALING_NODES if k != 2]
+        + [(layers, 2) for layers in SCALING_DEEP]
+    )
     for layers, nodes in configs:
         hidden = "-".join(str(n) for n in layers[1:-1])
         preset = replace(get_preset("default", layers=layers, activation="relu"), epochs=10_000)
@@ -271,14 +302,26 @@ def measure_scaling(data: str | None, limit: int | None, repeats: int) -> list[d
         control = measure_wire(preset, inputs, repeats, nodes=nodes, minibatch=True, disguise="resident-clear")
         wire = {k: float(measured[k] or 0.0) for k in ("cpu", "wall")}
         clear = {"cpu": float(control["cpu"] or 0.0) or 1e-12}
-        rows.append({"hidden": hidden, "nodes": nodes, "central_cpu_ms": 1e3 * cpu, "central_wall_ms": 1e3 * wall,
-                     "cpu_ms": 1e3 * wire["cpu"], "wall_ms": 1e3 * wire["wall"], "clear_cpu_ms": 1e3 * clear["cpu"],
-                     "cpu_share": 100 * wire["cpu"] / cpu, "wall_ratio": wire["wall"] / wall,
-                     "privacy_cost": 100 * (wire["cpu"] / clear["cpu"] - 1)})
+        rows.append(
+            {
+                "hidden": hidden,
+                "nodes": nodes,
+                "central_cpu_ms": 1e3 * cpu,
+                "central_wall_ms": 1e3 * wall,
+                "cpu_ms": 1e3 * wire["cpu"],
+                "wall_ms": 1e3 * wire["wall"],
+                "clear_cpu_ms": 1e3 * clear["cpu"],
+                "cpu_share": 100 * wire["cpu"] / cpu,
+                "wall_ratio": wire["wall"] / wall,
+                "privacy_cost": 100 * (wire["cpu"] / clear["cpu"] - 1),
+            }
+        )
         r = rows[-1]
-        eprint(f"bench: scaling 784-{hidden}-10 k={nodes}: coordinator CPU {r['cpu_ms']:.2f} ms per step = "
-               f"{r['cpu_share']:.0f}% of centralized {r['central_cpu_ms']:.2f} ms; wall {r['wall_ratio']:.2f}x; "
-               f"privacy +{r['privacy_cost']:.0f}% against resident-clear")
+        eprint(
+            f"bench: scaling 784-{hidden}-10 k={nodes}: coordinator CPU {r['cpu_ms']:.2f} ms per step = "
+            f"{r['cpu_share']:.0f}% of centralized {r['central_cpu_ms']:.2f} ms; wall {r['wall_ratio']:.2f}x; "
+            f"privacy +{r['privacy_cost']:.0f}% against resident-clear"
+        )
     return rows
 
 
@@ -295,16 +338,24 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
         for i, name in enumerate(variants):
             keys.add(load_or_create_identity("node", node_home(tmp, i), name=f"rt-{name}").public_bytes)
         listener = Listener("tcp://127.0.0.1:*")
-        procs = [spawn_node(listener.endpoint, identity.fingerprint, node_home(tmp, i), f"rt-{name}", threads=threads)
-                 for i, (name, threads) in enumerate(variants.items())]
+        procs = [
+            spawn_node(listener.endpoint, identity.fingerprint, node_home(tmp, i), f"rt-{name}", threads=threads)
+            for i, (name, threads) in enumerate(variants.items())
+        ]
         server: CoordinatorServer | None = None
         try:
             # the compute makes the server (its executor) and hands it its slots' statics
             ledger = ExposureLedger()
-            executor = DistributedCompute(inputs.images, len(variants), np.random.default_rng(3),
-                                          CoordinatorServer.factory(listener, identity, CoordinatorState(), ledger,
-                                                                    admission=Admission(auto=keys)),
-                                          ledger=ledger, **inputs.source()).executor
+            executor = DistributedCompute(
+                inputs.images,
+                len(variants),
+                np.random.default_rng(3),
+                CoordinatorServer.factory(
+                    listener, identity, CoordinatorState(), ledger, admission=Admission(auto=keys)
+                ),
+                ledger=ledger,
+                **inputs.source(),
+            ).executor
             assert isinstance(executor, CoordinatorServer)
             server = executor
             problem = local_nodes_problem(procs, tmp, time.monotonic() + LOCAL_NODES_CONNECT_S)
@@ -339,8 +390,9 @@ def measure_round_trips(inputs, count: int, rows: int = 128, warmup: int = 20) -
             else:
                 listener.close()
             stop_local_nodes(procs)
-    return {name: {"median_ms": _median(v), "p90_ms": _percentile(v, 0.9), "count": len(v)}
-            for name, v in times.items()}
+    return {
+        name: {"median_ms": _median(v), "p90_ms": _percentile(v, 0.9), "count": len(v)} for name, v in times.items()
+    }
 
 
 # -- the daemon operators run -------------------------------------------------------------------
@@ -369,18 +421,40 @@ def measure_daemon(data: str | None, limit: int | None, epochs: int) -> dict[str
         allow = tmp / "allow.txt"
         allow.write_text("".join(f"{fingerprint(key)}\n" for key in local_node_keys(tmp, 2)))
         port = _free_port()
-        command = [sys.executable, "-m", "enshuffle", "coordinator", "--bind", f"tcp://127.0.0.1:{port}",
-                   "--min-nodes", "2", "--allow", str(allow), "--out", str(tmp / "run"), "--preset", "seed",
-                   "--epochs", str(epochs), "--json"]
+        command = [
+            sys.executable,
+            "-m",
+            "enshuffle",
+            "coordinator",
+            "--bind",
+            f"tcp://127.0.0.1:{port}",
+            "--min-nodes",
+            "2",
+            "--allow",
+            str(allow),
+            "--out",
+            str(tmp / "run"),
+            "--preset",
+            "seed",
+            "--epochs",
+            str(epochs),
+            "--json",
+        ]
         if data:
             command += ["--data", data]
         if limit:
             command += ["--limit", str(limit)]
         err_path = tmp / "coordinator.err"
         with open(err_path, "wb") as err:
-            coordinator = subprocess.Popen(command, env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
-                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                           text=True, start_new_session=True)
+            coordinator = subprocess.Popen(
+                command,
+                env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                start_new_session=True,
+            )
         assert coordinator.stdout is not None  # stdout=PIPE
         watchdog = threading.Timer(DAEMON_TIMEOUT_S, coordinator.kill)
         watchdog.start()
@@ -401,14 +475,18 @@ def measure_daemon(data: str | None, limit: int | None, epochs: int) -> dict[str
             stop_local_nodes(procs)
         if coordinator.returncode != 0 or len(marks) != epochs:
             tail = err_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"bench: `enshuffle coordinator` exited with status {coordinator.returncode} after "
-                               f"{len(marks)} of {epochs} epochs:\n{tail}")
+            raise RuntimeError(
+                f"bench: `enshuffle coordinator` exited with status {coordinator.returncode} after "
+                f"{len(marks)} of {epochs} epochs:\n{tail}"
+            )
     per_epoch = [tuple(b - a for a, b in zip(first, second)) for first, second in zip(marks, marks[1:])]
-    return {"epochs": epochs,
-            "wall_seconds_per_epoch": _median(p[0] for p in per_epoch),
-            "cpu_seconds_per_epoch": _median(p[1] for p in per_epoch),
-            "minflt_per_epoch": _median(p[2] for p in per_epoch),
-            "cpu_seconds_total": usage.ru_utime + usage.ru_stime}
+    return {
+        "epochs": epochs,
+        "wall_seconds_per_epoch": _median(p[0] for p in per_epoch),
+        "cpu_seconds_per_epoch": _median(p[1] for p in per_epoch),
+        "minflt_per_epoch": _median(p[2] for p in per_epoch),
+        "cpu_seconds_total": usage.ru_utime + usage.ru_stime,
+    }
 
 
 # -- the figures --------------------------------------------------------------------------------
@@ -418,15 +496,34 @@ class Figures:
     def __init__(self):
         self.items: dict[str, dict] = {}
 
-    def add(self, key: str, label: str, value, unit: str, target=None, op: str | None = "<=",
-            note: str | bool | None = "",  # `x and "..."` leaves None or False where x was not measured
-            section: str = "targets", signed: bool = False, short: str | None = None) -> None:
+    def add(
+        self,
+        key: str,
+        label: str,
+        value,
+        unit: str,
+        target=None,
+        op: str | None = "<=",
+        note: str | bool | None = "",  # `x and "..."` leaves None or False where x was not measured
+        section: str = "targets",
+        signed: bool = False,
+        short: str | None = None,
+    ) -> None:
         met = None
         if value is not None and target is not None:
             met = bool(value <= target) if op == "<=" else bool(value >= target)
-        self.items[key] = {"label": label, "value": value, "unit": unit, "target": target,
-                           "op": op if target is not None else None, "met": met, "note": note, "section": section,
-                           "signed": signed, "short": short}
+        self.items[key] = {
+            "label": label,
+            "value": value,
+            "unit": unit,
+            "target": target,
+            "op": op if target is not None else None,
+            "met": met,
+            "note": note,
+            "section": section,
+            "signed": signed,
+            "short": short,
+        }
 
 
 def _ratio(a, b):
@@ -450,96 +547,238 @@ def build_figures(m: dict, repeats: int) -> Figures:
     daemon, growth, trips = m.get("daemon"), m.get("wire_epoch_k7"), m.get("round_trips")
 
     cpu = wire["cpu"] if wire else None
-    f.add("coordinator_cpu_vs_cheapest_centralized", "coordinator CPU per seed epoch / cheapest centralized CPU",
-          cpu and 100 * cpu / cheap_cpu, "%", TARGET_CPU_SHARE,
-          note=cpu and f"{cpu:.3f} s vs {cheap_cpu:.3f} s, centralized with {cheap_cpu_which}")
+    f.add(
+        "coordinator_cpu_vs_cheapest_centralized",
+        "coordinator CPU per seed epoch / cheapest centralized CPU",
+        cpu and 100 * cpu / cheap_cpu,
+        "%",
+        TARGET_CPU_SHARE,
+        note=cpu and f"{cpu:.3f} s vs {cheap_cpu:.3f} s, centralized with {cheap_cpu_which}",
+    )
     # (type: ignore[index]: mypy cannot see that `x and r[...]` indexes r only when x was measured)
     d_cpu = daemon and daemon["cpu_seconds_per_epoch"]
-    f.add("daemon_cpu_vs_cheapest_centralized", "coordinator CPU per seed epoch / cheapest centralized CPU, daemon",
-          d_cpu and 100 * d_cpu / cheap_cpu, "%", TARGET_CPU_SHARE, short=f"  the same, {DAEMON}",
-          note=d_cpu and f"{d_cpu:.3f} s per epoch after the first, of {daemon['epochs']}")  # type: ignore[index]
-    f.add("wire_over_centralized", "wire epoch / centralized epoch, seed (wall)",
-          _ratio(wire and wire["wall"], fast_wall), "x", TARGET_WIRE_RATIO,
-          note=wire and f"{wire['wall']:.3f} s vs {fast_wall:.3f} s, centralized with {fast_wall_which}")
+    f.add(
+        "daemon_cpu_vs_cheapest_centralized",
+        "coordinator CPU per seed epoch / cheapest centralized CPU, daemon",
+        d_cpu and 100 * d_cpu / cheap_cpu,
+        "%",
+        TARGET_CPU_SHARE,
+        short=f"  the same, {DAEMON}",
+        note=d_cpu and f"{d_cpu:.3f} s per epoch after the first, of {daemon['epochs']}",  # type: ignore[index]
+    )
+    f.add(
+        "wire_over_centralized",
+        "wire epoch / centralized epoch, seed (wall)",
+        _ratio(wire and wire["wall"], fast_wall),
+        "x",
+        TARGET_WIRE_RATIO,
+        note=wire and f"{wire['wall']:.3f} s vs {fast_wall:.3f} s, centralized with {fast_wall_which}",
+    )
     d_wall = daemon and daemon["wall_seconds_per_epoch"]
-    f.add("daemon_wire_over_centralized", "wire epoch / centralized epoch, seed (wall), daemon",
-          _ratio(d_wall, fast_wall), "x", TARGET_WIRE_RATIO, short=f"  the same, {DAEMON}",
-          note=d_wall and f"{d_wall:.3f} s per epoch")
-    f.add("minibatch_wire_over_centralized", "default preset: step over the wire / centralized step",
-          _ratio(step and step["wall"], fast_step), "x", TARGET_STEP_RATIO,
-          note=step and f"{1000 * step['wall']:.2f} vs {1000 * fast_step:.2f} ms, centralized with {fast_step_which}")
-    f.add("minibatch_coordinator_cpu_over_centralized", "coordinator CPU per default step / cheapest centralized",
-          _ratio(step and step["cpu"], cheap_step_cpu), "x", TARGET_STEP_CPU_RATIO,
-          note=step and (f"{1000 * step['cpu']:.2f} vs {1000 * cheap_step_cpu:.2f} ms, "
-                         f"centralized with {cheap_step_which}"))
-    f.add("bytes_per_epoch_mb", "bytes per seed epoch, sent + received, k = 2",
-          wire and (wire["sent"] + wire["received"]) / 1e6, "MB", TARGET_BYTES_MB,
-          note=wire and f"{wire['sent'] / 1e6:.1f} MB sent, {wire['received'] / 1e6:.1f} MB received")
-    f.add("coordinator_cpu_growth_k2_k7", f"coordinator CPU growth, k = 2 to {GROWTH_NODES} (seed)",
-          growth and cpu and 100 * (growth["cpu"] / cpu - 1), "%", TARGET_GROWTH,
-          note=growth and cpu and f"{cpu:.3f} s -> {growth['cpu']:.3f} s; k = {GROWTH_NODES}: "
-                                  f"median of {m['k7_repeats']}", signed=True)
-    f.add("minor_faults_per_epoch", "coordinator minor page faults per seed epoch",
-          wire and wire["minflt"], "faults", TARGET_FAULTS,
-          note=daemon and f"daemon: {daemon['minflt_per_epoch'] / 1000:.1f}k")
+    f.add(
+        "daemon_wire_over_centralized",
+        "wire epoch / centralized epoch, seed (wall), daemon",
+        _ratio(d_wall, fast_wall),
+        "x",
+        TARGET_WIRE_RATIO,
+        short=f"  the same, {DAEMON}",
+        note=d_wall and f"{d_wall:.3f} s per epoch",
+    )
+    f.add(
+        "minibatch_wire_over_centralized",
+        "default preset: step over the wire / centralized step",
+        _ratio(step and step["wall"], fast_step),
+        "x",
+        TARGET_STEP_RATIO,
+        note=step and f"{1000 * step['wall']:.2f} vs {1000 * fast_step:.2f} ms, centralized with {fast_step_which}",
+    )
+    f.add(
+        "minibatch_coordinator_cpu_over_centralized",
+        "coordinator CPU per default step / cheapest centralized",
+        _ratio(step and step["cpu"], cheap_step_cpu),
+        "x",
+        TARGET_STEP_CPU_RATIO,
+        note=step
+        and (f"{1000 * step['cpu']:.2f} vs {1000 * cheap_step_cpu:.2f} ms, centralized with {cheap_step_which}"),
+    )
+    f.add(
+        "bytes_per_epoch_mb",
+        "bytes per seed epoch, sent + received, k = 2",
+        wire and (wire["sent"] + wire["received"]) / 1e6,
+        "MB",
+        TARGET_BYTES_MB,
+        note=wire and f"{wire['sent'] / 1e6:.1f} MB sent, {wire['received'] / 1e6:.1f} MB received",
+    )
+    f.add(
+        "coordinator_cpu_growth_k2_k7",
+        f"coordinator CPU growth, k = 2 to {GROWTH_NODES} (seed)",
+        growth and cpu and 100 * (growth["cpu"] / cpu - 1),
+        "%",
+        TARGET_GROWTH,
+        note=growth
+        and cpu
+        and f"{cpu:.3f} s -> {growth['cpu']:.3f} s; k = {GROWTH_NODES}: median of {m['k7_repeats']}",
+        signed=True,
+    )
+    f.add(
+        "minor_faults_per_epoch",
+        "coordinator minor page faults per seed epoch",
+        wire and wire["minflt"],
+        "faults",
+        TARGET_FAULTS,
+        note=daemon and f"daemon: {daemon['minflt_per_epoch'] / 1000:.1f}k",
+    )
     rt = trips and trips["default"]
-    f.add("node_round_trip_p90_ms", "node round trip, small product, p90",
-          rt and rt["p90_ms"], "ms", TARGET_ROUND_TRIP_MS,
-          note=rt and f"median {rt['median_ms']:.2f} ms over {rt['count']}; node with every CPU's BLAS threads")
+    f.add(
+        "node_round_trip_p90_ms",
+        "node round trip, small product, p90",
+        rt and rt["p90_ms"],
+        "ms",
+        TARGET_ROUND_TRIP_MS,
+        note=rt and f"median {rt['median_ms']:.2f} ms over {rt['count']}; node with every CPU's BLAS threads",
+    )
     rt1 = trips and trips["threads1"]
-    f.add("node_round_trip_p90_ms_threads1", "node round trip, small product, p90, node --threads 1",
-          rt1 and rt1["p90_ms"], "ms", TARGET_ROUND_TRIP_MS, short="  the same, node with --threads 1",
-          note=rt1 and f"median {rt1['median_ms']:.2f} ms")
+    f.add(
+        "node_round_trip_p90_ms_threads1",
+        "node round trip, small product, p90, node --threads 1",
+        rt1 and rt1["p90_ms"],
+        "ms",
+        TARGET_ROUND_TRIP_MS,
+        short="  the same, node with --threads 1",
+        note=rt1 and f"median {rt1['median_ms']:.2f} ms",
+    )
     check = wire.get("check") if wire else None
-    f.add("check_share_of_coordinator_cpu", "result checks' share of coordinator CPU, seed",
-          _percent(check, cpu), "%", TARGET_CHECK_SHARE,
-          note=("the server has no check_seconds" if wire and check is None else
-                check is not None and f"{check:.3f} s per epoch"))
+    f.add(
+        "check_share_of_coordinator_cpu",
+        "result checks' share of coordinator CPU, seed",
+        _percent(check, cpu),
+        "%",
+        TARGET_CHECK_SHARE,
+        note=(
+            "the server has no check_seconds"
+            if wire and check is None
+            else check is not None and f"{check:.3f} s per epoch"
+        ),
+    )
     s_check = step.get("check") if step else None
-    f.add("check_share_default", "result checks' share of coordinator CPU, default step",
-          _percent(s_check, step and step["cpu"]), "%", TARGET_CHECK_SHARE, short="  the same, default preset",
-          note=("the server has no check_seconds" if step and s_check is None else
-                s_check is not None and f"{1000 * s_check:.3f} ms per step"))
-    f.add("round_trips_per_default_step", "round trips per default-preset step",
-          step.get("round_trips") if step else None, "", TARGET_ROUND_TRIPS,
-          note="the compute has no round_trips" if step and step.get("round_trips") is None else "")
+    f.add(
+        "check_share_default",
+        "result checks' share of coordinator CPU, default step",
+        _percent(s_check, step and step["cpu"]),
+        "%",
+        TARGET_CHECK_SHARE,
+        short="  the same, default preset",
+        note=(
+            "the server has no check_seconds"
+            if step and s_check is None
+            else s_check is not None and f"{1000 * s_check:.3f} ms per step"
+        ),
+    )
+    f.add(
+        "round_trips_per_default_step",
+        "round trips per default-preset step",
+        step.get("round_trips") if step else None,
+        "",
+        TARGET_ROUND_TRIPS,
+        note="the compute has no round_trips" if step and step.get("round_trips") is None else "",
+    )
 
     # The other figures.
     other = "other"
-    f.add("plan_ms", "plan build, 128x60000 @ 60000x784, k = 7", 1000 * m["plan_seconds"], "ms",
-          note=f"notebook: {NOTEBOOK_PLAN_SECONDS} s, {NOTEBOOK_PLAN_SECONDS / m['plan_seconds']:,.0f}x faster",
-          section=other)
+    f.add(
+        "plan_ms",
+        "plan build, 128x60000 @ 60000x784, k = 7",
+        1000 * m["plan_seconds"],
+        "ms",
+        note=f"notebook: {NOTEBOOK_PLAN_SECONDS} s, {NOTEBOOK_PLAN_SECONDS / m['plan_seconds']:,.0f}x faster",
+        section=other,
+    )
     for t, row in c_epoch.items():
-        f.add(f"centralized_epoch_s_threads{t}", f"centralized seed epoch, {_threads_text(t)}", row["wall"], "s",
-              note=f"CPU {row['cpu']:.3f} s", section=other)
+        f.add(
+            f"centralized_epoch_s_threads{t}",
+            f"centralized seed epoch, {_threads_text(t)}",
+            row["wall"],
+            "s",
+            note=f"CPU {row['cpu']:.3f} s",
+            section=other,
+        )
     inproc = m["inprocess_epoch"]
-    f.add("inprocess_over_centralized", "in-process distributed epoch, 2 nodes / centralized",
-          _ratio(inproc["wall"], fast_wall), "x", section=other,
-          note=f"{inproc['wall']:.3f} s, {_threads_text(m.get('inprocess_threads', 0))} like the fastest centralized")
+    f.add(
+        "inprocess_over_centralized",
+        "in-process distributed epoch, 2 nodes / centralized",
+        _ratio(inproc["wall"], fast_wall),
+        "x",
+        section=other,
+        note=f"{inproc['wall']:.3f} s, {_threads_text(m.get('inprocess_threads', 0))} like the fastest centralized",
+    )
     for t, row in c_step.items():
-        f.add(f"centralized_step_ms_threads{t}", f"centralized default step, {_threads_text(t)}",
-              1000 * row["wall"], "ms", note=f"CPU {1000 * row['cpu']:.2f} ms", section=other)
+        f.add(
+            f"centralized_step_ms_threads{t}",
+            f"centralized default step, {_threads_text(t)}",
+            1000 * row["wall"],
+            "ms",
+            note=f"CPU {1000 * row['cpu']:.2f} ms",
+            section=other,
+        )
     if wire:
-        f.add("wire_epoch_s", "wire epoch, 2 node processes, loopback", wire["wall"], "s",
-              note=f"coordinator CPU {wire['cpu']:.3f} s", section=other)
+        f.add(
+            "wire_epoch_s",
+            "wire epoch, 2 node processes, loopback",
+            wire["wall"],
+            "s",
+            note=f"coordinator CPU {wire['cpu']:.3f} s",
+            section=other,
+        )
     if step:
-        f.add("minibatch_wire_ms", "default preset over the wire, per step", 1000 * step["wall"], "ms",
-              note=f"coordinator CPU {1000 * step['cpu']:.2f} ms", section=other)
-    f.add("crypto_s_per_epoch", "coordinator crypto per seed epoch", wire and wire["crypto"], "s",
-          CRYPTO_BUDGET_EPOCH_S, note="AES-256-GCM and handshakes, thread CPU", section=other)
-    f.add("crypto_ms_per_step", "coordinator crypto per default step", step and 1000 * step["crypto"], "ms",
-          CRYPTO_BUDGET_STEP_MS, section=other)
+        f.add(
+            "minibatch_wire_ms",
+            "default preset over the wire, per step",
+            1000 * step["wall"],
+            "ms",
+            note=f"coordinator CPU {1000 * step['cpu']:.2f} ms",
+            section=other,
+        )
+    f.add(
+        "crypto_s_per_epoch",
+        "coordinator crypto per seed epoch",
+        wire and wire["crypto"],
+        "s",
+        CRYPTO_BUDGET_EPOCH_S,
+        note="AES-256-GCM and handshakes, thread CPU",
+        section=other,
+    )
+    f.add(
+        "crypto_ms_per_step",
+        "coordinator crypto per default step",
+        step and 1000 * step["crypto"],
+        "ms",
+        CRYPTO_BUDGET_STEP_MS,
+        section=other,
+    )
     shuffle, shuffle_step = m.get("shuffle_epoch"), m.get("shuffle_step")
     # (type: ignore[index]: mypy cannot see that `x and r[...]` indexes r only when x was measured)
-    f.add("privacy_cpu_cost_seed", "privacy's cost in coordinator CPU, seed epoch",
-          shuffle and 100 * (cpu / shuffle["cpu"] - 1), "%", PRIVACY_COST_TARGET,
-          note=shuffle and f"{cpu:.3f} vs {shuffle['cpu']:.3f} s with the shuffle-only disguise", section=other,
-          signed=True)
-    f.add("privacy_cpu_cost_default", "privacy's cost in coordinator CPU, default step",
-          shuffle_step and 100 * (step["cpu"] / shuffle_step["cpu"] - 1), "%", PRIVACY_COST_TARGET,  # type: ignore[index]
-          note=shuffle_step and f"{1000 * step['cpu']:.2f} vs {1000 * shuffle_step['cpu']:.2f} ms with "  # type: ignore[index]
-                                f"{m.get('step_control', 'shuffle')}", section=other,
-          signed=True)
+    f.add(
+        "privacy_cpu_cost_seed",
+        "privacy's cost in coordinator CPU, seed epoch",
+        shuffle and 100 * (cpu / shuffle["cpu"] - 1),
+        "%",
+        PRIVACY_COST_TARGET,
+        note=shuffle and f"{cpu:.3f} vs {shuffle['cpu']:.3f} s with the shuffle-only disguise",
+        section=other,
+        signed=True,
+    )
+    f.add(
+        "privacy_cpu_cost_default",
+        "privacy's cost in coordinator CPU, default step",
+        shuffle_step and 100 * (step["cpu"] / shuffle_step["cpu"] - 1),  # type: ignore[index]
+        "%",
+        PRIVACY_COST_TARGET,
+        note=shuffle_step
+        and f"{1000 * step['cpu']:.2f} vs {1000 * shuffle_step['cpu']:.2f} ms with "  # type: ignore[index]
+        f"{m.get('step_control', 'shuffle')}",
+        section=other,
+        signed=True,
+    )
     # `x and y` leaves None (or False) behind where a part was not measured.
     for item in f.items.values():
         if item["value"] is False:
@@ -570,16 +809,29 @@ def measure_cost_model(repeats: int) -> CostModel:
         t0 = time.thread_time()
         sent = np.take(np.take(block, rng.permutation(block.shape[0]), axis=0), rng.permutation(block.shape[1]), axis=1)
         sent *= np.float32(0.5)
-        receiver.open(sender.seal("RESULT", {"run_id": "r", "batch_id": "x", "seq": 1, "compute_seconds": 0.0},
-                                  {"c": sent}))
+        receiver.open(
+            sender.seal("RESULT", {"run_id": "r", "batch_id": "x", "seq": 1, "compute_seconds": 0.0}, {"c": sent})
+        )
         ship.append((time.thread_time() - t0) / block.size)
-    return CostModel(ship_ns=statistics.median(ship) * 1e9, madd_ns=statistics.median(madd) * 1e9,
-                     source="measured by enshuffle bench")
+    return CostModel(
+        ship_ns=statistics.median(ship) * 1e9,
+        madd_ns=statistics.median(madd) * 1e9,
+        source="measured by enshuffle bench",
+    )
 
 
-def measure_all(*, data: str | None, limit: int | None, repeats: int, round_trips: int, skip_wire: bool = False,
-                skip_daemon: bool = False, scaling: bool = False, layers: tuple[int, ...] | None = None,
-                activation: str | None = None) -> tuple[dict, dict]:
+def measure_all(
+    *,
+    data: str | None,
+    limit: int | None,
+    repeats: int,
+    round_trips: int,
+    skip_wire: bool = False,
+    skip_daemon: bool = False,
+    scaling: bool = False,
+    layers: tuple[int, ...] | None = None,
+    activation: str | None = None,
+) -> tuple[dict, dict]:
     """Every measurement `enshuffle bench` reports: (measurements, settings); `layers` and
     `activation` choose the network of the default-preset (per step) figures."""
     started = time.perf_counter()
@@ -593,8 +845,10 @@ def measure_all(*, data: str | None, limit: int | None, repeats: int, round_trip
     m["cost_model"] = {"ship_ns": model.ship_ns, "madd_ns": model.madd_ns}
     try:
         model.save(cache_dir() / COST_MODEL_FILE)
-        eprint(f"bench: {model.ship_ns:.2f} ns per shipped element, {model.madd_ns:.4f} ns per multiply-add; "
-               f"kept in {cache_dir() / COST_MODEL_FILE} for --offload auto")
+        eprint(
+            f"bench: {model.ship_ns:.2f} ns per shipped element, {model.madd_ns:.4f} ns per multiply-add; "
+            f"kept in {cache_dir() / COST_MODEL_FILE} for --offload auto"
+        )
     except OSError as exc:
         eprint(f"bench: cannot keep the cost model in {cache_dir()}: {exc.strerror}")
 
@@ -616,8 +870,10 @@ def measure_all(*, data: str | None, limit: int | None, repeats: int, round_trip
     # --layers / --hidden / --activation choose the network of the default-preset (per step) figures
     mini = replace(get_preset("default", layers=layers, activation=activation), epochs=10_000)
     mini_inputs = load_inputs(data, mini, limit)
-    eprint(f"bench: default preset ({mini.describe()}, mini-batches of 128, float32): centralized steps, "
-           f"BLAS threads {CENTRAL_THREADS}")
+    eprint(
+        f"bench: default preset ({mini.describe()}, mini-batches of 128, float32): centralized steps, "
+        f"BLAS threads {CENTRAL_THREADS}"
+    )
     m["centralized_step"] = measure_centralized(mini, mini_inputs, repeats, minibatch=True)
 
     if not skip_wire:
@@ -625,29 +881,40 @@ def measure_all(*, data: str | None, limit: int | None, repeats: int, round_trip
         m["wire_epoch"] = measure_wire(preset, inputs, repeats)
         eprint("bench: default preset over the wire, 2 node processes")
         m["wire_step"] = measure_wire(mini, mini_inputs, repeats, minibatch=True)
-        eprint("bench: the same two runs with their controls, the shuffle-only disguise for the seed preset and "
-               "resident-clear (no mixing, no noise) for the resident default preset (privacy's cost)")
+        eprint(
+            "bench: the same two runs with their controls, the shuffle-only disguise for the seed preset and "
+            "resident-clear (no mixing, no noise) for the resident default preset (privacy's cost)"
+        )
         m["shuffle_epoch"] = measure_wire(preset, inputs, repeats, disguise="shuffle")
         control = "resident-clear" if default_disguise(mini) == "resident" else "shuffle"
         m["shuffle_step"] = measure_wire(mini, mini_inputs, repeats, minibatch=True, disguise=control)
         m["step_control"] = control
         eprint(f"bench: seed preset with {GROWTH_NODES} node processes (median of {k7_repeats})")
         m["wire_epoch_k7"] = measure_wire(preset, inputs, k7_repeats, nodes=GROWTH_NODES)
-        eprint(f"bench: {round_trips} small products one at a time, to a node with every CPU's BLAS "
-               "threads and to one with --threads 1")
+        eprint(
+            f"bench: {round_trips} small products one at a time, to a node with every CPU's BLAS "
+            "threads and to one with --threads 1"
+        )
         m["round_trips"] = measure_round_trips(mini_inputs, round_trips)
         if not skip_daemon:
             epochs = repeats + 1
-            eprint(f"bench: `enshuffle coordinator` with 2 `enshuffle node --threads 1` processes, seed preset, "
-                   f"{epochs} epochs")
+            eprint(
+                f"bench: `enshuffle coordinator` with 2 `enshuffle node --threads 1` processes, seed preset, "
+                f"{epochs} epochs"
+            )
             m["daemon"] = measure_daemon(data, limit, epochs)
 
     if scaling and not skip_wire:
         m["scaling"] = measure_scaling(data, limit, repeats)
 
-    settings = {"repeats": repeats, "k7_repeats": k7_repeats, "train_images": int(inputs.images["train"].shape[0]),
-                "round_trip_products": round_trips, "skip_wire": bool(skip_wire),
-                "skip_daemon": bool(skip_wire or skip_daemon),
-                "seconds": time.perf_counter() - started}
+    settings = {
+        "repeats": repeats,
+        "k7_repeats": k7_repeats,
+        "train_images": int(inputs.images["train"].shape[0]),
+        "round_trip_products": round_trips,
+        "skip_wire": bool(skip_wire),
+        "skip_daemon": bool(skip_wire or skip_daemon),
+        "seconds": time.perf_counter() - started,
+    }
     m["k7_repeats"] = k7_repeats
     return m, settings

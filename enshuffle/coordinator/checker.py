@@ -24,11 +24,16 @@ class ResultChecker:
     (the server's cache), `check_resident(batch, c)` a resident result's probe check, and
     `needs_replica(key)` whether a key's results are also recomputed here (with `replicate`)."""
 
-    def __init__(self, statics: Callable[[int], dict[str, np.ndarray]],
-                 check_resident: Callable[[Batch, np.ndarray], str | None], *,
-                 verify: bool = True, replicate: bool = False,
-                 needs_replica: Callable[[bytes], bool] = lambda key: True,
-                 rng: np.random.Generator | None = None):
+    def __init__(
+        self,
+        statics: Callable[[int], dict[str, np.ndarray]],
+        check_resident: Callable[[Batch, np.ndarray], str | None],
+        *,
+        verify: bool = True,
+        replicate: bool = False,
+        needs_replica: Callable[[bytes], bool] = lambda key: True,
+        rng: np.random.Generator | None = None,
+    ):
         self.statics = statics
         self.check_resident = check_resident
         self.verify = verify  # Freivalds' test on every result

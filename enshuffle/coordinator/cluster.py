@@ -35,36 +35,77 @@ def local_node_keys(workdir: Path, count: int, prefix: str = "local") -> list[by
     return keys
 
 
-def spawn_node(endpoint: str, fingerprint: str, home: Path, name: str, *, threads: int | None = 1,
-               record: Path | None = None, own_session: bool = True) -> subprocess.Popen:
+def spawn_node(
+    endpoint: str,
+    fingerprint: str,
+    home: Path,
+    name: str,
+    *,
+    threads: int | None = 1,
+    record: Path | None = None,
+    own_session: bool = True,
+) -> subprocess.Popen:
     """Start one `enshuffle node --connect endpoint --coordinator-key fingerprint --name name` with
     ENSHUFFLE_HOME=home (created if missing), its output in home/node.log. `threads` None leaves
     the node its default BLAS threads; `record` makes it keep what it accepts (--record). With
     `own_session` it has a session of its own: Ctrl-C in the terminal reaches the coordinator
     only, which then finishes its step with it and tells it BYE (else it would leave mid-step)."""
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "enshuffle", "node", "--connect", endpoint, "--coordinator-key", fingerprint,
-               "--name", name]
+    command = [
+        sys.executable,
+        "-m",
+        "enshuffle",
+        "node",
+        "--connect",
+        endpoint,
+        "--coordinator-key",
+        fingerprint,
+        "--name",
+        name,
+    ]
     if threads is not None:
         command += ["--threads", str(threads)]
     if record is not None:
         command += ["--record", str(record)]
     log = open(home / "node.log", "wb")
     try:
-        return subprocess.Popen(command, env=dict(os.environ, ENSHUFFLE_HOME=str(home)), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=own_session)
+        return subprocess.Popen(
+            command,
+            env=dict(os.environ, ENSHUFFLE_HOME=str(home)),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=own_session,
+        )
     finally:
         log.close()
 
 
-def spawn_local_nodes(endpoint: str, fingerprint: str, count: int, workdir: Path, threads: int | None = 1, *,
-                      prefix: str = "local", record: Path | None = None,
-                      own_session: bool = True) -> list[subprocess.Popen]:
+def spawn_local_nodes(
+    endpoint: str,
+    fingerprint: str,
+    count: int,
+    workdir: Path,
+    threads: int | None = 1,
+    *,
+    prefix: str = "local",
+    record: Path | None = None,
+    own_session: bool = True,
+) -> list[subprocess.Popen]:
     """Start `count` local nodes named PREFIX-1, PREFIX-2, ..., each with its own key (its own
     ENSHUFFLE_HOME under `workdir`); the first records into `record` when given."""
-    return [spawn_node(endpoint, fingerprint, node_home(workdir, i), f"{prefix}-{i + 1}", threads=threads,
-                       record=record if i == 0 else None, own_session=own_session)
-            for i in range(count)]
+    return [
+        spawn_node(
+            endpoint,
+            fingerprint,
+            node_home(workdir, i),
+            f"{prefix}-{i + 1}",
+            threads=threads,
+            record=record if i == 0 else None,
+            own_session=own_session,
+        )
+        for i in range(count)
+    ]
 
 
 def stop_local_nodes(procs: list[subprocess.Popen], timeout: float = 5.0) -> None:
@@ -106,8 +147,10 @@ def local_nodes_problem(procs: list[subprocess.Popen], workdir: Path, deadline: 
             i, rc = exited[0]
             return f"local node {i + 1} exited with status {rc}: {_last_line(node_home(workdir, i) / 'node.log')}"
         if starting and time.monotonic() > connect_by[0]:
-            return (f"the local nodes did not connect within {LOCAL_NODES_CONNECT_S:g} s; local-1 says: "
-                    f"{_last_line(node_home(workdir, 0) / 'node.log')}")
+            return (
+                f"the local nodes did not connect within {LOCAL_NODES_CONNECT_S:g} s; local-1 says: "
+                f"{_last_line(node_home(workdir, 0) / 'node.log')}"
+            )
         return None
 
     def connected() -> None:

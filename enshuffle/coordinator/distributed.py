@@ -36,8 +36,15 @@ from enshuffle.coordinator.disguise.resident import NOISE_RANK as RESIDENT_NOISE
 from enshuffle.coordinator.disguise.resident import ResidentDisguise, resident_basis
 from enshuffle.coordinator.disguise.resident_hidden import HiddenResident
 from enshuffle.coordinator.disguise.shuffle import PixelShuffle
-from enshuffle.coordinator.ledger import (CLEAR, HIDDEN_VALUES, POSITIONS_HIDDEN, ExposureLedger, activation_kind,
-                                          delta_kind, ledger_axes)
+from enshuffle.coordinator.ledger import (
+    CLEAR,
+    HIDDEN_VALUES,
+    POSITIONS_HIDDEN,
+    ExposureLedger,
+    activation_kind,
+    delta_kind,
+    ledger_axes,
+)
 from enshuffle.coordinator.offload import CostModel, check_offload, decide, plan_lines, step_plan
 from enshuffle.coordinator.plan import balanced_blocks
 from enshuffle.kernels import ResidentState, compute_batch
@@ -101,13 +108,25 @@ class DistributedCompute:
     """The model's Compute interface, with the two pixel-wide products executed as disguised
     batches on k slots (see the module docstring)."""
 
-    def __init__(self, images: dict[str, np.ndarray], shards: int, rng: np.random.Generator,
-                 executor_factory: Callable[["DistributedCompute"], Executor], *, disguise: str = "share",
-                 ledger: ExposureLedger | None = None, disguise_rng: np.random.Generator | None = None,
-                 offload: str = "matmul", raw: dict[str, np.ndarray] | None = None,
-                 affine: tuple[np.ndarray, np.ndarray] | None = None, hidden: int | None = None,
-                 layers: tuple[int, ...] | None = None, cost_model: CostModel | None = None,
-                 chunk_bytes: int = CHUNK_BYTES, static_chunk_bytes: int = STATIC_CHUNK_BYTES):
+    def __init__(
+        self,
+        images: dict[str, np.ndarray],
+        shards: int,
+        rng: np.random.Generator,
+        executor_factory: Callable[["DistributedCompute"], Executor],
+        *,
+        disguise: str = "share",
+        ledger: ExposureLedger | None = None,
+        disguise_rng: np.random.Generator | None = None,
+        offload: str = "matmul",
+        raw: dict[str, np.ndarray] | None = None,
+        affine: tuple[np.ndarray, np.ndarray] | None = None,
+        hidden: int | None = None,
+        layers: tuple[int, ...] | None = None,
+        cost_model: CostModel | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+        static_chunk_bytes: int = STATIC_CHUNK_BYTES,
+    ):
         if shards < 1:
             raise ValueError("need at least one shard")
         if disguise not in DISGUISES:
@@ -156,12 +175,16 @@ class DistributedCompute:
             # standardized training image are split; the rest never leave.
             clear = disguise == "resident-clear"  # no mixing, no noise: what the audit must break
             self.basis = resident_basis(images["train"], shards, self.layers, rng, clear=clear)
-            self.resident = ResidentDisguise(images["train"], self.basis, rng, noise_rank=0 if clear else RESIDENT_NOISE_RANK)
+            self.resident = ResidentDisguise(
+                images["train"], self.basis, rng, noise_rank=0 if clear else RESIDENT_NOISE_RANK
+            )
             self._since_checkpoint = 0
             # and each hidden-to-hidden layer's rows, when the trainer steps it with momentum
             # (`adopt` is told which): resident_hidden.py
-            self.hidden_resident = {layer: HiddenResident(layer, hb, images["train"].dtype, rng, clear=clear)
-                                    for layer, hb in self.basis.hidden_layers.items()}
+            self.hidden_resident = {
+                layer: HiddenResident(layer, hb, images["train"].dtype, rng, clear=clear)
+                for layer, hb in self.basis.hidden_layers.items()
+            }
             self.pixel_blocks = list(self.basis.blocks)
         else:
             self.pixel_blocks = [active[b] for b in balanced_blocks(len(active), shards, rng)]
@@ -172,8 +195,16 @@ class DistributedCompute:
         # batches resident.py makes)
         self.pixel: PixelDisguise | None = None
         if disguise == "share":
-            self.pixel = PixelShare(images, self.pixel_blocks, rng, source=source, alpha=alpha, beta=beta,
-                                    norm=np.where(scale > 0, scale, 1.0), noise_seed=noise_seed)
+            self.pixel = PixelShare(
+                images,
+                self.pixel_blocks,
+                rng,
+                source=source,
+                alpha=alpha,
+                beta=beta,
+                norm=np.where(scale > 0, scale, 1.0),
+                noise_seed=noise_seed,
+            )
         elif disguise == "shuffle":
             self.pixel = PixelShuffle(images, self.pixel_blocks, rng)
         self.statics = self.pixel.statics if self.pixel is not None else []
@@ -194,16 +225,14 @@ class DistributedCompute:
         self.executor = executor_factory(self)
         # submit/collect/forget: the executor's own, or for one that only has `run`, batches that
         # wait and go together at collect
-        self._batches: Batches = (self.executor if isinstance(self.executor, Batches)
-                                  else _RunTogether(self.executor))
+        self._batches: Batches = self.executor if isinstance(self.executor, Batches) else _RunTogether(self.executor)
 
     # -- static operands -------------------------------------------------------------
     def static_arrays(self, shard: int) -> dict[str, np.ndarray]:
         """What a node serving slot `shard` must hold before it can compute that slot's batches."""
         if self.resident is not None:
             state, _ = self.res.state_static(shard)
-            out = {static_name("train", shard): self.res.slots[shard].static,
-                   self.res.state_name(shard): state}
+            out = {static_name("train", shard): self.res.slots[shard].static, self.res.state_name(shard): state}
             for hr in self.hidden_resident.values():
                 out[hr.state_name(shard)] = hr.state_static(shard)[0]
             return out
@@ -220,8 +249,11 @@ class DistributedCompute:
         return {}
 
     def _form(self) -> int:
-        return CLEAR if self.disguise == "resident-clear" else (
-            POSITIONS_HIDDEN if self.disguise == "shuffle" else HIDDEN_VALUES)
+        return (
+            CLEAR
+            if self.disguise == "resident-clear"
+            else (POSITIONS_HIDDEN if self.disguise == "shuffle" else HIDDEN_VALUES)
+        )
 
     def static_exposure(self, shard: int) -> list[tuple]:
         out = [("images", self.pixel_blocks[shard], self._form()), ("samples", [0], POSITIONS_HIDDEN)]
@@ -231,9 +263,10 @@ class DistributedCompute:
 
     def slot_exposure(self, shard: int) -> list[tuple]:
         """Everything a node learns by serving slot `shard` for a run (the exposure bound's unit)."""
-        out = self.static_exposure(shard) + [("w1", self.pixel_blocks[shard], self._form()),
-                                             ("deltas", np.arange(self.hidden),
-                                              self._form() if self.resident is not None else POSITIONS_HIDDEN)]
+        out = self.static_exposure(shard) + [
+            ("w1", self.pixel_blocks[shard], self._form()),
+            ("deltas", np.arange(self.hidden), self._form() if self.resident is not None else POSITIONS_HIDDEN),
+        ]
         for layer in self.unit_blocks:
             out += self._layer_exposure(layer, shard, backward=True, rows_mixed=layer in self.hidden_resident)
         return out
@@ -244,11 +277,15 @@ class DistributedCompute:
         layer's deltas (every unit, shuffled and power-of-two scaled; `rows_mixed`, a resident
         layer's: every row a secret mixture of a group of rows, values hidden)."""
         block = self.unit_blocks[layer][shard]
-        out = [(activation_kind(layer - 1), block, HIDDEN_VALUES), (f"w{layer}", block, HIDDEN_VALUES),
-               ("samples", [0], POSITIONS_HIDDEN)]
+        out = [
+            (activation_kind(layer - 1), block, HIDDEN_VALUES),
+            (f"w{layer}", block, HIDDEN_VALUES),
+            ("samples", [0], POSITIONS_HIDDEN),
+        ]
         if backward:
-            out.append((delta_kind(layer), np.arange(self.layers[layer]),
-                        HIDDEN_VALUES if rows_mixed else POSITIONS_HIDDEN))
+            out.append(
+                (delta_kind(layer), np.arange(self.layers[layer]), HIDDEN_VALUES if rows_mixed else POSITIONS_HIDDEN)
+            )
         return out
 
     def audit_truth(self, shard: int) -> dict:
@@ -260,10 +297,17 @@ class DistributedCompute:
             dominant = np.empty(len(rs.pixels), dtype=np.int64)
             for (lo, hi), m in zip(rs.mix.bounds, rs.mix.blocks):
                 dominant[lo:hi] = lo + np.argmax(np.abs(m), axis=0)
-            return {static_name("train", shard): {"pixels": rs.pixels.copy(), "row_order": rs.row_order.copy(),
-                                                  "column_pixel": rs.pixels[dominant], "which": "train",
-                                                  "mix_blocks": [m.copy() for m in rs.mix.blocks],
-                                                  "mix_bounds": list(rs.mix.bounds), "loadings": rs.loadings.copy()}}
+            return {
+                static_name("train", shard): {
+                    "pixels": rs.pixels.copy(),
+                    "row_order": rs.row_order.copy(),
+                    "column_pixel": rs.pixels[dominant],
+                    "which": "train",
+                    "mix_blocks": [m.copy() for m in rs.mix.blocks],
+                    "mix_bounds": list(rs.mix.bounds),
+                    "loadings": rs.loadings.copy(),
+                }
+            }
         st = self.statics[shard]
         out = {}
         for w in self.images:
@@ -274,8 +318,12 @@ class DistributedCompute:
                 for (lo, hi), m in zip(st.mix[w].bounds, st.mix[w].blocks):
                     dominant[lo:hi] = lo + np.argmax(np.abs(m), axis=0)
                 column_pixel = st.pixels[dominant]
-            out[static_name(w, shard)] = {"pixels": st.pixels.copy(), "row_order": st.row_order[w].copy(),
-                                          "column_pixel": column_pixel, "which": w}
+            out[static_name(w, shard)] = {
+                "pixels": st.pixels.copy(),
+                "row_order": st.row_order[w].copy(),
+                "column_pixel": column_pixel,
+                "which": w,
+            }
         return out
 
     def audit_hidden(self) -> None:
@@ -290,8 +338,12 @@ class DistributedCompute:
         out = {}
         for hr in self.hidden_resident.values():
             st = hr.slots[shard]
-            out[hr.state_name(shard)] = {"units": st.units.copy(), "mix_blocks": [m.copy() for m in st.mix.blocks],
-                                         "mix_bounds": list(st.mix.bounds), "steps": dict(hr.audit or {})}
+            out[hr.state_name(shard)] = {
+                "units": st.units.copy(),
+                "mix_blocks": [m.copy() for m in st.mix.blocks],
+                "mix_bounds": list(st.mix.bounds),
+                "steps": dict(hr.audit or {}),
+            }
         return out
 
     @property
@@ -317,8 +369,10 @@ class DistributedCompute:
                 if parts[0] is batch.arrays:  # it fits: the batch itself
                     yield batch
                 else:
-                    yield from (Batch(batch.shard, batch.op, batch.params, arrays, batch.exposure, batch.static_cols)
-                                for arrays in parts)
+                    yield from (
+                        Batch(batch.shard, batch.op, batch.params, arrays, batch.exposure, batch.static_cols)
+                        for arrays in parts
+                    )
                 self._keepalive()  # building the next slot's batch of a wide layer takes a while
 
         handles = []
@@ -349,7 +403,7 @@ class DistributedCompute:
         out, at = [], 0
         for groups in pieces:
             count = sum(c for _, c in groups)
-            out.append(vocabulary.combine(results[at:at + count], groups))
+            out.append(vocabulary.combine(results[at : at + count], groups))
             at += count
         return out
 
@@ -370,9 +424,16 @@ class DistributedCompute:
 
     def plan(self, batch: int) -> list:
         """The offload plan of one training step of `batch` rows (offload.step_plan)."""
-        return step_plan((self._active_pixels(), *self.layers[1:]), batch, self.k, self.offload,
-                         self.cost_model, set(self.unit_blocks), resident=self.resident is not None,
-                         resident_layers=set(self._momentum_layers or self.hidden_resident))
+        return step_plan(
+            (self._active_pixels(), *self.layers[1:]),
+            batch,
+            self.k,
+            self.offload,
+            self.cost_model,
+            set(self.unit_blocks),
+            resident=self.resident is not None,
+            resident_layers=set(self._momentum_layers or self.hidden_resident),
+        )
 
     def plan_lines(self, batch: int) -> list[str]:
         """The plan as printed at start."""
@@ -403,8 +464,9 @@ class DistributedCompute:
                 hb = self.hidden_resident[layer].basis
                 params[f"w{layer}"] = hb.to_units(hb.v0).astype(params[f"w{layer}"].dtype)
             return
-        self.res.adopt(params["w1"], opt.moments.get("buf_w1"),
-                            {k: v for k, v in opt.moments.items() if k.startswith("resident_")})
+        self.res.adopt(
+            params["w1"], opt.moments.get("buf_w1"), {k: v for k, v in opt.moments.items() if k.startswith("resident_")}
+        )
         for layer in self._momentum_layers:
             self.hidden_resident[layer].adopt(params[f"w{layer}"], opt.moments.get(f"buf_w{layer}"))
         self._statics_changed(range(self.k), reset=True)
@@ -420,8 +482,11 @@ class DistributedCompute:
     def _resident_batch(self, shard: int, params: dict, arrays: dict) -> Batch:
         st = self.res.slots[shard]
         # dz1 reaches the node with its rows, its units mixed by the secret N (clear in the control)
-        exposure = [("w1", st.pixels, self._form()), ("samples", [0], POSITIONS_HIDDEN),
-                    ("deltas", np.arange(self.hidden), self._form())]
+        exposure = [
+            ("w1", st.pixels, self._form()),
+            ("samples", [0], POSITIONS_HIDDEN),
+            ("deltas", np.arange(self.hidden), self._form()),
+        ]
         return Batch(shard, "resident", params, arrays, exposure)
 
     def _hidden_of(self, batch: Batch) -> HiddenResident | None:
@@ -450,12 +515,18 @@ class DistributedCompute:
                 # a fetch from a node already at the version: it keeps the last update, which the
                 # node applies idempotently (a BATCH carries at least one array)
                 return batch
-            params, arrays = hr.batch(batch.shard, start, batch.params["version"], a=batch.arrays.get("a"),
-                                      fetch=bool(batch.params.get("fetch")),
-                                      backward=bool(batch.params.get("backward")))
+            params, arrays = hr.batch(
+                batch.shard,
+                start,
+                batch.params["version"],
+                a=batch.arrays.get("a"),
+                fetch=bool(batch.params.get("fetch")),
+                backward=bool(batch.params.get("backward")),
+            )
             return self._hidden_batch(hr, batch.shard, params, arrays)
-        params, arrays = self.res.batch(batch.shard, batch.arrays.get("rows"), start,
-                                             batch.params["version"], bool(batch.params.get("fetch")))
+        params, arrays = self.res.batch(
+            batch.shard, batch.arrays.get("rows"), start, batch.params["version"], bool(batch.params.get("fetch"))
+        )
         return self._resident_batch(batch.shard, params, arrays)
 
     def check_resident(self, batch: Batch, c: np.ndarray) -> str | None:
@@ -468,8 +539,9 @@ class DistributedCompute:
         return self.res.check_forward(batch.shard, batch.arrays["rows"], c)
 
     def _hidden_batch(self, hr: HiddenResident, shard: int, params: dict, arrays: dict) -> Batch:
-        return Batch(shard, "resident", params, arrays, self._layer_exposure(hr.layer, shard, backward=True,
-                                                                             rows_mixed=True))
+        return Batch(
+            shard, "resident", params, arrays, self._layer_exposure(hr.layer, shard, backward=True, rows_mixed=True)
+        )
 
     def _hidden_home(self, layer: int, b: int) -> bool:
         """Does resident hidden layer `layer` stay here (shipping does not pay under --offload
@@ -480,11 +552,20 @@ class DistributedCompute:
         return self._hidden_local[layer]
 
     def _hidden_shipped(self) -> list[HiddenResident]:
-        return [self.hidden_resident[layer] for layer in self._momentum_layers
-                if not self._hidden_local.get(layer, True)]
+        return [
+            self.hidden_resident[layer] for layer in self._momentum_layers if not self._hidden_local.get(layer, True)
+        ]
 
-    def hidden_step(self, a: np.ndarray, dz: np.ndarray, params: dict[str, np.ndarray], layer: int, lr: float,
-                    opt, labels: np.ndarray | None = None) -> np.ndarray:
+    def hidden_step(
+        self,
+        a: np.ndarray,
+        dz: np.ndarray,
+        params: dict[str, np.ndarray],
+        layer: int,
+        lr: float,
+        opt,
+        labels: np.ndarray | None = None,
+    ) -> np.ndarray:
         """A momentum hidden layer's backward and step: resident on the nodes (each returns its
         block of da and steps its V), or here as the centralized reference does; under a
         disguise without resident weights, its two products go as `dw_da` sends them."""
@@ -529,8 +610,7 @@ class DistributedCompute:
         for s, st in enumerate(self.res.slots):
             if st.version == st.checkpoint_version:
                 continue
-            params, arrays = self.res.batch(s, None, max(st.checkpoint_version, st.version - 1),
-                                                 st.version, fetch=True)
+            params, arrays = self.res.batch(s, None, max(st.checkpoint_version, st.version - 1), st.version, fetch=True)
             batches.append(self._resident_batch(s, params, arrays))
         for hr in self._hidden_shipped():
             for s, hst in enumerate(hr.slots):
@@ -593,8 +673,9 @@ class DistributedCompute:
                 self._train_batch = self.images["train"].shape[0] if idx is None else len(idx)
             self._audit_rows = self._rows("train", idx)  # the step's rows, for the audit's ground truth
             return self._resident_forward(self._rows("train", idx)).astype(w1.dtype, copy=False)
-        if not self.ships("x_w1", self.images[which].shape[0] if idx is None else len(idx),
-                          self._active_pixels(), w1.shape[1]):
+        if not self.ships(
+            "x_w1", self.images[which].shape[0] if idx is None else len(idx), self._active_pixels(), w1.shape[1]
+        ):
             x = self.images[which] if idx is None else self.images[which][idx]
             return x @ w1
         assert self.pixel is not None
@@ -651,8 +732,9 @@ class DistributedCompute:
             batches.append(self._hidden_batch(hr, s, params, arrays))
         return hr.combine_forward([np.asarray(r) for r in self._receive(self._send(batches))])
 
-    def dw_da(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int,
-              labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def dw_da(
+        self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int, labels: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Layer `layer` >= 2 backward: a^T @ dz (n,m) and dz @ w^T (b,n). The last layer's need
         dz_L, which carries the labels: computed here. A hidden-to-hidden layer's go to the nodes,
         slot s computing rows Q_s of the first and columns Q_s of the second from its forward
@@ -668,8 +750,11 @@ class DistributedCompute:
         if not (ship_dw or ship_da):
             return a.T @ dz, dz @ w.T
         exposures = [self._layer_exposure(layer, s, backward=True) for s in range(len(self.unit_blocks[layer]))]
-        return self._run(self.hidden_share.backward(a, dz, w, layer, self.rng, exposures, kept, ship_dw, ship_da,
-                                                    self._decoys(labels)))
+        return self._run(
+            self.hidden_share.backward(
+                a, dz, w, layer, self.rng, exposures, kept, ship_dw, ship_da, self._decoys(labels)
+            )
+        )
 
     def step_done(self) -> None:
         """A step's end: every CHECKPOINT_STEPS shipped resident steps, the nodes' states are
@@ -742,8 +827,9 @@ class InProcessExecutor:
         for batch in batches:
             self.ledger.record(self.names[batch.shard], batch.exposure)
             self.bytes_sent += batch.nbytes()
-            result = self._compute_batch(batch.op, batch.params, batch.arrays, self.statics[batch.shard],
-                                         None, self.states[batch.shard])
+            result = self._compute_batch(
+                batch.op, batch.params, batch.arrays, self.statics[batch.shard], None, self.states[batch.shard]
+            )
             self.bytes_received += result.nbytes
             self.batches += 1
             results.append(result)

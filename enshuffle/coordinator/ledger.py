@@ -99,21 +99,25 @@ class ExposureLedger:
     def shares(self) -> dict[str, dict[str, float]]:
         """node -> kind -> share of elements seen (0..1) in any form; kinds never received are 0."""
         with self._lock:
-            return {node: {t: float(np.count_nonzero(masks[t]) / masks[t].size) if t in masks else 0.0
-                           for t in self.axes}
-                    for node, masks in self._masks.items()}
+            return {
+                node: {t: float(np.count_nonzero(masks[t]) / masks[t].size) if t in masks else 0.0 for t in self.axes}
+                for node, masks in self._masks.items()
+            }
 
     def forms(self) -> dict[str, dict[str, str]]:
         """node -> kind -> the weakest form it received (a FORMS entry), for kinds it received."""
         with self._lock:
-            return {node: {t: FORMS[int(m.max()) - 1] for t, m in masks.items() if t in self.axes and m.max() > 0}
-                    for node, masks in self._masks.items()}
+            return {
+                node: {t: FORMS[int(m.max()) - 1] for t, m in masks.items() if t in self.axes and m.max() > 0}
+                for node, masks in self._masks.items()
+            }
 
     def node_shares(self, node: str) -> dict[str, float]:
         """One node's shares, only for kinds it has received (what a BATCH header announces)."""
         with self._lock:
-            return {t: float(np.count_nonzero(m) / m.size) for t, m in self._masks.get(node, {}).items()
-                    if t in self.axes}
+            return {
+                t: float(np.count_nonzero(m) / m.size) for t, m in self._masks.get(node, {}).items() if t in self.axes
+            }
 
     def positions(self, node: str, kind: str) -> np.ndarray:
         """Indices along the kind's axis that `node` has received (for tests and audits)."""
@@ -165,15 +169,20 @@ class ExposureLedger:
                 lines.append(node.ljust(name_width) + "".join(cells))
         if unseen:
             lines += textwrap.wrap(f"0% for every node: {', '.join(unseen)}", width)
-        lines += textwrap.wrap("forms: h values hidden (secret mixing with noise), p positions hidden (shuffled, "
-                               "power-of-two scaled: values readable), c clear", width, subsequent_indent="  ")
+        lines += textwrap.wrap(
+            "forms: h values hidden (secret mixing with noise), p positions hidden (shuffled, "
+            "power-of-two scaled: values readable), c clear",
+            width,
+            subsequent_indent="  ",
+        )
         return "\n".join(lines)
 
     def export(self) -> dict[str, dict[str, str]]:
         """JSON-able form (hex of the per-position form bytes) so a resumed run keeps what nodes have seen."""
         with self._lock:
-            return {node: {t: "v2:" + m.tobytes().hex() for t, m in masks.items()}
-                    for node, masks in self._masks.items()}
+            return {
+                node: {t: "v2:" + m.tobytes().hex() for t, m in masks.items()} for node, masks in self._masks.items()
+            }
 
     def load(self, data: dict[str, dict[str, str]]) -> None:
         with self._lock:
@@ -196,45 +205,68 @@ def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[s
     end-of-run report and the chain metadata."""
     notes = []
     if disguise == "resident-clear":
-        notes.append("disguise 'resident-clear' (a control): pixels and w1 reach nodes in the clear; never use it "
-                     "on private data")
+        notes.append(
+            "disguise 'resident-clear' (a control): pixels and w1 reach nodes in the clear; never use it "
+            "on private data"
+        )
     if disguise == "shuffle":
-        notes.append("disguise 'shuffle' (an audit control): pixels and w1 rows reach nodes in the clear up to "
-                     "order and powers of two; never use it on private data")
+        notes.append(
+            "disguise 'shuffle' (an audit control): pixels and w1 rows reach nodes in the clear up to "
+            "order and powers of two; never use it on private data"
+        )
     if disguise in ("resident", "resident-clear"):
-        notes.append("w1: each node holds its block of w1 once, in its own secret basis (w1[P_s] = M_s V_s), and "
-                     "updates it itself from the deltas; no weight message follows, so the weight trajectory tells "
-                     "it nothing beyond its static block, its first weights and the deltas (enshuffle audit plays "
-                     "the trajectory attacks)")
+        notes.append(
+            "w1: each node holds its block of w1 once, in its own secret basis (w1[P_s] = M_s V_s), and "
+            "updates it itself from the deltas; no weight message follows, so the weight trajectory tells "
+            "it nothing beyond its static block, its first weights and the deltas (enshuffle audit plays "
+            "the trajectory attacks)"
+        )
     if preset.init == "notebook":
-        notes.append("the seed preset starts from the notebook's public weights (RandomState(402)): a node can "
-                     "compute the initial w1 and w2; train with the default preset to keep the model private")
+        notes.append(
+            "the seed preset starts from the notebook's public weights (RandomState(402)): a node can "
+            "compute the initial w1 and w2; train with the default preset to keep the model private"
+        )
     elif preset.seed is not None:
-        notes.append(f"initial weights and sample order come from the training seed you chose (--seed "
-                     f"{preset.seed}), not from the run's secret: keep that number private")
+        notes.append(
+            f"initial weights and sample order come from the training seed you chose (--seed "
+            f"{preset.seed}), not from the run's secret: keep that number private"
+        )
     if disguise in ("resident", "resident-clear"):
-        notes.append("deltas: every node sees each step's dz1 with the rows it belongs to, its hidden units "
-                     "mixed by one secret mixing fixed for the run (its weights live in that basis); rows of one "
-                     "class still look alike, so it may group its training rows by class without naming the "
-                     "classes (enshuffle audit measures how well)")
+        notes.append(
+            "deltas: every node sees each step's dz1 with the rows it belongs to, its hidden units "
+            "mixed by one secret mixing fixed for the run (its weights live in that basis); rows of one "
+            "class still look alike, so it may group its training rows by class without naming the "
+            "classes (enshuffle audit measures how well)"
+        )
     else:
-        notes.append("deltas: every node sees each step's dz1 (rows and units shuffled, scaled by powers of two); "
-                     "rows of one class look alike, so it may group a batch's rows by class without naming the "
-                     "classes (enshuffle audit measures how well)")
-    notes.append("samples: a node knows which of its static rows a step uses and can follow a row across steps; "
-                 "it cannot match a row to an image")
-    if getattr(preset, "depth", 2) > 2 and disguise in ("resident", "resident-clear") and \
-            getattr(preset, "momentum_layers", ()):
-        notes.append("hidden layers: each node holds its block of rows of every hidden-to-hidden layer once, in "
-                     "its own secret basis, and updates it itself; each step it receives its block of the layer's "
-                     "input units and the layer's deltas, both with every row a fresh secret mixture of 32 of the "
-                     "batch's rows (no row is one sample's), the units mixed by its basis (input and output units "
-                     "alike); the last layer stays here")
+        notes.append(
+            "deltas: every node sees each step's dz1 (rows and units shuffled, scaled by powers of two); "
+            "rows of one class look alike, so it may group a batch's rows by class without naming the "
+            "classes (enshuffle audit measures how well)"
+        )
+    notes.append(
+        "samples: a node knows which of its static rows a step uses and can follow a row across steps; "
+        "it cannot match a row to an image"
+    )
+    if (
+        getattr(preset, "depth", 2) > 2
+        and disguise in ("resident", "resident-clear")
+        and getattr(preset, "momentum_layers", ())
+    ):
+        notes.append(
+            "hidden layers: each node holds its block of rows of every hidden-to-hidden layer once, in "
+            "its own secret basis, and updates it itself; each step it receives its block of the layer's "
+            "input units and the layer's deltas, both with every row a fresh secret mixture of 32 of the "
+            "batch's rows (no row is one sample's), the units mixed by its basis (input and output units "
+            "alike); the last layer stays here"
+        )
     elif getattr(preset, "depth", 2) > 2:
-        notes.append("hidden layers: for every hidden-to-hidden layer a node receives, each step, its block of the "
-                     "layer's input units (activations, mixed with fresh secret noise) and the matching rows of the "
-                     "layer's weights (mixed), and the layer's deltas (every unit, shuffled and scaled by powers of "
-                     "two, each class's structure moved onto decoy rows as for dz1); the last layer stays here")
+        notes.append(
+            "hidden layers: for every hidden-to-hidden layer a node receives, each step, its block of the "
+            "layer's input units (activations, mixed with fresh secret noise) and the matching rows of the "
+            "layer's weights (mixed), and the layer's deltas (every unit, shuffled and scaled by powers of "
+            "two, each class's structure moved onto decoy rows as for dz1); the last layer stays here"
+        )
     if bound_raised:
         notes.append("the operator raised the exposure bound (--max-exposure): a node may hold more than one block")
     return notes

@@ -110,8 +110,11 @@ def product_costs(name: str, b: int, n: int, m: int, k: int) -> tuple[float, flo
     its prefix: x_w1, dw1, a_w, dw, da) with batch b, contraction or input width n, output m."""
     r1, g1, r, g = PIXEL_NOISE_RANK, PIXEL_MIX_GROUP, HIDDEN_NOISE_RANK, HIDDEN_MIX_GROUP
     if name == "resident":  # the resident disguise's first layer: forward and update per step
-        return (2 * b * n * m, 2 * k * b * m + 2 * n * m / RESIDENT_CHECKPOINT_STEPS,
-                b * n * (r1 + 2 * RESIDENT_PROBES) + b * m * r1 * (2 * k + 2))
+        return (
+            2 * b * n * m,
+            2 * k * b * m + 2 * n * m / RESIDENT_CHECKPOINT_STEPS,
+            b * n * (r1 + 2 * RESIDENT_PROBES) + b * m * r1 * (2 * k + 2),
+        )
     if name == "x_w1":
         return b * n * m, n * m + k * b * m, n * m * (r1 + 1 + g1) + b * m * (r1 + 1 + k)
     if name == "dw1":
@@ -119,8 +122,11 @@ def product_costs(name: str, b: int, n: int, m: int, k: int) -> tuple[float, flo
     kind = name.rstrip("0123456789")
     if kind == "resident":  # a resident hidden layer: forward, backward and step per step
         q, big, g = RESIDENT_PROBES, ROW_GROUP, RESIDENT_MIX_GROUP
-        return (3 * b * n * m, 3 * b * n + 2 * k * b * m + 2 * n * m / RESIDENT_CHECKPOINT_STEPS,
-                b * n * (2 * big + 2 * g + 6 * q) + b * m * (2 * big + 4 * q))
+        return (
+            3 * b * n * m,
+            3 * b * n + 2 * k * b * m + 2 * n * m / RESIDENT_CHECKPOINT_STEPS,
+            b * n * (2 * big + 2 * g + 6 * q) + b * m * (2 * big + 4 * q),
+        )
     if kind == "a_w":
         return b * n * m, b * n + n * m + k * b * m, b * n * (r + g) + n * m * (r + g) + b * m * (r + k)
     if kind == "dw":
@@ -139,9 +145,16 @@ def decide(name: str, b: int, n: int, m: int, k: int, offload: str, model: CostM
     return product
 
 
-def step_plan(layers: tuple[int, ...], batch: int, k: int, offload: str, model: CostModel,
-              distributable: set[int] | None = None, resident: bool = False,
-              resident_layers: set[int] | None = None) -> list[Product]:
+def step_plan(
+    layers: tuple[int, ...],
+    batch: int,
+    k: int,
+    offload: str,
+    model: CostModel,
+    distributable: set[int] | None = None,
+    resident: bool = False,
+    resident_layers: set[int] | None = None,
+) -> list[Product]:
     """Every product of one training step of a network with these layer widths: the first layer's
     two, then each hidden-to-hidden layer's three (`distributable`: the layers split over the
     slots; default every hidden-to-hidden layer; `resident_layers`: those whose weights live on
@@ -149,8 +162,10 @@ def step_plan(layers: tuple[int, ...], batch: int, k: int, offload: str, model: 
     if resident:
         out = [decide("resident", batch, layers[0], layers[1], k, offload, model)]
     else:
-        out = [decide("x_w1", batch, layers[0], layers[1], k, offload, model),
-               decide("dw1", batch, layers[0], layers[1], k, offload, model)]
+        out = [
+            decide("x_w1", batch, layers[0], layers[1], k, offload, model),
+            decide("dw1", batch, layers[0], layers[1], k, offload, model),
+        ]
     for layer in range(2, len(layers) - 1):
         if distributable is not None and layer not in distributable:
             continue
@@ -158,32 +173,41 @@ def step_plan(layers: tuple[int, ...], batch: int, k: int, offload: str, model: 
         if resident_layers and layer in resident_layers:
             out.append(decide(f"resident{layer}", batch, n, m, k, offload, model))
             continue
-        out += [decide(f"a_w{layer}", batch, n, m, k, offload, model),
-                decide(f"dw{layer}", batch, n, m, k, offload, model),
-                decide(f"da{layer}", batch, n, m, k, offload, model)]
+        out += [
+            decide(f"a_w{layer}", batch, n, m, k, offload, model),
+            decide(f"dw{layer}", batch, n, m, k, offload, model),
+            decide(f"da{layer}", batch, n, m, k, offload, model),
+        ]
     return out
 
 
 def plan_lines(products: list[Product], model: CostModel, offload: str, batch: int) -> list[str]:
     """The plan as printed at start: which products go out, and what each costs or saves."""
-    lines = [f"offload {offload}: per step of {batch} rows, cost model {model.ship_ns:g} ns per shipped "
-             f"element, {model.madd_ns:g} ns per multiply-add ({model.source})"]
+    lines = [
+        f"offload {offload}: per step of {batch} rows, cost model {model.ship_ns:g} ns per shipped "
+        f"element, {model.madd_ns:g} ns per multiply-add ({model.source})"
+    ]
     saved = 0.0
     for p in products:
         local, remote = p.local_ms(model), p.remote_ms(model)
         where = "nodes" if p.ship else "here "
         if p.ship:
             saved += local - remote
-        lines.append(f"  {p.name:<8} {where}  {p.madds / 1e6:10.1f} M multiply-adds, {p.shipped / 1e6:8.2f} M "
-                     f"elements to ship: here {local:8.2f} ms, shipped {remote:8.2f} ms")
+        lines.append(
+            f"  {p.name:<8} {where}  {p.madds / 1e6:10.1f} M multiply-adds, {p.shipped / 1e6:8.2f} M "
+            f"elements to ship: here {local:8.2f} ms, shipped {remote:8.2f} ms"
+        )
     shipped = [p.name for p in products if p.ship]
     if not shipped:
-        lines.append("  nothing pays to ship at this size: every product is computed here (--offload matmul "
-                     "ships them anyway)")
+        lines.append(
+            "  nothing pays to ship at this size: every product is computed here (--offload matmul ships them anyway)"
+        )
     elif saved >= 0:
         lines.append(f"  expected coordinator saving per step: {saved:.2f} ms")
     else:
-        lines.append(f"  shipping costs the coordinator {-saved:.2f} ms per step more than computing here "
-                     f"(--offload auto would keep what does not pay)")
+        lines.append(
+            f"  shipping costs the coordinator {-saved:.2f} ms per step more than computing here "
+            f"(--offload auto would keep what does not pay)"
+        )
     lines.append("  the last layer's products stay here: they carry the labels")
     return lines

@@ -91,9 +91,12 @@ class Disguise:
 
 
 def new_disguise(n: int, m: int, rng: np.random.Generator, scale_rows: bool, scale_cols: bool) -> Disguise:
-    return Disguise(rows=rng.permutation(n), cols=rng.permutation(m),
-                    row_exp=random_exponents(n, rng, scale_rows),
-                    col_exp=random_exponents(m, rng, scale_cols))
+    return Disguise(
+        rows=rng.permutation(n),
+        cols=rng.permutation(m),
+        row_exp=random_exponents(n, rng, scale_rows),
+        col_exp=random_exponents(m, rng, scale_cols),
+    )
 
 
 @dataclass(frozen=True)

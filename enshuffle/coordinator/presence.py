@@ -71,17 +71,24 @@ class WaitReason:
         if self.why is Waiting.FINISHED:
             return "the run has finished"
         if self.why is Waiting.STANDBY_BOUND:
-            return (f"on standby: block {blocks} waits for a node, but this node may not take it: it would "
-                    f"then hold more than the exposure bound allows ({self.bound})")
+            return (
+                f"on standby: block {blocks} waits for a node, but this node may not take it: it would "
+                f"then hold more than the exposure bound allows ({self.bound})"
+            )
         if self.why is Waiting.STANDBY:
-            return (f"on standby: all {self.total_blocks} blocks are held by other nodes; it takes one over "
-                    f"when a node leaves or pauses")
-        return (f"block {blocks} waits for a node within the exposure bound; the step goes on when its node "
-                f"comes back or a new node joins")
+            return (
+                f"on standby: all {self.total_blocks} blocks are held by other nodes; it takes one over "
+                f"when a node leaves or pauses"
+            )
+        return (
+            f"block {blocks} waits for a node within the exposure bound; the step goes on when its node "
+            f"comes back or a new node joins"
+        )
 
 
-def waiting_reason(node_id: str, *, connected: int, needed: int, paused: bool, finished: bool,
-                   scheduler) -> WaitReason | None:
+def waiting_reason(
+    node_id: str, *, connected: int, needed: int, paused: bool, finished: bool, scheduler
+) -> WaitReason | None:
     """Why live, unpaused node `node_id` has no batch in hand, or None for the ordinary gap between
     two batches. `scheduler` is the run's `scheduling.Scheduler` (its owners, blocked slots and
     bound); it is asked about blocked slots only when the earlier reasons do not hold. New reasons
@@ -116,8 +123,9 @@ def node_state(*, busy: bool, paused: bool, reason: Callable[[], WaitReason | No
     return (NodeState.STANDBY if why.standby else NodeState.WAITING), why.text()
 
 
-def publish_rows(state, sessions: Iterable, shares: dict, forms: dict, now: float,
-                 state_of: Callable[[Any], tuple[NodeState, str]]) -> None:
+def publish_rows(
+    state, sessions: Iterable, shares: dict, forms: dict, now: float, state_of: Callable[[Any], tuple[NodeState, str]]
+) -> None:
     """Copy what the console shows of each live session into its row of `state` (under its lock):
     outstanding, done, state and reason (`state_of(session)`), last seen, rate, exposure."""
     wall = time.time()
@@ -132,8 +140,9 @@ def publish_rows(state, sessions: Iterable, shares: dict, forms: dict, now: floa
             row.state, row.reason = node.value, reason
             row.last_seen = wall - (now - session.last_seen)
             window = session.rate_window
-            row.rate = (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 and window[-1] > window[0] \
-                else 0.0
+            row.rate = (
+                (len(window) - 1) / (window[-1] - window[0]) if len(window) > 1 and window[-1] > window[0] else 0.0
+            )
             if not window or now - window[-1] > RATE_STALE_S:
                 row.rate = 0.0  # a paused or waiting node computes nothing: no stale rate
             row.exposure = dict(shares.get(session.label, {}))

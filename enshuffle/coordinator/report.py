@@ -22,8 +22,10 @@ def eprint(*parts) -> None:
 
 
 def format_epoch(report, total: int) -> str:
-    return (f"epoch {report.epoch:>3}/{total}  cost {report.cost:.6f}  train acc {report.train_accuracy:.4f}"
-            f"  test acc {report.test_accuracy:.4f}  {report.seconds:.2f} s")
+    return (
+        f"epoch {report.epoch:>3}/{total}  cost {report.cost:.6f}  train acc {report.train_accuracy:.4f}"
+        f"  test acc {report.test_accuracy:.4f}  {report.seconds:.2f} s"
+    )
 
 
 def save_weights(path: str, params: dict[str, np.ndarray]) -> None:
@@ -47,8 +49,18 @@ LEDGER_WIDTH = 80  # the final table fits an 80-column terminal (or a log viewer
 
 def report_ledger(ledger, json_lines: bool, extra: dict | None = None, notes: list[str] | None = None) -> None:
     if json_lines:
-        print(json.dumps({"type": "ledger", "ledger": ledger.shares(), "forms": ledger.forms(), "notes": notes or [],
-                          **(extra or {})}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "type": "ledger",
+                    "ledger": ledger.shares(),
+                    "forms": ledger.forms(),
+                    "notes": notes or [],
+                    **(extra or {}),
+                }
+            ),
+            flush=True,
+        )
     else:
         print()
         print("Exposure ledger: share of each kind of information each node has")
@@ -66,5 +78,7 @@ def listen_text(endpoint: str) -> str:
 
 def join_commands(endpoint: str, fingerprint: str) -> list[str]:
     """The `enshuffle node` command line(s) a volunteer runs, one per address of this machine."""
-    return [f"enshuffle node --connect {address} --coordinator-key {fingerprint}"
-            for address in volunteer_addresses(endpoint)]
+    return [
+        f"enshuffle node --connect {address} --coordinator-key {fingerprint}"
+        for address in volunteer_addresses(endpoint)
+    ]

@@ -50,8 +50,12 @@ class KeyRecord:
 class Reputation:
     """Records per node key (32-byte public key)."""
 
-    def __init__(self, quarantine_after: int = QUARANTINE_AFTER, trust_after: int = TRUST_AFTER,
-                 rejects_after: int = REJECTS_AFTER):
+    def __init__(
+        self,
+        quarantine_after: int = QUARANTINE_AFTER,
+        trust_after: int = TRUST_AFTER,
+        rejects_after: int = REJECTS_AFTER,
+    ):
         if quarantine_after < 1 or rejects_after < 1:
             raise ValueError("quarantine_after and rejects_after must be >= 1")
         self.quarantine_after = quarantine_after
@@ -124,8 +128,12 @@ class Reputation:
 
     def trusted(self, key: bytes) -> bool:
         rec = self.records.get(key)
-        return rec is not None and rec.lies == 0 and not any(rec.refused[r] for r in LIES) \
+        return (
+            rec is not None
+            and rec.lies == 0
+            and not any(rec.refused[r] for r in LIES)
             and rec.accepted >= self.trust_after
+        )
 
     def needs_replica(self, key: bytes) -> bool:
         """A new or once-lying key's results are also computed by the coordinator and compared."""

@@ -28,8 +28,7 @@ from enshuffle.coordinator.distributed import DistributedCompute, default_disgui
 from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes, privacy_notes
 from enshuffle.coordinator.offload import default_cost_model
 from enshuffle.coordinator.reputation import QUARANTINE_AFTER
-from enshuffle.coordinator.report import (eprint, join_commands, listen_text, report_epoch, report_ledger,
-                                            save_weights)
+from enshuffle.coordinator.report import eprint, join_commands, listen_text, report_epoch, report_ledger, save_weights
 from enshuffle.coordinator.server import CoordinatorServer, Listener, ServerConfig, StepAbandoned, TrainingAborted
 from enshuffle.coordinator.settings import DEFAULT_BIND, RunConfig, RunRecord
 from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, EpochRow, VersionRow
@@ -61,8 +60,7 @@ EXIT_INTERRUPTED = 130  # stopped before the run finished (Ctrl-C, SIGTERM, q): 
 
 def local_only(admission) -> bool:
     """True for `enshuffle train`'s admission: its own local node processes and nobody else."""
-    return (admission is not None and not admission.open and admission.home is None
-            and admission.allow_file is None)
+    return admission is not None and not admission.open and admission.home is None and admission.allow_file is None
 
 
 def joining(endpoint: str, fingerprint: str, admission) -> tuple[list[str], list[str], str]:
@@ -70,9 +68,14 @@ def joining(endpoint: str, fingerprint: str, admission) -> tuple[list[str], list
     (with --invite CODE where an invite is how a new key gets in), notes on them, and who may join."""
     if local_only(admission):
         count = len(admission.auto)
-        return [], [f"only the {count} local node process{'es' if count != 1 else ''} this command started "
-                    f"may join; for volunteers' machines run `enshuffle coordinator`"], \
-            f"who may join: only this command's {count} local node process{'es' if count != 1 else ''}"
+        return (
+            [],
+            [
+                f"only the {count} local node process{'es' if count != 1 else ''} this command started "
+                f"may join; for volunteers' machines run `enshuffle coordinator`"
+            ],
+            f"who may join: only this command's {count} local node process{'es' if count != 1 else ''}",
+        )
     commands = join_commands(endpoint, fingerprint)
     notes = []
     who = ""
@@ -80,13 +83,14 @@ def joining(endpoint: str, fingerprint: str, admission) -> tuple[list[str], list
         who = "who may join: " + admission.describe().removeprefix("admission: ")
         if not admission.open and admission.home is not None:
             commands = [f"{c} --invite CODE" for c in commands]
-            notes.append("CODE: a fresh one from `enshuffle invite --connect ADDRESS` on this machine"
-                         + (" (a key in the --allow file needs none)" if admission.allow_file else ""))
+            notes.append(
+                "CODE: a fresh one from `enshuffle invite --connect ADDRESS` on this machine"
+                + (" (a key in the --allow file needs none)" if admission.allow_file else "")
+            )
     if any(PLACEHOLDER in c for c in commands):
         notes.append(f"replace {PLACEHOLDER} with this machine's address as the volunteers reach it")
     elif commands and ("127.0.0.1" in commands[0] or "[::1]" in commands[0]):
-        notes.append("a loopback address: only nodes on this machine can connect; bind tcp://0.0.0.0:PORT "
-                     "for others")
+        notes.append("a loopback address: only nodes on this machine can connect; bind tcp://0.0.0.0:PORT for others")
     return commands, notes, who
 
 
@@ -100,9 +104,19 @@ def default_run_dir() -> str:
 
 
 class CoordinatorRun:
-    def __init__(self, config: RunConfig, preset, inputs, *, state: CoordinatorState | None = None,
-                 control: CoordinatorControl | None = None, home: Path | None = None, quiet: bool = False,
-                 admission=None, command: str = "coordinator"):
+    def __init__(
+        self,
+        config: RunConfig,
+        preset,
+        inputs,
+        *,
+        state: CoordinatorState | None = None,
+        control: CoordinatorControl | None = None,
+        home: Path | None = None,
+        quiet: bool = False,
+        admission=None,
+        command: str = "coordinator",
+    ):
         self.config = config
         self.preset = preset
         self.inputs = inputs
@@ -123,15 +137,27 @@ class CoordinatorRun:
         self.run_dir = Path(run_dir) if run_dir else None
         self.chain = Chain(self.run_dir, signer=self.identity) if self.run_dir else None
         # RUN_DIR/run.json; how `enshuffle coordinator` served is kept so --resume serves the same way.
-        self.record = RunRecord(preset=preset.name, epochs=preset.epochs, dtype=preset.dtype, offload=config.offload,
-                                seed=preset.seed, limit=config.limit, shards=shards, data=data_fingerprint(inputs),
-                                layers=tuple(preset.layers), activation=preset.activation,
-                                data_source=config.data_source,
-                                serving=serving.recorded() if config.keep_serving else None)
+        self.record = RunRecord(
+            preset=preset.name,
+            epochs=preset.epochs,
+            dtype=preset.dtype,
+            offload=config.offload,
+            seed=preset.seed,
+            limit=config.limit,
+            shards=shards,
+            data=data_fingerprint(inputs),
+            layers=tuple(preset.layers),
+            activation=preset.activation,
+            data_source=config.data_source,
+            serving=serving.recorded() if config.keep_serving else None,
+        )
         self.admission = admission
-        server_config = ServerConfig(max_exposure=config.max_exposure, replicate=serving.replicate,
-                                     quarantine_after=serving.quarantine_after or QUARANTINE_AFTER,
-                                     log=self._server_log)
+        server_config = ServerConfig(
+            max_exposure=config.max_exposure,
+            replicate=serving.replicate,
+            quarantine_after=serving.quarantine_after or QUARANTINE_AFTER,
+            log=self._server_log,
+        )
         # Bound first: a coordinator that cannot listen leaves no empty run directory behind.
         listener = Listener(serving.bind or DEFAULT_BIND, server_config)
         if self.run_dir:
@@ -144,14 +170,22 @@ class CoordinatorRun:
         ledger = ExposureLedger(ledger_axes(preset.layers))
         # The compute hands the server it makes its plan (the slots and their statics); the
         # server is the compute's executor.
-        serve = CoordinatorServer.factory(listener, self.identity, self.state, ledger, config=server_config,
-                                          control=self.control, admission=admission)
+        serve = CoordinatorServer.factory(
+            listener, self.identity, self.state, ledger, config=server_config, control=self.control, admission=admission
+        )
         try:
-            self.compute = DistributedCompute(inputs.images, shards, np.random.default_rng(secret), serve,
-                                              ledger=ledger, **inputs.source(),
-                                              disguise=config.disguise or default_disguise(preset),
-                                              layers=preset.layers, offload=config.offload,
-                                              cost_model=default_cost_model())
+            self.compute = DistributedCompute(
+                inputs.images,
+                shards,
+                np.random.default_rng(secret),
+                serve,
+                ledger=ledger,
+                **inputs.source(),
+                disguise=config.disguise or default_disguise(preset),
+                layers=preset.layers,
+                offload=config.offload,
+                cost_model=default_cost_model(),
+            )
         except BaseException:
             listener.close()
             raise
@@ -164,8 +198,9 @@ class CoordinatorRun:
             st.run_id = self.server.run_id
             st.preset = preset.name
             st.bind = listen_text(self.server.endpoint)
-            st.join_commands, st.join_notes, st.admission = joining(self.server.endpoint, self.identity.fingerprint,
-                                                                    admission)
+            st.join_commands, st.join_notes, st.admission = joining(
+                self.server.endpoint, self.identity.fingerprint, admission
+            )
             st.fingerprint = self.identity.fingerprint
             st.run_dir = str(self.run_dir) if self.run_dir else None
             st.epochs_total = preset.epochs
@@ -192,55 +227,68 @@ class CoordinatorRun:
         assert self.run_dir is not None and self.chain is not None  # called only with a run directory
         head_file = self.run_dir / "chain" / "HEAD"
         if not resume and head_file.exists():
-            raise UsageError(f"{self.run_dir} already holds a model chain: continue it with --resume "
-                             f"(and --epochs N to extend it), or choose a new --out")
+            raise UsageError(
+                f"{self.run_dir} already holds a model chain: continue it with --resume "
+                f"(and --epochs N to extend it), or choose a new --out"
+            )
         if resume:
             try:
                 key = self.chain.run_key() if (self.run_dir / "chain").exists() else None
             except ChainError as exc:
                 raise UsageError(f"cannot resume from {self.run_dir}: {exc}") from None
             if key is not None and key != self.identity.public_hex:
-                raise UsageError(f"{self.run_dir} was signed by coordinator key {fingerprint(bytes.fromhex(key))}, "
-                                 f"but this machine's key is {self.identity.fingerprint}: "
-                                 f"resume with the ENSHUFFLE_HOME that ran it")
+                raise UsageError(
+                    f"{self.run_dir} was signed by coordinator key {fingerprint(bytes.fromhex(key))}, "
+                    f"but this machine's key is {self.identity.fingerprint}: "
+                    f"resume with the ENSHUFFLE_HOME that ran it"
+                )
             stored = RunRecord.load(self.run_dir).data
             current = self.record.data
             assert current is not None  # the data's fingerprint, taken above
             if stored is not None and stored != current:
-                raise UsageError(f"{self.run_dir} was trained on other data ({stored.get('images')} training "
-                                 f"images, digest {str(stored.get('sha256'))[:12]}) than now "
-                                 f"({current['images']}, {current['sha256'][:12]}): "
-                                 f"resume with the same --data and --limit")
+                raise UsageError(
+                    f"{self.run_dir} was trained on other data ({stored.get('images')} training "
+                    f"images, digest {str(stored.get('sha256'))[:12]}) than now "
+                    f"({current['images']}, {current['sha256'][:12]}): "
+                    f"resume with the same --data and --limit"
+                )
         # A directory this run creates and never writes a version to is removed at the end.
         self._created_run_dir = not resume and not self.run_dir.exists()
         try:
             self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             make_private(self.run_dir)
         except OSError as exc:
-            raise UsageError(f"cannot create run directory {self.run_dir}: {exc.strerror}; "
-                             f"choose a writable --out") from None
+            raise UsageError(
+                f"cannot create run directory {self.run_dir}: {exc.strerror}; choose a writable --out"
+            ) from None
 
     # -- resume ----------------------------------------------------------------------
     def _resume(self) -> None:
         assert self.run_dir is not None and self.chain is not None  # called only with a run directory
         head = self.chain.head()
         if head is None:
-            raise UsageError(f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
-                             f"start without --resume")
+            raise UsageError(
+                f"{self.run_dir}: nothing to resume (no model version in {self.run_dir / 'chain'}); "
+                f"start without --resume"
+            )
         # Every version, not only the head: a run continued from a damaged chain would sign onto it.
         report = self.chain.verify(self.identity.fingerprint)
         if not report.ok:
             where = f" at version {report.first_bad[:12]}" if report.first_bad else ""
-            raise UsageError(f"cannot resume {self.run_dir}: its chain fails verification{where}: {report.problem}; "
-                             f"see `enshuffle chain verify {self.run_dir}`, restore the run directory from a copy, "
-                             f"or start a new run")
+            raise UsageError(
+                f"cannot resume {self.run_dir}: its chain fails verification{where}: {report.problem}; "
+                f"see `enshuffle chain verify {self.run_dir}`, restore the run directory from a copy, "
+                f"or start a new run"
+            )
         # And what `chain verify` checks of the head: every version signed by this coordinator's
         # key, and a head log that matches the head this machine recorded (a rolled-back HEAD).
-        problem = trust_problem(self.chain, self.identity.fingerprint,
-                                self.home if self.home is not None else enshuffle_home())
+        problem = trust_problem(
+            self.chain, self.identity.fingerprint, self.home if self.home is not None else enshuffle_home()
+        )
         if problem is not None:
-            raise UsageError(f"cannot resume from {self.run_dir}: {problem}; `enshuffle chain verify {self.run_dir}` "
-                             f"shows the same")
+            raise UsageError(
+                f"cannot resume from {self.run_dir}: {problem}; `enshuffle chain verify {self.run_dir}` shows the same"
+            )
         arrays, meta = self.chain.load(head)
         try:
             self.trainer.restore(arrays, meta)
@@ -250,7 +298,8 @@ class CoordinatorRun:
             raise UsageError(
                 f"{self.run_dir} has finished: its head version {head[:12]} is epoch {self.trainer.epoch} of "
                 f"{self.preset.epochs}, so there is nothing to resume. To train further, extend it: "
-                f"`enshuffle {self.command} --out {self.run_dir} --resume --epochs N` with N > {self.preset.epochs}")
+                f"`enshuffle {self.command} --out {self.run_dir} --resume --epochs N` with N > {self.preset.epochs}"
+            )
         if meta.get("epochs_total") not in (None, self.preset.epochs):
             replace(RunRecord.load(self.run_dir), epochs=self.preset.epochs).save(self.run_dir)
         self.server.ledger.load(meta.get("ledger", {}))
@@ -295,15 +344,29 @@ class CoordinatorRun:
         with self.state.lock:
             history = [e.__dict__ for e in self.state.epochs]
         last = report.as_dict() if report is not None else (history[-1] if history else None)
-        meta.update({
-            "run_id": self.server.run_id, "created": time.time(), "settings": self.record.to_json(),
-            "metrics": ({"cost": last["cost"], "train_accuracy": last["train_accuracy"],
-                         "test_accuracy": last["test_accuracy"]} if last else {}),
-            "exposure": self.server.ledger.shares(), "exposure_forms": self.server.ledger.forms(),
-            "exposure_bound": self.server.bound, "privacy_notes": self.privacy_notes(),
-            "ledger": self.server.ledger.export(), "history": history,
-            "labels": {key.hex(): label for key, label in self.server.labels.items()},
-        })
+        meta.update(
+            {
+                "run_id": self.server.run_id,
+                "created": time.time(),
+                "settings": self.record.to_json(),
+                "metrics": (
+                    {
+                        "cost": last["cost"],
+                        "train_accuracy": last["train_accuracy"],
+                        "test_accuracy": last["test_accuracy"],
+                    }
+                    if last
+                    else {}
+                ),
+                "exposure": self.server.ledger.shares(),
+                "exposure_forms": self.server.ledger.forms(),
+                "exposure_bound": self.server.bound,
+                "privacy_notes": self.privacy_notes(),
+                "ledger": self.server.ledger.export(),
+                "history": history,
+                "labels": {key.hex(): label for key, label in self.server.labels.items()},
+            }
+        )
         for attempt in range(CHAIN_WRITE_ATTEMPTS):
             try:
                 version = self.chain.append(arrays, meta)
@@ -313,9 +376,11 @@ class CoordinatorRun:
                 # An append that failed leaves the head where it was (what it wrote is cleaned up by
                 # the next one): training goes on, and the next version (or this one again) retries.
                 again = attempt + 1 < CHAIN_WRITE_ATTEMPTS
-                self.log(f"could not write a model version to {self.chain.dir if self.chain else 'the chain'} "
-                         f"({exc.strerror or exc}); "
-                         f"{'trying again' if again else 'training goes on; the next version retries'}")
+                self.log(
+                    f"could not write a model version to {self.chain.dir if self.chain else 'the chain'} "
+                    f"({exc.strerror or exc}); "
+                    f"{'trying again' if again else 'training goes on; the next version retries'}"
+                )
                 if attempt + 1 < CHAIN_WRITE_ATTEMPTS:
                     self.server.pump(timeout_ms=1000)  # nodes stay serviced while it waits
         else:
@@ -333,8 +398,9 @@ class CoordinatorRun:
 
     def _run(self) -> int:
         try:
-            if not self.server.wait_for_nodes(self.min_nodes, lambda: self.control.stop_requested,
-                                              give_up=self.give_up):
+            if not self.server.wait_for_nodes(
+                self.min_nodes, lambda: self.control.stop_requested, give_up=self.give_up
+            ):
                 if self.control.stop_requested:
                     self.log("stopped before training started")
                     return self._end("stopped", EXIT_INTERRUPTED)
@@ -400,9 +466,12 @@ class CoordinatorRun:
         self.server.close("run-finished" if status == "finished" else "shutdown")
         self._remove_unused_run_dir()
         if self.print_reports:
-            report_ledger(self.server.ledger, self.config.json,
-                          {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received},
-                          notes=self.privacy_notes())
+            report_ledger(
+                self.server.ledger,
+                self.config.json,
+                {"bytes_sent": self.server.bytes_sent, "bytes_received": self.server.bytes_received},
+                notes=self.privacy_notes(),
+            )
             for line in self.summary_lines(status):
                 eprint(line)
         self._finish(status)
@@ -427,20 +496,27 @@ class CoordinatorRun:
         with self.state.lock:
             last = self.state.epochs[-1] if self.state.epochs else None
             head = self.state.versions[-1].version_id if self.state.versions else None
-        lines = [f"run {status}: epoch {self.trainer.epoch}/{self.preset.epochs}, step {self.trainer.step}"
-                 + (f", test accuracy {last.test_accuracy:.4f}" if last else "")]
+        lines = [
+            f"run {status}: epoch {self.trainer.epoch}/{self.preset.epochs}, step {self.trainer.step}"
+            + (f", test accuracy {last.test_accuracy:.4f}" if last else "")
+        ]
         if self.run_dir and head:
-            lines.append(f"model chain: {self.run_dir} (head {head[:12]}); check it with "
-                         f"`enshuffle chain verify {self.run_dir}`")
+            lines.append(
+                f"model chain: {self.run_dir} (head {head[:12]}); check it with `enshuffle chain verify {self.run_dir}`"
+            )
             command = self.command
             if status == "finished":
-                lines.append(f"to train further: enshuffle {command} --out {self.run_dir} --resume "
-                             f"--epochs {self.preset.epochs + 5}")
+                lines.append(
+                    f"to train further: enshuffle {command} --out {self.run_dir} --resume "
+                    f"--epochs {self.preset.epochs + 5}"
+                )
             else:
                 lines.append(f"to continue: enshuffle {command} --out {self.run_dir} --resume")
         elif self.run_dir:
-            lines.append(f"no model version was written to {self.run_dir}"
-                         + ("; the empty run directory was removed" if getattr(self, "run_dir_removed", False) else ""))
+            lines.append(
+                f"no model version was written to {self.run_dir}"
+                + ("; the empty run directory was removed" if getattr(self, "run_dir_removed", False) else "")
+            )
         if self.config.save_weights and status == "finished":
             lines.append(f"weights written to {self.config.save_weights}")
         return lines
@@ -494,8 +570,10 @@ def plan_secret(run_dir: Path) -> int:
     except FileNotFoundError:
         pass
     except (OSError, ValueError) as exc:
-        raise UsageError(f"{path} is unreadable ({exc}); it holds the run's plan secret: restore it from a "
-                         f"backup, or start a new run") from None
+        raise UsageError(
+            f"{path} is unreadable ({exc}); it holds the run's plan secret: restore it from a "
+            f"backup, or start a new run"
+        ) from None
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     value = secrets.token_hex(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -505,11 +583,15 @@ def plan_secret(run_dir: Path) -> int:
 
 
 def _version_row(version_id: str, parent_id: str | None, meta: dict) -> VersionRow:
-    return VersionRow(version_id=version_id, parent_id=parent_id, epoch=int(meta.get("epoch", 0)),
-                      step=int(meta.get("step", 0)),
-                      test_accuracy=(meta.get("metrics") or {}).get("test_accuracy"),
-                      created=float(meta.get("created", 0.0)),
-                      metadata={k: v for k, v in meta.items() if k not in ("ledger", "history", "labels")})
+    return VersionRow(
+        version_id=version_id,
+        parent_id=parent_id,
+        epoch=int(meta.get("epoch", 0)),
+        step=int(meta.get("step", 0)),
+        test_accuracy=(meta.get("metrics") or {}).get("test_accuracy"),
+        created=float(meta.get("created", 0.0)),
+        metadata={k: v for k, v in meta.items() if k not in ("ledger", "history", "labels")},
+    )
 
 
 # -- a run with local node processes -------------------------------------------------------
@@ -522,17 +604,24 @@ def local_cluster_run(config: RunConfig, preset, inputs, *, workdir: Path, quiet
     admission = Admission(auto=set())
     # A kept chain (--out) is signed with this machine's coordinator key, so that --resume,
     # which checks the key, can continue it; a throw-away run uses a throw-away key.
-    run = CoordinatorRun(replace(config, serving=replace(config.serving, bind="tcp://127.0.0.1:*", min_nodes=nodes)),
-                         preset, inputs, home=None if run_dir else workdir / "coordinator", quiet=quiet,
-                         admission=admission, command="train")
+    run = CoordinatorRun(
+        replace(config, serving=replace(config.serving, bind="tcp://127.0.0.1:*", min_nodes=nodes)),
+        preset,
+        inputs,
+        home=None if run_dir else workdir / "coordinator",
+        quiet=quiet,
+        admission=admission,
+        command="train",
+    )
     # The local nodes' keys are made once the run directory is accepted, in it when there is one:
     # a resumed run's local nodes are the same nodes (the same ledger rows), not new ones.
     for key in local_node_keys(local_nodes_dir(run_dir, workdir), nodes):
         admission.admit_key(key)
     with run.state.lock:
         st = run.state
-        st.join_commands, st.join_notes, st.admission = joining(run.server.endpoint, run.identity.fingerprint,
-                                                                admission)
+        st.join_commands, st.join_notes, st.admission = joining(
+            run.server.endpoint, run.identity.fingerprint, admission
+        )
     return run
 
 
@@ -556,6 +645,7 @@ def verify_chain_message(chain) -> tuple[bool, str]:
 def run_headless(run: CoordinatorRun) -> int:
     """Run in this thread; the first SIGINT/SIGTERM stops gracefully (the step finishes, a model
     version is written, nodes are told BYE), a second one interrupts at once."""
+
     def on_signal(signum, frame):
         if run.control.stop_requested:
             raise KeyboardInterrupt

@@ -35,9 +35,16 @@ def bounded_kinds(kinds) -> tuple[str, ...]:
 class Scheduler:
     """Slot ownership, the exposure bound and the waiting queue of one run."""
 
-    def __init__(self, ledger: ExposureLedger, sessions: dict, *, max_exposure: float | None = None,
-                 log: Callable[[str], None] = lambda line: None, changed: Callable[[], None] = lambda: None,
-                 group_ledger: ExposureLedger | None = None):
+    def __init__(
+        self,
+        ledger: ExposureLedger,
+        sessions: dict,
+        *,
+        max_exposure: float | None = None,
+        log: Callable[[str], None] = lambda line: None,
+        changed: Callable[[], None] = lambda: None,
+        group_ledger: ExposureLedger | None = None,
+    ):
         self.ledger = ledger
         # What the keys of one group (one invite code) have received together, by group name: the
         # bound holds for a group as for one key, so a party with several keys from one code gets
@@ -128,9 +135,12 @@ class Scheduler:
         active = [s for s in allowed if s.want > 0] or allowed
         if not active:
             self.owner[shard] = None
-            self.block(shard, f"none of the {len(self.sessions)} connected node(s) may take it without "
-                              f"exceeding the exposure bound ({self.bound_text()}); start another node, or "
-                              f"bring back the one that held it")
+            self.block(
+                shard,
+                f"none of the {len(self.sessions)} connected node(s) may take it without "
+                f"exceeding the exposure bound ({self.bound_text()}); start another node, or "
+                f"bring back the one that held it",
+            )
             return None
         best = min(active, key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
         self.owner[shard] = best.node_id
@@ -171,13 +181,17 @@ class Scheduler:
             if counts[busiest] < 2:
                 return
             shard = max(s for s, o in enumerate(self.owner) if o == busiest)
-            idle = [nid for nid, c in counts.items() if c == 0 and self.sessions[nid].want > 0
-                    and self.eligible(self.sessions[nid], shard)]
+            idle = [
+                nid
+                for nid, c in counts.items()
+                if c == 0 and self.sessions[nid].want > 0 and self.eligible(self.sessions[nid], shard)
+            ]
             if not idle:
                 return
             self.owner[shard] = idle[0]
-            self.log(f"membership: block {shard} moves from {self.sessions[busiest].label} "
-                     f"to {self.sessions[idle[0]].label}")
+            self.log(
+                f"membership: block {shard} moves from {self.sessions[busiest].label} to {self.sessions[idle[0]].label}"
+            )
 
     def enqueue(self, task) -> None:
         """Queue `task` for its slot's owner (assigning the slot if it has none), else keep it waiting."""
@@ -208,8 +222,11 @@ class Scheduler:
         lease on a live owner goes to another node the bound allows, if there is one."""
         self.changed()
         if previous is not None and self.owner[task.batch.shard] == previous.node_id and len(self.sessions) > 1:
-            others = [s for s in self.sessions.values() if s.node_id != previous.node_id
-                      and self.eligible(s, task.batch.shard)]
+            others = [
+                s
+                for s in self.sessions.values()
+                if s.node_id != previous.node_id and self.eligible(s, task.batch.shard)
+            ]
             if others:
                 target = min(others, key=lambda s: (len(s.outstanding) + len(s.queue), s.node_id))
                 target.queue.append(task)
@@ -239,8 +256,11 @@ class Scheduler:
                     if not allowed:
                         # The bound is an invariant: the block waits for its paused owner.
                         kept.add(shard)
-                        self.block(shard, f"{session.label} paused holding it, and no other node may take it "
-                                          f"without exceeding the exposure bound ({self.bound_text()})")
+                        self.block(
+                            shard,
+                            f"{session.label} paused holding it, and no other node may take it "
+                            f"without exceeding the exposure bound ({self.bound_text()})",
+                        )
                         continue
                     target = min(allowed, key=lambda s: (counts[s.node_id], shard not in s.shards_held, s.node_id))
                     self.owner[shard] = target.node_id

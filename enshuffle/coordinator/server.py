@@ -49,8 +49,18 @@ from enshuffle.coordinator.state import CoordinatorControl, CoordinatorState, No
 from enshuffle.protocol.handshake import Pending, check_hello, frame_digest, make_challenge
 from enshuffle.protocol.keys import Identity, fingerprint, short_fingerprint
 from enshuffle.protocol.text import printable
-from enshuffle.protocol.messages import (COUNTER_BYTES, PREFIX_BYTES, PROTOCOL_VERSION, TAG_BYTES, Channel,
-                                         Limits, ProtocolError, decode, encode, inner_parts)
+from enshuffle.protocol.messages import (
+    COUNTER_BYTES,
+    PREFIX_BYTES,
+    PROTOCOL_VERSION,
+    TAG_BYTES,
+    Channel,
+    Limits,
+    ProtocolError,
+    decode,
+    encode,
+    inner_parts,
+)
 
 LEASE_MIN_MS = 2000
 LEASE_MULTIPLE = 4.0
@@ -248,18 +258,25 @@ class SlotPlan:
     static_fields: Callable[[int, str], dict] = lambda shard, name: {}
     fit_batch: Callable[[Batch, int | None], Batch] = lambda batch, held: batch
     replay_from: Callable[[Batch], int] = lambda batch: 0
-    check_resident: Callable[[Batch, np.ndarray], str | None] = \
-        lambda batch, c: "a resident result cannot be checked without a resident disguise"
+    check_resident: Callable[[Batch, np.ndarray], str | None] = lambda batch, c: (
+        "a resident result cannot be checked without a resident disguise"
+    )
     disguise_rng: object = None
 
     @classmethod
     def of(cls, compute) -> "SlotPlan":
         """The plan of a `DistributedCompute` (or anything with its slot methods)."""
-        return cls(slots=compute.k, slot_exposure=compute.slot_exposure, static_arrays=compute.static_arrays,
-                   static_exposure=compute.static_exposure,
-                   static_fields=getattr(compute, "static_fields", lambda shard, name: {}),
-                   fit_batch=compute.fit_batch, replay_from=compute.replay_from, check_resident=compute.check_resident,
-                   disguise_rng=getattr(compute, "rng", None))
+        return cls(
+            slots=compute.k,
+            slot_exposure=compute.slot_exposure,
+            static_arrays=compute.static_arrays,
+            static_exposure=compute.static_exposure,
+            static_fields=getattr(compute, "static_fields", lambda shard, name: {}),
+            fit_batch=compute.fit_batch,
+            replay_from=compute.replay_from,
+            check_resident=compute.check_resident,
+            disguise_rng=getattr(compute, "rng", None),
+        )
 
 
 class Listener:
@@ -306,10 +323,19 @@ class CoordinatorServer:
     Made by the compute it serves, which hands it its `SlotPlan` (`executor_factory`), on a
     `Listener` (or an address to bind), with its `ServerConfig`."""
 
-    def __init__(self, listener: Listener | str, identity: Identity, state: CoordinatorState,
-                 ledger: ExposureLedger, plan: SlotPlan, *, config: ServerConfig | None = None,
-                 control: CoordinatorControl | None = None, context: zmq.Context | None = None,
-                 admission=None):
+    def __init__(
+        self,
+        listener: Listener | str,
+        identity: Identity,
+        state: CoordinatorState,
+        ledger: ExposureLedger,
+        plan: SlotPlan,
+        *,
+        config: ServerConfig | None = None,
+        control: CoordinatorControl | None = None,
+        context: zmq.Context | None = None,
+        admission=None,
+    ):
         config = config or ServerConfig()
         if isinstance(listener, str):
             listener = Listener(listener, config, context)
@@ -356,9 +382,21 @@ class CoordinatorServer:
         self._tasks: dict[str, Task] = {}
         self.step = 0
         self.finished = False
-        self.counters = {"dropped": 0, "expired": 0, "rejected": 0, "reissued": 0, "bad_signature": 0,
-                         "wrong": 0, "refused": 0, "declined": 0, "handshakes": 0, "challenges": 0,
-                         "quarantined": 0, "oversize": 0, "reseeded": 0}
+        self.counters = {
+            "dropped": 0,
+            "expired": 0,
+            "rejected": 0,
+            "reissued": 0,
+            "bad_signature": 0,
+            "wrong": 0,
+            "refused": 0,
+            "declined": 0,
+            "handshakes": 0,
+            "challenges": 0,
+            "quarantined": 0,
+            "oversize": 0,
+            "reseeded": 0,
+        }
         self.bytes_sent = 0
         self.bytes_received = 0
         self._waiting_logged = False
@@ -373,8 +411,13 @@ class CoordinatorServer:
         self.banned: set[bytes] = set()
         # per node key: accepted, refused and why, quarantine
         self.reputation = Reputation(quarantine_after=config.quarantine_after)
-        self.checker = ResultChecker(self.static_arrays, plan.check_resident, verify=config.verify_results,
-                                     replicate=config.replicate, needs_replica=self.reputation.needs_replica)
+        self.checker = ResultChecker(
+            self.static_arrays,
+            plan.check_resident,
+            verify=config.verify_results,
+            replicate=config.replicate,
+            needs_replica=self.reputation.needs_replica,
+        )
         self._pumped_at = 0.0  # when pump() last polled the socket (keepalive)
         # Shard ownership and the exposure bound (docs/design.md, "Privacy"): per bounded kind, the
         # share a node may ever hold; by default one slot's block. A slot never moves to a node it
@@ -382,16 +425,23 @@ class CoordinatorServer:
         # The same ledger per group of keys (the keys one invite code admitted): the bound holds per
         # group too. Kept here only for the bound; the operator's ledger stays per node key.
         self.group_ledger = ExposureLedger(ledger.axes)
-        self.scheduler = Scheduler(ledger, self.sessions, max_exposure=config.max_exposure, log=self.log,
-                                   changed=self._mark_dirty, group_ledger=self.group_ledger)
+        self.scheduler = Scheduler(
+            ledger,
+            self.sessions,
+            max_exposure=config.max_exposure,
+            log=self.log,
+            changed=self._mark_dirty,
+            group_ledger=self.group_ledger,
+        )
         self.scheduler.attach(plan.slots, plan.slot_exposure)
         with self.state.lock:
             self.state.exposure_bound = self.bound["images"]
             self.state.bound_raised = self.bound_raised
 
     @classmethod
-    def factory(cls, listener: Listener | str, identity: Identity, state: CoordinatorState, ledger: ExposureLedger,
-                **options) -> Callable[[object], "CoordinatorServer"]:
+    def factory(
+        cls, listener: Listener | str, identity: Identity, state: CoordinatorState, ledger: ExposureLedger, **options
+    ) -> Callable[[object], "CoordinatorServer"]:
         """An `executor_factory` for `DistributedCompute`: the server it makes is handed the
         compute's `SlotPlan` (`options`: the constructor's keywords)."""
         return lambda compute: cls(listener, identity, state, ledger, SlotPlan.of(compute), **options)
@@ -441,13 +491,16 @@ class CoordinatorServer:
         frames = session.channel.seal(command, header, arrays)
         try:
             # Zero-copy pays only for large frames; for small ones pyzmq's Frame costs more than a copy.
-            self.sock.send_multipart([session.routing_id, *frames], copy=len(frames[0]) < ZERO_COPY_BYTES,
-                                     flags=zmq.NOBLOCK)
+            self.sock.send_multipart(
+                [session.routing_id, *frames], copy=len(frames[0]) < ZERO_COPY_BYTES, flags=zmq.NOBLOCK
+            )
         except zmq.ZMQError as exc:
             why = f"its connection closed without a BYE ({_gone(exc)})"
             if session.done == 0:
-                why += ("; before its first result: it may have refused this coordinator's key (a wrong "
-                        "--coordinator-key on the node?) or been killed")
+                why += (
+                    "; before its first result: it may have refused this coordinator's key (a wrong "
+                    "--coordinator-key on the node?) or been killed"
+                )
             self._end_session(session, why)
             return False
         session.last_sent = time.monotonic()
@@ -501,9 +554,16 @@ class CoordinatorServer:
         while len(self._refused_at) > MAX_PENDING:
             self._refused_at.popitem(last=False)
         self.counters["refused"] += 1
-        self._send_raw(routing_id, "REFUSE", {"coordinator_key": self.identity.public_hex,
-                                              "nonce": nonce if isinstance(nonce, str) else None,
-                                              "code": code, "text": text})
+        self._send_raw(
+            routing_id,
+            "REFUSE",
+            {
+                "coordinator_key": self.identity.public_hex,
+                "nonce": nonce if isinstance(nonce, str) else None,
+                "code": code,
+                "text": text,
+            },
+        )
         return True
 
     # -- the Executor interface --------------------------------------------------------
@@ -516,9 +576,12 @@ class CoordinatorServer:
         caller prepares the next slot's batch. `collect` waits for the results."""
         self._batch_counter += 1
         held = self.static_arrays(batch.shard)
-        task = Task(batch=batch, batch_id=f"{self.step}.{self._batch_counter}",
-                    work=vocabulary.work(batch.op, batch.params, batch.arrays, held),
-                    shape=vocabulary.result_shape(batch.op, batch.params, batch.arrays, held))
+        task = Task(
+            batch=batch,
+            batch_id=f"{self.step}.{self._batch_counter}",
+            work=vocabulary.work(batch.op, batch.params, batch.arrays, held),
+            shape=vocabulary.result_shape(batch.op, batch.params, batch.arrays, held),
+        )
         dtype = self._result_dtype(batch)
         task.result_bytes = int(np.prod(task.shape)) * dtype.itemsize
         self._tasks[task.batch_id] = task
@@ -540,8 +603,9 @@ class CoordinatorServer:
         try:
             while any(t.result is None for t in tasks):
                 if self.control.stop_requested and not any(s.want > 0 for s in self.sessions.values()):
-                    raise StepAbandoned("stop requested while no node is connected or every node has paused: "
-                                        "the step cannot finish")
+                    raise StepAbandoned(
+                        "stop requested while no node is connected or every node has paused: the step cannot finish"
+                    )
                 if self._give_up is not None and (not self.sessions or self.scheduler.blocked):
                     # A local cluster: a block waiting under the bound waits for a node that exited.
                     problem = self._give_up(bool(self.scheduler.blocked))
@@ -571,8 +635,12 @@ class CoordinatorServer:
     def live_count(self) -> int:
         return len(self.sessions)
 
-    def wait_for_nodes(self, count: int, should_stop: Callable[[], bool] = lambda: False,
-                       give_up: Callable[[bool], str | None] | None = None) -> bool:
+    def wait_for_nodes(
+        self,
+        count: int,
+        should_stop: Callable[[], bool] = lambda: False,
+        give_up: Callable[[bool], str | None] | None = None,
+    ) -> bool:
         """Pump until `count` nodes are connected; False if asked to stop first, or when
         `give_up(True)` names a reason to stop waiting (kept in `wait_problem`). `give_up` is
         asked again (`give_up(blocked)`) whenever a step waits with no node, or with a block no
@@ -679,8 +747,10 @@ class CoordinatorServer:
                 if row is not None:
                     row.reissued += 1
         if task.attempts >= MAX_ATTEMPTS:
-            raise TrainingAborted(f"batch {task.batch_id} ({task.batch.op}) was rejected by {task.attempts} "
-                                  f"different nodes, last because {why}; check the nodes' logs")
+            raise TrainingAborted(
+                f"batch {task.batch_id} ({task.batch.op}) was rejected by {task.attempts} "
+                f"different nodes, last because {why}; check the nodes' logs"
+            )
         self.scheduler.reissue(task, previous)
 
     # -- the poll loop -------------------------------------------------------------------
@@ -774,8 +844,10 @@ class CoordinatorServer:
             # It would cut the connection on such a frame (its MAXMSGSIZE): as if it had rejected it.
             self.counters["rejected"] += 1
             self.reputation.rejected(session.key, "too-large", "static operand beyond its max_message")
-            self.log(f"node {session.label} cannot store its static operands (one is {max(too_big)} bytes; it takes "
-                     f"messages of at most {session.max_message} bytes: its --max-memory); evicting it from this run")
+            self.log(
+                f"node {session.label} cannot store its static operands (one is {max(too_big)} bytes; it takes "
+                f"messages of at most {session.max_message} bytes: its --max-memory); evicting it from this run"
+            )
             self._send(session, "BYE", {"node_id": session.node_id, "reason": "evicted"})
             self.banned.add(session.key)
             self._end_session(session, "it cannot store its static operands")
@@ -798,16 +870,21 @@ class CoordinatorServer:
 
     def _fits(self, session: Session, payload_bytes: int) -> bool:
         """Would a message with `payload_bytes` of arrays fit the node's stated frame limit?"""
-        return not session.max_message or payload_bytes + SEALED_OVERHEAD + self.limits.max_header_bytes \
-            <= session.max_message
+        return (
+            not session.max_message
+            or payload_bytes + SEALED_OVERHEAD + self.limits.max_header_bytes <= session.max_message
+        )
 
     def _send_batch(self, session: Session, task: Task) -> bool:
         size = sum(a.nbytes for a in task.batch.arrays.values())
         if not self._fits(session, size):
             # Its libzmq would cut the connection on this frame: handled as its REJECT too-large.
             self.counters["rejected"] += 1
-            self._warn(session.label, f"batch {task.batch_id} ({size} bytes) not sent to {session.label}: it takes "
-                                      f"messages of at most {session.max_message} bytes (its --max-memory)")
+            self._warn(
+                session.label,
+                f"batch {task.batch_id} ({size} bytes) not sent to {session.label}: it takes "
+                f"messages of at most {session.max_message} bytes (its --max-memory)",
+            )
             counts = session.key not in task.rejected_by
             task.rejected_by.add(session.key)
             quarantine = self.reputation.rejected(session.key, "too-large", f"batch of {size} bytes")
@@ -818,8 +895,11 @@ class CoordinatorServer:
             return True
         # Held by the session from here on, so a failed send below re-issues it with the rest.
         if not self.eligible(session, task.batch.shard):  # every path above checks; kept as a guard
-            self._warn("bound-guard", f"exposure bound: batch {task.batch_id} not sent to {session.label}; "
-                                      f"its block goes to a node the bound allows")
+            self._warn(
+                "bound-guard",
+                f"exposure bound: batch {task.batch_id} not sent to {session.label}; "
+                f"its block goes to a node the bound allows",
+            )
             self.scheduler.refuse(session, task)
             return True
         session.outstanding[task.batch_id] = task
@@ -852,9 +932,16 @@ class CoordinatorServer:
         batch = task.batch
         if batch.op == "resident":  # the updates this node's copy of the slot's state lacks
             batch = self.plan.fit_batch(batch, session.state_versions.get(batch.params["state"]))
-        header = {"run_id": self.run_id, "batch_id": task.batch_id, "seq": task.seq, "step": self.step,
-                  "op": batch.op, "params": batch.params, "lease_ms": max(1, int(lease * 1000)),
-                  "exposure": exposure}
+        header = {
+            "run_id": self.run_id,
+            "batch_id": task.batch_id,
+            "seq": task.seq,
+            "step": self.step,
+            "op": batch.op,
+            "params": batch.params,
+            "lease_ms": max(1, int(lease * 1000)),
+            "exposure": exposure,
+        }
         if not self._send(session, "BATCH", header, batch.arrays):
             return False
         if batch.op == "resident":
@@ -899,8 +986,10 @@ class CoordinatorServer:
                     task.session = None
                     session.stale[task.batch_id] = now + max(self.lease.min_ms / 1000, task.deadline - task.sent_at)
                     self.counters["expired"] += 1
-                    self.log(f"lease expired: batch {task.batch_id} on {session.label} "
-                             f"after {now - task.sent_at:.1f} s; reissuing")
+                    self.log(
+                        f"lease expired: batch {task.batch_id} on {session.label} "
+                        f"after {now - task.sent_at:.1f} s; reissuing"
+                    )
                     self._reissue(task, session, "its lease expired", counts=False)
             # A node that has not answered an expired batch for another lease period is stuck or
             # withholding it (alive for heartbeats, answering other batches or none): end its
@@ -940,19 +1029,27 @@ class CoordinatorServer:
         if now - self._published_at < 0.2:
             return
         self._published_at = now
-        presence.publish_rows(self.state, self.sessions.values(), self.ledger.shares(), self.ledger.forms(), now,
-                              self.node_state)
+        presence.publish_rows(
+            self.state, self.sessions.values(), self.ledger.shares(), self.ledger.forms(), now, self.node_state
+        )
 
     def waiting_reason(self, session: Session) -> WaitReason | None:
         """Why a live, unpaused node with no batch in hand has none (`presence.waiting_reason`),
         or None for the ordinary gap between two batches."""
-        return presence.waiting_reason(session.node_id, connected=len(self.sessions), needed=self._min_nodes_wanted,
-                                       paused=self.control.paused, finished=self.finished, scheduler=self.scheduler)
+        return presence.waiting_reason(
+            session.node_id,
+            connected=len(self.sessions),
+            needed=self._min_nodes_wanted,
+            paused=self.control.paused,
+            finished=self.finished,
+            scheduler=self.scheduler,
+        )
 
     def node_state(self, session: Session) -> tuple[NodeState, str]:
         """(state, reason) as the operator sees a live node: working / paused / standby / waiting."""
-        return presence.node_state(busy=bool(session.outstanding), paused=session.want == 0,
-                                   reason=lambda: self.waiting_reason(session))
+        return presence.node_state(
+            busy=bool(session.outstanding), paused=session.want == 0, reason=lambda: self.waiting_reason(session)
+        )
 
     # -- handling what arrives -----------------------------------------------------------
     def _handle(self, frames: list) -> None:
@@ -968,8 +1065,11 @@ class CoordinatorServer:
         except ProtocolError as exc:
             self.counters["dropped"] += 1
             if exc.code == "bad-version":
-                self._warn("unknown peers", f"dropped a message from a peer speaking another protocol version "
-                                            f"({printable(exc.detail, 200)}); it must upgrade enshuffle")
+                self._warn(
+                    "unknown peers",
+                    f"dropped a message from a peer speaking another protocol version "
+                    f"({printable(exc.detail, 200)}); it must upgrade enshuffle",
+                )
             else:
                 self._warn("unknown peers", f"dropped a malformed message from an unknown peer: {exc.code}")
             return
@@ -1000,8 +1100,11 @@ class CoordinatorServer:
             # held against the key, since nothing shows the key sealed it.
             self.counters["dropped"] += 1
             self.counters["oversize"] += 1
-            self._warn(session.label, f"dropped a {size}-byte message on the connection of {session.label} unopened: "
-                                      f"larger than anything asked of it ({self._largest_expected(session)} bytes)")
+            self._warn(
+                session.label,
+                f"dropped a {size}-byte message on the connection of {session.label} unopened: "
+                f"larger than anything asked of it ({self._largest_expected(session)} bytes)",
+            )
             return
         opened_before = session.channel.received
         try:
@@ -1013,19 +1116,27 @@ class CoordinatorServer:
             if session.channel.received == opened_before:
                 # It did not authenticate (a replay, a splice, bytes injected on the path, a frame
                 # that is not even sealed): nothing ties it to this key. Dropped, never a strike.
-                self._warn(session.label, f"dropped a message on the connection of {session.label}: {printable(exc, 300)}")
+                self._warn(
+                    session.label, f"dropped a message on the connection of {session.label}: {printable(exc, 300)}"
+                )
             elif session.joined:
                 # Sealed under the session key, then malformed: only the node could have sent it.
                 self._count_refused(session)
                 self._protocol_error(session, f"dropped a message from {session.label}: {printable(exc, 300)}")
             else:
-                self._warn("unknown peers", f"dropped a message from joining node {session.label}: {printable(exc, 300)}")
+                self._warn(
+                    "unknown peers", f"dropped a message from joining node {session.label}: {printable(exc, 300)}"
+                )
             return
         session.last_seen = time.monotonic()
         if not session.joined:
             self._join(session)
-        handler = {"RESULT": self._on_result, "REJECT": self._on_reject, "HEARTBEAT": self._on_heartbeat,
-                   "BYE": self._on_bye}.get(msg.command)
+        handler = {
+            "RESULT": self._on_result,
+            "REJECT": self._on_reject,
+            "HEARTBEAT": self._on_heartbeat,
+            "BYE": self._on_bye,
+        }.get(msg.command)
         if handler is None:
             self.counters["dropped"] += 1
             self._protocol_error(session, f"dropped unexpected {msg.command} from {session.label}")
@@ -1056,8 +1167,11 @@ class CoordinatorServer:
         if session.protocol_errors >= MAX_PROTOCOL_ERRORS and session.node_id in self.sessions:
             self._send(session, "BYE", {"node_id": session.node_id, "reason": "protocol-error"})
             self.banned.add(session.key)
-            self._end_session(session, f"evicted after {session.protocol_errors} malformed or unverifiable "
-                                       f"messages; its key is refused for the rest of this run")
+            self._end_session(
+                session,
+                f"evicted after {session.protocol_errors} malformed or unverifiable "
+                f"messages; its key is refused for the rest of this run",
+            )
 
     def _count_refused(self, session: Session) -> None:
         with self.state.lock:
@@ -1091,8 +1205,12 @@ class CoordinatorServer:
         if msg.header["protocol"] != PROTOCOL_VERSION:
             # HI is unsigned: the REFUSE names the exact bytes received, not the node's nonce, so
             # a HI rewritten on the way makes the node retry, never give up.
-            self._refuse(routing_id, frame_digest(frame), "version-mismatch",
-                         f"this coordinator speaks protocol {PROTOCOL_VERSION}; upgrade enshuffle")
+            self._refuse(
+                routing_id,
+                frame_digest(frame),
+                "version-mismatch",
+                f"this coordinator speaks protocol {PROTOCOL_VERSION}; upgrade enshuffle",
+            )
             return
         if not self._address_allowed(address) or not self._reply_allowed():
             self.counters["dropped"] += 1
@@ -1118,9 +1236,12 @@ class CoordinatorServer:
             self.counters["dropped"] += 1
             return
         self.counters["declined"] += 1
-        self._warn("declined", f"a node at {address or 'an unknown address'} refused our key "
-                               f"{short_fingerprint(self.identity.fingerprint)} ({msg.header['code']}): "
-                               f"{printable(msg.header['text'], 300)}")
+        self._warn(
+            "declined",
+            f"a node at {address or 'an unknown address'} refused our key "
+            f"{short_fingerprint(self.identity.fingerprint)} ({msg.header['code']}): "
+            f"{printable(msg.header['text'], 300)}",
+        )
 
     def _on_hello(self, routing_id: bytes, msg, address: str = "", frame=b"") -> None:
         pending = self.pending.pop(routing_id, None)
@@ -1129,8 +1250,11 @@ class CoordinatorServer:
             # No CHALLENGE on this connection: a replayed or out-of-order HELLO. Nothing to answer
             # beyond one rate-limited REFUSE (a real node always says HI first).
             self.counters["dropped"] += 1
-            self._warn("unknown peers", f"dropped a HELLO without a CHALLENGE (from {address or 'unknown'}): "
-                                        f"a replay, or a node speaking an older protocol")
+            self._warn(
+                "unknown peers",
+                f"dropped a HELLO without a CHALLENGE (from {address or 'unknown'}): "
+                f"a replay, or a node speaking an older protocol",
+            )
             return
         start = time.perf_counter()
         try:
@@ -1146,19 +1270,31 @@ class CoordinatorServer:
         self.crypto_seconds += time.perf_counter() - start
         self.counters["handshakes"] += 1
         fp = fingerprint(key)
-        verdict = decide(key, header, pending.challenge, admission=self.admission, finished=self.finished,
-                         banned=key in self.banned,
-                         quarantine=self.reputation.records[key] if self.reputation.is_quarantined(key) else None,
-                         twins=[s for s in (*self.sessions.values(), *self.joining.values()) if s.key == key],
-                         sessions=len(self.sessions) + len(self.joining), max_sessions=self.max_sessions,
-                         heartbeat_ms=self.heartbeat_ms, now=time.monotonic(), address=address)
+        verdict = decide(
+            key,
+            header,
+            pending.challenge,
+            admission=self.admission,
+            finished=self.finished,
+            banned=key in self.banned,
+            quarantine=self.reputation.records[key] if self.reputation.is_quarantined(key) else None,
+            twins=[s for s in (*self.sessions.values(), *self.joining.values()) if s.key == key],
+            sessions=len(self.sessions) + len(self.joining),
+            max_sessions=self.max_sessions,
+            heartbeat_ms=self.heartbeat_ms,
+            now=time.monotonic(),
+            address=address,
+        )
         if not isinstance(verdict, Admit):
             if verdict.warn:
                 self._warn("twins", verdict.warn)
             if self._refuse(routing_id, header.get("nonce"), verdict.code, verdict.text):
-                self._warn("refused", f"refused node {printable(header.get('name'), 40)!r} "
-                                      f"({short_fingerprint(fp)}) from {address or 'unknown'}: "
-                                      f"{verdict.code}")
+                self._warn(
+                    "refused",
+                    f"refused node {printable(header.get('name'), 40)!r} "
+                    f"({short_fingerprint(fp)}) from {address or 'unknown'}: "
+                    f"{verdict.code}",
+                )
             return
         for old in verdict.replaces:
             self._end_session(old, "it reconnected (a new HELLO with the same key)")
@@ -1174,21 +1310,43 @@ class CoordinatorServer:
             self._label_set.add(label)
         credit = min(int(header["capabilities"]["credit"]), self.max_credit)
         max_message = header["capabilities"].get("max_message")
-        max_message = max_message if isinstance(max_message, int) and not isinstance(max_message, bool) \
-            and max_message > 0 else 0
-        session = Session(routing_id=routing_id, node_id=node_id, key=key, fingerprint=fp, name=printable(header["name"], 200),
-                          label=label, credit=credit, want=credit, address=address, channel=channel,
-                          admitted=verdict.how, lease=self.lease, max_message=max_message,
-                          group=self.admission.group_of(key) if hasattr(self.admission, "group_of") else None)
+        max_message = (
+            max_message if isinstance(max_message, int) and not isinstance(max_message, bool) and max_message > 0 else 0
+        )
+        session = Session(
+            routing_id=routing_id,
+            node_id=node_id,
+            key=key,
+            fingerprint=fp,
+            name=printable(header["name"], 200),
+            label=label,
+            credit=credit,
+            want=credit,
+            address=address,
+            channel=channel,
+            admitted=verdict.how,
+            lease=self.lease,
+            max_message=max_message,
+            group=self.admission.group_of(key) if hasattr(self.admission, "group_of") else None,
+        )
         self.joining[routing_id] = session
         self.reputation.record(key, label, fp)
         start = time.perf_counter()
-        frames = encode("WELCOME", {
-            "run_id": self.run_id, "coordinator_key": self.identity.public_hex, "node_key": key.hex(),
-            "nonce": header["nonce"], "challenge": pending.challenge, "node_id": node_id, "credit": credit,
-            "heartbeat_ms": self.heartbeat_ms,
-            "lease": self.lease.header()},
-            signer=self.identity)
+        frames = encode(
+            "WELCOME",
+            {
+                "run_id": self.run_id,
+                "coordinator_key": self.identity.public_hex,
+                "node_key": key.hex(),
+                "nonce": header["nonce"],
+                "challenge": pending.challenge,
+                "node_id": node_id,
+                "credit": credit,
+                "heartbeat_ms": self.heartbeat_ms,
+                "lease": self.lease.header(),
+            },
+            signer=self.identity,
+        )
         self.crypto_seconds += time.perf_counter() - start
         try:
             self.sock.send_multipart([routing_id, *frames], flags=zmq.NOBLOCK)
@@ -1208,14 +1366,17 @@ class CoordinatorServer:
         with self.state.lock:
             row = self.state.nodes.get(session.label)
             if row is None:
-                row = self.state.nodes[session.label] = NodeRow(node_id=session.node_id, name=session.label,
-                                                                fingerprint=session.fingerprint)
+                row = self.state.nodes[session.label] = NodeRow(
+                    node_id=session.node_id, name=session.label, fingerprint=session.fingerprint
+                )
             row.node_id = session.node_id
             row.address = session.address
             row.state = NodeState.CONNECTED.value
             row.last_seen = time.time()
-        self.log(f"node {session.label} joined as {session.node_id} ({short_fingerprint(session.fingerprint)}), "
-                 f"credit {session.credit}, admitted by {session.admitted or 'open'}")
+        self.log(
+            f"node {session.label} joined as {session.node_id} ({short_fingerprint(session.fingerprint)}), "
+            f"credit {session.credit}, admitted by {session.admitted or 'open'}"
+        )
 
     def _task_for(self, session: Session, msg, what: str) -> Task | None:
         batch_id, seq = msg.header.get("batch_id"), msg.header.get("seq")
@@ -1224,14 +1385,20 @@ class CoordinatorServer:
         if msg.header.get("run_id") != self.run_id:
             self.counters["dropped"] += 1
             self._count_refused(session)
-            self._protocol_error(session, f"dropped {what} from {session.label}: it is for run "
-                                          f"{printable(msg.header.get('run_id'), 80)!r}, not this run")
+            self._protocol_error(
+                session,
+                f"dropped {what} from {session.label}: it is for run "
+                f"{printable(msg.header.get('run_id'), 80)!r}, not this run",
+            )
             return None
         if task is None or task.seq_by_node.get(session.node_id) != seq:
             self.counters["dropped"] += 1
             self._count_refused(session)
-            self._protocol_error(session, f"dropped {what} from {session.label} for unknown batch "
-                                          f"{printable(batch_id, 80)} (seq {seq}): never sent to it")
+            self._protocol_error(
+                session,
+                f"dropped {what} from {session.label} for unknown batch "
+                f"{printable(batch_id, 80)} (seq {seq}): never sent to it",
+            )
             return None
         return task
 
@@ -1281,11 +1448,16 @@ class CoordinatorServer:
     def _quarantine(self, session: Session) -> None:
         rec = self.reputation.records[session.key]
         self.counters["quarantined"] += 1
-        why = f"{rec.lies} wrong results" if rec.lies >= self.reputation.quarantine_after else \
-            f"{rec.rejects} rejected batches in a row"
-        self.log(f"quarantined node {session.label} ({short_fingerprint(session.fingerprint)}) for this run after "
-                 f"{why} ({rec.summary()}); its shards move to other nodes. Re-admit it with "
-                 f"`a` on its row in the console or SIGHUP")
+        why = (
+            f"{rec.lies} wrong results"
+            if rec.lies >= self.reputation.quarantine_after
+            else f"{rec.rejects} rejected batches in a row"
+        )
+        self.log(
+            f"quarantined node {session.label} ({short_fingerprint(session.fingerprint)}) for this run after "
+            f"{why} ({rec.summary()}); its shards move to other nodes. Re-admit it with "
+            f"`a` on its row in the console or SIGHUP"
+        )
         self._send(session, "BYE", {"node_id": session.node_id, "reason": "quarantined"})
         self._end_session(session, "quarantined")
         with self.state.lock:
@@ -1297,7 +1469,7 @@ class CoordinatorServer:
     def _readmit_requested(self) -> None:
         """Operator requests (console key, SIGHUP) to lift quarantines, taken from the control."""
         take = getattr(self.control, "take_readmits", None)
-        for which in (take() if take is not None else ()):
+        for which in take() if take is not None else ():
             done = self.reputation.readmit(which)
             if not done:
                 self.log(f"re-admit {which or 'all'}: no quarantined node matches")
@@ -1317,14 +1489,15 @@ class CoordinatorServer:
         if msg.header.get("batch_id") is None and code in ("too-large", "compute-error"):
             # It cannot store a static operand, so it cannot serve any shard of this run.
             self.reputation.rejected(session.key, str(code), str(text))
-            self.log(f"node {session.label} cannot store its static operands ({code_text}); "
-                     f"evicting it from this run")
+            self.log(f"node {session.label} cannot store its static operands ({code_text}); evicting it from this run")
             self._send(session, "BYE", {"node_id": session.node_id, "reason": "evicted"})
             self.banned.add(session.key)
             self._end_session(session, "it cannot store its static operands")
             return
-        self._warn(session.label, f"node {session.label} rejected batch {printable(msg.header.get('batch_id'), 40)}: "
-                                  f"{code_text}")
+        self._warn(
+            session.label,
+            f"node {session.label} rejected batch {printable(msg.header.get('batch_id'), 40)}: {code_text}",
+        )
         task = self._task_for(session, msg, "REJECT") if msg.header.get("batch_id") else None
         if task is None:
             return
@@ -1386,6 +1559,8 @@ class CoordinatorServer:
         """One line per session and task queue, for diagnosing a stalled run."""
         lines = [f"owner={self.owner} waiting={[t.batch_id for t in self.scheduler.waiting]} tasks={list(self._tasks)}"]
         for s in self.sessions.values():
-            lines.append(f"{s.node_id} {s.label} window={s.window()} held={sorted(s.shards_held)} "
-                         f"outstanding={list(s.outstanding)} queue={[t.batch_id for t in s.queue]}")
+            lines.append(
+                f"{s.node_id} {s.label} window={s.window()} held={sorted(s.shards_held)} "
+                f"outstanding={list(s.outstanding)} queue={[t.batch_id for t in s.queue]}"
+            )
         return "\n".join(lines)

@@ -36,8 +36,15 @@ class Serving:
     replicate: bool = False  # --replicate
 
     # What `enshuffle coordinator` serves with when neither the command line nor the run says.
-    DEFAULTS: ClassVar[dict[str, object]] = {"bind": DEFAULT_BIND, "allow": None, "open": False, "min_nodes": 1,
-                                             "checkpoint_every": None, "quarantine_after": 3, "replicate": False}
+    DEFAULTS: ClassVar[dict[str, object]] = {
+        "bind": DEFAULT_BIND,
+        "allow": None,
+        "open": False,
+        "min_nodes": 1,
+        "checkpoint_every": None,
+        "quarantine_after": 3,
+        "replicate": False,
+    }
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -49,8 +56,14 @@ class Serving:
     @classmethod
     def from_json(cls, data: dict, path: Path) -> Serving:
         kinds: dict[str, type | tuple[type, ...]] = {
-            "bind": (str, type(None)), "allow": (str, type(None)), "open": bool, "min_nodes": (int, type(None)),
-            "checkpoint_every": (int, type(None)), "quarantine_after": (int, type(None)), "replicate": bool}
+            "bind": (str, type(None)),
+            "allow": (str, type(None)),
+            "open": bool,
+            "min_nodes": (int, type(None)),
+            "checkpoint_every": (int, type(None)),
+            "quarantine_after": (int, type(None)),
+            "replicate": bool,
+        }
         return cls(**_checked({**cls().to_json(), **data}, kinds, path, "serving."))  # an option not kept: not given
 
     def given(self, name: str) -> bool:
@@ -119,8 +132,9 @@ class RunConfig:
         if self.preset not in PRESETS:
             raise UsageError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         try:
-            preset = get_preset(self.preset, epochs=self.epochs, dtype=self.dtype, layers=self.layers,
-                                activation=self.activation)
+            preset = get_preset(
+                self.preset, epochs=self.epochs, dtype=self.dtype, layers=self.layers, activation=self.activation
+            )
         except ValueError as exc:
             raise UsageError(f"--layers: {exc}") from None
         if self.seed is not None:
@@ -132,15 +146,26 @@ class RunConfig:
         larger --epochs extends it; fewer is refused), its data unless --data is given, its shard
         count, and, for `enshuffle coordinator`, how it served where this command line does not say."""
         if self.epochs is not None and self.epochs < record.epochs:
-            raise UsageError(f"--epochs {self.epochs} is fewer than the {record.epochs} epochs {self.run_dir} was "
-                             f"started with; a resumed run can only be extended (give more epochs, or none)")
+            raise UsageError(
+                f"--epochs {self.epochs} is fewer than the {record.epochs} epochs {self.run_dir} was "
+                f"started with; a resumed run can only be extended (give more epochs, or none)"
+            )
         serving = self.serving.completed(record.serving)[0] if self.keep_serving else self.serving
         # A run written before networks had a shape is the notebook's 784-128-10 sigmoid network.
-        return replace(self, preset=record.preset, epochs=self.epochs if self.epochs is not None else record.epochs,
-                       dtype=record.dtype, offload=record.offload, seed=record.seed, limit=record.limit,
-                       layers=tuple(record.layers or NOTEBOOK_LAYERS), activation=record.activation or "sigmoid",
-                       data=self.data if self.data is not None or not record.data_source else record.data_source,
-                       shards=record.shards, serving=serving)
+        return replace(
+            self,
+            preset=record.preset,
+            epochs=self.epochs if self.epochs is not None else record.epochs,
+            dtype=record.dtype,
+            offload=record.offload,
+            seed=record.seed,
+            limit=record.limit,
+            layers=tuple(record.layers or NOTEBOOK_LAYERS),
+            activation=record.activation or "sigmoid",
+            data=self.data if self.data is not None or not record.data_source else record.data_source,
+            shards=record.shards,
+            serving=serving,
+        )
 
 
 def network_layers(layers: tuple[int, ...] | None, hidden: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -161,8 +186,9 @@ def _checked(data: dict, kinds: dict[str, type | tuple[type, ...]], path: Path, 
     """`data`'s fields named in `kinds`, each of its type; else a UsageError naming the file and them."""
     bad = [name for name, kind in kinds.items() if not _valid(data.get(name), kind)]
     if bad:
-        raise UsageError(f"{path} lacks valid {', '.join(prefix + name for name in bad)}; it should be the JSON a "
-                         f"coordinator wrote")
+        raise UsageError(
+            f"{path} lacks valid {', '.join(prefix + name for name in bad)}; it should be the JSON a coordinator wrote"
+        )
     return {name: data.get(name) for name in kinds}
 
 
@@ -185,18 +211,28 @@ class RunRecord:
     extra: dict = field(default_factory=dict)  # fields this version does not know, kept as they were
 
     REQUIRED: ClassVar[dict[str, type | tuple[type, ...]]] = {
-        "preset": str, "epochs": int, "dtype": str, "offload": str, "seed": (int, type(None)), "shards": int}
+        "preset": str,
+        "epochs": int,
+        "dtype": str,
+        "offload": str,
+        "seed": (int, type(None)),
+        "shards": int,
+    }
     OPTIONAL: ClassVar[dict[str, type | tuple[type, ...]]] = {
-        "limit": (int, type(None)), "data": (dict, type(None)), "layers": (list, type(None)),
-        "activation": (str, type(None)), "data_source": (str, type(None)), "serving": (dict, type(None))}
+        "limit": (int, type(None)),
+        "data": (dict, type(None)),
+        "layers": (list, type(None)),
+        "activation": (str, type(None)),
+        "data_source": (str, type(None)),
+        "serving": (dict, type(None)),
+    }
 
     @classmethod
     def from_json(cls, data, path: Path) -> RunRecord:
         """The record in `data` (parsed from `path`); a UsageError naming the file and the fields
         that are missing or of the wrong type."""
         if not isinstance(data, dict):
-            raise UsageError(f"{path} lacks valid {', '.join(cls.REQUIRED)}; it should be the JSON a coordinator "
-                             f"wrote")
+            raise UsageError(f"{path} lacks valid {', '.join(cls.REQUIRED)}; it should be the JSON a coordinator wrote")
         values = _checked(data, cls.REQUIRED, path)
         values.update(_checked(data, cls.OPTIONAL, path))
         layers = values["layers"]
@@ -210,10 +246,21 @@ class RunRecord:
     def to_json(self) -> dict:
         """The JSON object run.json holds (and every model version's metadata as "settings")."""
         out = dict(self.extra)
-        out.update({"preset": self.preset, "epochs": self.epochs, "dtype": self.dtype, "offload": self.offload,
-                    "seed": self.seed, "limit": self.limit, "shards": self.shards, "data": self.data,
-                    "layers": list(self.layers) if self.layers is not None else None,
-                    "activation": self.activation, "data_source": self.data_source})
+        out.update(
+            {
+                "preset": self.preset,
+                "epochs": self.epochs,
+                "dtype": self.dtype,
+                "offload": self.offload,
+                "seed": self.seed,
+                "limit": self.limit,
+                "shards": self.shards,
+                "data": self.data,
+                "layers": list(self.layers) if self.layers is not None else None,
+                "activation": self.activation,
+                "data_source": self.data_source,
+            }
+        )
         if self.serving is not None:
             out["serving"] = self.serving.to_json()
         return out

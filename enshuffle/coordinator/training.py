@@ -19,8 +19,20 @@ from enshuffle.coordinator.report import eprint
 from enshuffle.dataset import DataError, load_bundled_subset, load_dataset
 from enshuffle.errors import UsageError
 from enshuffle.fpenv import flushed_denormals
-from enshuffle.model import (NOTEBOOK_LAYERS, OptimizerState, Preset, evaluate, init_params, init_shapes,
-                             input_affine, learning_rate, one_hot, prepare_inputs, train_step, training_seed)
+from enshuffle.model import (
+    NOTEBOOK_LAYERS,
+    OptimizerState,
+    Preset,
+    evaluate,
+    init_params,
+    init_shapes,
+    input_affine,
+    learning_rate,
+    one_hot,
+    prepare_inputs,
+    train_step,
+    training_seed,
+)
 
 
 @dataclass
@@ -32,8 +44,13 @@ class EpochReport:
     seconds: float
 
     def as_dict(self) -> dict:
-        return {"epoch": self.epoch, "cost": self.cost, "train_accuracy": self.train_accuracy,
-                "test_accuracy": self.test_accuracy, "seconds": self.seconds}
+        return {
+            "epoch": self.epoch,
+            "cost": self.cost,
+            "train_accuracy": self.train_accuracy,
+            "test_accuracy": self.test_accuracy,
+            "seconds": self.seconds,
+        }
 
 
 @dataclass
@@ -59,16 +76,28 @@ def prepare(dataset, preset: Preset, limit: int | None = None) -> Inputs:
     train_images = train_images.reshape(train_images.shape[0], -1)
     test_images = dataset.test_images.reshape(dataset.test_images.shape[0], -1)
     train_x, test_x = prepare_inputs(train_images, test_images, preset)
-    return Inputs(images={"train": train_x, "test": test_x}, train_labels=np.asarray(train_labels),
-                  test_labels=np.asarray(dataset.test_labels), train_onehot=one_hot(train_labels, train_x.dtype),
-                  raw={"train": train_images, "test": test_images}, affine=input_affine(train_images, preset))
+    return Inputs(
+        images={"train": train_x, "test": test_x},
+        train_labels=np.asarray(train_labels),
+        test_labels=np.asarray(dataset.test_labels),
+        train_onehot=one_hot(train_labels, train_x.dtype),
+        raw={"train": train_images, "test": test_images},
+        affine=input_affine(train_images, preset),
+    )
 
 
 class Trainer:
     """Runs a preset's epochs on `compute`. Position: `epoch` epochs done, `step` steps into the next."""
 
-    def __init__(self, preset: Preset, inputs: Inputs, compute, *, on_step: Callable[["Trainer"], None] | None = None,
-                 secret: int | None = None):
+    def __init__(
+        self,
+        preset: Preset,
+        inputs: Inputs,
+        compute,
+        *,
+        on_step: Callable[["Trainer"], None] | None = None,
+        secret: int | None = None,
+    ):
         """`secret`: the run's secret (RUN_DIR/plan.secret); initial weights and the mini-batch
         order derive from it unless the preset has a public seed. None draws a fresh one: a run
         that must be resumed or compared with another passes its own."""
@@ -145,12 +174,13 @@ class Trainer:
         if self.full_batch and self.step == 0:
             # The notebook reports test accuracy from the same pre-update weights as the train pass.
             self.sync()
-            self._pre_update_test_accuracy = evaluate(self.compute, "test", self.params, self.inputs.test_labels,
-                                                      self.preset)
+            self._pre_update_test_accuracy = evaluate(
+                self.compute, "test", self.params, self.inputs.test_labels, self.preset
+            )
         if order is None:
             idx, onehot, labels = None, self.inputs.train_onehot, self.inputs.train_labels
         else:
-            idx = np.sort(order[self.step * self.batch_size:(self.step + 1) * self.batch_size])
+            idx = np.sort(order[self.step * self.batch_size : (self.step + 1) * self.batch_size])
             onehot, labels = self.inputs.train_onehot[idx], self.inputs.train_labels[idx]
         total_steps = self.preset.epochs * self.steps_per_epoch
         lr = learning_rate(self.preset, self.epoch * self.steps_per_epoch + self.step, total_steps)
@@ -176,9 +206,13 @@ class Trainer:
             self.sync()
             test_accuracy = evaluate(self.compute, "test", self.params, self.inputs.test_labels, self.preset)
         seconds = self._epoch_seconds + time.perf_counter() - started
-        report = EpochReport(epoch=self.epoch + 1, cost=self._cost_sum / self._seen,
-                             train_accuracy=self._correct / self._seen, test_accuracy=float(test_accuracy),
-                             seconds=seconds)
+        report = EpochReport(
+            epoch=self.epoch + 1,
+            cost=self._cost_sum / self._seen,
+            train_accuracy=self._correct / self._seen,
+            test_accuracy=float(test_accuracy),
+            seconds=seconds,
+        )
         self.epoch += 1
         self.step = 0
         self._cost_sum, self._correct, self._seen, self._epoch_seconds = 0.0, 0, 0, 0.0
@@ -196,10 +230,17 @@ class Trainer:
         self.sync()
         arrays = {name: self.params[name] for name in self.preset.weight_names}
         arrays.update({f"opt.{k}": v for k, v in self.opt.moments.items()})
-        meta = {"epoch": self.epoch, "step": self.step, "opt_t": self.opt.t, "preset": self.preset.name,
-                "dtype": self.preset.dtype, "epochs_total": self.preset.epochs,
-                "layers": list(self.preset.layers), "activation": self.preset.activation,
-                "partial": {"cost_sum": self._cost_sum, "correct": self._correct, "seen": self._seen}}
+        meta = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "opt_t": self.opt.t,
+            "preset": self.preset.name,
+            "dtype": self.preset.dtype,
+            "epochs_total": self.preset.epochs,
+            "layers": list(self.preset.layers),
+            "activation": self.preset.activation,
+            "partial": {"cost_sum": self._cost_sum, "correct": self._correct, "seen": self._seen},
+        }
         return arrays, meta
 
     def restore(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -208,16 +249,23 @@ class Trainer:
         layers = tuple(meta.get("layers") or NOTEBOOK_LAYERS)
         activation = meta.get("activation") or "sigmoid"
         if layers != self.preset.layers or activation != self.preset.activation:
-            raise ValueError(f"the model version is a {'-'.join(map(str, layers))} {activation} network, "
-                             f"this run's is {self.preset.describe()}")
+            raise ValueError(
+                f"the model version is a {'-'.join(map(str, layers))} {activation} network, "
+                f"this run's is {self.preset.describe()}"
+            )
         expected = init_shapes(self.preset)
         wrong = [n for n, shape in expected.items() if n not in arrays or tuple(np.shape(arrays[n])) != shape]
         if wrong:
             raise ValueError(f"the model version's {', '.join(wrong)} do not fit a {self.preset.describe()} network")
         self.params = {name: np.array(arrays[name], dtype=dt) for name in self.preset.weight_names}
-        self.opt = OptimizerState(t=int(meta.get("opt_t", 0)),
-                                  moments={k[4:]: np.array(v, dtype=np.float64 if k.startswith("opt.resident_") else dt)
-                                           for k, v in arrays.items() if k.startswith("opt.")})
+        self.opt = OptimizerState(
+            t=int(meta.get("opt_t", 0)),
+            moments={
+                k[4:]: np.array(v, dtype=np.float64 if k.startswith("opt.resident_") else dt)
+                for k, v in arrays.items()
+                if k.startswith("opt.")
+            },
+        )
         self.epoch = int(meta["epoch"])
         self.step = int(meta["step"])
         self._adopt(fresh=False)

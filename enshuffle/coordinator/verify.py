@@ -94,7 +94,7 @@ class StaticNorms:
         lam = np.zeros((p, k))
         self.s_lc = np.empty((n, p))
         self.s2_lc2 = np.empty((n, p))
-        lc2 = self.col_probes ** 2
+        lc2 = self.col_probes**2
         for sl in _chunks(n, k):
             chunk = np.asarray(s[sl], dtype=np.float64)
             lr = self.row_probes[sl]
@@ -198,8 +198,14 @@ def _fits(d: np.ndarray, regressors: dict[str, np.ndarray]) -> dict[str, tuple[f
     return out
 
 
-def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, rng: np.random.Generator,
-                   static: np.ndarray | None = None, norms: StaticNorms | None = None) -> Residual:
+def measure_matmul(
+    c: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    params: dict,
+    rng: np.random.Generator,
+    static: np.ndarray | None = None,
+    norms: StaticNorms | None = None,
+) -> Residual:
     """Freivalds residual of a claimed C = A @ B, (n, K) @ (K, m) -> (n, m), in units of the rounding bound.
 
     A float64 product over LEFT_MIN_ROWS or more rows of a static block with finite operands is
@@ -247,8 +253,16 @@ def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, r
     compared = np.isfinite(rhs).all(axis=1) & np.isfinite(sq)
     nonfinite = int((~np.isfinite(row_norms) & compared).sum())
     if nonfinite:
-        return Residual(rows=c.shape[0], nonfinite_rows=nonfinite, worst=np.zeros(0), level=None, fits={},
-                        unit=u, lhs=np.zeros((0, PROBES)), rhs=np.zeros((0, PROBES)))
+        return Residual(
+            rows=c.shape[0],
+            nonfinite_rows=nonfinite,
+            worst=np.zeros(0),
+            level=None,
+            fits={},
+            unit=u,
+            lhs=np.zeros((0, PROBES)),
+            rhs=np.zeros((0, PROBES)),
+        )
     if not compared.all():
         lhs, rhs, bound, c64 = lhs[compared], rhs[compared], bound[compared], c64[compared]
     d = lhs - rhs
@@ -265,12 +279,22 @@ def measure_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, r
         k = min(worst.size, max(3, worst.size // 100))
         reference = float(np.partition(worst, worst.size - k)[worst.size - k])
         fits = _fits(dn, {"C·r": lhs / bound[:, None], "|C|·r": (np.abs(c64) @ r) / bound[:, None]})
-    return Residual(rows=c.shape[0], nonfinite_rows=nonfinite, worst=worst, level=level, fits=fits or {},
-                    unit=u, lhs=lhs, rhs=rhs, reference=reference)
+    return Residual(
+        rows=c.shape[0],
+        nonfinite_rows=nonfinite,
+        worst=worst,
+        level=level,
+        fits=fits or {},
+        unit=u,
+        lhs=lhs,
+        rhs=rhs,
+        reference=reference,
+    )
 
 
-def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: bool,
-                    norms: StaticNorms) -> Residual | None:
+def _measure_static(
+    c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: bool, norms: StaticNorms
+) -> Residual | None:
     """Left-probe Freivalds over a static block S (N, K): D = l^T C - (l^T A) B, (p, m), with l
     the block's fixed secret probes, so the block itself is never read (Q, Lam, SLc, S2Lc2 are
     kept in `norms`). One pass over the large operand: C for S[rows] @ b (plus one for its column
@@ -316,9 +340,11 @@ def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: b
             cterm = (probes * probes).T @ (c64 * c64)
             absreg = probes.T @ np.abs(c64)
         contraction = k_static
-        bound = (u * np.sqrt(contraction) * np.sqrt(cterm + ab)
-                 + U64 * (np.sqrt(n) * np.sqrt(cterm) + np.sqrt(n_static if full else n) * np.sqrt(ab)
-                          + np.sqrt(k_static) * np.sqrt(qb)))
+        bound = u * np.sqrt(contraction) * np.sqrt(cterm + ab) + U64 * (
+            np.sqrt(n) * np.sqrt(cterm)
+            + np.sqrt(n_static if full else n) * np.sqrt(ab)
+            + np.sqrt(k_static) * np.sqrt(qb)
+        )
     else:
         lc = norms.col_probes  # (K, p) over C's rows
         lhs = lc.T @ c64
@@ -331,14 +357,15 @@ def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: b
         for sl in _chunks(n, b.shape[1], PASS_BYTES):
             chunk = b64[sl]
             rhs += w[sl].T @ chunk
-            sq = np.multiply(chunk, chunk, out=square[:chunk.shape[0]])
+            sq = np.multiply(chunk, chunk, out=square[: chunk.shape[0]])
             sums += weights[sl].T @ sq
         ab, wb = sums[:p], sums[p:]
         lc2 = lc * lc
         cterm = lc2.T @ (c64 * c64)
         absreg = lc.T @ np.abs(c64)
-        bound = (u * np.sqrt(n) * np.sqrt(cterm + ab)
-                 + U64 * (np.sqrt(k_static) * (np.sqrt(cterm) + np.sqrt(ab)) + np.sqrt(n) * np.sqrt(wb)))
+        bound = u * np.sqrt(n) * np.sqrt(cterm + ab) + U64 * (
+            np.sqrt(k_static) * (np.sqrt(cterm) + np.sqrt(ab)) + np.sqrt(n) * np.sqrt(wb)
+        )
     norms.used(n)
     if not np.isfinite(rhs).all():
         return None
@@ -349,8 +376,16 @@ def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: b
     m = lhs.shape[1]
     if not np.isfinite(lhs).all():
         bad = int((~np.isfinite(c64)).any(axis=1).sum())
-        return Residual(rows=c.shape[0], nonfinite_rows=max(bad, 1), worst=np.zeros(0), level=None, fits={},
-                        unit=u, lhs=np.zeros((0, p)), rhs=np.zeros((0, p)))
+        return Residual(
+            rows=c.shape[0],
+            nonfinite_rows=max(bad, 1),
+            worst=np.zeros(0),
+            level=None,
+            fits={},
+            unit=u,
+            lhs=np.zeros((0, p)),
+            rhs=np.zeros((0, p)),
+        )
     d = lhs - rhs
     ratio = np.abs(d) / bound
     worst = ratio.max(axis=0)  # per column of C
@@ -362,15 +397,27 @@ def _measure_static(c: np.ndarray, rows: np.ndarray, b: np.ndarray, transpose: b
     if absreg is not None:
         regressors["|C|·r"] = absreg / bound
     fits = _fits(dn, regressors)
-    return Residual(rows=m, nonfinite_rows=0, worst=worst, level=level if ratio.size >= MIN_SAMPLES else None,
-                    fits=fits, unit=u, lhs=lhs.T, rhs=rhs.T, reference=reference, axis="column")
+    return Residual(
+        rows=m,
+        nonfinite_rows=0,
+        worst=worst,
+        level=level if ratio.size >= MIN_SAMPLES else None,
+        fits=fits,
+        unit=u,
+        lhs=lhs.T,
+        rhs=rhs.T,
+        reference=reference,
+        axis="column",
+    )
 
 
 def judge(res: Residual) -> str | None:
     """None if the measured residual is what honest rounding produces, else a sentence saying why not."""
     if res.nonfinite_rows:
-        return (f"result has NaN or infinite entries in {res.nonfinite_rows} of {res.rows} rows, though the "
-                f"exact product is finite there")
+        return (
+            f"result has NaN or infinite entries in {res.nonfinite_rows} of {res.rows} rows, though the "
+            f"exact product is finite there"
+        )
     if res.worst.size and not res.worst.max() <= ABS_LIMIT:
         return _row_failure(res, ABS_LIMIT)
     if res.level is None:
@@ -380,19 +427,29 @@ def judge(res: Residual) -> str | None:
     # test, which it also fails.
     for name, (beta, t) in res.fits.items():
         if t > T_LIMIT and abs(beta) > BIAS_UNITS * res.unit:
-            return (f"Freivalds check failed: the result differs from the product by {beta:.3g} x {name} "
-                    f"(t = {t:.1f}); honest rounding is not correlated with it")
+            return (
+                f"Freivalds check failed: the result differs from the product by {beta:.3g} x {name} "
+                f"(t = {t:.1f}); honest rounding is not correlated with it"
+            )
     if res.level > LEVEL_LIMIT:
-        return (f"Freivalds check failed: the whole result is noisier than rounding allows "
-                f"(level {res.level:.2f} of the bound, at most {LEVEL_LIMIT:g})")
+        return (
+            f"Freivalds check failed: the whole result is noisier than rounding allows "
+            f"(level {res.level:.2f} of the bound, at most {LEVEL_LIMIT:g})"
+        )
     limit = OUTLIER * max(res.reference, MIN_LEVEL)
     if not res.worst.max() <= limit:
         return _row_failure(res, limit)
     return None
 
 
-def check_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, rng: np.random.Generator,
-                 static: np.ndarray | None = None, norms: StaticNorms | None = None) -> str | None:
+def check_matmul(
+    c: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    params: dict,
+    rng: np.random.Generator,
+    static: np.ndarray | None = None,
+    norms: StaticNorms | None = None,
+) -> str | None:
     """None if C passes, else a sentence saying what failed. C = A @ B (n, K) @ (K, m) -> (n, m)."""
     return judge(measure_matmul(c, arrays, params, rng, static, norms))
 
@@ -400,13 +457,16 @@ def check_matmul(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, rng
 def _row_failure(res: Residual, limit: float) -> str:
     i = int(np.argmax(res.worst))
     j = int(np.argmax(np.abs(res.lhs[i] - res.rhs[i])))
-    return (f"Freivalds check failed at {res.axis} {i}: C·r = {res.lhs[i, j]:.9g}, A·(B·r) = {res.rhs[i, j]:.9g}, "
-            f"off by {res.worst[i]:.3g} times the rounding bound (limit {limit:.3g}); "
-            f"{int((res.worst > limit).sum())} of {res.worst.size} {res.axis}s off")
+    return (
+        f"Freivalds check failed at {res.axis} {i}: C·r = {res.lhs[i, j]:.9g}, A·(B·r) = {res.rhs[i, j]:.9g}, "
+        f"off by {res.worst[i]:.3g} times the rounding bound (limit {limit:.3g}); "
+        f"{int((res.worst > limit).sum())} of {res.worst.size} {res.axis}s off"
+    )
 
 
-def check_replica(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict,
-                  static: np.ndarray | None = None) -> str | None:
+def check_replica(
+    c: np.ndarray, arrays: dict[str, np.ndarray], params: dict, static: np.ndarray | None = None
+) -> str | None:
     """Adaptive replication: recompute C = A @ B here in float64 (row chunks) and compare every
     entry with u·sqrt(K)·(|c_ij| + sqrt(Σ_k a_ik²·b_kj²)) times ABS_LIMIT. As costly as the product
     itself (twice: the bound needs A²·B²); for new or once-lying nodes only (--replicate)."""
@@ -438,6 +498,8 @@ def check_replica(c: np.ndarray, arrays: dict[str, np.ndarray], params: dict,
     off = ~(np.abs(c64 - ref) <= limit) & np.isfinite(ref)
     if off.any():
         i, j = np.unravel_index(int(np.argmax(off)), off.shape)
-        return (f"replica check failed at ({i}, {j}): got {c64[i, j]:.9g}, recomputed {ref[i, j]:.9g} "
-                f"({int(off.sum())} of {off.size} entries off)")
+        return (
+            f"replica check failed at ({i}, {j}): got {c64[i, j]:.9g}, recomputed {ref[i, j]:.9g} "
+            f"({int(off.sum())} of {off.size} entries off)"
+        )
     return None

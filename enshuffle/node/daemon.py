@@ -57,27 +57,43 @@ from enshuffle.fpenv import flushing
 from enshuffle.node.policy import Policy
 from enshuffle.node.state import NodeControl, NodeState
 from enshuffle.protocol.handshake import DIGEST_PREFIX, NodeHandshake
-from enshuffle.protocol.keys import (FingerprintMismatch, Identity, KeyStoreError, TrustStore,
-                                     fingerprint, normalize_fingerprint, short_fingerprint)
+from enshuffle.protocol.keys import (
+    FingerprintMismatch,
+    Identity,
+    KeyStoreError,
+    TrustStore,
+    fingerprint,
+    normalize_fingerprint,
+    short_fingerprint,
+)
 from enshuffle.protocol.text import printable
-from enshuffle.protocol.messages import (DEFAULT_LIMITS, PROTOCOL_VERSION, Channel, Limits, Message, ProtocolError,
-                                         decode, encode, verify_self_signed)
+from enshuffle.protocol.messages import (
+    DEFAULT_LIMITS,
+    PROTOCOL_VERSION,
+    Channel,
+    Limits,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+    verify_self_signed,
+)
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_TRUST = 3
 EXIT_REFUSED = 4
 EXIT_UNREACHABLE = 5
-GIVE_UP_S = 300.0             # without --keep-running: give up after this long with no coordinator
+GIVE_UP_S = 300.0  # without --keep-running: give up after this long with no coordinator
 
 HELLO_TIMEOUT_S = 5.0
-LOST_AFTER_HEARTBEATS = 3      # silence of 3 x heartbeat_ms = coordinator lost (spec 8)
-POLL_MS = 100                  # longest wait in poll: bounds how late stop/pause are noticed
-RATE_LINE_S = 10.0             # a rate line this often while working
-IDLE_AFTER_S = 2.0             # no batch for this long: "idle, waiting for work"
-BYE_LINGER_MS = 1000           # how long the final BYE may take to leave (spec 2)
-WAITING_LOG_S = 10.0           # a coordinator's changing `waiting` text is logged at most this often
-MAX_EXPOSURE_TENSORS = 64     # tensor names a coordinator's `exposure` headers may introduce
+LOST_AFTER_HEARTBEATS = 3  # silence of 3 x heartbeat_ms = coordinator lost (spec 8)
+POLL_MS = 100  # longest wait in poll: bounds how late stop/pause are noticed
+RATE_LINE_S = 10.0  # a rate line this often while working
+IDLE_AFTER_S = 2.0  # no batch for this long: "idle, waiting for work"
+BYE_LINGER_MS = 1000  # how long the final BYE may take to leave (spec 2)
+WAITING_LOG_S = 10.0  # a coordinator's changing `waiting` text is logged at most this often
+MAX_EXPOSURE_TENSORS = 64  # tensor names a coordinator's `exposure` headers may introduce
 DEFAULT_RECORD_MAX_BYTES = 2 << 30  # --record stops (with one log line) past this many bytes
 # Products below this many multiply-adds run on one BLAS thread (blas.BlasThreads says why). 2^27
 # is about 3 ms (float32) to 7 ms (float64) of one core on the 2-core development box: a
@@ -100,21 +116,27 @@ def default_max_memory() -> int:
         ram = 4 << 30
     return min(512 << 20, max(64 << 20, ram // 4))
 
+
 # Messages libzmq queues for this node before it stops reading the connection (backpressure, no
 # loss): the daemon drains them into its own queue, which --max-memory bounds, so a few suffice.
 # With MAXMSGSIZE (see `receive_limit`) it bounds what one peer can make libzmq hold, before any
 # CHALLENGE as after.
 RECEIVE_HWM = 8
-MAX_HEARTBEAT_MS = 600_000    # a WELCOME asking for more (or < 1) is refused: libzmq takes an int
-MAX_RUNS_REMEMBERED = 64       # runs whose last accepted seq the daemon keeps (replay protection)
+MAX_HEARTBEAT_MS = 600_000  # a WELCOME asking for more (or < 1) is refused: libzmq takes an int
+MAX_RUNS_REMEMBERED = 64  # runs whose last accepted seq the daemon keeps (replay protection)
 
 FINAL_REFUSALS = ("version-mismatch", "not-allowed", "bad-hello", "quarantined")
 # REFUSE `duplicate-key` is not final (the other process may be this node's own dead session), but
 # it is said loudly every time: two processes share one key.
 FINAL_BYES = ("evicted", "protocol-error", "quarantined")
 # Where compute_batch's BatchError codes land among the spec's REJECT codes.
-BATCH_ERROR_CODES = {"bad-batch": "bad-params", "unknown-op": "bad-op", "unknown-static": "unknown-static",
-                     "state-behind": "state-behind", "state-ahead": "state-ahead"}
+BATCH_ERROR_CODES = {
+    "bad-batch": "bad-params",
+    "unknown-op": "bad-op",
+    "unknown-static": "unknown-static",
+    "state-behind": "state-behind",
+    "state-ahead": "state-ahead",
+}
 
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
@@ -131,7 +153,7 @@ def _json_id(value, kind: str):
     """A header value fit to echo in a REJECT (str / uint), else None: never echo junk."""
     if kind == "str":
         return value if isinstance(value, str) and len(value) <= 200 else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 53 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53 else None
 
 
 class AddressError(UsageError):
@@ -147,15 +169,17 @@ def _connect(sock: zmq.Socket, address: str) -> None:
     try:
         sock.connect(address)
     except zmq.ZMQError as exc:
-        raise AddressError(f"cannot connect to {address!r} ({exc}); give the coordinator's "
-                           f"address as tcp://HOST:PORT, e.g. tcp://192.0.2.7:5555 or "
-                           f"tcp://[::1]:5555") from None
+        raise AddressError(
+            f"cannot connect to {address!r} ({exc}); give the coordinator's "
+            f"address as tcp://HOST:PORT, e.g. tcp://192.0.2.7:5555 or "
+            f"tcp://[::1]:5555"
+        ) from None
 
 
 def diagnose_silence(address: str, timeout: float = 2.0) -> str:
     """Why nothing answered at `address`, told apart: a name that does not resolve, nothing
     listening (refused), unreachable (no route, timeout), or a listener that says nothing."""
-    host, _, port = address[len("tcp://"):].rpartition(":")
+    host, _, port = address[len("tcp://") :].rpartition(":")
     host = host.strip("[]")
     try:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
@@ -167,16 +191,22 @@ def diagnose_silence(address: str, timeout: float = 2.0) -> str:
     try:
         probe.connect(sockaddr)
     except ConnectionRefusedError:
-        return (f"nothing is listening on {host} port {port} (connection refused): is the coordinator "
-                f"running, and is this its address?")
+        return (
+            f"nothing is listening on {host} port {port} (connection refused): is the coordinator "
+            f"running, and is this its address?"
+        )
     except OSError as exc:
         why = exc.strerror or "no answer"
-        return (f"{host} port {port} is unreachable ({why}): check the address, the network and any "
-                f"firewall between here and the coordinator")
+        return (
+            f"{host} port {port} is unreachable ({why}): check the address, the network and any "
+            f"firewall between here and the coordinator"
+        )
     finally:
         probe.close()
-    return (f"{host} port {port} accepts connections but no coordinator answered HELLO: is it an "
-            f"enshuffle coordinator speaking protocol {PROTOCOL_VERSION}, and not overloaded?")
+    return (
+        f"{host} port {port} accepts connections but no coordinator answered HELLO: is it an "
+        f"enshuffle coordinator speaking protocol {PROTOCOL_VERSION}, and not overloaded?"
+    )
 
 
 def check_address(address: str) -> None:
@@ -205,8 +235,9 @@ class MessageRecorder:
     play that node against it. Bounded: past `max_bytes` it stops, with one log line.
     """
 
-    def __init__(self, directory: str, max_bytes: int = DEFAULT_RECORD_MAX_BYTES,
-                 log: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, directory: str, max_bytes: int = DEFAULT_RECORD_MAX_BYTES, log: Callable[[str], None] | None = None
+    ) -> None:
         self.directory = directory
         self.max_bytes = int(max_bytes)
         self.written = 0
@@ -216,11 +247,13 @@ class MessageRecorder:
         try:
             os.makedirs(directory, exist_ok=True)
         except OSError as exc:
-            raise RecordError(f"cannot create --record directory {directory}: {exc.strerror}; "
-                              f"choose a writable directory") from None
+            raise RecordError(
+                f"cannot create --record directory {directory}: {exc.strerror}; choose a writable directory"
+            ) from None
         if any(name.endswith(".npz") for name in os.listdir(directory)):
-            raise RecordError(f"--record directory {directory} already holds a recording; "
-                              f"choose an empty or new directory")
+            raise RecordError(
+                f"--record directory {directory} already holds a recording; choose an empty or new directory"
+            )
 
     def record(self, msg: Message) -> None:
         if self.stopped:
@@ -229,8 +262,10 @@ class MessageRecorder:
         size = sum(a.nbytes for a in msg.arrays.values()) + len(header_json)
         if self.written + size > self.max_bytes:
             self.stopped = True
-            self._log(f"recording stopped after {self.count} messages: the next one would pass "
-                      f"the --record-max-bytes cap of {self.max_bytes} bytes")
+            self._log(
+                f"recording stopped after {self.count} messages: the next one would pass "
+                f"the --record-max-bytes cap of {self.max_bytes} bytes"
+            )
             return
         payload = {"header": np.frombuffer(header_json, dtype=np.uint8)}
         payload.update({f"arr.{name}": np.asarray(a) for name, a in msg.arrays.items()})
@@ -286,15 +321,31 @@ class NodeDaemon:
     HELLO. `log` receives one line per state change (default: stderr).
     """
 
-    def __init__(self, connect: str, *, identity: Identity, trust: TrustStore, pinned: str | None,
-                 name: str, threads: int, state: NodeState | None = None,
-                 control: NodeControl | None = None, credit: int = 2,
-                 log: Callable[[str], None] | None = None, exit_on_finish: bool = True,
-                 hello_timeout: float = HELLO_TIMEOUT_S, limits: Limits = DEFAULT_LIMITS,
-                 max_static_bytes: int | None = None, max_memory: int | None = None,
-                 invite: str | None = None, rng: random.Random | None = None,
-                 recorder: MessageRecorder | None = None, policy: Policy | None = None,
-                 give_up_after: float | None = None, denormals: str | None = None) -> None:
+    def __init__(
+        self,
+        connect: str,
+        *,
+        identity: Identity,
+        trust: TrustStore,
+        pinned: str | None,
+        name: str,
+        threads: int,
+        state: NodeState | None = None,
+        control: NodeControl | None = None,
+        credit: int = 2,
+        log: Callable[[str], None] | None = None,
+        exit_on_finish: bool = True,
+        hello_timeout: float = HELLO_TIMEOUT_S,
+        limits: Limits = DEFAULT_LIMITS,
+        max_static_bytes: int | None = None,
+        max_memory: int | None = None,
+        invite: str | None = None,
+        rng: random.Random | None = None,
+        recorder: MessageRecorder | None = None,
+        policy: Policy | None = None,
+        give_up_after: float | None = None,
+        denormals: str | None = None,
+    ) -> None:
         self.connect = connect
         self.identity = identity
         self.trust = trust
@@ -326,7 +377,7 @@ class NodeDaemon:
         # Per-product thread choice, on the OpenBLAS numpy loaded; run() puts the count it found back.
         self._blas = BlasThreads(self._applied_threads, PARALLEL_MIN_WORK)
         self.error: str | None = None  # the fatal error's text when run() returns non-zero
-        self.dropped = 0               # invalid or unexpected messages dropped (spec 15)
+        self.dropped = 0  # invalid or unexpected messages dropped (spec 15)
         self._done_times: deque = deque(maxlen=4096)  # completion times, for the rate
         self._window = {"t": time.monotonic(), "batches": 0, "in": 0, "out": 0}
         self._last_batch_at = 0.0
@@ -379,15 +430,18 @@ class NodeDaemon:
                 if self.control.stop_requested:
                     break
                 if self.give_up_after is not None and time.monotonic() - last_contact > self.give_up_after:
-                    self._fatal(EXIT_UNREACHABLE, "stopped", "gave up",
-                                f"no coordinator at {self.connect} for {self.give_up_after:g} s, giving up: "
-                                f"{diagnose_silence(self.connect)} (--keep-running retries for ever)")
+                    self._fatal(
+                        EXIT_UNREACHABLE,
+                        "stopped",
+                        "gave up",
+                        f"no coordinator at {self.connect} for {self.give_up_after:g} s, giving up: "
+                        f"{diagnose_silence(self.connect)} (--keep-running retries for ever)",
+                    )
                     status = EXIT_UNREACHABLE
                     break
                 delay = backoff_delay(attempt, self.rng)
                 attempt += 1
-                self._set(connection="reconnecting", reason=f"reconnecting in {delay:.1f} s",
-                          current_op="")
+                self._set(connection="reconnecting", reason=f"reconnecting in {delay:.1f} s", current_op="")
                 self._say(f"reconnecting in {delay:.1f} s")
                 self._wait(delay)
         finally:
@@ -404,9 +458,9 @@ class NodeDaemon:
     def _compute_line(self) -> str:
         """How this node computes, said once at start."""
         if self._blas.available:
-            threads = (f"{self._applied_threads} BLAS thread{'s' if self._applied_threads != 1 else ''}"
-                       + (f" (products under {PARALLEL_MIN_WORK:,} multiply-adds on one)"
-                          if self._applied_threads > 1 else ""))
+            threads = f"{self._applied_threads} BLAS thread{'s' if self._applied_threads != 1 else ''}" + (
+                f" (products under {PARALLEL_MIN_WORK:,} multiply-adds on one)" if self._applied_threads > 1 else ""
+            )
         else:
             threads = f"{self._applied_threads} BLAS thread(s), not adjustable per product"
         denormals = self._denormals or ("denormals: flushed to zero" if flushing() else "denormals: not flushed")
@@ -517,10 +571,18 @@ class NodeDaemon:
         # `max_message`: the largest frame libzmq lets in here (receive_limit); a coordinator that
         # reads it never sends a bigger one (which would only cut the connection) and treats the
         # batch or static as refused too-large instead.
-        hs = NodeHandshake(self.identity, self.name,
-                           {"ops": list(OPS), "threads": self._applied_threads, "credit": self.credit_offer,
-                            "max_message": self.receive_limit()},
-                           invite=self.invite, replaces=getattr(self, "_last_node_id", None))
+        hs = NodeHandshake(
+            self.identity,
+            self.name,
+            {
+                "ops": list(OPS),
+                "threads": self._applied_threads,
+                "credit": self.credit_offer,
+                "max_message": self.receive_limit(),
+            },
+            invite=self.invite,
+            replaces=getattr(self, "_last_node_id", None),
+        )
         self._set(connection="connecting", reason=f"saying HI to {self.connect}", current_op="")
         self._say(f"connecting to {self.connect} as {self.name} ({short_fingerprint(self.identity.fingerprint)})")
         self._send_frames(sock, hs.hi())
@@ -568,17 +630,24 @@ class NodeDaemon:
             trust = self.trust.check(self.connect, fp, self.pinned)
         except FingerprintMismatch as exc:
             self._set(coordinator_fingerprint=fp)
-            self._decline(sock, hs, "untrusted-key",
-                          f"node {self.name} expects coordinator key {exc.expected}, this coordinator presented {fp}")
-            raise self._final(EXIT_TRUST, "refused", "refused: coordinator fingerprint mismatch",
-                              str(exc)) from None
+            self._decline(
+                sock,
+                hs,
+                "untrusted-key",
+                f"node {self.name} expects coordinator key {exc.expected}, this coordinator presented {fp}",
+            )
+            raise self._final(EXIT_TRUST, "refused", "refused: coordinator fingerprint mismatch", str(exc)) from None
         except KeyStoreError as exc:
             self._decline(sock, hs, "trust-store", f"node {self.name} cannot read its trust store")
             raise self._fatal(EXIT_TRUST, "refused", "refused: trust store unusable", str(exc)) from None
         if msg.header["protocol"] != PROTOCOL_VERSION:
-            raise self._final(EXIT_REFUSED, "refused", "refused: version-mismatch",
-                              f"coordinator {self.connect} speaks protocol {msg.header['protocol']!r:.20}, this node "
-                              f"{PROTOCOL_VERSION}; upgrade enshuffle")
+            raise self._final(
+                EXIT_REFUSED,
+                "refused",
+                "refused: version-mismatch",
+                f"coordinator {self.connect} speaks protocol {msg.header['protocol']!r:.20}, this node "
+                f"{PROTOCOL_VERSION}; upgrade enshuffle",
+            )
         self._trust = trust
         self._send_frames(sock, hs.hello(msg))
         return True
@@ -607,25 +676,43 @@ class NodeDaemon:
         if not (isinstance(hb, int) and not isinstance(hb, bool) and 1 <= hb <= MAX_HEARTBEAT_MS):
             # libzmq's options take a C int (2**40 would raise OverflowError), and no sane
             # coordinator asks for beats further apart than 10 minutes: treat it as no answer.
-            self._say(f"coordinator {self.connect} sent a WELCOME with heartbeat_ms {hb!r:.40}, "
-                      f"outside 1..{MAX_HEARTBEAT_MS}; ignoring it")
+            self._say(
+                f"coordinator {self.connect} sent a WELCOME with heartbeat_ms {hb!r:.40}, "
+                f"outside 1..{MAX_HEARTBEAT_MS}; ignoring it"
+            )
             raise _SessionEnd(None)
         # No libzmq (ZMTP) heartbeats: a flooded connection with them makes libzmq abort the
         # process (libzmq issues 3937, 4364, 4767). ENS2 HEARTBEATs detect loss (spec 8).
         now = time.monotonic()
         credit = min(int(h["credit"]), self.credit_offer)
         self._last_node_id = h["node_id"]  # a reconnect replaces this session (HELLO `replaces`)
-        session = _Session(socket=sock, run_id=h["run_id"], node_id=h["node_id"], coordinator_key=key,
-                           credit=credit, heartbeat_ms=hb, channel=channel,
-                           last_received=now, last_sent=now, wanted_credit=credit,
-                           workspace=Workspace(self._blas, limit=self.max_memory))
+        session = _Session(
+            socket=sock,
+            run_id=h["run_id"],
+            node_id=h["node_id"],
+            coordinator_key=key,
+            credit=credit,
+            heartbeat_ms=hb,
+            channel=channel,
+            last_received=now,
+            last_sent=now,
+            wanted_credit=credit,
+            workspace=Workspace(self._blas, limit=self.max_memory),
+        )
         self._heartbeat(session)  # the first sealed message: the coordinator counts us from here
         words = {"pinned": "pinned", "known": "known", "trusted-on-first-use": "trusted on first use"}
         self._coordinator_waiting = ""
-        self._set(connection="connected", reason=self._idle_reason(), coordinator_fingerprint=fp,
-                  trust=trust, run_id=session.run_id)
-        self._say(f"connected to {self.connect} as node {session.node_id}, coordinator {fp} "
-                  f"({words.get(trust, trust)}), run {session.run_id}, credit {session.credit}")
+        self._set(
+            connection="connected",
+            reason=self._idle_reason(),
+            coordinator_fingerprint=fp,
+            trust=trust,
+            run_id=session.run_id,
+        )
+        self._say(
+            f"connected to {self.connect} as node {session.node_id}, coordinator {fp} "
+            f"({words.get(trust, trust)}), run {session.run_id}, credit {session.credit}"
+        )
         self._say("waiting for work")
         self._last_batch_at = now
         return session
@@ -652,8 +739,9 @@ class NodeDaemon:
         fp = fingerprint(key)
         # Like a WELCOME, a REFUSE counts only from the coordinator we would trust: a stranger
         # must not be able to make this node give up (spec 6, on REFUSE).
-        expected = (fingerprint(hs.coordinator_key) if hs.coordinator_key else None) or self.pinned \
-            or self._remembered()
+        expected = (
+            (fingerprint(hs.coordinator_key) if hs.coordinator_key else None) or self.pinned or self._remembered()
+        )
         if expected is not None and expected != fp:
             self._drop(f"a REFUSE signed by {fp}, not the expected coordinator {expected}")
             return
@@ -663,12 +751,18 @@ class NodeDaemon:
             self.state.coordinator_fingerprint = fp
         if not bound:
             self._set(connection="refused", reason=f"refused: {shown_code}")
-            self._say(f"coordinator {self.connect} refused this node without naming our HELLO "
-                      f"({shown_code}): {text}; trying again later")
+            self._say(
+                f"coordinator {self.connect} refused this node without naming our HELLO "
+                f"({shown_code}): {text}; trying again later"
+            )
             raise _SessionEnd(None)
         if code in FINAL_REFUSALS:
-            raise self._final(EXIT_REFUSED, "refused", f"refused: {shown_code}",
-                              f"coordinator {self.connect} refused this node ({shown_code}): {text}")
+            raise self._final(
+                EXIT_REFUSED,
+                "refused",
+                f"refused: {shown_code}",
+                f"coordinator {self.connect} refused this node ({shown_code}): {text}",
+            )
         if code == "run-finished" and self.exit_on_finish:
             self._say(f"coordinator {self.connect}: the run has finished ({text})")
             raise _SessionEnd(EXIT_OK)
@@ -696,8 +790,7 @@ class NodeDaemon:
             self._drain(s)
             now = time.monotonic()
             if now - s.last_received > LOST_AFTER_HEARTBEATS * s.heartbeat_ms / 1000:
-                self._say(f"lost connection to {self.connect}: nothing for "
-                          f"{now - s.last_received:.1f} s")
+                self._say(f"lost connection to {self.connect}: nothing for {now - s.last_received:.1f} s")
                 raise _SessionEnd(None, welcomed=True)
             if now - s.last_sent >= s.heartbeat_ms / 1000:
                 self._heartbeat(s)
@@ -707,8 +800,12 @@ class NodeDaemon:
             if s.pending and not resting:
                 timeout = 0  # work in hand: just pick up whatever else has arrived
             else:
-                timeout = int(max(1, min(POLL_MS, until_hb * 1000 + 1,
-                                         (self._rest_until - now) * 1000 + 1 if resting else POLL_MS)))
+                timeout = int(
+                    max(
+                        1,
+                        min(POLL_MS, until_hb * 1000 + 1, (self._rest_until - now) * 1000 + 1 if resting else POLL_MS),
+                    )
+                )
             if s.socket.poll(timeout, zmq.POLLIN):
                 self._drain(s)
             if s.pending and time.monotonic() >= self._rest_until:
@@ -739,13 +836,24 @@ class NodeDaemon:
                 if msg.command == "BATCH":
                     held = sum(1 for _, m, _ in s.pending if isinstance(m, Message) and m.command == "BATCH")
                     if held >= s.credit:
-                        self._reject(s, msg.header, "over-credit", f"this node granted credit {s.credit} and "
-                                     f"already holds {held} batches; the BATCH was not queued")
+                        self._reject(
+                            s,
+                            msg.header,
+                            "over-credit",
+                            f"this node granted credit {s.credit} and "
+                            f"already holds {held} batches; the BATCH was not queued",
+                        )
                         continue
                 if s.pending_bytes + s.static_bytes + nbytes > self.max_memory:
-                    self._reject(s, msg.header, "too-large", f"queueing {nbytes} more bytes beside "
-                                 f"{s.static_bytes} bytes of statics and {s.pending_bytes} queued would exceed "
-                                 f"this node's --max-memory {self.max_memory}", msg.command)
+                    self._reject(
+                        s,
+                        msg.header,
+                        "too-large",
+                        f"queueing {nbytes} more bytes beside "
+                        f"{s.static_bytes} bytes of statics and {s.pending_bytes} queued would exceed "
+                        f"this node's --max-memory {self.max_memory}",
+                        msg.command,
+                    )
                     continue
                 s.pending.append((received, msg, nbytes))
                 s.pending_bytes += nbytes
@@ -782,8 +890,12 @@ class NodeDaemon:
     def _coordinator_bye(self, s: _Session, msg: Message) -> None:
         reason = printable(msg.header["reason"], 80)
         if reason in FINAL_BYES:
-            raise self._final(EXIT_REFUSED, "refused", f"refused: {reason}",
-                              f"coordinator {self.connect} ended this node's session ({reason})")
+            raise self._final(
+                EXIT_REFUSED,
+                "refused",
+                f"refused: {reason}",
+                f"coordinator {self.connect} ended this node's session ({reason})",
+            )
         if reason == "run-finished" and self.exit_on_finish:
             self._say(f"coordinator {self.connect}: the run has finished")
             raise _SessionEnd(EXIT_OK, welcomed=True)
@@ -814,8 +926,7 @@ class NodeDaemon:
 
     def _heartbeat(self, s: _Session) -> None:
         credit = 0 if self._pause_reason() else s.credit
-        self._send(s, "HEARTBEAT", {"node_id": s.node_id, "credit": credit,
-                                           "outstanding": len(s.pending)})
+        self._send(s, "HEARTBEAT", {"node_id": s.node_id, "credit": credit, "outstanding": len(s.pending)})
         s.last_sent = time.monotonic()
         s.wanted_credit = credit
 
@@ -841,8 +952,7 @@ class NodeDaemon:
                 actual = wanted
                 if not self._blas_warned:
                     self._blas_warned = True
-                    self._say(f"cannot change BLAS threads while running ({exc}); restart with "
-                              f"--threads {wanted}")
+                    self._say(f"cannot change BLAS threads while running ({exc}); restart with --threads {wanted}")
             self._applied_threads = wanted
             self._set(threads=actual)
 
@@ -853,7 +963,7 @@ class NodeDaemon:
         rate = len(self._done_times) / 5.0
         with self.state.lock:
             self.state.rate = rate
-            going_idle = (self.state.connection == "working" and now - self._last_batch_at > IDLE_AFTER_S)
+            going_idle = self.state.connection == "working" and now - self._last_batch_at > IDLE_AFTER_S
             if going_idle:
                 self.state.connection = "idle"
                 self.state.reason = self._idle_reason()
@@ -864,8 +974,10 @@ class NodeDaemon:
         elapsed = now - w["t"]
         if elapsed >= RATE_LINE_S:
             if w["batches"]:
-                self._say(f"{w['batches'] / elapsed:.1f} batches/s, in {w['in'] / elapsed / 1e6:.2f} MB/s, "
-                          f"out {w['out'] / elapsed / 1e6:.2f} MB/s")
+                self._say(
+                    f"{w['batches'] / elapsed:.1f} batches/s, in {w['in'] / elapsed / 1e6:.2f} MB/s, "
+                    f"out {w['out'] / elapsed / 1e6:.2f} MB/s"
+                )
             self._window = {"t": now, "batches": 0, "in": 0, "out": 0}
 
     # --- batches and statics ------------------------------------------------------------
@@ -874,8 +986,17 @@ class NodeDaemon:
         header = header or {}
         batch_id = _json_id(header.get("batch_id"), "str") if command == "BATCH" else None
         seq = _json_id(header.get("seq"), "uint")
-        self._send(s, "REJECT", {"run_id": _json_id(header.get("run_id"), "str"),
-                                        "batch_id": batch_id, "seq": seq, "code": code, "text": text[:500]})
+        self._send(
+            s,
+            "REJECT",
+            {
+                "run_id": _json_id(header.get("run_id"), "str"),
+                "batch_id": batch_id,
+                "seq": seq,
+                "code": code,
+                "text": text[:500],
+            },
+        )
         s.last_sent = time.monotonic()
         with self.state.lock:
             self.state.refusals += 1
@@ -888,13 +1009,19 @@ class NodeDaemon:
         s.pending_bytes -= nbytes
         h = msg.header
         if h["run_id"] != s.run_id:
-            self._reject(s, h, "foreign-run", f"run_id {h['run_id']!r:.80} is not this session's "
-                         f"run {s.run_id!r}", msg.command)
+            self._reject(
+                s, h, "foreign-run", f"run_id {h['run_id']!r:.80} is not this session's run {s.run_id!r}", msg.command
+            )
             return
         last_seq = self._last_seq.get(s.run_id, -1)
         if h["seq"] <= last_seq:
-            self._reject(s, h, "replayed", f"seq {h['seq']} is not above the last accepted "
-                         f"seq {last_seq} of run {s.run_id!r}", msg.command)
+            self._reject(
+                s,
+                h,
+                "replayed",
+                f"seq {h['seq']} is not above the last accepted seq {last_seq} of run {s.run_id!r}",
+                msg.command,
+            )
             return
         self._accept_seq(s.run_id, h["seq"])
         self._note_exposure(h.get("exposure"))
@@ -918,11 +1045,16 @@ class NodeDaemon:
             return
         with self.state.lock:
             for tensor, share in exposure.items():
-                if tensor not in self.state.exposure and (len(self.state.exposure) >= MAX_EXPOSURE_TENSORS
-                                                          or not isinstance(tensor, str) or len(tensor) > 64):
+                if tensor not in self.state.exposure and (
+                    len(self.state.exposure) >= MAX_EXPOSURE_TENSORS or not isinstance(tensor, str) or len(tensor) > 64
+                ):
                     continue  # a bounded table: a run has a few dozen tensors, not thousands
-                if (isinstance(tensor, str) and isinstance(share, (int, float)) and not isinstance(share, bool)
-                        and math.isfinite(share)):
+                if (
+                    isinstance(tensor, str)
+                    and isinstance(share, (int, float))
+                    and not isinstance(share, bool)
+                    and math.isfinite(share)
+                ):
                     share = min(1.0, max(0.0, float(share)))
                     if share > self.state.exposure.get(tensor, 0.0):
                         self.state.exposure[tensor] = share
@@ -933,15 +1065,26 @@ class NodeDaemon:
         old = s.states.get(name) or s.statics.get(name)  # one name, one entry: a state or a static
         total = s.static_bytes - (old.nbytes if old is not None else 0) + array.nbytes
         if total > self.max_static_bytes or total + s.pending_bytes > self.max_memory:
-            self._reject(s, msg.header, "too-large", f"static {name!r} ({array.nbytes} bytes) would make "
-                         f"{total} bytes of statics beside {s.pending_bytes} queued; this node holds at most "
-                         f"{min(self.max_static_bytes, self.max_memory)} (--max-memory)", "STATIC")
+            self._reject(
+                s,
+                msg.header,
+                "too-large",
+                f"static {name!r} ({array.nbytes} bytes) would make "
+                f"{total} bytes of statics beside {s.pending_bytes} queued; this node holds at most "
+                f"{min(self.max_static_bytes, self.max_memory)} (--max-memory)",
+                "STATIC",
+            )
             return
         version = msg.header.get("version")
         if version is not None:  # resident weights: kept writable, updated by the batches
             if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-                self._reject(s, msg.header, "bad-params",
-                             f"static {name!r}: version must be a count, got {version!r:.40}", "STATIC")
+                self._reject(
+                    s,
+                    msg.header,
+                    "bad-params",
+                    f"static {name!r}: version must be a count, got {version!r:.40}",
+                    "STATIC",
+                )
                 return
             try:
                 state = ResidentState(array, version)
@@ -950,8 +1093,14 @@ class NodeDaemon:
                 return
             total += state.nbytes - array.nbytes
             if total > self.max_static_bytes:
-                self._reject(s, msg.header, "too-large", f"state {name!r} would make {total} bytes of statics; "
-                             f"this node keeps at most {self.max_static_bytes}", "STATIC")
+                self._reject(
+                    s,
+                    msg.header,
+                    "too-large",
+                    f"state {name!r} would make {total} bytes of statics; "
+                    f"this node keeps at most {self.max_static_bytes}",
+                    "STATIC",
+                )
                 return
             s.statics.pop(name, None)
             s.states[name] = state
@@ -973,8 +1122,12 @@ class NodeDaemon:
         held = ChainMap(s.statics, s.states)  # what the batch may name: statics and states
         need = vocabulary.memory(op, params, msg.arrays, held)
         if need > self.max_memory:
-            self._reject(s, h, "too-large", f"this batch's result would take {need} bytes; this node's "
-                         f"--max-memory is {self.max_memory}")
+            self._reject(
+                s,
+                h,
+                "too-large",
+                f"this batch's result would take {need} bytes; this node's --max-memory is {self.max_memory}",
+            )
             return
         label = vocabulary.describe(op, params, msg.arrays, held)
         self._last_batch_at = time.monotonic()
@@ -995,8 +1148,11 @@ class NodeDaemon:
             return
         seconds = time.perf_counter() - start
         try:
-            frames = s.channel.seal("RESULT", {"run_id": s.run_id, "batch_id": h["batch_id"], "seq": h["seq"],
-                                               "compute_seconds": seconds}, {"c": result})
+            frames = s.channel.seal(
+                "RESULT",
+                {"run_id": s.run_id, "batch_id": h["batch_id"], "seq": h["seq"], "compute_seconds": seconds},
+                {"c": result},
+            )
         except ProtocolError as exc:  # e.g. a result dtype the wire does not carry
             self._reject(s, h, "compute-error", f"result cannot be sent: {exc.detail}")
             return

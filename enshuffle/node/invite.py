@@ -22,8 +22,9 @@ def resolve_invite(value: str | None) -> str | None:
             with open(path, encoding="utf-8") as fh:
                 value = fh.readline().strip()
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--invite {value}: cannot read the invite code from {path} "
-                             f"({getattr(exc, 'strerror', None) or exc})") from None
+            raise UsageError(
+                f"--invite {value}: cannot read the invite code from {path} ({getattr(exc, 'strerror', None) or exc})"
+            ) from None
         if not value:
             raise UsageError(f"--invite @{path}: the file is empty; put the code from `enshuffle invite` in it")
     return value

@@ -10,11 +10,31 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "keys": ("enshuffle_home", "KeyStoreError", "FingerprintMismatch", "Identity", "fingerprint",
-             "short_fingerprint", "normalize_fingerprint", "load_or_create_identity",
-             "verify_signature", "TrustStore"),
-    "messages": ("PROTOCOL_VERSION", "ProtocolError", "Message", "Limits", "COMMANDS", "OPS",
-                 "encode", "decode", "verify", "verify_self_signed", "Channel"),
+    "keys": (
+        "enshuffle_home",
+        "KeyStoreError",
+        "FingerprintMismatch",
+        "Identity",
+        "fingerprint",
+        "short_fingerprint",
+        "normalize_fingerprint",
+        "load_or_create_identity",
+        "verify_signature",
+        "TrustStore",
+    ),
+    "messages": (
+        "PROTOCOL_VERSION",
+        "ProtocolError",
+        "Message",
+        "Limits",
+        "COMMANDS",
+        "OPS",
+        "encode",
+        "decode",
+        "verify",
+        "verify_self_signed",
+        "Channel",
+    ),
     "handshake": ("NodeHandshake", "make_challenge", "check_hello"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -28,8 +28,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from enshuffle.protocol.keys import Identity
-from enshuffle.protocol.messages import (PROTOCOL_VERSION, Channel, Message, ProtocolError, encode, verify,
-                                         verify_self_signed)
+from enshuffle.protocol.messages import (
+    PROTOCOL_VERSION,
+    Channel,
+    Message,
+    ProtocolError,
+    encode,
+    verify,
+    verify_self_signed,
+)
 
 KDF_INFO = b"ENS2 session keys v1"
 BAD_HELLO = "bad-hello"
@@ -53,8 +60,9 @@ def _kx_public(private: X25519PrivateKey) -> str:
     return private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
 
-def derive_channel(role: str, private: X25519PrivateKey, peer_kx_hex: str, challenge_inner: bytes,
-                   hello_inner: bytes) -> Channel:
+def derive_channel(
+    role: str, private: X25519PrivateKey, peer_kx_hex: str, challenge_inner: bytes, hello_inner: bytes
+) -> Channel:
     """The session's Channel for `role` ('coordinator' or 'node')."""
     try:
         shared = private.exchange(X25519PublicKey.from_public_bytes(bytes.fromhex(peer_kx_hex)))
@@ -67,6 +75,7 @@ def derive_channel(role: str, private: X25519PrivateKey, peer_kx_hex: str, chall
 
 
 # --- invite codes (enshuffle.coordinator.admission keeps them) ----------------------------
+
 
 def invite_id(code: str) -> str:
     return hashlib.sha256(code.encode("ascii")).hexdigest()[:16]
@@ -81,8 +90,8 @@ def invite_field(code: str, challenge: str, node_key_hex: str) -> dict:
     return {"id": invite_id(code), "proof": invite_proof(code, challenge, node_key_hex)}
 
 
-
 # --- coordinator side ------------------------------------------------------------------------
+
 
 @dataclass
 class Pending:
@@ -100,9 +109,18 @@ def make_challenge(identity: Identity, run_id: str, hi: Message) -> tuple[list, 
     private = X25519PrivateKey.generate()
     challenge = secrets.token_hex(32)
     nonce = hi.header["nonce"][:128]
-    frames = encode("CHALLENGE", {"protocol": PROTOCOL_VERSION, "coordinator_key": identity.public_hex,
-                                  "run_id": run_id, "challenge": challenge, "nonce": nonce,
-                                  "kx": _kx_public(private)}, signer=identity)
+    frames = encode(
+        "CHALLENGE",
+        {
+            "protocol": PROTOCOL_VERSION,
+            "coordinator_key": identity.public_hex,
+            "run_id": run_id,
+            "challenge": challenge,
+            "nonce": nonce,
+            "kx": _kx_public(private),
+        },
+        signer=identity,
+    )
     inner = bytes(frames[0])[5:-64]
     return frames, Pending(challenge, private, inner, nonce)
 
@@ -127,11 +145,13 @@ def check_hello(pending: Pending, hello: Message, identity: Identity, run_id: st
 
 # --- node side ------------------------------------------------------------------------------
 
+
 class NodeHandshake:
     """The node's half: `hi()`, then `challenge(msg)` -> coordinator key, `hello()`, `welcome(msg)` -> Channel."""
 
-    def __init__(self, identity: Identity, name: str, capabilities: dict, invite: str | None = None,
-                 replaces: str | None = None) -> None:
+    def __init__(
+        self, identity: Identity, name: str, capabilities: dict, invite: str | None = None, replaces: str | None = None
+    ) -> None:
         self.identity = identity
         self.name = name
         self.capabilities = capabilities
@@ -163,10 +183,17 @@ class NodeHandshake:
         """HELLO answering the (already checked and trusted) CHALLENGE `msg`."""
         self.challenge_msg = msg
         self.coordinator_key = bytes.fromhex(msg.header["coordinator_key"])
-        header = {"protocol": PROTOCOL_VERSION, "node_key": self.identity.public_hex, "name": self.name,
-                  "nonce": self.nonce, "challenge": msg.header["challenge"],
-                  "coordinator_key": msg.header["coordinator_key"], "run_id": msg.header["run_id"],
-                  "kx": _kx_public(self._private), "capabilities": self.capabilities}
+        header = {
+            "protocol": PROTOCOL_VERSION,
+            "node_key": self.identity.public_hex,
+            "name": self.name,
+            "nonce": self.nonce,
+            "challenge": msg.header["challenge"],
+            "coordinator_key": msg.header["coordinator_key"],
+            "run_id": msg.header["run_id"],
+            "kx": _kx_public(self._private),
+            "capabilities": self.capabilities,
+        }
         if self.invite:
             header["invite"] = invite_field(self.invite, msg.header["challenge"], self.identity.public_hex)
         if self.replaces:
@@ -182,9 +209,13 @@ class NodeHandshake:
             raise ProtocolError(BAD_HELLO, "WELCOME before CHALLENGE")
         verify(msg, self.coordinator_key)
         h = msg.header
-        if (h["node_key"] != self.identity.public_hex or h["nonce"] != self.nonce
-                or h["challenge"] != self.challenge_msg.header["challenge"]
-                or h["run_id"] != self.challenge_msg.header["run_id"]):
+        if (
+            h["node_key"] != self.identity.public_hex
+            or h["nonce"] != self.nonce
+            or h["challenge"] != self.challenge_msg.header["challenge"]
+            or h["run_id"] != self.challenge_msg.header["run_id"]
+        ):
             raise ProtocolError(BAD_HELLO, "a WELCOME for another HELLO (node key, nonce, challenge or run differ)")
-        return derive_channel("node", self._private, self.challenge_msg.header["kx"],
-                              self.challenge_msg.inner, self._hello_inner)
+        return derive_channel(
+            "node", self._private, self.challenge_msg.header["kx"], self.challenge_msg.inner, self._hello_inner
+        )

@@ -69,19 +69,20 @@ def enshuffle_home() -> Path:
 
 # --- fingerprints -------------------------------------------------------------------------
 
+
 def fingerprint(public_bytes: bytes) -> str:
     """'SHA256:' + base32 of the first 20 bytes of SHA-256(raw 32-byte key), dash-grouped by 4."""
     if len(public_bytes) != 32:
         raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(public_bytes)}")
     digest = hashlib.sha256(public_bytes).digest()[:_FINGERPRINT_BYTES]
     text = base64.b32encode(digest).decode("ascii")  # 20 bytes -> 32 chars, no padding
-    return FINGERPRINT_PREFIX + "-".join(text[i:i + _GROUP] for i in range(0, len(text), _GROUP))
+    return FINGERPRINT_PREFIX + "-".join(text[i : i + _GROUP] for i in range(0, len(text), _GROUP))
 
 
 def short_fingerprint(fp: str) -> str:
     """The first two groups ('ABCD-EFGH'): for tables and logs, never for pinning."""
-    body = fp[len(FINGERPRINT_PREFIX):] if fp.startswith(FINGERPRINT_PREFIX) else fp
-    return body[:2 * _GROUP + 1]
+    body = fp[len(FINGERPRINT_PREFIX) :] if fp.startswith(FINGERPRINT_PREFIX) else fp
+    return body[: 2 * _GROUP + 1]
 
 
 def normalize_fingerprint(text: str) -> str:
@@ -92,7 +93,7 @@ def normalize_fingerprint(text: str) -> str:
     """
     body = text.strip()
     if body.upper().startswith(FINGERPRINT_PREFIX.upper()):
-        body = body[len(FINGERPRINT_PREFIX):]
+        body = body[len(FINGERPRINT_PREFIX) :]
     body = body.replace("-", "").replace(" ", "").replace(":", "").upper()
     try:
         raw = base64.b32decode(body) if len(body) == 32 else b""
@@ -101,11 +102,13 @@ def normalize_fingerprint(text: str) -> str:
     if len(raw) != _FINGERPRINT_BYTES:
         raise KeyStoreError(
             f"{text!r} is not a full key fingerprint; expected 32 characters like "
-            f"SHA256:ABCD-EFGH-...; copy it from `enshuffle keys show` on the coordinator")
-    return FINGERPRINT_PREFIX + "-".join(body[i:i + _GROUP] for i in range(0, 32, _GROUP))
+            f"SHA256:ABCD-EFGH-...; copy it from `enshuffle keys show` on the coordinator"
+        )
+    return FINGERPRINT_PREFIX + "-".join(body[i : i + _GROUP] for i in range(0, 32, _GROUP))
 
 
 # --- identities ----------------------------------------------------------------------------
+
 
 def _raw_public(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -182,7 +185,8 @@ def _ensure_home(home: Path) -> None:
     except OSError as exc:  # e.g. ENSHUFFLE_HOME names a file, or a parent is not writable
         raise KeyStoreError(
             f"cannot use {home} as the enshuffle home ({_os_problem(exc)}); make it a directory "
-            f"you can write to, or set ENSHUFFLE_HOME to one") from None
+            f"you can write to, or set ENSHUFFLE_HOME to one"
+        ) from None
     warn_if_shared(home)
 
 
@@ -199,8 +203,12 @@ def warn_if_shared(home: Path) -> bool:
         return False
     if str(home) not in _warned_homes:
         _warned_homes.add(str(home))
-        print(f"enshuffle: warning: {home} is writable by other users (mode {stat.S_IMODE(mode):04o}): they could "
-              f"replace its keys or trusted fingerprints; run `chmod 700 {home}`", file=sys.stderr, flush=True)
+        print(
+            f"enshuffle: warning: {home} is writable by other users (mode {stat.S_IMODE(mode):04o}): they could "
+            f"replace its keys or trusted fingerprints; run `chmod 700 {home}`",
+            file=sys.stderr,
+            flush=True,
+        )
     return True
 
 
@@ -212,14 +220,15 @@ def _check_private_mode(path: Path) -> None:
     except OSError as exc:  # e.g. a dangling symbolic link at the key path
         raise KeyStoreError(
             f"key file {path} cannot be opened ({_os_problem(exc)}); if it is a broken link, "
-            f"point it at the key or move it aside to create a new key") from None
+            f"point it at the key or move it aside to create a new key"
+        ) from None
     if not stat.S_ISREG(st.st_mode):
-        raise KeyStoreError(f"key file {path} is not a regular file; move it aside and run again "
-                            f"to create a new key")
+        raise KeyStoreError(f"key file {path} is not a regular file; move it aside and run again to create a new key")
     if st.st_mode & 0o077:
         raise KeyStoreError(
             f"key file {path} is readable or writable by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run `chmod 600 {path}` if you trust it, or move it aside to create a new key")
+            f"run `chmod 600 {path}` if you trust it, or move it aside to create a new key"
+        )
 
 
 def read_identity(path: Path) -> Identity:
@@ -240,16 +249,15 @@ def read_identity(path: Path) -> Identity:
         ) from None
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyStoreError(
-            f"key file {path} holds a {type(key).__name__}, not an Ed25519 key; move it aside "
-            f"to create a new key")
+            f"key file {path} holds a {type(key).__name__}, not an Ed25519 key; move it aside to create a new key"
+        )
     return Identity.from_private_key(key, path)
 
 
 def _create_identity(path: Path) -> None:
     """Write a new key atomically; if another process won the race, keep its key."""
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp uses 0600
         try:
@@ -266,7 +274,8 @@ def _create_identity(path: Path) -> None:
     except OSError as exc:
         raise KeyStoreError(
             f"cannot create key file {path} ({_os_problem(exc)}); make {path.parent} a directory "
-            f"you can write to, or set ENSHUFFLE_HOME to one") from None
+            f"you can write to, or set ENSHUFFLE_HOME to one"
+        ) from None
 
 
 def load_or_create_identity(role: str, home: Path | None = None, name: str | None = None) -> Identity:
@@ -280,6 +289,7 @@ def load_or_create_identity(role: str, home: Path | None = None, name: str | Non
 
 
 # --- trust on first use ----------------------------------------------------------------------
+
 
 class TrustStore:
     """Fingerprints of coordinators this node has connected to, one per address (TOFU).
@@ -303,7 +313,8 @@ class TrustStore:
                 raise KeyStoreError(
                     f"trust file {self.path} can be changed by another user (owner uid {st.st_uid}, mode "
                     f"{stat.S_IMODE(st.st_mode):04o}): its fingerprints cannot be trusted; check them, then "
-                    f"`chmod 600 {self.path}` (owned by you), or move it aside to trust coordinators afresh")
+                    f"`chmod 600 {self.path}` (owned by you), or move it aside to trust coordinators afresh"
+                )
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -311,7 +322,8 @@ class TrustStore:
         except UnicodeDecodeError as exc:
             raise KeyStoreError(
                 f"trust file {self.path} is damaged (not UTF-8 text: {exc.reason}); delete it to "
-                f"trust coordinators afresh on their next connection") from None
+                f"trust coordinators afresh on their next connection"
+            ) from None
         except OSError as exc:  # a directory, no permission, a parent that is a file, ...
             raise KeyStoreError(
                 f"trust file {self.path} cannot be read ({_os_problem(exc)}); make it a readable "
@@ -321,12 +333,14 @@ class TrustStore:
             doc = json.loads(text)
             entries = doc["coordinators"]
             if not isinstance(entries, dict) or not all(
-                    isinstance(v, dict) and isinstance(v.get("fingerprint"), str) for v in entries.values()):
-                raise ValueError("entries must map an address to {\"fingerprint\": ...}")
+                isinstance(v, dict) and isinstance(v.get("fingerprint"), str) for v in entries.values()
+            ):
+                raise ValueError('entries must map an address to {"fingerprint": ...}')
         except (ValueError, KeyError, TypeError) as exc:
             raise KeyStoreError(
                 f"trust file {self.path} is damaged ({exc}); delete it to trust coordinators "
-                f"afresh on their next connection") from None
+                f"afresh on their next connection"
+            ) from None
         return entries
 
     def _save(self, entries: dict[str, dict]) -> None:
@@ -351,7 +365,8 @@ class TrustStore:
     def _unwritable(self, exc: OSError) -> KeyStoreError:
         return KeyStoreError(
             f"trust file {self.path} cannot be written ({_os_problem(exc)}); make "
-            f"{self.path.parent} writable and {self.path} a file (or absent), then run again")
+            f"{self.path.parent} writable and {self.path} a file (or absent), then run again"
+        )
 
     def remembered(self, address: str) -> str | None:
         """The fingerprint stored for `address`, if any."""
@@ -367,8 +382,7 @@ class TrustStore:
         return True
 
     def _remember(self, entries: dict[str, dict], address: str, fp: str) -> None:
-        entries[address] = {"fingerprint": fp,
-                            "first_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        entries[address] = {"fingerprint": fp, "first_seen": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self._save(entries)
 
     def check(self, address: str, fingerprint: str, pinned: str | None = None) -> str:
@@ -386,7 +400,10 @@ class TrustStore:
                     f"coordinator {address} presented key {actual}, but --coordinator-key pins "
                     f"{expected}; do not connect unless the operator confirms the new key with "
                     f"`enshuffle keys show`, then pin that one",
-                    address=address, expected=expected, actual=actual)
+                    address=address,
+                    expected=expected,
+                    actual=actual,
+                )
             # An explicit pin is the user's word: it replaces whatever was remembered.
             if entries.get(address, {}).get("fingerprint") != actual:
                 self._remember(entries, address, actual)
@@ -401,7 +418,10 @@ class TrustStore:
                 f"{remembered} for it: someone may be impersonating it. If the operator really "
                 f"changed keys (check `enshuffle keys show` on the coordinator), delete the "
                 f"{address!r} entry from {self.path} or pass --coordinator-key {actual}",
-                address=address, expected=remembered, actual=actual)
+                address=address,
+                expected=remembered,
+                actual=actual,
+            )
         return "known"
 
 
@@ -409,9 +429,9 @@ def node_keys(home: Path) -> list[tuple[str | None, Path]]:
     """Every node key file in `home`, as (the --name it serves or None, path); unnamed first."""
     found: list[tuple[str | None, Path]] = []
     for path in sorted(home.glob("node*_ed25519.pem")):
-        stem = path.name[:-len("_ed25519.pem")]
+        stem = path.name[: -len("_ed25519.pem")]
         if stem == "node":
             found.append((None, path))
         elif stem.startswith("node-"):
-            found.append((stem[len("node-"):], path))
+            found.append((stem[len("node-") :], path))
     return sorted(found, key=lambda item: (item[0] is not None, item[0] or ""))

@@ -46,9 +46,9 @@ PROTOCOL_VERSION = 2
 TAG = b"ENS2"
 KIND_UNSIGNED, KIND_SIGNED, KIND_SEALED = b"U", b"S", b"E"
 SIGNATURE_BYTES = 64
-TAG_BYTES = 16            # AES-GCM authentication tag
+TAG_BYTES = 16  # AES-GCM authentication tag
 COUNTER_BYTES = 8
-PREFIX_BYTES = 5          # TAG + kind
+PREFIX_BYTES = 5  # TAG + kind
 
 ALLOWED_DTYPES = ("uint8", "int32", "int64", "float32", "float64")
 _WIRE_DTYPES = {name: np.dtype(name).newbyteorder("<") for name in ALLOWED_DTYPES}
@@ -65,8 +65,8 @@ BAD_HEADER = "bad-header"
 BAD_ARRAY = "bad-array"
 TOO_LARGE = "too-large"
 BAD_SIGNATURE = "bad-signature"
-BAD_SEAL = "bad-seal"          # a sealed message that does not decrypt, or a repeated counter
-WRONG_KIND = "wrong-kind"      # e.g. a BATCH sent in the clear, or a HELLO sealed
+BAD_SEAL = "bad-seal"  # a sealed message that does not decrypt, or a repeated counter
+WRONG_KIND = "wrong-kind"  # e.g. a BATCH sent in the clear, or a HELLO sealed
 
 
 class ProtocolError(Exception):
@@ -98,6 +98,7 @@ DEFAULT_LIMITS = Limits()
 
 # --- the command table ---------------------------------------------------------------------
 
+
 # Field types: "str", "int" (not bool), "uint" (int >= 0), "pos" (int >= 1), "num" (finite int or
 # float, not bool), "bool", "obj", "list",
 # "hex32" (64 lowercase hex chars: a raw 32-byte key), "name" (matches _NAME_RE);
@@ -105,42 +106,101 @@ DEFAULT_LIMITS = Limits()
 @dataclass(frozen=True)
 class CommandSpec:
     name: str
-    direction: str            # "node->coordinator", "coordinator->node" or "both"
+    direction: str  # "node->coordinator", "coordinator->node" or "both"
     fields: Mapping[str, str]
     min_arrays: int = 0
     max_arrays: int = 0
     kind: bytes = KIND_SEALED  # how it travels: unsigned, signed (handshake) or sealed
 
 
-COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in (
-    CommandSpec("HI", "node->coordinator", {"protocol": "uint", "nonce": "str"}, kind=KIND_UNSIGNED),
-    CommandSpec("CHALLENGE", "coordinator->node",
-                {"protocol": "uint", "coordinator_key": "hex32", "run_id": "str", "challenge": "hex32",
-                 "nonce": "str", "kx": "hex32"}, kind=KIND_SIGNED),
-    CommandSpec("HELLO", "node->coordinator",
-                {"protocol": "uint", "node_key": "hex32", "name": "str", "nonce": "str",
-                 "challenge": "hex32", "coordinator_key": "hex32", "run_id": "str", "kx": "hex32",
-                 "capabilities": "obj"}, kind=KIND_SIGNED),
-    CommandSpec("WELCOME", "coordinator->node",
-                {"run_id": "str", "coordinator_key": "hex32", "node_key": "hex32", "nonce": "str",
-                 "challenge": "hex32", "node_id": "str", "credit": "pos", "heartbeat_ms": "pos",
-                 "lease": "obj"}, kind=KIND_SIGNED),
-    CommandSpec("REFUSE", "coordinator->node",
-                {"coordinator_key": "hex32", "nonce": "str?", "code": "str", "text": "str"},
-                kind=KIND_SIGNED),
-    CommandSpec("DECLINE", "node->coordinator", {"nonce": "str", "code": "str", "text": "str"},
-                kind=KIND_UNSIGNED),
-    CommandSpec("STATIC", "coordinator->node", {"run_id": "str", "name": "name", "seq": "uint"}, 1, 1),
-    CommandSpec("BATCH", "coordinator->node",
-                {"run_id": "str", "batch_id": "str", "seq": "uint", "step": "uint", "op": "str",
-                 "params": "obj", "lease_ms": "pos"}, 1, 8),
-    CommandSpec("RESULT", "node->coordinator",
-                {"run_id": "str", "batch_id": "str", "seq": "uint", "compute_seconds": "num"}, 1, 8),
-    CommandSpec("REJECT", "node->coordinator",
-                {"run_id": "str?", "batch_id": "str?", "seq": "uint?", "code": "str", "text": "str"}),
-    CommandSpec("HEARTBEAT", "both", {"node_id": "str", "credit": "uint", "outstanding": "uint"}),
-    CommandSpec("BYE", "both", {"node_id": "str?", "reason": "str"}),
-)}
+COMMANDS: dict[str, CommandSpec] = {
+    spec.name: spec
+    for spec in (
+        CommandSpec("HI", "node->coordinator", {"protocol": "uint", "nonce": "str"}, kind=KIND_UNSIGNED),
+        CommandSpec(
+            "CHALLENGE",
+            "coordinator->node",
+            {
+                "protocol": "uint",
+                "coordinator_key": "hex32",
+                "run_id": "str",
+                "challenge": "hex32",
+                "nonce": "str",
+                "kx": "hex32",
+            },
+            kind=KIND_SIGNED,
+        ),
+        CommandSpec(
+            "HELLO",
+            "node->coordinator",
+            {
+                "protocol": "uint",
+                "node_key": "hex32",
+                "name": "str",
+                "nonce": "str",
+                "challenge": "hex32",
+                "coordinator_key": "hex32",
+                "run_id": "str",
+                "kx": "hex32",
+                "capabilities": "obj",
+            },
+            kind=KIND_SIGNED,
+        ),
+        CommandSpec(
+            "WELCOME",
+            "coordinator->node",
+            {
+                "run_id": "str",
+                "coordinator_key": "hex32",
+                "node_key": "hex32",
+                "nonce": "str",
+                "challenge": "hex32",
+                "node_id": "str",
+                "credit": "pos",
+                "heartbeat_ms": "pos",
+                "lease": "obj",
+            },
+            kind=KIND_SIGNED,
+        ),
+        CommandSpec(
+            "REFUSE",
+            "coordinator->node",
+            {"coordinator_key": "hex32", "nonce": "str?", "code": "str", "text": "str"},
+            kind=KIND_SIGNED,
+        ),
+        CommandSpec("DECLINE", "node->coordinator", {"nonce": "str", "code": "str", "text": "str"}, kind=KIND_UNSIGNED),
+        CommandSpec("STATIC", "coordinator->node", {"run_id": "str", "name": "name", "seq": "uint"}, 1, 1),
+        CommandSpec(
+            "BATCH",
+            "coordinator->node",
+            {
+                "run_id": "str",
+                "batch_id": "str",
+                "seq": "uint",
+                "step": "uint",
+                "op": "str",
+                "params": "obj",
+                "lease_ms": "pos",
+            },
+            1,
+            8,
+        ),
+        CommandSpec(
+            "RESULT",
+            "node->coordinator",
+            {"run_id": "str", "batch_id": "str", "seq": "uint", "compute_seconds": "num"},
+            1,
+            8,
+        ),
+        CommandSpec(
+            "REJECT",
+            "node->coordinator",
+            {"run_id": "str?", "batch_id": "str?", "seq": "uint?", "code": "str", "text": "str"},
+        ),
+        CommandSpec("HEARTBEAT", "both", {"node_id": "str", "credit": "uint", "outstanding": "uint"}),
+        CommandSpec("BYE", "both", {"node_id": "str?", "reason": "str"}),
+    )
+}
 
 HANDSHAKE_COMMANDS = tuple(name for name, spec in COMMANDS.items() if spec.kind != KIND_SEALED)
 CAPABILITY_FIELDS = {"ops": "list", "threads": "pos", "credit": "pos"}  # HELLO.capabilities
@@ -153,7 +213,7 @@ def _type_ok(value: Any, kind: str) -> bool:
     if kind == "str":
         return isinstance(value, str)
     if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2 ** 53
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53
     if kind == "uint":
         return _type_ok(value, "int") and value >= 0
     if kind == "pos":
@@ -183,8 +243,9 @@ def check_header(command: str, header: Mapping[str, Any]) -> None:
         if name not in header:
             raise ProtocolError(BAD_HEADER, f"{command} header lacks field {name!r}", dict(header))
         if not _type_ok(header[name], kind):
-            raise ProtocolError(BAD_HEADER, f"{command} header field {name!r} must be {kind}, "
-                                f"got {header[name]!r:.80}", dict(header))
+            raise ProtocolError(
+                BAD_HEADER, f"{command} header field {name!r} must be {kind}, got {header[name]!r:.80}", dict(header)
+            )
     if command == "BATCH" and header["op"] not in OPS:
         raise ProtocolError(BAD_HEADER, f"BATCH op {header['op']!r} is not one of {OPS}", dict(header))
     nested = {"HELLO": ("capabilities", CAPABILITY_FIELDS), "WELCOME": ("lease", LEASE_FIELDS)}
@@ -193,16 +254,19 @@ def check_header(command: str, header: Mapping[str, Any]) -> None:
         for name, kind in fields.items():
             value = header[outer].get(name)
             if not _type_ok(value, kind):
-                raise ProtocolError(BAD_HEADER, f"{command} {outer}.{name} must be {kind}, "
-                                    f"got {value!r:.80}", dict(header))
+                raise ProtocolError(
+                    BAD_HEADER, f"{command} {outer}.{name} must be {kind}, got {value!r:.80}", dict(header)
+                )
 
 
 # --- encoding ------------------------------------------------------------------------------
 
+
 def canonical_json(obj: Any) -> bytes:
     try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+            "utf-8"
+        )
     except (TypeError, ValueError) as exc:
         raise ProtocolError(BAD_HEADER, f"header is not JSON-serialisable: {exc}") from None
 
@@ -215,8 +279,9 @@ def _wire_array(name: str, array: np.ndarray) -> tuple[dict, memoryview]:
     wire = _WIRE_BY_DTYPE.get(array.dtype)  # a dict on dtypes: dtype.name costs microseconds a call
     if wire is None:
         if array.dtype.name not in _WIRE_DTYPES:
-            raise ProtocolError(BAD_ARRAY, f"array {name!r} has dtype {array.dtype}; "
-                                f"allowed: {', '.join(ALLOWED_DTYPES)}")
+            raise ProtocolError(
+                BAD_ARRAY, f"array {name!r} has dtype {array.dtype}; allowed: {', '.join(ALLOWED_DTYPES)}"
+            )
         wire = _WIRE_BY_DTYPE[array.dtype] = _WIRE_DTYPES[array.dtype.name]
     if array.dtype != wire:  # big-endian input: the wire is little-endian
         array = array.astype(wire)
@@ -226,8 +291,9 @@ def _wire_array(name: str, array: np.ndarray) -> tuple[dict, memoryview]:
     return entry, memoryview(array.reshape(-1)).cast("B")  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
 
 
-def inner_parts(command: str, header: Mapping[str, Any],
-                arrays: Mapping[str, np.ndarray] | None = None) -> list[bytes | memoryview]:
+def inner_parts(
+    command: str, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None
+) -> list[bytes | memoryview]:
     """The inner message as parts: [command+header prefix, payload views...] (no copy of arrays)."""
     if command not in COMMANDS:
         raise ProtocolError(UNKNOWN_COMMAND, f"{command!r} is not one of {', '.join(COMMANDS)}")
@@ -237,8 +303,9 @@ def inner_parts(command: str, header: Mapping[str, Any],
     check_header(command, header)
     arrays = dict(arrays or {})
     if not spec.min_arrays <= len(arrays) <= spec.max_arrays:
-        raise ProtocolError(BAD_ARRAY, f"{command} carries {spec.min_arrays}..{spec.max_arrays} "
-                            f"arrays, got {len(arrays)}")
+        raise ProtocolError(
+            BAD_ARRAY, f"{command} carries {spec.min_arrays}..{spec.max_arrays} arrays, got {len(arrays)}"
+        )
     entries, payloads = [], []
     for name, array in arrays.items():
         entry, payload = _wire_array(name, array)
@@ -252,8 +319,12 @@ def inner_parts(command: str, header: Mapping[str, Any],
     return [prefix, *payloads]
 
 
-def encode(command: str, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None,
-           signer: Identity | None = None) -> list[bytes]:
+def encode(
+    command: str,
+    header: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray] | None = None,
+    signer: Identity | None = None,
+) -> list[bytes]:
     """The single frame (as a one-element list) of a handshake message: HI/DECLINE unsigned,
     CHALLENGE/HELLO/WELCOME/REFUSE signed by `signer`. Session messages go through `Channel.seal`."""
     spec = COMMANDS.get(command)
@@ -270,6 +341,7 @@ def encode(command: str, header: Mapping[str, Any], arrays: Mapping[str, np.ndar
 
 
 # --- decoding ------------------------------------------------------------------------------
+
 
 @dataclass
 class Message:
@@ -314,8 +386,7 @@ def _reject_constant(name: str) -> None:
 
 def _parse_header(raw: bytes) -> dict:
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates,
-                            parse_constant=_reject_constant)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(BAD_HEADER, f"header is not UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -329,8 +400,9 @@ def _parse_entries(command: str, header: dict, limits: Limits) -> list[tuple[str
         raise ProtocolError(BAD_HEADER, "header field 'arrays' must be a list (empty when there are none)", header)
     spec = COMMANDS[command]
     if not spec.min_arrays <= len(entries) <= spec.max_arrays:
-        raise ProtocolError(BAD_ARRAY, f"{command} carries {spec.min_arrays}..{spec.max_arrays} "
-                            f"arrays, got {len(entries)}", header)
+        raise ProtocolError(
+            BAD_ARRAY, f"{command} carries {spec.min_arrays}..{spec.max_arrays} arrays, got {len(entries)}", header
+        )
     parsed, seen = [], set()
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) != {"name", "dtype", "shape"}:
@@ -340,54 +412,70 @@ def _parse_entries(command: str, header: dict, limits: Limits) -> list[tuple[str
             raise ProtocolError(BAD_ARRAY, f"arrays[{i}] name {name!r:.80} is invalid or repeated", header)
         seen.add(name)
         if dtype not in _WIRE_DTYPES:
-            raise ProtocolError(BAD_ARRAY, f"array {name!r} dtype {dtype!r:.40} is not allowed; "
-                                f"allowed: {', '.join(ALLOWED_DTYPES)}", header)
-        if (not isinstance(shape, list) or len(shape) > limits.max_ndim
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= limits.max_message_bytes
-                           for d in shape)):
+            raise ProtocolError(
+                BAD_ARRAY,
+                f"array {name!r} dtype {dtype!r:.40} is not allowed; allowed: {', '.join(ALLOWED_DTYPES)}",
+                header,
+            )
+        if (
+            not isinstance(shape, list)
+            or len(shape) > limits.max_ndim
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= limits.max_message_bytes for d in shape
+            )
+        ):
             # Each dimension is bounded too: a zero elsewhere would let a huge one pass the size check.
-            raise ProtocolError(BAD_ARRAY, f"array {name!r} shape {shape!r:.80} must be a list of at "
-                                f"most {limits.max_ndim} integers from 0 to {limits.max_message_bytes}", header)
+            raise ProtocolError(
+                BAD_ARRAY,
+                f"array {name!r} shape {shape!r:.80} must be a list of at "
+                f"most {limits.max_ndim} integers from 0 to {limits.max_message_bytes}",
+                header,
+            )
         wire = _WIRE_DTYPES[dtype]
         parsed.append((name, wire, tuple(shape), math.prod(shape) * wire.itemsize))
     return parsed
 
 
-def decode_inner(inner: memoryview | bytes, *, limits: Limits = DEFAULT_LIMITS, kind: bytes = KIND_SEALED,
-                 signature: bytes | None = None) -> Message:
+def decode_inner(
+    inner: memoryview | bytes,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    kind: bytes = KIND_SEALED,
+    signature: bytes | None = None,
+) -> Message:
     """Parse and validate the inner bytes of one message. Never copies payloads."""
     view = memoryview(inner)
     if view.nbytes < 1 + 1 + 4:
         raise ProtocolError(BAD_HEADER, f"message of {view.nbytes} bytes is too short")
     n = view[0]
-    command_bytes = view[1:1 + n].tobytes()
+    command_bytes = view[1 : 1 + n].tobytes()
     command = command_bytes.decode("ascii", "replace")
     if command not in COMMANDS:
         raise ProtocolError(UNKNOWN_COMMAND, f"command {command_bytes[:16]!r} is not one of {', '.join(COMMANDS)}")
     if COMMANDS[command].kind != kind:
-        raise ProtocolError(WRONG_KIND, f"{command} must travel as kind {COMMANDS[command].kind!r}, "
-                            f"came as {kind!r}")
+        raise ProtocolError(WRONG_KIND, f"{command} must travel as kind {COMMANDS[command].kind!r}, came as {kind!r}")
     if view.nbytes < 1 + n + 4:
         raise ProtocolError(BAD_HEADER, "message ends inside its header length")
-    header_len = int.from_bytes(view[1 + n:5 + n], "big")
+    header_len = int.from_bytes(view[1 + n : 5 + n], "big")
     if header_len > limits.max_header_bytes:
         raise ProtocolError(TOO_LARGE, f"header is {header_len} bytes; the limit is {limits.max_header_bytes}")
     start = 5 + n
     if view.nbytes < start + header_len:
         raise ProtocolError(BAD_HEADER, f"message ends inside its {header_len}-byte header")
-    header = _parse_header(view[start:start + header_len].tobytes())
+    header = _parse_header(view[start : start + header_len].tobytes())
     entries = _parse_entries(command, header, limits)
     header.pop("arrays")
     check_header(command, header)
     offset = start + header_len
     need = sum(e[3] for e in entries)
     if view.nbytes - offset != need:
-        raise ProtocolError(BAD_ARRAY, f"the arrays need {need} bytes after the header, the message has "
-                            f"{view.nbytes - offset}", header)
+        raise ProtocolError(
+            BAD_ARRAY, f"the arrays need {need} bytes after the header, the message has {view.nbytes - offset}", header
+        )
     arrays = {}
     for name, dtype, shape, nbytes in entries:
         try:
-            array = np.frombuffer(view[offset:offset + nbytes], dtype=dtype).reshape(shape)
+            array = np.frombuffer(view[offset : offset + nbytes], dtype=dtype).reshape(shape)
         except ValueError as exc:  # numpy's own limits (e.g. dimensions it cannot index)
             raise ProtocolError(BAD_ARRAY, f"array {name!r} shape {list(shape)} is not usable: {exc}", header) from None
         array.flags.writeable = False  # a view on received bytes: never write through it
@@ -424,14 +512,14 @@ def decode(frames: list, *, limits: Limits = DEFAULT_LIMITS) -> Message:
     if kind == KIND_SEALED:
         raise ProtocolError(WRONG_KIND, "a sealed message outside a session")
     if view.nbytes > limits.max_handshake_bytes:
-        raise ProtocolError(TOO_LARGE, f"handshake message is {view.nbytes} bytes; the limit is "
-                            f"{limits.max_handshake_bytes}")
+        raise ProtocolError(
+            TOO_LARGE, f"handshake message is {view.nbytes} bytes; the limit is {limits.max_handshake_bytes}"
+        )
     if kind == KIND_UNSIGNED:
         return decode_inner(view[5:], limits=limits, kind=kind)
     if view.nbytes < PREFIX_BYTES + SIGNATURE_BYTES:
         raise ProtocolError(BAD_SIGNATURE, "signed message too short to hold a signature")
-    return decode_inner(view[5:-SIGNATURE_BYTES], limits=limits, kind=kind,
-                        signature=view[-SIGNATURE_BYTES:].tobytes())
+    return decode_inner(view[5:-SIGNATURE_BYTES], limits=limits, kind=kind, signature=view[-SIGNATURE_BYTES:].tobytes())
 
 
 def verify(message: Message, public_bytes: bytes) -> None:
@@ -439,14 +527,21 @@ def verify(message: Message, public_bytes: bytes) -> None:
     if message.signature is None or message.kind != KIND_SIGNED:
         raise ProtocolError(BAD_SIGNATURE, f"{message.command} is not a signed message", message.header)
     if not verify_signature(public_bytes, message.signature, TAG + KIND_SIGNED + message.inner):
-        raise ProtocolError(BAD_SIGNATURE, f"{message.command} signature does not match key "
-                            f"{bytes(public_bytes).hex()[:16]}...", message.header)
+        raise ProtocolError(
+            BAD_SIGNATURE,
+            f"{message.command} signature does not match key {bytes(public_bytes).hex()[:16]}...",
+            message.header,
+        )
 
 
 def embedded_key(message: Message) -> bytes:
     """The public key a HELLO (node_key) or CHALLENGE/WELCOME/REFUSE (coordinator_key) carries."""
-    field_name = {"HELLO": "node_key", "WELCOME": "coordinator_key", "REFUSE": "coordinator_key",
-                  "CHALLENGE": "coordinator_key"}.get(message.command)
+    field_name = {
+        "HELLO": "node_key",
+        "WELCOME": "coordinator_key",
+        "REFUSE": "coordinator_key",
+        "CHALLENGE": "coordinator_key",
+    }.get(message.command)
     if field_name is None:
         raise ValueError(f"{message.command} carries no key; use the key from the session")
     return bytes.fromhex(message.header[field_name])
@@ -464,6 +559,7 @@ def verify_self_signed(message: Message) -> bytes:
 
 
 # --- sealed session messages ---------------------------------------------------------------
+
 
 class Channel:
     """One session's AEAD state: AES-256-GCM, one key per direction, a 64-bit message counter.
@@ -487,8 +583,8 @@ class Channel:
         self._send_key = send_key
         self._send = AESGCM(send_key)
         self._recv = AESGCM(recv_key)
-        self.sent = 0          # next counter to send
-        self.received = -1     # last counter opened
+        self.sent = 0  # next counter to send
+        self.received = -1  # last counter opened
         self.seconds = 0.0
 
     def seal(self, command: str, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list:
@@ -507,8 +603,8 @@ class Channel:
         size = sum(memoryview(p).nbytes for p in parts)
         # numpy's empty: no zero-filling of a buffer every byte of which is written below
         out = np.empty(len(envelope) + size + TAG_BYTES, dtype=np.uint8)
-        out[:len(envelope)] = np.frombuffer(envelope, dtype=np.uint8)
-        body = memoryview(out)[len(envelope):]  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
+        out[: len(envelope)] = np.frombuffer(envelope, dtype=np.uint8)
+        body = memoryview(out)[len(envelope) :]  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
         if size <= self.STREAM_THRESHOLD:
             self._send.encrypt_into(nonce, b"".join(bytes(p) for p in parts), envelope, body)
         else:
@@ -520,12 +616,12 @@ class Channel:
                 if n:
                     # update_into may hold back up to a block; it needs room for len + 15 bytes
                     # update_into wants room for len + 15 bytes; the tag's 16 bytes of slack cover it
-                    written = enc.update_into(part, body[offset:offset + n + 15])
+                    written = enc.update_into(part, body[offset : offset + n + 15])
                     offset += written
             tail = enc.finalize()
-            body[offset:offset + len(tail)] = tail
+            body[offset : offset + len(tail)] = tail
             offset += len(tail)
-            body[offset:offset + TAG_BYTES] = enc.tag
+            body[offset : offset + TAG_BYTES] = enc.tag
         self.seconds += self.clock() - start
         return [memoryview(out)]  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
 
@@ -537,18 +633,18 @@ class Channel:
         if view.nbytes < PREFIX_BYTES + COUNTER_BYTES + TAG_BYTES:
             raise ProtocolError(BAD_SEAL, f"sealed message of {view.nbytes} bytes is too short")
         start = self.clock()
-        envelope = view[:PREFIX_BYTES + COUNTER_BYTES].tobytes()
+        envelope = view[: PREFIX_BYTES + COUNTER_BYTES].tobytes()
         counter = int.from_bytes(envelope[5:], "big")
         if counter <= self.received:
-            raise ProtocolError(BAD_SEAL, f"counter {counter} is not above {self.received}: a replayed or "
-                                f"reordered message")
+            raise ProtocolError(
+                BAD_SEAL, f"counter {counter} is not above {self.received}: a replayed or reordered message"
+            )
         out = np.empty(view.nbytes - len(envelope) - TAG_BYTES, dtype=np.uint8)  # fully written: not zeroed
         try:
             # (out is a writable buffer; the ignore: numpy types ndarray as a buffer only on 3.12+)
-            self._recv.decrypt_into(bytes(4) + envelope[5:], view[len(envelope):], envelope, out)  # type: ignore[arg-type]
+            self._recv.decrypt_into(bytes(4) + envelope[5:], view[len(envelope) :], envelope, out)  # type: ignore[arg-type]
         except InvalidTag:
             raise ProtocolError(BAD_SEAL, "sealed message does not authenticate under this session's key") from None
         self.received = counter
         self.seconds += self.clock() - start
         return decode_inner(memoryview(out), limits=limits, kind=KIND_SEALED)  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
-

@@ -84,6 +84,7 @@ def node_columns(width: int) -> list[tuple[str, str, int]]:
         columns = [(k, label, max(20, width - 6 - used) if k == "why" else w) for k, label, w in columns]
     return columns
 
+
 TENSOR_LABELS = {"activations": "activ."}
 TENSOR_SHORT = {"images": "img"}  # for the OVER flag, which must fit its column
 EXPOSURE_NAME_WIDTH = 12
@@ -248,8 +249,15 @@ def exposure_summary(state: CoordinatorState) -> str:
     return " · ".join(parts) + "\nh values hidden · p positions hidden (values readable) · c clear"
 
 
-SORT_ORDERS = [(None, "join order"), ("state", "state"), ("done", "batches done"), ("rate", "rate"),
-               ("refused", "refusals"), ("images", "images seen"), ("name", "name")]
+SORT_ORDERS = [
+    (None, "join order"),
+    ("state", "state"),
+    ("done", "batches done"),
+    ("rate", "rate"),
+    ("refused", "refusals"),
+    ("images", "images seen"),
+    ("name", "name"),
+]
 STATE_ORDER = {"working": 0, "waiting": 1, "standby": 2, "paused": 3, "connected": 4, "lost": 5, "left": 6, "done": 7}
 
 
@@ -259,8 +267,12 @@ def sort_key(column: str, row: NodeRow):
         return (STATE_ORDER.get(row.state, 9), row.name)
     if column == "name":
         return (row.name.lower(),)
-    value = {"done": row.batches_done, "rate": row.rate, "refused": row.refused,
-             "images": row.exposure.get("images", 0.0)}[column]
+    value = {
+        "done": row.batches_done,
+        "rate": row.rate,
+        "refused": row.refused,
+        "images": row.exposure.get("images", 0.0),
+    }[column]
     return (-value, row.name)
 
 
@@ -292,9 +304,17 @@ class NodeHistory:
             kept = self.samples.setdefault(row.node_id, [])
             if kept and now - kept[-1][0] < self.SAMPLE_S:
                 continue
-            kept.append((now, row.batches_done, row.rate, row.refused, row.exposure.get("images", 0.0),
-                         row.exposure.get("w1", 0.0)))
-            del kept[:-self.MAX_SAMPLES]
+            kept.append(
+                (
+                    now,
+                    row.batches_done,
+                    row.rate,
+                    row.refused,
+                    row.exposure.get("images", 0.0),
+                    row.exposure.get("w1", 0.0),
+                )
+            )
+            del kept[: -self.MAX_SAMPLES]
 
     def of(self, node_id: str) -> list[tuple]:
         return list(self.samples.get(node_id, []))
@@ -307,21 +327,31 @@ def node_detail(row: NodeRow, samples: list[tuple], now: float) -> str:
         f"fingerprint  {row.fingerprint or '–'}",
         f"address      {row.address or '–'}",
         f"state        {row.state}" + (f": {row.reason}" if row.reason else ""),
-        ("last seen    just now" if fmt_age(now, row.last_seen) == "now" else
-         f"last seen    {fmt_age(now, row.last_seen)} ago") if row.last_seen else "last seen    never",
+        (
+            "last seen    just now"
+            if fmt_age(now, row.last_seen) == "now"
+            else f"last seen    {fmt_age(now, row.last_seen)} ago"
+        )
+        if row.last_seen
+        else "last seen    never",
         f"batches      {row.batches_done:,} done, {row.outstanding} outstanding, {row.reissued} reissued, "
         f"{row.refused} results refused",
         f"rate         {fmt_rate(row.rate)}",
-        "exposure     " + ", ".join(f"{t} {fmt_share(v)}" for t, v in row.exposure.items()) if row.exposure
+        "exposure     " + ", ".join(f"{t} {fmt_share(v)}" for t, v in row.exposure.items())
+        if row.exposure
         else "exposure     nothing yet",
     ]
     if len(samples) >= 2:
         span = fmt_duration(samples[-1][0] - samples[0][0])
         lines.append("")
         lines.append(f"over the last {span} ({len(samples)} samples, one every {NodeHistory.SAMPLE_S:g} s):")
-        for title, index, fmt in (("batches done", 1, lambda v: f"{v:,.0f}"), ("rate", 2, fmt_rate),
-                                  ("refused", 3, lambda v: f"{v:.0f}"), ("images seen", 4, fmt_share),
-                                  ("w1 seen", 5, fmt_share)):
+        for title, index, fmt in (
+            ("batches done", 1, lambda v: f"{v:,.0f}"),
+            ("rate", 2, fmt_rate),
+            ("refused", 3, lambda v: f"{v:.0f}"),
+            ("images seen", 4, fmt_share),
+            ("w1 seen", 5, fmt_share),
+        ):
             values = [sample[index] for sample in samples]
             lines.append(f"  {title:<13}{text_sparkline(values)}  {fmt(min(values))} .. {fmt(max(values))}")
     else:
@@ -377,8 +407,11 @@ def join_text(s: CoordinatorState) -> str:
         return ("No node has connected yet: " + text) if not s.nodes else text
     commands = s.join_commands or ["enshuffle node --connect ADDRESS --coordinator-key " + (s.fingerprint or "FP")]
     if not s.nodes:
-        lines = ["No node has connected yet. On each volunteer machine run:", *(f"  {c}" for c in commands),
-                 *(f"  ({note})" for note in s.join_notes)]
+        lines = [
+            "No node has connected yet. On each volunteer machine run:",
+            *(f"  {c}" for c in commands),
+            *(f"  ({note})" for note in s.join_notes),
+        ]
         if s.admission:
             lines.append(s.admission)
         return "\n".join(lines)
@@ -545,7 +578,9 @@ class CoordinatorApp(SnapshotApp):
         self.node_keys: list[str] = []
         self._rebuild_nodes_table(self.size.width)
         self.chain_sync = TableSync(self.main_screen.query_one("#chain-table", DataTable), CHAIN_COLUMNS, CHAIN_NUMERIC)
-        self.log_feed = LogFeed(self.main_screen.query_one("#log-view", Log), self.main_screen.query_one("#side-log", Log))
+        self.log_feed = LogFeed(
+            self.main_screen.query_one("#log-view", Log), self.main_screen.query_one("#side-log", Log)
+        )
         self.main_screen.query_one("#side-log", Log).border_title = "warnings and refusals"
 
     def _on_wide_changed(self, wide: bool) -> None:
@@ -615,8 +650,10 @@ class CoordinatorApp(SnapshotApp):
             summary = exposure_summary(s)
             hidden = exposure_offscreen(self._table_width - 4, self.bar_widths) if self._table_width else []
             if hidden:
-                summary += f"\n→ {len(hidden)} more column{'s' if len(hidden) != 1 else ''} to the right " \
-                           f"({', '.join(hidden)}): scroll the table sideways"
+                summary += (
+                    f"\n→ {len(hidden)} more column{'s' if len(hidden) != 1 else ''} to the right "
+                    f"({', '.join(hidden)}): scroll the table sideways"
+                )
             self._set_text("exposure-summary", summary)
             self._apply_chain(s)
             self.log_feed.apply([line for line in s.log if self._matches(line)])
@@ -625,8 +662,11 @@ class CoordinatorApp(SnapshotApp):
         return not self.filter_text or self.filter_text.lower() in text.lower()
 
     def _apply_nodes(self, s: CoordinatorState, now: float) -> None:
-        rows = {key: node_cells(row, now, self.node_keys) for key, row in s.nodes.items()
-                if self._matches(" ".join((row.name, row.state, row.address, row.reason, row.fingerprint)))}
+        rows = {
+            key: node_cells(row, now, self.node_keys)
+            for key, row in s.nodes.items()
+            if self._matches(" ".join((row.name, row.state, row.address, row.reason, row.fingerprint)))
+        }
         column, label = SORT_ORDERS[self.sort_index]
         if column is not None:
             rows = dict(sorted(rows.items(), key=lambda kv: sort_key(column, s.nodes[kv[0]])))
@@ -648,7 +688,8 @@ class CoordinatorApp(SnapshotApp):
     def _header_text(self, s: CoordinatorState, now: float) -> str:
         # Two short lines rather than one that wraps at 80 columns; the fingerprint in full,
         # since volunteers compare every group of it.
-        first = f"coordinator {s.run_id or '–'} │ {s.preset or '–'} │ {s.bind or '–'} │ elapsed {fmt_clock(now - s.started_at)}"
+        elapsed = fmt_clock(now - s.started_at)
+        first = f"coordinator {s.run_id or '–'} │ {s.preset or '–'} │ {s.bind or '–'} │ elapsed {elapsed}"
         if len(first) > self.size.width - 2:  # the label goes before "elapsed" is wrapped away
             first = first.removeprefix("coordinator ")
         return f"{first}\nfingerprint {s.fingerprint or '–'}"

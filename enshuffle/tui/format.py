@@ -91,7 +91,7 @@ def short_fp(value: str | None, groups: int = 2) -> str:
     body = value.split(":", 1)[-1]
     if "-" in body:
         return "-".join(body.split("-")[:groups])
-    return body[:4 * groups]
+    return body[: 4 * groups]
 
 
 def text_bar(fraction: float, width: int) -> str:
@@ -168,7 +168,7 @@ def new_log_lines(previous: Sequence[str], current: Sequence[str]) -> list[str]:
     if not prev:
         return cur
     if len(cur) >= len(prev) and cur[: len(prev)] == prev:
-        return cur[len(prev):]  # fast path: nothing dropped
+        return cur[len(prev) :]  # fast path: nothing dropped
     for drop in range(1, len(prev)):
         kept = len(prev) - drop
         if kept <= len(cur) and prev[drop] == cur[0] and prev[drop:] == cur[:kept]:

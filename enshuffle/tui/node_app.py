@@ -4,7 +4,8 @@ Owns only presentation. The node daemon keeps a `NodeState` current; this app pu
 (a snapshot copy) on a timer and applies it inside `batch_update()`.
 
 Keys: p pauses or resumes contributing, + / - change the number of compute threads, ? help,
-q quits. Quitting is the coordinator console's (both are `base.SnapshotApp`s): the first q calls `control.request_stop()`
+q quits. Quitting is the coordinator console's (both are `base.SnapshotApp`s): the first q calls
+`control.request_stop()`
 (the daemon says BYE so its batches are reissued at once) and the app leaves when a snapshot
 says the connection is "stopped", or at once when the back-end is gone (`source()` raises);
 a second q leaves without waiting. `app.return_value` is "stopped", "backend-gone" or
@@ -28,9 +29,11 @@ from .format import fmt_bytes, fmt_clock, fmt_rate, fmt_share, share_bar, short_
 from .base import HELP_BINDING, INTERRUPT_BINDING, QUIT_BINDING, SnapshotApp, terminal_fd, terminal_gone  # noqa: F401  (re-exported for node commands)
 from .widgets import LogFeed
 
+
 def max_threads() -> int:
     """More BLAS threads than CPUs only make them fight: + stops at the CPU count."""
     return default_threads()
+
 
 TRUST_WORDS = {
     "pinned": "pinned (matches the fingerprint you gave)",
@@ -89,16 +92,17 @@ def connection_text(s: NodeState) -> str:
     """The connection state in words, with the reason when the node is not working (said once:
     "✗ REFUSED: not-allowed", not "✗ REFUSED: refused: not-allowed"; a paused node is "paused")."""
     reason = s.reason
-    if s.connection in ("working", "connected", "idle") and (reason.startswith("paused") or
-                                                              reason.startswith("outside the hours")):
+    if s.connection in ("working", "connected", "idle") and (
+        reason.startswith("paused") or reason.startswith("outside the hours")
+    ):
         return f"‖ paused: {reason.removeprefix('paused ')}" if reason.startswith("paused") else f"‖ paused: {reason}"
     mark = CONNECTION_MARKS.get(s.connection, s.connection)
     word = mark.split(" ", 1)[-1].lower()  # "waiting", "reconnecting", "refused"
     for said in {word, s.connection}:
         if reason.lower().startswith(said + ": "):
-            reason = reason[len(said) + 2:]
+            reason = reason[len(said) + 2 :]
         elif reason.lower().startswith(said + " "):  # "reconnecting in 4 s": one sentence
-            return f"{mark} {reason[len(said) + 1:]}"
+            return f"{mark} {reason[len(said) + 1 :]}"
     return f"{mark}: {reason}" if reason else mark
 
 
@@ -165,7 +169,9 @@ def exposure_text(s: NodeState, width: int) -> str:
     extra = [t for t in s.exposure if t not in TENSORS]
     for tensor in extra:
         share = s.exposure[tensor]
-        lines.append(f"{tensor[:11]:<12}{share_bar(share, bar)} {fmt_share(share):>6} {node_form(tensor) if share else ' '}")
+        lines.append(
+            f"{tensor[:11]:<12}{share_bar(share, bar)} {fmt_share(share):>6} {node_form(tensor) if share else ' '}"
+        )
     return "\n".join(lines)
 
 

@@ -150,8 +150,12 @@ class SyntheticCoordinator:
                         share = row.exposure.get(tensor, 0.0)
                         row.exposure[tensor] = min(ceiling, share + done * ceiling * 0.002)
                     row.exposure["deltas"] = row.exposure["samples"] = 1.0
-                    row.forms = {"images": "values hidden", "w1": "values hidden",
-                                 "deltas": "positions hidden", "samples": "positions hidden"}
+                    row.forms = {
+                        "images": "values hidden",
+                        "w1": "values hidden",
+                        "deltas": "positions hidden",
+                        "samples": "positions hidden",
+                    }
                 if dt > 0:  # a moving average over about two seconds, like a real rate meter
                     alpha = min(1.0, dt / 2.0)
                     row.rate = (1 - alpha) * row.rate + alpha * (done / dt)
@@ -176,20 +180,28 @@ class SyntheticCoordinator:
                 s.step = 0
                 s.epoch += 1
                 progress = 1 - math.exp(-s.epoch / 3)
-                s.epochs.append(EpochRow(
-                    epoch=s.epoch,
-                    cost=0.09 - 0.06 * progress + rng.uniform(-0.002, 0.002),
-                    train_accuracy=0.55 + 0.33 * progress + rng.uniform(-0.005, 0.005),
-                    test_accuracy=0.54 + 0.32 * progress + rng.uniform(-0.005, 0.005),
-                    seconds=now - self._epoch_started,
-                ))
+                s.epochs.append(
+                    EpochRow(
+                        epoch=s.epoch,
+                        cost=0.09 - 0.06 * progress + rng.uniform(-0.002, 0.002),
+                        train_accuracy=0.55 + 0.33 * progress + rng.uniform(-0.005, 0.005),
+                        test_accuracy=0.54 + 0.32 * progress + rng.uniform(-0.005, 0.005),
+                        seconds=now - self._epoch_started,
+                    )
+                )
                 self._epoch_started = now
                 parent = s.versions[-1].version_id if s.versions else None
-                s.versions.append(VersionRow(
-                    version_id=_hex(rng), parent_id=parent, epoch=s.epoch, step=0,
-                    test_accuracy=s.epochs[-1].test_accuracy, created=now,
-                    metadata={"preset": s.preset, "nodes": len(s.nodes), "cost": round(s.epochs[-1].cost, 5)},
-                ))
+                s.versions.append(
+                    VersionRow(
+                        version_id=_hex(rng),
+                        parent_id=parent,
+                        epoch=s.epoch,
+                        step=0,
+                        test_accuracy=s.epochs[-1].test_accuracy,
+                        created=now,
+                        metadata={"preset": s.preset, "nodes": len(s.nodes), "cost": round(s.epochs[-1].cost, 5)},
+                    )
+                )
                 if s.epoch >= s.epochs_total:
                     s.finished, s.status = True, "finished"
 

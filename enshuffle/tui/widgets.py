@@ -64,8 +64,9 @@ def wrap_line(line: str, width: int) -> list[str]:
     spaces where it can be (a fingerprint or a path is broken only when it is wider than a row)."""
     if width < 8 or len(line) <= width:
         return [line]
-    return textwrap.wrap(line, width=width, subsequent_indent="  ", break_long_words=True,
-                         break_on_hyphens=False, drop_whitespace=True) or [line]
+    return textwrap.wrap(
+        line, width=width, subsequent_indent="  ", break_long_words=True, break_on_hyphens=False, drop_whitespace=True
+    ) or [line]
 
 
 class LogFeed:

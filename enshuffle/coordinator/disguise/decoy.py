@@ -65,7 +65,7 @@ def decoy(dz1: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> tupl
         order = np.argsort(inverse, kind="stable")
         grams = []
         for e, k, mean in zip(np.cumsum(counts), counts, means):
-            members = order[e - k:e]
+            members = order[e - k : e]
             if k > DECOY_GRAM_ROWS:
                 members = rng.choice(members, DECOY_GRAM_ROWS, replace=False)
             g = np.take(d, members, axis=0) - mean

@@ -56,8 +56,9 @@ class HiddenShare:
         noisy += a64
         return noisy, g, h
 
-    def forward(self, a: np.ndarray, w: np.ndarray, layer: int, rng: np.random.Generator,
-                exposures: list[list[tuple]]) -> "Forward":
+    def forward(
+        self, a: np.ndarray, w: np.ndarray, layer: int, rng: np.random.Generator, exposures: list[list[tuple]]
+    ) -> "Forward":
         """a (b, n) @ w (n, m) over the slots' blocks of units; `exposures`: what each slot's
         node learns from its part."""
         return Forward(self, a, w, layer, rng, exposures)
@@ -66,9 +67,19 @@ class HiddenShare:
         """The secrets of `layer`'s last forward, no longer kept (its backward takes them)."""
         return self._kept.pop(layer, None)
 
-    def backward(self, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int, rng: np.random.Generator,
-                 exposures: list[list[tuple]], kept: Secrets | None, ship_dw: bool, ship_da: bool,
-                 decoy: Decoy | None = None) -> "Backward":
+    def backward(
+        self,
+        a: np.ndarray,
+        dz: np.ndarray,
+        w: np.ndarray,
+        layer: int,
+        rng: np.random.Generator,
+        exposures: list[list[tuple]],
+        kept: Secrets | None,
+        ship_dw: bool,
+        ship_da: bool,
+        decoy: Decoy | None = None,
+    ) -> "Backward":
         """a^T @ dz (n, m) and dz @ w^T (b, n): each shipped one from the slots, the other computed
         here. `kept`: the forward's secrets (`forget`), reused when they are this batch's;
         `decoy`: moves dz's class structure."""
@@ -76,8 +87,15 @@ class HiddenShare:
 
 
 class Forward:
-    def __init__(self, share: HiddenShare, a: np.ndarray, w: np.ndarray, layer: int, rng: np.random.Generator,
-                 exposures: list[list[tuple]]):
+    def __init__(
+        self,
+        share: HiddenShare,
+        a: np.ndarray,
+        w: np.ndarray,
+        layer: int,
+        rng: np.random.Generator,
+        exposures: list[list[tuple]],
+    ):
         self.share, self.a, self.w, self.layer, self.rng, self.exposures = share, a, w, layer, rng, exposures
         self.noisy, self.g, self.h = share.noisy(a, rng)
         self.w64 = w.astype(np.float64, copy=False)
@@ -112,15 +130,27 @@ class Forward:
 
 
 class Backward:
-    def __init__(self, share: HiddenShare, a: np.ndarray, dz: np.ndarray, w: np.ndarray, layer: int,
-                 rng: np.random.Generator, exposures: list[list[tuple]], kept: Secrets | None, ship_dw: bool,
-                 ship_da: bool, decoy: Decoy | None):
+    def __init__(
+        self,
+        share: HiddenShare,
+        a: np.ndarray,
+        dz: np.ndarray,
+        w: np.ndarray,
+        layer: int,
+        rng: np.random.Generator,
+        exposures: list[list[tuple]],
+        kept: Secrets | None,
+        ship_dw: bool,
+        ship_da: bool,
+        decoy: Decoy | None,
+    ):
         self.a, self.w, self.rng, self.exposures = a, w, rng, exposures
         self.ship_dw, self.ship_da = ship_dw, ship_da
         if kept is None or kept[0] is not a:  # no forward of this batch kept: fresh secrets
             self.noisy, self.g, self.h = share.noisy(a, rng)
-            self.secrets = [(block, Mixing(len(block), rng, MIX_GROUP, MIX_SPREAD))
-                            for block in share.unit_blocks[layer]]
+            self.secrets = [
+                (block, Mixing(len(block), rng, MIX_GROUP, MIX_SPREAD)) for block in share.unit_blocks[layer]
+            ]
         else:
             _, self.noisy, self.g, self.h, self.secrets = kept
         self.exact = dz
@@ -146,8 +176,12 @@ class Backward:
             a_s = mix.right(np.take(self.noisy, rows, axis=0)[:, block], a.dtype)
             d_s = np.take(np.take(self.dz64, rows, axis=0), cols, axis=1) * pow2(exp, np.float64)[None, :]
             wt_s = (np.take(mix.inverse_left(self.w64[block]), cols, axis=1) * pow2(-exp, np.float64)[None, :]).T
-            self.undos.append((Disguise(rows=np.arange(len(block)), cols=cols, col_exp=exp),
-                               Disguise(rows=rows, cols=np.arange(len(block)))))
+            self.undos.append(
+                (
+                    Disguise(rows=np.arange(len(block)), cols=cols, col_exp=exp),
+                    Disguise(rows=rows, cols=np.arange(len(block))),
+                )
+            )
             d_s = d_s.astype(dz.dtype)
             if self.ship_dw:
                 yield Part(s, {"transpose_a": True}, {"a": a_s, "b": d_s}, self.exposures[s])
@@ -180,8 +214,7 @@ class Backward:
                 part -= self.h[:, block].T @ self.noise
                 dw[block] = part
             if self.ship_da:
-                da[:, block] = mix.right(d_a.undo(np.asarray(next(out), dtype=np.float64)), np.float64,
-                                         transposed=True)
+                da[:, block] = mix.right(d_a.undo(np.asarray(next(out), dtype=np.float64)), np.float64, transposed=True)
         if self.undo_dw is not None:
             dw -= self.undo_dw
         if self.undo_da is not None:

@@ -62,8 +62,14 @@ class Mixing:
         """(K, m) -> M^-T @ w: undoes a node's (x M)^T @ d = M^T (x^T d)."""
         return self._apply([m.T for m in self.inverses], w)
 
-    def right(self, x: np.ndarray, dtype=np.float64, transposed: bool = False, out: np.ndarray | None = None,
-              inverse: bool = False) -> np.ndarray:
+    def right(
+        self,
+        x: np.ndarray,
+        dtype=np.float64,
+        transposed: bool = False,
+        out: np.ndarray | None = None,
+        inverse: bool = False,
+    ) -> np.ndarray:
         """(n, K) -> x @ M (x @ M^T with `transposed`, M^-1 with `inverse`): the full blocks as one
         batched product, in x's dtype when it is `dtype` (a float32 step's mixing costs float32
         arithmetic), else in float64 rounded once to `dtype`."""
@@ -76,13 +82,14 @@ class Mixing:
             full = [m for (lo, hi), m in zip(self.bounds, mats) if hi - lo == self.bounds[0][1]]
             stack = np.stack(full) if full else np.zeros((0, 0, 0))
             self._stacks[work, transposed, inverse] = np.ascontiguousarray(
-                stack.transpose(0, 2, 1) if transposed else stack, dtype=work)
+                stack.transpose(0, 2, 1) if transposed else stack, dtype=work
+            )
         stack = self._stacks[work, transposed, inverse]
         count, g = stack.shape[0], stack.shape[1] if stack.size else 0
         n = x.shape[0]
         if count:
-            blocks = x[:, :count * g].reshape(n, count, g).transpose(1, 0, 2)
-            target = out[:, :count * g].reshape(n, count, g).transpose(1, 0, 2)
+            blocks = x[:, : count * g].reshape(n, count, g).transpose(1, 0, 2)
+            target = out[:, : count * g].reshape(n, count, g).transpose(1, 0, 2)
             if work == dtype:
                 np.matmul(blocks, stack, out=target)
             else:

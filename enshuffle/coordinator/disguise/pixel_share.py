@@ -53,6 +53,7 @@ MIX_GROUP = 32  # mixing blocks: 32x32 dense, so mixing costs 32 multiply-adds p
 MIX_SPREAD = 1.0  # singular values of each block in [1/2, 2]: condition <= 4
 SOURCE_CHUNK_ROWS = 512  # rows of raw pixels converted to float64 at a time (fits in cache)
 
+
 @dataclass
 class ShardStatics:
     """Slot s's secrets: its pixel block's row order, mixing, noise loadings (or, for "shuffle",
@@ -95,8 +96,9 @@ class PixelDisguise:
         self.statics: list[ShardStatics] = []
         for block in blocks:
             order = {w: rng.permutation(x.shape[0]) for w, x in images.items()}
-            st = ShardStatics(pixels=block, row_order=order,
-                              row_index={w: inverse_permutation(o) for w, o in order.items()})
+            st = ShardStatics(
+                pixels=block, row_order=order, row_index={w: inverse_permutation(o) for w, o in order.items()}
+            )
             self._draw(st, rng)
             self.statics.append(st)
 
@@ -133,8 +135,9 @@ class PixelDisguise:
         """X[idx] @ w1 over the slots' static blocks of `which`."""
         return Forward(self, which, idx, w1, rng)
 
-    def gradient(self, idx: np.ndarray, dz1: np.ndarray, rng: np.random.Generator,
-                 decoy: Decoy | None = None) -> "Gradient":
+    def gradient(
+        self, idx: np.ndarray, dz1: np.ndarray, rng: np.random.Generator, decoy: Decoy | None = None
+    ) -> "Gradient":
         """X[idx]^T @ dz1 -> (784, h1) over the slots' training blocks. `decoy` (a disguise that
         moves dz1's class structure): dz1 -> (sent, delta, directions), sent = dz1 + delta
         directions."""
@@ -144,8 +147,7 @@ class PixelDisguise:
 class Forward:
     """x_w1 (PixelDisguise.forward). One column disguise for all slots, each slot's own row order."""
 
-    def __init__(self, disguise: PixelDisguise, which: str, idx: np.ndarray, w1: np.ndarray,
-                 rng: np.random.Generator):
+    def __init__(self, disguise: PixelDisguise, which: str, idx: np.ndarray, w1: np.ndarray, rng: np.random.Generator):
         self.disguise, self.which, self.idx, self.w1, self.rng = disguise, which, idx, w1, rng
         width = w1.shape[1]
         self.operand = disguise._w1_operand(which, w1)
@@ -160,9 +162,12 @@ class Forward:
             b = d._w1_block(which, st, self.operand, self.cols, self.w1.dtype)
             b *= pow2(self.col_exp, b.dtype)[None, :]
             self.row_orders.append(order)
-            yield Part(s, {"a_static": static_name(which, s), "transpose_a": False},
-                       {"rows": st.row_index[which][idx[order]], "b": b},
-                       [("w1", st.pixels, d.form), ("samples", [0], POSITIONS_HIDDEN)])
+            yield Part(
+                s,
+                {"a_static": static_name(which, s), "transpose_a": False},
+                {"rows": st.row_index[which][idx[order]], "b": b},
+                [("w1", st.pixels, d.form), ("samples", [0], POSITIONS_HIDDEN)],
+            )
 
     def meanwhile(self) -> None:
         self.correction = self.disguise._forward_correction(self.which, self.idx, self.w1)
@@ -188,8 +193,9 @@ class Gradient:
     """dw1 (PixelDisguise.gradient). One column disguise for the step's slots, applied to dz1
     once; each slot gets its own contraction (sample) order."""
 
-    def __init__(self, disguise: PixelDisguise, idx: np.ndarray, dz1: np.ndarray, rng: np.random.Generator,
-                 decoy: Decoy | None):
+    def __init__(
+        self, disguise: PixelDisguise, idx: np.ndarray, dz1: np.ndarray, rng: np.random.Generator, decoy: Decoy | None
+    ):
         self.disguise, self.idx, self.rng = disguise, idx, rng
         self.exact = dz1
         self.moved: tuple[np.ndarray, np.ndarray] | None = None
@@ -202,8 +208,10 @@ class Gradient:
         shuffled = np.take(dz1, self.cols, axis=1)
         shuffled *= pow2(self.col_exp, shuffled.dtype)[None, :]
         self.shuffled = shuffled
-        self.undos = [Disguise(rows=np.arange(len(st.pixels)), cols=self.cols, row_exp=st.pixel_exp,
-                               col_exp=self.col_exp) for st in disguise.statics]
+        self.undos = [
+            Disguise(rows=np.arange(len(st.pixels)), cols=self.cols, row_exp=st.pixel_exp, col_exp=self.col_exp)
+            for st in disguise.statics
+        ]
         self.noise: np.ndarray | None = None
         self.undo_decoy: np.ndarray | None = None
 
@@ -211,10 +219,13 @@ class Gradient:
         idx, width = self.idx, self.sent.shape[1]
         for s, st in enumerate(self.disguise.statics):
             order = self.rng.permutation(idx.shape[0])  # the contraction (sample) order
-            yield Part(s, {"a_static": static_name("train", s), "transpose_a": True},
-                       {"rows": st.row_index["train"][idx[order]], "b": np.take(self.shuffled, order, axis=0)},
-                       [("deltas", np.arange(width), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)],
-                       static_cols=len(st.pixels))
+            yield Part(
+                s,
+                {"a_static": static_name("train", s), "transpose_a": True},
+                {"rows": st.row_index["train"][idx[order]], "b": np.take(self.shuffled, order, axis=0)},
+                [("deltas", np.arange(width), POSITIONS_HIDDEN), ("samples", [0], POSITIONS_HIDDEN)],
+                static_cols=len(st.pixels),
+            )
 
     def meanwhile(self) -> None:
         self.disguise._gradient_meanwhile(self)
@@ -231,9 +242,18 @@ class PixelShare(PixelDisguise):
 
     form = HIDDEN_VALUES
 
-    def __init__(self, images: dict[str, np.ndarray], blocks: list[np.ndarray], rng: np.random.Generator, *,
-                 source: dict[str, np.ndarray], alpha: np.ndarray, beta: np.ndarray, norm: np.ndarray,
-                 noise_seed: list[int]):
+    def __init__(
+        self,
+        images: dict[str, np.ndarray],
+        blocks: list[np.ndarray],
+        rng: np.random.Generator,
+        *,
+        source: dict[str, np.ndarray],
+        alpha: np.ndarray,
+        beta: np.ndarray,
+        norm: np.ndarray,
+        noise_seed: list[int],
+    ):
         self.source, self.alpha, self.beta, self.norm = source, alpha, beta, norm
         self.noise_seed = noise_seed
         super().__init__(images, blocks, rng)
@@ -284,8 +304,9 @@ class PixelShare(PixelDisguise):
 
     def _forward_correction(self, which: str, idx: np.ndarray, w1: np.ndarray) -> np.ndarray:
         """-G[idx] (sum_s H_s D_s w1[P_s]) + beta @ w1, one product."""
-        return np.concatenate([-self._factor_rows(which, idx), np.ones((idx.shape[0], 1))], axis=1) \
-            @ (self._corrections[which] @ w1)
+        return np.concatenate([-self._factor_rows(which, idx), np.ones((idx.shape[0], 1))], axis=1) @ (
+            self._corrections[which] @ w1
+        )
 
     def _gradient_meanwhile(self, product: Gradient) -> None:
         """G^T (what was sent), and x^T delta for the decoys."""
@@ -328,7 +349,7 @@ class PixelShare(PixelDisguise):
         out = np.zeros((x.shape[1], m.shape[1]))
         for start in range(0, x.shape[0], rows):
             stop = min(start + rows, x.shape[0])
-            chunk = buf[:stop - start]
+            chunk = buf[: stop - start]
             np.copyto(chunk, x[start:stop])
             out += chunk.T @ m[start:stop]
         return out

@@ -120,8 +120,16 @@ class ResidentBasis:
     V_0. Drawn from the run's secret generator, so a resumed run and the centralized reference
     draw the same."""
 
-    def __init__(self, active: np.ndarray, shards: int, hidden: int, rng: np.random.Generator, inputs: int = 784,
-                 clear: bool = False, layers: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        active: np.ndarray,
+        shards: int,
+        hidden: int,
+        rng: np.random.Generator,
+        inputs: int = 784,
+        clear: bool = False,
+        layers: tuple[int, ...] = (),
+    ):
         self.inputs = inputs
         self.hidden = hidden
         self.blocks = [np.asarray(active)[b] for b in balanced_blocks(len(active), shards, rng)]
@@ -152,15 +160,15 @@ class ResidentBasis:
         return _precondition(self, g)
 
 
-def resident_basis(train: np.ndarray, shards: int, layers: int | tuple[int, ...], rng: np.random.Generator,
-                   clear: bool = False) -> ResidentBasis:
+def resident_basis(
+    train: np.ndarray, shards: int, layers: int | tuple[int, ...], rng: np.random.Generator, clear: bool = False
+) -> ResidentBasis:
     """The basis a resident run draws first from its secret generator: pixels nonzero in some
     standardized training image are split into `shards` blocks (the rest never leave), then each
     hidden-to-hidden layer's input units. `layers`: the network's widths (an int: 784-that-10).
     `clear`: the audit's and the bench's control, no mixing."""
     widths = (train.shape[1], layers, 10) if isinstance(layers, int) else tuple(layers)
-    return ResidentBasis(np.flatnonzero(np.any(train != 0, axis=0)), shards, widths[1], rng, clear=clear,
-                         layers=widths)
+    return ResidentBasis(np.flatnonzero(np.any(train != 0, axis=0)), shards, widths[1], rng, clear=clear, layers=widths)
 
 
 class HiddenBasis:
@@ -266,18 +274,36 @@ class ResidentDisguise(SlotCheckpoints):
             probes = rng.standard_normal((self.hidden, PROBES))
             v = np.array(v0, dtype=np.float64)
             buf = np.zeros_like(v)
-            self.slots.append(SlotState(
-                pixels=block, mix=mix, loadings=h, row_order=order, row_index=inverse_permutation(order),
-                static=static, b1=b1, b2=b1 @ h.T, probes=probes, hmv=hm @ v, hmbuf=hm @ buf,
-                e=np.zeros((r, self.hidden)), ebuf=np.zeros((r, self.hidden)),
-                vr=v @ probes, bufr=buf @ probes, v_bound=_norm_bound(v), drift=0.0, checkpoint=(v, buf)))
+            self.slots.append(
+                SlotState(
+                    pixels=block,
+                    mix=mix,
+                    loadings=h,
+                    row_order=order,
+                    row_index=inverse_permutation(order),
+                    static=static,
+                    b1=b1,
+                    b2=b1 @ h.T,
+                    probes=probes,
+                    hmv=hm @ v,
+                    hmbuf=hm @ buf,
+                    e=np.zeros((r, self.hidden)),
+                    ebuf=np.zeros((r, self.hidden)),
+                    vr=v @ probes,
+                    bufr=buf @ probes,
+                    v_bound=_norm_bound(v),
+                    drift=0.0,
+                    checkpoint=(v, buf),
+                )
+            )
         # [B_1^T | ... | B_k^T] on the pixels (784, k r), zero off each slot's block: every slot's
         # x[idx, P_s] B_s^T is one product of the gathered rows, in the data's dtype for float64
         # data (exactness) and float32 otherwise (the forward's own precision)
-        self._b_all = np.zeros((x.shape[1], r * len(self.slots)), dtype=np.float64 if self.dtype == np.float64
-                               else np.float32)
+        self._b_all = np.zeros(
+            (x.shape[1], r * len(self.slots)), dtype=np.float64 if self.dtype == np.float64 else np.float32
+        )
         for s, st in enumerate(self.slots):
-            self._b_all[st.pixels, s * r:(s + 1) * r] = st.b1.T
+            self._b_all[st.pixels, s * r : (s + 1) * r] = st.b1.T
         self._e_rows = r
         self._factors_work = self.factors.astype(self._b_all.dtype)
         self._forward: tuple[np.ndarray, np.ndarray] | None = None  # (idx, x[idx] B_all) of the last forward
@@ -320,8 +346,9 @@ class ResidentDisguise(SlotCheckpoints):
             else:
                 self._set_checkpoint(st, v, buf, st.version, reset_noise=True)
 
-    def _set_checkpoint(self, st: SlotState, v: np.ndarray, buf: np.ndarray, version: int,
-                        reset_noise: bool = False) -> None:
+    def _set_checkpoint(
+        self, st: SlotState, v: np.ndarray, buf: np.ndarray, version: int, reset_noise: bool = False
+    ) -> None:
         hm = st.mix.transposed_left(st.loadings.T).T
         st.checkpoint = (np.array(v, dtype=np.float64), np.array(buf, dtype=np.float64))
         st.checkpoint_version = version
@@ -347,15 +374,22 @@ class ResidentDisguise(SlotCheckpoints):
         return self.basis.to_pixels(vs), self.basis.to_pixels(bufs)
 
     # -- per step -------------------------------------------------------------------
-    def batch(self, shard: int, rows: np.ndarray | None, start: int, version: int,
-              fetch: bool) -> tuple[dict, dict[str, np.ndarray]]:
+    def batch(
+        self, shard: int, rows: np.ndarray | None, start: int, version: int, fetch: bool
+    ) -> tuple[dict, dict[str, np.ndarray]]:
         """A batch taking the node's state from version `start` to `version` (the logged updates
         in between) and then computing the forward of `rows` (or, `fetch`, returning its state)."""
         st = self.slots[shard]
         updates = [p for p in st.log if start < p.version <= version]
-        params = {"a_static": f"train.{shard}", "state": self.state_name(shard), "from": int(start),
-                  "version": int(version), "momentum": MOMENTUM, "lr": [float(p.lr) for p in updates],
-                  "fetch": bool(fetch)}
+        params = {
+            "a_static": f"train.{shard}",
+            "state": self.state_name(shard),
+            "from": int(start),
+            "version": int(version),
+            "momentum": MOMENTUM,
+            "lr": [float(p.lr) for p in updates],
+            "fetch": bool(fetch),
+        }
         arrays: dict[str, np.ndarray] = {}
         if not fetch:
             assert rows is not None, "a forward names its rows"
@@ -375,8 +409,8 @@ class ResidentDisguise(SlotCheckpoints):
         if self._forward is not None and self._forward[0] is idx:
             return self._forward[1]
         gx = np.empty((idx.shape[0], self._b_all.shape[1] + self._e_rows), dtype=self._b_all.dtype)
-        np.take(self._factors_work, idx, axis=0, out=gx[:, :self._e_rows])
-        np.matmul(np.take(self.x, idx, axis=0), self._b_all, out=gx[:, self._e_rows:])
+        np.take(self._factors_work, idx, axis=0, out=gx[:, : self._e_rows])
+        np.matmul(np.take(self.x, idx, axis=0), self._b_all, out=gx[:, self._e_rows :])
         self._forward = (idx, gx)
         return gx
 
@@ -397,8 +431,9 @@ class ResidentDisguise(SlotCheckpoints):
         self._forward = None
         r = self._e_rows
         # the nodes' V columns are the hidden units mixed by N: they are sent dz N^-T
-        sent = np.ascontiguousarray(self.basis.out_mix.right(np.asarray(dz, dtype=np.float64), self.dtype,
-                                                             transposed=True, inverse=True))
+        sent = np.ascontiguousarray(
+            self.basis.out_mix.right(np.asarray(dz, dtype=np.float64), self.dtype, transposed=True, inverse=True)
+        )
         d64 = sent.astype(np.float64)
         # [G^T dz; B_1 x^T dz; ...]: the noise's share (the same for every slot), then each slot's
         # H M M^T x^T dz, in one product
@@ -411,7 +446,7 @@ class ResidentDisguise(SlotCheckpoints):
             st.version += 1
             st.log.append(Pending(version=st.version, rows=rows, dz=sent, lr=float(lr)))
             # H M g = B x^T dz + B H^T G^T dz,   g R = S^T (dz R); in place (r x h1 each)
-            hmg = tracked[r * (s + 1):r * (s + 2)]
+            hmg = tracked[r * (s + 1) : r * (s + 2)]
             hmg += st.b2 @ gd
             _momentum_step(st.hmbuf, st.hmv, hmg, lr)
             _momentum_step(st.ebuf, st.e, gd, lr)
@@ -455,7 +490,7 @@ class ResidentDisguise(SlotCheckpoints):
         if not np.isfinite(diff).all():  # a NaN or infinity anywhere in y reaches its row of y R
             return "result has NaN or infinite entries"
         rounding = self.eps * np.sqrt((y64 * y64) @ (st.probes * st.probes))
-        probe_rms = float(np.sqrt(np.mean(st.probes ** 2)))
+        probe_rms = float(np.sqrt(np.mean(st.probes**2)))
         row_norm = np.linalg.norm(srows, axis=1)
         product = probe_rms * row_norm[:, None] * (EPS64 * math.sqrt(srows.shape[1]) * st.v_bound + st.drift)
         bound = CHECK_SLACK * (rounding + product)
@@ -464,8 +499,10 @@ class ResidentDisguise(SlotCheckpoints):
         bad = np.abs(diff) > bound + 1e-300
         if np.any(bad):
             r = int(np.argwhere(bad)[0, 0])
-            return (f"probe check failed on row {r}: |y R - S (V R)| = {float(np.abs(diff[r]).max()):.3e} "
-                    f"above its bound {float(bound[r].max()):.3e}")
+            return (
+                f"probe check failed on row {r}: |y R - S (V R)| = {float(np.abs(diff[r]).max()):.3e} "
+                f"above its bound {float(bound[r].max()):.3e}"
+            )
         return None
 
     def check_state(self, shard: int, state: np.ndarray) -> str | None:
@@ -475,7 +512,7 @@ class ResidentDisguise(SlotCheckpoints):
         if state.shape != (2 * k, self.hidden) or not np.all(np.isfinite(state)):
             return f"state shape {state.shape} (expected {(2 * k, self.hidden)}) or non-finite entries"
         v, buf = state[:k].astype(np.float64), state[k:].astype(np.float64)
-        probe_rms = float(np.sqrt(np.mean(st.probes ** 2)))
+        probe_rms = float(np.sqrt(np.mean(st.probes**2)))
         tol = CHECK_SLACK * probe_rms * math.sqrt(self.hidden) * (st.drift + EPS64 * st.v_bound)
         for name, got, want in (("V", v @ st.probes, st.vr), ("momentum", buf @ st.probes, st.bufr)):
             err = float(np.abs(got - want).max())

@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from enshuffle.coordinator.disguise.mixing import Mixing
-from enshuffle.coordinator.disguise.resident import (CHECK_SLACK, EPS64, MOMENTUM, PROBES, HiddenBasis,
-                                                SlotCheckpoints)
+from enshuffle.coordinator.disguise.resident import CHECK_SLACK, EPS64, MOMENTUM, PROBES, HiddenBasis, SlotCheckpoints
 
 ROW_GROUP = 32  # batch rows mixed together (fresh orthogonal blocks each step)
 
@@ -57,8 +56,7 @@ class RowMix:
             self.stack = np.broadcast_to(np.eye(g), (self.count, g, g))
             self.tail = np.eye(b - self.count * g)
         else:
-            self.stack = np.linalg.qr(rng.standard_normal((self.count, g, g)))[0] if self.count else \
-                np.zeros((0, g, g))
+            self.stack = np.linalg.qr(rng.standard_normal((self.count, g, g)))[0] if self.count else np.zeros((0, g, g))
             tail = b - self.count * g
             self.tail = np.linalg.qr(rng.standard_normal((tail, tail)))[0] if tail else np.zeros((0, 0))
         self._stacks: dict = {}
@@ -69,9 +67,10 @@ class RowMix:
         x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype in (np.float32, np.float64) else np.float64)
         key = (x.dtype, transposed)
         if key not in self._stacks:
-            self._stacks[key] = (np.ascontiguousarray(self.stack.transpose(0, 2, 1) if transposed else self.stack,
-                                                      dtype=x.dtype),
-                                 np.ascontiguousarray(self.tail.T if transposed else self.tail, dtype=x.dtype))
+            self._stacks[key] = (
+                np.ascontiguousarray(self.stack.transpose(0, 2, 1) if transposed else self.stack, dtype=x.dtype),
+                np.ascontiguousarray(self.tail.T if transposed else self.tail, dtype=x.dtype),
+            )
         stack, tail = self._stacks[key]
         out = np.empty(x.shape, dtype=x.dtype)
         if self.count:
@@ -113,8 +112,9 @@ def _frobenius(x: np.ndarray) -> float:
     return float(np.sqrt(np.einsum("ij,ij->", x, x)))
 
 
-def probe_check(out: np.ndarray, lhs: np.ndarray, probes: np.ndarray, tracked: np.ndarray, eps: float,
-                v_bound: float, drift: float) -> str | None:
+def probe_check(
+    out: np.ndarray, lhs: np.ndarray, probes: np.ndarray, tracked: np.ndarray, eps: float, v_bound: float, drift: float
+) -> str | None:
     """Freivalds on out = lhs @ X for a secret X the caller tracks as X @ probes = `tracked`:
     out @ probes against lhs @ tracked, within out's one rounding to its dtype (eps) plus float64
     rounding of the product and of X's recurrence (v_bound: a bound on ||X||_F; drift: how far
@@ -125,7 +125,7 @@ def probe_check(out: np.ndarray, lhs: np.ndarray, probes: np.ndarray, tracked: n
     if not np.isfinite(diff).all():
         return "result has NaN or infinite entries"
     rounding = eps * np.sqrt((o64 * o64) @ (probes * probes))
-    probe_rms = float(np.sqrt(np.mean(probes ** 2)))
+    probe_rms = float(np.sqrt(np.mean(probes**2)))
     row_norm = np.sqrt(np.einsum("ij,ij->i", l64, l64))
     product = probe_rms * row_norm[:, None] * (EPS64 * math.sqrt(l64.shape[1]) * v_bound + drift)
     bound = CHECK_SLACK * (rounding + product)
@@ -134,8 +134,10 @@ def probe_check(out: np.ndarray, lhs: np.ndarray, probes: np.ndarray, tracked: n
     bad = np.abs(diff) > bound + 1e-300
     if np.any(bad):
         r = int(np.argwhere(bad)[0, 0])
-        return (f"probe check failed on row {r}: {float(np.abs(diff[r]).max()):.3e} "
-                f"above its bound {float(bound[r].max()):.3e}")
+        return (
+            f"probe check failed on row {r}: {float(np.abs(diff[r]).max()):.3e} "
+            f"above its bound {float(bound[r].max()):.3e}"
+        )
     return None
 
 
@@ -155,9 +157,19 @@ class HiddenResident(SlotCheckpoints):
             v = np.array(v0, dtype=np.float64)
             probes = rng.standard_normal((self.width, PROBES))
             left = rng.standard_normal((len(block), PROBES))
-            st = HiddenSlot(units=np.asarray(block), mix=mix, probes=probes, left=left, vr=v @ probes,
-                            bufr=np.zeros((len(block), PROBES)), qv=left.T @ v, qbuf=np.zeros((PROBES, self.width)),
-                            v_bound=float(np.linalg.norm(v)), drift=0.0, checkpoint=(v, np.zeros_like(v)))
+            st = HiddenSlot(
+                units=np.asarray(block),
+                mix=mix,
+                probes=probes,
+                left=left,
+                vr=v @ probes,
+                bufr=np.zeros((len(block), PROBES)),
+                qv=left.T @ v,
+                qbuf=np.zeros((PROBES, self.width)),
+                v_bound=float(np.linalg.norm(v)),
+                drift=0.0,
+                checkpoint=(v, np.zeros_like(v)),
+            )
             self.slots.append(st)
         self._kept: tuple | None = None  # (a, L, [A_s]) of the last forward, for its backward
         self._f64: dict = {}  # key -> (source, float64 copy): what the checks and tracking read
@@ -206,12 +218,21 @@ class HiddenResident(SlotCheckpoints):
 
     def clean(self) -> tuple[np.ndarray, np.ndarray]:
         """(w{l}, its momentum) in the units' basis from the last checkpoints (after a fetch)."""
-        return (self.basis.to_units([st.checkpoint[0] for st in self.slots]),
-                self.basis.to_units([st.checkpoint[1] for st in self.slots]))
+        return (
+            self.basis.to_units([st.checkpoint[0] for st in self.slots]),
+            self.basis.to_units([st.checkpoint[1] for st in self.slots]),
+        )
 
     # -- batches --------------------------------------------------------------------
-    def batch(self, shard: int, start: int, version: int, a: np.ndarray | None = None, fetch: bool = False,
-              backward: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+    def batch(
+        self,
+        shard: int,
+        start: int,
+        version: int,
+        a: np.ndarray | None = None,
+        fetch: bool = False,
+        backward: bool = False,
+    ) -> tuple[dict, dict[str, np.ndarray]]:
         """A batch taking slot `shard`'s state from `start` to `version` (the logged updates in
         between), then a forward of `a`, a backward (the last update's delta through V before it)
         or a fetch of the state."""
@@ -221,8 +242,14 @@ class HiddenResident(SlotCheckpoints):
             # that update again, which it skips, since a batch carries at least one array
             start = version - 1
         updates = [u for u in st.log if start < u.version <= version]
-        params = {"state": self.state_name(shard), "from": int(start), "version": int(version),
-                  "momentum": MOMENTUM, "lr": [float(u.lr) for u in updates], "fetch": bool(fetch)}
+        params = {
+            "state": self.state_name(shard),
+            "from": int(start),
+            "version": int(version),
+            "momentum": MOMENTUM,
+            "lr": [float(u.lr) for u in updates],
+            "fetch": bool(fetch),
+        }
         if backward:
             params["backward"] = True
         arrays: dict[str, np.ndarray] = {}
@@ -249,21 +276,26 @@ class HiddenResident(SlotCheckpoints):
             total += r
         return self.basis.out_mix.right(self._kept[1].apply(total, transposed=True), self.dtype, inverse=True)
 
-    def backward_operands(self, a: np.ndarray, dz: np.ndarray, lr: float,
-                          rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    def backward_operands(
+        self, a: np.ndarray, dz: np.ndarray, lr: float, rng: np.random.Generator
+    ) -> tuple[list[np.ndarray], np.ndarray]:
         """Issue this step's update of every slot (logged at version + 1): ([A_s], D = L dz)."""
         if self._kept is None or self._kept[0] is not a:  # no forward of this batch kept: fresh secrets
             self.forward_operands(a, rng)
         assert self._kept is not None
         _, rowmix, operands = self._kept
-        sent = rowmix.apply(self.basis.out_mix.right(np.asarray(dz, dtype=self.dtype), self.dtype, transposed=True,
-                                                     inverse=True))
+        sent = rowmix.apply(
+            self.basis.out_mix.right(np.asarray(dz, dtype=self.dtype), self.dtype, transposed=True, inverse=True)
+        )
         for st, op in zip(self.slots, operands):
             st.version += 1
             st.log.append(Update(version=st.version, a=op, dz=sent, lr=float(lr)))
         if self.audit is not None:
-            self.audit[self.slots[0].version] = (np.array(rowmix.stack), np.array(rowmix.tail),
-                                                 None if self.audit_rows is None else self.audit_rows.copy())
+            self.audit[self.slots[0].version] = (
+                np.array(rowmix.stack),
+                np.array(rowmix.tail),
+                None if self.audit_rows is None else self.audit_rows.copy(),
+            )
         return operands, sent
 
     def combine_backward(self, results: list[np.ndarray], b: int) -> np.ndarray:
@@ -272,8 +304,9 @@ class HiddenResident(SlotCheckpoints):
         rowmix = self._kept[1]
         da = np.empty((b, self.basis.units), dtype=self.dtype)
         for st, r in zip(self.slots, results):
-            da[:, st.units] = st.mix.right(rowmix.apply(np.asarray(r, dtype=self.dtype), transposed=True),
-                                           self.dtype, transposed=True)
+            da[:, st.units] = st.mix.right(
+                rowmix.apply(np.asarray(r, dtype=self.dtype), transposed=True), self.dtype, transposed=True
+            )
         return da
 
     def track(self) -> None:
@@ -318,10 +351,14 @@ class HiddenResident(SlotCheckpoints):
             return f"state shape {state.shape} (expected {(2 * k, self.width)}) or non-finite entries"
         v, buf = state[:k].astype(np.float64), state[k:].astype(np.float64)
         tol_scale = CHECK_SLACK * (st.drift + EPS64 * st.v_bound)
-        checks = (("V R", v @ st.probes, st.vr, st.probes), ("momentum R", buf @ st.probes, st.bufr, st.probes),
-                  ("Q^T V", st.left.T @ v, st.qv, st.left), ("Q^T momentum", st.left.T @ buf, st.qbuf, st.left))
+        checks = (
+            ("V R", v @ st.probes, st.vr, st.probes),
+            ("momentum R", buf @ st.probes, st.bufr, st.probes),
+            ("Q^T V", st.left.T @ v, st.qv, st.left),
+            ("Q^T momentum", st.left.T @ buf, st.qbuf, st.left),
+        )
         for name, got, want, probes in checks:
-            tol = tol_scale * float(np.sqrt(np.mean(probes ** 2))) * math.sqrt(max(v.shape))
+            tol = tol_scale * float(np.sqrt(np.mean(probes**2))) * math.sqrt(max(v.shape))
             err = float(np.abs(got - want).max())
             if err > tol:
                 return f"checkpoint {name} differs from the tracked one by {err:.3e} (bound {tol:.3e})"
