@@ -173,7 +173,16 @@ def test_initial_weights_in_each_nodes_basis_are_white():
 
 
 @pytest.mark.slow
-def test_a_resident_run_over_the_wire_equals_its_central_reference(core_data_dir, core_cache, tmp_path):
+@pytest.mark.parametrize(
+    "network, shipped",
+    [
+        ([], "resident"),  # 784-128-10: the first layer
+        (["--hidden", "48,40", "--activation", "relu"], "resident2"),  # the plan ships the hidden layer resident
+    ],
+)
+def test_a_resident_run_over_the_wire_equals_its_central_reference(
+    core_data_dir, core_cache, tmp_path, network, shipped
+):
     args = [
         "--data",
         str(core_data_dir),
@@ -185,6 +194,7 @@ def test_a_resident_run_over_the_wire_equals_its_central_reference(core_data_dir
         "float64",
         "--offload",
         "matmul",
+        *network,
     ]
     wire = enshuffle_cli(
         "train",
@@ -199,7 +209,7 @@ def test_a_resident_run_over_the_wire_equals_its_central_reference(core_data_dir
         cache=core_cache,
     )
     assert wire.returncode == 0, wire.stderr
-    assert "resident" in wire.stdout + wire.stderr
+    assert shipped in wire.stdout + wire.stderr
     central = enshuffle_cli(
         "train",
         "--nodes",
@@ -240,8 +250,18 @@ def test_a_resumed_run_hands_each_node_its_state_as_it_was(core_data_dir):
     a node that served the slot gets back exactly its own V (noise's share included). Without it
     (V minus the noise's share) the difference would show the node the noise subspace, and
     projecting that off its static block would remove the noise."""
-    preset = model.get_preset("default", epochs=1, dtype="float64")
-    inputs = load_inputs(core_data_dir, preset, LIMIT)
+    resume_hands_back_states(core_data_dir, lambda compute: compute.resident)
+
+
+def resume_hands_back_states(data_dir, owner, layers=None) -> None:
+    """Seven steps, a model version, and a run resumed from it under the same plan secret (the same
+    blocks, mixings, noise and statics): every slot's state static of `owner(compute)` (a resident
+    disguise) is exactly the V and momentum its node held, and the next step is the first run's."""
+    if layers is None:
+        preset = model.get_preset("default", epochs=1, dtype="float64")
+    else:
+        preset = model.get_preset("default", epochs=1, dtype="float64", layers=layers, activation="relu")
+    inputs = load_inputs(data_dir, preset, LIMIT)
 
     def compute():
         return DistributedCompute(
@@ -258,14 +278,14 @@ def test_a_resumed_run_hands_each_node_its_state_as_it_was(core_data_dir):
     trainer = Trainer(preset, inputs, first, secret=TEST_SECRET)
     for _ in range(7):
         trainer.run_step()
-    arrays, meta = trainer.checkpoint()  # a model version: clean w1, momentum, the noise state
-    held = [first.executor.states[s][first.resident.state_name(s)] for s in range(2)]
-    resumed = compute()  # the same plan secret: the same blocks, mixings, noise and statics
+    arrays, meta = trainer.checkpoint()  # a model version: clean weights, momentum, the noise state
+    held = [first.executor.states[s][owner(first).state_name(s)] for s in range(2)]
+    resumed = compute()
     again = Trainer(preset, inputs, resumed, secret=TEST_SECRET)
     again.restore(arrays, meta)
     for s in range(2):
-        state, _ = resumed.resident.state_static(s)
-        k = resumed.resident.slots[s].pixels.shape[0]
+        state, _ = owner(resumed).state_static(s)
+        k = state.shape[0] // 2
         assert np.abs(state[:k] - held[s].v).max() < 1e-12 * np.abs(held[s].v).max()
         assert np.abs(state[k:] - held[s].buf).max() < 1e-12 * np.abs(held[s].buf).max()
     # and the resumed run goes on exactly as the first would have

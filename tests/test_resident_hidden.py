@@ -18,10 +18,9 @@ import pytest
 from enshuffle import model
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.disguise.resident_hidden import ROW_GROUP, RowMix
-from enshuffle.coordinator.training import Trainer
 from enshuffle.kernels import BatchError, ResidentState, compute_batch
-from test_resident import LIMIT, max_rel, resident_pair
-from wire_util import TEST_SECRET, enshuffle_cli, load_inputs, load_npz
+from test_resident import LIMIT, max_rel, resident_pair, resume_hands_back_states
+from wire_util import load_inputs
 
 
 def _pair(data_dir, slots: int, dtype: str, layers=(784, 48, 40, 10), executor=InProcessExecutor, epochs=1):
@@ -169,89 +168,7 @@ def test_no_row_a_node_receives_is_one_samples_activations(core_data_dir):
 
 
 def test_a_resumed_run_hands_each_hidden_slot_its_state_and_goes_on_exactly(core_data_dir):
-    preset = model.get_preset("default", epochs=1, dtype="float64", layers=(784, 48, 40, 10), activation="relu")
-    inputs = load_inputs(core_data_dir, preset, LIMIT)
-
-    def compute():
-        return DistributedCompute(
-            inputs.images,
-            2,
-            np.random.default_rng(5),
-            InProcessExecutor,
-            disguise="resident",
-            offload="matmul",
-            layers=preset.layers,
-        )
-
-    first = compute()
-    trainer = Trainer(preset, inputs, first, secret=TEST_SECRET)
-    for _ in range(7):
-        trainer.run_step()
-    arrays, meta = trainer.checkpoint()  # a model version: clean w2 and its momentum
-    held = [first.executor.states[s]["w2." + str(s)] for s in range(2)]
-    resumed = compute()
-    again = Trainer(preset, inputs, resumed, secret=TEST_SECRET)
-    again.restore(arrays, meta)
-    for s in range(2):
-        state, _ = resumed.hidden_resident[2].state_static(s)
-        k = resumed.hidden_resident[2].slots[s].units.shape[0]
-        assert np.abs(state[:k] - held[s].v).max() < 1e-12 * np.abs(held[s].v).max()
-        assert np.abs(state[k:] - held[s].buf).max() < 1e-12 * np.abs(held[s].buf).max()
-    trainer.run_step()
-    again.run_step()
-    trainer.sync()
-    again.sync()
-    assert max_rel(again.params, trainer.params) < 1e-9
-
-
-@pytest.mark.slow
-def test_resident_hidden_layers_over_the_wire_equal_their_central_reference(core_data_dir, core_cache, tmp_path):
-    args = [
-        "--data",
-        str(core_data_dir),
-        "--limit",
-        str(LIMIT),
-        "--epochs",
-        "2",
-        "--dtype",
-        "float64",
-        "--offload",
-        "matmul",
-        "--hidden",
-        "48,40",
-        "--activation",
-        "relu",
-    ]
-    wire = enshuffle_cli(
-        "train",
-        "--nodes",
-        "2",
-        *args,
-        "--out",
-        str(tmp_path / "run"),
-        "--save-weights",
-        str(tmp_path / "a.npz"),
-        home=tmp_path / "home",
-        cache=core_cache,
-    )
-    assert wire.returncode == 0, wire.stderr
-    assert "resident2" in wire.stdout + wire.stderr  # the plan ships the hidden layer resident
-    central = enshuffle_cli(
-        "train",
-        "--nodes",
-        "0",
-        *args,
-        "--reference",
-        str(tmp_path / "run"),
-        "--save-weights",
-        str(tmp_path / "b.npz"),
-        home=tmp_path / "home",
-        cache=core_cache,
-    )
-    assert central.returncode == 0, central.stderr
-    a, b = load_npz(tmp_path / "a.npz"), load_npz(tmp_path / "b.npz")
-    assert sorted(a) == sorted(b)
-    assert max_rel(a, b) < 1e-9
+    resume_hands_back_states(core_data_dir, lambda compute: compute.hidden_resident[2], layers=(784, 48, 40, 10))
 
 
 def test_the_deltas_a_node_is_sent_keep_no_exact_zeros_of_the_off_units(core_data_dir):
