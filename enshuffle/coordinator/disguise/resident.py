@@ -92,6 +92,39 @@ def _precondition(basis, g: np.ndarray) -> np.ndarray:
     return out
 
 
+def _frobenius(x: np.ndarray) -> float:
+    return float(np.sqrt(np.einsum("ij,ij->", x, x)))
+
+
+def probe_check(
+    out: np.ndarray, lhs: np.ndarray, probes: np.ndarray, tracked: np.ndarray, eps: float, v_bound: float, drift: float
+) -> str | None:
+    """Freivalds on out = lhs @ X for a secret X the caller tracks as X @ probes = `tracked`:
+    out @ probes against lhs @ tracked, within out's one rounding to its dtype (eps) plus float64
+    rounding of the product and of X's recurrence (v_bound: a bound on ||X||_F; drift: how far
+    the node's X may be from the tracked one)."""
+    o64 = out.astype(np.float64)
+    l64 = lhs if lhs.dtype == np.float64 else lhs.astype(np.float64)
+    diff = o64 @ probes - l64 @ tracked
+    if not np.isfinite(diff).all():
+        return "result has NaN or infinite entries"
+    rounding = eps * np.sqrt((o64 * o64) @ (probes * probes))
+    probe_rms = float(np.sqrt(np.mean(probes**2)))
+    row_norm = np.sqrt(np.einsum("ij,ij->i", l64, l64))
+    product = probe_rms * row_norm[:, None] * (EPS64 * math.sqrt(l64.shape[1]) * v_bound + drift)
+    bound = CHECK_SLACK * (rounding + product)
+    if not np.isfinite(bound).all():
+        return "result has entries too large to check"
+    bad = np.abs(diff) > bound + 1e-300
+    if np.any(bad):
+        r = int(np.argwhere(bad)[0, 0])
+        return (
+            f"probe check failed on row {r}: {float(np.abs(diff[r]).max()):.3e} "
+            f"above its bound {float(bound[r].max()):.3e}"
+        )
+    return None
+
+
 class SlotCheckpoints:
     """What the first layer's and the hidden layers' resident disguises share: replaying every slot
     with updates since its checkpoint when no node can be asked."""
@@ -485,25 +518,7 @@ class ResidentDisguise(SlotCheckpoints):
         if y.shape != (rows.shape[0], self.hidden):
             return f"result shape {y.shape}, expected {(rows.shape[0], self.hidden)}"
         srows = self._static_rows(shard, rows)
-        y64 = y.astype(np.float64)
-        diff = y64 @ st.probes - srows @ st.vr
-        if not np.isfinite(diff).all():  # a NaN or infinity anywhere in y reaches its row of y R
-            return "result has NaN or infinite entries"
-        rounding = self.eps * np.sqrt((y64 * y64) @ (st.probes * st.probes))
-        probe_rms = float(np.sqrt(np.mean(st.probes**2)))
-        row_norm = np.linalg.norm(srows, axis=1)
-        product = probe_rms * row_norm[:, None] * (EPS64 * math.sqrt(srows.shape[1]) * st.v_bound + st.drift)
-        bound = CHECK_SLACK * (rounding + product)
-        if not np.isfinite(bound).all():  # entries so large that their squares overflow: no honest result
-            return "result has entries too large to check"
-        bad = np.abs(diff) > bound + 1e-300
-        if np.any(bad):
-            r = int(np.argwhere(bad)[0, 0])
-            return (
-                f"probe check failed on row {r}: |y R - S (V R)| = {float(np.abs(diff[r]).max()):.3e} "
-                f"above its bound {float(bound[r].max()):.3e}"
-            )
-        return None
+        return probe_check(y, srows, st.probes, st.vr, self.eps, st.v_bound, st.drift)
 
     def check_state(self, shard: int, state: np.ndarray) -> str | None:
         """A fetched [V; buf] against the tracked V R and buf R."""

@@ -40,7 +40,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from enshuffle.coordinator.disguise.mixing import Mixing
-from enshuffle.coordinator.disguise.resident import CHECK_SLACK, EPS64, MOMENTUM, PROBES, HiddenBasis, SlotCheckpoints
+from enshuffle.coordinator.disguise.resident import (
+    CHECK_SLACK,
+    EPS64,
+    MOMENTUM,
+    PROBES,
+    HiddenBasis,
+    SlotCheckpoints,
+    _frobenius,
+    probe_check,
+)
 
 ROW_GROUP = 32  # batch rows mixed together (fresh orthogonal blocks each step)
 
@@ -106,39 +115,6 @@ class HiddenSlot:
     checkpoint_version: int = 0
     version: int = 0
     log: list[Update] = field(default_factory=list)
-
-
-def _frobenius(x: np.ndarray) -> float:
-    return float(np.sqrt(np.einsum("ij,ij->", x, x)))
-
-
-def probe_check(
-    out: np.ndarray, lhs: np.ndarray, probes: np.ndarray, tracked: np.ndarray, eps: float, v_bound: float, drift: float
-) -> str | None:
-    """Freivalds on out = lhs @ X for a secret X the caller tracks as X @ probes = `tracked`:
-    out @ probes against lhs @ tracked, within out's one rounding to its dtype (eps) plus float64
-    rounding of the product and of X's recurrence (v_bound: a bound on ||X||_F; drift: how far
-    the node's X may be from the tracked one)."""
-    o64 = out.astype(np.float64)
-    l64 = lhs if lhs.dtype == np.float64 else lhs.astype(np.float64)
-    diff = o64 @ probes - l64 @ tracked
-    if not np.isfinite(diff).all():
-        return "result has NaN or infinite entries"
-    rounding = eps * np.sqrt((o64 * o64) @ (probes * probes))
-    probe_rms = float(np.sqrt(np.mean(probes**2)))
-    row_norm = np.sqrt(np.einsum("ij,ij->i", l64, l64))
-    product = probe_rms * row_norm[:, None] * (EPS64 * math.sqrt(l64.shape[1]) * v_bound + drift)
-    bound = CHECK_SLACK * (rounding + product)
-    if not np.isfinite(bound).all():
-        return "result has entries too large to check"
-    bad = np.abs(diff) > bound + 1e-300
-    if np.any(bad):
-        r = int(np.argwhere(bad)[0, 0])
-        return (
-            f"probe check failed on row {r}: {float(np.abs(diff[r]).max()):.3e} "
-            f"above its bound {float(bound[r].max()):.3e}"
-        )
-    return None
 
 
 class HiddenResident(SlotCheckpoints):
