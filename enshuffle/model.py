@@ -266,6 +266,21 @@ def w1_momentum_step(
     params[name] += (lr * buf).astype(params[name].dtype)
 
 
+def hidden_momentum_step(
+    a, dz, params: dict[str, np.ndarray], layer: int, lr: float, opt: "OptimizerState", basis=None
+) -> np.ndarray:
+    """A momentum hidden layer's backward computed here: da = dz w^T (w before the step), then SGD
+    with momentum on w from g = a^T dz, preconditioned by `basis` (a resident HiddenBasis: the
+    step its V-basis SGD takes in w's basis) when there is one."""
+    name = f"w{layer}"
+    da = dz @ params[name].T
+    g = a.T.astype(np.float64) @ dz.astype(np.float64)
+    if basis is not None:
+        g = basis.precondition(g)
+    w1_momentum_step(params, opt, g, lr, name)
+    return da
+
+
 class LocalCompute:
     """The network's operations computed here with numpy: the centralized reference.
 
@@ -303,13 +318,8 @@ class LocalCompute:
     ) -> np.ndarray:
         """A momentum hidden layer's backward: da = dz w^T (with w before the step), then SGD with
         momentum on w from g = a^T dz, preconditioned by the basis when there is one."""
-        name = f"w{layer}"
-        da = dz @ params[name].T
-        g = a.T.astype(np.float64) @ dz.astype(np.float64)
-        if self.basis is not None and layer in self.basis.hidden_layers:
-            g = self.basis.hidden_layers[layer].precondition(g)
-        w1_momentum_step(params, opt, g, lr, name)
-        return da
+        basis = self.basis.hidden_layers.get(layer) if self.basis is not None else None
+        return hidden_momentum_step(a, dz, params, layer, lr, opt, basis)
 
     def w1_step(
         self, params: dict[str, np.ndarray], idx, dz1: np.ndarray, labels, lr: float, opt: "OptimizerState"

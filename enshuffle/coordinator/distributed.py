@@ -48,7 +48,7 @@ from enshuffle.coordinator.ledger import (
 from enshuffle.coordinator.offload import CostModel, check_offload, decide, plan_lines, step_plan
 from enshuffle.coordinator.plan import balanced_blocks
 from enshuffle.kernels import ResidentState, compute_batch
-from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, w1_momentum_step
+from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, hidden_momentum_step, w1_momentum_step
 
 # No batch's operands, nor the memory its node needs for it (gathered rows and result), exceed
 # this: a larger product goes out as several batches of whole rows (docs/protocol.md section 7),
@@ -575,12 +575,8 @@ class DistributedCompute:
             w1_momentum_step(params, opt, np.asarray(g, dtype=np.float64), lr, name)
             return da
         if layer not in self._momentum_layers or self._hidden_home(layer, a.shape[0]):
-            da = dz @ params[name].T
-            g = a.T.astype(np.float64) @ dz.astype(np.float64)
-            if layer in self.hidden_resident:
-                g = self.hidden_resident[layer].basis.precondition(g)
-            w1_momentum_step(params, opt, g, lr, name)
-            return da
+            basis = self.hidden_resident[layer].basis if layer in self.hidden_resident else None
+            return hidden_momentum_step(a, dz, params, layer, lr, opt, basis)
         hr = self.hidden_resident[layer]
         if hr.audit is not None:
             hr.audit_rows = self._audit_rows
