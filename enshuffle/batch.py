@@ -5,7 +5,7 @@ results with it, the server sizes each result and lease with it, the node sizes 
 what it computes with it, and `enshuffle.kernels` computes from its typed params. Per op:
 
 - typed params: `Matmul` and `Resident`, from a header's `params` by `parse` (a `BatchError` for
-  params that break the spec);
+  params that break the spec); every function below takes either;
 - `result_shape` and `result_dtype`: what the RESULT's array `c` must be;
 - `work`: multiply-adds, what leases scale with;
 - `memory`: the bytes a node allocates for the batch, from the header's shapes alone (docs/protocol.md
@@ -148,22 +148,31 @@ class Resident:
 
 
 Params = Matmul | Resident
+_TYPED: dict[str, type[Matmul] | type[Resident]] = {"matmul": Matmul, "resident": Resident}
 
 
-def parse(op: str, params: Mapping) -> Params:
-    """The typed params of a batch of `op`; BatchError for an op not in OPS or params that break the spec."""
-    if op == "matmul":
-        return Matmul.parse(params)
-    if op == "resident":
-        return Resident.parse(params)
-    raise BatchError("unknown-op", f"op {op!r} is not one of {', '.join(OPS)}")
+def parse(op: str, params: Mapping | Params) -> Params:
+    """The typed params of a batch of `op`; BatchError for an op not in OPS or params that break the spec.
+
+    Typed params of `op` come back as they are: every function here takes a header's `params` or
+    what `parse` made of them, so a caller that holds a batch's typed params parses them once."""
+    typed = _TYPED.get(op)
+    if typed is None:
+        raise BatchError("unknown-op", f"op {op!r} is not one of {', '.join(OPS)}")
+    if isinstance(params, (Matmul, Resident)):
+        if type(params) is not typed:
+            raise BatchError("bad-batch", f"{type(params).__name__} params for op {op!r}")
+        return params
+    return typed.parse(params)
 
 
 def _static_shape(spec: Matmul, held: Mapping[str, Any]) -> tuple[int, ...] | None:
     return None if spec.a_static is None else tuple(held[spec.a_static].shape)
 
 
-def result_shape(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> tuple[int, int]:
+def result_shape(
+    op: str, params: Mapping | Params, arrays: Mapping[str, Any], held: Mapping[str, Any]
+) -> tuple[int, int]:
     """The shape of the RESULT's `c`."""
     spec = parse(op, params)
     if isinstance(spec, Matmul):
@@ -175,7 +184,7 @@ def result_shape(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapp
     return (n, k) if spec.backward else (n, h)
 
 
-def result_dtype(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> np.dtype:
+def result_dtype(op: str, params: Mapping | Params, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> np.dtype:
     """The dtype of the RESULT's `c`: a product's operands'; a first-layer resident forward its
     static's, a hidden layer's its operands', a fetched state float64."""
     spec = parse(op, params)
@@ -188,7 +197,7 @@ def result_dtype(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapp
     return np.dtype(arrays["b" if "b" in arrays else "a"].dtype)
 
 
-def work(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> float:
+def work(op: str, params: Mapping | Params, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> float:
     """Multiply-adds of a batch: what leases scale with (at least 1)."""
     spec = parse(op, params)
     if isinstance(spec, Matmul):
@@ -198,7 +207,7 @@ def work(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[str,
     return max(float(spec.updates * b * k * h + n * k * h), 1.0)
 
 
-def memory(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> int:
+def memory(op: str, params: Mapping | Params, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> int:
     """Bytes a batch makes a node allocate, from the header's shapes alone: a product's result
     plus the gathered rows of a static operand; a resident batch's gathered rows and result in
     float64 and, with updates, their rows and gradient. Shapes it cannot read count as 0 (the
@@ -251,7 +260,7 @@ def memory(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[st
         return 0
 
 
-def describe(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> str:
+def describe(op: str, params: Mapping | Params, arrays: Mapping[str, Any], held: Mapping[str, Any]) -> str:
     """A short human description for logs and the node's console, e.g. 'matmul (128x392)·(392x128)'."""
 
     def dims(shape) -> str:
@@ -280,7 +289,7 @@ def describe(op: str, params: Mapping, arrays: Mapping[str, Any], held: Mapping[
 
 
 def split(
-    op: str, params: Mapping, arrays: dict[str, np.ndarray], cap: int, static_cols: int = 0
+    op: str, params: Mapping | Params, arrays: dict[str, np.ndarray], cap: int, static_cols: int = 0
 ) -> tuple[list[dict[str, np.ndarray]], Groups]:
     """A batch's arrays as several batches' (same op and params), each needing at most `cap`
     bytes (operands, gathered static rows and result), and how their results make the whole

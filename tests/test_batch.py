@@ -110,6 +110,45 @@ def test_params_are_typed_and_checked():
         assert err.value.code == "bad-batch", params
 
 
+def test_typed_params_stand_for_the_header_params_and_a_batch_parses_once():
+    """Every function of the vocabulary takes what `parse` made of a batch's params as well as the
+    params themselves, with the same answers; a coordinator's Batch parses its params once, again
+    only when they are replaced."""
+    from enshuffle.coordinator.distributed import Batch
+
+    static, wire = np.zeros((20, 6), np.float32), np.zeros((12, 4))
+    params = {"a_static": "s", "state": "v", "from": 1, "version": 3, "lr": [0.1, 0.2], "momentum": 0.9}
+    arrays = {"rows": np.arange(5), "update_rows": np.zeros((2, 3), np.int64), "dz": np.zeros((6, 4), np.float32)}
+    held = {"s": static, "v": wire}
+    typed = parse("resident", params)
+    assert parse("resident", typed) is typed
+    for fn in (
+        vocabulary.result_shape,
+        vocabulary.result_dtype,
+        vocabulary.work,
+        vocabulary.memory,
+        vocabulary.describe,
+    ):
+        assert fn("resident", typed, arrays, held) == fn("resident", params, arrays, held), fn.__name__
+    product = ({"a_static": "s"}, {"rows": np.arange(30), "b": np.zeros((6, 8), np.float32)})
+    assert (
+        vocabulary.split("matmul", parse("matmul", product[0]), product[1], 1 << 10, 6)[1]
+        == (vocabulary.split("matmul", product[0], product[1], 1 << 10, 6)[1])
+    )
+    with pytest.raises(BatchError) as err:  # typed params of another op
+        parse("matmul", typed)
+    assert err.value.code == "bad-batch"
+    with pytest.raises(BatchError) as err:
+        parse("square", typed)
+    assert err.value.code == "unknown-op"
+
+    batch = Batch(0, "resident", params, arrays)
+    assert batch.spec == typed and batch.spec is batch.spec  # parsed once
+    batch.params = {**params, "fetch": True}
+    assert batch.spec.fetch and batch.spec is batch.spec  # replaced params: parsed again
+    assert Batch(0, "resident", params, arrays) == Batch(0, "resident", params, arrays)  # the cache is not compared
+
+
 def test_a_node_must_offer_every_op_and_may_offer_more(core_data_dir):
     """HELLO's capabilities.ops (docs/protocol.md section 11): a node that lacks an op is refused
     `bad-hello`; one that lists more (the retired elementwise ops, say) is welcomed."""

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor
+from enshuffle.coordinator.ledger import ExposureLedger
 from enshuffle.coordinator.plan import Disguise, build_matmul_plan, new_disguise, pow2
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS, get_preset
@@ -311,3 +312,30 @@ def test_dz1_reaches_nodes_without_its_class_structure(ledger_inputs):
     )
     assert plain[0] > 0.5  # the attack works on plain dz1
     assert hidden[0] < 0.1 and hidden[1] < 0.25
+
+
+def test_node_shares_follow_every_record_and_load():
+    """The shares a BATCH header announces are kept as records come in: always what the masks say,
+    also after a load over what a node had."""
+    ledger = ExposureLedger({"images": 8, "samples": 1, "deltas": 4})
+
+    def counted(node):
+        return {
+            t: ledger.positions(node, t).size / ledger.axes[t]
+            for t in ledger.shares()[node]
+            if ledger.positions(node, t).size
+        }
+
+    ledger.record("a", [("images", np.array([0, 1, 1]), 1), ("samples", [0])])
+    assert ledger.node_shares("a") == counted("a") == {"images": 0.25, "samples": 1.0}
+    ledger.record("a", [("images", range(4), 3), ("deltas", np.arange(4))])
+    assert ledger.node_shares("a") == counted("a") == {"images": 0.5, "samples": 1.0, "deltas": 1.0}
+    shares = ledger.node_shares("a")
+    shares["images"] = 0.0  # a copy: the caller's to change
+    assert ledger.node_shares("a")["images"] == 0.5
+    other = ExposureLedger(dict(ledger.axes))
+    other.record("a", [("images", [7])])
+    assert other.node_shares("a") == {"images": 0.125}
+    other.load({"a": {**ledger.export()["a"]}})
+    assert other.node_shares("a") == ledger.node_shares("a")
+    assert other.forms() == ledger.forms()

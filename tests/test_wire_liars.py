@@ -181,7 +181,11 @@ def test_each_batch_disguise_secrets_come_from_a_fresh_seed(core_data_dir):
     stolen = np.random.Generator(np.random.PCG64())
     stolen.bit_generator.state = gen.bit_generator.state  # everything the attacker could learn
     assert reseed(gen)
+    assert gen.bit_generator.state["state"]["inc"] % 2 == 1  # PCG64's increment is odd
     assert not np.array_equal(gen.integers(0, 2**63, 8), stolen.integers(0, 2**63, 8))
+    again = np.random.Generator(np.random.PCG64())
+    again.bit_generator.state = gen.bit_generator.state
+    assert reseed(gen) and gen.bit_generator.state["state"] != again.bit_generator.state["state"]
     assert not reseed(np.random.Generator(np.random.MT19937()))  # a test's own generator stays as it is
     # In a run, once per batch submitted.
     preset = default_preset(epochs=1)

@@ -73,6 +73,17 @@ class Batch:
     arrays: dict[str, np.ndarray]
     exposure: list[tuple] = field(default_factory=list)
     static_cols: int = 0  # columns of the static operand it names (for sizing chunks; not sent)
+    _spec: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def spec(self) -> vocabulary.Params:
+        """The typed params (`enshuffle.batch.parse`), parsed once: sizing, splitting and checking a
+        batch read them several times. Parsed again if `op` or `params` is replaced (a batch's
+        params dict is never changed in place: `fit_batch` makes a new batch)."""
+        cached = self._spec
+        if cached is None or cached[0] != self.op or cached[1] is not self.params:
+            cached = self._spec = (self.op, self.params, vocabulary.parse(self.op, self.params))
+        return cached[2]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
@@ -364,7 +375,7 @@ class DistributedCompute:
         def chunks():
             for batch in batches:
                 cap = self.static_chunk_bytes if batch.params.get("a_static") else self.chunk_bytes
-                parts, groups = vocabulary.split(batch.op, batch.params, batch.arrays, cap, batch.static_cols)
+                parts, groups = vocabulary.split(batch.op, batch.spec, batch.arrays, cap, batch.static_cols)
                 pieces.append(groups)
                 if parts[0] is batch.arrays:  # it fits: the batch itself
                     yield batch

@@ -77,6 +77,9 @@ class ExposureLedger:
     def __init__(self, axes: dict[str, int] | None = None) -> None:
         self.axes = dict(axes or AXES)  # kind -> axis length (ledger_axes of the run's network)
         self._masks: dict[str, dict[str, np.ndarray]] = {}
+        # node -> node_shares, kept by `record` for the kinds it touches (a BATCH header announces
+        # them after every record: counting every kind's mask again each time is wasted)
+        self._shares: dict[str, dict[str, float]] = {}
         self._lock = threading.Lock()
 
     def record(self, node: str, exposure: list[tuple]) -> None:
@@ -84,6 +87,7 @@ class ExposureLedger:
         1 values hidden, 2 positions hidden, 3 clear (default: positions hidden)."""
         with self._lock:
             masks = self._masks.setdefault(node, {})
+            shares = self._node_shares(node)
             for item in exposure:
                 kind, positions = item[0], item[1]
                 form = item[2] if len(item) > 2 else POSITIONS_HIDDEN
@@ -91,6 +95,16 @@ class ExposureLedger:
                 if mask is None:
                     mask = masks[kind] = np.zeros(self.axes[kind], dtype=np.uint8)
                 np.maximum.at(mask, np.asarray(positions, dtype=np.int64), np.uint8(form))
+                shares[kind] = float(np.count_nonzero(mask) / mask.size)
+
+    def _node_shares(self, node: str) -> dict[str, float]:
+        """The kept shares of `node` (made from its masks when not kept); call with the lock held."""
+        shares = self._shares.get(node)
+        if shares is None:
+            shares = self._shares[node] = {
+                t: float(np.count_nonzero(m) / m.size) for t, m in self._masks.get(node, {}).items() if t in self.axes
+            }
+        return shares
 
     def nodes(self) -> list[str]:
         with self._lock:
@@ -115,9 +129,7 @@ class ExposureLedger:
     def node_shares(self, node: str) -> dict[str, float]:
         """One node's shares, only for kinds it has received (what a BATCH header announces)."""
         with self._lock:
-            return {
-                t: float(np.count_nonzero(m) / m.size) for t, m in self._masks.get(node, {}).items() if t in self.axes
-            }
+            return dict(self._node_shares(node))
 
     def positions(self, node: str, kind: str) -> np.ndarray:
         """Indices along the kind's axis that `node` has received (for tests and audits)."""
@@ -198,6 +210,7 @@ class ExposureLedger:
                         values = bits.astype(np.uint8) * POSITIONS_HIDDEN
                     if values.shape[0] == size:
                         self._masks.setdefault(node, {})[kind] = values
+                        self._shares.pop(node, None)
 
 
 def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[str]:

@@ -104,6 +104,7 @@ ADDRESS_REPLIES_PER_S = HANDSHAKE_REPLIES_PER_S // 2  # ... and at most this man
 MAX_ADDRESSES = 4096  # peer addresses whose reply budget is kept (oldest forgotten first)
 MAX_CHALLENGED = 4 * 1024  # connections (routing ids) remembered as having had their one CHALLENGE
 ZERO_COPY_BYTES = 64 * 1024
+_SEND_MORE, _SEND_LAST = int(zmq.SNDMORE | zmq.NOBLOCK), int(zmq.NOBLOCK)  # a sealed send's two parts
 RECEIVE_HWM = 8  # messages queued per connection before libzmq stops reading it (credit 2 + a few)
 SWEEP_S = 0.05  # the longest pump() goes without visiting every session (leases, silence, heartbeats)
 # A coordinator receives RESULTs (a block of at most samples x hidden units) and small messages: it
@@ -140,16 +141,27 @@ class TrainingAborted(RuntimeError):
     """The run cannot go on (e.g. every node rejects the same batch); the message says why."""
 
 
+_U128 = (1 << 128) - 1
+
+
 def reseed(rng) -> bool:
     """Give a NumPy PCG64 Generator a fresh state from 256 bits of os.urandom, in place (what has
-    been drawn stays drawn). Called between batches on the generator of the per-batch disguise
-    secrets: recovering one batch's PCG64 state (it is not a cryptographic generator) then
-    predicts no other batch's secrets (docs/design.md, "Where the secrets come from"). False if
-    `rng` is not a PCG64 Generator (a test's own generator is left alone)."""
+    been drawn stays drawn): its 128-bit state and its 128-bit increment (odd, as PCG64's must be)
+    are drawn directly, with no seed derivation between (a SeedSequence would spread the same
+    256 bits over the same two numbers, at five times the cost per batch). Called between batches
+    on the generator of the per-batch disguise secrets: recovering one batch's PCG64 state (it is
+    not a cryptographic generator) then predicts no other batch's secrets (docs/design.md, "Where
+    the secrets come from"). False if `rng` is not a PCG64 Generator (a test's own generator is
+    left alone)."""
     if not isinstance(rng, np.random.Generator) or not isinstance(rng.bit_generator, np.random.PCG64):
         return False
-    fresh = np.random.PCG64(np.random.SeedSequence(int.from_bytes(os.urandom(32), "big")))
-    rng.bit_generator.state = fresh.state
+    fresh = int.from_bytes(os.urandom(32), "big")
+    rng.bit_generator.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": fresh >> 128, "inc": (fresh & _U128) | 1},
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
     return True
 
 
@@ -167,6 +179,7 @@ class Task:
     batch_id: str
     work: float
     shape: tuple[int, int]
+    dtype: np.dtype  # with `shape`, what its RESULT's array c must be
     result: np.ndarray | None = None
     session: str | None = None  # node_id holding the live lease
     seq: int = -1
@@ -488,12 +501,12 @@ class CoordinatorServer:
         return self._seq
 
     def _send(self, session: Session, command: str, header: dict, arrays: dict | None = None) -> bool:
-        frames = session.channel.seal(command, header, arrays)
+        (frame,) = session.channel.seal(command, header, arrays)  # a sealed message is one frame
         try:
-            # Zero-copy pays only for large frames; for small ones pyzmq's Frame costs more than a copy.
-            self.sock.send_multipart(
-                [session.routing_id, *frames], copy=len(frames[0]) < ZERO_COPY_BYTES, flags=zmq.NOBLOCK
-            )
+            # send_multipart's two sends, without its per-call checks and flag arithmetic. Zero-copy
+            # pays only for large frames; for small ones pyzmq's Frame costs more than a copy.
+            self.sock.send(session.routing_id, _SEND_MORE)
+            self.sock.send(frame, _SEND_LAST, copy=len(frame) < ZERO_COPY_BYTES)
         except zmq.ZMQError as exc:
             why = f"its connection closed without a BYE ({_gone(exc)})"
             if session.done == 0:
@@ -504,7 +517,7 @@ class CoordinatorServer:
             self._end_session(session, why)
             return False
         session.last_sent = time.monotonic()
-        self.bytes_sent += sum(len(f) for f in frames)
+        self.bytes_sent += len(frame)
         return True
 
     def _send_raw(self, routing_id: bytes, command: str, header: dict) -> None:
@@ -576,14 +589,17 @@ class CoordinatorServer:
         caller prepares the next slot's batch. `collect` waits for the results."""
         self._batch_counter += 1
         held = self.static_arrays(batch.shard)
+        spec, arrays = batch.spec, batch.arrays
+        shape = vocabulary.result_shape(batch.op, spec, arrays, held)
+        dtype = vocabulary.result_dtype(batch.op, spec, arrays, held)
         task = Task(
             batch=batch,
             batch_id=f"{self.step}.{self._batch_counter}",
-            work=vocabulary.work(batch.op, batch.params, batch.arrays, held),
-            shape=vocabulary.result_shape(batch.op, batch.params, batch.arrays, held),
+            work=vocabulary.work(batch.op, spec, arrays, held),
+            shape=shape,
+            dtype=dtype,
+            result_bytes=shape[0] * shape[1] * dtype.itemsize,
         )
-        dtype = self._result_dtype(batch)
-        task.result_bytes = int(np.prod(task.shape)) * dtype.itemsize
         self._tasks[task.batch_id] = task
         # This batch's disguise secrets are drawn: the next batch's come from a fresh seed.
         if reseed(self.plan.disguise_rng):
@@ -947,9 +963,6 @@ class CoordinatorServer:
         if batch.op == "resident":
             session.state_versions[batch.params["state"]] = int(batch.params["version"])
         return True
-
-    def _result_dtype(self, batch: Batch) -> np.dtype:
-        return vocabulary.result_dtype(batch.op, batch.params, batch.arrays, self.static_arrays(batch.shard))
 
     def statics_changed(self, shard: int, reset: bool = False) -> None:
         """Slot `shard`'s statics changed (a resident state's new checkpoint): prepared afresh for
@@ -1414,7 +1427,7 @@ class CoordinatorServer:
             self.log(f"dropped a late RESULT for batch {task.batch_id} from {session.label}: its lease had expired")
             return
         c = msg.arrays.get("c")
-        expected_dtype = self._result_dtype(task.batch)
+        expected_dtype = task.dtype
         if c is None or tuple(c.shape) != tuple(task.shape) or c.dtype != expected_dtype:
             got = "nothing" if c is None else f"{c.dtype}{tuple(c.shape)}"
             self.counters["dropped"] += 1

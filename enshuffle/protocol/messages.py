@@ -32,7 +32,7 @@ import re
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -207,30 +207,49 @@ CAPABILITY_FIELDS = {"ops": "list", "threads": "pos", "credit": "pos"}  # HELLO.
 LEASE_FIELDS = {"min_ms": "pos", "multiple": "num", "initial_ms": "pos"}  # WELCOME.lease
 
 
-def _type_ok(value: Any, kind: str) -> bool:
+_MAX_INT = 2**53  # "int": what a JSON number holds exactly
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _MAX_INT
+
+
+_HEX32_RE = re.compile(r"[0-9a-f]{64}")
+# One test per field type (docs/protocol.md, the command table); a trailing "?" also allows null.
+_KIND_TESTS: dict[str, Callable[[Any], bool]] = {
+    "str": lambda value: isinstance(value, str),
+    "int": _is_int,
+    "uint": lambda value: _is_int(value) and value >= 0,
+    "pos": lambda value: _is_int(value) and value >= 1,
+    "num": lambda value: isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+    "bool": lambda value: isinstance(value, bool),
+    "obj": lambda value: isinstance(value, dict),
+    "list": lambda value: isinstance(value, list),
+    "hex32": lambda value: isinstance(value, str) and _HEX32_RE.fullmatch(value) is not None,
+    "name": lambda value: isinstance(value, str) and _NAME_RE.match(value) is not None,
+}
+
+
+def _kind_test(kind: str) -> Callable[[Any], bool]:
+    """The test of one field type, e.g. "uint" or "str?"."""
     if kind.endswith("?"):
-        return value is None or _type_ok(value, kind[:-1])
-    if kind == "str":
-        return isinstance(value, str)
-    if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= 2**53
-    if kind == "uint":
-        return _type_ok(value, "int") and value >= 0
-    if kind == "pos":
-        return _type_ok(value, "int") and value >= 1
-    if kind == "num":
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind == "bool":
-        return isinstance(value, bool)
-    if kind == "obj":
-        return isinstance(value, dict)
-    if kind == "list":
-        return isinstance(value, list)
-    if kind == "hex32":
-        return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
-    if kind == "name":
-        return isinstance(value, str) and _NAME_RE.match(value) is not None
-    raise AssertionError(f"unknown field kind {kind!r}")
+        test = _kind_test(kind[:-1])
+        return lambda value: value is None or test(value)
+    if kind not in _KIND_TESTS:
+        raise AssertionError(f"unknown field kind {kind!r}")
+    return _KIND_TESTS[kind]
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    return _kind_test(kind)(value)
+
+
+# Per command, its fields with their tests, made once: every message sent and received is checked.
+_FIELD_TESTS: dict[str, tuple[tuple[str, str, Callable[[Any], bool]], ...]] = {
+    command: tuple((name, kind, _kind_test(kind)) for name, kind in spec.fields.items())
+    for command, spec in COMMANDS.items()
+}
+_NESTED_FIELDS = {"HELLO": ("capabilities", CAPABILITY_FIELDS), "WELCOME": ("lease", LEASE_FIELDS)}
 
 
 def check_header(command: str, header: Mapping[str, Any]) -> None:
@@ -238,19 +257,17 @@ def check_header(command: str, header: Mapping[str, Any]) -> None:
 
     Unknown extra fields are allowed (a later minor revision may add some) and ignored.
     """
-    spec = COMMANDS[command]
-    for name, kind in spec.fields.items():
+    for name, kind, test in _FIELD_TESTS[command]:
         if name not in header:
             raise ProtocolError(BAD_HEADER, f"{command} header lacks field {name!r}", dict(header))
-        if not _type_ok(header[name], kind):
+        if not test(header[name]):
             raise ProtocolError(
                 BAD_HEADER, f"{command} header field {name!r} must be {kind}, got {header[name]!r:.80}", dict(header)
             )
     if command == "BATCH" and header["op"] not in OPS:
         raise ProtocolError(BAD_HEADER, f"BATCH op {header['op']!r} is not one of {OPS}", dict(header))
-    nested = {"HELLO": ("capabilities", CAPABILITY_FIELDS), "WELCOME": ("lease", LEASE_FIELDS)}
-    if command in nested:
-        outer, fields = nested[command]
+    if command in _NESTED_FIELDS:
+        outer, fields = _NESTED_FIELDS[command]
         for name, kind in fields.items():
             value = header[outer].get(name)
             if not _type_ok(value, kind):
@@ -262,11 +279,13 @@ def check_header(command: str, header: Mapping[str, Any]) -> None:
 # --- encoding ------------------------------------------------------------------------------
 
 
+# Made once (json.dumps with options makes a new encoder every call); the header's bytes on the wire.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def canonical_json(obj: Any) -> bytes:
     try:
-        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-            "utf-8"
-        )
+        return _ENCODER.encode(obj).encode("utf-8")
     except (TypeError, ValueError) as exc:
         raise ProtocolError(BAD_HEADER, f"header is not JSON-serialisable: {exc}") from None
 
@@ -372,11 +391,13 @@ def _as_buffer(frame: Any) -> memoryview:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict:
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):  # a key came twice: which one
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return out
 
 
@@ -384,9 +405,15 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+
+
 def _parse_header(raw: bytes) -> dict:
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        text = raw.decode("utf-8")
+        if text.startswith("\ufeff"):  # what json.loads refuses too
+            raise ValueError("Unexpected UTF-8 BOM")
+        header = _DECODER.decode(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ProtocolError(BAD_HEADER, f"header is not UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -405,7 +432,11 @@ def _parse_entries(command: str, header: dict, limits: Limits) -> list[tuple[str
         )
     parsed, seen = [], set()
     for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or set(entry) != {"name", "dtype", "shape"}:
+        if (
+            not isinstance(entry, dict)
+            or len(entry) != 3
+            or not ("name" in entry and "dtype" in entry and "shape" in entry)
+        ):
             raise ProtocolError(BAD_ARRAY, f"arrays[{i}] must be exactly {{name, dtype, shape}}", header)
         name, dtype, shape = entry["name"], entry["dtype"], entry["shape"]
         if not isinstance(name, str) or not _NAME_RE.match(name) or name in seen:
@@ -572,15 +603,15 @@ class Channel:
     """
 
     # Larger messages are encrypted part by part, without joining them; smaller ones are joined
-    # and sealed in one call on the session's AESGCM object (no new cipher context per message:
-    # a default-preset BATCH or RESULT is 65-200 KB, and joining copies at most this much).
+    # (one copy) and sealed in one call on the session's AESGCM object (no new cipher context per
+    # message: a default-preset BATCH or RESULT is 65-200 KB, and joining copies at most this much).
     STREAM_THRESHOLD = 1 << 20
     # What `seconds` is measured with: wall time by default (a cheap clock); `enshuffle bench`
     # sets time.thread_time, the CPU time of this thread, which a busy machine does not inflate.
     clock = staticmethod(time.perf_counter)
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
-        self._send_key = send_key
+        self._send_aes = algorithms.AES(send_key)  # for the part-by-part cipher contexts
         self._send = AESGCM(send_key)
         self._recv = AESGCM(recv_key)
         self.sent = 0  # next counter to send
@@ -599,31 +630,31 @@ class Channel:
         counter = self.sent
         self.sent += 1
         envelope = TAG + KIND_SEALED + counter.to_bytes(COUNTER_BYTES, "big")
-        nonce = bytes(4) + envelope[5:]
-        size = sum(memoryview(p).nbytes for p in parts)
+        nonce = bytes(4) + envelope[PREFIX_BYTES:]
+        views = [memoryview(p) for p in parts]
+        size = sum(v.nbytes for v in views)
         # numpy's empty: no zero-filling of a buffer every byte of which is written below
-        out = np.empty(len(envelope) + size + TAG_BYTES, dtype=np.uint8)
-        out[: len(envelope)] = np.frombuffer(envelope, dtype=np.uint8)
-        body = memoryview(out)[len(envelope) :]  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
+        out = memoryview(np.empty(len(envelope) + size + TAG_BYTES, dtype=np.uint8))  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
+        out[: len(envelope)] = envelope
+        body = out[len(envelope) :]
         if size <= self.STREAM_THRESHOLD:
-            self._send.encrypt_into(nonce, b"".join(bytes(p) for p in parts), envelope, body)
+            self._send.encrypt_into(nonce, b"".join(views), envelope, body)
         else:
-            enc = Cipher(algorithms.AES(self._send_key), modes.GCM(nonce)).encryptor()
+            enc = Cipher(self._send_aes, modes.GCM(nonce)).encryptor()
             enc.authenticate_additional_data(envelope)
             offset = 0
-            for part in parts:
-                n = memoryview(part).nbytes
+            for view in views:
+                n = view.nbytes
                 if n:
-                    # update_into may hold back up to a block; it needs room for len + 15 bytes
-                    # update_into wants room for len + 15 bytes; the tag's 16 bytes of slack cover it
-                    written = enc.update_into(part, body[offset : offset + n + 15])
-                    offset += written
+                    # update_into may hold back up to a block; it wants room for len + 15 bytes,
+                    # which the tag's 16 bytes of slack cover
+                    offset += enc.update_into(view, body[offset : offset + n + 15])
             tail = enc.finalize()
             body[offset : offset + len(tail)] = tail
             offset += len(tail)
             body[offset : offset + TAG_BYTES] = enc.tag
         self.seconds += self.clock() - start
-        return [memoryview(out)]  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
+        return [out]
 
     def open(self, frames: list, *, limits: Limits = DEFAULT_LIMITS) -> Message:
         """Decrypt, check the counter, then decode one sealed message."""
