@@ -47,6 +47,7 @@ which nodes apply idempotently by version.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -200,9 +201,29 @@ def owned_state(state: np.ndarray) -> np.ndarray:
 
 class SlotCheckpoints:
     """What the first layer's and the hidden layers' resident disguises share: replaying every slot
-    with updates since its checkpoint when no node can be asked."""
+    with updates since its checkpoint when no node can be asked, and the checkpoints' buffers."""
 
     slots: list
+    _spares: dict[int, np.ndarray]  # shard -> its checkpoint before the current one
+
+    def _owned_copy(self, shard: int, state: np.ndarray) -> np.ndarray:
+        """`owned_state(state)` for slot `shard`'s next checkpoint, written into its checkpoint
+        before the current one when nothing else holds that any more (the server drops a state
+        static when the next checkpoint replaces it): a fresh array of a state's size page-faults
+        all of it in, since the heap's freed blocks have been split by the steps in between."""
+        spare = self._spares.pop(shard, None)
+        # 2: `spare` here and getrefcount's argument; a view of it, a send in progress or any
+        # other holder counts too
+        if spare is None or spare.shape != state.shape or sys.getrefcount(spare) > 2:
+            return owned_state(state)
+        spare.flags.writeable = True
+        np.copyto(spare, state)
+        spare.flags.writeable = False
+        return spare
+
+    def _keep_spare(self, shard: int, old: np.ndarray) -> None:
+        """A replaced checkpoint's array, kept as the buffer of the slot's next one."""
+        self._spares[shard] = old
 
     def replay(self, shard: int) -> np.ndarray:
         raise NotImplementedError
@@ -419,6 +440,7 @@ class ResidentDisguise(SlotCheckpoints):
         self._forward: tuple[np.ndarray, np.ndarray] | None = None  # (idx, x[idx] B_all) of the last forward
         self._rows_cache: dict[int, tuple] = {}  # shard -> (rows, S[rows] float64, its row norms)
         self._checked: dict[int, StateProducts] = {}  # shard -> the products of the last state checked
+        self._spares = {}
         self.fetches = 0
 
     # -- state ----------------------------------------------------------------------
@@ -652,5 +674,7 @@ class ResidentDisguise(SlotCheckpoints):
         products = self._checked.pop(shard, None)
         if products is not None and products.source is not state:
             products = None
-        self._set_checkpoint(st, owned_state(state), version, products=products)
+        old = st.checkpoint_state
+        self._set_checkpoint(st, self._owned_copy(shard, state), version, products=products)
+        self._keep_spare(shard, old)
         self.fetches += 1

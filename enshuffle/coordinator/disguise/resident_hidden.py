@@ -156,6 +156,7 @@ class HiddenResident(SlotCheckpoints):
         self._kept: tuple | None = None  # (a, L, [A_s]) of the last forward, for its backward
         self._f64: dict = {}  # key -> (source, float64 copy, its row norms or None): what the checks and tracking read
         self._checked: dict[int, StateProducts] = {}  # shard -> the products of the last state checked
+        self._spares = {}
         self._units_order: np.ndarray | None = None  # da's columns from the slots' blocks side by side
         self.fetches = 0
         # `enshuffle audit` only (None otherwise): version -> (L's blocks, L's tail, the batch's
@@ -381,7 +382,9 @@ class HiddenResident(SlotCheckpoints):
         products = self._checked.pop(shard, None)
         if products is not None and products.source is not state:
             products = None
-        self._set_checkpoint(st, owned_state(state), version, products=products)
+        old = st.checkpoint_state
+        self._set_checkpoint(st, self._owned_copy(shard, state), version, products=products)
+        self._keep_spare(shard, old)
         self.fetches += 1
 
     def replay(self, shard: int) -> np.ndarray:
