@@ -89,7 +89,8 @@ class Mixing:
         n = x.shape[0]
         if count:
             blocks = x[:, : count * g].reshape(n, count, g).transpose(1, 0, 2)
-            target = out[:, : count * g].reshape(n, count, g).transpose(1, 0, 2)
+            # a view of `out` (which may be a block of another array's columns), never a copy
+            target = np.reshape(out[:, : count * g], (n, count, g), copy=False).transpose(1, 0, 2)
             if work == dtype:
                 np.matmul(blocks, stack, out=target)
             else:

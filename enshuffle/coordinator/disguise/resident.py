@@ -47,7 +47,9 @@ which nodes apply idempotently by version.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -92,25 +94,57 @@ def _precondition(basis, g: np.ndarray) -> np.ndarray:
     return out
 
 
-def _frobenius(x: np.ndarray) -> float:
-    return float(np.sqrt(np.einsum("ij,ij->", x, x)))
+def row_norms(x: np.ndarray) -> np.ndarray:
+    """||x_i|| of every row of a float64 x: one batched product of each row with itself (BLAS,
+    several times einsum's speed)."""
+    return np.sqrt(np.matmul(x[:, None, :], x[:, :, None])[:, 0, 0])
+
+
+# The rounding term of `probe_check` summed in float32: its squares and sums each round relatively
+# (all terms are positive), so dividing by 1 - (m + 2) u bounds the exact sum; terms below the
+# smallest normal float32 (flushed to zero) add at most FLOOR32 each per unit of r_j^2 + 1.
+FLOOR32 = float(np.finfo(np.float32).tiny)
+
+
+def _rounding(out: np.ndarray, o64: np.ndarray, probes: np.ndarray) -> np.ndarray:
+    """sqrt(sum_j out_ij^2 R_jk^2), an upper bound on it: from float32 squares of a float32 result
+    (half the passes of float64 ones), in float64 when they would overflow."""
+    p2 = probes * probes
+    if out.dtype == np.float32:
+        m = out.shape[1]
+        with np.errstate(over="ignore"):  # an overflow is caught below: computed in float64 then
+            sq = np.square(out) @ p2.astype(np.float32)
+        if np.isfinite(sq).all():
+            u = float(np.finfo(np.float32).eps) / 2
+            floor = FLOOR32 * (m + p2.sum(axis=0))
+            return np.sqrt(sq.astype(np.float64) / (1.0 - (m + 2) * u) + floor)
+    return np.sqrt(np.square(o64) @ p2)
 
 
 def probe_check(
-    out: np.ndarray, lhs: np.ndarray, probes: np.ndarray, tracked: np.ndarray, eps: float, v_bound: float, drift: float
+    out: np.ndarray,
+    lhs: np.ndarray,
+    probes: np.ndarray,
+    tracked: np.ndarray,
+    eps: float,
+    v_bound: float,
+    drift: float,
+    lhs_norms: np.ndarray | None = None,
 ) -> str | None:
     """Freivalds on out = lhs @ X for a secret X the caller tracks as X @ probes = `tracked`:
     out @ probes against lhs @ tracked, within out's one rounding to its dtype (eps) plus float64
     rounding of the product and of X's recurrence (v_bound: a bound on ||X||_F; drift: how far
-    the node's X may be from the tracked one)."""
+    the node's X may be from the tracked one). `lhs_norms`: lhs's row norms, if the caller has
+    them. out @ probes and lhs @ tracked are float64 products (out converted once)."""
     o64 = out.astype(np.float64)
     l64 = lhs if lhs.dtype == np.float64 else lhs.astype(np.float64)
-    diff = o64 @ probes - l64 @ tracked
+    diff = o64 @ probes
+    diff -= l64 @ tracked
     if not np.isfinite(diff).all():
         return "result has NaN or infinite entries"
-    rounding = eps * np.sqrt((o64 * o64) @ (probes * probes))
+    rounding = eps * _rounding(out, o64, probes)
     probe_rms = float(np.sqrt(np.mean(probes**2)))
-    row_norm = np.sqrt(np.einsum("ij,ij->i", l64, l64))
+    row_norm = row_norms(l64) if lhs_norms is None else lhs_norms
     product = probe_rms * row_norm[:, None] * (EPS64 * math.sqrt(l64.shape[1]) * v_bound + drift)
     bound = CHECK_SLACK * (rounding + product)
     if not np.isfinite(bound).all():
@@ -125,11 +159,71 @@ def probe_check(
     return None
 
 
+STATE_CHUNK = 128  # rows of a fetched state per pass of `state_products` (a few hundred KiB: in cache)
+
+
+class StateProducts(NamedTuple):
+    """What one pass over a fetched state [V; buf] (2k, m) gives: the array read (`source`),
+    whether every entry is finite, [V; buf] @ right (2k, q), and (left^T V, left^T buf) (2, j, m)."""
+
+    source: np.ndarray
+    finite: bool
+    right: np.ndarray
+    left: np.ndarray
+
+
+def state_products(state: np.ndarray, right: np.ndarray, left: np.ndarray) -> StateProducts:
+    """[V; buf]'s finiteness and probe products in one pass of cache-sized blocks of rows (each
+    block read from memory once for all of them), in float64. A checked state's products are
+    the tracked ones of the checkpoint it becomes (no second pass)."""
+    k = state.shape[0] // 2
+    out_r = np.empty((state.shape[0], right.shape[1]))
+    out_l = np.zeros((2, left.shape[1], state.shape[1]))
+    finite = True
+    for half in range(2):
+        for lo in range(0, k, STATE_CHUNK):
+            hi = min(lo + STATE_CHUNK, k)
+            rows = slice(half * k + lo, half * k + hi)
+            block = state[rows]
+            finite = finite and bool(np.isfinite(block).all())
+            np.matmul(block, right, out=out_r[rows])
+            out_l[half] += left[lo:hi].T @ block
+    return StateProducts(state, finite, out_r, out_l)
+
+
+def owned_state(state: np.ndarray) -> np.ndarray:
+    """A checkpoint's own float64 copy of [V; buf], read-only: it is the slot's state static as
+    sent, and V and buf are views of it."""
+    out = np.array(state, dtype=np.float64)
+    out.flags.writeable = False
+    return out
+
+
 class SlotCheckpoints:
     """What the first layer's and the hidden layers' resident disguises share: replaying every slot
-    with updates since its checkpoint when no node can be asked."""
+    with updates since its checkpoint when no node can be asked, and the checkpoints' buffers."""
 
     slots: list
+    _spares: dict[int, np.ndarray]  # shard -> its checkpoint before the current one
+
+    def _owned_copy(self, shard: int, state: np.ndarray) -> np.ndarray:
+        """`owned_state(state)` for slot `shard`'s next checkpoint, written into its checkpoint
+        before the current one when nothing else holds that any more (the server drops a state
+        static when the next checkpoint replaces it): a fresh array of a state's size page-faults
+        all of it in, since the heap's freed blocks have been split by the steps in between."""
+        spare = self._spares.pop(shard, None)
+        # 2: `spare` here and getrefcount's argument; a view of it, a send in progress or any
+        # other holder counts too
+        if spare is None or spare.shape != state.shape or sys.getrefcount(spare) > 2:
+            return owned_state(state)
+        spare.flags.writeable = True
+        np.copyto(spare, state)
+        spare.flags.writeable = False
+        return spare
+
+    def _keep_spare(self, shard: int, old: np.ndarray) -> None:
+        """A replaced checkpoint's array, kept as the buffer of the slot's next one."""
+        self._spares[shard] = old
 
     def replay(self, shard: int) -> np.ndarray:
         raise NotImplementedError
@@ -258,6 +352,7 @@ class SlotState:
     row_order: np.ndarray  # node row i is original row row_order[i]
     row_index: np.ndarray  # original row j is node row row_index[j]
     static: np.ndarray  # S_s, the preset's dtype, node order
+    hm: np.ndarray  # H M (r, |P_s|)
     b1: np.ndarray  # B_s = H M M^T (r, |P_s|)
     b2: np.ndarray  # B_s H^T (r, r)
     probes: np.ndarray  # R (h1, q)
@@ -269,7 +364,8 @@ class SlotState:
     bufr: np.ndarray  # buf R
     v_bound: float  # an upper bound on ||V||_F (for the checks' rounding bound)
     drift: float  # an upper bound on how far a node's V may be from the coordinator's recurrence
-    checkpoint: tuple[np.ndarray, np.ndarray]  # (V, buf) float64 at `version`
+    checkpoint: tuple[np.ndarray, np.ndarray]  # (V, buf) float64 at `version`: views of `checkpoint_state`
+    checkpoint_state: np.ndarray  # [V; buf] (2|P_s|, h1), read-only: the slot's state static
     checkpoint_version: int = 0
     version: int = 0  # the version of the last issued update
     row_norm: float = 0.0  # ||S[rows]||_F of the rows last gathered (the update's bound)
@@ -305,8 +401,8 @@ class ResidentDisguise(SlotCheckpoints):
             hm = mix.transposed_left(h.T).T  # H M (r, |P|)
             b1 = mix.left(hm.T).T  # H M M^T
             probes = rng.standard_normal((self.hidden, PROBES))
-            v = np.array(v0, dtype=np.float64)
-            buf = np.zeros_like(v)
+            state = owned_state(np.concatenate([v0, np.zeros_like(v0)]))
+            v, buf = state[: len(block)], state[len(block) :]
             self.slots.append(
                 SlotState(
                     pixels=block,
@@ -315,6 +411,7 @@ class ResidentDisguise(SlotCheckpoints):
                     row_order=order,
                     row_index=inverse_permutation(order),
                     static=static,
+                    hm=hm,
                     b1=b1,
                     b2=b1 @ h.T,
                     probes=probes,
@@ -327,6 +424,7 @@ class ResidentDisguise(SlotCheckpoints):
                     v_bound=_norm_bound(v),
                     drift=0.0,
                     checkpoint=(v, buf),
+                    checkpoint_state=state,
                 )
             )
         # [B_1^T | ... | B_k^T] on the pixels (784, k r), zero off each slot's block: every slot's
@@ -340,7 +438,9 @@ class ResidentDisguise(SlotCheckpoints):
         self._e_rows = r
         self._factors_work = self.factors.astype(self._b_all.dtype)
         self._forward: tuple[np.ndarray, np.ndarray] | None = None  # (idx, x[idx] B_all) of the last forward
-        self._rows_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (rows, S[rows] float64)
+        self._rows_cache: dict[int, tuple] = {}  # shard -> (rows, S[rows] float64, its row norms)
+        self._checked: dict[int, StateProducts] = {}  # shard -> the products of the last state checked
+        self._spares = {}
         self.fetches = 0
 
     # -- state ----------------------------------------------------------------------
@@ -350,8 +450,7 @@ class ResidentDisguise(SlotCheckpoints):
     def state_static(self, shard: int) -> tuple[np.ndarray, int]:
         """Slot `shard`'s checkpoint as the node receives it: [V; buf] (2|P_s|, h1) float64 and its version."""
         st = self.slots[shard]
-        v, buf = st.checkpoint
-        return np.concatenate([v, buf]), st.checkpoint_version
+        return st.checkpoint_state, st.checkpoint_version
 
     def noise_state(self) -> dict[str, np.ndarray]:
         """Each slot's E and its momentum (float64): kept with every model version, on the
@@ -375,21 +474,31 @@ class ResidentDisguise(SlotCheckpoints):
                 st.e, st.ebuf = np.array(e, dtype=np.float64), np.array(ebuf, dtype=np.float64)
                 v = v + st.mix.transposed_left(st.loadings.T @ st.e)
                 buf = buf + st.mix.transposed_left(st.loadings.T @ st.ebuf)
-                self._set_checkpoint(st, v, buf, st.version)
+                self._set_checkpoint(st, owned_state(np.concatenate([v, buf])), st.version)
             else:
-                self._set_checkpoint(st, v, buf, st.version, reset_noise=True)
+                self._set_checkpoint(st, owned_state(np.concatenate([v, buf])), st.version, reset_noise=True)
 
     def _set_checkpoint(
-        self, st: SlotState, v: np.ndarray, buf: np.ndarray, version: int, reset_noise: bool = False
+        self,
+        st: SlotState,
+        state: np.ndarray,
+        version: int,
+        reset_noise: bool = False,
+        products: StateProducts | None = None,
     ) -> None:
-        hm = st.mix.transposed_left(st.loadings.T).T
-        st.checkpoint = (np.array(v, dtype=np.float64), np.array(buf, dtype=np.float64))
+        """`state` (an `owned_state` [V; buf]) becomes the slot's checkpoint: the tracked H M V,
+        V R and their momenta re-anchored on it (`products`: its `state_products`, if checked)."""
+        if products is None:
+            products = state_products(state, st.probes, st.hm.T)
+        k = st.pixels.shape[0]
+        st.checkpoint_state = state
+        st.checkpoint = (state[:k], state[k:])
         st.checkpoint_version = version
         st.version = version
         st.log = [p for p in st.log if p.version > version]
-        st.hmv, st.hmbuf = hm @ v, hm @ buf
-        st.vr, st.bufr = v @ st.probes, buf @ st.probes
-        st.v_bound, st.drift = _norm_bound(v), 0.0
+        st.hmv, st.hmbuf = products.left[0], products.left[1]
+        st.vr, st.bufr = products.right[:k], products.right[k:]
+        st.v_bound, st.drift = _norm_bound(state[:k]), 0.0
         if reset_noise:
             st.e[:] = 0.0
             st.ebuf[:] = 0.0
@@ -449,13 +558,18 @@ class ResidentDisguise(SlotCheckpoints):
 
     def combine(self, idx: np.ndarray, results: list[np.ndarray]) -> np.ndarray:
         """The clean z1 (b, h1) without biases from the slots' results y_s for rows idx:
-        sum_s y_s - G[idx] (sum_s H_s M_s V_s) - sum_s (x[idx] B_s^T) E_s, one product."""
+        sum_s y_s - G[idx] (sum_s H_s M_s V_s) - sum_s (x[idx] B_s^T) E_s, one product; in the
+        work dtype (the data's for float64, float32 otherwise: the forward's own precision)."""
         gx = self._noise_rows(idx)
-        w = np.concatenate([sum(st.hmv for st in self.slots)] + [st.e for st in self.slots])
-        z = -(gx @ w.astype(gx.dtype, copy=False)).astype(np.float64, copy=False)
+        r = self._e_rows
+        w = np.empty((gx.shape[1], self.hidden), dtype=gx.dtype)  # the tracked matrices, negated
+        np.negative(sum(st.hmv for st in self.slots), out=w[:r])
+        for s, st in enumerate(self.slots):
+            np.negative(st.e, out=w[r * (s + 1) : r * (s + 2)])
+        z = gx @ w
         for y in results:
             z += y
-        return self.basis.out_mix.right(z, inverse=True)  # the nodes' hidden units are N-mixed
+        return self.basis.out_mix.right(z, z.dtype, inverse=True)  # the nodes' hidden units are N-mixed
 
     def update(self, idx: np.ndarray, dz: np.ndarray, lr: float) -> None:
         """Issue this step's update (dz: the ascent-direction delta (b, h1)) and track what it
@@ -463,16 +577,15 @@ class ResidentDisguise(SlotCheckpoints):
         gx = self._noise_rows(idx)
         self._forward = None
         r = self._e_rows
-        # the nodes' V columns are the hidden units mixed by N: they are sent dz N^-T
-        sent = np.ascontiguousarray(
-            self.basis.out_mix.right(np.asarray(dz, dtype=np.float64), self.dtype, transposed=True, inverse=True)
-        )
-        d64 = sent.astype(np.float64)
+        # the nodes' V columns are the hidden units mixed by N: they are sent dz N^-T (mixed in
+        # dz's dtype when it is the preset's: float32 arithmetic for a float32 step)
+        sent = np.ascontiguousarray(self.basis.out_mix.right(np.asarray(dz), self.dtype, transposed=True, inverse=True))
+        d64 = sent.astype(np.float64, copy=False)
         # [G^T dz; B_1 x^T dz; ...]: the noise's share (the same for every slot), then each slot's
         # H M M^T x^T dz, in one product
         tracked = (gx.T @ sent.astype(gx.dtype, copy=False)).astype(np.float64, copy=False)
         gd = tracked[:r]
-        dz_norm = float(np.sqrt(np.einsum("ij,ij->", d64, d64)))
+        dz_norm = float(np.sqrt(np.dot(d64.ravel(), d64.ravel())))
         dz_probes = d64 @ self.slots[0].probes if self.slots else None
         for s, (st, rows) in enumerate(zip(self.slots, self.node_rows(idx))):
             srows = self._static_rows(s, rows)
@@ -504,8 +617,9 @@ class ResidentDisguise(SlotCheckpoints):
         if cached is not None and cached[0] is rows:
             return cached[1]
         srows = np.take(self.slots[shard].static, rows, axis=0).astype(np.float64)
-        self._rows_cache[shard] = (rows, srows)
-        self.slots[shard].row_norm = float(np.sqrt(np.einsum("ij,ij->", srows, srows)))
+        norms = row_norms(srows)
+        self._rows_cache[shard] = (rows, srows, norms)
+        self.slots[shard].row_norm = float(np.sqrt(np.dot(norms, norms)))
         return srows
 
     # -- checks ---------------------------------------------------------------------
@@ -518,18 +632,21 @@ class ResidentDisguise(SlotCheckpoints):
         if y.shape != (rows.shape[0], self.hidden):
             return f"result shape {y.shape}, expected {(rows.shape[0], self.hidden)}"
         srows = self._static_rows(shard, rows)
-        return probe_check(y, srows, st.probes, st.vr, self.eps, st.v_bound, st.drift)
+        norms = self._rows_cache[shard][2]
+        return probe_check(y, srows, st.probes, st.vr, self.eps, st.v_bound, st.drift, norms)
 
     def check_state(self, shard: int, state: np.ndarray) -> str | None:
         """A fetched [V; buf] against the tracked V R and buf R."""
         st = self.slots[shard]
         k = st.pixels.shape[0]
-        if state.shape != (2 * k, self.hidden) or not np.all(np.isfinite(state)):
+        if state.shape != (2 * k, self.hidden):
             return f"state shape {state.shape} (expected {(2 * k, self.hidden)}) or non-finite entries"
-        v, buf = state[:k].astype(np.float64), state[k:].astype(np.float64)
+        products = self._checked[shard] = state_products(state, st.probes, st.hm.T)  # kept for accept_state
+        if not products.finite:
+            return f"state shape {state.shape} (expected {(2 * k, self.hidden)}) or non-finite entries"
         probe_rms = float(np.sqrt(np.mean(st.probes**2)))
         tol = CHECK_SLACK * probe_rms * math.sqrt(self.hidden) * (st.drift + EPS64 * st.v_bound)
-        for name, got, want in (("V", v @ st.probes, st.vr), ("momentum", buf @ st.probes, st.bufr)):
+        for name, got, want in (("V", products.right[:k], st.vr), ("momentum", products.right[k:], st.bufr)):
             err = float(np.abs(got - want).max())
             if err > tol:
                 return f"checkpoint {name} R differs from the tracked one by {err:.3e} (bound {tol:.3e})"
@@ -554,6 +671,10 @@ class ResidentDisguise(SlotCheckpoints):
         st = self.slots[shard]
         if version != st.version:
             raise ValueError(f"slot {shard}: fetched version {version}, issued {st.version}")
-        k = st.pixels.shape[0]
-        self._set_checkpoint(st, state[:k], state[k:], version)
+        products = self._checked.pop(shard, None)
+        if products is not None and products.source is not state:
+            products = None
+        old = st.checkpoint_state
+        self._set_checkpoint(st, self._owned_copy(shard, state), version, products=products)
+        self._keep_spare(shard, old)
         self.fetches += 1

@@ -47,8 +47,11 @@ from enshuffle.coordinator.disguise.resident import (
     PROBES,
     HiddenBasis,
     SlotCheckpoints,
-    _frobenius,
+    StateProducts,
+    owned_state,
     probe_check,
+    row_norms,
+    state_products,
 )
 
 ROW_GROUP = 32  # batch rows mixed together (fresh orthogonal blocks each step)
@@ -111,7 +114,8 @@ class HiddenSlot:
     qbuf: np.ndarray
     v_bound: float
     drift: float
-    checkpoint: tuple[np.ndarray, np.ndarray]
+    checkpoint: tuple[np.ndarray, np.ndarray]  # (V, buf): views of `checkpoint_state`
+    checkpoint_state: np.ndarray  # [V; buf] float64, read-only: the slot's state static
     checkpoint_version: int = 0
     version: int = 0
     log: list[Update] = field(default_factory=list)
@@ -130,7 +134,8 @@ class HiddenResident(SlotCheckpoints):
         self.clear = clear
         self.slots: list[HiddenSlot] = []
         for block, mix, v0 in zip(basis.blocks, basis.mix, basis.v0):
-            v = np.array(v0, dtype=np.float64)
+            state = owned_state(np.concatenate([v0, np.zeros_like(v0)]))
+            v = state[: len(block)]
             probes = rng.standard_normal((self.width, PROBES))
             left = rng.standard_normal((len(block), PROBES))
             st = HiddenSlot(
@@ -144,11 +149,15 @@ class HiddenResident(SlotCheckpoints):
                 qbuf=np.zeros((PROBES, self.width)),
                 v_bound=float(np.linalg.norm(v)),
                 drift=0.0,
-                checkpoint=(v, np.zeros_like(v)),
+                checkpoint=(v, state[len(block) :]),
+                checkpoint_state=state,
             )
             self.slots.append(st)
         self._kept: tuple | None = None  # (a, L, [A_s]) of the last forward, for its backward
-        self._f64: dict = {}  # key -> (source, float64 copy): what the checks and tracking read
+        self._f64: dict = {}  # key -> (source, float64 copy, its row norms or None): what the checks and tracking read
+        self._checked: dict[int, StateProducts] = {}  # shard -> the products of the last state checked
+        self._spares = {}
+        self._units_order: np.ndarray | None = None  # da's columns from the slots' blocks side by side
         self.fetches = 0
         # `enshuffle audit` only (None otherwise): version -> (L's blocks, L's tail, the batch's
         # training rows) of every issued update, the scorer's ground truth; never sent
@@ -162,8 +171,16 @@ class HiddenResident(SlotCheckpoints):
             return got[1]
         buf = got[1] if got is not None and got[1].shape == x.shape else np.empty(x.shape)
         np.copyto(buf, x)
-        self._f64[key] = (x, buf)
+        self._f64[key] = [x, buf, None]
         return buf
+
+    def _norms64(self, key, x: np.ndarray) -> np.ndarray:
+        """The row norms of x's float64 copy (`_as64`), computed once for the checks and the tracking."""
+        self._as64(key, x)
+        got = self._f64[key]
+        if got[2] is None:
+            got[2] = row_norms(got[1])
+        return got[2]
 
     # -- state ----------------------------------------------------------------------
     def state_name(self, shard: int) -> str:
@@ -171,8 +188,7 @@ class HiddenResident(SlotCheckpoints):
 
     def state_static(self, shard: int) -> tuple[np.ndarray, int]:
         st = self.slots[shard]
-        v, buf = st.checkpoint
-        return np.concatenate([v, buf]), st.checkpoint_version
+        return st.checkpoint_state, st.checkpoint_version
 
     def replay_from(self, shard: int) -> int:
         return self.slots[shard].checkpoint_version
@@ -182,15 +198,23 @@ class HiddenResident(SlotCheckpoints):
         vs = self.basis.from_units(w)
         bufs = self.basis.from_units(buf) if buf is not None else [np.zeros_like(v) for v in vs]
         for st, v, b in zip(self.slots, vs, bufs):
-            self._set_checkpoint(st, v, b, st.version)
+            self._set_checkpoint(st, owned_state(np.concatenate([v, b])), st.version)
 
-    def _set_checkpoint(self, st: HiddenSlot, v: np.ndarray, buf: np.ndarray, version: int) -> None:
-        st.checkpoint = (np.array(v, dtype=np.float64), np.array(buf, dtype=np.float64))
+    def _set_checkpoint(
+        self, st: HiddenSlot, state: np.ndarray, version: int, products: StateProducts | None = None
+    ) -> None:
+        """`state` (an `owned_state` [V; buf]) becomes the slot's checkpoint: the tracked probes
+        re-anchored on it (`products`: its `state_products`, if checked)."""
+        if products is None:
+            products = state_products(state, st.probes, st.left)
+        k = st.units.shape[0]
+        st.checkpoint_state = state
+        st.checkpoint = (state[:k], state[k:])
         st.checkpoint_version = st.version = version
         st.log = [u for u in st.log if u.version > version]
-        st.vr, st.bufr = v @ st.probes, buf @ st.probes
-        st.qv, st.qbuf = st.left.T @ v, st.left.T @ buf
-        st.v_bound, st.drift = float(np.linalg.norm(v)), 0.0
+        st.vr, st.bufr = products.right[:k], products.right[k:]
+        st.qv, st.qbuf = products.left[0], products.left[1]
+        st.v_bound, st.drift = float(np.linalg.norm(state[:k])), 0.0
 
     def clean(self) -> tuple[np.ndarray, np.ndarray]:
         """(w{l}, its momentum) in the units' basis from the last checkpoints (after a fetch)."""
@@ -275,15 +299,21 @@ class HiddenResident(SlotCheckpoints):
         return operands, sent
 
     def combine_backward(self, results: list[np.ndarray], b: int) -> np.ndarray:
-        """da (b, n) = [(L^T D V_s^T) M_s^T on each block]."""
+        """da (b, n) = [(L^T D V_s^T) M_s^T on each block]: L^T once over the slots' results side
+        by side, each block's M_s^T, then one gather of the columns into the units' order."""
         assert self._kept is not None
         rowmix = self._kept[1]
-        da = np.empty((b, self.basis.units), dtype=self.dtype)
-        for st, r in zip(self.slots, results):
-            da[:, st.units] = st.mix.right(
-                rowmix.apply(np.asarray(r, dtype=self.dtype), transposed=True), self.dtype, transposed=True
-            )
-        return da
+        joined = np.concatenate([np.asarray(r, dtype=self.dtype) for r in results], axis=1)
+        joined = rowmix.apply(joined, transposed=True)
+        mixed = np.empty_like(joined)
+        lo = 0
+        for st in self.slots:
+            hi = lo + st.units.shape[0]
+            st.mix.right(joined[:, lo:hi], self.dtype, transposed=True, out=mixed[:, lo:hi])
+            lo = hi
+        if self._units_order is None:
+            self._units_order = np.argsort(np.concatenate([st.units for st in self.slots]))
+        return np.take(mixed, self._units_order, axis=1)
 
     def track(self) -> None:
         """Follow the issued update on every slot's probes (after the backward's results are
@@ -296,7 +326,8 @@ class HiddenResident(SlotCheckpoints):
                 buf *= MOMENTUM
                 buf += g
                 value += u.lr * buf
-            g_bound = _frobenius(a64) * _frobenius(d64)
+            a_norms, d_norms = self._norms64(("a", s), u.a), self._norms64("dz", u.dz)
+            g_bound = float(np.sqrt(np.dot(a_norms, a_norms) * np.dot(d_norms, d_norms)))
             st.v_bound += u.lr * g_bound / (1.0 - MOMENTUM)
             st.drift += u.lr * EPS64 * g_bound * math.sqrt(a64.shape[0]) / (1.0 - MOMENTUM)
         self._kept = None
@@ -314,27 +345,31 @@ class HiddenResident(SlotCheckpoints):
             dz = own[0].dz
             if out.shape != (dz.shape[0], k):
                 return f"result shape {out.shape}, expected {(dz.shape[0], k)}"
-            return probe_check(out, self._as64("dz", dz), st.left, st.qv.T, self.eps, st.v_bound, st.drift)
+            d64, norms = self._as64("dz", dz), self._norms64("dz", dz)
+            return probe_check(out, d64, st.left, st.qv.T, self.eps, st.v_bound, st.drift, norms)
         a = arrays["a"]
         if out.shape != (a.shape[0], self.width):
             return f"result shape {out.shape}, expected {(a.shape[0], self.width)}"
-        return probe_check(out, self._as64(("a", shard), a), st.probes, st.vr, self.eps, st.v_bound, st.drift)
+        a64, norms = self._as64(("a", shard), a), self._norms64(("a", shard), a)
+        return probe_check(out, a64, st.probes, st.vr, self.eps, st.v_bound, st.drift, norms)
 
     def check_state(self, shard: int, state: np.ndarray) -> str | None:
         st = self.slots[shard]
         k = st.units.shape[0]
-        if state.shape != (2 * k, self.width) or not np.all(np.isfinite(state)):
+        if state.shape != (2 * k, self.width):
             return f"state shape {state.shape} (expected {(2 * k, self.width)}) or non-finite entries"
-        v, buf = state[:k].astype(np.float64), state[k:].astype(np.float64)
+        products = self._checked[shard] = state_products(state, st.probes, st.left)  # kept for accept_state
+        if not products.finite:
+            return f"state shape {state.shape} (expected {(2 * k, self.width)}) or non-finite entries"
         tol_scale = CHECK_SLACK * (st.drift + EPS64 * st.v_bound)
         checks = (
-            ("V R", v @ st.probes, st.vr, st.probes),
-            ("momentum R", buf @ st.probes, st.bufr, st.probes),
-            ("Q^T V", st.left.T @ v, st.qv, st.left),
-            ("Q^T momentum", st.left.T @ buf, st.qbuf, st.left),
+            ("V R", products.right[:k], st.vr, st.probes),
+            ("momentum R", products.right[k:], st.bufr, st.probes),
+            ("Q^T V", products.left[0], st.qv, st.left),
+            ("Q^T momentum", products.left[1], st.qbuf, st.left),
         )
         for name, got, want, probes in checks:
-            tol = tol_scale * float(np.sqrt(np.mean(probes**2))) * math.sqrt(max(v.shape))
+            tol = tol_scale * float(np.sqrt(np.mean(probes**2))) * math.sqrt(max(k, self.width))
             err = float(np.abs(got - want).max())
             if err > tol:
                 return f"checkpoint {name} differs from the tracked one by {err:.3e} (bound {tol:.3e})"
@@ -344,8 +379,12 @@ class HiddenResident(SlotCheckpoints):
         st = self.slots[shard]
         if version != st.version:
             raise ValueError(f"layer {self.layer} slot {shard}: fetched version {version}, issued {st.version}")
-        k = st.units.shape[0]
-        self._set_checkpoint(st, state[:k], state[k:], version)
+        products = self._checked.pop(shard, None)
+        if products is not None and products.source is not state:
+            products = None
+        old = st.checkpoint_state
+        self._set_checkpoint(st, self._owned_copy(shard, state), version, products=products)
+        self._keep_spare(shard, old)
         self.fetches += 1
 
     def replay(self, shard: int) -> np.ndarray:
