@@ -21,6 +21,7 @@ computes the next. Without a workspace every result is a fresh array.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 
@@ -152,11 +153,18 @@ class ResidentState:
         self.v += lr * self.buf
 
 
-def _resident(spec: Resident, arrays: dict, statics: dict, states: dict) -> np.ndarray:
+def _apply(state: ResidentState, operand: np.ndarray, dz: np.ndarray, lr: float, momentum: float, version: int) -> None:
+    """One carried update applied: the state steps and is then at `version`."""
+    state.apply(operand, dz, lr, momentum)
+    state.version = version
+
+
+def _resident(spec: Resident, arrays: dict, statics: dict, states: dict, after: list | None = None) -> np.ndarray:
     """Bring the state to the batch's version (applying the carried updates it lacks), then return
     the forward (S[rows] @ V for a first-layer slot, a @ V for a hidden layer's), with `backward`
     dz @ V^T of the last carried update (V before it), or with `fetch` the state [V; buf] itself
-    (docs/protocol.md, "Resident weights")."""
+    (docs/protocol.md, "Resident weights"). With `after`, a backward's own update is not applied
+    here but left in `after` (a callable) for the caller to run once the result is on its way."""
     name, state_name = spec.a_static, spec.state
     state = states.get(state_name)
     static = None
@@ -213,8 +221,10 @@ def _resident(spec: Resident, arrays: dict, statics: dict, states: dict) -> np.n
                 operand = ua[j * b : (j + 1) * b]
             if backward and j == count - 1:  # the step's own delta through V before its update
                 out = (d.astype(np.float64) @ state.v.T).astype(dtype, copy=False)
-            state.apply(operand, d, spec.lr[j], spec.momentum)
-            state.version = start + j + 1
+                if after is not None:  # the update waits until the result is sent
+                    after.append(partial(_apply, state, operand, d, spec.lr[j], spec.momentum, start + j + 1))
+                    break
+            _apply(state, operand, d, spec.lr[j], spec.momentum, start + j + 1)
     if spec.fetch:
         return np.concatenate([state.v, state.buf])
     if backward:
@@ -275,14 +285,18 @@ def compute_batch(
     statics: dict[str, np.ndarray],
     workspace: Workspace | None = None,
     states: dict | None = None,
+    after: list | None = None,
 ) -> np.ndarray:
     """Compute one batch; raises BatchError for anything malformed (never a bare exception).
 
     With `workspace`, a product's result is a view on the workspace's buffer, valid until the
-    next batch computed with it. `states`: the node's resident states by name (op "resident")."""
+    next batch computed with it. `states`: the node's resident states by name (op "resident").
+    `after`: a list where work that may wait until the result is sent is left, as callables
+    (a resident backward's own update: the node replies first and steps V meanwhile); the
+    caller runs them before its next batch. Without it everything is done before returning."""
     spec = parse(op, params)
     if isinstance(spec, Resident):
-        return _resident(spec, arrays, statics, states or {})
+        return _resident(spec, arrays, statics, states or {}, after)
     return _matmul(spec, arrays, statics, workspace)
 
 

@@ -112,6 +112,29 @@ def test_a_node_taking_a_hidden_slot_over_replays_the_logged_updates(core_data_d
     assert err.value.code == "state-ahead"
 
 
+def test_a_backward_left_to_run_after_its_reply_steps_the_state_as_the_immediate_one():
+    # The node replies to a backward first and steps V while the coordinator combines: the reply
+    # is the same, the state is untouched until the step runs, and then equals the immediate path's.
+    rng = np.random.default_rng(3)
+    start = rng.standard_normal((8, 5))  # [V; buf], V (4, 5)
+    params = {"state": "w2.0", "from": 2, "version": 4, "momentum": 0.9, "lr": [0.1, 0.2], "backward": True}
+    arrays = {"update_a": rng.standard_normal((6, 4)), "dz": rng.standard_normal((6, 5))}
+    now, later = ResidentState(start, 2), ResidentState(start, 2)
+    want = compute_batch("resident", params, arrays, {}, None, {"w2.0": now})
+    after: list = []
+    got = compute_batch("resident", params, arrays, {}, None, {"w2.0": later}, after)
+    assert np.array_equal(got, want) and len(after) == 1
+    assert later.version == 3  # the carried update before the step's own one is applied at once
+    assert not np.array_equal(later.v, now.v)
+    after[0]()
+    assert later.version == now.version == 4
+    assert np.array_equal(later.v, now.v) and np.array_equal(later.buf, now.buf)
+    # a forward has nothing to leave for later
+    forward = {"state": "w2.0", "from": 4, "version": 4, "momentum": 0.9, "lr": [], "backward": False}
+    compute_batch("resident", forward, {"a": rng.standard_normal((3, 4))}, {}, None, {"w2.0": later}, after)
+    assert len(after) == 1
+
+
 def test_malformed_hidden_batches_are_batch_errors():
     state = ResidentState(np.zeros((8, 5)), 0)  # V (4, 5)
     states = {"w2.0": state}

@@ -1136,7 +1136,8 @@ class NodeDaemon:
         try:
             # `result` is a view on the session's reused buffer: it is sealed (encrypted into a new
             # frame) below, before the next batch can overwrite it.
-            result = compute_batch(op, params, msg.arrays, s.statics, s.workspace, s.states)
+            after: list = []  # a resident backward's own update: applied once the result is sent
+            result = compute_batch(op, params, msg.arrays, s.statics, s.workspace, s.states, after)
         except BatchError as exc:
             self._reject(s, h, BATCH_ERROR_CODES.get(exc.code, "bad-params"), exc.detail)
             return
@@ -1164,4 +1165,6 @@ class NodeDaemon:
             self.state.batches_done += 1
         self._send_frames(s.socket, frames)
         s.last_sent = time.monotonic()
+        for step in after:  # before the next message is read: every batch sees the state stepped
+            step()
         self._rest_until = s.last_sent + self.policy.rest_after(seconds)
