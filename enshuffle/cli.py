@@ -187,7 +187,8 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
         type=_widths,
         default=None,
         metavar="784,H,...,10",
-        help="the network's units per layer, pixels first and classes last (default: the notebook's 784,128,10)",
+        help="the network's units per layer, pixels first and classes last (default: the preset's: "
+        "784,2048,10 for default and adam, the notebook's 784,128,10 for seed)",
     )
     group.add_argument(
         "--hidden",
@@ -200,7 +201,8 @@ def _add_network_options(p: argparse.ArgumentParser) -> None:
         "--activation",
         choices=["sigmoid", "relu"],
         default=None,
-        help="the hidden units' activation (default: sigmoid, as the notebook)",
+        help="the hidden units' activation (default: the preset's: relu for default and adam, the "
+        "notebook's sigmoid for seed)",
     )
 
 

@@ -21,6 +21,7 @@ from enshuffle.audit.runner import run_audit
 from enshuffle.audit.scoring import adjusted_rand
 from enshuffle.node.daemon import MessageRecorder
 from enshuffle.protocol.messages import Message
+from presets import SMALL_NETWORK
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 1000
@@ -38,6 +39,7 @@ def _audit(data_dir, disguise, preset="default", epochs=None):
         disguise=disguise,
         log=lambda line: None,
         ica=False,
+        **SMALL_NETWORK,
     )
 
 

@@ -14,7 +14,7 @@ from enshuffle.audit import trajectory as tr
 from enshuffle.audit.attacks import Public
 from enshuffle.audit.recording import RecordedMessage
 from enshuffle.audit.scoring import Truth, score_trajectory
-from enshuffle.model import get_preset
+from presets import SMALL_NETWORK, small_default
 
 LIMIT = 3000  # all the core data: the known-plaintext step wants more surely re-identified rows than pixels
 
@@ -164,7 +164,7 @@ def test_resident_recording_is_replayed_and_attacked_and_yields_nothing(core_dat
         train_labels=np.asarray(core_dataset.train_labels),
         test_images=core_dataset.test_images.reshape(core_dataset.test_images.shape[0], -1),
         test_labels=np.asarray(core_dataset.test_labels),
-        preset=get_preset("default", epochs=1),
+        preset=small_default(epochs=1),
     )
     claims = tr.attack_trajectory(msgs, public, statics, np.random.default_rng(0))
     c = claims["train.0"]
@@ -208,6 +208,7 @@ def test_trajectory_attack_breaks_the_share_disguise(core_data_dir):
         disguise="share",
         log=lambda line: None,
         ica=False,
+        **SMALL_NETWORK,
     )
     json.dumps(f)
     why = f["notes"]
@@ -247,6 +248,7 @@ def test_the_trajectory_attack_finds_nothing_in_a_real_resident_run(core_data_di
         disguise="resident",
         log=lambda line: None,
         ica=False,
+        **SMALL_NETWORK,
     )
     assert f["settings"]["disguise"] == "resident"
     assert f["traj_source"] == "resident replay", f.get("notes")

@@ -23,6 +23,7 @@ import pytest
 
 from enshuffle.chain import HEAD_LOG, Chain, record_head_in_home
 from enshuffle.protocol.keys import Identity, load_or_create_identity
+from presets import small_default
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -198,10 +199,9 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
     from enshuffle.coordinator.settings import RunConfig, Serving
     from enshuffle.coordinator.training import prepare
     from enshuffle.dataset import load_idx_dir
-    from enshuffle.model import get_preset
 
     home, run_dir = tmp_path / "home", tmp_path / "run"
-    preset = get_preset("default", epochs=2)
+    preset = small_default(epochs=2)
     inputs = prepare(load_idx_dir(core_data_dir), preset, 300)
     config = RunConfig(
         limit=300, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2), run_dir=str(run_dir)
@@ -246,9 +246,7 @@ def test_resume_of_a_finished_run_says_so_and_how_to_extend(core_data_dir, core_
     assert fewer.returncode == 2 and "Traceback" not in fewer.stderr
     assert "can only be extended" in fewer.stderr, fewer.stderr
     # Extending it works: with more epochs the head is no longer the end, and run.json says so.
-    longer = CoordinatorRun(
-        replace(config, resume=True), get_preset("default", epochs=3), inputs, home=home, quiet=True
-    )
+    longer = CoordinatorRun(replace(config, resume=True), small_default(epochs=3), inputs, home=home, quiet=True)
     try:
         assert not longer.trainer.finished and longer.trainer.epoch == 2
         assert json.loads((run_dir / "run.json").read_text())["epochs"] == 3
@@ -301,10 +299,9 @@ def test_resume_refuses_a_rolled_back_head(core_data_dir, tmp_path):
     from enshuffle.coordinator.training import prepare
     from enshuffle.dataset import load_idx_dir
     from enshuffle.errors import UsageError
-    from enshuffle.model import get_preset
 
     home, run_dir = tmp_path / "home", tmp_path / "run"
-    preset = get_preset("default", epochs=4)
+    preset = small_default(epochs=4)
     inputs = prepare(load_idx_dir(core_data_dir), preset, 300)
     config = RunConfig(
         limit=300, shards=2, serving=Serving(bind="tcp://127.0.0.1:*", min_nodes=2), run_dir=str(run_dir)

@@ -12,8 +12,9 @@ from enshuffle.batch import combine, split
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.kernels import compute_batch
-from enshuffle.model import LocalCompute, get_preset
+from enshuffle.model import LocalCompute
 from wire_util import InProcessRun, assert_same_weights, load_inputs, reference_weights, spawn_node
+from presets import small_default
 
 
 def batch_bytes(batch: Batch, result: np.ndarray, static: np.ndarray | None = None) -> int:
@@ -66,7 +67,7 @@ class SizeRecorder:
 
 
 def test_a_chunked_three_layer_run_equals_the_centralized_one(core_dataset):
-    preset = replace(get_preset("default", dtype="float64", layers=(784, 64, 48, 10)), batch_size=100)
+    preset = replace(small_default(dtype="float64", layers=(784, 64, 48, 10)), batch_size=100)
     inputs = prepare(core_dataset, preset, limit=300)
     cap = 64 << 10
     compute = DistributedCompute(
@@ -92,7 +93,7 @@ def test_a_chunked_three_layer_run_equals_the_centralized_one(core_dataset):
 
 def test_chunked_batches_over_the_wire(core_data_dir, tmp_path):
     """Real node processes get a run whose every product is cut into 48 KiB pieces."""
-    preset = replace(get_preset("default", dtype="float64", epochs=1, layers=(784, 40, 30, 10)), batch_size=100)
+    preset = replace(small_default(dtype="float64", epochs=1, layers=(784, 40, 30, 10)), batch_size=100)
     inputs = load_inputs(core_data_dir, preset, 300)
     expected = reference_weights(preset, inputs)
     run = InProcessRun(preset, inputs, shards=2, min_nodes=2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,10 +20,11 @@ import pytest
 
 from core_data import FASHION_INSTALLED
 from enshuffle.coordinator.training import Trainer, prepare
-from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS, LocalCompute, get_preset
+from enshuffle.model import CLASSES, INPUTS, LocalCompute, get_preset
 from idx_util import random_arrays, write_idx_dir
+from presets import SMALL_NET
 
-HIDDEN = NOTEBOOK_LAYERS[1]  # the presets' network
+HIDDEN = get_preset("default").hidden  # the default preset's network: 784-2048-10
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_KEYS = {"type", "epoch", "cost", "train_accuracy", "test_accuracy", "seconds"}
@@ -100,6 +102,7 @@ def test_in_process_json_ends_with_ledger(core_data_dir, core_cache, disguise, d
         "matmul",
         "--disguise",
         disguise,
+        *SMALL_NET,
         "--data",
         str(core_data_dir),
         cache=core_cache,
@@ -235,6 +238,7 @@ def test_train_resume_keeps_its_local_nodes_and_says_train(core_data_dir, core_c
         "--json",
         "--out",
         str(run_dir),
+        *SMALL_NET,
     ]
     first = _train(home, core_cache, *common, "--epochs", "1")
     assert first.returncode == 0, first.stderr
@@ -249,7 +253,7 @@ def test_train_resume_keeps_its_local_nodes_and_says_train(core_data_dir, core_c
 
 def test_resume_refuses_a_chain_whose_older_version_fails_verification(core_data_dir, core_cache, tmp_path):
     home, run_dir = tmp_path / "home", tmp_path / "run"
-    common = ["--nodes", "1", "--limit", "300", "--data", str(core_data_dir), "--out", str(run_dir)]
+    common = ["--nodes", "1", "--limit", "300", "--data", str(core_data_dir), "--out", str(run_dir), *SMALL_NET]
     first = _train(home, core_cache, *common, "--epochs", "2")
     assert first.returncode == 0, first.stderr
     from enshuffle.chain import Chain
@@ -264,7 +268,7 @@ def test_resume_refuses_a_chain_whose_older_version_fails_verification(core_data
     assert "fails verification" in resumed.stderr and oldest[:12] in resumed.stderr, resumed.stderr
 
 
-@pytest.mark.parametrize("network", [[], ["--hidden", "24,24,24"]], ids=["notebook", "deeper"])
+@pytest.mark.parametrize("network", [list(SMALL_NET), ["--hidden", "24,24,24"]], ids=["notebook", "deeper"])
 def test_the_headless_ledger_fits_80_columns(core_data_dir, core_cache, tmp_path, network):
     done = _train(
         tmp_path / "home",
@@ -286,3 +290,32 @@ def test_the_headless_ledger_fits_80_columns(core_data_dir, core_cache, tmp_path
     assert all(len(line) <= 80 for line in table), "\n".join(line for line in table if len(line) > 80)
     assert any(line.startswith("local-1") and "%" in line for line in table), table
     assert any("images" in line for line in table) and any("deltas" in line for line in table), table
+
+
+def test_the_default_network_trains_over_the_wire_with_its_first_layer_on_the_nodes(
+    core_data_dir, core_cache, tmp_path
+):
+    """`enshuffle train --nodes 2` with no network option: the default preset's 784-2048-10 ReLU
+    network, which `--offload auto` (the default) ships to the node processes (its resident first
+    layer pays at this width), trains, and the ledger shows the nodes' blocks."""
+    done = _train(
+        tmp_path / "home",
+        core_cache,
+        "--nodes",
+        "2",
+        "--epochs",
+        "1",
+        "--limit",
+        "2000",
+        "--json",
+        "--data",
+        str(core_data_dir),
+    )
+    objects = json_lines(done)
+    assert "784-2048-10 relu" in done.stderr and "offload auto" in done.stderr, done.stderr
+    assert re.search(r"resident +nodes", done.stderr) and "nothing pays" not in done.stderr, done.stderr
+    assert_epoch_objects(objects[:1], 1)
+    assert objects[0]["train_accuracy"] > 0.3
+    ledger = objects[-1]["ledger"]
+    assert objects[-1]["type"] == "ledger" and len(ledger) == 2, objects[-1]
+    assert all(0.4 < shares["images"] <= 0.5 and shares["w1"] == shares["images"] for shares in ledger.values())

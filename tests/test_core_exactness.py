@@ -25,7 +25,8 @@ import pytest
 
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.training import Trainer, prepare
-from enshuffle.model import LocalCompute, evaluate, get_preset
+from enshuffle.model import LocalCompute, evaluate
+from presets import small_default
 
 RTOL, ATOL = 1e-9, 1e-12
 STEPS = 3
@@ -34,7 +35,7 @@ TRAIN_LIMIT = 600
 
 def float64_preset(name: str):
     """The preset in float64; 'default' with a batch of 100 so 3 steps stay within one small epoch."""
-    preset = get_preset(name, dtype="float64")
+    preset = small_default(name, dtype="float64")
     if name == "default":
         preset = replace(preset, batch_size=100)
     return preset

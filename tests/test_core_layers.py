@@ -21,16 +21,22 @@ import pytest
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.model import LocalCompute, OptimizerState, check_layers, get_preset, init_params, softmax, train_step
+from presets import small_default
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-9, 1e-12
 
 
-def test_presets_keep_the_notebooks_network():
-    for name in ("seed", "default"):
+def test_each_preset_has_its_network():
+    """seed keeps the notebook's 784-128-10 sigmoid network; default (and adam, derived from it)
+    train 784-2048-10 ReLU, wide enough for the resident first layer to pay."""
+    expected = {"seed": ((784, 128, 10), "sigmoid"), "default": ((784, 2048, 10), "relu")}
+    expected["adam"] = expected["default"]
+    for name, (layers, activation) in expected.items():
         preset = get_preset(name)
-        assert preset.layers == (784, 128, 10) and preset.activation == "sigmoid"
+        assert (preset.layers, preset.activation) == (layers, activation), name
         assert preset.weight_names == ("w1", "b1", "w2", "b2")
+    assert get_preset("default").describe() == "784-2048-10 relu"
     deep = get_preset("default", layers=(784, 64, 32, 10), activation="relu")
     assert deep.depth == 3 and deep.hidden == 64 and deep.describe() == "784-64-32-10 relu"
     shapes = {k: v.shape for k, v in init_params(deep, [1, 2, 3]).items()}
@@ -131,7 +137,7 @@ def test_a_deep_checkpoint_restores_exactly_and_refuses_another_network(core_dat
     first.run_step(), second.run_step()
     for name in first.params:
         np.testing.assert_array_equal(first.params[name], second.params[name])
-    other = Trainer(get_preset("default", dtype="float64"), inputs, LocalCompute(inputs.images), secret=9)
+    other = Trainer(small_default(dtype="float64"), inputs, LocalCompute(inputs.images), secret=9)
     with pytest.raises(ValueError, match="784-20-10-10 relu"):
         other.restore(arrays, meta)
     # a version written before networks had a shape is the notebook's 784-128-10
@@ -222,7 +228,7 @@ def test_a_deep_run_over_the_wire_resumes_and_exports_every_layer(core_data_dir,
     assert json.loads((run / "run.json").read_text())["layers"] == [784, 12, 6, 10]
     second = cli("train", "--nodes", "2", "--resume", "--epochs", "2", *common)
     assert second.returncode == 0, second.stderr
-    assert "784-12-6-10 sigmoid" in second.stderr
+    assert "784-12-6-10 relu" in second.stderr  # the default preset's activation
     assert cli("chain", "verify", str(run)).returncode == 0
     out = tmp_path / "model.npz"
     exported = cli("chain", "export", str(run), "--npz", str(out))
@@ -256,7 +262,7 @@ def _mantissas(x: np.ndarray) -> set:
 def test_every_hidden_layer_is_distributed_disguised_and_in_the_ledger_and_bound(core_dataset):
     from enshuffle.coordinator.scheduling import Scheduler
 
-    preset = replace(get_preset("default", dtype="float64", layers=(784, 40, 30, 20, 10)), batch_size=100)
+    preset = replace(small_default(dtype="float64", layers=(784, 40, 30, 20, 10)), batch_size=100)
     inputs = prepare(core_dataset, preset, limit=300)
     compute = DistributedCompute(
         inputs.images, 2, np.random.default_rng(7), RecordingExecutor, **inputs.source(), layers=preset.layers
@@ -346,7 +352,7 @@ def test_a_deep_network_over_the_wire_equals_the_centralized_run(core_data_dir, 
 def test_a_wide_networks_test_pass_goes_in_row_blocks_with_the_same_accuracy(core_dataset, monkeypatch):
     from enshuffle import model
 
-    preset = get_preset("default", dtype="float64", layers=(784, 64, 32, 10))
+    preset = small_default(dtype="float64", layers=(784, 64, 32, 10))
     inputs = prepare(core_dataset, preset, limit=300)
     params = init_params(preset, [1, 2, 3])
     calls = []
@@ -376,7 +382,7 @@ def _between_class_share(x: np.ndarray, labels: np.ndarray) -> float:
 def test_a_hidden_layers_deltas_reach_the_nodes_with_their_class_structure_moved(core_dataset):
     """As dz1 for dw1: each class's mean and principal directions of dz2 go onto random rows
     (`decoy`); the weights still equal the centralized run's."""
-    preset = replace(get_preset("default", dtype="float64", layers=(784, 48, 32, 10)), batch_size=128)
+    preset = replace(small_default(dtype="float64", layers=(784, 48, 32, 10)), batch_size=128)
     inputs = prepare(core_dataset, preset, limit=600)
     compute = DistributedCompute(
         inputs.images, 2, np.random.default_rng(3), InProcessExecutor, **inputs.source(), layers=preset.layers

@@ -18,7 +18,8 @@ from enshuffle.coordinator.distributed import Batch, DistributedCompute, InProce
 from enshuffle.coordinator.ledger import ExposureLedger
 from enshuffle.coordinator.plan import Disguise, build_matmul_plan, new_disguise, pow2
 from enshuffle.coordinator.training import Trainer, prepare
-from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS, get_preset
+from enshuffle.model import CLASSES, INPUTS, NOTEBOOK_LAYERS
+from presets import small_default
 
 HIDDEN = NOTEBOOK_LAYERS[1]  # the presets' network
 
@@ -123,7 +124,7 @@ class CapturingExecutor(InProcessExecutor):
 
 @pytest.fixture(scope="module")
 def ledger_inputs(core_dataset):
-    preset = get_preset("default", epochs=1)
+    preset = small_default(epochs=1)
     return preset, prepare(core_dataset, preset, limit=512)
 
 

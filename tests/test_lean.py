@@ -24,6 +24,7 @@ from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.model import get_preset
 from enshuffle.protocol.keys import Identity
 from wire_util import ScriptedNode, wait_until
+from presets import small_default
 
 
 class Recording(InProcessExecutor):
@@ -46,7 +47,7 @@ class Recording(InProcessExecutor):
 
 
 def test_steps_take_two_round_trips_and_batches_go_out_one_by_one(core_dataset):
-    preset = get_preset("default", dtype="float64")
+    preset = small_default(dtype="float64")
     inputs = prepare(core_dataset, preset, limit=600)
     compute = DistributedCompute(inputs.images, 3, np.random.default_rng(5), Recording, **inputs.source())
     trainer = Trainer(preset, inputs, compute, secret=11)
@@ -67,7 +68,7 @@ def test_steps_take_two_round_trips_and_batches_go_out_one_by_one(core_dataset):
 
 
 def test_a_submitted_batch_is_sent_before_the_server_is_pumped_again(core_dataset):
-    preset = get_preset("default", dtype="float64")
+    preset = small_default(dtype="float64")
     inputs = prepare(core_dataset, preset, limit=600)
     listener = Listener("tcp://127.0.0.1:*")
     node = ScriptedNode(listener.endpoint, "quick")
@@ -160,7 +161,7 @@ def test_a_float32_step_flushes_subnormals_and_gives_the_thread_its_mode_back(co
 
     assert not fpenv.flushing()
     for dtype, flushed in (("float32", True), ("float64", False)):
-        preset = get_preset("default", dtype=dtype)
+        preset = small_default(dtype=dtype)
         inputs = prepare(core_dataset, preset, limit=300)
         compute = Watching(inputs.images)
         compute.seen = []

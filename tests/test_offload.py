@@ -7,6 +7,7 @@ equals the centralized one after every step; an unknown choice is refused; the p
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -18,7 +19,8 @@ import pytest
 from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecutor
 from enshuffle.coordinator.offload import CostModel, decide, step_plan
 from enshuffle.coordinator.training import Trainer, prepare
-from enshuffle.model import LocalCompute, get_preset
+from enshuffle.model import LocalCompute
+from presets import small_default
 
 REPO = Path(__file__).resolve().parents[1]
 BUILT_IN = CostModel()  # 26 ns per shipped element, 0.09 ns per multiply-add
@@ -80,7 +82,7 @@ MIXED = CostModel(ship_ns=30.0, madd_ns=1.0)  # x_w1 and dw1 pay below about 27,
 @pytest.mark.parametrize("nodes", [1, 2, 3])
 @pytest.mark.parametrize("offload,model", [("matmul", BUILT_IN), ("auto", BUILT_IN), ("auto", MIXED)])
 def test_a_three_layer_network_equals_the_centralized_run_whatever_is_shipped(core_dataset, nodes, offload, model):
-    preset = replace(get_preset("default", dtype="float64", layers=(784, 256, 512, 10)), batch_size=100)
+    preset = replace(small_default(dtype="float64", layers=(784, 256, 512, 10)), batch_size=100)
     inputs = prepare(core_dataset, preset, limit=300)
     compute = DistributedCompute(
         inputs.images,
@@ -145,8 +147,10 @@ def test_train_prints_the_plan_and_offers_no_all(core_data_dir, core_cache):
 
     auto = train()
     assert auto.returncode == 0, auto.stderr
-    # the default preset's first layer is resident: one product per step, forward and update together
-    assert "offload auto" in auto.stderr and "resident" in auto.stderr
+    # the default preset's network (784-2048-10 ReLU) is wide enough for its resident first layer
+    # (one product per step, forward and update together) to pay: auto ships it to the nodes
+    assert "784-2048-10 relu" in auto.stderr and "offload auto" in auto.stderr, auto.stderr
+    assert re.search(r"resident +nodes", auto.stderr) and "nothing pays" not in auto.stderr, auto.stderr
     share = train("--disguise", "share")
     assert share.returncode == 0, share.stderr
     assert "offload auto" in share.stderr and "x_w1" in share.stderr and "dw1" in share.stderr
@@ -164,7 +168,7 @@ def test_the_socket_is_serviced_every_step_even_when_nothing_is_shipped(core_dat
     from enshuffle.coordinator.state import CoordinatorState
     from enshuffle.protocol.keys import Identity
 
-    preset = replace(get_preset("default", dtype="float64"), batch_size=100)
+    preset = replace(small_default(dtype="float64"), batch_size=100)
     inputs = prepare(core_dataset, preset, limit=300)
     ledger = ExposureLedger()
     compute = DistributedCompute(

@@ -19,7 +19,6 @@ import pytest
 
 from enshuffle.coordinator.reputation import QUARANTINE_AFTER, Reputation
 from enshuffle.coordinator.server import MAX_ATTEMPTS
-from enshuffle.model import get_preset
 from wire_util import (
     REPO,
     InProcessRun,
@@ -31,6 +30,7 @@ from wire_util import (
     spawn_node,
     wait_until,
 )
+from presets import small_default
 
 EXIT_REFUSED = 4
 
@@ -76,7 +76,7 @@ class LyingNode:
 
 
 def run_with_liar(kind: str, dtype: str, data_dir: Path, tmp_path: Path, epochs: int = 1, limit: int = 640):
-    preset = get_preset("default", epochs=epochs, dtype=dtype)
+    preset = small_default(epochs=epochs, dtype=dtype)
     inputs = load_inputs(data_dir, preset, limit)
     # A slow heartbeat: on a busy machine a node must not lose its session (and its block) by accident.
     run = InProcessRun(preset, inputs, shards=2, min_nodes=2, heartbeat_ms=3000)
@@ -158,7 +158,7 @@ class EveryResultWrong(ScriptedNode):
 
 
 def test_a_liar_alone_never_aborts_the_run_and_the_operator_can_readmit_it(core_data_dir, tmp_path):
-    preset = get_preset("default", epochs=1, dtype="float64")
+    preset = small_default(epochs=1, dtype="float64")
     inputs = load_inputs(core_data_dir, preset, 256)
     # More lies than MAX_ATTEMPTS before quarantine: each re-issue of the same batch must not count.
     run = InProcessRun(preset, inputs, shards=1, min_nodes=1, heartbeat_ms=3000, quarantine_after=MAX_ATTEMPTS + 2)

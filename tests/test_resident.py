@@ -20,6 +20,7 @@ from enshuffle.coordinator.training import Trainer
 from enshuffle.batch import BatchError
 from enshuffle.kernels import ResidentState, compute_batch
 from wire_util import TEST_SECRET, enshuffle_cli, load_inputs, load_npz
+from presets import SMALL_NET, small_default
 
 LIMIT = 1500
 
@@ -27,7 +28,7 @@ LIMIT = 1500
 def resident_pair(data_dir, slots: int, dtype: str, executor=InProcessExecutor, epochs: int = 1, layers=None):
     """(a resident run, its centralized reference, the run's compute), in process."""
     if layers is None:
-        preset = model.get_preset("default", epochs=epochs, dtype=dtype)
+        preset = small_default(epochs=epochs, dtype=dtype)
     else:
         preset = model.get_preset("default", epochs=epochs, dtype=dtype, layers=layers, activation="relu")
     inputs = load_inputs(data_dir, preset, LIMIT)
@@ -176,7 +177,7 @@ def test_initial_weights_in_each_nodes_basis_are_white():
 @pytest.mark.parametrize(
     "network, shipped",
     [
-        ([], "resident"),  # 784-128-10: the first layer
+        (list(SMALL_NET), "resident"),  # 784-128-10: the first layer
         (["--hidden", "48,40", "--activation", "relu"], "resident2"),  # the plan ships the hidden layer resident
     ],
 )
@@ -258,7 +259,7 @@ def resume_hands_back_states(data_dir, owner, layers=None) -> None:
     blocks, mixings, noise and statics): every slot's state static of `owner(compute)` (a resident
     disguise) is exactly the V and momentum its node held, and the next step is the first run's."""
     if layers is None:
-        preset = model.get_preset("default", epochs=1, dtype="float64")
+        preset = small_default(epochs=1, dtype="float64")
     else:
         preset = model.get_preset("default", epochs=1, dtype="float64", layers=layers, activation="relu")
     inputs = load_inputs(data_dir, preset, LIMIT)

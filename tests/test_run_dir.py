@@ -23,11 +23,11 @@ from enshuffle.coordinator.run import CoordinatorRun, plan_secret
 from enshuffle.coordinator.settings import RunConfig, Serving
 from enshuffle.coordinator.training import prepare
 from enshuffle.dataset import load_idx_dir
-from enshuffle.model import get_preset
+from presets import small_default
 
 
 def make_run(data_dir: Path, run_dir: Path, home: Path, *, resume: bool = False, limit: int = 300) -> CoordinatorRun:
-    preset = get_preset("default", epochs=1)
+    preset = small_default(epochs=1)
     inputs = prepare(load_idx_dir(data_dir), preset, limit)
     config = RunConfig(
         limit=limit,

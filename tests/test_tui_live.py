@@ -25,7 +25,6 @@ from enshuffle.coordinator.settings import RunConfig, Serving
 from enshuffle.coordinator.cluster import spawn_local_nodes, stop_local_nodes
 from enshuffle.coordinator.run import CoordinatorRun, verify_chain_message
 from enshuffle.coordinator.training import prepare
-from enshuffle.model import get_preset
 from enshuffle.blas import get_blas_threads, set_blas_threads
 from enshuffle.node.daemon import EXIT_OK, NodeDaemon
 from enshuffle.node.state import NodeControl, NodeState
@@ -35,6 +34,7 @@ from enshuffle.tui.format import short_id
 from enshuffle.tui.node_app import NodeApp
 from tui_fixtures import cell, pilot_test, text
 from wire_util import wait_until
+from presets import small_default
 
 REFRESH_HZ = 20.0  # the apps pull a snapshot this often; quicker than the default so waits are short
 SIZE = (160, 48)
@@ -47,7 +47,7 @@ class LiveRun:
     """A CoordinatorRun (the real one `enshuffle train --nodes K` uses) trained in a thread."""
 
     def __init__(self, tmp: Path, data_dir: Path, *, epochs: int, limit: int, shards: int):
-        preset = get_preset("default", epochs=epochs)
+        preset = small_default(epochs=epochs)
         inputs = prepare(ds.load_idx_dir(data_dir), preset, limit)
         self.run_dir = tmp / "run"
         # The configuration cmd_train hands over for `--offload matmul --limit N`, no --json, no --save-weights.
@@ -424,7 +424,7 @@ def _console_join_text(run) -> str:
 def test_train_console_does_not_offer_a_join_line_it_would_refuse(core_data_dir, tmp_path):
     from enshuffle.coordinator.run import local_cluster_run
 
-    preset = get_preset("default", epochs=1)
+    preset = small_default(epochs=1)
     inputs = prepare(ds.load_idx_dir(core_data_dir), preset, 300)
     run = local_cluster_run(RunConfig(limit=300, shards=2), preset, inputs, workdir=tmp_path)
     join = _console_join_text(run)
@@ -436,7 +436,7 @@ def test_train_console_does_not_offer_a_join_line_it_would_refuse(core_data_dir,
 def test_coordinator_console_says_who_may_join(core_data_dir, tmp_path, how):
     from enshuffle.coordinator.admission import Admission
 
-    preset = get_preset("default", epochs=1)
+    preset = small_default(epochs=1)
     inputs = prepare(ds.load_idx_dir(core_data_dir), preset, 300)
     allow = tmp_path / "allow"
     allow.write_text("")

@@ -35,11 +35,12 @@ from enshuffle.coordinator.server import CoordinatorServer, ServerConfig
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.coordinator.training import Inputs, Trainer, prepare
 from enshuffle.dataset import load_idx_dir
-from enshuffle.model import LocalCompute, Preset, get_preset
+from enshuffle.model import LocalCompute, Preset
 from enshuffle.kernels import compute_batch
 from enshuffle.protocol.keys import Identity
 from enshuffle.protocol.handshake import NodeHandshake
 from enshuffle.protocol.messages import OPS, Channel, Message, decode
+from presets import SMALL_NET, small_default
 
 REPO = Path(__file__).resolve().parents[1]
 # Distributed and centralized runs add the same products in another order (the contraction
@@ -160,12 +161,22 @@ def spawn_node(
     return Proc(args, process_env(home), logdir, proc_name or name)
 
 
+def small_network_unless_given(args) -> list[str]:
+    """SMALL_NET (the notebook's 784-128-10 sigmoid network) unless `args` choose a network."""
+    return [] if {"--hidden", "--layers", "--activation"} & set(args) else list(SMALL_NET)
+
+
 def spawn_coordinator(home: Path, port: int, cache: Path, logdir: Path, name: str, *extra: str) -> Proc:
     """`enshuffle coordinator` on loopback; with --offload matmul unless `extra` says otherwise, so
-    the nodes get work even where keeping it home would be cheaper (what wire tests exercise)."""
+    the nodes get work even where keeping it home would be cheaper (what wire tests exercise), and
+    on the small network unless `extra` chooses one."""
     offload = [] if "--offload" in extra else ["--offload", "matmul"]
+    network = small_network_unless_given(extra)
     return Proc(
-        ["coordinator", "--bind", f"tcp://127.0.0.1:{port}", *offload, *extra], process_env(home, cache), logdir, name
+        ["coordinator", "--bind", f"tcp://127.0.0.1:{port}", *offload, *network, *extra],
+        process_env(home, cache),
+        logdir,
+        name,
     )
 
 
@@ -193,8 +204,10 @@ def _resident(args: list[str]) -> bool:
 def train_wire_and_central(nodes: int, args: list[str], tmp_path: Path, cache: Path):
     """`enshuffle train` with `nodes` node processes and centrally (--nodes 0), same arguments;
     asserts both succeeded and their final weights agree; returns the two CompletedProcesses.
+    On the small network unless `args` choose one.
     A resident run trains a reparameterized network: its central reference is `--nodes 0
     --reference RUN_DIR` (its secret and slots), so the wire run keeps a run directory."""
+    args = [*args, *small_network_unless_given(args)]
     extra, reference = [], []
     if _resident(args):
         run_dir = args[args.index("--out") + 1] if "--out" in args else str(tmp_path / "run")
@@ -586,4 +599,4 @@ class ScriptedNode:
 
 
 def default_preset(epochs: int = 2) -> Preset:
-    return get_preset("default", epochs=epochs, dtype="float64")
+    return small_default(epochs=epochs, dtype="float64")

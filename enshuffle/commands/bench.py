@@ -34,7 +34,8 @@ def _format_value(value, unit: str, signed: bool = False, target: bool = False) 
 def print_table(figures: Figures, settings: dict) -> None:
     print(
         f"enshuffle bench: {settings['train_images']:,} training images, medians of {settings['repeats']} "
-        f"repeats (k = {GROWTH_NODES}: {settings['k7_repeats']}), {settings['seconds']:.0f} s"
+        f"repeats (k = {GROWTH_NODES}: {settings['k7_repeats']}), {settings['seconds']:.0f} s; "
+        f"seed preset {settings['seed_network']}, default preset {settings['default_network']}"
     )
     titles = {"targets": "targets", "other": "other figures"}
     section = None

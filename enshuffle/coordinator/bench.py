@@ -913,6 +913,8 @@ def measure_all(
         "repeats": repeats,
         "k7_repeats": k7_repeats,
         "train_images": int(inputs.images["train"].shape[0]),
+        "seed_network": preset.describe(),  # the network of the seed-preset (per epoch) figures
+        "default_network": mini.describe(),  # the network of the default-preset (per step) figures
         "round_trip_products": round_trips,
         "skip_wire": bool(skip_wire),
         "skip_daemon": bool(skip_wire or skip_daemon),
