@@ -38,6 +38,13 @@ OTHER_FIGURES = {
     "privacy_cpu_cost_seed",
     "privacy_cpu_cost_default",
 }
+# The resident design's targets: the first three from `--scaling`'s rows, the cost model always.
+RESIDENT_FIGURES = {
+    "resident_deep_cpu_share": 10.0,
+    "resident_deep_wall_ratio": 1.5,
+    "resident_narrow_cpu_share": 50.0,
+    "cost_model_ship_ns": 1.5,
+}
 QUICK = ("--repeats", "1", "--limit", "500", "--round-trips", "20")
 
 
@@ -69,6 +76,13 @@ def test_bench_json_has_every_target_figure(core_data_dir, core_cache, tmp_path)
         else:
             assert isinstance(item["value"], (int, float)), (name, item)
             assert item["value"] >= 0 or name == "coordinator_cpu_growth_k2_k7", (name, item)
+    for name, target in RESIDENT_FIGURES.items():
+        item = figures[name]
+        assert item["target"] == target and item["op"] == "<=", (name, item)
+        if name == "cost_model_ship_ns":
+            assert item["value"] > 0 and item["value"] == report["measurements"]["cost_model"]["ship_ns"], item
+        else:  # without --scaling: not measured, and the note says what measures it
+            assert item["value"] is None and item["met"] is None and "--scaling" in item["note"], (name, item)
     # The raw measurements a script can compare runs with.
     m = report["measurements"]
     assert set(m["centralized_epoch"]) == {"1", "2"} and set(m["centralized_step"]) == {"1", "2"}
@@ -97,3 +111,32 @@ def test_bench_table_without_node_processes(core_data_dir, core_cache, tmp_path)
     plan_line = next(line for line in lines if line.startswith("plan build"))
     assert "ms" in plan_line and "n/a" not in plan_line
     assert any(line.startswith("targets ") for line in lines)
+
+
+def test_the_resident_targets_read_the_scaling_rows():
+    """build_figures takes the resident design's figures from `--scaling`'s rows (784-2048-2048-10
+    and 784-128-10 with 2 node processes) and judges each against its target."""
+    from enshuffle.coordinator.bench import build_figures
+
+    row = {"central_cpu_ms": 80.0, "central_wall_ms": 50.0, "clear_cpu_ms": 1.0, "privacy_cost": 0.0}
+    scaling = [
+        {**row, "hidden": "2048-2048", "nodes": 2, "cpu_ms": 6.0, "wall_ms": 90.0, "cpu_share": 7.5, "wall_ratio": 1.8},
+        {**row, "hidden": "128", "nodes": 4, "cpu_ms": 1.0, "wall_ms": 1.0, "cpu_share": 1.0, "wall_ratio": 1.0},
+        {**row, "hidden": "128", "nodes": 2, "cpu_ms": 2.0, "wall_ms": 9.0, "cpu_share": 60.0, "wall_ratio": 3.0},
+    ]
+    central = {1: {"cpu": 1.0, "wall": 1.0}, 2: {"cpu": 1.5, "wall": 0.8}}
+    m = {
+        "centralized_epoch": central,
+        "centralized_step": central,
+        "inprocess_epoch": {"wall": 1.0},
+        "plan_seconds": 0.001,
+        "cost_model": {"ship_ns": 1.2, "madd_ns": 0.01},
+        "scaling": scaling,
+    }
+    items = build_figures(m, 1).items
+    deep, wall = items["resident_deep_cpu_share"], items["resident_deep_wall_ratio"]
+    narrow, ship = items["resident_narrow_cpu_share"], items["cost_model_ship_ns"]
+    assert (deep["value"], deep["met"]) == (7.5, True) and "6.00 vs 80.00 ms" in deep["note"], deep
+    assert (wall["value"], wall["met"]) == (1.8, False), wall
+    assert (narrow["value"], narrow["met"]) == (60.0, False), narrow  # the 2-node row, not the 4-node one
+    assert (ship["value"], ship["met"]) == (1.2, True), ship

@@ -28,6 +28,8 @@ def _format_value(value, unit: str, signed: bool = False, target: bool = False) 
         return f"{value:.2f} ms"
     if unit == "s":
         return f"{value:.3f} s"
+    if unit == "ns":
+        return f"{value:.2f} ns"
     return f"{value:.2f}"
 
 
@@ -37,7 +39,7 @@ def print_table(figures: Figures, settings: dict) -> None:
         f"repeats (k = {GROWTH_NODES}: {settings['k7_repeats']}), {settings['seconds']:.0f} s; "
         f"seed preset {settings['seed_network']}, default preset {settings['default_network']}"
     )
-    titles = {"targets": "targets", "other": "other figures"}
+    titles = {"targets": "targets", "resident": "the resident design's targets", "other": "other figures"}
     section = None
     for item in figures.items.values():
         if item["section"] != section:

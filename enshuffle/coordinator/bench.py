@@ -93,6 +93,12 @@ TARGET_FAULTS = 5000.0  # coordinator minor page faults per seed-preset epoch
 TARGET_ROUND_TRIP_MS = 2.0  # node round trip for a small product, p90
 TARGET_CHECK_SHARE = 5.0  # % of the coordinator's CPU spent checking results
 TARGET_ROUND_TRIPS = 2.0  # round trips per default-preset step
+# The resident design's targets (the work volunteers take off the coordinator), measured by
+# --scaling except the cost model's: what a design that pays should leave the coordinator.
+TARGET_DEEP_SHARE = 10.0  # % coordinator CPU per 784-2048-2048-10 step / cheapest centralized
+TARGET_DEEP_WALL = 1.5  # 784-2048-2048-10 step over the wire / fastest centralized step
+TARGET_NARROW_SHARE = 50.0  # % coordinator CPU per 784-128-10 step / cheapest centralized
+TARGET_SHIP_NS = 1.5  # coordinator CPU per shipped element (the cost model)
 
 CENTRAL_THREADS = (1, 2)
 GROWTH_NODES = 7
@@ -274,7 +280,7 @@ def measure_wire(
     return _medians(rows)
 
 
-SCALING_WIDTHS = (512, 1024, 2048, 4096)
+SCALING_WIDTHS = (128, 512, 1024, 2048, 4096)  # 128: the notebook's width
 SCALING_NODES = (2, 4, 7)
 # Networks with resident hidden layers: the default preset's deeper shapes
 SCALING_DEEP = ((784, 1024, 1024, 10), (784, 2048, 2048, 10))
@@ -682,6 +688,49 @@ def build_figures(m: dict, repeats: int) -> Figures:
         "",
         TARGET_ROUND_TRIPS,
         note="the compute has no round_trips" if step and step.get("round_trips") is None else "",
+    )
+
+    # The resident design's targets.
+    resident = "resident"
+    rows = {(r["hidden"], r["nodes"]): r for r in m.get("scaling") or ()}
+    deep, narrow = rows.get(("2048-2048", 2)), rows.get(("128", 2))
+    f.add(
+        "resident_deep_cpu_share",
+        "784-2048-2048-10: coordinator CPU per step / cheapest centralized",
+        deep and deep["cpu_share"],
+        "%",
+        TARGET_DEEP_SHARE,
+        note=deep and f"{deep['cpu_ms']:.2f} vs {deep['central_cpu_ms']:.2f} ms, 2 node processes" or "needs --scaling",
+        section=resident,
+    )
+    f.add(
+        "resident_deep_wall_ratio",
+        "784-2048-2048-10: step over the wire / fastest centralized step",
+        deep and deep["wall_ratio"],
+        "x",
+        TARGET_DEEP_WALL,
+        note=deep and f"{deep['wall_ms']:.2f} vs {deep['central_wall_ms']:.2f} ms" or "needs --scaling",
+        section=resident,
+    )
+    f.add(
+        "resident_narrow_cpu_share",
+        "784-128-10: coordinator CPU per step / cheapest centralized",
+        narrow and narrow["cpu_share"],
+        "%",
+        TARGET_NARROW_SHARE,
+        note=narrow
+        and f"{narrow['cpu_ms']:.2f} vs {narrow['central_cpu_ms']:.2f} ms, 2 node processes"
+        or "needs --scaling",
+        section=resident,
+    )
+    f.add(
+        "cost_model_ship_ns",
+        "coordinator CPU per shipped element (the cost model)",
+        m["cost_model"]["ship_ns"] if m.get("cost_model") else None,
+        "ns",
+        TARGET_SHIP_NS,
+        note=m.get("cost_model") and "a 128x1024 float32 result sealed, opened and added",
+        section=resident,
     )
 
     # The other figures.

@@ -205,6 +205,8 @@ class SlotCheckpoints:
 
     slots: list
     _spares: dict[int, np.ndarray]  # shard -> its checkpoint before the current one
+    _checked: dict[int, StateProducts]  # shard -> the products of the last state checked
+    fetches: int  # checkpoints accepted
 
     def _owned_copy(self, shard: int, state: np.ndarray) -> np.ndarray:
         """`owned_state(state)` for slot `shard`'s next checkpoint, written into its checkpoint
@@ -228,8 +230,26 @@ class SlotCheckpoints:
     def replay(self, shard: int) -> np.ndarray:
         raise NotImplementedError
 
-    def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
+    def _set_checkpoint(self, st, state: np.ndarray, version: int, *, products: StateProducts | None = None) -> None:
         raise NotImplementedError
+
+    def _slot_name(self, shard: int) -> str:
+        """How errors name slot `shard`."""
+        return f"slot {shard}"
+
+    def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
+        """A checked fetch of every issued update becomes the slot's checkpoint (the probes are
+        re-anchored on it); the noise's share carries on."""
+        st = self.slots[shard]
+        if version != st.version:
+            raise ValueError(f"{self._slot_name(shard)}: fetched version {version}, issued {st.version}")
+        products = self._checked.pop(shard, None)
+        if products is not None and products.source is not state:
+            products = None
+        old = st.checkpoint_state
+        self._set_checkpoint(st, self._owned_copy(shard, state), version, products=products)
+        self._keep_spare(shard, old)
+        self.fetches += 1
 
     def replay_pending(self) -> list[int]:
         """Every slot with updates since its checkpoint brought to its last issued version here
@@ -664,17 +684,3 @@ class ResidentDisguise(SlotCheckpoints):
             buf += srows.T @ p.dz.astype(np.float64)
             v += p.lr * buf
         return np.concatenate([v, buf])
-
-    def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
-        """A checked fetch of every issued update becomes the slot's checkpoint (the probes are
-        re-anchored on it); the noise's share E carries on."""
-        st = self.slots[shard]
-        if version != st.version:
-            raise ValueError(f"slot {shard}: fetched version {version}, issued {st.version}")
-        products = self._checked.pop(shard, None)
-        if products is not None and products.source is not state:
-            products = None
-        old = st.checkpoint_state
-        self._set_checkpoint(st, self._owned_copy(shard, state), version, products=products)
-        self._keep_spare(shard, old)
-        self.fetches += 1

@@ -375,17 +375,8 @@ class HiddenResident(SlotCheckpoints):
                 return f"checkpoint {name} differs from the tracked one by {err:.3e} (bound {tol:.3e})"
         return None
 
-    def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
-        st = self.slots[shard]
-        if version != st.version:
-            raise ValueError(f"layer {self.layer} slot {shard}: fetched version {version}, issued {st.version}")
-        products = self._checked.pop(shard, None)
-        if products is not None and products.source is not state:
-            products = None
-        old = st.checkpoint_state
-        self._set_checkpoint(st, self._owned_copy(shard, state), version, products=products)
-        self._keep_spare(shard, old)
-        self.fetches += 1
+    def _slot_name(self, shard: int) -> str:
+        return f"layer {self.layer} slot {shard}"
 
     def replay(self, shard: int) -> np.ndarray:
         """Slot `shard`'s state at its last issued version, from its checkpoint and the log."""
