@@ -327,7 +327,7 @@ def measure_scaling(data: str | None, limit: int | None, repeats: int) -> list[d
         eprint(
             f"bench: scaling 784-{hidden}-10 k={nodes}: coordinator CPU {r['cpu_ms']:.2f} ms per step = "
             f"{r['cpu_share']:.0f}% of centralized {r['central_cpu_ms']:.2f} ms; wall {r['wall_ratio']:.2f}x; "
-            f"privacy +{r['privacy_cost']:.0f}% against resident-clear"
+            f"privacy {r['privacy_cost']:+.0f}% against resident-clear"
         )
     return rows
 
@@ -696,7 +696,7 @@ def build_figures(m: dict, repeats: int) -> Figures:
     deep, narrow = rows.get(("2048-2048", 2)), rows.get(("128", 2))
     f.add(
         "resident_deep_cpu_share",
-        "784-2048-2048-10: coordinator CPU per step / cheapest centralized",
+        "784-2048-2048-10 coordinator CPU / cheapest centralized",
         deep and deep["cpu_share"],
         "%",
         TARGET_DEEP_SHARE,
@@ -705,7 +705,7 @@ def build_figures(m: dict, repeats: int) -> Figures:
     )
     f.add(
         "resident_deep_wall_ratio",
-        "784-2048-2048-10: step over the wire / fastest centralized step",
+        "784-2048-2048-10 step over the wire / fastest centralized",
         deep and deep["wall_ratio"],
         "x",
         TARGET_DEEP_WALL,
@@ -714,7 +714,7 @@ def build_figures(m: dict, repeats: int) -> Figures:
     )
     f.add(
         "resident_narrow_cpu_share",
-        "784-128-10: coordinator CPU per step / cheapest centralized",
+        "784-128-10 coordinator CPU per step / cheapest centralized",
         narrow and narrow["cpu_share"],
         "%",
         TARGET_NARROW_SHARE,
