@@ -68,6 +68,30 @@ def test_sign_separation_recovers_a_fixed_mixture_of_adam_sign_sources():
     assert rel < 1e-3
 
 
+def test_a_wide_layer_is_separated_on_a_subset_of_its_units():
+    """A 2,048-unit layer: the sign search runs on SEARCH_UNITS of its units (its cost grows with
+    the cube of the units) and still gives the whole mixing, since y = A S holds unit by unit."""
+    rng = np.random.default_rng(12)
+    g, h, steps = 32, 2048, 8
+    a = _block_mix(g, rng) * np.exp2(rng.uniform(-2, 1, g))[None, :]
+    y = a @ _adam_updates(_correlated_gradients(g, h, steps, rng))
+    units = tr.search_units(h, np.random.default_rng(1))
+    assert units.size == tr.SEARCH_UNITS < h and np.all(np.diff(units) > 0)
+    assert np.array_equal(tr.search_units(tr.SEARCH_UNITS, rng), np.arange(tr.SEARCH_UNITS))
+    sub = y[:, :, units]
+    later = np.concatenate([sub[1]] + [sub[t] / tr.adam_bound(t + 1) for t in range(2, steps)], axis=1)
+    signs, a_hat = tr.separate_signs(sub[0], np.random.default_rng(0), later=later)
+    assert a_hat.shape == (g, g)
+    an, tn = a_hat / np.linalg.norm(a_hat, axis=0), a / np.linalg.norm(a, axis=0)
+    match = np.abs(an.T @ tn).argmax(axis=1)
+    assert np.unique(match).size == g
+    sign = np.sign(np.einsum("ij,ij->j", a_hat, a[:, match]))
+    assert np.linalg.norm(a_hat * sign - a[:, match]) / np.linalg.norm(a) < 1e-3
+    # the mixing found on the subset unmixes every unit: the whole first difference's signs
+    whole = np.linalg.lstsq(a_hat * sign, y[0], rcond=None)[0]
+    assert np.mean(np.abs(np.abs(whole) - 1) < 1e-2) > 0.99
+
+
 def test_separation_finds_nothing_in_a_mixture_without_finite_alphabet():
     rng = np.random.default_rng(5)
     y = _block_mix(32, rng) @ rng.standard_normal((32, 128))

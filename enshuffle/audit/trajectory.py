@@ -58,6 +58,10 @@ START_DENSITY = 0.1  # share of the block's rows in each start's random combinat
 BOUND_SLACK = 0.005  # a source's later updates stay within Adam's bound up to this (rounding, epsilon)
 SECOND_FLOOR = -0.7441  # see second_floor()
 STILL = 0.05  # a pixel's later updates reach at least this share of their bound somewhere
+# The sign search runs on at most this many of a layer's units (columns), chosen at random: y = A S
+# holds unit by unit, so any 256 units give the same mixing A (rows of S stay distinct +-1 vectors),
+# while the search's cost grows with the cube of the units (a 2,048-unit layer: hours, not minutes).
+SEARCH_UNITS = 256
 
 
 def _public_constant(name: str, default: int) -> int:
@@ -547,6 +551,14 @@ def attack_trajectory(
     return out
 
 
+def search_units(units: int, rng: np.random.Generator) -> np.ndarray:
+    """The units (columns) the sign search runs on: all of them up to SEARCH_UNITS, else that many
+    chosen at random, in order."""
+    if units <= SEARCH_UNITS:
+        return np.arange(units)
+    return np.sort(rng.choice(units, SEARCH_UNITS, replace=False))
+
+
 def _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort: int = 1) -> None:
     """The attack on one train static (fills `claims`). When too few rows come out surely
     re-identified, it runs once more with `RETRY_EFFORT` times the sign search's rounds."""
@@ -578,6 +590,8 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort
     bounds = np.array([adam_bound(t + 1) for t in range(2, min(d.shape[0], 2 + LATER_STEPS))])
     later = [d[t] * scale[0] / (lrs[t] * bounds[t - 2]) for t in range(2, 2 + bounds.size)]
     k = s.shape[1]
+    units = search_units(first.shape[1], rng)
+    first, second, later = first[:, units], second[:, units], [x[:, units] for x in later]
     a_full = np.zeros((k, 0))
     for lo in range(0, k, group):
         hi = min(lo + group, k)
