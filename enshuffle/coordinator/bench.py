@@ -693,36 +693,26 @@ def build_figures(m: dict, repeats: int) -> Figures:
     # The resident design's targets.
     resident = "resident"
     rows = {(r["hidden"], r["nodes"]): r for r in m.get("scaling") or ()}
-    deep, narrow = rows.get(("2048-2048", 2)), rows.get(("128", 2))
-    f.add(
-        "resident_deep_cpu_share",
-        "784-2048-2048-10 coordinator CPU / cheapest centralized",
-        deep and deep["cpu_share"],
-        "%",
-        TARGET_DEEP_SHARE,
-        note=deep and f"{deep['cpu_ms']:.2f} vs {deep['central_cpu_ms']:.2f} ms, 2 node processes" or "needs --scaling",
-        section=resident,
-    )
-    f.add(
-        "resident_deep_wall_ratio",
-        "784-2048-2048-10 step over the wire / fastest centralized",
-        deep and deep["wall_ratio"],
-        "x",
-        TARGET_DEEP_WALL,
-        note=deep and f"{deep['wall_ms']:.2f} vs {deep['central_wall_ms']:.2f} ms" or "needs --scaling",
-        section=resident,
-    )
-    f.add(
-        "resident_narrow_cpu_share",
-        "784-128-10 coordinator CPU per step / cheapest centralized",
-        narrow and narrow["cpu_share"],
-        "%",
-        TARGET_NARROW_SHARE,
-        note=narrow
-        and f"{narrow['cpu_ms']:.2f} vs {narrow['central_cpu_ms']:.2f} ms, 2 node processes"
-        or "needs --scaling",
-        section=resident,
-    )
+    # (key, label, --scaling row, its figure, unit, target, what the note compares)
+    scaled = (
+        ("resident_deep_cpu_share", "784-2048-2048-10 coordinator CPU / cheapest centralized", "2048-2048",
+         "cpu_share", "%", TARGET_DEEP_SHARE, ("cpu_ms", "central_cpu_ms")),
+        ("resident_deep_wall_ratio", "784-2048-2048-10 step over the wire / fastest centralized", "2048-2048",
+         "wall_ratio", "x", TARGET_DEEP_WALL, ("wall_ms", "central_wall_ms")),
+        ("resident_narrow_cpu_share", "784-128-10 coordinator CPU per step / cheapest centralized", "128",
+         "cpu_share", "%", TARGET_NARROW_SHARE, ("cpu_ms", "central_cpu_ms")),
+    )  # fmt: skip
+    for key, label, hidden, figure, unit, target, (ours, theirs) in scaled:
+        row = rows.get((hidden, 2))
+        f.add(
+            key,
+            label,
+            row and row[figure],
+            unit,
+            target,
+            note=f"{row[ours]:.2f} vs {row[theirs]:.2f} ms, 2 node processes" if row else "needs --scaling",
+            section=resident,
+        )
     f.add(
         "cost_model_ship_ns",
         "coordinator CPU per shipped element (the cost model)",
