@@ -88,6 +88,7 @@ class ExposureLedger:
         with self._lock:
             masks = self._masks.setdefault(node, {})
             shares = self._node_shares(node)
+            touched = set()
             for item in exposure:
                 kind, positions = item[0], item[1]
                 form = item[2] if len(item) > 2 else POSITIONS_HIDDEN
@@ -95,6 +96,9 @@ class ExposureLedger:
                 if mask is None:
                     mask = masks[kind] = np.zeros(self.axes[kind], dtype=np.uint8)
                 np.maximum.at(mask, np.asarray(positions, dtype=np.int64), np.uint8(form))
+                touched.add(kind)
+            for kind in touched:  # each touched mask counted once, however many items it had
+                mask = masks[kind]
                 shares[kind] = float(np.count_nonzero(mask) / mask.size)
 
     def _node_shares(self, node: str) -> dict[str, float]:
