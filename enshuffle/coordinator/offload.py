@@ -18,7 +18,7 @@ The products of a network 784-h1-...-10 with k slots and a batch of b rows:
 | a_w{l}  | (b,n) @ (n,m)      | b n + n m + k b m                | b n (r + g) + n m (r + g) + b m (r + k)      |
 | dw{l}   | (n,b) @ (b,m)      | b n + k b m + n m                | b m r + n m (r + g)                          |
 | da{l}   | (b,m) @ (m,n)      | n m + b n                        | b n g                                        |
-| resident | x_w1 and dw1, weights on nodes | 2 k b h1 (+ 2 784 h1 a checkpoint) | b 784 (r + 2q) + b h1 r (2k + 2) |
+| resident | x_w1 and dw1, weights on nodes | 2 k b h1 (+ 2 784 h1 a checkpoint) | b 784 (r + 2q) + 4 b h1 r |
 | resident{l} | layer l's, weights on nodes | 3 b n + 2 k b m (+ 2 n m / 64) | b n (2 G + 2 g + 6 q) + b m (2 G + 4 q) |
 
 (r, g: the noise rank and mixing block of each disguise, pixel_share.py's for x_w1 and dw1 and
@@ -113,7 +113,7 @@ def product_costs(name: str, b: int, n: int, m: int, k: int) -> tuple[float, flo
         return (
             2 * b * n * m,
             2 * k * b * m + 2 * n * m / RESIDENT_CHECKPOINT_STEPS,
-            b * n * (r1 + 2 * RESIDENT_PROBES) + b * m * r1 * (2 * k + 2),
+            b * n * (r1 + 2 * RESIDENT_PROBES) + 4 * b * m * r1,
         )
     if name == "x_w1":
         return b * n * m, n * m + k * b * m, n * m * (r1 + 1 + g1) + b * m * (r1 + 1 + k)

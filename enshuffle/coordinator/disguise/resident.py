@@ -29,11 +29,12 @@ message to separate, no optimizer applied in the pixel basis).
 
 The node's update includes the noise's share of the gradient, M^T H^T (G^T dz1): its V_s is
 V_clean + M^T H^T E with E (r, h1) accumulated by the same momentum recurrence, which the
-coordinator keeps. The coordinator makes the clean forward from what it tracks:
+coordinator keeps. E is the same for every slot (each accumulates G[rows]^T dz1), so the
+coordinator makes the clean forward from two tracked matrices whatever the number of slots:
 
-    z1 = sum_s [ y_s - G[idx] (H_s M_s V_s) - (x[idx, P_s] B_s^T) E_s ]      B_s = H_s M_s M_s^T
+    z1 = sum_s y_s - G[idx] (sum_s H_s M_s V_s) - (x[idx] B^T) E      B[:, P_s] = H_s M_s M_s^T
 
-tracking H_s M_s V_s and E_s (r x h1 each) with O(r b (|P_s| + h1)) multiply-adds per step, so
+tracking sum_s H_s M_s V_s and E (r x h1 each) with O(r b (784 + h1)) multiply-adds per step, so
 the clean weights M_s V_clean follow exact SGD with momentum on the clean network. It also
 tracks V_s R for a few secret probe columns R, so it can check every result (Freivalds: y_s R
 against S_s[rows] (V_s R)) and every checkpoint the node returns, without V_s.
@@ -376,10 +377,8 @@ class SlotState:
     b1: np.ndarray  # B_s = H M M^T (r, |P_s|)
     b2: np.ndarray  # B_s H^T (r, r)
     probes: np.ndarray  # R (h1, q)
-    hmv: np.ndarray  # H M V (r, h1)
-    hmbuf: np.ndarray  # H M buf
-    e: np.ndarray  # E (r, h1): the noise's share of V is M^T H^T E
-    ebuf: np.ndarray
+    hmv: np.ndarray  # H M V (r, h1) of the last checkpoint (the disguise tracks their sum)
+    hmbuf: np.ndarray  # H M buf of the last checkpoint
     vr: np.ndarray  # V R (|P_s|, q)
     bufr: np.ndarray  # buf R
     v_bound: float  # an upper bound on ||V||_F (for the checks' rounding bound)
@@ -437,8 +436,6 @@ class ResidentDisguise(SlotCheckpoints):
                     probes=probes,
                     hmv=hm @ v,
                     hmbuf=hm @ buf,
-                    e=np.zeros((r, self.hidden)),
-                    ebuf=np.zeros((r, self.hidden)),
                     vr=v @ probes,
                     bufr=buf @ probes,
                     v_bound=_norm_bound(v),
@@ -447,14 +444,20 @@ class ResidentDisguise(SlotCheckpoints):
                     checkpoint_state=state,
                 )
             )
-        # [B_1^T | ... | B_k^T] on the pixels (784, k r), zero off each slot's block: every slot's
-        # x[idx, P_s] B_s^T is one product of the gathered rows, in the data's dtype for float64
-        # data (exactness) and float32 otherwise (the forward's own precision)
-        self._b_all = np.zeros(
-            (x.shape[1], r * len(self.slots)), dtype=np.float64 if self.dtype == np.float64 else np.float32
-        )
-        for s, st in enumerate(self.slots):
-            self._b_all[st.pixels, s * r : (s + 1) * r] = st.b1.T
+        # What the disguise tracks for all slots at once (the slots' blocks are disjoint, and every
+        # slot's E follows the same recurrence): sum_s H_s M_s V_s and its momentum, E and its
+        # momentum (the noise's share of every V_s is M_s^T H_s^T E), sum_s B_s H_s^T
+        self.hmv = sum((st.hmv for st in self.slots), np.zeros((r, self.hidden)))
+        self.hmbuf = sum((st.hmbuf for st in self.slots), np.zeros((r, self.hidden)))
+        self.e = np.zeros((r, self.hidden))
+        self.ebuf = np.zeros((r, self.hidden))
+        self._b2_sum = sum((st.b2 for st in self.slots), np.zeros((r, r)))
+        # B^T on the pixels (784, r), B_s^T on each slot's block: x[idx] B^T is one product of
+        # the gathered rows for every slot, in the data's dtype for float64 data (exactness) and
+        # float32 otherwise (the forward's own precision)
+        self._b_all = np.zeros((x.shape[1], r), dtype=np.float64 if self.dtype == np.float64 else np.float32)
+        for st in self.slots:
+            self._b_all[st.pixels] = st.b1.T
         self._e_rows = r
         self._factors_work = self.factors.astype(self._b_all.dtype)
         self._forward: tuple[np.ndarray, np.ndarray] | None = None  # (idx, x[idx] B_all) of the last forward
@@ -477,9 +480,9 @@ class ResidentDisguise(SlotCheckpoints):
         coordinator only, so a resumed run hands each node its V as it was (with the noise's
         share), not V minus it: the difference would show the node its noise subspace."""
         out = {}
-        for s, st in enumerate(self.slots):
-            out[f"resident_e{s}"] = st.e.copy()
-            out[f"resident_ebuf{s}"] = st.ebuf.copy()
+        for s in range(len(self.slots)):  # one E for every slot, kept under each slot's name
+            out[f"resident_e{s}"] = self.e.copy()
+            out[f"resident_ebuf{s}"] = self.ebuf.copy()
         return out
 
     def adopt(self, w1: np.ndarray, buf_w1: np.ndarray | None, noise: dict | None = None) -> None:
@@ -488,26 +491,27 @@ class ResidentDisguise(SlotCheckpoints):
         vs = self.basis.from_pixels(w1)
         bufs = self.basis.from_pixels(buf_w1) if buf_w1 is not None else [np.zeros_like(v) for v in vs]
         noise = noise or {}
-        for s, (st, v, buf) in enumerate(zip(self.slots, vs, bufs)):
-            e, ebuf = noise.get(f"resident_e{s}"), noise.get(f"resident_ebuf{s}")
-            if e is not None and ebuf is not None and e.shape == st.e.shape and ebuf.shape == st.ebuf.shape:
-                st.e, st.ebuf = np.array(e, dtype=np.float64), np.array(ebuf, dtype=np.float64)
-                v = v + st.mix.transposed_left(st.loadings.T @ st.e)
-                buf = buf + st.mix.transposed_left(st.loadings.T @ st.ebuf)
-                self._set_checkpoint(st, owned_state(np.concatenate([v, buf])), st.version)
-            else:
-                self._set_checkpoint(st, owned_state(np.concatenate([v, buf])), st.version, reset_noise=True)
+        # one E for every slot: slot 0's as kept (every slot's is the same), or none
+        e, ebuf = noise.get("resident_e0"), noise.get("resident_ebuf0")
+        if e is not None and ebuf is not None and e.shape == self.e.shape and ebuf.shape == self.ebuf.shape:
+            self.e, self.ebuf = np.array(e, dtype=np.float64), np.array(ebuf, dtype=np.float64)
+        else:
+            self.e, self.ebuf = np.zeros_like(self.e), np.zeros_like(self.ebuf)
+        for st, v, buf in zip(self.slots, vs, bufs):
+            v = v + st.mix.transposed_left(st.loadings.T @ self.e)
+            buf = buf + st.mix.transposed_left(st.loadings.T @ self.ebuf)
+            self._set_checkpoint(st, owned_state(np.concatenate([v, buf])), st.version)
 
     def _set_checkpoint(
         self,
         st: SlotState,
         state: np.ndarray,
         version: int,
-        reset_noise: bool = False,
         products: StateProducts | None = None,
     ) -> None:
-        """`state` (an `owned_state` [V; buf]) becomes the slot's checkpoint: the tracked H M V,
-        V R and their momenta re-anchored on it (`products`: its `state_products`, if checked)."""
+        """`state` (an `owned_state` [V; buf]) becomes the slot's checkpoint: the tracked V R and
+        its momentum re-anchored on it (`products`: its `state_products`, if checked), and the
+        tracked sum of H M V over the slots once every slot's checkpoint is at this version."""
         if products is None:
             products = state_products(state, st.probes, st.hm.T)
         k = st.pixels.shape[0]
@@ -519,9 +523,11 @@ class ResidentDisguise(SlotCheckpoints):
         st.hmv, st.hmbuf = products.left[0], products.left[1]
         st.vr, st.bufr = products.right[:k], products.right[k:]
         st.v_bound, st.drift = _norm_bound(state[:k]), 0.0
-        if reset_noise:
-            st.e[:] = 0.0
-            st.ebuf[:] = 0.0
+        # between two such versions the sum follows the recurrence (which every checkpoint
+        # also follows, to float64 rounding of the node's arithmetic)
+        if all(other.checkpoint_version == version for other in self.slots):
+            self.hmv = sum(other.hmv for other in self.slots)
+            self.hmbuf = sum(other.hmbuf for other in self.slots)
 
     def clean(self) -> tuple[np.ndarray, np.ndarray]:
         """(w1, buf_w1) of the clean network in the pixel basis, from the last checkpoints
@@ -529,8 +535,8 @@ class ResidentDisguise(SlotCheckpoints):
         vs, bufs = [], []
         for st in self.slots:
             v, buf = st.checkpoint
-            noise_v = st.mix.transposed_left(st.loadings.T @ st.e)  # M^T H^T E
-            noise_b = st.mix.transposed_left(st.loadings.T @ st.ebuf)
+            noise_v = st.mix.transposed_left(st.loadings.T @ self.e)  # M^T H^T E
+            noise_b = st.mix.transposed_left(st.loadings.T @ self.ebuf)
             vs.append(v - noise_v)
             bufs.append(buf - noise_b)
         return self.basis.to_pixels(vs), self.basis.to_pixels(bufs)
@@ -566,8 +572,8 @@ class ResidentDisguise(SlotCheckpoints):
         return self.slots[shard].checkpoint_version
 
     def _noise_rows(self, idx: np.ndarray) -> np.ndarray:
-        """[G[idx] | x[idx] B_1^T | ... | x[idx] B_k^T] (b, (k+1) r), in the work dtype: what the
-        step's corrections and tracking multiply (kept from the forward for the update)."""
+        """[G[idx] | x[idx] B^T] (b, 2 r), in the work dtype: what the step's corrections and
+        tracking multiply (kept from the forward for the update)."""
         if self._forward is not None and self._forward[0] is idx:
             return self._forward[1]
         gx = np.empty((idx.shape[0], self._b_all.shape[1] + self._e_rows), dtype=self._b_all.dtype)
@@ -578,14 +584,13 @@ class ResidentDisguise(SlotCheckpoints):
 
     def combine(self, idx: np.ndarray, results: list[np.ndarray]) -> np.ndarray:
         """The clean z1 (b, h1) without biases from the slots' results y_s for rows idx:
-        sum_s y_s - G[idx] (sum_s H_s M_s V_s) - sum_s (x[idx] B_s^T) E_s, one product; in the
-        work dtype (the data's for float64, float32 otherwise: the forward's own precision)."""
+        sum_s y_s - G[idx] (sum_s H_s M_s V_s) - (x[idx] B^T) E, one product; in the work dtype
+        (the data's for float64, float32 otherwise: the forward's own precision)."""
         gx = self._noise_rows(idx)
         r = self._e_rows
         w = np.empty((gx.shape[1], self.hidden), dtype=gx.dtype)  # the tracked matrices, negated
-        np.negative(sum(st.hmv for st in self.slots), out=w[:r])
-        for s, st in enumerate(self.slots):
-            np.negative(st.e, out=w[r * (s + 1) : r * (s + 2)])
+        np.negative(self.hmv, out=w[:r])
+        np.negative(self.e, out=w[r:])
         z = gx @ w
         for y in results:
             z += y
@@ -601,21 +606,22 @@ class ResidentDisguise(SlotCheckpoints):
         # dz's dtype when it is the preset's: float32 arithmetic for a float32 step)
         sent = np.ascontiguousarray(self.basis.out_mix.right(np.asarray(dz), self.dtype, transposed=True, inverse=True))
         d64 = sent.astype(np.float64, copy=False)
-        # [G^T dz; B_1 x^T dz; ...]: the noise's share (the same for every slot), then each slot's
-        # H M M^T x^T dz, in one product
+        # [G^T dz; B x^T dz]: the noise's share (the same for every slot), then sum_s H_s M_s
+        # M_s^T x[:, P_s]^T dz, in one product
         tracked = (gx.T @ sent.astype(gx.dtype, copy=False)).astype(np.float64, copy=False)
         gd = tracked[:r]
+        # sum_s H_s M_s g_s = B x^T dz + (sum_s B_s H_s^T) G^T dz, with g_s slot s's V gradient
+        hmg = tracked[r:]
+        hmg += self._b2_sum @ gd
+        _momentum_step(self.hmbuf, self.hmv, hmg, lr)
+        _momentum_step(self.ebuf, self.e, gd, lr)
         dz_norm = float(np.sqrt(np.dot(d64.ravel(), d64.ravel())))
         dz_probes = d64 @ self.slots[0].probes if self.slots else None
         for s, (st, rows) in enumerate(zip(self.slots, self.node_rows(idx))):
             srows = self._static_rows(s, rows)
             st.version += 1
             st.log.append(Pending(version=st.version, rows=rows, dz=sent, lr=float(lr)))
-            # H M g = B x^T dz + B H^T G^T dz,   g R = S^T (dz R); in place (r x h1 each)
-            hmg = tracked[r * (s + 1) : r * (s + 2)]
-            hmg += st.b2 @ gd
-            _momentum_step(st.hmbuf, st.hmv, hmg, lr)
-            _momentum_step(st.ebuf, st.e, gd, lr)
+            # g R = S^T (dz R)
             probes = dz_probes if st.probes is self.slots[0].probes else d64 @ st.probes
             _momentum_step(st.bufr, st.vr, srows.T @ probes, lr)
             g_bound = st.row_norm * dz_norm
