@@ -526,8 +526,8 @@ class ResidentDisguise(SlotCheckpoints):
         # between two such versions the sum follows the recurrence (which every checkpoint
         # also follows, to float64 rounding of the node's arithmetic)
         if all(other.checkpoint_version == version for other in self.slots):
-            self.hmv = sum(other.hmv for other in self.slots)
-            self.hmbuf = sum(other.hmbuf for other in self.slots)
+            self.hmv = np.sum([other.hmv for other in self.slots], axis=0)
+            self.hmbuf = np.sum([other.hmbuf for other in self.slots], axis=0)
 
     def clean(self) -> tuple[np.ndarray, np.ndarray]:
         """(w1, buf_w1) of the clean network in the pixel basis, from the last checkpoints
