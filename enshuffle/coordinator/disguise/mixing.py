@@ -24,6 +24,7 @@ class Mixing:
     def __init__(self, size: int, rng: np.random.Generator, group: int, spread: float, identity: bool = False):
         self.size = size
         self.group = group
+        self.identity = identity  # the control's: applying it is a copy, not a product
         self.bounds = [(lo, min(lo + group, size)) for lo in range(0, size, group)]
         self.blocks: list[np.ndarray] = []
         self.inverses: list[np.ndarray] = []
@@ -41,6 +42,8 @@ class Mixing:
         self._stacks: dict = {}
 
     def _apply(self, mats: list[np.ndarray], w: np.ndarray) -> np.ndarray:
+        if self.identity:
+            return np.array(w, dtype=np.float64)
         out = np.empty(w.shape, dtype=np.float64)
         for (lo, hi), m in zip(self.bounds, mats):
             np.matmul(m, w[lo:hi], out=out[lo:hi])
@@ -77,6 +80,9 @@ class Mixing:
         work = x.dtype if x.dtype == dtype and dtype in (np.float32, np.float64) else np.dtype(np.float64)
         if out is None:
             out = np.empty(x.shape, dtype=dtype)
+        if self.identity:
+            out[...] = x
+            return out
         mats = self.inverses if inverse else self.blocks
         if (work, transposed, inverse) not in self._stacks:
             full = [m for (lo, hi), m in zip(self.bounds, mats) if hi - lo == self.bounds[0][1]]

@@ -62,6 +62,7 @@ class RowMix:
 
     def __init__(self, b: int, rng: np.random.Generator, clear: bool = False):
         self.b = b
+        self.clear = clear  # the control's: applying it is a copy, not a product
         self.count = b // ROW_GROUP
         g = ROW_GROUP
         if clear:
@@ -76,6 +77,8 @@ class RowMix:
     def apply(self, x: np.ndarray, transposed: bool = False) -> np.ndarray:
         """L @ x (L^T @ x with `transposed`), x (b, n), in x's dtype (float32 or float64)."""
         g, f = ROW_GROUP, self.count * ROW_GROUP
+        if self.clear:
+            return np.array(x, dtype=x.dtype if x.dtype in (np.float32, np.float64) else np.float64)
         x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype in (np.float32, np.float64) else np.float64)
         key = (x.dtype, transposed)
         if key not in self._stacks:
