@@ -229,6 +229,19 @@ def test_a_large_sealed_message_round_trips_and_is_one_frame():
     assert not message.arrays["c"].flags.writeable
 
 
+def test_an_opened_message_keeps_a_buffer_of_its_own():
+    """What a receiver keeps of an opened message (a fetched resident state is kept as the
+    checkpoint) is not shared with, or overwritten by, the messages opened after it."""
+    coordinator, node = pair()
+    header = {"run_id": "r", "batch_id": "b", "seq": 1, "compute_seconds": 0.1}
+    first = _array("float64", (300, 200))
+    kept = coordinator.open(node.seal("RESULT", header, {"c": first})).arrays["c"]
+    later = [coordinator.open(node.seal("RESULT", header, {"c": -first})).arrays["c"] for _ in range(3)]
+    np.testing.assert_array_equal(kept, first)
+    assert not any(np.shares_memory(kept, other) for other in later)
+    assert not kept.flags.writeable
+
+
 def test_inner_layout_matches_the_spec():
     parts = inner_parts("BATCH", EXAMPLES["BATCH"][0], EXAMPLES["BATCH"][1])
     prefix = bytes(parts[0])

@@ -30,7 +30,7 @@ import numpy as np
 import zmq
 
 from enshuffle.coordinator.distributed import DistributedCompute
-from enshuffle.coordinator.ledger import ExposureLedger
+from enshuffle.coordinator.ledger import ExposureLedger, ledger_axes
 from enshuffle.coordinator.server import CoordinatorServer, ServerConfig
 from enshuffle.coordinator.state import CoordinatorState
 from enshuffle.coordinator.training import Inputs, Trainer, prepare
@@ -306,14 +306,25 @@ class InProcessRun:
     """
 
     def __init__(
-        self, preset: Preset, inputs: Inputs, *, shards: int, min_nodes: int, seed: int = 7, admission=None, **config
+        self,
+        preset: Preset,
+        inputs: Inputs,
+        *,
+        shards: int,
+        min_nodes: int,
+        seed: int = 7,
+        admission=None,
+        disguise: str = "share",
+        **config,
     ):
-        """`config`: ServerConfig fields (limits, heartbeat_ms, max_sessions, max_exposure, lease,
+        """`disguise`: the compute's (with "resident", on the preset's layers). `config`:
+        ServerConfig fields (limits, heartbeat_ms, max_sessions, max_exposure, lease,
         verify_results, replicate, quarantine_after, address_replies_per_s)."""
         self.preset = preset
         self.state = CoordinatorState()
         self.identity = Identity.generate()
-        ledger = ExposureLedger()
+        # on the preset's layers as `enshuffle coordinator` makes it, when the compute is told them
+        ledger = ExposureLedger(None if disguise == "share" else ledger_axes(preset.layers))
         self.compute = DistributedCompute(
             inputs.images,
             shards,
@@ -328,6 +339,7 @@ class InProcessRun:
             ),
             ledger=ledger,
             **inputs.source(),
+            **({} if disguise == "share" else {"disguise": disguise, "layers": preset.layers}),
         )
         self.server = self.compute.executor
         self.endpoint = self.server.endpoint

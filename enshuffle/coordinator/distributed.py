@@ -628,8 +628,10 @@ class DistributedCompute:
         if not batches:
             return
         for batch, state in zip(batches, self._receive(self._send(batches))):
+            # the checked array itself (float64, as every fetch's result is): its products are
+            # reused, and it becomes the checkpoint without a copy (`kept_state`)
             owner = self._hidden_of(batch) or self.res
-            owner.accept_state(batch.shard, np.asarray(state, dtype=np.float64), batch.params["version"])
+            owner.accept_state(batch.shard, state, batch.params["version"])
         self._statics_changed(sorted({batch.shard for batch in batches}))
 
     def w1_step(self, params: dict[str, np.ndarray], idx, dz1: np.ndarray, labels, lr: float, opt) -> None:

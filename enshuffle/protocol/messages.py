@@ -657,7 +657,9 @@ class Channel:
         return [out]
 
     def open(self, frames: list, *, limits: Limits = DEFAULT_LIMITS) -> Message:
-        """Decrypt, check the counter, then decode one sealed message."""
+        """Decrypt, check the counter, then decode one sealed message. Its arrays are read-only
+        views of a plaintext buffer of its own, allocated here and never written again: a
+        receiver may keep them (a fetched resident state becomes a checkpoint without a copy)."""
         kind, view = frame_kind(frames, limits)
         if kind != KIND_SEALED:
             raise ProtocolError(WRONG_KIND, f"a {kind!r} message inside a session; only sealed ones belong here")

@@ -48,7 +48,6 @@ which nodes apply idempotently by version.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -160,36 +159,50 @@ def probe_check(
     return None
 
 
-STATE_CHUNK = 128  # rows of a fetched state per pass of `state_products` (a few hundred KiB: in cache)
+STATE_CHUNK = 128  # rows of a fetched state per pass of `state_products` (2 MiB of float64 at h = 2048)
 
 
 class StateProducts(NamedTuple):
     """What one pass over a fetched state [V; buf] (2k, m) gives: the array read (`source`),
-    whether every entry is finite, [V; buf] @ right (2k, q), and (left^T V, left^T buf) (2, j, m)."""
+    whether every entry is finite, [V; buf] @ right (2k, q), (left^T V, left^T buf) (2, j, m)
+    and ||V||_F."""
 
     source: np.ndarray
     finite: bool
     right: np.ndarray
     left: np.ndarray
+    v_norm: float
 
 
 def state_products(state: np.ndarray, right: np.ndarray, left: np.ndarray) -> StateProducts:
-    """[V; buf]'s finiteness and probe products in one pass of cache-sized blocks of rows (each
-    block read from memory once for all of them), in float64. A checked state's products are
-    the tracked ones of the checkpoint it becomes (no second pass)."""
+    """[V; buf]'s finiteness, probe products and ||V||_F in one pass of cache-sized blocks of rows
+    (each block read from memory once for all of them), in float64. A checked state's products
+    are the tracked ones of the checkpoint it becomes (no second pass). An opened message's
+    arrays sit wherever its header ends them, mostly not on 8 bytes: such a state's blocks are
+    first copied into one aligned block, which every product then reads (numpy would copy the
+    block once per product, and test finiteness through a slower unaligned loop)."""
     k = state.shape[0] // 2
     out_r = np.empty((state.shape[0], right.shape[1]))
     out_l = np.zeros((2, left.shape[1], state.shape[1]))
-    finite = True
+    part = np.empty((left.shape[1], state.shape[1]))
+    scratch = None if state.flags.aligned and state.dtype == np.float64 else np.empty((STATE_CHUNK, state.shape[1]))
+    finite, v_squares = True, 0.0
     for half in range(2):
         for lo in range(0, k, STATE_CHUNK):
             hi = min(lo + STATE_CHUNK, k)
             rows = slice(half * k + lo, half * k + hi)
             block = state[rows]
+            if scratch is not None:
+                block = scratch[: hi - lo]
+                np.copyto(block, state[rows])
             finite = finite and bool(np.isfinite(block).all())
             np.matmul(block, right, out=out_r[rows])
-            out_l[half] += left[lo:hi].T @ block
-    return StateProducts(state, finite, out_r, out_l)
+            np.matmul(left[lo:hi].T, block, out=part)
+            out_l[half] += part
+            if half == 0:
+                flat = block.reshape(-1)
+                v_squares += float(np.dot(flat, flat))
+    return StateProducts(state, finite, out_r, out_l, math.sqrt(v_squares))
 
 
 def owned_state(state: np.ndarray) -> np.ndarray:
@@ -200,33 +213,24 @@ def owned_state(state: np.ndarray) -> np.ndarray:
     return out
 
 
+def kept_state(state: np.ndarray) -> np.ndarray:
+    """A fetched [V; buf] handed over as a checkpoint: the array itself when it is float64 and
+    C-contiguous, as a view that can never be made writable again (a read-only buffer under
+    it), else an `owned_state` copy. Only for an array nothing else writes to: an opened
+    message's (each decrypted into a buffer of its own) or one just computed here."""
+    if state.dtype != np.float64 or not state.flags.c_contiguous:
+        return owned_state(state)
+    readonly = memoryview(state).toreadonly()  # type: ignore[arg-type]  # numpy types ndarray as a buffer only on 3.12+
+    return np.frombuffer(readonly, dtype=np.float64).reshape(state.shape)
+
+
 class SlotCheckpoints:
     """What the first layer's and the hidden layers' resident disguises share: replaying every slot
-    with updates since its checkpoint when no node can be asked, and the checkpoints' buffers."""
+    with updates since its checkpoint when no node can be asked, and accepting checked fetches."""
 
     slots: list
-    _spares: dict[int, np.ndarray]  # shard -> its checkpoint before the current one
     _checked: dict[int, StateProducts]  # shard -> the products of the last state checked
     fetches: int  # checkpoints accepted
-
-    def _owned_copy(self, shard: int, state: np.ndarray) -> np.ndarray:
-        """`owned_state(state)` for slot `shard`'s next checkpoint, written into its checkpoint
-        before the current one when nothing else holds that any more (the server drops a state
-        static when the next checkpoint replaces it): a fresh array of a state's size page-faults
-        all of it in, since the heap's freed blocks have been split by the steps in between."""
-        spare = self._spares.pop(shard, None)
-        # 2: `spare` here and getrefcount's argument; a view of it, a send in progress or any
-        # other holder counts too
-        if spare is None or spare.shape != state.shape or sys.getrefcount(spare) > 2:
-            return owned_state(state)
-        spare.flags.writeable = True
-        np.copyto(spare, state)
-        spare.flags.writeable = False
-        return spare
-
-    def _keep_spare(self, shard: int, old: np.ndarray) -> None:
-        """A replaced checkpoint's array, kept as the buffer of the slot's next one."""
-        self._spares[shard] = old
 
     def replay(self, shard: int) -> np.ndarray:
         raise NotImplementedError
@@ -240,16 +244,15 @@ class SlotCheckpoints:
 
     def accept_state(self, shard: int, state: np.ndarray, version: int) -> None:
         """A checked fetch of every issued update becomes the slot's checkpoint (the probes are
-        re-anchored on it); the noise's share carries on."""
+        re-anchored on it); the noise's share carries on. `state` is handed over (`kept_state`):
+        the caller neither writes to it nor lets anything else do so afterwards."""
         st = self.slots[shard]
         if version != st.version:
             raise ValueError(f"{self._slot_name(shard)}: fetched version {version}, issued {st.version}")
         products = self._checked.pop(shard, None)
         if products is not None and products.source is not state:
             products = None
-        old = st.checkpoint_state
-        self._set_checkpoint(st, self._owned_copy(shard, state), version, products=products)
-        self._keep_spare(shard, old)
+        self._set_checkpoint(st, kept_state(state), version, products=products)
         self.fetches += 1
 
     def replay_pending(self) -> list[int]:
@@ -463,7 +466,6 @@ class ResidentDisguise(SlotCheckpoints):
         self._forward: tuple[np.ndarray, np.ndarray] | None = None  # (idx, x[idx] B_all) of the last forward
         self._rows_cache: dict[int, tuple] = {}  # shard -> (rows, S[rows] float64, its row norms)
         self._checked: dict[int, StateProducts] = {}  # shard -> the products of the last state checked
-        self._spares = {}
         self.fetches = 0
 
     # -- state ----------------------------------------------------------------------
@@ -509,9 +511,10 @@ class ResidentDisguise(SlotCheckpoints):
         version: int,
         products: StateProducts | None = None,
     ) -> None:
-        """`state` (an `owned_state` [V; buf]) becomes the slot's checkpoint: the tracked V R and
-        its momentum re-anchored on it (`products`: its `state_products`, if checked), and the
-        tracked sum of H M V over the slots once every slot's checkpoint is at this version."""
+        """`state` (a read-only [V; buf]: `owned_state`, `kept_state`) becomes the slot's
+        checkpoint: the tracked V R and its momentum re-anchored on it (`products`: its
+        `state_products`, if checked), and the tracked sum of H M V over the slots once every
+        slot's checkpoint is at this version."""
         if products is None:
             products = state_products(state, st.probes, st.hm.T)
         k = st.pixels.shape[0]
@@ -522,7 +525,7 @@ class ResidentDisguise(SlotCheckpoints):
         st.log = [p for p in st.log if p.version > version]
         st.hmv, st.hmbuf = products.left[0], products.left[1]
         st.vr, st.bufr = products.right[:k], products.right[k:]
-        st.v_bound, st.drift = _norm_bound(state[:k]), 0.0
+        st.v_bound, st.drift = products.v_norm, 0.0
         # between two such versions the sum follows the recurrence (which every checkpoint
         # also follows, to float64 rounding of the node's arithmetic)
         if all(other.checkpoint_version == version for other in self.slots):

@@ -159,7 +159,6 @@ class HiddenResident(SlotCheckpoints):
         self._kept: tuple | None = None  # (a, L, [A_s]) of the last forward, for its backward
         self._f64: dict = {}  # key -> (source, float64 copy, its row norms or None): what the checks and tracking read
         self._checked: dict[int, StateProducts] = {}  # shard -> the products of the last state checked
-        self._spares = {}
         self._units_order: np.ndarray | None = None  # da's columns from the slots' blocks side by side
         self.fetches = 0
         # `enshuffle audit` only (None otherwise): version -> (L's blocks, L's tail, the batch's
@@ -206,8 +205,9 @@ class HiddenResident(SlotCheckpoints):
     def _set_checkpoint(
         self, st: HiddenSlot, state: np.ndarray, version: int, products: StateProducts | None = None
     ) -> None:
-        """`state` (an `owned_state` [V; buf]) becomes the slot's checkpoint: the tracked probes
-        re-anchored on it (`products`: its `state_products`, if checked)."""
+        """`state` (a read-only [V; buf]: `owned_state`, `kept_state`) becomes the slot's
+        checkpoint: the tracked probes re-anchored on it (`products`: its `state_products`, if
+        checked)."""
         if products is None:
             products = state_products(state, st.probes, st.left)
         k = st.units.shape[0]
@@ -217,7 +217,7 @@ class HiddenResident(SlotCheckpoints):
         st.log = [u for u in st.log if u.version > version]
         st.vr, st.bufr = products.right[:k], products.right[k:]
         st.qv, st.qbuf = products.left[0], products.left[1]
-        st.v_bound, st.drift = float(np.linalg.norm(state[:k])), 0.0
+        st.v_bound, st.drift = products.v_norm, 0.0
 
     def clean(self) -> tuple[np.ndarray, np.ndarray]:
         """(w{l}, its momentum) in the units' basis from the last checkpoints (after a fetch)."""
