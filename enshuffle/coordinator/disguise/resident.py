@@ -100,31 +100,27 @@ def row_norms(x: np.ndarray) -> np.ndarray:
     return np.sqrt(np.matmul(x[:, None, :], x[:, :, None])[:, 0, 0])
 
 
-# The rounding term of `probe_check` summed in float32: its squares and sums each round relatively
-# (all terms are positive), so dividing by 1 - (m + 2) u bounds the exact sum; terms below the
-# smallest normal float32 (flushed to zero) add at most FLOOR32 each per unit of r_j^2 + 1.
-FLOOR32 = float(np.finfo(np.float32).tiny)
+class Probes:
+    """A slot's secret probe columns R (m, q) and what every check against them reads, computed
+    once: R^2 (for the rounding term) and the RMS of R's entries (for the product's)."""
+
+    def __init__(self, r: np.ndarray):
+        self.r = r
+        self.sq = r * r
+        self.rms = float(np.sqrt(np.mean(self.sq)))
 
 
-def _rounding(out: np.ndarray, o64: np.ndarray, probes: np.ndarray) -> np.ndarray:
-    """sqrt(sum_j out_ij^2 R_jk^2), an upper bound on it: from float32 squares of a float32 result
-    (half the passes of float64 ones), in float64 when they would overflow."""
-    p2 = probes * probes
-    if out.dtype == np.float32:
-        m = out.shape[1]
-        with np.errstate(over="ignore"):  # an overflow is caught below: computed in float64 then
-            sq = np.square(out) @ p2.astype(np.float32)
-        if np.isfinite(sq).all():
-            u = float(np.finfo(np.float32).eps) / 2
-            floor = FLOOR32 * (m + p2.sum(axis=0))
-            return np.sqrt(sq.astype(np.float64) / (1.0 - (m + 2) * u) + floor)
-    return np.sqrt(np.square(o64) @ p2)
+# Float64 squares of float32 values are exact (48 significant bits, no overflow or underflow), so
+# the rounding term's sum out^2 @ R^2 has m + 1 roundings of positive terms (R^2, the products,
+# the sums): dividing by 1 - (m + 2) u bounds it, plus a gradual underflow of at most 2^-1075 per
+# product (ROUNDING_FLOOR, per term of the sum).
+ROUNDING_FLOOR = 2.0**-1074
 
 
 def probe_check(
     out: np.ndarray,
     lhs: np.ndarray,
-    probes: np.ndarray,
+    probes: Probes,
     tracked: np.ndarray,
     eps: float,
     v_bound: float,
@@ -132,31 +128,37 @@ def probe_check(
     lhs_norms: np.ndarray | None = None,
 ) -> str | None:
     """Freivalds on out = lhs @ X for a secret X the caller tracks as X @ probes = `tracked`:
-    out @ probes against lhs @ tracked, within out's one rounding to its dtype (eps) plus float64
-    rounding of the product and of X's recurrence (v_bound: a bound on ||X||_F; drift: how far
-    the node's X may be from the tracked one). `lhs_norms`: lhs's row norms, if the caller has
-    them. out @ probes and lhs @ tracked are float64 products (out converted once)."""
-    o64 = out.astype(np.float64)
+    out @ probes against lhs @ tracked, within out's one rounding to its dtype (eps: a random
+    walk of |out_ij| eps R_jk over j) plus float64 rounding of the product and of X's recurrence
+    (v_bound: a bound on ||X||_F; drift: how far the node's X may be from the tracked one).
+    `lhs_norms`: lhs's row norms, if the caller has them. out is converted to float64 once, for
+    out @ R and then, squared in place, for out^2 @ R^2 (each a product with two columns:
+    OpenBLAS's fast path for them is several times its speed for four)."""
+    o64 = out.astype(np.float64)  # a copy, squared below
     l64 = lhs if lhs.dtype == np.float64 else lhs.astype(np.float64)
-    diff = o64 @ probes
+    diff = o64 @ probes.r
     diff -= l64 @ tracked
+    np.square(o64, out=o64)
+    bound = o64 @ probes.sq
+    m = out.shape[1]
+    u = EPS64 / 2
+    np.sqrt(bound, out=bound)
+    bound *= CHECK_SLACK * eps / math.sqrt(1.0 - (m + 2) * u)
+    row_norm = row_norms(l64) if lhs_norms is None else lhs_norms
+    # per row: the product's rounding, the rounding term's underflow floor and the comparison's
+    # own (a zero bound for a zero row and result)
+    scale = CHECK_SLACK * probes.rms * (EPS64 * math.sqrt(l64.shape[1]) * v_bound + drift)
+    floor = CHECK_SLACK * eps * math.sqrt(m * ROUNDING_FLOOR) + 1e-300
+    bound += (scale * row_norm + floor)[:, None]
+    np.abs(diff, out=diff)
+    if (diff <= bound).all() and np.isfinite(bound).all():
+        return None
     if not np.isfinite(diff).all():
         return "result has NaN or infinite entries"
-    rounding = eps * _rounding(out, o64, probes)
-    probe_rms = float(np.sqrt(np.mean(probes**2)))
-    row_norm = row_norms(l64) if lhs_norms is None else lhs_norms
-    product = probe_rms * row_norm[:, None] * (EPS64 * math.sqrt(l64.shape[1]) * v_bound + drift)
-    bound = CHECK_SLACK * (rounding + product)
     if not np.isfinite(bound).all():
         return "result has entries too large to check"
-    bad = np.abs(diff) > bound + 1e-300
-    if np.any(bad):
-        r = int(np.argwhere(bad)[0, 0])
-        return (
-            f"probe check failed on row {r}: {float(np.abs(diff[r]).max()):.3e} "
-            f"above its bound {float(bound[r].max()):.3e}"
-        )
-    return None
+    r = int(np.argwhere(diff > bound)[0, 0])
+    return f"probe check failed on row {r}: {float(diff[r].max()):.3e} above its bound {float(bound[r].max()):.3e}"
 
 
 STATE_CHUNK = 128  # rows of a fetched state per pass of `state_products` (2 MiB of float64 at h = 2048)
@@ -380,6 +382,7 @@ class SlotState:
     b1: np.ndarray  # B_s = H M M^T (r, |P_s|)
     b2: np.ndarray  # B_s H^T (r, r)
     probes: np.ndarray  # R (h1, q)
+    probe_terms: Probes  # R and what the checks read of it
     hmv: np.ndarray  # H M V (r, h1) of the last checkpoint (the disguise tracks their sum)
     hmbuf: np.ndarray  # H M buf of the last checkpoint
     vr: np.ndarray  # V R (|P_s|, q)
@@ -437,6 +440,7 @@ class ResidentDisguise(SlotCheckpoints):
                     b1=b1,
                     b2=b1 @ h.T,
                     probes=probes,
+                    probe_terms=Probes(probes),
                     hmv=hm @ v,
                     hmbuf=hm @ buf,
                     vr=v @ probes,
@@ -662,7 +666,7 @@ class ResidentDisguise(SlotCheckpoints):
             return f"result shape {y.shape}, expected {(rows.shape[0], self.hidden)}"
         srows = self._static_rows(shard, rows)
         norms = self._rows_cache[shard][2]
-        return probe_check(y, srows, st.probes, st.vr, self.eps, st.v_bound, st.drift, norms)
+        return probe_check(y, srows, st.probe_terms, st.vr, self.eps, st.v_bound, st.drift, norms)
 
     def check_state(self, shard: int, state: np.ndarray) -> str | None:
         """A fetched [V; buf] against the tracked V R and buf R."""
@@ -673,8 +677,7 @@ class ResidentDisguise(SlotCheckpoints):
         products = self._checked[shard] = state_products(state, st.probes, st.hm.T)  # kept for accept_state
         if not products.finite:
             return f"state shape {state.shape} (expected {(2 * k, self.hidden)}) or non-finite entries"
-        probe_rms = float(np.sqrt(np.mean(st.probes**2)))
-        tol = CHECK_SLACK * probe_rms * math.sqrt(self.hidden) * (st.drift + EPS64 * st.v_bound)
+        tol = CHECK_SLACK * st.probe_terms.rms * math.sqrt(self.hidden) * (st.drift + EPS64 * st.v_bound)
         for name, got, want in (("V", products.right[:k], st.vr), ("momentum", products.right[k:], st.bufr)):
             err = float(np.abs(got - want).max())
             if err > tol:

@@ -46,6 +46,7 @@ from enshuffle.coordinator.disguise.resident import (
     MOMENTUM,
     PROBES,
     HiddenBasis,
+    Probes,
     SlotCheckpoints,
     StateProducts,
     owned_state,
@@ -111,6 +112,8 @@ class HiddenSlot:
     mix: Mixing
     probes: np.ndarray  # R (m, q): right probes (forward)
     left: np.ndarray  # Q (|Q_s|, q): left probes (backward)
+    right_terms: Probes  # R and Q with what the checks read of them
+    left_terms: Probes
     vr: np.ndarray  # V R
     bufr: np.ndarray
     qv: np.ndarray  # Q^T V (q, m)
@@ -146,6 +149,8 @@ class HiddenResident(SlotCheckpoints):
                 mix=mix,
                 probes=probes,
                 left=left,
+                right_terms=Probes(probes),
+                left_terms=Probes(left),
                 vr=v @ probes,
                 bufr=np.zeros((len(block), PROBES)),
                 qv=left.T @ v,
@@ -342,19 +347,21 @@ class HiddenResident(SlotCheckpoints):
             return self.check_state(shard, out)
         if params.get("backward"):
             k = st.units.shape[0]
-            own = [u for u in st.log if u.version == params.get("version")]
+            version = params.get("version")
+            own = st.log[-1:] if st.log and st.log[-1].version == version else []
+            own = own or [u for u in st.log if u.version == version]
             if not own:
-                return f"no update issued at version {params.get('version')}"
+                return f"no update issued at version {version}"
             dz = own[0].dz
             if out.shape != (dz.shape[0], k):
                 return f"result shape {out.shape}, expected {(dz.shape[0], k)}"
             d64, norms = self._as64("dz", dz), self._norms64("dz", dz)
-            return probe_check(out, d64, st.left, st.qv.T, self.eps, st.v_bound, st.drift, norms)
+            return probe_check(out, d64, st.left_terms, st.qv.T, self.eps, st.v_bound, st.drift, norms)
         a = arrays["a"]
         if out.shape != (a.shape[0], self.width):
             return f"result shape {out.shape}, expected {(a.shape[0], self.width)}"
         a64, norms = self._as64(("a", shard), a), self._norms64(("a", shard), a)
-        return probe_check(out, a64, st.probes, st.vr, self.eps, st.v_bound, st.drift, norms)
+        return probe_check(out, a64, st.right_terms, st.vr, self.eps, st.v_bound, st.drift, norms)
 
     def check_state(self, shard: int, state: np.ndarray) -> str | None:
         st = self.slots[shard]
@@ -366,13 +373,13 @@ class HiddenResident(SlotCheckpoints):
             return f"state shape {state.shape} (expected {(2 * k, self.width)}) or non-finite entries"
         tol_scale = CHECK_SLACK * (st.drift + EPS64 * st.v_bound)
         checks = (
-            ("V R", products.right[:k], st.vr, st.probes),
-            ("momentum R", products.right[k:], st.bufr, st.probes),
-            ("Q^T V", products.left[0], st.qv, st.left),
-            ("Q^T momentum", products.left[1], st.qbuf, st.left),
+            ("V R", products.right[:k], st.vr, st.right_terms),
+            ("momentum R", products.right[k:], st.bufr, st.right_terms),
+            ("Q^T V", products.left[0], st.qv, st.left_terms),
+            ("Q^T momentum", products.left[1], st.qbuf, st.left_terms),
         )
         for name, got, want, probes in checks:
-            tol = tol_scale * float(np.sqrt(np.mean(probes**2))) * math.sqrt(max(k, self.width))
+            tol = tol_scale * probes.rms * math.sqrt(max(k, self.width))
             err = float(np.abs(got - want).max())
             if err > tol:
                 return f"checkpoint {name} differs from the tracked one by {err:.3e} (bound {tol:.3e})"
