@@ -872,8 +872,12 @@ class CoordinatorServer:
             self.ledger.record(session.label, self.plan.static_exposure(shard))
             if session.group is not None:
                 self.group_ledger.record(session.group, self.plan.static_exposure(shard))
-            share = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
-            header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
+            header = {
+                "run_id": self.run_id,
+                "name": name,
+                "seq": self._next_seq(),
+                "exposure": self.ledger.announced(session.label),
+            }
             fields = self.plan.static_fields(shard, name)
             header.update(fields)
             if not self._send(session, "STATIC", header, {"x": arrays[name]}):
@@ -944,7 +948,7 @@ class CoordinatorServer:
         self.ledger.record(session.label, task.batch.exposure)
         if session.group is not None:
             self.group_ledger.record(session.group, task.batch.exposure)
-        exposure = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
+        exposure = self.ledger.announced(session.label)
         batch = task.batch
         if batch.op == "resident":  # the updates this node's copy of the slot's state lacks
             batch = self.plan.fit_batch(batch, session.state_versions.get(batch.params["state"]))
