@@ -340,3 +340,23 @@ def test_node_shares_follow_every_record_and_load():
     other.load({"a": {**ledger.export()["a"]}})
     assert other.node_shares("a") == ledger.node_shares("a")
     assert other.forms() == ledger.forms()
+
+
+def test_a_record_keeps_each_position_weakest_form_and_the_announced_shares():
+    """Recording what a node holds already changes nothing; a weaker form of a held position, or a
+    new position, changes the form and share, and the rounded shares a header announces follow."""
+    ledger = ExposureLedger({"images": 3, "deltas": 4})
+    ledger.record("a", [("images", np.array([0, 0, 1]), 1)])
+    assert ledger.announced("a") == {"images": round(2 / 3, 6)}
+    ledger.record("a", [("images", [1, 0], 1), ("images", [0], 1)])  # nothing new
+    assert ledger.forms()["a"] == {"images": "values hidden"}
+    ledger.record("a", [("images", [1, 1], 3), ("deltas", np.array([], dtype=np.int64))])
+    assert ledger.forms()["a"] == {"images": "clear"}
+    assert list(ledger.positions("a", "images")) == [0, 1]
+    assert ledger.announced("a") == {"images": round(2 / 3, 6), "deltas": 0.0}
+    ledger.record("a", [("images", [2], 2), ("images", [0], 3)])
+    assert ledger.announced("a") == ledger.node_shares("a") == {"images": 1.0, "deltas": 0.0}
+    assert ledger.export()["a"]["images"] == "v2:" + bytes([3, 3, 2]).hex()
+    announced = ledger.announced("a")
+    announced["images"] = 0.0  # a copy: the caller's to change
+    assert ledger.announced("a")["images"] == 1.0

@@ -467,6 +467,8 @@ def test_array_entries_sizes_and_counts():
 
     assert code([entry(dtype="object")], bytes(8)) == "bad-array"
     assert code([entry(dtype="float16")], bytes(4)) == "bad-array"
+    assert code([entry(dtype=["float32"])], bytes(8)) == "bad-array"  # not a name at all
+    assert code([entry(shape=[1, True])], bytes(4)) == "bad-array"
     assert code([entry()], bytes(7)) == "bad-array"  # too short
     assert code([entry()], bytes(9)) == "bad-array"  # trailing bytes
     assert code([entry(), entry()], bytes(16)) == "bad-array"  # repeated name

@@ -80,6 +80,7 @@ class ExposureLedger:
         # node -> node_shares, kept by `record` for the kinds it touches (a BATCH header announces
         # them after every record: counting every kind's mask again each time is wasted)
         self._shares: dict[str, dict[str, float]] = {}
+        self._announced: dict[str, dict[str, float]] = {}  # node -> its shares rounded, for headers
         self._lock = threading.Lock()
 
     def record(self, node: str, exposure: list[tuple]) -> None:
@@ -95,11 +96,18 @@ class ExposureLedger:
                 mask = masks.get(kind)
                 if mask is None:
                     mask = masks[kind] = np.zeros(self.axes[kind], dtype=np.uint8)
-                np.maximum.at(mask, np.asarray(positions, dtype=np.int64), np.uint8(form))
-                touched.add(kind)
-            for kind in touched:  # each touched mask counted once, however many items it had
+                    touched.add(kind)
+                index = np.asarray(positions, dtype=np.intp)
+                held = mask[index]  # a copy; a repeated position gets the same maximum each time
+                if held.size and held.min() < form:  # a batch mostly repeats what the node holds
+                    np.maximum(held, np.uint8(form), out=held)
+                    mask[index] = held
+                    touched.add(kind)
+            for kind in touched:  # each changed mask counted once, however many items it had
                 mask = masks[kind]
                 shares[kind] = float(np.count_nonzero(mask) / mask.size)
+            if touched:
+                self._announced.pop(node, None)
 
     def _node_shares(self, node: str) -> dict[str, float]:
         """The kept shares of `node` (made from its masks when not kept); call with the lock held."""
@@ -134,6 +142,15 @@ class ExposureLedger:
         """One node's shares, only for kinds it has received (what a BATCH header announces)."""
         with self._lock:
             return dict(self._node_shares(node))
+
+    def announced(self, node: str) -> dict[str, float]:
+        """`node_shares` rounded to 6 digits: the "exposure" a BATCH or STATIC header announces
+        (kept until a record changes a share: the same for most of a run's batches)."""
+        with self._lock:
+            rounded = self._announced.get(node)
+            if rounded is None:
+                rounded = self._announced[node] = {t: round(v, 6) for t, v in self._node_shares(node).items()}
+            return dict(rounded)
 
     def positions(self, node: str, kind: str) -> np.ndarray:
         """Indices along the kind's axis that `node` has received (for tests and audits)."""
@@ -215,6 +232,7 @@ class ExposureLedger:
                     if values.shape[0] == size:
                         self._masks.setdefault(node, {})[kind] = values
                         self._shares.pop(node, None)
+                        self._announced.pop(node, None)
 
 
 def privacy_notes(preset, bound_raised: bool, disguise: str = "share") -> list[str]:

@@ -114,6 +114,9 @@ COORDINATOR_LIMITS = Limits(max_message_bytes=256 << 20)
 SEALED_OVERHEAD = PREFIX_BYTES + COUNTER_BYTES + TAG_BYTES + 1 + len("RESULT") + 4
 
 
+# What a node may send in its session, and the method that handles each.
+_SESSION_HANDLERS = {"RESULT": "_on_result", "REJECT": "_on_reject", "HEARTBEAT": "_on_heartbeat", "BYE": "_on_bye"}
+
 HANDSHAKE_IVL_MS = 5000  # libzmq closes a connection whose ZMTP greeting is not done by then
 
 
@@ -872,8 +875,12 @@ class CoordinatorServer:
             self.ledger.record(session.label, self.plan.static_exposure(shard))
             if session.group is not None:
                 self.group_ledger.record(session.group, self.plan.static_exposure(shard))
-            share = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
-            header = {"run_id": self.run_id, "name": name, "seq": self._next_seq(), "exposure": share}
+            header = {
+                "run_id": self.run_id,
+                "name": name,
+                "seq": self._next_seq(),
+                "exposure": self.ledger.announced(session.label),
+            }
             fields = self.plan.static_fields(shard, name)
             header.update(fields)
             if not self._send(session, "STATIC", header, {"x": arrays[name]}):
@@ -944,7 +951,7 @@ class CoordinatorServer:
         self.ledger.record(session.label, task.batch.exposure)
         if session.group is not None:
             self.group_ledger.record(session.group, task.batch.exposure)
-        exposure = {t: round(v, 6) for t, v in self.ledger.node_shares(session.label).items()}
+        exposure = self.ledger.announced(session.label)
         batch = task.batch
         if batch.op == "resident":  # the updates this node's copy of the slot's state lacks
             batch = self.plan.fit_batch(batch, session.state_versions.get(batch.params["state"]))
@@ -1068,10 +1075,11 @@ class CoordinatorServer:
     def _handle(self, frames: list) -> None:
         routing_id = bytes(frames[0].buffer)
         body = frames[1:]
-        self.bytes_received += sum(len(f.buffer) for f in body)
+        size = sum(len(f.buffer) for f in body)
+        self.bytes_received += size
         session = self.sessions.get(self.by_routing.get(routing_id, "")) or self.joining.get(routing_id)
         if session is not None:
-            self._handle_sealed(session, body)
+            self._handle_sealed(session, body, size)
             return
         try:
             msg = decode(body, limits=self.limits)
@@ -1106,8 +1114,8 @@ class CoordinatorServer:
         largest = max((t.result_bytes for t in session.outstanding.values()), default=0)
         return SEALED_OVERHEAD + self.limits.max_header_bytes + largest
 
-    def _handle_sealed(self, session: Session, body: list) -> None:
-        size = sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in body)
+    def _handle_sealed(self, session: Session, body: list, size: int) -> None:
+        """One message on a session's connection; `size` is its frames' bytes."""
         if size > self._largest_expected(session):
             # Nothing asked of this node needs a frame this big: not opened (no decryption), and not
             # held against the key, since nothing shows the key sealed it.
@@ -1144,19 +1152,14 @@ class CoordinatorServer:
         session.last_seen = time.monotonic()
         if not session.joined:
             self._join(session)
-        handler = {
-            "RESULT": self._on_result,
-            "REJECT": self._on_reject,
-            "HEARTBEAT": self._on_heartbeat,
-            "BYE": self._on_bye,
-        }.get(msg.command)
+        handler = _SESSION_HANDLERS.get(msg.command)
         if handler is None:
             self.counters["dropped"] += 1
             self._protocol_error(session, f"dropped unexpected {msg.command} from {session.label}")
             return
         if msg.command != "HEARTBEAT":
             self._dirty = True  # a slot freed, a batch to reissue, a member gone: act now
-        handler(session, msg)
+        getattr(self, handler)(session, msg)
 
     def _warn(self, key: str, line: str) -> None:
         """Log, at most WARN_BURST lines per `key` every WARN_WINDOW seconds; say how many were held back."""

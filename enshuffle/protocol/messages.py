@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -202,6 +201,9 @@ COMMANDS: dict[str, CommandSpec] = {
     )
 }
 
+# u8 len(command) || command: how every inner message starts, per command; and back
+_COMMAND_PREFIX = {name: bytes([len(name)]) + name.encode("ascii") for name in COMMANDS}
+_COMMAND_NAMES = {name.encode("ascii"): name for name in COMMANDS}
 HANDSHAKE_COMMANDS = tuple(name for name, spec in COMMANDS.items() if spec.kind != KIND_SEALED)
 CAPABILITY_FIELDS = {"ops": "list", "threads": "pos", "credit": "pos"}  # HELLO.capabilities
 LEASE_FIELDS = {"min_ms": "pos", "multiple": "num", "initial_ms": "pos"}  # WELCOME.lease
@@ -280,13 +282,17 @@ def check_header(command: str, header: Mapping[str, Any]) -> None:
 
 
 # Made once (json.dumps with options makes a new encoder every call); the header's bytes on the wire.
-_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# No circular-reference bookkeeping (a dict of ids per call): a header that contains itself ends in
+# RecursionError instead, refused the same way.
+_ENCODER = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False, check_circular=False
+)
 
 
 def canonical_json(obj: Any) -> bytes:
     try:
         return _ENCODER.encode(obj).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ProtocolError(BAD_HEADER, f"header is not JSON-serialisable: {exc}") from None
 
 
@@ -333,8 +339,7 @@ def inner_parts(
     full_header = dict(header)
     full_header["arrays"] = entries
     raw_header = canonical_json(full_header)
-    raw_name = command.encode("ascii")
-    prefix = b"".join([bytes([len(raw_name)]), raw_name, struct.pack(">I", len(raw_header)), raw_header])
+    prefix = b"".join([_COMMAND_PREFIX[command], len(raw_header).to_bytes(4, "big"), raw_header])
     return [prefix, *payloads]
 
 
@@ -408,9 +413,9 @@ def _reject_constant(name: str) -> None:
 _DECODER = json.JSONDecoder(object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
 
 
-def _parse_header(raw: bytes) -> dict:
+def _parse_header(raw: bytes | memoryview) -> dict:
     try:
-        text = raw.decode("utf-8")
+        text = str(raw, "utf-8")
         if text.startswith("\ufeff"):  # what json.loads refuses too
             raise ValueError("Unexpected UTF-8 BOM")
         header = _DECODER.decode(text)
@@ -421,7 +426,8 @@ def _parse_header(raw: bytes) -> dict:
     return header
 
 
-def _parse_entries(command: str, header: dict, limits: Limits) -> list[tuple[str, np.dtype, tuple, int]]:
+def _parse_entries(command: str, header: dict, limits: Limits) -> tuple[list[tuple[str, np.dtype, tuple, int]], int]:
+    """The checked array entries as (name, wire dtype, shape, bytes), and their bytes in all."""
     entries = header.get("arrays")
     if not isinstance(entries, list):
         raise ProtocolError(BAD_HEADER, "header field 'arrays' must be a list (empty when there are none)", header)
@@ -430,7 +436,7 @@ def _parse_entries(command: str, header: dict, limits: Limits) -> list[tuple[str
         raise ProtocolError(
             BAD_ARRAY, f"{command} carries {spec.min_arrays}..{spec.max_arrays} arrays, got {len(entries)}", header
         )
-    parsed, seen = [], set()
+    parsed, seen, total = [], set(), 0
     for i, entry in enumerate(entries):
         if (
             not isinstance(entry, dict)
@@ -442,19 +448,14 @@ def _parse_entries(command: str, header: dict, limits: Limits) -> list[tuple[str
         if not isinstance(name, str) or not _NAME_RE.match(name) or name in seen:
             raise ProtocolError(BAD_ARRAY, f"arrays[{i}] name {name!r:.80} is invalid or repeated", header)
         seen.add(name)
-        if dtype not in _WIRE_DTYPES:
+        wire = _WIRE_DTYPES.get(dtype) if isinstance(dtype, str) else None
+        if wire is None:
             raise ProtocolError(
                 BAD_ARRAY,
                 f"array {name!r} dtype {dtype!r:.40} is not allowed; allowed: {', '.join(ALLOWED_DTYPES)}",
                 header,
             )
-        if (
-            not isinstance(shape, list)
-            or len(shape) > limits.max_ndim
-            or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= limits.max_message_bytes for d in shape
-            )
-        ):
+        if not isinstance(shape, list) or len(shape) > limits.max_ndim or not _dims_ok(shape, limits):
             # Each dimension is bounded too: a zero elsewhere would let a huge one pass the size check.
             raise ProtocolError(
                 BAD_ARRAY,
@@ -462,9 +463,19 @@ def _parse_entries(command: str, header: dict, limits: Limits) -> list[tuple[str
                 f"most {limits.max_ndim} integers from 0 to {limits.max_message_bytes}",
                 header,
             )
-        wire = _WIRE_DTYPES[dtype]
-        parsed.append((name, wire, tuple(shape), math.prod(shape) * wire.itemsize))
-    return parsed
+        nbytes = math.prod(shape) * wire.itemsize
+        parsed.append((name, wire, tuple(shape), nbytes))
+        total += nbytes
+    return parsed, total
+
+
+def _dims_ok(shape: list, limits: Limits) -> bool:
+    """Every dimension an int (not a bool) from 0 to the message limit."""
+    top = limits.max_message_bytes
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= top:
+            return False
+    return True
 
 
 def decode_inner(
@@ -480,8 +491,8 @@ def decode_inner(
         raise ProtocolError(BAD_HEADER, f"message of {view.nbytes} bytes is too short")
     n = view[0]
     command_bytes = view[1 : 1 + n].tobytes()
-    command = command_bytes.decode("ascii", "replace")
-    if command not in COMMANDS:
+    command = _COMMAND_NAMES.get(command_bytes)
+    if command is None:
         raise ProtocolError(UNKNOWN_COMMAND, f"command {command_bytes[:16]!r} is not one of {', '.join(COMMANDS)}")
     if COMMANDS[command].kind != kind:
         raise ProtocolError(WRONG_KIND, f"{command} must travel as kind {COMMANDS[command].kind!r}, came as {kind!r}")
@@ -493,12 +504,11 @@ def decode_inner(
     start = 5 + n
     if view.nbytes < start + header_len:
         raise ProtocolError(BAD_HEADER, f"message ends inside its {header_len}-byte header")
-    header = _parse_header(view[start : start + header_len].tobytes())
-    entries = _parse_entries(command, header, limits)
+    header = _parse_header(view[start : start + header_len])
+    entries, need = _parse_entries(command, header, limits)
     header.pop("arrays")
     check_header(command, header)
     offset = start + header_len
-    need = sum(e[3] for e in entries)
     if view.nbytes - offset != need:
         raise ProtocolError(
             BAD_ARRAY, f"the arrays need {need} bytes after the header, the message has {view.nbytes - offset}", header
@@ -603,9 +613,9 @@ class Channel:
     """
 
     # Larger messages are encrypted part by part, without joining them; smaller ones are joined
-    # (one copy) and sealed in one call on the session's AESGCM object (no new cipher context per
-    # message: a default-preset BATCH or RESULT is 65-200 KB, and joining copies at most this much).
-    STREAM_THRESHOLD = 1 << 20
+    # (one copy) and sealed in one call on the session's AESGCM object. A new cipher context costs
+    # about what copying 128 KiB does (measured): above that, the copy costs more.
+    STREAM_THRESHOLD = 128 << 10
     # What `seconds` is measured with: wall time by default (a cheap clock); `enshuffle bench`
     # sets time.thread_time, the CPU time of this thread, which a busy machine does not inflate.
     clock = staticmethod(time.perf_counter)
