@@ -440,6 +440,8 @@ class CoordinatorRun:
             if self.control.stop_requested and self._steps_since_version:
                 self.write_version()
                 self.log("stopped on request after finishing the step; model version written")
+            elif self.control.stop_requested:  # it came while the last model version was written
+                self.log("stopped: on request; the last model version is the place to --resume from")
         except StepAbandoned as exc:
             # The unfinished step is dropped (parameters change only after a step's last product),
             # so the steps completed since the last version are kept in a new one.
