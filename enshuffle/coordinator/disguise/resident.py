@@ -454,8 +454,7 @@ class ResidentDisguise(SlotCheckpoints):
         # What the disguise tracks for all slots at once (the slots' blocks are disjoint, and every
         # slot's E follows the same recurrence): sum_s H_s M_s V_s and its momentum, E and its
         # momentum (the noise's share of every V_s is M_s^T H_s^T E), sum_s B_s H_s^T
-        self.hmv = sum((st.hmv for st in self.slots), np.zeros((r, self.hidden)))
-        self.hmbuf = sum((st.hmbuf for st in self.slots), np.zeros((r, self.hidden)))
+        self._anchor_noise_sum()
         self.e = np.zeros((r, self.hidden))
         self.ebuf = np.zeros((r, self.hidden))
         self._b2_sum = sum((st.b2 for st in self.slots), np.zeros((r, r)))
@@ -533,8 +532,12 @@ class ResidentDisguise(SlotCheckpoints):
         # between two such versions the sum follows the recurrence (which every checkpoint
         # also follows, to float64 rounding of the node's arithmetic)
         if all(other.checkpoint_version == version for other in self.slots):
-            self.hmv = np.sum([other.hmv for other in self.slots], axis=0)
-            self.hmbuf = np.sum([other.hmbuf for other in self.slots], axis=0)
+            self._anchor_noise_sum()
+
+    def _anchor_noise_sum(self) -> None:
+        """The tracked sum over slots of H M V and H M buf, from each slot's checkpoint."""
+        self.hmv = np.sum([st.hmv for st in self.slots], axis=0)
+        self.hmbuf = np.sum([st.hmbuf for st in self.slots], axis=0)
 
     def clean(self) -> tuple[np.ndarray, np.ndarray]:
         """(w1, buf_w1) of the clean network in the pixel basis, from the last checkpoints
