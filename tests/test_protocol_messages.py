@@ -248,7 +248,10 @@ def test_inner_layout_matches_the_spec():
     assert prefix[0] == len(b"BATCH") and prefix[1:6] == b"BATCH"
     (length,) = struct.unpack(">I", prefix[6:10])
     header = json.loads(prefix[10 : 10 + length])
-    assert prefix[10 : 10 + length] == json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    # canonical JSON, then spaces up to the first payload's 64-byte boundary of inner
+    assert prefix[10 : 10 + length] == canonical + b" " * (length - len(canonical))
+    assert len(prefix) % 64 == 0 and length - len(canonical) < 64
     assert header["arrays"] == [
         {"name": "a", "dtype": "float32", "shape": [2, 3]},
         {"name": "b", "dtype": "float32", "shape": [3, 5]},
@@ -541,3 +544,30 @@ def test_nonces_never_repeat_within_a_session():
     coordinator, node = pair()
     counters = {bytes(node.seal("HEARTBEAT", EXAMPLES["HEARTBEAT"][0])[0][5:13]) for _ in range(1000)}
     assert len(counters) == 1000  # (keys are fresh per session: test_each_direction_and_session_has_its_own_key)
+
+
+def test_opened_arrays_are_aligned_and_unpadded_senders_still_work():
+    """A sender pads its header so the payloads start at a 64-byte boundary of inner, and a
+    receiver opens into a 64-byte aligned buffer: each array (after one whose size is a multiple
+    of 64 bytes) starts aligned. A sender that does not pad (a node written from an older text of
+    the spec) is read the same, its arrays merely unaligned."""
+    coordinator, node = pair()
+    header = {"run_id": "r", "batch_id": "b", "seq": 1, "compute_seconds": 0.1}
+    first, second = _array("float32", (16, 32)), _array("float64", (7, 3))
+    for seq in range(1, 4):
+        message = coordinator.open(node.seal("RESULT", dict(header, seq=seq), {"c": first, "d": second}))
+        assert message.arrays["c"].ctypes.data % 64 == 0 and message.arrays["d"].ctypes.data % 64 == 0
+        np.testing.assert_array_equal(message.arrays["c"], first)
+        np.testing.assert_array_equal(message.arrays["d"], second)
+    for batch_id in ("b", "bb"):  # one of two lengths that differ by a byte is not a multiple of 64
+        parts = inner_parts("RESULT", dict(header, seq=4, batch_id=batch_id), {"c": first})
+        prefix = bytes(parts[0])
+        start = 1 + len(b"RESULT")
+        raw = prefix[start + 4 :].rstrip(b" ")
+        unpadded = prefix[:start] + struct.pack(">I", len(raw)) + raw
+        if len(unpadded) % 64:
+            break
+    assert len(unpadded) % 64 != 0
+    message = coordinator.open(node.seal_parts([unpadded, *parts[1:]]))
+    np.testing.assert_array_equal(message.arrays["c"], first)
+    assert message.arrays["c"].ctypes.data % 64 != 0

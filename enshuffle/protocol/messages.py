@@ -203,6 +203,9 @@ COMMANDS: dict[str, CommandSpec] = {
 
 # u8 len(command) || command: how every inner message starts, per command; and back
 _COMMAND_PREFIX = {name: bytes([len(name)]) + name.encode("ascii") for name in COMMANDS}
+# Senders pad the header so the payloads start at a multiple of this many bytes of inner
+# (docs/protocol.md section 3); receivers open sealed messages into buffers aligned to it.
+PAYLOAD_ALIGN = 64
 _COMMAND_NAMES = {name.encode("ascii"): name for name in COMMANDS}
 HANDSHAKE_COMMANDS = tuple(name for name, spec in COMMANDS.items() if spec.kind != KIND_SEALED)
 CAPABILITY_FIELDS = {"ops": "list", "threads": "pos", "credit": "pos"}  # HELLO.capabilities
@@ -339,7 +342,13 @@ def inner_parts(
     full_header = dict(header)
     full_header["arrays"] = entries
     raw_header = canonical_json(full_header)
-    prefix = b"".join([_COMMAND_PREFIX[command], len(raw_header).to_bytes(4, "big"), raw_header])
+    command_prefix = _COMMAND_PREFIX[command]
+    if payloads:
+        # trailing spaces (JSON whitespace) so the first payload starts at a multiple of
+        # PAYLOAD_ALIGN bytes of inner: a receiver that opens into an aligned buffer gets aligned
+        # arrays (numpy's unaligned float32 paths run at half speed)
+        raw_header += b" " * (-(len(command_prefix) + 4 + len(raw_header)) % PAYLOAD_ALIGN)
+    prefix = b"".join([command_prefix, len(raw_header).to_bytes(4, "big"), raw_header])
     return [prefix, *payloads]
 
 
@@ -602,6 +611,14 @@ def verify_self_signed(message: Message) -> bytes:
 # --- sealed session messages ---------------------------------------------------------------
 
 
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialized uint8 buffer of nbytes starting at a multiple of PAYLOAD_ALIGN, so a padded
+    message's arrays are aligned views of it."""
+    raw = np.empty(nbytes + PAYLOAD_ALIGN - 1, dtype=np.uint8)
+    start = -raw.ctypes.data % PAYLOAD_ALIGN
+    return raw[start : start + nbytes]
+
+
 class Channel:
     """One session's AEAD state: AES-256-GCM, one key per direction, a 64-bit message counter.
 
@@ -682,7 +699,7 @@ class Channel:
             raise ProtocolError(
                 BAD_SEAL, f"counter {counter} is not above {self.received}: a replayed or reordered message"
             )
-        out = np.empty(view.nbytes - len(envelope) - TAG_BYTES, dtype=np.uint8)  # fully written: not zeroed
+        out = _aligned_empty(view.nbytes - len(envelope) - TAG_BYTES)  # fully written: not zeroed
         try:
             # (out is a writable buffer; the ignore: numpy types ndarray as a buffer only on 3.12+)
             self._recv.decrypt_into(bytes(4) + envelope[5:], view[len(envelope) :], envelope, out)  # type: ignore[arg-type]
