@@ -105,7 +105,11 @@ GROWTH_NODES = 7
 GROWTH_MAX_REPEATS = 3
 DAEMON = "`enshuffle coordinator` daemon process"
 STEP_CHUNK = 60  # default-preset steps per measured figure
-SHIP_TRIPS = 10  # results sealed and opened per cost-model figure
+# Results sealed and opened per cost-model sample, after SHIP_WARMUP unmeasured ones (a sample's
+# first trips pay for cold caches and fresh buffers; a 10-trip sample moved by +-40% with the load)
+SHIP_TRIPS = 100
+SHIP_WARMUP = 10
+COST_SAMPLES = 5  # at least this many samples per cost-model figure (their median)
 DAEMON_TIMEOUT_S = 900.0
 
 
@@ -844,15 +848,21 @@ def measure_cost_model(repeats: int) -> CostModel:
     sender, receiver = Channel(b"k" * 32, b"l" * 32), Channel(b"l" * 32, b"k" * 32)
     header = {"run_id": "r", "batch_id": "x", "seq": 1, "compute_seconds": 0.0}
     madd, ship = [], []
-    for _ in range(max(3, repeats)):
+
+    def trip() -> None:
+        opened = receiver.open(sender.seal("RESULT", header, {"c": block}))
+        np.add(total, opened.arrays["c"], out=total)
+
+    for _ in range(max(COST_SAMPLES, repeats)):
         t0 = time.thread_time()
         for _ in range(20):
             a @ b
         madd.append((time.thread_time() - t0) / (20 * a.shape[0] * a.shape[1] * b.shape[1]))
+        for _ in range(SHIP_WARMUP):
+            trip()
         t0 = time.thread_time()
         for _ in range(SHIP_TRIPS):
-            opened = receiver.open(sender.seal("RESULT", header, {"c": block}))
-            np.add(total, opened.arrays["c"], out=total)
+            trip()
         ship.append((time.thread_time() - t0) / (SHIP_TRIPS * block.size))
     return CostModel(
         ship_ns=statistics.median(ship) * 1e9,
