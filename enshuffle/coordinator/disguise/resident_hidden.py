@@ -279,8 +279,11 @@ class HiddenResident(SlotCheckpoints):
     def combine_forward(self, results: list[np.ndarray]) -> np.ndarray:
         """z = L^T sum_s (A_s V_s), float64."""
         assert self._kept is not None
-        total = np.array(results[0], dtype=self.dtype)
-        for r in results[1:]:
+        if len(results) > 1:  # the first sum makes the total: one pass fewer than copying results[0]
+            total = np.add(results[0], results[1], dtype=self.dtype)
+        else:
+            total = np.array(results[0], dtype=self.dtype)
+        for r in results[2:]:
             total += r
         return self.basis.out_mix.right(self._kept[1].apply(total, transposed=True), self.dtype, inverse=True)
 
