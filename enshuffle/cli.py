@@ -249,7 +249,8 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="use only the first N training images (quick runs)",
+        help="use only N training images (quick runs): the same number of each class, each class's "
+        "first in file order (the seed preset: the first N, as the notebook)",
     )
     p.add_argument(
         "--max-exposure",
@@ -342,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="time with only the first N training images (quick runs; figures then are not comparable with full runs)",
+        help="time with only N training images (quick runs; figures then are not comparable with full runs)",
     )
     p.add_argument(
         "--skip-wire",

@@ -522,3 +522,32 @@ def load_dataset(
             say(f"data: MNIST unavailable: {exc}")
 
     return chosen(load_bundled_subset())
+
+
+def training_rows(labels: np.ndarray, limit: int | None, subset: str = "first") -> np.ndarray | None:
+    """The indices (ascending, into the file's training images) a run with `--limit limit` trains
+    on; None: all of them. "first": the first `limit`. "balanced": the same number of each class
+    (`limit` // classes, the remainder one each to the lowest classes), each class's first images in
+    file order; a class with too few gives all it has and the others make up the rest in turn. The
+    rule is public, like the data: anyone can compute the subset, and its class counts are equal."""
+    n = len(labels)
+    if limit is None or limit >= n:
+        return None
+    if subset == "first":
+        return np.arange(limit)
+    if subset != "balanced":
+        raise ValueError(f"unknown subset rule {subset!r}")
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    members = [np.flatnonzero(labels == c) for c in classes]
+    quota = np.full(len(classes), limit // len(classes))
+    quota[: limit % len(classes)] += 1
+    sizes = np.array([m.size for m in members])
+    take = np.minimum(quota, sizes)
+    short = limit - int(take.sum())
+    while short > 0:  # classes with images left make up what the short ones lack, one each in turn
+        room = np.flatnonzero(take < sizes)
+        step = room[:short]
+        take[step] += 1
+        short -= step.size
+    return np.sort(np.concatenate([m[:k] for m, k in zip(members, take)]))

@@ -57,6 +57,11 @@ class Preset:
     # momentum at `w1_learning_rate`, as w1): the resident disguise keeps those layers on the
     # nodes too, each node updating its block of rows in its own basis.
     hidden_optimizer: str = "same"
+    # Which training images `--limit N` keeps: "balanced" (the same number of each class, each
+    # class's first images in file order: the subset's class counts are equal, so a node that
+    # groups its rows by class cannot name the groups by their sizes) or "first" (the first N, as
+    # the notebook does: the seed preset's).
+    subset: str = "balanced"
 
     @property
     def depth(self) -> int:
@@ -95,6 +100,7 @@ PRESETS = {
         inputs="raw",
         init="notebook",
         seed=402,
+        subset="first",
     ),
     # A preset that trains: standardized inputs, mini-batches, softmax cross-entropy, Adam with
     # a cosine learning-rate decay, on a 784-2048-10 ReLU network: at that width the resident

@@ -447,3 +447,44 @@ def test_an_empty_data_set_is_refused(tmp_path):
     write_idx_dir(tmp_path, empty, np.zeros(0, np.uint8), empty, np.zeros(0, np.uint8))
     with pytest.raises(DataError, match="no images"):
         load_idx_dir(tmp_path)
+
+
+# --- which images --limit keeps ----------------------------------------------------------
+
+
+def test_a_balanced_subset_has_equal_class_counts_and_keeps_file_order(core_dataset):
+    labels = np.asarray(core_dataset.train_labels)
+    for limit in (1000, 1003, 2500):
+        rows = ds.training_rows(labels, limit, "balanced")
+        assert rows.shape == (limit,) and np.all(np.diff(rows) > 0)  # distinct, in file order
+        counts = np.bincount(labels[rows], minlength=10)
+        assert counts.max() - counts.min() <= (1 if limit % 10 else 0), counts
+        for c in range(10):  # each class's first images, none skipped
+            mine = rows[labels[rows] == c]
+            np.testing.assert_array_equal(mine, np.flatnonzero(labels == c)[: mine.size])
+    assert ds.training_rows(labels, None, "balanced") is None
+    assert ds.training_rows(labels, labels.size, "balanced") is None  # all of them: the file as it is
+    np.testing.assert_array_equal(ds.training_rows(labels, 100, "first"), np.arange(100))
+
+
+def test_a_short_class_gives_all_it_has_and_the_others_make_up_the_rest():
+    labels = np.array([0] * 3 + [1] * 50 + [2] * 50)
+    rows = ds.training_rows(labels, 60, "balanced")
+    counts = np.bincount(labels[rows], minlength=3)
+    assert rows.size == 60 and counts[0] == 3 and abs(int(counts[1]) - int(counts[2])) <= 1
+    with pytest.raises(ValueError, match="subset rule"):
+        ds.training_rows(labels, 10, "random")
+
+
+def test_limit_keeps_a_balanced_subset_except_in_the_notebook_preset(core_dataset):
+    """The default preset's --limit N trains on N images of equal class counts (a node that
+    groups its rows by class has no sizes to name the groups by); the seed preset keeps the
+    notebook's first N, so it stays exact against the notebook."""
+    from enshuffle.coordinator.training import prepare
+    from enshuffle.model import get_preset
+
+    default = prepare(core_dataset, get_preset("default"), limit=1000)
+    assert np.unique(np.bincount(default.train_labels, minlength=10)).size == 1
+    seed = prepare(core_dataset, get_preset("seed"), limit=1000)
+    np.testing.assert_array_equal(seed.train_labels, core_dataset.train_labels[:1000])
+    assert np.unique(np.bincount(core_dataset.train_labels[:1000], minlength=10)).size > 1  # (a real difference)

@@ -50,6 +50,16 @@ class Public:
     test_images: np.ndarray
     test_labels: np.ndarray
     preset: model.Preset  # public: the source code and the command line
+    # The public indices of the images the run trains on (`training_rows` of the public labels,
+    # --limit and the preset: all public); None: the first n
+    train_rows: np.ndarray | None = None
+
+    def run_rows(self, n: int) -> np.ndarray:
+        """The public indices of the run's n training images, in the run's row order."""
+        if self.train_rows is None:
+            return np.arange(n)
+        assert self.train_rows.shape[0] == n, f"{n} training rows, the subset has {self.train_rows.shape[0]}"
+        return self.train_rows
 
 
 @dataclass
@@ -101,9 +111,9 @@ def _pow2(e, dtype) -> np.ndarray:
 
 
 def _prepared(public: Public, n_train: int):
-    """The first n_train public training images and the public test images prepared exactly as
+    """The run's n_train public training images and the public test images prepared exactly as
     the preset prepares them (the source's own function), and each pixel's intensity table."""
-    train_u8 = public.train_images[:n_train].reshape(n_train, -1)
+    train_u8 = public.train_images[public.run_rows(n_train)].reshape(n_train, -1)
     test_u8 = public.test_images.reshape(public.test_images.shape[0], -1)
     train_x, test_x = prepare_inputs(train_u8, test_u8, public.preset)
     table = np.full((256, train_x.shape[1]), np.nan, dtype=np.float64)
@@ -631,7 +641,7 @@ def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool, rng: 
         # No images to name the groups with: name them by size against the public class counts
         # of the training images the run uses (the first N of the public set). A balanced set
         # (all 60,000: 6,000 each) gives nothing; a subset's unequal counts do.
-        counts = np.bincount(public.train_labels[: len(ids)], minlength=CLASSES)
+        counts = np.bincount(public.train_labels[public.run_rows(len(ids))], minlength=CLASSES)
         sizes = np.bincount(ids[ids >= 0], minlength=CLASSES)
         if len(np.unique(counts)) == 1:
             continue
@@ -709,8 +719,11 @@ def _sgd_updates(batches, statics, prepared, public, w0):
     reid = np.where(c.reid_exact >= 0, c.reid_exact, -1)
     if np.any(reid < 0):
         return None
-    x_pub = prepared["train"][1].astype(np.float64)  # rows = public image index (first n)
-    if reid.max() >= x_pub.shape[0]:
+    x_pub = prepared["train"][1].astype(np.float64)  # rows: the run's images, in its row order
+    at = np.full(public.train_images.shape[0], -1, dtype=np.int64)  # public index -> row of x_pub
+    at[public.run_rows(x_pub.shape[0])] = np.arange(x_pub.shape[0])
+    reid = at[reid]
+    if np.any(reid < 0):
         return None
     xw = [
         m for m in batches if m.header["params"].get("a_static") == name and not m.header["params"].get("transpose_a")

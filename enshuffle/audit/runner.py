@@ -25,7 +25,7 @@ from enshuffle.coordinator.cluster import local_node_keys, spawn_local_nodes, st
 from enshuffle.coordinator.run import CoordinatorRun, run_headless
 from enshuffle.coordinator.settings import RunConfig, Serving
 from enshuffle.coordinator.training import prepare
-from enshuffle.dataset import DataError, load_dataset
+from enshuffle.dataset import DataError, load_dataset, training_rows
 from enshuffle.errors import UsageError
 from enshuffle.model import get_preset
 
@@ -38,7 +38,7 @@ def _eprint(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def truth_from(run, slots: list[int], dataset, limit: int):
+def truth_from(run, slots: list[int], dataset, limit: int, preset):
     """Ground truth from the coordinator objects of this process (never given to the attacker)."""
     compute = run.compute
     statics: dict[str, dict] = {}
@@ -58,18 +58,25 @@ def truth_from(run, slots: list[int], dataset, limit: int):
             if entry is not None and getattr(mix, "blocks", None) is not None:
                 entry["mix_bounds"] = [tuple(b) for b in mix.bounds]
                 entry["mix_blocks"] = [np.asarray(b) for b in mix.blocks]
-    n = limit
+    rows = _run_rows(dataset, limit, preset)
     return Truth(
         statics=statics,
-        train_u8=dataset.train_images[:n].reshape(n, -1),
+        train_u8=dataset.train_images[rows].reshape(rows.shape[0], -1),
         test_u8=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
-        train_labels=np.asarray(dataset.train_labels[:n]),
+        train_labels=np.asarray(dataset.train_labels[rows]),
         w1_final=np.asarray(run.trainer.params["w1"], dtype=np.float64),
         static_scales=scales,
+        train_index=rows,
     )
 
 
-def hidden_truth_from(run, slots: list[int], dataset, limit: int) -> dict:
+def _run_rows(dataset, limit: int, preset) -> np.ndarray:
+    """The dataset indices of the images the audited run trains on (what `prepare` keeps)."""
+    rows = training_rows(dataset.train_labels, limit, preset.subset)
+    return np.arange(dataset.train_labels.shape[0]) if rows is None else rows
+
+
+def hidden_truth_from(run, slots: list[int], dataset, limit: int, preset) -> dict:
     """The resident hidden layers' ground truth (audit_hidden_truth), with the batch labels and
     the final weights; empty when the run has none."""
     compute = run.compute
@@ -79,7 +86,7 @@ def hidden_truth_from(run, slots: list[int], dataset, limit: int) -> dict:
     for slot in slots:
         for state, entry in compute.audit_hidden_truth(slot).items():
             layer = int(state.split(".")[0][1:])
-            entry["labels"] = np.asarray(dataset.train_labels[:limit])
+            entry["labels"] = np.asarray(dataset.train_labels[_run_rows(dataset, limit, preset)])
             entry["w_final"] = np.asarray(run.trainer.params[f"w{layer}"], dtype=np.float64)
             out[state] = entry
     return out
@@ -159,6 +166,7 @@ def run_audit(
             test_images=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
             test_labels=np.asarray(dataset.test_labels),
             preset=preset,
+            train_rows=_run_rows(dataset, limit, preset),  # public: the rule, --limit and the labels
         )
         started = time.perf_counter()
         claims = attack(messages, public, ica=ica)
@@ -168,8 +176,8 @@ def run_audit(
             hidden_claims = {}
             log(f"audit: the resident hidden-layer attacks failed: {type(exc).__name__}: {exc}")
         log(f"audit: attacks took {time.perf_counter() - started:.1f} s")
-        truth = truth_from(run, slots, dataset, limit)
-        hidden_truth = hidden_truth_from(run, slots, dataset, limit)
+        truth = truth_from(run, slots, dataset, limit, preset)
+        hidden_truth = hidden_truth_from(run, slots, dataset, limit, preset)
         if record_dir:
             save_hidden_truth(hidden_truth, Path(str(record) + "-truth.npz"))
     figures = score(claims, truth)

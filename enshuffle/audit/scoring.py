@@ -32,6 +32,11 @@ class Truth:
     train_labels: np.ndarray
     w1_final: np.ndarray  # (784, 128)
     static_scales: dict[str, np.ndarray]  # static name -> true static column exponents ("shuffle")
+    train_index: np.ndarray | None = None  # each training row's public image index (None: the row's own)
+
+    def public_index(self, rows: np.ndarray) -> np.ndarray:
+        """The public image index of training rows `rows` (what a re-identification claims)."""
+        return rows if self.train_index is None else self.train_index[rows]
 
 
 def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
@@ -119,9 +124,10 @@ def score(claims: Claims, truth: Truth) -> dict:
         if name in truth.static_scales:
             scale_ok += int(np.count_nonzero(c.scale_exp == truth.static_scales[name]))
             scale_all += col_pixel.size
-        re = int(np.count_nonzero(c.reid_exact == order))
+        public = truth.public_index(order)  # re-identifications claim public image indices
+        re = int(np.count_nonzero(c.reid_exact == public))
         tried = c.reid_nn_rows if c.reid_nn_rows is not None else np.arange(order.size)
-        rn = int(np.count_nonzero(c.reid_nn[tried] == order[tried]))
+        rn = int(np.count_nonzero(c.reid_nn[tried] == public[tried]))
         reid_e_ok += re
         reid_n_ok += rn
         reid_all += order.size

@@ -625,7 +625,8 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort
         claims.blocks[i] = (lo, hi, a * flip[at : at + a.shape[1]])
         at += a.shape[1]
     n = s.shape[0]
-    raw = public.train_images[:n].reshape(n, -1)
+    run_rows = public.run_rows(n)
+    raw = public.train_images[run_rows].reshape(n, -1)
     alpha, beta = input_affine(raw, public.preset)
     z = raw.astype(np.float64) * alpha
     if centred:
@@ -697,7 +698,7 @@ def _attack_static(name, traj, s, public, rng, claims, group, rank_noise, effort
         claims.notes.append(f"{name}: too few rows surely re-identified to solve the block from them")
     claims.source_pixel = pos
     claims.reid = rows
-    claims.labels = np.asarray(public.train_labels)[rows]
+    claims.labels = np.asarray(public.train_labels)[run_rows][rows]
     claims.mixing = blocks_m
     column_pixel = np.full(k, -1, dtype=np.int64)
     for (lo, hi, _), m_b, src in zip(claims.blocks, blocks_m, blocks_pix):

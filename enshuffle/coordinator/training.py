@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from enshuffle.coordinator.report import eprint
-from enshuffle.dataset import DataError, load_bundled_subset, load_dataset
+from enshuffle.dataset import DataError, load_bundled_subset, load_dataset, training_rows
 from enshuffle.errors import UsageError
 from enshuffle.fpenv import flushed_denormals
 from enshuffle.model import (
@@ -71,8 +71,9 @@ class Inputs:
 
 def prepare(dataset, preset: Preset, limit: int | None = None) -> Inputs:
     train_images, train_labels = dataset.train_images, dataset.train_labels
-    if limit is not None:
-        train_images, train_labels = train_images[:limit], train_labels[:limit]
+    rows = training_rows(train_labels, limit, preset.subset)
+    if rows is not None:
+        train_images, train_labels = train_images[rows], train_labels[rows]
     train_images = train_images.reshape(train_images.shape[0], -1)
     test_images = dataset.test_images.reshape(dataset.test_images.shape[0], -1)
     train_x, test_x = prepare_inputs(train_images, test_images, preset)
