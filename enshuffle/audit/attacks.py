@@ -639,8 +639,8 @@ def _attack(messages: list[RecordedMessage], public: Public, *, ica: bool, rng: 
         if (claim >= 0).mean() >= 0.5 or (ids >= 0).mean() < 0.9:
             continue  # images named them already, or one epoch linked no batches together
         # No images to name the groups with: name them by size against the public class counts
-        # of the training images the run uses (the first N of the public set). A balanced set
-        # (all 60,000: 6,000 each) gives nothing; a subset's unequal counts do.
+        # of the training images the run uses (`Public.run_rows`). Equal counts (all 60,000:
+        # 6,000 each; a balanced --limit) give nothing; a subset's unequal counts do.
         counts = np.bincount(public.train_labels[public.run_rows(len(ids))], minlength=CLASSES)
         sizes = np.bincount(ids[ids >= 0], minlength=CLASSES)
         if len(np.unique(counts)) == 1:
