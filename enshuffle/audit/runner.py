@@ -38,8 +38,9 @@ def _eprint(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def truth_from(run, slots: list[int], dataset, limit: int, preset):
-    """Ground truth from the coordinator objects of this process (never given to the attacker)."""
+def truth_from(run, slots: list[int], dataset, rows: np.ndarray):
+    """Ground truth from the coordinator objects of this process (never given to the attacker);
+    `rows`: the dataset indices of the images the run trained on."""
     compute = run.compute
     statics: dict[str, dict] = {}
     scales: dict[str, np.ndarray] = {}
@@ -58,7 +59,6 @@ def truth_from(run, slots: list[int], dataset, limit: int, preset):
             if entry is not None and getattr(mix, "blocks", None) is not None:
                 entry["mix_bounds"] = [tuple(b) for b in mix.bounds]
                 entry["mix_blocks"] = [np.asarray(b) for b in mix.blocks]
-    rows = _run_rows(dataset, limit, preset)
     return Truth(
         statics=statics,
         train_u8=dataset.train_images[rows].reshape(rows.shape[0], -1),
@@ -76,7 +76,7 @@ def _run_rows(dataset, limit: int, preset) -> np.ndarray:
     return np.arange(dataset.train_labels.shape[0]) if rows is None else rows
 
 
-def hidden_truth_from(run, slots: list[int], dataset, limit: int, preset) -> dict:
+def hidden_truth_from(run, slots: list[int], dataset, rows: np.ndarray) -> dict:
     """The resident hidden layers' ground truth (audit_hidden_truth), with the batch labels and
     the final weights; empty when the run has none."""
     compute = run.compute
@@ -86,7 +86,7 @@ def hidden_truth_from(run, slots: list[int], dataset, limit: int, preset) -> dic
     for slot in slots:
         for state, entry in compute.audit_hidden_truth(slot).items():
             layer = int(state.split(".")[0][1:])
-            entry["labels"] = np.asarray(dataset.train_labels[_run_rows(dataset, limit, preset)])
+            entry["labels"] = np.asarray(dataset.train_labels[rows])
             entry["w_final"] = np.asarray(run.trainer.params[f"w{layer}"], dtype=np.float64)
             out[state] = entry
     return out
@@ -119,6 +119,7 @@ def run_audit(
     epochs = epochs or DEFAULT_EPOCHS.get(preset_name, 1)
     preset = get_preset(preset_name, epochs=epochs, layers=layers, activation=activation)
     inputs = prepare(dataset, preset, limit)
+    rows = _run_rows(dataset, limit, preset)  # the dataset indices of the images it trains on
     with tempfile.TemporaryDirectory(prefix="enshuffle-audit-") as tmp_dir:
         tmp = Path(tmp_dir)
         record = Path(record_dir) if record_dir else tmp / "recording"
@@ -166,7 +167,7 @@ def run_audit(
             test_images=dataset.test_images.reshape(dataset.test_images.shape[0], -1),
             test_labels=np.asarray(dataset.test_labels),
             preset=preset,
-            train_rows=_run_rows(dataset, limit, preset),  # public: the rule, --limit and the labels
+            train_rows=rows,  # public: the rule, --limit and the labels
         )
         started = time.perf_counter()
         claims = attack(messages, public, ica=ica)
@@ -176,8 +177,8 @@ def run_audit(
             hidden_claims = {}
             log(f"audit: the resident hidden-layer attacks failed: {type(exc).__name__}: {exc}")
         log(f"audit: attacks took {time.perf_counter() - started:.1f} s")
-        truth = truth_from(run, slots, dataset, limit, preset)
-        hidden_truth = hidden_truth_from(run, slots, dataset, limit, preset)
+        truth = truth_from(run, slots, dataset, rows)
+        hidden_truth = hidden_truth_from(run, slots, dataset, rows)
         if record_dir:
             save_hidden_truth(hidden_truth, Path(str(record) + "-truth.npz"))
     figures = score(claims, truth)

@@ -203,10 +203,10 @@ COMMANDS: dict[str, CommandSpec] = {
 
 # u8 len(command) || command: how every inner message starts, per command; and back
 _COMMAND_PREFIX = {name: bytes([len(name)]) + name.encode("ascii") for name in COMMANDS}
+_COMMAND_NAMES = {name.encode("ascii"): name for name in COMMANDS}
 # Senders pad the header so the payloads start at a multiple of this many bytes of inner
 # (docs/protocol.md section 3); receivers open sealed messages into buffers aligned to it.
 PAYLOAD_ALIGN = 64
-_COMMAND_NAMES = {name.encode("ascii"): name for name in COMMANDS}
 HANDSHAKE_COMMANDS = tuple(name for name, spec in COMMANDS.items() if spec.kind != KIND_SEALED)
 CAPABILITY_FIELDS = {"ops": "list", "threads": "pos", "credit": "pos"}  # HELLO.capabilities
 LEASE_FIELDS = {"min_ms": "pos", "multiple": "num", "initial_ms": "pos"}  # WELCOME.lease
