@@ -381,8 +381,7 @@ class SlotState:
     hm: np.ndarray  # H M (r, |P_s|)
     b1: np.ndarray  # B_s = H M M^T (r, |P_s|)
     b2: np.ndarray  # B_s H^T (r, r)
-    probes: np.ndarray  # R (h1, q)
-    probe_terms: Probes  # R and what the checks read of it
+    probe_terms: Probes  # R (h1, q) and what the checks read of it
     hmv: np.ndarray  # H M V (r, h1) of the last checkpoint (the disguise tracks their sum)
     hmbuf: np.ndarray  # H M buf of the last checkpoint
     vr: np.ndarray  # V R (|P_s|, q)
@@ -395,6 +394,11 @@ class SlotState:
     version: int = 0  # the version of the last issued update
     row_norm: float = 0.0  # ||S[rows]||_F of the rows last gathered (the update's bound)
     log: list[Pending] = field(default_factory=list)
+
+    @property
+    def probes(self) -> np.ndarray:
+        """R (h1, q), the slot's secret probe columns."""
+        return self.probe_terms.r
 
 
 def _norm_bound(v: np.ndarray) -> float:
@@ -439,7 +443,6 @@ class ResidentDisguise(SlotCheckpoints):
                     hm=hm,
                     b1=b1,
                     b2=b1 @ h.T,
-                    probes=probes,
                     probe_terms=Probes(probes),
                     hmv=hm @ v,
                     hmbuf=hm @ buf,

@@ -110,10 +110,8 @@ class Update:
 class HiddenSlot:
     units: np.ndarray  # Q_s
     mix: Mixing
-    probes: np.ndarray  # R (m, q): right probes (forward)
-    left: np.ndarray  # Q (|Q_s|, q): left probes (backward)
-    right_terms: Probes  # R and Q with what the checks read of them
-    left_terms: Probes
+    right_terms: Probes  # R (m, q), the right probes (forward), with what the checks read of them
+    left_terms: Probes  # Q (|Q_s|, q), the left probes (backward), likewise
     vr: np.ndarray  # V R
     bufr: np.ndarray
     qv: np.ndarray  # Q^T V (q, m)
@@ -125,6 +123,16 @@ class HiddenSlot:
     checkpoint_version: int = 0
     version: int = 0
     log: list[Update] = field(default_factory=list)
+
+    @property
+    def probes(self) -> np.ndarray:
+        """R (m, q)."""
+        return self.right_terms.r
+
+    @property
+    def left(self) -> np.ndarray:
+        """Q (|Q_s|, q)."""
+        return self.left_terms.r
 
 
 class HiddenResident(SlotCheckpoints):
@@ -147,8 +155,6 @@ class HiddenResident(SlotCheckpoints):
             st = HiddenSlot(
                 units=np.asarray(block),
                 mix=mix,
-                probes=probes,
-                left=left,
                 right_terms=Probes(probes),
                 left_terms=Probes(left),
                 vr=v @ probes,
