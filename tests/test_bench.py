@@ -140,3 +140,39 @@ def test_the_resident_targets_read_the_scaling_rows():
     assert (wall["value"], wall["met"]) == (1.8, False), wall
     assert (narrow["value"], narrow["met"]) == (60.0, False), narrow  # the 2-node row, not the 4-node one
     assert (ship["value"], ship["met"]) == (1.2, True), ship
+
+
+class _CountingTrainer:
+    """A trainer whose steps cost 1 unit of "cpu" each and whose epoch-ending steps (every
+    `per_epoch`-th) cost 100 more: what a test pass adds to a mini-batch run's last step."""
+
+    def __init__(self, per_epoch: int):
+        self.steps_per_epoch = per_epoch
+        self.step = 0
+        self.cpu = 0.0
+        self.epoch_ends = 0
+
+    def run_step(self):
+        self.cpu += 1.0
+        self.step += 1
+        if self.step >= self.steps_per_epoch:
+            self.cpu += 100.0
+            self.epoch_ends += 1
+            self.step = 0
+
+
+def test_step_figures_leave_out_the_steps_that_end_an_epoch():
+    from enshuffle.coordinator.bench import _steps
+
+    trainer = _CountingTrainer(per_epoch=10)
+    rows = _steps(trainer, repeats=3, chunk=8, warmup=3, snap=lambda: {"cpu": trainer.cpu})
+    assert trainer.epoch_ends == 2  # steps 10 and 20 of 27 ended epochs, inside measured chunks
+    assert [row["cpu"] for row in rows] == [1.0, 1.0, 1.0]
+
+
+def test_step_figures_of_one_step_epochs_keep_every_step():
+    from enshuffle.coordinator.bench import _steps
+
+    trainer = _CountingTrainer(per_epoch=1)
+    rows = _steps(trainer, repeats=2, chunk=4, warmup=0, snap=lambda: {"cpu": trainer.cpu})
+    assert [row["cpu"] for row in rows] == [101.0, 101.0]

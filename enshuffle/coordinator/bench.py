@@ -48,6 +48,7 @@ import numpy as np
 
 from enshuffle.blas import BlasThreadsUnavailable, get_blas_threads, set_blas_threads
 from enshuffle.coordinator.admission import Admission
+from enshuffle.coordinator.disguise.resident import CHECKPOINT_STEPS
 from enshuffle.coordinator.distributed import (
     Batch,
     DistributedCompute,
@@ -104,7 +105,15 @@ CENTRAL_THREADS = (1, 2)
 GROWTH_NODES = 7
 GROWTH_MAX_REPEATS = 3
 DAEMON = "`enshuffle coordinator` daemon process"
-STEP_CHUNK = 60  # default-preset steps per measured figure
+# Default-preset steps per measured figure: one resident checkpoint period, so every figure
+# carries one state fetch (what a long run pays per CHECKPOINT_STEPS steps), not zero or two.
+STEP_CHUNK = CHECKPOINT_STEPS
+# Unmeasured steps before an over-the-wire step figure: statics and handshakes, and the first
+# checkpoint period. Until the first fetch every step's logged update is fresh memory (about 900
+# page faults a step for 784-2048-2048-10), and the first two fetches fault in their states'
+# buffers; from then on the log and the checkpoints reuse freed memory. A run of thousands of
+# steps pays that once; a figure of a few dozen steps would count it many times over.
+WIRE_WARMUP_STEPS = 2 * CHECKPOINT_STEPS + 10
 # Results sealed and opened per cost-model sample, after SHIP_WARMUP unmeasured ones (a sample's
 # first trips pay for cold caches and fresh buffers; a 10-trip sample moved by +-40% with the load)
 SHIP_TRIPS = 100
@@ -177,15 +186,30 @@ def _epochs(trainer, repeats: int, warmup: int = 1, snap=_snapshot) -> list[dict
 
 
 def _steps(trainer, repeats: int, chunk: int = STEP_CHUNK, warmup: int = 10, snap=_snapshot) -> list[dict]:
-    """Per chunk of `chunk` steps, the counters' deltas per step."""
+    """Per chunk of `chunk` steps, the counters' deltas per step. A step that ends an epoch also
+    runs the epoch's test pass (and the state fetch before it): it runs, but is left out of its
+    chunk's figure, on the centralized side as on the wire."""
     for _ in range(warmup):
         trainer.run_step()
     rows = []
     for _ in range(repeats):
         before = snap()
+        left_out: dict[str, float] = {}
+        skipped = 0
         for _ in range(chunk):
+            if trainer.step + 1 < trainer.steps_per_epoch:
+                trainer.run_step()
+                continue
+            start = snap()
             trainer.run_step()
-        rows.append(_delta(before, snap(), chunk))
+            skipped += 1
+            for key, value in _delta(start, snap()).items():
+                left_out[key] = left_out.get(key, 0.0) + value
+        if skipped == chunk:  # epochs of one step: nothing but epoch ends to measure
+            rows.append(_delta(before, snap(), chunk))
+            continue
+        whole = _delta(before, snap())
+        rows.append({k: (v - left_out.get(k, 0.0)) / (chunk - skipped) for k, v in whole.items()})
     return rows
 
 
@@ -271,8 +295,8 @@ def measure_wire(
             problem.connected()  # type: ignore[attr-defined]
             trainer = Trainer(preset, inputs, compute)
             snap = lambda: _snapshot(server, compute)  # noqa: E731
-            if minibatch:  # warm-up (statics, handshakes) outside every figure
-                rows = _steps(trainer, repeats, warmup=10, snap=snap)
+            if minibatch:  # warm-up (statics, handshakes, the first checkpoints) outside every figure
+                rows = _steps(trainer, repeats, warmup=WIRE_WARMUP_STEPS, snap=snap)
             else:
                 rows = _epochs(trainer, repeats, warmup=1, snap=snap)
         finally:
