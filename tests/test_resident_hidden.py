@@ -237,3 +237,21 @@ def test_a_fetch_from_a_node_already_at_the_version_carries_the_update_again(cor
     assert state.version == st.version
     out = compute_batch("resident", params, arrays, {}, states={hr.state_name(0): state})
     assert state.version == st.version and hr.check_state(0, out) is None
+
+
+@pytest.mark.parametrize("k", [1, 127, 128, 129, 300])
+def test_a_state_steps_in_blocks_of_rows_as_one_whole_update(k):
+    # ResidentState.apply works through V in blocks of APPLY_ROWS rows (one pass over V and buf);
+    # it is the recurrence buf = mu buf + A^T D, V += lr buf whatever the block edges.
+    from enshuffle.kernels import APPLY_ROWS
+
+    assert APPLY_ROWS == 128  # the sizes above straddle its block edges
+    rng = np.random.default_rng(k)
+    start = rng.standard_normal((2 * k, 6))
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    d = rng.standard_normal((5, 6)).astype(np.float32)
+    state = ResidentState(start, 0)
+    state.apply(a, d, 0.05, 0.9)
+    buf = 0.9 * start[k:] + a.T.astype(np.float64) @ d.astype(np.float64)
+    assert np.allclose(state.buf, buf, rtol=1e-14, atol=1e-14)
+    assert np.allclose(state.v, start[:k] + 0.05 * buf, rtol=1e-14, atol=1e-14)
