@@ -108,11 +108,11 @@ DAEMON = "`enshuffle coordinator` daemon process"
 # Default-preset steps per measured figure: one resident checkpoint period, so every figure
 # carries one state fetch (what a long run pays per CHECKPOINT_STEPS steps), not zero or two.
 STEP_CHUNK = CHECKPOINT_STEPS
-# Unmeasured steps before an over-the-wire step figure: statics and handshakes, and the first
-# checkpoint period. Until the first fetch every step's logged update is fresh memory (about 900
-# page faults a step for 784-2048-2048-10), and the first two fetches fault in their states'
-# buffers; from then on the log and the checkpoints reuse freed memory. A run of thousands of
-# steps pays that once; a figure of a few dozen steps would count it many times over.
+# Unmeasured steps before an over-the-wire step figure: statics and handshakes, and the first two
+# checkpoints. Until the first fetch every step's logged update is fresh memory (about 900 page
+# faults a step for 784-2048-2048-10), and the first two fetches fault in their states' buffers;
+# from the third on, the log and the checkpoints reuse freed memory. A run of thousands of steps
+# pays that once; a figure of a few dozen steps would count it many times over.
 WIRE_WARMUP_STEPS = 2 * CHECKPOINT_STEPS + 10
 # Results sealed and opened per cost-model sample, after SHIP_WARMUP unmeasured ones (a sample's
 # first trips pay for cold caches and fresh buffers; a 10-trip sample moved by +-40% with the load)
