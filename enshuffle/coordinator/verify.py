@@ -127,18 +127,22 @@ def _chunks(n: int, cols: int, size: int = CHUNK_BYTES):
         yield slice(start, min(n, start + step))
 
 
-def _reference(a_rows, n_out: int, transpose: bool, br: np.ndarray, q: np.ndarray, src_rows: int):
+def _reference(
+    a_rows, n_out: int, transpose: bool, br: np.ndarray, q: np.ndarray, src_rows: int, gathered: bool = False
+):
     """A·(B·R) (n_out, P) and Σ_k a_ik²·q_k (n_out,) in float64, reading A in chunks.
 
     `a_rows(sl)` returns rows `sl` of the operand as stored (before any transpose), `src_rows`
-    of them. Without transpose, A = stored and output row i is stored row i; with transpose,
-    A = storedᵀ and the contraction runs over stored rows, so chunks add up."""
+    of them; `gathered`: a new array each time (a gather of rows), which may then be squared in
+    place when it is float64 already. Without transpose, A = stored and output row i is stored
+    row i; with transpose, A = storedᵀ and the contraction runs over stored rows, so chunks add up."""
     p = br.shape[1]
     if not transpose:
         rhs = np.empty((n_out, p))
         sq = np.empty(n_out)
         for sl in _chunks(src_rows, br.shape[0]):
-            chunk = a_rows(sl).astype(np.float64)
+            chunk = a_rows(sl)
+            chunk = chunk if gathered and chunk.dtype == np.float64 else chunk.astype(np.float64)
             rhs[sl] = chunk @ br
             np.square(chunk, out=chunk)
             sq[sl] = chunk @ q
@@ -224,7 +228,7 @@ def measure_matmul(
     b = arrays["b"]
     u = float(np.finfo(c.dtype).eps) / 2
     r = rng.standard_normal((b.shape[1], PROBES))
-    b64 = b.astype(np.float64)
+    b64 = b if b.dtype == np.float64 else b.astype(np.float64)  # read only: no copy of a float64 b
     br = b64 @ r
     q = np.einsum("ij,ij->i", b64, b64)
     if static is None:
@@ -240,7 +244,9 @@ def measure_matmul(
             u_q = np.bincount(rows, weights=q, minlength=static.shape[0])
             rhs, sq = _reference(lambda sl: static[sl], c.shape[0], True, u_br, u_q, static.shape[0])
         else:
-            rhs, sq = _reference(lambda sl: static[rows[sl]], c.shape[0], transpose, br, q, rows.shape[0])
+            rhs, sq = _reference(
+                lambda sl: static[rows[sl]], c.shape[0], transpose, br, q, rows.shape[0], gathered=True
+            )
     c64 = c.astype(np.float64) if c.dtype != np.float64 else c
     row_norms = np.sqrt(np.einsum("ij,ij->i", c64, c64))
     lhs = c64 @ r
