@@ -108,6 +108,7 @@ DAEMON = "`enshuffle coordinator` daemon process"
 # Default-preset steps per measured figure: one resident checkpoint period, so every figure
 # carries one state fetch (what a long run pays per CHECKPOINT_STEPS steps), not zero or two.
 STEP_CHUNK = CHECKPOINT_STEPS
+BENCH_LOG_LINES = 20  # the coordinator's last log lines shown when a wire run fails
 # Unmeasured steps before an over-the-wire step figure: statics and handshakes, and the first two
 # checkpoints. Until the first fetch every step's logged update is fresh memory (about 900 page
 # faults a step for 784-2048-2048-10), and the first two fetches fault in their states' buffers;
@@ -269,8 +270,9 @@ def measure_wire(
         identity = load_or_create_identity("coordinator", tmp / "coordinator")
         listener = Listener("tcp://127.0.0.1:*")
         ledger = ExposureLedger(ledger_axes(preset.layers))
+        state = CoordinatorState()
         serve = CoordinatorServer.factory(
-            listener, identity, CoordinatorState(), ledger, admission=Admission(auto=set(local_node_keys(tmp, nodes)))
+            listener, identity, state, ledger, admission=Admission(auto=set(local_node_keys(tmp, nodes)))
         )
         procs = spawn_local_nodes(listener.endpoint, identity.fingerprint, nodes, tmp)
         server: CoordinatorServer | None = None
@@ -299,6 +301,14 @@ def measure_wire(
                 rows = _steps(trainer, repeats, warmup=WIRE_WARMUP_STEPS, snap=snap)
             else:
                 rows = _epochs(trainer, repeats, warmup=1, snap=snap)
+        except BaseException:
+            # why the run stopped is in the coordinator's log (a refusal, a quarantine), which a
+            # bench run shows nowhere else
+            with state.lock:
+                lines = list(state.log)[-BENCH_LOG_LINES:]
+            for line in lines:
+                eprint(f"bench: coordinator log: {line}")
+            raise
         finally:
             if server is not None:
                 server.close("run-finished")
