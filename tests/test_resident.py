@@ -338,3 +338,29 @@ def test_a_malformed_resident_batch_is_a_batch_error(change):
     with pytest.raises(BatchError):
         compute_batch("resident", params, arrays, statics, None, {"w1.0": state})
     assert state.version == 0 and not state.v.any()  # nothing applied
+
+
+def test_results_a_node_flushes_to_zero_pass_and_lies_beside_them_do_not():
+    # A node sets flush-to-zero: a float32 result entry below float32's smallest normal comes back
+    # as 0. A row of such results (the deltas of a sample the network already fits, unmixed, as
+    # the resident-clear control sends them) must pass the probe check; a lie must not.
+    from enshuffle.coordinator.disguise.resident import Probes, probe_check
+
+    rng = np.random.default_rng(7)
+    n, m, b = 64, 32, 6
+    x = rng.standard_normal((n, m)) * 0.01  # the secret operand X; the check sees X R only
+    probes = Probes(rng.standard_normal((m, 2)))
+    tracked = x @ probes.r
+    lhs = rng.standard_normal((b, n)).astype(np.float32)
+    lhs[2] = np.sign(lhs[2]) * np.float32(2e-38)  # normal float32 inputs whose products are subnormal
+    exact = lhs.astype(np.float64) @ x
+    assert 0 < np.abs(exact[2]).max() < np.finfo(np.float32).tiny
+    out = exact.astype(np.float32)
+    out[np.abs(out) < np.finfo(np.float32).tiny] = 0  # what a node with FTZ returns
+    eps = float(np.finfo(np.float32).eps) / 2
+    v_bound = float(np.linalg.norm(x))
+    assert probe_check(out, lhs.astype(np.float64), probes, tracked, eps, v_bound, 0.0) is None
+    for row, col, by in ((0, 3, 1e-4 * float(np.sqrt(np.mean(out[0] ** 2)))), (2, 5, 1e-30)):
+        lie = out.copy()
+        lie[row, col] += np.float32(by)
+        assert probe_check(lie, lhs.astype(np.float64), probes, tracked, eps, v_bound, 0.0) is not None

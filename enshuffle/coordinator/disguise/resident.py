@@ -102,12 +102,14 @@ def row_norms(x: np.ndarray) -> np.ndarray:
 
 class Probes:
     """A slot's secret probe columns R (m, q) and what every check against them reads, computed
-    once: R^2 (for the rounding term) and the RMS of R's entries (for the product's)."""
+    once: R^2 (for the rounding term), the RMS of R's entries (for the product's) and each
+    column's sum of |R| (for results a node flushes to zero)."""
 
     def __init__(self, r: np.ndarray):
         self.r = r
         self.sq = r * r
         self.rms = float(np.sqrt(np.mean(self.sq)))
+        self.abs_sums = np.abs(r).sum(axis=0)
 
 
 # Float64 squares of float32 values are exact (48 significant bits, no overflow or underflow), so
@@ -115,6 +117,18 @@ class Probes:
 # the sums): dividing by 1 - (m + 2) u bounds it, plus a gradual underflow of at most 2^-1075 per
 # product (ROUNDING_FLOOR, per term of the sum).
 ROUNDING_FLOOR = 2.0**-1074
+
+
+def flush_bound(dtype, probes: Probes, tracked: np.ndarray) -> np.ndarray:
+    """(q,): how far flushing subnormals to zero moves out @ R, per probe, for a node computing
+    in `dtype` (nodes set flush-to-zero and denormals-are-zero, enshuffle/fpenv.py). An entry of
+    out below the dtype's smallest normal may come back as 0: at most tiny |R_jk| summed over j.
+    An entry of the node's lhs below it may count as 0: at most tiny |(X R)_lk| summed over l,
+    and X R is `tracked`. Rigorous, and far below any rounding of a result of ordinary size; a
+    row of results that are all subnormal (the deltas of a sample the network already fits,
+    unmixed, as the resident-clear control sends them) is compared against this alone."""
+    tiny = float(np.finfo(dtype).tiny) if np.dtype(dtype).kind == "f" else 0.0
+    return tiny * (probes.abs_sums + np.abs(tracked).sum(axis=0))
 
 
 def probe_check(
@@ -150,6 +164,7 @@ def probe_check(
     scale = CHECK_SLACK * probes.rms * (EPS64 * math.sqrt(l64.shape[1]) * v_bound + drift)
     floor = CHECK_SLACK * eps * math.sqrt(m * ROUNDING_FLOOR) + 1e-300
     bound += (scale * row_norm + floor)[:, None]
+    bound += CHECK_SLACK * flush_bound(out.dtype, probes, tracked)[None, :]
     np.abs(diff, out=diff)
     if (diff <= bound).all() and np.isfinite(bound).all():
         return None
