@@ -84,7 +84,8 @@ class Workspace:
 def aligned(array: np.ndarray) -> np.ndarray:
     """`array` itself if numpy sees it aligned, else a read-only aligned copy.
 
-    A received payload sits wherever its header ended, at any byte offset. numpy hands BLAS only
+    A payload from a sender that does not pad its header (docs/protocol.md section 3) sits
+    wherever the header ended, at any byte offset. numpy hands BLAS only
     aligned operands and copies an unaligned one on every product: for a static read whole by a
     full-batch product that is a fresh 188 MB per batch. The daemon stores statics through this,
     so the copy happens once per session instead."""

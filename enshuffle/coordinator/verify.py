@@ -137,12 +137,16 @@ def _reference(
     place when it is float64 already. Without transpose, A = stored and output row i is stored
     row i; with transpose, A = storedᵀ and the contraction runs over stored rows, so chunks add up."""
     p = br.shape[1]
+
+    def scratch(sl) -> np.ndarray:  # rows `sl` in float64, in an array of the check's own
+        chunk = a_rows(sl)
+        return chunk if gathered and chunk.dtype == np.float64 else chunk.astype(np.float64)
+
     if not transpose:
         rhs = np.empty((n_out, p))
         sq = np.empty(n_out)
         for sl in _chunks(src_rows, br.shape[0]):
-            chunk = a_rows(sl)
-            chunk = chunk if gathered and chunk.dtype == np.float64 else chunk.astype(np.float64)
+            chunk = scratch(sl)
             rhs[sl] = chunk @ br
             np.square(chunk, out=chunk)
             sq[sl] = chunk @ q
@@ -150,7 +154,7 @@ def _reference(
     rhs = np.zeros((n_out, p))
     sq = np.zeros(n_out)
     for sl in _chunks(src_rows, n_out):
-        chunk = a_rows(sl).astype(np.float64)
+        chunk = scratch(sl)
         rhs += chunk.T @ br[sl]
         np.square(chunk, out=chunk)
         sq += chunk.T @ q[sl]

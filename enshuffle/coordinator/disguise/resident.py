@@ -127,8 +127,7 @@ def flush_bound(dtype, probes: Probes, tracked: np.ndarray) -> np.ndarray:
     and X R is `tracked`. Rigorous, and far below any rounding of a result of ordinary size; a
     row of results that are all subnormal (the deltas of a sample the network already fits,
     unmixed, as the resident-clear control sends them) is compared against this alone."""
-    tiny = float(np.finfo(dtype).tiny) if np.dtype(dtype).kind == "f" else 0.0
-    return tiny * (probes.abs_sums + np.abs(tracked).sum(axis=0))
+    return float(np.finfo(dtype).tiny) * (probes.abs_sums + np.abs(tracked).sum(axis=0))
 
 
 def probe_check(
@@ -194,10 +193,11 @@ class StateProducts(NamedTuple):
 def state_products(state: np.ndarray, right: np.ndarray, left: np.ndarray) -> StateProducts:
     """[V; buf]'s finiteness, probe products and ||V||_F in one pass of cache-sized blocks of rows
     (each block read from memory once for all of them), in float64. A checked state's products
-    are the tracked ones of the checkpoint it becomes (no second pass). An opened message's
-    arrays sit wherever its header ends them, mostly not on 8 bytes: such a state's blocks are
-    first copied into one aligned block, which every product then reads (numpy would copy the
-    block once per product, and test finiteness through a slower unaligned loop)."""
+    are the tracked ones of the checkpoint it becomes (no second pass). A padded message's arrays
+    are aligned (docs/protocol.md section 3); one from a sender that does not pad sits wherever
+    its header ends it: such a state's blocks are first copied into one aligned block, which
+    every product then reads (numpy would copy the block once per product, and test finiteness
+    through a slower unaligned loop)."""
     k = state.shape[0] // 2
     out_r = np.empty((state.shape[0], right.shape[1]))
     out_l = np.zeros((2, left.shape[1], state.shape[1]))
