@@ -266,16 +266,51 @@ def one_hot(labels: np.ndarray, dtype) -> np.ndarray:
 W1_MOMENTUM = 0.9  # the first layer's momentum when it trains with SGD and momentum (resident or not)
 
 
+MOMENTUM_ROWS = 128  # rows of a weight matrix per block of `momentum_step` (2 MiB of float64 at 2048 units)
+
+
+def momentum_step(
+    params: dict[str, np.ndarray],
+    opt: "OptimizerState",
+    lr: float,
+    name: str = "w1",
+    g: np.ndarray | None = None,
+    lhs: np.ndarray | None = None,
+    dz: np.ndarray | None = None,
+) -> None:
+    """buf = W1_MOMENTUM buf + g (float64, kept in opt as "buf_<name>"); <name> += lr buf, the
+    step lr buf rounded once to the weights' dtype. The step every compute that trains w1 (or a
+    momentum hidden layer) here takes (the resident nodes take the same one in their basis).
+
+    The gradient is `g`, or lhs^T dz (computed block by block in the operands' own dtype: the
+    cheapest centralized step). In blocks of MOMENTUM_ROWS rows: each block's gradient, momentum
+    and step are done while the block is in cache, so the weights and buf (megabytes, beyond the
+    caches) are read and written once each, not once per elementwise pass over a whole-size
+    temporary; each entry gets the same operations as the whole-matrix step would give it."""
+    w = params[name]
+    buf = opt.moments.setdefault("buf_" + name, np.zeros(w.shape, np.float64))
+    rows = w.shape[0]
+    block = min(MOMENTUM_ROWS, rows)
+    step = np.empty((block, w.shape[1]))
+    part = None if g is not None else np.empty((block, w.shape[1]), np.result_type(lhs, dz))
+    for lo in range(0, rows, MOMENTUM_ROWS):
+        hi = min(lo + MOMENTUM_ROWS, rows)
+        b, s = buf[lo:hi], step[: hi - lo]
+        b *= W1_MOMENTUM
+        if g is not None:
+            b += g[lo:hi]
+        else:
+            assert lhs is not None and dz is not None and part is not None
+            b += np.matmul(lhs[:, lo:hi].T, dz, out=part[: hi - lo])
+        np.multiply(b, lr, out=s)
+        w[lo:hi] += s.astype(w.dtype, copy=False)
+
+
 def w1_momentum_step(
     params: dict[str, np.ndarray], opt: "OptimizerState", g: np.ndarray, lr: float, name: str = "w1"
 ) -> None:
-    """buf = W1_MOMENTUM buf + g (float64, kept in opt as "buf_<name>"); <name> += lr buf. The
-    step every compute that trains w1 (or a momentum hidden layer) here takes (the resident
-    nodes take the same one in their basis)."""
-    buf = opt.moments.setdefault("buf_" + name, np.zeros(params[name].shape, np.float64))
-    buf *= W1_MOMENTUM
-    buf += g
-    params[name] += (lr * buf).astype(params[name].dtype)
+    """`momentum_step` from a whole gradient g."""
+    momentum_step(params, opt, lr, name, g=g)
 
 
 def hidden_momentum_step(
@@ -283,13 +318,16 @@ def hidden_momentum_step(
 ) -> np.ndarray:
     """A momentum hidden layer's backward computed here: da = dz w^T (w before the step), then SGD
     with momentum on w from g = a^T dz, preconditioned by `basis` (a resident HiddenBasis: the
-    step its V-basis SGD takes in w's basis) when there is one."""
+    step its V-basis SGD takes in w's basis) when there is one. Under a basis g is computed in
+    float64, as the resident nodes compute theirs; without one in the operands' dtype, block by
+    block with the step (`momentum_step`)."""
     name = f"w{layer}"
     da = dz @ params[name].T
-    g = a.T.astype(np.float64) @ dz.astype(np.float64)
     if basis is not None:
-        g = basis.precondition(g)
-    w1_momentum_step(params, opt, g, lr, name)
+        g = basis.precondition(a.T.astype(np.float64) @ dz.astype(np.float64))
+        w1_momentum_step(params, opt, g, lr, name)
+    else:
+        momentum_step(params, opt, lr, name, lhs=a, dz=dz)
     return da
 
 
@@ -338,11 +376,13 @@ class LocalCompute:
     ) -> None:
         """SGD with momentum on w1 from the ascent delta dz1 (b, h1): buf = 0.9 buf + g,
         w1 += lr buf, with g = X[idx]^T dz1, preconditioned by the basis when there is one (the
-        V-basis step seen in the pixel basis)."""
-        g = self.dw1(idx, dz1, labels)
+        V-basis step seen in the pixel basis). Without a basis the gradient is computed block by
+        block with the step (`momentum_step`)."""
         if self.basis is not None:
-            g = self.basis.precondition(g)
-        w1_momentum_step(params, opt, g, lr)
+            w1_momentum_step(params, opt, self.basis.precondition(self.dw1(idx, dz1, labels)), lr)
+            return
+        x = self.images["train"] if idx is None else self.images["train"][idx]
+        momentum_step(params, opt, lr, "w1", lhs=x, dz=dz1)
 
     def x_w1(self, which: str, idx: np.ndarray | None, w1: np.ndarray) -> np.ndarray:
         """X[idx] (b,784) @ w1 (784,h1) -> (b,h1); idx None means every row."""

@@ -411,3 +411,38 @@ def test_a_hidden_layers_deltas_reach_the_nodes_with_their_class_structure_moved
             _between_class_share(sent, labels),
             _between_class_share(dz, labels),
         )
+
+
+@pytest.mark.parametrize("rows", [1, 127, 128, 129, 300])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_centralized_momentum_step_in_blocks_of_rows_is_the_whole_matrix_step(rows, dtype):
+    # model.momentum_step works through the weights in blocks of MOMENTUM_ROWS rows (one pass over
+    # w and buf); each entry gets buf = 0.9 buf + g, w += (lr buf) rounded to w's dtype, whatever
+    # the block edges, from a given g exactly, and from lhs^T dz computed in the operands' dtype.
+    from enshuffle.model import MOMENTUM_ROWS, OptimizerState, momentum_step
+
+    assert MOMENTUM_ROWS == 128  # the sizes above straddle its block edges
+    rng = np.random.default_rng(rows)
+    w0 = rng.standard_normal((rows, 6)).astype(dtype)
+    buf0 = rng.standard_normal((rows, 6))
+    g = rng.standard_normal((rows, 6))
+    lhs = rng.standard_normal((5, rows)).astype(dtype)
+    dz = rng.standard_normal((5, 6)).astype(dtype)
+    for given in (True, False):
+        params, opt = {"w2": w0.copy()}, OptimizerState(moments={"buf_w2": buf0.copy()})
+        if given:
+            momentum_step(params, opt, 0.05, "w2", g=g)
+            grad = g
+        else:
+            momentum_step(params, opt, 0.05, "w2", lhs=lhs, dz=dz)
+            grad = (lhs.T @ dz).astype(np.float64)
+        buf = 0.9 * buf0 + grad
+        want = w0 + (0.05 * buf).astype(dtype)
+        assert params["w2"].dtype == dtype
+        tight = 0 if given else 8 * np.finfo(dtype).eps
+        assert np.allclose(opt.moments["buf_w2"], buf, rtol=tight, atol=tight)
+        assert np.allclose(params["w2"], want, rtol=tight, atol=tight)
+    fresh = {"w1": w0.copy()}, OptimizerState()
+    momentum_step(fresh[0], fresh[1], 0.05, "w1", g=g)  # a first step starts from buf = 0
+    assert np.array_equal(fresh[1].moments["buf_w1"], g)
+    assert np.array_equal(fresh[0]["w1"], w0 + (0.05 * g).astype(dtype))
