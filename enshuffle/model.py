@@ -266,7 +266,13 @@ def one_hot(labels: np.ndarray, dtype) -> np.ndarray:
 W1_MOMENTUM = 0.9  # the first layer's momentum when it trains with SGD and momentum (resident or not)
 
 
-MOMENTUM_ROWS = 128  # rows of a weight matrix per block of `momentum_step` (2 MiB of float64 at 2048 units)
+MOMENTUM_BYTES = 2 << 20  # float64 bytes of buf per block of `momentum_step` (128 rows at 2048 units)
+
+
+def momentum_rows(columns: int) -> int:
+    """Rows of a weight matrix per block of `momentum_step`: MOMENTUM_BYTES of its float64 buf, at
+    least one row (a narrow matrix goes in one or a few blocks: no per-block calls to pay)."""
+    return max(1, MOMENTUM_BYTES // (8 * max(columns, 1)))
 
 
 def momentum_step(
@@ -283,18 +289,17 @@ def momentum_step(
     momentum hidden layer) here takes (the resident nodes take the same one in their basis).
 
     The gradient is `g`, or lhs^T dz (computed block by block in the operands' own dtype: the
-    cheapest centralized step). In blocks of MOMENTUM_ROWS rows: each block's gradient, momentum
+    cheapest centralized step). In blocks of `momentum_rows` rows: each block's gradient, momentum
     and step are done while the block is in cache, so the weights and buf (megabytes, beyond the
     caches) are read and written once each, not once per elementwise pass over a whole-size
     temporary; each entry gets the same operations as the whole-matrix step would give it."""
     w = params[name]
     buf = opt.moments.setdefault("buf_" + name, np.zeros(w.shape, np.float64))
-    rows = w.shape[0]
-    block = min(MOMENTUM_ROWS, rows)
+    rows, block = w.shape[0], min(momentum_rows(w.shape[1]), w.shape[0])
     step = np.empty((block, w.shape[1]))
     part = None if g is not None else np.empty((block, w.shape[1]), np.result_type(lhs, dz))
-    for lo in range(0, rows, MOMENTUM_ROWS):
-        hi = min(lo + MOMENTUM_ROWS, rows)
+    for lo in range(0, rows, block):
+        hi = min(lo + block, rows)
         b, s = buf[lo:hi], step[: hi - lo]
         b *= W1_MOMENTUM
         if g is not None:

@@ -416,18 +416,19 @@ def test_a_hidden_layers_deltas_reach_the_nodes_with_their_class_structure_moved
 @pytest.mark.parametrize("rows", [1, 127, 128, 129, 300])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_the_centralized_momentum_step_in_blocks_of_rows_is_the_whole_matrix_step(rows, dtype):
-    # model.momentum_step works through the weights in blocks of MOMENTUM_ROWS rows (one pass over
+    # model.momentum_step works through the weights in blocks of rows (one pass over
     # w and buf); each entry gets buf = 0.9 buf + g, w += (lr buf) rounded to w's dtype, whatever
     # the block edges, from a given g exactly, and from lhs^T dz computed in the operands' dtype.
-    from enshuffle.model import MOMENTUM_ROWS, OptimizerState, momentum_step
+    from enshuffle.model import OptimizerState, momentum_rows, momentum_step
 
-    assert MOMENTUM_ROWS == 128  # the sizes above straddle its block edges
+    cols = 2048
+    assert momentum_rows(cols) == 128  # the sizes above straddle its block edges
     rng = np.random.default_rng(rows)
-    w0 = rng.standard_normal((rows, 6)).astype(dtype)
-    buf0 = rng.standard_normal((rows, 6))
-    g = rng.standard_normal((rows, 6))
+    w0 = rng.standard_normal((rows, cols)).astype(dtype)
+    buf0 = rng.standard_normal((rows, cols))
+    g = rng.standard_normal((rows, cols))
     lhs = rng.standard_normal((5, rows)).astype(dtype)
-    dz = rng.standard_normal((5, 6)).astype(dtype)
+    dz = rng.standard_normal((5, cols)).astype(dtype)
     for given in (True, False):
         params, opt = {"w2": w0.copy()}, OptimizerState(moments={"buf_w2": buf0.copy()})
         if given:
