@@ -292,7 +292,8 @@ def momentum_step(
     cheapest centralized step). In blocks of `momentum_rows` rows: each block's gradient, momentum
     and step are done while the block is in cache, so the weights and buf (megabytes, beyond the
     caches) are read and written once each, not once per elementwise pass over a whole-size
-    temporary; each entry gets the same operations as the whole-matrix step would give it."""
+    temporary. From a given g each entry gets exactly the whole-matrix step's operations; from lhs
+    and dz its gradient is the product of the same operands, block by block."""
     w = params[name]
     buf = opt.moments.setdefault("buf_" + name, np.zeros(w.shape, np.float64))
     rows, block = w.shape[0], min(momentum_rows(w.shape[1]), w.shape[0])
