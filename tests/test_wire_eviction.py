@@ -58,34 +58,12 @@ def test_a_flooding_node_is_evicted_and_refused(core_data_dir, tmp_path):
 class NoRoomNode(ScriptedNode):
     """A node that cannot store static operands: it answers every STATIC with REJECT too-large."""
 
-    bye = None
-
     def _handle(self, msg):
-        if msg.command == "BYE":
-            self.bye = msg
         if msg.command == "STATIC":
-            self.sign_and_send(
-                "REJECT",
-                {
-                    "run_id": msg.header["run_id"],
-                    "batch_id": None,
-                    "seq": msg.header["seq"],
-                    "code": "too-large",
-                    "text": "no room for this static operand",
-                },
-            )
+            self.reject(msg, "too-large", "no room for this static operand")
             return
         if msg.command == "BATCH":  # it has none of the statics a batch names
-            self.sign_and_send(
-                "REJECT",
-                {
-                    "run_id": msg.header["run_id"],
-                    "batch_id": msg.header["batch_id"],
-                    "seq": msg.header["seq"],
-                    "code": "unknown-static",
-                    "text": "none held",
-                },
-            )
+            self.reject(msg, "unknown-static", "none held")
             return
         super()._handle(msg)
 

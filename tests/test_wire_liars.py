@@ -24,17 +24,7 @@ class RejectingNode(ScriptedNode):
 
     def _handle(self, msg):
         if msg.command == "BATCH":
-            h = msg.header
-            self.sign_and_send(
-                "REJECT",
-                {
-                    "run_id": h["run_id"],
-                    "batch_id": h["batch_id"],
-                    "seq": h["seq"],
-                    "code": "compute-error",
-                    "text": "no",
-                },
-            )
+            self.reject(msg, "compute-error", "no")
             self.rejected = getattr(self, "rejected", 0) + 1
             return
         super()._handle(msg)
@@ -73,18 +63,6 @@ def test_a_node_rejecting_every_batch_is_quarantined_and_the_run_finishes(core_d
     assert_same_weights(weights, expected)
 
 
-class WithholdingNode(ScriptedNode):
-    """Answers every batch but the ones `hold_next` names, heartbeats on, and notes a BYE."""
-
-    bye = None
-
-    def _handle(self, msg):
-        if msg.command == "BYE":
-            self.bye = msg
-            return
-        super()._handle(msg)
-
-
 def test_a_withheld_result_cannot_freeze_the_run(core_data_dir, tmp_path):
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
@@ -94,7 +72,7 @@ def test_a_withheld_result_cannot_freeze_the_run(core_data_dir, tmp_path):
     # leaves its window half free, which the stuck check used to wait for.
     lease = LeasePolicy(min_ms=1000, initial_ms=1000)
     run = InProcessRun(preset, inputs, shards=2, min_nodes=2, lease=lease).start(hold_at=1)
-    node = WithholdingNode(run.endpoint, "withholder")
+    node = ScriptedNode(run.endpoint, "withholder")  # answers all but what `hold_next` names
     honest = None
     try:
         node.hello()

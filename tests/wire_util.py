@@ -464,7 +464,8 @@ class ScriptedNode:
 
     Single-threaded like the real node: only the thread that calls its methods touches the
     socket. `serve_until(pred)` handles STATIC/BATCH (answering each with a correct RESULT,
-    except batches `hold_next` asked to keep) and sends heartbeats while waiting.
+    except batches `hold_next` asked to keep), notes a BYE in `bye`, and sends heartbeats while
+    waiting.
     """
 
     def __init__(
@@ -491,6 +492,7 @@ class ScriptedNode:
         self.heartbeat_s = 1.0
         self._last_sent = 0.0
         self.credit = 2  # what its heartbeats ask for; 0 is a paused volunteer
+        self.bye: Message | None = None  # the last BYE the coordinator sent
 
     def _socket(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -572,6 +574,14 @@ class ScriptedNode:
             {"c": c},
         )
 
+    def reject(self, msg: Message, code: str, text: str) -> list:
+        """Answer a STATIC or BATCH with a REJECT sealed in this session (a STATIC has no batch id)."""
+        h = msg.header
+        return self.sign_and_send(
+            "REJECT",
+            {"run_id": h["run_id"], "batch_id": h.get("batch_id"), "seq": h["seq"], "code": code, "text": text},
+        )
+
     def answer(self, batch: Message, signer: Identity | None = None) -> list:
         frames = self.result_frames(batch, signer)
         self.send(frames)
@@ -593,7 +603,9 @@ class ScriptedNode:
             )
 
     def _handle(self, msg: Message) -> None:
-        if msg.command == "STATIC":
+        if msg.command == "BYE":
+            self.bye = msg
+        elif msg.command == "STATIC":
             (array,) = msg.arrays.values()
             self.statics[msg.header["name"]] = array
         elif msg.command == "BATCH":
