@@ -18,41 +18,64 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_ctrl_c_in_the_console_stops_gracefully_and_leaves_the_figures(core_data_dir, core_cache, tmp_path):
-    run_dir = tmp_path / "run"
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = dict(
+def _console_env(tmp_path: Path, core_cache: Path) -> dict:
+    return dict(
         os.environ, TERM="xterm-256color", ENSHUFFLE_HOME=str(tmp_path / "home"), ENSHUFFLE_CACHE=str(core_cache)
     )
+
+
+def _train_console_argv(core_data_dir: Path, run_dir: Path) -> list[str]:
+    """A two-node training console long enough (500 epochs) to be stopped while it runs."""
+    return [
+        sys.executable,
+        "-m",
+        "enshuffle",
+        "train",
+        "--tui",
+        "--nodes",
+        "2",
+        "--epochs",
+        "500",
+        "--limit",
+        "600",
+        "--data",
+        str(core_data_dir),
+        "--out",
+        str(run_dir),
+        "--offload",
+        "matmul",
+    ]
+
+
+def _spawn_in_pty(
+    argv: list[str], env: dict, controlling: bool, rows: int = 24, cols: int = 80
+) -> tuple[subprocess.Popen, int]:
+    """`argv` on the slave side of a new pseudo-terminal of `rows` x `cols` (its controlling
+    terminal when `controlling`, as a shell's job is); returns the process and the master side."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def take_terminal() -> None:  # after setsid (start_new_session), in the child
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "enshuffle",
-            "train",
-            "--tui",
-            "--nodes",
-            "2",
-            "--epochs",
-            "500",
-            "--limit",
-            "600",
-            "--data",
-            str(core_data_dir),
-            "--out",
-            str(run_dir),
-            "--offload",
-            "matmul",
-        ],
+        argv,
         cwd=REPO,
         env=env,
         stdin=slave,
         stdout=slave,
         stderr=slave,
         start_new_session=True,
+        preexec_fn=take_terminal if controlling else None,
     )
     os.close(slave)
+    return proc, master
+
+
+def test_ctrl_c_in_the_console_stops_gracefully_and_leaves_the_figures(core_data_dir, core_cache, tmp_path):
+    run_dir = tmp_path / "run"
+    env = _console_env(tmp_path, core_cache)
+    proc, master = _spawn_in_pty(_train_console_argv(core_data_dir, run_dir), env, controlling=False, rows=40, cols=120)
     output = bytearray()
 
     def read_for(seconds: float) -> None:
@@ -92,29 +115,6 @@ def test_ctrl_c_in_the_console_stops_gracefully_and_leaves_the_figures(core_data
     assert "Press ctrl+q" not in text and "Traceback" not in text
 
 
-def _spawn_in_pty(argv: list[str], env: dict, controlling: bool) -> tuple[subprocess.Popen, int]:
-    """`argv` on the slave side of a new pseudo-terminal (its controlling terminal when
-    `controlling`, as a shell's job is); returns the process and the master side."""
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-
-    def take_terminal() -> None:  # after setsid (start_new_session), in the child
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-    proc = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=env,
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        start_new_session=True,
-        preexec_fn=take_terminal if controlling else None,
-    )
-    os.close(slave)
-    return proc, master
-
-
 def _drain(master: int, seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -135,32 +135,8 @@ def test_a_console_whose_terminal_closes_stops_gracefully(core_data_dir, core_ca
     """Closing the terminal (tmux kill-session, an ssh drop) is the graceful stop: the step
     finishes, a version is written, the nodes are told BYE, and the process exits 130."""
     run_dir = tmp_path / "run"
-    env = dict(
-        os.environ, TERM="xterm-256color", ENSHUFFLE_HOME=str(tmp_path / "home"), ENSHUFFLE_CACHE=str(core_cache)
-    )
-    proc, master = _spawn_in_pty(
-        [
-            sys.executable,
-            "-m",
-            "enshuffle",
-            "train",
-            "--tui",
-            "--nodes",
-            "2",
-            "--epochs",
-            "500",
-            "--limit",
-            "600",
-            "--data",
-            str(core_data_dir),
-            "--out",
-            str(run_dir),
-            "--offload",
-            "matmul",
-        ],
-        env,
-        controlling,
-    )
+    env = _console_env(tmp_path, core_cache)
+    proc, master = _spawn_in_pty(_train_console_argv(core_data_dir, run_dir), env, controlling)
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "chain" / "HEAD").exists():
