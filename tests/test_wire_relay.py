@@ -24,11 +24,34 @@ from enshuffle.coordinator.server import MAX_PROTOCOL_ERRORS
 REPLAYS = MAX_PROTOCOL_ERRORS + 10
 
 
-def test_a_relay_replaying_sealed_frames_gets_no_key_banned_and_the_run_finishes(core_data_dir, tmp_path):
+def _train_through_relay(core_data_dir, tmp_path, to_server, name: str):
+    """A one-epoch run whose one node, a real `enshuffle node` called `name`, reaches the
+    coordinator through a `Relay` that passes what the node sends through `to_server`. The run
+    must end and the node exit 0 with it; returns the run, the node, the weights it trained and
+    the centralized model's."""
     preset = default_preset(epochs=1)
     inputs = load_inputs(core_data_dir, preset, 600)
     expected = reference_weights(preset, inputs)
     run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
+    relay = Relay(int(run.endpoint.rsplit(":", 1)[1]), to_server=to_server)
+    node = spawn_node(tmp_path / "node", relay.endpoint, run.identity.fingerprint, name, tmp_path)
+    try:
+        wait_until(
+            lambda: run.done.is_set() or not node.alive(),
+            120,
+            "the run to end or the node to exit",
+            on_timeout=run.describe,
+        )
+        assert node.wait(30) == 0, node.describe() + run.describe()
+        weights = run.finish()
+    finally:
+        relay.close()
+        node.stop()
+        run.close()
+    return run, node, weights, expected
+
+
+def test_a_relay_replaying_sealed_frames_gets_no_key_banned_and_the_run_finishes(core_data_dir, tmp_path):
     replayed = []
     lock = threading.Lock()
 
@@ -42,21 +65,7 @@ def test_a_relay_replaying_sealed_frames_gets_no_key_banned_and_the_run_finishes
             replayed.extend([msg] * extra)
         return [msg] * (1 + extra)
 
-    relay = Relay(int(run.endpoint.rsplit(":", 1)[1]), to_server=replay)
-    node = spawn_node(tmp_path / "node", relay.endpoint, run.identity.fingerprint, "honest", tmp_path)
-    try:
-        wait_until(
-            lambda: run.done.is_set() or not node.alive(),
-            120,
-            "the run to end or the node to exit",
-            on_timeout=run.describe,
-        )
-        assert node.wait(30) == 0, node.describe() + run.describe()
-        weights = run.finish()
-    finally:
-        relay.close()
-        node.stop()
-        run.close()
+    run, _, weights, expected = _train_through_relay(core_data_dir, tmp_path, replay, "honest")
     assert len(replayed) == REPLAYS, len(replayed)
     counters = run.server.counters
     assert counters["dropped"] >= REPLAYS, counters  # a replayed RESULT is not even opened (oversize)
@@ -67,10 +76,6 @@ def test_a_relay_replaying_sealed_frames_gets_no_key_banned_and_the_run_finishes
 
 
 def test_refusals_of_bytes_altered_on_the_way_are_not_final_for_a_pinned_node(core_data_dir, tmp_path):
-    preset = default_preset(epochs=1)
-    inputs = load_inputs(core_data_dir, preset, 600)
-    expected = reference_weights(preset, inputs)
-    run = InProcessRun(preset, inputs, shards=1, min_nodes=1).start()
     altered = []
 
     def tamper(msg: list[bytes]) -> list[list[bytes]]:
@@ -83,21 +88,7 @@ def test_refusals_of_bytes_altered_on_the_way_are_not_final_for_a_pinned_node(co
             return [[frame[:-1] + bytes([frame[-1] ^ 1])]]
         return [msg]
 
-    relay = Relay(int(run.endpoint.rsplit(":", 1)[1]), to_server=tamper)
-    node = spawn_node(tmp_path / "node", relay.endpoint, run.identity.fingerprint, "pinned", tmp_path)
-    try:
-        wait_until(
-            lambda: run.done.is_set() or not node.alive(),
-            120,
-            "the run to end or the node to exit",
-            on_timeout=run.describe,
-        )
-        assert node.wait(30) == 0, node.describe() + run.describe()
-        weights = run.finish()
-    finally:
-        relay.close()
-        node.stop()
-        run.close()
+    run, node, weights, expected = _train_through_relay(core_data_dir, tmp_path, tamper, "pinned")
     assert altered == ["hi", "hello"], altered
     assert run.server.counters["refused"] == 2, run.server.counters
     assert "without naming our HELLO" in node.err(), node.err()
