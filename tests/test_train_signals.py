@@ -28,26 +28,31 @@ def node_pids_of(parent: int) -> list[int]:
     return kids
 
 
+def train_args(core_data_dir: Path, run_dir: Path) -> list[str]:
+    """`enshuffle train` with two local nodes, long enough (500 epochs) to be stopped while it
+    runs; --offload matmul: the nodes hold work (and ledger rows) when the signal comes."""
+    return [
+        "train",
+        "--nodes",
+        "2",
+        "--epochs",
+        "500",
+        "--data",
+        str(core_data_dir),
+        "--limit",
+        "600",
+        "--out",
+        str(run_dir),
+        "--offload",
+        "matmul",
+    ]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_train_gracefully(core_data_dir, core_cache, tmp_path, signum):
     run_dir = tmp_path / "run"
-    # --offload matmul: the nodes hold work (and ledger rows) when the signal comes
     proc = Proc(
-        [
-            "train",
-            "--nodes",
-            "2",
-            "--epochs",
-            "500",
-            "--data",
-            str(core_data_dir),
-            "--limit",
-            "600",
-            "--out",
-            str(run_dir),
-            "--offload",
-            "matmul",
-        ],
+        train_args(core_data_dir, run_dir),
         process_env(tmp_path / "home", core_cache),
         tmp_path,
         "train",
@@ -85,24 +90,7 @@ def test_ctrl_c_in_a_terminal_reaches_only_the_coordinator_and_the_ledger_is_pri
     out, err = tmp_path / "train.out", tmp_path / "train.err"
     with open(out, "wb") as o, open(err, "wb") as e:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "enshuffle",
-                "train",
-                "--nodes",
-                "2",
-                "--epochs",
-                "500",
-                "--data",
-                str(core_data_dir),
-                "--limit",
-                "600",
-                "--out",
-                str(run_dir),
-                "--offload",
-                "matmul",
-            ],
+            [sys.executable, "-m", "enshuffle", *train_args(core_data_dir, run_dir)],
             env=process_env(tmp_path / "home", core_cache),
             stdout=o,
             stderr=e,
