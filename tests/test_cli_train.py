@@ -23,23 +23,13 @@ from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.model import CLASSES, INPUTS, LocalCompute, get_preset
 from idx_util import random_arrays, write_idx_dir
 from presets import SMALL_NET
+from wire_util import enshuffle_cli
 
 HIDDEN = get_preset("default").hidden  # the default preset's network: 784-2048-10
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_KEYS = {"type", "epoch", "cost", "train_accuracy", "test_accuracy", "seconds"}
 SHAPES = {"w1": (INPUTS, HIDDEN), "b1": (HIDDEN,), "w2": (HIDDEN, CLASSES), "b2": (CLASSES,)}
-
-
-def enshuffle(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "enshuffle", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "ENSHUFFLE_CACHE": str(cache)},
-    )
 
 
 def json_lines(proc: subprocess.CompletedProcess) -> list[dict]:
@@ -59,7 +49,7 @@ def assert_epoch_objects(objects: list[dict], epochs: int) -> None:
 @pytest.mark.skipif(not FASHION_INSTALLED, reason="needs Fashion-MNIST (the default data source) installed")
 def test_centralized_json_with_default_data(core_cache):
     """The brief's command verbatim: the default data source is Fashion-MNIST."""
-    proc = enshuffle("train", "--nodes", "0", "--epochs", "1", "--limit", "2000", "--json", cache=core_cache)
+    proc = enshuffle_cli("train", "--nodes", "0", "--epochs", "1", "--limit", "2000", "--json", cache=core_cache)
     objects = json_lines(proc)
     assert len(objects) == 1
     assert_epoch_objects(objects, 1)
@@ -68,7 +58,7 @@ def test_centralized_json_with_default_data(core_cache):
 
 
 def test_centralized_json_one_object_per_epoch(core_data_dir, core_cache):
-    proc = enshuffle(
+    proc = enshuffle_cli(
         "train",
         "--nodes",
         "0",
@@ -88,7 +78,7 @@ def test_centralized_json_one_object_per_epoch(core_data_dir, core_cache):
 
 @pytest.mark.parametrize("disguise, deltas", [("resident", "values hidden"), ("share", "positions hidden")])
 def test_in_process_json_ends_with_ledger(core_data_dir, core_cache, disguise, deltas):
-    proc = enshuffle(
+    proc = enshuffle_cli(
         "train",
         "--nodes",
         "2",
@@ -127,7 +117,7 @@ def test_in_process_json_ends_with_ledger(core_data_dir, core_cache, disguise, d
 
 def test_save_weights_writes_exactly_the_four_arrays(core_data_dir, core_dataset, core_cache, tmp_path):
     path = tmp_path / "weights.npz"
-    proc = enshuffle(
+    proc = enshuffle_cli(
         "train",
         "--nodes",
         "0",
@@ -199,13 +189,13 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *must_name: str) -> st
     ],
 )
 def test_wrong_values_exit_2_with_one_line(args, named, core_cache):
-    assert_usage_error(enshuffle("train", "--nodes", "0", "--epochs", "1", *args, cache=core_cache), *named)
+    assert_usage_error(enshuffle_cli("train", "--nodes", "0", "--epochs", "1", *args, cache=core_cache), *named)
 
 
 @pytest.mark.parametrize("kind", ["truncated", "bad-magic", "bad-gzip"])
 def test_corrupt_idx_file_exit_2_names_the_file(kind, tmp_path, core_cache):
     directory, victim = corrupt_dir(tmp_path, kind)
-    proc = enshuffle("train", "--nodes", "0", "--epochs", "1", "--data", str(directory), cache=core_cache)
+    proc = enshuffle_cli("train", "--nodes", "0", "--epochs", "1", "--data", str(directory), cache=core_cache)
     line = assert_usage_error(proc, str(victim))
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # nothing but the error
     assert "again" in line or "MNIST-format" in line or "gzip" in line  # says what to do / what is wrong

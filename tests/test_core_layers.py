@@ -9,11 +9,7 @@ exactly, and the command line takes --layers / --hidden / --activation.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +18,8 @@ from enshuffle.coordinator.distributed import DistributedCompute, InProcessExecu
 from enshuffle.coordinator.training import Trainer, prepare
 from enshuffle.model import LocalCompute, OptimizerState, check_layers, get_preset, init_params, softmax, train_step
 from presets import small_default
+from wire_util import enshuffle_cli
 
-REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-9, 1e-12
 
 
@@ -146,20 +142,9 @@ def test_a_deep_checkpoint_restores_exactly_and_refuses_another_network(core_dat
     other.restore(old_arrays, old_meta)
 
 
-def enshuffle(*args: str, cache: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "enshuffle", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "ENSHUFFLE_CACHE": str(cache)},
-    )
-
-
 def test_train_takes_hidden_widths_and_saves_every_layer(core_data_dir, core_cache, tmp_path):
     out = tmp_path / "w.npz"
-    proc = enshuffle(
+    proc = enshuffle_cli(
         "train",
         "--nodes",
         "0",
@@ -177,6 +162,7 @@ def test_train_takes_hidden_widths_and_saves_every_layer(core_data_dir, core_cac
         "--save-weights",
         str(out),
         cache=core_cache,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "784-16-8-10 relu" in proc.stderr
@@ -201,7 +187,7 @@ def test_train_takes_hidden_widths_and_saves_every_layer(core_data_dir, core_cac
     ],
 )
 def test_a_wrong_network_is_a_one_line_error(core_data_dir, core_cache, args, message):
-    proc = enshuffle("train", "--nodes", "0", *args, "--data", str(core_data_dir), cache=core_cache)
+    proc = enshuffle_cli("train", "--nodes", "0", *args, "--data", str(core_data_dir), cache=core_cache, timeout=300)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
@@ -209,19 +195,10 @@ def test_a_deep_run_over_the_wire_resumes_and_exports_every_layer(core_data_dir,
     """Node processes, a 3-layer network, a chain: stop after one epoch, resume to two (the
     network comes from run.json), verify the chain and export all six arrays."""
     run = tmp_path / "run"
-    home = {"ENSHUFFLE_HOME": str(tmp_path / "home")}
     common = ["--data", str(core_data_dir), "--limit", "400", "--out", str(run)]
-    env_cache = core_cache
 
     def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "enshuffle", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "ENSHUFFLE_CACHE": str(env_cache), **home},
-        )
+        return enshuffle_cli(*args, home=tmp_path / "home", cache=core_cache, timeout=300)
 
     first = cli("train", "--nodes", "2", "--hidden", "12,6", "--epochs", "1", *common)
     assert first.returncode == 0, first.stderr

@@ -143,8 +143,12 @@ class Proc:
         return f"--- {self.name} (rc {self.popen.poll()}) stderr:\n{self.err()[-2000:]}"
 
 
-def process_env(home: Path, cache: Path | None = None) -> dict:
-    env = dict(os.environ, ENSHUFFLE_HOME=str(home), PYTHONUNBUFFERED="1")
+def process_env(home: Path | None, cache: Path | None = None) -> dict:
+    """The test process's environment, with ENSHUFFLE_HOME `home` (when given; else the test
+    process's own) and ENSHUFFLE_CACHE `cache` (likewise)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if home is not None:
+        env["ENSHUFFLE_HOME"] = str(home)
     if cache is not None:
         env["ENSHUFFLE_CACHE"] = str(cache)
     return env
@@ -181,9 +185,9 @@ def spawn_coordinator(home: Path, port: int, cache: Path, logdir: Path, name: st
 
 
 def enshuffle_cli(
-    *args: str, home: Path, cache: Path | None = None, timeout: float = 120
+    *args: str, home: Path | None = None, cache: Path | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
-    """Run one `python -m enshuffle ...` to completion."""
+    """Run one `python -m enshuffle ...` to completion, its output captured (env: `process_env`)."""
     return subprocess.run(
         [sys.executable, "-m", "enshuffle", *args],
         cwd=REPO,
