@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -81,6 +82,33 @@ def parse_unit(text: str) -> tuple[list[str], dict[str, str], dict[str, str]]:
     return argv, env, keys
 
 
+def start_as_systemd(
+    run: InProcessRun, argv: list[str], unit_env: dict, home: Path, preexec_fn: Callable[[], object] | None = None
+) -> subprocess.Popen:
+    """A unit's ExecStart `argv` started as systemd would: a minimal environment (PATH, HOME
+    `home`) plus the unit's Environment= `unit_env`, in /, output piped; once `run` waits for
+    nodes (a `preexec_fn` makes Popen fork() the whole process: not while the coordinator's
+    thread is inside BLAS preparing statics, whose OpenBLAS fork handlers would wait on it for
+    ever)."""
+    service_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), **unit_env}
+    wait_until(
+        lambda: run.state.snapshot().status.startswith("waiting for nodes"),
+        30,
+        "the coordinator to wait for nodes",
+        on_timeout=run.describe,
+    )
+    return subprocess.Popen(
+        argv,
+        env=service_env,
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=preexec_fn,
+    )
+
+
 def test_the_installed_unit_runs_the_node_and_sigterm_stops_it_cleanly(core_data_dir, tmp_path):
     preset = default_preset(epochs=50)
     inputs = load_inputs(core_data_dir, preset, 300)
@@ -110,26 +138,7 @@ def test_the_installed_unit_runs_the_node_and_sigterm_stops_it_cleanly(core_data
         assert "--keep-running" in argv and "--install-service" not in argv
         assert unit_env["ENSHUFFLE_HOME"] == str(home.resolve()) and keys["Nice"] == "19"
         assert keys["KillSignal"] == "SIGTERM"
-        # As systemd starts it: that argv, a minimal environment plus the unit's Environment=.
-        service_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **unit_env}
-        # preexec_fn makes Popen fork() the whole process: not while the coordinator's thread is
-        # inside BLAS preparing statics (OpenBLAS's fork handlers would wait on it for ever).
-        wait_until(
-            lambda: run.state.snapshot().status.startswith("waiting for nodes"),
-            30,
-            "the coordinator to wait for nodes",
-            on_timeout=run.describe,
-        )
-        proc = subprocess.Popen(
-            argv,
-            env=service_env,
-            cwd="/",
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: os.nice(int(keys["Nice"])),
-        )
+        proc = start_as_systemd(run, argv, unit_env, tmp_path, preexec_fn=lambda: os.nice(int(keys["Nice"])))
         try:
             wait_until(
                 lambda: (
@@ -269,22 +278,7 @@ def test_the_unit_keeps_every_option_and_each_name_gets_its_own(core_data_dir, t
         assert {"2", "3", "4"} <= set(keys["RestartPreventExitStatus"].split())
         assert "network-online" not in text
         assert (units / "enshuffle-node-first.service").stat().st_mode & 0o077 == 0  # it holds the invite
-        wait_until(
-            lambda: run.state.snapshot().status.startswith("waiting for nodes"),
-            30,
-            "the coordinator to wait for nodes",
-            on_timeout=run.describe,
-        )
-        service_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **unit_env}
-        proc = subprocess.Popen(
-            argv,
-            env=service_env,
-            cwd="/",
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_as_systemd(run, argv, unit_env, tmp_path)
         try:
             wait_until(
                 lambda: (
