@@ -25,6 +25,19 @@ async def press_and_verify(app, pilot, *keys: str) -> None:
     await pilot.pause()
 
 
+async def open_first_node_detail(app, pilot) -> str:
+    """Enter on the nodes table's first row: its detail screen must open; returns what it shows."""
+    from enshuffle.tui.coordinator_app import NodeDetailScreen
+
+    table = app.query_one("#nodes-table", DataTable)
+    table.focus()
+    table.move_cursor(row=0)
+    await pilot.press("enter")
+    await pilot.pause()
+    assert isinstance(app.screen, NodeDetailScreen)
+    return str(app.screen.query_one("#node-detail").render())
+
+
 @pilot_test
 async def test_nodes_table_shows_one_keyed_row_per_node():
     app, _source, _control = make_app()
@@ -344,13 +357,7 @@ async def test_enter_on_a_node_shows_its_detail_with_history():
         app.clock = lambda: NOW + 10.0
         source.state.nodes["n-alice"].batches_done = 1500
         app.pull_snapshot()
-        table = app.query_one("#nodes-table", DataTable)
-        table.focus()
-        table.move_cursor(row=0)
-        await pilot.press("enter")
-        await pilot.pause()
-        assert isinstance(app.screen, NodeDetailScreen)
-        detail = str(app.screen.query_one("#node-detail").render())
+        detail = await open_first_node_detail(app, pilot)
         assert "a1" * 32 in detail  # the whole fingerprint
         assert "batches done" in detail and "1,234 .. 1,500" in detail
         assert "1,500 done" in detail and "images 20.0%" in detail
@@ -460,19 +467,11 @@ async def test_long_log_lines_wrap_so_the_remedy_is_seen(size):
 
 @pilot_test
 async def test_a_node_heard_from_just_now_is_not_seen_now_ago():
-    from enshuffle.tui.coordinator_app import NodeDetailScreen
-
     app, source, _control = make_app()
     async with app.run_test(size=(120, 40)) as pilot:
         source.state.nodes["n-alice"].last_seen = NOW
         app.pull_snapshot()
-        table = app.query_one("#nodes-table", DataTable)
-        table.focus()
-        table.move_cursor(row=0)
-        await pilot.press("enter")
-        await pilot.pause()
-        assert isinstance(app.screen, NodeDetailScreen)
-        detail = str(app.screen.query_one("#node-detail").render())
+        detail = await open_first_node_detail(app, pilot)
         assert "last seen    just now" in detail and "now ago" not in detail, detail
 
 
