@@ -43,7 +43,7 @@ import numpy as np
 from enshuffle.coordinator.admission import Admission
 from enshuffle.coordinator.distributed import Batch, DistributedCompute, static_name
 from enshuffle.coordinator.ledger import ExposureLedger
-from enshuffle.coordinator.cluster import stop_local_nodes
+from enshuffle.coordinator.cluster import node_args, stop_local_nodes
 from enshuffle.coordinator.run import coordinator_blas_threads
 from enshuffle.coordinator.server import CoordinatorServer, Listener, ServerConfig
 from enshuffle.coordinator.state import CoordinatorState
@@ -67,19 +67,7 @@ def spawn_node(endpoint: str, fingerprint: str, home: Path, name: str, config: s
     path, _, threads = config.rpartition(":")
     profile = os.environ.get("NODE_PROFILE")
     prefix = ["-m", "cProfile", "-o", f"{profile}.{index}"] if profile else []
-    args = [
-        sys.executable,
-        *prefix,
-        "-m",
-        "enshuffle",
-        "node",
-        "--connect",
-        endpoint,
-        "--coordinator-key",
-        fingerprint,
-        "--name",
-        name,
-    ]
+    args = [sys.executable, *prefix, "-m", "enshuffle", *node_args(endpoint, fingerprint, name)]
     if threads != "default":
         args += ["--threads", threads]
     wrapper = os.environ.get("NODE_WRAPPER")

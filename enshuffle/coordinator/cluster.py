@@ -35,6 +35,12 @@ def local_node_keys(workdir: Path, count: int, prefix: str = "local") -> list[by
     return keys
 
 
+def node_args(endpoint: str, fingerprint: str, name: str) -> list[str]:
+    """What follows `python -m enshuffle` to start a node that connects to `endpoint`, pins the
+    coordinator key `fingerprint` and calls itself `name`."""
+    return ["node", "--connect", endpoint, "--coordinator-key", fingerprint, "--name", name]
+
+
 def spawn_node(
     endpoint: str,
     fingerprint: str,
@@ -51,18 +57,7 @@ def spawn_node(
     `own_session` it has a session of its own: Ctrl-C in the terminal reaches the coordinator
     only, which then finishes its step with it and tells it BYE (else it would leave mid-step)."""
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "enshuffle",
-        "node",
-        "--connect",
-        endpoint,
-        "--coordinator-key",
-        fingerprint,
-        "--name",
-        name,
-    ]
+    command = [sys.executable, "-m", "enshuffle", *node_args(endpoint, fingerprint, name)]
     if threads is not None:
         command += ["--threads", str(threads)]
     if record is not None:
