@@ -91,12 +91,7 @@ def start_as_systemd(
     thread is inside BLAS preparing statics, whose OpenBLAS fork handlers would wait on it for
     ever)."""
     service_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), **unit_env}
-    wait_until(
-        lambda: run.state.snapshot().status.startswith("waiting for nodes"),
-        30,
-        "the coordinator to wait for nodes",
-        on_timeout=run.describe,
-    )
+    run.wait_waiting_for_nodes()
     return subprocess.Popen(
         argv,
         env=service_env,

@@ -172,6 +172,7 @@ def test_the_node_app_whose_terminal_closes_says_bye(core_data_dir, tmp_path):
     preset = default_preset(epochs=500)
     run = InProcessRun(preset, load_inputs(core_data_dir, preset, 300), shards=1, min_nodes=1).start()
     env = dict(os.environ, TERM="xterm-256color", ENSHUFFLE_HOME=str(tmp_path / "home"))
+    run.wait_waiting_for_nodes()  # the spawn below forks this process (its preexec_fn)
     proc, master = _spawn_in_pty(
         [
             sys.executable,

@@ -377,6 +377,17 @@ class InProcessRun:
         self.thread.start()
         return self
 
+    def wait_waiting_for_nodes(self, timeout: float = 30) -> None:
+        """Until the coordinator waits for nodes: its thread is then out of BLAS (statics are
+        prepared). Before a Popen with a `preexec_fn`, which fork()s this whole process: forked
+        while that thread is inside BLAS, OpenBLAS's fork handlers wait on it for ever."""
+        wait_until(
+            lambda: self.state.snapshot().status.startswith("waiting for nodes"),
+            timeout,
+            "the coordinator to wait for nodes",
+            on_timeout=self.describe,
+        )
+
     def hold_at(self, step: int) -> None:
         """Hold before global step `step` (-1: run to the end); releases a current hold if later."""
         self._hold = step
