@@ -26,6 +26,7 @@ from functools import partial
 import numpy as np
 
 from enshuffle.batch import BatchError, Matmul, Resident, parse
+from enshuffle.momentum import momentum_step
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -114,9 +115,6 @@ def _array(arrays: dict, name: str) -> np.ndarray:
     return value
 
 
-APPLY_ROWS = 128  # rows of V per block of `ResidentState.apply` (2 MiB of float64 at h = 2048)
-
-
 class ResidentState:
     """A node's resident weights for one slot (docs/protocol.md, "Resident weights"): V and its
     momentum buffer, float64, at `version` (the number of updates applied since the run began).
@@ -150,23 +148,12 @@ class ResidentState:
     def apply(self, operand: np.ndarray, dz: np.ndarray, lr: float, momentum: float) -> None:
         """buf = momentum buf + operand^T dz; V += lr buf (operand: the update's rows (b, K)).
 
-        In blocks of APPLY_ROWS rows of V: each block's gradient, momentum and step are done
-        while the block is in cache, so V and buf (megabytes, beyond the caches) are read and
-        written once each, not once per elementwise pass over a whole-size temporary."""
+        Block by block (`enshuffle.momentum`): V and buf are read and written once each."""
         # float64, whatever the operand's dtype: the coordinator follows this recurrence in
         # float64 through its probes, so the node's state stays within float64 rounding of it
         o64 = operand.astype(np.float64, copy=False)
         d64 = dz.astype(np.float64, copy=False)
-        k = self.v.shape[0]
-        g = np.empty((min(APPLY_ROWS, k), self.v.shape[1]))
-        for lo in range(0, k, APPLY_ROWS):
-            hi = min(lo + APPLY_ROWS, k)
-            part, buf = g[: hi - lo], self.buf[lo:hi]
-            np.matmul(o64[:, lo:hi].T, d64, out=part)
-            buf *= momentum
-            buf += part
-            np.multiply(buf, lr, out=part)
-            self.v[lo:hi] += part
+        momentum_step(self.v, self.buf, lr, momentum, lhs=o64, dz=d64)
 
 
 def _apply(state: ResidentState, operand: np.ndarray, dz: np.ndarray, lr: float, momentum: float, version: int) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from enshuffle.momentum import momentum_step as step_in_blocks
+
 INPUTS, CLASSES = 784, 10
 NOTEBOOK_LAYERS = (INPUTS, 128, CLASSES)  # the notebook's network: the seed preset's
 DEFAULT_LAYERS = (INPUTS, 2048, CLASSES)  # the default preset's: wide enough for the nodes' help to pay
@@ -266,15 +268,6 @@ def one_hot(labels: np.ndarray, dtype) -> np.ndarray:
 W1_MOMENTUM = 0.9  # the first layer's momentum when it trains with SGD and momentum (resident or not)
 
 
-MOMENTUM_BYTES = 2 << 20  # float64 bytes of buf per block of `momentum_step` (128 rows at 2048 units)
-
-
-def momentum_rows(columns: int) -> int:
-    """Rows of a weight matrix per block of `momentum_step`: MOMENTUM_BYTES of its float64 buf, at
-    least one row (a narrow matrix goes in one or a few blocks: no per-block calls to pay)."""
-    return max(1, MOMENTUM_BYTES // (8 * max(columns, 1)))
-
-
 def momentum_step(
     params: dict[str, np.ndarray],
     opt: "OptimizerState",
@@ -286,30 +279,12 @@ def momentum_step(
 ) -> None:
     """buf = W1_MOMENTUM buf + g (float64, kept in opt as "buf_<name>"); <name> += lr buf, the
     step lr buf rounded once to the weights' dtype. The step every compute that trains w1 (or a
-    momentum hidden layer) here takes (the resident nodes take the same one in their basis).
-
-    The gradient is `g`, or lhs^T dz (computed block by block in the operands' own dtype: the
-    cheapest centralized step). In blocks of `momentum_rows` rows: each block's gradient, momentum
-    and step are done while the block is in cache, so the weights and buf (megabytes, beyond the
-    caches) are read and written once each, not once per elementwise pass over a whole-size
-    temporary. From a given g each entry gets exactly the whole-matrix step's operations; from lhs
-    and dz its gradient is the product of the same operands, block by block."""
+    momentum hidden layer) here takes (the resident nodes take the same one in their basis). The
+    gradient is `g`, or lhs^T dz formed in the operands' own dtype (the cheapest centralized
+    step), block by block with the step (`enshuffle.momentum`)."""
     w = params[name]
     buf = opt.moments.setdefault("buf_" + name, np.zeros(w.shape, np.float64))
-    rows, block = w.shape[0], min(momentum_rows(w.shape[1]), w.shape[0])
-    step = np.empty((block, w.shape[1]))
-    part = None if g is not None else np.empty((block, w.shape[1]), np.result_type(lhs, dz))
-    for lo in range(0, rows, block):
-        hi = min(lo + block, rows)
-        b, s = buf[lo:hi], step[: hi - lo]
-        b *= W1_MOMENTUM
-        if g is not None:
-            b += g[lo:hi]
-        else:
-            assert lhs is not None and dz is not None and part is not None
-            b += np.matmul(lhs[:, lo:hi].T, dz, out=part[: hi - lo])
-        np.multiply(b, lr, out=s)
-        w[lo:hi] += s.astype(w.dtype, copy=False)
+    step_in_blocks(w, buf, lr, W1_MOMENTUM, g=g, lhs=lhs, dz=dz)
 
 
 def w1_momentum_step(
@@ -387,13 +362,15 @@ class LocalCompute:
         if self.basis is not None:
             w1_momentum_step(params, opt, self.basis.precondition(self.dw1(idx, dz1, labels)), lr)
             return
-        x = self.images["train"] if idx is None else self.images["train"][idx]
-        momentum_step(params, opt, lr, "w1", lhs=x, dz=dz1)
+        momentum_step(params, opt, lr, "w1", lhs=self._inputs("train", idx), dz=dz1)
+
+    def _inputs(self, which: str, idx: np.ndarray | None) -> np.ndarray:
+        """X[idx] of images[which]; idx None means every row (the array itself, no copy)."""
+        return self.images[which] if idx is None else self.images[which][idx]
 
     def x_w1(self, which: str, idx: np.ndarray | None, w1: np.ndarray) -> np.ndarray:
         """X[idx] (b,784) @ w1 (784,h1) -> (b,h1); idx None means every row."""
-        x = self.images[which] if idx is None else self.images[which][idx]
-        return x @ w1
+        return self._inputs(which, idx) @ w1
 
     def a_w(self, a: np.ndarray, w: np.ndarray, layer: int) -> np.ndarray:
         """Layer `layer` >= 2, forward: a (b,n) @ w (n,m) -> (b,m); a is the previous layer's output."""
@@ -410,8 +387,7 @@ class LocalCompute:
     def dw1(self, idx: np.ndarray | None, dz1: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """X[idx]^T (784,b) @ dz1 (b,h1) -> (784,h1). `labels` (b,) lets a distributed compute
         hide dz1's class structure; the product does not depend on them."""
-        x = self.images["train"] if idx is None else self.images["train"][idx]
-        return x.T @ dz1
+        return self._inputs("train", idx).T @ dz1
 
     def step_done(self) -> None:
         """Called at every step boundary (membership changes take effect there)."""

@@ -396,10 +396,11 @@ def test_the_centralized_momentum_step_in_blocks_of_rows_is_the_whole_matrix_ste
     # model.momentum_step works through the weights in blocks of rows (one pass over
     # w and buf); each entry gets buf = 0.9 buf + g, w += (lr buf) rounded to w's dtype, whatever
     # the block edges, from a given g exactly, and from lhs^T dz computed in the operands' dtype.
-    from enshuffle.model import OptimizerState, momentum_rows, momentum_step
+    from enshuffle.model import OptimizerState, momentum_step
+    from enshuffle.momentum import block_rows
 
     cols = 2048
-    assert momentum_rows(cols) == 128  # the sizes above straddle its block edges
+    assert block_rows(cols) == 128  # the sizes above straddle its block edges
     rng = np.random.default_rng(rows)
     w0 = rng.standard_normal((rows, cols)).astype(dtype)
     buf0 = rng.standard_normal((rows, cols))

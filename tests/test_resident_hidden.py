@@ -241,15 +241,16 @@ def test_a_fetch_from_a_node_already_at_the_version_carries_the_update_again(cor
 
 @pytest.mark.parametrize("k", [1, 127, 128, 129, 300])
 def test_a_state_steps_in_blocks_of_rows_as_one_whole_update(k):
-    # ResidentState.apply works through V in blocks of APPLY_ROWS rows (one pass over V and buf);
+    # ResidentState.apply works through V in blocks of rows (one pass over V and buf);
     # it is the recurrence buf = mu buf + A^T D, V += lr buf whatever the block edges.
-    from enshuffle.kernels import APPLY_ROWS
+    from enshuffle.momentum import block_rows
 
-    assert APPLY_ROWS == 128  # the sizes above straddle its block edges
+    cols = 2048
+    assert block_rows(cols) == 128  # the sizes above straddle its block edges
     rng = np.random.default_rng(k)
-    start = rng.standard_normal((2 * k, 6))
+    start = rng.standard_normal((2 * k, cols))
     a = rng.standard_normal((5, k)).astype(np.float32)
-    d = rng.standard_normal((5, 6)).astype(np.float32)
+    d = rng.standard_normal((5, cols)).astype(np.float32)
     state = ResidentState(start, 0)
     state.apply(a, d, 0.05, 0.9)
     buf = 0.9 * start[k:] + a.T.astype(np.float64) @ d.astype(np.float64)
