@@ -507,3 +507,21 @@ async def test_the_exposure_tab_says_which_columns_are_off_screen():
         await pilot.press("2")
         await pilot.pause()
         assert "more column" not in text(app, "exposure-summary")
+
+
+@pilot_test
+async def test_widget_messages_that_arrive_after_the_app_closed_change_nothing_and_raise_nothing():
+    # Pilot shuts an app down from the test's task while the app's own task still handles messages:
+    # a chain-table highlight or a search edit posted just before can arrive after the widgets are gone.
+    app, source, _control = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()  # the first row's highlight has arrived
+        table = app.main_screen.query_one("#chain-table", DataTable)
+        search = app.main_screen.query_one("#search")
+        keys = list(table.rows)
+        shown = app.selected_version
+        assert len(keys) >= 2 and shown == keys[0].value
+    assert not app.is_running and not app.main_screen.query("#version-detail")
+    app.on_data_table_row_highlighted(DataTable.RowHighlighted(table, 1, keys[1]))
+    app.on_input_changed(type(search).Changed(search, "node-b"))
+    assert app.selected_version == shown

@@ -214,7 +214,7 @@ class SnapshotApp(App):
         self.set_interval(1.0 / self.refresh_hz, self.pull_snapshot, name="refresh")
 
     def on_resize(self, event: Resize) -> None:
-        if not self._mounted:  # on_mount lays out for the first size
+        if not self._mounted or not self.is_running:  # on_mount lays out for the first size
             return
         self._adapt_layout(event.size.width, event.size.height)
         self._refresh_now()
@@ -251,7 +251,7 @@ class SnapshotApp(App):
 
     def _refresh_now(self) -> None:
         """Show the last snapshot again (after a key or a resize changed what it looks like)."""
-        if self.snap is not None:
+        if self.snap is not None and self.is_running:
             self._apply(self.snap)
 
     def _refresh_status(self) -> None:

@@ -811,7 +811,8 @@ class CoordinatorApp(SnapshotApp):
         self._refresh_now()
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        if event.data_table.id == "chain-table" and event.row_key is not None:
+        # A highlight posted while the app shuts down can arrive after its widgets are gone.
+        if event.data_table.id == "chain-table" and event.row_key is not None and self.is_running:
             self.selected_version = event.row_key.value
             if self.snap is not None:
                 self._show_version_detail(self.snap)
