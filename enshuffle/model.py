@@ -287,13 +287,6 @@ def momentum_step(
     step_in_blocks(w, buf, lr, W1_MOMENTUM, g=g, lhs=lhs, dz=dz)
 
 
-def w1_momentum_step(
-    params: dict[str, np.ndarray], opt: "OptimizerState", g: np.ndarray, lr: float, name: str = "w1"
-) -> None:
-    """`momentum_step` from a whole gradient g."""
-    momentum_step(params, opt, lr, name, g=g)
-
-
 def hidden_momentum_step(
     a, dz, params: dict[str, np.ndarray], layer: int, lr: float, opt: "OptimizerState", basis=None
 ) -> np.ndarray:
@@ -306,7 +299,7 @@ def hidden_momentum_step(
     da = dz @ params[name].T
     if basis is not None:
         g = basis.precondition(a.T.astype(np.float64) @ dz.astype(np.float64))
-        w1_momentum_step(params, opt, g, lr, name)
+        momentum_step(params, opt, lr, name, g=g)
     else:
         momentum_step(params, opt, lr, name, lhs=a, dz=dz)
     return da
@@ -360,7 +353,7 @@ class LocalCompute:
         V-basis step seen in the pixel basis). Without a basis the gradient is computed block by
         block with the step (`momentum_step`)."""
         if self.basis is not None:
-            w1_momentum_step(params, opt, self.basis.precondition(self.dw1(idx, dz1, labels)), lr)
+            momentum_step(params, opt, lr, g=self.basis.precondition(self.dw1(idx, dz1, labels)))
             return
         momentum_step(params, opt, lr, "w1", lhs=self._inputs("train", idx), dz=dz1)
 

@@ -48,7 +48,7 @@ from enshuffle.coordinator.ledger import (
 from enshuffle.coordinator.offload import CostModel, check_offload, decide, plan_lines, step_plan
 from enshuffle.coordinator.plan import balanced_blocks
 from enshuffle.kernels import ResidentState, compute_batch
-from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, hidden_momentum_step, w1_momentum_step
+from enshuffle.model import INPUTS, NOTEBOOK_LAYERS, hidden_momentum_step, momentum_step
 
 # No batch's operands, nor the memory its node needs for it (gathered rows and result), exceed
 # this: a larger product goes out as several batches of whole rows (docs/protocol.md section 7),
@@ -583,7 +583,7 @@ class DistributedCompute:
         name = f"w{layer}"
         if self.resident is None:
             g, da = self.dw_da(a, dz, params[name], layer, labels)
-            w1_momentum_step(params, opt, np.asarray(g, dtype=np.float64), lr, name)
+            momentum_step(params, opt, lr, name, g=np.asarray(g, dtype=np.float64))
             return da
         if layer not in self._momentum_layers or self._hidden_home(layer, a.shape[0]):
             basis = self.hidden_resident[layer].basis if layer in self.hidden_resident else None
@@ -642,7 +642,7 @@ class DistributedCompute:
                 g = self.dw1(idx, dz1, labels)
             else:  # the reparameterized network, trained here as LocalCompute(basis) trains it
                 g = self.basis.precondition(self.images["train"][self._rows("train", idx)].T @ dz1)
-            w1_momentum_step(params, opt, g, lr)
+            momentum_step(params, opt, lr, g=g)
             return
         self.res.update(self._rows("train", idx), dz1, lr)
 
